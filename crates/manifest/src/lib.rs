@@ -1,0 +1,204 @@
+//! The `flotilla.toml` model.
+//!
+//! One file describes a whole system; every other crate works from the typed,
+//! validated [`Manifest`] this crate produces, never from TOML. Validation is
+//! strict (unknown keys are errors, never ignored) and every error is a
+//! [`Diagnostic`] that names the file, line and column and, where it can, says
+//! what to write instead. `docs/manifest.md` documents the schema.
+
+mod diagnostic;
+mod pattern;
+mod raw;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use diagnostic::Diagnostic;
+pub use pattern::{PathPattern, PatternError};
+
+/// The file name Flotilla looks for.
+pub const FILE_NAME: &str = "flotilla.toml";
+
+/// A validated system description.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Manifest {
+    /// The system's name (a DNS label).
+    pub name: String,
+    /// The manifest file, as given.
+    pub file: PathBuf,
+    /// The directory relative paths in the manifest are resolved against.
+    pub dir: PathBuf,
+    pub gateway: Gateway,
+    /// Services by name, in name order.
+    pub services: BTreeMap<String, Service>,
+}
+
+/// The edge of the system.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gateway {
+    pub listen: SocketAddr,
+    /// A directory of static files served at `/` for paths no route claims.
+    pub static_dir: Option<PathBuf>,
+    /// Default upstream timeout for routes that set none.
+    pub timeout: Duration,
+}
+
+/// How a service is run and scaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Long-running replicas behind a load balancer.
+    Service,
+    /// Zero instances until a request arrives; back to zero when idle.
+    Function,
+}
+
+/// What process to start for each instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Run {
+    /// A binary of a package in the Cargo workspace that holds the manifest.
+    Cargo {
+        package: String,
+        bin: Option<String>,
+    },
+    /// Any command; `argv[0]` is looked up on `PATH` or relative to `dir`.
+    Command { argv: Vec<String>, dir: PathBuf },
+}
+
+/// How many instances, and when to add or remove them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scale {
+    /// Instances kept running at all times (0 for functions).
+    pub min: u32,
+    /// Upper bound on instances.
+    pub max: u32,
+    /// In-flight requests per instance the autoscaler aims for.
+    pub concurrency: u32,
+    /// How long without traffic before an instance above `min` is stopped.
+    pub idle: Duration,
+}
+
+/// The database a service owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Data {
+    None,
+    /// One SQLite file per service, provisioned under the data dir.
+    Sqlite,
+}
+
+/// Who may call a route through the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auth {
+    Public,
+}
+
+/// A path the gateway exposes, owned by one service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub pattern: PathPattern,
+    /// Upper-case HTTP methods; empty means any method.
+    pub methods: Vec<String>,
+    pub auth: Auth,
+    pub timeout: Duration,
+}
+
+impl Route {
+    /// Whether this route accepts `method`.
+    pub fn allows(&self, method: &str) -> bool {
+        self.methods.is_empty() || self.methods.iter().any(|m| m == method)
+    }
+}
+
+/// One service of the system.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub shape: Shape,
+    pub run: Run,
+    pub scale: Scale,
+    pub data: Data,
+    /// Services this one may call (each becomes `FLOTILLA_URL_<NAME>`).
+    pub calls: Vec<String>,
+    pub routes: Vec<Route>,
+    /// Extra environment for each instance.
+    pub env: BTreeMap<String, String>,
+    /// How long an instance may take to answer `/readyz` with 200.
+    pub ready_timeout: Duration,
+    /// How long an instance may take to stop after SIGTERM before SIGKILL.
+    pub drain: Duration,
+}
+
+/// Why a manifest could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read manifest {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "no {FILE_NAME} in {} or any parent directory; pass the manifest's path, e.g. `flotilla up examples/shop/flotilla.toml`",
+        start.display()
+    )]
+    NotFound { start: PathBuf },
+    #[error("{}", render(diagnostics))]
+    Invalid { diagnostics: Vec<Diagnostic> },
+}
+
+fn render(diagnostics: &[Diagnostic]) -> String {
+    let mut out = String::new();
+    for d in diagnostics {
+        out.push_str(&d.to_string());
+        out.push_str("\n\n");
+    }
+    let n = diagnostics.len();
+    out.push_str(&format!(
+        "{n} error{} in manifest",
+        if n == 1 { "" } else { "s" }
+    ));
+    out
+}
+
+impl Manifest {
+    /// Reads and validates the manifest at `path`.
+    pub fn load(path: &Path) -> Result<Manifest, Error> {
+        let source = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Manifest::parse(&source, path)
+    }
+
+    /// Validates `source`, reporting errors against `file` and resolving
+    /// relative paths against `file`'s directory.
+    pub fn parse(source: &str, file: &Path) -> Result<Manifest, Error> {
+        validate::parse(source, file).map_err(|diagnostics| Error::Invalid { diagnostics })
+    }
+
+    /// Finds `flotilla.toml` in `start` or the nearest ancestor.
+    pub fn find(start: &Path) -> Result<PathBuf, Error> {
+        start
+            .ancestors()
+            .map(|dir| dir.join(FILE_NAME))
+            .find(|candidate| candidate.is_file())
+            .ok_or_else(|| Error::NotFound {
+                start: start.to_path_buf(),
+            })
+    }
+
+    /// Every route of every service, with the owning service's name.
+    pub fn routes(&self) -> impl Iterator<Item = (&str, &Route)> {
+        self.services
+            .values()
+            .flat_map(|s| s.routes.iter().map(move |r| (s.name.as_str(), r)))
+    }
+}
+
+/// The suffix of a service's environment variables: `order-history` →
+/// `ORDER_HISTORY`, as in `FLOTILLA_URL_ORDER_HISTORY`.
+pub fn env_key(service: &str) -> String {
+    service.to_ascii_uppercase().replace('-', "_")
+}

@@ -1,0 +1,253 @@
+//! Path patterns for routes (and, later, ACL rules): one syntax everywhere a
+//! manifest names a set of request paths.
+//!
+//! A pattern is a sequence of `/`-separated segments. A literal segment
+//! matches itself, `*` matches exactly one segment, and `**` (allowed only
+//! last) matches zero or more segments, so `/api/orders/**` covers
+//! `/api/orders` itself as well as everything below it.
+//!
+//! When several patterns match, the *most specific* wins, never the first
+//! listed: patterns are compared segment by segment, a literal beats `*`,
+//! `*` beats `**`, and a longer exact pattern beats a shorter one. Two
+//! different valid patterns never tie, so the winner is always well defined.
+
+use std::cmp::Ordering;
+use std::fmt;
+
+/// A parsed, validated path pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PathPattern {
+    source: String,
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Segment {
+    Literal(String),
+    One,
+    Rest,
+}
+
+impl Segment {
+    /// Rank within one position: higher is more specific.
+    fn rank(&self) -> u8 {
+        match self {
+            Segment::Literal(_) => 2,
+            Segment::One => 1,
+            Segment::Rest => 0,
+        }
+    }
+}
+
+/// Why a string is not a valid path pattern; the message says what to write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    #[error("a path pattern must start with `/`")]
+    NoLeadingSlash,
+    #[error("empty segment (`//`) in path pattern")]
+    EmptySegment,
+    #[error("`**` may only be the last segment of a path pattern")]
+    RestNotLast,
+    #[error("`{segment}` mixes `*` with other characters; `*` and `**` must be whole segments")]
+    PartialWildcard { segment: String },
+    #[error("`{segment}` is not allowed in a path pattern; write the normalised path")]
+    DotSegment { segment: String },
+    #[error(
+        "`{segment}` contains characters that are not allowed in a path (`?`, `#`, `%`, spaces or control characters)"
+    )]
+    BadCharacter { segment: String },
+}
+
+impl PathPattern {
+    /// Parses a pattern such as `/api/catalog/**` or `/api/orders/*`.
+    pub fn parse(source: &str) -> Result<Self, PatternError> {
+        let rest = source
+            .strip_prefix('/')
+            .ok_or(PatternError::NoLeadingSlash)?;
+        // A trailing slash names the same pattern: `/a/` is `/a`.
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let mut segments = Vec::new();
+        if !rest.is_empty() {
+            let parts: Vec<&str> = rest.split('/').collect();
+            for (i, part) in parts.iter().enumerate() {
+                let last = i + 1 == parts.len();
+                let segment = match *part {
+                    "" => return Err(PatternError::EmptySegment),
+                    "**" if last => Segment::Rest,
+                    "**" => return Err(PatternError::RestNotLast),
+                    "*" => Segment::One,
+                    "." | ".." => {
+                        return Err(PatternError::DotSegment {
+                            segment: part.to_string(),
+                        });
+                    }
+                    p if p.contains('*') => {
+                        return Err(PatternError::PartialWildcard {
+                            segment: p.to_string(),
+                        });
+                    }
+                    p if p
+                        .chars()
+                        .any(|c| c.is_control() || c.is_whitespace() || "?#%".contains(c)) =>
+                    {
+                        return Err(PatternError::BadCharacter {
+                            segment: p.to_string(),
+                        });
+                    }
+                    p => Segment::Literal(p.to_string()),
+                };
+                segments.push(segment);
+            }
+        }
+        Ok(PathPattern {
+            source: source.to_string(),
+            segments,
+        })
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether `path` (a request path without query string) matches.
+    ///
+    /// The path is compared segment by segment as given; callers that must
+    /// defend against `//`, `/./` or percent-encoded dots normalise first.
+    pub fn matches(&self, path: &str) -> bool {
+        let path = path.strip_prefix('/').unwrap_or(path);
+        let mut parts = path.split('/').filter(|s| !s.is_empty());
+        for segment in &self.segments {
+            match segment {
+                Segment::Rest => return true,
+                Segment::One => {
+                    if parts.next().is_none() {
+                        return false;
+                    }
+                }
+                Segment::Literal(lit) => match parts.next() {
+                    Some(p) if p == lit => {}
+                    _ => return false,
+                },
+            }
+        }
+        parts.next().is_none()
+    }
+
+    /// Orders patterns by specificity: `Greater` means `self` is more
+    /// specific and wins over `other` when both match.
+    pub fn specificity_cmp(&self, other: &Self) -> Ordering {
+        for (a, b) in self.segments.iter().zip(other.segments.iter()) {
+            match a.rank().cmp(&b.rank()) {
+                Ordering::Equal => {}
+                unequal => return unequal,
+            }
+        }
+        // Same shape on the common prefix: the longer pattern is more
+        // specific, except that a trailing `**` makes a pattern broader
+        // than the same prefix without it (`/a` beats `/a/**`).
+        let self_len = self.exact_len();
+        let other_len = other.exact_len();
+        match self_len.cmp(&other_len) {
+            Ordering::Equal => {
+                let self_rest = matches!(self.segments.last(), Some(Segment::Rest));
+                let other_rest = matches!(other.segments.last(), Some(Segment::Rest));
+                // `false > true`: no trailing `**` is more specific.
+                other_rest
+                    .cmp(&self_rest)
+                    .then_with(|| other.source.cmp(&self.source))
+            }
+            unequal => unequal,
+        }
+    }
+
+    /// Whether the two patterns are the same set of paths written alike
+    /// (used to reject duplicate routes).
+    pub fn same_as(&self, other: &Self) -> bool {
+        self.segments == other.segments
+    }
+
+    fn exact_len(&self) -> usize {
+        self.segments
+            .iter()
+            .filter(|s| !matches!(s, Segment::Rest))
+            .count()
+    }
+}
+
+impl fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> PathPattern {
+        PathPattern::parse(s).unwrap()
+    }
+
+    #[test]
+    fn literal_and_wildcards_match() {
+        assert!(p("/api/catalog").matches("/api/catalog"));
+        assert!(!p("/api/catalog").matches("/api/catalog/x"));
+        assert!(p("/api/*/x").matches("/api/a/x"));
+        assert!(!p("/api/*/x").matches("/api/x"));
+        assert!(p("/api/orders/**").matches("/api/orders"));
+        assert!(p("/api/orders/**").matches("/api/orders/1/lines"));
+        assert!(!p("/api/orders/**").matches("/api/ordersx"));
+        assert!(p("/**").matches("/"));
+        assert!(p("/**").matches("/anything/at/all"));
+        assert!(p("/").matches("/"));
+        assert!(!p("/").matches("/a"));
+    }
+
+    #[test]
+    fn most_specific_wins_whatever_the_order() {
+        let mut pats = [
+            p("/**"),
+            p("/api/**"),
+            p("/api/*/x"),
+            p("/api/a/*"),
+            p("/api/a/x"),
+        ];
+        pats.sort_by(|a, b| b.specificity_cmp(a));
+        let order: Vec<_> = pats.iter().map(|p| p.as_str()).collect();
+        assert_eq!(
+            order,
+            ["/api/a/x", "/api/a/*", "/api/*/x", "/api/**", "/**"]
+        );
+        assert_eq!(p("/a").specificity_cmp(&p("/a/**")), Ordering::Greater);
+        assert_eq!(p("/a/*").specificity_cmp(&p("/a/**")), Ordering::Greater);
+    }
+
+    #[test]
+    fn invalid_patterns_say_why() {
+        assert_eq!(PathPattern::parse("api"), Err(PatternError::NoLeadingSlash));
+        assert_eq!(PathPattern::parse("/a//b"), Err(PatternError::EmptySegment));
+        assert_eq!(
+            PathPattern::parse("/a/**/b"),
+            Err(PatternError::RestNotLast)
+        );
+        assert!(matches!(
+            PathPattern::parse("/a/b*"),
+            Err(PatternError::PartialWildcard { .. })
+        ));
+        assert!(matches!(
+            PathPattern::parse("/a/../b"),
+            Err(PatternError::DotSegment { .. })
+        ));
+        assert!(matches!(
+            PathPattern::parse("/a b"),
+            Err(PatternError::BadCharacter { .. })
+        ));
+    }
+
+    #[test]
+    fn trailing_slash_is_the_same_pattern() {
+        assert!(p("/a/").same_as(&p("/a")));
+        assert!(!p("/a/*").same_as(&p("/a/**")));
+    }
+}

@@ -1,0 +1,777 @@
+//! Turns the raw TOML into the typed model, collecting every problem rather
+//! than stopping at the first, so one `flotilla check` shows them all.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use crate::diagnostic::{Diagnostic, did_you_mean};
+use crate::raw::{RawGateway, RawManifest, RawRoute, RawRun, RawScale, RawService};
+use crate::{Auth, Data, Gateway, Manifest, PathPattern, Route, Run, Scale, Service, Shape};
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_DRAIN: Duration = Duration::from_secs(10);
+const DEFAULT_FUNCTION_MAX: u32 = 4;
+const DEFAULT_FUNCTION_CONCURRENCY: u32 = 32;
+const DEFAULT_FUNCTION_IDLE: Duration = Duration::from_secs(30);
+const DEFAULT_TARGET_CONCURRENCY: u32 = 50;
+/// More instances than this of one service on one machine is a typo, not a plan.
+const MAX_INSTANCES: i64 = 64;
+const MAX_CONCURRENCY: i64 = 100_000;
+const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+/// Paths the gateway answers itself.
+const RESERVED_PATHS: [&str; 1] = ["/healthz"];
+
+struct Ctx<'a> {
+    file: &'a Path,
+    source: &'a str,
+    dir: PathBuf,
+    /// The gateway's timeout, the default for routes that set none.
+    route_timeout: Duration,
+    errors: Vec<Diagnostic>,
+}
+
+impl Ctx<'_> {
+    fn error(&mut self, span: Range<usize>, message: impl Into<String>, help: Option<String>) {
+        self.errors.push(Diagnostic::at(
+            self.file,
+            self.source,
+            Some(span),
+            message,
+            help,
+        ));
+    }
+
+    fn duration(&mut self, value: &Spanned<String>, key: &str) -> Option<Duration> {
+        match humantime::parse_duration(value.get_ref()) {
+            Ok(d) if d.is_zero() => {
+                self.error(
+                    value.span(),
+                    format!("`{key}` must be longer than zero"),
+                    Some(format!("write a duration such as `{key} = \"30s\"`")),
+                );
+                None
+            }
+            Ok(d) => Some(d),
+            Err(_) => {
+                self.error(
+                    value.span(),
+                    format!("`{}` is not a duration", value.get_ref()),
+                    Some(format!(
+                        "write a number with a unit, such as `{key} = \"500ms\"`, `\"30s\"` or `\"2m\"`"
+                    )),
+                );
+                None
+            }
+        }
+    }
+
+    fn count(&mut self, value: &Spanned<i64>, key: &str, min: i64, max: i64) -> Option<u32> {
+        let v = *value.get_ref();
+        if v < min || v > max {
+            self.error(
+                value.span(),
+                format!("`{key} = {v}` is out of range"),
+                Some(format!("use a whole number from {min} to {max}")),
+            );
+            return None;
+        }
+        u32::try_from(v).ok()
+    }
+}
+
+pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnostic>> {
+    let dir = file
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let mut ctx = Ctx {
+        file,
+        source,
+        dir,
+        route_timeout: DEFAULT_TIMEOUT,
+        errors: Vec::new(),
+    };
+    let raw: RawManifest = match toml::from_str(source) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let (message, help) = explain_toml_error(e.message());
+            ctx.error(e.span().unwrap_or(0..0), message, help);
+            return Err(ctx.errors);
+        }
+    };
+
+    let name = raw.name.get_ref().clone();
+    if let Err(why) = check_name(&name) {
+        ctx.error(
+            raw.name.span(),
+            format!("system name `{name}` {why}"),
+            Some("use lower-case letters, digits and `-`, starting with a letter, e.g. `name = \"shop\"`".into()),
+        );
+    }
+
+    let gateway = gateway(&mut ctx, raw.gateway.as_ref());
+    if let Some(gw) = &gateway {
+        ctx.route_timeout = gw.timeout;
+    }
+
+    let declared: Vec<String> = raw.services.keys().map(|k| k.get_ref().clone()).collect();
+    let mut services = BTreeMap::new();
+    for (key, value) in &raw.services {
+        let name = key.get_ref();
+        if let Err(why) = check_name(name) {
+            ctx.error(
+                key.span(),
+                format!("service name `{name}` {why}"),
+                Some("use lower-case letters, digits and `-`, starting with a letter, e.g. `[services.order-history]`".into()),
+            );
+            continue;
+        }
+        if let Some(service) = service(&mut ctx, name, value, &declared) {
+            services.insert(name.clone(), service);
+        }
+    }
+    if raw.services.is_empty() {
+        ctx.error(
+            raw.name.span(),
+            "the system declares no services",
+            Some("add one, e.g. `[services.hello]` with `run = { command = [\"python3\", \"app.py\"] }`".into()),
+        );
+    }
+
+    check_route_conflicts(&mut ctx, &raw);
+
+    if ctx.errors.is_empty() {
+        Ok(Manifest {
+            name,
+            file: file.to_path_buf(),
+            dir: ctx.dir,
+            gateway: gateway.unwrap_or_else(|| unreachable_gateway()),
+            services,
+        })
+    } else {
+        Err(ctx.errors)
+    }
+}
+
+/// Only reached when errors were recorded, in which case it is discarded.
+fn unreachable_gateway() -> Gateway {
+    Gateway {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        static_dir: None,
+        timeout: DEFAULT_TIMEOUT,
+    }
+}
+
+fn check_name(name: &str) -> Result<(), &'static str> {
+    let mut chars = name.chars();
+    match chars.next() {
+        None => return Err("is empty"),
+        Some(c) if !c.is_ascii_lowercase() => return Err("must start with a lower-case letter"),
+        _ => {}
+    }
+    if name.len() > 40 {
+        return Err("is longer than 40 characters");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err("may contain only lower-case letters, digits and `-`");
+    }
+    if name.ends_with('-') {
+        return Err("must not end with `-`");
+    }
+    Ok(())
+}
+
+/// Rewrites serde's wording into ours, adding a suggestion for unknown keys.
+fn explain_toml_error(message: &str) -> (String, Option<String>) {
+    let message = message.trim();
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some((field, expected)) = rest.split_once('`') {
+            let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+            let help = match did_you_mean(field, candidates.iter().copied()) {
+                Some(s) => format!("did you mean `{s}`?"),
+                None => format!("the keys allowed here are {}", quote_list(&candidates)),
+            };
+            return (format!("unknown key `{field}`"), Some(help));
+        }
+    }
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        let field = rest.split('`').next().unwrap_or(rest);
+        let help = match field {
+            "name" => "add `name = \"my-system\"` at the top of the file".to_string(),
+            "path" => "each route needs a path, e.g. `{ path = \"/api/things/**\" }`".to_string(),
+            other => format!("add `{other} = ...`"),
+        };
+        return (format!("missing key `{field}`"), Some(help));
+    }
+    if message.starts_with("invalid type") {
+        return (
+            message.to_string(),
+            Some("check the value's type against docs/manifest.md".into()),
+        );
+    }
+    (message.to_string(), None)
+}
+
+fn quote_list(items: &[&str]) -> String {
+    items
+        .iter()
+        .map(|s| format!("`{s}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn gateway(ctx: &mut Ctx<'_>, raw: Option<&Spanned<RawGateway>>) -> Option<Gateway> {
+    let mut gw = Gateway {
+        listen: DEFAULT_LISTEN.parse().ok()?,
+        static_dir: None,
+        timeout: DEFAULT_TIMEOUT,
+    };
+    let Some(raw) = raw else { return Some(gw) };
+    let raw = raw.get_ref();
+    if let Some(listen) = &raw.listen {
+        match listen.get_ref().parse::<SocketAddr>() {
+            Ok(addr) => gw.listen = addr,
+            Err(_) => ctx.error(
+                listen.span(),
+                format!("`{}` is not a socket address", listen.get_ref()),
+                Some("write an IP address and a port, e.g. `listen = \"127.0.0.1:8080\"` or `\"[::1]:8080\"`; port 0 picks a free one".into()),
+            ),
+        }
+    }
+    if let Some(dir) = &raw.static_dir {
+        let path = ctx.dir.join(dir.get_ref());
+        if path.is_dir() {
+            gw.static_dir = Some(path);
+        } else {
+            ctx.error(
+                dir.span(),
+                format!("static directory `{}` does not exist", path.display()),
+                Some("give a directory relative to the manifest, e.g. `static = \"web\"`".into()),
+            );
+        }
+    }
+    if let Some(t) = &raw.timeout {
+        gw.timeout = ctx.duration(t, "timeout")?;
+    }
+    Some(gw)
+}
+
+fn service(
+    ctx: &mut Ctx<'_>,
+    name: &str,
+    raw: &Spanned<RawService>,
+    declared: &[String],
+) -> Option<Service> {
+    let span = raw.span();
+    let raw = raw.get_ref();
+    let before = ctx.errors.len();
+
+    let shape = match &raw.shape {
+        None => Shape::Service,
+        Some(s) => match s.get_ref().as_str() {
+            "service" => Shape::Service,
+            "function" => Shape::Function,
+            other => {
+                let help = match did_you_mean(other, ["service", "function"]) {
+                    Some(s) => format!("did you mean `shape = \"{s}\"`?"),
+                    None => "write `shape = \"service\"` (long-running replicas) or `shape = \"function\"` (scales from zero)".into(),
+                };
+                ctx.error(s.span(), format!("unknown shape `{other}`"), Some(help));
+                Shape::Service
+            }
+        },
+    };
+
+    let run = match &raw.run {
+        Some(r) => run(ctx, r),
+        None => {
+            ctx.error(
+                span.clone(),
+                format!("service `{name}` has no `run`"),
+                Some("say how to start it: `run = { cargo = \"my-package\" }` or `run = { command = [\"python3\", \"app.py\"] }`".into()),
+            );
+            None
+        }
+    };
+
+    let scale = scale(ctx, shape, raw.replicas.as_ref(), raw.scale.as_ref());
+
+    let data = match &raw.data {
+        None => Data::None,
+        Some(d) => match d.get_ref().as_str() {
+            "sqlite" => Data::Sqlite,
+            "none" => Data::None,
+            other => {
+                let help = match did_you_mean(other, ["sqlite", "none"]) {
+                    Some(s) => format!("did you mean `data = \"{s}\"`?"),
+                    None => "write `data = \"sqlite\"` for a database of the service's own, or leave `data` out".into(),
+                };
+                ctx.error(d.span(), format!("unknown data kind `{other}`"), Some(help));
+                Data::None
+            }
+        },
+    };
+
+    let mut calls = Vec::new();
+    for call in raw.calls.iter().flatten() {
+        let callee = call.get_ref();
+        if callee == name {
+            ctx.error(
+                call.span(),
+                format!("service `{name}` lists itself in `calls`"),
+                Some("a service can always reach itself; remove it".into()),
+            );
+        } else if !declared.contains(callee) {
+            let help = match did_you_mean(callee, declared.iter().map(String::as_str)) {
+                Some(s) => format!("did you mean `{s}`?"),
+                None => format!(
+                    "declare `[services.{callee}]`, or call one of {}",
+                    quote_list(&declared.iter().map(String::as_str).collect::<Vec<_>>())
+                ),
+            };
+            ctx.error(
+                call.span(),
+                format!("`{name}` calls `{callee}`, which is not a service of this system"),
+                Some(help),
+            );
+        } else if calls.contains(callee) {
+            ctx.error(
+                call.span(),
+                format!("`{callee}` is listed twice in `calls`"),
+                Some("remove one".into()),
+            );
+        } else {
+            calls.push(callee.clone());
+        }
+    }
+
+    let mut routes = Vec::new();
+    for r in raw.routes.iter().flatten() {
+        if let Some(route) = route(ctx, r) {
+            routes.push(route);
+        }
+    }
+
+    let mut env = BTreeMap::new();
+    for (k, v) in raw.env.iter().flatten() {
+        let key = k.get_ref();
+        let valid = !key.is_empty()
+            && !key.starts_with(|c: char| c.is_ascii_digit())
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            ctx.error(
+                k.span(),
+                format!("`{key}` is not a valid environment variable name"),
+                Some("use letters, digits and `_`, not starting with a digit".into()),
+            );
+        } else if key.starts_with("FLOTILLA_") || key == "DATABASE_URL" || key == "PORT" {
+            ctx.error(
+                k.span(),
+                format!("`{key}` is set by the runtime and cannot be overridden"),
+                Some(
+                    "pick another name; docs/runtime-contract.md lists the runtime's variables"
+                        .into(),
+                ),
+            );
+        } else {
+            env.insert(key.clone(), v.get_ref().clone());
+        }
+    }
+
+    let ready_timeout = raw
+        .ready_timeout
+        .as_ref()
+        .and_then(|t| ctx.duration(t, "ready_timeout"))
+        .unwrap_or(DEFAULT_READY_TIMEOUT);
+    let drain = raw
+        .drain
+        .as_ref()
+        .and_then(|t| ctx.duration(t, "drain"))
+        .unwrap_or(DEFAULT_DRAIN);
+
+    if ctx.errors.len() != before {
+        return None;
+    }
+    Some(Service {
+        name: name.to_string(),
+        shape,
+        run: run?,
+        scale: scale?,
+        data,
+        calls,
+        routes,
+        env,
+        ready_timeout,
+        drain,
+    })
+}
+
+fn run(ctx: &mut Ctx<'_>, raw: &Spanned<RawRun>) -> Option<Run> {
+    let span = raw.span();
+    let raw = raw.get_ref();
+    match (&raw.cargo, &raw.command) {
+        (Some(_), Some(command)) => {
+            ctx.error(
+                command.span(),
+                "`run` has both `cargo` and `command`",
+                Some(
+                    "keep one: `cargo` builds a workspace package, `command` runs anything".into(),
+                ),
+            );
+            None
+        }
+        (None, None) => {
+            ctx.error(
+                span,
+                "`run` names neither `cargo` nor `command`",
+                Some("write `run = { cargo = \"my-package\" }` or `run = { command = [\"python3\", \"app.py\"] }`".into()),
+            );
+            None
+        }
+        (Some(package), None) => {
+            if let Some(dir) = &raw.dir {
+                ctx.error(
+                    dir.span(),
+                    "`dir` applies to `command` only",
+                    Some("remove it: cargo packages run from the manifest's directory".into()),
+                );
+                return None;
+            }
+            let valid = |s: &str| {
+                !s.is_empty()
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            };
+            if !valid(package.get_ref()) {
+                ctx.error(
+                    package.span(),
+                    format!("`{}` is not a cargo package name", package.get_ref()),
+                    Some("use the `name` from the package's Cargo.toml".into()),
+                );
+                return None;
+            }
+            let bin = raw.bin.as_ref().map(|b| b.get_ref().clone());
+            Some(Run::Cargo {
+                package: package.get_ref().clone(),
+                bin,
+            })
+        }
+        (None, Some(command)) => {
+            if let Some(bin) = &raw.bin {
+                ctx.error(
+                    bin.span(),
+                    "`bin` applies to `cargo` only",
+                    Some(
+                        "remove it, or run the program with `command = [\"path/to/program\"]`"
+                            .into(),
+                    ),
+                );
+                return None;
+            }
+            let argv = command.get_ref();
+            if argv.first().is_none_or(|a| a.trim().is_empty()) {
+                ctx.error(
+                    command.span(),
+                    "`command` is empty",
+                    Some("give the program and its arguments, e.g. `command = [\"python3\", \"app.py\"]`".into()),
+                );
+                return None;
+            }
+            let dir = match &raw.dir {
+                None => ctx.dir.clone(),
+                Some(d) => {
+                    let path = ctx.dir.join(d.get_ref());
+                    if !path.is_dir() {
+                        ctx.error(
+                            d.span(),
+                            format!("directory `{}` does not exist", path.display()),
+                            Some("give a directory relative to the manifest".into()),
+                        );
+                        return None;
+                    }
+                    path
+                }
+            };
+            Some(Run::Command {
+                argv: argv.clone(),
+                dir,
+            })
+        }
+    }
+}
+
+fn scale(
+    ctx: &mut Ctx<'_>,
+    shape: Shape,
+    replicas: Option<&Spanned<i64>>,
+    raw: Option<&Spanned<RawScale>>,
+) -> Option<Scale> {
+    if let (Some(r), Some(_)) = (replicas, raw) {
+        ctx.error(
+            r.span(),
+            "`replicas` and `scale` both set the number of instances",
+            Some("keep `replicas = N` for a fixed count, or `scale = { min = .., max = .. }` to autoscale".into()),
+        );
+        return None;
+    }
+    match shape {
+        Shape::Function => {
+            if let Some(r) = replicas {
+                ctx.error(
+                    r.span(),
+                    "a function has no fixed `replicas`: it scales from zero on demand",
+                    Some("write `scale = { max = 4, concurrency = 32, idle = \"30s\" }`, or use `shape = \"service\"`".into()),
+                );
+                return None;
+            }
+            let mut s = Scale {
+                min: 0,
+                max: DEFAULT_FUNCTION_MAX,
+                concurrency: DEFAULT_FUNCTION_CONCURRENCY,
+                idle: DEFAULT_FUNCTION_IDLE,
+            };
+            let Some(raw) = raw else { return Some(s) };
+            let raw = raw.get_ref();
+            for (value, key) in [
+                (&raw.min, "min"),
+                (&raw.target_concurrency, "target_concurrency"),
+            ] {
+                if let Some(v) = value {
+                    ctx.error(
+                        v.span(),
+                        format!("`{key}` does not apply to a function"),
+                        Some(
+                            "a function scales from zero: use `max`, `concurrency` and `idle`"
+                                .into(),
+                        ),
+                    );
+                    return None;
+                }
+            }
+            if let Some(m) = &raw.max {
+                s.max = ctx.count(m, "max", 1, MAX_INSTANCES)?;
+            }
+            if let Some(c) = &raw.concurrency {
+                s.concurrency = ctx.count(c, "concurrency", 1, MAX_CONCURRENCY)?;
+            }
+            if let Some(i) = &raw.idle {
+                s.idle = ctx.duration(i, "idle")?;
+            }
+            Some(s)
+        }
+        Shape::Service => {
+            if let Some(r) = replicas {
+                let n = ctx.count(r, "replicas", 1, MAX_INSTANCES)?;
+                return Some(Scale {
+                    min: n,
+                    max: n,
+                    concurrency: DEFAULT_TARGET_CONCURRENCY,
+                    idle: DEFAULT_FUNCTION_IDLE,
+                });
+            }
+            let mut s = Scale {
+                min: 1,
+                max: 1,
+                concurrency: DEFAULT_TARGET_CONCURRENCY,
+                idle: DEFAULT_FUNCTION_IDLE,
+            };
+            let Some(raw_spanned) = raw else {
+                return Some(s);
+            };
+            let raw = raw_spanned.get_ref();
+            if let Some(c) = &raw.concurrency {
+                ctx.error(
+                    c.span(),
+                    "`concurrency` is the per-instance limit of a function",
+                    Some("for a service write `target_concurrency`".into()),
+                );
+                return None;
+            }
+            if let Some(m) = &raw.min {
+                s.min = ctx.count(m, "min", 1, MAX_INSTANCES)?;
+            }
+            s.max = s.min;
+            if let Some(m) = &raw.max {
+                s.max = ctx.count(m, "max", 1, MAX_INSTANCES)?;
+            }
+            if s.max < s.min {
+                ctx.error(
+                    raw_spanned.span(),
+                    format!("`max = {}` is below `min = {}`", s.max, s.min),
+                    Some("raise `max` or lower `min`".into()),
+                );
+                return None;
+            }
+            if let Some(c) = &raw.target_concurrency {
+                s.concurrency = ctx.count(c, "target_concurrency", 1, MAX_CONCURRENCY)?;
+            }
+            if let Some(i) = &raw.idle {
+                s.idle = ctx.duration(i, "idle")?;
+            }
+            Some(s)
+        }
+    }
+}
+
+fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
+    let raw = raw.get_ref();
+    let pattern = match PathPattern::parse(raw.path.get_ref()) {
+        Ok(p) => p,
+        Err(e) => {
+            ctx.error(
+                raw.path.span(),
+                format!("invalid route path `{}`: {e}", raw.path.get_ref()),
+                Some(
+                    "write e.g. `path = \"/api/orders/**\"` (`*` is one segment, `**` the rest)"
+                        .into(),
+                ),
+            );
+            return None;
+        }
+    };
+    if RESERVED_PATHS
+        .iter()
+        .filter_map(|r| PathPattern::parse(r).ok())
+        .any(|r| pattern.same_as(&r))
+    {
+        ctx.error(
+            raw.path.span(),
+            format!("`{}` is answered by the gateway itself", raw.path.get_ref()),
+            Some("choose another path".into()),
+        );
+        return None;
+    }
+    let mut methods = Vec::new();
+    for m in raw.methods.iter().flatten() {
+        let method = m.get_ref();
+        if METHODS.contains(&method.as_str()) {
+            if methods.contains(method) {
+                ctx.error(
+                    m.span(),
+                    format!("`{method}` is listed twice"),
+                    Some("remove one".into()),
+                );
+                return None;
+            }
+            methods.push(method.clone());
+        } else if METHODS.contains(&method.to_ascii_uppercase().as_str()) {
+            ctx.error(
+                m.span(),
+                format!("method `{method}` must be upper case"),
+                Some(format!("write `\"{}\"`", method.to_ascii_uppercase())),
+            );
+            return None;
+        } else {
+            ctx.error(
+                m.span(),
+                format!("`{method}` is not an HTTP method"),
+                Some(format!("use one of {}", quote_list(&METHODS))),
+            );
+            return None;
+        }
+    }
+    if raw.methods.as_ref().is_some_and(Vec::is_empty) {
+        ctx.error(
+            raw.path.span(),
+            "`methods = []` would make the route unreachable",
+            Some("list the methods, or leave `methods` out to accept any".into()),
+        );
+        return None;
+    }
+    let auth = match &raw.auth {
+        None => Auth::Public,
+        Some(a) => match a.get_ref().as_str() {
+            "public" => Auth::Public,
+            "jwt" => {
+                ctx.error(
+                    a.span(),
+                    "`auth = \"jwt\"` needs the gateway's JWT settings, which this version does not support yet",
+                    Some("use `auth = \"public\"` for now".into()),
+                );
+                return None;
+            }
+            other => {
+                ctx.error(
+                    a.span(),
+                    format!("unknown auth `{other}`"),
+                    Some("write `auth = \"public\"`".into()),
+                );
+                return None;
+            }
+        },
+    };
+    let timeout = match &raw.timeout {
+        Some(t) => ctx.duration(t, "timeout")?,
+        None => ctx.route_timeout,
+    };
+    Some(Route {
+        pattern,
+        methods,
+        auth,
+        timeout,
+    })
+}
+
+/// Two routes with the same pattern and a method in common would make the
+/// gateway's choice arbitrary, so they are an error wherever they are declared.
+fn check_route_conflicts(ctx: &mut Ctx<'_>, raw: &RawManifest) {
+    let mut seen: Vec<(String, PathPattern, Vec<String>)> = Vec::new();
+    for (name, service) in &raw.services {
+        for r in service.get_ref().routes.iter().flatten() {
+            let r = r.get_ref();
+            let Ok(pattern) = PathPattern::parse(r.path.get_ref()) else {
+                continue;
+            };
+            let methods: Vec<String> = r
+                .methods
+                .iter()
+                .flatten()
+                .map(|m| m.get_ref().to_ascii_uppercase())
+                .collect();
+            for (other, other_pattern, other_methods) in &seen {
+                let overlap = methods.is_empty()
+                    || other_methods.is_empty()
+                    || methods.iter().any(|m| other_methods.contains(m));
+                if overlap && pattern.same_as(other_pattern) {
+                    let whose = if other == name.get_ref() {
+                        "this service".to_string()
+                    } else {
+                        format!("service `{other}`")
+                    };
+                    ctx.error(
+                        r.path.span(),
+                        format!(
+                            "route `{}` is also declared by {whose} for the same methods",
+                            r.path.get_ref()
+                        ),
+                        Some(
+                            "give each route its own path, or split the methods between them"
+                                .into(),
+                        ),
+                    );
+                }
+            }
+            seen.push((name.get_ref().clone(), pattern, methods));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
