@@ -159,7 +159,7 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
             name,
             file: file.to_path_buf(),
             dir: ctx.dir,
-            gateway: gateway.unwrap_or_else(|| unreachable_gateway()),
+            gateway: gateway.unwrap_or_else(unreachable_gateway),
             services,
         })
     } else {
@@ -201,15 +201,15 @@ fn check_name(name: &str) -> Result<(), &'static str> {
 /// Rewrites serde's wording into ours, adding a suggestion for unknown keys.
 fn explain_toml_error(message: &str) -> (String, Option<String>) {
     let message = message.trim();
-    if let Some(rest) = message.strip_prefix("unknown field `") {
-        if let Some((field, expected)) = rest.split_once('`') {
-            let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
-            let help = match did_you_mean(field, candidates.iter().copied()) {
-                Some(s) => format!("did you mean `{s}`?"),
-                None => format!("the keys allowed here are {}", quote_list(&candidates)),
-            };
-            return (format!("unknown key `{field}`"), Some(help));
-        }
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some((field, expected)) = rest.split_once('`')
+    {
+        let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        let help = match did_you_mean(field, candidates.iter().copied()) {
+            Some(s) => format!("did you mean `{s}`?"),
+            None => format!("the keys allowed here are {}", quote_list(&candidates)),
+        };
+        return (format!("unknown key `{field}`"), Some(help));
     }
     if let Some(rest) = message.strip_prefix("missing field `") {
         let field = rest.split('`').next().unwrap_or(rest);

@@ -1,0 +1,265 @@
+//! The `flotilla` command line. It parses arguments and calls the library
+//! crates; the logic lives there, so tests and other tools can use it too.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use flotilla_manifest::Manifest;
+use flotilla_runtime::{ControlClient, Options, Profile, Status, System};
+
+/// Run a system of microservices described by one flotilla.toml.
+#[derive(Parser)]
+#[command(name = "flotilla", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build and run the system until Ctrl-C or `flotilla down`.
+    Up {
+        /// The manifest; defaults to flotilla.toml in this or a parent directory.
+        manifest: Option<PathBuf>,
+        /// Where logs, databases and endpoints.json go [default: .flotilla beside the manifest].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Gateway address, overriding the manifest's (`127.0.0.1:0` picks a free port).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Build services with the dev profile instead of --release.
+        #[arg(long)]
+        dev: bool,
+        /// Do not echo instance output (it is still written to <data-dir>/logs).
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Validate the manifest and print every problem in it.
+    Check {
+        /// The manifest; defaults to flotilla.toml in this or a parent directory.
+        manifest: Option<PathBuf>,
+    },
+    /// Show the services and instances of the running system.
+    Status {
+        /// Print the full status as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The running system's data dir [default: .flotilla beside the manifest].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Stop the running system gracefully.
+    Down {
+        /// The running system's data dir [default: .flotilla beside the manifest].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+/// Like `println!`, but a closed stdout (`flotilla status | head`) is not a
+/// panic: the reader has what it wanted.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// Exit code for an invalid manifest, distinct from runtime failures.
+const EXIT_INVALID: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> ExitCode {
+    match command {
+        Command::Check { manifest } => match load(manifest.as_deref()) {
+            Ok(m) => {
+                out!(
+                    "{}: ok — system `{}` with {} services and {} routes",
+                    m.file.display(),
+                    m.name,
+                    m.services.len(),
+                    m.routes().count()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Up {
+            manifest,
+            data_dir,
+            listen,
+            dev,
+            quiet,
+        } => {
+            let manifest = match load(manifest.as_deref()) {
+                Ok(m) => m,
+                Err(code) => return code,
+            };
+            let data_dir = data_dir.unwrap_or_else(|| manifest.dir.join(".flotilla"));
+            let mut options = Options::new(data_dir);
+            options.listen = listen;
+            options.profile = if dev { Profile::Dev } else { Profile::Release };
+            options.echo_logs = !quiet;
+            options.interactive = true;
+            up(manifest, options).await
+        }
+        Command::Status { json, data_dir } => {
+            let client = match open(data_dir) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match client.status().await {
+                Ok(status) if json => match serde_json::to_string_pretty(&status) {
+                    Ok(text) => {
+                        out!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e),
+                },
+                Ok(status) => {
+                    print_status(&status, client.endpoints());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Down { data_dir } => {
+            let client = match open(data_dir) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match client.shutdown(Duration::from_secs(60)).await {
+                Ok(true) => {
+                    out!("stopped {}", client.endpoints().system);
+                    ExitCode::SUCCESS
+                }
+                Ok(false) => {
+                    eprintln!("error: asked {} to stop, but it is still running after 60 s", client.endpoints().system);
+                    ExitCode::FAILURE
+                }
+                Err(e) => fail(&e),
+            }
+        }
+    }
+}
+
+async fn up(manifest: Manifest, options: Options) -> ExitCode {
+    let system = match System::start(manifest, options).await {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = sigterm.recv() => {}
+        _ = system.shutdown_requested() => {}
+    }
+    system.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+/// Finds and loads the manifest, printing errors; follows a symlinked
+/// manifest so relative paths and the data dir are those of its real place.
+fn load(path: Option<&Path>) -> Result<Manifest, ExitCode> {
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let cwd = std::env::current_dir().map_err(|e| fail(&e))?;
+            Manifest::find(&cwd).map_err(|e| fail(&e))?
+        }
+    };
+    let path = path.canonicalize().unwrap_or(path);
+    Manifest::load(&path).map_err(|e| match e {
+        flotilla_manifest::Error::Invalid { .. } => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_INVALID)
+        }
+        other => fail(&other),
+    })
+}
+
+fn open(data_dir: Option<PathBuf>) -> Result<ControlClient, ExitCode> {
+    let dir = match data_dir {
+        Some(d) => d,
+        None => {
+            let cwd = std::env::current_dir().map_err(|e| fail(&e))?;
+            match Manifest::find(&cwd) {
+                Ok(p) => {
+                    let p = p.canonicalize().unwrap_or(p);
+                    p.parent().unwrap_or(Path::new(".")).join(".flotilla")
+                }
+                Err(_) => cwd.join(".flotilla"),
+            }
+        }
+    };
+    ControlClient::open(&dir).map_err(|e| fail(&e))
+}
+
+/// Prints an error with its chain of causes and returns the failure code.
+fn fail(e: &dyn std::error::Error) -> ExitCode {
+    let mut message = format!("error: {e}");
+    let mut source = e.source();
+    while let Some(cause) = source {
+        message.push_str(&format!("\n  caused by: {cause}"));
+        source = cause.source();
+    }
+    eprintln!("{message}");
+    ExitCode::FAILURE
+}
+
+fn print_status(status: &Status, endpoints: &flotilla_runtime::Endpoints) {
+    out!("system {}  gateway {}  console {}", status.system, status.gateway, endpoints.console);
+    out!("{:<16} {:<9} {:>7} {:>8}  ADDRESS", "SERVICE", "SHAPE", "READY", "RESTARTS");
+    for s in &status.services {
+        out!(
+            "{:<16} {:<9} {:>3}/{:<3} {:>8}  {}{}",
+            s.name,
+            s.shape,
+            s.ready,
+            s.max,
+            s.restarts,
+            s.address,
+            if s.crash_loop { "  CRASH LOOP" } else { "" }
+        );
+        for i in &s.instances {
+            out!(
+                "  {:<14} {:<9} pid {:<8} {:<22} restarts {}{}",
+                i.id,
+                format!("{:?}", i.state).to_lowercase(),
+                i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                i.address.clone().unwrap_or_default(),
+                i.restarts,
+                i.last_exit.as_ref().map(|e| format!("  last exit: {e}")).unwrap_or_default()
+            );
+        }
+        if let Some(err) = &s.last_error {
+            if s.ready == 0 && s.min > 0 {
+                out!("  last error: {}", err.lines().next().unwrap_or(""));
+            }
+        }
+    }
+}

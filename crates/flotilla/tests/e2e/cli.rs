@@ -1,0 +1,217 @@
+//! The `flotilla` binary: `check`'s messages, `up`/`status`/`down` on a real
+//! system, a port already in use, and no orphans after `kill -9 flotilla`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{flotilla, shop_manifest};
+
+fn check(text: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flotilla.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = flotilla().arg("check").arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).replace(&format!("{}/", dir.path().canonicalize().unwrap().display()), "");
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+#[test]
+fn check_accepts_the_shop() {
+    let out = flotilla().arg("check").arg(shop_manifest()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ok — system `shop` with 3 services"), "{stdout}");
+}
+
+/// The messages docs/manifest.md shows, exactly.
+#[test]
+fn check_prints_the_documented_messages() {
+    let docs = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/manifest.md")).unwrap();
+    let cases = [
+        (
+            "name = \"shop\"\n[services.catalog]\nrun = { cargo = \"shop-catalog\" }\nreplica = 2\n",
+            "error: unknown key `replica`\n  --> flotilla.toml:4:1\n  |\n4 | replica = 2\n  | ^^^^^^^\n  = help: did you mean `replicas`?\n\n1 error in manifest",
+        ),
+        (
+            "name = \"shop\"\n[services.orders]\nrun = { cargo = \"shop-orders\" }\ncalls = [\"pricng\"]\n[services.pricing]\nrun = { cargo = \"shop-pricing\" }\n",
+            "error: `orders` calls `pricng`, which is not a service of this system\n  --> flotilla.toml:4:10\n  |\n4 | calls = [\"pricng\"]\n  |          ^^^^^^^^\n  = help: did you mean `pricing`?\n\n1 error in manifest",
+        ),
+        (
+            "name = \"shop\"\n[services.a]\nrun = { cargo = \"a\" }\nroutes = [{ path = \"/api/**\" }]\n[services.b]\nrun = { cargo = \"b\" }\nroutes = [{ path = \"/api/**\", methods = [\"GET\"] }]\n",
+            "error: route `/api/**` is also declared by service `a` for the same methods\n  --> flotilla.toml:7:20\n  |\n7 | routes = [{ path = \"/api/**\", methods = [\"GET\"] }]\n  |                    ^^^^^^^^^\n  = help: give each route its own path, or split the methods between them\n\n1 error in manifest",
+        ),
+        (
+            "name = \"shop\"\n[services.pricing]\nshape = \"fucntion\"\nrun = { cargo = \"shop-pricing\" }\n",
+            "error: unknown shape `fucntion`\n  --> flotilla.toml:3:9\n  |\n3 | shape = \"fucntion\"\n  |         ^^^^^^^^^^\n  = help: did you mean `shape = \"function\"`?\n\n1 error in manifest",
+        ),
+        (
+            "name = \"shop\"\n[services.catalog]\nrun = { cargo = \"shop-catalog\" }\nreplicas = 0\n",
+            "error: `replicas = 0` is out of range\n  --> flotilla.toml:4:12\n  |\n4 | replicas = 0\n  |            ^\n  = help: use a whole number from 1 to 64\n\n1 error in manifest",
+        ),
+        (
+            "name = \"shop\n",
+            "error: invalid basic string, expected `\"`\n  --> flotilla.toml:1:13\n  |\n1 | name = \"shop\n  |             ^\n\n1 error in manifest",
+        ),
+    ];
+    for (input, expected) in cases {
+        let (code, stderr) = check(input);
+        assert_eq!(code, 2, "{input}");
+        assert_eq!(stderr.trim_end(), expected, "for input:\n{input}");
+        assert!(docs.contains(expected), "docs/manifest.md must show this message:\n{expected}");
+    }
+}
+
+#[test]
+fn check_reports_a_missing_file() {
+    let out = flotilla().args(["check", "/nonexistent/flotilla.toml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot read manifest /nonexistent/flotilla.toml"), "{stderr}");
+}
+
+fn hello_manifest(dir: &Path, listen: &str) -> PathBuf {
+    let hello = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/fixtures/hello.py");
+    let path = dir.join("flotilla.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"cli\"\n[gateway]\nlisten = \"{listen}\"\n[services.hello]\nrun = {{ command = [\"python3\", \"{}\"] }}\nreplicas = 2\nroutes = [{{ path = \"/**\" }}]\n",
+            hello.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+struct Up {
+    child: Child,
+    data: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn up(listen: &str) -> Up {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = hello_manifest(dir.path(), listen);
+    let data = dir.path().join("data");
+    let child = flotilla()
+        .arg("up")
+        .arg(&manifest)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--quiet")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    Up { child, data, _dir: dir }
+}
+
+fn wait_for_endpoints(up: &mut Up) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(up.data.join("endpoints.json")) {
+            if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                return v;
+            }
+        }
+        if let Ok(Some(status)) = up.child.try_wait() {
+            let out = up.child.stderr.take().map(std::io::read_to_string).and_then(Result::ok).unwrap_or_default();
+            panic!("flotilla up exited ({status}) before ready: {out}");
+        }
+        assert!(Instant::now() < deadline, "no endpoints.json after 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie still answers kill(0); /proc tells the real state.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.split_whitespace().nth(2).is_some_and(|state| state == "Z"))
+        .unwrap_or(false)
+}
+
+fn instance_pids(endpoints: &Value) -> Vec<u32> {
+    endpoints["services"]["hello"]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["pid"].as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn wait_until(what: &str, deadline: Duration, f: impl Fn() -> bool) {
+    let until = Instant::now() + deadline;
+    while !f() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn up_status_down() {
+    let mut up = up("127.0.0.1:0");
+    let endpoints = wait_for_endpoints(&mut up);
+    let pids = instance_pids(&endpoints);
+    assert_eq!(pids.len(), 2, "{endpoints}");
+    assert!(endpoints["gateway"].as_str().unwrap().starts_with("http://127.0.0.1:"));
+
+    let out = flotilla().args(["status", "--data-dir"]).arg(&up.data).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(table.contains("hello") && table.contains("2/2"), "{table}");
+
+    let out = flotilla().args(["down", "--data-dir"]).arg(&up.data).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stopped cli"));
+    let status = up.child.wait().unwrap();
+    assert!(status.success(), "flotilla up exits 0 after down: {status}");
+    for pid in pids {
+        assert!(!alive(pid), "instance {pid} survived `flotilla down`");
+    }
+    assert!(!up.data.join("endpoints.json").exists());
+
+    let out = flotilla().args(["status", "--data-dir"]).arg(&up.data).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no system is running"));
+}
+
+#[test]
+fn no_orphans_after_kill_nine() {
+    let mut up = up("127.0.0.1:0");
+    let endpoints = wait_for_endpoints(&mut up);
+    let pids = instance_pids(&endpoints);
+    assert!(pids.iter().all(|p| alive(*p)));
+    up.child.kill().unwrap(); // SIGKILL: no chance to clean up
+    up.child.wait().unwrap();
+    wait_until("instances to die with their parent", Duration::from_secs(10), || {
+        pids.iter().all(|p| !alive(*p))
+    });
+}
+
+#[test]
+fn a_port_already_in_use_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut up = up(&addr);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = up.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "flotilla up did not exit on a taken port");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let stderr = up.child.stderr.take().map(std::io::read_to_string).unwrap().unwrap();
+    assert!(stderr.contains(&addr) && stderr.contains("already in use"), "{stderr}");
+}

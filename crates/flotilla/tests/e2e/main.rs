@@ -1,0 +1,7 @@
+//! End-to-end tests: the real shop, started by the testkit, driven through
+//! the gateway over real sockets; and the `flotilla` binary itself.
+
+mod bad_input;
+mod cli;
+mod shop;
+mod support;

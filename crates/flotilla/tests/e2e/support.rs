@@ -1,0 +1,31 @@
+//! Shared helpers: where the shop is, an HTTP client, JSON shapes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+
+pub fn shop_manifest() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/shop/flotilla.toml")
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("reqwest client")
+}
+
+/// The product list, whether served as an array or as `{"products": [...]}`.
+pub fn products(v: &Value) -> Vec<Value> {
+    v.as_array()
+        .or_else(|| v.get("products").and_then(Value::as_array))
+        .or_else(|| v.get("items").and_then(Value::as_array))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The `flotilla` binary built for this test run.
+pub fn flotilla() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+}

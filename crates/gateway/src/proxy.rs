@@ -1,0 +1,396 @@
+//! The innermost service: forwards a routed request to an instance of its
+//! service and relays the response.
+//!
+//! Per request: pick an instance by power of two choices (activating the
+//! service and holding the request when none is ready, which is how a
+//! function scales up from zero), count the request on that instance until
+//! the response body is done, forward with hop-by-hop headers removed and
+//! `X-Forwarded-*` set, and bound everything up to the response headers by
+//! the route's timeout.
+//!
+//! Idempotent requests whose body is empty or small enough to buffer are
+//! retried on another instance when the upstream connection fails before a
+//! response arrives (refused, reset, closed early), so that an instance
+//! dying under load costs clients nothing. Nothing else is retried: a
+//! non-idempotent request may already have had its effect.
+
+use std::convert::Infallible;
+use std::error::Error as _;
+use std::io::ErrorKind;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::request::Parts;
+use http::{Method, Request, Response, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use rand::Rng;
+use tokio::time::Instant;
+use tower::Service;
+
+use crate::balance;
+use crate::body::{self, Body, Holding};
+use crate::client::{self, UpstreamClient};
+use crate::config::Limits;
+use crate::headers;
+use crate::rejection::Rejection;
+use crate::request_id::RequestId;
+use crate::routes::Route;
+use crate::routing::MatchedRoute;
+use crate::server::ConnInfo;
+use crate::stats;
+use crate::upstream::{ActivateError, Endpoint, LoadGuard, Upstreams};
+
+/// The instance that answered; in response extensions for the access log.
+#[derive(Debug, Clone)]
+pub(crate) struct UpstreamInstance(pub String);
+
+/// Backoff before a retry: short, since the retry goes to another instance,
+/// and jittered so that a burst of failures does not retry in lockstep.
+const BACKOFF_MS: std::ops::RangeInclusive<u64> = 5..=25;
+
+#[derive(Clone)]
+pub(crate) struct Proxy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    upstreams: Arc<dyn Upstreams>,
+    client: UpstreamClient,
+    max_retries: u32,
+    retry_body_limit: usize,
+}
+
+impl Proxy {
+    pub(crate) fn new(upstreams: Arc<dyn Upstreams>, limits: &Limits) -> Proxy {
+        Proxy {
+            inner: Arc::new(Inner {
+                upstreams,
+                client: client::build(limits),
+                max_retries: limits.max_retries,
+                retry_body_limit: limits.retry_body_limit,
+            }),
+        }
+    }
+}
+
+impl Service<Request<Body>> for Proxy {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move { Ok(inner.handle(req).await) })
+    }
+}
+
+/// The request body as it will be sent.
+enum Outgoing {
+    /// Buffered (or empty): can be sent again on a retry.
+    Replayable(Bytes),
+    /// Streamed from the client: one attempt only.
+    Streaming(Option<Body>),
+}
+
+/// How an attempt failed, for the retry decision and the status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// No connection to the instance (refused, unreachable, connect timeout).
+    Connect,
+    /// The connection broke before response headers arrived.
+    ConnectionLost,
+    Other,
+}
+
+impl Inner {
+    async fn handle(&self, req: Request<Body>) -> Response<Body> {
+        let request_id = req.extensions().get::<RequestId>().cloned();
+        let Some(MatchedRoute(route)) = req.extensions().get::<MatchedRoute>().cloned() else {
+            // Only reachable if the stack is assembled without routing.
+            let rejection = Rejection::NotFound {
+                method: req.method().clone(),
+                path: req.uri().path().to_string(),
+            };
+            return rejection.into_response(request_id.as_ref());
+        };
+        match self.forward(req, &route).await {
+            Ok(res) => res,
+            Err(rejection) => rejection.into_response(request_id.as_ref()),
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Body>,
+        route: &Route,
+    ) -> Result<Response<Body>, Rejection> {
+        let deadline = Instant::now() + route.timeout;
+        let timed_out = || Rejection::UpstreamTimeout {
+            service: route.service.clone(),
+            timeout: route.timeout,
+        };
+        let (mut parts, body) = req.into_parts();
+        let conn = parts.extensions.get::<ConnInfo>().copied();
+        let authority = parts.uri.authority().map(|a| a.to_string());
+        headers::prepare_request(
+            &mut parts.headers,
+            conn.map(|c| c.peer.ip()),
+            conn.map_or("http", |c| c.scheme),
+            authority.as_deref(),
+        );
+        let mut outgoing = tokio::time::timeout_at(deadline, self.outgoing(&parts.method, body))
+            .await
+            .map_err(|_| timed_out())??;
+        let can_retry = matches!(outgoing, Outgoing::Replayable(_));
+
+        let mut tried: Vec<String> = Vec::new();
+        let mut retries = 0;
+        loop {
+            let endpoint = self.pick(route, &tried, deadline).await?;
+            let guard = endpoint.load.begin();
+            let body = match &mut outgoing {
+                Outgoing::Replayable(bytes) => body::full(bytes.clone()),
+                Outgoing::Streaming(body) => body.take().unwrap_or_else(body::empty),
+            };
+            let request =
+                upstream_request(&parts, &endpoint, body).map_err(|e| Rejection::BadGateway {
+                    service: route.service.clone(),
+                    source: e.into(),
+                })?;
+            let error = match tokio::time::timeout_at(deadline, self.client.request(request)).await
+            {
+                Err(_) => return Err(timed_out()),
+                Ok(Ok(res)) => return Ok(relay(res, guard, &endpoint)),
+                Ok(Err(error)) => error,
+            };
+            drop(guard);
+            let failure = classify(&error);
+            if can_retry && failure != Failure::Other && retries < self.max_retries {
+                retries += 1;
+                stats::retried(&route.service);
+                tracing::debug!(
+                    target: "flotilla::gateway",
+                    service = %route.service,
+                    instance = %endpoint.instance,
+                    error = %error,
+                    retry = retries,
+                    "upstream connection failed; retrying on another instance"
+                );
+                tried.push(endpoint.instance);
+                let backoff = Duration::from_millis(rand::rng().random_range(BACKOFF_MS));
+                tokio::time::sleep_until(deadline.min(Instant::now() + backoff)).await;
+                continue;
+            }
+            let service = route.service.clone();
+            let source = Box::new(error);
+            return Err(match failure {
+                Failure::Connect => Rejection::UpstreamUnreachable { service, source },
+                Failure::ConnectionLost | Failure::Other => {
+                    Rejection::BadGateway { service, source }
+                }
+            });
+        }
+    }
+
+    /// Buffers the body when that makes the request retryable.
+    async fn outgoing(&self, method: &Method, body: Body) -> Result<Outgoing, Rejection> {
+        if !is_idempotent(method) || self.max_retries == 0 {
+            return Ok(Outgoing::Streaming(Some(body)));
+        }
+        if body.is_end_stream() {
+            return Ok(Outgoing::Replayable(Bytes::new()));
+        }
+        // Only a body whose length is known to be small is buffered; a
+        // chunked or large one streams and is not retried.
+        match body.size_hint().upper() {
+            Some(len) if len <= self.retry_body_limit as u64 => {
+                let collected = body
+                    .collect()
+                    .await
+                    .map_err(|source| Rejection::BadRequestBody { source })?;
+                Ok(Outgoing::Replayable(collected.to_bytes()))
+            }
+            _ => Ok(Outgoing::Streaming(Some(body))),
+        }
+    }
+
+    /// A ready instance, preferring ones not `tried` yet; activates the
+    /// service (holding the request) when none is ready.
+    async fn pick(
+        &self,
+        route: &Route,
+        tried: &[String],
+        deadline: Instant,
+    ) -> Result<Endpoint, Rejection> {
+        let service = route.service.as_str();
+        let no_ready = |source: ActivateError| Rejection::NoReadyInstance {
+            service: service.to_string(),
+            source: Some(source),
+        };
+        let mut ready = self.upstreams.ready(service);
+        if ready.is_empty() {
+            match tokio::time::timeout_at(deadline, self.upstreams.activate(service)).await {
+                Err(_) => {
+                    return Err(no_ready(ActivateError::Unavailable {
+                        service: service.to_string(),
+                        reason: format!(
+                            "none was ready within the route timeout of {}",
+                            humantime::format_duration(route.timeout)
+                        ),
+                    }));
+                }
+                Ok(Err(e)) => return Err(no_ready(e)),
+                Ok(Ok(())) => {}
+            }
+            ready = self.upstreams.ready(service);
+        }
+        let fresh: Vec<&Endpoint> = ready
+            .iter()
+            .filter(|e| !tried.contains(&e.instance))
+            .collect();
+        // With every instance tried, try again where we must.
+        let candidates: Vec<&Endpoint> = if fresh.is_empty() {
+            ready.iter().collect()
+        } else {
+            fresh
+        };
+        balance::pick(&candidates, &mut rand::rng())
+            .cloned()
+            .ok_or_else(|| {
+                no_ready(ActivateError::Unavailable {
+                    service: service.to_string(),
+                    reason: "activation finished but no instance is ready".to_string(),
+                })
+            })
+    }
+}
+
+/// GET, HEAD, OPTIONS, PUT and DELETE may be sent twice without changing
+/// the outcome (RFC 9110 §9.2.2); POST and PATCH may not.
+fn is_idempotent(method: &Method) -> bool {
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
+}
+
+fn upstream_request(
+    parts: &Parts,
+    endpoint: &Endpoint,
+    body: Body,
+) -> Result<Request<Body>, http::Error> {
+    let mut request = Request::builder()
+        .method(parts.method.clone())
+        .uri(client::uri(endpoint.addr, parts.uri.path_and_query())?)
+        // Whatever the client spoke, instances are spoken to in HTTP/1.1.
+        .version(Version::HTTP_11)
+        .body(body)?;
+    *request.headers_mut() = parts.headers.clone();
+    Ok(request)
+}
+
+/// The upstream response for the client; the instance stays loaded until
+/// the body is done.
+fn relay(res: Response<Incoming>, guard: LoadGuard, endpoint: &Endpoint) -> Response<Body> {
+    let (mut parts, incoming) = res.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    // The client's connection has its own protocol version; an HTTP/1.0
+    // upstream (Python's http.server) must not downgrade it.
+    parts.version = Version::default();
+    parts
+        .extensions
+        .insert(UpstreamInstance(endpoint.instance.clone()));
+    Response::from_parts(parts, body::boxed(Holding::new(incoming, guard)))
+}
+
+fn classify(error: &hyper_util::client::legacy::Error) -> Failure {
+    if error.is_connect() {
+        return Failure::Connect;
+    }
+    let mut source = error.source();
+    while let Some(e) = source {
+        if let Some(e) = e.downcast_ref::<hyper::Error>()
+            && (e.is_canceled() || e.is_closed() || e.is_incomplete_message())
+        {
+            return Failure::ConnectionLost;
+        }
+        if let Some(e) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                e.kind(),
+                ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+                    | ErrorKind::UnexpectedEof
+            )
+        {
+            return Failure::ConnectionLost;
+        }
+        source = e.source();
+    }
+    Failure::Other
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_idempotent_methods_are_retryable() {
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::PUT,
+            Method::DELETE,
+        ] {
+            assert!(is_idempotent(&m), "{m}");
+        }
+        for m in [Method::POST, Method::PATCH, Method::CONNECT] {
+            assert!(!is_idempotent(&m), "{m}");
+        }
+    }
+
+    #[test]
+    fn upstream_request_targets_the_instance_over_http11() {
+        let (mut parts, ()) = match Request::builder()
+            .method(Method::PUT)
+            .uri("http://shop.example/api/x?y=1")
+            .version(Version::HTTP_2)
+            .header("host", "shop.example")
+            .body(())
+        {
+            Ok(r) => r.into_parts(),
+            Err(e) => panic!("{e}"),
+        };
+        parts
+            .headers
+            .insert("x-a", http::HeaderValue::from_static("1"));
+        let endpoint = Endpoint {
+            instance: "svc-0".into(),
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 4000)),
+            load: Arc::new(crate::upstream::Load::default()),
+        };
+        let req = match upstream_request(&parts, &endpoint, body::empty()) {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(req.uri(), "http://127.0.0.1:4000/api/x?y=1");
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert_eq!(req.method(), Method::PUT);
+        assert_eq!(req.headers()["host"], "shop.example");
+        assert_eq!(req.headers()["x-a"], "1");
+    }
+}

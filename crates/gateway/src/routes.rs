@@ -1,0 +1,214 @@
+//! The route table: which service a `(method, path)` belongs to.
+//!
+//! Routes are sorted once, most specific pattern first, when a configuration
+//! is loaded, so a lookup is a scan that stops at the first pattern that
+//! matches the path and allows the method. Matching by method as well as
+//! path lets two services share a path prefix for different methods; a path
+//! that some route matches but none for this method is a 405 with `Allow`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_manifest::PathPattern;
+use http::Method;
+
+use crate::config::RouteConfig;
+
+/// One route, as the proxy needs it.
+#[derive(Debug)]
+pub(crate) struct Route {
+    pub service: String,
+    pub pattern: PathPattern,
+    methods: Vec<String>,
+    pub timeout: Duration,
+}
+
+impl Route {
+    /// Any method when none are listed; HEAD wherever GET is, as HTTP asks.
+    fn allows(&self, method: &Method) -> bool {
+        self.methods.is_empty()
+            || self.methods.iter().any(|m| m == method.as_str())
+            || (method == Method::HEAD && self.methods.iter().any(|m| m == "GET"))
+    }
+}
+
+/// The result of a lookup.
+#[derive(Debug)]
+pub(crate) enum Match {
+    Route(Arc<Route>),
+    /// Some route has this path, none this method; the methods that would do.
+    MethodNotAllowed(Vec<String>),
+    NotFound,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct RouteTable {
+    /// Most specific first.
+    routes: Vec<Arc<Route>>,
+}
+
+impl RouteTable {
+    pub(crate) fn new(configs: &[RouteConfig]) -> RouteTable {
+        let mut routes: Vec<Arc<Route>> = configs
+            .iter()
+            .map(|c| {
+                Arc::new(Route {
+                    service: c.service.clone(),
+                    pattern: c.pattern.clone(),
+                    methods: c.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+                    timeout: c.timeout,
+                })
+            })
+            .collect();
+        // Stable: routes with the same pattern keep their configured order.
+        routes.sort_by(|a, b| b.pattern.specificity_cmp(&a.pattern));
+        RouteTable { routes }
+    }
+
+    pub(crate) fn find(&self, method: &Method, path: &str) -> Match {
+        let mut allow: Vec<String> = Vec::new();
+        for route in &self.routes {
+            if !route.pattern.matches(path) {
+                continue;
+            }
+            if route.allows(method) {
+                return Match::Route(Arc::clone(route));
+            }
+            allow.extend(route.methods.iter().cloned());
+        }
+        if allow.is_empty() {
+            return Match::NotFound;
+        }
+        if allow.iter().any(|m| m == "GET") {
+            allow.push("HEAD".to_string());
+        }
+        allow.sort();
+        allow.dedup();
+        Match::MethodNotAllowed(allow)
+    }
+}
+
+/// Whether `path` has a `.` or `..` segment, literally or percent-encoded.
+/// Such paths are refused outright: the pattern matcher compares segments as
+/// written, and an upstream that normalises them could otherwise be reached
+/// outside the routes declared for it (`/api/public/../admin`).
+pub(crate) fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(service: &str, pattern: &str, methods: &[&str]) -> RouteConfig {
+        RouteConfig {
+            service: service.into(),
+            pattern: match PathPattern::parse(pattern) {
+                Ok(p) => p,
+                Err(e) => panic!("{pattern}: {e}"),
+            },
+            methods: methods.iter().map(|m| m.to_string()).collect(),
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn service_for(table: &RouteTable, method: Method, path: &str) -> Option<String> {
+        match table.find(&method, path) {
+            Match::Route(r) => Some(r.service.clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn table_is_sorted_most_specific_first_whatever_the_config_order() {
+        let table = RouteTable::new(&[
+            route("web", "/**", &[]),
+            route("api", "/api/**", &[]),
+            route("orders", "/api/orders/*", &[]),
+            route("special", "/api/orders/special", &[]),
+        ]);
+        let order: Vec<&str> = table.routes.iter().map(|r| r.pattern.as_str()).collect();
+        assert_eq!(
+            order,
+            ["/api/orders/special", "/api/orders/*", "/api/**", "/**"]
+        );
+        assert_eq!(
+            service_for(&table, Method::GET, "/api/orders/special").as_deref(),
+            Some("special")
+        );
+        assert_eq!(
+            service_for(&table, Method::GET, "/api/orders/1").as_deref(),
+            Some("orders")
+        );
+        assert_eq!(
+            service_for(&table, Method::GET, "/api/x/y").as_deref(),
+            Some("api")
+        );
+        assert_eq!(
+            service_for(&table, Method::GET, "/index.html").as_deref(),
+            Some("web")
+        );
+    }
+
+    #[test]
+    fn a_less_specific_route_takes_methods_the_more_specific_one_lacks() {
+        let table = RouteTable::new(&[
+            route("orders", "/api/orders/**", &["GET", "POST"]),
+            route("special", "/api/orders/special", &["GET"]),
+        ]);
+        assert_eq!(
+            service_for(&table, Method::GET, "/api/orders/special").as_deref(),
+            Some("special")
+        );
+        assert_eq!(
+            service_for(&table, Method::POST, "/api/orders/special").as_deref(),
+            Some("orders")
+        );
+    }
+
+    #[test]
+    fn no_matching_path_is_not_found() {
+        let table = RouteTable::new(&[route("a", "/api/a/**", &["GET"])]);
+        assert!(matches!(
+            table.find(&Method::GET, "/api/b"),
+            Match::NotFound
+        ));
+        assert!(matches!(table.find(&Method::GET, "/"), Match::NotFound));
+        assert!(matches!(
+            RouteTable::default().find(&Method::GET, "/"),
+            Match::NotFound
+        ));
+    }
+
+    #[test]
+    fn matching_path_with_other_method_is_405_with_the_union_of_methods() {
+        let table = RouteTable::new(&[
+            route("a", "/api/**", &["POST"]),
+            route("b", "/api/x", &["GET"]),
+        ]);
+        match table.find(&Method::DELETE, "/api/x") {
+            Match::MethodNotAllowed(allow) => assert_eq!(allow, ["GET", "HEAD", "POST"]),
+            other => panic!("expected 405, got {other:?}"),
+        }
+        // HEAD rides on GET.
+        assert_eq!(
+            service_for(&table, Method::HEAD, "/api/x").as_deref(),
+            Some("b")
+        );
+    }
+
+    #[test]
+    fn dot_segments_are_detected_plain_or_encoded() {
+        assert!(has_dot_segment("/a/../b"));
+        assert!(has_dot_segment("/a/./b"));
+        assert!(has_dot_segment("/.."));
+        assert!(has_dot_segment("/a/%2e%2E/b"));
+        assert!(has_dot_segment("/a/.%2e"));
+        assert!(!has_dot_segment("/a/..b/c"));
+        assert!(!has_dot_segment("/a/.well-known"));
+        assert!(!has_dot_segment("/"));
+    }
+}

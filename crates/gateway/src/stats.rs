@@ -1,0 +1,90 @@
+//! The gateway's metrics, through the `metrics` facade (the process installs
+//! the exporter). Labels are bounded: `route` is a route's pattern (or
+//! `unmatched`), never a raw path, so a scanner cannot blow up cardinality.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+const REQUESTS_TOTAL: &str = "flotilla_gateway_requests_total";
+const REQUEST_DURATION: &str = "flotilla_gateway_request_duration_seconds";
+const IN_FLIGHT: &str = "flotilla_gateway_in_flight";
+const RETRIES_TOTAL: &str = "flotilla_gateway_retries_total";
+const ACCESS_LOG_DROPPED: &str = "flotilla_gateway_access_log_dropped_total";
+
+/// The `route` label of a request no route matched.
+pub(crate) const UNMATCHED: &str = "unmatched";
+
+/// Registers help texts; harmless to call more than once.
+pub(crate) fn describe() {
+    metrics::describe_counter!(
+        REQUESTS_TOTAL,
+        "Requests answered, by route, service and status class."
+    );
+    metrics::describe_histogram!(
+        REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "Time from request received to the last byte of the response."
+    );
+    metrics::describe_gauge!(IN_FLIGHT, "Requests being handled now.");
+    metrics::describe_counter!(
+        RETRIES_TOTAL,
+        "Requests retried on another instance after a failed upstream connection."
+    );
+    metrics::describe_counter!(
+        ACCESS_LOG_DROPPED,
+        "Access-log lines dropped because the writer fell behind."
+    );
+}
+
+pub(crate) fn request_started() {
+    metrics::gauge!(IN_FLIGHT).increment(1.0);
+}
+
+pub(crate) fn request_finished(route: &str, service: &str, status: StatusCode, took: Duration) {
+    metrics::gauge!(IN_FLIGHT).decrement(1.0);
+    metrics::counter!(
+        REQUESTS_TOTAL,
+        "route" => route.to_string(),
+        "service" => service.to_string(),
+        "status_class" => status_class(status),
+    )
+    .increment(1);
+    metrics::histogram!(
+        REQUEST_DURATION,
+        "route" => route.to_string(),
+        "service" => service.to_string(),
+    )
+    .record(took.as_secs_f64());
+}
+
+pub(crate) fn retried(service: &str) {
+    metrics::counter!(RETRIES_TOTAL, "service" => service.to_string()).increment(1);
+}
+
+pub(crate) fn access_log_dropped() {
+    metrics::counter!(ACCESS_LOG_DROPPED).increment(1);
+}
+
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(status_class(StatusCode::OK), "2xx");
+        assert_eq!(status_class(StatusCode::NOT_MODIFIED), "3xx");
+        assert_eq!(status_class(StatusCode::NOT_FOUND), "4xx");
+        assert_eq!(status_class(StatusCode::GATEWAY_TIMEOUT), "5xx");
+    }
+}

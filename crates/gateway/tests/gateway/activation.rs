@@ -1,0 +1,104 @@
+//! Scale from zero: requests are held while the service activates, and
+//! refused with 503 only when activation fails or outlasts the route timeout.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use flotilla_gateway::ActivateError;
+use http::StatusCode;
+use tokio::time::Instant;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn a_request_is_held_until_an_instance_starts() {
+    let registry = Registry::new();
+    let weak = Arc::downgrade(&registry);
+    registry.on_activate(
+        "fn",
+        Arc::new(move || {
+            let weak = weak.clone();
+            Box::pin(async move {
+                // A cold start takes a while.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let up = Upstream::start("fn-0").await;
+                let Some(registry) = weak.upgrade() else {
+                    return Err(ActivateError::ShuttingDown);
+                };
+                registry.set("fn", vec![up.endpoint()]);
+                registry
+                    .started
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(up);
+                Ok(())
+            })
+        }),
+    );
+    let gateway = start(
+        config(vec![route("fn", "/fn/**", &[], Duration::from_secs(5))]),
+        &registry,
+    )
+    .await;
+    let client = Client::new(&gateway);
+
+    let began = Instant::now();
+    let reply = client.get("/fn/hello").await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(reply.instance(), "fn-0");
+    assert!(began.elapsed() >= Duration::from_millis(50));
+    assert_eq!(registry.activations.load(Ordering::SeqCst), 1);
+
+    // Now warm: no more activations.
+    assert_eq!(client.get("/fn/again").await.status, StatusCode::OK);
+    assert_eq!(registry.activations.load(Ordering::SeqCst), 1);
+    gateway.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn failed_activation_is_503() {
+    let registry = Registry::new();
+    registry.on_activate(
+        "fn",
+        Arc::new(|| {
+            Box::pin(async {
+                Err(ActivateError::Unavailable {
+                    service: "fn".into(),
+                    reason: "the process exited with status 1".into(),
+                })
+            })
+        }),
+    );
+    let gateway = start(
+        config(vec![route("fn", "/fn/**", &[], Duration::from_secs(5))]),
+        &registry,
+    )
+    .await;
+    let client = Client::new(&gateway);
+    let reply = client.get("/fn/x").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    let error = &reply.json()["error"];
+    assert_eq!(error["code"], "no_ready_instance");
+    assert_eq!(error["message"], "no instance of `fn` became ready");
+    // Internal detail stays in the log.
+    assert!(!reply.json().to_string().contains("status 1"));
+    gateway.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn activation_outlasting_the_route_timeout_is_503_in_time() {
+    let registry = Registry::new();
+    registry.on_activate("fn", Arc::new(|| Box::pin(std::future::pending())));
+    let timeout = Duration::from_millis(300);
+    let gateway = start(config(vec![route("fn", "/fn/**", &[], timeout)]), &registry).await;
+    let client = Client::new(&gateway);
+    let began = Instant::now();
+    let reply = client.get("/fn/x").await;
+    let took = began.elapsed();
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.json()["error"]["code"], "no_ready_instance");
+    assert!(took >= timeout, "{took:?}");
+    assert!(took < timeout + Duration::from_secs(2), "{took:?}");
+    gateway.shutdown(Duration::from_secs(5)).await;
+}

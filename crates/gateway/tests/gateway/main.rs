@@ -1,0 +1,10 @@
+//! Integration tests: a real gateway on 127.0.0.1:0 in front of real HTTP
+//! upstreams, with a test [`Upstreams`](flotilla_gateway::Upstreams) that
+//! plays the runtime.
+
+mod activation;
+mod balancing;
+mod lifecycle;
+mod routing;
+mod static_files;
+mod support;

@@ -1,0 +1,266 @@
+//! Routing, error bodies, request ids, forwarded headers, health and the
+//! access log.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+
+use crate::support::*;
+
+const T: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn routes_to_the_most_specific_pattern_for_the_method() {
+    let registry = Registry::new();
+    let api = Upstream::start("api-0").await;
+    let orders = Upstream::start("orders-0").await;
+    let special = Upstream::start("special-0").await;
+    registry.set("api", vec![api.endpoint()]);
+    registry.set("orders", vec![orders.endpoint()]);
+    registry.set("special", vec![special.endpoint()]);
+    // Listed least specific first: order must not matter.
+    let gateway = start(
+        config(vec![
+            route("api", "/api/**", &[], T),
+            route("orders", "/api/orders/**", &["GET", "POST"], T),
+            route("special", "/api/orders/special", &["GET"], T),
+        ]),
+        &registry,
+    )
+    .await;
+    let client = Client::new(&gateway);
+
+    for (method, path, instance) in [
+        (Method::GET, "/api/catalog/1", "api-0"),
+        (Method::GET, "/api/orders", "orders-0"),
+        (Method::GET, "/api/orders/42/lines", "orders-0"),
+        (Method::GET, "/api/orders/special", "special-0"),
+        // The most specific route lacks POST; the next one has it.
+        (Method::POST, "/api/orders/special", "orders-0"),
+    ] {
+        let reply = client
+            .request(method.clone(), path, &[], Bytes::new())
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{method} {path}");
+        assert_eq!(reply.instance(), instance, "{method} {path}");
+        assert_eq!(reply.json()["method"], method.as_str());
+    }
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn forwards_path_query_body_and_headers() {
+    let registry = Registry::new();
+    let up = Upstream::start("svc-0").await;
+    registry.set("svc", vec![up.endpoint()]);
+    let gateway = start(config(vec![route("svc", "/svc/**", &[], T)]), &registry).await;
+    let client = Client::new(&gateway);
+
+    let big = Bytes::from(vec![b'x'; 200 * 1024]);
+    let reply = client
+        .request(
+            Method::POST,
+            "/svc/a%20b/c?q=1&r=two",
+            &[
+                ("host", "shop.example"),
+                ("x-forwarded-for", "203.0.113.9"),
+                ("connection", "x-hop"),
+                ("x-hop", "secret"),
+                ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+                ("x-custom", "kept"),
+            ],
+            big.clone(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let echo = reply.json();
+    assert_eq!(echo["path"], "/svc/a%20b/c?q=1&r=two");
+    assert_eq!(echo["body_len"], big.len());
+    let h = &echo["headers"];
+    assert_eq!(h["host"], "shop.example");
+    assert_eq!(h["x-forwarded-host"], "shop.example");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-custom"], "kept");
+    assert!(h.get("x-hop").is_none(), "{h}");
+    assert!(h.get("proxy-authorization").is_none(), "{h}");
+    assert_eq!(reply.header("server"), "flotilla");
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn unknown_paths_are_404_and_wrong_methods_405_in_json() {
+    let registry = Registry::new();
+    let up = Upstream::start("svc-0").await;
+    registry.set("svc", vec![up.endpoint()]);
+    let gateway = start(
+        config(vec![route("svc", "/api/items/**", &["GET", "POST"], T)]),
+        &registry,
+    )
+    .await;
+    let client = Client::new(&gateway);
+
+    let reply = client.get("/nowhere").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(reply.header("content-type"), "application/json");
+    let error = &reply.json()["error"];
+    assert_eq!(error["code"], "not_found");
+    assert_eq!(error["message"], "no route for GET /nowhere");
+    assert_eq!(error["request_id"], reply.header("x-request-id"));
+    assert!(!reply.header("x-request-id").is_empty());
+
+    let reply = client
+        .request(Method::DELETE, "/api/items/1", &[], Bytes::new())
+        .await;
+    assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(reply.header("allow"), "GET, HEAD, POST");
+    assert_eq!(reply.json()["error"]["code"], "method_not_allowed");
+
+    // Dot segments never reach an upstream.
+    let raw = raw_request(
+        gateway.local_addr(),
+        "GET /api/items/../admin HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    assert!(raw.contains("bad_path"), "{raw}");
+    assert_eq!(up.hits(), 0);
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn request_id_is_kept_when_well_formed_and_generated_otherwise() {
+    let registry = Registry::new();
+    let up = Upstream::start("svc-0").await;
+    registry.set("svc", vec![up.endpoint()]);
+    let gateway = start(config(vec![route("svc", "/**", &[], T)]), &registry).await;
+    let client = Client::new(&gateway);
+
+    let kept = client
+        .request(
+            Method::GET,
+            "/a",
+            &[("x-request-id", "client-id:42.a_b")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(kept.header("x-request-id"), "client-id:42.a_b");
+    assert_eq!(kept.json()["headers"]["x-request-id"], "client-id:42.a_b");
+
+    let replaced = client
+        .request(
+            Method::GET,
+            "/a",
+            &[("x-request-id", "bad id;")],
+            Bytes::new(),
+        )
+        .await;
+    let id = replaced.header("x-request-id").to_string();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    assert_eq!(replaced.json()["headers"]["x-request-id"], id.as_str());
+
+    let generated = client.get("/a").await;
+    let id2 = generated.header("x-request-id").to_string();
+    assert!(uuid::Uuid::parse_str(&id2).is_ok(), "{id2}");
+    assert_ne!(id, id2);
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn healthz_answers_even_when_a_route_claims_everything() {
+    let registry = Registry::new();
+    let gateway = start(config(vec![route("svc", "/**", &[], T)]), &registry).await;
+    let client = Client::new(&gateway);
+    let reply = client.get("/healthz").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json(), serde_json::json!({"status": "ok"}));
+    assert_eq!(
+        registry
+            .activations
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn access_log_has_one_line_per_request() {
+    let dir = TestDir::new();
+    let log = path_buf(&dir, "access.log");
+    let registry = Registry::new();
+    let up = Upstream::start("svc-0").await;
+    registry.set("svc", vec![up.endpoint()]);
+    let mut cfg = config(vec![route("svc", "/svc/*", &[], T)]);
+    cfg.access_log = Some(log.clone());
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+
+    let routed = client
+        .request(
+            Method::GET,
+            "/svc/1?token=s3cret",
+            &[("x-request-id", "log-1")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(routed.status, StatusCode::OK);
+    let missing = client
+        .request(
+            Method::GET,
+            "/other",
+            &[("x-request-id", "log-2")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    // Lines are written after the bodies: shut down to flush them all.
+    gateway.shutdown(T).await;
+
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !text.contains("s3cret"),
+        "query strings are not logged: {text}"
+    );
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| ok(serde_json::from_str(l), "access-log line is JSON"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let by_id = |id: &str| -> serde_json::Value {
+        let found = lines.iter().find(|l| l["request_id"] == id).cloned();
+        found.unwrap_or_else(|| panic!("no line for {id}: {text}"))
+    };
+    let first = &by_id("log-1");
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["path"], "/svc/1");
+    assert_eq!(first["route"], "/svc/*");
+    assert_eq!(first["service"], "svc");
+    assert_eq!(first["instance"], "svc-0");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["bytes"], routed.body.len());
+    assert!(first["duration_ms"].as_f64().is_some_and(|d| d >= 0.0));
+    assert!(first["ts"].as_str().is_some_and(|t| t.ends_with('Z')));
+    let second = &by_id("log-2");
+    assert_eq!(second["status"], 404);
+    assert_eq!(second["route"], serde_json::Value::Null);
+}
+
+#[tokio::test]
+async fn h2c_clients_are_proxied_over_http11() {
+    let registry = Registry::new();
+    let up = Upstream::start("svc-0").await;
+    registry.set("svc", vec![up.endpoint()]);
+    let gateway = start(config(vec![route("svc", "/svc/**", &[], T)]), &registry).await;
+    let client = Client::h2c(&gateway);
+    let reply = client.get("/svc/x?y=1").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let echo = reply.json();
+    assert_eq!(echo["path"], "/svc/x?y=1");
+    // HTTP/2 has no Host header; its `:authority` becomes one.
+    let authority = gateway.local_addr().to_string();
+    assert_eq!(echo["headers"]["host"], authority.as_str());
+    assert_eq!(echo["headers"]["x-forwarded-host"], authority.as_str());
+    assert!(!reply.header("x-request-id").is_empty());
+    gateway.shutdown(T).await;
+}

@@ -1,0 +1,86 @@
+//! The local control plane: everything `flotilla up` does on one machine.
+//!
+//! Given a validated [`Manifest`], [`System::start`] builds the cargo-run
+//! services once, opens one stable loopback *service address* per service,
+//! starts each service's instances with the runtime contract's environment,
+//! routes to an instance only once its `/readyz` answers, restarts crashed
+//! instances with exponential backoff, scales functions from zero on demand
+//! and back to zero when idle, and puts the gateway in front. It writes
+//! `endpoints.json` into the data dir and serves a loopback control API that
+//! `flotilla status` and `flotilla down` talk to.
+//!
+//! Processes are tied to the runtime's life: each child gets
+//! `PR_SET_PDEATHSIG`, so even a `kill -9` of `flotilla` leaves no orphans.
+
+mod address;
+mod build;
+mod console;
+mod control;
+mod endpoints;
+mod pool;
+mod process;
+mod system;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub use build::Profile;
+pub use control::{ControlClient, ControlError};
+pub use endpoints::{Endpoints, InstanceEndpoint, ServiceEndpoint};
+pub use pool::{InstanceState, InstanceStatus, ServiceStatus, Status};
+pub use system::System;
+
+/// How to run a system.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where logs, databases and `endpoints.json` go.
+    pub data_dir: PathBuf,
+    /// Overrides the gateway's listen address from the manifest.
+    pub listen: Option<SocketAddr>,
+    /// Which cargo profile to build services with.
+    pub profile: Profile,
+    /// Print each instance's output, prefixed with its id, to stdout.
+    pub echo_logs: bool,
+    /// Show a progress display while building and the table when ready.
+    pub interactive: bool,
+}
+
+impl Options {
+    /// Defaults for `data_dir`: release builds, quiet.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Options {
+            data_dir: data_dir.into(),
+            listen: None,
+            profile: Profile::Release,
+            echo_logs: false,
+            interactive: false,
+        }
+    }
+}
+
+/// Why a system could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot use data dir {}", path.display())]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "a system is already running from data dir {} (control API {url}); stop it with `flotilla down --data-dir {}` or pick another --data-dir",
+        data_dir.display(),
+        data_dir.display()
+    )]
+    AlreadyRunning { data_dir: PathBuf, url: String },
+    #[error(transparent)]
+    Build(#[from] build::BuildError),
+    #[error("cannot listen on {addr} for {what}: {reason}")]
+    Listen {
+        what: String,
+        addr: SocketAddr,
+        reason: String,
+    },
+    #[error("gateway failed to start")]
+    Gateway(#[source] flotilla_gateway::Error),
+}

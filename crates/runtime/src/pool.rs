@@ -1,0 +1,712 @@
+//! The instances of one service: each instance is a *slot* with its own
+//! supervisor task that starts the process, waits for `/readyz`, keeps
+//! probing it, and restarts the process with exponential backoff when it
+//! dies. The pool publishes its ready instances as an immutable snapshot the
+//! gateway and the service address read without locking each other out, and
+//! a scaler adds or removes slots from the observed load.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use flotilla_gateway::upstream::{ActivateError, Endpoint, Load};
+use flotilla_manifest::{Service, Shape};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::console::Console;
+use crate::process::{Launch, Proc};
+
+/// Consecutive failed starts after which a service is reported as crash-looping.
+const CRASH_LOOP_AFTER: u32 = 5;
+/// An instance that stayed up this long had a fresh start: its next crash
+/// restarts quickly again instead of continuing the backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often a ready instance's `/readyz` is checked again.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Consecutive failed probes that take a ready instance out of rotation.
+const PROBE_FAILURES: u32 = 3;
+/// How often the scaler looks at load. Short, because a function's scale-up
+/// from zero does not wait for it (activation starts an instance directly).
+const SCALE_EVERY: Duration = Duration::from_millis(200);
+
+/// The state of one instance, as `flotilla status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceState {
+    Starting,
+    Ready,
+    /// Running but failing its readiness probe: out of rotation.
+    Unready,
+    /// Waiting to restart after a crash.
+    Backoff,
+    Stopping,
+}
+
+/// One instance in a status report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstanceStatus {
+    pub id: String,
+    pub state: InstanceState,
+    pub pid: Option<u32>,
+    pub address: Option<String>,
+    /// Times this instance was restarted after exiting or failing readiness.
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    pub in_flight: u32,
+    pub uptime_ms: Option<u64>,
+}
+
+/// One service in a status report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub shape: String,
+    /// Stable service address handed to callers.
+    pub address: String,
+    pub min: u32,
+    pub max: u32,
+    pub ready: usize,
+    pub restarts: u64,
+    pub crash_loop: bool,
+    pub last_error: Option<String>,
+    pub instances: Vec<InstanceStatus>,
+}
+
+/// The whole system's status.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub system: String,
+    pub gateway: String,
+    pub services: Vec<ServiceStatus>,
+}
+
+/// Everything a pool needs from the system around it.
+pub(crate) struct PoolEnv {
+    pub system: String,
+    pub data_dir: PathBuf,
+    pub console: Arc<Console>,
+    /// Environment shared by all instances of this service (URLs, database…).
+    pub env: Vec<(String, String)>,
+    /// What to run, or why it cannot be run (a missing binary).
+    pub launch: Result<Launch, String>,
+    /// The stable service address.
+    pub address: SocketAddr,
+}
+
+struct Slot {
+    status: InstanceStatus,
+    started: Option<Instant>,
+    stop: watch::Sender<bool>,
+    /// The endpoint while the instance is in rotation.
+    endpoint: Option<Endpoint>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    slots: BTreeMap<u32, Slot>,
+    consecutive_failures: u32,
+    restarts: u64,
+    last_error: Option<String>,
+    /// Bumped for every recorded error, so waiters can tell a new one.
+    error_seq: u64,
+    shutting_down: bool,
+}
+
+pub(crate) struct Pool {
+    pub spec: Service,
+    env: PoolEnv,
+    state: Mutex<PoolState>,
+    ready: RwLock<Arc<[Endpoint]>>,
+    /// Bumped on every change; activation waiters and the endpoints writer
+    /// watch it.
+    changes: watch::Sender<u64>,
+    change_seq: AtomicU64,
+}
+
+/// Locks a mutex even if a panicking thread poisoned it: the state is plain
+/// data that every writer leaves consistent.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Pool {
+    pub(crate) fn new(spec: Service, env: PoolEnv) -> Arc<Pool> {
+        let (changes, _) = watch::channel(0);
+        Arc::new(Pool {
+            spec,
+            env,
+            state: Mutex::new(PoolState::default()),
+            ready: RwLock::new(Arc::from(Vec::new())),
+            changes,
+            change_seq: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub(crate) fn address(&self) -> SocketAddr {
+        self.env.address
+    }
+
+    /// A receiver that changes whenever any instance changes state.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        let seq = self.change_seq.fetch_add(1, Ordering::AcqRel) + 1;
+        self.changes.send_replace(seq);
+    }
+
+    /// Ready instances (the gateway's and the service address's view).
+    pub(crate) fn ready(&self) -> Arc<[Endpoint]> {
+        Arc::clone(&self.ready.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn publish_ready(&self, state: &PoolState) {
+        let ready: Vec<Endpoint> = state
+            .slots
+            .values()
+            .filter_map(|s| s.endpoint.clone())
+            .collect();
+        *self.ready.write().unwrap_or_else(|e| e.into_inner()) = Arc::from(ready);
+    }
+
+    /// Instances running or on their way (not stopping).
+    fn running(state: &PoolState) -> u32 {
+        state
+            .slots
+            .values()
+            .filter(|s| s.status.state != InstanceState::Stopping)
+            .count() as u32
+    }
+
+    /// Starts slots until `count` are running (bounded by `max`).
+    pub(crate) fn ensure_running(self: &Arc<Self>, count: u32) {
+        let mut state = lock(&self.state);
+        if state.shutting_down {
+            return;
+        }
+        let target = count.min(self.spec.scale.max);
+        while Self::running(&state) < target {
+            let index = (0..).find(|i| !state.slots.contains_key(i)).unwrap_or(0);
+            let id = format!("{}-{index}", self.spec.name);
+            let (stop, stop_rx) = watch::channel(false);
+            state.slots.insert(
+                index,
+                Slot {
+                    status: InstanceStatus {
+                        id: id.clone(),
+                        state: InstanceState::Starting,
+                        pid: None,
+                        address: None,
+                        restarts: 0,
+                        last_exit: None,
+                        in_flight: 0,
+                        uptime_ms: None,
+                    },
+                    started: None,
+                    stop,
+                    endpoint: None,
+                },
+            );
+            tokio::spawn(Arc::clone(self).supervise(index, id, stop_rx));
+        }
+        drop(state);
+        self.changed();
+    }
+
+    /// Waits until at least one instance is ready, starting one if none is
+    /// running; fails when an instance fails to start after this call.
+    pub(crate) async fn activate(self: Arc<Self>) -> Result<(), ActivateError> {
+        let mut changes = self.subscribe();
+        let seen_errors = {
+            let state = lock(&self.state);
+            if state.shutting_down {
+                return Err(ActivateError::ShuttingDown);
+            }
+            state.error_seq
+        };
+        if !self.ready().is_empty() {
+            return Ok(());
+        }
+        self.ensure_running(1);
+        loop {
+            if !self.ready().is_empty() {
+                return Ok(());
+            }
+            {
+                let state = lock(&self.state);
+                if state.shutting_down {
+                    return Err(ActivateError::ShuttingDown);
+                }
+                if state.error_seq != seen_errors {
+                    return Err(ActivateError::Unavailable {
+                        service: self.spec.name.clone(),
+                        reason: state.last_error.clone().unwrap_or_default(),
+                    });
+                }
+            }
+            if changes.changed().await.is_err() {
+                return Err(ActivateError::ShuttingDown);
+            }
+        }
+    }
+
+    fn record_error(&self, message: String) {
+        self.env.console.warn(&message);
+        let mut state = lock(&self.state);
+        state.last_error = Some(message);
+        state.error_seq += 1;
+    }
+
+    fn update(&self, index: u32, f: impl FnOnce(&mut Slot)) {
+        let mut state = lock(&self.state);
+        if let Some(slot) = state.slots.get_mut(&index) {
+            f(slot);
+        }
+        self.publish_ready(&state);
+        drop(state);
+        self.changed();
+    }
+
+    /// The supervisor of one slot: start, wait ready, watch, restart.
+    async fn supervise(self: Arc<Self>, index: u32, id: String, mut stop: watch::Receiver<bool>) {
+        let log_file = self.env.data_dir.join("logs").join(format!("{id}.log"));
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let outcome = self.run_once(index, &id, &log_file, &mut stop).await;
+            let failed = match outcome {
+                Outcome::Stopped => break,
+                Outcome::Failed { message, stable } => {
+                    self.record_error(message);
+                    let mut state = lock(&self.state);
+                    state.restarts += 1;
+                    state.consecutive_failures = if stable { 1 } else { state.consecutive_failures + 1 };
+                    let n = state.consecutive_failures;
+                    if n == CRASH_LOOP_AFTER {
+                        drop(state);
+                        self.env.console.warn(&format!(
+                            "{}: crash loop ({n} failed starts in a row); still retrying with backoff up to {}s. Logs: {}",
+                            self.spec.name,
+                            BACKOFF_MAX.as_secs(),
+                            log_file.display()
+                        ));
+                    }
+                    n
+                }
+            };
+            self.update(index, |slot| {
+                slot.status.state = InstanceState::Backoff;
+                slot.status.restarts += 1;
+                slot.status.pid = None;
+                slot.endpoint = None;
+            });
+            let backoff = backoff(failed);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => break,
+            }
+        }
+        let mut state = lock(&self.state);
+        state.slots.remove(&index);
+        self.publish_ready(&state);
+        drop(state);
+        self.changed();
+    }
+
+    async fn run_once(
+        &self,
+        index: u32,
+        id: &str,
+        log_file: &std::path::Path,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Outcome {
+        let launch = match &self.env.launch {
+            Ok(l) => l.clone(),
+            Err(why) => {
+                return Outcome::Failed {
+                    message: why.clone(),
+                    stable: false,
+                };
+            }
+        };
+        let port = match free_port() {
+            Ok(p) => p,
+            Err(e) => {
+                return Outcome::Failed {
+                    message: format!("{id}: no free port on 127.0.0.1: {e}"),
+                    stable: false,
+                };
+            }
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let env = self.instance_env(id, addr);
+        let started = Instant::now();
+        self.update(index, |slot| {
+            slot.status.state = InstanceState::Starting;
+            slot.status.address = Some(addr.to_string());
+            slot.started = Some(started);
+        });
+        let mut proc = match Proc::spawn(&launch, &env, id, log_file, Arc::clone(&self.env.console)).await {
+            Ok(p) => p,
+            Err(e) => {
+                return Outcome::Failed {
+                    message: format!(
+                        "{id}: cannot start `{}`: {e}; check `run` for service `{}` in the manifest",
+                        launch.program.display(),
+                        self.spec.name
+                    ),
+                    stable: false,
+                };
+            }
+        };
+        let pid = proc.pid();
+        self.update(index, |slot| slot.status.pid = Some(pid));
+
+        let ready = tokio::select! {
+            r = wait_ready(addr, self.spec.ready_timeout) => r,
+            status = proc.wait() => {
+                let how = describe_exit(status);
+                return Outcome::Failed {
+                    message: format!("{id}: exited during start ({how}); last output:\n{}", last_lines(log_file, 8)),
+                    stable: false,
+                };
+            }
+            _ = stop.changed() => {
+                self.update(index, |slot| slot.status.state = InstanceState::Stopping);
+                let _ = proc.stop(self.spec.drain).await;
+                return Outcome::Stopped;
+            }
+        };
+        if !ready {
+            let _ = proc.stop(self.spec.drain).await;
+            return Outcome::Failed {
+                message: format!(
+                    "{id}: not ready after {:?} (GET /readyz on {addr} never answered 200); restarting. Raise `ready_timeout` if it needs longer",
+                    self.spec.ready_timeout
+                ),
+                stable: false,
+            };
+        }
+        let load = Arc::new(Load::default());
+        let endpoint = Endpoint {
+            instance: id.to_string(),
+            addr,
+            load,
+        };
+        self.update(index, |slot| {
+            slot.status.state = InstanceState::Ready;
+            slot.endpoint = Some(endpoint.clone());
+        });
+        {
+            let mut state = lock(&self.state);
+            state.consecutive_failures = 0;
+        }
+        self.env.console.event(&format!(
+            "{id} ready on {addr} (pid {pid}) in {} ms",
+            started.elapsed().as_millis()
+        ));
+
+        // Watch the running instance until it exits or is told to stop.
+        let mut failed_probes = 0u32;
+        loop {
+            tokio::select! {
+                status = proc.wait() => {
+                    let how = describe_exit(status);
+                    let exit = how.clone();
+                    self.update(index, |slot| {
+                        slot.endpoint = None;
+                        slot.status.last_exit = Some(exit);
+                    });
+                    return Outcome::Failed {
+                        message: format!("{id}: exited ({how}) after {:?}; restarting", started.elapsed()),
+                        stable: started.elapsed() >= STABLE_AFTER,
+                    };
+                }
+                _ = stop.changed() => {
+                    self.update(index, |slot| {
+                        slot.status.state = InstanceState::Stopping;
+                        slot.endpoint = None;
+                    });
+                    let _ = proc.stop(self.spec.drain).await;
+                    return Outcome::Stopped;
+                }
+                _ = tokio::time::sleep(PROBE_EVERY) => {
+                    let ok = probe(addr).await == Some(200);
+                    if ok && failed_probes >= PROBE_FAILURES {
+                        self.env.console.event(&format!("{id} ready again"));
+                        let ep = endpoint.clone();
+                        self.update(index, |slot| {
+                            slot.status.state = InstanceState::Ready;
+                            slot.endpoint = Some(ep);
+                        });
+                    }
+                    failed_probes = if ok { 0 } else { failed_probes + 1 };
+                    if failed_probes == PROBE_FAILURES {
+                        self.env.console.warn(&format!("{id}: /readyz failing; out of rotation until it recovers"));
+                        self.update(index, |slot| {
+                            slot.status.state = InstanceState::Unready;
+                            slot.endpoint = None;
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn instance_env(&self, id: &str, addr: SocketAddr) -> Vec<(String, String)> {
+        let mut env = self.env.env.clone();
+        env.extend([
+            ("FLOTILLA_INSTANCE".into(), id.to_string()),
+            ("FLOTILLA_LISTEN".into(), addr.to_string()),
+            ("PORT".into(), addr.port().to_string()),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES".into(),
+                format!(
+                    "service.instance.id={id},flotilla.system={},deployment.environment=local",
+                    self.env.system
+                ),
+            ),
+        ]);
+        env
+    }
+
+    /// Tells every slot to stop and waits until all have.
+    pub(crate) async fn shutdown(&self) {
+        let mut changes = self.subscribe();
+        {
+            let mut state = lock(&self.state);
+            state.shutting_down = true;
+            for slot in state.slots.values() {
+                let _ = slot.stop.send(true);
+            }
+        }
+        self.changed();
+        loop {
+            if lock(&self.state).slots.is_empty() {
+                return;
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Keeps instances between `min` and `max` from the observed load, and
+    /// stops instances above `min` that have been idle for `idle`.
+    pub(crate) async fn scale_loop(self: Arc<Self>) {
+        let scale = self.spec.scale;
+        self.ensure_running(scale.min);
+        if scale.min == scale.max && self.spec.shape == Shape::Service {
+            return; // fixed replicas: supervisors alone keep the count.
+        }
+        let mut tick = tokio::time::interval(SCALE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            let (running, victim) = {
+                let state = lock(&self.state);
+                if state.shutting_down {
+                    return;
+                }
+                let running = Self::running(&state);
+                let in_flight: u32 = state
+                    .slots
+                    .values()
+                    .filter_map(|s| s.endpoint.as_ref())
+                    .map(|e| e.load.in_flight())
+                    .sum();
+                let wanted = in_flight.div_ceil(scale.concurrency.max(1));
+                if wanted > running {
+                    drop(state);
+                    self.ensure_running(wanted.max(scale.min));
+                    continue;
+                }
+                // One idle instance at a time, so a short lull does not
+                // tear the whole pool down at once.
+                let victim = (running > scale.min)
+                    .then(|| {
+                        state.slots.values().find(|s| {
+                            s.endpoint.as_ref().is_some_and(|e| {
+                                e.load.in_flight() == 0 && e.load.idle_for() >= scale.idle
+                            })
+                        })
+                    })
+                    .flatten()
+                    .map(|s| (s.status.id.clone(), s.stop.clone()));
+                (running, victim)
+            };
+            if let Some((id, stop)) = victim {
+                self.env.console.event(&format!(
+                    "{id} idle for {:?}; stopping ({} running)",
+                    scale.idle,
+                    running - 1
+                ));
+                let _ = stop.send(true);
+            }
+        }
+    }
+
+    /// A status snapshot.
+    pub(crate) fn status(&self) -> ServiceStatus {
+        let state = lock(&self.state);
+        let instances = state
+            .slots
+            .values()
+            .map(|s| {
+                let mut st = s.status.clone();
+                st.in_flight = s.endpoint.as_ref().map_or(0, |e| e.load.in_flight());
+                st.uptime_ms = s.started.map(|t| t.elapsed().as_millis() as u64);
+                st
+            })
+            .collect::<Vec<_>>();
+        ServiceStatus {
+            name: self.spec.name.clone(),
+            shape: match self.spec.shape {
+                Shape::Service => "service".into(),
+                Shape::Function => "function".into(),
+            },
+            address: format!("http://{}", self.env.address),
+            min: self.spec.scale.min,
+            max: self.spec.scale.max,
+            ready: instances.iter().filter(|i| i.state == InstanceState::Ready).count(),
+            restarts: state.restarts,
+            crash_loop: state.consecutive_failures >= CRASH_LOOP_AFTER,
+            last_error: state.last_error.clone(),
+            instances,
+        }
+    }
+
+    /// Whether the pool has given up being ready for now (crash loop).
+    pub(crate) fn crash_looping(&self) -> bool {
+        lock(&self.state).consecutive_failures >= CRASH_LOOP_AFTER
+    }
+
+    /// Number of failures recorded in a row (0 once an instance is ready).
+    pub(crate) fn consecutive_failures(&self) -> u32 {
+        lock(&self.state).consecutive_failures
+    }
+}
+
+enum Outcome {
+    Stopped,
+    Failed { message: String, stable: bool },
+}
+
+fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    let base = BACKOFF_FIRST.saturating_mul(1u32 << exp).min(BACKOFF_MAX);
+    // Up to 20 % jitter so instances that crashed together do not restart in lockstep.
+    let jitter = base.mul_f64(rand::random::<f64>() * 0.2);
+    base + jitter
+}
+
+fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exit code {code}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => s.to_string(),
+        },
+        Err(e) => format!("unknown status: {e}"),
+    }
+}
+
+fn last_lines(path: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(n)..];
+    if tail.is_empty() {
+        return "    (no output)".into();
+    }
+    tail.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+}
+
+/// A port the kernel says is free now. There is a window before the
+/// instance binds it; if another process takes it meanwhile, the instance
+/// fails to start and its restart picks a new port.
+pub(crate) fn free_port() -> std::io::Result<u16> {
+    Ok(StdListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
+}
+
+/// Polls `/readyz` until it answers 200 or `timeout` passes. The first polls
+/// come quickly because a cold start is on the request path of a function.
+async fn wait_ready(addr: SocketAddr, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if probe(addr).await == Some(200) {
+            return true;
+        }
+        if Instant::now() + pause > deadline {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 3 / 2).min(Duration::from_millis(100));
+    }
+}
+
+/// `GET /readyz` over a fresh connection; the status code, if any.
+///
+/// Written against the socket rather than through an HTTP client because it
+/// must never reuse a pooled connection (that would hide a dead listener)
+/// and it needs nothing but the status line.
+pub(crate) async fn probe(addr: SocketAddr) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: flotilla-runtime\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut buf = [0u8; 64];
+        let mut len = 0;
+        while len < 12 {
+            let n = stream.read(&mut buf[len..]).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            len += n;
+        }
+        let head = std::str::from_utf8(&buf[..len]).ok()?;
+        head.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(1), attempt).await.ok().flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert!(backoff(1) >= BACKOFF_FIRST && backoff(1) < BACKOFF_FIRST * 2);
+        assert!(backoff(3) >= BACKOFF_FIRST * 4);
+        assert!(backoff(40) <= BACKOFF_MAX.mul_f64(1.2));
+    }
+
+    #[tokio::test]
+    async fn probe_reads_the_status_line() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf).await;
+            s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+        });
+        assert_eq!(probe(addr).await, Some(503));
+        assert_eq!(probe(addr).await, None, "nothing listens any more");
+    }
+}

@@ -1,0 +1,497 @@
+//! A running system: the order things start in, what "ready" means for the
+//! whole, and the order they stop in.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_gateway::upstream::{ActivateError, ActivateFuture, Endpoint, Upstreams};
+use flotilla_gateway::{Config as GatewayConfig, Gateway};
+use flotilla_manifest::{Data, Manifest, Run, Shape, env_key};
+use tokio::sync::{Notify, watch};
+
+use crate::build::{self, bin_name};
+use crate::console::Console;
+use crate::control::{self, StatusSource};
+use crate::endpoints::{Endpoints, InstanceEndpoint, ServiceEndpoint};
+use crate::pool::{Pool, PoolEnv, Status};
+use crate::process::Launch;
+use crate::{Error, Options};
+
+/// The pools by service name; the gateway's view of the instances.
+struct Registry {
+    system: String,
+    gateway_url: std::sync::OnceLock<String>,
+    pools: BTreeMap<String, Arc<Pool>>,
+}
+
+impl Upstreams for Registry {
+    fn ready(&self, service: &str) -> Arc<[Endpoint]> {
+        match self.pools.get(service) {
+            Some(pool) => pool.ready(),
+            None => Arc::from(Vec::new()),
+        }
+    }
+
+    fn activate(&self, service: &str) -> ActivateFuture {
+        match self.pools.get(service) {
+            Some(pool) => Box::pin(Arc::clone(pool).activate()),
+            None => {
+                let service = service.to_string();
+                Box::pin(async move { Err(ActivateError::UnknownService(service)) })
+            }
+        }
+    }
+}
+
+impl StatusSource for Registry {
+    fn status(&self) -> Status {
+        Status {
+            system: self.system.clone(),
+            gateway: self.gateway_url.get().cloned().unwrap_or_default(),
+            services: self.pools.values().map(|p| p.status()).collect(),
+        }
+    }
+}
+
+/// A system started by [`System::start`]; stop it with [`System::shutdown`].
+pub struct System {
+    registry: Arc<Registry>,
+    gateway: Gateway,
+    endpoints: Endpoints,
+    data_dir: PathBuf,
+    console: Arc<Console>,
+    stop_tx: watch::Sender<bool>,
+    shutdown_requested: Arc<Notify>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl System {
+    /// Builds and starts everything in `manifest`, and returns once every
+    /// service has its minimum of ready instances or has been reported as
+    /// failing (the rest of the system is then served, degraded).
+    pub async fn start(manifest: Manifest, options: Options) -> Result<System, Error> {
+        let started = Instant::now();
+        let data_dir = prepare_data_dir(&options.data_dir)?;
+        if let Some(url) = control::is_live(&data_dir).await {
+            return Err(Error::AlreadyRunning { data_dir, url });
+        }
+        let console = Arc::new(Console::new(options.echo_logs));
+
+        let binaries = build::build(&manifest, options.profile, options.interactive).await?;
+
+        // Service addresses first: every instance's environment names them.
+        let mut listeners = BTreeMap::new();
+        for name in manifest.services.keys() {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+                .await
+                .map_err(|e| Error::Listen {
+                    what: format!("the service address of `{name}`"),
+                    addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    reason: e.to_string(),
+                })?;
+            let addr = listener.local_addr().map_err(|e| Error::Listen {
+                what: format!("the service address of `{name}`"),
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                reason: e.to_string(),
+            })?;
+            listeners.insert(name.clone(), (listener, addr));
+        }
+
+        let mut pools = BTreeMap::new();
+        for (name, spec) in &manifest.services {
+            let launch = match &spec.run {
+                Run::Cargo { package, bin } => {
+                    let key = (package.clone(), bin_name(package, bin.as_deref()));
+                    binaries
+                        .get(&key)
+                        .map(|program| Launch {
+                            program: program.clone(),
+                            args: Vec::new(),
+                            dir: manifest.dir.clone(),
+                        })
+                        .ok_or_else(|| format!("{name}: no binary was built for package `{package}`"))
+                }
+                Run::Command { argv, dir } => resolve_command(argv, dir).map(|program| Launch {
+                    program,
+                    args: argv[1..].to_vec(),
+                    dir: dir.clone(),
+                }),
+            };
+            let mut env = vec![
+                ("FLOTILLA_SYSTEM".to_string(), manifest.name.clone()),
+                ("FLOTILLA_SERVICE".to_string(), name.clone()),
+                ("FLOTILLA_DRAIN_SECONDS".to_string(), spec.drain.as_secs().max(1).to_string()),
+                ("OTEL_SERVICE_NAME".to_string(), name.clone()),
+            ];
+            for dep in &spec.calls {
+                if let Some((_, addr)) = listeners.get(dep) {
+                    env.push((format!("FLOTILLA_URL_{}", env_key(dep)), format!("http://{addr}")));
+                }
+            }
+            if spec.data == Data::Sqlite {
+                let dir = data_dir.join("data").join(name);
+                std::fs::create_dir_all(&dir).map_err(|source| Error::DataDir {
+                    path: dir.clone(),
+                    source,
+                })?;
+                env.push((
+                    "DATABASE_URL".to_string(),
+                    format!("sqlite://{}", dir.join(format!("{name}.db")).display()),
+                ));
+            }
+            env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+            let address = listeners[name].1;
+            let pool = Pool::new(
+                spec.clone(),
+                PoolEnv {
+                    system: manifest.name.clone(),
+                    data_dir: data_dir.clone(),
+                    console: Arc::clone(&console),
+                    env,
+                    launch,
+                    address,
+                },
+            );
+            pools.insert(name.clone(), pool);
+        }
+        let registry = Arc::new(Registry {
+            system: manifest.name.clone(),
+            gateway_url: std::sync::OnceLock::new(),
+            pools,
+        });
+
+        let mut gateway_config = GatewayConfig::from_manifest(&manifest);
+        if let Some(listen) = options.listen {
+            gateway_config.listen = listen;
+        }
+        gateway_config.access_log = Some(data_dir.join("logs").join("gateway-access.log"));
+        let gateway = Gateway::start(gateway_config, Arc::clone(&registry) as Arc<dyn Upstreams>)
+            .await
+            .map_err(Error::Gateway)?;
+        let gateway_url = format!("http://{}", gateway.local_addr());
+        let _ = registry.gateway_url.set(gateway_url.clone());
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shutdown_requested = Arc::new(Notify::new());
+        let mut tasks = Vec::new();
+
+        let (control_listener, control_addr) = control::bind().await.map_err(|e| Error::Listen {
+            what: "the control API".into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            reason: e.to_string(),
+        })?;
+        let token = format!("{:032x}", rand::random::<u128>());
+        let router = control::router(
+            Arc::clone(&registry) as Arc<dyn StatusSource>,
+            token.clone(),
+            Arc::clone(&shutdown_requested),
+        );
+        let mut control_stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(control_listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = control_stop.wait_for(|s| *s).await;
+                })
+                .await;
+        }));
+
+        for (name, (listener, _)) in listeners {
+            let pool = Arc::clone(&registry.pools[&name]);
+            tasks.push(tokio::spawn(crate::address::serve(listener, pool, stop_rx.clone())));
+        }
+        for pool in registry.pools.values() {
+            tasks.push(tokio::spawn(Arc::clone(pool).scale_loop()));
+        }
+
+        wait_until_ready(&registry, &console).await;
+
+        let control_url = format!("http://{control_addr}");
+        let endpoints = Endpoints {
+            system: manifest.name.clone(),
+            pid: std::process::id(),
+            gateway: gateway_url,
+            console: control_url.clone(),
+            control: control_url,
+            control_token: token,
+            services: BTreeMap::new(),
+        };
+        let endpoints = snapshot(&endpoints, &registry);
+        endpoints.write(&data_dir).map_err(|source| Error::DataDir {
+            path: Endpoints::path(&data_dir),
+            source,
+        })?;
+        tasks.push(tokio::spawn(keep_endpoints_current(
+            endpoints.clone(),
+            Arc::clone(&registry),
+            data_dir.clone(),
+            stop_rx.clone(),
+        )));
+
+        if options.interactive {
+            print_ready(&endpoints, &registry.status(), started.elapsed());
+        }
+        Ok(System {
+            registry,
+            gateway,
+            endpoints,
+            data_dir,
+            console,
+            stop_tx,
+            shutdown_requested,
+            tasks,
+        })
+    }
+
+    /// Where everything is (also in `<data-dir>/endpoints.json`).
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// The data dir in use.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// A status snapshot.
+    pub fn status(&self) -> Status {
+        self.registry.status()
+    }
+
+    /// Resolves when `flotilla down` (the control API) asks the system to stop.
+    pub async fn shutdown_requested(&self) {
+        self.shutdown_requested.notified().await;
+    }
+
+    /// Stops the gateway (finishing in-flight requests), then every instance
+    /// (SIGTERM, drain deadline, SIGKILL), then the listeners.
+    pub async fn shutdown(self) {
+        self.console.event("stopping");
+        let drain = self
+            .registry
+            .pools
+            .values()
+            .map(|p| p.spec.drain)
+            .max()
+            .unwrap_or(Duration::from_secs(10));
+        self.gateway.shutdown(drain).await;
+        let stops = self.registry.pools.values().map(|p| {
+            let p = Arc::clone(p);
+            async move { p.shutdown().await }
+        });
+        futures_join_all(stops).await;
+        let _ = self.stop_tx.send(true);
+        for task in self.tasks {
+            task.abort();
+        }
+        let _ = std::fs::remove_file(Endpoints::path(&self.data_dir));
+        self.console.event("stopped");
+    }
+}
+
+/// Awaits all futures (a tiny join_all, to avoid a dependency for one call).
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) {
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+fn prepare_data_dir(dir: &Path) -> Result<PathBuf, Error> {
+    let mk = |p: &Path| {
+        std::fs::create_dir_all(p).map_err(|source| Error::DataDir {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    mk(dir)?;
+    mk(&dir.join("logs"))?;
+    mk(&dir.join("data"))?;
+    let dir = dir.canonicalize().map_err(|source| Error::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    // Probe writability now rather than at the first log line.
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"").map_err(|source| Error::DataDir {
+        path: dir.clone(),
+        source,
+    })?;
+    let _ = std::fs::remove_file(probe);
+    Ok(dir)
+}
+
+/// `argv[0]` as a path: relative to `dir` if it names a file there, else
+/// looked up on `PATH`. A missing program is reported now, by name.
+fn resolve_command(argv: &[String], dir: &Path) -> Result<PathBuf, String> {
+    let program = argv.first().map(String::as_str).unwrap_or_default();
+    if program.contains('/') {
+        let path = dir.join(program);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!("command `{program}` not found at {}", path.display()))
+        };
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(program))
+                .find(|p| p.is_file())
+        })
+        .ok_or_else(|| format!("command `{program}` not found on PATH; install it or give its path in `run.command`"))
+}
+
+/// Waits until each service has `min` ready instances, or is crash-looping,
+/// or its `ready_timeout` has passed; reports the ones that are not ready.
+async fn wait_until_ready(registry: &Registry, console: &Console) {
+    let started = Instant::now();
+    let mut pending: Vec<&Arc<Pool>> = registry
+        .pools
+        .values()
+        .filter(|p| p.spec.shape == Shape::Service)
+        .collect();
+    let mut receivers: Vec<watch::Receiver<u64>> = pending.iter().map(|p| p.subscribe()).collect();
+    loop {
+        let mut i = 0;
+        while i < pending.len() {
+            let pool = pending[i];
+            let ready = pool.ready().len() as u32 >= pool.spec.scale.min;
+            let timed_out = started.elapsed() >= pool.spec.ready_timeout;
+            // Give up waiting on a service whose first starts all failed fast
+            // (it exits at start): the others should not wait its full timeout.
+            let failing = pool.crash_looping() || (pool.consecutive_failures() >= 3 && pool.ready().is_empty());
+            if ready || timed_out || failing {
+                if !ready {
+                    console.warn(&format!(
+                        "service `{}` is not ready ({}); the rest of the system is served",
+                        pool.name(),
+                        pool.status().last_error.unwrap_or_else(|| "still starting".into())
+                    ));
+                }
+                pending.remove(i);
+                receivers.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        if pending.is_empty() {
+            return;
+        }
+        // Wake on any change, or at least every 100 ms to check timeouts.
+        let changed = futures_any_changed(&mut receivers);
+        let _ = tokio::time::timeout(Duration::from_millis(100), changed).await;
+    }
+}
+
+async fn futures_any_changed(receivers: &mut [watch::Receiver<u64>]) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut handles = Vec::new();
+    for r in receivers.iter() {
+        let mut r = r.clone();
+        let tx = tx.clone();
+        handles.push(tokio::spawn(async move {
+            if r.changed().await.is_ok() {
+                let _ = tx.try_send(());
+            }
+        }));
+    }
+    drop(tx);
+    let _ = rx.recv().await;
+    for h in handles {
+        h.abort();
+    }
+}
+
+fn snapshot(base: &Endpoints, registry: &Registry) -> Endpoints {
+    let mut e = base.clone();
+    e.services = registry
+        .pools
+        .values()
+        .map(|pool| {
+            let status = pool.status();
+            let instances = pool
+                .ready()
+                .iter()
+                .map(|ep| InstanceEndpoint {
+                    id: ep.instance.clone(),
+                    address: format!("http://{}", ep.addr),
+                    pid: status
+                        .instances
+                        .iter()
+                        .find(|i| i.id == ep.instance)
+                        .and_then(|i| i.pid)
+                        .unwrap_or(0),
+                })
+                .collect();
+            (
+                pool.name().to_string(),
+                ServiceEndpoint {
+                    address: format!("http://{}", pool.address()),
+                    shape: status.shape,
+                    instances,
+                },
+            )
+        })
+        .collect();
+    e
+}
+
+/// Rewrites `endpoints.json` when instances change (debounced).
+async fn keep_endpoints_current(
+    mut last: Endpoints,
+    registry: Arc<Registry>,
+    data_dir: PathBuf,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut receivers: Vec<_> = registry.pools.values().map(|p| p.subscribe()).collect();
+    loop {
+        tokio::select! {
+            _ = futures_any_changed(&mut receivers) => {}
+            _ = stop.changed() => return,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let next = snapshot(&last, &registry);
+        if next != last {
+            if let Err(e) = next.write(&data_dir) {
+                tracing::warn!("cannot update endpoints.json: {e}");
+            }
+            last = next;
+        }
+    }
+}
+
+fn print_ready(endpoints: &Endpoints, status: &Status, took: Duration) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "ready: gateway {} console {} ({} ms)",
+        endpoints.gateway,
+        endpoints.console,
+        took.as_millis()
+    );
+    let _ = writeln!(out, "{:<16} {:<9} {:>7} {:<24} state", "SERVICE", "SHAPE", "READY", "ADDRESS");
+    for s in &status.services {
+        let state = if s.crash_loop || (s.ready == 0 && s.min > 0) {
+            format!("NOT READY: {}", s.last_error.clone().unwrap_or_default().lines().next().unwrap_or(""))
+        } else if s.shape == "function" && s.ready == 0 {
+            "scaled to zero".to_string()
+        } else {
+            "ok".to_string()
+        };
+        let _ = writeln!(
+            out,
+            "{:<16} {:<9} {:>3}/{:<3} {:<24} {state}",
+            s.name,
+            s.shape,
+            s.ready,
+            s.max,
+            s.address.trim_start_matches("http://"),
+        );
+    }
+}
