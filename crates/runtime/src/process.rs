@@ -26,7 +26,14 @@ pub(crate) struct Launch {
 pub(crate) struct Proc {
     child: Child,
     pid: u32,
+    /// The output copiers; awaited briefly after exit so a crash report
+    /// includes the last lines the process wrote.
+    pumps: Vec<tokio::task::JoinHandle<()>>,
 }
+
+/// How long to wait for a dead process's last output. Bounded because a
+/// grandchild may still hold the pipe open.
+const FLUSH_AFTER_EXIT: Duration = Duration::from_millis(250);
 
 /// A line longer than this is cut: a process that never prints a newline
 /// must not make us buffer without bound.
@@ -79,13 +86,14 @@ impl Proc {
             .open(log_file)
             .await?;
         let log = Arc::new(tokio::sync::Mutex::new(log));
+        let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(pump(out, Arc::clone(&log), instance.to_string(), Arc::clone(&console)));
+            pumps.push(tokio::spawn(pump(out, Arc::clone(&log), instance.to_string(), Arc::clone(&console))));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(pump(err, log, instance.to_string(), console));
+            pumps.push(tokio::spawn(pump(err, log, instance.to_string(), console)));
         }
-        Ok(Proc { child, pid })
+        Ok(Proc { child, pid, pumps })
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -94,7 +102,16 @@ impl Proc {
 
     /// Waits for the process to exit on its own.
     pub(crate) async fn wait(&mut self) -> io::Result<ExitStatus> {
-        self.child.wait().await
+        let status = self.child.wait().await;
+        // Taken out so a second call cannot poll a finished handle again.
+        let pumps: Vec<_> = self.pumps.drain(..).collect();
+        let _ = tokio::time::timeout(FLUSH_AFTER_EXIT, async {
+            for pump in pumps {
+                let _ = pump.await;
+            }
+        })
+        .await;
+        status
     }
 
     /// SIGTERM to the process group, then SIGKILL after `drain`.

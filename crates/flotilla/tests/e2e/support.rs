@@ -10,6 +10,8 @@ pub fn shop_manifest() -> PathBuf {
 }
 
 pub fn client() -> reqwest::Client {
+    // reqwest is built without a default crypto provider (ring only, no aws-lc).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()
