@@ -155,7 +155,10 @@ async fn run(command: Command) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Ok(false) => {
-                    eprintln!("error: asked {} to stop, but it is still running after 60 s", client.endpoints().system);
+                    eprintln!(
+                        "error: asked {} to stop, but it is still running after 60 s",
+                        client.endpoints().system
+                    );
                     ExitCode::FAILURE
                 }
                 Err(e) => fail(&e),
@@ -169,7 +172,8 @@ async fn up(manifest: Manifest, options: Options) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
-    let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+    let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
@@ -232,8 +236,19 @@ fn fail(e: &dyn std::error::Error) -> ExitCode {
 }
 
 fn print_status(status: &Status, endpoints: &flotilla_runtime::Endpoints) {
-    out!("system {}  gateway {}  console {}", status.system, status.gateway, endpoints.console);
-    out!("{:<16} {:<9} {:>7} {:>8}  ADDRESS", "SERVICE", "SHAPE", "READY", "RESTARTS");
+    out!(
+        "system {}  gateway {}  console {}",
+        status.system,
+        status.gateway,
+        endpoints.console
+    );
+    out!(
+        "{:<16} {:<9} {:>7} {:>8}  ADDRESS",
+        "SERVICE",
+        "SHAPE",
+        "READY",
+        "RESTARTS"
+    );
     for s in &status.services {
         out!(
             "{:<16} {:<9} {:>3}/{:<3} {:>8}  {}{}",
@@ -253,13 +268,17 @@ fn print_status(status: &Status, endpoints: &flotilla_runtime::Endpoints) {
                 i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                 i.address.clone().unwrap_or_default(),
                 i.restarts,
-                i.last_exit.as_ref().map(|e| format!("  last exit: {e}")).unwrap_or_default()
+                i.last_exit
+                    .as_ref()
+                    .map(|e| format!("  last exit: {e}"))
+                    .unwrap_or_default()
             );
         }
-        if let Some(err) = &s.last_error {
-            if s.ready == 0 && s.min > 0 {
-                out!("  last error: {}", err.lines().next().unwrap_or(""));
-            }
+        if let Some(err) = &s.last_error
+            && s.ready == 0
+            && s.min > 0
+        {
+            out!("  last error: {}", err.lines().next().unwrap_or(""));
         }
     }
 }

@@ -67,7 +67,10 @@ impl Builder {
 
     /// Builds and starts the system with the gateway on a free port.
     pub async fn start(self) -> Result<System, Error> {
-        let manifest_path = self.manifest.canonicalize().unwrap_or(self.manifest.clone());
+        let manifest_path = self
+            .manifest
+            .canonicalize()
+            .unwrap_or(self.manifest.clone());
         let manifest = Manifest::load(&manifest_path)?;
         let (temp, data_dir) = match self.data_dir {
             Some(d) => (None, d),
@@ -133,7 +136,9 @@ impl System {
 
     fn inner(&self) -> &flotilla_runtime::System {
         // `inner` is only taken by `stop`/`restart`, which consume `self`.
-        self.inner.as_ref().unwrap_or_else(|| unreachable!("system already stopped"))
+        self.inner
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("system already stopped"))
     }
 
     /// Where everything is.
@@ -163,7 +168,12 @@ impl System {
 
     /// Waits until `condition` holds on the status, or panics with the last
     /// status after `deadline` — the way tests wait, never with sleeps.
-    pub async fn wait_for(&self, what: &str, deadline: Duration, condition: impl Fn(&Status) -> bool) -> Status {
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        deadline: Duration,
+        condition: impl Fn(&Status) -> bool,
+    ) -> Status {
         let until = Instant::now() + deadline;
         loop {
             let status = self.status();
@@ -206,11 +216,14 @@ impl System {
 
 impl Drop for System {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            if let Some(t) = self.temp.take() {
-                let kept = t.keep();
-                eprintln!("flotilla-testkit: test failed; data dir and logs kept at {}", kept.display());
-            }
+        if std::thread::panicking()
+            && let Some(t) = self.temp.take()
+        {
+            let kept = t.keep();
+            eprintln!(
+                "flotilla-testkit: test failed; data dir and logs kept at {}",
+                kept.display()
+            );
         }
         // Instances still running die with their tokio tasks (kill_on_drop)
         // when the test's runtime shuts down.

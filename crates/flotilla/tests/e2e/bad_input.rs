@@ -37,13 +37,17 @@ routes = [{{ path = "/broken/**" }}]
 
 async fn assert_degraded(broken: &str, reason: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let system = System::start(manifest_with(dir.path(), broken)).await.expect("starts degraded");
+    let system = System::start(manifest_with(dir.path(), broken))
+        .await
+        .expect("starts degraded");
     let http = client();
     let ok = http.get(system.url("/hello/x")).send().await.unwrap();
     assert_eq!(ok.status(), 200, "the healthy service is served");
     let status = system
         .wait_for("the broken service's error", Duration::from_secs(20), |s| {
-            s.services.iter().any(|s| s.name == "broken" && s.last_error.is_some())
+            s.services
+                .iter()
+                .any(|s| s.name == "broken" && s.last_error.is_some())
         })
         .await;
     let broken_status = status.services.iter().find(|s| s.name == "broken").unwrap();
@@ -69,8 +73,11 @@ async fn a_service_that_exits_at_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_that_never_becomes_ready() {
     assert_degraded(
-        &format!(r#"run = {{ command = ["python3", "{}"] }}
-env = {{ NEVER_READY = "1" }}"#, fixture()),
+        &format!(
+            r#"run = {{ command = ["python3", "{}"] }}
+env = {{ NEVER_READY = "1" }}"#,
+            fixture()
+        ),
         "not ready after 1s",
     )
     .await;

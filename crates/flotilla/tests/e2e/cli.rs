@@ -14,22 +14,39 @@ fn check(text: &str) -> (i32, String) {
     let path = dir.path().join("flotilla.toml");
     std::fs::write(&path, text).unwrap();
     let out = flotilla().arg("check").arg(&path).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).replace(&format!("{}/", dir.path().canonicalize().unwrap().display()), "");
+    let stderr = String::from_utf8_lossy(&out.stderr).replace(
+        &format!("{}/", dir.path().canonicalize().unwrap().display()),
+        "",
+    );
     (out.status.code().unwrap_or(-1), stderr)
 }
 
 #[test]
 fn check_accepts_the_shop() {
-    let out = flotilla().arg("check").arg(shop_manifest()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = flotilla()
+        .arg("check")
+        .arg(shop_manifest())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("ok — system `shop` with 3 services"), "{stdout}");
+    assert!(
+        stdout.contains("ok — system `shop` with 3 services"),
+        "{stdout}"
+    );
 }
 
 /// The messages docs/manifest.md shows, exactly.
 #[test]
 fn check_prints_the_documented_messages() {
-    let docs = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/manifest.md")).unwrap();
+    let docs = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/manifest.md"),
+    )
+    .unwrap();
     let cases = [
         (
             "name = \"shop\"\n[services.catalog]\nrun = { cargo = \"shop-catalog\" }\nreplica = 2\n",
@@ -60,16 +77,25 @@ fn check_prints_the_documented_messages() {
         let (code, stderr) = check(input);
         assert_eq!(code, 2, "{input}");
         assert_eq!(stderr.trim_end(), expected, "for input:\n{input}");
-        assert!(docs.contains(expected), "docs/manifest.md must show this message:\n{expected}");
+        assert!(
+            docs.contains(expected),
+            "docs/manifest.md must show this message:\n{expected}"
+        );
     }
 }
 
 #[test]
 fn check_reports_a_missing_file() {
-    let out = flotilla().args(["check", "/nonexistent/flotilla.toml"]).output().unwrap();
+    let out = flotilla()
+        .args(["check", "/nonexistent/flotilla.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("cannot read manifest /nonexistent/flotilla.toml"), "{stderr}");
+    assert!(
+        stderr.contains("cannot read manifest /nonexistent/flotilla.toml"),
+        "{stderr}"
+    );
 }
 
 fn hello_manifest(dir: &Path, listen: &str) -> PathBuf {
@@ -113,19 +139,29 @@ fn up(listen: &str) -> Up {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    Up { child, data, _dir: dir }
+    Up {
+        child,
+        data,
+        _dir: dir,
+    }
 }
 
 fn wait_for_endpoints(up: &mut Up) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(text) = std::fs::read_to_string(up.data.join("endpoints.json")) {
-            if let Ok(v) = serde_json::from_str::<Value>(&text) {
-                return v;
-            }
+        if let Ok(text) = std::fs::read_to_string(up.data.join("endpoints.json"))
+            && let Ok(v) = serde_json::from_str::<Value>(&text)
+        {
+            return v;
         }
         if let Ok(Some(status)) = up.child.try_wait() {
-            let out = up.child.stderr.take().map(std::io::read_to_string).and_then(Result::ok).unwrap_or_default();
+            let out = up
+                .child
+                .stderr
+                .take()
+                .map(std::io::read_to_string)
+                .and_then(Result::ok)
+                .unwrap_or_default();
             panic!("flotilla up exited ({status}) before ready: {out}");
         }
         assert!(Instant::now() < deadline, "no endpoints.json after 30 s");
@@ -136,7 +172,7 @@ fn wait_for_endpoints(up: &mut Up) -> Value {
 fn alive(pid: u32) -> bool {
     // A zombie still answers kill(0); /proc tells the real state.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.split_whitespace().nth(2).is_some_and(|state| state == "Z"))
+        .map(|s| s.split_whitespace().nth(2).is_none_or(|state| state != "Z"))
         .unwrap_or(false)
 }
 
@@ -163,15 +199,36 @@ fn up_status_down() {
     let endpoints = wait_for_endpoints(&mut up);
     let pids = instance_pids(&endpoints);
     assert_eq!(pids.len(), 2, "{endpoints}");
-    assert!(endpoints["gateway"].as_str().unwrap().starts_with("http://127.0.0.1:"));
+    assert!(
+        endpoints["gateway"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:")
+    );
 
-    let out = flotilla().args(["status", "--data-dir"]).arg(&up.data).output().unwrap();
+    let out = flotilla()
+        .args(["status", "--data-dir"])
+        .arg(&up.data)
+        .output()
+        .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(table.contains("hello") && table.contains("2/2"), "{table}");
 
-    let out = flotilla().args(["down", "--data-dir"]).arg(&up.data).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = flotilla()
+        .args(["down", "--data-dir"])
+        .arg(&up.data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("stopped cli"));
     let status = up.child.wait().unwrap();
     assert!(status.success(), "flotilla up exits 0 after down: {status}");
@@ -180,7 +237,11 @@ fn up_status_down() {
     }
     assert!(!up.data.join("endpoints.json").exists());
 
-    let out = flotilla().args(["status", "--data-dir"]).arg(&up.data).output().unwrap();
+    let out = flotilla()
+        .args(["status", "--data-dir"])
+        .arg(&up.data)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no system is running"));
 }
@@ -193,9 +254,11 @@ fn no_orphans_after_kill_nine() {
     assert!(pids.iter().all(|p| alive(*p)));
     up.child.kill().unwrap(); // SIGKILL: no chance to clean up
     up.child.wait().unwrap();
-    wait_until("instances to die with their parent", Duration::from_secs(10), || {
-        pids.iter().all(|p| !alive(*p))
-    });
+    wait_until(
+        "instances to die with their parent",
+        Duration::from_secs(10),
+        || pids.iter().all(|p| !alive(*p)),
+    );
 }
 
 #[test]
@@ -208,10 +271,22 @@ fn a_port_already_in_use_is_a_clear_error() {
         if let Some(s) = up.child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "flotilla up did not exit on a taken port");
+        assert!(
+            Instant::now() < deadline,
+            "flotilla up did not exit on a taken port"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(!status.success());
-    let stderr = up.child.stderr.take().map(std::io::read_to_string).unwrap().unwrap();
-    assert!(stderr.contains(&addr) && stderr.contains("already in use"), "{stderr}");
+    let stderr = up
+        .child
+        .stderr
+        .take()
+        .map(std::io::read_to_string)
+        .unwrap()
+        .unwrap();
+    assert!(
+        stderr.contains(&addr) && stderr.contains("already in use"),
+        "{stderr}"
+    );
 }

@@ -16,44 +16,99 @@ async fn browse_quote_and_order() {
     let http = client();
 
     // Browse: the list, a search, one product, an unknown one.
-    let list: Value = http.get(system.url("/api/catalog/products")).send().await.unwrap().json().await.unwrap();
+    let list: Value = http
+        .get(system.url("/api/catalog/products"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let all = products(&list);
     assert!(all.len() >= 10, "seeded catalog: {list}");
     let first = &all[0];
     let id = first["id"].as_str().expect("product id").to_string();
-    let one = http.get(system.url(&format!("/api/catalog/products/{id}"))).send().await.unwrap();
+    let one = http
+        .get(system.url(&format!("/api/catalog/products/{id}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(one.status(), 200);
-    let missing = http.get(system.url("/api/catalog/products/no-such-sku")).send().await.unwrap();
+    let missing = http
+        .get(system.url("/api/catalog/products/no-such-sku"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), 404);
-    let word = first["name"].as_str().unwrap().split_whitespace().next().unwrap().to_lowercase();
+    let word = first["name"]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_lowercase();
     let found: Value = http
         .get(system.url(&format!("/api/catalog/products?q={word}")))
-        .send().await.unwrap().json().await.unwrap();
-    assert!(products(&found).iter().any(|p| p["id"] == first["id"]), "search `{word}`: {found}");
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        products(&found).iter().any(|p| p["id"] == first["id"]),
+        "search `{word}`: {found}"
+    );
 
     // Both replicas serve: the gateway balances over them.
     let mut served_by = std::collections::BTreeSet::new();
     for _ in 0..40 {
-        let r = http.get(system.url("/api/catalog/products?limit=1")).send().await.unwrap();
+        let r = http
+            .get(system.url("/api/catalog/products?limit=1"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         if let Some(v) = r.headers().get("x-served-by") {
             served_by.insert(v.to_str().unwrap().to_string());
         }
     }
-    assert_eq!(served_by.len(), 2, "both catalog replicas answer: {served_by:?}");
+    assert_eq!(
+        served_by.len(),
+        2,
+        "both catalog replicas answer: {served_by:?}"
+    );
 
     // Quote: pricing is a function, at zero until this request.
-    let pricing = system.status().services.into_iter().find(|s| s.name == "pricing").unwrap();
-    assert_eq!(pricing.instances.len(), 0, "pricing starts at zero: {pricing:?}");
+    let pricing = system
+        .status()
+        .services
+        .into_iter()
+        .find(|s| s.name == "pricing")
+        .unwrap();
+    assert_eq!(
+        pricing.instances.len(),
+        0,
+        "pricing starts at zero: {pricing:?}"
+    );
     let price = first["price_cents"].as_i64().expect("price_cents");
     let quote = http
         .post(system.url("/api/pricing/quote"))
         .json(&json!({"items": [{"sku": id, "quantity": 3, "unit_price_cents": price}], "currency": "EUR"}))
         .send().await.unwrap();
-    assert_eq!(quote.status(), 200, "quote held during cold start, not refused");
+    assert_eq!(
+        quote.status(),
+        200,
+        "quote held during cold start, not refused"
+    );
     let quote: Value = quote.json().await.unwrap();
     assert!(quote["total_cents"].as_i64().unwrap() > 0, "{quote}");
-    let pricing = system.status().services.into_iter().find(|s| s.name == "pricing").unwrap();
+    let pricing = system
+        .status()
+        .services
+        .into_iter()
+        .find(|s| s.name == "pricing")
+        .unwrap();
     assert_eq!(pricing.ready, 1, "pricing scaled to one: {pricing:?}");
 
     // Order, then read it back by id and by customer.
@@ -61,28 +116,52 @@ async fn browse_quote_and_order() {
     let placed = http
         .post(system.url("/api/orders"))
         .json(&json!({"customer": customer, "items": [{"sku": id, "quantity": 2}]}))
-        .send().await.unwrap();
+        .send()
+        .await
+        .unwrap();
     assert_eq!(placed.status(), 201);
     let order: Value = placed.json().await.unwrap();
     let order_id = order["id"].as_str().expect("order id");
     assert!(order["total_cents"].as_i64().unwrap_or(0) > 0, "{order}");
-    let back: Value = http.get(system.url(&format!("/api/orders/{order_id}"))).send().await.unwrap().json().await.unwrap();
+    let back: Value = http
+        .get(system.url(&format!("/api/orders/{order_id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(back["id"], order["id"]);
     let mine: Value = http
         .get(system.url(&format!("/api/orders?customer={customer}")))
-        .send().await.unwrap().json().await.unwrap();
-    let mine = mine.as_array().cloned().or_else(|| mine["orders"].as_array().cloned()).unwrap_or_default();
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mine = mine
+        .as_array()
+        .cloned()
+        .or_else(|| mine["orders"].as_array().cloned())
+        .unwrap_or_default();
     assert!(mine.iter().any(|o| o["id"] == order["id"]), "{mine:?}");
 
     // An unknown sku is refused by orders with a clear error.
     let bad = http
         .post(system.url("/api/orders"))
         .json(&json!({"customer": customer, "items": [{"sku": "no-such-sku", "quantity": 1}]}))
-        .send().await.unwrap();
+        .send()
+        .await
+        .unwrap();
     assert_eq!(bad.status(), 422);
 
     // Undeclared paths: JSON 404 from the gateway.
-    let nothing = http.get(system.url("/api/nothing-here")).send().await.unwrap();
+    let nothing = http
+        .get(system.url("/api/nothing-here"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(nothing.status(), 404);
     let body: Value = nothing.json().await.unwrap();
     assert!(body["error"]["code"].is_string(), "{body}");
@@ -99,7 +178,12 @@ async fn browse_quote_and_order() {
 async fn kill_nine_of_a_replica_loses_no_request() {
     let system = System::start(shop_manifest()).await.expect("shop starts");
     let http = client();
-    let catalog = system.status().services.into_iter().find(|s| s.name == "catalog").unwrap();
+    let catalog = system
+        .status()
+        .services
+        .into_iter()
+        .find(|s| s.name == "catalog")
+        .unwrap();
     assert_eq!(catalog.ready, 2);
     let victim = catalog.instances[0].clone();
     let pid = victim.pid.expect("pid") as i32;
@@ -109,15 +193,23 @@ async fn kill_nine_of_a_replica_loses_no_request() {
     let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut workers = Vec::new();
     for _ in 0..4 {
-        let (stop, ok, failures, http, url) =
-            (stop.clone(), ok.clone(), failures.clone(), http.clone(), system.url("/api/catalog/products?limit=2"));
+        let (stop, ok, failures, http, url) = (
+            stop.clone(),
+            ok.clone(),
+            failures.clone(),
+            http.clone(),
+            system.url("/api/catalog/products?limit=2"),
+        );
         workers.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 match http.get(&url).send().await {
                     Ok(r) if r.status() == 200 => {
                         ok.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(r) => failures.lock().unwrap().push(format!("status {}", r.status())),
+                    Ok(r) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("status {}", r.status())),
                     Err(e) => failures.lock().unwrap().push(format!("error {e}")),
                 }
             }
@@ -125,37 +217,83 @@ async fn kill_nine_of_a_replica_loses_no_request() {
     }
     // Let traffic flow, then kill -9 one replica mid-stream.
     let before = ok.load(Ordering::Relaxed);
-    system.wait_for("traffic to flow", Duration::from_secs(10), |_| ok.load(Ordering::Relaxed) > before + 50).await;
+    system
+        .wait_for("traffic to flow", Duration::from_secs(10), |_| {
+            ok.load(Ordering::Relaxed) > before + 50
+        })
+        .await;
     // SAFETY: kill(2) on a pid the runtime reported for this test's instance.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
 
     let status = system
-        .wait_for("the killed replica to be restarted and ready", Duration::from_secs(30), |s| {
-            let c = s.services.iter().find(|s| s.name == "catalog").unwrap();
-            c.restarts >= 1 && c.ready == 2 && c.instances.iter().all(|i| i.state == InstanceState::Ready && i.pid != Some(pid as u32))
-        })
+        .wait_for(
+            "the killed replica to be restarted and ready",
+            Duration::from_secs(30),
+            |s| {
+                let c = s.services.iter().find(|s| s.name == "catalog").unwrap();
+                c.restarts >= 1
+                    && c.ready == 2
+                    && c.instances
+                        .iter()
+                        .all(|i| i.state == InstanceState::Ready && i.pid != Some(pid as u32))
+            },
+        )
         .await;
     let after = ok.load(Ordering::Relaxed);
-    system.wait_for("traffic on the restarted pool", Duration::from_secs(10), |_| ok.load(Ordering::Relaxed) > after + 50).await;
+    system
+        .wait_for(
+            "traffic on the restarted pool",
+            Duration::from_secs(10),
+            |_| ok.load(Ordering::Relaxed) > after + 50,
+        )
+        .await;
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.await.unwrap();
     }
     let failures = failures.lock().unwrap().clone();
-    assert!(failures.is_empty(), "{} requests failed: {failures:?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} requests failed: {failures:?}",
+        failures.len()
+    );
     assert!(ok.load(Ordering::Relaxed) > 100);
-    let restarted = status.services.iter().find(|s| s.name == "catalog").unwrap();
+    let restarted = status
+        .services
+        .iter()
+        .find(|s| s.name == "catalog")
+        .unwrap();
     assert!(restarted.instances.iter().any(|i| i.restarts >= 1));
 
     // The restart shows in `flotilla status`.
-    let out = flotilla().args(["status", "--json", "--data-dir"]).arg(system.data_dir()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = flotilla()
+        .args(["status", "--json", "--data-dir"])
+        .arg(system.data_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let catalog = shown["services"].as_array().unwrap().iter().find(|s| s["name"] == "catalog").unwrap();
+    let catalog = shown["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "catalog")
+        .unwrap();
     assert!(catalog["restarts"].as_u64().unwrap() >= 1, "{catalog}");
-    let out = flotilla().args(["status", "--data-dir"]).arg(system.data_dir()).output().unwrap();
+    let out = flotilla()
+        .args(["status", "--data-dir"])
+        .arg(system.data_dir())
+        .output()
+        .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("catalog") && table.contains("restarts 1"), "{table}");
+    assert!(
+        table.contains("catalog") && table.contains("restarts 1"),
+        "{table}"
+    );
 
     system.stop().await;
 }
@@ -164,16 +302,35 @@ async fn kill_nine_of_a_replica_loses_no_request() {
 async fn orders_survive_down_then_up() {
     let system = System::start(shop_manifest()).await.expect("shop starts");
     let http = client();
-    let list: Value = http.get(system.url("/api/catalog/products")).send().await.unwrap().json().await.unwrap();
+    let list: Value = http
+        .get(system.url("/api/catalog/products"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let sku = products(&list)[1]["id"].as_str().unwrap().to_string();
     let placed: Value = http
         .post(system.url("/api/orders"))
         .json(&json!({"customer": "durable@example.com", "items": [{"sku": sku, "quantity": 1}]}))
-        .send().await.unwrap().json().await.unwrap();
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let id = placed["id"].as_str().expect("order id").to_string();
 
-    let system = system.restart().await.expect("restarts on the same data dir");
-    let back = http.get(system.url(&format!("/api/orders/{id}"))).send().await.unwrap();
+    let system = system
+        .restart()
+        .await
+        .expect("restarts on the same data dir");
+    let back = http
+        .get(system.url(&format!("/api/orders/{id}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(back.status(), 200);
     let back: Value = back.json().await.unwrap();
     assert_eq!(back["id"].as_str(), Some(id.as_str()));

@@ -1,0 +1,6 @@
+//! Integration tests: real chassis servers on port 0, talked to over TCP.
+
+mod client;
+mod server;
+mod shutdown;
+mod support;

@@ -1,0 +1,82 @@
+//! Graceful shutdown: readiness flips, in-flight requests finish, the drain
+//! deadline bounds the wait.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::get;
+use tokio::sync::{Notify, mpsc};
+
+use crate::support::{eventually, http, start};
+
+/// A route that reports when it starts and finishes only when released.
+fn held(started: mpsc::Sender<()>, release: Arc<Notify>) -> Router {
+    Router::new().route(
+        "/api/held",
+        get(move || {
+            let started = started.clone();
+            let release = release.clone();
+            async move {
+                let _ = started.send(()).await;
+                release.notified().await;
+                "done"
+            }
+        }),
+    )
+}
+
+#[tokio::test]
+async fn in_flight_requests_finish_after_shutdown_starts() {
+    let (started_tx, mut started_rx) = mpsc::channel(1);
+    let release = Arc::new(Notify::new());
+    let mut server = start("it-drain", &[], held(started_tx, release.clone())).await;
+
+    let url = server.url("/api/held");
+    let request = tokio::spawn(async move { http().get(url).send().await });
+    started_rx.recv().await.expect("handler started");
+
+    server.trigger_stop();
+    let readiness = server.readiness.clone();
+    eventually(Duration::from_secs(5), || {
+        let readiness = readiness.clone();
+        async move { readiness.is_draining().then_some(()) }
+    })
+    .await;
+    assert!(!readiness.is_ready());
+    assert!(
+        !server.task.is_finished(),
+        "must wait for the in-flight request"
+    );
+
+    release.notify_one();
+    let res = request.await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "done");
+    server.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn drain_deadline_bounds_the_wait() {
+    let (started_tx, mut started_rx) = mpsc::channel(1);
+    let release = Arc::new(Notify::new());
+    let mut server = start(
+        "it-deadline",
+        &[("FLOTILLA_DRAIN_SECONDS", "1")],
+        held(started_tx, release),
+    )
+    .await;
+    let url = server.url("/api/held");
+    let _request = tokio::spawn(async move { http().get(url).send().await });
+    started_rx.recv().await.expect("handler started");
+
+    let begun = Instant::now();
+    server.trigger_stop();
+    // Never released: serve_until must still return, after about 1 s.
+    tokio::time::timeout(Duration::from_secs(10), &mut server.task)
+        .await
+        .expect("serve_until returned within the deadline")
+        .unwrap()
+        .unwrap();
+    assert!(begun.elapsed() >= Duration::from_millis(900));
+}

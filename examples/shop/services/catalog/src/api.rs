@@ -1,0 +1,268 @@
+//! The catalog's HTTP API: product search and lookup, read-only.
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::HeaderValue;
+use axum::response::Response;
+use axum::routing::get;
+use flotilla_chassis::{ApiError, ApiQuery, FieldError};
+use serde::Deserialize;
+use serde_json::json;
+use sqlx::SqlitePool;
+
+use crate::store::{self, Page, Product, Search};
+
+/// Page size when `limit` is absent.
+pub const DEFAULT_LIMIT: i64 = 50;
+/// Largest page.
+pub const MAX_LIMIT: i64 = 100;
+/// Deepest offset: past it, narrow the search instead of paging.
+pub const MAX_OFFSET: i64 = 10_000;
+/// Longest search text or category.
+pub const MAX_TEXT: usize = 100;
+
+/// The header naming the instance that answered, so tests and people can
+/// watch load balancing.
+pub const SERVED_BY: &str = "x-served-by";
+
+/// Query parameters, as text so bad numbers get a field error.
+#[derive(Debug, Default, Deserialize)]
+pub struct ListParams {
+    q: Option<String>,
+    category: Option<String>,
+    limit: Option<String>,
+    offset: Option<String>,
+}
+
+/// The routes, with `x-served-by: <instance>` on every response.
+pub fn router(db: SqlitePool, instance: &str) -> Router {
+    let served_by = HeaderValue::from_str(instance).ok();
+    Router::new()
+        .route("/api/catalog/products", get(list))
+        .route("/api/catalog/products/{id}", get(one))
+        .fallback(flotilla_chassis::not_found)
+        .with_state(db)
+        .layer(axum::middleware::map_response(move |mut res: Response| {
+            let served_by = served_by.clone();
+            async move {
+                if let Some(value) = served_by {
+                    res.headers_mut().insert(SERVED_BY, value);
+                }
+                res
+            }
+        }))
+}
+
+async fn list(
+    State(db): State<SqlitePool>,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> Result<axum::Json<Page>, ApiError> {
+    let search = parse(params).map_err(ApiError::validation)?;
+    Ok(axum::Json(store::search(&db, &search).await?))
+}
+
+async fn one(
+    State(db): State<SqlitePool>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Product>, ApiError> {
+    match store::get(&db, &id).await? {
+        Some(product) => Ok(axum::Json(product)),
+        None => Err(ApiError::not_found(format!("no product with id {id:?}"))
+            .with_details(json!({ "id": id }))),
+    }
+}
+
+/// Validates the parameters, reporting every bad one.
+fn parse(params: ListParams) -> Result<Search, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let mut text_param = |name: &str, value: Option<String>| -> Option<String> {
+        let value = value?.trim().to_lowercase();
+        if value.chars().count() > MAX_TEXT {
+            errors.push(FieldError::new(
+                name,
+                format!("must be at most {MAX_TEXT} characters"),
+            ));
+            return None;
+        }
+        (!value.is_empty()).then_some(value)
+    };
+    let text = text_param("q", params.q);
+    let category = text_param("category", params.category);
+    let limit = number(
+        &mut errors,
+        "limit",
+        params.limit,
+        DEFAULT_LIMIT,
+        1,
+        MAX_LIMIT,
+    );
+    let offset = number(&mut errors, "offset", params.offset, 0, 0, MAX_OFFSET);
+    if errors.is_empty() {
+        Ok(Search {
+            text,
+            category,
+            limit,
+            offset,
+        })
+    } else {
+        Err(errors)
+    }
+}
+
+fn number(
+    errors: &mut Vec<FieldError>,
+    name: &str,
+    value: Option<String>,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> i64 {
+    let Some(value) = value.filter(|v| !v.trim().is_empty()) else {
+        return default;
+    };
+    match value.trim().parse::<i64>() {
+        Ok(n) if (min..=max).contains(&n) => n,
+        _ => {
+            errors.push(FieldError::new(
+                name,
+                format!("must be a whole number from {min} to {max}"),
+            ));
+            default
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::{Body, to_bytes};
+    use axum::http::{Request, StatusCode};
+    use serde_json::Value;
+    use tower::ServiceExt;
+
+    async fn db() -> SqlitePool {
+        flotilla_chassis::open_sqlite("sqlite::memory:", &crate::MIGRATOR)
+            .await
+            .unwrap()
+    }
+
+    async fn get(app: &Router, uri: &str) -> (StatusCode, Option<String>, Value) {
+        let res = app
+            .clone()
+            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = res.status();
+        let served_by = res
+            .headers()
+            .get(SERVED_BY)
+            .map(|v| v.to_str().unwrap().to_owned());
+        let bytes = to_bytes(res.into_body(), 1 << 20).await.unwrap();
+        (status, served_by, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    fn skus(page: &Value) -> Vec<&str> {
+        page["products"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_str().unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn lists_the_seeded_products() {
+        let app = router(db().await, "catalog-1");
+        let (status, served_by, page) = get(&app, "/api/catalog/products").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(served_by.as_deref(), Some("catalog-1"));
+        assert_eq!(page["total"], 12);
+        assert_eq!(page["limit"], DEFAULT_LIMIT);
+        let first = &page["products"][0];
+        assert_eq!(first["currency"], "EUR");
+        assert!(first["price_cents"].is_i64());
+        assert!(first["image"].as_str().unwrap().starts_with("images/"));
+    }
+
+    #[tokio::test]
+    async fn searches_case_insensitively() {
+        let app = router(db().await, "catalog-0");
+        // In a name.
+        let (_, _, page) = get(&app, "/api/catalog/products?q=ESPRESSO").await;
+        assert_eq!(
+            skus(&page),
+            ["sku-croissant", "sku-grinder", "sku-espresso"]
+        );
+        // In a category.
+        let (_, _, page) = get(&app, "/api/catalog/products?q=Tea").await;
+        assert_eq!(page["total"], 3);
+        // Category filter combined with text.
+        let (_, _, page) = get(&app, "/api/catalog/products?category=Coffee&q=roast").await;
+        assert_eq!(skus(&page), ["sku-espresso", "sku-filter"]);
+        // Wildcards are plain text.
+        let (_, _, page) = get(&app, "/api/catalog/products?q=%25").await;
+        assert_eq!(page["total"], 0);
+    }
+
+    #[tokio::test]
+    async fn pages_with_limit_and_offset() {
+        let app = router(db().await, "catalog-0");
+        let (_, _, all) = get(&app, "/api/catalog/products?limit=100").await;
+        let (_, _, page) = get(&app, "/api/catalog/products?limit=5&offset=10").await;
+        assert_eq!(page["total"], 12);
+        assert_eq!(skus(&page), skus(&all)[10..]);
+    }
+
+    #[tokio::test]
+    async fn bad_parameters_are_field_errors() {
+        let app = router(db().await, "catalog-0");
+        let (status, _, e) = get(&app, "/api/catalog/products?limit=0&offset=-1").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(e["error"]["code"], "invalid_request");
+        assert_eq!(e["error"]["fields"][0]["field"], "limit");
+        assert_eq!(e["error"]["fields"][1]["field"], "offset");
+        let (status, _, _) = get(&app, "/api/catalog/products?limit=abc").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (status, _, _) = get(&app, "/api/catalog/products?limit=101").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let long = "x".repeat(101);
+        let (status, _, e) = get(&app, &format!("/api/catalog/products?q={long}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(e["error"]["fields"][0]["field"], "q");
+    }
+
+    #[tokio::test]
+    async fn one_product_or_404() {
+        let app = router(db().await, "catalog-0");
+        let (status, _, p) = get(&app, "/api/catalog/products/sku-grinder").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(p["price_cents"], 12900);
+        assert_eq!(p["stock"], 8);
+        let (status, served_by, e) = get(&app, "/api/catalog/products/sku-nope").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(served_by.as_deref(), Some("catalog-0"));
+        assert_eq!(e["error"]["code"], "not_found");
+        assert_eq!(e["error"]["details"]["id"], "sku-nope");
+        let (status, _, e) = get(&app, "/api/catalog/nothing-here").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(e["error"]["code"], "not_found");
+    }
+
+    #[tokio::test]
+    async fn two_replicas_migrate_one_file_concurrently() {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/catalog/catalog.db", tmp.path().display());
+        let (a, b) = tokio::join!(
+            flotilla_chassis::open_sqlite(&url, &crate::MIGRATOR),
+            flotilla_chassis::open_sqlite(&url, &crate::MIGRATOR)
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        for pool in [&a, &b] {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM products")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            assert_eq!(n, 12);
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! `shop-catalog`: the reference shop's products.
+//!
+//! Owns the `products` table in its own SQLite database (`DATABASE_URL`),
+//! seeded by a migration; runs as several replicas against the same file,
+//! which is why every response says which instance served it.
+
+mod api;
+mod openapi;
+mod store;
+
+use std::process::ExitCode;
+
+use flotilla_chassis::{Service, error_chain};
+
+/// The catalog's schema and seed data.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    flotilla_chassis::init_logging();
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %error_chain(&e), "shop-catalog stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), flotilla_chassis::Error> {
+    let service = Service::from_env()?.with_openapi(openapi::document());
+    let db = service.database(&MIGRATOR).await?;
+    let router = api::router(db.clone(), service.instance());
+    let served = service.serve(router).await;
+    // Closing checkpoints the WAL, leaving a single tidy file behind.
+    db.close().await;
+    served
+}

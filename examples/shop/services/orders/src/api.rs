@@ -1,0 +1,395 @@
+//! The orders HTTP API: place an order, list a customer's orders, read one.
+//!
+//! Placing an order checks with the catalog (does each SKU exist, is there
+//! enough stock, at what price) and with pricing (what does it cost), then
+//! stores the order and its lines in one transaction. The client's idea of
+//! the price is never used; it may send `expected_total_cents` to be told
+//! when the price it showed has changed.
+
+use std::collections::HashMap;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use flotilla_chassis::{ApiError, ApiJson, ApiQuery, Client, FieldError};
+use futures_util::{StreamExt, TryStreamExt, stream};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::SqlitePool;
+
+use crate::customer::Customer;
+use crate::deps::{self, Product};
+use crate::store::{self, Order, OrderLine};
+
+/// Most lines in one order.
+pub const MAX_LINES: usize = 100;
+/// Most of one SKU in one order.
+pub const MAX_QUANTITY: i64 = 1000;
+/// Longest SKU.
+pub const MAX_SKU_LEN: usize = 64;
+/// Longest coupon code.
+pub const MAX_COUPON_LEN: usize = 32;
+/// Catalog lookups in flight per order: enough to hide latency, few enough
+/// not to flood the catalog with one large basket.
+const LOOKUP_CONCURRENCY: usize = 8;
+/// Orders listed when `limit` is absent, and at most.
+pub const DEFAULT_LIST_LIMIT: i64 = 50;
+pub const MAX_LIST_LIMIT: i64 = 200;
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: SqlitePool,
+    pub catalog: Client,
+    pub pricing: Client,
+}
+
+/// The routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/orders", get(list).post(place))
+        .route("/api/orders/{id}", get(one))
+        .fallback(flotilla_chassis::not_found)
+        .with_state(state)
+}
+
+/// `POST /api/orders` body. Everything optional at the JSON level so that a
+/// missing field is a field error, not a parse error.
+#[derive(Debug, Default, Deserialize)]
+pub struct PlaceOrder {
+    #[serde(default)]
+    customer: Option<String>,
+    #[serde(default)]
+    items: Vec<OrderItem>,
+    #[serde(default)]
+    expected_total_cents: Option<i64>,
+    #[serde(default)]
+    coupon: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct OrderItem {
+    sku: String,
+    quantity: i64,
+}
+
+/// A validated order request, repeated SKUs merged in first-seen order.
+#[derive(Debug, PartialEq, Eq)]
+struct Validated {
+    customer: Customer,
+    items: Vec<(String, i64)>,
+    coupon: Option<String>,
+    expected_total_cents: Option<i64>,
+}
+
+fn validate(body: PlaceOrder) -> Result<Validated, ApiError> {
+    let mut errors = Vec::new();
+    let customer = Customer::from_claim("customer", body.customer.as_deref())
+        .map_err(|e| errors.push(e))
+        .ok();
+    if body.items.is_empty() || body.items.len() > MAX_LINES {
+        errors.push(FieldError::new(
+            "items",
+            format!("must contain 1 to {MAX_LINES} lines"),
+        ));
+    }
+    let mut items: Vec<(String, i64)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for (i, item) in body.items.iter().enumerate().take(MAX_LINES) {
+        let sku = item.sku.trim();
+        let sku_ok = !sku.is_empty()
+            && sku.len() <= MAX_SKU_LEN
+            && sku
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !sku_ok {
+            errors.push(FieldError::new(
+                format!("items[{i}].sku"),
+                format!("must be 1 to {MAX_SKU_LEN} letters, digits, '-', '_' or '.'"),
+            ));
+            continue;
+        }
+        if !(1..=MAX_QUANTITY).contains(&item.quantity) {
+            errors.push(FieldError::new(
+                format!("items[{i}].quantity"),
+                format!("must be between 1 and {MAX_QUANTITY}"),
+            ));
+            continue;
+        }
+        match index.get(sku) {
+            Some(&at) => {
+                items[at].1 += item.quantity;
+                if items[at].1 > MAX_QUANTITY {
+                    errors.push(FieldError::new(
+                        format!("items[{i}].quantity"),
+                        format!("at most {MAX_QUANTITY} of {sku:?} per order in all"),
+                    ));
+                }
+            }
+            None => {
+                index.insert(sku.to_owned(), items.len());
+                items.push((sku.to_owned(), item.quantity));
+            }
+        }
+    }
+    let coupon = body
+        .coupon
+        .map(|c| c.trim().to_owned())
+        .filter(|c| !c.is_empty());
+    if coupon.as_ref().is_some_and(|c| c.len() > MAX_COUPON_LEN) {
+        errors.push(FieldError::new(
+            "coupon",
+            format!("must be at most {MAX_COUPON_LEN} characters"),
+        ));
+    }
+    if body.expected_total_cents.is_some_and(|t| t < 0) {
+        errors.push(FieldError::new(
+            "expected_total_cents",
+            "must not be negative",
+        ));
+    }
+    match customer {
+        Some(customer) if errors.is_empty() => Ok(Validated {
+            customer,
+            items,
+            coupon,
+            expected_total_cents: body.expected_total_cents,
+        }),
+        _ => Err(ApiError::validation(errors)),
+    }
+}
+
+async fn place(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<PlaceOrder>,
+) -> Result<Response, ApiError> {
+    let order = validate(body)?;
+
+    // 1. The catalog: existence, stock and price of every SKU.
+    // Owned values in the stream: borrowed ones trip the compiler's
+    // higher-ranked lifetime check for `Send` handler futures.
+    let lookups: Vec<_> = order
+        .items
+        .iter()
+        .map(|(sku, _)| {
+            let (catalog, sku) = (state.catalog.clone(), sku.clone());
+            async move { deps::product(&catalog, &sku).await }
+        })
+        .collect();
+    let found: Vec<Option<Product>> = stream::iter(lookups)
+        .buffered(LOOKUP_CONCURRENCY)
+        .try_collect()
+        .await?;
+    let unknown: Vec<&str> = order
+        .items
+        .iter()
+        .zip(&found)
+        .filter(|(_, p)| p.is_none())
+        .map(|((sku, _), _)| sku.as_str())
+        .collect();
+    if !unknown.is_empty() {
+        let mut err = ApiError::unprocessable(
+            "unknown_sku",
+            format!("the catalog has no product {}", quoted(&unknown)),
+        )
+        .with_details(json!({ "skus": unknown }));
+        for (i, (sku, _)) in order.items.iter().enumerate() {
+            if unknown.contains(&sku.as_str()) {
+                err = err.with_field(format!("items[{i}].sku"), format!("unknown sku {sku:?}"));
+            }
+        }
+        return Err(err);
+    }
+    let lines: Vec<(Product, i64)> = found
+        .into_iter()
+        .flatten()
+        .zip(order.items.iter().map(|(_, q)| *q))
+        .collect();
+    let short: Vec<_> = lines
+        .iter()
+        .filter(|(p, q)| p.stock < *q)
+        .map(|(p, q)| json!({"sku": p.id, "requested": q, "available": p.stock}))
+        .collect();
+    if !short.is_empty() {
+        let skus: Vec<&str> = lines
+            .iter()
+            .filter(|(p, q)| p.stock < *q)
+            .map(|(p, _)| p.id.as_str())
+            .collect();
+        return Err(ApiError::conflict(
+            "insufficient_stock",
+            format!("not enough stock of {}", quoted(&skus)),
+        )
+        .with_details(json!({ "items": short })));
+    }
+    let currency = lines
+        .first()
+        .map(|(p, _)| p.currency.clone())
+        .unwrap_or_default();
+    if lines.iter().any(|(p, _)| p.currency != currency) {
+        return Err(ApiError::unprocessable(
+            "mixed_currency",
+            "the products are priced in different currencies; order them separately",
+        ));
+    }
+
+    // 2. Pricing, at the catalog's prices.
+    let quote = match deps::quote(&state.pricing, &lines, &currency, order.coupon.as_deref()).await
+    {
+        Ok(quote) => quote,
+        Err(e) => return Err(pricing_error(e)),
+    };
+    let consistent = quote.lines.len() == lines.len()
+        && quote
+            .lines
+            .iter()
+            .zip(&lines)
+            .all(|(q, (p, n))| q.sku == p.id && q.quantity == *n);
+    if !consistent {
+        tracing::error!("pricing answered a quote whose lines do not match the request");
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "dependency_unavailable",
+            "the pricing service gave an inconsistent answer; try again shortly",
+        ));
+    }
+    if let Some(expected) = order
+        .expected_total_cents
+        .filter(|expected| *expected != quote.total_cents)
+    {
+        return Err(ApiError::conflict(
+            "price_changed",
+            format!(
+                "the total is now {}, not {}; review the basket and place the order again",
+                amount(quote.total_cents, &quote.currency),
+                amount(expected, &quote.currency)
+            ),
+        )
+        .with_details(json!({
+            "total_cents": quote.total_cents,
+            "expected_total_cents": expected,
+        })));
+    }
+
+    // 3. Store it.
+    let stored = Order {
+        id: uuid::Uuid::new_v4().to_string(),
+        customer: order.customer.as_str().to_owned(),
+        status: "placed".to_owned(),
+        currency: quote.currency.clone(),
+        coupon: quote.coupon.clone(),
+        lines: quote
+            .lines
+            .iter()
+            .zip(&lines)
+            .map(|(q, (p, _))| OrderLine {
+                sku: q.sku.clone(),
+                name: p.name.clone(),
+                quantity: q.quantity,
+                unit_price_cents: q.unit_price_cents,
+                discount_cents: q.discount_cents,
+                line_total_cents: q.line_total_cents,
+            })
+            .collect(),
+        subtotal_cents: quote.subtotal_cents,
+        discount_cents: quote.discount_cents,
+        tax_cents: quote.tax_cents,
+        total_cents: quote.total_cents,
+        created_at: flotilla_chassis::now_rfc3339(),
+    };
+    store::insert(&state.db, &stored).await?;
+    metrics::counter!("shop_orders_placed_total").increment(1);
+    tracing::info!(order = %stored.id, total_cents = stored.total_cents, "order placed");
+    let location = format!("/api/orders/{}", stored.id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        axum::Json(stored),
+    )
+        .into_response())
+}
+
+/// Pricing rejecting the coupon is the client's problem (400 on the
+/// `coupon` field); anything else from pricing is a dependency failure.
+fn pricing_error(e: flotilla_chassis::Error) -> ApiError {
+    if e.status() == Some(StatusCode::BAD_REQUEST) {
+        let coupon_problem = e
+            .body_json()
+            .and_then(|body| ApiError::from_body(StatusCode::BAD_REQUEST, &body))
+            .and_then(|api| api.fields.into_iter().find(|f| f.field == "coupon"));
+        if let Some(field) = coupon_problem {
+            return ApiError::validation(vec![field]);
+        }
+    }
+    ApiError::from(e)
+}
+
+/// `1920, "EUR"` → `19.20 EUR`, for messages.
+fn amount(cents: i64, currency: &str) -> String {
+    let sign = if cents < 0 { "-" } else { "" };
+    let abs = cents.unsigned_abs();
+    format!("{sign}{}.{:02} {currency}", abs / 100, abs % 100)
+}
+
+fn quoted(skus: &[&str]) -> String {
+    skus.iter()
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `GET /api/orders` query.
+#[derive(Debug, Deserialize)]
+struct ListParams {
+    customer: Option<String>,
+    limit: Option<String>,
+}
+
+/// `GET /api/orders` response.
+#[derive(Debug, Serialize)]
+struct OrderList {
+    orders: Vec<Order>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> Result<axum::Json<OrderList>, ApiError> {
+    let mut errors = Vec::new();
+    let customer = Customer::from_claim("customer", params.customer.as_deref())
+        .map_err(|e| errors.push(e))
+        .ok();
+    let limit = match params.limit.as_deref().map(str::trim) {
+        None | Some("") => DEFAULT_LIST_LIMIT,
+        Some(raw) => match raw.parse::<i64>() {
+            Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => n,
+            _ => {
+                errors.push(FieldError::new(
+                    "limit",
+                    format!("must be a whole number from 1 to {MAX_LIST_LIMIT}"),
+                ));
+                DEFAULT_LIST_LIMIT
+            }
+        },
+    };
+    let Some(customer) = customer.filter(|_| errors.is_empty()) else {
+        return Err(ApiError::validation(errors));
+    };
+    let orders = store::for_customer(&state.db, customer.as_str(), limit).await?;
+    Ok(axum::Json(OrderList { orders }))
+}
+
+async fn one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Order>, ApiError> {
+    store::get(&state.db, &id)
+        .await?
+        .map(axum::Json)
+        .ok_or_else(|| ApiError::not_found(format!("no order with id {id:?}")))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,145 @@
+//! The API description served at `/openapi.json`.
+
+use serde_json::{Value, json};
+
+/// OpenAPI 3.0.3 for the orders routes.
+pub fn document() -> Value {
+    let error = |description: &str| json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "shop-orders",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Places orders against the catalog's stock and prices and pricing's quote. Amounts are integer cents. `customer` is a claimed e-mail address until accounts and JWT arrive."
+        },
+        "paths": {
+            "/api/orders": {
+                "post": {
+                    "operationId": "placeOrder",
+                    "summary": "Place an order",
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PlaceOrder"}}}},
+                    "responses": {
+                        "201": {
+                            "description": "Placed",
+                            "headers": {"Location": {"description": "The order's URL", "schema": {"type": "string"}}},
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Order"}}}
+                        },
+                        "400": error("Invalid fields, including an unknown coupon"),
+                        "409": error("insufficient_stock, or price_changed (details.total_cents is the new total)"),
+                        "422": error("unknown_sku (details.skus), or a body that is not the expected JSON"),
+                        "502": error("dependency_unavailable: catalog or pricing answered badly"),
+                        "503": error("dependency_unavailable: catalog or pricing unreachable")
+                    }
+                },
+                "get": {
+                    "operationId": "listOrders",
+                    "summary": "A customer's orders, newest first",
+                    "parameters": [
+                        {"name": "customer", "in": "query", "required": true, "schema": {"type": "string", "format": "email"}},
+                        {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}}
+                    ],
+                    "responses": {
+                        "200": {"description": "The orders", "content": {"application/json": {"schema": {
+                            "type": "object",
+                            "required": ["orders"],
+                            "properties": {"orders": {"type": "array", "items": {"$ref": "#/components/schemas/Order"}}}
+                        }}}},
+                        "400": error("Missing or invalid customer or limit")
+                    }
+                }
+            },
+            "/api/orders/{id}": {
+                "get": {
+                    "operationId": "getOrder",
+                    "summary": "One order",
+                    "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string", "format": "uuid"}}],
+                    "responses": {
+                        "200": {"description": "The order", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Order"}}}},
+                        "404": error("No such order")
+                    }
+                }
+            }
+        },
+        "components": {
+            "schemas": {
+                "PlaceOrder": {
+                    "type": "object",
+                    "required": ["customer", "items"],
+                    "properties": {
+                        "customer": {"type": "string", "format": "email", "example": "alice@example.com"},
+                        "items": {"type": "array", "minItems": 1, "maxItems": 100, "items": {
+                            "type": "object",
+                            "required": ["sku", "quantity"],
+                            "properties": {
+                                "sku": {"type": "string", "example": "sku-espresso"},
+                                "quantity": {"type": "integer", "minimum": 1, "maximum": 1000}
+                            }
+                        }},
+                        "expected_total_cents": {"type": "integer", "minimum": 0, "nullable": true},
+                        "coupon": {"type": "string", "nullable": true, "example": "WELCOME10"}
+                    }
+                },
+                "OrderLine": {
+                    "type": "object",
+                    "required": ["sku", "name", "quantity", "unit_price_cents", "discount_cents", "line_total_cents"],
+                    "properties": {
+                        "sku": {"type": "string"},
+                        "name": {"type": "string"},
+                        "quantity": {"type": "integer"},
+                        "unit_price_cents": {"type": "integer"},
+                        "discount_cents": {"type": "integer"},
+                        "line_total_cents": {"type": "integer"}
+                    }
+                },
+                "Order": {
+                    "type": "object",
+                    "required": ["id", "customer", "status", "currency", "lines", "subtotal_cents", "discount_cents", "tax_cents", "total_cents", "created_at"],
+                    "properties": {
+                        "id": {"type": "string", "format": "uuid"},
+                        "customer": {"type": "string"},
+                        "status": {"type": "string", "enum": ["placed"]},
+                        "currency": {"type": "string"},
+                        "coupon": {"type": "string", "nullable": true},
+                        "lines": {"type": "array", "items": {"$ref": "#/components/schemas/OrderLine"}},
+                        "subtotal_cents": {"type": "integer"},
+                        "discount_cents": {"type": "integer"},
+                        "tax_cents": {"type": "integer"},
+                        "total_cents": {"type": "integer"},
+                        "created_at": {"type": "string", "format": "date-time"}
+                    }
+                },
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["code", "message"],
+                            "properties": {
+                                "code": {"type": "string"},
+                                "message": {"type": "string"},
+                                "fields": {"type": "array", "items": {
+                                    "type": "object",
+                                    "properties": {"field": {"type": "string"}, "message": {"type": "string"}}
+                                }},
+                                "details": {"type": "object"}
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lists_every_route() {
+        let doc = super::document();
+        assert_eq!(doc["openapi"], "3.0.3");
+        assert!(doc["paths"]["/api/orders"]["post"].is_object());
+        assert!(doc["paths"]["/api/orders"]["get"].is_object());
+        assert!(doc["paths"]["/api/orders/{id}"]["get"].is_object());
+    }
+}

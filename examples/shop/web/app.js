@@ -1,0 +1,481 @@
+// The reference shop's browser client: plain JavaScript, no build step.
+//
+// It talks only to the gateway, with relative URLs, and to three services
+// behind it: the catalog (browse, search), pricing (the live quote) and
+// orders (place, list). Every error body has the platform's shape
+// {"error": {"code", "message", "fields"?, "details"?}}, shown as is.
+'use strict';
+
+(() => {
+  const PAGE_SIZE = 12;
+  const QUOTE_DELAY_MS = 250;
+  const BASKET_KEY = 'flotilla-shop-basket';
+  const EMAIL_KEY = 'flotilla-shop-email';
+
+  const $ = (id) => document.getElementById(id);
+
+  const state = {
+    q: '',
+    category: '',
+    offset: 0,
+    total: 0,
+    basket: loadBasket(), // [{sku, name, unit_price_cents, currency, stock, quantity}]
+    quote: null,
+    quoteSeq: 0,
+    quoteTimer: null,
+    placing: false,
+  };
+
+  // ---- HTTP ---------------------------------------------------------------
+
+  class ApiError extends Error {
+    constructor(status, code, message, fields, details) {
+      super(message);
+      this.status = status;
+      this.code = code;
+      this.fields = fields || [];
+      this.details = details || null;
+    }
+  }
+
+  async function api(method, url, body) {
+    const init = { method, headers: { Accept: 'application/json' } };
+    if (body !== undefined) {
+      init.headers['Content-Type'] = 'application/json';
+      init.body = JSON.stringify(body);
+    }
+    let res;
+    try {
+      res = await fetch(url, init);
+    } catch (_) {
+      throw new ApiError(0, 'network_error', 'Could not reach the shop. Check your connection and try again.');
+    }
+    const text = await res.text();
+    let data = null;
+    if (text) {
+      try {
+        data = JSON.parse(text);
+      } catch (_) {
+        data = null;
+      }
+    }
+    if (!res.ok) {
+      const err = data && data.error;
+      if (err && typeof err.code === 'string') {
+        throw new ApiError(res.status, err.code, err.message || res.statusText, err.fields, err.details);
+      }
+      throw new ApiError(res.status, `http_${res.status}`, `The shop answered ${res.status} ${res.statusText}.`.trim());
+    }
+    return data;
+  }
+
+  // ---- Rendering helpers --------------------------------------------------
+
+  function money(cents, currency) {
+    try {
+      return new Intl.NumberFormat(undefined, { style: 'currency', currency: currency || 'EUR' }).format(cents / 100);
+    } catch (_) {
+      return `${(cents / 100).toFixed(2)} ${currency || ''}`.trim();
+    }
+  }
+
+  function el(tag, props, ...children) {
+    const node = document.createElement(tag);
+    Object.assign(node, props || {});
+    for (const child of children) {
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  /** Shows an ApiError (message plus field list) in `box`, or hides `box`. */
+  function showError(box, err) {
+    box.replaceChildren();
+    if (!err) {
+      box.hidden = true;
+      return;
+    }
+    const message = err.message || 'Something went wrong.';
+    box.append(el('div', {}, message));
+    // A single field error is usually the message itself: list fields only
+    // when they add something.
+    const fields = (err.fields || []).map((f) => `${f.field}: ${f.message}`).filter((t) => t !== message);
+    if (fields.length) {
+      const list = el('ul');
+      for (const text of fields) list.append(el('li', {}, text));
+      box.append(list);
+    }
+    box.hidden = false;
+  }
+
+  function showOk(box, message) {
+    box.replaceChildren();
+    if (!message) {
+      box.hidden = true;
+      return;
+    }
+    box.append(el('div', {}, message));
+    box.hidden = false;
+  }
+
+  // ---- Catalog ------------------------------------------------------------
+
+  async function loadCategories() {
+    try {
+      const page = await api('GET', 'api/catalog/products?limit=100');
+      const categories = [...new Set(page.products.map((p) => p.category))].sort();
+      const select = $('category');
+      for (const c of categories) select.append(el('option', { value: c }, c));
+    } catch (_) {
+      // The product list below reports catalog problems; categories are optional.
+    }
+  }
+
+  async function loadProducts() {
+    const params = new URLSearchParams({ limit: String(PAGE_SIZE), offset: String(state.offset) });
+    if (state.q) params.set('q', state.q);
+    if (state.category) params.set('category', state.category);
+    $('catalog-status').textContent = 'Loading…';
+    showError($('catalog-error'), null);
+    try {
+      const page = await api('GET', `api/catalog/products?${params}`);
+      state.total = page.total;
+      renderProducts(page.products);
+      const from = page.total === 0 ? 0 : page.offset + 1;
+      const to = page.offset + page.products.length;
+      $('catalog-status').textContent = page.total === 0 ? 'No products match.' : '';
+      $('page-info').textContent = page.total === 0 ? '' : `${from}–${to} of ${page.total}`;
+      $('prev').disabled = page.offset === 0;
+      $('next').disabled = to >= page.total;
+    } catch (err) {
+      $('catalog-status').textContent = '';
+      renderProducts([]);
+      showError($('catalog-error'), err);
+    }
+  }
+
+  function renderProducts(products) {
+    const list = $('products');
+    list.replaceChildren();
+    const template = $('product-card');
+    for (const p of products) {
+      const card = template.content.firstElementChild.cloneNode(true);
+      const img = card.querySelector('.thumb');
+      if (p.image) {
+        img.src = p.image;
+        img.alt = p.name;
+      } else {
+        img.remove();
+      }
+      card.querySelector('.name').textContent = p.name;
+      card.querySelector('.desc').textContent = p.description;
+      card.querySelector('.price').textContent = money(p.price_cents, p.currency);
+      const stock = card.querySelector('.stock');
+      const qty = card.querySelector('.qty');
+      const add = card.querySelector('.add-btn');
+      if (p.stock > 0) {
+        stock.textContent = `${p.stock} in stock`;
+        qty.max = String(Math.min(p.stock, 1000));
+      } else {
+        stock.textContent = 'Out of stock';
+        stock.classList.add('out');
+        qty.disabled = true;
+        add.disabled = true;
+      }
+      add.addEventListener('click', () => {
+        const n = Number.parseInt(qty.value, 10);
+        addToBasket(p, Number.isFinite(n) && n > 0 ? n : 1);
+      });
+      list.append(card);
+    }
+  }
+
+  // ---- Basket -------------------------------------------------------------
+
+  function loadBasket() {
+    try {
+      const saved = JSON.parse(localStorage.getItem(BASKET_KEY) || '[]');
+      return Array.isArray(saved) ? saved.filter((l) => l && typeof l.sku === 'string') : [];
+    } catch (_) {
+      return [];
+    }
+  }
+
+  function saveBasket() {
+    try {
+      localStorage.setItem(BASKET_KEY, JSON.stringify(state.basket));
+    } catch (_) {
+      // Private mode or full storage: the basket just won't survive a reload.
+    }
+  }
+
+  function addToBasket(product, quantity) {
+    const line = state.basket.find((l) => l.sku === product.id);
+    if (line) {
+      line.quantity = Math.min(line.quantity + quantity, 1000);
+    } else {
+      state.basket.push({
+        sku: product.id,
+        name: product.name,
+        unit_price_cents: product.price_cents,
+        currency: product.currency,
+        stock: product.stock,
+        quantity: Math.min(quantity, 1000),
+      });
+    }
+    basketChanged();
+  }
+
+  function setQuantity(sku, quantity) {
+    const line = state.basket.find((l) => l.sku === sku);
+    if (!line) return;
+    if (!Number.isFinite(quantity) || quantity < 1) {
+      state.basket = state.basket.filter((l) => l.sku !== sku);
+    } else {
+      line.quantity = Math.min(quantity, 1000);
+    }
+    basketChanged();
+  }
+
+  function basketChanged() {
+    saveBasket();
+    showOk($('order-ok'), null);
+    renderBasket();
+    scheduleQuote();
+  }
+
+  function renderBasket() {
+    const body = $('basket-lines');
+    body.replaceChildren();
+    const empty = state.basket.length === 0;
+    $('basket-empty').hidden = !empty;
+    $('basket-table').hidden = empty;
+    const quoted = new Map();
+    if (state.quote) for (const l of state.quote.lines) quoted.set(l.sku, l);
+    for (const line of state.basket) {
+      const q = quoted.get(line.sku);
+      const qty = el('input', { type: 'number', min: '0', max: '1000', value: String(line.quantity) });
+      qty.setAttribute('aria-label', `Quantity of ${line.name}`);
+      qty.addEventListener('change', () => setQuantity(line.sku, Number.parseInt(qty.value, 10)));
+      const remove = el('button', { type: 'button', className: 'link', title: `Remove ${line.name}` }, '✕');
+      remove.addEventListener('click', () => setQuantity(line.sku, 0));
+      const totalCell = el('td', { className: 'num' });
+      if (q) {
+        totalCell.append(money(q.line_total_cents, line.currency));
+        if (q.discount_cents > 0) {
+          totalCell.append(el('span', { className: 'line-discount' }, `−${money(q.discount_cents, line.currency)}`));
+        }
+      } else {
+        totalCell.append(money(line.unit_price_cents * line.quantity, line.currency));
+      }
+      body.append(
+        el('tr', {},
+          el('td', {}, line.name),
+          el('td', {}, qty),
+          totalCell,
+          el('td', {}, remove)),
+      );
+    }
+    updatePlaceButton();
+  }
+
+  // ---- Quote --------------------------------------------------------------
+
+  function scheduleQuote() {
+    clearTimeout(state.quoteTimer);
+    state.quoteTimer = setTimeout(requestQuote, QUOTE_DELAY_MS);
+  }
+
+  async function requestQuote() {
+    const seq = ++state.quoteSeq;
+    showError($('quote-error'), null);
+    if (state.basket.length === 0) {
+      state.quote = null;
+      renderQuote();
+      return;
+    }
+    const coupon = $('coupon').value.trim();
+    const body = {
+      items: state.basket.map((l) => ({ sku: l.sku, quantity: l.quantity, unit_price_cents: l.unit_price_cents })),
+      currency: state.basket[0].currency || 'EUR',
+    };
+    if (coupon) body.coupon = coupon;
+    try {
+      const quote = await api('POST', 'api/pricing/quote', body);
+      if (seq !== state.quoteSeq) return; // a newer quote is on its way
+      state.quote = quote;
+    } catch (err) {
+      if (seq !== state.quoteSeq) return;
+      state.quote = null;
+      showError($('quote-error'), err);
+    }
+    renderQuote();
+  }
+
+  function renderQuote() {
+    const q = state.quote;
+    $('quote').hidden = !q;
+    if (q) {
+      $('q-subtotal').textContent = money(q.subtotal_cents, q.currency);
+      $('q-discount').textContent = q.discount_cents > 0 ? `−${money(q.discount_cents, q.currency)}` : money(0, q.currency);
+      $('q-tax').textContent = money(q.tax_cents, q.currency);
+      $('q-total').textContent = money(q.total_cents, q.currency);
+      const list = $('q-discounts');
+      list.replaceChildren();
+      for (const d of q.discounts || []) {
+        list.append(el('li', {}, `${d.description}: −${money(d.amount_cents, q.currency)}`));
+      }
+    }
+    renderBasket();
+  }
+
+  // ---- Orders -------------------------------------------------------------
+
+  function updatePlaceButton() {
+    $('place').disabled = state.placing || state.basket.length === 0 || !state.quote;
+  }
+
+  async function placeOrder(event) {
+    event.preventDefault();
+    const email = $('email');
+    if (!email.reportValidity() || !state.quote || state.placing) return;
+    const customer = email.value.trim();
+    rememberEmail(customer);
+    const body = {
+      customer,
+      items: state.basket.map((l) => ({ sku: l.sku, quantity: l.quantity })),
+      expected_total_cents: state.quote.total_cents,
+    };
+    const coupon = $('coupon').value.trim();
+    if (coupon) body.coupon = coupon;
+
+    state.placing = true;
+    updatePlaceButton();
+    showError($('order-error'), null);
+    showOk($('order-ok'), null);
+    try {
+      const order = await api('POST', 'api/orders', body);
+      state.basket = [];
+      state.quote = null;
+      saveBasket();
+      renderQuote();
+      showOk($('order-ok'), `Thank you! Order ${order.id.slice(0, 8)} is placed: ${money(order.total_cents, order.currency)}.`);
+      loadOrders();
+    } catch (err) {
+      showError($('order-error'), err);
+      if (err.code === 'price_changed' || err.code === 'insufficient_stock') {
+        await refreshBasketFromCatalog();
+      }
+    } finally {
+      state.placing = false;
+      updatePlaceButton();
+    }
+  }
+
+  /** Re-reads every basket line from the catalog, then re-quotes. */
+  async function refreshBasketFromCatalog() {
+    for (const line of state.basket) {
+      try {
+        const p = await api('GET', `api/catalog/products/${encodeURIComponent(line.sku)}`);
+        line.unit_price_cents = p.price_cents;
+        line.currency = p.currency;
+        line.stock = p.stock;
+        line.name = p.name;
+      } catch (_) {
+        // Left as is: placing the order again reports what is wrong.
+      }
+    }
+    saveBasket();
+    renderBasket();
+    await requestQuote();
+  }
+
+  function rememberEmail(email) {
+    try {
+      localStorage.setItem(EMAIL_KEY, email);
+    } catch (_) {
+      // Not remembered; nothing else depends on it.
+    }
+  }
+
+  async function loadOrders() {
+    const email = $('email');
+    showError($('orders-error'), null);
+    if (!email.value.trim()) {
+      showError($('orders-error'), new ApiError(0, 'customer', 'Enter your e-mail above to see your orders.'));
+      return;
+    }
+    const customer = email.value.trim();
+    rememberEmail(customer);
+    const list = $('orders');
+    try {
+      const data = await api('GET', `api/orders?${new URLSearchParams({ customer })}`);
+      list.replaceChildren();
+      $('orders-empty').hidden = data.orders.length > 0;
+      for (const o of data.orders) list.append(renderOrder(o));
+    } catch (err) {
+      list.replaceChildren();
+      $('orders-empty').hidden = true;
+      showError($('orders-error'), err);
+    }
+  }
+
+  function renderOrder(o) {
+    const when = new Date(o.created_at);
+    const lines = el('ul');
+    for (const l of o.lines) {
+      lines.append(el('li', {}, `${l.quantity} × ${l.name} — ${money(l.line_total_cents, o.currency)}`));
+    }
+    const extra = [];
+    if (o.discount_cents > 0) extra.push(`discounts −${money(o.discount_cents, o.currency)}`);
+    extra.push(`VAT ${money(o.tax_cents, o.currency)}`);
+    if (o.coupon) extra.push(`coupon ${o.coupon}`);
+    return el('li', { className: 'order' },
+      el('header', {},
+        el('strong', {}, Number.isNaN(when.getTime()) ? o.created_at : when.toLocaleString()),
+        el('strong', {}, money(o.total_cents, o.currency))),
+      el('div', { className: 'id' }, `${o.id} · ${o.status}`),
+      lines,
+      el('div', { className: 'muted' }, extra.join(' · ')));
+  }
+
+  // ---- Wiring -------------------------------------------------------------
+
+  function init() {
+    $('search').addEventListener('submit', (event) => {
+      event.preventDefault();
+      state.q = $('q').value.trim();
+      state.category = $('category').value;
+      state.offset = 0;
+      loadProducts();
+    });
+    $('category').addEventListener('change', () => {
+      state.category = $('category').value;
+      state.offset = 0;
+      loadProducts();
+    });
+    $('prev').addEventListener('click', () => {
+      state.offset = Math.max(0, state.offset - PAGE_SIZE);
+      loadProducts();
+    });
+    $('next').addEventListener('click', () => {
+      state.offset += PAGE_SIZE;
+      loadProducts();
+    });
+    $('coupon').addEventListener('input', scheduleQuote);
+    $('checkout').addEventListener('submit', placeOrder);
+    $('refresh-orders').addEventListener('click', loadOrders);
+
+    try {
+      $('email').value = localStorage.getItem(EMAIL_KEY) || '';
+    } catch (_) {
+      // No storage: start empty.
+    }
+    renderBasket();
+    scheduleQuote();
+    loadCategories();
+    loadProducts();
+  }
+
+  init();
+})();
