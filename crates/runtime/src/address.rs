@@ -21,7 +21,11 @@ const CONNECT_ATTEMPTS: usize = 3;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Accepts connections for `pool` until `shutdown` turns true.
-pub(crate) async fn serve(listener: TcpListener, pool: Arc<Pool>, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    pool: Arc<Pool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -67,7 +71,9 @@ async fn connect(pool: &Arc<Pool>) -> Option<(TcpStream, Endpoint)> {
             .min_by_key(|e| e.load.in_flight())
             .cloned()?;
         tried.push(candidate.addr);
-        if let Ok(Ok(stream)) = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(candidate.addr)).await {
+        if let Ok(Ok(stream)) =
+            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(candidate.addr)).await
+        {
             let _ = stream.set_nodelay(true);
             return Some((stream, candidate));
         }

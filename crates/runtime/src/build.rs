@@ -25,7 +25,9 @@ pub enum Profile {
 /// Why the build failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("cannot run `{cargo}`: {source}; install Rust (https://rustup.rs) or set CARGO to cargo's path")]
+    #[error(
+        "cannot run `{cargo}`: {source}; install Rust (https://rustup.rs) or set CARGO to cargo's path"
+    )]
     Spawn {
         cargo: String,
         #[source]
@@ -33,7 +35,9 @@ pub enum BuildError {
     },
     #[error("`cargo build` failed for {packages}:\n{output}")]
     Failed { packages: String, output: String },
-    #[error("`cargo build` produced no binary `{bin}` for package `{package}`; check `run = {{ cargo = \"{package}\" }}` names a package with that binary (set `bin` if it has another name)")]
+    #[error(
+        "`cargo build` produced no binary `{bin}` for package `{package}`; check `run = {{ cargo = \"{package}\" }}` names a package with that binary (set `bin` if it has another name)"
+    )]
     MissingBinary { package: String, bin: String },
 }
 
@@ -68,7 +72,9 @@ pub(crate) async fn build(
         .services
         .values()
         .filter_map(|s| match &s.run {
-            Run::Cargo { package, bin } => Some((package.clone(), bin_name(package, bin.as_deref()))),
+            Run::Cargo { package, bin } => {
+                Some((package.clone(), bin_name(package, bin.as_deref())))
+            }
             Run::Command { .. } => None,
         })
         .collect();
@@ -77,7 +83,8 @@ pub(crate) async fn build(
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(&cargo);
-    cmd.arg("build").arg("--message-format=json-render-diagnostics");
+    cmd.arg("build")
+        .arg("--message-format=json-render-diagnostics");
     if profile == Profile::Release {
         cmd.arg("--release");
     }
@@ -121,7 +128,9 @@ pub(crate) async fn build(
     if let Some(stdout) = child.stdout.take() {
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            let Ok(msg) = serde_json::from_str::<Message>(&line) else { continue };
+            let Ok(msg) = serde_json::from_str::<Message>(&line) else {
+                continue;
+            };
             if msg.reason != "compiler-artifact" {
                 continue;
             }
@@ -129,7 +138,8 @@ pub(crate) async fn build(
             if let (Some(bar), Some(t)) = (&bar, &msg.target) {
                 bar.set_message(format!("{} ({compiled} crates)", t.name));
             }
-            let (Some(exe), Some(target), Some(id)) = (msg.executable, msg.target, msg.package_id) else {
+            let (Some(exe), Some(target), Some(id)) = (msg.executable, msg.target, msg.package_id)
+            else {
                 continue;
             };
             for (package, bin) in &wanted {
@@ -191,9 +201,21 @@ mod tests {
 
     #[test]
     fn package_ids() {
-        assert!(package_id_names("path+file:///w/shop/catalog#shop-catalog@0.1.0", "shop-catalog"));
-        assert!(!package_id_names("path+file:///w/shop/catalog#shop-catalog@0.1.0", "shop"));
-        assert!(package_id_names("path+file:///w/shop-pricing#0.1.0", "shop-pricing"));
-        assert!(package_id_names("shop-orders 0.1.0 (path+file:///w)", "shop-orders"));
+        assert!(package_id_names(
+            "path+file:///w/shop/catalog#shop-catalog@0.1.0",
+            "shop-catalog"
+        ));
+        assert!(!package_id_names(
+            "path+file:///w/shop/catalog#shop-catalog@0.1.0",
+            "shop"
+        ));
+        assert!(package_id_names(
+            "path+file:///w/shop-pricing#0.1.0",
+            "shop-pricing"
+        ));
+        assert!(package_id_names(
+            "shop-orders 0.1.0 (path+file:///w)",
+            "shop-orders"
+        ));
     }
 }

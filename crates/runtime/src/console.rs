@@ -78,7 +78,10 @@ mod tests {
     #[test]
     fn json_lines_are_compacted() {
         let line = r#"{"timestamp":"t","level":"INFO","fields":{"message":"listening","addr":"127.0.0.1:1"},"target":"x"}"#;
-        assert_eq!(compact_json(line).unwrap(), "INFO  listening addr=127.0.0.1:1");
+        assert_eq!(
+            compact_json(line).unwrap(),
+            "INFO  listening addr=127.0.0.1:1"
+        );
         assert!(compact_json("plain text").is_none());
     }
 }

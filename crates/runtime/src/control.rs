@@ -37,7 +37,11 @@ struct ControlState {
     shutdown: Arc<Notify>,
 }
 
-pub(crate) fn router(source: Arc<dyn StatusSource>, token: String, shutdown: Arc<Notify>) -> Router {
+pub(crate) fn router(
+    source: Arc<dyn StatusSource>,
+    token: String,
+    shutdown: Arc<Notify>,
+) -> Router {
     Router::new()
         .route("/", get(console))
         .route("/v1/status", get(status))
@@ -66,7 +70,11 @@ async fn shutdown_handler(State(state): State<ControlState>, headers: HeaderMap)
             .into_response();
     }
     state.shutdown.notify_one();
-    (StatusCode::ACCEPTED, axum::Json(serde_json::json!({"status": "stopping"}))).into_response()
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({"status": "stopping"})),
+    )
+        .into_response()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -89,7 +97,10 @@ pub enum ControlError {
         source: std::io::Error,
     },
     #[error("the system in {} does not answer at {url} (it may have crashed; its endpoints.json is stale)", dir.display())]
-    Unreachable { dir: std::path::PathBuf, url: String },
+    Unreachable {
+        dir: std::path::PathBuf,
+        url: String,
+    },
     #[error("the control API answered {status}: {body}")]
     Refused { status: u16, body: String },
 }
@@ -158,7 +169,10 @@ impl ControlClient {
         let request = http::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.endpoints.control))
-            .header(header::AUTHORIZATION, format!("Bearer {}", self.endpoints.control_token))
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", self.endpoints.control_token),
+            )
             .body(Empty::new())
             .map_err(|_| unreachable())?;
         let response = tokio::time::timeout(Duration::from_secs(5), self.http.request(request))

@@ -292,7 +292,11 @@ impl Pool {
                     self.record_error(message);
                     let mut state = lock(&self.state);
                     state.restarts += 1;
-                    state.consecutive_failures = if stable { 1 } else { state.consecutive_failures + 1 };
+                    state.consecutive_failures = if stable {
+                        1
+                    } else {
+                        state.consecutive_failures + 1
+                    };
                     let n = state.consecutive_failures;
                     if n == CRASH_LOOP_AFTER {
                         drop(state);
@@ -358,7 +362,9 @@ impl Pool {
             slot.status.address = Some(addr.to_string());
             slot.started = Some(started);
         });
-        let mut proc = match Proc::spawn(&launch, &env, id, log_file, Arc::clone(&self.env.console)).await {
+        let mut proc = match Proc::spawn(&launch, &env, id, log_file, Arc::clone(&self.env.console))
+            .await
+        {
             Ok(p) => p,
             Err(e) => {
                 return Outcome::Failed {
@@ -580,7 +586,10 @@ impl Pool {
             address: format!("http://{}", self.env.address),
             min: self.spec.scale.min,
             max: self.spec.scale.max,
-            ready: instances.iter().filter(|i| i.state == InstanceState::Ready).count(),
+            ready: instances
+                .iter()
+                .filter(|i| i.state == InstanceState::Ready)
+                .count(),
             restarts: state.restarts,
             crash_loop: state.consecutive_failures >= CRASH_LOOP_AFTER,
             last_error: state.last_error.clone(),
@@ -631,7 +640,10 @@ fn last_lines(path: &std::path::Path, n: usize) -> String {
     if tail.is_empty() {
         return "    (no output)".into();
     }
-    tail.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+    tail.iter()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A port the kernel says is free now. There is a window before the
@@ -667,7 +679,9 @@ pub(crate) async fn probe(addr: SocketAddr) -> Option<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let attempt = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: flotilla-runtime\r\nConnection: close\r\n\r\n");
+        let request = format!(
+            "GET /readyz HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: flotilla-runtime\r\nConnection: close\r\n\r\n"
+        );
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut buf = [0u8; 64];
         let mut len = 0;
@@ -681,7 +695,10 @@ pub(crate) async fn probe(addr: SocketAddr) -> Option<u16> {
         let head = std::str::from_utf8(&buf[..len]).ok()?;
         head.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()
     };
-    tokio::time::timeout(Duration::from_secs(1), attempt).await.ok().flatten()
+    tokio::time::timeout(Duration::from_secs(1), attempt)
+        .await
+        .ok()
+        .flatten()
 }
 
 #[cfg(test)]
@@ -704,7 +721,9 @@ mod tests {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = [0u8; 512];
             let _ = s.read(&mut buf).await;
-            s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+            s.write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
         });
         assert_eq!(probe(addr).await, Some(503));
         assert_eq!(probe(addr).await, None, "nothing listens any more");

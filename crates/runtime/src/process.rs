@@ -52,7 +52,10 @@ impl Proc {
         let mut cmd = Command::new(&launch.program);
         cmd.args(&launch.args)
             .current_dir(&launch.dir)
-            .envs(env.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))))
+            .envs(
+                env.iter()
+                    .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -88,7 +91,12 @@ impl Proc {
         let log = Arc::new(tokio::sync::Mutex::new(log));
         let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
-            pumps.push(tokio::spawn(pump(out, Arc::clone(&log), instance.to_string(), Arc::clone(&console))));
+            pumps.push(tokio::spawn(pump(
+                out,
+                Arc::clone(&log),
+                instance.to_string(),
+                Arc::clone(&console),
+            )));
         }
         if let Some(err) = child.stderr.take() {
             pumps.push(tokio::spawn(pump(err, log, instance.to_string(), console)));
@@ -140,7 +148,9 @@ fn signal_group(pid: u32, signal: libc::c_int) {
     if pid == 0 {
         return;
     }
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
     // SAFETY: kill(2) with a negative pid signals that process group only.
     unsafe {
         libc::kill(-pid, signal);

@@ -113,7 +113,9 @@ impl System {
                             args: Vec::new(),
                             dir: manifest.dir.clone(),
                         })
-                        .ok_or_else(|| format!("{name}: no binary was built for package `{package}`"))
+                        .ok_or_else(|| {
+                            format!("{name}: no binary was built for package `{package}`")
+                        })
                 }
                 Run::Command { argv, dir } => resolve_command(argv, dir).map(|program| Launch {
                     program,
@@ -124,12 +126,18 @@ impl System {
             let mut env = vec![
                 ("FLOTILLA_SYSTEM".to_string(), manifest.name.clone()),
                 ("FLOTILLA_SERVICE".to_string(), name.clone()),
-                ("FLOTILLA_DRAIN_SECONDS".to_string(), spec.drain.as_secs().max(1).to_string()),
+                (
+                    "FLOTILLA_DRAIN_SECONDS".to_string(),
+                    spec.drain.as_secs().max(1).to_string(),
+                ),
                 ("OTEL_SERVICE_NAME".to_string(), name.clone()),
             ];
             for dep in &spec.calls {
                 if let Some((_, addr)) = listeners.get(dep) {
-                    env.push((format!("FLOTILLA_URL_{}", env_key(dep)), format!("http://{addr}")));
+                    env.push((
+                        format!("FLOTILLA_URL_{}", env_key(dep)),
+                        format!("http://{addr}"),
+                    ));
                 }
             }
             if spec.data == Data::Sqlite {
@@ -179,11 +187,12 @@ impl System {
         let shutdown_requested = Arc::new(Notify::new());
         let mut tasks = Vec::new();
 
-        let (control_listener, control_addr) = control::bind().await.map_err(|e| Error::Listen {
-            what: "the control API".into(),
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            reason: e.to_string(),
-        })?;
+        let (control_listener, control_addr) =
+            control::bind().await.map_err(|e| Error::Listen {
+                what: "the control API".into(),
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                reason: e.to_string(),
+            })?;
         let token = format!("{:032x}", rand::random::<u128>());
         let router = control::router(
             Arc::clone(&registry) as Arc<dyn StatusSource>,
@@ -201,7 +210,11 @@ impl System {
 
         for (name, (listener, _)) in listeners {
             let pool = Arc::clone(&registry.pools[&name]);
-            tasks.push(tokio::spawn(crate::address::serve(listener, pool, stop_rx.clone())));
+            tasks.push(tokio::spawn(crate::address::serve(
+                listener,
+                pool,
+                stop_rx.clone(),
+            )));
         }
         for pool in registry.pools.values() {
             tasks.push(tokio::spawn(Arc::clone(pool).scale_loop()));
@@ -220,10 +233,12 @@ impl System {
             services: BTreeMap::new(),
         };
         let endpoints = snapshot(&endpoints, &registry);
-        endpoints.write(&data_dir).map_err(|source| Error::DataDir {
-            path: Endpoints::path(&data_dir),
-            source,
-        })?;
+        endpoints
+            .write(&data_dir)
+            .map_err(|source| Error::DataDir {
+                path: Endpoints::path(&data_dir),
+                source,
+            })?;
         tasks.push(tokio::spawn(keep_endpoints_current(
             endpoints.clone(),
             Arc::clone(&registry),
@@ -335,7 +350,10 @@ fn resolve_command(argv: &[String], dir: &Path) -> Result<PathBuf, String> {
         return if path.is_file() {
             Ok(path)
         } else {
-            Err(format!("command `{program}` not found at {}", path.display()))
+            Err(format!(
+                "command `{program}` not found at {}",
+                path.display()
+            ))
         };
     }
     std::env::var_os("PATH")
@@ -365,13 +383,16 @@ async fn wait_until_ready(registry: &Registry, console: &Console) {
             let timed_out = started.elapsed() >= pool.spec.ready_timeout;
             // Give up waiting on a service whose first starts all failed fast
             // (it exits at start): the others should not wait its full timeout.
-            let failing = pool.crash_looping() || (pool.consecutive_failures() >= 3 && pool.ready().is_empty());
+            let failing = pool.crash_looping()
+                || (pool.consecutive_failures() >= 3 && pool.ready().is_empty());
             if ready || timed_out || failing {
                 if !ready {
                     console.warn(&format!(
                         "service `{}` is not ready ({}); the rest of the system is served",
                         pool.name(),
-                        pool.status().last_error.unwrap_or_else(|| "still starting".into())
+                        pool.status()
+                            .last_error
+                            .unwrap_or_else(|| "still starting".into())
                     ));
                 }
                 pending.remove(i);
@@ -475,10 +496,22 @@ fn print_ready(endpoints: &Endpoints, status: &Status, took: Duration) {
         endpoints.console,
         took.as_millis()
     );
-    let _ = writeln!(out, "{:<16} {:<9} {:>7} {:<24} state", "SERVICE", "SHAPE", "READY", "ADDRESS");
+    let _ = writeln!(
+        out,
+        "{:<16} {:<9} {:>7} {:<24} state",
+        "SERVICE", "SHAPE", "READY", "ADDRESS"
+    );
     for s in &status.services {
         let state = if s.crash_loop || (s.ready == 0 && s.min > 0) {
-            format!("NOT READY: {}", s.last_error.clone().unwrap_or_default().lines().next().unwrap_or(""))
+            format!(
+                "NOT READY: {}",
+                s.last_error
+                    .clone()
+                    .unwrap_or_default()
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+            )
         } else if s.shape == "function" && s.ready == 0 {
             "scaled to zero".to_string()
         } else {
