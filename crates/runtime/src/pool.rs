@@ -540,8 +540,10 @@ impl Pool {
                     continue;
                 }
                 // One idle instance at a time, so a short lull does not
-                // tear the whole pool down at once.
-                let victim = (running > scale.min)
+                // tear the whole pool down at once; and never below what
+                // the load needs (requests already placed on one instance
+                // leave the new ones idle while the load still wants them).
+                let victim = (running > scale.min.max(wanted))
                     .then(|| {
                         state.slots.values().find(|s| {
                             s.endpoint.as_ref().is_some_and(|e| {

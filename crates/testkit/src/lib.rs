@@ -20,6 +20,14 @@ use flotilla_runtime::{Endpoints, Options, Profile, Status};
 
 pub use flotilla_runtime::InstanceState;
 
+/// A complete service in Python's standard library, for tests of the
+/// platform: it binds `FLOTILLA_LISTEN`, answers `/healthz` and `/readyz`
+/// (503 forever with `NEVER_READY=1`), echoes the instance and path, and
+/// answers `GET …/sleep?ms=N` after N milliseconds.
+pub fn hello_py() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hello.py")
+}
+
 /// Why a test system could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -9,10 +9,7 @@ use flotilla_testkit::System;
 use crate::support::client;
 
 fn fixture() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/e2e/fixtures/hello.py")
-        .display()
-        .to_string()
+    flotilla_testkit::hello_py().display().to_string()
 }
 
 /// A manifest with a healthy `hello` service and one broken service.

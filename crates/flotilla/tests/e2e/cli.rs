@@ -99,7 +99,7 @@ fn check_reports_a_missing_file() {
 }
 
 fn hello_manifest(dir: &Path, listen: &str) -> PathBuf {
-    let hello = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/fixtures/hello.py");
+    let hello = flotilla_testkit::hello_py();
     let path = dir.join("flotilla.toml");
     std::fs::write(
         &path,

@@ -1,0 +1,7 @@
+//! The runtime over real processes and sockets, with the stdlib-Python
+//! fixture service (no cargo build involved): service addresses and
+//! activation, autoscaling, idle scale-down, supervision, endpoints.json.
+
+mod scaling;
+mod supervision;
+mod support;

@@ -1,0 +1,106 @@
+//! Functions from zero through the gateway and through the L4 service
+//! address, back to zero when idle; services scaling up under load.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{client, start};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_to_a_function_at_zero_is_held_then_served() {
+    let h = start(
+        r#"[services.fn]
+shape = "function"
+run = { command = ["python3", "HELLO"] }
+scale = { idle = "300ms" }
+"#,
+    )
+    .await;
+    assert_eq!(h.service("fn").instances.len(), 0, "starts at zero");
+    // Straight to the service address, as a caller's FLOTILLA_URL_FN would.
+    let addr = h.system().endpoints().services["fn"]
+        .address
+        .trim_start_matches("http://")
+        .to_string();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stream
+        .write_all(b"GET /via-address HTTP/1.1\r\nHost: fn\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    assert!(response.contains("\"instance\": \"fn-0\""), "{response}");
+
+    // No traffic for `idle`: back to zero.
+    h.wait("fn to scale to zero", Duration::from_secs(10), |h| {
+        h.service("fn").instances.is_empty()
+    })
+    .await;
+
+    // And from zero again through the gateway.
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_scales_up_under_load_and_back_down_when_idle() {
+    let h = start(
+        r#"[services.busy]
+run = { command = ["python3", "HELLO"] }
+scale = { min = 1, max = 3, target_concurrency = 2, idle = "500ms" }
+routes = [{ path = "/busy/**" }]
+"#,
+    )
+    .await;
+    assert_eq!(h.service("busy").instances.len(), 1);
+    let http = client();
+    // Six slow requests in flight against a target of two per instance.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let (http, url) = (http.clone(), format!("{}/busy/sleep?ms=3000", h.gateway()));
+        held.push(tokio::spawn(async move {
+            http.get(url).send().await.map(|r| r.status().as_u16())
+        }));
+    }
+    h.wait(
+        "busy to scale to its max of 3",
+        Duration::from_secs(10),
+        |h| h.service("busy").ready == 3,
+    )
+    .await;
+    for r in held {
+        assert_eq!(r.await.unwrap().unwrap(), 200);
+    }
+    h.wait(
+        "busy to scale back to min 1",
+        Duration::from_secs(15),
+        |h| h.service("busy").instances.len() == 1,
+    )
+    .await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_at_zero_is_started_by_a_gateway_request() {
+    let h = start(
+        r#"[services.fn]
+shape = "function"
+run = { command = ["python3", "HELLO"] }
+routes = [{ path = "/fn/**" }]
+"#,
+    )
+    .await;
+    let r = client()
+        .get(format!("{}/fn/hello", h.gateway()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-served-by"], "fn-0");
+    assert_eq!(h.service("fn").ready, 1);
+    h.stop().await;
+}

@@ -1,0 +1,121 @@
+//! Restarts with backoff, crash loops, endpoints.json, one system per data dir.
+
+use std::time::Duration;
+
+use flotilla_manifest::Manifest;
+use flotilla_runtime::{Endpoints, Error, Options, System};
+
+use crate::support::{client, start};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_service_backs_off_and_is_reported_as_a_crash_loop() {
+    let h = start(
+        r#"[services.flaky]
+run = { command = ["sh", "-c", "echo starting; exit 1"] }
+routes = [{ path = "/flaky/**" }]
+[services.ok]
+run = { command = ["python3", "HELLO"] }
+"#,
+    )
+    .await;
+    h.wait(
+        "a crash loop to be reported",
+        Duration::from_secs(20),
+        |h| h.service("flaky").crash_loop,
+    )
+    .await;
+    let flaky = h.service("flaky");
+    assert!(flaky.restarts >= 5, "{flaky:?}");
+    assert!(
+        flaky
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("exit code 1"),
+        "{flaky:?}"
+    );
+    // Backoff: five failed starts took at least 100+200+400+800 ms.
+    assert_eq!(
+        h.service("ok").ready,
+        1,
+        "the healthy service is unaffected"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_json_tracks_instances_and_a_second_system_is_refused() {
+    let h = start(
+        r#"[services.hello]
+run = { command = ["python3", "HELLO"] }
+replicas = 2
+routes = [{ path = "/**" }]
+"#,
+    )
+    .await;
+    let data = h.system().data_dir().to_path_buf();
+    let endpoints = Endpoints::read(&data).unwrap();
+    assert_eq!(endpoints.system, "rt");
+    assert_eq!(endpoints.services["hello"].instances.len(), 2);
+    assert_eq!(endpoints.gateway, h.gateway());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(Endpoints::path(&data))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "it holds the control token");
+
+    // Requests reach both replicas.
+    let http = client();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let r = http.get(format!("{}/x", h.gateway())).send().await.unwrap();
+        seen.insert(r.headers()["x-served-by"].to_str().unwrap().to_string());
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // A second system on the same data dir is refused by name.
+    let manifest = Manifest::load(&h.dir.path().join("flotilla.toml")).unwrap();
+    let mut options = Options::new(&data);
+    options.listen = Some(([127, 0, 0, 1], 0).into());
+    match System::start(manifest, options).await {
+        Err(e @ Error::AlreadyRunning { .. }) => {
+            assert!(e.to_string().contains("flotilla down"), "{e}")
+        }
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("a second system started on a running data dir"),
+    }
+
+    // Killing an instance: endpoints.json drops it, then has it back.
+    let pid = endpoints.services["hello"].instances[0].pid as i32;
+    // SAFETY: kill(2) on a pid this test's runtime reported.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    h.wait(
+        "the instance to be restarted",
+        Duration::from_secs(15),
+        |h| {
+            let s = h.service("hello");
+            s.ready == 2 && s.restarts >= 1
+        },
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = Endpoints::read(&data).unwrap();
+        let pids: Vec<u32> = now.services["hello"]
+            .instances
+            .iter()
+            .map(|i| i.pid)
+            .collect();
+        if pids.len() == 2 && !pids.contains(&(pid as u32)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "endpoints.json not updated: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.stop().await;
+    assert!(!Endpoints::path(&data).exists(), "removed on a clean stop");
+}
