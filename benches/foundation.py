@@ -122,12 +122,14 @@ def main():
     ap.add_argument("--cold", type=int, default=20)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--no-build", action="store_true", help="use the release binaries as they are")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install -y wrk")
 
-    print("building (release) ...", flush=True)
-    sh("cargo", "build", "--release", "-q", "-p", "flotilla", "-p", "shop-catalog", "-p", "shop-pricing", "-p", "shop-orders")
+    if not args.no_build:
+        print("building (release) ...", flush=True)
+        sh("cargo", "build", "--release", "-q", "-p", "flotilla", "-p", "shop-catalog", "-p", "shop-pricing", "-p", "shop-orders")
     results = {}
 
     # 1 + 4: startup and memory of the real shop.

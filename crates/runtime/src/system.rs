@@ -82,6 +82,7 @@ impl System {
         let console = Arc::new(Console::new(options.echo_logs));
 
         let binaries = build::build(&manifest, options.profile, options.interactive).await?;
+        let built = started.elapsed();
 
         // Service addresses first: every instance's environment names them.
         let mut listeners = BTreeMap::new();
@@ -247,7 +248,7 @@ impl System {
         )));
 
         if options.interactive {
-            print_ready(&endpoints, &registry.status(), started.elapsed());
+            print_ready(&endpoints, &registry.status(), started.elapsed(), built);
         }
         Ok(System {
             registry,
@@ -487,14 +488,16 @@ async fn keep_endpoints_current(
     }
 }
 
-fn print_ready(endpoints: &Endpoints, status: &Status, took: Duration) {
+fn print_ready(endpoints: &Endpoints, status: &Status, took: Duration, build: Duration) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "ready: gateway {} console {} ({} ms)",
+        "ready: gateway {} console {} ({} ms: build check {} ms, start {} ms)",
         endpoints.gateway,
         endpoints.console,
-        took.as_millis()
+        took.as_millis(),
+        build.as_millis(),
+        took.saturating_sub(build).as_millis()
     );
     let _ = writeln!(
         out,
