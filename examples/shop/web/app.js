@@ -1,9 +1,15 @@
 // The reference shop's browser client: plain JavaScript, no build step.
 //
-// It talks only to the gateway, with relative URLs, and to three services
-// behind it: the catalog (browse, search), pricing (the live quote) and
-// orders (place, list). Every error body has the platform's shape
-// {"error": {"code", "message", "fields"?, "details"?}}, shown as is.
+// It talks only to the gateway, with relative URLs, and to four services
+// behind it: the catalog (browse, search), pricing (the live quote), orders
+// (place, list) and accounts (sign up, sign in, tokens). Every error body
+// has the platform's shape {"error": {"code", "message", "fields"?,
+// "details"?}}, shown as is.
+//
+// Signed in, order calls carry `Authorization: Bearer <access token>` and
+// no `customer`: the order belongs to the token's user. Signed out, the old
+// path (a typed e-mail as `customer`) still works until the gateway and
+// orders switch to the token.
 'use strict';
 
 (() => {
@@ -11,6 +17,17 @@
   const QUOTE_DELAY_MS = 250;
   const BASKET_KEY = 'flotilla-shop-basket';
   const EMAIL_KEY = 'flotilla-shop-email';
+  // Tokens. The access token lives in memory only (`auth.accessToken`): it
+  // is what order calls carry, so it should be the hardest to lift, and it
+  // is gone on reload, when the refresh token gets a fresh one. The refresh
+  // token goes to sessionStorage, not localStorage: it survives a reload but
+  // not closing the tab, and each tab keeps its own. With localStorage every
+  // tab would share one token and two tabs refreshing at once would present
+  // it twice, which the server treats as theft and answers by revoking the
+  // session. Script on the page can still read it (an HttpOnly cookie would
+  // not be readable, but needs a cookie and CSRF policy at the gateway), so
+  // this page loads no third-party script and builds DOM with textContent.
+  const REFRESH_KEY = 'flotilla-shop-refresh';
 
   const $ = (id) => document.getElementById(id);
 
@@ -26,6 +43,12 @@
     placing: false,
   };
 
+  const auth = {
+    accessToken: null,
+    user: null, // {email, name?} for display, from the access token
+    refreshing: null, // the one refresh in flight, shared by all callers
+  };
+
   // ---- HTTP ---------------------------------------------------------------
 
   class ApiError extends Error {
@@ -38,12 +61,32 @@
     }
   }
 
-  async function api(method, url, body) {
+  /**
+   * Calls the shop. With `{ auth: true }` the access token goes along when
+   * signed in, and a 401 is answered by refreshing the session once and
+   * retrying once.
+   */
+  async function api(method, url, body, options) {
+    const withAuth = Boolean(options && options.auth);
+    const sentToken = withAuth ? auth.accessToken : null;
+    try {
+      return await request(method, url, body, sentToken);
+    } catch (err) {
+      if (!(err instanceof ApiError) || err.status !== 401 || !sentToken) throw err;
+      // Another call may have refreshed meanwhile: then its token is new.
+      if (auth.accessToken === sentToken && !(await refreshSession())) throw err;
+      if (!auth.accessToken) throw err;
+      return request(method, url, body, auth.accessToken);
+    }
+  }
+
+  async function request(method, url, body, token) {
     const init = { method, headers: { Accept: 'application/json' } };
     if (body !== undefined) {
       init.headers['Content-Type'] = 'application/json';
       init.body = JSON.stringify(body);
     }
+    if (token) init.headers.Authorization = `Bearer ${token}`;
     let res;
     try {
       res = await fetch(url, init);
@@ -116,6 +159,178 @@
     }
     box.append(el('div', {}, message));
     box.hidden = false;
+  }
+
+  // ---- Account ------------------------------------------------------------
+
+  function storedRefreshToken() {
+    try {
+      return sessionStorage.getItem(REFRESH_KEY);
+    } catch (_) {
+      return null;
+    }
+  }
+
+  function storeRefreshToken(token) {
+    try {
+      if (token) sessionStorage.setItem(REFRESH_KEY, token);
+      else sessionStorage.removeItem(REFRESH_KEY);
+    } catch (_) {
+      // No storage: the session just won't survive a reload.
+    }
+  }
+
+  /**
+   * A JWT's claims, for display only (the e-mail address). The page never
+   * trusts them: the gateway verifies the token on every call.
+   */
+  function claimsOf(token) {
+    try {
+      const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+      const padded = part + '='.repeat((4 - (part.length % 4)) % 4);
+      const bytes = Uint8Array.from(atob(padded), (c) => c.charCodeAt(0));
+      return JSON.parse(new TextDecoder().decode(bytes)) || {};
+    } catch (_) {
+      return {};
+    }
+  }
+
+  function acceptTokens(tokens) {
+    auth.accessToken = tokens.access_token;
+    storeRefreshToken(tokens.refresh_token);
+    auth.user = { email: claimsOf(tokens.access_token).email || '' };
+    renderAccount();
+  }
+
+  function forgetSession() {
+    auth.accessToken = null;
+    auth.user = null;
+    storeRefreshToken(null);
+    renderAccount();
+  }
+
+  /**
+   * Swaps the refresh token for new tokens; resolves to whether the page is
+   * signed in afterwards. One refresh at a time: two at once would present
+   * the same refresh token twice, and the server revokes a session whose
+   * token comes back.
+   */
+  function refreshSession() {
+    if (auth.refreshing) return auth.refreshing;
+    const pending = (async () => {
+      const token = storedRefreshToken();
+      if (!token) {
+        forgetSession();
+        return false;
+      }
+      try {
+        acceptTokens(await request('POST', 'api/accounts/refresh', { refresh_token: token }));
+        return true;
+      } catch (err) {
+        // Refused (expired, revoked, reused): signed out. A network error
+        // or an outage keeps the token for the next try.
+        if (err.status === 400 || err.status === 401) {
+          forgetSession();
+          showError($('account-error'), new ApiError(err.status, err.code, 'Your session has ended. Please sign in again.'));
+        }
+        return false;
+      }
+    })();
+    auth.refreshing = pending;
+    pending.then(() => {
+      if (auth.refreshing === pending) auth.refreshing = null;
+    });
+    return pending;
+  }
+
+  async function withBusy(button, work) {
+    button.disabled = true;
+    try {
+      await work();
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  async function signIn(event) {
+    event.preventDefault();
+    if (!$('sign-in').reportValidity()) return;
+    const email = $('si-email').value.trim();
+    const password = $('si-password').value;
+    showError($('account-error'), null);
+    showOk($('account-ok'), null);
+    await withBusy($('si-submit'), async () => {
+      try {
+        acceptTokens(await request('POST', 'api/accounts/login', { email, password }));
+        $('si-password').value = '';
+        rememberEmail(email);
+      } catch (err) {
+        showError($('account-error'), err);
+      }
+    });
+  }
+
+  async function signUp(event) {
+    event.preventDefault();
+    if (!$('sign-up').reportValidity()) return;
+    const email = $('su-email').value.trim();
+    const password = $('su-password').value;
+    const body = { email, password };
+    const name = $('su-name').value.trim();
+    if (name) body.name = name;
+    showError($('account-error'), null);
+    showOk($('account-ok'), null);
+    await withBusy($('su-submit'), async () => {
+      try {
+        await request('POST', 'api/accounts/register', body);
+        acceptTokens(await request('POST', 'api/accounts/login', { email, password }));
+        $('su-password').value = '';
+        rememberEmail(email);
+        showOk($('account-ok'), 'Welcome! Your account is ready and you are signed in.');
+      } catch (err) {
+        showError($('account-error'), err);
+      }
+    });
+  }
+
+  async function signOut() {
+    const token = storedRefreshToken();
+    forgetSession();
+    showError($('account-error'), null);
+    $('orders').replaceChildren();
+    $('orders-empty').hidden = true;
+    showOk($('account-ok'), 'You are signed out.');
+    if (token) {
+      try {
+        await request('POST', 'api/accounts/logout', { refresh_token: token });
+      } catch (_) {
+        // Signed out here regardless; the session ends on the server when
+        // its refresh token expires.
+      }
+    }
+  }
+
+  function renderAccount() {
+    const signedIn = Boolean(auth.accessToken);
+    const who = signedIn ? (auth.user && auth.user.email) || 'your account' : '';
+    $('signed-in').hidden = !signedIn;
+    $('signed-out').hidden = signedIn;
+    $('who').textContent = who;
+    // Signed in, an order belongs to the token's user: no e-mail to type.
+    $('email-field').hidden = signedIn;
+    $('email').required = !signedIn;
+    $('ordering-as').hidden = !signedIn;
+    $('ordering-as').textContent = signedIn ? `Ordering as ${who}.` : '';
+  }
+
+  function showTab(which) {
+    const up = which === 'sign-up';
+    $('sign-in').hidden = up;
+    $('sign-up').hidden = !up;
+    $('tab-sign-in').setAttribute('aria-selected', String(!up));
+    $('tab-sign-up').setAttribute('aria-selected', String(up));
+    showError($('account-error'), null);
+    showOk($('account-ok'), null);
   }
 
   // ---- Catalog ------------------------------------------------------------
@@ -337,15 +552,18 @@
 
   async function placeOrder(event) {
     event.preventDefault();
+    const signedIn = Boolean(auth.accessToken);
     const email = $('email');
-    if (!email.reportValidity() || !state.quote || state.placing) return;
-    const customer = email.value.trim();
-    rememberEmail(customer);
+    if ((!signedIn && !email.reportValidity()) || !state.quote || state.placing) return;
     const body = {
-      customer,
       items: state.basket.map((l) => ({ sku: l.sku, quantity: l.quantity })),
       expected_total_cents: state.quote.total_cents,
     };
+    if (!signedIn) {
+      // Signed out: the old path, a typed e-mail as the customer.
+      body.customer = email.value.trim();
+      rememberEmail(body.customer);
+    }
     const coupon = $('coupon').value.trim();
     if (coupon) body.coupon = coupon;
 
@@ -354,7 +572,7 @@
     showError($('order-error'), null);
     showOk($('order-ok'), null);
     try {
-      const order = await api('POST', 'api/orders', body);
+      const order = await api('POST', 'api/orders', body, { auth: true });
       state.basket = [];
       state.quote = null;
       saveBasket();
@@ -401,15 +619,19 @@
   async function loadOrders() {
     const email = $('email');
     showError($('orders-error'), null);
-    if (!email.value.trim()) {
-      showError($('orders-error'), new ApiError(0, 'customer', 'Enter your e-mail above to see your orders.'));
-      return;
+    let url = 'api/orders'; // signed in: the token says whose
+    if (!auth.accessToken) {
+      const customer = email.value.trim();
+      if (!customer) {
+        showError($('orders-error'), new ApiError(0, 'customer', 'Sign in, or enter your e-mail above, to see your orders.'));
+        return;
+      }
+      rememberEmail(customer);
+      url = `api/orders?${new URLSearchParams({ customer })}`;
     }
-    const customer = email.value.trim();
-    rememberEmail(customer);
     const list = $('orders');
     try {
-      const data = await api('GET', `api/orders?${new URLSearchParams({ customer })}`);
+      const data = await api('GET', url, undefined, { auth: true });
       list.replaceChildren();
       $('orders-empty').hidden = data.orders.length > 0;
       for (const o of data.orders) list.append(renderOrder(o));
@@ -465,12 +687,23 @@
     $('coupon').addEventListener('input', scheduleQuote);
     $('checkout').addEventListener('submit', placeOrder);
     $('refresh-orders').addEventListener('click', loadOrders);
+    $('tab-sign-in').addEventListener('click', () => showTab('sign-in'));
+    $('tab-sign-up').addEventListener('click', () => showTab('sign-up'));
+    $('sign-in').addEventListener('submit', signIn);
+    $('sign-up').addEventListener('submit', signUp);
+    $('sign-out').addEventListener('click', signOut);
 
     try {
-      $('email').value = localStorage.getItem(EMAIL_KEY) || '';
+      const remembered = localStorage.getItem(EMAIL_KEY) || '';
+      $('email').value = remembered;
+      $('si-email').value = remembered;
     } catch (_) {
       // No storage: start empty.
     }
+    renderAccount();
+    // A reload keeps the session: the stored refresh token gets a new
+    // access token.
+    if (storedRefreshToken()) refreshSession();
     renderBasket();
     scheduleQuote();
     loadCategories();

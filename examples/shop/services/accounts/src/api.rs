@@ -1,0 +1,359 @@
+//! The accounts HTTP API: register, log in, refresh, log out, who am I,
+//! and the JWKS that verifiers use to check access tokens.
+//!
+//! Passwords and tokens are never logged: log lines name users by id.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use flotilla_chassis::{ApiError, ApiJson, FieldError};
+use serde::{Deserialize, Serialize};
+use sqlx::SqlitePool;
+
+use crate::caller::{self, Caller};
+use crate::config::{Config, JWKS_MAX_AGE_SECONDS};
+use crate::jwt::{self, ACCESS_TTL_SECONDS, Claims};
+use crate::keys::{KeyError, Keys};
+use crate::password::{PasswordError, Passwords};
+use crate::refresh::{self, RefreshError, Rotation};
+use crate::users::{self, User};
+use crate::validate;
+
+/// The JWKS may be cached this long; key publication waits for it
+/// (see `config::DEFAULT_PUBLISH_DELAY`).
+const JWKS_CACHE_CONTROL: &str = "public, max-age=60";
+const _: () = assert!(JWKS_MAX_AGE_SECONDS == 60, "update JWKS_CACHE_CONTROL");
+
+/// Request bodies are a few hundred bytes; a password is at most 1 KiB.
+const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: SqlitePool,
+    pub passwords: Passwords,
+    pub keys: Keys,
+    pub config: Arc<Config>,
+}
+
+/// The routes. `/.well-known/jwks.json` is for verifiers (the gateway
+/// fetches it as `accounts:/.well-known/jwks.json`).
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/accounts/register", post(register))
+        .route("/api/accounts/login", post(login))
+        .route("/api/accounts/refresh", post(refresh_tokens))
+        .route("/api/accounts/logout", post(logout))
+        .route("/api/accounts/me", get(me))
+        .route("/.well-known/jwks.json", get(jwks))
+        .fallback(flotilla_chassis::not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Seconds since the epoch.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+// ---- Errors → HTTP: the one place ------------------------------------------
+
+fn invalid_credentials() -> ApiError {
+    // One message for unknown e-mail and wrong password: no account oracle.
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "invalid_credentials",
+        "the e-mail address or password is wrong",
+    )
+}
+
+fn invalid_refresh_token() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "invalid_refresh_token",
+        "the refresh token is unknown, expired or revoked; sign in again",
+    )
+}
+
+fn refresh_token_reused() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "refresh_token_reused",
+        "this refresh token was already used, so the session was ended for safety; sign in again",
+    )
+}
+
+impl From<PasswordError> for ApiError {
+    fn from(err: PasswordError) -> Self {
+        match err {
+            PasswordError::Busy(_) => {
+                tracing::warn!(error = %err, "password hashing saturated");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    "too many sign-ins at once; try again in a few seconds",
+                )
+            }
+            other => ApiError::internal(&other),
+        }
+    }
+}
+
+impl From<RefreshError> for ApiError {
+    fn from(err: RefreshError) -> Self {
+        ApiError::internal(&err)
+    }
+}
+
+impl From<KeyError> for ApiError {
+    fn from(err: KeyError) -> Self {
+        ApiError::internal(&err)
+    }
+}
+
+/// No key signs right now: only possible if the key table was emptied
+/// under a running service (the upkeep task recreates one within seconds).
+fn no_signing_key() -> ApiError {
+    tracing::error!("no active signing key; the key upkeep will create one");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "signing_unavailable",
+        "sign-in is briefly unavailable; try again shortly",
+    )
+}
+
+fn collect<T>(errors: &mut Vec<FieldError>, r: Result<T, FieldError>) -> Option<T> {
+    r.map_err(|e| errors.push(e)).ok()
+}
+
+// ---- Register ----------------------------------------------------------------
+
+/// `POST /api/accounts/register` body; optional at the JSON level so that a
+/// missing field is a field error, not a parse error.
+#[derive(Debug, Default, Deserialize)]
+pub struct Register {
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+async fn register(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Register>,
+) -> Result<Response, ApiError> {
+    let mut errors = Vec::new();
+    let email = collect(&mut errors, validate::email("email", body.email.as_deref()));
+    let typed_email = body.email.as_deref().map(str::trim);
+    let password = collect(
+        &mut errors,
+        validate::new_password(body.password.as_deref(), typed_email),
+    );
+    let name = collect(&mut errors, validate::name(body.name.as_deref()));
+    let (Some(email), Some(password), Some(name)) = (email, password, name) else {
+        return Err(ApiError::validation(errors));
+    };
+    // Hash before looking for the address, so a taken one answers no
+    // faster than a free one.
+    let hash = state.passwords.hash(password.into_bytes()).await?;
+    let user = User {
+        id: uuid::Uuid::new_v4().to_string(),
+        email,
+        name,
+        created_at: flotilla_chassis::now_rfc3339(),
+    };
+    if !users::insert(&state.db, &user, &hash).await? {
+        return Err(ApiError::conflict(
+            "email_taken",
+            "an account with this e-mail address already exists; sign in instead",
+        )
+        .with_field("email", "is already registered"));
+    }
+    metrics::counter!("accounts_registrations_total").increment(1);
+    tracing::info!(user = %user.id, "account registered");
+    Ok((StatusCode::CREATED, axum::Json(user)).into_response())
+}
+
+// ---- Tokens ------------------------------------------------------------------
+
+/// The token response (RFC 6749 §5.1).
+#[derive(Debug, Serialize)]
+struct Tokens {
+    access_token: String,
+    token_type: &'static str,
+    expires_in: i64,
+    refresh_token: String,
+}
+
+/// Tokens must not be cached by anything in between (RFC 6749 §5.1).
+fn tokens_response(access_token: String, refresh_token: String) -> Response {
+    let mut res = axum::Json(Tokens {
+        access_token,
+        token_type: "Bearer",
+        expires_in: ACCESS_TTL_SECONDS,
+        refresh_token,
+    })
+    .into_response();
+    let headers = res.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    res
+}
+
+/// `POST /api/accounts/login` body.
+#[derive(Debug, Default, Deserialize)]
+pub struct Login {
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+}
+
+async fn login(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Login>,
+) -> Result<Response, ApiError> {
+    let mut errors = Vec::new();
+    let email = collect(&mut errors, validate::email("email", body.email.as_deref()));
+    let password = collect(
+        &mut errors,
+        validate::login_password(body.password.as_deref()),
+    );
+    let (Some(email), Some(password)) = (email, password) else {
+        return Err(ApiError::validation(errors));
+    };
+    let (user, stored) = match users::by_email(&state.db, &email).await? {
+        Some((user, hash)) => (Some(user), Some(hash)),
+        None => (None, None),
+    };
+    // An unknown user is checked against a dummy hash: same work, same time.
+    let matched = state
+        .passwords
+        .verify(password.into_bytes(), stored)
+        .await?;
+    let Some(user) = user.filter(|_| matched) else {
+        metrics::counter!("accounts_logins_total", "outcome" => "invalid_credentials").increment(1);
+        tracing::info!("login refused: invalid credentials");
+        return Err(invalid_credentials());
+    };
+    let now = unix_now();
+    let ring = state.keys.current();
+    let signer = ring.signer(now).ok_or_else(no_signing_key)?;
+    let refresh_token =
+        refresh::start_family(&state.db, &user.id, now, state.config.refresh_ttl).await?;
+    let claims = Claims::access(
+        &state.config.issuer,
+        &state.config.audience,
+        &user.id,
+        &user.email,
+        now,
+    );
+    metrics::counter!("accounts_logins_total", "outcome" => "success").increment(1);
+    tracing::info!(user = %user.id, kid = %signer.kid, "logged in");
+    Ok(tokens_response(jwt::sign(signer, &claims), refresh_token))
+}
+
+/// `POST /api/accounts/refresh` and `/logout` body.
+#[derive(Debug, Default, Deserialize)]
+pub struct RefreshBody {
+    #[serde(default)]
+    refresh_token: Option<String>,
+}
+
+fn required_token(body: RefreshBody) -> Result<String, ApiError> {
+    body.refresh_token
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::validation(vec![FieldError::new("refresh_token", "is required")]))
+}
+
+async fn refresh_tokens(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<RefreshBody>,
+) -> Result<Response, ApiError> {
+    let presented = required_token(body)?;
+    let now = unix_now();
+    let ring = state.keys.current();
+    // Before spending the token: failing after would lose the session.
+    let signer = ring.signer(now).ok_or_else(no_signing_key)?;
+    match refresh::rotate(&state.db, &presented, now, state.config.refresh_ttl).await? {
+        Rotation::Rotated { user_id, token } => {
+            // The family cascades away with its user, so the user exists.
+            let user = users::by_id(&state.db, &user_id)
+                .await?
+                .ok_or_else(invalid_refresh_token)?;
+            let claims = Claims::access(
+                &state.config.issuer,
+                &state.config.audience,
+                &user.id,
+                &user.email,
+                now,
+            );
+            metrics::counter!("accounts_refreshes_total", "outcome" => "rotated").increment(1);
+            Ok(tokens_response(jwt::sign(signer, &claims), token))
+        }
+        Rotation::Reused { user_id } => {
+            metrics::counter!("accounts_refreshes_total", "outcome" => "reused").increment(1);
+            tracing::warn!(user = %user_id, "refresh token reused; its family is revoked");
+            Err(refresh_token_reused())
+        }
+        Rotation::Invalid => {
+            metrics::counter!("accounts_refreshes_total", "outcome" => "invalid").increment(1);
+            Err(invalid_refresh_token())
+        }
+    }
+}
+
+/// Always 204 for a well-formed request: whether the token was known is
+/// nobody's business, and logging out twice is not an error.
+async fn logout(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<RefreshBody>,
+) -> Result<StatusCode, ApiError> {
+    let presented = required_token(body)?;
+    if refresh::logout(&state.db, &presented, unix_now()).await? {
+        metrics::counter!("accounts_logouts_total").increment(1);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- Me and JWKS -------------------------------------------------------------
+
+#[derive(Debug, Serialize)]
+struct Me {
+    id: String,
+    email: String,
+    name: Option<String>,
+}
+
+async fn me(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<Me>, ApiError> {
+    let user = users::by_id(&state.db, &caller.user_id)
+        .await?
+        .ok_or_else(caller::unauthenticated)?;
+    Ok(axum::Json(Me {
+        id: user.id,
+        email: user.email,
+        name: user.name,
+    }))
+}
+
+async fn jwks(State(state): State<AppState>) -> Response {
+    let doc = state.keys.current().jwks(unix_now());
+    let mut res = axum::Json(doc).into_response();
+    res.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(JWKS_CACHE_CONTROL),
+    );
+    res
+}
+
+#[cfg(test)]
+mod tests;

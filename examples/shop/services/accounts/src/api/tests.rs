@@ -1,0 +1,410 @@
+//! Handler tests: the router on an in-memory database, called with
+//! `oneshot`, tokens checked the way a verifier checks them.
+
+use axum::body::{Body, to_bytes};
+use axum::http::Request;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use super::*;
+use crate::keys;
+
+async fn state_with(config: Config) -> AppState {
+    let db = flotilla_chassis::open_sqlite("sqlite::memory:", &crate::MIGRATOR)
+        .await
+        .unwrap();
+    let ring = keys::maintain(&db, config.keys, unix_now()).await.unwrap();
+    AppState {
+        db,
+        passwords: crate::password::tests::cheap().await,
+        keys: Keys::new(ring),
+        config: Arc::new(config),
+    }
+}
+
+async fn app() -> (Router, AppState) {
+    let state = state_with(Config::from_lookup(|_| None).unwrap()).await;
+    (router(state.clone()), state)
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Value,
+}
+
+async fn send(app: &Router, req: Request<Body>) -> Answer {
+    let res = app.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let bytes = to_bytes(res.into_body(), 1 << 20).await.unwrap();
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn post(app: &Router, path: &str, body: Value) -> Answer {
+    send(
+        app,
+        Request::post(path)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap(),
+    )
+    .await
+}
+
+async fn get(app: &Router, path: &str, user: Option<&str>) -> Answer {
+    let mut req = Request::get(path);
+    if let Some(user) = user {
+        req = req.header("x-flotilla-user-id", user);
+    }
+    send(app, req.body(Body::empty()).unwrap()).await
+}
+
+fn fields(a: &Answer) -> Vec<String> {
+    a.body["error"]["fields"]
+        .as_array()
+        .map(|f| {
+            f.iter()
+                .map(|e| e["field"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn register(app: &Router, email: &str, password: &str) -> Answer {
+    post(
+        app,
+        "/api/accounts/register",
+        json!({"email": email, "password": password}),
+    )
+    .await
+}
+
+async fn login(app: &Router, email: &str, password: &str) -> Answer {
+    post(
+        app,
+        "/api/accounts/login",
+        json!({"email": email, "password": password}),
+    )
+    .await
+}
+
+/// Verifies `token` against the service's own JWKS, as the gateway does,
+/// and returns its claims.
+async fn verified_claims(app: &Router, token: &str) -> Value {
+    let header: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(token.split('.').next().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let jwks = get(app, "/.well-known/jwks.json", None).await.body;
+    let key = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == header["kid"])
+        .expect("the token's kid is in the JWKS")
+        .clone();
+    let public = URL_SAFE_NO_PAD.decode(key["x"].as_str().unwrap()).unwrap();
+    let (h, claims) = crate::jwt::tests::verify(token, &public);
+    assert_eq!(h["alg"], "EdDSA");
+    claims
+}
+
+#[tokio::test]
+async fn registration_validates_fields() {
+    let (app, _) = app().await;
+    let a = post(&app, "/api/accounts/register", json!({})).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert_eq!(a.body["error"]["code"], "invalid_request");
+    assert_eq!(fields(&a), ["email", "password"]);
+
+    let a = post(
+        &app,
+        "/api/accounts/register",
+        json!({"email": "not-an-email", "password": "short", "name": "x".repeat(101)}),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert_eq!(fields(&a), ["email", "password", "name"]);
+
+    let a = register(&app, "bob@example.com", "BOB@example.com").await;
+    assert_eq!(fields(&a), ["password"]);
+    assert_eq!(
+        a.body["error"]["message"],
+        "password: must not be your e-mail address"
+    );
+
+    let a = register(&app, "bob@example.com", &"p".repeat(1025)).await;
+    assert_eq!(fields(&a), ["password"]);
+
+    // Not JSON, or the wrong JSON types: the platform's error shape.
+    let a = send(
+        &app,
+        Request::post("/api/accounts/register")
+            .header("content-type", "application/json")
+            .body(Body::from("{\"email\": 5}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(a.body["error"]["code"], "invalid_json");
+
+    // Bodies are small; a huge one is refused before it is parsed.
+    let huge = json!({"email": "a@example.com", "password": "p".repeat(20_000)});
+    let a = post(&app, "/api/accounts/register", huge).await;
+    assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn registration_stores_an_argon2id_hash_and_refuses_a_taken_email() {
+    let (app, state) = app().await;
+    let a = post(
+        &app,
+        "/api/accounts/register",
+        json!({"email": "  Alice@Example.com ", "password": "correct horse battery", "name": " Alice "}),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    assert_eq!(a.body["email"], "alice@example.com");
+    assert_eq!(a.body["name"], "Alice");
+    assert_eq!(a.body["id"].as_str().unwrap().len(), 36);
+    assert!(a.body["created_at"].as_str().unwrap().ends_with('Z'));
+    assert!(a.body.get("password").is_none() && a.body.get("password_hash").is_none());
+
+    let stored: String = sqlx::query_scalar("SELECT password_hash FROM users")
+        .fetch_one(&state.db)
+        .await
+        .unwrap();
+    assert!(stored.starts_with("$argon2id$"), "{stored}");
+    assert!(!stored.contains("correct horse"));
+
+    // Case-insensitive: the same address in capitals is taken.
+    let a = register(&app, "ALICE@EXAMPLE.COM", "another password").await;
+    assert_eq!(a.status, StatusCode::CONFLICT);
+    assert_eq!(a.body["error"]["code"], "email_taken");
+    assert_eq!(fields(&a), ["email"]);
+}
+
+#[tokio::test]
+async fn login_issues_a_verifiable_access_token_and_a_refresh_token() {
+    let (app, _) = app().await;
+    let user = register(&app, "carol@example.com", "a long passphrase")
+        .await
+        .body;
+    let a = login(&app, "Carol@Example.com", "a long passphrase").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(a.headers["cache-control"], "no-store");
+    assert_eq!(a.body["token_type"], "Bearer");
+    assert_eq!(a.body["expires_in"], 900);
+    assert_eq!(a.body["refresh_token"].as_str().unwrap().len(), 43);
+
+    let claims = verified_claims(&app, a.body["access_token"].as_str().unwrap()).await;
+    assert_eq!(claims["iss"], "shop-accounts");
+    assert_eq!(claims["aud"], "shop");
+    assert_eq!(claims["sub"], user["id"]);
+    assert_eq!(claims["email"], "carol@example.com");
+    assert_eq!(claims["scope"], "orders:read orders:write");
+    let iat = claims["iat"].as_i64().unwrap();
+    assert_eq!(claims["nbf"].as_i64(), Some(iat));
+    assert_eq!(claims["exp"].as_i64(), Some(iat + 900));
+    assert!((iat - unix_now()).abs() < 60);
+    assert!(claims["jti"].is_string());
+}
+
+#[tokio::test]
+async fn issuer_and_audience_come_from_the_settings() {
+    let config = Config::from_lookup(|name| match name {
+        "ACCOUNTS_ISSUER" => Some("https://id.example".into()),
+        "ACCOUNTS_AUDIENCE" => Some("shop-api".into()),
+        _ => None,
+    })
+    .unwrap();
+    let app = router(state_with(config).await);
+    register(&app, "dan@example.com", "a long passphrase").await;
+    let a = login(&app, "dan@example.com", "a long passphrase").await;
+    let claims = verified_claims(&app, a.body["access_token"].as_str().unwrap()).await;
+    assert_eq!(claims["iss"], "https://id.example");
+    assert_eq!(claims["aud"], "shop-api");
+}
+
+#[tokio::test]
+async fn wrong_password_and_unknown_email_get_the_same_answer() {
+    let (app, _) = app().await;
+    register(&app, "erin@example.com", "a long passphrase").await;
+    let wrong = login(&app, "erin@example.com", "a long passphrasf").await;
+    let unknown = login(&app, "nobody@example.com", "a long passphrase").await;
+    for a in [&wrong, &unknown] {
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(a.body["error"]["code"], "invalid_credentials");
+    }
+    assert_eq!(wrong.body, unknown.body, "no account oracle");
+
+    let a = post(
+        &app,
+        "/api/accounts/login",
+        json!({"email": "erin@example.com"}),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert_eq!(fields(&a), ["password"]);
+}
+
+#[tokio::test]
+async fn refresh_rotates_and_reuse_revokes_the_family() {
+    let (app, _) = app().await;
+    register(&app, "fay@example.com", "a long passphrase").await;
+    let first = login(&app, "fay@example.com", "a long passphrase")
+        .await
+        .body;
+    let r1 = first["refresh_token"].as_str().unwrap();
+
+    let a = post(&app, "/api/accounts/refresh", json!({"refresh_token": r1})).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(a.headers["cache-control"], "no-store");
+    let r2 = a.body["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(r2, r1, "a new refresh token every time");
+    let claims = verified_claims(&app, a.body["access_token"].as_str().unwrap()).await;
+    assert_eq!(claims["email"], "fay@example.com");
+
+    // The spent token again: reuse, and the family is gone.
+    let a = post(&app, "/api/accounts/refresh", json!({"refresh_token": r1})).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(a.body["error"]["code"], "refresh_token_reused");
+    let a = post(&app, "/api/accounts/refresh", json!({"refresh_token": r2})).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(a.body["error"]["code"], "invalid_refresh_token");
+
+    // Unknown and missing tokens.
+    let a = post(
+        &app,
+        "/api/accounts/refresh",
+        json!({"refresh_token": "A".repeat(43)}),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(a.body["error"]["code"], "invalid_refresh_token");
+    let a = post(&app, "/api/accounts/refresh", json!({})).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert_eq!(fields(&a), ["refresh_token"]);
+}
+
+#[tokio::test]
+async fn logout_revokes_the_family() {
+    let (app, _) = app().await;
+    register(&app, "gus@example.com", "a long passphrase").await;
+    let t = login(&app, "gus@example.com", "a long passphrase")
+        .await
+        .body;
+    let r1 = t["refresh_token"].as_str().unwrap();
+    let r2 = post(&app, "/api/accounts/refresh", json!({"refresh_token": r1}))
+        .await
+        .body["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A second session of the same user survives the first one's logout.
+    let other = login(&app, "gus@example.com", "a long passphrase")
+        .await
+        .body;
+
+    let a = post(&app, "/api/accounts/logout", json!({"refresh_token": r2})).await;
+    assert_eq!(a.status, StatusCode::NO_CONTENT);
+    let a = post(&app, "/api/accounts/refresh", json!({"refresh_token": r2})).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    // Idempotent, and says nothing about unknown tokens.
+    let a = post(&app, "/api/accounts/logout", json!({"refresh_token": r2})).await;
+    assert_eq!(a.status, StatusCode::NO_CONTENT);
+    let a = post(
+        &app,
+        "/api/accounts/logout",
+        json!({"refresh_token": "nope"}),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::NO_CONTENT);
+    let a = post(&app, "/api/accounts/logout", json!({})).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+
+    let a = post(
+        &app,
+        "/api/accounts/refresh",
+        json!({"refresh_token": other["refresh_token"]}),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn me_reads_the_gateway_header() {
+    let (app, _) = app().await;
+    let user = post(
+        &app,
+        "/api/accounts/register",
+        json!({"email": "hal@example.com", "password": "a long passphrase", "name": "Hal"}),
+    )
+    .await
+    .body;
+    let id = user["id"].as_str().unwrap();
+    let a = get(&app, "/api/accounts/me", Some(id)).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(
+        a.body,
+        json!({"id": id, "email": "hal@example.com", "name": "Hal"})
+    );
+
+    for who in [None, Some(""), Some("no-such-user")] {
+        let a = get(&app, "/api/accounts/me", who).await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{who:?}");
+        assert_eq!(a.body["error"]["code"], "unauthenticated");
+    }
+}
+
+#[tokio::test]
+async fn jwks_has_the_okp_shape_and_a_cache_lifetime() {
+    let (app, _) = app().await;
+    let a = get(&app, "/.well-known/jwks.json", None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(
+        a.headers["cache-control"]
+            .to_str()
+            .unwrap()
+            .contains("max-age=60")
+    );
+    let keys = a.body["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    let k = keys[0].as_object().unwrap();
+    let mut members: Vec<&str> = k.keys().map(String::as_str).collect();
+    members.sort_unstable();
+    assert_eq!(
+        members,
+        ["alg", "crv", "kid", "kty", "use", "x"],
+        "no private member"
+    );
+    assert_eq!(k["kty"], "OKP");
+    assert_eq!(k["crv"], "Ed25519");
+    assert_eq!(k["alg"], "EdDSA");
+    assert_eq!(k["use"], "sig");
+    let x = URL_SAFE_NO_PAD.decode(k["x"].as_str().unwrap()).unwrap();
+    assert_eq!(x.len(), 32);
+    assert_eq!(k["kid"], keys::thumbprint(&x).as_str());
+}
+
+#[tokio::test]
+async fn unknown_routes_get_the_platform_404() {
+    let (app, _) = app().await;
+    let a = get(&app, "/api/accounts/admin/rotate-keys", None).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert_eq!(a.body["error"]["code"], "not_found");
+}

@@ -1,0 +1,213 @@
+//! The API description served at `/openapi.json`.
+
+use serde_json::{Value, json};
+
+/// OpenAPI 3.0.3 for the accounts routes.
+pub fn document() -> Value {
+    let error = |description: &str| json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    let body = |schema: &str| json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
+    let tokens = json!({
+        "description": "An access token and a new refresh token (Cache-Control: no-store)",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Tokens"}}}
+    });
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "shop-accounts",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Shop accounts: registration with argon2id-hashed passwords, login returning a 15-minute EdDSA access JWT and a rotating refresh token, and the JWKS that verifies the access tokens. Reusing a spent refresh token revokes its whole family."
+        },
+        "paths": {
+            "/api/accounts/register": {
+                "post": {
+                    "operationId": "register",
+                    "summary": "Create an account",
+                    "requestBody": body("Register"),
+                    "responses": {
+                        "201": {"description": "Created", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/User"}}}},
+                        "400": error("invalid_request: field errors for email, password or name"),
+                        "409": error("email_taken"),
+                        "422": error("invalid_json: the body is not the expected JSON"),
+                        "503": error("busy: too many password hashes at once")
+                    }
+                }
+            },
+            "/api/accounts/login": {
+                "post": {
+                    "operationId": "login",
+                    "summary": "Exchange e-mail and password for tokens",
+                    "requestBody": body("Login"),
+                    "responses": {
+                        "200": tokens.clone(),
+                        "400": error("invalid_request: missing or malformed email or password"),
+                        "401": error("invalid_credentials: unknown e-mail or wrong password (one answer for both)"),
+                        "503": error("busy, or signing_unavailable")
+                    }
+                }
+            },
+            "/api/accounts/refresh": {
+                "post": {
+                    "operationId": "refresh",
+                    "summary": "Exchange a refresh token for new tokens; the presented one is spent",
+                    "requestBody": body("RefreshToken"),
+                    "responses": {
+                        "200": tokens,
+                        "400": error("invalid_request: refresh_token missing"),
+                        "401": error("invalid_refresh_token (unknown, expired or revoked), or refresh_token_reused (already spent: its whole family is now revoked)")
+                    }
+                }
+            },
+            "/api/accounts/logout": {
+                "post": {
+                    "operationId": "logout",
+                    "summary": "Revoke the refresh token's family",
+                    "requestBody": body("RefreshToken"),
+                    "responses": {
+                        "204": {"description": "Logged out (also when the token was unknown)"},
+                        "400": error("invalid_request: refresh_token missing")
+                    }
+                }
+            },
+            "/api/accounts/me": {
+                "get": {
+                    "operationId": "me",
+                    "summary": "The signed-in user",
+                    "description": "The user comes from x-flotilla-user-id, which the gateway sets after verifying the access token.",
+                    "parameters": [{"name": "x-flotilla-user-id", "in": "header", "required": true, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": {"description": "The user", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Me"}}}},
+                        "401": error("unauthenticated")
+                    }
+                }
+            },
+            "/.well-known/jwks.json": {
+                "get": {
+                    "operationId": "jwks",
+                    "summary": "The public keys that verify access tokens (RFC 7517)",
+                    "description": "Keys about to sign, signing, and retired ones whose tokens may still be valid. Cache-Control: max-age=60.",
+                    "responses": {
+                        "200": {"description": "The key set", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Jwks"}}}}
+                    }
+                }
+            }
+        },
+        "components": {
+            "schemas": {
+                "Register": {
+                    "type": "object",
+                    "required": ["email", "password"],
+                    "properties": {
+                        "email": {"type": "string", "format": "email", "maxLength": 254, "example": "alice@example.com"},
+                        "password": {"type": "string", "format": "password", "minLength": 10, "description": "At least 10 characters, at most 1024 bytes, not the e-mail address"},
+                        "name": {"type": "string", "maxLength": 100, "nullable": true}
+                    }
+                },
+                "Login": {
+                    "type": "object",
+                    "required": ["email", "password"],
+                    "properties": {
+                        "email": {"type": "string", "format": "email"},
+                        "password": {"type": "string", "format": "password"}
+                    }
+                },
+                "RefreshToken": {
+                    "type": "object",
+                    "required": ["refresh_token"],
+                    "properties": {"refresh_token": {"type": "string"}}
+                },
+                "Tokens": {
+                    "type": "object",
+                    "required": ["access_token", "token_type", "expires_in", "refresh_token"],
+                    "properties": {
+                        "access_token": {"type": "string", "description": "EdDSA JWT: iss, aud, sub, email, scope, iat, nbf, exp, jti; header kid"},
+                        "token_type": {"type": "string", "enum": ["Bearer"]},
+                        "expires_in": {"type": "integer", "example": 900},
+                        "refresh_token": {"type": "string", "description": "Opaque; single use"}
+                    }
+                },
+                "User": {
+                    "type": "object",
+                    "required": ["id", "email", "created_at"],
+                    "properties": {
+                        "id": {"type": "string", "format": "uuid"},
+                        "email": {"type": "string", "format": "email"},
+                        "name": {"type": "string", "nullable": true},
+                        "created_at": {"type": "string", "format": "date-time"}
+                    }
+                },
+                "Me": {
+                    "type": "object",
+                    "required": ["id", "email"],
+                    "properties": {
+                        "id": {"type": "string", "format": "uuid"},
+                        "email": {"type": "string", "format": "email"},
+                        "name": {"type": "string", "nullable": true}
+                    }
+                },
+                "Jwks": {
+                    "type": "object",
+                    "required": ["keys"],
+                    "properties": {"keys": {"type": "array", "items": {
+                        "type": "object",
+                        "required": ["kty", "crv", "x", "kid", "alg", "use"],
+                        "properties": {
+                            "kty": {"type": "string", "enum": ["OKP"]},
+                            "crv": {"type": "string", "enum": ["Ed25519"]},
+                            "x": {"type": "string"},
+                            "kid": {"type": "string"},
+                            "alg": {"type": "string", "enum": ["EdDSA"]},
+                            "use": {"type": "string", "enum": ["sig"]}
+                        }
+                    }}}
+                },
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["code", "message"],
+                            "properties": {
+                                "code": {"type": "string"},
+                                "message": {"type": "string"},
+                                "fields": {"type": "array", "items": {
+                                    "type": "object",
+                                    "properties": {"field": {"type": "string"}, "message": {"type": "string"}}
+                                }},
+                                "details": {"type": "object"}
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lists_every_route_with_described_responses() {
+        let doc = super::document();
+        assert_eq!(doc["openapi"], "3.0.3");
+        let paths = doc["paths"].as_object().unwrap();
+        for (path, method) in [
+            ("/api/accounts/register", "post"),
+            ("/api/accounts/login", "post"),
+            ("/api/accounts/refresh", "post"),
+            ("/api/accounts/logout", "post"),
+            ("/api/accounts/me", "get"),
+            ("/.well-known/jwks.json", "get"),
+        ] {
+            let op = &paths[path][method];
+            assert!(op.is_object(), "{method} {path}");
+            for (status, response) in op["responses"].as_object().unwrap() {
+                assert!(
+                    response["description"].is_string(),
+                    "{method} {path} {status}"
+                );
+            }
+        }
+        assert_eq!(paths.len(), 6);
+    }
+}
