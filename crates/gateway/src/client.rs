@@ -1,24 +1,51 @@
 //! The gateway's HTTP client to instances: one pooled, keep-alive HTTP/1.1
-//! client shared by all requests.
+//! client shared by all requests, over mutual TLS when the gateway has an
+//! identity ([`UpstreamTls`]).
 //!
 //! How to reach an instance is decided here and only here (the connector
-//! and the URI scheme), so that mutual TLS to instances replaces this one
-//! module when the mesh arrives.
+//! and the URI), so the rest of the gateway builds requests the same way
+//! with or without TLS.
+//!
+//! # Which service an address belongs to
+//!
+//! An instance's address says nothing about who listens there: ports are
+//! reused, and a stale address could lead to another service's instance.
+//! So the URI of an upstream request names the service it is meant for, as
+//! its user-info: `http://catalog@127.0.0.1:40123/api/...` ([`bind_service`],
+//! [`service_uri`]). The connector reads it and makes the TLS handshake
+//! accept only a certificate of that service (`ExpectedPeer::service`): a
+//! request for `catalog` can never be written to a connection whose peer
+//! is not `…/svc/catalog`. The user-info is also part of hyper's pool key
+//! (scheme and authority), so a connection verified for one service is
+//! never reused for a request to another at the same address. hyper sends
+//! only the path on the wire and takes `Host` from the client's request, so
+//! the user-info never leaves the gateway.
+//!
+//! Without [`UpstreamTls`] (tests, or a gateway in front of plain HTTP
+//! instances) the connector is plain TCP and the user-info is ignored, as
+//! it is for URIs that name no service (a JWKS URL).
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use flotilla_mesh::tls::{self as mesh_tls, Reloader, TlsError};
+use flotilla_mesh::{ExpectedPeer, Identity, IdentityFiles};
+use futures_util::future::BoxFuture;
 use http::Uri;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::body::Body;
 use crate::config::Limits;
-
-/// The connector to instances: plain TCP for now.
-pub(crate) type Connector = HttpConnector;
 
 pub(crate) type UpstreamClient = Client<Connector, Body>;
 
@@ -30,18 +57,62 @@ const MAX_IDLE_PER_INSTANCE: usize = 64;
 /// How long an idle pooled connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(30);
 
-pub(crate) fn build(limits: &Limits) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(limits.connect_timeout));
-    Client::builder(TokioExecutor::new())
+/// How often the identity files are checked for a renewed certificate.
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
+
+/// The gateway's own identity, for mutual TLS to instances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// The gateway's certificate chain, key and trust bundle (the runtime
+    /// writes them into `<data-dir>/run/gateway/` and rewrites them when it
+    /// renews the certificate; the gateway reloads them by itself). Their
+    /// SPIFFE id should be the `gateway` service's: instances accept
+    /// `x-flotilla-user-*` headers only from it.
+    pub identity: IdentityFiles,
+}
+
+impl UpstreamTls {
+    /// The identity files in `dir` (`tls.crt`, `tls.key`, `ca.crt`).
+    pub fn in_dir(dir: &std::path::Path) -> Self {
+        UpstreamTls {
+            identity: IdentityFiles::in_dir(dir),
+        }
+    }
+}
+
+pub(crate) fn build(
+    limits: &Limits,
+    tls: Option<&UpstreamTls>,
+) -> Result<UpstreamClient, TlsError> {
+    let mut tcp = HttpConnector::new();
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(limits.connect_timeout));
+    let mtls = match tls {
+        None => None,
+        Some(tls) => {
+            let identity = Identity::load(tls.identity.clone())?;
+            let reloader = identity.spawn_reloader(RELOAD_EVERY);
+            Some(Arc::new(Mtls {
+                identity,
+                connectors: RwLock::new(HashMap::new()),
+                _reloader: reloader,
+            }))
+        }
+    };
+    let connector = Connector {
+        tcp,
+        mtls,
+        handshake_timeout: limits.connect_timeout,
+    };
+    Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE)
         .pool_max_idle_per_host(MAX_IDLE_PER_INSTANCE)
-        .build(connector)
+        .build(connector))
 }
 
-/// The URI of `path_and_query` on the instance at `addr`.
+/// The URI of `path_and_query` on the instance at `addr`, naming no
+/// service (reached over plain TCP).
 pub(crate) fn uri(
     addr: SocketAddr,
     path_and_query: Option<&PathAndQuery>,
@@ -52,6 +123,194 @@ pub(crate) fn uri(
         .authority(authority)
         .path_and_query(path_and_query.map(PathAndQuery::as_str).unwrap_or("/"))
         .build()
+}
+
+/// The URI of `path_and_query` on the instance at `addr` of `service`: the
+/// connector will accept only that service's certificate.
+pub(crate) fn service_uri(
+    service: &str,
+    addr: SocketAddr,
+    path_and_query: Option<&PathAndQuery>,
+) -> Result<Uri, http::Error> {
+    let authority = Authority::try_from(format!("{service}@{addr}"))?;
+    Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(authority)
+        .path_and_query(path_and_query.map(PathAndQuery::as_str).unwrap_or("/"))
+        .build()
+}
+
+/// Names `service` in `request`'s URI (see the module docs). Service names
+/// come from the configuration and are valid authority user-info; should
+/// one not be, the URI is left as it was and an mTLS gateway then has no
+/// service to verify and the instance refuses the plaintext connection, so
+/// a failure here can only make the request fail, never misroute it.
+pub(crate) fn bind_service<B>(request: &mut http::Request<B>, service: &str) {
+    let uri = request.uri();
+    let Some(addr) = uri
+        .authority()
+        .and_then(|a| a.as_str().rsplit('@').next())
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+    else {
+        return;
+    };
+    if let Ok(bound) = service_uri(service, addr, uri.path_and_query()) {
+        *request.uri_mut() = bound;
+    }
+}
+
+/// The service a URI names, if any.
+fn named_service(uri: &Uri) -> Option<&str> {
+    uri.authority()?
+        .as_str()
+        .split_once('@')
+        .map(|(service, _)| service)
+        .filter(|s| !s.is_empty())
+}
+
+/// Opens connections to instances: TCP, then mutual TLS as the service the
+/// URI names when the gateway has an identity.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    tcp: HttpConnector,
+    mtls: Option<Arc<Mtls>>,
+    handshake_timeout: Duration,
+}
+
+struct Mtls {
+    identity: Identity,
+    /// One TLS client per upstream service, each accepting only that
+    /// service's certificate. The keys are service names from the routes
+    /// (and the JWKS source), never from client input, so the map is
+    /// bounded by the configuration.
+    connectors: RwLock<HashMap<String, TlsConnector>>,
+    _reloader: Reloader,
+}
+
+impl Mtls {
+    fn connector(&self, service: &str) -> Result<TlsConnector, TlsError> {
+        if let Some(c) = self
+            .connectors
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(service)
+        {
+            return Ok(c.clone());
+        }
+        let config = mesh_tls::client_config(&self.identity, ExpectedPeer::service(service))?;
+        let connector = TlsConnector::from(config);
+        self.connectors
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(service.to_string(), connector.clone());
+        Ok(connector)
+    }
+}
+
+type ConnectError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower::Service<Uri> for Connector {
+    type Response = UpstreamIo;
+    type Error = ConnectError;
+    type Future = BoxFuture<'static, Result<UpstreamIo, ConnectError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.tcp.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let service = named_service(&dst).map(str::to_string);
+        let connecting = self.tcp.call(dst);
+        let mtls = self.mtls.clone();
+        let timeout = self.handshake_timeout;
+        Box::pin(async move {
+            let tcp = connecting.await?.into_inner();
+            let (Some(mtls), Some(service)) = (mtls, service) else {
+                return Ok(UpstreamIo::Plain(TokioIo::new(tcp)));
+            };
+            let ip: IpAddr = tcp.peer_addr()?.ip();
+            let connector = mtls.connector(&service)?;
+            let (stream, peer) =
+                mesh_tls::connect_with_timeout(&connector, ServerName::from(ip), tcp, timeout)
+                    .await?;
+            tracing::trace!(target: "flotilla::gateway", %peer, "mutual TLS to an instance");
+            Ok(UpstreamIo::Tls(Box::new(TokioIo::new(stream))))
+        })
+    }
+}
+
+/// A connection to an instance.
+pub(crate) enum UpstreamIo {
+    Plain(TokioIo<TcpStream>),
+    /// The handshake verified the peer as the service the URI named.
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+}
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        match self {
+            UpstreamIo::Plain(io) => io.connected(),
+            UpstreamIo::Tls(_) => Connected::new(),
+        }
+    }
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_flush(cx),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(io) => io.is_write_vectored(),
+            UpstreamIo::Tls(io) => io.is_write_vectored(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -75,5 +334,37 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         assert_eq!(u.to_string(), "http://[::1]:9000/");
+    }
+
+    #[test]
+    fn a_bound_uri_names_its_service_and_keeps_the_rest() {
+        let mut request = match http::Request::get("http://127.0.0.1:4000/api/x?y=1").body(()) {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        };
+        bind_service(&mut request, "catalog");
+        assert_eq!(
+            request.uri().to_string(),
+            "http://catalog@127.0.0.1:4000/api/x?y=1"
+        );
+        assert_eq!(named_service(request.uri()), Some("catalog"));
+        assert_eq!(request.uri().host(), Some("127.0.0.1"));
+        assert_eq!(request.uri().port_u16(), Some(4000));
+        // Binding again replaces the name.
+        bind_service(&mut request, "pricing");
+        assert_eq!(named_service(request.uri()), Some("pricing"));
+        let v6: SocketAddr = match "[::1]:9000".parse() {
+            Ok(a) => a,
+            Err(e) => panic!("{e}"),
+        };
+        match service_uri("orders", v6, None) {
+            Ok(u) => assert_eq!(u.to_string(), "http://orders@[::1]:9000/"),
+            Err(e) => panic!("{e}"),
+        }
+        let plain = match uri(v6, None) {
+            Ok(u) => u,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(named_service(&plain), None);
     }
 }

@@ -1,12 +1,23 @@
-//! What a gateway is told at start (and, for routes and static files, on
-//! reload): typed settings derived from the manifest, which callers may
-//! override field by field.
+//! What a gateway is told at start (and, for routes, policies and static
+//! files, on reload): typed settings derived from the manifest, which
+//! callers may override field by field, and their validation.
+//!
+//! Every policy has a typed form here and, where the manifest has a string
+//! syntax for it, a parser next to its type ([`RateLimit::parse`],
+//! [`crate::JwksSource::parse`], [`RouteAuth::parse`], [`crate::parse_net`]) so the
+//! manifest crate can reuse them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use flotilla_manifest::{Manifest, PathPattern};
+
+use crate::client::UpstreamTls;
+use crate::cors::{CorsConfig, CorsConfigError, CorsPolicy};
+use crate::ip::{IpConfig, IpRules};
+use crate::jwt::{JwtConfig, RouteAuth, claim_header};
+use crate::ratelimit::{RateLimit, RateLimitBackend, RateLimitKey};
 
 /// Everything a gateway needs to run.
 #[derive(Debug, Clone)]
@@ -20,7 +31,20 @@ pub struct Config {
     pub static_dir: Option<PathBuf>,
     /// A file to append one JSON line per request to.
     pub access_log: Option<PathBuf>,
+    /// Protective bounds; fixed at start except `max_body_bytes`.
     pub limits: Limits,
+    /// How access tokens are verified; needed by any route with
+    /// `auth = jwt`.
+    pub jwt: Option<JwtConfig>,
+    /// CORS for every path (routes may replace it with their own).
+    pub cors: Option<CorsConfig>,
+    /// Client address allow/deny lists and trusted proxies.
+    pub ip: Option<IpConfig>,
+    /// Where rate-limit counters live (default: in memory).
+    pub rate_limit_backend: RateLimitBackend,
+    /// The gateway's identity for mutual TLS to instances (`None`: plain
+    /// TCP). Fixed at start, like `listen`.
+    pub upstream_tls: Option<UpstreamTls>,
 }
 
 /// One path (and optionally methods) owned by a service.
@@ -33,13 +57,46 @@ pub struct RouteConfig {
     /// Bounds everything up to the upstream's response headers: waiting for
     /// an instance to activate, connecting, retries and the upstream's work.
     pub timeout: Duration,
+    /// Who may call it (default: anyone).
+    pub auth: RouteAuth,
+    /// Requests allowed per client, user, header value or route.
+    pub rate_limit: Option<RateLimit>,
+    /// Replaces the system's CORS policy for this route.
+    pub cors: Option<CorsConfig>,
+    /// Allow/deny lists applied on top of the system's, for this route.
+    pub ip: Option<IpRules>,
+    /// Replaces `Limits::max_body_bytes` for this route.
+    pub max_body_bytes: Option<usize>,
+}
+
+impl RouteConfig {
+    /// A public route with no policy of its own and a 30 s timeout.
+    pub fn new(service: impl Into<String>, pattern: PathPattern) -> RouteConfig {
+        RouteConfig {
+            service: service.into(),
+            pattern,
+            methods: Vec::new(),
+            timeout: Duration::from_secs(30),
+            auth: RouteAuth::Public,
+            rate_limit: None,
+            cors: None,
+            ip: None,
+            max_body_bytes: None,
+        }
+    }
+
+    /// How the route is named in errors, logs and metrics.
+    pub(crate) fn name(&self) -> String {
+        format!("{} {}", self.service, self.pattern.as_str())
+    }
 }
 
 /// Protective bounds; the defaults suit a gateway in front of local services.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// How long a client may take to send a request's headers (slow-client
-    /// protection).
+    /// How long a client may take to send a request's headers, from their
+    /// first byte (slow-client protection: answered 408 and closed). Also
+    /// how long a new connection may stay silent before it is closed.
     pub header_read_timeout: Duration,
     /// How long to wait for a TCP connection to an instance before trying
     /// another one.
@@ -50,6 +107,33 @@ pub struct Limits {
     /// Largest request body buffered so that the request can be retried;
     /// larger bodies are streamed and not retried.
     pub retry_body_limit: usize,
+    /// Largest request body (default 1 MiB); larger ones get 413. Routes
+    /// may set their own.
+    pub max_body_bytes: usize,
+    /// Largest request head, request line and headers together (default
+    /// 64 KiB, at least 8 KiB); larger ones get 431.
+    pub max_header_bytes: usize,
+    /// Most request headers (default 100); more get 431.
+    pub max_headers: usize,
+    /// Requests handled at once before new ones are shed with 503
+    /// `overloaded` (default 10 000): past this, latency for everyone
+    /// suffers more than a quick refusal hurts a few.
+    pub max_in_flight: usize,
+    /// How long a kept-alive connection may sit idle between requests.
+    pub idle_timeout: Duration,
+    /// Retries allowed, as a share of requests in the last second, per
+    /// service (default 0.2): retries must not multiply an overload.
+    pub retry_budget_ratio: f64,
+    /// Retries allowed per second per service whatever the ratio (default 3).
+    pub retry_budget_min_per_second: u32,
+    /// Consecutive failures (connect errors, 5xx) that eject an instance
+    /// (default 5).
+    pub outlier_consecutive_failures: u32,
+    /// Ejection time, multiplied by the instance's number of ejections
+    /// (default 30 s).
+    pub outlier_base_ejection: Duration,
+    /// Longest ejection (default 300 s).
+    pub outlier_max_ejection: Duration,
 }
 
 impl Default for Limits {
@@ -59,7 +143,133 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(2),
             max_retries: 2,
             retry_body_limit: 64 * 1024,
+            max_body_bytes: 1024 * 1024,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_in_flight: 10_000,
+            idle_timeout: Duration::from_secs(60),
+            retry_budget_ratio: 0.2,
+            retry_budget_min_per_second: 3,
+            outlier_consecutive_failures: 5,
+            outlier_base_ejection: Duration::from_secs(30),
+            outlier_max_ejection: Duration::from_secs(300),
         }
+    }
+}
+
+/// Why a configuration cannot be used; each message names the setting and
+/// the fix. On reload the old configuration stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "route `{route}` has `auth = jwt` but the gateway has no JWT settings; add [gateway] jwt = {{ issuer, audiences, jwks }} or make the route public"
+    )]
+    JwtRequired { route: String },
+    #[error("route `{route}` limits `per user` but is public; use `auth = jwt` or limit `per ip`")]
+    UserLimitNeedsJwt { route: String },
+    #[error("the JWT issuer is empty; set jwt.issuer to the `iss` your tokens carry")]
+    JwtIssuer,
+    #[error(
+        "jwt.forward_claims has `{0}`, which cannot be a header name; use letters, digits, `_` and `-`"
+    )]
+    JwtForwardClaim(String),
+    #[error("jwt.max_token_bytes must be at least 256")]
+    JwtMaxTokenBytes,
+    #[error("jwt.refresh_interval must be at least 1s")]
+    JwtRefresh,
+    #[error("{}CORS: {source}", route.as_ref().map(|r| format!("route `{r}`: ")).unwrap_or_default())]
+    Cors {
+        route: Option<String>,
+        #[source]
+        source: CorsConfigError,
+    },
+    #[error("the Redis rate-limit URL `{url}` is invalid; write redis://host:port")]
+    RedisUrl {
+        url: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("limits.{0}")]
+    Limits(&'static str),
+}
+
+impl Config {
+    /// Checks everything that can be checked without the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.max_header_bytes < 8192 {
+            return Err(ConfigError::Limits(
+                "max_header_bytes must be at least 8192",
+            ));
+        }
+        if l.max_headers == 0 || l.max_in_flight == 0 {
+            return Err(ConfigError::Limits(
+                "max_headers and max_in_flight must be at least 1",
+            ));
+        }
+        if !(0.0..=1.0).contains(&l.retry_budget_ratio) {
+            return Err(ConfigError::Limits(
+                "retry_budget_ratio must be between 0 and 1",
+            ));
+        }
+        if l.outlier_consecutive_failures == 0 {
+            return Err(ConfigError::Limits(
+                "outlier_consecutive_failures must be at least 1",
+            ));
+        }
+        if let Some(jwt) = &self.jwt {
+            if jwt.issuer.is_empty() {
+                return Err(ConfigError::JwtIssuer);
+            }
+            if let Some(bad) = jwt
+                .forward_claims
+                .iter()
+                .find(|c| claim_header(c).is_none() || *c == "id")
+            {
+                return Err(ConfigError::JwtForwardClaim(bad.clone()));
+            }
+            if jwt.max_token_bytes < 256 {
+                return Err(ConfigError::JwtMaxTokenBytes);
+            }
+            if jwt.refresh_interval < Duration::from_secs(1) {
+                return Err(ConfigError::JwtRefresh);
+            }
+        }
+        if let Some(cors) = &self.cors {
+            CorsPolicy::new(cors).map_err(|source| ConfigError::Cors {
+                route: None,
+                source,
+            })?;
+        }
+        if let RateLimitBackend::Redis { url, .. } = &self.rate_limit_backend {
+            crate::ratelimit::redis::check_url(url).map_err(|source| ConfigError::RedisUrl {
+                url: url.clone(),
+                source,
+            })?;
+        }
+        for route in &self.routes {
+            let is_jwt = matches!(route.auth, RouteAuth::Jwt { .. });
+            if is_jwt && self.jwt.is_none() {
+                return Err(ConfigError::JwtRequired {
+                    route: route.name(),
+                });
+            }
+            if let Some(limit) = &route.rate_limit
+                && limit.key == RateLimitKey::User
+                && !is_jwt
+            {
+                return Err(ConfigError::UserLimitNeedsJwt {
+                    route: route.name(),
+                });
+            }
+            if let Some(cors) = &route.cors {
+                CorsPolicy::new(cors).map_err(|source| ConfigError::Cors {
+                    route: Some(route.name()),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -73,15 +283,19 @@ impl Config {
             routes: manifest
                 .routes()
                 .map(|(service, route)| RouteConfig {
-                    service: service.to_string(),
-                    pattern: route.pattern.clone(),
                     methods: route.methods.clone(),
                     timeout: route.timeout,
+                    ..RouteConfig::new(service, route.pattern.clone())
                 })
                 .collect(),
             static_dir: manifest.gateway.static_dir.clone(),
             access_log: None,
             limits: Limits::default(),
+            jwt: None,
+            cors: None,
+            ip: None,
+            rate_limit_backend: RateLimitBackend::Memory,
+            upstream_tls: None,
         }
     }
 }

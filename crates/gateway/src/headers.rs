@@ -48,12 +48,17 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Prepares a client's request headers for an upstream: strips hop-by-hop
-/// headers, appends the client to `X-Forwarded-For`, sets
+/// headers, appends the peer to `X-Forwarded-For`, sets
 /// `X-Forwarded-Proto` and `X-Forwarded-Host`, and makes sure `Host` carries
 /// what the client asked for (HTTP/2 clients send it as `:authority`).
+///
+/// The forwarding chain the client sent is kept only when `trust_chain`
+/// (the peer is a trusted proxy); otherwise it is the client's own claim
+/// and is replaced by the peer, so services never see a forged hop.
 pub(crate) fn prepare_request(
     headers: &mut HeaderMap,
     client: Option<IpAddr>,
+    trust_chain: bool,
     proto: &'static str,
     authority: Option<&str>,
 ) {
@@ -61,6 +66,10 @@ pub(crate) fn prepare_request(
     // The gateway streams the body itself; the upstream's `100 Continue`
     // would have nowhere to go.
     headers.remove(header::EXPECT);
+    if !trust_chain {
+        headers.remove(&X_FORWARDED_FOR);
+        headers.remove(header::FORWARDED);
+    }
 
     if let Some(client) = client {
         let client = client.to_string();
@@ -139,7 +148,13 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("expect", "100-continue"),
         ]);
-        prepare_request(&mut h, Some(IpAddr::from([127, 0, 0, 1])), "http", None);
+        prepare_request(
+            &mut h,
+            Some(IpAddr::from([127, 0, 0, 1])),
+            true,
+            "http",
+            None,
+        );
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 198.51.100.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["host"], "shop.example:8080");
@@ -148,11 +163,26 @@ mod tests {
     }
 
     #[test]
+    fn an_untrusted_peer_cannot_forge_the_chain() {
+        let mut h = map(&[("x-forwarded-for", "6.6.6.6"), ("forwarded", "for=6.6.6.6")]);
+        prepare_request(
+            &mut h,
+            Some(IpAddr::from([203, 0, 113, 9])),
+            false,
+            "http",
+            None,
+        );
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9");
+        assert!(h.get("forwarded").is_none());
+    }
+
+    #[test]
     fn http2_authority_becomes_host() {
         let mut h = HeaderMap::new();
         prepare_request(
             &mut h,
             Some(IpAddr::from([10, 0, 0, 1])),
+            true,
             "http",
             Some("api.local"),
         );

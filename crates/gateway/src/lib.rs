@@ -7,33 +7,46 @@
 //! idempotent requests when an instance dies under it, and gives every
 //! request an id, an access-log line and metrics. Concentrating this here
 //! keeps services small and makes edge policy (JWT, rate limits, CORS, IP
-//! lists, coming next) something the platform enforces rather than something
-//! each service must remember.
+//! lists, body and header limits, slow-client timeouts) something the
+//! platform enforces rather than something each service must remember.
 //!
 //! The gateway knows nothing about processes: it asks an [`Upstreams`] (the
 //! runtime, or a test double) for ready instances. Its public surface is:
 //!
-//! - [`Config`] (built with [`Config::from_manifest`], fields overridable),
+//! - [`Config`] (built with [`Config::from_manifest`], fields overridable)
+//!   and its policy types: [`JwtConfig`]/[`JwksSource`], [`RouteAuth`],
+//!   [`RateLimit`] (`"20/s burst 40 per user"`), [`RateLimitBackend`],
+//!   [`CorsConfig`], [`IpConfig`]/[`IpRules`] ([`parse_net`]), [`Limits`];
 //! - [`Gateway::start`], [`Gateway::local_addr`], [`Gateway::reload`],
-//!   [`Gateway::shutdown`],
-//! - [`Error`] for why it could not start.
+//!   [`Gateway::shutdown`];
+//! - [`Error`] for why it could not start, [`ConfigError`] for why a
+//!   configuration was refused.
 //!
 //! A request passes through one tower stack, outermost first: request id →
-//! access log and metrics → `server` header → `/healthz` → route match (404,
-//! 405, static files) → proxy (instance pick by power of two choices,
-//! activation, timeout, retries). Each concern is its own module and layer so
-//! that edge-security layers can be slotted between them.
+//! access log and metrics → `server` header → load shedding → `/healthz` →
+//! edge (IP lists → CORS → route match, 404/405/static files → route IP
+//! lists → JWT → rate limit → body limit) → proxy (instance pick by power of
+//! two choices skipping ejected instances, activation, timeout, retries
+//! within a budget, outlier detection). Below the stack, each connection's
+//! socket is watched for slow heads (408) and idle keep-alive.
 
 mod access_log;
 mod balance;
 mod body;
 mod client;
 mod config;
+mod conn;
+mod cors;
+mod edge;
 mod headers;
 mod health;
+mod ip;
+mod jwt;
 mod proxy;
+mod ratelimit;
 mod rejection;
 mod request_id;
+mod resilience;
 mod routes;
 mod routing;
 mod server;
@@ -48,7 +61,12 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use config::{Config, Limits, RouteConfig};
+pub use client::UpstreamTls;
+pub use config::{Config, ConfigError, Limits, RouteConfig};
+pub use cors::{CorsConfig, CorsConfigError};
+pub use ip::{IpConfig, IpNetParseError, IpRules, parse_net, parse_nets};
+pub use jwt::{JwksSource, JwksSourceError, JwtConfig, RouteAuth, RouteAuthParseError};
+pub use ratelimit::{RateLimit, RateLimitBackend, RateLimitKey, RateLimitParseError};
 pub use upstream::{ActivateError, ActivateFuture, Endpoint, Load, LoadGuard, Upstreams};
 
 /// Why the gateway could not start.
@@ -82,6 +100,10 @@ pub enum Error {
         path.display()
     )]
     StaticDir { path: PathBuf },
+    #[error("invalid gateway configuration")]
+    Config(#[from] ConfigError),
+    #[error("cannot load the gateway's identity for mutual TLS to instances (upstream_tls)")]
+    UpstreamTls(#[source] flotilla_mesh::tls::TlsError),
 }
 
 /// A running gateway. Dropping it without [`Gateway::shutdown`] stops
@@ -90,13 +112,23 @@ pub enum Error {
 pub struct Gateway {
     local_addr: SocketAddr,
     routing: Arc<routing::RoutingState>,
+    context: routing::Context,
+    /// Serialises reloads, so each builds on the one before.
+    reloading: std::sync::Mutex<()>,
     stop: oneshot::Sender<Duration>,
     task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for routing::Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
 }
 
 impl Gateway {
     /// Validates `config`, binds its listen address and starts serving.
     pub async fn start(config: Config, upstreams: Arc<dyn Upstreams>) -> Result<Gateway, Error> {
+        config.validate()?;
         if let Some(dir) = &config.static_dir {
             let is_dir = tokio::fs::metadata(dir)
                 .await
@@ -120,8 +152,21 @@ impl Gateway {
             None => (None, None),
         };
 
-        let routing = Arc::new(routing::RoutingState::new(routing::Routing::new(&config)));
-        let stack = server::stack(&config, Arc::clone(&routing), sink, upstreams);
+        let context = routing::Context {
+            client: client::build(&config.limits, config.upstream_tls.as_ref())
+                .map_err(Error::UpstreamTls)?,
+            upstreams: Arc::clone(&upstreams),
+        };
+        let routing = Arc::new(routing::RoutingState::new(routing::Routing::build(
+            &config, None, &context,
+        )?));
+        let stack = server::stack(
+            &config.limits,
+            Arc::clone(&routing),
+            sink,
+            upstreams,
+            context.client.clone(),
+        );
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(server::run(
             listener,
@@ -134,6 +179,8 @@ impl Gateway {
         Ok(Gateway {
             local_addr,
             routing,
+            context,
+            reloading: std::sync::Mutex::new(()),
             stop,
             task,
         })
@@ -145,17 +192,28 @@ impl Gateway {
         self.local_addr
     }
 
-    /// Atomically replaces the routes and the static directory. Requests
-    /// already past routing finish with the configuration they started with.
-    /// `listen`, `access_log` and `limits` are fixed at start; changing them
-    /// needs a new gateway.
-    pub fn reload(&self, config: Config) {
-        self.routing.replace(routing::Routing::new(&config));
+    /// Atomically replaces the routes, the static directory and every
+    /// policy (JWT, CORS, IP lists, rate limits, body limits). Requests in
+    /// flight finish with the configuration they started with; connections
+    /// stay open and their next request uses the new one. Rate-limit
+    /// counters of unchanged limits and the JWT keys of an unchanged JWT
+    /// config carry over.
+    ///
+    /// An invalid `config` is refused with its error and the old one stays.
+    /// `listen`, `access_log` and `limits` (except `max_body_bytes`) are
+    /// fixed at start; changing them needs a new gateway. Must be called
+    /// from within the tokio runtime.
+    pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
+        let _serial = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.routing.current();
+        let next = routing::Routing::build(&config, Some(&current), &self.context)?;
+        self.routing.replace(next);
         tracing::info!(
             target: "flotilla::gateway",
             routes = config.routes.len(),
             "gateway configuration reloaded"
         );
+        Ok(())
     }
 
     /// Stops accepting connections, lets in-flight requests finish for up to

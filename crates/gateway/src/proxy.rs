@@ -8,11 +8,16 @@
 //! `X-Forwarded-*` set, and bound everything up to the response headers by
 //! the route's timeout.
 //!
-//! Idempotent requests whose body is empty or small enough to buffer are
-//! retried on another instance when the upstream connection fails before a
-//! response arrives (refused, reset, closed early), so that an instance
-//! dying under load costs clients nothing. Nothing else is retried: a
-//! non-idempotent request may already have had its effect.
+//! Idempotent requests (and POSTs carrying an `Idempotency-Key`) whose body
+//! is empty or small enough to buffer are retried on another instance when
+//! the upstream connection fails before a response arrives (refused, reset,
+//! closed early) or the instance answers 502 or 503, after a short jittered
+//! backoff and within the service's retry budget (see `resilience`), so
+//! that an instance dying or draining costs clients nothing. Nothing else
+//! is retried: a non-idempotent request may already have had its effect.
+//!
+//! Every attempt's outcome feeds passive outlier detection; ejected
+//! instances are skipped when picking.
 
 use std::convert::Infallible;
 use std::error::Error as _;
@@ -24,7 +29,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::request::Parts;
-use http::{Method, Request, Response, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -36,9 +41,11 @@ use crate::balance;
 use crate::body::{self, Body, Holding};
 use crate::client::{self, UpstreamClient};
 use crate::config::Limits;
+use crate::edge::ClientAddr;
 use crate::headers;
 use crate::rejection::Rejection;
 use crate::request_id::RequestId;
+use crate::resilience::{Resilience, ServiceHealth, Settings};
 use crate::routes::Route;
 use crate::routing::MatchedRoute;
 use crate::server::ConnInfo;
@@ -49,9 +56,15 @@ use crate::upstream::{ActivateError, Endpoint, LoadGuard, Upstreams};
 #[derive(Debug, Clone)]
 pub(crate) struct UpstreamInstance(pub String);
 
-/// Backoff before a retry: short, since the retry goes to another instance,
-/// and jittered so that a burst of failures does not retry in lockstep.
-const BACKOFF_MS: std::ops::RangeInclusive<u64> = 5..=25;
+/// Backoff before retry `n` (from 1): "full jitter" up to 10 ms × 2^(n-1),
+/// at most 200 ms — short, since the retry goes to another instance, and
+/// random so that a burst of failures does not retry in lockstep.
+fn backoff(retry: u32) -> Duration {
+    let cap = (10u64 << retry.saturating_sub(1).min(5)).min(200);
+    Duration::from_millis(rand::rng().random_range(1..=cap))
+}
+
+static IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
 
 #[derive(Clone)]
 pub(crate) struct Proxy {
@@ -63,16 +76,22 @@ struct Inner {
     client: UpstreamClient,
     max_retries: u32,
     retry_body_limit: usize,
+    resilience: Resilience,
 }
 
 impl Proxy {
-    pub(crate) fn new(upstreams: Arc<dyn Upstreams>, limits: &Limits) -> Proxy {
+    pub(crate) fn new(
+        upstreams: Arc<dyn Upstreams>,
+        client: UpstreamClient,
+        limits: &Limits,
+    ) -> Proxy {
         Proxy {
             inner: Arc::new(Inner {
                 upstreams,
-                client: client::build(limits),
+                client,
                 max_retries: limits.max_retries,
                 retry_body_limit: limits.retry_body_limit,
+                resilience: Resilience::new(Settings::from_limits(limits)),
             }),
         }
     }
@@ -140,43 +159,98 @@ impl Inner {
         };
         let (mut parts, body) = req.into_parts();
         let conn = parts.extensions.get::<ConnInfo>().copied();
+        let trusted = parts
+            .extensions
+            .get::<ClientAddr>()
+            .is_some_and(|c| c.via_trusted_proxy);
         let authority = parts.uri.authority().map(|a| a.to_string());
         headers::prepare_request(
             &mut parts.headers,
             conn.map(|c| c.peer.ip()),
+            trusted,
             conn.map_or("http", |c| c.scheme),
             authority.as_deref(),
         );
-        let mut outgoing = tokio::time::timeout_at(deadline, self.outgoing(&parts.method, body))
+        let retryable = is_idempotent(&parts.method)
+            || (parts.method == Method::POST && parts.headers.contains_key(&IDEMPOTENCY_KEY));
+        let mut outgoing = tokio::time::timeout_at(deadline, self.outgoing(retryable, body))
             .await
             .map_err(|_| timed_out())??;
         let can_retry = matches!(outgoing, Outgoing::Replayable(_));
+        let health = self.resilience.service(&route.service);
+        health.request();
 
         let mut tried: Vec<String> = Vec::new();
         let mut retries = 0;
         loop {
-            let endpoint = self.pick(route, &tried, deadline).await?;
+            let (endpoint, ready) = self.pick(route, &tried, deadline, &health).await?;
             let guard = endpoint.load.begin();
             let body = match &mut outgoing {
                 Outgoing::Replayable(bytes) => body::full(bytes.clone()),
                 Outgoing::Streaming(body) => body.take().unwrap_or_else(body::empty),
             };
-            let request =
+            let mut request =
                 upstream_request(&parts, &endpoint, body).map_err(|e| Rejection::BadGateway {
                     service: route.service.clone(),
                     source: e.into(),
                 })?;
+            // Over mTLS, only an instance of the route's service can take it.
+            client::bind_service(&mut request, &route.service);
+            let may_retry = |retries: u32| can_retry && retries < self.max_retries;
             let error = match tokio::time::timeout_at(deadline, self.client.request(request)).await
             {
-                Err(_) => return Err(timed_out()),
-                Ok(Ok(res)) => return Ok(relay(res, guard, &endpoint)),
+                Err(_) => {
+                    health.failure(&endpoint.instance, &ready);
+                    return Err(timed_out());
+                }
+                Ok(Ok(res)) => {
+                    let status = res.status();
+                    if status.is_server_error() {
+                        health.failure(&endpoint.instance, &ready);
+                    } else {
+                        health.success(&endpoint.instance);
+                    }
+                    let reason = match status {
+                        StatusCode::BAD_GATEWAY => "status_502",
+                        StatusCode::SERVICE_UNAVAILABLE => "status_503",
+                        _ => return Ok(relay(res, guard, &endpoint)),
+                    };
+                    if !may_retry(retries) || !health.try_retry() {
+                        return Ok(relay(res, guard, &endpoint));
+                    }
+                    drop(res);
+                    drop(guard);
+                    retries += 1;
+                    stats::retried(route.pattern.as_str(), &route.service, reason);
+                    tracing::debug!(
+                        target: "flotilla::gateway",
+                        service = %route.service,
+                        instance = %endpoint.instance,
+                        %status,
+                        retry = retries,
+                        "upstream answered {status}; retrying on another instance"
+                    );
+                    tried.push(endpoint.instance);
+                    tokio::time::sleep_until(deadline.min(Instant::now() + backoff(retries))).await;
+                    continue;
+                }
                 Ok(Err(error)) => error,
             };
             drop(guard);
+            if let Some(limit) = body_limit_exceeded(&error, route) {
+                return Err(Rejection::PayloadTooLarge { limit });
+            }
             let failure = classify(&error);
-            if can_retry && failure != Failure::Other && retries < self.max_retries {
+            if failure != Failure::Other {
+                health.failure(&endpoint.instance, &ready);
+            }
+            if failure != Failure::Other && may_retry(retries) && health.try_retry() {
                 retries += 1;
-                stats::retried(&route.service);
+                let reason = match failure {
+                    Failure::Connect => "connect",
+                    _ => "connection_lost",
+                };
+                stats::retried(route.pattern.as_str(), &route.service, reason);
                 tracing::debug!(
                     target: "flotilla::gateway",
                     service = %route.service,
@@ -186,8 +260,7 @@ impl Inner {
                     "upstream connection failed; retrying on another instance"
                 );
                 tried.push(endpoint.instance);
-                let backoff = Duration::from_millis(rand::rng().random_range(BACKOFF_MS));
-                tokio::time::sleep_until(deadline.min(Instant::now() + backoff)).await;
+                tokio::time::sleep_until(deadline.min(Instant::now() + backoff(retries))).await;
                 continue;
             }
             let service = route.service.clone();
@@ -202,8 +275,8 @@ impl Inner {
     }
 
     /// Buffers the body when that makes the request retryable.
-    async fn outgoing(&self, method: &Method, body: Body) -> Result<Outgoing, Rejection> {
-        if !is_idempotent(method) || self.max_retries == 0 {
+    async fn outgoing(&self, retryable: bool, body: Body) -> Result<Outgoing, Rejection> {
+        if !retryable || self.max_retries == 0 {
             return Ok(Outgoing::Streaming(Some(body)));
         }
         if body.is_end_stream() {
@@ -213,24 +286,31 @@ impl Inner {
         // chunked or large one streams and is not retried.
         match body.size_hint().upper() {
             Some(len) if len <= self.retry_body_limit as u64 => {
-                let collected = body
-                    .collect()
-                    .await
-                    .map_err(|source| Rejection::BadRequestBody { source })?;
+                let collected =
+                    body.collect().await.map_err(|source| match source
+                        .downcast_ref::<http_body_util::LengthLimitError>(
+                    ) {
+                        Some(_) => Rejection::PayloadTooLarge {
+                            limit: len as usize,
+                        },
+                        None => Rejection::BadRequestBody { source },
+                    })?;
                 Ok(Outgoing::Replayable(collected.to_bytes()))
             }
             _ => Ok(Outgoing::Streaming(Some(body))),
         }
     }
 
-    /// A ready instance, preferring ones not `tried` yet; activates the
-    /// service (holding the request) when none is ready.
+    /// A ready instance, preferring ones not `tried` yet and not ejected;
+    /// activates the service (holding the request) when none is ready.
+    /// Also returns the ready instances, for outlier detection.
     async fn pick(
         &self,
         route: &Route,
         tried: &[String],
         deadline: Instant,
-    ) -> Result<Endpoint, Rejection> {
+        health: &ServiceHealth,
+    ) -> Result<(Endpoint, Arc<[Endpoint]>), Rejection> {
         let service = route.service.as_str();
         let no_ready = |source: ActivateError| Rejection::NoReadyInstance {
             service: service.to_string(),
@@ -253,24 +333,31 @@ impl Inner {
             }
             ready = self.upstreams.ready(service);
         }
-        let fresh: Vec<&Endpoint> = ready
+        let healthy: Vec<&Endpoint> = ready
             .iter()
-            .filter(|e| !tried.contains(&e.instance))
+            .filter(|e| !health.is_ejected(&e.instance))
             .collect();
-        // With every instance tried, try again where we must.
-        let candidates: Vec<&Endpoint> = if fresh.is_empty() {
+        // Outlier detection never ejects every instance, but the runtime's
+        // list may have shrunk to ejected ones: better them than nothing.
+        let pool: Vec<&Endpoint> = if healthy.is_empty() {
             ready.iter().collect()
         } else {
-            fresh
+            healthy
         };
-        balance::pick(&candidates, &mut rand::rng())
-            .cloned()
-            .ok_or_else(|| {
-                no_ready(ActivateError::Unavailable {
-                    service: service.to_string(),
-                    reason: "activation finished but no instance is ready".to_string(),
-                })
+        let fresh: Vec<&Endpoint> = pool
+            .iter()
+            .filter(|e| !tried.contains(&e.instance))
+            .copied()
+            .collect();
+        // With every instance tried, try again where we must.
+        let candidates: Vec<&Endpoint> = if fresh.is_empty() { pool } else { fresh };
+        let picked = balance::pick(&candidates, &mut rand::rng()).cloned();
+        picked.map(|e| (e, Arc::clone(&ready))).ok_or_else(|| {
+            no_ready(ActivateError::Unavailable {
+                service: service.to_string(),
+                reason: "activation finished but no instance is ready".to_string(),
             })
+        })
     }
 }
 
@@ -314,6 +401,19 @@ fn relay(res: Response<Incoming>, guard: LoadGuard, endpoint: &Endpoint) -> Resp
         .extensions
         .insert(UpstreamInstance(endpoint.instance.clone()));
     Response::from_parts(parts, body::boxed(Holding::new(incoming, guard)))
+}
+
+/// The route's body limit, when `error` is the request body exceeding it
+/// while streaming to the upstream.
+fn body_limit_exceeded(error: &hyper_util::client::legacy::Error, route: &Route) -> Option<usize> {
+    let mut source = error.source();
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return route.policy.max_body_bytes;
+        }
+        source = e.source();
+    }
+    None
 }
 
 fn classify(error: &hyper_util::client::legacy::Error) -> Failure {

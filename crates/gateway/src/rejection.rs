@@ -7,10 +7,11 @@
 
 use std::time::Duration;
 
-use http::header::{ALLOW, CONTENT_TYPE};
+use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Response, StatusCode};
 
 use crate::body::{self, Body, BoxError};
+use crate::jwt::AuthError;
 use crate::request_id::RequestId;
 use crate::upstream::ActivateError;
 
@@ -53,6 +54,28 @@ pub(crate) enum Rejection {
         #[source]
         source: BoxError,
     },
+    #[error("this client address is not allowed")]
+    IpDenied,
+    #[error("this origin may not make this request")]
+    CorsDenied,
+    /// The reason stays out of the message: telling an attacker why a
+    /// token failed helps them forge the next one.
+    #[error("{}", auth_message(.0))]
+    Auth(AuthError),
+    #[error("too many requests; retry later")]
+    RateLimited,
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("the gateway is overloaded; retry later")]
+    Overloaded,
+}
+
+fn auth_message(e: &AuthError) -> &'static str {
+    match e {
+        AuthError::Missing => "an access token is required",
+        AuthError::Invalid(_) => "the access token is invalid",
+        AuthError::Forbidden { .. } => "the access token does not allow this request",
+    }
 }
 
 impl Rejection {
@@ -66,6 +89,12 @@ impl Rejection {
             Rejection::UpstreamUnreachable { .. } | Rejection::BadGateway { .. } => {
                 StatusCode::BAD_GATEWAY
             }
+            Rejection::IpDenied | Rejection::CorsDenied => StatusCode::FORBIDDEN,
+            Rejection::Auth(AuthError::Forbidden { .. }) => StatusCode::FORBIDDEN,
+            Rejection::Auth(_) => StatusCode::UNAUTHORIZED,
+            Rejection::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Rejection::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -80,6 +109,14 @@ impl Rejection {
             Rejection::UpstreamTimeout { .. } => "upstream_timeout",
             Rejection::UpstreamUnreachable { .. } => "upstream_unreachable",
             Rejection::BadGateway { .. } => "bad_gateway",
+            Rejection::IpDenied => "ip_denied",
+            Rejection::CorsDenied => "cors_denied",
+            Rejection::Auth(AuthError::Missing) => "missing_token",
+            Rejection::Auth(AuthError::Invalid(_)) => "invalid_token",
+            Rejection::Auth(AuthError::Forbidden { .. }) => "insufficient_scope",
+            Rejection::RateLimited => "rate_limited",
+            Rejection::PayloadTooLarge { .. } => "payload_too_large",
+            Rejection::Overloaded => "overloaded",
         }
     }
 
@@ -112,7 +149,41 @@ impl Rejection {
         {
             res.headers_mut().insert(ALLOW, v);
         }
+        if let Rejection::Auth(e) = &self {
+            res.headers_mut().insert(WWW_AUTHENTICATE, challenge(e));
+        }
+        if let Rejection::Overloaded = &self {
+            res.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         res
+    }
+}
+
+/// The `WWW-Authenticate` challenge (RFC 6750 §3): no error code when no
+/// token was sent, the scope the route needs when it was too narrow.
+fn challenge(e: &AuthError) -> HeaderValue {
+    match e {
+        AuthError::Missing => HeaderValue::from_static("Bearer realm=\"flotilla\""),
+        AuthError::Invalid(_) => {
+            HeaderValue::from_static("Bearer realm=\"flotilla\", error=\"invalid_token\"")
+        }
+        AuthError::Forbidden { scope, .. } => {
+            let scope = scope
+                .as_deref()
+                .filter(|s| {
+                    s.bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' || b == b' ')
+                })
+                .map(|s| format!(", scope=\"{s}\""))
+                .unwrap_or_default();
+            HeaderValue::from_str(&format!(
+                "Bearer realm=\"flotilla\", error=\"insufficient_scope\"{scope}"
+            ))
+            .unwrap_or_else(|_| {
+                HeaderValue::from_static("Bearer realm=\"flotilla\", error=\"insufficient_scope\"")
+            })
+        }
     }
 }
 
@@ -170,6 +241,31 @@ mod tests {
         assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(res.headers()[ALLOW], "GET, HEAD");
         assert_eq!(json(res).await["error"]["code"], "method_not_allowed");
+    }
+
+    #[tokio::test]
+    async fn auth_failures_carry_a_challenge_and_no_detail() {
+        let res = Rejection::Auth(AuthError::Invalid("bad_signature")).into_response(None);
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            res.headers()[WWW_AUTHENTICATE],
+            "Bearer realm=\"flotilla\", error=\"invalid_token\""
+        );
+        let v = json(res).await;
+        assert_eq!(v["error"]["code"], "invalid_token");
+        assert!(!v.to_string().contains("signature"));
+        let res = Rejection::Auth(AuthError::Forbidden {
+            reason: "missing_scope",
+            scope: Some("orders:write".into()),
+        })
+        .into_response(None);
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            res.headers()[WWW_AUTHENTICATE],
+            "Bearer realm=\"flotilla\", error=\"insufficient_scope\", scope=\"orders:write\""
+        );
+        let res = Rejection::Auth(AuthError::Missing).into_response(None);
+        assert_eq!(res.headers()[WWW_AUTHENTICATE], "Bearer realm=\"flotilla\"");
     }
 
     #[test]

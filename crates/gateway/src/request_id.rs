@@ -26,7 +26,11 @@ pub(crate) struct RequestId(HeaderValue);
 
 impl RequestId {
     fn generate() -> RequestId {
-        let id = uuid::Uuid::new_v4().to_string();
+        // A v4 UUID from the thread-local CSPRNG: `Uuid::new_v4` would ask
+        // the OS for randomness (a syscall) on every request.
+        let id = uuid::Builder::from_random_bytes(rand::random())
+            .into_uuid()
+            .to_string();
         // A hyphenated UUID is always a valid header value.
         RequestId(HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-")))
     }

@@ -13,17 +13,39 @@ use flotilla_manifest::PathPattern;
 use http::Method;
 
 use crate::config::RouteConfig;
+use crate::cors::CorsPolicy;
+use crate::ip::IpRules;
+use crate::jwt::RouteAuth;
+use crate::ratelimit::Limiter;
 
-/// One route, as the proxy needs it.
+/// One route, as the edge and the proxy need it.
 #[derive(Debug)]
 pub(crate) struct Route {
     pub service: String,
     pub pattern: PathPattern,
     methods: Vec<String>,
     pub timeout: Duration,
+    pub policy: RoutePolicy,
+}
+
+/// What the edge enforces on a route, compiled from its config.
+#[derive(Debug, Default)]
+pub(crate) struct RoutePolicy {
+    pub auth: RouteAuth,
+    pub limiter: Option<Arc<Limiter>>,
+    /// The route's own CORS policy (else the system's applies).
+    pub cors: Option<Arc<CorsPolicy>>,
+    pub ip: Option<IpRules>,
+    /// `None`: no limit (only tests build routes without one).
+    pub max_body_bytes: Option<usize>,
 }
 
 impl Route {
+    /// The methods the route was configured with, upper case.
+    pub(crate) fn methods(&self) -> &[String] {
+        &self.methods
+    }
+
     /// Any method when none are listed; HEAD wherever GET is, as HTTP asks.
     fn allows(&self, method: &Method) -> bool {
         self.methods.is_empty()
@@ -48,7 +70,16 @@ pub(crate) struct RouteTable {
 }
 
 impl RouteTable {
+    #[cfg(test)]
     pub(crate) fn new(configs: &[RouteConfig]) -> RouteTable {
+        RouteTable::with_policies(configs, |_| RoutePolicy::default())
+    }
+
+    /// The table of `configs`, each route's policy made by `policy`.
+    pub(crate) fn with_policies(
+        configs: &[RouteConfig],
+        mut policy: impl FnMut(&RouteConfig) -> RoutePolicy,
+    ) -> RouteTable {
         let mut routes: Vec<Arc<Route>> = configs
             .iter()
             .map(|c| {
@@ -57,12 +88,18 @@ impl RouteTable {
                     pattern: c.pattern.clone(),
                     methods: c.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
                     timeout: c.timeout,
+                    policy: policy(c),
                 })
             })
             .collect();
         // Stable: routes with the same pattern keep their configured order.
         routes.sort_by(|a, b| b.pattern.specificity_cmp(&a.pattern));
         RouteTable { routes }
+    }
+
+    /// Every route, most specific first.
+    pub(crate) fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
     }
 
     pub(crate) fn find(&self, method: &Method, path: &str) -> Match {
@@ -104,14 +141,14 @@ mod tests {
     use super::*;
 
     fn route(service: &str, pattern: &str, methods: &[&str]) -> RouteConfig {
+        let pattern = match PathPattern::parse(pattern) {
+            Ok(p) => p,
+            Err(e) => panic!("{pattern}: {e}"),
+        };
         RouteConfig {
-            service: service.into(),
-            pattern: match PathPattern::parse(pattern) {
-                Ok(p) => p,
-                Err(e) => panic!("{pattern}: {e}"),
-            },
             methods: methods.iter().map(|m| m.to_string()).collect(),
             timeout: Duration::from_secs(1),
+            ..RouteConfig::new(service, pattern)
         }
     }
 

@@ -1,46 +1,140 @@
-//! The routing layer: decides, per request, between a service route (passed
-//! inward, with the matched [`Route`] in the request extensions), a 405, the
-//! static files, or a 404.
+//! One configuration's routes and policies, compiled, and the slot that
+//! holds the one in force.
 //!
-//! The current routes live behind [`RoutingState`] so that a reload swaps
-//! them atomically; each request takes a snapshot at this layer, so requests
-//! in flight finish with the configuration they were routed by.
+//! A reload builds a whole new [`Routing`] (routes, static files, JWT
+//! verifier, CORS, IP lists, rate limiters) and swaps it in with one pointer
+//! write; each request takes a snapshot when it enters the edge, so it is
+//! routed and policed by exactly one configuration, old or new, never a
+//! mix. Connections are not involved at all, so kept-alive connections carry
+//! on and their next request sees the new configuration.
+//!
+//! State worth keeping survives a reload when its settings do not change:
+//! a route's rate-limit counters (matched by service, pattern and methods)
+//! and the JWT verifier with its keys and cache.
 
-use std::convert::Infallible;
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 
-use futures_util::future::{self, BoxFuture, FutureExt};
-use http::{Method, Request, Response, StatusCode};
-use tower::{Layer, Service, ServiceExt};
 use tower_http::services::ServeDir;
 
-use crate::body::{self, Body};
-use crate::config::Config;
-use crate::rejection::Rejection;
-use crate::request_id::RequestId;
-use crate::routes::{Match, Route, RouteTable, has_dot_segment};
+use crate::client::UpstreamClient;
+use crate::config::{Config, ConfigError};
+use crate::cors::CorsPolicy;
+use crate::ip::{IpConfig, IpRules};
+use crate::jwt::Verifier;
+use crate::ratelimit::{self, Limiter, RateLimitBackend};
+use crate::routes::{Route, RoutePolicy, RouteTable};
+use crate::upstream::Upstreams;
 
 /// The route a request was matched to; in request and response extensions.
 #[derive(Debug, Clone)]
 pub(crate) struct MatchedRoute(pub Arc<Route>);
 
-/// One configuration's routing: the table and the static files.
+/// One configuration, compiled.
 #[derive(Debug)]
 pub(crate) struct Routing {
-    table: RouteTable,
-    static_files: Option<ServeDir>,
+    pub table: RouteTable,
+    pub static_files: Option<ServeDir>,
+    pub jwt: Option<Arc<Verifier>>,
+    pub cors: Option<Arc<CorsPolicy>>,
+    /// The system's allow/deny lists (`None`: everyone).
+    pub ip_rules: Option<IpRules>,
+    pub ip: Option<IpConfig>,
+    backend: RateLimitBackend,
+}
+
+/// What building a [`Routing`] needs besides the config.
+#[derive(Clone)]
+pub(crate) struct Context {
+    pub client: UpstreamClient,
+    pub upstreams: Arc<dyn Upstreams>,
+}
+
+/// Identifies a route across reloads (and across replicas, for Redis keys).
+fn route_id(service: &str, pattern: &str, methods: &[String]) -> String {
+    format!("{service}:{pattern}:{}", methods.join(","))
 }
 
 impl Routing {
-    pub(crate) fn new(config: &Config) -> Routing {
-        Routing {
-            table: RouteTable::new(&config.routes),
+    /// Validates `config` and compiles it, reusing what `previous` has that
+    /// is still valid. Must run inside tokio (the JWT verifier spawns its
+    /// key refresh).
+    pub(crate) fn build(
+        config: &Config,
+        previous: Option<&Routing>,
+        ctx: &Context,
+    ) -> Result<Routing, ConfigError> {
+        config.validate()?;
+        let jwt = config
+            .jwt
+            .as_ref()
+            .map(|jwt| match previous.and_then(|p| p.jwt.as_ref()) {
+                Some(v) if v.config == *jwt => Arc::clone(v),
+                _ => Arc::new(Verifier::start(
+                    jwt.clone(),
+                    ctx.client.clone(),
+                    Arc::clone(&ctx.upstreams),
+                )),
+            });
+        let cors = match &config.cors {
+            // Validated above.
+            Some(c) => CorsPolicy::new(c).ok().map(Arc::new),
+            None => None,
+        };
+        let old_limiters: HashMap<String, &Arc<Limiter>> = previous
+            .map(|p| {
+                p.table
+                    .routes()
+                    .iter()
+                    .filter_map(|r| {
+                        let l = r.policy.limiter.as_ref()?;
+                        Some((route_id(&r.service, r.pattern.as_str(), r.methods()), l))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let backend = &config.rate_limit_backend;
+        let old_backend = previous.map(|p| &p.backend);
+        let default_body = config.limits.max_body_bytes;
+        let table = RouteTable::with_policies(&config.routes, |route| {
+            let methods: Vec<String> = route
+                .methods
+                .iter()
+                .map(|m| m.to_ascii_uppercase())
+                .collect();
+            let id = route_id(&route.service, route.pattern.as_str(), &methods);
+            RoutePolicy {
+                auth: route.auth.clone(),
+                limiter: route.rate_limit.as_ref().map(|limit| {
+                    ratelimit::reuse_or_new(
+                        limit,
+                        backend,
+                        &id,
+                        old_limiters.get(&id).copied(),
+                        old_backend,
+                    )
+                }),
+                cors: route
+                    .cors
+                    .as_ref()
+                    .and_then(|c| CorsPolicy::new(c).ok())
+                    .map(Arc::new),
+                ip: route.ip.clone(),
+                max_body_bytes: Some(route.max_body_bytes.unwrap_or(default_body)),
+            }
+        });
+        Ok(Routing {
+            table,
             static_files: config
                 .static_dir
                 .as_ref()
                 .map(|dir| ServeDir::new(dir).append_index_html_on_directories(true)),
-        }
+            jwt,
+            cors,
+            ip_rules: config.ip.as_ref().map(IpConfig::rules),
+            ip: config.ip.clone(),
+            backend: backend.clone(),
+        })
     }
 }
 
@@ -60,101 +154,5 @@ impl RoutingState {
 
     pub(crate) fn replace(&self, routing: Routing) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routing);
-    }
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct RouteLayer {
-    state: Arc<RoutingState>,
-}
-
-impl RouteLayer {
-    pub(crate) fn new(state: Arc<RoutingState>) -> RouteLayer {
-        RouteLayer { state }
-    }
-}
-
-impl<S> Layer<S> for RouteLayer {
-    type Service = RouteService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RouteService {
-            state: Arc::clone(&self.state),
-            inner,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct RouteService<S> {
-    state: Arc<RoutingState>,
-    inner: S,
-}
-
-impl<S> Service<Request<Body>> for RouteService<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let request_id = req.extensions().get::<RequestId>().cloned();
-        let reject = move |r: Rejection| future::ready(Ok(r.into_response(request_id.as_ref())));
-        let path = req.uri().path();
-        if has_dot_segment(path) {
-            return reject(Rejection::BadPath).boxed();
-        }
-        let routing = self.state.current();
-        match routing.table.find(req.method(), path) {
-            Match::Route(route) => {
-                let matched = MatchedRoute(route);
-                req.extensions_mut().insert(matched.clone());
-                let fut = self.inner.call(req).boxed();
-                async move {
-                    let mut res = fut.await?;
-                    res.extensions_mut().insert(matched);
-                    Ok(res)
-                }
-                .boxed()
-            }
-            Match::MethodNotAllowed(allow) => reject(Rejection::MethodNotAllowed {
-                method: req.method().clone(),
-                path: path.to_string(),
-                allow,
-            })
-            .boxed(),
-            Match::NotFound => {
-                let not_found = Rejection::NotFound {
-                    method: req.method().clone(),
-                    path: path.to_string(),
-                };
-                let is_read = req.method() == Method::GET || req.method() == Method::HEAD;
-                match routing.static_files.clone() {
-                    Some(files) if is_read => {
-                        let serve = files.oneshot(req).boxed();
-                        async move {
-                            let res = match serve.await {
-                                Ok(res) => res,
-                                Err(never) => match never {},
-                            };
-                            // A missing file gets the same JSON 404 as a missing route.
-                            if res.status() == StatusCode::NOT_FOUND {
-                                return reject(not_found).await;
-                            }
-                            Ok(res.map(body::boxed))
-                        }
-                        .boxed()
-                    }
-                    _ => reject(not_found).boxed(),
-                }
-            }
-        }
     }
 }

@@ -6,10 +6,23 @@
 //! `TCP_NODELAY`, later the TLS handshake) happens on the connection's own
 //! task, so a slow client cannot stall accepting. Connections live in a
 //! `JoinSet` so that shutdown can close the ones still open at the deadline.
+//!
+//! Each connection's socket is watched (`conn`): a head that takes longer
+//! than `header_read_timeout` is answered 408, an idle kept-alive
+//! connection is closed after `idle_timeout`, and closing lingers so a
+//! client still sending (say, a 431'd head) reads its answer rather than a
+//! reset. hyper answers an oversized head (`max_header_bytes`, as its read
+//! buffer limit, or more than `max_headers` headers) with 431 itself.
+//!
+//! Load shedding: past `max_in_flight` requests at once, new ones get 503
+//! `overloaded` at once (before any routing or upstream work), so a flood
+//! degrades into fast refusals instead of a gateway out of memory.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::SERVER;
@@ -22,16 +35,20 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
-use tower::ServiceBuilder;
 use tower::util::BoxCloneService;
+use tower::{Layer, ServiceBuilder};
 
 use crate::access_log::{AccessLogLayer, Sink};
-use crate::body::{self, Body};
-use crate::config::{Config, Limits};
+use crate::body::{self, Body, Holding};
+use crate::client::UpstreamClient;
+use crate::config::Limits;
+use crate::conn::{self, Verdict, Watch};
+use crate::edge::EdgeLayer;
 use crate::health::HealthLayer;
 use crate::proxy::Proxy;
-use crate::request_id::RequestIdLayer;
-use crate::routing::{RouteLayer, RoutingState};
+use crate::rejection::Rejection;
+use crate::request_id::{RequestId, RequestIdLayer};
+use crate::routing::RoutingState;
 use crate::upstream::Upstreams;
 use crate::{Error, stats};
 
@@ -63,10 +80,11 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 
 /// The request path, outermost layer first.
 pub(crate) fn stack(
-    config: &Config,
+    limits: &Limits,
     routing: Arc<RoutingState>,
     access_log: Option<Arc<Sink>>,
     upstreams: Arc<dyn Upstreams>,
+    client: UpstreamClient,
 ) -> Stack {
     stats::describe();
     let service = ServiceBuilder::new()
@@ -76,14 +94,92 @@ pub(crate) fn stack(
         // Sees the final status, route and instance of every request.
         .layer(AccessLogLayer::new(access_log))
         .map_response(set_server_header)
+        // Before any work is spent on a request that will be refused.
+        .layer(ShedLayer::new(limits.max_in_flight))
         // Before routing, so no service route can shadow it.
         .layer(HealthLayer)
-        // Edge security that needs no route (IP lists, CORS) goes here, so
-        // that refused clients learn nothing about routes.
-        .layer(RouteLayer::new(routing))
-        // Per-route policy (JWT, rate limits) goes here, after routing.
-        .service(Proxy::new(upstreams, &config.limits));
+        // IP lists, CORS, routing, JWT, rate limits, body limits.
+        .layer(EdgeLayer::new(routing))
+        .service(Proxy::new(upstreams, client, limits));
     BoxCloneService::new(service)
+}
+
+/// Sheds requests past the in-flight cap.
+#[derive(Debug, Clone)]
+struct ShedLayer {
+    in_flight: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl ShedLayer {
+    fn new(max: usize) -> ShedLayer {
+        ShedLayer {
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+}
+
+impl<S> Layer<S> for ShedLayer {
+    type Service = Shed<S>;
+
+    fn layer(&self, inner: S) -> Shed<S> {
+        Shed {
+            layer: self.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Shed<S> {
+    layer: ShedLayer,
+    inner: S,
+}
+
+/// Counts one request in flight until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl<S> tower::Service<Request<Body>> for Shed<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = futures_util::future::BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        use futures_util::FutureExt;
+        let before = self.layer.in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(Arc::clone(&self.layer.in_flight));
+        if before >= self.layer.max {
+            drop(guard);
+            stats::shed();
+            let id = req.extensions().get::<RequestId>().cloned();
+            let res = Rejection::Overloaded.into_response(id.as_ref());
+            return futures_util::future::ready(Ok(res)).boxed();
+        }
+        // Boxed here, outside the async block: rustc cannot prove a projected
+        // future type `Send` inside one (rust-lang/rust#110338).
+        let fut = self.inner.call(req).boxed();
+        async move {
+            let res = fut.await?;
+            // In flight until the response body is done.
+            Ok(res.map(|b| body::boxed(Holding::new(b, guard))))
+        }
+        .boxed()
+    }
 }
 
 fn set_server_header(mut res: Response<Body>) -> Response<Body> {
@@ -97,8 +193,14 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+        // The connection watchdog times heads out with a 408 instead.
+        .header_read_timeout(None)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     builder
 }
 
@@ -129,6 +231,7 @@ pub(crate) async fn run(
                         graceful.watcher(),
                         stopping_rx.clone(),
                         limits.header_read_timeout,
+                        limits.idle_timeout,
                     ));
                 }
                 Err(e) => accept_failed(e).await,
@@ -178,6 +281,7 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
@@ -185,7 +289,8 @@ async fn serve_connection(
     stack: Stack,
     watcher: Watcher,
     mut stopping: watch::Receiver<()>,
-    first_byte_timeout: Duration,
+    header_timeout: Duration,
+    idle_timeout: Duration,
 ) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(target: "flotilla::gateway", %peer, error = %e, "cannot set TCP_NODELAY");
@@ -194,7 +299,7 @@ async fn serve_connection(
     // a client that connects and says nothing would hold the socket forever
     // (and, being silent, would never see a graceful shutdown either).
     tokio::select! {
-        first = tokio::time::timeout(first_byte_timeout, stream.readable()) => {
+        first = tokio::time::timeout(header_timeout, stream.readable()) => {
             if first.is_err() {
                 return;
             }
@@ -206,11 +311,28 @@ async fn serve_connection(
         peer,
         scheme: "http",
     };
-    let service = TowerToHyperService::new(Connection { stack, info });
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(target: "flotilla::gateway", %peer, error = %e, "connection ended with an error");
+    let (io, watched) = conn::watch(stream);
+    let service = TowerToHyperService::new(Connection {
+        stack,
+        info,
+        watch: Arc::clone(&watched.watch),
+    });
+    let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
+    let verdict = tokio::select! {
+        result = conn => {
+            if let Err(e) = result {
+                tracing::debug!(target: "flotilla::gateway", %peer, error = %e, "connection ended with an error");
+            }
+            None
+        }
+        verdict = watched.expired(header_timeout, idle_timeout) => Some(verdict),
+    };
+    // hyper's side of the connection is gone here (dropped with the select).
+    if verdict == Some(Verdict::HeadTimeout) {
+        tracing::debug!(target: "flotilla::gateway", %peer, "request headers too slow; answering 408");
+        watched.send_408().await;
     }
+    watched.linger().await;
 }
 
 /// The stack as seen from one connection: boxes hyper's body into the
@@ -219,23 +341,28 @@ async fn serve_connection(
 struct Connection {
     stack: Stack,
     info: ConnInfo,
+    watch: Arc<Watch>,
 }
 
 impl tower::Service<Request<Incoming>> for Connection {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = <Stack as tower::Service<Request<Body>>>::Future;
+    type Future = futures_util::future::BoxFuture<'static, Result<Response<Body>, Infallible>>;
 
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Infallible>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.stack.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        use futures_util::FutureExt;
+        let guard = self.watch.request_started();
         let mut req = req.map(body::boxed);
         req.extensions_mut().insert(self.info);
-        self.stack.call(req)
+        let fut = self.stack.call(req);
+        async move {
+            let res = fut.await?;
+            Ok(res.map(|b| body::boxed(Holding::new(b, guard))))
+        }
+        .boxed()
     }
 }

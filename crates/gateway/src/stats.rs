@@ -11,6 +11,13 @@ const REQUEST_DURATION: &str = "flotilla_gateway_request_duration_seconds";
 const IN_FLIGHT: &str = "flotilla_gateway_in_flight";
 const RETRIES_TOTAL: &str = "flotilla_gateway_retries_total";
 const ACCESS_LOG_DROPPED: &str = "flotilla_gateway_access_log_dropped_total";
+const AUTH_FAILURES: &str = "flotilla_gateway_auth_failures_total";
+const RATE_LIMITED: &str = "flotilla_gateway_rate_limited_total";
+const RATE_LIMIT_BACKEND_ERRORS: &str = "flotilla_gateway_rate_limit_backend_errors_total";
+const IP_DENIED: &str = "flotilla_gateway_ip_denied_total";
+const EJECTIONS: &str = "flotilla_gateway_ejections_total";
+const RETRY_BUDGET_EXHAUSTED: &str = "flotilla_gateway_retry_budget_exhausted_total";
+const SHED: &str = "flotilla_gateway_shed_total";
 
 /// The `route` label of a request no route matched.
 pub(crate) const UNMATCHED: &str = "unmatched";
@@ -29,7 +36,29 @@ pub(crate) fn describe() {
     metrics::describe_gauge!(IN_FLIGHT, "Requests being handled now.");
     metrics::describe_counter!(
         RETRIES_TOTAL,
-        "Requests retried on another instance after a failed upstream connection."
+        "Attempts retried on another instance, by route, service and reason (connect, connection_lost, status_502, status_503)."
+    );
+    metrics::describe_counter!(
+        AUTH_FAILURES,
+        "Requests refused by a route's JWT policy, by route and reason."
+    );
+    metrics::describe_counter!(RATE_LIMITED, "Requests refused with 429, by route.");
+    metrics::describe_counter!(
+        RATE_LIMIT_BACKEND_ERRORS,
+        "Rate-limit checks that fell back to memory because Redis failed."
+    );
+    metrics::describe_counter!(IP_DENIED, "Requests refused by an IP list, by route.");
+    metrics::describe_counter!(
+        EJECTIONS,
+        "Instances ejected by outlier detection, by service."
+    );
+    metrics::describe_counter!(
+        RETRY_BUDGET_EXHAUSTED,
+        "Retries not made because the service's retry budget was spent."
+    );
+    metrics::describe_counter!(
+        SHED,
+        "Requests shed with 503 because too many were in flight."
     );
     metrics::describe_counter!(
         ACCESS_LOG_DROPPED,
@@ -54,12 +83,47 @@ pub(crate) fn request_finished(route: &str, service: &str, status: StatusCode, t
         REQUEST_DURATION,
         "route" => route.to_string(),
         "service" => service.to_string(),
+        "status_class" => status_class(status),
     )
     .record(took.as_secs_f64());
 }
 
-pub(crate) fn retried(service: &str) {
-    metrics::counter!(RETRIES_TOTAL, "service" => service.to_string()).increment(1);
+pub(crate) fn retried(route: &str, service: &str, reason: &'static str) {
+    metrics::counter!(
+        RETRIES_TOTAL,
+        "route" => route.to_string(),
+        "service" => service.to_string(),
+        "reason" => reason,
+    )
+    .increment(1);
+}
+
+pub(crate) fn auth_failed(route: &str, reason: &'static str) {
+    metrics::counter!(AUTH_FAILURES, "route" => route.to_string(), "reason" => reason).increment(1);
+}
+
+pub(crate) fn rate_limited(route: &str) {
+    metrics::counter!(RATE_LIMITED, "route" => route.to_string()).increment(1);
+}
+
+pub(crate) fn rate_limit_backend_error() {
+    metrics::counter!(RATE_LIMIT_BACKEND_ERRORS).increment(1);
+}
+
+pub(crate) fn ip_denied(route: &str) {
+    metrics::counter!(IP_DENIED, "route" => route.to_string()).increment(1);
+}
+
+pub(crate) fn ejected(service: &str) {
+    metrics::counter!(EJECTIONS, "service" => service.to_string()).increment(1);
+}
+
+pub(crate) fn retry_budget_exhausted(service: &str) {
+    metrics::counter!(RETRY_BUDGET_EXHAUSTED, "service" => service.to_string()).increment(1);
+}
+
+pub(crate) fn shed() {
+    metrics::counter!(SHED).increment(1);
 }
 
 pub(crate) fn access_log_dropped() {

@@ -143,7 +143,10 @@ async fn reload_swaps_routes_while_in_flight_requests_keep_theirs() {
     let in_flight = tokio::spawn(async move { c.get("/hold").await });
     wait_until("the request to reach the old service", || old.held() == 1).await;
 
-    gateway.reload(config(vec![route("new", "/**", &[], T)]));
+    ok(
+        gateway.reload(config(vec![route("new", "/**", &[], T)])),
+        "reload",
+    );
     assert_eq!(client.get("/x").await.instance(), "new-0");
     assert_eq!(client.get("/old/gone").await.instance(), "new-0");
 

@@ -5,6 +5,12 @@
 mod activation;
 mod balancing;
 mod lifecycle;
+mod limits;
+mod ratelimits;
+mod reload;
+mod resilience;
 mod routing;
+mod security_edge;
+mod security_jwt;
 mod static_files;
 mod support;

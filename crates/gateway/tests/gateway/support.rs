@@ -77,6 +77,8 @@ struct UpstreamState {
     hits: AtomicUsize,
     held: AtomicUsize,
     release: watch::Receiver<bool>,
+    /// When not 0, every request is answered with this status.
+    status: std::sync::atomic::AtomicU16,
 }
 
 /// An HTTP upstream on 127.0.0.1:0. Paths containing `slow` never answer;
@@ -101,6 +103,7 @@ impl Upstream {
             hits: AtomicUsize::new(0),
             held: AtomicUsize::new(0),
             release: release_rx,
+            status: std::sync::atomic::AtomicU16::new(0),
         });
         let task = tokio::spawn(serve(listener, Arc::clone(&state)));
         Upstream {
@@ -133,6 +136,11 @@ impl Upstream {
 
     pub fn release(&self) {
         let _ = self.release.send(true);
+    }
+
+    /// Answers every request with `status` from now on (0: echo again).
+    pub fn set_status(&self, status: u16) {
+        self.state.status.store(status, Ordering::SeqCst);
     }
 
     /// Closes the listener and every open connection, as a crashed process
@@ -178,6 +186,12 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     state.hits.fetch_add(1, Ordering::SeqCst);
+    let status = state.status.load(Ordering::SeqCst);
+    if status != 0 {
+        let mut res = Response::new(Full::new(Bytes::from_static(b"{\"error\":\"down\"}")));
+        *res.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return Ok(res);
+    }
     let path = req.uri().path().to_string();
     if path.contains("slow") {
         std::future::pending::<()>().await;
@@ -277,10 +291,9 @@ impl Upstreams for Registry {
 
 pub fn route(service: &str, pattern: &str, methods: &[&str], timeout: Duration) -> RouteConfig {
     RouteConfig {
-        service: service.to_string(),
-        pattern: ok(PathPattern::parse(pattern), "pattern"),
         methods: methods.iter().map(|m| m.to_string()).collect(),
         timeout,
+        ..RouteConfig::new(service, ok(PathPattern::parse(pattern), "pattern"))
     }
 }
 
@@ -291,10 +304,18 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
         static_dir: None,
         access_log: None,
         limits: Limits::default(),
+        jwt: None,
+        cors: None,
+        ip: None,
+        rate_limit_backend: Default::default(),
+        upstream_tls: None,
     }
 }
 
 pub async fn start(config: Config, registry: &Arc<Registry>) -> Gateway {
+    // Before any gateway counts anything: counts made with no recorder
+    // installed are lost.
+    metrics();
     let upstreams: Arc<dyn Upstreams> = Arc::clone(registry) as Arc<dyn Upstreams>;
     ok(Gateway::start(config, upstreams).await, "start gateway")
 }
@@ -415,4 +436,229 @@ pub async fn raw_request(addr: SocketAddr, raw: &str) -> String {
 
 pub fn path_buf(dir: &TestDir, name: &str) -> PathBuf {
     dir.path().join(name)
+}
+
+// ------------------------------------------------------------------ metrics
+
+/// The process-wide Prometheus recorder (installed on first use), so tests
+/// can read the gateway's metrics. Tests use their own service and route
+/// names, so they can share it.
+pub fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        ok(
+            metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder(),
+            "install the metrics recorder",
+        )
+    })
+}
+
+/// The value of the counter line starting with `prefix` (name and labels
+/// in the exporter's order), or 0.
+pub fn counter(prefix: &str) -> u64 {
+    metrics()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// Every metrics line containing all of `parts`.
+pub fn metric_lines(parts: &[&str]) -> Vec<String> {
+    metrics()
+        .render()
+        .lines()
+        .filter(|l| !l.starts_with('#') && parts.iter().all(|p| l.contains(p)))
+        .map(String::from)
+        .collect()
+}
+
+/// The sum of every sample line containing all of `parts`.
+pub fn metric_sum(parts: &[&str]) -> u64 {
+    metric_lines(parts)
+        .iter()
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+// --------------------------------------------------------------------- jwks
+
+/// Serves a JWKS document the test can change, counting fetches.
+pub struct JwksServer {
+    pub url: String,
+    doc: Arc<Mutex<String>>,
+    fetches: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl JwksServer {
+    pub async fn start(doc: serde_json::Value) -> JwksServer {
+        let listener = ok(TcpListener::bind("127.0.0.1:0").await, "bind jwks");
+        let addr = ok(listener.local_addr(), "jwks addr");
+        let doc = Arc::new(Mutex::new(doc.to_string()));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let (d, f) = (Arc::clone(&doc), Arc::clone(&fetches));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (d, f) = (Arc::clone(&d), Arc::clone(&f));
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                        f.fetch_add(1, Ordering::SeqCst);
+                        let body = d.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        JwksServer {
+            url: format!("http://{addr}/jwks.json"),
+            doc,
+            fetches,
+            task,
+        }
+    }
+
+    pub fn set(&self, doc: serde_json::Value) {
+        *self.doc.lock().unwrap_or_else(|e| e.into_inner()) = doc.to_string();
+    }
+
+    pub fn fetches(&self) -> usize {
+        self.fetches.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for JwksServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ------------------------------------------------------------------ signing
+
+pub mod keys {
+    //! Test keys, generated per run, and token minting.
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use ring::rand::SystemRandom;
+    use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
+    use serde_json::{Value, json};
+
+    use super::ok;
+
+    pub fn b64(bytes: &[u8]) -> String {
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    pub enum Key {
+        Ed(Ed25519KeyPair),
+        Ec(EcdsaKeyPair),
+    }
+
+    pub struct Signer {
+        pub kid: String,
+        key: Key,
+    }
+
+    impl Signer {
+        pub fn ed25519(kid: &str) -> Signer {
+            let rng = SystemRandom::new();
+            let pkcs8 = ok(Ed25519KeyPair::generate_pkcs8(&rng), "ed25519 key");
+            let pair = ok(Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()), "ed25519 key");
+            Signer {
+                kid: kid.into(),
+                key: Key::Ed(pair),
+            }
+        }
+
+        pub fn p256(kid: &str) -> Signer {
+            let rng = SystemRandom::new();
+            let alg = &signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+            let pkcs8 = ok(EcdsaKeyPair::generate_pkcs8(alg, &rng), "p256 key");
+            let pair = ok(
+                EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng),
+                "p256 key",
+            );
+            Signer {
+                kid: kid.into(),
+                key: Key::Ec(pair),
+            }
+        }
+
+        pub fn alg(&self) -> &'static str {
+            match self.key {
+                Key::Ed(_) => "EdDSA",
+                Key::Ec(_) => "ES256",
+            }
+        }
+
+        /// The public key as a JWK.
+        pub fn jwk(&self) -> Value {
+            match &self.key {
+                Key::Ed(p) => json!({
+                    "kty": "OKP", "crv": "Ed25519", "use": "sig", "alg": "EdDSA",
+                    "kid": self.kid, "x": b64(p.public_key().as_ref()),
+                }),
+                Key::Ec(p) => {
+                    let point = p.public_key().as_ref();
+                    json!({
+                        "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256",
+                        "kid": self.kid, "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+                    })
+                }
+            }
+        }
+
+        /// The raw public key bytes (what an HMAC-confusion attacker would
+        /// use as the secret).
+        pub fn public_bytes(&self) -> Vec<u8> {
+            match &self.key {
+                Key::Ed(p) => p.public_key().as_ref().to_vec(),
+                Key::Ec(p) => p.public_key().as_ref().to_vec(),
+            }
+        }
+
+        pub fn sign_with_header(&self, header: &Value, claims: &Value) -> String {
+            let input = format!(
+                "{}.{}",
+                b64(header.to_string().as_bytes()),
+                b64(claims.to_string().as_bytes())
+            );
+            let sig = match &self.key {
+                Key::Ed(p) => p.sign(input.as_bytes()).as_ref().to_vec(),
+                Key::Ec(p) => ok(p.sign(&SystemRandom::new(), input.as_bytes()), "sign")
+                    .as_ref()
+                    .to_vec(),
+            };
+            format!("{input}.{}", b64(&sig))
+        }
+
+        /// A token with this key's alg and kid.
+        pub fn sign(&self, claims: &Value) -> String {
+            self.sign_with_header(
+                &json!({"alg": self.alg(), "kid": self.kid, "typ": "JWT"}),
+                claims,
+            )
+        }
+    }
+
+    pub fn jwks(signers: &[&Signer]) -> Value {
+        json!({"keys": signers.iter().map(|s| s.jwk()).collect::<Vec<_>>()})
+    }
+
+    pub fn now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    }
 }

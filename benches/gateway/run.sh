@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# Flotilla's gateway against nginx, side by side, in one run, in front of
+# the same trivial plaintext upstream (crates/gateway/examples/bench_upstream):
+#
+#   upstream       the upstream called directly (the floor)
+#   nginx          nginx as a plain reverse proxy (the baseline)
+#   gw-plain       the gateway, no JWT, no rate limit
+#   gw-jwt-rl      the gateway, JWT (EdDSA) and a per-user rate limit on,
+#                  the limit high enough never to refuse
+#
+# Two measurements per target, each DURATION long with wrk:
+#   max    closed loop, CONNS connections: requests/s, p50, p99;
+#   paced  every target at the same rate, half of gw-jwt-rl's max, to read
+#          the latency a proxy adds when it is not saturated. wrk2 is not in
+#          Debian, so the pace comes from wrk's `delay()` hook: N connections
+#          each wait 10 ms between requests (N = rate / 100). The achieved
+#          rate is printed; it is slightly below the target (10 ms + the
+#          response time per request and connection).
+#
+# Ratios are against nginx. The gateway and nginx each get 2 worker
+# threads/processes; wrk 1 thread; the upstream 1 thread. On a 2-core
+# machine all four share the cores, so read the figures as relative.
+#
+# Needs: wrk and nginx (Debian: `apt-get install -y wrk nginx-light`),
+# python3 (free ports), cargo. Usage: benches/gateway/run.sh
+# Env: DURATION (default 8s), CONNS (default 64), KEEP=1 keeps the temp dir.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+DURATION="${DURATION:-8s}"
+CONNS="${CONNS:-64}"
+
+missing=""
+command -v wrk >/dev/null 2>&1 || missing="$missing wrk"
+NGINX="$(command -v nginx || true)"
+[ -z "$NGINX" ] && [ -x /usr/sbin/nginx ] && NGINX=/usr/sbin/nginx
+[ -z "$NGINX" ] && missing="$missing nginx"
+command -v python3 >/dev/null 2>&1 || missing="$missing python3"
+if [ -n "$missing" ]; then
+  echo "missing:$missing — install with: apt-get install -y wrk nginx-light python3" >&2
+  exit 1
+fi
+
+echo "building (release)..." >&2
+cargo build --release --quiet -p flotilla-gateway --example bench_upstream --example bench_gateway
+BIN="target/release/examples"
+
+TMP="$(mktemp -d -t flotilla-bench.XXXXXX)"
+chmod 755 "$TMP"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ "${KEEP:-0}" = 1 ]; then echo "kept $TMP" >&2; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_port() {
+  local port=$1 i
+  for i in $(seq 1 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "nothing listens on $port" >&2
+  exit 1
+}
+
+UP_PORT=$(free_port)
+"$BIN/bench_upstream" "127.0.0.1:$UP_PORT" >"$TMP/upstream.log" 2>&1 &
+PIDS+=($!)
+wait_port "$UP_PORT"
+
+PLAIN_PORT=$(free_port)
+"$BIN/bench_gateway" --listen "127.0.0.1:$PLAIN_PORT" --upstream "127.0.0.1:$UP_PORT" \
+  --threads 2 >"$TMP/gw-plain.log" 2>&1 &
+PIDS+=($!)
+
+JWT_PORT=$(free_port)
+"$BIN/bench_gateway" --listen "127.0.0.1:$JWT_PORT" --upstream "127.0.0.1:$UP_PORT" \
+  --threads 2 --jwt --rate-limit "1000000/s burst 1000000 per user" >"$TMP/gw-jwt.log" 2>&1 &
+PIDS+=($!)
+
+NGINX_PORT=$(free_port)
+mkdir -p "$TMP/nginx/logs" "$TMP/nginx/tmp"
+USER_LINE=""
+[ "$(id -u)" = 0 ] && USER_LINE="user root;"
+cat >"$TMP/nginx/nginx.conf" <<EOF
+$USER_LINE
+worker_processes 2;
+daemon off;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $TMP/nginx/tmp/body;
+  proxy_temp_path $TMP/nginx/tmp/proxy;
+  fastcgi_temp_path $TMP/nginx/tmp/fastcgi;
+  uwsgi_temp_path $TMP/nginx/tmp/uwsgi;
+  scgi_temp_path $TMP/nginx/tmp/scgi;
+  keepalive_requests 1000000;
+  upstream backend {
+    server 127.0.0.1:$UP_PORT;
+    keepalive 64;
+  }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }
+}
+EOF
+"$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx/logs/stdout.log" 2>&1 &
+PIDS+=($!)
+
+wait_port "$PLAIN_PORT"
+wait_port "$JWT_PORT"
+wait_port "$NGINX_PORT"
+TOKEN=""
+for _ in $(seq 1 100); do
+  TOKEN="$(sed -n 's/^token: //p' "$TMP/gw-jwt.log")"
+  [ -n "$TOKEN" ] && break
+  sleep 0.05
+done
+[ -z "$TOKEN" ] && { echo "the JWT gateway printed no token" >&2; exit 1; }
+
+# A token-bearing request must pass (and one without must not) before
+# anything is measured.
+code=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$JWT_PORT/" 2>/dev/null || echo "?")
+nocode=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$JWT_PORT/" 2>/dev/null || echo "?")
+if command -v curl >/dev/null 2>&1 && { [ "$code" != 200 ] || [ "$nocode" != 401 ]; }; then
+  echo "sanity check failed: with token $code (want 200), without $nocode (want 401)" >&2
+  exit 1
+fi
+
+cat >"$TMP/paced.lua" <<'EOF'
+function delay() return 10 end
+EOF
+
+# wrk's latency figure to milliseconds.
+to_ms() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
+    if (u == "us") n = n / 1000; else if (u == "s") n = n * 1000; else if (u == "m") n = n * 60000;
+    printf "%.3f", n }'
+}
+
+# run NAME URL CONNS [extra wrk args...] -> "rps p50 p99 errors"
+run() {
+  local name=$1 url=$2 conns=$3; shift 3
+  local out="$TMP/wrk-$name.txt"
+  local auth=()
+  [ "$name" = gw-jwt-rl ] && auth=(-H "authorization: Bearer $TOKEN")
+  wrk -t1 -c"$conns" -d"$DURATION" --latency "${auth[@]}" "$@" "$url" >"$out" 2>&1 || true
+  local rps p50 p99 non2xx
+  rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
+  p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$out")")
+  p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$out")")
+  non2xx=$(awk '/Non-2xx/ {print $NF}' "$out")
+  echo "${rps:-0} ${p50:-0} ${p99:-0} ${non2xx:-0}"
+}
+
+declare -A URL=(
+  [upstream]="http://127.0.0.1:$UP_PORT/"
+  [nginx]="http://127.0.0.1:$NGINX_PORT/"
+  [gw-plain]="http://127.0.0.1:$PLAIN_PORT/"
+  [gw-jwt-rl]="http://127.0.0.1:$JWT_PORT/"
+)
+TARGETS=(upstream nginx gw-plain gw-jwt-rl)
+declare -A MAX PACED
+
+echo "max throughput: wrk -t1 -c$CONNS -d$DURATION" >&2
+for t in "${TARGETS[@]}"; do
+  # A short warm-up fills connection pools and the token cache.
+  DURATION=1s run "$t" "${URL[$t]}" "$CONNS" >/dev/null
+  MAX[$t]=$(run "$t" "${URL[$t]}" "$CONNS")
+  echo "  $t: ${MAX[$t]}" >&2
+done
+
+read -r jwt_rps _ <<<"${MAX[gw-jwt-rl]}"
+HALF=$(awk -v r="$jwt_rps" 'BEGIN { printf "%d", r / 2 }')
+PACE_CONNS=$(awk -v r="$HALF" 'BEGIN { c = int(r / 100 + 0.5); if (c < 1) c = 1; print c }')
+echo "paced at ~$HALF req/s (half of gw-jwt-rl's max): $PACE_CONNS connections x 1 request / 10 ms" >&2
+for t in "${TARGETS[@]}"; do
+  PACED[$t]=$(run "$t" "${URL[$t]}" "$PACE_CONNS" -s "$TMP/paced.lua")
+  echo "  $t: ${PACED[$t]}" >&2
+done
+
+read -r ng_rps ng_p50 ng_p99 _ <<<"${MAX[nginx]}"
+read -r _ _ up_pp99 _ <<<"${PACED[upstream]}"
+read -r _ _ ng_pp99 _ <<<"${PACED[nginx]}"
+echo
+printf '%-10s | %10s %8s %8s %6s %8s | %10s %8s %8s %13s\n' \
+  target "max req/s" "p50 ms" "p99 ms" non2xx "x nginx" "paced r/s" "p50 ms" "p99 ms" "+p99 vs up"
+printf -- '-----------+--------------------------------------------------+----------------------------------------------\n'
+for t in "${TARGETS[@]}"; do
+  read -r rps p50 p99 bad <<<"${MAX[$t]}"
+  read -r prps pp50 pp99 _ <<<"${PACED[$t]}"
+  ratio=$(awk -v a="$rps" -v b="$ng_rps" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+  added=$(awk -v a="$pp99" -v b="$up_pp99" 'BEGIN { printf "%+.3f ms", a - b }')
+  printf '%-10s | %10.0f %8.3f %8.3f %6s %8s | %10.0f %8.3f %8.3f %13s\n' \
+    "$t" "$rps" "$p50" "$p99" "$bad" "${ratio}x" "$prps" "$pp50" "$pp99" "$added"
+done
+echo
+read -r jwt_rps jwt_p50 jwt_p99 _ <<<"${MAX[gw-jwt-rl]}"
+read -r _ _ jwt_pp99 _ <<<"${PACED[gw-jwt-rl]}"
+awk -v g="$jwt_rps" -v n="$ng_rps" -v gp="$jwt_pp99" -v up="$up_pp99" -v np="$ng_pp99" 'BEGIN {
+  printf "gw-jwt-rl throughput vs nginx: %.2fx (goal >= 1.0x)\n", g / n;
+  printf "gw-jwt-rl p99 added at half its max rate: %+.3f ms over the upstream alone (goal <= 1 ms); nginx adds %+.3f ms\n", gp - up, np - up }'

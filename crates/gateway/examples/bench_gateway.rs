@@ -1,0 +1,174 @@
+//! Starts a Flotilla gateway in front of one fixed upstream, for
+//! `benches/gateway/run.sh`.
+//!
+//! Usage: `bench_gateway --listen ADDR --upstream ADDR [--threads N]
+//! [--jwt] [--rate-limit SPEC]`
+//!
+//! With `--jwt`, every route needs a token: the example makes an Ed25519
+//! key, serves its JWKS itself (on another port), and prints a valid
+//! long-lived token as `token: <jwt>`. It prints `listening: <addr>` once
+//! the gateway accepts connections.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use flotilla_gateway::{
+    ActivateFuture, Config, Endpoint, Gateway, JwksSource, JwtConfig, Limits, Load, RateLimit,
+    RouteAuth, RouteConfig, Upstreams,
+};
+use flotilla_manifest::PathPattern;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+struct Fixed(Arc<[Endpoint]>);
+
+impl Upstreams for Fixed {
+    fn ready(&self, _service: &str) -> Arc<[Endpoint]> {
+        Arc::clone(&self.0)
+    }
+
+    fn activate(&self, _service: &str) -> ActivateFuture {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+struct Args {
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    threads: usize,
+    jwt: bool,
+    rate_limit: Option<String>,
+}
+
+fn args() -> Result<Args, BoxError> {
+    let mut listen = None;
+    let mut upstream = None;
+    let mut threads = 2;
+    let mut jwt = false;
+    let mut rate_limit = None;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--listen" => listen = Some(it.next().ok_or("--listen ADDR")?.parse()?),
+            "--upstream" => upstream = Some(it.next().ok_or("--upstream ADDR")?.parse()?),
+            "--threads" => threads = it.next().ok_or("--threads N")?.parse()?,
+            "--jwt" => jwt = true,
+            "--rate-limit" => rate_limit = Some(it.next().ok_or("--rate-limit SPEC")?),
+            other => return Err(format!("unknown argument {other}").into()),
+        }
+    }
+    Ok(Args {
+        listen: listen.ok_or("--listen is required")?,
+        upstream: upstream.ok_or("--upstream is required")?,
+        threads,
+        jwt,
+        rate_limit,
+    })
+}
+
+/// Serves `doc` on 127.0.0.1:0; returns its URL.
+async fn serve_jwks(doc: String) -> Result<String, BoxError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/jwks.json", listener.local_addr()?);
+    let doc = Bytes::from(doc);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let doc = doc.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                    let doc = doc.clone();
+                    async move { Ok::<_, Infallible>(Response::new(Full::new(doc))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(url)
+}
+
+fn b64(bytes: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+async fn run(args: Args) -> Result<(), BoxError> {
+    let mut route = RouteConfig::new("bench", PathPattern::parse("/**")?);
+    route.timeout = Duration::from_secs(10);
+    let mut config = Config {
+        listen: args.listen,
+        routes: Vec::new(),
+        static_dir: None,
+        access_log: None,
+        limits: Limits::default(),
+        jwt: None,
+        cors: None,
+        ip: None,
+        rate_limit_backend: Default::default(),
+        upstream_tls: None,
+    };
+    if args.jwt {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| e.to_string())?;
+        let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| e.to_string())?;
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": "bench",
+            "x": b64(key.public_key().as_ref()),
+        }]});
+        let url = serve_jwks(jwks.to_string()).await?;
+        config.jwt = Some(JwtConfig::new(
+            "bench",
+            vec!["bench".into()],
+            JwksSource::parse(&url)?,
+        ));
+        route.auth = RouteAuth::jwt();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let header = serde_json::json!({"alg": "EdDSA", "kid": "bench", "typ": "JWT"});
+        let claims = serde_json::json!({
+            "sub": "bench-user", "iss": "bench", "aud": "bench",
+            "iat": now, "exp": now + 3600, "scope": "bench",
+        });
+        let input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let sig = key.sign(input.as_bytes());
+        println!("token: {input}.{}", b64(sig.as_ref()));
+    }
+    if let Some(spec) = &args.rate_limit {
+        route.rate_limit = Some(RateLimit::parse(spec)?);
+    }
+    config.routes.push(route);
+    let endpoint = Endpoint {
+        instance: "bench-0".into(),
+        addr: args.upstream,
+        load: Arc::new(Load::default()),
+    };
+    let gateway = Gateway::start(config, Arc::new(Fixed(Arc::from(vec![endpoint])))).await?;
+    println!("listening: {}", gateway.local_addr());
+    tokio::signal::ctrl_c().await?;
+    gateway.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+fn main() -> Result<(), BoxError> {
+    let args = args()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(args))
+}

@@ -1,0 +1,411 @@
+//! The edge policy and routing layer: everything between "a request
+//! arrived" and "forward it to the service", in the order DESIGN.md gives:
+//!
+//! 1. take one snapshot of the configuration for the whole request;
+//! 2. strip every `x-flotilla-user-*` the client sent (only the gateway may
+//!    say who the user is — on public routes too);
+//! 3. find the client address (through trusted proxies only) and apply the
+//!    system's IP lists → 403 `ip_denied`;
+//! 4. CORS: answer preflights here (→ 204 or 403 `cors_denied`);
+//! 5. route match → 404 / 405 / static files;
+//! 6. the route's IP lists → 403;
+//! 7. JWT (`auth = jwt`) → 401 / 403, then the identity headers;
+//! 8. rate limit → 429;
+//! 9. body size → 413 (declared length now, streamed length as it flows);
+//!
+//! then the proxy. On the way out every response, including the gateway's
+//! own refusals, gets the CORS headers (so a browser can read a 401 or 429)
+//! and, on a limited route, the `RateLimit` headers.
+//!
+//! The steps share the snapshot and the matched route, so they live in one
+//! service; each concern's logic is in its own module (`ip`, `cors`, `jwt`,
+//! `ratelimit`).
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::{BoxFuture, FutureExt};
+use http::header::{CONTENT_LENGTH, ORIGIN};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::Limited;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::body::{self, Body};
+use crate::cors::{self, CorsPolicy};
+use crate::ip;
+use crate::jwt::{self, Identity, RouteAuth, USER_HEADER_PREFIX};
+use crate::proxy::Proxy;
+use crate::ratelimit::{Decision, Limiter, RateLimitKey};
+use crate::rejection::Rejection;
+use crate::request_id::RequestId;
+use crate::routes::{Match, Route, has_dot_segment};
+use crate::routing::{MatchedRoute, Routing, RoutingState};
+use crate::server::ConnInfo;
+use crate::stats;
+
+/// The client address after trusted proxies; in request extensions.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientAddr {
+    pub ip: IpAddr,
+    /// Whether the direct peer is a trusted proxy (whose forwarding
+    /// headers may be passed on).
+    pub via_trusted_proxy: bool,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct EdgeLayer {
+    state: Arc<RoutingState>,
+}
+
+impl EdgeLayer {
+    pub(crate) fn new(state: Arc<RoutingState>) -> EdgeLayer {
+        EdgeLayer { state }
+    }
+}
+
+// Concrete over the proxy (rather than generic over any inner service):
+// rustc cannot prove a generic inner future `Send` across the awaits here
+// (rust-lang/rust#110338).
+impl Layer<Proxy> for EdgeLayer {
+    type Service = EdgeService;
+
+    fn layer(&self, inner: Proxy) -> Self::Service {
+        EdgeService {
+            state: Arc::clone(&self.state),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct EdgeService {
+    state: Arc<RoutingState>,
+    inner: Proxy,
+}
+
+impl Service<Request<Body>> for EdgeService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        // The clone is not driven to readiness; the ready one is used now.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let routing = self.state.current();
+        async move { Ok(handle(routing, inner, req).await) }.boxed()
+    }
+}
+
+/// Removes every `x-flotilla-user-*` header.
+fn strip_user_headers(headers: &mut HeaderMap) {
+    let forged: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with(USER_HEADER_PREFIX))
+        .cloned()
+        .collect();
+    for name in forged {
+        headers.remove(name);
+    }
+}
+
+/// What every response of this request gets on its way out.
+struct Finish {
+    request_id: Option<RequestId>,
+    origin: Option<HeaderValue>,
+    cors: Option<Arc<CorsPolicy>>,
+    matched: Option<MatchedRoute>,
+    limit: Option<(Arc<Limiter>, Decision)>,
+}
+
+impl Finish {
+    fn reject(&self, rejection: Rejection) -> Response<Body> {
+        self.done(rejection.into_response(self.request_id.as_ref()))
+    }
+
+    fn done(&self, mut res: Response<Body>) -> Response<Body> {
+        if let Some(cors) = &self.cors {
+            cors.decorate(self.origin.as_ref(), res.headers_mut());
+        }
+        if let Some((limiter, decision)) = &self.limit {
+            limiter.headers(decision, res.headers_mut());
+        }
+        if let Some(m) = &self.matched {
+            res.extensions_mut().insert(m.clone());
+        }
+        res
+    }
+}
+
+async fn handle(routing: Arc<Routing>, inner: Proxy, mut req: Request<Body>) -> Response<Body> {
+    let mut finish = Finish {
+        request_id: req.extensions().get::<RequestId>().cloned(),
+        origin: req.headers().get(ORIGIN).cloned(),
+        cors: routing.cors.clone(),
+        matched: None,
+        limit: None,
+    };
+    strip_user_headers(req.headers_mut());
+
+    let client = req.extensions().get::<ConnInfo>().map(|conn| {
+        let peer = conn.peer.ip();
+        let trusted = routing
+            .ip
+            .as_ref()
+            .map(|i| i.trusted_proxies.as_slice())
+            .unwrap_or_default();
+        ClientAddr {
+            ip: ip::client_addr(peer, req.headers(), trusted),
+            via_trusted_proxy: trusted.iter().any(|n| n.contains(&peer)),
+        }
+    });
+    if let Some(client) = client {
+        req.extensions_mut().insert(client);
+        if let Some(rules) = &routing.ip_rules
+            && !rules.admits(client.ip)
+        {
+            stats::ip_denied(stats::UNMATCHED);
+            return finish.reject(Rejection::IpDenied);
+        }
+    }
+
+    let path = req.uri().path().to_string();
+    if has_dot_segment(&path) {
+        return finish.reject(Rejection::BadPath);
+    }
+
+    let preflight = cors::is_preflight(&req);
+    let lookup_method = if preflight {
+        req.headers()
+            .get(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+            .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+            .unwrap_or(Method::OPTIONS)
+    } else {
+        req.method().clone()
+    };
+    let mut found = routing.table.find(&lookup_method, &path);
+    if let Match::Route(route) = &found
+        && let Some(own) = &route.policy.cors
+    {
+        finish.cors = Some(Arc::clone(own));
+    }
+    if preflight && let Some(cors) = finish.cors.take() {
+        // A preflight is answered here whatever the route: it never costs
+        // a service anything. The answer carries its own CORS headers.
+        return match cors.preflight(&req) {
+            Ok(res) => res,
+            Err(()) => {
+                let mut res = Rejection::CorsDenied.into_response(finish.request_id.as_ref());
+                res.headers_mut()
+                    .insert(http::header::VARY, HeaderValue::from_static("Origin"));
+                res
+            }
+        };
+    }
+    if preflight {
+        // No CORS policy here: an ordinary OPTIONS request.
+        found = routing.table.find(req.method(), &path);
+    }
+
+    let route = match found {
+        Match::Route(route) => route,
+        Match::MethodNotAllowed(allow) => {
+            return finish.reject(Rejection::MethodNotAllowed {
+                method: req.method().clone(),
+                path,
+                allow,
+            });
+        }
+        Match::NotFound => {
+            let not_found = Rejection::NotFound {
+                method: req.method().clone(),
+                path,
+            };
+            let is_read = req.method() == Method::GET || req.method() == Method::HEAD;
+            return match routing.static_files.clone() {
+                Some(files) if is_read => {
+                    let res = match files.oneshot(req).boxed().await {
+                        Ok(res) => res,
+                        Err(never) => match never {},
+                    };
+                    // A missing file gets the same JSON 404 as a missing route.
+                    if res.status() == StatusCode::NOT_FOUND {
+                        return finish.reject(not_found);
+                    }
+                    finish.done(res.map(body::boxed))
+                }
+                _ => finish.reject(not_found),
+            };
+        }
+    };
+    finish.matched = Some(MatchedRoute(Arc::clone(&route)));
+    match police(&routing, &route, client, &mut req, &mut finish).await {
+        Err(rejection) => finish.reject(rejection),
+        Ok(()) => {
+            req.extensions_mut()
+                .insert(MatchedRoute(Arc::clone(&route)));
+            let mut inner = inner;
+            let res = match inner.call(req).await {
+                Ok(res) => res,
+                Err(never) => match never {},
+            };
+            finish.done(res)
+        }
+    }
+}
+
+/// Steps 6–9 for a matched route; on success `req` is ready to forward.
+async fn police(
+    routing: &Routing,
+    route: &Route,
+    client: Option<ClientAddr>,
+    req: &mut Request<Body>,
+    finish: &mut Finish,
+) -> Result<(), Rejection> {
+    let label = route.pattern.as_str();
+    let policy = &route.policy;
+    if let (Some(rules), Some(client)) = (&policy.ip, client)
+        && !rules.admits(client.ip)
+    {
+        stats::ip_denied(label);
+        return Err(Rejection::IpDenied);
+    }
+
+    let mut identity: Option<Arc<Identity>> = None;
+    if let RouteAuth::Jwt { .. } = &policy.auth {
+        // Validation guarantees a verifier for every jwt route.
+        let result = match &routing.jwt {
+            Some(verifier) => verifier.authenticate(req.headers()).await,
+            None => Err(jwt::AuthError::Invalid("no_verifier")),
+        };
+        let result = result.and_then(|id| jwt::authorize(&id, &policy.auth).map(|()| id));
+        match result {
+            Ok(id) => {
+                for (name, value) in &id.headers {
+                    req.headers_mut().insert(name.clone(), value.clone());
+                }
+                identity = Some(id);
+            }
+            Err(e) => {
+                stats::auth_failed(label, e.reason());
+                tracing::debug!(target: "flotilla::gateway", route = label, reason = e.reason(), "request refused by JWT policy");
+                return Err(Rejection::Auth(e));
+            }
+        }
+    }
+
+    if let Some(limiter) = &policy.limiter {
+        let key = rate_key(
+            &limiter.limit.key,
+            client,
+            identity.as_deref(),
+            req.headers(),
+        );
+        let decision = limiter.check(&key).await;
+        finish.limit = Some((Arc::clone(limiter), decision));
+        if !decision.allowed {
+            stats::rate_limited(label);
+            return Err(Rejection::RateLimited);
+        }
+    }
+
+    if let Some(limit) = policy.max_body_bytes {
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit as u64) {
+            return Err(Rejection::PayloadTooLarge { limit });
+        }
+        if !req.body().is_end_stream() {
+            let body = std::mem::replace(req.body_mut(), body::empty());
+            *req.body_mut() = body::boxed(Limited::new(body, limit));
+        }
+    }
+    Ok(())
+}
+
+/// Longer header values are hashed, so a key costs bounded memory.
+const MAX_KEY_BYTES: usize = 128;
+
+fn rate_key(
+    key: &RateLimitKey,
+    client: Option<ClientAddr>,
+    identity: Option<&Identity>,
+    headers: &HeaderMap,
+) -> String {
+    let ip = || client.map(|c| c.ip.to_string()).unwrap_or_default();
+    match key {
+        RateLimitKey::Ip => ip(),
+        RateLimitKey::User => identity.map(|i| format!("u:{}", i.sub)).unwrap_or_else(ip),
+        RateLimitKey::Route => String::new(),
+        RateLimitKey::Header(name) => match headers.get(name) {
+            Some(v) if v.len() <= MAX_KEY_BYTES => {
+                format!("h:{}", String::from_utf8_lossy(v.as_bytes()))
+            }
+            Some(v) => {
+                let digest = ring::digest::digest(&ring::digest::SHA256, v.as_bytes());
+                let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+                format!("h#{hex}")
+            }
+            None => format!("ip:{}", ip()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_headers_are_stripped_whatever_their_case_or_number() {
+        let mut h = HeaderMap::new();
+        h.append("x-flotilla-user-id", HeaderValue::from_static("admin"));
+        h.append("X-Flotilla-User-Id", HeaderValue::from_static("root"));
+        h.append("x-flotilla-user-role", HeaderValue::from_static("admin"));
+        h.append("x-flotilla-username", HeaderValue::from_static("kept"));
+        h.append("x-other", HeaderValue::from_static("kept"));
+        strip_user_headers(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-flotilla-username", "x-other"]);
+    }
+
+    #[test]
+    fn header_keys_are_bounded() {
+        let mut h = HeaderMap::new();
+        let long = "k".repeat(500);
+        if let Ok(v) = HeaderValue::from_str(&long) {
+            h.insert("x-api-key", v);
+        }
+        let name = HeaderName::from_static("x-api-key");
+        let key = rate_key(&RateLimitKey::Header(name.clone()), None, None, &h);
+        assert_eq!(key.len(), 2 + 64);
+        h.insert("x-api-key", HeaderValue::from_static("abc"));
+        assert_eq!(
+            rate_key(&RateLimitKey::Header(name.clone()), None, None, &h),
+            "h:abc"
+        );
+        let client = ClientAddr {
+            ip: IpAddr::from([192, 0, 2, 1]),
+            via_trusted_proxy: false,
+        };
+        assert_eq!(
+            rate_key(
+                &RateLimitKey::Header(name),
+                Some(client),
+                None,
+                &HeaderMap::new()
+            ),
+            "ip:192.0.2.1"
+        );
+    }
+}

@@ -1,0 +1,292 @@
+//! Who the client is, and whether it may come in: the client address
+//! (through trusted proxies only) and allow/deny lists by CIDR.
+//!
+//! `X-Forwarded-For` and `Forwarded` are written by whoever sends the
+//! request, so they are believed only when the direct peer is a trusted
+//! proxy, and then only as far as the chain stays trusted: walking the list
+//! from the right (the hop nearest to us), the first address that is not a
+//! trusted proxy is the client. Anything to its left was written by the
+//! client itself and is ignored. Without trusted proxies the peer address
+//! is the client, whatever the headers say.
+//!
+//! Lists: deny wins over allow; a non-empty allow list admits only its
+//! networks. The system's lists apply to every request (before routing, so
+//! a refused client learns nothing about routes); a route's lists apply on
+//! top, to that route only — a route can narrow access, never widen it.
+//! IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`, from dual-stack sockets)
+//! are matched as the IPv4 address they are.
+
+use std::net::IpAddr;
+
+use http::HeaderMap;
+use ipnet::IpNet;
+
+/// System-wide IP settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IpConfig {
+    /// Admit only these networks (empty: everyone not denied).
+    pub allow: Vec<IpNet>,
+    /// Refuse these networks, even when allowed.
+    pub deny: Vec<IpNet>,
+    /// Proxies (load balancers, CDNs) whose `X-Forwarded-For`/`Forwarded`
+    /// are believed.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// A route's own allow/deny lists, applied after the system's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IpRules {
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+}
+
+/// Why a network string does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "`{0}` is not an IP network: write a CIDR like \"10.0.0.0/8\" or \"2001:db8::/32\", or a single address"
+)]
+pub struct IpNetParseError(pub String);
+
+/// Parses `"10.0.0.0/8"`, `"::1/128"` or a bare address (a /32 or /128).
+pub fn parse_net(s: &str) -> Result<IpNet, IpNetParseError> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| IpNetParseError(s.to_string()))
+}
+
+/// Parses a list with [`parse_net`].
+pub fn parse_nets<S: AsRef<str>>(list: &[S]) -> Result<Vec<IpNet>, IpNetParseError> {
+    list.iter().map(|s| parse_net(s.as_ref())).collect()
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn contains(nets: &[IpNet], ip: IpAddr) -> bool {
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+impl IpRules {
+    pub(crate) fn admits(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        !contains(&self.deny, ip) && (self.allow.is_empty() || contains(&self.allow, ip))
+    }
+}
+
+impl IpConfig {
+    pub(crate) fn rules(&self) -> IpRules {
+        IpRules {
+            allow: self.allow.clone(),
+            deny: self.deny.clone(),
+        }
+    }
+}
+
+/// The client address of a request that arrived from `peer`.
+pub(crate) fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let peer = canonical(peer);
+    if trusted.is_empty() || !contains(trusted, peer) {
+        return peer;
+    }
+    // `Forwarded` is the standard; prefer it when a proxy sent it.
+    let hops = if headers.contains_key(http::header::FORWARDED) {
+        forwarded_for(headers)
+    } else {
+        x_forwarded_for(headers)
+    };
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        match hop {
+            Some(ip) => {
+                client = canonical(*ip);
+                if !contains(trusted, client) {
+                    return client;
+                }
+            }
+            // A trusted proxy wrote something that is not an address
+            // (`unknown`, an obfuscated id): the hop it came from is as
+            // far as we can see.
+            None => return client,
+        }
+    }
+    client
+}
+
+fn x_forwarded_for(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(|s| parse_node(s.trim()))
+        .collect()
+}
+
+/// The `for=` of each element of every `Forwarded` header (RFC 7239).
+fn forwarded_for(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
+    let mut out = Vec::new();
+    for value in headers.get_all(http::header::FORWARDED) {
+        let Ok(value) = value.to_str() else {
+            out.push(None);
+            continue;
+        };
+        for element in value.split(',') {
+            let node = element.split(';').find_map(|pair| {
+                let (k, v) = pair.trim().split_once('=')?;
+                k.trim().eq_ignore_ascii_case("for").then(|| v.trim())
+            });
+            match node {
+                Some(v) => out.push(parse_node(v.trim_matches('"'))),
+                // An element without `for=` says nothing about the client
+                // but is still a hop.
+                None => out.push(None),
+            }
+        }
+    }
+    out
+}
+
+/// An address with an optional port: `1.2.3.4`, `1.2.3.4:80`, `[::1]`,
+/// `[::1]:80`, `::1`.
+fn parse_node(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let (addr, _) = rest.split_once(']')?;
+        return addr.parse().ok();
+    }
+    let (addr, port) = s.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    addr.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn ip(s: &str) -> IpAddr {
+        match s.parse() {
+            Ok(ip) => ip,
+            Err(e) => panic!("{s}: {e}"),
+        }
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        match parse_nets(list) {
+            Ok(n) => n,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn parses_cidrs_and_bare_addresses() {
+        assert_eq!(
+            parse_net("10.1.2.3/8").map(|n| n.to_string()),
+            Ok("10.0.0.0/8".into())
+        );
+        assert_eq!(
+            parse_net("::1").map(|n| n.to_string()),
+            Ok("::1/128".into())
+        );
+        assert_eq!(
+            parse_net("192.0.2.1").map(|n| n.to_string()),
+            Ok("192.0.2.1/32".into())
+        );
+        assert!(parse_net("10.0.0.0/33").is_err());
+        let e = parse_net("localhost").err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("CIDR")));
+    }
+
+    #[test]
+    fn deny_wins_and_allow_narrows() {
+        let rules = IpRules {
+            allow: nets(&["10.0.0.0/8", "2001:db8::/32"]),
+            deny: nets(&["10.9.0.0/16"]),
+        };
+        assert!(rules.admits(ip("10.1.1.1")));
+        assert!(!rules.admits(ip("10.9.1.1")));
+        assert!(!rules.admits(ip("192.0.2.1")));
+        assert!(rules.admits(ip("2001:db8::5")));
+        assert!(!rules.admits(ip("2001:db9::5")));
+        // IPv4-mapped IPv6 is matched as IPv4.
+        assert!(rules.admits(ip("::ffff:10.1.1.1")));
+        assert!(!rules.admits(ip("::ffff:10.9.1.1")));
+        assert!(IpRules::default().admits(ip("203.0.113.9")));
+    }
+
+    #[test]
+    fn forwarded_headers_from_untrusted_peers_are_ignored() {
+        let h = headers(&[("x-forwarded-for", "1.1.1.1"), ("forwarded", "for=2.2.2.2")]);
+        assert_eq!(client_addr(ip("203.0.113.5"), &h, &[]), ip("203.0.113.5"));
+        let trusted = nets(&["10.0.0.0/8"]);
+        assert_eq!(
+            client_addr(ip("203.0.113.5"), &h, &trusted),
+            ip("203.0.113.5")
+        );
+    }
+
+    #[test]
+    fn the_right_most_untrusted_hop_is_the_client() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        // client forged 6.6.6.6; real client 198.51.100.7; two proxies.
+        let h = headers(&[
+            ("x-forwarded-for", "6.6.6.6, 198.51.100.7"),
+            ("x-forwarded-for", "10.0.0.2"),
+        ]);
+        assert_eq!(
+            client_addr(ip("10.0.0.1"), &h, &trusted),
+            ip("198.51.100.7")
+        );
+        // All hops trusted: the left-most is as far as we can see.
+        let h = headers(&[("x-forwarded-for", "10.0.0.3, 10.0.0.2")]);
+        assert_eq!(client_addr(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.3"));
+        // No header: the proxy itself.
+        assert_eq!(
+            client_addr(ip("10.0.0.1"), &HeaderMap::new(), &trusted),
+            ip("10.0.0.1")
+        );
+        // Garbage stops the walk at the last trusted hop.
+        let h = headers(&[("x-forwarded-for", "198.51.100.7, garbage, 10.0.0.2")]);
+        assert_eq!(client_addr(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.2"));
+    }
+
+    #[test]
+    fn forwarded_rfc7239() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let h = headers(&[(
+            "forwarded",
+            "for=6.6.6.6, for=\"[2001:db8:cafe::17]:4711\";proto=https, For=10.0.0.9:80;by=10.0.0.1",
+        )]);
+        assert_eq!(
+            client_addr(ip("10.0.0.1"), &h, &trusted),
+            ip("2001:db8:cafe::17")
+        );
+        let h = headers(&[
+            ("forwarded", "for=198.51.100.1:8080"),
+            ("x-forwarded-for", "6.6.6.6"),
+        ]);
+        assert_eq!(
+            client_addr(ip("10.0.0.1"), &h, &trusted),
+            ip("198.51.100.1")
+        );
+        let h = headers(&[("forwarded", "for=unknown")]);
+        assert_eq!(client_addr(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.1"));
+    }
+}

@@ -1,0 +1,188 @@
+//! GCRA counters in memory: one theoretical arrival time per key, in
+//! shards behind short mutexes.
+//!
+//! Each check is a read-modify-write of one `u64` under its shard's lock,
+//! so concurrent requests are counted exactly (200 at once against a burst
+//! of 50 lets exactly 50 through). Memory is bounded: a key whose arrival
+//! time has passed is indistinguishable from an absent one and is dropped
+//! whenever its shard is full; if a flood of distinct keys still fills it,
+//! the key closest to being refilled is forgotten, which can only make that
+//! one client's limit more lenient, never anyone else's stricter.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use super::{Decision, RateLimit};
+
+/// Keys tracked per limiter before idle ones are swept: ~100 bytes each,
+/// so about 10 MB per limited route at worst.
+pub(crate) const DEFAULT_MAX_KEYS: usize = 100_000;
+
+const SHARDS: usize = 16;
+
+/// Key → theoretical arrival time (nanoseconds since the store's epoch).
+type Shard = Mutex<HashMap<Box<str>, u64>>;
+
+pub(crate) struct Store {
+    epoch: Instant,
+    hasher: RandomState,
+    shards: Box<[Shard]>,
+    per_shard: usize,
+}
+
+/// The GCRA step: `tat` is the stored arrival time (0 for a new key).
+/// Returns the decision and the arrival time to store when allowed.
+pub(crate) fn step(limit: &RateLimit, tat: u64, now: u64) -> (Decision, Option<u64>) {
+    let interval = limit.interval_nanos();
+    let tolerance = limit.tolerance_nanos();
+    let new_tat = tat.max(now).saturating_add(interval);
+    let ahead = new_tat - now;
+    if ahead > tolerance {
+        let current = tat.saturating_sub(now);
+        (
+            Decision::from_gcra(limit, false, current, ahead - tolerance),
+            None,
+        )
+    } else {
+        (Decision::from_gcra(limit, true, ahead, 0), Some(new_tat))
+    }
+}
+
+impl Store {
+    pub(crate) fn new(max_keys: usize) -> Store {
+        let per_shard = max_keys.div_ceil(SHARDS).max(1);
+        Store {
+            epoch: Instant::now(),
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        // Offset by one so that a fresh key (0) is always in the past.
+        self.epoch.elapsed().as_nanos() as u64 + 1
+    }
+
+    pub(crate) fn check(&self, limit: &RateLimit, key: &str) -> Decision {
+        let shard = &self.shards[self.hasher.hash_one(key) as usize % SHARDS];
+        // A panic cannot leave a `u64` half-written; keep counting.
+        let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+        let now = self.now();
+        let tat = map.get(key).copied().unwrap_or(0);
+        let (decision, store) = step(limit, tat, now);
+        if let Some(new_tat) = store {
+            match map.get_mut(key) {
+                Some(slot) => *slot = new_tat,
+                None => {
+                    if map.len() >= self.per_shard {
+                        evict(&mut map, now, self.per_shard);
+                    }
+                    map.insert(key.into(), new_tat);
+                }
+            }
+        }
+        decision
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+}
+
+fn evict(map: &mut HashMap<Box<str>, u64>, now: u64, cap: usize) {
+    map.retain(|_, tat| *tat > now);
+    if map.len() >= cap {
+        let oldest = map
+            .iter()
+            .min_by_key(|(_, tat)| **tat)
+            .map(|(k, _)| k.clone());
+        if let Some(k) = oldest {
+            map.remove(&k);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    fn limit(s: &str) -> RateLimit {
+        match RateLimit::parse(s) {
+            Ok(l) => l,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn burst_then_refill_at_the_rate() {
+        let l = limit("10/s burst 3");
+        let interval = l.interval_nanos();
+        let mut tat = 0;
+        let now = 1_000;
+        for expected_remaining in [2, 1, 0] {
+            let (d, new) = step(&l, tat, now);
+            assert!(d.allowed);
+            assert_eq!(d.remaining, expected_remaining);
+            tat = new.unwrap_or(tat);
+        }
+        let (d, new) = step(&l, tat, now);
+        assert!(!d.allowed);
+        assert!(new.is_none());
+        assert_eq!(d.retry_after, Duration::from_nanos(interval));
+        // One interval later exactly one more fits.
+        let later = now + interval;
+        let (d, new) = step(&l, tat, later);
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 0);
+        let (d, _) = step(&l, new.unwrap_or(tat), later);
+        assert!(!d.allowed);
+    }
+
+    #[test]
+    fn exact_under_concurrency() {
+        let store = Arc::new(Store::new(1000));
+        let l = Arc::new(limit("1/h burst 50"));
+        let allowed = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (store, l, allowed) =
+                    (Arc::clone(&store), Arc::clone(&l), Arc::clone(&allowed));
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        if store.check(&l, "k").allowed {
+                            allowed.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            assert!(t.join().is_ok());
+        }
+        assert_eq!(allowed.load(Ordering::SeqCst), 50);
+    }
+
+    #[test]
+    fn keys_are_independent_and_memory_is_bounded() {
+        let store = Store::new(64);
+        let l = limit("1/h burst 1");
+        assert!(store.check(&l, "a").allowed);
+        assert!(!store.check(&l, "a").allowed);
+        assert!(store.check(&l, "b").allowed);
+        for i in 0..10_000 {
+            store.check(&l, &format!("k{i}"));
+        }
+        // 16 shards of 4.
+        assert!(store.len() <= 64, "{}", store.len());
+    }
+}

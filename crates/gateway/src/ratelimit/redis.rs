@@ -1,0 +1,136 @@
+//! GCRA counters in Redis, shared by every gateway replica pointed at it.
+//!
+//! One Lua script does the whole read-modify-write, so Redis runs it
+//! atomically: concurrent requests on different replicas are counted as
+//! exactly as on one. The script takes the time from Redis (`TIME`), not
+//! from the replicas, so their clocks need not agree. Keys expire once
+//! their arrival time has passed: idle clients cost Redis nothing.
+//!
+//! When Redis fails or is slow (250 ms), the request is counted in this
+//! replica's in-memory store instead and Redis is left alone for a second:
+//! limits stay roughly in force (per replica) and a Redis outage neither
+//! stalls nor opens the gateway.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::{Decision, RateLimit, gcra};
+use crate::stats;
+
+/// Returns `{allowed, ahead_us, over_us}`; see `gcra::step` for the same
+/// arithmetic in Rust. Times are microseconds (Lua numbers are doubles:
+/// exact to 2^53, i.e. centuries of microseconds).
+const SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local new_tat = tat + interval
+local ahead = new_tat - now
+if ahead > tolerance then
+  return {0, tat - now, ahead - tolerance}
+end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil(ahead / 1000) + 1)
+return {1, ahead, 0}
+"#;
+
+const RESPONSE_TIMEOUT: Duration = Duration::from_millis(250);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long to stay on the local fallback after a Redis failure.
+const BACK_OFF: Duration = Duration::from_secs(1);
+
+pub(crate) struct Store {
+    client: Option<redis::Client>,
+    manager: OnceLock<Option<ConnectionManager>>,
+    script: redis::Script,
+    prefix: String,
+    fallback: gcra::Store,
+    epoch: Instant,
+    /// Milliseconds since `epoch` before which Redis is not tried.
+    degraded_until_ms: AtomicU64,
+}
+
+/// Checks a Redis URL without connecting, for config validation.
+pub(crate) fn check_url(url: &str) -> Result<(), redis::RedisError> {
+    redis::Client::open(url).map(|_| ())
+}
+
+impl Store {
+    pub(crate) fn new(url: &str, prefix: &str) -> Store {
+        // The URL was validated with the config; `None` only if it was not.
+        let client = redis::Client::open(url).ok();
+        Store {
+            client,
+            manager: OnceLock::new(),
+            script: redis::Script::new(SCRIPT),
+            prefix: prefix.to_string(),
+            fallback: gcra::Store::new(gcra::DEFAULT_MAX_KEYS),
+            epoch: Instant::now(),
+            degraded_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn manager(&self) -> Option<ConnectionManager> {
+        self.manager
+            .get_or_init(|| {
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_number_of_retries(1);
+                let client = self.client.clone()?;
+                match ConnectionManager::new_lazy_with_config(client, config) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        tracing::error!(target: "flotilla::gateway", error = %e, "cannot set up the Redis rate-limit backend");
+                        None
+                    }
+                }
+            })
+            .clone()
+    }
+
+    pub(crate) async fn check(&self, limit: &RateLimit, key: &str) -> Decision {
+        let now_ms = self.epoch.elapsed().as_millis() as u64;
+        if now_ms >= self.degraded_until_ms.load(Ordering::Relaxed)
+            && let Some(mut conn) = self.manager()
+        {
+            let interval = limit.interval_nanos().div_ceil(1000).max(1);
+            let tolerance = interval.saturating_mul(u64::from(limit.burst));
+            let mut invocation = self.script.key(format!("{}{key}", self.prefix));
+            invocation.arg(interval).arg(tolerance);
+            let call = invocation.invoke_async::<(i64, i64, i64)>(&mut conn);
+            match tokio::time::timeout(RESPONSE_TIMEOUT * 2, call).await {
+                Ok(Ok((allowed, ahead, over))) => {
+                    return Decision::from_gcra(
+                        limit,
+                        allowed == 1,
+                        (ahead.max(0) as u64).saturating_mul(1000),
+                        (over.max(0) as u64).saturating_mul(1000),
+                    );
+                }
+                Ok(Err(e)) => self.degrade(now_ms, &e.to_string()),
+                Err(_) => self.degrade(now_ms, "timed out"),
+            }
+        }
+        self.fallback.check(limit, key)
+    }
+
+    fn degrade(&self, now_ms: u64, error: &str) {
+        let until = now_ms + BACK_OFF.as_millis() as u64;
+        let previous = self.degraded_until_ms.swap(until, Ordering::Relaxed);
+        stats::rate_limit_backend_error();
+        // Log once per outage, not once per request.
+        if previous + BACK_OFF.as_millis() as u64 <= now_ms {
+            tracing::warn!(
+                target: "flotilla::gateway",
+                error,
+                "the Redis rate-limit backend failed; counting in memory for now"
+            );
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! Per-service memory of how instances behave: the retry budget and
+//! passive outlier detection.
+//!
+//! **Retry budget.** Retries help when one instance fails and hurt when a
+//! whole service is overloaded (each retry is more load). So retries per
+//! second may be at most `ratio` (20 %) of the requests per second, with a
+//! floor (3/s) so that a quiet service still gets its retries. Requests per
+//! second is the larger of the current and the previous second's count, so
+//! the budget does not collapse at each second's start.
+//!
+//! **Outlier detection.** Every answer from an instance is evidence: a
+//! connect error, a broken connection, a timeout or a 5xx counts against
+//! it, anything else clears its record. `consecutive_failures` in a row
+//! eject it for `base × (number of its ejections)`, at most `max`; while
+//! ejected it gets no traffic. An instance is never ejected when that would
+//! leave its service with no instance at all (better a flaky instance than
+//! none). The ejection count is forgotten once an instance has stayed in
+//! for `max`, so one bad hour does not follow it forever.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::Limits;
+use crate::stats;
+use crate::upstream::Endpoint;
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    ratio: f64,
+    min_per_second: u32,
+    consecutive: u32,
+    base: Duration,
+    max: Duration,
+}
+
+impl Settings {
+    pub(crate) fn from_limits(l: &Limits) -> Settings {
+        Settings {
+            ratio: l.retry_budget_ratio,
+            min_per_second: l.retry_budget_min_per_second,
+            consecutive: l.outlier_consecutive_failures,
+            base: l.outlier_base_ejection,
+            max: l.outlier_max_ejection,
+        }
+    }
+}
+
+/// Every service's health, created on first use.
+pub(crate) struct Resilience {
+    settings: Settings,
+    epoch: Instant,
+    services: RwLock<HashMap<String, Arc<ServiceHealth>>>,
+}
+
+impl Resilience {
+    pub(crate) fn new(settings: Settings) -> Resilience {
+        Resilience {
+            settings,
+            epoch: Instant::now(),
+            services: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn service(&self, name: &str) -> Arc<ServiceHealth> {
+        if let Some(s) = self
+            .services
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            return Arc::clone(s);
+        }
+        let mut services = self.services.write().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(services.entry(name.to_string()).or_insert_with(|| {
+            Arc::new(ServiceHealth {
+                name: name.to_string(),
+                settings: self.settings,
+                epoch: self.epoch,
+                budget: Mutex::new(Budget::default()),
+                instances: Mutex::new(HashMap::new()),
+                tracked: AtomicUsize::new(0),
+            })
+        }))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Budget {
+    second: u64,
+    requests: u64,
+    retries: u64,
+    previous_requests: u64,
+}
+
+impl Budget {
+    fn roll(&mut self, second: u64) {
+        if second != self.second {
+            self.previous_requests = if second == self.second + 1 {
+                self.requests
+            } else {
+                0
+            };
+            self.second = second;
+            self.requests = 0;
+            self.retries = 0;
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct InstanceState {
+    consecutive: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+}
+
+pub(crate) struct ServiceHealth {
+    name: String,
+    settings: Settings,
+    epoch: Instant,
+    budget: Mutex<Budget>,
+    instances: Mutex<HashMap<String, InstanceState>>,
+    /// Entries in `instances`: lets the common all-healthy case skip the lock.
+    tracked: AtomicUsize,
+}
+
+impl ServiceHealth {
+    fn second(&self) -> u64 {
+        self.epoch.elapsed().as_secs()
+    }
+
+    /// Counts a request towards the budget.
+    pub(crate) fn request(&self) {
+        let second = self.second();
+        let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        b.roll(second);
+        b.requests += 1;
+    }
+
+    /// Takes one retry from the budget, if there is one left.
+    pub(crate) fn try_retry(&self) -> bool {
+        let second = self.second();
+        let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        b.roll(second);
+        let rate = b.requests.max(b.previous_requests) as f64;
+        let allowed = (rate * self.settings.ratio).max(f64::from(self.settings.min_per_second));
+        if (b.retries as f64) < allowed {
+            b.retries += 1;
+            true
+        } else {
+            stats::retry_budget_exhausted(&self.name);
+            false
+        }
+    }
+
+    pub(crate) fn is_ejected(&self, instance: &str) -> bool {
+        if self.tracked.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let now = Instant::now();
+        let instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        instances
+            .get(instance)
+            .and_then(|s| s.ejected_until)
+            .is_some_and(|until| until > now)
+    }
+
+    pub(crate) fn success(&self, instance: &str) {
+        if self.tracked.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        let forget = match instances.get_mut(instance) {
+            Some(s) => {
+                s.consecutive = 0;
+                // Back in for `max` since its last ejection ended: forgiven.
+                let forgiven = s
+                    .ejected_until
+                    .is_none_or(|until| now >= until + self.settings.max);
+                if forgiven {
+                    s.ejections = 0;
+                    s.ejected_until = None;
+                }
+                forgiven
+            }
+            None => false,
+        };
+        if forget {
+            instances.remove(instance);
+            self.tracked.store(instances.len(), Ordering::Release);
+        }
+    }
+
+    /// Records a failure of `instance`; `ready` is the service's instances
+    /// now (so that the last one standing is never ejected).
+    pub(crate) fn failure(&self, instance: &str, ready: &[Endpoint]) {
+        let now = Instant::now();
+        let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        let state = instances.entry(instance.to_string()).or_default();
+        if state.ejected_until.is_some_and(|until| until > now) {
+            // Already out; failures of requests sent before do not extend it.
+            return;
+        }
+        state.consecutive += 1;
+        if state.consecutive < self.settings.consecutive {
+            self.tracked.store(instances.len(), Ordering::Release);
+            return;
+        }
+        let others_in = ready.iter().any(|e| {
+            e.instance != instance
+                && instances
+                    .get(&e.instance)
+                    .and_then(|s| s.ejected_until)
+                    .is_none_or(|until| until <= now)
+        });
+        let Some(state) = instances.get_mut(instance) else {
+            return;
+        };
+        if !others_in {
+            tracing::debug!(target: "flotilla::gateway", service = %self.name, instance, "not ejecting the last instance in rotation");
+            self.tracked.store(instances.len(), Ordering::Release);
+            return;
+        }
+        if state
+            .ejected_until
+            .is_some_and(|until| now >= until + self.settings.max)
+        {
+            state.ejections = 0;
+        }
+        state.ejections += 1;
+        state.consecutive = 0;
+        let duration = self
+            .settings
+            .base
+            .saturating_mul(state.ejections)
+            .min(self.settings.max);
+        state.ejected_until = Some(now + duration);
+        stats::ejected(&self.name);
+        tracing::warn!(
+            target: "flotilla::gateway",
+            service = %self.name,
+            instance,
+            ejections = state.ejections,
+            for_ = ?duration,
+            "instance ejected after consecutive failures"
+        );
+        self.tracked.store(instances.len(), Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::Load;
+    use std::net::SocketAddr;
+
+    fn settings() -> Settings {
+        Settings::from_limits(&Limits::default())
+    }
+
+    fn endpoint(name: &str) -> Endpoint {
+        Endpoint {
+            instance: name.into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            load: Arc::new(Load::default()),
+        }
+    }
+
+    #[test]
+    fn budget_has_a_floor_and_a_ratio() {
+        let r = Resilience::new(settings());
+        let s = r.service("svc");
+        // Floor: 3 retries with no traffic.
+        assert!(s.try_retry() && s.try_retry() && s.try_retry());
+        assert!(!s.try_retry());
+        let s = r.service("busy");
+        for _ in 0..100 {
+            s.request();
+        }
+        let granted = (0..50).filter(|_| s.try_retry()).count();
+        assert_eq!(granted, 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn five_failures_eject_with_growing_durations_but_never_the_last() {
+        let r = Resilience::new(settings());
+        let s = r.service("svc");
+        let ready = [endpoint("a"), endpoint("b")];
+        for _ in 0..4 {
+            s.failure("a", &ready);
+        }
+        assert!(!s.is_ejected("a"));
+        s.failure("a", &ready);
+        assert!(s.is_ejected("a"));
+        // b fails too, but a is out: b stays in.
+        for _ in 0..10 {
+            s.failure("b", &ready);
+        }
+        assert!(!s.is_ejected("b"));
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(!s.is_ejected("a"));
+        for _ in 0..5 {
+            s.failure("a", &ready);
+        }
+        assert!(s.is_ejected("a"));
+        // Second ejection: 60 s.
+        tokio::time::advance(Duration::from_secs(45)).await;
+        assert!(s.is_ejected("a"));
+        tokio::time::advance(Duration::from_secs(16)).await;
+        assert!(!s.is_ejected("a"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn success_resets_the_streak() {
+        let r = Resilience::new(settings());
+        let s = r.service("svc");
+        let ready = [endpoint("a"), endpoint("b")];
+        for _ in 0..4 {
+            s.failure("a", &ready);
+        }
+        s.success("a");
+        for _ in 0..4 {
+            s.failure("a", &ready);
+        }
+        assert!(!s.is_ejected("a"));
+        s.success("a");
+        assert_eq!(s.tracked.load(Ordering::Acquire), 0);
+    }
+}

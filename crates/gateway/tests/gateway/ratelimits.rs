@@ -1,0 +1,171 @@
+//! Rate limits through real gateways: exact under concurrency, the draft
+//! `RateLimit` headers on every response, keys by header, and one limit
+//! shared by two gateways through Redis.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use flotilla_gateway::{Gateway, RateLimit, RateLimitBackend};
+use http::{Method, StatusCode};
+
+use crate::support::*;
+
+const T: Duration = Duration::from_secs(10);
+
+fn limited(service: &str, limit: &str) -> flotilla_gateway::RouteConfig {
+    let mut r = route(service, "/**", &[], T);
+    r.rate_limit = Some(ok(RateLimit::parse(limit), "rate limit"));
+    r
+}
+
+/// Sends `n` requests at once, spread over `clients`; returns the replies.
+async fn burst(
+    clients: &[Client],
+    n: usize,
+    headers: &'static [(&'static str, &'static str)],
+) -> Vec<Reply> {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let c = clients[i % clients.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            c.request(Method::GET, "/x", headers, Bytes::new()).await
+        }));
+    }
+    let mut replies = Vec::new();
+    for t in tasks {
+        replies.push(ok(t.await, "request task"));
+    }
+    replies
+}
+
+fn count(replies: &[Reply], status: StatusCode) -> usize {
+    replies.iter().filter(|r| r.status == status).count()
+}
+
+#[tokio::test]
+async fn exactly_the_burst_passes_out_of_200_concurrent_requests() {
+    let registry = Registry::new();
+    let up = Upstream::start("rl-exact-0").await;
+    registry.set("rl-exact", vec![up.endpoint()]);
+    let gateway = start(
+        config(vec![limited("rl-exact", "50/h burst 50 per ip")]),
+        &registry,
+    )
+    .await;
+    let client = Client::new(&gateway);
+    let before = metric_sum(&["flotilla_gateway_rate_limited_total", "route=\"/**\""]);
+
+    let replies = burst(&[client], 200, &[]).await;
+    assert_eq!(count(&replies, StatusCode::OK), 50);
+    assert_eq!(count(&replies, StatusCode::TOO_MANY_REQUESTS), 150);
+    assert_eq!(up.hits(), 50);
+    for r in &replies {
+        assert_eq!(
+            r.header("ratelimit-policy"),
+            "\"default\";q=50;w=3600",
+            "{r:?}"
+        );
+        assert!(r.header("ratelimit").starts_with("\"default\";r="), "{r:?}");
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(r.json()["error"]["code"], "rate_limited");
+            let retry: u64 = r.header("retry-after").parse().unwrap_or(0);
+            // One request's worth of refill at 50/h: 72 s.
+            assert!((70..=72).contains(&retry), "Retry-After {retry}");
+            assert!(
+                r.header("ratelimit").starts_with("\"default\";r=0;"),
+                "{r:?}"
+            );
+        }
+    }
+    let after = metric_sum(&["flotilla_gateway_rate_limited_total", "route=\"/**\""]);
+    assert!(after >= before + 150, "{before} → {after}");
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn a_header_key_counts_each_value_separately() {
+    let registry = Registry::new();
+    let up = Upstream::start("rl-header-0").await;
+    registry.set("rl-header", vec![up.endpoint()]);
+    let gateway = start(
+        config(vec![limited("rl-header", "2/h per header:x-api-key")]),
+        &registry,
+    )
+    .await;
+    let client = Client::new(&gateway);
+    let a = burst(std::slice::from_ref(&client), 3, &[("x-api-key", "a")]).await;
+    let b = burst(std::slice::from_ref(&client), 3, &[("x-api-key", "b")]).await;
+    assert_eq!(count(&a, StatusCode::OK), 2);
+    assert_eq!(count(&b, StatusCode::OK), 2);
+    let ok_reply = a.iter().find(|r| r.status == StatusCode::OK);
+    assert!(ok_reply.is_some_and(|r| r.header("ratelimit-policy") == "\"default\";q=2;w=3600"));
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn two_gateways_share_one_limit_through_redis() {
+    let Ok(url) = std::env::var("FLOTILLA_TEST_REDIS_URL") else {
+        eprintln!("skipped: FLOTILLA_TEST_REDIS_URL not set");
+        return;
+    };
+    let registry = Registry::new();
+    let up = Upstream::start("rl-redis-0").await;
+    registry.set("rl-redis", vec![up.endpoint()]);
+    // A fresh prefix per run: counters of earlier runs must not count.
+    let prefix = format!("flotilla-test:{}:", uuid::Uuid::new_v4());
+    let mut cfg = config(vec![limited("rl-redis", "50/h burst 50 per route")]);
+    cfg.rate_limit_backend = RateLimitBackend::Redis { url, prefix };
+    let one = start(cfg.clone(), &registry).await;
+    let two = start(cfg, &registry).await;
+    let clients = [Client::new(&one), Client::new(&two)];
+
+    let backend_errors = counter("flotilla_gateway_rate_limit_backend_errors_total");
+    let replies = burst(&clients, 200, &[]).await;
+    assert_eq!(
+        counter("flotilla_gateway_rate_limit_backend_errors_total"),
+        backend_errors,
+        "Redis failed during the test; counts fell back to memory"
+    );
+    assert_eq!(count(&replies, StatusCode::OK), 50);
+    assert_eq!(count(&replies, StatusCode::TOO_MANY_REQUESTS), 150);
+    assert_eq!(up.hits(), 50);
+    // Request i went to gateway i % 2: both refused some, so each saw the
+    // other's count.
+    let refused = |g: usize| {
+        replies
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| i % 2 == g && r.status == StatusCode::TOO_MANY_REQUESTS)
+            .count()
+    };
+    assert!(
+        refused(0) > 0 && refused(1) > 0,
+        "{} / {}",
+        refused(0),
+        refused(1)
+    );
+    one.shutdown(T).await;
+    two.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_falls_back_to_memory() {
+    let registry = Registry::new();
+    let up = Upstream::start("rl-fallback-0").await;
+    registry.set("rl-fallback", vec![up.endpoint()]);
+    // A port nothing listens on.
+    let dead = ok(std::net::TcpListener::bind("127.0.0.1:0"), "bind");
+    let port = ok(dead.local_addr(), "addr").port();
+    drop(dead);
+    let mut cfg = config(vec![limited("rl-fallback", "3/h per route")]);
+    cfg.rate_limit_backend = RateLimitBackend::Redis {
+        url: format!("redis://127.0.0.1:{port}"),
+        prefix: "x:".into(),
+    };
+    let gateway: Gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    let replies = burst(&[client], 6, &[]).await;
+    assert_eq!(count(&replies, StatusCode::OK), 3);
+    assert_eq!(count(&replies, StatusCode::TOO_MANY_REQUESTS), 3);
+    gateway.shutdown(T).await;
+}

@@ -1,0 +1,176 @@
+//! Retries on 502/503 and connect failures, the retry budget's knobs, POST
+//! idempotency, and passive outlier ejection — with one instance killed and
+//! one answering 503.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use flotilla_gateway::Limits;
+use http::{Method, StatusCode};
+
+use crate::support::*;
+
+const T: Duration = Duration::from_secs(5);
+
+fn generous_budget() -> Limits {
+    Limits {
+        // These tests are about retries happening; the budget is unit-tested.
+        retry_budget_min_per_second: 1000,
+        ..Limits::default()
+    }
+}
+
+#[tokio::test]
+async fn a_dead_and_a_503_instance_are_retried_around_then_ejected() {
+    let registry = Registry::new();
+    let mut dead = Upstream::start("ej-dead").await;
+    let failing = Upstream::start("ej-503").await;
+    let good = Upstream::start("ej-good").await;
+    dead.kill().await;
+    failing.set_status(503);
+    registry.set(
+        "ej",
+        vec![dead.endpoint(), failing.endpoint(), good.endpoint()],
+    );
+    let mut cfg = config(vec![route("ej", "/**", &[], T)]);
+    cfg.limits = generous_budget();
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    let retries_before = metric_sum(&["flotilla_gateway_retries_total", "service=\"ej\""]);
+
+    for i in 0..40 {
+        let reply = client.get(&format!("/item/{i}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "request {i}: {reply:?}");
+        assert_eq!(reply.instance(), "ej-good");
+    }
+    // Five consecutive failures each: both bad instances are out.
+    assert_eq!(
+        metric_sum(&["flotilla_gateway_ejections_total", "service=\"ej\""]),
+        2
+    );
+    let retries =
+        metric_sum(&["flotilla_gateway_retries_total", "service=\"ej\""]) - retries_before;
+    assert!(retries >= 10, "retries: {retries}");
+    assert!(
+        metric_sum(&[
+            "flotilla_gateway_retries_total",
+            "service=\"ej\"",
+            "reason=\"status_503\""
+        ]) >= 5
+    );
+    assert!(
+        metric_sum(&[
+            "flotilla_gateway_retries_total",
+            "service=\"ej\"",
+            "reason=\"connect\""
+        ]) >= 5
+    );
+    assert!(failing.hits() >= 5);
+
+    // Ejected instances get nothing more (30 s, far beyond this test).
+    let failing_hits = failing.hits();
+    for i in 0..20 {
+        let reply = client.get(&format!("/after/{i}")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    assert_eq!(failing.hits(), failing_hits);
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn the_last_instance_in_rotation_is_never_ejected() {
+    let registry = Registry::new();
+    let mut dead = Upstream::start("last-dead").await;
+    let failing = Upstream::start("last-503").await;
+    dead.kill().await;
+    failing.set_status(503);
+    registry.set("last", vec![dead.endpoint(), failing.endpoint()]);
+    let mut cfg = config(vec![route("last", "/**", &[], T)]);
+    cfg.limits = generous_budget();
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    for i in 0..30 {
+        let reply = client.get(&format!("/x/{i}")).await;
+        // After every retry failed, the last answer is relayed as it is.
+        assert!(
+            reply.status == StatusCode::SERVICE_UNAVAILABLE
+                || reply.status == StatusCode::BAD_GATEWAY,
+            "{reply:?}"
+        );
+    }
+    assert_eq!(
+        metric_sum(&["flotilla_gateway_ejections_total", "service=\"last\""]),
+        1
+    );
+    // Whichever reached five failures first is out; the other, the last in
+    // rotation, keeps being tried (and its answer relayed).
+    let hits = failing.hits();
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        statuses.push(client.get(&format!("/y/{i}")).await.status);
+    }
+    if failing.hits() > hits {
+        // Each request tried it, with retries, up to three times.
+        assert!((5..=15).contains(&(failing.hits() - hits)), "{statuses:?}");
+        assert!(
+            statuses
+                .iter()
+                .all(|s| *s == StatusCode::SERVICE_UNAVAILABLE),
+            "{statuses:?}"
+        );
+    } else {
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::BAD_GATEWAY),
+            "{statuses:?}"
+        );
+    }
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn post_is_retried_only_with_an_idempotency_key() {
+    let registry = Registry::new();
+    let failing = Upstream::start("idem-503").await;
+    let good = Upstream::start("idem-good").await;
+    failing.set_status(503);
+    registry.set("idem", vec![failing.endpoint(), good.endpoint()]);
+    let mut cfg = config(vec![route("idem", "/**", &[], T)]);
+    cfg.limits = Limits {
+        // Keep the failing instance in rotation for the whole test.
+        outlier_consecutive_failures: 1000,
+        ..generous_budget()
+    };
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    let body = || Bytes::from_static(b"{\"order\":1}");
+
+    let mut unavailable = 0;
+    for _ in 0..20 {
+        let reply = client.request(Method::POST, "/orders", &[], body()).await;
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            unavailable += 1;
+        }
+    }
+    assert!(
+        unavailable > 0,
+        "the 503 instance was never picked in 20 tries"
+    );
+    assert_eq!(failing.hits() + good.hits(), 20, "a POST was sent twice");
+    assert_eq!(failing.hits(), unavailable);
+
+    for i in 0..20 {
+        let key = format!("order-{i}");
+        let reply = client
+            .request(
+                Method::POST,
+                "/orders",
+                &[("idempotency-key", &key)],
+                body(),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.json()["body_len"], 11);
+    }
+    assert!(failing.hits() > unavailable, "keyed POSTs were retried");
+    gateway.shutdown(T).await;
+}

@@ -1,0 +1,345 @@
+//! IP lists, forwarded-for handling and CORS, through a real gateway.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use flotilla_gateway::{
+    ConfigError, CorsConfig, Error, Gateway, IpConfig, IpRules, Upstreams, parse_nets,
+};
+use http::{Method, StatusCode};
+
+use crate::support::*;
+
+const T: Duration = Duration::from_secs(5);
+
+fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+    ok(parse_nets(list), "networks")
+}
+
+async fn ip_gateway(
+    service: &str,
+    ip: IpConfig,
+    routes: Vec<flotilla_gateway::RouteConfig>,
+) -> (Upstream, Gateway, Client) {
+    let registry = Registry::new();
+    let up = Upstream::start(&format!("{service}-0")).await;
+    registry.set(service, vec![up.endpoint()]);
+    let mut cfg = config(routes);
+    cfg.ip = Some(ip);
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    (up, gateway, client)
+}
+
+async fn get(client: &Client, path: &str, headers: &[(&str, &str)]) -> Reply {
+    client
+        .request(Method::GET, path, headers, Bytes::new())
+        .await
+}
+
+fn assert_ip_denied(reply: &Reply) {
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{reply:?}");
+    assert_eq!(reply.json()["error"]["code"], "ip_denied");
+    assert_eq!(reply.header("content-type"), "application/json");
+}
+
+#[tokio::test]
+async fn a_forged_x_forwarded_for_from_an_untrusted_peer_is_ignored() {
+    // The test client (127.0.0.1) is no proxy; 198.51.100.0/24 is denied.
+    let ip = IpConfig {
+        deny: nets(&["198.51.100.0/24"]),
+        ..IpConfig::default()
+    };
+    let (up, gateway, client) =
+        ip_gateway("ip-forged", ip, vec![route("ip-forged", "/**", &[], T)]).await;
+    // Claiming to be someone else does not get a denied client in...
+    let reply = get(
+        &client,
+        "/x",
+        &[
+            ("x-forwarded-for", "203.0.113.1"),
+            ("forwarded", "for=203.0.113.1"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    // ...nor a good one out, and the service never sees the forged hop.
+    let reply = get(&client, "/x", &[("x-forwarded-for", "198.51.100.7")]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let h = &reply.json()["headers"];
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert!(h.get("forwarded").is_none());
+    assert_eq!(up.hits(), 2);
+    gateway.shutdown(T).await;
+
+    // An allow list the peer is not on refuses it, whatever it claims.
+    let ip = IpConfig {
+        allow: nets(&["10.0.0.0/8"]),
+        ..IpConfig::default()
+    };
+    let (up, gateway, client) =
+        ip_gateway("ip-allow", ip, vec![route("ip-allow", "/**", &[], T)]).await;
+    assert_ip_denied(&get(&client, "/x", &[("x-forwarded-for", "10.1.1.1")]).await);
+    assert_eq!(up.hits(), 0);
+    // Health checks are not subject to the lists.
+    assert_eq!(get(&client, "/healthz", &[]).await.status, StatusCode::OK);
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_chain_is_honoured_up_to_the_first_untrusted_hop() {
+    // The test client plays a trusted proxy at 127.0.0.1.
+    let ip = IpConfig {
+        deny: nets(&["198.51.100.0/24"]),
+        trusted_proxies: nets(&["127.0.0.0/8", "10.0.0.0/8"]),
+        ..IpConfig::default()
+    };
+    let (up, gateway, client) =
+        ip_gateway("ip-trusted", ip, vec![route("ip-trusted", "/**", &[], T)]).await;
+    // The client behind the proxies is denied.
+    assert_ip_denied(
+        &get(
+            &client,
+            "/x",
+            &[("x-forwarded-for", "198.51.100.7, 10.0.0.5")],
+        )
+        .await,
+    );
+    assert_ip_denied(
+        &get(
+            &client,
+            "/x",
+            &[("forwarded", "for=\"198.51.100.9:4711\";proto=https")],
+        )
+        .await,
+    );
+    // A denied address written left of the real client is the client's own
+    // claim: ignored.
+    let reply = get(
+        &client,
+        "/x",
+        &[("x-forwarded-for", "198.51.100.7, 203.0.113.5")],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    // The chain from a trusted proxy is passed on, with the proxy appended.
+    assert_eq!(
+        reply.json()["headers"]["x-forwarded-for"],
+        "198.51.100.7, 203.0.113.5, 127.0.0.1"
+    );
+    assert_eq!(up.hits(), 1);
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn route_ip_lists_narrow_the_systems() {
+    let mut internal = route("ip-route", "/internal/**", &[], T);
+    internal.ip = Some(IpRules {
+        allow: nets(&["10.0.0.0/8", "fd00::/8"]),
+        deny: vec![],
+    });
+    let routes = vec![route("ip-route", "/api/**", &[], T), internal];
+    let (up, gateway, client) = ip_gateway("ip-route", IpConfig::default(), routes).await;
+    assert_eq!(get(&client, "/api/x", &[]).await.status, StatusCode::OK);
+    assert_ip_denied(&get(&client, "/internal/x", &[]).await);
+    assert_eq!(up.hits(), 1);
+    assert!(metric_sum(&["flotilla_gateway_ip_denied_total", "route=\"/internal/**\""]) >= 1);
+    gateway.shutdown(T).await;
+}
+
+fn cors(origins: &[&str], credentials: bool) -> CorsConfig {
+    CorsConfig {
+        origins: origins.iter().map(|s| s.to_string()).collect(),
+        credentials,
+        ..CorsConfig::default()
+    }
+}
+
+async fn cors_gateway(service: &str, system: CorsConfig) -> (Upstream, Gateway, Client) {
+    let registry = Registry::new();
+    let up = Upstream::start(&format!("{service}-0")).await;
+    registry.set(service, vec![up.endpoint()]);
+    let mut special = route(service, "/special/**", &[], T);
+    special.cors = Some(cors(&["http://other.example"], false));
+    let mut cfg = config(vec![
+        route(service, "/api/**", &["GET", "POST"], T),
+        special,
+    ]);
+    cfg.cors = Some(system);
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    (up, gateway, client)
+}
+
+async fn preflight(
+    client: &Client,
+    path: &str,
+    origin: &str,
+    method: &str,
+    headers: Option<&str>,
+) -> Reply {
+    let mut h = vec![
+        ("origin", origin),
+        ("access-control-request-method", method),
+    ];
+    if let Some(v) = headers {
+        h.push(("access-control-request-headers", v));
+    }
+    client
+        .request(Method::OPTIONS, path, &h, Bytes::new())
+        .await
+}
+
+#[tokio::test]
+async fn cors_preflights_are_answered_at_the_gateway() {
+    let origin = "http://localhost:8080";
+    let (up, gateway, client) = cors_gateway("cors-pre", cors(&[origin], true)).await;
+
+    let reply = preflight(
+        &client,
+        "/api/orders",
+        origin,
+        "POST",
+        Some("authorization, content-type"),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    assert_eq!(reply.header("access-control-allow-origin"), origin);
+    assert_eq!(reply.header("access-control-allow-credentials"), "true");
+    assert!(
+        reply
+            .header("access-control-allow-methods")
+            .contains("POST")
+    );
+    assert!(
+        reply
+            .header("access-control-allow-headers")
+            .contains("authorization")
+    );
+    assert_eq!(reply.header("access-control-max-age"), "600");
+    assert!(reply.header("vary").contains("Origin"));
+
+    for (what, reply) in [
+        (
+            "foreign origin",
+            preflight(&client, "/api/orders", "http://evil.example", "GET", None).await,
+        ),
+        (
+            "origin with another port",
+            preflight(&client, "/api/orders", "http://localhost:8081", "GET", None).await,
+        ),
+        (
+            "disallowed method",
+            preflight(&client, "/api/orders", origin, "TRACE", None).await,
+        ),
+        (
+            "disallowed header",
+            preflight(&client, "/api/orders", origin, "GET", Some("x-secret")).await,
+        ),
+    ] {
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{what}");
+        assert_eq!(reply.json()["error"]["code"], "cors_denied", "{what}");
+        assert!(
+            reply.headers.get("access-control-allow-origin").is_none(),
+            "{what}"
+        );
+        assert!(
+            reply
+                .headers
+                .get("access-control-allow-credentials")
+                .is_none(),
+            "{what}"
+        );
+    }
+    // A route's own policy replaces the system's.
+    let reply = preflight(&client, "/special/x", origin, "GET", None).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    let reply = preflight(&client, "/special/x", "http://other.example", "GET", None).await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        reply.header("access-control-allow-origin"),
+        "http://other.example"
+    );
+    assert!(
+        reply
+            .headers
+            .get("access-control-allow-credentials")
+            .is_none()
+    );
+
+    assert_eq!(up.hits(), 0, "a preflight reached the service");
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn cors_headers_on_actual_requests_only_for_allowed_origins() {
+    let origin = "http://localhost:8080";
+    let (_up, gateway, client) = cors_gateway("cors-actual", cors(&[origin], true)).await;
+    let reply = get(&client, "/api/x", &[("origin", origin)]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("access-control-allow-origin"), origin);
+    assert_eq!(reply.header("access-control-allow-credentials"), "true");
+    assert!(
+        reply
+            .header("access-control-expose-headers")
+            .contains("x-request-id")
+    );
+    assert!(reply.header("vary").contains("Origin"));
+
+    let reply = get(&client, "/api/x", &[("origin", "http://evil.example")]).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "CORS is the browser's to enforce"
+    );
+    assert!(reply.headers.get("access-control-allow-origin").is_none());
+    assert!(
+        reply
+            .headers
+            .get("access-control-allow-credentials")
+            .is_none()
+    );
+    assert!(reply.header("vary").contains("Origin"));
+
+    // The gateway's own refusals carry CORS too, so a page can read them.
+    let reply = get(&client, "/nope", &[("origin", origin)]).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(reply.header("access-control-allow-origin"), origin);
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn a_wildcard_is_never_sent_with_credentials() {
+    // Refused outright in config...
+    let registry = Registry::new();
+    let mut cfg = config(vec![route("cors-star", "/**", &[], T)]);
+    cfg.cors = Some(cors(&["*"], true));
+    let upstreams: std::sync::Arc<dyn Upstreams> = registry.clone();
+    match Gateway::start(cfg, upstreams).await {
+        Err(Error::Config(e @ ConfigError::Cors { .. })) => {
+            assert!(e.to_string().contains("credentials"), "{e}");
+        }
+        Err(other) => panic!("expected a CORS config error, got {other}"),
+        Ok(_) => panic!("`*` with credentials was accepted"),
+    }
+    // ...and without credentials `*` is answered as `*`, never echoed.
+    let (_up, gateway, client) = cors_gateway("cors-star", cors(&["*"], false)).await;
+    let reply = preflight(&client, "/api/x", "http://any.example", "GET", None).await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    assert_eq!(reply.header("access-control-allow-origin"), "*");
+    assert!(
+        reply
+            .headers
+            .get("access-control-allow-credentials")
+            .is_none()
+    );
+    let reply = get(&client, "/api/x", &[("origin", "http://any.example")]).await;
+    assert_eq!(reply.header("access-control-allow-origin"), "*");
+    assert!(
+        reply
+            .headers
+            .get("access-control-allow-credentials")
+            .is_none()
+    );
+    gateway.shutdown(T).await;
+}
