@@ -4,10 +4,17 @@
 //! `FLOTILLA_URL_<DEP>`, with timeouts on by default and errors that say
 //! which of "could not connect", "too slow", "said no" or "said something
 //! unreadable" happened, because callers answer each differently.
+//!
+//! When the instance has an identity, the client speaks mutual TLS 1.3: it
+//! presents the instance's certificate (reloaded on renewal) and accepts a
+//! server only if its SPIFFE id is the dependency's, so a service address
+//! that led anywhere else fails the handshake. Connections are pooled and
+//! reused, so handshakes are rare.
 
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
+use flotilla_mesh::{ExpectedPeer, Identity};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -41,37 +48,61 @@ pub struct Client {
     base: Arc<str>,
     http: reqwest::Client,
     timeout: Duration,
+    identity: Option<Identity>,
 }
 
 impl Client {
-    pub(crate) fn new(dep: &str, base: String) -> Result<Self, Error> {
-        Self::build(dep, base, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT)
+    pub(crate) fn new(dep: &str, base: String, identity: Option<Identity>) -> Result<Self, Error> {
+        Self::build(
+            dep,
+            base,
+            identity,
+            DEFAULT_CONNECT_TIMEOUT,
+            DEFAULT_TIMEOUT,
+        )
     }
 
-    fn build(dep: &str, base: String, connect: Duration, total: Duration) -> Result<Self, Error> {
+    fn build(
+        dep: &str,
+        base: String,
+        identity: Option<Identity>,
+        connect: Duration,
+        total: Duration,
+    ) -> Result<Self, Error> {
         install_crypto_provider();
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(connect)
             .timeout(total)
             // Dependency URLs are local service addresses: an HTTP(S)_PROXY
             // in the environment must not capture them.
-            .no_proxy()
-            .build()
-            .map_err(|source| Error::ClientBuild {
-                dep: dep.to_owned(),
-                source,
-            })?;
+            .no_proxy();
+        if let Some(identity) = &identity {
+            let config = flotilla_mesh::client_config(identity, ExpectedPeer::service(dep))
+                .map_err(|source| Error::Identity { source })?;
+            builder = builder.tls_backend_preconfigured(rustls::ClientConfig::clone(&config));
+        }
+        let http = builder.build().map_err(|source| Error::ClientBuild {
+            dep: dep.to_owned(),
+            source,
+        })?;
         Ok(Client {
             dep: dep.into(),
             base: base.into(),
             http,
             timeout: total,
+            identity,
         })
     }
 
     /// The same client with other timeouts (connect, whole call).
     pub fn with_timeouts(self, connect: Duration, total: Duration) -> Result<Self, Error> {
-        Self::build(&self.dep, self.base.to_string(), connect, total)
+        Self::build(
+            &self.dep,
+            self.base.to_string(),
+            self.identity.clone(),
+            connect,
+            total,
+        )
     }
 
     /// The dependency's name.
@@ -211,7 +242,7 @@ mod tests {
 
     #[test]
     fn urls_join_with_one_slash() {
-        let c = Client::new("pricing", "http://127.0.0.1:1".into()).unwrap();
+        let c = Client::new("pricing", "http://127.0.0.1:1".into(), None).unwrap();
         assert_eq!(c.url("/api/x"), "http://127.0.0.1:1/api/x");
         assert_eq!(c.url("api/x"), "http://127.0.0.1:1/api/x");
         assert_eq!(c.dependency(), "pricing");
@@ -233,7 +264,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let c = Client::new("pricing", format!("http://{addr}")).unwrap();
+        let c = Client::new("pricing", format!("http://{addr}"), None).unwrap();
         let err = c.get_json::<serde_json::Value>("/x").await.unwrap_err();
         assert!(matches!(err, Error::Unreachable { .. }), "{err:?}");
         assert!(err.is_dependency_failure());

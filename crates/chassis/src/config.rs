@@ -44,8 +44,10 @@ pub(crate) struct Config {
     pub listen_source: ListenSource,
     pub drain: Duration,
     pub otel_service_name: Option<String>,
-    /// mTLS identity files; parsed so the seam exists, not applied yet.
+    /// mTLS identity files.
     pub tls: Option<TlsFiles>,
+    /// The ACL (`FLOTILLA_ACL_FILE`); required with `tls`.
+    pub acl_file: Option<std::path::PathBuf>,
     pub env: Env,
 }
 
@@ -59,6 +61,7 @@ impl std::fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("drain", &self.drain)
             .field("tls", &self.tls)
+            .field("acl_file", &self.acl_file)
             .finish_non_exhaustive()
     }
 }
@@ -121,7 +124,15 @@ impl Config {
         let (listen, listen_source) = listen_addr(&env)?;
         let drain = drain_deadline(&env)?;
         let tls = TlsFiles::from_env(&env)?;
+        let acl_file = non_empty(&env, ACL_FILE_VAR).map(std::path::PathBuf::from);
+        if tls.is_some() && acl_file.is_none() {
+            return Err(Error::MissingEnv {
+                var: ACL_FILE_VAR,
+                fix: "the runtime sets it with FLOTILLA_TLS_*: an instance that serves mutual TLS applies the ACL in that file; when running by hand, point it at an ACL (docs/runtime-contract.md)",
+            });
+        }
         Ok(Config {
+            acl_file,
             otel_service_name: non_empty(&env, "OTEL_SERVICE_NAME"),
             system,
             service,
@@ -165,6 +176,9 @@ impl Config {
         non_empty(&self.env, "DATABASE_URL")
     }
 }
+
+/// The variable naming the instance's ACL file.
+const ACL_FILE_VAR: &str = "FLOTILLA_ACL_FILE";
 
 const SERVICE_FIX: &str = "the Flotilla runtime sets it; when running by hand, set FLOTILLA_SERVICE to the service's name in flotilla.toml";
 

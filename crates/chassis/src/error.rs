@@ -122,6 +122,28 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The instance's identity files (`FLOTILLA_TLS_*`) are unusable.
+    #[error(
+        "cannot use this instance's identity (FLOTILLA_TLS_CERT, FLOTILLA_TLS_KEY, FLOTILLA_TLS_CA)"
+    )]
+    Identity {
+        /// What is wrong with which file.
+        #[source]
+        source: flotilla_mesh::tls::TlsError,
+    },
+
+    /// The ACL file (`FLOTILLA_ACL_FILE`) is unusable.
+    #[error("the ACL file {} (FLOTILLA_ACL_FILE) {problem}", path.display())]
+    Acl {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        problem: String,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+
     /// The HTTP client for a dependency could not be built.
     #[error("could not build the HTTP client for dependency `{dep}`")]
     ClientBuild {

@@ -39,9 +39,16 @@
 //!   timeout, foreign keys) and migrates it safely across replicas.
 //! - [`ApiError`] is the one mapping from errors to HTTP responses, with
 //!   [`ApiJson`]/[`ApiQuery`] extractors that reject in the same shape.
+//! - With the identity the runtime gives (`FLOTILLA_TLS_*`,
+//!   `FLOTILLA_ACL_FILE`), [`Service::serve`] speaks mutual TLS 1.3 only,
+//!   checks every request against the ACL before routing (403
+//!   `acl_denied`), serves the normalised path, drops `x-flotilla-user-*`
+//!   unless the caller is the gateway and puts the caller in the request as
+//!   [`Caller`]; [`Service::client`] presents the identity and accepts only
+//!   the dependency's. Certificates are reloaded when renewed. Without those
+//!   variables (unit tests, a binary run by hand) it serves plain HTTP.
 //!
-//! Not yet: mTLS (see [`tls`]; the seam exists, plain HTTP is served),
-//! ACLs, tracing export, broker and object-store clients.
+//! Not yet: tracing export, broker and object-store clients.
 
 mod api;
 mod client;
@@ -50,6 +57,7 @@ mod database;
 mod error;
 mod health;
 mod logging;
+mod mesh;
 pub mod metrics;
 pub mod request_id;
 mod service;
@@ -61,4 +69,5 @@ pub use database::open_sqlite;
 pub use error::{Error, error_chain};
 pub use health::Readiness;
 pub use logging::{format_rfc3339, init_logging, now_rfc3339};
+pub use mesh::{Caller, DEFAULT_HANDSHAKE_TIMEOUT};
 pub use service::{Server, Service};

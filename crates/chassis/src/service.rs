@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use crate::client::Client;
 use crate::config::{Config, Env, ListenSource};
 use crate::health::{self, Readiness};
+use crate::mesh::{self, Mesh, MeshListener, Peer};
 use crate::tls::TlsFiles;
 use crate::{Error, database, logging, metrics};
 
@@ -27,6 +28,9 @@ pub struct Service {
     config: Config,
     openapi: Option<Value>,
     readiness: Readiness,
+    /// Identity and ACL, when the runtime provided them.
+    mesh: Option<Arc<Mesh>>,
+    handshake_timeout: Duration,
 }
 
 impl Service {
@@ -51,17 +55,22 @@ impl Service {
                 "neither FLOTILLA_LISTEN nor PORT is set; using the default address"
             ),
         }
-        if service.config.tls.is_some() {
-            tracing::warn!(
-                "FLOTILLA_TLS_* are set but this chassis does not do mTLS yet; serving plain HTTP"
-            );
+        match &service.mesh {
+            Some(mesh) => tracing::info!(
+                identity = %mesh.identity.id(),
+                "serving mutual TLS; calls are checked against the ACL"
+            ),
+            None => tracing::warn!(
+                "FLOTILLA_TLS_* are not set: serving plain HTTP without identities or ACL (run under `flotilla up` for mutual TLS)"
+            ),
         }
         Ok(service)
     }
 
     /// Like [`Service::from_env`] but from the given variables instead of
     /// the process environment, and without touching logging: for tests and
-    /// embedding.
+    /// embedding. With `FLOTILLA_TLS_*` it loads the identity files and the
+    /// ACL (`FLOTILLA_ACL_FILE`) now, so a damaged file stops the start.
     pub fn from_vars<I, K, V>(vars: I) -> Result<Service, Error>
     where
         I: IntoIterator<Item = (K, V)>,
@@ -72,10 +81,17 @@ impl Service {
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
             .collect();
+        let config = Config::from_env(env)?;
+        let mesh = match (&config.tls, &config.acl_file) {
+            (Some(tls), Some(acl)) => Some(Arc::new(Mesh::load(tls, acl)?)),
+            _ => None,
+        };
         Ok(Service {
-            config: Config::from_env(env)?,
+            config,
             openapi: None,
             readiness: Readiness::default(),
+            mesh,
+            handshake_timeout: mesh::DEFAULT_HANDSHAKE_TIMEOUT,
         })
     }
 
@@ -110,10 +126,21 @@ impl Service {
         self.config.otel_service_name.as_deref()
     }
 
-    /// The identity files for mTLS, when the runtime provided them. Not used
-    /// yet: the chassis serves and calls plain HTTP.
+    /// The identity files for mTLS, when the runtime provided them.
     pub fn tls(&self) -> Option<&TlsFiles> {
         self.config.tls.as_ref()
+    }
+
+    /// This instance's SPIFFE id, when it serves mutual TLS.
+    pub fn identity(&self) -> Option<flotilla_mesh::SpiffeId> {
+        self.mesh.as_ref().map(|m| m.identity.id())
+    }
+
+    /// How long a peer has to finish the TLS handshake before its
+    /// connection is closed (default 10 s).
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
     }
 
     /// The readiness state behind `/readyz`.
@@ -129,9 +156,14 @@ impl Service {
 
     /// A client for declared dependency `dep`, from `FLOTILLA_URL_<DEP>`
     /// (upper-cased, `-` → `_`). Connect timeout 2 s, total 10 s; see
-    /// [`Client::with_timeouts`].
+    /// [`Client::with_timeouts`]. Under mutual TLS it presents this
+    /// instance's certificate and accepts only a server of `dep`.
     pub fn client(&self, dep: &str) -> Result<Client, Error> {
-        Client::new(dep, self.config.dependency_url(dep)?)
+        Client::new(
+            dep,
+            self.config.dependency_url(dep)?,
+            self.mesh.as_ref().map(|m| m.identity.clone()),
+        )
     }
 
     /// Opens the service's own database from `DATABASE_URL` and runs
@@ -224,6 +256,14 @@ impl Server {
         let app = router
             .merge(health::routes(readiness.clone(), Arc::new(openapi)))
             .layer(axum::middleware::from_fn(metrics::track));
+        // Around the router, not inside it: the ACL must decide before
+        // routing, on the path the router will then see.
+        let app = tower::Layer::layer(
+            &axum::middleware::from_fn_with_state(service.mesh.clone(), mesh::authorize),
+            app,
+        );
+        let listener =
+            MeshListener::new(listener, service.mesh.as_deref(), service.handshake_timeout)?;
 
         let upkeep = tokio::spawn(async move {
             let mut tick = tokio::time::interval(UPKEEP_EVERY);
@@ -251,7 +291,13 @@ impl Server {
 
         // service, instance and system are on every line already.
         tracing::info!(addr = %local_addr, drain = ?drain, "listening");
-        let server = axum::serve(listener, app).with_graceful_shutdown(graceful);
+        let server = axum::serve(
+            listener,
+            axum::ServiceExt::<axum::extract::Request>::into_make_service_with_connect_info::<Peer>(
+                app,
+            ),
+        )
+        .with_graceful_shutdown(graceful);
         let result = tokio::select! {
             result = server => result.map_err(|source| Error::Serve { addr: local_addr, source }),
             () = deadline => {

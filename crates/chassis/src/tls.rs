@@ -1,11 +1,10 @@
-//! The seam for mutual TLS.
+//! Where the instance's identity files are.
 //!
-//! The runtime will hand every instance its identity as PEM files
-//! (`FLOTILLA_TLS_CERT`, `FLOTILLA_TLS_KEY`, `FLOTILLA_TLS_CA`) and switch
-//! `FLOTILLA_URL_*` to `https`. Until that lands the chassis serves and calls
-//! plain HTTP; this module only reads and validates the variables, so that
-//! wiring rustls in later changes the server and client builders and nothing
-//! in the services.
+//! The runtime hands every instance its identity as PEM files
+//! (`FLOTILLA_TLS_CERT`, `FLOTILLA_TLS_KEY`, `FLOTILLA_TLS_CA`) and
+//! `https` dependency URLs. This module reads and validates the variables
+//! (all three or none); the server and client builders load the files
+//! (see `Service::serve` and `Service::client`).
 
 use std::path::PathBuf;
 
@@ -14,7 +13,7 @@ use crate::config::Env;
 
 const VARS: [&str; 3] = ["FLOTILLA_TLS_CERT", "FLOTILLA_TLS_KEY", "FLOTILLA_TLS_CA"];
 
-/// An instance's identity files, as the runtime will provide them.
+/// An instance's identity files, as the runtime provides them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     /// PEM certificate chain of this instance.

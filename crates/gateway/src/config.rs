@@ -11,12 +11,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use flotilla_manifest::{Manifest, PathPattern};
+use flotilla_manifest::{Auth, Manifest, PathPattern, RateLimitStore};
 
 use crate::client::UpstreamTls;
 use crate::cors::{CorsConfig, CorsConfigError, CorsPolicy};
 use crate::ip::{IpConfig, IpRules};
-use crate::jwt::{JwtConfig, RouteAuth, claim_header};
+use crate::jwt::{JwksSource, JwtConfig, RouteAuth, claim_header};
 use crate::ratelimit::{RateLimit, RateLimitBackend, RateLimitKey};
 
 /// Everything a gateway needs to run.
@@ -278,23 +278,73 @@ impl Config {
     /// directory and every service's routes. No access log file; callers set
     /// one (and override anything else) on the result.
     pub fn from_manifest(manifest: &Manifest) -> Config {
+        let gw = &manifest.gateway;
         Config {
-            listen: manifest.gateway.listen,
+            listen: gw.listen,
             routes: manifest
                 .routes()
                 .map(|(service, route)| RouteConfig {
                     methods: route.methods.clone(),
                     timeout: route.timeout,
+                    auth: match &route.auth {
+                        Auth::Public => RouteAuth::Public,
+                        Auth::Jwt { scopes } => RouteAuth::Jwt {
+                            scopes: scopes.clone(),
+                            claims: Default::default(),
+                        },
+                    },
+                    rate_limit: route.rate_limit.clone(),
+                    ip: route.ip.as_ref().map(|ip| IpRules {
+                        allow: ip.allow.clone(),
+                        deny: ip.deny.clone(),
+                    }),
+                    max_body_bytes: route
+                        .max_body_bytes
+                        .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
                     ..RouteConfig::new(service, route.pattern.clone())
                 })
                 .collect(),
-            static_dir: manifest.gateway.static_dir.clone(),
+            static_dir: gw.static_dir.clone(),
             access_log: None,
             limits: Limits::default(),
-            jwt: None,
-            cors: None,
-            ip: None,
-            rate_limit_backend: RateLimitBackend::Memory,
+            // A source the gateway cannot parse leaves `jwt` unset; `validate`
+            // then refuses every `auth = "jwt"` route, so it never fails open.
+            jwt: gw.jwt.as_ref().and_then(|j| {
+                let source = match &j.jwks {
+                    flotilla_manifest::JwksSource::Url(url) => url.clone(),
+                    flotilla_manifest::JwksSource::Service { service, path } => {
+                        format!("{service}:{path}")
+                    }
+                };
+                let mut config = JwtConfig::new(
+                    j.issuer.clone(),
+                    j.audiences.clone(),
+                    JwksSource::parse(&source).ok()?,
+                );
+                config.refresh_interval = j.refresh;
+                config.forward_claims = j.forward_claims.clone();
+                Some(config)
+            }),
+            cors: gw.cors.as_ref().map(|c| CorsConfig {
+                origins: c.origins.clone(),
+                credentials: c.credentials,
+                methods: c.methods.clone(),
+                headers: c.headers.clone(),
+                expose_headers: c.expose_headers.clone(),
+                max_age: c.max_age,
+            }),
+            ip: gw.ip.as_ref().map(|ip| IpConfig {
+                allow: ip.allow.clone(),
+                deny: ip.deny.clone(),
+                trusted_proxies: ip.trusted_proxies.clone(),
+            }),
+            rate_limit_backend: match &gw.rate_limits {
+                RateLimitStore::Memory => RateLimitBackend::Memory,
+                RateLimitStore::Redis { url } => RateLimitBackend::Redis {
+                    url: url.clone(),
+                    prefix: format!("flotilla:{}:", manifest.name),
+                },
+            },
             upstream_tls: None,
         }
     }

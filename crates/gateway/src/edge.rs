@@ -386,7 +386,7 @@ mod tests {
         if let Ok(v) = HeaderValue::from_str(&long) {
             h.insert("x-api-key", v);
         }
-        let name = HeaderName::from_static("x-api-key");
+        let name = String::from("x-api-key");
         let key = rate_key(&RateLimitKey::Header(name.clone()), None, None, &h);
         assert_eq!(key.len(), 2 + 64);
         h.insert("x-api-key", HeaderValue::from_static("abc"));

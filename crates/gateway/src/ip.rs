@@ -40,28 +40,8 @@ pub struct IpRules {
     pub deny: Vec<IpNet>,
 }
 
-/// Why a network string does not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "`{0}` is not an IP network: write a CIDR like \"10.0.0.0/8\" or \"2001:db8::/32\", or a single address"
-)]
-pub struct IpNetParseError(pub String);
-
-/// Parses `"10.0.0.0/8"`, `"::1/128"` or a bare address (a /32 or /128).
-pub fn parse_net(s: &str) -> Result<IpNet, IpNetParseError> {
-    let s = s.trim();
-    if let Ok(net) = s.parse::<IpNet>() {
-        return Ok(net.trunc());
-    }
-    s.parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| IpNetParseError(s.to_string()))
-}
-
-/// Parses a list with [`parse_net`].
-pub fn parse_nets<S: AsRef<str>>(list: &[S]) -> Result<Vec<IpNet>, IpNetParseError> {
-    list.iter().map(|s| parse_net(s.as_ref())).collect()
-}
+// The parsers are the manifest's, so both report the same errors.
+pub use flotilla_manifest::{IpNetParseError, parse_net, parse_nets};
 
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {

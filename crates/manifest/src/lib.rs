@@ -7,6 +7,7 @@
 //! what to write instead. `docs/manifest.md` documents the schema.
 
 mod diagnostic;
+mod edge;
 mod pattern;
 mod raw;
 mod validate;
@@ -17,6 +18,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use diagnostic::Diagnostic;
+pub use edge::{
+    Cors, IpList, IpNet, IpNetParseError, JwksSource, Jwt, RateLimit, RateLimitKey,
+    RateLimitParseError, RateLimitStore, parse_net, parse_nets,
+};
 pub use pattern::{PathPattern, PatternError};
 
 /// The file name Flotilla looks for.
@@ -32,6 +37,8 @@ pub struct Manifest {
     /// The directory relative paths in the manifest are resolved against.
     pub dir: PathBuf,
     pub gateway: Gateway,
+    /// Identities and access control.
+    pub mesh: Mesh,
     /// Services by name, in name order.
     pub services: BTreeMap<String, Service>,
 }
@@ -44,6 +51,54 @@ pub struct Gateway {
     pub static_dir: Option<PathBuf>,
     /// Default upstream timeout for routes that set none.
     pub timeout: Duration,
+    /// Bearer-token verification for routes with `auth = "jwt"`.
+    pub jwt: Option<Jwt>,
+    /// Cross-origin rules for browsers.
+    pub cors: Option<Cors>,
+    /// Client networks allowed or denied everywhere.
+    pub ip: Option<IpList>,
+    /// Where rate-limit counters live.
+    pub rate_limits: RateLimitStore,
+}
+
+/// Names of the platform's own identities: no service may take one.
+/// `gateway` and `runtime` may appear as callers in ACL rules.
+pub const PLATFORM_NAMES: [&str; 5] = ["gateway", "runtime", "operator", "broker", "objects"];
+
+/// How identities are issued and ACLs applied (`[mesh]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mesh {
+    /// Deny calls no rule allows, or only log them.
+    pub mode: MeshMode,
+    /// How long an instance's certificate lasts; it is renewed at 70 %.
+    pub leaf_lifetime: Duration,
+}
+
+/// Whether ACL denials are enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshMode {
+    /// A call no rule allows is refused with 403.
+    Enforce,
+    /// It is let through, logged and counted as a would-be denial.
+    Audit,
+}
+
+/// Whether an ACL rule allows or denies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AclEffect {
+    Allow,
+    Deny,
+}
+
+/// A per-caller refinement of a service's ACL (`acl = [...]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AclRule {
+    /// A service whose `calls` list this one, or `gateway`/`runtime`.
+    pub caller: String,
+    pub pattern: PathPattern,
+    /// Upper-case HTTP methods; empty means any method.
+    pub methods: Vec<String>,
+    pub effect: AclEffect,
 }
 
 /// How a service is run and scaled.
@@ -89,9 +144,13 @@ pub enum Data {
 }
 
 /// Who may call a route through the gateway.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Auth {
     Public,
+    /// A valid bearer token from `[gateway.jwt]`'s issuer, with these scopes.
+    Jwt {
+        scopes: Vec<String>,
+    },
 }
 
 /// A path the gateway exposes, owned by one service.
@@ -102,6 +161,12 @@ pub struct Route {
     pub methods: Vec<String>,
     pub auth: Auth,
     pub timeout: Duration,
+    /// A GCRA limit for this route.
+    pub rate_limit: Option<RateLimit>,
+    /// Client networks for this route, on top of the gateway's.
+    pub ip: Option<IpList>,
+    /// Largest request body accepted (the gateway's default when `None`).
+    pub max_body_bytes: Option<u64>,
 }
 
 impl Route {
@@ -122,6 +187,8 @@ pub struct Service {
     /// Services this one may call (each becomes `FLOTILLA_URL_<NAME>`).
     pub calls: Vec<String>,
     pub routes: Vec<Route>,
+    /// Per-caller ACL rules refining what `calls` and `routes` allow.
+    pub acl: Vec<AclRule>,
     /// Extra environment for each instance.
     pub env: BTreeMap<String, String>,
     /// How long an instance may take to answer `/readyz` with 200.

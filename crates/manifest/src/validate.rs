@@ -1,7 +1,7 @@
 //! Turns the raw TOML into the typed model, collecting every problem rather
 //! than stopping at the first, so one `flotilla check` shows them all.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -10,13 +10,24 @@ use std::time::Duration;
 use toml::Spanned;
 
 use crate::diagnostic::{Diagnostic, did_you_mean};
-use crate::raw::{RawGateway, RawManifest, RawRoute, RawRun, RawScale, RawService};
-use crate::{Auth, Data, Gateway, Manifest, PathPattern, Route, Run, Scale, Service, Shape};
+use crate::raw::{
+    RawAclRule, RawGateway, RawManifest, RawMesh, RawRoute, RawRun, RawScale, RawService,
+};
+use crate::{
+    AclEffect, AclRule, Auth, Data, Gateway, Manifest, Mesh, MeshMode, PLATFORM_NAMES, PathPattern,
+    Route, Run, Scale, Service, Shape,
+};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_DRAIN: Duration = Duration::from_secs(10);
+const DEFAULT_LEAF_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
+/// Shorter leaves would expire before instances (which poll their files
+/// about once a second) could load the renewed ones.
+const MIN_LEAF_LIFETIME: Duration = Duration::from_secs(5);
+/// Longer leaves make a leaked key useful for too long.
+const MAX_LEAF_LIFETIME: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 const DEFAULT_FUNCTION_MAX: u32 = 4;
 const DEFAULT_FUNCTION_CONCURRENCY: u32 = 32;
 const DEFAULT_FUNCTION_IDLE: Duration = Duration::from_secs(30);
@@ -34,6 +45,8 @@ struct Ctx<'a> {
     dir: PathBuf,
     /// The gateway's timeout, the default for routes that set none.
     route_timeout: Duration,
+    /// Whether `[gateway.jwt]` is set, so routes may use `auth = "jwt"`.
+    jwt_configured: bool,
     errors: Vec<Diagnostic>,
 }
 
@@ -103,6 +116,7 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
         source,
         dir,
         route_timeout: DEFAULT_TIMEOUT,
+        jwt_configured: false,
         errors: Vec::new(),
     };
     let raw: RawManifest = match toml::from_str(source) {
@@ -123,12 +137,26 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
         );
     }
 
-    let gateway = gateway(&mut ctx, raw.gateway.as_ref());
+    let declared_names: Vec<String> = raw.services.keys().map(|k| k.get_ref().clone()).collect();
+    let gateway = gateway(&mut ctx, raw.gateway.as_ref(), &declared_names);
     if let Some(gw) = &gateway {
         ctx.route_timeout = gw.timeout;
+        ctx.jwt_configured = gw.jwt.is_some();
     }
 
+    let mesh = mesh(&mut ctx, raw.mesh.as_ref());
+
     let declared: Vec<String> = raw.services.keys().map(|k| k.get_ref().clone()).collect();
+    // Who lists whom in `calls`, as written: ACL rules may only name callers.
+    let mut callers_of: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (key, value) in &raw.services {
+        for call in value.get_ref().calls.iter().flatten() {
+            callers_of
+                .entry(call.get_ref().clone())
+                .or_default()
+                .insert(key.get_ref().clone());
+        }
+    }
     let mut services = BTreeMap::new();
     for (key, value) in &raw.services {
         let name = key.get_ref();
@@ -140,7 +168,19 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
             );
             continue;
         }
-        if let Some(service) = service(&mut ctx, name, value, &declared) {
+        if PLATFORM_NAMES.contains(&name.as_str()) {
+            ctx.error(
+                key.span(),
+                format!("service name `{name}` is reserved for the platform's own identity"),
+                Some(format!(
+                    "rename the service; {} are the platform's",
+                    quote_list(&PLATFORM_NAMES)
+                )),
+            );
+            continue;
+        }
+        let callers = callers_of.get(name).cloned().unwrap_or_default();
+        if let Some(service) = service(&mut ctx, name, value, &declared, &callers) {
             services.insert(name.clone(), service);
         }
     }
@@ -160,6 +200,7 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
             file: file.to_path_buf(),
             dir: ctx.dir,
             gateway: gateway.unwrap_or_else(unreachable_gateway),
+            mesh: mesh.unwrap_or_else(unreachable_mesh),
             services,
         })
     } else {
@@ -173,7 +214,62 @@ fn unreachable_gateway() -> Gateway {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         static_dir: None,
         timeout: DEFAULT_TIMEOUT,
+        jwt: None,
+        cors: None,
+        ip: None,
+        rate_limits: Default::default(),
     }
+}
+
+/// Only reached when errors were recorded, in which case it is discarded.
+fn unreachable_mesh() -> Mesh {
+    Mesh {
+        mode: MeshMode::Enforce,
+        leaf_lifetime: DEFAULT_LEAF_LIFETIME,
+    }
+}
+
+fn mesh(ctx: &mut Ctx<'_>, raw: Option<&Spanned<RawMesh>>) -> Option<Mesh> {
+    let mut mesh = Mesh {
+        mode: MeshMode::Enforce,
+        leaf_lifetime: DEFAULT_LEAF_LIFETIME,
+    };
+    let Some(raw) = raw else { return Some(mesh) };
+    let raw = raw.get_ref();
+    if let Some(mode) = &raw.mode {
+        mesh.mode = match mode.get_ref().as_str() {
+            "enforce" => MeshMode::Enforce,
+            "audit" => MeshMode::Audit,
+            other => {
+                let help = match did_you_mean(other, ["enforce", "audit"]) {
+                    Some(s) => format!("did you mean `mode = \"{s}\"`?"),
+                    None => "write `mode = \"enforce\"` (deny calls no rule allows) or `mode = \"audit\"` (log them and let them through)".into(),
+                };
+                ctx.error(
+                    mode.span(),
+                    format!("unknown mesh mode `{other}`"),
+                    Some(help),
+                );
+                return None;
+            }
+        };
+    }
+    if let Some(lifetime) = &raw.leaf_lifetime {
+        let d = ctx.duration(lifetime, "leaf_lifetime")?;
+        if !(MIN_LEAF_LIFETIME..=MAX_LEAF_LIFETIME).contains(&d) {
+            ctx.error(
+                lifetime.span(),
+                format!(
+                    "`leaf_lifetime = \"{}\"` is out of range",
+                    lifetime.get_ref()
+                ),
+                Some("use a duration from 5s to 365d; the default is \"24h\"".into()),
+            );
+            return None;
+        }
+        mesh.leaf_lifetime = d;
+    }
+    Some(mesh)
 }
 
 fn check_name(name: &str) -> Result<(), &'static str> {
@@ -237,11 +333,19 @@ fn quote_list(items: &[&str]) -> String {
         .join(", ")
 }
 
-fn gateway(ctx: &mut Ctx<'_>, raw: Option<&Spanned<RawGateway>>) -> Option<Gateway> {
+fn gateway(
+    ctx: &mut Ctx<'_>,
+    raw: Option<&Spanned<RawGateway>>,
+    declared: &[String],
+) -> Option<Gateway> {
     let mut gw = Gateway {
         listen: DEFAULT_LISTEN.parse().ok()?,
         static_dir: None,
         timeout: DEFAULT_TIMEOUT,
+        jwt: None,
+        cors: None,
+        ip: None,
+        rate_limits: Default::default(),
     };
     let Some(raw) = raw else { return Some(gw) };
     let raw = raw.get_ref();
@@ -270,6 +374,18 @@ fn gateway(ctx: &mut Ctx<'_>, raw: Option<&Spanned<RawGateway>>) -> Option<Gatew
     if let Some(t) = &raw.timeout {
         gw.timeout = ctx.duration(t, "timeout")?;
     }
+    if let Some(j) = &raw.jwt {
+        gw.jwt = Some(edge::jwt(ctx, j, declared)?);
+    }
+    if let Some(c) = &raw.cors {
+        gw.cors = Some(edge::cors(ctx, c)?);
+    }
+    if let Some(i) = &raw.ip {
+        gw.ip = Some(edge::ip(ctx, i)?);
+    }
+    if let Some(r) = &raw.rate_limits {
+        gw.rate_limits = edge::rate_limit_store(ctx, r)?;
+    }
     Some(gw)
 }
 
@@ -278,6 +394,7 @@ fn service(
     name: &str,
     raw: &Spanned<RawService>,
     declared: &[String],
+    callers: &BTreeSet<String>,
 ) -> Option<Service> {
     let span = raw.span();
     let raw = raw.get_ref();
@@ -369,6 +486,13 @@ fn service(
         }
     }
 
+    let mut acl = Vec::new();
+    for r in raw.acl.iter().flatten() {
+        if let Some(rule) = acl_rule(ctx, name, r, declared, callers) {
+            acl.push(rule);
+        }
+    }
+
     let mut env = BTreeMap::new();
     for (k, v) in raw.env.iter().flatten() {
         let key = k.get_ref();
@@ -417,6 +541,7 @@ fn service(
         data,
         calls,
         routes,
+        acl,
         env,
         ready_timeout,
         drain,
@@ -658,8 +783,85 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
         );
         return None;
     }
+    let methods = methods(ctx, raw.methods.as_ref(), &raw.path, "route unreachable")?;
+    let auth = match &raw.auth {
+        None => Auth::Public,
+        Some(a) => match a.get_ref().as_str() {
+            "public" => Auth::Public,
+            "jwt" if ctx.jwt_configured => Auth::Jwt {
+                scopes: raw
+                    .scopes
+                    .iter()
+                    .flatten()
+                    .map(|s| s.get_ref().clone())
+                    .collect(),
+            },
+            "jwt" => {
+                ctx.error(
+                    a.span(),
+                    "`auth = \"jwt\"` needs `[gateway.jwt]`: the gateway has no issuer to verify tokens against",
+                    Some("add `jwt = { issuer = \"…\", audiences = [\"…\"], jwks = \"accounts:/.well-known/jwks.json\" }` under `[gateway]`".into()),
+                );
+                return None;
+            }
+            other => {
+                ctx.error(
+                    a.span(),
+                    format!("unknown auth `{other}`"),
+                    Some("write `auth = \"public\"` or `auth = \"jwt\"`".into()),
+                );
+                return None;
+            }
+        },
+    };
+    if let Some(first) = raw.scopes.as_ref().and_then(|s| s.first())
+        && !matches!(auth, Auth::Jwt { .. })
+    {
+        ctx.error(
+            first.span(),
+            "`scopes` need `auth = \"jwt\"`",
+            Some("add `auth = \"jwt\"` to the route, or remove `scopes`".into()),
+        );
+        return None;
+    }
+    let jwt_route = matches!(auth, Auth::Jwt { .. });
+    let rate_limit = match &raw.rate_limit {
+        Some(r) => Some(edge::rate_limit(ctx, r, jwt_route)?),
+        None => None,
+    };
+    let ip = match &raw.ip {
+        Some(i) => Some(edge::ip(ctx, i)?),
+        None => None,
+    };
+    let max_body_bytes = match &raw.max_body_bytes {
+        Some(m) => Some(edge::max_body(ctx, m)?),
+        None => None,
+    };
+    let timeout = match &raw.timeout {
+        Some(t) => ctx.duration(t, "timeout")?,
+        None => ctx.route_timeout,
+    };
+    Some(Route {
+        pattern,
+        methods,
+        auth,
+        timeout,
+        rate_limit,
+        ip,
+        max_body_bytes,
+    })
+}
+
+/// Upper-case, known, distinct methods; `methods = []` is an error (it
+/// would match nothing), `None` means any method.
+fn methods(
+    ctx: &mut Ctx<'_>,
+    raw: Option<&Vec<Spanned<String>>>,
+    path: &Spanned<String>,
+    what: &str,
+) -> Option<Vec<String>> {
     let mut methods = Vec::new();
-    for m in raw.methods.iter().flatten() {
+    for m in raw.into_iter().flatten() {
         let method = m.get_ref();
         if METHODS.contains(&method.as_str()) {
             if methods.contains(method) {
@@ -687,45 +889,130 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
             return None;
         }
     }
-    if raw.methods.as_ref().is_some_and(Vec::is_empty) {
+    if raw.is_some_and(Vec::is_empty) {
         ctx.error(
-            raw.path.span(),
-            "`methods = []` would make the route unreachable",
+            path.span(),
+            format!("`methods = []` would make the {what}"),
             Some("list the methods, or leave `methods` out to accept any".into()),
         );
         return None;
     }
-    let auth = match &raw.auth {
-        None => Auth::Public,
-        Some(a) => match a.get_ref().as_str() {
-            "public" => Auth::Public,
-            "jwt" => {
-                ctx.error(
-                    a.span(),
-                    "`auth = \"jwt\"` needs the gateway's JWT settings, which this version does not support yet",
-                    Some("use `auth = \"public\"` for now".into()),
-                );
-                return None;
-            }
+    Some(methods)
+}
+
+/// One `acl` rule of service `callee`: its caller must be a service that
+/// lists `callee` in `calls` (rules refine `calls`, they never replace
+/// it), or the gateway or runtime, whose reach only a deny rule can change.
+fn acl_rule(
+    ctx: &mut Ctx<'_>,
+    callee: &str,
+    raw: &Spanned<RawAclRule>,
+    declared: &[String],
+    callers: &BTreeSet<String>,
+) -> Option<AclRule> {
+    let raw = raw.get_ref();
+    let effect = match &raw.effect {
+        None => AclEffect::Allow,
+        Some(e) => match e.get_ref().as_str() {
+            "allow" => AclEffect::Allow,
+            "deny" => AclEffect::Deny,
             other => {
+                let help = match did_you_mean(other, ["allow", "deny"]) {
+                    Some(s) => format!("did you mean `effect = \"{s}\"`?"),
+                    None => {
+                        "write `effect = \"allow\"` (the default) or `effect = \"deny\"`".into()
+                    }
+                };
                 ctx.error(
-                    a.span(),
-                    format!("unknown auth `{other}`"),
-                    Some("write `auth = \"public\"`".into()),
+                    e.span(),
+                    format!("unknown ACL effect `{other}`"),
+                    Some(help),
                 );
                 return None;
             }
         },
     };
-    let timeout = match &raw.timeout {
-        Some(t) => ctx.duration(t, "timeout")?,
-        None => ctx.route_timeout,
+    let caller = raw.caller.get_ref();
+    let platform_reach = match caller.as_str() {
+        "gateway" => Some(format!("the routes of `{callee}`")),
+        "runtime" => Some("`/healthz`, `/readyz` and `/metrics`".to_string()),
+        _ => None,
     };
-    Some(Route {
+    if let Some(reach) = platform_reach {
+        if effect == AclEffect::Allow {
+            ctx.error(
+                raw.caller.span(),
+                format!(
+                    "the {caller} reaches exactly {reach}; an ACL rule can only take from that"
+                ),
+                Some(format!(
+                    "write `effect = \"deny\"` to refuse part of it{}",
+                    if caller == "gateway" {
+                        ", or change the service's `routes`"
+                    } else {
+                        ""
+                    }
+                )),
+            );
+            return None;
+        }
+    } else if caller == callee {
+        ctx.error(
+            raw.caller.span(),
+            format!("ACL rule of `{callee}` names `{callee}` itself as the caller"),
+            Some("rules govern calls from other services; remove it".into()),
+        );
+        return None;
+    } else if declared.contains(caller) {
+        if !callers.contains(caller) {
+            ctx.error(
+                raw.caller.span(),
+                format!("ACL rule names `{caller}`, which does not call `{callee}`"),
+                Some(format!(
+                    "add \"{callee}\" to `calls` of service `{caller}`: rules refine `calls`, they do not replace it"
+                )),
+            );
+            return None;
+        }
+    } else {
+        let candidates = declared
+            .iter()
+            .map(String::as_str)
+            .filter(|s| *s != callee)
+            .chain(["gateway", "runtime"]);
+        let help = match did_you_mean(caller, candidates) {
+            Some(s) => format!("did you mean `{s}`?"),
+            None => {
+                format!("name a service whose `calls` list `{callee}`, or `gateway` or `runtime`")
+            }
+        };
+        ctx.error(
+            raw.caller.span(),
+            format!("ACL rule names `{caller}`, which is not a service of this system"),
+            Some(help),
+        );
+        return None;
+    }
+    let pattern = match PathPattern::parse(raw.path.get_ref()) {
+        Ok(p) => p,
+        Err(e) => {
+            ctx.error(
+                raw.path.span(),
+                format!("invalid ACL path `{}`: {e}", raw.path.get_ref()),
+                Some(
+                    "write e.g. `path = \"/api/orders/**\"` (`*` is one segment, `**` the rest)"
+                        .into(),
+                ),
+            );
+            return None;
+        }
+    };
+    let methods = methods(ctx, raw.methods.as_ref(), &raw.path, "rule match nothing")?;
+    Some(AclRule {
+        caller: caller.clone(),
         pattern,
         methods,
-        auth,
-        timeout,
+        effect,
     })
 }
 
@@ -772,6 +1059,8 @@ fn check_route_conflicts(ctx: &mut Ctx<'_>, raw: &RawManifest) {
         }
     }
 }
+
+mod edge;
 
 #[cfg(test)]
 mod tests;

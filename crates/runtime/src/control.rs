@@ -1,13 +1,20 @@
 //! The loopback control API of a running system, and the client the CLI
 //! uses to reach it through `endpoints.json`.
 //!
-//! Reading status is open to local processes; changes (`shutdown`) need the
-//! bearer token written, 0600, into `endpoints.json`, so only the operator
-//! who can read the data dir can stop the system. (The mesh issue replaces
-//! the token with the operator's mTLS identity.)
+//! The control API speaks mutual TLS only and answers only the operator's
+//! identity (`…/svc/operator`), which the runtime issues into
+//! `<data-dir>/operator/` (key 0600) and renews like any other: whoever can
+//! read that directory is the operator. Every other peer of the system gets
+//! `403 operator_only`; plaintext and foreign certificates never finish the
+//! handshake. Stopping the system (`POST /v1/shutdown`) also still needs
+//! the bearer token from `endpoints.json` (0600).
+//!
+//! The web console (an HTML page and the read-only status it shows) is on a
+//! separate plain-HTTP loopback listener, because a browser has no operator
+//! certificate to present; it can read status, never change anything.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,15 +22,24 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use bytes::Bytes;
+use flotilla_mesh::identity::{OPERATOR, RUNTIME};
+use flotilla_mesh::{ExpectedPeer, Identity, IdentityFiles};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use tokio::sync::Notify;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::endpoints::Endpoints;
 use crate::pool::Status;
+
+/// How long a peer of the control API has to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the control API serves from.
 pub(crate) trait StatusSource: Send + Sync + 'static {
@@ -37,13 +53,13 @@ struct ControlState {
     shutdown: Arc<Notify>,
 }
 
+/// The control API, for the operator.
 pub(crate) fn router(
     source: Arc<dyn StatusSource>,
     token: String,
     shutdown: Arc<Notify>,
 ) -> Router {
     Router::new()
-        .route("/", get(console))
         .route("/v1/status", get(status))
         .route("/v1/shutdown", post(shutdown_handler))
         .with_state(ControlState {
@@ -51,6 +67,82 @@ pub(crate) fn router(
             token: token.into(),
             shutdown,
         })
+}
+
+/// The console: the page and the read-only status it polls.
+pub(crate) fn console_router(source: Arc<dyn StatusSource>) -> Router {
+    Router::new()
+        .route("/", get(console))
+        .route(
+            "/v1/status",
+            get(|State(source): State<Arc<dyn StatusSource>>| async move {
+                axum::Json(source.status()).into_response()
+            }),
+        )
+        .with_state(source)
+}
+
+/// What every peer that is not the operator gets.
+fn operator_only() -> Router {
+    Router::new().fallback(any(|| async {
+        (
+            StatusCode::FORBIDDEN,
+            axum::Json(serde_json::json!({"error": {"code": "operator_only", "message": "the control API answers only the operator's identity (<data-dir>/operator)"}})),
+        )
+    }))
+}
+
+/// Serves `api` over mutual TLS with the runtime's identity until `stop`:
+/// the operator gets the API, any other peer of the system 403. Handshakes
+/// run in their own tasks with a deadline, so a stalled peer cannot block
+/// the operator.
+pub(crate) async fn serve_mtls(
+    listener: TcpListener,
+    api: Router,
+    acceptor: TlsAcceptor,
+    mut stop: watch::Receiver<bool>,
+) {
+    let refused = operator_only();
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!("control API: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = async {
+                let _ = stop.wait_for(|s| *s).await;
+            } => return,
+        };
+        let (acceptor, api, refused) = (acceptor.clone(), api.clone(), refused.clone());
+        tokio::spawn(async move {
+            let (tls, peer) = match flotilla_mesh::accept_with_timeout(
+                &acceptor,
+                tcp,
+                HANDSHAKE_TIMEOUT,
+            )
+            .await
+            {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %flotilla_mesh::tls::error_chain(&e), "control API: refused a connection");
+                    return;
+                }
+            };
+            let app = if peer.service() == OPERATOR {
+                api
+            } else {
+                tracing::warn!(%peer, "control API: refused a peer that is not the operator");
+                refused
+            };
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
+                .await;
+        });
+    }
 }
 
 async fn status(State(state): State<ControlState>) -> Response {
@@ -103,13 +195,24 @@ pub enum ControlError {
     },
     #[error("the control API answered {status}: {body}")]
     Refused { status: u16, body: String },
+    #[error(
+        "cannot use the operator's identity in {}; only the user who ran `flotilla up` can read it",
+        dir.display()
+    )]
+    Identity {
+        dir: PathBuf,
+        #[source]
+        source: flotilla_mesh::tls::TlsError,
+    },
 }
 
-/// A client for one running system's control API.
+/// A client for one running system's control API: it presents the
+/// operator's identity from `<data-dir>/operator/` and accepts only the
+/// runtime's.
 pub struct ControlClient {
     endpoints: Endpoints,
-    dir: std::path::PathBuf,
-    http: Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    dir: PathBuf,
+    tls: TlsConnector,
 }
 
 impl ControlClient {
@@ -127,10 +230,18 @@ impl ControlClient {
                 }
             }
         })?;
+        let operator = operator_dir(data_dir);
+        let identity_error = |source| ControlError::Identity {
+            dir: operator.clone(),
+            source,
+        };
+        let identity = Identity::load(IdentityFiles::in_dir(&operator)).map_err(identity_error)?;
+        let config = flotilla_mesh::client_config(&identity, ExpectedPeer::service(RUNTIME))
+            .map_err(identity_error)?;
         Ok(ControlClient {
             endpoints,
             dir: data_dir.to_path_buf(),
-            http: Client::builder(TokioExecutor::new()).build_http(),
+            tls: TlsConnector::from(config),
         })
     }
 
@@ -166,19 +277,42 @@ impl ControlClient {
             dir: self.dir.clone(),
             url: self.endpoints.control.clone(),
         };
+        let addr: SocketAddr = self
+            .endpoints
+            .control
+            .trim_start_matches("https://")
+            .parse()
+            .map_err(|_| unreachable())?;
         let request = http::Request::builder()
             .method(method)
-            .uri(format!("{}{path}", self.endpoints.control))
+            .uri(path)
+            .header(header::HOST, addr.to_string())
             .header(
                 header::AUTHORIZATION,
                 format!("Bearer {}", self.endpoints.control_token),
             )
-            .body(Empty::new())
+            .body(Empty::<Bytes>::new())
             .map_err(|_| unreachable())?;
-        let response = tokio::time::timeout(Duration::from_secs(5), self.http.request(request))
+        let exchange = async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+            let (tls, _) = flotilla_mesh::connect_with_timeout(
+                &self.tls,
+                ServerName::from(addr.ip()),
+                tcp,
+                HANDSHAKE_TIMEOUT,
+            )
+            .await
+            .ok()?;
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .ok()?;
+            tokio::spawn(connection);
+            sender.send_request(request).await.ok()
+        };
+        let response = tokio::time::timeout(Duration::from_secs(5), exchange)
             .await
             .map_err(|_| unreachable())?
-            .map_err(|_| unreachable())?;
+            .ok_or_else(unreachable)?;
         let status = response.status();
         let body = response
             .into_body()
@@ -204,7 +338,12 @@ pub(crate) async fn is_live(data_dir: &Path) -> Option<String> {
     Some(client.endpoints.control.clone())
 }
 
-/// Binds the control API on an ephemeral loopback port.
+/// Where the operator's identity lives in a data dir.
+pub(crate) fn operator_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join(OPERATOR)
+}
+
+/// Binds the control API (or the console) on an ephemeral loopback port.
 pub(crate) async fn bind() -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;

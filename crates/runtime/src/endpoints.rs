@@ -19,7 +19,7 @@ pub struct Endpoints {
     pub pid: u32,
     /// Base URL of the gateway.
     pub gateway: String,
-    /// Base URL of the console (served by the control API listener).
+    /// Base URL of the read-only console page (plain loopback HTTP).
     pub console: String,
     /// Base URL of the control API.
     pub control: String,

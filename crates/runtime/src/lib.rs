@@ -9,6 +9,12 @@
 //! `endpoints.json` into the data dir and serves a loopback control API that
 //! `flotilla status` and `flotilla down` talk to.
 //!
+//! It also owns the system's identities (the `mesh` module): the CA in
+//! `<data-dir>/ca`, a certificate and an ACL for every instance before it
+//! starts, re-issued at 70 % of their life, and certificates of its own for
+//! the gateway (mTLS to instances), its health checks and the operator's
+//! CLI (the only identity the control API answers).
+//!
 //! Processes are tied to the runtime's life: each child gets
 //! `PR_SET_PDEATHSIG`, so even a `kill -9` of `flotilla` leaves no orphans.
 
@@ -17,6 +23,7 @@ mod build;
 mod console;
 mod control;
 mod endpoints;
+mod mesh;
 mod pool;
 mod process;
 mod system;
@@ -27,6 +34,7 @@ use std::path::PathBuf;
 pub use build::Profile;
 pub use control::{ControlClient, ControlError};
 pub use endpoints::{Endpoints, InstanceEndpoint, ServiceEndpoint};
+pub use mesh::{ENV_ACL_FILE, MeshError};
 pub use pool::{InstanceState, InstanceStatus, ServiceStatus, Status};
 pub use system::System;
 
@@ -43,6 +51,10 @@ pub struct Options {
     pub echo_logs: bool,
     /// Show a progress display while building and the table when ready.
     pub interactive: bool,
+    /// Overrides the manifest's `[mesh] leaf_lifetime` (tests of rotation).
+    pub leaf_lifetime: Option<std::time::Duration>,
+    /// Overrides the manifest's `[mesh] mode` (tests of audit mode).
+    pub mesh_mode: Option<flotilla_manifest::MeshMode>,
 }
 
 impl Options {
@@ -54,6 +66,8 @@ impl Options {
             profile: Profile::Release,
             echo_logs: false,
             interactive: false,
+            leaf_lifetime: None,
+            mesh_mode: None,
         }
     }
 }
@@ -83,4 +97,6 @@ pub enum Error {
     },
     #[error("gateway failed to start")]
     Gateway(#[source] flotilla_gateway::Error),
+    #[error("cannot set up the system's identities (mutual TLS)")]
+    Mesh(#[from] MeshError),
 }

@@ -16,8 +16,11 @@ use flotilla_gateway::upstream::{ActivateError, Endpoint, Load};
 use flotilla_manifest::{Service, Shape};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::console::Console;
+use crate::mesh::Mesh;
 use crate::process::{Launch, Proc};
 
 /// Consecutive failed starts after which a service is reported as crash-looping.
@@ -97,6 +100,10 @@ pub(crate) struct PoolEnv {
     pub launch: Result<Launch, String>,
     /// The stable service address.
     pub address: SocketAddr,
+    /// Issues each instance's identity and ACL.
+    pub mesh: Arc<Mesh>,
+    /// Reaches `/readyz` over mTLS as the runtime.
+    pub prober: Prober,
 }
 
 struct Slot {
@@ -355,7 +362,21 @@ impl Pool {
             }
         };
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let env = self.instance_env(id, addr);
+        // A fresh certificate per start; renewed while this run lasts.
+        let (mesh_env, _renewal) = match self.env.mesh.prepare_instance(&self.spec.name, id).await {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                return Outcome::Failed {
+                    message: format!(
+                        "{id}: cannot issue its identity: {}",
+                        flotilla_mesh::tls::error_chain(&e)
+                    ),
+                    stable: false,
+                };
+            }
+        };
+        let mut env = self.instance_env(id, addr);
+        env.extend(mesh_env);
         let started = Instant::now();
         self.update(index, |slot| {
             slot.status.state = InstanceState::Starting;
@@ -381,7 +402,7 @@ impl Pool {
         self.update(index, |slot| slot.status.pid = Some(pid));
 
         let ready = tokio::select! {
-            r = wait_ready(addr, self.spec.ready_timeout) => r,
+            r = wait_ready(addr, self.spec.ready_timeout, &self.env.prober) => r,
             status = proc.wait() => {
                 let how = describe_exit(status);
                 return Outcome::Failed {
@@ -395,11 +416,17 @@ impl Pool {
                 return Outcome::Stopped;
             }
         };
-        if !ready {
+        if let Err(last) = ready {
             let _ = proc.stop(self.spec.drain).await;
+            // Answered with a status: it speaks mTLS, it just is not ready.
+            let hint = if last.starts_with("status ") {
+                ""
+            } else {
+                "; a service must serve mutual TLS with FLOTILLA_TLS_* (docs/runtime-contract.md)"
+            };
             return Outcome::Failed {
                 message: format!(
-                    "{id}: not ready after {:?} (GET /readyz on {addr} never answered 200); restarting. Raise `ready_timeout` if it needs longer",
+                    "{id}: not ready after {:?} (GET /readyz on {addr} over mTLS never answered 200; last attempt: {last}); restarting. Raise `ready_timeout` if it needs longer{hint}",
                     self.spec.ready_timeout
                 ),
                 stable: false,
@@ -449,7 +476,7 @@ impl Pool {
                     return Outcome::Stopped;
                 }
                 _ = tokio::time::sleep(PROBE_EVERY) => {
-                    let ok = probe(addr).await == Some(200);
+                    let ok = probe(addr, &self.env.prober).await == Ok(200);
                     if ok && failed_probes >= PROBE_FAILURES {
                         self.env.console.event(&format!("{id} ready again"));
                         let ep = endpoint.clone();
@@ -585,7 +612,7 @@ impl Pool {
                 Shape::Service => "service".into(),
                 Shape::Function => "function".into(),
             },
-            address: format!("http://{}", self.env.address),
+            address: format!("https://{}", self.env.address),
             min: self.spec.scale.min,
             max: self.spec.scale.max,
             ready: instances
@@ -648,64 +675,170 @@ fn last_lines(path: &std::path::Path, n: usize) -> String {
         .join("\n")
 }
 
-/// A port the kernel says is free now. There is a window before the
-/// instance binds it; if another process takes it meanwhile, the instance
-/// fails to start and its restart picks a new port.
+/// A port for an instance to bind, free now.
+///
+/// Picked at random from *below* the kernel's ephemeral range: every other
+/// listener here (service addresses, gateways, control APIs — ours and other
+/// systems') binds port 0 and so gets an ephemeral port, which can never be
+/// the one an instance is about to bind. (Handing out an ephemeral port
+/// instead let another system's service address take it in the gap before
+/// the instance bound it, and our readiness probe then woke that system's
+/// function.) Another process may still take the port first; the instance
+/// then fails to start and its restart picks a new one.
 pub(crate) fn free_port() -> std::io::Result<u16> {
+    use std::collections::VecDeque;
+    use std::sync::OnceLock;
+    /// Ports handed out lately, not handed out again while their instance
+    /// may still be on its way to binding them.
+    static RECENT: OnceLock<Mutex<VecDeque<u16>>> = OnceLock::new();
+    const RECENT_MAX: usize = 1024;
+    const LOWEST: u16 = 10_000;
+    let (ephemeral_low, _) = ephemeral_range();
+    let highest = ephemeral_low.saturating_sub(1);
+    let recent = RECENT.get_or_init(|| Mutex::new(VecDeque::new()));
+    if highest > LOWEST {
+        for _ in 0..200 {
+            let port = rand::random_range(LOWEST..=highest);
+            let mut handed = lock(recent);
+            if handed.contains(&port) || StdListener::bind(("127.0.0.1", port)).is_err() {
+                continue;
+            }
+            if handed.len() == RECENT_MAX {
+                handed.pop_front();
+            }
+            handed.push_back(port);
+            return Ok(port);
+        }
+    }
+    // No room below the ephemeral range (an unusual sysctl): fall back.
     Ok(StdListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
 }
 
-/// Polls `/readyz` until it answers 200 or `timeout` passes. The first polls
-/// come quickly because a cold start is on the request path of a function.
-async fn wait_ready(addr: SocketAddr, timeout: Duration) -> bool {
+/// The kernel's ephemeral port range (Linux), or the usual default.
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
+}
+
+/// How the runtime reaches an instance's `/readyz`: over mutual TLS with
+/// its own identity, accepting only an instance of the service it probes.
+#[derive(Clone)]
+pub(crate) struct Prober(Option<TlsConnector>);
+
+impl Prober {
+    pub(crate) fn tls(connector: TlsConnector) -> Prober {
+        Prober(Some(connector))
+    }
+
+    /// Plain TCP: only for tests of the probe itself.
+    #[cfg(test)]
+    fn plain() -> Prober {
+        Prober(None)
+    }
+}
+
+/// Polls `/readyz` until it answers 200 or `timeout` passes; on timeout,
+/// says what the last attempt got. The first polls come quickly because a
+/// cold start is on the request path of a function.
+async fn wait_ready(addr: SocketAddr, timeout: Duration, prober: &Prober) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(2);
     loop {
-        if probe(addr).await == Some(200) {
-            return true;
-        }
+        let last = match probe(addr, prober).await {
+            Ok(200) => return Ok(()),
+            Ok(status) => format!("status {status}"),
+            Err(e) => e,
+        };
         if Instant::now() + pause > deadline {
-            return false;
+            return Err(last);
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 3 / 2).min(Duration::from_millis(100));
     }
 }
 
-/// `GET /readyz` over a fresh connection; the status code, if any.
+/// `GET /readyz` over a fresh connection; the status code, or what went
+/// wrong.
 ///
 /// Written against the socket rather than through an HTTP client because it
 /// must never reuse a pooled connection (that would hide a dead listener)
 /// and it needs nothing but the status line.
-pub(crate) async fn probe(addr: SocketAddr) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+pub(crate) async fn probe(addr: SocketAddr, prober: &Prober) -> Result<u16, String> {
     let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let request = format!(
-            "GET /readyz HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: flotilla-runtime\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut buf = [0u8; 64];
-        let mut len = 0;
-        while len < 12 {
-            let n = stream.read(&mut buf[len..]).await.ok()?;
-            if n == 0 {
-                break;
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        match &prober.0 {
+            None => read_status(stream, addr).await,
+            Some(connector) => {
+                let (tls, _) = flotilla_mesh::connect_with_timeout(
+                    connector,
+                    ServerName::from(addr.ip()),
+                    stream,
+                    Duration::from_secs(1),
+                )
+                .await
+                .map_err(|e| flotilla_mesh::tls::error_chain(&e))?;
+                read_status(tls, addr).await
             }
-            len += n;
         }
-        let head = std::str::from_utf8(&buf[..len]).ok()?;
-        head.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()
     };
     tokio::time::timeout(Duration::from_secs(1), attempt)
         .await
+        .unwrap_or_else(|_| Err("no answer within 1s".to_string()))
+}
+
+async fn read_status<S>(mut stream: S, addr: SocketAddr) -> Result<u16, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!(
+        "GET /readyz HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: flotilla-runtime\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut buf = [0u8; 64];
+    let mut len = 0;
+    while len < 12 {
+        // In TLS 1.3 a server's refusal of our certificate shows up here.
+        let n = stream
+            .read(&mut buf[len..])
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+    }
+    std::str::from_utf8(&buf[..len])
         .ok()
-        .flatten()
+        .and_then(|head| head.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok())
+        .ok_or_else(|| "no HTTP status line in the answer".to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instance_ports_never_come_from_the_ephemeral_range() {
+        let (low, _) = ephemeral_range();
+        let ports: Vec<u16> = (0..50).map(|_| free_port().unwrap()).collect();
+        assert!(
+            ports.iter().all(|p| *p < low),
+            "{ports:?} vs ephemeral {low}"
+        );
+        let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port handed out twice");
+    }
 
     #[test]
     fn backoff_grows_and_caps() {
@@ -727,7 +860,10 @@ mod tests {
                 .await
                 .unwrap();
         });
-        assert_eq!(probe(addr).await, Some(503));
-        assert_eq!(probe(addr).await, None, "nothing listens any more");
+        assert_eq!(probe(addr, &Prober::plain()).await, Ok(503));
+        assert!(
+            probe(addr, &Prober::plain()).await.is_err(),
+            "nothing listens any more"
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_gateway::upstream::{ActivateError, ActivateFuture, Endpoint, Upstreams};
-use flotilla_gateway::{Config as GatewayConfig, Gateway};
+use flotilla_gateway::{Config as GatewayConfig, Gateway, UpstreamTls};
 use flotilla_manifest::{Data, Manifest, Run, Shape, env_key};
 use tokio::sync::{Notify, watch};
 
@@ -17,7 +17,8 @@ use crate::build::{self, bin_name};
 use crate::console::Console;
 use crate::control::{self, StatusSource};
 use crate::endpoints::{Endpoints, InstanceEndpoint, ServiceEndpoint};
-use crate::pool::{Pool, PoolEnv, Status};
+use crate::mesh::{Mesh, Renewal};
+use crate::pool::{Pool, PoolEnv, Prober, Status};
 use crate::process::Launch;
 use crate::{Error, Options};
 
@@ -67,6 +68,8 @@ pub struct System {
     stop_tx: watch::Sender<bool>,
     shutdown_requested: Arc<Notify>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The runtime's, gateway's and operator's certificates, kept renewed.
+    _renewals: Vec<Renewal>,
 }
 
 impl System {
@@ -80,6 +83,13 @@ impl System {
             return Err(Error::AlreadyRunning { data_dir, url });
         }
         let console = Arc::new(Console::new(options.echo_logs));
+        let lifetime = options.leaf_lifetime.unwrap_or(manifest.mesh.leaf_lifetime);
+        let mut manifest = manifest;
+        if let Some(mode) = options.mesh_mode {
+            manifest.mesh.mode = mode;
+        }
+        let (mesh, runtime_renewal) = Mesh::open(&manifest, &data_dir, lifetime).await?;
+        let mut renewals = vec![runtime_renewal];
 
         let binaries = build::build(&manifest, options.profile, options.interactive).await?;
         let built = started.elapsed();
@@ -137,7 +147,7 @@ impl System {
                 if let Some((_, addr)) = listeners.get(dep) {
                     env.push((
                         format!("FLOTILLA_URL_{}", env_key(dep)),
-                        format!("http://{addr}"),
+                        format!("https://{addr}"),
                     ));
                 }
             }
@@ -154,6 +164,7 @@ impl System {
             }
             env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
             let address = listeners[name].1;
+            let prober = Prober::tls(mesh.prober(name)?);
             let pool = Pool::new(
                 spec.clone(),
                 PoolEnv {
@@ -163,6 +174,8 @@ impl System {
                     env,
                     launch,
                     address,
+                    mesh: Arc::clone(&mesh),
+                    prober,
                 },
             );
             pools.insert(name.clone(), pool);
@@ -178,6 +191,19 @@ impl System {
             gateway_config.listen = listen;
         }
         gateway_config.access_log = Some(data_dir.join("logs").join("gateway-access.log"));
+        let gateway_dir = mesh.gateway_dir();
+        renewals.push(
+            mesh.issue_platform(flotilla_mesh::identity::GATEWAY, gateway_dir.clone())
+                .await?,
+        );
+        gateway_config.upstream_tls = Some(UpstreamTls::in_dir(&gateway_dir));
+        renewals.push(
+            mesh.issue_platform(
+                flotilla_mesh::identity::OPERATOR,
+                control::operator_dir(&data_dir),
+            )
+            .await?,
+        );
         let gateway = Gateway::start(gateway_config, Arc::clone(&registry) as Arc<dyn Upstreams>)
             .await
             .map_err(Error::Gateway)?;
@@ -188,23 +214,34 @@ impl System {
         let shutdown_requested = Arc::new(Notify::new());
         let mut tasks = Vec::new();
 
-        let (control_listener, control_addr) =
+        let bind = |what: &'static str| async move {
             control::bind().await.map_err(|e| Error::Listen {
-                what: "the control API".into(),
+                what: what.into(),
                 addr: SocketAddr::from(([127, 0, 0, 1], 0)),
                 reason: e.to_string(),
-            })?;
+            })
+        };
+        let (control_listener, control_addr) = bind("the control API").await?;
+        let (console_listener, console_addr) = bind("the console").await?;
         let token = format!("{:032x}", rand::random::<u128>());
         let router = control::router(
             Arc::clone(&registry) as Arc<dyn StatusSource>,
             token.clone(),
             Arc::clone(&shutdown_requested),
         );
-        let mut control_stop = stop_rx.clone();
+        tasks.push(tokio::spawn(control::serve_mtls(
+            control_listener,
+            router,
+            mesh.control_acceptor()?,
+            stop_rx.clone(),
+        )));
+        let console_router =
+            control::console_router(Arc::clone(&registry) as Arc<dyn StatusSource>);
+        let mut console_stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
-            let _ = axum::serve(control_listener, router)
+            let _ = axum::serve(console_listener, console_router)
                 .with_graceful_shutdown(async move {
-                    let _ = control_stop.wait_for(|s| *s).await;
+                    let _ = console_stop.wait_for(|s| *s).await;
                 })
                 .await;
         }));
@@ -223,13 +260,12 @@ impl System {
 
         wait_until_ready(&registry, &console).await;
 
-        let control_url = format!("http://{control_addr}");
         let endpoints = Endpoints {
             system: manifest.name.clone(),
             pid: std::process::id(),
             gateway: gateway_url,
-            console: control_url.clone(),
-            control: control_url,
+            console: format!("http://{console_addr}"),
+            control: format!("https://{control_addr}"),
             control_token: token,
             services: BTreeMap::new(),
         };
@@ -259,6 +295,7 @@ impl System {
             stop_tx,
             shutdown_requested,
             tasks,
+            _renewals: renewals,
         })
     }
 
@@ -442,7 +479,7 @@ fn snapshot(base: &Endpoints, registry: &Registry) -> Endpoints {
                 .iter()
                 .map(|ep| InstanceEndpoint {
                     id: ep.instance.clone(),
-                    address: format!("http://{}", ep.addr),
+                    address: format!("https://{}", ep.addr),
                     pid: status
                         .instances
                         .iter()
@@ -454,7 +491,7 @@ fn snapshot(base: &Endpoints, registry: &Registry) -> Endpoints {
             (
                 pool.name().to_string(),
                 ServiceEndpoint {
-                    address: format!("http://{}", pool.address()),
+                    address: format!("https://{}", pool.address()),
                     shape: status.shape,
                     instances,
                 },
@@ -527,7 +564,7 @@ fn print_ready(endpoints: &Endpoints, status: &Status, took: Duration, build: Du
             s.shape,
             s.ready,
             s.max,
-            s.address.trim_start_matches("http://"),
+            s.address.trim_start_matches("https://"),
         );
     }
 }

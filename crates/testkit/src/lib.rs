@@ -18,12 +18,15 @@ use std::time::{Duration, Instant};
 use flotilla_manifest::Manifest;
 use flotilla_runtime::{Endpoints, Options, Profile, Status};
 
+pub use flotilla_manifest::MeshMode;
 pub use flotilla_runtime::InstanceState;
 
 /// A complete service in Python's standard library, for tests of the
-/// platform: it binds `FLOTILLA_LISTEN`, answers `/healthz` and `/readyz`
-/// (503 forever with `NEVER_READY=1`), echoes the instance and path, and
-/// answers `GET …/sleep?ms=N` after N milliseconds.
+/// platform: it binds `FLOTILLA_LISTEN`, serves mutual TLS with
+/// `FLOTILLA_TLS_*` (reloading renewed files), answers `/healthz` and
+/// `/readyz` (503 forever with `NEVER_READY=1`), echoes the instance, path
+/// and caller's SPIFFE id, and answers `GET …/sleep?ms=N` after N
+/// milliseconds. It does not apply the ACL.
 pub fn hello_py() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hello.py")
 }
@@ -50,6 +53,8 @@ pub struct Builder {
     profile: Profile,
     echo: bool,
     data_dir: Option<PathBuf>,
+    leaf_lifetime: Option<Duration>,
+    mesh_mode: Option<MeshMode>,
 }
 
 impl Builder {
@@ -63,6 +68,19 @@ impl Builder {
     /// Echo instance output to the test's stdout (shown on failure).
     pub fn echo_logs(mut self, echo: bool) -> Self {
         self.echo = echo;
+        self
+    }
+
+    /// Issue certificates with this lifetime instead of the manifest's
+    /// (e.g. seconds, to watch them rotate under traffic).
+    pub fn leaf_lifetime(mut self, lifetime: Duration) -> Self {
+        self.leaf_lifetime = Some(lifetime);
+        self
+    }
+
+    /// Apply ACLs in this mode instead of the manifest's.
+    pub fn mesh_mode(mut self, mode: MeshMode) -> Self {
+        self.mesh_mode = Some(mode);
         self
     }
 
@@ -95,6 +113,8 @@ impl Builder {
         options.listen = Some(([127, 0, 0, 1], 0).into());
         options.profile = self.profile;
         options.echo_logs = self.echo;
+        options.leaf_lifetime = self.leaf_lifetime;
+        options.mesh_mode = self.mesh_mode;
         let inner = match flotilla_runtime::System::start(manifest, options).await {
             Ok(s) => s,
             Err(source) => {
@@ -134,6 +154,8 @@ impl System {
             profile,
             echo: true,
             data_dir: None,
+            leaf_lifetime: None,
+            mesh_mode: None,
         }
     }
 

@@ -35,7 +35,7 @@ fn check_accepts_the_shop() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("ok — system `shop` with 3 services"),
+        stdout.contains("ok — system `shop` with 5 services"),
         "{stdout}"
     );
 }
@@ -59,6 +59,10 @@ fn check_prints_the_documented_messages() {
         (
             "name = \"shop\"\n[services.a]\nrun = { cargo = \"a\" }\nroutes = [{ path = \"/api/**\" }]\n[services.b]\nrun = { cargo = \"b\" }\nroutes = [{ path = \"/api/**\", methods = [\"GET\"] }]\n",
             "error: route `/api/**` is also declared by service `a` for the same methods\n  --> flotilla.toml:7:20\n  |\n7 | routes = [{ path = \"/api/**\", methods = [\"GET\"] }]\n  |                    ^^^^^^^^^\n  = help: give each route its own path, or split the methods between them\n\n1 error in manifest",
+        ),
+        (
+            "name = \"shop\"\n[services.catalog]\nrun = { cargo = \"shop-catalog\" }\nacl = [{ caller = \"ordres\", path = \"/api/catalog/**\", methods = [\"GET\"] }]\n[services.orders]\nrun = { cargo = \"shop-orders\" }\ncalls = [\"catalog\"]\n",
+            "error: ACL rule names `ordres`, which is not a service of this system\n  --> flotilla.toml:4:19\n  |\n4 | acl = [{ caller = \"ordres\", path = \"/api/catalog/**\", methods = [\"GET\"] }]\n  |                   ^^^^^^^^\n  = help: did you mean `orders`?\n\n1 error in manifest",
         ),
         (
             "name = \"shop\"\n[services.pricing]\nshape = \"fucntion\"\nrun = { cargo = \"shop-pricing\" }\n",

@@ -3,5 +3,6 @@
 
 mod bad_input;
 mod cli;
+mod mesh;
 mod shop;
 mod support;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use flotilla_testkit::{InstanceState, System};
 use serde_json::{Value, json};
 
-use crate::support::{client, flotilla, products, shop_manifest};
+use crate::support::{client, flotilla, products, shop_manifest, sign_in};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browse_quote_and_order() {
@@ -111,11 +111,27 @@ async fn browse_quote_and_order() {
         .unwrap();
     assert_eq!(pricing.ready, 1, "pricing scaled to one: {pricing:?}");
 
-    // Order, then read it back by id and by customer.
-    let customer = format!("e2e-{}@example.com", std::process::id());
+    // Orders need a signed-in user: without a token the gateway answers 401.
+    let anonymous = http
+        .post(system.url("/api/orders"))
+        .json(&json!({"items": [{"sku": id, "quantity": 2}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    assert!(
+        anonymous.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
+
+    // Sign up and in with the accounts service, order, read it back.
+    let token = sign_in(&http, system.gateway_url(), "e2e@example.com").await;
     let placed = http
         .post(system.url("/api/orders"))
-        .json(&json!({"customer": customer, "items": [{"sku": id, "quantity": 2}]}))
+        .bearer_auth(&token)
+        .json(&json!({"items": [{"sku": id, "quantity": 2}]}))
         .send()
         .await
         .unwrap();
@@ -125,6 +141,7 @@ async fn browse_quote_and_order() {
     assert!(order["total_cents"].as_i64().unwrap_or(0) > 0, "{order}");
     let back: Value = http
         .get(system.url(&format!("/api/orders/{order_id}")))
+        .bearer_auth(&token)
         .send()
         .await
         .unwrap()
@@ -133,7 +150,8 @@ async fn browse_quote_and_order() {
         .unwrap();
     assert_eq!(back["id"], order["id"]);
     let mine: Value = http
-        .get(system.url(&format!("/api/orders?customer={customer}")))
+        .get(system.url("/api/orders"))
+        .bearer_auth(&token)
         .send()
         .await
         .unwrap()
@@ -147,10 +165,24 @@ async fn browse_quote_and_order() {
         .unwrap_or_default();
     assert!(mine.iter().any(|o| o["id"] == order["id"]), "{mine:?}");
 
+    // Another user cannot read it, even with a forged user header: the
+    // gateway strips it and the token decides who you are.
+    let other = sign_in(&http, system.gateway_url(), "other@example.com").await;
+    for forge in [false, true] {
+        let mut req = http
+            .get(system.url(&format!("/api/orders/{order_id}")))
+            .bearer_auth(&other);
+        if forge {
+            req = req.header("x-flotilla-user-id", order["customer"].as_str().unwrap());
+        }
+        assert_eq!(req.send().await.unwrap().status(), 404, "forged: {forge}");
+    }
+
     // An unknown sku is refused by orders with a clear error.
     let bad = http
         .post(system.url("/api/orders"))
-        .json(&json!({"customer": customer, "items": [{"sku": "no-such-sku", "quantity": 1}]}))
+        .bearer_auth(&token)
+        .json(&json!({"items": [{"sku": "no-such-sku", "quantity": 1}]}))
         .send()
         .await
         .unwrap();
@@ -311,9 +343,11 @@ async fn orders_survive_down_then_up() {
         .await
         .unwrap();
     let sku = products(&list)[1]["id"].as_str().unwrap().to_string();
+    let token = sign_in(&http, system.gateway_url(), "durable@example.com").await;
     let placed: Value = http
         .post(system.url("/api/orders"))
-        .json(&json!({"customer": "durable@example.com", "items": [{"sku": sku, "quantity": 1}]}))
+        .bearer_auth(&token)
+        .json(&json!({"items": [{"sku": sku, "quantity": 1}]}))
         .send()
         .await
         .unwrap()
@@ -326,13 +360,79 @@ async fn orders_survive_down_then_up() {
         .restart()
         .await
         .expect("restarts on the same data dir");
+    // The same token works after the restart: accounts kept its signing
+    // key, and the new gateway fetched the key set again.
     let back = http
         .get(system.url(&format!("/api/orders/{id}")))
+        .bearer_auth(&token)
         .send()
         .await
         .unwrap();
     assert_eq!(back.status(), 200);
     let back: Value = back.json().await.unwrap();
     assert_eq!(back["id"].as_str(), Some(id.as_str()));
+    system.stop().await;
+}
+
+/// The web UI in a real browser: headless Chromium loads the page from the
+/// gateway, runs its JavaScript (which calls the catalog through the
+/// gateway) and the rendered DOM lists the products.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_ui_lists_products_in_a_real_browser() {
+    let Some(chromium) = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|b| {
+            std::process::Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+    else {
+        println!("skipped: no chromium on this machine (apt-get install -y chromium)");
+        return;
+    };
+    let system = System::start(shop_manifest()).await.expect("shop starts");
+    let list: Value = client()
+        .get(system.url("/api/catalog/products"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<String> = products(&list)
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    let profile = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+        ])
+        .args([
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--virtual-time-budget=10000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(system.url("/"))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("chromium finishes")
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let shown = names.iter().filter(|n| dom.contains(n.as_str())).count();
+    assert!(
+        shown >= 10,
+        "the page shows {shown} of {} products; DOM:\n{dom}",
+        names.len()
+    );
     system.stop().await;
 }

@@ -31,3 +31,32 @@ pub fn products(v: &Value) -> Vec<Value> {
 pub fn flotilla() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
 }
+
+/// Registers a fresh user through the gateway and returns an access token.
+pub async fn sign_in(http: &reqwest::Client, gateway: &str, email: &str) -> String {
+    let password = "correct horse battery staple";
+    let r = http
+        .post(format!("{gateway}/api/accounts/register"))
+        .json(&serde_json::json!({"email": email, "password": password}))
+        .send()
+        .await
+        .expect("register");
+    assert!(
+        r.status() == 201 || r.status() == 409,
+        "register: {} {}",
+        r.status(),
+        r.text().await.unwrap_or_default()
+    );
+    let r = http
+        .post(format!("{gateway}/api/accounts/login"))
+        .json(&serde_json::json!({"email": email, "password": password}))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(r.status(), 200, "login");
+    let body: serde_json::Value = r.json().await.expect("login json");
+    body["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_string()
+}

@@ -26,159 +26,9 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-/// One route's limit: `count` requests per `period`, at most `burst` at
-/// once, counted per `key`.
-///
-/// The string form is `"<count>/<unit> [burst <n>] [per <key>]"` with unit
-/// `s`, `m` or `h`, and key `ip` (the default), `user`, `route` or
-/// `header:<name>`, e.g. `"20/s burst 40 per user"`, `"100/m"`,
-/// `"5/h per header:x-api-key"`. Without `burst`, the burst is `count`: up
-/// to `count` requests at once, refilled at `count` per `period`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RateLimit {
-    /// Requests per `period` (sustained rate).
-    pub count: u32,
-    pub period: Duration,
-    /// How many requests may arrive at once after a quiet spell.
-    pub burst: u32,
-    pub key: RateLimitKey,
-}
-
-/// Whom a limit counts against.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum RateLimitKey {
-    /// The client address (after trusted proxies, see `IpConfig`).
-    Ip,
-    /// The verified JWT subject; the route must have `auth = jwt`.
-    User,
-    /// The value of this request header (e.g. an API key); requests without
-    /// it are counted per client address instead.
-    Header(HeaderName),
-    /// One counter for the whole route.
-    Route,
-}
-
-/// Why a rate-limit string does not parse; the message says what to write.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RateLimitParseError {
-    #[error("empty rate limit; write e.g. \"20/s\" or \"20/s burst 40 per user\"")]
-    Empty,
-    #[error("`{0}` is not a rate: write `<count>/<unit>`, e.g. \"20/s\", \"100/m\" or \"1000/h\"")]
-    BadRate(String),
-    #[error("`{0}` is not a time unit: use `s`, `m` or `h`")]
-    BadUnit(String),
-    #[error("the count in `{0}` must be a whole number from 1 to 1000000000")]
-    BadCount(String),
-    #[error("`burst` needs a whole number from 1 to 1000000000 after it, e.g. `burst 40`")]
-    BadBurst,
-    #[error("`per` needs `ip`, `user`, `route` or `header:<name>` after it")]
-    MissingKey,
-    #[error("`per {0}` is not a key: use `ip`, `user`, `route` or `header:<name>`")]
-    BadKey(String),
-    #[error("`{0}` is not a valid header name")]
-    BadHeader(String),
-    #[error("unexpected `{0}`; write `<count>/<unit> [burst <n>] [per <key>]`")]
-    Unexpected(String),
-    #[error("`{0}` is given twice")]
-    Duplicate(&'static str),
-}
-
-const MAX_COUNT: u64 = 1_000_000_000;
-
-fn parse_count(s: &str, err: impl Fn() -> RateLimitParseError) -> Result<u32, RateLimitParseError> {
-    match s.parse::<u64>() {
-        Ok(n) if (1..=MAX_COUNT).contains(&n) => Ok(n as u32),
-        _ => Err(err()),
-    }
-}
-
-impl RateLimit {
-    /// Parses the manifest syntax; see [`RateLimit`].
-    pub fn parse(s: &str) -> Result<RateLimit, RateLimitParseError> {
-        let mut words = s.split_whitespace();
-        let rate = words.next().ok_or(RateLimitParseError::Empty)?;
-        let (count, unit) = rate
-            .split_once('/')
-            .ok_or_else(|| RateLimitParseError::BadRate(rate.to_string()))?;
-        let count = parse_count(count, || RateLimitParseError::BadCount(rate.to_string()))?;
-        let period = match unit {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
-            "" => return Err(RateLimitParseError::BadRate(rate.to_string())),
-            other => return Err(RateLimitParseError::BadUnit(other.to_string())),
-        };
-        let mut burst = None;
-        let mut key = None;
-        while let Some(word) = words.next() {
-            match word {
-                "burst" => {
-                    if burst.is_some() {
-                        return Err(RateLimitParseError::Duplicate("burst"));
-                    }
-                    let n = words.next().ok_or(RateLimitParseError::BadBurst)?;
-                    burst = Some(parse_count(n, || RateLimitParseError::BadBurst)?);
-                }
-                "per" => {
-                    if key.is_some() {
-                        return Err(RateLimitParseError::Duplicate("per"));
-                    }
-                    let k = words.next().ok_or(RateLimitParseError::MissingKey)?;
-                    key = Some(match k {
-                        "ip" => RateLimitKey::Ip,
-                        "user" => RateLimitKey::User,
-                        "route" => RateLimitKey::Route,
-                        other => match other.strip_prefix("header:") {
-                            Some(name) => RateLimitKey::Header(
-                                HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                                    RateLimitParseError::BadHeader(name.to_string())
-                                })?,
-                            ),
-                            None => return Err(RateLimitParseError::BadKey(other.to_string())),
-                        },
-                    });
-                }
-                other => return Err(RateLimitParseError::Unexpected(other.to_string())),
-            }
-        }
-        Ok(RateLimit {
-            count,
-            period,
-            burst: burst.unwrap_or(count),
-            key: key.unwrap_or(RateLimitKey::Ip),
-        })
-    }
-
-    /// Nanoseconds between two requests at the sustained rate (at least 1).
-    pub(crate) fn interval_nanos(&self) -> u64 {
-        (self.period.as_nanos() as u64 / u64::from(self.count.max(1))).max(1)
-    }
-
-    /// How far ahead of now the arrival time may run: `burst` intervals.
-    pub(crate) fn tolerance_nanos(&self) -> u64 {
-        self.interval_nanos().saturating_mul(u64::from(self.burst))
-    }
-}
-
-impl fmt::Display for RateLimit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let unit = match self.period.as_secs() {
-            3600 => "h",
-            60 => "m",
-            _ => "s",
-        };
-        write!(f, "{}/{unit}", self.count)?;
-        if self.burst != self.count {
-            write!(f, " burst {}", self.burst)?;
-        }
-        match &self.key {
-            RateLimitKey::Ip => write!(f, " per ip"),
-            RateLimitKey::User => write!(f, " per user"),
-            RateLimitKey::Route => write!(f, " per route"),
-            RateLimitKey::Header(h) => write!(f, " per header:{h}"),
-        }
-    }
-}
+// The limit itself and its string syntax belong to the manifest, so that
+// `flotilla check` reports a bad limit with its line and column.
+pub use flotilla_manifest::{RateLimit, RateLimitKey, RateLimitParseError};
 
 /// Where rate-limit counters live.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -354,7 +204,7 @@ mod tests {
         assert_eq!(parse("5/h per route").key, RateLimitKey::Route);
         assert_eq!(
             parse("5/h per header:X-Api-Key").key,
-            RateLimitKey::Header(HeaderName::from_static("x-api-key"))
+            RateLimitKey::Header("x-api-key".into())
         );
         assert_eq!(parse("  3/s   per ip  burst 1 ").burst, 1);
         assert_eq!(

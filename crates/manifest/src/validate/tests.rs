@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::{Auth, Data, Manifest, Run, Shape};
+use crate::{AclEffect, Auth, Data, Manifest, MeshMode, PLATFORM_NAMES, Run, Shape};
 
 const GOOD: &str = r#"
 name = "shop"
@@ -293,4 +293,287 @@ fn find_walks_up() {
             .to_string()
             .contains("no flotilla.toml")
     );
+}
+
+#[test]
+fn mesh_defaults_and_settings() {
+    let m = Manifest::parse(GOOD, Path::new("flotilla.toml")).unwrap();
+    assert_eq!(m.mesh.mode, MeshMode::Enforce);
+    assert_eq!(m.mesh.leaf_lifetime.as_secs(), 24 * 60 * 60);
+    let src = format!("{GOOD}\n[mesh]\nmode = \"audit\"\nleaf_lifetime = \"5s\"\n");
+    let m = Manifest::parse(&src, Path::new("flotilla.toml")).unwrap();
+    assert_eq!(m.mesh.mode, MeshMode::Audit);
+    assert_eq!(m.mesh.leaf_lifetime.as_secs(), 5);
+}
+
+#[test]
+fn bad_mesh_settings() {
+    let src = "name = \"x\"\n[mesh]\nmode = \"audits\"\n[services.a]\nrun = { cargo = \"a\" }\n";
+    let e = errors(src);
+    assert!(e.contains("unknown mesh mode `audits`"), "{e}");
+    assert!(e.contains("did you mean `mode = \"audit\"`?"), "{e}");
+    assert!(e.contains("--> flotilla.toml:3:8"), "{e}");
+    let src =
+        "name = \"x\"\n[mesh]\nleaf_lifetime = \"1s\"\n[services.a]\nrun = { cargo = \"a\" }\n";
+    let e = errors(src);
+    assert!(
+        e.contains("`leaf_lifetime = \"1s\"` is out of range"),
+        "{e}"
+    );
+    assert!(e.contains("from 5s to 365d"), "{e}");
+    assert!(e.contains("--> flotilla.toml:3:17"), "{e}");
+    let src = "name = \"x\"\n[mesh]\nenabled = false\n[services.a]\nrun = { cargo = \"a\" }\n";
+    let e = errors(src);
+    assert!(e.contains("unknown key `enabled`"), "{e}");
+}
+
+const ACL: &str = r#"name = "shop"
+[services.catalog]
+run = { cargo = "c" }
+routes = [{ path = "/api/catalog/**", methods = ["GET"] }]
+acl = [
+  { caller = "orders", path = "/api/catalog/**", methods = ["GET"] },
+  { caller = "orders", path = "/api/catalog/admin/**", effect = "deny" },
+  { caller = "gateway", path = "/api/catalog/internal/**", effect = "deny" },
+]
+[services.orders]
+run = { cargo = "o" }
+calls = ["catalog"]
+"#;
+
+#[test]
+fn acl_rules_parse() {
+    let m = Manifest::parse(ACL, Path::new("flotilla.toml")).unwrap();
+    let acl = &m.services["catalog"].acl;
+    assert_eq!(acl.len(), 3);
+    assert_eq!(acl[0].caller, "orders");
+    assert_eq!(acl[0].pattern.as_str(), "/api/catalog/**");
+    assert_eq!(acl[0].methods, ["GET"]);
+    assert_eq!(acl[0].effect, AclEffect::Allow);
+    assert_eq!(acl[1].effect, AclEffect::Deny);
+    assert!(acl[1].methods.is_empty());
+    assert_eq!(acl[2].caller, "gateway");
+    assert!(m.services["orders"].acl.is_empty());
+}
+
+#[test]
+fn acl_rule_naming_an_unknown_service_points_at_it() {
+    let src = ACL.replace(
+        "{ caller = \"orders\", path = \"/api/catalog/**\"",
+        "{ caller = \"ordres\", path = \"/api/catalog/**\"",
+    );
+    let e = errors(&src);
+    assert!(
+        e.contains("ACL rule names `ordres`, which is not a service of this system"),
+        "{e}"
+    );
+    assert!(e.contains("--> flotilla.toml:6:14"), "{e}");
+    assert!(e.contains("did you mean `orders`?"), "{e}");
+    assert!(e.ends_with("1 error in manifest"), "{e}");
+}
+
+#[test]
+fn acl_rules_refine_calls_and_cannot_widen_the_platform() {
+    let cases = [
+        (
+            "[services.pricing]\nrun = { cargo = \"p\" }\nacl = [{ caller = \"catalog\", path = \"/**\" }]\n",
+            "ACL rule names `catalog`, which does not call `pricing`",
+            "add \"pricing\" to `calls` of service `catalog`",
+            "flotilla.toml:15:19",
+        ),
+        (
+            "[services.pricing]\nrun = { cargo = \"p\" }\nacl = [{ caller = \"gateway\", path = \"/admin\" }]\n",
+            "the gateway reaches exactly the routes of `pricing`",
+            "write `effect = \"deny\"`",
+            "flotilla.toml:15:19",
+        ),
+        (
+            "[services.pricing]\nrun = { cargo = \"p\" }\nacl = [{ caller = \"runtime\", path = \"/**\", effect = \"allow\" }]\n",
+            "the runtime reaches exactly `/healthz`, `/readyz` and `/metrics`",
+            "write `effect = \"deny\"`",
+            "flotilla.toml:15:19",
+        ),
+        (
+            "[services.pricing]\nrun = { cargo = \"p\" }\nacl = [{ caller = \"pricing\", path = \"/**\" }]\n",
+            "names `pricing` itself",
+            "remove it",
+            "flotilla.toml:15:19",
+        ),
+        (
+            "[services.pricing]\nrun = { cargo = \"p\" }\nacl = [{ caller = \"gateway\", path = \"/**\", effect = \"deney\" }]\n",
+            "unknown ACL effect `deney`",
+            "did you mean `effect = \"deny\"`?",
+            "flotilla.toml:15:",
+        ),
+        (
+            "[services.pricing]\nrun = { cargo = \"p\" }\nacl = [{ caller = \"gateway\", path = \"admin\", effect = \"deny\" }]\n",
+            "invalid ACL path `admin`",
+            "`**` the rest",
+            "flotilla.toml:15:",
+        ),
+        (
+            "[services.pricing]\nrun = { cargo = \"p\" }\nacl = [{ caller = \"gateway\", path = \"/a\", methods = [\"get\"], effect = \"deny\" }]\n",
+            "method `get` must be upper case",
+            "write `\"GET\"`",
+            "flotilla.toml:15:",
+        ),
+        (
+            "[services.pricing]\nrun = { cargo = \"p\" }\nacl = [{ caller = \"gateway\", path = \"/a\", methods = [], effect = \"deny\" }]\n",
+            "`methods = []` would make the rule match nothing",
+            "leave `methods` out",
+            "flotilla.toml:15:",
+        ),
+        (
+            "[services.pricing]\nrun = { cargo = \"p\" }\nacl = [{ caller = \"gateway\", path = \"/a\", verb = \"GET\" }]\n",
+            "unknown key `verb`",
+            "the keys allowed here are `caller`, `path`, `methods`, `effect`",
+            "flotilla.toml:15:",
+        ),
+    ];
+    for (extra, message, help, place) in cases {
+        let e = errors(&format!("{ACL}{extra}"));
+        assert!(e.contains(message), "{extra}: {e}");
+        assert!(e.contains(help), "{extra}: {e}");
+        assert!(e.contains(place), "{extra}: {e}");
+    }
+}
+
+#[test]
+fn platform_names_are_reserved() {
+    for name in PLATFORM_NAMES {
+        let e = errors(&format!(
+            "name = \"x\"\n[services.{name}]\nrun = {{ cargo = \"a\" }}\n"
+        ));
+        assert!(
+            e.contains(&format!(
+                "service name `{name}` is reserved for the platform's own identity"
+            )),
+            "{e}"
+        );
+        assert!(e.contains("--> flotilla.toml:2:11"), "{e}");
+    }
+}
+
+const EDGE: &str = r#"
+name = "shop"
+[gateway]
+jwt = { issuer = "shop-accounts", audiences = ["shop"], jwks = "accounts:/.well-known/jwks.json", forward_claims = ["email"] }
+cors = { origins = ["http://localhost:8080"], credentials = true, max_age = "5m" }
+ip = { allow = ["127.0.0.0/8", "::1"], trusted_proxies = ["10.0.0.1"] }
+rate_limits = { store = "redis", url = "redis://127.0.0.1:6379" }
+[services.accounts]
+run = { cargo = "shop-accounts" }
+routes = [{ path = "/api/accounts/login", methods = ["POST"], rate_limit = "5/m burst 10 per ip" }]
+[services.orders]
+run = { cargo = "shop-orders" }
+routes = [{ path = "/api/orders/**", auth = "jwt", scopes = ["orders:write"], rate_limit = "20/s burst 40 per user", ip = { deny = ["127.0.0.2"] }, max_body_bytes = 65536 }]
+"#;
+
+#[test]
+fn edge_policies_parse() {
+    let m = Manifest::parse(EDGE, Path::new("flotilla.toml")).unwrap();
+    let jwt = m.gateway.jwt.as_ref().unwrap();
+    assert_eq!(jwt.issuer, "shop-accounts");
+    assert_eq!(
+        jwt.jwks,
+        crate::JwksSource::Service {
+            service: "accounts".into(),
+            path: "/.well-known/jwks.json".into()
+        }
+    );
+    assert_eq!(jwt.forward_claims, ["email"]);
+    let cors = m.gateway.cors.as_ref().unwrap();
+    assert!(cors.credentials);
+    assert_eq!(cors.max_age.as_secs(), 300);
+    assert_eq!(
+        m.gateway.ip.as_ref().unwrap().allow[1].to_string(),
+        "::1/128"
+    );
+    assert_eq!(
+        m.gateway.rate_limits,
+        crate::RateLimitStore::Redis {
+            url: "redis://127.0.0.1:6379".into()
+        }
+    );
+    let route = &m.services["orders"].routes[0];
+    assert_eq!(
+        route.auth,
+        Auth::Jwt {
+            scopes: vec!["orders:write".into()]
+        }
+    );
+    assert_eq!(
+        route.rate_limit.as_ref().unwrap().to_string(),
+        "20/s burst 40 per user"
+    );
+    assert_eq!(route.max_body_bytes, Some(65536));
+    assert_eq!(
+        route.ip.as_ref().unwrap().deny[0].to_string(),
+        "127.0.0.2/32"
+    );
+}
+
+#[test]
+fn edge_policy_errors() {
+    let cases = [
+        (
+            "jwks = \"accounts:/.well-known/jwks.json\"",
+            "jwks = \"acounts:/jwks\"",
+            "`jwks` names service `acounts`",
+        ),
+        (
+            "credentials = true",
+            "credentials = true, origins = [\"*\"]",
+            "duplicate key",
+        ),
+        (
+            "origins = [\"http://localhost:8080\"]",
+            "origins = [\"*\"]",
+            "`*` cannot be combined with `credentials = true`",
+        ),
+        (
+            "origins = [\"http://localhost:8080\"]",
+            "origins = [\"localhost:8080\"]",
+            "`localhost:8080` is not an origin",
+        ),
+        (
+            "\"127.0.0.0/8\"",
+            "\"127.0.0.0/33\"",
+            "`127.0.0.0/33` is not an IP network",
+        ),
+        (
+            "store = \"redis\"",
+            "store = \"redys\"",
+            "unknown store `redys`",
+        ),
+        (
+            "\"5/m burst 10 per ip\"",
+            "\"5/m burst 10 per user\"",
+            "`per user` needs a verified user",
+        ),
+        (
+            "\"20/s burst 40 per user\"",
+            "\"20/d\"",
+            "`d` is not a time unit",
+        ),
+        (
+            "max_body_bytes = 65536",
+            "max_body_bytes = 0",
+            "`max_body_bytes = 0` is out of range",
+        ),
+        (
+            "auth = \"jwt\", scopes",
+            "auth = \"public\", scopes",
+            "`scopes` need `auth = \"jwt\"`",
+        ),
+    ];
+    for (from, to, message) in cases {
+        assert!(EDGE.contains(from), "{from}");
+        let e = errors(&EDGE.replacen(from, to, 1));
+        assert!(e.contains(message), "{to}: {e}");
+        assert!(e.contains("--> flotilla.toml:"), "{e}");
+    }
+    let no_jwt = EDGE.replacen("jwt = {", "# jwt = {", 1);
+    let e = errors(&no_jwt);
+    assert!(e.contains("`auth = \"jwt\"` needs `[gateway.jwt]`"), "{e}");
 }

@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use crate::support::{client, start};
+use crate::support::{client, host_port, identity, start, tls_get};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_to_a_function_at_zero_is_held_then_served() {
@@ -18,18 +16,11 @@ scale = { idle = "300ms" }
     )
     .await;
     assert_eq!(h.service("fn").instances.len(), 0, "starts at zero");
-    // Straight to the service address, as a caller's FLOTILLA_URL_FN would.
-    let addr = h.system().endpoints().services["fn"]
-        .address
-        .trim_start_matches("http://")
-        .to_string();
-    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    stream
-        .write_all(b"GET /via-address HTTP/1.1\r\nHost: fn\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
+    // Straight to the service address, as a caller's FLOTILLA_URL_FN would:
+    // mutual TLS end to end through the L4 address.
+    let addr = host_port(&h.system().endpoints().services["fn"].address);
+    let caller = identity(&h, "caller");
+    let response = tls_get(&caller, "fn", &addr, "/via-address").await.unwrap();
     assert!(
         response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
         "{response}"

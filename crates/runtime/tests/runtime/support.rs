@@ -4,7 +4,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use flotilla_manifest::Manifest;
+use flotilla_mesh::tls::error_chain;
+use flotilla_mesh::{
+    Ca, CaConfig, ExpectedPeer, Identity, IdentityFiles, client_config, connect_with_timeout,
+};
 use flotilla_runtime::{Options, ServiceStatus, System};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 pub fn hello() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../testkit/fixtures/hello.py")
@@ -26,6 +33,11 @@ impl Drop for Harness {
 
 /// Starts `services` (TOML for `[services.*]` tables) with the gateway on a free port.
 pub async fn start(services: &str) -> Harness {
+    start_with(services, |_| {}).await
+}
+
+/// Like [`start`], adjusting the options first.
+pub async fn start_with(services: &str, configure: impl FnOnce(&mut Options)) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "name = \"rt\"\n{}",
@@ -37,6 +49,7 @@ pub async fn start(services: &str) -> Harness {
     let mut options = Options::new(dir.path().join("data"));
     options.listen = Some(([127, 0, 0, 1], 0).into());
     options.echo_logs = true;
+    configure(&mut options);
     let system = System::start(manifest, options)
         .await
         .expect("system starts");
@@ -55,6 +68,14 @@ impl Harness {
         if let Some(s) = self.system.take() {
             s.shutdown().await;
         }
+    }
+
+    /// Stops the system and hands over its temp dir (to start again on it).
+    pub async fn stop_keeping_dir(mut self) -> tempfile::TempDir {
+        if let Some(s) = self.system.take() {
+            s.shutdown().await;
+        }
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 
     pub fn service(&self, name: &str) -> ServiceStatus {
@@ -89,4 +110,72 @@ pub fn client() -> reqwest::Client {
         .timeout(Duration::from_secs(20))
         .build()
         .unwrap()
+}
+
+/// An identity of this system's `service`, issued by its own CA (as the
+/// runtime would issue it) into a directory of the test's.
+pub fn identity(h: &Harness, service: &str) -> Identity {
+    let ca = Ca::open(h.system().data_dir().join("ca"), CaConfig::new("rt")).unwrap();
+    let leaf = ca.issue_leaf(service, Duration::from_secs(3600)).unwrap();
+    let dir = h.dir.path().join("ids").join(service);
+    let files = IdentityFiles::in_dir(&dir);
+    leaf.write(&files).unwrap();
+    Identity::load(files).unwrap()
+}
+
+/// Sends `request` over mutual TLS as `identity` to `addr`, expecting the
+/// server to be an instance of `expected`; the whole answer.
+pub async fn tls_exchange(
+    identity: &Identity,
+    expected: &str,
+    addr: &str,
+    request: &str,
+) -> Result<String, String> {
+    let connector = TlsConnector::from(
+        client_config(identity, ExpectedPeer::service(expected)).map_err(|e| e.to_string())?,
+    );
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ip = tcp.peer_addr().unwrap().ip();
+    let (mut tls, _) = connect_with_timeout(
+        &connector,
+        ServerName::from(ip),
+        tcp,
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|e| error_chain(&e))?;
+    tls.write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    match tls.read_to_end(&mut response).await {
+        Ok(_) => {}
+        // Python's ssl closes without close_notify after the response.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    Ok(String::from_utf8_lossy(&response).into_owned())
+}
+
+/// `GET path` over mutual TLS; the whole answer.
+pub async fn tls_get(
+    identity: &Identity,
+    expected: &str,
+    addr: &str,
+    path: &str,
+) -> Result<String, String> {
+    tls_exchange(
+        identity,
+        expected,
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {expected}\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+/// `host:port` of an `https://host:port` address from endpoints.json.
+pub fn host_port(address: &str) -> String {
+    address.trim_start_matches("https://").to_string()
 }

@@ -1,11 +1,16 @@
-//! The catalog's HTTP API: product search and lookup, read-only.
+//! The catalog's HTTP API: product search and lookup, read-only. A single
+//! product comes with its reviews from the `reviews` service (a Python
+//! service: the catalog neither knows nor cares), and without them when
+//! reviews is down: the catalog degrades, it does not fail.
+
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::HeaderValue;
 use axum::response::Response;
 use axum::routing::get;
-use flotilla_chassis::{ApiError, ApiQuery, FieldError};
+use flotilla_chassis::{ApiError, ApiQuery, Client, FieldError};
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::SqlitePool;
@@ -25,6 +30,28 @@ pub const MAX_TEXT: usize = 100;
 /// watch load balancing.
 pub const SERVED_BY: &str = "x-served-by";
 
+/// How long a product page waits for its reviews before showing it
+/// without them.
+pub const REVIEWS_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// What the handlers share.
+#[derive(Clone)]
+struct AppState {
+    db: SqlitePool,
+    /// The `reviews` dependency, when the service declares it.
+    reviews: Option<Client>,
+}
+
+/// A product with what customers say about it.
+#[derive(Debug, serde::Serialize)]
+pub struct ProductPage {
+    #[serde(flatten)]
+    product: Product,
+    /// The reviews service's answer; `null` when it could not be reached
+    /// in time (the page is still served).
+    reviews: Option<serde_json::Value>,
+}
+
 /// Query parameters, as text so bad numbers get a field error.
 #[derive(Debug, Default, Deserialize)]
 pub struct ListParams {
@@ -34,14 +61,15 @@ pub struct ListParams {
     offset: Option<String>,
 }
 
-/// The routes, with `x-served-by: <instance>` on every response.
-pub fn router(db: SqlitePool, instance: &str) -> Router {
+/// The routes, with `x-served-by: <instance>` on every response. `reviews`
+/// is the client of the reviews service, if there is one.
+pub fn router(db: SqlitePool, instance: &str, reviews: Option<Client>) -> Router {
     let served_by = HeaderValue::from_str(instance).ok();
     Router::new()
         .route("/api/catalog/products", get(list))
         .route("/api/catalog/products/{id}", get(one))
         .fallback(flotilla_chassis::not_found)
-        .with_state(db)
+        .with_state(AppState { db, reviews })
         .layer(axum::middleware::map_response(move |mut res: Response| {
             let served_by = served_by.clone();
             async move {
@@ -54,21 +82,48 @@ pub fn router(db: SqlitePool, instance: &str) -> Router {
 }
 
 async fn list(
-    State(db): State<SqlitePool>,
+    State(state): State<AppState>,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<axum::Json<Page>, ApiError> {
     let search = parse(params).map_err(ApiError::validation)?;
-    Ok(axum::Json(store::search(&db, &search).await?))
+    Ok(axum::Json(store::search(&state.db, &search).await?))
 }
 
 async fn one(
-    State(db): State<SqlitePool>,
+    State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Product>, ApiError> {
-    match store::get(&db, &id).await? {
-        Some(product) => Ok(axum::Json(product)),
-        None => Err(ApiError::not_found(format!("no product with id {id:?}"))
-            .with_details(json!({ "id": id }))),
+) -> Result<axum::Json<ProductPage>, ApiError> {
+    let Some(product) = store::get(&state.db, &id).await? else {
+        return Err(ApiError::not_found(format!("no product with id {id:?}"))
+            .with_details(json!({ "id": id })));
+    };
+    let reviews = match &state.reviews {
+        Some(client) => reviews_of(client, &product.id).await,
+        None => None,
+    };
+    Ok(axum::Json(ProductPage { product, reviews }))
+}
+
+/// The product's reviews, or `None` (logged) when the reviews service
+/// fails or is slow: a product page without reviews beats no page.
+async fn reviews_of(client: &Client, id: &str) -> Option<serde_json::Value> {
+    let path = format!("/api/reviews/{id}");
+    let call = client.get_json::<serde_json::Value>(&path);
+    match tokio::time::timeout(REVIEWS_TIMEOUT, call).await {
+        Ok(Ok(mut reviews)) => {
+            if let Some(obj) = reviews.as_object_mut() {
+                obj.remove("product_id");
+            }
+            Some(reviews)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %flotilla_chassis::error_chain(&e), product = id, "reviews unavailable; serving the product without them");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(product = id, timeout = ?REVIEWS_TIMEOUT, "reviews too slow; serving the product without them");
+            None
+        }
     }
 }
 
@@ -172,7 +227,7 @@ mod tests {
 
     #[tokio::test]
     async fn lists_the_seeded_products() {
-        let app = router(db().await, "catalog-1");
+        let app = router(db().await, "catalog-1", None);
         let (status, served_by, page) = get(&app, "/api/catalog/products").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(served_by.as_deref(), Some("catalog-1"));
@@ -186,7 +241,7 @@ mod tests {
 
     #[tokio::test]
     async fn searches_case_insensitively() {
-        let app = router(db().await, "catalog-0");
+        let app = router(db().await, "catalog-0", None);
         // In a name.
         let (_, _, page) = get(&app, "/api/catalog/products?q=ESPRESSO").await;
         assert_eq!(
@@ -206,7 +261,7 @@ mod tests {
 
     #[tokio::test]
     async fn pages_with_limit_and_offset() {
-        let app = router(db().await, "catalog-0");
+        let app = router(db().await, "catalog-0", None);
         let (_, _, all) = get(&app, "/api/catalog/products?limit=100").await;
         let (_, _, page) = get(&app, "/api/catalog/products?limit=5&offset=10").await;
         assert_eq!(page["total"], 12);
@@ -215,7 +270,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_parameters_are_field_errors() {
-        let app = router(db().await, "catalog-0");
+        let app = router(db().await, "catalog-0", None);
         let (status, _, e) = get(&app, "/api/catalog/products?limit=0&offset=-1").await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(e["error"]["code"], "invalid_request");
@@ -233,7 +288,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_product_or_404() {
-        let app = router(db().await, "catalog-0");
+        let app = router(db().await, "catalog-0", None);
         let (status, _, p) = get(&app, "/api/catalog/products/sku-grinder").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(p["price_cents"], 12900);
@@ -246,6 +301,27 @@ mod tests {
         let (status, _, e) = get(&app, "/api/catalog/nothing-here").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(e["error"]["code"], "not_found");
+    }
+
+    #[tokio::test]
+    async fn a_product_is_served_without_reviews_when_reviews_is_down() {
+        // Bind then drop a listener: a port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let service = flotilla_chassis::Service::from_vars([
+            ("FLOTILLA_SERVICE", "catalog".to_string()),
+            ("FLOTILLA_URL_REVIEWS", format!("http://127.0.0.1:{port}")),
+        ])
+        .unwrap();
+        let reviews = service.client("reviews").unwrap();
+        let app = router(db().await, "catalog-0", Some(reviews));
+        let (status, _, p) = get(&app, "/api/catalog/products/sku-espresso").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(p["id"], "sku-espresso");
+        assert_eq!(p["reviews"], Value::Null);
     }
 
     #[tokio::test]

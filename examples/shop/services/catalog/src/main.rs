@@ -2,7 +2,8 @@
 //!
 //! Owns the `products` table in its own SQLite database (`DATABASE_URL`),
 //! seeded by a migration; runs as several replicas against the same file,
-//! which is why every response says which instance served it.
+//! which is why every response says which instance served it. Calls the
+//! `reviews` service (`FLOTILLA_URL_REVIEWS`) for a product's reviews.
 
 mod api;
 mod openapi;
@@ -30,7 +31,10 @@ async fn main() -> ExitCode {
 async fn run() -> Result<(), flotilla_chassis::Error> {
     let service = Service::from_env()?.with_openapi(openapi::document());
     let db = service.database(&MIGRATOR).await?;
-    let router = api::router(db.clone(), service.instance());
+    // Reviews are optional on a product page: without the dependency
+    // declared (`calls = ["reviews"]`), pages come without them.
+    let reviews = service.client("reviews").ok();
+    let router = api::router(db.clone(), service.instance(), reviews);
     let served = service.serve(router).await;
     // Closing checkpoints the WAL, leaving a single tidy file behind.
     db.close().await;

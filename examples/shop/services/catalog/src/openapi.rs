@@ -36,7 +36,7 @@ pub fn document() -> Value {
                         {"name": "id", "in": "path", "required": true, "schema": {"type": "string"}, "example": "sku-espresso"}
                     ],
                     "responses": {
-                        "200": {"description": "The product", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Product"}}}},
+                        "200": {"description": "The product with its reviews", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ProductPage"}}}},
                         "404": {"description": "No such product", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
                     }
                 }
@@ -57,6 +57,26 @@ pub fn document() -> Value {
                         "category": {"type": "string"},
                         "image": {"type": "string", "nullable": true}
                     }
+                },
+                "ProductPage": {
+                    "allOf": [
+                        {"$ref": "#/components/schemas/Product"},
+                        {
+                            "type": "object",
+                            "properties": {
+                                "reviews": {
+                                    "type": "object",
+                                    "nullable": true,
+                                    "description": "From the reviews service; null when it could not be reached in time",
+                                    "properties": {
+                                        "count": {"type": "integer"},
+                                        "average_rating": {"type": "number", "nullable": true},
+                                        "reviews": {"type": "array", "items": {"type": "object"}}
+                                    }
+                                }
+                            }
+                        }
+                    ]
                 },
                 "Page": {
                     "type": "object",

@@ -1,47 +1,53 @@
-//! Who is ordering: a stand-in until accounts and JWT land.
+//! Who is ordering: the signed-in user, as the gateway verified it.
 //!
-//! Today the client simply claims a customer: the `customer` field of
-//! `POST /api/orders` and the `customer` query parameter of
-//! `GET /api/orders`. Nothing verifies it, so anyone can read anyone's
-//! orders. When the gateway verifies JWTs and passes the user in
-//! `x-flotilla-user-*` headers, replace [`Customer::from_claim`] with an
-//! extractor reading those headers; handlers take a [`Customer`] and do not
-//! change.
+//! Routes of `orders` carry `auth = "jwt"` in the manifest: the gateway
+//! verifies the bearer token, strips any `x-flotilla-user-*` header the
+//! client sent, and passes the token's `sub` as `x-flotilla-user-id`.
+//! Orders belong to that id; nothing the client writes in the body or query
+//! can choose the customer. The chassis strips `x-flotilla-user-*` from any
+//! caller whose mTLS identity is not the gateway's, so only the gateway can
+//! set it.
 
-use flotilla_chassis::FieldError;
+use axum::extract::FromRequestParts;
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use flotilla_chassis::ApiError;
 
-/// A customer identity: a normalised (trimmed, lower-case) e-mail address.
+/// The header the gateway sets from the verified token's `sub`.
+pub const USER_HEADER: &str = "x-flotilla-user-id";
+
+/// Longest accepted user id; accounts issues UUIDs.
+const MAX_LEN: usize = 128;
+
+/// A verified customer identity: the token's subject.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Customer(String);
 
-/// Longest address (RFC 5321's path limit).
-const MAX_LEN: usize = 254;
-
 impl Customer {
-    /// Accepts a claimed e-mail address from the request; `field` names
-    /// where it came from, for the error.
-    pub fn from_claim(field: &str, raw: Option<&str>) -> Result<Self, FieldError> {
-        let value = raw.map(str::trim).unwrap_or_default().to_lowercase();
-        let invalid = || FieldError::new(field, "must be an e-mail address like alice@example.com");
-        if value.is_empty() || value.len() > MAX_LEN || value.chars().any(char::is_whitespace) {
-            return Err(invalid());
-        }
-        let Some((local, domain)) = value.split_once('@') else {
-            return Err(invalid());
-        };
-        let domain_ok = domain.contains('.')
-            && !domain.starts_with('.')
-            && !domain.ends_with('.')
-            && !domain.contains('@');
-        if local.is_empty() || !domain_ok {
-            return Err(invalid());
-        }
-        Ok(Customer(value))
-    }
-
-    /// The address.
+    /// The id.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    fn from_header(value: Option<&str>) -> Option<Customer> {
+        let v = value?.trim();
+        let ok = !v.is_empty() && v.len() <= MAX_LEN && v.chars().all(|c| c.is_ascii_graphic());
+        ok.then(|| Customer(v.to_owned()))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Customer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let value = parts.headers.get(USER_HEADER).and_then(|v| v.to_str().ok());
+        Customer::from_header(value).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "sign in first: orders belong to the signed-in user",
+            )
+        })
     }
 }
 
@@ -50,22 +56,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn normalises_and_validates() {
-        let c = Customer::from_claim("customer", Some("  Alice@Example.COM ")).unwrap();
-        assert_eq!(c.as_str(), "alice@example.com");
-        for bad in [
-            "",
-            "alice",
-            "@example.com",
-            "a@b",
-            "a@@b.c",
-            "a b@c.d",
-            "a@.com",
-            "a@c.",
-        ] {
-            let err = Customer::from_claim("customer", Some(bad)).unwrap_err();
-            assert_eq!(err.field, "customer", "{bad}");
+    fn takes_the_verified_subject() {
+        assert_eq!(
+            Customer::from_header(Some(" u-1 ")).unwrap().as_str(),
+            "u-1"
+        );
+        for bad in [None, Some(""), Some("a b"), Some(&*"x".repeat(200))] {
+            assert!(Customer::from_header(bad).is_none(), "{bad:?}");
         }
-        assert!(Customer::from_claim("customer", None).is_err());
     }
 }

@@ -10,7 +10,7 @@ pub fn document() -> Value {
         "info": {
             "title": "shop-orders",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Places orders against the catalog's stock and prices and pricing's quote. Amounts are integer cents. `customer` is a claimed e-mail address until accounts and JWT arrive."
+            "description": "Places orders against the catalog's stock and prices and pricing's quote. Amounts are integer cents. Every route needs a bearer token: the gateway verifies it and passes the user as `x-flotilla-user-id`; orders belong to that user."
         },
         "paths": {
             "/api/orders": {
@@ -35,7 +35,6 @@ pub fn document() -> Value {
                     "operationId": "listOrders",
                     "summary": "A customer's orders, newest first",
                     "parameters": [
-                        {"name": "customer", "in": "query", "required": true, "schema": {"type": "string", "format": "email"}},
                         {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}}
                     ],
                     "responses": {
@@ -44,7 +43,7 @@ pub fn document() -> Value {
                             "required": ["orders"],
                             "properties": {"orders": {"type": "array", "items": {"$ref": "#/components/schemas/Order"}}}
                         }}}},
-                        "400": error("Missing or invalid customer or limit")
+                        "400": error("Invalid limit")
                     }
                 }
             },
@@ -64,9 +63,8 @@ pub fn document() -> Value {
             "schemas": {
                 "PlaceOrder": {
                     "type": "object",
-                    "required": ["customer", "items"],
+                    "required": ["items"],
                     "properties": {
-                        "customer": {"type": "string", "format": "email", "example": "alice@example.com"},
                         "items": {"type": "array", "minItems": 1, "maxItems": 100, "items": {
                             "type": "object",
                             "required": ["sku", "quantity"],
@@ -96,7 +94,7 @@ pub fn document() -> Value {
                     "required": ["id", "customer", "status", "currency", "lines", "subtotal_cents", "discount_cents", "tax_cents", "total_cents", "created_at"],
                     "properties": {
                         "id": {"type": "string", "format": "uuid"},
-                        "customer": {"type": "string"},
+                        "customer": {"type": "string", "description": "The id of the user who placed it (the token's sub)"},
                         "status": {"type": "string", "enum": ["placed"]},
                         "currency": {"type": "string"},
                         "coupon": {"type": "string", "nullable": true},

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use super::*;
+use crate::customer::USER_HEADER;
 
 /// Serves `router` on a random port until the test's runtime ends.
 async fn spawn(router: Router) -> SocketAddr {
@@ -114,19 +115,24 @@ async fn call(app: &Router, req: Request<Body>) -> (StatusCode, Option<String>, 
     (status, location, serde_json::from_slice(&bytes).unwrap())
 }
 
-async fn place_order(app: &Router, body: Value) -> (StatusCode, Option<String>, Value) {
-    call(
-        app,
-        Request::post("/api/orders")
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap(),
-    )
-    .await
+/// Places an order as the user in the body's `customer` (the id the
+/// gateway would pass from a verified token; removed from the body).
+async fn place_order(app: &Router, mut body: Value) -> (StatusCode, Option<String>, Value) {
+    let user = body.as_object_mut().and_then(|o| o.remove("customer"));
+    let mut req = Request::post("/api/orders").header("content-type", "application/json");
+    if let Some(user) = user.as_ref().and_then(Value::as_str) {
+        req = req.header(USER_HEADER, user);
+    }
+    call(app, req.body(Body::from(body.to_string())).unwrap()).await
 }
 
-async fn get_json(app: &Router, uri: &str) -> (StatusCode, Value) {
-    let (status, _, body) = call(app, Request::get(uri).body(Body::empty()).unwrap()).await;
+/// A GET as `user` (no user header when `None`).
+async fn get_as(app: &Router, user: Option<&str>, uri: &str) -> (StatusCode, Value) {
+    let mut req = Request::get(uri);
+    if let Some(user) = user {
+        req = req.header(USER_HEADER, user);
+    }
+    let (status, _, body) = call(app, req.body(Body::empty()).unwrap()).await;
     (status, body)
 }
 
@@ -135,7 +141,7 @@ async fn places_an_order_at_catalog_prices() {
     let app = app().await;
     let (status, location, order) = place_order(
         &app,
-        json!({"customer": "Alice@Example.com", "items": [
+        json!({"customer": "alice@example.com", "items": [
             {"sku": "sku-a", "quantity": 2},
             {"sku": "sku-b", "quantity": 1},
             {"sku": "sku-a", "quantity": 1}
@@ -164,7 +170,18 @@ async fn places_an_order_at_catalog_prices() {
     assert_eq!(created.len(), "2025-01-01T00:00:00.000Z".len());
     assert!(created.ends_with('Z'));
 
-    let (status, fetched) = get_json(&app, &format!("/api/orders/{id}")).await;
+    let (status, fetched) = get_as(
+        &app,
+        Some("alice@example.com"),
+        &format!("/api/orders/{id}"),
+    )
+    .await;
+    let (other, _) = get_as(&app, Some("mallory"), &format!("/api/orders/{id}")).await;
+    assert_eq!(
+        other,
+        StatusCode::NOT_FOUND,
+        "another user's order is not found"
+    );
     assert_eq!(status, StatusCode::OK);
     assert_eq!(fetched, order);
 }
@@ -188,7 +205,7 @@ async fn lists_a_customers_orders_newest_first() {
     )
     .await;
 
-    let (status, list) = get_json(&app, "/api/orders?customer=BOB@example.com").await;
+    let (status, list) = get_as(&app, Some("bob@example.com"), "/api/orders").await;
     assert_eq!(status, StatusCode::OK);
     let got: Vec<&str> = list["orders"]
         .as_array()
@@ -200,9 +217,9 @@ async fn lists_a_customers_orders_newest_first() {
     assert_eq!(got, want);
     assert_eq!(list["orders"][0]["lines"][0]["quantity"], 3);
 
-    let (_, list) = get_json(&app, "/api/orders?customer=bob@example.com&limit=1").await;
+    let (_, list) = get_as(&app, Some("bob@example.com"), "/api/orders?limit=1").await;
     assert_eq!(list["orders"].as_array().unwrap().len(), 1);
-    let (_, list) = get_json(&app, "/api/orders?customer=nobody@example.com").await;
+    let (_, list) = get_as(&app, Some("nobody@example.com"), "/api/orders").await;
     assert_eq!(list["orders"], json!([]));
 }
 
@@ -234,7 +251,7 @@ async fn insufficient_stock_is_409() {
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(e["error"]["code"], "insufficient_stock");
     assert_eq!(e["error"]["details"]["items"][0]["available"], 5);
-    let (_, list) = get_json(&app, "/api/orders?customer=a@example.com").await;
+    let (_, list) = get_as(&app, Some("a@example.com"), "/api/orders").await;
     assert_eq!(list["orders"], json!([]), "nothing stored");
 }
 
@@ -256,7 +273,7 @@ async fn changed_price_is_409_with_the_new_total() {
             .unwrap()
             .contains("12.00 EUR, not 9.99 EUR")
     );
-    let (_, list) = get_json(&app, "/api/orders?customer=a@example.com").await;
+    let (_, list) = get_as(&app, Some("a@example.com"), "/api/orders").await;
     assert_eq!(list["orders"], json!([]), "nothing stored");
 
     let (status, _, order) = place_order(
@@ -295,7 +312,7 @@ async fn invalid_requests_list_every_field() {
     let app = app().await;
     let (status, _, e) = place_order(
         &app,
-        json!({"customer": "not-an-email", "items": [
+        json!({"customer": "u-1", "items": [
             {"sku": "bad sku!", "quantity": 1}, {"sku": "sku-a", "quantity": 0}
         ], "expected_total_cents": -5}),
     )
@@ -309,19 +326,14 @@ async fn invalid_requests_list_every_field() {
         .collect();
     assert_eq!(
         fields,
-        [
-            "customer",
-            "items[0].sku",
-            "items[1].quantity",
-            "expected_total_cents"
-        ]
+        ["items[0].sku", "items[1].quantity", "expected_total_cents"]
     );
 
     let (status, _, e) = place_order(&app, json!({"customer": "a@example.com"})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(e["error"]["fields"][0]["field"], "items");
 
-    let (status, _, e) = place_order(&app, json!({"items": "many"})).await;
+    let (status, _, e) = place_order(&app, json!({"customer": "u-1", "items": "many"})).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(e["error"]["code"], "invalid_json");
 }
@@ -377,13 +389,27 @@ fn amounts_read_as_money() {
 #[tokio::test]
 async fn reads_validate_and_404() {
     let app = app().await;
-    let (status, e) = get_json(&app, "/api/orders").await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert_eq!(e["error"]["fields"][0]["field"], "customer");
-    let (status, e) = get_json(&app, "/api/orders?customer=a@example.com&limit=0").await;
+    let (status, e) = get_as(&app, None, "/api/orders").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(e["error"]["code"], "unauthenticated");
+    let (status, e) = get_as(&app, Some("a@example.com"), "/api/orders?limit=0").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(e["error"]["fields"][0]["field"], "limit");
-    let (status, e) = get_json(&app, "/api/orders/00000000-0000-4000-8000-000000000000").await;
+    let (status, e) = get_as(
+        &app,
+        Some("a@example.com"),
+        "/api/orders/00000000-0000-4000-8000-000000000000",
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(e["error"]["code"], "not_found");
+}
+
+#[tokio::test]
+async fn orders_need_a_verified_user() {
+    let app = app().await;
+    let (status, _, e) =
+        place_order(&app, json!({"items": [{"sku": "sku-a", "quantity": 1}]})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(e["error"]["code"], "unauthenticated");
 }

@@ -1,0 +1,353 @@
+//! The gateway's edge policies as the manifest states them: JWT issuers,
+//! CORS, IP lists and rate limits, with the small string syntaxes users
+//! write (`"20/s burst 40 per user"`, `"10.0.0.0/8"`).
+//!
+//! The parsers live here, not in the gateway, so that `flotilla check`
+//! reports a bad value with its line and column; the gateway re-exports
+//! them and builds its runtime policies from these validated values.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+pub use ipnet::IpNet;
+
+/// How the gateway verifies bearer tokens (`[gateway.jwt]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jwt {
+    /// Required `iss`.
+    pub issuer: String,
+    /// Accepted `aud` values (a token needs one of them).
+    pub audiences: Vec<String>,
+    /// Where the signing keys are published.
+    pub jwks: JwksSource,
+    /// How often the key set is fetched again in the background.
+    pub refresh: Duration,
+    /// Claims forwarded to services as `x-flotilla-user-<claim>`.
+    pub forward_claims: Vec<String>,
+}
+
+/// Where a JWKS is fetched from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    /// A plain `http://` URL.
+    Url(String),
+    /// A path on a service of this system: `accounts:/.well-known/jwks.json`.
+    Service { service: String, path: String },
+}
+
+impl JwksSource {
+    /// Parses `http://host:port/path` or `<service>:/path`.
+    pub fn parse(s: &str) -> Result<JwksSource, String> {
+        if s.starts_with("http://") {
+            return Ok(JwksSource::Url(s.to_string()));
+        }
+        if s.starts_with("https://") {
+            return Err(format!(
+                "`{s}`: only plain `http://` JWKS URLs are supported; use `<service>:/path` for a service of this system"
+            ));
+        }
+        match s.split_once(':') {
+            Some((service, path)) if !service.is_empty() && path.starts_with('/') => {
+                Ok(JwksSource::Service {
+                    service: service.to_string(),
+                    path: path.to_string(),
+                })
+            }
+            _ => Err(format!(
+                "`{s}` is not a JWKS source: write `http://host:port/path` or `<service>:/path`, e.g. \"accounts:/.well-known/jwks.json\""
+            )),
+        }
+    }
+}
+
+/// Cross-origin rules (`[gateway.cors]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cors {
+    /// Exact origins (`scheme://host[:port]`), or the single entry `*`.
+    pub origins: Vec<String>,
+    pub credentials: bool,
+    pub methods: Vec<String>,
+    pub headers: Vec<String>,
+    pub expose_headers: Vec<String>,
+    pub max_age: Duration,
+}
+
+/// Allow and deny lists of client networks (`[gateway.ip]`, or per route).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IpList {
+    /// When non-empty, only these networks may call.
+    pub allow: Vec<IpNet>,
+    /// These networks may never call (wins over `allow`).
+    pub deny: Vec<IpNet>,
+    /// Proxies whose `X-Forwarded-For`/`Forwarded` headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// Where rate-limit counters live (`[gateway.rate_limits]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum RateLimitStore {
+    /// In the gateway process: exact for one gateway.
+    #[default]
+    Memory,
+    /// In Redis, shared by every gateway replica.
+    Redis { url: String },
+}
+
+/// Why a network string does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "`{0}` is not an IP network: write a CIDR like \"10.0.0.0/8\" or \"2001:db8::/32\", or a single address"
+)]
+pub struct IpNetParseError(pub String);
+
+/// Parses `"10.0.0.0/8"`, `"::1/128"` or a bare address (a /32 or /128).
+pub fn parse_net(s: &str) -> Result<IpNet, IpNetParseError> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| IpNetParseError(s.to_string()))
+}
+
+/// Parses a list with [`parse_net`].
+pub fn parse_nets<S: AsRef<str>>(list: &[S]) -> Result<Vec<IpNet>, IpNetParseError> {
+    list.iter().map(|s| parse_net(s.as_ref())).collect()
+}
+
+/// One route's limit: `count` requests per `period`, at most `burst` at
+/// once, counted per `key`.
+///
+/// The string form is `"<count>/<unit> [burst <n>] [per <key>]"` with unit
+/// `s`, `m` or `h`, and key `ip` (the default), `user`, `route` or
+/// `header:<name>`, e.g. `"20/s burst 40 per user"`, `"100/m"`,
+/// `"5/h per header:x-api-key"`. Without `burst`, the burst is `count`: up
+/// to `count` requests at once, refilled at `count` per `period`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RateLimit {
+    /// Requests per `period` (sustained rate).
+    pub count: u32,
+    pub period: Duration,
+    /// How many requests may arrive at once after a quiet spell.
+    pub burst: u32,
+    pub key: RateLimitKey,
+}
+
+/// Whom a limit counts against.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RateLimitKey {
+    /// The client address (after trusted proxies).
+    Ip,
+    /// The verified JWT subject; the route must have `auth = "jwt"`.
+    User,
+    /// The value of this request header (lower case), e.g. an API key;
+    /// requests without it are counted per client address instead.
+    Header(String),
+    /// One counter for the whole route.
+    Route,
+}
+
+/// Why a rate-limit string does not parse; the message says what to write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RateLimitParseError {
+    #[error("empty rate limit; write e.g. \"20/s\" or \"20/s burst 40 per user\"")]
+    Empty,
+    #[error("`{0}` is not a rate: write `<count>/<unit>`, e.g. \"20/s\", \"100/m\" or \"1000/h\"")]
+    BadRate(String),
+    #[error("`{0}` is not a time unit: use `s`, `m` or `h`")]
+    BadUnit(String),
+    #[error("the count in `{0}` must be a whole number from 1 to 1000000000")]
+    BadCount(String),
+    #[error("`burst` needs a whole number from 1 to 1000000000 after it, e.g. `burst 40`")]
+    BadBurst,
+    #[error("`per` needs `ip`, `user`, `route` or `header:<name>` after it")]
+    MissingKey,
+    #[error("`per {0}` is not a key: use `ip`, `user`, `route` or `header:<name>`")]
+    BadKey(String),
+    #[error("`{0}` is not a valid header name")]
+    BadHeader(String),
+    #[error("unexpected `{0}`; write `<count>/<unit> [burst <n>] [per <key>]`")]
+    Unexpected(String),
+    #[error("`{0}` is given twice")]
+    Duplicate(&'static str),
+}
+
+const MAX_COUNT: u64 = 1_000_000_000;
+
+fn parse_count(s: &str, err: impl Fn() -> RateLimitParseError) -> Result<u32, RateLimitParseError> {
+    match s.parse::<u64>() {
+        Ok(n) if (1..=MAX_COUNT).contains(&n) => Ok(n as u32),
+        _ => Err(err()),
+    }
+}
+
+/// RFC 9110 `token` characters: what a header name may contain.
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+impl RateLimit {
+    /// Parses the manifest syntax; see [`RateLimit`].
+    pub fn parse(s: &str) -> Result<RateLimit, RateLimitParseError> {
+        let mut words = s.split_whitespace();
+        let rate = words.next().ok_or(RateLimitParseError::Empty)?;
+        let (count, unit) = rate
+            .split_once('/')
+            .ok_or_else(|| RateLimitParseError::BadRate(rate.to_string()))?;
+        let count = parse_count(count, || RateLimitParseError::BadCount(rate.to_string()))?;
+        let period = match unit {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            "" => return Err(RateLimitParseError::BadRate(rate.to_string())),
+            other => return Err(RateLimitParseError::BadUnit(other.to_string())),
+        };
+        let mut burst = None;
+        let mut key = None;
+        while let Some(word) = words.next() {
+            match word {
+                "burst" => {
+                    if burst.is_some() {
+                        return Err(RateLimitParseError::Duplicate("burst"));
+                    }
+                    let n = words.next().ok_or(RateLimitParseError::BadBurst)?;
+                    burst = Some(parse_count(n, || RateLimitParseError::BadBurst)?);
+                }
+                "per" => {
+                    if key.is_some() {
+                        return Err(RateLimitParseError::Duplicate("per"));
+                    }
+                    let k = words.next().ok_or(RateLimitParseError::MissingKey)?;
+                    key = Some(match k {
+                        "ip" => RateLimitKey::Ip,
+                        "user" => RateLimitKey::User,
+                        "route" => RateLimitKey::Route,
+                        other => match other.strip_prefix("header:") {
+                            Some(name) if is_header_name(name) => {
+                                RateLimitKey::Header(name.to_ascii_lowercase())
+                            }
+                            Some(name) => {
+                                return Err(RateLimitParseError::BadHeader(name.to_string()));
+                            }
+                            None => return Err(RateLimitParseError::BadKey(other.to_string())),
+                        },
+                    });
+                }
+                other => return Err(RateLimitParseError::Unexpected(other.to_string())),
+            }
+        }
+        Ok(RateLimit {
+            count,
+            period,
+            burst: burst.unwrap_or(count),
+            key: key.unwrap_or(RateLimitKey::Ip),
+        })
+    }
+
+    /// Nanoseconds between two requests at the sustained rate (at least 1).
+    pub fn interval_nanos(&self) -> u64 {
+        (self.period.as_nanos() as u64 / u64::from(self.count.max(1))).max(1)
+    }
+
+    /// How far ahead of now the arrival time may run: `burst` intervals.
+    pub fn tolerance_nanos(&self) -> u64 {
+        self.interval_nanos().saturating_mul(u64::from(self.burst))
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.period.as_secs() {
+            3600 => "h",
+            60 => "m",
+            _ => "s",
+        };
+        write!(f, "{}/{unit}", self.count)?;
+        if self.burst != self.count {
+            write!(f, " burst {}", self.burst)?;
+        }
+        match &self.key {
+            RateLimitKey::Ip => write!(f, " per ip"),
+            RateLimitKey::User => write!(f, " per user"),
+            RateLimitKey::Route => write!(f, " per route"),
+            RateLimitKey::Header(h) => write!(f, " per header:{h}"),
+        }
+    }
+}
+
+/// Whether `origin` is an exact web origin: `scheme://host[:port]`, no path.
+pub(crate) fn is_origin(origin: &str) -> bool {
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https")
+        && !rest.is_empty()
+        && !rest.contains(['/', '?', '#', ' '])
+        && !rest.ends_with(':')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limits_parse_and_print() {
+        let l = RateLimit::parse("20/s burst 40 per user").unwrap();
+        assert_eq!(
+            (l.count, l.burst, l.key.clone()),
+            (20, 40, RateLimitKey::User)
+        );
+        assert_eq!(l.to_string(), "20/s burst 40 per user");
+        let h = RateLimit::parse("5/h per header:X-Api-Key").unwrap();
+        assert_eq!(h.key, RateLimitKey::Header("x-api-key".into()));
+        assert_eq!(
+            RateLimit::parse("100/m").unwrap().to_string(),
+            "100/m per ip"
+        );
+        assert_eq!(
+            RateLimit::parse("1/d"),
+            Err(RateLimitParseError::BadUnit("d".into()))
+        );
+        assert_eq!(
+            RateLimit::parse("x/s"),
+            Err(RateLimitParseError::BadCount("x/s".into()))
+        );
+        assert_eq!(
+            RateLimit::parse("1/s per header:bad name"),
+            Err(RateLimitParseError::Unexpected("name".into()))
+        );
+        assert_eq!(
+            RateLimit::parse("1/s per header:a(b"),
+            Err(RateLimitParseError::BadHeader("a(b".into()))
+        );
+    }
+
+    #[test]
+    fn networks() {
+        assert_eq!(parse_net("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(parse_net("::1").unwrap().to_string(), "::1/128");
+        assert!(parse_net("10.0.0.0/33").is_err());
+    }
+
+    #[test]
+    fn origins_and_jwks() {
+        assert!(is_origin("http://localhost:8080"));
+        assert!(is_origin("https://shop.example"));
+        assert!(!is_origin("localhost:8080"));
+        assert!(!is_origin("https://shop.example/"));
+        assert_eq!(
+            JwksSource::parse("accounts:/.well-known/jwks.json").unwrap(),
+            JwksSource::Service {
+                service: "accounts".into(),
+                path: "/.well-known/jwks.json".into()
+            }
+        );
+        assert!(JwksSource::parse("https://x/jwks").is_err());
+        assert!(JwksSource::parse("accounts").is_err());
+    }
+}

@@ -1,0 +1,261 @@
+//! Validation of the gateway's edge policies: `[gateway.jwt]`, `.cors`,
+//! `.ip`, `.rate_limits`, and the per-route `auth`, `scopes`,
+//! `rate_limit`, `ip` and `max_body_bytes`.
+
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::Ctx;
+use crate::edge::{
+    Cors, IpList, JwksSource, Jwt, RateLimit, RateLimitKey, RateLimitStore, is_origin, parse_net,
+};
+use crate::raw::{RawCors, RawIp, RawJwt, RawRateLimits};
+
+const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
+const DEFAULT_CORS_MAX_AGE: Duration = Duration::from_secs(600);
+const DEFAULT_CORS_METHODS: [&str; 5] = ["GET", "HEAD", "POST", "PUT", "DELETE"];
+/// A larger request body than this belongs in the object store.
+const MAX_BODY_LIMIT: i64 = 1 << 30;
+
+pub(super) fn jwt(ctx: &mut Ctx<'_>, raw: &Spanned<RawJwt>, declared: &[String]) -> Option<Jwt> {
+    let raw = raw.get_ref();
+    let before = ctx.errors.len();
+    if raw.issuer.get_ref().trim().is_empty() {
+        ctx.error(
+            raw.issuer.span(),
+            "`issuer` is empty",
+            Some("write the `iss` your tokens carry, e.g. `issuer = \"shop-accounts\"`".into()),
+        );
+    }
+    if raw.audiences.is_empty() {
+        ctx.error(
+            raw.jwks.span(),
+            "`audiences` is empty: no token could pass",
+            Some("list the `aud` values to accept, e.g. `audiences = [\"shop\"]`".into()),
+        );
+    }
+    let jwks = match JwksSource::parse(raw.jwks.get_ref()) {
+        Ok(JwksSource::Service { service, path }) if !declared.contains(&service) => {
+            ctx.error(
+                raw.jwks.span(),
+                format!("`jwks` names service `{service}`, which is not a service of this system"),
+                Some(format!(
+                    "declare `[services.{service}]`, or give an `http://` URL"
+                )),
+            );
+            JwksSource::Service { service, path }
+        }
+        Ok(source) => source,
+        Err(why) => {
+            ctx.error(
+                raw.jwks.span(),
+                why,
+                Some("e.g. `jwks = \"accounts:/.well-known/jwks.json\"`".into()),
+            );
+            return None;
+        }
+    };
+    let refresh = match &raw.refresh {
+        Some(r) => ctx.duration(r, "refresh")?,
+        None => DEFAULT_JWKS_REFRESH,
+    };
+    let mut forward_claims = Vec::new();
+    for c in raw.forward_claims.iter().flatten() {
+        let claim = c.get_ref();
+        if claim.is_empty()
+            || !claim
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+        {
+            ctx.error(
+                c.span(),
+                format!("`{claim}` cannot be a header name suffix"),
+                Some("use letters, digits, `_` and `-`".into()),
+            );
+        } else {
+            forward_claims.push(claim.to_ascii_lowercase());
+        }
+    }
+    if ctx.errors.len() != before {
+        return None;
+    }
+    Some(Jwt {
+        issuer: raw.issuer.get_ref().clone(),
+        audiences: raw.audiences.iter().map(|a| a.get_ref().clone()).collect(),
+        jwks,
+        refresh,
+        forward_claims,
+    })
+}
+
+pub(super) fn cors(ctx: &mut Ctx<'_>, raw: &Spanned<RawCors>) -> Option<Cors> {
+    let span = raw.span();
+    let raw = raw.get_ref();
+    let before = ctx.errors.len();
+    let credentials = raw.credentials.unwrap_or(false);
+    let mut origins = Vec::new();
+    for o in &raw.origins {
+        let origin = o.get_ref();
+        if origin == "*" {
+            if credentials {
+                ctx.error(
+                    o.span(),
+                    "`*` cannot be combined with `credentials = true`",
+                    Some("browsers refuse it: list the exact origins instead".into()),
+                );
+            } else if raw.origins.len() > 1 {
+                ctx.error(
+                    o.span(),
+                    "`*` must be the only origin",
+                    Some("remove the others, or list exact origins only".into()),
+                );
+            }
+        } else if !is_origin(origin) {
+            ctx.error(
+                o.span(),
+                format!("`{origin}` is not an origin"),
+                Some("write `scheme://host[:port]` with no path, e.g. `\"https://shop.example\"` or `\"http://localhost:8080\"`".into()),
+            );
+        }
+        origins.push(origin.clone());
+    }
+    if origins.is_empty() {
+        ctx.error(
+            span,
+            "`origins` is empty: no browser could call",
+            Some("list the origins, e.g. `origins = [\"http://localhost:8080\"]`".into()),
+        );
+    }
+    let list = |v: &Option<Vec<Spanned<String>>>| {
+        v.iter()
+            .flatten()
+            .map(|s| s.get_ref().clone())
+            .collect::<Vec<_>>()
+    };
+    let methods = match &raw.methods {
+        Some(_) => list(&raw.methods)
+            .into_iter()
+            .map(|m| m.to_ascii_uppercase())
+            .collect(),
+        None => DEFAULT_CORS_METHODS.iter().map(|m| m.to_string()).collect(),
+    };
+    let max_age = match &raw.max_age {
+        Some(m) => ctx.duration(m, "max_age")?,
+        None => DEFAULT_CORS_MAX_AGE,
+    };
+    if ctx.errors.len() != before {
+        return None;
+    }
+    Some(Cors {
+        origins,
+        credentials,
+        methods,
+        headers: list(&raw.headers),
+        expose_headers: list(&raw.expose_headers),
+        max_age,
+    })
+}
+
+pub(super) fn ip(ctx: &mut Ctx<'_>, raw: &Spanned<RawIp>) -> Option<IpList> {
+    let raw = raw.get_ref();
+    let before = ctx.errors.len();
+    let mut nets = |list: &Option<Vec<Spanned<String>>>| {
+        let mut out = Vec::new();
+        for entry in list.iter().flatten() {
+            match parse_net(entry.get_ref()) {
+                Ok(net) => out.push(net),
+                Err(e) => ctx.error(entry.span(), e.to_string(), None),
+            }
+        }
+        out
+    };
+    let list = IpList {
+        allow: nets(&raw.allow),
+        deny: nets(&raw.deny),
+        trusted_proxies: nets(&raw.trusted_proxies),
+    };
+    (ctx.errors.len() == before).then_some(list)
+}
+
+pub(super) fn rate_limit_store(
+    ctx: &mut Ctx<'_>,
+    raw: &Spanned<RawRateLimits>,
+) -> Option<RateLimitStore> {
+    let raw = raw.get_ref();
+    match (raw.store.get_ref().as_str(), &raw.url) {
+        ("memory", None) => Some(RateLimitStore::Memory),
+        ("memory", Some(url)) => {
+            ctx.error(
+                url.span(),
+                "`url` applies to `store = \"redis\"` only",
+                Some("remove it".into()),
+            );
+            None
+        }
+        ("redis", Some(url)) if url.get_ref().starts_with("redis://") => {
+            Some(RateLimitStore::Redis {
+                url: url.get_ref().clone(),
+            })
+        }
+        ("redis", Some(url)) => {
+            ctx.error(
+                url.span(),
+                format!("`{}` is not a Redis URL", url.get_ref()),
+                Some("write `redis://host:port[/db]`".into()),
+            );
+            None
+        }
+        ("redis", None) => {
+            ctx.error(
+                raw.store.span(),
+                "`store = \"redis\"` needs a `url`",
+                Some("add `url = \"redis://127.0.0.1:6379\"`".into()),
+            );
+            None
+        }
+        (other, _) => {
+            ctx.error(raw.store.span(), format!("unknown store `{other}`"), Some("write `store = \"memory\"` (one gateway) or `store = \"redis\"` (shared by replicas)".into()));
+            None
+        }
+    }
+}
+
+pub(super) fn rate_limit(
+    ctx: &mut Ctx<'_>,
+    raw: &Spanned<String>,
+    jwt_route: bool,
+) -> Option<RateLimit> {
+    match RateLimit::parse(raw.get_ref()) {
+        Ok(limit) if limit.key == RateLimitKey::User && !jwt_route => {
+            ctx.error(
+                raw.span(),
+                "`per user` needs a verified user",
+                Some("set `auth = \"jwt\"` on this route, or count `per ip`".into()),
+            );
+            None
+        }
+        Ok(limit) => Some(limit),
+        Err(e) => {
+            ctx.error(
+                raw.span(),
+                e.to_string(),
+                Some("e.g. `rate_limit = \"20/s burst 40 per user\"`".into()),
+            );
+            None
+        }
+    }
+}
+
+pub(super) fn max_body(ctx: &mut Ctx<'_>, raw: &Spanned<i64>) -> Option<u64> {
+    let v = *raw.get_ref();
+    if !(1..=MAX_BODY_LIMIT).contains(&v) {
+        ctx.error(
+            raw.span(),
+            format!("`max_body_bytes = {v}` is out of range"),
+            Some(format!("use a number of bytes from 1 to {MAX_BODY_LIMIT}")),
+        );
+        return None;
+    }
+    u64::try_from(v).ok()
+}

@@ -1,0 +1,633 @@
+"""shop reviews: what customers say about a product.
+
+A Flotilla service in Python's standard library only (http.server, ssl,
+sqlite3), to show that the runtime contract is enough for any language:
+
+- binds FLOTILLA_LISTEN and serves mutual TLS 1.3 with the identity in
+  FLOTILLA_TLS_CERT/KEY/CA, requiring a client certificate and reloading the
+  files when the runtime renews them;
+- checks every request against the ACL in FLOTILLA_ACL_FILE (403
+  `acl_denied`, counted and logged; `audit` mode logs instead), on the
+  normalised path, and trusts `x-flotilla-user-*` only from the gateway;
+- owns its SQLite database (DATABASE_URL), seeded on first start;
+- answers /healthz, /readyz, /metrics, /openapi.json, logs JSON lines and
+  drains on SIGTERM within FLOTILLA_DRAIN_SECONDS.
+
+API: GET /api/reviews/{product_id}, POST /api/reviews/{product_id}
+with {"author": "...", "rating": 1-5, "text": "..."}.
+"""
+import json
+import os
+import re
+import signal
+import sqlite3
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+SERVICE = os.environ.get("FLOTILLA_SERVICE", "reviews")
+INSTANCE = os.environ.get("FLOTILLA_INSTANCE", SERVICE + "-0")
+LISTEN = os.environ.get("FLOTILLA_LISTEN") or "127.0.0.1:" + os.environ.get("PORT", "8000")
+DRAIN_SECONDS = float(os.environ.get("FLOTILLA_DRAIN_SECONDS", "10"))
+TLS_VARS = ("FLOTILLA_TLS_CERT", "FLOTILLA_TLS_KEY", "FLOTILLA_TLS_CA")
+HANDSHAKE_TIMEOUT = 10  # seconds a peer has to finish the TLS handshake
+MAX_BODY = 64 * 1024
+USER_PREFIX = "x-flotilla-user-"
+
+
+def now_rfc3339():
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def log(level, message, **fields):
+    line = {"timestamp": now_rfc3339(), "level": level, "service": SERVICE,
+            "instance": INSTANCE, "fields": {"message": message, **fields}}
+    print(json.dumps(line), flush=True)
+
+
+# ---------------------------------------------------------------- metrics
+
+class Metrics:
+    """Prometheus counters and gauges, rendered as text."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.values = {}  # (name, sorted label items) -> value
+        self.help = {}
+
+    def add(self, name, labels, amount=1):
+        key = (name, tuple(sorted(labels.items())))
+        with self.lock:
+            self.values[key] = self.values.get(key, 0) + amount
+
+    def set(self, name, labels, value):
+        with self.lock:
+            self.values[(name, tuple(sorted(labels.items())))] = value
+
+    def render(self):
+        with self.lock:
+            items = sorted(self.values.items())
+        out, seen = [], set()
+        for (name, labels), value in items:
+            if name not in seen:
+                seen.add(name)
+                kind = "gauge" if name.endswith(("_seconds", "_in_flight")) else "counter"
+                out.append(f"# TYPE {name} {kind}")
+            text = ",".join(f'{k}="{v}"' for k, v in labels)
+            out.append(f"{name}{{{text}}} {value}" if text else f"{name} {value}")
+        return "\n".join(out) + "\n"
+
+
+metrics = Metrics()
+
+
+# --------------------------------------------------------------- identity
+
+def spiffe_id(cert):
+    """The URI SAN of a peer certificate from SSLSocket.getpeercert()."""
+    uris = [v for k, v in (cert or {}).get("subjectAltName", ()) if k == "URI"]
+    return uris[0] if len(uris) == 1 else None
+
+
+def cert_not_after(path):
+    try:
+        # CPython's own decoder (what getpeercert uses); private, hence the
+        # guard: a missing metric is not worth failing for.
+        info = ssl._ssl._test_decode_cert(path)
+        return ssl.cert_time_to_seconds(info["notAfter"])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+class Identity:
+    """The TLS server context from the identity files, rebuilt when the
+    runtime rewrites them. A damaged or half-written set keeps the current
+    context and is retried on the next connection."""
+
+    def __init__(self, cert, key, ca):
+        self.files = (cert, key, ca)
+        self.lock = threading.Lock()
+        self.stamp = None
+        self.context = None
+        if self.current() is None:
+            sys.exit(f"cannot load the TLS identity from {cert}, {key}, {ca}")
+
+    def current(self):
+        with self.lock:
+            try:
+                stamp = tuple((s.st_mtime_ns, s.st_ino, s.st_size) for s in map(os.stat, self.files))
+            except OSError:
+                return self.context
+            if stamp != self.stamp:
+                cert, key, ca = self.files
+                try:
+                    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+                    ctx.load_cert_chain(cert, key)
+                    ctx.load_verify_locations(ca)
+                    ctx.verify_mode = ssl.CERT_REQUIRED
+                except (OSError, ssl.SSLError, ValueError) as e:
+                    log("WARN", "cannot load the renewed TLS identity; keeping the current one", error=str(e))
+                    return self.context
+                self.context, self.stamp = ctx, stamp
+                not_after = cert_not_after(cert)
+                if not_after is not None:
+                    metrics.set("flotilla_cert_expiry_timestamp_seconds", {"service": SERVICE}, not_after)
+            return self.context
+
+
+# -------------------------------------------------------------------- ACL
+
+class Denied(Exception):
+    pass
+
+
+def normalize_path(raw):
+    """The one spelling ACL rules are written in (the same rules as the
+    platform's): query cut off, unreserved escapes decoded, `//` and `.`
+    removed, `..` applied; encoded `/`, backslashes, control characters,
+    bad escapes and climbing above the root are refused (None)."""
+    raw = re.split(r"[?#]", raw, maxsplit=1)[0]
+    if not raw.startswith("/"):
+        return None
+    segments, trailing = [], False
+    for segment in raw[1:].split("/"):
+        decoded, i = [], 0
+        while i < len(segment):
+            c = segment[i]
+            if c == "%":
+                h = segment[i + 1:i + 3]
+                if len(h) != 2 or any(x not in "0123456789abcdefABCDEF" for x in h):
+                    return None
+                v = int(h, 16)
+                if v in (0x2F, 0x5C) or v < 0x20 or v == 0x7F:
+                    return None
+                ch = chr(v)
+                decoded.append(ch if (ch.isascii() and ch.isalnum()) or ch in "-._~" else "%%%02X" % v)
+                i += 3
+            else:
+                if c == "\\" or ord(c) <= 0x20 or ord(c) == 0x7F:
+                    return None
+                decoded.append(c)
+                i += 1
+        s = "".join(decoded)
+        trailing = False
+        if s in ("", "."):
+            trailing = True
+        elif s == "..":
+            if not segments:
+                return None
+            segments.pop()
+            trailing = True
+        else:
+            segments.append(s)
+    path = "".join("/" + s for s in segments)
+    return path + "/" if not path or trailing else path
+
+
+class Pattern:
+    """`/a/*/c/**`: `*` one segment, `**` (last) the rest."""
+
+    def __init__(self, source):
+        self.source = source
+        body = source[1:].rstrip("/") if source != "/" else ""
+        self.segments = body.split("/") if body else []
+
+    def matches(self, path):
+        parts = [p for p in path.split("/") if p]
+        for i, seg in enumerate(self.segments):
+            if seg == "**":
+                return True
+            if i >= len(parts) or (seg != "*" and seg != parts[i]):
+                return False
+        return len(parts) == len(self.segments)
+
+    def specificity(self, other):
+        """> 0 when self is more specific: segment by segment a literal
+        beats `*`, which beats `**`; then the longer exact part; then no
+        trailing `**` beats one."""
+        rank = lambda s: 0 if s == "**" else 1 if s == "*" else 2  # noqa: E731
+        for a, b in zip(self.segments, other.segments):
+            if rank(a) != rank(b):
+                return rank(a) - rank(b)
+        exact = lambda p: sum(1 for s in p.segments if s != "**")  # noqa: E731
+        if exact(self) != exact(other):
+            return exact(self) - exact(other)
+        rest = lambda p: bool(p.segments) and p.segments[-1] == "**"  # noqa: E731
+        return int(rest(other)) - int(rest(self))
+
+
+def wins(a, b):
+    """Whether rule a (pattern, names methods, deny) beats rule b: the more
+    specific pattern, then naming methods, then deny."""
+    order = a[0].specificity(b[0])
+    if order:
+        return order > 0
+    return (a[1], a[2]) > (b[1], b[2])
+
+
+class Acl:
+    """The default-deny policy the runtime derived from the manifest."""
+
+    def __init__(self, spec):
+        self.callee = spec["callee"]
+        self.mode = spec.get("mode", "enforce")
+        prefix = self.callee.rsplit("/svc/", 1)[0] + "/svc/"
+        self.gateway = (spec.get("gateway") or {}).get("identity") or prefix + "gateway"
+        runtime = spec.get("runtime")
+        callers = set(spec.get("callers", []))
+        self.rules = []  # (who, methods or None, pattern, deny)
+        with_allow = set()
+        for r in spec.get("rules", []):
+            deny = r.get("effect", "allow") == "deny"
+            caller = r["caller"]
+            if caller in callers:
+                who = ("service", caller)
+                if not deny:
+                    with_allow.add(caller)
+            elif caller == "gateway":
+                who = ("exact", self.gateway)
+            elif caller == "runtime" and runtime:
+                who = ("exact", runtime)
+            else:
+                raise ValueError(f"ACL rule names {caller}, which never calls {self.callee}")
+            self.rules.append((who, r.get("methods") or None, Pattern(r["path"]), deny))
+        for name in callers - with_allow:
+            self.rules.append((("service", name), None, Pattern("/**"), False))
+        for route in (spec.get("gateway") or {}).get("routes", []):
+            self.rules.append((("exact", self.gateway), route.get("methods") or None, Pattern(route["path"]), False))
+        if runtime:
+            for path in ("/healthz", "/readyz", "/metrics"):
+                self.rules.append((("exact", runtime), ["GET", "HEAD"], Pattern(path), False))
+
+    def check(self, caller, method, raw_path):
+        """The normalised path to serve, or raises Denied (enforce mode)."""
+        path = normalize_path(raw_path)
+        reason, rule = "allowed", None
+        if path is None:
+            reason = "invalid_path"
+        elif caller is None or not caller.startswith(self.callee.rsplit("/svc/", 1)[0] + "/svc/"):
+            reason = "foreign_identity"
+        else:
+            service = caller.rsplit("/svc/", 1)[1]
+            best = None
+            for who, methods, pattern, deny in self.rules:
+                if who[0] == "service" and who[1] != service or who[0] == "exact" and who[1] != caller:
+                    continue
+                if methods is not None and method not in methods:
+                    continue
+                target = path.lower() if deny else path
+                patt = Pattern(pattern.source.lower()) if deny else pattern
+                if not patt.matches(target):
+                    continue
+                candidate = (pattern, methods is not None, deny)
+                if best is None or wins(candidate, best):
+                    best = candidate
+            if best is None:
+                reason = "no_matching_rule"
+            elif best[2]:
+                reason, rule = "denied_by_rule", best[0].source
+            else:
+                rule = best[0].source
+        if reason == "allowed":
+            return path
+        callee_name = self.callee.rsplit("/svc/", 1)[1]
+        label = caller.rsplit("/svc/", 1)[1] if caller and caller.startswith(self.callee.rsplit("/svc/", 1)[0]) else str(caller)
+        fields = dict(caller=caller, callee=self.callee, method=method, path=path or raw_path, reason=reason, rule=rule or "-")
+        if self.mode == "audit":
+            metrics.add("flotilla_authz_audit_would_deny_total", {"caller": label, "callee": callee_name})
+            log("WARN", "acl audit: would deny", **fields)
+            return path or raw_path.split("?")[0]
+        metrics.add("flotilla_authz_denied_total", {"caller": label, "callee": callee_name})
+        log("WARN", "acl denied", **fields)
+        raise Denied(reason)
+
+
+# --------------------------------------------------------------- database
+
+SEED = [
+    ("sku-espresso", "Ana", 5, "Rich and chocolatey; my morning espresso."),
+    ("sku-espresso", "Ben", 4, "Great crema, a touch bitter for milk drinks."),
+    ("sku-filter", "Chloe", 5, "Bright and floral in a V60."),
+    ("sku-decaf", "Dev", 4, "Hard to tell it is decaf."),
+    ("sku-green-tea", "Emi", 5, "Sweet and grassy, as a sencha should be."),
+    ("sku-grinder", "Femi", 4, "Consistent grind; a little loud."),
+    ("sku-kettle", "Gus", 5, "The temperature hold is perfect for pour-over."),
+    ("sku-mug", "Hana", 3, "Lovely glaze, smaller than I expected."),
+]
+
+
+def database_path():
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        sys.exit('DATABASE_URL is not set; add `data = "sqlite"` to service `reviews` in flotilla.toml')
+    if not url.startswith("sqlite:"):
+        sys.exit("DATABASE_URL must be a sqlite:// URL")
+    path = urllib.parse.urlparse(url).path if url.startswith("sqlite://") else url[len("sqlite:"):]
+    return urllib.parse.unquote(path)
+
+
+def connect():
+    db = sqlite3.connect(database_path(), timeout=5, isolation_level=None, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
+def migrate():
+    db = connect()
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version < 1:
+            db.execute("""CREATE TABLE reviews (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                product_id TEXT NOT NULL,
+                author TEXT NOT NULL,
+                rating INTEGER NOT NULL CHECK (rating BETWEEN 1 AND 5),
+                text TEXT NOT NULL,
+                created_at TEXT NOT NULL)""")
+            db.execute("CREATE INDEX reviews_by_product ON reviews (product_id, id)")
+            db.executemany(
+                "INSERT INTO reviews (product_id, author, rating, text, created_at) VALUES (?, ?, ?, ?, ?)",
+                [(p, a, r, t, "2024-01-01T00:00:00Z") for p, a, r, t in SEED])
+            db.execute("PRAGMA user_version = 1")
+        db.execute("COMMIT")
+    except Exception:
+        db.execute("ROLLBACK")
+        raise
+    finally:
+        db.close()
+
+
+local = threading.local()
+
+
+def db():
+    if getattr(local, "db", None) is None:
+        local.db = connect()
+    return local.db
+
+
+def product_reviews(product_id):
+    rows = db().execute(
+        "SELECT id, author, rating, text, created_at FROM reviews WHERE product_id = ? ORDER BY id",
+        (product_id,)).fetchall()
+    items = [dict(r) for r in rows]
+    average = round(sum(r["rating"] for r in items) / len(items), 2) if items else None
+    return {"product_id": product_id, "count": len(items), "average_rating": average, "reviews": items}
+
+
+# ------------------------------------------------------------------- HTTP
+
+PRODUCT = re.compile(r"^/api/reviews/([A-Za-z0-9._~-]{1,100})$")
+
+OPENAPI = {
+    "openapi": "3.0.3",
+    "info": {"title": "shop-reviews", "version": "0.1.0",
+             "description": "Customer reviews of the shop's products."},
+    "paths": {
+        "/api/reviews/{product_id}": {
+            "parameters": [{"name": "product_id", "in": "path", "required": True,
+                            "schema": {"type": "string"}, "example": "sku-espresso"}],
+            "get": {"operationId": "listReviews", "summary": "A product's reviews",
+                    "responses": {"200": {"description": "The reviews, oldest first",
+                                          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Reviews"}}}}}},
+            "post": {"operationId": "addReview", "summary": "Review a product",
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NewReview"}}}},
+                     "responses": {"201": {"description": "The review",
+                                           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Review"}}}},
+                                   "400": {"description": "Invalid review"}}},
+        }
+    },
+    "components": {"schemas": {
+        "NewReview": {"type": "object", "required": ["author", "rating", "text"],
+                      "properties": {"author": {"type": "string", "maxLength": 100},
+                                     "rating": {"type": "integer", "minimum": 1, "maximum": 5},
+                                     "text": {"type": "string", "maxLength": 2000}}},
+        "Review": {"type": "object", "properties": {"id": {"type": "integer"}, "author": {"type": "string"},
+                                                    "rating": {"type": "integer"}, "text": {"type": "string"},
+                                                    "created_at": {"type": "string"}}},
+        "Reviews": {"type": "object", "properties": {
+            "product_id": {"type": "string"}, "count": {"type": "integer"},
+            "average_rating": {"type": "number", "nullable": True},
+            "reviews": {"type": "array", "items": {"$ref": "#/components/schemas/Review"}}}},
+    }},
+}
+
+
+def error(code, message, **extra):
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+class State:
+    draining = False
+    in_flight = 0
+    lock = threading.Lock()
+
+
+identity = Identity(*map(os.environ.get, TLS_VARS)) if all(map(os.environ.get, TLS_VARS)) else None
+acl = None
+if identity is not None:
+    acl_file = os.environ.get("FLOTILLA_ACL_FILE")
+    if not acl_file:
+        sys.exit("FLOTILLA_ACL_FILE is not set; the runtime sets it with FLOTILLA_TLS_*")
+    with open(acl_file) as f:
+        acl = Acl(json.load(f))
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: callers reuse connections
+    server_version = "shop-reviews"
+    peer = None
+
+    def setup(self):
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(HANDSHAKE_TIMEOUT)
+            self.request.do_handshake()
+            self.peer = spiffe_id(self.request.getpeercert())
+        # Idle keep-alive connections are closed after a minute.
+        self.request.settimeout(60)
+        super().setup()
+
+    def do_GET(self):
+        self.dispatch("GET")
+
+    def do_HEAD(self):
+        self.dispatch("HEAD")
+
+    def do_POST(self):
+        self.dispatch("POST")
+
+    def do_PUT(self):
+        self.dispatch("PUT")
+
+    def do_DELETE(self):
+        self.dispatch("DELETE")
+
+    def dispatch(self, method):
+        started = time.monotonic()
+        with State.lock:
+            State.in_flight += 1
+        route, status = "unmatched", 500
+        # A body nobody reads would be parsed as the next request on this
+        # keep-alive connection: answers that leave one close it.
+        self.body_pending = int(self.headers.get("content-length") or 0) > 0
+        try:
+            path = self.path
+            if acl is not None:
+                try:
+                    path = acl.check(self.peer, method, self.path)
+                except Denied as denied:
+                    status = 403
+                    return self.reply(403, error("acl_denied", "this service does not accept this call from the caller's identity",
+                                                 details={"reason": str(denied), "caller": self.peer, "callee": acl.callee}))
+                if self.peer != acl.gateway:
+                    for name in [h for h in self.headers.keys() if h.lower().startswith(USER_PREFIX)]:
+                        del self.headers[name]
+            route, status = self.route(method, path)
+        except Exception as e:  # noqa: BLE001 - one bad request must not kill the server
+            log("ERROR", "request failed", error=repr(e), path=self.path)
+            status = 500
+            self.reply(500, error("internal", "internal error"))
+        finally:
+            with State.lock:
+                State.in_flight -= 1
+            metrics.add("http_requests_total", {"route": route, "method": method, "status": str(status)})
+            metrics.add("http_request_duration_seconds_sum", {"route": route}, round(time.monotonic() - started, 6))
+
+    def route(self, method, path):
+        if path == "/healthz" and method in ("GET", "HEAD"):
+            return path, self.reply(200, {"status": "ok"})
+        if path == "/readyz" and method in ("GET", "HEAD"):
+            if State.draining:
+                return path, self.reply(503, {"status": "draining"})
+            return path, self.reply(200, {"status": "ready"})
+        if path == "/metrics" and method in ("GET", "HEAD"):
+            return path, self.reply_text(200, metrics.render(), "text/plain; version=0.0.4")
+        if path == "/openapi.json" and method in ("GET", "HEAD"):
+            return path, self.reply(200, OPENAPI)
+        match = PRODUCT.match(path)
+        if not match:
+            return "unmatched", self.reply(404, error("not_found", "no such route"))
+        template = "/api/reviews/{product_id}"
+        product_id = match.group(1)
+        if method in ("GET", "HEAD"):
+            return template, self.reply(200, product_reviews(product_id))
+        if method == "POST":
+            return template, self.add_review(product_id)
+        return template, self.reply(405, error("method_not_allowed", f"{method} is not allowed here"))
+
+    def add_review(self, product_id):
+        length = int(self.headers.get("content-length") or 0)
+        if length > MAX_BODY:
+            return self.reply(413, error("payload_too_large", f"the body is larger than {MAX_BODY} bytes"))
+        raw = self.rfile.read(length)
+        self.body_pending = False
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError:
+            return self.reply(400, error("invalid_json", "the body is not JSON"))
+        fields = []
+        if not isinstance(body, dict):
+            body = {}
+            fields.append({"field": "body", "message": "must be a JSON object"})
+        author = body.get("author")
+        # The gateway's verified user, when there is one, signs the review.
+        user = self.headers.get(USER_PREFIX + "id")
+        if user:
+            author = user
+        rating, text = body.get("rating"), body.get("text")
+        if not isinstance(author, str) or not 1 <= len(author.strip()) <= 100:
+            fields.append({"field": "author", "message": "must be 1 to 100 characters"})
+        if not isinstance(rating, int) or isinstance(rating, bool) or not 1 <= rating <= 5:
+            fields.append({"field": "rating", "message": "must be a whole number from 1 to 5"})
+        if not isinstance(text, str) or not 1 <= len(text.strip()) <= 2000:
+            fields.append({"field": "text", "message": "must be 1 to 2000 characters"})
+        if fields:
+            return self.reply(400, error("invalid_request", "the review is invalid", fields=fields))
+        created = now_rfc3339()
+        cur = db().execute(
+            "INSERT INTO reviews (product_id, author, rating, text, created_at) VALUES (?, ?, ?, ?, ?)",
+            (product_id, author.strip(), rating, text.strip(), created))
+        review = {"id": cur.lastrowid, "product_id": product_id, "author": author.strip(),
+                  "rating": rating, "text": text.strip(), "created_at": created}
+        return self.reply(201, review)
+
+    def reply(self, status, body):
+        return self.reply_text(status, json.dumps(body), "application/json")
+
+    def reply_text(self, status, text, content_type):
+        data = text.encode()
+        self.send_response(status)
+        self.send_header("content-type", content_type)
+        self.send_header("content-length", str(len(data)))
+        self.send_header("x-served-by", INSTANCE)
+        if State.draining or getattr(self, "body_pending", False):
+            self.send_header("connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        return status
+
+    def log_message(self, fmt, *args):
+        pass  # one line per request is in the metrics; errors are logged
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def get_request(self):
+        sock, addr = self.socket.accept()
+        if identity is not None:
+            # The handshake runs in the connection's own thread (setup).
+            sock = identity.current().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
+
+    def handle_error(self, request, client_address):
+        e = sys.exc_info()[1]
+        if isinstance(e, (ssl.SSLError, ConnectionError, TimeoutError, OSError)):
+            log("WARN", "refused a connection", peer=str(client_address), error=str(e))
+        else:
+            log("ERROR", "connection failed", peer=str(client_address), error=repr(e))
+
+
+def main():
+    migrate()
+    host, port = LISTEN.rsplit(":", 1)
+    server = Server((host.strip("[]"), int(port)), Handler)
+
+    def drain(*_):
+        if State.draining:
+            return
+        State.draining = True
+        log("INFO", "draining in-flight requests", deadline=DRAIN_SECONDS)
+
+        def stop():
+            server.shutdown()
+            server.server_close()  # refuse new connections: callers go elsewhere
+            deadline = time.monotonic() + DRAIN_SECONDS
+            while State.in_flight and time.monotonic() < deadline:
+                time.sleep(0.02)
+            log("INFO", "stopped")
+            os._exit(0)
+
+        threading.Thread(target=stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
+    log("INFO", "listening", addr=LISTEN, tls=identity is not None,
+        acl=acl.mode if acl else None)
+    server.serve_forever()
+    while True:  # the drain thread exits the process
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    main()
