@@ -6,10 +6,9 @@
 // has the platform's shape {"error": {"code", "message", "fields"?,
 // "details"?}}, shown as is.
 //
-// Signed in, order calls carry `Authorization: Bearer <access token>` and
-// no `customer`: the order belongs to the token's user. Signed out, the old
-// path (a typed e-mail as `customer`) still works until the gateway and
-// orders switch to the token.
+// Order calls carry `Authorization: Bearer <access token>`: the gateway
+// verifies it and an order belongs to the token's user, so ordering and
+// "my orders" need a signed-in user.
 'use strict';
 
 (() => {
@@ -316,11 +315,11 @@
     $('signed-in').hidden = !signedIn;
     $('signed-out').hidden = signedIn;
     $('who').textContent = who;
-    // Signed in, an order belongs to the token's user: no e-mail to type.
-    $('email-field').hidden = signedIn;
-    $('email').required = !signedIn;
-    $('ordering-as').hidden = !signedIn;
-    $('ordering-as').textContent = signedIn ? `Ordering as ${who}.` : '';
+    // An order belongs to the token's user: there is no e-mail to type.
+    $('email-field').hidden = true;
+    $('email').required = false;
+    $('ordering-as').hidden = false;
+    $('ordering-as').textContent = signedIn ? `Ordering as ${who}.` : 'Sign in to place an order.';
   }
 
   function showTab(which) {
@@ -552,18 +551,15 @@
 
   async function placeOrder(event) {
     event.preventDefault();
-    const signedIn = Boolean(auth.accessToken);
-    const email = $('email');
-    if ((!signedIn && !email.reportValidity()) || !state.quote || state.placing) return;
+    if (!state.quote || state.placing) return;
+    if (!auth.accessToken) {
+      showError($('order-error'), new ApiError(401, 'unauthenticated', 'Sign in to place an order.'));
+      return;
+    }
     const body = {
       items: state.basket.map((l) => ({ sku: l.sku, quantity: l.quantity })),
       expected_total_cents: state.quote.total_cents,
     };
-    if (!signedIn) {
-      // Signed out: the old path, a typed e-mail as the customer.
-      body.customer = email.value.trim();
-      rememberEmail(body.customer);
-    }
     const coupon = $('coupon').value.trim();
     if (coupon) body.coupon = coupon;
 
@@ -617,17 +613,11 @@
   }
 
   async function loadOrders() {
-    const email = $('email');
     showError($('orders-error'), null);
-    let url = 'api/orders'; // signed in: the token says whose
+    const url = 'api/orders'; // the token says whose
     if (!auth.accessToken) {
-      const customer = email.value.trim();
-      if (!customer) {
-        showError($('orders-error'), new ApiError(0, 'customer', 'Sign in, or enter your e-mail above, to see your orders.'));
-        return;
-      }
-      rememberEmail(customer);
-      url = `api/orders?${new URLSearchParams({ customer })}`;
+      showError($('orders-error'), new ApiError(401, 'unauthenticated', 'Sign in to see your orders.'));
+      return;
     }
     const list = $('orders');
     try {
