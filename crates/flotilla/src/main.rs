@@ -122,6 +122,7 @@ async fn run(command: Command) -> ExitCode {
             options.profile = if dev { Profile::Dev } else { Profile::Release };
             options.echo_logs = !quiet;
             options.interactive = true;
+            options.watch = true;
             up(manifest, options).await
         }
         Command::Status { json, data_dir } => {

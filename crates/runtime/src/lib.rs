@@ -26,6 +26,7 @@ mod endpoints;
 mod mesh;
 mod pool;
 mod process;
+mod reload;
 mod system;
 
 use std::net::SocketAddr;
@@ -51,6 +52,9 @@ pub struct Options {
     pub echo_logs: bool,
     /// Show a progress display while building and the table when ready.
     pub interactive: bool,
+    /// Watch the manifest and reload the gateway's routes and policies
+    /// when it changes (what `flotilla up` does).
+    pub watch: bool,
     /// Overrides the manifest's `[mesh] leaf_lifetime` (tests of rotation).
     pub leaf_lifetime: Option<std::time::Duration>,
     /// Overrides the manifest's `[mesh] mode` (tests of audit mode).
@@ -66,6 +70,7 @@ impl Options {
             profile: Profile::Release,
             echo_logs: false,
             interactive: false,
+            watch: false,
             leaf_lifetime: None,
             mesh_mode: None,
         }

@@ -20,6 +20,7 @@ use crate::endpoints::{Endpoints, InstanceEndpoint, ServiceEndpoint};
 use crate::mesh::{Mesh, Renewal};
 use crate::pool::{Pool, PoolEnv, Prober, Status};
 use crate::process::Launch;
+use crate::reload;
 use crate::{Error, Options};
 
 /// The pools by service name; the gateway's view of the instances.
@@ -61,7 +62,9 @@ impl StatusSource for Registry {
 /// A system started by [`System::start`]; stop it with [`System::shutdown`].
 pub struct System {
     registry: Arc<Registry>,
-    gateway: Gateway,
+    gateway: Arc<Gateway>,
+    /// The manifest watcher, which holds the other handle on the gateway.
+    watcher: Option<tokio::task::JoinHandle<()>>,
     endpoints: Endpoints,
     data_dir: PathBuf,
     console: Arc<Console>,
@@ -204,9 +207,14 @@ impl System {
             )
             .await?,
         );
+        let watched = reload::Watched {
+            manifest: manifest.clone(),
+            base: gateway_config.clone(),
+        };
         let gateway = Gateway::start(gateway_config, Arc::clone(&registry) as Arc<dyn Upstreams>)
             .await
             .map_err(Error::Gateway)?;
+        let gateway = Arc::new(gateway);
         let gateway_url = format!("http://{}", gateway.local_addr());
         let _ = registry.gateway_url.set(gateway_url.clone());
 
@@ -276,6 +284,14 @@ impl System {
                 path: Endpoints::path(&data_dir),
                 source,
             })?;
+        let watcher = options.watch.then(|| {
+            tokio::spawn(reload::watch_manifest(
+                watched,
+                Arc::clone(&gateway),
+                Arc::clone(&console),
+                stop_rx.clone(),
+            ))
+        });
         tasks.push(tokio::spawn(keep_endpoints_current(
             endpoints.clone(),
             Arc::clone(&registry),
@@ -289,6 +305,7 @@ impl System {
         Ok(System {
             registry,
             gateway,
+            watcher,
             endpoints,
             data_dir,
             console,
@@ -330,7 +347,14 @@ impl System {
             .map(|p| p.spec.drain)
             .max()
             .unwrap_or(Duration::from_secs(10));
-        self.gateway.shutdown(drain).await;
+        if let Some(watcher) = self.watcher {
+            watcher.abort();
+            let _ = watcher.await;
+        }
+        // The watcher's handle is gone, so this is the only one left.
+        if let Ok(gateway) = Arc::try_unwrap(self.gateway) {
+            gateway.shutdown(drain).await;
+        }
         let stops = self.registry.pools.values().map(|p| {
             let p = Arc::clone(p);
             async move { p.shutdown().await }

@@ -4,6 +4,7 @@
 //! identities, mutual TLS and certificate rotation.
 
 mod mesh;
+mod reload;
 mod scaling;
 mod supervision;
 mod support;

@@ -1,0 +1,185 @@
+//! Hot reload: `flotilla up` watches `flotilla.toml` and applies what the
+//! gateway owns — each route's auth, scopes, rate limit, IP list, body limit
+//! and timeout, and the gateway's JWT, CORS, IP and rate-limit settings —
+//! without dropping a request or a kept-alive connection.
+//!
+//! Everything else needs a restart, and a change that touches it is refused
+//! as a whole (the running configuration stays) with a message saying so:
+//! services and how they run, and which paths and methods each service
+//! exposes, because every instance's ACL lets the gateway reach exactly the
+//! routes it had at start. An invalid file is refused the same way, with the
+//! manifest's own diagnostics.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use flotilla_gateway::{Config as GatewayConfig, Gateway};
+use flotilla_manifest::{Manifest, Service};
+use tokio::sync::watch;
+
+use crate::console::Console;
+
+/// How often the manifest's modification time is checked.
+const POLL: Duration = Duration::from_millis(500);
+
+/// What the running system was started with, to compare a new file against.
+pub(crate) struct Watched {
+    pub manifest: Manifest,
+    /// The gateway config the system runs, whose runtime-owned fields
+    /// (listen address, access log, upstream TLS) every reload keeps.
+    pub base: GatewayConfig,
+}
+
+/// Polls the manifest until `stop`, reloading the gateway when it changes.
+pub(crate) async fn watch_manifest(
+    mut watched: Watched,
+    gateway: Arc<Gateway>,
+    console: Arc<Console>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let file: PathBuf = watched.manifest.file.clone();
+    let mut seen = modified(&file);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = stop.changed() => return,
+        }
+        let now = modified(&file);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match apply(&watched, &gateway) {
+            Ok((manifest, config)) => {
+                console.event(&format!(
+                    "{} changed: gateway reloaded ({} routes)",
+                    file.display(),
+                    config.routes.len()
+                ));
+                watched = Watched {
+                    manifest,
+                    base: config,
+                };
+            }
+            Err(why) => console.warn(&format!(
+                "{} changed but was not applied; the running configuration stays:\n{why}",
+                file.display()
+            )),
+        }
+    }
+}
+
+fn modified(file: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(file).and_then(|m| m.modified()).ok()
+}
+
+/// Loads the file, checks the change is one the gateway alone can take, and
+/// swaps the gateway's configuration.
+fn apply(watched: &Watched, gateway: &Gateway) -> Result<(Manifest, GatewayConfig), String> {
+    let next = Manifest::load(&watched.manifest.file).map_err(|e| e.to_string())?;
+    restart_needed(&watched.manifest, &next)?;
+    let mut config = GatewayConfig::from_manifest(&next);
+    config.listen = watched.base.listen;
+    config.access_log = watched.base.access_log.clone();
+    config.upstream_tls = watched.base.upstream_tls.clone();
+    config.limits = watched.base.limits.clone();
+    gateway.reload(config.clone()).map_err(|e| e.to_string())?;
+    Ok((next, config))
+}
+
+/// Why `next` cannot be applied to a system running `current`, if it can't.
+fn restart_needed(current: &Manifest, next: &Manifest) -> Result<(), String> {
+    if next.name != current.name {
+        return Err(format!(
+            "the system's name changed (`{}` → `{}`): restart to apply",
+            current.name, next.name
+        ));
+    }
+    if next.gateway.listen != current.gateway.listen
+        || next.gateway.static_dir != current.gateway.static_dir
+    {
+        return Err("the gateway's `listen` or `static` changed: restart to apply".into());
+    }
+    let names = |m: &Manifest| m.services.keys().cloned().collect::<Vec<_>>();
+    if names(next) != names(current) {
+        return Err(format!(
+            "services were added or removed ({:?} → {:?}): restart to apply",
+            names(current),
+            names(next)
+        ));
+    }
+    for (name, now) in &next.services {
+        let was = &current.services[name];
+        if without_routes(now) != without_routes(was) {
+            return Err(format!(
+                "service `{name}` changed in more than its routes: restart to apply"
+            ));
+        }
+        let exposed = |s: &Service| {
+            s.routes
+                .iter()
+                .map(|r| (r.pattern.as_str().to_string(), r.methods.clone()))
+                .collect::<Vec<_>>()
+        };
+        if exposed(now) != exposed(was) {
+            return Err(format!(
+                "service `{name}` exposes other paths or methods: its instances' ACLs allow the gateway only the routes they started with, so restart to apply"
+            ));
+        }
+    }
+    if next.mesh != current.mesh {
+        return Err("`[mesh]` changed: restart to apply".into());
+    }
+    Ok(())
+}
+
+fn without_routes(s: &Service) -> Service {
+    let mut s = s.clone();
+    s.routes.clear();
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const BASE: &str = r#"name = "x"
+[services.a]
+run = { command = ["true"] }
+routes = [{ path = "/a/**", methods = ["GET"] }]
+"#;
+
+    fn m(src: &str) -> Manifest {
+        Manifest::parse(src, Path::new("flotilla.toml")).unwrap()
+    }
+
+    #[test]
+    fn gateway_policies_reload_the_rest_needs_a_restart() {
+        let base = m(BASE);
+        let limited = BASE.replace(
+            r#"methods = ["GET"] }"#,
+            r#"methods = ["GET"], rate_limit = "5/s", timeout = "2s" }"#,
+        );
+        assert!(restart_needed(&base, &m(&limited)).is_ok());
+        let new_path = BASE.replace("/a/**", "/b/**");
+        assert!(
+            restart_needed(&base, &m(&new_path))
+                .unwrap_err()
+                .contains("restart to apply")
+        );
+        let replicas = BASE.replace("routes =", "replicas = 2\nroutes =");
+        assert!(
+            restart_needed(&base, &m(&replicas))
+                .unwrap_err()
+                .contains("more than its routes")
+        );
+        let added = format!("{BASE}[services.b]\nrun = {{ command = [\"true\"] }}\n");
+        assert!(
+            restart_needed(&base, &m(&added))
+                .unwrap_err()
+                .contains("added or removed")
+        );
+    }
+}

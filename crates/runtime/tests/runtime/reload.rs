@@ -1,0 +1,81 @@
+//! Hot reload: editing flotilla.toml under a running system swaps the
+//! gateway's policies; an invalid file or a change that needs a restart is
+//! refused and the running configuration stays.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{client, start_with};
+
+const SERVICES: &str = r#"[services.hello]
+run = { command = ["python3", "HELLO"] }
+routes = [{ path = "/hello/**", methods = ["GET"] }]
+"#;
+
+/// Status of `GET /hello/x` through the gateway.
+async fn status(gateway: &str) -> u16 {
+    client()
+        .get(format!("{gateway}/hello/x"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Polls until two requests in a row answer `want` second (rate-limited).
+async fn wait_for_limit(gateway: &str, limited: bool) {
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let _ = status(gateway).await;
+        let second = status(gateway).await;
+        if (second == 429) == limited {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "gateway never became limited={limited}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn editing_the_manifest_reloads_gateway_policies() {
+    let h = start_with(SERVICES, |o| o.watch = true).await;
+    let gateway = h.gateway();
+    let file = h.dir.path().join("flotilla.toml");
+    let original = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(status(&gateway).await, 200);
+    assert_eq!(status(&gateway).await, 200, "no limit yet");
+
+    // A rate limit appears: applied without a restart.
+    let limited = original.replace(
+        r#"methods = ["GET"] }"#,
+        r#"methods = ["GET"], rate_limit = "1/h burst 1 per route" }"#,
+    );
+    std::fs::write(&file, &limited).unwrap();
+    wait_for_limit(&gateway, true).await;
+
+    // An invalid file is refused: the limit stays, the system keeps serving.
+    std::fs::write(&file, limited.replace("rate_limit", "rate_limmit")).unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await; // two polls: nothing may change
+    assert_eq!(
+        status(&gateway).await,
+        429,
+        "the running configuration stays"
+    );
+
+    // A new path needs a restart (instance ACLs): refused as a whole.
+    std::fs::write(&file, original.replace("/hello/**", "/bye/**")).unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        status(&gateway).await,
+        429,
+        "still the old routes and limit"
+    );
+
+    // Back to the original file: the limit goes away again.
+    std::fs::write(&file, &original).unwrap();
+    wait_for_limit(&gateway, false).await;
+    h.stop().await;
+}
