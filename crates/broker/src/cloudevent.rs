@@ -1,0 +1,452 @@
+//! CloudEvents 1.0 in the structured JSON format, validated once at the edge.
+//!
+//! Everything the broker stores and delivers is a CloudEvent. The broker
+//! never rewrites an event: it keeps the publisher's JSON bytes verbatim and
+//! only extracts the context attributes it needs to route (filters, partition
+//! keys, FIFO groups, deduplication). Parsing borrows from the input so that
+//! `data` is scanned, not copied into a tree.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+/// The only CloudEvents version this broker speaks.
+pub const SPEC_VERSION: &str = "1.0";
+
+/// Media type of one event in the structured JSON format.
+pub const CONTENT_TYPE: &str = "application/cloudevents+json";
+
+/// Media type of a JSON array of events (the batch format).
+pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
+
+/// Why a body is not an acceptable CloudEvent or batch of them.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("event{} is {size} bytes, over the limit of {limit} bytes", at(*.index))]
+    TooLarge {
+        index: Option<usize>,
+        size: usize,
+        limit: usize,
+    },
+    #[error("batch has {count} events, over the limit of {limit}")]
+    BatchTooLarge { count: usize, limit: usize },
+    #[error("batch is empty: send at least one event")]
+    EmptyBatch,
+    #[error("body is not JSON{}", at(*.index))]
+    Json {
+        index: Option<usize>,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("event{} is missing the required attribute `{attribute}`", at(*.index))]
+    Missing {
+        index: Option<usize>,
+        attribute: &'static str,
+    },
+    #[error("event{}: attribute `{attribute}` {problem}", at(*.index))]
+    Invalid {
+        index: Option<usize>,
+        attribute: String,
+        problem: &'static str,
+    },
+    #[error("event{}: specversion `{found}` is not supported, use \"1.0\"", at(*.index))]
+    SpecVersion { index: Option<usize>, found: String },
+}
+
+fn at(index: Option<usize>) -> String {
+    index.map(|i| format!(" #{i}")).unwrap_or_default()
+}
+
+impl EventError {
+    fn with_index(self, i: usize) -> Self {
+        let index = Some(i);
+        match self {
+            Self::TooLarge { size, limit, .. } => Self::TooLarge { index, size, limit },
+            Self::Json { source, .. } => Self::Json { index, source },
+            Self::Missing { attribute, .. } => Self::Missing { index, attribute },
+            Self::Invalid {
+                attribute, problem, ..
+            } => Self::Invalid {
+                index,
+                attribute,
+                problem,
+            },
+            Self::SpecVersion { found, .. } => Self::SpecVersion { index, found },
+            other => other,
+        }
+    }
+}
+
+/// The value of a context attribute (CloudEvents' JSON types minus null).
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttrValue {
+    String(String),
+    Number(f64),
+    Bool(bool),
+}
+
+impl AttrValue {
+    /// The attribute as text, the way it would appear in an HTTP header.
+    pub fn to_text(&self) -> String {
+        match self {
+            Self::String(s) => s.clone(),
+            Self::Number(n) => format_number(*n),
+            Self::Bool(b) => b.to_string(),
+        }
+    }
+
+    /// The attribute as a number, for numeric filters: numbers, and strings
+    /// that parse as numbers (CloudEvents extensions often carry numbers as
+    /// strings).
+    pub fn as_number(&self) -> Option<f64> {
+        match self {
+            Self::Number(n) => Some(*n),
+            Self::String(s) => s.trim().parse().ok(),
+            Self::Bool(_) => None,
+        }
+    }
+}
+
+fn format_number(n: f64) -> String {
+    if n.fract() == 0.0 && n.abs() < 1e15 {
+        format!("{}", n as i64)
+    } else {
+        n.to_string()
+    }
+}
+
+/// One validated CloudEvent: the publisher's JSON bytes plus its context
+/// attributes.
+#[derive(Clone)]
+pub struct CloudEvent {
+    raw: Bytes,
+    attributes: Vec<(String, AttrValue)>,
+}
+
+impl fmt::Debug for CloudEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CloudEvent")
+            .field("id", &self.id())
+            .field("type", &self.ty())
+            .field("bytes", &self.raw.len())
+            .finish()
+    }
+}
+
+impl CloudEvent {
+    /// Parses one event in the structured JSON format.
+    pub fn parse(body: Bytes, max_bytes: usize) -> Result<Self, EventError> {
+        let trimmed = trim(&body);
+        if trimmed.len() > max_bytes {
+            return Err(EventError::TooLarge {
+                index: None,
+                size: trimmed.len(),
+                limit: max_bytes,
+            });
+        }
+        let raw = body.slice_ref(trimmed);
+        let attributes = parse_attributes(&raw)?;
+        Ok(Self { raw, attributes })
+    }
+
+    /// Parses a batch (a JSON array of structured events).
+    pub fn parse_batch(
+        body: &[u8],
+        max_bytes: usize,
+        max_events: usize,
+    ) -> Result<Vec<Self>, EventError> {
+        let items: Vec<&RawValue> =
+            serde_json::from_slice(body).map_err(|source| EventError::Json {
+                index: None,
+                source,
+            })?;
+        if items.is_empty() {
+            return Err(EventError::EmptyBatch);
+        }
+        if items.len() > max_events {
+            return Err(EventError::BatchTooLarge {
+                count: items.len(),
+                limit: max_events,
+            });
+        }
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let text = item.get().as_bytes();
+                if text.len() > max_bytes {
+                    return Err(EventError::TooLarge {
+                        index: Some(i),
+                        size: text.len(),
+                        limit: max_bytes,
+                    });
+                }
+                let raw = Bytes::copy_from_slice(text);
+                let attributes = parse_attributes(&raw).map_err(|e| e.with_index(i))?;
+                Ok(Self { raw, attributes })
+            })
+            .collect()
+    }
+
+    /// Builds an event from parts; `data` is embedded as JSON.
+    ///
+    /// Extensions must be valid attribute names; invalid input is rejected
+    /// exactly as it would be over HTTP.
+    pub fn new(
+        id: &str,
+        source: &str,
+        ty: &str,
+        extensions: &[(&str, &str)],
+        data: &serde_json::Value,
+    ) -> Result<Self, EventError> {
+        let mut obj = serde_json::Map::new();
+        obj.insert("specversion".into(), SPEC_VERSION.into());
+        obj.insert("id".into(), id.into());
+        obj.insert("source".into(), source.into());
+        obj.insert("type".into(), ty.into());
+        obj.insert("datacontenttype".into(), "application/json".into());
+        for (k, v) in extensions {
+            obj.insert((*k).to_owned(), (*v).into());
+        }
+        obj.insert("data".into(), data.clone());
+        let raw = serde_json::to_vec(&obj).map_err(|source| EventError::Json {
+            index: None,
+            source,
+        })?;
+        Self::parse(Bytes::from(raw), usize::MAX)
+    }
+
+    /// The event's JSON bytes, exactly as published.
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.raw
+    }
+
+    /// Consumes the event, returning its JSON bytes.
+    pub fn into_bytes(self) -> Bytes {
+        self.raw
+    }
+
+    /// A context attribute or extension by name.
+    pub fn attribute(&self, name: &str) -> Option<&AttrValue> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    }
+
+    fn text(&self, name: &str) -> &str {
+        match self.attribute(name) {
+            Some(AttrValue::String(s)) => s,
+            _ => "",
+        }
+    }
+
+    /// The `id` attribute.
+    pub fn id(&self) -> &str {
+        self.text("id")
+    }
+
+    /// The `source` attribute.
+    pub fn source(&self) -> &str {
+        self.text("source")
+    }
+
+    /// The `type` attribute.
+    pub fn ty(&self) -> &str {
+        self.text("type")
+    }
+
+    /// The W3C trace context carried in the `traceparent` extension.
+    pub fn traceparent(&self) -> Option<&str> {
+        match self.attribute("traceparent") {
+            Some(AttrValue::String(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// CloudEvents defines `source` + `id` as the identity of an event: two
+    /// events with the same pair are duplicates. This is the FIFO
+    /// deduplication key.
+    pub fn dedup_key(&self) -> String {
+        format!("{}\u{0}{}", self.source(), self.id())
+    }
+
+    /// The partition or group key named by `attribute`, as text.
+    pub fn key(&self, attribute: &str) -> Option<String> {
+        self.attribute(attribute).map(AttrValue::to_text)
+    }
+}
+
+fn trim(body: &[u8]) -> &[u8] {
+    let start = body
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(body.len());
+    let end = body
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &body[start..end]
+}
+
+fn parse_attributes(raw: &[u8]) -> Result<Vec<(String, AttrValue)>, EventError> {
+    let map: HashMap<&str, &RawValue> =
+        serde_json::from_slice(raw).map_err(|source| EventError::Json {
+            index: None,
+            source,
+        })?;
+    let invalid = |attribute: &str, problem| EventError::Invalid {
+        index: None,
+        attribute: attribute.to_owned(),
+        problem,
+    };
+    if map.contains_key("data") && map.contains_key("data_base64") {
+        return Err(invalid(
+            "data_base64",
+            "cannot be present together with `data`",
+        ));
+    }
+    let mut attributes = Vec::with_capacity(map.len());
+    for (name, value) in map {
+        if name == "data" {
+            continue;
+        }
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return Err(invalid(
+                name,
+                "is not a valid attribute name (lower-case letters and digits only)",
+            ));
+        }
+        let text = value.get();
+        let parsed = match text.as_bytes().first() {
+            Some(b'"') => AttrValue::String(
+                serde_json::from_str(text).map_err(|_| invalid(name, "is not a valid string"))?,
+            ),
+            Some(b't') | Some(b'f') => AttrValue::Bool(text == "true"),
+            Some(b'n') => continue,
+            Some(b'-') | Some(b'0'..=b'9') => AttrValue::Number(
+                text.parse()
+                    .map_err(|_| invalid(name, "is not a valid number"))?,
+            ),
+            _ => return Err(invalid(name, "must be a string, number or boolean")),
+        };
+        if name == "data_base64" {
+            if !matches!(parsed, AttrValue::String(_)) {
+                return Err(invalid(name, "must be a base64 string"));
+            }
+            continue;
+        }
+        attributes.push((name.to_owned(), parsed));
+    }
+    let get = |name: &'static str| -> Result<&str, EventError> {
+        match attributes.iter().find(|(k, _)| k == name) {
+            None => Err(EventError::Missing {
+                index: None,
+                attribute: name,
+            }),
+            Some((_, AttrValue::String(s))) if !s.is_empty() => Ok(s),
+            Some((_, AttrValue::String(_))) => Err(invalid(name, "must not be empty")),
+            Some(_) => Err(invalid(name, "must be a string")),
+        }
+    };
+    let version = get("specversion")?;
+    if version != SPEC_VERSION {
+        return Err(EventError::SpecVersion {
+            index: None,
+            found: version.to_owned(),
+        });
+    }
+    get("id")?;
+    get("source")?;
+    get("type")?;
+    for optional in ["subject", "datacontenttype", "dataschema", "time"] {
+        match attributes.iter().find(|(k, _)| k == optional) {
+            Some((_, AttrValue::String(_))) | None => {}
+            Some(_) => return Err(invalid(optional, "must be a string")),
+        }
+    }
+    Ok(attributes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<CloudEvent, EventError> {
+        CloudEvent::parse(Bytes::from(s.to_owned()), 1 << 20)
+    }
+
+    #[test]
+    fn accepts_a_minimal_event_and_keeps_bytes() {
+        let s = r#" {"specversion":"1.0","id":"1","source":"/s","type":"t","data":{"a":[1,2]},"amount":12,"flag":true} "#;
+        let e = parse(s).unwrap();
+        assert_eq!(e.id(), "1");
+        assert_eq!(e.ty(), "t");
+        assert_eq!(e.as_bytes().as_ref(), s.trim().as_bytes());
+        assert_eq!(e.attribute("amount"), Some(&AttrValue::Number(12.0)));
+        assert_eq!(e.attribute("flag"), Some(&AttrValue::Bool(true)));
+        assert_eq!(e.key("amount").as_deref(), Some("12"));
+    }
+
+    #[test]
+    fn rejects_missing_and_bad_attributes() {
+        assert!(matches!(
+            parse(r#"{"id":"1","source":"/s","type":"t"}"#),
+            Err(EventError::Missing {
+                attribute: "specversion",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(r#"{"specversion":"0.3","id":"1","source":"/s","type":"t"}"#),
+            Err(EventError::SpecVersion { .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"specversion":"1.0","id":"","source":"/s","type":"t"}"#),
+            Err(EventError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"specversion":"1.0","id":"1","source":"/s","type":"t","Bad":"x"}"#),
+            Err(EventError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"specversion":"1.0","id":"1","source":"/s","type":"t","ext":{"a":1}}"#),
+            Err(EventError::Invalid { .. })
+        ));
+        assert!(matches!(parse("[1]"), Err(EventError::Json { .. })));
+        assert!(matches!(
+            CloudEvent::parse(Bytes::from_static(b"{}"), 1),
+            Err(EventError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn batch_reports_the_failing_index() {
+        let ok = r#"{"specversion":"1.0","id":"1","source":"/s","type":"t"}"#;
+        let bad = r#"{"specversion":"1.0","id":"2","source":"/s"}"#;
+        let body = format!("[{ok},{bad}]");
+        let err = CloudEvent::parse_batch(body.as_bytes(), 1 << 20, 10).unwrap_err();
+        assert!(err.to_string().contains("#1"), "{err}");
+        let body = format!("[{ok},{ok}]");
+        assert_eq!(
+            CloudEvent::parse_batch(body.as_bytes(), 1 << 20, 10)
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(matches!(
+            CloudEvent::parse_batch(body.as_bytes(), 1 << 20, 1),
+            Err(EventError::BatchTooLarge { .. })
+        ));
+        assert!(matches!(
+            CloudEvent::parse_batch(b"[]", 1 << 20, 1),
+            Err(EventError::EmptyBatch)
+        ));
+    }
+}

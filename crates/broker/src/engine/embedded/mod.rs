@@ -1,0 +1,1443 @@
+//! The embedded engine: queues, topics and streams durable in one redb file.
+//!
+//! Storage layout and the writer live in [`store`]; this module holds what
+//! is in memory and why it is bounded:
+//!
+//! - per queue, a *cursor*: every stored message at or after it has never
+//!   been delivered, so the backlog is read from disk in order and never
+//!   indexed in memory;
+//! - per queue, the *in-flight* table of delivered, unacknowledged messages
+//!   (visibility deadline, receipt token, receive count) with a deadline
+//!   heap, capped by `max_in_flight` (SQS's in-flight limit); for FIFO
+//!   queues also the messages passed over because their group was busy,
+//!   under the same cap;
+//! - per stream partition, the next sequence number.
+//!
+//! Receipts are `<seq>-<token>`; the token changes on every delivery, so a
+//! receipt from an earlier delivery is stale. In-flight state is not
+//! persisted: after a restart, messages that were in flight are delivered
+//! again at once (receive counts of redelivered messages are persisted).
+
+mod store;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redb::{Database, ReadableDatabase};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+
+use store::{Append, Appended, MoveTo, MsgRecord, Op, QMSG, QRECV, SREC, StreamRecord};
+pub use store::{FaultInjection, StoreError};
+
+use super::{
+    Delivery, Engine, EngineError, Lease, OutgoingMessage, OutgoingRecord, PartitionStats,
+    PublishOutcome, QueueStats, ReadResult, Receipt, ReceiveRequest, Record, RecordPosition,
+    SendOutcome, StreamPosition, check_delay, check_visibility, now_ms, partition_for,
+};
+use crate::cloudevent::CloudEvent;
+use crate::config::{Durability, EmbeddedConfig, QueueConfig, StreamConfig, Target, Topology};
+use crate::filter::FilterPolicy;
+
+/// Operations queued for the writer. Each holds at most one request's data
+/// and the byte budget below caps their payloads, so this only bounds the
+/// number of waiting requests; beyond it senders wait (backpressure).
+const WRITER_QUEUE: usize = 1024;
+/// Payload bytes (in KiB permits) of appends waiting for the writer: 64 MiB.
+/// Publishers beyond it wait instead of growing memory.
+const PENDING_APPEND_KIB: usize = 64 * 1024;
+/// Housekeeping cadence: retention/dedup sweeps, dead-letter sweeps, metrics.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// How often non-durable commits (acks, moves) are made durable in
+/// `always` mode, which also lets redb reuse freed pages.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+pub(super) struct Shared {
+    pub queues: Vec<Arc<QueueRt>>,
+    pub queue_by_id: HashMap<u32, usize>,
+    pub streams: Vec<Arc<StreamRt>>,
+    /// A write failed; the writer refuses further work.
+    pub failed: AtomicBool,
+    /// Earliest due time of a delayed message (ms), `u64::MAX` if none.
+    pub next_due: AtomicU64,
+    /// Wakes the ticker when an earlier delayed message arrives.
+    pub scheduler: Notify,
+}
+
+pub(super) struct Counters {
+    pub msgs: AtomicU64,
+    pub delayed: AtomicU64,
+    pub dead_lettered: AtomicU64,
+}
+
+pub(super) struct QueueRt {
+    pub name: String,
+    pub id: u32,
+    pub config: QueueConfig,
+    pub dead_letter: Option<usize>,
+    pub state: Mutex<QueueState>,
+    /// Wakes long-polling receivers: new messages, released messages,
+    /// unblocked FIFO groups.
+    pub notify: Notify,
+    pub counters: Counters,
+}
+
+pub(super) struct InFlight {
+    visible_at: u64,
+    token: u64,
+    count: u32,
+    group: Arc<str>,
+    /// A receive-count row exists in the database.
+    recv_row: bool,
+}
+
+/// A recently appended message kept in memory so that consumers that keep
+/// up are served without reading the disk.
+pub(super) struct TailMsg {
+    pub seq: u64,
+    pub group: Arc<str>,
+    pub enqueued_ms: u64,
+    pub event: Bytes,
+}
+
+/// The in-memory tail per queue holds at most this many messages...
+const TAIL_MESSAGES: usize = 1024;
+/// ...and this many bytes; older fresh messages are read from disk.
+const TAIL_BYTES: usize = 1 << 20;
+
+pub(super) struct QueueState {
+    /// Highest seq known committed.
+    pub committed: u64,
+    /// Next seq never handed out.
+    cursor: u64,
+    inflight: HashMap<u64, InFlight>,
+    /// (visible at, seq, token); entries whose token no longer matches are
+    /// stale and skipped.
+    heap: BinaryHeap<Reverse<(u64, u64, u64)>>,
+    /// FIFO: messages behind the cursor not yet delivered because their
+    /// group had a message in flight.
+    skipped: BTreeMap<u64, Arc<str>>,
+    next_token: u64,
+    /// The newest appended messages, contiguous up to `committed` since
+    /// the engine opened (bounded by TAIL_MESSAGES and TAIL_BYTES).
+    tail: VecDeque<TailMsg>,
+    tail_bytes: usize,
+}
+
+impl QueueState {
+    pub(super) fn forget(&mut self, seq: u64) {
+        self.inflight.remove(&seq);
+        self.skipped.remove(&seq);
+        if let Ok(i) = self.tail.binary_search_by_key(&seq, |m| m.seq)
+            && let Some(m) = self.tail.remove(i)
+        {
+            self.tail_bytes -= m.event.len();
+        }
+    }
+
+    pub(super) fn extend_tail(&mut self, msgs: Vec<TailMsg>) {
+        for m in msgs {
+            self.tail_bytes += m.event.len();
+            self.tail.push_back(m);
+        }
+        self.trim_tail();
+    }
+
+    fn pop_tail(&mut self) -> Option<TailMsg> {
+        let m = self.tail.pop_front()?;
+        self.tail_bytes -= m.event.len();
+        Some(m)
+    }
+
+    /// Drops what was consumed (below the cursor) and what is over budget.
+    fn trim_tail(&mut self) {
+        while let Some(front) = self.tail.front() {
+            let over = self.tail.len() > TAIL_MESSAGES || self.tail_bytes > TAIL_BYTES;
+            if front.seq >= self.cursor && !over {
+                break;
+            }
+            self.pop_tail();
+        }
+    }
+
+    fn next_expiry(&mut self) -> Option<u64> {
+        while let Some(&Reverse((at, seq, token))) = self.heap.peek() {
+            match self.inflight.get(&seq) {
+                Some(f) if f.token == token && f.visible_at == at => return Some(at),
+                _ => {
+                    self.heap.pop();
+                }
+            }
+        }
+        None
+    }
+}
+
+pub(super) struct PartitionRt {
+    /// Sequence the next record gets; everything below is committed.
+    pub next: AtomicU64,
+    pub notify: Notify,
+}
+
+pub(super) struct StreamRt {
+    pub id: u32,
+    pub config: StreamConfig,
+    pub partitions: Vec<PartitionRt>,
+}
+
+enum RouteTo {
+    Queue(usize),
+    Stream(usize),
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    db: RwLock<Option<Arc<Database>>>,
+    tx: RwLock<Option<mpsc::Sender<Op>>>,
+    pending: Arc<Semaphore>,
+    durability: Durability,
+    queue_index: HashMap<String, usize>,
+    stream_index: HashMap<String, usize>,
+    topics: HashMap<String, Vec<(RouteTo, FilterPolicy)>>,
+    writer_done: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
+    ticker: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// The embedded engine. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedEngine {
+    inner: Arc<Inner>,
+}
+
+fn store_err(e: StoreError) -> EngineError {
+    if e.is_full() {
+        EngineError::StorageFull(std::io::Error::from(std::io::ErrorKind::StorageFull))
+    } else {
+        EngineError::Storage(e)
+    }
+}
+
+fn parse_receipt(r: &Receipt) -> Result<(u64, u64), EngineError> {
+    let bad = || EngineError::InvalidReceipt(r.0.clone());
+    let (seq, token) = r.0.split_once('-').ok_or_else(bad)?;
+    Ok((
+        seq.parse().map_err(|_| bad())?,
+        u64::from_str_radix(token, 16).map_err(|_| bad())?,
+    ))
+}
+
+fn receipt(seq: u64, token: u64) -> Receipt {
+    Receipt(format!("{seq}-{token:016x}"))
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+pub(crate) fn check_member_name(what: &'static str, s: &str) -> Result<(), EngineError> {
+    if s.is_empty() || s.len() > 128 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(EngineError::InvalidArgument {
+            what,
+            problem: "use 1-128 printable ASCII characters without spaces".into(),
+        });
+    }
+    Ok(())
+}
+
+impl EmbeddedEngine {
+    /// Opens (or creates) the engine's database in `config.dir` and starts
+    /// its writer thread and housekeeping task. Must run inside a tokio
+    /// runtime.
+    pub async fn open(topology: &Topology, config: &EmbeddedConfig) -> Result<Self, EngineError> {
+        let config = config.clone();
+        let topology = topology.clone();
+        let engine = tokio::task::spawn_blocking(move || Self::open_blocking(&topology, &config))
+            .await
+            .map_err(|_| EngineError::Closed)??;
+        let ticker = tokio::spawn(ticker(Arc::downgrade(&engine.inner)));
+        if let Ok(mut t) = engine.inner.ticker.lock() {
+            *t = Some(ticker);
+        }
+        Ok(engine)
+    }
+
+    fn open_blocking(topology: &Topology, config: &EmbeddedConfig) -> Result<Self, EngineError> {
+        let db = store::open_database(
+            &config.dir,
+            config.cache_bytes,
+            config.fault_injection.as_ref(),
+        )
+        .map_err(store_err)?;
+        let queue_names: Vec<String> = topology.queues.keys().cloned().collect();
+        let stream_defs: Vec<(String, u32)> = topology
+            .streams
+            .values()
+            .map(|s| (s.name.clone(), s.config.partitions))
+            .collect();
+        let (queue_ids, stream_ids, state) =
+            store::prepare(&db, &queue_names, &stream_defs).map_err(store_err)?;
+
+        let queue_index: HashMap<String, usize> = queue_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        let read = db.begin_read().map_err(|e| store_err(e.into()))?;
+        let qmsg = read.open_table(QMSG).map_err(|e| store_err(e.into()))?;
+        let mut queues = Vec::new();
+        let mut first_token: u64 = rand::random::<u32>().into();
+        for (i, name) in queue_names.iter().enumerate() {
+            let spec = &topology.queues[name];
+            let id = queue_ids[i];
+            let first = qmsg
+                .range((id, 0)..=(id, u64::MAX))
+                .map_err(|e| store_err(e.into()))?
+                .next()
+                .transpose()
+                .map_err(|e| store_err(e.into()))?
+                .map(|(k, _)| k.value().1);
+            let w = &state.queues[i];
+            first_token = first_token.wrapping_add(1 << 32);
+            queues.push(Arc::new(QueueRt {
+                name: name.clone(),
+                id,
+                config: spec.config.clone(),
+                dead_letter: spec
+                    .config
+                    .dead_letter
+                    .as_ref()
+                    .and_then(|d| queue_index.get(d).copied()),
+                state: Mutex::new(QueueState {
+                    committed: w.next_seq - 1,
+                    cursor: first.unwrap_or(w.next_seq),
+                    inflight: HashMap::new(),
+                    heap: BinaryHeap::new(),
+                    skipped: BTreeMap::new(),
+                    next_token: first_token,
+                    tail: VecDeque::new(),
+                    tail_bytes: 0,
+                }),
+                notify: Notify::new(),
+                counters: Counters {
+                    msgs: AtomicU64::new(w.msgs),
+                    delayed: AtomicU64::new(w.delayed),
+                    dead_lettered: AtomicU64::new(w.dead_lettered),
+                },
+            }));
+        }
+        drop(qmsg);
+        drop(read);
+        let streams: Vec<Arc<StreamRt>> = stream_defs
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| {
+                Arc::new(StreamRt {
+                    id: stream_ids[i],
+                    config: topology.streams[name].config.clone(),
+                    partitions: state.streams[i]
+                        .parts
+                        .iter()
+                        .map(|&(next, _)| PartitionRt {
+                            next: AtomicU64::new(next),
+                            notify: Notify::new(),
+                        })
+                        .collect(),
+                })
+            })
+            .collect();
+        let stream_index: HashMap<String, usize> = stream_defs
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| (n.clone(), i))
+            .collect();
+        let topics = topology
+            .topics
+            .iter()
+            .map(|(name, routes)| {
+                let resolved = routes
+                    .iter()
+                    .filter_map(|r| {
+                        let to = match &r.target {
+                            Target::Queue(q) => RouteTo::Queue(*queue_index.get(q)?),
+                            Target::Stream(s) => RouteTo::Stream(*stream_index.get(s)?),
+                        };
+                        Some((to, r.filter.clone()))
+                    })
+                    .collect();
+                (name.clone(), resolved)
+            })
+            .collect();
+        let delayed_any = state.queues.iter().any(|q| q.delayed > 0);
+        let shared = Arc::new(Shared {
+            queue_by_id: queues.iter().enumerate().map(|(i, q)| (q.id, i)).collect(),
+            queues,
+            streams,
+            failed: AtomicBool::new(false),
+            // Unknown until the first promotion scans the delayed table.
+            next_due: AtomicU64::new(if delayed_any { 0 } else { u64::MAX }),
+            scheduler: Notify::new(),
+        });
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let (done_tx, done_rx) = oneshot::channel();
+        store::spawn_writer(
+            db.clone(),
+            rx,
+            shared.clone(),
+            state,
+            config.durability == Durability::Always,
+            done_tx,
+        )
+        .map_err(|e| {
+            EngineError::Storage(StoreError::CreateDir {
+                path: config.dir.clone(),
+                source: Arc::new(e),
+            })
+        })?;
+        let inner = Arc::new(Inner {
+            shared,
+            db: RwLock::new(Some(db)),
+            tx: RwLock::new(Some(tx)),
+            pending: Arc::new(Semaphore::new(PENDING_APPEND_KIB)),
+            durability: config.durability,
+            queue_index,
+            stream_index,
+            topics,
+            writer_done: tokio::sync::Mutex::new(Some(done_rx)),
+            ticker: Mutex::new(None),
+        });
+        Ok(Self { inner })
+    }
+}
+
+impl Inner {
+    fn sender(&self) -> Result<mpsc::Sender<Op>, EngineError> {
+        self.tx
+            .read()
+            .ok()
+            .and_then(|t| t.clone())
+            .ok_or(EngineError::Closed)
+    }
+
+    fn db(&self) -> Result<Arc<Database>, EngineError> {
+        self.db
+            .read()
+            .ok()
+            .and_then(|d| d.clone())
+            .ok_or(EngineError::Closed)
+    }
+
+    fn queue(&self, name: &str) -> Result<&Arc<QueueRt>, EngineError> {
+        self.queue_index
+            .get(name)
+            .map(|&i| &self.shared.queues[i])
+            .ok_or_else(|| EngineError::UnknownQueue(name.to_owned()))
+    }
+
+    fn queue_idx(&self, name: &str) -> Result<usize, EngineError> {
+        self.queue_index
+            .get(name)
+            .copied()
+            .ok_or_else(|| EngineError::UnknownQueue(name.to_owned()))
+    }
+
+    fn stream_idx(&self, name: &str) -> Result<usize, EngineError> {
+        self.stream_index
+            .get(name)
+            .copied()
+            .ok_or_else(|| EngineError::UnknownStream(name.to_owned()))
+    }
+
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(make(reply))
+            .await
+            .map_err(|_| EngineError::Closed)?;
+        rx.await
+            .map_err(|_| store_err(StoreError::WriterGone))?
+            .map_err(store_err)
+    }
+
+    async fn append(&self, items: Vec<Append>, bytes: usize) -> Result<Vec<Appended>, EngineError> {
+        let kib = (bytes / 1024 + 1).min(PENDING_APPEND_KIB) as u32;
+        let _permit = self
+            .pending
+            .acquire_many(kib)
+            .await
+            .map_err(|_| EngineError::Closed)?;
+        let durable = true;
+        self.request(|reply| Op::Append {
+            items,
+            durable,
+            reply,
+        })
+        .await
+    }
+
+    fn queue_append(
+        &self,
+        q: usize,
+        event: &CloudEvent,
+        delay: Option<Duration>,
+        now: u64,
+    ) -> Append {
+        let cfg = &self.shared.queues[q].config;
+        let (group, dedup) = if cfg.fifo {
+            (
+                event.key(&cfg.group_attribute).unwrap_or_default(),
+                Some(event.dedup_key()),
+            )
+        } else {
+            (String::new(), None)
+        };
+        Append::Queue {
+            queue: q,
+            event: event.as_bytes().clone(),
+            group,
+            dedup,
+            delay_ms: ms(delay.unwrap_or(cfg.delay)),
+            now,
+        }
+    }
+
+    fn stream_append(&self, s: usize, event: &CloudEvent, key: Option<String>, now: u64) -> Append {
+        let rt = &self.shared.streams[s];
+        let key = key
+            .or_else(|| event.key(&rt.config.partition_key))
+            .unwrap_or_else(|| event.id().to_owned());
+        Append::Stream {
+            stream: s,
+            partition: partition_for(&key, rt.config.partitions),
+            key,
+            event: event.as_bytes().clone(),
+            now,
+        }
+    }
+
+    /// A receive served from memory: new messages from the tail, for a
+    /// standard queue with no delivery to repeat. `None`: the disk is needed.
+    fn try_receive_fast(
+        &self,
+        qi: usize,
+        max: usize,
+        visibility: u64,
+    ) -> Result<Option<Vec<Delivery>>, EngineError> {
+        let q = &self.shared.queues[qi];
+        if q.config.fifo {
+            return Ok(None);
+        }
+        let now = now_ms();
+        let mut st = q.state.lock().map_err(|_| EngineError::Closed)?;
+        let st = &mut *st;
+        if st.next_expiry().is_some_and(|at| at <= now) {
+            return Ok(None);
+        }
+        st.trim_tail();
+        if st.cursor <= st.committed && st.tail.front().is_none_or(|m| m.seq > st.cursor) {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        while out.len() < max
+            && st.inflight.len() < q.config.max_in_flight
+            && st.cursor <= st.committed
+        {
+            let Some(m) = st.pop_tail() else { break };
+            st.cursor = m.seq + 1;
+            let token = st.next_token;
+            st.next_token = st.next_token.wrapping_add(1);
+            let visible_at = now + visibility;
+            st.inflight.insert(
+                m.seq,
+                InFlight {
+                    visible_at,
+                    token,
+                    count: 1,
+                    group: m.group,
+                    recv_row: false,
+                },
+            );
+            st.heap.push(Reverse((visible_at, m.seq, token)));
+            out.push(Delivery {
+                receipt: receipt(m.seq, token),
+                message_id: m.seq.to_string(),
+                receive_count: 1,
+                sent_at_ms: m.enqueued_ms,
+                event: m.event,
+            });
+        }
+        Ok(Some(out))
+    }
+
+    /// The blocking half of a receive: picks messages under the queue lock,
+    /// reading new ones from disk at the cursor.
+    fn try_receive(
+        &self,
+        qi: usize,
+        max: usize,
+        visibility: u64,
+    ) -> Result<Vec<Delivery>, EngineError> {
+        let q = &self.shared.queues[qi];
+        let db = self.db()?;
+        let max_receives = q.config.max_receives;
+        let now = now_ms();
+
+        // (seq, previous count, group, had recv row, (event, enqueued) if read)
+        #[allow(clippy::type_complexity)]
+        let mut picks: Vec<(u64, u32, Arc<str>, bool, Option<(Bytes, u64)>)> = Vec::new();
+        let mut dead = Vec::new();
+        let mut counts = Vec::new();
+        let mut out = Vec::new();
+        {
+            let mut st = q.state.lock().map_err(|_| EngineError::Closed)?;
+            let st = &mut *st;
+            // The snapshot must start after `committed` was read (under the
+            // lock the writer takes to raise it), or it could miss messages
+            // the cursor then skips.
+            let read = db.begin_read().map_err(|e| store_err(e.into()))?;
+            let qmsg = read.open_table(QMSG).map_err(|e| store_err(e.into()))?;
+            let qrecv = read.open_table(QRECV).map_err(|e| store_err(e.into()))?;
+            let mut blocked: HashSet<Arc<str>> = HashSet::new();
+            if q.config.fifo {
+                for f in st.inflight.values() {
+                    if f.visible_at > now {
+                        blocked.insert(f.group.clone());
+                    }
+                }
+                let mut cands: Vec<(u64, Arc<str>, bool)> = st
+                    .inflight
+                    .iter()
+                    .filter(|(_, f)| f.visible_at <= now)
+                    .map(|(&s, f)| (s, f.group.clone(), true))
+                    .chain(st.skipped.iter().map(|(&s, g)| (s, g.clone(), false)))
+                    .collect();
+                cands.sort_unstable_by_key(|c| c.0);
+                for (seq, group, in_flight) in cands {
+                    if picks.len() >= max {
+                        break;
+                    }
+                    if blocked.contains(&group) {
+                        continue;
+                    }
+                    if in_flight {
+                        let Some(f) = st.inflight.get(&seq) else {
+                            continue;
+                        };
+                        if max_receives.is_some_and(|m| f.count >= m) {
+                            st.inflight.remove(&seq);
+                            dead.push(seq);
+                            continue;
+                        }
+                        picks.push((seq, f.count, group, f.recv_row, None));
+                    } else {
+                        st.skipped.remove(&seq);
+                        picks.push((seq, 0, group, false, None));
+                    }
+                }
+            } else {
+                while picks.len() < max {
+                    let Some(&Reverse((at, seq, token))) = st.heap.peek() else {
+                        break;
+                    };
+                    if at > now {
+                        break;
+                    }
+                    st.heap.pop();
+                    let Some(f) = st.inflight.get(&seq) else {
+                        continue;
+                    };
+                    if f.token != token || f.visible_at != at {
+                        continue;
+                    }
+                    if max_receives.is_some_and(|m| f.count >= m) {
+                        st.inflight.remove(&seq);
+                        dead.push(seq);
+                        continue;
+                    }
+                    picks.push((seq, f.count, f.group.clone(), f.recv_row, None));
+                }
+            }
+            // New messages from disk, while under the in-flight cap.
+            let cap = q.config.max_in_flight;
+            if picks.len() < max
+                && st.cursor <= st.committed
+                && st.inflight.len() + st.skipped.len() < cap
+            {
+                let range = qmsg
+                    .range((q.id, st.cursor)..=(q.id, st.committed))
+                    .map_err(|e| store_err(e.into()))?;
+                let mut exhausted = true;
+                for row in range {
+                    let (k, v) = row.map_err(|e| store_err(e.into()))?;
+                    let seq = k.value().1;
+                    let rec = MsgRecord::decode(v.value()).map_err(store_err)?;
+                    let prior = qrecv
+                        .get((q.id, seq))
+                        .map_err(|e| store_err(e.into()))?
+                        .map(|c| c.value());
+                    st.cursor = seq + 1;
+                    if max_receives.is_some_and(|m| prior.unwrap_or(0) >= m) {
+                        dead.push(seq);
+                        continue;
+                    }
+                    let group: Arc<str> = Arc::from(rec.group);
+                    if q.config.fifo && blocked.contains(&group) {
+                        st.skipped.insert(seq, group);
+                    } else {
+                        picks.push((
+                            seq,
+                            prior.unwrap_or(0),
+                            group,
+                            prior.is_some(),
+                            Some((Bytes::copy_from_slice(rec.event), rec.enqueued_ms)),
+                        ));
+                    }
+                    if picks.len() >= max
+                        || st.inflight.len() + st.skipped.len() + picks.len() >= cap
+                    {
+                        exhausted = false;
+                        break;
+                    }
+                }
+                if exhausted {
+                    st.cursor = st.committed + 1;
+                }
+            }
+            for (seq, prior, group, recv_row, bytes) in picks {
+                let (event, sent_at_ms) = match bytes {
+                    Some(b) => b,
+                    None => {
+                        // A redelivery: read it again (it may have expired).
+                        let Some(v) = qmsg.get((q.id, seq)).map_err(|e| store_err(e.into()))?
+                        else {
+                            st.inflight.remove(&seq);
+                            continue;
+                        };
+                        let rec = MsgRecord::decode(v.value()).map_err(store_err)?;
+                        (Bytes::copy_from_slice(rec.event), rec.enqueued_ms)
+                    }
+                };
+                let token = st.next_token;
+                st.next_token = st.next_token.wrapping_add(1);
+                let count = prior + 1;
+                let visible_at = now + visibility;
+                if count >= 2 {
+                    counts.push((seq, count));
+                }
+                st.inflight.insert(
+                    seq,
+                    InFlight {
+                        visible_at,
+                        token,
+                        count,
+                        group,
+                        recv_row: recv_row || count >= 2,
+                    },
+                );
+                st.heap.push(Reverse((visible_at, seq, token)));
+                out.push(Delivery {
+                    receipt: receipt(seq, token),
+                    message_id: seq.to_string(),
+                    receive_count: count,
+                    sent_at_ms,
+                    event,
+                });
+            }
+        }
+        let tx = self.sender()?;
+        if !counts.is_empty() {
+            tx.blocking_send(Op::RecordReceives { queue: qi, counts })
+                .map_err(|_| EngineError::Closed)?;
+        }
+        if !dead.is_empty() {
+            let to = q.dead_letter.map_or(MoveTo::Drop, MoveTo::Queue);
+            tracing::info!(queue = %q.name, count = dead.len(), "max_receives reached; dead-lettering");
+            tx.blocking_send(Op::Move {
+                queue: qi,
+                seqs: dead,
+                to,
+                reply: None,
+            })
+            .map_err(|_| EngineError::Closed)?;
+        }
+        Ok(out)
+    }
+
+    /// Dead-letters expired deliveries that used up `max_receives`, without
+    /// waiting for a receive to find them.
+    fn sweep_dead_letters(&self, qi: usize) -> Option<Op> {
+        let q = &self.shared.queues[qi];
+        let max = q.config.max_receives?;
+        let now = now_ms();
+        let mut st = q.state.lock().ok()?;
+        let mut dead = Vec::new();
+        let mut keep = Vec::new();
+        while let Some(&Reverse((at, seq, token))) = st.heap.peek() {
+            if at > now {
+                break;
+            }
+            st.heap.pop();
+            match st.inflight.get(&seq) {
+                Some(f) if f.token == token && f.visible_at == at => {
+                    if f.count >= max {
+                        st.inflight.remove(&seq);
+                        dead.push(seq);
+                    } else {
+                        keep.push(Reverse((at, seq, token)));
+                    }
+                }
+                _ => {}
+            }
+        }
+        st.heap.extend(keep);
+        drop(st);
+        (!dead.is_empty()).then(|| Op::Move {
+            queue: qi,
+            seqs: dead,
+            to: q.dead_letter.map_or(MoveTo::Drop, MoveTo::Queue),
+            reply: None,
+        })
+    }
+
+    fn read_blocking(
+        &self,
+        si: usize,
+        partition: u32,
+        from: StreamPosition,
+        limit: usize,
+    ) -> Result<ReadResult, EngineError> {
+        let s = &self.shared.streams[si];
+        let part = &s.partitions[partition as usize];
+        let next = part.next.load(Ordering::SeqCst);
+        let db = self.db()?;
+        let read = db.begin_read().map_err(|e| store_err(e.into()))?;
+        let srec = read.open_table(SREC).map_err(|e| store_err(e.into()))?;
+        let err = |e: redb::StorageError| store_err(e.into());
+        let first = srec
+            .range((s.id, partition, 0)..(s.id, partition, next))
+            .map_err(err)?
+            .next()
+            .transpose()
+            .map_err(err)?
+            .map_or(next, |(k, _)| k.value().2);
+        let start = match from {
+            StreamPosition::TrimHorizon => first,
+            StreamPosition::Latest => next,
+            StreamPosition::AtSequence(n) => n.max(first),
+            StreamPosition::AfterSequence(n) => n.saturating_add(1).max(first),
+            StreamPosition::AtTimestamp(t) => {
+                let (mut lo, mut hi) = (first, next);
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2;
+                    let ts = match srec.get((s.id, partition, mid)).map_err(err)? {
+                        Some(v) => StreamRecord::decode(v.value()).map_err(store_err)?.ts_ms,
+                        None => 0,
+                    };
+                    if ts < t {
+                        lo = mid + 1;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                lo
+            }
+        };
+        let mut records = Vec::new();
+        let mut resume = start.min(next);
+        if start < next {
+            for row in srec
+                .range((s.id, partition, start)..(s.id, partition, next))
+                .map_err(err)?
+                .take(limit)
+            {
+                let (k, v) = row.map_err(err)?;
+                let sequence = k.value().2;
+                let rec = StreamRecord::decode(v.value()).map_err(store_err)?;
+                records.push(Record {
+                    partition,
+                    sequence,
+                    timestamp_ms: rec.ts_ms,
+                    partition_key: rec.key.to_owned(),
+                    event: Bytes::copy_from_slice(rec.event),
+                });
+                resume = sequence + 1;
+            }
+        }
+        Ok(ReadResult {
+            records,
+            next: StreamPosition::AtSequence(resume.max(start.min(next))),
+        })
+    }
+}
+
+/// Housekeeping: promotes due delayed messages, sweeps dead letters,
+/// retention and dedup entries, and flushes non-durable commits.
+async fn ticker(weak: Weak<Inner>) {
+    let mut last_sweep = tokio::time::Instant::now();
+    let mut last_flush = tokio::time::Instant::now();
+    loop {
+        let (wait, flush_every) = {
+            let Some(inner) = weak.upgrade() else { return };
+            let due = inner.shared.next_due.load(Ordering::SeqCst);
+            let now = now_ms();
+            let until_due = Duration::from_millis(due.saturating_sub(now));
+            let flush_every = match inner.durability {
+                Durability::Always => FLUSH_EVERY,
+                Durability::Interval(d) => d,
+            };
+            (until_due.min(flush_every).min(SWEEP_EVERY), flush_every)
+        };
+        if !wait.is_zero() {
+            // Hold only the shared state while waiting, not the engine.
+            let Some(shared) = weak.upgrade().map(|i| i.shared.clone()) else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shared.scheduler.notified() => {}
+            }
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.shared.failed.load(Ordering::SeqCst) {
+            tokio::time::sleep(SWEEP_EVERY).await;
+            continue;
+        }
+        let now = now_ms();
+        if inner.shared.next_due.load(Ordering::SeqCst) <= now {
+            loop {
+                match inner.request(|reply| Op::Promote { now, reply }).await {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(_) => break,
+                }
+            }
+        }
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            last_sweep = tokio::time::Instant::now();
+            for qi in 0..inner.shared.queues.len() {
+                if let Some(op) = inner.sweep_dead_letters(qi)
+                    && let Ok(tx) = inner.sender()
+                {
+                    let _ = tx.send(op).await;
+                }
+            }
+            while let Ok(true) = inner.request(|reply| Op::Sweep { now, reply }).await {}
+        }
+        if last_flush.elapsed() >= flush_every {
+            last_flush = tokio::time::Instant::now();
+            let _ = inner.request(|reply| Op::Flush { reply }).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Engine for EmbeddedEngine {
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn publish(
+        &self,
+        topic: &str,
+        events: Vec<CloudEvent>,
+    ) -> Result<Vec<PublishOutcome>, EngineError> {
+        let inner = &self.inner;
+        let routes = inner
+            .topics
+            .get(topic)
+            .ok_or_else(|| EngineError::UnknownTopic(topic.to_owned()))?;
+        let now = now_ms();
+        let mut items = Vec::new();
+        let mut bytes = 0;
+        let mut outcomes = Vec::with_capacity(events.len());
+        for event in &events {
+            let mut routed = 0;
+            for (to, filter) in routes {
+                if !filter.matches(event) {
+                    continue;
+                }
+                routed += 1;
+                bytes += event.as_bytes().len();
+                items.push(match to {
+                    RouteTo::Queue(q) => inner.queue_append(*q, event, None, now),
+                    RouteTo::Stream(s) => inner.stream_append(*s, event, None, now),
+                });
+            }
+            outcomes.push(PublishOutcome { routed });
+        }
+        if !items.is_empty() {
+            inner.append(items, bytes).await?;
+        }
+        Ok(outcomes)
+    }
+
+    async fn send(
+        &self,
+        queue: &str,
+        messages: Vec<OutgoingMessage>,
+    ) -> Result<Vec<SendOutcome>, EngineError> {
+        let inner = &self.inner;
+        let qi = inner.queue_idx(queue)?;
+        let now = now_ms();
+        let mut bytes = 0;
+        let mut items = Vec::with_capacity(messages.len());
+        for m in &messages {
+            check_delay(m.delay)?;
+            bytes += m.event.as_bytes().len();
+            items.push(inner.queue_append(qi, &m.event, m.delay, now));
+        }
+        let out = inner.append(items, bytes).await?;
+        Ok(out
+            .into_iter()
+            .filter_map(|a| match a {
+                Appended::Queue { id, duplicate } => Some(SendOutcome {
+                    message_id: id,
+                    duplicate,
+                }),
+                Appended::Stream { .. } => None,
+            })
+            .collect())
+    }
+
+    async fn receive(
+        &self,
+        queue: &str,
+        request: ReceiveRequest,
+    ) -> Result<Vec<Delivery>, EngineError> {
+        request.check()?;
+        let qi = self.inner.queue_idx(queue)?;
+        let q = self.inner.shared.queues[qi].clone();
+        let visibility = ms(request
+            .visibility_timeout
+            .unwrap_or(q.config.visibility_timeout));
+        let deadline = tokio::time::Instant::now() + request.wait;
+        loop {
+            let notified = q.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let max = request.max_messages;
+            let got = match self.inner.try_receive_fast(qi, max, visibility)? {
+                Some(got) => got,
+                None => {
+                    let inner = self.inner.clone();
+                    tokio::task::spawn_blocking(move || inner.try_receive(qi, max, visibility))
+                        .await
+                        .map_err(|_| EngineError::Closed)??
+                }
+            };
+            let now = tokio::time::Instant::now();
+            if !got.is_empty() || now >= deadline {
+                return Ok(got);
+            }
+            // Sleep until something is published, released or acked (FIFO),
+            // or an in-flight message becomes visible again.
+            let expiry = q
+                .state
+                .lock()
+                .map_err(|_| EngineError::Closed)?
+                .next_expiry();
+            let mut wake = deadline;
+            if let Some(at) = expiry {
+                let until = Duration::from_millis(at.saturating_sub(now_ms()));
+                wake = wake.min(now + until);
+            }
+            let _ = tokio::time::timeout_at(wake, notified).await;
+        }
+    }
+
+    async fn ack(
+        &self,
+        queue: &str,
+        receipts: &[Receipt],
+    ) -> Result<Vec<Result<(), EngineError>>, EngineError> {
+        let inner = &self.inner;
+        let qi = inner.queue_idx(queue)?;
+        let q = &inner.shared.queues[qi];
+        let mut results = Vec::with_capacity(receipts.len());
+        let mut seqs = Vec::new();
+        {
+            let mut st = q.state.lock().map_err(|_| EngineError::Closed)?;
+            for r in receipts {
+                let res = parse_receipt(r).and_then(|(seq, token)| match st.inflight.get(&seq) {
+                    Some(f) if f.token == token => {
+                        seqs.push((seq, f.recv_row));
+                        st.inflight.remove(&seq);
+                        Ok(())
+                    }
+                    _ => Err(EngineError::StaleReceipt),
+                });
+                results.push(res);
+            }
+        }
+        if q.config.fifo && !seqs.is_empty() {
+            // A group may be free now.
+            q.notify.notify_waiters();
+        }
+        if !seqs.is_empty() {
+            inner
+                .request(|reply| Op::Delete {
+                    queue: qi,
+                    seqs,
+                    reply,
+                })
+                .await?;
+        }
+        Ok(results)
+    }
+
+    async fn change_visibility(
+        &self,
+        queue: &str,
+        receipt: &Receipt,
+        timeout: Duration,
+    ) -> Result<Receipt, EngineError> {
+        check_visibility(timeout)?;
+        let q = self.inner.queue(queue)?;
+        let (seq, token) = parse_receipt(receipt)?;
+        let mut st = q.state.lock().map_err(|_| EngineError::Closed)?;
+        let visible_at = now_ms() + ms(timeout);
+        match st.inflight.get_mut(&seq) {
+            Some(f) if f.token == token => f.visible_at = visible_at,
+            _ => return Err(EngineError::StaleReceipt),
+        }
+        st.heap.push(Reverse((visible_at, seq, token)));
+        drop(st);
+        q.notify.notify_waiters();
+        Ok(receipt.clone())
+    }
+
+    async fn dead_letter(&self, queue: &str, receipt: &Receipt) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        let qi = inner.queue_idx(queue)?;
+        let q = &inner.shared.queues[qi];
+        let (seq, token) = parse_receipt(receipt)?;
+        {
+            let mut st = q.state.lock().map_err(|_| EngineError::Closed)?;
+            match st.inflight.get(&seq) {
+                Some(f) if f.token == token => {
+                    st.inflight.remove(&seq);
+                }
+                _ => return Err(EngineError::StaleReceipt),
+            }
+        }
+        if q.config.fifo {
+            q.notify.notify_waiters();
+        }
+        let to = q.dead_letter.map_or(MoveTo::Drop, MoveTo::Queue);
+        inner
+            .request(|reply| Op::Move {
+                queue: qi,
+                seqs: vec![seq],
+                to,
+                reply: Some(reply),
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn redrive(&self, dead_letter_queue: &str, max: usize) -> Result<u64, EngineError> {
+        let inner = self.inner.clone();
+        let qi = inner.queue_idx(dead_letter_queue)?;
+        let seqs = tokio::task::spawn_blocking(move || -> Result<Vec<u64>, EngineError> {
+            let q = &inner.shared.queues[qi];
+            let db = inner.db()?;
+            let now = now_ms();
+            let mut st = q.state.lock().map_err(|_| EngineError::Closed)?;
+            // After the lock: see the comment in `try_receive`.
+            let read = db.begin_read().map_err(|e| store_err(e.into()))?;
+            let qmsg = read.open_table(QMSG).map_err(|e| store_err(e.into()))?;
+            let mut seqs: Vec<u64> = st
+                .inflight
+                .iter()
+                .filter(|(_, f)| f.visible_at <= now)
+                .map(|(&s, _)| s)
+                .take(max)
+                .collect();
+            for s in &seqs {
+                st.inflight.remove(s);
+            }
+            let skipped: Vec<u64> = st.skipped.keys().copied().take(max - seqs.len()).collect();
+            for s in skipped {
+                st.skipped.remove(&s);
+                seqs.push(s);
+            }
+            if seqs.len() < max && st.cursor <= st.committed {
+                let mut exhausted = true;
+                for row in qmsg
+                    .range((q.id, st.cursor)..=(q.id, st.committed))
+                    .map_err(|e| store_err(e.into()))?
+                {
+                    let (k, _) = row.map_err(|e| store_err(e.into()))?;
+                    let seq = k.value().1;
+                    seqs.push(seq);
+                    st.cursor = seq + 1;
+                    if seqs.len() >= max {
+                        exhausted = false;
+                        break;
+                    }
+                }
+                if exhausted {
+                    st.cursor = st.committed + 1;
+                }
+            }
+            Ok(seqs)
+        })
+        .await
+        .map_err(|_| EngineError::Closed)??;
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        self.inner
+            .request(|reply| Op::Move {
+                queue: qi,
+                seqs,
+                to: MoveTo::Redrive,
+                reply: Some(reply),
+            })
+            .await
+    }
+
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats, EngineError> {
+        let q = self.inner.queue(queue)?;
+        let now = now_ms();
+        let in_flight = q
+            .state
+            .lock()
+            .map_err(|_| EngineError::Closed)?
+            .inflight
+            .values()
+            .filter(|f| f.visible_at > now)
+            .count() as u64;
+        let msgs = q.counters.msgs.load(Ordering::Relaxed);
+        Ok(QueueStats {
+            ready: msgs.saturating_sub(in_flight),
+            in_flight,
+            delayed: q.counters.delayed.load(Ordering::Relaxed),
+            dead_lettered: q.counters.dead_lettered.load(Ordering::Relaxed),
+        })
+    }
+
+    async fn put_records(
+        &self,
+        stream: &str,
+        records: Vec<OutgoingRecord>,
+    ) -> Result<Vec<RecordPosition>, EngineError> {
+        let inner = &self.inner;
+        let si = inner.stream_idx(stream)?;
+        let now = now_ms();
+        let mut bytes = 0;
+        let items: Vec<Append> = records
+            .into_iter()
+            .map(|r| {
+                bytes += r.event.as_bytes().len();
+                inner.stream_append(si, &r.event, r.partition_key, now)
+            })
+            .collect();
+        let out = inner.append(items, bytes).await?;
+        Ok(out
+            .into_iter()
+            .filter_map(|a| match a {
+                Appended::Stream {
+                    partition,
+                    sequence,
+                } => Some(RecordPosition {
+                    partition,
+                    sequence,
+                }),
+                Appended::Queue { .. } => None,
+            })
+            .collect())
+    }
+
+    async fn read(
+        &self,
+        stream: &str,
+        partition: u32,
+        from: StreamPosition,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<ReadResult, EngineError> {
+        let si = self.inner.stream_idx(stream)?;
+        let s = self.inner.shared.streams[si].clone();
+        let Some(part) = s.partitions.get(partition as usize) else {
+            return Err(EngineError::UnknownPartition {
+                stream: stream.to_owned(),
+                partition,
+            });
+        };
+        if limit == 0 || limit > 10_000 {
+            return Err(EngineError::InvalidArgument {
+                what: "limit",
+                problem: format!("{limit} is out of range; use 1 to 10000"),
+            });
+        }
+        let deadline = tokio::time::Instant::now() + wait.min(crate::config::MAX_WAIT);
+        let mut from = from;
+        loop {
+            let notified = part.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let inner = self.inner.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                inner.read_blocking(si, partition, from, limit)
+            })
+            .await
+            .map_err(|_| EngineError::Closed)??;
+            if !result.records.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(result);
+            }
+            // `latest` means "after what exists now", not "after whatever
+            // exists when the wait ends".
+            from = result.next;
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+    }
+
+    async fn acquire_leases(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        ttl: Duration,
+    ) -> Result<Vec<Lease>, EngineError> {
+        check_member_name("group", group)?;
+        check_member_name("consumer", consumer)?;
+        let si = self.inner.stream_idx(stream)?;
+        let (group, consumer) = (group.to_owned(), consumer.to_owned());
+        self.inner
+            .request(|reply| Op::Acquire {
+                stream: si,
+                group,
+                consumer,
+                ttl_ms: ms(ttl).max(1),
+                now: now_ms(),
+                reply,
+            })
+            .await
+    }
+
+    async fn checkpoint(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        lease: &Lease,
+        sequence: u64,
+    ) -> Result<(), EngineError> {
+        let si = self.inner.stream_idx(stream)?;
+        if lease.partition >= self.inner.shared.streams[si].config.partitions {
+            return Err(EngineError::UnknownPartition {
+                stream: stream.to_owned(),
+                partition: lease.partition,
+            });
+        }
+        let ok = self
+            .inner
+            .request(|reply| Op::Checkpoint {
+                stream: si,
+                group: group.to_owned(),
+                consumer: consumer.to_owned(),
+                partition: lease.partition,
+                token: lease.token,
+                sequence,
+                now: now_ms(),
+                reply,
+            })
+            .await?;
+        if ok {
+            Ok(())
+        } else {
+            Err(EngineError::LeaseLost {
+                stream: stream.to_owned(),
+                group: group.to_owned(),
+                partition: lease.partition,
+            })
+        }
+    }
+
+    async fn leave_group(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+    ) -> Result<(), EngineError> {
+        let si = self.inner.stream_idx(stream)?;
+        let (group, consumer) = (group.to_owned(), consumer.to_owned());
+        self.inner
+            .request(|reply| Op::Leave {
+                stream: si,
+                group,
+                consumer,
+                reply,
+            })
+            .await
+    }
+
+    async fn stream_stats(&self, stream: &str) -> Result<Vec<PartitionStats>, EngineError> {
+        let si = self.inner.stream_idx(stream)?;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || -> Result<Vec<PartitionStats>, EngineError> {
+            let s = &inner.shared.streams[si];
+            // Read the committed marks before the snapshot, so it has them.
+            let nexts: Vec<u64> = s
+                .partitions
+                .iter()
+                .map(|p| p.next.load(Ordering::SeqCst))
+                .collect();
+            let db = inner.db()?;
+            let read = db.begin_read().map_err(|e| store_err(e.into()))?;
+            let srec = read.open_table(SREC).map_err(|e| store_err(e.into()))?;
+            let mut out = Vec::new();
+            for (p, &next) in nexts.iter().enumerate() {
+                let p = p as u32;
+                let first = srec
+                    .range((s.id, p, 0)..(s.id, p, next))
+                    .map_err(|e| store_err(e.into()))?
+                    .next()
+                    .transpose()
+                    .map_err(|e| store_err(e.into()))?
+                    .map_or(next, |(k, _)| k.value().2);
+                out.push(PartitionStats {
+                    partition: p,
+                    records: next - first,
+                    next_sequence: next,
+                });
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|_| EngineError::Closed)?
+    }
+
+    async fn ready(&self) -> Result<(), EngineError> {
+        self.inner.sender()?;
+        if self.inner.shared.failed.load(Ordering::SeqCst) {
+            return Err(EngineError::Storage(StoreError::Failed));
+        }
+        Ok(())
+    }
+
+    async fn close(&self) {
+        if let Ok(mut t) = self.inner.ticker.lock()
+            && let Some(t) = t.take()
+        {
+            t.abort();
+        }
+        if let Ok(mut tx) = self.inner.tx.write() {
+            tx.take();
+        }
+        if let Ok(mut db) = self.inner.db.write() {
+            db.take();
+        }
+        if let Some(done) = self.inner.writer_done.lock().await.take() {
+            let _ = done.await;
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! Queue semantics (SQS): receive/ack, visibility, stale receipts, dead
+//! letters and redrive, long polling, delays, FIFO groups and dedup.
+
+use std::time::{Duration, Instant};
+
+use flotilla_broker::QueueConfig;
+use flotilla_broker::engine::{EngineError, OutgoingMessage, ReceiveRequest};
+
+use crate::conformance;
+use crate::support::{Env, Kind, event, event_id, eventually, receive_n, receive_window};
+
+conformance!(
+    send_receive_ack,
+    visibility_redelivery_and_stale_receipts,
+    extend_and_release,
+    never_acked_goes_to_dead_letter_then_redrive,
+    poison_message_does_not_block_others,
+    long_poll_wakes_on_send,
+    delivery_delay,
+    fifo_groups_and_dedup,
+    retention_expires_messages,
+    concurrent_publish_and_consume_loses_nothing,
+    bad_arguments,
+);
+
+async fn send_receive_ack(kind: Kind) {
+    let env = Env::start(&kind, |c| {
+        c.queues.insert("work".into(), QueueConfig::default());
+    })
+    .await;
+    let e = &*env.engine;
+    let sent = e
+        .send(
+            "work",
+            (0..3)
+                .map(|i| event(&format!("m{i}"), "t", &[]).into())
+                .collect(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(sent.len(), 3);
+    let got = receive_n(e, "work", 3, Duration::from_secs(30)).await;
+    let mut ids: Vec<String> = got.iter().map(|d| event_id(&d.event)).collect();
+    ids.sort();
+    assert_eq!(ids, ["m0", "m1", "m2"]);
+    assert!(got.iter().all(|d| d.receive_count == 1));
+    let receipts: Vec<_> = got.iter().map(|d| d.receipt.clone()).collect();
+    let acked = e.ack("work", &receipts).await.unwrap();
+    assert!(acked.iter().all(|r| r.is_ok()), "{acked:?}");
+    assert!(
+        receive_window(e, "work", Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+    let stats = eventually("stats to settle", Duration::from_secs(10), || async {
+        let s = e.queue_stats("work").await.unwrap();
+        (s.ready == 0 && s.in_flight == 0).then_some(s)
+    })
+    .await;
+    assert_eq!(stats.dead_lettered, 0);
+    env.close().await;
+}
+
+async fn visibility_redelivery_and_stale_receipts(kind: Kind) {
+    // NATS's visibility is the consumer's AckWait, so set it on the queue.
+    let env = Env::start(&kind, |c| {
+        c.queues.insert(
+            "vis".into(),
+            QueueConfig {
+                visibility_timeout: Duration::from_millis(500),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let e = &*env.engine;
+    e.send("vis", vec![event("only", "t", &[]).into()])
+        .await
+        .unwrap();
+    let first = receive_n(e, "vis", 1, Duration::from_millis(500)).await;
+    assert_eq!(first[0].receive_count, 1);
+    // Invisible for now...
+    assert!(
+        receive_window(e, "vis", Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    // ...then delivered again, to "someone else".
+    let second = receive_n(e, "vis", 1, Duration::from_secs(30)).await;
+    assert_eq!(event_id(&second[0].event), "only");
+    assert_eq!(second[0].receive_count, 2);
+    assert_ne!(first[0].receipt, second[0].receipt);
+
+    // The first consumer's late ack must not delete the redelivered message.
+    let stale = e.ack("vis", &[first[0].receipt.clone()]).await.unwrap();
+    assert!(
+        matches!(stale[0], Err(EngineError::StaleReceipt)),
+        "{stale:?}"
+    );
+    let r = e
+        .change_visibility("vis", &first[0].receipt, Duration::ZERO)
+        .await;
+    assert!(matches!(r, Err(EngineError::StaleReceipt)), "{r:?}");
+    // The current holder still owns it and can ack it.
+    let ok = e.ack("vis", &[second[0].receipt.clone()]).await.unwrap();
+    assert!(ok[0].is_ok(), "{ok:?}");
+    assert!(
+        receive_window(e, "vis", Duration::from_millis(800))
+            .await
+            .is_empty()
+    );
+    env.close().await;
+}
+
+async fn extend_and_release(kind: Kind) {
+    let env = Env::start(&kind, |c| {
+        c.queues.insert(
+            "ext".into(),
+            QueueConfig {
+                visibility_timeout: Duration::from_millis(400),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let e = &*env.engine;
+    e.send("ext", vec![event("x", "t", &[]).into()])
+        .await
+        .unwrap();
+    let d = receive_n(e, "ext", 1, Duration::from_millis(400)).await;
+    let receipt = e
+        .change_visibility("ext", &d[0].receipt, Duration::from_secs(10))
+        .await
+        .unwrap();
+    // Past the original 400 ms, still invisible.
+    assert!(
+        receive_window(e, "ext", Duration::from_millis(900))
+            .await
+            .is_empty()
+    );
+    e.change_visibility("ext", &receipt, Duration::ZERO)
+        .await
+        .unwrap();
+    let again = receive_n(e, "ext", 1, Duration::from_secs(30)).await;
+    assert_eq!(again[0].receive_count, 2);
+    env.close().await;
+}
+
+async fn never_acked_goes_to_dead_letter_then_redrive(kind: Kind) {
+    let env = Env::start(&kind, |c| {
+        c.queues.insert(
+            "jobs".into(),
+            QueueConfig {
+                visibility_timeout: Duration::from_millis(300),
+                max_receives: Some(2),
+                dead_letter: Some("jobs-dlq".into()),
+                ..Default::default()
+            },
+        );
+        c.queues.insert("jobs-dlq".into(), QueueConfig::default());
+    })
+    .await;
+    let e = &*env.engine;
+    e.send("jobs", vec![event("poison", "t", &[]).into()])
+        .await
+        .unwrap();
+    // A consumer that never acks: delivered max_receives times.
+    for n in 1..=2 {
+        let d = receive_n(e, "jobs", 1, Duration::from_millis(300)).await;
+        assert_eq!(d[0].receive_count, n);
+    }
+    // The consumer keeps polling (and never acks); on its next poll the
+    // message has used up its receives and moves to the dead-letter queue.
+    let end = Instant::now() + Duration::from_secs(30);
+    let dead = loop {
+        assert!(
+            Instant::now() < end,
+            "message never reached the dead-letter queue"
+        );
+        let again = receive_window(e, "jobs", Duration::from_millis(300)).await;
+        assert!(again.is_empty(), "delivered beyond max_receives: {again:?}");
+        let d = e
+            .receive("jobs-dlq", ReceiveRequest::default())
+            .await
+            .unwrap();
+        if !d.is_empty() {
+            break d;
+        }
+    };
+    assert_eq!(event_id(&dead[0].event), "poison");
+    e.change_visibility("jobs-dlq", &dead[0].receipt, Duration::ZERO)
+        .await
+        .unwrap();
+    eventually("dead-letter count", Duration::from_secs(10), || async {
+        (e.queue_stats("jobs").await.unwrap().dead_lettered >= 1).then_some(())
+    })
+    .await;
+
+    let moved = e.redrive("jobs-dlq", 100).await.unwrap();
+    assert_eq!(moved, 1);
+    let back = receive_n(e, "jobs", 1, Duration::from_secs(30)).await;
+    assert_eq!(event_id(&back[0].event), "poison");
+    assert_eq!(back[0].receive_count, 1, "redrive starts the count again");
+    env.close().await;
+}
+
+async fn poison_message_does_not_block_others(kind: Kind) {
+    let env = Env::start(&kind, |c| {
+        c.queues.insert(
+            "mixed".into(),
+            QueueConfig {
+                visibility_timeout: Duration::from_millis(500),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let e = &*env.engine;
+    let mut msgs: Vec<OutgoingMessage> = vec![event("poison", "t", &[]).into()];
+    msgs.extend((0..20).map(|i| event(&format!("ok{i}"), "t", &[]).into()));
+    e.send("mixed", msgs).await.unwrap();
+    let mut acked = 0;
+    let mut poison_seen = 0;
+    let end = Instant::now() + Duration::from_secs(30);
+    while acked < 20 {
+        assert!(
+            Instant::now() < end,
+            "only {acked} of 20 good messages arrived"
+        );
+        let batch = e
+            .receive(
+                "mixed",
+                ReceiveRequest {
+                    max_messages: 10,
+                    wait: Duration::from_millis(500),
+                    visibility_timeout: None,
+                },
+            )
+            .await
+            .unwrap();
+        for d in batch {
+            if event_id(&d.event) == "poison" {
+                poison_seen += 1; // never acked
+            } else {
+                assert!(e.ack("mixed", &[d.receipt]).await.unwrap()[0].is_ok());
+                acked += 1;
+            }
+        }
+    }
+    assert!(poison_seen >= 1);
+    env.close().await;
+}
+
+async fn long_poll_wakes_on_send(kind: Kind) {
+    let env = Env::start(&kind, |c| {
+        c.queues.insert("lp".into(), QueueConfig::default());
+    })
+    .await;
+    let engine = env.engine.clone();
+    let started = Instant::now();
+    let waiter = tokio::spawn(async move {
+        engine
+            .receive(
+                "lp",
+                ReceiveRequest {
+                    max_messages: 1,
+                    wait: Duration::from_secs(15),
+                    visibility_timeout: None,
+                },
+            )
+            .await
+    });
+    env.engine
+        .send("lp", vec![event("wake", "t", &[]).into()])
+        .await
+        .unwrap();
+    let got = waiter.await.unwrap().unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "long poll returned only after {:?}",
+        started.elapsed()
+    );
+    env.close().await;
+}
+
+async fn delivery_delay(kind: Kind) {
+    let env = Env::start(&kind, |c| {
+        c.queues.insert("later".into(), QueueConfig::default());
+    })
+    .await;
+    let e = &*env.engine;
+    let sent = Instant::now();
+    e.send(
+        "later",
+        vec![OutgoingMessage {
+            event: event("d", "t", &[]),
+            delay: Some(Duration::from_secs(1)),
+        }],
+    )
+    .await
+    .unwrap();
+    assert!(
+        receive_window(e, "later", Duration::from_millis(200))
+            .await
+            .is_empty()
+    );
+    let got = receive_n(e, "later", 1, Duration::from_secs(30)).await;
+    assert_eq!(event_id(&got[0].event), "d");
+    assert!(sent.elapsed() >= Duration::from_millis(950));
+    let too_long = e
+        .send(
+            "later",
+            vec![OutgoingMessage {
+                event: event("d2", "t", &[]),
+                delay: Some(Duration::from_secs(901)),
+            }],
+        )
+        .await;
+    assert!(matches!(too_long, Err(EngineError::InvalidArgument { .. })));
+    env.close().await;
+}
+
+async fn fifo_groups_and_dedup(kind: Kind) {
+    let env = Env::start(&kind, |c| {
+        c.queues.insert(
+            "orders".into(),
+            QueueConfig {
+                fifo: true,
+                visibility_timeout: Duration::from_secs(30),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let e = &*env.engine;
+    let g = |id: &str, group: &str| event(id, "t", &[("partitionkey", group)]).into();
+    let out = e
+        .send(
+            "orders",
+            vec![
+                g("a1", "A"),
+                g("b1", "B"),
+                g("a2", "A"),
+                g("b2", "B"),
+                g("a3", "A"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(out.iter().all(|o| !o.duplicate));
+    // Same source + id within five minutes: deduplicated.
+    let dup = e.send("orders", vec![g("a1", "A")]).await.unwrap();
+    assert!(dup[0].duplicate, "{dup:?}");
+
+    if kind.is_nats() {
+        // Documented: on NATS a FIFO queue is ordered as a whole (one
+        // message in flight), not per group. Check that order.
+        let mut order = Vec::new();
+        for _ in 0..5 {
+            let d = receive_n(e, "orders", 1, Duration::from_secs(30)).await;
+            order.push(event_id(&d[0].event));
+            assert!(e.ack("orders", &[d[0].receipt.clone()]).await.unwrap()[0].is_ok());
+        }
+        assert_eq!(order, ["a1", "b1", "a2", "b2", "a3"]);
+        env.close().await;
+        return;
+    }
+
+    // Take A's head and hold it: A is blocked, B flows in order.
+    let first = e
+        .receive(
+            "orders",
+            ReceiveRequest {
+                max_messages: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(event_id(&first[0].event), "a1");
+    let rest = receive_window(e, "orders", Duration::from_millis(200)).await;
+    let ids: Vec<String> = rest.iter().map(|d| event_id(&d.event)).collect();
+    assert_eq!(ids, ["b1", "b2"], "group A must wait for a1");
+    let receipts: Vec<_> = rest.iter().map(|d| d.receipt.clone()).collect();
+    e.ack("orders", &receipts).await.unwrap();
+    assert!(
+        receive_window(e, "orders", Duration::from_millis(200))
+            .await
+            .is_empty(),
+        "a2 must not overtake the in-flight a1"
+    );
+    // a1 fails (released): it comes back first, then the rest of A.
+    e.change_visibility("orders", &first[0].receipt, Duration::ZERO)
+        .await
+        .unwrap();
+    let again = receive_window(e, "orders", Duration::from_secs(2)).await;
+    let ids: Vec<String> = again.iter().map(|d| event_id(&d.event)).collect();
+    assert_eq!(ids, ["a1", "a2", "a3"]);
+    assert_eq!(again[0].receive_count, 2);
+    env.close().await;
+}
+
+async fn bad_arguments(kind: Kind) {
+    let env = Env::start(&kind, |c| {
+        c.queues.insert("q".into(), QueueConfig::default());
+    })
+    .await;
+    let e = &*env.engine;
+    let r = e
+        .receive(
+            "q",
+            ReceiveRequest {
+                max_messages: 11,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(matches!(r, Err(EngineError::InvalidArgument { .. })));
+    let r = e
+        .receive(
+            "q",
+            ReceiveRequest {
+                wait: Duration::from_secs(21),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(matches!(r, Err(EngineError::InvalidArgument { .. })));
+    let r = e.receive("nope", ReceiveRequest::default()).await;
+    assert!(matches!(r, Err(EngineError::UnknownQueue(_))));
+    let r = e
+        .ack("q", &[flotilla_broker::engine::Receipt("garbage".into())])
+        .await
+        .unwrap();
+    assert!(matches!(r[0], Err(EngineError::InvalidReceipt(_))));
+    let r = e.publish("undeclared", vec![event("x", "t", &[])]).await;
+    assert!(matches!(r, Err(EngineError::UnknownTopic(_))));
+    env.close().await;
+}
+
+async fn retention_expires_messages(kind: Kind) {
+    let env = Env::start(&kind, |c| {
+        c.queues.insert(
+            "short".into(),
+            QueueConfig {
+                retention: Duration::from_secs(1),
+                ..Default::default()
+            },
+        );
+        c.streams.insert(
+            "short".into(),
+            flotilla_broker::StreamConfig {
+                partitions: 1,
+                retention: Duration::from_secs(1),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let e = &*env.engine;
+    e.send("short", vec![event("old", "t", &[]).into()])
+        .await
+        .unwrap();
+    e.put_records("short", vec![event("old", "t", &[]).into()])
+        .await
+        .unwrap();
+    crate::support::eventually(
+        "retention to expire both",
+        Duration::from_secs(30),
+        || async {
+            let q = e.queue_stats("short").await.unwrap();
+            let s = e.stream_stats("short").await.unwrap();
+            (q.ready == 0 && s[0].records == 0).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        receive_window(e, "short", Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    env.close().await;
+}
+
+async fn concurrent_publish_and_consume_loses_nothing(kind: Kind) {
+    let env = Env::start(&kind, |c| {
+        c.queues.insert("busy".into(), QueueConfig::default());
+    })
+    .await;
+    let total = 4_000;
+    let mut publishers = Vec::new();
+    for w in 0..4 {
+        let e = env.engine.clone();
+        publishers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while i < total / 4 {
+                let n = if i % 3 == 0 { 10 } else { 1 }.min(total / 4 - i);
+                let msgs = (i..i + n)
+                    .map(|j| event(&format!("w{w}-{j}"), "t", &[]).into())
+                    .collect();
+                e.send("busy", msgs).await.unwrap();
+                i += n;
+            }
+        }));
+    }
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let mut consumers = Vec::new();
+    for _ in 0..3 {
+        let (e, seen) = (env.engine.clone(), seen.clone());
+        consumers.push(tokio::spawn(async move {
+            let end = Instant::now() + Duration::from_secs(60);
+            while seen.lock().unwrap().len() < total && Instant::now() < end {
+                let batch = e
+                    .receive(
+                        "busy",
+                        ReceiveRequest {
+                            max_messages: 10,
+                            wait: Duration::from_millis(500),
+                            visibility_timeout: None,
+                        },
+                    )
+                    .await
+                    .unwrap();
+                let receipts: Vec<_> = batch.iter().map(|d| d.receipt.clone()).collect();
+                if !receipts.is_empty() {
+                    e.ack("busy", &receipts).await.unwrap();
+                }
+                let mut s = seen.lock().unwrap();
+                for d in &batch {
+                    s.insert(event_id(&d.event));
+                }
+            }
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    for c in consumers {
+        c.await.unwrap();
+    }
+    assert_eq!(seen.lock().unwrap().len(), total, "messages went missing");
+    env.close().await;
+}
