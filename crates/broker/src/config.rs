@@ -65,6 +65,10 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Default)]
 pub struct Config {
     pub engine: EngineConfig,
+    /// The broker's own mTLS identity (its certificate, key and trust
+    /// bundle, reloaded when renewed): push delivery presents it, and
+    /// [`crate::Broker::serve_mesh`] serves with it. `None`: plain HTTP.
+    pub identity: Option<flotilla_mesh::IdentityFiles>,
     pub limits: Limits,
     pub topics: BTreeMap<String, TopicConfig>,
     pub queues: BTreeMap<String, QueueConfig>,
@@ -190,8 +194,13 @@ pub struct PushSubscription {
 /// Where and how push delivery POSTs events.
 #[derive(Debug, Clone)]
 pub struct PushConfig {
-    /// Absolute `http://` URL: the subscriber's address plus its path.
+    /// Absolute URL: the subscriber's address plus its path (`https://`
+    /// when the broker has an identity and `peer` is set).
     pub url: String,
+    /// The service the URL belongs to. With the broker's identity
+    /// ([`Config::identity`]) delivery is mutual TLS and accepts only this
+    /// service's certificate; `None` delivers over plain HTTP.
+    pub peer: Option<String>,
     /// Deliveries in flight at once for this subscription.
     pub concurrency: usize,
     /// How long one POST may take before it counts as a failure.
@@ -210,6 +219,7 @@ impl PushConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            peer: None,
             concurrency: 8,
             timeout: Duration::from_secs(10),
             backoff_min: Duration::from_millis(200),
@@ -384,9 +394,16 @@ fn check_push(owner: &str, push: &PushConfig) -> Result<(), ConfigError> {
         .url
         .parse()
         .map_err(|e| invalid(format!("deliver url `{}` is not a URL: {e}", push.url)))?;
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+    // https means mutual TLS to a service of the system, so it needs the
+    // service (`peer`) whose certificate to accept.
+    let scheme_ok = match uri.scheme_str() {
+        Some("http") => true,
+        Some("https") => push.peer.is_some(),
+        _ => false,
+    };
+    if !scheme_ok || uri.authority().is_none() {
         return Err(invalid(format!(
-            "deliver url `{}` must be an absolute http:// URL (TLS arrives with the mesh integration)",
+            "deliver url `{}` must be an absolute http:// URL, or https:// with the service it belongs to (`peer`)",
             push.url
         )));
     }

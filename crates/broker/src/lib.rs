@@ -31,6 +31,7 @@ pub mod filter;
 pub mod http;
 pub mod metrics;
 mod push;
+mod secure;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -53,6 +54,10 @@ const METRICS_EVERY: Duration = Duration::from_secs(5);
 pub enum Error {
     #[error("invalid broker configuration")]
     Config(#[from] ConfigError),
+    #[error("the broker has no identity to serve mutual TLS with; set Config::identity")]
+    NoIdentity,
+    #[error("cannot load the broker's identity")]
+    Identity(#[source] flotilla_mesh::tls::TlsError),
     #[error("cannot start the {engine} engine")]
     Engine {
         engine: &'static str,
@@ -70,6 +75,8 @@ pub struct Broker {
 struct Inner {
     engine: Arc<dyn Engine>,
     limits: Limits,
+    identity: Option<flotilla_mesh::Identity>,
+    _reloader: Option<flotilla_mesh::tls::Reloader>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -79,6 +86,16 @@ impl Broker {
     /// every subscription that has one. Must run inside a tokio runtime.
     pub async fn open(config: Config) -> Result<Self, Error> {
         let topology = config.validate()?;
+        let identity = match &config.identity {
+            Some(files) => {
+                Some(flotilla_mesh::Identity::load(files.clone()).map_err(Error::Identity)?)
+            }
+            None => None,
+        };
+        // Renewed certificates are picked up without a restart.
+        let reloader = identity
+            .as_ref()
+            .map(|i| i.spawn_reloader(Duration::from_secs(1)));
         let engine: Arc<dyn Engine> = match &config.engine {
             EngineConfig::Embedded(e) => Arc::new(
                 engine::embedded::EmbeddedEngine::open(&topology, e)
@@ -106,6 +123,7 @@ impl Broker {
                     spec.name.clone(),
                     push.clone(),
                     spec.config.max_receives,
+                    identity.clone(),
                     rx.clone(),
                 ));
             }
@@ -120,6 +138,7 @@ impl Broker {
                     spec.name.clone(),
                     push.clone(),
                     consumer.clone(),
+                    identity.clone(),
                     rx.clone(),
                 ));
             }
@@ -133,6 +152,8 @@ impl Broker {
             inner: Arc::new(Inner {
                 engine,
                 limits: config.limits,
+                identity,
+                _reloader: reloader,
                 shutdown,
                 tasks: Mutex::new(tasks),
             }),
@@ -157,6 +178,30 @@ impl Broker {
                 let _ = rx.wait_for(|stop| *stop).await;
             })
             .await
+    }
+
+    /// Serves the HTTP API on `listener` over mutual TLS with the broker's
+    /// identity until [`Broker::close`] is called: only peers of the same
+    /// system and environment connect, and each call must be one `grants`
+    /// allows (a service publishes to the topics it declared and consumes
+    /// its own queues and streams; anything else is 403 `exposure_denied`).
+    /// Fails if the broker was opened without [`Config::identity`].
+    pub async fn serve_mesh(
+        &self,
+        listener: tokio::net::TcpListener,
+        grants: flotilla_mesh::Grants,
+    ) -> Result<(), Error> {
+        let identity = self.inner.identity.clone().ok_or(Error::NoIdentity)?;
+        let acceptor = flotilla_mesh::server_config(&identity).map_err(Error::Identity)?;
+        let app = secure::authorized(self.router(), grants);
+        secure::serve(
+            listener,
+            app,
+            tokio_rustls::TlsAcceptor::from(acceptor),
+            self.inner.shutdown.subscribe(),
+        )
+        .await;
+        Ok(())
     }
 
     /// Stops push delivery and the HTTP server, then flushes and closes the

@@ -18,11 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use flotilla_mesh::{ExpectedPeer, Identity};
+use http::{HeaderValue, StatusCode, header};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
@@ -42,10 +39,48 @@ const ENGINE_RETRY: Duration = Duration::from_secs(1);
 /// Longest response body read (and discarded) to keep the connection.
 const MAX_RESPONSE: usize = 64 << 10;
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+type HttpClient = reqwest::Client;
 
-fn client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build_http()
+/// The client one subscription delivers with. With the broker's identity it
+/// speaks mutual TLS and accepts only the subscriber's service (`peer`), so
+/// an event can never be handed to another service that took over a port;
+/// without one (tests, plain `http://` endpoints) it is plain HTTP.
+pub(crate) fn client(identity: Option<&Identity>, cfg: &PushConfig) -> Result<HttpClient, String> {
+    // reqwest is built without a default crypto provider (to keep aws-lc-rs
+    // out) and panics without one; ring is the process's provider. An
+    // error means one is installed already, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
+        .pool_idle_timeout(Duration::from_secs(30));
+    if let (Some(identity), Some(peer)) = (identity, cfg.peer.as_deref()) {
+        let config = flotilla_mesh::client_config(identity, ExpectedPeer::service(peer))
+            .map_err(|e| flotilla_mesh::tls::error_chain(&e))?;
+        builder = builder.tls_backend_preconfigured(rustls::ClientConfig::clone(&config));
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
+/// Builds the subscription's client; a failure (a broken identity) is
+/// logged and retried rather than ending delivery for good.
+async fn client_or_wait(
+    identity: Option<&Identity>,
+    cfg: &PushConfig,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<HttpClient> {
+    loop {
+        match client(identity, cfg) {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                tracing::error!(url = %cfg.url, error = %e, "cannot build the push client; retrying")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(ENGINE_RETRY) => {}
+            _ = shutdown.changed() => return None,
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -64,19 +99,18 @@ fn traceparent(event: &[u8]) -> Option<String> {
 }
 
 async fn post(client: &HttpClient, cfg: &PushConfig, event: &Bytes) -> Outcome {
-    let mut req = match Request::post(&cfg.url)
+    let mut req = client
+        .post(&cfg.url)
         .header(header::CONTENT_TYPE, cloudevent::CONTENT_TYPE)
-        .body(Full::new(event.clone()))
-    {
-        Ok(r) => r,
-        Err(_) => return Outcome::Reject(StatusCode::BAD_REQUEST),
-    };
+        .timeout(cfg.timeout)
+        .body(event.clone());
     if let Some(tp) = traceparent(event).and_then(|t| HeaderValue::from_str(&t).ok()) {
-        req.headers_mut().insert("traceparent", tp);
+        req = req.header("traceparent", tp);
     }
-    let resp = match tokio::time::timeout(cfg.timeout, client.request(req)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) | Err(_) => return Outcome::Retry(None),
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) if e.is_builder() => return Outcome::Reject(StatusCode::BAD_REQUEST),
+        Err(_) => return Outcome::Retry(None),
     };
     let status = resp.status();
     let retry_after = resp
@@ -85,12 +119,14 @@ async fn post(client: &HttpClient, cfg: &PushConfig, event: &Bytes) -> Outcome {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
-    // Drain a small body so the connection can be reused.
-    let _ = tokio::time::timeout(
-        cfg.timeout,
-        http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE).collect(),
-    )
-    .await;
+    // Drain a small body so the connection can be reused; a large one is
+    // dropped with its connection.
+    if resp
+        .content_length()
+        .is_some_and(|n| n as usize <= MAX_RESPONSE)
+    {
+        let _ = resp.bytes().await;
+    }
     if status.is_success() {
         Outcome::Delivered
     } else if status == StatusCode::TOO_MANY_REQUESTS
@@ -123,10 +159,13 @@ pub(crate) fn spawn_queue(
     queue: String,
     cfg: PushConfig,
     max_receives: Option<u32>,
+    identity: Option<Identity>,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let client = client();
+        let Some(client) = client_or_wait(identity.as_ref(), &cfg, &mut shutdown).await else {
+            return;
+        };
         let cfg = Arc::new(cfg);
         // One permit per POST in flight: the subscription's concurrency.
         let permits = Arc::new(Semaphore::new(cfg.concurrency));
@@ -207,10 +246,13 @@ pub(crate) fn spawn_stream(
     stream: String,
     cfg: PushConfig,
     consumer: String,
+    identity: Option<Identity>,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let client = client();
+        let Some(client) = client_or_wait(identity.as_ref(), &cfg, &mut shutdown).await else {
+            return;
+        };
         let cfg = Arc::new(cfg);
         let permits = Arc::new(Semaphore::new(cfg.concurrency));
         let mut running: HashMap<u32, (u64, tokio::task::JoinHandle<()>)> = HashMap::new();

@@ -198,13 +198,20 @@ fn load(path: Option<&Path>) -> Result<Manifest, ExitCode> {
         }
     };
     let path = path.canonicalize().unwrap_or(path);
-    Manifest::load(&path).map_err(|e| match e {
+    let manifest = Manifest::load(&path).map_err(|e| match e {
         flotilla_manifest::Error::Invalid { .. } => {
             eprintln!("{e}");
             ExitCode::from(EXIT_INVALID)
         }
         other => fail(&other),
-    })
+    })?;
+    // What the manifest alone cannot judge: filter conditions and the
+    // broker's limits, checked by the broker's own rules.
+    if let Err(e) = flotilla_runtime::check_broker(&manifest) {
+        eprintln!("error: {}: {e}", path.display());
+        return Err(ExitCode::from(EXIT_INVALID));
+    }
+    Ok(manifest)
 }
 
 fn open(data_dir: Option<PathBuf>) -> Result<ControlClient, ExitCode> {

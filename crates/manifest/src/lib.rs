@@ -8,11 +8,12 @@
 
 mod diagnostic;
 mod edge;
+mod events;
 mod pattern;
 mod raw;
 mod validate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,6 +22,9 @@ pub use diagnostic::Diagnostic;
 pub use edge::{
     Cors, IpList, IpNet, IpNetParseError, JwksSource, Jwt, RateLimit, RateLimitKey,
     RateLimitParseError, RateLimitStore, parse_net, parse_nets,
+};
+pub use events::{
+    Broker, BrokerDurability, BrokerEngine, Deliver, Queue, Stream, StreamSource, Subscribe, Topic,
 };
 pub use pattern::{PathPattern, PatternError};
 
@@ -41,6 +45,15 @@ pub struct Manifest {
     pub mesh: Mesh,
     /// Services by name, in name order.
     pub services: BTreeMap<String, Service>,
+    /// The event broker's engine and limits (`[broker]`; defaults when
+    /// absent).
+    pub broker: Broker,
+    /// Pub/sub topics by name (`[topics.<name>]`).
+    pub topics: BTreeMap<String, Topic>,
+    /// Work queues by name (`[queues.<name>]`).
+    pub queues: BTreeMap<String, Queue>,
+    /// Partitioned streams by name (`[streams.<name>]`).
+    pub streams: BTreeMap<String, Stream>,
 }
 
 /// The edge of the system.
@@ -195,6 +208,11 @@ pub struct Service {
     pub ready_timeout: Duration,
     /// How long an instance may take to stop after SIGTERM before SIGKILL.
     pub drain: Duration,
+    /// Topics this service may publish to (`publishes = ["orders"]`).
+    pub publishes: Vec<String>,
+    /// Queues and streams this service pulls from
+    /// (`consumes = ["notifications"]`). Never a queue with `deliver`.
+    pub consumes: Vec<String>,
 }
 
 /// Why a manifest could not be loaded.
@@ -261,6 +279,31 @@ impl Manifest {
         self.services
             .values()
             .flat_map(|s| s.routes.iter().map(move |r| (s.name.as_str(), r)))
+    }
+
+    /// Whether the system declares any topic, queue or stream, i.e. whether
+    /// it needs a broker at all.
+    pub fn uses_broker(&self) -> bool {
+        !(self.topics.is_empty() && self.queues.is_empty() && self.streams.is_empty())
+    }
+
+    /// The services that talk to the broker: those that publish or consume
+    /// (non-empty `publishes` or `consumes`), and those some queue or stream
+    /// pushes events to (`deliver.to`): every service that must reach the
+    /// broker, or be reached by it.
+    pub fn broker_users(&self) -> BTreeSet<String> {
+        let pushed = self
+            .queues
+            .values()
+            .filter_map(|q| q.deliver.as_ref())
+            .chain(self.streams.values().filter_map(|s| s.deliver.as_ref()))
+            .map(|d| d.to.clone());
+        self.services
+            .values()
+            .filter(|s| !s.publishes.is_empty() || !s.consumes.is_empty())
+            .map(|s| s.name.clone())
+            .chain(pushed)
+            .collect()
     }
 }
 

@@ -15,6 +15,13 @@ pub(crate) struct RawManifest {
     pub mesh: Option<Spanned<RawMesh>>,
     #[serde(default)]
     pub services: BTreeMap<Spanned<String>, Spanned<RawService>>,
+    pub broker: Option<Spanned<RawBroker>>,
+    #[serde(default)]
+    pub topics: BTreeMap<Spanned<String>, Spanned<RawTopic>>,
+    #[serde(default)]
+    pub queues: BTreeMap<Spanned<String>, Spanned<RawQueue>>,
+    #[serde(default)]
+    pub streams: BTreeMap<Spanned<String>, Spanned<RawStream>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,6 +94,8 @@ pub(crate) struct RawService {
     pub env: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
     pub ready_timeout: Option<Spanned<String>>,
     pub drain: Option<Spanned<String>>,
+    pub publishes: Option<Vec<Spanned<String>>>,
+    pub consumes: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,4 +137,136 @@ pub(crate) struct RawAclRule {
     pub path: Spanned<String>,
     pub methods: Option<Vec<Spanned<String>>>,
     pub effect: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBroker {
+    pub engine: Option<Spanned<String>>,
+    pub durability: Option<Spanned<String>>,
+    pub fsync_interval: Option<Spanned<String>>,
+    pub url: Option<Spanned<String>>,
+    pub prefix: Option<Spanned<String>>,
+    pub max_event_bytes: Option<Spanned<i64>>,
+}
+
+/// A topic has no settings yet: `[topics.orders]` is the whole declaration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTopic {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawQueue {
+    pub fifo: Option<Spanned<bool>>,
+    pub group_by: Option<Spanned<String>>,
+    pub visibility_timeout: Option<Spanned<String>>,
+    pub max_receives: Option<Spanned<i64>>,
+    pub dead_letter: Option<Spanned<String>>,
+    pub retention: Option<Spanned<String>>,
+    pub delay: Option<Spanned<String>>,
+    pub subscribe: Option<Spanned<RawSubscribe>>,
+    pub deliver: Option<Spanned<RawDeliver>>,
+}
+
+/// `topic` is optional here so that its absence gets our message, not serde's.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSubscribe {
+    pub topic: Option<Spanned<String>>,
+    pub filter: Option<Spanned<RawFilter>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDeliver {
+    pub to: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub concurrency: Option<Spanned<i64>>,
+    pub timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStream {
+    pub partitions: Option<Spanned<i64>>,
+    pub retention: Option<Spanned<String>>,
+    pub source: Option<Spanned<RawSource>>,
+    pub deliver: Option<Spanned<RawDeliver>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSource {
+    pub topic: Option<Spanned<String>>,
+    pub partition_key: Option<Spanned<String>>,
+    pub filter: Option<Spanned<RawFilter>>,
+}
+
+/// A filter policy as written. Anything but a table is kept (as the name of
+/// its type) so that validation can say what to write instead; a table's
+/// values keep their spans.
+#[derive(Debug)]
+pub(crate) enum RawFilter {
+    Table(Vec<(String, Spanned<toml::Value>)>),
+    Other(&'static str),
+}
+
+impl<'de> Deserialize<'de> for RawFilter {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(FilterVisitor)
+    }
+}
+
+struct FilterVisitor;
+
+impl<'de> serde::de::Visitor<'de> for FilterVisitor {
+    type Value = RawFilter;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a table of attribute conditions")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<RawFilter, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            // How the TOML deserializer hands out a date-time.
+            if key.starts_with("$__toml_private") {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                return Ok(RawFilter::Other("a date-time"));
+            }
+            let value = map.next_value::<Spanned<toml::Value>>()?;
+            entries.push((key, value));
+        }
+        Ok(RawFilter::Table(entries))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<RawFilter, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(RawFilter::Other("an array"))
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<RawFilter, E> {
+        Ok(RawFilter::Other("a string"))
+    }
+
+    fn visit_string<E>(self, _: String) -> Result<RawFilter, E> {
+        Ok(RawFilter::Other("a string"))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<RawFilter, E> {
+        Ok(RawFilter::Other("a boolean"))
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<RawFilter, E> {
+        Ok(RawFilter::Other("an integer"))
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<RawFilter, E> {
+        Ok(RawFilter::Other("an integer"))
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<RawFilter, E> {
+        Ok(RawFilter::Other("a float"))
+    }
 }

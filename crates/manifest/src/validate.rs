@@ -62,8 +62,18 @@ impl Ctx<'_> {
     }
 
     fn duration(&mut self, value: &Spanned<String>, key: &str) -> Option<Duration> {
+        self.duration_or_zero(value, key, false)
+    }
+
+    /// Like [`Ctx::duration`], accepting `"0s"` when `zero_ok`.
+    fn duration_or_zero(
+        &mut self,
+        value: &Spanned<String>,
+        key: &str,
+        zero_ok: bool,
+    ) -> Option<Duration> {
         match humantime::parse_duration(value.get_ref()) {
-            Ok(d) if d.is_zero() => {
+            Ok(d) if d.is_zero() && !zero_ok => {
                 self.error(
                     value.span(),
                     format!("`{key}` must be longer than zero"),
@@ -145,6 +155,9 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
     }
 
     let mesh = mesh(&mut ctx, raw.mesh.as_ref());
+    let broker = events::broker(&mut ctx, raw.broker.as_ref(), &name);
+    let event_names = events::Names::new(&raw);
+    let declarations = events::declarations(&mut ctx, &raw, &event_names);
 
     let declared: Vec<String> = raw.services.keys().map(|k| k.get_ref().clone()).collect();
     // Who lists whom in `calls`, as written: ACL rules may only name callers.
@@ -180,7 +193,7 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
             continue;
         }
         let callers = callers_of.get(name).cloned().unwrap_or_default();
-        if let Some(service) = service(&mut ctx, name, value, &declared, &callers) {
+        if let Some(service) = service(&mut ctx, name, value, &declared, &callers, &event_names) {
             services.insert(name.clone(), service);
         }
     }
@@ -194,17 +207,20 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
 
     check_route_conflicts(&mut ctx, &raw);
 
-    if ctx.errors.is_empty() {
-        Ok(Manifest {
+    match (ctx.errors.is_empty(), declarations) {
+        (true, Some((topics, queues, streams))) => Ok(Manifest {
             name,
             file: file.to_path_buf(),
             dir: ctx.dir,
             gateway: gateway.unwrap_or_else(unreachable_gateway),
             mesh: mesh.unwrap_or_else(unreachable_mesh),
             services,
-        })
-    } else {
-        Err(ctx.errors)
+            broker: broker.unwrap_or_else(events::default_broker),
+            topics,
+            queues,
+            streams,
+        }),
+        _ => Err(ctx.errors),
     }
 }
 
@@ -303,6 +319,9 @@ fn explain_toml_error(message: &str) -> (String, Option<String>) {
         let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
         let help = match did_you_mean(field, candidates.iter().copied()) {
             Some(s) => format!("did you mean `{s}`?"),
+            None if candidates.is_empty() => {
+                "nothing can be set here yet; leave the table empty".into()
+            }
             None => format!("the keys allowed here are {}", quote_list(&candidates)),
         };
         return (format!("unknown key `{field}`"), Some(help));
@@ -395,6 +414,7 @@ fn service(
     raw: &Spanned<RawService>,
     declared: &[String],
     callers: &BTreeSet<String>,
+    event_names: &events::Names,
 ) -> Option<Service> {
     let span = raw.span();
     let raw = raw.get_ref();
@@ -530,6 +550,9 @@ fn service(
         .and_then(|t| ctx.duration(t, "drain"))
         .unwrap_or(DEFAULT_DRAIN);
 
+    let publishes = events::publishes(ctx, name, raw.publishes.as_ref(), event_names);
+    let consumes = events::consumes(ctx, name, raw.consumes.as_ref(), event_names);
+
     if ctx.errors.len() != before {
         return None;
     }
@@ -545,6 +568,8 @@ fn service(
         env,
         ready_timeout,
         drain,
+        publishes,
+        consumes,
     })
 }
 
@@ -1061,6 +1086,7 @@ fn check_route_conflicts(ctx: &mut Ctx<'_>, raw: &RawManifest) {
 }
 
 mod edge;
+mod events;
 
 #[cfg(test)]
 mod tests;

@@ -25,6 +25,9 @@ pub struct Endpoints {
     pub control: String,
     /// Bearer token the control API requires for changes (the file is 0600).
     pub control_token: String,
+    /// Base URL of the event broker (mutual TLS), when the system has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
     pub services: BTreeMap<String, ServiceEndpoint>,
 }
 

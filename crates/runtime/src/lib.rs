@@ -19,6 +19,7 @@
 //! `PR_SET_PDEATHSIG`, so even a `kill -9` of `flotilla` leaves no orphans.
 
 mod address;
+mod broker;
 mod build;
 mod console;
 mod control;
@@ -32,6 +33,7 @@ mod system;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+pub use broker::{BrokerError, check as check_broker};
 pub use build::Profile;
 pub use control::{ControlClient, ControlError};
 pub use endpoints::{Endpoints, InstanceEndpoint, ServiceEndpoint};
@@ -100,6 +102,8 @@ pub enum Error {
         addr: SocketAddr,
         reason: String,
     },
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
     #[error("gateway failed to start")]
     Gateway(#[source] flotilla_gateway::Error),
     #[error("cannot set up the system's identities (mutual TLS)")]

@@ -175,6 +175,15 @@ impl Mesh {
         Ok(Arc::clone(self).keep_renewed(role.to_string(), dir, renew_at))
     }
 
+    /// The environment the system's identities belong to.
+    pub(crate) fn env(&self) -> String {
+        self.ca
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .env()
+            .to_string()
+    }
+
     /// The gateway's identity directory.
     pub(crate) fn gateway_dir(&self) -> PathBuf {
         self.dir_of(GATEWAY)
@@ -398,6 +407,26 @@ fn policy_spec(
             },
         })
         .collect();
+    // The broker POSTs push deliveries to the paths queues and streams
+    // deliver to, and to nothing else of the service.
+    let deliveries = manifest
+        .queues
+        .values()
+        .filter_map(|q| q.deliver.as_ref())
+        .chain(manifest.streams.values().filter_map(|s| s.deliver.as_ref()))
+        .filter(|d| d.to == callee.name);
+    // As a caller with allow rules it gets only those paths, not the
+    // allow-everything a `calls` entry implies.
+    for d in deliveries {
+        spec.callers
+            .insert(flotilla_mesh::identity::BROKER.to_string());
+        spec.rules.push(RuleSpec {
+            caller: flotilla_mesh::identity::BROKER.to_string(),
+            path: d.path.clone(),
+            methods: vec!["POST".to_string()],
+            effect: Effect::Allow,
+        });
+    }
     Ok(spec)
 }
 
@@ -467,5 +496,45 @@ jwt = { issuer = "shop", audiences = ["shop"], jwks = "accounts:/.well-known/jwk
                 .decide(&gateway, &http::Method::GET, "/.well-known/jwks.json")
                 .allowed
         );
+    }
+
+    #[test]
+    fn the_broker_may_post_only_the_paths_it_delivers_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = Manifest::parse(
+            r#"name = "shop"
+[topics.orders]
+[queues.q]
+subscribe = { topic = "orders" }
+deliver = { to = "inventory", path = "/events/orders" }
+[services.inventory]
+run = { cargo = "i" }
+routes = [{ path = "/api/inventory/*", methods = ["GET"] }]
+[services.orders]
+run = { cargo = "o" }
+publishes = ["orders"]
+"#,
+            &dir.path().join("flotilla.toml"),
+        )
+        .unwrap();
+        let ca = Ca::open(dir.path().join("ca"), CaConfig::new("shop")).unwrap();
+        let spec = policy_spec(
+            &ca,
+            &manifest,
+            &manifest.services["inventory"],
+            Mode::Enforce,
+        )
+        .unwrap();
+        let policy = Policy::from_spec(&spec).unwrap();
+        let broker = ca.id_for("broker").unwrap();
+        let allowed = |m: http::Method, p: &str| policy.decide(&broker, &m, p).allowed;
+        assert!(allowed(http::Method::POST, "/events/orders"));
+        assert!(!allowed(http::Method::GET, "/events/orders"));
+        assert!(!allowed(http::Method::POST, "/events/other"));
+        assert!(!allowed(http::Method::GET, "/api/inventory/x"));
+        // Nobody else delivers to orders: the broker is no caller of it.
+        let orders =
+            policy_spec(&ca, &manifest, &manifest.services["orders"], Mode::Enforce).unwrap();
+        assert!(orders.callers.is_empty());
     }
 }

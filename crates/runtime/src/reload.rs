@@ -128,6 +128,15 @@ fn restart_needed(current: &Manifest, next: &Manifest) -> Result<(), String> {
             ));
         }
     }
+    if next.broker != current.broker
+        || next.topics != current.topics
+        || next.queues != current.queues
+        || next.streams != current.streams
+    {
+        return Err(
+            "`[broker]`, `[topics]`, `[queues]` or `[streams]` changed: restart to apply".into(),
+        );
+    }
     if next.mesh != current.mesh {
         return Err("`[mesh]` changed: restart to apply".into());
     }

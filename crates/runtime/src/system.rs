@@ -13,6 +13,7 @@ use flotilla_gateway::{Config as GatewayConfig, Gateway, UpstreamTls};
 use flotilla_manifest::{Data, Manifest, Run, Shape, env_key};
 use tokio::sync::{Notify, watch};
 
+use crate::broker::{self, ENV_BROKER_URL};
 use crate::build::{self, bin_name};
 use crate::console::Console;
 use crate::control::{self, StatusSource};
@@ -71,6 +72,9 @@ pub struct System {
     stop_tx: watch::Sender<bool>,
     shutdown_requested: Arc<Notify>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The event broker, when the manifest declares topics, queues or
+    /// streams.
+    broker: Option<flotilla_broker::Broker>,
     /// The runtime's, gateway's and operator's certificates, kept renewed.
     _renewals: Vec<Renewal>,
 }
@@ -114,6 +118,29 @@ impl System {
             })?;
             listeners.insert(name.clone(), (listener, addr));
         }
+        // The broker's address too, when there is one.
+        let broker_listener = if manifest.uses_broker() {
+            let any = SocketAddr::from(([127, 0, 0, 1], 0));
+            let listener = tokio::net::TcpListener::bind(any)
+                .await
+                .map_err(|e| Error::Listen {
+                    what: "the event broker".into(),
+                    addr: any,
+                    reason: e.to_string(),
+                })?;
+            let addr = listener.local_addr().map_err(|e| Error::Listen {
+                what: "the event broker".into(),
+                addr: any,
+                reason: e.to_string(),
+            })?;
+            Some((listener, addr))
+        } else {
+            None
+        };
+        let broker_users = manifest.broker_users();
+        let broker_url = broker_listener
+            .as_ref()
+            .map(|(_, addr)| format!("https://{addr}"));
 
         let mut pools = BTreeMap::new();
         for (name, spec) in &manifest.services {
@@ -153,6 +180,11 @@ impl System {
                         format!("https://{addr}"),
                     ));
                 }
+            }
+            if let Some((_, addr)) = &broker_listener
+                && broker_users.contains(name)
+            {
+                env.push((ENV_BROKER_URL.to_string(), format!("https://{addr}")));
             }
             if spec.data == Data::Sqlite {
                 let dir = data_dir.join("data").join(name);
@@ -222,6 +254,36 @@ impl System {
         let shutdown_requested = Arc::new(Notify::new());
         let mut tasks = Vec::new();
 
+        // The broker before any instance starts: services publish (their
+        // outbox relays) and receive deliveries from their first moment.
+        let broker = match broker_listener {
+            Some((listener, _)) => {
+                let addresses = listeners
+                    .iter()
+                    .map(|(name, (_, addr))| (name.clone(), *addr))
+                    .collect();
+                let mut config = broker::config(&manifest, &data_dir, &addresses)?;
+                let dir = mesh.dir_of(flotilla_mesh::identity::BROKER);
+                renewals.push(
+                    mesh.issue_platform(flotilla_mesh::identity::BROKER, dir.clone())
+                        .await?,
+                );
+                config.identity = Some(flotilla_mesh::IdentityFiles::in_dir(&dir));
+                let opened = flotilla_broker::Broker::open(config)
+                    .await
+                    .map_err(|e| Error::Broker(broker::BrokerError::Open(e)))?;
+                let grants = broker::grants(&manifest, &mesh.env())?;
+                let serving = opened.clone();
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = serving.serve_mesh(listener, grants).await {
+                        tracing::error!("the event broker stopped serving: {e}");
+                    }
+                }));
+                Some(opened)
+            }
+            None => None,
+        };
+
         let bind = |what: &'static str| async move {
             control::bind().await.map_err(|e| Error::Listen {
                 what: what.into(),
@@ -275,6 +337,7 @@ impl System {
             console: format!("http://{console_addr}"),
             control: format!("https://{control_addr}"),
             control_token: token,
+            broker: broker_url,
             services: BTreeMap::new(),
         };
         let endpoints = snapshot(&endpoints, &registry);
@@ -312,6 +375,7 @@ impl System {
             stop_tx,
             shutdown_requested,
             tasks,
+            broker,
             _renewals: renewals,
         })
     }
@@ -360,6 +424,10 @@ impl System {
             async move { p.shutdown().await }
         });
         futures_join_all(stops).await;
+        // After the instances: their last outbox flushes still land.
+        if let Some(broker) = self.broker {
+            broker.close().await;
+        }
         let _ = self.stop_tx.send(true);
         for task in self.tasks {
             task.abort();

@@ -73,6 +73,18 @@ fn check_prints_the_documented_messages() {
             "error: `replicas = 0` is out of range\n  --> flotilla.toml:4:12\n  |\n4 | replicas = 0\n  |            ^\n  = help: use a whole number from 1 to 64\n\n1 error in manifest",
         ),
         (
+            "name = \"shop\"\n[topics.orders]\n[services.orders]\nrun = { cargo = \"shop-orders\" }\npublishes = [\"order\"]\n",
+            "error: `orders` publishes to `order`, which is not a topic of this system\n  --> flotilla.toml:5:14\n  |\n5 | publishes = [\"order\"]\n  |              ^^^^^^^\n  = help: did you mean `orders`?\n\n1 error in manifest",
+        ),
+        (
+            "name = \"shop\"\n[topics.orders]\n[queues.inventory-orders]\nsubscribe = { topic = \"orders\" }\ndeliver = { to = \"inventory\", path = \"/events/orders\" }\n[services.inventory]\nrun = { cargo = \"shop-inventory\" }\n[services.reports]\nrun = { cargo = \"shop-reports\" }\nconsumes = [\"inventory-orders\"]\n",
+            "error: `reports` consumes queue `inventory-orders`, whose `deliver` pushes it to `inventory`\n  --> flotilla.toml:10:13\n   |\n10 | consumes = [\"inventory-orders\"]\n   |             ^^^^^^^^^^^^^^^^^^\n  = help: a queue is either pushed (`deliver`) or pulled (`consumes`): remove one, or give `reports` a queue of its own subscribed to the same topic\n\n1 error in manifest",
+        ),
+        (
+            "name = \"shop\"\n[topics.orders]\n[queues.inventory-orders]\nsubscribe = { topic = \"orders\", filter = { type = \"order.placed\" } }\ndeliver = { to = \"inventory\", path = \"/events/orders\" }\n[services.inventory]\nrun = { cargo = \"shop-inventory\" }\n",
+            "error: the filter on `type` must be an array of conditions, not a string\n  --> flotilla.toml:4:51\n  |\n4 | subscribe = { topic = \"orders\", filter = { type = \"order.placed\" } }\n  |                                                   ^^^^^^^^^^^^^^\n  = help: wrap it in an array: `type = [\"order.placed\"]`\n\n1 error in manifest",
+        ),
+        (
             "name = \"shop\n",
             "error: invalid basic string, expected `\"`\n  --> flotilla.toml:1:13\n  |\n1 | name = \"shop\n  |             ^\n\n1 error in manifest",
         ),

@@ -3,6 +3,7 @@
 //! activation, autoscaling, idle scale-down, supervision, endpoints.json,
 //! identities, mutual TLS and certificate rotation.
 
+mod broker;
 mod mesh;
 mod reload;
 mod scaling;

@@ -1,0 +1,180 @@
+//! The broker on the mesh: mutual TLS on every connection and the
+//! building-block exposure check on every call.
+//!
+//! The check happens before routing, from the path alone, so no handler can
+//! forget it: `/topics/{t}/events` needs `publish` on topic `t`,
+//! `/queues/{q}/messages` `publish` on queue `q`, any other `/queues/{q}…`
+//! `consume` on `q`, and `/streams/{s}…` `consume` on `s` (services reach
+//! streams through topics, so putting records directly is the operator's).
+//! Health and the OpenAPI document are open to any peer of the system. A
+//! name the check does not recognise (percent-encoded, say) is simply not
+//! declared: the check fails closed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use flotilla_mesh::{Action, Grants, ResourceKind, SpiffeId};
+use http::{Method, StatusCode, header};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tower::Layer;
+
+/// A handshake that has not finished by then frees its task.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The verified identity of the connection's peer.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer(pub SpiffeId);
+
+/// What a call needs, read from its path; `None` for open endpoints.
+fn required(method: &Method, path: &str) -> Option<(ResourceKind, String, Action)> {
+    let mut parts = path.trim_start_matches('/').split('/');
+    let (kind, name) = (parts.next()?, parts.next()?);
+    let rest = parts.next();
+    match (kind, rest) {
+        ("topics", _) => Some((ResourceKind::Topic, name.into(), Action::Publish)),
+        ("queues", Some("messages")) if method == Method::POST => {
+            Some((ResourceKind::Queue, name.into(), Action::Publish))
+        }
+        ("queues", _) => Some((ResourceKind::Queue, name.into(), Action::Consume)),
+        ("streams", Some("records")) if method == Method::POST => {
+            Some((ResourceKind::Stream, name.into(), Action::Publish))
+        }
+        ("streams", _) => Some((ResourceKind::Stream, name.into(), Action::Consume)),
+        _ => None,
+    }
+}
+
+fn denied(code: &str, message: String) -> Response {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    (
+        StatusCode::FORBIDDEN,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// `router` behind the exposure check of `grants`.
+pub(crate) fn authorized(router: Router, grants: Grants) -> Router {
+    let grants = Arc::new(grants);
+    router.layer(axum::middleware::from_fn(
+        move |req: Request, next: Next| {
+            let grants = Arc::clone(&grants);
+            async move {
+                let Some(Peer(caller)) = req.extensions().get::<Peer>().cloned() else {
+                    // Only `serve` below builds this router, and it always sets
+                    // the peer; refuse rather than guess if that ever changes.
+                    return denied("unauthenticated", "no verified peer identity".into());
+                };
+                if let Some((kind, name, action)) = required(req.method(), req.uri().path())
+                    && let Err(e) = grants.check(&caller, kind, &name, action)
+                {
+                    tracing::warn!(%caller, %kind, name, %action, "broker: refused a call: {e}");
+                    return denied(e.code(), e.to_string());
+                }
+                next.run(req).await
+            }
+        },
+    ))
+}
+
+/// Resolves once `stop` is true (without holding its guard across awaits).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Serves `app` over mutual TLS until `stop` turns true. Handshakes run in
+/// their own tasks with a deadline, so a stalled peer blocks nobody.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    app: Router,
+    acceptor: TlsAcceptor,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors, typically: back off briefly.
+                    tracing::warn!("broker: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stop) => return,
+        };
+        let (acceptor, app, mut stop) = (acceptor.clone(), app.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (tls, peer) = match flotilla_mesh::accept_with_timeout(
+                &acceptor,
+                tcp,
+                HANDSHAKE_TIMEOUT,
+            )
+            .await
+            {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %flotilla_mesh::tls::error_chain(&e), "broker: refused a connection");
+                    return;
+                }
+            };
+            let svc = axum::Extension(Peer(peer)).layer(app);
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_path_needs_what_its_kind_allows() {
+        let post = Method::POST;
+        let get = Method::GET;
+        assert_eq!(
+            required(&post, "/topics/orders/events"),
+            Some((ResourceKind::Topic, "orders".into(), Action::Publish))
+        );
+        assert_eq!(
+            required(&post, "/queues/q/messages"),
+            Some((ResourceKind::Queue, "q".into(), Action::Publish))
+        );
+        for p in ["/queues/q/receive", "/queues/q/ack", "/queues/q"] {
+            assert_eq!(
+                required(&post, p),
+                Some((ResourceKind::Queue, "q".into(), Action::Consume)),
+                "{p}"
+            );
+        }
+        assert_eq!(
+            required(&get, "/streams/s/partitions/0/records"),
+            Some((ResourceKind::Stream, "s".into(), Action::Consume))
+        );
+        assert_eq!(
+            required(&post, "/streams/s/records"),
+            Some((ResourceKind::Stream, "s".into(), Action::Publish))
+        );
+        assert_eq!(required(&get, "/healthz"), None);
+        assert_eq!(required(&get, "/openapi.json"), None);
+    }
+}

@@ -1,0 +1,179 @@
+//! The event broker as the runtime runs it: on the mesh (mutual TLS only,
+//! each call checked against what the caller declared), instances told
+//! where it is, and push deliveries reaching a subscriber over mTLS as the
+//! `broker` identity through the service address.
+
+use std::time::{Duration, Instant};
+
+use flotilla_mesh::{ExpectedPeer, Identity, client_config};
+use flotilla_runtime::Endpoints;
+use serde_json::{Value, json};
+
+use crate::support::{Harness, identity, start};
+
+const EVENTS: &str = r#"[topics.orders]
+[topics.audit]
+[queues.sink]
+subscribe = { topic = "orders", filter = { type = ["order.placed"] } }
+deliver = { to = "sink", path = "/events/orders", timeout = "5s" }
+max_receives = 3
+dead_letter = "sink-dlq"
+[queues.sink-dlq]
+[queues.pulled]
+subscribe = { topic = "orders" }
+[services.sink]
+run = { command = ["python3", "HELLO"] }
+env = { PUSH_LOG = "PUSHLOG" }
+[services.shop]
+run = { command = ["python3", "HELLO"] }
+publishes = ["orders"]
+[services.reader]
+run = { command = ["python3", "HELLO"] }
+consumes = ["pulled"]
+[services.bystander]
+run = { command = ["python3", "HELLO"] }
+"#;
+
+async fn start_events() -> (Harness, std::path::PathBuf) {
+    let log_dir = tempfile::tempdir().unwrap().keep();
+    let log = log_dir.join("push.log");
+    let h = start(&EVENTS.replace("PUSHLOG", &log.display().to_string())).await;
+    (h, log)
+}
+
+/// An HTTPS client presenting `identity` that accepts only the broker.
+fn as_service(identity: &Identity) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = client_config(identity, ExpectedPeer::service("broker")).unwrap();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(rustls::ClientConfig::clone(&config))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+fn broker_url(h: &Harness) -> String {
+    Endpoints::read(h.system().data_dir())
+        .unwrap()
+        .broker
+        .expect("endpoints.json names the broker")
+}
+
+fn event(id: &str) -> Value {
+    json!({"specversion": "1.0", "id": id, "source": "/shop", "type": "order.placed", "data": {"n": 1}})
+}
+
+async fn publish(client: &reqwest::Client, url: &str, topic: &str, id: &str) -> (u16, Value) {
+    let resp = client
+        .post(format!("{url}/topics/{topic}/events"))
+        .header("content-type", "application/cloudevents+json")
+        .body(event(id).to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// The environment of a running process, from /proc.
+fn environ(pid: u32) -> Vec<(String, String)> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    raw.split(|b| *b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+fn broker_var(h: &Harness, service: &str) -> Option<String> {
+    let pid = h.service(service).instances[0].pid.expect("running");
+    environ(pid)
+        .into_iter()
+        .find(|(k, _)| k == "FLOTILLA_BROKER_URL")
+        .map(|(_, v)| v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_reach_only_what_they_declared_and_pushes_arrive_over_mtls() {
+    let (h, log) = start_events().await;
+    let url = broker_url(&h);
+
+    // Who is told where the broker is: publishers, consumers, push targets.
+    for s in ["shop", "reader", "sink"] {
+        assert_eq!(broker_var(&h, s).as_deref(), Some(url.as_str()), "{s}");
+    }
+    assert_eq!(broker_var(&h, "bystander"), None);
+
+    // Plain HTTP gets no answer at all.
+    let plain = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let http_url = url.replacen("https://", "http://", 1);
+    assert!(
+        plain
+            .get(format!("{http_url}/healthz"))
+            .send()
+            .await
+            .is_err()
+    );
+
+    // The declared publisher publishes; the event is pushed to `sink`.
+    let shop = as_service(&identity(&h, "shop"));
+    let (status, body) = publish(&shop, &url, "orders", "e-1").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["routed"], 2, "{body}");
+
+    // Anything else is refused with the reason.
+    let (status, body) = publish(&shop, &url, "audit", "e-2").await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "exposure_denied");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not declare topic `audit`"),
+        "{body}"
+    );
+    let bystander = as_service(&identity(&h, "bystander"));
+    let (status, _) = publish(&bystander, &url, "orders", "e-3").await;
+    assert_eq!(status, 403);
+    let receive = |client: reqwest::Client, queue: &'static str| {
+        let url = url.clone();
+        async move {
+            client
+                .post(format!("{url}/queues/{queue}/receive"))
+                .body(r#"{"max_messages":10,"wait_seconds":5}"#)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(receive(shop.clone(), "pulled").await.status(), 403);
+    assert_eq!(receive(bystander.clone(), "sink-dlq").await.status(), 403);
+
+    // The declared consumer pulls its copy.
+    let reader = as_service(&identity(&h, "reader"));
+    let got: Value = receive(reader, "pulled").await.json().await.unwrap();
+    assert_eq!(got["messages"][0]["event"]["id"], "e-1", "{got}");
+
+    // The push reached `sink`, from the broker's identity.
+    let until = Instant::now() + Duration::from_secs(20);
+    let line = loop {
+        if let Ok(text) = std::fs::read_to_string(&log)
+            && let Some(line) = text.lines().next()
+        {
+            break serde_json::from_str::<Value>(line).unwrap();
+        }
+        assert!(Instant::now() < until, "no push delivery reached sink");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(line["path"], "/events/orders");
+    assert_eq!(line["peer"], "spiffe://rt.flotilla/ns/local/svc/broker");
+    let pushed: Value = serde_json::from_str(line["body"].as_str().unwrap()).unwrap();
+    assert_eq!(pushed["id"], "e-1");
+
+    h.stop().await;
+}
