@@ -79,7 +79,37 @@ pub(crate) fn console_router(source: Arc<dyn StatusSource>) -> Router {
                 axum::Json(source.status()).into_response()
             }),
         )
+        .route("/metrics", get(metrics))
         .with_state(source)
+}
+
+/// The platform's metrics in the Prometheus text format: the gateway's, the
+/// broker's (queue and stream depths, in-flight, dead-lettered, push
+/// outcomes) and the mesh's, all recorded in this process. Read-only, so it
+/// sits with the console rather than behind the operator's certificate.
+async fn metrics() -> Response {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        recorder().render(),
+    )
+        .into_response()
+}
+
+/// The process's metrics recorder, installed on first use. Several systems
+/// in one process (tests) share it; a recorder installed by someone else
+/// first leaves this one empty rather than failing.
+pub(crate) fn recorder() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
 }
 
 /// What every peer that is not the operator gets.

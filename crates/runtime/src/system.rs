@@ -90,6 +90,8 @@ impl System {
             return Err(Error::AlreadyRunning { data_dir, url });
         }
         let console = Arc::new(Console::new(options.echo_logs));
+        // Before anything records a metric.
+        control::recorder();
         let lifetime = options.leaf_lifetime.unwrap_or(manifest.mesh.leaf_lifetime);
         let mut manifest = manifest;
         if let Some(mode) = options.mesh_mode {

@@ -175,5 +175,24 @@ async fn services_reach_only_what_they_declared_and_pushes_arrive_over_mtls() {
     let pushed: Value = serde_json::from_str(line["body"].as_str().unwrap()).unwrap();
     assert_eq!(pushed["id"], "e-1");
 
+    // Depths, in-flight and dead-letter counts are Prometheus metrics on
+    // the console's /metrics.
+    let console = h.system().endpoints().console.clone();
+    let text = plain
+        .get(format!("{console}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for metric in [
+        "flotilla_broker_published_total{topic=\"orders\"}",
+        "flotilla_broker_queue_depth{queue=\"sink-dlq\"}",
+        "flotilla_broker_queue_in_flight{queue=\"pulled\"}",
+    ] {
+        assert!(text.contains(metric), "{metric} missing from:\n{text}");
+    }
+
     h.stop().await;
 }
