@@ -55,6 +55,23 @@ pub enum EventError {
     SpecVersion { index: Option<usize>, found: String },
 }
 
+/// `%XX` sequences decoded; `None` if malformed or not UTF-8.
+fn percent_decode(raw: &[u8]) -> Option<String> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'%' {
+            let hex = std::str::from_utf8(raw.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(raw[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 fn at(index: Option<usize>) -> String {
     index.map(|i| format!(" #{i}")).unwrap_or_default()
 }
@@ -149,6 +166,72 @@ impl CloudEvent {
         let raw = body.slice_ref(trimmed);
         let attributes = parse_attributes(&raw)?;
         Ok(Self { raw, attributes })
+    }
+
+    /// Builds an event sent in the HTTP binary content mode: the context
+    /// attributes in `ce-*` headers (percent-decoded, as the HTTP binding
+    /// says), the body as `data` with its `content-type` as
+    /// `datacontenttype`. The broker stores it in the structured form, so
+    /// every consumer reads one format: a JSON body becomes `data`, a UTF-8
+    /// `text/*` body a string, anything else `data_base64`.
+    pub fn from_binary(
+        headers: &http::HeaderMap,
+        body: &[u8],
+        max_bytes: usize,
+    ) -> Result<Self, EventError> {
+        use base64::Engine as _;
+        let mut event = serde_json::Map::new();
+        for (name, value) in headers {
+            let Some(attr) = name.as_str().strip_prefix("ce-") else {
+                continue;
+            };
+            let text = percent_decode(value.as_bytes()).ok_or_else(|| EventError::Invalid {
+                index: None,
+                attribute: attr.to_owned(),
+                problem: "is not valid percent-encoded UTF-8 in its ce- header",
+            })?;
+            event.insert(attr.to_owned(), serde_json::Value::String(text));
+        }
+        let content_type = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let essence = content_type
+            .as_deref()
+            .and_then(|c| c.split(';').next())
+            .map(|c| c.trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        let json = essence == "application/json" || essence.ends_with("+json");
+        if !body.is_empty() {
+            let data = if json {
+                serde_json::from_slice::<serde_json::Value>(body)
+                    .map_err(|source| EventError::Json {
+                        index: None,
+                        source,
+                    })
+                    .map(|v| ("data", v))?
+            } else if essence.starts_with("text/")
+                && let Ok(text) = std::str::from_utf8(body)
+            {
+                ("data", serde_json::Value::String(text.to_owned()))
+            } else {
+                (
+                    "data_base64",
+                    serde_json::Value::String(
+                        base64::engine::general_purpose::STANDARD.encode(body),
+                    ),
+                )
+            };
+            event.insert(data.0.to_owned(), data.1);
+        }
+        if let Some(ct) = content_type {
+            event.insert("datacontenttype".into(), serde_json::Value::String(ct));
+        }
+        let bytes = serde_json::to_vec(&event).map_err(|source| EventError::Json {
+            index: None,
+            source,
+        })?;
+        Self::parse(Bytes::from(bytes), max_bytes)
     }
 
     /// Parses a batch (a JSON array of structured events).
@@ -313,6 +396,19 @@ fn parse_attributes(raw: &[u8]) -> Result<Vec<(String, AttrValue)>, EventError> 
         if name == "data" {
             continue;
         }
+        if name == "data_base64" {
+            // The JSON format's member for binary data: a base64 string.
+            let ok = serde_json::from_str::<&str>(value.get()).is_ok_and(|b64| {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .is_ok()
+            });
+            if !ok {
+                return Err(invalid(name, "must be a base64 string"));
+            }
+            continue;
+        }
         if name.is_empty()
             || !name
                 .bytes()
@@ -447,6 +543,81 @@ mod tests {
         assert!(matches!(
             CloudEvent::parse_batch(b"[]", 1 << 20, 1),
             Err(EventError::EmptyBatch)
+        ));
+    }
+
+    fn binary(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, http::HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    const CE: [(&str, &str); 4] = [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "b-1"),
+        ("ce-source", "/orders"),
+        ("ce-type", "order.placed"),
+    ];
+
+    #[test]
+    fn binary_mode_becomes_the_structured_form() {
+        let mut h = binary(&CE);
+        h.insert("content-type", "application/json".parse().unwrap());
+        h.insert("ce-customer", "c%2042".parse().unwrap());
+        let e = CloudEvent::from_binary(&h, br#"{"total":12}"#, 1 << 20).unwrap();
+        assert_eq!(e.id(), "b-1");
+        assert_eq!(e.ty(), "order.placed");
+        assert_eq!(e.key("customer").as_deref(), Some("c 42"));
+        let v: serde_json::Value = serde_json::from_slice(e.as_bytes()).unwrap();
+        assert_eq!(v["data"]["total"], 12);
+        assert_eq!(v["datacontenttype"], "application/json");
+
+        // Text stays text; anything else is base64.
+        let mut h = binary(&CE);
+        h.insert("content-type", "text/plain".parse().unwrap());
+        let v: serde_json::Value = serde_json::from_slice(
+            CloudEvent::from_binary(&h, b"hello", 1 << 20)
+                .unwrap()
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(v["data"], "hello");
+        let mut h = binary(&CE);
+        h.insert("content-type", "application/octet-stream".parse().unwrap());
+        let v: serde_json::Value = serde_json::from_slice(
+            CloudEvent::from_binary(&h, &[0, 255, 1], 1 << 20)
+                .unwrap()
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(v["data_base64"], "AP8B");
+    }
+
+    #[test]
+    fn binary_mode_is_validated_like_the_structured_form() {
+        let h = binary(&CE[..3]);
+        assert!(matches!(
+            CloudEvent::from_binary(&h, b"", 1 << 20),
+            Err(EventError::Missing {
+                attribute: "type",
+                ..
+            })
+        ));
+        let mut h = binary(&CE);
+        h.insert("content-type", "application/json".parse().unwrap());
+        assert!(matches!(
+            CloudEvent::from_binary(&h, b"{not json", 1 << 20),
+            Err(EventError::Json { .. })
+        ));
+        let mut h = binary(&CE);
+        h.insert("ce-bad", "%zz".parse().unwrap());
+        assert!(CloudEvent::from_binary(&h, b"", 1 << 20).is_err());
+        let h = binary(&CE);
+        assert!(matches!(
+            CloudEvent::from_binary(&h, &[b'a'; 300], 100),
+            Err(EventError::TooLarge { .. })
         ));
     }
 }

@@ -38,7 +38,7 @@ pub enum ApiError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(
-        "content type `{0}` is not accepted; send application/cloudevents+json or application/cloudevents-batch+json"
+        "content type `{0}` is not accepted; send application/cloudevents+json, application/cloudevents-batch+json, or one event in binary mode (ce-specversion, ce-id, ce-source, ce-type headers)"
     )]
     MediaType(String),
     #[error("request body is over the limit of {limit} bytes")]
@@ -264,6 +264,12 @@ fn events(api: &Api, headers: &HeaderMap, body: Bytes) -> Result<Vec<CloudEvent>
             l.max_event_bytes,
             l.max_batch_events,
         )?),
+        // The HTTP binding's binary mode: attributes in ce-* headers.
+        _ if headers.contains_key("ce-specversion") => Ok(vec![CloudEvent::from_binary(
+            headers,
+            &body,
+            l.max_event_bytes,
+        )?]),
         _ => Err(ApiError::MediaType(ct.to_owned())),
     }
 }
