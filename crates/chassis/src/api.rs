@@ -184,8 +184,10 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Dependency failures become 502/503 `dependency_unavailable` naming the
-/// dependency; everything else is internal.
+/// Dependency and broker failures become 502/503 `dependency_unavailable`
+/// naming the dependency; an invalid event or event data becomes 400
+/// (`invalid_cloudevent`, `invalid_event_data`) so the broker dead-letters
+/// it; everything else is internal.
 impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
         let (status, dep) = match &err {
@@ -198,6 +200,20 @@ impl From<Error> for ApiError {
             Error::Status { dep, .. }
             | Error::BadJson { dep, .. }
             | Error::TooLarge { dep, .. } => (StatusCode::BAD_GATEWAY, dep.clone()),
+            Error::Broker { status, .. } if *status == StatusCode::SERVICE_UNAVAILABLE => {
+                (StatusCode::SERVICE_UNAVAILABLE, "broker".to_owned())
+            }
+            Error::Broker { .. } => (StatusCode::BAD_GATEWAY, "broker".to_owned()),
+            // A 4xx tells the broker to dead-letter a pushed event instead of
+            // retrying it: right for events that can never be handled.
+            Error::InvalidEvent { reason } => {
+                tracing::warn!(error = %reason, "invalid CloudEvent");
+                return ApiError::bad_request("invalid_cloudevent", err.to_string());
+            }
+            Error::EventData { .. } => {
+                tracing::warn!(error = %error_chain(&err), "event data not understood");
+                return ApiError::bad_request("invalid_event_data", error_chain(&err));
+            }
             _ => return ApiError::internal(&err),
         };
         tracing::warn!(error = %error_chain(&err), dependency = %dep, "dependency call failed");

@@ -155,27 +155,45 @@ impl Config {
                 service: self.service.clone(),
             });
         };
-        let parsed = reqwest::Url::parse(&url).map_err(|e| Error::InvalidEnv {
-            var: var.clone(),
-            value: url.clone(),
-            reason: e.to_string(),
-            fix: "use an absolute URL such as http://127.0.0.1:40211".into(),
-        })?;
-        if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
-            return Err(Error::InvalidEnv {
-                var,
-                value: url,
-                reason: "not an http(s) URL with a host".into(),
-                fix: "use an absolute URL such as http://127.0.0.1:40211".into(),
+        http_url(var, url)
+    }
+
+    /// The broker's URL (`FLOTILLA_BROKER_URL`), validated.
+    pub(crate) fn broker_url(&self) -> Result<String, Error> {
+        let Some(url) = non_empty(&self.env, BROKER_URL_VAR) else {
+            return Err(Error::NoBroker {
+                service: self.service.clone(),
             });
-        }
-        Ok(url.trim_end_matches('/').to_owned())
+        };
+        http_url(BROKER_URL_VAR.to_owned(), url)
     }
 
     pub(crate) fn database_url(&self) -> Option<String> {
         non_empty(&self.env, "DATABASE_URL")
     }
 }
+
+/// An absolute http(s) URL with a host, without a trailing `/`.
+fn http_url(var: String, url: String) -> Result<String, Error> {
+    let parsed = reqwest::Url::parse(&url).map_err(|e| Error::InvalidEnv {
+        var: var.clone(),
+        value: url.clone(),
+        reason: e.to_string(),
+        fix: "use an absolute URL such as http://127.0.0.1:40211".into(),
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+        return Err(Error::InvalidEnv {
+            var,
+            value: url,
+            reason: "not an http(s) URL with a host".into(),
+            fix: "use an absolute URL such as http://127.0.0.1:40211".into(),
+        });
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
+/// The variable holding the broker's URL.
+const BROKER_URL_VAR: &str = "FLOTILLA_BROKER_URL";
 
 /// The variable naming the instance's ACL file.
 const ACL_FILE_VAR: &str = "FLOTILLA_ACL_FILE";

@@ -213,6 +213,85 @@ pub enum Error {
         limit: usize,
     },
 
+    /// An event does not follow the CloudEvents rules the broker enforces
+    /// (see [`crate::Event::validate`]).
+    #[error("invalid CloudEvent: {reason}")]
+    InvalidEvent {
+        /// What is wrong, naming the attribute.
+        reason: String,
+    },
+
+    /// An event's `data` could not be serialized as JSON.
+    #[error("could not encode the data of a `{ty}` event as JSON")]
+    EventEncode {
+        /// The event's type.
+        ty: String,
+        /// The encoding error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// An event's `data` is not the type the consumer expected
+    /// ([`crate::Event::data_as`]).
+    #[error("the data of event {id} (type `{ty}`) is not what this consumer expects")]
+    EventData {
+        /// The event's id.
+        id: String,
+        /// The event's type.
+        ty: String,
+        /// The decoding error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// [`crate::Service::broker`] was called but the runtime gave no broker.
+    #[error(
+        "environment variable FLOTILLA_BROKER_URL is not set; declare `publishes` or `consumes` for service `{service}` in flotilla.toml"
+    )]
+    NoBroker {
+        /// The calling service.
+        service: String,
+    },
+
+    /// A topic, queue, stream, group or consumer name that the broker would
+    /// not accept (and that must not be spliced into a URL).
+    #[error(
+        "{kind} name `{name}` is invalid: use 1-80 ASCII letters, digits and hyphens, as declared in flotilla.toml"
+    )]
+    BrokerName {
+        /// `topic`, `queue`, `stream`, `group` or `consumer`.
+        kind: &'static str,
+        /// The name given.
+        name: String,
+    },
+
+    /// The broker answered with an error. Unreachable and timeout are
+    /// [`Error::Unreachable`] and [`Error::Timeout`] with dependency
+    /// `broker`.
+    #[error("the broker answered {url} with {status} {code}: {message}")]
+    Broker {
+        /// The URL called.
+        url: String,
+        /// Its status, e.g. 409 for `stale_receipt`.
+        status: StatusCode,
+        /// The broker's stable error code, e.g. `stale_receipt`,
+        /// `unknown_topic`, `lease_lost` (see docs/broker.md, "Errors");
+        /// `unexpected_response` when the body was not the broker's.
+        code: String,
+        /// The broker's message.
+        message: String,
+    },
+
+    /// A statement on the service's database failed (outbox, inbox).
+    #[error("could not {what}")]
+    Sql {
+        /// What was being done, e.g. `write the event to the outbox`.
+        what: &'static str,
+        /// What SQLite said.
+        #[source]
+        source: sqlx::Error,
+    },
+
     /// A request body could not be encoded as JSON.
     #[error("could not encode the JSON body for {url}")]
     Encode {
@@ -225,24 +304,35 @@ pub enum Error {
 }
 
 impl Error {
-    /// True for failures of a call to another service (unreachable, timeout,
-    /// non-2xx, bad or oversized body): the ones a handler usually turns into
-    /// a 502/503.
+    /// True for failures of a call to another service or the broker
+    /// (unreachable, timeout, non-2xx, bad or oversized body): the ones a
+    /// handler usually turns into a 502/503.
     pub fn is_dependency_failure(&self) -> bool {
         matches!(
             self,
             Error::Unreachable { .. }
                 | Error::Timeout { .. }
                 | Error::Status { .. }
+                | Error::Broker { .. }
                 | Error::BadJson { .. }
                 | Error::TooLarge { .. }
         )
     }
 
-    /// The dependency's HTTP status, when it answered with a non-2xx one.
+    /// The dependency's (or the broker's) HTTP status, when it answered
+    /// with a non-2xx one.
     pub fn status(&self) -> Option<StatusCode> {
         match self {
-            Error::Status { status, .. } => Some(*status),
+            Error::Status { status, .. } | Error::Broker { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The broker's error code (`stale_receipt`, `unknown_topic`,
+    /// `lease_lost`, …), when the broker answered with an error.
+    pub fn broker_code(&self) -> Option<&str> {
+        match self {
+            Error::Broker { code, .. } => Some(code),
             _ => None,
         }
     }

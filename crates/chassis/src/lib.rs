@@ -48,26 +48,108 @@
 //!   the dependency's. Certificates are reloaded when renewed. Without those
 //!   variables (unit tests, a binary run by hand) it serves plain HTTP.
 //!
-//! Not yet: tracing export, broker and object-store clients.
+//! - Events ([`events`], [`broker`], [`outbox`], [`inbox`]):
+//!   [`Event`] is a CloudEvent 1.0 ([`Service::event`] stamps the source,
+//!   a UUID, the time and the incoming `traceparent`); [`Service::broker`]
+//!   gives a [`Broker`] (`FLOTILLA_BROKER_URL`, mutual TLS to the broker)
+//!   to publish, receive/ack/extend/release queue messages and read streams
+//!   as a consumer group member ([`StreamConsumer`]); its errors keep the
+//!   broker's status and code ([`Error::Broker`], e.g. 409 `stale_receipt`).
+//!   [`outbox::enqueue`] writes an event in the caller's transaction and
+//!   the relay ([`Outbox::spawn_relay`]) publishes it after the commit, in
+//!   order, retrying until the broker has it; [`inbox::claim`] makes a
+//!   consumer handle each event once; [`PushedEvent`] extracts a pushed
+//!   event and answers 400 to anything else so the broker dead-letters it.
+//!   Delivery is at least once everywhere: consumers deduplicate with
+//!   [`inbox::claim`].
+//!
+//! Publishing through the outbox: the order and its event commit together.
+//!
+//! ```no_run
+//! use flotilla_chassis::{ApiError, Outbox, RelayHandle, Service, outbox};
+//! use sqlx::SqlitePool;
+//!
+//! static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate::Migrator::DEFAULT;
+//!
+//! async fn start(service: &Service) -> Result<(SqlitePool, RelayHandle), flotilla_chassis::Error> {
+//!     let pool = service.database(&MIGRATOR).await?;
+//!     Outbox::install(&pool).await?;
+//!     let relay = Outbox::spawn_relay(pool.clone(), service.broker()?);
+//!     Ok((pool, relay))
+//! }
+//!
+//! async fn place(service: &Service, pool: &SqlitePool, relay: &RelayHandle) -> Result<(), ApiError> {
+//!     let mut tx = pool.begin().await?;
+//!     sqlx::query("INSERT INTO orders (id) VALUES ('o-1')").execute(&mut *tx).await?;
+//!     let event = service.event("order.placed", serde_json::json!({"order": "o-1"}))?;
+//!     outbox::enqueue(&mut tx, "orders", &event).await?;
+//!     tx.commit().await?;
+//!     relay.notify(); // publish now rather than at the next poll
+//!     Ok(())
+//! }
+//! ```
+//!
+//! An idempotent push handler: the inbox row and the handler's writes
+//! commit together, so a redelivered event is acknowledged and skipped.
+//!
+//! ```no_run
+//! use axum::{extract::State, http::StatusCode};
+//! use flotilla_chassis::{ApiError, PushedEvent, inbox};
+//! use sqlx::SqlitePool;
+//!
+//! #[derive(serde::Deserialize)]
+//! struct OrderPlaced { order: String }
+//!
+//! // Router::new().route("/events/orders", post(on_order_placed)), after
+//! // Inbox::install(&pool) at start.
+//! async fn on_order_placed(
+//!     State(pool): State<SqlitePool>,
+//!     PushedEvent(event): PushedEvent,
+//! ) -> Result<StatusCode, ApiError> {
+//!     let placed: OrderPlaced = event.data_as()?; // bad data: 400, dead-lettered
+//!     let mut tx = pool.begin().await?;
+//!     if !inbox::claim(&mut tx, "reserve-stock", &event).await? {
+//!         return Ok(StatusCode::OK); // handled before
+//!     }
+//!     sqlx::query("INSERT INTO reservations (order_id) VALUES (?1)")
+//!         .bind(&placed.order)
+//!         .execute(&mut *tx)
+//!         .await?;
+//!     tx.commit().await?;
+//!     Ok(StatusCode::OK) // 2xx acks; 5xx makes the broker retry
+//! }
+//! ```
+//!
+//! Not yet: tracing export (events carry the incoming `traceparent` on, but
+//! the chassis starts no spans), object-store clients.
 
 mod api;
+pub mod broker;
 mod client;
 mod config;
 mod database;
 mod error;
+pub mod events;
 mod health;
+pub mod inbox;
 mod logging;
 mod mesh;
 pub mod metrics;
+pub mod outbox;
 pub mod request_id;
 mod service;
 pub mod tls;
+mod trace;
 
 pub use api::{ApiError, ApiJson, ApiQuery, FieldError, not_found};
+pub use broker::{Broker, Lease, Message, ReceiveOptions, Record, StreamConsumer};
 pub use client::{Client, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT};
 pub use database::open_sqlite;
 pub use error::{Error, error_chain};
+pub use events::{Event, PushedEvent};
 pub use health::Readiness;
+pub use inbox::Inbox;
 pub use logging::{format_rfc3339, init_logging, now_rfc3339};
 pub use mesh::{Caller, DEFAULT_HANDSHAKE_TIMEOUT};
+pub use outbox::{Outbox, RelayHandle};
 pub use service::{Server, Service};

@@ -15,7 +15,7 @@ use axum::response::Response;
 use http::Method;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::request_id;
+use crate::{request_id, trace};
 
 /// Metric names, public so dashboards and tests refer to one spelling.
 pub const HTTP_REQUESTS_TOTAL: &str = "http_requests_total";
@@ -23,6 +23,8 @@ pub const HTTP_REQUESTS_TOTAL: &str = "http_requests_total";
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "http_request_duration_seconds";
 /// Requests being handled right now.
 pub const HTTP_REQUESTS_IN_FLIGHT: &str = "http_requests_in_flight";
+/// Events written to the transactional outbox and not yet published.
+pub const OUTBOX_PENDING: &str = "flotilla_outbox_pending";
 
 /// Route label for requests no route matched.
 pub const UNMATCHED: &str = "unmatched";
@@ -75,6 +77,10 @@ fn describe() {
         "HTTP request latency, by route template"
     );
     metrics::describe_gauge!(HTTP_REQUESTS_IN_FLIGHT, "HTTP requests being handled");
+    metrics::describe_gauge!(
+        OUTBOX_PENDING,
+        "Events in the transactional outbox not yet published to the broker"
+    );
 }
 
 /// A bounded label for `method`.
@@ -102,7 +108,8 @@ impl Drop for InFlight {
 }
 
 /// The middleware: counts, times and tracks every request, and makes the
-/// incoming `x-request-id` available to outgoing [`crate::Client`] calls.
+/// incoming `x-request-id` available to outgoing [`crate::Client`] calls
+/// and the incoming `traceparent` to the events the handler creates.
 pub(crate) async fn track(req: Request, next: Next) -> Response {
     let method = method_label(req.method());
     let route = req
@@ -110,13 +117,14 @@ pub(crate) async fn track(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map_or_else(|| UNMATCHED.to_owned(), |p| p.as_str().to_owned());
     let request_id = request_id::from_headers(req.headers());
+    let traceparent = trace::from_headers(req.headers());
 
     let gauge = metrics::gauge!(HTTP_REQUESTS_IN_FLIGHT);
     gauge.increment(1.0);
     let _in_flight = InFlight(gauge);
     let start = Instant::now();
 
-    let response = request_id::scope(request_id, next.run(req)).await;
+    let response = request_id::scope(request_id, trace::scope(traceparent, next.run(req))).await;
 
     let status = response.status().as_u16().to_string();
     metrics::counter!(

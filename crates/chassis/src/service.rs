@@ -12,8 +12,10 @@ use sqlx::SqlitePool;
 use sqlx::migrate::Migrator;
 use tokio::net::TcpListener;
 
+use crate::broker::Broker;
 use crate::client::Client;
 use crate::config::{Config, Env, ListenSource};
+use crate::events::Event;
 use crate::health::{self, Readiness};
 use crate::mesh::{self, Mesh, MeshListener, Peer};
 use crate::tls::TlsFiles;
@@ -164,6 +166,22 @@ impl Service {
             self.config.dependency_url(dep)?,
             self.mesh.as_ref().map(|m| m.identity.clone()),
         )
+    }
+
+    /// The event broker's client, from `FLOTILLA_BROKER_URL` (set for
+    /// services that declare `publishes` or `consumes`). Under mutual TLS it
+    /// presents this instance's certificate and accepts only the broker's.
+    pub fn broker(&self) -> Result<Broker, Error> {
+        Broker::new(
+            self.config.broker_url()?,
+            self.mesh.as_ref().map(|m| m.identity.clone()),
+        )
+    }
+
+    /// A new event of type `ty` from this service (`source` `/<service>`);
+    /// see [`Event::new`].
+    pub fn event(&self, ty: &str, data: impl serde::Serialize) -> Result<Event, Error> {
+        Event::new(self.name(), ty, data)
     }
 
     /// Opens the service's own database from `DATABASE_URL` and runs
@@ -371,6 +389,29 @@ mod tests {
         let err = s.client("catalog").unwrap_err().to_string();
         assert!(err.contains("FLOTILLA_URL_CATALOG"), "{err}");
         assert!(err.contains("calls"), "{err}");
+        assert_eq!(s.event("order.placed", 1).unwrap().source, "/orders");
+    }
+
+    #[test]
+    fn broker_without_url_says_what_to_declare() {
+        let s = Service::from_vars([("FLOTILLA_SERVICE", "orders")]).unwrap();
+        let err = s.broker().unwrap_err().to_string();
+        assert!(err.contains("FLOTILLA_BROKER_URL"), "{err}");
+        assert!(err.contains("`publishes` or `consumes`"), "{err}");
+        assert!(err.contains("`orders`"), "{err}");
+        let s = Service::from_vars([
+            ("FLOTILLA_SERVICE", "orders"),
+            ("FLOTILLA_BROKER_URL", "http://127.0.0.1:41234/"),
+        ])
+        .unwrap();
+        assert_eq!(s.broker().unwrap().base_url(), "http://127.0.0.1:41234");
+        let s = Service::from_vars([
+            ("FLOTILLA_SERVICE", "orders"),
+            ("FLOTILLA_BROKER_URL", "nats://127.0.0.1:4222"),
+        ])
+        .unwrap();
+        let err = s.broker().unwrap_err().to_string();
+        assert!(err.contains("FLOTILLA_BROKER_URL"), "{err}");
     }
 
     #[tokio::test]

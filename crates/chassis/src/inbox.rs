@@ -1,0 +1,108 @@
+//! The idempotent consumer: handle each event once, although the broker
+//! and the outbox deliver at least once.
+//!
+//! [`claim`] records `(consumer, source, id)` in the table `flotilla_inbox`
+//! inside the handler's own transaction. If the event was handled before
+//! the insert finds the row and `claim` answers false; otherwise the
+//! handler's writes and the record commit together, so a crash before the
+//! commit leaves neither and the redelivery is handled normally.
+//!
+//! Make `claim` the first statement of the transaction: SQLite then takes
+//! the write lock before anything is read, so two replicas handling the
+//! same event at once queue on the lock and the second sees the first's
+//! row.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::{SqliteConnection, SqlitePool};
+
+use crate::Error;
+use crate::events::Event;
+
+/// How long handled events are remembered by default: longer than the
+/// broker keeps an unacknowledged message (4 days), so every redelivery
+/// finds its row.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS flotilla_inbox (
+    consumer TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    processed_ms INTEGER NOT NULL,
+    PRIMARY KEY (consumer, source, event_id)
+);
+CREATE INDEX IF NOT EXISTS flotilla_inbox_processed ON flotilla_inbox (processed_ms);
+";
+
+/// The inbox table.
+#[derive(Debug)]
+pub struct Inbox;
+
+impl Inbox {
+    /// Creates the inbox table if it does not exist (safe to run on every
+    /// start, from every replica).
+    pub async fn install(pool: &SqlitePool) -> Result<(), Error> {
+        sqlx::raw_sql(SCHEMA)
+            .execute(pool)
+            .await
+            .map_err(|source| Error::Sql {
+                what: "create the inbox table",
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Forgets events handled more than `older_than` ago
+    /// ([`DEFAULT_RETENTION`] is the usual choice); returns how many. Run it
+    /// now and then, e.g. hourly: an event redelivered after it was
+    /// forgotten would be handled again.
+    pub async fn prune(pool: &SqlitePool, older_than: Duration) -> Result<u64, Error> {
+        let cutoff =
+            now_ms().saturating_sub(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX));
+        let done = sqlx::query("DELETE FROM flotilla_inbox WHERE processed_ms < ?1")
+            .bind(cutoff)
+            .execute(pool)
+            .await
+            .map_err(|source| Error::Sql {
+                what: "prune the inbox",
+                source,
+            })?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// Records that `consumer` handles `event`, on `conn` (the handler's open
+/// transaction, `&mut *tx`). True the first time: go on and commit. False
+/// if the event was handled before: skip it, acknowledge it and roll back
+/// (dropping the transaction does).
+///
+/// `consumer` names the handler (a service may consume the same event in
+/// several places); events are identified by `source` + `id`.
+pub async fn claim(
+    conn: &mut SqliteConnection,
+    consumer: &str,
+    event: &Event,
+) -> Result<bool, Error> {
+    let done = sqlx::query(
+        "INSERT INTO flotilla_inbox (consumer, event_id, source, processed_ms)
+         VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+    )
+    .bind(consumer)
+    .bind(&event.id)
+    .bind(&event.source)
+    .bind(now_ms())
+    .execute(conn)
+    .await
+    .map_err(|source| Error::Sql {
+        what: "record the event in the inbox (is Inbox::install run at start?)",
+        source,
+    })?;
+    Ok(done.rows_affected() == 1)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
