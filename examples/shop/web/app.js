@@ -1,8 +1,12 @@
 // The reference shop's browser client: plain JavaScript, no build step.
 //
-// It talks only to the gateway, with relative URLs, and to four services
+// It talks only to the gateway, with relative URLs, and to the services
 // behind it: the catalog (browse, search), pricing (the live quote), orders
-// (place, list) and accounts (sign up, sign in, tokens). Every error body
+// (place, list, follow), accounts (sign up, sign in, tokens),
+// notifications (the signed-in user's messages) and analytics (best
+// sellers). Placing an order only starts the order saga: inventory reserves
+// the stock and payments charges the card through events, so the page
+// polls the order until it is confirmed or cancelled. Every error body
 // has the platform's shape {"error": {"code", "message", "fields"?,
 // "details"?}}, shown as is.
 //
@@ -14,6 +18,11 @@
 (() => {
   const PAGE_SIZE = 12;
   const QUOTE_DELAY_MS = 250;
+  // How often a placed order is polled while the saga runs, and for how
+  // long before the page stops asking (the order still ends; "My orders"
+  // shows it).
+  const TRACK_EVERY_MS = 500;
+  const TRACK_FOR_MS = 60_000;
   const BASKET_KEY = 'flotilla-shop-basket';
   const EMAIL_KEY = 'flotilla-shop-email';
   // Tokens. The access token lives in memory only (`auth.accessToken`): it
@@ -40,6 +49,7 @@
     quoteSeq: 0,
     quoteTimer: null,
     placing: false,
+    tracking: null, // the id of the order being followed
   };
 
   const auth = {
@@ -199,6 +209,7 @@
     storeRefreshToken(tokens.refresh_token);
     auth.user = { email: claimsOf(tokens.access_token).email || '' };
     renderAccount();
+    loadNotifications();
   }
 
   function forgetSession() {
@@ -298,6 +309,10 @@
     showError($('account-error'), null);
     $('orders').replaceChildren();
     $('orders-empty').hidden = true;
+    $('notifications').replaceChildren();
+    $('notifications-empty').hidden = true;
+    stopTracking();
+    $('progress').hidden = true;
     showOk($('account-ok'), 'You are signed out.');
     if (token) {
       try {
@@ -562,6 +577,9 @@
     };
     const coupon = $('coupon').value.trim();
     if (coupon) body.coupon = coupon;
+    // A simulated test card: orders passes it to payments and keeps only
+    // its last four digits.
+    body.payment = { card: $('card').value.trim() };
 
     state.placing = true;
     updatePlaceButton();
@@ -573,7 +591,8 @@
       state.quote = null;
       saveBasket();
       renderQuote();
-      showOk($('order-ok'), `Thank you! Order ${order.id.slice(0, 8)} is placed: ${money(order.total_cents, order.currency)}.`);
+      showOk($('order-ok'), `Thank you! Order ${order.id.slice(0, 8)} is placed: ${money(order.total_cents, order.currency)}. Checking stock and payment…`);
+      trackOrder(order);
       loadOrders();
     } catch (err) {
       showError($('order-error'), err);
@@ -632,6 +651,133 @@
     }
   }
 
+  // ---- Following an order through the saga ---------------------------------
+
+  const REASONS = {
+    out_of_stock: 'out of stock',
+    payment_declined: 'payment declined',
+  };
+
+  function statusText(o) {
+    if (o.status === 'cancelled' && o.reason) return `cancelled: ${REASONS[o.reason] || o.reason}`;
+    return o.status;
+  }
+
+  function renderProgress(o) {
+    $('progress').hidden = false;
+    $('progress-id').textContent = `Order ${o.id.slice(0, 8)}`;
+    const badge = $('progress-status');
+    badge.textContent = statusText(o);
+    badge.className = `badge ${o.status}`;
+    const steps = $('progress-steps');
+    steps.replaceChildren();
+    for (const step of o.history || []) {
+      const at = new Date(step.at);
+      const when = Number.isNaN(at.getTime()) ? step.at : at.toLocaleTimeString();
+      steps.append(el('li', {}, `${when} — ${statusText(step)}`));
+    }
+    if (o.status === 'placed') steps.append(el('li', { className: 'muted' }, 'waiting for stock and payment…'));
+  }
+
+  function stopTracking() {
+    state.tracking = null;
+  }
+
+  /**
+   * Polls the order every TRACK_EVERY_MS until the saga ends it (confirmed
+   * or cancelled), showing each step. Placing another order, or signing
+   * out, stops following this one.
+   */
+  async function trackOrder(order) {
+    const id = order.id;
+    state.tracking = id;
+    renderProgress(order);
+    const until = Date.now() + TRACK_FOR_MS;
+    let failures = 0;
+    while (state.tracking === id && Date.now() < until) {
+      await new Promise((resolve) => setTimeout(resolve, TRACK_EVERY_MS));
+      if (state.tracking !== id) return;
+      try {
+        const o = await api('GET', `api/orders/${encodeURIComponent(id)}`, undefined, { auth: true });
+        failures = 0;
+        renderProgress(o);
+        if (o.status !== 'placed') {
+          stopTracking();
+          const ended = o.status === 'confirmed'
+            ? `Order ${id.slice(0, 8)} is confirmed: ${money(o.total_cents, o.currency)}. Thank you!`
+            : null;
+          showOk($('order-ok'), ended);
+          if (!ended) showError($('order-error'), new ApiError(409, o.reason || 'cancelled', `Order ${id.slice(0, 8)} was ${statusText(o)}.`));
+          loadOrders();
+          // The notification and the sales figures follow by events of
+          // their own; give them a moment.
+          setTimeout(loadNotifications, 1000);
+          setTimeout(loadSales, 2000);
+          return;
+        }
+      } catch (err) {
+        failures += 1;
+        if (failures >= 5) {
+          showError($('order-error'), err);
+          stopTracking();
+          return;
+        }
+      }
+    }
+    if (state.tracking === id) {
+      stopTracking();
+      showOk($('order-ok'), `Order ${id.slice(0, 8)} is still being processed; "My orders" will show how it ends.`);
+    }
+  }
+
+  // ---- Notifications and sales --------------------------------------------
+
+  async function loadNotifications() {
+    showError($('notifications-error'), null);
+    const list = $('notifications');
+    if (!auth.accessToken) {
+      list.replaceChildren();
+      $('notifications-empty').hidden = true;
+      return;
+    }
+    try {
+      const data = await api('GET', 'api/notifications?limit=20', undefined, { auth: true });
+      list.replaceChildren();
+      $('notifications-empty').hidden = data.notifications.length > 0;
+      for (const n of data.notifications) {
+        const at = new Date(n.created_at);
+        list.append(el('li', {},
+          el('time', { dateTime: n.created_at }, Number.isNaN(at.getTime()) ? n.created_at : at.toLocaleString()),
+          n.message));
+      }
+    } catch (err) {
+      list.replaceChildren();
+      $('notifications-empty').hidden = true;
+      showError($('notifications-error'), err);
+    }
+  }
+
+  async function loadSales() {
+    showError($('sales-error'), null);
+    try {
+      const data = await api('GET', 'api/analytics/sales');
+      const rows = $('sales-lines');
+      rows.replaceChildren();
+      for (const p of data.products.slice(0, 10)) {
+        rows.append(el('tr', {},
+          el('td', {}, p.sku.replace(/^sku-/, '')),
+          el('td', { className: 'num' }, p.units),
+          el('td', { className: 'num' }, money(p.revenue_cents, p.currency))));
+      }
+      $('sales-table').hidden = data.products.length === 0;
+      $('sales-empty').hidden = data.products.length > 0;
+    } catch (err) {
+      $('sales-table').hidden = true;
+      $('sales-empty').hidden = true;
+      showError($('sales-error'), err);
+    }
+  }
+
   function renderOrder(o) {
     const when = new Date(o.created_at);
     const lines = el('ul');
@@ -646,7 +792,7 @@
       el('header', {},
         el('strong', {}, Number.isNaN(when.getTime()) ? o.created_at : when.toLocaleString()),
         el('strong', {}, money(o.total_cents, o.currency))),
-      el('div', { className: 'id' }, `${o.id} · ${o.status}`),
+      el('div', { className: 'id' }, `${o.id} `, el('span', { className: `badge ${o.status}` }, statusText(o))),
       lines,
       el('div', { className: 'muted' }, extra.join(' · ')));
   }
@@ -677,6 +823,8 @@
     $('coupon').addEventListener('input', scheduleQuote);
     $('checkout').addEventListener('submit', placeOrder);
     $('refresh-orders').addEventListener('click', loadOrders);
+    $('refresh-notifications').addEventListener('click', loadNotifications);
+    $('refresh-sales').addEventListener('click', loadSales);
     $('tab-sign-in').addEventListener('click', () => showTab('sign-in'));
     $('tab-sign-up').addEventListener('click', () => showTab('sign-up'));
     $('sign-in').addEventListener('submit', signIn);
@@ -698,6 +846,7 @@
     scheduleQuote();
     loadCategories();
     loadProducts();
+    loadSales();
   }
 
   init();

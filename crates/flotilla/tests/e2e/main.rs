@@ -4,5 +4,6 @@
 mod bad_input;
 mod cli;
 mod mesh;
+mod saga;
 mod shop;
 mod support;

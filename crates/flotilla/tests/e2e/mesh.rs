@@ -396,7 +396,7 @@ async fn certificates_rotate_under_traffic_with_no_failure_and_no_restart() {
                     1 => http
                         .post(format!("{gateway}/api/orders"))
                         .bearer_auth(&token)
-                        .json(&json!({"items": [{"sku": "sku-mug", "quantity": 1}]}))
+                        .json(&json!({"items": [{"sku": "sku-mug", "quantity": 1}], "payment": {"card": "4242 4242 4242 4242"}}))
                         .send()
                         .await
                         .map(|r| (r.status().as_u16(), 201)),

@@ -114,7 +114,7 @@ async fn browse_quote_and_order() {
     // Orders need a signed-in user: without a token the gateway answers 401.
     let anonymous = http
         .post(system.url("/api/orders"))
-        .json(&json!({"items": [{"sku": id, "quantity": 2}]}))
+        .json(&json!({"items": [{"sku": id, "quantity": 2}], "payment": {"card": "4242 4242 4242 4242"}}))
         .send()
         .await
         .unwrap();
@@ -131,7 +131,7 @@ async fn browse_quote_and_order() {
     let placed = http
         .post(system.url("/api/orders"))
         .bearer_auth(&token)
-        .json(&json!({"items": [{"sku": id, "quantity": 2}]}))
+        .json(&json!({"items": [{"sku": id, "quantity": 2}], "payment": {"card": "4242 4242 4242 4242"}}))
         .send()
         .await
         .unwrap();
@@ -182,7 +182,7 @@ async fn browse_quote_and_order() {
     let bad = http
         .post(system.url("/api/orders"))
         .bearer_auth(&token)
-        .json(&json!({"items": [{"sku": "no-such-sku", "quantity": 1}]}))
+        .json(&json!({"items": [{"sku": "no-such-sku", "quantity": 1}], "payment": {"card": "4242 4242 4242 4242"}}))
         .send()
         .await
         .unwrap();
@@ -347,7 +347,7 @@ async fn orders_survive_down_then_up() {
     let placed: Value = http
         .post(system.url("/api/orders"))
         .bearer_auth(&token)
-        .json(&json!({"items": [{"sku": sku, "quantity": 1}]}))
+        .json(&json!({"items": [{"sku": sku, "quantity": 1}], "payment": {"card": "4242 4242 4242 4242"}}))
         .send()
         .await
         .unwrap()

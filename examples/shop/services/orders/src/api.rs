@@ -2,9 +2,12 @@
 //!
 //! Placing an order checks with the catalog (does each SKU exist, is there
 //! enough stock, at what price) and with pricing (what does it cost), then
-//! stores the order and its lines in one transaction. The client's idea of
-//! the price is never used; it may send `expected_total_cents` to be told
-//! when the price it showed has changed.
+//! stores the order as `placed` and enqueues `order.placed` in one
+//! transaction (the transactional outbox): the order exists if and only if
+//! the saga that confirms or cancels it has started. The answer does not
+//! wait for the saga; clients poll `GET /api/orders/{id}` for the outcome.
+//! The client's idea of the price is never used; it may send
+//! `expected_total_cents` to be told when the price it showed has changed.
 
 use std::collections::HashMap;
 
@@ -13,6 +16,7 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use flotilla_chassis::outbox::RelayHandle;
 use flotilla_chassis::{ApiError, ApiJson, ApiQuery, Client, FieldError};
 use futures_util::{StreamExt, TryStreamExt, stream};
 use serde::{Deserialize, Serialize};
@@ -21,7 +25,8 @@ use sqlx::SqlitePool;
 
 use crate::customer::Customer;
 use crate::deps::{self, Product};
-use crate::store::{self, Order, OrderLine};
+use crate::events;
+use crate::store::{self, Order, OrderLine, StatusChange};
 
 /// Most lines in one order.
 pub const MAX_LINES: usize = 100;
@@ -44,6 +49,19 @@ pub struct AppState {
     pub db: SqlitePool,
     pub catalog: Client,
     pub pricing: Client,
+    /// Publishes what the outbox holds; woken after each commit that
+    /// enqueued events. `None` in tests: events stay in the outbox table.
+    pub relay: Option<RelayHandle>,
+}
+
+impl AppState {
+    /// Wakes the outbox relay after a commit that enqueued events, so they
+    /// go out now rather than at its next poll.
+    pub fn published(&self) {
+        if let Some(relay) = &self.relay {
+            relay.notify();
+        }
+    }
 }
 
 /// The routes.
@@ -51,6 +69,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/orders", get(list).post(place))
         .route("/api/orders/{id}", get(one))
+        // Pushed by the broker (queues orders-stock and orders-payments);
+        // not gateway routes: the ACL lets only the broker's identity in.
+        .route("/events/stock", axum::routing::post(events::stock))
+        .route("/events/payments", axum::routing::post(events::payments))
         .fallback(flotilla_chassis::not_found)
         .with_state(state)
 }
@@ -65,6 +87,38 @@ pub struct PlaceOrder {
     expected_total_cents: Option<i64>,
     #[serde(default)]
     coupon: Option<String>,
+    #[serde(default)]
+    payment: Option<Payment>,
+}
+
+/// How the customer pays. The number is a simulated test card (see
+/// `services/payments/src/card.rs`): it travels to payments as the
+/// "payment token" because there is no card vault to tokenise it in. A
+/// real shop would get an opaque token from its payment provider and never
+/// handle card numbers. It is never logged (hence the hand-written
+/// `Debug`), never stored in the orders table and never answered.
+#[derive(Default, Deserialize)]
+struct Payment {
+    #[serde(default)]
+    card: String,
+}
+
+impl std::fmt::Debug for Payment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Payment")
+            .field("card", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Shortest and longest card numbers issued.
+pub const CARD_DIGITS: std::ops::RangeInclusive<usize> = 12..=19;
+
+/// The card number's digits, spaces removed, if it is 12 to 19 digits.
+fn card_digits(card: &str) -> Option<String> {
+    let digits: String = card.chars().filter(|c| *c != ' ').collect();
+    (CARD_DIGITS.contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then_some(digits)
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,12 +128,14 @@ struct OrderItem {
 }
 
 /// A validated order request, repeated SKUs merged in first-seen order.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 struct Validated {
     customer: Customer,
     items: Vec<(String, i64)>,
     coupon: Option<String>,
     expected_total_cents: Option<i64>,
+    /// The card's digits: the simulated payment token.
+    card: String,
 }
 
 fn validate(body: PlaceOrder, customer: Customer) -> Result<Validated, ApiError> {
@@ -145,15 +201,29 @@ fn validate(body: PlaceOrder, customer: Customer) -> Result<Validated, ApiError>
             "must not be negative",
         ));
     }
-    match errors.is_empty() {
-        true => Ok(Validated {
-            customer,
-            items,
-            coupon,
-            expected_total_cents: body.expected_total_cents,
-        }),
-        false => Err(ApiError::validation(errors)),
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
     }
+    // A card that cannot be a card number is 422: the request is well
+    // formed, its payment is not acceptable.
+    let card = body
+        .payment
+        .as_ref()
+        .and_then(|p| card_digits(&p.card))
+        .ok_or_else(|| {
+            ApiError::unprocessable(
+                "invalid_card",
+                "payment.card must be a card number of 12 to 19 digits (spaces allowed)",
+            )
+            .with_field("payment.card", "must be 12 to 19 digits")
+        })?;
+    Ok(Validated {
+        customer,
+        items,
+        coupon,
+        expected_total_cents: body.expected_total_cents,
+        card,
+    })
 }
 
 async fn place(
@@ -203,23 +273,10 @@ async fn place(
         .flatten()
         .zip(order.items.iter().map(|(_, q)| *q))
         .collect();
-    let short: Vec<_> = lines
-        .iter()
-        .filter(|(p, q)| p.stock < *q)
-        .map(|(p, q)| json!({"sku": p.id, "requested": q, "available": p.stock}))
-        .collect();
-    if !short.is_empty() {
-        let skus: Vec<&str> = lines
-            .iter()
-            .filter(|(p, q)| p.stock < *q)
-            .map(|(p, _)| p.id.as_str())
-            .collect();
-        return Err(ApiError::conflict(
-            "insufficient_stock",
-            format!("not enough stock of {}", quoted(&skus)),
-        )
-        .with_details(json!({ "items": short })));
-    }
+    // Stock is not checked here: inventory owns it and decides in the
+    // saga (a reservation, or `stock.rejected` → cancelled, out_of_stock).
+    // The catalog's figure is for display and may be stale by the time the
+    // order is placed, so refusing on it would be both racy and redundant.
     let currency = lines
         .first()
         .map(|(p, _)| p.currency.clone())
@@ -269,11 +326,13 @@ async fn place(
         })));
     }
 
-    // 3. Store it.
+    // 3. Store it and start the saga, in one transaction.
+    let created_at = flotilla_chassis::now_rfc3339();
     let stored = Order {
         id: uuid::Uuid::new_v4().to_string(),
         customer: order.customer.as_str().to_owned(),
-        status: "placed".to_owned(),
+        status: store::PLACED.to_owned(),
+        reason: None,
         currency: quote.currency.clone(),
         coupon: quote.coupon.clone(),
         lines: quote
@@ -293,9 +352,20 @@ async fn place(
         discount_cents: quote.discount_cents,
         tax_cents: quote.tax_cents,
         total_cents: quote.total_cents,
-        created_at: flotilla_chassis::now_rfc3339(),
+        card_last4: Some(order.card[order.card.len() - 4..].to_owned()),
+        created_at: created_at.clone(),
+        history: vec![StatusChange {
+            status: store::PLACED.to_owned(),
+            reason: None,
+            at: created_at,
+        }],
     };
-    store::insert(&state.db, &stored).await?;
+    let placed = events::placed(&stored, &order.card)?;
+    let mut tx = state.db.begin().await?;
+    store::insert(&mut tx, &stored).await?;
+    events::enqueue(&mut tx, placed).await?;
+    tx.commit().await?;
+    state.published();
     metrics::counter!("shop_orders_placed_total").increment(1);
     tracing::info!(order = %stored.id, total_cents = stored.total_cents, "order placed");
     let location = format!("/api/orders/{}", stored.id);

@@ -12,7 +12,6 @@ pub struct Product {
     pub name: String,
     pub price_cents: i64,
     pub currency: String,
-    pub stock: i64,
 }
 
 /// The product with SKU `sku`, `None` if the catalog does not know it.

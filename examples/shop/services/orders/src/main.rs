@@ -3,16 +3,23 @@
 //! Owns its orders in its own SQLite database and calls the catalog and
 //! pricing services through the URLs the runtime gives it
 //! (`FLOTILLA_URL_CATALOG`, `FLOTILLA_URL_PRICING`). Who the customer is
-//! comes from the request for now: see [`customer`].
+//! comes from the gateway-verified token: see [`customer`].
+//!
+//! An order starts the order saga (see [`events`]): placing it publishes
+//! `order.placed` through the chassis outbox, and the broker pushes back
+//! inventory's and payments' answers, which confirm or cancel it.
 
 mod api;
 mod customer;
 mod deps;
+mod events;
 mod openapi;
 mod store;
 
 use std::process::ExitCode;
 
+use flotilla_chassis::inbox::Inbox;
+use flotilla_chassis::outbox::Outbox;
 use flotilla_chassis::{Service, error_chain};
 
 /// The orders schema.
@@ -35,12 +42,17 @@ async fn run() -> Result<(), flotilla_chassis::Error> {
     let catalog = service.client("catalog")?;
     let pricing = service.client("pricing")?;
     let db = service.database(&MIGRATOR).await?;
+    Inbox::install(&db).await?;
+    Outbox::install(&db).await?;
+    let relay = Outbox::spawn_relay(db.clone(), service.broker()?);
     let state = api::AppState {
         db: db.clone(),
         catalog,
         pricing,
+        relay: Some(relay.clone()),
     };
     let served = service.serve(api::router(state)).await;
+    relay.stop().await;
     // Closing checkpoints the WAL, leaving a single tidy file behind.
     db.close().await;
     served

@@ -10,7 +10,7 @@ pub fn document() -> Value {
         "info": {
             "title": "shop-orders",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Places orders against the catalog's stock and prices and pricing's quote. Amounts are integer cents. Every route needs a bearer token: the gateway verifies it and passes the user as `x-flotilla-user-id`; orders belong to that user."
+            "description": "Places orders against the catalog's prices and pricing's quote (stock is inventory's, decided in the saga), then confirms or cancels them through the order saga (events from inventory and payments). Amounts are integer cents. Every /api route needs a bearer token: the gateway verifies it and passes the user as `x-flotilla-user-id`; orders belong to that user. `/events/*` are called by the broker only (push delivery)."
         },
         "paths": {
             "/api/orders": {
@@ -20,13 +20,13 @@ pub fn document() -> Value {
                     "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PlaceOrder"}}}},
                     "responses": {
                         "201": {
-                            "description": "Placed",
+                            "description": "Placed (status `placed`); poll the Location for `confirmed` or `cancelled`",
                             "headers": {"Location": {"description": "The order's URL", "schema": {"type": "string"}}},
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Order"}}}
                         },
                         "400": error("Invalid fields, including an unknown coupon"),
-                        "409": error("insufficient_stock, or price_changed (details.total_cents is the new total)"),
-                        "422": error("unknown_sku (details.skus), or a body that is not the expected JSON"),
+                        "409": error("price_changed (details.total_cents is the new total)"),
+                        "422": error("unknown_sku (details.skus), invalid_card (payment.card is not 12 to 19 digits), or a body that is not the expected JSON"),
                         "502": error("dependency_unavailable: catalog or pricing answered badly"),
                         "503": error("dependency_unavailable: catalog or pricing unreachable")
                     }
@@ -47,6 +47,30 @@ pub fn document() -> Value {
                     }
                 }
             },
+            "/events/stock": {
+                "post": {
+                    "operationId": "onStockEvent",
+                    "summary": "Broker push: stock.rejected cancels a placed order (out_of_stock) and publishes order.cancelled",
+                    "requestBody": {"required": true, "content": {"application/cloudevents+json": {"schema": {"type": "object"}}}},
+                    "responses": {
+                        "200": {"description": "Handled, duplicate, unchanged or ignored: acknowledged"},
+                        "400": error("Not a CloudEvent, or data without order_id: dead-lettered"),
+                        "415": error("Not application/cloudevents+json")
+                    }
+                }
+            },
+            "/events/payments": {
+                "post": {
+                    "operationId": "onPaymentEvent",
+                    "summary": "Broker push: payment.succeeded confirms, payment.failed cancels (payment_declined) a placed order; publishes order.confirmed / order.cancelled",
+                    "requestBody": {"required": true, "content": {"application/cloudevents+json": {"schema": {"type": "object"}}}},
+                    "responses": {
+                        "200": {"description": "Handled, duplicate, unchanged or ignored: acknowledged"},
+                        "400": error("Not a CloudEvent, or data without order_id: dead-lettered"),
+                        "415": error("Not application/cloudevents+json")
+                    }
+                }
+            },
             "/api/orders/{id}": {
                 "get": {
                     "operationId": "getOrder",
@@ -63,8 +87,14 @@ pub fn document() -> Value {
             "schemas": {
                 "PlaceOrder": {
                     "type": "object",
-                    "required": ["items"],
+                    "required": ["items", "payment"],
                     "properties": {
+                        "payment": {
+                            "type": "object",
+                            "required": ["card"],
+                            "description": "A simulated test card: 4242 4242 4242 4242 succeeds, 4000 0000 0000 0002 declines, 4000 0000 0000 9995 has insufficient funds.",
+                            "properties": {"card": {"type": "string", "pattern": "^[0-9 ]+$", "example": "4242 4242 4242 4242"}}
+                        },
                         "items": {"type": "array", "minItems": 1, "maxItems": 100, "items": {
                             "type": "object",
                             "required": ["sku", "quantity"],
@@ -91,11 +121,22 @@ pub fn document() -> Value {
                 },
                 "Order": {
                     "type": "object",
-                    "required": ["id", "customer", "status", "currency", "lines", "subtotal_cents", "discount_cents", "tax_cents", "total_cents", "created_at"],
+                    "required": ["id", "customer", "status", "currency", "lines", "subtotal_cents", "discount_cents", "tax_cents", "total_cents", "created_at", "history"],
                     "properties": {
                         "id": {"type": "string", "format": "uuid"},
                         "customer": {"type": "string", "description": "The id of the user who placed it (the token's sub)"},
-                        "status": {"type": "string", "enum": ["placed"]},
+                        "status": {"type": "string", "enum": ["placed", "confirmed", "cancelled"]},
+                        "reason": {"type": "string", "enum": ["out_of_stock", "payment_declined"], "description": "Why it was cancelled; absent otherwise"},
+                        "card_last4": {"type": "string", "nullable": true},
+                        "history": {"type": "array", "description": "Every status it went through, oldest first", "items": {
+                            "type": "object",
+                            "required": ["status", "at"],
+                            "properties": {
+                                "status": {"type": "string"},
+                                "reason": {"type": "string"},
+                                "at": {"type": "string", "format": "date-time"}
+                            }
+                        }},
                         "currency": {"type": "string"},
                         "coupon": {"type": "string", "nullable": true},
                         "lines": {"type": "array", "items": {"$ref": "#/components/schemas/OrderLine"}},
@@ -139,5 +180,7 @@ mod tests {
         assert!(doc["paths"]["/api/orders"]["post"].is_object());
         assert!(doc["paths"]["/api/orders"]["get"].is_object());
         assert!(doc["paths"]["/api/orders/{id}"]["get"].is_object());
+        assert!(doc["paths"]["/events/stock"]["post"].is_object());
+        assert!(doc["paths"]["/events/payments"]["post"].is_object());
     }
 }

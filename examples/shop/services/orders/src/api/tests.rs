@@ -81,7 +81,8 @@ fn fake_pricing() -> Router {
     )
 }
 
-async fn app_with(catalog: SocketAddr, pricing: SocketAddr) -> Router {
+/// The app and its database (with the chassis inbox and outbox tables).
+async fn setup(catalog: SocketAddr, pricing: SocketAddr) -> (Router, sqlx::SqlitePool) {
     let catalog_url = format!("http://{catalog}");
     let pricing_url = format!("http://{pricing}");
     let service = Service::from_vars([
@@ -93,15 +94,27 @@ async fn app_with(catalog: SocketAddr, pricing: SocketAddr) -> Router {
     let db = flotilla_chassis::open_sqlite("sqlite::memory:", &crate::MIGRATOR)
         .await
         .unwrap();
-    router(AppState {
-        db,
+    flotilla_chassis::Inbox::install(&db).await.unwrap();
+    flotilla_chassis::Outbox::install(&db).await.unwrap();
+    let app = router(AppState {
+        db: db.clone(),
         catalog: service.client("catalog").unwrap(),
         pricing: service.client("pricing").unwrap(),
-    })
+        relay: None,
+    });
+    (app, db)
+}
+
+async fn app_with(catalog: SocketAddr, pricing: SocketAddr) -> Router {
+    setup(catalog, pricing).await.0
 }
 
 async fn app() -> Router {
     app_with(spawn(fake_catalog()).await, spawn(fake_pricing()).await).await
+}
+
+async fn app_and_db() -> (Router, sqlx::SqlitePool) {
+    setup(spawn(fake_catalog()).await, spawn(fake_pricing()).await).await
 }
 
 async fn call(app: &Router, req: Request<Body>) -> (StatusCode, Option<String>, Value) {
@@ -119,6 +132,19 @@ async fn call(app: &Router, req: Request<Body>) -> (StatusCode, Option<String>, 
 /// gateway would pass from a verified token; removed from the body).
 async fn place_order(app: &Router, mut body: Value) -> (StatusCode, Option<String>, Value) {
     let user = body.as_object_mut().and_then(|o| o.remove("customer"));
+    // Every order pays with the test card that succeeds, unless the test
+    // says otherwise (`"payment": null` leaves it out).
+    if let Some(o) = body.as_object_mut() {
+        match o.get("payment") {
+            None => {
+                o.insert("payment".into(), json!({"card": "4242 4242 4242 4242"}));
+            }
+            Some(Value::Null) => {
+                o.remove("payment");
+            }
+            Some(_) => {}
+        }
+    }
     let mut req = Request::post("/api/orders").header("content-type", "application/json");
     if let Some(user) = user.as_ref().and_then(Value::as_str) {
         req = req.header(USER_HEADER, user);
@@ -241,18 +267,17 @@ async fn unknown_sku_is_422_naming_it() {
 }
 
 #[tokio::test]
-async fn insufficient_stock_is_409() {
+async fn stock_is_left_to_inventory() {
+    // More than the catalog shows: placed all the same; inventory decides
+    // in the saga and the order is cancelled there if stock is short.
     let app = app().await;
-    let (status, _, e) = place_order(
+    let (status, _, order) = place_order(
         &app,
         json!({"customer": "a@example.com", "items": [{"sku": "sku-a", "quantity": 6}]}),
     )
     .await;
-    assert_eq!(status, StatusCode::CONFLICT);
-    assert_eq!(e["error"]["code"], "insufficient_stock");
-    assert_eq!(e["error"]["details"]["items"][0]["available"], 5);
-    let (_, list) = get_as(&app, Some("a@example.com"), "/api/orders").await;
-    assert_eq!(list["orders"], json!([]), "nothing stored");
+    assert_eq!(status, StatusCode::CREATED, "{order}");
+    assert_eq!(order["status"], "placed");
 }
 
 #[tokio::test]
@@ -412,4 +437,242 @@ async fn orders_need_a_verified_user() {
         place_order(&app, json!({"items": [{"sku": "sku-a", "quantity": 1}]})).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(e["error"]["code"], "unauthenticated");
+}
+
+/// The events waiting in the outbox, oldest first, as (topic, event).
+async fn outbox(db: &sqlx::SqlitePool) -> Vec<(String, Value)> {
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT topic, event FROM flotilla_outbox ORDER BY seq")
+            .fetch_all(db)
+            .await
+            .unwrap();
+    rows.into_iter()
+        .map(|(topic, event)| (topic, serde_json::from_str(&event).unwrap()))
+        .collect()
+}
+
+/// POSTs a CloudEvent the way the broker pushes it.
+async fn push(app: &Router, path: &str, event: &Value) -> (StatusCode, Value) {
+    let req = Request::post(path)
+        .header("content-type", "application/cloudevents+json")
+        .body(Body::from(event.to_string()))
+        .unwrap();
+    let (status, _, body) = call(app, req).await;
+    (status, body)
+}
+
+fn cloudevent(id: &str, source: &str, ty: &str, data: Value) -> Value {
+    json!({"specversion": "1.0", "id": id, "source": source, "type": ty,
+           "customer": data["customer"], "orderid": data["order_id"], "data": data})
+}
+
+/// Places a one-line order as alice and returns its id.
+async fn placed_order(app: &Router) -> String {
+    let (status, _, order) = place_order(
+        app,
+        json!({"customer": "alice", "items": [{"sku": "sku-a", "quantity": 2}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{order}");
+    order["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn placing_enqueues_order_placed_in_the_same_transaction() {
+    let (app, db) = app_and_db().await;
+    let (status, _, order) = place_order(
+        &app,
+        json!({"customer": "alice", "items": [{"sku": "sku-a", "quantity": 2}],
+               "payment": {"card": "4000 0000 0000 0002"}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{order}");
+    assert_eq!(order["status"], "placed");
+    assert_eq!(order["card_last4"], "0002");
+    assert_eq!(order["history"][0]["status"], "placed");
+    assert_eq!(order["history"].as_array().unwrap().len(), 1);
+    let text = order.to_string();
+    assert!(!text.contains("4000000000000002") && !text.contains("payment_token"));
+
+    let events = outbox(&db).await;
+    assert_eq!(events.len(), 1);
+    let (topic, event) = &events[0];
+    assert_eq!(topic, "orders");
+    assert_eq!(event["type"], "order.placed");
+    assert_eq!(event["source"], "/orders");
+    assert_eq!(event["customer"], "alice");
+    assert_eq!(event["orderid"], order["id"]);
+    let data = &event["data"];
+    assert_eq!(data["order_id"], order["id"]);
+    assert_eq!(data["customer"], "alice");
+    assert_eq!(
+        data["items"],
+        json!([{"sku": "sku-a", "quantity": 2, "unit_price_cents": 1000}])
+    );
+    assert_eq!(data["total_cents"], 2400);
+    assert_eq!(data["currency"], "EUR");
+    assert_eq!(data["card_last4"], "0002");
+    assert_eq!(data["payment_token"], "4000000000000002");
+}
+
+#[tokio::test]
+async fn a_card_that_cannot_be_one_is_422_and_nothing_is_stored() {
+    let (app, db) = app_and_db().await;
+    for payment in [
+        json!(null),
+        json!({"card": "1234"}),
+        json!({"card": "4242-4242-4242-4242"}),
+        json!({"card": "4242 4242 4242 4242 4242"}),
+        json!({}),
+    ] {
+        let (status, _, e) = place_order(
+            &app,
+            json!({"customer": "alice", "items": [{"sku": "sku-a", "quantity": 1}], "payment": payment}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{payment}: {e}");
+        assert_eq!(e["error"]["code"], "invalid_card");
+        assert_eq!(e["error"]["fields"][0]["field"], "payment.card");
+    }
+    let (_, list) = get_as(&app, Some("alice"), "/api/orders").await;
+    assert_eq!(list["orders"], json!([]));
+    assert!(outbox(&db).await.is_empty());
+}
+
+#[tokio::test]
+async fn payment_succeeded_confirms_once() {
+    let (app, db) = app_and_db().await;
+    let id = placed_order(&app).await;
+    let paid = cloudevent(
+        "p-1",
+        "/payments",
+        "payment.succeeded",
+        json!({"order_id": id, "customer": "alice", "amount_cents": 2400, "charge_id": "ch_1"}),
+    );
+    let (status, body) = push(&app, "/events/payments", &paid).await;
+    assert_eq!(
+        (status, &body["outcome"]),
+        (StatusCode::OK, &json!("confirmed"))
+    );
+    // The broker redelivers: the inbox recognises it.
+    let (status, body) = push(&app, "/events/payments", &paid).await;
+    assert_eq!(
+        (status, &body["outcome"]),
+        (StatusCode::OK, &json!("duplicate"))
+    );
+
+    let (_, order) = get_as(&app, Some("alice"), &format!("/api/orders/{id}")).await;
+    assert_eq!(order["status"], "confirmed");
+    assert!(order.get("reason").is_none());
+    let steps: Vec<&str> = order["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["placed", "confirmed"]);
+
+    let events = outbox(&db).await;
+    assert_eq!(events.len(), 2, "order.placed, then order.confirmed once");
+    let (topic, confirmed) = &events[1];
+    assert_eq!(topic, "orders");
+    assert_eq!(confirmed["type"], "order.confirmed");
+    assert_eq!(confirmed["customer"], "alice");
+    assert_eq!(confirmed["orderid"], json!(id));
+    assert_eq!(confirmed["data"]["total_cents"], 2400);
+    assert_eq!(confirmed["data"]["items"][0]["sku"], "sku-a");
+    assert!(confirmed["data"].get("reason").is_none());
+    assert!(!confirmed.to_string().contains("payment_token"));
+}
+
+#[tokio::test]
+async fn transitions_only_leave_placed() {
+    let (app, db) = app_and_db().await;
+    let id = placed_order(&app).await;
+    let rejected = cloudevent(
+        "s-1",
+        "/inventory",
+        "stock.rejected",
+        json!({"order_id": id, "customer": "alice", "reason": "out_of_stock", "sku": "sku-a"}),
+    );
+    let (_, body) = push(&app, "/events/stock", &rejected).await;
+    assert_eq!(body["outcome"], "cancelled");
+    // A late, different event for the same order changes nothing.
+    let paid = cloudevent(
+        "p-1",
+        "/payments",
+        "payment.succeeded",
+        json!({"order_id": id, "customer": "alice"}),
+    );
+    let (status, body) = push(&app, "/events/payments", &paid).await;
+    assert_eq!(
+        (status, &body["outcome"]),
+        (StatusCode::OK, &json!("unchanged"))
+    );
+
+    let (_, order) = get_as(&app, Some("alice"), &format!("/api/orders/{id}")).await;
+    assert_eq!(order["status"], "cancelled");
+    assert_eq!(order["reason"], "out_of_stock");
+    assert_eq!(order["history"][1]["reason"], "out_of_stock");
+    let events = outbox(&db).await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1].1["type"], "order.cancelled");
+    assert_eq!(events[1].1["data"]["reason"], "out_of_stock");
+
+    // Payment declined cancels with its own reason.
+    let id = placed_order(&app).await;
+    let failed = cloudevent(
+        "p-2",
+        "/payments",
+        "payment.failed",
+        json!({"order_id": id, "customer": "alice", "reason": "card_declined"}),
+    );
+    let (_, body) = push(&app, "/events/payments", &failed).await;
+    assert_eq!(body["outcome"], "cancelled");
+    let (_, order) = get_as(&app, Some("alice"), &format!("/api/orders/{id}")).await;
+    assert_eq!(order["reason"], "payment_declined");
+}
+
+#[tokio::test]
+async fn events_about_unknown_orders_or_of_other_types_are_acknowledged() {
+    let (app, db) = app_and_db().await;
+    let unknown = cloudevent(
+        "p-1",
+        "/payments",
+        "payment.succeeded",
+        json!({"order_id": "nope", "customer": "alice"}),
+    );
+    let (status, body) = push(&app, "/events/payments", &unknown).await;
+    assert_eq!(
+        (status, &body["outcome"]),
+        (StatusCode::OK, &json!("unchanged"))
+    );
+    let other = cloudevent(
+        "s-1",
+        "/inventory",
+        "stock.reserved",
+        json!({"order_id": "x"}),
+    );
+    let (status, body) = push(&app, "/events/stock", &other).await;
+    assert_eq!(
+        (status, &body["outcome"]),
+        (StatusCode::OK, &json!("ignored"))
+    );
+    assert!(outbox(&db).await.is_empty());
+}
+
+#[tokio::test]
+async fn malformed_events_are_4xx_so_the_broker_dead_letters_them() {
+    let app = app().await;
+    let (status, _) = push(&app, "/events/payments", &json!({"id": "1"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let no_order = cloudevent("p-1", "/payments", "payment.failed", json!({"reason": "x"}));
+    let (status, _) = push(&app, "/events/payments", &no_order).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let req = Request::post("/events/stock")
+        .header("content-type", "text/plain")
+        .body(Body::from("hi"))
+        .unwrap();
+    let (status, _, _) = call(&app, req).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
 }

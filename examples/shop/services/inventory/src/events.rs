@@ -1,0 +1,487 @@
+//! Inventory's part in the order saga.
+//!
+//! Consumed (pushed by the broker, deduplicated by the chassis inbox):
+//! - `POST /events/orders`: `order.placed` → reserve all items or none;
+//! - `POST /events/payments`: `payment.failed` → release (compensation),
+//!   `payment.succeeded` → commit.
+//!
+//! Published to topic `inventory` through the chassis outbox, in the same
+//! transaction as the reservation change: `stock.reserved` (which carries
+//! what payments needs to charge: amount, currency, payment token),
+//! `stock.rejected`, `stock.released`.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use flotilla_chassis::{ApiError, Event, PushedEvent};
+use serde::{Deserialize, Serialize};
+use sqlx::SqliteConnection;
+
+use crate::api::AppState;
+use crate::store::{self, Item, Reserve, Settle};
+
+/// This service's name: the events' `source` is `/inventory`.
+pub const SERVICE: &str = "inventory";
+/// The topic inventory publishes to.
+pub const TOPIC: &str = "inventory";
+/// The inbox consumer names, one per push endpoint.
+const ORDERS_CONSUMER: &str = "inventory-orders";
+const PAYMENTS_CONSUMER: &str = "inventory-payments";
+
+/// One line of `order.placed`; the price travels on to payments untouched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    pub sku: String,
+    pub quantity: i64,
+    #[serde(default)]
+    pub unit_price_cents: i64,
+}
+
+/// `order.placed` data, the part inventory reads.
+#[derive(Deserialize)]
+pub struct Placed {
+    pub order_id: String,
+    pub customer: String,
+    pub items: Vec<Line>,
+    pub total_cents: i64,
+    pub currency: String,
+    /// Passed on to payments in `stock.reserved`; never logged (see the
+    /// `Debug` below) and never stored by inventory.
+    pub payment_token: String,
+}
+
+impl std::fmt::Debug for Placed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Placed")
+            .field("order_id", &self.order_id)
+            .field("customer", &self.customer)
+            .field("items", &self.items)
+            .field("total_cents", &self.total_cents)
+            .field("currency", &self.currency)
+            .field("payment_token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// `stock.reserved` data: everything payments needs to charge.
+#[derive(Serialize)]
+struct Reserved<'a> {
+    order_id: &'a str,
+    customer: &'a str,
+    total_cents: i64,
+    currency: &'a str,
+    payment_token: &'a str,
+    items: &'a [Line],
+}
+
+/// `stock.rejected` data.
+#[derive(Serialize)]
+struct Rejected<'a> {
+    order_id: &'a str,
+    customer: &'a str,
+    reason: &'a str,
+    sku: &'a str,
+}
+
+/// `stock.released` data.
+#[derive(Serialize)]
+struct Released<'a> {
+    order_id: &'a str,
+    customer: &'a str,
+    items: &'a [Item],
+}
+
+/// `payment.*` data, the part inventory reads.
+#[derive(Debug, Deserialize)]
+struct Payment {
+    order_id: String,
+    #[serde(default)]
+    customer: String,
+}
+
+/// A new event about `order_id` for `customer`, with the extensions every
+/// saga event carries.
+fn event(
+    ty: &str,
+    order_id: &str,
+    customer: &str,
+    data: impl Serialize,
+) -> Result<Event, flotilla_chassis::Error> {
+    Event::new(SERVICE, ty, data)?
+        .with_subject(order_id)
+        .with_extension("customer", customer)?
+        .with_extension("orderid", order_id)
+}
+
+/// Reserves an order's stock and enqueues the answer, on `tx`. Returns the
+/// outcome for the response and the logs. Separate from the handler so the
+/// tests drive it without HTTP.
+pub async fn on_placed(
+    tx: &mut SqliteConnection,
+    placed: &Placed,
+) -> Result<&'static str, ApiError> {
+    let items: Vec<Item> = placed
+        .items
+        .iter()
+        .map(|l| Item {
+            sku: l.sku.clone(),
+            quantity: l.quantity,
+        })
+        .collect();
+    let (order, customer) = (placed.order_id.as_str(), placed.customer.as_str());
+    let outcome = match store::reserve(tx, order, customer, &items).await? {
+        Reserve::Reserved => {
+            let data = Reserved {
+                order_id: order,
+                customer,
+                total_cents: placed.total_cents,
+                currency: &placed.currency,
+                payment_token: &placed.payment_token,
+                items: &placed.items,
+            };
+            enqueue(tx, event("stock.reserved", order, customer, data)?).await?;
+            "reserved"
+        }
+        Reserve::Rejected { sku, reason } => {
+            let data = Rejected {
+                order_id: order,
+                customer,
+                reason,
+                sku: &sku,
+            };
+            enqueue(tx, event("stock.rejected", order, customer, data)?).await?;
+            "rejected"
+        }
+        Reserve::AlreadyDecided => "unchanged",
+    };
+    Ok(outcome)
+}
+
+/// Settles an order's reservation after its payment and enqueues
+/// `stock.released` when it was released.
+pub async fn on_payment(
+    tx: &mut SqliteConnection,
+    ty: &str,
+    order_id: &str,
+    customer: &str,
+) -> Result<&'static str, ApiError> {
+    match ty {
+        "payment.failed" => match store::release(tx, order_id).await? {
+            Settle::Done(items) => {
+                let data = Released {
+                    order_id,
+                    customer,
+                    items: &items,
+                };
+                enqueue(tx, event("stock.released", order_id, customer, data)?).await?;
+                Ok("released")
+            }
+            Settle::NotReserved => Ok("unchanged"),
+        },
+        "payment.succeeded" => match store::commit(tx, order_id).await? {
+            Settle::Done(_) => Ok("committed"),
+            Settle::NotReserved => Ok("unchanged"),
+        },
+        _ => Ok("ignored"),
+    }
+}
+
+async fn enqueue(tx: &mut SqliteConnection, event: Event) -> Result<(), flotilla_chassis::Error> {
+    flotilla_chassis::outbox::enqueue(tx, TOPIC, &event).await
+}
+
+/// What handling one pushed event came to.
+#[derive(Debug, Serialize)]
+struct Handled {
+    outcome: &'static str,
+}
+
+fn done(outcome: &'static str) -> Response {
+    (StatusCode::OK, axum::Json(Handled { outcome })).into_response()
+}
+
+/// `POST /events/orders`: `order.placed`.
+pub async fn orders(
+    State(state): State<AppState>,
+    PushedEvent(event): PushedEvent,
+) -> Result<Response, ApiError> {
+    if event.ty != "order.placed" {
+        tracing::warn!(id = %event.id, ty = %event.ty, "ignored an event inventory does not handle");
+        return Ok(done("ignored"));
+    }
+    let placed: Placed = event.data_as()?;
+    let mut tx = state.db.begin().await?;
+    if !flotilla_chassis::inbox::claim(&mut tx, ORDERS_CONSUMER, &event).await? {
+        return Ok(done("duplicate"));
+    }
+    let outcome = on_placed(&mut tx, &placed).await?;
+    tx.commit().await?;
+    state.published();
+    tracing::info!(order = %placed.order_id, outcome, "order.placed handled");
+    metrics::counter!("shop_inventory_reservations_total", "outcome" => outcome).increment(1);
+    Ok(done(outcome))
+}
+
+/// `POST /events/payments`: `payment.failed`, `payment.succeeded`.
+pub async fn payments(
+    State(state): State<AppState>,
+    PushedEvent(event): PushedEvent,
+) -> Result<Response, ApiError> {
+    if !matches!(event.ty.as_str(), "payment.failed" | "payment.succeeded") {
+        tracing::warn!(id = %event.id, ty = %event.ty, "ignored an event inventory does not handle");
+        return Ok(done("ignored"));
+    }
+    let payment: Payment = event.data_as()?;
+    // The customer is in the extension even if data leaves it out.
+    let customer = match payment.customer.as_str() {
+        "" => event
+            .extensions
+            .get("customer")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned(),
+        c => c.to_owned(),
+    };
+    let mut tx = state.db.begin().await?;
+    if !flotilla_chassis::inbox::claim(&mut tx, PAYMENTS_CONSUMER, &event).await? {
+        return Ok(done("duplicate"));
+    }
+    let outcome = on_payment(&mut tx, &event.ty, &payment.order_id, &customer).await?;
+    tx.commit().await?;
+    state.published();
+    tracing::info!(order = %payment.order_id, ty = %event.ty, outcome, "payment event handled");
+    Ok(done(outcome))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::Router;
+    use axum::body::{Body, to_bytes};
+    use axum::http::Request;
+    use serde_json::{Value, json};
+    use sqlx::SqlitePool;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    async fn app() -> (Router, SqlitePool) {
+        let db = flotilla_chassis::open_sqlite("sqlite::memory:", &crate::MIGRATOR)
+            .await
+            .unwrap();
+        flotilla_chassis::Inbox::install(&db).await.unwrap();
+        flotilla_chassis::Outbox::install(&db).await.unwrap();
+        let app = crate::api::router(AppState {
+            db: db.clone(),
+            relay: None,
+        });
+        (app, db)
+    }
+
+    async fn call(app: &Router, req: Request<Body>) -> (StatusCode, Value) {
+        let res = app.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let bytes = to_bytes(res.into_body(), 1 << 20).await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn push(app: &Router, path: &str, event: &Value) -> (StatusCode, Value) {
+        let req = Request::post(path)
+            .header("content-type", "application/cloudevents+json")
+            .body(Body::from(event.to_string()))
+            .unwrap();
+        call(app, req).await
+    }
+
+    async fn level(app: &Router, sku: &str) -> (i64, i64) {
+        let (status, s) = call(
+            app,
+            Request::get(format!("/api/inventory/{sku}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{s}");
+        (
+            s["available"].as_i64().unwrap(),
+            s["reserved"].as_i64().unwrap(),
+        )
+    }
+
+    async fn outbox(db: &SqlitePool) -> Vec<(String, Value)> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT topic, event FROM flotilla_outbox ORDER BY seq")
+                .fetch_all(db)
+                .await
+                .unwrap();
+        rows.into_iter()
+            .map(|(t, e)| (t, serde_json::from_str(&e).unwrap()))
+            .collect()
+    }
+
+    fn placed(id: &str, order: &str, items: Value) -> Value {
+        json!({"specversion": "1.0", "id": id, "source": "/orders", "type": "order.placed",
+               "customer": "alice", "orderid": order,
+               "data": {"order_id": order, "customer": "alice", "items": items, "total_cents": 5000,
+                        "currency": "EUR", "card_last4": "4242", "payment_token": "4242424242424242"}})
+    }
+
+    fn payment(id: &str, ty: &str, order: &str) -> Value {
+        json!({"specversion": "1.0", "id": id, "source": "/payments", "type": ty,
+               "customer": "alice", "orderid": order,
+               "data": {"order_id": order, "customer": "alice", "reason": "card_declined"}})
+    }
+
+    #[tokio::test]
+    async fn order_placed_reserves_and_publishes_stock_reserved_once() {
+        let (app, db) = app().await;
+        let event = placed(
+            "e-1",
+            "o-1",
+            json!([{"sku": "sku-grinder", "quantity": 2, "unit_price_cents": 12900}]),
+        );
+        let (status, body) = push(&app, "/events/orders", &event).await;
+        assert_eq!(
+            (status, &body["outcome"]),
+            (StatusCode::OK, &json!("reserved"))
+        );
+        let (_, body) = push(&app, "/events/orders", &event).await;
+        assert_eq!(body["outcome"], "duplicate");
+        assert_eq!(level(&app, "sku-grinder").await, (6, 2));
+
+        let events = outbox(&db).await;
+        assert_eq!(events.len(), 1);
+        let (topic, reserved) = &events[0];
+        assert_eq!(topic, "inventory");
+        assert_eq!(reserved["type"], "stock.reserved");
+        assert_eq!(reserved["source"], "/inventory");
+        assert_eq!(reserved["customer"], "alice");
+        assert_eq!(reserved["orderid"], "o-1");
+        let data = &reserved["data"];
+        assert_eq!(data["order_id"], "o-1");
+        assert_eq!(data["total_cents"], 5000);
+        assert_eq!(data["currency"], "EUR");
+        assert_eq!(data["payment_token"], "4242424242424242");
+        assert_eq!(data["items"][0]["quantity"], 2);
+    }
+
+    #[tokio::test]
+    async fn a_short_line_rejects_the_whole_order() {
+        let (app, db) = app().await;
+        let event = placed(
+            "e-1",
+            "o-1",
+            json!([{"sku": "sku-mug", "quantity": 3}, {"sku": "sku-grinder", "quantity": 9}]),
+        );
+        let (_, body) = push(&app, "/events/orders", &event).await;
+        assert_eq!(body["outcome"], "rejected");
+        assert_eq!(level(&app, "sku-mug").await, (200, 0));
+        assert_eq!(level(&app, "sku-grinder").await, (8, 0));
+        let events = outbox(&db).await;
+        assert_eq!(events[0].1["type"], "stock.rejected");
+        assert_eq!(
+            events[0].1["data"],
+            json!({"order_id": "o-1", "customer": "alice", "reason": "out_of_stock", "sku": "sku-grinder"})
+        );
+        // The same order placed again under a new event id: no second answer.
+        let (_, body) = push(
+            &app,
+            "/events/orders",
+            &placed("e-2", "o-1", json!([{"sku": "sku-mug", "quantity": 1}])),
+        )
+        .await;
+        assert_eq!(body["outcome"], "unchanged");
+        assert_eq!(outbox(&db).await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn payment_failed_releases_payment_succeeded_commits() {
+        let (app, db) = app().await;
+        push(
+            &app,
+            "/events/orders",
+            &placed("e-1", "o-1", json!([{"sku": "sku-kettle", "quantity": 5}])),
+        )
+        .await;
+        push(
+            &app,
+            "/events/orders",
+            &placed("e-2", "o-2", json!([{"sku": "sku-kettle", "quantity": 3}])),
+        )
+        .await;
+        assert_eq!(level(&app, "sku-kettle").await, (7, 8));
+
+        let failed = payment("p-1", "payment.failed", "o-1");
+        let (_, body) = push(&app, "/events/payments", &failed).await;
+        assert_eq!(body["outcome"], "released");
+        let (_, body) = push(&app, "/events/payments", &failed).await;
+        assert_eq!(body["outcome"], "duplicate");
+        assert_eq!(level(&app, "sku-kettle").await, (12, 3));
+
+        let (_, body) = push(
+            &app,
+            "/events/payments",
+            &payment("p-2", "payment.succeeded", "o-2"),
+        )
+        .await;
+        assert_eq!(body["outcome"], "committed");
+        assert_eq!(level(&app, "sku-kettle").await, (12, 0));
+        // A late failure for the committed order compensates nothing.
+        let (_, body) = push(
+            &app,
+            "/events/payments",
+            &payment("p-3", "payment.failed", "o-2"),
+        )
+        .await;
+        assert_eq!(body["outcome"], "unchanged");
+        assert_eq!(level(&app, "sku-kettle").await, (12, 0));
+
+        let types: Vec<String> = outbox(&db)
+            .await
+            .iter()
+            .map(|(_, e)| e["type"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            types,
+            ["stock.reserved", "stock.reserved", "stock.released"]
+        );
+        let released = &outbox(&db).await[2].1;
+        assert_eq!(
+            released["data"]["items"],
+            json!([{"sku": "sku-kettle", "quantity": 5}])
+        );
+        assert_eq!(released["orderid"], "o-1");
+    }
+
+    #[tokio::test]
+    async fn reads_and_rejections() {
+        let (app, _) = app().await;
+        let (status, _) = call(
+            &app,
+            Request::get("/api/inventory/sku-nope")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, _) = push(&app, "/events/orders", &json!({"specversion": "1.0"})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let mut bad = placed("e-1", "o-1", json!([]));
+        bad["data"] = json!({"order_id": "o-1"});
+        let (status, _) = push(&app, "/events/orders", &bad).await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "data without items is dead-lettered"
+        );
+    }
+
+    #[test]
+    fn the_token_is_never_in_debug_output() {
+        let p: Placed =
+            serde_json::from_value(placed("e", "o", json!([]))["data"].clone()).unwrap();
+        assert!(!format!("{p:?}").contains("4242424242424242"));
+    }
+}

@@ -1,0 +1,104 @@
+//! The API description served at `/openapi.json`.
+
+use serde_json::{Value, json};
+
+/// OpenAPI 3.0.3 for the inventory routes.
+pub fn document() -> Value {
+    let error = |description: &str| json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    let event_body = json!({"required": true, "content": {"application/cloudevents+json": {"schema": {"$ref": "#/components/schemas/CloudEvent"}}}});
+    let handled = json!({"description": "Handled (or a duplicate, or nothing to do): acknowledged", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Handled"}}}});
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "shop-inventory",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Stock levels and per-order reservations for the order saga. `/events/*` are called by the broker only (push delivery); a 4xx dead-letters the event, a 5xx has it retried."
+        },
+        "paths": {
+            "/api/inventory/{sku}": {
+                "get": {
+                    "operationId": "getStock",
+                    "summary": "A SKU's available and reserved units",
+                    "parameters": [{"name": "sku", "in": "path", "required": true, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": {"description": "The levels", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Stock"}}}},
+                        "404": error("No stock is kept for that SKU")
+                    }
+                }
+            },
+            "/events/orders": {
+                "post": {
+                    "operationId": "onOrderEvent",
+                    "summary": "order.placed: reserve every item or none; publishes stock.reserved or stock.rejected",
+                    "requestBody": event_body.clone(),
+                    "responses": {"200": handled.clone(), "400": error("Not a CloudEvent, or data not an order.placed"), "415": error("Not application/cloudevents+json")}
+                }
+            },
+            "/events/payments": {
+                "post": {
+                    "operationId": "onPaymentEvent",
+                    "summary": "payment.failed: release the reservation (stock.released); payment.succeeded: commit it",
+                    "requestBody": event_body,
+                    "responses": {"200": handled, "400": error("Not a CloudEvent, or data without order_id"), "415": error("Not application/cloudevents+json")}
+                }
+            }
+        },
+        "components": {
+            "schemas": {
+                "Stock": {
+                    "type": "object",
+                    "required": ["sku", "available", "reserved"],
+                    "properties": {
+                        "sku": {"type": "string"},
+                        "available": {"type": "integer", "description": "Free to reserve"},
+                        "reserved": {"type": "integer", "description": "Held for orders awaiting payment"}
+                    }
+                },
+                "CloudEvent": {
+                    "type": "object",
+                    "required": ["specversion", "id", "source", "type"],
+                    "properties": {
+                        "specversion": {"type": "string", "enum": ["1.0"]},
+                        "id": {"type": "string"},
+                        "source": {"type": "string"},
+                        "type": {"type": "string"},
+                        "customer": {"type": "string"},
+                        "orderid": {"type": "string"},
+                        "data": {"type": "object"}
+                    }
+                },
+                "Handled": {
+                    "type": "object",
+                    "required": ["outcome"],
+                    "properties": {"outcome": {"type": "string", "enum": ["reserved", "rejected", "released", "committed", "duplicate", "unchanged", "ignored"]}}
+                },
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["code", "message"],
+                            "properties": {
+                                "code": {"type": "string"},
+                                "message": {"type": "string"}
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lists_every_route() {
+        let doc = super::document();
+        assert_eq!(doc["openapi"], "3.0.3");
+        assert!(doc["paths"]["/api/inventory/{sku}"]["get"].is_object());
+        assert!(doc["paths"]["/events/orders"]["post"].is_object());
+        assert!(doc["paths"]["/events/payments"]["post"].is_object());
+    }
+}

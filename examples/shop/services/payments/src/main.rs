@@ -1,0 +1,70 @@
+//! `shop-payments`: charges orders once their stock is reserved.
+//!
+//! Its part in the order saga: on `stock.reserved` (pushed by the broker to
+//! `/events/stock`) it charges the order's card with the simulated
+//! processor in [`card`] and publishes `payment.succeeded` or
+//! `payment.failed` to topic `payments` through the chassis outbox, in the
+//! transaction that stores the charge. At most one charge per order,
+//! however often the event arrives. It has no public routes.
+
+mod card;
+mod events;
+mod openapi;
+mod store;
+
+use std::process::ExitCode;
+
+use axum::Router;
+use axum::routing::post;
+use flotilla_chassis::inbox::Inbox;
+use flotilla_chassis::outbox::{Outbox, RelayHandle};
+use flotilla_chassis::{Service, error_chain};
+
+/// The payments schema.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    flotilla_chassis::init_logging();
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %error_chain(&e), "shop-payments stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: sqlx::SqlitePool,
+    /// Publishes what the outbox holds; woken after each commit that
+    /// enqueued events. `None` in tests: events stay in the outbox table.
+    pub relay: Option<RelayHandle>,
+}
+
+/// The routes: only the broker's push endpoint.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/events/stock", post(events::stock))
+        .fallback(flotilla_chassis::not_found)
+        .with_state(state)
+}
+
+async fn run() -> Result<(), flotilla_chassis::Error> {
+    let service = Service::from_env()?.with_openapi(openapi::document());
+    let db = service.database(&MIGRATOR).await?;
+    Inbox::install(&db).await?;
+    Outbox::install(&db).await?;
+    let relay = Outbox::spawn_relay(db.clone(), service.broker()?);
+    let state = AppState {
+        db: db.clone(),
+        relay: Some(relay.clone()),
+    };
+    let served = service.serve(router(state)).await;
+    relay.stop().await;
+    // Closing checkpoints the WAL, leaving a single tidy file behind.
+    db.close().await;
+    served
+}

@@ -1,0 +1,72 @@
+//! The API description served at `/openapi.json`.
+
+use serde_json::{Value, json};
+
+/// OpenAPI 3.0.3 for the payments routes.
+pub fn document() -> Value {
+    let error = |description: &str| json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "shop-payments",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Charges simulated test cards for the order saga. Called by the broker only (push delivery); a 4xx dead-letters the event, a 5xx has it retried. Test cards: 4000 0000 0000 0002 declines (card_declined), 4000 0000 0000 9995 declines (insufficient_funds), any other number passing the Luhn check succeeds, anything else declines (invalid_card)."
+        },
+        "paths": {
+            "/events/stock": {
+                "post": {
+                    "operationId": "onStockEvent",
+                    "summary": "stock.reserved: charge the order once; publishes payment.succeeded or payment.failed",
+                    "requestBody": {"required": true, "content": {"application/cloudevents+json": {"schema": {"$ref": "#/components/schemas/CloudEvent"}}}},
+                    "responses": {
+                        "200": {"description": "Handled (or a duplicate): acknowledged", "content": {"application/json": {"schema": {
+                            "type": "object",
+                            "required": ["outcome"],
+                            "properties": {"outcome": {"type": "string", "enum": ["succeeded", "failed", "duplicate", "unchanged", "ignored"]}}
+                        }}}},
+                        "400": error("Not a CloudEvent, or data not a stock.reserved"),
+                        "415": error("Not application/cloudevents+json")
+                    }
+                }
+            }
+        },
+        "components": {
+            "schemas": {
+                "CloudEvent": {
+                    "type": "object",
+                    "required": ["specversion", "id", "source", "type"],
+                    "properties": {
+                        "specversion": {"type": "string", "enum": ["1.0"]},
+                        "id": {"type": "string"},
+                        "source": {"type": "string"},
+                        "type": {"type": "string"},
+                        "customer": {"type": "string"},
+                        "orderid": {"type": "string"},
+                        "data": {"type": "object"}
+                    }
+                },
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["code", "message"],
+                            "properties": {"code": {"type": "string"}, "message": {"type": "string"}}
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lists_every_route() {
+        let doc = super::document();
+        assert_eq!(doc["openapi"], "3.0.3");
+        assert!(doc["paths"]["/events/stock"]["post"].is_object());
+    }
+}
