@@ -94,8 +94,18 @@ async fn run(command: Command) -> ExitCode {
     match command {
         Command::Check { manifest } => match load(manifest.as_deref()) {
             Ok(m) => {
+                let events = if m.uses_broker() {
+                    format!(
+                        "; {} topics, {} queues, {} streams",
+                        m.topics.len(),
+                        m.queues.len(),
+                        m.streams.len()
+                    )
+                } else {
+                    String::new()
+                };
                 out!(
-                    "{}: ok — system `{}` with {} services and {} routes",
+                    "{}: ok — system `{}` with {} services and {} routes{events}",
                     m.file.display(),
                     m.name,
                     m.services.len(),

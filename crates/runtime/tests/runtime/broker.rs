@@ -34,10 +34,14 @@ consumes = ["pulled"]
 run = { command = ["python3", "HELLO"] }
 "#;
 
-async fn start_events() -> (Harness, std::path::PathBuf) {
+async fn start_events(broker: &str) -> (Harness, std::path::PathBuf) {
     let log_dir = tempfile::tempdir().unwrap().keep();
     let log = log_dir.join("push.log");
-    let h = start(&EVENTS.replace("PUSHLOG", &log.display().to_string())).await;
+    let manifest = format!(
+        "{broker}\n{}",
+        EVENTS.replace("PUSHLOG", &log.display().to_string())
+    );
+    let h = start(&manifest).await;
     (h, log)
 }
 
@@ -97,7 +101,34 @@ fn broker_var(h: &Harness, service: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_reach_only_what_they_declared_and_pushes_arrive_over_mtls() {
-    let (h, log) = start_events().await;
+    let (h, log) = start_events("").await;
+    declared_only_and_pushed_over_mtls(h, log).await;
+}
+
+/// The same system with `[broker] engine = "nats"`: the manifest picks the
+/// engine, nothing else changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifest_can_put_the_broker_on_nats() {
+    let Ok(url) = std::env::var("FLOTILLA_TEST_NATS_URL") else {
+        eprintln!("skipped: FLOTILLA_TEST_NATS_URL is not set");
+        return;
+    };
+    // A prefix of its own, so runs never see each other's streams.
+    let prefix = format!("rt{}", uuid_like());
+    let broker = format!("[broker]\nengine = \"nats\"\nurl = \"{url}\"\nprefix = \"{prefix}\"");
+    let (h, log) = start_events(&broker).await;
+    declared_only_and_pushed_over_mtls(h, log).await;
+}
+
+fn uuid_like() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{:x}{:x}", nanos, std::process::id())
+}
+
+async fn declared_only_and_pushed_over_mtls(h: Harness, log: std::path::PathBuf) {
     let url = broker_url(&h);
 
     // Who is told where the broker is: publishers, consumers, push targets.
