@@ -7,6 +7,10 @@
 #   gw-plain       the gateway, no JWT, no rate limit
 #   gw-jwt-rl      the gateway, JWT (EdDSA) and a per-user rate limit on,
 #                  the limit high enough never to refuse
+#   gw-mtls        gw-jwt-rl with its normal mutual-TLS upstream hop (as
+#                  under `flotilla up`), to a second upstream process that
+#                  serves mTLS only; not comparable to nginx's plaintext hop,
+#                  reported for what the mesh costs
 #
 # Two measurements per target, each DURATION long with wrk:
 #   max    closed loop, CONNS connections: requests/s, p50, p99;
@@ -74,6 +78,13 @@ UP_PORT=$(free_port)
 PIDS+=($!)
 wait_port "$UP_PORT"
 
+# The mTLS hop's identities (a CA, the gateway's leaf, the upstream's).
+"$BIN/bench_gateway" --issue "$TMP/ids"
+UP_TLS_PORT=$(free_port)
+"$BIN/bench_upstream" "127.0.0.1:$UP_TLS_PORT" --tls "$TMP/ids/upstream" >"$TMP/upstream-tls.log" 2>&1 &
+PIDS+=($!)
+wait_port "$UP_TLS_PORT"
+
 PLAIN_PORT=$(free_port)
 "$BIN/bench_gateway" --listen "127.0.0.1:$PLAIN_PORT" --upstream "127.0.0.1:$UP_PORT" \
   --threads 2 >"$TMP/gw-plain.log" 2>&1 &
@@ -82,6 +93,12 @@ PIDS+=($!)
 JWT_PORT=$(free_port)
 "$BIN/bench_gateway" --listen "127.0.0.1:$JWT_PORT" --upstream "127.0.0.1:$UP_PORT" \
   --threads 2 --jwt --rate-limit "1000000/s burst 1000000 per user" >"$TMP/gw-jwt.log" 2>&1 &
+PIDS+=($!)
+
+MTLS_PORT=$(free_port)
+"$BIN/bench_gateway" --listen "127.0.0.1:$MTLS_PORT" --upstream "127.0.0.1:$UP_TLS_PORT" \
+  --threads 2 --jwt --rate-limit "1000000/s burst 1000000 per user" \
+  --upstream-tls "$TMP/ids/gateway" >"$TMP/gw-mtls.log" 2>&1 &
 PIDS+=($!)
 
 NGINX_PORT=$(free_port)
@@ -125,6 +142,7 @@ PIDS+=($!)
 wait_port "$PLAIN_PORT"
 wait_port "$JWT_PORT"
 wait_port "$NGINX_PORT"
+wait_port "$MTLS_PORT"
 TOKEN=""
 for _ in $(seq 1 100); do
   TOKEN="$(sed -n 's/^token: //p' "$TMP/gw-jwt.log")"
@@ -132,6 +150,18 @@ for _ in $(seq 1 100); do
   sleep 0.05
 done
 [ -z "$TOKEN" ] && { echo "the JWT gateway printed no token" >&2; exit 1; }
+MTLS_TOKEN=""
+for _ in $(seq 1 100); do
+  MTLS_TOKEN="$(sed -n 's/^token: //p' "$TMP/gw-mtls.log")"
+  [ -n "$MTLS_TOKEN" ] && break
+  sleep 0.05
+done
+[ -z "$MTLS_TOKEN" ] && { echo "the mTLS gateway printed no token" >&2; exit 1; }
+mcode=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $MTLS_TOKEN" "http://127.0.0.1:$MTLS_PORT/" 2>/dev/null || echo "?")
+if command -v curl >/dev/null 2>&1 && [ "$mcode" != 200 ]; then
+  echo "sanity check failed: through the mTLS upstream $mcode (want 200)" >&2
+  exit 1
+fi
 
 # A token-bearing request must pass (and one without must not) before
 # anything is measured.
@@ -160,6 +190,7 @@ run() {
   local out="$TMP/wrk-$name.txt"
   local auth=()
   [ "$name" = gw-jwt-rl ] && auth=(-H "authorization: Bearer $TOKEN")
+  [ "$name" = gw-mtls ] && auth=(-H "authorization: Bearer $MTLS_TOKEN")
   wrk -t1 -c"$conns" -d"$DURATION" --latency "${auth[@]}" "$@" "$url" >"$out" 2>&1 || true
   local rps p50 p99 non2xx
   rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
@@ -174,8 +205,9 @@ declare -A URL=(
   [nginx]="http://127.0.0.1:$NGINX_PORT/"
   [gw-plain]="http://127.0.0.1:$PLAIN_PORT/"
   [gw-jwt-rl]="http://127.0.0.1:$JWT_PORT/"
+  [gw-mtls]="http://127.0.0.1:$MTLS_PORT/"
 )
-TARGETS=(upstream nginx gw-plain gw-jwt-rl)
+TARGETS=(upstream nginx gw-plain gw-jwt-rl gw-mtls)
 declare -A MAX PACED
 
 echo "max throughput: wrk -t1 -c$CONNS -d$DURATION" >&2

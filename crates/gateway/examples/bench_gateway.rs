@@ -2,7 +2,13 @@
 //! `benches/gateway/run.sh`.
 //!
 //! Usage: `bench_gateway --listen ADDR --upstream ADDR [--threads N]
-//! [--jwt] [--rate-limit SPEC]`
+//! [--jwt] [--rate-limit SPEC] [--upstream-tls DIR]`, or
+//! `bench_gateway --issue DIR` to create a CA and the identities of both
+//! sides of an mTLS upstream hop (`DIR/gateway`, `DIR/upstream`) and exit.
+//!
+//! With `--upstream-tls DIR` the gateway reaches the upstream over mutual
+//! TLS with the identity in `DIR`, as under `flotilla up`; the upstream
+//! must present the `bench` service's identity (`bench_upstream --tls`).
 //!
 //! With `--jwt`, every route needs a token: the example makes an Ed25519
 //! key, serves its JWKS itself (on another port), and prints a valid
@@ -43,6 +49,7 @@ impl Upstreams for Fixed {
 }
 
 struct Args {
+    upstream_tls: Option<std::path::PathBuf>,
     listen: SocketAddr,
     upstream: SocketAddr,
     threads: usize,
@@ -56,6 +63,7 @@ fn args() -> Result<Args, BoxError> {
     let mut threads = 2;
     let mut jwt = false;
     let mut rate_limit = None;
+    let mut upstream_tls = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -64,10 +72,16 @@ fn args() -> Result<Args, BoxError> {
             "--threads" => threads = it.next().ok_or("--threads N")?.parse()?,
             "--jwt" => jwt = true,
             "--rate-limit" => rate_limit = Some(it.next().ok_or("--rate-limit SPEC")?),
+            "--upstream-tls" => upstream_tls = Some(it.next().ok_or("--upstream-tls DIR")?.into()),
+            "--issue" => {
+                issue(std::path::Path::new(&it.next().ok_or("--issue DIR")?))?;
+                std::process::exit(0);
+            }
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
     Ok(Args {
+        upstream_tls,
         listen: listen.ok_or("--listen is required")?,
         upstream: upstream.ok_or("--upstream is required")?,
         threads,
@@ -98,6 +112,16 @@ async fn serve_jwks(doc: String) -> Result<String, BoxError> {
     Ok(url)
 }
 
+/// A CA and the two leaves of the gateway → upstream hop.
+fn issue(dir: &std::path::Path) -> Result<(), BoxError> {
+    let ca = flotilla_mesh::Ca::open(dir.join("ca"), flotilla_mesh::CaConfig::new("bench"))?;
+    for (service, sub) in [("gateway", "gateway"), ("bench", "upstream")] {
+        let leaf = ca.issue_leaf(service, Duration::from_secs(24 * 3600))?;
+        leaf.write(&flotilla_mesh::IdentityFiles::in_dir(&dir.join(sub)))?;
+    }
+    Ok(())
+}
+
 fn b64(bytes: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
@@ -115,7 +139,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
         cors: None,
         ip: None,
         rate_limit_backend: Default::default(),
-        upstream_tls: None,
+        upstream_tls: args
+            .upstream_tls
+            .as_deref()
+            .map(flotilla_gateway::UpstreamTls::in_dir),
     };
     if args.jwt {
         let rng = ring::rand::SystemRandom::new();

@@ -1,23 +1,55 @@
-//! A trivial plaintext HTTP/1.1 upstream for `benches/gateway/run.sh`:
-//! answers every request with `200 ok`. One thread, so that it costs every
-//! proxy under test the same.
+//! A trivial HTTP/1.1 upstream for `benches/gateway/run.sh`: answers every
+//! request with `200 ok`. One thread, so that it costs every proxy under
+//! test the same.
 //!
-//! Usage: `bench_upstream 127.0.0.1:PORT`
+//! Usage: `bench_upstream 127.0.0.1:PORT [--tls DIR]`
+//!
+//! With `--tls DIR` it serves mutual TLS 1.3 only, with the identity in
+//! `DIR` (`tls.crt`, `tls.key`, `ca.crt`, as `bench_gateway --issue` writes
+//! them): what an instance behind `flotilla up` does.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
+use flotilla_mesh::{Identity, IdentityFiles};
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+async fn serve<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: IO) {
+    let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
+        let mut res = Response::new(Full::new(Bytes::from_static(b"ok\n")));
+        res.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain"),
+        );
+        Ok::<_, Infallible>(res)
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let addr: SocketAddr = std::env::args()
-        .nth(1)
-        .ok_or("usage: bench_upstream ADDR")?
+    let mut args = std::env::args().skip(1);
+    let addr: SocketAddr = args
+        .next()
+        .ok_or("usage: bench_upstream ADDR [--tls DIR]")?
         .parse()?;
+    let tls = match (args.next().as_deref(), args.next()) {
+        (Some("--tls"), Some(dir)) => {
+            let identity = Identity::load(IdentityFiles::in_dir(std::path::Path::new(&dir)))?;
+            Some(tokio_rustls::TlsAcceptor::from(
+                flotilla_mesh::server_config(&identity)?,
+            ))
+        }
+        (None, _) => None,
+        _ => return Err("usage: bench_upstream ADDR [--tls DIR]".into()),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -27,18 +59,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         loop {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
-                    let mut res = Response::new(Full::new(Bytes::from_static(b"ok\n")));
-                    res.headers_mut().insert(
-                        http::header::CONTENT_TYPE,
-                        http::HeaderValue::from_static("text/plain"),
-                    );
-                    Ok::<_, Infallible>(res)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                match tls {
+                    None => serve(stream).await,
+                    Some(acceptor) => {
+                        if let Ok((stream, _peer)) = flotilla_mesh::accept_with_timeout(
+                            &acceptor,
+                            stream,
+                            Duration::from_secs(10),
+                        )
+                        .await
+                        {
+                            serve(stream).await;
+                        }
+                    }
+                }
             });
         }
     })
