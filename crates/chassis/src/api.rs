@@ -15,6 +15,7 @@
 //! Internal errors log their full chain and answer a generic message.
 
 use std::borrow::Cow;
+use std::ops::RangeInclusive;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -284,6 +285,46 @@ fn query_rejection(rejection: QueryRejection) -> ApiError {
     ApiError::new(rejection.status(), "invalid_query", rejection.body_text())
 }
 
+/// A whole-number parameter (typically from [`ApiQuery`], read as a string
+/// so a bad value is a field error rather than a rejection): `default`
+/// when absent or blank, else the trimmed value if it parses and lies in
+/// `range`, else a [`FieldError`] for `field` saying "must be a whole
+/// number from MIN to MAX".
+///
+/// ```
+/// use flotilla_chassis::{ApiError, int_param};
+///
+/// let limit = int_param("limit", Some(" 20 "), 50, 1..=200);
+/// assert_eq!(limit, Ok(20));
+/// assert_eq!(int_param("limit", None, 50, 1..=200), Ok(50));
+/// let err = int_param("limit", Some("0"), 50, 1..=200).map_err(|e| ApiError::validation(vec![e]));
+/// assert_eq!(err.unwrap_err().message, "limit: must be a whole number from 1 to 200");
+/// ```
+pub fn int_param(
+    field: &str,
+    value: Option<&str>,
+    default: i64,
+    range: RangeInclusive<i64>,
+) -> Result<i64, FieldError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(default),
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| {
+                FieldError::new(
+                    field,
+                    format!(
+                        "must be a whole number from {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                )
+            }),
+    }
+}
+
 /// A fallback handler answering 404 `not_found` in the common shape; use it
 /// with `Router::fallback`.
 pub async fn not_found() -> ApiError {
@@ -301,6 +342,29 @@ mod tests {
     async fn body_of(res: Response) -> Value {
         let bytes = to_bytes(res.into_body(), 1 << 20).await.unwrap();
         serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[test]
+    fn whole_number_parameters() {
+        for (raw, want) in [
+            (None, 50),
+            (Some(""), 50),
+            (Some("  "), 50),
+            (Some(" 7 "), 7),
+        ] {
+            assert_eq!(int_param("limit", raw, 50, 1..=200), Ok(want), "{raw:?}");
+        }
+        assert_eq!(int_param("limit", Some("200"), 50, 1..=200), Ok(200));
+        for raw in ["0", "201", "-1", "1.5", "ten", "9999999999999999999999"] {
+            assert_eq!(
+                int_param("limit", Some(raw), 50, 1..=200),
+                Err(FieldError::new(
+                    "limit",
+                    "must be a whole number from 1 to 200"
+                )),
+                "{raw}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
 //! [`Event`]: a CloudEvent 1.0 as services build, publish and receive it,
-//! and [`PushedEvent`], the extractor for events the broker pushes.
+//! [`PushedEvent`], the extractor for events the broker pushes, and
+//! [`Handled`], the answer to a push.
 //!
 //! The wire format is the structured JSON mode the broker speaks
 //! (`docs/broker.md`): context attributes and extensions at the top level,
@@ -11,6 +12,7 @@ use std::collections::BTreeMap;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
+use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -298,6 +300,33 @@ impl<S: Send + Sync> FromRequest<S> for PushedEvent {
             tracing::warn!(error = %e, "refused a pushed event");
             ApiError::from(e)
         })
+    }
+}
+
+/// The answer to a pushed event that was handled: 200 with
+/// `{"outcome": "…"}`. The broker only looks at the status (2xx
+/// acknowledges); the outcome is for people reading logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Handled {
+    /// What handling came to, e.g. `reserved`, `duplicate`, `ignored`.
+    pub outcome: &'static str,
+}
+
+impl Handled {
+    /// Handled before (see [`crate::inbox::handle_once`]): nothing done.
+    pub const DUPLICATE: Handled = Handled::new("duplicate");
+    /// Not an event this handler acts on: acknowledged, nothing done.
+    pub const IGNORED: Handled = Handled::new("ignored");
+
+    /// An answer with `outcome`.
+    pub const fn new(outcome: &'static str) -> Handled {
+        Handled { outcome }
+    }
+}
+
+impl IntoResponse for Handled {
+    fn into_response(self) -> Response {
+        (StatusCode::OK, axum::Json(self)).into_response()
     }
 }
 

@@ -101,6 +101,58 @@ pub async fn claim(
     Ok(done.rows_affected() == 1)
 }
 
+/// Runs a push handler's work once per event: begins a transaction on
+/// `pool`, [`claim`]s `event` for `consumer` as its first statement, runs
+/// `apply` on the transaction (where it makes its changes and
+/// [`outbox::enqueue`](crate::outbox::enqueue)s what it publishes) and
+/// commits. Answers `Ok(Some(what apply returned))`, or `Ok(None)` without
+/// running `apply` when the event was handled before: acknowledge it.
+///
+/// An error from `apply`, or a failed commit, rolls everything back, the
+/// claim included, so the redelivered event is handled again. After
+/// `Some`, wake the outbox relay ([`RelayHandle::notify`](crate::RelayHandle::notify))
+/// if `apply` enqueued events.
+///
+/// ```no_run
+/// use flotilla_chassis::{ApiError, Event, inbox};
+/// use sqlx::SqlitePool;
+///
+/// async fn reserve(pool: &SqlitePool, event: &Event) -> Result<&'static str, ApiError> {
+///     let outcome = inbox::handle_once(pool, "reserve-stock", event, async |tx| {
+///         sqlx::query("INSERT INTO reservations (event) VALUES (?1)")
+///             .bind(&event.id)
+///             .execute(&mut *tx)
+///             .await?;
+///         Ok::<_, ApiError>("reserved")
+///     })
+///     .await?;
+///     Ok(outcome.unwrap_or("duplicate"))
+/// }
+/// ```
+pub async fn handle_once<T, E>(
+    pool: &SqlitePool,
+    consumer: &str,
+    event: &Event,
+    apply: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, E>,
+) -> Result<Option<T>, E>
+where
+    E: From<Error>,
+{
+    let sql = |what| move |source| Error::Sql { what, source };
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(sql("begin the transaction that handles an event"))?;
+    if !claim(&mut tx, consumer, event).await? {
+        return Ok(None);
+    }
+    let done = apply(&mut tx).await?;
+    tx.commit()
+        .await
+        .map_err(sql("commit the transaction that handled an event"))?;
+    Ok(Some(done))
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -38,7 +38,8 @@
 //! - [`Service::database`] opens the service's SQLite database (WAL, busy
 //!   timeout, foreign keys) and migrates it safely across replicas.
 //! - [`ApiError`] is the one mapping from errors to HTTP responses, with
-//!   [`ApiJson`]/[`ApiQuery`] extractors that reject in the same shape.
+//!   [`ApiJson`]/[`ApiQuery`] extractors that reject in the same shape and
+//!   [`int_param`] for a ranged whole-number parameter such as `limit`.
 //! - With the identity the runtime gives (`FLOTILLA_TLS_*`,
 //!   `FLOTILLA_ACL_FILE`), [`Service::serve`] speaks mutual TLS 1.3 only,
 //!   checks every request against the ACL before routing (403
@@ -47,6 +48,13 @@
 //!   [`Caller`]; [`Service::client`] presents the identity and accepts only
 //!   the dependency's. Certificates are reloaded when renewed. Without those
 //!   variables (unit tests, a binary run by hand) it serves plain HTTP.
+//! - [`VerifiedUser`] extracts the end user the gateway verified
+//!   ([`USER_HEADER`], `x-flotilla-user-id`) and answers 401
+//!   `unauthenticated` without one.
+//! - [`openapi::error_response`] and [`openapi::error_schema`] describe the
+//!   [`ApiError`] body once for every service's `/openapi.json`.
+//! - [`run_main`] is a binary's `main`: JSON logs, run, exit code, the
+//!   error's whole chain logged.
 //!
 //! - Events ([`events`], [`broker`], [`outbox`], [`inbox`]):
 //!   [`Event`] is a CloudEvent 1.0 ([`Service::event`] stamps the source,
@@ -58,8 +66,11 @@
 //!   [`outbox::enqueue`] writes an event in the caller's transaction and
 //!   the relay ([`Outbox::spawn_relay`]) publishes it after the commit, in
 //!   order, retrying until the broker has it; [`inbox::claim`] makes a
-//!   consumer handle each event once; [`PushedEvent`] extracts a pushed
-//!   event and answers 400 to anything else so the broker dead-letters it.
+//!   consumer handle each event once, and [`inbox::handle_once`] wraps a
+//!   push handler's work in the transaction that claims the event;
+//!   [`PushedEvent`] extracts a pushed event and answers 400 to anything
+//!   else so the broker dead-letters it; [`Handled`] answers 200 with the
+//!   outcome.
 //!   Delivery is at least once everywhere: consumers deduplicate with
 //!   [`inbox::claim`].
 //!
@@ -93,8 +104,8 @@
 //! commit together, so a redelivered event is acknowledged and skipped.
 //!
 //! ```no_run
-//! use axum::{extract::State, http::StatusCode};
-//! use flotilla_chassis::{ApiError, PushedEvent, inbox};
+//! use axum::extract::State;
+//! use flotilla_chassis::{ApiError, Handled, PushedEvent, inbox};
 //! use sqlx::SqlitePool;
 //!
 //! #[derive(serde::Deserialize)]
@@ -105,18 +116,18 @@
 //! async fn on_order_placed(
 //!     State(pool): State<SqlitePool>,
 //!     PushedEvent(event): PushedEvent,
-//! ) -> Result<StatusCode, ApiError> {
+//! ) -> Result<Handled, ApiError> {
 //!     let placed: OrderPlaced = event.data_as()?; // bad data: 400, dead-lettered
-//!     let mut tx = pool.begin().await?;
-//!     if !inbox::claim(&mut tx, "reserve-stock", &event).await? {
-//!         return Ok(StatusCode::OK); // handled before
-//!     }
-//!     sqlx::query("INSERT INTO reservations (order_id) VALUES (?1)")
-//!         .bind(&placed.order)
-//!         .execute(&mut *tx)
-//!         .await?;
-//!     tx.commit().await?;
-//!     Ok(StatusCode::OK) // 2xx acks; 5xx makes the broker retry
+//!     // One transaction: claim the event, apply it, commit.
+//!     let done = inbox::handle_once(&pool, "reserve-stock", &event, async |tx| {
+//!         sqlx::query("INSERT INTO reservations (order_id) VALUES (?1)")
+//!             .bind(&placed.order)
+//!             .execute(&mut *tx)
+//!             .await?;
+//!         Ok::<_, ApiError>(Handled::new("reserved"))
+//!     })
+//!     .await?;
+//!     Ok(done.unwrap_or(Handled::DUPLICATE)) // 2xx acks; 5xx makes the broker retry
 //! }
 //! ```
 //!
@@ -135,21 +146,24 @@ pub mod inbox;
 mod logging;
 mod mesh;
 pub mod metrics;
+pub mod openapi;
 pub mod outbox;
 pub mod request_id;
 mod service;
 pub mod tls;
 mod trace;
+mod user;
 
-pub use api::{ApiError, ApiJson, ApiQuery, FieldError, not_found};
+pub use api::{ApiError, ApiJson, ApiQuery, FieldError, int_param, not_found};
 pub use broker::{Broker, Lease, Message, ReceiveOptions, Record, StreamConsumer};
 pub use client::{Client, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT};
 pub use database::open_sqlite;
 pub use error::{Error, error_chain};
-pub use events::{Event, PushedEvent};
+pub use events::{Event, Handled, PushedEvent};
 pub use health::Readiness;
 pub use inbox::Inbox;
-pub use logging::{format_rfc3339, init_logging, now_rfc3339};
+pub use logging::{format_rfc3339, init_logging, now_rfc3339, run_main};
 pub use mesh::{Caller, DEFAULT_HANDSHAKE_TIMEOUT};
 pub use outbox::{Outbox, RelayHandle};
 pub use service::{Server, Service};
+pub use user::{USER_HEADER, VerifiedUser};

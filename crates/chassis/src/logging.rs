@@ -6,6 +6,7 @@
 //! because that one cannot add constant fields to every line.
 
 use std::fmt;
+use std::process::ExitCode;
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -136,6 +137,38 @@ impl Visit for JsonVisitor<'_> {
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         self.0
             .insert(field.name().into(), error_chain(value).into());
+    }
+}
+
+/// A service binary's `main`: installs the JSON logging
+/// ([`init_logging`]), runs `run` to the end and turns its result into the
+/// exit code, logging an error with its whole chain ([`error_chain`]) as
+/// `"<name> stopped"`.
+///
+/// ```no_run
+/// use std::process::ExitCode;
+///
+/// #[tokio::main]
+/// async fn main() -> ExitCode {
+///     flotilla_chassis::run_main("shop-hello", run()).await
+/// }
+///
+/// async fn run() -> Result<(), flotilla_chassis::Error> {
+///     let service = flotilla_chassis::Service::from_env()?;
+///     service.serve(axum::Router::new()).await
+/// }
+/// ```
+pub async fn run_main<E>(name: &str, run: impl Future<Output = Result<(), E>>) -> ExitCode
+where
+    E: std::error::Error + 'static,
+{
+    init_logging();
+    match run.await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %error_chain(&e), "{name} stopped");
+            ExitCode::FAILURE
+        }
     }
 }
 

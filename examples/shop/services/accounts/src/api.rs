@@ -11,11 +11,10 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use flotilla_chassis::{ApiError, ApiJson, FieldError};
+use flotilla_chassis::{ApiError, ApiJson, FieldError, VerifiedUser};
 use serde::{Deserialize, Serialize};
 use sqlx::SqlitePool;
 
-use crate::caller::{self, Caller};
 use crate::config::{Config, JWKS_MAX_AGE_SECONDS};
 use crate::jwt::{self, ACCESS_TTL_SECONDS, Claims};
 use crate::keys::{KeyError, Keys};
@@ -334,10 +333,13 @@ struct Me {
     name: Option<String>,
 }
 
-async fn me(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<Me>, ApiError> {
-    let user = users::by_id(&state.db, &caller.user_id)
+async fn me(
+    State(state): State<AppState>,
+    caller: VerifiedUser,
+) -> Result<axum::Json<Me>, ApiError> {
+    let user = users::by_id(&state.db, caller.as_str())
         .await?
-        .ok_or_else(caller::unauthenticated)?;
+        .ok_or_else(VerifiedUser::unauthenticated)?;
     Ok(axum::Json(Me {
         id: user.id,
         email: user.email,

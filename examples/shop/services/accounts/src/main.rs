@@ -7,7 +7,6 @@
 //! every use. Settings: see [`config`].
 
 mod api;
-mod caller;
 mod config;
 mod jwt;
 mod keys;
@@ -50,14 +49,7 @@ enum StartError {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    flotilla_chassis::init_logging();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %error_chain(&e), "shop-accounts stopped");
-            ExitCode::FAILURE
-        }
-    }
+    flotilla_chassis::run_main("shop-accounts", run()).await
 }
 
 async fn run() -> Result<(), StartError> {

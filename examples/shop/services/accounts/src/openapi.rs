@@ -1,10 +1,10 @@
 //! The API description served at `/openapi.json`.
 
+use flotilla_chassis::openapi::{error_response, error_schema};
 use serde_json::{Value, json};
 
 /// OpenAPI 3.0.3 for the accounts routes.
 pub fn document() -> Value {
-    let error = |description: &str| json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
     let body = |schema: &str| json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
     let tokens = json!({
         "description": "An access token and a new refresh token (Cache-Control: no-store)",
@@ -25,10 +25,10 @@ pub fn document() -> Value {
                     "requestBody": body("Register"),
                     "responses": {
                         "201": {"description": "Created", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/User"}}}},
-                        "400": error("invalid_request: field errors for email, password or name"),
-                        "409": error("email_taken"),
-                        "422": error("invalid_json: the body is not the expected JSON"),
-                        "503": error("busy: too many password hashes at once")
+                        "400": error_response("invalid_request: field errors for email, password or name"),
+                        "409": error_response("email_taken"),
+                        "422": error_response("invalid_json: the body is not the expected JSON"),
+                        "503": error_response("busy: too many password hashes at once")
                     }
                 }
             },
@@ -39,9 +39,9 @@ pub fn document() -> Value {
                     "requestBody": body("Login"),
                     "responses": {
                         "200": tokens.clone(),
-                        "400": error("invalid_request: missing or malformed email or password"),
-                        "401": error("invalid_credentials: unknown e-mail or wrong password (one answer for both)"),
-                        "503": error("busy, or signing_unavailable")
+                        "400": error_response("invalid_request: missing or malformed email or password"),
+                        "401": error_response("invalid_credentials: unknown e-mail or wrong password (one answer for both)"),
+                        "503": error_response("busy, or signing_unavailable")
                     }
                 }
             },
@@ -52,8 +52,8 @@ pub fn document() -> Value {
                     "requestBody": body("RefreshToken"),
                     "responses": {
                         "200": tokens,
-                        "400": error("invalid_request: refresh_token missing"),
-                        "401": error("invalid_refresh_token (unknown, expired or revoked), or refresh_token_reused (already spent: its whole family is now revoked)")
+                        "400": error_response("invalid_request: refresh_token missing"),
+                        "401": error_response("invalid_refresh_token (unknown, expired or revoked), or refresh_token_reused (already spent: its whole family is now revoked)")
                     }
                 }
             },
@@ -64,7 +64,7 @@ pub fn document() -> Value {
                     "requestBody": body("RefreshToken"),
                     "responses": {
                         "204": {"description": "Logged out (also when the token was unknown)"},
-                        "400": error("invalid_request: refresh_token missing")
+                        "400": error_response("invalid_request: refresh_token missing")
                     }
                 }
             },
@@ -76,7 +76,7 @@ pub fn document() -> Value {
                     "parameters": [{"name": "x-flotilla-user-id", "in": "header", "required": true, "schema": {"type": "string"}}],
                     "responses": {
                         "200": {"description": "The user", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Me"}}}},
-                        "401": error("unauthenticated")
+                        "401": error_response("unauthenticated")
                     }
                 }
             },
@@ -160,25 +160,7 @@ pub fn document() -> Value {
                         }
                     }}}
                 },
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message"],
-                            "properties": {
-                                "code": {"type": "string"},
-                                "message": {"type": "string"},
-                                "fields": {"type": "array", "items": {
-                                    "type": "object",
-                                    "properties": {"field": {"type": "string"}, "message": {"type": "string"}}
-                                }},
-                                "details": {"type": "object"}
-                            }
-                        }
-                    }
-                }
+                "Error": error_schema()
             }
         }
     })

@@ -10,7 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::HeaderValue;
 use axum::response::Response;
 use axum::routing::get;
-use flotilla_chassis::{ApiError, ApiQuery, Client, FieldError};
+use flotilla_chassis::{ApiError, ApiQuery, Client, FieldError, int_param};
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::SqlitePool;
@@ -172,19 +172,10 @@ fn number(
     min: i64,
     max: i64,
 ) -> i64 {
-    let Some(value) = value.filter(|v| !v.trim().is_empty()) else {
-        return default;
-    };
-    match value.trim().parse::<i64>() {
-        Ok(n) if (min..=max).contains(&n) => n,
-        _ => {
-            errors.push(FieldError::new(
-                name,
-                format!("must be a whole number from {min} to {max}"),
-            ));
-            default
-        }
-    }
+    int_param(name, value.as_deref(), default, min..=max).unwrap_or_else(|e| {
+        errors.push(e);
+        default
+    })
 }
 
 #[cfg(test)]

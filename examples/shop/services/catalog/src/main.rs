@@ -11,21 +11,14 @@ mod store;
 
 use std::process::ExitCode;
 
-use flotilla_chassis::{Service, error_chain};
+use flotilla_chassis::Service;
 
 /// The catalog's schema and seed data.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    flotilla_chassis::init_logging();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %error_chain(&e), "shop-catalog stopped");
-            ExitCode::FAILURE
-        }
-    }
+    flotilla_chassis::run_main("shop-catalog", run()).await
 }
 
 async fn run() -> Result<(), flotilla_chassis::Error> {

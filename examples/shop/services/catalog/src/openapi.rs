@@ -1,5 +1,6 @@
 //! The API description served at `/openapi.json`.
 
+use flotilla_chassis::openapi::{error_response, error_schema};
 use serde_json::{Value, json};
 
 /// OpenAPI 3.0.3 for the catalog's routes.
@@ -24,7 +25,7 @@ pub fn document() -> Value {
                     ],
                     "responses": {
                         "200": {"description": "A page of products", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Page"}}}},
-                        "400": {"description": "Invalid parameters", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                        "400": error_response("Invalid parameters")
                     }
                 }
             },
@@ -37,7 +38,7 @@ pub fn document() -> Value {
                     ],
                     "responses": {
                         "200": {"description": "The product with its reviews", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ProductPage"}}}},
-                        "404": {"description": "No such product", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                        "404": error_response("No such product")
                     }
                 }
             }
@@ -88,25 +89,7 @@ pub fn document() -> Value {
                         "offset": {"type": "integer"}
                     }
                 },
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message"],
-                            "properties": {
-                                "code": {"type": "string"},
-                                "message": {"type": "string"},
-                                "fields": {"type": "array", "items": {
-                                    "type": "object",
-                                    "properties": {"field": {"type": "string"}, "message": {"type": "string"}}
-                                }},
-                                "details": {"type": "object"}
-                            }
-                        }
-                    }
-                }
+                "Error": error_schema()
             }
         }
     })

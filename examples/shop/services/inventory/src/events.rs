@@ -11,9 +11,7 @@
 //! `stock.rejected`, `stock.released`.
 
 use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use flotilla_chassis::{ApiError, Event, PushedEvent};
+use flotilla_chassis::{ApiError, Event, Handled, PushedEvent, inbox};
 use serde::{Deserialize, Serialize};
 use sqlx::SqliteConnection;
 
@@ -190,46 +188,37 @@ async fn enqueue(tx: &mut SqliteConnection, event: Event) -> Result<(), flotilla
     flotilla_chassis::outbox::enqueue(tx, TOPIC, &event).await
 }
 
-/// What handling one pushed event came to.
-#[derive(Debug, Serialize)]
-struct Handled {
-    outcome: &'static str,
-}
-
-fn done(outcome: &'static str) -> Response {
-    (StatusCode::OK, axum::Json(Handled { outcome })).into_response()
-}
-
 /// `POST /events/orders`: `order.placed`.
 pub async fn orders(
     State(state): State<AppState>,
     PushedEvent(event): PushedEvent,
-) -> Result<Response, ApiError> {
+) -> Result<Handled, ApiError> {
     if event.ty != "order.placed" {
         tracing::warn!(id = %event.id, ty = %event.ty, "ignored an event inventory does not handle");
-        return Ok(done("ignored"));
+        return Ok(Handled::IGNORED);
     }
     let placed: Placed = event.data_as()?;
-    let mut tx = state.db.begin().await?;
-    if !flotilla_chassis::inbox::claim(&mut tx, ORDERS_CONSUMER, &event).await? {
-        return Ok(done("duplicate"));
-    }
-    let outcome = on_placed(&mut tx, &placed).await?;
-    tx.commit().await?;
+    let handled = inbox::handle_once(&state.db, ORDERS_CONSUMER, &event, async |tx| {
+        on_placed(tx, &placed).await
+    })
+    .await?;
+    let Some(outcome) = handled else {
+        return Ok(Handled::DUPLICATE);
+    };
     state.published();
     tracing::info!(order = %placed.order_id, outcome, "order.placed handled");
     metrics::counter!("shop_inventory_reservations_total", "outcome" => outcome).increment(1);
-    Ok(done(outcome))
+    Ok(Handled::new(outcome))
 }
 
 /// `POST /events/payments`: `payment.failed`, `payment.succeeded`.
 pub async fn payments(
     State(state): State<AppState>,
     PushedEvent(event): PushedEvent,
-) -> Result<Response, ApiError> {
+) -> Result<Handled, ApiError> {
     if !matches!(event.ty.as_str(), "payment.failed" | "payment.succeeded") {
         tracing::warn!(id = %event.id, ty = %event.ty, "ignored an event inventory does not handle");
-        return Ok(done("ignored"));
+        return Ok(Handled::IGNORED);
     }
     let payment: Payment = event.data_as()?;
     // The customer is in the extension even if data leaves it out.
@@ -242,22 +231,23 @@ pub async fn payments(
             .to_owned(),
         c => c.to_owned(),
     };
-    let mut tx = state.db.begin().await?;
-    if !flotilla_chassis::inbox::claim(&mut tx, PAYMENTS_CONSUMER, &event).await? {
-        return Ok(done("duplicate"));
-    }
-    let outcome = on_payment(&mut tx, &event.ty, &payment.order_id, &customer).await?;
-    tx.commit().await?;
+    let handled = inbox::handle_once(&state.db, PAYMENTS_CONSUMER, &event, async |tx| {
+        on_payment(tx, &event.ty, &payment.order_id, &customer).await
+    })
+    .await?;
+    let Some(outcome) = handled else {
+        return Ok(Handled::DUPLICATE);
+    };
     state.published();
     tracing::info!(order = %payment.order_id, ty = %event.ty, outcome, "payment event handled");
-    Ok(done(outcome))
+    Ok(Handled::new(outcome))
 }
 
 #[cfg(test)]
 mod tests {
     use axum::Router;
     use axum::body::{Body, to_bytes};
-    use axum::http::Request;
+    use axum::http::{Request, StatusCode};
     use serde_json::{Value, json};
     use sqlx::SqlitePool;
     use tower::ServiceExt;

@@ -15,23 +15,16 @@ mod store;
 
 use std::process::ExitCode;
 
+use flotilla_chassis::Service;
 use flotilla_chassis::inbox::Inbox;
 use flotilla_chassis::outbox::Outbox;
-use flotilla_chassis::{Service, error_chain};
 
 /// The inventory schema and its seed.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    flotilla_chassis::init_logging();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %error_chain(&e), "shop-inventory stopped");
-            ExitCode::FAILURE
-        }
-    }
+    flotilla_chassis::run_main("shop-inventory", run()).await
 }
 
 async fn run() -> Result<(), flotilla_chassis::Error> {

@@ -1,10 +1,10 @@
 //! The API description served at `/openapi.json`.
 
+use flotilla_chassis::openapi::{error_response, error_schema};
 use serde_json::{Value, json};
 
 /// OpenAPI 3.0.3 for the inventory routes.
 pub fn document() -> Value {
-    let error = |description: &str| json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
     let event_body = json!({"required": true, "content": {"application/cloudevents+json": {"schema": {"$ref": "#/components/schemas/CloudEvent"}}}});
     let handled = json!({"description": "Handled (or a duplicate, or nothing to do): acknowledged", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Handled"}}}});
     json!({
@@ -22,7 +22,7 @@ pub fn document() -> Value {
                     "parameters": [{"name": "sku", "in": "path", "required": true, "schema": {"type": "string"}}],
                     "responses": {
                         "200": {"description": "The levels", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Stock"}}}},
-                        "404": error("No stock is kept for that SKU")
+                        "404": error_response("No stock is kept for that SKU")
                     }
                 }
             },
@@ -31,7 +31,7 @@ pub fn document() -> Value {
                     "operationId": "onOrderEvent",
                     "summary": "order.placed: reserve every item or none; publishes stock.reserved or stock.rejected",
                     "requestBody": event_body.clone(),
-                    "responses": {"200": handled.clone(), "400": error("Not a CloudEvent, or data not an order.placed"), "415": error("Not application/cloudevents+json")}
+                    "responses": {"200": handled.clone(), "400": error_response("Not a CloudEvent, or data not an order.placed"), "415": error_response("Not application/cloudevents+json")}
                 }
             },
             "/events/payments": {
@@ -39,7 +39,7 @@ pub fn document() -> Value {
                     "operationId": "onPaymentEvent",
                     "summary": "payment.failed: release the reservation (stock.released); payment.succeeded: commit it",
                     "requestBody": event_body,
-                    "responses": {"200": handled, "400": error("Not a CloudEvent, or data without order_id"), "415": error("Not application/cloudevents+json")}
+                    "responses": {"200": handled, "400": error_response("Not a CloudEvent, or data without order_id"), "415": error_response("Not application/cloudevents+json")}
                 }
             }
         },
@@ -72,20 +72,7 @@ pub fn document() -> Value {
                     "required": ["outcome"],
                     "properties": {"outcome": {"type": "string", "enum": ["reserved", "rejected", "released", "committed", "duplicate", "unchanged", "ignored"]}}
                 },
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message"],
-                            "properties": {
-                                "code": {"type": "string"},
-                                "message": {"type": "string"}
-                            }
-                        }
-                    }
-                }
+                "Error": error_schema()
             }
         }
     })

@@ -3,11 +3,10 @@
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
-use flotilla_chassis::{ApiError, ApiQuery, FieldError};
+use flotilla_chassis::{ApiError, ApiQuery, VerifiedUser, int_param};
 use serde::{Deserialize, Serialize};
 use sqlx::SqlitePool;
 
-use crate::customer::Customer;
 use crate::store::{self, Notification};
 
 /// Messages listed when `limit` is absent, and at most.
@@ -35,21 +34,16 @@ struct List {
 /// `GET /api/notifications`: newest first.
 async fn list(
     State(db): State<SqlitePool>,
-    customer: Customer,
+    customer: VerifiedUser,
     ApiQuery(params): ApiQuery<Params>,
 ) -> Result<axum::Json<List>, ApiError> {
-    let limit = match params.limit.as_deref().map(str::trim) {
-        None | Some("") => DEFAULT_LIMIT,
-        Some(raw) => match raw.parse::<i64>() {
-            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-            _ => {
-                return Err(ApiError::validation(vec![FieldError::new(
-                    "limit",
-                    format!("must be a whole number from 1 to {MAX_LIMIT}"),
-                )]));
-            }
-        },
-    };
+    let limit = int_param(
+        "limit",
+        params.limit.as_deref(),
+        DEFAULT_LIMIT,
+        1..=MAX_LIMIT,
+    )
+    .map_err(|e| ApiError::validation(vec![e]))?;
     let notifications = store::for_customer(&db, customer.as_str(), limit).await?;
     Ok(axum::Json(List { notifications }))
 }

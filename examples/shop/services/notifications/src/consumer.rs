@@ -149,7 +149,7 @@ mod tests {
     async fn list(db: &SqlitePool, user: Option<&str>) -> (StatusCode, Value) {
         let mut req = Request::get("/api/notifications");
         if let Some(user) = user {
-            req = req.header(crate::customer::USER_HEADER, user);
+            req = req.header(flotilla_chassis::USER_HEADER, user);
         }
         let res = crate::api::router(db.clone())
             .oneshot(req.body(Body::empty()).unwrap())

@@ -7,14 +7,13 @@
 
 mod api;
 mod consumer;
-mod customer;
 mod openapi;
 mod store;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use flotilla_chassis::{Service, error_chain};
+use flotilla_chassis::Service;
 
 /// The notifications schema.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -24,14 +23,7 @@ const CONSUMER_STOP: Duration = Duration::from_secs(5);
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    flotilla_chassis::init_logging();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %error_chain(&e), "shop-notifications stopped");
-            ExitCode::FAILURE
-        }
-    }
+    flotilla_chassis::run_main("shop-notifications", run()).await
 }
 
 async fn run() -> Result<(), flotilla_chassis::Error> {

@@ -1,5 +1,6 @@
 //! The API description served at `/openapi.json`.
 
+use flotilla_chassis::openapi::{error_response, error_schema};
 use serde_json::{Value, json};
 
 /// OpenAPI 3.0.3 for the notifications routes.
@@ -25,8 +26,8 @@ pub fn document() -> Value {
                             "required": ["notifications"],
                             "properties": {"notifications": {"type": "array", "items": {"$ref": "#/components/schemas/Notification"}}}
                         }}}},
-                        "400": {"description": "Invalid limit"},
-                        "401": {"description": "Not signed in"}
+                        "400": error_response("Invalid limit"),
+                        "401": error_response("unauthenticated: not signed in")
                     }
                 }
             }
@@ -43,7 +44,8 @@ pub fn document() -> Value {
                         "message": {"type": "string", "example": "Order #1f0e2d3c confirmed — €12.34"},
                         "created_at": {"type": "string", "format": "date-time"}
                     }
-                }
+                },
+                "Error": error_schema()
             }
         }
     })

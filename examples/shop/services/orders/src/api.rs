@@ -17,13 +17,12 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use flotilla_chassis::outbox::RelayHandle;
-use flotilla_chassis::{ApiError, ApiJson, ApiQuery, Client, FieldError};
+use flotilla_chassis::{ApiError, ApiJson, ApiQuery, Client, FieldError, VerifiedUser, int_param};
 use futures_util::{StreamExt, TryStreamExt, stream};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::SqlitePool;
 
-use crate::customer::Customer;
 use crate::deps::{self, Product};
 use crate::events;
 use crate::store::{self, Order, OrderLine, StatusChange};
@@ -130,7 +129,7 @@ struct OrderItem {
 /// A validated order request, repeated SKUs merged in first-seen order.
 #[derive(PartialEq, Eq)]
 struct Validated {
-    customer: Customer,
+    customer: VerifiedUser,
     items: Vec<(String, i64)>,
     coupon: Option<String>,
     expected_total_cents: Option<i64>,
@@ -138,7 +137,7 @@ struct Validated {
     card: String,
 }
 
-fn validate(body: PlaceOrder, customer: Customer) -> Result<Validated, ApiError> {
+fn validate(body: PlaceOrder, customer: VerifiedUser) -> Result<Validated, ApiError> {
     let mut errors = Vec::new();
     if body.items.is_empty() || body.items.len() > MAX_LINES {
         errors.push(FieldError::new(
@@ -228,7 +227,7 @@ fn validate(body: PlaceOrder, customer: Customer) -> Result<Validated, ApiError>
 
 async fn place(
     State(state): State<AppState>,
-    customer: Customer,
+    customer: VerifiedUser,
     ApiJson(body): ApiJson<PlaceOrder>,
 ) -> Result<Response, ApiError> {
     let order = validate(body, customer)?;
@@ -420,33 +419,23 @@ struct OrderList {
 
 async fn list(
     State(state): State<AppState>,
-    customer: Customer,
+    customer: VerifiedUser,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<axum::Json<OrderList>, ApiError> {
-    let mut errors = Vec::new();
-    let limit = match params.limit.as_deref().map(str::trim) {
-        None | Some("") => DEFAULT_LIST_LIMIT,
-        Some(raw) => match raw.parse::<i64>() {
-            Ok(n) if (1..=MAX_LIST_LIMIT).contains(&n) => n,
-            _ => {
-                errors.push(FieldError::new(
-                    "limit",
-                    format!("must be a whole number from 1 to {MAX_LIST_LIMIT}"),
-                ));
-                DEFAULT_LIST_LIMIT
-            }
-        },
-    };
-    if !errors.is_empty() {
-        return Err(ApiError::validation(errors));
-    }
+    let limit = int_param(
+        "limit",
+        params.limit.as_deref(),
+        DEFAULT_LIST_LIMIT,
+        1..=MAX_LIST_LIMIT,
+    )
+    .map_err(|e| ApiError::validation(vec![e]))?;
     let orders = store::for_customer(&state.db, customer.as_str(), limit).await?;
     Ok(axum::Json(OrderList { orders }))
 }
 
 async fn one(
     State(state): State<AppState>,
-    customer: Customer,
+    customer: VerifiedUser,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Order>, ApiError> {
     // Someone else's order is "not found", so ids of others' orders leak nothing.

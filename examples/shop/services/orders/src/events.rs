@@ -15,9 +15,7 @@
 //! broker can filter and partition on them without reading `data`.
 
 use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use flotilla_chassis::{ApiError, Event, PushedEvent};
+use flotilla_chassis::{ApiError, Event, Handled, PushedEvent, inbox};
 use serde::{Deserialize, Serialize};
 use sqlx::SqliteConnection;
 
@@ -152,18 +150,11 @@ pub fn effect(ty: &str) -> Effect {
     }
 }
 
-/// What handling one pushed event came to; the broker only looks at the
-/// status, the body is for people reading logs and tests.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Handled {
-    pub outcome: &'static str,
-}
-
 /// `POST /events/stock`: `stock.rejected`.
 pub async fn stock(
     State(state): State<AppState>,
     PushedEvent(event): PushedEvent,
-) -> Result<Response, ApiError> {
+) -> Result<Handled, ApiError> {
     handle(&state, STOCK_CONSUMER, event).await
 }
 
@@ -171,7 +162,7 @@ pub async fn stock(
 pub async fn payments(
     State(state): State<AppState>,
     PushedEvent(event): PushedEvent,
-) -> Result<Response, ApiError> {
+) -> Result<Handled, ApiError> {
     handle(&state, PAYMENTS_CONSUMER, event).await
 }
 
@@ -179,41 +170,39 @@ pub async fn payments(
 /// enqueue, all in one transaction. A failure rolls everything back and
 /// answers 5xx so the broker retries; a duplicate is answered 200 and
 /// changes nothing.
-async fn handle(state: &AppState, consumer: &str, event: Event) -> Result<Response, ApiError> {
+async fn handle(state: &AppState, consumer: &str, event: Event) -> Result<Handled, ApiError> {
     let (to, reason) = match effect(&event.ty) {
         Effect::Confirm => (store::CONFIRMED, None),
         Effect::Cancel(reason) => (store::CANCELLED, Some(reason)),
         Effect::Ignore => {
             tracing::warn!(id = %event.id, ty = %event.ty, "ignored an event orders does not handle");
-            return Ok(done("ignored"));
+            return Ok(Handled::IGNORED);
         }
     };
     let about: About = event.data_as()?;
-    let mut tx = state.db.begin().await?;
-    if !flotilla_chassis::inbox::claim(&mut tx, consumer, &event).await? {
-        return Ok(done("duplicate"));
-    }
-    let outcome = match store::transition(&mut tx, &about.order_id, to, reason).await? {
-        Some(order) => {
-            enqueue(&mut tx, ended(&order)?).await?;
-            tracing::info!(order = %order.id, status = to, reason, "order {to}");
-            metrics::counter!("shop_orders_ended_total", "status" => to).increment(1);
-            to
-        }
-        // Unknown, or already confirmed/cancelled: a late or repeated
-        // event. Claimed all the same so it is not applied later.
-        None => {
-            tracing::info!(order = %about.order_id, ty = %event.ty, "order not placed; event changes nothing");
-            "unchanged"
-        }
+    let handled = inbox::handle_once(&state.db, consumer, &event, async |tx| {
+        let outcome = match store::transition(tx, &about.order_id, to, reason).await? {
+            Some(order) => {
+                enqueue(tx, ended(&order)?).await?;
+                tracing::info!(order = %order.id, status = to, reason, "order {to}");
+                metrics::counter!("shop_orders_ended_total", "status" => to).increment(1);
+                to
+            }
+            // Unknown, or already confirmed/cancelled: a late or repeated
+            // event. Claimed all the same so it is not applied later.
+            None => {
+                tracing::info!(order = %about.order_id, ty = %event.ty, "order not placed; event changes nothing");
+                "unchanged"
+            }
+        };
+        Ok::<_, ApiError>(outcome)
+    })
+    .await?;
+    let Some(outcome) = handled else {
+        return Ok(Handled::DUPLICATE);
     };
-    tx.commit().await?;
     state.published();
-    Ok(done(outcome))
-}
-
-fn done(outcome: &'static str) -> Response {
-    (StatusCode::OK, axum::Json(Handled { outcome })).into_response()
+    Ok(Handled::new(outcome))
 }
 
 #[cfg(test)]

@@ -3,14 +3,15 @@
 //! Owns its orders in its own SQLite database and calls the catalog and
 //! pricing services through the URLs the runtime gives it
 //! (`FLOTILLA_URL_CATALOG`, `FLOTILLA_URL_PRICING`). Who the customer is
-//! comes from the gateway-verified token: see [`customer`].
+//! comes from the gateway-verified token
+//! ([`flotilla_chassis::VerifiedUser`]): orders belong to that user, and
+//! nothing the client writes in the body or query can choose another.
 //!
 //! An order starts the order saga (see [`events`]): placing it publishes
 //! `order.placed` through the chassis outbox, and the broker pushes back
 //! inventory's and payments' answers, which confirm or cancel it.
 
 mod api;
-mod customer;
 mod deps;
 mod events;
 mod openapi;
@@ -18,23 +19,16 @@ mod store;
 
 use std::process::ExitCode;
 
+use flotilla_chassis::Service;
 use flotilla_chassis::inbox::Inbox;
 use flotilla_chassis::outbox::Outbox;
-use flotilla_chassis::{Service, error_chain};
 
 /// The orders schema.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    flotilla_chassis::init_logging();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %error_chain(&e), "shop-orders stopped");
-            ExitCode::FAILURE
-        }
-    }
+    flotilla_chassis::run_main("shop-orders", run()).await
 }
 
 async fn run() -> Result<(), flotilla_chassis::Error> {

@@ -1,10 +1,10 @@
 //! The API description served at `/openapi.json`.
 
+use flotilla_chassis::openapi::{error_response, error_schema};
 use serde_json::{Value, json};
 
 /// OpenAPI 3.0.3 for the orders routes.
 pub fn document() -> Value {
-    let error = |description: &str| json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
     json!({
         "openapi": "3.0.3",
         "info": {
@@ -24,11 +24,11 @@ pub fn document() -> Value {
                             "headers": {"Location": {"description": "The order's URL", "schema": {"type": "string"}}},
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Order"}}}
                         },
-                        "400": error("Invalid fields, including an unknown coupon"),
-                        "409": error("price_changed (details.total_cents is the new total)"),
-                        "422": error("unknown_sku (details.skus), invalid_card (payment.card is not 12 to 19 digits), or a body that is not the expected JSON"),
-                        "502": error("dependency_unavailable: catalog or pricing answered badly"),
-                        "503": error("dependency_unavailable: catalog or pricing unreachable")
+                        "400": error_response("Invalid fields, including an unknown coupon"),
+                        "409": error_response("price_changed (details.total_cents is the new total)"),
+                        "422": error_response("unknown_sku (details.skus), invalid_card (payment.card is not 12 to 19 digits), or a body that is not the expected JSON"),
+                        "502": error_response("dependency_unavailable: catalog or pricing answered badly"),
+                        "503": error_response("dependency_unavailable: catalog or pricing unreachable")
                     }
                 },
                 "get": {
@@ -43,7 +43,7 @@ pub fn document() -> Value {
                             "required": ["orders"],
                             "properties": {"orders": {"type": "array", "items": {"$ref": "#/components/schemas/Order"}}}
                         }}}},
-                        "400": error("Invalid limit")
+                        "400": error_response("Invalid limit")
                     }
                 }
             },
@@ -54,8 +54,8 @@ pub fn document() -> Value {
                     "requestBody": {"required": true, "content": {"application/cloudevents+json": {"schema": {"type": "object"}}}},
                     "responses": {
                         "200": {"description": "Handled, duplicate, unchanged or ignored: acknowledged"},
-                        "400": error("Not a CloudEvent, or data without order_id: dead-lettered"),
-                        "415": error("Not application/cloudevents+json")
+                        "400": error_response("Not a CloudEvent, or data without order_id: dead-lettered"),
+                        "415": error_response("Not application/cloudevents+json")
                     }
                 }
             },
@@ -66,8 +66,8 @@ pub fn document() -> Value {
                     "requestBody": {"required": true, "content": {"application/cloudevents+json": {"schema": {"type": "object"}}}},
                     "responses": {
                         "200": {"description": "Handled, duplicate, unchanged or ignored: acknowledged"},
-                        "400": error("Not a CloudEvent, or data without order_id: dead-lettered"),
-                        "415": error("Not application/cloudevents+json")
+                        "400": error_response("Not a CloudEvent, or data without order_id: dead-lettered"),
+                        "415": error_response("Not application/cloudevents+json")
                     }
                 }
             },
@@ -78,7 +78,7 @@ pub fn document() -> Value {
                     "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string", "format": "uuid"}}],
                     "responses": {
                         "200": {"description": "The order", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Order"}}}},
-                        "404": error("No such order")
+                        "404": error_response("No such order")
                     }
                 }
             }
@@ -147,25 +147,7 @@ pub fn document() -> Value {
                         "created_at": {"type": "string", "format": "date-time"}
                     }
                 },
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message"],
-                            "properties": {
-                                "code": {"type": "string"},
-                                "message": {"type": "string"},
-                                "fields": {"type": "array", "items": {
-                                    "type": "object",
-                                    "properties": {"field": {"type": "string"}, "message": {"type": "string"}}
-                                }},
-                                "details": {"type": "object"}
-                            }
-                        }
-                    }
-                }
+                "Error": error_schema()
             }
         }
     })

@@ -7,9 +7,7 @@
 //! charge_id} or `payment.failed` {order_id, customer, reason}.
 
 use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use flotilla_chassis::{ApiError, Event, PushedEvent};
+use flotilla_chassis::{ApiError, Event, Handled, PushedEvent, inbox};
 use serde::{Deserialize, Serialize};
 use sqlx::SqliteConnection;
 
@@ -114,43 +112,34 @@ pub async fn on_reserved(
     Ok(outcome)
 }
 
-/// What handling one pushed event came to.
-#[derive(Debug, Serialize)]
-struct Handled {
-    outcome: &'static str,
-}
-
-fn done(outcome: &'static str) -> Response {
-    (StatusCode::OK, axum::Json(Handled { outcome })).into_response()
-}
-
 /// `POST /events/stock`: `stock.reserved`.
 pub async fn stock(
     State(state): State<AppState>,
     PushedEvent(event): PushedEvent,
-) -> Result<Response, ApiError> {
+) -> Result<Handled, ApiError> {
     if event.ty != "stock.reserved" {
         tracing::warn!(id = %event.id, ty = %event.ty, "ignored an event payments does not handle");
-        return Ok(done("ignored"));
+        return Ok(Handled::IGNORED);
     }
     let reserved: Reserved = event.data_as()?;
-    let mut tx = state.db.begin().await?;
-    if !flotilla_chassis::inbox::claim(&mut tx, CONSUMER, &event).await? {
-        return Ok(done("duplicate"));
-    }
-    let outcome = on_reserved(&mut tx, &reserved).await?;
-    tx.commit().await?;
+    let handled = inbox::handle_once(&state.db, CONSUMER, &event, async |tx| {
+        on_reserved(tx, &reserved).await
+    })
+    .await?;
+    let Some(outcome) = handled else {
+        return Ok(Handled::DUPLICATE);
+    };
     if let Some(relay) = &state.relay {
         relay.notify();
     }
-    Ok(done(outcome))
+    Ok(Handled::new(outcome))
 }
 
 #[cfg(test)]
 mod tests {
     use axum::Router;
     use axum::body::{Body, to_bytes};
-    use axum::http::Request;
+    use axum::http::{Request, StatusCode};
     use serde_json::{Value, json};
     use sqlx::SqlitePool;
     use tower::ServiceExt;

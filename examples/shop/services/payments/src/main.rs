@@ -16,23 +16,16 @@ use std::process::ExitCode;
 
 use axum::Router;
 use axum::routing::post;
+use flotilla_chassis::Service;
 use flotilla_chassis::inbox::Inbox;
 use flotilla_chassis::outbox::{Outbox, RelayHandle};
-use flotilla_chassis::{Service, error_chain};
 
 /// The payments schema.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    flotilla_chassis::init_logging();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %error_chain(&e), "shop-payments stopped");
-            ExitCode::FAILURE
-        }
-    }
+    flotilla_chassis::run_main("shop-payments", run()).await
 }
 
 /// What handlers share.

@@ -1,10 +1,10 @@
 //! The API description served at `/openapi.json`.
 
+use flotilla_chassis::openapi::{error_response, error_schema};
 use serde_json::{Value, json};
 
 /// OpenAPI 3.0.3 for the payments routes.
 pub fn document() -> Value {
-    let error = |description: &str| json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
     json!({
         "openapi": "3.0.3",
         "info": {
@@ -24,8 +24,8 @@ pub fn document() -> Value {
                             "required": ["outcome"],
                             "properties": {"outcome": {"type": "string", "enum": ["succeeded", "failed", "duplicate", "unchanged", "ignored"]}}
                         }}}},
-                        "400": error("Not a CloudEvent, or data not a stock.reserved"),
-                        "415": error("Not application/cloudevents+json")
+                        "400": error_response("Not a CloudEvent, or data not a stock.reserved"),
+                        "415": error_response("Not application/cloudevents+json")
                     }
                 }
             }
@@ -45,17 +45,7 @@ pub fn document() -> Value {
                         "data": {"type": "object"}
                     }
                 },
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message"],
-                            "properties": {"code": {"type": "string"}, "message": {"type": "string"}}
-                        }
-                    }
-                }
+                "Error": error_schema()
             }
         }
     })

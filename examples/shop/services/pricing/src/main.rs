@@ -9,18 +9,12 @@ mod rules;
 
 use std::process::ExitCode;
 
-use flotilla_chassis::{Service, error_chain};
+use flotilla_chassis::Service;
+use flotilla_chassis::openapi::{error_response, error_schema};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    flotilla_chassis::init_logging();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %error_chain(&e), "shop-pricing stopped");
-            ExitCode::FAILURE
-        }
-    }
+    flotilla_chassis::run_main("shop-pricing", run()).await
 }
 
 async fn run() -> Result<(), flotilla_chassis::Error> {
@@ -48,8 +42,8 @@ fn openapi() -> serde_json::Value {
                     },
                     "responses": {
                         "200": {"description": "The quote", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Quote"}}}},
-                        "400": {"description": "Invalid fields (including an unknown coupon)", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
-                        "422": {"description": "Body is not the expected JSON", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                        "400": error_response("Invalid fields (including an unknown coupon)"),
+                        "422": error_response("Body is not the expected JSON")
                     }
                 }
             }
@@ -109,25 +103,7 @@ fn openapi() -> serde_json::Value {
                         "discounts": {"type": "array", "items": {"$ref": "#/components/schemas/Discount"}}
                     }
                 },
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message"],
-                            "properties": {
-                                "code": {"type": "string"},
-                                "message": {"type": "string"},
-                                "fields": {"type": "array", "items": {
-                                    "type": "object",
-                                    "properties": {"field": {"type": "string"}, "message": {"type": "string"}}
-                                }},
-                                "details": {"type": "object"}
-                            }
-                        }
-                    }
-                }
+                "Error": error_schema()
             }
         }
     })

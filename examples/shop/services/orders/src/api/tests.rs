@@ -8,12 +8,11 @@ use axum::body::{Body, to_bytes};
 use axum::extract::Path;
 use axum::http::{Request, StatusCode};
 use axum::routing::{get, post};
-use flotilla_chassis::Service;
+use flotilla_chassis::{Service, USER_HEADER};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use super::*;
-use crate::customer::USER_HEADER;
 
 /// Serves `router` on a random port until the test's runtime ends.
 async fn spawn(router: Router) -> SocketAddr {
