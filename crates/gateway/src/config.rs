@@ -310,16 +310,10 @@ impl Config {
             // A source the gateway cannot parse leaves `jwt` unset; `validate`
             // then refuses every `auth = "jwt"` route, so it never fails open.
             jwt: gw.jwt.as_ref().and_then(|j| {
-                let source = match &j.jwks {
-                    flotilla_manifest::JwksSource::Url(url) => url.clone(),
-                    flotilla_manifest::JwksSource::Service { service, path } => {
-                        format!("{service}:{path}")
-                    }
-                };
                 let mut config = JwtConfig::new(
                     j.issuer.clone(),
                     j.audiences.clone(),
-                    JwksSource::parse(&source).ok()?,
+                    JwksSource::try_from(&j.jwks).ok()?,
                 );
                 config.refresh_interval = j.refresh;
                 config.forward_claims = j.forward_claims.clone();

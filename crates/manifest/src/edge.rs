@@ -37,18 +37,34 @@ pub enum JwksSource {
 }
 
 impl JwksSource {
-    /// Parses `http://host:port/path` or `<service>:/path`.
+    /// Parses `http://host:port/path` or `<service>:/path`. The one parser
+    /// of this syntax: the gateway takes the parsed form.
     pub fn parse(s: &str) -> Result<JwksSource, String> {
-        if s.starts_with("http://") {
+        if let Some(rest) = s.strip_prefix("http://") {
+            let authority = rest.split('/').next().unwrap_or("");
+            if authority.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(format!(
+                    "`{s}` is not a JWKS URL: write `http://host:port/path`"
+                ));
+            }
             return Ok(JwksSource::Url(s.to_string()));
         }
-        if s.starts_with("https://") {
+        if s.contains("://") {
             return Err(format!(
                 "`{s}`: only plain `http://` JWKS URLs are supported; use `<service>:/path` for a service of this system"
             ));
         }
+        let service_ok = |service: &str| {
+            !service.is_empty()
+                && service
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        };
+        let path_ok = |path: &str| {
+            path.starts_with('/') && !path.chars().any(|c| c.is_whitespace() || c.is_control())
+        };
         match s.split_once(':') {
-            Some((service, path)) if !service.is_empty() && path.starts_with('/') => {
+            Some((service, path)) if service_ok(service) && path_ok(path) => {
                 Ok(JwksSource::Service {
                     service: service.to_string(),
                     path: path.to_string(),
@@ -349,5 +365,9 @@ mod tests {
         );
         assert!(JwksSource::parse("https://x/jwks").is_err());
         assert!(JwksSource::parse("accounts").is_err());
+        assert!(JwksSource::parse("ftp://x/jwks").is_err());
+        assert!(JwksSource::parse("Accounts:/jwks").is_err());
+        assert!(JwksSource::parse("http:///jwks").is_err());
+        assert!(JwksSource::parse("accounts:/a b").is_err());
     }
 }

@@ -119,31 +119,45 @@ impl FromStr for JwksSource {
 }
 
 impl JwksSource {
+    /// Parses the manifest's syntax (with the manifest's parser) and checks
+    /// that the URL is one the gateway can fetch.
     pub fn parse(s: &str) -> Result<JwksSource, JwksSourceError> {
-        let invalid = || JwksSourceError::Invalid(s.to_string());
-        if s.contains("://") {
-            let uri: Uri = s.parse().map_err(|_| invalid())?;
-            if uri.scheme_str() != Some("http") {
-                return Err(JwksSourceError::Scheme(s.to_string()));
+        match flotilla_manifest::JwksSource::parse(s) {
+            Ok(source) => JwksSource::try_from(&source),
+            Err(_) if s.contains("://") && !s.starts_with("http://") => {
+                Err(JwksSourceError::Scheme(s.to_string()))
             }
-            if !jwks::check_url(&uri) {
-                return Err(invalid());
+            Err(_) => Err(JwksSourceError::Invalid(s.to_string())),
+        }
+    }
+}
+
+impl TryFrom<&flotilla_manifest::JwksSource> for JwksSource {
+    type Error = JwksSourceError;
+
+    fn try_from(source: &flotilla_manifest::JwksSource) -> Result<JwksSource, JwksSourceError> {
+        match source {
+            flotilla_manifest::JwksSource::Url(url) => {
+                let invalid = || JwksSourceError::Invalid(url.clone());
+                let uri: Uri = url.parse().map_err(|_| invalid())?;
+                if uri.scheme_str() != Some("http") {
+                    return Err(JwksSourceError::Scheme(url.clone()));
+                }
+                if !jwks::check_url(&uri) {
+                    return Err(invalid());
+                }
+                Ok(JwksSource::Url(uri))
             }
-            return Ok(JwksSource::Url(uri));
+            flotilla_manifest::JwksSource::Service { service, path } => {
+                if path.parse::<http::uri::PathAndQuery>().is_err() {
+                    return Err(JwksSourceError::Invalid(format!("{service}:{path}")));
+                }
+                Ok(JwksSource::Service {
+                    service: service.clone(),
+                    path: path.clone(),
+                })
+            }
         }
-        let (service, path) = s.split_once(':').ok_or_else(invalid)?;
-        let service_ok = !service.is_empty()
-            && service
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !service_ok || !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err()
-        {
-            return Err(invalid());
-        }
-        Ok(JwksSource::Service {
-            service: service.to_string(),
-            path: path.to_string(),
-        })
     }
 }
 
