@@ -96,10 +96,10 @@ async fn run(command: Command) -> ExitCode {
             Ok(m) => {
                 let events = if m.uses_broker() {
                     format!(
-                        "; {} topics, {} queues, {} streams",
-                        m.topics.len(),
-                        m.queues.len(),
-                        m.streams.len()
+                        "; {}, {}, {}",
+                        count(m.topics.len(), "topic"),
+                        count(m.queues.len(), "queue"),
+                        count(m.streams.len(), "stream")
                     )
                 } else {
                     String::new()
@@ -195,6 +195,15 @@ async fn up(manifest: Manifest, options: Options) -> ExitCode {
     }
     system.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// `1 topic`, `3 topics`.
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("{n} {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 /// Finds and loads the manifest, printing errors; follows a symlinked

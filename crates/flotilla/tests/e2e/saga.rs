@@ -131,6 +131,14 @@ async fn the_saga_confirms_cancels_and_compensates() {
     let order = shop.settled(&id).await;
     assert_eq!(order["status"], "confirmed", "{order}");
     assert_eq!(shop.available("sku-mug").await, mugs - 2);
+    // The catalog's stock figure follows inventory's events (queue
+    // catalog-stock).
+    shop.until(
+        "the catalog's mug stock to follow inventory",
+        "/api/catalog/products/sku-mug",
+        |p| (p["stock"].as_i64() == Some(mugs - 2)).then_some(()),
+    )
+    .await;
     shop.until("the confirmation notice", "/api/notifications", |v| {
         notifications(v)
             .iter()
@@ -153,6 +161,21 @@ async fn the_saga_confirms_cancels_and_compensates() {
         "the kettle to be released",
         "/api/inventory/sku-kettle",
         |v| (v["available"].as_i64() == Some(kettles)).then_some(()),
+    )
+    .await;
+    // The catalog's figure is back too, and from the release itself (the
+    // version inventory is at), not from before the reservation.
+    let version = shop.get("/api/inventory/sku-kettle").await["version"]
+        .as_i64()
+        .expect("version");
+    assert!(version >= 2, "reserved and released: version {version}");
+    shop.until(
+        "the catalog's kettle stock to be back",
+        "/api/catalog/products/sku-kettle",
+        |p| {
+            (p["stock"].as_i64() == Some(kettles) && p["stock_version"].as_i64() == Some(version))
+                .then_some(())
+        },
     )
     .await;
     shop.until("the cancellation notice", "/api/notifications", |v| {

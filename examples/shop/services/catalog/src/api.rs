@@ -1,7 +1,8 @@
 //! The catalog's HTTP API: product search and lookup, read-only. A single
 //! product comes with its reviews from the `reviews` service (a Python
 //! service: the catalog neither knows nor cares), and without them when
-//! reviews is down: the catalog degrades, it does not fail.
+//! reviews is down: the catalog degrades, it does not fail. The one write,
+//! `POST /events/stock`, is the broker's (see [`crate::events`]).
 
 use std::time::Duration;
 
@@ -9,12 +10,13 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::HeaderValue;
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, post};
 use flotilla_chassis::{ApiError, ApiQuery, Client, FieldError, int_param};
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::SqlitePool;
 
+use crate::events;
 use crate::store::{self, Page, Product, Search};
 
 /// Page size when `limit` is absent.
@@ -36,8 +38,8 @@ pub const REVIEWS_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// What the handlers share.
 #[derive(Clone)]
-struct AppState {
-    db: SqlitePool,
+pub(crate) struct AppState {
+    pub(crate) db: SqlitePool,
     /// The `reviews` dependency, when the service declares it.
     reviews: Option<Client>,
 }
@@ -68,6 +70,8 @@ pub fn router(db: SqlitePool, instance: &str, reviews: Option<Client>) -> Router
     Router::new()
         .route("/api/catalog/products", get(list))
         .route("/api/catalog/products/{id}", get(one))
+        // Pushed by the broker (queue catalog-stock); never a gateway route.
+        .route("/events/stock", post(events::stock))
         .fallback(flotilla_chassis::not_found)
         .with_state(AppState { db, reviews })
         .layer(axum::middleware::map_response(move |mut res: Response| {

@@ -10,7 +10,7 @@ pub fn document() -> Value {
         "info": {
             "title": "shop-catalog",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "The shop's products. Prices are integer cents. Every response carries `x-served-by: <instance>`."
+            "description": "The shop's products. Prices are integer cents. Every response carries `x-served-by: <instance>`. `/events/stock` is called by the broker only (push delivery); a 4xx dead-letters the event, a 5xx has it retried."
         },
         "paths": {
             "/api/catalog/products": {
@@ -26,6 +26,18 @@ pub fn document() -> Value {
                     "responses": {
                         "200": {"description": "A page of products", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Page"}}}},
                         "400": error_response("Invalid parameters")
+                    }
+                }
+            },
+            "/events/stock": {
+                "post": {
+                    "operationId": "onStockEvent",
+                    "summary": "stock.changed: set each product's stock to the event's `levels` newer than its figure",
+                    "requestBody": {"required": true, "content": {"application/cloudevents+json": {"schema": {"$ref": "#/components/schemas/CloudEvent"}}}},
+                    "responses": {
+                        "200": {"description": "Handled (or a duplicate, or nothing newer): acknowledged", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Handled"}}}},
+                        "400": error_response("Not a CloudEvent, or data without valid levels"),
+                        "415": error_response("Not application/cloudevents+json")
                     }
                 }
             },
@@ -47,14 +59,15 @@ pub fn document() -> Value {
             "schemas": {
                 "Product": {
                     "type": "object",
-                    "required": ["id", "name", "description", "price_cents", "currency", "stock", "category"],
+                    "required": ["id", "name", "description", "price_cents", "currency", "stock", "stock_version", "category"],
                     "properties": {
                         "id": {"type": "string", "example": "sku-espresso"},
                         "name": {"type": "string"},
                         "description": {"type": "string"},
                         "price_cents": {"type": "integer", "minimum": 0},
                         "currency": {"type": "string", "example": "EUR"},
-                        "stock": {"type": "integer", "minimum": 0},
+                        "stock": {"type": "integer", "minimum": 0, "description": "Units available, as inventory last announced them; may lag inventory briefly"},
+                        "stock_version": {"type": "integer", "minimum": 0, "description": "The inventory version of `stock` (0: the seeded figure)"},
                         "category": {"type": "string"},
                         "image": {"type": "string", "nullable": true}
                     }
@@ -89,6 +102,36 @@ pub fn document() -> Value {
                         "offset": {"type": "integer"}
                     }
                 },
+                "CloudEvent": {
+                    "type": "object",
+                    "required": ["specversion", "id", "source", "type"],
+                    "properties": {
+                        "specversion": {"type": "string", "enum": ["1.0"]},
+                        "id": {"type": "string"},
+                        "source": {"type": "string"},
+                        "type": {"type": "string", "enum": ["stock.changed"]},
+                        "data": {
+                            "type": "object",
+                            "required": ["levels"],
+                            "properties": {
+                                "levels": {"type": "array", "items": {
+                                    "type": "object",
+                                    "required": ["sku", "available", "version"],
+                                    "properties": {
+                                        "sku": {"type": "string"},
+                                        "available": {"type": "integer", "minimum": 0},
+                                        "version": {"type": "integer", "minimum": 1}
+                                    }
+                                }}
+                            }
+                        }
+                    }
+                },
+                "Handled": {
+                    "type": "object",
+                    "required": ["outcome"],
+                    "properties": {"outcome": {"type": "string", "enum": ["updated", "unchanged", "duplicate", "ignored"]}}
+                },
                 "Error": error_schema()
             }
         }
@@ -98,10 +141,11 @@ pub fn document() -> Value {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn lists_both_routes() {
+    fn lists_every_route() {
         let doc = super::document();
         assert_eq!(doc["openapi"], "3.0.3");
         assert!(doc["paths"]["/api/catalog/products"]["get"].is_object());
         assert!(doc["paths"]["/api/catalog/products/{id}"]["get"].is_object());
+        assert!(doc["paths"]["/events/stock"]["post"].is_object());
     }
 }

@@ -1,8 +1,8 @@
 //! The catalog's queries. Runtime-checked `sqlx::query_as` with binds (no
 //! compile-time macros: building must not need a database).
 
-use serde::Serialize;
-use sqlx::SqlitePool;
+use serde::{Deserialize, Serialize};
+use sqlx::{SqliteConnection, SqlitePool};
 
 /// A product as stored and as served.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -13,7 +13,11 @@ pub struct Product {
     pub description: String,
     pub price_cents: i64,
     pub currency: String,
+    /// Units available, as inventory last announced them (a copy that may
+    /// lag behind inventory for a moment, never move backwards).
     pub stock: i64,
+    /// The inventory version `stock` is from; 0 for the seeded figure.
+    pub stock_version: i64,
     pub category: String,
     /// Relative URL of an image, served with the web UI.
     pub image: Option<String>,
@@ -54,7 +58,7 @@ macro_rules! filter {
 
 macro_rules! columns {
     () => {
-        " id, name, description, price_cents, currency, stock, category, image "
+        " id, name, description, price_cents, currency, stock, stock_version, category, image "
     };
 }
 
@@ -92,4 +96,54 @@ pub async fn get(db: &SqlitePool, id: &str) -> Result<Option<Product>, sqlx::Err
         .bind(id)
         .fetch_optional(db)
         .await
+}
+
+/// One SKU's availability as inventory's events carry it (`levels`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Level {
+    pub sku: String,
+    pub available: i64,
+    pub version: i64,
+}
+
+/// What applying a [`Level`] came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The figure now shows the level.
+    Updated,
+    /// The figure is from this version or a newer one: nothing changed.
+    Stale,
+    /// The catalog has no such product: nothing changed.
+    UnknownSku,
+}
+
+/// Sets a product's stock figure to `level`, if `level` is newer than the
+/// figure, on `conn` (the event handler's transaction). The version check
+/// is in the `UPDATE` itself, so of two replicas applying levels of the
+/// same SKU the newer one wins whatever the order.
+pub async fn apply_level(
+    conn: &mut SqliteConnection,
+    level: &Level,
+) -> Result<Applied, sqlx::Error> {
+    let updated = sqlx::query(
+        "UPDATE products SET stock = ?2, stock_version = ?3
+         WHERE id = ?1 AND stock_version < ?3",
+    )
+    .bind(&level.sku)
+    .bind(level.available)
+    .bind(level.version)
+    .execute(&mut *conn)
+    .await?;
+    if updated.rows_affected() == 1 {
+        return Ok(Applied::Updated);
+    }
+    let known: Option<i64> = sqlx::query_scalar("SELECT 1 FROM products WHERE id = ?1")
+        .bind(&level.sku)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(if known.is_some() {
+        Applied::Stale
+    } else {
+        Applied::UnknownSku
+    })
 }

@@ -9,6 +9,16 @@
 //! transaction as the reservation change: `stock.reserved` (which carries
 //! what payments needs to charge: amount, currency, payment token),
 //! `stock.rejected`, `stock.released`.
+//!
+//! The two that change availability, `stock.reserved` and `stock.released`,
+//! are each followed (same transaction) by `stock.changed`, whose data is
+//! only `levels`: `[{sku, available, version}]`, the new figures of the
+//! SKUs touched. A separate event so that readers of the figures (the
+//! catalog's stock, queue `catalog-stock`) never receive what payments
+//! needs (the payment token rides in `stock.reserved`). `version` grows
+//! with every change to a SKU's `available`, so a reader applies a level
+//! only when it is newer than what it has. Committing a reservation
+//! changes no `available`, so it publishes nothing.
 
 use axum::extract::State;
 use flotilla_chassis::{ApiError, Event, Handled, PushedEvent, inbox};
@@ -16,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::SqliteConnection;
 
 use crate::api::AppState;
-use crate::store::{self, Item, Reserve, Settle};
+use crate::store::{self, Item, Level, Reserve, Settle};
 
 /// This service's name: the events' `source` is `/inventory`.
 pub const SERVICE: &str = "inventory";
@@ -89,6 +99,12 @@ struct Released<'a> {
     items: &'a [Item],
 }
 
+/// `stock.changed` data: the new availability of the SKUs a change touched.
+#[derive(Serialize)]
+struct Changed<'a> {
+    levels: &'a [Level],
+}
+
 /// `payment.*` data, the part inventory reads.
 #[derive(Debug, Deserialize)]
 struct Payment {
@@ -138,6 +154,7 @@ pub async fn on_placed(
                 items: &placed.items,
             };
             enqueue(tx, event("stock.reserved", order, customer, data)?).await?;
+            changed(tx, order, customer, &items).await?;
             "reserved"
         }
         Reserve::Rejected { sku, reason } => {
@@ -172,6 +189,7 @@ pub async fn on_payment(
                     items: &items,
                 };
                 enqueue(tx, event("stock.released", order_id, customer, data)?).await?;
+                changed(tx, order_id, customer, &items).await?;
                 Ok("released")
             }
             Settle::NotReserved => Ok("unchanged"),
@@ -182,6 +200,20 @@ pub async fn on_payment(
         },
         _ => Ok("ignored"),
     }
+}
+
+/// Enqueues `stock.changed` with the new levels of `items`' SKUs, read in
+/// the transaction that changed them.
+async fn changed(
+    tx: &mut SqliteConnection,
+    order_id: &str,
+    customer: &str,
+    items: &[Item],
+) -> Result<(), ApiError> {
+    let levels = store::levels(tx, items).await?;
+    let data = Changed { levels: &levels };
+    enqueue(tx, event("stock.changed", order_id, customer, data)?).await?;
+    Ok(())
 }
 
 async fn enqueue(tx: &mut SqliteConnection, event: Event) -> Result<(), flotilla_chassis::Error> {
@@ -342,7 +374,7 @@ mod tests {
         assert_eq!(level(&app, "sku-grinder").await, (6, 2));
 
         let events = outbox(&db).await;
-        assert_eq!(events.len(), 1);
+        assert_eq!(events.len(), 2);
         let (topic, reserved) = &events[0];
         assert_eq!(topic, "inventory");
         assert_eq!(reserved["type"], "stock.reserved");
@@ -355,6 +387,14 @@ mod tests {
         assert_eq!(data["currency"], "EUR");
         assert_eq!(data["payment_token"], "4242424242424242");
         assert_eq!(data["items"][0]["quantity"], 2);
+        assert!(data.get("levels").is_none());
+        // The figures travel apart from the token.
+        let changed = &events[1].1;
+        assert_eq!(changed["type"], "stock.changed");
+        assert_eq!(
+            changed["data"],
+            json!({"levels": [{"sku": "sku-grinder", "available": 6, "version": 1}]})
+        );
     }
 
     #[tokio::test]
@@ -435,12 +475,34 @@ mod tests {
             .collect();
         assert_eq!(
             types,
-            ["stock.reserved", "stock.reserved", "stock.released"]
+            [
+                "stock.reserved",
+                "stock.changed",
+                "stock.reserved",
+                "stock.changed",
+                "stock.released",
+                "stock.changed"
+            ]
         );
-        let released = &outbox(&db).await[2].1;
+        let released = &outbox(&db).await[4].1;
         assert_eq!(
             released["data"]["items"],
             json!([{"sku": "sku-kettle", "quantity": 5}])
+        );
+        // Each event carries the level it left behind: 15 - 5, 10 - 3, 7 + 5.
+        let levels: Vec<Value> = outbox(&db)
+            .await
+            .iter()
+            .filter(|(_, e)| e["type"] == "stock.changed")
+            .map(|(_, e)| e["data"]["levels"].clone())
+            .collect();
+        assert_eq!(
+            levels,
+            [
+                json!([{"sku": "sku-kettle", "available": 10, "version": 1}]),
+                json!([{"sku": "sku-kettle", "available": 7, "version": 2}]),
+                json!([{"sku": "sku-kettle", "available": 12, "version": 3}]),
+            ]
         );
         assert_eq!(released["orderid"], "o-1");
     }

@@ -47,11 +47,12 @@ pub fn document() -> Value {
             "schemas": {
                 "Stock": {
                     "type": "object",
-                    "required": ["sku", "available", "reserved"],
+                    "required": ["sku", "available", "reserved", "version"],
                     "properties": {
                         "sku": {"type": "string"},
                         "available": {"type": "integer", "description": "Free to reserve"},
-                        "reserved": {"type": "integer", "description": "Held for orders awaiting payment"}
+                        "reserved": {"type": "integer", "description": "Held for orders awaiting payment"},
+                        "version": {"type": "integer", "description": "Changes to `available` so far; the `levels` of stock.reserved and stock.released carry it"}
                     }
                 },
                 "CloudEvent": {

@@ -14,6 +14,18 @@ pub struct Stock {
     pub sku: String,
     pub available: i64,
     pub reserved: i64,
+    /// Incremented with every change to `available` (see [`Level`]).
+    pub version: i64,
+}
+
+/// A SKU's availability after a change, as the events announcing the
+/// change carry it (`levels`): readers keep the figure with the highest
+/// `version` they have seen and drop older ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Level {
+    pub sku: String,
+    pub available: i64,
+    pub version: i64,
 }
 
 /// One line to reserve.
@@ -71,7 +83,8 @@ pub async fn reserve(
             break;
         }
         let updated = sqlx::query(
-            "UPDATE stock SET available = available - ?2, reserved = reserved + ?2
+            "UPDATE stock SET available = available - ?2, reserved = reserved + ?2,
+                              version = version + 1
              WHERE sku = ?1 AND available >= ?2",
         )
         .bind(&item.sku)
@@ -184,10 +197,13 @@ async fn settle(
     .bind(order_id)
     .fetch_all(&mut *conn)
     .await?;
+    // A release gives the units back to `available` (a new version); a
+    // commit only takes them out of `reserved`, which no event announces.
     let back_to_available = if to == "released" { 1 } else { 0 };
     for (sku, quantity) in &items {
         sqlx::query(
-            "UPDATE stock SET reserved = reserved - ?2, available = available + ?2 * ?3
+            "UPDATE stock SET reserved = reserved - ?2, available = available + ?2 * ?3,
+                              version = version + ?3
              WHERE sku = ?1",
         )
         .bind(sku)
@@ -204,9 +220,31 @@ async fn settle(
     ))
 }
 
+/// The current levels of `items`' SKUs, once each, ordered by SKU. Read
+/// on the transaction that changed them, so each is the figure of its
+/// version.
+pub async fn levels(
+    conn: &mut SqliteConnection,
+    items: &[Item],
+) -> Result<Vec<Level>, sqlx::Error> {
+    let mut skus: Vec<&str> = items.iter().map(|i| i.sku.as_str()).collect();
+    skus.sort_unstable();
+    skus.dedup();
+    let mut levels = Vec::with_capacity(skus.len());
+    for sku in skus {
+        let level =
+            sqlx::query_as::<_, Level>("SELECT sku, available, version FROM stock WHERE sku = ?1")
+                .bind(sku)
+                .fetch_optional(&mut *conn)
+                .await?;
+        levels.extend(level);
+    }
+    Ok(levels)
+}
+
 /// One SKU's stock.
 pub async fn stock(db: &SqlitePool, sku: &str) -> Result<Option<Stock>, sqlx::Error> {
-    sqlx::query_as::<_, Stock>("SELECT sku, available, reserved FROM stock WHERE sku = ?1")
+    sqlx::query_as::<_, Stock>("SELECT sku, available, reserved, version FROM stock WHERE sku = ?1")
         .bind(sku)
         .fetch_optional(db)
         .await
@@ -399,6 +437,55 @@ mod tests {
         assert_eq!(release(&mut tx, "o-1").await.unwrap(), Settle::NotReserved);
         tx.commit().await.unwrap();
         assert_eq!(level(&db, "sku-kettle").await, (11, 0));
+    }
+
+    async fn version(db: &SqlitePool, sku: &str) -> i64 {
+        stock(db, sku).await.unwrap().unwrap().version
+    }
+
+    #[tokio::test]
+    async fn versions_count_the_changes_to_available() {
+        let db = db().await;
+        assert_eq!(version(&db, "sku-kettle").await, 0, "seeded at 0");
+        reserve_tx(&db, "o-1", &[item("sku-kettle", 4), item("sku-mug", 1)]).await;
+        reserve_tx(&db, "o-2", &[item("sku-kettle", 1)]).await;
+        assert_eq!(version(&db, "sku-kettle").await, 2);
+        assert_eq!(version(&db, "sku-mug").await, 1);
+        // A rejected order changes nothing, its version included.
+        reserve_tx(
+            &db,
+            "o-3",
+            &[item("sku-kettle", 1), item("sku-grinder", 99)],
+        )
+        .await;
+        assert_eq!(version(&db, "sku-kettle").await, 2);
+        assert_eq!(version(&db, "sku-grinder").await, 0);
+
+        let mut tx = db.begin().await.unwrap();
+        release(&mut tx, "o-1").await.unwrap();
+        // A commit leaves `available`, and so the version, alone.
+        commit(&mut tx, "o-2").await.unwrap();
+        let got = levels(
+            &mut tx,
+            &[
+                item("sku-mug", 1),
+                item("sku-kettle", 1),
+                item("sku-mug", 2),
+            ],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        let level = |sku: &str, available, version| Level {
+            sku: sku.to_owned(),
+            available,
+            version,
+        };
+        assert_eq!(
+            got,
+            [level("sku-kettle", 14, 3), level("sku-mug", 200, 2)],
+            "once per SKU, by SKU"
+        );
     }
 
     #[tokio::test]
