@@ -72,6 +72,34 @@ impl Inbox {
     }
 }
 
+/// How often [`Inbox::spawn_pruner`] prunes.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+impl Inbox {
+    /// Prunes events handled more than [`DEFAULT_RETENTION`] ago now and
+    /// then every [`PRUNE_EVERY`], until the returned task is aborted (or the
+    /// runtime stops). Seven days outlast the broker's longest redelivery
+    /// window (a queue keeps a message four days by default), so a
+    /// forgotten event cannot come back. A failed prune is logged and tried
+    /// again at the next tick.
+    pub fn spawn_pruner(pool: SqlitePool) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PRUNE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match Inbox::prune(&pool, DEFAULT_RETENTION).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(pruned = n, "inbox: forgot old handled events"),
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error_chain(&e), "inbox: prune failed")
+                    }
+                }
+            }
+        })
+    }
+}
+
 /// Records that `consumer` handles `event`, on `conn` (the handler's open
 /// transaction, `&mut *tx`). True the first time: go on and commit. False
 /// if the event was handled before: skip it, acknowledge it and roll back

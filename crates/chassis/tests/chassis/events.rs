@@ -649,6 +649,33 @@ async fn inbox_runs_the_handler_once() {
         0,
         "nothing is that old"
     );
+
+    // An entry older than the retention is forgotten by the pruner's first
+    // pass; the recent ones stay.
+    sqlx::query("UPDATE flotilla_inbox SET processed_ms = 1 WHERE consumer = 'notify'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let pruner = Inbox::spawn_pruner(pool.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM flotilla_inbox WHERE consumer = 'notify'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the pruner never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pruner.abort();
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM flotilla_inbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, 2, "recent entries stay");
 }
 
 #[derive(Clone)]

@@ -32,6 +32,7 @@ async fn run() -> Result<(), flotilla_chassis::Error> {
     let service = Service::from_env()?.with_openapi(openapi::document());
     let db = service.database(&MIGRATOR).await?;
     Inbox::install(&db).await?;
+    let _pruner = flotilla_chassis::inbox::Inbox::spawn_pruner(db.clone());
     // Reviews are optional on a product page: without the dependency
     // declared (`calls = ["reviews"]`), pages come without them.
     let reviews = service.client("reviews").ok();

@@ -31,6 +31,7 @@ async fn run() -> Result<(), flotilla_chassis::Error> {
     let service = Service::from_env()?.with_openapi(openapi::document());
     let db = service.database(&MIGRATOR).await?;
     Inbox::install(&db).await?;
+    let _pruner = flotilla_chassis::inbox::Inbox::spawn_pruner(db.clone());
     Outbox::install(&db).await?;
     let relay = Outbox::spawn_relay(db.clone(), service.broker()?);
     let state = api::AppState {

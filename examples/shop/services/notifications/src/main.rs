@@ -30,6 +30,7 @@ async fn run() -> Result<(), flotilla_chassis::Error> {
     let service = Service::from_env()?.with_openapi(openapi::document());
     let db = service.database(&MIGRATOR).await?;
     flotilla_chassis::inbox::Inbox::install(&db).await?;
+    let _pruner = flotilla_chassis::inbox::Inbox::spawn_pruner(db.clone());
     let broker = service.broker()?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let consumer = tokio::spawn(consumer::run(broker, db.clone(), stopped));
