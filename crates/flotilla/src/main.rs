@@ -51,6 +51,25 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Show each queue's depth, in-flight and dead-lettered counts.
+    Queues {
+        /// The manifest naming the queues; defaults to flotilla.toml in this or a parent directory.
+        manifest: Option<PathBuf>,
+        /// The running system's data dir [default: .flotilla beside the manifest].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Move messages from a dead-letter queue back to the queues they came from.
+    Redrive {
+        /// The dead-letter queue.
+        queue: String,
+        /// Move at most this many.
+        #[arg(long, default_value_t = 10_000)]
+        max: u64,
+        /// The running system's data dir [default: .flotilla beside the manifest].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Stop the running system gracefully.
     Down {
         /// The running system's data dir [default: .flotilla beside the manifest].
@@ -150,6 +169,56 @@ async fn run(command: Command) -> ExitCode {
                 },
                 Ok(status) => {
                     print_status(&status, client.endpoints());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Queues { manifest, data_dir } => {
+            let manifest = match load(manifest.as_deref()) {
+                Ok(m) => m,
+                Err(code) => return code,
+            };
+            let data_dir = data_dir.unwrap_or_else(|| manifest.dir.join(".flotilla"));
+            let client = match open(Some(data_dir)) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            out!(
+                "{:<28} {:>8} {:>9} {:>8} {:>13}",
+                "QUEUE",
+                "READY",
+                "IN-FLIGHT",
+                "DELAYED",
+                "DEAD-LETTERED"
+            );
+            for name in manifest.queues.keys() {
+                match client.queue_stats(name).await {
+                    Ok(q) => out!(
+                        "{:<28} {:>8} {:>9} {:>8} {:>13}",
+                        q.queue,
+                        q.ready,
+                        q.in_flight,
+                        q.delayed,
+                        q.dead_lettered
+                    ),
+                    Err(e) => return fail(&e),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Redrive {
+            queue,
+            max,
+            data_dir,
+        } => {
+            let client = match open(data_dir) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match client.redrive(&queue, max).await {
+                Ok(moved) => {
+                    out!("moved {moved} message(s) from {queue} back to where they came from");
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e),

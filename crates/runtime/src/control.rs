@@ -24,9 +24,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{any, get, post};
 use bytes::Bytes;
-use flotilla_mesh::identity::{OPERATOR, RUNTIME};
+use flotilla_mesh::identity::{BROKER, OPERATOR, RUNTIME};
 use flotilla_mesh::{ExpectedPeer, Identity, IdentityFiles};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -225,6 +225,10 @@ pub enum ControlError {
     },
     #[error("the control API answered {status}: {body}")]
     Refused { status: u16, body: String },
+    #[error("the system in {} has no event broker (its manifest declares no topics, queues or streams)", dir.display())]
+    NoBroker { dir: PathBuf },
+    #[error("the broker answered {status}: {body}")]
+    Broker { status: u16, body: String },
     #[error(
         "cannot use the operator's identity in {}; only the user who ran `flotilla up` can read it",
         dir.display()
@@ -243,6 +247,22 @@ pub struct ControlClient {
     endpoints: Endpoints,
     dir: PathBuf,
     tls: TlsConnector,
+    /// The same identity, accepting only the broker.
+    broker_tls: TlsConnector,
+}
+
+/// A queue's counts, as the broker reports them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct QueueStats {
+    pub queue: String,
+    /// Stored and deliverable now.
+    pub ready: u64,
+    /// Delivered and not yet acknowledged.
+    pub in_flight: u64,
+    /// Waiting out a delivery delay.
+    pub delayed: u64,
+    /// Moved to its dead-letter queue so far.
+    pub dead_lettered: u64,
 }
 
 impl ControlClient {
@@ -268,10 +288,13 @@ impl ControlClient {
         let identity = Identity::load(IdentityFiles::in_dir(&operator)).map_err(identity_error)?;
         let config = flotilla_mesh::client_config(&identity, ExpectedPeer::service(RUNTIME))
             .map_err(identity_error)?;
+        let broker = flotilla_mesh::client_config(&identity, ExpectedPeer::service(BROKER))
+            .map_err(identity_error)?;
         Ok(ControlClient {
             endpoints,
             dir: data_dir.to_path_buf(),
             tls: TlsConnector::from(config),
+            broker_tls: TlsConnector::from(broker),
         })
     }
 
@@ -302,31 +325,107 @@ impl ControlClient {
         Ok(false)
     }
 
+    /// A queue's counts (the queue must be declared in the manifest).
+    pub async fn queue_stats(&self, queue: &str) -> Result<QueueStats, ControlError> {
+        let body = self
+            .broker_call(http::Method::GET, &format!("/queues/{queue}"), None)
+            .await?;
+        serde_json::from_slice(&body).map_err(|e| ControlError::Broker {
+            status: 200,
+            body: format!("unreadable queue stats: {e}"),
+        })
+    }
+
+    /// Moves up to `max` messages from dead-letter queue `queue` back to the
+    /// queues they came from; how many moved.
+    pub async fn redrive(&self, queue: &str, max: u64) -> Result<u64, ControlError> {
+        let body = serde_json::json!({ "max_messages": max }).to_string();
+        let answer = self
+            .broker_call(
+                http::Method::POST,
+                &format!("/queues/{queue}/redrive"),
+                Some(body),
+            )
+            .await?;
+        #[derive(serde::Deserialize)]
+        struct Moved {
+            moved: u64,
+        }
+        serde_json::from_slice::<Moved>(&answer)
+            .map(|m| m.moved)
+            .map_err(|e| ControlError::Broker {
+                status: 200,
+                body: format!("unreadable redrive answer: {e}"),
+            })
+    }
+
+    async fn broker_call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<Bytes, ControlError> {
+        let url = self
+            .endpoints
+            .broker
+            .clone()
+            .ok_or_else(|| ControlError::NoBroker {
+                dir: self.dir.clone(),
+            })?;
+        match self
+            .exchange(&url, &self.broker_tls, false, method, path, body)
+            .await
+        {
+            Err(ControlError::Refused { status, body }) => {
+                Err(ControlError::Broker { status, body })
+            }
+            other => other,
+        }
+    }
+
     async fn call(&self, method: http::Method, path: &str) -> Result<Bytes, ControlError> {
+        self.exchange(&self.endpoints.control, &self.tls, true, method, path, None)
+            .await
+    }
+
+    /// One request over mutual TLS to `url` (`https://ip:port`), accepting
+    /// the peer `tls` expects, with the control token when `token` (only
+    /// the control API gets it); the body of a 2xx answer.
+    async fn exchange(
+        &self,
+        url: &str,
+        tls: &TlsConnector,
+        token: bool,
+        method: http::Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<Bytes, ControlError> {
         let unreachable = || ControlError::Unreachable {
             dir: self.dir.clone(),
-            url: self.endpoints.control.clone(),
+            url: url.to_string(),
         };
-        let addr: SocketAddr = self
-            .endpoints
-            .control
+        let addr: SocketAddr = url
             .trim_start_matches("https://")
             .parse()
             .map_err(|_| unreachable())?;
-        let request = http::Request::builder()
+        let mut request = http::Request::builder()
             .method(method)
             .uri(path)
             .header(header::HOST, addr.to_string())
-            .header(
+            .header(header::CONTENT_TYPE, "application/json");
+        if token {
+            request = request.header(
                 header::AUTHORIZATION,
                 format!("Bearer {}", self.endpoints.control_token),
-            )
-            .body(Empty::<Bytes>::new())
+            );
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|_| unreachable())?;
         let exchange = async {
             let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
             let (tls, _) = flotilla_mesh::connect_with_timeout(
-                &self.tls,
+                tls,
                 ServerName::from(addr.ip()),
                 tcp,
                 HANDSHAKE_TIMEOUT,

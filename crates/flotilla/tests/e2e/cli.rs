@@ -122,7 +122,7 @@ fn hello_manifest(dir: &Path, listen: &str) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "name = \"cli\"\n[gateway]\nlisten = \"{listen}\"\n[services.hello]\nrun = {{ command = [\"python3\", \"{}\"] }}\nreplicas = 2\nroutes = [{{ path = \"/**\" }}]\n",
+            "name = \"cli\"\n[gateway]\nlisten = \"{listen}\"\n[services.hello]\nrun = {{ command = [\"python3\", \"{}\"] }}\nreplicas = 2\nroutes = [{{ path = \"/**\" }}]\n[topics.t]\n[queues.q]\nsubscribe = {{ topic = \"t\" }}\nmax_receives = 3\ndead_letter = \"q-dlq\"\n[queues.q-dlq]\n",
             hello.display()
         ),
     )
@@ -236,6 +236,34 @@ fn up_status_down() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(table.contains("hello") && table.contains("2/2"), "{table}");
+
+    // The queues, as the broker counts them; an empty dead-letter queue
+    // redrives nothing.
+    let out = flotilla()
+        .arg("queues")
+        .arg(up.data.parent().unwrap().join("flotilla.toml"))
+        .arg("--data-dir")
+        .arg(&up.data)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.contains("DEAD-LETTERED"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("q-dlq ")), "{table}");
+    let out = flotilla()
+        .args(["redrive", "q-dlq", "--data-dir"])
+        .arg(&up.data)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("moved 0 message(s) from q-dlq"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let out = flotilla()
         .args(["down", "--data-dir"])

@@ -227,3 +227,57 @@ async fn declared_only_and_pushed_over_mtls(h: Harness, log: std::path::PathBuf)
 
     h.stop().await;
 }
+
+/// A subscriber that refuses with a 4xx dead-letters at once; the operator
+/// sees it in the counts and redrives it, through the CLI's client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_sees_dead_letters_and_redrives_them() {
+    let log_dir = tempfile::tempdir().unwrap().keep();
+    let log = log_dir.join("push.log");
+    let manifest = EVENTS.replace(
+        r#"env = { PUSH_LOG = "PUSHLOG" }"#,
+        &format!(
+            r#"env = {{ PUSH_LOG = "{}", PUSH_STATUS = "400" }}"#,
+            log.display()
+        ),
+    );
+    let h = start(&manifest).await;
+    let url = broker_url(&h);
+    let shop = as_service(&identity(&h, "shop"));
+    assert_eq!(publish(&shop, &url, "orders", "bad-1").await.0, 200);
+
+    let control = flotilla_runtime::ControlClient::open(h.system().data_dir()).unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let dlq = control.queue_stats("sink-dlq").await.unwrap();
+        if dlq.ready == 1 {
+            break;
+        }
+        assert!(Instant::now() < until, "never dead-lettered: {dlq:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sink = control.queue_stats("sink").await.unwrap();
+    assert_eq!(sink.dead_lettered, 1, "{sink:?}");
+    assert_eq!(control.redrive("sink-dlq", 100).await.unwrap(), 1);
+    // Back in `sink`, delivered (and refused) again.
+    let until = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < until,
+            "the redriven message was not delivered again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An unknown queue is the broker's clear 404.
+    let err = control.queue_stats("nope").await.unwrap_err().to_string();
+    assert!(
+        err.contains("404") && err.contains("unknown_queue"),
+        "{err}"
+    );
+    h.stop().await;
+}
