@@ -4,8 +4,9 @@
 //! The check happens before routing, from the path alone, so no handler can
 //! forget it: `/topics/{t}/events` needs `publish` on topic `t`,
 //! `/queues/{q}/messages` `publish` on queue `q`, any other `/queues/{q}…`
-//! `consume` on `q`, and `/streams/{s}…` `consume` on `s` (services reach
-//! streams through topics, so putting records directly is the operator's).
+//! `consume` on `q`, and `/streams/{s}…` `consume` on `s`. Putting records
+//! into a stream directly needs `publish` on it, which no declaration grants:
+//! streams are fed by their topic (`source`).
 //! Health and the OpenAPI document are open to any peer of the system. A
 //! name the check does not recognise (percent-encoded, say) is simply not
 //! declared: the check fails closed.
