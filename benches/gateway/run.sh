@@ -7,6 +7,9 @@
 #   gw-plain       the gateway, no JWT, no rate limit
 #   gw-jwt-rl      the gateway, JWT (EdDSA) and a per-user rate limit on,
 #                  the limit high enough never to refuse
+#   hyper-min      the smallest hyper 1.x reverse proxy (no layers, no
+#                  checks; crates/gateway/examples/bench_hyper_minimal): the
+#                  floor of what a hyper-based proxy costs
 #   gw-mtls        gw-jwt-rl with its normal mutual-TLS upstream hop (as
 #                  under `flotilla up`), to a second upstream process that
 #                  serves mTLS only; not comparable to nginx's plaintext hop,
@@ -20,6 +23,10 @@
 #          each wait 10 ms between requests (N = rate / 100). The achieved
 #          rate is printed; it is slightly below the target (10 ms + the
 #          response time per request and connection).
+#
+# The paced runs also read each target's CPU time from /proc (utime+stime of
+# all its processes and threads) and print it per request: the figure that
+# shows where a proxy spends, independent of how the 2 cores are shared.
 #
 # Ratios are against nginx. The gateway and nginx each get 2 worker
 # threads/processes; wrk 1 thread; the upstream 1 thread. On a 2-core
@@ -46,7 +53,8 @@ if [ -n "$missing" ]; then
 fi
 
 echo "building (release)..." >&2
-cargo build --release --quiet -p flotilla-gateway --example bench_upstream --example bench_gateway
+cargo build --release --quiet -p flotilla-gateway --example bench_upstream --example bench_gateway \
+  --example bench_hyper_minimal
 BIN="target/release/examples"
 
 TMP="$(mktemp -d -t flotilla-bench.XXXXXX)"
@@ -73,10 +81,17 @@ wait_port() {
   exit 1
 }
 
+declare -A PID_OF
 UP_PORT=$(free_port)
 "$BIN/bench_upstream" "127.0.0.1:$UP_PORT" >"$TMP/upstream.log" 2>&1 &
 PIDS+=($!)
+PID_OF[upstream]=$!
 wait_port "$UP_PORT"
+
+MIN_PORT=$(free_port)
+"$BIN/bench_hyper_minimal" "127.0.0.1:$MIN_PORT" "127.0.0.1:$UP_PORT" 2 >"$TMP/hyper-min.log" 2>&1 &
+PIDS+=($!)
+PID_OF[hyper-min]=$!
 
 # The mTLS hop's identities (a CA, the gateway's leaf, the upstream's).
 "$BIN/bench_gateway" --issue "$TMP/ids"
@@ -89,17 +104,20 @@ PLAIN_PORT=$(free_port)
 "$BIN/bench_gateway" --listen "127.0.0.1:$PLAIN_PORT" --upstream "127.0.0.1:$UP_PORT" \
   --threads 2 >"$TMP/gw-plain.log" 2>&1 &
 PIDS+=($!)
+PID_OF[gw-plain]=$!
 
 JWT_PORT=$(free_port)
 "$BIN/bench_gateway" --listen "127.0.0.1:$JWT_PORT" --upstream "127.0.0.1:$UP_PORT" \
   --threads 2 --jwt --rate-limit "1000000/s burst 1000000 per user" >"$TMP/gw-jwt.log" 2>&1 &
 PIDS+=($!)
+PID_OF[gw-jwt-rl]=$!
 
 MTLS_PORT=$(free_port)
 "$BIN/bench_gateway" --listen "127.0.0.1:$MTLS_PORT" --upstream "127.0.0.1:$UP_TLS_PORT" \
   --threads 2 --jwt --rate-limit "1000000/s burst 1000000 per user" \
   --upstream-tls "$TMP/ids/gateway" >"$TMP/gw-mtls.log" 2>&1 &
 PIDS+=($!)
+PID_OF[gw-mtls]=$!
 
 NGINX_PORT=$(free_port)
 mkdir -p "$TMP/nginx/logs" "$TMP/nginx/tmp"
@@ -138,11 +156,13 @@ http {
 EOF
 "$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx/logs/stdout.log" 2>&1 &
 PIDS+=($!)
+PID_OF[nginx]=$!
 
 wait_port "$PLAIN_PORT"
 wait_port "$JWT_PORT"
 wait_port "$NGINX_PORT"
 wait_port "$MTLS_PORT"
+wait_port "$MIN_PORT"
 TOKEN=""
 for _ in $(seq 1 100); do
   TOKEN="$(sed -n 's/^token: //p' "$TMP/gw-jwt.log")"
@@ -184,6 +204,20 @@ to_ms() {
     printf "%.3f", n }'
 }
 
+# CPU clock ticks used so far by process PID, its children (nginx's
+# workers) and all their threads.
+ticks() {
+  local pid=$1 total=0 p task
+  for p in "$pid" $(pgrep -P "$pid" 2>/dev/null); do
+    for task in /proc/"$p"/task/*; do
+      [ -r "$task/stat" ] || continue
+      total=$((total + $(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "$task/stat")))
+    done
+  done
+  echo "$total"
+}
+HZ=$(getconf CLK_TCK)
+
 # run NAME URL CONNS [extra wrk args...] -> "rps p50 p99 errors"
 run() {
   local name=$1 url=$2 conns=$3; shift 3
@@ -206,9 +240,10 @@ declare -A URL=(
   [gw-plain]="http://127.0.0.1:$PLAIN_PORT/"
   [gw-jwt-rl]="http://127.0.0.1:$JWT_PORT/"
   [gw-mtls]="http://127.0.0.1:$MTLS_PORT/"
+  [hyper-min]="http://127.0.0.1:$MIN_PORT/"
 )
-TARGETS=(upstream nginx gw-plain gw-jwt-rl gw-mtls)
-declare -A MAX PACED
+TARGETS=(upstream nginx hyper-min gw-plain gw-jwt-rl gw-mtls)
+declare -A MAX PACED CPU
 
 echo "max throughput: wrk -t1 -c$CONNS -d$DURATION" >&2
 for t in "${TARGETS[@]}"; do
@@ -223,24 +258,30 @@ HALF=$(awk -v r="$jwt_rps" 'BEGIN { printf "%d", r / 2 }')
 PACE_CONNS=$(awk -v r="$HALF" 'BEGIN { c = int(r / 100 + 0.5); if (c < 1) c = 1; print c }')
 echo "paced at ~$HALF req/s (half of gw-jwt-rl's max): $PACE_CONNS connections x 1 request / 10 ms" >&2
 for t in "${TARGETS[@]}"; do
+  before=$(ticks "${PID_OF[$t]}")
   PACED[$t]=$(run "$t" "${URL[$t]}" "$PACE_CONNS" -s "$TMP/paced.lua")
-  echo "  $t: ${PACED[$t]}" >&2
+  after=$(ticks "${PID_OF[$t]}")
+  read -r prps _ <<<"${PACED[$t]}"
+  # wrk's rate times the run's length: the requests served.
+  CPU[$t]=$(awk -v d=$((after - before)) -v hz="$HZ" -v r="$prps" -v s="${DURATION%s}" \
+    'BEGIN { n = r * s; if (n > 0) printf "%.1f", d / hz * 1e6 / n; else print "-" }')
+  echo "  $t: ${PACED[$t]} cpu ${CPU[$t]} us/req" >&2
 done
 
 read -r ng_rps ng_p50 ng_p99 _ <<<"${MAX[nginx]}"
 read -r _ _ up_pp99 _ <<<"${PACED[upstream]}"
 read -r _ _ ng_pp99 _ <<<"${PACED[nginx]}"
 echo
-printf '%-10s | %10s %8s %8s %6s %8s | %10s %8s %8s %13s\n' \
-  target "max req/s" "p50 ms" "p99 ms" non2xx "x nginx" "paced r/s" "p50 ms" "p99 ms" "+p99 vs up"
-printf -- '-----------+--------------------------------------------------+----------------------------------------------\n'
+printf '%-10s | %10s %8s %8s %6s %8s | %10s %8s %8s %13s %10s\n' \
+  target "max req/s" "p50 ms" "p99 ms" non2xx "x nginx" "paced r/s" "p50 ms" "p99 ms" "+p99 vs up" "cpu us/req"
+printf -- '-----------+--------------------------------------------------+---------------------------------------------------------\n'
 for t in "${TARGETS[@]}"; do
   read -r rps p50 p99 bad <<<"${MAX[$t]}"
   read -r prps pp50 pp99 _ <<<"${PACED[$t]}"
   ratio=$(awk -v a="$rps" -v b="$ng_rps" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
   added=$(awk -v a="$pp99" -v b="$up_pp99" 'BEGIN { printf "%+.3f ms", a - b }')
-  printf '%-10s | %10.0f %8.3f %8.3f %6s %8s | %10.0f %8.3f %8.3f %13s\n' \
-    "$t" "$rps" "$p50" "$p99" "$bad" "${ratio}x" "$prps" "$pp50" "$pp99" "$added"
+  printf '%-10s | %10.0f %8.3f %8.3f %6s %8s | %10.0f %8.3f %8.3f %13s %10s\n' \
+    "$t" "$rps" "$p50" "$p99" "$bad" "${ratio}x" "$prps" "$pp50" "$pp99" "$added" "${CPU[$t]}"
 done
 echo
 read -r jwt_rps jwt_p50 jwt_p99 _ <<<"${MAX[gw-jwt-rl]}"

@@ -36,6 +36,11 @@ use ring::signature::{Ed25519KeyPair, KeyPair};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The allocator the `flotilla` binary uses, so the figures are the
+/// gateway's as shipped.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Fixed(Arc<[Endpoint]>);
 
 impl Upstreams for Fixed {
