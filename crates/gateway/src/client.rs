@@ -11,8 +11,8 @@
 //! An instance's address says nothing about who listens there: ports are
 //! reused, and a stale address could lead to another service's instance.
 //! So the URI of an upstream request names the service it is meant for, as
-//! its user-info: `http://catalog@127.0.0.1:40123/api/...` ([`bind_service`],
-//! [`service_uri`]). The connector reads it and makes the TLS handshake
+//! its user-info: `http://catalog@127.0.0.1:40123/api/...`
+//! ([`service_uri`]). The connector reads it and makes the TLS handshake
 //! accept only a certificate of that service (`ExpectedPeer::service`): a
 //! request for `catalog` can never be written to a connection whose peer
 //! is not `…/svc/catalog`. The user-info is also part of hyper's pool key
@@ -111,20 +111,6 @@ pub(crate) fn build(
         .build(connector))
 }
 
-/// The URI of `path_and_query` on the instance at `addr`, naming no
-/// service (reached over plain TCP).
-pub(crate) fn uri(
-    addr: SocketAddr,
-    path_and_query: Option<&PathAndQuery>,
-) -> Result<Uri, http::Error> {
-    let authority = Authority::try_from(addr.to_string())?;
-    Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(authority)
-        .path_and_query(path_and_query.map(PathAndQuery::as_str).unwrap_or("/"))
-        .build()
-}
-
 /// The URI of `path_and_query` on the instance at `addr` of `service`: the
 /// connector will accept only that service's certificate.
 pub(crate) fn service_uri(
@@ -136,27 +122,13 @@ pub(crate) fn service_uri(
     Uri::builder()
         .scheme(Scheme::HTTP)
         .authority(authority)
-        .path_and_query(path_and_query.map(PathAndQuery::as_str).unwrap_or("/"))
+        // A clone shares the bytes; no second parse of the path.
+        .path_and_query(
+            path_and_query
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        )
         .build()
-}
-
-/// Names `service` in `request`'s URI (see the module docs). Service names
-/// come from the configuration and are valid authority user-info; should
-/// one not be, the URI is left as it was and an mTLS gateway then has no
-/// service to verify and the instance refuses the plaintext connection, so
-/// a failure here can only make the request fail, never misroute it.
-pub(crate) fn bind_service<B>(request: &mut http::Request<B>, service: &str) {
-    let uri = request.uri();
-    let Some(addr) = uri
-        .authority()
-        .and_then(|a| a.as_str().rsplit('@').next())
-        .and_then(|a| a.parse::<SocketAddr>().ok())
-    else {
-        return;
-    };
-    if let Ok(bound) = service_uri(service, addr, uri.path_and_query()) {
-        *request.uri_mut() = bound;
-    }
 }
 
 /// The service a URI names, if any.
@@ -318,41 +290,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn uri_keeps_path_and_query_and_brackets_ipv6() {
+    fn a_service_uri_names_its_service_and_keeps_the_rest() {
         let pq = PathAndQuery::from_static("/a/b?x=1&y=%20");
-        let u = match uri(SocketAddr::from(([127, 0, 0, 1], 8080)), Some(&pq)) {
+        let u = match service_uri(
+            "catalog",
+            SocketAddr::from(([127, 0, 0, 1], 4000)),
+            Some(&pq),
+        ) {
             Ok(u) => u,
             Err(e) => panic!("{e}"),
         };
-        assert_eq!(u.to_string(), "http://127.0.0.1:8080/a/b?x=1&y=%20");
-        let v6: SocketAddr = match "[::1]:9000".parse() {
-            Ok(a) => a,
-            Err(e) => panic!("{e}"),
-        };
-        let u = match uri(v6, None) {
-            Ok(u) => u,
-            Err(e) => panic!("{e}"),
-        };
-        assert_eq!(u.to_string(), "http://[::1]:9000/");
-    }
-
-    #[test]
-    fn a_bound_uri_names_its_service_and_keeps_the_rest() {
-        let mut request = match http::Request::get("http://127.0.0.1:4000/api/x?y=1").body(()) {
-            Ok(r) => r,
-            Err(e) => panic!("{e}"),
-        };
-        bind_service(&mut request, "catalog");
-        assert_eq!(
-            request.uri().to_string(),
-            "http://catalog@127.0.0.1:4000/api/x?y=1"
-        );
-        assert_eq!(named_service(request.uri()), Some("catalog"));
-        assert_eq!(request.uri().host(), Some("127.0.0.1"));
-        assert_eq!(request.uri().port_u16(), Some(4000));
-        // Binding again replaces the name.
-        bind_service(&mut request, "pricing");
-        assert_eq!(named_service(request.uri()), Some("pricing"));
+        assert_eq!(u.to_string(), "http://catalog@127.0.0.1:4000/a/b?x=1&y=%20");
+        assert_eq!(named_service(&u), Some("catalog"));
+        assert_eq!(u.host(), Some("127.0.0.1"));
+        assert_eq!(u.port_u16(), Some(4000));
         let v6: SocketAddr = match "[::1]:9000".parse() {
             Ok(a) => a,
             Err(e) => panic!("{e}"),
@@ -361,7 +312,7 @@ mod tests {
             Ok(u) => assert_eq!(u.to_string(), "http://orders@[::1]:9000/"),
             Err(e) => panic!("{e}"),
         }
-        let plain = match uri(v6, None) {
+        let plain: Uri = match "http://127.0.0.1:9000/jwks".parse() {
             Ok(u) => u,
             Err(e) => panic!("{e}"),
         };

@@ -189,13 +189,15 @@ impl Inner {
                 Outgoing::Replayable(bytes) => body::full(bytes.clone()),
                 Outgoing::Streaming(body) => body.take().unwrap_or_else(body::empty),
             };
-            let mut request =
-                upstream_request(&parts, &endpoint, body).map_err(|e| Rejection::BadGateway {
-                    service: route.service.clone(),
-                    source: e.into(),
+            // The URI names the route's service: over mTLS, only an
+            // instance of it can take the request.
+            let request =
+                upstream_request(&parts, &route.service, &endpoint, body).map_err(|e| {
+                    Rejection::BadGateway {
+                        service: route.service.clone(),
+                        source: e.into(),
+                    }
                 })?;
-            // Over mTLS, only an instance of the route's service can take it.
-            client::bind_service(&mut request, &route.service);
             let may_retry = |retries: u32| can_retry && retries < self.max_retries;
             let error = match tokio::time::timeout_at(deadline, self.client.request(request)).await
             {
@@ -376,12 +378,17 @@ fn is_idempotent(method: &Method) -> bool {
 
 fn upstream_request(
     parts: &Parts,
+    service: &str,
     endpoint: &Endpoint,
     body: Body,
 ) -> Result<Request<Body>, http::Error> {
     let mut request = Request::builder()
         .method(parts.method.clone())
-        .uri(client::uri(endpoint.addr, parts.uri.path_and_query())?)
+        .uri(client::service_uri(
+            service,
+            endpoint.addr,
+            parts.uri.path_and_query(),
+        )?)
         // Whatever the client spoke, instances are spoken to in HTTP/1.1.
         .version(Version::HTTP_11)
         .body(body)?;
@@ -483,11 +490,11 @@ mod tests {
             addr: std::net::SocketAddr::from(([127, 0, 0, 1], 4000)),
             load: Arc::new(crate::upstream::Load::default()),
         };
-        let req = match upstream_request(&parts, &endpoint, body::empty()) {
+        let req = match upstream_request(&parts, "svc", &endpoint, body::empty()) {
             Ok(r) => r,
             Err(e) => panic!("{e}"),
         };
-        assert_eq!(req.uri(), "http://127.0.0.1:4000/api/x?y=1");
+        assert_eq!(req.uri(), "http://svc@127.0.0.1:4000/api/x?y=1");
         assert_eq!(req.version(), Version::HTTP_11);
         assert_eq!(req.method(), Method::PUT);
         assert_eq!(req.headers()["host"], "shop.example");
