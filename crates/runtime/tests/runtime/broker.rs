@@ -21,6 +21,8 @@ dead_letter = "sink-dlq"
 [queues.sink-dlq]
 [queues.pulled]
 subscribe = { topic = "orders" }
+[streams.audit-log]
+source = { topic = "audit" }
 [services.sink]
 run = { command = ["python3", "HELLO"] }
 env = { PUSH_LOG = "PUSHLOG" }
@@ -183,6 +185,19 @@ async fn declared_only_and_pushed_over_mtls(h: Harness, log: std::path::PathBuf)
         }
     };
     assert_eq!(receive(shop.clone(), "pulled").await.status(), 403);
+    // Streams are fed by their topic: writing records directly is refused
+    // even to the operator, who may otherwise do anything.
+    let operator = as_service(&identity(&h, "operator"));
+    let direct = operator
+        .post(format!("{url}/streams/audit-log/records"))
+        .header("content-type", "application/cloudevents+json")
+        .body(event("s-1").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(direct.status(), 403);
+    let body: Value = direct.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "action_not_applicable", "{body}");
     assert_eq!(receive(bystander.clone(), "sink-dlq").await.status(), 403);
 
     // The declared consumer pulls its copy.
