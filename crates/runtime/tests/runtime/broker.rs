@@ -9,7 +9,7 @@ use flotilla_mesh::{ExpectedPeer, Identity, client_config};
 use flotilla_runtime::Endpoints;
 use serde_json::{Value, json};
 
-use crate::support::{Harness, identity, start};
+use crate::support::{Harness, environ, identity, start};
 
 const EVENTS: &str = r#"[topics.orders]
 [topics.audit]
@@ -79,18 +79,6 @@ async fn publish(client: &reqwest::Client, url: &str, topic: &str, id: &str) -> 
         .unwrap();
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
-}
-
-/// The environment of a running process, from /proc.
-fn environ(pid: u32) -> Vec<(String, String)> {
-    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    raw.split(|b| *b == 0)
-        .filter_map(|kv| {
-            let kv = String::from_utf8_lossy(kv);
-            kv.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-        })
-        .collect()
 }
 
 fn broker_var(h: &Harness, service: &str) -> Option<String> {

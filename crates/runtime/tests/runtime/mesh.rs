@@ -13,7 +13,7 @@ use flotilla_mesh::{Ca, CaConfig, Identity, IdentityFiles, PolicySpec};
 use flotilla_runtime::{ControlClient, Endpoints, Error, Options, System};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Harness, client, host_port, identity, start, start_with, tls_get};
+use crate::support::{Harness, client, environ, host_port, identity, start, start_with, tls_get};
 
 const TWO: &str = r#"[services.hello]
 run = { command = ["python3", "HELLO"] }
@@ -25,18 +25,6 @@ calls = ["hello"]
 
 fn mode(path: &std::path::Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
-}
-
-/// The environment of a running process, from /proc.
-fn environ(pid: u32) -> Vec<(String, String)> {
-    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    raw.split(|b| *b == 0)
-        .filter_map(|kv| {
-            let kv = String::from_utf8_lossy(kv);
-            kv.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-        })
-        .collect()
 }
 
 fn instance_address(h: &Harness, service: &str) -> String {

@@ -179,3 +179,15 @@ pub async fn tls_get(
 pub fn host_port(address: &str) -> String {
     address.trim_start_matches("https://").to_string()
 }
+
+/// The environment of a running process, from /proc.
+pub fn environ(pid: u32) -> Vec<(String, String)> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    raw.split(|b| *b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
