@@ -198,6 +198,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
 
 fn main() -> Result<(), BoxError> {
     let args = args()?;
+    // The Prometheus recorder `flotilla up` installs, so that recording the
+    // gateway's metrics costs here what it costs there.
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let _metrics = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()

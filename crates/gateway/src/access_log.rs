@@ -252,12 +252,10 @@ impl Drop for Entry {
         let took = self.start.elapsed();
         let route = self.route.as_ref().map(|r| r.0.pattern.as_str());
         let service = self.route.as_ref().map(|r| r.0.service.as_str());
-        stats::request_finished(
-            route.unwrap_or(stats::UNMATCHED),
-            service.unwrap_or(""),
-            self.status,
-            took,
-        );
+        match &self.route {
+            Some(r) => r.0.stats.finished(self.status, took),
+            None => stats::unmatched_finished(self.status, took),
+        }
         // Microsecond resolution is plenty and keeps lines short.
         let duration_ms = (took.as_secs_f64() * 1_000_000.0).round() / 1000.0;
         let request_id = self

@@ -1,10 +1,10 @@
-//! The gateway's HTTP client to instances: one pooled, keep-alive HTTP/1.1
-//! client shared by all requests, over mutual TLS when the gateway has an
-//! identity ([`UpstreamTls`]).
+//! How the gateway reaches instances: the connector (TCP, then mutual TLS
+//! as the service it is meant for when the gateway has an identity,
+//! [`UpstreamTls`]), used by the proxy's own HTTP/1.1 client (`outbound`)
+//! and by hyper's pooled client for the gateway's own fetches (the JWKS).
 //!
-//! How to reach an instance is decided here and only here (the connector
-//! and the URI), so the rest of the gateway builds requests the same way
-//! with or without TLS.
+//! How to reach an instance is decided here and only here, so the rest of
+//! the gateway builds requests the same way with or without TLS.
 //!
 //! # Which service an address belongs to
 //!
@@ -19,7 +19,9 @@
 //! (scheme and authority), so a connection verified for one service is
 //! never reused for a request to another at the same address. hyper sends
 //! only the path on the wire and takes `Host` from the client's request, so
-//! the user-info never leaves the gateway.
+//! the user-info never leaves the gateway. The proxy's own client is given
+//! the service and the address as they are ([`Connector::open`]) and pools
+//! connections by both, to the same effect.
 //!
 //! Without [`UpstreamTls`] (tests, or a gateway in front of plain HTTP
 //! instances) the connector is plain TCP and the user-info is ignored, as
@@ -47,15 +49,19 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use crate::body::Body;
 use crate::config::Limits;
 
-pub(crate) type UpstreamClient = Client<Connector, Body>;
+/// hyper's pooled client, for the gateway's own fetches (the JWKS).
+pub(crate) type FetchClient = Client<Connector, Body>;
+
+/// The client proxied requests go through.
+pub(crate) type UpstreamClient = crate::outbound::Outbound;
 
 /// Idle pooled connections kept per instance. Enough for bursts to reuse
 /// connections; bounded so a spike does not leave thousands of idle sockets
 /// (and file descriptors) behind.
-const MAX_IDLE_PER_INSTANCE: usize = 64;
+pub(crate) const MAX_IDLE_PER_INSTANCE: usize = 64;
 
 /// How long an idle pooled connection is kept.
-const POOL_IDLE: Duration = Duration::from_secs(30);
+pub(crate) const POOL_IDLE: Duration = Duration::from_secs(30);
 
 /// How often the identity files are checked for a renewed certificate.
 const RELOAD_EVERY: Duration = Duration::from_secs(1);
@@ -80,10 +86,9 @@ impl UpstreamTls {
     }
 }
 
-pub(crate) fn build(
-    limits: &Limits,
-    tls: Option<&UpstreamTls>,
-) -> Result<UpstreamClient, TlsError> {
+/// Opens connections to instances, with the gateway's identity if it has
+/// one (its certificate is reloaded in the background when renewed).
+pub(crate) fn connector(limits: &Limits, tls: Option<&UpstreamTls>) -> Result<Connector, TlsError> {
     let mut tcp = HttpConnector::new();
     tcp.set_nodelay(true);
     tcp.set_connect_timeout(Some(limits.connect_timeout));
@@ -99,16 +104,22 @@ pub(crate) fn build(
             }))
         }
     };
-    let connector = Connector {
+    Ok(Connector {
         tcp,
         mtls,
         handshake_timeout: limits.connect_timeout,
-    };
-    Ok(Client::builder(TokioExecutor::new())
+    })
+}
+
+/// hyper's pooled client over `connector`: for the gateway's own fetches
+/// (the JWKS), which may name a host rather than an instance. Proxied
+/// requests go through `outbound` instead.
+pub(crate) fn fetch_client(connector: Connector) -> FetchClient {
+    Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE)
         .pool_max_idle_per_host(MAX_IDLE_PER_INSTANCE)
-        .build(connector))
+        .build(connector)
 }
 
 /// The URI of `path_and_query` on the instance at `addr` of `service`: the
@@ -179,7 +190,7 @@ impl Mtls {
     }
 }
 
-type ConnectError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type ConnectError = Box<dyn std::error::Error + Send + Sync>;
 
 impl tower::Service<Uri> for Connector {
     type Response = UpstreamIo;
@@ -197,17 +208,113 @@ impl tower::Service<Uri> for Connector {
         let timeout = self.handshake_timeout;
         Box::pin(async move {
             let tcp = connecting.await?.into_inner();
-            let (Some(mtls), Some(service)) = (mtls, service) else {
-                return Ok(UpstreamIo::Plain(TokioIo::new(tcp)));
-            };
-            let ip: IpAddr = tcp.peer_addr()?.ip();
-            let connector = mtls.connector(&service)?;
-            let (stream, peer) =
-                mesh_tls::connect_with_timeout(&connector, ServerName::from(ip), tcp, timeout)
-                    .await?;
-            tracing::trace!(target: "flotilla::gateway", %peer, "mutual TLS to an instance");
-            Ok(UpstreamIo::Tls(Box::new(TokioIo::new(stream))))
+            Ok(
+                match secure(mtls.as_deref(), service.as_deref(), tcp, timeout).await? {
+                    Stream::Plain(tcp) => UpstreamIo::Plain(TokioIo::new(tcp)),
+                    Stream::Tls(tls) => UpstreamIo::Tls(Box::new(TokioIo::new(*tls))),
+                },
+            )
         })
+    }
+}
+
+impl Connector {
+    /// A connection to the instance of `service` at `addr`: TCP (with the
+    /// connect timeout), then mutual TLS accepting only `service`'s
+    /// certificate when the gateway has an identity. For the proxy's own
+    /// HTTP/1.1 client (`outbound`), which needs tokio I/O rather than
+    /// hyper's.
+    pub(crate) async fn open(
+        &self,
+        service: &str,
+        addr: SocketAddr,
+    ) -> Result<Stream, ConnectError> {
+        let tcp = match tokio::time::timeout(self.handshake_timeout, TcpStream::connect(addr)).await
+        {
+            Err(_) => {
+                return Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "connecting to {addr} took longer than {}",
+                        humantime::format_duration(self.handshake_timeout)
+                    ),
+                )));
+            }
+            Ok(tcp) => tcp?,
+        };
+        tcp.set_nodelay(true)?;
+        secure(
+            self.mtls.as_deref(),
+            Some(service),
+            tcp,
+            self.handshake_timeout,
+        )
+        .await
+    }
+}
+
+/// `tcp`, wrapped in mutual TLS as `service` when there is an identity.
+async fn secure(
+    mtls: Option<&Mtls>,
+    service: Option<&str>,
+    tcp: TcpStream,
+    timeout: Duration,
+) -> Result<Stream, ConnectError> {
+    let (Some(mtls), Some(service)) = (mtls, service) else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let ip: IpAddr = tcp.peer_addr()?.ip();
+    let connector = mtls.connector(service)?;
+    let (stream, peer) =
+        mesh_tls::connect_with_timeout(&connector, ServerName::from(ip), tcp, timeout).await?;
+    tracing::trace!(target: "flotilla::gateway", %peer, "mutual TLS to an instance");
+    Ok(Stream::Tls(Box::new(stream)))
+}
+
+/// A connection to an instance, as tokio I/O.
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    /// The handshake verified the peer as the service it was opened for.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Stream::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Stream::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(io) => Pin::new(io).poll_flush(cx),
+            Stream::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Stream::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 

@@ -33,6 +33,7 @@
 mod access_log;
 mod balance;
 mod body;
+mod chunked;
 mod client;
 mod config;
 mod conn;
@@ -42,6 +43,7 @@ mod headers;
 mod health;
 mod ip;
 mod jwt;
+mod outbound;
 mod proxy;
 mod ratelimit;
 mod rejection;
@@ -152,9 +154,10 @@ impl Gateway {
             None => (None, None),
         };
 
+        let connector = client::connector(&config.limits, config.upstream_tls.as_ref())
+            .map_err(Error::UpstreamTls)?;
         let context = routing::Context {
-            client: client::build(&config.limits, config.upstream_tls.as_ref())
-                .map_err(Error::UpstreamTls)?,
+            client: client::fetch_client(connector.clone()),
             upstreams: Arc::clone(&upstreams),
         };
         let routing = Arc::new(routing::RoutingState::new(routing::Routing::build(
@@ -165,7 +168,7 @@ impl Gateway {
             Arc::clone(&routing),
             sink,
             upstreams,
-            context.client.clone(),
+            outbound::Outbound::new(connector),
         );
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(server::run(

@@ -20,29 +20,25 @@
 //! instances are skipped when picking.
 
 use std::convert::Infallible;
-use std::error::Error as _;
-use std::io::ErrorKind;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use rand::Rng;
 use tokio::time::Instant;
 use tower::Service;
 
 use crate::balance;
 use crate::body::{self, Body, Holding};
-use crate::client::{self, UpstreamClient};
 use crate::config::Limits;
 use crate::edge::ClientAddr;
 use crate::headers;
+use crate::outbound::{OutBody, Outbound, SendError};
 use crate::rejection::Rejection;
 use crate::request_id::RequestId;
 use crate::resilience::{Resilience, ServiceHealth, Settings};
@@ -73,18 +69,14 @@ pub(crate) struct Proxy {
 
 struct Inner {
     upstreams: Arc<dyn Upstreams>,
-    client: UpstreamClient,
+    client: Outbound,
     max_retries: u32,
     retry_body_limit: usize,
     resilience: Resilience,
 }
 
 impl Proxy {
-    pub(crate) fn new(
-        upstreams: Arc<dyn Upstreams>,
-        client: UpstreamClient,
-        limits: &Limits,
-    ) -> Proxy {
+    pub(crate) fn new(upstreams: Arc<dyn Upstreams>, client: Outbound, limits: &Limits) -> Proxy {
         Proxy {
             inner: Arc::new(Inner {
                 upstreams,
@@ -186,21 +178,18 @@ impl Inner {
             let (endpoint, ready) = self.pick(route, &tried, deadline, &health).await?;
             let guard = endpoint.load.begin();
             let body = match &mut outgoing {
-                Outgoing::Replayable(bytes) => body::full(bytes.clone()),
-                Outgoing::Streaming(body) => body.take().unwrap_or_else(body::empty),
+                Outgoing::Replayable(bytes) => OutBody::Full(bytes.clone()),
+                Outgoing::Streaming(body) => {
+                    OutBody::Stream(body.take().unwrap_or_else(body::empty))
+                }
             };
-            // The URI names the route's service: over mTLS, only an
-            // instance of it can take the request.
-            let request =
-                upstream_request(&parts, &route.service, &endpoint, body).map_err(|e| {
-                    Rejection::BadGateway {
-                        service: route.service.clone(),
-                        source: e.into(),
-                    }
-                })?;
             let may_retry = |retries: u32| can_retry && retries < self.max_retries;
-            let error = match tokio::time::timeout_at(deadline, self.client.request(request)).await
-            {
+            // Sent for the route's service: over mTLS, only an instance of
+            // it can take the request.
+            let sending = self
+                .client
+                .send(&route.service, endpoint.addr, &parts, body);
+            let error = match tokio::time::timeout_at(deadline, sending).await {
                 Err(_) => {
                     health.failure(&endpoint.instance, &ready);
                     return Err(timed_out());
@@ -376,29 +365,9 @@ fn is_idempotent(method: &Method) -> bool {
     .contains(method)
 }
 
-fn upstream_request(
-    parts: &Parts,
-    service: &str,
-    endpoint: &Endpoint,
-    body: Body,
-) -> Result<Request<Body>, http::Error> {
-    let mut request = Request::builder()
-        .method(parts.method.clone())
-        .uri(client::service_uri(
-            service,
-            endpoint.addr,
-            parts.uri.path_and_query(),
-        )?)
-        // Whatever the client spoke, instances are spoken to in HTTP/1.1.
-        .version(Version::HTTP_11)
-        .body(body)?;
-    *request.headers_mut() = parts.headers.clone();
-    Ok(request)
-}
-
 /// The upstream response for the client; the instance stays loaded until
 /// the body is done.
-fn relay(res: Response<Incoming>, guard: LoadGuard, endpoint: &Endpoint) -> Response<Body> {
+fn relay(res: Response<Body>, guard: LoadGuard, endpoint: &Endpoint) -> Response<Body> {
     let (mut parts, incoming) = res.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     // The client's connection has its own protocol version; an HTTP/1.0
@@ -412,8 +381,11 @@ fn relay(res: Response<Incoming>, guard: LoadGuard, endpoint: &Endpoint) -> Resp
 
 /// The route's body limit, when `error` is the request body exceeding it
 /// while streaming to the upstream.
-fn body_limit_exceeded(error: &hyper_util::client::legacy::Error, route: &Route) -> Option<usize> {
-    let mut source = error.source();
+fn body_limit_exceeded(error: &SendError, route: &Route) -> Option<usize> {
+    let SendError::Body(error) = error else {
+        return None;
+    };
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
     while let Some(e) = source {
         if e.is::<http_body_util::LengthLimitError>() {
             return route.policy.max_body_bytes;
@@ -423,31 +395,12 @@ fn body_limit_exceeded(error: &hyper_util::client::legacy::Error, route: &Route)
     None
 }
 
-fn classify(error: &hyper_util::client::legacy::Error) -> Failure {
-    if error.is_connect() {
-        return Failure::Connect;
+fn classify(error: &SendError) -> Failure {
+    match error {
+        SendError::Connect(_) => Failure::Connect,
+        SendError::Lost(_) => Failure::ConnectionLost,
+        SendError::Body(_) | SendError::Protocol(_) => Failure::Other,
     }
-    let mut source = error.source();
-    while let Some(e) = source {
-        if let Some(e) = e.downcast_ref::<hyper::Error>()
-            && (e.is_canceled() || e.is_closed() || e.is_incomplete_message())
-        {
-            return Failure::ConnectionLost;
-        }
-        if let Some(e) = e.downcast_ref::<std::io::Error>()
-            && matches!(
-                e.kind(),
-                ErrorKind::ConnectionReset
-                    | ErrorKind::ConnectionAborted
-                    | ErrorKind::BrokenPipe
-                    | ErrorKind::UnexpectedEof
-            )
-        {
-            return Failure::ConnectionLost;
-        }
-        source = e.source();
-    }
-    Failure::Other
 }
 
 #[cfg(test)]
@@ -468,36 +421,5 @@ mod tests {
         for m in [Method::POST, Method::PATCH, Method::CONNECT] {
             assert!(!is_idempotent(&m), "{m}");
         }
-    }
-
-    #[test]
-    fn upstream_request_targets_the_instance_over_http11() {
-        let (mut parts, ()) = match Request::builder()
-            .method(Method::PUT)
-            .uri("http://shop.example/api/x?y=1")
-            .version(Version::HTTP_2)
-            .header("host", "shop.example")
-            .body(())
-        {
-            Ok(r) => r.into_parts(),
-            Err(e) => panic!("{e}"),
-        };
-        parts
-            .headers
-            .insert("x-a", http::HeaderValue::from_static("1"));
-        let endpoint = Endpoint {
-            instance: "svc-0".into(),
-            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 4000)),
-            load: Arc::new(crate::upstream::Load::default()),
-        };
-        let req = match upstream_request(&parts, "svc", &endpoint, body::empty()) {
-            Ok(r) => r,
-            Err(e) => panic!("{e}"),
-        };
-        assert_eq!(req.uri(), "http://svc@127.0.0.1:4000/api/x?y=1");
-        assert_eq!(req.version(), Version::HTTP_11);
-        assert_eq!(req.method(), Method::PUT);
-        assert_eq!(req.headers()["host"], "shop.example");
-        assert_eq!(req.headers()["x-a"], "1");
     }
 }

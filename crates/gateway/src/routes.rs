@@ -17,6 +17,7 @@ use crate::cors::CorsPolicy;
 use crate::ip::IpRules;
 use crate::jwt::RouteAuth;
 use crate::ratelimit::Limiter;
+use crate::stats::RouteStats;
 
 /// One route, as the edge and the proxy need it.
 #[derive(Debug)]
@@ -26,6 +27,7 @@ pub(crate) struct Route {
     methods: Vec<String>,
     pub timeout: Duration,
     pub policy: RoutePolicy,
+    pub stats: RouteStats,
 }
 
 /// What the edge enforces on a route, compiled from its config.
@@ -89,6 +91,7 @@ impl RouteTable {
                     methods: c.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
                     timeout: c.timeout,
                     policy: policy(c),
+                    stats: RouteStats::new(c.pattern.as_str(), &c.service),
                 })
             })
             .collect();

@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 
 use tower_http::services::ServeDir;
 
-use crate::client::UpstreamClient;
+use crate::client::FetchClient;
 use crate::config::{Config, ConfigError};
 use crate::cors::CorsPolicy;
 use crate::ip::{IpConfig, IpRules};
@@ -46,7 +46,7 @@ pub(crate) struct Routing {
 /// What building a [`Routing`] needs besides the config.
 #[derive(Clone)]
 pub(crate) struct Context {
-    pub client: UpstreamClient,
+    pub client: FetchClient,
     pub upstreams: Arc<dyn Upstreams>,
 }
 

@@ -2,9 +2,11 @@
 //! the exporter). Labels are bounded: `route` is a route's pattern (or
 //! `unmatched`), never a raw path, so a scanner cannot blow up cardinality.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use http::StatusCode;
+use metrics::{Counter, Histogram};
 
 const REQUESTS_TOTAL: &str = "flotilla_gateway_requests_total";
 const REQUEST_DURATION: &str = "flotilla_gateway_request_duration_seconds";
@@ -70,22 +72,64 @@ pub(crate) fn request_started() {
     metrics::gauge!(IN_FLIGHT).increment(1.0);
 }
 
-pub(crate) fn request_finished(route: &str, service: &str, status: StatusCode, took: Duration) {
+/// A request no route matched is finished.
+pub(crate) fn unmatched_finished(status: StatusCode, took: Duration) {
     metrics::gauge!(IN_FLIGHT).decrement(1.0);
-    metrics::counter!(
-        REQUESTS_TOTAL,
-        "route" => route.to_string(),
-        "service" => service.to_string(),
-        "status_class" => status_class(status),
-    )
-    .increment(1);
-    metrics::histogram!(
-        REQUEST_DURATION,
-        "route" => route.to_string(),
-        "service" => service.to_string(),
-        "status_class" => status_class(status),
-    )
-    .record(took.as_secs_f64());
+    let class = status_class(status);
+    metrics::counter!(REQUESTS_TOTAL, "route" => UNMATCHED, "service" => "", "status_class" => class)
+        .increment(1);
+    metrics::histogram!(REQUEST_DURATION, "route" => UNMATCHED, "service" => "", "status_class" => class)
+        .record(took.as_secs_f64());
+}
+
+/// One route's request metrics. The handles are registered on the first
+/// request of each status class and kept with the route: looking a metric
+/// up by name and labels costs a hash of its key (and the label strings
+/// allocated for it) on every request, a measurable share of a proxied
+/// request's CPU time.
+pub(crate) struct RouteStats {
+    route: String,
+    service: String,
+    classes: [OnceLock<(Counter, Histogram)>; 5],
+}
+
+impl std::fmt::Debug for RouteStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteStats")
+            .field("route", &self.route)
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouteStats {
+    pub(crate) fn new(route: &str, service: &str) -> RouteStats {
+        RouteStats {
+            route: route.to_string(),
+            service: service.to_string(),
+            classes: Default::default(),
+        }
+    }
+
+    /// A request on this route is finished.
+    pub(crate) fn finished(&self, status: StatusCode, took: Duration) {
+        metrics::gauge!(IN_FLIGHT).decrement(1.0);
+        let class = status_class(status);
+        let index = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        let (requests, duration) = self.classes[index].get_or_init(|| {
+            let labels = [
+                ("route", self.route.clone()),
+                ("service", self.service.clone()),
+                ("status_class", class.to_string()),
+            ];
+            (
+                metrics::counter!(REQUESTS_TOTAL, &labels),
+                metrics::histogram!(REQUEST_DURATION, &labels),
+            )
+        });
+        requests.increment(1);
+        duration.record(took.as_secs_f64());
+    }
 }
 
 pub(crate) fn retried(route: &str, service: &str, reason: &'static str) {

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use super::JwksSource;
 use super::jws::{Alg, Key};
 use crate::body;
-use crate::client::{self, UpstreamClient};
+use crate::client::{self, FetchClient};
 use crate::upstream::Upstreams;
 
 /// A JWKS document is a few keys; anything this large is not one.
@@ -155,7 +155,7 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<KeySet, FetchError> {
 /// The current key set and how to get a new one.
 pub(crate) struct KeyStore {
     source: JwksSource,
-    client: UpstreamClient,
+    client: FetchClient,
     upstreams: Arc<dyn Upstreams>,
     keys: RwLock<Arc<KeySet>>,
     /// Bumped whenever the set changes, so cached verifications made with
@@ -174,7 +174,7 @@ pub(crate) struct KeyStore {
 impl KeyStore {
     pub(crate) fn new(
         source: JwksSource,
-        client: UpstreamClient,
+        client: FetchClient,
         upstreams: Arc<dyn Upstreams>,
         refetch_min_interval: Duration,
     ) -> KeyStore {

@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 
 use self::jwks::KeyStore;
 use self::jws::JwsError;
-use crate::client::UpstreamClient;
+use crate::client::FetchClient;
 use crate::upstream::Upstreams;
 
 /// The prefix of the identity headers the gateway sets.
@@ -282,7 +282,7 @@ impl Verifier {
     /// Starts fetching keys in the background (must run inside tokio).
     pub(crate) fn start(
         config: JwtConfig,
-        client: UpstreamClient,
+        client: FetchClient,
         upstreams: Arc<dyn Upstreams>,
     ) -> Verifier {
         let store = Arc::new(KeyStore::new(

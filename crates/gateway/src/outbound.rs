@@ -1,0 +1,1048 @@
+//! The proxy's HTTP/1.1 client to instances: keep-alive connections pooled
+//! per instance, each exchange driven entirely by the task that asks for it.
+//!
+//! Why not hyper's pooled client: it runs every upstream connection as a
+//! task of its own, so each proxied request hops between tasks (request
+//! into the connection's channel, response back through a oneshot) and
+//! usually between the runtime's threads, which the profile of
+//! `benches/gateway` showed as the largest single cost after the kernel's
+//! own TCP work (scheduler wake-ups, futex and epoll traffic). Here the
+//! request's own task writes the request and reads the response head and
+//! body straight from the socket; a connection is a plain value that goes
+//! back to the pool when its response has been read to the end. Parsing is
+//! `httparse` (hyper's own parser); the framing rules are RFC 9112's.
+//!
+//! # Which service a connection belongs to
+//!
+//! Connections are opened for a service at an address (`client::Connector`
+//! verifies the peer's certificate as that service under mutual TLS) and
+//! handed out only for that same service and address: a connection
+//! verified for `catalog` is never reused for a request to `orders`, even
+//! if `orders` now listens on a port `catalog` once had.
+//!
+//! # Stale connections
+//!
+//! An instance may close an idle keep-alive connection at any time. A pooled
+//! connection is checked before reuse without a syscall in the common case:
+//! a poll of its socket that finds it readable (end of stream, or bytes no
+//! request asked for) means it is dropped instead. The rest of the race (the
+//! instance closing while the request is on its way) is the proxy's to
+//! handle: it counts as a lost connection, retried when the request is
+//! retryable.
+
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Response, StatusCode, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
+
+use crate::body::{self, Body, BoxError};
+use crate::chunked::{self, ChunkedDecoder, Decoded};
+use crate::client::{ConnectError, Connector, MAX_IDLE_PER_INSTANCE, POOL_IDLE, Stream};
+
+/// The largest response head accepted from an instance.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// The most response header fields accepted from an instance.
+const MAX_HEADERS: usize = 128;
+/// Bodies up to this size are written in one go with the head.
+const COALESCE_BYTES: usize = 64 * 1024;
+/// Read buffer: initial capacity, and the least free space for a read.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// How an exchange with an instance failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendError {
+    /// No connection could be opened (refused, unreachable, timed out, TLS).
+    #[error("cannot connect to the instance: {0}")]
+    Connect(#[source] ConnectError),
+    /// The connection broke before the response head was complete.
+    #[error("the connection to the instance was lost: {0}")]
+    Lost(#[source] io::Error),
+    /// The request body failed while it was being sent (the client went
+    /// away, or the body exceeded its limit).
+    #[error("the request body failed: {0}")]
+    Body(#[source] BoxError),
+    /// The instance answered something that is not a valid HTTP/1.x
+    /// response.
+    #[error("the instance sent an invalid response: {0}")]
+    Protocol(String),
+}
+
+/// The request body to send.
+pub(crate) enum OutBody {
+    /// Known bytes (buffered, so a retry can send them again).
+    Full(Bytes),
+    /// Streamed from the client.
+    Stream(Body),
+}
+
+/// The pooled client; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Outbound {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    connector: Connector,
+    /// Idle connections by instance address.
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// One connection to an instance.
+struct Conn {
+    io: Stream,
+    service: Box<str>,
+    addr: SocketAddr,
+    read: BytesMut,
+    write: Vec<u8>,
+}
+
+impl Outbound {
+    /// A client opening connections with `connector`; sweeps idle
+    /// connections in the background (needs a tokio runtime).
+    pub(crate) fn new(connector: Connector) -> Outbound {
+        let shared = Arc::new(Shared {
+            connector,
+            idle: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(sweep(Arc::downgrade(&shared)));
+        Outbound { shared }
+    }
+
+    /// Sends the request `parts` (method, path and query, headers already
+    /// prepared for the upstream) with `body` to the instance of `service`
+    /// at `addr`, and returns the response once its head has arrived; its
+    /// body streams from the connection.
+    pub(crate) async fn send(
+        &self,
+        service: &str,
+        addr: SocketAddr,
+        parts: &Parts,
+        body: OutBody,
+    ) -> Result<Response<Body>, SendError> {
+        let mut conn = match self.checkout(service, addr) {
+            Some(conn) => conn,
+            None => Conn {
+                io: self
+                    .shared
+                    .connector
+                    .open(service, addr)
+                    .await
+                    .map_err(SendError::Connect)?,
+                service: service.into(),
+                addr,
+                read: BytesMut::with_capacity(READ_CHUNK),
+                write: Vec::with_capacity(1024),
+            },
+        };
+        conn.write_request(parts, body).await?;
+        let head_only = parts.method == Method::HEAD;
+        let (head, framing, reusable) = conn.read_head(head_only).await?;
+        let mut body = UpstreamBody {
+            conn: Some(conn),
+            framing,
+            reusable,
+            shared: Arc::downgrade(&self.shared),
+        };
+        if matches!(body.framing, Framing::Done) {
+            body.finish();
+        }
+        Ok(Response::from_parts(head, body::boxed(body)))
+    }
+
+    /// A pooled connection to `service` at `addr` that still looks alive.
+    fn checkout(&self, service: &str, addr: SocketAddr) -> Option<Conn> {
+        let now = Instant::now();
+        loop {
+            let mut conn = {
+                let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
+                let list = idle.get_mut(&addr)?;
+                let at = list.iter().rposition(|i| &*i.conn.service == service)?;
+                let found = list.swap_remove(at);
+                if list.is_empty() {
+                    idle.remove(&addr);
+                }
+                found
+            };
+            if now.duration_since(conn.since) < POOL_IDLE && conn.conn.looks_alive() {
+                return Some(conn.conn);
+            }
+        }
+    }
+
+    fn checkin(shared: &Shared, conn: Conn) {
+        let mut idle = shared.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(conn.addr).or_default();
+        if list.len() < MAX_IDLE_PER_INSTANCE {
+            list.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// Closes connections idle for longer than `POOL_IDLE`, so an instance that
+/// went away does not keep its sockets open here; ends with the client.
+async fn sweep(shared: Weak<Shared>) {
+    let mut every = tokio::time::interval(POOL_IDLE / 2);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        // Dropped (closed) outside the lock.
+        let mut expired = Vec::new();
+        {
+            let mut idle = shared.idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.retain(|_, list| {
+                let (keep, old): (Vec<Idle>, Vec<Idle>) = std::mem::take(list)
+                    .into_iter()
+                    .partition(|i| now.duration_since(i.since) < POOL_IDLE);
+                expired.extend(old);
+                *list = keep;
+                !list.is_empty()
+            });
+        }
+        drop(expired);
+    }
+}
+
+/// How the response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone)]
+enum Framing {
+    Fixed(u64),
+    Chunked(ChunkedDecoder),
+    /// Until the instance closes the connection.
+    UntilClose,
+    Done,
+}
+
+impl Conn {
+    /// A poll of the idle socket: readable means closed by the instance or
+    /// holding bytes nobody asked for; either way not reusable. No syscall
+    /// unless the socket has become readable.
+    fn looks_alive(&mut self) -> bool {
+        if !self.read.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        matches!(
+            Pin::new(&mut self.io).poll_read(&mut cx, &mut buf),
+            Poll::Pending
+        )
+    }
+
+    async fn write_request(&mut self, parts: &Parts, body: OutBody) -> Result<(), SendError> {
+        let out = &mut self.write;
+        out.clear();
+        out.extend_from_slice(parts.method.as_str().as_bytes());
+        out.push(b' ');
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        // Origin form: a request target is never empty.
+        out.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in &parts.headers {
+            // The framing is this connection's, set below.
+            if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+                continue;
+            }
+            put_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        if !parts.headers.contains_key(header::HOST) {
+            put_header(out, b"host", self.addr.to_string().as_bytes());
+        }
+        let body = match body {
+            OutBody::Stream(b) if b.is_end_stream() => OutBody::Full(Bytes::new()),
+            other => other,
+        };
+        match body {
+            OutBody::Full(bytes) => {
+                if !bytes.is_empty() || expects_body(&parts.method) {
+                    put_header(out, b"content-length", bytes.len().to_string().as_bytes());
+                }
+                out.extend_from_slice(b"\r\n");
+                if bytes.len() <= COALESCE_BYTES {
+                    out.extend_from_slice(&bytes);
+                    self.io.write_all(out).await.map_err(SendError::Lost)?;
+                } else {
+                    self.io.write_all(out).await.map_err(SendError::Lost)?;
+                    self.io.write_all(&bytes).await.map_err(SendError::Lost)?;
+                }
+            }
+            OutBody::Stream(body) => {
+                let length = body.size_hint().exact();
+                match length {
+                    Some(n) => put_header(out, b"content-length", n.to_string().as_bytes()),
+                    None => put_header(out, b"transfer-encoding", b"chunked"),
+                }
+                out.extend_from_slice(b"\r\n");
+                self.write_body(body, length).await?;
+            }
+        }
+        self.io.flush().await.map_err(SendError::Lost)
+    }
+
+    /// Streams `body` after the head already in the write buffer: with
+    /// `length` as declared, else chunked.
+    async fn write_body(&mut self, mut body: Body, length: Option<u64>) -> Result<(), SendError> {
+        let mut sent: u64 = 0;
+        loop {
+            let frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+            let data = match frame {
+                None => break,
+                Some(Err(e)) => return Err(SendError::Body(e)),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    // Trailers are not forwarded.
+                    Err(_) => continue,
+                },
+            };
+            if data.is_empty() {
+                continue;
+            }
+            sent += data.len() as u64;
+            match length {
+                Some(n) if sent > n => {
+                    return Err(SendError::Body(
+                        format!("the body is longer than its declared {n} bytes").into(),
+                    ));
+                }
+                Some(_) => self.write.extend_from_slice(&data),
+                None => {
+                    chunked::chunk_head(&mut self.write, data.len());
+                    self.write.extend_from_slice(&data);
+                    self.write.extend_from_slice(b"\r\n");
+                }
+            }
+            self.io
+                .write_all(&self.write)
+                .await
+                .map_err(SendError::Lost)?;
+            self.write.clear();
+        }
+        match length {
+            Some(n) if sent != n => {
+                return Err(SendError::Body(
+                    format!("the body ended after {sent} of its declared {n} bytes").into(),
+                ));
+            }
+            Some(_) => {}
+            None => self.write.extend_from_slice(chunked::LAST_CHUNK),
+        }
+        if !self.write.is_empty() {
+            self.io
+                .write_all(&self.write)
+                .await
+                .map_err(SendError::Lost)?;
+            self.write.clear();
+        }
+        Ok(())
+    }
+
+    /// Reads up to the end of a final (non-1xx) response head; returns it
+    /// with how its body is framed and whether the connection may be
+    /// reused afterwards.
+    async fn read_head(
+        &mut self,
+        head_only: bool,
+    ) -> Result<(http::response::Parts, Framing, bool), SendError> {
+        loop {
+            if let Some(parsed) = self.parse_head(head_only)? {
+                return Ok(parsed);
+            }
+            if self.read.len() >= MAX_HEAD_BYTES {
+                return Err(SendError::Protocol(format!(
+                    "response head longer than {MAX_HEAD_BYTES} bytes"
+                )));
+            }
+            let n = poll_fn(|cx| poll_read_more(&mut self.io, &mut self.read, cx))
+                .await
+                .map_err(SendError::Lost)?;
+            if n == 0 {
+                return Err(SendError::Lost(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the instance closed the connection before a complete response head",
+                )));
+            }
+        }
+    }
+
+    /// A complete final response head at the start of the read buffer
+    /// (skipping 1xx heads), or `None` when more bytes are needed.
+    fn parse_head(
+        &mut self,
+        head_only: bool,
+    ) -> Result<Option<(http::response::Parts, Framing, bool)>, SendError> {
+        loop {
+            if self.read.is_empty() {
+                return Ok(None);
+            }
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut res = httparse::Response::new(&mut fields);
+            let len = match res.parse(&self.read) {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(e) => return Err(SendError::Protocol(e.to_string())),
+            };
+            let code = res.code.unwrap_or(0);
+            let status = StatusCode::from_u16(code)
+                .map_err(|_| SendError::Protocol(format!("invalid status code {code}")))?;
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(SendError::Protocol(
+                    "the instance switched protocols, which the gateway does not relay".into(),
+                ));
+            }
+            if status.is_informational() {
+                // A `100 Continue` (or `103 Early Hints`) before the real
+                // response: not relayed.
+                let _ = self.read.split_to(len);
+                continue;
+            }
+            let version = if res.version == Some(0) {
+                Version::HTTP_10
+            } else {
+                Version::HTTP_11
+            };
+            let mut headers = HeaderMap::with_capacity(res.headers.len());
+            let base = self.read.as_ptr() as usize;
+            let ranges: Vec<(HeaderName, std::ops::Range<usize>)> = res
+                .headers
+                .iter()
+                .map(|h| {
+                    let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
+                        SendError::Protocol(format!("invalid header name {:?}", h.name))
+                    })?;
+                    let start = h.value.as_ptr() as usize - base;
+                    Ok((name, start..start + h.value.len()))
+                })
+                .collect::<Result<_, SendError>>()?;
+            let head = self.read.split_to(len).freeze();
+            for (name, range) in ranges {
+                let value = HeaderValue::from_maybe_shared(head.slice(range))
+                    .map_err(|_| SendError::Protocol(format!("invalid value of header {name}")))?;
+                headers.append(name, value);
+            }
+            let (framing, mut reusable) = framing(status, head_only, &headers)?;
+            reusable &= keep_alive(version, &headers);
+            let mut parts = Response::new(()).into_parts().0;
+            parts.status = status;
+            parts.version = version;
+            parts.headers = headers;
+            return Ok(Some((parts, framing, reusable)));
+        }
+    }
+}
+
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Methods whose empty body is still announced (`content-length: 0`), as
+/// clients do, so the instance does not wait for one.
+fn expects_body(method: &Method) -> bool {
+    matches!(*method, Method::POST | Method::PUT | Method::PATCH)
+}
+
+/// The body framing of a response and whether the framing allows reuse.
+fn framing(
+    status: StatusCode,
+    head_only: bool,
+    headers: &HeaderMap,
+) -> Result<(Framing, bool), SendError> {
+    if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Framing::Done, true));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|c| !c.is_empty());
+        return Ok(match last {
+            Some(c) if c.eq_ignore_ascii_case("chunked") => {
+                // With both, the length is wrong; do not trust the
+                // connection after this response.
+                let reusable = !headers.contains_key(header::CONTENT_LENGTH);
+                (Framing::Chunked(ChunkedDecoder::default()), reusable)
+            }
+            _ => (Framing::UntilClose, false),
+        });
+    }
+    let mut length: Option<u64> = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|b| *b == b',') {
+            let part = part.trim_ascii();
+            let n = std::str::from_utf8(part)
+                .ok()
+                .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|p| p.parse::<u64>().ok())
+                .ok_or_else(|| SendError::Protocol("invalid content-length".into()))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(SendError::Protocol(
+                    "conflicting content-length values".into(),
+                ));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => (Framing::Done, true),
+        Some(n) => (Framing::Fixed(n), true),
+        None => (Framing::UntilClose, false),
+    })
+}
+
+/// Whether the instance keeps the connection open after this response.
+fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
+    let has = |token: &str| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    match version {
+        Version::HTTP_10 => has("keep-alive"),
+        _ => !has("close"),
+    }
+}
+
+/// Reads more bytes into `buf`; `Ok(0)` at end of stream.
+fn poll_read_more(
+    io: &mut Stream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+}
+
+/// A response body read from its connection; the connection goes back to
+/// the pool once the body has been read to its end (and is closed if the
+/// body is dropped before that).
+struct UpstreamBody {
+    conn: Option<Conn>,
+    framing: Framing,
+    reusable: bool,
+    shared: Weak<Shared>,
+}
+
+impl UpstreamBody {
+    /// The body is complete: the connection is pooled if it can be reused.
+    fn finish(&mut self) {
+        self.framing = Framing::Done;
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        // Bytes after the response would belong to no request.
+        if self.reusable
+            && conn.read.is_empty()
+            && let Some(shared) = self.shared.upgrade()
+        {
+            Outbound::checkin(&shared, conn);
+        }
+    }
+}
+
+fn truncated() -> BoxError {
+    Box::new(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the instance closed the connection before the end of the response body",
+    ))
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut this.framing {
+                Framing::Done => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Framing::Fixed(remaining) => {
+                    if !conn.read.is_empty() {
+                        let n = usize::try_from(*remaining)
+                            .unwrap_or(usize::MAX)
+                            .min(conn.read.len());
+                        let data = conn.read.split_to(n).freeze();
+                        *remaining -= n as u64;
+                        if *remaining == 0 {
+                            // Pooled now: a server that stops polling at
+                            // the announced length never asks again.
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Framing::Chunked(decoder) => match decoder.decode(&mut conn.read) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::Done) => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::NeedMore) => {}
+                    Err(e) => {
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(Box::new(e))));
+                    }
+                },
+                Framing::UntilClose => {
+                    if !conn.read.is_empty() {
+                        let data = conn.read.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(poll_read_more(&mut conn.io, &mut conn.read, cx)) {
+                Ok(0) => {
+                    this.conn = None;
+                    let until_close = matches!(this.framing, Framing::UntilClose);
+                    this.framing = Framing::Done;
+                    if until_close {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Err(truncated())));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    this.framing = Framing::Done;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.framing, Framing::Done | Framing::Fixed(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Fixed(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // A chunked body whose end is already buffered (the server stopped
+        // polling after the last data frame) still leaves a reusable
+        // connection.
+        if let (Framing::Chunked(decoder), Some(conn)) = (&mut self.framing, self.conn.as_mut()) {
+            loop {
+                match decoder.decode(&mut conn.read) {
+                    Ok(Decoded::Data(d)) if d.is_empty() => {}
+                    Ok(Decoded::Done) => {
+                        self.finish();
+                        return;
+                    }
+                    _ => return,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// How long a test may wait; keeps a broken test from hanging.
+    const TEST_DEADLINE: Duration = Duration::from_secs(10);
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    fn limits() -> crate::config::Limits {
+        crate::config::Limits::default()
+    }
+
+    fn outbound() -> Outbound {
+        match crate::client::connector(&limits(), None) {
+            Ok(c) => Outbound::new(c),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn get(path: &str) -> Parts {
+        let (mut parts, ()) = http::Request::get(path)
+            .body(())
+            .unwrap_or_default()
+            .into_parts();
+        parts
+            .headers
+            .insert(header::HOST, HeaderValue::from_static("shop.test"));
+        parts
+    }
+
+    /// A fake instance: answers each request head it reads with the next
+    /// canned response, recording what it received; counts connections.
+    async fn instance(
+        responses: Vec<&'static [u8]>,
+    ) -> (
+        SocketAddr,
+        tokio::sync::mpsc::UnboundedReceiver<(usize, Vec<u8>)>,
+    ) {
+        let listener = match TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => panic!("{e}"),
+        };
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let responses = Arc::new(Mutex::new(responses.into_iter()));
+            let mut conn_no = 0;
+            while let Ok((mut s, _)) = listener.accept().await {
+                conn_no += 1;
+                let tx = tx.clone();
+                let responses = Arc::clone(&responses);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        let n = match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        buf.extend_from_slice(&chunk[..n]);
+                        // One request per head (test requests have no body
+                        // unless they say so; the test reads `buf`).
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let req: Vec<u8> = buf.drain(..end + 4).collect();
+                            let _ = tx.send((conn_no, req));
+                            let next = responses.lock().unwrap_or_else(|e| e.into_inner()).next();
+                            let Some(r) = next else { return };
+                            // After the last canned response: close.
+                            let last =
+                                responses.lock().unwrap_or_else(|e| e.into_inner()).len() == 0;
+                            if s.write_all(r).await.is_err() || last {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    async fn body_of(res: Response<Body>) -> Vec<u8> {
+        match tokio::time::timeout(TEST_DEADLINE, res.into_body().collect()).await {
+            Ok(Ok(c)) => c.to_bytes().to_vec(),
+            Ok(Err(e)) => panic!("body: {e}"),
+            Err(_) => panic!("body timed out"),
+        }
+    }
+
+    #[tokio::test]
+    async fn reuses_a_connection_after_a_complete_response() {
+        let (addr, mut seen) = instance(vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+        ])
+        .await;
+        let client = outbound();
+        for want in [&b"ok"[..], b"abc", b""] {
+            let res = match client
+                .send("svc", addr, &get("/x?y=1"), OutBody::Full(Bytes::new()))
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => panic!("{e}"),
+            };
+            assert_eq!(body_of(res).await, want);
+        }
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            match seen.recv().await {
+                Some((c, req)) => {
+                    assert!(req.starts_with(b"GET /x?y=1 HTTP/1.1\r\n"), "{req:?}");
+                    conns.push(c);
+                }
+                None => panic!("instance gone"),
+            }
+        }
+        assert_eq!(conns, vec![1, 1, 1], "all three on one connection");
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_never_reused_for_another_service() {
+        let (addr, mut seen) = instance(vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+        ])
+        .await;
+        let client = outbound();
+        for service in ["catalog", "orders"] {
+            match client
+                .send(service, addr, &get("/"), OutBody::Full(Bytes::new()))
+                .await
+            {
+                Ok(res) => drop(body_of(res).await),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let a = seen.recv().await.map(|s| s.0);
+        let b = seen.recv().await.map(|s| s.0);
+        assert_eq!((a, b), (Some(1), Some(2)));
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_by_the_instance_is_not_reused() {
+        let (addr, mut seen) = instance(vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\nconnection: close\r\n\r\na",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nb",
+        ])
+        .await;
+        let client = outbound();
+        for want in [&b"a"[..], b"b"] {
+            match client
+                .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()))
+                .await
+            {
+                Ok(res) => assert_eq!(body_of(res).await, want),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let a = seen.recv().await.map(|s| s.0);
+        let b = seen.recv().await.map(|s| s.0);
+        assert_eq!((a, b), (Some(1), Some(2)));
+    }
+
+    #[tokio::test]
+    async fn a_body_until_close_is_read_to_the_end() {
+        let (addr, _seen) = instance(vec![b"HTTP/1.0 200 OK\r\n\r\nall of it"]).await;
+        let client = outbound();
+        match client
+            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()))
+            .await
+        {
+            Ok(res) => {
+                assert_eq!(res.version(), Version::HTTP_10);
+                // The fake instance keeps the socket until its next read
+                // fails; close-delimited means the end comes with EOF, so
+                // only check the bytes that arrived.
+                let mut body = res.into_body();
+                let frame = tokio::time::timeout(TEST_DEADLINE, body.frame()).await;
+                match frame {
+                    Ok(Some(Ok(f))) => {
+                        assert_eq!(f.into_data().ok(), Some(Bytes::from_static(b"all of it")))
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn interim_responses_are_skipped() {
+        let (addr, _seen) = instance(vec![
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nhi",
+        ])
+        .await;
+        let client = outbound();
+        match client
+            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()))
+            .await
+        {
+            Ok(res) => {
+                assert_eq!(res.status(), StatusCode::CREATED);
+                assert_eq!(body_of(res).await, b"hi");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_responses_are_protocol_errors() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 1, 2\r\n\r\nx"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            b"NOT HTTP\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
+        ] {
+            let (addr, _seen) = instance(vec![bad]).await;
+            match outbound()
+                .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()))
+                .await
+            {
+                Err(SendError::Protocol(_)) => {}
+                Err(e) => panic!("{:?}: {e}", String::from_utf8_lossy(bad)),
+                Ok(r) => panic!(
+                    "{:?}: accepted {}",
+                    String::from_utf8_lossy(bad),
+                    r.status()
+                ),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_truncated_body_is_an_error_and_an_early_close_is_lost() {
+        let (addr, _seen) =
+            instance(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"]).await;
+        let client = outbound();
+        // The fake instance closes after its last canned response.
+        match client
+            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()))
+            .await
+        {
+            Ok(res) => {
+                let r = tokio::time::timeout(TEST_DEADLINE, res.into_body().collect()).await;
+                assert!(matches!(r, Ok(Err(_))), "a truncated body must fail");
+            }
+            Err(e) => panic!("{e}"),
+        }
+        let (addr, _seen) = instance(vec![]).await;
+        match client
+            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()))
+            .await
+        {
+            Err(SendError::Lost(_)) => {}
+            Err(e) => panic!("{e}"),
+            Ok(r) => panic!("{}", r.status()),
+        }
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_connect_error() {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+            l.local_addr().unwrap_or_else(|e| panic!("{e}"))
+        };
+        match outbound()
+            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()))
+            .await
+        {
+            Err(SendError::Connect(_)) => {}
+            Err(e) => panic!("{e}"),
+            Ok(r) => panic!("{}", r.status()),
+        }
+    }
+
+    #[tokio::test]
+    async fn request_bodies_are_framed_by_length_or_chunks() {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap_or_else(|e| panic!("{e}"));
+            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let mut answered = 0;
+            while answered < 2 {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                }
+                if answered == 0 && got.windows(9).any(|w| w == b"\r\n\r\nhello") {
+                    let _ = s.write_all(ok).await;
+                    answered = 1;
+                }
+                if answered == 1 && got.ends_with(b"0\r\n\r\n") {
+                    let _ = s.write_all(ok).await;
+                    answered = 2;
+                }
+            }
+            got
+        });
+        let client = outbound();
+        let mut post = get("/");
+        post.method = Method::POST;
+        // A length-known body: content-length.
+        match client
+            .send(
+                "svc",
+                addr,
+                &post,
+                OutBody::Full(Bytes::from_static(b"hello")),
+            )
+            .await
+        {
+            Ok(res) => drop(body_of(res).await),
+            Err(e) => panic!("{e}"),
+        }
+        // A stream of unknown length: chunked.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(2);
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|frame| (frame, rx))
+        });
+        let stream = body::boxed(http_body_util::StreamBody::new(frames));
+        let sending = tokio::spawn({
+            let client = client.clone();
+            let post = post.clone();
+            async move {
+                client
+                    .send("svc", addr, &post, OutBody::Stream(stream))
+                    .await
+                    .map(|_| ())
+            }
+        });
+        let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"ab")))).await;
+        let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"cde")))).await;
+        drop(tx);
+        match tokio::time::timeout(TEST_DEADLINE, sending).await {
+            Ok(Ok(Ok(()))) => {}
+            other => panic!("{other:?}"),
+        }
+        let got = match tokio::time::timeout(TEST_DEADLINE, server).await {
+            Ok(Ok(g)) => g,
+            other => panic!("{other:?}"),
+        };
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.contains("content-length: 5\r\n\r\nhello"), "{text}");
+        assert!(
+            text.contains("transfer-encoding: chunked\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"),
+            "{text}"
+        );
+    }
+}
