@@ -20,7 +20,10 @@
 //! is read and dropped for a moment (as nginx's `lingering_close` does).
 //!
 //! HTTP/2 connections (which start with the h2 preface) are left to h2's own
-//! flow control; the watchdog only handles HTTP/1.
+//! flow control; the watchdog only handles HTTP/1. Today hyper serves only
+//! h2c connections, so for them the watchdog just lingers: HTTP/1 is served
+//! by the gateway's own driver (`h1`), which applies the same timeouts
+//! itself and shares [`linger`].
 
 use std::io;
 use std::pin::Pin;
@@ -29,6 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -40,7 +44,8 @@ const LINGER_BYTES: usize = 1024 * 1024;
 /// How long writing the 408 may take.
 const WRITE_408: Duration = Duration::from_secs(1);
 
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+/// How an HTTP/2 connection starts (the first line of its preface).
+pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 /// What the socket and the service tell the watchdog.
 #[derive(Debug)]
@@ -111,6 +116,9 @@ impl Drop for RequestGuard {
 pub(crate) struct Io {
     stream: Arc<TcpStream>,
     watch: Arc<Watch>,
+    /// Bytes read before the connection was handed over (to tell HTTP/2
+    /// from HTTP/1); hyper reads them first.
+    prefix: Bytes,
 }
 
 impl AsyncRead for Io {
@@ -119,6 +127,14 @@ impl AsyncRead for Io {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let this = self.get_mut();
+            let n = this.prefix.len().min(buf.remaining());
+            let head = this.prefix.split_to(n);
+            buf.put_slice(&head);
+            this.watch.read(&head);
+            return Poll::Ready(Ok(()));
+        }
         loop {
             ready!(self.stream.poll_read_ready(cx))?;
             let before = buf.filled().len();
@@ -187,14 +203,16 @@ fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
     socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write)
 }
 
-/// Wraps `stream` for hyper; the returned handle runs the watchdog.
-pub(crate) fn watch(stream: TcpStream) -> (Io, Watched) {
+/// Wraps `stream`, of which `read` was already read, for hyper; the
+/// returned handle runs the watchdog.
+pub(crate) fn watch(stream: TcpStream, read: Bytes) -> (Io, Watched) {
     let stream = Arc::new(stream);
     let watch = Arc::new(Watch::new());
     (
         Io {
             stream: Arc::clone(&stream),
             watch: Arc::clone(&watch),
+            prefix: read,
         },
         Watched { stream, watch },
     )
@@ -274,22 +292,29 @@ impl Watched {
     /// Shuts the write side and drains what the client still sends, so
     /// closing does not reset a connection whose last answer is unread.
     pub(crate) async fn linger(self) {
-        let _ = shutdown_write(&self.stream);
-        let drain = async {
-            let mut buf = [0u8; 16 * 1024];
-            let mut total = 0;
-            while total < LINGER_BYTES {
-                if self.stream.readable().await.is_err() {
-                    return;
-                }
-                match self.stream.try_read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => total += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => return,
-                }
-            }
-        };
-        let _ = tokio::time::timeout(LINGER, drain).await;
+        linger(&self.stream).await;
     }
+}
+
+/// Shuts the write side of `stream` and reads and drops what the client
+/// still sends, for a moment: closing a socket with unread input resets
+/// the connection, and the client could lose the answer it has not read.
+pub(crate) async fn linger(stream: &TcpStream) {
+    let _ = shutdown_write(stream);
+    let drain = async {
+        let mut buf = [0u8; 16 * 1024];
+        let mut total = 0;
+        while total < LINGER_BYTES {
+            if stream.readable().await.is_err() {
+                return;
+            }
+            match stream.try_read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => total += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }

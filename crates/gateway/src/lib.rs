@@ -39,6 +39,7 @@ mod config;
 mod conn;
 mod cors;
 mod edge;
+mod h1;
 mod headers;
 mod health;
 mod ip;

@@ -1,18 +1,18 @@
 //! Listening and serving: binds the listener, assembles the tower stack,
-//! runs the accept loop and serves each connection with HTTP/1.1 or h2c
-//! (hyper-util's auto builder), and shuts down gracefully.
+//! runs the accept loop and serves each connection, and shuts down
+//! gracefully.
 //!
 //! The accept loop only accepts; everything per connection (today only
 //! `TCP_NODELAY`, later the TLS handshake) happens on the connection's own
 //! task, so a slow client cannot stall accepting. Connections live in a
 //! `JoinSet` so that shutdown can close the ones still open at the deadline.
 //!
-//! Each connection's socket is watched (`conn`): a head that takes longer
-//! than `header_read_timeout` is answered 408, an idle kept-alive
-//! connection is closed after `idle_timeout`, and closing lingers so a
-//! client still sending (say, a 431'd head) reads its answer rather than a
-//! reset. hyper answers an oversized head (`max_header_bytes`, as its read
-//! buffer limit, or more than `max_headers` headers) with 431 itself.
+//! A connection's first bytes decide its protocol: the HTTP/2 preface goes
+//! to hyper (h2c, through hyper-util's auto builder, its socket watched by
+//! `conn` for the lingering close); anything else is HTTP/1.x, served by the
+//! gateway's own driver (`h1`), which parses heads, enforces the head size
+//! and count limits (431), the slow-head (408) and idle timeouts, and
+//! lingers on close itself.
 //!
 //! Load shedding: past `max_in_flight` requests at once, new ones get 503
 //! `overloaded` at once (before any routing or upstream work), so a flood
@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use http::header::SERVER;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
@@ -42,8 +43,9 @@ use crate::access_log::{AccessLogLayer, Sink};
 use crate::body::{self, Body, Holding};
 use crate::client::UpstreamClient;
 use crate::config::Limits;
-use crate::conn::{self, Verdict, Watch};
+use crate::conn::{self, H2_PREFACE, Verdict, Watch};
 use crate::edge::EdgeLayer;
+use crate::h1;
 use crate::health::HealthLayer;
 use crate::proxy::Proxy;
 use crate::rejection::Rejection;
@@ -188,6 +190,9 @@ fn set_server_header(mut res: Response<Body>) -> Response<Body> {
     res
 }
 
+/// hyper's builder, for h2c connections (`serve_h2`). Only connections that
+/// start with the HTTP/2 preface reach it; its HTTP/1 settings keep the
+/// limits should that ever change.
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -213,9 +218,11 @@ pub(crate) async fn run(
     log_writer: Option<JoinHandle<()>>,
 ) {
     let builder = Arc::new(http_builder(&limits));
+    let settings = h1::Settings::new(&limits);
     let graceful = GracefulShutdown::new();
-    // Tells connections that have not sent a byte yet (and so are not
-    // watched by `graceful`) to close at once.
+    // Tells HTTP/1 connections, and those that have not sent a byte yet,
+    // (none watched by `graceful`) that the gateway is stopping: idle ones
+    // close at once, busy ones after their request.
     let (stopping, stopping_rx) = watch::channel(());
     let mut connections = JoinSet::new();
     let deadline = loop {
@@ -230,8 +237,7 @@ pub(crate) async fn run(
                         stack.clone(),
                         graceful.watcher(),
                         stopping_rx.clone(),
-                        limits.header_read_timeout,
-                        limits.idle_timeout,
+                        settings,
                     ));
                 }
                 Err(e) => accept_failed(e).await,
@@ -281,7 +287,10 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Most bytes read before a connection's protocol is decided; the HTTP/1
+/// driver keeps the buffer for its first head.
+const FIRST_READ: usize = 8 * 1024;
+
 async fn serve_connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
@@ -289,18 +298,17 @@ async fn serve_connection(
     stack: Stack,
     watcher: Watcher,
     mut stopping: watch::Receiver<()>,
-    header_timeout: Duration,
-    idle_timeout: Duration,
+    settings: h1::Settings,
 ) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(target: "flotilla::gateway", %peer, error = %e, "cannot set TCP_NODELAY");
     }
-    // The protocol sniffing of the auto builder has no timeout of its own:
-    // a client that connects and says nothing would hold the socket forever
-    // (and, being silent, would never see a graceful shutdown either).
+    // A client that connects and says nothing would hold the socket
+    // forever (and, being silent, would never see a graceful shutdown).
+    let mut first = BytesMut::with_capacity(FIRST_READ);
     tokio::select! {
-        first = tokio::time::timeout(header_timeout, stream.readable()) => {
-            if first.is_err() {
+        read = tokio::time::timeout(settings.header_timeout, read_first(&stream, &mut first)) => {
+            if !matches!(read, Ok(Ok(true))) {
                 return;
             }
         }
@@ -311,7 +319,45 @@ async fn serve_connection(
         peer,
         scheme: "http",
     };
-    let (io, watched) = conn::watch(stream);
+    if first.starts_with(H2_PREFACE) {
+        serve_h2(builder, stream, first, info, stack, watcher, settings).await;
+    } else {
+        // Shutdown reaches an HTTP/1 connection through `stopping`.
+        drop(watcher);
+        h1::serve(stream, first, info, stack, settings, stopping).await;
+    }
+}
+
+/// Reads until the protocol is known: `true` once the bytes either start
+/// with the HTTP/2 preface or cannot; `false` if the client closed first.
+async fn read_first(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<bool> {
+    loop {
+        stream.readable().await?;
+        match stream.try_read_buf(buf) {
+            Ok(0) => return Ok(false),
+            Ok(_) => {
+                if buf.len() >= H2_PREFACE.len() || !H2_PREFACE.starts_with(buf) {
+                    return Ok(true);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// An h2c connection, served by hyper (its first bytes are replayed).
+async fn serve_h2(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: TcpStream,
+    first: BytesMut,
+    info: ConnInfo,
+    stack: Stack,
+    watcher: Watcher,
+    settings: h1::Settings,
+) {
+    let peer = info.peer;
+    let (io, watched) = conn::watch(stream, first.freeze());
     let service = TowerToHyperService::new(Connection {
         stack,
         info,
@@ -325,7 +371,7 @@ async fn serve_connection(
             }
             None
         }
-        verdict = watched.expired(header_timeout, idle_timeout) => Some(verdict),
+        verdict = watched.expired(settings.header_timeout, settings.idle_timeout) => Some(verdict),
     };
     // hyper's side of the connection is gone here (dropped with the select).
     if verdict == Some(Verdict::HeadTimeout) {

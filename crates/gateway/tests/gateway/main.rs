@@ -4,6 +4,7 @@
 
 mod activation;
 mod balancing;
+mod h1;
 mod lifecycle;
 mod limits;
 mod ratelimits;

@@ -1,0 +1,523 @@
+//! Request heads: httparse over the connection's buffer, then the framing
+//! rules that decide where the body ends.
+//!
+//! The head's bytes become one shared `Bytes`; the URI and every header
+//! value are slices of it, so building the `http::Request` copies nothing
+//! but the (standard, static) header names.
+//!
+//! Framing follows RFC 9112 §6, strictly where two parsers could disagree
+//! (request smuggling): `Transfer-Encoding` together with `Content-Length`
+//! is refused rather than resolved, `Content-Length` must be digits (several
+//! identical values allowed), the only transfer coding is `chunked`, an
+//! HTTP/1.0 request may not use one at all, and at most one `Host`.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Uri, Version};
+
+use super::encode::{content_length, trim_ows};
+
+/// Headers parsed into a stack array up to this many (the default limit is
+/// 100); a higher configured limit uses the heap.
+const STACK_HEADERS: usize = 128;
+/// `http::Uri` refuses longer targets.
+const MAX_TARGET: usize = u16::MAX as usize - 1;
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub max_bytes: usize,
+    pub max_headers: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyLength {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: BodyLength,
+    /// The client lets the connection stay open after this exchange.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue` from an HTTP/1.1 client.
+    pub expect_continue: bool,
+}
+
+/// Why a head is refused; each ends the connection after its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Invalid {
+    /// Over `max_header_bytes` or `max_headers`: 431.
+    TooLarge,
+    /// 400, with what was wrong.
+    Malformed(&'static str),
+    /// 414.
+    TargetTooLong,
+    /// A transfer coding other than chunked: 501.
+    UnsupportedCoding,
+    /// Not HTTP/1.x: 505.
+    Version,
+}
+
+impl Invalid {
+    pub(crate) fn status(self) -> StatusCode {
+        match self {
+            Invalid::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Invalid::Malformed(_) => StatusCode::BAD_REQUEST,
+            Invalid::TargetTooLong => StatusCode::URI_TOO_LONG,
+            Invalid::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
+            Invalid::Version => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+        }
+    }
+
+    pub(crate) fn code(self) -> &'static str {
+        match self {
+            Invalid::TooLarge => "headers_too_large",
+            Invalid::Malformed(_) => "bad_request",
+            Invalid::TargetTooLong => "uri_too_long",
+            Invalid::UnsupportedCoding => "unsupported_transfer_coding",
+            Invalid::Version => "http_version_not_supported",
+        }
+    }
+
+    pub(crate) fn message(self) -> &'static str {
+        match self {
+            Invalid::TooLarge => "the request headers are too large",
+            Invalid::Malformed(why) => why,
+            Invalid::TargetTooLong => "the request target is too long",
+            Invalid::UnsupportedCoding => "only the chunked transfer coding is supported",
+            Invalid::Version => "only HTTP/1.0, HTTP/1.1 and HTTP/2 are supported",
+        }
+    }
+}
+
+/// Where a header's name and value are in the head.
+#[derive(Debug, Clone)]
+pub(crate) struct Span {
+    name: Range<usize>,
+    value: Range<usize>,
+}
+
+/// The offset of `part` (a sub-slice of `whole`) in `whole`.
+fn range_in(whole: &[u8], part: &[u8]) -> Option<Range<usize>> {
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= whole.len()).then_some(start..end)
+}
+
+/// Parses the head at the start of `buf`, taking its bytes off `buf`.
+/// `Ok(None)`: incomplete (and still within the limits). `spans` is
+/// scratch space, reused between requests.
+pub(crate) fn parse(
+    buf: &mut BytesMut,
+    limits: Limits,
+    spans: &mut Vec<Span>,
+) -> Result<Option<Head>, Invalid> {
+    let mut on_stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
+    let mut on_heap;
+    let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if limits.max_headers <= STACK_HEADERS {
+        on_stack.get_mut(..limits.max_headers).unwrap_or_default()
+    } else {
+        on_heap = vec![MaybeUninit::uninit(); limits.max_headers];
+        &mut on_heap
+    };
+    let mut req = httparse::Request::new(&mut []);
+    let bytes: &[u8] = buf;
+    let len = match req.parse_with_uninit_headers(bytes, slots) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if bytes.len() > limits.max_bytes => {
+            return Err(Invalid::TooLarge);
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Invalid::TooLarge),
+        Err(httparse::Error::Version) => return Err(Invalid::Version),
+        Err(_) => return Err(Invalid::Malformed("the request head is malformed")),
+    };
+    if len > limits.max_bytes {
+        return Err(Invalid::TooLarge);
+    }
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(Invalid::Malformed("the request line is incomplete"));
+    };
+    let method = Method::from_bytes(method.as_bytes())
+        .map_err(|_| Invalid::Malformed("the request method is invalid"))?;
+    let version = if version == 1 {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    let target = range_in(bytes, target.as_bytes()).ok_or(Invalid::Malformed("bad target"))?;
+    spans.clear();
+    for h in req.headers.iter() {
+        let (Some(name), Some(value)) =
+            (range_in(bytes, h.name.as_bytes()), range_in(bytes, h.value))
+        else {
+            return Err(Invalid::Malformed("the request head is malformed"));
+        };
+        spans.push(Span { name, value });
+    }
+
+    let head = buf.split_to(len).freeze();
+    if target.len() > MAX_TARGET {
+        return Err(Invalid::TargetTooLong);
+    }
+    let uri = Uri::from_maybe_shared(slice(&head, target)?)
+        .map_err(|_| Invalid::Malformed("the request target is invalid"))?;
+    let (headers, framing) = headers(&head, spans, version)?;
+    Ok(Some(Head {
+        method,
+        uri,
+        version,
+        keep_alive: framing.keep_alive,
+        expect_continue: framing.expect_continue,
+        body: framing.body,
+        headers,
+    }))
+}
+
+fn slice(head: &Bytes, range: Range<usize>) -> Result<Bytes, Invalid> {
+    if range.start <= range.end && range.end <= head.len() {
+        Ok(head.slice(range))
+    } else {
+        Err(Invalid::Malformed("the request head is malformed"))
+    }
+}
+
+/// The headers, and what they say about framing (read as they are built:
+/// no lookups afterwards).
+fn headers(
+    head: &Bytes,
+    spans: &[Span],
+    version: Version,
+) -> Result<(HeaderMap, Framing), Invalid> {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut seen = Seen::default();
+    for span in spans {
+        let name = head
+            .get(span.name.clone())
+            .and_then(|n| HeaderName::from_bytes(n).ok())
+            .ok_or(Invalid::Malformed("a header name is invalid"))?;
+        let value = HeaderValue::from_maybe_shared(slice(head, span.value.clone())?)
+            .map_err(|_| Invalid::Malformed("a header value is invalid"))?;
+        seen.header(&name, value.as_bytes());
+        headers.append(name, value);
+    }
+    Ok((headers, seen.framing(version)?))
+}
+
+struct Framing {
+    body: BodyLength,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+/// The framing-relevant headers, as seen.
+struct Seen {
+    hosts: usize,
+    /// The agreed length so far; `Err`: invalid or disagreeing.
+    length: Result<Option<u64>, ()>,
+    transfer_encoding: bool,
+    chunked: usize,
+    other_codings: usize,
+    close: bool,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+impl Default for Seen {
+    fn default() -> Seen {
+        Seen {
+            hosts: 0,
+            length: Ok(None),
+            transfer_encoding: false,
+            chunked: 0,
+            other_codings: 0,
+            close: false,
+            keep_alive: false,
+            expect_continue: false,
+        }
+    }
+}
+
+impl Seen {
+    fn header(&mut self, name: &HeaderName, value: &[u8]) {
+        let tokens = || value.split(|&b| b == b',').map(trim_ows);
+        if name == header::HOST {
+            self.hosts += 1;
+        } else if name == header::CONTENT_LENGTH {
+            self.length = match (self.length, content_length(std::iter::once(value))) {
+                (Ok(None), new) => new,
+                (Ok(Some(a)), Ok(Some(b))) if a == b => Ok(Some(a)),
+                _ => Err(()),
+            };
+        } else if name == header::TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+            for coding in tokens() {
+                match coding {
+                    b"" => {}
+                    c if c.eq_ignore_ascii_case(b"chunked") => self.chunked += 1,
+                    _ => self.other_codings += 1,
+                }
+            }
+        } else if name == header::CONNECTION {
+            for token in tokens() {
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name == header::EXPECT {
+            self.expect_continue |= trim_ows(value).eq_ignore_ascii_case(b"100-continue");
+        }
+    }
+
+    fn framing(self, version: Version) -> Result<Framing, Invalid> {
+        let http11 = version == Version::HTTP_11;
+        if self.hosts > 1 {
+            return Err(Invalid::Malformed("more than one Host header"));
+        }
+        let length = self
+            .length
+            .map_err(|()| Invalid::Malformed("the Content-Length header is invalid"))?;
+        let body = if self.transfer_encoding {
+            if length.is_some() {
+                // RFC 9112 §6.1 lets a server drop the length; a gateway
+                // passing the request on must not guess which one the next
+                // hop reads.
+                return Err(Invalid::Malformed(
+                    "both Transfer-Encoding and Content-Length are present",
+                ));
+            }
+            if !http11 {
+                return Err(Invalid::Malformed(
+                    "HTTP/1.0 requests cannot use Transfer-Encoding",
+                ));
+            }
+            if self.other_codings > 0 {
+                return Err(Invalid::UnsupportedCoding);
+            }
+            if self.chunked != 1 {
+                return Err(Invalid::Malformed(
+                    "the Transfer-Encoding header is invalid",
+                ));
+            }
+            BodyLength::Chunked
+        } else {
+            match length {
+                None | Some(0) => BodyLength::None,
+                Some(n) => BodyLength::Length(n),
+            }
+        };
+        Ok(Framing {
+            body,
+            keep_alive: !self.close && (http11 || self.keep_alive),
+            expect_continue: http11 && self.expect_continue,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_bytes: 8192,
+        max_headers: 100,
+    };
+
+    fn parse_str(raw: &str) -> Result<Option<Head>, Invalid> {
+        let mut buf = BytesMut::from(raw);
+        parse(&mut buf, LIMITS, &mut Vec::new())
+    }
+
+    fn head(raw: &str) -> Head {
+        match parse_str(raw) {
+            Ok(Some(head)) => head,
+            other => panic!("{raw:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_head_becomes_a_request_and_leaves_the_rest() {
+        let mut buf = BytesMut::from(
+            "\r\nPOST /a/b?c=d HTTP/1.1\r\nHost: x\r\nX-Two: 1\r\nx-two: 2\r\nContent-Length: 3\r\n\r\nabcGET",
+        );
+        let head = match parse(&mut buf, LIMITS, &mut Vec::new()) {
+            Ok(Some(h)) => h,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(head.method, Method::POST);
+        assert_eq!(head.uri, "/a/b?c=d");
+        assert_eq!(head.version, Version::HTTP_11);
+        assert_eq!(head.headers["host"], "x");
+        let two: Vec<_> = head.headers.get_all("x-two").iter().collect();
+        assert_eq!(two, ["1", "2"]);
+        assert_eq!(head.body, BodyLength::Length(3));
+        assert!(head.keep_alive);
+        assert!(!head.expect_continue);
+        assert_eq!(&buf[..], b"abcGET");
+    }
+
+    #[test]
+    fn request_targets_of_every_form() {
+        let h = head("GET http://example.com:8080/x?y HTTP/1.1\r\nhost: a\r\n\r\n");
+        assert_eq!(
+            h.uri.authority().map(|a| a.as_str()),
+            Some("example.com:8080")
+        );
+        assert_eq!(h.uri.path(), "/x");
+        assert_eq!(head("OPTIONS * HTTP/1.1\r\n\r\n").uri, "*");
+        assert_eq!(
+            head("CONNECT example.com:443 HTTP/1.1\r\n\r\n")
+                .uri
+                .authority()
+                .map(|a| a.as_str()),
+            Some("example.com:443")
+        );
+    }
+
+    #[test]
+    fn incomplete_heads_wait_and_oversized_ones_are_refused() {
+        assert!(matches!(
+            parse_str("GET / HTTP/1.1\r\nhost: x\r\n"),
+            Ok(None)
+        ));
+        let big = format!("GET / HTTP/1.1\r\nx-big: {}\r\n", "b".repeat(9000));
+        assert_eq!(parse_str(&big).err(), Some(Invalid::TooLarge));
+        let big = format!("{big}\r\n");
+        assert_eq!(parse_str(&big).err(), Some(Invalid::TooLarge));
+        let mut many = String::from("GET / HTTP/1.1\r\n");
+        for i in 0..101 {
+            many.push_str(&format!("x-{i}: v\r\n"));
+        }
+        assert_eq!(parse_str(&many).err(), Some(Invalid::TooLarge));
+        // More headers than fit on the stack, within a higher limit.
+        let mut buf = BytesMut::from(format!("{many}\r\n").as_str());
+        let limits = Limits {
+            max_bytes: 8192,
+            max_headers: 200,
+        };
+        assert!(matches!(
+            parse(&mut buf, limits, &mut Vec::new()),
+            Ok(Some(_))
+        ));
+    }
+
+    #[test]
+    fn malformed_heads_are_400() {
+        for raw in [
+            "GET / HTTP/1.1\r\nbad header\r\n\r\n",
+            "GET / HTTP/1.1\r\nx : y\r\n\r\n",
+            "GET / HTTP/1.1\r\n x: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nx: a\r\n folded\r\n\r\n",
+            "GET  / HTTP/1.1\r\n\r\n",
+            "GET /\u{7f} HTTP/1.1\r\n\r\n",
+            "G(T / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse_str(raw), Err(Invalid::Malformed(_))),
+                "{raw:?}: {:?}",
+                parse_str(raw)
+            );
+        }
+        assert_eq!(
+            parse_str("GET / HTTP/2.0\r\n\r\n").err(),
+            Some(Invalid::Version)
+        );
+    }
+
+    #[test]
+    fn content_length_and_transfer_encoding_together_are_refused() {
+        for raw in [
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse_str(raw), Err(Invalid::Malformed(_))),
+                "{raw:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn content_lengths_must_be_valid_and_agree() {
+        let h = head("POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n");
+        assert_eq!(h.body, BodyLength::Length(5));
+        let h = head("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(h.body, BodyLength::None);
+        for bad in [
+            "5, 6",
+            "-1",
+            "+5",
+            "0x10",
+            "",
+            "1e3",
+            "99999999999999999999",
+        ] {
+            let raw = format!("POST / HTTP/1.1\r\nContent-Length: {bad}\r\n\r\n");
+            assert!(
+                matches!(parse_str(&raw), Err(Invalid::Malformed(_))),
+                "{bad}"
+            );
+        }
+        let raw = "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
+        assert!(matches!(parse_str(raw), Err(Invalid::Malformed(_))));
+    }
+
+    #[test]
+    fn only_chunked_is_a_transfer_coding() {
+        for ok in ["chunked", "Chunked", " chunked ", "chunked,", ", chunked"] {
+            let raw = format!("POST / HTTP/1.1\r\nTransfer-Encoding: {ok}\r\n\r\n");
+            assert_eq!(head(&raw).body, BodyLength::Chunked, "{ok:?}");
+        }
+        for other in [
+            "gzip",
+            "gzip, chunked",
+            "chunked, gzip",
+            "identity",
+            "chunked;x=1",
+        ] {
+            let raw = format!("POST / HTTP/1.1\r\nTransfer-Encoding: {other}\r\n\r\n");
+            assert_eq!(
+                parse_str(&raw).err(),
+                Some(Invalid::UnsupportedCoding),
+                "{other}"
+            );
+        }
+        for bad in ["", "chunked, chunked"] {
+            let raw = format!("POST / HTTP/1.1\r\nTransfer-Encoding: {bad}\r\n\r\n");
+            assert!(
+                matches!(parse_str(&raw), Err(Invalid::Malformed(_))),
+                "{bad:?}"
+            );
+        }
+        let raw =
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(matches!(parse_str(raw), Err(Invalid::Malformed(_))));
+        let raw = "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(matches!(parse_str(raw), Err(Invalid::Malformed(_))));
+    }
+
+    #[test]
+    fn keep_alive_and_expect() {
+        assert!(head("GET / HTTP/1.1\r\n\r\n").keep_alive);
+        assert!(!head("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(!head("GET / HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n").keep_alive);
+        assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+        assert!(
+            !head("GET / HTTP/1.0\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n")
+                .keep_alive
+        );
+        assert!(head("PUT / HTTP/1.1\r\nExpect: 100-Continue\r\n\r\n").expect_continue);
+        assert!(!head("PUT / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n").expect_continue);
+    }
+}
