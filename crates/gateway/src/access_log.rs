@@ -141,11 +141,15 @@ async fn write_lines(mut rx: mpsc::Receiver<Vec<u8>>, file: tokio::fs::File, pat
 #[derive(Debug, Clone)]
 pub(crate) struct AccessLogLayer {
     sink: Option<Arc<Sink>>,
+    in_flight: stats::InFlight,
 }
 
 impl AccessLogLayer {
     pub(crate) fn new(sink: Option<Arc<Sink>>) -> AccessLogLayer {
-        AccessLogLayer { sink }
+        AccessLogLayer {
+            sink,
+            in_flight: stats::InFlight::default(),
+        }
     }
 }
 
@@ -155,6 +159,7 @@ impl<S> Layer<S> for AccessLogLayer {
     fn layer(&self, inner: S) -> Self::Service {
         AccessLogService {
             sink: self.sink.clone(),
+            in_flight: self.in_flight.clone(),
             inner,
         }
     }
@@ -163,6 +168,7 @@ impl<S> Layer<S> for AccessLogLayer {
 #[derive(Debug, Clone)]
 pub(crate) struct AccessLogService<S> {
     sink: Option<Arc<Sink>>,
+    in_flight: stats::InFlight,
     inner: S,
 }
 
@@ -181,7 +187,7 @@ where
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         // Dropped with the future if the client leaves early: logs a 499.
-        let mut entry = Entry::begin(&req, self.sink.clone());
+        let mut entry = Entry::begin(&req, self.sink.clone(), self.in_flight.started());
         // Boxed here, outside the async block: rustc cannot prove a projected
         // future type `Send` inside one (rust-lang/rust#110338).
         let fut = self.inner.call(req).boxed();
@@ -203,6 +209,8 @@ where
 /// One request's record; written when dropped.
 struct Entry {
     sink: Option<Arc<Sink>>,
+    /// Decremented when the entry is dropped.
+    in_flight: metrics::Gauge,
     ts: SystemTime,
     start: Instant,
     request_id: Option<RequestId>,
@@ -229,10 +237,10 @@ struct Line<'a> {
 }
 
 impl Entry {
-    fn begin(req: &Request<Body>, sink: Option<Arc<Sink>>) -> Entry {
-        stats::request_started();
+    fn begin(req: &Request<Body>, sink: Option<Arc<Sink>>, in_flight: metrics::Gauge) -> Entry {
         Entry {
             sink,
+            in_flight,
             ts: SystemTime::now(),
             start: Instant::now(),
             request_id: req.extensions().get::<RequestId>().cloned(),
@@ -250,6 +258,7 @@ impl Entry {
 impl Drop for Entry {
     fn drop(&mut self) {
         let took = self.start.elapsed();
+        self.in_flight.decrement(1.0);
         let route = self.route.as_ref().map(|r| r.0.pattern.as_str());
         let service = self.route.as_ref().map(|r| r.0.service.as_str());
         match &self.route {

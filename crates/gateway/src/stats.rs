@@ -2,11 +2,11 @@
 //! the exporter). Labels are bounded: `route` is a route's pattern (or
 //! `unmatched`), never a raw path, so a scanner cannot blow up cardinality.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::StatusCode;
-use metrics::{Counter, Histogram};
+use metrics::{Counter, Gauge, Histogram};
 
 const REQUESTS_TOTAL: &str = "flotilla_gateway_requests_total";
 const REQUEST_DURATION: &str = "flotilla_gateway_request_duration_seconds";
@@ -68,13 +68,28 @@ pub(crate) fn describe() {
     );
 }
 
-pub(crate) fn request_started() {
-    metrics::gauge!(IN_FLIGHT).increment(1.0);
+/// The in-flight gauge, registered on the first request rather than looked
+/// up by name on every one.
+#[derive(Clone, Default)]
+pub(crate) struct InFlight(Arc<OnceLock<Gauge>>);
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InFlight")
+    }
+}
+
+impl InFlight {
+    /// Counts a request in; returns the gauge to count it out with.
+    pub(crate) fn started(&self) -> Gauge {
+        let gauge = self.0.get_or_init(|| metrics::gauge!(IN_FLIGHT)).clone();
+        gauge.increment(1.0);
+        gauge
+    }
 }
 
 /// A request no route matched is finished.
 pub(crate) fn unmatched_finished(status: StatusCode, took: Duration) {
-    metrics::gauge!(IN_FLIGHT).decrement(1.0);
     let class = status_class(status);
     metrics::counter!(REQUESTS_TOTAL, "route" => UNMATCHED, "service" => "", "status_class" => class)
         .increment(1);
@@ -113,7 +128,6 @@ impl RouteStats {
 
     /// A request on this route is finished.
     pub(crate) fn finished(&self, status: StatusCode, took: Duration) {
-        metrics::gauge!(IN_FLIGHT).decrement(1.0);
         let class = status_class(status);
         let index = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
         let (requests, duration) = self.classes[index].get_or_init(|| {
