@@ -43,7 +43,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 use crate::body::{self, Body, BoxError};
@@ -56,6 +56,10 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// Bodies up to this size are written in one go with the head.
 const COALESCE_BYTES: usize = 64 * 1024;
+/// How long a connection whose write failed is read for an answer the
+/// instance sent before closing it (it is closed: this is not a wait for
+/// the instance, only for the reactor to report the socket).
+const ANSWER_AFTER_FAILED_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Read buffer: initial capacity, and the least free space for a read.
 const READ_CHUNK: usize = 8 * 1024;
 
@@ -150,9 +154,12 @@ impl Outbound {
                 write: Vec::with_capacity(1024),
             },
         };
-        conn.write_request(parts, body).await?;
+        let sent = conn.write_request(parts, body).await?;
         let head_only = parts.method == Method::HEAD;
-        let (head, framing, reusable) = conn.read_head(head_only).await?;
+        let (head, framing, mut reusable) = conn.read_head(head_only).await?;
+        // Answered before the whole request was written: the rest of it
+        // would be read as the next request.
+        reusable &= matches!(sent, Sent::All);
         let mut body = UpstreamBody {
             conn: Some(conn),
             framing,
@@ -252,7 +259,7 @@ impl Conn {
         )
     }
 
-    async fn write_request(&mut self, parts: &Parts, body: OutBody) -> Result<(), SendError> {
+    async fn write_request(&mut self, parts: &Parts, body: OutBody) -> Result<Sent, SendError> {
         let out = &mut self.write;
         out.clear();
         out.extend_from_slice(parts.method.as_str().as_bytes());
@@ -275,7 +282,7 @@ impl Conn {
             OutBody::Stream(b) if b.is_end_stream() => OutBody::Full(Bytes::new()),
             other => other,
         };
-        match body {
+        let sent = match body {
             OutBody::Full(bytes) => {
                 if !bytes.is_empty() || expects_body(&parts.method) {
                     put_header(out, b"content-length", bytes.len().to_string().as_bytes());
@@ -283,10 +290,12 @@ impl Conn {
                 out.extend_from_slice(b"\r\n");
                 if bytes.len() <= COALESCE_BYTES {
                     out.extend_from_slice(&bytes);
-                    self.io.write_all(out).await.map_err(SendError::Lost)?;
+                    self.write_buffer().await?
                 } else {
-                    self.io.write_all(out).await.map_err(SendError::Lost)?;
-                    self.io.write_all(&bytes).await.map_err(SendError::Lost)?;
+                    match self.write_buffer().await? {
+                        Sent::All => self.write_watching(&bytes).await?,
+                        answered => answered,
+                    }
                 }
             }
             OutBody::Stream(body) => {
@@ -296,18 +305,91 @@ impl Conn {
                     None => put_header(out, b"transfer-encoding", b"chunked"),
                 }
                 out.extend_from_slice(b"\r\n");
-                self.write_body(body, length).await?;
+                self.write_body(body, length).await?
             }
+        };
+        if let Sent::All = sent {
+            self.io.flush().await.map_err(SendError::Lost)?;
         }
-        self.io.flush().await.map_err(SendError::Lost)
+        Ok(sent)
+    }
+
+    /// Writes out the write buffer (see [`Conn::write_watching`]).
+    async fn write_buffer(&mut self) -> Result<Sent, SendError> {
+        let out = std::mem::take(&mut self.write);
+        let sent = self.write_watching(&out).await;
+        self.write = out;
+        self.write.clear();
+        sent
+    }
+
+    /// Writes `buf` while watching for an early answer: an instance may
+    /// answer (a 413, a 401) without reading the rest of the request, and
+    /// then either stops reading, so the write would wait for ever, or
+    /// closes with the request unread, so the write fails with a reset. In
+    /// both cases its answer is the response, as hyper's client does it.
+    async fn write_watching(&mut self, buf: &[u8]) -> Result<Sent, SendError> {
+        let mut written = 0;
+        let io = &mut self.io;
+        let read = &mut self.read;
+        let sent = poll_fn(|cx| {
+            while written < buf.len() {
+                match Pin::new(&mut *io).poll_write(cx, &buf[written..]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero)));
+                    }
+                    Poll::Ready(Ok(n)) => written += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return poll_answer(io, read, cx).map_ok(|()| Sent::Answered),
+                }
+            }
+            Poll::Ready(Ok(Sent::All))
+        })
+        .await;
+        match sent {
+            Ok(sent) => Ok(sent),
+            Err(e) => self.answered_anyway(e).await,
+        }
+    }
+
+    /// After a failed write: the instance's answer, if it sent one before
+    /// it closed (a reset leaves what it sent before readable), else the
+    /// failure.
+    async fn answered_anyway(&mut self, error: io::Error) -> Result<Sent, SendError> {
+        let io = &mut self.io;
+        let read = &mut self.read;
+        let answer = poll_fn(|cx| poll_answer(io, read, cx));
+        match tokio::time::timeout(ANSWER_AFTER_FAILED_WRITE, answer).await {
+            Ok(Ok(())) => Ok(Sent::Answered),
+            _ => Err(SendError::Lost(error)),
+        }
     }
 
     /// Streams `body` after the head already in the write buffer: with
-    /// `length` as declared, else chunked.
-    async fn write_body(&mut self, mut body: Body, length: Option<u64>) -> Result<(), SendError> {
+    /// `length` as declared, else chunked. Stops early if the instance
+    /// answers meanwhile (also while the client's body is slow to come).
+    async fn write_body(&mut self, mut body: Body, length: Option<u64>) -> Result<Sent, SendError> {
         let mut sent: u64 = 0;
         loop {
-            let frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+            if let Sent::Answered = self.write_buffer().await? {
+                return Ok(Sent::Answered);
+            }
+            let next = {
+                let io = &mut self.io;
+                let read = &mut self.read;
+                poll_fn(|cx| {
+                    if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
+                        return Poll::Ready(Ok(Next::Frame(frame)));
+                    }
+                    poll_answer(io, read, cx).map_ok(|()| Next::Answered)
+                })
+                .await
+            };
+            let frame = match next {
+                Ok(Next::Frame(frame)) => frame,
+                Ok(Next::Answered) => return Ok(Sent::Answered),
+                Err(e) => return self.answered_anyway(e).await,
+            };
             let data = match frame {
                 None => break,
                 Some(Err(e)) => return Err(SendError::Body(e)),
@@ -334,11 +416,6 @@ impl Conn {
                     self.write.extend_from_slice(b"\r\n");
                 }
             }
-            self.io
-                .write_all(&self.write)
-                .await
-                .map_err(SendError::Lost)?;
-            self.write.clear();
         }
         match length {
             Some(n) if sent != n => {
@@ -349,14 +426,7 @@ impl Conn {
             Some(_) => {}
             None => self.write.extend_from_slice(chunked::LAST_CHUNK),
         }
-        if !self.write.is_empty() {
-            self.io
-                .write_all(&self.write)
-                .await
-                .map_err(SendError::Lost)?;
-            self.write.clear();
-        }
-        Ok(())
+        self.write_buffer().await
     }
 
     /// Reads up to the end of a final (non-1xx) response head; returns it
@@ -449,6 +519,68 @@ impl Conn {
             parts.version = version;
             parts.headers = headers;
             return Ok(Some((parts, framing, reusable)));
+        }
+    }
+}
+
+/// How much of a request was written.
+enum Sent {
+    All,
+    /// The instance answered before the whole request was written.
+    Answered,
+}
+
+enum Next {
+    Frame(Option<Result<Frame<Bytes>, BoxError>>),
+    Answered,
+}
+
+/// Reads what the instance sends while the request is still being written:
+/// ready once a final (non-1xx) response head is complete in `read`; an
+/// error if the instance closed the connection without one.
+fn poll_answer(io: &mut Stream, read: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    loop {
+        if has_final_head(read) {
+            return Poll::Ready(Ok(()));
+        }
+        if read.len() >= MAX_HEAD_BYTES {
+            // Too long to be a head; `read_head` will say so.
+            return Poll::Ready(Ok(()));
+        }
+        match ready!(poll_read_more(io, read, cx)) {
+            Ok(0) => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the instance closed the connection while the request was being sent",
+                )));
+            }
+            Ok(_) => {}
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// Whether `read` starts with a complete final response head (after any
+/// complete 1xx heads).
+fn has_final_head(read: &[u8]) -> bool {
+    let mut rest = read;
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut fields);
+        match res.parse(rest) {
+            Ok(httparse::Status::Complete(len)) => {
+                if res
+                    .code
+                    .is_some_and(|c| (100..200).contains(&c) && c != 101)
+                {
+                    rest = rest.get(len..).unwrap_or_default();
+                    continue;
+                }
+                return true;
+            }
+            // Not a head at all: let `read_head` report it.
+            Err(_) => return true,
+            Ok(httparse::Status::Partial) => return false,
         }
     }
 }
@@ -1044,5 +1176,92 @@ mod tests {
             text.contains("transfer-encoding: chunked\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"),
             "{text}"
         );
+    }
+
+    /// An instance that answers `413` as soon as it has a request head and
+    /// never reads the body; with `close`, it then closes the connection
+    /// (with the body unread: a reset).
+    async fn early_answerer(close: bool) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\n\r\nbig",
+                        )
+                        .await;
+                    if !close {
+                        // Holds the connection without reading.
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn post() -> Parts {
+        let mut parts = get("/upload");
+        parts.method = Method::POST;
+        parts
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_body_is_written_is_the_response() {
+        let big = Bytes::from(vec![b'x'; 8 * 1024 * 1024]);
+        for close in [false, true] {
+            let addr = early_answerer(close).await;
+            let client = outbound();
+            // Several times: with `close`, the reset races the answer.
+            let request = post();
+            for _ in 0..5 {
+                let sending = client.send("svc", addr, &request, OutBody::Full(big.clone()));
+                match tokio::time::timeout(TEST_DEADLINE, sending).await {
+                    Ok(Ok(res)) => {
+                        assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE, "close={close}");
+                        assert_eq!(body_of(res).await, b"big");
+                    }
+                    Ok(Err(e)) => panic!("close={close}: {e}"),
+                    Err(_) => panic!("close={close}: no answer"),
+                }
+            }
+            // Nothing of those requests' connections may be reused.
+            let idle = client.shared.idle.lock().map(|i| i.len()).unwrap_or(1);
+            assert_eq!(idle, 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_while_the_client_is_still_sending_is_the_response() {
+        let addr = early_answerer(false).await;
+        // A client body that never ends.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|frame| (frame, rx))
+        });
+        let _ = tx
+            .send(Ok(Frame::data(Bytes::from_static(b"partial"))))
+            .await;
+        let stream = body::boxed(http_body_util::StreamBody::new(frames));
+        let (client, request) = (outbound(), post());
+        let sending = client.send("svc", addr, &request, OutBody::Stream(stream));
+        match tokio::time::timeout(TEST_DEADLINE, sending).await {
+            Ok(Ok(res)) => assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE),
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => panic!("the early answer was not seen"),
+        }
+        drop(tx);
     }
 }
