@@ -10,6 +10,10 @@
 #   hyper-min      the smallest hyper 1.x reverse proxy (no layers, no
 #                  checks; crates/gateway/examples/bench_hyper_minimal): the
 #                  floor of what a hyper-based proxy costs
+#   raw-h1         the gateway's transport design with nothing else (one
+#                  task per connection owning its upstream connection,
+#                  httparse; crates/gateway/examples/bench_raw_h1): the
+#                  floor of the gateway's own design
 #   gw-mtls        gw-jwt-rl with its normal mutual-TLS upstream hop (as
 #                  under `flotilla up`), to a second upstream process that
 #                  serves mTLS only; not comparable to nginx's plaintext hop,
@@ -54,7 +58,7 @@ fi
 
 echo "building (release)..." >&2
 cargo build --release --quiet -p flotilla-gateway --example bench_upstream --example bench_gateway \
-  --example bench_hyper_minimal
+  --example bench_hyper_minimal --example bench_raw_h1
 BIN="target/release/examples"
 
 TMP="$(mktemp -d -t flotilla-bench.XXXXXX)"
@@ -92,6 +96,11 @@ MIN_PORT=$(free_port)
 "$BIN/bench_hyper_minimal" "127.0.0.1:$MIN_PORT" "127.0.0.1:$UP_PORT" 2 >"$TMP/hyper-min.log" 2>&1 &
 PIDS+=($!)
 PID_OF[hyper-min]=$!
+
+RAW_PORT=$(free_port)
+"$BIN/bench_raw_h1" "127.0.0.1:$RAW_PORT" "127.0.0.1:$UP_PORT" 2 >"$TMP/raw-h1.log" 2>&1 &
+PIDS+=($!)
+PID_OF[raw-h1]=$!
 
 # The mTLS hop's identities (a CA, the gateway's leaf, the upstream's).
 "$BIN/bench_gateway" --issue "$TMP/ids"
@@ -163,6 +172,7 @@ wait_port "$JWT_PORT"
 wait_port "$NGINX_PORT"
 wait_port "$MTLS_PORT"
 wait_port "$MIN_PORT"
+wait_port "$RAW_PORT"
 TOKEN=""
 for _ in $(seq 1 100); do
   TOKEN="$(sed -n 's/^token: //p' "$TMP/gw-jwt.log")"
@@ -241,8 +251,9 @@ declare -A URL=(
   [gw-jwt-rl]="http://127.0.0.1:$JWT_PORT/"
   [gw-mtls]="http://127.0.0.1:$MTLS_PORT/"
   [hyper-min]="http://127.0.0.1:$MIN_PORT/"
+  [raw-h1]="http://127.0.0.1:$RAW_PORT/"
 )
-TARGETS=(upstream nginx hyper-min gw-plain gw-jwt-rl gw-mtls)
+TARGETS=(upstream nginx hyper-min raw-h1 gw-plain gw-jwt-rl gw-mtls)
 declare -A MAX PACED CPU
 
 echo "max throughput: wrk -t1 -c$CONNS -d$DURATION" >&2
