@@ -11,7 +11,6 @@
 //! dropped and counted (`flotilla_gateway_access_log_dropped_total`) rather
 //! than slowing traffic or growing memory without bound.
 
-use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,20 +18,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
-use futures_util::future::{BoxFuture, FutureExt};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, StatusCode, Uri};
 use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tower::{Layer, Service};
 
 use crate::Error;
 use crate::body::{self, Body};
-use crate::proxy::UpstreamInstance;
+use crate::edge::Served;
+use crate::proxy::Upstream;
 use crate::request_id::RequestId;
-use crate::routing::MatchedRoute;
+use crate::routes::Route;
 use crate::stats;
 
 /// Lines queued for the writer. A line is ~300 bytes, so the queue holds at
@@ -137,87 +136,59 @@ async fn write_lines(mut rx: mpsc::Receiver<Vec<u8>>, file: tokio::fs::File, pat
     }
 }
 
-/// Records every request (log line and metrics).
-#[derive(Debug, Clone)]
-pub(crate) struct AccessLogLayer {
+/// Records every request (log line and metrics), one [`Entry`] each.
+#[derive(Debug)]
+pub(crate) struct AccessLog {
     sink: Option<Arc<Sink>>,
     in_flight: stats::InFlight,
 }
 
-impl AccessLogLayer {
-    pub(crate) fn new(sink: Option<Arc<Sink>>) -> AccessLogLayer {
-        AccessLogLayer {
+impl AccessLog {
+    pub(crate) fn new(sink: Option<Arc<Sink>>) -> AccessLog {
+        AccessLog {
             sink,
             in_flight: stats::InFlight::default(),
         }
     }
-}
 
-impl<S> Layer<S> for AccessLogLayer {
-    type Service = AccessLogService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        AccessLogService {
+    /// Starts the record of `req`, counted in flight until it is dropped.
+    /// Until [`Entry::responded`] it stands for a client that left: dropped
+    /// with the request's future, it logs a 499.
+    pub(crate) fn begin(&self, req: &Request<Body>, request_id: RequestId) -> Entry {
+        Entry {
             sink: self.sink.clone(),
-            in_flight: self.in_flight.clone(),
-            inner,
+            in_flight: self.in_flight.started(),
+            // Only the file's lines carry a wall-clock time.
+            ts: self.sink.as_ref().map(|_| SystemTime::now()),
+            start: Instant::now(),
+            request_id,
+            method: req.method().clone(),
+            // The query string is left out when logging: it often carries
+            // tokens. Cloning the URI shares its bytes: no copy unless a
+            // line is written.
+            uri: req.uri().clone(),
+            route: None,
+            upstream: None,
+            status: StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
+            bytes: 0,
         }
     }
 }
 
-#[derive(Debug, Clone)]
-pub(crate) struct AccessLogService<S> {
-    sink: Option<Arc<Sink>>,
-    in_flight: stats::InFlight,
-    inner: S,
-}
-
-impl<S> Service<Request<Body>> for AccessLogService<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        // Dropped with the future if the client leaves early: logs a 499.
-        let mut entry = Entry::begin(&req, self.sink.clone(), self.in_flight.started());
-        // Boxed here, outside the async block: rustc cannot prove a projected
-        // future type `Send` inside one (rust-lang/rust#110338).
-        let fut = self.inner.call(req).boxed();
-        Box::pin(async move {
-            let res = fut.await?;
-            let (parts, body) = res.into_parts();
-            entry.status = parts.status;
-            entry.route = parts.extensions.get::<MatchedRoute>().cloned();
-            entry.instance = parts
-                .extensions
-                .get::<UpstreamInstance>()
-                .map(|i| i.0.clone());
-            let body = body::boxed(Counted { inner: body, entry });
-            Ok(Response::from_parts(parts, body))
-        })
-    }
-}
-
 /// One request's record; written when dropped.
-struct Entry {
+pub(crate) struct Entry {
     sink: Option<Arc<Sink>>,
     /// Decremented when the entry is dropped.
     in_flight: metrics::Gauge,
-    ts: SystemTime,
+    ts: Option<SystemTime>,
     start: Instant,
-    request_id: Option<RequestId>,
+    request_id: RequestId,
     method: Method,
-    path: String,
-    route: Option<MatchedRoute>,
-    instance: Option<String>,
+    uri: Uri,
+    route: Option<Arc<Route>>,
+    /// Kept until the response body is done: it also counts the request
+    /// on its instance.
+    upstream: Option<Upstream>,
     status: StatusCode,
     bytes: u64,
 }
@@ -237,21 +208,16 @@ struct Line<'a> {
 }
 
 impl Entry {
-    fn begin(req: &Request<Body>, sink: Option<Arc<Sink>>, in_flight: metrics::Gauge) -> Entry {
-        Entry {
-            sink,
-            in_flight,
-            ts: SystemTime::now(),
-            start: Instant::now(),
-            request_id: req.extensions().get::<RequestId>().cloned(),
-            method: req.method().clone(),
-            // The query string is left out: it often carries tokens.
-            path: req.uri().path().to_string(),
-            route: None,
-            instance: None,
-            status: StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
-            bytes: 0,
-        }
+    pub(crate) fn request_id(&self) -> &RequestId {
+        &self.request_id
+    }
+
+    /// The response is ready: its status, the route it was matched to and
+    /// the instance that answered, if any.
+    pub(crate) fn responded(&mut self, status: StatusCode, served: Served) {
+        self.status = status;
+        self.route = served.route;
+        self.upstream = served.upstream;
     }
 }
 
@@ -259,41 +225,41 @@ impl Drop for Entry {
     fn drop(&mut self) {
         let took = self.start.elapsed();
         self.in_flight.decrement(1.0);
-        let route = self.route.as_ref().map(|r| r.0.pattern.as_str());
-        let service = self.route.as_ref().map(|r| r.0.service.as_str());
+        let route = self.route.as_ref().map(|r| r.pattern.as_str());
+        let service = self.route.as_ref().map(|r| r.service.as_str());
         match &self.route {
-            Some(r) => r.0.stats.finished(self.status, took),
+            Some(r) => r.stats.finished(self.status, took),
             None => stats::unmatched_finished(self.status, took),
         }
         // Microsecond resolution is plenty and keeps lines short.
         let duration_ms = (took.as_secs_f64() * 1_000_000.0).round() / 1000.0;
-        let request_id = self
-            .request_id
-            .as_ref()
-            .map(RequestId::as_str)
-            .unwrap_or("");
+        let request_id = self.request_id.as_str();
+        let instance = self.upstream.as_ref().map(Upstream::instance);
+        let path = self.uri.path();
         tracing::info!(
             target: "flotilla::access",
             request_id,
             method = %self.method,
-            path = %self.path,
+            path,
             route,
             service,
-            instance = self.instance.as_deref(),
+            instance,
             status = self.status.as_u16(),
             duration_ms,
             bytes = self.bytes,
             "request"
         );
-        let Some(sink) = &self.sink else { return };
+        let (Some(sink), Some(ts)) = (&self.sink, self.ts) else {
+            return;
+        };
         let line = Line {
-            ts: humantime::format_rfc3339_millis(self.ts).to_string(),
+            ts: humantime::format_rfc3339_millis(ts).to_string(),
             request_id,
             method: self.method.as_str(),
-            path: &self.path,
+            path,
             route,
             service,
-            instance: self.instance.as_deref(),
+            instance,
             status: self.status.as_u16(),
             duration_ms,
             bytes: self.bytes,
@@ -310,16 +276,25 @@ impl Drop for Entry {
     }
 }
 
+/// The response body as the client gets it: counts its bytes, and ends the
+/// request's record (and, before it, whatever `held` keeps: the in-flight
+/// count) when the body is finished or abandoned. The one wrapper a
+/// response body gets on its way out.
+pub(crate) fn logged<H: Send + 'static>(inner: Body, held: H, entry: Entry) -> Body {
+    Logged { inner, held, entry }.boxed_unsync()
+}
+
 pin_project_lite::pin_project! {
-    /// Counts the response bytes the client is sent; logs on drop.
-    struct Counted {
+    struct Logged<H> {
         #[pin]
         inner: Body,
+        // Fields drop in order: `held` before `entry`.
+        held: H,
         entry: Entry,
     }
 }
 
-impl http_body::Body for Counted {
+impl<H> http_body::Body for Logged<H> {
     type Data = bytes::Bytes;
     type Error = body::BoxError;
 
@@ -349,9 +324,7 @@ impl http_body::Body for Counted {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
     use std::time::Duration;
-    use tower::ServiceExt;
 
     fn read_lines(path: &Path) -> Vec<serde_json::Value> {
         std::fs::read_to_string(path)
@@ -361,39 +334,48 @@ mod tests {
             .collect()
     }
 
+    fn request(uri: &str) -> Request<Body> {
+        match Request::builder().uri(uri).body(body::empty()) {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    async fn open_log(dir: &tempfile::TempDir) -> (PathBuf, AccessLog, JoinHandle<()>) {
+        let path = dir.path().join("access.log");
+        let (sink, writer) = match open(&path).await {
+            Ok(v) => v,
+            Err(e) => panic!("{e}"),
+        };
+        (path, AccessLog::new(Some(sink)), writer)
+    }
+
+    async fn finished(writer: JoinHandle<()>) {
+        match tokio::time::timeout(Duration::from_secs(5), writer).await {
+            Ok(Ok(())) => {}
+            other => panic!("writer did not finish: {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn writes_one_json_line_per_request_after_the_body() {
         let dir = match tempfile::tempdir() {
             Ok(d) => d,
             Err(e) => panic!("{e}"),
         };
-        let path = dir.path().join("access.log");
-        let (sink, writer) = match open(&path).await {
-            Ok(v) => v,
-            Err(e) => panic!("{e}"),
-        };
-        let svc =
-            AccessLogLayer::new(Some(sink)).layer(tower::service_fn(|_req: Request<Body>| async {
-                Ok::<_, Infallible>(Response::new(body::full("hello")))
-            }));
-        let req = match Request::builder()
-            .uri("/a/b?token=secret")
-            .body(body::empty())
-        {
-            Ok(r) => r,
-            Err(e) => panic!("{e}"),
-        };
-        let res = match svc.oneshot(req).await {
-            Ok(r) => r,
-            Err(never) => match never {},
-        };
-        let collected = res.into_body().collect().await;
+        let (path, log, writer) = open_log(&dir).await;
+        let req = request("/a/b?token=secret");
+        let mut entry = log.begin(&req, RequestId::keep_or_generate(None));
+        entry.responded(StatusCode::OK, Served::default());
+        let held = Arc::new(());
+        let body = logged(body::full("hello"), Arc::clone(&held), entry);
+        assert_eq!(Arc::strong_count(&held), 2);
+        let collected = body.collect().await;
         assert!(collected.is_ok());
-        // The service (and with it the sink) is gone: the writer drains and ends.
-        match tokio::time::timeout(Duration::from_secs(5), writer).await {
-            Ok(Ok(())) => {}
-            other => panic!("writer did not finish: {other:?}"),
-        }
+        assert_eq!(Arc::strong_count(&held), 1, "held until the body is done");
+        // The log (and with it the sink) is gone: the writer drains and ends.
+        drop(log);
+        finished(writer).await;
         let lines = read_lines(&path);
         assert_eq!(lines.len(), 1, "{lines:?}");
         let line = &lines[0];
@@ -402,6 +384,7 @@ mod tests {
         assert_eq!(line["status"], 200);
         assert_eq!(line["bytes"], 5);
         assert_eq!(line["route"], serde_json::Value::Null);
+        assert!(line["request_id"].as_str().is_some_and(|id| id.len() == 36));
         assert!(line["ts"].as_str().is_some_and(|ts| ts.ends_with('Z')));
         assert!(line["duration_ms"].is_number());
     }
@@ -412,28 +395,16 @@ mod tests {
             Ok(d) => d,
             Err(e) => panic!("{e}"),
         };
-        let path = dir.path().join("access.log");
-        let (sink, writer) = match open(&path).await {
-            Ok(v) => v,
-            Err(e) => panic!("{e}"),
-        };
-        let mut svc =
-            AccessLogLayer::new(Some(sink)).layer(tower::service_fn(|_req: Request<Body>| {
-                std::future::pending::<Result<Response<Body>, Infallible>>()
-            }));
-        let req = match Request::builder().uri("/slow").body(body::empty()) {
-            Ok(r) => r,
-            Err(e) => panic!("{e}"),
-        };
-        let fut = svc.call(req);
-        drop(fut);
-        drop(svc);
-        match tokio::time::timeout(Duration::from_secs(5), writer).await {
-            Ok(Ok(())) => {}
-            other => panic!("writer did not finish: {other:?}"),
-        }
+        let (path, log, writer) = open_log(&dir).await;
+        let entry = log.begin(&request("/slow"), RequestId::keep_or_generate(None));
+        // The request's future, holding the entry, is dropped before any
+        // response.
+        drop(entry);
+        drop(log);
+        finished(writer).await;
         let lines = read_lines(&path);
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0]["status"], 499);
+        assert_eq!(lines[0]["path"], "/slow");
     }
 }

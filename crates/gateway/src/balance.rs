@@ -10,23 +10,33 @@ use rand::Rng;
 
 use crate::upstream::Endpoint;
 
-/// Picks one of `candidates`; `None` only when there are none.
-pub(crate) fn pick<'a, R: Rng + ?Sized>(
-    candidates: &[&'a Endpoint],
+/// Picks one of the `endpoints` that are a `candidate`, as its index;
+/// `None` only when there are none. The candidates are counted and found
+/// in place rather than collected: the pick runs on every request.
+pub(crate) fn pick<R: Rng + ?Sized>(
+    endpoints: &[Endpoint],
+    candidate: impl Fn(&Endpoint) -> bool,
     rng: &mut R,
-) -> Option<&'a Endpoint> {
-    match candidates.len() {
+) -> Option<usize> {
+    let nth = |n: usize| {
+        endpoints
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| candidate(e))
+            .nth(n)
+    };
+    match endpoints.iter().filter(|e| candidate(e)).count() {
         0 => None,
-        1 => Some(candidates[0]),
+        1 => nth(0).map(|(i, _)| i),
         n => {
             let a = rng.random_range(0..n);
             let mut b = rng.random_range(0..n - 1);
             if b >= a {
                 b += 1;
             }
-            let (a, b) = (candidates[a], candidates[b]);
+            let ((a, ea), (b, eb)) = (nth(a)?, nth(b)?);
             // Ties go to the first draw, which is itself random.
-            Some(if b.load.in_flight() < a.load.in_flight() {
+            Some(if eb.load.in_flight() < ea.load.in_flight() {
                 b
             } else {
                 a
@@ -51,23 +61,35 @@ mod tests {
         }
     }
 
-    fn counts(candidates: &[&Endpoint], rounds: usize) -> HashMap<String, usize> {
+    fn counts(
+        endpoints: &[Endpoint],
+        candidate: impl Fn(&Endpoint) -> bool,
+        rounds: usize,
+    ) -> HashMap<String, usize> {
         let mut rng = rand::rng();
         let mut counts = HashMap::new();
         for _ in 0..rounds {
-            let Some(e) = pick(candidates, &mut rng) else {
-                panic!("no pick from {} candidates", candidates.len());
+            let Some(e) = pick(endpoints, &candidate, &mut rng).and_then(|i| endpoints.get(i))
+            else {
+                panic!("no pick from {} endpoints", endpoints.len());
             };
             *counts.entry(e.instance.clone()).or_insert(0) += 1;
         }
         counts
     }
 
+    fn all(_: &Endpoint) -> bool {
+        true
+    }
+
     #[test]
     fn none_and_one() {
-        assert!(pick(&[], &mut rand::rng()).is_none());
-        let only = endpoint("a", 1);
-        assert_eq!(counts(&[&only], 10)["a"], 10);
+        assert!(pick(&[], all, &mut rand::rng()).is_none());
+        let es = [endpoint("a", 1), endpoint("b", 2)];
+        assert!(pick(&es, |_| false, &mut rand::rng()).is_none());
+        assert_eq!(counts(&es[..1], all, 10)["a"], 10);
+        let c = counts(&es, |e| e.instance == "b", 10);
+        assert_eq!(c.get("b"), Some(&10));
     }
 
     #[test]
@@ -76,7 +98,7 @@ mod tests {
         let idle = endpoint("idle", 2);
         let _guards: Vec<_> = (0..3).map(|_| busy.load.begin()).collect();
         let _one = idle.load.begin();
-        let c = counts(&[&busy, &idle], 200);
+        let c = counts(&[busy, idle], all, 200);
         assert_eq!(c.get("idle"), Some(&200));
         assert_eq!(c.get("busy"), None);
     }
@@ -85,12 +107,19 @@ mod tests {
     fn the_most_loaded_of_many_is_never_picked_and_equal_load_spreads() {
         let es: Vec<Endpoint> = (0..4).map(|i| endpoint(&format!("e{i}"), i)).collect();
         let _guards: Vec<_> = (0..5).map(|_| es[3].load.begin()).collect();
-        let refs: Vec<&Endpoint> = es.iter().collect();
-        let c = counts(&refs, 3000);
+        let c = counts(&es, all, 3000);
         assert_eq!(c.get("e3"), None, "the busiest instance loses every draw");
         for name in ["e0", "e1", "e2"] {
             // Each idle instance is expected about 1000 times.
             assert!(c[name] > 700, "{name} picked {} times: {c:?}", c[name]);
         }
+    }
+
+    #[test]
+    fn only_candidates_are_picked() {
+        let es: Vec<Endpoint> = (0..5).map(|i| endpoint(&format!("e{i}"), i)).collect();
+        let c = counts(&es, |e| e.instance == "e1" || e.instance == "e3", 400);
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert!(c["e1"] > 100 && c["e3"] > 100, "{c:?}");
     }
 }

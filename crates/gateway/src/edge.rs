@@ -18,35 +18,34 @@
 //! and, on a limited route, the `RateLimit` headers.
 //!
 //! The steps share the snapshot and the matched route, so they live in one
-//! service; each concern's logic is in its own module (`ip`, `cors`, `jwt`,
-//! `ratelimit`).
+//! async function, [`handle`], called by the front of the request path
+//! (`server`); each concern's logic is in its own module (`ip`, `cors`,
+//! `jwt`, `ratelimit`).
 
-use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::future::FutureExt;
 use http::header::{CONTENT_LENGTH, ORIGIN};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::Limited;
-use tower::{Layer, Service, ServiceExt};
+use tower::ServiceExt;
 
 use crate::body::{self, Body};
 use crate::cors::{self, CorsPolicy};
 use crate::ip;
 use crate::jwt::{self, Identity, RouteAuth, USER_HEADER_PREFIX};
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, Upstream};
 use crate::ratelimit::{Decision, Limiter, RateLimitKey};
 use crate::rejection::Rejection;
 use crate::request_id::RequestId;
 use crate::routes::{Match, Route, has_dot_segment};
-use crate::routing::{MatchedRoute, Routing, RoutingState};
+use crate::routing::Routing;
 use crate::server::ConnInfo;
 use crate::stats;
 
-/// The client address after trusted proxies; in request extensions.
+/// The client address after trusted proxies.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ClientAddr {
     pub ip: IpAddr,
@@ -55,53 +54,13 @@ pub(crate) struct ClientAddr {
     pub via_trusted_proxy: bool,
 }
 
-#[derive(Debug, Clone)]
-pub(crate) struct EdgeLayer {
-    state: Arc<RoutingState>,
-}
-
-impl EdgeLayer {
-    pub(crate) fn new(state: Arc<RoutingState>) -> EdgeLayer {
-        EdgeLayer { state }
-    }
-}
-
-// Concrete over the proxy (rather than generic over any inner service):
-// rustc cannot prove a generic inner future `Send` across the awaits here
-// (rust-lang/rust#110338).
-impl Layer<Proxy> for EdgeLayer {
-    type Service = EdgeService;
-
-    fn layer(&self, inner: Proxy) -> Self::Service {
-        EdgeService {
-            state: Arc::clone(&self.state),
-            inner,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct EdgeService {
-    state: Arc<RoutingState>,
-    inner: Proxy,
-}
-
-impl Service<Request<Body>> for EdgeService {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        // The clone is not driven to readiness; the ready one is used now.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        let routing = self.state.current();
-        async move { Ok(handle(routing, inner, req).await) }.boxed()
-    }
+/// How a request was served, for the access log: the route it matched and
+/// the instance that answered. The instance is kept until the response
+/// body is done, since it counts the request on that instance.
+#[derive(Default)]
+pub(crate) struct Served {
+    pub route: Option<Arc<Route>>,
+    pub upstream: Option<Upstream>,
 }
 
 /// Removes every `x-flotilla-user-*` header.
@@ -116,18 +75,20 @@ fn strip_user_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// What every response of this request gets on its way out.
-struct Finish {
-    request_id: Option<RequestId>,
+/// What every response of this request gets on its way out. Borrows what
+/// it can: the route's limiter and the request id outlive the request's
+/// handling, and a shared `Arc` cloned per request is a cache line that
+/// bounces between cores.
+struct Finish<'a> {
+    request_id: &'a RequestId,
     origin: Option<HeaderValue>,
     cors: Option<Arc<CorsPolicy>>,
-    matched: Option<MatchedRoute>,
-    limit: Option<(Arc<Limiter>, Decision)>,
+    limit: Option<(&'a Limiter, Decision)>,
 }
 
-impl Finish {
+impl Finish<'_> {
     fn reject(&self, rejection: Rejection) -> Response<Body> {
-        self.done(rejection.into_response(self.request_id.as_ref()))
+        self.done(rejection.into_response(Some(self.request_id)))
     }
 
     fn done(&self, mut res: Response<Body>) -> Response<Body> {
@@ -137,19 +98,28 @@ impl Finish {
         if let Some((limiter, decision)) = &self.limit {
             limiter.headers(decision, res.headers_mut());
         }
-        if let Some(m) = &self.matched {
-            res.extensions_mut().insert(m.clone());
-        }
         res
     }
 }
 
-async fn handle(routing: Arc<Routing>, inner: Proxy, mut req: Request<Body>) -> Response<Body> {
+/// Steps 1–9 for `req` (taken from `routing`, the configuration in force
+/// when it arrived), then the proxy. What `served` the request goes to the
+/// access log.
+pub(crate) async fn handle(
+    routing: Arc<Routing>,
+    proxy: &Proxy,
+    mut req: Request<Body>,
+    request_id: &RequestId,
+    served: &mut Served,
+) -> Response<Body> {
+    let Served {
+        route: matched,
+        upstream,
+    } = served;
     let mut finish = Finish {
-        request_id: req.extensions().get::<RequestId>().cloned(),
+        request_id,
         origin: req.headers().get(ORIGIN).cloned(),
         cors: routing.cors.clone(),
-        matched: None,
         limit: None,
     };
     strip_user_headers(req.headers_mut());
@@ -166,18 +136,19 @@ async fn handle(routing: Arc<Routing>, inner: Proxy, mut req: Request<Body>) -> 
             via_trusted_proxy: trusted.iter().any(|n| n.contains(&peer)),
         }
     });
-    if let Some(client) = client {
-        req.extensions_mut().insert(client);
-        if let Some(rules) = &routing.ip_rules
-            && !rules.admits(client.ip)
-        {
-            stats::ip_denied(stats::UNMATCHED);
-            return finish.reject(Rejection::IpDenied);
-        }
+    if let Some(client) = client
+        && let Some(rules) = &routing.ip_rules
+        && !rules.admits(client.ip)
+    {
+        stats::ip_denied(stats::UNMATCHED);
+        return finish.reject(Rejection::IpDenied);
     }
 
-    let path = req.uri().path().to_string();
-    if has_dot_segment(&path) {
+    // A clone shares the URI's bytes; the path is copied only into a
+    // rejection.
+    let uri = req.uri().clone();
+    let path = uri.path();
+    if has_dot_segment(path) {
         return finish.reject(Rejection::BadPath);
     }
 
@@ -190,7 +161,7 @@ async fn handle(routing: Arc<Routing>, inner: Proxy, mut req: Request<Body>) -> 
     } else {
         req.method().clone()
     };
-    let mut found = routing.table.find(&lookup_method, &path);
+    let mut found = routing.table.find(&lookup_method, path);
     if let Match::Route(route) = &found
         && let Some(own) = &route.policy.cors
     {
@@ -202,7 +173,7 @@ async fn handle(routing: Arc<Routing>, inner: Proxy, mut req: Request<Body>) -> 
         return match cors.preflight(&req) {
             Ok(res) => res,
             Err(()) => {
-                let mut res = Rejection::CorsDenied.into_response(finish.request_id.as_ref());
+                let mut res = Rejection::CorsDenied.into_response(Some(request_id));
                 res.headers_mut()
                     .insert(http::header::VARY, HeaderValue::from_static("Origin"));
                 res
@@ -211,22 +182,22 @@ async fn handle(routing: Arc<Routing>, inner: Proxy, mut req: Request<Body>) -> 
     }
     if preflight {
         // No CORS policy here: an ordinary OPTIONS request.
-        found = routing.table.find(req.method(), &path);
+        found = routing.table.find(req.method(), path);
     }
 
-    let route = match found {
-        Match::Route(route) => route,
+    let route: &Route = match found {
+        Match::Route(route) => matched.insert(route),
         Match::MethodNotAllowed(allow) => {
             return finish.reject(Rejection::MethodNotAllowed {
                 method: req.method().clone(),
-                path,
+                path: path.to_string(),
                 allow,
             });
         }
         Match::NotFound => {
             let not_found = Rejection::NotFound {
                 method: req.method().clone(),
-                path,
+                path: path.to_string(),
             };
             let is_read = req.method() == Method::GET || req.method() == Method::HEAD;
             return match routing.static_files.clone() {
@@ -245,29 +216,25 @@ async fn handle(routing: Arc<Routing>, inner: Proxy, mut req: Request<Body>) -> 
             };
         }
     };
-    finish.matched = Some(MatchedRoute(Arc::clone(&route)));
-    match police(&routing, &route, client, &mut req, &mut finish).await {
-        Err(rejection) => finish.reject(rejection),
-        Ok(()) => {
-            req.extensions_mut()
-                .insert(MatchedRoute(Arc::clone(&route)));
-            let mut inner = inner;
-            let res = match inner.call(req).await {
-                Ok(res) => res,
-                Err(never) => match never {},
-            };
+    if let Err(rejection) = police(&routing, route, client, &mut req, &mut finish).await {
+        return finish.reject(rejection);
+    }
+    match proxy.forward(req, route, client).await {
+        Ok((res, answered)) => {
+            *upstream = Some(answered);
             finish.done(res)
         }
+        Err(rejection) => finish.reject(rejection),
     }
 }
 
 /// Steps 6–9 for a matched route; on success `req` is ready to forward.
-async fn police(
+async fn police<'a>(
     routing: &Routing,
-    route: &Route,
+    route: &'a Route,
     client: Option<ClientAddr>,
     req: &mut Request<Body>,
-    finish: &mut Finish,
+    finish: &mut Finish<'a>,
 ) -> Result<(), Rejection> {
     let label = route.pattern.as_str();
     let policy = &route.policy;
@@ -309,7 +276,7 @@ async fn police(
             req.headers(),
         );
         let decision = limiter.check(&key).await;
-        finish.limit = Some((Arc::clone(limiter), decision));
+        finish.limit = Some((limiter, decision));
         if !decision.allowed {
             stats::rate_limited(label);
             return Err(Rejection::RateLimited);

@@ -6,6 +6,7 @@
 //! smuggling) or strip headers a later hop relies on. `X-Forwarded-*` tell
 //! the service who really called, since it only sees the gateway.
 
+use std::cell::RefCell;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -17,32 +18,41 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// Removes hop-by-hop headers: the fixed set, every `Proxy-*`, and any
 /// header the `Connection` header names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
-    let proxy: Vec<HeaderName> = headers
+    strip(headers, |_| false);
+}
+
+/// Whether `name` is hop-by-hop whatever `Connection` says.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str().starts_with("proxy-")
+}
+
+/// Removes the hop-by-hop headers and those `also` picks. One pass over
+/// the names, and a removal (a hash lookup) only for a header that is
+/// there: this runs twice per proxied request, and usually finds nothing.
+fn strip(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
+    let mut doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with("proxy-"))
+        .filter(|name| is_hop_by_hop(name) || also(name))
         .cloned()
         .collect();
-    for name in proxy {
+    if doomed.is_empty() {
+        return;
+    }
+    doomed.extend(
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok()),
+    );
+    for name in doomed {
         headers.remove(name);
     }
 }
@@ -62,28 +72,30 @@ pub(crate) fn prepare_request(
     proto: &'static str,
     authority: Option<&str>,
 ) {
-    strip_hop_by_hop(headers);
     // The gateway streams the body itself; the upstream's `100 Continue`
     // would have nowhere to go.
-    headers.remove(header::EXPECT);
-    if !trust_chain {
-        headers.remove(&X_FORWARDED_FOR);
-        headers.remove(header::FORWARDED);
-    }
+    strip(headers, |name| {
+        name == header::EXPECT
+            || (!trust_chain && (name == X_FORWARDED_FOR || name == header::FORWARDED))
+    });
 
     if let Some(client) = client {
-        let client = client.to_string();
-        // Several `X-Forwarded-For` lines are one list (RFC 9110 §5.3).
-        let mut hops: Vec<&str> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .collect();
-        hops.push(&client);
-        let forwarded_for = hops.join(", ");
-        if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        let forwarded_for = if headers.contains_key(&X_FORWARDED_FOR) {
+            // Several `X-Forwarded-For` lines are one list (RFC 9110 §5.3).
+            let client = client.to_string();
+            let mut hops: Vec<&str> = headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .collect();
+            hops.push(&client);
+            HeaderValue::from_str(&hops.join(", ")).ok()
+        } else {
+            Some(address_value(client))
+        };
+        if let Some(v) = forwarded_for {
             headers.insert(X_FORWARDED_FOR.clone(), v);
         }
     }
@@ -102,6 +114,26 @@ pub(crate) fn prepare_request(
             headers.remove(&X_FORWARDED_HOST);
         }
     }
+}
+
+/// `ip` as a header value. The last one made on this thread is kept: a
+/// connection's requests (and often its connections: a load balancer, a
+/// busy client) come from one address, and a clone of the value shares its
+/// bytes where formatting it would allocate again.
+fn address_value(ip: IpAddr) -> HeaderValue {
+    thread_local! {
+        static LAST: RefCell<Option<(IpAddr, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((cached, value)) if *cached == ip => value.clone(),
+        _ => {
+            // An address's text is always a valid header value.
+            let value = HeaderValue::from_str(&ip.to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+            *last = Some((ip, value.clone()));
+            value
+        }
+    })
 }
 
 #[cfg(test)]
@@ -174,6 +206,29 @@ mod tests {
         );
         assert_eq!(h["x-forwarded-for"], "203.0.113.9");
         assert!(h.get("forwarded").is_none());
+    }
+
+    #[test]
+    fn each_request_gets_its_own_peer_in_x_forwarded_for() {
+        for ip in [[10, 0, 0, 1], [10, 0, 0, 2], [10, 0, 0, 2], [10, 0, 0, 1]] {
+            let mut h = map(&[("connection", "close")]);
+            prepare_request(&mut h, Some(IpAddr::from(ip)), false, "https", None);
+            assert_eq!(h["x-forwarded-for"], IpAddr::from(ip).to_string());
+            assert_eq!(h["x-forwarded-proto"], "https");
+            assert!(h.get("connection").is_none());
+        }
+        let mut h = HeaderMap::new();
+        let v6 = IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1]);
+        prepare_request(&mut h, Some(v6), false, "http", None);
+        assert_eq!(h["x-forwarded-for"], "2001:db8::1");
+    }
+
+    #[test]
+    fn headers_named_by_connection_go_only_with_it() {
+        // Without a `Connection` header, nothing it could name is removed.
+        let mut h = map(&[("x-secret", "1"), ("host", "a")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
     }
 
     #[test]

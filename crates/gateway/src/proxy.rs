@@ -1,5 +1,5 @@
-//! The innermost service: forwards a routed request to an instance of its
-//! service and relays the response.
+//! The innermost step of the request path: forwards a routed request to an
+//! instance of its service and relays the response.
 //!
 //! Per request: pick an instance by power of two choices (activating the
 //! service and holding the request when none is ready, which is how a
@@ -19,38 +19,45 @@
 //! Every attempt's outcome feeds passive outlier detection; ejected
 //! instances are skipped when picking.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use rand::Rng;
 use tokio::time::Instant;
-use tower::Service;
 
 use crate::balance;
-use crate::body::{self, Body, Holding};
+use crate::body::{self, Body};
 use crate::config::Limits;
 use crate::edge::ClientAddr;
 use crate::headers;
 use crate::outbound::{OutBody, Outbound, SendError};
 use crate::rejection::Rejection;
-use crate::request_id::RequestId;
 use crate::resilience::{Resilience, ServiceHealth, Settings};
 use crate::routes::Route;
-use crate::routing::MatchedRoute;
 use crate::server::ConnInfo;
 use crate::stats;
 use crate::upstream::{ActivateError, Endpoint, LoadGuard, Upstreams};
 
-/// The instance that answered; in response extensions for the access log.
-#[derive(Debug, Clone)]
-pub(crate) struct UpstreamInstance(pub String);
+/// The instance that answered a request. Kept (by the access log) until
+/// the response body is done, counting the request on that instance until
+/// then.
+pub(crate) struct Upstream {
+    ready: Arc<[Endpoint]>,
+    index: usize,
+    _load: LoadGuard,
+}
+
+impl Upstream {
+    pub(crate) fn instance(&self) -> &str {
+        self.ready
+            .get(self.index)
+            .map_or("", |e| e.instance.as_str())
+    }
+}
 
 /// Backoff before retry `n` (from 1): "full jitter" up to 10 ms × 2^(n-1),
 /// at most 200 ms — short, since the retry goes to another instance, and
@@ -60,48 +67,17 @@ fn backoff(retry: u32) -> Duration {
     Duration::from_millis(rand::rng().random_range(1..=cap))
 }
 
+/// Headers the gateway may add to a proxied response.
+const RESPONSE_HEADROOM: usize = 8;
+
 static IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
 
-#[derive(Clone)]
 pub(crate) struct Proxy {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
     upstreams: Arc<dyn Upstreams>,
     client: Outbound,
     max_retries: u32,
     retry_body_limit: usize,
     resilience: Resilience,
-}
-
-impl Proxy {
-    pub(crate) fn new(upstreams: Arc<dyn Upstreams>, client: Outbound, limits: &Limits) -> Proxy {
-        Proxy {
-            inner: Arc::new(Inner {
-                upstreams,
-                client,
-                max_retries: limits.max_retries,
-                retry_body_limit: limits.retry_body_limit,
-                resilience: Resilience::new(Settings::from_limits(limits)),
-            }),
-        }
-    }
-}
-
-impl Service<Request<Body>> for Proxy {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let inner = Arc::clone(&self.inner);
-        Box::pin(async move { Ok(inner.handle(req).await) })
-    }
 }
 
 /// The request body as it will be sent.
@@ -122,28 +98,26 @@ enum Failure {
     Other,
 }
 
-impl Inner {
-    async fn handle(&self, req: Request<Body>) -> Response<Body> {
-        let request_id = req.extensions().get::<RequestId>().cloned();
-        let Some(MatchedRoute(route)) = req.extensions().get::<MatchedRoute>().cloned() else {
-            // Only reachable if the stack is assembled without routing.
-            let rejection = Rejection::NotFound {
-                method: req.method().clone(),
-                path: req.uri().path().to_string(),
-            };
-            return rejection.into_response(request_id.as_ref());
-        };
-        match self.forward(req, &route).await {
-            Ok(res) => res,
-            Err(rejection) => rejection.into_response(request_id.as_ref()),
+impl Proxy {
+    pub(crate) fn new(upstreams: Arc<dyn Upstreams>, client: Outbound, limits: &Limits) -> Proxy {
+        Proxy {
+            upstreams,
+            client,
+            max_retries: limits.max_retries,
+            retry_body_limit: limits.retry_body_limit,
+            resilience: Resilience::new(Settings::from_limits(limits)),
         }
     }
 
-    async fn forward(
+    /// Forwards `req`, matched to `route`, and relays the response, with
+    /// the instance that answered it. `client` is who sent it, as the edge
+    /// found (for `X-Forwarded-For`).
+    pub(crate) async fn forward(
         &self,
         req: Request<Body>,
         route: &Route,
-    ) -> Result<Response<Body>, Rejection> {
+        client: Option<ClientAddr>,
+    ) -> Result<(Response<Body>, Upstream), Rejection> {
         let deadline = Instant::now() + route.timeout;
         let timed_out = || Rejection::UpstreamTimeout {
             service: route.service.clone(),
@@ -151,23 +125,23 @@ impl Inner {
         };
         let (mut parts, body) = req.into_parts();
         let conn = parts.extensions.get::<ConnInfo>().copied();
-        let trusted = parts
-            .extensions
-            .get::<ClientAddr>()
-            .is_some_and(|c| c.via_trusted_proxy);
-        let authority = parts.uri.authority().map(|a| a.to_string());
+        let trusted = client.is_some_and(|c| c.via_trusted_proxy);
         headers::prepare_request(
             &mut parts.headers,
             conn.map(|c| c.peer.ip()),
             trusted,
             conn.map_or("http", |c| c.scheme),
-            authority.as_deref(),
+            parts.uri.authority().map(|a| a.as_str()),
         );
         let retryable = is_idempotent(&parts.method)
             || (parts.method == Method::POST && parts.headers.contains_key(&IDEMPOTENCY_KEY));
-        let mut outgoing = tokio::time::timeout_at(deadline, self.outgoing(retryable, body))
-            .await
-            .map_err(|_| timed_out())??;
+        let mut outgoing = match self.outgoing(retryable, body) {
+            Ok(outgoing) => outgoing,
+            // Only a body to buffer needs the deadline (and a timer) here.
+            Err(body) => tokio::time::timeout_at(deadline, collect(body))
+                .await
+                .map_err(|_| timed_out())??,
+        };
         let can_retry = matches!(outgoing, Outgoing::Replayable(_));
         let health = self.resilience.service(&route.service);
         health.request();
@@ -175,7 +149,14 @@ impl Inner {
         let mut tried: Vec<String> = Vec::new();
         let mut retries = 0;
         loop {
-            let (endpoint, ready) = self.pick(route, &tried, deadline, &health).await?;
+            let (ready, index) = self.pick(route, &tried, deadline, &health).await?;
+            let Some(endpoint) = ready.get(index) else {
+                // Unreachable: `pick` returns an index into `ready`.
+                return Err(Rejection::NoReadyInstance {
+                    service: route.service.clone(),
+                    source: None,
+                });
+            };
             let guard = endpoint.load.begin();
             let body = match &mut outgoing {
                 Outgoing::Replayable(bytes) => OutBody::Full(bytes.clone()),
@@ -204,10 +185,10 @@ impl Inner {
                     let reason = match status {
                         StatusCode::BAD_GATEWAY => "status_502",
                         StatusCode::SERVICE_UNAVAILABLE => "status_503",
-                        _ => return Ok(relay(res, guard, &endpoint)),
+                        _ => return Ok(relay(res, ready, index, guard)),
                     };
                     if !may_retry(retries) || !health.try_retry() {
-                        return Ok(relay(res, guard, &endpoint));
+                        return Ok(relay(res, ready, index, guard));
                     }
                     drop(res);
                     drop(guard);
@@ -221,7 +202,7 @@ impl Inner {
                         retry = retries,
                         "upstream answered {status}; retrying on another instance"
                     );
-                    tried.push(endpoint.instance);
+                    tried.push(endpoint.instance.clone());
                     tokio::time::sleep_until(deadline.min(Instant::now() + backoff(retries))).await;
                     continue;
                 }
@@ -250,7 +231,7 @@ impl Inner {
                     retry = retries,
                     "upstream connection failed; retrying on another instance"
                 );
-                tried.push(endpoint.instance);
+                tried.push(endpoint.instance.clone());
                 tokio::time::sleep_until(deadline.min(Instant::now() + backoff(retries))).await;
                 continue;
             }
@@ -265,8 +246,9 @@ impl Inner {
         }
     }
 
-    /// Buffers the body when that makes the request retryable.
-    async fn outgoing(&self, retryable: bool, body: Body) -> Result<Outgoing, Rejection> {
+    /// The body as it will be sent, unless it must be buffered first (to
+    /// make the request retryable): then `Err` with the body to collect.
+    fn outgoing(&self, retryable: bool, body: Body) -> Result<Outgoing, Body> {
         if !retryable || self.max_retries == 0 {
             return Ok(Outgoing::Streaming(Some(body)));
         }
@@ -276,32 +258,22 @@ impl Inner {
         // Only a body whose length is known to be small is buffered; a
         // chunked or large one streams and is not retried.
         match body.size_hint().upper() {
-            Some(len) if len <= self.retry_body_limit as u64 => {
-                let collected =
-                    body.collect().await.map_err(|source| match source
-                        .downcast_ref::<http_body_util::LengthLimitError>(
-                    ) {
-                        Some(_) => Rejection::PayloadTooLarge {
-                            limit: len as usize,
-                        },
-                        None => Rejection::BadRequestBody { source },
-                    })?;
-                Ok(Outgoing::Replayable(collected.to_bytes()))
-            }
+            Some(len) if len <= self.retry_body_limit as u64 => Err(body),
             _ => Ok(Outgoing::Streaming(Some(body))),
         }
     }
 
-    /// A ready instance, preferring ones not `tried` yet and not ejected;
-    /// activates the service (holding the request) when none is ready.
-    /// Also returns the ready instances, for outlier detection.
+    /// A ready instance (as `ready` and its index there), preferring ones
+    /// not `tried` yet and not ejected; activates the service (holding the
+    /// request) when none is ready. `ready` is also what outlier detection
+    /// needs.
     async fn pick(
         &self,
         route: &Route,
         tried: &[String],
         deadline: Instant,
         health: &ServiceHealth,
-    ) -> Result<(Endpoint, Arc<[Endpoint]>), Rejection> {
+    ) -> Result<(Arc<[Endpoint]>, usize), Rejection> {
         let service = route.service.as_str();
         let no_ready = |source: ActivateError| Rejection::NoReadyInstance {
             service: service.to_string(),
@@ -324,31 +296,43 @@ impl Inner {
             }
             ready = self.upstreams.ready(service);
         }
-        let healthy: Vec<&Endpoint> = ready
-            .iter()
-            .filter(|e| !health.is_ejected(&e.instance))
-            .collect();
+        // Candidates by predicate rather than collected into lists: this
+        // runs on every request, and nearly always every instance is a
+        // candidate.
+        let healthy = |e: &Endpoint| !health.is_ejected(&e.instance);
+        let fresh = |e: &Endpoint| !tried.contains(&e.instance);
         // Outlier detection never ejects every instance, but the runtime's
         // list may have shrunk to ejected ones: better them than nothing.
-        let pool: Vec<&Endpoint> = if healthy.is_empty() {
-            ready.iter().collect()
-        } else {
-            healthy
-        };
-        let fresh: Vec<&Endpoint> = pool
-            .iter()
-            .filter(|e| !tried.contains(&e.instance))
-            .copied()
-            .collect();
+        let any_healthy = ready.iter().any(healthy);
+        let in_pool = |e: &Endpoint| !any_healthy || healthy(e);
         // With every instance tried, try again where we must.
-        let candidates: Vec<&Endpoint> = if fresh.is_empty() { pool } else { fresh };
-        let picked = balance::pick(&candidates, &mut rand::rng()).cloned();
-        picked.map(|e| (e, Arc::clone(&ready))).ok_or_else(|| {
-            no_ready(ActivateError::Unavailable {
+        let any_fresh = tried.is_empty() || ready.iter().any(|e| in_pool(e) && fresh(e));
+        let picked = balance::pick(
+            &ready,
+            |e| in_pool(e) && (!any_fresh || fresh(e)),
+            &mut rand::rng(),
+        );
+        match picked {
+            Some(index) => Ok((ready, index)),
+            None => Err(no_ready(ActivateError::Unavailable {
                 service: service.to_string(),
                 reason: "activation finished but no instance is ready".to_string(),
+            })),
+        }
+    }
+}
+
+/// Buffers a small request body, so that it can be sent again.
+async fn collect(body: Body) -> Result<Outgoing, Rejection> {
+    let limit = body.size_hint().upper().unwrap_or(0);
+    match body.collect().await {
+        Ok(collected) => Ok(Outgoing::Replayable(collected.to_bytes())),
+        Err(source) if source.is::<http_body_util::LengthLimitError>() => {
+            Err(Rejection::PayloadTooLarge {
+                limit: usize::try_from(limit).unwrap_or(usize::MAX),
             })
-        })
+        }
+        Err(source) => Err(Rejection::BadRequestBody { source }),
     }
 }
 
@@ -365,18 +349,29 @@ fn is_idempotent(method: &Method) -> bool {
     .contains(method)
 }
 
-/// The upstream response for the client; the instance stays loaded until
-/// the body is done.
-fn relay(res: Response<Body>, guard: LoadGuard, endpoint: &Endpoint) -> Response<Body> {
-    let (mut parts, incoming) = res.into_parts();
+/// The upstream response for the client, and the instance it came from
+/// (loaded until the caller drops it, with the response body).
+fn relay(
+    res: Response<Body>,
+    ready: Arc<[Endpoint]>,
+    index: usize,
+    load: LoadGuard,
+) -> (Response<Body>, Upstream) {
+    let (mut parts, body) = res.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
+    // Room for what the way out adds (request id, `server`, rate-limit and
+    // CORS headers) in one allocation rather than a regrowth per insert.
+    // (It fails only near the map's size limit, far above any head.)
+    let _ = parts.headers.try_reserve(RESPONSE_HEADROOM);
     // The client's connection has its own protocol version; an HTTP/1.0
     // upstream (Python's http.server) must not downgrade it.
     parts.version = Version::default();
-    parts
-        .extensions
-        .insert(UpstreamInstance(endpoint.instance.clone()));
-    Response::from_parts(parts, body::boxed(Holding::new(incoming, guard)))
+    let upstream = Upstream {
+        ready,
+        index,
+        _load: load,
+    };
+    (Response::from_parts(parts, body), upstream)
 }
 
 /// The route's body limit, when `error` is the request body exceeding it

@@ -7,40 +7,42 @@
 //! systems; anything else is replaced, because the id is copied into logs
 //! and headers and must not carry arbitrary bytes.
 
-use std::convert::Infallible;
-use std::task::{Context, Poll};
-
-use futures_util::future::{BoxFuture, FutureExt};
-use http::{HeaderName, HeaderValue, Request, Response};
-use tower::{Layer, Service};
-
-use crate::body::Body;
+use http::{HeaderName, HeaderValue};
 
 pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 const MAX_LEN: usize = 128;
 
-/// The id of the current request, in request extensions.
+/// The id of the current request. Set on the request by the front of the
+/// request path (`server`), which also echoes it on the response.
 #[derive(Debug, Clone)]
 pub(crate) struct RequestId(HeaderValue);
 
 impl RequestId {
     fn generate() -> RequestId {
         // A v4 UUID from the thread-local CSPRNG: `Uuid::new_v4` would ask
-        // the OS for randomness (a syscall) on every request.
+        // the OS for randomness (a syscall) on every request. Formatted on
+        // the stack: the header value is then the only allocation.
+        let mut buf = uuid::Uuid::encode_buffer();
         let id = uuid::Builder::from_random_bytes(rand::random())
             .into_uuid()
-            .to_string();
+            .hyphenated()
+            .encode_lower(&mut buf);
         // A hyphenated UUID is always a valid header value.
-        RequestId(HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-")))
+        RequestId(HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("-")))
     }
 
     /// Keeps `value` if it is a well-formed id, else makes a new one.
-    fn keep_or_generate(value: Option<&HeaderValue>) -> RequestId {
+    pub(crate) fn keep_or_generate(value: Option<&HeaderValue>) -> RequestId {
         match value {
             Some(v) if is_valid(v.as_bytes()) => RequestId(v.clone()),
             _ => RequestId::generate(),
         }
+    }
+
+    /// The id as a header value.
+    pub(crate) fn header(&self) -> &HeaderValue {
+        &self.0
     }
 
     pub(crate) fn as_str(&self) -> &str {
@@ -55,49 +57,6 @@ pub(crate) fn is_valid(id: &[u8]) -> bool {
         && id
             .iter()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
-}
-
-/// Sets the request id on the request (header and extension) and the response.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct RequestIdLayer;
-
-impl<S> Layer<S> for RequestIdLayer {
-    type Service = RequestIdService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RequestIdService { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct RequestIdService<S> {
-    inner: S,
-}
-
-impl<S> Service<Request<Body>> for RequestIdService<S>
-where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let id = RequestId::keep_or_generate(req.headers().get(&X_REQUEST_ID));
-        req.headers_mut().insert(X_REQUEST_ID.clone(), id.0.clone());
-        req.extensions_mut().insert(id.clone());
-        let fut = self.inner.call(req).boxed();
-        Box::pin(async move {
-            let mut res = fut.await?;
-            res.headers_mut().insert(X_REQUEST_ID.clone(), id.0);
-            Ok(res)
-        })
-    }
 }
 
 #[cfg(test)]

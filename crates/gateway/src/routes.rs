@@ -133,10 +133,29 @@ impl RouteTable {
 /// written, and an upstream that normalises them could otherwise be reached
 /// outside the routes declared for it (`/api/public/../admin`).
 pub(crate) fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|segment| {
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        decoded == "." || decoded == ".."
-    })
+    path.split('/')
+        .any(|segment| is_dot_segment(segment.as_bytes()))
+}
+
+/// `.` or `..`, each dot written as itself or as `%2e` (any case). Checked
+/// in place: this runs on every request, and lower-casing and decoding a
+/// copy of each segment cost two allocations per segment.
+fn is_dot_segment(segment: &[u8]) -> bool {
+    let mut rest = segment;
+    let mut dots = 0;
+    while !rest.is_empty() {
+        rest = if let Some(after) = rest.strip_prefix(b".") {
+            after
+        } else if let [b'%', b'2', e, after @ ..] = rest
+            && e.eq_ignore_ascii_case(&b'e')
+        {
+            after
+        } else {
+            return false;
+        };
+        dots += 1;
+    }
+    dots == 1 || dots == 2
 }
 
 #[cfg(test)]
@@ -250,5 +269,13 @@ mod tests {
         assert!(!has_dot_segment("/a/..b/c"));
         assert!(!has_dot_segment("/a/.well-known"));
         assert!(!has_dot_segment("/"));
+        assert!(has_dot_segment("/a/%2E"));
+        assert!(has_dot_segment("/a/%2e."));
+        assert!(!has_dot_segment("/a/..."));
+        assert!(!has_dot_segment("/a/%2e%2e%2e"));
+        assert!(!has_dot_segment("/a/%2"));
+        assert!(!has_dot_segment("/a/%2f"));
+        assert!(!has_dot_segment("/a/%%2e2e"));
+        assert!(!has_dot_segment(""));
     }
 }

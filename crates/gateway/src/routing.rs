@@ -23,12 +23,8 @@ use crate::cors::CorsPolicy;
 use crate::ip::{IpConfig, IpRules};
 use crate::jwt::Verifier;
 use crate::ratelimit::{self, Limiter, RateLimitBackend};
-use crate::routes::{Route, RoutePolicy, RouteTable};
+use crate::routes::{RoutePolicy, RouteTable};
 use crate::upstream::Upstreams;
-
-/// The route a request was matched to; in request and response extensions.
-#[derive(Debug, Clone)]
-pub(crate) struct MatchedRoute(pub Arc<Route>);
 
 /// One configuration, compiled.
 #[derive(Debug)]

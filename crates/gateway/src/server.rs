@@ -1,6 +1,6 @@
-//! Listening and serving: binds the listener, assembles the tower stack,
-//! runs the accept loop and serves each connection, and shuts down
-//! gracefully.
+//! Listening and serving: binds the listener, assembles the request path
+//! (one service: [`Front`], then the edge and the proxy), runs the accept
+//! loop and serves each connection, and shuts down gracefully.
 //!
 //! The accept loop only accepts; everything per connection (today only
 //! `TCP_NODELAY`, later the TLS handshake) happens on the connection's own
@@ -37,19 +37,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tower::util::BoxCloneService;
-use tower::{Layer, ServiceBuilder};
 
-use crate::access_log::{AccessLogLayer, Sink};
+use crate::access_log::{self, AccessLog, Sink};
 use crate::body::{self, Body, Holding};
 use crate::client::UpstreamClient;
 use crate::config::Limits;
 use crate::conn::{self, H2_PREFACE, Verdict, Watch};
-use crate::edge::EdgeLayer;
+use crate::edge::{self, Served};
 use crate::h1;
-use crate::health::HealthLayer;
+use crate::health;
 use crate::proxy::Proxy;
 use crate::rejection::Rejection;
-use crate::request_id::{RequestId, RequestIdLayer};
+use crate::request_id::{RequestId, X_REQUEST_ID};
 use crate::routing::RoutingState;
 use crate::upstream::Upstreams;
 use crate::{Error, stats};
@@ -80,7 +79,14 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     })
 }
 
-/// The request path, outermost layer first.
+/// The request path, as one cloneable service: [`Front::serve`] is every
+/// step before and after the edge, then the edge and the proxy.
+///
+/// One `async fn` rather than a stack of tower layers: each layer would box
+/// its future and re-wrap the response body, and those allocations, moves
+/// and indirect calls were most of the gateway's own CPU time per request.
+/// `service_fn` over an async block keeps the request's whole future one
+/// concrete type, which `BoxCloneService` boxes once.
 pub(crate) fn stack(
     limits: &Limits,
     routing: Arc<RoutingState>,
@@ -89,54 +95,30 @@ pub(crate) fn stack(
     client: UpstreamClient,
 ) -> Stack {
     stats::describe();
-    let service = ServiceBuilder::new()
-        // First, so that every response, even one made up by a later
-        // layer, carries the id, and every later layer can log it.
-        .layer(RequestIdLayer)
-        // Sees the final status, route and instance of every request.
-        .layer(AccessLogLayer::new(access_log))
-        .map_response(set_server_header)
-        // Before any work is spent on a request that will be refused.
-        .layer(ShedLayer::new(limits.max_in_flight))
-        // Before routing, so no service route can shadow it.
-        .layer(HealthLayer)
-        // IP lists, CORS, routing, JWT, rate limits, body limits.
-        .layer(EdgeLayer::new(routing))
-        .service(Proxy::new(upstreams, client, limits));
-    BoxCloneService::new(service)
+    let front = Arc::new(Front {
+        log: AccessLog::new(access_log),
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        max_in_flight: limits.max_in_flight,
+        routing,
+        proxy: Proxy::new(upstreams, client, limits),
+    });
+    BoxCloneService::new(tower::service_fn(move |req: Request<Body>| {
+        let front = Arc::clone(&front);
+        async move { Ok::<_, Infallible>(front.serve(req).await) }
+    }))
 }
 
-/// Sheds requests past the in-flight cap.
-#[derive(Debug, Clone)]
-struct ShedLayer {
+/// Headers the gateway may add to a request before forwarding it.
+const REQUEST_HEADROOM: usize = 8;
+
+/// What every request goes through, whatever its route.
+struct Front {
+    log: AccessLog,
+    /// Requests admitted and not finished (response body done or dropped).
     in_flight: Arc<AtomicUsize>,
-    max: usize,
-}
-
-impl ShedLayer {
-    fn new(max: usize) -> ShedLayer {
-        ShedLayer {
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            max,
-        }
-    }
-}
-
-impl<S> Layer<S> for ShedLayer {
-    type Service = Shed<S>;
-
-    fn layer(&self, inner: S) -> Shed<S> {
-        Shed {
-            layer: self.clone(),
-            inner,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Shed<S> {
-    layer: ShedLayer,
-    inner: S,
+    max_in_flight: usize,
+    routing: Arc<RoutingState>,
+    proxy: Proxy,
 }
 
 /// Counts one request in flight until dropped.
@@ -148,46 +130,58 @@ impl Drop for InFlight {
     }
 }
 
-impl<S> tower::Service<Request<Body>> for Shed<S>
-where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = futures_util::future::BoxFuture<'static, Result<Response<Body>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        use futures_util::FutureExt;
-        let before = self.layer.in_flight.fetch_add(1, Ordering::AcqRel);
-        let guard = InFlight(Arc::clone(&self.layer.in_flight));
-        if before >= self.layer.max {
-            drop(guard);
+impl Front {
+    /// The steps, in order: the request id (first, so that every response
+    /// carries it, even one made up here, and every later step can log it);
+    /// the access-log entry (which sees the final status, route and instance
+    /// of every request); load shedding (before any work is spent on a
+    /// request that will be refused); the gateway's own health answer
+    /// (before routing, so that no service route can shadow it); then the
+    /// edge (IP lists, CORS, routing, JWT, rate limits, body limits) and the
+    /// proxy. Every response leaves with the request id and `server:
+    /// flotilla`, its body wrapped once to finish the entry (and the
+    /// in-flight count) when it is done.
+    async fn serve(&self, mut req: Request<Body>) -> Response<Body> {
+        // Room for what the gateway adds (request id, identity and
+        // forwarding headers) in one allocation rather than a regrowth per
+        // insert. (It fails only near the map's size limit, which the head
+        // limits rule out.)
+        let _ = req.headers_mut().try_reserve(REQUEST_HEADROOM);
+        let request_id = RequestId::keep_or_generate(req.headers().get(&X_REQUEST_ID));
+        req.headers_mut()
+            .insert(X_REQUEST_ID.clone(), request_id.header().clone());
+        // Dropped with this future if the client leaves before the
+        // response: then it logs a 499.
+        let mut entry = self.log.begin(&req, request_id);
+        let admitted = self.admit();
+        let mut served = Served::default();
+        let res = if admitted.is_none() {
             stats::shed();
-            let id = req.extensions().get::<RequestId>().cloned();
-            let res = Rejection::Overloaded.into_response(id.as_ref());
-            return futures_util::future::ready(Ok(res)).boxed();
-        }
-        // Boxed here, outside the async block: rustc cannot prove a projected
-        // future type `Send` inside one (rust-lang/rust#110338).
-        let fut = self.inner.call(req).boxed();
-        async move {
-            let res = fut.await?;
-            // In flight until the response body is done.
-            Ok(res.map(|b| body::boxed(Holding::new(b, guard))))
-        }
-        .boxed()
+            Rejection::Overloaded.into_response(Some(entry.request_id()))
+        } else if let Some(res) = health::answer(&req) {
+            res
+        } else {
+            let routing = self.routing.current();
+            edge::handle(routing, &self.proxy, req, entry.request_id(), &mut served).await
+        };
+        let (mut parts, body) = res.into_parts();
+        parts
+            .headers
+            .insert(X_REQUEST_ID.clone(), entry.request_id().header().clone());
+        parts
+            .headers
+            .insert(SERVER, HeaderValue::from_static("flotilla"));
+        entry.responded(parts.status, served);
+        // In flight until the response body is done.
+        Response::from_parts(parts, access_log::logged(body, admitted, entry))
     }
-}
 
-fn set_server_header(mut res: Response<Body>) -> Response<Body> {
-    res.headers_mut()
-        .insert(SERVER, HeaderValue::from_static("flotilla"));
-    res
+    /// Counts a request in, unless `max_in_flight` are in flight already.
+    fn admit(&self) -> Option<InFlight> {
+        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(Arc::clone(&self.in_flight));
+        (before < self.max_in_flight).then_some(guard)
+    }
 }
 
 /// hyper's builder, for h2c connections (`serve_h2`). Only connections that
@@ -410,5 +404,156 @@ impl tower::Service<Request<Incoming>> for Connection {
             Ok(res.map(|b| body::boxed(Holding::new(b, guard))))
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, RouteConfig};
+    use crate::upstream::{ActivateFuture, Endpoint, Load};
+    use crate::{access_log, client, outbound, routing};
+    use std::future::poll_fn;
+    use tower::Service;
+
+    /// One service whose only instance accepts connections and never answers.
+    struct Silent(Arc<[Endpoint]>);
+
+    impl Upstreams for Silent {
+        fn ready(&self, _service: &str) -> Arc<[Endpoint]> {
+            Arc::clone(&self.0)
+        }
+
+        fn activate(&self, _service: &str) -> ActivateFuture {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn request(path: &str) -> Request<Body> {
+        let mut req = match Request::builder().uri(path).body(body::empty()) {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        };
+        req.extensions_mut().insert(ConnInfo {
+            peer: SocketAddr::from(([127, 0, 0, 1], 40000)),
+            scheme: "http",
+        });
+        req
+    }
+
+    async fn call(stack: &mut Stack, req: Request<Body>) -> Response<Body> {
+        if let Err(never) = poll_fn(|cx| stack.poll_ready(cx)).await {
+            match never {}
+        }
+        match stack.call(req).await {
+            Ok(res) => res,
+            Err(never) => match never {},
+        }
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_request_logs_499_and_is_no_longer_in_flight() {
+        let silent = match TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => panic!("{e}"),
+        };
+        let addr = match silent.local_addr() {
+            Ok(a) => a,
+            Err(e) => panic!("{e}"),
+        };
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("{e}"),
+        };
+        let path = dir.path().join("access.log");
+        let (sink, writer) = match access_log::open(&path).await {
+            Ok(v) => v,
+            Err(e) => panic!("{e}"),
+        };
+        let pattern = match flotilla_manifest::PathPattern::parse("/**") {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        let limits = Limits {
+            // One at a time: a request still counted would shed the next.
+            max_in_flight: 1,
+            ..Limits::default()
+        };
+        let config = Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            routes: vec![RouteConfig::new("svc", pattern)],
+            static_dir: None,
+            access_log: None,
+            limits: limits.clone(),
+            jwt: None,
+            cors: None,
+            ip: None,
+            rate_limit_backend: Default::default(),
+            upstream_tls: None,
+        };
+        let upstreams: Arc<dyn Upstreams> = Arc::new(Silent(Arc::from(vec![Endpoint {
+            instance: "svc-0".into(),
+            addr,
+            load: Arc::new(Load::default()),
+        }])));
+        let connector = match client::connector(&limits, None) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        let context = routing::Context {
+            client: client::fetch_client(connector.clone()),
+            upstreams: Arc::clone(&upstreams),
+        };
+        let built = match routing::Routing::build(&config, None, &context) {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        };
+        let mut stack = stack(
+            &limits,
+            Arc::new(RoutingState::new(built)),
+            Some(sink),
+            Arc::clone(&upstreams),
+            outbound::Outbound::new(connector),
+        );
+
+        // The client gives up while the instance is still silent.
+        let abandoned = tokio::time::timeout(
+            Duration::from_millis(200),
+            call(&mut stack, request("/svc/slow")),
+        )
+        .await;
+        assert!(abandoned.is_err(), "the silent instance answered");
+        let load = upstreams.ready("svc");
+        assert_eq!(load[0].load.in_flight(), 0, "the instance is still loaded");
+
+        // Not in flight any more: the next request is not shed.
+        let res = call(&mut stack, request("/healthz")).await;
+        assert_eq!(res.status(), http::StatusCode::OK);
+        assert_eq!(res.headers()[SERVER], "flotilla");
+        let id = res.headers()[&X_REQUEST_ID].clone();
+        drop(res);
+        // While a response body is unfinished, the request is in flight.
+        let held = call(&mut stack, request("/healthz")).await;
+        let shed = call(&mut stack, request("/healthz")).await;
+        assert_eq!(shed.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        drop((held, shed));
+
+        drop(stack);
+        match tokio::time::timeout(Duration::from_secs(5), writer).await {
+            Ok(Ok(())) => {}
+            other => panic!("writer did not finish: {other:?}"),
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines[0]["status"], 499, "{text}");
+        assert_eq!(lines[0]["path"], "/svc/slow");
+        assert_eq!(lines[1]["status"], 200);
+        assert_eq!(lines[1]["request_id"], id.to_str().unwrap_or("-"));
+        let statuses: Vec<_> = lines[2..].iter().map(|l| l["status"].clone()).collect();
+        assert!(statuses.contains(&503.into()), "{text}");
     }
 }

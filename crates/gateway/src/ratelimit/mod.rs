@@ -21,6 +21,7 @@ pub(crate) mod gcra;
 pub(crate) mod redis;
 
 use std::fmt;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -140,12 +141,21 @@ impl Limiter {
     /// headers for `decision`.
     pub(crate) fn headers(&self, decision: &Decision, headers: &mut HeaderMap) {
         headers.insert(RATELIMIT_POLICY.clone(), self.policy_header.clone());
-        let value = format!(
+        // Written on the stack (at most 47 bytes): the header value is then
+        // the only allocation, on every response of a limited route.
+        let mut buf = [0u8; 64];
+        let mut rest = &mut buf[..];
+        let written = write!(
+            rest,
             "\"default\";r={};t={}",
             decision.remaining,
             ceil_secs(decision.reset)
         );
-        if let Ok(v) = HeaderValue::from_str(&value) {
+        let left = rest.len();
+        let len = buf.len() - left;
+        if written.is_ok()
+            && let Some(Ok(v)) = buf.get(..len).map(HeaderValue::from_bytes)
+        {
             headers.insert(RATELIMIT.clone(), v);
         }
         if !decision.allowed {
