@@ -56,9 +56,13 @@ pub(crate) type FetchClient = Client<Connector, Body>;
 pub(crate) type UpstreamClient = crate::outbound::Outbound;
 
 /// Idle pooled connections kept per instance. Enough for bursts to reuse
-/// connections; bounded so a spike does not leave thousands of idle sockets
-/// (and file descriptors) behind.
-pub(crate) const MAX_IDLE_PER_INSTANCE: usize = 64;
+/// connections: clients that send in step (a few hundred at once) would
+/// otherwise open connections for each burst and close all but the kept
+/// ones after it, churning through ephemeral ports and TIME_WAIT sockets
+/// (64 did, in benches/gateway's paced run); bounded so a spike does not
+/// leave thousands of idle sockets (and file descriptors) behind for the
+/// idle timeout.
+pub(crate) const MAX_IDLE_PER_INSTANCE: usize = 512;
 
 /// How long an idle pooled connection is kept.
 pub(crate) const POOL_IDLE: Duration = Duration::from_secs(30);

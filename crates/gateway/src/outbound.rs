@@ -50,6 +50,10 @@ use crate::body::{self, Body, BoxError};
 use crate::chunked::{self, ChunkedDecoder, Decoded};
 use crate::client::{ConnectError, Connector, MAX_IDLE_PER_INSTANCE, POOL_IDLE, Stream};
 
+/// Room in a response's header map for what the gateway adds (request id,
+/// `server`, CORS and `RateLimit` headers): one allocation, no regrowth.
+const HEADROOM: usize = 8;
+
 /// The largest response head accepted from an instance.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// The most response header fields accepted from an instance.
@@ -493,7 +497,7 @@ impl Conn {
             } else {
                 Version::HTTP_11
             };
-            let mut headers = HeaderMap::with_capacity(res.headers.len());
+            let mut headers = HeaderMap::with_capacity(res.headers.len() + HEADROOM);
             let base = self.read.as_ptr() as usize;
             let ranges: Vec<(HeaderName, std::ops::Range<usize>)> = res
                 .headers

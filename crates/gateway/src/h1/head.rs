@@ -20,6 +20,10 @@ use http::{Method, StatusCode, Uri, Version};
 
 use super::encode::{content_length, trim_ows};
 
+/// Room in a request's header map for what the gateway adds (request id,
+/// forwarding and identity headers): one allocation instead of a regrowth.
+const HEADROOM: usize = 8;
+
 /// Headers parsed into a stack array up to this many (the default limit is
 /// 100); a higher configured limit uses the heap.
 const STACK_HEADERS: usize = 128;
@@ -198,7 +202,7 @@ fn headers(
     spans: &[Span],
     version: Version,
 ) -> Result<(HeaderMap, Framing), Invalid> {
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut headers = HeaderMap::with_capacity(spans.len() + HEADROOM);
     let mut seen = Seen::default();
     for span in spans {
         let name = head
