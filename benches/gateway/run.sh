@@ -24,9 +24,10 @@
 #   paced  every target at the same rate, half of gw-jwt-rl's max, to read
 #          the latency a proxy adds when it is not saturated. wrk2 is not in
 #          Debian, so the pace comes from wrk's `delay()` hook: N connections
-#          each wait 10 ms between requests (N = rate / 100). The achieved
-#          rate is printed; it is slightly below the target (10 ms + the
-#          response time per request and connection).
+#          each wait 5-15 ms (10 on average, at random so they do not move
+#          in step) between requests (N = rate / 100). The achieved rate is
+#          printed; it is slightly below the target (10 ms + the response
+#          time per request and connection).
 #
 # The paced runs also read each target's CPU time from /proc (utime+stime of
 # all its processes and threads) and print it per request: the figure that
@@ -202,8 +203,12 @@ if command -v curl >/dev/null 2>&1 && { [ "$code" != 200 ] || [ "$nocode" != 401
   exit 1
 fi
 
+# 5-15 ms (10 on average) rather than exactly 10: with a fixed delay the
+# connections stay in step and every 10 ms the whole pace arrives as one
+# burst, so the p99 would measure the burst's queue, not the proxy.
 cat >"$TMP/paced.lua" <<'EOF'
-function delay() return 10 end
+math.randomseed(os.time())
+function delay() return math.random(5, 15) end
 EOF
 
 # wrk's latency figure to milliseconds.
