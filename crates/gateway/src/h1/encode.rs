@@ -419,64 +419,16 @@ pub(crate) fn date(f: impl FnOnce(&[u8])) {
     });
 }
 
-/// Formats `secs` since the epoch as an IMF-fixdate (RFC 9110 §5.6.7).
+/// Formats `secs` since the epoch as an IMF-fixdate (RFC 9110 §5.6.7),
+/// with `httpdate` (the formatter hyper uses).
 fn format_date(secs: u64) -> [u8; DATE_LEN] {
-    const WEEKDAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
-    const MONTHS: [&[u8; 3]; 12] = [
-        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
-        b"Dec",
-    ];
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (hour, minute, second) = (rem / 3600, rem / 60 % 60, rem % 60);
-    // Days to a civil date (H. Hinnant's algorithm), epoch 0000-03-01.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-
+    let when = UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    let text = httpdate::fmt_http_date(when);
     let mut out = [b' '; DATE_LEN];
-    let two = |n: u64| [b'0' + (n / 10 % 10) as u8, b'0' + (n % 10) as u8];
-    let weekday = WEEKDAYS.get((days % 7) as usize).copied().unwrap_or(b"???");
-    let month_name = MONTHS
-        .get((month as usize).wrapping_sub(1))
-        .copied()
-        .unwrap_or(b"???");
-    let year = [
-        b'0' + (year / 1000 % 10) as u8,
-        b'0' + (year / 100 % 10) as u8,
-        b'0' + (year / 10 % 10) as u8,
-        b'0' + (year % 10) as u8,
-    ];
-    let parts: [&[u8]; 14] = [
-        weekday,
-        b", ",
-        &two(day),
-        b" ",
-        month_name,
-        b" ",
-        &year,
-        b" ",
-        &two(hour),
-        b":",
-        &two(minute),
-        b":",
-        &two(second),
-        b" GMT",
-    ];
-    let mut at = 0;
-    for part in parts {
-        for &b in part {
-            if let Some(slot) = out.get_mut(at) {
-                *slot = b;
-            }
-            at += 1;
-        }
+    // Always 29 bytes for years 1970-9999; anything else stays blank
+    // rather than a truncated date.
+    if text.len() == DATE_LEN {
+        out.copy_from_slice(text.as_bytes());
     }
     out
 }
