@@ -39,12 +39,14 @@
 #
 # Needs: wrk and nginx (Debian: `apt-get install -y wrk nginx-light`),
 # python3 (free ports), cargo. Usage: benches/gateway/run.sh
-# Env: DURATION (default 8s), CONNS (default 64), KEEP=1 keeps the temp dir.
+# Env: DURATION (default 8s), CONNS (default 64), GW_THREADS (the gateways'
+# worker threads, default 2), KEEP=1 keeps the temp dir.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 DURATION="${DURATION:-8s}"
 CONNS="${CONNS:-64}"
+GW_THREADS="${GW_THREADS:-2}"
 
 missing=""
 command -v wrk >/dev/null 2>&1 || missing="$missing wrk"
@@ -112,19 +114,19 @@ wait_port "$UP_TLS_PORT"
 
 PLAIN_PORT=$(free_port)
 "$BIN/bench_gateway" --listen "127.0.0.1:$PLAIN_PORT" --upstream "127.0.0.1:$UP_PORT" \
-  --threads 2 >"$TMP/gw-plain.log" 2>&1 &
+  --threads "$GW_THREADS" >"$TMP/gw-plain.log" 2>&1 &
 PIDS+=($!)
 PID_OF[gw-plain]=$!
 
 JWT_PORT=$(free_port)
 "$BIN/bench_gateway" --listen "127.0.0.1:$JWT_PORT" --upstream "127.0.0.1:$UP_PORT" \
-  --threads 2 --jwt --rate-limit "1000000/s burst 1000000 per user" >"$TMP/gw-jwt.log" 2>&1 &
+  --threads "$GW_THREADS" --jwt --rate-limit "1000000/s burst 1000000 per user" >"$TMP/gw-jwt.log" 2>&1 &
 PIDS+=($!)
 PID_OF[gw-jwt-rl]=$!
 
 MTLS_PORT=$(free_port)
 "$BIN/bench_gateway" --listen "127.0.0.1:$MTLS_PORT" --upstream "127.0.0.1:$UP_TLS_PORT" \
-  --threads 2 --jwt --rate-limit "1000000/s burst 1000000 per user" \
+  --threads "$GW_THREADS" --jwt --rate-limit "1000000/s burst 1000000 per user" \
   --upstream-tls "$TMP/ids/gateway" >"$TMP/gw-mtls.log" 2>&1 &
 PIDS+=($!)
 PID_OF[gw-mtls]=$!
@@ -259,14 +261,19 @@ declare -A URL=(
   [raw-h1]="http://127.0.0.1:$RAW_PORT/"
 )
 TARGETS=(upstream nginx hyper-min raw-h1 gw-plain gw-jwt-rl gw-mtls)
-declare -A MAX PACED CPU
+declare -A MAX PACED CPU MAX_CPU
 
 echo "max throughput: wrk -t1 -c$CONNS -d$DURATION" >&2
 for t in "${TARGETS[@]}"; do
   # A short warm-up fills connection pools and the token cache.
   DURATION=1s run "$t" "${URL[$t]}" "$CONNS" >/dev/null
+  before=$(ticks "${PID_OF[$t]}")
   MAX[$t]=$(run "$t" "${URL[$t]}" "$CONNS")
-  echo "  $t: ${MAX[$t]}" >&2
+  after=$(ticks "${PID_OF[$t]}")
+  read -r mrps _ <<<"${MAX[$t]}"
+  MAX_CPU[$t]=$(awk -v d=$((after - before)) -v hz="$HZ" -v r="$mrps" -v s="${DURATION%s}" \
+    'BEGIN { n = r * s; if (n > 0) printf "%.1f", d / hz * 1e6 / n; else print "-" }')
+  echo "  $t: ${MAX[$t]} cpu ${MAX_CPU[$t]} us/req" >&2
 done
 
 read -r jwt_rps _ <<<"${MAX[gw-jwt-rl]}"
@@ -291,16 +298,16 @@ read -r ng_rps ng_p50 ng_p99 _ <<<"${MAX[nginx]}"
 read -r _ _ up_pp99 _ <<<"${PACED[upstream]}"
 read -r _ _ ng_pp99 _ <<<"${PACED[nginx]}"
 echo
-printf '%-10s | %10s %8s %8s %6s %8s | %10s %8s %8s %13s %10s\n' \
-  target "max req/s" "p50 ms" "p99 ms" non2xx "x nginx" "paced r/s" "p50 ms" "p99 ms" "+p99 vs up" "cpu us/req"
-printf -- '-----------+--------------------------------------------------+---------------------------------------------------------\n'
+printf '%-10s | %10s %8s %8s %6s %8s %10s | %10s %8s %8s %13s %10s\n' \
+  target "max req/s" "p50 ms" "p99 ms" non2xx "x nginx" "cpu us/req" "paced r/s" "p50 ms" "p99 ms" "+p99 vs up" "cpu us/req"
+printf -- '-----------+-------------------------------------------------------------+---------------------------------------------------------\n'
 for t in "${TARGETS[@]}"; do
   read -r rps p50 p99 bad <<<"${MAX[$t]}"
   read -r prps pp50 pp99 _ <<<"${PACED[$t]}"
   ratio=$(awk -v a="$rps" -v b="$ng_rps" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
   added=$(awk -v a="$pp99" -v b="$up_pp99" 'BEGIN { printf "%+.3f ms", a - b }')
-  printf '%-10s | %10.0f %8.3f %8.3f %6s %8s | %10.0f %8.3f %8.3f %13s %10s\n' \
-    "$t" "$rps" "$p50" "$p99" "$bad" "${ratio}x" "$prps" "$pp50" "$pp99" "$added" "${CPU[$t]}"
+  printf '%-10s | %10.0f %8.3f %8.3f %6s %8s %10s | %10.0f %8.3f %8.3f %13s %10s\n' \
+    "$t" "$rps" "$p50" "$p99" "$bad" "${ratio}x" "${MAX_CPU[$t]}" "$prps" "$pp50" "$pp99" "$added" "${CPU[$t]}"
 done
 echo
 read -r jwt_rps jwt_p50 jwt_p99 _ <<<"${MAX[gw-jwt-rl]}"
