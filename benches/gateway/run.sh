@@ -176,20 +176,19 @@ wait_port "$NGINX_PORT"
 wait_port "$MTLS_PORT"
 wait_port "$MIN_PORT"
 wait_port "$RAW_PORT"
-TOKEN=""
-for _ in $(seq 1 100); do
-  TOKEN="$(sed -n 's/^token: //p' "$TMP/gw-jwt.log")"
-  [ -n "$TOKEN" ] && break
-  sleep 0.05
-done
-[ -z "$TOKEN" ] && { echo "the JWT gateway printed no token" >&2; exit 1; }
-MTLS_TOKEN=""
-for _ in $(seq 1 100); do
-  MTLS_TOKEN="$(sed -n 's/^token: //p' "$TMP/gw-mtls.log")"
-  [ -n "$MTLS_TOKEN" ] && break
-  sleep 0.05
-done
-[ -z "$MTLS_TOKEN" ] && { echo "the mTLS gateway printed no token" >&2; exit 1; }
+# The token a --jwt gateway prints into its log LOG.
+token_of() {
+  local log=$1 name=$2 token="" i
+  for i in $(seq 1 100); do
+    token="$(sed -n 's/^token: //p' "$log")"
+    [ -n "$token" ] && { echo "$token"; return 0; }
+    sleep 0.05
+  done
+  echo "the $name gateway printed no token" >&2
+  return 1
+}
+TOKEN="$(token_of "$TMP/gw-jwt.log" JWT)" || exit 1
+MTLS_TOKEN="$(token_of "$TMP/gw-mtls.log" mTLS)" || exit 1
 mcode=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $MTLS_TOKEN" "http://127.0.0.1:$MTLS_PORT/" 2>/dev/null || echo "?")
 if command -v curl >/dev/null 2>&1 && [ "$mcode" != 200 ]; then
   echo "sanity check failed: through the mTLS upstream $mcode (want 200)" >&2

@@ -30,6 +30,20 @@ fn content_length(headers: &[httparse::Header<'_>]) -> usize {
         .unwrap_or(0)
 }
 
+/// Copies `headers` into `out` as header lines, but `Connection` (each hop
+/// has its own).
+fn copy_headers(out: &mut Vec<u8>, headers: &[httparse::Header<'_>]) {
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("connection") {
+            continue;
+        }
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 async fn conn(
     mut client: TcpStream,
     peer: SocketAddr,
@@ -50,15 +64,7 @@ async fn conn(
                 out.push(b' ');
                 out.extend_from_slice(req.path.unwrap_or("/").as_bytes());
                 out.extend_from_slice(b" HTTP/1.1\r\n");
-                for h in req.headers.iter() {
-                    if h.name.eq_ignore_ascii_case("connection") {
-                        continue;
-                    }
-                    out.extend_from_slice(h.name.as_bytes());
-                    out.extend_from_slice(b": ");
-                    out.extend_from_slice(h.value);
-                    out.extend_from_slice(b"\r\n");
-                }
+                copy_headers(&mut out, req.headers);
                 out.extend_from_slice(b"x-forwarded-for: ");
                 out.extend_from_slice(peer.ip().to_string().as_bytes());
                 out.extend_from_slice(b"\r\n\r\n");
@@ -96,15 +102,7 @@ async fn conn(
                 out.push(b' ');
                 out.extend_from_slice(res.reason.unwrap_or("").as_bytes());
                 out.extend_from_slice(b"\r\n");
-                for h in res.headers.iter() {
-                    if h.name.eq_ignore_ascii_case("connection") {
-                        continue;
-                    }
-                    out.extend_from_slice(h.name.as_bytes());
-                    out.extend_from_slice(b": ");
-                    out.extend_from_slice(h.value);
-                    out.extend_from_slice(b"\r\n");
-                }
+                copy_headers(&mut out, res.headers);
                 out.extend_from_slice(b"server: flotilla\r\n\r\n");
                 break (n, content_length(res.headers));
             }

@@ -52,9 +52,6 @@ use crate::config::Limits;
 /// hyper's pooled client, for the gateway's own fetches (the JWKS).
 pub(crate) type FetchClient = Client<Connector, Body>;
 
-/// The client proxied requests go through.
-pub(crate) type UpstreamClient = crate::outbound::Outbound;
-
 /// Idle pooled connections kept per instance. Enough for bursts to reuse
 /// connections: clients that send in step (a few hundred at once) would
 /// otherwise open connections for each burst and close all but the kept
@@ -212,12 +209,8 @@ impl tower::Service<Uri> for Connector {
         let timeout = self.handshake_timeout;
         Box::pin(async move {
             let tcp = connecting.await?.into_inner();
-            Ok(
-                match secure(mtls.as_deref(), service.as_deref(), tcp, timeout).await? {
-                    Stream::Plain(tcp) => UpstreamIo::Plain(TokioIo::new(tcp)),
-                    Stream::Tls(tls) => UpstreamIo::Tls(Box::new(TokioIo::new(*tls))),
-                },
-            )
+            let stream = secure(mtls.as_deref(), service.as_deref(), tcp, timeout).await?;
+            Ok(UpstreamIo(TokioIo::new(stream)))
         })
     }
 }
@@ -320,21 +313,32 @@ impl tokio::io::AsyncWrite for Stream {
             Stream::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
         }
     }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Stream::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(io) => io.is_write_vectored(),
+            Stream::Tls(io) => io.is_write_vectored(),
+        }
+    }
 }
 
-/// A connection to an instance.
-pub(crate) enum UpstreamIo {
-    Plain(TokioIo<TcpStream>),
-    /// The handshake verified the peer as the service the URI named.
-    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
-}
+/// A connection to an instance, as hyper's client wants it.
+pub(crate) struct UpstreamIo(TokioIo<Stream>);
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
-        match self {
-            UpstreamIo::Plain(io) => io.connected(),
-            UpstreamIo::Tls(_) => Connected::new(),
-        }
+        Connected::new()
     }
 }
 
@@ -344,10 +348,7 @@ impl hyper::rt::Read for UpstreamIo {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(io) => Pin::new(io).poll_read(cx, buf),
-            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
     }
 }
 
@@ -357,24 +358,15 @@ impl hyper::rt::Write for UpstreamIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(io) => Pin::new(io).poll_write(cx, buf),
-            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(io) => Pin::new(io).poll_flush(cx),
-            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(io) => Pin::new(io).poll_shutdown(cx),
-            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -382,17 +374,11 @@ impl hyper::rt::Write for UpstreamIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
-            UpstreamIo::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamIo::Plain(io) => io.is_write_vectored(),
-            UpstreamIo::Tls(io) => io.is_write_vectored(),
-        }
+        self.0.is_write_vectored()
     }
 }
 

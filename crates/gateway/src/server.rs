@@ -40,12 +40,12 @@ use tower::util::BoxCloneService;
 
 use crate::access_log::{self, AccessLog, Sink};
 use crate::body::{self, Body, Holding};
-use crate::client::UpstreamClient;
 use crate::config::Limits;
 use crate::conn::{self, H2_PREFACE, Verdict, Watch};
 use crate::edge::{self, Served};
 use crate::h1;
 use crate::health;
+use crate::outbound::Outbound;
 use crate::proxy::Proxy;
 use crate::rejection::Rejection;
 use crate::request_id::{RequestId, X_REQUEST_ID};
@@ -92,7 +92,7 @@ pub(crate) fn stack(
     routing: Arc<RoutingState>,
     access_log: Option<Arc<Sink>>,
     upstreams: Arc<dyn Upstreams>,
-    client: UpstreamClient,
+    client: Outbound,
 ) -> Stack {
     stats::describe();
     let front = Arc::new(Front {
