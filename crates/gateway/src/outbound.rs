@@ -1268,4 +1268,36 @@ mod tests {
         }
         drop(tx);
     }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_instance_closed_does_not_look_alive() {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let conn_to = |io: tokio::net::TcpStream| Conn {
+            io: Stream::Plain(io),
+            service: "svc".into(),
+            addr,
+            read: BytesMut::new(),
+            write: Vec::new(),
+        };
+        let (open, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let mut conn = conn_to(open.unwrap_or_else(|e| panic!("{e}")));
+        let (peer, _) = accepted.unwrap_or_else(|e| panic!("{e}"));
+        assert!(conn.looks_alive(), "an idle open connection is reusable");
+
+        drop(peer);
+        // Once the reactor has seen the close, the check sees it too.
+        let Stream::Plain(tcp) = &conn.io else {
+            panic!("plain")
+        };
+        let ready = tokio::time::timeout(TEST_DEADLINE, tcp.readable()).await;
+        assert!(ready.is_ok(), "the close was never reported");
+        assert!(
+            !conn.looks_alive(),
+            "a closed connection was taken for alive"
+        );
+    }
 }
