@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, counted by valgrind's
+# callgrind: the gateway (plain, and with JWT + rate limit) against the
+# smallest proxy of the same transport design (bench_raw_h1), each with one
+# worker thread, in front of the same upstream.
+#
+# Unlike run.sh's timings these counts do not move with what else the
+# machine is doing (callgrind counts instructions, it does not time them),
+# so one run is enough to compare two builds of the gateway, and the
+# figure to read is the ratio against raw-h1: what the gateway's own work
+# (routing, headers, metrics, access log, request id, JWT, rate limit)
+# costs on top of moving the bytes. The kernel's share (about 60% of a
+# proxied request's CPU at this size) is not counted.
+#
+# Needs: valgrind, wrk, python3, cargo. Usage: benches/gateway/instructions.sh
+# Env: DURATION (default 6s, under callgrind: ~50x slower than native),
+# TOP=N also prints each gateway's N costliest functions (self cost),
+# KEEP=1 keeps the temp dir with the callgrind files.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+DURATION="${DURATION:-6s}"
+for tool in valgrind callgrind_control callgrind_annotate wrk python3; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "missing: $tool (apt-get install -y valgrind wrk)" >&2; exit 1; }
+done
+
+echo "building (release)..." >&2
+cargo build --release --quiet -p flotilla-gateway --example bench_upstream --example bench_gateway \
+  --example bench_raw_h1
+BIN="target/release/examples"
+
+TMP="$(mktemp -d -t flotilla-instr.XXXXXX)"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ "${KEEP:-0}" = 1 ]; then echo "kept $TMP" >&2; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Waits (up to 60 s: valgrind starts slowly) until PORT accepts.
+wait_port() {
+  local port=$1 i
+  for i in $(seq 1 600); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "nothing listens on $port" >&2
+  exit 1
+}
+
+UP=$(free_port)
+"$BIN/bench_upstream" "127.0.0.1:$UP" >"$TMP/upstream.log" 2>&1 &
+PIDS+=($!)
+wait_port "$UP"
+
+RAW=$(free_port); PLAIN=$(free_port); JWT=$(free_port)
+# start NAME PORT CMD...: CMD under callgrind, its counts to $TMP/NAME.cg.
+start() {
+  local name=$1 port=$2; shift 2
+  valgrind --tool=callgrind --callgrind-out-file="$TMP/$name.cg" "$@" >"$TMP/$name.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$port"
+}
+start raw-h1 "$RAW" "$BIN/bench_raw_h1" "127.0.0.1:$RAW" "127.0.0.1:$UP" 1
+start gw-plain "$PLAIN" "$BIN/bench_gateway" --listen "127.0.0.1:$PLAIN" --upstream "127.0.0.1:$UP" --threads 1
+start gw-jwt-rl "$JWT" "$BIN/bench_gateway" --listen "127.0.0.1:$JWT" --upstream "127.0.0.1:$UP" --threads 1 \
+  --jwt --rate-limit "1000000/s burst 1000000 per user"
+TOKEN=""
+for _ in $(seq 1 100); do
+  TOKEN="$(sed -n 's/^token: //p' "$TMP/gw-jwt-rl.log")"
+  [ -n "$TOKEN" ] && break
+  sleep 0.1
+done
+[ -n "$TOKEN" ] || { echo "the JWT gateway printed no token" >&2; exit 1; }
+code=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$JWT/" || echo "?")
+[ "$code" = 200 ] || { echo "sanity check failed: with token $code (want 200)" >&2; exit 1; }
+
+# Warm every target (connections, pools, caches), then count from zero.
+for port in "$RAW" "$PLAIN" "$JWT"; do
+  wrk -t1 -c8 -d2s -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$port/" >/dev/null
+done
+callgrind_control -z >/dev/null 2>&1
+
+declare -A REQS
+for target in raw-h1:"$RAW" gw-plain:"$PLAIN" gw-jwt-rl:"$JWT"; do
+  name=${target%%:*} port=${target#*:}
+  out=$(wrk -t1 -c8 -d"$DURATION" -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$port/")
+  REQS[$name]=$(echo "$out" | awk '/requests in/ { print $1 }')
+  if echo "$out" | grep -q "Non-2xx"; then echo "$name answered non-2xx responses" >&2; exit 1; fi
+done
+callgrind_control -d >/dev/null 2>&1
+sleep 1
+
+# The dump of each process: the newest NAME.cg.* file with counts in it.
+total_of() {
+  local f
+  f=$(ls -t "$TMP/$1".cg* 2>/dev/null | while read -r c; do grep -q '^totals:' "$c" && { echo "$c"; break; }; done)
+  [ -n "$f" ] || { echo "no callgrind dump for $1" >&2; exit 1; }
+  echo "$f $(awk '/^totals:/ { print $2 }' "$f")"
+}
+
+printf '%-10s | %9s %12s %10s\n' target requests "instr/req" "x raw-h1"
+printf -- '-----------+-----------------------------------\n'
+base=""
+for name in raw-h1 gw-plain gw-jwt-rl; do
+  read -r file total < <(total_of "$name")
+  per=$((total / REQS[$name]))
+  [ -z "$base" ] && base=$per
+  awk -v n="$name" -v r="${REQS[$name]}" -v p="$per" -v b="$base" \
+    'BEGIN { printf "%-10s | %9d %12d %9.2fx\n", n, r, p, p / b }'
+  if [ "${TOP:-0}" -gt 0 ] && [ "$name" != raw-h1 ]; then
+    callgrind_annotate --threshold=100 --inclusive=no "$file" 2>/dev/null \
+      | awk -v r="${REQS[$name]}" -v top="$TOP" '
+          # callgrind_annotate lists the entry frames of threads at ~100%
+          # even as self cost; not the gateway code.
+          match($0, /^ *[0-9,]+ \( *[0-9.]+%\)  /) && !/PROGRAM TOTALS/ && !/\((100\.0|9[89]\.[0-9]+)%\)/ {
+            n = $1; gsub(",", "", n)
+            line = $0; sub(/^ *[0-9,]+ \( *[0-9.]+%\) +/, "", line); sub(/ \[.*$/, "", line)
+            if (shown++ < top) printf "    %7.0f  %s\n", n / r, line }'
+  fi
+done
