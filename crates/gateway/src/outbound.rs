@@ -33,7 +33,9 @@
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
@@ -118,6 +120,9 @@ struct Conn {
     addr: SocketAddr,
     read: BytesMut,
     write: Vec<u8>,
+    /// Scratch for `parse_head`: where the response's header names and
+    /// values lie in `read`.
+    spans: Vec<(Range<usize>, Range<usize>)>,
 }
 
 impl Outbound {
@@ -156,6 +161,7 @@ impl Outbound {
                 addr,
                 read: BytesMut::with_capacity(READ_CHUNK),
                 write: Vec::with_capacity(1024),
+                spans: Vec::new(),
             },
         };
         let sent = conn.write_request(parts, body).await?;
@@ -471,9 +477,15 @@ impl Conn {
             if self.read.is_empty() {
                 return Ok(None);
             }
-            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut res = httparse::Response::new(&mut fields);
-            let len = match res.parse(&self.read) {
+            // Uninitialised slots: zeroing 128 of them (4 KiB) per response
+            // cost more than parsing a small head.
+            let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+            let mut res = httparse::Response::new(&mut []);
+            let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut res,
+                &self.read,
+                &mut fields,
+            ) {
                 Ok(httparse::Status::Complete(len)) => len,
                 Ok(httparse::Status::Partial) => return Ok(None),
                 Err(e) => return Err(SendError::Protocol(e.to_string())),
@@ -497,22 +509,27 @@ impl Conn {
             } else {
                 Version::HTTP_11
             };
-            let mut headers = HeaderMap::with_capacity(res.headers.len() + HEADROOM);
+            // Where each name and value lies in the head, so that the
+            // values can share the head's bytes once it is split off
+            // (`spans` is reused: no allocation per response).
             let base = self.read.as_ptr() as usize;
-            let ranges: Vec<(HeaderName, std::ops::Range<usize>)> = res
-                .headers
-                .iter()
-                .map(|h| {
-                    let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
-                        SendError::Protocol(format!("invalid header name {:?}", h.name))
-                    })?;
-                    let start = h.value.as_ptr() as usize - base;
-                    Ok((name, start..start + h.value.len()))
-                })
-                .collect::<Result<_, SendError>>()?;
+            let at = |part: &[u8]| {
+                let start = part.as_ptr() as usize - base;
+                start..start + part.len()
+            };
+            self.spans.clear();
+            self.spans.extend(
+                res.headers
+                    .iter()
+                    .map(|h| (at(h.name.as_bytes()), at(h.value))),
+            );
+            let mut headers = HeaderMap::with_capacity(self.spans.len() + HEADROOM);
             let head = self.read.split_to(len).freeze();
-            for (name, range) in ranges {
-                let value = HeaderValue::from_maybe_shared(head.slice(range))
+            for (name, value) in self.spans.drain(..) {
+                let name = HeaderName::from_bytes(&head[name]).map_err(|_| {
+                    SendError::Protocol("invalid header name in the response".into())
+                })?;
+                let value = HeaderValue::from_maybe_shared(head.slice(value))
                     .map_err(|_| SendError::Protocol(format!("invalid value of header {name}")))?;
                 headers.append(name, value);
             }
@@ -569,9 +586,13 @@ fn poll_answer(io: &mut Stream, read: &mut BytesMut, cx: &mut Context<'_>) -> Po
 fn has_final_head(read: &[u8]) -> bool {
     let mut rest = read;
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut fields);
-        match res.parse(rest) {
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut []);
+        match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut res,
+            rest,
+            &mut fields,
+        ) {
             Ok(httparse::Status::Complete(len)) => {
                 if res
                     .code
@@ -1281,6 +1302,7 @@ mod tests {
             addr,
             read: BytesMut::new(),
             write: Vec::new(),
+            spans: Vec::new(),
         };
         let (open, accepted) =
             tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
