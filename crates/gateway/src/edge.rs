@@ -110,6 +110,7 @@ pub(crate) async fn handle(
     routing: Arc<Routing>,
     proxy: &Proxy,
     mut req: Request<Body>,
+    conn: ConnInfo,
     request_id: &RequestId,
     served: &mut Served,
 ) -> Response<Body> {
@@ -125,7 +126,7 @@ pub(crate) async fn handle(
     };
     strip_user_headers(req.headers_mut());
 
-    let client = req.extensions().get::<ConnInfo>().map(|conn| {
+    let client = {
         let peer = conn.peer.ip();
         let trusted = routing
             .ip
@@ -136,9 +137,8 @@ pub(crate) async fn handle(
             ip: ip::client_addr(peer, req.headers(), trusted),
             via_trusted_proxy: trusted.iter().any(|n| n.contains(&peer)),
         }
-    });
-    if let Some(client) = client
-        && let Some(rules) = &routing.ip_rules
+    };
+    if let Some(rules) = &routing.ip_rules
         && !rules.admits(client.ip)
     {
         stats::ip_denied(stats::UNMATCHED);
@@ -220,7 +220,7 @@ pub(crate) async fn handle(
     if let Err(rejection) = police(&routing, route, client, &mut req, &mut finish).await {
         return finish.reject(rejection);
     }
-    match proxy.forward(req, route, client).await {
+    match proxy.forward(req, conn, route, client).await {
         Ok((res, answered)) => {
             *upstream = Some(answered);
             finish.done(res)
@@ -233,13 +233,13 @@ pub(crate) async fn handle(
 async fn police<'a>(
     routing: &Routing,
     route: &'a Route,
-    client: Option<ClientAddr>,
+    client: ClientAddr,
     req: &mut Request<Body>,
     finish: &mut Finish<'a>,
 ) -> Result<(), Rejection> {
     let label = route.pattern.as_str();
     let policy = &route.policy;
-    if let (Some(rules), Some(client)) = (&policy.ip, client)
+    if let Some(rules) = &policy.ip
         && !rules.admits(client.ip)
     {
         stats::ip_denied(label);
@@ -272,7 +272,7 @@ async fn police<'a>(
     if let Some(limiter) = &policy.limiter {
         let key = rate_key(
             &limiter.limit.key,
-            client,
+            Some(client),
             identity.as_deref(),
             req.headers(),
         );

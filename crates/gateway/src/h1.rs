@@ -65,6 +65,8 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt as _;
+use futures_util::future::{BoxFuture, Fuse};
 use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, SERVER};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
@@ -128,8 +130,15 @@ pub(crate) async fn serve(
     settings: Settings,
     stopping: watch::Receiver<()>,
 ) {
+    let mut signal = stopping.clone();
     let mut conn = Conn {
         timer: Box::pin(tokio::time::sleep(settings.idle_timeout)),
+        stop_signal: async move {
+            // An error means the server is gone: stopping too.
+            let _ = signal.changed().await;
+        }
+        .boxed()
+        .fuse(),
         io,
         rbuf: read,
         out: Out::default(),
@@ -198,6 +207,11 @@ struct Conn {
     stack: Stack,
     settings: Settings,
     stopping: watch::Receiver<()>,
+    /// Ready once the server is stopping. One future for the connection's
+    /// life: it registers with the channel once, where a `changed()` made
+    /// at each wait for a head would register and deregister under the
+    /// channel's lock (shared by every connection) on every request.
+    stop_signal: Fuse<BoxFuture<'static, ()>>,
     /// One timer for the connection's life, moved as deadlines change.
     timer: Pin<Box<Sleep>>,
     /// Scratch for the head parser.
@@ -295,14 +309,14 @@ impl Conn {
             let Conn {
                 io,
                 rbuf,
-                stopping,
+                stop_signal,
                 timer,
                 ..
             } = self;
             let event = tokio::select! {
                 biased;
                 read = poll_fn(|cx| poll_read(io, rbuf, cx, READ_SPARE)) => Some(read),
-                _ = stopping.changed(), if idle => return Err(Stop::Close),
+                () = stop_signal, if idle => return Err(Stop::Close),
                 () = timer.as_mut() => None,
             };
             match event {
@@ -349,13 +363,12 @@ impl Conn {
         *req.uri_mut() = head.uri;
         *req.version_mut() = head.version;
         *req.headers_mut() = head.headers;
-        req.extensions_mut().insert(self.info);
 
         // Tower's contract; every layer of the stack is always ready.
         if let Err(never) = poll_fn(|cx| self.stack.poll_ready(cx)).await {
             match never {}
         }
-        let mut call = self.stack.call(req);
+        let mut call = self.stack.call((req, self.info));
         let res = poll_fn(|cx| self.poll_call(cx, &mut call, &mut feed)).await;
         drop(call);
         match res {
@@ -425,7 +438,7 @@ impl Conn {
     fn poll_call(
         &mut self,
         cx: &mut Context<'_>,
-        call: &mut <Stack as Service<Request<Body>>>::Future,
+        call: &mut <Stack as Service<(Request<Body>, ConnInfo)>>::Future,
         feed: &mut Option<Feed>,
     ) -> Poll<Option<Response<Body>>> {
         for _ in 0..FEED_ROUNDS {
@@ -860,37 +873,39 @@ mod tests {
     /// `/stream` answers with a body of unknown length; `/refuse` answers
     /// 401 without reading the body; `/hold` never answers.
     fn stub(probe: Arc<Probe>) -> Stack {
-        BoxCloneService::new(tower::service_fn(move |req: Request<Body>| {
-            let probe = Arc::clone(&probe);
-            async move {
-                probe.calls.fetch_add(1, Ordering::SeqCst);
-                let mut guard = Abandoned(Arc::clone(&probe), false);
-                let res = match req.uri().path() {
-                    "/echo" => {
-                        let (parts, body) = req.into_parts();
-                        let len = match body.collect().await {
-                            Ok(c) => c.to_bytes().len().to_string(),
-                            Err(e) => format!("error: {e}"),
-                        };
-                        text(
-                            StatusCode::OK,
-                            format!("{} {} len={len}", parts.method, parts.uri),
-                        )
-                    }
-                    "/stream" => {
-                        Response::new(body::boxed(StreamBody::new(futures_util::stream::iter([
-                            Ok::<_, Infallible>(Frame::data(Bytes::from("hello "))),
-                            Ok(Frame::data(Bytes::from("world"))),
-                        ]))))
-                    }
-                    "/refuse" => text(StatusCode::UNAUTHORIZED, "no"),
-                    "/hold" => std::future::pending().await,
-                    _ => text(StatusCode::NOT_FOUND, "?"),
-                };
-                guard.1 = true;
-                Ok::<_, Infallible>(res)
-            }
-        }))
+        BoxCloneService::new(tower::service_fn(
+            move |(req, _): (Request<Body>, ConnInfo)| {
+                let probe = Arc::clone(&probe);
+                async move {
+                    probe.calls.fetch_add(1, Ordering::SeqCst);
+                    let mut guard = Abandoned(Arc::clone(&probe), false);
+                    let res = match req.uri().path() {
+                        "/echo" => {
+                            let (parts, body) = req.into_parts();
+                            let len = match body.collect().await {
+                                Ok(c) => c.to_bytes().len().to_string(),
+                                Err(e) => format!("error: {e}"),
+                            };
+                            text(
+                                StatusCode::OK,
+                                format!("{} {} len={len}", parts.method, parts.uri),
+                            )
+                        }
+                        "/stream" => Response::new(body::boxed(StreamBody::new(
+                            futures_util::stream::iter([
+                                Ok::<_, Infallible>(Frame::data(Bytes::from("hello "))),
+                                Ok(Frame::data(Bytes::from("world"))),
+                            ]),
+                        ))),
+                        "/refuse" => text(StatusCode::UNAUTHORIZED, "no"),
+                        "/hold" => std::future::pending().await,
+                        _ => text(StatusCode::NOT_FOUND, "?"),
+                    };
+                    guard.1 = true;
+                    Ok::<_, Infallible>(res)
+                }
+            },
+        ))
     }
 
     struct Server {

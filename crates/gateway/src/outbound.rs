@@ -46,7 +46,7 @@ use http::request::Parts;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::body::{self, Body, BoxError};
 use crate::chunked::{self, ChunkedDecoder, Decoded};
@@ -86,6 +86,9 @@ pub(crate) enum SendError {
     /// response.
     #[error("the instance sent an invalid response: {0}")]
     Protocol(String),
+    /// The deadline passed before the response head arrived.
+    #[error("no response head before the deadline")]
+    TimedOut,
 }
 
 /// The request body to send.
@@ -105,7 +108,9 @@ pub(crate) struct Outbound {
 struct Shared {
     connector: Connector,
     /// Idle connections by instance address.
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    /// Hashed with foldhash: the addresses come from discovery, not from
+    /// clients, so SipHash's resistance to chosen keys buys nothing here.
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>, foldhash::fast::RandomState>>,
 }
 
 struct Idle {
@@ -123,6 +128,9 @@ struct Conn {
     /// Scratch for `parse_head`: where the response's header names and
     /// values lie in `read`.
     spans: Vec<(Range<usize>, Range<usize>)>,
+    /// Times each exchange out; kept from one exchange to the next (out of
+    /// the connection while an exchange runs).
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Outbound {
@@ -131,7 +139,7 @@ impl Outbound {
     pub(crate) fn new(connector: Connector) -> Outbound {
         let shared = Arc::new(Shared {
             connector,
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::default()),
         });
         tokio::spawn(sweep(Arc::downgrade(&shared)));
         Outbound { shared }
@@ -139,34 +147,67 @@ impl Outbound {
 
     /// Sends the request `parts` (method, path and query, headers already
     /// prepared for the upstream) with `body` to the instance of `service`
-    /// at `addr`, and returns the response once its head has arrived; its
-    /// body streams from the connection.
+    /// at `addr`, and returns the response once its head has arrived, or
+    /// [`SendError::TimedOut`] if it has not by `deadline`; the body streams
+    /// from the connection.
     pub(crate) async fn send(
         &self,
         service: &str,
         addr: SocketAddr,
         parts: &Parts,
         body: OutBody,
+        deadline: Instant,
     ) -> Result<Response<Body>, SendError> {
         let mut conn = match self.checkout(service, addr) {
             Some(conn) => conn,
-            None => Conn {
-                io: self
-                    .shared
-                    .connector
-                    .open(service, addr)
+            None => {
+                let open = self.shared.connector.open(service, addr);
+                let io = tokio::time::timeout_at(deadline, open)
                     .await
-                    .map_err(SendError::Connect)?,
-                service: service.into(),
-                addr,
-                read: BytesMut::with_capacity(READ_CHUNK),
-                write: Vec::with_capacity(1024),
-                spans: Vec::new(),
-            },
+                    .map_err(|_| SendError::TimedOut)?
+                    .map_err(SendError::Connect)?;
+                Conn {
+                    io,
+                    service: service.into(),
+                    addr,
+                    read: BytesMut::with_capacity(READ_CHUNK),
+                    write: Vec::with_capacity(1024),
+                    spans: Vec::new(),
+                    timer: None,
+                }
+            }
         };
-        let sent = conn.write_request(parts, body).await?;
+        // The connection's own timer, moved to this deadline: registering
+        // a new timer per request (and cancelling it) takes the runtime's
+        // timer lock twice, which every worker thread contends for.
+        let mut timer = conn
+            .timer
+            .take()
+            .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
+        arm(&mut timer, deadline);
         let head_only = parts.method == Method::HEAD;
-        let (head, framing, mut reusable) = conn.read_head(head_only).await?;
+        let (sent, (head, framing, mut reusable)) = {
+            let exchange = async {
+                let sent = conn.write_request(parts, body).await?;
+                let head = conn.read_head(head_only).await?;
+                Ok::<_, SendError>((sent, head))
+            };
+            tokio::pin!(exchange);
+            loop {
+                tokio::select! {
+                    biased;
+                    done = &mut exchange => break done?,
+                    () = timer.as_mut() => {
+                        // It may fire early (see `arm`): then it is re-armed.
+                        if Instant::now() >= deadline {
+                            return Err(SendError::TimedOut);
+                        }
+                        timer.as_mut().reset(deadline);
+                    }
+                }
+            }
+        };
+        conn.timer = Some(timer);
         // Answered before the whole request was written: the rest of it
         // would be read as the next request.
         reusable &= matches!(sent, Sent::All);
@@ -581,6 +622,17 @@ fn poll_answer(io: &mut Stream, read: &mut BytesMut, cx: &mut Context<'_>) -> Po
     }
 }
 
+/// Makes `timer` fire no later than `deadline`. Moving a tokio timer later
+/// is cheap and earlier is not, and each exchange's deadline is usually
+/// later than the last one's: so a timer that would fire early is left
+/// alone (it is re-armed when it fires), and only one that would fire late,
+/// or has fired, is reset.
+fn arm(timer: &mut Pin<Box<Sleep>>, deadline: Instant) {
+    if timer.deadline() > deadline || timer.is_elapsed() {
+        timer.as_mut().reset(deadline);
+    }
+}
+
 /// Whether `read` starts with a complete final response head (after any
 /// complete 1xx heads).
 fn has_final_head(read: &[u8]) -> bool {
@@ -851,6 +903,11 @@ mod tests {
 
     /// How long a test may wait; keeps a broken test from hanging.
     const TEST_DEADLINE: Duration = Duration::from_secs(10);
+
+    /// A deadline no test exchange reaches.
+    fn far() -> Instant {
+        Instant::now() + TEST_DEADLINE
+    }
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -936,6 +993,85 @@ mod tests {
         }
     }
 
+    /// The connection's timer is kept between exchanges: a later deadline
+    /// than the last exchange's must not cut a slow answer short (the timer
+    /// fires early and is re-armed), and an earlier one must still hold.
+    #[tokio::test]
+    async fn each_exchange_keeps_its_own_deadline_on_a_reused_connection() {
+        let listener = match TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => panic!("{e}"),
+        };
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head: Vec<u8> = buf.drain(..end + 4).collect();
+                            if head.starts_with(b"GET /never ") {
+                                continue;
+                            }
+                            if head.starts_with(b"GET /slow ") {
+                                tokio::time::sleep(Duration::from_millis(300)).await;
+                            }
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let client = outbound();
+        let send = |path: &'static str, within: Duration| {
+            let client = client.clone();
+            async move {
+                let deadline = Instant::now() + within;
+                let request = get(path);
+                let sending =
+                    client.send("svc", addr, &request, OutBody::Full(Bytes::new()), deadline);
+                match tokio::time::timeout(TEST_DEADLINE, sending).await {
+                    Ok(result) => result,
+                    Err(_) => panic!("{path}: no answer and no timeout"),
+                }
+            }
+        };
+        // Arms the connection's timer 100 ms out.
+        match send("/fast", Duration::from_millis(100)).await {
+            Ok(res) => assert_eq!(body_of(res).await, b"ok"),
+            Err(e) => panic!("/fast: {e}"),
+        }
+        // 300 ms to answer, within a deadline of 5 s on the same connection.
+        match send("/slow", Duration::from_secs(5)).await {
+            Ok(res) => assert_eq!(body_of(res).await, b"ok"),
+            Err(e) => panic!("/slow: {e}"),
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // A deadline earlier than the timer's: it must be moved back.
+        let started = Instant::now();
+        match send("/never", Duration::from_millis(200)).await {
+            Err(SendError::TimedOut) => {}
+            Ok(res) => panic!("/never answered {}", res.status()),
+            Err(e) => panic!("/never: {e}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
     #[tokio::test]
     async fn reuses_a_connection_after_a_complete_response() {
         let (addr, mut seen) = instance(vec![
@@ -947,7 +1083,13 @@ mod tests {
         let client = outbound();
         for want in [&b"ok"[..], b"abc", b""] {
             let res = match client
-                .send("svc", addr, &get("/x?y=1"), OutBody::Full(Bytes::new()))
+                .send(
+                    "svc",
+                    addr,
+                    &get("/x?y=1"),
+                    OutBody::Full(Bytes::new()),
+                    far(),
+                )
                 .await
             {
                 Ok(r) => r,
@@ -978,7 +1120,7 @@ mod tests {
         let client = outbound();
         for service in ["catalog", "orders"] {
             match client
-                .send(service, addr, &get("/"), OutBody::Full(Bytes::new()))
+                .send(service, addr, &get("/"), OutBody::Full(Bytes::new()), far())
                 .await
             {
                 Ok(res) => drop(body_of(res).await),
@@ -1000,7 +1142,7 @@ mod tests {
         let client = outbound();
         for want in [&b"a"[..], b"b"] {
             match client
-                .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()))
+                .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()), far())
                 .await
             {
                 Ok(res) => assert_eq!(body_of(res).await, want),
@@ -1017,7 +1159,7 @@ mod tests {
         let (addr, _seen) = instance(vec![b"HTTP/1.0 200 OK\r\n\r\nall of it"]).await;
         let client = outbound();
         match client
-            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()))
+            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()), far())
             .await
         {
             Ok(res) => {
@@ -1046,7 +1188,7 @@ mod tests {
         .await;
         let client = outbound();
         match client
-            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()))
+            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()), far())
             .await
         {
             Ok(res) => {
@@ -1067,7 +1209,7 @@ mod tests {
         ] {
             let (addr, _seen) = instance(vec![bad]).await;
             match outbound()
-                .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()))
+                .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()), far())
                 .await
             {
                 Err(SendError::Protocol(_)) => {}
@@ -1088,7 +1230,7 @@ mod tests {
         let client = outbound();
         // The fake instance closes after its last canned response.
         match client
-            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()))
+            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()), far())
             .await
         {
             Ok(res) => {
@@ -1099,7 +1241,7 @@ mod tests {
         }
         let (addr, _seen) = instance(vec![]).await;
         match client
-            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()))
+            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()), far())
             .await
         {
             Err(SendError::Lost(_)) => {}
@@ -1115,7 +1257,7 @@ mod tests {
             l.local_addr().unwrap_or_else(|e| panic!("{e}"))
         };
         match outbound()
-            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()))
+            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()), far())
             .await
         {
             Err(SendError::Connect(_)) => {}
@@ -1162,6 +1304,7 @@ mod tests {
                 addr,
                 &post,
                 OutBody::Full(Bytes::from_static(b"hello")),
+                far(),
             )
             .await
         {
@@ -1179,7 +1322,7 @@ mod tests {
             let post = post.clone();
             async move {
                 client
-                    .send("svc", addr, &post, OutBody::Stream(stream))
+                    .send("svc", addr, &post, OutBody::Stream(stream), far())
                     .await
                     .map(|_| ())
             }
@@ -1252,7 +1395,7 @@ mod tests {
             // Several times: with `close`, the reset races the answer.
             let request = post();
             for _ in 0..5 {
-                let sending = client.send("svc", addr, &request, OutBody::Full(big.clone()));
+                let sending = client.send("svc", addr, &request, OutBody::Full(big.clone()), far());
                 match tokio::time::timeout(TEST_DEADLINE, sending).await {
                     Ok(Ok(res)) => {
                         assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE, "close={close}");
@@ -1281,7 +1424,7 @@ mod tests {
             .await;
         let stream = body::boxed(http_body_util::StreamBody::new(frames));
         let (client, request) = (outbound(), post());
-        let sending = client.send("svc", addr, &request, OutBody::Stream(stream));
+        let sending = client.send("svc", addr, &request, OutBody::Stream(stream), far());
         match tokio::time::timeout(TEST_DEADLINE, sending).await {
             Ok(Ok(res)) => assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE),
             Ok(Err(e)) => panic!("{e}"),
@@ -1303,6 +1446,7 @@ mod tests {
             read: BytesMut::new(),
             write: Vec::new(),
             spans: Vec::new(),
+            timer: None,
         };
         let (open, accepted) =
             tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());

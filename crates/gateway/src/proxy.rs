@@ -115,8 +115,9 @@ impl Proxy {
     pub(crate) async fn forward(
         &self,
         req: Request<Body>,
+        conn: ConnInfo,
         route: &Route,
-        client: Option<ClientAddr>,
+        client: ClientAddr,
     ) -> Result<(Response<Body>, Upstream), Rejection> {
         let deadline = Instant::now() + route.timeout;
         let timed_out = || Rejection::UpstreamTimeout {
@@ -124,13 +125,11 @@ impl Proxy {
             timeout: route.timeout,
         };
         let (mut parts, body) = req.into_parts();
-        let conn = parts.extensions.get::<ConnInfo>().copied();
-        let trusted = client.is_some_and(|c| c.via_trusted_proxy);
         headers::prepare_request(
             &mut parts.headers,
-            conn.map(|c| c.peer.ip()),
-            trusted,
-            conn.map_or("http", |c| c.scheme),
+            Some(conn.peer.ip()),
+            client.via_trusted_proxy,
+            conn.scheme,
             parts.uri.authority().map(|a| a.as_str()),
         );
         let retryable = is_idempotent(&parts.method)
@@ -169,13 +168,13 @@ impl Proxy {
             // it can take the request.
             let sending = self
                 .client
-                .send(&route.service, endpoint.addr, &parts, body);
-            let error = match tokio::time::timeout_at(deadline, sending).await {
-                Err(_) => {
+                .send(&route.service, endpoint.addr, &parts, body, deadline);
+            let error = match sending.await {
+                Err(SendError::TimedOut) => {
                     health.failure(&endpoint.instance, &ready);
                     return Err(timed_out());
                 }
-                Ok(Ok(res)) => {
+                Ok(res) => {
                     let status = res.status();
                     if status.is_server_error() {
                         health.failure(&endpoint.instance, &ready);
@@ -206,7 +205,7 @@ impl Proxy {
                     tokio::time::sleep_until(deadline.min(Instant::now() + backoff(retries))).await;
                     continue;
                 }
-                Ok(Err(error)) => error,
+                Err(error) => error,
             };
             drop(guard);
             if let Some(limit) = body_limit_exceeded(&error, route) {
@@ -394,7 +393,7 @@ fn classify(error: &SendError) -> Failure {
     match error {
         SendError::Connect(_) => Failure::Connect,
         SendError::Lost(_) => Failure::ConnectionLost,
-        SendError::Body(_) | SendError::Protocol(_) => Failure::Other,
+        SendError::Body(_) | SendError::Protocol(_) | SendError::TimedOut => Failure::Other,
     }
 }
 

@@ -53,7 +53,8 @@ impl Settings {
 pub(crate) struct Resilience {
     settings: Settings,
     epoch: Instant,
-    services: RwLock<HashMap<String, Arc<ServiceHealth>>>,
+    /// foldhash: service names come from the manifest, not from clients.
+    services: RwLock<HashMap<String, Arc<ServiceHealth>, foldhash::fast::RandomState>>,
 }
 
 impl Resilience {
@@ -61,7 +62,7 @@ impl Resilience {
         Resilience {
             settings,
             epoch: Instant::now(),
-            services: RwLock::new(HashMap::new()),
+            services: RwLock::new(HashMap::default()),
         }
     }
 
