@@ -302,7 +302,10 @@ impl Watched {
 pub(crate) async fn linger(stream: &TcpStream) {
     let _ = shutdown_write(stream);
     let drain = async {
-        let mut buf = [0u8; 16 * 1024];
+        // On the heap, and only here: a 16 KiB array in this future would
+        // make every connection's task (which contains it) 16 KiB larger
+        // from its first byte.
+        let mut buf = vec![0u8; 16 * 1024];
         let mut total = 0;
         while total < LINGER_BYTES {
             if stream.readable().await.is_err() {

@@ -161,7 +161,11 @@ impl Outbound {
         let mut conn = match self.checkout(service, addr) {
             Some(conn) => conn,
             None => {
-                let open = self.shared.connector.open(service, addr);
+                // Boxed: opening a connection (TCP, then maybe a TLS
+                // handshake) is a 1.7 KB future, and unboxed it would make
+                // every request's future that much larger, and every move
+                // of it that much longer, for a path few requests take.
+                let open = Box::pin(self.shared.connector.open(service, addr));
                 let io = tokio::time::timeout_at(deadline, open)
                     .await
                     .map_err(|_| SendError::TimedOut)?
