@@ -997,6 +997,84 @@ mod tests {
         }
     }
 
+    /// RFC 9112 §6.3, as the instance's response head says it.
+    #[test]
+    fn response_framing_follows_the_headers() {
+        fn map(fields: &[(&'static str, &'static str)]) -> HeaderMap {
+            let mut h = HeaderMap::new();
+            for (k, v) in fields {
+                h.append(*k, HeaderValue::from_static(v));
+            }
+            h
+        }
+        // Framing as a word, and whether the connection is reusable.
+        let of = |status: u16, head_only: bool, fields: &[(&'static str, &'static str)]| {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            match framing(status, head_only, &map(fields)) {
+                Ok((Framing::Fixed(n), r)) => (format!("fixed {n}"), r),
+                Ok((Framing::Chunked(_), r)) => ("chunked".to_string(), r),
+                Ok((Framing::UntilClose, r)) => ("close".to_string(), r),
+                Ok((Framing::Done, r)) => ("done".to_string(), r),
+                Err(e) => (format!("error: {e}"), false),
+            }
+        };
+        let te = "transfer-encoding";
+        let cl = "content-length";
+        let want = |s: &str, r: bool| (s.to_string(), r);
+        assert_eq!(of(200, false, &[(cl, "5")]), want("fixed 5", true));
+        assert_eq!(of(200, false, &[(cl, "5, 5")]), want("fixed 5", true));
+        assert_eq!(
+            of(200, false, &[(cl, "5"), (cl, "5")]),
+            want("fixed 5", true)
+        );
+        assert_eq!(of(200, false, &[(cl, "0")]), want("done", true));
+        assert!(of(200, false, &[(cl, "5, 6")]).0.contains("conflicting"));
+        assert!(
+            of(200, false, &[(cl, "5"), (cl, "6")])
+                .0
+                .contains("conflicting")
+        );
+        assert!(of(200, false, &[(cl, "+5")]).0.contains("invalid"));
+        assert!(of(200, false, &[(cl, "")]).0.contains("invalid"));
+        assert_eq!(of(200, false, &[(te, "chunked")]), want("chunked", true));
+        assert_eq!(
+            of(200, false, &[(te, "gzip, chunked")]),
+            want("chunked", true)
+        );
+        assert_eq!(
+            of(200, false, &[(te, "gzip"), (te, "Chunked")]),
+            want("chunked", true)
+        );
+        assert_eq!(
+            of(200, false, &[(te, "chunked, gzip")]),
+            want("close", false)
+        );
+        // Both: chunked wins, and the connection is not trusted after.
+        assert_eq!(
+            of(200, false, &[(cl, "5"), (te, "chunked")]),
+            want("chunked", false)
+        );
+        // An invalid length does not matter when chunked says otherwise.
+        assert_eq!(
+            of(200, false, &[(cl, "x"), (te, "chunked")]),
+            want("chunked", false)
+        );
+        assert_eq!(of(200, false, &[]), want("close", false));
+        assert_eq!(of(204, false, &[(cl, "5")]), want("done", true));
+        assert_eq!(of(304, false, &[(te, "chunked")]), want("done", true));
+        assert_eq!(of(200, true, &[(cl, "5")]), want("done", true));
+
+        let conn = "connection";
+        assert!(keep_alive(Version::HTTP_11, &map(&[])));
+        assert!(!keep_alive(Version::HTTP_11, &map(&[(conn, "close")])));
+        assert!(!keep_alive(
+            Version::HTTP_11,
+            &map(&[(conn, "keep-alive, Close")])
+        ));
+        assert!(!keep_alive(Version::HTTP_10, &map(&[])));
+        assert!(keep_alive(Version::HTTP_10, &map(&[(conn, "Keep-Alive")])));
+    }
+
     /// The connection's timer is kept between exchanges: a later deadline
     /// than the last exchange's must not cut a slow answer short (the timer
     /// fires early and is re-armed), and an earlier one must still hold.
