@@ -111,6 +111,8 @@ struct Shared {
     /// Hashed with foldhash: the addresses come from discovery, not from
     /// clients, so SipHash's resistance to chosen keys buys nothing here.
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>, foldhash::fast::RandomState>>,
+    /// Idle connections kept per instance ([`MAX_IDLE_PER_INSTANCE`]).
+    max_idle: usize,
 }
 
 struct Idle {
@@ -137,9 +139,14 @@ impl Outbound {
     /// A client opening connections with `connector`; sweeps idle
     /// connections in the background (needs a tokio runtime).
     pub(crate) fn new(connector: Connector) -> Outbound {
+        Outbound::with_max_idle(connector, MAX_IDLE_PER_INSTANCE)
+    }
+
+    fn with_max_idle(connector: Connector, max_idle: usize) -> Outbound {
         let shared = Arc::new(Shared {
             connector,
             idle: Mutex::new(HashMap::default()),
+            max_idle,
         });
         tokio::spawn(sweep(Arc::downgrade(&shared)));
         Outbound { shared }
@@ -250,7 +257,7 @@ impl Outbound {
     fn checkin(shared: &Shared, conn: Conn) {
         let mut idle = shared.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(conn.addr).or_default();
-        if list.len() < MAX_IDLE_PER_INSTANCE {
+        if list.len() < shared.max_idle {
             list.push(Idle {
                 conn,
                 since: Instant::now(),
@@ -995,6 +1002,63 @@ mod tests {
             Ok(Err(e)) => panic!("body: {e}"),
             Err(_) => panic!("body timed out"),
         }
+    }
+
+    /// A burst of concurrent requests opens a connection each; once they
+    /// are done, only `max_idle` of them stay pooled (the rest close).
+    #[tokio::test]
+    async fn the_pool_keeps_at_most_max_idle_connections_per_instance() {
+        let listener = match TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => panic!("{e}"),
+        };
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            // Slow enough that the burst overlaps.
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let connector = match crate::client::connector(&limits(), None) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        let client = Outbound::with_max_idle(connector, 3);
+        let burst = (0..5).map(|_| {
+            let client = client.clone();
+            async move {
+                let request = get("/");
+                match client
+                    .send("svc", addr, &request, OutBody::Full(Bytes::new()), far())
+                    .await
+                {
+                    Ok(res) => body_of(res).await,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        });
+        for body in futures_util::future::join_all(burst).await {
+            assert_eq!(body, b"ok");
+        }
+        let idle = client.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
+        assert_eq!(idle.get(&addr).map(Vec::len), Some(3));
     }
 
     /// RFC 9112 §6.3, as the instance's response head says it.
