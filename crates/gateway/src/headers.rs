@@ -101,12 +101,18 @@ pub(crate) fn prepare_request(
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
 
-    if !headers.contains_key(header::HOST)
-        && let Some(v) = authority.and_then(|a| HeaderValue::from_str(a).ok())
-    {
-        headers.insert(header::HOST, v);
-    }
-    match headers.get(header::HOST).cloned() {
+    // One lookup of `Host` for the usual request that has one.
+    let host = match headers.get(header::HOST) {
+        Some(host) => Some(host.clone()),
+        None => {
+            let host = authority.and_then(|a| HeaderValue::from_str(a).ok());
+            if let Some(v) = &host {
+                headers.insert(header::HOST, v.clone());
+            }
+            host
+        }
+    };
+    match host {
         Some(host) => {
             headers.insert(X_FORWARDED_HOST.clone(), host);
         }

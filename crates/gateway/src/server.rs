@@ -26,7 +26,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use http::header::SERVER;
+use http::header::{Entry, SERVER};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -151,9 +151,19 @@ impl Front {
         // insert. (It fails only near the map's size limit, which the head
         // limits rule out.)
         let _ = req.headers_mut().try_reserve(REQUEST_HEADROOM);
-        let request_id = RequestId::keep_or_generate(req.headers().get(&X_REQUEST_ID));
-        req.headers_mut()
-            .insert(X_REQUEST_ID.clone(), request_id.header().clone());
+        // One lookup: the client's id kept in place, or ours put there.
+        let request_id = match req.headers_mut().entry(&X_REQUEST_ID) {
+            Entry::Occupied(mut given) => {
+                let id = RequestId::keep_or_generate(Some(given.get()));
+                given.insert(id.header().clone());
+                id
+            }
+            Entry::Vacant(none) => {
+                let id = RequestId::keep_or_generate(None);
+                none.insert(id.header().clone());
+                id
+            }
+        };
         // Dropped with this future if the client leaves before the
         // response: then it logs a 499.
         let mut entry = self.log.begin(&req, request_id);
