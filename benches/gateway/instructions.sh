@@ -29,29 +29,8 @@ cargo build --release --quiet -p flotilla-gateway --example bench_upstream --exa
   --example bench_raw_h1
 BIN="target/release/examples"
 
-TMP="$(mktemp -d -t flotilla-instr.XXXXXX)"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  if [ "${KEEP:-0}" = 1 ]; then echo "kept $TMP" >&2; else rm -rf "$TMP"; fi
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-
-# Waits (up to 60 s: valgrind starts slowly) until PORT accepts.
-wait_port() {
-  local port=$1 i
-  for i in $(seq 1 600); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing listens on $port" >&2
-  exit 1
-}
+source benches/gateway/common.sh
+make_tmp flotilla-instr
 
 UP=$(free_port)
 "$BIN/bench_upstream" "127.0.0.1:$UP" >"$TMP/upstream.log" 2>&1 &
@@ -64,7 +43,8 @@ start() {
   local name=$1 port=$2; shift 2
   valgrind --tool=callgrind --callgrind-out-file="$TMP/$name.cg" "$@" >"$TMP/$name.log" 2>&1 &
   PIDS+=($!)
-  wait_port "$port"
+  # valgrind starts slowly.
+  wait_port "$port" 60
 }
 start raw-h1 "$RAW" "$BIN/bench_raw_h1" "127.0.0.1:$RAW" "127.0.0.1:$UP" 1
 start gw-plain "$PLAIN" "$BIN/bench_gateway" --listen "127.0.0.1:$PLAIN" --upstream "127.0.0.1:$UP" --threads 1

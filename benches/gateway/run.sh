@@ -64,29 +64,8 @@ cargo build --release --quiet -p flotilla-gateway --example bench_upstream --exa
   --example bench_hyper_minimal --example bench_raw_h1
 BIN="target/release/examples"
 
-TMP="$(mktemp -d -t flotilla-bench.XXXXXX)"
-chmod 755 "$TMP"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  if [ "${KEEP:-0}" = 1 ]; then echo "kept $TMP" >&2; else rm -rf "$TMP"; fi
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-
-wait_port() {
-  local port=$1 i
-  for i in $(seq 1 200); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "nothing listens on $port" >&2
-  exit 1
-}
+source benches/gateway/common.sh
+make_tmp flotilla-bench
 
 declare -A PID_OF
 UP_PORT=$(free_port)

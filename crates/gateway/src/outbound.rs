@@ -910,21 +910,23 @@ impl Drop for UpstreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    /// How long a test may wait; keeps a broken test from hanging.
-    const TEST_DEADLINE: Duration = Duration::from_secs(10);
-
-    /// A deadline no test exchange reaches.
-    fn far() -> Instant {
-        Instant::now() + TEST_DEADLINE
-    }
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    /// How long a test may wait; keeps a broken test from hanging.
+    const TEST_DEADLINE: Duration = Duration::from_secs(10);
+
     fn limits() -> crate::config::Limits {
         crate::config::Limits::default()
+    }
+
+    /// A deadline no test exchange reaches.
+    fn far() -> Instant {
+        Instant::now() + TEST_DEADLINE
     }
 
     fn outbound() -> Outbound {
@@ -1004,17 +1006,20 @@ mod tests {
         }
     }
 
-    /// A burst of concurrent requests opens a connection each; once they
-    /// are done, only `max_idle` of them stay pooled (the rest close).
-    #[tokio::test]
-    async fn the_pool_keeps_at_most_max_idle_connections_per_instance() {
+    /// A fake instance that answers `ok` to every request head: after
+    /// 300 ms for `GET /slow`, never for `GET /never`, at once otherwise;
+    /// counts the connections it accepts.
+    async fn slow_instance() -> (SocketAddr, Arc<AtomicUsize>) {
         let listener = match TcpListener::bind("127.0.0.1:0").await {
             Ok(l) => l,
             Err(e) => panic!("{e}"),
         };
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     loop {
@@ -1024,9 +1029,13 @@ mod tests {
                             Ok(n) => buf.extend_from_slice(&chunk[..n]),
                         }
                         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            buf.drain(..end + 4);
-                            // Slow enough that the burst overlaps.
-                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            let head: Vec<u8> = buf.drain(..end + 4).collect();
+                            if head.starts_with(b"GET /never ") {
+                                continue;
+                            }
+                            if head.starts_with(b"GET /slow ") {
+                                tokio::time::sleep(Duration::from_millis(300)).await;
+                            }
                             let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                             if s.write_all(ok).await.is_err() {
                                 return;
@@ -1036,6 +1045,14 @@ mod tests {
                 });
             }
         });
+        (addr, accepted)
+    }
+
+    /// A burst of concurrent requests opens a connection each; once they
+    /// are done, only `max_idle` of them stay pooled (the rest close).
+    #[tokio::test]
+    async fn the_pool_keeps_at_most_max_idle_connections_per_instance() {
+        let (addr, _) = slow_instance().await;
         let connector = match crate::client::connector(&limits(), None) {
             Ok(c) => c,
             Err(e) => panic!("{e}"),
@@ -1044,7 +1061,8 @@ mod tests {
         let burst = (0..5).map(|_| {
             let client = client.clone();
             async move {
-                let request = get("/");
+                // Slow enough that the burst overlaps.
+                let request = get("/slow");
                 match client
                     .send("svc", addr, &request, OutBody::Full(Bytes::new()), far())
                     .await
@@ -1144,41 +1162,7 @@ mod tests {
     /// fires early and is re-armed), and an earlier one must still hold.
     #[tokio::test]
     async fn each_exchange_keeps_its_own_deadline_on_a_reused_connection() {
-        let listener = match TcpListener::bind("127.0.0.1:0").await {
-            Ok(l) => l,
-            Err(e) => panic!("{e}"),
-        };
-        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = Arc::clone(&accepted);
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    loop {
-                        let mut chunk = [0u8; 4096];
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head: Vec<u8> = buf.drain(..end + 4).collect();
-                            if head.starts_with(b"GET /never ") {
-                                continue;
-                            }
-                            if head.starts_with(b"GET /slow ") {
-                                tokio::time::sleep(Duration::from_millis(300)).await;
-                            }
-                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if s.write_all(ok).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
+        let (addr, accepted) = slow_instance().await;
         let client = outbound();
         let send = |path: &'static str, within: Duration| {
             let client = client.clone();
@@ -1203,7 +1187,7 @@ mod tests {
             Ok(res) => assert_eq!(body_of(res).await, b"ok"),
             Err(e) => panic!("/slow: {e}"),
         }
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
         // A deadline earlier than the timer's: it must be moved back.
         let started = Instant::now();
         match send("/never", Duration::from_millis(200)).await {
