@@ -8,7 +8,7 @@
 //! `JoinSet` so that shutdown can close the ones still open at the deadline.
 //!
 //! A connection's first bytes decide its protocol: the HTTP/2 preface goes
-//! to hyper (h2c, through hyper-util's auto builder, its socket watched by
+//! to hyper (h2c, through hyper's HTTP/2 builder, its socket watched by
 //! `conn` for the lingering close); anything else is HTTP/1.x, served by the
 //! gateway's own driver (`h1`), which parses heads, enforces the head size
 //! and count limits (431), the slow-head (408) and idle timeouts, and
@@ -29,8 +29,8 @@ use bytes::BytesMut;
 use http::header::{Entry, SERVER};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
@@ -206,20 +206,12 @@ impl Front {
     }
 }
 
-/// hyper's builder, for h2c connections (`serve_h2`). Only connections that
-/// start with the HTTP/2 preface reach it; its HTTP/1 settings keep the
-/// limits should that ever change.
-fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// hyper's HTTP/2 builder, for h2c connections (`serve_h2`): only
+/// connections that start with the HTTP/2 preface reach hyper, so no
+/// HTTP/1 settings (and no second look at the preface) are needed.
+fn h2_builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
-        .http1()
-        .timer(TokioTimer::new())
-        // The connection watchdog times heads out with a 408 instead.
-        .header_read_timeout(None)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .max_headers(limits.max_headers);
-    builder
-        .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     builder
@@ -233,7 +225,7 @@ pub(crate) async fn run(
     mut stop: oneshot::Receiver<Duration>,
     log_writer: Option<JoinHandle<()>>,
 ) {
-    let builder = Arc::new(http_builder(&limits));
+    let builder = Arc::new(h2_builder(&limits));
     let settings = h1::Settings::new(&limits);
     let graceful = GracefulShutdown::new();
     // Tells HTTP/1 connections, and those that have not sent a byte yet,
@@ -308,7 +300,7 @@ async fn accept_failed(e: std::io::Error) {
 const FIRST_READ: usize = 8 * 1024;
 
 async fn serve_connection(
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<http2::Builder<TokioExecutor>>,
     stream: TcpStream,
     peer: SocketAddr,
     stack: Stack,
@@ -364,7 +356,7 @@ async fn read_first(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<b
 
 /// An h2c connection, served by hyper (its first bytes are replayed).
 async fn serve_h2(
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<http2::Builder<TokioExecutor>>,
     stream: TcpStream,
     first: BytesMut,
     info: ConnInfo,
