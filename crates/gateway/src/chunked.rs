@@ -244,21 +244,32 @@ pub(crate) fn chunk_head(out: &mut Vec<u8>, len: usize) {
 /// The last chunk with no trailers.
 pub(crate) const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
+/// Runs a body decoder's `step` over `input` until it needs more or is
+/// done: the body's bytes, whether it ended, and what is left after it.
+/// For the tests of this decoder and of the HTTP/1 server's.
+#[cfg(test)]
+pub(crate) fn drain(
+    mut step: impl FnMut(&mut BytesMut) -> Result<Decoded, ChunkedError>,
+    input: &[u8],
+) -> Result<(Vec<u8>, bool, Vec<u8>), ChunkedError> {
+    let mut buf = BytesMut::from(input);
+    let mut out = Vec::new();
+    loop {
+        match step(&mut buf)? {
+            Decoded::Data(b) => out.extend_from_slice(&b),
+            Decoded::NeedMore => return Ok((out, false, buf.to_vec())),
+            Decoded::Done => return Ok((out, true, buf.to_vec())),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn decode_all(input: &[u8]) -> Result<(Vec<u8>, bool, Vec<u8>), ChunkedError> {
         let mut d = ChunkedDecoder::default();
-        let mut buf = BytesMut::from(input);
-        let mut out = Vec::new();
-        loop {
-            match d.decode(&mut buf)? {
-                Decoded::Data(b) => out.extend_from_slice(&b),
-                Decoded::NeedMore => return Ok((out, false, buf.to_vec())),
-                Decoded::Done => return Ok((out, true, buf.to_vec())),
-            }
-        }
+        drain(|buf| d.decode(buf), input)
     }
 
     #[test]

@@ -51,15 +51,7 @@ mod tests {
 
     /// Everything `input` decodes to, with what is left after the body.
     fn decode_all(mut d: Decoder, input: &[u8]) -> Result<(Vec<u8>, bool, Vec<u8>), ChunkedError> {
-        let mut buf = BytesMut::from(input);
-        let mut out = Vec::new();
-        loop {
-            match d.decode(&mut buf)? {
-                Decoded::Data(b) => out.extend_from_slice(&b),
-                Decoded::NeedMore => return Ok((out, false, buf.to_vec())),
-                Decoded::Done => return Ok((out, true, buf.to_vec())),
-            }
-        }
+        crate::chunked::drain(|buf| d.decode(buf), input)
     }
 
     #[test]
