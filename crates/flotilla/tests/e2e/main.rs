@@ -2,6 +2,7 @@
 //! the gateway over real sockets; and the `flotilla` binary itself.
 
 mod bad_input;
+mod browser;
 mod cli;
 mod mesh;
 mod saga;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use flotilla_testkit::{InstanceState, System};
 use serde_json::{Value, json};
 
+use crate::browser::Browser;
 use crate::support::{client, flotilla, products, shop_manifest, sign_in};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,5 +435,79 @@ async fn the_web_ui_lists_products_in_a_real_browser() {
         "the page shows {shown} of {} products; DOM:\n{dom}",
         names.len()
     );
+    system.stop().await;
+}
+
+/// The shop as a customer uses it, in a real browser: create an account in
+/// the UI (which signs in), put a product in the basket, wait for the quote,
+/// place the order, and find it under "My orders", which lists the signed-in
+/// user's orders (the gateway takes the user from the token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_signs_up_and_orders_in_a_real_browser() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let system = System::start(shop_manifest()).await.expect("shop starts");
+    browser.goto(&system.url("/")).await;
+    browser
+        .wait_for(
+            "the product list",
+            "return document.querySelectorAll('#products .add-btn').length",
+        )
+        .await;
+
+    browser.click("#tab-sign-up").await;
+    browser.type_into("#su-name", "Browser Customer").await;
+    browser.type_into("#su-email", "browser@example.com").await;
+    browser
+        .type_into("#su-password", "correct horse battery staple")
+        .await;
+    browser.click("#su-submit").await;
+    let who = browser
+        .wait_for(
+            "signed in",
+            "return !document.getElementById('signed-in').hidden && document.getElementById('who').textContent",
+        )
+        .await;
+    assert_eq!(who, "browser@example.com");
+
+    browser.click("#products .add-btn").await;
+    browser
+        .wait_for(
+            "a quote that enables the order button",
+            "return !document.getElementById('place').disabled",
+        )
+        .await;
+    browser.click("#place").await;
+    let placed = browser
+        .wait_for(
+            "the order's confirmation",
+            "const ok = document.getElementById('order-ok');
+             const err = document.getElementById('order-error');
+             if (!err.hidden) return 'error: ' + err.textContent;
+             return !ok.hidden && ok.textContent",
+        )
+        .await;
+    let placed = placed.as_str().unwrap_or_default().to_string();
+    assert!(placed.starts_with("Thank you! Order "), "{placed}");
+    let short_id = placed
+        .trim_start_matches("Thank you! Order ")
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(short_id.len(), 8, "{placed}");
+
+    // Placing refreshes "My orders"; the order is there, under this user.
+    let mine = browser
+        .wait_for(
+            "the order under My orders",
+            "return document.getElementById('orders').innerText",
+        )
+        .await;
+    let mine = mine.as_str().unwrap_or_default();
+    assert!(mine.contains(&short_id), "{short_id} not in:\n{mine}");
+
+    browser.close().await;
     system.stop().await;
 }
