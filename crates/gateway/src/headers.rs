@@ -67,7 +67,7 @@ fn strip(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
 /// and is replaced by the peer, so services never see a forged hop.
 pub(crate) fn prepare_request(
     headers: &mut HeaderMap,
-    client: Option<IpAddr>,
+    client: IpAddr,
     trust_chain: bool,
     proto: &'static str,
     authority: Option<&str>,
@@ -79,25 +79,23 @@ pub(crate) fn prepare_request(
             || (!trust_chain && (name == X_FORWARDED_FOR || name == header::FORWARDED))
     });
 
-    if let Some(client) = client {
-        let forwarded_for = if headers.contains_key(&X_FORWARDED_FOR) {
-            // Several `X-Forwarded-For` lines are one list (RFC 9110 §5.3).
-            let client = client.to_string();
-            let mut hops: Vec<&str> = headers
-                .get_all(&X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .map(str::trim)
-                .filter(|v| !v.is_empty())
-                .collect();
-            hops.push(&client);
-            HeaderValue::from_str(&hops.join(", ")).ok()
-        } else {
-            Some(address_value(client))
-        };
-        if let Some(v) = forwarded_for {
-            headers.insert(X_FORWARDED_FOR.clone(), v);
-        }
+    let forwarded_for = if headers.contains_key(&X_FORWARDED_FOR) {
+        // Several `X-Forwarded-For` lines are one list (RFC 9110 §5.3).
+        let client = client.to_string();
+        let mut hops: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .collect();
+        hops.push(&client);
+        HeaderValue::from_str(&hops.join(", ")).ok()
+    } else {
+        Some(address_value(client))
+    };
+    if let Some(v) = forwarded_for {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
 
@@ -186,13 +184,7 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("expect", "100-continue"),
         ]);
-        prepare_request(
-            &mut h,
-            Some(IpAddr::from([127, 0, 0, 1])),
-            true,
-            "http",
-            None,
-        );
+        prepare_request(&mut h, IpAddr::from([127, 0, 0, 1]), true, "http", None);
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 198.51.100.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["host"], "shop.example:8080");
@@ -203,13 +195,7 @@ mod tests {
     #[test]
     fn an_untrusted_peer_cannot_forge_the_chain() {
         let mut h = map(&[("x-forwarded-for", "6.6.6.6"), ("forwarded", "for=6.6.6.6")]);
-        prepare_request(
-            &mut h,
-            Some(IpAddr::from([203, 0, 113, 9])),
-            false,
-            "http",
-            None,
-        );
+        prepare_request(&mut h, IpAddr::from([203, 0, 113, 9]), false, "http", None);
         assert_eq!(h["x-forwarded-for"], "203.0.113.9");
         assert!(h.get("forwarded").is_none());
     }
@@ -218,14 +204,14 @@ mod tests {
     fn each_request_gets_its_own_peer_in_x_forwarded_for() {
         for ip in [[10, 0, 0, 1], [10, 0, 0, 2], [10, 0, 0, 2], [10, 0, 0, 1]] {
             let mut h = map(&[("connection", "close")]);
-            prepare_request(&mut h, Some(IpAddr::from(ip)), false, "https", None);
+            prepare_request(&mut h, IpAddr::from(ip), false, "https", None);
             assert_eq!(h["x-forwarded-for"], IpAddr::from(ip).to_string());
             assert_eq!(h["x-forwarded-proto"], "https");
             assert!(h.get("connection").is_none());
         }
         let mut h = HeaderMap::new();
         let v6 = IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1]);
-        prepare_request(&mut h, Some(v6), false, "http", None);
+        prepare_request(&mut h, v6, false, "http", None);
         assert_eq!(h["x-forwarded-for"], "2001:db8::1");
     }
 
@@ -242,7 +228,7 @@ mod tests {
         let mut h = HeaderMap::new();
         prepare_request(
             &mut h,
-            Some(IpAddr::from([10, 0, 0, 1])),
+            IpAddr::from([10, 0, 0, 1]),
             true,
             "http",
             Some("api.local"),

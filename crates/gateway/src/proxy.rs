@@ -127,7 +127,7 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         headers::prepare_request(
             &mut parts.headers,
-            Some(conn.peer.ip()),
+            conn.peer.ip(),
             client.via_trusted_proxy,
             conn.scheme,
             parts.uri.authority().map(|a| a.as_str()),
