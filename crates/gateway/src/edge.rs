@@ -272,7 +272,7 @@ async fn police<'a>(
     if let Some(limiter) = &policy.limiter {
         let key = rate_key(
             &limiter.limit.key,
-            Some(client),
+            client,
             identity.as_deref(),
             req.headers(),
         );
@@ -306,11 +306,11 @@ const MAX_KEY_BYTES: usize = 128;
 
 fn rate_key<'a>(
     key: &RateLimitKey,
-    client: Option<ClientAddr>,
+    client: ClientAddr,
     identity: Option<&'a Identity>,
     headers: &HeaderMap,
 ) -> Cow<'a, str> {
-    let ip = || client.map(|c| c.ip.to_string()).unwrap_or_default();
+    let ip = || client.ip.to_string();
     match key {
         RateLimitKey::Ip => Cow::Owned(ip()),
         RateLimitKey::User => match identity {
@@ -358,24 +358,19 @@ mod tests {
             h.insert("x-api-key", v);
         }
         let name = String::from("x-api-key");
-        let key = rate_key(&RateLimitKey::Header(name.clone()), None, None, &h);
-        assert_eq!(key.len(), 2 + 64);
-        h.insert("x-api-key", HeaderValue::from_static("abc"));
-        assert_eq!(
-            rate_key(&RateLimitKey::Header(name.clone()), None, None, &h),
-            "h:abc"
-        );
         let client = ClientAddr {
             ip: IpAddr::from([192, 0, 2, 1]),
             via_trusted_proxy: false,
         };
+        let key = rate_key(&RateLimitKey::Header(name.clone()), client, None, &h);
+        assert_eq!(key.len(), 2 + 64);
+        h.insert("x-api-key", HeaderValue::from_static("abc"));
         assert_eq!(
-            rate_key(
-                &RateLimitKey::Header(name),
-                Some(client),
-                None,
-                &HeaderMap::new()
-            ),
+            rate_key(&RateLimitKey::Header(name.clone()), client, None, &h),
+            "h:abc"
+        );
+        assert_eq!(
+            rate_key(&RateLimitKey::Header(name), client, None, &HeaderMap::new()),
             "ip:192.0.2.1"
         );
     }
