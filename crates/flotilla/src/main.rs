@@ -11,11 +11,11 @@ use flotilla_manifest::Manifest;
 use flotilla_runtime::{ControlClient, Options, Profile, Status, System};
 
 /// The gateway, broker and runtime run in this process and allocate per
-/// request; mimalloc cut the gateway's CPU per proxied request by ~10 % and
-/// raised its throughput by 12–15 % against glibc's malloc in
-/// benches/gateway (docs/benchmarks.md).
+/// request; mimalloc (through flotilla-alloc) cut the gateway's CPU per
+/// proxied request by ~10 % and raised its throughput by 12–15 % against
+/// glibc's malloc in benches/gateway (docs/benchmarks.md).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: flotilla_alloc::Allocator = flotilla_alloc::Allocator;
 
 /// Run a system of microservices described by one flotilla.toml.
 #[derive(Parser)]

@@ -39,7 +39,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The allocator the `flotilla` binary uses, so the figures are the
 /// gateway's as shipped.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: flotilla_alloc::Allocator = flotilla_alloc::Allocator;
 
 struct Fixed(Arc<[Endpoint]>);
 

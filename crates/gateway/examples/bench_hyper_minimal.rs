@@ -21,7 +21,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: flotilla_alloc::Allocator = flotilla_alloc::Allocator;
 
 async fn serve(listen: SocketAddr, upstream: SocketAddr, reuse_port: bool) -> Result<(), BoxError> {
     let client: Client<_, Incoming> = Client::builder(TokioExecutor::new())

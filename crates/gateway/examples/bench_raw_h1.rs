@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: flotilla_alloc::Allocator = flotilla_alloc::Allocator;
 
 fn content_length(headers: &[httparse::Header<'_>]) -> usize {
     headers
