@@ -15,12 +15,6 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Removes hop-by-hop headers: the fixed set, every `Proxy-*`, and any
-/// header the `Connection` header names.
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    strip(headers, |_| false);
-}
-
 /// Whether `name` is hop-by-hop whatever `Connection` says.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::CONNECTION
@@ -30,6 +24,38 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == header::UPGRADE
         || name.as_str() == "keep-alive"
         || name.as_str().starts_with("proxy-")
+}
+
+/// The hop-by-hop fields of a head still in `httparse`'s form: a field
+/// name (any case) is hop-by-hop when it is in the fixed set, starts with
+/// `Proxy-`, or is named by one of the head's `Connection` fields. For a
+/// response from an instance, whose hop-by-hop fields are dropped before
+/// its header map is built rather than removed from it after.
+pub(crate) fn hop_by_hop<'h>(fields: &'h [httparse::Header<'h>]) -> impl Fn(&[u8]) -> bool + 'h {
+    const FIXED: [&[u8]; 6] = [
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ];
+    // Most heads have no `Connection` field: then no name needs the scan.
+    let connection = fields
+        .iter()
+        .any(|f| f.name.eq_ignore_ascii_case("connection"));
+    move |name: &[u8]| {
+        FIXED.iter().any(|f| name.eq_ignore_ascii_case(f))
+            || name
+                .get(..6)
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"proxy-"))
+            || (connection
+                && fields
+                    .iter()
+                    .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+                    .flat_map(|f| f.value.split(|b| *b == b','))
+                    .any(|token| token.trim_ascii().eq_ignore_ascii_case(name)))
+    }
 }
 
 /// Removes the hop-by-hop headers and those `also` picks. One pass over
@@ -152,9 +178,19 @@ mod tests {
         h
     }
 
+    fn raw(pairs: &[(&'static str, &'static str)]) -> Vec<httparse::Header<'static>> {
+        pairs
+            .iter()
+            .map(|(name, value)| httparse::Header {
+                name,
+                value: value.as_bytes(),
+            })
+            .collect()
+    }
+
     #[test]
     fn hop_by_hop_headers_are_stripped() {
-        let mut h = map(&[
+        let fields = raw(&[
             ("connection", "keep-alive, x-secret"),
             ("connection", "close"),
             ("keep-alive", "timeout=5"),
@@ -167,12 +203,17 @@ mod tests {
             ("x-secret", "1"),
             ("content-type", "text/plain"),
             ("authorization", "Bearer t"),
-            ("x-keep", "yes"),
+            ("X-Keep", "yes"),
+            ("Proxy-Foo", "no"),
+            ("X-SECRET", "2"),
         ]);
-        strip_hop_by_hop(&mut h);
-        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        left.sort();
-        assert_eq!(left, ["authorization", "content-type", "x-keep"]);
+        let doomed = hop_by_hop(&fields);
+        let left: Vec<&str> = fields
+            .iter()
+            .filter(|f| !doomed(f.name.as_bytes()))
+            .map(|f| f.name)
+            .collect();
+        assert_eq!(left, ["content-type", "authorization", "X-Keep"]);
     }
 
     #[test]
@@ -218,9 +259,16 @@ mod tests {
     #[test]
     fn headers_named_by_connection_go_only_with_it() {
         // Without a `Connection` header, nothing it could name is removed.
+        let fields = raw(&[("x-secret", "1"), ("host", "a")]);
+        let doomed = hop_by_hop(&fields);
+        assert!(fields.iter().all(|f| !doomed(f.name.as_bytes())));
+        // Through the request path's map too.
         let mut h = map(&[("x-secret", "1"), ("host", "a")]);
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 2);
+        prepare_request(&mut h, IpAddr::from([10, 0, 0, 1]), false, "http", None);
+        assert!(h.contains_key("x-secret"));
+        let mut h = map(&[("x-secret", "1"), ("connection", "X-Secret")]);
+        prepare_request(&mut h, IpAddr::from([10, 0, 0, 1]), false, "http", None);
+        assert!(!h.contains_key("x-secret") && !h.contains_key("connection"));
     }
 
     #[test]

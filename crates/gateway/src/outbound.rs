@@ -51,6 +51,7 @@ use tokio::time::{Instant, Sleep};
 use crate::body::{self, Body, BoxError};
 use crate::chunked::{self, ChunkedDecoder, Decoded};
 use crate::client::{ConnectError, Connector, MAX_IDLE_PER_INSTANCE, POOL_IDLE, Stream};
+use crate::headers;
 
 /// Room in a response's header map for what the gateway adds (request id,
 /// `server`, CORS and `RateLimit` headers): one allocation, no regrowth.
@@ -561,20 +562,29 @@ impl Conn {
             } else {
                 Version::HTTP_11
             };
-            // Where each name and value lies in the head, so that the
-            // values can share the head's bytes once it is split off
-            // (`spans` is reused: no allocation per response).
+            // Framing and reuse are read off the parsed fields, before
+            // the hop-by-hop ones that carry them are dropped.
+            let (framing, mut reusable) = framing(status, head_only, res.headers)?;
+            reusable &= keep_alive(version, res.headers);
+            // Where each end-to-end name and value lies in the head, so
+            // that the values can share the head's bytes once it is split
+            // off (`spans` is reused: no allocation per response). The
+            // hop-by-hop fields describe this connection, not the client's
+            // (RFC 9110 §7.6.1), so they never enter the map.
             let base = self.read.as_ptr() as usize;
             let at = |part: &[u8]| {
                 let start = part.as_ptr() as usize - base;
                 start..start + part.len()
             };
+            let doomed = headers::hop_by_hop(res.headers);
             self.spans.clear();
             self.spans.extend(
                 res.headers
                     .iter()
+                    .filter(|h| !doomed(h.name.as_bytes()))
                     .map(|h| (at(h.name.as_bytes()), at(h.value))),
             );
+            drop(doomed);
             let mut headers = HeaderMap::with_capacity(self.spans.len() + HEADROOM);
             let head = self.read.split_to(len).freeze();
             for (name, value) in self.spans.drain(..) {
@@ -585,8 +595,6 @@ impl Conn {
                     .map_err(|_| SendError::Protocol(format!("invalid value of header {name}")))?;
                 headers.append(name, value);
             }
-            let (framing, mut reusable) = framing(status, head_only, &headers)?;
-            reusable &= keep_alive(version, &headers);
             let mut parts = Response::new(()).into_parts().0;
             parts.status = status;
             parts.version = version;
@@ -686,36 +694,53 @@ fn expects_body(method: &Method) -> bool {
     matches!(*method, Method::POST | Method::PUT | Method::PATCH)
 }
 
-/// The body framing of a response and whether the framing allows reuse.
+/// The values of the fields named `name` (any case) among `fields`.
+fn values<'f>(
+    fields: &'f [httparse::Header<'f>],
+    name: &'static str,
+) -> impl Iterator<Item = &'f [u8]> {
+    fields
+        .iter()
+        .filter(move |f| f.name.eq_ignore_ascii_case(name))
+        .map(|f| f.value)
+}
+
+/// The comma-separated elements of the fields named `name`, trimmed, empty
+/// ones skipped (RFC 9110 §5.6.1).
+fn elements<'f>(
+    fields: &'f [httparse::Header<'f>],
+    name: &'static str,
+) -> impl Iterator<Item = &'f [u8]> {
+    values(fields, name)
+        .flat_map(|v| v.split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|e| !e.is_empty())
+}
+
+/// The body framing of a response and whether the framing allows reuse,
+/// from its parsed fields.
 fn framing(
     status: StatusCode,
     head_only: bool,
-    headers: &HeaderMap,
+    fields: &[httparse::Header<'_>],
 ) -> Result<(Framing, bool), SendError> {
     if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Done, true));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|c| !c.is_empty());
-        return Ok(match last {
-            Some(c) if c.eq_ignore_ascii_case("chunked") => {
+    if values(fields, "transfer-encoding").next().is_some() {
+        return Ok(match elements(fields, "transfer-encoding").last() {
+            Some(c) if c.eq_ignore_ascii_case(b"chunked") => {
                 // With both, the length is wrong; do not trust the
                 // connection after this response.
-                let reusable = !headers.contains_key(header::CONTENT_LENGTH);
+                let reusable = values(fields, "content-length").next().is_none();
                 (Framing::Chunked(ChunkedDecoder::default()), reusable)
             }
             _ => (Framing::UntilClose, false),
         });
     }
     let mut length: Option<u64> = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|b| *b == b',') {
+    for value in values(fields, "content-length") {
+        for part in value.split(|b| *b == b',') {
             let part = part.trim_ascii();
             let n = std::str::from_utf8(part)
                 .ok()
@@ -738,18 +763,11 @@ fn framing(
 }
 
 /// Whether the instance keeps the connection open after this response.
-fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &str| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
+fn keep_alive(version: Version, fields: &[httparse::Header<'_>]) -> bool {
+    let mut tokens = elements(fields, "connection");
     match version {
-        Version::HTTP_10 => has("keep-alive"),
-        _ => !has("close"),
+        Version::HTTP_10 => tokens.any(|t| t.eq_ignore_ascii_case(b"keep-alive")),
+        _ => !tokens.any(|t| t.eq_ignore_ascii_case(b"close")),
     }
 }
 
@@ -1082,12 +1100,14 @@ mod tests {
     /// RFC 9112 §6.3, as the instance's response head says it.
     #[test]
     fn response_framing_follows_the_headers() {
-        fn map(fields: &[(&'static str, &'static str)]) -> HeaderMap {
-            let mut h = HeaderMap::new();
-            for (k, v) in fields {
-                h.append(*k, HeaderValue::from_static(v));
-            }
-            h
+        fn map(fields: &[(&'static str, &'static str)]) -> Vec<httparse::Header<'static>> {
+            fields
+                .iter()
+                .map(|(name, value)| httparse::Header {
+                    name,
+                    value: value.as_bytes(),
+                })
+                .collect()
         }
         // Framing as a word, and whether the connection is reusable.
         let of = |status: u16, head_only: bool, fields: &[(&'static str, &'static str)]| {
@@ -1327,6 +1347,47 @@ mod tests {
             }
             Err(e) => panic!("{e}"),
         }
+    }
+
+    /// The instance's hop-by-hop fields (RFC 9110 §7.6.1) are not in the
+    /// response the proxy relays; its end-to-end fields are, and the
+    /// connection they described is reused as they said it may be.
+    #[tokio::test]
+    async fn hop_by_hop_fields_of_a_response_are_not_relayed() {
+        let (addr, mut seen) = instance(vec![
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\n\
+              Proxy-Authenticate: Basic\r\nX-Secret: 1\r\nUpgrade: h2c\r\nTrailer: x-sum\r\n\
+              Transfer-Encoding: chunked\r\nX-Keep: yes\r\nContent-Type: text/plain\r\n\r\n\
+              2\r\nhi\r\n0\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+        ])
+        .await;
+        let client = outbound();
+        let res = match client
+            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()), far())
+            .await
+        {
+            Ok(res) => res,
+            Err(e) => panic!("{e}"),
+        };
+        let mut names: Vec<&str> = res.headers().keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-type", "x-keep"]);
+        assert_eq!(body_of(res).await, b"hi");
+        // `Connection: keep-alive`: the same connection serves the next.
+        match client
+            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()), far())
+            .await
+        {
+            Ok(res) => assert_eq!(res.status(), StatusCode::NO_CONTENT),
+            Err(e) => panic!("{e}"),
+        }
+        let conns: Vec<usize> = [seen.recv().await, seen.recv().await]
+            .into_iter()
+            .flatten()
+            .map(|(conn, _)| conn)
+            .collect();
+        assert_eq!(conns, [1, 1]);
     }
 
     #[tokio::test]

@@ -356,8 +356,9 @@ fn relay(
     index: usize,
     load: LoadGuard,
 ) -> (Response<Body>, Upstream) {
+    // The instance's hop-by-hop fields never made it into the map (see
+    // `outbound`).
     let (mut parts, body) = res.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers);
     // Room for what the way out adds (request id, `server`, rate-limit and
     // CORS headers) in one allocation rather than a regrowth per insert.
     // (It fails only near the map's size limit, far above any head.)
