@@ -9,7 +9,8 @@
 use std::cell::RefCell;
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
+use http::request::Parts;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -58,92 +59,118 @@ pub(crate) fn hop_by_hop<'h>(fields: &'h [httparse::Header<'h>]) -> impl Fn(&[u8
     }
 }
 
-/// Removes the hop-by-hop headers and those `also` picks. One pass over
-/// the names, and a removal (a hash lookup) only for a header that is
-/// there: this runs twice per proxied request, and usually finds nothing.
-fn strip(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
-    let mut doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| is_hop_by_hop(name) || also(name))
-        .cloned()
-        .collect();
-    if doomed.is_empty() {
-        return;
-    }
-    doomed.extend(
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok()),
-    );
-    for name in doomed {
-        headers.remove(name);
-    }
+/// What the gateway tells an instance about who sent a request: decided
+/// where the request arrived, written into the upstream request head by
+/// [`forward_fields`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Forwarding {
+    /// The peer the request came from.
+    pub peer: IpAddr,
+    /// Whether the peer is a trusted proxy: only then is the forwarding
+    /// chain it sent kept (otherwise it is the client's own claim, and
+    /// services never see a forged hop).
+    pub trust_chain: bool,
+    /// The scheme the client used.
+    pub proto: &'static str,
 }
 
-/// Prepares a client's request headers for an upstream: strips hop-by-hop
-/// headers, appends the peer to `X-Forwarded-For`, sets
-/// `X-Forwarded-Proto` and `X-Forwarded-Host`, and makes sure `Host` carries
-/// what the client asked for (HTTP/2 clients send it as `:authority`).
+/// The fields of a client's request `parts` as they go to an instance,
+/// each passed to `put` as (name, value), in order:
 ///
-/// The forwarding chain the client sent is kept only when `trust_chain`
-/// (the peer is a trusted proxy); otherwise it is the client's own claim
-/// and is replaced by the peer, so services never see a forged hop.
-pub(crate) fn prepare_request(
-    headers: &mut HeaderMap,
-    client: IpAddr,
-    trust_chain: bool,
-    proto: &'static str,
-    authority: Option<&str>,
-) {
-    // The gateway streams the body itself; the upstream's `100 Continue`
-    // would have nowhere to go.
-    strip(headers, |name| {
-        name == header::EXPECT
-            || (!trust_chain && (name == X_FORWARDED_FOR || name == header::FORWARDED))
-    });
-
-    let forwarded_for = if headers.contains_key(&X_FORWARDED_FOR) {
+/// - the hop-by-hop fields (the fixed set, every `Proxy-*`, and those the
+///   `Connection` fields name) are left out, and so is `Expect`: the
+///   gateway streams the body itself, and the instance's `100 Continue`
+///   would have nowhere to go;
+/// - so are `Content-Length` and `Transfer-Encoding`: the upstream
+///   connection frames the body itself;
+/// - `X-Forwarded-For` is the peer, appended to the chain the client sent
+///   when the peer is a trusted proxy; `Forwarded` is dropped from an
+///   untrusted peer;
+/// - `X-Forwarded-Proto` is the scheme, and `X-Forwarded-Host` the `Host`
+///   (an HTTP/2 client's `:authority` becomes both when it sent no `Host`).
+///
+/// Returns whether a `Host` was put (if not, the caller names the
+/// instance).
+///
+/// The fields are filtered as they are written rather than removed from
+/// the map and inserted first: each removal or insertion is a hashed
+/// operation on the map, and this runs for every proxied request.
+pub(crate) fn forward_fields(
+    parts: &Parts,
+    fwd: &Forwarding,
+    mut put: impl FnMut(&[u8], &[u8]),
+) -> bool {
+    let headers = &parts.headers;
+    // One pass to learn what the second needs; names compare cheaply.
+    let (mut connection, mut chain) = (false, false);
+    let mut host: Option<&[u8]> = None;
+    for (name, value) in headers {
+        if name == header::CONNECTION {
+            connection = true;
+        } else if name == header::HOST {
+            host.get_or_insert(value.as_bytes());
+        } else if name == X_FORWARDED_FOR {
+            chain = true;
+        }
+    }
+    let named_by_connection = |name: &HeaderName| {
+        connection
+            && headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+                .any(|token| {
+                    token
+                        .trim_ascii()
+                        .eq_ignore_ascii_case(name.as_str().as_bytes())
+                })
+    };
+    for (name, value) in headers {
+        let left_out = is_hop_by_hop(name)
+            || name == header::EXPECT
+            || name == header::CONTENT_LENGTH
+            || name == X_FORWARDED_FOR
+            || name == X_FORWARDED_PROTO
+            || name == X_FORWARDED_HOST
+            || (!fwd.trust_chain && name == header::FORWARDED)
+            || named_by_connection(name);
+        if !left_out {
+            put(name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    if host.is_none()
+        && let Some(authority) = parts.uri.authority()
+    {
+        // An authority's characters are all valid in a field value.
+        host = Some(authority.as_str().as_bytes());
+        put(b"host", authority.as_str().as_bytes());
+    }
+    if let Some(host) = host {
+        put(X_FORWARDED_HOST.as_str().as_bytes(), host);
+    }
+    if fwd.trust_chain && chain {
         // Several `X-Forwarded-For` lines are one list (RFC 9110 §5.3).
-        let client = client.to_string();
-        let mut hops: Vec<&str> = headers
+        let mut hops: Vec<u8> = Vec::with_capacity(64);
+        for hop in headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .collect();
-        hops.push(&client);
-        HeaderValue::from_str(&hops.join(", ")).ok()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|hop| !hop.is_empty())
+        {
+            hops.extend_from_slice(hop);
+            hops.extend_from_slice(b", ");
+        }
+        hops.extend_from_slice(address_value(fwd.peer).as_bytes());
+        put(X_FORWARDED_FOR.as_str().as_bytes(), &hops);
     } else {
-        Some(address_value(client))
-    };
-    if let Some(v) = forwarded_for {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+        put(
+            X_FORWARDED_FOR.as_str().as_bytes(),
+            address_value(fwd.peer).as_bytes(),
+        );
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-
-    // One lookup of `Host` for the usual request that has one.
-    let host = match headers.get(header::HOST) {
-        Some(host) => Some(host.clone()),
-        None => {
-            let host = authority.and_then(|a| HeaderValue::from_str(a).ok());
-            if let Some(v) = &host {
-                headers.insert(header::HOST, v.clone());
-            }
-            host
-        }
-    };
-    match host {
-        Some(host) => {
-            headers.insert(X_FORWARDED_HOST.clone(), host);
-        }
-        None => {
-            headers.remove(&X_FORWARDED_HOST);
-        }
-    }
+    put(X_FORWARDED_PROTO.as_str().as_bytes(), fwd.proto.as_bytes());
+    host.is_some()
 }
 
 /// `ip` as a header value. The last one made on this thread is kept: a
@@ -169,6 +196,7 @@ fn address_value(ip: IpAddr) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -214,46 +242,134 @@ mod tests {
             .map(|f| f.name)
             .collect();
         assert_eq!(left, ["content-type", "authorization", "X-Keep"]);
+
+        // The same fields in a client's request, on their way upstream.
+        let (f, _) = forwarded(
+            &[
+                ("connection", "keep-alive, x-secret"),
+                ("keep-alive", "timeout=5"),
+                ("proxy-authorization", "Basic abc"),
+                ("te", "trailers"),
+                ("trailer", "x-checksum"),
+                ("transfer-encoding", "chunked"),
+                ("upgrade", "websocket"),
+                ("x-secret", "1"),
+                ("content-type", "text/plain"),
+            ],
+            "/",
+            [10, 0, 0, 1],
+            false,
+            "http",
+        );
+        let names: Vec<&str> = f.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["content-type", "x-forwarded-for", "x-forwarded-proto"]
+        );
+    }
+
+    /// The fields `forward_fields` writes for a request with `pairs`, and
+    /// whether it wrote a `Host`.
+    fn forwarded(
+        pairs: &[(&'static str, &'static str)],
+        uri: &str,
+        peer: [u8; 4],
+        trust_chain: bool,
+        proto: &'static str,
+    ) -> (Vec<(String, String)>, bool) {
+        let (mut parts, ()) = http::Request::get(uri)
+            .body(())
+            .unwrap_or_default()
+            .into_parts();
+        parts.headers = map(pairs);
+        let fwd = Forwarding {
+            peer: IpAddr::from(peer),
+            trust_chain,
+            proto,
+        };
+        let mut out = Vec::new();
+        let host = forward_fields(&parts, &fwd, |name, value| {
+            out.push((
+                String::from_utf8_lossy(name).into_owned(),
+                String::from_utf8_lossy(value).into_owned(),
+            ));
+        });
+        (out, host)
+    }
+
+    /// The value of the one field `name` among `fields`.
+    fn one<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        let mut found = fields.iter().filter(|(n, _)| n == name);
+        let first = found.next().map(|(_, v)| v.as_str());
+        assert!(found.next().is_none(), "{name} written twice: {fields:?}");
+        first
     }
 
     #[test]
     fn forwarded_headers_append_client_and_keep_host() {
-        let mut h = map(&[
-            ("host", "shop.example:8080"),
-            ("x-forwarded-for", "203.0.113.7"),
-            ("x-forwarded-for", "198.51.100.1"),
-            ("x-forwarded-proto", "https"),
-            ("expect", "100-continue"),
-        ]);
-        prepare_request(&mut h, IpAddr::from([127, 0, 0, 1]), true, "http", None);
-        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 198.51.100.1, 127.0.0.1");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["host"], "shop.example:8080");
-        assert_eq!(h["x-forwarded-host"], "shop.example:8080");
-        assert!(h.get("expect").is_none());
+        let (f, host) = forwarded(
+            &[
+                ("host", "shop.example:8080"),
+                ("x-forwarded-for", "203.0.113.7"),
+                ("x-forwarded-for", "198.51.100.1"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-host", "evil.example"),
+                ("expect", "100-continue"),
+                ("content-length", "5"),
+                ("forwarded", "for=203.0.113.7"),
+                ("accept", "*/*"),
+            ],
+            "/",
+            [127, 0, 0, 1],
+            true,
+            "http",
+        );
+        assert!(host);
+        assert_eq!(
+            one(&f, "x-forwarded-for"),
+            Some("203.0.113.7, 198.51.100.1, 127.0.0.1")
+        );
+        assert_eq!(one(&f, "x-forwarded-proto"), Some("http"));
+        assert_eq!(one(&f, "host"), Some("shop.example:8080"));
+        assert_eq!(one(&f, "x-forwarded-host"), Some("shop.example:8080"));
+        // A trusted proxy's `Forwarded` is passed on.
+        assert_eq!(one(&f, "forwarded"), Some("for=203.0.113.7"));
+        assert_eq!(one(&f, "accept"), Some("*/*"));
+        assert_eq!(one(&f, "expect"), None);
+        assert_eq!(one(&f, "content-length"), None);
     }
 
     #[test]
     fn an_untrusted_peer_cannot_forge_the_chain() {
-        let mut h = map(&[("x-forwarded-for", "6.6.6.6"), ("forwarded", "for=6.6.6.6")]);
-        prepare_request(&mut h, IpAddr::from([203, 0, 113, 9]), false, "http", None);
-        assert_eq!(h["x-forwarded-for"], "203.0.113.9");
-        assert!(h.get("forwarded").is_none());
+        let (f, _) = forwarded(
+            &[("x-forwarded-for", "6.6.6.6"), ("forwarded", "for=6.6.6.6")],
+            "/",
+            [203, 0, 113, 9],
+            false,
+            "http",
+        );
+        assert_eq!(one(&f, "x-forwarded-for"), Some("203.0.113.9"));
+        assert_eq!(one(&f, "forwarded"), None);
     }
 
     #[test]
     fn each_request_gets_its_own_peer_in_x_forwarded_for() {
         for ip in [[10, 0, 0, 1], [10, 0, 0, 2], [10, 0, 0, 2], [10, 0, 0, 1]] {
-            let mut h = map(&[("connection", "close")]);
-            prepare_request(&mut h, IpAddr::from(ip), false, "https", None);
-            assert_eq!(h["x-forwarded-for"], IpAddr::from(ip).to_string());
-            assert_eq!(h["x-forwarded-proto"], "https");
-            assert!(h.get("connection").is_none());
+            let (f, host) = forwarded(&[("connection", "close")], "/", ip, false, "https");
+            assert_eq!(
+                one(&f, "x-forwarded-for"),
+                Some(IpAddr::from(ip).to_string().as_str())
+            );
+            assert_eq!(one(&f, "x-forwarded-proto"), Some("https"));
+            assert_eq!(one(&f, "connection"), None);
+            // No `Host` and no authority: the caller names the instance.
+            assert!(!host);
+            assert_eq!(one(&f, "x-forwarded-host"), None);
         }
-        let mut h = HeaderMap::new();
-        let v6 = IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1]);
-        prepare_request(&mut h, v6, false, "http", None);
-        assert_eq!(h["x-forwarded-for"], "2001:db8::1");
+        assert_eq!(
+            address_value(IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1])),
+            "2001:db8::1"
+        );
     }
 
     #[test]
@@ -262,27 +378,37 @@ mod tests {
         let fields = raw(&[("x-secret", "1"), ("host", "a")]);
         let doomed = hop_by_hop(&fields);
         assert!(fields.iter().all(|f| !doomed(f.name.as_bytes())));
-        // Through the request path's map too.
-        let mut h = map(&[("x-secret", "1"), ("host", "a")]);
-        prepare_request(&mut h, IpAddr::from([10, 0, 0, 1]), false, "http", None);
-        assert!(h.contains_key("x-secret"));
-        let mut h = map(&[("x-secret", "1"), ("connection", "X-Secret")]);
-        prepare_request(&mut h, IpAddr::from([10, 0, 0, 1]), false, "http", None);
-        assert!(!h.contains_key("x-secret") && !h.contains_key("connection"));
+        let (f, _) = forwarded(
+            &[("x-secret", "1"), ("host", "a")],
+            "/",
+            [10, 0, 0, 1],
+            false,
+            "http",
+        );
+        assert_eq!(one(&f, "x-secret"), Some("1"));
+        // With one, on the way to an instance too.
+        let (f, _) = forwarded(
+            &[
+                ("x-secret", "1"),
+                ("connection", "keep-alive, X-Secret"),
+                ("x-kept", "2"),
+            ],
+            "/",
+            [10, 0, 0, 1],
+            false,
+            "http",
+        );
+        assert_eq!(one(&f, "x-secret"), None);
+        assert_eq!(one(&f, "connection"), None);
+        assert_eq!(one(&f, "x-kept"), Some("2"));
     }
 
     #[test]
     fn http2_authority_becomes_host() {
-        let mut h = HeaderMap::new();
-        prepare_request(
-            &mut h,
-            IpAddr::from([10, 0, 0, 1]),
-            true,
-            "http",
-            Some("api.local"),
-        );
-        assert_eq!(h["host"], "api.local");
-        assert_eq!(h["x-forwarded-host"], "api.local");
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+        let (f, host) = forwarded(&[], "http://api.local/x", [10, 0, 0, 1], true, "http");
+        assert!(host);
+        assert_eq!(one(&f, "host"), Some("api.local"));
+        assert_eq!(one(&f, "x-forwarded-host"), Some("api.local"));
+        assert_eq!(one(&f, "x-forwarded-for"), Some("10.0.0.1"));
     }
 }

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
@@ -51,7 +51,7 @@ use tokio::time::{Instant, Sleep};
 use crate::body::{self, Body, BoxError};
 use crate::chunked::{self, ChunkedDecoder, Decoded};
 use crate::client::{ConnectError, Connector, MAX_IDLE_PER_INSTANCE, POOL_IDLE, Stream};
-use crate::headers;
+use crate::headers::{self, Forwarding};
 
 /// Room in a response's header map for what the gateway adds (request id,
 /// `server`, CORS and `RateLimit` headers): one allocation, no regrowth.
@@ -90,6 +90,15 @@ pub(crate) enum SendError {
     /// The deadline passed before the response head arrived.
     #[error("no response head before the deadline")]
     TimedOut,
+}
+
+/// A request as it goes to an instance: the client's head (after the
+/// edge's changes) and what the gateway says about the client, which the
+/// head is written with (see [`headers::forward_fields`]).
+#[derive(Clone)]
+pub(crate) struct UpstreamRequest {
+    pub parts: Parts,
+    pub forwarding: Forwarding,
 }
 
 /// The request body to send.
@@ -153,8 +162,7 @@ impl Outbound {
         Outbound { shared }
     }
 
-    /// Sends the request `parts` (method, path and query, headers already
-    /// prepared for the upstream) with `body` to the instance of `service`
+    /// Sends `req` with `body` to the instance of `service`
     /// at `addr`, and returns the response once its head has arrived, or
     /// [`SendError::TimedOut`] if it has not by `deadline`; the body streams
     /// from the connection.
@@ -162,7 +170,7 @@ impl Outbound {
         &self,
         service: &str,
         addr: SocketAddr,
-        parts: &Parts,
+        req: &UpstreamRequest,
         body: OutBody,
         deadline: Instant,
     ) -> Result<Response<Body>, SendError> {
@@ -197,10 +205,10 @@ impl Outbound {
             .take()
             .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
         arm(&mut timer, deadline);
-        let head_only = parts.method == Method::HEAD;
+        let head_only = req.parts.method == Method::HEAD;
         let (sent, (head, framing, mut reusable)) = {
             let exchange = async {
-                let sent = conn.write_request(parts, body).await?;
+                let sent = conn.write_request(req, body).await?;
                 let head = conn.read_head(head_only).await?;
                 Ok::<_, SendError>((sent, head))
             };
@@ -322,7 +330,12 @@ impl Conn {
         )
     }
 
-    async fn write_request(&mut self, parts: &Parts, body: OutBody) -> Result<Sent, SendError> {
+    async fn write_request(
+        &mut self,
+        req: &UpstreamRequest,
+        body: OutBody,
+    ) -> Result<Sent, SendError> {
+        let parts = &req.parts;
         let out = &mut self.write;
         out.clear();
         out.extend_from_slice(parts.method.as_str().as_bytes());
@@ -331,14 +344,11 @@ impl Conn {
         // Origin form: a request target is never empty.
         out.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &parts.headers {
-            // The framing is this connection's, set below.
-            if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
-                continue;
-            }
-            put_header(out, name.as_str().as_bytes(), value.as_bytes());
-        }
-        if !parts.headers.contains_key(header::HOST) {
+        // The framing fields are this connection's, set below.
+        let has_host = headers::forward_fields(parts, &req.forwarding, |name, value| {
+            put_header(out, name, value);
+        });
+        if !has_host {
             put_header(out, b"host", self.addr.to_string().as_bytes());
         }
         let body = match body {
@@ -928,6 +938,7 @@ impl Drop for UpstreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
@@ -954,7 +965,7 @@ mod tests {
         }
     }
 
-    fn get(path: &str) -> Parts {
+    fn get(path: &str) -> UpstreamRequest {
         let (mut parts, ()) = http::Request::get(path)
             .body(())
             .unwrap_or_default()
@@ -962,7 +973,14 @@ mod tests {
         parts
             .headers
             .insert(header::HOST, HeaderValue::from_static("shop.test"));
-        parts
+        UpstreamRequest {
+            parts,
+            forwarding: Forwarding {
+                peer: std::net::IpAddr::from([192, 0, 2, 1]),
+                trust_chain: false,
+                proto: "http",
+            },
+        }
     }
 
     /// A fake instance: answers each request head it reads with the next
@@ -1487,7 +1505,7 @@ mod tests {
         });
         let client = outbound();
         let mut post = get("/");
-        post.method = Method::POST;
+        post.parts.method = Method::POST;
         // A length-known body: content-length.
         match client
             .send(
@@ -1571,10 +1589,10 @@ mod tests {
         addr
     }
 
-    fn post() -> Parts {
-        let mut parts = get("/upload");
-        parts.method = Method::POST;
-        parts
+    fn post() -> UpstreamRequest {
+        let mut req = get("/upload");
+        req.parts.method = Method::POST;
+        req
     }
 
     #[tokio::test]

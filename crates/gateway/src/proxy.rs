@@ -33,8 +33,8 @@ use crate::balance;
 use crate::body::{self, Body};
 use crate::config::Limits;
 use crate::edge::ClientAddr;
-use crate::headers;
-use crate::outbound::{OutBody, Outbound, SendError};
+use crate::headers::Forwarding;
+use crate::outbound::{OutBody, Outbound, SendError, UpstreamRequest};
 use crate::rejection::Rejection;
 use crate::resilience::{Resilience, ServiceHealth, Settings};
 use crate::routes::Route;
@@ -124,16 +124,19 @@ impl Proxy {
             service: route.service.clone(),
             timeout: route.timeout,
         };
-        let (mut parts, body) = req.into_parts();
-        headers::prepare_request(
-            &mut parts.headers,
-            conn.peer.ip(),
-            client.via_trusted_proxy,
-            conn.scheme,
-            parts.uri.authority().map(|a| a.as_str()),
-        );
-        let retryable = is_idempotent(&parts.method)
-            || (parts.method == Method::POST && parts.headers.contains_key(&IDEMPOTENCY_KEY));
+        let (parts, body) = req.into_parts();
+        // The `X-Forwarded-*` fields are written with the head.
+        let req = UpstreamRequest {
+            parts,
+            forwarding: Forwarding {
+                peer: conn.peer.ip(),
+                trust_chain: client.via_trusted_proxy,
+                proto: conn.scheme,
+            },
+        };
+        let retryable = is_idempotent(&req.parts.method)
+            || (req.parts.method == Method::POST
+                && req.parts.headers.contains_key(&IDEMPOTENCY_KEY));
         let mut outgoing = match self.outgoing(retryable, body) {
             Ok(outgoing) => outgoing,
             // Only a body to buffer needs the deadline (and a timer) here.
@@ -168,7 +171,7 @@ impl Proxy {
             // it can take the request.
             let sending = self
                 .client
-                .send(&route.service, endpoint.addr, &parts, body, deadline);
+                .send(&route.service, endpoint.addr, &req, body, deadline);
             let error = match sending.await {
                 Err(SendError::TimedOut) => {
                     health.failure(&endpoint.instance, &ready);
