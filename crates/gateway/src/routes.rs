@@ -133,8 +133,13 @@ impl RouteTable {
 /// written, and an upstream that normalises them could otherwise be reached
 /// outside the routes declared for it (`/api/public/../admin`).
 pub(crate) fn has_dot_segment(path: &str) -> bool {
-    path.split('/')
-        .any(|segment| is_dot_segment(segment.as_bytes()))
+    // Most paths have neither a dot nor an escape: one pass over the bytes
+    // settles them, where splitting into segments cost ~200 instructions
+    // even for `/`.
+    path.bytes().any(|b| b == b'.' || b == b'%')
+        && path
+            .split('/')
+            .any(|segment| is_dot_segment(segment.as_bytes()))
 }
 
 /// `.` or `..`, each dot written as itself or as `%2e` (any case). Checked
