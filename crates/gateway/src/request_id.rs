@@ -92,4 +92,22 @@ mod tests {
         assert!(uuid::Uuid::parse_str(generated.as_str()).is_ok());
         assert_ne!(generated.as_str(), replaced.as_str());
     }
+
+    #[test]
+    fn generated_ids_are_random_v4_uuids_in_canonical_form() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let id = RequestId::generate();
+            let text = id.as_str();
+            let parsed = match uuid::Uuid::parse_str(text) {
+                Ok(u) => u,
+                Err(e) => panic!("{text}: {e}"),
+            };
+            assert_eq!(parsed.get_version_num(), 4, "{text}");
+            assert_eq!(parsed.get_variant(), uuid::Variant::RFC4122, "{text}");
+            // Lower case, hyphenated: what the uuid crate writes.
+            assert_eq!(parsed.hyphenated().to_string(), text);
+            assert!(seen.insert(text.to_string()), "{text} twice");
+        }
+    }
 }
