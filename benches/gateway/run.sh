@@ -267,63 +267,58 @@ field() {
 # interleaved (round 1 of every target, then round 2, ...), and the
 # medians reported; the gw-jwt-rl/nginx ratio is also given per round,
 # from runs seconds apart.
-echo "max throughput: wrk -t1 -c$CONNS -d$DURATION, $ROUNDS rounds" >&2
-declare -A MAX_RUNS MAX_CPU_RUNS
-for round in $(seq 1 "$ROUNDS"); do
-  for t in "${TARGETS[@]}"; do
-    # A short warm-up fills connection pools and the token cache, every
-    # round: a round takes longer than the pools keep idle connections
-    # (30 s), and TLS handshakes are not what is measured.
-    DURATION=1s run "$t" "${URL[$t]}" "$CONNS" >/dev/null
-    before=$(ticks "${PID_OF[$t]}")
-    result=$(run "$t" "${URL[$t]}" "$CONNS")
-    after=$(ticks "${PID_OF[$t]}")
-    read -r mrps _ <<<"$result"
-    cpu=$(cpu_per_req $((after - before)) "$mrps")
-    MAX_RUNS[$t]="${MAX_RUNS[$t]:-}|$result"
-    MAX_CPU_RUNS[$t]="${MAX_CPU_RUNS[$t]:-} $cpu"
-    echo "  round $round $t: $result cpu $cpu us/req" >&2
+#
+# measure RESULT CPU_RESULT CONNS [extra wrk args...]: every round of every
+# target, each after a 1 s warm-up at the same connection count (a round
+# outlasts the pools' 30 s idle timeout, and the connections and TLS
+# handshakes a warm-up opens are not what is measured); sets RESULT[target]
+# to "rps p50 p99 non2xx" (medians; non2xx the most of any round) and
+# CPU_RESULT[target] to the median CPU microseconds per request (wrk's
+# rate times the run's length: the requests served). Per round, the
+# gw-jwt-rl/nginx throughput ratio goes to RATIOS.
+measure() {
+  local -n result=$1 cpu_result=$2
+  local conns=$3
+  shift 3
+  local -A runs_of cpus_of
+  local round t before after rps cpu out jr nr
+  for round in $(seq 1 "$ROUNDS"); do
+    for t in "${TARGETS[@]}"; do
+      DURATION=1s run "$t" "${URL[$t]}" "$conns" "$@" >/dev/null
+      before=$(ticks "${PID_OF[$t]}")
+      out=$(run "$t" "${URL[$t]}" "$conns" "$@")
+      after=$(ticks "${PID_OF[$t]}")
+      read -r rps _ <<<"$out"
+      cpu=$(cpu_per_req $((after - before)) "$rps")
+      runs_of[$t]="${runs_of[$t]:-}|$out"
+      cpus_of[$t]="${cpus_of[$t]:-} $cpu"
+      echo "  round $round $t: $out cpu $cpu us/req" >&2
+    done
+    read -r jr _ <<<"$(echo "${runs_of[gw-jwt-rl]}" | awk -F'|' '{ print $NF }')"
+    read -r nr _ <<<"$(echo "${runs_of[nginx]}" | awk -F'|' '{ print $NF }')"
+    RATIOS[$round]=$(awk -v a="$jr" -v b="$nr" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
   done
-  read -r jr _ <<<"$(echo "${MAX_RUNS[gw-jwt-rl]}" | awk -F'|' '{ print $NF }')"
-  read -r nr _ <<<"$(echo "${MAX_RUNS[nginx]}" | awk -F'|' '{ print $NF }')"
-  RATIOS[$round]=$(awk -v a="$jr" -v b="$nr" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
-done
-for t in "${TARGETS[@]}"; do
-  IFS='|' read -r -a runs <<<"${MAX_RUNS[$t]#|}"
-  # shellcheck disable=SC2046
-  MAX[$t]="$(median $(field 1 "${runs[@]}")) $(median $(field 2 "${runs[@]}")) $(median $(field 3 "${runs[@]}")) $(maxof $(field 4 "${runs[@]}"))"
-  # shellcheck disable=SC2086
-  MAX_CPU[$t]=$(median ${MAX_CPU_RUNS[$t]})
-done
+  local -a runs
+  for t in "${TARGETS[@]}"; do
+    IFS='|' read -r -a runs <<<"${runs_of[$t]#|}"
+    # shellcheck disable=SC2046
+    result[$t]="$(median $(field 1 "${runs[@]}")) $(median $(field 2 "${runs[@]}")) $(median $(field 3 "${runs[@]}")) $(maxof $(field 4 "${runs[@]}"))"
+    # shellcheck disable=SC2086
+    cpu_result[$t]=$(median ${cpus_of[$t]})
+  done
+}
+
+echo "max throughput: wrk -t1 -c$CONNS -d$DURATION, $ROUNDS rounds" >&2
+measure MAX MAX_CPU "$CONNS"
+# The per-round ratios of the closed-loop runs are the ones reported.
+declare -A MAX_RATIOS
+for r in "${!RATIOS[@]}"; do MAX_RATIOS[$r]=${RATIOS[$r]}; done
 
 read -r jwt_rps _ <<<"${MAX[gw-jwt-rl]}"
 HALF=$(awk -v r="$jwt_rps" 'BEGIN { printf "%d", r / 2 }')
 PACE_CONNS=$(awk -v r="$HALF" 'BEGIN { c = int(r / 100 + 0.5); if (c < 1) c = 1; print c }')
 echo "paced at ~$HALF req/s (half of gw-jwt-rl's median max): $PACE_CONNS connections x 1 request / 10 ms, $ROUNDS rounds" >&2
-declare -A PACED_RUNS PACED_CPU_RUNS
-for round in $(seq 1 "$ROUNDS"); do
-  for t in "${TARGETS[@]}"; do
-    # Warm-up at this connection count too: upstream connections (and TLS
-    # handshakes) opened for the extra connections are not what is measured.
-    DURATION=1s run "$t" "${URL[$t]}" "$PACE_CONNS" -s "$TMP/paced.lua" >/dev/null
-    before=$(ticks "${PID_OF[$t]}")
-    result=$(run "$t" "${URL[$t]}" "$PACE_CONNS" -s "$TMP/paced.lua")
-    after=$(ticks "${PID_OF[$t]}")
-    read -r prps _ <<<"$result"
-    # wrk's rate times the run's length: the requests served.
-    cpu=$(cpu_per_req $((after - before)) "$prps")
-    PACED_RUNS[$t]="${PACED_RUNS[$t]:-}|$result"
-    PACED_CPU_RUNS[$t]="${PACED_CPU_RUNS[$t]:-} $cpu"
-    echo "  round $round $t: $result cpu $cpu us/req" >&2
-  done
-done
-for t in "${TARGETS[@]}"; do
-  IFS='|' read -r -a runs <<<"${PACED_RUNS[$t]#|}"
-  # shellcheck disable=SC2046
-  PACED[$t]="$(median $(field 1 "${runs[@]}")) $(median $(field 2 "${runs[@]}")) $(median $(field 3 "${runs[@]}")) $(maxof $(field 4 "${runs[@]}"))"
-  # shellcheck disable=SC2086
-  CPU[$t]=$(median ${PACED_CPU_RUNS[$t]})
-done
+measure PACED CPU "$PACE_CONNS" -s "$TMP/paced.lua"
 
 read -r ng_rps ng_p50 ng_p99 _ <<<"${MAX[nginx]}"
 read -r _ _ up_pp99 _ <<<"${PACED[upstream]}"
@@ -343,6 +338,6 @@ done
 echo
 read -r jwt_rps jwt_p50 jwt_p99 _ <<<"${MAX[gw-jwt-rl]}"
 read -r _ _ jwt_pp99 _ <<<"${PACED[gw-jwt-rl]}"
-awk -v g="$jwt_rps" -v n="$ng_rps" -v gp="$jwt_pp99" -v up="$up_pp99" -v np="$ng_pp99" -v rounds="${RATIOS[*]}" 'BEGIN {
+awk -v g="$jwt_rps" -v n="$ng_rps" -v gp="$jwt_pp99" -v up="$up_pp99" -v np="$ng_pp99" -v rounds="$(for r in $(seq 1 "$ROUNDS"); do printf '%s ' "${MAX_RATIOS[$r]}"; done)" 'BEGIN {
   printf "gw-jwt-rl throughput vs nginx: %.2fx of the medians; per round: %s (goal >= 1.0x)\n", g / n, rounds;
   printf "gw-jwt-rl p99 added at half its max rate: %+.3f ms over the upstream alone (goal <= 1 ms); nginx adds %+.3f ms\n", gp - up, np - up }'
