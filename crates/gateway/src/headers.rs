@@ -194,7 +194,7 @@ fn address_value(ip: IpAddr) -> HeaderValue {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use http::HeaderMap;
 
@@ -206,7 +206,8 @@ mod tests {
         h
     }
 
-    fn raw(pairs: &[(&'static str, &'static str)]) -> Vec<httparse::Header<'static>> {
+    /// `pairs` as `httparse` gives a head's fields.
+    pub(crate) fn raw(pairs: &[(&'static str, &'static str)]) -> Vec<httparse::Header<'static>> {
         pairs
             .iter()
             .map(|(name, value)| httparse::Header {

@@ -1118,15 +1118,7 @@ mod tests {
     /// RFC 9112 §6.3, as the instance's response head says it.
     #[test]
     fn response_framing_follows_the_headers() {
-        fn map(fields: &[(&'static str, &'static str)]) -> Vec<httparse::Header<'static>> {
-            fields
-                .iter()
-                .map(|(name, value)| httparse::Header {
-                    name,
-                    value: value.as_bytes(),
-                })
-                .collect()
-        }
+        use crate::headers::tests::raw as map;
         // Framing as a word, and whether the connection is reusable.
         let of = |status: u16, head_only: bool, fields: &[(&'static str, &'static str)]| {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
