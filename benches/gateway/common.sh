@@ -1,6 +1,7 @@
-# Shared by run.sh and instructions.sh (sourced, not run): a temp dir and
-# the processes started into PIDS, both cleaned up on exit (KEEP=1 keeps
-# the dir), free ports, and waiting for a port to accept.
+# Shared by the scripts here (sourced, not run): a temp dir and the
+# processes started into PIDS, both cleaned up on exit (KEEP=1 keeps the
+# dir), free ports, waiting for a port to accept, nginx as the baseline
+# proxy, and a process's CPU time.
 
 # make_tmp PREFIX: sets TMP and the cleanup trap.
 make_tmp() {
@@ -29,4 +30,61 @@ wait_port() {
   done
   echo "nothing listens on $port" >&2
   exit 1
+}
+
+# start_nginx NGINX PORT UPSTREAM_PORT: nginx (Debian's) as a plain reverse
+# proxy on PORT in front of 127.0.0.1:UPSTREAM_PORT, the baseline the
+# gateway is measured against: 2 workers, upstream keep-alive, no access
+# log. Sets NGINX_PID; its files go under $TMP/nginx.
+start_nginx() {
+  local nginx=$1 port=$2 upstream=$3 user_line=""
+  mkdir -p "$TMP/nginx/logs" "$TMP/nginx/tmp"
+  [ "$(id -u)" = 0 ] && user_line="user root;"
+  cat >"$TMP/nginx/nginx.conf" <<EOF
+$user_line
+worker_processes 2;
+daemon off;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $TMP/nginx/tmp/body;
+  proxy_temp_path $TMP/nginx/tmp/proxy;
+  fastcgi_temp_path $TMP/nginx/tmp/fastcgi;
+  uwsgi_temp_path $TMP/nginx/tmp/uwsgi;
+  scgi_temp_path $TMP/nginx/tmp/scgi;
+  keepalive_requests 1000000;
+  upstream backend {
+    server 127.0.0.1:$upstream;
+    keepalive 64;
+  }
+  server {
+    listen 127.0.0.1:$port;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }
+}
+EOF
+  "$nginx" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx/logs/stdout.log" 2>&1 &
+  NGINX_PID=$!
+  PIDS+=("$NGINX_PID")
+}
+
+# ticks PID: CPU clock ticks used so far by process PID, its children
+# (nginx's workers) and all their threads.
+ticks() {
+  local pid=$1 total=0 p task
+  for p in "$pid" $(pgrep -P "$pid" 2>/dev/null); do
+    for task in /proc/"$p"/task/*; do
+      [ -r "$task/stat" ] || continue
+      total=$((total + $(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "$task/stat")))
+    done
+  done
+  echo "$total"
 }

@@ -113,43 +113,8 @@ PIDS+=($!)
 PID_OF[gw-mtls]=$!
 
 NGINX_PORT=$(free_port)
-mkdir -p "$TMP/nginx/logs" "$TMP/nginx/tmp"
-USER_LINE=""
-[ "$(id -u)" = 0 ] && USER_LINE="user root;"
-cat >"$TMP/nginx/nginx.conf" <<EOF
-$USER_LINE
-worker_processes 2;
-daemon off;
-pid $TMP/nginx/nginx.pid;
-error_log $TMP/nginx/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $TMP/nginx/tmp/body;
-  proxy_temp_path $TMP/nginx/tmp/proxy;
-  fastcgi_temp_path $TMP/nginx/tmp/fastcgi;
-  uwsgi_temp_path $TMP/nginx/tmp/uwsgi;
-  scgi_temp_path $TMP/nginx/tmp/scgi;
-  keepalive_requests 1000000;
-  upstream backend {
-    server 127.0.0.1:$UP_PORT;
-    keepalive 64;
-  }
-  server {
-    listen 127.0.0.1:$NGINX_PORT;
-    location / {
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-    }
-  }
-}
-EOF
-"$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx/logs/stdout.log" 2>&1 &
-PIDS+=($!)
-PID_OF[nginx]=$!
+start_nginx "$NGINX" "$NGINX_PORT" "$UP_PORT"
+PID_OF[nginx]=$NGINX_PID
 
 wait_port "$PLAIN_PORT"
 wait_port "$JWT_PORT"
@@ -201,18 +166,6 @@ to_ms() {
     printf "%.3f", n }'
 }
 
-# CPU clock ticks used so far by process PID, its children (nginx's
-# workers) and all their threads.
-ticks() {
-  local pid=$1 total=0 p task
-  for p in "$pid" $(pgrep -P "$pid" 2>/dev/null); do
-    for task in /proc/"$p"/task/*; do
-      [ -r "$task/stat" ] || continue
-      total=$((total + $(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "$task/stat")))
-    done
-  done
-  echo "$total"
-}
 HZ=$(getconf CLK_TCK)
 
 # run NAME URL CONNS [extra wrk args...] -> "rps p50 p99 errors"
