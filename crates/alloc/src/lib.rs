@@ -5,19 +5,21 @@
 //! `mi_malloc_aligned`, alignment 1 or 8 included. In mimalloc (v2 and the
 //! v3 it builds by default) that function only takes the plain path for
 //! blocks up to 1 KiB, or for power-of-two sizes; anything else, such as a
-//! 1.4 KiB `HeaderMap` table or a 1.5 KiB read buffer, is over-allocated
-//! by the alignment and realigned. callgrind showed 3 such allocations per
-//! proxied request in the gateway, ~750 instructions of the request's
-//! user-space work (see docs/benchmarks.md), for an alignment that every
-//! mimalloc block already has.
+//! 1.4 KiB `HeaderMap` table or a request's 4 KiB boxed future, is
+//! over-allocated by the alignment and realigned. callgrind showed 3 such
+//! allocations per proxied request in the gateway; calling mimalloc as
+//! below saved ~400 of the request's ~31k user-space instructions (see
+//! docs/benchmarks.md), for an alignment that every mimalloc block already
+//! has.
 //!
 //! So: when the alignment is at most 16 and the size a multiple of it, the
 //! request goes to plain `mi_malloc` / `mi_zalloc` / `mi_realloc`. That is
-//! always enough, because mimalloc's size classes are multiples of 8, and
-//! of 16 for every class above 16 bytes, and its pages start 16-aligned;
-//! `MI_MAX_ALIGN_SIZE` is 16. Anything else (a cache-line-aligned type, an
-//! odd layout) keeps the aligned calls. The tests check the alignment of
-//! every path over many sizes. The same rule is proposed upstream
+//! always enough: `MI_MAX_ALIGN_SIZE` is 16, so on 64-bit targets mimalloc
+//! rounds small sizes up to whole pairs of words, its size classes are 8
+//! bytes and then multiples of 16, and its pages start 16-aligned. Anything
+//! else (a cache-line-aligned type, an odd layout) keeps the aligned calls.
+//! The tests check the alignment of every path over many sizes, and fail
+//! if the rule is loosened. The same rule is proposed upstream
 //! (purpleprotocol/mimalloc_rust#170).
 //!
 //! This is written here rather than taken from a crate because it is the
