@@ -16,46 +16,59 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Whether `name` is hop-by-hop whatever `Connection` says.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name.as_str() == "keep-alive"
-        || name.as_str().starts_with("proxy-")
+/// Fields that describe one connection, whatever `Connection` says (RFC
+/// 9110 §7.6.1); so does every `Proxy-*` field.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Whether a field named `name` (any case) is hop-by-hop whatever
+/// `Connection` says.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+        || name
+            .get(..6)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"proxy-"))
+}
+
+/// The elements of a list field's values (RFC 9110 §5.6.1): split at
+/// commas, trimmed, empty ones skipped.
+pub(crate) fn list_elements<'a>(
+    values: impl Iterator<Item = &'a [u8]>,
+) -> impl Iterator<Item = &'a [u8]> {
+    values
+        .flat_map(|v| v.split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|e| !e.is_empty())
 }
 
 /// The hop-by-hop fields of a head still in `httparse`'s form: a field
-/// name (any case) is hop-by-hop when it is in the fixed set, starts with
-/// `Proxy-`, or is named by one of the head's `Connection` fields. For a
-/// response from an instance, whose hop-by-hop fields are dropped before
-/// its header map is built rather than removed from it after.
+/// name (any case) is hop-by-hop when [`is_hop_by_hop`] says so or one of
+/// the head's `Connection` fields names it. For a response from an
+/// instance, whose hop-by-hop fields are dropped before its header map is
+/// built rather than removed from it after.
 pub(crate) fn hop_by_hop<'h>(fields: &'h [httparse::Header<'h>]) -> impl Fn(&[u8]) -> bool + 'h {
-    const FIXED: [&[u8]; 6] = [
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    ];
     // Most heads have no `Connection` field: then no name needs the scan.
     let connection = fields
         .iter()
         .any(|f| f.name.eq_ignore_ascii_case("connection"));
     move |name: &[u8]| {
-        FIXED.iter().any(|f| name.eq_ignore_ascii_case(f))
-            || name
-                .get(..6)
-                .is_some_and(|p| p.eq_ignore_ascii_case(b"proxy-"))
+        is_hop_by_hop(name)
             || (connection
-                && fields
-                    .iter()
-                    .filter(|f| f.name.eq_ignore_ascii_case("connection"))
-                    .flat_map(|f| f.value.split(|b| *b == b','))
-                    .any(|token| token.trim_ascii().eq_ignore_ascii_case(name)))
+                && list_elements(
+                    fields
+                        .iter()
+                        .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+                        .map(|f| f.value),
+                )
+                .any(|token| token.eq_ignore_ascii_case(name)))
     }
 }
 
@@ -115,18 +128,16 @@ pub(crate) fn forward_fields(
     }
     let named_by_connection = |name: &HeaderName| {
         connection
-            && headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-                .any(|token| {
-                    token
-                        .trim_ascii()
-                        .eq_ignore_ascii_case(name.as_str().as_bytes())
-                })
+            && list_elements(
+                headers
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .map(|v| v.as_bytes()),
+            )
+            .any(|token| token.eq_ignore_ascii_case(name.as_str().as_bytes()))
     };
     for (name, value) in headers {
-        let left_out = is_hop_by_hop(name)
+        let left_out = is_hop_by_hop(name.as_str().as_bytes())
             || name == header::EXPECT
             || name == header::CONTENT_LENGTH
             || name == X_FORWARDED_FOR
@@ -151,13 +162,12 @@ pub(crate) fn forward_fields(
     if fwd.trust_chain && chain {
         // Several `X-Forwarded-For` lines are one list (RFC 9110 §5.3).
         let mut hops: Vec<u8> = Vec::with_capacity(64);
-        for hop in headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            .map(<[u8]>::trim_ascii)
-            .filter(|hop| !hop.is_empty())
-        {
+        for hop in list_elements(
+            headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .map(|v| v.as_bytes()),
+        ) {
             hops.extend_from_slice(hop);
             hops.extend_from_slice(b", ");
         }

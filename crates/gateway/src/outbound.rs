@@ -715,16 +715,12 @@ fn values<'f>(
         .map(|f| f.value)
 }
 
-/// The comma-separated elements of the fields named `name`, trimmed, empty
-/// ones skipped (RFC 9110 §5.6.1).
+/// The list elements of the fields named `name` (any case).
 fn elements<'f>(
     fields: &'f [httparse::Header<'f>],
     name: &'static str,
 ) -> impl Iterator<Item = &'f [u8]> {
-    values(fields, name)
-        .flat_map(|v| v.split(|b| *b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|e| !e.is_empty())
+    headers::list_elements(values(fields, name))
 }
 
 /// The body framing of a response and whether the framing allows reuse,
