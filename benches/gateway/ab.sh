@@ -89,7 +89,6 @@ for round in $(seq 1 "$ROUNDS"); do
   done
   echo "$line"
 done
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 # shellcheck disable=SC2086
 {
   a=$(median ${RPS[A]}); b=$(median ${RPS[B]}); n=$(median ${RPS[nginx]})

@@ -88,3 +88,8 @@ ticks() {
   done
   echo "$total"
 }
+
+# median V...: the middle value (the lower middle of an even count).
+median() {
+  printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+}

@@ -194,15 +194,11 @@ declare -A URL=(
   [raw-h1]="http://127.0.0.1:$RAW_PORT/"
 )
 TARGETS=(upstream nginx hyper-min raw-h1 gw-plain gw-jwt-rl gw-mtls)
-declare -A MAX PACED CPU MAX_CPU RATIOS
+declare -A MAX PACED CPU MAX_CPU MAX_RATIOS PACED_RATIOS
 # cpu_per_req TICKS RPS: CPU microseconds per request over one run.
 cpu_per_req() {
   awk -v d="$1" -v hz="$HZ" -v r="$2" -v s="${DURATION%s}" \
     'BEGIN { n = r * s; if (n > 0) printf "%.1f", d / hz * 1e6 / n; else print "-" }'
-}
-# median V...: the middle value (the lower middle of an even count).
-median() {
-  printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
 }
 # maxof V...: the largest value.
 maxof() {
@@ -221,18 +217,18 @@ field() {
 # medians reported; the gw-jwt-rl/nginx ratio is also given per round,
 # from runs seconds apart.
 #
-# measure RESULT CPU_RESULT CONNS [extra wrk args...]: every round of every
-# target, each after a 1 s warm-up at the same connection count (a round
-# outlasts the pools' 30 s idle timeout, and the connections and TLS
-# handshakes a warm-up opens are not what is measured); sets RESULT[target]
-# to "rps p50 p99 non2xx" (medians; non2xx the most of any round) and
-# CPU_RESULT[target] to the median CPU microseconds per request (wrk's
-# rate times the run's length: the requests served). Per round, the
-# gw-jwt-rl/nginx throughput ratio goes to RATIOS.
+# measure RESULT CPU_RESULT RATIOS CONNS [extra wrk args...]: every round
+# of every target, each after a 1 s warm-up at the same connection count
+# (a round outlasts the pools' 30 s idle timeout, and the connections and
+# TLS handshakes a warm-up opens are not what is measured). Sets
+# RESULT[target] to "rps p50 p99 non2xx" (medians; non2xx the most of any
+# round), CPU_RESULT[target] to the median CPU microseconds per request
+# (wrk's rate times the run's length: the requests served), and
+# RATIOS[round] to that round's gw-jwt-rl/nginx throughput ratio.
 measure() {
-  local -n result=$1 cpu_result=$2
-  local conns=$3
-  shift 3
+  local -n result=$1 cpu_result=$2 ratios=$3
+  local conns=$4
+  shift 4
   local -A runs_of cpus_of
   local round t before after rps cpu out jr nr
   for round in $(seq 1 "$ROUNDS"); do
@@ -249,7 +245,7 @@ measure() {
     done
     read -r jr _ <<<"$(echo "${runs_of[gw-jwt-rl]}" | awk -F'|' '{ print $NF }')"
     read -r nr _ <<<"$(echo "${runs_of[nginx]}" | awk -F'|' '{ print $NF }')"
-    RATIOS[$round]=$(awk -v a="$jr" -v b="$nr" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+    ratios[$round]=$(awk -v a="$jr" -v b="$nr" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
   done
   local -a runs
   for t in "${TARGETS[@]}"; do
@@ -262,16 +258,13 @@ measure() {
 }
 
 echo "max throughput: wrk -t1 -c$CONNS -d$DURATION, $ROUNDS rounds" >&2
-measure MAX MAX_CPU "$CONNS"
-# The per-round ratios of the closed-loop runs are the ones reported.
-declare -A MAX_RATIOS
-for r in "${!RATIOS[@]}"; do MAX_RATIOS[$r]=${RATIOS[$r]}; done
+measure MAX MAX_CPU MAX_RATIOS "$CONNS"
 
 read -r jwt_rps _ <<<"${MAX[gw-jwt-rl]}"
 HALF=$(awk -v r="$jwt_rps" 'BEGIN { printf "%d", r / 2 }')
 PACE_CONNS=$(awk -v r="$HALF" 'BEGIN { c = int(r / 100 + 0.5); if (c < 1) c = 1; print c }')
 echo "paced at ~$HALF req/s (half of gw-jwt-rl's median max): $PACE_CONNS connections x 1 request / 10 ms, $ROUNDS rounds" >&2
-measure PACED CPU "$PACE_CONNS" -s "$TMP/paced.lua"
+measure PACED CPU PACED_RATIOS "$PACE_CONNS" -s "$TMP/paced.lua"
 
 read -r ng_rps ng_p50 ng_p99 _ <<<"${MAX[nginx]}"
 read -r _ _ up_pp99 _ <<<"${PACED[upstream]}"
