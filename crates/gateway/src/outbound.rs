@@ -95,7 +95,8 @@ pub(crate) enum SendError {
 /// A request as it goes to an instance: the client's head (after the
 /// edge's changes) and what the gateway says about the client, which the
 /// head is written with (see [`headers::forward_fields`]).
-#[derive(Clone)]
+// Cloned only by tests that send one request twice.
+#[cfg_attr(test, derive(Clone))]
 pub(crate) struct UpstreamRequest {
     pub parts: Parts,
     pub forwarding: Forwarding,
