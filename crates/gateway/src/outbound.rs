@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName};
 use http::request::Parts;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
@@ -575,8 +575,9 @@ impl Conn {
             };
             // Framing and reuse are read off the parsed fields, before
             // the hop-by-hop ones that carry them are dropped.
-            let (framing, mut reusable) = framing(status, head_only, res.headers)?;
-            reusable &= keep_alive(version, res.headers);
+            let present = Present::of(res.headers);
+            let (framing, mut reusable) = framing(status, head_only, res.headers, present)?;
+            reusable &= keep_alive(version, res.headers, present);
             // Where each end-to-end name and value lies in the head, so
             // that the values can share the head's bytes once it is split
             // off (`spans` is reused: no allocation per response). The
@@ -587,7 +588,7 @@ impl Conn {
                 let start = part.as_ptr() as usize - base;
                 start..start + part.len()
             };
-            let doomed = headers::hop_by_hop(res.headers);
+            let doomed = headers::hop_by_hop_given(res.headers, present.connection);
             self.spans.clear();
             self.spans.extend(
                 res.headers
@@ -602,7 +603,7 @@ impl Conn {
                 let name = HeaderName::from_bytes(&head[name]).map_err(|_| {
                     SendError::Protocol("invalid header name in the response".into())
                 })?;
-                let value = HeaderValue::from_maybe_shared(head.slice(value))
+                let value = headers::value(head.slice(value))
                     .map_err(|_| SendError::Protocol(format!("invalid value of header {name}")))?;
                 headers.append(name, value);
             }
@@ -724,29 +725,59 @@ fn elements<'f>(
     headers::list_elements(values(fields, name))
 }
 
+/// Which of the fields that framing and reuse depend on a response head
+/// has, found in one pass (by length first) rather than one scan each: most
+/// heads have a `Content-Length` and neither of the others.
+#[derive(Debug, Clone, Copy, Default)]
+struct Present {
+    connection: bool,
+    content_length: bool,
+    transfer_encoding: bool,
+}
+
+impl Present {
+    fn of(fields: &[httparse::Header<'_>]) -> Present {
+        let mut present = Present::default();
+        for f in fields {
+            let name = f.name.as_bytes();
+            match name.len() {
+                10 => present.connection |= name.eq_ignore_ascii_case(b"connection"),
+                14 => present.content_length |= name.eq_ignore_ascii_case(b"content-length"),
+                17 => present.transfer_encoding |= name.eq_ignore_ascii_case(b"transfer-encoding"),
+                _ => {}
+            }
+        }
+        present
+    }
+}
+
 /// The body framing of a response and whether the framing allows reuse,
 /// from its parsed fields.
 fn framing(
     status: StatusCode,
     head_only: bool,
     fields: &[httparse::Header<'_>],
+    present: Present,
 ) -> Result<(Framing, bool), SendError> {
     if head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Done, true));
     }
-    if values(fields, "transfer-encoding").next().is_some() {
+    if present.transfer_encoding {
         return Ok(match elements(fields, "transfer-encoding").last() {
             Some(c) if c.eq_ignore_ascii_case(b"chunked") => {
                 // With both, the length is wrong; do not trust the
                 // connection after this response.
-                let reusable = values(fields, "content-length").next().is_none();
+                let reusable = !present.content_length;
                 (Framing::Chunked(ChunkedDecoder::default()), reusable)
             }
             _ => (Framing::UntilClose, false),
         });
     }
     let mut length: Option<u64> = None;
-    for value in values(fields, "content-length") {
+    let lengths = present
+        .content_length
+        .then(|| values(fields, "content-length"));
+    for value in lengths.into_iter().flatten() {
         for part in value.split(|b| *b == b',') {
             let part = part.trim_ascii();
             let n = std::str::from_utf8(part)
@@ -770,7 +801,10 @@ fn framing(
 }
 
 /// Whether the instance keeps the connection open after this response.
-fn keep_alive(version: Version, fields: &[httparse::Header<'_>]) -> bool {
+fn keep_alive(version: Version, fields: &[httparse::Header<'_>], present: Present) -> bool {
+    if !present.connection {
+        return version != Version::HTTP_10;
+    }
     let mut tokens = elements(fields, "connection");
     match version {
         Version::HTTP_10 => tokens.any(|t| t.eq_ignore_ascii_case(b"keep-alive")),
@@ -935,6 +969,7 @@ impl Drop for UpstreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
     use http::header;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
@@ -1119,7 +1154,8 @@ mod tests {
         // Framing as a word, and whether the connection is reusable.
         let of = |status: u16, head_only: bool, fields: &[(&'static str, &'static str)]| {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
-            match framing(status, head_only, &map(fields)) {
+            let fields = map(fields);
+            match framing(status, head_only, &fields, Present::of(&fields)) {
                 Ok((Framing::Fixed(n), r)) => (format!("fixed {n}"), r),
                 Ok((Framing::Chunked(_), r)) => ("chunked".to_string(), r),
                 Ok((Framing::UntilClose, r)) => ("close".to_string(), r),
@@ -1174,14 +1210,16 @@ mod tests {
         assert_eq!(of(200, true, &[(cl, "5")]), want("done", true));
 
         let conn = "connection";
-        assert!(keep_alive(Version::HTTP_11, &map(&[])));
-        assert!(!keep_alive(Version::HTTP_11, &map(&[(conn, "close")])));
-        assert!(!keep_alive(
-            Version::HTTP_11,
-            &map(&[(conn, "keep-alive, Close")])
-        ));
-        assert!(!keep_alive(Version::HTTP_10, &map(&[])));
-        assert!(keep_alive(Version::HTTP_10, &map(&[(conn, "Keep-Alive")])));
+        let ka = |version: Version, fields: &[(&'static str, &'static str)]| {
+            let fields = map(fields);
+            keep_alive(version, &fields, Present::of(&fields))
+        };
+        assert!(ka(Version::HTTP_11, &[]));
+        assert!(!ka(Version::HTTP_11, &[(conn, "close")]));
+        assert!(!ka(Version::HTTP_11, &[(conn, "keep-alive, Close")]));
+        assert!(!ka(Version::HTTP_10, &[]));
+        assert!(ka(Version::HTTP_10, &[(conn, "Keep-Alive")]));
+        assert!(ka(Version::HTTP_11, &[("Connection", "x-foo")]));
     }
 
     /// The connection's timer is kept between exchanges: a later deadline

@@ -29,7 +29,10 @@ impl RequestId {
             .hyphenated()
             .encode_lower(&mut buf);
         // A hyphenated UUID is always a valid header value.
-        RequestId(HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("-")))
+        RequestId(
+            crate::headers::value(bytes::Bytes::copy_from_slice(id.as_bytes()))
+                .unwrap_or_else(|_| HeaderValue::from_static("-")),
+        )
     }
 
     /// Keeps `value` if it is a well-formed id, else makes a new one.

@@ -15,7 +15,7 @@ use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, StatusCode, Uri, Version};
 
 use super::encode::{content_length, trim_ows};
@@ -209,7 +209,7 @@ fn headers(
             .get(span.name.clone())
             .and_then(|n| HeaderName::from_bytes(n).ok())
             .ok_or(Invalid::Malformed("a header name is invalid"))?;
-        let value = HeaderValue::from_maybe_shared(slice(head, span.value.clone())?)
+        let value = crate::headers::value(slice(head, span.value.clone())?)
             .map_err(|_| Invalid::Malformed("a header value is invalid"))?;
         seen.header(&name, value.as_bytes());
         headers.append(name, value);

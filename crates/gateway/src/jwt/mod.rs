@@ -25,10 +25,11 @@ pub(crate) mod jwks;
 pub(crate) mod jws;
 
 use std::collections::BTreeMap;
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
+
+use hashbrown::HashTable;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::header::AUTHORIZATION;
@@ -327,7 +328,9 @@ impl Verifier {
             }
             return Ok(identity);
         }
-        let unverified = jws::parse(token, self.config.max_token_bytes).map_err(jws_error)?;
+        // `bearer` let only ASCII through.
+        let text = std::str::from_utf8(token).map_err(|_| AuthError::Invalid("malformed"))?;
+        let unverified = jws::parse(text, self.config.max_token_bytes).map_err(jws_error)?;
         let key = self
             .store
             .key(&unverified.kid)
@@ -452,7 +455,8 @@ fn jws_error(e: JwsError) -> AuthError {
 }
 
 /// The token of `Authorization: Bearer <token>`; exactly one such header.
-fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
+/// ASCII, and as bytes: on a cache hit nothing needs it as a `str`.
+fn bearer(headers: &HeaderMap) -> Result<&[u8], AuthError> {
     let mut values = headers.get_all(AUTHORIZATION).iter();
     let Some(value) = values.next() else {
         return Err(AuthError::Missing);
@@ -460,17 +464,29 @@ fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
     if values.next().is_some() {
         return Err(AuthError::Invalid("malformed"));
     }
-    let value = value
-        .to_str()
-        .map_err(|_| AuthError::Invalid("malformed"))?;
-    let (scheme, token) = value
-        .split_once(' ')
+    // Checked and split as bytes: `to_str` checks a byte at a time, and a
+    // token is hundreds. A header value holds no control byte but tab, so
+    // all-ASCII is what `to_str` accepts.
+    let value = value.as_bytes();
+    if !value.is_ascii() {
+        return Err(AuthError::Invalid("malformed"));
+    }
+    // The scheme is a few bytes: a plain scan beats a general searcher.
+    let space = value
+        .iter()
+        .position(|b| *b == b' ')
         .ok_or(AuthError::Invalid("malformed"))?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    let (scheme, token) = (&value[..space], &value[space + 1..]);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
         // Another scheme (Basic, ...) is not a token we can check.
         return Err(AuthError::Missing);
     }
-    let token = token.trim_matches(' ');
+    let start = token.iter().position(|b| *b != b' ').unwrap_or(token.len());
+    let end = token
+        .iter()
+        .rposition(|b| *b != b' ')
+        .map_or(start, |i| i + 1);
+    let token = &token[start..end];
     if token.is_empty() {
         return Err(AuthError::Invalid("malformed"));
     }
@@ -517,17 +533,25 @@ fn unix_now() -> f64 {
 /// expired entries, and if that is not enough, all of them (they are
 /// re-verified on their next use, nothing worse).
 struct TokenCache {
-    /// Picks the shard; each shard's map hashes with its own seed.
+    /// Hashes a token once, for its shard (middle bits) and its slot (the
+    /// table uses the low bits and the top seven).
     hasher: foldhash::fast::RandomState,
     shards: Box<[Mutex<CacheShard>]>,
 }
 
 #[derive(Default)]
 struct CacheShard {
-    /// Token → (key-set version, identity).
-    map: HashMap<Box<str>, (u64, Arc<Identity>), foldhash::fast::RandomState>,
-    /// The bytes of the tokens in `map`.
+    table: HashTable<Cached>,
+    /// The bytes of the tokens in `table`.
     bytes: usize,
+}
+
+struct Cached {
+    hash: u64,
+    token: Box<[u8]>,
+    /// The key-set version the token was verified under.
+    version: u64,
+    identity: Arc<Identity>,
 }
 
 const CACHE_SHARDS: usize = 16;
@@ -544,43 +568,59 @@ impl TokenCache {
         }
     }
 
-    fn shard(&self, token: &str) -> &Mutex<CacheShard> {
-        &self.shards[self.hasher.hash_one(token) as usize % CACHE_SHARDS]
+    fn locate(&self, token: &[u8]) -> (u64, &Mutex<CacheShard>) {
+        let hash = self.hasher.hash_one(token);
+        (hash, &self.shards[(hash >> 32) as usize % CACHE_SHARDS])
     }
 
-    fn get(&self, token: &str, version: u64) -> Option<Arc<Identity>> {
-        let shard = self.shard(token).lock().unwrap_or_else(|e| e.into_inner());
-        match shard.map.get(token) {
-            Some((v, identity)) if *v == version => Some(Arc::clone(identity)),
-            _ => None,
-        }
+    fn get(&self, token: &[u8], version: u64) -> Option<Arc<Identity>> {
+        let (hash, shard) = self.locate(token);
+        let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+        shard
+            .table
+            .find(hash, |c| *c.token == *token)
+            .filter(|c| c.version == version)
+            .map(|c| Arc::clone(&c.identity))
     }
 
-    fn insert(&self, token: &str, version: u64, identity: &Arc<Identity>, now: f64, leeway: f64) {
+    fn insert(&self, token: &[u8], version: u64, identity: &Arc<Identity>, now: f64, leeway: f64) {
         if token.len() > CACHE_BYTES_PER_SHARD / 16 {
             // Too large to be worth a sixteenth of a shard: verified each time.
             return;
         }
-        let mut shard = self.shard(token).lock().unwrap_or_else(|e| e.into_inner());
+        let (hash, shard) = self.locate(token);
+        let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
         let shard = &mut *shard;
-        if shard.map.len() >= CACHE_PER_SHARD || shard.bytes + token.len() > CACHE_BYTES_PER_SHARD {
+        if let Ok(mut known) = shard.table.find_entry(hash, |c| *c.token == *token) {
+            let cached = known.get_mut();
+            cached.version = version;
+            cached.identity = Arc::clone(identity);
+            return;
+        }
+        if shard.table.len() >= CACHE_PER_SHARD || shard.bytes + token.len() > CACHE_BYTES_PER_SHARD
+        {
             shard
-                .map
-                .retain(|_, (v, id)| *v == version && now <= id.exp + leeway);
-            shard.bytes = shard.map.keys().map(|k| k.len()).sum();
-            if shard.map.len() >= CACHE_PER_SHARD
+                .table
+                .retain(|c| c.version == version && now <= c.identity.exp + leeway);
+            shard.bytes = shard.table.iter().map(|c| c.token.len()).sum();
+            if shard.table.len() >= CACHE_PER_SHARD
                 || shard.bytes + token.len() > CACHE_BYTES_PER_SHARD
             {
-                shard.map.clear();
+                shard.table.clear();
                 shard.bytes = 0;
             }
         }
-        let previous = shard
-            .map
-            .insert(token.into(), (version, Arc::clone(identity)));
-        if previous.is_none() {
-            shard.bytes += token.len();
-        }
+        shard.table.insert_unique(
+            hash,
+            Cached {
+                hash,
+                token: token.into(),
+                version,
+                identity: Arc::clone(identity),
+            },
+            |c| c.hash,
+        );
+        shard.bytes += token.len();
     }
 }
 
@@ -651,8 +691,8 @@ mod tests {
     #[test]
     fn bearer_extraction() {
         assert_eq!(bearer(&HeaderMap::new()), Err(AuthError::Missing));
-        assert_eq!(bearer(&headers("Bearer abc")), Ok("abc"));
-        assert_eq!(bearer(&headers("bearer abc")), Ok("abc"));
+        assert_eq!(bearer(&headers("Bearer abc")), Ok(&b"abc"[..]));
+        assert_eq!(bearer(&headers("bearer abc")), Ok(&b"abc"[..]));
         assert_eq!(bearer(&headers("Basic abc")), Err(AuthError::Missing));
         assert_eq!(
             bearer(&headers("Bearer ")),
@@ -662,6 +702,11 @@ mod tests {
             bearer(&headers("Bearer")),
             Err(AuthError::Invalid("malformed"))
         );
+        let latin1 = HeaderValue::from_bytes(b"Bearer caf\xe9").ok();
+        let mut h = HeaderMap::new();
+        h.extend(latin1.map(|v| (AUTHORIZATION, v)));
+        assert_eq!(bearer(&h), Err(AuthError::Invalid("malformed")));
+        assert_eq!(bearer(&headers("Bearer  abc ")), Ok(&b"abc"[..]));
         let mut two = headers("Bearer a");
         two.append(AUTHORIZATION, HeaderValue::from_static("Bearer b"));
         assert_eq!(bearer(&two), Err(AuthError::Invalid("malformed")));
@@ -717,38 +762,38 @@ mod tests {
         // key-set version unchanged and nothing expired (exp 0, now 0).
         for i in 0..2000 {
             let token = format!("{i:04}{}", "x".repeat(3996));
-            cache.insert(&token, 1, &id, 0.0, 60.0);
+            cache.insert(token.as_bytes(), 1, &id, 0.0, 60.0);
         }
         let mut kept = 0;
         for shard in cache.shards.iter() {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            assert!(shard.map.len() <= CACHE_PER_SHARD);
+            assert!(shard.table.len() <= CACHE_PER_SHARD);
             assert!(shard.bytes <= CACHE_BYTES_PER_SHARD, "{}", shard.bytes);
             assert_eq!(
                 shard.bytes,
-                shard.map.keys().map(|k| k.len()).sum::<usize>()
+                shard.table.iter().map(|c| c.token.len()).sum::<usize>()
             );
-            kept += shard.map.len();
+            kept += shard.table.len();
         }
         assert!(kept > 0 && kept < 2000, "{kept}");
         // The newest one is always there.
         let last = format!("1999{}", "x".repeat(3996));
-        assert!(cache.get(&last, 1).is_some());
+        assert!(cache.get(last.as_bytes(), 1).is_some());
         // A token larger than a sixteenth of a shard is never kept.
         let huge = "y".repeat(CACHE_BYTES_PER_SHARD / 16 + 1);
-        cache.insert(&huge, 1, &id, 0.0, 60.0);
-        assert!(cache.get(&huge, 1).is_none());
+        cache.insert(huge.as_bytes(), 1, &id, 0.0, 60.0);
+        assert!(cache.get(huge.as_bytes(), 1).is_none());
     }
 
     #[tokio::test]
     async fn cache_is_keyed_by_version() {
         let cache = TokenCache::new();
         let id = Arc::new(identity("", json!({})));
-        cache.insert("a.b.c", 1, &id, 0.0, 60.0);
-        assert!(cache.get("a.b.c", 1).is_some());
-        assert!(cache.get("a.b.c", 2).is_none());
-        assert!(cache.get("a.b.d", 1).is_none());
-        assert!(cache.get("a.b.c ", 1).is_none());
+        cache.insert(b"a.b.c", 1, &id, 0.0, 60.0);
+        assert!(cache.get(b"a.b.c", 1).is_some());
+        assert!(cache.get(b"a.b.c", 2).is_none());
+        assert!(cache.get(b"a.b.d", 1).is_none());
+        assert!(cache.get(b"a.b.c ", 1).is_none());
         // Signing helpers are exercised in `jws`; keep them linked here too.
         let _ = Signer::ed25519().key("k");
     }

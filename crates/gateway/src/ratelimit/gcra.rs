@@ -9,8 +9,9 @@
 //! the key closest to being refilled is forgotten, which can only make that
 //! one client's limit more lenient, never anyone else's stricter.
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+
+use hashbrown::HashTable;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -23,7 +24,14 @@ pub(crate) const DEFAULT_MAX_KEYS: usize = 100_000;
 const SHARDS: usize = 16;
 
 /// Key → theoretical arrival time (nanoseconds since the store's epoch).
-type Shard = Mutex<HashMap<Box<str>, u64>>;
+/// Each entry keeps its key's hash, so the table never hashes a key again.
+type Shard = Mutex<HashTable<Entry>>;
+
+struct Entry {
+    hash: u64,
+    key: Box<str>,
+    tat: u64,
+}
 
 pub(crate) struct Store {
     epoch: Instant,
@@ -56,7 +64,7 @@ impl Store {
         Store {
             epoch: Instant::now(),
             hasher: RandomState::new(),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
             per_shard,
         }
     }
@@ -67,28 +75,38 @@ impl Store {
     }
 
     pub(crate) fn check(&self, limit: &RateLimit, key: &str) -> Decision {
-        let shard = &self.shards[self.hasher.hash_one(key) as usize % SHARDS];
+        // One `SipHash` of the key picks both the shard and the slot in it.
+        // Keys can be client-chosen (`per header`), so the std hasher's DoS
+        // resistance is kept rather than a faster one. The shard comes from
+        // middle bits: the table indexes by the low ones and tags by the
+        // top seven.
+        let hash = self.hasher.hash_one(key);
+        let shard = &self.shards[(hash >> 32) as usize % SHARDS];
         // A panic cannot leave a `u64` half-written; keep counting.
-        let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+        let mut table = shard.lock().unwrap_or_else(|e| e.into_inner());
         let now = self.now();
-        // One lookup for a known key (the common case): a `SipHash` of the
-        // key each, and keys can be client-chosen (`per header`), so the
-        // std hasher's DoS resistance is kept rather than a faster one.
-        let (decision, store) = match map.get_mut(key) {
-            Some(slot) => {
-                let (decision, store) = step(limit, *slot, now);
-                if let Some(new_tat) = store {
-                    *slot = new_tat;
-                }
-                return decision;
+        // One lookup for a known key (the common case).
+        if let Some(entry) = table.find_mut(hash, |e| *e.key == *key) {
+            let (decision, store) = step(limit, entry.tat, now);
+            if let Some(new_tat) = store {
+                entry.tat = new_tat;
             }
-            None => step(limit, 0, now),
-        };
-        if let Some(new_tat) = store {
-            if map.len() >= self.per_shard {
-                evict(&mut map, now, self.per_shard);
+            return decision;
+        }
+        let (decision, store) = step(limit, 0, now);
+        if let Some(tat) = store {
+            if table.len() >= self.per_shard {
+                evict(&mut table, now, self.per_shard);
             }
-            map.insert(key.into(), new_tat);
+            table.insert_unique(
+                hash,
+                Entry {
+                    hash,
+                    key: key.into(),
+                    tat,
+                },
+                |e| e.hash,
+            );
         }
         decision
     }
@@ -102,16 +120,13 @@ impl Store {
     }
 }
 
-fn evict(map: &mut HashMap<Box<str>, u64>, now: u64, cap: usize) {
-    map.retain(|_, tat| *tat > now);
-    if map.len() >= cap {
-        let oldest = map
-            .iter()
-            .min_by_key(|(_, tat)| **tat)
-            .map(|(k, _)| k.clone());
-        if let Some(k) = oldest {
-            map.remove(&k);
-        }
+fn evict(table: &mut HashTable<Entry>, now: u64, cap: usize) {
+    table.retain(|e| e.tat > now);
+    if table.len() >= cap
+        && let Some(oldest) = table.iter().min_by_key(|e| e.tat).map(|e| (e.hash, e.tat))
+        && let Ok(entry) = table.find_entry(oldest.0, |e| e.tat == oldest.1)
+    {
+        entry.remove();
     }
 }
 

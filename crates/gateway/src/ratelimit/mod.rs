@@ -149,7 +149,7 @@ impl Limiter {
         value.extend_from_slice(remaining.format(decision.remaining).as_bytes());
         value.extend_from_slice(b";t=");
         value.extend_from_slice(reset.format(ceil_secs(decision.reset)).as_bytes());
-        if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+        if let Ok(v) = crate::headers::value(bytes::Bytes::from(value)) {
             headers.insert(RATELIMIT.clone(), v);
         }
         if !decision.allowed {
