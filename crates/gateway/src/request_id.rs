@@ -21,16 +21,19 @@ pub(crate) struct RequestId(HeaderValue);
 impl RequestId {
     fn generate() -> RequestId {
         // A v4 UUID from the thread-local CSPRNG: `Uuid::new_v4` would ask
-        // the OS for randomness (a syscall) on every request. Formatted on
-        // the stack: the header value is then the only allocation.
-        let mut buf = uuid::Uuid::encode_buffer();
-        let id = uuid::Builder::from_random_bytes(rand::random())
+        // the OS for randomness (a syscall) on every request. Formatted in
+        // place in the buffer that becomes the header value's owner: one
+        // allocation, which every clone of the value (the request's, the
+        // response's) shares. A value copied from a slice would allocate
+        // twice, once for the bytes and again when first cloned.
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        uuid::Builder::from_random_bytes(rand::random())
             .into_uuid()
             .hyphenated()
             .encode_lower(&mut buf);
         // A hyphenated UUID is always a valid header value.
         RequestId(
-            crate::headers::value(bytes::Bytes::copy_from_slice(id.as_bytes()))
+            crate::headers::value(bytes::Bytes::from_owner(buf))
                 .unwrap_or_else(|_| HeaderValue::from_static("-")),
         )
     }
