@@ -794,6 +794,18 @@ mod tests {
         assert!(cache.get(b"a.b.c", 2).is_none());
         assert!(cache.get(b"a.b.d", 1).is_none());
         assert!(cache.get(b"a.b.c ", 1).is_none());
+        // Verified again under a new key set: the one entry now holds the
+        // new version (and the new identity), its bytes counted once.
+        let again = Arc::new(identity("again", json!({})));
+        cache.insert(b"a.b.c", 2, &again, 0.0, 60.0);
+        assert!(cache.get(b"a.b.c", 1).is_none());
+        let hit = cache.get(b"a.b.c", 2);
+        assert!(hit.is_some_and(|i| Arc::ptr_eq(&i, &again)));
+        let (entries, bytes) = cache.shards.iter().fold((0, 0), |(n, b), shard| {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            (n + shard.table.len(), b + shard.bytes)
+        });
+        assert_eq!((entries, bytes), (1, 5));
         // Signing helpers are exercised in `jws`; keep them linked here too.
         let _ = Signer::ed25519().key("k");
     }
