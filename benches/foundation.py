@@ -133,7 +133,13 @@ def main():
 
     if not args.no_build:
         print("building (release) ...", flush=True)
-        sh("cargo", "build", "--release", "-q", "-p", "flotilla", "-p", "shop-catalog", "-p", "shop-pricing", "-p", "shop-orders")
+        # Every Rust service of the shop, so that the first `up` measures
+        # starting, not building.
+        services = sorted(
+            d for d in os.listdir(os.path.join(ROOT, "examples", "shop", "services"))
+            if os.path.exists(os.path.join(ROOT, "examples", "shop", "services", d, "Cargo.toml")))
+        packages = [a for d in services for a in ("-p", f"shop-{d}")]
+        sh("cargo", "build", "--release", "-q", "-p", "flotilla", *packages)
     results = {}
 
     # 1 + 4: startup and memory of the real shop.
@@ -147,9 +153,12 @@ def main():
             items = products if isinstance(products, list) else products.get("products", products.get("items"))
             p = items[0]
             post(up.gateway + "/api/pricing/quote", {"items": [{"sku": p["id"], "quantity": 1, "unit_price_cents": p["price_cents"]}], "currency": "EUR"})
-            pids = [up.proc.pid] + [i["pid"] for s in up.status()["services"] for i in s["instances"] if i.get("pid")]
-            rss.append(sum(rss_kib(p) for p in pids) / 1024)
-            print(f"  memory: {len(pids)} processes, {rss[0]:.1f} MiB RSS in all", flush=True)
+            procs = [("flotilla", up.proc.pid)] + [
+                (s["name"], i["pid"]) for s in up.status()["services"] for i in s["instances"] if i.get("pid")]
+            rss.append(sum(rss_kib(p) for _, p in procs) / 1024)
+            print(f"  memory: {len(procs)} processes, {rss[0]:.1f} MiB RSS in all:", flush=True)
+            for name, p in procs:
+                print(f"    {name:14} {rss_kib(p) / 1024:6.1f} MiB", flush=True)
         up.down()
     results["up_ready_ms_median"] = statistics.median(times) * 1000
 
