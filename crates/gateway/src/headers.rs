@@ -35,7 +35,7 @@ fn is_hop_by_hop(name: &[u8]) -> bool {
         2 | 7 | 10 | 17 => HOP_BY_HOP
             .iter()
             .any(|h| name.eq_ignore_ascii_case(h.as_bytes())),
-        n => n > 6 && name[..6].eq_ignore_ascii_case(b"proxy-"),
+        n => n >= 6 && name[..6].eq_ignore_ascii_case(b"proxy-"),
     }
 }
 
@@ -301,6 +301,32 @@ pub(crate) mod tests {
                 value: value.as_bytes(),
             })
             .collect()
+    }
+
+    #[test]
+    fn hop_by_hop_names_in_any_case() {
+        for name in [
+            "Connection",
+            "KEEP-ALIVE",
+            "TE",
+            "Trailer",
+            "Transfer-Encoding",
+            "Upgrade",
+            "Proxy-",
+            "proxy-authorization",
+        ] {
+            assert!(is_hop_by_hop(name.as_bytes()), "{name}");
+        }
+        for name in [
+            "proxy",
+            "ted",
+            "upgrades",
+            "connections",
+            "content-length",
+            "x-te",
+        ] {
+            assert!(!is_hop_by_hop(name.as_bytes()), "{name}");
+        }
     }
 
     #[test]

@@ -774,10 +774,7 @@ fn framing(
         });
     }
     let mut length: Option<u64> = None;
-    let lengths = present
-        .content_length
-        .then(|| values(fields, "content-length"));
-    for value in lengths.into_iter().flatten() {
+    for value in values(fields, "content-length") {
         for part in value.split(|b| *b == b',') {
             let part = part.trim_ascii();
             let n = std::str::from_utf8(part)
