@@ -24,10 +24,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 
 use crate::body::Body;
+use crate::relayed::Fields;
 
 /// A CORS policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,7 +252,7 @@ impl CorsPolicy {
 
     /// Sets the CORS headers of a response to a request from `origin`
     /// (`None`: not a cross-origin request).
-    pub(crate) fn decorate(&self, origin: Option<&HeaderValue>, headers: &mut HeaderMap) {
+    pub(crate) fn decorate(&self, origin: Option<&HeaderValue>, headers: &mut Fields<'_>) {
         strip(headers);
         headers.append(header::VARY, HeaderValue::from_static("Origin"));
         let Some(origin) = origin.filter(|o| self.origin_allowed(o)) else {
@@ -282,7 +283,7 @@ pub(crate) fn is_preflight(req: &Request<Body>) -> bool {
             .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
-fn strip(headers: &mut HeaderMap) {
+fn strip(headers: &mut Fields<'_>) {
     for name in [
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
         header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
@@ -291,13 +292,14 @@ fn strip(headers: &mut HeaderMap) {
         header::ACCESS_CONTROL_EXPOSE_HEADERS,
         header::ACCESS_CONTROL_MAX_AGE,
     ] {
-        headers.remove(name);
+        headers.remove(&name);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
 
     fn policy(origins: &[&str], credentials: bool) -> Result<CorsPolicy, CorsConfigError> {
         CorsPolicy::new(&CorsConfig {
@@ -399,7 +401,7 @@ mod tests {
         );
         p.decorate(
             Some(&HeaderValue::from_static("http://any.example")),
-            &mut h,
+            &mut (&mut h).into(),
         );
         assert_eq!(h["access-control-allow-origin"], "*");
         assert!(h.get("access-control-allow-credentials").is_none());
@@ -414,7 +416,7 @@ mod tests {
         let mut h = HeaderMap::new();
         p.decorate(
             Some(&HeaderValue::from_static("https://evil.example")),
-            &mut h,
+            &mut (&mut h).into(),
         );
         assert!(h.get("access-control-allow-origin").is_none());
         assert!(h.get("access-control-allow-credentials").is_none());
@@ -422,7 +424,7 @@ mod tests {
         let mut h = HeaderMap::new();
         p.decorate(
             Some(&HeaderValue::from_static("https://shop.example")),
-            &mut h,
+            &mut (&mut h).into(),
         );
         assert_eq!(h["access-control-allow-origin"], "https://shop.example");
         assert_eq!(h["access-control-allow-credentials"], "true");

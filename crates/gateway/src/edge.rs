@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use futures_util::future::FutureExt;
 use http::header::{CONTENT_LENGTH, ORIGIN};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body::Body as _;
 use http_body_util::Limited;
 use tower::ServiceExt;
@@ -40,6 +40,7 @@ use crate::jwt::{self, Identity, RouteAuth, USER_HEADER_PREFIX};
 use crate::proxy::{Proxy, Upstream};
 use crate::ratelimit::{Decision, Limiter, RateLimitKey};
 use crate::rejection::Rejection;
+use crate::relayed::Reply;
 use crate::request_id::RequestId;
 use crate::routes::{Match, Route, has_dot_segment};
 use crate::routing::Routing;
@@ -88,18 +89,19 @@ struct Finish<'a> {
 }
 
 impl Finish<'_> {
-    fn reject(&self, rejection: Rejection) -> Response<Body> {
-        self.done(rejection.into_response(Some(self.request_id)))
+    fn reject(&self, rejection: Rejection) -> Reply {
+        self.done(rejection.into_response(Some(self.request_id)).into())
     }
 
-    fn done(&self, mut res: Response<Body>) -> Response<Body> {
+    fn done(&self, mut reply: Reply) -> Reply {
+        let mut fields = reply.fields();
         if let Some(cors) = &self.cors {
-            cors.decorate(self.origin.as_ref(), res.headers_mut());
+            cors.decorate(self.origin.as_ref(), &mut fields);
         }
         if let Some((limiter, decision)) = &self.limit {
-            limiter.headers(decision, res.headers_mut());
+            limiter.headers(decision, &mut fields);
         }
-        res
+        reply
     }
 }
 
@@ -113,7 +115,7 @@ pub(crate) async fn handle(
     conn: ConnInfo,
     request_id: &RequestId,
     served: &mut Served,
-) -> Response<Body> {
+) -> Reply {
     let Served {
         route: matched,
         upstream,
@@ -172,12 +174,12 @@ pub(crate) async fn handle(
         // A preflight is answered here whatever the route: it never costs
         // a service anything. The answer carries its own CORS headers.
         return match cors.preflight(&req) {
-            Ok(res) => res,
+            Ok(res) => res.into(),
             Err(()) => {
                 let mut res = Rejection::CorsDenied.into_response(Some(request_id));
                 res.headers_mut()
                     .insert(http::header::VARY, HeaderValue::from_static("Origin"));
-                res
+                res.into()
             }
         };
     }
@@ -211,7 +213,7 @@ pub(crate) async fn handle(
                     if res.status() == StatusCode::NOT_FOUND {
                         return finish.reject(not_found);
                     }
-                    finish.done(res.map(body::boxed))
+                    finish.done(res.map(body::boxed).into())
                 }
                 _ => finish.reject(not_found),
             };

@@ -68,7 +68,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt as _;
 use futures_util::future::{BoxFuture, Fuse};
 use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, SERVER};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Version};
 use http_body::Body as _;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -77,13 +77,14 @@ use tokio::time::{Instant, Sleep};
 use tower::Service;
 
 use self::decode::Decoder;
-use self::encode::{BodyEncoder, Exchange, Framing, Out};
+use self::encode::{BodyEncoder, Exchange, Framing, HeadFields, Out};
 use self::head::{BodyLength, Head};
 use self::incoming::{BodyError, Room};
 use crate::body::{self, Body};
 use crate::chunked::{ChunkedDecoder, ChunkedError, Decoded};
 use crate::config::Limits;
 use crate::conn;
+use crate::relayed::Reply;
 use crate::server::{ConnInfo, Stack};
 
 /// Spare room in the read buffer before reading a head.
@@ -440,7 +441,7 @@ impl Conn {
         cx: &mut Context<'_>,
         call: &mut <Stack as Service<(Request<Body>, ConnInfo)>>::Future,
         feed: &mut Option<Feed>,
-    ) -> Poll<Option<Response<Body>>> {
+    ) -> Poll<Option<Reply>> {
         for _ in 0..FEED_ROUNDS {
             let fed = match feed.as_mut().filter(|f| !f.finished) {
                 Some(f) => match self.poll_feed(cx, f) {
@@ -559,13 +560,14 @@ impl Conn {
     /// Writes the response; says what becomes of the connection.
     async fn respond(
         &mut self,
-        res: Response<Body>,
+        reply: Reply,
         ex: Exchange,
         keep_alive: bool,
         feed: &mut Option<Feed>,
     ) -> Next {
+        let Reply { res, relayed } = reply;
         let (parts, mut body) = res.into_parts();
-        let (status, headers) = if parts.status.is_informational() {
+        let (status, headers, relayed) = if parts.status.is_informational() {
             // A final response cannot be 1xx (an upstream switching
             // protocols, which the gateway does not relay).
             tracing::debug!(target: "flotilla::gateway", status = %parts.status, "an informational status as the final response; answering 502");
@@ -573,13 +575,17 @@ impl Conn {
                 "bad_gateway",
                 "the upstream answered with an unsupported status",
             ));
-            (StatusCode::BAD_GATEWAY, json_headers())
+            (StatusCode::BAD_GATEWAY, json_headers(), None)
         } else {
-            (parts.status, parts.headers)
+            (parts.status, parts.headers, relayed)
         };
-        let values = |name| headers.get_all(name).into_iter().map(HeaderValue::as_bytes);
+        let fields = HeadFields {
+            map: &headers,
+            relayed: relayed.as_ref(),
+        };
+        let values = |name| fields.get_all(name);
         // An invalid length from the stack is replaced by the body's own.
-        let declared = encode::content_length(values(CONTENT_LENGTH)).unwrap_or(None);
+        let declared = encode::content_length(values(&CONTENT_LENGTH)).unwrap_or(None);
         let (framing, length) = encode::framing(
             ex,
             status,
@@ -606,18 +612,19 @@ impl Conn {
             || unread
             || self.bad_body
             || self.stopping()
-            || encode::has_token(values(CONNECTION), b"close");
+            || encode::has_token(values(&CONNECTION), b"close");
         encode::head(
             &mut self.out,
             ex.version,
             status,
-            &headers,
+            fields,
             framing,
             length,
             close,
         );
-        let mut encoder = BodyEncoder::new(framing, &headers);
+        let mut encoder = BodyEncoder::new(framing, fields);
         drop(headers);
+        drop(relayed);
         let sent = if encoder.is_done() {
             drop(body);
             poll_fn(|cx| self.poll_flush(cx)).await.is_ok()
@@ -744,7 +751,7 @@ impl Conn {
             &mut self.out,
             Version::HTTP_11,
             status,
-            &json_headers(),
+            (&json_headers()).into(),
             Framing::Length(len),
             Some(len),
             true,
@@ -835,6 +842,7 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use http::Response;
     use http_body::Frame;
     use http_body_util::{BodyExt, StreamBody};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -902,7 +910,7 @@ mod tests {
                         _ => text(StatusCode::NOT_FOUND, "?"),
                     };
                     guard.1 = true;
-                    Ok::<_, Infallible>(res)
+                    Ok::<_, Infallible>(crate::relayed::Reply::from(res))
                 }
             },
         ))

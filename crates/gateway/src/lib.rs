@@ -48,6 +48,7 @@ mod outbound;
 mod proxy;
 mod ratelimit;
 mod rejection;
+mod relayed;
 mod request_id;
 mod resilience;
 mod routes;

@@ -35,13 +35,11 @@ use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName};
 use http::request::Parts;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
@@ -52,10 +50,7 @@ use crate::body::{self, Body, BoxError};
 use crate::chunked::{self, ChunkedDecoder, Decoded};
 use crate::client::{ConnectError, Connector, MAX_IDLE_PER_INSTANCE, POOL_IDLE, Stream};
 use crate::headers::{self, Forwarding};
-
-/// Room in a response's header map for what the gateway adds (request id,
-/// `server`, CORS and `RateLimit` headers): one allocation, no regrowth.
-const HEADROOM: usize = 8;
+use crate::relayed::{Field, Relayed, Reply};
 
 /// The largest response head accepted from an instance.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -138,9 +133,6 @@ struct Conn {
     addr: SocketAddr,
     read: BytesMut,
     write: Vec<u8>,
-    /// Scratch for `parse_head`: where the response's header names and
-    /// values lie in `read`.
-    spans: Vec<(Range<usize>, Range<usize>)>,
     /// Times each exchange out; kept from one exchange to the next (out of
     /// the connection while an exchange runs).
     timer: Option<Pin<Box<Sleep>>>,
@@ -174,7 +166,7 @@ impl Outbound {
         req: &UpstreamRequest,
         body: OutBody,
         deadline: Instant,
-    ) -> Result<Response<Body>, SendError> {
+    ) -> Result<Reply, SendError> {
         let mut conn = match self.checkout(service, addr) {
             Some(conn) => conn,
             None => {
@@ -193,7 +185,6 @@ impl Outbound {
                     addr,
                     read: BytesMut::with_capacity(READ_CHUNK),
                     write: Vec::with_capacity(1024),
-                    spans: Vec::new(),
                     timer: None,
                 }
             }
@@ -207,7 +198,7 @@ impl Outbound {
             .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
         arm(&mut timer, deadline);
         let head_only = req.parts.method == Method::HEAD;
-        let (sent, (head, framing, mut reusable)) = {
+        let (sent, (head, relayed, framing, mut reusable)) = {
             let exchange = async {
                 let sent = conn.write_request(req, body).await?;
                 let head = conn.read_head(head_only).await?;
@@ -241,7 +232,10 @@ impl Outbound {
         if matches!(body.framing, Framing::Done) {
             body.finish();
         }
-        Ok(Response::from_parts(head, body::boxed(body)))
+        Ok(Reply {
+            res: Response::from_parts(head, body::boxed(body)),
+            relayed: Some(relayed),
+        })
     }
 
     /// A pooled connection to `service` at `addr` that still looks alive.
@@ -509,7 +503,7 @@ impl Conn {
     async fn read_head(
         &mut self,
         head_only: bool,
-    ) -> Result<(http::response::Parts, Framing, bool), SendError> {
+    ) -> Result<(http::response::Parts, Relayed, Framing, bool), SendError> {
         loop {
             if let Some(parsed) = self.parse_head(head_only)? {
                 return Ok(parsed);
@@ -536,7 +530,7 @@ impl Conn {
     fn parse_head(
         &mut self,
         head_only: bool,
-    ) -> Result<Option<(http::response::Parts, Framing, bool)>, SendError> {
+    ) -> Result<Option<(http::response::Parts, Relayed, Framing, bool)>, SendError> {
         loop {
             if self.read.is_empty() {
                 return Ok(None);
@@ -578,40 +572,28 @@ impl Conn {
             let present = Present::of(res.headers);
             let (framing, mut reusable) = framing(status, head_only, res.headers, present)?;
             reusable &= keep_alive(version, res.headers, present);
-            // Where each end-to-end name and value lies in the head, so
-            // that the values can share the head's bytes once it is split
-            // off (`spans` is reused: no allocation per response). The
-            // hop-by-hop fields describe this connection, not the client's
-            // (RFC 9110 §7.6.1), so they never enter the map.
-            let base = self.read.as_ptr() as usize;
-            let at = |part: &[u8]| {
-                let start = part.as_ptr() as usize - base;
-                start..start + part.len()
-            };
+            // Where each end-to-end name and value lies in the head: the
+            // response carries the head and these spans, and the fields
+            // are written to the client as the instance sent them (see
+            // `relayed`). The hop-by-hop fields describe this connection,
+            // not the client's (RFC 9110 §7.6.1), so they are left out.
             let doomed = headers::hop_by_hop_given(res.headers, present.connection);
-            self.spans.clear();
-            self.spans.extend(
+            let within = &self.read[..len];
+            // Sized once: collected from a filter, the list would grow.
+            let mut fields = Vec::with_capacity(res.headers.len());
+            fields.extend(
                 res.headers
                     .iter()
                     .filter(|h| !doomed(h.name.as_bytes()))
-                    .map(|h| (at(h.name.as_bytes()), at(h.value))),
+                    .map(|h| Field::within(within, h.name.as_bytes(), h.value)),
             );
             drop(doomed);
-            let mut headers = HeaderMap::with_capacity(self.spans.len() + HEADROOM);
             let head = self.read.split_to(len).freeze();
-            for (name, value) in self.spans.drain(..) {
-                let name = HeaderName::from_bytes(&head[name]).map_err(|_| {
-                    SendError::Protocol("invalid header name in the response".into())
-                })?;
-                let value = headers::value(head.slice(value))
-                    .map_err(|_| SendError::Protocol(format!("invalid value of header {name}")))?;
-                headers.append(name, value);
-            }
             let mut parts = Response::new(()).into_parts().0;
             parts.status = status;
             parts.version = version;
-            parts.headers = headers;
-            return Ok(Some((parts, framing, reusable)));
+            let relayed = Relayed::new(head, fields);
+            return Ok(Some((parts, relayed, framing, reusable)));
         }
     }
 }
@@ -1063,7 +1045,8 @@ mod tests {
         (addr, rx)
     }
 
-    async fn body_of(res: Response<Body>) -> Vec<u8> {
+    async fn body_of(res: impl Into<Response<Body>>) -> Vec<u8> {
+        let res = res.into();
         match tokio::time::timeout(TEST_DEADLINE, res.into_body().collect()).await {
             Ok(Ok(c)) => c.to_bytes().to_vec(),
             Ok(Err(e)) => panic!("body: {e}"),
@@ -1254,7 +1237,7 @@ mod tests {
         let started = Instant::now();
         match send("/never", Duration::from_millis(200)).await {
             Err(SendError::TimedOut) => {}
-            Ok(res) => panic!("/never answered {}", res.status()),
+            Ok(res) => panic!("/never answered {}", res.res.status()),
             Err(e) => panic!("/never: {e}"),
         }
         assert!(
@@ -1355,11 +1338,11 @@ mod tests {
             .await
         {
             Ok(res) => {
-                assert_eq!(res.version(), Version::HTTP_10);
+                assert_eq!(res.res.version(), Version::HTTP_10);
                 // The fake instance keeps the socket until its next read
                 // fails; close-delimited means the end comes with EOF, so
                 // only check the bytes that arrived.
-                let mut body = res.into_body();
+                let mut body = res.res.into_body();
                 let frame = tokio::time::timeout(TEST_DEADLINE, body.frame()).await;
                 match frame {
                     Ok(Some(Ok(f))) => {
@@ -1384,7 +1367,7 @@ mod tests {
             .await
         {
             Ok(res) => {
-                assert_eq!(res.status(), StatusCode::CREATED);
+                assert_eq!(res.res.status(), StatusCode::CREATED);
                 assert_eq!(body_of(res).await, b"hi");
             }
             Err(e) => panic!("{e}"),
@@ -1412,6 +1395,22 @@ mod tests {
             Ok(res) => res,
             Err(e) => panic!("{e}"),
         };
+        // As sent, in order, beside the response, whose map is left for
+        // what the gateway adds.
+        let relayed: Vec<(&[u8], &[u8])> = res
+            .relayed
+            .as_ref()
+            .map(|r| r.iter().collect())
+            .unwrap_or_default();
+        assert_eq!(
+            relayed,
+            [
+                (&b"X-Keep"[..], &b"yes"[..]),
+                (b"Content-Type", b"text/plain")
+            ]
+        );
+        assert!(res.res.headers().is_empty());
+        let res = res.into_response();
         let mut names: Vec<&str> = res.headers().keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["content-type", "x-keep"]);
@@ -1421,7 +1420,7 @@ mod tests {
             .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()), far())
             .await
         {
-            Ok(res) => assert_eq!(res.status(), StatusCode::NO_CONTENT),
+            Ok(res) => assert_eq!(res.res.status(), StatusCode::NO_CONTENT),
             Err(e) => panic!("{e}"),
         }
         let conns: Vec<usize> = [seen.recv().await, seen.recv().await]
@@ -1450,7 +1449,7 @@ mod tests {
                 Ok(r) => panic!(
                     "{:?}: accepted {}",
                     String::from_utf8_lossy(bad),
-                    r.status()
+                    r.res.status()
                 ),
             }
         }
@@ -1467,7 +1466,7 @@ mod tests {
             .await
         {
             Ok(res) => {
-                let r = tokio::time::timeout(TEST_DEADLINE, res.into_body().collect()).await;
+                let r = tokio::time::timeout(TEST_DEADLINE, res.res.into_body().collect()).await;
                 assert!(matches!(r, Ok(Err(_))), "a truncated body must fail");
             }
             Err(e) => panic!("{e}"),
@@ -1479,7 +1478,7 @@ mod tests {
         {
             Err(SendError::Lost(_)) => {}
             Err(e) => panic!("{e}"),
-            Ok(r) => panic!("{}", r.status()),
+            Ok(r) => panic!("{}", r.res.status()),
         }
     }
 
@@ -1495,7 +1494,7 @@ mod tests {
         {
             Err(SendError::Connect(_)) => {}
             Err(e) => panic!("{e}"),
-            Ok(r) => panic!("{}", r.status()),
+            Ok(r) => panic!("{}", r.res.status()),
         }
     }
 
@@ -1631,7 +1630,11 @@ mod tests {
                 let sending = client.send("svc", addr, &request, OutBody::Full(big.clone()), far());
                 match tokio::time::timeout(TEST_DEADLINE, sending).await {
                     Ok(Ok(res)) => {
-                        assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE, "close={close}");
+                        assert_eq!(
+                            res.res.status(),
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "close={close}"
+                        );
                         assert_eq!(body_of(res).await, b"big");
                     }
                     Ok(Err(e)) => panic!("close={close}: {e}"),
@@ -1659,7 +1662,7 @@ mod tests {
         let (client, request) = (outbound(), post());
         let sending = client.send("svc", addr, &request, OutBody::Stream(stream), far());
         match tokio::time::timeout(TEST_DEADLINE, sending).await {
-            Ok(Ok(res)) => assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE),
+            Ok(Ok(res)) => assert_eq!(res.res.status(), StatusCode::PAYLOAD_TOO_LARGE),
             Ok(Err(e)) => panic!("{e}"),
             Err(_) => panic!("the early answer was not seen"),
         }
@@ -1678,7 +1681,6 @@ mod tests {
             addr,
             read: BytesMut::new(),
             write: Vec::new(),
-            spans: Vec::new(),
             timer: None,
         };
         let (open, accepted) =

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use rand::Rng;
@@ -36,6 +36,7 @@ use crate::edge::ClientAddr;
 use crate::headers::Forwarding;
 use crate::outbound::{OutBody, Outbound, SendError, UpstreamRequest};
 use crate::rejection::Rejection;
+use crate::relayed::Reply;
 use crate::resilience::{Resilience, ServiceHealth, Settings};
 use crate::routes::Route;
 use crate::server::ConnInfo;
@@ -66,9 +67,6 @@ fn backoff(retry: u32) -> Duration {
     let cap = (10u64 << retry.saturating_sub(1).min(5)).min(200);
     Duration::from_millis(rand::rng().random_range(1..=cap))
 }
-
-/// Headers the gateway may add to a proxied response.
-const RESPONSE_HEADROOM: usize = 8;
 
 static IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
 
@@ -118,7 +116,7 @@ impl Proxy {
         conn: ConnInfo,
         route: &Route,
         client: ClientAddr,
-    ) -> Result<(Response<Body>, Upstream), Rejection> {
+    ) -> Result<(Reply, Upstream), Rejection> {
         let deadline = Instant::now() + route.timeout;
         let timed_out = || Rejection::UpstreamTimeout {
             service: route.service.clone(),
@@ -178,7 +176,7 @@ impl Proxy {
                     return Err(timed_out());
                 }
                 Ok(res) => {
-                    let status = res.status();
+                    let status = res.res.status();
                     if status.is_server_error() {
                         health.failure(&endpoint.instance, &ready);
                     } else {
@@ -354,27 +352,23 @@ fn is_idempotent(method: &Method) -> bool {
 /// The upstream response for the client, and the instance it came from
 /// (loaded until the caller drops it, with the response body).
 fn relay(
-    res: Response<Body>,
+    mut reply: Reply,
     ready: Arc<[Endpoint]>,
     index: usize,
     load: LoadGuard,
-) -> (Response<Body>, Upstream) {
-    // The instance's hop-by-hop fields never made it into the map (see
-    // `outbound`).
-    let (mut parts, body) = res.into_parts();
-    // Room for what the way out adds (request id, `server`, rate-limit and
-    // CORS headers) in one allocation rather than a regrowth per insert.
-    // (It fails only near the map's size limit, far above any head.)
-    let _ = parts.headers.try_reserve(RESPONSE_HEADROOM);
+) -> (Reply, Upstream) {
+    // The instance's hop-by-hop fields were left out of its relayed ones
+    // (see `outbound`), and what the way out sets goes beside them (see
+    // `relayed`).
     // The client's connection has its own protocol version; an HTTP/1.0
     // upstream (Python's http.server) must not downgrade it.
-    parts.version = Version::default();
+    *reply.res.version_mut() = Version::default();
     let upstream = Upstream {
         ready,
         index,
         _load: load,
     };
-    (Response::from_parts(parts, body), upstream)
+    (reply, upstream)
 }
 
 /// The route's body limit, when `error` is the request body exceeding it

@@ -48,6 +48,7 @@ use crate::health;
 use crate::outbound::Outbound;
 use crate::proxy::Proxy;
 use crate::rejection::Rejection;
+use crate::relayed::Reply;
 use crate::request_id::{RequestId, X_REQUEST_ID};
 use crate::routing::RoutingState;
 use crate::upstream::Upstreams;
@@ -55,7 +56,7 @@ use crate::{Error, stats};
 
 /// The whole request path as one cloneable service, called with each
 /// request and the connection it arrived on.
-pub(crate) type Stack = BoxCloneService<(Request<Body>, ConnInfo), Response<Body>, Infallible>;
+pub(crate) type Stack = BoxCloneService<(Request<Body>, ConnInfo), Reply, Infallible>;
 
 /// The client side of the connection a request arrived on. Passed beside
 /// the request rather than in its extensions: the first extension costs
@@ -145,7 +146,7 @@ impl Front {
     /// proxy. Every response leaves with the request id and `server:
     /// flotilla`, its body wrapped once to finish the entry (and the
     /// in-flight count) when it is done.
-    async fn serve(&self, mut req: Request<Body>, conn: ConnInfo) -> Response<Body> {
+    async fn serve(&self, mut req: Request<Body>, conn: ConnInfo) -> Reply {
         // Room for what the gateway adds (request id, identity and
         // forwarding headers) in one allocation rather than a regrowth per
         // insert. (It fails only near the map's size limit, which the head
@@ -169,11 +170,13 @@ impl Front {
         let mut entry = self.log.begin(&req, request_id);
         let admitted = self.admit();
         let mut served = Served::default();
-        let res = if admitted.is_none() {
+        let mut reply = if admitted.is_none() {
             stats::shed();
-            Rejection::Overloaded.into_response(Some(entry.request_id()))
+            Rejection::Overloaded
+                .into_response(Some(entry.request_id()))
+                .into()
         } else if let Some(res) = health::answer(&req) {
-            res
+            res.into()
         } else {
             let routing = self.routing.current();
             edge::handle(
@@ -186,16 +189,17 @@ impl Front {
             )
             .await
         };
-        let (mut parts, body) = res.into_parts();
-        parts
-            .headers
-            .insert(X_REQUEST_ID.clone(), entry.request_id().header().clone());
-        parts
-            .headers
-            .insert(SERVER, HeaderValue::from_static("flotilla"));
+        let mut fields = reply.fields();
+        fields.insert(X_REQUEST_ID.clone(), entry.request_id().header().clone());
+        fields.insert(SERVER, HeaderValue::from_static("flotilla"));
+        let Reply { res, relayed } = reply;
+        let (parts, body) = res.into_parts();
         entry.responded(parts.status, served);
         // In flight until the response body is done.
-        Response::from_parts(parts, access_log::logged(body, admitted, entry))
+        Reply {
+            res: Response::from_parts(parts, access_log::logged(body, admitted, entry)),
+            relayed,
+        }
     }
 
     /// Counts a request in, unless `max_in_flight` are in flight already.
@@ -412,7 +416,8 @@ impl tower::Service<Request<Incoming>> for Connection {
         let guard = self.watch.request_started();
         let fut = self.stack.call((req.map(body::boxed), self.info));
         async move {
-            let res = fut.await?;
+            // hyper writes the map only.
+            let res = fut.await?.into_response();
             Ok(res.map(|b| body::boxed(Holding::new(b, guard))))
         }
         .boxed()
@@ -457,7 +462,7 @@ mod tests {
             scheme: "http",
         };
         match stack.call((req, conn)).await {
-            Ok(res) => res,
+            Ok(reply) => reply.into_response(),
             Err(never) => match never {},
         }
     }

@@ -11,6 +11,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName};
 use http::{StatusCode, Version};
 
+use crate::relayed::{Relayed, Values};
+
 /// Data frames up to this size are copied into the write buffer; larger
 /// ones are queued as they are and written with `writev`.
 const COPY_MAX: usize = 8 * 1024;
@@ -196,8 +198,6 @@ pub(crate) fn has_token<'a>(mut values: impl Iterator<Item = &'a [u8]>, token: &
     })
 }
 
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-
 /// Writes the status line and headers. The response's own `connection`,
 /// `keep-alive`, `transfer-encoding` and `content-length` are replaced by
 /// what this connection does; `trailer` is kept only for a chunked body.
@@ -205,13 +205,13 @@ pub(crate) fn head(
     out: &mut Out,
     version: Version,
     status: StatusCode,
-    headers: &HeaderMap,
+    fields: HeadFields<'_>,
     framing: Framing,
     length: Option<u64>,
     close: bool,
 ) {
     let b = &mut out.flat;
-    b.reserve(256 + headers.len() * 48);
+    b.reserve(256 + fields.len() * 48);
     if version == Version::HTTP_10 {
         b.extend_from_slice(b"HTTP/1.0 ");
     } else {
@@ -222,20 +222,22 @@ pub(crate) fn head(
     b.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     b.extend_from_slice(b"\r\n");
     let mut has_date = false;
-    for (name, value) in headers {
-        if name == header::CONNECTION
-            || name == KEEP_ALIVE
-            || name == header::TRANSFER_ENCODING
-            || name == header::CONTENT_LENGTH
-            || (name == header::TRAILER && framing != Framing::Chunked)
-        {
-            continue;
+    let mut field = |name: &[u8], value: &[u8]| {
+        if replaced(name, framing) {
+            return;
         }
-        has_date |= name == header::DATE;
-        b.extend_from_slice(name.as_str().as_bytes());
+        has_date |= name.eq_ignore_ascii_case(b"date");
+        b.extend_from_slice(name);
         b.extend_from_slice(b": ");
-        b.extend_from_slice(value.as_bytes());
+        b.extend_from_slice(value);
         b.extend_from_slice(b"\r\n");
+    };
+    // An instance's fields first, as it sent them, then the map's.
+    for (name, value) in fields.relayed.into_iter().flat_map(Relayed::iter) {
+        field(name, value);
+    }
+    for (name, value) in fields.map {
+        field(name.as_str().as_bytes(), value.as_bytes());
     }
     if let Some(n) = length {
         b.extend_from_slice(b"content-length: ");
@@ -258,6 +260,51 @@ pub(crate) fn head(
     b.extend_from_slice(b"\r\n");
 }
 
+/// A response's fields as the head is written: its map and, for a response
+/// relayed from an instance, the instance's fields (see `relayed`), which
+/// come first.
+#[derive(Clone, Copy)]
+pub(crate) struct HeadFields<'a> {
+    pub map: &'a HeaderMap,
+    pub relayed: Option<&'a Relayed>,
+}
+
+impl<'a> HeadFields<'a> {
+    /// The values of the fields named `name`, in order.
+    pub(crate) fn get_all(self, name: &'a HeaderName) -> Values<'a> {
+        let map = self.map.get_all(name);
+        match self.relayed {
+            Some(relayed) => relayed.get_all(name).then(map),
+            None => Values::of_map(map),
+        }
+    }
+
+    fn len(self) -> usize {
+        self.map.len() + self.relayed.map_or(0, Relayed::len)
+    }
+}
+
+impl<'a> From<&'a HeaderMap> for HeadFields<'a> {
+    fn from(map: &'a HeaderMap) -> HeadFields<'a> {
+        HeadFields { map, relayed: None }
+    }
+}
+
+/// Whether a response's field named `name` (any case) is left out of the
+/// head, because what this connection does replaces it: its framing and
+/// persistence fields, and `trailer` unless the body is chunked.
+fn replaced(name: &[u8], framing: Framing) -> bool {
+    // By length first: most names are compared with nothing.
+    let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+    match name.len() {
+        7 => is("trailer") && framing != Framing::Chunked,
+        10 => is("connection") || is("keep-alive"),
+        14 => is("content-length"),
+        17 => is("transfer-encoding"),
+        _ => false,
+    }
+}
+
 /// The body writer for one response.
 pub(crate) struct BodyEncoder {
     framing: Framing,
@@ -274,12 +321,11 @@ pub(crate) struct BodyEncoder {
 pub(crate) struct LengthMismatch;
 
 impl BodyEncoder {
-    pub(crate) fn new(framing: Framing, headers: &HeaderMap) -> BodyEncoder {
+    pub(crate) fn new(framing: Framing, fields: HeadFields<'_>) -> BodyEncoder {
         let trailer_names = if framing == Framing::Chunked {
-            headers
-                .get_all(header::TRAILER)
-                .iter()
-                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            fields
+                .get_all(&header::TRAILER)
+                .flat_map(|v| v.split(|&b| b == b','))
                 .filter_map(|n| HeaderName::from_bytes(trim_ows(n)).ok())
                 .collect()
         } else {
@@ -436,6 +482,7 @@ fn format_date(secs: u64) -> [u8; DATE_LEN] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relayed::Field;
     use http::HeaderValue;
 
     const HTTP11: Exchange = Exchange {
@@ -535,7 +582,7 @@ mod tests {
             &mut out,
             Version::HTTP_11,
             StatusCode::OK,
-            &headers,
+            (&headers).into(),
             Framing::Length(3),
             Some(3),
             true,
@@ -549,7 +596,7 @@ mod tests {
             &mut out,
             Version::HTTP_10,
             StatusCode::from_u16(299).unwrap_or(StatusCode::OK),
-            &HeaderMap::new(),
+            (&HeaderMap::new()).into(),
             Framing::Length(0),
             Some(0),
             false,
@@ -564,11 +611,62 @@ mod tests {
         assert!(text.ends_with(" GMT\r\n\r\n"), "{text}");
     }
 
+    /// An instance's fields go out as it sent them and before the
+    /// gateway's, with the same framing and persistence fields left out as
+    /// from a map, whatever their case.
+    #[test]
+    fn relayed_fields_are_written_as_sent_before_the_maps() {
+        let head: &[u8] = b"Content-Type: text/plain\r\nCONTENT-LENGTH: 99\r\nConnection: x\r\nKeep-Alive: 1\r\nTransfer-Encoding: gzip\r\nTrailer: X-Sum\r\nDate: yesterday\r\nset-cookie: a=1\r\n";
+        let fields = head
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|line| {
+                let colon = line.iter().position(|&b| b == b':').unwrap_or(0);
+                Field::within(head, &line[..colon], &line[colon + 2..line.len() - 1])
+            })
+            .collect();
+        let relayed = Relayed::new(Bytes::from_static(head), fields);
+        let mut map = HeaderMap::new();
+        map.insert("x-request-id", HeaderValue::from_static("id"));
+        let fields = HeadFields {
+            map: &map,
+            relayed: Some(&relayed),
+        };
+        let mut out = Out::default();
+        head_of(&mut out, fields, Framing::Length(3));
+        assert_eq!(
+            written(&out),
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nDate: yesterday\r\nset-cookie: a=1\r\nx-request-id: id\r\ncontent-length: 3\r\n\r\n"
+        );
+        // `Trailer` is kept for a chunked body, whose trailer it announces.
+        let mut out = Out::default();
+        head_of(&mut out, fields, Framing::Chunked);
+        assert!(written(&out).contains("\r\nTrailer: X-Sum\r\n"));
+        let enc = BodyEncoder::new(Framing::Chunked, fields);
+        assert_eq!(enc.trailer_names, [HeaderName::from_static("x-sum")]);
+    }
+
+    fn head_of(out: &mut Out, fields: HeadFields<'_>, framing: Framing) {
+        let length = match framing {
+            Framing::Length(n) => Some(n),
+            _ => None,
+        };
+        head(
+            out,
+            Version::HTTP_11,
+            StatusCode::OK,
+            fields,
+            framing,
+            length,
+            false,
+        );
+    }
+
     #[test]
     fn chunked_bodies_are_framed_with_announced_trailers_only() {
         let mut headers = HeaderMap::new();
         headers.insert("trailer", HeaderValue::from_static("x-sum"));
-        let mut enc = BodyEncoder::new(Framing::Chunked, &headers);
+        let mut enc = BodyEncoder::new(Framing::Chunked, (&headers).into());
         let mut out = Out::default();
         assert!(enc.data(&mut out, Bytes::from("hello")).is_ok());
         assert!(enc.data(&mut out, Bytes::new()).is_ok());
@@ -597,11 +695,11 @@ mod tests {
 
     #[test]
     fn lengths_are_enforced() {
-        let mut enc = BodyEncoder::new(Framing::Length(4), &HeaderMap::new());
+        let mut enc = BodyEncoder::new(Framing::Length(4), (&HeaderMap::new()).into());
         let mut out = Out::default();
         assert!(enc.data(&mut out, Bytes::from("abc")).is_ok());
         assert!(enc.data(&mut out, Bytes::from("de")).is_err());
-        let mut enc = BodyEncoder::new(Framing::Length(4), &HeaderMap::new());
+        let mut enc = BodyEncoder::new(Framing::Length(4), (&HeaderMap::new()).into());
         assert!(enc.data(&mut out, Bytes::from("abc")).is_ok());
         enc.finish(&mut out, None);
         assert!(enc.is_short());

@@ -24,7 +24,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderName, HeaderValue};
+
+use crate::relayed::Fields;
 
 // The limit itself and its string syntax belong to the manifest, so that
 // `flotilla check` reports a bad limit with its line and column.
@@ -138,7 +140,7 @@ impl Limiter {
 
     /// The `RateLimit`, `RateLimit-Policy` (and, when refused, `Retry-After`)
     /// headers for `decision`.
-    pub(crate) fn headers(&self, decision: &Decision, headers: &mut HeaderMap) {
+    pub(crate) fn headers(&self, decision: &Decision, headers: &mut Fields<'_>) {
         headers.insert(RATELIMIT_POLICY.clone(), self.policy_header.clone());
         // `"default";r=<u32>;t=<u64>`: at most 49 bytes, one allocation
         // (the value's), and itoa instead of `fmt` (a third of the cost).
@@ -245,14 +247,14 @@ mod tests {
     #[test]
     fn headers_follow_the_draft() {
         let limiter = Limiter::new(parse("20/s burst 40"), &RateLimitBackend::Memory, "r");
-        let mut h = HeaderMap::new();
+        let mut h = http::HeaderMap::new();
         let d = Decision::from_gcra(&limiter.limit, true, 150_000_000, 0);
-        limiter.headers(&d, &mut h);
+        limiter.headers(&d, &mut (&mut h).into());
         assert_eq!(h["ratelimit-policy"], "\"default\";q=40;w=2");
         assert_eq!(h["ratelimit"], "\"default\";r=37;t=1");
         assert!(h.get("retry-after").is_none());
         let d = Decision::from_gcra(&limiter.limit, false, 2_000_000_000, 10_000_000);
-        limiter.headers(&d, &mut h);
+        limiter.headers(&d, &mut (&mut h).into());
         assert_eq!(h["ratelimit"], "\"default\";r=0;t=2");
         assert_eq!(h["retry-after"], "1");
     }

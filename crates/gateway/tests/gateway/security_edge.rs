@@ -343,3 +343,82 @@ async fn a_wildcard_is_never_sent_with_credentials() {
     );
     gateway.shutdown(T).await;
 }
+
+/// An instance cannot speak for the gateway: the CORS, rate-limit, `server`
+/// and request-id fields it sends are replaced by the gateway's own (or
+/// removed, for an origin the policy does not allow), while its other
+/// fields, repeated ones included, reach the client as it sent them. Over
+/// HTTP/1.1, which relays the instance's head as bytes, and over h2c,
+/// which rebuilds it.
+#[tokio::test]
+async fn an_instance_cannot_set_the_gateways_own_response_fields() {
+    let origin = "http://localhost:8080";
+    let registry = Registry::new();
+    let up = Upstream::start("forger-0").await;
+    registry.set("forger", vec![up.endpoint()]);
+    let mut limited = route("forger", "/api/**", &[], T);
+    limited.rate_limit = Some(ok(
+        flotilla_gateway::RateLimit::parse("1000/s burst 1000"),
+        "rate limit",
+    ));
+    let mut cfg = config(vec![limited]);
+    cfg.cors = Some(cors(&[origin], false));
+    let gateway = start(cfg, &registry).await;
+    for (protocol, client) in [
+        ("HTTP/1.1", Client::new(&gateway)),
+        ("h2c", Client::h2c(&gateway)),
+    ] {
+        let reply = get(&client, "/api/forge", &[("origin", origin)]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{protocol}");
+        let all = |name: &str| -> Vec<&str> {
+            reply
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap_or("?"))
+                .collect()
+        };
+        assert_eq!(all("access-control-allow-origin"), [origin], "{protocol}");
+        assert!(
+            all("access-control-allow-credentials").is_empty(),
+            "{protocol}"
+        );
+        assert!(all("access-control-max-age").is_empty(), "{protocol}");
+        assert_eq!(all("server"), ["flotilla"], "{protocol}");
+        let id = all("x-request-id");
+        assert_eq!(id.len(), 1, "{protocol}");
+        assert_ne!(id[0], "forged", "{protocol}");
+        let ratelimit = all("ratelimit");
+        assert_eq!(ratelimit.len(), 1, "{protocol}");
+        assert!(ratelimit[0].contains("r=99"), "{protocol}: {ratelimit:?}");
+        assert!(
+            !ratelimit[0].contains("999999"),
+            "{protocol}: {ratelimit:?}"
+        );
+        assert_eq!(
+            all("ratelimit-policy"),
+            ["\"default\";q=1000;w=1"],
+            "{protocol}"
+        );
+        assert_eq!(all("vary"), ["Accept-Encoding", "Origin"], "{protocol}");
+        assert_eq!(all("set-cookie"), ["a=1", "b=2"], "{protocol}");
+        assert_eq!(
+            reply.header("content-type"),
+            "application/json",
+            "{protocol}"
+        );
+        assert_eq!(reply.json()["path"], "/api/forge", "{protocol}");
+
+        // A foreign origin gets no CORS fields at all, the instance's none.
+        let reply = get(&client, "/api/forge", &[("origin", "http://evil.example")]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{protocol}");
+        for name in [
+            "access-control-allow-origin",
+            "access-control-allow-credentials",
+            "access-control-max-age",
+        ] {
+            assert!(reply.headers.get(name).is_none(), "{protocol}: {name}");
+        }
+    }
+    gateway.shutdown(T).await;
+}

@@ -83,7 +83,10 @@ struct UpstreamState {
 
 /// An HTTP upstream on 127.0.0.1:0. Paths containing `slow` never answer;
 /// paths containing `hold` wait for [`Upstream::release`]; anything else is
-/// echoed as JSON (instance, method, path, headers, body length).
+/// echoed as JSON (instance, method, path, headers, body length), and paths
+/// containing `forge` also carry the fields only the gateway may set
+/// ([`FORGED`]). Field names go out in title case (`Content-Type`), as
+/// many servers write them.
 pub struct Upstream {
     pub name: String,
     pub addr: SocketAddr,
@@ -172,6 +175,7 @@ async fn serve(listener: TcpListener, state: Arc<UpstreamState>) {
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req| handle(Arc::clone(&state), req));
                     let _ = hyper::server::conn::http1::Builder::new()
+                        .title_case_headers(true)
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
@@ -228,8 +232,30 @@ async fn handle(
         "content-type",
         http::HeaderValue::from_static("application/json"),
     );
+    if path.contains("forge") {
+        for (name, value) in FORGED {
+            res.headers_mut()
+                .append(*name, http::HeaderValue::from_static(value));
+        }
+    }
     Ok(res)
 }
+
+/// What an upstream answers on a `forge` path besides the echo: fields the
+/// gateway sets itself, which it must replace or strip, and fields of its
+/// own that it must relay untouched.
+pub const FORGED: &[(&str, &str)] = &[
+    ("access-control-allow-origin", "*"),
+    ("access-control-allow-credentials", "true"),
+    ("access-control-max-age", "86400"),
+    ("ratelimit", "\"default\";r=999999;t=0"),
+    ("ratelimit-policy", "\"default\";q=999999;w=1"),
+    ("server", "forged"),
+    ("x-request-id", "forged"),
+    ("vary", "Accept-Encoding"),
+    ("set-cookie", "a=1"),
+    ("set-cookie", "b=2"),
+];
 
 // ----------------------------------------------------------------- registry
 
@@ -515,6 +541,7 @@ impl JwksServer {
                         async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
+                        .title_case_headers(true)
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
