@@ -90,10 +90,13 @@ struct Finish<'a> {
 
 impl Finish<'_> {
     fn reject(&self, rejection: Rejection) -> Reply {
-        self.done(rejection.into_response(Some(self.request_id)).into())
+        let mut reply = rejection.into_response(Some(self.request_id)).into();
+        self.done(&mut reply);
+        reply
     }
 
-    fn done(&self, mut reply: Reply) -> Reply {
+    /// In place: a reply is a few hundred bytes, copied whole by each move.
+    fn done(&self, reply: &mut Reply) {
         let mut fields = reply.fields();
         if let Some(cors) = &self.cors {
             cors.decorate(self.origin.as_ref(), &mut fields);
@@ -101,7 +104,6 @@ impl Finish<'_> {
         if let Some((limiter, decision)) = &self.limit {
             limiter.headers(decision, &mut fields);
         }
-        reply
     }
 }
 
@@ -213,7 +215,9 @@ pub(crate) async fn handle(
                     if res.status() == StatusCode::NOT_FOUND {
                         return finish.reject(not_found);
                     }
-                    finish.done(res.map(body::boxed).into())
+                    let mut reply = res.map(body::boxed).into();
+                    finish.done(&mut reply);
+                    reply
                 }
                 _ => finish.reject(not_found),
             };
@@ -223,9 +227,10 @@ pub(crate) async fn handle(
         return finish.reject(rejection);
     }
     match proxy.forward(req, conn, route, client).await {
-        Ok((res, answered)) => {
+        Ok((mut reply, answered)) => {
             *upstream = Some(answered);
-            finish.done(res)
+            finish.done(&mut reply);
+            reply
         }
         Err(rejection) => finish.reject(rejection),
     }

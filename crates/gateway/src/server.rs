@@ -192,14 +192,13 @@ impl Front {
         let mut fields = reply.fields();
         fields.insert(X_REQUEST_ID.clone(), entry.request_id().header().clone());
         fields.insert(SERVER, HeaderValue::from_static("flotilla"));
-        let Reply { res, relayed } = reply;
-        let (parts, body) = res.into_parts();
-        entry.responded(parts.status, served);
-        // In flight until the response body is done.
-        Reply {
-            res: Response::from_parts(parts, access_log::logged(body, admitted, entry)),
-            relayed,
-        }
+        entry.responded(reply.res.status(), served);
+        // In flight until the response body is done. The body is swapped
+        // in place: taking the response apart and putting it together
+        // again would copy all of it twice.
+        let body = reply.res.body_mut();
+        *body = access_log::logged(std::mem::replace(body, body::empty()), admitted, entry);
+        reply
     }
 
     /// Counts a request in, unless `max_in_flight` are in flight already.
