@@ -175,8 +175,8 @@ impl Proxy {
                     health.failure(&endpoint.instance, &ready);
                     return Err(timed_out());
                 }
-                Ok(res) => {
-                    let status = res.res.status();
+                Ok(reply) => {
+                    let status = reply.res.status();
                     if status.is_server_error() {
                         health.failure(&endpoint.instance, &ready);
                     } else {
@@ -185,12 +185,12 @@ impl Proxy {
                     let reason = match status {
                         StatusCode::BAD_GATEWAY => "status_502",
                         StatusCode::SERVICE_UNAVAILABLE => "status_503",
-                        _ => return Ok(relay(res, ready, index, guard)),
+                        _ => return Ok(relay(reply, ready, index, guard)),
                     };
                     if !may_retry(retries) || !health.try_retry() {
-                        return Ok(relay(res, ready, index, guard));
+                        return Ok(relay(reply, ready, index, guard));
                     }
-                    drop(res);
+                    drop(reply);
                     drop(guard);
                     retries += 1;
                     stats::retried(route.pattern.as_str(), &route.service, reason);

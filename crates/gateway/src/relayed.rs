@@ -132,16 +132,19 @@ impl Relayed {
     /// The values of the fields named `name`, in order.
     pub(crate) fn get_all<'a>(&'a self, name: &'a HeaderName) -> Values<'a> {
         let raw = name.as_str().as_bytes();
+        // Past the instance's fields when none can have the name.
+        let at = if self.may_have(raw) {
+            0
+        } else {
+            self.fields.len()
+        };
         Values {
-            relayed: Some(self),
-            name,
-            raw,
-            // Past the instance's fields when none can have the name.
-            at: if self.may_have(raw) {
-                0
-            } else {
-                self.fields.len()
-            },
+            relayed: Some(Lookup {
+                relayed: self,
+                name,
+                raw,
+                at,
+            }),
             map: None,
         }
     }
@@ -173,13 +176,18 @@ fn length_bit(len: usize) -> u64 {
 /// A loop rather than chained adapters: it runs for every response, and
 /// the adapters cost several times what it does.
 pub(crate) struct Values<'a> {
-    relayed: Option<&'a Relayed>,
+    /// The relayed fields still to look at, if any.
+    relayed: Option<Lookup<'a>>,
+    map: Option<http::header::ValueIter<'a, HeaderValue>>,
+}
+
+struct Lookup<'a> {
+    relayed: &'a Relayed,
     name: &'a HeaderName,
     /// `name` as bytes, for the instance's fields.
     raw: &'a [u8],
-    /// The next of the relayed fields, then of its added ones, to look at.
+    /// The next of the instance's fields, then of the added ones.
     at: usize,
-    map: Option<http::header::ValueIter<'a, HeaderValue>>,
 }
 
 impl<'a> Values<'a> {
@@ -192,12 +200,8 @@ impl<'a> Values<'a> {
 
     /// Only `map`'s values.
     pub(crate) fn of_map(map: http::header::GetAll<'a, HeaderValue>) -> Values<'a> {
-        static NONE: HeaderName = HeaderName::from_static("-");
         Values {
             relayed: None,
-            name: &NONE,
-            raw: &[],
-            at: 0,
             map: Some(map.into_iter()),
         }
     }
@@ -207,16 +211,17 @@ impl<'a> Iterator for Values<'a> {
     type Item = &'a [u8];
 
     fn next(&mut self) -> Option<&'a [u8]> {
-        if let Some(r) = self.relayed {
-            while let Some(f) = r.fields.get(self.at) {
-                self.at += 1;
-                if r.is_named(f, self.raw) {
+        if let Some(l) = &mut self.relayed {
+            let r = l.relayed;
+            while let Some(f) = r.fields.get(l.at) {
+                l.at += 1;
+                if r.is_named(f, l.raw) {
                     return Some(r.bytes(f.value));
                 }
             }
-            while let Some((n, v)) = r.added.get(self.at - r.fields.len()) {
-                self.at += 1;
-                if n == self.name {
+            while let Some((n, v)) = r.added.get(l.at - r.fields.len()) {
+                l.at += 1;
+                if n == l.name {
                     return Some(v.as_bytes());
                 }
             }
