@@ -7,17 +7,20 @@
 //! freed, and every field walked again to write it (`benches/gateway`,
 //! `instructions.sh`). The instance's head is already in one buffer and
 //! `httparse` has checked it, so the response travels as a [`Reply`]: the
-//! response, with an empty map for what the gateway adds (request id,
-//! `server`, rate-limit and CORS fields), and beside it that buffer and
-//! where each field lies in it (a [`Relayed`]). Beside, not in the
-//! response's extensions: the first extension costs three allocations.
+//! response, whose map stays empty, and beside it a [`Relayed`]: that
+//! buffer, where each field lies in it, and the fields the gateway sets on
+//! the way out (request id, `server`, rate-limit and CORS fields) in a
+//! list. Beside, not in the response's extensions: the first extension
+//! costs three allocations.
 //!
-//! The way out changes fields through [`Fields`], which applies an insert
-//! or a removal to both, so that a field the gateway sets replaces the
-//! instance's (a `RateLimit` or `Access-Control-Allow-Origin` of its own
-//! never reaches the client). The HTTP/1 writer writes the relayed fields
-//! and then the map's; hyper's HTTP/2 server, which only knows the map,
-//! gets them moved into it first ([`Reply::into_response`]).
+//! The way out changes fields through [`Fields`], so that a field the
+//! gateway sets replaces the instance's (a `RateLimit` or
+//! `Access-Control-Allow-Origin` of its own never reaches the client). A
+//! response the gateway made itself (a refusal, a preflight, a static
+//! file) has no `Relayed`, and `Fields` changes its map. The HTTP/1 writer
+//! writes the relayed fields, then the added ones, then the map's; hyper's
+//! HTTP/2 server, which only knows the map, gets them all moved into it
+//! first ([`Reply::into_response`]).
 //!
 //! Why relaying the bytes is safe: `httparse` refuses a field name that is
 //! not a token and a value with a control character other than tab, which
