@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Where a proxy's CPU goes: user and system time per request at saturation,
+# for the gateway's transport design alone (raw-h1), the gateway with
+# nothing on (gw-plain) and with JWT + a per-user rate limit (gw-jwt-rl),
+# and nginx as a plain proxy, in front of the same upstream.
+#
+# run.sh reports CPU per request as one figure (user + system); this splits
+# it, from /proc (utime and stime of all a proxy's processes and threads),
+# to tell the kernel's share (sockets, wake-ups: about the same for every
+# proxy that makes the same syscalls) from the proxy's own work in user
+# space, which is where the gateway and nginx differ. Targets are
+# interleaved, ROUNDS times (default 3); each round prints one line per
+# target, then the medians. wrk -t1 -c64, DURATION (default 5s) after a 1 s
+# warm-up; the proxies get 2 worker threads/processes.
+#
+# Needs: wrk, nginx, python3, cargo. Usage: benches/gateway/cpu_split.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+ROUNDS="${ROUNDS:-3}"
+DURATION="${DURATION:-5}"
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+for tool in wrk python3 "$NGINX"; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "missing: $tool (apt-get install -y wrk nginx-light)" >&2; exit 1; }
+done
+
+echo "building (release)..." >&2
+cargo build --release --quiet -p flotilla-gateway --example bench_upstream --example bench_gateway \
+  --example bench_raw_h1
+BIN="target/release/examples"
+
+source benches/gateway/common.sh
+make_tmp flotilla-cpu-split
+
+UP=$(free_port)
+"$BIN/bench_upstream" "127.0.0.1:$UP" >"$TMP/upstream.log" 2>&1 &
+PIDS+=($!)
+wait_port "$UP"
+
+RAW=$(free_port); PLAIN=$(free_port); JWT=$(free_port); NG=$(free_port)
+"$BIN/bench_raw_h1" "127.0.0.1:$RAW" "127.0.0.1:$UP" 2 >"$TMP/raw-h1.log" 2>&1 &
+RAW_PID=$!; PIDS+=($!)
+"$BIN/bench_gateway" --listen "127.0.0.1:$PLAIN" --upstream "127.0.0.1:$UP" --threads 2 \
+  >"$TMP/gw-plain.log" 2>&1 &
+PLAIN_PID=$!; PIDS+=($!)
+"$BIN/bench_gateway" --listen "127.0.0.1:$JWT" --upstream "127.0.0.1:$UP" --threads 2 \
+  --jwt --rate-limit "1000000/s burst 1000000 per user" >"$TMP/gw-jwt-rl.log" 2>&1 &
+JWT_PID=$!; PIDS+=($!)
+start_nginx "$NGINX" "$NG" "$UP"
+for port in "$RAW" "$PLAIN" "$JWT" "$NG"; do wait_port "$port"; done
+
+TOKEN=""
+for _ in $(seq 1 100); do
+  TOKEN="$(sed -n 's/^token: //p' "$TMP/gw-jwt-rl.log")"
+  [ -n "$TOKEN" ] && break
+  sleep 0.1
+done
+[ -n "$TOKEN" ] || { echo "the JWT gateway printed no token" >&2; exit 1; }
+
+# user_sys PID: "USER SYS", clock ticks used so far by PID, its children
+# (nginx's workers) and all their threads.
+user_sys() {
+  local pid=$1 user=0 sys=0 p task u s
+  for p in "$pid" $(pgrep -P "$pid" 2>/dev/null); do
+    for task in /proc/"$p"/task/*; do
+      [ -r "$task/stat" ] || continue
+      read -r u s < <(awk '{ sub(/^.*\) /, ""); print $12, $13 }' "$task/stat")
+      user=$((user + u)); sys=$((sys + s))
+    done
+  done
+  echo "$user $sys"
+}
+
+HZ=$(getconf CLK_TCK)
+echo "target     round   req/s   user us/req  sys us/req  total us/req"
+for round in $(seq 1 "$ROUNDS"); do
+  for target in raw-h1:"$RAW":"$RAW_PID" gw-plain:"$PLAIN":"$PLAIN_PID" \
+    gw-jwt-rl:"$JWT":"$JWT_PID" nginx:"$NG":"$NGINX_PID"; do
+    IFS=: read -r name port pid <<<"$target"
+    wrk -t1 -c64 -d1s -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$port/" >/dev/null
+    read -r u0 s0 < <(user_sys "$pid")
+    out=$(wrk -t1 -c64 -d"${DURATION}s" -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$port/")
+    read -r u1 s1 < <(user_sys "$pid")
+    if echo "$out" | grep -q "Non-2xx"; then echo "$name answered non-2xx responses" >&2; exit 1; fi
+    n=$(echo "$out" | awk '/requests in/ { print $1 }')
+    python3 -c "
+n, hz, d = $n, $HZ, $DURATION
+u, s = ($u1 - $u0) * 1e6 / hz / n, ($s1 - $s0) * 1e6 / hz / n
+print(f'$name'.ljust(10), f'{$round:5d}', f'{n / d:8.0f}', f'{u:12.1f}', f'{s:11.1f}', f'{u + s:13.1f}')
+"
+  done
+done | tee "$TMP/rounds.txt"
+
+echo
+echo "medians of $ROUNDS rounds:"
+python3 - "$TMP/rounds.txt" <<'EOF'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    f = line.split()
+    rows.setdefault(f[0], []).append([float(x) for x in f[2:]])
+for name, rs in rows.items():
+    med = [statistics.median(col) for col in zip(*rs)]
+    print(f"{name:10} {med[0]:8.0f} req/s  user {med[1]:5.1f} us  sys {med[2]:5.1f} us  total {med[3]:5.1f} us")
+EOF
