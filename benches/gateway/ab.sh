@@ -24,24 +24,20 @@ A_BIN=$(realpath "$1")
 B_BIN=$(realpath "$2")
 cd "$(dirname "$0")/../.."
 
+source benches/gateway/common.sh
+
 ROUNDS="${ROUNDS:-6}"
 DURATION="${DURATION:-5s}"
 CONNS="${CONNS:-64}"
 GW_THREADS="${GW_THREADS:-2}"
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-for tool in wrk python3 "$NGINX"; do
-  command -v "$tool" >/dev/null 2>&1 || { echo "missing: $tool (apt-get install -y wrk nginx-light)" >&2; exit 1; }
-done
+need "apt-get install -y wrk nginx-light" wrk python3 "$NGINX"
 
 echo "building the upstream (release)..." >&2
 cargo build --release --quiet -p flotilla-gateway --example bench_upstream
-source benches/gateway/common.sh
 make_tmp flotilla-ab
-
 UP=$(free_port)
-target/release/examples/bench_upstream "127.0.0.1:$UP" >"$TMP/upstream.log" 2>&1 &
-PIDS+=($!)
-wait_port "$UP"
+start_upstream target/release/examples/bench_upstream "$UP"
 
 declare -A PORT PID TOKEN
 for side in A B; do
@@ -57,12 +53,7 @@ start_nginx "$NGINX" "${PORT[nginx]}" "$UP"
 PID[nginx]=$NGINX_PID
 for side in A B nginx; do wait_port "${PORT[$side]}"; done
 for side in A B; do
-  for _ in $(seq 1 100); do
-    TOKEN[$side]="$(sed -n 's/^token: //p' "$TMP/$side.log")"
-    [ -n "${TOKEN[$side]}" ] && break
-    sleep 0.1
-  done
-  [ -n "${TOKEN[$side]}" ] || { echo "gateway $side printed no token" >&2; exit 1; }
+  TOKEN[$side]="$(token_of "$TMP/$side.log" "$side")"
   code=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer ${TOKEN[$side]}" \
     "http://127.0.0.1:${PORT[$side]}/" || echo "?")
   [ "$code" = 200 ] || { echo "sanity check failed: gateway $side answered $code (want 200)" >&2; exit 1; }

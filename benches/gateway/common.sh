@@ -76,17 +76,61 @@ EOF
   PIDS+=("$NGINX_PID")
 }
 
-# ticks PID: CPU clock ticks used so far by process PID, its children
-# (nginx's workers) and all their threads.
-ticks() {
-  local pid=$1 total=0 p task
+# need HINT TOOL...: exits, saying what is missing and HINT (how to install
+# it), unless every TOOL is on the PATH (or an executable path).
+need() {
+  local hint=$1 missing="" tool
+  shift
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+  done
+  [ -z "$missing" ] || { echo "missing:$missing ($hint)" >&2; exit 1; }
+}
+
+# start_upstream BIN PORT [ARGS...]: the bench upstream on PORT, its log
+# in $TMP/upstream-PORT.log; returns once it accepts.
+start_upstream() {
+  local bin=$1 port=$2
+  shift 2
+  "$bin" "127.0.0.1:$port" "$@" >"$TMP/upstream-$port.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$port"
+}
+
+# token_of LOG NAME: the token a --jwt bench gateway (NAME, for the error)
+# printed into its log LOG, once it has.
+token_of() {
+  local log=$1 name=$2 token="" i
+  for i in $(seq 1 100); do
+    token="$(sed -n 's/^token: //p' "$log")"
+    [ -n "$token" ] && { echo "$token"; return 0; }
+    sleep 0.05
+  done
+  echo "the $name gateway printed no token" >&2
+  return 1
+}
+
+# user_sys PID: "USER SYS", the CPU clock ticks used so far in user space
+# and in the kernel by process PID, its children (nginx's workers) and all
+# their threads.
+user_sys() {
+  local pid=$1 user=0 sys=0 p task u s
   for p in "$pid" $(pgrep -P "$pid" 2>/dev/null); do
     for task in /proc/"$p"/task/*; do
       [ -r "$task/stat" ] || continue
-      total=$((total + $(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "$task/stat")))
+      read -r u s < <(awk '{ sub(/^.*\) /, ""); print $12, $13 }' "$task/stat")
+      user=$((user + u)); sys=$((sys + s))
     done
   done
-  echo "$total"
+  echo "$user $sys"
+}
+
+# ticks PID: the CPU clock ticks used so far by PID (user + kernel), as
+# user_sys counts them.
+ticks() {
+  local user sys
+  read -r user sys < <(user_sys "$1")
+  echo $((user + sys))
 }
 
 # median V...: the middle value (the lower middle of an even count).

@@ -17,25 +17,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+source benches/gateway/common.sh
+
 ROUNDS="${ROUNDS:-3}"
 DURATION="${DURATION:-5}"
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-for tool in wrk python3 "$NGINX"; do
-  command -v "$tool" >/dev/null 2>&1 || { echo "missing: $tool (apt-get install -y wrk nginx-light)" >&2; exit 1; }
-done
+need "apt-get install -y wrk nginx-light" wrk python3 "$NGINX"
 
 echo "building (release)..." >&2
 cargo build --release --quiet -p flotilla-gateway --example bench_upstream --example bench_gateway \
   --example bench_raw_h1
 BIN="target/release/examples"
 
-source benches/gateway/common.sh
 make_tmp flotilla-cpu-split
-
 UP=$(free_port)
-"$BIN/bench_upstream" "127.0.0.1:$UP" >"$TMP/upstream.log" 2>&1 &
-PIDS+=($!)
-wait_port "$UP"
+start_upstream "$BIN/bench_upstream" "$UP"
 
 RAW=$(free_port); PLAIN=$(free_port); JWT=$(free_port); NG=$(free_port)
 "$BIN/bench_raw_h1" "127.0.0.1:$RAW" "127.0.0.1:$UP" 2 >"$TMP/raw-h1.log" 2>&1 &
@@ -49,27 +45,7 @@ JWT_PID=$!; PIDS+=($!)
 start_nginx "$NGINX" "$NG" "$UP"
 for port in "$RAW" "$PLAIN" "$JWT" "$NG"; do wait_port "$port"; done
 
-TOKEN=""
-for _ in $(seq 1 100); do
-  TOKEN="$(sed -n 's/^token: //p' "$TMP/gw-jwt-rl.log")"
-  [ -n "$TOKEN" ] && break
-  sleep 0.1
-done
-[ -n "$TOKEN" ] || { echo "the JWT gateway printed no token" >&2; exit 1; }
-
-# user_sys PID: "USER SYS", clock ticks used so far by PID, its children
-# (nginx's workers) and all their threads.
-user_sys() {
-  local pid=$1 user=0 sys=0 p task u s
-  for p in "$pid" $(pgrep -P "$pid" 2>/dev/null); do
-    for task in /proc/"$p"/task/*; do
-      [ -r "$task/stat" ] || continue
-      read -r u s < <(awk '{ sub(/^.*\) /, ""); print $12, $13 }' "$task/stat")
-      user=$((user + u)); sys=$((sys + s))
-    done
-  done
-  echo "$user $sys"
-}
+TOKEN="$(token_of "$TMP/gw-jwt-rl.log" JWT)"
 
 HZ=$(getconf CLK_TCK)
 echo "target     round   req/s   user us/req  sys us/req  total us/req"

@@ -19,23 +19,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+source benches/gateway/common.sh
+
 DURATION="${DURATION:-6s}"
-for tool in valgrind callgrind_control callgrind_annotate wrk python3; do
-  command -v "$tool" >/dev/null 2>&1 || { echo "missing: $tool (apt-get install -y valgrind wrk)" >&2; exit 1; }
-done
+need "apt-get install -y valgrind wrk" valgrind callgrind_control callgrind_annotate wrk python3
 
 echo "building (release)..." >&2
 cargo build --release --quiet -p flotilla-gateway --example bench_upstream --example bench_gateway \
   --example bench_raw_h1
 BIN="target/release/examples"
 
-source benches/gateway/common.sh
 make_tmp flotilla-instr
-
 UP=$(free_port)
-"$BIN/bench_upstream" "127.0.0.1:$UP" >"$TMP/upstream.log" 2>&1 &
-PIDS+=($!)
-wait_port "$UP"
+start_upstream "$BIN/bench_upstream" "$UP"
 
 RAW=$(free_port); PLAIN=$(free_port); JWT=$(free_port)
 # start NAME PORT CMD...: CMD under callgrind, its counts to $TMP/NAME.cg.
@@ -50,13 +46,7 @@ start raw-h1 "$RAW" "$BIN/bench_raw_h1" "127.0.0.1:$RAW" "127.0.0.1:$UP" 1
 start gw-plain "$PLAIN" "$BIN/bench_gateway" --listen "127.0.0.1:$PLAIN" --upstream "127.0.0.1:$UP" --threads 1
 start gw-jwt-rl "$JWT" "$BIN/bench_gateway" --listen "127.0.0.1:$JWT" --upstream "127.0.0.1:$UP" --threads 1 \
   --jwt --rate-limit "1000000/s burst 1000000 per user"
-TOKEN=""
-for _ in $(seq 1 100); do
-  TOKEN="$(sed -n 's/^token: //p' "$TMP/gw-jwt-rl.log")"
-  [ -n "$TOKEN" ] && break
-  sleep 0.1
-done
-[ -n "$TOKEN" ] || { echo "the JWT gateway printed no token" >&2; exit 1; }
+TOKEN="$(token_of "$TMP/gw-jwt-rl.log" JWT)"
 code=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$JWT/" || echo "?")
 [ "$code" = 200 ] || { echo "sanity check failed: with token $code (want 200)" >&2; exit 1; }
 

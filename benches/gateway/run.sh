@@ -122,17 +122,6 @@ wait_port "$NGINX_PORT"
 wait_port "$MTLS_PORT"
 wait_port "$MIN_PORT"
 wait_port "$RAW_PORT"
-# The token a --jwt gateway prints into its log LOG.
-token_of() {
-  local log=$1 name=$2 token="" i
-  for i in $(seq 1 100); do
-    token="$(sed -n 's/^token: //p' "$log")"
-    [ -n "$token" ] && { echo "$token"; return 0; }
-    sleep 0.05
-  done
-  echo "the $name gateway printed no token" >&2
-  return 1
-}
 TOKEN="$(token_of "$TMP/gw-jwt.log" JWT)" || exit 1
 MTLS_TOKEN="$(token_of "$TMP/gw-mtls.log" mTLS)" || exit 1
 mcode=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $MTLS_TOKEN" "http://127.0.0.1:$MTLS_PORT/" 2>/dev/null || echo "?")
