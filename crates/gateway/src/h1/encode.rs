@@ -232,7 +232,8 @@ pub(crate) fn head(
         b.extend_from_slice(value);
         b.extend_from_slice(b"\r\n");
     };
-    // An instance's fields first, as it sent them, then the map's.
+    // An instance's fields first, as it sent them, then what the gateway
+    // set beside them (both from `Relayed::iter`), then the map's.
     for (name, value) in fields.relayed.into_iter().flat_map(Relayed::iter) {
         field(name, value);
     }
@@ -261,8 +262,8 @@ pub(crate) fn head(
 }
 
 /// A response's fields as the head is written: its map and, for a response
-/// relayed from an instance, the instance's fields (see `relayed`), which
-/// come first.
+/// relayed from an instance, the instance's fields and the gateway's beside
+/// them (see `relayed`), which come first.
 #[derive(Clone, Copy)]
 pub(crate) struct HeadFields<'a> {
     pub map: &'a HeaderMap,
