@@ -139,7 +139,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
         routes: Vec::new(),
         static_dir: None,
         access_log: None,
-        limits: Limits::default(),
+        limits: Limits {
+            workers: args.threads.max(1),
+            ..Limits::default()
+        },
         jwt: None,
         cors: None,
         ip: None,
@@ -203,8 +206,9 @@ fn main() -> Result<(), BoxError> {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
     let _metrics = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
+    // The gateway serves on `--threads` worker threads of its own; this
+    // runtime only accepts and runs the background tasks.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(run(args))

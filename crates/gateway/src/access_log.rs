@@ -137,7 +137,7 @@ async fn write_lines(mut rx: mpsc::Receiver<Vec<u8>>, file: tokio::fs::File, pat
 }
 
 /// Records every request (log line and metrics), one [`Entry`] each.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct AccessLog {
     sink: Option<Arc<Sink>>,
     in_flight: stats::InFlight,

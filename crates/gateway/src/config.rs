@@ -134,6 +134,9 @@ pub struct Limits {
     pub outlier_base_ejection: Duration,
     /// Longest ejection (default 300 s).
     pub outlier_max_ejection: Duration,
+    /// Threads serving connections (default: one per CPU), each with a
+    /// runtime of its own; see `workers`.
+    pub workers: usize,
 }
 
 impl Default for Limits {
@@ -153,9 +156,14 @@ impl Default for Limits {
             outlier_consecutive_failures: 5,
             outlier_base_ejection: Duration::from_secs(30),
             outlier_max_ejection: Duration::from_secs(300),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
+
+/// Most worker threads: far past any machine's cores, short of a typo's
+/// thousands of threads.
+const MAX_WORKERS: usize = 1024;
 
 /// Why a configuration cannot be used; each message names the setting and
 /// the fix. On reload the old configuration stays in force.
@@ -216,6 +224,9 @@ impl Config {
             return Err(ConfigError::Limits(
                 "outlier_consecutive_failures must be at least 1",
             ));
+        }
+        if !(1..=MAX_WORKERS).contains(&l.workers) {
+            return Err(ConfigError::Limits("workers must be between 1 and 1024"));
         }
         if let Some(jwt) = &self.jwt {
             if jwt.issuer.is_empty() {

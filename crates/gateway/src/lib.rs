@@ -56,6 +56,7 @@ mod routing;
 mod server;
 mod stats;
 pub mod upstream;
+mod workers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -106,6 +107,10 @@ pub enum Error {
     StaticDir { path: PathBuf },
     #[error("invalid gateway configuration")]
     Config(#[from] ConfigError),
+    #[error(
+        "cannot start the gateway's worker threads; lower limits.workers or raise the process's thread limit"
+    )]
+    Workers(#[source] std::io::Error),
     #[error("cannot load the gateway's identity for mutual TLS to instances (upstream_tls)")]
     UpstreamTls(#[source] flotilla_mesh::tls::TlsError),
 }
@@ -165,21 +170,23 @@ impl Gateway {
         let routing = Arc::new(routing::RoutingState::new(routing::Routing::build(
             &config, None, &context,
         )?));
-        let stack = server::stack(
+        // One connection pool per worker: a pooled connection is served by
+        // the reactor of the worker that opened it.
+        let clients = (0..config.limits.workers)
+            .map(|_| outbound::Outbound::new(connector.clone()))
+            .collect();
+        let stacks = server::stacks(
             &config.limits,
             Arc::clone(&routing),
             sink,
             upstreams,
-            outbound::Outbound::new(connector),
+            clients,
         );
+        let (stopping, _) = tokio::sync::watch::channel(());
+        let workers =
+            server::start_workers(stacks, &config.limits, &stopping).map_err(Error::Workers)?;
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(server::run(
-            listener,
-            stack,
-            config.limits.clone(),
-            stopped,
-            writer,
-        ));
+        let task = tokio::spawn(server::run(listener, workers, stopping, stopped, writer));
         tracing::info!(target: "flotilla::gateway", %local_addr, "gateway listening");
         Ok(Gateway {
             local_addr,

@@ -75,7 +75,14 @@ pub(crate) struct Proxy {
     client: Outbound,
     max_retries: u32,
     retry_body_limit: usize,
-    resilience: Resilience,
+    /// Shared by every worker's proxy: outliers and retry budgets are
+    /// per instance and per service, not per thread.
+    resilience: Arc<Resilience>,
+    /// The runtime the gateway was started on, where activations run:
+    /// starting an instance spawns the tasks that supervise it, which
+    /// must outlive the worker thread that asked (`workers`). `None`
+    /// outside a runtime (then they run in the request's task).
+    background: Option<tokio::runtime::Handle>,
 }
 
 /// The request body as it will be sent.
@@ -103,7 +110,21 @@ impl Proxy {
             client,
             max_retries: limits.max_retries,
             retry_body_limit: limits.retry_body_limit,
-            resilience: Resilience::new(Settings::from_limits(limits)),
+            resilience: Arc::new(Resilience::new(Settings::from_limits(limits))),
+            background: tokio::runtime::Handle::try_current().ok(),
+        }
+    }
+
+    /// The same proxy (instances, retry and outlier state) sending through
+    /// `client`: a worker's own connection pool.
+    pub(crate) fn with_client(&self, client: Outbound) -> Proxy {
+        Proxy {
+            upstreams: Arc::clone(&self.upstreams),
+            client,
+            max_retries: self.max_retries,
+            retry_body_limit: self.retry_body_limit,
+            resilience: Arc::clone(&self.resilience),
+            background: self.background.clone(),
         }
     }
 
@@ -281,7 +302,22 @@ impl Proxy {
         };
         let mut ready = self.upstreams.ready(service);
         if ready.is_empty() {
-            match tokio::time::timeout_at(deadline, self.upstreams.activate(service)).await {
+            let activation = self.upstreams.activate(service);
+            let activation = match &self.background {
+                Some(runtime) => {
+                    let task = runtime.spawn(activation);
+                    Box::pin(async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(ActivateError::Unavailable {
+                                service: service.to_string(),
+                                reason: format!("the activation failed: {e}"),
+                            })
+                        })
+                    })
+                }
+                None => activation,
+            };
+            match tokio::time::timeout_at(deadline, activation).await {
                 Err(_) => {
                     return Err(no_ready(ActivateError::Unavailable {
                         service: service.to_string(),

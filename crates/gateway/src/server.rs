@@ -2,10 +2,12 @@
 //! (one service: [`Front`], then the edge and the proxy), runs the accept
 //! loop and serves each connection, and shuts down gracefully.
 //!
-//! The accept loop only accepts; everything per connection (today only
-//! `TCP_NODELAY`, later the TLS handshake) happens on the connection's own
-//! task, so a slow client cannot stall accepting. Connections live in a
-//! `JoinSet` so that shutdown can close the ones still open at the deadline.
+//! The accept loop only accepts, and hands each connection to one of the
+//! gateway's worker threads (`workers`); everything per connection (today
+//! only `TCP_NODELAY`, later the TLS handshake) happens on the connection's
+//! own task there, so a slow client cannot stall accepting. Each worker
+//! keeps its connections in a `JoinSet`, so that shutdown can close the
+//! ones still open at the deadline.
 //!
 //! A connection's first bytes decide its protocol: the HTTP/2 preface goes
 //! to hyper (h2c, through hyper's HTTP/2 builder, its socket watched by
@@ -31,11 +33,10 @@ use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tower::util::BoxCloneService;
 
 use crate::access_log::{self, AccessLog, Sink};
@@ -52,6 +53,7 @@ use crate::relayed::Reply;
 use crate::request_id::{RequestId, X_REQUEST_ID};
 use crate::routing::RoutingState;
 use crate::upstream::Upstreams;
+use crate::workers::{self, Workers};
 use crate::{Error, stats};
 
 /// The whole request path as one cloneable service, called with each
@@ -90,27 +92,45 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// and indirect calls were most of the gateway's own CPU time per request.
 /// `service_fn` over an async block keeps the request's whole future one
 /// concrete type, which `BoxCloneService` boxes once.
-pub(crate) fn stack(
+///
+/// One stack per client (a worker's connection pool), sharing everything
+/// else: configuration, access log, in-flight count, instance health.
+/// Each worker's requests touch only its own `Front`, so its reference
+/// count, cloned per request, stays in one core's cache.
+pub(crate) fn stacks(
     limits: &Limits,
     routing: Arc<RoutingState>,
     access_log: Option<Arc<Sink>>,
     upstreams: Arc<dyn Upstreams>,
-    client: Outbound,
-) -> Stack {
+    clients: Vec<Outbound>,
+) -> Vec<Stack> {
     stats::describe();
-    let front = Arc::new(Front {
-        log: AccessLog::new(access_log),
-        in_flight: Arc::new(AtomicUsize::new(0)),
-        max_in_flight: limits.max_in_flight,
-        routing,
-        proxy: Proxy::new(upstreams, client, limits),
-    });
-    BoxCloneService::new(tower::service_fn(
-        move |(req, conn): (Request<Body>, ConnInfo)| {
-            let front = Arc::clone(&front);
-            async move { Ok::<_, Infallible>(front.serve(req, conn).await) }
-        },
-    ))
+    let log = AccessLog::new(access_log);
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let mut clients = clients.into_iter();
+    let Some(first) = clients.next() else {
+        return Vec::new();
+    };
+    let first = Proxy::new(upstreams, first, limits);
+    let others: Vec<Proxy> = clients.map(|client| first.with_client(client)).collect();
+    std::iter::once(first)
+        .chain(others)
+        .map(|proxy| {
+            let front = Arc::new(Front {
+                log: log.clone(),
+                in_flight: Arc::clone(&in_flight),
+                max_in_flight: limits.max_in_flight,
+                routing: Arc::clone(&routing),
+                proxy,
+            });
+            BoxCloneService::new(tower::service_fn(
+                move |(req, conn): (Request<Body>, ConnInfo)| {
+                    let front = Arc::clone(&front);
+                    async move { Ok::<_, Infallible>(front.serve(req, conn).await) }
+                },
+            ))
+        })
+        .collect()
 }
 
 /// Headers the gateway may add to a request before forwarding it.
@@ -220,62 +240,33 @@ fn h2_builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
     builder
 }
 
-/// Serves until `stop` yields a drain deadline (or is dropped: deadline 0).
+/// Serves until `stop` yields a drain deadline (or is dropped: deadline 0):
+/// accepts here, and hands each connection to the worker thread (one per
+/// stack in `stacks`) with the fewest open ones, which serves it to the
+/// end (`workers`).
 pub(crate) async fn run(
     listener: TcpListener,
-    stack: Stack,
-    limits: Limits,
+    workers: Workers,
+    stopping: watch::Sender<()>,
     mut stop: oneshot::Receiver<Duration>,
     log_writer: Option<JoinHandle<()>>,
 ) {
-    let builder = Arc::new(h2_builder(&limits));
-    let settings = h1::Settings::new(&limits);
-    let graceful = GracefulShutdown::new();
-    // Tells HTTP/1 connections, and those that have not sent a byte yet,
-    // (none watched by `graceful`) that the gateway is stopping: idle ones
-    // close at once, busy ones after their request.
-    let (stopping, stopping_rx) = watch::channel(());
-    let mut connections = JoinSet::new();
+    let mut workers = workers;
     let deadline = loop {
         tokio::select! {
             stop = &mut stop => break stop.unwrap_or(Duration::ZERO),
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    connections.spawn(serve_connection(
-                        Arc::clone(&builder),
-                        stream,
-                        peer,
-                        stack.clone(),
-                        graceful.watcher(),
-                        stopping_rx.clone(),
-                        settings,
-                    ));
-                }
+                Ok((stream, peer)) => workers.hand(stream, peer),
                 Err(e) => accept_failed(e).await,
             },
-            // Reap finished connections so the set does not grow.
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     };
     drop(listener);
-    drop(stack);
+    // Idle HTTP/1 connections close at once, busy ones after their
+    // request; h2c connections send GOAWAY and finish their streams.
     stopping.send_replace(());
-
-    let open = connections.len();
-    tracing::info!(target: "flotilla::gateway", open, ?deadline, "gateway stopping");
-    let drained = tokio::time::timeout(deadline, async {
-        graceful.shutdown().await;
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            target: "flotilla::gateway",
-            closed = connections.len(),
-            "drain deadline reached; closing the remaining connections"
-        );
-    }
-    connections.shutdown().await;
+    tracing::info!(target: "flotilla::gateway", ?deadline, "gateway stopping");
+    workers.finish(deadline).await;
 
     if let Some(writer) = log_writer
         && tokio::time::timeout(LOG_FLUSH_DEADLINE, writer)
@@ -283,6 +274,52 @@ pub(crate) async fn run(
             .is_err()
     {
         tracing::warn!(target: "flotilla::gateway", "the access log was not written out in time");
+    }
+}
+
+/// Starts the worker threads, one per stack; `stopping` (sent when the
+/// gateway stops) reaches every connection.
+pub(crate) fn start_workers(
+    stacks: Vec<Stack>,
+    limits: &Limits,
+    stopping: &watch::Sender<()>,
+) -> std::io::Result<Workers> {
+    let builder = Arc::new(h2_builder(limits));
+    let settings = h1::Settings::new(limits);
+    let serves = stacks
+        .into_iter()
+        .map(|stack| Connections {
+            builder: Arc::clone(&builder),
+            stack,
+            stopping: stopping.subscribe(),
+            settings,
+        })
+        .collect();
+    Workers::start("flotilla-gateway", serves)
+}
+
+/// What a worker serves each connection with.
+struct Connections {
+    builder: Arc<http2::Builder<TokioExecutor>>,
+    stack: Stack,
+    stopping: watch::Receiver<()>,
+    settings: h1::Settings,
+}
+
+impl workers::Serve for Connections {
+    fn serve(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        serve_connection(
+            Arc::clone(&self.builder),
+            stream,
+            peer,
+            self.stack.clone(),
+            self.stopping.clone(),
+            self.settings,
+        )
     }
 }
 
@@ -307,7 +344,6 @@ async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     stack: Stack,
-    watcher: Watcher,
     mut stopping: watch::Receiver<()>,
     settings: h1::Settings,
 ) {
@@ -331,10 +367,8 @@ async fn serve_connection(
         scheme: "http",
     };
     if first.starts_with(H2_PREFACE) {
-        serve_h2(builder, stream, first, info, stack, watcher, settings).await;
+        serve_h2(builder, stream, first, info, stack, stopping, settings).await;
     } else {
-        // Shutdown reaches an HTTP/1 connection through `stopping`.
-        drop(watcher);
         h1::serve(stream, first, info, stack, settings, stopping).await;
     }
 }
@@ -364,7 +398,7 @@ async fn serve_h2(
     first: BytesMut,
     info: ConnInfo,
     stack: Stack,
-    watcher: Watcher,
+    mut stopping: watch::Receiver<()>,
     settings: h1::Settings,
 ) {
     let peer = info.peer;
@@ -374,7 +408,19 @@ async fn serve_h2(
         info,
         watch: Arc::clone(&watched.watch),
     });
-    let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
+    // Served to the end; once the gateway stops, gracefully (GOAWAY, then
+    // the streams in progress finish).
+    let conn = async move {
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => return result,
+            // An error: the gateway is gone, which is stopping too.
+            _ = stopping.changed() => {}
+        }
+        conn.as_mut().graceful_shutdown();
+        conn.await
+    };
     let verdict = tokio::select! {
         result = conn => {
             if let Err(e) = result {
@@ -523,13 +569,16 @@ mod tests {
             Ok(r) => r,
             Err(e) => panic!("{e}"),
         };
-        let mut stack = stack(
+        let Some(mut stack) = stacks(
             &limits,
             Arc::new(RoutingState::new(built)),
             Some(sink),
             Arc::clone(&upstreams),
-            outbound::Outbound::new(connector),
-        );
+            vec![outbound::Outbound::new(connector)],
+        )
+        .pop() else {
+            panic!("no stack for one client");
+        };
 
         // The client gives up while the instance is still silent.
         let abandoned = tokio::time::timeout(
