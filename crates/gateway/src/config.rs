@@ -388,4 +388,33 @@ routes = [{ path = "/api/catalog/**", methods = ["GET"] }]
         assert!(config.static_dir.is_none());
         assert!(config.access_log.is_none());
     }
+
+    #[test]
+    fn worker_counts_out_of_range_are_refused_naming_the_setting() {
+        let toml = r#"
+name = "w"
+
+[services.a]
+run = { command = ["true"] }
+routes = [{ path = "/a/**" }]
+"#;
+        let manifest = match Manifest::parse(toml, Path::new("flotilla.toml")) {
+            Ok(m) => m,
+            Err(e) => panic!("test manifest is invalid: {e}"),
+        };
+        let mut config = Config::from_manifest(&manifest);
+        assert!(config.limits.workers >= 1, "one per CPU by default");
+        assert!(config.validate().is_ok());
+        for workers in [0, MAX_WORKERS + 1] {
+            config.limits.workers = workers;
+            match config.validate() {
+                Err(ConfigError::Limits(message)) => {
+                    assert!(message.starts_with("workers"), "{message}")
+                }
+                other => panic!("{workers} workers: {other:?}"),
+            }
+        }
+        config.limits.workers = MAX_WORKERS;
+        assert!(config.validate().is_ok());
+    }
 }

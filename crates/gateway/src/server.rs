@@ -241,17 +241,15 @@ fn h2_builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
 }
 
 /// Serves until `stop` yields a drain deadline (or is dropped: deadline 0):
-/// accepts here, and hands each connection to the worker thread (one per
-/// stack in `stacks`) with the fewest open ones, which serves it to the
-/// end (`workers`).
+/// accepts here, and hands each connection to the worker thread with the
+/// fewest open, which serves it to its end (`workers`).
 pub(crate) async fn run(
     listener: TcpListener,
-    workers: Workers,
+    mut workers: Workers,
     stopping: watch::Sender<()>,
     mut stop: oneshot::Receiver<Duration>,
     log_writer: Option<JoinHandle<()>>,
 ) {
-    let mut workers = workers;
     let deadline = loop {
         tokio::select! {
             stop = &mut stop => break stop.unwrap_or(Duration::ZERO),

@@ -102,3 +102,57 @@ async fn activation_outlasting_the_route_timeout_is_503_in_time() {
     assert!(took < timeout + Duration::from_secs(2), "{took:?}");
     gateway.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Starting an instance spawns the tasks that supervise it, and those must
+/// outlive the gateway's worker threads: an activation runs on the runtime
+/// the gateway was started on. Run on a worker's runtime, the task below
+/// died with it at shutdown (under `flotilla up`, shutdown then waited
+/// forever for the instance's supervisor).
+#[tokio::test]
+async fn what_an_activation_spawns_outlives_the_gateway() {
+    let registry = Registry::new();
+    let weak = Arc::downgrade(&registry);
+    let (release, released) = tokio::sync::watch::channel(false);
+    let supervised = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&supervised);
+    registry.on_activate(
+        "fn",
+        Arc::new(move || {
+            let weak = weak.clone();
+            let mut released = released.clone();
+            let flag = Arc::clone(&flag);
+            Box::pin(async move {
+                // The instance's supervisor: runs until the test lets go.
+                tokio::spawn(async move {
+                    let _ = released.wait_for(|r| *r).await;
+                    flag.store(true, Ordering::SeqCst);
+                });
+                let up = Upstream::start("fn-0").await;
+                let Some(registry) = weak.upgrade() else {
+                    return Err(ActivateError::ShuttingDown);
+                };
+                registry.set("fn", vec![up.endpoint()]);
+                registry
+                    .started
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(up);
+                Ok(())
+            })
+        }),
+    );
+    let gateway = start(
+        config(vec![route("fn", "/fn/**", &[], Duration::from_secs(5))]),
+        &registry,
+    )
+    .await;
+    let reply = Client::new(&gateway).get("/fn/hello").await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    gateway.shutdown(Duration::from_secs(5)).await;
+
+    let _ = release.send(true);
+    wait_until("the activation's task to finish after the gateway", || {
+        supervised.load(Ordering::SeqCst)
+    })
+    .await;
+}

@@ -37,12 +37,22 @@ async fn a_slow_upstream_is_504_within_the_route_timeout() {
 
 #[tokio::test]
 async fn graceful_shutdown_lets_an_in_flight_request_finish() {
+    an_in_flight_request_finishes_during_shutdown(Client::new).await;
+}
+
+/// h2c connections are told to go away (GOAWAY) and finish their streams.
+#[tokio::test]
+async fn graceful_shutdown_lets_an_in_flight_h2c_request_finish() {
+    an_in_flight_request_finishes_during_shutdown(Client::h2c).await;
+}
+
+async fn an_in_flight_request_finishes_during_shutdown(client: fn(&Gateway) -> Client) {
     let registry = Registry::new();
     let up = Upstream::start("svc-0").await;
     registry.set("svc", vec![up.endpoint()]);
     let gateway = start(config(vec![route("svc", "/**", &[], T)]), &registry).await;
     let addr = gateway.local_addr();
-    let client = Client::new(&gateway);
+    let client = client(&gateway);
 
     let c = client.clone();
     let in_flight = tokio::spawn(async move { c.get("/hold").await });
