@@ -32,17 +32,21 @@ wait_port() {
   exit 1
 }
 
-# start_nginx NGINX PORT UPSTREAM_PORT: nginx (Debian's) as a plain reverse
-# proxy on PORT in front of 127.0.0.1:UPSTREAM_PORT, the baseline the
-# gateway is measured against: 2 workers, upstream keep-alive, no access
-# log. Sets NGINX_PID; its files go under $TMP/nginx.
+# start_nginx NGINX PORT UPSTREAM_PORT [WRAP...]: nginx (Debian's) as a
+# plain reverse proxy on PORT in front of 127.0.0.1:UPSTREAM_PORT, the
+# baseline the gateway is measured against: 2 workers, upstream keep-alive,
+# no access log. With WRAP (a command such as valgrind and its options),
+# nginx runs under it as one process (no master, one worker). Sets
+# NGINX_PID; its files go under $TMP/nginx.
 start_nginx() {
-  local nginx=$1 port=$2 upstream=$3 user_line=""
+  local nginx=$1 port=$2 upstream=$3 user_line="" procs="worker_processes 2;"
+  shift 3
+  [ $# -gt 0 ] && procs="master_process off;"
   mkdir -p "$TMP/nginx/logs" "$TMP/nginx/tmp"
   [ "$(id -u)" = 0 ] && user_line="user root;"
   cat >"$TMP/nginx/nginx.conf" <<EOF
 $user_line
-worker_processes 2;
+$procs
 daemon off;
 pid $TMP/nginx/nginx.pid;
 error_log $TMP/nginx/logs/error.log warn;
@@ -71,7 +75,7 @@ http {
   }
 }
 EOF
-  "$nginx" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx/logs/stdout.log" 2>&1 &
+  "$@" "$nginx" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx/logs/stdout.log" 2>&1 &
   NGINX_PID=$!
   PIDS+=("$NGINX_PID")
 }

@@ -34,7 +34,7 @@ UP=$(free_port)
 start_upstream "$BIN/bench_upstream" "$UP"
 
 RAW=$(free_port); PLAIN=$(free_port); JWT=$(free_port); NG=$(free_port)
-"$BIN/bench_raw_h1" "127.0.0.1:$RAW" "127.0.0.1:$UP" 2 >"$TMP/raw-h1.log" 2>&1 &
+"$BIN/bench_raw_h1" "127.0.0.1:$RAW" "127.0.0.1:$UP" 2 --per-core >"$TMP/raw-h1.log" 2>&1 &
 RAW_PID=$!; PIDS+=($!)
 "$BIN/bench_gateway" --listen "127.0.0.1:$PLAIN" --upstream "127.0.0.1:$UP" --threads 2 \
   >"$TMP/gw-plain.log" 2>&1 &

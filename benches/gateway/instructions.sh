@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # User-space instructions per proxied request, counted by valgrind's
 # callgrind: the gateway (plain, and with JWT + rate limit) against the
-# smallest proxy of the same transport design (bench_raw_h1), each with one
-# worker thread, in front of the same upstream.
+# smallest proxy of the same transport design (bench_raw_h1, a runtime per
+# thread as the gateway's workers have), each with one worker thread, and
+# nginx (one process) as a plain proxy, in front of the same upstream.
 #
 # Unlike run.sh's timings these counts do not move with what else the
 # machine is doing (callgrind counts instructions, it does not time them),
 # so one run is enough to compare two builds of the gateway, and the
 # figure to read is the ratio against raw-h1: what the gateway's own work
 # (routing, headers, metrics, access log, request id, JWT, rate limit)
-# costs on top of moving the bytes. The kernel's share (about 60% of a
-# proxied request's CPU at this size) is not counted.
+# costs on top of moving the bytes. nginx's count is the yardstick of the
+# issue's goal. The kernel's share (about 60% of a proxied request's CPU at
+# this size) is not counted.
 #
-# Needs: valgrind, wrk, python3, cargo. Usage: benches/gateway/instructions.sh
+# Needs: valgrind, wrk, nginx, python3, cargo. Usage: benches/gateway/instructions.sh
 # Env: DURATION (default 6s, under callgrind: ~50x slower than native),
 # TOP=N also prints each gateway's N costliest functions (self cost),
 # KEEP=1 keeps the temp dir with the callgrind files.
@@ -22,7 +24,9 @@ cd "$(dirname "$0")/../.."
 source benches/gateway/common.sh
 
 DURATION="${DURATION:-6s}"
-need "apt-get install -y valgrind wrk" valgrind callgrind_control callgrind_annotate wrk python3
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+need "apt-get install -y valgrind wrk nginx-light" valgrind callgrind_control callgrind_annotate wrk \
+  python3 "$NGINX"
 
 echo "building (release)..." >&2
 cargo build --release --quiet -p flotilla-gateway --example bench_upstream --example bench_gateway \
@@ -33,7 +37,7 @@ make_tmp flotilla-instr
 UP=$(free_port)
 start_upstream "$BIN/bench_upstream" "$UP"
 
-RAW=$(free_port); PLAIN=$(free_port); JWT=$(free_port)
+RAW=$(free_port); PLAIN=$(free_port); JWT=$(free_port); NG=$(free_port)
 # start NAME PORT CMD...: CMD under callgrind, its counts to $TMP/NAME.cg.
 start() {
   local name=$1 port=$2; shift 2
@@ -42,22 +46,24 @@ start() {
   # valgrind starts slowly.
   wait_port "$port" 60
 }
-start raw-h1 "$RAW" "$BIN/bench_raw_h1" "127.0.0.1:$RAW" "127.0.0.1:$UP" 1
+start raw-h1 "$RAW" "$BIN/bench_raw_h1" "127.0.0.1:$RAW" "127.0.0.1:$UP" 1 --per-core
 start gw-plain "$PLAIN" "$BIN/bench_gateway" --listen "127.0.0.1:$PLAIN" --upstream "127.0.0.1:$UP" --threads 1
 start gw-jwt-rl "$JWT" "$BIN/bench_gateway" --listen "127.0.0.1:$JWT" --upstream "127.0.0.1:$UP" --threads 1 \
   --jwt --rate-limit "1000000/s burst 1000000 per user"
+start_nginx "$NGINX" "$NG" "$UP" valgrind --tool=callgrind --callgrind-out-file="$TMP/nginx.cg"
+wait_port "$NG" 60
 TOKEN="$(token_of "$TMP/gw-jwt-rl.log" JWT)"
 code=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$JWT/" || echo "?")
 [ "$code" = 200 ] || { echo "sanity check failed: with token $code (want 200)" >&2; exit 1; }
 
 # Warm every target (connections, pools, caches), then count from zero.
-for port in "$RAW" "$PLAIN" "$JWT"; do
+for port in "$RAW" "$PLAIN" "$JWT" "$NG"; do
   wrk -t1 -c8 -d2s -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$port/" >/dev/null
 done
 callgrind_control -z >/dev/null 2>&1
 
 declare -A REQS
-for target in raw-h1:"$RAW" gw-plain:"$PLAIN" gw-jwt-rl:"$JWT"; do
+for target in raw-h1:"$RAW" gw-plain:"$PLAIN" gw-jwt-rl:"$JWT" nginx:"$NG"; do
   name=${target%%:*} port=${target#*:}
   out=$(wrk -t1 -c8 -d"$DURATION" -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$port/")
   REQS[$name]=$(echo "$out" | awk '/requests in/ { print $1 }')
@@ -77,13 +83,13 @@ total_of() {
 printf '%-10s | %9s %12s %10s\n' target requests "instr/req" "x raw-h1"
 printf -- '-----------+-----------------------------------\n'
 base=""
-for name in raw-h1 gw-plain gw-jwt-rl; do
+for name in raw-h1 gw-plain gw-jwt-rl nginx; do
   read -r file total < <(total_of "$name")
   per=$((total / REQS[$name]))
   [ -z "$base" ] && base=$per
   awk -v n="$name" -v r="${REQS[$name]}" -v p="$per" -v b="$base" \
     'BEGIN { printf "%-10s | %9d %12d %9.2fx\n", n, r, p, p / b }'
-  if [ "${TOP:-0}" -gt 0 ] && [ "$name" != raw-h1 ]; then
+  if [ "${TOP:-0}" -gt 0 ] && [ "${name%%-*}" = gw ]; then
     callgrind_annotate --threshold=100 --inclusive=no "$file" 2>/dev/null \
       | awk -v r="${REQS[$name]}" -v top="$TOP" '
           # callgrind_annotate lists the entry frames of threads at ~100%

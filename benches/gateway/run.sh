@@ -12,7 +12,8 @@
 #                  floor of what a hyper-based proxy costs
 #   raw-h1         the gateway's transport design with nothing else (one
 #                  task per connection owning its upstream connection,
-#                  httparse; crates/gateway/examples/bench_raw_h1): the
+#                  httparse, a runtime per thread as the gateway's workers
+#                  have; crates/gateway/examples/bench_raw_h1): the
 #                  floor of the gateway's own design
 #   gw-mtls        gw-jwt-rl with its normal mutual-TLS upstream hop (as
 #                  under `flotilla up`), to a second upstream process that
@@ -82,7 +83,7 @@ PIDS+=($!)
 PID_OF[hyper-min]=$!
 
 RAW_PORT=$(free_port)
-"$BIN/bench_raw_h1" "127.0.0.1:$RAW_PORT" "127.0.0.1:$UP_PORT" 2 >"$TMP/raw-h1.log" 2>&1 &
+"$BIN/bench_raw_h1" "127.0.0.1:$RAW_PORT" "127.0.0.1:$UP_PORT" 2 --per-core >"$TMP/raw-h1.log" 2>&1 &
 PIDS+=($!)
 PID_OF[raw-h1]=$!
 
