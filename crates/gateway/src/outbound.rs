@@ -1045,9 +1045,8 @@ mod tests {
         (addr, rx)
     }
 
-    async fn body_of(res: impl Into<Response<Body>>) -> Vec<u8> {
-        let res = res.into();
-        match tokio::time::timeout(TEST_DEADLINE, res.into_body().collect()).await {
+    async fn body_of(reply: Reply) -> Vec<u8> {
+        match tokio::time::timeout(TEST_DEADLINE, reply.res.into_body().collect()).await {
             Ok(Ok(c)) => c.to_bytes().to_vec(),
             Ok(Err(e)) => panic!("body: {e}"),
             Err(_) => panic!("body timed out"),
@@ -1414,7 +1413,7 @@ mod tests {
         let mut names: Vec<&str> = res.headers().keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["content-type", "x-keep"]);
-        assert_eq!(body_of(res).await, b"hi");
+        assert_eq!(body_of(res.into()).await, b"hi");
         // `Connection: keep-alive`: the same connection serves the next.
         match client
             .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()), far())

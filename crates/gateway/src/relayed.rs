@@ -289,12 +289,6 @@ impl Reply {
     }
 }
 
-impl From<Reply> for Response<Body> {
-    fn from(reply: Reply) -> Response<Body> {
-        reply.into_response()
-    }
-}
-
 impl From<Response<Body>> for Reply {
     fn from(res: Response<Body>) -> Reply {
         Reply { res, relayed: None }
