@@ -1,8 +1,8 @@
 //! Scale from zero: requests are held while the service activates, and
 //! refused with 503 only when activation fails or outlasts the route timeout.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use flotilla_gateway::ActivateError;
@@ -10,6 +10,22 @@ use http::StatusCode;
 use tokio::time::Instant;
 
 use crate::support::*;
+
+/// What an activator does once its instance would be up: starts `fn-0`
+/// and makes it ready (unless the registry is gone).
+async fn start_instance(registry: &Weak<Registry>) -> Result<(), ActivateError> {
+    let up = Upstream::start("fn-0").await;
+    let Some(registry) = registry.upgrade() else {
+        return Err(ActivateError::ShuttingDown);
+    };
+    registry.set("fn", vec![up.endpoint()]);
+    registry
+        .started
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(up);
+    Ok(())
+}
 
 #[tokio::test]
 async fn a_request_is_held_until_an_instance_starts() {
@@ -22,17 +38,7 @@ async fn a_request_is_held_until_an_instance_starts() {
             Box::pin(async move {
                 // A cold start takes a while.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                let up = Upstream::start("fn-0").await;
-                let Some(registry) = weak.upgrade() else {
-                    return Err(ActivateError::ShuttingDown);
-                };
-                registry.set("fn", vec![up.endpoint()]);
-                registry
-                    .started
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(up);
-                Ok(())
+                start_instance(&weak).await
             })
         }),
     );
@@ -127,17 +133,7 @@ async fn what_an_activation_spawns_outlives_the_gateway() {
                     let _ = released.wait_for(|r| *r).await;
                     flag.store(true, Ordering::SeqCst);
                 });
-                let up = Upstream::start("fn-0").await;
-                let Some(registry) = weak.upgrade() else {
-                    return Err(ActivateError::ShuttingDown);
-                };
-                registry.set("fn", vec![up.endpoint()]);
-                registry
-                    .started
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(up);
-                Ok(())
+                start_instance(&weak).await
             })
         }),
     );
