@@ -74,7 +74,6 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
-use tower::Service;
 
 use self::decode::Decoder;
 use self::encode::{BodyEncoder, Exchange, Framing, HeadFields, Out};
@@ -85,7 +84,7 @@ use crate::chunked::{ChunkedDecoder, ChunkedError, Decoded};
 use crate::config::Limits;
 use crate::conn;
 use crate::relayed::Reply;
-use crate::server::{ConnInfo, Stack};
+use crate::server::{ConnInfo, Handler};
 
 /// Spare room in the read buffer before reading a head.
 const READ_SPARE: usize = 8 * 1024;
@@ -123,11 +122,11 @@ impl Settings {
 
 /// Serves HTTP/1.x on `io` until the connection ends; `read` holds what was
 /// already read from it.
-pub(crate) async fn serve(
+pub(crate) async fn serve<H: Handler>(
     io: TcpStream,
     read: BytesMut,
     info: ConnInfo,
-    stack: Stack,
+    stack: H,
     settings: Settings,
     stopping: watch::Receiver<()>,
 ) {
@@ -200,12 +199,12 @@ impl Feed {
     }
 }
 
-struct Conn {
+struct Conn<H> {
     io: TcpStream,
     rbuf: BytesMut,
     out: Out,
     info: ConnInfo,
-    stack: Stack,
+    stack: H,
     settings: Settings,
     stopping: watch::Receiver<()>,
     /// Ready once the server is stopping. One future for the connection's
@@ -223,7 +222,7 @@ struct Conn {
     bad_body: bool,
 }
 
-impl Conn {
+impl<H: Handler> Conn<H> {
     async fn run(&mut self) -> End {
         loop {
             let head = match self.read_head().await {
@@ -365,13 +364,12 @@ impl Conn {
         *req.version_mut() = head.version;
         *req.headers_mut() = head.headers;
 
-        // Tower's contract; every layer of the stack is always ready.
-        if let Err(never) = poll_fn(|cx| self.stack.poll_ready(cx)).await {
-            match never {}
-        }
-        let mut call = self.stack.call((req, self.info));
-        let res = poll_fn(|cx| self.poll_call(cx, &mut call, &mut feed)).await;
-        drop(call);
+        let res = {
+            // Pinned where it is made, in this task rather than a box of
+            // its own; dropped at the block's end, before the response.
+            let mut call = std::pin::pin!(self.stack.call(req, self.info));
+            poll_fn(|cx| self.poll_call(cx, call.as_mut(), &mut feed)).await
+        };
         match res {
             Some(res) => self.respond(res, ex, keep_alive, &mut feed).await,
             None => Next::Abort,
@@ -439,7 +437,7 @@ impl Conn {
     fn poll_call(
         &mut self,
         cx: &mut Context<'_>,
-        call: &mut <Stack as Service<(Request<Body>, ConnInfo)>>::Future,
+        mut call: Pin<&mut impl Future<Output = Reply>>,
         feed: &mut Option<Feed>,
     ) -> Poll<Option<Reply>> {
         for _ in 0..FEED_ROUNDS {
@@ -455,10 +453,8 @@ impl Conn {
                     false
                 }
             };
-            match call.as_mut().poll(cx) {
-                Poll::Ready(Ok(res)) => return Poll::Ready(Some(res)),
-                Poll::Ready(Err(never)) => match never {},
-                Poll::Pending => {}
+            if let Poll::Ready(res) = call.as_mut().poll(cx) {
+                return Poll::Ready(Some(res));
             }
             // Fed a frame the stack may already have taken (an in-task
             // upstream client): feed the next one without a wake-up.
@@ -847,7 +843,6 @@ mod tests {
     use http_body_util::{BodyExt, StreamBody};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
-    use tower::util::BoxCloneService;
 
     use super::*;
 
@@ -880,40 +875,45 @@ mod tests {
     /// `/echo` answers `METHOD TARGET len=N` after reading the body;
     /// `/stream` answers with a body of unknown length; `/refuse` answers
     /// 401 without reading the body; `/hold` never answers.
-    fn stub(probe: Arc<Probe>) -> Stack {
-        BoxCloneService::new(tower::service_fn(
-            move |(req, _): (Request<Body>, ConnInfo)| {
-                let probe = Arc::clone(&probe);
-                async move {
-                    probe.calls.fetch_add(1, Ordering::SeqCst);
-                    let mut guard = Abandoned(Arc::clone(&probe), false);
-                    let res = match req.uri().path() {
-                        "/echo" => {
-                            let (parts, body) = req.into_parts();
-                            let len = match body.collect().await {
-                                Ok(c) => c.to_bytes().len().to_string(),
-                                Err(e) => format!("error: {e}"),
-                            };
-                            text(
-                                StatusCode::OK,
-                                format!("{} {} len={len}", parts.method, parts.uri),
-                            )
-                        }
-                        "/stream" => Response::new(body::boxed(StreamBody::new(
-                            futures_util::stream::iter([
-                                Ok::<_, Infallible>(Frame::data(Bytes::from("hello "))),
-                                Ok(Frame::data(Bytes::from("world"))),
-                            ]),
-                        ))),
-                        "/refuse" => text(StatusCode::UNAUTHORIZED, "no"),
-                        "/hold" => std::future::pending().await,
-                        _ => text(StatusCode::NOT_FOUND, "?"),
-                    };
-                    guard.1 = true;
-                    Ok::<_, Infallible>(crate::relayed::Reply::from(res))
-                }
-            },
-        ))
+    #[derive(Clone)]
+    struct Stub(Arc<Probe>);
+
+    impl Handler for Stub {
+        fn call(
+            &self,
+            req: Request<Body>,
+            _: ConnInfo,
+        ) -> impl Future<Output = Reply> + Send + 'static {
+            let probe = Arc::clone(&self.0);
+            async move {
+                probe.calls.fetch_add(1, Ordering::SeqCst);
+                let mut guard = Abandoned(Arc::clone(&probe), false);
+                let res = match req.uri().path() {
+                    "/echo" => {
+                        let (parts, body) = req.into_parts();
+                        let len = match body.collect().await {
+                            Ok(c) => c.to_bytes().len().to_string(),
+                            Err(e) => format!("error: {e}"),
+                        };
+                        text(
+                            StatusCode::OK,
+                            format!("{} {} len={len}", parts.method, parts.uri),
+                        )
+                    }
+                    "/stream" => {
+                        Response::new(body::boxed(StreamBody::new(futures_util::stream::iter([
+                            Ok::<_, Infallible>(Frame::data(Bytes::from("hello "))),
+                            Ok(Frame::data(Bytes::from("world"))),
+                        ]))))
+                    }
+                    "/refuse" => text(StatusCode::UNAUTHORIZED, "no"),
+                    "/hold" => std::future::pending().await,
+                    _ => text(StatusCode::NOT_FOUND, "?"),
+                };
+                guard.1 = true;
+                Reply::from(res)
+            }
+        }
     }
 
     struct Server {
@@ -932,7 +932,7 @@ mod tests {
             Err(e) => panic!("addr: {e}"),
         };
         let probe = Arc::new(Probe::default());
-        let stack = stub(Arc::clone(&probe));
+        let stack = Stub(Arc::clone(&probe));
         let (stop, stopping) = watch::channel(());
         tokio::spawn(async move {
             while let Ok((stream, peer)) = listener.accept().await {

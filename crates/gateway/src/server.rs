@@ -37,7 +37,6 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tower::util::BoxCloneService;
 
 use crate::access_log::{self, AccessLog, Sink};
 use crate::body::{self, Body, Holding};
@@ -56,9 +55,33 @@ use crate::upstream::Upstreams;
 use crate::workers::{self, Workers};
 use crate::{Error, stats};
 
-/// The whole request path as one cloneable service, called with each
-/// request and the connection it arrived on.
-pub(crate) type Stack = BoxCloneService<(Request<Body>, ConnInfo), Reply, Infallible>;
+/// The whole request path, called with each request and the connection it
+/// arrived on. Not a tower `Service`: a service's future must be a type it
+/// can name, which for an `async fn` means a box, allocated, moved into and
+/// freed per request. A handler's future is its own concrete type, which
+/// the HTTP/1 driver holds inline in the connection's task.
+pub(crate) trait Handler: Clone + Send + Sync + 'static {
+    fn call(
+        &self,
+        req: Request<Body>,
+        conn: ConnInfo,
+    ) -> impl Future<Output = Reply> + Send + 'static;
+}
+
+/// The gateway's request path ([`Front`]), one per worker.
+#[derive(Clone)]
+pub(crate) struct Stack(Arc<Front>);
+
+impl Handler for Stack {
+    fn call(
+        &self,
+        req: Request<Body>,
+        conn: ConnInfo,
+    ) -> impl Future<Output = Reply> + Send + 'static {
+        let front = Arc::clone(&self.0);
+        async move { front.serve(req, conn).await }
+    }
+}
 
 /// The client side of the connection a request arrived on. Passed beside
 /// the request rather than in its extensions: the first extension costs
@@ -90,8 +113,8 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// One `async fn` rather than a stack of tower layers: each layer would box
 /// its future and re-wrap the response body, and those allocations, moves
 /// and indirect calls were most of the gateway's own CPU time per request.
-/// `service_fn` over an async block keeps the request's whole future one
-/// concrete type, which `BoxCloneService` boxes once.
+/// The request's whole future is one concrete type, never boxed on the
+/// HTTP/1 path ([`Handler`]).
 ///
 /// One stack per client (a worker's connection pool), sharing everything
 /// else: configuration, access log, in-flight count, instance health.
@@ -116,19 +139,13 @@ pub(crate) fn stacks(
     std::iter::once(first)
         .chain(others)
         .map(|proxy| {
-            let front = Arc::new(Front {
+            Stack(Arc::new(Front {
                 log: log.clone(),
                 in_flight: Arc::clone(&in_flight),
                 max_in_flight: limits.max_in_flight,
                 routing: Arc::clone(&routing),
                 proxy,
-            });
-            BoxCloneService::new(tower::service_fn(
-                move |(req, conn): (Request<Body>, ConnInfo)| {
-                    let front = Arc::clone(&front);
-                    async move { Ok::<_, Infallible>(front.serve(req, conn).await) }
-                },
-            ))
+            }))
         })
         .collect()
 }
@@ -450,17 +467,17 @@ impl tower::Service<Request<Incoming>> for Connection {
     type Error = Infallible;
     type Future = futures_util::future::BoxFuture<'static, Result<Response<Body>, Infallible>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.stack.poll_ready(cx)
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         use futures_util::FutureExt;
         let guard = self.watch.request_started();
-        let fut = self.stack.call((req.map(body::boxed), self.info));
+        let fut = self.stack.call(req.map(body::boxed), self.info);
         async move {
             // hyper writes the map only.
-            let res = fut.await?.into_response();
+            let res = fut.await.into_response();
             Ok(res.map(|b| body::boxed(Holding::new(b, guard))))
         }
         .boxed()
@@ -473,8 +490,6 @@ mod tests {
     use crate::config::{Config, RouteConfig};
     use crate::upstream::{ActivateFuture, Endpoint, Load};
     use crate::{access_log, client, outbound, routing};
-    use std::future::poll_fn;
-    use tower::Service;
 
     /// One service whose only instance accepts connections and never answers.
     struct Silent(Arc<[Endpoint]>);
@@ -497,17 +512,11 @@ mod tests {
     }
 
     async fn call(stack: &mut Stack, req: Request<Body>) -> Response<Body> {
-        if let Err(never) = poll_fn(|cx| stack.poll_ready(cx)).await {
-            match never {}
-        }
         let conn = ConnInfo {
             peer: SocketAddr::from(([127, 0, 0, 1], 40000)),
             scheme: "http",
         };
-        match stack.call((req, conn)).await {
-            Ok(reply) => reply.into_response(),
-            Err(never) => match never {},
-        }
+        stack.call(req, conn).await.into_response()
     }
 
     #[tokio::test]
