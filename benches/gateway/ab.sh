@@ -30,6 +30,8 @@ ROUNDS="${ROUNDS:-6}"
 DURATION="${DURATION:-5s}"
 CONNS="${CONNS:-64}"
 GW_THREADS="${GW_THREADS:-2}"
+# nginx gets as many worker processes as the gateway has threads.
+NGINX_WORKERS="$GW_THREADS"
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 need "apt-get install -y wrk nginx-light" wrk python3 "$NGINX"
 

@@ -34,12 +34,13 @@ wait_port() {
 
 # start_nginx NGINX PORT UPSTREAM_PORT [WRAP...]: nginx (Debian's) as a
 # plain reverse proxy on PORT in front of 127.0.0.1:UPSTREAM_PORT, the
-# baseline the gateway is measured against: 2 workers, upstream keep-alive,
+# baseline the gateway is measured against: NGINX_WORKERS workers (default
+# 2; the scripts set it to the gateway's worker threads), upstream keep-alive,
 # no access log. With WRAP (a command such as valgrind and its options),
 # nginx runs under it as one process (no master, one worker). Sets
 # NGINX_PID; its files go under $TMP/nginx.
 start_nginx() {
-  local nginx=$1 port=$2 upstream=$3 user_line="" procs="worker_processes 2;"
+  local nginx=$1 port=$2 upstream=$3 user_line="" procs="worker_processes ${NGINX_WORKERS:-2};"
   shift 3
   [ $# -gt 0 ] && procs="master_process off;"
   mkdir -p "$TMP/nginx/logs" "$TMP/nginx/tmp"

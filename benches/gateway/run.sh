@@ -35,9 +35,10 @@
 # all its processes and threads) and print it per request: the figure that
 # shows where a proxy spends, independent of how the 2 cores are shared.
 #
-# Ratios are against nginx. The gateway and nginx each get 2 worker
-# threads/processes; wrk 1 thread; the upstream 1 thread. On a 2-core
-# machine all four share the cores, so read the figures as relative.
+# Ratios are against nginx. The gateway, nginx, hyper-min and raw-h1 each
+# get GW_THREADS worker threads/processes (default 2); wrk 1 thread; the
+# upstream 1 thread. On a 2-core machine all of them share the cores, so
+# read the figures as relative.
 #
 # Needs: wrk and nginx (Debian: `apt-get install -y wrk nginx-light`),
 # python3 (free ports), cargo. Usage: benches/gateway/run.sh
@@ -50,6 +51,8 @@ DURATION="${DURATION:-6s}"
 ROUNDS="${ROUNDS:-3}"
 CONNS="${CONNS:-64}"
 GW_THREADS="${GW_THREADS:-2}"
+# nginx gets as many worker processes as the gateway has threads.
+NGINX_WORKERS="$GW_THREADS"
 
 missing=""
 command -v wrk >/dev/null 2>&1 || missing="$missing wrk"
@@ -78,12 +81,12 @@ PID_OF[upstream]=$!
 wait_port "$UP_PORT"
 
 MIN_PORT=$(free_port)
-"$BIN/bench_hyper_minimal" "127.0.0.1:$MIN_PORT" "127.0.0.1:$UP_PORT" 2 >"$TMP/hyper-min.log" 2>&1 &
+"$BIN/bench_hyper_minimal" "127.0.0.1:$MIN_PORT" "127.0.0.1:$UP_PORT" "$GW_THREADS" >"$TMP/hyper-min.log" 2>&1 &
 PIDS+=($!)
 PID_OF[hyper-min]=$!
 
 RAW_PORT=$(free_port)
-"$BIN/bench_raw_h1" "127.0.0.1:$RAW_PORT" "127.0.0.1:$UP_PORT" 2 --per-core >"$TMP/raw-h1.log" 2>&1 &
+"$BIN/bench_raw_h1" "127.0.0.1:$RAW_PORT" "127.0.0.1:$UP_PORT" "$GW_THREADS" --per-core >"$TMP/raw-h1.log" 2>&1 &
 PIDS+=($!)
 PID_OF[raw-h1]=$!
 
