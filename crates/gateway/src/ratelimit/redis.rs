@@ -10,9 +10,16 @@
 //! replica's in-memory store instead and Redis is left alone for a second:
 //! limits stay roughly in force (per replica) and a Redis outage neither
 //! stalls nor opens the gateway.
+//!
+//! The calls run on the runtime the store was made on (the gateway's
+//! caller's), not on the worker thread whose request asked: the Redis
+//! connection's driver task, and each reconnection's, is spawned where the
+//! connection is used, and a worker's runtime ends before the gateway's
+//! does. With the connection on a worker, the other workers' checks would
+//! fail once that worker had stopped, and count in memory for a second.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -47,7 +54,10 @@ const BACK_OFF: Duration = Duration::from_secs(1);
 pub(crate) struct Store {
     client: Option<redis::Client>,
     manager: OnceLock<Option<ConnectionManager>>,
-    script: redis::Script,
+    script: Arc<redis::Script>,
+    /// Where the calls run (see the module's comment); `None` outside a
+    /// runtime, where they run in the caller's task.
+    background: Option<tokio::runtime::Handle>,
     prefix: String,
     fallback: gcra::Store,
     epoch: Instant,
@@ -67,7 +77,8 @@ impl Store {
         Store {
             client,
             manager: OnceLock::new(),
-            script: redis::Script::new(SCRIPT),
+            script: Arc::new(redis::Script::new(SCRIPT)),
+            background: tokio::runtime::Handle::try_current().ok(),
             prefix: prefix.to_string(),
             fallback: gcra::Store::new(gcra::DEFAULT_MAX_KEYS),
             epoch: Instant::now(),
@@ -101,10 +112,22 @@ impl Store {
         {
             let interval = limit.interval_nanos().div_ceil(1000).max(1);
             let tolerance = interval.saturating_mul(u64::from(limit.burst));
-            let mut invocation = self.script.key(format!("{}{key}", self.prefix));
-            invocation.arg(interval).arg(tolerance);
-            let call = invocation.invoke_async::<(i64, i64, i64)>(&mut conn);
-            match tokio::time::timeout(RESPONSE_TIMEOUT * 2, call).await {
+            let key = format!("{}{key}", self.prefix);
+            let script = Arc::clone(&self.script);
+            let call = async move {
+                let mut invocation = script.key(key);
+                invocation.arg(interval).arg(tolerance);
+                let call = invocation.invoke_async::<(i64, i64, i64)>(&mut conn);
+                tokio::time::timeout(RESPONSE_TIMEOUT * 2, call).await
+            };
+            let outcome = match &self.background {
+                Some(runtime) => runtime
+                    .spawn(call)
+                    .await
+                    .unwrap_or_else(|e| Ok(Err(redis::RedisError::from(std::io::Error::other(e))))),
+                None => call.await,
+            };
+            match outcome {
                 Ok(Ok((allowed, ahead, over))) => {
                     return Decision::from_gcra(
                         limit,
@@ -132,5 +155,55 @@ impl Store {
                 "the Redis rate-limit backend failed; counting in memory for now"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One check made on a runtime of its own, on a thread of its own,
+    /// both gone when it returns: as a gateway worker that stops.
+    async fn check_from_a_worker(store: &Arc<Store>, limit: &RateLimit) -> Decision {
+        let (store, limit) = (Arc::clone(store), limit.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("{e}"));
+            runtime.block_on(store.check(&limit, "client"))
+        });
+        checked.await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[tokio::test]
+    async fn the_connection_outlives_the_worker_that_first_used_it() {
+        let Ok(url) = std::env::var("FLOTILLA_TEST_REDIS_URL") else {
+            eprintln!("skipped: FLOTILLA_TEST_REDIS_URL not set");
+            return;
+        };
+        // A fresh prefix per run: counters of earlier runs must not count.
+        let prefix = format!("flotilla-test:{}:", uuid::Uuid::new_v4());
+        let store = Arc::new(Store::new(&url, &prefix));
+        let limit = RateLimit::parse("2/h burst 2").unwrap_or_else(|e| panic!("{e}"));
+
+        // The first worker makes the connection and stops; the next ones
+        // must still reach Redis through it.
+        let decisions = [
+            check_from_a_worker(&store, &limit).await,
+            check_from_a_worker(&store, &limit).await,
+            check_from_a_worker(&store, &limit).await,
+        ];
+        assert_eq!(
+            store.degraded_until_ms.load(Ordering::Relaxed),
+            0,
+            "a check failed and was counted in memory"
+        );
+        let allowed: Vec<bool> = decisions.iter().map(|d| d.allowed).collect();
+        assert_eq!(
+            allowed,
+            [true, true, false],
+            "Redis did not count all three"
+        );
     }
 }

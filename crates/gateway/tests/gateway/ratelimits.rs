@@ -102,12 +102,18 @@ async fn a_header_key_counts_each_value_separately() {
     gateway.shutdown(T).await;
 }
 
+/// Held by the tests whose gateways use the Redis backend: the backend
+/// error counter they read is the process's, and one test's failures
+/// (on purpose, in the fallback test) must not show up in the other's.
+static REDIS_BACKEND: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test]
 async fn two_gateways_share_one_limit_through_redis() {
     let Ok(url) = std::env::var("FLOTILLA_TEST_REDIS_URL") else {
         eprintln!("skipped: FLOTILLA_TEST_REDIS_URL not set");
         return;
     };
+    let _alone = REDIS_BACKEND.lock().await;
     let registry = Registry::new();
     let up = Upstream::start("rl-redis-0").await;
     registry.set("rl-redis", vec![up.endpoint()]);
@@ -150,6 +156,7 @@ async fn two_gateways_share_one_limit_through_redis() {
 
 #[tokio::test]
 async fn an_unreachable_redis_falls_back_to_memory() {
+    let _alone = REDIS_BACKEND.lock().await;
     let registry = Registry::new();
     let up = Upstream::start("rl-fallback-0").await;
     registry.set("rl-fallback", vec![up.endpoint()]);
