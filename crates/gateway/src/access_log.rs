@@ -16,7 +16,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
+
+use tokio::time::Instant;
 
 use http::{Method, Request, StatusCode, Uri};
 use http_body::{Frame, SizeHint};
@@ -160,7 +162,7 @@ impl AccessLog {
             in_flight: self.in_flight.started(),
             // Only the file's lines carry a wall-clock time.
             ts: self.sink.as_ref().map(|_| SystemTime::now()),
-            start: Instant::now(),
+            start: crate::clock::now(),
             request_id,
             method: req.method().clone(),
             // The query string is left out when logging: it often carries
@@ -223,7 +225,7 @@ impl Entry {
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        let took = self.start.elapsed();
+        let took = crate::clock::now().saturating_duration_since(self.start);
         self.in_flight.decrement(1.0);
         let route = self.route.as_ref().map(|r| r.pattern.as_str());
         let service = self.route.as_ref().map(|r| r.service.as_str());

@@ -81,6 +81,7 @@ use self::head::{BodyLength, Head};
 use self::incoming::{BodyError, Room};
 use crate::body::{self, Body};
 use crate::chunked::{ChunkedDecoder, ChunkedError, Decoded};
+use crate::clock;
 use crate::config::Limits;
 use crate::conn;
 use crate::relayed::Reply;
@@ -301,9 +302,9 @@ impl<H: Handler> Conn<H> {
             // pipelined behind the last request); the idle clock with the
             // wait for a head.
             let deadline = if idle {
-                *idle_deadline.get_or_insert_with(|| Instant::now() + self.settings.idle_timeout)
+                *idle_deadline.get_or_insert_with(|| clock::now() + self.settings.idle_timeout)
             } else {
-                *head_deadline.get_or_insert_with(|| Instant::now() + self.settings.header_timeout)
+                *head_deadline.get_or_insert_with(|| clock::now() + self.settings.header_timeout)
             };
             arm(&mut self.timer, deadline);
             let Conn {
@@ -324,7 +325,7 @@ impl<H: Handler> Conn<H> {
                 Some(Ok(_)) => {}
                 Some(Err(_)) => return Err(Stop::Abort),
                 // The timer may fire early (see `arm`): then it is re-armed.
-                None if Instant::now() < deadline => {}
+                None if clock::now() < deadline => {}
                 None if idle => return Err(Stop::Close),
                 None => {
                     tracing::debug!(target: "flotilla::gateway", peer = %self.info.peer, "request headers too slow; answering 408");

@@ -35,6 +35,7 @@ mod balance;
 mod body;
 mod chunked;
 mod client;
+mod clock;
 mod config;
 mod conn;
 mod cors;

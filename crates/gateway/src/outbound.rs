@@ -240,7 +240,7 @@ impl Outbound {
 
     /// A pooled connection to `service` at `addr` that still looks alive.
     fn checkout(&self, service: &str, addr: SocketAddr) -> Option<Conn> {
-        let now = Instant::now();
+        let now = crate::clock::now();
         loop {
             let mut conn = {
                 let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -264,7 +264,7 @@ impl Outbound {
         if list.len() < shared.max_idle {
             list.push(Idle {
                 conn,
-                since: Instant::now(),
+                since: crate::clock::now(),
             });
         }
     }

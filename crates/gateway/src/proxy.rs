@@ -138,7 +138,7 @@ impl Proxy {
         route: &Route,
         client: ClientAddr,
     ) -> Result<(Reply, Upstream), Rejection> {
-        let deadline = Instant::now() + route.timeout;
+        let deadline = crate::clock::now() + route.timeout;
         let timed_out = || Rejection::UpstreamTimeout {
             service: route.service.clone(),
             timeout: route.timeout,

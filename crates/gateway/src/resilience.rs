@@ -131,7 +131,9 @@ pub(crate) struct ServiceHealth {
 
 impl ServiceHealth {
     fn second(&self) -> u64 {
-        self.epoch.elapsed().as_secs()
+        crate::clock::now()
+            .saturating_duration_since(self.epoch)
+            .as_secs()
     }
 
     /// Counts a request towards the budget.
@@ -162,7 +164,7 @@ impl ServiceHealth {
         if self.tracked.load(Ordering::Acquire) == 0 {
             return false;
         }
-        let now = Instant::now();
+        let now = crate::clock::now();
         let instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
         instances
             .get(instance)
@@ -174,7 +176,7 @@ impl ServiceHealth {
         if self.tracked.load(Ordering::Acquire) == 0 {
             return;
         }
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
         let forget = match instances.get_mut(instance) {
             Some(s) => {
@@ -200,7 +202,7 @@ impl ServiceHealth {
     /// Records a failure of `instance`; `ready` is the service's instances
     /// now (so that the last one standing is never ejected).
     pub(crate) fn failure(&self, instance: &str, ready: &[Endpoint]) {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
         let state = instances.entry(instance.to_string()).or_default();
         if state.ejected_until.is_some_and(|until| until > now) {

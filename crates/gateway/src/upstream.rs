@@ -88,7 +88,7 @@ impl Load {
 
     /// Time since a request last started or finished here.
     pub fn idle_for(&self) -> Duration {
-        let now = self.epoch.elapsed().as_millis() as u64;
+        let now = self.elapsed_ms();
         Duration::from_millis(now.saturating_sub(self.last_active_ms.load(Ordering::Acquire)))
     }
 
@@ -96,8 +96,13 @@ impl Load {
     /// service addresses call it as bytes flow, since they cannot see
     /// request boundaries on a kept-alive connection.
     pub fn touch(&self) {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        self.last_active_ms.store(now, Ordering::Release);
+        self.last_active_ms
+            .store(self.elapsed_ms(), Ordering::Release);
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        let now = crate::clock::now().into_std();
+        now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 }
 

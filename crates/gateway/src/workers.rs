@@ -167,10 +167,10 @@ async fn work<S: Serve>(
                 match TcpStream::from_std(stream) {
                     Ok(stream) => {
                         let served = serve.serve(stream, peer);
-                        connections.spawn(async move {
+                        connections.spawn(crate::clock::Ticking::new(async move {
                             served.await;
                             drop(guard);
-                        });
+                        }));
                     }
                     Err(e) => {
                         tracing::debug!(target: "flotilla::gateway", %peer, error = %e, "a worker cannot take a connection");

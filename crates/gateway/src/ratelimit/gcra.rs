@@ -71,7 +71,8 @@ impl Store {
 
     fn now(&self) -> u64 {
         // Offset by one so that a fresh key (0) is always in the past.
-        self.epoch.elapsed().as_nanos() as u64 + 1
+        let now = crate::clock::now().into_std();
+        now.saturating_duration_since(self.epoch).as_nanos() as u64 + 1
     }
 
     pub(crate) fn check(&self, limit: &RateLimit, key: &str) -> Decision {
