@@ -22,8 +22,10 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -150,6 +152,23 @@ impl Drop for Open {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A connection served, counted open until it is done.
+    struct Counted<F> {
+        #[pin]
+        served: F,
+        _open: Open,
+    }
+}
+
+impl<F: Future> Future for Counted<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().served.poll(cx)
+    }
+}
+
 /// A worker's life: serve what is handed over until the pool stops, then
 /// drain.
 async fn work<S: Serve>(
@@ -167,9 +186,11 @@ async fn work<S: Serve>(
                 match TcpStream::from_std(stream) {
                     Ok(stream) => {
                         let served = serve.serve(stream, peer);
-                        connections.spawn(crate::clock::Ticking::new(async move {
-                            served.await;
-                            drop(guard);
+                        // The connection's own future, the guard beside it:
+                        // awaited in a block, it would be there twice.
+                        connections.spawn(crate::clock::Ticking::new(Counted {
+                            served,
+                            _open: guard,
                         }));
                     }
                     Err(e) => {
