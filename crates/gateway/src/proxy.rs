@@ -42,6 +42,7 @@ use crate::routes::Route;
 use crate::server::ConnInfo;
 use crate::stats;
 use crate::upstream::{ActivateError, Endpoint, LoadGuard, Upstreams};
+use crate::workers;
 
 /// The instance that answered a request. Kept (by the access log) until
 /// the response body is done, counting the request on that instance until
@@ -78,10 +79,8 @@ pub(crate) struct Proxy {
     /// Shared by every worker's proxy: outliers and retry budgets are
     /// per instance and per service, not per thread.
     resilience: Arc<Resilience>,
-    /// The runtime the gateway was started on, where activations run:
-    /// starting an instance spawns the tasks that supervise it, which
-    /// must outlive the worker thread that asked (`workers`). `None`
-    /// outside a runtime (then they run in the request's task).
+    /// The runtime the gateway was started on, where activations run
+    /// ([`workers::on_caller`]). `None` outside a runtime.
     background: Option<tokio::runtime::Handle>,
 }
 
@@ -302,22 +301,19 @@ impl Proxy {
         };
         let mut ready = self.upstreams.ready(service);
         if ready.is_empty() {
-            let activation = self.upstreams.activate(service);
-            let activation = match &self.background {
-                Some(runtime) => {
-                    let task = runtime.spawn(activation);
-                    Box::pin(async move {
-                        task.await.unwrap_or_else(|e| {
-                            Err(ActivateError::Unavailable {
-                                service: service.to_string(),
-                                reason: format!("the activation failed: {e}"),
-                            })
+            let activation =
+                workers::on_caller(self.background.as_ref(), self.upstreams.activate(service));
+            let activated = tokio::time::timeout_at(deadline, activation)
+                .await
+                .map(|joined| {
+                    joined.unwrap_or_else(|e| {
+                        Err(ActivateError::Unavailable {
+                            service: service.to_string(),
+                            reason: format!("the activation failed: {e}"),
                         })
                     })
-                }
-                None => activation,
-            };
-            match tokio::time::timeout_at(deadline, activation).await {
+                });
+            match activated {
                 Err(_) => {
                     return Err(no_ready(ActivateError::Unavailable {
                         service: service.to_string(),

@@ -33,6 +33,23 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+/// Runs `task` on `runtime`, the runtime the gateway was started on, and
+/// waits for it here; without one (outside a runtime), runs it in place.
+/// For work whose spawned tasks must outlive the worker thread that asked,
+/// since a worker's runtime ends before the gateway's: starting an instance
+/// spawns its supervisors, and redis-rs spawns a connection's driver where
+/// the connection is first used. `Err`: the task panicked, or its runtime
+/// is shutting down.
+pub(crate) async fn on_caller<T: Send + 'static>(
+    runtime: Option<&tokio::runtime::Handle>,
+    task: impl Future<Output = T> + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    match runtime {
+        Some(runtime) => runtime.spawn(task).await,
+        None => Ok(task.await),
+    }
+}
+
 /// What a worker does with each socket handed to it; runs on the worker.
 pub(crate) trait Serve: Send + 'static {
     fn serve(

@@ -120,13 +120,9 @@ impl Store {
                 let call = invocation.invoke_async::<(i64, i64, i64)>(&mut conn);
                 tokio::time::timeout(RESPONSE_TIMEOUT * 2, call).await
             };
-            let outcome = match &self.background {
-                Some(runtime) => runtime
-                    .spawn(call)
-                    .await
-                    .unwrap_or_else(|e| Ok(Err(redis::RedisError::from(std::io::Error::other(e))))),
-                None => call.await,
-            };
+            let outcome = crate::workers::on_caller(self.background.as_ref(), call)
+                .await
+                .unwrap_or_else(|e| Ok(Err(redis::RedisError::from(std::io::Error::other(e)))));
             match outcome {
                 Ok(Ok((allowed, ahead, over))) => {
                     return Decision::from_gcra(
