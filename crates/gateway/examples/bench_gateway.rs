@@ -203,9 +203,17 @@ fn main() -> Result<(), BoxError> {
     let args = args()?;
     // The Prometheus recorder `flotilla up` installs, so that recording the
     // gateway's metrics costs here what it costs there.
+    // With its upkeep, as there: without it every histogram sample is kept
+    // until a scrape, which a benchmark never makes.
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-    let _metrics = recorder.handle();
+    let metrics = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(Duration::from_secs(5));
+            metrics.run_upkeep();
+        }
+    });
     // The gateway serves on `--threads` worker threads of its own; this
     // runtime only accepts and runs the background tasks.
     let runtime = tokio::runtime::Builder::new_current_thread()

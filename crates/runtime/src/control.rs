@@ -98,9 +98,10 @@ async fn metrics() -> Response {
         .into_response()
 }
 
-/// The process's metrics recorder, installed on first use. Several systems
-/// in one process (tests) share it; a recorder installed by someone else
-/// first leaves this one empty rather than failing.
+/// The process's metrics recorder, installed on first use, with its
+/// upkeep. Several systems in one process (tests) share it; a recorder
+/// installed by someone else first leaves this one empty rather than
+/// failing.
 pub(crate) fn recorder() -> &'static metrics_exporter_prometheus::PrometheusHandle {
     static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
         std::sync::OnceLock::new();
@@ -108,8 +109,32 @@ pub(crate) fn recorder() -> &'static metrics_exporter_prometheus::PrometheusHand
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let _ = metrics::set_global_recorder(recorder);
+        keep_up(handle.clone());
         handle
     })
+}
+
+/// How often histogram samples are folded into their summaries.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// The recorder keeps every histogram sample (the gateway records one or
+/// more per request) until something drains them: a scrape of `/metrics`,
+/// or its upkeep. With nobody scraping, a busy gateway's memory grew
+/// without end, about 20 bytes a request (4 MB every 5 s at 40 000
+/// requests/s). A thread rather than a task: the recorder is the
+/// process's, and outlives any runtime.
+fn keep_up(handle: metrics_exporter_prometheus::PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(target: "flotilla::runtime", error = %e, "cannot start the metrics upkeep thread; histograms are drained only by scrapes of /metrics");
+    }
 }
 
 /// What every peer that is not the operator gets.
