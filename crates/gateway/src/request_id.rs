@@ -26,8 +26,15 @@ impl RequestId {
         // allocation, which every clone of the value (the request's, the
         // response's) shares. A value copied from a slice would allocate
         // twice, once for the bytes and again when first cloned.
+        //
+        // Filled in one call: `rand::random::<[u8; 16]>()` draws each
+        // byte on its own, a 32-bit word apiece, which emptied the
+        // generator's block (and refilled it, a ChaCha round) every fourth
+        // request rather than every sixteenth.
+        let mut random = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut random);
         let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        uuid::Builder::from_random_bytes(rand::random())
+        uuid::Builder::from_random_bytes(random)
             .into_uuid()
             .hyphenated()
             .encode_lower(&mut buf);
