@@ -83,6 +83,17 @@ class Up:
         shutil.rmtree(self.data, ignore_errors=True)
 
 
+def build_release():
+    """`flotilla` and every Rust service of the shop, so that the first
+    `up` measures starting, not building."""
+    print("building (release) ...", flush=True)
+    services = sorted(
+        d for d in os.listdir(os.path.join(ROOT, "examples", "shop", "services"))
+        if os.path.exists(os.path.join(ROOT, "examples", "shop", "services", d, "Cargo.toml")))
+    packages = [a for d in services for a in ("-p", f"shop-{d}")]
+    sh("cargo", "build", "--release", "-q", "-p", "flotilla", *packages)
+
+
 def post(url, body):
     data = json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
@@ -132,14 +143,7 @@ def main():
         sys.exit("wrk is needed: apt-get install -y wrk")
 
     if not args.no_build:
-        print("building (release) ...", flush=True)
-        # Every Rust service of the shop, so that the first `up` measures
-        # starting, not building.
-        services = sorted(
-            d for d in os.listdir(os.path.join(ROOT, "examples", "shop", "services"))
-            if os.path.exists(os.path.join(ROOT, "examples", "shop", "services", d, "Cargo.toml")))
-        packages = [a for d in services for a in ("-p", f"shop-{d}")]
-        sh("cargo", "build", "--release", "-q", "-p", "flotilla", *packages)
+        build_release()
     results = {}
 
     # 1 + 4: startup and memory of the real shop.
