@@ -46,7 +46,7 @@ for side in A B; do
   bin=$A_BIN; [ "$side" = B ] && bin=$B_BIN
   PORT[$side]=$(free_port)
   "$bin" --listen "127.0.0.1:${PORT[$side]}" --upstream "127.0.0.1:$UP" --threads "$GW_THREADS" \
-    --jwt --rate-limit "1000000/s burst 1000000 per user" >"$TMP/$side.log" 2>&1 &
+    "${JWT_RL_ARGS[@]}" >"$TMP/$side.log" 2>&1 &
   PID[$side]=$!
   PIDS+=("${PID[$side]}")
 done

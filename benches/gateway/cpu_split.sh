@@ -45,7 +45,7 @@ RAW_PID=$!; PIDS+=($!)
   >"$TMP/gw-plain.log" 2>&1 &
 PLAIN_PID=$!; PIDS+=($!)
 "$BIN/bench_gateway" --listen "127.0.0.1:$JWT" --upstream "127.0.0.1:$UP" --threads 2 \
-  --jwt --rate-limit "1000000/s burst 1000000 per user" >"$TMP/gw-jwt-rl.log" 2>&1 &
+  "${JWT_RL_ARGS[@]}" >"$TMP/gw-jwt-rl.log" 2>&1 &
 JWT_PID=$!; PIDS+=($!)
 start_nginx "$NGINX" "$NG" "$UP"
 for port in "$RAW" "$PLAIN" "$JWT" "$NG"; do wait_port "$port"; done

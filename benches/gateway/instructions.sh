@@ -49,7 +49,7 @@ start() {
 start raw-h1 "$RAW" "$BIN/bench_raw_h1" "127.0.0.1:$RAW" "127.0.0.1:$UP" 1 --per-core
 start gw-plain "$PLAIN" "$BIN/bench_gateway" --listen "127.0.0.1:$PLAIN" --upstream "127.0.0.1:$UP" --threads 1
 start gw-jwt-rl "$JWT" "$BIN/bench_gateway" --listen "127.0.0.1:$JWT" --upstream "127.0.0.1:$UP" --threads 1 \
-  --jwt --rate-limit "1000000/s burst 1000000 per user"
+  "${JWT_RL_ARGS[@]}"
 start_nginx "$NGINX" "$NG" "$UP" valgrind --tool=callgrind --callgrind-out-file="$TMP/nginx.cg"
 wait_port "$NG" 60
 TOKEN="$(token_of "$TMP/gw-jwt-rl.log" JWT)"

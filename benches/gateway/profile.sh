@@ -38,7 +38,7 @@ make_tmp flotilla-profile
 UP=$(free_port); JWT=$(free_port); NG=$(free_port)
 start_upstream "$BIN/bench_upstream" "$UP"
 "$BIN/bench_gateway" --listen "127.0.0.1:$JWT" --upstream "127.0.0.1:$UP" --threads "$GW_THREADS" \
-  --jwt --rate-limit "1000000/s burst 1000000 per user" >"$TMP/gw-jwt-rl.log" 2>&1 &
+  "${JWT_RL_ARGS[@]}" >"$TMP/gw-jwt-rl.log" 2>&1 &
 JWT_PID=$!; PIDS+=($!)
 start_nginx "$NGINX" "$NG" "$UP"
 for port in "$JWT" "$NG"; do wait_port "$port"; done

@@ -105,13 +105,13 @@ PID_OF[gw-plain]=$!
 
 JWT_PORT=$(free_port)
 "$BIN/bench_gateway" --listen "127.0.0.1:$JWT_PORT" --upstream "127.0.0.1:$UP_PORT" \
-  --threads "$GW_THREADS" --jwt --rate-limit "1000000/s burst 1000000 per user" >"$TMP/gw-jwt.log" 2>&1 &
+  --threads "$GW_THREADS" "${JWT_RL_ARGS[@]}" >"$TMP/gw-jwt.log" 2>&1 &
 PIDS+=($!)
 PID_OF[gw-jwt-rl]=$!
 
 MTLS_PORT=$(free_port)
 "$BIN/bench_gateway" --listen "127.0.0.1:$MTLS_PORT" --upstream "127.0.0.1:$UP_TLS_PORT" \
-  --threads "$GW_THREADS" --jwt --rate-limit "1000000/s burst 1000000 per user" \
+  --threads "$GW_THREADS" "${JWT_RL_ARGS[@]}" \
   --upstream-tls "$TMP/ids/gateway" >"$TMP/gw-mtls.log" 2>&1 &
 PIDS+=($!)
 PID_OF[gw-mtls]=$!
