@@ -503,3 +503,34 @@ pub(crate) async fn bind() -> std::io::Result<(tokio::net::TcpListener, SocketAd
     let addr = listener.local_addr()?;
     Ok((listener, addr))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names of this process's threads, as the kernel has them.
+    #[cfg(target_os = "linux")]
+    fn thread_names() -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .map(|tasks| {
+                tasks
+                    .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                    .map(|name| name.trim().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Without upkeep, every histogram sample stays in memory until a
+    /// scrape: the recorder must come with the thread that drains it.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_recorder_comes_with_its_upkeep_thread() {
+        let _ = recorder();
+        let names = thread_names();
+        assert!(
+            names.iter().any(|n| n == "metrics-upkeep"),
+            "no metrics-upkeep thread among {names:?}"
+        );
+    }
+}
