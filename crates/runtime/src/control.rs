@@ -527,10 +527,19 @@ mod tests {
     #[test]
     fn the_recorder_comes_with_its_upkeep_thread() {
         let _ = recorder();
-        let names = thread_names();
-        assert!(
-            names.iter().any(|n| n == "metrics-upkeep"),
-            "no metrics-upkeep thread among {names:?}"
-        );
+        // A new thread names itself once it runs; until then it has the
+        // name of the thread that spawned it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let names = thread_names();
+            if names.iter().any(|n| n == "metrics-upkeep") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no metrics-upkeep thread among {names:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
