@@ -18,6 +18,11 @@
 //!
 //! Readings are `tokio::time::Instant`s, so that tests that pause tokio's
 //! clock pause these too.
+//!
+//! Not for state that workers share and that must see time go forward:
+//! two workers' readings, each as old as its poll, can reach a shared lock
+//! out of order. The in-memory rate limiter reads the clock itself, under
+//! its shard's lock (`ratelimit::gcra`).
 
 use std::cell::Cell;
 use std::future::Future;

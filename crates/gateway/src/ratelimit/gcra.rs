@@ -69,9 +69,18 @@ impl Store {
         }
     }
 
+    /// Read under the shard's lock, from the clock itself: not the reading
+    /// of the connection's poll (`clock::now`). Workers share the store, and
+    /// a poll's reading is as old as the poll, so two workers' readings can
+    /// reach the lock out of order; time going backwards for a key makes
+    /// its `Retry-After` overshoot (73 s for a 72 s interval, caught by
+    /// `ratelimits::exactly_the_burst_passes_out_of_200_concurrent_requests`)
+    /// and can refuse a request that conforms. Read under the lock, the
+    /// times a key sees only go forward. (tokio's `Instant`, so that
+    /// tests that pause tokio's clock pause this one too.)
     fn now(&self) -> u64 {
         // Offset by one so that a fresh key (0) is always in the past.
-        let now = crate::clock::now().into_std();
+        let now = tokio::time::Instant::now().into_std();
         now.saturating_duration_since(self.epoch).as_nanos() as u64 + 1
     }
 
@@ -192,6 +201,50 @@ mod tests {
             assert!(t.join().is_ok());
         }
         assert_eq!(allowed.load(Ordering::SeqCst), 50);
+    }
+
+    /// A check made in a poll that began before another worker's check
+    /// (so the poll's clock reading is the older one) must still see time
+    /// go forward: its `Retry-After` is at most one interval.
+    #[test]
+    fn a_check_from_an_older_poll_sees_time_go_forward() {
+        let store = Arc::new(Store::new(1000));
+        let l = Arc::new(limit("1/min burst 1"));
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (checked_tx, checked_rx) = std::sync::mpsc::channel::<()>();
+        let older = {
+            let (store, l) = (Arc::clone(&store), Arc::clone(&l));
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                // One poll: its reading is taken as it begins, then it
+                // waits (blocking, inside the poll) for the other check.
+                runtime.block_on(crate::clock::Ticking::new(async move {
+                    let _ = started_tx.send(());
+                    checked_rx
+                        .recv_timeout(Duration::from_secs(10))
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>(store.check(&l, "k"))
+                }))
+            })
+        };
+        assert!(started_rx.recv_timeout(Duration::from_secs(10)).is_ok());
+        // Time for the other poll's reading to fall measurably behind.
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(store.check(&l, "k").allowed);
+        let _ = checked_tx.send(());
+        let refused = match older.join() {
+            Ok(Ok(decision)) => decision,
+            other => panic!("the older poll's check failed: {other:?}"),
+        };
+        assert!(!refused.allowed);
+        assert!(
+            refused.retry_after <= Duration::from_nanos(l.interval_nanos()),
+            "Retry-After {:?} is more than the interval",
+            refused.retry_after
+        );
     }
 
     #[test]
