@@ -19,10 +19,13 @@
 //! Readings are `tokio::time::Instant`s, so that tests that pause tokio's
 //! clock pause these too.
 //!
-//! Not for state that workers share and that must see time go forward:
-//! two workers' readings, each as old as its poll, can reach a shared lock
-//! out of order. The in-memory rate limiter reads the clock itself, under
-//! its shard's lock (`ratelimit::gcra`).
+//! State that workers share sees their readings out of order: each is as
+//! old as its poll, and another worker's newer one can reach a shared lock
+//! first. Where time must go forward that is handled there: the in-memory
+//! rate limiter reads the clock itself, under its shard's lock
+//! (`ratelimit::gcra`), and the retry budget only rolls forward
+//! (`resilience`). An instance's last activity and an ejection's end may
+//! be a poll early, which their seconds-long windows do not notice.
 
 use std::cell::Cell;
 use std::future::Future;

@@ -98,8 +98,14 @@ struct Budget {
 }
 
 impl Budget {
+    /// Moves the budget on to `second`, and only ever forward: readings
+    /// come from the workers' polls (`clock::now`), each as old as its
+    /// poll, so one from the second before can reach the lock after
+    /// another worker has moved on. Rolled back, it would wipe both
+    /// seconds' counts (the rate the budget allows, and the retries taken
+    /// against it); it is counted in the current second instead.
     fn roll(&mut self, second: u64) {
-        if second != self.second {
+        if second > self.second {
             self.previous_requests = if second == self.second + 1 {
                 self.requests
             } else {
@@ -287,6 +293,25 @@ mod tests {
         }
         let granted = (0..50).filter(|_| s.try_retry()).count();
         assert_eq!(granted, 20);
+    }
+
+    #[test]
+    fn a_reading_from_the_second_before_does_not_roll_the_budget_back() {
+        let mut b = Budget::default();
+        b.roll(7);
+        b.requests = 100;
+        b.retries = 20;
+        b.roll(8);
+        b.requests = 40;
+        b.retries = 5;
+        // A late reading of second 7, after another worker moved on to 8.
+        b.roll(7);
+        assert_eq!(
+            (b.second, b.requests, b.retries, b.previous_requests),
+            (8, 40, 5, 100)
+        );
+        b.roll(9);
+        assert_eq!((b.second, b.requests, b.previous_requests), (9, 0, 40));
     }
 
     #[tokio::test(start_paused = true)]
