@@ -59,7 +59,10 @@ def main():
             (f"{s['name']}#{n}", i["pid"])
             for s in up.status()["services"]
             for n, i in enumerate(s["instances"]) if i.get("pid")]
-        rss = lambda: {name: foundation.rss_kib(pid) / 1024 for name, pid in procs}  # noqa: E731
+
+        def rss():
+            return {name: foundation.rss_kib(pid) / 1024 for name, pid in procs}
+
         before = rss()
         print(f"ready and warm: flotilla RSS {before['flotilla']:.1f} MiB, "
               f"{len(procs)} processes {sum(before.values()):.1f} MiB", flush=True)

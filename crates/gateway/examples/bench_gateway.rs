@@ -201,10 +201,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
 
 fn main() -> Result<(), BoxError> {
     let args = args()?;
-    // The Prometheus recorder `flotilla up` installs, so that recording the
-    // gateway's metrics costs here what it costs there.
-    // With its upkeep, as there: without it every histogram sample is kept
-    // until a scrape, which a benchmark never makes.
+    // The Prometheus recorder `flotilla up` installs, with its upkeep as
+    // there, so that recording the gateway's metrics costs here what it
+    // costs there (without upkeep every histogram sample is kept until a
+    // scrape, which a benchmark never makes).
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
     let metrics = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
