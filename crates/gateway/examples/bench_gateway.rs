@@ -205,7 +205,7 @@ fn main() -> Result<(), BoxError> {
     // there, so that recording the gateway's metrics costs here what it
     // costs there (without upkeep every histogram sample is kept until a
     // scrape, which a benchmark never makes).
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let recorder = flotilla_gateway::prometheus_builder().build_recorder();
     let metrics = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
     std::thread::spawn(move || {

@@ -106,7 +106,7 @@ pub(crate) fn recorder() -> &'static metrics_exporter_prometheus::PrometheusHand
     static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
         std::sync::OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let recorder = flotilla_gateway::prometheus_builder().build_recorder();
         let handle = recorder.handle();
         let _ = metrics::set_global_recorder(recorder);
         keep_up(handle.clone());
@@ -114,7 +114,7 @@ pub(crate) fn recorder() -> &'static metrics_exporter_prometheus::PrometheusHand
     })
 }
 
-/// How often histogram samples are folded into their summaries.
+/// How often histogram samples are folded into their buckets.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// The recorder keeps every histogram sample (the gateway records one or

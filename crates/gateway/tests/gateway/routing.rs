@@ -266,3 +266,64 @@ async fn h2c_clients_are_proxied_over_http11() {
     assert!(!reply.header("x-request-id").is_empty());
     gateway.shutdown(T).await;
 }
+
+/// Request metrics are labelled by the route's pattern (never the raw
+/// path) and status class, and the latency is a Prometheus histogram
+/// (`_bucket` series that replicas can add up), not a summary.
+#[tokio::test]
+async fn request_metrics_are_histograms_by_route_pattern_and_status_class() {
+    let registry = Registry::new();
+    let up = Upstream::start("hist-0").await;
+    registry.set("hist", vec![up.endpoint()]);
+    let gateway = start(
+        config(vec![route("hist", "/hist/items/*", &[], T)]),
+        &registry,
+    )
+    .await;
+    let client = Client::new(&gateway);
+    for id in ["1", "2", "3"] {
+        let reply = client.get(&format!("/hist/items/{id}")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    up.set_status(503);
+    let reply = client.get("/hist/items/4").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+
+    let labels =
+        |class: &str| format!("route=\"/hist/items/*\",service=\"hist\",status_class=\"{class}\"");
+    let ok = labels("2xx");
+    // A request's metrics are recorded as its response body ends, which
+    // can be just after the client has read it.
+    wait_until("the four requests counted", || {
+        metric_sum(&["flotilla_gateway_requests_total", &ok]) == 3
+            && metric_sum(&["flotilla_gateway_requests_total", &labels("5xx")]) == 1
+    })
+    .await;
+    assert_eq!(
+        metric_sum(&["flotilla_gateway_request_duration_seconds_count", &ok]),
+        3
+    );
+    assert_eq!(
+        metric_sum(&[
+            "flotilla_gateway_request_duration_seconds_bucket",
+            &ok,
+            "le=\"+Inf\""
+        ]),
+        3
+    );
+    let buckets = metric_lines(&["flotilla_gateway_request_duration_seconds_bucket", &ok]);
+    assert!(
+        buckets.iter().any(|l| l.contains("le=\"0.0005\""))
+            && buckets.iter().any(|l| l.contains("le=\"60\"")),
+        "{buckets:?}"
+    );
+    assert!(
+        metric_lines(&["flotilla_gateway_request_duration_seconds{", &ok]).is_empty(),
+        "a summary's quantile lines"
+    );
+    assert!(
+        metric_lines(&["/hist/items/1"]).is_empty(),
+        "a raw path as a label"
+    );
+    gateway.shutdown(T).await;
+}

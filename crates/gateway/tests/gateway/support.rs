@@ -474,7 +474,7 @@ pub fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
         std::sync::OnceLock::new();
     HANDLE.get_or_init(|| {
         ok(
-            metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder(),
+            flotilla_gateway::prometheus_builder().install_recorder(),
             "install the metrics recorder",
         )
     })
