@@ -201,19 +201,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
 
 fn main() -> Result<(), BoxError> {
     let args = args()?;
-    // The Prometheus recorder `flotilla up` installs, with its upkeep as
-    // there, so that recording the gateway's metrics costs here what it
-    // costs there (without upkeep every histogram sample is kept until a
-    // scrape, which a benchmark never makes).
-    let recorder = flotilla_gateway::prometheus_builder().build_recorder();
-    let metrics = recorder.handle();
-    metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
-    std::thread::spawn(move || {
-        loop {
-            std::thread::sleep(Duration::from_secs(5));
-            metrics.run_upkeep();
-        }
-    });
+    // The Prometheus recorder `flotilla up` installs, with its upkeep, so
+    // that recording the gateway's metrics costs here what it costs there.
+    flotilla_gateway::prometheus_recorder();
     // The gateway serves on `--threads` worker threads of its own; this
     // runtime only accepts and runs the background tasks.
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -73,7 +73,7 @@ pub use cors::{CorsConfig, CorsConfigError};
 pub use ip::{IpConfig, IpNetParseError, IpRules, parse_net, parse_nets};
 pub use jwt::{JwksSource, JwksSourceError, JwtConfig, RouteAuth, RouteAuthParseError};
 pub use ratelimit::{RateLimit, RateLimitBackend, RateLimitKey, RateLimitParseError};
-pub use stats::prometheus_builder;
+pub use stats::prometheus_recorder;
 pub use upstream::{ActivateError, ActivateFuture, Endpoint, Load, LoadGuard, Upstreams};
 
 /// Why the gateway could not start.

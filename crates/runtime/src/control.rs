@@ -93,48 +93,9 @@ async fn metrics() -> Response {
             http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        recorder().render(),
+        flotilla_gateway::prometheus_recorder().render(),
     )
         .into_response()
-}
-
-/// The process's metrics recorder, installed on first use, with its
-/// upkeep. Several systems in one process (tests) share it; a recorder
-/// installed by someone else first leaves this one empty rather than
-/// failing.
-pub(crate) fn recorder() -> &'static metrics_exporter_prometheus::PrometheusHandle {
-    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
-        std::sync::OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let recorder = flotilla_gateway::prometheus_builder().build_recorder();
-        let handle = recorder.handle();
-        let _ = metrics::set_global_recorder(recorder);
-        keep_up(handle.clone());
-        handle
-    })
-}
-
-/// How often histogram samples are folded into their buckets.
-const UPKEEP_EVERY: Duration = Duration::from_secs(5);
-
-/// The recorder keeps every histogram sample (the gateway records one or
-/// more per request) until something drains them: a scrape of `/metrics`,
-/// or its upkeep. With nobody scraping, a busy gateway's memory grew
-/// without end, about 20 bytes a request (4 MB every 5 s at 40 000
-/// requests/s). A thread rather than a task: the recorder is the
-/// process's, and outlives any runtime.
-fn keep_up(handle: metrics_exporter_prometheus::PrometheusHandle) {
-    let spawned = std::thread::Builder::new()
-        .name("metrics-upkeep".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(UPKEEP_EVERY);
-                handle.run_upkeep();
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(target: "flotilla::runtime", error = %e, "cannot start the metrics upkeep thread; histograms are drained only by scrapes of /metrics");
-    }
 }
 
 /// What every peer that is not the operator gets.
@@ -502,44 +463,4 @@ pub(crate) async fn bind() -> std::io::Result<(tokio::net::TcpListener, SocketAd
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;
     Ok((listener, addr))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The names of this process's threads, as the kernel has them.
-    #[cfg(target_os = "linux")]
-    fn thread_names() -> Vec<String> {
-        std::fs::read_dir("/proc/self/task")
-            .map(|tasks| {
-                tasks
-                    .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                    .map(|name| name.trim().to_string())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// Without upkeep, every histogram sample stays in memory until a
-    /// scrape: the recorder must come with the thread that drains it.
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn the_recorder_comes_with_its_upkeep_thread() {
-        let _ = recorder();
-        // A new thread names itself once it runs; until then it has the
-        // name of the thread that spawned it.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let names = thread_names();
-            if names.iter().any(|n| n == "metrics-upkeep") {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no metrics-upkeep thread among {names:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
 }

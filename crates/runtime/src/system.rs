@@ -91,7 +91,7 @@ impl System {
         }
         let console = Arc::new(Console::new(options.echo_logs));
         // Before anything records a metric.
-        control::recorder();
+        flotilla_gateway::prometheus_recorder();
         let lifetime = options.leaf_lifetime.unwrap_or(manifest.mesh.leaf_lifetime);
         let mut manifest = manifest;
         if let Some(mode) = options.mesh_mode {

@@ -470,14 +470,7 @@ pub fn path_buf(dir: &TestDir, name: &str) -> PathBuf {
 /// can read the gateway's metrics. Tests use their own service and route
 /// names, so they can share it.
 pub fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
-    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
-        std::sync::OnceLock::new();
-    HANDLE.get_or_init(|| {
-        ok(
-            flotilla_gateway::prometheus_builder().install_recorder(),
-            "install the metrics recorder",
-        )
-    })
+    flotilla_gateway::prometheus_recorder()
 }
 
 /// The value of the counter line starting with `prefix` (name and labels
