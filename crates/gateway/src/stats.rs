@@ -1,5 +1,5 @@
-//! The gateway's metrics, through the `metrics` facade (the process installs
-//! the exporter). Labels are bounded: `route` is a route's pattern (or
+//! The gateway's metrics, through the `metrics` facade, and the Prometheus
+//! exporter the process installs for them ([`prometheus_recorder`]). Labels are bounded: `route` is a route's pattern (or
 //! `unmatched`), never a raw path, so a scanner cannot blow up cardinality.
 
 use std::sync::{Arc, OnceLock};
