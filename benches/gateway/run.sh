@@ -43,14 +43,28 @@
 # Needs: wrk and nginx (Debian: `apt-get install -y wrk nginx-light`),
 # python3 (free ports), cargo. Usage: benches/gateway/run.sh
 # Env: DURATION (default 6s), ROUNDS (default 3), CONNS (default 64), GW_THREADS (the gateways'
-# worker threads, default 2), KEEP=1 keeps the temp dir.
+# worker threads, default 2; 1 with PIN=1), KEEP=1 keeps the temp dir.
+#
+# PIN=1 gives the proxies a core of their own: every proxy (all its
+# threads and processes) on CPU 1, wrk and the upstreams on CPU 0, one
+# worker each. Unshared, the paced p99 is what the proxy itself adds (its
+# hop and its work), not how the scheduler shares two cores among four busy
+# programs; the maximum is one core's worth of proxying. Needs taskset and
+# at least 2 CPUs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 DURATION="${DURATION:-6s}"
 ROUNDS="${ROUNDS:-3}"
 CONNS="${CONNS:-64}"
-GW_THREADS="${GW_THREADS:-2}"
+PIN="${PIN:-0}"
+if [ "$PIN" = 1 ]; then
+  GW_THREADS="${GW_THREADS:-1}"
+  command -v taskset >/dev/null 2>&1 || { echo "PIN=1 needs taskset (util-linux)" >&2; exit 1; }
+  [ "$(nproc)" -ge 2 ] || { echo "PIN=1 needs 2 CPUs" >&2; exit 1; }
+else
+  GW_THREADS="${GW_THREADS:-2}"
+fi
 # nginx gets as many worker processes as the gateway has threads.
 NGINX_WORKERS="$GW_THREADS"
 
@@ -95,6 +109,7 @@ PID_OF[raw-h1]=$!
 UP_TLS_PORT=$(free_port)
 "$BIN/bench_upstream" "127.0.0.1:$UP_TLS_PORT" --tls "$TMP/ids/upstream" >"$TMP/upstream-tls.log" 2>&1 &
 PIDS+=($!)
+UP_TLS_PID=$!
 wait_port "$UP_TLS_PORT"
 
 PLAIN_PORT=$(free_port)
@@ -126,6 +141,24 @@ wait_port "$NGINX_PORT"
 wait_port "$MTLS_PORT"
 wait_port "$MIN_PORT"
 wait_port "$RAW_PORT"
+# pin CPU PID...: every thread of each PID and of its children on CPU.
+pin() {
+  local cpu=$1 pid p
+  shift
+  for pid in "$@"; do
+    for p in "$pid" $(pgrep -P "$pid" 2>/dev/null); do
+      taskset -a -p -c "$cpu" "$p" >/dev/null
+    done
+  done
+}
+WRK=(wrk)
+if [ "$PIN" = 1 ]; then
+  pin 0 "${PID_OF[upstream]}" "$UP_TLS_PID"
+  pin 1 "${PID_OF[nginx]}" "${PID_OF[hyper-min]}" "${PID_OF[raw-h1]}" "${PID_OF[gw-plain]}" \
+    "${PID_OF[gw-jwt-rl]}" "${PID_OF[gw-mtls]}"
+  WRK=(taskset -c 0 wrk)
+  echo "pinned: proxies on CPU 1 ($GW_THREADS worker each), wrk and the upstreams on CPU 0" >&2
+fi
 TOKEN="$(token_of "$TMP/gw-jwt.log" JWT)" || exit 1
 MTLS_TOKEN="$(token_of "$TMP/gw-mtls.log" mTLS)" || exit 1
 mcode=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $MTLS_TOKEN" "http://127.0.0.1:$MTLS_PORT/" 2>/dev/null || echo "?")
@@ -168,7 +201,7 @@ run() {
   local auth=()
   [ "$name" = gw-jwt-rl ] && auth=(-H "authorization: Bearer $TOKEN")
   [ "$name" = gw-mtls ] && auth=(-H "authorization: Bearer $MTLS_TOKEN")
-  wrk -t1 -c"$conns" -d"$DURATION" --latency "${auth[@]}" "$@" "$url" >"$out" 2>&1 || true
+  "${WRK[@]}" -t1 -c"$conns" -d"$DURATION" --latency "${auth[@]}" "$@" "$url" >"$out" 2>&1 || true
   local rps p50 p99 non2xx
   rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
   p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$out")")
