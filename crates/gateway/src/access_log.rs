@@ -233,6 +233,12 @@ impl Drop for Entry {
             Some(r) => r.stats.finished(self.status, took),
             None => stats::unmatched_finished(self.status, took),
         }
+        // Usually neither is on (no file, and the line filtered out of the
+        // console): then the line's fields are not worth computing.
+        let traced = tracing::enabled!(target: "flotilla::access", tracing::Level::INFO);
+        if !traced && self.sink.is_none() {
+            return;
+        }
         // Microsecond resolution is plenty and keeps lines short.
         let duration_ms = (took.as_secs_f64() * 1_000_000.0).round() / 1000.0;
         let request_id = self.request_id.as_str();

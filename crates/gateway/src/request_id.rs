@@ -59,8 +59,9 @@ impl RequestId {
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        // Only ever built from validated ASCII or a UUID.
-        self.0.to_str().unwrap_or("-")
+        // Only ever built from validated ASCII or a UUID, so any UTF-8
+        // check settles it; std's goes a word at a time, `to_str` a byte.
+        std::str::from_utf8(self.0.as_bytes()).unwrap_or("-")
     }
 }
 
