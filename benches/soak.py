@@ -6,7 +6,7 @@ sampled every few seconds.
 A process that serves steadily should level off, not grow with the number
 of requests it has served: growth that tracks the request count is memory
 kept per request (it found the metrics recorder keeping every histogram
-sample until a scrape of /metrics, about 26 bytes a request). The baseline
+sample until a scrape of /metrics, about 20 bytes a request). The baseline
 is the process itself, right after `flotilla up` is ready and the gateway
 warmed: the figures are its RSS then, the most it reached, where it ended,
 and the growth per million requests from the first sample under load to
