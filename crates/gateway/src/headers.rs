@@ -236,6 +236,21 @@ pub(crate) fn value(bytes: bytes::Bytes) -> Result<HeaderValue, header::InvalidH
     }
 }
 
+/// A value the gateway wrote itself, from visible ASCII only (digits,
+/// hex, quotes, punctuation): not checked again in release builds, where
+/// [`value`]'s check of a generated request id or `RateLimit` field cost
+/// more than making it. Tests (debug builds) still check every one.
+pub(crate) fn own_value(bytes: bytes::Bytes) -> HeaderValue {
+    debug_assert!(
+        is_space_or_visible_ascii(&bytes),
+        "own_value given {bytes:?}"
+    );
+    // SAFETY: the callers write only bytes in 0x20..=0x7E (checked above in
+    // debug builds): ASCII, so valid UTF-8 (the function's documented
+    // contract), and inside what `HeaderValue` accepts.
+    unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
+}
+
 /// Whether every byte is in 0x20..=0x7E.
 fn is_space_or_visible_ascii(bytes: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);

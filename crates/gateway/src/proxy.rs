@@ -163,13 +163,14 @@ impl Proxy {
                 .map_err(|_| timed_out())??,
         };
         let can_retry = matches!(outgoing, Outgoing::Replayable(_));
-        let health = self.resilience.service(&route.service);
+        let health = route.health.get(&self.resilience, &route.service);
+        let health: &ServiceHealth = &health;
         health.request();
 
         let mut tried: Vec<String> = Vec::new();
         let mut retries = 0;
         loop {
-            let (ready, index) = self.pick(route, &tried, deadline, &health).await?;
+            let (ready, index) = self.pick(route, &tried, deadline, health).await?;
             let Some(endpoint) = ready.get(index) else {
                 // Unreachable: `pick` returns an index into `ready`.
                 return Err(Rejection::NoReadyInstance {

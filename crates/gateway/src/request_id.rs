@@ -38,11 +38,8 @@ impl RequestId {
             .into_uuid()
             .hyphenated()
             .encode_lower(&mut buf);
-        // A hyphenated UUID is always a valid header value.
-        RequestId(
-            crate::headers::value(bytes::Bytes::from_owner(buf))
-                .unwrap_or_else(|_| HeaderValue::from_static("-")),
-        )
+        // Hex digits and hyphens.
+        RequestId(crate::headers::own_value(bytes::Bytes::from_owner(buf)))
     }
 
     /// Keeps `value` if it is a well-formed id, else makes a new one.

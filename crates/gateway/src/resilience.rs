@@ -17,9 +17,10 @@
 //! none). The ejection count is forgotten once an instance has stayed in
 //! for `max`, so one bad hour does not follow it forever.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -123,6 +124,40 @@ struct InstanceState {
     consecutive: u32,
     ejections: u32,
     ejected_until: Option<Instant>,
+}
+
+/// One service's health, remembered where it is asked for on every
+/// request (a route, whose service never changes): [`Resilience::service`]
+/// takes a lock shared by every worker and clones a shared `Arc`, where a
+/// memo is a plain read. It holds the health in one `Resilience`, the first
+/// that asks; any other gets its own the long way (a route table belongs
+/// to one gateway, so that does not happen outside tests). The `Weak`
+/// keeps that `Resilience`'s allocation, so no other can take its address.
+#[derive(Default)]
+pub(crate) struct HealthMemo(OnceLock<(Weak<Resilience>, Arc<ServiceHealth>)>);
+
+impl std::fmt::Debug for HealthMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HealthMemo")
+    }
+}
+
+impl HealthMemo {
+    /// The health of `service` in `resilience`.
+    pub(crate) fn get<'a>(
+        &'a self,
+        resilience: &Arc<Resilience>,
+        service: &str,
+    ) -> Cow<'a, Arc<ServiceHealth>> {
+        let (owner, health) = self
+            .0
+            .get_or_init(|| (Arc::downgrade(resilience), resilience.service(service)));
+        if std::ptr::eq(owner.as_ptr(), Arc::as_ptr(resilience)) {
+            Cow::Borrowed(health)
+        } else {
+            Cow::Owned(resilience.service(service))
+        }
+    }
 }
 
 pub(crate) struct ServiceHealth {

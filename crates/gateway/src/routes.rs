@@ -17,6 +17,7 @@ use crate::cors::CorsPolicy;
 use crate::ip::IpRules;
 use crate::jwt::RouteAuth;
 use crate::ratelimit::Limiter;
+use crate::resilience::HealthMemo;
 use crate::stats::RouteStats;
 
 /// One route, as the edge and the proxy need it.
@@ -28,6 +29,8 @@ pub(crate) struct Route {
     pub timeout: Duration,
     pub policy: RoutePolicy,
     pub stats: RouteStats,
+    /// The service's health, for the proxy.
+    pub health: HealthMemo,
 }
 
 /// What the edge enforces on a route, compiled from its config.
@@ -92,6 +95,7 @@ impl RouteTable {
                     timeout: c.timeout,
                     policy: policy(c),
                     stats: RouteStats::new(c.pattern.as_str(), &c.service),
+                    health: HealthMemo::default(),
                 })
             })
             .collect();

@@ -328,6 +328,20 @@ impl Verifier {
             }
             return Ok(identity);
         }
+        // Boxed: the rare path (a token not seen before, maybe a JWKS
+        // refetch) would otherwise make every request's future, and each
+        // move of it, that much larger (see `server::Handler`).
+        Box::pin(self.verify(token, now, version)).await
+    }
+
+    /// Verifies a token the cache does not hold, and caches its identity.
+    async fn verify(
+        &self,
+        token: &[u8],
+        now: f64,
+        version: u64,
+    ) -> Result<Arc<Identity>, AuthError> {
+        let leeway = self.config.leeway.as_secs_f64();
         // `bearer` let only ASCII through.
         let text = std::str::from_utf8(token).map_err(|_| AuthError::Invalid("malformed"))?;
         let unverified = jws::parse(text, self.config.max_token_bytes).map_err(jws_error)?;

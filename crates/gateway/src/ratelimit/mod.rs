@@ -134,7 +134,9 @@ impl Limiter {
     pub(crate) async fn check(&self, key: &str) -> Decision {
         match &self.store {
             Store::Memory(store) => store.check(&self.limit, key),
-            Store::Redis(store) => store.check(&self.limit, key).await,
+            // Boxed: the Redis exchange's future is large, and unboxed it
+            // would make every request's future larger, memory store or not.
+            Store::Redis(store) => Box::pin(store.check(&self.limit, key)).await,
         }
     }
 
@@ -151,9 +153,10 @@ impl Limiter {
         value.extend_from_slice(remaining.format(decision.remaining).as_bytes());
         value.extend_from_slice(b";t=");
         value.extend_from_slice(reset.format(ceil_secs(decision.reset)).as_bytes());
-        if let Ok(v) = crate::headers::value(bytes::Bytes::from(value)) {
-            headers.insert(RATELIMIT.clone(), v);
-        }
+        headers.insert(
+            RATELIMIT.clone(),
+            crate::headers::own_value(bytes::Bytes::from(value)),
+        );
         if !decision.allowed {
             let secs = ceil_secs(decision.retry_after).max(1);
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
