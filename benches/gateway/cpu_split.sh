@@ -14,8 +14,10 @@
 # made the others work harder for each request (more segments, more
 # wake-ups) would show it. Targets are interleaved, ROUNDS times (default
 # 3); each round prints one line per target, then the medians. wrk -t1
-# -c64, DURATION (default 5s) after a 1 s warm-up; the proxies get 2
-# worker threads/processes.
+# -c64, DURATION (default 5s) after a 1 s warm-up; the proxies get
+# GW_THREADS worker threads/processes (default 2). With GW_THREADS=1 no
+# state is shared between a proxy's cores: the difference from 2 is what
+# sharing costs (cache lines moving between cores: callgrind cannot see it).
 #
 # Needs: wrk, nginx, python3, cargo. Usage: benches/gateway/cpu_split.sh
 set -euo pipefail
@@ -33,21 +35,23 @@ cargo build --release --quiet -p flotilla-gateway --example bench_upstream --exa
   --example bench_raw_h1
 BIN="target/release/examples"
 
+# Worker threads (processes, for nginx) of every proxy.
+THREADS="${GW_THREADS:-2}"
 make_tmp flotilla-cpu-split
 UP=$(free_port)
 start_upstream "$BIN/bench_upstream" "$UP"
 UP_PID=${PIDS[-1]}
 
 RAW=$(free_port); PLAIN=$(free_port); JWT=$(free_port); NG=$(free_port)
-"$BIN/bench_raw_h1" "127.0.0.1:$RAW" "127.0.0.1:$UP" 2 --per-core >"$TMP/raw-h1.log" 2>&1 &
+"$BIN/bench_raw_h1" "127.0.0.1:$RAW" "127.0.0.1:$UP" "$THREADS" --per-core >"$TMP/raw-h1.log" 2>&1 &
 RAW_PID=$!; PIDS+=($!)
-"$BIN/bench_gateway" --listen "127.0.0.1:$PLAIN" --upstream "127.0.0.1:$UP" --threads 2 \
+"$BIN/bench_gateway" --listen "127.0.0.1:$PLAIN" --upstream "127.0.0.1:$UP" --threads "$THREADS" \
   >"$TMP/gw-plain.log" 2>&1 &
 PLAIN_PID=$!; PIDS+=($!)
-"$BIN/bench_gateway" --listen "127.0.0.1:$JWT" --upstream "127.0.0.1:$UP" --threads 2 \
+"$BIN/bench_gateway" --listen "127.0.0.1:$JWT" --upstream "127.0.0.1:$UP" --threads "$THREADS" \
   "${JWT_RL_ARGS[@]}" >"$TMP/gw-jwt-rl.log" 2>&1 &
 JWT_PID=$!; PIDS+=($!)
-start_nginx "$NGINX" "$NG" "$UP"
+NGINX_WORKERS=$THREADS start_nginx "$NGINX" "$NG" "$UP"
 for port in "$RAW" "$PLAIN" "$JWT" "$NG"; do wait_port "$port"; done
 
 TOKEN="$(token_of "$TMP/gw-jwt-rl.log" JWT)"
