@@ -316,6 +316,29 @@ mod tests {
     }
 
     #[test]
+    fn a_memo_gives_its_own_resilience_s_health_and_any_other_its_own() {
+        let memo = HealthMemo::default();
+        let first = Arc::new(Resilience::new(settings()));
+        let second = Arc::new(Resilience::new(settings()));
+        let health = memo.get(&first, "svc");
+        assert!(matches!(health, Cow::Borrowed(_)));
+        assert!(Arc::ptr_eq(&health, &first.service("svc")));
+        // Another gateway's proxy asking through the same route: its own
+        // health, not the first one's.
+        let other = memo.get(&second, "svc");
+        assert!(matches!(other, Cow::Owned(_)));
+        assert!(Arc::ptr_eq(&other, &second.service("svc")));
+        assert!(!Arc::ptr_eq(&other, &health));
+        // The state is the service's: what one request records, the next
+        // sees through the memo.
+        for _ in 0..100 {
+            memo.get(&first, "svc").request();
+        }
+        let granted = (0..50).filter(|_| first.service("svc").try_retry()).count();
+        assert_eq!(granted, 20);
+    }
+
+    #[test]
     fn budget_has_a_floor_and_a_ratio() {
         let r = Resilience::new(settings());
         let s = r.service("svc");
