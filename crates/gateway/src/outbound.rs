@@ -425,8 +425,9 @@ impl Conn {
 
     /// After a failed write: the instance's answer, if it sent one before
     /// it closed (a reset leaves what it sent before readable), else the
-    /// failure. Its callers box it: with its timer it is larger than the
-    /// rest of the exchange, and few requests need it.
+    /// failure. Its callers box it: few requests need it, and inline (with
+    /// its timer) it made every request's exchange future 120 bytes larger
+    /// (`Outbound::send`'s 1104 → 984, by `size_of_val`).
     async fn answered_anyway(&mut self, error: io::Error) -> Result<Sent, SendError> {
         let io = &mut self.io;
         let read = &mut self.read;
