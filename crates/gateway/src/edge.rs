@@ -110,129 +110,135 @@ impl Finish<'_> {
 /// Steps 1–9 for `req` (taken from `routing`, the configuration in force
 /// when it arrived), then the proxy. What `served` the request goes to the
 /// access log.
-pub(crate) async fn handle(
+///
+/// An `async` block, not an `async fn`, for the reason `server`'s `serve`
+/// gives: the request is held and copied once, not twice.
+#[expect(clippy::manual_async_fn, reason = "an async fn copies its arguments")]
+pub(crate) fn handle<'a>(
     routing: Arc<Routing>,
-    proxy: &Proxy,
+    proxy: &'a Proxy,
     mut req: Request<Body>,
     conn: ConnInfo,
-    request_id: &RequestId,
-    served: &mut Served,
-) -> Reply {
-    let Served {
-        route: matched,
-        upstream,
-    } = served;
-    let mut finish = Finish {
-        request_id,
-        origin: req.headers().get(ORIGIN).cloned(),
-        cors: routing.cors.clone(),
-        limit: None,
-    };
-    strip_user_headers(req.headers_mut());
+    request_id: &'a RequestId,
+    served: &'a mut Served,
+) -> impl Future<Output = Reply> + Send + 'a {
+    async move {
+        let Served {
+            route: matched,
+            upstream,
+        } = served;
+        let mut finish = Finish {
+            request_id,
+            origin: req.headers().get(ORIGIN).cloned(),
+            cors: routing.cors.clone(),
+            limit: None,
+        };
+        strip_user_headers(req.headers_mut());
 
-    let client = {
-        let peer = conn.peer.ip();
-        let trusted = routing
-            .ip
-            .as_ref()
-            .map(|i| i.trusted_proxies.as_slice())
-            .unwrap_or_default();
-        ClientAddr {
-            ip: ip::client_addr(peer, req.headers(), trusted),
-            via_trusted_proxy: trusted.iter().any(|n| n.contains(&peer)),
-        }
-    };
-    if let Some(rules) = &routing.ip_rules
-        && !rules.admits(client.ip)
-    {
-        stats::ip_denied(stats::UNMATCHED);
-        return finish.reject(Rejection::IpDenied);
-    }
-
-    // A clone shares the URI's bytes; the path is copied only into a
-    // rejection.
-    let uri = req.uri().clone();
-    let path = uri.path();
-    if has_dot_segment(path) {
-        return finish.reject(Rejection::BadPath);
-    }
-
-    let preflight = cors::is_preflight(&req);
-    let lookup_method = if preflight {
-        req.headers()
-            .get(http::header::ACCESS_CONTROL_REQUEST_METHOD)
-            .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
-            .unwrap_or(Method::OPTIONS)
-    } else {
-        req.method().clone()
-    };
-    let mut found = routing.table.find(&lookup_method, path);
-    if let Match::Route(route) = &found
-        && let Some(own) = &route.policy.cors
-    {
-        finish.cors = Some(Arc::clone(own));
-    }
-    if preflight && let Some(cors) = finish.cors.take() {
-        // A preflight is answered here whatever the route: it never costs
-        // a service anything. The answer carries its own CORS headers.
-        return match cors.preflight(&req) {
-            Ok(res) => res.into(),
-            Err(()) => {
-                let mut res = Rejection::CorsDenied.into_response(Some(request_id));
-                res.headers_mut()
-                    .insert(http::header::VARY, HeaderValue::from_static("Origin"));
-                res.into()
+        let client = {
+            let peer = conn.peer.ip();
+            let trusted = routing
+                .ip
+                .as_ref()
+                .map(|i| i.trusted_proxies.as_slice())
+                .unwrap_or_default();
+            ClientAddr {
+                ip: ip::client_addr(peer, req.headers(), trusted),
+                via_trusted_proxy: trusted.iter().any(|n| n.contains(&peer)),
             }
         };
-    }
-    if preflight {
-        // No CORS policy here: an ordinary OPTIONS request.
-        found = routing.table.find(req.method(), path);
-    }
+        if let Some(rules) = &routing.ip_rules
+            && !rules.admits(client.ip)
+        {
+            stats::ip_denied(stats::UNMATCHED);
+            return finish.reject(Rejection::IpDenied);
+        }
 
-    let route: &Route = match found {
-        Match::Route(route) => matched.insert(route),
-        Match::MethodNotAllowed(allow) => {
-            return finish.reject(Rejection::MethodNotAllowed {
-                method: req.method().clone(),
-                path: path.to_string(),
-                allow,
-            });
+        // A clone shares the URI's bytes; the path is copied only into a
+        // rejection.
+        let uri = req.uri().clone();
+        let path = uri.path();
+        if has_dot_segment(path) {
+            return finish.reject(Rejection::BadPath);
         }
-        Match::NotFound => {
-            let not_found = Rejection::NotFound {
-                method: req.method().clone(),
-                path: path.to_string(),
-            };
-            let is_read = req.method() == Method::GET || req.method() == Method::HEAD;
-            return match routing.static_files.clone() {
-                Some(files) if is_read => {
-                    let res = match files.oneshot(req).boxed().await {
-                        Ok(res) => res,
-                        Err(never) => match never {},
-                    };
-                    // A missing file gets the same JSON 404 as a missing route.
-                    if res.status() == StatusCode::NOT_FOUND {
-                        return finish.reject(not_found);
-                    }
-                    let mut reply = res.map(body::boxed).into();
-                    finish.done(&mut reply);
-                    reply
+
+        let preflight = cors::is_preflight(&req);
+        let lookup_method = if preflight {
+            req.headers()
+                .get(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+                .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+                .unwrap_or(Method::OPTIONS)
+        } else {
+            req.method().clone()
+        };
+        let mut found = routing.table.find(&lookup_method, path);
+        if let Match::Route(route) = &found
+            && let Some(own) = &route.policy.cors
+        {
+            finish.cors = Some(Arc::clone(own));
+        }
+        if preflight && let Some(cors) = finish.cors.take() {
+            // A preflight is answered here whatever the route: it never costs
+            // a service anything. The answer carries its own CORS headers.
+            return match cors.preflight(&req) {
+                Ok(res) => res.into(),
+                Err(()) => {
+                    let mut res = Rejection::CorsDenied.into_response(Some(request_id));
+                    res.headers_mut()
+                        .insert(http::header::VARY, HeaderValue::from_static("Origin"));
+                    res.into()
                 }
-                _ => finish.reject(not_found),
             };
         }
-    };
-    if let Err(rejection) = police(&routing, route, client, &mut req, &mut finish).await {
-        return finish.reject(rejection);
-    }
-    match proxy.forward(req, conn, route, client).await {
-        Ok((mut reply, answered)) => {
-            *upstream = Some(answered);
-            finish.done(&mut reply);
-            reply
+        if preflight {
+            // No CORS policy here: an ordinary OPTIONS request.
+            found = routing.table.find(req.method(), path);
         }
-        Err(rejection) => finish.reject(rejection),
+
+        let route: &Route = match found {
+            Match::Route(route) => matched.insert(route),
+            Match::MethodNotAllowed(allow) => {
+                return finish.reject(Rejection::MethodNotAllowed {
+                    method: req.method().clone(),
+                    path: path.to_string(),
+                    allow,
+                });
+            }
+            Match::NotFound => {
+                let not_found = Rejection::NotFound {
+                    method: req.method().clone(),
+                    path: path.to_string(),
+                };
+                let is_read = req.method() == Method::GET || req.method() == Method::HEAD;
+                return match routing.static_files.clone() {
+                    Some(files) if is_read => {
+                        let res = match files.oneshot(req).boxed().await {
+                            Ok(res) => res,
+                            Err(never) => match never {},
+                        };
+                        // A missing file gets the same JSON 404 as a missing route.
+                        if res.status() == StatusCode::NOT_FOUND {
+                            return finish.reject(not_found);
+                        }
+                        let mut reply = res.map(body::boxed).into();
+                        finish.done(&mut reply);
+                        reply
+                    }
+                    _ => finish.reject(not_found),
+                };
+            }
+        };
+        if let Err(rejection) = police(&routing, route, client, &mut req, &mut finish).await {
+            return finish.reject(rejection);
+        }
+        match proxy.forward(req, conn, route, client).await {
+            Ok((mut reply, answered)) => {
+                *upstream = Some(answered);
+                finish.done(&mut reply);
+                reply
+            }
+            Err(rejection) => finish.reject(rejection),
+        }
     }
 }
 

@@ -236,7 +236,7 @@ impl<H: Handler> Conn<H> {
                 }
             };
             // One request and its response. Here, not in an `async fn` of
-            // its own: that future, with the stack's inside it (~5 KB),
+            // its own: that future, with the stack's inside it (~3 KB),
             // would be made and then moved into this one on every request.
             let (req, mut feed, ex, keep_alive) = match self.request(head) {
                 Ok(request) => request,
@@ -258,7 +258,11 @@ impl<H: Handler> Conn<H> {
                 poll_fn(|cx| self.poll_call(cx, call.as_mut(), &mut feed)).await
             };
             let next = match res {
-                Some(res) => self.respond(res, ex, keep_alive, &mut feed).await,
+                Some(res) => {
+                    // The head here, the body in a future: see `response_head`.
+                    let (body, encoder, close) = self.response_head(res, ex, keep_alive, &mut feed);
+                    self.response_body(body, encoder, close, &mut feed).await
+                }
                 None => Next::Abort,
             };
             match next {
@@ -561,14 +565,18 @@ impl<H: Handler> Conn<H> {
         }
     }
 
-    /// Writes the response; says what becomes of the connection.
-    async fn respond(
+    /// Puts the response's head in the output buffer; returns its body,
+    /// how to frame that, and whether the connection closes after it
+    /// (`response_body` writes the rest). Not in an `async fn`: the
+    /// response (a few hundred bytes) would be copied into its future, and
+    /// held there until the body is sent.
+    fn response_head(
         &mut self,
         reply: Reply,
         ex: Exchange,
         keep_alive: bool,
         feed: &mut Option<Feed>,
-    ) -> Next {
+    ) -> (Body, BodyEncoder, bool) {
         let Reply { res, relayed } = reply;
         let (parts, mut body) = res.into_parts();
         let (status, headers, relayed) = if parts.status.is_informational() {
@@ -626,9 +634,19 @@ impl<H: Handler> Conn<H> {
             length,
             close,
         );
-        let mut encoder = BodyEncoder::new(framing, fields);
-        drop(headers);
-        drop(relayed);
+        let encoder = BodyEncoder::new(framing, fields);
+        (body, encoder, close)
+    }
+
+    /// Writes the response's body after its head (`response_head`); says
+    /// what becomes of the connection.
+    async fn response_body(
+        &mut self,
+        mut body: Body,
+        mut encoder: BodyEncoder,
+        close: bool,
+        feed: &mut Option<Feed>,
+    ) -> Next {
         let sent = if encoder.is_done() {
             drop(body);
             poll_fn(|cx| self.poll_flush(cx)).await.is_ok()

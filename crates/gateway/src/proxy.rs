@@ -130,18 +130,17 @@ impl Proxy {
     /// Forwards `req`, matched to `route`, and relays the response, with
     /// the instance that answered it. `client` is who sent it, as the edge
     /// found (for `X-Forwarded-For`).
-    pub(crate) async fn forward(
-        &self,
+    ///
+    /// The request is taken apart before the future is made, which then
+    /// holds it once, as it is sent (an `async fn` would hold it also as it
+    /// came, and copy it into itself).
+    pub(crate) fn forward<'a>(
+        &'a self,
         req: Request<Body>,
         conn: ConnInfo,
-        route: &Route,
+        route: &'a Route,
         client: ClientAddr,
-    ) -> Result<(Reply, Upstream), Rejection> {
-        let deadline = crate::clock::now() + route.timeout;
-        let timed_out = || Rejection::UpstreamTimeout {
-            service: route.service.clone(),
-            timeout: route.timeout,
-        };
+    ) -> impl Future<Output = Result<(Reply, Upstream), Rejection>> + Send + 'a {
         let (parts, body) = req.into_parts();
         // The `X-Forwarded-*` fields are written with the head.
         let req = UpstreamRequest {
@@ -152,118 +151,126 @@ impl Proxy {
                 proto: conn.scheme,
             },
         };
-        let retryable = is_idempotent(&req.parts.method)
-            || (req.parts.method == Method::POST
-                && req.parts.headers.contains_key(&IDEMPOTENCY_KEY));
-        let mut outgoing = match self.outgoing(retryable, body) {
-            Ok(outgoing) => outgoing,
-            // Only a body to buffer needs the deadline (and a timer) here.
-            Err(body) => tokio::time::timeout_at(deadline, collect(body))
-                .await
-                .map_err(|_| timed_out())??,
-        };
-        let can_retry = matches!(outgoing, Outgoing::Replayable(_));
-        let health = route.health.get(&self.resilience, &route.service);
-        let health: &ServiceHealth = &health;
-        health.request();
+        async move {
+            let deadline = crate::clock::now() + route.timeout;
+            let timed_out = || Rejection::UpstreamTimeout {
+                service: route.service.clone(),
+                timeout: route.timeout,
+            };
+            let retryable = is_idempotent(&req.parts.method)
+                || (req.parts.method == Method::POST
+                    && req.parts.headers.contains_key(&IDEMPOTENCY_KEY));
+            let mut outgoing = match self.outgoing(retryable, body) {
+                Ok(outgoing) => outgoing,
+                // Only a body to buffer needs the deadline (and a timer) here.
+                Err(body) => tokio::time::timeout_at(deadline, collect(body))
+                    .await
+                    .map_err(|_| timed_out())??,
+            };
+            let can_retry = matches!(outgoing, Outgoing::Replayable(_));
+            let health = route.health.get(&self.resilience, &route.service);
+            let health: &ServiceHealth = &health;
+            health.request();
 
-        let mut tried: Vec<String> = Vec::new();
-        let mut retries = 0;
-        loop {
-            let (ready, index) = self.pick(route, &tried, deadline, health).await?;
-            let Some(endpoint) = ready.get(index) else {
-                // Unreachable: `pick` returns an index into `ready`.
-                return Err(Rejection::NoReadyInstance {
-                    service: route.service.clone(),
-                    source: None,
-                });
-            };
-            let guard = endpoint.load.begin();
-            let body = match &mut outgoing {
-                Outgoing::Replayable(bytes) => OutBody::Full(bytes.clone()),
-                Outgoing::Streaming(body) => {
-                    OutBody::Stream(body.take().unwrap_or_else(body::empty))
-                }
-            };
-            let may_retry = |retries: u32| can_retry && retries < self.max_retries;
-            // Sent for the route's service: over mTLS, only an instance of
-            // it can take the request.
-            let sending = self
-                .client
-                .send(&route.service, endpoint.addr, &req, body, deadline);
-            let error = match sending.await {
-                Err(SendError::TimedOut) => {
-                    health.failure(&endpoint.instance, &ready);
-                    return Err(timed_out());
-                }
-                Ok(reply) => {
-                    let status = reply.res.status();
-                    if status.is_server_error() {
+            let mut tried: Vec<String> = Vec::new();
+            let mut retries = 0;
+            loop {
+                let (ready, index) = self.pick(route, &tried, deadline, health).await?;
+                let Some(endpoint) = ready.get(index) else {
+                    // Unreachable: `pick` returns an index into `ready`.
+                    return Err(Rejection::NoReadyInstance {
+                        service: route.service.clone(),
+                        source: None,
+                    });
+                };
+                let guard = endpoint.load.begin();
+                let body = match &mut outgoing {
+                    Outgoing::Replayable(bytes) => OutBody::Full(bytes.clone()),
+                    Outgoing::Streaming(body) => {
+                        OutBody::Stream(body.take().unwrap_or_else(body::empty))
+                    }
+                };
+                let may_retry = |retries: u32| can_retry && retries < self.max_retries;
+                // Sent for the route's service: over mTLS, only an instance of
+                // it can take the request.
+                let sending = self
+                    .client
+                    .send(&route.service, endpoint.addr, &req, body, deadline);
+                let error = match sending.await {
+                    Err(SendError::TimedOut) => {
                         health.failure(&endpoint.instance, &ready);
-                    } else {
-                        health.success(&endpoint.instance);
+                        return Err(timed_out());
                     }
-                    let reason = match status {
-                        StatusCode::BAD_GATEWAY => "status_502",
-                        StatusCode::SERVICE_UNAVAILABLE => "status_503",
-                        _ => return Ok(relay(reply, ready, index, guard)),
-                    };
-                    if !may_retry(retries) || !health.try_retry() {
-                        return Ok(relay(reply, ready, index, guard));
+                    Ok(reply) => {
+                        let status = reply.res.status();
+                        if status.is_server_error() {
+                            health.failure(&endpoint.instance, &ready);
+                        } else {
+                            health.success(&endpoint.instance);
+                        }
+                        let reason = match status {
+                            StatusCode::BAD_GATEWAY => "status_502",
+                            StatusCode::SERVICE_UNAVAILABLE => "status_503",
+                            _ => return Ok(relay(reply, ready, index, guard)),
+                        };
+                        if !may_retry(retries) || !health.try_retry() {
+                            return Ok(relay(reply, ready, index, guard));
+                        }
+                        drop(reply);
+                        drop(guard);
+                        retries += 1;
+                        stats::retried(route.pattern.as_str(), &route.service, reason);
+                        tracing::debug!(
+                            target: "flotilla::gateway",
+                            service = %route.service,
+                            instance = %endpoint.instance,
+                            %status,
+                            retry = retries,
+                            "upstream answered {status}; retrying on another instance"
+                        );
+                        tried.push(endpoint.instance.clone());
+                        tokio::time::sleep_until(deadline.min(Instant::now() + backoff(retries)))
+                            .await;
+                        continue;
                     }
-                    drop(reply);
-                    drop(guard);
+                    Err(error) => error,
+                };
+                drop(guard);
+                if let Some(limit) = body_limit_exceeded(&error, route) {
+                    return Err(Rejection::PayloadTooLarge { limit });
+                }
+                let failure = classify(&error);
+                if failure != Failure::Other {
+                    health.failure(&endpoint.instance, &ready);
+                }
+                if failure != Failure::Other && may_retry(retries) && health.try_retry() {
                     retries += 1;
+                    let reason = match failure {
+                        Failure::Connect => "connect",
+                        _ => "connection_lost",
+                    };
                     stats::retried(route.pattern.as_str(), &route.service, reason);
                     tracing::debug!(
                         target: "flotilla::gateway",
                         service = %route.service,
                         instance = %endpoint.instance,
-                        %status,
+                        error = %error,
                         retry = retries,
-                        "upstream answered {status}; retrying on another instance"
+                        "upstream connection failed; retrying on another instance"
                     );
                     tried.push(endpoint.instance.clone());
                     tokio::time::sleep_until(deadline.min(Instant::now() + backoff(retries))).await;
                     continue;
                 }
-                Err(error) => error,
-            };
-            drop(guard);
-            if let Some(limit) = body_limit_exceeded(&error, route) {
-                return Err(Rejection::PayloadTooLarge { limit });
+                let service = route.service.clone();
+                let source = Box::new(error);
+                return Err(match failure {
+                    Failure::Connect => Rejection::UpstreamUnreachable { service, source },
+                    Failure::ConnectionLost | Failure::Other => {
+                        Rejection::BadGateway { service, source }
+                    }
+                });
             }
-            let failure = classify(&error);
-            if failure != Failure::Other {
-                health.failure(&endpoint.instance, &ready);
-            }
-            if failure != Failure::Other && may_retry(retries) && health.try_retry() {
-                retries += 1;
-                let reason = match failure {
-                    Failure::Connect => "connect",
-                    _ => "connection_lost",
-                };
-                stats::retried(route.pattern.as_str(), &route.service, reason);
-                tracing::debug!(
-                    target: "flotilla::gateway",
-                    service = %route.service,
-                    instance = %endpoint.instance,
-                    error = %error,
-                    retry = retries,
-                    "upstream connection failed; retrying on another instance"
-                );
-                tried.push(endpoint.instance.clone());
-                tokio::time::sleep_until(deadline.min(Instant::now() + backoff(retries))).await;
-                continue;
-            }
-            let service = route.service.clone();
-            let source = Box::new(error);
-            return Err(match failure {
-                Failure::Connect => Rejection::UpstreamUnreachable { service, source },
-                Failure::ConnectionLost | Failure::Other => {
-                    Rejection::BadGateway { service, source }
-                }
-            });
         }
     }
 
