@@ -34,6 +34,21 @@
 # The paced runs also read each target's CPU time from /proc (utime+stime of
 # all its processes and threads) and print it per request: the figure that
 # shows where a proxy spends, independent of how the 2 cores are shared.
+# Each run also prints the machine's steal time (/proc/stat): the share of
+# its CPU time the hypervisor gave to other guests while wrk ran, which
+# slows whichever target it lands on; the most of any run is said at the end.
+#
+# SPIN (default 1) keeps every CPU busy during the paced runs with a
+# spinner at the lowest priority there is (SCHED_IDLE: any thread that
+# wakes preempts it at once), so that no CPU goes idle between requests.
+# On a virtual machine an idle CPU halts, and waking it again (an
+# interrupt to the hypervisor, which must schedule the virtual CPU again)
+# took up to milliseconds here, with steal of 10-20 % in the paced runs:
+# that wait fell on every hop of every target and was most of the paced
+# p99 (docs/benchmarks.md). With the spinners the paced p99 is the
+# targets' own, as on a machine whose CPUs wake in microseconds. The
+# spinners' time is not any target's, so the CPU per request is unchanged
+# in meaning. SPIN=0 measures without them. Needs chrt and taskset.
 #
 # Ratios are against nginx. The gateway, nginx, hyper-min and raw-h1 each
 # get GW_THREADS worker threads/processes (default 2); wrk 1 thread; the
@@ -43,7 +58,8 @@
 # Needs: wrk and nginx (Debian: `apt-get install -y wrk nginx-light`),
 # python3 (free ports), cargo. Usage: benches/gateway/run.sh
 # Env: DURATION (default 6s), ROUNDS (default 3), CONNS (default 64), GW_THREADS (the gateways'
-# worker threads, default 2; 1 with PIN=1), KEEP=1 keeps the temp dir.
+# worker threads, default 2; 1 with PIN=1), KEEP=1 keeps the temp dir, SPIN
+# (default 1; see below), PIN (default 0; see below).
 #
 # PIN=1 gives the proxies a core of their own: every proxy (all its
 # threads and processes) on CPU 1, wrk and the upstreams on CPU 0, one
@@ -58,6 +74,12 @@ DURATION="${DURATION:-6s}"
 ROUNDS="${ROUNDS:-3}"
 CONNS="${CONNS:-64}"
 PIN="${PIN:-0}"
+SPIN="${SPIN:-1}"
+if [ "$SPIN" = 1 ]; then
+  for tool in chrt taskset; do
+    command -v "$tool" >/dev/null 2>&1 || { echo "SPIN=1 needs $tool (util-linux); or run with SPIN=0" >&2; exit 1; }
+  done
+fi
 if [ "$PIN" = 1 ]; then
   GW_THREADS="${GW_THREADS:-1}"
   command -v taskset >/dev/null 2>&1 || { echo "PIN=1 needs taskset (util-linux)" >&2; exit 1; }
@@ -226,6 +248,20 @@ cpu_per_req() {
   awk -v d="$1" -v hz="$HZ" -v r="$2" -v s="${DURATION%s}" \
     'BEGIN { n = r * s; if (n > 0) printf "%.1f", d / hz * 1e6 / n; else print "-" }'
 }
+# steal_now: "STEAL TOTAL", the machine's CPU time so far (all CPUs, in
+# clock ticks) that the hypervisor gave to other guests, and all of it
+# (/proc/stat's first line).
+steal_now() {
+  awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print $9 + 0, t; exit }' /proc/stat
+}
+# steal_pct "STEAL TOTAL" "STEAL TOTAL": the share of the time between two
+# readings the hypervisor took, in %.
+steal_pct() {
+  awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " ");
+    d = y[2] - x[2]; if (d > 0) printf "%.0f", (y[1] - x[1]) * 100 / d; else print 0 }'
+}
+# The most steal any measured run saw, in %.
+MAX_STEAL=0
 # maxof V...: the largest value.
 maxof() {
   printf '%s\n' "$@" | sort -g | tail -n 1
@@ -256,18 +292,21 @@ measure() {
   local conns=$4
   shift 4
   local -A runs_of cpus_of
-  local round t before after rps cpu out jr nr
+  local round t before after rps cpu out jr nr stolen steal
   for round in $(seq 1 "$ROUNDS"); do
     for t in "${TARGETS[@]}"; do
       DURATION=1s run "$t" "${URL[$t]}" "$conns" "$@" >/dev/null
       before=$(ticks "${PID_OF[$t]}")
+      stolen=$(steal_now)
       out=$(run "$t" "${URL[$t]}" "$conns" "$@")
       after=$(ticks "${PID_OF[$t]}")
+      steal=$(steal_pct "$stolen" "$(steal_now)")
+      [ "$steal" -gt "$MAX_STEAL" ] && MAX_STEAL=$steal
       read -r rps _ <<<"$out"
       cpu=$(cpu_per_req $((after - before)) "$rps")
       runs_of[$t]="${runs_of[$t]:-}|$out"
       cpus_of[$t]="${cpus_of[$t]:-} $cpu"
-      echo "  round $round $t: $out cpu $cpu us/req" >&2
+      echo "  round $round $t: $out cpu $cpu us/req steal $steal%" >&2
     done
     read -r jr _ <<<"$(echo "${runs_of[gw-jwt-rl]}" | awk -F'|' '{ print $NF }')"
     read -r nr _ <<<"$(echo "${runs_of[nginx]}" | awk -F'|' '{ print $NF }')"
@@ -290,7 +329,21 @@ read -r jwt_rps _ <<<"${MAX[gw-jwt-rl]}"
 HALF=$(awk -v r="$jwt_rps" 'BEGIN { printf "%d", r / 2 }')
 PACE_CONNS=$(awk -v r="$HALF" 'BEGIN { c = int(r / 100 + 0.5); if (c < 1) c = 1; print c }')
 echo "paced at ~$HALF req/s (half of gw-jwt-rl's median max): $PACE_CONNS connections x 1 request / 10 ms, $ROUNDS rounds" >&2
+SPINNERS=()
+if [ "$SPIN" = 1 ]; then
+  # One per CPU, each held to its CPU, at SCHED_IDLE (see SPIN above).
+  for cpu in $(seq 0 $(($(nproc) - 1))); do
+    taskset -c "$cpu" chrt -i 0 python3 -c 'while True: pass' &
+    PIDS+=($!)
+    SPINNERS+=($!)
+  done
+  echo "spinning: $(nproc) SCHED_IDLE spinners keep the CPUs from halting while paced (SPIN=0: without)" >&2
+fi
 measure PACED CPU PACED_RATIOS "$PACE_CONNS" -s "$TMP/paced.lua"
+if [ "${#SPINNERS[@]}" -gt 0 ]; then
+  kill "${SPINNERS[@]}" 2>/dev/null || true
+  wait "${SPINNERS[@]}" 2>/dev/null || true
+fi
 
 read -r ng_rps ng_p50 ng_p99 _ <<<"${MAX[nginx]}"
 read -r _ _ up_pp99 _ <<<"${PACED[upstream]}"
@@ -313,3 +366,12 @@ read -r _ _ jwt_pp99 _ <<<"${PACED[gw-jwt-rl]}"
 awk -v g="$jwt_rps" -v n="$ng_rps" -v gp="$jwt_pp99" -v up="$up_pp99" -v np="$ng_pp99" -v rounds="$(for r in $(seq 1 "$ROUNDS"); do printf '%s ' "${MAX_RATIOS[$r]}"; done)" 'BEGIN {
   printf "gw-jwt-rl throughput vs nginx: %.2fx of the medians; per round: %s (goal >= 1.0x)\n", g / n, rounds;
   printf "gw-jwt-rl p99 added at half its max rate: %+.3f ms over the upstream alone (goal <= 1 ms); nginx adds %+.3f ms\n", gp - up, np - up }'
+# On a virtual machine the hypervisor may give this machine's CPUs to
+# other guests mid-run ("steal"): what it takes is not the proxies' doing
+# and lands on whichever target was running. Said, so a run it disturbed
+# is read as such.
+if [ "$MAX_STEAL" -ge 5 ]; then
+  echo "the hypervisor took up to $MAX_STEAL% of the CPU time during a measured run (steal, /proc/stat): figures from such rounds are the host's as much as the targets'"
+else
+  echo "steal (/proc/stat): at most $MAX_STEAL% during any measured run"
+fi
