@@ -59,7 +59,7 @@
 # python3 (free ports), cargo. Usage: benches/gateway/run.sh
 # Env: DURATION (default 6s), ROUNDS (default 3), CONNS (default 64), GW_THREADS (the gateways'
 # worker threads, default 2; 1 with PIN=1), KEEP=1 keeps the temp dir, SPIN
-# (default 1; see below), PIN (default 0; see below), ONLY (measure only
+# (default 1; see above), PIN (default 0; see below), ONLY (measure only
 # upstream, nginx and gw-jwt-rl, which the goal needs, and the targets
 # named: ONLY="" for just those three, ONLY="raw-h1" to add raw-h1; for
 # many rounds in less time).
