@@ -431,8 +431,15 @@ impl System {
             broker.close().await;
         }
         let _ = self.stop_tx.send(true);
-        for task in self.tasks {
+        for task in &self.tasks {
             task.abort();
+        }
+        // An abort takes effect at the task's next await: one running on
+        // another worker finishes its poll first. Waited for, so that
+        // `keep_endpoints_current`, caught writing the instances' last
+        // change, cannot put endpoints.json back after it is removed.
+        for task in self.tasks {
+            let _ = task.await;
         }
         let _ = std::fs::remove_file(Endpoints::path(&self.data_dir));
         self.console.event("stopped");
@@ -609,6 +616,11 @@ async fn keep_endpoints_current(
             _ = stop.changed() => return,
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+        // Stopping: the instances' last changes are the shutdown's, and
+        // the file is about to be removed.
+        if *stop.borrow() {
+            return;
+        }
         let next = snapshot(&last, &registry);
         if next != last {
             if let Err(e) = next.write(&data_dir) {
