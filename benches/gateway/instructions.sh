@@ -17,6 +17,12 @@
 # Needs: valgrind, wrk, nginx, python3, cargo. Usage: benches/gateway/instructions.sh
 # Env: DURATION (default 6s, under callgrind: ~50x slower than native),
 # TOP=N also prints each gateway's N costliest functions (self cost),
+# CACHE=1 also simulates the caches and branch predictor (callgrind's
+# --cache-sim and --branch-sim, with this machine's cache sizes) and prints
+# L1 instruction and data cache misses and mispredicted branches per
+# request: the gateway runs mostly straight-line code, so it misses the
+# instruction cache far more often than nginx for as many instructions
+# (docs/benchmarks.md), which the instruction count alone does not show.
 # KEEP=1 keeps the temp dir with the callgrind files.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,10 +44,12 @@ UP=$(free_port)
 start_upstream "$BIN/bench_upstream" "$UP"
 
 RAW=$(free_port); PLAIN=$(free_port); JWT=$(free_port); NG=$(free_port)
+VG=(valgrind --tool=callgrind)
+[ "${CACHE:-0}" = 1 ] && VG+=(--cache-sim=yes --branch-sim=yes)
 # start NAME PORT CMD...: CMD under callgrind, its counts to $TMP/NAME.cg.
 start() {
   local name=$1 port=$2; shift 2
-  valgrind --tool=callgrind --callgrind-out-file="$TMP/$name.cg" "$@" >"$TMP/$name.log" 2>&1 &
+  "${VG[@]}" --callgrind-out-file="$TMP/$name.cg" "$@" >"$TMP/$name.log" 2>&1 &
   PIDS+=($!)
   # valgrind starts slowly.
   wait_port "$port" 60
@@ -50,7 +58,7 @@ start raw-h1 "$RAW" "$BIN/bench_raw_h1" "127.0.0.1:$RAW" "127.0.0.1:$UP" 1 --per
 start gw-plain "$PLAIN" "$BIN/bench_gateway" --listen "127.0.0.1:$PLAIN" --upstream "127.0.0.1:$UP" --threads 1
 start gw-jwt-rl "$JWT" "$BIN/bench_gateway" --listen "127.0.0.1:$JWT" --upstream "127.0.0.1:$UP" --threads 1 \
   "${JWT_RL_ARGS[@]}"
-start_nginx "$NGINX" "$NG" "$UP" valgrind --tool=callgrind --callgrind-out-file="$TMP/nginx.cg"
+start_nginx "$NGINX" "$NG" "$UP" "${VG[@]}" --callgrind-out-file="$TMP/nginx.cg"
 wait_port "$NG" 60
 TOKEN="$(token_of "$TMP/gw-jwt-rl.log" JWT)"
 code=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$JWT/" || echo "?")
@@ -89,8 +97,15 @@ for name in raw-h1 gw-plain gw-jwt-rl nginx; do
   [ -z "$base" ] && base=$per
   awk -v n="$name" -v r="${REQS[$name]}" -v p="$per" -v b="$base" \
     'BEGIN { printf "%-10s | %9d %12d %9.2fx\n", n, r, p, p / b }'
+  if [ "${CACHE:-0}" = 1 ]; then
+    awk -v r="${REQS[$name]}" '
+      /^events:/ { for (i = 2; i <= NF; i++) col[$i] = i }
+      /^totals:/ { for (e in col) v[e] = $(col[e]) }
+      END { printf "             per request: %.0f L1i misses, %.0f L1d misses, %.0f mispredicted branches\n",
+              v["I1mr"] / r, (v["D1mr"] + v["D1mw"]) / r, (v["Bcm"] + v["Bim"]) / r }' "$file"
+  fi
   if [ "${TOP:-0}" -gt 0 ] && [ "${name%%-*}" = gw ]; then
-    callgrind_annotate --threshold=100 --inclusive=no "$file" 2>/dev/null \
+    callgrind_annotate --show=Ir --threshold=100 --inclusive=no "$file" 2>/dev/null \
       | awk -v r="${REQS[$name]}" -v top="$TOP" '
           # callgrind_annotate lists the entry frames of threads at ~100%
           # even as self cost; not the gateway code.
