@@ -10,9 +10,9 @@
 # in cache misses, contention between cores or the kernel. Build A first,
 # keep its binary, then:
 #
-#   cp target/release/examples/bench_gateway /tmp/gw-before
-#   ... change, cargo build --release -p flotilla-gateway --example bench_gateway
-#   benches/gateway/ab.sh /tmp/gw-before target/release/examples/bench_gateway
+#   cp target/release/bench_gateway /tmp/gw-before
+#   ... change, cargo build --release -p flotilla-gateway-bench
+#   benches/gateway/ab.sh /tmp/gw-before target/release/bench_gateway
 #
 # Needs: wrk and nginx (Debian: `apt-get install -y wrk nginx-light`),
 # python3, cargo. Usage: benches/gateway/ab.sh BIN_A BIN_B

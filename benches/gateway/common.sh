@@ -102,6 +102,20 @@ start_upstream() {
   wait_port "$port"
 }
 
+# build_release EXAMPLE...: the release build of the bench gateway
+# (target/release/bench_gateway, set as GW) and of flotilla-gateway's
+# EXAMPLEs (bench_upstream, bench_raw_h1, ...; in target/release/examples).
+# Two cargo runs: the examples build with the gateway's dev-dependencies,
+# whose features (tokio's test-util) would otherwise also go into the bench
+# gateway, which is meant to be compiled as the `flotilla` binary is.
+build_release() {
+  local examples=() e
+  for e in "$@"; do examples+=(--example "$e"); done
+  cargo build --release --quiet -p flotilla-gateway-bench
+  [ $# -eq 0 ] || cargo build --release --quiet -p flotilla-gateway "${examples[@]}"
+  GW=target/release/bench_gateway
+}
+
 # What gw-jwt-rl adds to bench_gateway's arguments in every script: every
 # route needs a token (EdDSA, the example's own JWKS) and a per-user rate
 # limit too high to refuse anything, so that both are checked on every

@@ -31,8 +31,7 @@ NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 need "apt-get install -y wrk nginx-light" wrk python3 "$NGINX"
 
 echo "building (release)..." >&2
-cargo build --release --quiet -p flotilla-gateway --example bench_upstream --example bench_gateway \
-  --example bench_raw_h1
+build_release bench_upstream bench_raw_h1
 BIN="target/release/examples"
 
 # Worker threads (processes, for nginx) of every proxy.
@@ -45,10 +44,10 @@ UP_PID=${PIDS[-1]}
 RAW=$(free_port); PLAIN=$(free_port); JWT=$(free_port); NG=$(free_port)
 "$BIN/bench_raw_h1" "127.0.0.1:$RAW" "127.0.0.1:$UP" "$THREADS" --per-core >"$TMP/raw-h1.log" 2>&1 &
 RAW_PID=$!; PIDS+=($!)
-"$BIN/bench_gateway" --listen "127.0.0.1:$PLAIN" --upstream "127.0.0.1:$UP" --threads "$THREADS" \
+"$GW" --listen "127.0.0.1:$PLAIN" --upstream "127.0.0.1:$UP" --threads "$THREADS" \
   >"$TMP/gw-plain.log" 2>&1 &
 PLAIN_PID=$!; PIDS+=($!)
-"$BIN/bench_gateway" --listen "127.0.0.1:$JWT" --upstream "127.0.0.1:$UP" --threads "$THREADS" \
+"$GW" --listen "127.0.0.1:$JWT" --upstream "127.0.0.1:$UP" --threads "$THREADS" \
   "${JWT_RL_ARGS[@]}" >"$TMP/gw-jwt-rl.log" 2>&1 &
 JWT_PID=$!; PIDS+=($!)
 NGINX_WORKERS=$THREADS start_nginx "$NGINX" "$NG" "$UP"

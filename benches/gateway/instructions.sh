@@ -23,6 +23,8 @@
 # request: the gateway runs mostly straight-line code, so it misses the
 # instruction cache far more often than nginx for as many instructions
 # (docs/benchmarks.md), which the instruction count alone does not show.
+# PGO=1 adds gw-pgo, gw-jwt-rl as built by benches/gateway/pgo.sh
+# (target/pgo/bench_gateway; pgo.sh runs first if it is missing).
 # KEEP=1 keeps the temp dir with the callgrind files.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -35,15 +37,19 @@ need "apt-get install -y valgrind wrk nginx-light" valgrind callgrind_control ca
   python3 "$NGINX"
 
 echo "building (release)..." >&2
-cargo build --release --quiet -p flotilla-gateway --example bench_upstream --example bench_gateway \
-  --example bench_raw_h1
+build_release bench_upstream bench_raw_h1
 BIN="target/release/examples"
+PGO="${PGO:-0}"
+if [ "$PGO" = 1 ] && [ ! -x target/pgo/bench_gateway ]; then
+  echo "PGO=1: no target/pgo/bench_gateway yet; building it (benches/gateway/pgo.sh)..." >&2
+  benches/gateway/pgo.sh
+fi
 
 make_tmp flotilla-instr
 UP=$(free_port)
 start_upstream "$BIN/bench_upstream" "$UP"
 
-RAW=$(free_port); PLAIN=$(free_port); JWT=$(free_port); NG=$(free_port)
+RAW=$(free_port); PLAIN=$(free_port); JWT=$(free_port); NG=$(free_port); PGOP=$(free_port)
 VG=(valgrind --tool=callgrind)
 [ "${CACHE:-0}" = 1 ] && VG+=(--cache-sim=yes --branch-sim=yes)
 # start NAME PORT CMD...: CMD under callgrind, its counts to $TMP/NAME.cg.
@@ -55,25 +61,43 @@ start() {
   wait_port "$port" 60
 }
 start raw-h1 "$RAW" "$BIN/bench_raw_h1" "127.0.0.1:$RAW" "127.0.0.1:$UP" 1 --per-core
-start gw-plain "$PLAIN" "$BIN/bench_gateway" --listen "127.0.0.1:$PLAIN" --upstream "127.0.0.1:$UP" --threads 1
-start gw-jwt-rl "$JWT" "$BIN/bench_gateway" --listen "127.0.0.1:$JWT" --upstream "127.0.0.1:$UP" --threads 1 \
+start gw-plain "$PLAIN" "$GW" --listen "127.0.0.1:$PLAIN" --upstream "127.0.0.1:$UP" --threads 1
+start gw-jwt-rl "$JWT" "$GW" --listen "127.0.0.1:$JWT" --upstream "127.0.0.1:$UP" --threads 1 \
   "${JWT_RL_ARGS[@]}"
+NAMES=(raw-h1 gw-plain gw-jwt-rl nginx)
+declare -A PORT=([raw-h1]=$RAW [gw-plain]=$PLAIN [gw-jwt-rl]=$JWT [nginx]=$NG)
+if [ "$PGO" = 1 ]; then
+  start gw-pgo "$PGOP" target/pgo/bench_gateway --listen "127.0.0.1:$PGOP" --upstream "127.0.0.1:$UP" \
+    --threads 1 "${JWT_RL_ARGS[@]}"
+  NAMES=(raw-h1 gw-plain gw-jwt-rl gw-pgo nginx)
+  PORT[gw-pgo]=$PGOP
+fi
 start_nginx "$NGINX" "$NG" "$UP" "${VG[@]}" --callgrind-out-file="$TMP/nginx.cg"
 wait_port "$NG" 60
-TOKEN="$(token_of "$TMP/gw-jwt-rl.log" JWT)"
-code=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$JWT/" || echo "?")
-[ "$code" = 200 ] || { echo "sanity check failed: with token $code (want 200)" >&2; exit 1; }
+# Each JWT gateway makes its own key, so each has its own token; the
+# others get gw-jwt-rl's, which they ignore.
+declare -A TOKEN
+TOKEN[gw-jwt-rl]="$(token_of "$TMP/gw-jwt-rl.log" JWT)"
+[ "$PGO" = 1 ] && TOKEN[gw-pgo]="$(token_of "$TMP/gw-pgo.log" PGO)"
+for name in "${NAMES[@]}"; do
+  [ -n "${TOKEN[$name]:-}" ] || TOKEN[$name]=${TOKEN[gw-jwt-rl]}
+done
+for name in gw-jwt-rl gw-pgo; do
+  [ -n "${PORT[$name]:-}" ] || continue
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer ${TOKEN[$name]}" \
+    "http://127.0.0.1:${PORT[$name]}/" || echo "?")
+  [ "$code" = 200 ] || { echo "sanity check failed: $name with token $code (want 200)" >&2; exit 1; }
+done
 
 # Warm every target (connections, pools, caches), then count from zero.
-for port in "$RAW" "$PLAIN" "$JWT" "$NG"; do
-  wrk -t1 -c8 -d2s -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$port/" >/dev/null
+for name in "${NAMES[@]}"; do
+  wrk -t1 -c8 -d2s -H "authorization: Bearer ${TOKEN[$name]}" "http://127.0.0.1:${PORT[$name]}/" >/dev/null
 done
 callgrind_control -z >/dev/null 2>&1
 
 declare -A REQS
-for target in raw-h1:"$RAW" gw-plain:"$PLAIN" gw-jwt-rl:"$JWT" nginx:"$NG"; do
-  name=${target%%:*} port=${target#*:}
-  out=$(wrk -t1 -c8 -d"$DURATION" -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$port/")
+for name in "${NAMES[@]}"; do
+  out=$(wrk -t1 -c8 -d"$DURATION" -H "authorization: Bearer ${TOKEN[$name]}" "http://127.0.0.1:${PORT[$name]}/")
   REQS[$name]=$(echo "$out" | awk '/requests in/ { print $1 }')
   if echo "$out" | grep -q "Non-2xx"; then echo "$name answered non-2xx responses" >&2; exit 1; fi
 done
@@ -91,7 +115,7 @@ total_of() {
 printf '%-10s | %9s %12s %10s\n' target requests "instr/req" "x raw-h1"
 printf -- '-----------+-----------------------------------\n'
 base=""
-for name in raw-h1 gw-plain gw-jwt-rl nginx; do
+for name in "${NAMES[@]}"; do
   read -r file total < <(total_of "$name")
   per=$((total / REQS[$name]))
   [ -z "$base" ] && base=$per

@@ -31,13 +31,13 @@ NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 need "apt-get install -y linux-perf wrk nginx-light" perf wrk python3 "$NGINX"
 
 echo "building (release)..." >&2
-cargo build --release --quiet -p flotilla-gateway --example bench_upstream --example bench_gateway
+build_release bench_upstream
 BIN="target/release/examples"
 
 make_tmp flotilla-profile
 UP=$(free_port); JWT=$(free_port); NG=$(free_port)
 start_upstream "$BIN/bench_upstream" "$UP"
-"$BIN/bench_gateway" --listen "127.0.0.1:$JWT" --upstream "127.0.0.1:$UP" --threads "$GW_THREADS" \
+"$GW" --listen "127.0.0.1:$JWT" --upstream "127.0.0.1:$UP" --threads "$GW_THREADS" \
   "${JWT_RL_ARGS[@]}" >"$TMP/gw-jwt-rl.log" 2>&1 &
 JWT_PID=$!; PIDS+=($!)
 start_nginx "$NGINX" "$NG" "$UP"

@@ -19,6 +19,9 @@
 #                  under `flotilla up`), to a second upstream process that
 #                  serves mTLS only; not comparable to nginx's plaintext hop,
 #                  reported for what the mesh costs
+#   gw-pgo         with PGO=1 only: gw-jwt-rl built with profile-guided
+#                  optimisation (benches/gateway/pgo.sh; run first if
+#                  target/pgo/bench_gateway is missing)
 #
 # Two measurements per target, each DURATION long with wrk, each taken
 # ROUNDS times (targets interleaved) and reported as medians:
@@ -62,7 +65,8 @@
 # (default 1; see above), PIN (default 0; see below), ONLY (measure only
 # upstream, nginx and gw-jwt-rl, which the goal needs, and the targets
 # named: ONLY="" for just those three, ONLY="raw-h1" to add raw-h1; for
-# many rounds in less time).
+# many rounds in less time), PGO (default 0; 1 adds gw-pgo, and ONLY
+# keeps it).
 #
 # PIN=1 gives the proxies a core of their own: every proxy (all its
 # threads and processes) on CPU 1, wrk and the upstreams on CPU 0, one
@@ -105,11 +109,15 @@ if [ -n "$missing" ]; then
 fi
 
 echo "building (release)..." >&2
-cargo build --release --quiet -p flotilla-gateway --example bench_upstream --example bench_gateway \
-  --example bench_hyper_minimal --example bench_raw_h1
-BIN="target/release/examples"
-
 source benches/gateway/common.sh
+build_release bench_upstream bench_hyper_minimal bench_raw_h1
+BIN="target/release/examples"
+PGO="${PGO:-0}"
+if [ "$PGO" = 1 ] && [ ! -x target/pgo/bench_gateway ]; then
+  echo "PGO=1: no target/pgo/bench_gateway yet; building it (benches/gateway/pgo.sh)..." >&2
+  benches/gateway/pgo.sh
+fi
+
 make_tmp flotilla-bench
 
 declare -A PID_OF
@@ -130,7 +138,7 @@ PIDS+=($!)
 PID_OF[raw-h1]=$!
 
 # The mTLS hop's identities (a CA, the gateway's leaf, the upstream's).
-"$BIN/bench_gateway" --issue "$TMP/ids"
+"$GW" --issue "$TMP/ids"
 UP_TLS_PORT=$(free_port)
 "$BIN/bench_upstream" "127.0.0.1:$UP_TLS_PORT" --tls "$TMP/ids/upstream" >"$TMP/upstream-tls.log" 2>&1 &
 PIDS+=($!)
@@ -138,23 +146,31 @@ UP_TLS_PID=$!
 wait_port "$UP_TLS_PORT"
 
 PLAIN_PORT=$(free_port)
-"$BIN/bench_gateway" --listen "127.0.0.1:$PLAIN_PORT" --upstream "127.0.0.1:$UP_PORT" \
+"$GW" --listen "127.0.0.1:$PLAIN_PORT" --upstream "127.0.0.1:$UP_PORT" \
   --threads "$GW_THREADS" >"$TMP/gw-plain.log" 2>&1 &
 PIDS+=($!)
 PID_OF[gw-plain]=$!
 
 JWT_PORT=$(free_port)
-"$BIN/bench_gateway" --listen "127.0.0.1:$JWT_PORT" --upstream "127.0.0.1:$UP_PORT" \
+"$GW" --listen "127.0.0.1:$JWT_PORT" --upstream "127.0.0.1:$UP_PORT" \
   --threads "$GW_THREADS" "${JWT_RL_ARGS[@]}" >"$TMP/gw-jwt.log" 2>&1 &
 PIDS+=($!)
 PID_OF[gw-jwt-rl]=$!
 
 MTLS_PORT=$(free_port)
-"$BIN/bench_gateway" --listen "127.0.0.1:$MTLS_PORT" --upstream "127.0.0.1:$UP_TLS_PORT" \
+"$GW" --listen "127.0.0.1:$MTLS_PORT" --upstream "127.0.0.1:$UP_TLS_PORT" \
   --threads "$GW_THREADS" "${JWT_RL_ARGS[@]}" \
   --upstream-tls "$TMP/ids/gateway" >"$TMP/gw-mtls.log" 2>&1 &
 PIDS+=($!)
 PID_OF[gw-mtls]=$!
+
+if [ "$PGO" = 1 ]; then
+  PGO_PORT=$(free_port)
+  target/pgo/bench_gateway --listen "127.0.0.1:$PGO_PORT" --upstream "127.0.0.1:$UP_PORT" \
+    --threads "$GW_THREADS" "${JWT_RL_ARGS[@]}" >"$TMP/gw-pgo.log" 2>&1 &
+  PIDS+=($!)
+  PID_OF[gw-pgo]=$!
+fi
 
 NGINX_PORT=$(free_port)
 start_nginx "$NGINX" "$NGINX_PORT" "$UP_PORT"
@@ -166,6 +182,7 @@ wait_port "$NGINX_PORT"
 wait_port "$MTLS_PORT"
 wait_port "$MIN_PORT"
 wait_port "$RAW_PORT"
+[ "$PGO" = 1 ] && wait_port "$PGO_PORT"
 # pin CPU PID...: every thread of each PID and of its children on CPU.
 pin() {
   local cpu=$1 pid p
@@ -180,12 +197,17 @@ WRK=(wrk)
 if [ "$PIN" = 1 ]; then
   pin 0 "${PID_OF[upstream]}" "$UP_TLS_PID"
   pin 1 "${PID_OF[nginx]}" "${PID_OF[hyper-min]}" "${PID_OF[raw-h1]}" "${PID_OF[gw-plain]}" \
-    "${PID_OF[gw-jwt-rl]}" "${PID_OF[gw-mtls]}"
+    "${PID_OF[gw-jwt-rl]}" "${PID_OF[gw-mtls]}" ${PID_OF[gw-pgo]:-}
   WRK=(taskset -c 0 wrk)
   echo "pinned: proxies on CPU 1 ($GW_THREADS worker each), wrk and the upstreams on CPU 0" >&2
 fi
 TOKEN="$(token_of "$TMP/gw-jwt.log" JWT)" || exit 1
 MTLS_TOKEN="$(token_of "$TMP/gw-mtls.log" mTLS)" || exit 1
+if [ "$PGO" = 1 ]; then
+  PGO_TOKEN="$(token_of "$TMP/gw-pgo.log" PGO)" || exit 1
+  pcode=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $PGO_TOKEN" "http://127.0.0.1:$PGO_PORT/" 2>/dev/null || echo "?")
+  [ "$pcode" = 200 ] || { echo "sanity check failed: the PGO gateway answered $pcode (want 200)" >&2; exit 1; }
+fi
 mcode=$(curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $MTLS_TOKEN" "http://127.0.0.1:$MTLS_PORT/" 2>/dev/null || echo "?")
 if command -v curl >/dev/null 2>&1 && [ "$mcode" != 200 ]; then
   echo "sanity check failed: through the mTLS upstream $mcode (want 200)" >&2
@@ -226,6 +248,7 @@ run() {
   local auth=()
   [ "$name" = gw-jwt-rl ] && auth=(-H "authorization: Bearer $TOKEN")
   [ "$name" = gw-mtls ] && auth=(-H "authorization: Bearer $MTLS_TOKEN")
+  [ "$name" = gw-pgo ] && auth=(-H "authorization: Bearer $PGO_TOKEN")
   "${WRK[@]}" -t1 -c"$conns" -d"$DURATION" --latency "${auth[@]}" "$@" "$url" >"$out" 2>&1 || true
   local rps p50 p99 non2xx
   rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
@@ -245,11 +268,16 @@ declare -A URL=(
   [raw-h1]="http://127.0.0.1:$RAW_PORT/"
 )
 TARGETS=(upstream nginx hyper-min raw-h1 gw-plain gw-jwt-rl gw-mtls)
+if [ "$PGO" = 1 ]; then
+  URL[gw-pgo]="http://127.0.0.1:$PGO_PORT/"
+  TARGETS+=(gw-pgo)
+fi
 if [ -n "${ONLY+set}" ]; then
   # The three the goal needs, and the others named.
   picked=(upstream nginx)
-  for t in hyper-min raw-h1 gw-plain gw-jwt-rl gw-mtls; do
-    case " gw-jwt-rl $ONLY " in *" $t "*) picked+=("$t") ;; esac
+  for t in hyper-min raw-h1 gw-plain gw-jwt-rl gw-mtls gw-pgo; do
+    [ "$t" = gw-pgo ] && [ "$PGO" != 1 ] && continue
+    case " gw-jwt-rl gw-pgo $ONLY " in *" $t "*) picked+=("$t") ;; esac
   done
   for t in $ONLY; do
     [ -n "${URL[$t]:-}" ] || { echo "ONLY: no target '$t' (one of: ${TARGETS[*]})" >&2; exit 1; }
@@ -333,6 +361,10 @@ measure() {
     read -r jr _ <<<"$(echo "${runs_of[gw-jwt-rl]}" | awk -F'|' '{ print $NF }')"
     read -r nr _ <<<"$(echo "${runs_of[nginx]}" | awk -F'|' '{ print $NF }')"
     ratios[$round]=$(awk -v a="$jr" -v b="$nr" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+    if [ -n "${runs_of[gw-pgo]:-}" ]; then
+      read -r jr _ <<<"$(echo "${runs_of[gw-pgo]}" | awk -F'|' '{ print $NF }')"
+      ratios[pgo-$round]=$(awk -v a="$jr" -v b="$nr" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+    fi
   done
   local -a runs
   for t in "${TARGETS[@]}"; do
@@ -390,6 +422,14 @@ awk -v g="$jwt_rps" -v n="$ng_rps" -v gp="$jwt_pp99" -v up="$up_pp99" -v np="$ng
   above = 0; total = split(rounds, r, " "); for (i = 1; i <= total; i++) if (r[i] + 0 >= 1.0) above++;
   printf "gw-jwt-rl at or above nginx in %d of %d rounds\n", above, total;
   printf "gw-jwt-rl p99 added at half its max rate: %+.3f ms over the upstream alone (goal <= 1 ms); nginx adds %+.3f ms\n", gp - up, np - up }'
+if [ "$PGO" = 1 ]; then
+  read -r pgo_rps _ <<<"${MAX[gw-pgo]}"
+  read -r _ _ pgo_pp99 _ <<<"${PACED[gw-pgo]}"
+  awk -v g="$pgo_rps" -v n="$ng_rps" -v j="$jwt_rps" -v gp="$pgo_pp99" -v up="$up_pp99" -v rounds="$(for r in $(seq 1 "$ROUNDS"); do printf '%s ' "${MAX_RATIOS[pgo-$r]}"; done)" 'BEGIN {
+    printf "gw-pgo (gw-jwt-rl built with PGO) throughput vs nginx: %.2fx of the medians (%.2fx gw-jwt-rl); per round: %s\n", g / n, g / j, rounds;
+    above = 0; total = split(rounds, r, " "); for (i = 1; i <= total; i++) if (r[i] + 0 >= 1.0) above++;
+    printf "gw-pgo at or above nginx in %d of %d rounds; p99 added at half gw-jwt-rl max rate: %+.3f ms\n", above, total, gp - up }'
+fi
 # On a virtual machine the hypervisor may give this machine's CPUs to
 # other guests mid-run ("steal"): what it takes is not the proxies' doing
 # and lands on whichever target was running. Said, so a run it disturbed
