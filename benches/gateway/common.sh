@@ -116,6 +116,23 @@ build_release() {
   GW=target/release/bench_gateway
 }
 
+# pgo_build_current: runs benches/gateway/pgo.sh unless
+# target/pgo/bench_gateway exists and is newer than every source and
+# manifest it is built from (a PGO build of older code would be measured
+# as if it were this one's).
+pgo_build_current() {
+  local bin=target/pgo/bench_gateway newer
+  if [ -x "$bin" ]; then
+    newer=$(find crates benches/gateway/harness Cargo.toml Cargo.lock \
+      \( -name '*.rs' -o -name Cargo.toml -o -name Cargo.lock \) -newer "$bin" -print -quit)
+    [ -z "$newer" ] && return 0
+    echo "PGO=1: $bin is older than $newer; rebuilding it (benches/gateway/pgo.sh)..." >&2
+  else
+    echo "PGO=1: no $bin yet; building it (benches/gateway/pgo.sh)..." >&2
+  fi
+  benches/gateway/pgo.sh
+}
+
 # What gw-jwt-rl adds to bench_gateway's arguments in every script: every
 # route needs a token (EdDSA, the example's own JWKS) and a per-user rate
 # limit too high to refuse anything, so that both are checked on every

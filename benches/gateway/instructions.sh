@@ -24,7 +24,8 @@
 # instruction cache far more often than nginx for as many instructions
 # (docs/benchmarks.md), which the instruction count alone does not show.
 # PGO=1 adds gw-pgo, gw-jwt-rl as built by benches/gateway/pgo.sh
-# (target/pgo/bench_gateway; pgo.sh runs first if it is missing).
+# (target/pgo/bench_gateway; pgo.sh runs first if it is missing or older
+# than the sources).
 # KEEP=1 keeps the temp dir with the callgrind files.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -40,10 +41,7 @@ echo "building (release)..." >&2
 build_release bench_upstream bench_raw_h1
 BIN="target/release/examples"
 PGO="${PGO:-0}"
-if [ "$PGO" = 1 ] && [ ! -x target/pgo/bench_gateway ]; then
-  echo "PGO=1: no target/pgo/bench_gateway yet; building it (benches/gateway/pgo.sh)..." >&2
-  benches/gateway/pgo.sh
-fi
+[ "$PGO" = 1 ] && pgo_build_current
 
 make_tmp flotilla-instr
 UP=$(free_port)

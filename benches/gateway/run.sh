@@ -21,7 +21,7 @@
 #                  reported for what the mesh costs
 #   gw-pgo         with PGO=1 only: gw-jwt-rl built with profile-guided
 #                  optimisation (benches/gateway/pgo.sh; run first if
-#                  target/pgo/bench_gateway is missing)
+#                  target/pgo/bench_gateway is missing or older than the sources)
 #
 # Two measurements per target, each DURATION long with wrk, each taken
 # ROUNDS times (targets interleaved) and reported as medians:
@@ -113,10 +113,7 @@ source benches/gateway/common.sh
 build_release bench_upstream bench_hyper_minimal bench_raw_h1
 BIN="target/release/examples"
 PGO="${PGO:-0}"
-if [ "$PGO" = 1 ] && [ ! -x target/pgo/bench_gateway ]; then
-  echo "PGO=1: no target/pgo/bench_gateway yet; building it (benches/gateway/pgo.sh)..." >&2
-  benches/gateway/pgo.sh
-fi
+[ "$PGO" = 1 ] && pgo_build_current
 
 make_tmp flotilla-bench
 
