@@ -9,6 +9,8 @@
   4. Resident memory of the whole running shop (flotilla + every instance).
 
 Usage: python3 benches/foundation.py [--runs 5] [--cold 20] [--duration 5]
+       [--flotilla PATH]  (another build of the CLI, e.g. target/pgo/flotilla
+       from benches/gateway/pgo.sh; the services are still built --release)
 Needs: cargo, wrk (apt-get install wrk). Prints a summary table at the end.
 """
 import argparse
@@ -144,7 +146,13 @@ def main():
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--no-build", action="store_true", help="use the release binaries as they are")
+    ap.add_argument("--flotilla", help="the flotilla binary to run [default: target/release/flotilla]")
     args = ap.parse_args()
+    if args.flotilla:
+        global FLOTILLA
+        FLOTILLA = os.path.abspath(args.flotilla)
+        if not os.access(FLOTILLA, os.X_OK):
+            sys.exit(f"--flotilla {args.flotilla}: not an executable file")
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install -y wrk")
 
