@@ -134,7 +134,7 @@ pgo_build_current() {
 }
 
 # What gw-jwt-rl adds to bench_gateway's arguments in every script: every
-# route needs a token (EdDSA, the example's own JWKS) and a per-user rate
+# route needs a token (EdDSA, bench_gateway's own JWKS) and a per-user rate
 # limit too high to refuse anything, so that both are checked on every
 # request without changing what is measured.
 JWT_RL_ARGS=(--jwt --rate-limit "1000000/s burst 1000000 per user")

@@ -1,5 +1,5 @@
-//! Starts a Flotilla gateway in front of one fixed upstream, for
-//! `benches/gateway/run.sh`.
+//! Starts a Flotilla gateway in front of one fixed upstream, for the
+//! scripts in `benches/gateway` (run.sh, ab.sh, pgo.sh, ...).
 //!
 //! Usage: `bench_gateway --listen ADDR --upstream ADDR [--threads N]
 //! [--jwt] [--rate-limit SPEC] [--upstream-tls DIR]`, or
@@ -10,7 +10,7 @@
 //! TLS with the identity in `DIR`, as under `flotilla up`; the upstream
 //! must present the `bench` service's identity (`bench_upstream --tls`).
 //!
-//! With `--jwt`, every route needs a token: the example makes an Ed25519
+//! With `--jwt`, every route needs a token: the program makes an Ed25519
 //! key, serves its JWKS itself (on another port), and prints a valid
 //! long-lived token as `token: <jwt>`. It prints `listening: <addr>` once
 //! the gateway accepts connections.
