@@ -121,6 +121,9 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// How long a kept-alive connection may sit idle between requests.
     pub idle_timeout: Duration,
+    /// How long a WebSocket tunnel may carry nothing either way before it
+    /// is closed (default 5 min; a client that pings keeps it open).
+    pub tunnel_idle_timeout: Duration,
     /// Retries allowed, as a share of requests in the last second, per
     /// service (default 0.2): retries must not multiply an overload.
     pub retry_budget_ratio: f64,
@@ -151,6 +154,7 @@ impl Default for Limits {
             max_headers: 100,
             max_in_flight: 10_000,
             idle_timeout: Duration::from_secs(60),
+            tunnel_idle_timeout: Duration::from_secs(300),
             retry_budget_ratio: 0.2,
             retry_budget_min_per_second: 3,
             outlier_consecutive_failures: 5,

@@ -52,6 +52,11 @@
 //! - **Shutdown.** When the gateway stops, an idle connection closes at
 //!   once; one with a request in progress finishes it, says
 //!   `connection: close` if its head is not written yet, and closes.
+//! - **WebSocket.** A handshake (`head` decides what is one) is marked for
+//!   the proxy; when the instance switches, the `101` is written and the
+//!   connection becomes a tunnel to the instance's (`upgrade`), ending
+//!   with it. Bytes the client sent after its handshake go to the
+//!   instance first.
 
 mod decode;
 mod encode;
@@ -76,7 +81,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use self::decode::Decoder;
-use self::encode::{BodyEncoder, Exchange, Framing, HeadFields, Out};
+use self::encode::{BodyEncoder, Exchange, Framing, HeadFields, Out, Then};
 use self::head::{BodyLength, Head};
 use self::incoming::{BodyError, Room};
 use crate::body::{self, Body};
@@ -86,6 +91,7 @@ use crate::config::Limits;
 use crate::conn;
 use crate::relayed::Reply;
 use crate::server::{ConnInfo, Handler};
+use crate::upgrade::{self, Tunnel, WebSocket};
 
 /// Spare room in the read buffer before reading a head.
 const READ_SPARE: usize = 8 * 1024;
@@ -108,6 +114,7 @@ pub(crate) struct Settings {
     pub max_headers: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    pub tunnel_idle_timeout: Duration,
 }
 
 impl Settings {
@@ -117,6 +124,7 @@ impl Settings {
             max_headers: limits.max_headers,
             header_timeout: limits.header_read_timeout,
             idle_timeout: limits.idle_timeout,
+            tunnel_idle_timeout: limits.tunnel_idle_timeout,
         }
     }
 }
@@ -238,6 +246,7 @@ impl<H: Handler> Conn<H> {
             // One request and its response. Here, not in an `async fn` of
             // its own: that future, with the stack's inside it (~3 KB),
             // would be made and then moved into this one on every request.
+            let websocket = head.websocket;
             let (req, mut feed, ex, keep_alive) = match self.request(head) {
                 Ok(request) => request,
                 Err(e) => {
@@ -258,6 +267,18 @@ impl<H: Handler> Conn<H> {
                 poll_fn(|cx| self.poll_call(cx, call.as_mut(), &mut feed)).await
             };
             let next = match res {
+                Some(Reply {
+                    res,
+                    relayed,
+                    tunnel: Some(tunnel),
+                }) => {
+                    let reply = Reply {
+                        res,
+                        relayed,
+                        tunnel: None,
+                    };
+                    return self.switch(reply, *tunnel, websocket).await;
+                }
                 Some(res) => {
                     // The head here, the body in a future: see `response_head`.
                     let (body, encoder, close) = self.response_head(res, ex, keep_alive, &mut feed);
@@ -381,6 +402,9 @@ impl<H: Handler> Conn<H> {
         };
         let (body, feed) = self.request_body(head.body, head.expect_continue)?;
         let mut req = Request::new(body);
+        if head.websocket {
+            req.extensions_mut().insert(WebSocket);
+        }
         *req.method_mut() = head.method;
         *req.uri_mut() = head.uri;
         *req.version_mut() = head.version;
@@ -577,7 +601,7 @@ impl<H: Handler> Conn<H> {
         keep_alive: bool,
         feed: &mut Option<Feed>,
     ) -> (Body, BodyEncoder, bool) {
-        let Reply { res, relayed } = reply;
+        let Reply { res, relayed, .. } = reply;
         let (parts, mut body) = res.into_parts();
         let (status, headers, relayed) = if parts.status.is_informational() {
             // A final response cannot be 1xx (an upstream switching
@@ -632,7 +656,7 @@ impl<H: Handler> Conn<H> {
             fields,
             framing,
             length,
-            close,
+            if close { Then::Close } else { Then::KeepAlive },
         );
         let encoder = BodyEncoder::new(framing, fields);
         (body, encoder, close)
@@ -763,6 +787,55 @@ impl<H: Handler> Conn<H> {
         Poll::Ready(Ok(()))
     }
 
+    /// The instance switched to WebSocket: writes its `101` (with whatever
+    /// it sent after the head), then carries bytes both ways until the
+    /// tunnel ends, and the connection with it (see `upgrade`). A tunnel
+    /// for a request that did not ask for one cannot come from `outbound`;
+    /// should one come, it is refused rather than joined.
+    async fn switch(&mut self, reply: Reply, tunnel: Tunnel, asked: bool) -> End {
+        let status = reply.res.status();
+        if !asked || status != StatusCode::SWITCHING_PROTOCOLS {
+            tracing::warn!(target: "flotilla::gateway", %status, asked, "a protocol switch nobody asked for; answering 502");
+            drop(tunnel);
+            self.refuse(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                "the upstream switched protocols unasked",
+            )
+            .await;
+            return End::Close;
+        }
+        let fields = HeadFields {
+            map: reply.res.headers(),
+            relayed: reply.relayed.as_ref(),
+        };
+        encode::head(
+            &mut self.out,
+            Version::HTTP_11,
+            status,
+            fields,
+            Framing::None,
+            None,
+            Then::WebSocket,
+        );
+        // The response's body (empty) carries the access-log entry: the
+        // handshake is logged as done once its head is out.
+        drop(reply);
+        if poll_fn(|cx| self.poll_flush(cx)).await.is_err() {
+            return End::Abort;
+        }
+        let from_client = self.rbuf.split().freeze();
+        upgrade::relay(
+            &mut self.io,
+            from_client,
+            tunnel,
+            self.settings.tunnel_idle_timeout,
+        )
+        .await;
+        // Both directions were shut down, or one failed: nothing to linger for.
+        End::Abort
+    }
+
     /// Answers a request the gateway will not serve, then the connection
     /// closes. Best effort: the client may be gone or not reading.
     async fn refuse(&mut self, status: StatusCode, code: &'static str, message: &'static str) {
@@ -776,7 +849,7 @@ impl<H: Handler> Conn<H> {
             (&json_headers()).into(),
             Framing::Length(len),
             Some(len),
-            true,
+            Then::Close,
         );
         self.out.extend(&body);
         let _ = tokio::time::timeout(REFUSAL_DEADLINE, poll_fn(|cx| self.poll_flush(cx))).await;

@@ -28,7 +28,9 @@
 //! lists → JWT → rate limit → body limit) → proxy (instance pick by power of
 //! two choices skipping ejected instances, activation, timeout, retries
 //! within a budget, outlier detection). Below the stack, each connection's
-//! socket is watched for slow heads (408) and idle keep-alive.
+//! socket is watched for slow heads (408) and idle keep-alive. A WebSocket
+//! handshake goes through the same stack; once the instance switches, the
+//! client's connection and the instance's become one tunnel (`upgrade`).
 
 mod access_log;
 mod balance;
@@ -56,6 +58,7 @@ mod routes;
 mod routing;
 mod server;
 mod stats;
+mod upgrade;
 pub mod upstream;
 mod workers;
 

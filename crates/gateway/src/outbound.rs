@@ -51,6 +51,7 @@ use crate::chunked::{self, ChunkedDecoder, Decoded};
 use crate::client::{ConnectError, Connector, MAX_IDLE_PER_INSTANCE, POOL_IDLE, Stream};
 use crate::headers::{self, Forwarding};
 use crate::relayed::{Field, Relayed, Reply};
+use crate::upgrade::{Tunnel, WebSocket};
 
 /// The largest response head accepted from an instance.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -200,11 +201,14 @@ impl Outbound {
             .take()
             .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
         arm(&mut timer, deadline);
-        let head_only = req.parts.method == Method::HEAD;
+        let asked = Asked {
+            head_only: req.parts.method == Method::HEAD,
+            websocket: req.parts.extensions.get::<WebSocket>().is_some(),
+        };
         let (sent, (head, relayed, framing, mut reusable)) = {
             let exchange = async {
-                let sent = conn.write_request(req, body).await?;
-                let head = conn.read_head(head_only).await?;
+                let sent = conn.write_request(req, body, asked.websocket).await?;
+                let head = conn.read_head(asked).await?;
                 Ok::<_, SendError>((sent, head))
             };
             tokio::pin!(exchange);
@@ -222,6 +226,16 @@ impl Outbound {
                 }
             }
         };
+        if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            // The connection is the tunnel's now, with what the instance
+            // sent after its head; it never returns to the pool.
+            let Conn { io, read, .. } = *conn;
+            return Ok(Reply {
+                res: Response::from_parts(head, body::empty()),
+                relayed: Some(relayed),
+                tunnel: Some(Box::new(Tunnel { io, read })),
+            });
+        }
         conn.timer = Some(timer);
         // Answered before the whole request was written: the rest of it
         // would be read as the next request.
@@ -238,6 +252,7 @@ impl Outbound {
         Ok(Reply {
             res: Response::from_parts(head, body::boxed(body)),
             relayed: Some(relayed),
+            tunnel: None,
         })
     }
 
@@ -332,6 +347,7 @@ impl Conn {
         &mut self,
         req: &UpstreamRequest,
         body: OutBody,
+        websocket: bool,
     ) -> Result<Sent, SendError> {
         let parts = &req.parts;
         let out = &mut self.write;
@@ -348,6 +364,12 @@ impl Conn {
         });
         if !has_host {
             put_header(out, b"host", self.addr.to_string().as_bytes());
+        }
+        if websocket {
+            // The client's own `Connection` and `Upgrade` are hop-by-hop,
+            // left out above; this hop asks for the same switch.
+            put_header(out, b"connection", b"upgrade");
+            put_header(out, b"upgrade", b"websocket");
         }
         let body = match body {
             OutBody::Stream(b) if b.is_end_stream() => OutBody::Full(Bytes::new()),
@@ -507,10 +529,10 @@ impl Conn {
     /// reused afterwards.
     async fn read_head(
         &mut self,
-        head_only: bool,
+        asked: Asked,
     ) -> Result<(http::response::Parts, Relayed, Framing, bool), SendError> {
         loop {
-            if let Some(parsed) = self.parse_head(head_only)? {
+            if let Some(parsed) = self.parse_head(asked)? {
                 return Ok(parsed);
             }
             if self.read.len() >= MAX_HEAD_BYTES {
@@ -534,7 +556,7 @@ impl Conn {
     /// (skipping 1xx heads), or `None` when more bytes are needed.
     fn parse_head(
         &mut self,
-        head_only: bool,
+        asked: Asked,
     ) -> Result<Option<(http::response::Parts, Relayed, Framing, bool)>, SendError> {
         loop {
             if self.read.is_empty() {
@@ -557,11 +579,19 @@ impl Conn {
             let status = StatusCode::from_u16(code)
                 .map_err(|_| SendError::Protocol(format!("invalid status code {code}")))?;
             if status == StatusCode::SWITCHING_PROTOCOLS {
-                return Err(SendError::Protocol(
-                    "the instance switched protocols, which the gateway does not relay".into(),
-                ));
+                // Only to WebSocket, and only when the client asked for it
+                // (`upgrade`): tunnelling after any other answer would let a
+                // client smuggle requests past the gateway.
+                let switched_to_websocket =
+                    elements(res.headers, "upgrade").any(|p| p.eq_ignore_ascii_case(b"websocket"));
+                if !(asked.websocket && switched_to_websocket) {
+                    return Err(SendError::Protocol(
+                        "the instance switched protocols, and not to a WebSocket the client asked for"
+                            .into(),
+                    ));
+                }
             }
-            if status.is_informational() {
+            if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
                 // A `100 Continue` (or `103 Early Hints`) before the real
                 // response: not relayed.
                 let _ = self.read.split_to(len);
@@ -575,7 +605,7 @@ impl Conn {
             // Framing and reuse are read off the parsed fields, before
             // the hop-by-hop ones that carry them are dropped.
             let present = Present::of(res.headers);
-            let (framing, mut reusable) = framing(status, head_only, res.headers, present)?;
+            let (framing, mut reusable) = framing(status, asked.head_only, res.headers, present)?;
             reusable &= keep_alive(version, res.headers, present);
             // Where each end-to-end name and value lies in the head: the
             // response carries the head and these spans, and the fields
@@ -601,6 +631,15 @@ impl Conn {
             return Ok(Some((parts, relayed, framing, reusable)));
         }
     }
+}
+
+/// What the request asked that shapes its response.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    /// A `HEAD`: the response has no body, whatever it says.
+    head_only: bool,
+    /// A WebSocket upgrade: a `101` to WebSocket is the answer.
+    websocket: bool,
 }
 
 /// How much of a request was written.
@@ -1433,6 +1472,86 @@ mod tests {
             .map(|(conn, _)| conn)
             .collect();
         assert_eq!(conns, [1, 1]);
+    }
+
+    #[tokio::test]
+    async fn a_switch_to_websocket_becomes_a_tunnel_only_when_asked() {
+        const SWITCHED: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x02hi";
+        let ws = || {
+            let mut req = get("/ws");
+            for (name, value) in [
+                ("connection", "Upgrade"),
+                ("upgrade", "websocket"),
+                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                ("sec-websocket-version", "13"),
+            ] {
+                req.parts.headers.insert(
+                    header::HeaderName::from_static(name),
+                    HeaderValue::from_static(value),
+                );
+            }
+            req
+        };
+        let mut asked = ws();
+        asked.parts.extensions.insert(WebSocket);
+        let (addr, mut seen) = instance(vec![SWITCHED]).await;
+        let reply = match outbound()
+            .send("svc", addr, &asked, OutBody::Full(Bytes::new()), far())
+            .await
+        {
+            Ok(reply) => reply,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(reply.res.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let Some(tunnel) = reply.tunnel.as_ref() else {
+            panic!("no tunnel");
+        };
+        // The first frame came with the head: it stays for the client.
+        assert_eq!(&tunnel.read[..], b"\x81\x02hi");
+        let fields: Vec<String> = reply
+            .relayed
+            .iter()
+            .flat_map(|r| r.iter())
+            .map(|(n, _)| String::from_utf8_lossy(n).to_lowercase())
+            .collect();
+        assert_eq!(fields, ["sec-websocket-accept"]);
+        let Some((_, sent)) = seen.recv().await else {
+            panic!("the instance saw no request");
+        };
+        let sent = String::from_utf8_lossy(&sent).to_lowercase();
+        assert!(sent.starts_with("get /ws http/1.1\r\n"), "{sent}");
+        assert!(
+            sent.contains("\r\nsec-websocket-key: dghlihnhbxbszsbub25jzq==\r\n"),
+            "{sent}"
+        );
+        assert!(
+            sent.contains("\r\nconnection: upgrade\r\nupgrade: websocket\r\n"),
+            "{sent}"
+        );
+        assert_eq!(sent.matches("upgrade: websocket").count(), 1, "{sent}");
+
+        // Unasked (a plain GET whose client said Upgrade over HTTP/2, or a
+        // body-carrying request), or switched to something else: refused.
+        let mut h2c = ws();
+        h2c.parts.extensions.insert(WebSocket);
+        for (req, answer) in [
+            (ws(), SWITCHED),
+            (
+                h2c,
+                &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+                    [..],
+            ),
+        ] {
+            let (addr, _seen) = instance(vec![answer]).await;
+            match outbound()
+                .send("svc", addr, &req, OutBody::Full(Bytes::new()), far())
+                .await
+            {
+                Err(SendError::Protocol(_)) => {}
+                Err(e) => panic!("{e}"),
+                Ok(r) => panic!("accepted {}", r.res.status()),
+            }
+        }
     }
 
     #[tokio::test]

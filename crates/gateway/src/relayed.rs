@@ -33,6 +33,7 @@ use http::Response;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::body::Body;
+use crate::upgrade::Tunnel;
 
 /// Where a field's name and value lie in the head: `(start, end)`.
 #[derive(Debug, Clone, Copy)]
@@ -235,10 +236,13 @@ impl<'a> Iterator for Values<'a> {
 }
 
 /// What the request path answers: a response and, for one relayed from an
-/// instance, the instance's fields, which go out before the response's own.
+/// instance, the instance's fields, which go out before the response's own;
+/// for a `101` to a WebSocket upgrade, the instance's connection, to join
+/// to the client's (`upgrade`).
 pub(crate) struct Reply {
     pub res: Response<Body>,
     pub relayed: Option<Relayed>,
+    pub tunnel: Option<Box<Tunnel>>,
 }
 
 impl Reply {
@@ -291,7 +295,11 @@ impl Reply {
 
 impl From<Response<Body>> for Reply {
     fn from(res: Response<Body>) -> Reply {
-        Reply { res, relayed: None }
+        Reply {
+            res,
+            relayed: None,
+            tunnel: None,
+        }
     }
 }
 
@@ -385,6 +393,7 @@ mod tests {
         Reply {
             res: Response::new(crate::body::empty()),
             relayed: Some(relayed(HEAD)),
+            tunnel: None,
         }
     }
 
@@ -463,6 +472,7 @@ mod tests {
         let mut reply = Reply {
             res: Response::new(crate::body::empty()),
             relayed: Some(relayed(head)),
+            tunnel: None,
         };
         let values = |r: &Reply, name: &HeaderName| -> Vec<Vec<u8>> {
             r.relayed

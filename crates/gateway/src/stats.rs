@@ -28,6 +28,9 @@ const IP_DENIED: &str = "flotilla_gateway_ip_denied_total";
 const EJECTIONS: &str = "flotilla_gateway_ejections_total";
 const RETRY_BUDGET_EXHAUSTED: &str = "flotilla_gateway_retry_budget_exhausted_total";
 const SHED: &str = "flotilla_gateway_shed_total";
+const WEBSOCKETS_OPEN: &str = "flotilla_gateway_websockets_open";
+const WEBSOCKETS_CLOSED: &str = "flotilla_gateway_websockets_closed_total";
+const WEBSOCKET_BYTES: &str = "flotilla_gateway_websocket_bytes_total";
 
 /// The `route` label of a request no route matched.
 pub(crate) const UNMATCHED: &str = "unmatched";
@@ -128,6 +131,15 @@ pub(crate) fn describe() {
     metrics::describe_counter!(
         ACCESS_LOG_DROPPED,
         "Access-log lines dropped because the writer fell behind."
+    );
+    metrics::describe_gauge!(WEBSOCKETS_OPEN, "WebSocket tunnels open now.");
+    metrics::describe_counter!(
+        WEBSOCKETS_CLOSED,
+        "WebSocket tunnels ended, by reason (closed, idle, error, aborted: by the gateway stopping)."
+    );
+    metrics::describe_counter!(
+        WEBSOCKET_BYTES,
+        "Bytes carried by WebSocket tunnels that closed, by direction (upstream: client to instance; downstream: instance to client)."
     );
 }
 
@@ -245,6 +257,41 @@ pub(crate) fn retry_budget_exhausted(service: &str) {
 
 pub(crate) fn shed() {
     metrics::counter!(SHED).increment(1);
+}
+
+/// A WebSocket tunnel, counted open until it is finished or dropped (a
+/// tunnel closed by the gateway's shutdown ends as `aborted`).
+pub(crate) struct Tunnel {
+    open: Gauge,
+    reason: &'static str,
+}
+
+pub(crate) fn tunnel_opened() -> Tunnel {
+    let open = metrics::gauge!(WEBSOCKETS_OPEN);
+    open.increment(1.0);
+    Tunnel {
+        open,
+        reason: "aborted",
+    }
+}
+
+impl Tunnel {
+    pub(crate) fn finished(mut self, reason: &'static str) {
+        self.reason = reason;
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.open.decrement(1.0);
+        metrics::counter!(WEBSOCKETS_CLOSED, "reason" => self.reason).increment(1);
+    }
+}
+
+/// What a tunnel carried each way, once it closed.
+pub(crate) fn tunnel_bytes(upstream: u64, downstream: u64) {
+    metrics::counter!(WEBSOCKET_BYTES, "direction" => "upstream").increment(upstream);
+    metrics::counter!(WEBSOCKET_BYTES, "direction" => "downstream").increment(downstream);
 }
 
 pub(crate) fn access_log_dropped() {

@@ -198,6 +198,17 @@ pub(crate) fn has_token<'a>(mut values: impl Iterator<Item = &'a [u8]>, token: &
     })
 }
 
+/// What the connection does after a response, as its head says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Then {
+    /// Stays open for the next request.
+    KeepAlive,
+    /// Closes (`connection: close`).
+    Close,
+    /// Switches to WebSocket (`connection: upgrade`, `upgrade: websocket`).
+    WebSocket,
+}
+
 /// Writes the status line and headers. The response's own `connection`,
 /// `keep-alive`, `transfer-encoding` and `content-length` are replaced by
 /// what this connection does; `trailer` is kept only for a chunked body.
@@ -208,7 +219,7 @@ pub(crate) fn head(
     fields: HeadFields<'_>,
     framing: Framing,
     length: Option<u64>,
-    close: bool,
+    then: Then,
 ) {
     let b = &mut out.flat;
     b.reserve(256 + fields.len() * 48);
@@ -248,10 +259,15 @@ pub(crate) fn head(
     if framing == Framing::Chunked {
         b.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    if close {
-        b.extend_from_slice(b"connection: close\r\n");
-    } else if version == Version::HTTP_10 {
-        b.extend_from_slice(b"connection: keep-alive\r\n");
+    match then {
+        Then::Close => b.extend_from_slice(b"connection: close\r\n"),
+        Then::KeepAlive if version == Version::HTTP_10 => {
+            b.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+        Then::KeepAlive => {}
+        // `upgrade` is hop-by-hop, left out of an instance's fields: this
+        // connection's switch is written here.
+        Then::WebSocket => b.extend_from_slice(b"connection: upgrade\r\nupgrade: websocket\r\n"),
     }
     if !has_date {
         b.extend_from_slice(b"date: ");
@@ -586,7 +602,7 @@ mod tests {
             (&headers).into(),
             Framing::Length(3),
             Some(3),
-            true,
+            Then::Close,
         );
         assert_eq!(
             written(&out),
@@ -600,7 +616,7 @@ mod tests {
             (&HeaderMap::new()).into(),
             Framing::Length(0),
             Some(0),
-            false,
+            Then::KeepAlive,
         );
         let text = written(&out);
         assert!(
@@ -659,7 +675,34 @@ mod tests {
             fields,
             framing,
             length,
-            false,
+            Then::KeepAlive,
+        );
+    }
+
+    #[test]
+    fn a_switch_to_websocket_says_so_and_nothing_about_a_body() {
+        let mut map = HeaderMap::new();
+        map.insert(
+            "sec-websocket-accept",
+            HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        );
+        map.insert("connection", HeaderValue::from_static("close"));
+        let mut out = Out::default();
+        head(
+            &mut out,
+            Version::HTTP_11,
+            StatusCode::SWITCHING_PROTOCOLS,
+            (&map).into(),
+            Framing::None,
+            None,
+            Then::WebSocket,
+        );
+        let text = written(&out);
+        assert!(
+            text.starts_with(
+                "HTTP/1.1 101 Switching Protocols\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nconnection: upgrade\r\nupgrade: websocket\r\ndate: "
+            ),
+            "{text}"
         );
     }
 

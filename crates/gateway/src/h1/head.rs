@@ -54,6 +54,9 @@ pub(crate) struct Head {
     pub keep_alive: bool,
     /// `Expect: 100-continue` from an HTTP/1.1 client.
     pub expect_continue: bool,
+    /// An HTTP/1.1 `GET` without a body asking to switch to WebSocket
+    /// (`Connection: upgrade` and `Upgrade: websocket`, RFC 6455 §4.1).
+    pub websocket: bool,
 }
 
 /// Why a head is refused; each ends the connection after its answer.
@@ -177,12 +180,13 @@ pub(crate) fn parse(
         .map_err(|_| Invalid::Malformed("the request target is invalid"))?;
     let (headers, framing) = headers(&head, spans, version)?;
     Ok(Some(Head {
-        method,
         uri,
         version,
         keep_alive: framing.keep_alive,
         expect_continue: framing.expect_continue,
+        websocket: framing.websocket && method == Method::GET,
         body: framing.body,
+        method,
         headers,
     }))
 }
@@ -239,6 +243,7 @@ struct Framing {
     body: BodyLength,
     keep_alive: bool,
     expect_continue: bool,
+    websocket: bool,
 }
 
 /// The framing-relevant headers, as seen.
@@ -252,6 +257,10 @@ struct Seen {
     close: bool,
     keep_alive: bool,
     expect_continue: bool,
+    /// `Connection` names `upgrade`.
+    upgrade: bool,
+    /// `Upgrade` offers `websocket`.
+    websocket: bool,
 }
 
 impl Default for Seen {
@@ -265,6 +274,8 @@ impl Default for Seen {
             close: false,
             keep_alive: false,
             expect_continue: false,
+            upgrade: false,
+            websocket: false,
         }
     }
 }
@@ -293,9 +304,17 @@ impl Seen {
             for token in tokens() {
                 self.close |= token.eq_ignore_ascii_case(b"close");
                 self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                self.upgrade |= token.eq_ignore_ascii_case(b"upgrade");
             }
         } else if name == header::EXPECT {
             self.expect_continue |= trim_ows(value).eq_ignore_ascii_case(b"100-continue");
+        } else if name == header::UPGRADE {
+            // A protocol may carry a version (`websocket/13` is not one
+            // RFC 6455 defines, but the name is what is asked for).
+            self.websocket |= tokens().any(|p| {
+                let name = p.split(|&b| b == b'/').next().unwrap_or_default();
+                name.eq_ignore_ascii_case(b"websocket")
+            });
         }
     }
 
@@ -337,6 +356,9 @@ impl Seen {
             }
         };
         Ok(Framing {
+            // With a body, the bytes after the head would be both the body
+            // and the new protocol's: such a request is served as plain HTTP.
+            websocket: http11 && self.upgrade && self.websocket && body == BodyLength::None,
             body,
             keep_alive: !self.close && (http11 || self.keep_alive),
             expect_continue: http11 && self.expect_continue,
@@ -563,5 +585,30 @@ mod tests {
         );
         assert!(head("PUT / HTTP/1.1\r\nExpect: 100-Continue\r\n\r\n").expect_continue);
         assert!(!head("PUT / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n").expect_continue);
+    }
+
+    #[test]
+    fn websocket_upgrades_are_http11_gets_without_a_body() {
+        let ask = |request_line: &str, more: &str| {
+            head(&format!(
+                "{request_line}\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: WebSocket\r\n{more}\r\n"
+            ))
+            .websocket
+        };
+        assert!(ask("GET /ws HTTP/1.1", ""));
+        assert!(ask("GET /ws HTTP/1.1", "Content-Length: 0\r\n"));
+        assert!(!ask("GET /ws HTTP/1.0", ""));
+        assert!(!ask("POST /ws HTTP/1.1", ""));
+        assert!(!ask("GET /ws HTTP/1.1", "Content-Length: 2\r\n"));
+        assert!(!ask("GET /ws HTTP/1.1", "Transfer-Encoding: chunked\r\n"));
+        // Both fields are needed, and the protocol must be WebSocket.
+        assert!(!head("GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").websocket);
+        assert!(!head("GET / HTTP/1.1\r\nConnection: upgrade\r\n\r\n").websocket);
+        assert!(!head("GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n").websocket);
+        assert!(
+            head("GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: foo/2, websocket\r\n\r\n")
+                .websocket
+        );
+        assert!(!head("GET / HTTP/1.1\r\n\r\n").websocket);
     }
 }

@@ -15,3 +15,4 @@ mod security_edge;
 mod security_jwt;
 mod static_files;
 mod support;
+mod websocket;

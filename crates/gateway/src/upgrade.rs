@@ -1,0 +1,327 @@
+//! WebSocket through the gateway: the HTTP/1.1 upgrade handshake is proxied
+//! like any request (routing, IP lists, JWT, rate limits and the retry
+//! rules all apply to it), and once the instance has answered
+//! `101 Switching Protocols` the two connections are joined into a tunnel
+//! that carries bytes both ways until either side closes.
+//!
+//! Who decides what:
+//!
+//! - The HTTP/1 front (`h1::head`) marks a request [`WebSocket`] when it is
+//!   an HTTP/1.1 `GET` without a body whose `Connection` names `upgrade`
+//!   and whose `Upgrade` offers `websocket` (RFC 6455 §4.1). Only that
+//!   front can switch a connection, so only it marks; HTTP/2 clients
+//!   (hyper's server) never ask this way. Other upgrades (`h2c`, anything
+//!   else) are not relayed: `Upgrade` stays a hop-by-hop field, removed on
+//!   the way to the instance, and the request is served as plain HTTP.
+//! - The upstream client (`outbound`) sends a marked request with
+//!   `Connection: upgrade` and `Upgrade: websocket`, and accepts a `101`
+//!   only for a marked request whose answer says `Upgrade: websocket`;
+//!   the connection then leaves the pool for good, as a [`Tunnel`] beside
+//!   the reply. A `101` to anything else is a protocol error (502): a
+//!   proxy that tunnelled after an answer the client did not ask for, or
+//!   after a refusal, would let a client smuggle requests past it.
+//! - The front writes the `101` with the instance's fields (its
+//!   `Sec-WebSocket-Accept`, a chosen subprotocol) and then [`relay`]s.
+//!
+//! The tunnel is bytes, not frames: the gateway reads no WebSocket frame,
+//! so every extension and subprotocol passes. It ends when both directions
+//! have ended (each end's close is passed on as a half-close), when either
+//! side fails, or after `tunnel_idle_timeout` with no byte either way.
+//! When the gateway stops, a tunnel is left open until the drain deadline,
+//! when its connection is closed with the others still open.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+use crate::client::Stream;
+use crate::stats;
+
+/// Marks a request whose connection can switch to WebSocket (see the module
+/// doc); in the request's extensions, so only such requests pay for it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WebSocket;
+
+/// The instance's side of a switched connection: the connection, and what
+/// it sent after its `101` head (frames may follow the head at once).
+pub(crate) struct Tunnel {
+    pub(crate) io: Stream,
+    pub(crate) read: BytesMut,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("buffered", &self.read.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Buffer per direction.
+const BUFFER: usize = 16 * 1024;
+
+/// How a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// Both sides closed.
+    Closed,
+    /// Nothing moved either way for the idle timeout.
+    Idle,
+    /// A read or write failed (a reset, a broken TLS session).
+    Failed,
+}
+
+impl Ended {
+    fn label(self) -> &'static str {
+        match self {
+            Ended::Closed => "closed",
+            Ended::Idle => "idle",
+            Ended::Failed => "error",
+        }
+    }
+}
+
+/// Carries bytes between `client` and the instance until the tunnel ends.
+/// `from_client` is what the client sent after its request head (already
+/// read off its socket), passed to the instance first.
+pub(crate) async fn relay<C>(
+    client: &mut C,
+    from_client: Bytes,
+    tunnel: Tunnel,
+    idle: Duration,
+) -> Ended
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let open = stats::tunnel_opened();
+    let start = Instant::now();
+    // Milliseconds since `start` of the last byte either way.
+    let last = AtomicU64::new(0);
+    let mut near = Side {
+        io: client,
+        pending: from_client,
+        last: &last,
+        start,
+    };
+    let mut far = Side {
+        io: tunnel.io,
+        pending: tunnel.read.freeze(),
+        last: &last,
+        start,
+    };
+    let copy = tokio::io::copy_bidirectional_with_sizes(&mut near, &mut far, BUFFER, BUFFER);
+    tokio::pin!(copy);
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
+    let ended = loop {
+        tokio::select! {
+            done = &mut copy => break match done {
+                Ok((up, down)) => {
+                    stats::tunnel_bytes(up, down);
+                    Ended::Closed
+                }
+                Err(e) => {
+                    tracing::debug!(target: "flotilla::gateway", error = %e, "websocket tunnel failed");
+                    Ended::Failed
+                }
+            },
+            () = &mut timer => {
+                let quiet_since = last.load(Ordering::Relaxed);
+                let due = quiet_since.saturating_add(idle_ms);
+                if elapsed_ms(start) >= due {
+                    tracing::debug!(target: "flotilla::gateway", ?idle, "websocket tunnel idle; closing");
+                    break Ended::Idle;
+                }
+                timer.as_mut().reset(start + Duration::from_millis(due));
+            }
+        }
+    };
+    open.finished(ended.label());
+    ended
+}
+
+fn elapsed_ms(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One end of the tunnel: reads start with `pending`; every byte read or
+/// written counts as activity.
+struct Side<'a, S> {
+    io: S,
+    pending: Bytes,
+    last: &'a AtomicU64,
+    start: Instant,
+}
+
+impl<S> Side<'_, S> {
+    fn active(&self) {
+        self.last.store(elapsed_ms(self.start), Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Side<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.pending.is_empty() {
+            let n = this.pending.len().min(buf.remaining());
+            buf.put_slice(&this.pending[..n]);
+            this.pending.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.active();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Side<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.active();
+        }
+        polled
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A connected pair of TCP sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = match TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => panic!("bind: {e}"),
+        };
+        let addr = match listener.local_addr() {
+            Ok(a) => a,
+            Err(e) => panic!("addr: {e}"),
+        };
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        match (a, b) {
+            (Ok(a), Ok((b, _))) => (a, b),
+            (a, b) => panic!("connect: {:?} / {:?}", a.err(), b.err()),
+        }
+    }
+
+    async fn read_exact(io: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        if let Err(e) = io.read_exact(&mut buf).await {
+            panic!("read {n} bytes: {e}");
+        }
+        buf
+    }
+
+    #[tokio::test]
+    async fn buffered_bytes_go_first_and_closes_pass_through() {
+        // client <-> (near | gateway | far) <-> instance
+        let (mut client, mut near) = pair().await;
+        let (far, mut instance) = pair().await;
+        let tunnel = Tunnel {
+            io: Stream::Plain(far),
+            read: BytesMut::from(&b"early-from-instance "[..]),
+        };
+        let relaying = tokio::spawn(async move {
+            relay(
+                &mut near,
+                Bytes::from_static(b"early-from-client "),
+                tunnel,
+                Duration::from_secs(30),
+            )
+            .await
+        });
+        let ok = |r: io::Result<()>| {
+            if let Err(e) = r {
+                panic!("write: {e}");
+            }
+        };
+        ok(client.write_all(b"then-client").await);
+        ok(instance.write_all(b"then-instance").await);
+        assert_eq!(
+            read_exact(&mut instance, 29).await,
+            b"early-from-client then-client"
+        );
+        assert_eq!(
+            read_exact(&mut client, 33).await,
+            b"early-from-instance then-instance"
+        );
+        // The client's half-close reaches the instance, which can still
+        // answer; then the instance closes too and the tunnel ends.
+        ok(client.shutdown().await);
+        let mut rest = Vec::new();
+        if let Err(e) = instance.read_to_end(&mut rest).await {
+            panic!("read to end: {e}");
+        }
+        assert!(rest.is_empty());
+        ok(instance.write_all(b"last words").await);
+        drop(instance);
+        let mut tail = Vec::new();
+        if let Err(e) = client.read_to_end(&mut tail).await {
+            panic!("read to end: {e}");
+        }
+        assert_eq!(tail, b"last words");
+        match relaying.await {
+            Ok(ended) => assert_eq!(ended, Ended::Closed),
+            Err(e) => panic!("relay task: {e}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_tunnel_closes_after_its_idle_timeout() {
+        let (mut client, mut near) = pair().await;
+        let (far, mut instance) = pair().await;
+        let tunnel = Tunnel {
+            io: Stream::Plain(far),
+            read: BytesMut::new(),
+        };
+        let idle = Duration::from_secs(60);
+        let relaying =
+            tokio::spawn(async move { relay(&mut near, Bytes::new(), tunnel, idle).await });
+        // Traffic keeps it open past one idle period...
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        if let Err(e) = client.write_all(b"ping").await {
+            panic!("write: {e}");
+        }
+        assert_eq!(read_exact(&mut instance, 4).await, b"ping");
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        assert!(!relaying.is_finished());
+        // ...and silence closes it.
+        match relaying.await {
+            Ok(ended) => assert_eq!(ended, Ended::Idle),
+            Err(e) => panic!("relay task: {e}"),
+        }
+        let mut rest = Vec::new();
+        let _ = client.read_to_end(&mut rest).await;
+        assert!(rest.is_empty());
+    }
+}

@@ -1,0 +1,439 @@
+//! WebSocket through a real gateway: a real client and a real instance
+//! (tungstenite on both ends), the handshake under the route's policies,
+//! messages both ways, the close handshake, and what is refused: a switch
+//! nobody asked for, upgrades to anything but WebSocket, and bytes after an
+//! upgrade request that the instance declined.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_gateway::{Endpoint, Gateway, RateLimit};
+use futures_util::{SinkExt as _, StreamExt as _};
+use http::StatusCode;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{WebSocketStream, client_async};
+
+use crate::support::*;
+
+const T: Duration = Duration::from_secs(10);
+
+/// A WebSocket instance: sends `welcome` as soon as the connection has
+/// switched, then echoes text as `echo: …` and binary as it came. Picks the
+/// `chat` subprotocol when offered; refuses `/ws/refused` with 403. Reports
+/// each handshake request's headers.
+struct WsInstance {
+    addr: SocketAddr,
+    heads: mpsc::UnboundedReceiver<http::HeaderMap>,
+}
+
+impl WsInstance {
+    async fn start() -> WsInstance {
+        WsInstance::serving(None).await
+    }
+
+    /// Serving mutual TLS only, with `tls`; plaintext with `None`.
+    async fn serving(tls: Option<tokio_rustls::TlsAcceptor>) -> WsInstance {
+        let listener = ok(TcpListener::bind("127.0.0.1:0").await, "bind instance");
+        let addr = ok(listener.local_addr(), "instance addr");
+        let (tx, heads) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let tx = tx.clone();
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    match tls {
+                        None => serve_ws(stream, tx).await,
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                serve_ws(stream, tx).await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        WsInstance { addr, heads }
+    }
+
+    fn endpoint(&self, name: &str) -> Endpoint {
+        Endpoint {
+            instance: name.to_string(),
+            addr: self.addr,
+            load: Arc::default(),
+        }
+    }
+}
+
+/// One connection of a [`WsInstance`].
+async fn serve_ws<S>(stream: S, tx: mpsc::UnboundedSender<http::HeaderMap>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    #[expect(
+        clippy::result_large_err,
+        reason = "the signature is tungstenite's handshake callback"
+    )]
+    let callback = |req: &Request, mut res: Response| {
+        let _ = tx.send(req.headers().clone());
+        if req.uri().path() == "/ws/refused" {
+            let mut no = ErrorResponse::new(Some("not you".into()));
+            *no.status_mut() = StatusCode::FORBIDDEN;
+            return Err(no);
+        }
+        let offered = req
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if offered.split(',').any(|p| p.trim() == "chat") {
+            res.headers_mut().insert(
+                "sec-websocket-protocol",
+                http::HeaderValue::from_static("chat"),
+            );
+        }
+        Ok(res)
+    };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+        return;
+    };
+    if ws.send(Message::text("welcome")).await.is_err() {
+        return;
+    }
+    while let Some(Ok(msg)) = ws.next().await {
+        let answer = match msg {
+            Message::Text(t) => Message::text(format!("echo: {}", t.as_str())),
+            Message::Binary(b) => Message::Binary(b),
+            // Pings are answered and closes completed by
+            // tungstenite itself.
+            _ => continue,
+        };
+        if ws.send(answer).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn ws_gateway(routes: Vec<flotilla_gateway::RouteConfig>) -> (WsInstance, Gateway) {
+    let registry = Registry::new();
+    let instance = WsInstance::start().await;
+    registry.set("chat", vec![instance.endpoint("chat-0")]);
+    let gateway = start(config(routes), &registry).await;
+    (instance, gateway)
+}
+
+/// Opens a WebSocket to `path` through the gateway, offering `chat`.
+async fn connect(
+    gateway: &Gateway,
+    path: &str,
+) -> Result<
+    (
+        WebSocketStream<TcpStream>,
+        tungstenite::handshake::client::Response,
+    ),
+    tungstenite::Error,
+> {
+    let stream = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
+    let mut req = ok(
+        tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "ws://{}{path}",
+            gateway.local_addr()
+        )),
+        "request",
+    );
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        http::HeaderValue::from_static("chat, superchat"),
+    );
+    tokio::time::timeout(T, client_async(req, stream))
+        .await
+        .unwrap_or_else(|_| panic!("the handshake to {path} took over {T:?}"))
+}
+
+/// The next data message, within the test deadline.
+async fn next(ws: &mut WebSocketStream<TcpStream>) -> Message {
+    loop {
+        match tokio::time::timeout(T, ws.next()).await {
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(Some(Ok(msg))) => return msg,
+            Ok(other) => panic!("no message: {other:?}"),
+            Err(_) => panic!("no message within {T:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn messages_pass_both_ways_and_a_close_ends_the_tunnel() {
+    let (mut instance, gateway) = ws_gateway(vec![route("chat", "/ws/**", &["GET"], T)]).await;
+    let closed_before = metric_sum(&[
+        "flotilla_gateway_websockets_closed_total",
+        "reason=\"closed\"",
+    ]);
+
+    let (mut ws, res) = ok(connect(&gateway, "/ws/room").await, "handshake");
+    assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+    // The instance's choices reach the client (tungstenite checked the
+    // accept key against its own nonce), with the gateway's request id.
+    assert_eq!(res.headers()["sec-websocket-protocol"], "chat");
+    assert!(res.headers().contains_key("x-request-id"));
+    // The handshake reached the instance as a WebSocket request, with what
+    // the gateway says about the client.
+    let head = ok(
+        tokio::time::timeout(T, instance.heads.recv())
+            .await
+            .map_err(|_| "timeout"),
+        "instance head",
+    )
+    .unwrap_or_else(|| panic!("the instance saw no handshake"));
+    assert_eq!(head["upgrade"], "websocket");
+    assert_eq!(head["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(head["sec-websocket-version"], "13");
+
+    // Sent by the instance right after its 101 (often in the same packet).
+    assert_eq!(next(&mut ws).await, Message::text("welcome"));
+    ok(ws.send(Message::text("hello")).await, "send text");
+    assert_eq!(next(&mut ws).await, Message::text("echo: hello"));
+    // Larger than any one buffer on the way.
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    ok(ws.send(Message::binary(big.clone())).await, "send binary");
+    match next(&mut ws).await {
+        Message::Binary(b) => assert!(b[..] == big[..], "the binary message changed on its way"),
+        other => panic!("expected binary, got {other:?}"),
+    }
+
+    // The close handshake passes through, and then the tunnel ends.
+    ok(ws.close(None).await, "close");
+    loop {
+        match tokio::time::timeout(T, ws.next()).await {
+            Ok(None) => break,
+            Ok(Some(Ok(Message::Close(_)))) => {}
+            Ok(Some(Ok(other))) => panic!("after close: {other:?}"),
+            Ok(Some(Err(tungstenite::Error::ConnectionClosed))) => break,
+            Ok(Some(Err(e))) => panic!("after close: {e}"),
+            Err(_) => panic!("the tunnel did not end within {T:?}"),
+        }
+    }
+    // The instance closed its connection; the client closes its own, as
+    // clients do once the server has (RFC 6455 §7.1.1), and with both
+    // directions ended the tunnel is done.
+    drop(ws);
+    wait_until("the tunnel is counted closed", || {
+        metric_sum(&[
+            "flotilla_gateway_websockets_closed_total",
+            "reason=\"closed\"",
+        ]) > closed_before
+    })
+    .await;
+    gateway.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn the_handshake_is_a_request_like_any_other() {
+    let mut limited = route("chat", "/ws/**", &["GET"], T);
+    limited.rate_limit = Some(ok(RateLimit::parse("1/m burst 1 per ip"), "rate limit"));
+    let (_instance, gateway) = ws_gateway(vec![limited]).await;
+
+    // A route the request does not match: 404, no tunnel.
+    match connect(&gateway, "/elsewhere").await {
+        Err(tungstenite::Error::Http(res)) => assert_eq!(res.status(), StatusCode::NOT_FOUND),
+        other => panic!("expected 404, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    // The instance declines: its answer is relayed, no tunnel.
+    match connect(&gateway, "/ws/refused").await {
+        Err(tungstenite::Error::Http(res)) => assert_eq!(res.status(), StatusCode::FORBIDDEN),
+        other => panic!("expected 403, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    // The rate limit counted both handshakes that reached the route (the
+    // refused one too): the next is over it, and says when to come back.
+    match connect(&gateway, "/ws/room").await {
+        Err(tungstenite::Error::Http(res)) => {
+            assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert!(res.headers().contains_key("retry-after"));
+        }
+        other => panic!("expected 429, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    gateway.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn a_switch_carries_the_route_policy_headers() {
+    let mut limited = route("chat", "/ws/**", &["GET"], T);
+    limited.rate_limit = Some(ok(RateLimit::parse("10/m burst 10 per ip"), "rate limit"));
+    let (_instance, gateway) = ws_gateway(vec![limited]).await;
+    let (mut ws, res) = ok(connect(&gateway, "/ws/room").await, "handshake");
+    assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert!(res.headers().contains_key("ratelimit"), "{res:?}");
+    assert_eq!(next(&mut ws).await, Message::text("welcome"));
+    gateway.shutdown(Duration::ZERO).await;
+}
+
+/// Reads what the gateway sends until it closes the connection.
+async fn read_to_close(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    match tokio::time::timeout(T, stream.read_to_end(&mut got)).await {
+        Ok(_) => String::from_utf8_lossy(&got).into_owned(),
+        Err(_) => panic!(
+            "the gateway did not close within {T:?}: {:?}",
+            String::from_utf8_lossy(&got)
+        ),
+    }
+}
+
+#[tokio::test]
+async fn a_switch_nobody_asked_for_is_a_502_and_never_a_tunnel() {
+    // An instance that answers every request with a switch to h2c, and then
+    // sends bytes that would reach the client if the gateway tunnelled.
+    let listener = ok(TcpListener::bind("127.0.0.1:0").await, "bind");
+    let addr = ok(listener.local_addr(), "addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\nSMUGGLED")
+                    .await;
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    let registry = Registry::new();
+    registry.set(
+        "rogue",
+        vec![Endpoint {
+            instance: "rogue-0".into(),
+            addr,
+            load: Arc::default(),
+        }],
+    );
+    let mut cfg = config(vec![route("rogue", "/**", &[], T)]);
+    cfg.limits.max_retries = 0;
+    let gateway = start(cfg, &registry).await;
+    for ask in [
+        // A WebSocket handshake, answered with a switch to something else.
+        "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nConnection: close\r\n\r\n",
+        // A plain request, answered with a switch.
+        "GET /plain HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ] {
+        let mut stream = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
+        ok(stream.write_all(ask.as_bytes()).await, "send");
+        let got = read_to_close(&mut stream).await;
+        assert!(got.starts_with("HTTP/1.1 502 "), "{got}");
+        assert!(!got.contains("SMUGGLED"), "{got}");
+    }
+    gateway.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn other_upgrades_and_declined_ones_stay_http() {
+    let registry = Registry::new();
+    let up = Upstream::start("echo-0").await;
+    registry.set("echo", vec![up.endpoint()]);
+    let gateway = start(config(vec![route("echo", "/**", &[], T)]), &registry).await;
+
+    // `Upgrade: h2c` is not relayed: the instance sees a plain GET.
+    let mut stream = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
+    ok(
+        stream
+            .write_all(b"GET /h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+            .await,
+        "send",
+    );
+    let got = read_to_close(&mut stream).await;
+    assert!(got.starts_with("HTTP/1.1 200 "), "{got}");
+    let lower = got.to_lowercase();
+    assert!(!lower.contains("\"upgrade\""), "{got}");
+    assert!(!lower.contains("http2-settings"), "{got}");
+
+    // A WebSocket request the instance answers as plain HTTP (it knows no
+    // WebSocket): the connection stays HTTP, and what the client sent next
+    // is the next request, routed and answered as such.
+    let mut stream = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
+    ok(
+        stream
+            .write_all(b"GET /first HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\nGET /second HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await,
+        "send",
+    );
+    let got = read_to_close(&mut stream).await;
+    assert_eq!(got.matches("HTTP/1.1 200 ").count(), 2, "{got}");
+    assert!(got.contains("/first") && got.contains("/second"), "{got}");
+    assert!(!got.contains("101"), "{got}");
+    gateway.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn a_stopping_gateway_closes_tunnels_at_its_drain_deadline() {
+    let (_instance, gateway) = ws_gateway(vec![route("chat", "/ws/**", &["GET"], T)]).await;
+    let (mut ws, _) = ok(connect(&gateway, "/ws/room").await, "handshake");
+    assert_eq!(next(&mut ws).await, Message::text("welcome"));
+    let stopping = tokio::spawn(gateway.shutdown(Duration::from_millis(300)));
+    // Still carried during the drain...
+    ok(ws.send(Message::text("still there?")).await, "send");
+    assert_eq!(next(&mut ws).await, Message::text("echo: still there?"));
+    // ...and closed at its deadline, not left open for ever.
+    loop {
+        match tokio::time::timeout(T, ws.next()).await {
+            Ok(None | Some(Err(_))) => break,
+            Ok(Some(Ok(_))) => {}
+            Err(_) => panic!("the tunnel outlived the drain deadline by {T:?}"),
+        }
+    }
+    ok(
+        tokio::time::timeout(T, stopping)
+            .await
+            .map_err(|_| "shutdown took too long"),
+        "shutdown",
+    )
+    .unwrap_or_else(|e| panic!("shutdown task: {e}"));
+}
+
+#[tokio::test]
+async fn the_tunnel_runs_over_the_mutual_tls_hop() {
+    use flotilla_mesh::{Ca, CaConfig, Identity, IdentityFiles};
+    let dir = TestDir::new();
+    let ca = ok(
+        Ca::open(dir.path().join("ca"), CaConfig::new("wstest")),
+        "CA",
+    );
+    for (service, sub) in [("gateway", "gateway"), ("chat", "chat")] {
+        let leaf = ok(ca.issue_leaf(service, Duration::from_secs(3600)), "leaf");
+        ok(
+            leaf.write(&IdentityFiles::in_dir(&dir.path().join(sub))),
+            "write leaf",
+        );
+    }
+    let identity = ok(
+        Identity::load(IdentityFiles::in_dir(&dir.path().join("chat"))),
+        "instance identity",
+    );
+    let acceptor = tokio_rustls::TlsAcceptor::from(ok(
+        flotilla_mesh::server_config(&identity),
+        "server config",
+    ));
+    let instance = WsInstance::serving(Some(acceptor)).await;
+    let registry = Registry::new();
+    registry.set("chat", vec![instance.endpoint("chat-0")]);
+    let mut cfg = config(vec![route("chat", "/ws/**", &["GET"], T)]);
+    cfg.upstream_tls = Some(flotilla_gateway::UpstreamTls::in_dir(
+        &dir.path().join("gateway"),
+    ));
+    let gateway = start(cfg, &registry).await;
+
+    let (mut ws, res) = ok(connect(&gateway, "/ws/room").await, "handshake");
+    assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(next(&mut ws).await, Message::text("welcome"));
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    ok(ws.send(Message::binary(big.clone())).await, "send binary");
+    match next(&mut ws).await {
+        Message::Binary(b) => assert!(b[..] == big[..], "the binary message changed on its way"),
+        other => panic!("expected binary, got {other:?}"),
+    }
+    ok(ws.send(Message::text("over tls")).await, "send text");
+    assert_eq!(next(&mut ws).await, Message::text("echo: over tls"));
+    gateway.shutdown(Duration::ZERO).await;
+}
