@@ -17,6 +17,11 @@
 //!   `Access-Control-*` an upstream set is replaced, so the gateway's policy
 //!   is the only one. `Vary: Origin` is always added, so caches do not
 //!   serve one origin's answer to another.
+//! - A WebSocket handshake is the exception: browsers apply no CORS to
+//!   WebSockets and send the page's cookies with the handshake, so any site
+//!   could open one as the user (cross-site WebSocket hijacking). Under a
+//!   CORS policy, a handshake whose `Origin` is not allowed gets 403
+//!   `cors_denied`; one without `Origin` (not from a browser) passes.
 //!
 //! The system's policy applies to every path; a route's own policy replaces
 //! it for that route.
@@ -271,6 +276,16 @@ impl CorsPolicy {
         if let Some(v) = &self.expose_headers {
             headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
         }
+    }
+}
+
+impl CorsPolicy {
+    /// Whether a WebSocket handshake `req` may go on (see the module doc).
+    pub(crate) fn admits_websocket(&self, req: &Request<Body>) -> bool {
+        req.headers()
+            .get_all(header::ORIGIN)
+            .iter()
+            .all(|origin| self.origin_allowed(origin))
     }
 }
 

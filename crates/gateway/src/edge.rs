@@ -46,6 +46,7 @@ use crate::routes::{Match, Route, has_dot_segment};
 use crate::routing::Routing;
 use crate::server::ConnInfo;
 use crate::stats;
+use crate::upgrade::WebSocket;
 
 /// The client address after trusted proxies.
 #[derive(Debug, Clone, Copy)]
@@ -228,6 +229,12 @@ pub(crate) fn handle<'a>(
                 };
             }
         };
+        if req.extensions().get::<WebSocket>().is_some()
+            && let Some(cors) = &finish.cors
+            && !cors.admits_websocket(&req)
+        {
+            return finish.reject(Rejection::CorsDenied);
+        }
         if let Err(rejection) = police(&routing, route, client, &mut req, &mut finish).await {
             return finish.reject(rejection);
         }

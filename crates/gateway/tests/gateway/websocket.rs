@@ -137,6 +137,21 @@ async fn connect(
     ),
     tungstenite::Error,
 > {
+    connect_with(gateway, path, &[]).await
+}
+
+/// [`connect`] with more handshake header fields.
+async fn connect_with(
+    gateway: &Gateway,
+    path: &str,
+    fields: &[(&'static str, &'static str)],
+) -> Result<
+    (
+        WebSocketStream<TcpStream>,
+        tungstenite::handshake::client::Response,
+    ),
+    tungstenite::Error,
+> {
     let stream = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
     let mut req = ok(
         tungstenite::client::IntoClientRequest::into_client_request(format!(
@@ -149,6 +164,10 @@ async fn connect(
         "sec-websocket-protocol",
         http::HeaderValue::from_static("chat, superchat"),
     );
+    for &(name, value) in fields {
+        req.headers_mut()
+            .insert(name, http::HeaderValue::from_static(value));
+    }
     tokio::time::timeout(T, client_async(req, stream))
         .await
         .unwrap_or_else(|_| panic!("the handshake to {path} took over {T:?}"))
@@ -435,5 +454,38 @@ async fn the_tunnel_runs_over_the_mutual_tls_hop() {
     }
     ok(ws.send(Message::text("over tls")).await, "send text");
     assert_eq!(next(&mut ws).await, Message::text("echo: over tls"));
+    gateway.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn under_a_cors_policy_only_allowed_origins_may_open_a_websocket() {
+    let registry = Registry::new();
+    let instance = WsInstance::start().await;
+    registry.set("chat", vec![instance.endpoint("chat-0")]);
+    let mut cfg = config(vec![route("chat", "/ws/**", &["GET"], T)]);
+    cfg.cors = Some(flotilla_gateway::CorsConfig {
+        origins: vec!["https://shop.example".into()],
+        credentials: true,
+        ..Default::default()
+    });
+    let gateway = start(cfg, &registry).await;
+
+    // Another site's page, with the user's cookies: refused.
+    match connect_with(&gateway, "/ws/room", &[("origin", "https://evil.example")]).await {
+        Err(tungstenite::Error::Http(res)) => {
+            assert_eq!(res.status(), StatusCode::FORBIDDEN);
+            assert!(!res.headers().contains_key("access-control-allow-origin"));
+        }
+        other => panic!("expected 403, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    // The shop's own page, and a client that is no browser: through.
+    for fields in [&[("origin", "https://shop.example")][..], &[]] {
+        let (mut ws, res) = ok(
+            connect_with(&gateway, "/ws/room", fields).await,
+            "handshake",
+        );
+        assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(next(&mut ws).await, Message::text("welcome"));
+    }
     gateway.shutdown(Duration::ZERO).await;
 }
