@@ -124,6 +124,11 @@ pub struct Limits {
     /// How long a WebSocket tunnel may carry nothing either way before it
     /// is closed (default 5 min; a client that pings keeps it open).
     pub tunnel_idle_timeout: Duration,
+    /// WebSocket tunnels open at once (handshakes in progress included);
+    /// past this, handshakes get 503 `too_many_websockets` (default 10 000).
+    /// Each tunnel holds two sockets and 32 KiB of buffers for as long as
+    /// it lives, which `max_in_flight` (about requests) does not bound.
+    pub max_tunnels: usize,
     /// Retries allowed, as a share of requests in the last second, per
     /// service (default 0.2): retries must not multiply an overload.
     pub retry_budget_ratio: f64,
@@ -155,6 +160,7 @@ impl Default for Limits {
             max_in_flight: 10_000,
             idle_timeout: Duration::from_secs(60),
             tunnel_idle_timeout: Duration::from_secs(300),
+            max_tunnels: 10_000,
             retry_budget_ratio: 0.2,
             retry_budget_min_per_second: 3,
             outlier_consecutive_failures: 5,

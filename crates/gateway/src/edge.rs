@@ -46,7 +46,7 @@ use crate::routes::{Match, Route, has_dot_segment};
 use crate::routing::Routing;
 use crate::server::ConnInfo;
 use crate::stats;
-use crate::upgrade::WebSocket;
+use crate::upgrade::{Handoff, Slot, WebSocket};
 
 /// The client address after trusted proxies.
 #[derive(Debug, Clone, Copy)]
@@ -229,17 +229,22 @@ pub(crate) fn handle<'a>(
                 };
             }
         };
-        if req.extensions().get::<WebSocket>().is_some()
-            && let Some(cors) = &finish.cors
-            && !cors.admits_websocket(&req)
-        {
-            return finish.reject(Rejection::CorsDenied);
-        }
+        let tunnel = if req.extensions().get::<WebSocket>().is_some() {
+            match admit_websocket(&req, finish.cors.as_deref(), proxy) {
+                Ok(slot) => Some(slot),
+                Err(rejection) => return finish.reject(rejection),
+            }
+        } else {
+            None
+        };
         if let Err(rejection) = police(&routing, route, client, &mut req, &mut finish).await {
             return finish.reject(rejection);
         }
         match proxy.forward(req, conn, route, client).await {
             Ok((mut reply, answered)) => {
+                if let Some(slot) = tunnel {
+                    Handoff::hold(&mut reply.res, slot);
+                }
                 *upstream = Some(answered);
                 finish.done(&mut reply);
                 reply
@@ -247,6 +252,20 @@ pub(crate) fn handle<'a>(
             Err(rejection) => finish.reject(rejection),
         }
     }
+}
+
+/// A WebSocket handshake's place among the open tunnels, if its origin may
+/// open one under the CORS policy (see `cors`) and the gateway has room.
+#[cold]
+fn admit_websocket(
+    req: &Request<Body>,
+    cors: Option<&CorsPolicy>,
+    proxy: &Proxy,
+) -> Result<Slot, Rejection> {
+    if cors.is_some_and(|cors| !cors.admits_websocket(req)) {
+        return Err(Rejection::CorsDenied);
+    }
+    proxy.tunnels().reserve().ok_or(Rejection::TooManyTunnels)
 }
 
 /// Steps 6–9 for a matched route; on success `req` is ready to forward.

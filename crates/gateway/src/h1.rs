@@ -91,7 +91,7 @@ use crate::config::Limits;
 use crate::conn;
 use crate::relayed::Reply;
 use crate::server::{ConnInfo, Handler};
-use crate::upgrade::{self, Tunnel, WebSocket};
+use crate::upgrade::{self, Handoff, Tunnel, WebSocket};
 
 /// Spare room in the read buffer before reading a head.
 const READ_SPARE: usize = 8 * 1024;
@@ -246,7 +246,6 @@ impl<H: Handler> Conn<H> {
             // One request and its response. Here, not in an `async fn` of
             // its own: that future, with the stack's inside it (~3 KB),
             // would be made and then moved into this one on every request.
-            let websocket = head.websocket;
             let (req, mut feed, ex, keep_alive) = match self.request(head) {
                 Ok(request) => request,
                 Err(e) => {
@@ -267,19 +266,12 @@ impl<H: Handler> Conn<H> {
                 poll_fn(|cx| self.poll_call(cx, call.as_mut(), &mut feed)).await
             };
             let next = match res {
-                Some(Reply {
-                    res,
-                    relayed,
-                    tunnel: Some(tunnel),
-                }) => {
-                    let reply = Reply {
-                        res,
-                        relayed,
-                        tunnel: None,
-                    };
-                    return self.switch(reply, *tunnel, websocket).await;
-                }
-                Some(res) => {
+                Some(mut res) => {
+                    if let Some(tunnel) = Handoff::take(&mut res.res) {
+                        // Boxed: the tunnel's future would otherwise make
+                        // this one larger for every request.
+                        return Box::pin(self.switch(res, tunnel, ex.websocket)).await;
+                    }
                     // The head here, the body in a future: see `response_head`.
                     let (body, encoder, close) = self.response_head(res, ex, keep_alive, &mut feed);
                     self.response_body(body, encoder, close, &mut feed).await
@@ -399,6 +391,7 @@ impl<H: Handler> Conn<H> {
         let ex = Exchange {
             head: head.method == Method::HEAD,
             version: head.version,
+            websocket: head.websocket,
         };
         let (body, feed) = self.request_body(head.body, head.expect_continue)?;
         let mut req = Request::new(body);
@@ -601,7 +594,7 @@ impl<H: Handler> Conn<H> {
         keep_alive: bool,
         feed: &mut Option<Feed>,
     ) -> (Body, BodyEncoder, bool) {
-        let Reply { res, relayed, .. } = reply;
+        let Reply { res, relayed } = reply;
         let (parts, mut body) = res.into_parts();
         let (status, headers, relayed) = if parts.status.is_informational() {
             // A final response cannot be 1xx (an upstream switching

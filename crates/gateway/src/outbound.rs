@@ -51,7 +51,7 @@ use crate::chunked::{self, ChunkedDecoder, Decoded};
 use crate::client::{ConnectError, Connector, MAX_IDLE_PER_INSTANCE, POOL_IDLE, Stream};
 use crate::headers::{self, Forwarding};
 use crate::relayed::{Field, Relayed, Reply};
-use crate::upgrade::{Tunnel, WebSocket};
+use crate::upgrade::{self, Tunnel, WebSocket};
 
 /// The largest response head accepted from an instance.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -227,14 +227,7 @@ impl Outbound {
             }
         };
         if head.status == StatusCode::SWITCHING_PROTOCOLS {
-            // The connection is the tunnel's now, with what the instance
-            // sent after its head; it never returns to the pool.
-            let Conn { io, read, .. } = *conn;
-            return Ok(Reply {
-                res: Response::from_parts(head, body::empty()),
-                relayed: Some(relayed),
-                tunnel: Some(Box::new(Tunnel { io, read })),
-            });
+            return Ok(switched(conn, head, relayed));
         }
         conn.timer = Some(timer);
         // Answered before the whole request was written: the rest of it
@@ -252,7 +245,6 @@ impl Outbound {
         Ok(Reply {
             res: Response::from_parts(head, body::boxed(body)),
             relayed: Some(relayed),
-            tunnel: None,
         })
     }
 
@@ -366,10 +358,7 @@ impl Conn {
             put_header(out, b"host", self.addr.to_string().as_bytes());
         }
         if websocket {
-            // The client's own `Connection` and `Upgrade` are hop-by-hop,
-            // left out above; this hop asks for the same switch.
-            put_header(out, b"connection", b"upgrade");
-            put_header(out, b"upgrade", b"websocket");
+            ask_for_websocket(out);
         }
         let body = match body {
             OutBody::Stream(b) if b.is_end_stream() => OutBody::Full(Bytes::new()),
@@ -579,17 +568,7 @@ impl Conn {
             let status = StatusCode::from_u16(code)
                 .map_err(|_| SendError::Protocol(format!("invalid status code {code}")))?;
             if status == StatusCode::SWITCHING_PROTOCOLS {
-                // Only to WebSocket, and only when the client asked for it
-                // (`upgrade`): tunnelling after any other answer would let a
-                // client smuggle requests past the gateway.
-                let switched_to_websocket =
-                    elements(res.headers, "upgrade").any(|p| p.eq_ignore_ascii_case(b"websocket"));
-                if !(asked.websocket && switched_to_websocket) {
-                    return Err(SendError::Protocol(
-                        "the instance switched protocols, and not to a WebSocket the client asked for"
-                            .into(),
-                    ));
-                }
+                may_switch(asked, res.headers)?;
             }
             if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
                 // A `100 Continue` (or `103 Early Hints`) before the real
@@ -630,6 +609,59 @@ impl Conn {
             let relayed = Relayed::new(head, fields);
             return Ok(Some((parts, relayed, framing, reusable)));
         }
+    }
+}
+
+/// Asks the instance to switch to WebSocket, as the client asked the
+/// gateway (the client's own `Connection` and `Upgrade` are hop-by-hop, not
+/// relayed). Out of line, as are the other steps only a WebSocket takes:
+/// the path every request takes stays as short as before.
+#[cold]
+#[inline(never)]
+fn ask_for_websocket(out: &mut Vec<u8>) {
+    put_header(out, b"connection", b"upgrade");
+    put_header(out, b"upgrade", b"websocket");
+}
+
+/// Whether an instance's `101` may be followed: only to WebSocket, and
+/// only when the client asked for it (`upgrade`); tunnelling after any
+/// other answer would let a client smuggle requests past the gateway.
+#[cold]
+#[inline(never)]
+fn may_switch(asked: Asked, fields: &[httparse::Header<'_>]) -> Result<(), SendError> {
+    let to_websocket = elements(fields, "upgrade").any(|p| p.eq_ignore_ascii_case(b"websocket"));
+    if asked.websocket && to_websocket {
+        Ok(())
+    } else {
+        Err(SendError::Protocol(
+            "the instance switched protocols, and not to a WebSocket the client asked for".into(),
+        ))
+    }
+}
+
+/// The reply to a switch: the connection is the tunnel's now, with what
+/// the instance sent after its head, handed to the client's connection in
+/// the response (`upgrade::Handoff`); it never returns to the pool.
+#[cold]
+#[inline(never)]
+#[expect(
+    clippy::boxed_local,
+    reason = "connections are boxed from the pool on (see `Idle`); taken apart here"
+)]
+fn switched(conn: Box<Conn>, head: http::response::Parts, relayed: Relayed) -> Reply {
+    let Conn { io, read, .. } = *conn;
+    let mut res = Response::from_parts(head, body::empty());
+    upgrade::Handoff::attach(
+        &mut res,
+        Tunnel {
+            io,
+            read,
+            slot: None,
+        },
+    );
+    Reply {
+        res,
+        relayed: Some(relayed),
     }
 }
 
@@ -1503,7 +1535,8 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         assert_eq!(reply.res.status(), StatusCode::SWITCHING_PROTOCOLS);
-        let Some(tunnel) = reply.tunnel.as_ref() else {
+        let mut res = reply.res;
+        let Some(tunnel) = upgrade::Handoff::take(&mut res) else {
             panic!("no tunnel");
         };
         // The first frame came with the head: it stays for the client.

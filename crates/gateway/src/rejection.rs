@@ -68,6 +68,8 @@ pub(crate) enum Rejection {
     PayloadTooLarge { limit: usize },
     #[error("the gateway is overloaded; retry later")]
     Overloaded,
+    #[error("the gateway has as many WebSocket connections open as it allows; retry later")]
+    TooManyTunnels,
 }
 
 fn auth_message(e: &AuthError) -> &'static str {
@@ -94,7 +96,7 @@ impl Rejection {
             Rejection::Auth(_) => StatusCode::UNAUTHORIZED,
             Rejection::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Rejection::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Rejection::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::Overloaded | Rejection::TooManyTunnels => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -117,6 +119,7 @@ impl Rejection {
             Rejection::RateLimited => "rate_limited",
             Rejection::PayloadTooLarge { .. } => "payload_too_large",
             Rejection::Overloaded => "overloaded",
+            Rejection::TooManyTunnels => "too_many_websockets",
         }
     }
 
@@ -152,7 +155,7 @@ impl Rejection {
         if let Rejection::Auth(e) = &self {
             res.headers_mut().insert(WWW_AUTHENTICATE, challenge(e));
         }
-        if let Rejection::Overloaded = &self {
+        if let Rejection::Overloaded | Rejection::TooManyTunnels = &self {
             res.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -33,7 +33,6 @@ use http::Response;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::body::Body;
-use crate::upgrade::Tunnel;
 
 /// Where a field's name and value lie in the head: `(start, end)`.
 #[derive(Debug, Clone, Copy)]
@@ -236,13 +235,10 @@ impl<'a> Iterator for Values<'a> {
 }
 
 /// What the request path answers: a response and, for one relayed from an
-/// instance, the instance's fields, which go out before the response's own;
-/// for a `101` to a WebSocket upgrade, the instance's connection, to join
-/// to the client's (`upgrade`).
+/// instance, the instance's fields, which go out before the response's own.
 pub(crate) struct Reply {
     pub res: Response<Body>,
     pub relayed: Option<Relayed>,
-    pub tunnel: Option<Box<Tunnel>>,
 }
 
 impl Reply {
@@ -295,11 +291,7 @@ impl Reply {
 
 impl From<Response<Body>> for Reply {
     fn from(res: Response<Body>) -> Reply {
-        Reply {
-            res,
-            relayed: None,
-            tunnel: None,
-        }
+        Reply { res, relayed: None }
     }
 }
 
@@ -393,7 +385,6 @@ mod tests {
         Reply {
             res: Response::new(crate::body::empty()),
             relayed: Some(relayed(HEAD)),
-            tunnel: None,
         }
     }
 
@@ -472,7 +463,6 @@ mod tests {
         let mut reply = Reply {
             res: Response::new(crate::body::empty()),
             relayed: Some(relayed(head)),
-            tunnel: None,
         };
         let values = |r: &Reply, name: &HeaderName| -> Vec<Vec<u8>> {
             r.relayed

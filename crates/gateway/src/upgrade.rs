@@ -16,8 +16,8 @@
 //! - The upstream client (`outbound`) sends a marked request with
 //!   `Connection: upgrade` and `Upgrade: websocket`, and accepts a `101`
 //!   only for a marked request whose answer says `Upgrade: websocket`;
-//!   the connection then leaves the pool for good, as a [`Tunnel`] beside
-//!   the reply. A `101` to anything else is a protocol error (502): a
+//!   the connection then leaves the pool for good, as a [`Tunnel`] in the
+//!   response's extensions ([`Handoff`]). A `101` to anything else is a protocol error (502): a
 //!   proxy that tunnelled after an answer the client did not ask for, or
 //!   after a refusal, would let a client smuggle requests past it.
 //! - The front writes the `101` with the instance's fields (its
@@ -32,14 +32,17 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::{Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use crate::body::Body;
 use crate::client::Stream;
 use crate::stats;
 
@@ -49,10 +52,47 @@ use crate::stats;
 pub(crate) struct WebSocket;
 
 /// The instance's side of a switched connection: the connection, and what
-/// it sent after its `101` head (frames may follow the head at once).
+/// it sent after its `101` head (frames may follow the head at once); and
+/// its place under `max_tunnels`, held until the tunnel ends.
 pub(crate) struct Tunnel {
     pub(crate) io: Stream,
     pub(crate) read: BytesMut,
+    pub(crate) slot: Option<Slot>,
+}
+
+/// Tunnels open (and handshakes in progress) against `Limits::max_tunnels`,
+/// shared by every worker.
+#[derive(Debug)]
+pub(crate) struct Tunnels {
+    open: AtomicUsize,
+    max: usize,
+}
+
+/// One tunnel's place among [`Tunnels`], given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Slot(Arc<Tunnels>);
+
+impl Tunnels {
+    pub(crate) fn new(max: usize) -> Arc<Tunnels> {
+        Arc::new(Tunnels {
+            open: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// A place for one more tunnel, unless all are taken.
+    pub(crate) fn reserve(self: &Arc<Self>) -> Option<Slot> {
+        let before = self.open.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot(Arc::clone(self));
+        // Dropped (given back) when over.
+        (before < self.max).then_some(slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -60,6 +100,43 @@ impl std::fmt::Debug for Tunnel {
         f.debug_struct("Tunnel")
             .field("buffered", &self.read.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// A [`Tunnel`] on its way from `outbound` to the HTTP/1 front, in the
+/// `101` response's extensions. There rather than in a field of `Reply`:
+/// a field would make every reply larger, and a reply is moved several
+/// times per request (`instructions.sh` counted ~0.9 % more instructions
+/// per request that way); extensions cost nothing until used. Extensions
+/// must be `Clone`, hence the shared slot, taken once.
+#[derive(Clone)]
+pub(crate) struct Handoff(Arc<Mutex<Option<Tunnel>>>);
+
+impl Handoff {
+    pub(crate) fn attach(res: &mut Response<Body>, tunnel: Tunnel) {
+        res.extensions_mut()
+            .insert(Handoff(Arc::new(Mutex::new(Some(tunnel)))));
+    }
+
+    /// Gives the tunnel of a `101` that carries one its place among the
+    /// open ones (else the place is given back at once).
+    pub(crate) fn hold(res: &mut Response<Body>, slot: Slot) {
+        if let Some(handoff) = res.extensions().get::<Handoff>() {
+            let mut tunnel = handoff.0.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(tunnel) = tunnel.as_mut() {
+                tunnel.slot = Some(slot);
+            }
+        }
+    }
+
+    /// The tunnel of a `101` that carries one.
+    pub(crate) fn take(res: &mut Response<Body>) -> Option<Tunnel> {
+        if res.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return None;
+        }
+        let handoff = res.extensions_mut().remove::<Handoff>()?;
+        let mut slot = handoff.0.lock().unwrap_or_else(|e| e.into_inner());
+        slot.take()
     }
 }
 
@@ -213,6 +290,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Side<'_, S> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tunnels_past_the_limit_get_no_slot_and_slots_come_back() {
+        let tunnels = super::Tunnels::new(2);
+        let a = tunnels.reserve();
+        let b = tunnels.reserve();
+        assert!(a.is_some() && b.is_some());
+        assert!(tunnels.reserve().is_none());
+        drop(a);
+        let c = tunnels.reserve();
+        assert!(c.is_some());
+        assert!(tunnels.reserve().is_none());
+    }
+
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
@@ -250,6 +340,7 @@ mod tests {
         let tunnel = Tunnel {
             io: Stream::Plain(far),
             read: BytesMut::from(&b"early-from-instance "[..]),
+            slot: None,
         };
         let relaying = tokio::spawn(async move {
             relay(
@@ -303,6 +394,7 @@ mod tests {
         let tunnel = Tunnel {
             io: Stream::Plain(far),
             read: BytesMut::new(),
+            slot: None,
         };
         let idle = Duration::from_secs(60);
         let relaying =

@@ -117,6 +117,8 @@ pub(crate) enum Framing {
 pub(crate) struct Exchange {
     pub head: bool,
     pub version: Version,
+    /// A WebSocket handshake (`head`): a `101` to it may switch.
+    pub websocket: bool,
 }
 
 /// The framing of a response and the `content-length` to announce, from
@@ -505,6 +507,7 @@ mod tests {
     const HTTP11: Exchange = Exchange {
         head: false,
         version: Version::HTTP_11,
+        websocket: false,
     };
 
     fn written(out: &Out) -> String {

@@ -489,3 +489,51 @@ async fn under_a_cors_policy_only_allowed_origins_may_open_a_websocket() {
     }
     gateway.shutdown(Duration::ZERO).await;
 }
+
+#[tokio::test]
+async fn past_max_tunnels_handshakes_get_503_until_one_closes() {
+    let registry = Registry::new();
+    let instance = WsInstance::start().await;
+    registry.set("chat", vec![instance.endpoint("chat-0")]);
+    let mut cfg = config(vec![route("chat", "/ws/**", &["GET"], T)]);
+    cfg.limits.max_tunnels = 1;
+    let gateway = start(cfg, &registry).await;
+
+    let (mut first, _) = ok(connect(&gateway, "/ws/room").await, "first handshake");
+    assert_eq!(next(&mut first).await, Message::text("welcome"));
+    match connect(&gateway, "/ws/room").await {
+        Err(tungstenite::Error::Http(res)) => {
+            assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert!(res.headers().contains_key("retry-after"));
+            let body = res.body().clone().unwrap_or_default();
+            assert!(
+                String::from_utf8_lossy(&body).contains("too_many_websockets"),
+                "{res:?}"
+            );
+        }
+        other => panic!("expected 503, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    // Plain requests are not held back by the tunnels: this one reaches the
+    // instance, which speaks only WebSocket and hangs up (502), rather than
+    // being refused at the gateway (503).
+    let plain = Client::new(&gateway).get("/ws/plain").await;
+    assert_eq!(plain.status, StatusCode::BAD_GATEWAY, "{plain:?}");
+
+    // The first tunnel ends; its place is given back.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + T;
+    let (mut again, _) = loop {
+        match connect(&gateway, "/ws/room").await {
+            Ok(opened) => break opened,
+            Err(tungstenite::Error::Http(res))
+                if res.status() == StatusCode::SERVICE_UNAVAILABLE
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::task::yield_now().await;
+            }
+            Err(e) => panic!("the place of a closed tunnel was not given back: {e}"),
+        }
+    };
+    assert_eq!(next(&mut again).await, Message::text("welcome"));
+    gateway.shutdown(Duration::ZERO).await;
+}
