@@ -37,10 +37,18 @@ wait_port() {
 # baseline the gateway is measured against: NGINX_WORKERS workers (default
 # 2; the scripts set it to the gateway's worker threads), upstream keep-alive,
 # no access log. With WRAP (a command such as valgrind and its options),
-# nginx runs under it as one process (no master, one worker). Sets
-# NGINX_PID; its files go under $TMP/nginx.
+# nginx runs under it as one process (no master, one worker). With
+# NGINX_WEBSOCKET=1 it passes WebSocket upgrades on, as nginx's documentation
+# configures it (Upgrade and Connection from the client's, 5 min read
+# timeout, as the gateway's tunnel idle timeout). Sets NGINX_PID; its files
+# go under $TMP/nginx.
 start_nginx() {
   local nginx=$1 port=$2 upstream=$3 user_line="" procs="worker_processes ${NGINX_WORKERS:-2};"
+  local map="" connection='proxy_set_header Connection "";'
+  if [ "${NGINX_WEBSOCKET:-0}" = 1 ]; then
+    map='map $http_upgrade $connection_upgrade { default upgrade; "" ""; }'
+    connection='proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection $connection_upgrade; proxy_read_timeout 300s;'
+  fi
   shift 3
   [ $# -gt 0 ] && procs="master_process off;"
   mkdir -p "$TMP/nginx/logs" "$TMP/nginx/tmp"
@@ -60,6 +68,7 @@ http {
   uwsgi_temp_path $TMP/nginx/tmp/uwsgi;
   scgi_temp_path $TMP/nginx/tmp/scgi;
   keepalive_requests 1000000;
+  $map
   upstream backend {
     server 127.0.0.1:$upstream;
     keepalive 64;
@@ -69,7 +78,7 @@ http {
     location / {
       proxy_pass http://backend;
       proxy_http_version 1.1;
-      proxy_set_header Connection "";
+      $connection
       proxy_set_header Host \$host;
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
     }

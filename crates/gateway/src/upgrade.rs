@@ -177,7 +177,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let open = stats::tunnel_opened();
-    let start = Instant::now();
+    let start = crate::clock::now();
     // Milliseconds since `start` of the last byte either way.
     let last = AtomicU64::new(0);
     let mut near = Side {
@@ -224,12 +224,15 @@ where
     ended
 }
 
+/// Milliseconds since `start`, by the connection task's clock (read once
+/// per poll: `clock`), as every message would otherwise read it again.
 fn elapsed_ms(start: Instant) -> u64 {
-    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    let since = crate::clock::now().saturating_duration_since(start);
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// One end of the tunnel: reads start with `pending`; every byte read or
-/// written counts as activity.
+/// One end of the tunnel: reads start with `pending`; every byte read
+/// counts as activity (every byte written was read first).
 struct Side<'a, S> {
     io: S,
     pending: Bytes,
@@ -271,12 +274,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Side<'_, S> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_write(cx, data);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.active();
-        }
-        polled
+        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
