@@ -243,7 +243,7 @@ pub(crate) fn handle<'a>(
         match proxy.forward(req, conn, route, client).await {
             Ok((mut reply, answered)) => {
                 if let Some(slot) = tunnel {
-                    Handoff::hold(&mut reply.res, slot);
+                    Handoff::hold(&reply.res, slot);
                 }
                 *upstream = Some(answered);
                 finish.done(&mut reply);

@@ -780,9 +780,9 @@ impl<H: Handler> Conn<H> {
         Poll::Ready(Ok(()))
     }
 
-    /// The instance switched to WebSocket: writes its `101` (with whatever
-    /// it sent after the head), then carries bytes both ways until the
-    /// tunnel ends, and the connection with it (see `upgrade`). A tunnel
+    /// The instance switched to WebSocket: writes its `101`, then carries
+    /// bytes both ways (first what either side sent past its head) until
+    /// the tunnel ends, and the connection with it (see `upgrade`). A tunnel
     /// for a request that did not ask for one cannot come from `outbound`;
     /// should one come, it is refused rather than joined.
     async fn switch(&mut self, reply: Reply, tunnel: Tunnel, asked: bool) -> End {

@@ -17,9 +17,13 @@
 //!   `Connection: upgrade` and `Upgrade: websocket`, and accepts a `101`
 //!   only for a marked request whose answer says `Upgrade: websocket`;
 //!   the connection then leaves the pool for good, as a [`Tunnel`] in the
-//!   response's extensions ([`Handoff`]). A `101` to anything else is a protocol error (502): a
-//!   proxy that tunnelled after an answer the client did not ask for, or
-//!   after a refusal, would let a client smuggle requests past it.
+//!   response's extensions ([`Handoff`]). A `101` to anything else is a
+//!   protocol error (502): a proxy that tunnelled after an answer the
+//!   client did not ask for, or after a refusal, would let a client
+//!   smuggle requests past it.
+//! - The edge refuses a handshake from an origin the CORS policy does not
+//!   allow (`cors`), and one past `max_tunnels` ([`Tunnels`]), whose place
+//!   the tunnel then holds until it ends.
 //! - The front writes the `101` with the instance's fields (its
 //!   `Sec-WebSocket-Accept`, a chosen subprotocol) and then [`relay`]s.
 //!
@@ -120,7 +124,7 @@ impl Handoff {
 
     /// Gives the tunnel of a `101` that carries one its place among the
     /// open ones (else the place is given back at once).
-    pub(crate) fn hold(res: &mut Response<Body>, slot: Slot) {
+    pub(crate) fn hold(res: &Response<Body>, slot: Slot) {
         if let Some(handoff) = res.extensions().get::<Handoff>() {
             let mut tunnel = handoff.0.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(tunnel) = tunnel.as_mut() {
