@@ -196,7 +196,8 @@ pub(crate) fn handle<'a>(
             found = routing.table.find(req.method(), path);
         }
 
-        let route: &Route = match found {
+        // The `Arc` for a WebSocket's metrics; `&Route` everywhere else.
+        let route: &Arc<Route> = match found {
             Match::Route(route) => matched.insert(route),
             Match::MethodNotAllowed(allow) => {
                 return finish.reject(Rejection::MethodNotAllowed {
@@ -230,7 +231,7 @@ pub(crate) fn handle<'a>(
             }
         };
         let tunnel = if req.extensions().get::<WebSocket>().is_some() {
-            match admit_websocket(&req, finish.cors.as_deref(), proxy) {
+            match admit_websocket(&req, finish.cors.as_deref(), proxy, route) {
                 Ok(slot) => Some(slot),
                 Err(rejection) => return finish.reject(rejection),
             }
@@ -261,11 +262,15 @@ fn admit_websocket(
     req: &Request<Body>,
     cors: Option<&CorsPolicy>,
     proxy: &Proxy,
+    route: &Arc<Route>,
 ) -> Result<Slot, Rejection> {
     if cors.is_some_and(|cors| !cors.admits_websocket(req)) {
         return Err(Rejection::CorsDenied);
     }
-    proxy.tunnels().reserve().ok_or(Rejection::TooManyTunnels)
+    proxy
+        .tunnels()
+        .reserve(route)
+        .ok_or(Rejection::TooManyTunnels)
 }
 
 /// Steps 6–9 for a matched route; on success `req` is ready to forward.

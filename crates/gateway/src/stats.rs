@@ -132,14 +132,17 @@ pub(crate) fn describe() {
         ACCESS_LOG_DROPPED,
         "Access-log lines dropped because the writer fell behind."
     );
-    metrics::describe_gauge!(WEBSOCKETS_OPEN, "WebSocket tunnels open now.");
+    metrics::describe_gauge!(
+        WEBSOCKETS_OPEN,
+        "WebSocket tunnels open now, by route and service."
+    );
     metrics::describe_counter!(
         WEBSOCKETS_CLOSED,
-        "WebSocket tunnels ended, by reason (closed, idle, error, aborted: by the gateway stopping)."
+        "WebSocket tunnels ended, by route, service and reason (closed, idle, error, aborted: by the gateway stopping)."
     );
     metrics::describe_counter!(
         WEBSOCKET_BYTES,
-        "Bytes carried by WebSocket tunnels that closed, by direction (upstream: client to instance; downstream: instance to client)."
+        "Bytes carried by WebSocket tunnels that closed, by route, service and direction (upstream: client to instance; downstream: instance to client)."
     );
 }
 
@@ -259,23 +262,40 @@ pub(crate) fn shed() {
     metrics::counter!(SHED).increment(1);
 }
 
-/// A WebSocket tunnel, counted open until it is finished or dropped (a
-/// tunnel closed by the gateway's shutdown ends as `aborted`).
+/// A WebSocket tunnel on a route, counted open until it is finished or
+/// dropped (a tunnel closed by the gateway's shutdown ends as `aborted`).
 pub(crate) struct Tunnel {
     open: Gauge,
+    route: String,
+    service: String,
     reason: &'static str,
 }
 
-pub(crate) fn tunnel_opened() -> Tunnel {
-    let open = metrics::gauge!(WEBSOCKETS_OPEN);
+pub(crate) fn tunnel_opened(route: &str, service: &str) -> Tunnel {
+    let open = metrics::gauge!(WEBSOCKETS_OPEN, "route" => route.to_string(), "service" => service.to_string());
     open.increment(1.0);
     Tunnel {
         open,
+        route: route.to_string(),
+        service: service.to_string(),
         reason: "aborted",
     }
 }
 
 impl Tunnel {
+    /// What the tunnel carried each way (upstream: client to instance).
+    pub(crate) fn carried(&self, upstream: u64, downstream: u64) {
+        for (direction, bytes) in [("upstream", upstream), ("downstream", downstream)] {
+            metrics::counter!(
+                WEBSOCKET_BYTES,
+                "route" => self.route.clone(),
+                "service" => self.service.clone(),
+                "direction" => direction
+            )
+            .increment(bytes);
+        }
+    }
+
     pub(crate) fn finished(mut self, reason: &'static str) {
         self.reason = reason;
     }
@@ -284,14 +304,14 @@ impl Tunnel {
 impl Drop for Tunnel {
     fn drop(&mut self) {
         self.open.decrement(1.0);
-        metrics::counter!(WEBSOCKETS_CLOSED, "reason" => self.reason).increment(1);
+        metrics::counter!(
+            WEBSOCKETS_CLOSED,
+            "route" => std::mem::take(&mut self.route),
+            "service" => std::mem::take(&mut self.service),
+            "reason" => self.reason
+        )
+        .increment(1);
     }
-}
-
-/// What a tunnel carried each way, once it closed.
-pub(crate) fn tunnel_bytes(upstream: u64, downstream: u64) {
-    metrics::counter!(WEBSOCKET_BYTES, "direction" => "upstream").increment(upstream);
-    metrics::counter!(WEBSOCKET_BYTES, "direction" => "downstream").increment(downstream);
 }
 
 pub(crate) fn access_log_dropped() {

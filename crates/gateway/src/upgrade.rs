@@ -48,6 +48,7 @@ use tokio::time::Instant;
 
 use crate::body::Body;
 use crate::client::Stream;
+use crate::routes::Route;
 use crate::stats;
 
 /// Marks a request whose connection can switch to WebSocket (see the module
@@ -72,9 +73,13 @@ pub(crate) struct Tunnels {
     max: usize,
 }
 
-/// One tunnel's place among [`Tunnels`], given back when dropped.
+/// One tunnel's place among [`Tunnels`], given back when dropped; and the
+/// route it was opened on, for its metrics.
 #[derive(Debug)]
-pub(crate) struct Slot(Arc<Tunnels>);
+pub(crate) struct Slot {
+    tunnels: Arc<Tunnels>,
+    route: Arc<Route>,
+}
 
 impl Tunnels {
     pub(crate) fn new(max: usize) -> Arc<Tunnels> {
@@ -84,10 +89,13 @@ impl Tunnels {
         })
     }
 
-    /// A place for one more tunnel, unless all are taken.
-    pub(crate) fn reserve(self: &Arc<Self>) -> Option<Slot> {
+    /// A place for one more tunnel on `route`, unless all are taken.
+    pub(crate) fn reserve(self: &Arc<Self>, route: &Arc<Route>) -> Option<Slot> {
         let before = self.open.fetch_add(1, Ordering::AcqRel);
-        let slot = Slot(Arc::clone(self));
+        let slot = Slot {
+            tunnels: Arc::clone(self),
+            route: Arc::clone(route),
+        };
         // Dropped (given back) when over.
         (before < self.max).then_some(slot)
     }
@@ -95,7 +103,7 @@ impl Tunnels {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.tunnels.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -180,7 +188,10 @@ pub(crate) async fn relay<C>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let open = stats::tunnel_opened();
+    let open = match tunnel.slot.as_ref().map(|s| &s.route) {
+        Some(route) => stats::tunnel_opened(route.pattern.as_str(), &route.service),
+        None => stats::tunnel_opened(stats::UNMATCHED, ""),
+    };
     let start = crate::clock::now();
     // Milliseconds since `start` of the last byte either way.
     let last = AtomicU64::new(0);
@@ -205,7 +216,7 @@ where
         tokio::select! {
             done = &mut copy => break match done {
                 Ok((up, down)) => {
-                    stats::tunnel_bytes(up, down);
+                    open.carried(up, down);
                     Ended::Closed
                 }
                 Err(e) => {
@@ -294,15 +305,23 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Side<'_, S> {
 mod tests {
     #[test]
     fn tunnels_past_the_limit_get_no_slot_and_slots_come_back() {
+        let pattern = match flotilla_manifest::PathPattern::parse("/ws/**") {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        let table = crate::routes::RouteTable::new(&[crate::RouteConfig::new("chat", pattern)]);
+        let Some(route) = table.routes().first() else {
+            panic!("no route");
+        };
         let tunnels = super::Tunnels::new(2);
-        let a = tunnels.reserve();
-        let b = tunnels.reserve();
+        let a = tunnels.reserve(route);
+        let b = tunnels.reserve(route);
         assert!(a.is_some() && b.is_some());
-        assert!(tunnels.reserve().is_none());
+        assert!(tunnels.reserve(route).is_none());
         drop(a);
-        let c = tunnels.reserve();
+        let c = tunnels.reserve(route);
         assert!(c.is_some());
-        assert!(tunnels.reserve().is_none());
+        assert!(tunnels.reserve(route).is_none());
     }
 
     use super::*;

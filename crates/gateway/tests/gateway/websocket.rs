@@ -188,10 +188,20 @@ async fn next(ws: &mut WebSocketStream<TcpStream>) -> Message {
 #[tokio::test]
 async fn messages_pass_both_ways_and_a_close_ends_the_tunnel() {
     let (mut instance, gateway) = ws_gateway(vec![route("chat", "/ws/**", &["GET"], T)]).await;
-    let closed_before = metric_sum(&[
+    // Labelled by route template and service, never the path.
+    const CLOSED: &[&str] = &[
         "flotilla_gateway_websockets_closed_total",
+        "route=\"/ws/**\"",
+        "service=\"chat\"",
         "reason=\"closed\"",
-    ]);
+    ];
+    const UPSTREAM_BYTES: &[&str] = &[
+        "flotilla_gateway_websocket_bytes_total",
+        "route=\"/ws/**\"",
+        "direction=\"upstream\"",
+    ];
+    let closed_before = metric_sum(CLOSED);
+    let bytes_before = metric_sum(UPSTREAM_BYTES);
 
     let (mut ws, res) = ok(connect(&gateway, "/ws/room").await, "handshake");
     assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
@@ -241,12 +251,11 @@ async fn messages_pass_both_ways_and_a_close_ends_the_tunnel() {
     // directions ended the tunnel is done.
     drop(ws);
     wait_until("the tunnel is counted closed", || {
-        metric_sum(&[
-            "flotilla_gateway_websockets_closed_total",
-            "reason=\"closed\"",
-        ]) > closed_before
+        metric_sum(CLOSED) > closed_before
     })
     .await;
+    // At least the binary message went up (other tests' tunnels may add).
+    assert!(metric_sum(UPSTREAM_BYTES) - bytes_before >= 200_000);
     gateway.shutdown(Duration::ZERO).await;
 }
 
