@@ -46,7 +46,7 @@ use crate::routes::{Match, Route, has_dot_segment};
 use crate::routing::Routing;
 use crate::server::ConnInfo;
 use crate::stats;
-use crate::upgrade::{Handoff, Slot, WebSocket};
+use crate::upgrade::{self, Handoff, Slot, WebSocket};
 
 /// The client address after trusted proxies.
 #[derive(Debug, Clone, Copy)]
@@ -231,7 +231,7 @@ pub(crate) fn handle<'a>(
             }
         };
         let tunnel = if req.extensions().get::<WebSocket>().is_some() {
-            match admit_websocket(&req, finish.cors.as_deref(), proxy, route) {
+            match admit_websocket(&mut req, finish.cors.as_deref(), proxy, route) {
                 Ok(slot) => Some(slot),
                 Err(rejection) => return finish.reject(rejection),
             }
@@ -256,10 +256,12 @@ pub(crate) fn handle<'a>(
 }
 
 /// A WebSocket handshake's place among the open tunnels, if its origin may
-/// open one under the CORS policy (see `cors`) and the gateway has room.
+/// open one under the CORS policy (see `cors`) and the gateway has room;
+/// a token it offered as a subprotocol becomes its bearer token, for the
+/// JWT step (`upgrade::token_from_subprotocol`).
 #[cold]
 fn admit_websocket(
-    req: &Request<Body>,
+    req: &mut Request<Body>,
     cors: Option<&CorsPolicy>,
     proxy: &Proxy,
     route: &Arc<Route>,
@@ -267,10 +269,12 @@ fn admit_websocket(
     if cors.is_some_and(|cors| !cors.admits_websocket(req)) {
         return Err(Rejection::CorsDenied);
     }
-    proxy
+    let slot = proxy
         .tunnels()
         .reserve(route)
-        .ok_or(Rejection::TooManyTunnels)
+        .ok_or(Rejection::TooManyTunnels)?;
+    upgrade::token_from_subprotocol(req.headers_mut());
+    Ok(slot)
 }
 
 /// Steps 6–9 for a matched route; on success `req` is ready to forward.

@@ -23,7 +23,8 @@
 //!   smuggle requests past it.
 //! - The edge refuses a handshake from an origin the CORS policy does not
 //!   allow (`cors`), and one past `max_tunnels` ([`Tunnels`]), whose place
-//!   the tunnel then holds until it ends.
+//!   the tunnel then holds until it ends; and it takes a bearer token a
+//!   browser offered as a subprotocol ([`token_from_subprotocol`]).
 //! - The front writes the `101` with the instance's fields (its
 //!   `Sec-WebSocket-Accept`, a chosen subprotocol) and then [`relay`]s.
 //!
@@ -42,6 +43,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::header::{AUTHORIZATION, HeaderMap, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
 use http::{Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
@@ -50,6 +52,48 @@ use crate::body::Body;
 use crate::client::Stream;
 use crate::routes::Route;
 use crate::stats;
+
+/// The subprotocol a browser offers its bearer token as: browsers cannot
+/// set `Authorization` on a WebSocket, and the only field a page controls
+/// in the handshake is `Sec-WebSocket-Protocol` (Kubernetes' API server
+/// takes tokens the same way). A JWT's characters are all allowed in a
+/// subprotocol name. In the query string instead, the token would end up
+/// in every log that records URLs.
+pub(crate) const TOKEN_PROTOCOL: &str = "bearer.flotilla.";
+
+/// Takes a bearer token offered as the subprotocol `bearer.flotilla.<token>`
+/// out of `Sec-WebSocket-Protocol` (the instance never sees it, and cannot
+/// choose it), and makes it the handshake's `Authorization: Bearer`, unless
+/// the handshake has an `Authorization` of its own; the route's JWT policy
+/// then checks it as any other. The other subprotocols stay, in order.
+pub(crate) fn token_from_subprotocol(headers: &mut HeaderMap) {
+    let protocols = headers.get_all(SEC_WEBSOCKET_PROTOCOL);
+    let offered = crate::headers::list_elements(protocols.iter().map(HeaderValue::as_bytes));
+    let mut token: Option<&[u8]> = None;
+    let mut others: Vec<&[u8]> = Vec::new();
+    for protocol in offered {
+        match protocol.strip_prefix(TOKEN_PROTOCOL.as_bytes()) {
+            Some(t) => {
+                token.get_or_insert(t);
+            }
+            None => others.push(protocol),
+        }
+    }
+    let Some(token) = token else {
+        return;
+    };
+    let bearer = (!token.is_empty() && !headers.contains_key(AUTHORIZATION))
+        .then(|| HeaderValue::from_bytes(&[b"Bearer ", token].concat()));
+    let rest = (!others.is_empty()).then(|| HeaderValue::from_bytes(&others.join(&b", "[..])));
+    headers.remove(SEC_WEBSOCKET_PROTOCOL);
+    // Both were parts of valid header values, so both are valid again.
+    if let Some(Ok(rest)) = rest {
+        headers.insert(SEC_WEBSOCKET_PROTOCOL, rest);
+    }
+    if let Some(Ok(bearer)) = bearer {
+        headers.insert(AUTHORIZATION, bearer);
+    }
+}
 
 /// Marks a request whose connection can switch to WebSocket (see the module
 /// doc); in the request's extensions, so only such requests pay for it.
@@ -303,6 +347,62 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Side<'_, S> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_token_offered_as_a_subprotocol_becomes_the_bearer_and_leaves_the_list() {
+        use http::header::{AUTHORIZATION, HeaderMap, HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+        let after = |protocols: &[&'static str], authorization: Option<&'static str>| {
+            let mut h = HeaderMap::new();
+            for p in protocols {
+                h.append(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+            }
+            if let Some(a) = authorization {
+                h.insert(AUTHORIZATION, HeaderValue::from_static(a));
+            }
+            super::token_from_subprotocol(&mut h);
+            let text = |name| {
+                let all: Vec<&str> = h
+                    .get_all(name)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect();
+                (!all.is_empty()).then(|| all.join(" | "))
+            };
+            (text(&SEC_WEBSOCKET_PROTOCOL), text(&AUTHORIZATION))
+        };
+        assert_eq!(
+            after(&["chat, bearer.flotilla.eyJ.x-y_z.sig, superchat"], None),
+            (
+                Some("chat, superchat".into()),
+                Some("Bearer eyJ.x-y_z.sig".into())
+            )
+        );
+        // Across several fields; the only protocol offered.
+        assert_eq!(
+            after(&["chat", "bearer.flotilla.tok"], None),
+            (Some("chat".into()), Some("Bearer tok".into()))
+        );
+        assert_eq!(
+            after(&["bearer.flotilla.tok"], None),
+            (None, Some("Bearer tok".into()))
+        );
+        // An `Authorization` of the handshake's own wins; the offered
+        // token is still taken out.
+        assert_eq!(
+            after(&["chat, bearer.flotilla.tok"], Some("Bearer own")),
+            (Some("chat".into()), Some("Bearer own".into()))
+        );
+        // Nothing to take: untouched.
+        assert_eq!(
+            after(&["chat, superchat"], None),
+            (Some("chat, superchat".into()), None)
+        );
+        // An empty token is no token (the JWT step says it is missing).
+        assert_eq!(
+            after(&["chat, bearer.flotilla."], None),
+            (Some("chat".into()), None)
+        );
+    }
+
     #[test]
     fn tunnels_past_the_limit_get_no_slot_and_slots_come_back() {
         let pattern = match flotilla_manifest::PathPattern::parse("/ws/**") {

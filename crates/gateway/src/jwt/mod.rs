@@ -3,7 +3,9 @@
 //! caller is from `x-flotilla-user-*` headers the gateway sets (and that no
 //! client can set: copies are stripped from every request, see `edge`).
 //!
-//! A token is `Authorization: Bearer <compact JWS>`, signed with EdDSA or
+//! A token is `Authorization: Bearer <compact JWS>` (which a browser's
+//! WebSocket handshake may offer as a subprotocol instead: the edge moves
+//! it here first, see `upgrade::token_from_subprotocol`), signed with EdDSA or
 //! ES256 by a key in the configured JWKS ([`jwks`]), verified by [`jws`],
 //! and accepted when `exp`/`nbf` hold (with `leeway`), `iss` is the
 //! configured issuer, `aud` names one of the configured audiences, and

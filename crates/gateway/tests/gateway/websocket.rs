@@ -60,6 +60,17 @@ impl WsInstance {
         WsInstance { addr, heads }
     }
 
+    /// The headers of the next handshake the instance saw.
+    async fn next_head(&mut self) -> http::HeaderMap {
+        ok(
+            tokio::time::timeout(T, self.heads.recv())
+                .await
+                .map_err(|_| "timeout"),
+            "instance head",
+        )
+        .unwrap_or_else(|| panic!("the instance saw no handshake"))
+    }
+
     fn endpoint(&self, name: &str) -> Endpoint {
         Endpoint {
             instance: name.to_string(),
@@ -144,7 +155,7 @@ async fn connect(
 async fn connect_with(
     gateway: &Gateway,
     path: &str,
-    fields: &[(&'static str, &'static str)],
+    fields: &[(&'static str, &str)],
 ) -> Result<
     (
         WebSocketStream<TcpStream>,
@@ -165,8 +176,8 @@ async fn connect_with(
         http::HeaderValue::from_static("chat, superchat"),
     );
     for &(name, value) in fields {
-        req.headers_mut()
-            .insert(name, http::HeaderValue::from_static(value));
+        let value = ok(http::HeaderValue::from_str(value), "field value");
+        req.headers_mut().insert(name, value);
     }
     tokio::time::timeout(T, client_async(req, stream))
         .await
@@ -211,13 +222,7 @@ async fn messages_pass_both_ways_and_a_close_ends_the_tunnel() {
     assert!(res.headers().contains_key("x-request-id"));
     // The handshake reached the instance as a WebSocket request, with what
     // the gateway says about the client.
-    let head = ok(
-        tokio::time::timeout(T, instance.heads.recv())
-            .await
-            .map_err(|_| "timeout"),
-        "instance head",
-    )
-    .unwrap_or_else(|| panic!("the instance saw no handshake"));
+    let head = instance.next_head().await;
     assert_eq!(head["upgrade"], "websocket");
     assert_eq!(head["x-forwarded-for"], "127.0.0.1");
     assert_eq!(head["sec-websocket-version"], "13");
@@ -544,5 +549,64 @@ async fn past_max_tunnels_handshakes_get_503_until_one_closes() {
         }
     };
     assert_eq!(next(&mut again).await, Message::text("welcome"));
+    gateway.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn a_browser_can_send_its_bearer_token_as_a_subprotocol() {
+    use crate::support::keys::{Signer, jwks, now};
+    use flotilla_gateway::{JwksSource, JwtConfig, RouteAuth};
+
+    let signer = Signer::ed25519("k1");
+    let keys = JwksServer::start(jwks(&[&signer])).await;
+    let registry = Registry::new();
+    let mut instance = WsInstance::start().await;
+    registry.set("chat", vec![instance.endpoint("chat-0")]);
+    let mut guarded = route("chat", "/ws/**", &["GET"], T);
+    guarded.auth = RouteAuth::jwt();
+    let mut cfg = config(vec![guarded]);
+    cfg.jwt = Some(JwtConfig::new(
+        "test-issuer",
+        vec!["shop".into()],
+        ok(JwksSource::parse(&keys.url), "jwks url"),
+    ));
+    let gateway = start(cfg, &registry).await;
+    let now = now();
+    let token = signer.sign(&serde_json::json!({
+        "sub": "user-7", "iss": "test-issuer", "aud": "shop",
+        "exp": now + 900, "nbf": now - 10, "iat": now - 10,
+    }));
+
+    // No token: 401, as for any request on the route.
+    match connect(&gateway, "/ws/room").await {
+        Err(tungstenite::Error::Http(res)) => assert_eq!(res.status(), StatusCode::UNAUTHORIZED),
+        other => panic!("expected 401, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    // A forged one in the subprotocol: 401 too.
+    let forged = format!("chat, bearer.flotilla.{}x", &token[..token.len() - 1]);
+    match connect_with(&gateway, "/ws/room", &[("sec-websocket-protocol", &forged)]).await {
+        Err(tungstenite::Error::Http(res)) => assert_eq!(res.status(), StatusCode::UNAUTHORIZED),
+        other => panic!("expected 401, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    // The browser's way (`new WebSocket(url, ["chat", "bearer.flotilla." +
+    // token])`): through, as user-7, and the instance picks `chat` from a
+    // list without the token.
+    let offered = format!("chat, bearer.flotilla.{token}");
+    let (mut ws, res) = ok(
+        connect_with(
+            &gateway,
+            "/ws/room",
+            &[("sec-websocket-protocol", &offered)],
+        )
+        .await,
+        "handshake",
+    );
+    assert_eq!(res.headers()["sec-websocket-protocol"], "chat");
+    assert_eq!(next(&mut ws).await, Message::text("welcome"));
+    // The refused handshakes never reached it: this is its first.
+    let head = instance.next_head().await;
+    assert_eq!(head["x-flotilla-user-id"], "user-7");
+    assert_eq!(head["sec-websocket-protocol"], "chat");
+    assert_eq!(head["authorization"], format!("Bearer {token}").as_str());
     gateway.shutdown(Duration::ZERO).await;
 }
