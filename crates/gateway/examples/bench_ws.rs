@@ -3,7 +3,7 @@
 //!
 //! - `bench_ws serve 127.0.0.1:PORT`: a WebSocket echo server (tungstenite,
 //!   one thread, as `bench_upstream` is one thread): every message comes
-//!   back as it came.
+//!   back as it came; the first subprotocol offered is chosen.
 //! - `bench_ws load HOST:PORT [--connections N] [--seconds S] [--size B]`:
 //!   opens N WebSockets to `ws://HOST:PORT/ws` (default 64) and on each, for
 //!   S seconds (default 5), sends a binary message of B bytes (default 64)
@@ -69,7 +69,8 @@ async fn serve(addr: SocketAddr) -> Result<(), BoxError> {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, first_protocol).await
+            else {
                 return;
             };
             while let Some(Ok(msg)) = ws.next().await {
@@ -79,6 +80,32 @@ async fn serve(addr: SocketAddr) -> Result<(), BoxError> {
             }
         });
     }
+}
+
+/// Chooses the first subprotocol the client offered, as a server that
+/// speaks them all would: a browser that offered some refuses an answer
+/// that names none.
+#[expect(
+    clippy::result_large_err,
+    reason = "the signature is tungstenite's handshake callback"
+)]
+fn first_protocol(
+    req: &tokio_tungstenite::tungstenite::handshake::server::Request,
+    mut res: tokio_tungstenite::tungstenite::handshake::server::Response,
+) -> Result<
+    tokio_tungstenite::tungstenite::handshake::server::Response,
+    tokio_tungstenite::tungstenite::handshake::server::ErrorResponse,
+> {
+    let first = req
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').map(str::trim).find(|p| !p.is_empty()))
+        .and_then(|p| http::HeaderValue::from_str(p).ok());
+    if let Some(first) = first {
+        res.headers_mut().insert("sec-websocket-protocol", first);
+    }
+    Ok(res)
 }
 
 struct Load {

@@ -552,30 +552,56 @@ async fn past_max_tunnels_handshakes_get_503_until_one_closes() {
     gateway.shutdown(Duration::ZERO).await;
 }
 
+/// A gateway whose `/ws/**` route needs a JWT, in front of a
+/// [`WsInstance`], and a token for it (user `user-7`).
+struct JwtChat {
+    instance: WsInstance,
+    gateway: Gateway,
+    token: String,
+    _keys: JwksServer,
+}
+
+impl JwtChat {
+    async fn start() -> JwtChat {
+        use crate::support::keys::{Signer, jwks, now};
+        use flotilla_gateway::{JwksSource, JwtConfig, RouteAuth};
+
+        let signer = Signer::ed25519("k1");
+        let keys = JwksServer::start(jwks(&[&signer])).await;
+        let registry = Registry::new();
+        let instance = WsInstance::start().await;
+        registry.set("chat", vec![instance.endpoint("chat-0")]);
+        let mut guarded = route("chat", "/ws/**", &["GET"], T);
+        guarded.auth = RouteAuth::jwt();
+        let mut cfg = config(vec![guarded]);
+        cfg.jwt = Some(JwtConfig::new(
+            "test-issuer",
+            vec!["shop".into()],
+            ok(JwksSource::parse(&keys.url), "jwks url"),
+        ));
+        let gateway = start(cfg, &registry).await;
+        let now = now();
+        let token = signer.sign(&serde_json::json!({
+            "sub": "user-7", "iss": "test-issuer", "aud": "shop",
+            "exp": now + 900, "nbf": now - 10, "iat": now - 10,
+        }));
+        JwtChat {
+            instance,
+            gateway,
+            token,
+            _keys: keys,
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_browser_can_send_its_bearer_token_as_a_subprotocol() {
-    use crate::support::keys::{Signer, jwks, now};
-    use flotilla_gateway::{JwksSource, JwtConfig, RouteAuth};
-
-    let signer = Signer::ed25519("k1");
-    let keys = JwksServer::start(jwks(&[&signer])).await;
-    let registry = Registry::new();
-    let mut instance = WsInstance::start().await;
-    registry.set("chat", vec![instance.endpoint("chat-0")]);
-    let mut guarded = route("chat", "/ws/**", &["GET"], T);
-    guarded.auth = RouteAuth::jwt();
-    let mut cfg = config(vec![guarded]);
-    cfg.jwt = Some(JwtConfig::new(
-        "test-issuer",
-        vec!["shop".into()],
-        ok(JwksSource::parse(&keys.url), "jwks url"),
-    ));
-    let gateway = start(cfg, &registry).await;
-    let now = now();
-    let token = signer.sign(&serde_json::json!({
-        "sub": "user-7", "iss": "test-issuer", "aud": "shop",
-        "exp": now + 900, "nbf": now - 10, "iat": now - 10,
-    }));
+    let JwtChat {
+        mut instance,
+        gateway,
+        token,
+        _keys,
+    } = JwtChat::start().await;
 
     // No token: 401, as for any request on the route.
     match connect(&gateway, "/ws/room").await {
@@ -608,5 +634,165 @@ async fn a_browser_can_send_its_bearer_token_as_a_subprotocol() {
     assert_eq!(head["x-flotilla-user-id"], "user-7");
     assert_eq!(head["sec-websocket-protocol"], "chat");
     assert_eq!(head["authorization"], format!("Bearer {token}").as_str());
+    gateway.shutdown(Duration::ZERO).await;
+}
+
+/// Serves a test page (`/`) to headless Chromium, and holds the page's
+/// `load` event until the page says it is done: `--dump-dom` prints the
+/// page once it has loaded, and WebSockets do not hold that back. So the
+/// page ends with `<script src="/hold">`, answered only once the page has
+/// fetched `/done` (or at the test deadline); the page's own scripts and
+/// WebSocket events run meanwhile. Same origin throughout, so no CORS in
+/// the way.
+async fn page_server(html: String) -> SocketAddr {
+    let listener = ok(TcpListener::bind("127.0.0.1:0").await, "bind page server");
+    let addr = ok(listener.local_addr(), "page server addr");
+    let html = Arc::new(html);
+    let (done, released) = tokio::sync::watch::channel(false);
+    let done = Arc::new(done);
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + T;
+        while let Ok(Ok((mut stream, _))) =
+            tokio::time::timeout_at(deadline, listener.accept()).await
+        {
+            let (html, done, mut released) =
+                (Arc::clone(&html), Arc::clone(&done), released.clone());
+            // Each connection on its own: Chromium also opens connections
+            // it sends nothing on (preconnects).
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = if head.starts_with(b"GET /done") {
+                    done.send_replace(true);
+                    ""
+                } else if head.starts_with(b"GET /hold") {
+                    let _ = tokio::time::timeout_at(deadline, released.wait_for(|d| *d)).await;
+                    ""
+                } else {
+                    html.as_str()
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    if body.is_empty() {
+                        "text/javascript"
+                    } else {
+                        "text/html"
+                    },
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// What headless Chromium's page at `url` wrote into its `<pre id="out">`
+/// once it wrote `all finished` there; `None` when Chromium is not
+/// installed.
+async fn chromium_page(dir: &TestDir, url: &str) -> Option<String> {
+    let installed = std::process::Command::new("chromium")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        println!("skipped: no chromium on this machine (apt-get install -y chromium)");
+        return None;
+    }
+    let run = tokio::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--dump-dom",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.path().join("profile").display()
+        ))
+        .arg(url)
+        .kill_on_drop(true)
+        .output();
+    let out = ok(
+        ok(
+            tokio::time::timeout(Duration::from_secs(60), run)
+                .await
+                .map_err(|_| "over 60 s"),
+            "chromium",
+        ),
+        "chromium",
+    );
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    let written = dom
+        .split_once("<pre id=\"out\">")
+        .and_then(|(_, rest)| rest.split_once("</pre>"))
+        .map_or(dom.clone(), |(written, _)| written.to_string());
+    assert!(
+        written.contains("all finished"),
+        "the page did not finish (profile kept in {}): {dom}",
+        dir.path().display()
+    );
+    Some(written)
+}
+
+#[tokio::test]
+async fn a_real_browser_opens_one_with_its_token_as_a_subprotocol() {
+    let JwtChat {
+        gateway,
+        token,
+        _keys,
+        ..
+    } = JwtChat::start().await;
+    let url = format!("ws://{}/ws/room", gateway.local_addr());
+
+    // Each attempt reports how it went; all run at once.
+    let html = format!(
+        r#"<html><body><pre id="out"></pre><script>
+const out = document.getElementById("out");
+function show(s) {{ out.textContent += s + "\n"; }}
+function attempt(name, protocols) {{
+  return new Promise((resolve) => {{
+    const ws = new WebSocket("{url}", protocols);
+    ws.onopen = () => {{ show(name + ": open " + ws.protocol); ws.send("hi"); }};
+    ws.onmessage = (e) => {{ if (e.data !== "welcome") {{ show(name + ": got " + e.data); ws.close(); }} }};
+    ws.onerror = () => show(name + ": error");
+    ws.onclose = () => resolve();
+  }});
+}}
+Promise.all([
+  attempt("token", ["chat", "bearer.flotilla.{token}"]),
+  attempt("none", ["chat"]),
+  attempt("only-token", ["bearer.flotilla.{token}"]),
+]).then(() => {{
+  show("all " + "finished");
+  fetch("/done").catch(() => {{}});
+}});
+</script><script src="/hold"></script></body></html>"#
+    );
+    let page = page_server(html).await;
+    let dir = TestDir::new();
+    let Some(dom) = chromium_page(&dir, &format!("http://{page}/")).await else {
+        return;
+    };
+    // Through with the token, speaking `chat`, the message echoed.
+    assert!(dom.contains("token: open chat"), "{dom}");
+    assert!(dom.contains("token: got echo: hi"), "{dom}");
+    // Without one: refused (401), which a page sees as an error.
+    assert!(dom.contains("none: error"), "{dom}");
+    assert!(!dom.contains("none: open"), "{dom}");
+    // The token as the only subprotocol: let through by the gateway, but
+    // the instance can choose none, and the browser refuses such an answer
+    // (why manifest.md says to offer a real subprotocol beside it).
+    assert!(dom.contains("only-token: error"), "{dom}");
     gateway.shutdown(Duration::ZERO).await;
 }
