@@ -46,7 +46,7 @@ use crate::routes::{Match, Route, has_dot_segment};
 use crate::routing::Routing;
 use crate::server::ConnInfo;
 use crate::stats;
-use crate::upgrade::{self, Handoff, Slot, WebSocket};
+use crate::upgrade::{self, Handoff, Slot, Tunnels, WebSocket};
 
 /// The client address after trusted proxies.
 #[derive(Debug, Clone, Copy)]
@@ -118,6 +118,7 @@ impl Finish<'_> {
 pub(crate) fn handle<'a>(
     routing: Arc<Routing>,
     proxy: &'a Proxy,
+    tunnels: &'a Arc<Tunnels>,
     mut req: Request<Body>,
     conn: ConnInfo,
     request_id: &'a RequestId,
@@ -231,7 +232,7 @@ pub(crate) fn handle<'a>(
             }
         };
         let tunnel = if req.extensions().get::<WebSocket>().is_some() {
-            match admit_websocket(&mut req, finish.cors.as_deref(), proxy, route) {
+            match admit_websocket(&mut req, finish.cors.as_deref(), tunnels, route) {
                 Ok(slot) => Some(slot),
                 Err(rejection) => return finish.reject(rejection),
             }
@@ -263,16 +264,13 @@ pub(crate) fn handle<'a>(
 fn admit_websocket(
     req: &mut Request<Body>,
     cors: Option<&CorsPolicy>,
-    proxy: &Proxy,
+    tunnels: &Arc<Tunnels>,
     route: &Arc<Route>,
 ) -> Result<Slot, Rejection> {
     if cors.is_some_and(|cors| !cors.admits_websocket(req)) {
         return Err(Rejection::CorsDenied);
     }
-    let slot = proxy
-        .tunnels()
-        .reserve(route)
-        .ok_or(Rejection::TooManyTunnels)?;
+    let slot = tunnels.reserve(route).ok_or(Rejection::TooManyTunnels)?;
     upgrade::token_from_subprotocol(req.headers_mut());
     Ok(slot)
 }

@@ -780,15 +780,15 @@ impl<H: Handler> Conn<H> {
         Poll::Ready(Ok(()))
     }
 
-    /// The instance switched to WebSocket: writes its `101`, then carries
-    /// bytes both ways (first what either side sent past its head) until
-    /// the tunnel ends, and the connection with it (see `upgrade`). A tunnel
-    /// for a request that did not ask for one cannot come from `outbound`;
-    /// should one come, it is refused rather than joined.
+    /// The instance switched to WebSocket (`reply` is its `101`): writes the
+    /// `101`, then carries bytes both ways (first what either side sent
+    /// past its head) until the tunnel ends, and the connection with it
+    /// (see `upgrade`). A tunnel for a request that did not ask for one
+    /// cannot come from `outbound`; should one come, it is refused rather
+    /// than joined.
     async fn switch(&mut self, reply: Reply, tunnel: Tunnel, asked: bool) -> End {
-        let status = reply.res.status();
-        if !asked || status != StatusCode::SWITCHING_PROTOCOLS {
-            tracing::warn!(target: "flotilla::gateway", %status, asked, "a protocol switch nobody asked for; answering 502");
+        if !asked {
+            tracing::warn!(target: "flotilla::gateway", "a protocol switch nobody asked for; answering 502");
             drop(tunnel);
             self.refuse(
                 StatusCode::BAD_GATEWAY,
@@ -805,7 +805,7 @@ impl<H: Handler> Conn<H> {
         encode::head(
             &mut self.out,
             Version::HTTP_11,
-            status,
+            StatusCode::SWITCHING_PROTOCOLS,
             fields,
             Framing::None,
             None,

@@ -41,7 +41,6 @@ use crate::resilience::{Resilience, ServiceHealth, Settings};
 use crate::routes::Route;
 use crate::server::ConnInfo;
 use crate::stats;
-use crate::upgrade::Tunnels;
 use crate::upstream::{ActivateError, Endpoint, LoadGuard, Upstreams};
 use crate::workers;
 
@@ -80,8 +79,6 @@ pub(crate) struct Proxy {
     /// Shared by every worker's proxy: outliers and retry budgets are
     /// per instance and per service, not per thread.
     resilience: Arc<Resilience>,
-    /// WebSocket tunnels open, shared by every worker (`Limits::max_tunnels`).
-    tunnels: Arc<Tunnels>,
     /// The runtime the gateway was started on, where activations run
     /// ([`workers::on_caller`]). `None` outside a runtime.
     background: Option<tokio::runtime::Handle>,
@@ -113,14 +110,8 @@ impl Proxy {
             max_retries: limits.max_retries,
             retry_body_limit: limits.retry_body_limit,
             resilience: Arc::new(Resilience::new(Settings::from_limits(limits))),
-            tunnels: Tunnels::new(limits.max_tunnels),
             background: tokio::runtime::Handle::try_current().ok(),
         }
-    }
-
-    /// The open WebSocket tunnels and their limit.
-    pub(crate) fn tunnels(&self) -> &Arc<Tunnels> {
-        &self.tunnels
     }
 
     /// The same proxy (instances, retry and outlier state) sending through
@@ -132,7 +123,6 @@ impl Proxy {
             max_retries: self.max_retries,
             retry_body_limit: self.retry_body_limit,
             resilience: Arc::clone(&self.resilience),
-            tunnels: Arc::clone(&self.tunnels),
             background: self.background.clone(),
         }
     }

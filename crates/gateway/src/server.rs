@@ -51,6 +51,7 @@ use crate::rejection::Rejection;
 use crate::relayed::Reply;
 use crate::request_id::{RequestId, X_REQUEST_ID};
 use crate::routing::RoutingState;
+use crate::upgrade::Tunnels;
 use crate::upstream::Upstreams;
 use crate::workers::{self, Workers};
 use crate::{Error, stats};
@@ -118,7 +119,8 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// HTTP/1 path ([`Handler`]).
 ///
 /// One stack per client (a worker's connection pool), sharing everything
-/// else: configuration, access log, in-flight count, instance health.
+/// else: configuration, access log, in-flight count, open WebSocket
+/// tunnels, instance health.
 /// Each worker's requests touch only its own `Front`, so its reference
 /// count, cloned per request, stays in one core's cache.
 pub(crate) fn stacks(
@@ -131,6 +133,7 @@ pub(crate) fn stacks(
     stats::describe();
     let log = AccessLog::new(access_log);
     let in_flight = Arc::new(AtomicUsize::new(0));
+    let tunnels = Tunnels::new(limits.max_tunnels);
     let mut clients = clients.into_iter();
     let Some(first) = clients.next() else {
         return Vec::new();
@@ -143,6 +146,7 @@ pub(crate) fn stacks(
             Stack(Arc::new(Front {
                 log: log.clone(),
                 in_flight: Arc::clone(&in_flight),
+                tunnels: Arc::clone(&tunnels),
                 max_in_flight: limits.max_in_flight,
                 routing: Arc::clone(&routing),
                 proxy,
@@ -160,6 +164,8 @@ struct Front {
     /// Requests admitted and not finished (response body done or dropped).
     in_flight: Arc<AtomicUsize>,
     max_in_flight: usize,
+    /// WebSocket tunnels open, against `Limits::max_tunnels`.
+    tunnels: Arc<Tunnels>,
     routing: Arc<RoutingState>,
     proxy: Proxy,
 }
@@ -230,6 +236,7 @@ impl Front {
                 edge::handle(
                     routing,
                     &self.proxy,
+                    &self.tunnels,
                     req,
                     conn,
                     entry.request_id(),
