@@ -52,7 +52,7 @@ PID[nginx]=$NGINX_PID
 for t in gateway nginx; do wait_port "${PORT[$t]}"; done
 
 TARGETS=(direct nginx gateway)
-declare -A RATES P50S P99S CPUS
+declare -A RATES P50S P99S CPUS LAST
 HZ=$(getconf CLK_TCK)
 echo "round | target  | round trips/s |  p50 µs |  p99 µs | proxy CPU µs/message"
 for round in $(seq 1 "$ROUNDS"); do
@@ -68,20 +68,18 @@ for round in $(seq 1 "$ROUNDS"); do
       CPUS[$t]+="$cpu "
     fi
     RATES[$t]+="$rate "
+    LAST[$t]=$rate
     P50S[$t]+="$p50 "
     P99S[$t]+="$p99 "
     printf '%5s | %-7s | %13s | %7s | %7s | %s\n' "$round" "$t" "$rate" "$p50" "$p99" "$cpu"
   done
-  gr=$(echo "${RATES[gateway]}" | awk '{print $NF}')
-  nr=$(echo "${RATES[nginx]}" | awk '{print $NF}')
-  python3 -c "print(f'round $round: gateway/nginx round trips {$gr / $nr:.2f}x')"
+  python3 -c "print(f'round $round: gateway/nginx round trips {${LAST[gateway]} / ${LAST[nginx]}:.2f}x')"
 done
 
 echo
 echo "medians of $ROUNDS rounds ($CONNS WebSockets, $SIZE-byte messages, ${SECONDS_EACH}s each):"
 echo "target  | round trips/s |  p50 µs |  p99 µs | proxy CPU µs/message"
 for t in "${TARGETS[@]}"; do
-  # shellcheck disable=SC2086
   cpu="-"
   # shellcheck disable=SC2086
   [ "$t" = direct ] || cpu=$(median ${CPUS[$t]})

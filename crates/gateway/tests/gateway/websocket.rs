@@ -129,12 +129,49 @@ where
     }
 }
 
-async fn ws_gateway(routes: Vec<flotilla_gateway::RouteConfig>) -> (WsInstance, Gateway) {
+/// A gateway configured by `cfg` in front of a plaintext [`WsInstance`],
+/// the one instance of service `chat`.
+async fn ws_gateway(cfg: flotilla_gateway::Config) -> (WsInstance, Gateway) {
+    before(WsInstance::start().await, cfg).await
+}
+
+/// A gateway configured by `cfg` in front of `instance`, the one instance
+/// of service `chat`.
+async fn before(instance: WsInstance, cfg: flotilla_gateway::Config) -> (WsInstance, Gateway) {
     let registry = Registry::new();
-    let instance = WsInstance::start().await;
     registry.set("chat", vec![instance.endpoint("chat-0")]);
-    let gateway = start(config(routes), &registry).await;
+    let gateway = start(cfg, &registry).await;
     (instance, gateway)
+}
+
+/// The `/ws/**` route of service `chat`, for `GET`.
+fn chat_route() -> flotilla_gateway::RouteConfig {
+    route("chat", "/ws/**", &["GET"], T)
+}
+
+/// The answer the gateway refused a handshake to `path` with (with more
+/// header `fields`); panics if the handshake went through.
+async fn refused(
+    gateway: &Gateway,
+    path: &str,
+    fields: &[(&'static str, &str)],
+) -> http::Response<Option<Vec<u8>>> {
+    match connect_with(gateway, path, fields).await {
+        Err(tungstenite::Error::Http(res)) => *res,
+        Err(e) => panic!("the handshake to {path} failed without an answer: {e}"),
+        Ok((_, res)) => panic!("the handshake to {path} went through: {res:?}"),
+    }
+}
+
+/// Sends a binary message of `len` bytes, larger than any one buffer on
+/// the way, and checks the echo is the same.
+async fn echoes_binary(ws: &mut WebSocketStream<TcpStream>, len: u32) {
+    let big: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    ok(ws.send(Message::binary(big.clone())).await, "send binary");
+    match next(ws).await {
+        Message::Binary(b) => assert!(b[..] == big[..], "the binary message changed on its way"),
+        other => panic!("expected binary, got {other:?}"),
+    }
 }
 
 /// Opens a WebSocket to `path` through the gateway, offering `chat`.
@@ -198,7 +235,7 @@ async fn next(ws: &mut WebSocketStream<TcpStream>) -> Message {
 
 #[tokio::test]
 async fn messages_pass_both_ways_and_a_close_ends_the_tunnel() {
-    let (mut instance, gateway) = ws_gateway(vec![route("chat", "/ws/**", &["GET"], T)]).await;
+    let (mut instance, gateway) = ws_gateway(config(vec![chat_route()])).await;
     // Labelled by route template and service, never the path.
     const CLOSED: &[&str] = &[
         "flotilla_gateway_websockets_closed_total",
@@ -231,13 +268,7 @@ async fn messages_pass_both_ways_and_a_close_ends_the_tunnel() {
     assert_eq!(next(&mut ws).await, Message::text("welcome"));
     ok(ws.send(Message::text("hello")).await, "send text");
     assert_eq!(next(&mut ws).await, Message::text("echo: hello"));
-    // Larger than any one buffer on the way.
-    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-    ok(ws.send(Message::binary(big.clone())).await, "send binary");
-    match next(&mut ws).await {
-        Message::Binary(b) => assert!(b[..] == big[..], "the binary message changed on its way"),
-        other => panic!("expected binary, got {other:?}"),
-    }
+    echoes_binary(&mut ws, 200_000).await;
 
     // The close handshake passes through, and then the tunnel ends.
     ok(ws.close(None).await, "close");
@@ -266,37 +297,29 @@ async fn messages_pass_both_ways_and_a_close_ends_the_tunnel() {
 
 #[tokio::test]
 async fn the_handshake_is_a_request_like_any_other() {
-    let mut limited = route("chat", "/ws/**", &["GET"], T);
+    let mut limited = chat_route();
     limited.rate_limit = Some(ok(RateLimit::parse("1/m burst 1 per ip"), "rate limit"));
-    let (_instance, gateway) = ws_gateway(vec![limited]).await;
+    let (_instance, gateway) = ws_gateway(config(vec![limited])).await;
 
     // A route the request does not match: 404, no tunnel.
-    match connect(&gateway, "/elsewhere").await {
-        Err(tungstenite::Error::Http(res)) => assert_eq!(res.status(), StatusCode::NOT_FOUND),
-        other => panic!("expected 404, got {:?}", other.map(|(_, r)| r.status())),
-    }
+    let res = refused(&gateway, "/elsewhere", &[]).await;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
     // The instance declines: its answer is relayed, no tunnel.
-    match connect(&gateway, "/ws/refused").await {
-        Err(tungstenite::Error::Http(res)) => assert_eq!(res.status(), StatusCode::FORBIDDEN),
-        other => panic!("expected 403, got {:?}", other.map(|(_, r)| r.status())),
-    }
-    // The rate limit counted both handshakes that reached the route (the
-    // refused one too): the next is over it, and says when to come back.
-    match connect(&gateway, "/ws/room").await {
-        Err(tungstenite::Error::Http(res)) => {
-            assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
-            assert!(res.headers().contains_key("retry-after"));
-        }
-        other => panic!("expected 429, got {:?}", other.map(|(_, r)| r.status())),
-    }
+    let res = refused(&gateway, "/ws/refused", &[]).await;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    // The rate limit counted the handshake the instance declined: the next
+    // is over it, and says when to come back.
+    let res = refused(&gateway, "/ws/room", &[]).await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(res.headers().contains_key("retry-after"));
     gateway.shutdown(Duration::ZERO).await;
 }
 
 #[tokio::test]
 async fn a_switch_carries_the_route_policy_headers() {
-    let mut limited = route("chat", "/ws/**", &["GET"], T);
+    let mut limited = chat_route();
     limited.rate_limit = Some(ok(RateLimit::parse("10/m burst 10 per ip"), "rate limit"));
-    let (_instance, gateway) = ws_gateway(vec![limited]).await;
+    let (_instance, gateway) = ws_gateway(config(vec![limited])).await;
     let (mut ws, res) = ok(connect(&gateway, "/ws/room").await, "handshake");
     assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
     assert!(res.headers().contains_key("ratelimit"), "{res:?}");
@@ -401,8 +424,16 @@ async fn other_upgrades_and_declined_ones_stay_http() {
 
 #[tokio::test]
 async fn a_stopping_gateway_closes_tunnels_at_its_drain_deadline() {
-    let (_instance, gateway) = ws_gateway(vec![route("chat", "/ws/**", &["GET"], T)]).await;
-    let (mut ws, _) = ok(connect(&gateway, "/ws/room").await, "handshake");
+    // A route of this test's own, for a metric no other test touches.
+    let (_instance, gateway) =
+        ws_gateway(config(vec![route("chat", "/drain/**", &["GET"], T)])).await;
+    const ABORTED: &[&str] = &[
+        "flotilla_gateway_websockets_closed_total",
+        "route=\"/drain/**\"",
+        "reason=\"aborted\"",
+    ];
+    let aborted_before = metric_sum(ABORTED);
+    let (mut ws, _) = ok(connect(&gateway, "/drain/room").await, "handshake");
     assert_eq!(next(&mut ws).await, Message::text("welcome"));
     let stopping = tokio::spawn(gateway.shutdown(Duration::from_millis(300)));
     // Still carried during the drain...
@@ -423,6 +454,25 @@ async fn a_stopping_gateway_closes_tunnels_at_its_drain_deadline() {
         "shutdown",
     )
     .unwrap_or_else(|e| panic!("shutdown task: {e}"));
+    assert_eq!(metric_sum(ABORTED), aborted_before + 1);
+}
+
+#[tokio::test]
+async fn a_reload_leaves_open_tunnels_alone() {
+    let (_instance, gateway) = ws_gateway(config(vec![chat_route()])).await;
+    let (mut ws, _) = ok(connect(&gateway, "/ws/room").await, "handshake");
+    assert_eq!(next(&mut ws).await, Message::text("welcome"));
+    // The route is gone from the new configuration...
+    ok(
+        gateway.reload(config(vec![route("chat", "/other/**", &["GET"], T)])),
+        "reload",
+    );
+    let res = refused(&gateway, "/ws/room", &[]).await;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    // ...and the tunnel opened under the old one still carries messages.
+    ok(ws.send(Message::text("after reload")).await, "send");
+    assert_eq!(next(&mut ws).await, Message::text("echo: after reload"));
+    gateway.shutdown(Duration::ZERO).await;
 }
 
 #[tokio::test]
@@ -448,24 +498,16 @@ async fn the_tunnel_runs_over_the_mutual_tls_hop() {
         flotilla_mesh::server_config(&identity),
         "server config",
     ));
-    let instance = WsInstance::serving(Some(acceptor)).await;
-    let registry = Registry::new();
-    registry.set("chat", vec![instance.endpoint("chat-0")]);
-    let mut cfg = config(vec![route("chat", "/ws/**", &["GET"], T)]);
+    let mut cfg = config(vec![chat_route()]);
     cfg.upstream_tls = Some(flotilla_gateway::UpstreamTls::in_dir(
         &dir.path().join("gateway"),
     ));
-    let gateway = start(cfg, &registry).await;
+    let (_instance, gateway) = before(WsInstance::serving(Some(acceptor)).await, cfg).await;
 
     let (mut ws, res) = ok(connect(&gateway, "/ws/room").await, "handshake");
     assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
     assert_eq!(next(&mut ws).await, Message::text("welcome"));
-    let big: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
-    ok(ws.send(Message::binary(big.clone())).await, "send binary");
-    match next(&mut ws).await {
-        Message::Binary(b) => assert!(b[..] == big[..], "the binary message changed on its way"),
-        other => panic!("expected binary, got {other:?}"),
-    }
+    echoes_binary(&mut ws, 100_000).await;
     ok(ws.send(Message::text("over tls")).await, "send text");
     assert_eq!(next(&mut ws).await, Message::text("echo: over tls"));
     gateway.shutdown(Duration::ZERO).await;
@@ -473,25 +515,18 @@ async fn the_tunnel_runs_over_the_mutual_tls_hop() {
 
 #[tokio::test]
 async fn under_a_cors_policy_only_allowed_origins_may_open_a_websocket() {
-    let registry = Registry::new();
-    let instance = WsInstance::start().await;
-    registry.set("chat", vec![instance.endpoint("chat-0")]);
-    let mut cfg = config(vec![route("chat", "/ws/**", &["GET"], T)]);
+    let mut cfg = config(vec![chat_route()]);
     cfg.cors = Some(flotilla_gateway::CorsConfig {
         origins: vec!["https://shop.example".into()],
         credentials: true,
         ..Default::default()
     });
-    let gateway = start(cfg, &registry).await;
+    let (_instance, gateway) = ws_gateway(cfg).await;
 
     // Another site's page, with the user's cookies: refused.
-    match connect_with(&gateway, "/ws/room", &[("origin", "https://evil.example")]).await {
-        Err(tungstenite::Error::Http(res)) => {
-            assert_eq!(res.status(), StatusCode::FORBIDDEN);
-            assert!(!res.headers().contains_key("access-control-allow-origin"));
-        }
-        other => panic!("expected 403, got {:?}", other.map(|(_, r)| r.status())),
-    }
+    let res = refused(&gateway, "/ws/room", &[("origin", "https://evil.example")]).await;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert!(!res.headers().contains_key("access-control-allow-origin"));
     // The shop's own page, and a client that is no browser: through.
     for fields in [&[("origin", "https://shop.example")][..], &[]] {
         let (mut ws, res) = ok(
@@ -506,27 +541,20 @@ async fn under_a_cors_policy_only_allowed_origins_may_open_a_websocket() {
 
 #[tokio::test]
 async fn past_max_tunnels_handshakes_get_503_until_one_closes() {
-    let registry = Registry::new();
-    let instance = WsInstance::start().await;
-    registry.set("chat", vec![instance.endpoint("chat-0")]);
-    let mut cfg = config(vec![route("chat", "/ws/**", &["GET"], T)]);
+    let mut cfg = config(vec![chat_route()]);
     cfg.limits.max_tunnels = 1;
-    let gateway = start(cfg, &registry).await;
+    let (_instance, gateway) = ws_gateway(cfg).await;
 
     let (mut first, _) = ok(connect(&gateway, "/ws/room").await, "first handshake");
     assert_eq!(next(&mut first).await, Message::text("welcome"));
-    match connect(&gateway, "/ws/room").await {
-        Err(tungstenite::Error::Http(res)) => {
-            assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-            assert!(res.headers().contains_key("retry-after"));
-            let body = res.body().clone().unwrap_or_default();
-            assert!(
-                String::from_utf8_lossy(&body).contains("too_many_websockets"),
-                "{res:?}"
-            );
-        }
-        other => panic!("expected 503, got {:?}", other.map(|(_, r)| r.status())),
-    }
+    let res = refused(&gateway, "/ws/room", &[]).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(res.headers().contains_key("retry-after"));
+    let body = res.body().clone().unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&body).contains("too_many_websockets"),
+        "{res:?}"
+    );
     // Plain requests are not held back by the tunnels: this one reaches the
     // instance, which speaks only WebSocket and hangs up (502), rather than
     // being refused at the gateway (503).
@@ -568,10 +596,7 @@ impl JwtChat {
 
         let signer = Signer::ed25519("k1");
         let keys = JwksServer::start(jwks(&[&signer])).await;
-        let registry = Registry::new();
-        let instance = WsInstance::start().await;
-        registry.set("chat", vec![instance.endpoint("chat-0")]);
-        let mut guarded = route("chat", "/ws/**", &["GET"], T);
+        let mut guarded = chat_route();
         guarded.auth = RouteAuth::jwt();
         let mut cfg = config(vec![guarded]);
         cfg.jwt = Some(JwtConfig::new(
@@ -579,7 +604,7 @@ impl JwtChat {
             vec!["shop".into()],
             ok(JwksSource::parse(&keys.url), "jwks url"),
         ));
-        let gateway = start(cfg, &registry).await;
+        let (instance, gateway) = ws_gateway(cfg).await;
         let now = now();
         let token = signer.sign(&serde_json::json!({
             "sub": "user-7", "iss": "test-issuer", "aud": "shop",
@@ -604,16 +629,13 @@ async fn a_browser_can_send_its_bearer_token_as_a_subprotocol() {
     } = JwtChat::start().await;
 
     // No token: 401, as for any request on the route.
-    match connect(&gateway, "/ws/room").await {
-        Err(tungstenite::Error::Http(res)) => assert_eq!(res.status(), StatusCode::UNAUTHORIZED),
-        other => panic!("expected 401, got {:?}", other.map(|(_, r)| r.status())),
-    }
-    // A forged one in the subprotocol: 401 too.
+    let res = refused(&gateway, "/ws/room", &[]).await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    // A forged one in the subprotocol: 401 too. (The last character of a
+    // 64-byte signature in base64url is never `x`: this changes it.)
     let forged = format!("chat, bearer.flotilla.{}x", &token[..token.len() - 1]);
-    match connect_with(&gateway, "/ws/room", &[("sec-websocket-protocol", &forged)]).await {
-        Err(tungstenite::Error::Http(res)) => assert_eq!(res.status(), StatusCode::UNAUTHORIZED),
-        other => panic!("expected 401, got {:?}", other.map(|(_, r)| r.status())),
-    }
+    let res = refused(&gateway, "/ws/room", &[("sec-websocket-protocol", &forged)]).await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
     // The browser's way (`new WebSocket(url, ["chat", "bearer.flotilla." +
     // token])`): through, as user-7, and the instance picks `chat` from a
     // list without the token.
