@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub use ipnet::IpNet;
@@ -108,6 +109,35 @@ pub enum RateLimitStore {
     Memory,
     /// In Redis, shared by every gateway replica.
     Redis { url: String },
+}
+
+/// HTTPS for the gateway's clients (`[gateway.tls]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    /// PEM certificate chain, the gateway's certificate first.
+    pub cert: PathBuf,
+    /// PEM private key of that certificate.
+    pub key: PathBuf,
+    /// The oldest TLS version a client may use.
+    pub min_version: TlsVersion,
+}
+
+/// A TLS protocol version (`min_version = "1.2"` or `"1.3"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+}
+
+impl TlsVersion {
+    /// `"1.2"` or `"1.3"`.
+    pub fn parse(s: &str) -> Option<TlsVersion> {
+        match s.trim() {
+            "1.2" => Some(TlsVersion::Tls12),
+            "1.3" => Some(TlsVersion::Tls13),
+            _ => None,
+        }
+    }
 }
 
 /// Why a network string does not parse.

@@ -21,7 +21,7 @@ use std::time::Duration;
 pub use diagnostic::Diagnostic;
 pub use edge::{
     Cors, IpList, IpNet, IpNetParseError, JwksSource, Jwt, RateLimit, RateLimitKey,
-    RateLimitParseError, RateLimitStore, parse_net, parse_nets,
+    RateLimitParseError, RateLimitStore, Tls, TlsVersion, parse_net, parse_nets,
 };
 pub use events::{
     Broker, BrokerDurability, BrokerEngine, Deliver, Queue, Stream, StreamSource, Subscribe, Topic,
@@ -72,6 +72,8 @@ pub struct Gateway {
     pub ip: Option<IpList>,
     /// Where rate-limit counters live.
     pub rate_limits: RateLimitStore,
+    /// HTTPS for clients (`[gateway.tls]`); plain HTTP without it.
+    pub tls: Option<Tls>,
 }
 
 /// Names of the platform's own identities: no service may take one.

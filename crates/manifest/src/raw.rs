@@ -35,6 +35,15 @@ pub(crate) struct RawGateway {
     pub cors: Option<Spanned<RawCors>>,
     pub ip: Option<Spanned<RawIp>>,
     pub rate_limits: Option<Spanned<RawRateLimits>>,
+    pub tls: Option<Spanned<RawTls>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTls {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+    pub min_version: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

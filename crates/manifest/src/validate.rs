@@ -234,6 +234,7 @@ fn unreachable_gateway() -> Gateway {
         cors: None,
         ip: None,
         rate_limits: Default::default(),
+        tls: None,
     }
 }
 
@@ -365,6 +366,7 @@ fn gateway(
         cors: None,
         ip: None,
         rate_limits: Default::default(),
+        tls: None,
     };
     let Some(raw) = raw else { return Some(gw) };
     let raw = raw.get_ref();
@@ -404,6 +406,9 @@ fn gateway(
     }
     if let Some(r) = &raw.rate_limits {
         gw.rate_limits = edge::rate_limit_store(ctx, r)?;
+    }
+    if let Some(t) = &raw.tls {
+        gw.tls = Some(edge::tls(ctx, t)?);
     }
     Some(gw)
 }

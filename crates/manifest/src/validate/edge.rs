@@ -8,9 +8,10 @@ use toml::Spanned;
 
 use super::Ctx;
 use crate::edge::{
-    Cors, IpList, JwksSource, Jwt, RateLimit, RateLimitKey, RateLimitStore, is_origin, parse_net,
+    Cors, IpList, JwksSource, Jwt, RateLimit, RateLimitKey, RateLimitStore, Tls, TlsVersion,
+    is_origin, parse_net,
 };
-use crate::raw::{RawCors, RawIp, RawJwt, RawRateLimits};
+use crate::raw::{RawCors, RawIp, RawJwt, RawRateLimits, RawTls};
 
 const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
 const DEFAULT_CORS_MAX_AGE: Duration = Duration::from_secs(600);
@@ -219,6 +220,53 @@ pub(super) fn rate_limit_store(
             None
         }
     }
+}
+
+/// `[gateway.tls]`: both files must be there when the system starts (their
+/// contents are the gateway's to judge: it loads them, and says what is
+/// wrong with a chain or a key).
+pub(super) fn tls(ctx: &mut Ctx<'_>, raw: &Spanned<RawTls>) -> Option<Tls> {
+    let raw = raw.get_ref();
+    let before = ctx.errors.len();
+    let file = |ctx: &mut Ctx<'_>, value: &Spanned<String>, what: &str, example: &str| {
+        let path = ctx.dir.join(value.get_ref());
+        if !path.is_file() {
+            ctx.error(
+                value.span(),
+                format!("{what} file `{}` does not exist", path.display()),
+                Some(format!(
+                    "give a PEM file relative to the manifest, e.g. `{example}`"
+                )),
+            );
+        }
+        path
+    };
+    let cert = file(
+        ctx,
+        &raw.cert,
+        "certificate",
+        "cert = \"certs/gateway.pem\"",
+    );
+    let key = file(ctx, &raw.key, "key", "key = \"certs/gateway-key.pem\"");
+    let min_version = match &raw.min_version {
+        None => TlsVersion::Tls12,
+        Some(v) => match TlsVersion::parse(v.get_ref()) {
+            Some(version) => version,
+            None => {
+                ctx.error(
+                    v.span(),
+                    format!("`{}` is not a TLS version", v.get_ref()),
+                    Some("write `min_version = \"1.2\"` (the default) or `\"1.3\"`".into()),
+                );
+                TlsVersion::Tls12
+            }
+        },
+    };
+    (ctx.errors.len() == before).then_some(Tls {
+        cert,
+        key,
+        min_version,
+    })
 }
 
 pub(super) fn rate_limit(

@@ -577,3 +577,55 @@ fn edge_policy_errors() {
     let e = errors(&no_jwt);
     assert!(e.contains("`auth = \"jwt\"` needs `[gateway.jwt]`"), "{e}");
 }
+
+#[test]
+fn gateway_tls_files_resolve_beside_the_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("certs")).unwrap();
+    std::fs::write(dir.path().join("certs/gw.pem"), "cert").unwrap();
+    std::fs::write(dir.path().join("certs/gw-key.pem"), "key").unwrap();
+    let file = dir.path().join("flotilla.toml");
+    std::fs::write(
+        &file,
+        "name = \"x\"\n[gateway.tls]\ncert = \"certs/gw.pem\"\nkey = \"certs/gw-key.pem\"\nmin_version = \"1.3\"\n[services.a]\nrun = { cargo = \"a\" }\n",
+    )
+    .unwrap();
+    let m = Manifest::load(&file).unwrap();
+    let tls = m.gateway.tls.unwrap();
+    assert_eq!(tls.cert, dir.path().join("certs/gw.pem"));
+    assert_eq!(tls.key, dir.path().join("certs/gw-key.pem"));
+    assert_eq!(tls.min_version, crate::TlsVersion::Tls13);
+
+    std::fs::write(
+        &file,
+        "name = \"x\"\n[gateway.tls]\ncert = \"certs/gw.pem\"\nkey = \"certs/gw-key.pem\"\n[services.a]\nrun = { cargo = \"a\" }\n",
+    )
+    .unwrap();
+    let m = Manifest::load(&file).unwrap();
+    assert_eq!(
+        m.gateway.tls.map(|t| t.min_version),
+        Some(crate::TlsVersion::Tls12),
+        "TLS 1.2 is accepted unless the manifest says otherwise"
+    );
+}
+
+#[test]
+fn gateway_tls_missing_files_and_bad_version() {
+    let e = errors(
+        "name = \"x\"\n[gateway.tls]\ncert = \"no-such.pem\"\nkey = \"no-such-key.pem\"\nmin_version = \"1.1\"\n[services.a]\nrun = { cargo = \"a\" }\n",
+    );
+    assert!(
+        e.contains("certificate file `") && e.contains("no-such.pem` does not exist"),
+        "{e}"
+    );
+    assert!(
+        e.contains("key file `") && e.contains("no-such-key.pem` does not exist"),
+        "{e}"
+    );
+    assert!(e.contains("`1.1` is not a TLS version"), "{e}");
+    assert!(e.contains("min_version = \"1.2\""), "{e}");
+    let e = errors(
+        "name = \"x\"\n[gateway.tls]\ncert = \"a.pem\"\n[services.a]\nrun = { cargo = \"a\" }\n",
+    );
+    assert!(e.contains("key"), "a missing `key` is named: {e}");
+}
