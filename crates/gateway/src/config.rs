@@ -18,6 +18,7 @@ use crate::cors::{CorsConfig, CorsConfigError, CorsPolicy};
 use crate::ip::{IpConfig, IpRules};
 use crate::jwt::{JwksSource, JwtConfig, RouteAuth, claim_header};
 use crate::ratelimit::{RateLimit, RateLimitBackend, RateLimitKey};
+use crate::tls::TlsConfig;
 
 /// Everything a gateway needs to run.
 #[derive(Debug, Clone)]
@@ -45,6 +46,9 @@ pub struct Config {
     /// The gateway's identity for mutual TLS to instances (`None`: plain
     /// TCP). Fixed at start, like `listen`.
     pub upstream_tls: Option<UpstreamTls>,
+    /// HTTPS for clients (`None`: plain HTTP). Fixed at start, like
+    /// `listen`; the certificate itself is reloaded when its files change.
+    pub tls: Option<TlsConfig>,
 }
 
 /// One path (and optionally methods) owned by a service.
@@ -361,6 +365,10 @@ impl Config {
                 },
             },
             upstream_tls: None,
+            tls: gw.tls.as_ref().map(|t| TlsConfig {
+                min_version: t.min_version,
+                ..TlsConfig::new(&t.cert, &t.key)
+            }),
         }
     }
 }

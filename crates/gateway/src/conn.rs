@@ -23,7 +23,8 @@
 //! flow control; the watchdog only handles HTTP/1. Today hyper serves only
 //! h2c connections, so for them the watchdog just lingers: HTTP/1 is served
 //! by the gateway's own driver (`h1`), which applies the same timeouts
-//! itself and shares [`linger`].
+//! itself and shares [`linger`]. HTTP/2 over TLS is served by hyper without
+//! a watchdog (`Watch::detached`).
 
 use std::io;
 use std::pin::Pin;
@@ -41,8 +42,8 @@ use tokio::time::Instant;
 const LINGER: Duration = Duration::from_secs(2);
 /// At most this much is read and dropped while lingering.
 const LINGER_BYTES: usize = 1024 * 1024;
-/// How long writing the 408 may take.
-const WRITE_408: Duration = Duration::from_secs(1);
+/// How long writing a last answer (a 408) may take.
+const WRITE_PLAIN: Duration = Duration::from_secs(1);
 
 /// How an HTTP/2 connection starts (the first line of its preface).
 pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
@@ -71,6 +72,12 @@ impl Watch {
             h2: AtomicBool::new(false),
             seen_bytes: AtomicBool::new(false),
         }
+    }
+
+    /// A watch nobody reads: for connections without a watchdog (HTTP/2
+    /// over TLS), whose requests still mark themselves in one.
+    pub(crate) fn detached() -> Arc<Watch> {
+        Arc::new(Watch::new())
     }
 
     fn now_ms(&self) -> u64 {
@@ -274,19 +281,7 @@ impl Watched {
             "HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-type: application/json\r\nserver: flotilla\r\ncontent-length: {}\r\n\r\n{BODY}",
             BODY.len()
         );
-        let write = async {
-            let mut rest = response.as_bytes();
-            while !rest.is_empty() {
-                self.stream.writable().await?;
-                match self.stream.try_write(rest) {
-                    Ok(n) => rest = &rest[n..],
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok::<(), io::Error>(())
-        };
-        let _ = tokio::time::timeout(WRITE_408, write).await;
+        write_plain(&self.stream, response.as_bytes()).await;
     }
 
     /// Shuts the write side and drains what the client still sends, so
@@ -294,6 +289,24 @@ impl Watched {
     pub(crate) async fn linger(self) {
         linger(&self.stream).await;
     }
+}
+
+/// Writes `bytes` to a connection that is about to close, best effort: the
+/// client may be gone or not reading, so this gives up after a moment.
+pub(crate) async fn write_plain(stream: &TcpStream, bytes: &[u8]) {
+    let write = async {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            stream.writable().await?;
+            match stream.try_write(rest) {
+                Ok(n) => rest = rest.get(n..).unwrap_or_default(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok::<(), io::Error>(())
+    };
+    let _ = tokio::time::timeout(WRITE_PLAIN, write).await;
 }
 
 /// Shuts the write side of `stream` and reads and drops what the client

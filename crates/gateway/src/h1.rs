@@ -19,7 +19,9 @@
 //! parser hyper uses, the framing rules follow hyper's and RFC 9112, and
 //! chunked bodies go through `chunked`, the decoder the upstream client
 //! uses.
-//! HTTP/2 (h2c) is still served by hyper (see `server`).
+//! HTTP/2 (h2c, or h2 over TLS) is still served by hyper (see `server`).
+//! The connection is a plain TCP socket or a TLS stream over one
+//! (`transport`); the driver is the same for both.
 //!
 //! What a connection guarantees:
 //!
@@ -75,8 +77,6 @@ use futures_util::future::{BoxFuture, Fuse};
 use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, SERVER};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Version};
 use http_body::Body as _;
-use tokio::io::Interest;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
@@ -88,9 +88,9 @@ use crate::body::{self, Body};
 use crate::chunked::{ChunkedDecoder, ChunkedError, Decoded};
 use crate::clock;
 use crate::config::Limits;
-use crate::conn;
 use crate::relayed::Reply;
 use crate::server::{ConnInfo, Handler};
+use crate::transport::{Bufs, Transport};
 use crate::upgrade::{self, Handoff, Tunnel, WebSocket};
 
 /// Spare room in the read buffer before reading a head.
@@ -132,7 +132,7 @@ impl Settings {
 /// Serves HTTP/1.x on `io` until the connection ends; `read` holds what was
 /// already read from it.
 pub(crate) async fn serve<H: Handler>(
-    io: TcpStream,
+    io: Transport,
     read: BytesMut,
     info: ConnInfo,
     stack: H,
@@ -160,7 +160,7 @@ pub(crate) async fn serve<H: Handler>(
         bad_body: false,
     };
     if conn.run().await == End::Close {
-        conn::linger(&conn.io).await;
+        conn.io.close().await;
     }
 }
 
@@ -209,7 +209,7 @@ impl Feed {
 }
 
 struct Conn<H> {
-    io: TcpStream,
+    io: Transport,
     rbuf: BytesMut,
     out: Out,
     info: ConnInfo,
@@ -359,7 +359,7 @@ impl<H: Handler> Conn<H> {
             } = self;
             let event = tokio::select! {
                 biased;
-                read = poll_fn(|cx| poll_read(io, rbuf, cx, READ_SPARE)) => Some(read),
+                read = poll_fn(|cx| io.poll_read_into(cx, rbuf, READ_SPARE)) => Some(read),
                 () = stop_signal, if idle => return Err(Stop::Close),
                 () = timer.as_mut() => None,
             };
@@ -545,7 +545,7 @@ impl<H: Handler> Conn<H> {
                 }
                 Ok(Decoded::NeedMore) if self.read_closed => f.end(Err(BodyError::Incomplete)),
                 Ok(Decoded::NeedMore) => {
-                    match poll_read(&self.io, &mut self.rbuf, cx, BODY_READ_SPARE) {
+                    match self.io.poll_read_into(cx, &mut self.rbuf, BODY_READ_SPARE) {
                         Poll::Pending => break,
                         Poll::Ready(Ok(0)) => {
                             self.read_closed = true;
@@ -572,7 +572,7 @@ impl<H: Handler> Conn<H> {
         if !self.rbuf.is_empty() {
             return false;
         }
-        match poll_read(&self.io, &mut self.rbuf, cx, READ_SPARE) {
+        match self.io.poll_read_into(cx, &mut self.rbuf, READ_SPARE) {
             Poll::Ready(Ok(0)) => {
                 self.read_closed = true;
                 true
@@ -760,24 +760,22 @@ impl<H: Handler> Conn<H> {
     /// frames are queued by reference) per call when the socket keeps up.
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.out.is_empty() {
-            ready!(self.io.poll_write_ready(cx))?;
             let written = match self.out.single() {
-                Some(bytes) => self.io.try_write(bytes),
+                Some(bytes) => ready!(self.io.poll_write_bufs(cx, Bufs::One(bytes))),
                 None => {
                     let mut slices = [IoSlice::new(&[]); 32];
                     let n = self.out.slices(&mut slices);
-                    self.io
-                        .try_write_vectored(slices.get(..n).unwrap_or_default())
+                    let slices = slices.get(..n).unwrap_or_default();
+                    ready!(self.io.poll_write_bufs(cx, Bufs::Many(slices)))
                 }
             };
             match written {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(n) => self.out.advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
-        Poll::Ready(Ok(()))
+        self.io.poll_flush_held(cx)
     }
 
     /// The instance switched to WebSocket (`reply` is its `101`): writes the
@@ -818,13 +816,13 @@ impl<H: Handler> Conn<H> {
             return End::Abort;
         }
         let from_client = self.rbuf.split().freeze();
-        upgrade::relay(
-            &mut self.io,
-            from_client,
-            tunnel,
-            self.settings.tunnel_idle_timeout,
-        )
-        .await;
+        let idle = self.settings.tunnel_idle_timeout;
+        match &mut self.io {
+            Transport::Tcp(stream) => upgrade::relay(stream, from_client, tunnel, idle).await,
+            Transport::Tls(stream) => {
+                upgrade::relay(stream.as_mut(), from_client, tunnel, idle).await
+            }
+        };
         // Both directions were shut down, or one failed: nothing to linger for.
         End::Abort
     }
@@ -890,39 +888,6 @@ fn arm(timer: &mut Pin<Box<Sleep>>, deadline: Instant) {
     }
 }
 
-/// Reads what is available into `buf`, keeping `spare` bytes of room.
-fn poll_read(
-    io: &TcpStream,
-    buf: &mut BytesMut,
-    cx: &mut Context<'_>,
-    spare: usize,
-) -> Poll<io::Result<usize>> {
-    loop {
-        ready!(io.poll_read_ready(cx))?;
-        if buf.capacity() - buf.len() < spare {
-            buf.reserve(spare);
-        }
-        let room = buf.capacity() - buf.len();
-        // Into the uninitialised spare room directly: no zeroing.
-        match io.try_read_buf(buf) {
-            Ok(n) => {
-                if n > 0 && n < room {
-                    // A read that did not fill the buffer drained the socket
-                    // (epoll is edge-triggered): forget its readiness now, as
-                    // tokio's own `poll_read` does, rather than learn it from
-                    // one more `recv` failing with EAGAIN on every request.
-                    let _ = io.try_io(Interest::READABLE, || {
-                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
-                    });
-                }
-                return Poll::Ready(Ok(n));
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
@@ -934,7 +899,7 @@ mod tests {
     use http_body::Frame;
     use http_body_util::{BodyExt, StreamBody};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
 
@@ -1033,7 +998,7 @@ mod tests {
                     scheme: "http",
                 };
                 tokio::spawn(serve(
-                    stream,
+                    stream.into(),
                     BytesMut::new(),
                     info,
                     stack.clone(),

@@ -16,11 +16,12 @@
 //! - [`Config`] (built with [`Config::from_manifest`], fields overridable)
 //!   and its policy types: [`JwtConfig`]/[`JwksSource`], [`RouteAuth`],
 //!   [`RateLimit`] (`"20/s burst 40 per user"`), [`RateLimitBackend`],
-//!   [`CorsConfig`], [`IpConfig`]/[`IpRules`] ([`parse_net`]), [`Limits`];
-//! - [`Gateway::start`], [`Gateway::local_addr`], [`Gateway::reload`],
-//!   [`Gateway::shutdown`];
-//! - [`Error`] for why it could not start, [`ConfigError`] for why a
-//!   configuration was refused.
+//!   [`CorsConfig`], [`IpConfig`]/[`IpRules`] ([`parse_net`]), [`Limits`],
+//!   [`TlsConfig`];
+//! - [`Gateway::start`], [`Gateway::local_addr`], [`Gateway::url`],
+//!   [`Gateway::reload`], [`Gateway::shutdown`];
+//! - [`Error`] for why it could not start ([`TlsError`] for a certificate
+//!   it cannot serve), [`ConfigError`] for why a configuration was refused.
 //!
 //! A request passes through one tower stack, outermost first: request id →
 //! access log and metrics → `server` header → load shedding → `/healthz` →
@@ -31,6 +32,8 @@
 //! socket is watched for slow heads (408) and idle keep-alive. A WebSocket
 //! handshake goes through the same stack; once the instance switches, the
 //! client's connection and the instance's become one tunnel (`upgrade`).
+//! With [`TlsConfig`], clients connect over HTTPS (`tls`): the same stack
+//! behind a TLS handshake, HTTP/2 or HTTP/1.1 by ALPN.
 
 mod access_log;
 mod balance;
@@ -58,6 +61,8 @@ mod routes;
 mod routing;
 mod server;
 mod stats;
+mod tls;
+mod transport;
 mod upgrade;
 pub mod upstream;
 mod workers;
@@ -77,6 +82,7 @@ pub use ip::{IpConfig, IpNetParseError, IpRules, parse_net, parse_nets};
 pub use jwt::{JwksSource, JwksSourceError, JwtConfig, RouteAuth, RouteAuthParseError};
 pub use ratelimit::{RateLimit, RateLimitBackend, RateLimitKey, RateLimitParseError};
 pub use stats::prometheus_recorder;
+pub use tls::{TlsConfig, TlsError};
 pub use upstream::{ActivateError, ActivateFuture, Endpoint, Load, LoadGuard, Upstreams};
 
 /// Why the gateway could not start.
@@ -118,6 +124,8 @@ pub enum Error {
     Workers(#[source] std::io::Error),
     #[error("cannot load the gateway's identity for mutual TLS to instances (upstream_tls)")]
     UpstreamTls(#[source] flotilla_mesh::tls::TlsError),
+    #[error("cannot serve HTTPS with the certificate and key of [gateway.tls]")]
+    Tls(#[source] TlsError),
 }
 
 /// A running gateway. Dropping it without [`Gateway::shutdown`] stops
@@ -129,6 +137,10 @@ pub struct Gateway {
     context: routing::Context,
     /// Serialises reloads, so each builds on the one before.
     reloading: std::sync::Mutex<()>,
+    /// `https` when TLS is terminated here, else `http`.
+    scheme: &'static str,
+    /// Takes a renewed certificate (with TLS); stops when the gateway goes.
+    _certificates: Option<tls::Reloader>,
     stop: oneshot::Sender<Duration>,
     task: JoinHandle<()>,
 }
@@ -152,6 +164,11 @@ impl Gateway {
                 return Err(Error::StaticDir { path: dir.clone() });
             }
         }
+        // Before binding: a gateway that cannot serve TLS does not start.
+        let acceptor = match &config.tls {
+            Some(tls) => Some(tls::Acceptor::new(tls).map_err(Error::Tls)?),
+            None => None,
+        };
         let listener = server::bind(config.listen).await?;
         let local_addr = listener.local_addr().map_err(|source| Error::Listen {
             addr: config.listen,
@@ -188,13 +205,21 @@ impl Gateway {
             clients,
         );
         let (stopping, _) = tokio::sync::watch::channel(());
-        let workers =
-            server::start_workers(stacks, &config.limits, &stopping).map_err(Error::Workers)?;
+        let certificates = config
+            .tls
+            .as_ref()
+            .zip(acceptor.as_ref())
+            .map(|(tls, acceptor)| acceptor.spawn_reloader(tls.reload_every));
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
+        let workers = server::start_workers(stacks, &config.limits, acceptor, &stopping)
+            .map_err(Error::Workers)?;
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(server::run(listener, workers, stopping, stopped, writer));
-        tracing::info!(target: "flotilla::gateway", %local_addr, "gateway listening");
+        tracing::info!(target: "flotilla::gateway", %local_addr, scheme, "gateway listening");
         Ok(Gateway {
             local_addr,
+            scheme,
+            _certificates: certificates,
             routing,
             context,
             reloading: std::sync::Mutex::new(()),
@@ -209,6 +234,12 @@ impl Gateway {
         self.local_addr
     }
 
+    /// The gateway's base URL: `https://` and the address when it
+    /// terminates TLS (`Config::tls`), else `http://` and the address.
+    pub fn url(&self) -> String {
+        format!("{}://{}", self.scheme, self.local_addr)
+    }
+
     /// Atomically replaces the routes, the static directory and every
     /// policy (JWT, CORS, IP lists, rate limits, body limits). Requests in
     /// flight finish with the configuration they started with; connections
@@ -217,7 +248,7 @@ impl Gateway {
     /// config carry over.
     ///
     /// An invalid `config` is refused with its error and the old one stays.
-    /// `listen`, `access_log` and `limits` (except `max_body_bytes`) are
+    /// `listen`, `tls`, `access_log` and `limits` (except `max_body_bytes`) are
     /// fixed at start; changing them needs a new gateway. Must be called
     /// from within the tokio runtime.
     pub fn reload(&self, config: Config) -> Result<(), ConfigError> {

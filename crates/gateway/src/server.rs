@@ -3,9 +3,9 @@
 //! loop and serves each connection, and shuts down gracefully.
 //!
 //! The accept loop only accepts, and hands each connection to one of the
-//! gateway's worker threads (`workers`); everything per connection (today
-//! only `TCP_NODELAY`, later the TLS handshake) happens on the connection's
-//! own task there, so a slow client cannot stall accepting. Each worker
+//! gateway's worker threads (`workers`); everything per connection
+//! (`TCP_NODELAY`, the TLS handshake) happens on the connection's own task
+//! there, so a slow client cannot stall accepting. Each worker
 //! keeps its connections in a `JoinSet`, so that shutdown can close the
 //! ones still open at the deadline.
 //!
@@ -15,6 +15,11 @@
 //! gateway's own driver (`h1`), which parses heads, enforces the head size
 //! and count limits (431), the slow-head (408) and idle timeouts, and
 //! lingers on close itself.
+//!
+//! With TLS (`Config::tls`, see `tls`), every connection is a TLS one: the
+//! handshake first (bounded by the head timeout), then ALPN decides: `h2`
+//! goes to hyper, anything else to the same HTTP/1 driver, over the TLS
+//! stream, with `https` as the connection's scheme.
 //!
 //! Load shedding: past `max_in_flight` requests at once, new ones get 503
 //! `overloaded` at once (before any routing or upstream work), so a flood
@@ -37,6 +42,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio_rustls::server::TlsStream;
 
 use crate::access_log::{self, AccessLog, Sink};
 use crate::body::{self, Body, Holding};
@@ -51,6 +57,8 @@ use crate::rejection::Rejection;
 use crate::relayed::Reply;
 use crate::request_id::{RequestId, X_REQUEST_ID};
 use crate::routing::RoutingState;
+use crate::tls::Acceptor;
+use crate::transport::Transport;
 use crate::upgrade::Tunnels;
 use crate::upstream::Upstreams;
 use crate::workers::{self, Workers};
@@ -316,6 +324,7 @@ pub(crate) async fn run(
 pub(crate) fn start_workers(
     stacks: Vec<Stack>,
     limits: &Limits,
+    tls: Option<Acceptor>,
     stopping: &watch::Sender<()>,
 ) -> std::io::Result<Workers> {
     let builder = Arc::new(h2_builder(limits));
@@ -327,6 +336,7 @@ pub(crate) fn start_workers(
             stack,
             stopping: stopping.subscribe(),
             settings,
+            tls: tls.clone(),
         })
         .collect();
     Workers::start("flotilla-gateway", serves)
@@ -338,6 +348,8 @@ struct Connections {
     stack: Stack,
     stopping: watch::Receiver<()>,
     settings: h1::Settings,
+    /// With TLS terminated here: the handshake, with the current certificate.
+    tls: Option<Acceptor>,
 }
 
 impl workers::Serve for Connections {
@@ -348,6 +360,7 @@ impl workers::Serve for Connections {
     ) -> impl Future<Output = ()> + Send + 'static {
         serve_connection(
             Arc::clone(&self.builder),
+            self.tls.clone(),
             stream,
             peer,
             self.stack.clone(),
@@ -373,37 +386,149 @@ async fn accept_failed(e: std::io::Error) {
 /// driver keeps the buffer for its first head.
 const FIRST_READ: usize = 8 * 1024;
 
+/// A connection, to its end: what comes before HTTP/1 (the TLS handshake,
+/// the first read) and HTTP/2, which each step serves itself, then HTTP/1.
+/// The one place the HTTP/1 driver is started from: with two, its future's
+/// poll would no longer be inlined into this one's, which costs every
+/// request on a plain connection ~45 instructions (`instructions.sh`).
 async fn serve_connection(
     builder: Arc<http2::Builder<TokioExecutor>>,
+    tls: Option<Acceptor>,
     stream: TcpStream,
     peer: SocketAddr,
     stack: Stack,
-    mut stopping: watch::Receiver<()>,
+    stopping: watch::Receiver<()>,
     settings: h1::Settings,
 ) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(target: "flotilla::gateway", %peer, error = %e, "cannot set TCP_NODELAY");
+    let started = match tls {
+        None => start_plain(&builder, stream, peer, &stack, &stopping, settings).await,
+        // Boxed: a plain connection's task does not grow by the
+        // handshake's future.
+        Some(tls) => {
+            Box::pin(start_tls(
+                tls, &builder, stream, peer, &stack, &stopping, settings,
+            ))
+            .await
+        }
+    };
+    if let Some((io, first, info)) = started {
+        h1::serve(io, first, info, stack, settings, stopping).await;
     }
+}
+
+/// What the HTTP/1 driver starts with: the connection, what was read from
+/// it, and where it comes from.
+type Http1 = (Transport, BytesMut, ConnInfo);
+
+/// A plain connection: its first bytes tell HTTP/2 (served here, to its
+/// end) from HTTP/1 (returned).
+async fn start_plain(
+    builder: &Arc<http2::Builder<TokioExecutor>>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stack: &Stack,
+    stopping: &watch::Receiver<()>,
+    settings: h1::Settings,
+) -> Option<Http1> {
+    nodelay(&stream, peer);
     // A client that connects and says nothing would hold the socket
     // forever (and, being silent, would never see a graceful shutdown).
     let mut first = BytesMut::with_capacity(FIRST_READ);
+    let mut stop = stopping.clone();
     tokio::select! {
         read = tokio::time::timeout(settings.header_timeout, read_first(&stream, &mut first)) => {
             if !matches!(read, Ok(Ok(true))) {
-                return;
+                return None;
             }
         }
-        _ = stopping.changed() => return,
+        _ = stop.changed() => return None,
     }
-    // TLS slots in here: wrap `stream` and set the scheme to `https`.
     let info = ConnInfo {
         peer,
         scheme: "http",
     };
     if first.starts_with(H2_PREFACE) {
+        let (builder, stack, stopping) = (Arc::clone(builder), stack.clone(), stopping.clone());
         serve_h2(builder, stream, first, info, stack, stopping, settings).await;
-    } else {
-        h1::serve(stream, first, info, stack, settings, stopping).await;
+        return None;
+    }
+    Some((stream.into(), first, info))
+}
+
+/// A connection to a gateway that terminates TLS: the handshake (within
+/// the head timeout: a client that connects and never finishes it must not
+/// hold the socket), then HTTP/2 if the client chose it by ALPN (served
+/// here, to its end), else HTTP/1.x (returned), with `https` as the scheme.
+async fn start_tls(
+    tls: Acceptor,
+    builder: &Arc<http2::Builder<TokioExecutor>>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stack: &Stack,
+    stopping: &watch::Receiver<()>,
+    settings: h1::Settings,
+) -> Option<Http1> {
+    nodelay(&stream, peer);
+    let mut stop = stopping.clone();
+    // One deadline for the first byte and the handshake.
+    let deadline = tokio::time::Instant::now() + settings.header_timeout;
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => peeked,
+        _ = stop.changed() => return None,
+    };
+    match peeked {
+        Ok(Ok(n)) if n > 0 => {}
+        // Closed, or failed: nothing to answer.
+        Ok(_) => return None,
+        Err(_) => {
+            stats::tls_failed("timeout");
+            return None;
+        }
+    }
+    // A TLS connection starts with a handshake record (22), an HTTP
+    // request with a method's first letter.
+    if first[0].is_ascii_alphabetic() {
+        stats::tls_failed("plaintext");
+        refuse_plaintext(stream).await;
+        return None;
+    }
+    let accepted = tokio::select! {
+        accepted = tokio::time::timeout_at(deadline, tls.accept(stream)) => accepted,
+        _ = stop.changed() => return None,
+    };
+    let stream = match accepted {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(target: "flotilla::gateway", %peer, error = %e, "TLS handshake failed");
+            stats::tls_failed("error");
+            return None;
+        }
+        Err(_) => {
+            stats::tls_failed("timeout");
+            return None;
+        }
+    };
+    let (_, session) = stream.get_ref();
+    let h2 = session.alpn_protocol() == Some(b"h2");
+    stats::tls_accepted(session.protocol_version(), h2);
+    let info = ConnInfo {
+        peer,
+        scheme: "https",
+    };
+    if h2 {
+        let (builder, stack, stopping) = (Arc::clone(builder), stack.clone(), stopping.clone());
+        serve_h2_tls(builder, stream, info, stack, stopping).await;
+        return None;
+    }
+    Some((stream.into(), BytesMut::new(), info))
+}
+
+/// Requests and responses are small writes that must not wait for
+/// Nagle's algorithm.
+fn nodelay(stream: &TcpStream, peer: SocketAddr) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(target: "flotilla::gateway", %peer, error = %e, "cannot set TCP_NODELAY");
     }
 }
 
@@ -470,6 +595,47 @@ async fn serve_h2(
         watched.send_408().await;
     }
     watched.linger().await;
+}
+
+/// HTTP/2 over TLS, served by hyper to the end; once the gateway stops,
+/// gracefully. Like h2c, it has no slow-head watchdog: h2 frames its
+/// headers itself, and hyper bounds them.
+async fn serve_h2_tls(
+    builder: Arc<http2::Builder<TokioExecutor>>,
+    stream: TlsStream<TcpStream>,
+    info: ConnInfo,
+    stack: Stack,
+    mut stopping: watch::Receiver<()>,
+) {
+    let service = TowerToHyperService::new(Connection {
+        stack,
+        info,
+        watch: Watch::detached(),
+    });
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        // An error: the gateway is gone, which is stopping too.
+        _ = stopping.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(target: "flotilla::gateway", peer = %info.peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Plain HTTP on the TLS port: a 400 that says so, then the lingering close.
+async fn refuse_plaintext(stream: TcpStream) {
+    const BODY: &str = r#"{"error":{"code":"https_required","message":"this port speaks HTTPS: send the request to https:// instead of http://","request_id":""}}"#;
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-type: application/json\r\nserver: flotilla\r\ncontent-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    conn::write_plain(&stream, response.as_bytes()).await;
+    conn::linger(&stream).await;
 }
 
 /// The stack as seen from one connection: boxes hyper's body into the
@@ -577,6 +743,7 @@ mod tests {
             ip: None,
             rate_limit_backend: Default::default(),
             upstream_tls: None,
+            tls: None,
         };
         let upstreams: Arc<dyn Upstreams> = Arc::new(Silent(Arc::from(vec![Endpoint {
             instance: "svc-0".into(),

@@ -31,6 +31,10 @@ const SHED: &str = "flotilla_gateway_shed_total";
 const WEBSOCKETS_OPEN: &str = "flotilla_gateway_websockets_open";
 const WEBSOCKETS_CLOSED: &str = "flotilla_gateway_websockets_closed_total";
 const WEBSOCKET_BYTES: &str = "flotilla_gateway_websocket_bytes_total";
+const TLS_HANDSHAKES: &str = "flotilla_gateway_tls_handshakes_total";
+const TLS_HANDSHAKE_FAILURES: &str = "flotilla_gateway_tls_handshake_failures_total";
+const TLS_CERT_EXPIRY: &str = "flotilla_gateway_tls_certificate_expiry_timestamp_seconds";
+const TLS_CERT_RELOADS: &str = "flotilla_gateway_tls_certificate_reloads_total";
 
 /// The `route` label of a request no route matched.
 pub(crate) const UNMATCHED: &str = "unmatched";
@@ -143,6 +147,23 @@ pub(crate) fn describe() {
     metrics::describe_counter!(
         WEBSOCKET_BYTES,
         "Bytes carried by WebSocket tunnels that closed, by route, service and direction (upstream: client to instance; downstream: instance to client)."
+    );
+    metrics::describe_counter!(
+        TLS_HANDSHAKES,
+        "Client connections that completed a TLS handshake, by protocol version and ALPN protocol."
+    );
+    metrics::describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "Client connections closed before their TLS handshake completed, by reason (error, timeout, plaintext: plain HTTP sent to the TLS port)."
+    );
+    metrics::describe_gauge!(
+        TLS_CERT_EXPIRY,
+        metrics::Unit::Seconds,
+        "When the certificate the gateway serves to clients expires, in seconds since the Unix epoch."
+    );
+    metrics::describe_counter!(
+        TLS_CERT_RELOADS,
+        "Changed certificate files the gateway took (result ok) or could not take and kept the current certificate (result error; counted at each look while they stay so)."
     );
 }
 
@@ -312,6 +333,38 @@ impl Drop for Tunnel {
         )
         .increment(1);
     }
+}
+
+/// A client's TLS handshake completed.
+pub(crate) fn tls_accepted(version: Option<tokio_rustls::rustls::ProtocolVersion>, h2: bool) {
+    use tokio_rustls::rustls::ProtocolVersion;
+    let version = match version {
+        Some(ProtocolVersion::TLSv1_3) => "1.3",
+        Some(ProtocolVersion::TLSv1_2) => "1.2",
+        _ => "other",
+    };
+    let alpn = if h2 { "h2" } else { "http/1.1" };
+    metrics::counter!(TLS_HANDSHAKES, "version" => version, "alpn" => alpn).increment(1);
+}
+
+/// Changed certificate files were taken (`true`) or refused.
+pub(crate) fn tls_certificate_reloaded(ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    metrics::counter!(TLS_CERT_RELOADS, "result" => result).increment(1);
+}
+
+/// A client's connection ended before its TLS handshake did.
+pub(crate) fn tls_failed(reason: &'static str) {
+    metrics::counter!(TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(1);
+}
+
+/// The client-facing certificate now served expires at `not_after`.
+pub(crate) fn tls_certificate_expiry(not_after: std::time::SystemTime) {
+    let secs = not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    metrics::gauge!(TLS_CERT_EXPIRY).set(secs);
 }
 
 pub(crate) fn access_log_dropped() {

@@ -2,13 +2,16 @@
 //! scripts in `benches/gateway` (run.sh, ab.sh, pgo.sh, ...).
 //!
 //! Usage: `bench_gateway --listen ADDR --upstream ADDR [--threads N]
-//! [--jwt] [--rate-limit SPEC] [--upstream-tls DIR]`, or
+//! [--jwt] [--rate-limit SPEC] [--upstream-tls DIR] [--tls DIR]`, or
 //! `bench_gateway --issue DIR` to create a CA and the identities of both
 //! sides of an mTLS upstream hop (`DIR/gateway`, `DIR/upstream`) and exit.
 //!
 //! With `--upstream-tls DIR` the gateway reaches the upstream over mutual
 //! TLS with the identity in `DIR`, as under `flotilla up`; the upstream
 //! must present the `bench` service's identity (`bench_upstream --tls`).
+//!
+//! With `--tls DIR` clients connect over HTTPS, with the certificate
+//! `DIR/cert.pem` and its key `DIR/key.pem` (`[gateway.tls]`).
 //!
 //! With `--jwt`, every route needs a token: the program makes an Ed25519
 //! key, serves its JWKS itself (on another port), and prints a valid
@@ -55,6 +58,7 @@ impl Upstreams for Fixed {
 
 struct Args {
     upstream_tls: Option<std::path::PathBuf>,
+    tls: Option<std::path::PathBuf>,
     listen: SocketAddr,
     upstream: SocketAddr,
     threads: usize,
@@ -69,6 +73,7 @@ fn args() -> Result<Args, BoxError> {
     let mut jwt = false;
     let mut rate_limit = None;
     let mut upstream_tls = None;
+    let mut tls = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -78,6 +83,7 @@ fn args() -> Result<Args, BoxError> {
             "--jwt" => jwt = true,
             "--rate-limit" => rate_limit = Some(it.next().ok_or("--rate-limit SPEC")?),
             "--upstream-tls" => upstream_tls = Some(it.next().ok_or("--upstream-tls DIR")?.into()),
+            "--tls" => tls = Some(it.next().ok_or("--tls DIR")?.into()),
             "--issue" => {
                 issue(std::path::Path::new(&it.next().ok_or("--issue DIR")?))?;
                 std::process::exit(0);
@@ -87,6 +93,7 @@ fn args() -> Result<Args, BoxError> {
     }
     Ok(Args {
         upstream_tls,
+        tls,
         listen: listen.ok_or("--listen is required")?,
         upstream: upstream.ok_or("--upstream is required")?,
         threads,
@@ -151,6 +158,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
             .upstream_tls
             .as_deref()
             .map(flotilla_gateway::UpstreamTls::in_dir),
+        tls: args
+            .tls
+            .as_deref()
+            .map(|dir| flotilla_gateway::TlsConfig::new(dir.join("cert.pem"), dir.join("key.pem"))),
     };
     if args.jwt {
         let rng = ring::rand::SystemRandom::new();

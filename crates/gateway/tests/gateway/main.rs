@@ -15,4 +15,5 @@ mod security_edge;
 mod security_jwt;
 mod static_files;
 mod support;
+mod tls;
 mod websocket;

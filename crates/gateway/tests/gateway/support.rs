@@ -335,6 +335,7 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
         ip: None,
         rate_limit_backend: Default::default(),
         upstream_tls: None,
+        tls: None,
     }
 }
 

@@ -26,13 +26,13 @@ const T: Duration = Duration::from_secs(10);
 /// switched, then echoes text as `echo: …` and binary as it came. Picks the
 /// `chat` subprotocol when offered; refuses `/ws/refused` with 403. Reports
 /// each handshake request's headers.
-struct WsInstance {
+pub(crate) struct WsInstance {
     addr: SocketAddr,
     heads: mpsc::UnboundedReceiver<http::HeaderMap>,
 }
 
 impl WsInstance {
-    async fn start() -> WsInstance {
+    pub(crate) async fn start() -> WsInstance {
         WsInstance::serving(None).await
     }
 
@@ -71,7 +71,7 @@ impl WsInstance {
         .unwrap_or_else(|| panic!("the instance saw no handshake"))
     }
 
-    fn endpoint(&self, name: &str) -> Endpoint {
+    pub(crate) fn endpoint(&self, name: &str) -> Endpoint {
         Endpoint {
             instance: name.to_string(),
             addr: self.addr,
