@@ -83,6 +83,7 @@ fn apply(watched: &Watched, gateway: &Gateway) -> Result<(Manifest, GatewayConfi
     config.listen = watched.base.listen;
     config.access_log = watched.base.access_log.clone();
     config.upstream_tls = watched.base.upstream_tls.clone();
+    config.tls = watched.base.tls.clone();
     config.limits = watched.base.limits.clone();
     gateway.reload(config.clone()).map_err(|e| e.to_string())?;
     Ok((next, config))
@@ -100,6 +101,12 @@ fn restart_needed(current: &Manifest, next: &Manifest) -> Result<(), String> {
         || next.gateway.static_dir != current.gateway.static_dir
     {
         return Err("the gateway's `listen` or `static` changed: restart to apply".into());
+    }
+    // The certificate files themselves are looked at by the gateway, which
+    // takes a renewed pair by itself; which files, and the versions, are
+    // the listener's.
+    if next.gateway.tls != current.gateway.tls {
+        return Err("the gateway's `[gateway.tls]` changed: restart to apply (a renewed certificate written over the same files is taken without one)".into());
     }
     let names = |m: &Manifest| m.services.keys().cloned().collect::<Vec<_>>();
     if names(next) != names(current) {
@@ -190,5 +197,26 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
                 .unwrap_err()
                 .contains("added or removed")
         );
+    }
+
+    #[test]
+    fn a_changed_tls_section_needs_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["a.pem", "a-key.pem", "b.pem"] {
+            std::fs::write(dir.path().join(f), "pem").unwrap();
+        }
+        let with = |cert: &str, version: &str| {
+            let d = dir.path().display();
+            m(&format!(
+                "name = \"x\"\n[gateway.tls]\ncert = \"{d}/{cert}\"\nkey = \"{d}/a-key.pem\"\nmin_version = \"{version}\"\n{}",
+                BASE.trim_start_matches("name = \"x\"\n")
+            ))
+        };
+        let base = with("a.pem", "1.2");
+        assert!(restart_needed(&base, &with("a.pem", "1.2")).is_ok());
+        for next in [with("b.pem", "1.2"), with("a.pem", "1.3"), m(BASE)] {
+            let why = restart_needed(&base, &next).unwrap_err();
+            assert!(why.contains("[gateway.tls]"), "{why}");
+        }
     }
 }

@@ -249,7 +249,7 @@ impl System {
             .await
             .map_err(Error::Gateway)?;
         let gateway = Arc::new(gateway);
-        let gateway_url = format!("http://{}", gateway.local_addr());
+        let gateway_url = gateway.url();
         let _ = registry.gateway_url.set(gateway_url.clone());
 
         let (stop_tx, stop_rx) = watch::channel(false);

@@ -1,5 +1,6 @@
 //! The `flotilla` binary: `check`'s messages, `up`/`status`/`down` on a real
-//! system, a port already in use, and no orphans after `kill -9 flotilla`.
+//! system, HTTPS at its gateway, a port already in use, and no orphans
+//! after `kill -9 flotilla`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -146,6 +147,11 @@ impl Drop for Up {
 fn up(listen: &str) -> Up {
     let dir = tempfile::tempdir().unwrap();
     let manifest = hello_manifest(dir.path(), listen);
+    up_with(dir, manifest)
+}
+
+/// `flotilla up` on `manifest`, which is in `dir`, with its data dir there.
+fn up_with(dir: tempfile::TempDir, manifest: PathBuf) -> Up {
     let data = dir.path().join("data");
     let child = flotilla()
         .arg("up")
@@ -335,4 +341,56 @@ fn a_port_already_in_use_is_a_clear_error() {
         stderr.contains(&addr) && stderr.contains("already in use"),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_https_with_the_manifests_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let made =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    std::fs::write(dir.path().join("gw.pem"), made.cert.pem()).unwrap();
+    std::fs::write(
+        dir.path().join("gw-key.pem"),
+        made.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    let manifest = hello_manifest(dir.path(), "127.0.0.1:0");
+    let mut text = std::fs::read_to_string(&manifest).unwrap();
+    text.push_str("[gateway.tls]\ncert = \"gw.pem\"\nkey = \"gw-key.pem\"\n");
+    std::fs::write(&manifest, text).unwrap();
+
+    let mut up = up_with(dir, manifest);
+    let endpoints = tokio::task::block_in_place(|| wait_for_endpoints(&mut up));
+    let gateway = endpoints["gateway"].as_str().unwrap().to_string();
+    assert!(gateway.starts_with("https://127.0.0.1:"), "{endpoints}");
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let trusted = reqwest::Certificate::from_pem(made.cert.pem().as_bytes()).unwrap();
+    let https = reqwest::Client::builder()
+        .add_root_certificate(trusted)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    // The instances may still be starting: the gateway answers 503 until
+    // one is ready.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let res = loop {
+        let res = https.get(format!("{gateway}/hello")).send().await.unwrap();
+        if res.status().is_success() || Instant::now() > deadline {
+            break res;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["server"], "flotilla");
+
+    // Plain HTTP to the same port is told what to do.
+    let plain = crate::support::client()
+        .get(gateway.replacen("https://", "http://", 1) + "/hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 400);
+    let body = plain.text().await.unwrap();
+    assert!(body.contains("https_required"), "{body}");
 }
