@@ -40,11 +40,17 @@ wait_port() {
 # nginx runs under it as one process (no master, one worker). With
 # NGINX_WEBSOCKET=1 it passes WebSocket upgrades on, as nginx's documentation
 # configures it (Upgrade and Connection from the client's, 5 min read
-# timeout, as the gateway's tunnel idle timeout). Sets NGINX_PID; its files
-# go under $TMP/nginx.
+# timeout, as the gateway's tunnel idle timeout). With NGINX_TLS=DIR it
+# serves HTTPS only, with DIR/cert.pem and DIR/key.pem, TLS 1.2 and 1.3,
+# and a session cache. Sets NGINX_PID; its files go under $TMP/nginx.
 start_nginx() {
   local nginx=$1 port=$2 upstream=$3 user_line="" procs="worker_processes ${NGINX_WORKERS:-2};"
   local map="" connection='proxy_set_header Connection "";'
+  local listen="listen 127.0.0.1:$port;" ssl=""
+  if [ -n "${NGINX_TLS:-}" ]; then
+    listen="listen 127.0.0.1:$port ssl;"
+    ssl="ssl_certificate $NGINX_TLS/cert.pem; ssl_certificate_key $NGINX_TLS/key.pem; ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m;"
+  fi
   if [ "${NGINX_WEBSOCKET:-0}" = 1 ]; then
     map='map $http_upgrade $connection_upgrade { default upgrade; "" ""; }'
     connection='proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection $connection_upgrade; proxy_read_timeout 300s;'
@@ -74,7 +80,8 @@ http {
     keepalive 64;
   }
   server {
-    listen 127.0.0.1:$port;
+    $listen
+    $ssl
     location / {
       proxy_pass http://backend;
       proxy_http_version 1.1;
@@ -187,4 +194,23 @@ ticks() {
 # median V...: the middle value (the lower middle of an even count).
 median() {
   printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+}
+
+# to_ms VALUE: one of wrk's latencies ("850.00us", "1.20ms", "2.01s") in
+# milliseconds.
+to_ms() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
+    if (u == "us") n = n / 1000; else if (u == "s") n = n * 1000; else if (u == "m") n = n * 60000;
+    printf "%.3f", n }'
+}
+
+# wrk_figures FILE: "REQ/S P50_MS P99_MS" from the output of wrk --latency
+# (0 for what it lacks).
+wrk_figures() {
+  local rps p50 p99
+  rps=$(awk '/^Requests\/sec:/ {print $2}' "$1")
+  p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$1")")
+  p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$1")")
+  echo "${rps:-0} ${p50:-0} ${p99:-0}"
 }

@@ -228,14 +228,6 @@ math.randomseed(os.time())
 function delay() return math.random(5, 15) end
 EOF
 
-# wrk's latency figure to milliseconds.
-to_ms() {
-  awk -v v="$1" 'BEGIN {
-    n = v + 0; u = v; sub(/^[0-9.]+/, "", u);
-    if (u == "us") n = n / 1000; else if (u == "s") n = n * 1000; else if (u == "m") n = n * 60000;
-    printf "%.3f", n }'
-}
-
 HZ=$(getconf CLK_TCK)
 
 # run NAME URL CONNS [extra wrk args...] -> "rps p50 p99 errors"
@@ -247,12 +239,9 @@ run() {
   [ "$name" = gw-mtls ] && auth=(-H "authorization: Bearer $MTLS_TOKEN")
   [ "$name" = gw-pgo ] && auth=(-H "authorization: Bearer $PGO_TOKEN")
   "${WRK[@]}" -t1 -c"$conns" -d"$DURATION" --latency "${auth[@]}" "$@" "$url" >"$out" 2>&1 || true
-  local rps p50 p99 non2xx
-  rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
-  p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$out")")
-  p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$out")")
+  local non2xx
   non2xx=$(awk '/Non-2xx/ {print $NF}' "$out")
-  echo "${rps:-0} ${p50:-0} ${p99:-0} ${non2xx:-0}"
+  echo "$(wrk_figures "$out") ${non2xx:-0}"
 }
 
 declare -A URL=(
