@@ -485,3 +485,73 @@ async fn websocket_over_tls() {
     ok(ws.close(None).await, "close");
     gw.shutdown(Duration::from_secs(1)).await;
 }
+
+/// Stopping the gateway: an h2 connection over TLS is told to go away and
+/// finishes its stream, an HTTP/1.1 one its request, each over TLS to the
+/// end.
+#[tokio::test]
+async fn graceful_shutdown_finishes_requests_in_flight_over_tls() {
+    let dir = TestDir::new();
+    let pair = pair();
+    write(&dir, &pair);
+    let (gw, upstream) = https_gateway(&dir, |_| {}).await;
+
+    let tls = connect(gw.local_addr(), &pair.der, &[b"h2"]).await;
+    let (mut sender, conn) = ok(
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await,
+        "h2 handshake",
+    );
+    tokio::spawn(conn);
+    let req = ok(
+        Request::builder()
+            .uri("https://localhost/api/hold/h2")
+            .body(Empty::<Bytes>::new()),
+        "request",
+    );
+    let h2 = tokio::spawn(async move {
+        let res = ok(sender.send_request(req).await, "h2 request");
+        let status = res.status();
+        let body = ok(res.into_body().collect().await, "h2 body").to_bytes();
+        (status, body)
+    });
+    let mut h1 = connect(gw.local_addr(), &pair.der, &[b"http/1.1"]).await;
+    let h1 = tokio::spawn(async move { get_200(&mut h1, "/api/hold/h1").await });
+    wait_until("both requests to reach the upstream", || {
+        upstream.held() == 2
+    })
+    .await;
+
+    let addr = gw.local_addr();
+    let shutdown = tokio::spawn(gw.shutdown(PATIENCE));
+    // Stopping has begun once no connection is accepted.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still accepting after shutdown"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        !shutdown.is_finished(),
+        "shutdown waits for the requests in flight"
+    );
+    upstream.release();
+    let (status, body) = ok(
+        ok(tokio::time::timeout(PATIENCE, h2).await, "h2 timed out"),
+        "h2 task",
+    );
+    assert_eq!(status, StatusCode::OK);
+    let echo: serde_json::Value = ok(serde_json::from_slice(&body), "JSON");
+    assert_eq!(echo["path"], "/api/hold/h2");
+    let answer = ok(
+        ok(tokio::time::timeout(PATIENCE, h1).await, "h1 timed out"),
+        "h1 task",
+    );
+    assert_eq!(body_json(&answer)["path"], "/api/hold/h1");
+    ok(
+        tokio::time::timeout(PATIENCE, shutdown).await,
+        "shutdown finished",
+    )
+    .unwrap_or(());
+}
