@@ -123,7 +123,9 @@ pub struct Limits {
     /// `overloaded` (default 10 000): past this, latency for everyone
     /// suffers more than a quick refusal hurts a few.
     pub max_in_flight: usize,
-    /// How long a kept-alive connection may sit idle between requests.
+    /// How long a kept-alive connection may sit idle between requests
+    /// (default 60 s); an HTTP/2 connection with no request in progress
+    /// for as long is told to go away.
     pub idle_timeout: Duration,
     /// How long a WebSocket tunnel may carry nothing either way before it
     /// is closed (default 5 min; a client that pings keeps it open).

@@ -1,35 +1,27 @@
-//! One client connection's socket, watched: slow-client and idle timeouts
-//! that answer instead of just hanging up, and a lingering close so that
-//! the answer is actually read.
+//! The client side of an HTTP/2 connection as hyper sees it, watched for
+//! idleness; and the lingering close every connection ends with.
 //!
-//! hyper's own `header_read_timeout` closes the connection without a word,
-//! and its clock also runs while a kept-alive connection is idle, so it
-//! cannot tell "idle" from "slow". Here the socket itself notes when the
-//! first byte of a request head arrives and when a request is handed to the
-//! service; a watchdog beside the connection then:
-//!
-//! - answers **408** and closes when a head has been arriving for longer
-//!   than `header_read_timeout` (a slowloris client);
-//! - closes silently when a kept-alive connection has been idle for
-//!   `idle_timeout` (nothing is in progress, so nothing to answer).
+//! hyper's HTTP/2 server has no idle timeout: a client could open
+//! connections, make a request or none, and keep them forever, each a
+//! socket and a task. So each h2 connection (h2c, or h2 over TLS) keeps a
+//! [`Watch`]: requests in progress and the time of the last activity (a
+//! byte read, on h2c, or a response finished). Once no request has been in
+//! progress for `idle_timeout`, the connection is told to go away (GOAWAY)
+//! and closes, as nginx closes an idle HTTP/2 connection; a long request or
+//! a slow response stream keeps it open. (HTTP/1 is served by the gateway's
+//! own driver, `h1`, which applies its idle and slow-head timeouts itself.)
 //!
 //! When a connection ends with the client still sending (a head over the
 //! size limit answered with 431, a body refused with 413), closing at once
 //! would make the kernel reset the connection and the client could lose the
 //! answer. So the write side is shut first and what the client still sends
-//! is read and dropped for a moment (as nginx's `lingering_close` does).
-//!
-//! HTTP/2 connections (which start with the h2 preface) are left to h2's own
-//! flow control; the watchdog only handles HTTP/1. Today hyper serves only
-//! h2c connections, so for them the watchdog just lingers: HTTP/1 is served
-//! by the gateway's own driver (`h1`), which applies the same timeouts
-//! itself and shares [`linger`]. HTTP/2 over TLS is served by hyper without
-//! a watchdog (`Watch::detached`).
+//! is read and dropped for a moment ([`linger`], as nginx's
+//! `lingering_close` does).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -42,67 +34,62 @@ use tokio::time::Instant;
 const LINGER: Duration = Duration::from_secs(2);
 /// At most this much is read and dropped while lingering.
 const LINGER_BYTES: usize = 1024 * 1024;
-/// How long writing a last answer (a 408) may take.
+/// How long writing a last answer (`https_required`) may take.
 const WRITE_PLAIN: Duration = Duration::from_secs(1);
 
 /// How an HTTP/2 connection starts (the first line of its preface).
 pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
-/// What the socket and the service tell the watchdog.
+/// What an HTTP/2 connection's socket and requests tell its idle timer.
 #[derive(Debug)]
 pub(crate) struct Watch {
     epoch: Instant,
-    /// Millis since `epoch` (+1) when the current head started; 0: none.
-    head_started: AtomicU64,
     /// Requests handed to the service whose responses are not done.
     in_request: AtomicU64,
-    /// Millis since `epoch` of the last byte read or request finished.
+    /// Millis since `epoch` (+1) of the last byte read or request finished.
     last_activity: AtomicU64,
-    h2: AtomicBool,
-    seen_bytes: AtomicBool,
 }
 
 impl Watch {
-    fn new() -> Watch {
-        Watch {
+    pub(crate) fn new() -> Arc<Watch> {
+        Arc::new(Watch {
             epoch: Instant::now(),
-            head_started: AtomicU64::new(0),
             in_request: AtomicU64::new(0),
             last_activity: AtomicU64::new(0),
-            h2: AtomicBool::new(false),
-            seen_bytes: AtomicBool::new(false),
-        }
-    }
-
-    /// A watch nobody reads: for connections without a watchdog (HTTP/2
-    /// over TLS), whose requests still mark themselves in one.
-    pub(crate) fn detached() -> Arc<Watch> {
-        Arc::new(Watch::new())
+        })
     }
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 
-    fn read(&self, bytes: &[u8]) {
-        let now = self.now_ms();
-        self.last_activity.store(now, Ordering::Relaxed);
-        if !self.seen_bytes.swap(true, Ordering::Relaxed) && bytes.starts_with(H2_PREFACE) {
-            self.h2.store(true, Ordering::Relaxed);
-        }
-        if self.in_request.load(Ordering::Acquire) == 0 {
-            // Only the first byte of a head starts its clock.
-            let _ = self
-                .head_started
-                .compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
-        }
+    fn read(&self) {
+        self.last_activity.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    /// A request head was complete and handed to the service.
+    /// A request was handed to the service.
     pub(crate) fn request_started(self: &Arc<Self>) -> RequestGuard {
         self.in_request.fetch_add(1, Ordering::AcqRel);
-        self.head_started.store(0, Ordering::Release);
         RequestGuard(Arc::clone(self))
+    }
+
+    /// Resolves once no request has been in progress, and nothing was read,
+    /// for `idle_timeout`.
+    pub(crate) async fn idle(&self, idle_timeout: Duration) {
+        let idle_ms = idle_timeout.as_millis() as u64;
+        loop {
+            let now = self.now_ms();
+            let wake_in = if self.in_request.load(Ordering::Acquire) > 0 {
+                idle_ms
+            } else {
+                let last = self.last_activity.load(Ordering::Relaxed);
+                if now >= last + idle_ms {
+                    return;
+                }
+                last + idle_ms - now
+            };
+            tokio::time::sleep(Duration::from_millis(wake_in.max(10))).await;
+        }
     }
 }
 
@@ -139,18 +126,17 @@ impl AsyncRead for Io {
             let n = this.prefix.len().min(buf.remaining());
             let head = this.prefix.split_to(n);
             buf.put_slice(&head);
-            this.watch.read(&head);
+            this.watch.read();
             return Poll::Ready(Ok(()));
         }
         loop {
             ready!(self.stream.poll_read_ready(cx))?;
-            let before = buf.filled().len();
             // Into the uninitialised part directly (`ReadBuf` is a `BufMut`):
             // zeroing hyper's read buffer on every read costs measurably.
             match self.stream.try_read_buf(buf) {
                 Ok(n) => {
                     if n > 0 {
-                        self.watch.read(&buf.filled()[before..]);
+                        self.watch.read();
                     }
                     return Poll::Ready(Ok(()));
                 }
@@ -211,10 +197,10 @@ fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
 }
 
 /// Wraps `stream`, of which `read` was already read, for hyper; the
-/// returned handle runs the watchdog.
+/// returned handle lingers once hyper is done.
 pub(crate) fn watch(stream: TcpStream, read: Bytes) -> (Io, Watched) {
     let stream = Arc::new(stream);
-    let watch = Arc::new(Watch::new());
+    let watch = Watch::new();
     (
         Io {
             stream: Arc::clone(&stream),
@@ -225,65 +211,13 @@ pub(crate) fn watch(stream: TcpStream, read: Bytes) -> (Io, Watched) {
     )
 }
 
-/// Why the watchdog ended a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    HeadTimeout,
-    Idle,
-}
-
-/// The watchdog's side of a connection.
+/// The gateway's side of an h2c connection, beside hyper's.
 pub(crate) struct Watched {
     stream: Arc<TcpStream>,
     pub watch: Arc<Watch>,
 }
 
 impl Watched {
-    /// Resolves when the connection has overstayed; never, for HTTP/2.
-    pub(crate) async fn expired(
-        &self,
-        header_timeout: Duration,
-        idle_timeout: Duration,
-    ) -> Verdict {
-        let w = &self.watch;
-        loop {
-            let now = w.now_ms();
-            let head = w.head_started.load(Ordering::Acquire);
-            let busy = w.in_request.load(Ordering::Acquire) > 0;
-            let h2 = w.h2.load(Ordering::Relaxed);
-            let header_ms = header_timeout.as_millis() as u64;
-            let idle_ms = idle_timeout.as_millis() as u64;
-            // A head may start while we sleep: look again within a
-            // quarter of the head timeout, so a 408 is at most 25 % late.
-            let poll_ms = (header_ms / 4).max(10);
-            let wake_in = if h2 || busy {
-                poll_ms
-            } else if head != 0 {
-                if now >= head + header_ms {
-                    return Verdict::HeadTimeout;
-                }
-                head + header_ms - now
-            } else {
-                let last = w.last_activity.load(Ordering::Relaxed);
-                if now >= last + idle_ms {
-                    return Verdict::Idle;
-                }
-                (last + idle_ms - now).min(poll_ms)
-            };
-            tokio::time::sleep(Duration::from_millis(wake_in.max(10))).await;
-        }
-    }
-
-    /// Writes a 408 (best effort: the client may be gone).
-    pub(crate) async fn send_408(&self) {
-        const BODY: &str = r#"{"error":{"code":"request_timeout","message":"the request headers took too long to arrive","request_id":""}}"#;
-        let response = format!(
-            "HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-type: application/json\r\nserver: flotilla\r\ncontent-length: {}\r\n\r\n{BODY}",
-            BODY.len()
-        );
-        write_plain(&self.stream, response.as_bytes()).await;
-    }
-
     /// Shuts the write side and drains what the client still sends, so
     /// closing does not reset a connection whose last answer is unread.
     pub(crate) async fn linger(self) {

@@ -42,12 +42,11 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_rustls::server::TlsStream;
 
 use crate::access_log::{self, AccessLog, Sink};
 use crate::body::{self, Body, Holding};
 use crate::config::Limits;
-use crate::conn::{self, H2_PREFACE, Verdict, Watch};
+use crate::conn::{self, H2_PREFACE, Watch};
 use crate::edge::{self, Served};
 use crate::h1;
 use crate::health;
@@ -518,7 +517,16 @@ async fn start_tls(
     };
     if h2 {
         let (builder, stack, stopping) = (Arc::clone(builder), stack.clone(), stopping.clone());
-        serve_h2_tls(builder, stream, info, stack, stopping).await;
+        serve_h2_conn(
+            builder,
+            stream,
+            info,
+            stack,
+            Watch::new(),
+            stopping,
+            settings,
+        )
+        .await;
         return None;
     }
     Some((stream.into(), BytesMut::new(), info))
@@ -557,67 +565,54 @@ async fn serve_h2(
     first: BytesMut,
     info: ConnInfo,
     stack: Stack,
-    mut stopping: watch::Receiver<()>,
+    stopping: watch::Receiver<()>,
     settings: h1::Settings,
 ) {
-    let peer = info.peer;
     let (io, watched) = conn::watch(stream, first.freeze());
-    let service = TowerToHyperService::new(Connection {
-        stack,
+    serve_h2_conn(
+        builder,
+        io,
         info,
-        watch: Arc::clone(&watched.watch),
-    });
-    // Served to the end; once the gateway stops, gracefully (GOAWAY, then
-    // the streams in progress finish).
-    let conn = async move {
-        let conn = builder.serve_connection(TokioIo::new(io), service);
-        tokio::pin!(conn);
-        tokio::select! {
-            result = conn.as_mut() => return result,
-            // An error: the gateway is gone, which is stopping too.
-            _ = stopping.changed() => {}
-        }
-        conn.as_mut().graceful_shutdown();
-        conn.await
-    };
-    let verdict = tokio::select! {
-        result = conn => {
-            if let Err(e) = result {
-                tracing::debug!(target: "flotilla::gateway", %peer, error = %e, "connection ended with an error");
-            }
-            None
-        }
-        verdict = watched.expired(settings.header_timeout, settings.idle_timeout) => Some(verdict),
-    };
-    // hyper's side of the connection is gone here (dropped with the select).
-    if verdict == Some(Verdict::HeadTimeout) {
-        tracing::debug!(target: "flotilla::gateway", %peer, "request headers too slow; answering 408");
-        watched.send_408().await;
-    }
+        stack,
+        Arc::clone(&watched.watch),
+        stopping,
+        settings,
+    )
+    .await;
+    // hyper's side of the connection is gone here.
     watched.linger().await;
 }
 
-/// HTTP/2 over TLS, served by hyper to the end; once the gateway stops,
-/// gracefully. Like h2c, it has no slow-head watchdog: h2 frames its
-/// headers itself, and hyper bounds them.
-async fn serve_h2_tls(
+/// Serves an HTTP/2 connection with hyper to its end; once the gateway
+/// stops, or once no request has been in progress for `idle_timeout`,
+/// gracefully (GOAWAY, then the streams in progress finish).
+async fn serve_h2_conn<I>(
     builder: Arc<http2::Builder<TokioExecutor>>,
-    stream: TlsStream<TcpStream>,
+    io: I,
     info: ConnInfo,
     stack: Stack,
+    watch: Arc<Watch>,
     mut stopping: watch::Receiver<()>,
-) {
+    settings: h1::Settings,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = TowerToHyperService::new(Connection {
         stack,
         info,
-        watch: Watch::detached(),
+        watch: Arc::clone(&watch),
     });
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
         // An error: the gateway is gone, which is stopping too.
         _ = stopping.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        () = watch.idle(settings.idle_timeout) => {
+            tracing::debug!(target: "flotilla::gateway", peer = %info.peer, "idle HTTP/2 connection; going away");
             conn.as_mut().graceful_shutdown();
             conn.await
         }

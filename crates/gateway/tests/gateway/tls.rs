@@ -1,8 +1,9 @@
 //! HTTPS at the gateway (`Config::tls`): real TLS handshakes from a rustls
 //! client that trusts only the test's own certificate, HTTP/1.1 and HTTP/2
 //! (by ALPN) and WebSocket behind it, the versions offered, plain HTTP sent
-//! to the TLS port, a client that never finishes its handshake, and a
-//! certificate renewed on disk while the gateway runs.
+//! to the TLS port, a client that never finishes its handshake, a
+//! certificate renewed on disk while the gateway runs, graceful shutdown;
+//! and HTTP/2's idle timeout, over TLS and over h2c alike.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -554,4 +555,84 @@ async fn graceful_shutdown_finishes_requests_in_flight_over_tls() {
         "shutdown finished",
     )
     .unwrap_or(());
+}
+
+/// Over `io` (h2c, or h2 over TLS), to a gateway whose idle timeout is
+/// `idle`: a request held for several idle timeouts is not cut, and once
+/// it is done and `idle` passes with nothing in progress, the gateway goes
+/// away and the client's connection ends.
+async fn h2_goes_away_when_idle<I>(io: I, upstream: &Upstream, idle: Duration)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = ok(
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await,
+        "h2 handshake",
+    );
+    let conn = tokio::spawn(conn);
+    let req = ok(
+        Request::builder()
+            .uri("http://localhost/api/hold/idle")
+            .body(Empty::<Bytes>::new()),
+        "request",
+    );
+    let held = tokio::spawn(async move {
+        let res = ok(sender.send_request(req).await, "h2 request");
+        (res.status(), sender)
+    });
+    wait_until("the request to reach the upstream", || upstream.held() == 1).await;
+    // Time passes with the request in progress: not idle.
+    tokio::time::sleep(idle * 3).await;
+    assert!(
+        !conn.is_finished(),
+        "a connection with a request in progress was closed"
+    );
+    upstream.release();
+    let (status, _sender) = ok(
+        ok(
+            tokio::time::timeout(PATIENCE, held).await,
+            "held request timed out",
+        ),
+        "held task",
+    );
+    assert_eq!(status, StatusCode::OK);
+    // Idle now: the gateway sends GOAWAY and closes.
+    let ended = tokio::time::timeout(PATIENCE, conn).await;
+    assert!(
+        matches!(ended, Ok(Ok(Ok(())))),
+        "the idle HTTP/2 connection should have been closed by the gateway: {ended:?}"
+    );
+}
+
+fn short_idle(cfg: &mut Config) {
+    cfg.limits = Limits {
+        idle_timeout: Duration::from_millis(200),
+        ..Limits::default()
+    };
+}
+
+#[tokio::test]
+async fn an_idle_h2_connection_over_tls_is_told_to_go_away() {
+    let dir = TestDir::new();
+    let pair = pair();
+    write(&dir, &pair);
+    let (gw, upstream) = https_gateway(&dir, short_idle).await;
+    let tls = connect(gw.local_addr(), &pair.der, &[b"h2"]).await;
+    h2_goes_away_when_idle(tls, &upstream, Duration::from_millis(200)).await;
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn an_idle_h2c_connection_is_told_to_go_away() {
+    let dir = TestDir::new();
+    let pair = pair();
+    write(&dir, &pair);
+    let (gw, upstream) = https_gateway(&dir, |cfg| {
+        short_idle(cfg);
+        cfg.tls = None;
+    })
+    .await;
+    let tcp = ok(TcpStream::connect(gw.local_addr()).await, "connect");
+    h2_goes_away_when_idle(tcp, &upstream, Duration::from_millis(200)).await;
+    gw.shutdown(Duration::from_secs(1)).await;
 }
