@@ -369,6 +369,7 @@ impl Config {
             upstream_tls: None,
             tls: gw.tls.as_ref().map(|t| TlsConfig {
                 min_version: t.min_version,
+                http_redirect: t.http_redirect,
                 ..TlsConfig::new(&t.cert, &t.key)
             }),
         }

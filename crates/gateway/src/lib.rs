@@ -53,6 +53,7 @@ mod jwt;
 mod outbound;
 mod proxy;
 mod ratelimit;
+mod redirect;
 mod rejection;
 mod relayed;
 mod request_id;
@@ -126,6 +127,14 @@ pub enum Error {
     UpstreamTls(#[source] flotilla_mesh::tls::TlsError),
     #[error("cannot serve HTTPS with the certificate and key of [gateway.tls]")]
     Tls(#[source] TlsError),
+    #[error(
+        "cannot listen on {addr} for the redirect to HTTPS ([gateway.tls] http_redirect): choose another address or stop what holds it"
+    )]
+    Redirect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A running gateway. Dropping it without [`Gateway::shutdown`] stops
@@ -141,6 +150,8 @@ pub struct Gateway {
     scheme: &'static str,
     /// Takes a renewed certificate (with TLS); stops when the gateway goes.
     _certificates: Option<tls::Reloader>,
+    /// The plain-HTTP listener redirecting to HTTPS, and its address.
+    redirect: Option<(SocketAddr, redirect::Redirector)>,
     stop: oneshot::Sender<Duration>,
     task: JoinHandle<()>,
 }
@@ -174,6 +185,18 @@ impl Gateway {
             addr: config.listen,
             source,
         })?;
+        let redirect_listener = match config.tls.as_ref().and_then(|t| t.http_redirect) {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Redirect { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| Error::Redirect { addr, source })?;
+                Some((bound, listener))
+            }
+            None => None,
+        };
         let access_log = match &config.access_log {
             Some(path) => Some(access_log::open(path).await?),
             None => None,
@@ -211,6 +234,12 @@ impl Gateway {
             .zip(acceptor.as_ref())
             .map(|(tls, acceptor)| acceptor.spawn_reloader(tls.reload_every));
         let scheme = if acceptor.is_some() { "https" } else { "http" };
+        let redirect = redirect_listener.map(|(addr, listener)| {
+            (
+                addr,
+                redirect::spawn(listener, local_addr.port(), &config.limits),
+            )
+        });
         let workers = server::start_workers(stacks, &config.limits, acceptor, &stopping)
             .map_err(Error::Workers)?;
         let (stop, stopped) = oneshot::channel();
@@ -220,6 +249,7 @@ impl Gateway {
             local_addr,
             scheme,
             _certificates: certificates,
+            redirect,
             routing,
             context,
             reloading: std::sync::Mutex::new(()),
@@ -232,6 +262,12 @@ impl Gateway {
     /// port was 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where the plain-HTTP listener that redirects to HTTPS listens
+    /// (`TlsConfig::http_redirect`; the real port when it was 0).
+    pub fn redirect_addr(&self) -> Option<SocketAddr> {
+        self.redirect.as_ref().map(|(addr, _)| *addr)
     }
 
     /// The gateway's base URL: `https://` and the address when it

@@ -52,6 +52,9 @@ pub struct TlsConfig {
     pub min_version: TlsVersion,
     /// How often the two files are looked at for a renewal.
     pub reload_every: Duration,
+    /// A plain-HTTP listener that answers every request with a redirect to
+    /// the same URL over HTTPS (`redirect`); none if `None`.
+    pub http_redirect: Option<std::net::SocketAddr>,
 }
 
 impl TlsConfig {
@@ -62,6 +65,7 @@ impl TlsConfig {
             key: key.into(),
             min_version: TlsVersion::Tls12,
             reload_every: Duration::from_secs(10),
+            http_redirect: None,
         }
     }
 }

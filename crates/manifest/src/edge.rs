@@ -7,7 +7,7 @@
 //! them and builds its runtime policies from these validated values.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -120,6 +120,8 @@ pub struct Tls {
     pub key: PathBuf,
     /// The oldest TLS version a client may use.
     pub min_version: TlsVersion,
+    /// A plain-HTTP listener that redirects every request to HTTPS.
+    pub http_redirect: Option<SocketAddr>,
 }
 
 /// A TLS protocol version (`min_version = "1.2"` or `"1.3"`).

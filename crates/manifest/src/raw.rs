@@ -44,6 +44,7 @@ pub(crate) struct RawTls {
     pub cert: Spanned<String>,
     pub key: Spanned<String>,
     pub min_version: Option<Spanned<String>>,
+    pub http_redirect: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -408,9 +408,26 @@ fn gateway(
         gw.rate_limits = edge::rate_limit_store(ctx, r)?;
     }
     if let Some(t) = &raw.tls {
-        gw.tls = Some(edge::tls(ctx, t)?);
+        let tls = edge::tls(ctx, t)?;
+        if tls.http_redirect.is_some_and(|r| same_socket(r, gw.listen)) {
+            ctx.error(
+                t.span(),
+                format!("`http_redirect` takes `listen`'s own port ({})", gw.listen),
+                Some("give the plain-HTTP listener another port, e.g. `http_redirect = \"0.0.0.0:80\"` beside `listen = \"0.0.0.0:443\"`".into()),
+            );
+            return None;
+        }
+        gw.tls = Some(tls);
     }
     Some(gw)
+}
+
+/// Whether two listeners would claim the same socket: the same port (not
+/// 0, which picks a free one) on the same address, or on every address.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn service(

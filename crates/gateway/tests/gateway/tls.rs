@@ -636,3 +636,45 @@ async fn an_idle_h2c_connection_is_told_to_go_away() {
     h2_goes_away_when_idle(tcp, &upstream, Duration::from_millis(200)).await;
     gw.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn the_plain_http_listener_redirects_to_https() {
+    let dir = TestDir::new();
+    let pair = pair();
+    write(&dir, &pair);
+    let (gw, upstream) = https_gateway(&dir, |cfg| {
+        if let Some(tls) = cfg.tls.as_mut() {
+            tls.http_redirect = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        }
+    })
+    .await;
+    let redirect = gw
+        .redirect_addr()
+        .unwrap_or_else(|| panic!("no redirect listener"));
+    let port = gw.local_addr().port();
+
+    let answer = raw_request(
+        redirect,
+        "POST /api/x?q=1&r=%20 HTTP/1.1\r\nhost: shop.example:8080\r\ncontent-length: 2\r\nconnection: close\r\n\r\nhi",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 308"), "{answer}");
+    let location = format!("location: https://shop.example:{port}/api/x?q=1&r=%20\r\n");
+    assert!(answer.to_ascii_lowercase().contains(&location), "{answer}");
+
+    let answer = raw_request(redirect, "GET / HTTP/1.0\r\n\r\n").await;
+    assert!(
+        answer.starts_with("HTTP/1.0 400"),
+        "no Host, no redirect: {answer}"
+    );
+    assert_eq!(
+        upstream.hits(),
+        0,
+        "nothing is proxied from the redirect listener"
+    );
+
+    // Where it points is served.
+    let mut tls = connect(gw.local_addr(), &pair.der, &[]).await;
+    get_200(&mut tls, "/api/x?q=1").await;
+    gw.shutdown(Duration::from_secs(1)).await;
+}

@@ -262,10 +262,24 @@ pub(super) fn tls(ctx: &mut Ctx<'_>, raw: &Spanned<RawTls>) -> Option<Tls> {
             }
         },
     };
+    let http_redirect = raw.http_redirect.as_ref().and_then(|addr| {
+        let parsed = addr.get_ref().parse::<std::net::SocketAddr>().ok();
+        if parsed.is_none() {
+            ctx.error(
+                addr.span(),
+                format!("`{}` is not a socket address", addr.get_ref()),
+                Some(
+                    "write an IP address and a port, e.g. `http_redirect = \"0.0.0.0:80\"`".into(),
+                ),
+            );
+        }
+        parsed
+    });
     (ctx.errors.len() == before).then_some(Tls {
         cert,
         key,
         min_version,
+        http_redirect,
     })
 }
 

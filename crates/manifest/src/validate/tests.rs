@@ -587,7 +587,7 @@ fn gateway_tls_files_resolve_beside_the_manifest() {
     let file = dir.path().join("flotilla.toml");
     std::fs::write(
         &file,
-        "name = \"x\"\n[gateway.tls]\ncert = \"certs/gw.pem\"\nkey = \"certs/gw-key.pem\"\nmin_version = \"1.3\"\n[services.a]\nrun = { cargo = \"a\" }\n",
+        "name = \"x\"\n[gateway.tls]\ncert = \"certs/gw.pem\"\nkey = \"certs/gw-key.pem\"\nmin_version = \"1.3\"\nhttp_redirect = \"127.0.0.1:8081\"\n[services.a]\nrun = { cargo = \"a\" }\n",
     )
     .unwrap();
     let m = Manifest::load(&file).unwrap();
@@ -595,6 +595,7 @@ fn gateway_tls_files_resolve_beside_the_manifest() {
     assert_eq!(tls.cert, dir.path().join("certs/gw.pem"));
     assert_eq!(tls.key, dir.path().join("certs/gw-key.pem"));
     assert_eq!(tls.min_version, crate::TlsVersion::Tls13);
+    assert_eq!(tls.http_redirect, "127.0.0.1:8081".parse().ok());
 
     std::fs::write(
         &file,
@@ -612,7 +613,7 @@ fn gateway_tls_files_resolve_beside_the_manifest() {
 #[test]
 fn gateway_tls_missing_files_and_bad_version() {
     let e = errors(
-        "name = \"x\"\n[gateway.tls]\ncert = \"no-such.pem\"\nkey = \"no-such-key.pem\"\nmin_version = \"1.1\"\n[services.a]\nrun = { cargo = \"a\" }\n",
+        "name = \"x\"\n[gateway.tls]\ncert = \"no-such.pem\"\nkey = \"no-such-key.pem\"\nmin_version = \"1.1\"\nhttp_redirect = \"port 80\"\n[services.a]\nrun = { cargo = \"a\" }\n",
     );
     assert!(
         e.contains("certificate file `") && e.contains("no-such.pem` does not exist"),
@@ -624,6 +625,15 @@ fn gateway_tls_missing_files_and_bad_version() {
     );
     assert!(e.contains("`1.1` is not a TLS version"), "{e}");
     assert!(e.contains("min_version = \"1.2\""), "{e}");
+    assert!(e.contains("`port 80` is not a socket address"), "{e}");
+    // Cargo.toml: any file that exists (tests run in the crate's directory).
+    let e = errors(
+        "name = \"x\"\n[gateway]\nlisten = \"127.0.0.1:8443\"\n[gateway.tls]\ncert = \"Cargo.toml\"\nkey = \"Cargo.toml\"\nhttp_redirect = \"0.0.0.0:8443\"\n[services.a]\nrun = { cargo = \"a\" }\n",
+    );
+    assert!(
+        e.contains("`http_redirect` takes `listen`'s own port"),
+        "{e}"
+    );
     let e = errors(
         "name = \"x\"\n[gateway.tls]\ncert = \"a.pem\"\n[services.a]\nrun = { cargo = \"a\" }\n",
     );
