@@ -370,6 +370,7 @@ impl Config {
             tls: gw.tls.as_ref().map(|t| TlsConfig {
                 min_version: t.min_version,
                 http_redirect: t.http_redirect,
+                hsts: t.hsts,
                 ..TlsConfig::new(&t.cert, &t.key)
             }),
         }

@@ -222,6 +222,7 @@ impl Gateway {
             .collect();
         let stacks = server::stacks(
             &config.limits,
+            config.tls.as_ref().and_then(|t| t.hsts),
             Arc::clone(&routing),
             sink,
             upstreams,

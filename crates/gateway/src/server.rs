@@ -33,7 +33,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use http::header::{Entry, SERVER};
+use http::header::{Entry, SERVER, STRICT_TRANSPORT_SECURITY};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
@@ -132,6 +132,7 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// count, cloned per request, stays in one core's cache.
 pub(crate) fn stacks(
     limits: &Limits,
+    hsts: Option<Duration>,
     routing: Arc<RoutingState>,
     access_log: Option<Arc<Sink>>,
     upstreams: Arc<dyn Upstreams>,
@@ -141,6 +142,11 @@ pub(crate) fn stacks(
     let log = AccessLog::new(access_log);
     let in_flight = Arc::new(AtomicUsize::new(0));
     let tunnels = Tunnels::new(limits.max_tunnels);
+    let hsts = hsts.map(|max_age| {
+        // Digits and ASCII only: always a valid value.
+        HeaderValue::try_from(format!("max-age={}", max_age.as_secs()))
+            .unwrap_or_else(|_| HeaderValue::from_static("max-age=0"))
+    });
     let mut clients = clients.into_iter();
     let Some(first) = clients.next() else {
         return Vec::new();
@@ -157,6 +163,7 @@ pub(crate) fn stacks(
                 max_in_flight: limits.max_in_flight,
                 routing: Arc::clone(&routing),
                 proxy,
+                hsts: hsts.clone(),
             }))
         })
         .collect()
@@ -175,6 +182,9 @@ struct Front {
     tunnels: Arc<Tunnels>,
     routing: Arc<RoutingState>,
     proxy: Proxy,
+    /// `Strict-Transport-Security` for every response, with TLS and `hsts`
+    /// (the listener is then HTTPS only, so every response is over TLS).
+    hsts: Option<HeaderValue>,
 }
 
 /// Counts one request in flight until dropped.
@@ -254,6 +264,9 @@ impl Front {
             let mut fields = reply.fields();
             fields.insert(X_REQUEST_ID.clone(), entry.request_id().header().clone());
             fields.insert(SERVER, HeaderValue::from_static("flotilla"));
+            if let Some(hsts) = &self.hsts {
+                fields.insert(STRICT_TRANSPORT_SECURITY, hsts.clone());
+            }
             entry.responded(reply.res.status(), served);
             // In flight until the response body is done. The body is swapped
             // in place: taking the response apart and putting it together
@@ -759,6 +772,7 @@ mod tests {
         };
         let Some(mut stack) = stacks(
             &limits,
+            None,
             Arc::new(RoutingState::new(built)),
             Some(sink),
             Arc::clone(&upstreams),

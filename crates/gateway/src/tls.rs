@@ -55,6 +55,10 @@ pub struct TlsConfig {
     /// A plain-HTTP listener that answers every request with a redirect to
     /// the same URL over HTTPS (`redirect`); none if `None`.
     pub http_redirect: Option<std::net::SocketAddr>,
+    /// Sends `Strict-Transport-Security: max-age=<seconds>` with every
+    /// response (browsers then use HTTPS alone for the host for that long);
+    /// none if `None`.
+    pub hsts: Option<Duration>,
 }
 
 impl TlsConfig {
@@ -66,6 +70,7 @@ impl TlsConfig {
             min_version: TlsVersion::Tls12,
             reload_every: Duration::from_secs(10),
             http_redirect: None,
+            hsts: None,
         }
     }
 }

@@ -122,6 +122,8 @@ pub struct Tls {
     pub min_version: TlsVersion,
     /// A plain-HTTP listener that redirects every request to HTTPS.
     pub http_redirect: Option<SocketAddr>,
+    /// `Strict-Transport-Security: max-age=` on every response, if set.
+    pub hsts: Option<Duration>,
 }
 
 /// A TLS protocol version (`min_version = "1.2"` or `"1.3"`).

@@ -45,6 +45,7 @@ pub(crate) struct RawTls {
     pub key: Spanned<String>,
     pub min_version: Option<Spanned<String>>,
     pub http_redirect: Option<Spanned<String>>,
+    pub hsts: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

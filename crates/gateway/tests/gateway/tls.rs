@@ -208,6 +208,12 @@ async fn https_with_http1_keeps_the_connection_and_tells_instances_the_scheme() 
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         let echo = body_json(&answer);
         assert_eq!(echo["path"], format!("/api/x{i}"));
+        assert!(
+            !answer
+                .to_ascii_lowercase()
+                .contains("strict-transport-security"),
+            "no HSTS unless configured: {answer}"
+        );
         // The gateway's own view of the scheme, not the client's claim.
         assert_eq!(echo["headers"]["x-forwarded-proto"], "https", "{echo}");
     }
@@ -638,13 +644,14 @@ async fn an_idle_h2c_connection_is_told_to_go_away() {
 }
 
 #[tokio::test]
-async fn the_plain_http_listener_redirects_to_https() {
+async fn the_plain_http_listener_redirects_to_https_which_sends_hsts() {
     let dir = TestDir::new();
     let pair = pair();
     write(&dir, &pair);
     let (gw, upstream) = https_gateway(&dir, |cfg| {
         if let Some(tls) = cfg.tls.as_mut() {
             tls.http_redirect = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+            tls.hsts = Some(Duration::from_secs(86_400));
         }
     })
     .await;
@@ -659,6 +666,12 @@ async fn the_plain_http_listener_redirects_to_https() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 308"), "{answer}");
+    assert!(
+        !answer
+            .to_ascii_lowercase()
+            .contains("strict-transport-security"),
+        "HSTS is never sent over plain HTTP: {answer}"
+    );
     let location = format!("location: https://shop.example:{port}/api/x?q=1&r=%20\r\n");
     assert!(answer.to_ascii_lowercase().contains(&location), "{answer}");
 
@@ -673,8 +686,22 @@ async fn the_plain_http_listener_redirects_to_https() {
         "nothing is proxied from the redirect listener"
     );
 
-    // Where it points is served.
+    // Where it points is served, with HSTS.
     let mut tls = connect(gw.local_addr(), &pair.der, &[]).await;
-    get_200(&mut tls, "/api/x?q=1").await;
+    let answer = get_200(&mut tls, "/api/x?q=1").await;
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nstrict-transport-security: max-age=86400\r\n"),
+        "{answer}"
+    );
+    let answer = exchange(&mut tls, "GET /nowhere HTTP/1.1\r\nhost: localhost\r\n\r\n").await;
+    assert!(
+        answer.starts_with("HTTP/1.1 404")
+            && answer
+                .to_ascii_lowercase()
+                .contains("strict-transport-security"),
+        "the gateway's own answers carry it too: {answer}"
+    );
     gw.shutdown(Duration::from_secs(1)).await;
 }

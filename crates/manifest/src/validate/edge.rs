@@ -275,11 +275,16 @@ pub(super) fn tls(ctx: &mut Ctx<'_>, raw: &Spanned<RawTls>) -> Option<Tls> {
         }
         parsed
     });
+    let hsts = match &raw.hsts {
+        Some(d) => Some(ctx.duration(d, "hsts")?),
+        None => None,
+    };
     (ctx.errors.len() == before).then_some(Tls {
         cert,
         key,
         min_version,
         http_redirect,
+        hsts,
     })
 }
 

@@ -587,7 +587,7 @@ fn gateway_tls_files_resolve_beside_the_manifest() {
     let file = dir.path().join("flotilla.toml");
     std::fs::write(
         &file,
-        "name = \"x\"\n[gateway.tls]\ncert = \"certs/gw.pem\"\nkey = \"certs/gw-key.pem\"\nmin_version = \"1.3\"\nhttp_redirect = \"127.0.0.1:8081\"\n[services.a]\nrun = { cargo = \"a\" }\n",
+        "name = \"x\"\n[gateway.tls]\ncert = \"certs/gw.pem\"\nkey = \"certs/gw-key.pem\"\nmin_version = \"1.3\"\nhttp_redirect = \"127.0.0.1:8081\"\nhsts = \"365d\"\n[services.a]\nrun = { cargo = \"a\" }\n",
     )
     .unwrap();
     let m = Manifest::load(&file).unwrap();
@@ -596,6 +596,10 @@ fn gateway_tls_files_resolve_beside_the_manifest() {
     assert_eq!(tls.key, dir.path().join("certs/gw-key.pem"));
     assert_eq!(tls.min_version, crate::TlsVersion::Tls13);
     assert_eq!(tls.http_redirect, "127.0.0.1:8081".parse().ok());
+    assert_eq!(
+        tls.hsts,
+        Some(std::time::Duration::from_secs(365 * 24 * 3600))
+    );
 
     std::fs::write(
         &file,
