@@ -153,7 +153,8 @@ impl Acceptor {
     pub(crate) fn spawn_reloader(&self, every: Duration) -> Reloader {
         let certs = Arc::clone(&self.certs);
         let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
+            // `interval` refuses a zero period (it would panic).
+            let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             let mut last_error = None::<String>;
