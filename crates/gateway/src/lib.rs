@@ -127,6 +127,8 @@ pub enum Error {
     UpstreamTls(#[source] flotilla_mesh::tls::TlsError),
     #[error("cannot serve HTTPS with the certificate and key of [gateway.tls]")]
     Tls(#[source] TlsError),
+    #[error("the task loading the certificate of [gateway.tls] failed")]
+    TlsTask(#[source] tokio::task::JoinError),
     #[error(
         "cannot listen on {addr} for the redirect to HTTPS ([gateway.tls] http_redirect): choose another address or stop what holds it"
     )]
@@ -176,8 +178,12 @@ impl Gateway {
             }
         }
         // Before binding: a gateway that cannot serve TLS does not start.
-        let acceptor = match &config.tls {
-            Some(tls) => Some(tls::Acceptor::new(tls).map_err(Error::Tls)?),
+        // The files are read on the blocking pool, as the reloader reads them.
+        let acceptor = match config.tls.clone() {
+            Some(tls) => {
+                let loaded = tokio::task::spawn_blocking(move || tls::Acceptor::new(&tls)).await;
+                Some(loaded.map_err(Error::TlsTask)?.map_err(Error::Tls)?)
+            }
             None => None,
         };
         let listener = server::bind(config.listen).await?;

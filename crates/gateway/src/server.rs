@@ -354,7 +354,9 @@ pub(crate) fn start_workers(
     Workers::start("flotilla-gateway", serves)
 }
 
-/// What a worker serves each connection with.
+/// What a worker serves each connection with; each connection's task
+/// holds a clone (reference counts and a watch receiver).
+#[derive(Clone)]
 struct Connections {
     builder: Arc<http2::Builder<TokioExecutor>>,
     stack: Stack,
@@ -370,15 +372,7 @@ impl workers::Serve for Connections {
         stream: TcpStream,
         peer: SocketAddr,
     ) -> impl Future<Output = ()> + Send + 'static {
-        serve_connection(
-            Arc::clone(&self.builder),
-            self.tls.clone(),
-            stream,
-            peer,
-            self.stack.clone(),
-            self.stopping.clone(),
-            self.settings,
-        )
+        serve_connection(self.clone(), stream, peer)
     }
 }
 
@@ -403,27 +397,20 @@ const FIRST_READ: usize = 8 * 1024;
 /// The one place the HTTP/1 driver is started from: with two, its future's
 /// poll would no longer be inlined into this one's, which costs every
 /// request on a plain connection ~45 instructions (`instructions.sh`).
-async fn serve_connection(
-    builder: Arc<http2::Builder<TokioExecutor>>,
-    tls: Option<Acceptor>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    stack: Stack,
-    stopping: watch::Receiver<()>,
-    settings: h1::Settings,
-) {
-    let started = match tls {
-        None => start_plain(&builder, stream, peer, &stack, &stopping, settings).await,
+async fn serve_connection(with: Connections, stream: TcpStream, peer: SocketAddr) {
+    let started = match &with.tls {
+        None => start_plain(&with, stream, peer).await,
         // Boxed: a plain connection's task does not grow by the
         // handshake's future.
-        Some(tls) => {
-            Box::pin(start_tls(
-                tls, &builder, stream, peer, &stack, &stopping, settings,
-            ))
-            .await
-        }
+        Some(tls) => Box::pin(start_tls(tls, &with, stream, peer)).await,
     };
     if let Some((io, first, info)) = started {
+        let Connections {
+            stack,
+            settings,
+            stopping,
+            ..
+        } = with;
         h1::serve(io, first, info, stack, settings, stopping).await;
     }
 }
@@ -434,21 +421,14 @@ type Http1 = (Transport, BytesMut, ConnInfo);
 
 /// A plain connection: its first bytes tell HTTP/2 (served here, to its
 /// end) from HTTP/1 (returned).
-async fn start_plain(
-    builder: &Arc<http2::Builder<TokioExecutor>>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    stack: &Stack,
-    stopping: &watch::Receiver<()>,
-    settings: h1::Settings,
-) -> Option<Http1> {
+async fn start_plain(with: &Connections, stream: TcpStream, peer: SocketAddr) -> Option<Http1> {
     nodelay(&stream, peer);
     // A client that connects and says nothing would hold the socket
     // forever (and, being silent, would never see a graceful shutdown).
     let mut first = BytesMut::with_capacity(FIRST_READ);
-    let mut stop = stopping.clone();
+    let mut stop = with.stopping.clone();
     tokio::select! {
-        read = tokio::time::timeout(settings.header_timeout, read_first(&stream, &mut first)) => {
+        read = tokio::time::timeout(with.settings.header_timeout, read_first(&stream, &mut first)) => {
             if !matches!(read, Ok(Ok(true))) {
                 return None;
             }
@@ -460,8 +440,7 @@ async fn start_plain(
         scheme: "http",
     };
     if first.starts_with(H2_PREFACE) {
-        let (builder, stack, stopping) = (Arc::clone(builder), stack.clone(), stopping.clone());
-        serve_h2(builder, stream, first, info, stack, stopping, settings).await;
+        serve_h2(with, stream, first, info).await;
         return None;
     }
     Some((stream.into(), first, info))
@@ -472,18 +451,15 @@ async fn start_plain(
 /// hold the socket), then HTTP/2 if the client chose it by ALPN (served
 /// here, to its end), else HTTP/1.x (returned), with `https` as the scheme.
 async fn start_tls(
-    tls: Acceptor,
-    builder: &Arc<http2::Builder<TokioExecutor>>,
+    tls: &Acceptor,
+    with: &Connections,
     stream: TcpStream,
     peer: SocketAddr,
-    stack: &Stack,
-    stopping: &watch::Receiver<()>,
-    settings: h1::Settings,
 ) -> Option<Http1> {
     nodelay(&stream, peer);
-    let mut stop = stopping.clone();
+    let mut stop = with.stopping.clone();
     // One deadline for the first byte and the handshake.
-    let deadline = tokio::time::Instant::now() + settings.header_timeout;
+    let deadline = tokio::time::Instant::now() + with.settings.header_timeout;
     let mut first = [0u8; 1];
     let peeked = tokio::select! {
         peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => peeked,
@@ -529,17 +505,7 @@ async fn start_tls(
         scheme: "https",
     };
     if h2 {
-        let (builder, stack, stopping) = (Arc::clone(builder), stack.clone(), stopping.clone());
-        serve_h2_conn(
-            builder,
-            stream,
-            info,
-            stack,
-            Watch::new(),
-            stopping,
-            settings,
-        )
-        .await;
+        serve_h2_conn(with, stream, info, Watch::new()).await;
         return None;
     }
     Some((stream.into(), BytesMut::new(), info))
@@ -572,26 +538,9 @@ async fn read_first(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<b
 }
 
 /// An h2c connection, served by hyper (its first bytes are replayed).
-async fn serve_h2(
-    builder: Arc<http2::Builder<TokioExecutor>>,
-    stream: TcpStream,
-    first: BytesMut,
-    info: ConnInfo,
-    stack: Stack,
-    stopping: watch::Receiver<()>,
-    settings: h1::Settings,
-) {
+async fn serve_h2(with: &Connections, stream: TcpStream, first: BytesMut, info: ConnInfo) {
     let (io, watched) = conn::watch(stream, first.freeze());
-    serve_h2_conn(
-        builder,
-        io,
-        info,
-        stack,
-        Arc::clone(&watched.watch),
-        stopping,
-        settings,
-    )
-    .await;
+    serve_h2_conn(with, io, info, Arc::clone(&watched.watch)).await;
     // hyper's side of the connection is gone here.
     watched.linger().await;
 }
@@ -599,24 +548,18 @@ async fn serve_h2(
 /// Serves an HTTP/2 connection with hyper to its end; once the gateway
 /// stops, or once no request has been in progress for `idle_timeout`,
 /// gracefully (GOAWAY, then the streams in progress finish).
-async fn serve_h2_conn<I>(
-    builder: Arc<http2::Builder<TokioExecutor>>,
-    io: I,
-    info: ConnInfo,
-    stack: Stack,
-    watch: Arc<Watch>,
-    mut stopping: watch::Receiver<()>,
-    settings: h1::Settings,
-) where
+async fn serve_h2_conn<I>(with: &Connections, io: I, info: ConnInfo, watch: Arc<Watch>)
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = TowerToHyperService::new(Connection {
-        stack,
+        stack: with.stack.clone(),
         info,
         watch: Arc::clone(&watch),
     });
-    let conn = builder.serve_connection(TokioIo::new(io), service);
+    let conn = with.builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
+    let mut stopping = with.stopping.clone();
     let result = tokio::select! {
         result = conn.as_mut() => result,
         // An error: the gateway is gone, which is stopping too.
@@ -624,7 +567,7 @@ async fn serve_h2_conn<I>(
             conn.as_mut().graceful_shutdown();
             conn.await
         }
-        () = watch.idle(settings.idle_timeout) => {
+        () = watch.idle(with.settings.idle_timeout) => {
             tracing::debug!(target: "flotilla::gateway", peer = %info.peer, "idle HTTP/2 connection; going away");
             conn.as_mut().graceful_shutdown();
             conn.await

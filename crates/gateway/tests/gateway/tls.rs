@@ -274,6 +274,10 @@ async fn tls_1_2_is_accepted_unless_the_config_asks_for_1_3() {
     write(&dir, &pair);
     let tls12 = client_config(&pair.der, &[&rustls::version::TLS12], &[]);
 
+    // Only this test speaks TLS 1.2.
+    let tls12_handshakes =
+        || metric_sum(&["flotilla_gateway_tls_handshakes_total", "version=\"1.2\""]);
+    let before = tls12_handshakes();
     let (gw, _upstream) = https_gateway(&dir, |_| {}).await;
     let mut stream = ok(
         handshake(gw.local_addr(), Arc::clone(&tls12)).await,
@@ -284,6 +288,20 @@ async fn tls_1_2_is_accepted_unless_the_config_asks_for_1_3() {
         Some(rustls::ProtocolVersion::TLSv1_2)
     );
     get_200(&mut stream, "/api/v").await;
+    wait_until("the TLS 1.2 handshake counted", || {
+        tls12_handshakes() > before
+    })
+    .await;
+    // Every certificate of these tests expires far in the future.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let expiry = metric_sum(&["flotilla_gateway_tls_certificate_expiry_timestamp_seconds"]);
+    assert!(
+        expiry > now,
+        "the certificate's expiry is exported: {expiry}"
+    );
     gw.shutdown(Duration::from_secs(1)).await;
 
     let (gw, _upstream) = https_gateway(&dir, |cfg| {
@@ -347,6 +365,14 @@ async fn a_client_that_never_finishes_its_handshake_is_closed_at_the_head_timeou
         };
     })
     .await;
+    // Only this test leaves handshakes unfinished.
+    let timeouts = || {
+        metric_sum(&[
+            "flotilla_gateway_tls_handshake_failures_total",
+            "reason=\"timeout\"",
+        ])
+    };
+    let before = timeouts();
     // Silent, then a first byte of a handshake record and nothing more.
     for opening in [&b""[..], &[22u8, 3, 1][..]] {
         let mut stream = ok(TcpStream::connect(gw.local_addr()).await, "connect");
@@ -359,6 +385,10 @@ async fn a_client_that_never_finishes_its_handshake_is_closed_at_the_head_timeou
             "the gateway should close a stalled handshake: {read:?}"
         );
     }
+    wait_until("both stalled handshakes counted", || {
+        timeouts() >= before + 2
+    })
+    .await;
     gw.shutdown(Duration::from_secs(1)).await;
 }
 
