@@ -191,6 +191,15 @@ ticks() {
   echo $((user + sys))
 }
 
+# round_order ROUND TARGET...: the targets in the order to measure them
+# in ROUND: as given in odd rounds, reversed in even ones, so that a drift
+# of the machine within a round does not always favour the same targets.
+round_order() {
+  local round=$1
+  shift
+  if ((round % 2)); then printf '%s\n' "$@"; else printf '%s\n' "$@" | tac; fi
+}
+
 # median V...: the middle value (the lower middle of an even count).
 median() {
   printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'

@@ -321,16 +321,9 @@ measure() {
   local conns=$4
   shift 4
   local -A runs_of cpus_of
-  local round t before after rps cpu out jr nr stolen steal i
-  local -a order
+  local round t before after rps cpu out jr nr stolen steal
   for round in $(seq 1 "$ROUNDS"); do
-    # Every other round in reverse order, so that a drift of the machine
-    # within a round does not always favour the same targets.
-    order=()
-    for i in "${!TARGETS[@]}"; do
-      if ((round % 2)); then order+=("${TARGETS[$i]}"); else order=("${TARGETS[$i]}" "${order[@]}"); fi
-    done
-    for t in "${order[@]}"; do
+    for t in $(round_order "$round" "${TARGETS[@]}"); do
       DURATION=1s run "$t" "${URL[$t]}" "$conns" "$@" >/dev/null
       before=$(ticks "${PID_OF[$t]}")
       stolen=$(steal_now)

@@ -86,16 +86,11 @@ load() {
   local name=$1 conns=$2
   shift 2
   local -A rates p50s p99s cpus last
-  local round t i before after out rps p50 p99 errors cpu note
-  local -a order
+  local round t before after out rps p50 p99 errors cpu note
   echo
   echo "$name: wrk -t1 -c$conns -d$DURATION${*:+ $*}, $ROUNDS rounds"
   for round in $(seq 1 "$ROUNDS"); do
-    order=()
-    for i in "${!TARGETS[@]}"; do
-      if ((round % 2)); then order+=("${TARGETS[$i]}"); else order=("${TARGETS[$i]}" "${order[@]}"); fi
-    done
-    for t in "${order[@]}"; do
+    for t in $(round_order "$round" "${TARGETS[@]}"); do
       DURATION=1s wrk_run "$t" "$conns" "$@" >/dev/null
       before=$(ticks "${PID[$t]}")
       out=$(wrk_run "$t" "$conns" "$@")
