@@ -368,6 +368,7 @@ impl Config {
             },
             upstream_tls: None,
             tls: gw.tls.as_ref().map(|t| TlsConfig {
+                certificates: t.certificates.clone(),
                 min_version: t.min_version,
                 http_redirect: t.http_redirect,
                 hsts: t.hsts,

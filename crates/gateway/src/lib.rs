@@ -83,7 +83,7 @@ pub use ip::{IpConfig, IpNetParseError, IpRules, parse_net, parse_nets};
 pub use jwt::{JwksSource, JwksSourceError, JwtConfig, RouteAuth, RouteAuthParseError};
 pub use ratelimit::{RateLimit, RateLimitBackend, RateLimitKey, RateLimitParseError};
 pub use stats::prometheus_recorder;
-pub use tls::{TlsConfig, TlsError};
+pub use tls::{TlsCertificate, TlsConfig, TlsError};
 pub use upstream::{ActivateError, ActivateFuture, Endpoint, Load, LoadGuard, Upstreams};
 
 /// Why the gateway could not start.

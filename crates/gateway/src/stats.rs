@@ -159,7 +159,7 @@ pub(crate) fn describe() {
     metrics::describe_gauge!(
         TLS_CERT_EXPIRY,
         metrics::Unit::Seconds,
-        "When the certificate the gateway serves to clients expires, in seconds since the Unix epoch."
+        "When each certificate the gateway serves to clients (by its file, cert) expires, in seconds since the Unix epoch."
     );
     metrics::describe_counter!(
         TLS_CERT_RELOADS,
@@ -358,13 +358,14 @@ pub(crate) fn tls_failed(reason: &'static str) {
     metrics::counter!(TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(1);
 }
 
-/// The client-facing certificate now served expires at `not_after`.
-pub(crate) fn tls_certificate_expiry(not_after: std::time::SystemTime) {
+/// The client-facing certificate in `cert`, now served, expires at
+/// `not_after`.
+pub(crate) fn tls_certificate_expiry(cert: &std::path::Path, not_after: std::time::SystemTime) {
     let secs = not_after
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
-    metrics::gauge!(TLS_CERT_EXPIRY).set(secs);
+    metrics::gauge!(TLS_CERT_EXPIRY, "cert" => cert.display().to_string()).set(secs);
 }
 
 pub(crate) fn access_log_dropped() {

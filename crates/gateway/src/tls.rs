@@ -23,10 +23,13 @@
 //! handshake failure it cannot read: the first byte of a TLS connection is
 //! a handshake record's (22), never a letter.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+pub use flotilla_manifest::TlsCertificate;
 use flotilla_manifest::TlsVersion;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -36,7 +39,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
-use tokio_rustls::rustls::{self, ServerConfig};
+use tokio_rustls::rustls::{self, ServerConfig, SignatureScheme};
 use tokio_rustls::server::TlsStream;
 
 use crate::stats;
@@ -48,6 +51,9 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// PEM private key of that certificate (PKCS #8, PKCS #1 or SEC 1).
     pub key: PathBuf,
+    /// Further certificates, each served to the clients that ask (SNI) for
+    /// a name in its subjectAltName; `cert` goes to the rest.
+    pub certificates: Vec<TlsCertificate>,
     /// The oldest protocol version accepted.
     pub min_version: TlsVersion,
     /// How often the two files are looked at for a renewal.
@@ -67,6 +73,7 @@ impl TlsConfig {
         TlsConfig {
             cert: cert.into(),
             key: key.into(),
+            certificates: Vec::new(),
             min_version: TlsVersion::Tls12,
             reload_every: Duration::from_secs(10),
             http_redirect: None,
@@ -103,6 +110,11 @@ pub enum TlsError {
         key: PathBuf,
         reason: String,
     },
+    #[error(
+        "{} names no DNS name in its subjectAltName, so no client could be served it",
+        path.display()
+    )]
+    NoNames { path: PathBuf },
     #[error("cannot set up TLS: {0}")]
     Config(#[source] rustls::Error),
 }
@@ -119,13 +131,24 @@ impl Acceptor {
     /// does not start.
     pub(crate) fn new(config: &TlsConfig) -> Result<Acceptor, TlsError> {
         let provider = flotilla_mesh::tls::crypto_provider();
-        let loaded = load(&config.cert, &config.key, &provider)?;
-        loaded.record();
-        let certs = Arc::new(Certificates {
+        let files: Vec<TlsCertificate> = std::iter::once(TlsCertificate {
             cert: config.cert.clone(),
             key: config.key.clone(),
+        })
+        .chain(config.certificates.iter().cloned())
+        .collect();
+        let pairs = files
+            .iter()
+            .enumerate()
+            .map(|(i, files)| load(files, i > 0, &provider))
+            .collect::<Result<Vec<_>, _>>()?;
+        for pair in &pairs {
+            pair.record();
+        }
+        let certs = Arc::new(Certificates {
+            files,
             provider: Arc::clone(&provider),
-            current: RwLock::new(loaded),
+            current: RwLock::new(Served::new(pairs)),
         });
         let versions: &[&rustls::SupportedProtocolVersion] = match config.min_version {
             TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -157,30 +180,34 @@ impl Acceptor {
             let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
-            let mut last_error = None::<String>;
+            // Said once while it lasts, not at every look.
+            let mut said: Vec<String> = Vec::new();
             loop {
                 tick.tick().await;
                 let certs = Arc::clone(&certs);
-                let outcome = tokio::task::spawn_blocking(move || certs.reload_if_changed()).await;
-                match outcome {
-                    Ok(Ok(false)) => {}
-                    Ok(Ok(true)) => {
-                        stats::tls_certificate_reloaded(true);
-                        last_error = None;
-                        tracing::info!(target: "flotilla::gateway", "reloaded the TLS certificate");
-                    }
-                    Ok(Err(error)) => {
-                        stats::tls_certificate_reloaded(false);
-                        let text = flotilla_mesh::tls::error_chain(&error);
-                        if last_error.as_deref() != Some(text.as_str()) {
-                            tracing::warn!(target: "flotilla::gateway", error = %text, "cannot load the renewed TLS certificate; keeping the current one");
-                            last_error = Some(text);
-                        }
-                    }
+                let looked = match tokio::task::spawn_blocking(move || certs.reload_if_changed())
+                    .await
+                {
+                    Ok(looked) => looked,
                     Err(error) => {
                         tracing::warn!(target: "flotilla::gateway", %error, "the TLS certificate reload task failed");
+                        continue;
                     }
+                };
+                for cert in &looked.reloaded {
+                    stats::tls_certificate_reloaded(true);
+                    tracing::info!(target: "flotilla::gateway", cert = %cert.display(), "reloaded a TLS certificate");
                 }
+                let mut now = Vec::with_capacity(looked.failed.len());
+                for error in &looked.failed {
+                    stats::tls_certificate_reloaded(false);
+                    let text = flotilla_mesh::tls::error_chain(error);
+                    if !said.contains(&text) {
+                        tracing::warn!(target: "flotilla::gateway", error = %text, "cannot load a renewed TLS certificate; keeping the current one");
+                    }
+                    now.push(text);
+                }
+                said = now;
             }
         });
         Reloader(task)
@@ -197,48 +224,150 @@ impl Drop for Reloader {
     }
 }
 
-/// The certificate handshakes are made with, and the files it came from.
+/// The certificates handshakes are made with, and the files they came from.
 #[derive(Debug)]
 struct Certificates {
-    cert: PathBuf,
-    key: PathBuf,
+    /// `[0]` is `TlsConfig::cert`'s pair, the rest `TlsConfig::certificates`.
+    files: Vec<TlsCertificate>,
     provider: Arc<CryptoProvider>,
-    current: RwLock<Loaded>,
+    current: RwLock<Served>,
+}
+
+/// What one look at the files found.
+#[derive(Debug, Default)]
+struct Looked {
+    /// The certificate files of the pairs taken anew.
+    reloaded: Vec<PathBuf>,
+    /// The changed pairs that did not load (each keeps its current one).
+    failed: Vec<TlsError>,
 }
 
 impl Certificates {
-    fn current(&self) -> std::sync::RwLockReadGuard<'_, Loaded> {
+    fn current(&self) -> std::sync::RwLockReadGuard<'_, Served> {
         self.current
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Takes the files again if either changed since they were last taken.
-    fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let seen = Fingerprint::of(&self.cert, &self.key);
-        if seen == self.current().fingerprint {
-            return Ok(false);
+    /// Takes again each pair whose files changed since they were last taken.
+    fn reload_if_changed(&self) -> Looked {
+        let mut looked = Looked::default();
+        let mut pairs: Option<Vec<Loaded>> = None;
+        for (i, files) in self.files.iter().enumerate() {
+            let seen = Fingerprint::of(&files.cert, &files.key);
+            if seen == self.current().pairs[i].fingerprint {
+                continue;
+            }
+            match load(files, i > 0, &self.provider) {
+                Ok(loaded) => {
+                    loaded.record();
+                    pairs.get_or_insert_with(|| self.current().pairs.clone())[i] = loaded;
+                    looked.reloaded.push(files.cert.clone());
+                }
+                Err(error) => looked.failed.push(error),
+            }
         }
-        let loaded = load(&self.cert, &self.key, &self.provider)?;
-        loaded.record();
-        *self
-            .current
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = loaded;
-        Ok(true)
+        if let Some(pairs) = pairs {
+            *self
+                .current
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Served::new(pairs);
+        }
+        looked
     }
 }
 
 impl ResolvesServerCert for Certificates {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(&self.current().key))
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let served = self.current();
+        let chosen = served.choose(hello.server_name(), hello.signature_schemes());
+        Some(Arc::clone(&chosen.key))
+    }
+}
+
+/// The pairs in use, and which of them cover each name.
+#[derive(Debug)]
+struct Served {
+    /// Never empty; `[0]` is the one served when no other's names match.
+    pairs: Vec<Loaded>,
+    /// Exact names, and the pairs (in order) whose subjectAltName has them.
+    exact: HashMap<String, Vec<usize>>,
+    /// `*.example.com`'s pairs under `example.com`.
+    wildcard: HashMap<String, Vec<usize>>,
+}
+
+impl Served {
+    fn new(pairs: Vec<Loaded>) -> Served {
+        let mut exact: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut wildcard: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, pair) in pairs.iter().enumerate() {
+            for name in &pair.names {
+                let (map, key) = match name.strip_prefix("*.") {
+                    Some(parent) => (&mut wildcard, parent),
+                    None => (&mut exact, name.as_str()),
+                };
+                let at = map.entry(key.to_owned()).or_default();
+                if !at.contains(&i) {
+                    at.push(i);
+                }
+            }
+        }
+        Served {
+            pairs,
+            exact,
+            wildcard,
+        }
+    }
+
+    /// The pair for a client that asked for `name` (SNI) and can verify
+    /// `schemes`: the first covering the name whose key can sign with one
+    /// of them, else the first covering it, else the first of all.
+    fn choose(&self, name: Option<&str>, schemes: &[SignatureScheme]) -> &Loaded {
+        let first = &self.pairs[0];
+        let Some(name) = name.filter(|_| self.pairs.len() > 1) else {
+            return first;
+        };
+        let covering = self.covering(name);
+        covering
+            .iter()
+            .map(|&i| &self.pairs[i])
+            .find(|pair| pair.key.key.choose_scheme(schemes).is_some())
+            .or_else(|| covering.first().map(|&i| &self.pairs[i]))
+            .unwrap_or(first)
+    }
+
+    /// The pairs whose names cover `name`: exact ones, else wildcards for
+    /// its parent (one label: `*.example.com` covers `a.example.com`, not
+    /// `example.com` nor `a.b.example.com`).
+    fn covering(&self, name: &str) -> &[usize] {
+        // rustls hands over the SNI lower-cased; a trailing dot is the same
+        // name to DNS.
+        let name = name.strip_suffix('.').unwrap_or(name);
+        let name: Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(name.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(name)
+        };
+        if let Some(exact) = self.exact.get(name.as_ref()) {
+            return exact;
+        }
+        match name.split_once('.') {
+            Some((label, parent)) if !label.is_empty() => {
+                self.wildcard.get(parent).map_or(&[], Vec::as_slice)
+            }
+            _ => &[],
+        }
     }
 }
 
 /// One consistent pair, read from the files.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Loaded {
     key: Arc<CertifiedKey>,
+    /// The DNS names of its subjectAltName, lower-cased.
+    names: Vec<String>,
+    /// The certificate file, to name it in the expiry metric.
+    cert: PathBuf,
     /// The files as they were before they were read: a change while they
     /// were being read shows as a change on the next look.
     fingerprint: Fingerprint,
@@ -250,9 +379,9 @@ impl Loaded {
         let Some(not_after) = self.not_after else {
             return;
         };
-        stats::tls_certificate_expiry(not_after);
+        stats::tls_certificate_expiry(&self.cert, not_after);
         if not_after < SystemTime::now() {
-            tracing::warn!(target: "flotilla::gateway", "the gateway's TLS certificate has expired: clients will refuse it");
+            tracing::warn!(target: "flotilla::gateway", cert = %self.cert.display(), "the gateway's TLS certificate has expired: clients will refuse it");
         }
     }
 }
@@ -277,7 +406,14 @@ impl Fingerprint {
     }
 }
 
-fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<Loaded, TlsError> {
+/// Reads one pair. `needs_names`: a further certificate, served only by
+/// the names in its subjectAltName, must have some.
+fn load(
+    files: &TlsCertificate,
+    needs_names: bool,
+    provider: &CryptoProvider,
+) -> Result<Loaded, TlsError> {
+    let (cert, key) = (files.cert.as_path(), files.key.as_path());
     let fingerprint = Fingerprint::of(cert, key);
     let read = |path: &Path| {
         std::fs::read(path).map_err(|source| TlsError::Read {
@@ -298,18 +434,34 @@ fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<Loaded, Tl
             path: cert.to_path_buf(),
         });
     };
-    let not_after = x509_parser::parse_x509_certificate(leaf)
-        .map_err(|e| TlsError::BadCertificate {
-            path: cert.to_path_buf(),
-            reason: e.to_string(),
-        })?
-        .1
-        .validity()
-        .not_after
-        .timestamp();
-    let not_after = u64::try_from(not_after)
+    let bad = |reason: String| TlsError::BadCertificate {
+        path: cert.to_path_buf(),
+        reason,
+    };
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(|e| bad(e.to_string()))?;
+    let not_after = u64::try_from(parsed.validity().not_after.timestamp())
         .ok()
         .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
+    let names: Vec<String> = match parsed.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|name| match name {
+                x509_parser::extensions::GeneralName::DNSName(dns) => {
+                    Some(dns.trim_end_matches('.').to_ascii_lowercase())
+                }
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    if needs_names && names.is_empty() {
+        return Err(TlsError::NoNames {
+            path: cert.to_path_buf(),
+        });
+    }
     let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| TlsError::NoKey {
         path: key.to_path_buf(),
     })?;
@@ -321,6 +473,8 @@ fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<Loaded, Tl
         })?;
     Ok(Loaded {
         key: Arc::new(certified),
+        names,
+        cert: cert.to_path_buf(),
         fingerprint,
         not_after,
     })

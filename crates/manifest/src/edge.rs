@@ -118,12 +118,23 @@ pub struct Tls {
     pub cert: PathBuf,
     /// PEM private key of that certificate.
     pub key: PathBuf,
+    /// Further certificates (`[[gateway.tls.certificates]]`), each served
+    /// to the clients that ask (by SNI) for a name in its subjectAltName;
+    /// `cert` is served to the rest.
+    pub certificates: Vec<TlsCertificate>,
     /// The oldest TLS version a client may use.
     pub min_version: TlsVersion,
     /// A plain-HTTP listener that redirects every request to HTTPS.
     pub http_redirect: Option<SocketAddr>,
     /// `Strict-Transport-Security: max-age=` on every response, if set.
     pub hsts: Option<Duration>,
+}
+
+/// One certificate chain and its key, PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsCertificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A TLS protocol version (`min_version = "1.2"` or `"1.3"`).

@@ -21,7 +21,7 @@ use std::time::Duration;
 pub use diagnostic::Diagnostic;
 pub use edge::{
     Cors, IpList, IpNet, IpNetParseError, JwksSource, Jwt, RateLimit, RateLimitKey,
-    RateLimitParseError, RateLimitStore, Tls, TlsVersion, parse_net, parse_nets,
+    RateLimitParseError, RateLimitStore, Tls, TlsCertificate, TlsVersion, parse_net, parse_nets,
 };
 pub use events::{
     Broker, BrokerDurability, BrokerEngine, Deliver, Queue, Stream, StreamSource, Subscribe, Topic,

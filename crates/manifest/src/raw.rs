@@ -43,9 +43,17 @@ pub(crate) struct RawGateway {
 pub(crate) struct RawTls {
     pub cert: Spanned<String>,
     pub key: Spanned<String>,
+    pub certificates: Option<Vec<RawTlsCertificate>>,
     pub min_version: Option<Spanned<String>>,
     pub http_redirect: Option<Spanned<String>>,
     pub hsts: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTlsCertificate {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]

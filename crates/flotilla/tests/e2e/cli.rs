@@ -354,9 +354,17 @@ async fn up_serves_https_with_the_manifests_certificate() {
         made.signing_key.serialize_pem(),
     )
     .unwrap();
+    // A second site on the same gateway, served by the name clients ask for.
+    let api = rcgen::generate_simple_self_signed(vec!["api.example.test".into()]).unwrap();
+    std::fs::write(dir.path().join("api.pem"), api.cert.pem()).unwrap();
+    std::fs::write(
+        dir.path().join("api-key.pem"),
+        api.signing_key.serialize_pem(),
+    )
+    .unwrap();
     let manifest = hello_manifest(dir.path(), "127.0.0.1:0");
     let mut text = std::fs::read_to_string(&manifest).unwrap();
-    text.push_str("[gateway.tls]\ncert = \"gw.pem\"\nkey = \"gw-key.pem\"\n");
+    text.push_str("[gateway.tls]\ncert = \"gw.pem\"\nkey = \"gw-key.pem\"\n[[gateway.tls.certificates]]\ncert = \"api.pem\"\nkey = \"api-key.pem\"\n");
     std::fs::write(&manifest, text).unwrap();
 
     let mut up = up_with(dir, manifest);
@@ -383,6 +391,22 @@ async fn up_serves_https_with_the_manifests_certificate() {
     };
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["server"], "flotilla");
+
+    // A client that trusts only the second site's certificate reaches it
+    // by its name.
+    let addr: std::net::SocketAddr = gateway.trim_start_matches("https://").parse().unwrap();
+    let api_client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(api.cert.pem().as_bytes()).unwrap())
+        .resolve("api.example.test", addr)
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let res = api_client
+        .get(format!("https://api.example.test:{}/hello", addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
 
     // Plain HTTP to the same port is told what to do.
     let plain = crate::support::client()

@@ -16,4 +16,5 @@ mod security_jwt;
 mod static_files;
 mod support;
 mod tls;
+mod tls_sni;
 mod websocket;

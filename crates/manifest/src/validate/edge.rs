@@ -8,8 +8,8 @@ use toml::Spanned;
 
 use super::Ctx;
 use crate::edge::{
-    Cors, IpList, JwksSource, Jwt, RateLimit, RateLimitKey, RateLimitStore, Tls, TlsVersion,
-    is_origin, parse_net,
+    Cors, IpList, JwksSource, Jwt, RateLimit, RateLimitKey, RateLimitStore, Tls, TlsCertificate,
+    TlsVersion, is_origin, parse_net,
 };
 use crate::raw::{RawCors, RawIp, RawJwt, RawRateLimits, RawTls};
 
@@ -248,6 +248,22 @@ pub(super) fn tls(ctx: &mut Ctx<'_>, raw: &Spanned<RawTls>) -> Option<Tls> {
         "cert = \"certs/gateway.pem\"",
     );
     let key = file(ctx, &raw.key, "key", "key = \"certs/gateway-key.pem\"");
+    let mut certificates: Vec<TlsCertificate> = Vec::new();
+    for more in raw.certificates.iter().flatten() {
+        let pair = TlsCertificate {
+            cert: file(ctx, &more.cert, "certificate", "cert = \"certs/api.pem\""),
+            key: file(ctx, &more.key, "key", "key = \"certs/api-key.pem\""),
+        };
+        // The same chain twice would never be served from its second place.
+        if pair.cert == cert || certificates.iter().any(|c| c.cert == pair.cert) {
+            ctx.error(
+                more.cert.span(),
+                format!("certificate `{}` is listed twice", more.cert.get_ref()),
+                Some("list each certificate once: `[gateway.tls] cert` is the one served when no other's names match".into()),
+            );
+        }
+        certificates.push(pair);
+    }
     let min_version = match &raw.min_version {
         None => TlsVersion::Tls12,
         Some(v) => match TlsVersion::parse(v.get_ref()) {
@@ -282,6 +298,7 @@ pub(super) fn tls(ctx: &mut Ctx<'_>, raw: &Spanned<RawTls>) -> Option<Tls> {
     (ctx.errors.len() == before).then_some(Tls {
         cert,
         key,
+        certificates,
         min_version,
         http_redirect,
         hsts,

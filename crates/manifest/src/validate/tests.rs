@@ -615,6 +615,64 @@ fn gateway_tls_files_resolve_beside_the_manifest() {
 }
 
 #[test]
+fn gateway_tls_further_certificates_resolve_beside_the_manifest_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "gw.pem",
+        "gw-key.pem",
+        "api.pem",
+        "api-key.pem",
+        "ec.pem",
+        "ec-key.pem",
+    ] {
+        std::fs::write(dir.path().join(name), "pem").unwrap();
+    }
+    let file = dir.path().join("flotilla.toml");
+    std::fs::write(
+        &file,
+        "name = \"x\"\n[gateway.tls]\ncert = \"gw.pem\"\nkey = \"gw-key.pem\"\n[[gateway.tls.certificates]]\ncert = \"api.pem\"\nkey = \"api-key.pem\"\n[[gateway.tls.certificates]]\ncert = \"ec.pem\"\nkey = \"ec-key.pem\"\n[services.a]\nrun = { cargo = \"a\" }\n",
+    )
+    .unwrap();
+    let m = Manifest::load(&file).unwrap();
+    let tls = m.gateway.tls.unwrap();
+    assert_eq!(tls.cert, dir.path().join("gw.pem"));
+    assert_eq!(
+        tls.certificates,
+        vec![
+            crate::TlsCertificate {
+                cert: dir.path().join("api.pem"),
+                key: dir.path().join("api-key.pem"),
+            },
+            crate::TlsCertificate {
+                cert: dir.path().join("ec.pem"),
+                key: dir.path().join("ec-key.pem"),
+            },
+        ]
+    );
+}
+
+#[test]
+fn gateway_tls_further_certificates_must_exist_and_be_listed_once() {
+    // Cargo.toml and src/lib.rs: files that exist (tests run in the
+    // crate's directory).
+    let e = errors(
+        "name = \"x\"\n[gateway.tls]\ncert = \"Cargo.toml\"\nkey = \"Cargo.toml\"\n[[gateway.tls.certificates]]\ncert = \"no-such-api.pem\"\nkey = \"src/lib.rs\"\n[[gateway.tls.certificates]]\ncert = \"Cargo.toml\"\nkey = \"src/lib.rs\"\n[services.a]\nrun = { cargo = \"a\" }\n",
+    );
+    assert!(
+        e.contains("certificate file `") && e.contains("no-such-api.pem` does not exist"),
+        "{e}"
+    );
+    assert!(
+        e.contains("certificate `Cargo.toml` is listed twice"),
+        "{e}"
+    );
+    let e = errors(
+        "name = \"x\"\n[gateway.tls]\ncert = \"Cargo.toml\"\nkey = \"Cargo.toml\"\n[[gateway.tls.certificates]]\ncert = \"src/lib.rs\"\n[services.a]\nrun = { cargo = \"a\" }\n",
+    );
+    assert!(e.contains("missing key `key`"), "{e}");
+}
+
+#[test]
 fn gateway_tls_missing_files_and_bad_version() {
     let e = errors(
         "name = \"x\"\n[gateway.tls]\ncert = \"no-such.pem\"\nkey = \"no-such-key.pem\"\nmin_version = \"1.1\"\nhttp_redirect = \"port 80\"\n[services.a]\nrun = { cargo = \"a\" }\n",
