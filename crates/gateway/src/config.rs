@@ -71,6 +71,9 @@ pub struct RouteConfig {
     pub ip: Option<IpRules>,
     /// Replaces `Limits::max_body_bytes` for this route.
     pub max_body_bytes: Option<usize>,
+    /// Only clients that connected with a verified certificate
+    /// (`TlsConfig::client_ca`); the rest get 403.
+    pub client_cert: bool,
 }
 
 impl RouteConfig {
@@ -86,6 +89,7 @@ impl RouteConfig {
             cors: None,
             ip: None,
             max_body_bytes: None,
+            client_cert: false,
         }
     }
 
@@ -328,6 +332,7 @@ impl Config {
                     max_body_bytes: route
                         .max_body_bytes
                         .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
+                    client_cert: route.client_cert,
                     ..RouteConfig::new(service, route.pattern.clone())
                 })
                 .collect(),
@@ -369,6 +374,8 @@ impl Config {
             upstream_tls: None,
             tls: gw.tls.as_ref().map(|t| TlsConfig {
                 certificates: t.certificates.clone(),
+                client_ca: t.client_ca.clone(),
+                client_auth: t.client_auth,
                 min_version: t.min_version,
                 http_redirect: t.http_redirect,
                 hsts: t.hsts,

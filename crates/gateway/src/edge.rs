@@ -2,14 +2,17 @@
 //! arrived" and "forward it to the service", in the order DESIGN.md gives:
 //!
 //! 1. take one snapshot of the configuration for the whole request;
-//! 2. strip every `x-flotilla-user-*` the client sent (only the gateway may
-//!    say who the user is — on public routes too);
+//! 2. strip every `x-flotilla-user-*` and `x-forwarded-client-cert` the
+//!    client sent (only the gateway may say who the user is — on public
+//!    routes too), and set the latter from the client certificate the TLS
+//!    handshake verified, if any;
 //! 3. find the client address (through trusted proxies only) and apply the
 //!    system's IP lists → 403 `ip_denied`;
 //! 4. CORS: answer preflights here (→ 204 or 403 `cors_denied`);
 //! 5. route match → 404 / 405 / static files;
 //! 6. the route's IP lists → 403;
-//! 7. JWT (`auth = jwt`) → 401 / 403, then the identity headers;
+//! 7. a client certificate (`client_cert`) → 403; JWT (`auth = jwt`) → 401
+//!    / 403, then the identity headers;
 //! 8. rate limit → 429;
 //! 9. body size → 413 (declared length now, streamed length as it flows);
 //!
@@ -34,6 +37,7 @@ use http_body_util::Limited;
 use tower::ServiceExt;
 
 use crate::body::{self, Body};
+use crate::client_cert::XFCC;
 use crate::cors::{self, CorsPolicy};
 use crate::ip;
 use crate::jwt::{self, Identity, RouteAuth, USER_HEADER_PREFIX};
@@ -66,11 +70,11 @@ pub(crate) struct Served {
     pub upstream: Option<Upstream>,
 }
 
-/// Removes every `x-flotilla-user-*` header.
-fn strip_user_headers(headers: &mut HeaderMap) {
+/// Removes every `x-flotilla-user-*` and `x-forwarded-client-cert` header.
+fn strip_identity_headers(headers: &mut HeaderMap) {
     let forged: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with(USER_HEADER_PREFIX))
+        .filter(|k| k.as_str().starts_with(USER_HEADER_PREFIX) || *k == XFCC)
         .cloned()
         .collect();
     for name in forged {
@@ -135,7 +139,10 @@ pub(crate) fn handle<'a>(
             cors: routing.cors.clone(),
             limit: None,
         };
-        strip_user_headers(req.headers_mut());
+        strip_identity_headers(req.headers_mut());
+        if let Some(cert) = &conn.client_cert {
+            req.headers_mut().insert(XFCC.clone(), cert.xfcc.clone());
+        }
 
         let client = {
             let peer = conn.peer.ip();
@@ -239,7 +246,10 @@ pub(crate) fn handle<'a>(
         } else {
             None
         };
-        if let Err(rejection) = police(&routing, route, client, &mut req, &mut finish).await {
+        let has_cert = conn.client_cert.is_some();
+        if let Err(rejection) =
+            police(&routing, route, client, has_cert, &mut req, &mut finish).await
+        {
             return finish.reject(rejection);
         }
         match proxy.forward(req, conn, route, client).await {
@@ -280,6 +290,7 @@ async fn police<'a>(
     routing: &Routing,
     route: &'a Route,
     client: ClientAddr,
+    has_cert: bool,
     req: &mut Request<Body>,
     finish: &mut Finish<'a>,
 ) -> Result<(), Rejection> {
@@ -290,6 +301,11 @@ async fn police<'a>(
     {
         stats::ip_denied(label);
         return Err(Rejection::IpDenied);
+    }
+
+    if policy.client_cert && !has_cert {
+        stats::auth_failed(label, "client_certificate_required");
+        return Err(Rejection::ClientCertRequired);
     }
 
     let mut identity: Option<Arc<Identity>> = None;
@@ -383,14 +399,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn user_headers_are_stripped_whatever_their_case_or_number() {
+    fn identity_headers_are_stripped_whatever_their_case_or_number() {
         let mut h = HeaderMap::new();
         h.append("x-flotilla-user-id", HeaderValue::from_static("admin"));
         h.append("X-Flotilla-User-Id", HeaderValue::from_static("root"));
         h.append("x-flotilla-user-role", HeaderValue::from_static("admin"));
         h.append("x-flotilla-username", HeaderValue::from_static("kept"));
         h.append("x-other", HeaderValue::from_static("kept"));
-        strip_user_headers(&mut h);
+        h.append(
+            "X-Forwarded-Client-Cert",
+            HeaderValue::from_static("Hash=00"),
+        );
+        h.append(
+            "x-forwarded-client-cert",
+            HeaderValue::from_static("Hash=11"),
+        );
+        strip_identity_headers(&mut h);
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, ["x-flotilla-username", "x-other"]);

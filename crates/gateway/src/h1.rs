@@ -262,7 +262,7 @@ impl<H: Handler> Conn<H> {
             let res = {
                 // Pinned where it is made, in this task rather than a box of
                 // its own; dropped at the block's end, before the response.
-                let mut call = std::pin::pin!(self.stack.call(req, self.info));
+                let mut call = std::pin::pin!(self.stack.call(req, self.info.clone()));
                 poll_fn(|cx| self.poll_call(cx, call.as_mut(), &mut feed)).await
             };
             let next = match res {
@@ -996,6 +996,7 @@ mod tests {
                 let info = ConnInfo {
                     peer,
                     scheme: "http",
+                    client_cert: None,
                 };
                 tokio::spawn(serve(
                     stream.into(),

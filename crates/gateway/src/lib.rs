@@ -40,6 +40,7 @@ mod balance;
 mod body;
 mod chunked;
 mod client;
+mod client_cert;
 mod clock;
 mod config;
 mod conn;
@@ -83,7 +84,7 @@ pub use ip::{IpConfig, IpNetParseError, IpRules, parse_net, parse_nets};
 pub use jwt::{JwksSource, JwksSourceError, JwtConfig, RouteAuth, RouteAuthParseError};
 pub use ratelimit::{RateLimit, RateLimitBackend, RateLimitKey, RateLimitParseError};
 pub use stats::prometheus_recorder;
-pub use tls::{TlsCertificate, TlsConfig, TlsError};
+pub use tls::{ClientAuth, TlsCertificate, TlsConfig, TlsError};
 pub use upstream::{ActivateError, ActivateFuture, Endpoint, Load, LoadGuard, Upstreams};
 
 /// Why the gateway could not start.

@@ -58,6 +58,10 @@ pub(crate) enum Rejection {
     IpDenied,
     #[error("this origin may not make this request")]
     CorsDenied,
+    #[error(
+        "this route needs a client certificate: connect with one the gateway's client CA signed"
+    )]
+    ClientCertRequired,
     /// The reason stays out of the message: telling an attacker why a
     /// token failed helps them forge the next one.
     #[error("{}", auth_message(.0))]
@@ -91,7 +95,9 @@ impl Rejection {
             Rejection::UpstreamUnreachable { .. } | Rejection::BadGateway { .. } => {
                 StatusCode::BAD_GATEWAY
             }
-            Rejection::IpDenied | Rejection::CorsDenied => StatusCode::FORBIDDEN,
+            Rejection::IpDenied | Rejection::CorsDenied | Rejection::ClientCertRequired => {
+                StatusCode::FORBIDDEN
+            }
             Rejection::Auth(AuthError::Forbidden { .. }) => StatusCode::FORBIDDEN,
             Rejection::Auth(_) => StatusCode::UNAUTHORIZED,
             Rejection::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -113,6 +119,7 @@ impl Rejection {
             Rejection::BadGateway { .. } => "bad_gateway",
             Rejection::IpDenied => "ip_denied",
             Rejection::CorsDenied => "cors_denied",
+            Rejection::ClientCertRequired => "client_certificate_required",
             Rejection::Auth(AuthError::Missing) => "missing_token",
             Rejection::Auth(AuthError::Invalid(_)) => "invalid_token",
             Rejection::Auth(AuthError::Forbidden { .. }) => "insufficient_scope",

@@ -43,6 +43,8 @@ pub(crate) struct RoutePolicy {
     pub ip: Option<IpRules>,
     /// `None`: no limit (only tests build routes without one).
     pub max_body_bytes: Option<usize>,
+    /// Only requests over a connection with a verified client certificate.
+    pub client_cert: bool,
 }
 
 impl Route {

@@ -117,6 +117,7 @@ impl Routing {
                     .map(Arc::new),
                 ip: route.ip.clone(),
                 max_body_bytes: Some(route.max_body_bytes.unwrap_or(default_body)),
+                client_cert: route.client_cert,
             }
         });
         Ok(Routing {

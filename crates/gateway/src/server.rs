@@ -45,6 +45,7 @@ use tokio::task::JoinHandle;
 
 use crate::access_log::{self, AccessLog, Sink};
 use crate::body::{self, Body, Holding};
+use crate::client_cert::ClientCert;
 use crate::config::Limits;
 use crate::conn::{self, H2_PREFACE, Watch};
 use crate::edge::{self, Served};
@@ -95,11 +96,14 @@ impl Handler for Stack {
 /// The client side of the connection a request arrived on. Passed beside
 /// the request rather than in its extensions: the first extension costs
 /// three allocations (the map, its table, the boxed value) per request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct ConnInfo {
     pub peer: SocketAddr,
     /// `http`, or `https` once TLS is terminated here.
     pub scheme: &'static str,
+    /// The certificate the client presented and the handshake verified
+    /// (`TlsConfig::client_ca`).
+    pub client_cert: Option<Arc<ClientCert>>,
 }
 
 /// How long the access-log writer may take to write out its queue at
@@ -438,6 +442,7 @@ async fn start_plain(with: &Connections, stream: TcpStream, peer: SocketAddr) ->
     let info = ConnInfo {
         peer,
         scheme: "http",
+        client_cert: None,
     };
     if first.starts_with(H2_PREFACE) {
         serve_h2(with, stream, first, info).await;
@@ -503,6 +508,10 @@ async fn start_tls(
     let info = ConnInfo {
         peer,
         scheme: "https",
+        client_cert: session
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|leaf| Arc::new(ClientCert::new(leaf))),
     };
     if h2 {
         serve_h2_conn(with, stream, info, Watch::new()).await;
@@ -552,6 +561,7 @@ async fn serve_h2_conn<I>(with: &Connections, io: I, info: ConnInfo, watch: Arc<
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let peer = info.peer;
     let service = TowerToHyperService::new(Connection {
         stack: with.stack.clone(),
         info,
@@ -568,13 +578,13 @@ where
             conn.await
         }
         () = watch.idle(with.settings.idle_timeout) => {
-            tracing::debug!(target: "flotilla::gateway", peer = %info.peer, "idle HTTP/2 connection; going away");
+            tracing::debug!(target: "flotilla::gateway", %peer, "idle HTTP/2 connection; going away");
             conn.as_mut().graceful_shutdown();
             conn.await
         }
     };
     if let Err(e) = result {
-        tracing::debug!(target: "flotilla::gateway", peer = %info.peer, error = %e, "connection ended with an error");
+        tracing::debug!(target: "flotilla::gateway", %peer, error = %e, "connection ended with an error");
     }
 }
 
@@ -610,7 +620,7 @@ impl tower::Service<Request<Incoming>> for Connection {
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         use futures_util::FutureExt;
         let guard = self.watch.request_started();
-        let fut = self.stack.call(req.map(body::boxed), self.info);
+        let fut = self.stack.call(req.map(body::boxed), self.info.clone());
         async move {
             // hyper writes the map only.
             let res = fut.await.into_response();
@@ -651,6 +661,7 @@ mod tests {
         let conn = ConnInfo {
             peer: SocketAddr::from(([127, 0, 0, 1], 40000)),
             scheme: "http",
+            client_cert: None,
         };
         stack.call(req, conn).await.into_response()
     }

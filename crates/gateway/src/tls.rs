@@ -29,8 +29,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-pub use flotilla_manifest::TlsCertificate;
 use flotilla_manifest::TlsVersion;
+pub use flotilla_manifest::{ClientAuth, TlsCertificate};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -42,6 +42,7 @@ use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{self, ServerConfig, SignatureScheme};
 use tokio_rustls::server::TlsStream;
 
+use crate::client_cert::{ClientCas, Sessions};
 use crate::stats;
 
 /// How TLS is terminated for the gateway's clients.
@@ -54,6 +55,12 @@ pub struct TlsConfig {
     /// Further certificates, each served to the clients that ask (SNI) for
     /// a name in its subjectAltName; `cert` goes to the rest.
     pub certificates: Vec<TlsCertificate>,
+    /// PEM CA certificates that sign client certificates: with it, every
+    /// client is asked for one, and one it sends must verify
+    /// (`client_cert`). Looked at for renewal as the certificates are.
+    pub client_ca: Option<PathBuf>,
+    /// Whether a client without a certificate may connect at all.
+    pub client_auth: ClientAuth,
     /// The oldest protocol version accepted.
     pub min_version: TlsVersion,
     /// How often the two files are looked at for a renewal.
@@ -74,6 +81,8 @@ impl TlsConfig {
             cert: cert.into(),
             key: key.into(),
             certificates: Vec::new(),
+            client_ca: None,
+            client_auth: ClientAuth::Optional,
             min_version: TlsVersion::Tls12,
             reload_every: Duration::from_secs(10),
             http_redirect: None,
@@ -115,6 +124,8 @@ pub enum TlsError {
         path.display()
     )]
     NoNames { path: PathBuf },
+    #[error("{} cannot be used as client CAs: {reason}", path.display())]
+    ClientCa { path: PathBuf, reason: String },
     #[error("cannot set up TLS: {0}")]
     Config(#[source] rustls::Error),
 }
@@ -124,6 +135,7 @@ pub enum TlsError {
 pub(crate) struct Acceptor {
     acceptor: TlsAcceptor,
     certs: Arc<Certificates>,
+    client_cas: Option<Arc<ClientCas>>,
 }
 
 impl Acceptor {
@@ -154,15 +166,31 @@ impl Acceptor {
             TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
             TlsVersion::Tls13 => &[&rustls::version::TLS13],
         };
-        let mut server = ServerConfig::builder_with_provider(provider)
+        let client_cas = match &config.client_ca {
+            Some(file) => Some(Arc::new(ClientCas::new(
+                file,
+                config.client_auth == ClientAuth::Required,
+                Arc::clone(&provider),
+            )?)),
+            None => None,
+        };
+        let builder = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(versions)
-            .map_err(TlsError::Config)?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::clone(&certs) as Arc<dyn ResolvesServerCert>);
+            .map_err(TlsError::Config)?;
+        let builder = match &client_cas {
+            Some(cas) => builder.with_client_cert_verifier(Arc::clone(cas) as _),
+            None => builder.with_no_client_auth(),
+        };
+        let mut server =
+            builder.with_cert_resolver(Arc::clone(&certs) as Arc<dyn ResolvesServerCert>);
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        if let Some(cas) = &client_cas {
+            server.session_storage = Arc::new(Sessions::new(Arc::clone(cas)));
+        }
         Ok(Acceptor {
             acceptor: TlsAcceptor::from(Arc::new(server)),
             certs,
+            client_cas,
         })
     }
 
@@ -175,6 +203,7 @@ impl Acceptor {
     /// and takes a changed pair; stops when the handle is dropped.
     pub(crate) fn spawn_reloader(&self, every: Duration) -> Reloader {
         let certs = Arc::clone(&self.certs);
+        let client_cas = self.client_cas.clone();
         let task = tokio::spawn(async move {
             // `interval` refuses a zero period (it would panic).
             let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
@@ -185,8 +214,19 @@ impl Acceptor {
             loop {
                 tick.tick().await;
                 let certs = Arc::clone(&certs);
-                let looked = match tokio::task::spawn_blocking(move || certs.reload_if_changed())
-                    .await
+                let client_cas = client_cas.clone();
+                let looked = match tokio::task::spawn_blocking(move || {
+                    let mut looked = certs.reload_if_changed();
+                    if let Some(cas) = client_cas {
+                        match cas.reload_if_changed() {
+                            Ok(true) => looked.reloaded.push(cas.file().to_path_buf()),
+                            Ok(false) => {}
+                            Err(error) => looked.failed.push(error),
+                        }
+                    }
+                    looked
+                })
+                .await
                 {
                     Ok(looked) => looked,
                     Err(error) => {
@@ -386,15 +426,15 @@ impl Loaded {
     }
 }
 
-/// What the two files looked like: length, modification time and inode
-/// (a file replaced by rename changes its inode even within one tick of
-/// the clock).
+/// What a file looked like: length, modification time and inode (a file
+/// replaced by rename changes its inode even within one tick of the
+/// clock); `None` if it could not be looked at.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Fingerprint([Option<(u64, SystemTime, u64)>; 2]);
+pub(crate) struct Stamp(Option<(u64, SystemTime, u64)>);
 
-impl Fingerprint {
-    fn of(cert: &Path, key: &Path) -> Fingerprint {
-        let look = |path: &Path| {
+impl Stamp {
+    pub(crate) fn of(path: &Path) -> Stamp {
+        let look = || {
             let meta = std::fs::metadata(path).ok()?;
             #[cfg(unix)]
             let inode = std::os::unix::fs::MetadataExt::ino(&meta);
@@ -402,7 +442,17 @@ impl Fingerprint {
             let inode = 0;
             Some((meta.len(), meta.modified().ok()?, inode))
         };
-        Fingerprint([look(cert), look(key)])
+        Stamp(look())
+    }
+}
+
+/// What a pair's two files looked like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint([Stamp; 2]);
+
+impl Fingerprint {
+    fn of(cert: &Path, key: &Path) -> Fingerprint {
+        Fingerprint([Stamp::of(cert), Stamp::of(key)])
     }
 }
 

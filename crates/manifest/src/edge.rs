@@ -122,6 +122,11 @@ pub struct Tls {
     /// to the clients that ask (by SNI) for a name in its subjectAltName;
     /// `cert` is served to the rest.
     pub certificates: Vec<TlsCertificate>,
+    /// PEM CA certificates that sign client certificates: with it, the
+    /// gateway asks every client for a certificate and verifies any it gets.
+    pub client_ca: Option<PathBuf>,
+    /// Whether a client without a certificate may connect at all.
+    pub client_auth: ClientAuth,
     /// The oldest TLS version a client may use.
     pub min_version: TlsVersion,
     /// A plain-HTTP listener that redirects every request to HTTPS.
@@ -135,6 +140,17 @@ pub struct Tls {
 pub struct TlsCertificate {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// Whether clients must present a certificate (`client_auth`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// A client without one connects; routes with `client_cert = true`
+    /// refuse its requests.
+    #[default]
+    Optional,
+    /// The handshake fails without a valid certificate.
+    Required,
 }
 
 /// A TLS protocol version (`min_version = "1.2"` or `"1.3"`).

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 pub use diagnostic::Diagnostic;
 pub use edge::{
-    Cors, IpList, IpNet, IpNetParseError, JwksSource, Jwt, RateLimit, RateLimitKey,
+    ClientAuth, Cors, IpList, IpNet, IpNetParseError, JwksSource, Jwt, RateLimit, RateLimitKey,
     RateLimitParseError, RateLimitStore, Tls, TlsCertificate, TlsVersion, parse_net, parse_nets,
 };
 pub use events::{
@@ -182,6 +182,8 @@ pub struct Route {
     pub ip: Option<IpList>,
     /// Largest request body accepted (the gateway's default when `None`).
     pub max_body_bytes: Option<u64>,
+    /// Only clients with a verified certificate (`[gateway.tls] client_ca`).
+    pub client_cert: bool,
 }
 
 impl Route {

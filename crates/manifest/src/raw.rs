@@ -44,6 +44,8 @@ pub(crate) struct RawTls {
     pub cert: Spanned<String>,
     pub key: Spanned<String>,
     pub certificates: Option<Vec<RawTlsCertificate>>,
+    pub client_ca: Option<Spanned<String>>,
+    pub client_auth: Option<Spanned<String>>,
     pub min_version: Option<Spanned<String>>,
     pub http_redirect: Option<Spanned<String>>,
     pub hsts: Option<Spanned<String>>,
@@ -147,6 +149,7 @@ pub(crate) struct RawRoute {
     pub rate_limit: Option<Spanned<String>>,
     pub ip: Option<Spanned<RawIp>>,
     pub max_body_bytes: Option<Spanned<i64>>,
+    pub client_cert: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

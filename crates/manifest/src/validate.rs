@@ -47,6 +47,9 @@ struct Ctx<'a> {
     route_timeout: Duration,
     /// Whether `[gateway.jwt]` is set, so routes may use `auth = "jwt"`.
     jwt_configured: bool,
+    /// Whether `[gateway.tls] client_ca` is set, so routes may ask for
+    /// `client_cert`.
+    client_ca_configured: bool,
     errors: Vec<Diagnostic>,
 }
 
@@ -127,6 +130,7 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
         dir,
         route_timeout: DEFAULT_TIMEOUT,
         jwt_configured: false,
+        client_ca_configured: false,
         errors: Vec::new(),
     };
     let raw: RawManifest = match toml::from_str(source) {
@@ -152,6 +156,7 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
     if let Some(gw) = &gateway {
         ctx.route_timeout = gw.timeout;
         ctx.jwt_configured = gw.jwt.is_some();
+        ctx.client_ca_configured = gw.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
     }
 
     let mesh = mesh(&mut ctx, raw.mesh.as_ref());
@@ -888,6 +893,20 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
         Some(t) => ctx.duration(t, "timeout")?,
         None => ctx.route_timeout,
     };
+    let client_cert = raw.client_cert.as_ref().is_some_and(|c| *c.get_ref());
+    if client_cert && !ctx.client_ca_configured {
+        let span = raw
+            .client_cert
+            .as_ref()
+            .map(|c| c.span())
+            .unwrap_or_default();
+        ctx.error(
+            span,
+            "`client_cert = true` needs `[gateway.tls] client_ca`: the gateway has no CA to verify client certificates against",
+            Some("add `client_ca = \"certs/clients-ca.pem\"` under `[gateway.tls]`".into()),
+        );
+        return None;
+    }
     Some(Route {
         pattern,
         methods,
@@ -896,6 +915,7 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
         rate_limit,
         ip,
         max_body_bytes,
+        client_cert,
     })
 }
 

@@ -362,9 +362,25 @@ async fn up_serves_https_with_the_manifests_certificate() {
         api.signing_key.serialize_pem(),
     )
     .unwrap();
+    // Partners' client certificates, for a route only they may call.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::default();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.path().join("partners-ca.pem"), ca_cert.pem()).unwrap();
+    let ca = rcgen::Issuer::new(ca_params, ca_key);
+    let partner_key = rcgen::KeyPair::generate().unwrap();
+    let mut partner_params = rcgen::CertificateParams::default();
+    partner_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let partner = partner_params.signed_by(&partner_key, &ca).unwrap();
+    let partner_pem = format!("{}{}", partner.pem(), partner_key.serialize_pem());
+
     let manifest = hello_manifest(dir.path(), "127.0.0.1:0");
-    let mut text = std::fs::read_to_string(&manifest).unwrap();
-    text.push_str("[gateway.tls]\ncert = \"gw.pem\"\nkey = \"gw-key.pem\"\n[[gateway.tls.certificates]]\ncert = \"api.pem\"\nkey = \"api-key.pem\"\n");
+    let mut text = std::fs::read_to_string(&manifest).unwrap().replace(
+        "routes = [{ path = \"/**\" }]",
+        "routes = [{ path = \"/partner/**\", client_cert = true }, { path = \"/**\" }]",
+    );
+    text.push_str("[gateway.tls]\ncert = \"gw.pem\"\nkey = \"gw-key.pem\"\nclient_ca = \"partners-ca.pem\"\n[[gateway.tls.certificates]]\ncert = \"api.pem\"\nkey = \"api-key.pem\"\n");
     std::fs::write(&manifest, text).unwrap();
 
     let mut up = up_with(dir, manifest);
@@ -403,6 +419,27 @@ async fn up_serves_https_with_the_manifests_certificate() {
         .unwrap();
     let res = api_client
         .get(format!("https://api.example.test:{}/hello", addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    // The partners' route: refused without a client certificate, served
+    // with one the manifest's client CA signed.
+    let res = https
+        .get(format!("{gateway}/partner/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    let partner_client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(made.cert.pem().as_bytes()).unwrap())
+        .identity(reqwest::Identity::from_pem(partner_pem.as_bytes()).unwrap())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let res = partner_client
+        .get(format!("{gateway}/partner/x"))
         .send()
         .await
         .unwrap();

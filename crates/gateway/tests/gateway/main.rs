@@ -16,5 +16,6 @@ mod security_jwt;
 mod static_files;
 mod support;
 mod tls;
+mod tls_client_cert;
 mod tls_sni;
 mod websocket;

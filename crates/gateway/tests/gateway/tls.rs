@@ -93,7 +93,8 @@ fn client_config(
     Arc::new(config)
 }
 
-async fn handshake(
+/// A TLS handshake as `localhost` (also for `tls_client_cert`).
+pub(super) async fn handshake(
     addr: SocketAddr,
     config: Arc<ClientConfig>,
 ) -> std::io::Result<TlsStream<TcpStream>> {

@@ -8,8 +8,8 @@ use toml::Spanned;
 
 use super::Ctx;
 use crate::edge::{
-    Cors, IpList, JwksSource, Jwt, RateLimit, RateLimitKey, RateLimitStore, Tls, TlsCertificate,
-    TlsVersion, is_origin, parse_net,
+    ClientAuth, Cors, IpList, JwksSource, Jwt, RateLimit, RateLimitKey, RateLimitStore, Tls,
+    TlsCertificate, TlsVersion, is_origin, parse_net,
 };
 use crate::raw::{RawCors, RawIp, RawJwt, RawRateLimits, RawTls};
 
@@ -264,6 +264,35 @@ pub(super) fn tls(ctx: &mut Ctx<'_>, raw: &Spanned<RawTls>) -> Option<Tls> {
         }
         certificates.push(pair);
     }
+    let client_ca = raw
+        .client_ca
+        .as_ref()
+        .map(|ca| file(ctx, ca, "client CA", "client_ca = \"certs/clients-ca.pem\""));
+    let client_auth = match &raw.client_auth {
+        None => ClientAuth::Optional,
+        Some(a) if client_ca.is_none() => {
+            ctx.error(
+                a.span(),
+                "`client_auth` needs `client_ca`: the CAs client certificates are verified against",
+                Some("add `client_ca = \"certs/clients-ca.pem\"`, or remove `client_auth`".into()),
+            );
+            ClientAuth::Optional
+        }
+        Some(a) => match a.get_ref().as_str() {
+            "optional" => ClientAuth::Optional,
+            "required" => ClientAuth::Required,
+            other => {
+                ctx.error(
+                    a.span(),
+                    format!("unknown client_auth `{other}`"),
+                    Some(
+                        "write `client_auth = \"optional\"` (the default) or `\"required\"`".into(),
+                    ),
+                );
+                ClientAuth::Optional
+            }
+        },
+    };
     let min_version = match &raw.min_version {
         None => TlsVersion::Tls12,
         Some(v) => match TlsVersion::parse(v.get_ref()) {
@@ -299,6 +328,8 @@ pub(super) fn tls(ctx: &mut Ctx<'_>, raw: &Spanned<RawTls>) -> Option<Tls> {
         cert,
         key,
         certificates,
+        client_ca,
+        client_auth,
         min_version,
         http_redirect,
         hsts,

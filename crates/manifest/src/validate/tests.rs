@@ -673,6 +673,61 @@ fn gateway_tls_further_certificates_must_exist_and_be_listed_once() {
 }
 
 #[test]
+fn gateway_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["gw.pem", "gw-key.pem", "ca.pem"] {
+        std::fs::write(dir.path().join(name), "pem").unwrap();
+    }
+    let file = dir.path().join("flotilla.toml");
+    std::fs::write(
+        &file,
+        "name = \"x\"\n[gateway.tls]\ncert = \"gw.pem\"\nkey = \"gw-key.pem\"\nclient_ca = \"ca.pem\"\nclient_auth = \"required\"\n[services.a]\nrun = { cargo = \"a\" }\nroutes = [{ path = \"/partner/**\", client_cert = true }, { path = \"/api/**\" }]\n",
+    )
+    .unwrap();
+    let m = Manifest::load(&file).unwrap();
+    let tls = m.gateway.tls.as_ref().unwrap();
+    assert_eq!(tls.client_ca, Some(dir.path().join("ca.pem")));
+    assert_eq!(tls.client_auth, crate::ClientAuth::Required);
+    let routes: Vec<bool> = m.routes().map(|(_, r)| r.client_cert).collect();
+    assert_eq!(routes, [true, false]);
+
+    // client_auth defaults to optional.
+    std::fs::write(
+        &file,
+        "name = \"x\"\n[gateway.tls]\ncert = \"gw.pem\"\nkey = \"gw-key.pem\"\nclient_ca = \"ca.pem\"\n[services.a]\nrun = { cargo = \"a\" }\n",
+    )
+    .unwrap();
+    let m = Manifest::load(&file).unwrap();
+    assert_eq!(
+        m.gateway.tls.map(|t| t.client_auth),
+        Some(crate::ClientAuth::Optional)
+    );
+}
+
+#[test]
+fn gateway_client_certificates_need_a_client_ca() {
+    let e = errors(
+        "name = \"x\"\n[services.a]\nrun = { cargo = \"a\" }\nroutes = [{ path = \"/partner/**\", client_cert = true }]\n",
+    );
+    assert!(
+        e.contains("`client_cert = true` needs `[gateway.tls] client_ca`"),
+        "{e}"
+    );
+    let e = errors(
+        "name = \"x\"\n[gateway.tls]\ncert = \"Cargo.toml\"\nkey = \"Cargo.toml\"\nclient_auth = \"required\"\n[services.a]\nrun = { cargo = \"a\" }\n",
+    );
+    assert!(e.contains("`client_auth` needs `client_ca`"), "{e}");
+    let e = errors(
+        "name = \"x\"\n[gateway.tls]\ncert = \"Cargo.toml\"\nkey = \"Cargo.toml\"\nclient_ca = \"no-such-ca.pem\"\nclient_auth = \"sometimes\"\n[services.a]\nrun = { cargo = \"a\" }\n",
+    );
+    assert!(
+        e.contains("client CA file `") && e.contains("no-such-ca.pem` does not exist"),
+        "{e}"
+    );
+    assert!(e.contains("unknown client_auth `sometimes`"), "{e}");
+}
+
+#[test]
 fn gateway_tls_missing_files_and_bad_version() {
     let e = errors(
         "name = \"x\"\n[gateway.tls]\ncert = \"no-such.pem\"\nkey = \"no-such-key.pem\"\nmin_version = \"1.1\"\nhttp_redirect = \"port 80\"\n[services.a]\nrun = { cargo = \"a\" }\n",

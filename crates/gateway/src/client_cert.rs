@@ -1,0 +1,406 @@
+//! Client certificates at the edge (`TlsConfig::client_ca`): the CAs they
+//! are verified against, renewed on disk as the gateway's own certificates
+//! are, and what instances are told of a verified one.
+//!
+//! With a client CA the gateway asks every client for a certificate
+//! (`CertificateRequest`) and rustls's WebPKI verifier checks any it gets:
+//! the chain to one of the CAs, validity and the client-auth key usage. A
+//! client without one still connects unless `client_auth` is `required`;
+//! routes with `client_cert = true` then refuse its requests (403
+//! `client_certificate_required`), so one gateway can serve partners with
+//! certificates beside browsers without.
+//!
+//! A client that resumes a TLS session is not asked for its certificate
+//! again: the session carries the one verified when it was made. So a
+//! renewed CA file also ends every session made before it (`Sessions`):
+//! a CA taken out must not keep letting its clients in until they drop
+//! out of the cache.
+//!
+//! Instances learn who the client is from `X-Forwarded-Client-Cert`, in
+//! Envoy's format (`Hash=…;Subject="…";URI=…;DNS=…`), the header Envoy,
+//! Istio and Linkerd users already parse. Like `x-flotilla-user-*`, only the
+//! gateway may set it: a copy a client sends is removed on every route.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use http::HeaderValue;
+use http::header::HeaderName;
+use tokio_rustls::rustls::client::danger::HandshakeSignatureValid;
+use tokio_rustls::rustls::crypto::CryptoProvider;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, UnixTime};
+use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use tokio_rustls::rustls::server::{
+    ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier,
+};
+use tokio_rustls::rustls::{
+    self, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
+
+use crate::tls::{Stamp, TlsError};
+
+/// `X-Forwarded-Client-Cert`.
+pub(crate) static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// The CAs client certificates are verified against, as last loaded.
+#[derive(Debug)]
+pub(crate) struct ClientCas {
+    file: PathBuf,
+    required: bool,
+    provider: Arc<CryptoProvider>,
+    current: RwLock<(Stamp, Arc<dyn ClientCertVerifier>)>,
+    /// Counts the CA files taken; a session is resumed only in the one it
+    /// was made in.
+    generation: AtomicU64,
+}
+
+impl ClientCas {
+    /// Loads `file` now: a gateway that cannot verify clients does not start.
+    pub(crate) fn new(
+        file: &Path,
+        required: bool,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<ClientCas, TlsError> {
+        let loaded = load(file, required, &provider)?;
+        Ok(ClientCas {
+            file: file.to_path_buf(),
+            required,
+            provider,
+            current: RwLock::new(loaded),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Arc::clone(&current.1)
+    }
+
+    /// Takes the file again if it changed; `Ok(true)` when it did.
+    pub(crate) fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let seen = Stamp::of(&self.file);
+        {
+            let current = self
+                .current
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if seen == current.0 {
+                return Ok(false);
+            }
+        }
+        let loaded = load(&self.file, self.required, &self.provider)?;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = loaded;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(true)
+    }
+
+    pub(crate) fn file(&self) -> &Path {
+        &self.file
+    }
+}
+
+fn load(
+    file: &Path,
+    required: bool,
+    provider: &Arc<CryptoProvider>,
+) -> Result<(Stamp, Arc<dyn ClientCertVerifier>), TlsError> {
+    let stamp = Stamp::of(file);
+    let pem = std::fs::read(file).map_err(|source| TlsError::Read {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    let bad = |reason: String| TlsError::ClientCa {
+        path: file.to_path_buf(),
+        reason,
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| bad(e.to_string()))?;
+        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: file.to_path_buf(),
+        });
+    }
+    let builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider));
+    let builder = if required {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    let verifier = builder.build().map_err(|e| bad(e.to_string()))?;
+    Ok((stamp, verifier))
+}
+
+/// Delegates to the verifier of the CAs last loaded, so that a renewed CA
+/// file applies to the next handshake.
+impl ClientCertVerifier for ClientCas {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.required
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // The CAs can change under a borrow; without hints a client sends
+        // the certificate it has, which is what API clients do anyway.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verifier()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.verifier().supported_verify_schemes()
+    }
+}
+
+/// rustls's session cache (resumption by session id and by TLS 1.3
+/// ticket), keyed also by the CA generation, so that sessions made under
+/// CAs since renewed are never resumed.
+#[derive(Debug)]
+pub(crate) struct Sessions {
+    inner: Arc<ServerSessionMemoryCache>,
+    cas: Arc<ClientCas>,
+}
+
+impl Sessions {
+    /// As many sessions as rustls keeps by default.
+    pub(crate) fn new(cas: Arc<ClientCas>) -> Sessions {
+        Sessions {
+            inner: ServerSessionMemoryCache::new(256),
+            cas,
+        }
+    }
+
+    fn key(&self, key: &[u8]) -> Vec<u8> {
+        let generation = self.cas.generation.load(Ordering::Acquire);
+        let mut keyed = Vec::with_capacity(8 + key.len());
+        keyed.extend_from_slice(&generation.to_be_bytes());
+        keyed.extend_from_slice(key);
+        keyed
+    }
+}
+
+impl StoresServerSessions for Sessions {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.inner.put(self.key(&key), value)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.inner.get(&self.key(key))
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.inner.take(&self.key(key))
+    }
+
+    fn can_cache(&self) -> bool {
+        true
+    }
+}
+
+/// `Hash=` and 64 hex digits.
+const HASH_FIELD_LEN: usize = 5 + 64;
+
+/// A client certificate the handshake verified, as instances are told of
+/// it. Made once per connection.
+#[derive(Debug)]
+pub(crate) struct ClientCert {
+    pub xfcc: HeaderValue,
+}
+
+impl ClientCert {
+    /// `leaf` is the client's own certificate, already verified.
+    pub(crate) fn new(leaf: &CertificateDer<'_>) -> ClientCert {
+        let hash = ring::digest::digest(&ring::digest::SHA256, leaf.as_ref());
+        let mut xfcc = String::from("Hash=");
+        for byte in hash.as_ref() {
+            xfcc.push_str(&format!("{byte:02x}"));
+        }
+        // It parsed for the verifier; should it not here, the hash alone
+        // still names it.
+        if let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) {
+            xfcc.push_str(";Subject=");
+            quoted(&mut xfcc, &rfc4514(cert.subject()));
+            if let Ok(Some(san)) = cert.subject_alternative_name() {
+                use x509_parser::extensions::GeneralName;
+                for name in &san.value.general_names {
+                    let (key, value) = match name {
+                        GeneralName::URI(uri) => ("URI", *uri),
+                        GeneralName::DNSName(dns) => ("DNS", *dns),
+                        _ => continue,
+                    };
+                    xfcc.push(';');
+                    xfcc.push_str(key);
+                    xfcc.push('=');
+                    value_of(&mut xfcc, value);
+                }
+            }
+        }
+        // `printable` leaves nothing a header value refuses; were there
+        // something, the hash (ASCII) alone would still name the client.
+        let xfcc = HeaderValue::from_str(&xfcc)
+            .or_else(|_| HeaderValue::from_str(&xfcc[..HASH_FIELD_LEN]))
+            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        ClientCert { xfcc }
+    }
+}
+
+/// A distinguished name as RFC 4514 writes it, as Envoy's `Subject` is:
+/// the last RDN first, `,` between RDNs and `+` within one, short names
+/// (`CN`, `O`) where the OID has one, and a value that is not a string as
+/// `#` and its hex.
+fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    let rdns: Vec<String> = name
+        .iter_rdn()
+        .map(|rdn| {
+            let attrs: Vec<String> = rdn
+                .iter()
+                .map(|attr| {
+                    let key = x509_parser::objects::oid2abbrev(attr.attr_type(), registry)
+                        .map(str::to_owned)
+                        .unwrap_or_else(|_| attr.attr_type().to_id_string());
+                    let value = match attr.as_str() {
+                        Ok(text) => escape_dn_value(text),
+                        Err(_) => {
+                            let hex: String =
+                                attr.as_slice().iter().map(|b| format!("{b:02x}")).collect();
+                            format!("#{hex}")
+                        }
+                    };
+                    format!("{key}={value}")
+                })
+                .collect();
+            attrs.join("+")
+        })
+        .collect();
+    rdns.into_iter().rev().collect::<Vec<_>>().join(",")
+}
+
+/// RFC 4514 §2.4: `"+,;<>\` anywhere, `#` or a space first, a space last.
+fn escape_dn_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        let special = matches!(c, '"' | '+' | ',' | ';' | '<' | '>' | '\\')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i == last && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Envoy quotes a value that holds `,`, `;` or `=` (and the subject always),
+/// escaping `"` and `\` inside.
+fn value_of(out: &mut String, value: &str) {
+    if value.contains([',', ';', '=', '"', ' ']) {
+        quoted(out, value);
+    } else {
+        out.push_str(&printable(value));
+    }
+}
+
+fn quoted(out: &mut String, value: &str) {
+    out.push('"');
+    for c in printable(value).chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
+/// A header value cannot carry control characters; a CA could sign a name
+/// with one.
+fn printable(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_written_as_rfc_4514_writes_them() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Acme, Inc.");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, " billing+eu");
+        let cert = params.self_signed(&key).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
+        assert_eq!(
+            rfc4514(parsed.subject()),
+            "CN=\\ billing\\+eu,O=Acme\\, Inc."
+        );
+        let xfcc = ClientCert::new(cert.der()).xfcc;
+        let xfcc = xfcc.to_str().unwrap();
+        assert!(
+            xfcc.ends_with(";Subject=\"CN=\\\\ billing\\\\+eu,O=Acme\\\\, Inc.\""),
+            "{xfcc}"
+        );
+    }
+
+    #[test]
+    fn values_are_quoted_as_envoy_quotes_them() {
+        let mut out = String::new();
+        value_of(&mut out, "spiffe://partner.example/ns/a");
+        assert_eq!(out, "spiffe://partner.example/ns/a");
+        let mut out = String::new();
+        value_of(&mut out, "a;b=\"c\"");
+        assert_eq!(out, "\"a;b=\\\"c\\\"\"");
+        let mut out = String::new();
+        quoted(&mut out, "CN=x\u{7}\\");
+        assert_eq!(out, "\"CN=x?\\\\\"");
+    }
+}
