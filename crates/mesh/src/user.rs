@@ -5,8 +5,10 @@
 //! headers only when the connection's verified peer is the gateway; from
 //! any other caller (another service, the runtime) they are forged or
 //! stale, so they are removed before the application sees the request.
-//! The chassis calls [`strip_untrusted_user_headers`] on every request,
-//! with the peer from [`crate::tls::peer_identity`].
+//! The same holds for `x-forwarded-client-cert`, which the gateway sets
+//! from a client certificate it verified at the edge. The chassis calls
+//! [`strip_untrusted_user_headers`] on every request, with the peer from
+//! [`crate::tls::peer_identity`].
 
 use http::HeaderMap;
 use http::header::HeaderName;
@@ -16,7 +18,11 @@ use crate::identity::SpiffeId;
 /// The prefix of every end-user header (header names are lower case).
 pub const USER_HEADER_PREFIX: &str = "x-flotilla-user-";
 
-/// Removes every `x-flotilla-user-*` header unless `peer` is `gateway`;
+/// The edge client's verified certificate, in Envoy's format.
+pub const CLIENT_CERT_HEADER: &str = "x-forwarded-client-cert";
+
+/// Removes every `x-flotilla-user-*` and `x-forwarded-client-cert` header
+/// unless `peer` is `gateway`;
 /// returns how many distinct header names were removed. A request with no
 /// verified peer (`None`) is never trusted.
 pub fn strip_untrusted_user_headers(
@@ -29,7 +35,9 @@ pub fn strip_untrusted_user_headers(
     }
     let forged: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| name.as_str().starts_with(USER_HEADER_PREFIX))
+        .filter(|name| {
+            name.as_str().starts_with(USER_HEADER_PREFIX) || name.as_str() == CLIENT_CERT_HEADER
+        })
         .cloned()
         .collect();
     for name in &forged {
@@ -55,6 +63,7 @@ mod tests {
         h.append("X-Flotilla-User-Roles", "admin".parse().unwrap());
         h.append("x-flotilla-user-roles", "root".parse().unwrap());
         h.insert("x-request-id", "r1".parse().unwrap());
+        h.insert("X-Forwarded-Client-Cert", "Hash=00".parse().unwrap());
         h
     }
 
@@ -69,11 +78,11 @@ mod tests {
             strip_untrusted_user_headers(&mut h, Some(&gateway), &gateway),
             0
         );
-        assert_eq!(h.len(), 4);
+        assert_eq!(h.len(), 5);
 
         for peer in [Some(&orders), Some(&other_gateway), None] {
             let mut h = headers();
-            assert_eq!(strip_untrusted_user_headers(&mut h, peer, &gateway), 2);
+            assert_eq!(strip_untrusted_user_headers(&mut h, peer, &gateway), 3);
             assert_eq!(h.len(), 1);
             assert!(h.contains_key("x-request-id"));
         }

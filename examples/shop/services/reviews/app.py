@@ -8,7 +8,8 @@ sqlite3), to show that the runtime contract is enough for any language:
   files when the runtime renews them;
 - checks every request against the ACL in FLOTILLA_ACL_FILE (403
   `acl_denied`, counted and logged; `audit` mode logs instead), on the
-  normalised path, and trusts `x-flotilla-user-*` only from the gateway;
+  normalised path, and trusts `x-flotilla-user-*` and
+  `x-forwarded-client-cert` only from the gateway;
 - owns its SQLite database (DATABASE_URL), seeded on first start;
 - answers /healthz, /readyz, /metrics, /openapi.json, logs JSON lines and
   drains on SIGTERM within FLOTILLA_DRAIN_SECONDS.
@@ -37,6 +38,7 @@ TLS_VARS = ("FLOTILLA_TLS_CERT", "FLOTILLA_TLS_KEY", "FLOTILLA_TLS_CA")
 HANDSHAKE_TIMEOUT = 10  # seconds a peer has to finish the TLS handshake
 MAX_BODY = 64 * 1024
 USER_PREFIX = "x-flotilla-user-"
+CLIENT_CERT_HEADER = "x-forwarded-client-cert"
 
 
 def now_rfc3339():
@@ -488,7 +490,8 @@ class Handler(BaseHTTPRequestHandler):
                     return self.reply(403, error("acl_denied", "this service does not accept this call from the caller's identity",
                                                  details={"reason": str(denied), "caller": self.peer, "callee": acl.callee}))
                 if self.peer != acl.gateway:
-                    for name in [h for h in self.headers.keys() if h.lower().startswith(USER_PREFIX)]:
+                    for name in [h for h in self.headers.keys()
+                                 if h.lower().startswith(USER_PREFIX) or h.lower() == CLIENT_CERT_HEADER]:
                         del self.headers[name]
             route, status = self.route(method, path)
         except Exception as e:  # noqa: BLE001 - one bad request must not kill the server
