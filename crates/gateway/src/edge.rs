@@ -37,7 +37,7 @@ use http_body_util::Limited;
 use tower::ServiceExt;
 
 use crate::body::{self, Body};
-use crate::client_cert::XFCC;
+use crate::client_cert::{ClientCert, XFCC};
 use crate::cors::{self, CorsPolicy};
 use crate::ip;
 use crate::jwt::{self, Identity, RouteAuth, USER_HEADER_PREFIX};
@@ -72,11 +72,12 @@ pub(crate) struct Served {
 
 /// Removes every `x-flotilla-user-*` and `x-forwarded-client-cert` header.
 fn strip_identity_headers(headers: &mut HeaderMap) {
-    let forged: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with(USER_HEADER_PREFIX) || *k == XFCC)
-        .cloned()
-        .collect();
+    let forged = |k: &&HeaderName| k.as_str().starts_with(USER_HEADER_PREFIX) || **k == XFCC;
+    // Almost every request has none: look before making a list.
+    if !headers.keys().any(|k| forged(&k)) {
+        return;
+    }
+    let forged: Vec<HeaderName> = headers.keys().filter(forged).cloned().collect();
     for name in forged {
         headers.remove(name);
     }
@@ -140,9 +141,13 @@ pub(crate) fn handle<'a>(
             limit: None,
         };
         strip_identity_headers(req.headers_mut());
-        if let Some(cert) = &conn.client_cert {
-            req.headers_mut().insert(XFCC.clone(), cert.xfcc.clone());
-        }
+        let has_cert = match req.extensions_mut().remove::<Arc<ClientCert>>() {
+            Some(cert) => {
+                req.headers_mut().insert(XFCC.clone(), cert.xfcc.clone());
+                true
+            }
+            None => false,
+        };
 
         let client = {
             let peer = conn.peer.ip();
@@ -246,7 +251,6 @@ pub(crate) fn handle<'a>(
         } else {
             None
         };
-        let has_cert = conn.client_cert.is_some();
         if let Err(rejection) =
             police(&routing, route, client, has_cert, &mut req, &mut finish).await
         {

@@ -68,6 +68,7 @@ mod incoming;
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -86,6 +87,7 @@ use self::head::{BodyLength, Head};
 use self::incoming::{BodyError, Room};
 use crate::body::{self, Body};
 use crate::chunked::{ChunkedDecoder, ChunkedError, Decoded};
+use crate::client_cert::ClientCert;
 use crate::clock;
 use crate::config::Limits;
 use crate::relayed::Reply;
@@ -135,6 +137,7 @@ pub(crate) async fn serve<H: Handler>(
     io: Transport,
     read: BytesMut,
     info: ConnInfo,
+    client_cert: Option<Arc<ClientCert>>,
     stack: H,
     settings: Settings,
     stopping: watch::Receiver<()>,
@@ -152,6 +155,7 @@ pub(crate) async fn serve<H: Handler>(
         rbuf: read,
         out: Out::default(),
         info,
+        client_cert,
         stack,
         settings,
         stopping,
@@ -213,6 +217,8 @@ struct Conn<H> {
     rbuf: BytesMut,
     out: Out,
     info: ConnInfo,
+    /// Given to each request, in its extensions.
+    client_cert: Option<Arc<ClientCert>>,
     stack: H,
     settings: Settings,
     stopping: watch::Receiver<()>,
@@ -262,7 +268,7 @@ impl<H: Handler> Conn<H> {
             let res = {
                 // Pinned where it is made, in this task rather than a box of
                 // its own; dropped at the block's end, before the response.
-                let mut call = std::pin::pin!(self.stack.call(req, self.info.clone()));
+                let mut call = std::pin::pin!(self.stack.call(req, self.info));
                 poll_fn(|cx| self.poll_call(cx, call.as_mut(), &mut feed)).await
             };
             let next = match res {
@@ -397,6 +403,9 @@ impl<H: Handler> Conn<H> {
         let mut req = Request::new(body);
         if head.websocket {
             req.extensions_mut().insert(WebSocket);
+        }
+        if let Some(cert) = &self.client_cert {
+            req.extensions_mut().insert(Arc::clone(cert));
         }
         *req.method_mut() = head.method;
         *req.uri_mut() = head.uri;
@@ -996,12 +1005,12 @@ mod tests {
                 let info = ConnInfo {
                     peer,
                     scheme: "http",
-                    client_cert: None,
                 };
                 tokio::spawn(serve(
                     stream.into(),
                     BytesMut::new(),
                     info,
+                    None,
                     stack.clone(),
                     settings,
                     stopping.clone(),

@@ -96,14 +96,16 @@ impl Handler for Stack {
 /// The client side of the connection a request arrived on. Passed beside
 /// the request rather than in its extensions: the first extension costs
 /// three allocations (the map, its table, the boxed value) per request.
-#[derive(Debug, Clone)]
+///
+/// A client certificate the handshake verified (`TlsConfig::client_ca`)
+/// goes in the request's extensions instead, as an `Arc<ClientCert>`: only
+/// requests that have one pay for it, and this stays small and `Copy`
+/// (every request moves it through several futures).
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct ConnInfo {
     pub peer: SocketAddr,
     /// `http`, or `https` once TLS is terminated here.
     pub scheme: &'static str,
-    /// The certificate the client presented and the handshake verified
-    /// (`TlsConfig::client_ca`).
-    pub client_cert: Option<Arc<ClientCert>>,
 }
 
 /// How long the access-log writer may take to write out its queue at
@@ -408,20 +410,20 @@ async fn serve_connection(with: Connections, stream: TcpStream, peer: SocketAddr
         // handshake's future.
         Some(tls) => Box::pin(start_tls(tls, &with, stream, peer)).await,
     };
-    if let Some((io, first, info)) = started {
+    if let Some((io, first, info, client_cert)) = started {
         let Connections {
             stack,
             settings,
             stopping,
             ..
         } = with;
-        h1::serve(io, first, info, stack, settings, stopping).await;
+        h1::serve(io, first, info, client_cert, stack, settings, stopping).await;
     }
 }
 
 /// What the HTTP/1 driver starts with: the connection, what was read from
-/// it, and where it comes from.
-type Http1 = (Transport, BytesMut, ConnInfo);
+/// it, where it comes from, and the client's verified certificate.
+type Http1 = (Transport, BytesMut, ConnInfo, Option<Arc<ClientCert>>);
 
 /// A plain connection: its first bytes tell HTTP/2 (served here, to its
 /// end) from HTTP/1 (returned).
@@ -442,13 +444,12 @@ async fn start_plain(with: &Connections, stream: TcpStream, peer: SocketAddr) ->
     let info = ConnInfo {
         peer,
         scheme: "http",
-        client_cert: None,
     };
     if first.starts_with(H2_PREFACE) {
         serve_h2(with, stream, first, info).await;
         return None;
     }
-    Some((stream.into(), first, info))
+    Some((stream.into(), first, info, None))
 }
 
 /// A connection to a gateway that terminates TLS: the handshake (within
@@ -508,16 +509,16 @@ async fn start_tls(
     let info = ConnInfo {
         peer,
         scheme: "https",
-        client_cert: session
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .map(|leaf| Arc::new(ClientCert::new(leaf))),
     };
+    let client_cert = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| Arc::new(ClientCert::new(leaf)));
     if h2 {
-        serve_h2_conn(with, stream, info, Watch::new()).await;
+        serve_h2_conn(with, stream, info, client_cert, Watch::new()).await;
         return None;
     }
-    Some((stream.into(), BytesMut::new(), info))
+    Some((stream.into(), BytesMut::new(), info, client_cert))
 }
 
 /// Requests and responses are small writes that must not wait for
@@ -549,7 +550,7 @@ async fn read_first(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<b
 /// An h2c connection, served by hyper (its first bytes are replayed).
 async fn serve_h2(with: &Connections, stream: TcpStream, first: BytesMut, info: ConnInfo) {
     let (io, watched) = conn::watch(stream, first.freeze());
-    serve_h2_conn(with, io, info, Arc::clone(&watched.watch)).await;
+    serve_h2_conn(with, io, info, None, Arc::clone(&watched.watch)).await;
     // hyper's side of the connection is gone here.
     watched.linger().await;
 }
@@ -557,14 +558,20 @@ async fn serve_h2(with: &Connections, stream: TcpStream, first: BytesMut, info: 
 /// Serves an HTTP/2 connection with hyper to its end; once the gateway
 /// stops, or once no request has been in progress for `idle_timeout`,
 /// gracefully (GOAWAY, then the streams in progress finish).
-async fn serve_h2_conn<I>(with: &Connections, io: I, info: ConnInfo, watch: Arc<Watch>)
-where
+async fn serve_h2_conn<I>(
+    with: &Connections,
+    io: I,
+    info: ConnInfo,
+    client_cert: Option<Arc<ClientCert>>,
+    watch: Arc<Watch>,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = info.peer;
     let service = TowerToHyperService::new(Connection {
         stack: with.stack.clone(),
         info,
+        client_cert,
         watch: Arc::clone(&watch),
     });
     let conn = with.builder.serve_connection(TokioIo::new(io), service);
@@ -605,6 +612,7 @@ async fn refuse_plaintext(stream: TcpStream) {
 struct Connection {
     stack: Stack,
     info: ConnInfo,
+    client_cert: Option<Arc<ClientCert>>,
     watch: Arc<Watch>,
 }
 
@@ -620,7 +628,11 @@ impl tower::Service<Request<Incoming>> for Connection {
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         use futures_util::FutureExt;
         let guard = self.watch.request_started();
-        let fut = self.stack.call(req.map(body::boxed), self.info.clone());
+        let mut req = req.map(body::boxed);
+        if let Some(cert) = &self.client_cert {
+            req.extensions_mut().insert(Arc::clone(cert));
+        }
+        let fut = self.stack.call(req, self.info);
         async move {
             // hyper writes the map only.
             let res = fut.await.into_response();
@@ -661,7 +673,6 @@ mod tests {
         let conn = ConnInfo {
             peer: SocketAddr::from(([127, 0, 0, 1], 40000)),
             scheme: "http",
-            client_cert: None,
         };
         stack.call(req, conn).await.into_response()
     }
