@@ -10,6 +10,12 @@
 //! `client_certificate_required`), so one gateway can serve partners with
 //! certificates beside browsers without.
 //!
+//! With `client_crl`, certificates those CAs revoked are refused too: the
+//! CRLs are checked for the client's own certificate (the one a CA
+//! revokes a partner by), and a certificate of a CA with no CRL in the
+//! file is not refused for want of one; a CRL whose issuer is not among
+//! the CAs is an error, as it would revoke nothing.
+//!
 //! A client that resumes a TLS session is not asked for its certificate
 //! again: the session carries the one verified when it was made. So a
 //! renewed CA file also ends every session made before it (`Sessions`):
@@ -30,7 +36,7 @@ use http::header::HeaderName;
 use tokio_rustls::rustls::client::danger::HandshakeSignatureValid;
 use tokio_rustls::rustls::crypto::CryptoProvider;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, UnixTime};
+use tokio_rustls::rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use tokio_rustls::rustls::server::{
     ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier,
@@ -48,9 +54,10 @@ pub(crate) static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client
 #[derive(Debug)]
 pub(crate) struct ClientCas {
     file: PathBuf,
+    crl: Option<PathBuf>,
     required: bool,
     provider: Arc<CryptoProvider>,
-    current: RwLock<(Stamp, Arc<dyn ClientCertVerifier>)>,
+    current: RwLock<(Stamps, Arc<dyn ClientCertVerifier>)>,
     /// Counts the CA files taken; a session is resumed only in the one it
     /// was made in.
     generation: AtomicU64,
@@ -60,12 +67,14 @@ impl ClientCas {
     /// Loads `file` now: a gateway that cannot verify clients does not start.
     pub(crate) fn new(
         file: &Path,
+        crl: Option<&Path>,
         required: bool,
         provider: Arc<CryptoProvider>,
     ) -> Result<ClientCas, TlsError> {
-        let loaded = load(file, required, &provider)?;
+        let loaded = load(file, crl, required, &provider)?;
         Ok(ClientCas {
             file: file.to_path_buf(),
+            crl: crl.map(Path::to_path_buf),
             required,
             provider,
             current: RwLock::new(loaded),
@@ -81,9 +90,9 @@ impl ClientCas {
         Arc::clone(&current.1)
     }
 
-    /// Takes the file again if it changed; `Ok(true)` when it did.
+    /// Takes the files again if either changed; `Ok(true)` when they did.
     pub(crate) fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let seen = Stamp::of(&self.file);
+        let seen = stamps(&self.file, self.crl.as_deref());
         {
             let current = self
                 .current
@@ -93,7 +102,12 @@ impl ClientCas {
                 return Ok(false);
             }
         }
-        let loaded = load(&self.file, self.required, &self.provider)?;
+        let loaded = load(
+            &self.file,
+            self.crl.as_deref(),
+            self.required,
+            &self.provider,
+        )?;
         *self
             .current
             .write()
@@ -107,39 +121,84 @@ impl ClientCas {
     }
 }
 
+/// What the CA file and the CRL file looked like.
+type Stamps = (Stamp, Option<Stamp>);
+
+fn stamps(file: &Path, crl: Option<&Path>) -> Stamps {
+    (Stamp::of(file), crl.map(Stamp::of))
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 fn load(
     file: &Path,
+    crl: Option<&Path>,
     required: bool,
     provider: &Arc<CryptoProvider>,
-) -> Result<(Stamp, Arc<dyn ClientCertVerifier>), TlsError> {
-    let stamp = Stamp::of(file);
-    let pem = std::fs::read(file).map_err(|source| TlsError::Read {
-        path: file.to_path_buf(),
-        source,
-    })?;
-    let bad = |reason: String| TlsError::ClientCa {
-        path: file.to_path_buf(),
+) -> Result<(Stamps, Arc<dyn ClientCertVerifier>), TlsError> {
+    let stamps = stamps(file, crl);
+    let pem = read(file)?;
+    let bad = |path: &Path, reason: String| TlsError::ClientCa {
+        path: path.to_path_buf(),
         reason,
     };
     let mut roots = RootCertStore::empty();
+    // Each CA's subject, as DER: a CRL must be issued by one of them.
+    let mut subjects: Vec<Vec<u8>> = Vec::new();
     for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| bad(e.to_string()))?;
-        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+        let cert = cert.map_err(|e| bad(file, e.to_string()))?;
+        if let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) {
+            subjects.push(parsed.subject().as_raw().to_vec());
+        }
+        roots.add(cert).map_err(|e| bad(file, e.to_string()))?;
     }
     if roots.is_empty() {
         return Err(TlsError::NoCertificate {
             path: file.to_path_buf(),
         });
     }
+    let mut crls: Vec<CertificateRevocationListDer<'static>> = Vec::new();
+    if let Some(crl_file) = crl {
+        let pem = read(crl_file)?;
+        for crl in CertificateRevocationListDer::pem_slice_iter(&pem) {
+            let crl = crl.map_err(|e| bad(crl_file, e.to_string()))?;
+            let (_, parsed) = x509_parser::parse_x509_crl(crl.as_ref())
+                .map_err(|e| bad(crl_file, e.to_string()))?;
+            if !subjects.iter().any(|s| s == parsed.issuer().as_raw()) {
+                return Err(bad(
+                    crl_file,
+                    format!(
+                        "a CRL is issued by `{}`, which is not one of the client CAs: it would revoke nothing",
+                        parsed.issuer()
+                    ),
+                ));
+            }
+            crls.push(crl);
+        }
+        if crls.is_empty() {
+            return Err(bad(
+                crl_file,
+                "it holds no PEM CRL (`-----BEGIN X509 CRL-----`)".into(),
+            ));
+        }
+    }
     let builder =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider));
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status();
     let builder = if required {
         builder
     } else {
         builder.allow_unauthenticated()
     };
-    let verifier = builder.build().map_err(|e| bad(e.to_string()))?;
-    Ok((stamp, verifier))
+    let verifier = builder.build().map_err(|e| bad(file, e.to_string()))?;
+    Ok((stamps, verifier))
 }
 
 /// Delegates to the verifier of the CAs last loaded, so that a renewed CA

@@ -375,6 +375,7 @@ impl Config {
             tls: gw.tls.as_ref().map(|t| TlsConfig {
                 certificates: t.certificates.clone(),
                 client_ca: t.client_ca.clone(),
+                client_crl: t.client_crl.clone(),
                 client_auth: t.client_auth,
                 min_version: t.min_version,
                 http_redirect: t.http_redirect,

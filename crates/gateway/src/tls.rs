@@ -59,6 +59,9 @@ pub struct TlsConfig {
     /// client is asked for one, and one it sends must verify
     /// (`client_cert`). Looked at for renewal as the certificates are.
     pub client_ca: Option<PathBuf>,
+    /// PEM CRLs of those CAs: a client certificate one of them revokes is
+    /// refused. Looked at for renewal with the CAs.
+    pub client_crl: Option<PathBuf>,
     /// Whether a client without a certificate may connect at all.
     pub client_auth: ClientAuth,
     /// The oldest protocol version accepted.
@@ -82,6 +85,7 @@ impl TlsConfig {
             key: key.into(),
             certificates: Vec::new(),
             client_ca: None,
+            client_crl: None,
             client_auth: ClientAuth::Optional,
             min_version: TlsVersion::Tls12,
             reload_every: Duration::from_secs(10),
@@ -169,6 +173,7 @@ impl Acceptor {
         let client_cas = match &config.client_ca {
             Some(file) => Some(Arc::new(ClientCas::new(
                 file,
+                config.client_crl.as_deref(),
                 config.client_auth == ClientAuth::Required,
                 Arc::clone(&provider),
             )?)),

@@ -125,6 +125,8 @@ pub struct Tls {
     /// PEM CA certificates that sign client certificates: with it, the
     /// gateway asks every client for a certificate and verifies any it gets.
     pub client_ca: Option<PathBuf>,
+    /// PEM CRLs of those CAs: client certificates they revoke are refused.
+    pub client_crl: Option<PathBuf>,
     /// Whether a client without a certificate may connect at all.
     pub client_auth: ClientAuth,
     /// The oldest TLS version a client may use.

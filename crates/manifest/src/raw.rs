@@ -45,6 +45,7 @@ pub(crate) struct RawTls {
     pub key: Spanned<String>,
     pub certificates: Option<Vec<RawTlsCertificate>>,
     pub client_ca: Option<Spanned<String>>,
+    pub client_crl: Option<Spanned<String>>,
     pub client_auth: Option<Spanned<String>>,
     pub min_version: Option<Spanned<String>>,
     pub http_redirect: Option<Spanned<String>>,

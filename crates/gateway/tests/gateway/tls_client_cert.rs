@@ -36,6 +36,7 @@ fn ca(name: &str) -> Ca {
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     params.key_usages = vec![
         rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
         rcgen::KeyUsagePurpose::DigitalSignature,
     ];
     let cert = ok(params.self_signed(&key), "CA certificate");
@@ -64,6 +65,46 @@ fn client_cert(ca: &Ca, cn: &str, sans: &[rcgen::SanType]) -> ClientCert {
         der: cert.der().clone(),
         key: key.serialize_der(),
     }
+}
+
+/// A client certificate `ca` signed with this serial number.
+fn client_cert_numbered(ca: &Ca, cn: &str, serial: u8) -> ClientCert {
+    let key = ok(rcgen::KeyPair::generate(), "client key");
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params.serial_number = Some(rcgen::SerialNumber::from(vec![serial]));
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = ok(params.signed_by(&key, &ca.issuer), "client certificate");
+    ClientCert {
+        der: cert.der().clone(),
+        key: key.serialize_der(),
+    }
+}
+
+/// A CRL of `ca` revoking these serial numbers (`number`: the CRL's own).
+fn crl(ca: &Ca, number: u8, revoked: &[u8]) -> String {
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(2025, 1, 1),
+        next_update: rcgen::date_time_ymd(2100, 1, 1),
+        crl_number: rcgen::SerialNumber::from(vec![number]),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .map(|&serial| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from(vec![serial]),
+                revocation_time: rcgen::date_time_ymd(2025, 1, 2),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    ok(
+        ok(params.signed_by(&ca.issuer), "sign the CRL").pem(),
+        "CRL PEM",
+    )
 }
 
 /// The gateway's own certificate, for `localhost`.
@@ -362,6 +403,65 @@ async fn a_client_ca_file_without_a_certificate_stops_the_start() {
         .unwrap_or_default();
     assert!(
         source.contains("clients-ca.pem") && source.contains("no PEM certificate"),
+        "{source}"
+    );
+}
+
+#[tokio::test]
+async fn a_revoked_client_certificate_is_refused_and_a_new_crl_is_taken() {
+    let dir = TestDir::new();
+    let server = server(&dir);
+    let partners = ca("Partners CA");
+    let mut tls = tls(&dir, &partners, ClientAuth::Required);
+    tls.client_crl = Some(write(&dir, "clients-crl.pem", &crl(&partners, 1, &[1])));
+    let (gw, _upstream) = gateway(tls).await;
+    let addr = gw.local_addr();
+    let revoked = client(&server, Some(&client_cert_numbered(&partners, "a", 1)), &[]);
+    let kept = client(&server, Some(&client_cert_numbered(&partners, "b", 2)), &[]);
+
+    assert!(
+        get(addr, Arc::clone(&revoked), "/api/x", "").await.is_err(),
+        "a revoked certificate is refused"
+    );
+    let answer = ok(get(addr, Arc::clone(&kept), "/api/x", "").await, "GET");
+    assert_eq!(status(&answer), 200, "{answer}");
+
+    // The next CRL revokes the second one too; its session ends with the
+    // old CRL, and it is refused.
+    write(&dir, "clients-crl.pem", &crl(&partners, 2, &[1, 2]));
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while get(addr, Arc::clone(&kept), "/api/x", "").await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new CRL was never taken"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_crl_of_another_ca_stops_the_start() {
+    let dir = TestDir::new();
+    server(&dir);
+    let partners = ca("Partners CA");
+    let mut tls = tls(&dir, &partners, ClientAuth::Optional);
+    tls.client_crl = Some(write(
+        &dir,
+        "clients-crl.pem",
+        &crl(&ca("Some other CA"), 1, &[1]),
+    ));
+    let mut cfg = config(Vec::new());
+    cfg.tls = Some(tls);
+    let err = match Gateway::start(cfg, Registry::new()).await {
+        Ok(_) => panic!("a gateway started with a CRL that revokes nothing"),
+        Err(e) => e,
+    };
+    let source = std::error::Error::source(&err)
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    assert!(
+        source.contains("clients-crl.pem") && source.contains("not one of the client CAs"),
         "{source}"
     );
 }

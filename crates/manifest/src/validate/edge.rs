@@ -268,6 +268,23 @@ pub(super) fn tls(ctx: &mut Ctx<'_>, raw: &Spanned<RawTls>) -> Option<Tls> {
         .client_ca
         .as_ref()
         .map(|ca| file(ctx, ca, "client CA", "client_ca = \"certs/clients-ca.pem\""));
+    let client_crl = match &raw.client_crl {
+        Some(crl) if client_ca.is_none() => {
+            ctx.error(
+                crl.span(),
+                "`client_crl` needs `client_ca`: the CAs whose revocations it lists",
+                Some("add `client_ca = \"certs/clients-ca.pem\"`, or remove `client_crl`".into()),
+            );
+            None
+        }
+        Some(crl) => Some(file(
+            ctx,
+            crl,
+            "client CRL",
+            "client_crl = \"certs/clients-crl.pem\"",
+        )),
+        None => None,
+    };
     let client_auth = match &raw.client_auth {
         None => ClientAuth::Optional,
         Some(a) if client_ca.is_none() => {
@@ -329,6 +346,7 @@ pub(super) fn tls(ctx: &mut Ctx<'_>, raw: &Spanned<RawTls>) -> Option<Tls> {
         key,
         certificates,
         client_ca,
+        client_crl,
         client_auth,
         min_version,
         http_redirect,

@@ -675,18 +675,19 @@ fn gateway_tls_further_certificates_must_exist_and_be_listed_once() {
 #[test]
 fn gateway_client_certificates() {
     let dir = tempfile::tempdir().unwrap();
-    for name in ["gw.pem", "gw-key.pem", "ca.pem"] {
+    for name in ["gw.pem", "gw-key.pem", "ca.pem", "crl.pem"] {
         std::fs::write(dir.path().join(name), "pem").unwrap();
     }
     let file = dir.path().join("flotilla.toml");
     std::fs::write(
         &file,
-        "name = \"x\"\n[gateway.tls]\ncert = \"gw.pem\"\nkey = \"gw-key.pem\"\nclient_ca = \"ca.pem\"\nclient_auth = \"required\"\n[services.a]\nrun = { cargo = \"a\" }\nroutes = [{ path = \"/partner/**\", client_cert = true }, { path = \"/api/**\" }]\n",
+        "name = \"x\"\n[gateway.tls]\ncert = \"gw.pem\"\nkey = \"gw-key.pem\"\nclient_ca = \"ca.pem\"\nclient_crl = \"crl.pem\"\nclient_auth = \"required\"\n[services.a]\nrun = { cargo = \"a\" }\nroutes = [{ path = \"/partner/**\", client_cert = true }, { path = \"/api/**\" }]\n",
     )
     .unwrap();
     let m = Manifest::load(&file).unwrap();
     let tls = m.gateway.tls.as_ref().unwrap();
     assert_eq!(tls.client_ca, Some(dir.path().join("ca.pem")));
+    assert_eq!(tls.client_crl, Some(dir.path().join("crl.pem")));
     assert_eq!(tls.client_auth, crate::ClientAuth::Required);
     let routes: Vec<bool> = m.routes().map(|(_, r)| r.client_cert).collect();
     assert_eq!(routes, [true, false]);
@@ -717,6 +718,10 @@ fn gateway_client_certificates_need_a_client_ca() {
         "name = \"x\"\n[gateway.tls]\ncert = \"Cargo.toml\"\nkey = \"Cargo.toml\"\nclient_auth = \"required\"\n[services.a]\nrun = { cargo = \"a\" }\n",
     );
     assert!(e.contains("`client_auth` needs `client_ca`"), "{e}");
+    let e = errors(
+        "name = \"x\"\n[gateway.tls]\ncert = \"Cargo.toml\"\nkey = \"Cargo.toml\"\nclient_crl = \"Cargo.toml\"\n[services.a]\nrun = { cargo = \"a\" }\n",
+    );
+    assert!(e.contains("`client_crl` needs `client_ca`"), "{e}");
     let e = errors(
         "name = \"x\"\n[gateway.tls]\ncert = \"Cargo.toml\"\nkey = \"Cargo.toml\"\nclient_ca = \"no-such-ca.pem\"\nclient_auth = \"sometimes\"\n[services.a]\nrun = { cargo = \"a\" }\n",
     );
