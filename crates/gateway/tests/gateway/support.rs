@@ -339,6 +339,20 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
     }
 }
 
+/// Why a gateway with `config` did not start, as `error: its source`;
+/// panics, naming `why_not` (what should have stopped it), if it started.
+pub async fn start_error(config: Config, why_not: &str) -> String {
+    match Gateway::start(config, Registry::new()).await {
+        Ok(_) => panic!("the gateway started ({why_not})"),
+        Err(err) => format!(
+            "{err}: {}",
+            std::error::Error::source(&err)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        ),
+    }
+}
+
 pub async fn start(config: Config, registry: &Arc<Registry>) -> Gateway {
     // Before any gateway counts anything: counts made with no recorder
     // installed are lost.

@@ -456,16 +456,7 @@ async fn a_key_that_does_not_match_its_certificate_stops_the_start() {
     );
     let mut cfg = config(Vec::new());
     cfg.tls = Some(tls_config(&dir));
-    let err = match Gateway::start(cfg, Registry::new()).await {
-        Ok(_) => panic!("a gateway started with a key of another certificate"),
-        Err(e) => e,
-    };
-    let text = format!(
-        "{err}: {}",
-        std::error::Error::source(&err)
-            .map(|s| s.to_string())
-            .unwrap_or_default()
-    );
+    let text = start_error(cfg, "a key of another certificate").await;
     assert!(text.contains("[gateway.tls]"), "{text}");
     assert!(
         text.contains("key.pem") && text.contains("cert.pem"),
@@ -478,13 +469,7 @@ async fn a_key_that_does_not_match_its_certificate_stops_the_start() {
     );
     let mut cfg = config(Vec::new());
     cfg.tls = Some(tls_config(&dir));
-    let err = match Gateway::start(cfg, Registry::new()).await {
-        Ok(_) => panic!("a gateway started without a certificate"),
-        Err(e) => e,
-    };
-    let source = std::error::Error::source(&err)
-        .map(|s| s.to_string())
-        .unwrap_or_default();
+    let source = start_error(cfg, "no certificate").await;
     assert!(source.contains("no PEM certificate"), "{source}");
 }
 

@@ -394,13 +394,7 @@ async fn a_client_ca_file_without_a_certificate_stops_the_start() {
     tls.client_ca = Some(write(&dir, "clients-ca.pem", "not a certificate"));
     let mut cfg = config(Vec::new());
     cfg.tls = Some(tls);
-    let err = match Gateway::start(cfg, Registry::new()).await {
-        Ok(_) => panic!("a gateway started with no client CA"),
-        Err(e) => e,
-    };
-    let source = std::error::Error::source(&err)
-        .map(|s| s.to_string())
-        .unwrap_or_default();
+    let source = start_error(cfg, "no client CA").await;
     assert!(
         source.contains("clients-ca.pem") && source.contains("no PEM certificate"),
         "{source}"
@@ -453,13 +447,7 @@ async fn a_crl_of_another_ca_stops_the_start() {
     ));
     let mut cfg = config(Vec::new());
     cfg.tls = Some(tls);
-    let err = match Gateway::start(cfg, Registry::new()).await {
-        Ok(_) => panic!("a gateway started with a CRL that revokes nothing"),
-        Err(e) => e,
-    };
-    let source = std::error::Error::source(&err)
-        .map(|s| s.to_string())
-        .unwrap_or_default();
+    let source = start_error(cfg, "a CRL that revokes nothing").await;
     assert!(
         source.contains("clients-crl.pem") && source.contains("not one of the client CAs"),
         "{source}"

@@ -358,13 +358,7 @@ async fn a_further_certificate_without_a_dns_name_stops_the_start() {
     let nameless = write(&dir, "nameless", &p256(&["10.0.0.1"]));
     let mut cfg = config(Vec::new());
     cfg.tls = Some(tls(&first, &[&nameless]));
-    let err = match Gateway::start(cfg, Registry::new()).await {
-        Ok(_) => panic!("a gateway started with a certificate no client could be served"),
-        Err(e) => e,
-    };
-    let source = std::error::Error::source(&err)
-        .map(|s| s.to_string())
-        .unwrap_or_default();
+    let source = start_error(cfg, "a certificate no client could be served").await;
     assert!(
         source.contains("nameless.pem") && source.contains("names no DNS name"),
         "{source}"
