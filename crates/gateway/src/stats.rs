@@ -163,7 +163,7 @@ pub(crate) fn describe() {
     );
     metrics::describe_counter!(
         TLS_CERT_RELOADS,
-        "Changed certificate files the gateway took (result ok) or could not take and kept the current certificate (result error; counted at each look while they stay so)."
+        "Changed certificate, client CA or CRL files the gateway took (result ok) or could not take and kept the current ones (result error; counted at each look while they stay so)."
     );
 }
 
