@@ -38,7 +38,14 @@ pub(crate) fn spawn(listener: TcpListener, https_port: u16, limits: &Limits) -> 
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
+                    let stream = match accepted {
+                        Ok((stream, _)) => stream,
+                        // Out of file descriptors, say: pause, do not spin.
+                        Err(e) => {
+                            crate::server::accept_failed(e).await;
+                            continue;
+                        }
+                    };
                     let builder = Arc::clone(&builder);
                     connections.spawn(async move {
                         let service = hyper::service::service_fn(move |req| async move {

@@ -382,7 +382,8 @@ impl workers::Serve for Connections {
     }
 }
 
-async fn accept_failed(e: std::io::Error) {
+/// An `accept` that failed: the main listener and the redirect one alike.
+pub(crate) async fn accept_failed(e: std::io::Error) {
     use std::io::ErrorKind::*;
     // A connection that died before we took it says nothing about us.
     if matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted) {
