@@ -76,6 +76,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 
 pub use client::UpstreamTls;
 pub use config::{Config, ConfigError, Limits, RouteConfig};
@@ -152,9 +153,9 @@ pub struct Gateway {
     /// `https` when TLS is terminated here, else `http`.
     scheme: &'static str,
     /// Takes a renewed certificate (with TLS); stops when the gateway goes.
-    _certificates: Option<tls::Reloader>,
+    _certificates: Option<AbortOnDropHandle<()>>,
     /// The plain-HTTP listener redirecting to HTTPS, and its address.
-    redirect: Option<(SocketAddr, redirect::Redirector)>,
+    redirect: Option<(SocketAddr, AbortOnDropHandle<()>)>,
     stop: oneshot::Sender<Duration>,
     task: JoinHandle<()>,
 }

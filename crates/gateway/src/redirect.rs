@@ -20,13 +20,18 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::Limits;
 
 /// Serves redirects on `listener` to the HTTPS port `https_port` until
 /// the handle is dropped (which closes its connections too).
-pub(crate) fn spawn(listener: TcpListener, https_port: u16, limits: &Limits) -> Redirector {
+pub(crate) fn spawn(
+    listener: TcpListener,
+    https_port: u16,
+    limits: &Limits,
+) -> AbortOnDropHandle<()> {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -58,17 +63,7 @@ pub(crate) fn spawn(listener: TcpListener, https_port: u16, limits: &Limits) -> 
             }
         }
     });
-    Redirector(task)
-}
-
-/// Stops the redirect listener, and its connections, when dropped.
-#[derive(Debug)]
-pub(crate) struct Redirector(JoinHandle<()>);
-
-impl Drop for Redirector {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    AbortOnDropHandle::new(task)
 }
 
 /// The redirect for `req`, or 400 without a `Host` to send it to.

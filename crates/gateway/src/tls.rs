@@ -32,7 +32,6 @@ use std::time::{Duration, SystemTime};
 use flotilla_manifest::TlsVersion;
 pub use flotilla_manifest::{ClientAuth, TlsCertificate};
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::crypto::CryptoProvider;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -41,6 +40,7 @@ use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{self, ServerConfig, SignatureScheme};
 use tokio_rustls::server::TlsStream;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::client_cert::{ClientCas, Sessions};
 use crate::stats;
@@ -206,7 +206,7 @@ impl Acceptor {
 
     /// Looks at the files every `every` (on a task of the current runtime)
     /// and takes a changed pair; stops when the handle is dropped.
-    pub(crate) fn spawn_reloader(&self, every: Duration) -> Reloader {
+    pub(crate) fn spawn_reloader(&self, every: Duration) -> AbortOnDropHandle<()> {
         let certs = Arc::clone(&self.certs);
         let client_cas = self.client_cas.clone();
         let task = tokio::spawn(async move {
@@ -255,17 +255,7 @@ impl Acceptor {
                 said = now;
             }
         });
-        Reloader(task)
-    }
-}
-
-/// Stops the certificate reloader when dropped.
-#[derive(Debug)]
-pub(crate) struct Reloader(JoinHandle<()>);
-
-impl Drop for Reloader {
-    fn drop(&mut self) {
-        self.0.abort();
+        AbortOnDropHandle::new(task)
     }
 }
 

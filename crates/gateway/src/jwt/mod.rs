@@ -37,7 +37,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use serde_json::{Map, Value};
-use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 
 use self::jwks::KeyStore;
 use self::jws::JwsError;
@@ -241,15 +241,6 @@ impl AuthError {
     }
 }
 
-/// Aborts the background refresh when the verifier is dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Verifies tokens for one [`JwtConfig`]; kept across reloads while the
 /// config is unchanged (keys and cache survive).
 pub(crate) struct Verifier {
@@ -257,7 +248,8 @@ pub(crate) struct Verifier {
     store: Arc<KeyStore>,
     cache: TokenCache,
     forward: Vec<(String, HeaderName)>,
-    _refresh: AbortOnDrop,
+    /// The background refresh, stopped when the verifier is dropped.
+    _refresh: AbortOnDropHandle<()>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -311,7 +303,7 @@ impl Verifier {
             store,
             cache: TokenCache::new(),
             forward,
-            _refresh: AbortOnDrop(task),
+            _refresh: AbortOnDropHandle::new(task),
         }
     }
 
