@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use flotilla_mesh::tls::FileStamp;
 use http::HeaderValue;
 use http::header::HeaderName;
 use tokio_rustls::rustls::client::danger::HandshakeSignatureValid;
@@ -45,7 +46,7 @@ use tokio_rustls::rustls::{
     self, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
 };
 
-use crate::tls::{Stamp, TlsError};
+use crate::tls::TlsError;
 
 /// `X-Forwarded-Client-Cert`.
 pub(crate) static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -122,10 +123,10 @@ impl ClientCas {
 }
 
 /// What the CA file and the CRL file looked like.
-type Stamps = (Stamp, Option<Stamp>);
+type Stamps = (FileStamp, Option<FileStamp>);
 
 fn stamps(file: &Path, crl: Option<&Path>) -> Stamps {
-    (Stamp::of(file), crl.map(Stamp::of))
+    (FileStamp::of(file), crl.map(FileStamp::of))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {

@@ -31,6 +31,7 @@ use std::time::{Duration, SystemTime};
 
 use flotilla_manifest::TlsVersion;
 pub use flotilla_manifest::{ClientAuth, TlsCertificate};
+use flotilla_mesh::tls::FileStamp;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::crypto::CryptoProvider;
@@ -421,33 +422,13 @@ impl Loaded {
     }
 }
 
-/// What a file looked like: length, modification time and inode (a file
-/// replaced by rename changes its inode even within one tick of the
-/// clock); `None` if it could not be looked at.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Stamp(Option<(u64, SystemTime, u64)>);
-
-impl Stamp {
-    pub(crate) fn of(path: &Path) -> Stamp {
-        let look = || {
-            let meta = std::fs::metadata(path).ok()?;
-            #[cfg(unix)]
-            let inode = std::os::unix::fs::MetadataExt::ino(&meta);
-            #[cfg(not(unix))]
-            let inode = 0;
-            Some((meta.len(), meta.modified().ok()?, inode))
-        };
-        Stamp(look())
-    }
-}
-
 /// What a pair's two files looked like.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Fingerprint([Stamp; 2]);
+struct Fingerprint([FileStamp; 2]);
 
 impl Fingerprint {
     fn of(cert: &Path, key: &Path) -> Fingerprint {
-        Fingerprint([Stamp::of(cert), Stamp::of(key)])
+        Fingerprint([FileStamp::of(cert), FileStamp::of(key)])
     }
 }
 

@@ -268,27 +268,37 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
-/// What a file looked like when it was read: a rewrite (even to the same
-/// size within the same timestamp tick) changes the inode, since files are
-/// replaced by rename.
+/// What a file looked like: length, modification time and inode. A
+/// rewrite (even to the same size within the same timestamp tick) changes
+/// the inode, since files are replaced by rename; a file that cannot be
+/// looked at is `FileStamp::of` a missing one. Taken before a file is
+/// read, so that a change while it is being read shows at the next look:
+/// how every certificate reloader of the platform (this one, the
+/// gateway's) tells a renewal.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Fingerprint(Vec<Option<(u64, SystemTime, u64)>>);
+pub struct FileStamp(Option<(u64, SystemTime, u64)>);
+
+impl FileStamp {
+    pub fn of(path: &Path) -> FileStamp {
+        let look = || {
+            let meta = std::fs::metadata(path).ok()?;
+            #[cfg(unix)]
+            let ino = std::os::unix::fs::MetadataExt::ino(&meta);
+            #[cfg(not(unix))]
+            let ino = 0;
+            Some((meta.len(), meta.modified().ok()?, ino))
+        };
+        FileStamp(look())
+    }
+}
+
+/// What the identity files looked like when they were read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint([FileStamp; 3]);
 
 impl Fingerprint {
     fn of(files: &IdentityFiles) -> Self {
-        Fingerprint(
-            [&files.cert, &files.key, &files.ca]
-                .iter()
-                .map(|p| {
-                    let meta = std::fs::metadata(p).ok()?;
-                    #[cfg(unix)]
-                    let ino = std::os::unix::fs::MetadataExt::ino(&meta);
-                    #[cfg(not(unix))]
-                    let ino = 0;
-                    Some((meta.len(), meta.modified().ok()?, ino))
-                })
-                .collect(),
-        )
+        Fingerprint([&files.cert, &files.key, &files.ca].map(|p| FileStamp::of(p)))
     }
 }
 
