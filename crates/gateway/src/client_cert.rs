@@ -311,10 +311,7 @@ impl ClientCert {
     /// `leaf` is the client's own certificate, already verified.
     pub(crate) fn new(leaf: &CertificateDer<'_>) -> ClientCert {
         let hash = ring::digest::digest(&ring::digest::SHA256, leaf.as_ref());
-        let mut xfcc = String::from("Hash=");
-        for byte in hash.as_ref() {
-            xfcc.push_str(&format!("{byte:02x}"));
-        }
+        let mut xfcc = format!("Hash={}", hex::encode(hash));
         // It parsed for the verifier; should it not here, the hash alone
         // still names it.
         if let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) {
@@ -361,11 +358,7 @@ fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
                         .unwrap_or_else(|_| attr.attr_type().to_id_string());
                     let value = match attr.as_str() {
                         Ok(text) => escape_dn_value(text),
-                        Err(_) => {
-                            let hex: String =
-                                attr.as_slice().iter().map(|b| format!("{b:02x}")).collect();
-                            format!("#{hex}")
-                        }
+                        Err(_) => format!("#{}", hex::encode(attr.as_slice())),
                     };
                     format!("{key}={value}")
                 })

@@ -390,8 +390,7 @@ fn rate_key<'a>(
             }
             Some(v) => {
                 let digest = ring::digest::digest(&ring::digest::SHA256, v.as_bytes());
-                let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-                format!("h#{hex}")
+                format!("h#{}", hex::encode(digest))
             }
             None => format!("ip:{}", ip()),
         }),

@@ -220,11 +220,7 @@ fn echoed(answer: &str) -> serde_json::Value {
 }
 
 fn sha256_hex(der: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, der)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
 }
 
 #[tokio::test]
