@@ -298,7 +298,13 @@ async fn tls_1_2_is_accepted_unless_the_config_asks_for_1_3() {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let expiry = metric_sum(&["flotilla_gateway_tls_certificate_expiry_timestamp_seconds"]);
+    // This test's certificate, by its file: other tests' certificates are
+    // in the same registry.
+    let cert = format!("cert=\"{}\"", dir.path().join("cert.pem").display());
+    let expiry = metric_sum(&[
+        "flotilla_gateway_tls_certificate_expiry_timestamp_seconds",
+        &cert,
+    ]);
     assert!(
         expiry > now,
         "the certificate's expiry is exported: {expiry}"
