@@ -127,7 +127,7 @@ pub enum Error {
     Workers(#[source] std::io::Error),
     #[error("cannot load the gateway's identity for mutual TLS to instances (upstream_tls)")]
     UpstreamTls(#[source] flotilla_mesh::tls::TlsError),
-    #[error("cannot serve HTTPS with the certificate and key of [gateway.tls]")]
+    #[error("cannot serve HTTPS with the files of [gateway.tls]")]
     Tls(#[source] TlsError),
     #[error("the task loading the certificate of [gateway.tls] failed")]
     TlsTask(#[source] tokio::task::JoinError),
