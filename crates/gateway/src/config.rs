@@ -319,9 +319,9 @@ impl Config {
                     timeout: route.timeout,
                     auth: match &route.auth {
                         Auth::Public => RouteAuth::Public,
-                        Auth::Jwt { scopes } => RouteAuth::Jwt {
+                        Auth::Jwt { scopes, claims } => RouteAuth::Jwt {
                             scopes: scopes.clone(),
-                            claims: Default::default(),
+                            claims: claims.clone(),
                         },
                     },
                     rate_limit: route.rate_limit.clone(),
@@ -399,10 +399,14 @@ name = "shop"
 [gateway]
 listen = "127.0.0.1:0"
 timeout = "7s"
+jwt = { issuer = "shop", audiences = ["shop"], jwks = "http://127.0.0.1:1/jwks.json" }
 
 [services.catalog]
 run = { command = ["true"] }
-routes = [{ path = "/api/catalog/**", methods = ["GET"] }]
+routes = [
+  { path = "/api/catalog/**", methods = ["GET"] },
+  { path = "/api/stock/**", auth = "jwt", scopes = ["stock"], claims = { "realm_access.roles" = ["staff", "admin"] } },
+]
 "#;
         let manifest = match Manifest::parse(toml, Path::new("flotilla.toml")) {
             Ok(m) => m,
@@ -410,12 +414,24 @@ routes = [{ path = "/api/catalog/**", methods = ["GET"] }]
         };
         let config = Config::from_manifest(&manifest);
         assert_eq!(config.listen, manifest.gateway.listen);
-        assert_eq!(config.routes.len(), 1);
+        assert_eq!(config.routes.len(), 2);
         let route = &config.routes[0];
         assert_eq!(route.service, "catalog");
         assert_eq!(route.pattern.as_str(), "/api/catalog/**");
         assert_eq!(route.methods, ["GET"]);
         assert_eq!(route.timeout, Duration::from_secs(7));
+        assert_eq!(route.auth, RouteAuth::Public);
+        assert_eq!(
+            config.routes[1].auth,
+            RouteAuth::Jwt {
+                scopes: vec!["stock".into()],
+                claims: [(
+                    "realm_access.roles".to_string(),
+                    vec!["staff".to_string(), "admin".to_string()]
+                )]
+                .into(),
+            }
+        );
         assert!(config.static_dir.is_none());
         assert!(config.access_log.is_none());
     }

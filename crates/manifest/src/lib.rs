@@ -162,9 +162,14 @@ pub enum Data {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Auth {
     Public,
-    /// A valid bearer token from `[gateway.jwt]`'s issuer, with these scopes.
+    /// A valid bearer token from `[gateway.jwt]`'s issuer, with these scopes
+    /// and claims.
     Jwt {
         scopes: Vec<String>,
+        /// Each claim the token must carry, to the values it may have: the
+        /// claim must equal one of them (an array claim must contain one).
+        /// Booleans and integers are kept as their text (`true`, `3`).
+        claims: BTreeMap<String, Vec<String>>,
     },
 }
 

@@ -146,6 +146,7 @@ pub(crate) struct RawRoute {
     pub methods: Option<Vec<Spanned<String>>>,
     pub auth: Option<Spanned<String>>,
     pub scopes: Option<Vec<Spanned<String>>>,
+    pub claims: Option<Spanned<BTreeMap<String, Spanned<toml::Value>>>>,
     pub timeout: Option<Spanned<String>>,
     pub rate_limit: Option<Spanned<String>>,
     pub ip: Option<Spanned<RawIp>>,

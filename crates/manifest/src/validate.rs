@@ -847,6 +847,10 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
                     .flatten()
                     .map(|s| s.get_ref().clone())
                     .collect(),
+                claims: match &raw.claims {
+                    Some(c) => edge::claims(ctx, c)?,
+                    None => BTreeMap::new(),
+                },
             },
             "jwt" => {
                 ctx.error(
@@ -866,17 +870,30 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
             }
         },
     };
-    if let Some(first) = raw.scopes.as_ref().and_then(|s| s.first())
-        && !matches!(auth, Auth::Jwt { .. })
+    let jwt_route = matches!(auth, Auth::Jwt { .. });
+    // What only a token can carry: the first of these written on a route
+    // without `auth = "jwt"`.
+    let needs_jwt = [
+        (
+            "scopes",
+            raw.scopes
+                .as_ref()
+                .and_then(|s| s.first())
+                .map(|s| s.span()),
+        ),
+        ("claims", raw.claims.as_ref().map(|c| c.span())),
+    ];
+    if !jwt_route && let Some((key, span)) = needs_jwt.into_iter().find_map(|(k, s)| Some((k, s?)))
     {
         ctx.error(
-            first.span(),
-            "`scopes` need `auth = \"jwt\"`",
-            Some("add `auth = \"jwt\"` to the route, or remove `scopes`".into()),
+            span,
+            format!("`{key}` need `auth = \"jwt\"`"),
+            Some(format!(
+                "add `auth = \"jwt\"` to the route, or remove `{key}`"
+            )),
         );
         return None;
     }
-    let jwt_route = matches!(auth, Auth::Jwt { .. });
     let rate_limit = match &raw.rate_limit {
         Some(r) => Some(edge::rate_limit(ctx, r, jwt_route)?),
         None => None,

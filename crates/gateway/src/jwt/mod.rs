@@ -172,11 +172,12 @@ pub enum RouteAuth {
     #[default]
     Public,
     /// A valid access token (`auth = "jwt"`), having every scope in
-    /// `scopes` and, for each `claims` entry, that claim equal to the value
-    /// (or, for an array claim, containing it).
+    /// `scopes` and, for each `claims` entry, that claim equal to one of the
+    /// values (or, for an array claim, containing one). See [`claim`] for
+    /// how a name finds its claim.
     Jwt {
         scopes: Vec<String>,
-        claims: BTreeMap<String, String>,
+        claims: BTreeMap<String, Vec<String>>,
     },
 }
 
@@ -424,6 +425,33 @@ impl Verifier {
     }
 }
 
+/// The claim `name` names: the top-level claim of that name if there is
+/// one, else, for a dotted name, the path through nested objects, so
+/// `realm_access.roles` reaches Keycloak's roles while a namespaced claim
+/// such as `https://example.com/roles` (Auth0's) is still found whole.
+fn claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    if let Some(v) = claims.get(name) {
+        return Some(v);
+    }
+    let mut parts = name.split('.');
+    let mut at = claims.get(parts.next()?)?;
+    for part in parts {
+        at = at.as_object()?.get(part)?;
+    }
+    Some(at)
+}
+
+/// A scalar claim equal to one of `wanted`, compared as text (the manifest
+/// keeps `true` and `3` as text too). Objects and nulls match nothing.
+fn is_one_of(v: &Value, wanted: &[String]) -> bool {
+    match v {
+        Value::String(s) => wanted.iter().any(|w| w == s),
+        Value::Bool(b) => wanted.iter().any(|w| *w == b.to_string()),
+        Value::Number(n) => wanted.iter().any(|w| *w == n.to_string()),
+        _ => false,
+    }
+}
+
 /// Checks a verified caller against a route's requirements.
 pub(crate) fn authorize(identity: &Identity, auth: &RouteAuth) -> Result<(), AuthError> {
     let RouteAuth::Jwt { scopes, claims } = auth else {
@@ -440,13 +468,11 @@ pub(crate) fn authorize(identity: &Identity, auth: &RouteAuth) -> Result<(), Aut
             scope: Some(scopes.join(" ")),
         });
     }
-    for (name, want) in claims {
-        let ok = match identity.claims.get(name) {
-            Some(Value::String(s)) => s == want,
-            Some(Value::Array(list)) => list.iter().any(|v| v.as_str() == Some(want)),
-            Some(Value::Bool(b)) => b.to_string() == *want,
-            Some(Value::Number(n)) => n.to_string() == *want,
-            _ => false,
+    for (name, wanted) in claims {
+        let ok = match claim(&identity.claims, name) {
+            Some(Value::Array(list)) => list.iter().any(|v| is_one_of(v, wanted)),
+            Some(v) => is_one_of(v, wanted),
+            None => false,
         };
         if !ok {
             return Err(AuthError::Forbidden {
@@ -743,7 +769,7 @@ mod tests {
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
             claims: claims
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .map(|(k, v)| (k.to_string(), v.split('|').map(String::from).collect()))
                 .collect(),
         };
         assert_eq!(authorize(&id, &need(&["orders:read"], &[])), Ok(()));
@@ -759,7 +785,57 @@ mod tests {
             authorize(&id, &need(&[], &[("tier", "silver")])).map_err(|e| e.reason()),
             Err("missing_claim")
         );
+        // Several values: any one of them will do.
+        assert_eq!(
+            authorize(&id, &need(&[], &[("tier", "silver|gold")])),
+            Ok(())
+        );
+        assert_eq!(authorize(&id, &need(&[], &[("role", "ops|x")])), Ok(()));
+        assert_eq!(
+            authorize(&id, &need(&[], &[("role", "ops|root")])).map_err(|e| e.reason()),
+            Err("missing_claim")
+        );
+        // A claim the token lacks never passes.
+        assert_eq!(
+            authorize(&id, &need(&[], &[("team", "a")])).map_err(|e| e.reason()),
+            Err("missing_claim")
+        );
         assert_eq!(authorize(&id, &RouteAuth::Public), Ok(()));
+    }
+
+    #[test]
+    fn claims_are_found_whole_then_by_dotted_path() {
+        let id = identity(
+            "",
+            json!({
+                "realm_access": {"roles": ["shop-admin", "user"]},
+                "https://example.com/roles": ["editor"],
+                "https://example.com": {"roles": ["nobody"]},
+                "email_verified": true,
+                "level": 3,
+                "org": {"name": "acme", "meta": {"x": 1}},
+                "nothing": null,
+            }),
+        );
+        let need = |name: &str, value: &str| RouteAuth::Jwt {
+            scopes: Vec::new(),
+            claims: [(name.to_string(), vec![value.to_string()])].into(),
+        };
+        let passes = |name: &str, value: &str| authorize(&id, &need(name, value)).is_ok();
+        assert!(passes("realm_access.roles", "shop-admin"));
+        assert!(!passes("realm_access.roles", "admin"));
+        // A name with dots that is a claim of its own is taken whole.
+        assert!(passes("https://example.com/roles", "editor"));
+        assert!(passes("org.name", "acme"));
+        assert!(!passes("org.name.first", "acme"));
+        assert!(!passes("org.missing", "acme"));
+        assert!(!passes("org", "acme"), "an object matches nothing");
+        assert!(!passes("org.meta", "{\"x\":1}"));
+        assert!(!passes("nothing", "null"));
+        assert!(passes("email_verified", "true"));
+        assert!(!passes("email_verified", "false"));
+        assert!(passes("level", "3"));
+        assert!(!passes("level", "4"));
     }
 
     #[test]

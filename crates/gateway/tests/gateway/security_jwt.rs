@@ -32,8 +32,10 @@ fn jwt_config(jwks: &JwksServer) -> JwtConfig {
     jwt
 }
 
-/// A gateway with `/api/**` (jwt), `/admin/**` (jwt + scope `admin`) and
-/// `/public/**` of service `service`, keys from a JWKS of `signers`.
+/// A gateway with `/api/**` (jwt), `/admin/**` (jwt + scope `admin`),
+/// `/staff/**` (jwt + Keycloak-style role `staff` or `ops`, and a verified
+/// email) and `/public/**` of service `service`, keys from a JWKS of
+/// `signers`.
 async fn fixture(
     service: &str,
     signers: &[&Signer],
@@ -50,8 +52,19 @@ async fn fixture(
         scopes: vec!["admin".into()],
         claims: Default::default(),
     };
+    let mut staff = route(service, "/staff/**", &[], T);
+    staff.auth = RouteAuth::Jwt {
+        scopes: Vec::new(),
+        claims: [
+            ("realm_access.roles", vec!["staff", "ops"]),
+            ("email_verified", vec!["true"]),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.into_iter().map(String::from).collect()))
+        .collect(),
+    };
     let public = route(service, "/public/**", &[], T);
-    let mut cfg = config(vec![api, admin, public]);
+    let mut cfg = config(vec![api, admin, staff, public]);
     let mut jwt = jwt_config(&jwks);
     tweak(&mut jwt);
     cfg.jwt = Some(jwt);
@@ -263,6 +276,83 @@ async fn a_missing_scope_is_403_insufficient_scope() {
     let reply = get(&f.client, "/admin/x", Some(&key.sign(&admin)), &[]).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(f.up.hits(), 1);
+    f.gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn a_missing_or_wrong_claim_is_403_and_never_reaches_the_service() {
+    let key = Signer::ed25519("k1");
+    let f = fixture("jwt-claims", &[&key], |_| {}).await;
+    let roles = |roles: Value| json!({ "roles": roles });
+    let staff = with(
+        with(claims(), "realm_access", roles(json!(["user", "ops"]))),
+        "email_verified",
+        json!(true),
+    );
+    let refused = [
+        ("no claims at all", claims()),
+        (
+            "no verified email",
+            without(staff.clone(), "email_verified"),
+        ),
+        (
+            "an unverified email",
+            with(staff.clone(), "email_verified", json!(false)),
+        ),
+        (
+            "other roles",
+            with(staff.clone(), "realm_access", roles(json!(["user"]))),
+        ),
+        (
+            "the role as a top-level claim, not under realm_access",
+            with(
+                without(staff.clone(), "realm_access"),
+                "roles",
+                json!(["ops"]),
+            ),
+        ),
+        (
+            "the role's name as the whole object",
+            with(staff.clone(), "realm_access", json!("ops")),
+        ),
+    ];
+    for (what, token_claims) in &refused {
+        let before = metric_sum(&[
+            "flotilla_gateway_auth_failures_total",
+            "route=\"/staff/**\"",
+            "reason=\"missing_claim\"",
+        ]);
+        let reply = get(&f.client, "/staff/x", Some(&key.sign(token_claims)), &[]).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{what}: {reply:?}");
+        assert_eq!(
+            reply.header("www-authenticate"),
+            "Bearer realm=\"flotilla\", error=\"insufficient_scope\"",
+            "{what}"
+        );
+        assert_eq!(
+            reply.json()["error"]["code"],
+            "insufficient_scope",
+            "{what}"
+        );
+        let after = metric_sum(&[
+            "flotilla_gateway_auth_failures_total",
+            "route=\"/staff/**\"",
+            "reason=\"missing_claim\"",
+        ]);
+        assert_eq!(after, before + 1, "{what}: not counted as missing_claim");
+    }
+    assert_eq!(f.up.hits(), 0, "a refused request reached the service");
+
+    // Any one of the listed roles, in the array claim, with the email.
+    let reply = get(&f.client, "/staff/x", Some(&key.sign(&staff)), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let single = with(staff.clone(), "realm_access", roles(json!("staff")));
+    let reply = get(&f.client, "/staff/x", Some(&key.sign(&single)), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "a string claim: {reply:?}");
+    assert_eq!(f.up.hits(), 2);
+    // The claims bind only their own route.
+    let reply = get(&f.client, "/api/x", Some(&key.sign(&claims())), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
     f.gateway.shutdown(T).await;
 }
 

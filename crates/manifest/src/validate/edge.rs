@@ -1,7 +1,8 @@
 //! Validation of the gateway's edge policies: `[gateway.jwt]`, `.cors`,
-//! `.ip`, `.rate_limits`, and the per-route `auth`, `scopes`,
+//! `.ip`, `.rate_limits`, and the per-route `auth`, `scopes`, `claims`,
 //! `rate_limit`, `ip` and `max_body_bytes`.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use toml::Spanned;
@@ -391,4 +392,67 @@ pub(super) fn max_body(ctx: &mut Ctx<'_>, raw: &Spanned<i64>) -> Option<u64> {
         return None;
     }
     u64::try_from(v).ok()
+}
+
+/// A route's `claims`: each name to the values one of which the token's
+/// claim must have. Values are strings, booleans or integers (kept as their
+/// text, which is what the gateway compares), or a non-empty array of them.
+pub(super) fn claims(
+    ctx: &mut Ctx<'_>,
+    raw: &Spanned<BTreeMap<String, Spanned<toml::Value>>>,
+) -> Option<BTreeMap<String, Vec<String>>> {
+    let before = ctx.errors.len();
+    let mut claims = BTreeMap::new();
+    for (name, value) in raw.get_ref() {
+        if name.is_empty() {
+            ctx.error(
+                value.span(),
+                "a claim name is empty",
+                Some("name the claim, e.g. `claims = { role = \"admin\" }`".into()),
+            );
+            continue;
+        }
+        if name == "scope" || name == "scp" {
+            ctx.error(
+                value.span(),
+                format!("`{name}` is checked by `scopes`, not `claims`"),
+                Some(format!(
+                    "write `scopes = [\"…\"]`: each scope in `{name}` is one word of its value"
+                )),
+            );
+            continue;
+        }
+        let single = |v: &toml::Value| match v {
+            toml::Value::String(s) => Some(s.clone()),
+            toml::Value::Boolean(b) => Some(b.to_string()),
+            toml::Value::Integer(i) => Some(i.to_string()),
+            _ => None,
+        };
+        let values = match value.get_ref() {
+            toml::Value::Array(list) => list.iter().map(single).collect::<Option<Vec<_>>>(),
+            v => single(v).map(|v| vec![v]),
+        };
+        match values {
+            Some(values) if values.is_empty() => ctx.error(
+                value.span(),
+                format!("claim `{name}` lists no value: no token could pass"),
+                Some(format!(
+                    "list the values `{name}` may have, or remove the claim"
+                )),
+            ),
+            Some(values) => {
+                claims.insert(name.clone(), values);
+            }
+            None => ctx.error(
+                value.span(),
+                format!(
+                    "claim `{name}` must be a string, a boolean, an integer or an array of them"
+                ),
+                Some(format!(
+                    "e.g. `{name} = \"admin\"` or `{name} = [\"admin\", \"ops\"]`"
+                )),
+            ),
+        }
+    }
+    (ctx.errors.len() == before).then_some(claims)
 }

@@ -466,7 +466,7 @@ run = { cargo = "shop-accounts" }
 routes = [{ path = "/api/accounts/login", methods = ["POST"], rate_limit = "5/m burst 10 per ip" }]
 [services.orders]
 run = { cargo = "shop-orders" }
-routes = [{ path = "/api/orders/**", auth = "jwt", scopes = ["orders:write"], rate_limit = "20/s burst 40 per user", ip = { deny = ["127.0.0.2"] }, max_body_bytes = 65536 }]
+routes = [{ path = "/api/orders/**", auth = "jwt", scopes = ["orders:write"], claims = { tier = ["gold", "silver"], email_verified = true, "realm_access.roles" = "buyer", level = 3 }, rate_limit = "20/s burst 40 per user", ip = { deny = ["127.0.0.2"] }, max_body_bytes = 65536 }]
 "#;
 
 #[test]
@@ -499,7 +499,16 @@ fn edge_policies_parse() {
     assert_eq!(
         route.auth,
         Auth::Jwt {
-            scopes: vec!["orders:write".into()]
+            scopes: vec!["orders:write".into()],
+            claims: [
+                ("email_verified", &["true"][..]),
+                ("level", &["3"]),
+                ("realm_access.roles", &["buyer"]),
+                ("tier", &["gold", "silver"]),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.iter().map(|v| v.to_string()).collect()))
+            .collect()
         }
     );
     assert_eq!(
@@ -565,6 +574,36 @@ fn edge_policy_errors() {
             "auth = \"jwt\", scopes",
             "auth = \"public\", scopes",
             "`scopes` need `auth = \"jwt\"`",
+        ),
+        (
+            "auth = \"jwt\", scopes = [\"orders:write\"], ",
+            "",
+            "`claims` need `auth = \"jwt\"`",
+        ),
+        (
+            "email_verified = true",
+            "scope = \"orders:write\"",
+            "`scope` is checked by `scopes`, not `claims`",
+        ),
+        (
+            "tier = [\"gold\", \"silver\"]",
+            "tier = []",
+            "claim `tier` lists no value: no token could pass",
+        ),
+        (
+            "level = 3",
+            "level = 3.5",
+            "claim `level` must be a string, a boolean, an integer or an array of them",
+        ),
+        (
+            "tier = [\"gold\", \"silver\"]",
+            "tier = [\"gold\", { a = 1 }]",
+            "claim `tier` must be a string",
+        ),
+        (
+            "claims = { tier = [\"gold\", \"silver\"], email_verified = true, \"realm_access.roles\" = \"buyer\", level = 3 }",
+            "claims = \"admin\"",
+            "invalid type: string \"admin\", expected a map",
         ),
     ];
     for (from, to, message) in cases {
