@@ -325,6 +325,7 @@ impl Config {
                         },
                     },
                     rate_limit: route.rate_limit.clone(),
+                    cors: route.cors.as_ref().map(cors_config),
                     ip: route.ip.as_ref().map(|ip| IpRules {
                         allow: ip.allow.clone(),
                         deny: ip.deny.clone(),
@@ -351,14 +352,7 @@ impl Config {
                 config.forward_claims = j.forward_claims.clone();
                 Some(config)
             }),
-            cors: gw.cors.as_ref().map(|c| CorsConfig {
-                origins: c.origins.clone(),
-                credentials: c.credentials,
-                methods: c.methods.clone(),
-                headers: c.headers.clone(),
-                expose_headers: c.expose_headers.clone(),
-                max_age: c.max_age,
-            }),
+            cors: gw.cors.as_ref().map(cors_config),
             ip: gw.ip.as_ref().map(|ip| IpConfig {
                 allow: ip.allow.clone(),
                 deny: ip.deny.clone(),
@@ -386,6 +380,18 @@ impl Config {
     }
 }
 
+/// The system's or a route's CORS policy, as the manifest wrote it.
+fn cors_config(c: &flotilla_manifest::Cors) -> CorsConfig {
+    CorsConfig {
+        origins: c.origins.clone(),
+        credentials: c.credentials,
+        methods: c.methods.clone(),
+        headers: c.headers.clone(),
+        expose_headers: c.expose_headers.clone(),
+        max_age: c.max_age,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,7 +411,7 @@ jwt = { issuer = "shop", audiences = ["shop"], jwks = "http://127.0.0.1:1/jwks.j
 run = { command = ["true"] }
 routes = [
   { path = "/api/catalog/**", methods = ["GET"] },
-  { path = "/api/stock/**", auth = "jwt", scopes = ["stock"], claims = { "realm_access.roles" = ["staff", "admin"] } },
+  { path = "/api/stock/**", auth = "jwt", scopes = ["stock"], claims = { "realm_access.roles" = ["staff", "admin"] }, cors = { origins = ["https://staff.example"], credentials = true } },
 ]
 "#;
         let manifest = match Manifest::parse(toml, Path::new("flotilla.toml")) {
@@ -421,6 +427,16 @@ routes = [
         assert_eq!(route.methods, ["GET"]);
         assert_eq!(route.timeout, Duration::from_secs(7));
         assert_eq!(route.auth, RouteAuth::Public);
+        assert_eq!(route.cors, None);
+        let cors = config.routes[1].cors.as_ref();
+        assert_eq!(
+            cors.map(|c| (c.origins.clone(), c.credentials, c.max_age)),
+            Some((
+                vec!["https://staff.example".to_string()],
+                true,
+                Duration::from_secs(600)
+            ))
+        );
         assert_eq!(
             config.routes[1].auth,
             RouteAuth::Jwt {

@@ -183,6 +183,8 @@ pub struct Route {
     pub timeout: Duration,
     /// A GCRA limit for this route.
     pub rate_limit: Option<RateLimit>,
+    /// Cross-origin rules for this route, instead of the gateway's.
+    pub cors: Option<Cors>,
     /// Client networks for this route, on top of the gateway's.
     pub ip: Option<IpList>,
     /// Largest request body accepted (the gateway's default when `None`).

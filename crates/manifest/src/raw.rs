@@ -149,6 +149,7 @@ pub(crate) struct RawRoute {
     pub claims: Option<Spanned<BTreeMap<String, Spanned<toml::Value>>>>,
     pub timeout: Option<Spanned<String>>,
     pub rate_limit: Option<Spanned<String>>,
+    pub cors: Option<Spanned<RawCors>>,
     pub ip: Option<Spanned<RawIp>>,
     pub max_body_bytes: Option<Spanned<i64>>,
     pub client_cert: Option<Spanned<bool>>,

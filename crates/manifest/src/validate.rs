@@ -898,6 +898,10 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
         Some(r) => Some(edge::rate_limit(ctx, r, jwt_route)?),
         None => None,
     };
+    let cors = match &raw.cors {
+        Some(c) => Some(edge::cors(ctx, c)?),
+        None => None,
+    };
     let ip = match &raw.ip {
         Some(i) => Some(edge::ip(ctx, i)?),
         None => None,
@@ -930,6 +934,7 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
         auth,
         timeout,
         rate_limit,
+        cors,
         ip,
         max_body_bytes,
         client_cert,

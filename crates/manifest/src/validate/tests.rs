@@ -463,7 +463,7 @@ ip = { allow = ["127.0.0.0/8", "::1"], trusted_proxies = ["10.0.0.1"] }
 rate_limits = { store = "redis", url = "redis://127.0.0.1:6379" }
 [services.accounts]
 run = { cargo = "shop-accounts" }
-routes = [{ path = "/api/accounts/login", methods = ["POST"], rate_limit = "5/m burst 10 per ip" }]
+routes = [{ path = "/api/accounts/login", methods = ["POST"], rate_limit = "5/m burst 10 per ip", cors = { origins = ["https://id.example"], headers = ["content-type"] } }]
 [services.orders]
 run = { cargo = "shop-orders" }
 routes = [{ path = "/api/orders/**", auth = "jwt", scopes = ["orders:write"], claims = { tier = ["gold", "silver"], email_verified = true, "realm_access.roles" = "buyer", level = 3 }, rate_limit = "20/s burst 40 per user", ip = { deny = ["127.0.0.2"] }, max_body_bytes = 65536 }]
@@ -495,7 +495,21 @@ fn edge_policies_parse() {
             url: "redis://127.0.0.1:6379".into()
         }
     );
+    let login = &m.services["accounts"].routes[0];
+    let login_cors = login.cors.as_ref().unwrap();
+    assert_eq!(login_cors.origins, ["https://id.example"]);
+    assert_eq!(login_cors.headers, ["content-type"]);
+    assert!(!login_cors.credentials);
+    assert_eq!(
+        login_cors.max_age.as_secs(),
+        600,
+        "the default, not the gateway's"
+    );
     let route = &m.services["orders"].routes[0];
+    assert_eq!(
+        route.cors, None,
+        "a route without `cors` keeps the gateway's"
+    );
     assert_eq!(
         route.auth,
         Auth::Jwt {
@@ -574,6 +588,16 @@ fn edge_policy_errors() {
             "auth = \"jwt\", scopes",
             "auth = \"public\", scopes",
             "`scopes` need `auth = \"jwt\"`",
+        ),
+        (
+            "origins = [\"https://id.example\"]",
+            "origins = [\"https://id.example/login\"]",
+            "`https://id.example/login` is not an origin",
+        ),
+        (
+            "cors = { origins = [\"https://id.example\"]",
+            "cors = { origins = [\"*\"], credentials = true",
+            "`*` cannot be combined with `credentials = true`",
         ),
         (
             "auth = \"jwt\", scopes = [\"orders:write\"], ",
