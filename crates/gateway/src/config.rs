@@ -339,7 +339,7 @@ impl Config {
                 .collect(),
             static_dir: gw.static_dir.clone(),
             access_log: None,
-            limits: Limits::default(),
+            limits: limits(gw),
             // A source the gateway cannot parse leaves `jwt` unset; `validate`
             // then refuses every `auth = "jwt"` route, so it never fails open.
             jwt: gw.jwt.as_ref().and_then(|j| {
@@ -380,6 +380,39 @@ impl Config {
     }
 }
 
+/// The gateway's defaults with what `[gateway.limits]`, `.retries` and
+/// `.outlier_detection` set in their place.
+fn limits(gw: &flotilla_manifest::Gateway) -> Limits {
+    let d = Limits::default();
+    let (m, r, o) = (&gw.limits, &gw.retries, &gw.outlier_detection);
+    let size = |v: u32| usize::try_from(v).unwrap_or(usize::MAX);
+    Limits {
+        max_in_flight: m.max_in_flight.map_or(d.max_in_flight, size),
+        max_body_bytes: m.max_body_bytes.map_or(d.max_body_bytes, |v| {
+            usize::try_from(v).unwrap_or(usize::MAX)
+        }),
+        max_header_bytes: m.max_header_bytes.map_or(d.max_header_bytes, size),
+        max_headers: m.max_headers.map_or(d.max_headers, size),
+        header_read_timeout: m.header_timeout.unwrap_or(d.header_read_timeout),
+        idle_timeout: m.idle_timeout.unwrap_or(d.idle_timeout),
+        connect_timeout: m.connect_timeout.unwrap_or(d.connect_timeout),
+        max_tunnels: m.max_websockets.map_or(d.max_tunnels, size),
+        tunnel_idle_timeout: m.websocket_idle_timeout.unwrap_or(d.tunnel_idle_timeout),
+        workers: m.workers.map_or(d.workers, size),
+        max_retries: r.attempts.unwrap_or(d.max_retries),
+        retry_budget_ratio: r
+            .budget_percent
+            .map_or(d.retry_budget_ratio, |p| f64::from(p) / 100.0),
+        retry_budget_min_per_second: r.min_per_second.unwrap_or(d.retry_budget_min_per_second),
+        outlier_consecutive_failures: o
+            .consecutive_failures
+            .unwrap_or(d.outlier_consecutive_failures),
+        outlier_base_ejection: o.base_ejection.unwrap_or(d.outlier_base_ejection),
+        outlier_max_ejection: o.max_ejection.unwrap_or(d.outlier_max_ejection),
+        ..d
+    }
+}
+
 /// The system's or a route's CORS policy, as the manifest wrote it.
 fn cors_config(c: &flotilla_manifest::Cors) -> CorsConfig {
     CorsConfig {
@@ -396,6 +429,13 @@ fn cors_config(c: &flotilla_manifest::Cors) -> CorsConfig {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    fn parse(toml: &str) -> Manifest {
+        match Manifest::parse(toml, Path::new("flotilla.toml")) {
+            Ok(m) => m,
+            Err(e) => panic!("test manifest is invalid: {e}"),
+        }
+    }
 
     #[test]
     fn from_manifest_takes_listen_routes_and_static_dir() {
@@ -414,10 +454,7 @@ routes = [
   { path = "/api/stock/**", auth = "jwt", scopes = ["stock"], claims = { "realm_access.roles" = ["staff", "admin"] }, cors = { origins = ["https://staff.example"], credentials = true } },
 ]
 "#;
-        let manifest = match Manifest::parse(toml, Path::new("flotilla.toml")) {
-            Ok(m) => m,
-            Err(e) => panic!("test manifest is invalid: {e}"),
-        };
+        let manifest = parse(toml);
         let config = Config::from_manifest(&manifest);
         assert_eq!(config.listen, manifest.gateway.listen);
         assert_eq!(config.routes.len(), 2);
@@ -453,6 +490,75 @@ routes = [
     }
 
     #[test]
+    fn from_manifest_takes_limits_retries_and_outlier_detection() {
+        let toml = r#"
+name = "l"
+
+[gateway.limits]
+max_in_flight = 2000
+max_body_bytes = 262144
+max_header_bytes = 16384
+max_headers = 50
+header_timeout = "5s"
+idle_timeout = "30s"
+connect_timeout = "500ms"
+max_websockets = 300
+websocket_idle_timeout = "1m"
+workers = 3
+
+[gateway.retries]
+attempts = 1
+budget_percent = 10
+min_per_second = 5
+
+[gateway.outlier_detection]
+consecutive_failures = 3
+base_ejection = "10s"
+max_ejection = "2m"
+
+[services.a]
+run = { command = ["true"] }
+routes = [{ path = "/a/**" }]
+"#;
+        let manifest = parse(toml);
+        let l = Config::from_manifest(&manifest).limits;
+        let secs = Duration::from_secs;
+        assert_eq!(
+            (
+                l.max_in_flight,
+                l.max_body_bytes,
+                l.max_header_bytes,
+                l.max_headers
+            ),
+            (2000, 262_144, 16384, 50)
+        );
+        assert_eq!(
+            (l.header_read_timeout, l.idle_timeout, l.connect_timeout),
+            (secs(5), secs(30), Duration::from_millis(500))
+        );
+        assert_eq!((l.max_tunnels, l.tunnel_idle_timeout), (300, secs(60)));
+        assert_eq!(l.workers, 3);
+        assert_eq!(l.max_retries, 1);
+        assert!((l.retry_budget_ratio - 0.1).abs() < 1e-9);
+        assert_eq!(l.retry_budget_min_per_second, 5);
+        assert_eq!(
+            (
+                l.outlier_consecutive_failures,
+                l.outlier_base_ejection,
+                l.outlier_max_ejection
+            ),
+            (3, secs(10), secs(120))
+        );
+        // What the manifest leaves out keeps the gateway's default.
+        let defaults = Limits::default();
+        assert_eq!(l.retry_body_limit, defaults.retry_body_limit);
+        let plain = toml.split("[services.a]").nth(1).unwrap_or_default();
+        let manifest = parse(&format!("name = \"l\"\n[services.a]{plain}"));
+        let l = Config::from_manifest(&manifest).limits;
+        assert_eq!(format!("{l:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
     fn worker_counts_out_of_range_are_refused_naming_the_setting() {
         let toml = r#"
 name = "w"
@@ -461,10 +567,7 @@ name = "w"
 run = { command = ["true"] }
 routes = [{ path = "/a/**" }]
 "#;
-        let manifest = match Manifest::parse(toml, Path::new("flotilla.toml")) {
-            Ok(m) => m,
-            Err(e) => panic!("test manifest is invalid: {e}"),
-        };
+        let manifest = parse(toml);
         let mut config = Config::from_manifest(&manifest);
         assert!(config.limits.workers >= 1, "one per CPU by default");
         assert!(config.validate().is_ok());

@@ -13,6 +13,58 @@ use std::time::Duration;
 
 pub use ipnet::IpNet;
 
+/// What the gateway accepts from clients and how much it takes on
+/// (`[gateway.limits]`). `None` keeps the gateway's default, which lives
+/// with the gateway (and in docs/manifest.md), not here.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GatewayLimits {
+    /// Requests handled at once before new ones are shed with 503.
+    pub max_in_flight: Option<u32>,
+    /// Largest request body of routes that set no `max_body_bytes`.
+    pub max_body_bytes: Option<u64>,
+    /// Largest request head (request line and headers).
+    pub max_header_bytes: Option<u32>,
+    /// Most request headers.
+    pub max_headers: Option<u32>,
+    /// How long a client may take to send a request's head.
+    pub header_timeout: Option<Duration>,
+    /// How long a kept-alive connection may sit idle between requests.
+    pub idle_timeout: Option<Duration>,
+    /// How long connecting to an instance may take.
+    pub connect_timeout: Option<Duration>,
+    /// WebSocket tunnels open at once.
+    pub max_websockets: Option<u32>,
+    /// How long a tunnel may carry nothing before it is closed.
+    pub websocket_idle_timeout: Option<Duration>,
+    /// Threads serving connections.
+    pub workers: Option<u32>,
+}
+
+/// Retries of failed upstream attempts (`[gateway.retries]`); `None` keeps
+/// the gateway's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retries {
+    /// Extra attempts per request, each on another instance.
+    pub attempts: Option<u32>,
+    /// Retries per service as a percentage of its requests in the last second.
+    pub budget_percent: Option<u32>,
+    /// Retries per second per service allowed whatever the percentage.
+    pub min_per_second: Option<u32>,
+}
+
+/// Passive outlier detection (`[gateway.outlier_detection]`); `None` keeps
+/// the gateway's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutlierDetection {
+    /// Consecutive failures (connect errors, broken connections, timeouts,
+    /// 5xx) that eject an instance.
+    pub consecutive_failures: Option<u32>,
+    /// Ejection time, multiplied by the instance's number of ejections.
+    pub base_ejection: Option<Duration>,
+    /// Longest ejection.
+    pub max_ejection: Option<Duration>,
+}
+
 /// How the gateway verifies bearer tokens (`[gateway.jwt]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Jwt {

@@ -20,8 +20,9 @@ use std::time::Duration;
 
 pub use diagnostic::Diagnostic;
 pub use edge::{
-    ClientAuth, Cors, IpList, IpNet, IpNetParseError, JwksSource, Jwt, RateLimit, RateLimitKey,
-    RateLimitParseError, RateLimitStore, Tls, TlsCertificate, TlsVersion, parse_net, parse_nets,
+    ClientAuth, Cors, GatewayLimits, IpList, IpNet, IpNetParseError, JwksSource, Jwt,
+    OutlierDetection, RateLimit, RateLimitKey, RateLimitParseError, RateLimitStore, Retries, Tls,
+    TlsCertificate, TlsVersion, parse_net, parse_nets,
 };
 pub use events::{
     Broker, BrokerDurability, BrokerEngine, Deliver, Queue, Stream, StreamSource, Subscribe, Topic,
@@ -74,6 +75,12 @@ pub struct Gateway {
     pub rate_limits: RateLimitStore,
     /// HTTPS for clients (`[gateway.tls]`); plain HTTP without it.
     pub tls: Option<Tls>,
+    /// Limits on clients and load (`[gateway.limits]`).
+    pub limits: GatewayLimits,
+    /// Retries of failed upstream attempts (`[gateway.retries]`).
+    pub retries: Retries,
+    /// Ejection of failing instances (`[gateway.outlier_detection]`).
+    pub outlier_detection: OutlierDetection,
 }
 
 /// Names of the platform's own identities: no service may take one.

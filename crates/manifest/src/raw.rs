@@ -36,6 +36,40 @@ pub(crate) struct RawGateway {
     pub ip: Option<Spanned<RawIp>>,
     pub rate_limits: Option<Spanned<RawRateLimits>>,
     pub tls: Option<Spanned<RawTls>>,
+    pub limits: Option<Spanned<RawLimits>>,
+    pub retries: Option<Spanned<RawRetries>>,
+    pub outlier_detection: Option<Spanned<RawOutlier>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub max_in_flight: Option<Spanned<i64>>,
+    pub max_body_bytes: Option<Spanned<i64>>,
+    pub max_header_bytes: Option<Spanned<i64>>,
+    pub max_headers: Option<Spanned<i64>>,
+    pub header_timeout: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub max_websockets: Option<Spanned<i64>>,
+    pub websocket_idle_timeout: Option<Spanned<String>>,
+    pub workers: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRetries {
+    pub attempts: Option<Spanned<i64>>,
+    pub budget_percent: Option<Spanned<i64>>,
+    pub min_per_second: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawOutlier {
+    pub consecutive_failures: Option<Spanned<i64>>,
+    pub base_ejection: Option<Spanned<String>>,
+    pub max_ejection: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -240,6 +240,9 @@ fn unreachable_gateway() -> Gateway {
         ip: None,
         rate_limits: Default::default(),
         tls: None,
+        limits: Default::default(),
+        retries: Default::default(),
+        outlier_detection: Default::default(),
     }
 }
 
@@ -372,6 +375,9 @@ fn gateway(
         ip: None,
         rate_limits: Default::default(),
         tls: None,
+        limits: Default::default(),
+        retries: Default::default(),
+        outlier_detection: Default::default(),
     };
     let Some(raw) = raw else { return Some(gw) };
     let raw = raw.get_ref();
@@ -411,6 +417,15 @@ fn gateway(
     }
     if let Some(r) = &raw.rate_limits {
         gw.rate_limits = edge::rate_limit_store(ctx, r)?;
+    }
+    if let Some(l) = &raw.limits {
+        gw.limits = limits::limits(ctx, l)?;
+    }
+    if let Some(r) = &raw.retries {
+        gw.retries = limits::retries(ctx, r)?;
+    }
+    if let Some(o) = &raw.outlier_detection {
+        gw.outlier_detection = limits::outlier_detection(ctx, o)?;
     }
     if let Some(t) = &raw.tls {
         let tls = edge::tls(ctx, t)?;
@@ -1151,6 +1166,7 @@ fn check_route_conflicts(ctx: &mut Ctx<'_>, raw: &RawManifest) {
 
 mod edge;
 mod events;
+mod limits;
 
 #[cfg(test)]
 mod tests;

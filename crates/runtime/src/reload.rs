@@ -108,6 +108,14 @@ fn restart_needed(current: &Manifest, next: &Manifest) -> Result<(), String> {
     if next.gateway.tls != current.gateway.tls {
         return Err("the gateway's `[gateway.tls]` changed: restart to apply (a renewed certificate written over the same files is taken without one)".into());
     }
+    // Read by the listener, the workers and each service's retry and
+    // ejection state, all made once at start.
+    if next.gateway.limits != current.gateway.limits
+        || next.gateway.retries != current.gateway.retries
+        || next.gateway.outlier_detection != current.gateway.outlier_detection
+    {
+        return Err("`[gateway.limits]`, `[gateway.retries]` or `[gateway.outlier_detection]` changed: restart to apply".into());
+    }
     let names = |m: &Manifest| m.services.keys().cloned().collect::<Vec<_>>();
     if names(next) != names(current) {
         return Err(format!(
@@ -197,6 +205,26 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
                 .unwrap_err()
                 .contains("added or removed")
         );
+    }
+
+    #[test]
+    fn changed_gateway_limits_retries_or_ejection_need_a_restart() {
+        let base = m(BASE);
+        let with = |table: &str| {
+            m(&format!(
+                "name = \"x\"\n[gateway.{table}\n{}",
+                BASE.trim_start_matches("name = \"x\"\n")
+            ))
+        };
+        for table in [
+            "limits]\nmax_in_flight = 500",
+            "retries]\nattempts = 0",
+            "outlier_detection]\nbase_ejection = \"10s\"",
+        ] {
+            let why = restart_needed(&base, &with(table)).unwrap_err();
+            assert!(why.contains("restart to apply"), "{table}: {why}");
+            assert!(restart_needed(&with(table), &with(table)).is_ok());
+        }
     }
 
     #[test]

@@ -824,3 +824,154 @@ fn gateway_tls_missing_files_and_bad_version() {
     );
     assert!(e.contains("key"), "a missing `key` is named: {e}");
 }
+
+const TUNED: &str = r#"
+name = "x"
+[gateway.limits]
+max_in_flight = 2000
+max_body_bytes = 262144
+max_header_bytes = 16384
+max_headers = 50
+header_timeout = "5s"
+idle_timeout = "30s"
+connect_timeout = "500ms"
+max_websockets = 300
+websocket_idle_timeout = "1m"
+workers = 2
+[gateway.retries]
+attempts = 1
+budget_percent = 10
+min_per_second = 5
+[gateway.outlier_detection]
+consecutive_failures = 3
+base_ejection = "10s"
+max_ejection = "2m"
+[services.a]
+run = { cargo = "a" }
+"#;
+
+#[test]
+fn gateway_limits_retries_and_outlier_detection_parse() {
+    let m = Manifest::parse(TUNED, Path::new("flotilla.toml")).unwrap();
+    let secs = |s: u64| Some(std::time::Duration::from_secs(s));
+    assert_eq!(
+        m.gateway.limits,
+        crate::GatewayLimits {
+            max_in_flight: Some(2000),
+            max_body_bytes: Some(262_144),
+            max_header_bytes: Some(16384),
+            max_headers: Some(50),
+            header_timeout: secs(5),
+            idle_timeout: secs(30),
+            connect_timeout: Some(std::time::Duration::from_millis(500)),
+            max_websockets: Some(300),
+            websocket_idle_timeout: secs(60),
+            workers: Some(2),
+        }
+    );
+    assert_eq!(
+        m.gateway.retries,
+        crate::Retries {
+            attempts: Some(1),
+            budget_percent: Some(10),
+            min_per_second: Some(5),
+        }
+    );
+    assert_eq!(
+        m.gateway.outlier_detection,
+        crate::OutlierDetection {
+            consecutive_failures: Some(3),
+            base_ejection: secs(10),
+            max_ejection: secs(120),
+        }
+    );
+    // Unset, every one is the gateway's default.
+    let plain = Manifest::parse(
+        "name = \"x\"\n[services.a]\nrun = { cargo = \"a\" }\n",
+        Path::new("flotilla.toml"),
+    )
+    .unwrap();
+    assert_eq!(plain.gateway.limits, crate::GatewayLimits::default());
+    assert_eq!(plain.gateway.retries, crate::Retries::default());
+    assert_eq!(
+        plain.gateway.outlier_detection,
+        crate::OutlierDetection::default()
+    );
+}
+
+#[test]
+fn gateway_limit_errors_name_the_key_and_the_range() {
+    let cases = [
+        (
+            "max_in_flight = 2000",
+            "max_in_flight = 0",
+            "`max_in_flight = 0` is out of range",
+        ),
+        (
+            "max_header_bytes = 16384",
+            "max_header_bytes = 4096",
+            "use a whole number from 8192 to 1048576",
+        ),
+        (
+            "max_body_bytes = 262144",
+            "max_body_bytes = 0",
+            "`max_body_bytes = 0` is out of range",
+        ),
+        (
+            "header_timeout = \"5s\"",
+            "header_timeout = \"10h\"",
+            "`header_timeout = \"10h\"` is out of range",
+        ),
+        (
+            "connect_timeout = \"500ms\"",
+            "connect_timeout = \"5ms\"",
+            "use a duration from 100ms to 1m",
+        ),
+        (
+            "idle_timeout = \"30s\"",
+            "idle_timeout = \"soon\"",
+            "`soon` is not a duration",
+        ),
+        (
+            "workers = 2",
+            "workers = 5000",
+            "`workers = 5000` is out of range",
+        ),
+        (
+            "budget_percent = 10",
+            "budget_percent = 120",
+            "`budget_percent = 120` is out of range",
+        ),
+        (
+            "attempts = 1",
+            "retries = 1",
+            "the keys allowed here are `attempts`, `budget_percent`, `min_per_second`",
+        ),
+        (
+            "max_in_flight = 2000",
+            "max_inflight = 2000",
+            "did you mean `max_in_flight`",
+        ),
+        (
+            "max_ejection = \"2m\"",
+            "max_ejection = \"5s\"",
+            "`max_ejection` (5s) is shorter than `base_ejection` (10s)",
+        ),
+        (
+            "base_ejection = \"10s\"\nmax_ejection = \"2m\"",
+            "base_ejection = \"10m\"",
+            "`max_ejection` (5m) is shorter than `base_ejection` (10m)",
+        ),
+        (
+            "consecutive_failures = 3",
+            "consecutive_failures = 0",
+            "`consecutive_failures = 0` is out of range",
+        ),
+    ];
+    for (from, to, message) in cases {
+        assert!(TUNED.contains(from), "{from}");
+        let e = errors(&TUNED.replacen(from, to, 1));
+        assert!(e.contains(message), "{to}: {e}");
+        assert!(e.contains("--> flotilla.toml:"), "{e}");
+    }
+}

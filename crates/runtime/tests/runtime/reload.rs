@@ -79,3 +79,43 @@ async fn editing_the_manifest_reloads_gateway_policies() {
     wait_for_limit(&gateway, false).await;
     h.stop().await;
 }
+
+/// Status of `GET /hello/x` carrying a body of `bytes` bytes.
+async fn status_with_body(gateway: &str, bytes: usize) -> u16 {
+    client()
+        .get(format!("{gateway}/hello/x"))
+        .body(vec![b'x'; bytes])
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifests_gateway_limits_apply_and_a_change_waits_for_a_restart() {
+    let limited = format!("[gateway.limits]\nmax_body_bytes = 1000\n{SERVICES}");
+    let h = start_with(&limited, |o| o.watch = true).await;
+    let gateway = h.gateway();
+    assert_eq!(status(&gateway).await, 200);
+    // The default (1 MiB) would take it; the manifest's limit does not.
+    assert_eq!(status_with_body(&gateway, 2000).await, 413);
+
+    // A new limit is read once at start: the change is refused, and the
+    // rest of the file's changes with it, until a restart.
+    let file = h.dir.path().join("flotilla.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let raised = text
+        .replace("max_body_bytes = 1000", "max_body_bytes = 5000")
+        .replace(
+            r#"methods = ["GET"] }"#,
+            r#"methods = ["GET"], rate_limit = "1/h burst 1 per route" }"#,
+        );
+    std::fs::write(&file, raised).unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await; // two polls: nothing may change
+    assert_eq!(status_with_body(&gateway, 2000).await, 413);
+    for _ in 0..3 {
+        assert_eq!(status(&gateway).await, 200, "the rate limit came along");
+    }
+    h.stop().await;
+}
