@@ -11,10 +11,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use flotilla_manifest::{Auth, Manifest, PathPattern, RateLimitStore};
+use flotilla_manifest::{Auth, HeaderDirection, Manifest, PathPattern, RateLimitStore};
 
 use crate::client::UpstreamTls;
 use crate::cors::{CorsConfig, CorsConfigError, CorsPolicy};
+use crate::header_changes::HeaderChanges;
 use crate::ip::{IpConfig, IpRules};
 use crate::jwt::{JwksSource, JwtConfig, RouteAuth, claim_header};
 use crate::ratelimit::{RateLimit, RateLimitBackend, RateLimitKey};
@@ -49,6 +50,11 @@ pub struct Config {
     /// HTTPS for clients (`None`: plain HTTP). Fixed at start, like
     /// `listen`; the certificate itself is reloaded when its files change.
     pub tls: Option<TlsConfig>,
+    /// Header changes on every request forwarded to an instance.
+    pub request_headers: HeaderChanges,
+    /// Header changes on every response, the gateway's own included (but
+    /// a CORS preflight's).
+    pub response_headers: HeaderChanges,
 }
 
 /// One path (and optionally methods) owned by a service.
@@ -74,6 +80,10 @@ pub struct RouteConfig {
     /// Only clients that connected with a verified certificate
     /// (`TlsConfig::client_ca`); the rest get 403.
     pub client_cert: bool,
+    /// Header changes on this route's requests, after the system's.
+    pub request_headers: HeaderChanges,
+    /// Header changes on this route's responses, after the system's.
+    pub response_headers: HeaderChanges,
 }
 
 impl RouteConfig {
@@ -90,6 +100,8 @@ impl RouteConfig {
             ip: None,
             max_body_bytes: None,
             client_cert: false,
+            request_headers: HeaderChanges::default(),
+            response_headers: HeaderChanges::default(),
         }
     }
 
@@ -219,6 +231,17 @@ pub enum ConfigError {
     },
     #[error("limits.{0}")]
     Limits(&'static str),
+    #[error(
+        "{}{which} may not change `{name}`: {why}",
+        route.as_ref().map(|r| format!("route `{r}`: ")).unwrap_or_default()
+    )]
+    ReservedHeader {
+        route: Option<String>,
+        /// `request_headers` or `response_headers`.
+        which: &'static str,
+        name: String,
+        why: &'static str,
+    },
 }
 
 impl Config {
@@ -271,6 +294,14 @@ impl Config {
                 route: None,
                 source,
             })?;
+        }
+        check_header_changes(None, &self.request_headers, &self.response_headers)?;
+        for route in &self.routes {
+            check_header_changes(
+                Some(route.pattern.as_str()),
+                &route.request_headers,
+                &route.response_headers,
+            )?;
         }
         if let RateLimitBackend::Redis { url, .. } = &self.rate_limit_backend {
             crate::ratelimit::redis::check_url(url).map_err(|source| ConfigError::RedisUrl {
@@ -334,6 +365,8 @@ impl Config {
                         .max_body_bytes
                         .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
                     client_cert: route.client_cert,
+                    request_headers: HeaderChanges::from_manifest(&route.request_headers),
+                    response_headers: HeaderChanges::from_manifest(&route.response_headers),
                     ..RouteConfig::new(service, route.pattern.clone())
                 })
                 .collect(),
@@ -376,7 +409,33 @@ impl Config {
                 hsts: t.hsts,
                 ..TlsConfig::new(&t.cert, &t.key)
             }),
+            request_headers: HeaderChanges::from_manifest(&gw.request_headers),
+            response_headers: HeaderChanges::from_manifest(&gw.response_headers),
         }
+    }
+}
+
+/// Refuses a change to a header the gateway keeps for itself: a
+/// configuration built in code passes the rule the manifest checks.
+fn check_header_changes(
+    route: Option<&str>,
+    request: &HeaderChanges,
+    response: &HeaderChanges,
+) -> Result<(), ConfigError> {
+    let refused = [
+        ("request_headers", request, HeaderDirection::Request),
+        ("response_headers", response, HeaderDirection::Response),
+    ]
+    .into_iter()
+    .find_map(|(which, changes, direction)| Some((which, changes.reserved(direction)?)));
+    match refused {
+        Some((which, (name, why))) => Err(ConfigError::ReservedHeader {
+            route: route.map(str::to_string),
+            which,
+            name,
+            why,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -428,6 +487,7 @@ fn cors_config(c: &flotilla_manifest::Cors) -> CorsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::{HeaderName, HeaderValue};
     use std::path::Path;
 
     fn parse(toml: &str) -> Manifest {
@@ -446,12 +506,13 @@ name = "shop"
 listen = "127.0.0.1:0"
 timeout = "7s"
 jwt = { issuer = "shop", audiences = ["shop"], jwks = "http://127.0.0.1:1/jwks.json" }
+response_headers = { set = { "x-frame-options" = "DENY" } }
 
 [services.catalog]
 run = { command = ["true"] }
 routes = [
   { path = "/api/catalog/**", methods = ["GET"] },
-  { path = "/api/stock/**", auth = "jwt", scopes = ["stock"], claims = { "realm_access.roles" = ["staff", "admin"] }, cors = { origins = ["https://staff.example"], credentials = true } },
+  { path = "/api/stock/**", auth = "jwt", scopes = ["stock"], claims = { "realm_access.roles" = ["staff", "admin"] }, cors = { origins = ["https://staff.example"], credentials = true }, request_headers = { remove = ["cookie"] } },
 ]
 "#;
         let manifest = parse(toml);
@@ -465,6 +526,19 @@ routes = [
         assert_eq!(route.timeout, Duration::from_secs(7));
         assert_eq!(route.auth, RouteAuth::Public);
         assert_eq!(route.cors, None);
+        assert_eq!(
+            config.response_headers.set,
+            [(
+                HeaderName::from_static("x-frame-options"),
+                HeaderValue::from_static("DENY")
+            )]
+        );
+        assert!(config.request_headers.is_empty());
+        assert!(route.request_headers.is_empty() && route.response_headers.is_empty());
+        assert_eq!(
+            config.routes[1].request_headers.remove,
+            [HeaderName::from_static("cookie")]
+        );
         let cors = config.routes[1].cors.as_ref();
         assert_eq!(
             cors.map(|c| (c.origins.clone(), c.credentials, c.max_age)),

@@ -15,10 +15,12 @@
 //!    / 403, then the identity headers;
 //! 8. rate limit → 429;
 //! 9. body size → 413 (declared length now, streamed length as it flows);
+//! 10. the `request_headers` changes (`header_changes`);
 //!
 //! then the proxy. On the way out every response, including the gateway's
-//! own refusals, gets the CORS headers (so a browser can read a 401 or 429)
-//! and, on a limited route, the `RateLimit` headers.
+//! own refusals, gets the CORS headers (so a browser can read a 401 or 429),
+//! on a limited route the `RateLimit` headers, and the `response_headers`
+//! changes.
 //!
 //! The steps share the snapshot and the matched route, so they live in one
 //! async function, [`handle`], called by the front of the request path
@@ -39,6 +41,7 @@ use tower::ServiceExt;
 use crate::body::{self, Body};
 use crate::client_cert::{ClientCert, XFCC};
 use crate::cors::{self, CorsPolicy};
+use crate::header_changes::HeaderChanges;
 use crate::ip;
 use crate::jwt::{self, Identity, RouteAuth, USER_HEADER_PREFIX};
 use crate::proxy::{Proxy, Upstream};
@@ -92,6 +95,8 @@ struct Finish<'a> {
     origin: Option<HeaderValue>,
     cors: Option<Arc<CorsPolicy>>,
     limit: Option<(&'a Limiter, Decision)>,
+    /// `response_headers`: the system's, then the matched route's.
+    headers: Option<Arc<HeaderChanges>>,
 }
 
 impl Finish<'_> {
@@ -109,6 +114,9 @@ impl Finish<'_> {
         }
         if let Some((limiter, decision)) = &self.limit {
             limiter.headers(decision, &mut fields);
+        }
+        if let Some(changes) = &self.headers {
+            changes.apply_to_response(&mut fields);
         }
     }
 }
@@ -139,6 +147,7 @@ pub(crate) fn handle<'a>(
             origin: req.headers().get(ORIGIN).cloned(),
             cors: routing.cors.clone(),
             limit: None,
+            headers: routing.response_headers.clone(),
         };
         strip_identity_headers(req.headers_mut());
         let has_cert = match req.extensions_mut().remove::<Arc<ClientCert>>() {
@@ -186,10 +195,11 @@ pub(crate) fn handle<'a>(
             req.method().clone()
         };
         let mut found = routing.table.find(&lookup_method, path);
-        if let Match::Route(route) = &found
-            && let Some(own) = &route.policy.cors
-        {
-            finish.cors = Some(Arc::clone(own));
+        if let Match::Route(route) = &found {
+            if let Some(own) = &route.policy.cors {
+                finish.cors = Some(Arc::clone(own));
+            }
+            finish.headers.clone_from(&route.policy.response_headers);
         }
         if preflight && let Some(cors) = finish.cors.take() {
             // A preflight is answered here whatever the route: it never costs
@@ -255,6 +265,9 @@ pub(crate) fn handle<'a>(
             police(&routing, route, client, has_cert, &mut req, &mut finish).await
         {
             return finish.reject(rejection);
+        }
+        if let Some(changes) = &route.policy.request_headers {
+            changes.apply_to_request(req.headers_mut());
         }
         match proxy.forward(req, conn, route, client).await {
             Ok((mut reply, answered)) => {

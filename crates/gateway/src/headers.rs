@@ -9,23 +9,13 @@
 use std::cell::RefCell;
 use std::net::IpAddr;
 
+use flotilla_manifest::HOP_BY_HOP;
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-/// Fields that describe one connection, whatever `Connection` says (RFC
-/// 9110 §7.6.1); so does every `Proxy-*` field.
-const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// Whether a field named `name` (any case) is hop-by-hop whatever
 /// `Connection` says.

@@ -14,6 +14,7 @@ use http::Method;
 
 use crate::config::RouteConfig;
 use crate::cors::CorsPolicy;
+use crate::header_changes::HeaderChanges;
 use crate::ip::IpRules;
 use crate::jwt::RouteAuth;
 use crate::ratelimit::Limiter;
@@ -45,6 +46,10 @@ pub(crate) struct RoutePolicy {
     pub max_body_bytes: Option<usize>,
     /// Only requests over a connection with a verified client certificate.
     pub client_cert: bool,
+    /// The system's request header changes, then the route's.
+    pub request_headers: Option<Arc<HeaderChanges>>,
+    /// The system's response header changes, then the route's.
+    pub response_headers: Option<Arc<HeaderChanges>>,
 }
 
 impl Route {

@@ -20,6 +20,7 @@ use tower_http::services::ServeDir;
 use crate::client::FetchClient;
 use crate::config::{Config, ConfigError};
 use crate::cors::CorsPolicy;
+use crate::header_changes::HeaderChanges;
 use crate::ip::{IpConfig, IpRules};
 use crate::jwt::Verifier;
 use crate::ratelimit::{self, Limiter, RateLimitBackend};
@@ -37,6 +38,9 @@ pub(crate) struct Routing {
     pub ip_rules: Option<IpRules>,
     pub ip: Option<IpConfig>,
     backend: RateLimitBackend,
+    /// The system's response header changes, for responses to requests no
+    /// route matched (a route carries its own, merged with these).
+    pub response_headers: Option<Arc<HeaderChanges>>,
 }
 
 /// What building a [`Routing`] needs besides the config.
@@ -118,6 +122,14 @@ impl Routing {
                 ip: route.ip.clone(),
                 max_body_bytes: Some(route.max_body_bytes.unwrap_or(default_body)),
                 client_cert: route.client_cert,
+                request_headers: HeaderChanges::merged(
+                    &config.request_headers,
+                    &route.request_headers,
+                ),
+                response_headers: HeaderChanges::merged(
+                    &config.response_headers,
+                    &route.response_headers,
+                ),
             }
         });
         Ok(Routing {
@@ -131,6 +143,10 @@ impl Routing {
             ip_rules: config.ip.as_ref().map(IpConfig::rules),
             ip: config.ip.clone(),
             backend: backend.clone(),
+            response_headers: HeaderChanges::merged(
+                &config.response_headers,
+                &HeaderChanges::default(),
+            ),
         })
     }
 }

@@ -718,6 +718,8 @@ mod tests {
             rate_limit_backend: Default::default(),
             upstream_tls: None,
             tls: None,
+            request_headers: Default::default(),
+            response_headers: Default::default(),
         };
         let upstreams: Arc<dyn Upstreams> = Arc::new(Silent(Arc::from(vec![Endpoint {
             instance: "svc-0".into(),

@@ -65,6 +65,90 @@ pub struct OutlierDetection {
     pub max_ejection: Option<Duration>,
 }
 
+/// Header changes the gateway makes on the way to an instance
+/// (`request_headers`) or back to the client (`response_headers`), for the
+/// whole system or a route: the `remove` names go first, then `set`
+/// replaces any field of its names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderChanges {
+    /// Lower-case names and their values, each name once, in name order.
+    pub set: Vec<(String, String)>,
+    /// Lower-case names, each once, in the order written.
+    pub remove: Vec<String>,
+}
+
+/// Fields that describe one connection, whatever `Connection` says (RFC
+/// 9110 §7.6.1); so does every `Proxy-*` field. The gateway never relays
+/// them, and a manifest may not set them.
+pub const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Which way a header change applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderDirection {
+    /// To the instance (`request_headers`).
+    Request,
+    /// To the client (`response_headers`).
+    Response,
+}
+
+/// Why a header name is the gateway's own, if it is: a manifest may not set
+/// or remove such a field, since the gateway relies on it or speaks for it.
+/// `name` is lower case. Shared with the gateway, which checks a
+/// configuration built in code by the same rule.
+pub fn reserved_header(name: &str, direction: HeaderDirection) -> Option<&'static str> {
+    if HOP_BY_HOP.contains(&name)
+        || name.starts_with("proxy-")
+        || name == "content-length"
+        || name == "host"
+    {
+        return Some(
+            "it belongs to the connection or the message's framing, which the gateway manages",
+        );
+    }
+    if name == "x-request-id" {
+        return Some(
+            "the gateway sets it to the request's id, the same in its access log and traces",
+        );
+    }
+    if name.starts_with("x-flotilla-user-") || name == "x-forwarded-client-cert" {
+        return Some(
+            "only the gateway says who the caller is, from a verified token or certificate",
+        );
+    }
+    match direction {
+        HeaderDirection::Request => {
+            if matches!(
+                name,
+                "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | "forwarded"
+            ) {
+                return Some("the gateway sets it from the client's connection");
+            }
+        }
+        HeaderDirection::Response => {
+            if name.starts_with("access-control-") {
+                return Some("CORS fields come from `cors`");
+            }
+            if name == "ratelimit" || name == "ratelimit-policy" {
+                return Some("rate-limit fields come from the route's `rate_limit`");
+            }
+            if name == "server" {
+                return Some("the gateway sets it on every response");
+            }
+            if name == "strict-transport-security" {
+                return Some("set it with `[gateway.tls] hsts`");
+            }
+        }
+    }
+    None
+}
+
 /// How the gateway verifies bearer tokens (`[gateway.jwt]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Jwt {

@@ -20,9 +20,10 @@ use std::time::Duration;
 
 pub use diagnostic::Diagnostic;
 pub use edge::{
-    ClientAuth, Cors, GatewayLimits, IpList, IpNet, IpNetParseError, JwksSource, Jwt,
-    OutlierDetection, RateLimit, RateLimitKey, RateLimitParseError, RateLimitStore, Retries, Tls,
-    TlsCertificate, TlsVersion, parse_net, parse_nets,
+    ClientAuth, Cors, GatewayLimits, HOP_BY_HOP, HeaderChanges, HeaderDirection, IpList, IpNet,
+    IpNetParseError, JwksSource, Jwt, OutlierDetection, RateLimit, RateLimitKey,
+    RateLimitParseError, RateLimitStore, Retries, Tls, TlsCertificate, TlsVersion, parse_net,
+    parse_nets, reserved_header,
 };
 pub use events::{
     Broker, BrokerDurability, BrokerEngine, Deliver, Queue, Stream, StreamSource, Subscribe, Topic,
@@ -81,6 +82,10 @@ pub struct Gateway {
     pub retries: Retries,
     /// Ejection of failing instances (`[gateway.outlier_detection]`).
     pub outlier_detection: OutlierDetection,
+    /// Header changes on every request to an instance.
+    pub request_headers: HeaderChanges,
+    /// Header changes on every response to a client.
+    pub response_headers: HeaderChanges,
 }
 
 /// Names of the platform's own identities: no service may take one.
@@ -192,6 +197,10 @@ pub struct Route {
     pub rate_limit: Option<RateLimit>,
     /// Cross-origin rules for this route, instead of the gateway's.
     pub cors: Option<Cors>,
+    /// Header changes on this route's requests, after the gateway's.
+    pub request_headers: HeaderChanges,
+    /// Header changes on this route's responses, after the gateway's.
+    pub response_headers: HeaderChanges,
     /// Client networks for this route, on top of the gateway's.
     pub ip: Option<IpList>,
     /// Largest request body accepted (the gateway's default when `None`).

@@ -39,6 +39,15 @@ pub(crate) struct RawGateway {
     pub limits: Option<Spanned<RawLimits>>,
     pub retries: Option<Spanned<RawRetries>>,
     pub outlier_detection: Option<Spanned<RawOutlier>>,
+    pub request_headers: Option<Spanned<RawHeaderChanges>>,
+    pub response_headers: Option<Spanned<RawHeaderChanges>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHeaderChanges {
+    pub set: Option<BTreeMap<String, Spanned<String>>>,
+    pub remove: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,6 +193,8 @@ pub(crate) struct RawRoute {
     pub timeout: Option<Spanned<String>>,
     pub rate_limit: Option<Spanned<String>>,
     pub cors: Option<Spanned<RawCors>>,
+    pub request_headers: Option<Spanned<RawHeaderChanges>>,
+    pub response_headers: Option<Spanned<RawHeaderChanges>>,
     pub ip: Option<Spanned<RawIp>>,
     pub max_body_bytes: Option<Spanned<i64>>,
     pub client_cert: Option<Spanned<bool>>,

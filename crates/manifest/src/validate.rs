@@ -14,8 +14,8 @@ use crate::raw::{
     RawAclRule, RawGateway, RawManifest, RawMesh, RawRoute, RawRun, RawScale, RawService,
 };
 use crate::{
-    AclEffect, AclRule, Auth, Data, Gateway, Manifest, Mesh, MeshMode, PLATFORM_NAMES, PathPattern,
-    Route, Run, Scale, Service, Shape,
+    AclEffect, AclRule, Auth, Data, Gateway, HeaderChanges, HeaderDirection, Manifest, Mesh,
+    MeshMode, PLATFORM_NAMES, PathPattern, Route, Run, Scale, Service, Shape,
 };
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -243,6 +243,8 @@ fn unreachable_gateway() -> Gateway {
         limits: Default::default(),
         retries: Default::default(),
         outlier_detection: Default::default(),
+        request_headers: Default::default(),
+        response_headers: Default::default(),
     }
 }
 
@@ -378,6 +380,8 @@ fn gateway(
         limits: Default::default(),
         retries: Default::default(),
         outlier_detection: Default::default(),
+        request_headers: Default::default(),
+        response_headers: Default::default(),
     };
     let Some(raw) = raw else { return Some(gw) };
     let raw = raw.get_ref();
@@ -426,6 +430,12 @@ fn gateway(
     }
     if let Some(o) = &raw.outlier_detection {
         gw.outlier_detection = limits::outlier_detection(ctx, o)?;
+    }
+    if let Some(h) = &raw.request_headers {
+        gw.request_headers = edge::header_changes(ctx, h, HeaderDirection::Request)?;
+    }
+    if let Some(h) = &raw.response_headers {
+        gw.response_headers = edge::header_changes(ctx, h, HeaderDirection::Response)?;
     }
     if let Some(t) = &raw.tls {
         let tls = edge::tls(ctx, t)?;
@@ -917,6 +927,14 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
         Some(c) => Some(edge::cors(ctx, c)?),
         None => None,
     };
+    let request_headers = match &raw.request_headers {
+        Some(h) => edge::header_changes(ctx, h, HeaderDirection::Request)?,
+        None => HeaderChanges::default(),
+    };
+    let response_headers = match &raw.response_headers {
+        Some(h) => edge::header_changes(ctx, h, HeaderDirection::Response)?,
+        None => HeaderChanges::default(),
+    };
     let ip = match &raw.ip {
         Some(i) => Some(edge::ip(ctx, i)?),
         None => None,
@@ -950,6 +968,8 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
         timeout,
         rate_limit,
         cors,
+        request_headers,
+        response_headers,
         ip,
         max_body_bytes,
         client_cert,

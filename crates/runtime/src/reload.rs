@@ -1,7 +1,8 @@
 //! Hot reload: `flotilla up` watches `flotilla.toml` and applies what the
-//! gateway owns — each route's auth, scopes, claims, rate limit, IP list,
-//! body limit and timeout, and the gateway's JWT, CORS, IP and rate-limit
-//! settings — without dropping a request or a kept-alive connection.
+//! gateway owns — each route's auth, scopes, claims, rate limit, CORS, IP
+//! list, body limit, header changes and timeout, and the gateway's JWT,
+//! CORS, IP, rate-limit and header-change settings — without dropping a
+//! request or a kept-alive connection.
 //!
 //! Everything else needs a restart, and a change that touches it is refused
 //! as a whole (the running configuration stays) with a message saying so:

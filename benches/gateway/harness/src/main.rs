@@ -162,6 +162,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
             .tls
             .as_deref()
             .map(|dir| flotilla_gateway::TlsConfig::new(dir.join("cert.pem"), dir.join("key.pem"))),
+        request_headers: Default::default(),
+        response_headers: Default::default(),
     };
     if args.jwt {
         let rng = ring::rand::SystemRandom::new();

@@ -5,6 +5,7 @@
 mod activation;
 mod balancing;
 mod h1;
+mod header_changes;
 mod lifecycle;
 mod limits;
 mod ratelimits;

@@ -336,6 +336,8 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
         rate_limit_backend: Default::default(),
         upstream_tls: None,
         tls: None,
+        request_headers: Default::default(),
+        response_headers: Default::default(),
     }
 }
 

@@ -9,10 +9,11 @@ use toml::Spanned;
 
 use super::Ctx;
 use crate::edge::{
-    ClientAuth, Cors, IpList, JwksSource, Jwt, RateLimit, RateLimitKey, RateLimitStore, Tls,
-    TlsCertificate, TlsVersion, is_origin, parse_net,
+    ClientAuth, Cors, HeaderChanges, HeaderDirection, IpList, JwksSource, Jwt, RateLimit,
+    RateLimitKey, RateLimitStore, Tls, TlsCertificate, TlsVersion, is_origin, parse_net,
+    reserved_header,
 };
-use crate::raw::{RawCors, RawIp, RawJwt, RawRateLimits, RawTls};
+use crate::raw::{RawCors, RawHeaderChanges, RawIp, RawJwt, RawRateLimits, RawTls};
 
 const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
 const DEFAULT_CORS_MAX_AGE: Duration = Duration::from_secs(600);
@@ -455,4 +456,82 @@ pub(super) fn claims(
         }
     }
     (ctx.errors.len() == before).then_some(claims)
+}
+
+/// `request_headers` or `response_headers`: names that are tokens (kept in
+/// lower case) and not the gateway's own ([`reserved_header`]), values of
+/// visible ASCII, each name once across `set` and `remove`.
+pub(super) fn header_changes(
+    ctx: &mut Ctx<'_>,
+    raw: &Spanned<RawHeaderChanges>,
+    direction: HeaderDirection,
+) -> Option<HeaderChanges> {
+    let span = raw.span();
+    let raw = raw.get_ref();
+    let before = ctx.errors.len();
+    let mut changes = HeaderChanges::default();
+    let mut seen: Vec<String> = Vec::new();
+    let mut name_ok = |ctx: &mut Ctx<'_>, name: &str, at: std::ops::Range<usize>| {
+        let lower = name.to_ascii_lowercase();
+        if lower.is_empty() || !lower.bytes().all(is_token_byte) {
+            ctx.error(
+                at,
+                format!("`{name}` is not a header name"),
+                Some("use letters, digits and `-`, e.g. `x-content-type-options`".into()),
+            );
+            return None;
+        }
+        if let Some(why) = reserved_header(&lower, direction) {
+            ctx.error(
+                at,
+                format!("`{lower}` cannot be changed here: {why}"),
+                Some("remove it from this table".into()),
+            );
+            return None;
+        }
+        if seen.contains(&lower) {
+            ctx.error(
+                at,
+                format!("`{lower}` is named twice"),
+                Some("name each header once, in `set` or in `remove`".into()),
+            );
+            return None;
+        }
+        seen.push(lower.clone());
+        Some(lower)
+    };
+    for (name, value) in raw.set.iter().flatten() {
+        let Some(lower) = name_ok(ctx, name, value.span()) else {
+            continue;
+        };
+        let v = value.get_ref();
+        if !v.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)) {
+            ctx.error(
+                value.span(),
+                format!("the value of `{lower}` has a character a header cannot carry"),
+                Some("use visible ASCII, spaces and tabs: no line breaks or control characters; percent-encode anything else".into()),
+            );
+            continue;
+        }
+        changes.set.push((lower, v.trim().to_string()));
+    }
+    for name in raw.remove.iter().flatten() {
+        if let Some(lower) = name_ok(ctx, name.get_ref(), name.span()) {
+            changes.remove.push(lower);
+        }
+    }
+    if raw.set.is_none() && raw.remove.is_none() {
+        ctx.error(
+            span,
+            "this table changes nothing",
+            Some("add `set = { \"x-frame-options\" = \"DENY\" }` or `remove = [\"x-powered-by\"]`, or remove the table".into()),
+        );
+    }
+    changes.set.sort();
+    (ctx.errors.len() == before).then_some(changes)
+}
+
+/// A `tchar` of RFC 9110 §5.6.2, the bytes a field name is made of.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }

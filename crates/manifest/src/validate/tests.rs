@@ -461,12 +461,13 @@ jwt = { issuer = "shop-accounts", audiences = ["shop"], jwks = "accounts:/.well-
 cors = { origins = ["http://localhost:8080"], credentials = true, max_age = "5m" }
 ip = { allow = ["127.0.0.0/8", "::1"], trusted_proxies = ["10.0.0.1"] }
 rate_limits = { store = "redis", url = "redis://127.0.0.1:6379" }
+response_headers = { set = { "X-Frame-Options" = "DENY", "x-content-type-options" = "nosniff" }, remove = ["X-Powered-By"] }
 [services.accounts]
 run = { cargo = "shop-accounts" }
 routes = [{ path = "/api/accounts/login", methods = ["POST"], rate_limit = "5/m burst 10 per ip", cors = { origins = ["https://id.example"], headers = ["content-type"] } }]
 [services.orders]
 run = { cargo = "shop-orders" }
-routes = [{ path = "/api/orders/**", auth = "jwt", scopes = ["orders:write"], claims = { tier = ["gold", "silver"], email_verified = true, "realm_access.roles" = "buyer", level = 3 }, rate_limit = "20/s burst 40 per user", ip = { deny = ["127.0.0.2"] }, max_body_bytes = 65536 }]
+routes = [{ path = "/api/orders/**", auth = "jwt", scopes = ["orders:write"], claims = { tier = ["gold", "silver"], email_verified = true, "realm_access.roles" = "buyer", level = 3 }, request_headers = { set = { "x-api-version" = " 2 " }, remove = ["cookie"] }, rate_limit = "20/s burst 40 per user", ip = { deny = ["127.0.0.2"] }, max_body_bytes = 65536 }]
 "#;
 
 #[test]
@@ -505,7 +506,27 @@ fn edge_policies_parse() {
         600,
         "the default, not the gateway's"
     );
+    assert_eq!(
+        m.gateway.response_headers,
+        crate::HeaderChanges {
+            set: vec![
+                ("x-content-type-options".into(), "nosniff".into()),
+                ("x-frame-options".into(), "DENY".into()),
+            ],
+            remove: vec!["x-powered-by".into()],
+        },
+        "names in lower case, in name order"
+    );
+    assert_eq!(m.gateway.request_headers, crate::HeaderChanges::default());
     let route = &m.services["orders"].routes[0];
+    assert_eq!(
+        route.request_headers,
+        crate::HeaderChanges {
+            set: vec![("x-api-version".into(), "2".into())],
+            remove: vec!["cookie".into()],
+        }
+    );
+    assert_eq!(route.response_headers, crate::HeaderChanges::default());
     assert_eq!(
         route.cors, None,
         "a route without `cors` keeps the gateway's"
@@ -598,6 +619,41 @@ fn edge_policy_errors() {
             "cors = { origins = [\"https://id.example\"]",
             "cors = { origins = [\"*\"], credentials = true",
             "`*` cannot be combined with `credentials = true`",
+        ),
+        (
+            "\"X-Frame-Options\" = \"DENY\"",
+            "\"Access-Control-Allow-Origin\" = \"*\"",
+            "`access-control-allow-origin` cannot be changed here: CORS fields come from `cors`",
+        ),
+        (
+            "remove = [\"X-Powered-By\"]",
+            "remove = [\"x powered\"]",
+            "`x powered` is not a header name",
+        ),
+        (
+            "\"X-Frame-Options\" = \"DENY\"",
+            "\"X-Frame-Options\" = \"DENY\\r\\nX-Evil: 1\"",
+            "the value of `x-frame-options` has a character a header cannot carry",
+        ),
+        (
+            "remove = [\"X-Powered-By\"]",
+            "remove = [\"x-frame-options\"]",
+            "`x-frame-options` is named twice",
+        ),
+        (
+            "remove = [\"cookie\"]",
+            "remove = [\"X-Forwarded-For\"]",
+            "`x-forwarded-for` cannot be changed here: the gateway sets it from the client's connection",
+        ),
+        (
+            "request_headers = { set = { \"x-api-version\" = \" 2 \" }, remove = [\"cookie\"] }",
+            "request_headers = { }",
+            "this table changes nothing",
+        ),
+        (
+            "request_headers = { set",
+            "request_headers = { add",
+            "unknown key `add`",
         ),
         (
             "auth = \"jwt\", scopes = [\"orders:write\"], ",

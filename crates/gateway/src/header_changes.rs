@@ -1,0 +1,182 @@
+//! Header changes a system asks for (`request_headers`,
+//! `response_headers`): security headers on every response, a header an
+//! instance must not leak, a fixed header an upstream expects.
+//!
+//! The system's changes and a route's are merged once per configuration,
+//! so a request walks one list, and a route with neither pays nothing
+//! (an `Option` that is `None`). Names the gateway speaks for or relies on
+//! are refused by the rule the manifest checks with
+//! ([`flotilla_manifest::reserved_header`]), so a change can never forge an
+//! identity, a request id or a CORS answer, nor touch the framing.
+
+use std::sync::Arc;
+
+use flotilla_manifest::{HeaderDirection, reserved_header};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::relayed::Fields;
+
+/// Fields to remove, then fields to set (replacing any of that name).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderChanges {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderChanges {
+    /// What the manifest validated: names that are tokens and values of
+    /// visible ASCII, so every one converts.
+    pub fn from_manifest(changes: &flotilla_manifest::HeaderChanges) -> HeaderChanges {
+        HeaderChanges {
+            set: changes
+                .set
+                .iter()
+                .filter_map(|(name, value)| {
+                    Some((
+                        HeaderName::from_bytes(name.as_bytes()).ok()?,
+                        HeaderValue::from_str(value).ok()?,
+                    ))
+                })
+                .collect(),
+            remove: changes
+                .remove
+                .iter()
+                .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+                .collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
+
+    /// The first name the gateway keeps for itself, and why.
+    pub(crate) fn reserved(&self, direction: HeaderDirection) -> Option<(String, &'static str)> {
+        self.set
+            .iter()
+            .map(|(name, _)| name)
+            .chain(&self.remove)
+            .find_map(|name| Some((name.to_string(), reserved_header(name.as_str(), direction)?)))
+    }
+
+    /// The system's changes, then the route's: a name the route sets or
+    /// removes is no longer set by the system's. `None` when both are
+    /// empty.
+    pub(crate) fn merged(
+        system: &HeaderChanges,
+        route: &HeaderChanges,
+    ) -> Option<Arc<HeaderChanges>> {
+        if route.is_empty() {
+            return (!system.is_empty()).then(|| Arc::new(system.clone()));
+        }
+        let route_names: Vec<&HeaderName> = route
+            .set
+            .iter()
+            .map(|(n, _)| n)
+            .chain(&route.remove)
+            .collect();
+        let mut remove = system.remove.clone();
+        for name in &route.remove {
+            if !remove.contains(name) {
+                remove.push(name.clone());
+            }
+        }
+        let set = system
+            .set
+            .iter()
+            .filter(|(n, _)| !route_names.contains(&n))
+            .chain(&route.set)
+            .cloned()
+            .collect();
+        Some(Arc::new(HeaderChanges { set, remove }))
+    }
+
+    /// On a request, before it is forwarded.
+    pub(crate) fn apply_to_request(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+
+    /// On a response, relayed or the gateway's own, on its way out.
+    pub(crate) fn apply_to_response(&self, fields: &mut Fields<'_>) {
+        for name in &self.remove {
+            fields.remove(name);
+        }
+        for (name, value) in &self.set {
+            fields.insert(name.clone(), value.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changes(set: &[(&'static str, &'static str)], remove: &[&'static str]) -> HeaderChanges {
+        HeaderChanges {
+            set: set
+                .iter()
+                .map(|(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
+                .collect(),
+            remove: remove.iter().map(|n| HeaderName::from_static(n)).collect(),
+        }
+    }
+
+    #[test]
+    fn the_routes_changes_follow_and_override_the_systems() {
+        let system = changes(
+            &[("x-frame-options", "DENY"), ("cache-control", "no-store")],
+            &["x-powered-by"],
+        );
+        let route = changes(
+            &[("cache-control", "public, max-age=60")],
+            &["x-frame-options"],
+        );
+        let merged = HeaderChanges::merged(&system, &route).map(|m| (*m).clone());
+        assert_eq!(
+            merged,
+            Some(changes(
+                &[("cache-control", "public, max-age=60")],
+                &["x-powered-by", "x-frame-options"]
+            ))
+        );
+        let alone = HeaderChanges::merged(&system, &HeaderChanges::default());
+        assert_eq!(alone.map(|m| (*m).clone()), Some(system.clone()));
+        let only_route = HeaderChanges::merged(&HeaderChanges::default(), &route);
+        assert_eq!(only_route.map(|m| (*m).clone()), Some(route));
+        assert_eq!(
+            HeaderChanges::merged(&HeaderChanges::default(), &HeaderChanges::default()),
+            None
+        );
+    }
+
+    #[test]
+    fn removals_come_before_sets_and_a_set_replaces_every_value() {
+        let c = changes(&[("x-a", "mine")], &["x-a", "cookie"]);
+        let mut h = HeaderMap::new();
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append("x-a", HeaderValue::from_static("2"));
+        h.insert("cookie", HeaderValue::from_static("s=1"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        c.apply_to_request(&mut h);
+        assert_eq!(h.get_all("x-a").iter().collect::<Vec<_>>(), ["mine"]);
+        assert!(h.get("cookie").is_none());
+        assert_eq!(h.get("accept").map(|v| v.as_bytes()), Some(&b"*/*"[..]));
+    }
+
+    #[test]
+    fn reserved_names_are_found_in_either_list() {
+        let c = changes(&[("x-ok", "1")], &["x-flotilla-user-id"]);
+        assert_eq!(
+            c.reserved(HeaderDirection::Request).map(|(n, _)| n),
+            Some("x-flotilla-user-id".to_string())
+        );
+        let cors = changes(&[("access-control-allow-origin", "*")], &[]);
+        assert!(cors.reserved(HeaderDirection::Response).is_some());
+        assert!(cors.reserved(HeaderDirection::Request).is_none());
+    }
+}
