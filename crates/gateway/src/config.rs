@@ -135,6 +135,12 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Most request headers (default 100); more get 431.
     pub max_headers: usize,
+    /// Client connections open at once (default 10 000); one more is
+    /// closed as soon as it is accepted (`conn_limit`).
+    pub max_connections: usize,
+    /// Client connections open at once from one address (an IPv6 /64);
+    /// `0` (the default): no limit. Trusted proxies are not limited.
+    pub max_connections_per_ip: usize,
     /// Requests handled at once before new ones are shed with 503
     /// `overloaded` (default 10 000): past this, latency for everyone
     /// suffers more than a quick refusal hurts a few.
@@ -180,6 +186,8 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_in_flight: 10_000,
+            max_connections: 10_000,
+            max_connections_per_ip: 0,
             idle_timeout: Duration::from_secs(60),
             tunnel_idle_timeout: Duration::from_secs(300),
             max_tunnels: 10_000,
@@ -253,9 +261,9 @@ impl Config {
                 "max_header_bytes must be at least 8192",
             ));
         }
-        if l.max_headers == 0 || l.max_in_flight == 0 {
+        if l.max_headers == 0 || l.max_in_flight == 0 || l.max_connections == 0 {
             return Err(ConfigError::Limits(
-                "max_headers and max_in_flight must be at least 1",
+                "max_headers, max_in_flight and max_connections must be at least 1",
             ));
         }
         if !(0.0..=1.0).contains(&l.retry_budget_ratio) {
@@ -447,6 +455,10 @@ fn limits(gw: &flotilla_manifest::Gateway) -> Limits {
     let size = |v: u32| usize::try_from(v).unwrap_or(usize::MAX);
     Limits {
         max_in_flight: m.max_in_flight.map_or(d.max_in_flight, size),
+        max_connections: m.max_connections.map_or(d.max_connections, size),
+        max_connections_per_ip: m
+            .max_connections_per_ip
+            .map_or(d.max_connections_per_ip, size),
         max_body_bytes: m.max_body_bytes.map_or(d.max_body_bytes, |v| {
             usize::try_from(v).unwrap_or(usize::MAX)
         }),
@@ -570,6 +582,8 @@ name = "l"
 
 [gateway.limits]
 max_in_flight = 2000
+max_connections = 5000
+max_connections_per_ip = 64
 max_body_bytes = 262144
 max_header_bytes = 16384
 max_headers = 50
@@ -611,6 +625,7 @@ routes = [{ path = "/a/**" }]
             (secs(5), secs(30), Duration::from_millis(500))
         );
         assert_eq!((l.max_tunnels, l.tunnel_idle_timeout), (300, secs(60)));
+        assert_eq!((l.max_connections, l.max_connections_per_ip), (5000, 64));
         assert_eq!(l.workers, 3);
         assert_eq!(l.max_retries, 1);
         assert!((l.retry_budget_ratio - 0.1).abs() < 1e-9);

@@ -44,6 +44,7 @@ mod client_cert;
 mod clock;
 mod config;
 mod conn;
+mod conn_limit;
 mod cors;
 mod edge;
 mod h1;
@@ -254,7 +255,19 @@ impl Gateway {
         let workers = server::start_workers(stacks, &config.limits, acceptor, &stopping)
             .map_err(Error::Workers)?;
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(server::run(listener, workers, stopping, stopped, writer));
+        let conn_limits = conn_limit::ConnLimits::new(
+            config.limits.max_connections,
+            config.limits.max_connections_per_ip,
+        );
+        let task = tokio::spawn(server::run(
+            listener,
+            workers,
+            conn_limits,
+            Arc::clone(&routing),
+            stopping,
+            stopped,
+            writer,
+        ));
         tracing::info!(target: "flotilla::gateway", %local_addr, scheme, "gateway listening");
         Ok(Gateway {
             local_addr,

@@ -35,6 +35,8 @@ const TLS_HANDSHAKES: &str = "flotilla_gateway_tls_handshakes_total";
 const TLS_HANDSHAKE_FAILURES: &str = "flotilla_gateway_tls_handshake_failures_total";
 const TLS_CERT_EXPIRY: &str = "flotilla_gateway_tls_certificate_expiry_timestamp_seconds";
 const TLS_CERT_RELOADS: &str = "flotilla_gateway_tls_certificate_reloads_total";
+const CONNECTIONS_OPEN: &str = "flotilla_gateway_connections_open";
+const CONNECTIONS_REFUSED: &str = "flotilla_gateway_connections_refused_total";
 
 /// The `route` label of a request no route matched.
 pub(crate) const UNMATCHED: &str = "unmatched";
@@ -161,6 +163,14 @@ pub(crate) fn describe() {
         metrics::Unit::Seconds,
         "When each certificate the gateway serves to clients (by its file, cert) expires, in seconds since the Unix epoch."
     );
+    metrics::describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Client connections open now (TLS handshakes in progress included)."
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Client connections closed as soon as accepted, over max_connections or max_connections_per_ip (reason)."
+    );
     metrics::describe_counter!(
         TLS_CERT_RELOADS,
         "Changed certificate, client CA or CRL files the gateway took (result ok) or could not take and kept the current ones (result error; counted at each look while they stay so)."
@@ -281,6 +291,15 @@ pub(crate) fn retry_budget_exhausted(service: &str) {
 
 pub(crate) fn shed() {
     metrics::counter!(SHED).increment(1);
+}
+
+/// The open-connections gauge, for `conn_limit` to keep.
+pub(crate) fn connections_open() -> Gauge {
+    metrics::gauge!(CONNECTIONS_OPEN)
+}
+
+pub(crate) fn connection_refused(reason: &'static str) {
+    metrics::counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
 }
 
 /// A WebSocket tunnel on a route, counted open until it is finished or

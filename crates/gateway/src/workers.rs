@@ -29,6 +29,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+
+use crate::conn_limit::ConnSlot;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -62,6 +64,7 @@ pub(crate) trait Serve: Send + 'static {
 struct Job {
     stream: std::net::TcpStream,
     peer: SocketAddr,
+    slot: ConnSlot,
 }
 
 struct Worker {
@@ -118,7 +121,8 @@ impl Workers {
 
     /// Hands a freshly accepted connection to the worker with the fewest
     /// open connections.
-    pub(crate) fn hand(&mut self, stream: TcpStream, peer: SocketAddr) {
+    /// `slot` counts it against the connection limits until it closes.
+    pub(crate) fn hand(&mut self, stream: TcpStream, peer: SocketAddr, slot: ConnSlot) {
         let n = self.workers.len();
         let Some(at) = (0..n)
             .map(|i| (self.next + i) % n)
@@ -137,7 +141,7 @@ impl Workers {
         };
         let worker = &self.workers[at];
         worker.open.fetch_add(1, Ordering::Relaxed);
-        if worker.jobs.send(Job { stream, peer }).is_err() {
+        if worker.jobs.send(Job { stream, peer, slot }).is_err() {
             // The worker is gone (its thread panicked): the socket closes.
             worker.open.fetch_sub(1, Ordering::Relaxed);
             tracing::error!(target: "flotilla::gateway", worker = at, "a gateway worker has stopped");
@@ -160,12 +164,16 @@ impl Workers {
     }
 }
 
-/// Counts a connection as open until dropped (finished or aborted).
-struct Open(Arc<AtomicUsize>);
+/// Counts a connection as open until dropped (finished or aborted), on
+/// its worker and against the connection limits.
+struct Open {
+    on_worker: Arc<AtomicUsize>,
+    _slot: ConnSlot,
+}
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.on_worker.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -198,8 +206,11 @@ async fn work<S: Serve>(
     loop {
         tokio::select! {
             job = jobs.recv() => {
-                let Some(Job { stream, peer }) = job else { break };
-                let guard = Open(Arc::clone(&open));
+                let Some(Job { stream, peer, slot }) = job else { break };
+                let guard = Open {
+                    on_worker: Arc::clone(&open),
+                    _slot: slot,
+                };
                 match TcpStream::from_std(stream) {
                     Ok(stream) => {
                         let served = serve.serve(stream, peer);
@@ -230,6 +241,7 @@ async fn work<S: Serve>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn_limit::ConnLimits;
     use std::collections::HashMap;
     use std::sync::Mutex;
     use tokio::io::AsyncReadExt;
@@ -283,6 +295,16 @@ mod tests {
         }
     }
 
+    /// A place under limits no test reaches.
+    fn slot(peer: SocketAddr) -> ConnSlot {
+        static LIMITS: std::sync::OnceLock<Arc<ConnLimits>> = std::sync::OnceLock::new();
+        let limits = LIMITS.get_or_init(|| ConnLimits::new(usize::MAX, 0));
+        match limits.admit(peer.ip(), false) {
+            Ok(slot) => slot,
+            Err(why) => panic!("{why:?}"),
+        }
+    }
+
     async fn wait_for(what: &str, done: impl Fn() -> bool) {
         let deadline = Instant::now() + PATIENCE;
         while !done() {
@@ -303,7 +325,7 @@ mod tests {
         let mut clients = Vec::new();
         for _ in 0..6 {
             let (client, server, peer) = connect(&l, addr).await;
-            workers.hand(server, peer);
+            workers.hand(server, peer, slot(peer));
             clients.push(client);
         }
         wait_for("six connections served", || {
@@ -335,7 +357,7 @@ mod tests {
         .await;
         let (client, server, peer) = connect(&l, addr).await;
         let local = client.local_addr().ok();
-        workers.hand(server, peer);
+        workers.hand(server, peer, slot(peer));
         wait_for("the seventh connection served", || {
             local.is_some_and(|a| {
                 seen.lock()
@@ -359,7 +381,7 @@ mod tests {
         };
         let (l, addr) = listener().await;
         let (mut client, server, peer) = connect(&l, addr).await;
-        workers.hand(server, peer);
+        workers.hand(server, peer, slot(peer));
         wait_for("the connection served", || {
             !seen.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
         })

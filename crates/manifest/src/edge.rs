@@ -20,6 +20,10 @@ pub use ipnet::IpNet;
 pub struct GatewayLimits {
     /// Requests handled at once before new ones are shed with 503.
     pub max_in_flight: Option<u32>,
+    /// Client connections open at once.
+    pub max_connections: Option<u32>,
+    /// Client connections open at once from one address (an IPv6 /64).
+    pub max_connections_per_ip: Option<u32>,
     /// Largest request body of routes that set no `max_body_bytes`.
     pub max_body_bytes: Option<u64>,
     /// Largest request head (request line and headers).

@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::fs::OpenOptions;
@@ -13,6 +13,42 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 use crate::console::Console;
+
+/// The open-files limit the process was started with, kept when
+/// [`raise_open_files_limit`] raised it, for instances to start with.
+static STARTED_WITH: OnceLock<libc::rlimit> = OnceLock::new();
+
+/// Raises this process's soft limit on open files to its hard limit, as
+/// Go's runtime does at start. The gateway holds a descriptor for each
+/// client connection and each upstream one, and the usual soft limit (1024)
+/// is far below `[gateway.limits] max_connections`; past it, accepting
+/// fails for everyone. Instances still start with the limit we were given
+/// (a program written for it, say one using `select`, keeps working).
+/// Returns the soft limit before and after.
+pub(crate) fn raise_open_files_limit() -> io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given, which lives here.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let before = limit.rlim_cur;
+    if limit.rlim_cur >= limit.rlim_max {
+        return Ok((before, before));
+    }
+    let _ = STARTED_WITH.set(limit);
+    let raised = libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit reads the struct it is given, which lives here.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((before, raised.rlim_cur))
+}
 
 /// What to execute for every instance of a service.
 #[derive(Debug, Clone)]
@@ -60,10 +96,17 @@ impl Proc {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        // SAFETY: only async-signal-safe calls (setpgid, prctl, getppid, kill)
-        // between fork and exec.
+        // Read before the fork: the child only makes the system call.
+        let started_with = STARTED_WITH.get().copied();
+        // SAFETY: only async-signal-safe calls (setpgid, prctl, getppid,
+        // kill) and setrlimit, a plain system call, between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                if let Some(limit) = &started_with
+                    && libc::setrlimit(libc::RLIMIT_NOFILE, limit) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
                 // Own process group, so Ctrl-C in the terminal reaches only
                 // `flotilla`, which then stops instances in order.
                 libc::setpgid(0, 0);
@@ -187,5 +230,73 @@ async fn pump<R: AsyncRead + Unpin>(
     }
     if !line.is_empty() {
         console.instance_line(&instance, &String::from_utf8_lossy(&line));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_files_limit() -> libc::rlimit {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: as in `raise_open_files_limit`.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        limit
+    }
+
+    /// One test, since the limit is the process's: the only one in this
+    /// binary that changes it.
+    #[tokio::test]
+    async fn the_limit_is_raised_for_us_and_not_for_instances() {
+        let given = open_files_limit();
+        if given.rlim_max == libc::RLIM_INFINITY {
+            eprintln!("skipped: no finite hard limit on open files to raise to");
+            return;
+        }
+        // Start below the hard limit, as a login shell's 1024 would, but
+        // only just: the other tests' descriptors still fit.
+        let lowered = libc::rlimit {
+            rlim_cur: given.rlim_max - 1,
+            rlim_max: given.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct it is given, which lives here.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
+        let raised = match raise_open_files_limit() {
+            Ok(r) => r,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(raised, (given.rlim_max - 1, given.rlim_max));
+        assert_eq!(open_files_limit().rlim_cur, given.rlim_max);
+        // A second call has nothing left to raise.
+        assert!(matches!(raise_open_files_limit(), Ok((b, a)) if b == a));
+
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("{e}"),
+        };
+        let launch = Launch {
+            program: PathBuf::from("sh"),
+            args: vec!["-c".into(), "ulimit -Sn".into()],
+            dir: dir.path().to_path_buf(),
+        };
+        let log = dir.path().join("out.log");
+        let console = Arc::new(Console::new(false));
+        let mut proc = match Proc::spawn(&launch, &[], "limit-0", &log, console).await {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(proc.wait().await.is_ok_and(|s| s.success()));
+        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(
+            out.trim(),
+            (given.rlim_max - 1).to_string(),
+            "the instance did not get the limit we started with: {out}"
+        );
     }
 }

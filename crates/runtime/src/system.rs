@@ -92,6 +92,13 @@ impl System {
         let console = Arc::new(Console::new(options.echo_logs));
         // Before anything records a metric.
         flotilla_gateway::prometheus_recorder();
+        match crate::process::raise_open_files_limit() {
+            Ok((before, after)) if after > before => {
+                tracing::debug!(before, after, "raised the open-files limit");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+        }
         let lifetime = options.leaf_lifetime.unwrap_or(manifest.mesh.leaf_lifetime);
         let mut manifest = manifest;
         if let Some(mode) = options.mesh_mode {

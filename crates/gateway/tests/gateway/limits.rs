@@ -1,5 +1,6 @@
 //! Protective limits: body size (413), header size and count (431), slow
-//! and idle clients (408, close), and load shedding (503).
+//! and idle clients (408, close), load shedding (503), and connection
+//! limits (in all and per client address).
 
 use std::time::Duration;
 
@@ -257,6 +258,130 @@ async fn past_max_in_flight_requests_are_shed_with_503() {
             "still shedding after the load went"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gateway.shutdown(T).await;
+}
+
+/// A connection to the gateway from `source` (any 127.0.0.0/8 address).
+async fn connect_from(source: &str, gateway: &flotilla_gateway::Gateway) -> TcpStream {
+    let socket = ok(tokio::net::TcpSocket::new_v4(), "socket");
+    ok(
+        socket.bind(ok(format!("{source}:0").parse(), "source address")),
+        "bind the source address",
+    );
+    ok(socket.connect(gateway.local_addr()).await, "connect")
+}
+
+/// Whether a request on `stream` is answered 200 (the connection was kept).
+async fn served(stream: &mut TcpStream) -> bool {
+    ok(
+        stream
+            .write_all(b"GET /x HTTP/1.1\r\nhost: gw\r\n\r\n")
+            .await,
+        "write",
+    );
+    read_response(stream).await.starts_with("HTTP/1.1 200")
+}
+
+/// Whether the gateway closed `stream` without answering: end of stream
+/// or a reset, and not a byte of a response.
+async fn closed_unanswered(stream: &mut TcpStream) -> bool {
+    // The write may land before the close does; the read tells.
+    let _ = stream
+        .write_all(b"GET /x HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await;
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) | Err(_) => false,
+    }
+}
+
+fn refused(reason: &str) -> u64 {
+    metric_sum(&[
+        "flotilla_gateway_connections_refused_total",
+        &format!("reason=\"{reason}\""),
+    ])
+}
+
+#[tokio::test]
+async fn connections_past_max_connections_are_closed_at_once() {
+    let registry = Registry::new();
+    let up = Upstream::start("conns-0").await;
+    registry.set("conns", vec![up.endpoint()]);
+    let mut cfg = config(vec![route("conns", "/**", &[], T)]);
+    cfg.limits.max_connections = 2;
+    let gateway = start(cfg, &registry).await;
+
+    let mut first = connect_from("127.0.0.1", &gateway).await;
+    let mut second = connect_from("127.0.0.1", &gateway).await;
+    assert!(served(&mut first).await && served(&mut second).await);
+    let before = refused("max_connections");
+    let mut third = connect_from("127.0.0.1", &gateway).await;
+    assert!(
+        closed_unanswered(&mut third).await,
+        "a third connection was served"
+    );
+    assert!(refused("max_connections") > before, "not counted");
+    // Kept-alive connections stay served meanwhile.
+    assert!(served(&mut first).await);
+
+    // A closed connection frees its place (once the gateway has seen the
+    // close, a moment after the client made it: poll).
+    drop(second);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mut next = connect_from("127.0.0.1", &gateway).await;
+        if !closed_unanswered(&mut next).await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection's place was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn one_address_is_limited_but_others_and_trusted_proxies_are_not() {
+    let registry = Registry::new();
+    let up = Upstream::start("perip-0").await;
+    registry.set("perip", vec![up.endpoint()]);
+    let mut cfg = config(vec![route("perip", "/**", &[], T)]);
+    cfg.limits.max_connections_per_ip = 2;
+    cfg.ip = Some(flotilla_gateway::IpConfig {
+        allow: Vec::new(),
+        deny: Vec::new(),
+        trusted_proxies: ok(flotilla_gateway::parse_nets(&["127.0.0.3"]), "nets"),
+    });
+    let gateway = start(cfg, &registry).await;
+
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = connect_from("127.0.0.2", &gateway).await;
+        assert!(served(&mut c).await);
+        held.push(c);
+    }
+    let before = refused("max_connections_per_ip");
+    let mut over = connect_from("127.0.0.2", &gateway).await;
+    assert!(
+        closed_unanswered(&mut over).await,
+        "a third from one address was served"
+    );
+    assert!(refused("max_connections_per_ip") > before, "not counted");
+    // Another address has places of its own.
+    let mut other = connect_from("127.0.0.4", &gateway).await;
+    assert!(served(&mut other).await);
+    // A load balancer carries many clients: not limited by its address.
+    for _ in 0..4 {
+        let mut c = connect_from("127.0.0.3", &gateway).await;
+        assert!(
+            served(&mut c).await,
+            "a trusted proxy's connection was refused"
+        );
+        held.push(c);
     }
     gateway.shutdown(T).await;
 }

@@ -22,6 +22,14 @@ pub(super) fn limits(ctx: &mut Ctx<'_>, raw: &Spanned<RawLimits>) -> Option<Gate
     let before = ctx.errors.len();
     let limits = GatewayLimits {
         max_in_flight: count(ctx, &raw.max_in_flight, "max_in_flight", 1, 1_000_000),
+        max_connections: count(ctx, &raw.max_connections, "max_connections", 1, 1_000_000),
+        max_connections_per_ip: count(
+            ctx,
+            &raw.max_connections_per_ip,
+            "max_connections_per_ip",
+            1,
+            1_000_000,
+        ),
         max_body_bytes: raw
             .max_body_bytes
             .as_ref()

@@ -885,6 +885,8 @@ const TUNED: &str = r#"
 name = "x"
 [gateway.limits]
 max_in_flight = 2000
+max_connections = 5000
+max_connections_per_ip = 64
 max_body_bytes = 262144
 max_header_bytes = 16384
 max_headers = 50
@@ -914,6 +916,8 @@ fn gateway_limits_retries_and_outlier_detection_parse() {
         m.gateway.limits,
         crate::GatewayLimits {
             max_in_flight: Some(2000),
+            max_connections: Some(5000),
+            max_connections_per_ip: Some(64),
             max_body_bytes: Some(262_144),
             max_header_bytes: Some(16384),
             max_headers: Some(50),
@@ -962,6 +966,11 @@ fn gateway_limit_errors_name_the_key_and_the_range() {
             "max_in_flight = 2000",
             "max_in_flight = 0",
             "`max_in_flight = 0` is out of range",
+        ),
+        (
+            "max_connections_per_ip = 64",
+            "max_connections_per_ip = 0",
+            "`max_connections_per_ip = 0` is out of range",
         ),
         (
             "max_header_bytes = 16384",

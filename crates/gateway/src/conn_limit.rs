@@ -1,0 +1,226 @@
+//! Connection limits, checked as each client connection is accepted: how
+//! many the gateway holds at once (`max_connections`), and how many one
+//! client address may hold (`max_connections_per_ip`).
+//!
+//! The in-flight cap bounds requests, not connections: a client that opens
+//! thousands of idle or slow connections (a slowloris, a leaky pool) holds
+//! a file descriptor and buffers for each and sends no request to shed.
+//! These limits, like nginx's `limit_conn` and Envoy's connection limits,
+//! close such connections at once instead, before a TLS handshake or a
+//! byte is read, so the gateway's descriptors last for everyone else.
+//!
+//! An IPv6 client is counted by its /64, the block a single host or home
+//! network is given (its interface identifiers are its to choose); an
+//! IPv4-mapped address is counted as the IPv4 address it is. Trusted
+//! proxies (`IpConfig::trusted_proxies`) are not limited per address: every
+//! client behind a load balancer shares its address.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use metrics::Gauge;
+
+use crate::stats;
+
+/// The connections open now, in all and per address.
+pub(crate) struct ConnLimits {
+    max: usize,
+    /// `0`: no limit per address.
+    per_ip: usize,
+    open: AtomicUsize,
+    /// Only with a per-address limit. foldhash: keyed by client addresses,
+    /// but a bounded map (`per_ip` × addresses within `max`) that a client
+    /// flooding one bucket only slows for itself and its neighbours.
+    by_ip: Mutex<HashMap<IpAddr, usize, foldhash::fast::RandomState>>,
+    /// `flotilla_gateway_connections_open`, registered at the first
+    /// connection (after the process installed its recorder), not looked
+    /// up by name at each.
+    gauge: OnceLock<Gauge>,
+}
+
+/// Why a connection was closed at once; the metric's `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    MaxConnections,
+    MaxConnectionsPerIp,
+}
+
+impl Refused {
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Refused::MaxConnections => "max_connections",
+            Refused::MaxConnectionsPerIp => "max_connections_per_ip",
+        }
+    }
+}
+
+/// One open connection, counted until dropped (when it closes).
+pub(crate) struct ConnSlot {
+    limits: Arc<ConnLimits>,
+    /// The address it is counted under, if it is counted per address.
+    ip: Option<IpAddr>,
+}
+
+impl ConnLimits {
+    pub(crate) fn new(max: usize, per_ip: usize) -> Arc<ConnLimits> {
+        Arc::new(ConnLimits {
+            max,
+            per_ip,
+            open: AtomicUsize::new(0),
+            by_ip: Mutex::new(HashMap::default()),
+            gauge: OnceLock::new(),
+        })
+    }
+
+    /// Whether limits per address are on, so the caller knows whether to
+    /// look up trusted proxies at all.
+    pub(crate) fn per_ip(&self) -> bool {
+        self.per_ip > 0
+    }
+
+    /// A slot for a connection from `peer`, unless that would pass a limit;
+    /// `trusted`: the peer is a trusted proxy, not limited per address.
+    /// Called by the one accept loop, so a check and its increment are not
+    /// raced by another admission (only by closes, which lower the counts).
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        peer: IpAddr,
+        trusted: bool,
+    ) -> Result<ConnSlot, Refused> {
+        let refused = |why: Refused| {
+            stats::connection_refused(why.reason());
+            Err(why)
+        };
+        if self.open.load(Ordering::Relaxed) >= self.max {
+            return refused(Refused::MaxConnections);
+        }
+        let ip = if self.per_ip() && !trusted {
+            let key = bucket(peer);
+            let mut by_ip = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let count = by_ip.entry(key).or_insert(0);
+            if *count >= self.per_ip {
+                return refused(Refused::MaxConnectionsPerIp);
+            }
+            *count += 1;
+            Some(key)
+        } else {
+            None
+        };
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.gauge().increment(1.0);
+        Ok(ConnSlot {
+            limits: Arc::clone(self),
+            ip,
+        })
+    }
+
+    fn gauge(&self) -> &Gauge {
+        self.gauge.get_or_init(stats::connections_open)
+    }
+
+    #[cfg(test)]
+    fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.limits.open.fetch_sub(1, Ordering::Relaxed);
+        self.limits.gauge().decrement(1.0);
+        if let Some(ip) = self.ip {
+            let mut by_ip = self.limits.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(count) = by_ip.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    by_ip.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// The address a client is counted under: IPv4 as it is, IPv6 by its /64.
+fn bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn the_total_is_bounded_and_a_close_frees_its_place() {
+        let limits = ConnLimits::new(2, 0);
+        let a = limits.admit(ip("10.0.0.1"), false);
+        let b = limits.admit(ip("10.0.0.2"), false);
+        assert!(a.is_ok() && b.is_ok());
+        assert_eq!(
+            limits.admit(ip("10.0.0.3"), true).err(),
+            Some(Refused::MaxConnections),
+            "trusted proxies count toward the total"
+        );
+        drop(a);
+        assert_eq!(limits.open(), 1);
+        assert!(limits.admit(ip("10.0.0.3"), false).is_ok());
+        drop(b);
+    }
+
+    #[test]
+    fn each_address_is_bounded_but_trusted_proxies_are_not() {
+        let limits = ConnLimits::new(100, 2);
+        let held: Vec<ConnSlot> = (0..2)
+            .filter_map(|_| limits.admit(ip("10.0.0.1"), false).ok())
+            .collect();
+        assert_eq!(held.len(), 2);
+        assert_eq!(
+            limits.admit(ip("10.0.0.1"), false).err(),
+            Some(Refused::MaxConnectionsPerIp)
+        );
+        assert!(
+            limits.admit(ip("10.0.0.2"), false).is_ok(),
+            "another address"
+        );
+        let proxy: Vec<ConnSlot> = (0..5)
+            .filter_map(|_| limits.admit(ip("10.0.0.9"), true).ok())
+            .collect();
+        assert_eq!(proxy.len(), 5);
+        drop(held);
+        assert!(
+            limits.by_ip.lock().map(|m| m.is_empty()).unwrap_or(false),
+            "closed addresses leave the map"
+        );
+        assert!(limits.admit(ip("10.0.0.1"), false).is_ok());
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64_and_mapped_ipv4_as_ipv4() {
+        assert_eq!(bucket(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            bucket(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            ip("2001:db8:1:2::")
+        );
+        assert_ne!(bucket(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+        assert_eq!(bucket(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(bucket(ip("192.0.2.7")), ip("192.0.2.7"));
+        let limits = ConnLimits::new(100, 1);
+        let _first = limits.admit(ip("2001:db8::1"), false);
+        assert_eq!(
+            limits.admit(ip("2001:db8::2"), false).err(),
+            Some(Refused::MaxConnectionsPerIp),
+            "the same /64"
+        );
+    }
+}
