@@ -29,11 +29,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-
-use crate::conn_limit::ConnSlot;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+use crate::conn_limit::ConnSlot;
 
 /// Runs `task` on `runtime`, the runtime the gateway was started on, and
 /// waits for it here; without one (outside a runtime), runs it in place.
@@ -120,8 +120,8 @@ impl Workers {
     }
 
     /// Hands a freshly accepted connection to the worker with the fewest
-    /// open connections.
-    /// `slot` counts it against the connection limits until it closes.
+    /// open connections; `slot` counts it against the connection limits
+    /// until it closes.
     pub(crate) fn hand(&mut self, stream: TcpStream, peer: SocketAddr, slot: ConnSlot) {
         let n = self.workers.len();
         let Some(at) = (0..n)

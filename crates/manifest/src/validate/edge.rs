@@ -1,6 +1,7 @@
 //! Validation of the gateway's edge policies: `[gateway.jwt]`, `.cors`,
-//! `.ip`, `.rate_limits`, and the per-route `auth`, `scopes`, `claims`,
-//! `rate_limit`, `ip` and `max_body_bytes`.
+//! `.ip`, `.rate_limits`, `.tls`, the per-route `auth`, `scopes`,
+//! `claims`, `rate_limit`, `cors`, `ip` and `max_body_bytes`, and the
+//! system's and routes' `request_headers` and `response_headers`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
