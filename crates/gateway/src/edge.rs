@@ -41,7 +41,6 @@ use tower::ServiceExt;
 use crate::body::{self, Body};
 use crate::client_cert::{ClientCert, XFCC};
 use crate::cors::{self, CorsPolicy};
-use crate::header_changes::HeaderChanges;
 use crate::ip;
 use crate::jwt::{self, Identity, RouteAuth, USER_HEADER_PREFIX};
 use crate::proxy::{Proxy, Upstream};
@@ -49,7 +48,7 @@ use crate::ratelimit::{Decision, Limiter, RateLimitKey};
 use crate::rejection::Rejection;
 use crate::relayed::Reply;
 use crate::request_id::RequestId;
-use crate::routes::{Match, Route, has_dot_segment};
+use crate::routes::{Match, Outgoing, Route, has_dot_segment};
 use crate::routing::Routing;
 use crate::server::ConnInfo;
 use crate::stats;
@@ -87,16 +86,16 @@ fn strip_identity_headers(headers: &mut HeaderMap) {
 }
 
 /// What every response of this request gets on its way out. Borrows what
-/// it can: the route's limiter and the request id outlive the request's
-/// handling, and a shared `Arc` cloned per request is a cache line that
-/// bounces between cores.
+/// it can: the route (its limiter, its `Outgoing`), the configuration
+/// snapshot and the request id outlive the request's handling, and a
+/// shared `Arc` cloned per request is a cache line that bounces between
+/// cores.
 struct Finish<'a> {
     request_id: &'a RequestId,
     origin: Option<HeaderValue>,
-    cors: Option<Arc<CorsPolicy>>,
+    /// The system's until a route matched, then the route's.
+    out: &'a Outgoing,
     limit: Option<(&'a Limiter, Decision)>,
-    /// `response_headers`: the system's, then the matched route's.
-    headers: Option<Arc<HeaderChanges>>,
 }
 
 impl Finish<'_> {
@@ -109,13 +108,13 @@ impl Finish<'_> {
     /// In place: a reply is a few hundred bytes, copied whole by each move.
     fn done(&self, reply: &mut Reply) {
         let mut fields = reply.fields();
-        if let Some(cors) = &self.cors {
+        if let Some(cors) = &self.out.cors {
             cors.decorate(self.origin.as_ref(), &mut fields);
         }
         if let Some((limiter, decision)) = &self.limit {
             limiter.headers(decision, &mut fields);
         }
-        if let Some(changes) = &self.headers {
+        if let Some(changes) = &self.out.headers {
             changes.apply_to_response(&mut fields);
         }
     }
@@ -145,9 +144,8 @@ pub(crate) fn handle<'a>(
         let mut finish = Finish {
             request_id,
             origin: req.headers().get(ORIGIN).cloned(),
-            cors: routing.cors.clone(),
+            out: &routing.outgoing,
             limit: None,
-            headers: routing.response_headers.clone(),
         };
         strip_identity_headers(req.headers_mut());
         let has_cert = match req.extensions_mut().remove::<Arc<ClientCert>>() {
@@ -195,13 +193,11 @@ pub(crate) fn handle<'a>(
             req.method().clone()
         };
         let mut found = routing.table.find(&lookup_method, path);
-        if let Match::Route(route) = &found {
-            if let Some(own) = &route.policy.cors {
-                finish.cors = Some(Arc::clone(own));
-            }
-            finish.headers.clone_from(&route.policy.response_headers);
-        }
-        if preflight && let Some(cors) = finish.cors.take() {
+        let cors = match &found {
+            Match::Route(route) => route.policy.outgoing.cors.as_deref(),
+            _ => routing.outgoing.cors.as_deref(),
+        };
+        if preflight && let Some(cors) = cors {
             // A preflight is answered here whatever the route: it never costs
             // a service anything. The answer carries its own CORS headers.
             return match cors.preflight(&req) {
@@ -221,7 +217,11 @@ pub(crate) fn handle<'a>(
 
         // The `Arc` for a WebSocket's metrics; `&Route` everywhere else.
         let route: &Arc<Route> = match found {
-            Match::Route(route) => matched.insert(route),
+            Match::Route(route) => {
+                let route = matched.insert(route);
+                finish.out = &route.policy.outgoing;
+                route
+            }
             Match::MethodNotAllowed(allow) => {
                 return finish.reject(Rejection::MethodNotAllowed {
                     method: req.method().clone(),
@@ -254,7 +254,7 @@ pub(crate) fn handle<'a>(
             }
         };
         let tunnel = if req.extensions().get::<WebSocket>().is_some() {
-            match admit_websocket(&mut req, finish.cors.as_deref(), tunnels, route) {
+            match admit_websocket(&mut req, finish.out.cors.as_deref(), tunnels, route) {
                 Ok(slot) => Some(slot),
                 Err(rejection) => return finish.reject(rejection),
             }

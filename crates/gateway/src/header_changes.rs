@@ -9,8 +9,6 @@
 //! ([`flotilla_manifest::reserved_header`]), so a change can never forge an
 //! identity, a request id or a CORS answer, nor touch the framing.
 
-use std::sync::Arc;
-
 use flotilla_manifest::{HeaderDirection, reserved_header};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -62,12 +60,9 @@ impl HeaderChanges {
     /// The system's changes, then the route's: a name the route sets or
     /// removes is no longer set by the system's. `None` when both are
     /// empty.
-    pub(crate) fn merged(
-        system: &HeaderChanges,
-        route: &HeaderChanges,
-    ) -> Option<Arc<HeaderChanges>> {
+    pub(crate) fn merged(system: &HeaderChanges, route: &HeaderChanges) -> Option<HeaderChanges> {
         if route.is_empty() {
-            return (!system.is_empty()).then(|| Arc::new(system.clone()));
+            return (!system.is_empty()).then(|| system.clone());
         }
         let route_names: Vec<&HeaderName> = route
             .set
@@ -88,7 +83,7 @@ impl HeaderChanges {
             .chain(&route.set)
             .cloned()
             .collect();
-        Some(Arc::new(HeaderChanges { set, remove }))
+        Some(HeaderChanges { set, remove })
     }
 
     /// On a request, before it is forwarded.
@@ -136,7 +131,7 @@ mod tests {
             &[("cache-control", "public, max-age=60")],
             &["x-frame-options"],
         );
-        let merged = HeaderChanges::merged(&system, &route).map(|m| (*m).clone());
+        let merged = HeaderChanges::merged(&system, &route);
         assert_eq!(
             merged,
             Some(changes(
@@ -145,9 +140,9 @@ mod tests {
             ))
         );
         let alone = HeaderChanges::merged(&system, &HeaderChanges::default());
-        assert_eq!(alone.map(|m| (*m).clone()), Some(system.clone()));
+        assert_eq!(alone, Some(system.clone()));
         let only_route = HeaderChanges::merged(&HeaderChanges::default(), &route);
-        assert_eq!(only_route.map(|m| (*m).clone()), Some(route));
+        assert_eq!(only_route, Some(route));
         assert_eq!(
             HeaderChanges::merged(&HeaderChanges::default(), &HeaderChanges::default()),
             None

@@ -24,7 +24,7 @@ use crate::header_changes::HeaderChanges;
 use crate::ip::{IpConfig, IpRules};
 use crate::jwt::Verifier;
 use crate::ratelimit::{self, Limiter, RateLimitBackend};
-use crate::routes::{RoutePolicy, RouteTable};
+use crate::routes::{Outgoing, RoutePolicy, RouteTable};
 use crate::upstream::Upstreams;
 
 /// One configuration, compiled.
@@ -33,14 +33,12 @@ pub(crate) struct Routing {
     pub table: RouteTable,
     pub static_files: Option<ServeDir>,
     pub jwt: Option<Arc<Verifier>>,
-    pub cors: Option<Arc<CorsPolicy>>,
+    /// What responses to requests no route matched get on the way out.
+    pub outgoing: Outgoing,
     /// The system's allow/deny lists (`None`: everyone).
     pub ip_rules: Option<IpRules>,
     pub ip: Option<IpConfig>,
     backend: RateLimitBackend,
-    /// The system's response header changes, for responses to requests no
-    /// route matched (a route carries its own, merged with these).
-    pub response_headers: Option<Arc<HeaderChanges>>,
 }
 
 /// What building a [`Routing`] needs besides the config.
@@ -114,21 +112,23 @@ impl Routing {
                         old_backend,
                     )
                 }),
-                cors: route
-                    .cors
-                    .as_ref()
-                    .and_then(|c| CorsPolicy::new(c).ok())
-                    .map(Arc::new),
+                outgoing: Outgoing {
+                    // Validated above.
+                    cors: match &route.cors {
+                        Some(own) => CorsPolicy::new(own).ok().map(Arc::new),
+                        None => cors.clone(),
+                    },
+                    headers: HeaderChanges::merged(
+                        &config.response_headers,
+                        &route.response_headers,
+                    ),
+                },
                 ip: route.ip.clone(),
                 max_body_bytes: Some(route.max_body_bytes.unwrap_or(default_body)),
                 client_cert: route.client_cert,
                 request_headers: HeaderChanges::merged(
                     &config.request_headers,
                     &route.request_headers,
-                ),
-                response_headers: HeaderChanges::merged(
-                    &config.response_headers,
-                    &route.response_headers,
                 ),
             }
         });
@@ -139,14 +139,13 @@ impl Routing {
                 .as_ref()
                 .map(|dir| ServeDir::new(dir).append_index_html_on_directories(true)),
             jwt,
-            cors,
+            outgoing: Outgoing {
+                cors,
+                headers: HeaderChanges::merged(&config.response_headers, &HeaderChanges::default()),
+            },
             ip_rules: config.ip.as_ref().map(IpConfig::rules),
             ip: config.ip.clone(),
             backend: backend.clone(),
-            response_headers: HeaderChanges::merged(
-                &config.response_headers,
-                &HeaderChanges::default(),
-            ),
         })
     }
 }
