@@ -292,7 +292,17 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         assert!(proc.wait().await.is_ok_and(|s| s.success()));
-        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        // The output reaches the log through the pump and the blocking
+        // pool, which a loaded machine may take longer over than `wait`
+        // waits for the pumps: poll, with a deadline.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let out = loop {
+            let out = std::fs::read_to_string(&log).unwrap_or_default();
+            if out.ends_with('\n') || std::time::Instant::now() > deadline {
+                break out;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
         assert_eq!(
             out.trim(),
             (given.rlim_max - 1).to_string(),
