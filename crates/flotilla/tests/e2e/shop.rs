@@ -35,6 +35,7 @@ async fn browse_quote_and_order() {
         .await
         .unwrap();
     assert_eq!(one.status(), 200);
+    assert_security_headers(&one);
     let missing = http
         .get(system.url("/api/catalog/products/no-such-sku"))
         .send()
@@ -196,15 +197,33 @@ async fn browse_quote_and_order() {
         .await
         .unwrap();
     assert_eq!(nothing.status(), 404);
+    assert_security_headers(&nothing);
     let body: Value = nothing.json().await.unwrap();
     assert!(body["error"]["code"].is_string(), "{body}");
 
     // The web UI is served by the gateway.
     let page = http.get(system.url("/")).send().await.unwrap();
     assert_eq!(page.status(), 200);
+    assert_security_headers(&page);
     assert!(page.text().await.unwrap().contains("<html"));
 
     system.stop().await;
+}
+
+/// `[gateway] response_headers` in the shop's manifest, on every response.
+fn assert_security_headers(res: &reqwest::Response) {
+    for (name, value) in [
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        ("referrer-policy", "same-origin"),
+    ] {
+        assert_eq!(
+            res.headers().get(name).and_then(|v| v.to_str().ok()),
+            Some(value),
+            "{name} on {}",
+            res.url()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
