@@ -162,3 +162,33 @@ async fn a_change_to_a_field_the_gateway_keeps_stops_the_start() {
         Err(ConfigError::ReservedHeader { name, .. }) if name == "transfer-encoding"
     ));
 }
+
+#[tokio::test]
+async fn a_reload_swaps_the_changes_and_a_refused_one_keeps_them() {
+    let registry = Registry::new();
+    let up = Upstream::start("headers-reload-0").await;
+    registry.set("headers", vec![up.endpoint()]);
+    let routes = || vec![route("headers", "/api/**", &[], T)];
+    let gateway = start(config(routes()), &registry).await;
+    let client = Client::new(&gateway);
+    let reply = client.get("/api/x").await;
+    assert!(values(&reply, "x-frame-options").is_empty());
+
+    let mut with = config(routes());
+    with.response_headers = changes(&[("x-frame-options", "DENY")], &[]);
+    ok(gateway.reload(with), "reload with header changes");
+    let reply = client.get("/api/x").await;
+    assert_eq!(values(&reply, "x-frame-options"), ["DENY"]);
+
+    // A change to a field the gateway keeps is refused whole: the last
+    // good configuration, changes included, stays in force.
+    let mut refused = config(routes());
+    refused.response_headers = changes(&[("x-frame-options", "SAMEORIGIN"), ("server", "x")], &[]);
+    assert!(matches!(
+        gateway.reload(refused),
+        Err(ConfigError::ReservedHeader { name, .. }) if name == "server"
+    ));
+    let reply = client.get("/api/x").await;
+    assert_eq!(values(&reply, "x-frame-options"), ["DENY"]);
+    gateway.shutdown(T).await;
+}
