@@ -67,9 +67,11 @@ pub(crate) struct Proc {
     pumps: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// How long to wait for a dead process's last output. Bounded because a
-/// grandchild may still hold the pipe open.
-const FLUSH_AFTER_EXIT: Duration = Duration::from_millis(250);
+/// How long to wait for a dead process's last output to be in its log.
+/// Bounded because a grandchild may still hold the pipe open; generous
+/// because on a loaded machine the writes (on the blocking pool) take a
+/// while, and the crash report that reads the log needs the last lines.
+const FLUSH_AFTER_EXIT: Duration = Duration::from_secs(1);
 
 /// A line longer than this is cut: a process that never prints a newline
 /// must not make us buffer without bound.
@@ -231,6 +233,10 @@ async fn pump<R: AsyncRead + Unpin>(
     if !line.is_empty() {
         console.instance_line(&instance, &String::from_utf8_lossy(&line));
     }
+    // A tokio file finishes a write in the background: without this the
+    // last one (a panic message, say) may not be in the file yet when the
+    // crash report reads it.
+    let _ = log.lock().await.flush().await;
 }
 
 #[cfg(test)]
@@ -248,6 +254,35 @@ mod tests {
             0
         );
         limit
+    }
+
+    #[tokio::test]
+    async fn a_pump_has_written_everything_when_it_returns() {
+        // What a crash report reads right after the process and its pumps
+        // are done. Many times: an unfinished write is a race, not a
+        // certainty.
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("{e}"),
+        };
+        let console = Arc::new(Console::new(false));
+        for i in 0..100 {
+            let path = dir.path().join(format!("{i}.log"));
+            let file = match OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .await
+            {
+                Ok(f) => f,
+                Err(e) => panic!("{e}"),
+            };
+            let log = Arc::new(tokio::sync::Mutex::new(file));
+            let output: &[u8] = b"starting\npanicked: cannot open config\n";
+            pump(output, log, format!("p-{i}"), Arc::clone(&console)).await;
+            let written = std::fs::read_to_string(&path).unwrap_or_default();
+            assert_eq!(written.as_bytes(), output, "run {i}");
+        }
     }
 
     /// One test, since the limit is the process's: the only one in this

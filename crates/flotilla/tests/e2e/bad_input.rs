@@ -62,7 +62,7 @@ async fn assert_degraded(broken: &str, reason: &str) {
 async fn a_service_that_exits_at_start() {
     assert_degraded(
         r#"run = { command = ["sh", "-c", "echo cannot open config >&2; exit 3"] }"#,
-        "exited during start (exit code 3)",
+        "exited during start (exit code 3); last output:\n    cannot open config",
     )
     .await;
 }
