@@ -1,6 +1,7 @@
 //! Each manifest error and the message a user sees for it.
 
 use std::path::Path;
+use std::time::Duration;
 
 use crate::{AclEffect, Auth, Data, Manifest, MeshMode, PLATFORM_NAMES, Run, Shape};
 
@@ -1039,4 +1040,71 @@ fn gateway_limit_errors_name_the_key_and_the_range() {
         assert!(e.contains(message), "{to}: {e}");
         assert!(e.contains("--> flotilla.toml:"), "{e}");
     }
+}
+
+/// The TOML blocks of the docs/manifest.md section under `heading`.
+fn documented_examples(heading: &str) -> Vec<String> {
+    let docs = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/manifest.md"),
+    )
+    .unwrap_or_else(|e| panic!("docs/manifest.md: {e}"));
+    let section = docs
+        .split(&format!("\n{heading}"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("docs/manifest.md has no `{heading}`"));
+    // Up to the next heading (the document's only `# ` is its title; a
+    // TOML comment at a line's start is `# `, never `##`).
+    let section = section.split("\n##").next().unwrap_or_default();
+    section
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|s| s.split("\n```").next())
+        .map(str::to_string)
+        .collect()
+}
+
+fn parses(src: &str) -> Manifest {
+    Manifest::parse(src, Path::new("flotilla.toml"))
+        .unwrap_or_else(|e| panic!("a documented example does not parse: {e}\n{src}"))
+}
+
+/// The gateway examples docs/manifest.md gives parse as printed, wrapped in
+/// what each leaves out (a name, a service, a JWT issuer).
+#[test]
+fn the_documented_gateway_examples_parse() {
+    let service = "[services.a]\nrun = { cargo = \"a\" }\n";
+
+    let headers = documented_examples("### Header changes");
+    let m = parses(&format!("name = \"x\"\n{}", headers[0]));
+    assert_eq!(m.gateway.response_headers.set.len(), 3);
+    assert_eq!(m.gateway.response_headers.remove, ["x-powered-by"]);
+    let catalog = &m.services["catalog"].routes[0];
+    assert_eq!(catalog.request_headers.remove, ["cookie"]);
+    assert_eq!(catalog.response_headers.set[0].0, "cache-control");
+
+    let limits = documented_examples("### `[gateway] limits`, `retries`, `outlier_detection`");
+    let m = parses(&format!("name = \"x\"\n{}\n{service}", limits[0]));
+    assert_eq!(m.gateway.limits.max_in_flight, Some(2000));
+    assert_eq!(
+        m.gateway.limits.header_timeout,
+        Some(Duration::from_secs(5))
+    );
+    assert_eq!(m.gateway.retries.attempts, Some(1));
+    assert_eq!(
+        m.gateway.outlier_detection.base_ejection,
+        Some(Duration::from_secs(10))
+    );
+
+    let jwt = "[gateway]\njwt = { issuer = \"i\", audiences = [\"a\"], jwks = \"http://127.0.0.1:1/jwks.json\" }\n";
+    let claims = documented_examples("#### Required claims");
+    let m = parses(&format!("name = \"x\"\n{jwt}{service}{}", claims[0]));
+    let Auth::Jwt { claims, .. } = &m.services["a"].routes[0].auth else {
+        panic!("the first claims route is not a JWT route");
+    };
+    assert_eq!(claims["realm_access.roles"], ["shop-admin", "ops"]);
+
+    let cors = documented_examples("### `[gateway] cors`");
+    let m = parses(&format!("name = \"x\"\n{service}{}", cors[1]));
+    let route_cors = m.services["a"].routes[0].cors.as_ref();
+    assert_eq!(route_cors.map(|c| c.origins.len()), Some(2));
 }
