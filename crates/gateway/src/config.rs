@@ -194,8 +194,8 @@ impl Default for Limits {
             retry_budget_ratio: 0.2,
             retry_budget_min_per_second: 3,
             outlier_consecutive_failures: 5,
-            outlier_base_ejection: Duration::from_secs(30),
-            outlier_max_ejection: Duration::from_secs(300),
+            outlier_base_ejection: flotilla_manifest::OutlierDetection::DEFAULT_BASE_EJECTION,
+            outlier_max_ejection: flotilla_manifest::OutlierDetection::DEFAULT_MAX_EJECTION,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }

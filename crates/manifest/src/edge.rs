@@ -57,7 +57,10 @@ pub struct Retries {
 }
 
 /// Passive outlier detection (`[gateway.outlier_detection]`); `None` keeps
-/// the gateway's default.
+/// the gateway's default. The two ejection defaults live here, not only
+/// in the gateway, because validation compares what will be used
+/// (`max_ejection` at least `base_ejection`); the gateway's `Limits`
+/// default to these same constants.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutlierDetection {
     /// Consecutive failures (connect errors, broken connections, timeouts,
@@ -67,6 +70,11 @@ pub struct OutlierDetection {
     pub base_ejection: Option<Duration>,
     /// Longest ejection.
     pub max_ejection: Option<Duration>,
+}
+
+impl OutlierDetection {
+    pub const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(30);
+    pub const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(300);
 }
 
 /// Header changes the gateway makes on the way to an instance

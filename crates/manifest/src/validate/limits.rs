@@ -99,9 +99,13 @@ pub(super) fn outlier_detection(
         base_ejection: duration(ctx, &raw.base_ejection, "base_ejection", SECOND, HOUR),
         max_ejection: duration(ctx, &raw.max_ejection, "max_ejection", SECOND, DAY),
     };
-    // The gateway's defaults are 30s and 300s; compare what will be used.
-    let base = outlier.base_ejection.unwrap_or(30 * SECOND);
-    let max = outlier.max_ejection.unwrap_or(5 * MINUTE);
+    // Compare what will be used, defaults included.
+    let base = outlier
+        .base_ejection
+        .unwrap_or(OutlierDetection::DEFAULT_BASE_EJECTION);
+    let max = outlier
+        .max_ejection
+        .unwrap_or(OutlierDetection::DEFAULT_MAX_EJECTION);
     if ctx.errors.len() == before && max < base {
         let at = raw
             .max_ejection
@@ -115,7 +119,11 @@ pub(super) fn outlier_detection(
                 humantime::format_duration(max),
                 humantime::format_duration(base)
             ),
-            Some("make `max_ejection` at least `base_ejection` (defaults: 30s and 5m)".into()),
+            Some(format!(
+                "make `max_ejection` at least `base_ejection` (defaults: {} and {})",
+                humantime::format_duration(OutlierDetection::DEFAULT_BASE_EJECTION),
+                humantime::format_duration(OutlierDetection::DEFAULT_MAX_EJECTION)
+            )),
         );
     }
     (ctx.errors.len() == before).then_some(outlier)
