@@ -444,12 +444,13 @@ fn claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
 /// A scalar claim equal to one of `wanted`, compared as text (the manifest
 /// keeps `true` and `3` as text too). Objects and nulls match nothing.
 fn is_one_of(v: &Value, wanted: &[String]) -> bool {
-    match v {
-        Value::String(s) => wanted.iter().any(|w| w == s),
-        Value::Bool(b) => wanted.iter().any(|w| *w == b.to_string()),
-        Value::Number(n) => wanted.iter().any(|w| *w == n.to_string()),
-        _ => false,
-    }
+    let text: std::borrow::Cow<'_, str> = match v {
+        Value::String(s) => s.as_str().into(),
+        Value::Bool(b) => if *b { "true" } else { "false" }.into(),
+        Value::Number(n) => n.to_string().into(),
+        _ => return false,
+    };
+    wanted.iter().any(|w| *w == *text)
 }
 
 /// Checks a verified caller against a route's requirements.
