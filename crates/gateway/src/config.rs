@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use flotilla_manifest::{Auth, HeaderDirection, Manifest, PathPattern, RateLimitStore};
+use flotilla_manifest::{
+    Auth, HeaderDirection, HostPattern, Manifest, PathPattern, RateLimitStore,
+};
 
 use crate::client::UpstreamTls;
 use crate::cors::{CorsConfig, CorsConfigError, CorsPolicy};
@@ -62,6 +64,9 @@ pub struct Config {
 pub struct RouteConfig {
     pub service: String,
     pub pattern: PathPattern,
+    /// The names a request must have asked for; empty means any. A route
+    /// with hosts wins over one without for the names it lists.
+    pub hosts: Vec<HostPattern>,
     /// Upper-case methods; empty means any. HEAD is allowed wherever GET is.
     pub methods: Vec<String>,
     /// Bounds everything up to the upstream's response headers: waiting for
@@ -92,6 +97,7 @@ impl RouteConfig {
         RouteConfig {
             service: service.into(),
             pattern,
+            hosts: Vec::new(),
             methods: Vec::new(),
             timeout: Duration::from_secs(30),
             auth: RouteAuth::Public,
@@ -354,6 +360,7 @@ impl Config {
             routes: manifest
                 .routes()
                 .map(|(service, route)| RouteConfig {
+                    hosts: route.hosts.clone(),
                     methods: route.methods.clone(),
                     timeout: route.timeout,
                     auth: match &route.auth {
@@ -524,7 +531,7 @@ response_headers = { set = { "x-frame-options" = "DENY" } }
 run = { command = ["true"] }
 routes = [
   { path = "/api/catalog/**", methods = ["GET"] },
-  { path = "/api/stock/**", auth = "jwt", scopes = ["stock"], claims = { "realm_access.roles" = ["staff", "admin"] }, cors = { origins = ["https://staff.example"], credentials = true }, request_headers = { remove = ["cookie"] } },
+  { path = "/api/stock/**", hosts = ["staff.example.com"], auth = "jwt", scopes = ["stock"], claims = { "realm_access.roles" = ["staff", "admin"] }, cors = { origins = ["https://staff.example"], credentials = true }, request_headers = { remove = ["cookie"] } },
 ]
 "#;
         let manifest = parse(toml);
@@ -535,6 +542,11 @@ routes = [
         assert_eq!(route.service, "catalog");
         assert_eq!(route.pattern.as_str(), "/api/catalog/**");
         assert_eq!(route.methods, ["GET"]);
+        assert!(route.hosts.is_empty());
+        assert_eq!(
+            config.routes[1].hosts,
+            [HostPattern::parse("staff.example.com").unwrap()]
+        );
         assert_eq!(route.timeout, Duration::from_secs(7));
         assert_eq!(route.auth, RouteAuth::Public);
         assert_eq!(route.cors, None);

@@ -32,7 +32,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use futures_util::future::FutureExt;
-use http::header::{CONTENT_LENGTH, ORIGIN};
+use http::header::{CONTENT_LENGTH, HOST, ORIGIN};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body::Body as _;
 use http_body_util::Limited;
@@ -73,6 +73,19 @@ pub(crate) struct Served {
 }
 
 /// Removes every `x-flotilla-user-*` and `x-forwarded-client-cert` header.
+/// The name a request asked for, without the port: the URI's authority
+/// (HTTP/2's `:authority`, or an absolute-form request line) before `Host`,
+/// as RFC 9112 section 3.2.2 has it.
+fn request_host(req: &Request<Body>) -> Option<&str> {
+    match req.uri().authority() {
+        Some(authority) => Some(authority.host()),
+        None => {
+            let host = req.headers().get(HOST)?.to_str().ok()?;
+            Some(flotilla_manifest::host_name(host))
+        }
+    }
+}
+
 fn strip_identity_headers(headers: &mut HeaderMap) {
     let forged = |k: &&HeaderName| k.as_str().starts_with(USER_HEADER_PREFIX) || **k == XFCC;
     // Almost every request has none: look before making a list.
@@ -192,7 +205,12 @@ pub(crate) fn handle<'a>(
         } else {
             req.method().clone()
         };
-        let mut found = routing.table.find(&lookup_method, path);
+        let host = if routing.table.by_host() {
+            request_host(&req)
+        } else {
+            None
+        };
+        let mut found = routing.table.find(host, &lookup_method, path);
         let cors = match &found {
             Match::Route(route) => route.policy.outgoing.cors.as_deref(),
             _ => routing.outgoing.cors.as_deref(),
@@ -212,7 +230,7 @@ pub(crate) fn handle<'a>(
         }
         if preflight {
             // No CORS policy here: an ordinary OPTIONS request.
-            found = routing.table.find(req.method(), path);
+            found = routing.table.find(host, req.method(), path);
         }
 
         // The `Arc` for a WebSocket's metrics; `&Route` everywhere else.

@@ -1,15 +1,22 @@
-//! The route table: which service a `(method, path)` belongs to.
+//! The route table: which service a `(host, method, path)` belongs to.
 //!
-//! Routes are sorted once, most specific pattern first, when a configuration
-//! is loaded, so a lookup is a scan that stops at the first pattern that
-//! matches the path and allows the method. Matching by method as well as
-//! path lets two services share a path prefix for different methods; a path
-//! that some route matches but none for this method is a 405 with `Allow`.
+//! Routes are sorted once, when a configuration is loaded: routes for the
+//! most specific host first (an exact name, then wildcards by length), then
+//! routes for any host; within each, the most specific path pattern first.
+//! A lookup is a scan that stops at the first route that matches the host
+//! and path and allows the method. Matching by method as well as path lets
+//! two services share a path prefix for different methods; a path that
+//! some route matches but none for this method is a 405 with `Allow`.
+//!
+//! Host first, as Envoy's virtual hosts and Kong's routes order them: the
+//! routes of `api.example.com` are that site's, whatever paths another
+//! site's routes claim. A name none of them has a route for still falls
+//! back to the routes for any host.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_manifest::PathPattern;
+use flotilla_manifest::{HostPattern, PathPattern};
 use http::Method;
 
 use crate::config::RouteConfig;
@@ -26,6 +33,8 @@ use crate::stats::RouteStats;
 pub(crate) struct Route {
     pub service: String,
     pub pattern: PathPattern,
+    /// Empty: any host.
+    pub hosts: Vec<HostPattern>,
     methods: Vec<String>,
     pub timeout: Duration,
     pub policy: RoutePolicy,
@@ -87,8 +96,21 @@ pub(crate) enum Match {
 
 #[derive(Debug, Default)]
 pub(crate) struct RouteTable {
-    /// Most specific first.
+    /// Most specific path first.
     routes: Vec<Arc<Route>>,
+    /// What a lookup scans: a route once per host it lists, or once for
+    /// any host; in the order the module's comment gives.
+    entries: Vec<Entry>,
+    /// Whether any route lists hosts: when none does, a lookup needs no
+    /// host and the edge does not look for one.
+    by_host: bool,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// `None`: any host.
+    host: Option<HostPattern>,
+    route: Arc<Route>,
 }
 
 impl RouteTable {
@@ -108,6 +130,7 @@ impl RouteTable {
                 Arc::new(Route {
                     service: c.service.clone(),
                     pattern: c.pattern.clone(),
+                    hosts: c.hosts.clone(),
                     methods: c.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
                     timeout: c.timeout,
                     policy: policy(c),
@@ -118,17 +141,60 @@ impl RouteTable {
             .collect();
         // Stable: routes with the same pattern keep their configured order.
         routes.sort_by(|a, b| b.pattern.specificity_cmp(&a.pattern));
-        RouteTable { routes }
+        let mut entries: Vec<Entry> = routes
+            .iter()
+            .flat_map(|route| {
+                let hosts: Vec<Option<HostPattern>> = if route.hosts.is_empty() {
+                    vec![None]
+                } else {
+                    route.hosts.iter().cloned().map(Some).collect()
+                };
+                hosts.into_iter().map(|host| Entry {
+                    host,
+                    route: Arc::clone(route),
+                })
+            })
+            .collect();
+        // Stable again: within one host, the path order above stands.
+        entries.sort_by(|a, b| match (&a.host, &b.host) {
+            (Some(a), Some(b)) => b.specificity_cmp(a),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => std::cmp::Ordering::Equal,
+        });
+        RouteTable {
+            by_host: entries.iter().any(|e| e.host.is_some()),
+            routes,
+            entries,
+        }
     }
 
-    /// Every route, most specific first.
+    /// Every route, most specific path first.
     pub(crate) fn routes(&self) -> &[Arc<Route>] {
         &self.routes
     }
 
-    pub(crate) fn find(&self, method: &Method, path: &str) -> Match {
+    /// Whether a lookup needs the request's host.
+    pub(crate) fn by_host(&self) -> bool {
+        self.by_host
+    }
+
+    /// The route for a request to `host` (its name, without the port;
+    /// `None` when it named none, or when the table is not [`by_host`]).
+    ///
+    /// [`by_host`]: RouteTable::by_host
+    pub(crate) fn find(&self, host: Option<&str>, method: &Method, path: &str) -> Match {
         let mut allow: Vec<String> = Vec::new();
-        for route in &self.routes {
+        for Entry {
+            host: wanted,
+            route,
+        } in &self.entries
+        {
+            if let Some(wanted) = wanted
+                && !host.is_some_and(|h| wanted.matches(h))
+            {
+                continue;
+            }
             if !route.pattern.matches(path) {
                 continue;
             }
@@ -201,10 +267,7 @@ mod tests {
     }
 
     fn service_for(table: &RouteTable, method: Method, path: &str) -> Option<String> {
-        match table.find(&method, path) {
-            Match::Route(r) => Some(r.service.clone()),
-            _ => None,
-        }
+        service_at(table, None, method, path)
     }
 
     #[test]
@@ -258,12 +321,15 @@ mod tests {
     fn no_matching_path_is_not_found() {
         let table = RouteTable::new(&[route("a", "/api/a/**", &["GET"])]);
         assert!(matches!(
-            table.find(&Method::GET, "/api/b"),
+            table.find(None, &Method::GET, "/api/b"),
             Match::NotFound
         ));
-        assert!(matches!(table.find(&Method::GET, "/"), Match::NotFound));
         assert!(matches!(
-            RouteTable::default().find(&Method::GET, "/"),
+            table.find(None, &Method::GET, "/"),
+            Match::NotFound
+        ));
+        assert!(matches!(
+            RouteTable::default().find(None, &Method::GET, "/"),
             Match::NotFound
         ));
     }
@@ -274,7 +340,7 @@ mod tests {
             route("a", "/api/**", &["POST"]),
             route("b", "/api/x", &["GET"]),
         ]);
-        match table.find(&Method::DELETE, "/api/x") {
+        match table.find(None, &Method::DELETE, "/api/x") {
             Match::MethodNotAllowed(allow) => assert_eq!(allow, ["GET", "HEAD", "POST"]),
             other => panic!("expected 405, got {other:?}"),
         }
@@ -282,6 +348,101 @@ mod tests {
         assert_eq!(
             service_for(&table, Method::HEAD, "/api/x").as_deref(),
             Some("b")
+        );
+    }
+
+    fn on_hosts(mut config: RouteConfig, hosts: &[&str]) -> RouteConfig {
+        config.hosts = hosts
+            .iter()
+            .map(|h| HostPattern::parse(h).unwrap_or_else(|e| panic!("{h}: {e}")))
+            .collect();
+        config
+    }
+
+    fn service_at(
+        table: &RouteTable,
+        host: Option<&str>,
+        method: Method,
+        path: &str,
+    ) -> Option<String> {
+        match table.find(host, &method, path) {
+            Match::Route(r) => Some(r.service.clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn the_most_specific_host_wins_before_the_most_specific_path() {
+        let table = RouteTable::new(&[
+            route("any", "/api/orders", &[]),
+            on_hosts(route("wild", "/**", &[]), &["*.example.com"]),
+            on_hosts(route("deeper", "/**", &[]), &["*.eu.example.com"]),
+            on_hosts(
+                route("admin", "/**", &[]),
+                &["admin.example.com", "ops.example.com"],
+            ),
+        ]);
+        assert!(table.by_host());
+        let at = |host, path| service_at(&table, host, Method::GET, path);
+        assert_eq!(
+            at(Some("admin.example.com"), "/api/orders").as_deref(),
+            Some("admin")
+        );
+        assert_eq!(at(Some("OPS.example.com."), "/x").as_deref(), Some("admin"));
+        assert_eq!(
+            at(Some("shop.eu.example.com"), "/api/orders").as_deref(),
+            Some("deeper")
+        );
+        assert_eq!(
+            at(Some("shop.example.com"), "/api/orders").as_deref(),
+            Some("wild")
+        );
+        // No route for this name: the routes for any host answer.
+        assert_eq!(
+            at(Some("example.org"), "/api/orders").as_deref(),
+            Some("any")
+        );
+        assert_eq!(at(None, "/api/orders").as_deref(), Some("any"));
+        assert_eq!(at(Some("example.com"), "/x"), None);
+        assert_eq!(at(None, "/x"), None);
+    }
+
+    #[test]
+    fn a_host_route_falls_back_to_any_host_for_paths_and_methods_it_lacks() {
+        let table = RouteTable::new(&[
+            route("web", "/**", &[]),
+            on_hosts(route("api", "/v1/**", &["GET"]), &["api.example.com"]),
+        ]);
+        let at = |method, path| service_at(&table, Some("api.example.com"), method, path);
+        assert_eq!(at(Method::GET, "/v1/items").as_deref(), Some("api"));
+        assert_eq!(at(Method::POST, "/v1/items").as_deref(), Some("web"));
+        assert_eq!(at(Method::GET, "/index.html").as_deref(), Some("web"));
+        assert_eq!(
+            service_at(&table, Some("www.example.com"), Method::GET, "/v1/items").as_deref(),
+            Some("web")
+        );
+        // Without a route for any host, another name's methods make no 405.
+        let table = RouteTable::new(&[on_hosts(
+            route("api", "/v1/**", &["GET"]),
+            &["api.example.com"],
+        )]);
+        assert!(matches!(
+            table.find(Some("www.example.com"), &Method::POST, "/v1/items"),
+            Match::NotFound
+        ));
+        match table.find(Some("api.example.com"), &Method::POST, "/v1/items") {
+            Match::MethodNotAllowed(allow) => assert_eq!(allow, ["GET", "HEAD"]),
+            other => panic!("expected 405, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_table_without_hosts_does_not_need_one() {
+        let table = RouteTable::new(&[route("a", "/a", &[])]);
+        assert!(!table.by_host());
+        assert_eq!(
+            service_at(&table, Some("anything.example"), Method::GET, "/a").as_deref(),
+            Some("a")
         );
     }
 

@@ -15,6 +15,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use flotilla_manifest::HostPattern;
+
 use tower_http::services::ServeDir;
 
 use crate::client::FetchClient;
@@ -49,8 +51,15 @@ pub(crate) struct Context {
 }
 
 /// Identifies a route across reloads (and across replicas, for Redis keys).
-fn route_id(service: &str, pattern: &str, methods: &[String]) -> String {
-    format!("{service}:{pattern}:{}", methods.join(","))
+/// A route for any host keeps the id it had before routes could name hosts,
+/// so an upgrade does not reset its counters in Redis.
+fn route_id(service: &str, pattern: &str, methods: &[String], hosts: &[HostPattern]) -> String {
+    let mut id = format!("{service}:{pattern}:{}", methods.join(","));
+    if !hosts.is_empty() {
+        let hosts: Vec<String> = hosts.iter().map(ToString::to_string).collect();
+        id.push_str(&format!(":{}", hosts.join(",")));
+    }
+    id
 }
 
 impl Routing {
@@ -86,7 +95,8 @@ impl Routing {
                     .iter()
                     .filter_map(|r| {
                         let l = r.policy.limiter.as_ref()?;
-                        Some((route_id(&r.service, r.pattern.as_str(), r.methods()), l))
+                        let id = route_id(&r.service, r.pattern.as_str(), r.methods(), &r.hosts);
+                        Some((id, l))
                     })
                     .collect()
             })
@@ -100,7 +110,12 @@ impl Routing {
                 .iter()
                 .map(|m| m.to_ascii_uppercase())
                 .collect();
-            let id = route_id(&route.service, route.pattern.as_str(), &methods);
+            let id = route_id(
+                &route.service,
+                route.pattern.as_str(),
+                &methods,
+                &route.hosts,
+            );
             RoutePolicy {
                 auth: route.auth.clone(),
                 limiter: route.rate_limit.as_ref().map(|limit| {

@@ -9,6 +9,7 @@
 mod diagnostic;
 mod edge;
 mod events;
+mod host;
 mod pattern;
 mod raw;
 mod validate;
@@ -28,6 +29,7 @@ pub use edge::{
 pub use events::{
     Broker, BrokerDurability, BrokerEngine, Deliver, Queue, Stream, StreamSource, Subscribe, Topic,
 };
+pub use host::{HostPattern, HostPatternError, host_name};
 pub use pattern::{PathPattern, PatternError};
 
 /// The file name Flotilla looks for.
@@ -189,6 +191,9 @@ pub enum Auth {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     pub pattern: PathPattern,
+    /// The names requests must have asked for (`Host`, or HTTP/2's
+    /// `:authority`); empty means any.
+    pub hosts: Vec<HostPattern>,
     /// Upper-case HTTP methods; empty means any method.
     pub methods: Vec<String>,
     pub auth: Auth,

@@ -188,6 +188,7 @@ pub(crate) struct RawScale {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRoute {
     pub path: Spanned<String>,
+    pub hosts: Option<Spanned<Vec<Spanned<String>>>>,
     pub methods: Option<Vec<Spanned<String>>>,
     pub auth: Option<Spanned<String>>,
     pub scopes: Option<Vec<Spanned<String>>>,

@@ -14,8 +14,8 @@ use crate::raw::{
     RawAclRule, RawGateway, RawManifest, RawMesh, RawRoute, RawRun, RawScale, RawService,
 };
 use crate::{
-    AclEffect, AclRule, Auth, Data, Gateway, HeaderChanges, HeaderDirection, Manifest, Mesh,
-    MeshMode, PLATFORM_NAMES, PathPattern, Route, Run, Scale, Service, Shape,
+    AclEffect, AclRule, Auth, Data, Gateway, HeaderChanges, HeaderDirection, HostPattern, Manifest,
+    Mesh, MeshMode, PLATFORM_NAMES, PathPattern, Route, Run, Scale, Service, Shape,
 };
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -861,6 +861,10 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
         return None;
     }
     let methods = methods(ctx, raw.methods.as_ref(), &raw.path, "route unreachable")?;
+    let hosts = match &raw.hosts {
+        Some(h) => hosts(ctx, h)?,
+        None => Vec::new(),
+    };
     let auth = match &raw.auth {
         None => Auth::Public,
         Some(a) => match a.get_ref().as_str() {
@@ -963,6 +967,7 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
     }
     Some(Route {
         pattern,
+        hosts,
         methods,
         auth,
         timeout,
@@ -974,6 +979,39 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
         max_body_bytes,
         client_cert,
     })
+}
+
+/// A route's `hosts`: valid, distinct names or wildcards; `hosts = []` is
+/// an error (it would match no request), as `methods = []` is.
+fn hosts(ctx: &mut Ctx<'_>, raw: &Spanned<Vec<Spanned<String>>>) -> Option<Vec<HostPattern>> {
+    if raw.get_ref().is_empty() {
+        ctx.error(
+            raw.span(),
+            "`hosts = []` matches no request: the route would be unreachable",
+            Some("list names, e.g. `hosts = [\"shop.example.com\"]`, or leave `hosts` out to match any host".into()),
+        );
+        return None;
+    }
+    let mut hosts: Vec<HostPattern> = Vec::new();
+    let mut ok = true;
+    for h in raw.get_ref() {
+        match HostPattern::parse(h.get_ref()) {
+            Ok(p) if hosts.contains(&p) => {
+                ctx.error(h.span(), format!("host `{p}` is listed twice"), None);
+                ok = false;
+            }
+            Ok(p) => hosts.push(p),
+            Err(e) => {
+                ctx.error(
+                    h.span(),
+                    format!("invalid host `{}`: {e}", h.get_ref()),
+                    Some("write a name, e.g. `\"shop.example.com\"`, or a wildcard, e.g. `\"*.example.com\"`".into()),
+                );
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(hosts)
 }
 
 /// Upper-case, known, distinct methods; `methods = []` is an error (it
@@ -1140,10 +1178,12 @@ fn acl_rule(
     })
 }
 
-/// Two routes with the same pattern and a method in common would make the
-/// gateway's choice arbitrary, so they are an error wherever they are declared.
+/// Two routes with the same pattern, a method in common and the same hosts
+/// in common (or no hosts, both) would make the gateway's choice arbitrary,
+/// so they are an error wherever they are declared. A route with hosts and
+/// one without never clash: the one with hosts wins for its names.
 fn check_route_conflicts(ctx: &mut Ctx<'_>, raw: &RawManifest) {
-    let mut seen: Vec<(String, PathPattern, Vec<String>)> = Vec::new();
+    let mut seen: Vec<(String, PathPattern, Vec<String>, Vec<HostPattern>)> = Vec::new();
     for (name, service) in &raw.services {
         for r in service.get_ref().routes.iter().flatten() {
             let r = r.get_ref();
@@ -1156,11 +1196,23 @@ fn check_route_conflicts(ctx: &mut Ctx<'_>, raw: &RawManifest) {
                 .flatten()
                 .map(|m| m.get_ref().to_ascii_uppercase())
                 .collect();
-            for (other, other_pattern, other_methods) in &seen {
+            // Invalid hosts are reported by `route`; the rest still clash.
+            let hosts: Vec<HostPattern> = r
+                .hosts
+                .iter()
+                .flat_map(|h| h.get_ref())
+                .filter_map(|h| HostPattern::parse(h.get_ref()).ok())
+                .collect();
+            for (other, other_pattern, other_methods, other_hosts) in &seen {
                 let overlap = methods.is_empty()
                     || other_methods.is_empty()
                     || methods.iter().any(|m| other_methods.contains(m));
-                if overlap && pattern.same_as(other_pattern) {
+                let same_hosts = if hosts.is_empty() || other_hosts.is_empty() {
+                    hosts.is_empty() && other_hosts.is_empty()
+                } else {
+                    hosts.iter().any(|h| other_hosts.contains(h))
+                };
+                if overlap && same_hosts && pattern.same_as(other_pattern) {
                     let whose = if other == name.get_ref() {
                         "this service".to_string()
                     } else {
@@ -1173,13 +1225,13 @@ fn check_route_conflicts(ctx: &mut Ctx<'_>, raw: &RawManifest) {
                             r.path.get_ref()
                         ),
                         Some(
-                            "give each route its own path, or split the methods between them"
+                            "give each route its own path or hosts, or split the methods between them"
                                 .into(),
                         ),
                     );
                 }
             }
-            seen.push((name.get_ref().clone(), pattern, methods));
+            seen.push((name.get_ref().clone(), pattern, methods, hosts));
         }
     }
 }

@@ -132,11 +132,13 @@ fn restart_needed(current: &Manifest, next: &Manifest) -> Result<(), String> {
                 "service `{name}` changed in more than its routes: restart to apply"
             ));
         }
+        // A set: the ACL is about paths and methods, so routes reordered,
+        // or a path added for another host, need no restart.
         let exposed = |s: &Service| {
             s.routes
                 .iter()
                 .map(|r| (r.pattern.as_str().to_string(), r.methods.clone()))
-                .collect::<Vec<_>>()
+                .collect::<std::collections::BTreeSet<_>>()
         };
         if exposed(now) != exposed(was) {
             return Err(format!(
@@ -200,6 +202,13 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
                 .unwrap_err()
                 .contains("more than its routes")
         );
+        // Hosts are the gateway's alone: a path already exposed, for
+        // another host, is no new path for the instances' ACLs.
+        let hosts = BASE.replace(
+            r#"routes = [{ path = "/a/**", methods = ["GET"] }]"#,
+            r#"routes = [{ path = "/a/**", methods = ["GET"], hosts = ["a.example.com"] }, { path = "/a/**", methods = ["GET"] }]"#,
+        );
+        assert!(restart_needed(&base, &m(&hosts)).is_ok());
         let added = format!("{BASE}[services.b]\nrun = {{ command = [\"true\"] }}\n");
         assert!(
             restart_needed(&base, &m(&added))

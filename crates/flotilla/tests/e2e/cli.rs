@@ -61,7 +61,7 @@ fn check_prints_the_documented_messages() {
         ),
         (
             "name = \"shop\"\n[services.a]\nrun = { cargo = \"a\" }\nroutes = [{ path = \"/api/**\" }]\n[services.b]\nrun = { cargo = \"b\" }\nroutes = [{ path = \"/api/**\", methods = [\"GET\"] }]\n",
-            "error: route `/api/**` is also declared by service `a` for the same methods\n  --> flotilla.toml:7:20\n  |\n7 | routes = [{ path = \"/api/**\", methods = [\"GET\"] }]\n  |                    ^^^^^^^^^\n  = help: give each route its own path, or split the methods between them\n\n1 error in manifest",
+            "error: route `/api/**` is also declared by service `a` for the same methods\n  --> flotilla.toml:7:20\n  |\n7 | routes = [{ path = \"/api/**\", methods = [\"GET\"] }]\n  |                    ^^^^^^^^^\n  = help: give each route its own path or hosts, or split the methods between them\n\n1 error in manifest",
         ),
         (
             "name = \"shop\"\n[services.catalog]\nrun = { cargo = \"shop-catalog\" }\nacl = [{ caller = \"ordres\", path = \"/api/catalog/**\", methods = [\"GET\"] }]\n[services.orders]\nrun = { cargo = \"shop-orders\" }\ncalls = [\"catalog\"]\n",

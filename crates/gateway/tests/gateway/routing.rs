@@ -327,3 +327,110 @@ async fn request_metrics_are_histograms_by_route_pattern_and_status_class() {
     );
     gateway.shutdown(T).await;
 }
+
+fn on_hosts(
+    mut route: flotilla_gateway::RouteConfig,
+    hosts: &[&str],
+) -> flotilla_gateway::RouteConfig {
+    route.hosts = hosts
+        .iter()
+        .map(|h| ok(flotilla_manifest::HostPattern::parse(h), "host"))
+        .collect();
+    route
+}
+
+/// The instance that answered a raw HTTP/1.1 exchange, or its status line.
+fn answered_by(raw: &str) -> String {
+    match raw.split("\r\n\r\n").nth(1) {
+        Some(body) if raw.starts_with("HTTP/1.1 200") => {
+            let echo: serde_json::Value = ok(serde_json::from_str(body), "JSON");
+            echo["instance"].as_str().unwrap_or("").to_string()
+        }
+        _ => raw.lines().next().unwrap_or("").to_string(),
+    }
+}
+
+#[tokio::test]
+async fn routes_by_the_host_asked_for_over_http1_and_http2() {
+    let registry = Registry::new();
+    let site = Upstream::start("site-0").await;
+    let wild = Upstream::start("wild-0").await;
+    let any = Upstream::start("any-0").await;
+    registry.set("site", vec![site.endpoint()]);
+    registry.set("wild", vec![wild.endpoint()]);
+    registry.set("any", vec![any.endpoint()]);
+    let gateway = start(
+        config(vec![
+            route("any", "/**", &[], T),
+            on_hosts(route("site", "/**", &[], T), &["admin.example.com"]),
+            on_hosts(route("wild", "/api/**", &["GET"], T), &["*.example.com"]),
+        ]),
+        &registry,
+    )
+    .await;
+    let client = Client::new(&gateway);
+    for (host, method, path, instance) in [
+        ("admin.example.com", Method::GET, "/api/x", "site-0"),
+        // The port and the case are not part of the name.
+        ("Admin.Example.COM:8443", Method::GET, "/api/x", "site-0"),
+        ("shop.example.com", Method::GET, "/api/x", "wild-0"),
+        // What the wildcard's route lacks falls back to any host's.
+        ("shop.example.com", Method::POST, "/api/x", "any-0"),
+        ("shop.example.com", Method::GET, "/index.html", "any-0"),
+        ("example.com", Method::GET, "/api/x", "any-0"),
+        ("127.0.0.1", Method::GET, "/api/x", "any-0"),
+    ] {
+        let reply = client
+            .request(method.clone(), path, &[("host", host)], Bytes::new())
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{host} {method} {path}");
+        assert_eq!(reply.instance(), instance, "{host} {method} {path}");
+        // The instance sees the name the client asked for, untouched.
+        assert_eq!(reply.json()["headers"]["host"], host, "{host}");
+    }
+
+    // An absolute-form request line names the host; `Host` is ignored then.
+    let raw = raw_request(
+        gateway.local_addr(),
+        "GET http://admin.example.com/api/x HTTP/1.1\r\nhost: shop.example.com\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(answered_by(&raw), "site-0", "{raw}");
+
+    // HTTP/2 names it in `:authority`.
+    let tcp = ok(
+        tokio::net::TcpStream::connect(gateway.local_addr()).await,
+        "connect",
+    );
+    let (mut sender, conn) = ok(
+        hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await,
+        "h2c handshake",
+    );
+    tokio::spawn(conn);
+    for (authority, instance) in [
+        ("admin.example.com:80", "site-0"),
+        ("shop.example.com", "wild-0"),
+        ("localhost", "any-0"),
+    ] {
+        let req = ok(
+            http::Request::builder()
+                .uri(format!("http://{authority}/api/x"))
+                .body(http_body_util::Empty::<Bytes>::new()),
+            "request",
+        );
+        let res = ok(sender.send_request(req).await, "h2 request");
+        assert_eq!(res.status(), StatusCode::OK, "{authority}");
+        let body = ok(
+            http_body_util::BodyExt::collect(res.into_body()).await,
+            "body",
+        )
+        .to_bytes();
+        let echo: serde_json::Value = ok(serde_json::from_slice(&body), "JSON");
+        assert_eq!(echo["instance"], instance, "{authority}: {echo}");
+    }
+    gateway.shutdown(T).await;
+}

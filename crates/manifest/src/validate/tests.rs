@@ -152,6 +152,69 @@ routes = [{ path = "/api/**", methods = ["POST"] }]
 }
 
 #[test]
+fn the_same_path_on_other_hosts_is_fine_and_on_a_shared_host_clashes() {
+    let src = r#"name = "x"
+[services.a]
+run = { cargo = "a" }
+routes = [
+  { path = "/api/**" },
+  { path = "/api/**", hosts = ["A.example.com", "*.eu.example.com"] },
+]
+[services.b]
+run = { cargo = "b" }
+routes = [{ path = "/api/**", hosts = ["b.example.com", "*.example.com"] }]
+"#;
+    let m = Manifest::parse(src, Path::new("flotilla.toml")).unwrap();
+    let hosts: Vec<Vec<String>> = m
+        .routes()
+        .map(|(_, r)| r.hosts.iter().map(ToString::to_string).collect())
+        .collect();
+    assert_eq!(
+        hosts,
+        [
+            vec![],
+            vec!["a.example.com".to_string(), "*.eu.example.com".to_string()],
+            vec!["b.example.com".to_string(), "*.example.com".to_string()],
+        ]
+    );
+    let clash = src.replace("\"b.example.com\"", "\"a.example.com\"");
+    let e = errors(&clash);
+    assert!(
+        e.contains("route `/api/**` is also declared by service `a` for the same methods"),
+        "{e}"
+    );
+    assert!(e.contains("own path or hosts"), "{e}");
+}
+
+#[test]
+fn bad_hosts_say_what_to_write() {
+    let cases = [
+        ("hosts = []", "`hosts = []` matches no request"),
+        (
+            "hosts = [\"*\"]",
+            "invalid host `*`: `*` alone matches every host: leave `hosts` out instead",
+        ),
+        ("hosts = [\"a.com:8443\"]", "`a.com:8443` has a port"),
+        (
+            "hosts = [\"a.*.com\"]",
+            "`*` may only be the whole first label",
+        ),
+        ("hosts = [\"a_b.com\"]", "`a_b.com` is not a DNS name"),
+        (
+            "hosts = [\"a.com\", \"A.com\"]",
+            "host `a.com` is listed twice",
+        ),
+    ];
+    for (hosts, want) in cases {
+        let e = errors(&with_service(&format!(
+            "routes = [{{ path = \"/a\", {hosts} }}]"
+        )));
+        assert!(e.contains(want), "{hosts}: {e}");
+        assert!(e.contains("flotilla.toml:4:"), "{hosts}: {e}");
+    }
+}
+
+#[test]
 fn invalid_values() {
     let cases = [
         (
@@ -1102,6 +1165,16 @@ fn the_documented_gateway_examples_parse() {
         panic!("the first claims route is not a JWT route");
     };
     assert_eq!(claims["realm_access.roles"], ["shop-admin", "ops"]);
+
+    let hosts = documented_examples("#### Hosts");
+    let m = parses(&format!("name = \"x\"\n{}", hosts[0]));
+    let api: Vec<String> = m.services["api"].routes[0]
+        .hosts
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(api, ["api.example.com", "*.api.example.com"]);
+    assert!(m.services["api"].routes[1].hosts.is_empty());
 
     let cors = documented_examples("### `[gateway] cors`");
     let m = parses(&format!("name = \"x\"\n{service}{}", cors[1]));
