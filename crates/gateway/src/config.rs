@@ -67,6 +67,9 @@ pub struct RouteConfig {
     /// The names a request must have asked for; empty means any. A route
     /// with hosts wins over one without for the names it lists.
     pub hosts: Vec<HostPattern>,
+    /// Leading segments of `pattern` taken off the path before forwarding;
+    /// the instance learns them from `X-Forwarded-Prefix`.
+    pub strip_prefix: Option<PathPattern>,
     /// Upper-case methods; empty means any. HEAD is allowed wherever GET is.
     pub methods: Vec<String>,
     /// Bounds everything up to the upstream's response headers: waiting for
@@ -98,6 +101,7 @@ impl RouteConfig {
             service: service.into(),
             pattern,
             hosts: Vec::new(),
+            strip_prefix: None,
             methods: Vec::new(),
             timeout: Duration::from_secs(30),
             auth: RouteAuth::Public,
@@ -246,6 +250,10 @@ pub enum ConfigError {
     #[error("limits.{0}")]
     Limits(&'static str),
     #[error(
+        "route `{route}`: strip_prefix `{prefix}` is not how its path starts; write the path's first segments as the path has them, without `**`"
+    )]
+    StripPrefix { route: String, prefix: String },
+    #[error(
         "{}{which} may not change `{name}`: {why}",
         route.as_ref().map(|r| format!("route `{r}`: ")).unwrap_or_default()
     )]
@@ -344,6 +352,14 @@ impl Config {
                     source,
                 })?;
             }
+            if let Some(prefix) = &route.strip_prefix
+                && (prefix.segment_count() == 0 || !route.pattern.starts_with(prefix))
+            {
+                return Err(ConfigError::StripPrefix {
+                    route: route.name(),
+                    prefix: prefix.as_str().to_string(),
+                });
+            }
         }
         Ok(())
     }
@@ -361,6 +377,7 @@ impl Config {
                 .routes()
                 .map(|(service, route)| RouteConfig {
                     hosts: route.hosts.clone(),
+                    strip_prefix: route.strip_prefix.clone(),
                     methods: route.methods.clone(),
                     timeout: route.timeout,
                     auth: match &route.auth {

@@ -33,7 +33,8 @@ use std::sync::Arc;
 
 use futures_util::future::FutureExt;
 use http::header::{CONTENT_LENGTH, HOST, ORIGIN};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body::Body as _;
 use http_body_util::Limited;
 use tower::ServiceExt;
@@ -48,7 +49,7 @@ use crate::ratelimit::{Decision, Limiter, RateLimitKey};
 use crate::rejection::Rejection;
 use crate::relayed::Reply;
 use crate::request_id::RequestId;
-use crate::routes::{Match, Outgoing, Route, has_dot_segment};
+use crate::routes::{Match, Outgoing, Route, has_dot_segment, split_after_segments};
 use crate::routing::Routing;
 use crate::server::ConnInfo;
 use crate::stats;
@@ -72,7 +73,6 @@ pub(crate) struct Served {
     pub upstream: Option<Upstream>,
 }
 
-/// Removes every `x-flotilla-user-*` and `x-forwarded-client-cert` header.
 /// The name a request asked for, without the port: the URI's authority
 /// (HTTP/2's `:authority`, or an absolute-form request line) before `Host`,
 /// as RFC 9112 section 3.2.2 has it.
@@ -86,8 +86,37 @@ fn request_host(req: &Request<Body>) -> Option<&str> {
     }
 }
 
+/// Tells an instance what a route's `strip_prefix` took off the path.
+static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+
+/// Takes the first `segments` segments off the request's path, keeping the
+/// query, and names what was taken in `X-Forwarded-Prefix`, so an instance
+/// can build links that work through the gateway (as Spring's and
+/// ASP.NET's forwarded-headers support read it).
+fn strip_prefix(req: &mut Request<Body>, segments: usize) -> Result<(), Rejection> {
+    let uri = req.uri();
+    let (prefix, rest) = split_after_segments(uri.path(), segments);
+    let rest = if rest.is_empty() { "/" } else { rest };
+    let target = match uri.query() {
+        Some(query) => format!("{rest}?{query}"),
+        None => rest.to_string(),
+    };
+    // Both come from a valid URI's path: neither can fail.
+    let prefix = HeaderValue::from_str(prefix).map_err(|_| Rejection::BadPath)?;
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(PathAndQuery::try_from(target).map_err(|_| Rejection::BadPath)?);
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| Rejection::BadPath)?;
+    req.headers_mut().insert(X_FORWARDED_PREFIX.clone(), prefix);
+    Ok(())
+}
+
+/// Removes every `x-flotilla-user-*`, `x-forwarded-client-cert` and
+/// `x-forwarded-prefix` header: only the gateway may say who the user is,
+/// which certificate the client showed, and what it took off the path.
 fn strip_identity_headers(headers: &mut HeaderMap) {
-    let forged = |k: &&HeaderName| k.as_str().starts_with(USER_HEADER_PREFIX) || **k == XFCC;
+    let forged = |k: &&HeaderName| {
+        k.as_str().starts_with(USER_HEADER_PREFIX) || **k == XFCC || **k == X_FORWARDED_PREFIX
+    };
     // Almost every request has none: look before making a list.
     if !headers.keys().any(|k| forged(&k)) {
         return;
@@ -286,6 +315,11 @@ pub(crate) fn handle<'a>(
         }
         if let Some(changes) = &route.policy.request_headers {
             changes.apply_to_request(req.headers_mut());
+        }
+        if route.strip_segments > 0
+            && let Err(rejection) = strip_prefix(&mut req, route.strip_segments)
+        {
+            return finish.reject(rejection);
         }
         match proxy.forward(req, conn, route, client).await {
             Ok((mut reply, answered)) => {

@@ -35,6 +35,8 @@ pub(crate) struct Route {
     pub pattern: PathPattern,
     /// Empty: any host.
     pub hosts: Vec<HostPattern>,
+    /// Leading path segments taken off before forwarding (0: none).
+    pub strip_segments: usize,
     methods: Vec<String>,
     pub timeout: Duration,
     pub policy: RoutePolicy,
@@ -131,6 +133,10 @@ impl RouteTable {
                     service: c.service.clone(),
                     pattern: c.pattern.clone(),
                     hosts: c.hosts.clone(),
+                    strip_segments: c
+                        .strip_prefix
+                        .as_ref()
+                        .map_or(0, PathPattern::segment_count),
                     methods: c.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
                     timeout: c.timeout,
                     policy: policy(c),
@@ -213,6 +219,26 @@ impl RouteTable {
         allow.dedup();
         Match::MethodNotAllowed(allow)
     }
+}
+
+/// `path` split after its first `n` segments, as patterns count them
+/// (empty ones, from `//`, not counted): what a route's `strip_prefix` takes
+/// off, and the rest, which keeps its leading `/` (empty if nothing is left).
+pub(crate) fn split_after_segments(path: &str, n: usize) -> (&str, &str) {
+    let bytes = path.as_bytes();
+    let mut end = 0;
+    for _ in 0..n {
+        while bytes.get(end) == Some(&b'/') {
+            end += 1;
+        }
+        if end == bytes.len() {
+            break;
+        }
+        while end < bytes.len() && bytes[end] != b'/' {
+            end += 1;
+        }
+    }
+    path.split_at(end)
 }
 
 /// Whether `path` has a `.` or `..` segment, literally or percent-encoded.
@@ -444,6 +470,30 @@ mod tests {
             service_at(&table, Some("anything.example"), Method::GET, "/a").as_deref(),
             Some("a")
         );
+    }
+
+    #[test]
+    fn a_prefix_is_split_off_by_segments_as_patterns_count_them() {
+        assert_eq!(
+            split_after_segments("/api/legacy/x/y", 2),
+            ("/api/legacy", "/x/y")
+        );
+        assert_eq!(split_after_segments("/api/legacy", 2), ("/api/legacy", ""));
+        assert_eq!(
+            split_after_segments("/api/legacy/", 2),
+            ("/api/legacy", "/")
+        );
+        assert_eq!(
+            split_after_segments("//api//legacy//x", 2),
+            ("//api//legacy", "//x")
+        );
+        assert_eq!(split_after_segments("/api", 2), ("/api", ""));
+        assert_eq!(split_after_segments("/", 1), ("/", ""));
+        assert_eq!(
+            split_after_segments("/t/acme/orders", 2),
+            ("/t/acme", "/orders")
+        );
+        assert_eq!(split_after_segments("/a/b", 0), ("", "/a/b"));
     }
 
     #[test]

@@ -194,6 +194,9 @@ pub struct Route {
     /// The names requests must have asked for (`Host`, or HTTP/2's
     /// `:authority`); empty means any.
     pub hosts: Vec<HostPattern>,
+    /// Leading segments of `pattern` taken off the path before the request
+    /// is forwarded (`/api/legacy` of `/api/legacy/**`).
+    pub strip_prefix: Option<PathPattern>,
     /// Upper-case HTTP methods; empty means any method.
     pub methods: Vec<String>,
     pub auth: Auth,
@@ -215,6 +218,15 @@ pub struct Route {
 }
 
 impl Route {
+    /// The paths of this route as its instances see them: `pattern` less
+    /// `strip_prefix`. What the gateway may call, in the instances' ACLs.
+    pub fn forwarded_pattern(&self) -> PathPattern {
+        match &self.strip_prefix {
+            Some(prefix) => self.pattern.without_prefix(prefix.segment_count()),
+            None => self.pattern.clone(),
+        }
+    }
+
     /// Whether this route accepts `method`.
     pub fn allows(&self, method: &str) -> bool {
         self.methods.is_empty() || self.methods.iter().any(|m| m == method)

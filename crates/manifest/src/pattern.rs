@@ -167,6 +167,40 @@ impl PathPattern {
         self.segments == other.segments
     }
 
+    /// Whether `prefix` is this pattern's first segments, written alike
+    /// (`/t/*` starts `/t/*/orders/**`), and has no `**`: a path that
+    /// matches this pattern then starts with segments `prefix` matches.
+    pub fn starts_with(&self, prefix: &Self) -> bool {
+        !prefix.segments.contains(&Segment::Rest)
+            && self.segments.len() >= prefix.segments.len()
+            && self.segments[..prefix.segments.len()] == prefix.segments[..]
+    }
+
+    /// How many segments the pattern has (`**` counted as one).
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// This pattern without its first `n` segments: the paths an instance
+    /// sees when the gateway strips them (`/api/legacy/**` less two is
+    /// `/**`, `/api/legacy` less two is `/`).
+    pub fn without_prefix(&self, n: usize) -> PathPattern {
+        let segments: Vec<Segment> = self.segments.iter().skip(n).cloned().collect();
+        let mut source = String::new();
+        for segment in &segments {
+            source.push('/');
+            source.push_str(match segment {
+                Segment::Literal(l) => l,
+                Segment::One => "*",
+                Segment::Rest => "**",
+            });
+        }
+        if source.is_empty() {
+            source.push('/');
+        }
+        PathPattern { source, segments }
+    }
+
     fn exact_len(&self) -> usize {
         self.segments
             .iter()
@@ -243,6 +277,27 @@ mod tests {
             PathPattern::parse("/a b"),
             Err(PatternError::BadCharacter { .. })
         ));
+    }
+
+    #[test]
+    fn a_prefix_is_leading_segments_written_alike_and_can_be_taken_off() {
+        let pattern = p("/t/*/orders/**");
+        assert!(pattern.starts_with(&p("/t")));
+        assert!(pattern.starts_with(&p("/t/*")));
+        assert!(pattern.starts_with(&p("/t/*/orders/")));
+        assert!(!pattern.starts_with(&p("/t/acme")));
+        assert!(
+            !pattern.starts_with(&p("/t/*/orders/**")),
+            "no `**` in a prefix"
+        );
+        assert!(!pattern.starts_with(&p("/u")));
+        assert!(!p("/t").starts_with(&p("/t/x")));
+        assert_eq!(pattern.without_prefix(2).as_str(), "/orders/**");
+        assert_eq!(pattern.without_prefix(3).as_str(), "/**");
+        assert_eq!(p("/api/legacy").without_prefix(2).as_str(), "/");
+        assert!(pattern.without_prefix(2).same_as(&p("/orders/**")));
+        assert!(p("/api/legacy").without_prefix(2).matches("/"));
+        assert_eq!(pattern.segment_count(), 4);
     }
 
     #[test]

@@ -189,6 +189,7 @@ pub(crate) struct RawScale {
 pub(crate) struct RawRoute {
     pub path: Spanned<String>,
     pub hosts: Option<Spanned<Vec<Spanned<String>>>>,
+    pub strip_prefix: Option<Spanned<String>>,
     pub methods: Option<Vec<Spanned<String>>>,
     pub auth: Option<Spanned<String>>,
     pub scopes: Option<Vec<Spanned<String>>>,

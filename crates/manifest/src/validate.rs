@@ -865,6 +865,10 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
         Some(h) => hosts(ctx, h)?,
         None => Vec::new(),
     };
+    let strip_prefix = match &raw.strip_prefix {
+        Some(prefix) => Some(strip_prefix(ctx, prefix, &pattern)?),
+        None => None,
+    };
     let auth = match &raw.auth {
         None => Auth::Public,
         Some(a) => match a.get_ref().as_str() {
@@ -968,6 +972,7 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
     Some(Route {
         pattern,
         hosts,
+        strip_prefix,
         methods,
         auth,
         timeout,
@@ -979,6 +984,52 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
         max_body_bytes,
         client_cert,
     })
+}
+
+/// A route's `strip_prefix`: leading segments of its `path`, written as
+/// they are there, so every path the route matches starts with them.
+fn strip_prefix(
+    ctx: &mut Ctx<'_>,
+    raw: &Spanned<String>,
+    path: &PathPattern,
+) -> Option<PathPattern> {
+    let help = || {
+        let first = path.as_str().split('/').nth(1).unwrap_or("api");
+        Some(format!(
+            "write the path's first segments as the path has them, e.g. `strip_prefix = \"/{first}\"` for `path = \"{}\"`",
+            path.as_str()
+        ))
+    };
+    match PathPattern::parse(raw.get_ref()) {
+        Ok(prefix) if prefix.segment_count() == 0 => {
+            ctx.error(
+                raw.span(),
+                "`strip_prefix = \"/\"` strips nothing",
+                Some("leave `strip_prefix` out, or name segments to strip".into()),
+            );
+            None
+        }
+        Ok(prefix) if path.starts_with(&prefix) => Some(prefix),
+        Ok(prefix) => {
+            ctx.error(
+                raw.span(),
+                format!(
+                    "`strip_prefix = \"{prefix}\"` is not how the route's path `{}` starts (no `**` either): only what every matching path starts with can be stripped",
+                    path.as_str()
+                ),
+                help(),
+            );
+            None
+        }
+        Err(e) => {
+            ctx.error(
+                raw.span(),
+                format!("invalid `strip_prefix` `{}`: {e}", raw.get_ref()),
+                help(),
+            );
+            None
+        }
+    }
 }
 
 /// A route's `hosts`: valid, distinct names or wildcards; `hosts = []` is

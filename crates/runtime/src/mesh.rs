@@ -364,8 +364,9 @@ fn policy_spec(
             if methods.iter().any(|m| m == "GET") && !methods.iter().any(|m| m == "HEAD") {
                 methods.push("HEAD".to_string());
             }
+            // The path as the instance sees it: less any `strip_prefix`.
             RouteSpec {
-                path: r.pattern.as_str().to_string(),
+                path: r.forwarded_pattern().as_str().to_string(),
                 methods,
             }
         })
@@ -446,7 +447,7 @@ acl = [{ caller = "orders", path = "/api/catalog/**", methods = ["GET"] }]
 [services.orders]
 run = { cargo = "o" }
 calls = ["catalog"]
-routes = [{ path = "/api/orders" }]
+routes = [{ path = "/api/orders" }, { path = "/legacy/orders/**", strip_prefix = "/legacy" }]
 [services.accounts]
 run = { cargo = "a" }
 [mesh]
@@ -476,7 +477,15 @@ jwt = { issuer = "shop", audiences = ["shop"], jwks = "accounts:/.well-known/jwk
         let orders =
             policy_spec(&ca, &manifest, &manifest.services["orders"], Mode::Enforce).unwrap();
         assert!(orders.callers.is_empty(), "nobody calls orders");
-        assert!(orders.gateway.unwrap().routes[0].methods.is_empty());
+        let routes = &orders.gateway.as_ref().unwrap().routes;
+        assert!(routes[0].methods.is_empty());
+        // A stripped route is allowed as the instance sees it.
+        assert_eq!(routes[1].path, "/orders/**");
+        let policy = Policy::from_spec(&orders).unwrap();
+        let gateway = orders.gateway.unwrap().identity;
+        let allowed = |path| policy.decide(&gateway, &http::Method::GET, path).allowed;
+        assert!(allowed("/orders/7"));
+        assert!(!allowed("/legacy/orders/7"));
 
         // The gateway fetches its token keys from accounts.
         let accounts = policy_spec(

@@ -132,12 +132,18 @@ fn restart_needed(current: &Manifest, next: &Manifest) -> Result<(), String> {
                 "service `{name}` changed in more than its routes: restart to apply"
             ));
         }
-        // A set: the ACL is about paths and methods, so routes reordered,
-        // or a path added for another host, need no restart.
+        // A set: the ACL is about paths (as instances see them, so a
+        // changed `strip_prefix` counts) and methods; routes reordered, or
+        // a path added for another host, need no restart.
         let exposed = |s: &Service| {
             s.routes
                 .iter()
-                .map(|r| (r.pattern.as_str().to_string(), r.methods.clone()))
+                .map(|r| {
+                    (
+                        r.forwarded_pattern().as_str().to_string(),
+                        r.methods.clone(),
+                    )
+                })
                 .collect::<std::collections::BTreeSet<_>>()
         };
         if exposed(now) != exposed(was) {
@@ -209,6 +215,16 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
             r#"routes = [{ path = "/a/**", methods = ["GET"], hosts = ["a.example.com"] }, { path = "/a/**", methods = ["GET"] }]"#,
         );
         assert!(restart_needed(&base, &m(&hosts)).is_ok());
+        // Stripping changes the paths instances see, and so their ACLs.
+        let stripped = BASE.replace(
+            r#"methods = ["GET"] }"#,
+            r#"methods = ["GET"], strip_prefix = "/a" }"#,
+        );
+        assert!(
+            restart_needed(&base, &m(&stripped))
+                .unwrap_err()
+                .contains("other paths or methods")
+        );
         let added = format!("{BASE}[services.b]\nrun = {{ command = [\"true\"] }}\n");
         assert!(
             restart_needed(&base, &m(&added))

@@ -434,3 +434,68 @@ async fn routes_by_the_host_asked_for_over_http1_and_http2() {
     }
     gateway.shutdown(T).await;
 }
+
+fn stripping(
+    mut route: flotilla_gateway::RouteConfig,
+    prefix: &str,
+) -> flotilla_gateway::RouteConfig {
+    route.strip_prefix = Some(ok(flotilla_manifest::PathPattern::parse(prefix), "prefix"));
+    route
+}
+
+#[tokio::test]
+async fn strip_prefix_forwards_the_rest_of_the_path_and_names_what_it_took() {
+    let registry = Registry::new();
+    let legacy = Upstream::start("legacy-0").await;
+    let plain = Upstream::start("plain-0").await;
+    registry.set("legacy", vec![legacy.endpoint()]);
+    registry.set("plain", vec![plain.endpoint()]);
+    let gateway = start(
+        config(vec![
+            stripping(route("legacy", "/legacy/**", &[], T), "/legacy"),
+            stripping(route("legacy", "/t/*/orders/**", &[], T), "/t/*"),
+            route("plain", "/plain/**", &[], T),
+        ]),
+        &registry,
+    )
+    .await;
+    let client = Client::new(&gateway);
+    let forged = [("x-forwarded-prefix", "/evil")];
+    for (path, upstream_path, prefix) in [
+        (
+            "/legacy/items/7?q=1&r=a%20b",
+            "/items/7?q=1&r=a%20b",
+            Some("/legacy"),
+        ),
+        ("/legacy", "/", Some("/legacy")),
+        ("/legacy/", "/", Some("/legacy")),
+        ("/legacy?x=1", "/?x=1", Some("/legacy")),
+        ("/t/acme/orders/9", "/orders/9", Some("/t/acme")),
+        // A client's own claim never reaches an instance.
+        ("/plain/x", "/plain/x", None),
+    ] {
+        let reply = client
+            .request(Method::GET, path, &forged, Bytes::new())
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}");
+        let echo = reply.json();
+        assert_eq!(echo["path"], upstream_path, "{path}");
+        assert_eq!(
+            echo["headers"]["x-forwarded-prefix"].as_str(),
+            prefix,
+            "{path}: {echo}"
+        );
+    }
+    gateway.shutdown(T).await;
+
+    let bad = stripping(route("legacy", "/legacy/**", &[], T), "/other");
+    let why = start_error(
+        config(vec![bad]),
+        "a strip_prefix the path does not start with",
+    )
+    .await;
+    assert!(
+        why.contains("strip_prefix `/other` is not how its path starts"),
+        "{why}"
+    );
+}

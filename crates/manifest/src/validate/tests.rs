@@ -215,6 +215,44 @@ fn bad_hosts_say_what_to_write() {
 }
 
 #[test]
+fn strip_prefix_must_be_how_the_path_starts() {
+    let m = Manifest::parse(
+        &with_service(r#"routes = [{ path = "/t/*/orders/**", strip_prefix = "/t/*/" }]"#),
+        Path::new("flotilla.toml"),
+    )
+    .unwrap();
+    let route = &m.services["a"].routes[0];
+    assert_eq!(
+        route.strip_prefix.as_ref().map(|p| p.as_str()),
+        Some("/t/*/")
+    );
+    assert_eq!(route.forwarded_pattern().as_str(), "/orders/**");
+    let cases = [
+        (
+            "/t/acme",
+            "`strip_prefix = \"/t/acme\"` is not how the route's path `/t/*/orders/**` starts",
+        ),
+        ("/t/*/orders/**", "is not how the route's path"),
+        ("/", "`strip_prefix = \"/\"` strips nothing"),
+        (
+            "t",
+            "invalid `strip_prefix` `t`: a path pattern must start with `/`",
+        ),
+    ];
+    for (prefix, want) in cases {
+        let e = errors(&with_service(&format!(
+            "routes = [{{ path = \"/t/*/orders/**\", strip_prefix = \"{prefix}\" }}]"
+        )));
+        assert!(e.contains(want), "{prefix}: {e}");
+        assert!(e.contains("flotilla.toml:4:"), "{prefix}: {e}");
+    }
+    let e = errors(&with_service(
+        r#"routes = [{ path = "/t/*/orders/**", strip_prefix = "/x" }]"#,
+    ));
+    assert!(e.contains("e.g. `strip_prefix = \"/t\"`"), "{e}");
+}
+
+#[test]
 fn invalid_values() {
     let cases = [
         (
@@ -1175,6 +1213,15 @@ fn the_documented_gateway_examples_parse() {
         .collect();
     assert_eq!(api, ["api.example.com", "*.api.example.com"]);
     assert!(m.services["api"].routes[1].hosts.is_empty());
+
+    let strip = documented_examples("#### Stripping a prefix");
+    let m = parses(&format!("name = \"x\"\n{}", strip[0]));
+    let forwarded: Vec<String> = m.services["legacy"]
+        .routes
+        .iter()
+        .map(|r| r.forwarded_pattern().as_str().to_string())
+        .collect();
+    assert_eq!(forwarded, ["/**", "/orders/**"]);
 
     let cors = documented_examples("### `[gateway] cors`");
     let m = parses(&format!("name = \"x\"\n{service}{}", cors[1]));
