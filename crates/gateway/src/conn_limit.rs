@@ -16,12 +16,13 @@
 //! client behind a load balancer shares its address.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use metrics::Gauge;
 
+use crate::routing::RoutingState;
 use crate::stats;
 
 /// The connections open now, in all and per address.
@@ -53,6 +54,32 @@ impl Refused {
             Refused::MaxConnections => "max_connections",
             Refused::MaxConnectionsPerIp => "max_connections_per_ip",
         }
+    }
+}
+
+/// What decides whether a client connection is taken, on either listener:
+/// the gateway's connection limits (a client holding idle plain-HTTP
+/// connections to the redirect listener holds descriptors all the same)
+/// and the routing in force, for its trusted proxies.
+pub(crate) struct Admission {
+    pub limits: Arc<ConnLimits>,
+    pub routing: Arc<RoutingState>,
+}
+
+impl Admission {
+    /// A slot for a connection from `peer`, or why not (logged here).
+    pub(crate) fn admit(&self, peer: SocketAddr) -> Result<ConnSlot, Refused> {
+        let trusted = self.limits.per_ip()
+            && self
+                .routing
+                .current()
+                .ip
+                .as_ref()
+                .is_some_and(|ip| ip.trusted_proxies.iter().any(|n| n.contains(&peer.ip())));
+        self.limits.admit(peer.ip(), trusted).inspect_err(|why| {
+            // Closed before a byte is read: no handshake, no buffers.
+            tracing::debug!(target: "flotilla::gateway", %peer, reason = why.reason(), "connection refused");
+        })
     }
 }
 

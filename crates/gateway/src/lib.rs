@@ -246,24 +246,29 @@ impl Gateway {
             .zip(acceptor.as_ref())
             .map(|(tls, acceptor)| acceptor.spawn_reloader(tls.reload_every));
         let scheme = if acceptor.is_some() { "https" } else { "http" };
+        // One budget for both listeners: they share the process's file
+        // descriptors, and a client is one client on either port.
+        let conn_limits = conn_limit::ConnLimits::new(
+            config.limits.max_connections,
+            config.limits.max_connections_per_ip,
+        );
+        let admission = || conn_limit::Admission {
+            limits: Arc::clone(&conn_limits),
+            routing: Arc::clone(&routing),
+        };
         let redirect = redirect_listener.map(|(addr, listener)| {
             (
                 addr,
-                redirect::spawn(listener, local_addr.port(), &config.limits),
+                redirect::spawn(listener, local_addr.port(), &config.limits, admission()),
             )
         });
         let workers = server::start_workers(stacks, &config.limits, acceptor, &stopping)
             .map_err(Error::Workers)?;
         let (stop, stopped) = oneshot::channel();
-        let conn_limits = conn_limit::ConnLimits::new(
-            config.limits.max_connections,
-            config.limits.max_connections_per_ip,
-        );
         let task = tokio::spawn(server::run(
             listener,
             workers,
-            conn_limits,
-            Arc::clone(&routing),
+            admission(),
             stopping,
             stopped,
             writer,

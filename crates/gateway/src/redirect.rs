@@ -24,13 +24,17 @@ use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::Limits;
+use crate::conn_limit::Admission;
 
 /// Serves redirects on `listener` to the HTTPS port `https_port` until
-/// the handle is dropped (which closes its connections too).
+/// the handle is dropped (which closes its connections too). A connection
+/// over the gateway's connection limits is closed as soon as it is
+/// accepted, as on the HTTPS port.
 pub(crate) fn spawn(
     listener: TcpListener,
     https_port: u16,
     limits: &Limits,
+    admission: Admission,
 ) -> AbortOnDropHandle<()> {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -43,13 +47,17 @@ pub(crate) fn spawn(
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let stream = match accepted {
-                        Ok((stream, _)) => stream,
+                    let (stream, peer) = match accepted {
+                        Ok(accepted) => accepted,
                         // Out of file descriptors, say: pause, do not spin.
                         Err(e) => {
                             crate::server::accept_failed(e).await;
                             continue;
                         }
+                    };
+                    // Dropped (closed) at once when over a limit.
+                    let Ok(slot) = admission.admit(peer) else {
+                        continue;
                     };
                     let builder = Arc::clone(&builder);
                     connections.spawn(async move {
@@ -57,6 +65,7 @@ pub(crate) fn spawn(
                             Ok::<_, Infallible>(answer(&req, https_port))
                         });
                         let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                        drop(slot);
                     });
                 }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}

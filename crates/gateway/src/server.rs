@@ -48,7 +48,7 @@ use crate::body::{self, Body, Holding};
 use crate::client_cert::ClientCert;
 use crate::config::Limits;
 use crate::conn::{self, H2_PREFACE, Watch};
-use crate::conn_limit::ConnLimits;
+use crate::conn_limit::Admission;
 use crate::edge::{self, Served};
 use crate::h1;
 use crate::health;
@@ -306,13 +306,12 @@ fn h2_builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
 /// Serves until `stop` yields a drain deadline (or is dropped: deadline 0):
 /// accepts here, and hands each connection within `limits` to the worker
 /// thread with the fewest open, which serves it to its end (`workers`).
-/// One over a limit is closed at once (`conn_limit`); `routing` says which
-/// peers are trusted proxies, as it stands when each connection arrives.
+/// One over a limit is closed at once (`conn_limit`), the routing in force
+/// when it arrives saying which peers are trusted proxies.
 pub(crate) async fn run(
     listener: TcpListener,
     mut workers: Workers,
-    limits: Arc<ConnLimits>,
-    routing: Arc<RoutingState>,
+    admission: Admission,
     stopping: watch::Sender<()>,
     mut stop: oneshot::Receiver<Duration>,
     log_writer: Option<JoinHandle<()>>,
@@ -322,13 +321,8 @@ pub(crate) async fn run(
             stop = &mut stop => break stop.unwrap_or(Duration::ZERO),
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let trusted = limits.per_ip() && routing.current().ip.as_ref().is_some_and(|ip| {
-                        ip.trusted_proxies.iter().any(|n| n.contains(&peer.ip()))
-                    });
-                    match limits.admit(peer.ip(), trusted) {
-                        Ok(slot) => workers.hand(stream, peer, slot),
-                        // Closed before a byte is read: no handshake, no buffers.
-                        Err(why) => tracing::debug!(target: "flotilla::gateway", %peer, reason = why.reason(), "connection refused"),
+                    if let Ok(slot) = admission.admit(peer) {
+                        workers.hand(stream, peer, slot);
                     }
                 }
                 Err(e) => accept_failed(e).await,

@@ -727,3 +727,73 @@ async fn the_plain_http_listener_redirects_to_https_which_sends_hsts() {
     );
     gw.shutdown(Duration::from_secs(1)).await;
 }
+
+/// Sends a request on a plain connection to the redirect listener: its
+/// status line, or `None` when the connection was closed unanswered.
+async fn redirect_status(stream: &mut TcpStream) -> Option<String> {
+    // The write may land before a close does; the read tells.
+    let _ = stream
+        .write_all(b"GET /x HTTP/1.1\r\nhost: shop.example\r\n\r\n")
+        .await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !got.windows(2).any(|w| w == b"\r\n") {
+        match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("no answer and no close within {PATIENCE:?}"),
+        }
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    text.lines().next().map(str::to_string)
+}
+
+#[tokio::test]
+async fn the_redirect_listener_shares_the_connection_limits() {
+    let dir = TestDir::new();
+    let pair = pair();
+    write(&dir, &pair);
+    let (gw, _upstream) = https_gateway(&dir, |cfg| {
+        cfg.limits.max_connections_per_ip = 2;
+        if let Some(tls) = cfg.tls.as_mut() {
+            tls.http_redirect = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        }
+    })
+    .await;
+    let redirect = gw
+        .redirect_addr()
+        .unwrap_or_else(|| panic!("no redirect listener"));
+
+    // One HTTPS connection and one kept-alive redirect connection: the
+    // address's two places.
+    let mut https = connect(gw.local_addr(), &pair.der, &[]).await;
+    get_200(&mut https, "/api/x").await;
+    let mut plain = ok(TcpStream::connect(redirect).await, "connect");
+    let status = redirect_status(&mut plain).await;
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 308 Permanent Redirect"));
+    let mut third = ok(TcpStream::connect(redirect).await, "connect");
+    assert_eq!(
+        redirect_status(&mut third).await,
+        None,
+        "a third connection from the address was answered"
+    );
+    // The kept-alive one is still served.
+    assert!(redirect_status(&mut plain).await.is_some());
+
+    // Closing the HTTPS connection frees a place on the other port (once
+    // the gateway has seen the close: poll).
+    drop(https);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let mut next = ok(TcpStream::connect(redirect).await, "connect");
+        if redirect_status(&mut next).await.is_some() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the HTTPS connection's place was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gw.shutdown(Duration::from_secs(1)).await;
+}
