@@ -70,6 +70,9 @@ pub struct RouteConfig {
     /// Leading segments of `pattern` taken off the path before forwarding;
     /// the instance learns them from `X-Forwarded-Prefix`.
     pub strip_prefix: Option<PathPattern>,
+    /// Other services that take a share of the route's requests, each with
+    /// its percentage; `service` takes the rest. All share one policy.
+    pub split: Vec<(String, u32)>,
     /// Upper-case methods; empty means any. HEAD is allowed wherever GET is.
     pub methods: Vec<String>,
     /// Bounds everything up to the upstream's response headers: waiting for
@@ -102,6 +105,7 @@ impl RouteConfig {
             pattern,
             hosts: Vec::new(),
             strip_prefix: None,
+            split: Vec::new(),
             methods: Vec::new(),
             timeout: Duration::from_secs(30),
             auth: RouteAuth::Public,
@@ -254,6 +258,10 @@ pub enum ConfigError {
     )]
     StripPrefix { route: String, prefix: String },
     #[error(
+        "route `{route}`: split gives away more than 100% of its requests, or names the route's own service; list other services with shares that add up to 100 at most"
+    )]
+    Split { route: String },
+    #[error(
         "{}{which} may not change `{name}`: {why}",
         route.as_ref().map(|r| format!("route `{r}`: ")).unwrap_or_default()
     )]
@@ -352,6 +360,12 @@ impl Config {
                     source,
                 })?;
             }
+            let given = route.split.iter().map(|(_, p)| u64::from(*p)).sum::<u64>();
+            if given > 100 || route.split.iter().any(|(s, _)| *s == route.service) {
+                return Err(ConfigError::Split {
+                    route: route.name(),
+                });
+            }
             if let Some(prefix) = &route.strip_prefix
                 && (prefix.segment_count() == 0 || !route.pattern.starts_with(prefix))
             {
@@ -378,6 +392,11 @@ impl Config {
                 .map(|(service, route)| RouteConfig {
                     hosts: route.hosts.clone(),
                     strip_prefix: route.strip_prefix.clone(),
+                    split: route
+                        .split
+                        .iter()
+                        .map(|(service, percent)| (service.clone(), *percent))
+                        .collect(),
                     methods: route.methods.clone(),
                     timeout: route.timeout,
                     auth: match &route.auth {

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use flotilla_manifest::{HostPattern, PathPattern};
 use http::Method;
+use rand::Rng;
 
 use crate::config::RouteConfig;
 use crate::cors::CorsPolicy;
@@ -28,7 +29,8 @@ use crate::ratelimit::Limiter;
 use crate::resilience::HealthMemo;
 use crate::stats::RouteStats;
 
-/// One route, as the edge and the proxy need it.
+/// One route, as the edge and the proxy need it. A route with a `split`
+/// is one of these per service, sharing one policy.
 #[derive(Debug)]
 pub(crate) struct Route {
     pub service: String,
@@ -39,7 +41,8 @@ pub(crate) struct Route {
     pub strip_segments: usize,
     methods: Vec<String>,
     pub timeout: Duration,
-    pub policy: RoutePolicy,
+    /// Shared by the routes of one `split`.
+    pub policy: Arc<RoutePolicy>,
     pub stats: RouteStats,
     /// The service's health, for the proxy.
     pub health: HealthMemo,
@@ -113,6 +116,26 @@ struct Entry {
     /// `None`: any host.
     host: Option<HostPattern>,
     route: Arc<Route>,
+    split: Option<Split>,
+}
+
+/// A `split`: each service's route and the percentage below which a draw
+/// in `0..100` picks it, the route's own first.
+type Split = Arc<[(u32, Arc<Route>)]>;
+
+impl Entry {
+    /// The route that takes this request: a draw among the split's
+    /// services, or the only one.
+    fn pick(&self) -> Arc<Route> {
+        let Some(split) = &self.split else {
+            return Arc::clone(&self.route);
+        };
+        let draw = rand::rng().random_range(0..100);
+        split
+            .iter()
+            .find(|(below, _)| draw < *below)
+            .map_or_else(|| Arc::clone(&self.route), |(_, r)| Arc::clone(r))
+    }
 }
 
 impl RouteTable {
@@ -126,30 +149,46 @@ impl RouteTable {
         configs: &[RouteConfig],
         mut policy: impl FnMut(&RouteConfig) -> RoutePolicy,
     ) -> RouteTable {
-        let mut routes: Vec<Arc<Route>> = configs
+        let route_to = |c: &RouteConfig, service: &str, policy: Arc<RoutePolicy>| {
+            Arc::new(Route {
+                service: service.to_string(),
+                pattern: c.pattern.clone(),
+                hosts: c.hosts.clone(),
+                strip_segments: c
+                    .strip_prefix
+                    .as_ref()
+                    .map_or(0, PathPattern::segment_count),
+                methods: c.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+                timeout: c.timeout,
+                policy,
+                stats: RouteStats::new(c.pattern.as_str(), service),
+                health: HealthMemo::default(),
+            })
+        };
+        let mut routes: Vec<(Arc<Route>, Option<Split>)> = configs
             .iter()
             .map(|c| {
-                Arc::new(Route {
-                    service: c.service.clone(),
-                    pattern: c.pattern.clone(),
-                    hosts: c.hosts.clone(),
-                    strip_segments: c
-                        .strip_prefix
-                        .as_ref()
-                        .map_or(0, PathPattern::segment_count),
-                    methods: c.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
-                    timeout: c.timeout,
-                    policy: policy(c),
-                    stats: RouteStats::new(c.pattern.as_str(), &c.service),
-                    health: HealthMemo::default(),
-                })
+                let own = route_to(c, &c.service, Arc::new(policy(c)));
+                if c.split.is_empty() {
+                    return (own, None);
+                }
+                // One policy for all: the split's services share the
+                // route's rate limits, auth and the rest, as one route.
+                let given: u32 = c.split.iter().map(|(_, p)| p).sum();
+                let mut below = 100u32.saturating_sub(given);
+                let mut split = vec![(below, Arc::clone(&own))];
+                for (service, percent) in &c.split {
+                    below += percent;
+                    split.push((below, route_to(c, service, Arc::clone(&own.policy))));
+                }
+                (own, Some(split.into()))
             })
             .collect();
         // Stable: routes with the same pattern keep their configured order.
-        routes.sort_by(|a, b| b.pattern.specificity_cmp(&a.pattern));
+        routes.sort_by(|(a, _), (b, _)| b.pattern.specificity_cmp(&a.pattern));
         let mut entries: Vec<Entry> = routes
             .iter()
-            .flat_map(|route| {
+            .flat_map(|(route, split)| {
                 let hosts: Vec<Option<HostPattern>> = if route.hosts.is_empty() {
                     vec![None]
                 } else {
@@ -158,6 +197,7 @@ impl RouteTable {
                 hosts.into_iter().map(|host| Entry {
                     host,
                     route: Arc::clone(route),
+                    split: split.clone(),
                 })
             })
             .collect();
@@ -170,7 +210,7 @@ impl RouteTable {
         });
         RouteTable {
             by_host: entries.iter().any(|e| e.host.is_some()),
-            routes,
+            routes: routes.into_iter().map(|(route, _)| route).collect(),
             entries,
         }
     }
@@ -191,21 +231,18 @@ impl RouteTable {
     /// [`by_host`]: RouteTable::by_host
     pub(crate) fn find(&self, host: Option<&str>, method: &Method, path: &str) -> Match {
         let mut allow: Vec<String> = Vec::new();
-        for Entry {
-            host: wanted,
-            route,
-        } in &self.entries
-        {
-            if let Some(wanted) = wanted
+        for entry in &self.entries {
+            if let Some(wanted) = &entry.host
                 && !host.is_some_and(|h| wanted.matches(h))
             {
                 continue;
             }
+            let route = &entry.route;
             if !route.pattern.matches(path) {
                 continue;
             }
             if route.allows(method) {
-                return Match::Route(Arc::clone(route));
+                return Match::Route(entry.pick());
             }
             allow.extend(route.methods.iter().cloned());
         }
@@ -460,6 +497,59 @@ mod tests {
             Match::MethodNotAllowed(allow) => assert_eq!(allow, ["GET", "HEAD"]),
             other => panic!("expected 405, got {other:?}"),
         }
+    }
+
+    fn counts(table: &RouteTable, draws: usize) -> std::collections::BTreeMap<String, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for _ in 0..draws {
+            if let Some(s) = service_for(table, Method::GET, "/api/catalog/1") {
+                *counts.entry(s).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn a_split_route_sends_each_service_its_share_under_one_policy() {
+        let mut split = route("catalog", "/api/catalog/**", &[]);
+        split.split = vec![("canary".to_string(), 30), ("dark".to_string(), 0)];
+        let table = RouteTable::new(&[split, route("web", "/**", &[])]);
+        // 10 000 draws: 3 000 expected, 46 the standard deviation.
+        let seen = counts(&table, 10_000);
+        let canary = seen.get("canary").copied().unwrap_or(0);
+        assert!((2_700..=3_300).contains(&canary), "{seen:?}");
+        assert_eq!(
+            seen.get("catalog").copied().unwrap_or(0) + canary,
+            10_000,
+            "{seen:?}"
+        );
+        assert!(
+            !seen.contains_key("dark"),
+            "a 0 % share got requests: {seen:?}"
+        );
+        // The split's routes are one route to everything but the proxy.
+        let picked: Vec<Arc<Route>> = (0..200)
+            .filter_map(|_| match table.find(None, &Method::GET, "/api/catalog/1") {
+                Match::Route(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            picked
+                .iter()
+                .all(|r| Arc::ptr_eq(&r.policy, &picked[0].policy))
+        );
+        assert!(
+            picked
+                .iter()
+                .all(|r| r.pattern.as_str() == "/api/catalog/**")
+        );
+        assert_eq!(table.routes().len(), 2, "one route per configured route");
+
+        let mut all = route("catalog", "/api/catalog/**", &[]);
+        all.split = vec![("canary".to_string(), 100)];
+        let seen = counts(&RouteTable::new(&[all]), 500);
+        assert_eq!(seen.get("canary"), Some(&500), "{seen:?}");
     }
 
     #[test]

@@ -197,6 +197,10 @@ pub struct Route {
     /// Leading segments of `pattern` taken off the path before the request
     /// is forwarded (`/api/legacy` of `/api/legacy/**`).
     pub strip_prefix: Option<PathPattern>,
+    /// Other services that take a share of this route's requests, each
+    /// with its percentage (0–100, at most 100 in all); the route's own
+    /// service takes the rest. A canary release: `{ "catalog-v2" = 10 }`.
+    pub split: BTreeMap<String, u32>,
     /// Upper-case HTTP methods; empty means any method.
     pub methods: Vec<String>,
     pub auth: Auth,
@@ -230,6 +234,19 @@ impl Route {
     /// Whether this route accepts `method`.
     pub fn allows(&self, method: &str) -> bool {
         self.methods.is_empty() || self.methods.iter().any(|m| m == method)
+    }
+}
+
+impl Manifest {
+    /// The routes whose requests may reach `service`: its own, and those of
+    /// other services that `split` a share to it. What the gateway may call
+    /// on its instances.
+    pub fn routes_reaching<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Route> {
+        self.services.values().flat_map(move |s| {
+            s.routes
+                .iter()
+                .filter(move |r| s.name == service || r.split.contains_key(service))
+        })
     }
 }
 

@@ -553,7 +553,7 @@ fn service(
 
     let mut routes = Vec::new();
     for r in raw.routes.iter().flatten() {
-        if let Some(route) = route(ctx, r) {
+        if let Some(route) = route(ctx, r, name, declared) {
             routes.push(route);
         }
     }
@@ -832,7 +832,12 @@ fn scale(
     }
 }
 
-fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
+fn route(
+    ctx: &mut Ctx<'_>,
+    raw: &Spanned<RawRoute>,
+    service: &str,
+    declared: &[String],
+) -> Option<Route> {
     let raw = raw.get_ref();
     let pattern = match PathPattern::parse(raw.path.get_ref()) {
         Ok(p) => p,
@@ -868,6 +873,10 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
     let strip_prefix = match &raw.strip_prefix {
         Some(prefix) => Some(strip_prefix(ctx, prefix, &pattern)?),
         None => None,
+    };
+    let split = match &raw.split {
+        Some(s) => split(ctx, s, service, declared)?,
+        None => BTreeMap::new(),
     };
     let auth = match &raw.auth {
         None => Auth::Public,
@@ -973,6 +982,7 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
         pattern,
         hosts,
         strip_prefix,
+        split,
         methods,
         auth,
         timeout,
@@ -984,6 +994,66 @@ fn route(ctx: &mut Ctx<'_>, raw: &Spanned<RawRoute>) -> Option<Route> {
         max_body_bytes,
         client_cert,
     })
+}
+
+/// A route's `split`: other services of this system, each with a whole
+/// percentage, 100 at most in all (the route's own service takes the rest).
+fn split(
+    ctx: &mut Ctx<'_>,
+    raw: &Spanned<BTreeMap<String, Spanned<i64>>>,
+    service: &str,
+    declared: &[String],
+) -> Option<BTreeMap<String, u32>> {
+    let mut split = BTreeMap::new();
+    let mut ok = true;
+    for (other, percent) in raw.get_ref() {
+        if other == service {
+            ctx.error(
+                percent.span(),
+                format!("`split` names `{service}`, the route's own service"),
+                Some("it takes what the others leave: list only the other services".into()),
+            );
+            ok = false;
+        } else if !declared.contains(other) {
+            let help = match did_you_mean(other, declared.iter().map(String::as_str)) {
+                Some(near) => format!("did you mean `{near}`?"),
+                None => "a split sends requests to another service of this system".to_string(),
+            };
+            ctx.error(
+                percent.span(),
+                format!("`split` names `{other}`, which is not a service of this system"),
+                Some(help),
+            );
+            ok = false;
+        } else {
+            match u32::try_from(*percent.get_ref()) {
+                Ok(p) if p <= 100 => {
+                    split.insert(other.clone(), p);
+                }
+                _ => {
+                    ctx.error(
+                        percent.span(),
+                        format!(
+                            "`{other}` gets {}%: a share is a whole percentage from 0 to 100",
+                            percent.get_ref()
+                        ),
+                        None,
+                    );
+                    ok = false;
+                }
+            }
+        }
+    }
+    let total: u32 = split.values().sum();
+    if ok && total > 100 {
+        ctx.error(
+            raw.span(),
+            format!("`split` gives away {total}% of the route's requests: at most 100"),
+            Some("lower the shares; the route's own service takes what they leave".into()),
+        );
+        ok = false;
+    }
+    ok.then_some(split)
 }
 
 /// A route's `strip_prefix`: leading segments of its `path`, written as

@@ -356,9 +356,9 @@ fn policy_spec(
             source: Box::new(source),
         })
     };
-    let mut routes: Vec<RouteSpec> = callee
-        .routes
-        .iter()
+    // Its own routes, and those that split a share of their requests to it.
+    let mut routes: Vec<RouteSpec> = manifest
+        .routes_reaching(&callee.name)
         .map(|r| {
             let mut methods = r.methods.clone();
             if methods.iter().any(|m| m == "GET") && !methods.iter().any(|m| m == "HEAD") {
@@ -442,8 +442,10 @@ mod tests {
             r#"name = "shop"
 [services.catalog]
 run = { cargo = "c" }
-routes = [{ path = "/api/catalog/**", methods = ["GET"] }]
+routes = [{ path = "/api/catalog/**", methods = ["GET"], split = { catalog-v2 = 0 } }]
 acl = [{ caller = "orders", path = "/api/catalog/**", methods = ["GET"] }]
+[services.catalog-v2]
+run = { cargo = "c2" }
 [services.orders]
 run = { cargo = "o" }
 calls = ["catalog"]
@@ -473,6 +475,19 @@ jwt = { issuer = "shop", audiences = ["shop"], jwks = "accounts:/.well-known/jwk
         assert_eq!(catalog.runtime.as_ref().unwrap().service(), "runtime");
         assert_eq!(catalog.rules.len(), 1);
         Policy::from_spec(&catalog).unwrap();
+
+        // A canary lets the gateway in on the routes that split to it, even
+        // at 0 %, so its share can be raised without a restart.
+        let canary = policy_spec(
+            &ca,
+            &manifest,
+            &manifest.services["catalog-v2"],
+            Mode::Enforce,
+        )
+        .unwrap();
+        let routes = &canary.gateway.as_ref().unwrap().routes;
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes[0].path, "/api/catalog/**");
 
         let orders =
             policy_spec(&ca, &manifest, &manifest.services["orders"], Mode::Enforce).unwrap();

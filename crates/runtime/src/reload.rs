@@ -135,9 +135,10 @@ fn restart_needed(current: &Manifest, next: &Manifest) -> Result<(), String> {
         // A set: the ACL is about paths (as instances see them, so a
         // changed `strip_prefix` counts) and methods; routes reordered, or
         // a path added for another host, need no restart.
-        let exposed = |s: &Service| {
-            s.routes
-                .iter()
+        // The routes of other services that split a share to this one count
+        // too; a changed share does not.
+        let exposed = |m: &Manifest| {
+            m.routes_reaching(name)
                 .map(|r| {
                     (
                         r.forwarded_pattern().as_str().to_string(),
@@ -146,7 +147,7 @@ fn restart_needed(current: &Manifest, next: &Manifest) -> Result<(), String> {
                 })
                 .collect::<std::collections::BTreeSet<_>>()
         };
-        if exposed(now) != exposed(was) {
+        if exposed(next) != exposed(current) {
             return Err(format!(
                 "service `{name}` exposes other paths or methods: its instances' ACLs allow the gateway only the routes they started with, so restart to apply"
             ));
@@ -215,6 +216,21 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
             r#"routes = [{ path = "/a/**", methods = ["GET"], hosts = ["a.example.com"] }, { path = "/a/**", methods = ["GET"] }]"#,
         );
         assert!(restart_needed(&base, &m(&hosts)).is_ok());
+        // A canary's share moves without a restart; a new canary needs one
+        // (its instances' ACLs must let the gateway in).
+        let two = format!("{BASE}[services.b]\nrun = {{ command = [\"true\"] }}\n");
+        let share = |p: u32| {
+            m(&two.replace(
+                r#"methods = ["GET"] }"#,
+                &format!(r#"methods = ["GET"], split = {{ b = {p} }} }}"#),
+            ))
+        };
+        assert!(restart_needed(&share(0), &share(50)).is_ok());
+        assert!(
+            restart_needed(&m(&two), &share(5))
+                .unwrap_err()
+                .contains("service `b` exposes other paths")
+        );
         // Stripping changes the paths instances see, and so their ACLs.
         let stripped = BASE.replace(
             r#"methods = ["GET"] }"#,

@@ -120,3 +120,76 @@ async fn unchanged_rate_limits_keep_their_counters_across_a_reload() {
     assert_eq!(reply.header("ratelimit-policy"), "\"default\";q=3;w=3600");
     gateway.shutdown(T).await;
 }
+
+/// How many of `n` requests to `path` each instance answered.
+async fn shares(
+    client: &Client,
+    path: &str,
+    n: usize,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let reply = client.get(path).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+        *seen.entry(reply.instance()).or_insert(0) += 1;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_canary_s_share_is_raised_by_a_reload_under_one_rate_limit() {
+    let registry = Registry::new();
+    let stable = Upstream::start("stable-0").await;
+    let canary = Upstream::start("canary-0").await;
+    registry.set("catalog", vec![stable.endpoint()]);
+    registry.set("catalog-v2", vec![canary.endpoint()]);
+    let with_share = |percent: u32| {
+        let mut r = route("catalog", "/api/catalog/**", &[], T);
+        r.split = vec![("catalog-v2".to_string(), percent)];
+        r.rate_limit = Some(ok(RateLimit::parse("1000/h burst 1000 per route"), "limit"));
+        config(vec![r])
+    };
+    let gateway = start(with_share(0), &registry).await;
+    let client = Client::new(&gateway);
+
+    // A dark launch: the canary is ready and gets nothing.
+    let seen = shares(&client, "/api/catalog/1", 50).await;
+    assert_eq!(seen.get("stable-0"), Some(&50), "{seen:?}");
+
+    // 400 requests at 25 %: 100 expected, 8.7 the standard deviation.
+    ok(gateway.reload(with_share(25)), "reload");
+    let seen = shares(&client, "/api/catalog/1", 400).await;
+    let to_canary = seen.get("canary-0").copied().unwrap_or(0);
+    assert!((55..=145).contains(&to_canary), "{seen:?}");
+    // Both services count against the route's one limit: the split is one
+    // route to its clients, and the limiter survived the reloads (same
+    // limit): 451 taken of 1000, and at most one refilled meanwhile.
+    let reply = client.get("/api/catalog/1").await;
+    let remaining = reply.header("ratelimit");
+    assert!(
+        remaining.contains("r=549;") || remaining.contains("r=550;"),
+        "{remaining}"
+    );
+
+    ok(gateway.reload(with_share(100)), "reload");
+    let seen = shares(&client, "/api/catalog/1", 50).await;
+    assert_eq!(seen.get("canary-0"), Some(&50), "{seen:?}");
+
+    // Too much given away is refused, and the last config stays.
+    let mut bad = with_share(60);
+    bad.routes[0].split.push(("other".to_string(), 50));
+    assert!(matches!(
+        gateway.reload(bad),
+        Err(ConfigError::Split { .. })
+    ));
+    let seen = shares(&client, "/api/catalog/1", 10).await;
+    assert_eq!(seen.get("canary-0"), Some(&10), "{seen:?}");
+    // Metrics tell the services apart under the one route template.
+    let canary_requests = metric_sum(&[
+        "flotilla_gateway_requests_total",
+        "route=\"/api/catalog/**\"",
+        "service=\"catalog-v2\"",
+    ]);
+    assert!(canary_requests >= 60 + 55, "{canary_requests}");
+    gateway.shutdown(T).await;
+}

@@ -253,6 +253,58 @@ fn strip_prefix_must_be_how_the_path_starts() {
 }
 
 #[test]
+fn a_split_names_other_services_with_shares_of_100_at_most() {
+    let src = r#"name = "x"
+[services.catalog]
+run = { cargo = "c" }
+routes = [{ path = "/api/catalog/**", split = { catalog-v2 = 10, catalog-v3 = 0 } }]
+[services.catalog-v2]
+run = { cargo = "c2" }
+[services.catalog-v3]
+run = { cargo = "c3" }
+"#;
+    let m = Manifest::parse(src, Path::new("flotilla.toml")).unwrap();
+    let split = &m.services["catalog"].routes[0].split;
+    assert_eq!(split.get("catalog-v2"), Some(&10));
+    assert_eq!(split.get("catalog-v3"), Some(&0));
+    for (service, reached) in [("catalog", 1), ("catalog-v2", 1), ("catalog-v3", 1)] {
+        assert_eq!(m.routes_reaching(service).count(), reached, "{service}");
+    }
+    let cases = [
+        (
+            "catalog-v2 = 10, catalog-v3 = 0",
+            "catalog-v2 = 10, catalog = 5",
+            "`split` names `catalog`, the route's own service",
+        ),
+        (
+            "catalog-v2 = 10, catalog-v3 = 0",
+            "catalog-v2 = 10, catalog-v4 = 5",
+            "did you mean `catalog-v2`?",
+        ),
+        (
+            "catalog-v2 = 10, catalog-v3 = 0",
+            "catalog-v2 = 101",
+            "`catalog-v2` gets 101%",
+        ),
+        (
+            "catalog-v2 = 10, catalog-v3 = 0",
+            "catalog-v2 = -1",
+            "`catalog-v2` gets -1%",
+        ),
+        (
+            "catalog-v2 = 10, catalog-v3 = 0",
+            "catalog-v2 = 60, catalog-v3 = 50",
+            "`split` gives away 110% of the route's requests",
+        ),
+    ];
+    for (from, to, want) in cases {
+        let e = errors(&src.replace(from, to));
+        assert!(e.contains(want), "{to}: {e}");
+        assert!(e.contains("flotilla.toml:4:"), "{to}: {e}");
+    }
+}
+
+#[test]
 fn invalid_values() {
     let cases = [
         (
@@ -1222,6 +1274,11 @@ fn the_documented_gateway_examples_parse() {
         .map(|r| r.forwarded_pattern().as_str().to_string())
         .collect();
     assert_eq!(forwarded, ["/**", "/orders/**"]);
+
+    let split = documented_examples("#### Splitting traffic (canary releases)");
+    let m = parses(&format!("name = \"x\"\n{}", split[0]));
+    assert_eq!(m.services["catalog"].routes[0].split["catalog-v2"], 5);
+    assert_eq!(m.routes_reaching("catalog-v2").count(), 1);
 
     let cors = documented_examples("### `[gateway] cors`");
     let m = parses(&format!("name = \"x\"\n{service}{}", cors[1]));

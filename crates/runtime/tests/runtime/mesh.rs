@@ -110,6 +110,47 @@ async fn every_instance_gets_an_identity_an_acl_and_https_urls() {
     h.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_and_a_stripped_prefix_reach_the_canary_as_its_acl_allows() {
+    let h = start(
+        r#"[services.hello]
+run = { command = ["python3", "HELLO"] }
+routes = [{ path = "/hello/**", methods = ["GET"], strip_prefix = "/hello", split = { canary = 100 } }]
+[services.canary]
+run = { command = ["python3", "HELLO"] }
+"#,
+    )
+    .await;
+    let r = client()
+        .get(format!("{}/hello/x?q=1", h.gateway()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["instance"], "canary-0", "{body}");
+    assert_eq!(body["path"], "/x?q=1", "{body}");
+    assert_eq!(body["peer"], "spiffe://rt.flotilla/ns/local/svc/gateway");
+    // Both services' ACLs let the gateway in on the path they see.
+    for instance in ["hello-0", "canary-0"] {
+        let acl: PolicySpec = serde_json::from_slice(
+            &std::fs::read(
+                h.system()
+                    .data_dir()
+                    .join("run")
+                    .join(instance)
+                    .join("acl.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let routes = acl.gateway.unwrap().routes;
+        assert_eq!(routes.len(), 1, "{instance}");
+        assert_eq!(routes[0].path, "/**", "{instance}");
+    }
+    h.stop().await;
+}
+
 /// What an instance answers a raw client that is not a peer it accepts:
 /// anything but an HTTP response.
 fn refused(outcome: &Result<String, String>) -> bool {
