@@ -16,6 +16,7 @@ use flotilla_manifest::{
 };
 
 use crate::client::UpstreamTls;
+use crate::compress::CompressionConfig;
 use crate::cors::{CorsConfig, CorsConfigError, CorsPolicy};
 use crate::header_changes::HeaderChanges;
 use crate::ip::{IpConfig, IpRules};
@@ -57,6 +58,8 @@ pub struct Config {
     /// Header changes on every response, the gateway's own included (but
     /// a CORS preflight's).
     pub response_headers: HeaderChanges,
+    /// gzip for responses to clients that take it; off when `None`.
+    pub compression: Option<CompressionConfig>,
 }
 
 /// One path (and optionally methods) owned by a service.
@@ -462,6 +465,10 @@ impl Config {
             }),
             request_headers: HeaderChanges::from_manifest(&gw.request_headers),
             response_headers: HeaderChanges::from_manifest(&gw.response_headers),
+            compression: gw
+                .compression
+                .as_ref()
+                .map(CompressionConfig::from_manifest),
         }
     }
 }

@@ -41,6 +41,7 @@ use tower::ServiceExt;
 
 use crate::body::{self, Body};
 use crate::client_cert::{ClientCert, XFCC};
+use crate::compress::{self, Compression};
 use crate::cors::{self, CorsPolicy};
 use crate::ip;
 use crate::jwt::{self, Identity, RouteAuth, USER_HEADER_PREFIX};
@@ -138,6 +139,8 @@ struct Finish<'a> {
     /// The system's until a route matched, then the route's.
     out: &'a Outgoing,
     limit: Option<(&'a Limiter, Decision)>,
+    /// gzip, when configured, and whether this request takes it.
+    compression: Option<(&'a Compression, bool)>,
 }
 
 impl Finish<'_> {
@@ -149,6 +152,9 @@ impl Finish<'_> {
 
     /// In place: a reply is a few hundred bytes, copied whole by each move.
     fn done(&self, reply: &mut Reply) {
+        if let Some((compression, gzip)) = self.compression {
+            compression.apply(reply, gzip);
+        }
         let mut fields = reply.fields();
         if let Some(cors) = &self.out.cors {
             cors.decorate(self.origin.as_ref(), &mut fields);
@@ -188,6 +194,10 @@ pub(crate) fn handle<'a>(
             origin: req.headers().get(ORIGIN).cloned(),
             out: &routing.outgoing,
             limit: None,
+            compression: routing.compression.as_ref().map(|c| {
+                let gzip = req.method() != Method::HEAD && compress::accepts_gzip(req.headers());
+                (c, gzip)
+            }),
         };
         strip_identity_headers(req.headers_mut());
         let has_cert = match req.extensions_mut().remove::<Arc<ClientCert>>() {

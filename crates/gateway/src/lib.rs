@@ -42,6 +42,7 @@ mod chunked;
 mod client;
 mod client_cert;
 mod clock;
+mod compress;
 mod config;
 mod conn;
 mod conn_limit;
@@ -81,6 +82,7 @@ use tokio::task::JoinHandle;
 use tokio_util::task::AbortOnDropHandle;
 
 pub use client::UpstreamTls;
+pub use compress::CompressionConfig;
 pub use config::{Config, ConfigError, Limits, RouteConfig};
 pub use cors::{CorsConfig, CorsConfigError};
 pub use header_changes::HeaderChanges;

@@ -242,6 +242,16 @@ pub(crate) struct Reply {
 }
 
 impl Reply {
+    /// The values of the fields named `name`: the instance's, then those
+    /// the gateway set.
+    pub(crate) fn values<'a>(&'a self, name: &'a HeaderName) -> Values<'a> {
+        let map = self.res.headers().get_all(name);
+        match &self.relayed {
+            Some(relayed) => relayed.get_all(name).then(map),
+            None => Values::of_map(map),
+        }
+    }
+
     /// The fields, to change on the way out.
     pub(crate) fn fields(&mut self) -> Fields<'_> {
         Fields {

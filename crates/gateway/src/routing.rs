@@ -20,6 +20,7 @@ use flotilla_manifest::HostPattern;
 use tower_http::services::ServeDir;
 
 use crate::client::FetchClient;
+use crate::compress::Compression;
 use crate::config::{Config, ConfigError};
 use crate::cors::CorsPolicy;
 use crate::header_changes::HeaderChanges;
@@ -40,6 +41,8 @@ pub(crate) struct Routing {
     /// The system's allow/deny lists (`None`: everyone).
     pub ip_rules: Option<IpRules>,
     pub ip: Option<IpConfig>,
+    /// gzip on the way out, if configured.
+    pub compression: Option<Compression>,
     backend: RateLimitBackend,
 }
 
@@ -160,6 +163,7 @@ impl Routing {
             },
             ip_rules: config.ip.as_ref().map(IpConfig::rules),
             ip: config.ip.clone(),
+            compression: config.compression.as_ref().map(Compression::new),
             backend: backend.clone(),
         })
     }

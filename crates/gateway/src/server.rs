@@ -728,6 +728,7 @@ mod tests {
             tls: None,
             request_headers: Default::default(),
             response_headers: Default::default(),
+            compression: None,
         };
         let upstreams: Arc<dyn Upstreams> = Arc::new(Silent(Arc::from(vec![Endpoint {
             instance: "svc-0".into(),

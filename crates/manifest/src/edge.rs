@@ -582,3 +582,50 @@ mod tests {
         assert!(JwksSource::parse("accounts:/a b").is_err());
     }
 }
+
+/// Response compression at the gateway (`[gateway.compression]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compression {
+    /// The smallest body compressed, when the response says its length.
+    pub min_bytes: u64,
+    /// Media types compressed, lower case: `type/subtype`, or `type/*`.
+    pub types: Vec<String>,
+    /// The gzip level, 1 (fastest) to 9 (smallest).
+    pub level: u32,
+}
+
+impl Compression {
+    /// Below about a kilobyte, gzip's header and the chunked framing eat
+    /// most of what it saves (nginx and Caddy default near here too).
+    pub const DEFAULT_MIN_BYTES: u64 = 1024;
+    /// Most of level 9's ratio on text for a fraction of its CPU.
+    pub const DEFAULT_LEVEL: u32 = 5;
+    /// Text formats that compress well; images, video, archives and fonts
+    /// other than SVG are compressed already.
+    pub const DEFAULT_TYPES: [&str; 14] = [
+        "text/html",
+        "text/css",
+        "text/plain",
+        "text/javascript",
+        "text/xml",
+        "text/csv",
+        "text/markdown",
+        "application/javascript",
+        "application/json",
+        "application/problem+json",
+        "application/xml",
+        "application/manifest+json",
+        "application/wasm",
+        "image/svg+xml",
+    ];
+}
+
+impl Default for Compression {
+    fn default() -> Compression {
+        Compression {
+            min_bytes: Compression::DEFAULT_MIN_BYTES,
+            types: Compression::DEFAULT_TYPES.map(String::from).to_vec(),
+            level: Compression::DEFAULT_LEVEL,
+        }
+    }
+}

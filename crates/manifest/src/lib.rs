@@ -21,8 +21,8 @@ use std::time::Duration;
 
 pub use diagnostic::Diagnostic;
 pub use edge::{
-    ClientAuth, Cors, GatewayLimits, HOP_BY_HOP, HeaderChanges, HeaderDirection, IpList, IpNet,
-    IpNetParseError, JwksSource, Jwt, OutlierDetection, RateLimit, RateLimitKey,
+    ClientAuth, Compression, Cors, GatewayLimits, HOP_BY_HOP, HeaderChanges, HeaderDirection,
+    IpList, IpNet, IpNetParseError, JwksSource, Jwt, OutlierDetection, RateLimit, RateLimitKey,
     RateLimitParseError, RateLimitStore, Retries, Tls, TlsCertificate, TlsVersion, parse_net,
     parse_nets, reserved_header,
 };
@@ -88,6 +88,9 @@ pub struct Gateway {
     pub request_headers: HeaderChanges,
     /// Header changes on every response to a client.
     pub response_headers: HeaderChanges,
+    /// gzip for responses to clients that accept it
+    /// (`[gateway.compression]`); off without it.
+    pub compression: Option<Compression>,
 }
 
 /// Names of the platform's own identities: no service may take one.

@@ -41,6 +41,15 @@ pub(crate) struct RawGateway {
     pub outlier_detection: Option<Spanned<RawOutlier>>,
     pub request_headers: Option<Spanned<RawHeaderChanges>>,
     pub response_headers: Option<Spanned<RawHeaderChanges>>,
+    pub compression: Option<Spanned<RawCompression>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCompression {
+    pub min_bytes: Option<Spanned<i64>>,
+    pub types: Option<Spanned<Vec<Spanned<String>>>>,
+    pub level: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

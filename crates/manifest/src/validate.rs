@@ -245,6 +245,7 @@ fn unreachable_gateway() -> Gateway {
         outlier_detection: Default::default(),
         request_headers: Default::default(),
         response_headers: Default::default(),
+        compression: None,
     }
 }
 
@@ -382,6 +383,7 @@ fn gateway(
         outlier_detection: Default::default(),
         request_headers: Default::default(),
         response_headers: Default::default(),
+        compression: None,
     };
     let Some(raw) = raw else { return Some(gw) };
     let raw = raw.get_ref();
@@ -436,6 +438,9 @@ fn gateway(
     }
     if let Some(h) = &raw.response_headers {
         gw.response_headers = edge::header_changes(ctx, h, HeaderDirection::Response)?;
+    }
+    if let Some(c) = &raw.compression {
+        gw.compression = Some(edge::compression(ctx, c)?);
     }
     if let Some(t) = &raw.tls {
         let tls = edge::tls(ctx, t)?;

@@ -164,6 +164,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
             .map(|dir| flotilla_gateway::TlsConfig::new(dir.join("cert.pem"), dir.join("key.pem"))),
         request_headers: Default::default(),
         response_headers: Default::default(),
+        compression: None,
     };
     if args.jwt {
         let rng = ring::rand::SystemRandom::new();

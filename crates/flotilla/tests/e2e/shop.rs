@@ -207,6 +207,45 @@ async fn browse_quote_and_order() {
     assert_security_headers(&page);
     assert!(page.text().await.unwrap().contains("<html"));
 
+    // `[gateway] compression` in the shop's manifest: a browser's request
+    // for the UI's script gets it gzipped, and the catalog's JSON too.
+    for path in ["/app.js", "/api/catalog/products"] {
+        let res = http
+            .get(system.url(path))
+            .header("accept-encoding", "gzip, deflate, br")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        assert_eq!(
+            res.headers()
+                .get("content-encoding")
+                .and_then(|v| v.to_str().ok()),
+            Some("gzip"),
+            "{path}"
+        );
+        assert_security_headers(&res);
+        let zipped = res.bytes().await.unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&zipped[..]), &mut text)
+            .unwrap();
+        assert!(
+            zipped.len() < text.len() / 2,
+            "{path}: {} of {}",
+            zipped.len(),
+            text.len()
+        );
+        if path == "/app.js" {
+            assert_eq!(
+                text,
+                std::fs::read_to_string(shop_manifest().with_file_name("web/app.js")).unwrap()
+            );
+        } else {
+            let list: Value = serde_json::from_str(&text).unwrap();
+            assert!(!products(&list).is_empty(), "{text}");
+        }
+    }
+
     system.stop().await;
 }
 

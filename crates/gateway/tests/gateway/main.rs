@@ -4,6 +4,7 @@
 
 mod activation;
 mod balancing;
+mod compression;
 mod h1;
 mod header_changes;
 mod lifecycle;

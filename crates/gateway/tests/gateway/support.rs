@@ -338,6 +338,7 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
         tls: None,
         request_headers: Default::default(),
         response_headers: Default::default(),
+        compression: None,
     }
 }
 

@@ -1,7 +1,8 @@
 //! Validation of the gateway's edge policies: `[gateway.jwt]`, `.cors`,
 //! `.ip`, `.rate_limits`, `.tls`, the per-route `auth`, `scopes`,
 //! `claims`, `rate_limit`, `cors`, `ip` and `max_body_bytes`, and the
-//! system's and routes' `request_headers` and `response_headers`.
+//! system's and routes' `request_headers` and `response_headers`, and
+//! `[gateway.compression]`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -10,11 +11,11 @@ use toml::Spanned;
 
 use super::Ctx;
 use crate::edge::{
-    ClientAuth, Cors, HeaderChanges, HeaderDirection, IpList, JwksSource, Jwt, RateLimit,
-    RateLimitKey, RateLimitStore, Tls, TlsCertificate, TlsVersion, is_origin, parse_net,
+    ClientAuth, Compression, Cors, HeaderChanges, HeaderDirection, IpList, JwksSource, Jwt,
+    RateLimit, RateLimitKey, RateLimitStore, Tls, TlsCertificate, TlsVersion, is_origin, parse_net,
     reserved_header,
 };
-use crate::raw::{RawCors, RawHeaderChanges, RawIp, RawJwt, RawRateLimits, RawTls};
+use crate::raw::{RawCompression, RawCors, RawHeaderChanges, RawIp, RawJwt, RawRateLimits, RawTls};
 
 const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
 const DEFAULT_CORS_MAX_AGE: Duration = Duration::from_secs(600);
@@ -535,4 +536,56 @@ pub(super) fn header_changes(
 /// A `tchar` of RFC 9110 §5.6.2, the bytes a field name is made of.
 fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// `[gateway.compression]`: each key in range, each type a media type
+/// (`type/subtype` or `type/*`, no parameters), at least one type.
+pub(super) fn compression(ctx: &mut Ctx<'_>, raw: &Spanned<RawCompression>) -> Option<Compression> {
+    let raw = raw.get_ref();
+    let mut c = Compression::default();
+    let before = ctx.errors.len();
+    if let Some(m) = &raw.min_bytes {
+        c.min_bytes = ctx
+            .count(m, "min_bytes", 0, MAX_BODY_LIMIT)
+            .map_or(0, u64::from);
+    }
+    if let Some(l) = &raw.level {
+        c.level = ctx.count(l, "level", 1, 9).unwrap_or(1);
+    }
+    if let Some(types) = &raw.types {
+        if types.get_ref().is_empty() {
+            ctx.error(
+                types.span(),
+                "`types = []` compresses nothing",
+                Some("list media types, e.g. `types = [\"application/json\"]`, or leave `[gateway.compression]` out".into()),
+            );
+        }
+        c.types.clear();
+        for t in types.get_ref() {
+            let lower = t.get_ref().trim().to_ascii_lowercase();
+            let token = |s: &str| {
+                !s.is_empty()
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+            };
+            let valid = match lower.split_once('/') {
+                Some(("*", _)) => false,
+                Some((kind, "*")) => token(kind),
+                Some((kind, sub)) => token(kind) && token(sub),
+                None => false,
+            };
+            if !valid {
+                ctx.error(
+                    t.span(),
+                    format!("`{}` is not a media type the gateway can compress", t.get_ref()),
+                    Some("write `type/subtype` (`application/json`) or `type/*` (`text/*`), without parameters; `*/*` would compress images and archives too".into()),
+                );
+            } else if c.types.contains(&lower) {
+                ctx.error(t.span(), format!("`{lower}` is listed twice"), None);
+            } else {
+                c.types.push(lower);
+            }
+        }
+    }
+    (ctx.errors.len() == before).then_some(c)
 }

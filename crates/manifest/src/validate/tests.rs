@@ -305,6 +305,50 @@ run = { cargo = "c3" }
 }
 
 #[test]
+fn compression_takes_defaults_and_refuses_what_it_cannot_compress() {
+    let with =
+        |table: &str| format!("name = \"x\"\n{table}\n[services.a]\nrun = {{ cargo = \"a\" }}\n");
+    let parsed = |table: &str| match Manifest::parse(&with(table), Path::new("flotilla.toml")) {
+        Ok(m) => m.gateway.compression,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(
+        parsed("[gateway.compression]"),
+        Some(crate::Compression::default())
+    );
+    assert_eq!(parsed(""), None);
+    let c = parsed(
+        "[gateway.compression]\nmin_bytes = 0\nlevel = 9\ntypes = [\"Text/*\", \"application/json\"]",
+    );
+    let c = c.unwrap_or_default();
+    assert_eq!((c.min_bytes, c.level), (0, 9));
+    assert_eq!(c.types, ["text/*", "application/json"]);
+    for (line, want) in [
+        ("level = 0", "`level = 0` is out of range"),
+        ("min_bytes = -1", "`min_bytes = -1` is out of range"),
+        ("types = []", "`types = []` compresses nothing"),
+        (
+            "types = [\"*/*\"]",
+            "`*/*` is not a media type the gateway can compress",
+        ),
+        (
+            "types = [\"application/json; charset=utf-8\"]",
+            "is not a media type",
+        ),
+        ("types = [\"json\"]", "`json` is not a media type"),
+        (
+            "types = [\"text/*\", \"TEXT/*\"]",
+            "`text/*` is listed twice",
+        ),
+        ("gzip = true", "unknown key `gzip`"),
+    ] {
+        let e = errors(&with(&format!("[gateway.compression]\n{line}")));
+        assert!(e.contains(want), "{line}: {e}");
+        assert!(e.contains("flotilla.toml:3:"), "{line}: {e}");
+    }
+}
+
+#[test]
 fn invalid_values() {
     let cases = [
         (
@@ -1279,6 +1323,11 @@ fn the_documented_gateway_examples_parse() {
     let m = parses(&format!("name = \"x\"\n{}", split[0]));
     assert_eq!(m.services["catalog"].routes[0].split["catalog-v2"], 5);
     assert_eq!(m.routes_reaching("catalog-v2").count(), 1);
+
+    let compression = documented_examples("### `[gateway] compression`");
+    let m = parses(&format!("name = \"x\"\n{}\n{service}", compression[0]));
+    let c = m.gateway.compression.unwrap_or_default();
+    assert_eq!(c.types, ["application/json", "text/*"]);
 
     let cors = documented_examples("### `[gateway] cors`");
     let m = parses(&format!("name = \"x\"\n{service}{}", cors[1]));
