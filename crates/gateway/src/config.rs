@@ -343,7 +343,9 @@ impl Config {
             })?;
         }
         for route in &self.routes {
-            let is_jwt = matches!(route.auth, RouteAuth::Jwt { .. });
+            // `optional` verifies tokens too, and keys `per user` limits by
+            // the user when there is one (by address when not).
+            let is_jwt = !matches!(route.auth, RouteAuth::Public);
             if is_jwt && self.jwt.is_none() {
                 return Err(ConfigError::JwtRequired {
                     route: route.name(),
@@ -404,6 +406,7 @@ impl Config {
                     timeout: route.timeout,
                     auth: match &route.auth {
                         Auth::Public => RouteAuth::Public,
+                        Auth::Optional => RouteAuth::Optional,
                         Auth::Jwt { scopes, claims } => RouteAuth::Jwt {
                             scopes: scopes.clone(),
                             claims: claims.clone(),

@@ -388,14 +388,17 @@ async fn police<'a>(
     }
 
     let mut identity: Option<Arc<Identity>> = None;
-    if let RouteAuth::Jwt { .. } = &policy.auth {
-        // Validation guarantees a verifier for every jwt route.
+    if !matches!(policy.auth, RouteAuth::Public) {
+        // Validation guarantees a verifier for every jwt and optional route.
         let result = match &routing.jwt {
             Some(verifier) => verifier.authenticate(req.headers()).await,
             None => Err(jwt::AuthError::Invalid("no_verifier")),
         };
         let result = result.and_then(|id| jwt::authorize(&id, &policy.auth).map(|()| id));
         match result {
+            // No bearer token on an optional route: an anonymous caller
+            // (the identity headers a client sent are already gone).
+            Err(jwt::AuthError::Missing) if matches!(policy.auth, RouteAuth::Optional) => {}
             Ok(id) => {
                 for (name, value) in &id.headers {
                     req.headers_mut().insert(name.clone(), value.clone());

@@ -179,6 +179,9 @@ pub enum Data {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Auth {
     Public,
+    /// Anyone; a bearer token, if sent, must be valid and identifies the
+    /// caller.
+    Optional,
     /// A valid bearer token from `[gateway.jwt]`'s issuer, with these scopes
     /// and claims.
     Jwt {

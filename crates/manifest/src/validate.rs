@@ -899,10 +899,11 @@ fn route(
                     None => BTreeMap::new(),
                 },
             },
-            "jwt" => {
+            "optional" if ctx.jwt_configured => Auth::Optional,
+            which @ ("jwt" | "optional") => {
                 ctx.error(
                     a.span(),
-                    "`auth = \"jwt\"` needs `[gateway.jwt]`: the gateway has no issuer to verify tokens against",
+                    format!("`auth = \"{which}\"` needs `[gateway.jwt]`: the gateway has no issuer to verify tokens against"),
                     Some("add `jwt = { issuer = \"…\", audiences = [\"…\"], jwks = \"accounts:/.well-known/jwks.json\" }` under `[gateway]`".into()),
                 );
                 return None;
@@ -911,7 +912,10 @@ fn route(
                 ctx.error(
                     a.span(),
                     format!("unknown auth `{other}`"),
-                    Some("write `auth = \"public\"` or `auth = \"jwt\"`".into()),
+                    Some(
+                        "write `auth = \"public\"`, `auth = \"optional\"` or `auth = \"jwt\"`"
+                            .into(),
+                    ),
                 );
                 return None;
             }
@@ -941,8 +945,11 @@ fn route(
         );
         return None;
     }
+    // `per user` needs a user: one every request has, or, on an optional
+    // route, one some have (the others are limited by their address).
+    let has_user = jwt_route || auth == Auth::Optional;
     let rate_limit = match &raw.rate_limit {
-        Some(r) => Some(edge::rate_limit(ctx, r, jwt_route)?),
+        Some(r) => Some(edge::rate_limit(ctx, r, has_user)?),
         None => None,
     };
     let cors = match &raw.cors {

@@ -171,6 +171,10 @@ pub enum RouteAuth {
     /// Anyone (`auth = "public"`, the default).
     #[default]
     Public,
+    /// Anyone, but a bearer token, if the request has one, must be valid,
+    /// and then identifies the caller (`auth = "optional"`): a page that
+    /// everyone may read and a signed-in user sees personalised.
+    Optional,
     /// A valid access token (`auth = "jwt"`), having every scope in
     /// `scopes` and, for each `claims` entry, that claim equal to one of the
     /// values (or, for an array claim, containing one). See [`claim`] for
@@ -183,7 +187,7 @@ pub enum RouteAuth {
 
 /// Why an auth string does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown auth `{0}`: write `public` or `jwt`")]
+#[error("unknown auth `{0}`: write `public`, `optional` or `jwt`")]
 pub struct RouteAuthParseError(pub String);
 
 impl RouteAuth {
@@ -195,10 +199,12 @@ impl RouteAuth {
         }
     }
 
-    /// `"public"` or `"jwt"`; scopes and claims are set on the result.
+    /// `"public"`, `"optional"` or `"jwt"`; scopes and claims are set on
+    /// the result.
     pub fn parse(s: &str) -> Result<RouteAuth, RouteAuthParseError> {
         match s {
             "public" => Ok(RouteAuth::Public),
+            "optional" => Ok(RouteAuth::Optional),
             "jwt" => Ok(RouteAuth::jwt()),
             other => Err(RouteAuthParseError(other.to_string())),
         }
@@ -697,11 +703,12 @@ mod tests {
     #[test]
     fn route_auth_syntax() {
         assert_eq!(RouteAuth::parse("public"), Ok(RouteAuth::Public));
+        assert_eq!(RouteAuth::parse("optional"), Ok(RouteAuth::Optional));
         assert_eq!(RouteAuth::parse("jwt"), Ok(RouteAuth::jwt()));
         let e = RouteAuth::parse("basic").err().map(|e| e.to_string());
         assert_eq!(
             e.as_deref(),
-            Some("unknown auth `basic`: write `public` or `jwt`")
+            Some("unknown auth `basic`: write `public`, `optional` or `jwt`")
         );
     }
 

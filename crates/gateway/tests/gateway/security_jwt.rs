@@ -34,8 +34,8 @@ fn jwt_config(jwks: &JwksServer) -> JwtConfig {
 
 /// A gateway with `/api/**` (jwt), `/admin/**` (jwt + scope `admin`),
 /// `/staff/**` (jwt + Keycloak-style role `staff` or `ops`, and a verified
-/// email) and `/public/**` of service `service`, keys from a JWKS of
-/// `signers`.
+/// email), `/public/**` and `/feed/**` (optional) of service `service`,
+/// keys from a JWKS of `signers`.
 async fn fixture(
     service: &str,
     signers: &[&Signer],
@@ -64,7 +64,9 @@ async fn fixture(
         .collect(),
     };
     let public = route(service, "/public/**", &[], T);
-    let mut cfg = config(vec![api, admin, staff, public]);
+    let mut feed = route(service, "/feed/**", &[], T);
+    feed.auth = RouteAuth::Optional;
+    let mut cfg = config(vec![api, admin, staff, public, feed]);
     let mut jwt = jwt_config(&jwks);
     tweak(&mut jwt);
     cfg.jwt = Some(jwt);
@@ -158,6 +160,37 @@ async fn a_good_token_forwards_the_identity_and_strips_forged_headers() {
     let h = &reply.json()["headers"];
     assert!(h.get("x-flotilla-user-id").is_none(), "{h}");
     assert!(h.get("x-flotilla-user-role").is_none(), "{h}");
+    f.gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn an_optional_route_takes_anyone_and_identifies_a_caller_with_a_token() {
+    let key = Signer::ed25519("opt-1");
+    let f = fixture("jwt-optional", &[&key], |_| {}).await;
+    let forged = [("x-flotilla-user-id", "admin")];
+
+    // No token, or a credential that is no bearer token: anonymous, and
+    // nobody the client claims to be.
+    for extra in [&forged[..], &[("authorization", "Basic dXNlcjpwdw==")]] {
+        let reply = get(&f.client, "/feed/today", None, extra).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        let h = &reply.json()["headers"];
+        assert!(h.get("x-flotilla-user-id").is_none(), "{h}");
+    }
+    // A good token: the caller is known.
+    let token = key.sign(&claims());
+    let reply = get(&f.client, "/feed/today", Some(&token), &forged).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["headers"]["x-flotilla-user-id"], "user-1");
+    // A bad one is refused, as on a jwt route: a client that sent a token
+    // meant to be someone, and must learn that it is not.
+    let hits = f.up.hits();
+    let expired = key.sign(&with(claims(), "exp", json!(now() - 120)));
+    for bad in [expired.as_str(), "not-a-token"] {
+        let reply = get(&f.client, "/feed/today", Some(bad), &[]).await;
+        assert_invalid_token(&reply, bad);
+    }
+    assert_eq!(f.up.hits(), hits, "a bad token reached the service");
     f.gateway.shutdown(T).await;
 }
 

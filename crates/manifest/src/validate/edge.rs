@@ -368,7 +368,10 @@ pub(super) fn rate_limit(
             ctx.error(
                 raw.span(),
                 "`per user` needs a verified user",
-                Some("set `auth = \"jwt\"` on this route, or count `per ip`".into()),
+                Some(
+                    "set `auth = \"jwt\"` (or `\"optional\"`) on this route, or count `per ip`"
+                        .into(),
+                ),
             );
             None
         }

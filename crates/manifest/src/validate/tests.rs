@@ -896,6 +896,34 @@ fn edge_policy_errors() {
 }
 
 #[test]
+fn an_optional_route_verifies_tokens_but_requires_none() {
+    let optional = EDGE.replacen(
+        "auth = \"jwt\", scopes = [\"orders:write\"], claims = { tier = [\"gold\", \"silver\"], email_verified = true, \"realm_access.roles\" = \"buyer\", level = 3 },",
+        "auth = \"optional\",",
+        1,
+    );
+    assert_ne!(optional, EDGE);
+    let m = Manifest::parse(&optional, Path::new("flotilla.toml")).unwrap();
+    let route = &m.services["orders"].routes[0];
+    assert_eq!(route.auth, Auth::Optional);
+    // `per user` is allowed: by user when there is one, by address when not.
+    assert_eq!(
+        route.rate_limit.as_ref().map(|r| &r.key),
+        Some(&crate::RateLimitKey::User)
+    );
+    let with_scopes = optional.replacen(
+        "auth = \"optional\",",
+        "auth = \"optional\", scopes = [\"a\"],",
+        1,
+    );
+    assert!(errors(&with_scopes).contains("`scopes` need `auth = \"jwt\"`"));
+    let no_jwt = optional.replacen("jwt = {", "# jwt = {", 1);
+    assert!(errors(&no_jwt).contains("`auth = \"optional\"` needs `[gateway.jwt]`"));
+    let typo = optional.replacen("auth = \"optional\"", "auth = \"optinal\"", 1);
+    assert!(errors(&typo).contains("`auth = \"optional\"`"));
+}
+
+#[test]
 fn gateway_tls_files_resolve_beside_the_manifest() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("certs")).unwrap();
