@@ -76,6 +76,9 @@ pub struct RouteConfig {
     /// Other services that take a share of the route's requests, each with
     /// its percentage; `service` takes the rest. All share one policy.
     pub split: Vec<(String, u32)>,
+    /// Other services that get a copy of a share of the route's requests,
+    /// each with its percentage; their answers are thrown away.
+    pub mirror: Vec<(String, u32)>,
     /// Upper-case methods; empty means any. HEAD is allowed wherever GET is.
     pub methods: Vec<String>,
     /// Bounds everything up to the upstream's response headers: waiting for
@@ -109,6 +112,7 @@ impl RouteConfig {
             hosts: Vec::new(),
             strip_prefix: None,
             split: Vec::new(),
+            mirror: Vec::new(),
             methods: Vec::new(),
             timeout: Duration::from_secs(30),
             auth: RouteAuth::Public,
@@ -265,6 +269,10 @@ pub enum ConfigError {
     )]
     Split { route: String },
     #[error(
+        "route `{route}`: mirror gives a share over 100% or names the route's own service; list other services, each with a share from 0 to 100"
+    )]
+    Mirror { route: String },
+    #[error(
         "{}{which} may not change `{name}`: {why}",
         route.as_ref().map(|r| format!("route `{r}`: ")).unwrap_or_default()
     )]
@@ -371,6 +379,15 @@ impl Config {
                     route: route.name(),
                 });
             }
+            if route
+                .mirror
+                .iter()
+                .any(|(s, p)| *p > 100 || *s == route.service)
+            {
+                return Err(ConfigError::Mirror {
+                    route: route.name(),
+                });
+            }
             if let Some(prefix) = &route.strip_prefix
                 && (prefix.segment_count() == 0 || !route.pattern.starts_with(prefix))
             {
@@ -399,6 +416,11 @@ impl Config {
                     strip_prefix: route.strip_prefix.clone(),
                     split: route
                         .split
+                        .iter()
+                        .map(|(service, percent)| (service.clone(), *percent))
+                        .collect(),
+                    mirror: route
+                        .mirror
                         .iter()
                         .map(|(service, percent)| (service.clone(), *percent))
                         .collect(),

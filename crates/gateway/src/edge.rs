@@ -45,6 +45,7 @@ use crate::compress::{self, Compression};
 use crate::cors::{self, CorsPolicy};
 use crate::ip;
 use crate::jwt::{self, Identity, RouteAuth, USER_HEADER_PREFIX};
+use crate::mirror;
 use crate::proxy::{Proxy, Upstream};
 use crate::ratelimit::{Decision, Limiter, RateLimitKey};
 use crate::rejection::Rejection;
@@ -330,6 +331,9 @@ pub(crate) fn handle<'a>(
             && let Err(rejection) = strip_prefix(&mut req, route.strip_segments)
         {
             return finish.reject(rejection);
+        }
+        if !route.mirrors.is_empty() {
+            mirror::send(proxy, &mut req, conn, route, client).await;
         }
         match proxy.forward(req, conn, route, client).await {
             Ok((mut reply, answered)) => {

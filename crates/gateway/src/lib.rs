@@ -54,6 +54,7 @@ mod headers;
 mod health;
 mod ip;
 mod jwt;
+mod mirror;
 mod outbound;
 mod proxy;
 mod ratelimit;

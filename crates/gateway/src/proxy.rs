@@ -114,6 +114,12 @@ impl Proxy {
         }
     }
 
+    /// This proxy, owned: for work that outlives the request that started
+    /// it (a mirrored copy).
+    pub(crate) fn to_owned(&self) -> Proxy {
+        self.with_client(self.client.clone())
+    }
+
     /// The same proxy (instances, retry and outlier state) sending through
     /// `client`: a worker's own connection pool.
     pub(crate) fn with_client(&self, client: Outbound) -> Proxy {

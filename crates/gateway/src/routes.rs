@@ -43,6 +43,10 @@ pub(crate) struct Route {
     pub timeout: Duration,
     /// Shared by the routes of one `split`.
     pub policy: Arc<RoutePolicy>,
+    /// Services that get a copy of a share of the requests (`mirror`):
+    /// each share in percent, and the route to send the copy by. Shared by
+    /// the routes of one `split`; empty on a mirror's own route.
+    pub mirrors: Arc<[(u32, Arc<Route>)]>,
     pub stats: RouteStats,
     /// The service's health, for the proxy.
     pub health: HealthMemo,
@@ -149,7 +153,10 @@ impl RouteTable {
         configs: &[RouteConfig],
         mut policy: impl FnMut(&RouteConfig) -> RoutePolicy,
     ) -> RouteTable {
-        let route_to = |c: &RouteConfig, service: &str, policy: Arc<RoutePolicy>| {
+        let route_to = |c: &RouteConfig,
+                        service: &str,
+                        policy: Arc<RoutePolicy>,
+                        mirrors: Arc<[(u32, Arc<Route>)]>| {
             Arc::new(Route {
                 service: service.to_string(),
                 pattern: c.pattern.clone(),
@@ -161,6 +168,7 @@ impl RouteTable {
                 methods: c.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
                 timeout: c.timeout,
                 policy,
+                mirrors,
                 stats: RouteStats::new(c.pattern.as_str(), service),
                 health: HealthMemo::default(),
             })
@@ -168,7 +176,16 @@ impl RouteTable {
         let mut routes: Vec<(Arc<Route>, Option<Split>)> = configs
             .iter()
             .map(|c| {
-                let own = route_to(c, &c.service, Arc::new(policy(c)));
+                let policy = Arc::new(policy(c));
+                let mirrors: Arc<[(u32, Arc<Route>)]> = c
+                    .mirror
+                    .iter()
+                    .map(|(service, percent)| {
+                        let none: Arc<[(u32, Arc<Route>)]> = Arc::new([]);
+                        (*percent, route_to(c, service, Arc::clone(&policy), none))
+                    })
+                    .collect();
+                let own = route_to(c, &c.service, policy, Arc::clone(&mirrors));
                 if c.split.is_empty() {
                     return (own, None);
                 }
@@ -179,7 +196,8 @@ impl RouteTable {
                 let mut split = vec![(below, Arc::clone(&own))];
                 for (service, percent) in &c.split {
                     below += percent;
-                    split.push((below, route_to(c, service, Arc::clone(&own.policy))));
+                    let route = route_to(c, service, Arc::clone(&own.policy), Arc::clone(&mirrors));
+                    split.push((below, route));
                 }
                 (own, Some(split.into()))
             })

@@ -20,6 +20,7 @@ const REQUEST_DURATION_BUCKETS: &[f64] = &[
 ];
 const IN_FLIGHT: &str = "flotilla_gateway_in_flight";
 const RETRIES_TOTAL: &str = "flotilla_gateway_retries_total";
+const MIRRORED: &str = "flotilla_gateway_mirrored_total";
 const ACCESS_LOG_DROPPED: &str = "flotilla_gateway_access_log_dropped_total";
 const AUTH_FAILURES: &str = "flotilla_gateway_auth_failures_total";
 const RATE_LIMITED: &str = "flotilla_gateway_rate_limited_total";
@@ -111,6 +112,10 @@ pub(crate) fn describe() {
     metrics::describe_counter!(
         RETRIES_TOTAL,
         "Attempts retried on another instance, by route, service and reason (connect, connection_lost, status_502, status_503)."
+    );
+    metrics::describe_counter!(
+        MIRRORED,
+        "Copies of requests for a route's mirror services, by route, service and result (answered, failed, body_too_large, overloaded)."
     );
     metrics::describe_counter!(
         AUTH_FAILURES,
@@ -261,6 +266,16 @@ pub(crate) fn retried(route: &str, service: &str, reason: &'static str) {
         "route" => route.to_string(),
         "service" => service.to_string(),
         "reason" => reason,
+    )
+    .increment(1);
+}
+
+pub(crate) fn mirrored(route: &str, service: &str, result: &'static str) {
+    metrics::counter!(
+        MIRRORED,
+        "route" => route.to_string(),
+        "service" => service.to_string(),
+        "result" => result,
     )
     .increment(1);
 }

@@ -207,6 +207,10 @@ pub struct Route {
     /// with its percentage (0–100, at most 100 in all); the route's own
     /// service takes the rest. A canary release: `{ "catalog-v2" = 10 }`.
     pub split: BTreeMap<String, u32>,
+    /// Other services that get a copy of a share of this route's requests
+    /// (each with its percentage, 0–100), their answers thrown away: shadow
+    /// traffic for a new version, `{ "catalog-v2" = 100 }`.
+    pub mirror: BTreeMap<String, u32>,
     /// Upper-case HTTP methods; empty means any method.
     pub methods: Vec<String>,
     pub auth: Auth,
@@ -245,13 +249,13 @@ impl Route {
 
 impl Manifest {
     /// The routes whose requests may reach `service`: its own, and those of
-    /// other services that `split` a share to it. What the gateway may call
-    /// on its instances.
+    /// other services that `split` a share to it or `mirror` one. What the
+    /// gateway may call on its instances.
     pub fn routes_reaching<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Route> {
         self.services.values().flat_map(move |s| {
-            s.routes
-                .iter()
-                .filter(move |r| s.name == service || r.split.contains_key(service))
+            s.routes.iter().filter(move |r| {
+                s.name == service || r.split.contains_key(service) || r.mirror.contains_key(service)
+            })
         })
     }
 }

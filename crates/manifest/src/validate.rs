@@ -880,7 +880,11 @@ fn route(
         None => None,
     };
     let split = match &raw.split {
-        Some(s) => split(ctx, s, service, declared)?,
+        Some(s) => shares(ctx, s, service, declared, "split")?,
+        None => BTreeMap::new(),
+    };
+    let mirror = match &raw.mirror {
+        Some(m) => shares(ctx, m, service, declared, "mirror")?,
         None => BTreeMap::new(),
     };
     let auth = match &raw.auth {
@@ -995,6 +999,7 @@ fn route(
         hosts,
         strip_prefix,
         split,
+        mirror,
         methods,
         auth,
         timeout,
@@ -1008,13 +1013,15 @@ fn route(
     })
 }
 
-/// A route's `split`: other services of this system, each with a whole
-/// percentage, 100 at most in all (the route's own service takes the rest).
-fn split(
+/// A route's `split` or `mirror` (`key`): other services of this system,
+/// each with a whole percentage; a split's add up to 100 at most (the
+/// route's own service takes the rest), a mirror's each stand alone.
+fn shares(
     ctx: &mut Ctx<'_>,
     raw: &Spanned<BTreeMap<String, Spanned<i64>>>,
     service: &str,
     declared: &[String],
+    key: &str,
 ) -> Option<BTreeMap<String, u32>> {
     let mut split = BTreeMap::new();
     let mut ok = true;
@@ -1022,18 +1029,22 @@ fn split(
         if other == service {
             ctx.error(
                 percent.span(),
-                format!("`split` names `{service}`, the route's own service"),
-                Some("it takes what the others leave: list only the other services".into()),
+                format!("`{key}` names `{service}`, the route's own service"),
+                Some(if key == "split" {
+                    "it takes what the others leave: list only the other services".into()
+                } else {
+                    "it gets every request already: list only the other services".into()
+                }),
             );
             ok = false;
         } else if !declared.contains(other) {
             let help = match did_you_mean(other, declared.iter().map(String::as_str)) {
                 Some(near) => format!("did you mean `{near}`?"),
-                None => "a split sends requests to another service of this system".to_string(),
+                None => format!("a {key} sends requests to another service of this system"),
             };
             ctx.error(
                 percent.span(),
-                format!("`split` names `{other}`, which is not a service of this system"),
+                format!("`{key}` names `{other}`, which is not a service of this system"),
                 Some(help),
             );
             ok = false;
@@ -1057,7 +1068,7 @@ fn split(
         }
     }
     let total: u32 = split.values().sum();
-    if ok && total > 100 {
+    if ok && key == "split" && total > 100 {
         ctx.error(
             raw.span(),
             format!("`split` gives away {total}% of the route's requests: at most 100"),

@@ -499,3 +499,55 @@ async fn strip_prefix_forwards_the_rest_of_the_path_and_names_what_it_took() {
         "{why}"
     );
 }
+
+#[tokio::test]
+async fn a_mirror_gets_copies_and_the_client_only_the_route_s_answer() {
+    let registry = Registry::new();
+    let live = Upstream::start("live-0").await;
+    let shadow = Upstream::start("shadow-0").await;
+    registry.set("live", vec![live.endpoint()]);
+    registry.set("shadow", vec![shadow.endpoint()]);
+    let mut mirrored = route("live", "/api/**", &[], T);
+    mirrored.mirror = vec![("shadow".to_string(), 100)];
+    let gateway = start(config(vec![mirrored]), &registry).await;
+    let client = Client::new(&gateway);
+    let sent = |result: &str| {
+        metric_sum(&[
+            "flotilla_gateway_mirrored_total",
+            "service=\"shadow\"",
+            &format!("result=\"{result}\""),
+        ])
+    };
+
+    // Reads and small writes are copied, bodies included; the client sees
+    // only the live service's answer, even when the shadow fails.
+    shadow.set_status(500);
+    let body = Bytes::from(vec![b'x'; 1000]);
+    for method in [Method::GET, Method::POST, Method::PUT] {
+        let reply = client
+            .request(
+                method.clone(),
+                "/api/items",
+                &[("host", "gw.example")],
+                body.clone(),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{method}");
+        assert_eq!(reply.instance(), "live-0", "{method}");
+        assert_eq!(reply.json()["body_len"], 1000, "{method}");
+    }
+    wait_until("the shadow got three copies", || shadow.hits() == 3).await;
+    wait_until("the copies' answers were counted", || sent("answered") >= 3).await;
+    assert_eq!(live.hits(), 3);
+    // A copy says it is one.
+    assert_eq!(shadow.hosts(), ["gw.example-shadow"; 3]);
+    assert_eq!(live.hosts(), ["gw.example"; 3]);
+
+    // A body too large to copy goes to the live service alone, whole.
+    let big = Bytes::from(vec![b'y'; 100 * 1024]);
+    let reply = client.request(Method::POST, "/api/items", &[], big).await;
+    assert_eq!(reply.json()["body_len"], 100 * 1024);
+    assert!(sent("body_too_large") >= 1);
+    assert_eq!(shadow.hits(), 3);
+    gateway.shutdown(T).await;
+}

@@ -79,6 +79,8 @@ struct UpstreamState {
     release: watch::Receiver<bool>,
     /// When not 0, every request is answered with this status.
     status: std::sync::atomic::AtomicU16,
+    /// The `Host` of every request, in arrival order.
+    hosts: Mutex<Vec<String>>,
 }
 
 /// An HTTP upstream on 127.0.0.1:0. Paths containing `slow` never answer;
@@ -107,6 +109,7 @@ impl Upstream {
             held: AtomicUsize::new(0),
             release: release_rx,
             status: std::sync::atomic::AtomicU16::new(0),
+            hosts: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(serve(listener, Arc::clone(&state)));
         Upstream {
@@ -130,6 +133,15 @@ impl Upstream {
     /// Requests answered or being answered.
     pub fn hits(&self) -> usize {
         self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// The `Host` of every request so far, in arrival order.
+    pub fn hosts(&self) -> Vec<String> {
+        self.state
+            .hosts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Requests waiting in a `hold` handler.
@@ -190,6 +202,12 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     state.hits.fetch_add(1, Ordering::SeqCst);
+    let host = req.headers().get("host").and_then(|h| h.to_str().ok());
+    state
+        .hosts
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(host.unwrap_or_default().to_string());
     let status = state.status.load(Ordering::SeqCst);
     if status != 0 {
         let mut res = Response::new(Full::new(Bytes::from_static(b"{\"error\":\"down\"}")));

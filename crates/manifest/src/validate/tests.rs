@@ -349,6 +349,37 @@ fn compression_takes_defaults_and_refuses_what_it_cannot_compress() {
 }
 
 #[test]
+fn a_mirror_names_other_services_each_with_a_share() {
+    let src = r#"name = "x"
+[services.catalog]
+run = { cargo = "c" }
+routes = [{ path = "/api/catalog/**", mirror = { catalog-v2 = 100, catalog-v3 = 10 } }]
+[services.catalog-v2]
+run = { cargo = "c2" }
+[services.catalog-v3]
+run = { cargo = "c3" }
+"#;
+    let m = Manifest::parse(src, Path::new("flotilla.toml")).unwrap();
+    let mirror = &m.services["catalog"].routes[0].mirror;
+    assert_eq!(mirror.get("catalog-v2"), Some(&100));
+    assert_eq!(mirror.get("catalog-v3"), Some(&10));
+    // Their ACLs let the gateway in on the route.
+    assert_eq!(m.routes_reaching("catalog-v3").count(), 1);
+    for (to, want) in [
+        (
+            "catalog = 5",
+            "`mirror` names `catalog`, the route's own service",
+        ),
+        ("catalog-v4 = 5", "did you mean `catalog-v2`?"),
+        ("catalog-v2 = 101", "`catalog-v2` gets 101%"),
+    ] {
+        let e = errors(&src.replace("catalog-v2 = 100, catalog-v3 = 10", to));
+        assert!(e.contains(want), "{to}: {e}");
+        assert!(e.contains("flotilla.toml:4:"), "{to}: {e}");
+    }
+}
+
+#[test]
 fn invalid_values() {
     let cases = [
         (
@@ -1351,6 +1382,10 @@ fn the_documented_gateway_examples_parse() {
     let m = parses(&format!("name = \"x\"\n{}", split[0]));
     assert_eq!(m.services["catalog"].routes[0].split["catalog-v2"], 5);
     assert_eq!(m.routes_reaching("catalog-v2").count(), 1);
+
+    let mirror = documented_examples("#### Mirroring traffic (shadow requests)");
+    let m = parses(&format!("name = \"x\"\n{}", mirror[0]));
+    assert_eq!(m.services["catalog"].routes[0].mirror["catalog-v2"], 100);
 
     let compression = documented_examples("### `[gateway] compression`");
     let m = parses(&format!("name = \"x\"\n{}\n{service}", compression[0]));

@@ -1,0 +1,159 @@
+//! Shadow traffic (a route's `mirror`): a copy of a share of a route's
+//! requests goes to another service, whose answer is thrown away, as
+//! Envoy's request mirroring and Istio's `mirror` do. A new version sees
+//! real traffic before it serves anyone.
+//!
+//! The client's request is never held up by its copy beyond reading a
+//! small body whole: the copy is sent from a task of its own after the
+//! request has gone on, under the route's timeout, and dropped, never
+//! queued, when [`MAX_IN_FLIGHT`] copies are out already. A body is copied
+//! only when its length is known and at most [`MAX_BODY`]; a larger or
+//! streamed one is not mirrored at all. The copy's `Host` ends in
+//! `-shadow` (Envoy's convention), so the service and its logs can tell a
+//! copy from the real thing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http::header::HOST;
+use http::{HeaderValue, Request};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use rand::Rng;
+
+use crate::body::{self, Body};
+use crate::edge::ClientAddr;
+use crate::proxy::Proxy;
+use crate::routes::Route;
+use crate::server::ConnInfo;
+use crate::stats;
+
+/// The largest request body copied.
+const MAX_BODY: u64 = 64 * 1024;
+/// Copies in flight at once, across the gateway; past it copies are dropped.
+const MAX_IN_FLIGHT: usize = 256;
+
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// One copy in flight, counted until dropped.
+struct Slot;
+
+impl Slot {
+    fn take() -> Option<Slot> {
+        IN_FLIGHT
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_IN_FLIGHT).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Sends copies of `req` (about to be forwarded on `route`) to the mirrors
+/// whose share it falls in. May read a small body whole, leaving `req`
+/// with the same bytes.
+pub(crate) async fn send(
+    proxy: &Proxy,
+    req: &mut Request<Body>,
+    conn: ConnInfo,
+    route: &Route,
+    client: ClientAddr,
+) {
+    let label = route.pattern.as_str();
+    let chosen: Vec<&Arc<Route>> = route
+        .mirrors
+        .iter()
+        .filter(|(percent, _)| rand::rng().random_range(0..100) < *percent)
+        .map(|(_, mirror)| mirror)
+        .collect();
+    if chosen.is_empty() {
+        return;
+    }
+    let bytes = if req.body().is_end_stream() {
+        Bytes::new()
+    } else {
+        match req.body().size_hint().exact() {
+            Some(n) if n <= MAX_BODY => {
+                let body = std::mem::replace(req.body_mut(), body::empty());
+                match body.collect().await {
+                    Ok(collected) => {
+                        let bytes = collected.to_bytes();
+                        *req.body_mut() = body::full(bytes.clone());
+                        bytes
+                    }
+                    // The client's body broke off: the request goes on to
+                    // fail as it would have, and nothing is copied.
+                    Err(e) => {
+                        *req.body_mut() = body::boxed(http_body_util::StreamBody::new(
+                            futures_util::stream::once(async move {
+                                Err::<http_body::Frame<Bytes>, _>(e)
+                            }),
+                        ));
+                        return;
+                    }
+                }
+            }
+            _ => {
+                for mirror in chosen {
+                    stats::mirrored(label, &mirror.service, "body_too_large");
+                }
+                return;
+            }
+        }
+    };
+    for mirror in chosen {
+        let Some(slot) = Slot::take() else {
+            stats::mirrored(label, &mirror.service, "overloaded");
+            continue;
+        };
+        let copy = copy_of(req, bytes.clone());
+        let proxy = proxy.to_owned();
+        let mirror = Arc::clone(mirror);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let label = mirror.pattern.as_str();
+            let result = match proxy.forward(copy, conn, &mirror, client).await {
+                Ok((reply, _answered)) => {
+                    // Read to the end, so the connection can be used again;
+                    // no longer than the route may take.
+                    let drained =
+                        tokio::time::timeout(mirror.timeout, reply.res.into_body().collect()).await;
+                    if matches!(drained, Ok(Ok(_))) {
+                        "answered"
+                    } else {
+                        "failed"
+                    }
+                }
+                Err(_) => "failed",
+            };
+            stats::mirrored(label, &mirror.service, result);
+        });
+    }
+}
+
+/// `req`'s head with `body`, its `Host` marked as a shadow's.
+fn copy_of(req: &Request<Body>, body: Bytes) -> Request<Body> {
+    let mut copy = Request::new(body::full(body));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    let host = req
+        .headers()
+        .get(HOST)
+        .map(|h| h.as_bytes())
+        .or_else(|| req.uri().authority().map(|a| a.as_str().as_bytes()));
+    if let Some(host) = host
+        && let Ok(shadow) = HeaderValue::from_bytes(&[host, b"-shadow"].concat())
+    {
+        copy.headers_mut().insert(HOST, shadow);
+    }
+    copy
+}
