@@ -95,8 +95,13 @@ impl Compression {
             .next()
             .filter(|_| gzip)
             .and_then(weakened);
+        // Once: an instance may have said so already.
+        let varies = list_elements(reply.values(&VARY))
+            .any(|v| v == b"*" || v.eq_ignore_ascii_case(b"accept-encoding"));
         let mut fields = reply.fields();
-        fields.append(VARY, HeaderValue::from_static("accept-encoding"));
+        if !varies {
+            fields.append(VARY, HeaderValue::from_static("accept-encoding"));
+        }
         if !gzip {
             return;
         }
@@ -131,7 +136,8 @@ impl Compression {
             .next()
             .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok())
             .or_else(|| reply.res.body().size_hint().exact());
-        if length.is_some_and(|n| n < self.min_bytes) {
+        // An empty body stays empty whatever `min_bytes` says.
+        if length.is_some_and(|n| n < self.min_bytes.max(1)) {
             return false;
         }
         reply.values(&CONTENT_ENCODING).next().is_none()
@@ -411,6 +417,18 @@ mod tests {
         assert_eq!(header(&plain, &CONTENT_ENCODING), None);
         assert_eq!(header(&plain, &VARY).as_deref(), Some("accept-encoding"));
         assert_eq!(header(&plain, &ETAG).as_deref(), Some("\"v1\""));
+
+        // An instance that says it varies by encoding is not told twice.
+        let mut said = reply(
+            &[
+                ("content-type", "text/html"),
+                ("vary", "Origin, Accept-Encoding"),
+            ],
+            big(),
+        );
+        policy().apply(&mut said, true);
+        assert_eq!(header(&said, &CONTENT_ENCODING).as_deref(), Some("gzip"));
+        assert_eq!(said.values(&VARY).count(), 1);
     }
 
     #[test]

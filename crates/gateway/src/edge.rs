@@ -332,7 +332,8 @@ pub(crate) fn handle<'a>(
         {
             return finish.reject(rejection);
         }
-        if !route.mirrors.is_empty() {
+        // A WebSocket is a conversation with one instance: never copied.
+        if !route.mirrors.is_empty() && tunnel.is_none() {
             mirror::send(proxy, &mut req, conn, route, client).await;
         }
         match proxy.forward(req, conn, route, client).await {
