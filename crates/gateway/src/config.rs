@@ -79,6 +79,8 @@ pub struct RouteConfig {
     /// Other services that get a copy of a share of the route's requests,
     /// each with its percentage; their answers are thrown away.
     pub mirror: Vec<(String, u32)>,
+    /// Retries after a failed attempt, instead of `Limits::max_retries`.
+    pub retries: Option<u32>,
     /// Upper-case methods; empty means any. HEAD is allowed wherever GET is.
     pub methods: Vec<String>,
     /// Bounds everything up to the upstream's response headers: waiting for
@@ -113,6 +115,7 @@ impl RouteConfig {
             strip_prefix: None,
             split: Vec::new(),
             mirror: Vec::new(),
+            retries: None,
             methods: Vec::new(),
             timeout: Duration::from_secs(30),
             auth: RouteAuth::Public,
@@ -424,6 +427,7 @@ impl Config {
                         .iter()
                         .map(|(service, percent)| (service.clone(), *percent))
                         .collect(),
+                    retries: route.retries,
                     methods: route.methods.clone(),
                     timeout: route.timeout,
                     auth: match &route.auth {

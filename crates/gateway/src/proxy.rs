@@ -166,7 +166,8 @@ impl Proxy {
             let retryable = is_idempotent(&req.parts.method)
                 || (req.parts.method == Method::POST
                     && req.parts.headers.contains_key(&IDEMPOTENCY_KEY));
-            let mut outgoing = match self.outgoing(retryable, body) {
+            let max_retries = route.retries.unwrap_or(self.max_retries);
+            let mut outgoing = match self.outgoing(retryable && max_retries > 0, body) {
                 Ok(outgoing) => outgoing,
                 // Only a body to buffer needs the deadline (and a timer) here.
                 Err(body) => tokio::time::timeout_at(deadline, collect(body))
@@ -196,7 +197,7 @@ impl Proxy {
                         OutBody::Stream(body.take().unwrap_or_else(body::empty))
                     }
                 };
-                let may_retry = |retries: u32| can_retry && retries < self.max_retries;
+                let may_retry = |retries: u32| can_retry && retries < max_retries;
                 // Sent for the route's service: over mTLS, only an instance of
                 // it can take the request.
                 let sending = self
@@ -283,7 +284,7 @@ impl Proxy {
     /// The body as it will be sent, unless it must be buffered first (to
     /// make the request retryable): then `Err` with the body to collect.
     fn outgoing(&self, retryable: bool, body: Body) -> Result<Outgoing, Body> {
-        if !retryable || self.max_retries == 0 {
+        if !retryable {
             return Ok(Outgoing::Streaming(Some(body)));
         }
         if body.is_end_stream() {

@@ -41,6 +41,8 @@ pub(crate) struct Route {
     pub strip_segments: usize,
     methods: Vec<String>,
     pub timeout: Duration,
+    /// Retries after a failed attempt; `None`: the gateway's.
+    pub retries: Option<u32>,
     /// Shared by the routes of one `split`.
     pub policy: Arc<RoutePolicy>,
     /// Services that get a copy of a share of the requests (`mirror`):
@@ -167,6 +169,7 @@ impl RouteTable {
                     .map_or(0, PathPattern::segment_count),
                 methods: c.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
                 timeout: c.timeout,
+                retries: c.retries,
                 policy,
                 mirrors,
                 stats: RouteStats::new(c.pattern.as_str(), service),

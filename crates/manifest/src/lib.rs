@@ -211,6 +211,9 @@ pub struct Route {
     /// (each with its percentage, 0–100), their answers thrown away: shadow
     /// traffic for a new version, `{ "catalog-v2" = 100 }`.
     pub mirror: BTreeMap<String, u32>,
+    /// Retries of a failed attempt for this route, instead of
+    /// `[gateway.retries] attempts`.
+    pub retries: Option<u32>,
     /// Upper-case HTTP methods; empty means any method.
     pub methods: Vec<String>,
     pub auth: Auth,

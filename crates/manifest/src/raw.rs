@@ -201,6 +201,7 @@ pub(crate) struct RawRoute {
     pub strip_prefix: Option<Spanned<String>>,
     pub split: Option<Spanned<BTreeMap<String, Spanned<i64>>>>,
     pub mirror: Option<Spanned<BTreeMap<String, Spanned<i64>>>>,
+    pub retries: Option<Spanned<i64>>,
     pub methods: Option<Vec<Spanned<String>>>,
     pub auth: Option<Spanned<String>>,
     pub scopes: Option<Vec<Spanned<String>>>,

@@ -887,6 +887,10 @@ fn route(
         Some(m) => shares(ctx, m, service, declared, "mirror")?,
         None => BTreeMap::new(),
     };
+    let retries = match &raw.retries {
+        Some(r) => Some(ctx.count(r, "retries", 0, 10)?),
+        None => None,
+    };
     let auth = match &raw.auth {
         None => Auth::Public,
         Some(a) => match a.get_ref().as_str() {
@@ -1000,6 +1004,7 @@ fn route(
         strip_prefix,
         split,
         mirror,
+        retries,
         methods,
         auth,
         timeout,

@@ -174,3 +174,33 @@ async fn post_is_retried_only_with_an_idempotency_key() {
     assert!(failing.hits() > unavailable, "keyed POSTs were retried");
     gateway.shutdown(T).await;
 }
+
+#[tokio::test]
+async fn a_route_s_own_retries_replace_the_gateway_s() {
+    let registry = Registry::new();
+    let a = Upstream::start("rr-a").await;
+    let b = Upstream::start("rr-b").await;
+    a.set_status(503);
+    b.set_status(503);
+    registry.set("rr", vec![a.endpoint(), b.endpoint()]);
+    let mut once = route("rr", "/once/**", &[], T);
+    once.retries = Some(0);
+    let mut cfg = config(vec![once, route("rr", "/again/**", &[], T)]);
+    cfg.limits = generous_budget();
+    // Failures must not eject: these requests count attempts.
+    cfg.limits.outlier_consecutive_failures = 1000;
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+
+    // The gateway's retries (2): three attempts.
+    let reply = client.get("/again/x").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.hits() + b.hits(), 3);
+    // `retries = 0` on the route: one attempt, its answer relayed.
+    for n in 1..=5 {
+        let reply = client.get("/once/x").await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(a.hits() + b.hits(), 3 + n);
+    }
+    gateway.shutdown(T).await;
+}

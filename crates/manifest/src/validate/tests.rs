@@ -377,6 +377,19 @@ run = { cargo = "c3" }
         assert!(e.contains(want), "{to}: {e}");
         assert!(e.contains("flotilla.toml:4:"), "{to}: {e}");
     }
+    // A route's own retries, and their range.
+    let own = src.replace("mirror = {", "retries = 0, mirror = {");
+    let m = Manifest::parse(&own, Path::new("flotilla.toml")).unwrap();
+    assert_eq!(m.services["catalog"].routes[0].retries, Some(0));
+    assert_eq!(m.services["catalog-v2"].routes.len(), 0);
+    for (to, want) in [
+        ("retries = 11, mirror = {", "`retries = 11` is out of range"),
+        ("retries = -1, mirror = {", "`retries = -1` is out of range"),
+    ] {
+        let e = errors(&src.replace("mirror = {", to));
+        assert!(e.contains(want), "{to}: {e}");
+        assert!(e.contains("flotilla.toml:4:"), "{to}: {e}");
+    }
 }
 
 #[test]
