@@ -333,8 +333,10 @@ pub(crate) fn handle<'a>(
             return finish.reject(rejection);
         }
         // A WebSocket is a conversation with one instance: never copied.
+        // Boxed: the rare path would otherwise make every request's
+        // future, and each move of it, that much larger.
         if !route.mirrors.is_empty() && tunnel.is_none() {
-            mirror::send(proxy, &mut req, conn, route, client).await;
+            Box::pin(mirror::send(proxy, &mut req, conn, route, client)).await;
         }
         match proxy.forward(req, conn, route, client).await {
             Ok((mut reply, answered)) => {
