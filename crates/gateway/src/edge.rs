@@ -41,7 +41,7 @@ use tower::ServiceExt;
 
 use crate::body::{self, Body};
 use crate::client_cert::{ClientCert, XFCC};
-use crate::compress::{self, Compression};
+use crate::compress;
 use crate::cors::{self, CorsPolicy};
 use crate::ip;
 use crate::jwt::{self, Identity, RouteAuth, USER_HEADER_PREFIX};
@@ -140,8 +140,8 @@ struct Finish<'a> {
     /// The system's until a route matched, then the route's.
     out: &'a Outgoing,
     limit: Option<(&'a Limiter, Decision)>,
-    /// gzip, when configured, and whether this request takes it.
-    compression: Option<(&'a Compression, bool)>,
+    /// Whether the client takes gzip (read only when compression is on).
+    gzip: bool,
 }
 
 impl Finish<'_> {
@@ -153,8 +153,8 @@ impl Finish<'_> {
 
     /// In place: a reply is a few hundred bytes, copied whole by each move.
     fn done(&self, reply: &mut Reply) {
-        if let Some((compression, gzip)) = self.compression {
-            compression.apply(reply, gzip);
+        if let Some(compression) = &self.out.compression {
+            compression.apply(reply, self.gzip);
         }
         let mut fields = reply.fields();
         if let Some(cors) = &self.out.cors {
@@ -195,10 +195,9 @@ pub(crate) fn handle<'a>(
             origin: req.headers().get(ORIGIN).cloned(),
             out: &routing.outgoing,
             limit: None,
-            compression: routing.compression.as_ref().map(|c| {
-                let gzip = req.method() != Method::HEAD && compress::accepts_gzip(req.headers());
-                (c, gzip)
-            }),
+            gzip: routing.compression
+                && req.method() != Method::HEAD
+                && compress::accepts_gzip(req.headers()),
         };
         strip_identity_headers(req.headers_mut());
         let has_cert = match req.extensions_mut().remove::<Arc<ClientCert>>() {

@@ -20,6 +20,7 @@ use flotilla_manifest::{HostPattern, PathPattern};
 use http::Method;
 use rand::Rng;
 
+use crate::compress::Compression;
 use crate::config::RouteConfig;
 use crate::cors::CorsPolicy;
 use crate::header_changes::HeaderChanges;
@@ -80,6 +81,8 @@ pub(crate) struct Outgoing {
     pub cors: Option<Arc<CorsPolicy>>,
     /// The system's response header changes, then the route's.
     pub headers: Option<HeaderChanges>,
+    /// gzip, if configured.
+    pub compression: Option<Arc<Compression>>,
 }
 
 impl Route {

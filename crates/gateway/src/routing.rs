@@ -41,8 +41,9 @@ pub(crate) struct Routing {
     /// The system's allow/deny lists (`None`: everyone).
     pub ip_rules: Option<IpRules>,
     pub ip: Option<IpConfig>,
-    /// gzip on the way out, if configured.
-    pub compression: Option<Compression>,
+    /// Whether responses may be gzipped (`Outgoing::compression`), so
+    /// that a request's `Accept-Encoding` is read only then.
+    pub compression: bool,
     backend: RateLimitBackend,
 }
 
@@ -104,6 +105,10 @@ impl Routing {
                     .collect()
             })
             .unwrap_or_default();
+        let compression = config
+            .compression
+            .as_ref()
+            .map(|c| Arc::new(Compression::new(c)));
         let backend = &config.rate_limit_backend;
         let old_backend = previous.map(|p| &p.backend);
         let default_body = config.limits.max_body_bytes;
@@ -140,6 +145,7 @@ impl Routing {
                         &config.response_headers,
                         &route.response_headers,
                     ),
+                    compression: compression.clone(),
                 },
                 ip: route.ip.clone(),
                 max_body_bytes: Some(route.max_body_bytes.unwrap_or(default_body)),
@@ -160,10 +166,11 @@ impl Routing {
             outgoing: Outgoing {
                 cors,
                 headers: HeaderChanges::merged(&config.response_headers, &HeaderChanges::default()),
+                compression: compression.clone(),
             },
             ip_rules: config.ip.as_ref().map(IpConfig::rules),
             ip: config.ip.clone(),
-            compression: config.compression.as_ref().map(Compression::new),
+            compression: compression.is_some(),
             backend: backend.clone(),
         })
     }
