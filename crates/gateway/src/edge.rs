@@ -235,42 +235,50 @@ pub(crate) fn handle<'a>(
             return finish.reject(Rejection::BadPath);
         }
 
-        let preflight = cors::is_preflight(&req);
-        let lookup_method = if preflight {
-            req.headers()
-                .get(http::header::ACCESS_CONTROL_REQUEST_METHOD)
-                .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
-                .unwrap_or(Method::OPTIONS)
-        } else {
-            req.method().clone()
-        };
-        let host = if routing.table.by_host() {
-            request_host(&req)
-        } else {
-            None
-        };
-        let mut found = routing.table.find(host, &lookup_method, path);
-        let cors = match &found {
-            Match::Route(route) => route.policy.outgoing.cors.as_deref(),
-            _ => routing.outgoing.cors.as_deref(),
-        };
-        if preflight && let Some(cors) = cors {
-            // A preflight is answered here whatever the route: it never costs
-            // a service anything. The answer carries its own CORS headers.
-            return match cors.preflight(&req) {
-                Ok(res) => res.into(),
-                Err(()) => {
-                    let mut res = Rejection::CorsDenied.into_response(Some(request_id));
-                    res.headers_mut()
-                        .insert(http::header::VARY, HeaderValue::from_static("Origin"));
-                    res.into()
-                }
+        // In a block: what only the lookup needs (the host, the method a
+        // preflight asks about) ends here, and is not kept in this future
+        // across the awaits below.
+        let found = {
+            let preflight = cors::is_preflight(&req);
+            let lookup_method = if preflight {
+                req.headers()
+                    .get(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+                    .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+                    .unwrap_or(Method::OPTIONS)
+            } else {
+                req.method().clone()
             };
-        }
-        if preflight {
-            // No CORS policy here: an ordinary OPTIONS request.
-            found = routing.table.find(host, req.method(), path);
-        }
+            let host = if routing.table.by_host() {
+                request_host(&req)
+            } else {
+                None
+            };
+            let found = routing.table.find(host, &lookup_method, path);
+            let cors = match &found {
+                Match::Route(route) => route.policy.outgoing.cors.as_deref(),
+                _ => routing.outgoing.cors.as_deref(),
+            };
+            if preflight && let Some(cors) = cors {
+                // A preflight is answered here whatever the route: it never
+                // costs a service anything. The answer carries its own CORS
+                // headers.
+                return match cors.preflight(&req) {
+                    Ok(res) => res.into(),
+                    Err(()) => {
+                        let mut res = Rejection::CorsDenied.into_response(Some(request_id));
+                        res.headers_mut()
+                            .insert(http::header::VARY, HeaderValue::from_static("Origin"));
+                        res.into()
+                    }
+                };
+            }
+            if preflight {
+                // No CORS policy here: an ordinary OPTIONS request.
+                routing.table.find(host, req.method(), path)
+            } else {
+                found
+            }
+        };
 
         // The `Arc` for a WebSocket's metrics; `&Route` everywhere else.
         let route: &Arc<Route> = match found {
