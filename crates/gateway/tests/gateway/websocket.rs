@@ -818,3 +818,41 @@ Promise.all([
     assert!(dom.contains("only-token: error"), "{dom}");
     gateway.shutdown(Duration::ZERO).await;
 }
+
+#[tokio::test]
+async fn a_handshake_is_never_copied_to_a_mirror() {
+    let instance = WsInstance::start().await;
+    let shadow = Upstream::start("ws-shadow-0").await;
+    let registry = Registry::new();
+    registry.set("chat", vec![instance.endpoint("chat-0")]);
+    registry.set("ws-shadow", vec![shadow.endpoint()]);
+    let mut mirrored = chat_route();
+    mirrored.mirror = vec![("ws-shadow".to_string(), 100)];
+    let gateway = start(config(vec![mirrored]), &registry).await;
+    let client = Client::new(&gateway);
+    let plain = async |host: &str| {
+        let _ = client
+            .try_request(
+                http::Method::GET,
+                "/ws/plain",
+                &[("host", host)],
+                bytes::Bytes::new(),
+            )
+            .await;
+    };
+
+    // The mirror is on: a plain request on the route is copied.
+    plain("one.example").await;
+    wait_until("the first copy", || shadow.hits() == 1).await;
+    let (ws, res) = ok(connect(&gateway, "/ws/room").await, "handshake");
+    assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+    drop(ws);
+    plain("two.example").await;
+    wait_until("the second copy", || shadow.hits() >= 2).await;
+    assert_eq!(
+        shadow.hosts(),
+        ["one.example-shadow", "two.example-shadow"],
+        "the handshake was copied"
+    );
+    gateway.shutdown(Duration::ZERO).await;
+}
