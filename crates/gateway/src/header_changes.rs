@@ -14,28 +14,32 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::relayed::Fields;
 
-/// Fields to remove, then fields to set (replacing any of that name).
+/// Fields to remove, then fields to set (replacing any of that name), then
+/// fields to add (beside any of that name).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeaderChanges {
     pub set: Vec<(HeaderName, HeaderValue)>,
     pub remove: Vec<HeaderName>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl HeaderChanges {
     /// What the manifest validated: names that are tokens and values of
     /// visible ASCII, so every one converts.
     pub fn from_manifest(changes: &flotilla_manifest::HeaderChanges) -> HeaderChanges {
-        HeaderChanges {
-            set: changes
-                .set
-                .iter()
+        let fields = |list: &[(String, String)]| -> Vec<(HeaderName, HeaderValue)> {
+            list.iter()
                 .filter_map(|(name, value)| {
                     Some((
                         HeaderName::from_bytes(name.as_bytes()).ok()?,
                         HeaderValue::from_str(value).ok()?,
                     ))
                 })
-                .collect(),
+                .collect()
+        };
+        HeaderChanges {
+            set: fields(&changes.set),
+            add: fields(&changes.add),
             remove: changes
                 .remove
                 .iter()
@@ -45,21 +49,22 @@ impl HeaderChanges {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.set.is_empty() && self.remove.is_empty()
+        self.set.is_empty() && self.remove.is_empty() && self.add.is_empty()
     }
 
     /// The first name the gateway keeps for itself, and why.
     pub(crate) fn reserved(&self, direction: HeaderDirection) -> Option<(String, &'static str)> {
         self.set
             .iter()
+            .chain(&self.add)
             .map(|(name, _)| name)
             .chain(&self.remove)
             .find_map(|name| Some((name.to_string(), reserved_header(name.as_str(), direction)?)))
     }
 
     /// The system's changes, then the route's: a name the route sets or
-    /// removes is no longer set by the system's. `None` when both are
-    /// empty.
+    /// removes is no longer set or added by the system's; what both add is
+    /// added twice. `None` when both are empty.
     pub(crate) fn merged(system: &HeaderChanges, route: &HeaderChanges) -> Option<HeaderChanges> {
         if route.is_empty() {
             return (!system.is_empty()).then(|| system.clone());
@@ -83,7 +88,14 @@ impl HeaderChanges {
             .chain(&route.set)
             .cloned()
             .collect();
-        Some(HeaderChanges { set, remove })
+        let add = system
+            .add
+            .iter()
+            .filter(|(n, _)| !route_names.contains(&n))
+            .chain(&route.add)
+            .cloned()
+            .collect();
+        Some(HeaderChanges { set, remove, add })
     }
 
     /// On a request, before it is forwarded.
@@ -94,6 +106,9 @@ impl HeaderChanges {
         for (name, value) in &self.set {
             headers.insert(name.clone(), value.clone());
         }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
+        }
     }
 
     /// On a response, relayed or the gateway's own, on its way out.
@@ -103,6 +118,9 @@ impl HeaderChanges {
         }
         for (name, value) in &self.set {
             fields.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            fields.append(name.clone(), value.clone());
         }
     }
 }
@@ -118,6 +136,7 @@ mod tests {
                 .map(|(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
                 .collect(),
             remove: remove.iter().map(|n| HeaderName::from_static(n)).collect(),
+            add: Vec::new(),
         }
     }
 
@@ -164,6 +183,67 @@ mod tests {
     }
 
     #[test]
+    fn an_added_field_goes_beside_the_others_after_the_sets() {
+        let mut c = changes(&[("x-b", "set")], &["x-gone"]);
+        c.add = vec![
+            (
+                HeaderName::from_static("x-a"),
+                HeaderValue::from_static("added"),
+            ),
+            (
+                HeaderName::from_static("x-b"),
+                HeaderValue::from_static("added"),
+            ),
+        ];
+        let mut h = HeaderMap::new();
+        h.append("x-a", HeaderValue::from_static("client"));
+        h.append("x-b", HeaderValue::from_static("client"));
+        h.append("x-gone", HeaderValue::from_static("1"));
+        c.apply_to_request(&mut h);
+        assert_eq!(
+            h.get_all("x-a").iter().collect::<Vec<_>>(),
+            ["client", "added"]
+        );
+        assert_eq!(
+            h.get_all("x-b").iter().collect::<Vec<_>>(),
+            ["set", "added"]
+        );
+        assert!(h.get("x-gone").is_none());
+
+        // A route that sets or removes a name takes it from the system's
+        // additions; what both add is added twice.
+        let system = HeaderChanges {
+            add: vec![
+                (
+                    HeaderName::from_static("vary"),
+                    HeaderValue::from_static("Accept-Language"),
+                ),
+                (
+                    HeaderName::from_static("link"),
+                    HeaderValue::from_static("</a>"),
+                ),
+            ],
+            ..HeaderChanges::default()
+        };
+        let mut route = changes(&[("link", "</b>")], &[]);
+        route.add = vec![(
+            HeaderName::from_static("vary"),
+            HeaderValue::from_static("Cookie"),
+        )];
+        let merged = HeaderChanges::merged(&system, &route).unwrap_or_default();
+        assert_eq!(merged.set, route.set);
+        let added: Vec<(&str, &[u8])> = merged
+            .add
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        assert_eq!(
+            added,
+            [("vary", &b"Accept-Language"[..]), ("vary", &b"Cookie"[..])]
+        );
+    }
+
+    #[test]
     fn reserved_names_are_found_in_either_list() {
         let c = changes(&[("x-ok", "1")], &["x-flotilla-user-id"]);
         assert_eq!(
@@ -173,5 +253,13 @@ mod tests {
         let cors = changes(&[("access-control-allow-origin", "*")], &[]);
         assert!(cors.reserved(HeaderDirection::Response).is_some());
         assert!(cors.reserved(HeaderDirection::Request).is_none());
+        let added = HeaderChanges {
+            add: vec![(
+                HeaderName::from_static("x-request-id"),
+                HeaderValue::from_static("x"),
+            )],
+            ..HeaderChanges::default()
+        };
+        assert!(added.reserved(HeaderDirection::Response).is_some());
     }
 }

@@ -87,6 +87,9 @@ pub struct HeaderChanges {
     pub set: Vec<(String, String)>,
     /// Lower-case names, each once, in the order written.
     pub remove: Vec<String>,
+    /// Fields appended, beside any of the same name; lower-case names,
+    /// each once, in name order.
+    pub add: Vec<(String, String)>,
 }
 
 /// Fields that describe one connection, whatever `Connection` says (RFC

@@ -56,6 +56,7 @@ pub(crate) struct RawCompression {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawHeaderChanges {
     pub set: Option<BTreeMap<String, Spanned<String>>>,
+    pub add: Option<BTreeMap<String, Spanned<String>>>,
     pub remove: Option<Vec<Spanned<String>>>,
 }
 

@@ -21,6 +21,7 @@ fn changes(set: &[(&str, &str)], remove: &[&str]) -> HeaderChanges {
             .map(|(n, v)| (n.to_string(), v.to_string()))
             .collect(),
         remove: remove.iter().map(|n| n.to_string()).collect(),
+        add: Vec::new(),
     })
 }
 
@@ -41,6 +42,10 @@ async fn the_systems_and_a_routes_changes_reach_clients_and_instances() {
     let mut api = route("headers", "/api/**", &[], T);
     api.request_headers = changes(&[("x-api-version", "2")], &["cookie"]);
     api.response_headers = changes(&[("cache-control", "no-store")], &["x-frame-options"]);
+    api.response_headers.add = vec![(
+        http::HeaderName::from_static("vary"),
+        http::HeaderValue::from_static("Accept-Language"),
+    )];
     let other = route("headers", "/other/**", &[], T);
     let mut cfg = config(vec![api, other]);
     cfg.request_headers = changes(&[("x-gateway", "flotilla")], &["x-debug"]);
@@ -74,7 +79,11 @@ async fn the_systems_and_a_routes_changes_reach_clients_and_instances() {
         assert_eq!(values(&reply, "cache-control"), ["no-store"]);
         assert!(values(&reply, "x-frame-options").is_empty(), "{reply:?}");
         assert!(values(&reply, "set-cookie").is_empty(), "{reply:?}");
-        assert_eq!(values(&reply, "vary"), ["Accept-Encoding"], "untouched");
+        // The instance's own `Vary`, and the route's added beside it.
+        assert_eq!(
+            values(&reply, "vary"),
+            ["Accept-Encoding", "Accept-Language"]
+        );
         let seen = &reply.json()["headers"];
         assert_eq!(seen["x-api-version"], "2", "{seen}");
         assert_eq!(seen["x-gateway"], "flotilla", "{seen}");

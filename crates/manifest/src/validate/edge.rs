@@ -498,14 +498,16 @@ pub(super) fn header_changes(
             ctx.error(
                 at,
                 format!("`{lower}` is named twice"),
-                Some("name each header once, in `set` or in `remove`".into()),
+                Some("name each header once, in `set`, `add` or `remove`".into()),
             );
             return None;
         }
         seen.push(lower.clone());
         Some(lower)
     };
-    for (name, value) in raw.set.iter().flatten() {
+    let sets = raw.set.iter().flatten().map(|field| (false, field));
+    let adds = raw.add.iter().flatten().map(|field| (true, field));
+    for (add, (name, value)) in sets.chain(adds) {
         let Some(lower) = name_ok(ctx, name, value.span()) else {
             continue;
         };
@@ -518,14 +520,19 @@ pub(super) fn header_changes(
             );
             continue;
         }
-        changes.set.push((lower, v.trim().to_string()));
+        let list = if add {
+            &mut changes.add
+        } else {
+            &mut changes.set
+        };
+        list.push((lower, v.trim().to_string()));
     }
     for name in raw.remove.iter().flatten() {
         if let Some(lower) = name_ok(ctx, name.get_ref(), name.span()) {
             changes.remove.push(lower);
         }
     }
-    if raw.set.is_none() && raw.remove.is_none() {
+    if raw.set.is_none() && raw.remove.is_none() && raw.add.is_none() {
         ctx.error(
             span,
             "this table changes nothing",
@@ -533,6 +540,7 @@ pub(super) fn header_changes(
         );
     }
     changes.set.sort();
+    changes.add.sort();
     (ctx.errors.len() == before).then_some(changes)
 }
 

@@ -756,8 +756,22 @@ fn edge_policies_parse() {
                 ("x-frame-options".into(), "DENY".into()),
             ],
             remove: vec!["x-powered-by".into()],
+            add: Vec::new(),
         },
         "names in lower case, in name order"
+    );
+    let added = EDGE.replacen(
+        "remove = [\"X-Powered-By\"]",
+        "remove = [\"X-Powered-By\"], add = { Vary = \"Accept-Language\", link = \" </a>; rel=preload \" }",
+        1,
+    );
+    let m2 = Manifest::parse(&added, Path::new("flotilla.toml")).unwrap();
+    assert_eq!(
+        m2.gateway.response_headers.add,
+        [
+            ("link".to_string(), "</a>; rel=preload".to_string()),
+            ("vary".to_string(), "Accept-Language".to_string())
+        ]
     );
     assert_eq!(m.gateway.request_headers, crate::HeaderChanges::default());
     let route = &m.services["orders"].routes[0];
@@ -766,6 +780,7 @@ fn edge_policies_parse() {
         crate::HeaderChanges {
             set: vec![("x-api-version".into(), "2".into())],
             remove: vec!["cookie".into()],
+            add: Vec::new(),
         }
     );
     assert_eq!(route.response_headers, crate::HeaderChanges::default());
@@ -893,9 +908,19 @@ fn edge_policy_errors() {
             "this table changes nothing",
         ),
         (
+            "remove = [\"X-Powered-By\"]",
+            "remove = [\"X-Powered-By\"], add = { \"x-frame-options\" = \"SAMEORIGIN\" }",
+            "`x-frame-options` is named twice",
+        ),
+        (
+            "remove = [\"X-Powered-By\"]",
+            "add = { \"X-Request-Id\" = \"1\" }",
+            "`x-request-id` cannot be changed here",
+        ),
+        (
             "request_headers = { set",
-            "request_headers = { add",
-            "unknown key `add`",
+            "request_headers = { append",
+            "unknown key `append`",
         ),
         (
             "auth = \"jwt\", scopes = [\"orders:write\"], ",
@@ -1350,6 +1375,10 @@ fn the_documented_gateway_examples_parse() {
     let catalog = &m.services["catalog"].routes[0];
     assert_eq!(catalog.request_headers.remove, ["cookie"]);
     assert_eq!(catalog.response_headers.set[0].0, "cache-control");
+    assert_eq!(
+        catalog.response_headers.add[0],
+        ("vary".into(), "Accept-Language".into())
+    );
 
     let limits = documented_examples("### `[gateway] limits`, `retries`, `outlier_detection`");
     let m = parses(&format!("name = \"x\"\n{}\n{service}", limits[0]));
