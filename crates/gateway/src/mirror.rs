@@ -114,7 +114,7 @@ pub(crate) async fn send(
             continue;
         };
         let copy = copy_of(req, bytes.clone());
-        let proxy = proxy.to_owned();
+        let proxy = proxy.detached();
         let mirror = Arc::clone(mirror);
         tokio::spawn(async move {
             let _slot = slot;
@@ -156,4 +156,25 @@ fn copy_of(req: &Request<Body>, body: Bytes) -> Request<Body> {
         copy.headers_mut().insert(HOST, shadow);
     }
     copy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The only test in this binary that takes slots: the count is global.
+    #[test]
+    fn copies_past_the_cap_are_refused_until_one_finishes() {
+        let mut held: Vec<Slot> = (0..MAX_IN_FLIGHT).filter_map(|_| Slot::take()).collect();
+        assert_eq!(held.len(), MAX_IN_FLIGHT);
+        assert!(Slot::take().is_none(), "a copy past the cap was let out");
+        // One finishes: exactly one place is free.
+        drop(held.pop());
+        let next = Slot::take();
+        assert!(next.is_some(), "a finished copy did not free its place");
+        assert!(Slot::take().is_none(), "one finished copy freed two places");
+        drop(next);
+        drop(held);
+        assert_eq!(IN_FLIGHT.load(Ordering::Acquire), 0);
+    }
 }

@@ -116,7 +116,7 @@ impl Proxy {
 
     /// This proxy, owned: for work that outlives the request that started
     /// it (a mirrored copy).
-    pub(crate) fn to_owned(&self) -> Proxy {
+    pub(crate) fn detached(&self) -> Proxy {
         self.with_client(self.client.clone())
     }
 
