@@ -252,56 +252,49 @@ fn strip_prefix_must_be_how_the_path_starts() {
     assert!(e.contains("e.g. `strip_prefix = \"/t\"`"), "{e}");
 }
 
+/// `catalog` with one route, written with `keys` (`split = { … }`, say),
+/// beside `catalog-v2` and `catalog-v3`: the services a split or a mirror
+/// may name. The route is on line 4.
+fn catalogs(keys: &str) -> String {
+    format!(
+        "name = \"x\"\n[services.catalog]\nrun = {{ cargo = \"c\" }}\nroutes = [{{ path = \"/api/catalog/**\", {keys} }}]\n[services.catalog-v2]\nrun = {{ cargo = \"c2\" }}\n[services.catalog-v3]\nrun = {{ cargo = \"c3\" }}\n"
+    )
+}
+
+/// Each of `keys` is refused with its message, pointing at the route.
+fn refused_on_the_route(cases: &[(&str, &str)]) {
+    for (keys, want) in cases {
+        let e = errors(&catalogs(keys));
+        assert!(e.contains(want), "{keys}: {e}");
+        assert!(e.contains("flotilla.toml:4:"), "{keys}: {e}");
+    }
+}
+
 #[test]
 fn a_split_names_other_services_with_shares_of_100_at_most() {
-    let src = r#"name = "x"
-[services.catalog]
-run = { cargo = "c" }
-routes = [{ path = "/api/catalog/**", split = { catalog-v2 = 10, catalog-v3 = 0 } }]
-[services.catalog-v2]
-run = { cargo = "c2" }
-[services.catalog-v3]
-run = { cargo = "c3" }
-"#;
-    let m = Manifest::parse(src, Path::new("flotilla.toml")).unwrap();
+    let m = parses(&catalogs("split = { catalog-v2 = 10, catalog-v3 = 0 }"));
     let split = &m.services["catalog"].routes[0].split;
     assert_eq!(split.get("catalog-v2"), Some(&10));
     assert_eq!(split.get("catalog-v3"), Some(&0));
-    for (service, reached) in [("catalog", 1), ("catalog-v2", 1), ("catalog-v3", 1)] {
-        assert_eq!(m.routes_reaching(service).count(), reached, "{service}");
+    for service in ["catalog", "catalog-v2", "catalog-v3"] {
+        assert_eq!(m.routes_reaching(service).count(), 1, "{service}");
     }
-    let cases = [
+    refused_on_the_route(&[
         (
-            "catalog-v2 = 10, catalog-v3 = 0",
-            "catalog-v2 = 10, catalog = 5",
+            "split = { catalog-v2 = 10, catalog = 5 }",
             "`split` names `catalog`, the route's own service",
         ),
         (
-            "catalog-v2 = 10, catalog-v3 = 0",
-            "catalog-v2 = 10, catalog-v4 = 5",
+            "split = { catalog-v2 = 10, catalog-v4 = 5 }",
             "did you mean `catalog-v2`?",
         ),
+        ("split = { catalog-v2 = 101 }", "`catalog-v2` gets 101%"),
+        ("split = { catalog-v2 = -1 }", "`catalog-v2` gets -1%"),
         (
-            "catalog-v2 = 10, catalog-v3 = 0",
-            "catalog-v2 = 101",
-            "`catalog-v2` gets 101%",
-        ),
-        (
-            "catalog-v2 = 10, catalog-v3 = 0",
-            "catalog-v2 = -1",
-            "`catalog-v2` gets -1%",
-        ),
-        (
-            "catalog-v2 = 10, catalog-v3 = 0",
-            "catalog-v2 = 60, catalog-v3 = 50",
+            "split = { catalog-v2 = 60, catalog-v3 = 50 }",
             "`split` gives away 110% of the route's requests",
         ),
-    ];
-    for (from, to, want) in cases {
-        let e = errors(&src.replace(from, to));
-        assert!(e.contains(want), "{to}: {e}");
-        assert!(e.contains("flotilla.toml:4:"), "{to}: {e}");
-    }
+    ]);
 }
 
 #[test]
@@ -350,46 +343,34 @@ fn compression_takes_defaults_and_refuses_what_it_cannot_compress() {
 
 #[test]
 fn a_mirror_names_other_services_each_with_a_share() {
-    let src = r#"name = "x"
-[services.catalog]
-run = { cargo = "c" }
-routes = [{ path = "/api/catalog/**", mirror = { catalog-v2 = 100, catalog-v3 = 10 } }]
-[services.catalog-v2]
-run = { cargo = "c2" }
-[services.catalog-v3]
-run = { cargo = "c3" }
-"#;
-    let m = Manifest::parse(src, Path::new("flotilla.toml")).unwrap();
+    let m = parses(&catalogs("mirror = { catalog-v2 = 100, catalog-v3 = 10 }"));
     let mirror = &m.services["catalog"].routes[0].mirror;
     assert_eq!(mirror.get("catalog-v2"), Some(&100));
     assert_eq!(mirror.get("catalog-v3"), Some(&10));
     // Their ACLs let the gateway in on the route.
     assert_eq!(m.routes_reaching("catalog-v3").count(), 1);
-    for (to, want) in [
+    refused_on_the_route(&[
         (
-            "catalog = 5",
+            "mirror = { catalog = 5 }",
             "`mirror` names `catalog`, the route's own service",
         ),
-        ("catalog-v4 = 5", "did you mean `catalog-v2`?"),
-        ("catalog-v2 = 101", "`catalog-v2` gets 101%"),
-    ] {
-        let e = errors(&src.replace("catalog-v2 = 100, catalog-v3 = 10", to));
-        assert!(e.contains(want), "{to}: {e}");
-        assert!(e.contains("flotilla.toml:4:"), "{to}: {e}");
-    }
-    // A route's own retries, and their range.
-    let own = src.replace("mirror = {", "retries = 0, mirror = {");
-    let m = Manifest::parse(&own, Path::new("flotilla.toml")).unwrap();
+        ("mirror = { catalog-v4 = 5 }", "did you mean `catalog-v2`?"),
+        ("mirror = { catalog-v2 = 101 }", "`catalog-v2` gets 101%"),
+    ]);
+}
+
+#[test]
+fn a_route_s_own_retries_are_0_to_10() {
+    let m = parses(&catalogs("retries = 0"));
     assert_eq!(m.services["catalog"].routes[0].retries, Some(0));
-    assert_eq!(m.services["catalog-v2"].routes.len(), 0);
-    for (to, want) in [
-        ("retries = 11, mirror = {", "`retries = 11` is out of range"),
-        ("retries = -1, mirror = {", "`retries = -1` is out of range"),
-    ] {
-        let e = errors(&src.replace("mirror = {", to));
-        assert!(e.contains(want), "{to}: {e}");
-        assert!(e.contains("flotilla.toml:4:"), "{to}: {e}");
-    }
+    assert_eq!(
+        parses(&catalogs("methods = [\"GET\"]")).services["catalog"].routes[0].retries,
+        None
+    );
+    refused_on_the_route(&[
+        ("retries = 11", "`retries = 11` is out of range"),
+        ("retries = -1", "`retries = -1` is out of range"),
+    ]);
 }
 
 #[test]
@@ -1359,7 +1340,7 @@ fn documented_examples(heading: &str) -> Vec<String> {
 
 fn parses(src: &str) -> Manifest {
     Manifest::parse(src, Path::new("flotilla.toml"))
-        .unwrap_or_else(|e| panic!("a documented example does not parse: {e}\n{src}"))
+        .unwrap_or_else(|e| panic!("does not parse: {e}\n{src}"))
 }
 
 /// The gateway examples docs/manifest.md gives parse as printed, wrapped in
