@@ -26,14 +26,7 @@ static STARTED_WITH: OnceLock<libc::rlimit> = OnceLock::new();
 /// (a program written for it, say one using `select`, keeps working).
 /// Returns the soft limit before and after.
 pub(crate) fn raise_open_files_limit() -> io::Result<(u64, u64)> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes the struct it is given, which lives here.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let limit = open_files_limit()?;
     let before = limit.rlim_cur;
     if limit.rlim_cur >= limit.rlim_max {
         return Ok((before, before));
@@ -48,6 +41,19 @@ pub(crate) fn raise_open_files_limit() -> io::Result<(u64, u64)> {
         return Err(io::Error::last_os_error());
     }
     Ok((before, raised.rlim_cur))
+}
+
+/// This process's soft and hard limits on open files.
+fn open_files_limit() -> io::Result<libc::rlimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given, which lives here.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(limit)
 }
 
 /// What to execute for every instance of a service.
@@ -243,17 +249,11 @@ async fn pump<R: AsyncRead + Unpin>(
 mod tests {
     use super::*;
 
-    fn open_files_limit() -> libc::rlimit {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: as in `raise_open_files_limit`.
-        assert_eq!(
-            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-            0
-        );
-        limit
+    fn limit() -> libc::rlimit {
+        match open_files_limit() {
+            Ok(l) => l,
+            Err(e) => panic!("getrlimit: {e}"),
+        }
     }
 
     #[tokio::test]
@@ -289,7 +289,7 @@ mod tests {
     /// binary that changes it.
     #[tokio::test]
     async fn the_limit_is_raised_for_us_and_not_for_instances() {
-        let given = open_files_limit();
+        let given = limit();
         if given.rlim_max == libc::RLIM_INFINITY {
             eprintln!("skipped: no finite hard limit on open files to raise to");
             return;
@@ -307,7 +307,7 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         assert_eq!(raised, (given.rlim_max - 1, given.rlim_max));
-        assert_eq!(open_files_limit().rlim_cur, given.rlim_max);
+        assert_eq!(limit().rlim_cur, given.rlim_max);
         // A second call has nothing left to raise.
         assert!(matches!(raise_open_files_limit(), Ok((b, a)) if b == a));
 
