@@ -536,7 +536,7 @@ pub(super) fn header_changes(
         ctx.error(
             span,
             "this table changes nothing",
-            Some("add `set = { \"x-frame-options\" = \"DENY\" }` or `remove = [\"x-powered-by\"]`, or remove the table".into()),
+            Some("add `set = { \"x-frame-options\" = \"DENY\" }`, `add = { vary = \"Accept-Language\" }` or `remove = [\"x-powered-by\"]`, or remove the table".into()),
         );
     }
     changes.set.sort();
