@@ -632,3 +632,40 @@ impl Default for Compression {
         }
     }
 }
+
+/// The gateway's store of cached responses (`[gateway.cache]`): one for
+/// every route with `cache`, bounded in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStore {
+    /// Bytes kept in all (bodies, heads and keys); past it the entries
+    /// used longest ago go first.
+    pub max_bytes: u64,
+    /// The largest response body kept; a larger one is relayed, not kept.
+    pub max_entry_bytes: u64,
+}
+
+impl CacheStore {
+    pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
+    pub const DEFAULT_MAX_ENTRY_BYTES: u64 = 1 << 20;
+}
+
+impl Default for CacheStore {
+    fn default() -> CacheStore {
+        CacheStore {
+            max_bytes: CacheStore::DEFAULT_MAX_BYTES,
+            max_entry_bytes: CacheStore::DEFAULT_MAX_ENTRY_BYTES,
+        }
+    }
+}
+
+/// A route's response caching (`cache = { ttl = "30s" }`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteCache {
+    /// How long a response without freshness of its own (`Cache-Control:
+    /// max-age`, `s-maxage`, `Expires`) is served from the cache.
+    pub ttl: Duration,
+}
+
+impl RouteCache {
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
+}

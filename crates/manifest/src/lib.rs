@@ -21,10 +21,10 @@ use std::time::Duration;
 
 pub use diagnostic::Diagnostic;
 pub use edge::{
-    ClientAuth, Compression, Cors, GatewayLimits, HOP_BY_HOP, HeaderChanges, HeaderDirection,
-    IpList, IpNet, IpNetParseError, JwksSource, Jwt, OutlierDetection, RateLimit, RateLimitKey,
-    RateLimitParseError, RateLimitStore, Retries, Tls, TlsCertificate, TlsVersion, parse_net,
-    parse_nets, reserved_header,
+    CacheStore, ClientAuth, Compression, Cors, GatewayLimits, HOP_BY_HOP, HeaderChanges,
+    HeaderDirection, IpList, IpNet, IpNetParseError, JwksSource, Jwt, OutlierDetection, RateLimit,
+    RateLimitKey, RateLimitParseError, RateLimitStore, Retries, RouteCache, Tls, TlsCertificate,
+    TlsVersion, parse_net, parse_nets, reserved_header,
 };
 pub use events::{
     Broker, BrokerDurability, BrokerEngine, Deliver, Queue, Stream, StreamSource, Subscribe, Topic,
@@ -91,6 +91,9 @@ pub struct Gateway {
     /// gzip for responses to clients that accept it
     /// (`[gateway.compression]`); off without it.
     pub compression: Option<Compression>,
+    /// The store of cached responses (`[gateway.cache]`), for routes with
+    /// `cache`.
+    pub cache: CacheStore,
 }
 
 /// Names of the platform's own identities: no service may take one.
@@ -214,6 +217,8 @@ pub struct Route {
     /// Retries of a failed attempt for this route, instead of
     /// `[gateway.retries] attempts`.
     pub retries: Option<u32>,
+    /// The gateway keeps its GET responses and answers repeats itself.
+    pub cache: Option<RouteCache>,
     /// Upper-case HTTP methods; empty means any method.
     pub methods: Vec<String>,
     pub auth: Auth,

@@ -42,6 +42,20 @@ pub(crate) struct RawGateway {
     pub request_headers: Option<Spanned<RawHeaderChanges>>,
     pub response_headers: Option<Spanned<RawHeaderChanges>>,
     pub compression: Option<Spanned<RawCompression>>,
+    pub cache: Option<Spanned<RawCacheStore>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCacheStore {
+    pub max_bytes: Option<Spanned<i64>>,
+    pub max_entry_bytes: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRouteCache {
+    pub ttl: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,6 +217,7 @@ pub(crate) struct RawRoute {
     pub split: Option<Spanned<BTreeMap<String, Spanned<i64>>>>,
     pub mirror: Option<Spanned<BTreeMap<String, Spanned<i64>>>>,
     pub retries: Option<Spanned<i64>>,
+    pub cache: Option<Spanned<RawRouteCache>>,
     pub methods: Option<Vec<Spanned<String>>>,
     pub auth: Option<Spanned<String>>,
     pub scopes: Option<Vec<Spanned<String>>>,

@@ -246,6 +246,7 @@ fn unreachable_gateway() -> Gateway {
         request_headers: Default::default(),
         response_headers: Default::default(),
         compression: None,
+        cache: Default::default(),
     }
 }
 
@@ -384,6 +385,7 @@ fn gateway(
         request_headers: Default::default(),
         response_headers: Default::default(),
         compression: None,
+        cache: Default::default(),
     };
     let Some(raw) = raw else { return Some(gw) };
     let raw = raw.get_ref();
@@ -441,6 +443,9 @@ fn gateway(
     }
     if let Some(c) = &raw.compression {
         gw.compression = Some(edge::compression(ctx, c)?);
+    }
+    if let Some(c) = &raw.cache {
+        gw.cache = edge::cache_store(ctx, c)?;
     }
     if let Some(t) = &raw.tls {
         let tls = edge::tls(ctx, t)?;
@@ -891,6 +896,10 @@ fn route(
         Some(r) => Some(ctx.count(r, "retries", 0, 10)?),
         None => None,
     };
+    let cache = match &raw.cache {
+        Some(c) => Some(edge::route_cache(ctx, c, &methods)?),
+        None => None,
+    };
     let auth = match &raw.auth {
         None => Auth::Public,
         Some(a) => match a.get_ref().as_str() {
@@ -1005,6 +1014,7 @@ fn route(
         split,
         mirror,
         retries,
+        cache,
         methods,
         auth,
         timeout,

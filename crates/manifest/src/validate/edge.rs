@@ -2,7 +2,7 @@
 //! `.ip`, `.rate_limits`, `.tls`, the per-route `auth`, `scopes`,
 //! `claims`, `rate_limit`, `cors`, `ip` and `max_body_bytes`, and the
 //! system's and routes' `request_headers` and `response_headers`, and
-//! `[gateway.compression]`.
+//! `[gateway.compression]`, `[gateway.cache]` and a route's `cache`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,11 +11,14 @@ use toml::Spanned;
 
 use super::Ctx;
 use crate::edge::{
-    ClientAuth, Compression, Cors, HeaderChanges, HeaderDirection, IpList, JwksSource, Jwt,
-    RateLimit, RateLimitKey, RateLimitStore, Tls, TlsCertificate, TlsVersion, is_origin, parse_net,
-    reserved_header,
+    CacheStore, ClientAuth, Compression, Cors, HeaderChanges, HeaderDirection, IpList, JwksSource,
+    Jwt, RateLimit, RateLimitKey, RateLimitStore, RouteCache, Tls, TlsCertificate, TlsVersion,
+    is_origin, parse_net, reserved_header,
 };
-use crate::raw::{RawCompression, RawCors, RawHeaderChanges, RawIp, RawJwt, RawRateLimits, RawTls};
+use crate::raw::{
+    RawCacheStore, RawCompression, RawCors, RawHeaderChanges, RawIp, RawJwt, RawRateLimits,
+    RawRouteCache, RawTls,
+};
 
 const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
 const DEFAULT_CORS_MAX_AGE: Duration = Duration::from_secs(600);
@@ -599,4 +602,76 @@ pub(super) fn compression(ctx: &mut Ctx<'_>, raw: &Spanned<RawCompression>) -> O
         }
     }
     (ctx.errors.len() == before).then_some(c)
+}
+
+/// `[gateway.cache]`: both sizes in range, an entry no larger than the
+/// store.
+pub(super) fn cache_store(ctx: &mut Ctx<'_>, raw: &Spanned<RawCacheStore>) -> Option<CacheStore> {
+    let raw = raw.get_ref();
+    let mut c = CacheStore::default();
+    let before = ctx.errors.len();
+    if let Some(m) = &raw.max_bytes {
+        c.max_bytes = ctx
+            .count(m, "max_bytes", 1024, i64::from(u32::MAX))
+            .map_or(0, u64::from);
+    }
+    if let Some(m) = &raw.max_entry_bytes {
+        c.max_entry_bytes = ctx
+            .count(m, "max_entry_bytes", 1, MAX_BODY_LIMIT)
+            .map_or(0, u64::from);
+    }
+    if ctx.errors.len() == before && c.max_entry_bytes > c.max_bytes {
+        let span = raw
+            .max_entry_bytes
+            .as_ref()
+            .or(raw.max_bytes.as_ref())
+            .map(Spanned::span)
+            .unwrap_or_default();
+        ctx.error(
+            span,
+            format!(
+                "`max_entry_bytes = {}` is more than the whole cache (`max_bytes = {}`)",
+                c.max_entry_bytes, c.max_bytes
+            ),
+            Some("raise `max_bytes`, or lower `max_entry_bytes`".into()),
+        );
+    }
+    (ctx.errors.len() == before).then_some(c)
+}
+
+/// The longest `ttl` a route may give: a year, as RFC 9111's `max-age`
+/// advice has it for "never expires".
+const MAX_CACHE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A route's `cache`: a `ttl` of a whole second or more, on a route that
+/// takes GET (only GET responses are kept).
+pub(super) fn route_cache(
+    ctx: &mut Ctx<'_>,
+    raw: &Spanned<RawRouteCache>,
+    methods: &[String],
+) -> Option<RouteCache> {
+    if !methods.is_empty() && !methods.iter().any(|m| m == "GET") {
+        ctx.error(
+            raw.span(),
+            "`cache` keeps GET responses only, and this route takes no GET",
+            Some("add \"GET\" to the route's `methods`, or remove `cache`".into()),
+        );
+        return None;
+    }
+    let ttl = match &raw.get_ref().ttl {
+        Some(t) => {
+            let ttl = ctx.duration(t, "ttl")?;
+            if ttl < Duration::from_secs(1) || ttl > MAX_CACHE_TTL {
+                ctx.error(
+                    t.span(),
+                    format!("`ttl = \"{}\"` is out of range", t.get_ref()),
+                    Some("give from 1s to 365d; `Age` counts whole seconds".into()),
+                );
+                return None;
+            }
+            ttl
+        }
+        None => RouteCache::DEFAULT_TTL,
+    };
+    Some(RouteCache { ttl })
 }

@@ -1410,6 +1410,14 @@ fn the_documented_gateway_examples_parse() {
     let m = parses(&format!("name = \"x\"\n{}", mirror[0]));
     assert_eq!(m.services["catalog"].routes[0].mirror["catalog-v2"], 100);
 
+    let cache = documented_examples("#### Caching responses");
+    let m = parses(&format!("name = \"x\"\n{}", cache[0]));
+    assert_eq!(m.gateway.cache.max_bytes, 128 << 20);
+    assert_eq!(
+        m.services["reviews"].routes[0].cache.map(|c| c.ttl),
+        Some(Duration::from_secs(30))
+    );
+
     let compression = documented_examples("### `[gateway] compression`");
     let m = parses(&format!("name = \"x\"\n{}\n{service}", compression[0]));
     let c = m.gateway.compression.unwrap_or_default();
@@ -1419,4 +1427,74 @@ fn the_documented_gateway_examples_parse() {
     let m = parses(&format!("name = \"x\"\n{service}{}", cors[1]));
     let route_cors = m.services["a"].routes[0].cors.as_ref();
     assert_eq!(route_cors.map(|c| c.origins.len()), Some(2));
+}
+
+#[test]
+fn a_route_s_cache_and_the_store_take_defaults_and_refuse_what_cannot_be_kept() {
+    let with = |gateway: &str, route: &str| {
+        format!(
+            "name = \"x\"\n{gateway}\n[services.a]\nrun = {{ cargo = \"a\" }}\nroutes = [{{ path = \"/a/**\", {route} }}]\n"
+        )
+    };
+    let m = parses(&with("", "cache = {}"));
+    assert_eq!(m.gateway.cache, crate::CacheStore::default());
+    assert_eq!(
+        m.services["a"].routes[0].cache,
+        Some(crate::RouteCache {
+            ttl: Duration::from_secs(60)
+        })
+    );
+    let m = parses(&with(
+        "[gateway.cache]\nmax_bytes = 4096\nmax_entry_bytes = 4096",
+        "methods = [\"GET\", \"POST\"], cache = { ttl = \"2m\" }",
+    ));
+    assert_eq!(
+        (m.gateway.cache.max_bytes, m.gateway.cache.max_entry_bytes),
+        (4096, 4096)
+    );
+    assert_eq!(
+        m.services["a"].routes[0].cache.map(|c| c.ttl),
+        Some(Duration::from_secs(120))
+    );
+    assert_eq!(
+        parses(&with("", "methods = [\"GET\"]")).services["a"].routes[0].cache,
+        None
+    );
+
+    for (route, want) in [
+        (
+            "methods = [\"POST\"], cache = {}",
+            "`cache` keeps GET responses only, and this route takes no GET",
+        ),
+        (
+            "cache = { ttl = \"500ms\" }",
+            "`ttl = \"500ms\"` is out of range",
+        ),
+        (
+            "cache = { ttl = \"400d\" }",
+            "`ttl = \"400d\"` is out of range",
+        ),
+        ("cache = { ttl = \"0s\" }", "`ttl` must be longer than zero"),
+        ("cache = { ttl = \"soon\" }", "`soon` is not a duration"),
+        ("cache = { ttl = \"1m\", vary = [] }", "unknown key `vary`"),
+    ] {
+        let e = errors(&with("", route));
+        assert!(e.contains(want), "{route}: {e}");
+        assert!(e.contains("flotilla.toml:5:"), "{route}: {e}");
+    }
+    for (gateway, want) in [
+        ("max_bytes = 100", "`max_bytes = 100` is out of range"),
+        (
+            "max_entry_bytes = 0",
+            "`max_entry_bytes = 0` is out of range",
+        ),
+        (
+            "max_bytes = 2048\nmax_entry_bytes = 4096",
+            "`max_entry_bytes = 4096` is more than the whole cache (`max_bytes = 2048`)",
+        ),
+        ("size = 1", "unknown key `size`"),
+    ] {
+        let e = errors(&with(&format!("[gateway.cache]\n{gateway}"), "cache = {}"));
+        assert!(e.contains(want), "{gateway}: {e}");
+    }
 }
