@@ -15,6 +15,7 @@ use flotilla_manifest::{
     Auth, HeaderDirection, HostPattern, Manifest, PathPattern, RateLimitStore,
 };
 
+use crate::cache::CacheConfig;
 use crate::client::UpstreamTls;
 use crate::compress::CompressionConfig;
 use crate::cors::{CorsConfig, CorsConfigError, CorsPolicy};
@@ -60,6 +61,8 @@ pub struct Config {
     pub response_headers: HeaderChanges,
     /// gzip for responses to clients that take it; off when `None`.
     pub compression: Option<CompressionConfig>,
+    /// The store of responses kept for routes with `cache`.
+    pub cache: CacheConfig,
 }
 
 /// One path (and optionally methods) owned by a service.
@@ -81,6 +84,9 @@ pub struct RouteConfig {
     pub mirror: Vec<(String, u32)>,
     /// Retries after a failed attempt, instead of `Limits::max_retries`.
     pub retries: Option<u32>,
+    /// Keep GET responses and answer repeats from the gateway: this long
+    /// when a response gives no freshness of its own.
+    pub cache: Option<Duration>,
     /// Upper-case methods; empty means any. HEAD is allowed wherever GET is.
     pub methods: Vec<String>,
     /// Bounds everything up to the upstream's response headers: waiting for
@@ -116,6 +122,7 @@ impl RouteConfig {
             split: Vec::new(),
             mirror: Vec::new(),
             retries: None,
+            cache: None,
             methods: Vec::new(),
             timeout: Duration::from_secs(30),
             auth: RouteAuth::Public,
@@ -428,6 +435,7 @@ impl Config {
                         .map(|(service, percent)| (service.clone(), *percent))
                         .collect(),
                     retries: route.retries,
+                    cache: route.cache.map(|c| c.ttl),
                     methods: route.methods.clone(),
                     timeout: route.timeout,
                     auth: match &route.auth {
@@ -498,6 +506,7 @@ impl Config {
                 .compression
                 .as_ref()
                 .map(CompressionConfig::from_manifest),
+            cache: CacheConfig::from_manifest(&gw.cache),
         }
     }
 }

@@ -15,7 +15,8 @@
 //!    / 403, then the identity headers;
 //! 8. rate limit → 429;
 //! 9. body size → 413 (declared length now, streamed length as it flows);
-//! 10. the `request_headers` changes (`header_changes`);
+//! 10. the route's `cache`: a kept response answers here (`cache`);
+//! 11. the `request_headers` changes (`header_changes`);
 //!
 //! then the proxy. On the way out every response, including the gateway's
 //! own refusals, gets the CORS headers (so a browser can read a 401 or 429),
@@ -40,7 +41,9 @@ use http_body_util::Limited;
 use tower::ServiceExt;
 
 use crate::body::{self, Body};
+use crate::cache::{Miss, Verdict};
 use crate::client_cert::{ClientCert, XFCC};
+use crate::clock;
 use crate::compress;
 use crate::cors::{self, CorsPolicy};
 use crate::ip;
@@ -331,6 +334,22 @@ pub(crate) fn handle<'a>(
         {
             return finish.reject(rejection);
         }
+        // After every policy, so that a kept response never lets a request
+        // past one; before the request's own changes, which are the same
+        // for every request of the route. Boxed: most routes keep nothing,
+        // and every request's future would otherwise hold room for it.
+        let mut miss: Option<Box<Miss>> = None;
+        if let Some(cache) = &route.policy.cache
+            && tunnel.is_none()
+        {
+            match look_up(cache, &req, route) {
+                Verdict::Hit(mut reply) => {
+                    finish.done(&mut reply);
+                    return reply;
+                }
+                Verdict::Forward(m) => miss = Some(Box::new(m)),
+            }
+        }
         if let Some(changes) = &route.policy.request_headers {
             changes.apply_to_request(req.headers_mut());
         }
@@ -351,12 +370,39 @@ pub(crate) fn handle<'a>(
                     Handoff::hold(&reply.res, slot);
                 }
                 *upstream = Some(answered);
+                if let (Some(miss), Some(cache)) = (miss, &route.policy.cache) {
+                    miss.keep(cache, &mut reply, clock::now());
+                }
                 finish.done(&mut reply);
                 reply
             }
             Err(rejection) => finish.reject(rejection),
         }
     }
+}
+
+/// The cache's verdict on `req`, counted by route.
+#[cold]
+#[inline(never)]
+fn look_up(cache: &crate::cache::RouteCache, req: &Request<Body>, route: &Route) -> Verdict {
+    let host = if cache.by_host {
+        request_host(req)
+    } else {
+        None
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or(req.uri().path(), PathAndQuery::as_str);
+    let verdict = cache.lookup(req, host, path, clock::now());
+    let result = match &verdict {
+        Verdict::Hit(_) => Some("hit"),
+        Verdict::Forward(miss) => miss.result(),
+    };
+    if let Some(result) = result {
+        stats::cache_lookup(route.pattern.as_str(), result);
+    }
+    verdict
 }
 
 /// A WebSocket handshake's place among the open tunnels, if its origin may

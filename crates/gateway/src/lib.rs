@@ -38,6 +38,7 @@
 mod access_log;
 mod balance;
 mod body;
+mod cache;
 mod chunked;
 mod client;
 mod client_cert;
@@ -82,6 +83,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::task::AbortOnDropHandle;
 
+pub use cache::CacheConfig;
 pub use client::UpstreamTls;
 pub use compress::CompressionConfig;
 pub use config::{Config, ConfigError, Limits, RouteConfig};

@@ -169,6 +169,11 @@ impl Relayed {
     pub(crate) fn len(&self) -> usize {
         self.fields.len() + self.added.len()
     }
+
+    /// The bytes of the instance's head, which this holds on to.
+    pub(crate) fn head_len(&self) -> usize {
+        self.head.len()
+    }
 }
 
 fn length_bit(len: usize) -> u64 {

@@ -20,6 +20,7 @@ use flotilla_manifest::{HostPattern, PathPattern};
 use http::Method;
 use rand::Rng;
 
+use crate::cache::RouteCache;
 use crate::compress::Compression;
 use crate::config::RouteConfig;
 use crate::cors::CorsPolicy;
@@ -69,6 +70,8 @@ pub(crate) struct RoutePolicy {
     pub client_cert: bool,
     /// The system's request header changes, then the route's.
     pub request_headers: Option<HeaderChanges>,
+    /// Responses kept and served by the gateway (`cache`).
+    pub cache: Option<RouteCache>,
 }
 
 /// What every response gets on its way out: of a route, or the system's

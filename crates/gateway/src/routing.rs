@@ -19,6 +19,7 @@ use flotilla_manifest::HostPattern;
 
 use tower_http::services::ServeDir;
 
+use crate::cache::{ResponseCache, RouteCache};
 use crate::client::FetchClient;
 use crate::compress::Compression;
 use crate::config::{Config, ConfigError};
@@ -45,6 +46,8 @@ pub(crate) struct Routing {
     /// that a request's `Accept-Encoding` is read only then.
     pub compression: bool,
     backend: RateLimitBackend,
+    /// The store of the routes with `cache`, if any has.
+    cache: Option<Arc<ResponseCache>>,
 }
 
 /// What building a [`Routing`] needs besides the config.
@@ -109,6 +112,15 @@ impl Routing {
             .compression
             .as_ref()
             .map(|c| Arc::new(Compression::new(c)));
+        // Kept across reloads that keep its sizes: entries are keyed by
+        // route, so a path that moved to another route is not served from
+        // the old one's.
+        let cache = config.routes.iter().any(|r| r.cache.is_some()).then(|| {
+            match previous.and_then(|p| p.cache.as_ref()) {
+                Some(store) if store.config() == config.cache => Arc::clone(store),
+                _ => Arc::new(ResponseCache::new(config.cache)),
+            }
+        });
         let backend = &config.rate_limit_backend;
         let old_backend = previous.map(|p| &p.backend);
         let default_body = config.limits.max_body_bytes;
@@ -154,6 +166,15 @@ impl Routing {
                     &config.request_headers,
                     &route.request_headers,
                 ),
+                cache: match (&cache, route.cache) {
+                    (Some(store), Some(ttl)) => Some(RouteCache {
+                        store: Arc::clone(store),
+                        ttl,
+                        by_host: !route.hosts.is_empty(),
+                        id: id.clone().into_boxed_str(),
+                    }),
+                    _ => None,
+                },
             }
         });
         Ok(Routing {
@@ -172,6 +193,7 @@ impl Routing {
             ip: config.ip.clone(),
             compression: compression.is_some(),
             backend: backend.clone(),
+            cache,
         })
     }
 }

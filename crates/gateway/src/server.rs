@@ -729,6 +729,7 @@ mod tests {
             request_headers: Default::default(),
             response_headers: Default::default(),
             compression: None,
+            cache: Default::default(),
         };
         let upstreams: Arc<dyn Upstreams> = Arc::new(Silent(Arc::from(vec![Endpoint {
             instance: "svc-0".into(),

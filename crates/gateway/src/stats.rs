@@ -21,6 +21,8 @@ const REQUEST_DURATION_BUCKETS: &[f64] = &[
 const IN_FLIGHT: &str = "flotilla_gateway_in_flight";
 const RETRIES_TOTAL: &str = "flotilla_gateway_retries_total";
 const MIRRORED: &str = "flotilla_gateway_mirrored_total";
+const CACHE_LOOKUPS: &str = "flotilla_gateway_cache_lookups_total";
+const CACHE_BYTES: &str = "flotilla_gateway_cache_bytes";
 const ACCESS_LOG_DROPPED: &str = "flotilla_gateway_access_log_dropped_total";
 const AUTH_FAILURES: &str = "flotilla_gateway_auth_failures_total";
 const RATE_LIMITED: &str = "flotilla_gateway_rate_limited_total";
@@ -116,6 +118,14 @@ pub(crate) fn describe() {
     metrics::describe_counter!(
         MIRRORED,
         "Copies of requests for a route's mirror services, by route, service and result (answered, failed, body_too_large, overloaded)."
+    );
+    metrics::describe_counter!(
+        CACHE_LOOKUPS,
+        "GET and HEAD requests on routes with a cache, by route and result (hit, miss: nothing fresh kept, bypass: the request asked not to be served from the cache, or for a range)."
+    );
+    metrics::describe_gauge!(
+        CACHE_BYTES,
+        "Bytes the response cache holds: bodies, heads and keys."
     );
     metrics::describe_counter!(
         AUTH_FAILURES,
@@ -278,6 +288,14 @@ pub(crate) fn mirrored(route: &str, service: &str, result: &'static str) {
         "result" => result,
     )
     .increment(1);
+}
+
+pub(crate) fn cache_lookup(route: &str, result: &'static str) {
+    metrics::counter!(CACHE_LOOKUPS, "route" => route.to_string(), "result" => result).increment(1);
+}
+
+pub(crate) fn cache_bytes(bytes: u64) {
+    metrics::gauge!(CACHE_BYTES).set(bytes as f64);
 }
 
 pub(crate) fn auth_failed(route: &str, reason: &'static str) {

@@ -165,6 +165,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         request_headers: Default::default(),
         response_headers: Default::default(),
         compression: None,
+        cache: Default::default(),
     };
     if args.jwt {
         let rng = ring::rand::SystemRandom::new();

@@ -156,7 +156,18 @@ async fn the_shop_runs_on_mutual_tls_and_its_acls() {
         page["reviews"]["count"].as_u64().unwrap_or(0) >= 2,
         "reviews from the Python service: {page}"
     );
-    // Through the gateway to reviews directly: write one, read it back.
+    // Through the gateway to reviews directly, whose route keeps answers
+    // for 30 s: the second read is the gateway's.
+    for want in ["fwd=uri-miss", "hit"] {
+        let read = http
+            .get(system.url("/api/reviews/sku-kettle"))
+            .send()
+            .await
+            .unwrap();
+        let said = read.headers()["cache-status"].to_str().unwrap_or("");
+        assert!(said.contains(want), "{want}: {said}");
+    }
+    // Write one, read it back: the write dropped the kept list.
     let posted = http
         .post(system.url("/api/reviews/sku-kettle"))
         .json(&json!({"author": "e2e", "rating": 4, "text": "Pours well."}))
@@ -164,14 +175,14 @@ async fn the_shop_runs_on_mutual_tls_and_its_acls() {
         .await
         .unwrap();
     assert_eq!(posted.status(), 201);
-    let list: Value = http
+    let read = http
         .get(system.url("/api/reviews/sku-kettle"))
         .send()
         .await
-        .unwrap()
-        .json()
-        .await
         .unwrap();
+    let said = read.headers()["cache-status"].to_str().unwrap_or("");
+    assert!(said.contains("fwd=uri-miss"), "{said}");
+    let list: Value = read.json().await.unwrap();
     assert!(
         list["reviews"]
             .as_array()

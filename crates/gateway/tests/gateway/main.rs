@@ -4,6 +4,7 @@
 
 mod activation;
 mod balancing;
+mod cache;
 mod compression;
 mod h1;
 mod header_changes;

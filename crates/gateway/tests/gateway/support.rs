@@ -85,7 +85,8 @@ struct UpstreamState {
 
 /// An HTTP upstream on 127.0.0.1:0. Paths containing `slow` never answer;
 /// paths containing `hold` wait for [`Upstream::release`]; anything else is
-/// echoed as JSON (instance, method, path, headers, body length), and paths
+/// echoed as JSON (instance, method, path, headers, body length), with
+/// each request field `x-reply-<name>` answered as a field `<name>`; paths
 /// containing `forge` also carry the fields only the gateway may set
 /// ([`FORGED`]). Field names go out in title case (`Content-Type`), as
 /// many servers write them.
@@ -234,6 +235,17 @@ async fn handle(
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_string()))
         .collect();
+    let reply_fields: Vec<(http::HeaderName, http::HeaderValue)> = req
+        .headers()
+        .iter()
+        .filter_map(|(k, v)| {
+            let name = k.as_str().strip_prefix("x-reply-")?;
+            Some((
+                http::HeaderName::from_bytes(name.as_bytes()).ok()?,
+                v.clone(),
+            ))
+        })
+        .collect();
     let body_len = match req.into_body().collect().await {
         Ok(c) => c.to_bytes().len(),
         Err(_) => usize::MAX,
@@ -250,6 +262,11 @@ async fn handle(
         "content-type",
         http::HeaderValue::from_static("application/json"),
     );
+    // What the test asks the instance to answer with: `x-reply-<name>`
+    // becomes the response's `<name>`.
+    for (name, value) in &reply_fields {
+        res.headers_mut().append(name.clone(), value.clone());
+    }
     if path.contains("forge") {
         for (name, value) in FORGED {
             res.headers_mut()
@@ -357,6 +374,7 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
         request_headers: Default::default(),
         response_headers: Default::default(),
         compression: None,
+        cache: Default::default(),
     }
 }
 

@@ -1,0 +1,812 @@
+//! A shared cache of responses at the edge, for routes with `cache`, as
+//! Kong's proxy-cache, Envoy's cache filter and nginx's `proxy_cache` keep
+//! one: a repeated GET is answered by the gateway, and the instance sees
+//! one request per freshness lifetime instead of one per client.
+//!
+//! It is a shared cache in RFC 9111's sense, and keeps its rules:
+//!
+//! - Only GET responses are kept; a HEAD is answered from a kept GET. A
+//!   request with `Range`, or `Cache-Control: no-store`, passes by; one
+//!   with `no-cache` (or `max-age=0`, or `Pragma: no-cache`) is forwarded
+//!   and its response replaces the kept one.
+//! - A response is kept when its status is cacheable by default (200, 203,
+//!   204, 300, 301, 308, 404, 405, 410, 414, 501), nothing in its
+//!   `Cache-Control` forbids it (`no-store`, `private`, `no-cache`), it
+//!   sets no cookie (a shared cache would hand one client's session to the
+//!   next, so Varnish and most CDNs refuse these too), it does not vary on
+//!   `*`, and its body is whole and no larger than `max_entry_bytes`. A
+//!   response to a request with `Authorization` is kept only when it says
+//!   it may be shared (`public`, `s-maxage`, `must-revalidate`, §3.5);
+//!   so is one to a request over a connection with a client certificate,
+//!   which identifies the client as surely.
+//! - Freshness is the response's: `s-maxage`, else `max-age`, else
+//!   `Expires` (from its `Date`), else the route's `ttl`, less the `Age`
+//!   it came with. A stale entry is never served: it is forwarded again.
+//! - `Vary` is honoured: each kept response remembers the request's values
+//!   of the fields it names, and is served only to requests with the same.
+//! - A successful unsafe request (POST, PUT, PATCH, DELETE …) on a path
+//!   drops what is kept for it (§4.4).
+//!
+//! A hit carries `Age` and `Cache-Status: flotilla; hit; ttl=…` (RFC 9211);
+//! a forwarded request's response carries `Cache-Status` with `fwd=` saying
+//! why (`uri-miss`, `vary-miss`, `stale`, `request`, `method`, `bypass`).
+//! Every edge policy (IP lists, JWT, rate limits) runs before the cache is
+//! looked at, so a kept response never lets a request past them; the way
+//! out (CORS, `RateLimit`, header changes, gzip) runs on hits as on
+//! misses.
+//!
+//! The store is one per gateway, bounded by `max_bytes` in all: keys,
+//! heads and bodies are counted, and the entries used longest ago go first
+//! (a `LinkedHashMap` in use order). Entries are keyed by the route
+//! (service, pattern, methods, hosts), the host when the route names
+//! hosts, and the path with its query, so a reload that gives a path to
+//! another route never serves the old route's answers, and the store
+//! survives reloads that keep its sizes.
+//!
+//! A client's own conditional GET (`If-None-Match`, `If-Modified-Since`)
+//! that a kept response meets gets `304 Not Modified` from the cache.
+//!
+//! Left out: concurrent misses of one key are each forwarded (no request
+//! collapsing); stale entries are not revalidated with `If-None-Match`,
+//! just fetched again.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use hashlink::LinkedHashMap;
+use http::header::{
+    AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, DATE, ETAG, EXPIRES, HeaderMap, HeaderName,
+    HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, PRAGMA, RANGE, SET_COOKIE, VARY,
+};
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::time::Instant;
+
+use crate::body::{self, Body, BoxError};
+use crate::client_cert::XFCC;
+use crate::headers::list_elements;
+use crate::relayed::{Relayed, Reply};
+use crate::stats;
+
+/// The field a hit or a forwarded request's response says so in.
+static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// How much of the cache one response may take, and all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    pub max_bytes: u64,
+    pub max_entry_bytes: u64,
+}
+
+impl CacheConfig {
+    pub fn from_manifest(c: &flotilla_manifest::CacheStore) -> CacheConfig {
+        CacheConfig {
+            max_bytes: c.max_bytes,
+            max_entry_bytes: c.max_entry_bytes,
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> CacheConfig {
+        CacheConfig::from_manifest(&flotilla_manifest::CacheStore::default())
+    }
+}
+
+/// What one entry costs besides its bytes: the map's slot, the entry's
+/// fields, the `Arc`. An estimate; it keeps many tiny entries from
+/// escaping the bound.
+const ENTRY_OVERHEAD: u64 = 256;
+
+/// Variants of one key (`Vary`) kept at most; a new one past them
+/// replaces the oldest. Bounds what a client varying a header can make
+/// the gateway keep for one path.
+const MAX_VARIANTS: usize = 8;
+
+/// The gateway's store of responses.
+#[derive(Debug)]
+pub(crate) struct ResponseCache {
+    config: CacheConfig,
+    store: Mutex<Store>,
+}
+
+#[derive(Debug, Default)]
+struct Store {
+    /// In use order: the front was used longest ago.
+    entries: LinkedHashMap<Box<str>, Vec<Arc<Entry>>>,
+    bytes: u64,
+}
+
+/// One kept response.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    status: StatusCode,
+    /// The instance's fields, as relayed.
+    relayed: Option<Relayed>,
+    /// The response's map (empty for a relayed response).
+    headers: HeaderMap,
+    body: Bytes,
+    /// The request's values of the fields the response's `Vary` names.
+    vary: Vec<(HeaderName, Option<Vec<u8>>)>,
+    stored: Instant,
+    expires: Instant,
+    /// The `Age` the instance sent, in seconds.
+    age: u64,
+    size: u64,
+}
+
+impl ResponseCache {
+    pub(crate) fn new(config: CacheConfig) -> ResponseCache {
+        ResponseCache {
+            config,
+            store: Mutex::new(Store::default()),
+        }
+    }
+
+    pub(crate) fn config(&self) -> CacheConfig {
+        self.config
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        // Nothing panics while holding it; a poisoned store is still whole.
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The fresh entry for `key` that `req`'s fields select, or why none.
+    fn get(&self, key: &str, req: &HeaderMap, now: Instant) -> Result<Arc<Entry>, &'static str> {
+        let mut store = self.store();
+        let store = &mut *store;
+        let Some(variants) = store.entries.get_mut(key) else {
+            return Err("uri-miss");
+        };
+        // The newest first, as RFC 9111 §4.1 asks when several match.
+        let Some(at) = variants.iter().rposition(|e| e.selected_by(req)) else {
+            return Err("vary-miss");
+        };
+        if variants[at].expires <= now {
+            let stale = variants.remove(at);
+            store.bytes -= stale.size;
+            if variants.is_empty() {
+                store.entries.remove(key);
+            }
+            stats::cache_bytes(store.bytes);
+            return Err("stale");
+        }
+        let entry = Arc::clone(&variants[at]);
+        store.entries.to_back(key);
+        Ok(entry)
+    }
+
+    /// Keeps `entry` under `key`, in place of the variant it matches, and
+    /// lets go of what was used longest ago until the store fits.
+    fn put(&self, key: Box<str>, entry: Entry) {
+        if entry.size > self.config.max_bytes {
+            return;
+        }
+        let entry = Arc::new(entry);
+        let mut store = self.store();
+        let store = &mut *store;
+        let mut freed = 0;
+        // Out and back in: the key goes to the back, as just used.
+        let mut variants = store.entries.remove(&key).unwrap_or_default();
+        variants.retain(|e| {
+            let same = e.vary == entry.vary;
+            if same {
+                freed += e.size;
+            }
+            !same
+        });
+        if variants.len() >= MAX_VARIANTS {
+            freed += variants.remove(0).size;
+        }
+        let size = entry.size;
+        variants.push(entry);
+        store.entries.insert(key, variants);
+        store.bytes = store.bytes - freed + size;
+        while store.bytes > self.config.max_bytes {
+            let Some((_, evicted)) = store.entries.pop_front() else {
+                break;
+            };
+            store.bytes -= evicted.iter().map(|e| e.size).sum::<u64>();
+        }
+        stats::cache_bytes(store.bytes);
+    }
+
+    /// Drops every variant kept under `key`.
+    fn invalidate(&self, key: &str) {
+        let mut store = self.store();
+        if let Some(variants) = store.entries.remove(key) {
+            store.bytes -= variants.iter().map(|e| e.size).sum::<u64>();
+            stats::cache_bytes(store.bytes);
+        }
+    }
+
+    /// Bytes and entries kept now.
+    #[cfg(test)]
+    fn usage(&self) -> (u64, usize) {
+        let store = self.store();
+        (store.bytes, store.entries.values().map(Vec::len).sum())
+    }
+}
+
+impl Entry {
+    fn selected_by(&self, req: &HeaderMap) -> bool {
+        self.vary
+            .iter()
+            .all(|(name, value)| joined(req, name).as_deref() == value.as_deref())
+    }
+
+    /// The entry as a response to `req`, made `now`: to a HEAD, without
+    /// its body (hyper's HTTP/2 server would send it) but with its length;
+    /// to a request whose validators the entry meets, `304 Not Modified`.
+    fn reply(&self, now: Instant, head: bool, req: &HeaderMap) -> Reply {
+        let mut res = Response::new(body::empty());
+        *res.status_mut() = self.status;
+        if !self.headers.is_empty() {
+            *res.headers_mut() = self.headers.clone();
+        }
+        let mut reply = Reply {
+            res,
+            relayed: self.relayed.clone(),
+        };
+        let not_modified = self.status == StatusCode::OK && not_modified(req, &reply);
+        let age = self.age + now.saturating_duration_since(self.stored).as_secs();
+        let ttl = self.expires.saturating_duration_since(now).as_secs();
+        if not_modified {
+            *reply.res.status_mut() = StatusCode::NOT_MODIFIED;
+        } else if !head {
+            *reply.res.body_mut() = body::full(self.body.clone());
+        }
+        let mut fields = reply.fields();
+        if not_modified {
+            fields.remove(&CONTENT_LENGTH);
+        } else if head {
+            fields.insert(CONTENT_LENGTH, HeaderValue::from(self.body.len()));
+        }
+        fields.insert(AGE, HeaderValue::from(age));
+        fields.insert(
+            CACHE_STATUS.clone(),
+            HeaderValue::from_str(&format!("flotilla; hit; ttl={ttl}"))
+                .unwrap_or(HeaderValue::from_static("flotilla; hit")),
+        );
+        reply
+    }
+}
+
+/// Whether `req`'s validators say the client has what `reply` holds
+/// (RFC 9110 §13.2.2): an `If-None-Match` with its entity tag (compared
+/// weakly) or `*`; without one, an `If-Modified-Since` no earlier than its
+/// `Last-Modified`.
+fn not_modified(req: &HeaderMap, reply: &Reply) -> bool {
+    let date = |v: Option<&[u8]>| {
+        v.and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+    };
+    if req.contains_key(IF_NONE_MATCH) {
+        let Some(tag) = reply.values(&ETAG).next() else {
+            return false;
+        };
+        let opaque = |t: &[u8]| t.strip_prefix(b"W/").unwrap_or(t).to_vec();
+        let tag = opaque(tag.trim_ascii());
+        return list_elements(req.get_all(IF_NONE_MATCH).iter().map(HeaderValue::as_bytes))
+            .any(|asked| asked == b"*" || opaque(asked) == tag);
+    }
+    match (
+        date(req.get(IF_MODIFIED_SINCE).map(HeaderValue::as_bytes)),
+        date(reply.values(&LAST_MODIFIED).next()),
+    ) {
+        (Some(since), Some(modified)) => modified <= since,
+        _ => false,
+    }
+}
+
+/// A request's values of the field `name`, joined as one list; `None`
+/// when it has none.
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    let mut out = first.as_bytes().to_vec();
+    for v in values {
+        out.extend_from_slice(b", ");
+        out.extend_from_slice(v.as_bytes());
+    }
+    Some(out)
+}
+
+/// A route's caching, compiled: the store, the route's `ttl` and its
+/// identity in keys.
+#[derive(Debug)]
+pub(crate) struct RouteCache {
+    pub store: Arc<ResponseCache>,
+    pub ttl: Duration,
+    /// The route's identity (service, pattern, methods, hosts).
+    pub id: Box<str>,
+    /// Whether the route names hosts: then the host is part of the key.
+    pub by_host: bool,
+}
+
+/// What the cache made of a request on a caching route.
+pub(crate) enum Verdict {
+    /// Answered from the cache.
+    Hit(Reply),
+    /// To be forwarded; [`Miss::keep`] takes its response.
+    Forward(Miss),
+}
+
+/// A forwarded request on a caching route, until its response is in.
+pub(crate) struct Miss {
+    /// Why it was forwarded (RFC 9211's `fwd`).
+    fwd: &'static str,
+    key: Box<str>,
+    /// Whether its response may be kept.
+    storable: bool,
+    /// Whether a success drops what is kept under its key.
+    invalidates: bool,
+    /// Whether it carried credentials: `Authorization`, or a client
+    /// certificate the gateway verified.
+    authorized: bool,
+    /// Its fields, for the response's `Vary` (only when `storable`).
+    headers: HeaderMap,
+}
+
+impl RouteCache {
+    /// Looks `req` up: `host` is the name it asked for (read only when the
+    /// route names hosts), `path` its path and query as the client sent
+    /// them.
+    pub(crate) fn lookup(
+        &self,
+        req: &Request<Body>,
+        host: Option<&str>,
+        path: &str,
+        now: Instant,
+    ) -> Verdict {
+        let key = self.key(host, path);
+        let method = req.method();
+        let miss = |fwd, storable, invalidates| {
+            Verdict::Forward(Miss {
+                fwd,
+                key: key.clone(),
+                storable,
+                invalidates,
+                authorized: req.headers().contains_key(AUTHORIZATION)
+                    || req.headers().contains_key(&XFCC),
+                headers: if storable {
+                    req.headers().clone()
+                } else {
+                    HeaderMap::new()
+                },
+            })
+        };
+        if method != Method::GET && method != Method::HEAD {
+            let unsafe_method = !matches!(*method, Method::OPTIONS | Method::TRACE);
+            return miss("method", false, unsafe_method);
+        }
+        if req.headers().contains_key(RANGE) {
+            return miss("bypass", false, false);
+        }
+        let asked = Directives::of(req.headers().get_all(CACHE_CONTROL).iter());
+        if asked.no_store {
+            return miss("request", false, false);
+        }
+        let is_get = method == Method::GET;
+        let pragma_no_cache = !req.headers().contains_key(CACHE_CONTROL)
+            && list_elements(req.headers().get_all(PRAGMA).iter().map(|v| v.as_bytes()))
+                .any(|p| p.eq_ignore_ascii_case(b"no-cache"));
+        if asked.no_cache || asked.max_age == Some(0) || pragma_no_cache {
+            return miss("request", is_get, false);
+        }
+        match self.store.get(&key, req.headers(), now) {
+            Ok(entry) => Verdict::Hit(entry.reply(now, !is_get, req.headers())),
+            Err(fwd) => miss(fwd, is_get, false),
+        }
+    }
+
+    fn key(&self, host: Option<&str>, path: &str) -> Box<str> {
+        let host = if self.by_host {
+            host.unwrap_or_default()
+        } else {
+            ""
+        };
+        let mut key = String::with_capacity(self.id.len() + host.len() + path.len() + 2);
+        key.push_str(&self.id);
+        key.push('\n');
+        for c in host.trim_end_matches('.').chars() {
+            key.push(c.to_ascii_lowercase());
+        }
+        key.push('\n');
+        key.push_str(path);
+        key.into_boxed_str()
+    }
+}
+
+impl Miss {
+    /// Takes the response to the forwarded request: says why it was
+    /// forwarded, and keeps it (as its body streams to the client) when it
+    /// may be kept; a successful unsafe request drops the path's entries.
+    pub(crate) fn keep(self, cache: &RouteCache, reply: &mut Reply, now: Instant) {
+        let status = reply.res.status();
+        let said = HeaderValue::from_str(&format!(
+            "flotilla; fwd={}; fwd-status={}",
+            self.fwd,
+            status.as_u16()
+        ))
+        .unwrap_or(HeaderValue::from_static("flotilla"));
+        if self.invalidates && (status.is_success() || status.is_redirection()) {
+            cache.store.invalidate(&self.key);
+        }
+        if self.storable {
+            self.record(cache, reply, now);
+        }
+        // After the entry took its copy of the fields: a hit says its own.
+        reply.fields().insert(CACHE_STATUS.clone(), said);
+    }
+
+    /// What the lookup counts this request as, for the metrics: `None`
+    /// for a method the cache does not serve.
+    pub(crate) fn result(&self) -> Option<&'static str> {
+        match self.fwd {
+            "method" => None,
+            "request" | "bypass" => Some("bypass"),
+            _ => Some("miss"),
+        }
+    }
+
+    /// Starts keeping the response, if it may be kept.
+    fn record(self, cache: &RouteCache, reply: &mut Reply, now: Instant) {
+        let status = reply.res.status();
+        let Some(lifetime) = self.lifetime(cache, reply) else {
+            return;
+        };
+        let limit = cache.store.config.max_entry_bytes;
+        let declared = reply
+            .values(&CONTENT_LENGTH)
+            .next()
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) || reply.res.body().size_hint().lower() > limit {
+            return;
+        }
+        let age = number(reply.values(&AGE).next()).unwrap_or(0);
+        let Some(fresh) = lifetime.checked_sub(Duration::from_secs(age)) else {
+            return;
+        };
+        if fresh.is_zero() {
+            return;
+        }
+        // Instants a year apart at most (a year is RFC 9111's "never").
+        let fresh = fresh.min(Duration::from_secs(365 * 24 * 3600));
+        let vary = list_elements(reply.values(&VARY))
+            .filter_map(|name| HeaderName::from_bytes(name).ok())
+            .map(|name| {
+                let value = joined(&self.headers, &name);
+                (name, value)
+            })
+            .collect();
+        let relayed = reply.relayed.clone();
+        let head_bytes = relayed.as_ref().map_or(0, Relayed::head_len) as u64;
+        let pending = Pending {
+            store: Arc::clone(&cache.store),
+            key: self.key,
+            entry: Entry {
+                status,
+                relayed,
+                headers: reply.res.headers().clone(),
+                body: Bytes::new(),
+                vary,
+                stored: now,
+                expires: now + fresh,
+                age,
+                size: 0,
+            },
+            overhead: head_bytes + ENTRY_OVERHEAD,
+        };
+        let inner = std::mem::replace(reply.res.body_mut(), body::empty());
+        *reply.res.body_mut() = body::boxed(Recording {
+            inner,
+            pieces: Vec::new(),
+            len: 0,
+            limit,
+            pending: Some(pending),
+        });
+    }
+
+    /// How long the response may be served, if it may be kept at all.
+    fn lifetime(&self, cache: &RouteCache, reply: &Reply) -> Option<Duration> {
+        if !cacheable_status(reply.res.status())
+            || reply.values(&SET_COOKIE).next().is_some()
+            || list_elements(reply.values(&VARY)).any(|v| v == b"*")
+        {
+            return None;
+        }
+        let said = Directives::of(reply.values(&CACHE_CONTROL));
+        if said.no_store || said.private || said.no_cache {
+            return None;
+        }
+        if self.authorized && !(said.public || said.s_maxage.is_some() || said.must_revalidate) {
+            return None;
+        }
+        if let Some(secs) = said.s_maxage.or(said.max_age) {
+            return Some(Duration::from_secs(secs));
+        }
+        if let Some(expires) = reply.values(&EXPIRES).next() {
+            // An `Expires` that is not a date means "already expired".
+            let expires = std::str::from_utf8(expires)
+                .ok()
+                .and_then(|e| httpdate::parse_http_date(e).ok())?;
+            let date = reply
+                .values(&DATE)
+                .next()
+                .and_then(|d| std::str::from_utf8(d).ok())
+                .and_then(|d| httpdate::parse_http_date(d).ok())
+                .unwrap_or_else(SystemTime::now);
+            return expires.duration_since(date).ok();
+        }
+        Some(cache.ttl)
+    }
+}
+
+/// Statuses a shared cache may keep without explicit freshness
+/// (RFC 9110 §15.1), and that this cache keeps at all.
+fn cacheable_status(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+fn number(value: Option<&[u8]>) -> Option<u64> {
+    let digits = value?.trim_ascii();
+    let digits = digits
+        .strip_prefix(b"\"")
+        .and_then(|d| d.strip_suffix(b"\""))
+        .unwrap_or(digits);
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    // A delta past `u64` is "forever", capped as RFC 9111 §1.2.2 says.
+    Some(
+        std::str::from_utf8(digits)
+            .ok()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(2_147_483_648),
+    )
+}
+
+/// The `Cache-Control` directives the cache acts on.
+#[derive(Debug, Default, PartialEq)]
+struct Directives {
+    no_store: bool,
+    no_cache: bool,
+    private: bool,
+    public: bool,
+    must_revalidate: bool,
+    max_age: Option<u64>,
+    s_maxage: Option<u64>,
+}
+
+impl Directives {
+    fn of<'a>(values: impl Iterator<Item = impl AsRef<[u8]> + 'a>) -> Directives {
+        let values: Vec<_> = values.collect();
+        let mut d = Directives::default();
+        for element in list_elements(values.iter().map(AsRef::as_ref)) {
+            let (name, arg) = match element.iter().position(|&b| b == b'=') {
+                Some(at) => (element[..at].trim_ascii(), Some(&element[at + 1..])),
+                None => (element, None),
+            };
+            let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+            if is(b"no-store") {
+                d.no_store = true;
+            } else if is(b"no-cache") {
+                // With field names (`no-cache="set-cookie"`) too: the
+                // cache does not keep a response in part.
+                d.no_cache = true;
+            } else if is(b"private") {
+                d.private = true;
+            } else if is(b"public") {
+                d.public = true;
+            } else if is(b"must-revalidate") || is(b"proxy-revalidate") {
+                d.must_revalidate = true;
+            } else if is(b"max-age") {
+                // A malformed max-age makes the response stale (§4.2.1).
+                d.max_age = Some(number(arg).unwrap_or(0));
+            } else if is(b"s-maxage") {
+                d.s_maxage = Some(number(arg).unwrap_or(0));
+            }
+        }
+        d
+    }
+}
+
+/// What a response's body becomes once it is whole.
+struct Pending {
+    store: Arc<ResponseCache>,
+    key: Box<str>,
+    entry: Entry,
+    overhead: u64,
+}
+
+/// A response's body on its way to the client, copied aside; kept when it
+/// ends whole within the limit.
+struct Recording {
+    inner: Body,
+    pieces: Vec<Bytes>,
+    len: u64,
+    limit: u64,
+    pending: Option<Pending>,
+}
+
+impl Recording {
+    fn commit(&mut self) {
+        let Some(mut p) = self.pending.take() else {
+            return;
+        };
+        // One copy, so that the kept body does not pin the larger read
+        // buffers its pieces are slices of.
+        let mut body = BytesMut::with_capacity(usize::try_from(self.len).unwrap_or(0));
+        for piece in self.pieces.drain(..) {
+            body.extend_from_slice(&piece);
+        }
+        p.entry.body = body.freeze();
+        p.entry.size = self.len + p.key.len() as u64 + p.overhead;
+        p.store.put(p.key, p.entry);
+    }
+
+    fn give_up(&mut self) {
+        self.pending = None;
+        self.pieces = Vec::new();
+    }
+}
+
+impl http_body::Body for Recording {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
+                Some(data) if this.pending.is_some() => {
+                    this.len += data.len() as u64;
+                    if this.len > this.limit {
+                        this.give_up();
+                    } else {
+                        this.pieces.push(data.clone());
+                    }
+                }
+                Some(_) => {}
+                // Trailers are not kept, nor the response without them.
+                None => this.give_up(),
+            },
+            Poll::Ready(None) => this.commit(),
+            // An error: the body is not whole.
+            Poll::Ready(Some(Err(_))) => this.give_up(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Recording {
+    /// A writer that stops at `Content-Length` may never poll the end:
+    /// the body is whole if the inner one says it has ended.
+    fn drop(&mut self) {
+        if self.pending.is_some() && self.inner.is_end_stream() {
+            self.commit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn directives(values: &[&str]) -> Directives {
+        Directives::of(values.iter().map(|v| v.as_bytes()))
+    }
+
+    #[test]
+    fn cache_control_is_read_as_rfc_9111_has_it() {
+        let d = directives(&["public, max-age=60", "S-MaxAge=\"30\""]);
+        assert!(d.public);
+        assert_eq!((d.max_age, d.s_maxage), (Some(60), Some(30)));
+        let d = directives(&["no-cache=\"set-cookie\", private"]);
+        assert!(d.no_cache && d.private && !d.no_store);
+        // A malformed or negative max-age is stale; a huge one is capped.
+        assert_eq!(directives(&["max-age=soon"]).max_age, Some(0));
+        assert_eq!(directives(&["max-age=-1"]).max_age, Some(0));
+        assert_eq!(
+            directives(&["max-age=99999999999999999999999"]).max_age,
+            Some(2_147_483_648)
+        );
+        assert_eq!(directives(&[]), Directives::default());
+        assert!(directives(&["proxy-revalidate"]).must_revalidate);
+    }
+
+    fn entry(size: u64, vary: Vec<(HeaderName, Option<Vec<u8>>)>, expires: Instant) -> Entry {
+        Entry {
+            status: StatusCode::OK,
+            relayed: None,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"x"),
+            vary,
+            stored: Instant::now(),
+            expires,
+            age: 0,
+            size,
+        }
+    }
+
+    #[test]
+    fn the_store_lets_the_least_recently_used_go_first() {
+        let cache = ResponseCache::new(CacheConfig {
+            max_bytes: 3000,
+            max_entry_bytes: 1000,
+        });
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        for key in ["a", "b", "c"] {
+            cache.put(key.into(), entry(1000, Vec::new(), later));
+        }
+        assert_eq!(cache.usage(), (3000, 3));
+        // `a` used: `b` is now the oldest, and goes for `d`.
+        assert!(cache.get("a", &HeaderMap::new(), now).is_ok());
+        cache.put("d".into(), entry(1000, Vec::new(), later));
+        assert_eq!(cache.usage(), (3000, 3));
+        assert_eq!(
+            cache.get("b", &HeaderMap::new(), now).err(),
+            Some("uri-miss")
+        );
+        assert!(cache.get("a", &HeaderMap::new(), now).is_ok());
+        // Replacing an entry frees the old one's bytes.
+        cache.put("a".into(), entry(500, Vec::new(), later));
+        assert_eq!(cache.usage(), (2500, 3));
+        // Larger than the whole store: never kept.
+        cache.put("e".into(), entry(5000, Vec::new(), later));
+        assert_eq!(cache.usage(), (2500, 3));
+        // Stale entries go when found; invalidation drops a key.
+        cache.put("s".into(), entry(100, Vec::new(), now));
+        assert_eq!(cache.get("s", &HeaderMap::new(), now).err(), Some("stale"));
+        cache.invalidate("a");
+        assert_eq!(cache.usage().1, 2);
+        let (bytes, _) = cache.usage();
+        assert!(bytes <= 3000);
+    }
+
+    #[test]
+    fn variants_are_bounded_per_key() {
+        let cache = ResponseCache::new(CacheConfig::default());
+        let now = Instant::now();
+        let later = now + Duration::from_secs(60);
+        let lang = HeaderName::from_static("accept-language");
+        for n in 0..(MAX_VARIANTS + 4) {
+            let vary = vec![(lang.clone(), Some(n.to_string().into_bytes()))];
+            cache.put("k".into(), entry(10, vary, later));
+        }
+        assert_eq!(cache.usage(), (10 * MAX_VARIANTS as u64, MAX_VARIANTS));
+        let mut asked = HeaderMap::new();
+        asked.insert(&lang, HeaderValue::from_static("0"));
+        assert_eq!(cache.get("k", &asked, now).err(), Some("vary-miss"));
+        asked.insert(&lang, HeaderValue::from(MAX_VARIANTS + 3));
+        assert!(cache.get("k", &asked, now).is_ok());
+        // A variant without the field is its own.
+        assert_eq!(
+            cache.get("k", &HeaderMap::new(), now).err(),
+            Some("vary-miss")
+        );
+    }
+}

@@ -1,0 +1,473 @@
+//! A route's `cache`: repeated GETs answered by the gateway, under RFC
+//! 9111's rules for a shared cache, with every edge policy still in force.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flotilla_gateway::{CacheConfig, Gateway, RateLimit};
+use http::{Method, StatusCode};
+
+use crate::support::*;
+
+const T: Duration = Duration::from_secs(5);
+
+/// A gateway in front of one instance of `c`, whose `/c/**` keeps
+/// responses for a minute by default.
+async fn cached(registry: &std::sync::Arc<Registry>, store: CacheConfig) -> (Gateway, Upstream) {
+    let up = Upstream::start("c-0").await;
+    registry.set("c", vec![up.endpoint()]);
+    let mut route = route("c", "/c/**", &[], T);
+    route.cache = Some(Duration::from_secs(60));
+    let mut cfg = config(vec![route, crate::support::route("c", "/plain/**", &[], T)]);
+    cfg.cache = store;
+    (start(cfg, registry).await, up)
+}
+
+fn cache_status(reply: &Reply) -> &str {
+    reply.header("cache-status")
+}
+
+/// Checks that a GET of `path` gets a `Cache-Status` containing `want`.
+async fn expect_cache_status(client: &Client, path: &str, want: &str) {
+    let reply = client.get(path).await;
+    let said = cache_status(&reply);
+    assert!(said.contains(want), "GET {path}: `{said}`, not `{want}`");
+}
+
+/// The seconds a hit says it has left.
+fn ttl_of(reply: &Reply) -> u64 {
+    match cache_status(reply).rsplit_once("; ttl=") {
+        Some((_, ttl)) => ttl.parse().unwrap_or(0),
+        None => panic!("not a hit: {:?}", reply.headers),
+    }
+}
+
+#[tokio::test]
+async fn repeated_gets_are_answered_from_the_cache() {
+    let registry = Registry::new();
+    let (gateway, up) = cached(&registry, CacheConfig::default()).await;
+    let hits_before = metric_sum(&[
+        "flotilla_gateway_cache_lookups_total",
+        "route=\"/c/**\"",
+        "result=\"hit\"",
+    ]);
+
+    for client in [Client::new(&gateway), Client::h2c(&gateway)] {
+        let path = format!("/c/items?page={}", up.hits());
+        let first = client.get(&path).await;
+        assert_eq!(first.status, StatusCode::OK);
+        assert_eq!(
+            cache_status(&first),
+            "flotilla; fwd=uri-miss; fwd-status=200"
+        );
+        assert!(first.headers.get("age").is_none());
+        let forwarded = up.hits();
+
+        let again = client.get(&path).await;
+        assert_eq!(again.status, StatusCode::OK);
+        assert!(
+            cache_status(&again).starts_with("flotilla; hit; ttl="),
+            "{:?}",
+            again.headers
+        );
+        let age: u64 = again.header("age").parse().unwrap_or(u64::MAX);
+        assert!(age < 60, "age {age}");
+        assert_eq!(again.body, first.body, "the kept body, byte for byte");
+        assert_eq!(again.header("content-type"), "application/json");
+        assert_eq!(up.hits(), forwarded, "a hit never reaches the instance");
+
+        // HEAD is answered from the kept GET, with its length.
+        let head = client.request(Method::HEAD, &path, &[], Bytes::new()).await;
+        assert!(cache_status(&head).contains("hit"));
+        assert_eq!(head.header("content-length"), first.body.len().to_string());
+        assert!(head.body.is_empty());
+        assert_eq!(up.hits(), forwarded);
+
+        // Another query is another resource; a route without `cache` keeps
+        // nothing and says nothing.
+        let other = client.get(&format!("{path}&more")).await;
+        assert!(cache_status(&other).contains("fwd=uri-miss"));
+        let plain = client.get("/plain/x").await;
+        assert_eq!(cache_status(&plain), "");
+        client.get("/plain/x").await;
+        assert_eq!(up.hits(), forwarded + 3);
+    }
+    let hits = metric_sum(&[
+        "flotilla_gateway_cache_lookups_total",
+        "route=\"/c/**\"",
+        "result=\"hit\"",
+    ]);
+    assert!(
+        hits >= hits_before + 4,
+        "hits counted: {hits_before} → {hits}"
+    );
+    gateway.shutdown(T).await;
+}
+
+/// Sends `fields` on a first and second GET of `path`: how many reached
+/// the instance.
+async fn forwarded_twice(
+    client: &Client,
+    up: &Upstream,
+    path: &str,
+    fields: &[(&str, &str)],
+) -> usize {
+    let before = up.hits();
+    for _ in 0..2 {
+        client
+            .request(Method::GET, path, fields, Bytes::new())
+            .await;
+    }
+    up.hits() - before
+}
+
+#[tokio::test]
+async fn what_must_not_be_shared_is_never_kept() {
+    let registry = Registry::new();
+    let (gateway, up) = cached(&registry, CacheConfig::default()).await;
+    let client = Client::new(&gateway);
+
+    for (n, fields) in [
+        &[("x-reply-cache-control", "no-store")][..],
+        &[("x-reply-cache-control", "private, max-age=60")],
+        &[("x-reply-cache-control", "no-cache")],
+        &[("x-reply-cache-control", "max-age=0")],
+        &[("x-reply-cache-control", "max-age=soon")],
+        &[("x-reply-set-cookie", "session=abc")],
+        &[("x-reply-vary", "*")],
+        &[("x-reply-expires", "0")],
+        &[("x-reply-expires", "Thu, 01 Jan 1970 00:00:00 GMT")],
+        // Already as old as its lifetime.
+        &[
+            ("x-reply-cache-control", "max-age=60"),
+            ("x-reply-age", "60"),
+        ],
+        // A request with credentials, unless the response says it may be
+        // shared.
+        &[("authorization", "Bearer a")],
+        &[
+            ("authorization", "Bearer a"),
+            ("x-reply-cache-control", "max-age=60"),
+        ],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = format!("/c/never/{n}");
+        assert_eq!(
+            forwarded_twice(&client, &up, &path, fields).await,
+            2,
+            "{fields:?}"
+        );
+    }
+    for (n, fields) in [
+        &[
+            ("authorization", "Bearer a"),
+            ("x-reply-cache-control", "public"),
+        ][..],
+        &[
+            ("authorization", "Bearer a"),
+            ("x-reply-cache-control", "s-maxage=60"),
+        ],
+        &[("x-reply-cache-control", "public, max-age=60")],
+        &[("x-reply-expires", "Sun, 01 Jan 2090 00:00:00 GMT")],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = format!("/c/shared/{n}");
+        assert_eq!(
+            forwarded_twice(&client, &up, &path, fields).await,
+            1,
+            "{fields:?}"
+        );
+    }
+
+    // Errors are not kept: each is asked again.
+    up.set_status(500);
+    assert_eq!(forwarded_twice(&client, &up, "/c/down", &[]).await, 2);
+    up.set_status(0);
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn freshness_is_the_response_s_then_the_route_s() {
+    let registry = Registry::new();
+    let (gateway, up) = cached(&registry, CacheConfig::default()).await;
+    let client = Client::new(&gateway);
+
+    // The route's minute when the response says nothing.
+    client.get("/c/route-ttl").await;
+    let hit = client.get("/c/route-ttl").await;
+    let ttl = ttl_of(&hit);
+    assert!((50..=60).contains(&ttl), "{}", cache_status(&hit));
+
+    // The instance's own age counts against its max-age.
+    let aged = [
+        ("x-reply-cache-control", "max-age=100"),
+        ("x-reply-age", "40"),
+    ];
+    client
+        .request(Method::GET, "/c/aged", &aged, Bytes::new())
+        .await;
+    let hit = client.get("/c/aged").await;
+    let ttl = ttl_of(&hit);
+    assert!((50..=60).contains(&ttl), "{}", cache_status(&hit));
+    let age: u64 = hit.header("age").parse().unwrap_or(0);
+    assert!((40..=50).contains(&age), "age {age}");
+
+    // s-maxage over max-age; a second of it, then stale and fetched again.
+    let short = [("x-reply-cache-control", "max-age=600, s-maxage=1")];
+    client
+        .request(Method::GET, "/c/short", &short, Bytes::new())
+        .await;
+    let forwarded = up.hits();
+    let started = Instant::now();
+    loop {
+        let reply = client
+            .request(Method::GET, "/c/short", &short, Bytes::new())
+            .await;
+        if cache_status(&reply).contains("fwd=stale") {
+            break;
+        }
+        assert!(
+            cache_status(&reply).contains("hit"),
+            "{}",
+            cache_status(&reply)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never went stale"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(up.hits(), forwarded + 1);
+    expect_cache_status(&client, "/c/short", "hit").await;
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn vary_keeps_one_response_per_variant() {
+    let registry = Registry::new();
+    let (gateway, up) = cached(&registry, CacheConfig::default()).await;
+    let client = Client::new(&gateway);
+    let get = |lang: &'static str| {
+        let client = client.clone();
+        async move {
+            let fields = [
+                ("x-reply-vary", "Accept-Language"),
+                ("accept-language", lang),
+            ];
+            let reply = client
+                .request(Method::GET, "/c/greeting", &fields, Bytes::new())
+                .await;
+            (
+                cache_status(&reply).to_string(),
+                reply.json()["headers"]["accept-language"].clone(),
+            )
+        }
+    };
+    assert!(get("en").await.0.contains("fwd=uri-miss"));
+    let (status, lang) = get("en").await;
+    assert!(status.contains("hit"));
+    assert_eq!(lang, "en");
+    assert!(get("fr").await.0.contains("fwd=vary-miss"));
+    let (status, lang) = get("fr").await;
+    assert!(status.contains("hit"));
+    assert_eq!(lang, "fr", "each variant is its own response");
+    assert!(get("en").await.0.contains("hit"));
+    assert_eq!(up.hits(), 2);
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn clients_may_pass_the_cache_by() {
+    let registry = Registry::new();
+    let (gateway, up) = cached(&registry, CacheConfig::default()).await;
+    let client = Client::new(&gateway);
+    client.get("/c/r").await;
+
+    // no-cache: forwarded, and its answer replaces the kept one.
+    for fields in [
+        &[("cache-control", "no-cache")][..],
+        &[("cache-control", "max-age=0")],
+        &[("pragma", "no-cache")],
+    ] {
+        let reply = client
+            .request(Method::GET, "/c/r", fields, Bytes::new())
+            .await;
+        assert_eq!(
+            cache_status(&reply),
+            "flotilla; fwd=request; fwd-status=200",
+            "{fields:?}"
+        );
+    }
+    // no-store: forwarded, nothing kept from it; a range: forwarded.
+    let reply = client
+        .request(
+            Method::GET,
+            "/c/s",
+            &[("cache-control", "no-store")],
+            Bytes::new(),
+        )
+        .await;
+    assert!(cache_status(&reply).contains("fwd=request"));
+    expect_cache_status(&client, "/c/s", "uri-miss").await;
+    let reply = client
+        .request(Method::GET, "/c/r", &[("range", "bytes=0-1")], Bytes::new())
+        .await;
+    assert!(cache_status(&reply).contains("fwd=bypass"));
+    let hits = up.hits();
+    expect_cache_status(&client, "/c/r", "hit").await;
+    assert_eq!(up.hits(), hits);
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn a_successful_unsafe_request_drops_what_is_kept() {
+    let registry = Registry::new();
+    let (gateway, up) = cached(&registry, CacheConfig::default()).await;
+    let client = Client::new(&gateway);
+    client.get("/c/cart").await;
+    expect_cache_status(&client, "/c/cart", "hit").await;
+
+    let post = client
+        .request(Method::POST, "/c/cart", &[], Bytes::from_static(b"{}"))
+        .await;
+    assert_eq!(cache_status(&post), "flotilla; fwd=method; fwd-status=200");
+    expect_cache_status(&client, "/c/cart", "uri-miss").await;
+
+    // A failed one leaves it.
+    up.set_status(503);
+    client
+        .request(Method::DELETE, "/c/cart", &[], Bytes::new())
+        .await;
+    up.set_status(0);
+    expect_cache_status(&client, "/c/cart", "hit").await;
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn the_store_keeps_within_its_bytes_and_lets_the_oldest_go() {
+    let registry = Registry::new();
+    let store = CacheConfig {
+        max_bytes: 16 * 1024,
+        max_entry_bytes: 4 * 1024,
+    };
+    let (gateway, up) = cached(&registry, store).await;
+    let client = Client::new(&gateway);
+
+    // A body over max_entry_bytes is relayed whole, and not kept.
+    let pad = "p".repeat(5000);
+    let big = [("x-pad", pad.as_str())];
+    let reply = client
+        .request(Method::GET, "/c/big", &big, Bytes::new())
+        .await;
+    assert!(reply.body.len() > 5000);
+    assert_eq!(forwarded_twice(&client, &up, "/c/big", &big).await, 2);
+
+    // Each about 1.5 KiB with its head: sixteen do not fit.
+    let pad = "p".repeat(1000);
+    let mid = [("x-pad", pad.as_str())];
+    for n in 0..16 {
+        client
+            .request(Method::GET, &format!("/c/m/{n}"), &mid, Bytes::new())
+            .await;
+    }
+    // The first went for the later ones; the last is kept.
+    let hits = up.hits();
+    let last = client.get("/c/m/15").await;
+    assert!(cache_status(&last).contains("hit"));
+    let first = client.get("/c/m/0").await;
+    assert!(
+        cache_status(&first).contains("uri-miss"),
+        "{}",
+        cache_status(&first)
+    );
+    assert_eq!(up.hits(), hits + 1);
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn a_kept_response_never_lets_a_request_past_the_edge_policies() {
+    let registry = Registry::new();
+    let up = Upstream::start("cp-0").await;
+    registry.set("cp", vec![up.endpoint()]);
+    let mut limited = route("cp", "/cp/**", &[], T);
+    limited.cache = Some(Duration::from_secs(60));
+    limited.rate_limit = Some(ok(RateLimit::parse("3/m per ip"), "rate limit"));
+    let gateway = start(config(vec![limited]), &registry).await;
+    let client = Client::new(&gateway);
+
+    let statuses: Vec<(StatusCode, String)> = futures_util::future::join_all((0..5).map(|_| {
+        let client = client.clone();
+        async move {
+            let r = client.get("/cp/x").await;
+            (r.status, r.header("ratelimit").to_string())
+        }
+    }))
+    .await;
+    let passed = statuses
+        .iter()
+        .filter(|(s, _)| *s == StatusCode::OK)
+        .count();
+    assert_eq!(passed, 3, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|(_, limit)| !limit.is_empty()),
+        "{statuses:?}"
+    );
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn a_client_s_conditional_get_is_answered_304_from_the_cache() {
+    let registry = Registry::new();
+    let (gateway, up) = cached(&registry, CacheConfig::default()).await;
+    for (n, client) in [Client::new(&gateway), Client::h2c(&gateway)]
+        .into_iter()
+        .enumerate()
+    {
+        let path = format!("/c/doc/{n}");
+        let validators = [
+            ("x-reply-etag", "\"v1\""),
+            ("x-reply-last-modified", "Wed, 01 Jan 2025 00:00:00 GMT"),
+        ];
+        let full = client
+            .request(Method::GET, &path, &validators, Bytes::new())
+            .await;
+        assert_eq!(full.header("etag"), "\"v1\"");
+        let forwarded = up.hits();
+        for (asked, want) in [
+            (("if-none-match", "\"v1\""), StatusCode::NOT_MODIFIED),
+            (
+                ("if-none-match", "\"v0\", W/\"v1\""),
+                StatusCode::NOT_MODIFIED,
+            ),
+            (("if-none-match", "*"), StatusCode::NOT_MODIFIED),
+            (("if-none-match", "\"v2\""), StatusCode::OK),
+            (
+                ("if-modified-since", "Wed, 01 Jan 2025 00:00:00 GMT"),
+                StatusCode::NOT_MODIFIED,
+            ),
+            (
+                ("if-modified-since", "Tue, 31 Dec 2024 23:59:59 GMT"),
+                StatusCode::OK,
+            ),
+            (("if-modified-since", "yesterday"), StatusCode::OK),
+        ] {
+            let reply = client
+                .request(Method::GET, &path, &[asked], Bytes::new())
+                .await;
+            assert_eq!(reply.status, want, "{asked:?}");
+            assert!(cache_status(&reply).contains("hit"), "{asked:?}");
+            assert_eq!(reply.header("etag"), "\"v1\"", "{asked:?}");
+            if want == StatusCode::NOT_MODIFIED {
+                assert!(reply.body.is_empty(), "{asked:?}");
+            } else {
+                assert_eq!(reply.body, full.body, "{asked:?}");
+            }
+        }
+        assert_eq!(up.hits(), forwarded, "all answered by the gateway");
+    }
+    gateway.shutdown(T).await;
+}
