@@ -27,7 +27,8 @@
 //! - A successful unsafe request (POST, PUT, PATCH, DELETE …) on a path
 //!   drops what is kept for it (§4.4).
 //!
-//! A hit carries `Age` and `Cache-Status: flotilla; hit; ttl=…` (RFC 9211);
+//! A hit carries `Age` and `Cache-Status: flotilla; hit; ttl=…` (RFC 9211,
+//! after any `Cache-Status` the instance sent);
 //! a forwarded request's response carries `Cache-Status` with `fwd=` saying
 //! why (`uri-miss`, `vary-miss`, `stale`, `request`, `method`, `bypass`).
 //! Every edge policy (IP lists, JWT, rate limits) runs before the cache is
@@ -267,7 +268,9 @@ impl Entry {
             fields.insert(CONTENT_LENGTH, HeaderValue::from(self.body.len()));
         }
         fields.insert(AGE, HeaderValue::from(age));
-        fields.insert(
+        // After any the instance's own caches said (RFC 9211: the cache
+        // nearest the client last).
+        fields.append(
             CACHE_STATUS.clone(),
             HeaderValue::from_str(&format!("flotilla; hit; ttl={ttl}"))
                 .unwrap_or(HeaderValue::from_static("flotilla; hit")),
@@ -441,7 +444,7 @@ impl Miss {
             self.record(cache, reply, now);
         }
         // After the entry took its copy of the fields: a hit says its own.
-        reply.fields().insert(CACHE_STATUS.clone(), said);
+        reply.fields().append(CACHE_STATUS.clone(), said);
     }
 
     /// What the lookup counts this request as, for the metrics: `None`

@@ -17,7 +17,7 @@
 //!   and its policy types: [`JwtConfig`]/[`JwksSource`], [`RouteAuth`],
 //!   [`RateLimit`] (`"20/s burst 40 per user"`), [`RateLimitBackend`],
 //!   [`CorsConfig`], [`IpConfig`]/[`IpRules`] ([`parse_net`]), [`Limits`],
-//!   [`TlsConfig`];
+//!   [`TlsConfig`], [`CompressionConfig`], [`CacheConfig`];
 //! - [`Gateway::start`], [`Gateway::local_addr`], [`Gateway::url`],
 //!   [`Gateway::reload`], [`Gateway::shutdown`];
 //! - [`Error`] for why it could not start ([`TlsError`] for a certificate
@@ -26,7 +26,8 @@
 //! A request passes through one tower stack, outermost first: request id →
 //! access log and metrics → `server` header → load shedding → `/healthz` →
 //! edge (IP lists → CORS → route match, 404/405/static files → route IP
-//! lists → JWT → rate limit → body limit) → proxy (instance pick by power of
+//! lists → JWT → rate limit → body limit → response cache, whose hits are
+//! answered here) → proxy (instance pick by power of
 //! two choices skipping ejected instances, activation, timeout, retries
 //! within a budget, outlier detection). Below the stack, each connection's
 //! socket is watched for slow heads (408) and idle keep-alive. A WebSocket

@@ -471,3 +471,29 @@ async fn a_client_s_conditional_get_is_answered_304_from_the_cache() {
     }
     gateway.shutdown(T).await;
 }
+
+#[tokio::test]
+async fn the_gateway_s_cache_status_follows_the_instance_s() {
+    let registry = Registry::new();
+    let (gateway, _up) = cached(&registry, CacheConfig::default()).await;
+    let client = Client::new(&gateway);
+    let own = [("x-reply-cache-status", "origin-cache; hit")];
+    for want in [
+        "flotilla; fwd=uri-miss; fwd-status=200",
+        "flotilla; hit; ttl=",
+    ] {
+        let reply = client
+            .request(Method::GET, "/c/layered", &own, Bytes::new())
+            .await;
+        let said: Vec<&str> = reply
+            .headers
+            .get_all("cache-status")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert_eq!(said[0], "origin-cache; hit");
+        assert!(said[1].starts_with(want), "{said:?}");
+    }
+    gateway.shutdown(T).await;
+}
