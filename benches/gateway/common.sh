@@ -42,11 +42,18 @@ wait_port() {
 # configures it (Upgrade and Connection from the client's, 5 min read
 # timeout, as the gateway's tunnel idle timeout). With NGINX_TLS=DIR it
 # serves HTTPS only, with DIR/cert.pem and DIR/key.pem, TLS 1.2 and 1.3,
-# and a session cache. Sets NGINX_PID; its files go under $TMP/nginx.
+# and a session cache. With NGINX_CACHE=1 it keeps responses
+# (proxy_cache, 200s for a minute), as the
+# gateway's route `cache` does. Sets NGINX_PID; its files go under
+# $TMP/nginx.
 start_nginx() {
   local nginx=$1 port=$2 upstream=$3 user_line="" procs="worker_processes ${NGINX_WORKERS:-2};"
   local map="" connection='proxy_set_header Connection "";'
-  local listen="listen 127.0.0.1:$port;" ssl=""
+  local listen="listen 127.0.0.1:$port;" ssl="" cache_path="" cache=""
+  if [ "${NGINX_CACHE:-0}" = 1 ]; then
+    cache_path="proxy_cache_path $TMP/nginx/cache keys_zone=flotilla:10m max_size=64m;"
+    cache="proxy_cache flotilla; proxy_cache_valid 200 1m; add_header Cache-Status \$upstream_cache_status;"
+  fi
   if [ -n "${NGINX_TLS:-}" ]; then
     listen="listen 127.0.0.1:$port ssl;"
     ssl="ssl_certificate $NGINX_TLS/cert.pem; ssl_certificate_key $NGINX_TLS/key.pem; ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m;"
@@ -75,6 +82,7 @@ http {
   scgi_temp_path $TMP/nginx/tmp/scgi;
   keepalive_requests 1000000;
   $map
+  $cache_path
   upstream backend {
     server 127.0.0.1:$upstream;
     keepalive 64;
@@ -88,6 +96,7 @@ http {
       $connection
       proxy_set_header Host \$host;
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      $cache
     }
   }
 }

@@ -2,13 +2,17 @@
 //! scripts in `benches/gateway` (run.sh, ab.sh, pgo.sh, ...).
 //!
 //! Usage: `bench_gateway --listen ADDR --upstream ADDR [--threads N]
-//! [--jwt] [--rate-limit SPEC] [--upstream-tls DIR] [--tls DIR]`, or
+//! [--jwt] [--rate-limit SPEC] [--cache] [--upstream-tls DIR] [--tls DIR]`, or
 //! `bench_gateway --issue DIR` to create a CA and the identities of both
 //! sides of an mTLS upstream hop (`DIR/gateway`, `DIR/upstream`) and exit.
 //!
 //! With `--upstream-tls DIR` the gateway reaches the upstream over mutual
 //! TLS with the identity in `DIR`, as under `flotilla up`; the upstream
 //! must present the `bench` service's identity (`bench_upstream --tls`).
+//!
+//! With `--cache` the route keeps responses for a minute (a route's
+//! `cache`), so all but the first request of a URL are answered by the
+//! gateway.
 //!
 //! With `--tls DIR` clients connect over HTTPS, with the certificate
 //! `DIR/cert.pem` and its key `DIR/key.pem` (`[gateway.tls]`).
@@ -64,6 +68,7 @@ struct Args {
     threads: usize,
     jwt: bool,
     rate_limit: Option<String>,
+    cache: bool,
 }
 
 fn args() -> Result<Args, BoxError> {
@@ -72,6 +77,7 @@ fn args() -> Result<Args, BoxError> {
     let mut threads = 2;
     let mut jwt = false;
     let mut rate_limit = None;
+    let mut cache = false;
     let mut upstream_tls = None;
     let mut tls = None;
     let mut it = std::env::args().skip(1);
@@ -82,6 +88,7 @@ fn args() -> Result<Args, BoxError> {
             "--threads" => threads = it.next().ok_or("--threads N")?.parse()?,
             "--jwt" => jwt = true,
             "--rate-limit" => rate_limit = Some(it.next().ok_or("--rate-limit SPEC")?),
+            "--cache" => cache = true,
             "--upstream-tls" => upstream_tls = Some(it.next().ok_or("--upstream-tls DIR")?.into()),
             "--tls" => tls = Some(it.next().ok_or("--tls DIR")?.into()),
             "--issue" => {
@@ -99,6 +106,7 @@ fn args() -> Result<Args, BoxError> {
         threads,
         jwt,
         rate_limit,
+        cache,
     })
 }
 
@@ -200,6 +208,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
     }
     if let Some(spec) = &args.rate_limit {
         route.rate_limit = Some(RateLimit::parse(spec)?);
+    }
+    if args.cache {
+        route.cache = Some(Duration::from_secs(60));
     }
     config.routes.push(route);
     let endpoint = Endpoint {

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Response caching at the edge: the gateway with a route `cache` against
+# nginx with `proxy_cache`, side by side, in front of the same plaintext
+# upstream (bench_upstream, one thread). Every request is for one URL, so
+# after the first each is answered from the proxy's cache: what is measured
+# is a hit. Beside them, the same gateway without `cache` (gw-plain: every
+# request forwarded, what a hit saves) and the upstream called directly
+# (the floor of a request over loopback). Both proxies get GW_THREADS
+# workers (default 2), no JWT and no rate limit. nginx keeps its cache in
+# files (its design; they stay in the page cache), the gateway in memory.
+#
+# Each target is loaded with wrk -t1 -c64 for DURATION, ROUNDS times, the
+# targets interleaved (every other round in reverse order); prints each
+# round, then medians of requests/s, p50/p99, the proxy's CPU time per
+# request (all its threads and processes, /proc), and the ratios.
+#
+# Needs: wrk, nginx, curl (Debian: `apt-get install -y wrk nginx-light curl`),
+# cargo.
+# Usage: benches/gateway/cache.sh
+# Env: ROUNDS (default 3), DURATION (default 6s), GW_THREADS (default 2),
+# KEEP=1 keeps the temp dir (wrk's output, logs, nginx.conf).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+source benches/gateway/common.sh
+
+ROUNDS="${ROUNDS:-3}"
+DURATION="${DURATION:-6s}"
+GW_THREADS="${GW_THREADS:-2}"
+NGINX_WORKERS="$GW_THREADS"
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+need "apt-get install -y wrk nginx-light curl" wrk curl "$NGINX"
+
+echo "building (release)..." >&2
+build_release bench_upstream
+make_tmp flotilla-cache
+
+UP=$(free_port)
+start_upstream target/release/examples/bench_upstream "$UP"
+UPSTREAM_PID=${PIDS[-1]}
+
+declare -A PORT PID URL
+for t in gw-cache gw-plain; do
+  PORT[$t]=$(free_port)
+  flags=()
+  [ "$t" = gw-cache ] && flags=(--cache)
+  "$GW" --listen "127.0.0.1:${PORT[$t]}" --upstream "127.0.0.1:$UP" --threads "$GW_THREADS" \
+    "${flags[@]}" >"$TMP/$t.log" 2>&1 &
+  PID[$t]=$!
+  PIDS+=("${PID[$t]}")
+  URL[$t]="http://127.0.0.1:${PORT[$t]}/item"
+done
+PORT[nginx-cache]=$(free_port)
+NGINX_CACHE=1 start_nginx "$NGINX" "${PORT[nginx-cache]}" "$UP"
+PID[nginx-cache]=$NGINX_PID
+URL[nginx-cache]="http://127.0.0.1:${PORT[nginx-cache]}/item"
+PORT[upstream]=$UP
+PID[upstream]=$UPSTREAM_PID
+URL[upstream]="http://127.0.0.1:$UP/item"
+for t in gw-cache gw-plain nginx-cache; do wait_port "${PORT[$t]}"; done
+
+# Both caches answer the second request: check it, so that a proxy that
+# never kept anything cannot pass for a fast one.
+for t in gw-cache nginx-cache; do
+  curl -s -o /dev/null "${URL[$t]}"
+  said=$(curl -s -D - -o /dev/null "${URL[$t]}" | tr -d '\r' | awk -F': ' 'tolower($1) == "cache-status" {print $2}')
+  case "$said" in
+    *hit* | HIT) ;;
+    *) echo "$t did not answer from its cache (Cache-Status: '$said')" >&2; exit 1 ;;
+  esac
+done
+
+TARGETS=(nginx-cache gw-cache gw-plain upstream)
+HZ=$(getconf CLK_TCK)
+
+# wrk_run TARGET: "REQ/S P50_MS P99_MS ERRORS".
+wrk_run() {
+  local t=$1 out="$TMP/wrk-$1.txt"
+  wrk -t1 -c64 -d"$DURATION" --latency "${URL[$t]}" >"$out" 2>&1 || true
+  local errors
+  errors=$(awk '/Socket errors|Non-2xx/ {s = s $0 "; "} END {print (s == "" ? "0" : "!")}' "$out")
+  echo "$(wrk_figures "$out") ${errors}"
+}
+
+declare -A rates p50s p99s cpus last
+echo
+echo "one URL, wrk -t1 -c64 -d$DURATION, $ROUNDS rounds"
+for round in $(seq 1 "$ROUNDS"); do
+  for t in $(round_order "$round" "${TARGETS[@]}"); do
+    DURATION=1s wrk_run "$t" >/dev/null
+    before=$(ticks "${PID[$t]}")
+    out=$(wrk_run "$t")
+    after=$(ticks "${PID[$t]}")
+    read -r rps p50 p99 errors <<<"$out"
+    cpu=$(awk -v d=$((after - before)) -v hz="$HZ" -v r="$rps" -v s="${DURATION%s}" \
+      'BEGIN { n = r * s; if (n > 0) printf "%.1f", d / hz * 1e6 / n; else print "-" }')
+    rates[$t]+="$rps "
+    p50s[$t]+="$p50 "
+    p99s[$t]+="$p99 "
+    cpus[$t]+="$cpu "
+    last[$t]=$rps
+    note=""
+    [ "$errors" = 0 ] || note=" (wrk saw socket errors or non-2xx answers; KEEP=1 keeps its output)"
+    echo "  round $round $t: $rps req/s p50 $p50 ms p99 $p99 ms cpu $cpu us/req$note" >&2
+  done
+  awk -v a="${last[gw-cache]}" -v b="${last[nginx-cache]}" -v r="$round" \
+    'BEGIN { if (b > 0) printf "  round %d: gw-cache/nginx-cache %.2fx\n", r, a / b }' >&2
+done
+printf '%-12s | %10s | %8s | %8s | %12s\n' target "req/s" "p50 ms" "p99 ms" "cpu us/req"
+for t in "${TARGETS[@]}"; do
+  # shellcheck disable=SC2086
+  printf '%-12s | %10s | %8s | %8s | %12s\n' "$t" "$(median ${rates[$t]})" \
+    "$(median ${p50s[$t]})" "$(median ${p99s[$t]})" "$(median ${cpus[$t]})"
+done
+# shellcheck disable=SC2086
+awk -v g="$(median ${rates[gw-cache]})" -v n="$(median ${rates[nginx-cache]})" \
+  -v gc="$(median ${cpus[gw-cache]})" -v nc="$(median ${cpus[nginx-cache]})" \
+  -v p="$(median ${rates[gw-plain]})" -v pc="$(median ${cpus[gw-plain]})" 'BEGIN {
+    printf "gw-cache/nginx-cache: %.2fx the requests/s at %.2fx the CPU per request\n", g / n, gc / nc
+    printf "gw-cache/gw-plain (what a hit saves the gateway): %.2fx the requests/s at %.2fx the CPU per request\n", g / p, gc / pc
+  }'
