@@ -47,10 +47,18 @@
 //! A client's own conditional GET (`If-None-Match`, `If-Modified-Since`)
 //! that a kept response meets gets `304 Not Modified` from the cache.
 //!
-//! Left out: concurrent misses of one key are each forwarded (no request
-//! collapsing); stale entries are not revalidated with `If-None-Match`,
-//! just fetched again.
+//! Concurrent misses of one URL are collapsed, as nginx's
+//! `proxy_cache_lock` and Varnish do: the first is forwarded, and the
+//! others wait for its response to be kept (at most 5 s, or the route's
+//! timeout if shorter) and are answered from it, so an entry that expires
+//! under load costs the instance one request, not one per client. If the
+//! first's response cannot be kept, each of the others is forwarded (and
+//! none waits twice).
+//!
+//! Left out: stale entries are not revalidated with `If-None-Match`, just
+//! fetched again.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -64,6 +72,7 @@ use http::header::{
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::body::{self, Body, BoxError};
@@ -107,6 +116,10 @@ const ENTRY_OVERHEAD: u64 = 256;
 /// the gateway keep for one path.
 const MAX_VARIANTS: usize = 8;
 
+/// The longest a request waits for another's fetch of the same URL
+/// (nginx's `proxy_cache_lock_timeout`); then it is forwarded itself.
+const MAX_COLLAPSE_WAIT: Duration = Duration::from_secs(5);
+
 /// The gateway's store of responses.
 #[derive(Debug)]
 pub(crate) struct ResponseCache {
@@ -119,6 +132,36 @@ struct Store {
     /// In use order: the front was used longest ago.
     entries: LinkedHashMap<Box<str>, Vec<Arc<Entry>>>,
     bytes: u64,
+    /// The keys a forwarded request is fetching now, each with what its
+    /// [`Fill`] signals (by being dropped) once the response is kept, or
+    /// will not be.
+    filling: HashMap<Box<str>, watch::Receiver<()>>,
+}
+
+/// What the store has for a request.
+enum Found {
+    Fresh(Arc<Entry>),
+    /// Nothing fresh (why, as RFC 9211's `fwd`), and the request fetches
+    /// it for the others, if it leads.
+    Missing(&'static str, Option<Fill>),
+    /// Another request is fetching it: why it missed, and the signal.
+    Filling(&'static str, watch::Receiver<()>),
+}
+
+/// A request's claim to fetch a key for the others; they wake when it
+/// is dropped, after the response is kept or given up.
+struct Fill {
+    cache: Arc<ResponseCache>,
+    key: Box<str>,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        // Before the sender goes (the fields drop after this): a request
+        // that wakes and misses again must not find the claim still there.
+        self.cache.store().filling.remove(&self.key);
+    }
 }
 
 /// One kept response.
@@ -179,6 +222,39 @@ impl ResponseCache {
         let entry = Arc::clone(&variants[at]);
         store.entries.to_back(key);
         Ok(entry)
+    }
+
+    /// What is kept for `key` that `req` may have; when nothing fresh is
+    /// and `may_wait`, whether another request is fetching it (then wait
+    /// for it) or this one should (then it holds the claim).
+    fn find(
+        this: &Arc<ResponseCache>,
+        key: &str,
+        req: &HeaderMap,
+        now: Instant,
+        may_wait: bool,
+    ) -> Found {
+        let fwd = match this.get(key, req, now) {
+            Ok(entry) => return Found::Fresh(entry),
+            Err(fwd) => fwd,
+        };
+        if !may_wait {
+            return Found::Missing(fwd, None);
+        }
+        let mut store = this.store();
+        if let Some(done) = store.filling.get(key) {
+            return Found::Filling(fwd, done.clone());
+        }
+        let (tx, rx) = watch::channel(());
+        store.filling.insert(key.into(), rx);
+        Found::Missing(
+            fwd,
+            Some(Fill {
+                cache: Arc::clone(this),
+                key: key.into(),
+                _done: tx,
+            }),
+        )
     }
 
     /// Keeps `entry` under `key`, in place of the variant it matches, and
@@ -243,7 +319,16 @@ impl Entry {
     /// The entry as a response to `req`, made `now`: to a HEAD, without
     /// its body (hyper's HTTP/2 server would send it) but with its length;
     /// to a request whose validators the entry meets, `304 Not Modified`.
-    fn reply(&self, now: Instant, head: bool, req: &HeaderMap) -> Reply {
+    /// After a wait for another request's fetch, `collapsed` is why the
+    /// first lookup missed, and `Cache-Status` says the response was that
+    /// fetch's (RFC 9211's `collapsed`).
+    fn reply(
+        &self,
+        now: Instant,
+        head: bool,
+        req: &HeaderMap,
+        collapsed: Option<&'static str>,
+    ) -> Reply {
         let mut res = Response::new(body::empty());
         *res.status_mut() = self.status;
         if !self.headers.is_empty() {
@@ -270,10 +355,16 @@ impl Entry {
         fields.insert(AGE, HeaderValue::from(age));
         // After any the instance's own caches said (RFC 9211: the cache
         // nearest the client last).
+        let said = match collapsed {
+            None => format!("flotilla; hit; ttl={ttl}"),
+            Some(fwd) => format!(
+                "flotilla; fwd={fwd}; fwd-status={}; collapsed; ttl={ttl}",
+                self.status.as_u16()
+            ),
+        };
         fields.append(
             CACHE_STATUS.clone(),
-            HeaderValue::from_str(&format!("flotilla; hit; ttl={ttl}"))
-                .unwrap_or(HeaderValue::from_static("flotilla; hit")),
+            HeaderValue::from_str(&said).unwrap_or(HeaderValue::from_static("flotilla")),
         );
         reply
     }
@@ -337,6 +428,36 @@ pub(crate) enum Verdict {
     Hit(Reply),
     /// To be forwarded; [`Miss::keep`] takes its response.
     Forward(Miss),
+    /// Another request is fetching the same: wait for it
+    /// ([`Waiting::done`]), then look up again.
+    Wait(Waiting),
+}
+
+/// A request waiting for another's fetch of the same URL.
+pub(crate) struct Waiting {
+    /// Why it missed before it waited.
+    fwd: &'static str,
+    done: watch::Receiver<()>,
+}
+
+impl Waiting {
+    /// Waits until the other request's response is kept or given up, or
+    /// `timeout` (capped at [`MAX_COLLAPSE_WAIT`]) has passed; then what
+    /// the second lookup needs.
+    pub(crate) async fn done(mut self, timeout: Duration) -> Collapsed {
+        let wait = self.done.changed();
+        // `changed` ends with an error when the claim is dropped, which is
+        // the only signal it ever gets.
+        let _ = tokio::time::timeout(timeout.min(MAX_COLLAPSE_WAIT), wait).await;
+        Collapsed { fwd: self.fwd }
+    }
+}
+
+/// A request that waited for another's fetch: looked up again, it never
+/// waits or fetches for others a second time.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Collapsed {
+    fwd: &'static str,
 }
 
 /// A forwarded request on a caching route, until its response is in.
@@ -353,22 +474,27 @@ pub(crate) struct Miss {
     authorized: bool,
     /// Its fields, for the response's `Vary` (only when `storable`).
     headers: HeaderMap,
+    /// Its claim to fetch the URL for requests that wait for it.
+    fill: Option<Fill>,
+    /// Whether it waited for another request's fetch first, in vain.
+    collapsed: bool,
 }
 
 impl RouteCache {
     /// Looks `req` up: `host` is the name it asked for (read only when the
     /// route names hosts), `path` its path and query as the client sent
-    /// them.
+    /// them; `collapsed` when it already waited for another request.
     pub(crate) fn lookup(
         &self,
         req: &Request<Body>,
         host: Option<&str>,
         path: &str,
         now: Instant,
+        collapsed: Option<Collapsed>,
     ) -> Verdict {
         let key = self.key(host, path);
         let method = req.method();
-        let miss = |fwd, storable, invalidates| {
+        let miss = |fwd, storable, invalidates, fill| {
             Verdict::Forward(Miss {
                 fwd,
                 key: key.clone(),
@@ -381,29 +507,39 @@ impl RouteCache {
                 } else {
                     HeaderMap::new()
                 },
+                fill,
+                collapsed: collapsed.is_some(),
             })
         };
         if method != Method::GET && method != Method::HEAD {
             let unsafe_method = !matches!(*method, Method::OPTIONS | Method::TRACE);
-            return miss("method", false, unsafe_method);
+            return miss("method", false, unsafe_method, None);
         }
         if req.headers().contains_key(RANGE) {
-            return miss("bypass", false, false);
+            return miss("bypass", false, false, None);
         }
         let asked = Directives::of(req.headers().get_all(CACHE_CONTROL).iter());
         if asked.no_store {
-            return miss("request", false, false);
+            return miss("request", false, false, None);
         }
         let is_get = method == Method::GET;
         let pragma_no_cache = !req.headers().contains_key(CACHE_CONTROL)
             && list_elements(req.headers().get_all(PRAGMA).iter().map(|v| v.as_bytes()))
                 .any(|p| p.eq_ignore_ascii_case(b"no-cache"));
         if asked.no_cache || asked.max_age == Some(0) || pragma_no_cache {
-            return miss("request", is_get, false);
+            return miss("request", is_get, false, None);
         }
-        match self.store.get(&key, req.headers(), now) {
-            Ok(entry) => Verdict::Hit(entry.reply(now, !is_get, req.headers())),
-            Err(fwd) => miss(fwd, is_get, false),
+        // Only a GET fetches what others may wait for.
+        let may_wait = is_get && collapsed.is_none();
+        match ResponseCache::find(&self.store, &key, req.headers(), now, may_wait) {
+            Found::Fresh(entry) => {
+                let first = collapsed.map(|c| c.fwd);
+                Verdict::Hit(entry.reply(now, !is_get, req.headers(), first))
+            }
+            Found::Missing(fwd, fill) => {
+                miss(collapsed.map_or(fwd, |c| c.fwd), is_get, false, fill)
+            }
+            Found::Filling(fwd, done) => Verdict::Wait(Waiting { fwd, done }),
         }
     }
 
@@ -431,8 +567,9 @@ impl Miss {
     /// may be kept; a successful unsafe request drops the path's entries.
     pub(crate) fn keep(self, cache: &RouteCache, reply: &mut Reply, now: Instant) {
         let status = reply.res.status();
+        let collapsed = if self.collapsed { "; collapsed=?0" } else { "" };
         let said = HeaderValue::from_str(&format!(
-            "flotilla; fwd={}; fwd-status={}",
+            "flotilla; fwd={}; fwd-status={}{collapsed}",
             self.fwd,
             status.as_u16()
         ))
@@ -448,16 +585,20 @@ impl Miss {
     }
 
     /// What the lookup counts this request as, for the metrics: `None`
-    /// for a method the cache does not serve.
+    /// for a method the cache does not serve, or one counted already (as
+    /// `collapsed`, when it began to wait).
     pub(crate) fn result(&self) -> Option<&'static str> {
         match self.fwd {
+            _ if self.collapsed => None,
             "method" => None,
             "request" | "bypass" => Some("bypass"),
             _ => Some("miss"),
         }
     }
 
-    /// Starts keeping the response, if it may be kept.
+    /// Starts keeping the response, if it may be kept; the claim to fetch
+    /// it for others goes with it, and is let go of once it is kept (or
+    /// here, if it will not be).
     fn record(self, cache: &RouteCache, reply: &mut Reply, now: Instant) {
         let status = reply.res.status();
         let Some(lifetime) = self.lifetime(cache, reply) else {
@@ -492,6 +633,7 @@ impl Miss {
         let head_bytes = relayed.as_ref().map_or(0, Relayed::head_len) as u64;
         let pending = Pending {
             store: Arc::clone(&cache.store),
+            _fill: self.fill,
             key: self.key,
             entry: Entry {
                 status,
@@ -626,6 +768,8 @@ impl Directives {
 /// What a response's body becomes once it is whole.
 struct Pending {
     store: Arc<ResponseCache>,
+    /// Dropped after the entry is kept: whoever waits finds it.
+    _fill: Option<Fill>,
     key: Box<str>,
     entry: Entry,
     overhead: u64,

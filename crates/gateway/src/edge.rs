@@ -41,7 +41,7 @@ use http_body_util::Limited;
 use tower::ServiceExt;
 
 use crate::body::{self, Body};
-use crate::cache::{Miss, Verdict};
+use crate::cache::{Collapsed, Miss, Verdict};
 use crate::client_cert::{ClientCert, XFCC};
 use crate::clock;
 use crate::compress;
@@ -342,12 +342,20 @@ pub(crate) fn handle<'a>(
         if let Some(cache) = &route.policy.cache
             && tunnel.is_none()
         {
-            match look_up(cache, &req, route) {
+            let mut verdict = look_up(cache, &req, route, None);
+            if let Verdict::Wait(waiting) = verdict {
+                // Boxed, as the mirror's: only a collapsed request waits.
+                let collapsed = Box::pin(waiting.done(route.timeout)).await;
+                verdict = look_up(cache, &req, route, Some(collapsed));
+            }
+            match verdict {
                 Verdict::Hit(mut reply) => {
                     finish.done(&mut reply);
                     return reply;
                 }
                 Verdict::Forward(m) => miss = Some(Box::new(m)),
+                // Unreachable: a collapsed request never waits again.
+                Verdict::Wait(_) => {}
             }
         }
         if let Some(changes) = &route.policy.request_headers {
@@ -381,10 +389,16 @@ pub(crate) fn handle<'a>(
     }
 }
 
-/// The cache's verdict on `req`, counted by route.
+/// The cache's verdict on `req`, counted by route (once: a request that
+/// waited for another's fetch was counted as it began to wait).
 #[cold]
 #[inline(never)]
-fn look_up(cache: &crate::cache::RouteCache, req: &Request<Body>, route: &Route) -> Verdict {
+fn look_up(
+    cache: &crate::cache::RouteCache,
+    req: &Request<Body>,
+    route: &Route,
+    collapsed: Option<Collapsed>,
+) -> Verdict {
     let host = if cache.by_host {
         request_host(req)
     } else {
@@ -394,10 +408,12 @@ fn look_up(cache: &crate::cache::RouteCache, req: &Request<Body>, route: &Route)
         .uri()
         .path_and_query()
         .map_or(req.uri().path(), PathAndQuery::as_str);
-    let verdict = cache.lookup(req, host, path, clock::now());
+    let first = collapsed.is_none();
+    let verdict = cache.lookup(req, host, path, clock::now(), collapsed);
     let result = match &verdict {
-        Verdict::Hit(_) => Some("hit"),
+        Verdict::Hit(_) => first.then_some("hit"),
         Verdict::Forward(miss) => miss.result(),
+        Verdict::Wait(_) => Some("collapsed"),
     };
     if let Some(result) = result {
         stats::cache_lookup(route.pattern.as_str(), result);

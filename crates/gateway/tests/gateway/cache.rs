@@ -497,3 +497,105 @@ async fn the_gateway_s_cache_status_follows_the_instance_s() {
     }
     gateway.shutdown(T).await;
 }
+
+/// A gateway whose `/h/**` keeps responses, for the collapsing tests
+/// (their own route, so that the metric counts only theirs).
+async fn collapsing(registry: &std::sync::Arc<Registry>, name: &str) -> (Gateway, Upstream) {
+    let up = Upstream::start(name).await;
+    registry.set(name, vec![up.endpoint()]);
+    let mut route = route(name, &format!("/{name}/**"), &[], T);
+    route.cache = Some(Duration::from_secs(60));
+    (start(config(vec![route]), registry).await, up)
+}
+
+fn waited(route: &str) -> u64 {
+    metric_sum(&[
+        "flotilla_gateway_cache_lookups_total",
+        &format!("route=\"/{route}/**\""),
+        "result=\"collapsed\"",
+    ])
+}
+
+#[tokio::test]
+async fn concurrent_misses_of_one_url_reach_the_instance_once() {
+    let registry = Registry::new();
+    let (gateway, up) = collapsing(&registry, "collapse").await;
+    let client = Client::new(&gateway);
+    // The first is held at the instance; seven more arrive meanwhile.
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move { client.get("/collapse/hold").await }
+    });
+    wait_until("the first request at the instance", || up.held() == 1).await;
+    let others: Vec<_> = (0..7)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.get("/collapse/hold").await })
+        })
+        .collect();
+    wait_until("seven requests waiting for it", || waited("collapse") == 7).await;
+    assert_eq!(up.hits(), 1);
+    up.release();
+
+    let first = ok(first.await, "first");
+    assert_eq!(
+        cache_status(&first),
+        "flotilla; fwd=uri-miss; fwd-status=200"
+    );
+    for other in others {
+        let reply = ok(other.await, "other");
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.body, first.body, "the first's response");
+        let said = cache_status(&reply);
+        assert!(
+            said.starts_with("flotilla; fwd=uri-miss; fwd-status=200; collapsed; ttl="),
+            "{said}"
+        );
+    }
+    assert_eq!(up.hits(), 1, "one request reached the instance");
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn waiters_for_a_response_that_cannot_be_kept_are_each_forwarded() {
+    let registry = Registry::new();
+    let (gateway, up) = collapsing(&registry, "uncollapse").await;
+    let client = Client::new(&gateway);
+    let private = [("x-reply-cache-control", "private")];
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .request(Method::GET, "/uncollapse/hold", &private, Bytes::new())
+                .await
+        }
+    });
+    wait_until("the first request at the instance", || up.held() == 1).await;
+    let others: Vec<_> = (0..3)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .request(Method::GET, "/uncollapse/hold", &private, Bytes::new())
+                    .await
+            })
+        })
+        .collect();
+    wait_until("three requests waiting for it", || {
+        waited("uncollapse") == 3
+    })
+    .await;
+    up.release();
+    assert_eq!(ok(first.await, "first").status, StatusCode::OK);
+    for other in others {
+        let reply = ok(other.await, "other");
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(
+            cache_status(&reply),
+            "flotilla; fwd=uri-miss; fwd-status=200; collapsed=?0"
+        );
+    }
+    // Each went on by itself, none waiting for another a second time.
+    assert_eq!(up.hits(), 4);
+    gateway.shutdown(T).await;
+}
