@@ -21,7 +21,13 @@
 //!   which identifies the client as surely.
 //! - Freshness is the response's: `s-maxage`, else `max-age`, else
 //!   `Expires` (from its `Date`), else the route's `ttl`, less the `Age`
-//!   it came with. A stale entry is never served: it is forwarded again.
+//!   it came with. A stale entry is not served while the instance
+//!   answers: the request is forwarded again.
+//! - A stale entry stands in for a fetch that fails with 500, 502, 503 or
+//!   504 (RFC 5861's `stale-if-error`), for as long past its freshness as
+//!   the response's own `stale-if-error` says, else the route's
+//!   `stale_if_error`; never after `must-revalidate`. It is kept that long
+//!   (or until it is the least recently used).
 //! - `Vary` is honoured: each kept response remembers the request's values
 //!   of the fields it names, and is served only to requests with the same.
 //! - A successful unsafe request (POST, PUT, PATCH, DELETE …) on a path
@@ -56,7 +62,7 @@
 //! none waits twice).
 //!
 //! Left out: stale entries are not revalidated with `If-None-Match`, just
-//! fetched again.
+//! fetched again, and not served while they are (`stale-while-revalidate`).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -138,12 +144,19 @@ struct Store {
     filling: HashMap<Box<str>, watch::Receiver<()>>,
 }
 
+/// Why a lookup found nothing fresh (RFC 9211's `fwd`), and the stale
+/// entry that may stand in if the fetch fails.
+struct Missed {
+    fwd: &'static str,
+    stale: Option<Arc<Entry>>,
+}
+
 /// What the store has for a request.
 enum Found {
     Fresh(Arc<Entry>),
-    /// Nothing fresh (why, as RFC 9211's `fwd`), and the request fetches
-    /// it for the others, if it leads.
-    Missing(&'static str, Option<Fill>),
+    /// Nothing fresh, and the request fetches it for the others, if it
+    /// leads.
+    Missing(Missed, Option<Fill>),
     /// Another request is fetching it: why it missed, and the signal.
     Filling(&'static str, watch::Receiver<()>),
 }
@@ -177,6 +190,9 @@ pub(crate) struct Entry {
     vary: Vec<(HeaderName, Option<Vec<u8>>)>,
     stored: Instant,
     expires: Instant,
+    /// Until when, past `expires`, it may stand in for a failed fetch
+    /// (`stale-if-error`); `expires` when never.
+    stale_until: Instant,
     /// The `Age` the instance sent, in seconds.
     age: u64,
     size: u64,
@@ -199,25 +215,33 @@ impl ResponseCache {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The fresh entry for `key` that `req`'s fields select, or why none.
-    fn get(&self, key: &str, req: &HeaderMap, now: Instant) -> Result<Arc<Entry>, &'static str> {
+    /// The fresh entry for `key` that `req`'s fields select, or why none
+    /// (and the stale one, if it may still stand in for a failed fetch).
+    fn get(&self, key: &str, req: &HeaderMap, now: Instant) -> Result<Arc<Entry>, Missed> {
+        let missed = |fwd| Missed { fwd, stale: None };
         let mut store = self.store();
         let store = &mut *store;
         let Some(variants) = store.entries.get_mut(key) else {
-            return Err("uri-miss");
+            return Err(missed("uri-miss"));
         };
         // The newest first, as RFC 9111 §4.1 asks when several match.
         let Some(at) = variants.iter().rposition(|e| e.selected_by(req)) else {
-            return Err("vary-miss");
+            return Err(missed("vary-miss"));
         };
         if variants[at].expires <= now {
+            if now < variants[at].stale_until {
+                return Err(Missed {
+                    fwd: "stale",
+                    stale: Some(Arc::clone(&variants[at])),
+                });
+            }
             let stale = variants.remove(at);
             store.bytes -= stale.size;
             if variants.is_empty() {
                 store.entries.remove(key);
             }
             stats::cache_bytes(store.bytes);
-            return Err("stale");
+            return Err(missed("stale"));
         }
         let entry = Arc::clone(&variants[at]);
         store.entries.to_back(key);
@@ -234,21 +258,21 @@ impl ResponseCache {
         now: Instant,
         may_wait: bool,
     ) -> Found {
-        let fwd = match this.get(key, req, now) {
+        let missed = match this.get(key, req, now) {
             Ok(entry) => return Found::Fresh(entry),
-            Err(fwd) => fwd,
+            Err(missed) => missed,
         };
         if !may_wait {
-            return Found::Missing(fwd, None);
+            return Found::Missing(missed, None);
         }
         let mut store = this.store();
         if let Some(done) = store.filling.get(key) {
-            return Found::Filling(fwd, done.clone());
+            return Found::Filling(missed.fwd, done.clone());
         }
         let (tx, rx) = watch::channel(());
         store.filling.insert(key.into(), rx);
         Found::Missing(
-            fwd,
+            missed,
             Some(Fill {
                 cache: Arc::clone(this),
                 key: key.into(),
@@ -319,15 +343,14 @@ impl Entry {
     /// The entry as a response to `req`, made `now`: to a HEAD, without
     /// its body (hyper's HTTP/2 server would send it) but with its length;
     /// to a request whose validators the entry meets, `304 Not Modified`.
-    /// After a wait for another request's fetch, `collapsed` is why the
-    /// first lookup missed, and `Cache-Status` says the response was that
-    /// fetch's (RFC 9211's `collapsed`).
+    /// `said` is its `Cache-Status`, given the seconds it has left
+    /// (negative when it is stale).
     fn reply(
         &self,
         now: Instant,
         head: bool,
         req: &HeaderMap,
-        collapsed: Option<&'static str>,
+        said: impl FnOnce(i64) -> String,
     ) -> Reply {
         let mut res = Response::new(body::empty());
         *res.status_mut() = self.status;
@@ -340,7 +363,10 @@ impl Entry {
         };
         let not_modified = self.status == StatusCode::OK && not_modified(req, &reply);
         let age = self.age + now.saturating_duration_since(self.stored).as_secs();
-        let ttl = self.expires.saturating_duration_since(now).as_secs();
+        let ttl = match self.expires.checked_duration_since(now) {
+            Some(left) => i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+            None => -i64::try_from(now.duration_since(self.expires).as_secs()).unwrap_or(0),
+        };
         if not_modified {
             *reply.res.status_mut() = StatusCode::NOT_MODIFIED;
         } else if !head {
@@ -355,16 +381,9 @@ impl Entry {
         fields.insert(AGE, HeaderValue::from(age));
         // After any the instance's own caches said (RFC 9211: the cache
         // nearest the client last).
-        let said = match collapsed {
-            None => format!("flotilla; hit; ttl={ttl}"),
-            Some(fwd) => format!(
-                "flotilla; fwd={fwd}; fwd-status={}; collapsed; ttl={ttl}",
-                self.status.as_u16()
-            ),
-        };
         fields.append(
             CACHE_STATUS.clone(),
-            HeaderValue::from_str(&said).unwrap_or(HeaderValue::from_static("flotilla")),
+            HeaderValue::from_str(&said(ttl)).unwrap_or(HeaderValue::from_static("flotilla")),
         );
         reply
     }
@@ -410,12 +429,13 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A route's caching, compiled: the store, the route's `ttl` and its
-/// identity in keys.
+/// A route's caching, compiled: the store, the route's `ttl` and
+/// `stale_if_error`, and its identity in keys.
 #[derive(Debug)]
 pub(crate) struct RouteCache {
     pub store: Arc<ResponseCache>,
     pub ttl: Duration,
+    pub stale_if_error: Duration,
     /// The route's identity (service, pattern, methods, hosts).
     pub id: Box<str>,
     /// Whether the route names hosts: then the host is part of the key.
@@ -478,6 +498,11 @@ pub(crate) struct Miss {
     fill: Option<Fill>,
     /// Whether it waited for another request's fetch first, in vain.
     collapsed: bool,
+    /// A kept response past its freshness that may stand in if the fetch
+    /// fails (`stale-if-error`).
+    stale: Option<Arc<Entry>>,
+    /// Whether it is a HEAD.
+    head: bool,
 }
 
 impl RouteCache {
@@ -509,6 +534,8 @@ impl RouteCache {
                 },
                 fill,
                 collapsed: collapsed.is_some(),
+                stale: None,
+                head: false,
             })
         };
         if method != Method::GET && method != Method::HEAD {
@@ -533,11 +560,27 @@ impl RouteCache {
         let may_wait = is_get && collapsed.is_none();
         match ResponseCache::find(&self.store, &key, req.headers(), now, may_wait) {
             Found::Fresh(entry) => {
-                let first = collapsed.map(|c| c.fwd);
-                Verdict::Hit(entry.reply(now, !is_get, req.headers(), first))
+                let status = entry.status.as_u16();
+                Verdict::Hit(entry.reply(now, !is_get, req.headers(), |ttl| {
+                    match collapsed {
+                        None => format!("flotilla; hit; ttl={ttl}"),
+                        // The response is the fetch this one waited for
+                        // (RFC 9211's `collapsed`).
+                        Some(c) => format!(
+                            "flotilla; fwd={}; fwd-status={status}; collapsed; ttl={ttl}",
+                            c.fwd
+                        ),
+                    }
+                }))
             }
-            Found::Missing(fwd, fill) => {
-                miss(collapsed.map_or(fwd, |c| c.fwd), is_get, false, fill)
+            Found::Missing(missed, fill) => {
+                let fwd = collapsed.map_or(missed.fwd, |c| c.fwd);
+                let mut verdict = miss(fwd, is_get, false, fill);
+                if let Verdict::Forward(m) = &mut verdict {
+                    m.stale = missed.stale;
+                    m.head = !is_get;
+                }
+                verdict
             }
             Found::Filling(fwd, done) => Verdict::Wait(Waiting { fwd, done }),
         }
@@ -565,8 +608,13 @@ impl Miss {
     /// Takes the response to the forwarded request: says why it was
     /// forwarded, and keeps it (as its body streams to the client) when it
     /// may be kept; a successful unsafe request drops the path's entries.
-    pub(crate) fn keep(self, cache: &RouteCache, reply: &mut Reply, now: Instant) {
+    pub(crate) fn keep(mut self, cache: &RouteCache, reply: &mut Reply, now: Instant) {
         let status = reply.res.status();
+        if let Some(stale) = self.stand_in(status, now) {
+            tracing::warn!(target: "flotilla::gateway", status = status.as_u16(), "the instance failed; a kept response past its freshness stands in (stale-if-error)");
+            *reply = stale;
+            return;
+        }
         let collapsed = if self.collapsed { "; collapsed=?0" } else { "" };
         let said = HeaderValue::from_str(&format!(
             "flotilla; fwd={}; fwd-status={}{collapsed}",
@@ -582,6 +630,21 @@ impl Miss {
         }
         // After the entry took its copy of the fields: a hit says its own.
         reply.fields().append(CACHE_STATUS.clone(), said);
+    }
+
+    /// The kept response, past its freshness, for a fetch that failed with
+    /// `status` (RFC 5861: 500, 502, 503 or 504, the instance's or the
+    /// gateway's), if it may stand in for it now.
+    pub(crate) fn stand_in(&mut self, status: StatusCode, now: Instant) -> Option<Reply> {
+        let failed = matches!(status.as_u16(), 500 | 502 | 503 | 504);
+        let stale = self
+            .stale
+            .take()
+            .filter(|e| failed && now < e.stale_until)?;
+        let code = status.as_u16();
+        Some(stale.reply(now, self.head, &HeaderMap::new(), |ttl| {
+            format!("flotilla; fwd=stale; fwd-status={code}; ttl={ttl}; detail=stale-if-error")
+        }))
     }
 
     /// What the lookup counts this request as, for the metrics: `None`
@@ -601,7 +664,7 @@ impl Miss {
     /// here, if it will not be).
     fn record(self, cache: &RouteCache, reply: &mut Reply, now: Instant) {
         let status = reply.res.status();
-        let Some(lifetime) = self.lifetime(cache, reply) else {
+        let Some((lifetime, stale_window)) = self.lifetime(cache, reply) else {
             return;
         };
         let limit = cache.store.config.max_entry_bytes;
@@ -621,7 +684,9 @@ impl Miss {
             return;
         }
         // Instants a year apart at most (a year is RFC 9111's "never").
-        let fresh = fresh.min(Duration::from_secs(365 * 24 * 3600));
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let fresh = fresh.min(year);
+        let expires = now + fresh;
         let vary = list_elements(reply.values(&VARY))
             .filter_map(|name| HeaderName::from_bytes(name).ok())
             .map(|name| {
@@ -642,7 +707,8 @@ impl Miss {
                 body: Bytes::new(),
                 vary,
                 stored: now,
-                expires: now + fresh,
+                expires,
+                stale_until: expires + stale_window.min(year),
                 age,
                 size: 0,
             },
@@ -658,15 +724,29 @@ impl Miss {
         });
     }
 
+    /// How long the response may be served, if it may be kept at all, and
+    /// for how long after that it may stand in for a failed fetch: its own
+    /// `stale-if-error`, else the route's, and never past `must-revalidate`
+    /// (RFC 9111 §5.2.2.2).
+    fn lifetime(&self, cache: &RouteCache, reply: &Reply) -> Option<(Duration, Duration)> {
+        let said = Directives::of(reply.values(&CACHE_CONTROL));
+        let stale_window = if said.must_revalidate {
+            Duration::ZERO
+        } else {
+            said.stale_if_error
+                .map_or(cache.stale_if_error, Duration::from_secs)
+        };
+        Some((self.freshness(cache, reply, &said)?, stale_window))
+    }
+
     /// How long the response may be served, if it may be kept at all.
-    fn lifetime(&self, cache: &RouteCache, reply: &Reply) -> Option<Duration> {
+    fn freshness(&self, cache: &RouteCache, reply: &Reply, said: &Directives) -> Option<Duration> {
         if !cacheable_status(reply.res.status())
             || reply.values(&SET_COOKIE).next().is_some()
             || list_elements(reply.values(&VARY)).any(|v| v == b"*")
         {
             return None;
         }
-        let said = Directives::of(reply.values(&CACHE_CONTROL));
         if said.no_store || said.private || said.no_cache {
             return None;
         }
@@ -730,6 +810,7 @@ struct Directives {
     must_revalidate: bool,
     max_age: Option<u64>,
     s_maxage: Option<u64>,
+    stale_if_error: Option<u64>,
 }
 
 impl Directives {
@@ -759,6 +840,8 @@ impl Directives {
                 d.max_age = Some(number(arg).unwrap_or(0));
             } else if is(b"s-maxage") {
                 d.s_maxage = Some(number(arg).unwrap_or(0));
+            } else if is(b"stale-if-error") {
+                d.stale_if_error = number(arg);
             }
         }
         d
@@ -882,6 +965,10 @@ mod tests {
         );
         assert_eq!(directives(&[]), Directives::default());
         assert!(directives(&["proxy-revalidate"]).must_revalidate);
+        let d = directives(&["max-age=1, stale-if-error=300"]);
+        assert_eq!(d.stale_if_error, Some(300));
+        // A malformed one is not there: the route's window holds.
+        assert_eq!(directives(&["stale-if-error=later"]).stale_if_error, None);
     }
 
     fn entry(size: u64, vary: Vec<(HeaderName, Option<Vec<u8>>)>, expires: Instant) -> Entry {
@@ -893,6 +980,7 @@ mod tests {
             vary,
             stored: Instant::now(),
             expires,
+            stale_until: expires,
             age: 0,
             size,
         }
@@ -915,7 +1003,7 @@ mod tests {
         cache.put("d".into(), entry(1000, Vec::new(), later));
         assert_eq!(cache.usage(), (3000, 3));
         assert_eq!(
-            cache.get("b", &HeaderMap::new(), now).err(),
+            cache.get("b", &HeaderMap::new(), now).err().map(|m| m.fwd),
             Some("uri-miss")
         );
         assert!(cache.get("a", &HeaderMap::new(), now).is_ok());
@@ -927,11 +1015,30 @@ mod tests {
         assert_eq!(cache.usage(), (2500, 3));
         // Stale entries go when found; invalidation drops a key.
         cache.put("s".into(), entry(100, Vec::new(), now));
-        assert_eq!(cache.get("s", &HeaderMap::new(), now).err(), Some("stale"));
+        assert_eq!(
+            cache.get("s", &HeaderMap::new(), now).err().map(|m| m.fwd),
+            Some("stale")
+        );
         cache.invalidate("a");
         assert_eq!(cache.usage().1, 2);
         let (bytes, _) = cache.usage();
         assert!(bytes <= 3000);
+    }
+
+    #[test]
+    fn a_stale_entry_is_kept_for_its_stand_in_window_only() {
+        let cache = ResponseCache::new(CacheConfig::default());
+        let now = Instant::now();
+        let mut stale = entry(100, Vec::new(), now);
+        stale.stale_until = now + Duration::from_secs(60);
+        cache.put("k".into(), stale);
+        let missed = cache.get("k", &HeaderMap::new(), now).err();
+        assert!(missed.is_some_and(|m| m.fwd == "stale" && m.stale.is_some()));
+        assert_eq!(cache.usage(), (100, 1), "kept while it may stand in");
+        let later = now + Duration::from_secs(61);
+        let missed = cache.get("k", &HeaderMap::new(), later).err();
+        assert!(missed.is_some_and(|m| m.fwd == "stale" && m.stale.is_none()));
+        assert_eq!(cache.usage(), (0, 0), "dropped once it may not");
     }
 
     #[test]
@@ -947,12 +1054,15 @@ mod tests {
         assert_eq!(cache.usage(), (10 * MAX_VARIANTS as u64, MAX_VARIANTS));
         let mut asked = HeaderMap::new();
         asked.insert(&lang, HeaderValue::from_static("0"));
-        assert_eq!(cache.get("k", &asked, now).err(), Some("vary-miss"));
+        assert_eq!(
+            cache.get("k", &asked, now).err().map(|m| m.fwd),
+            Some("vary-miss")
+        );
         asked.insert(&lang, HeaderValue::from(MAX_VARIANTS + 3));
         assert!(cache.get("k", &asked, now).is_ok());
         // A variant without the field is its own.
         assert_eq!(
-            cache.get("k", &HeaderMap::new(), now).err(),
+            cache.get("k", &HeaderMap::new(), now).err().map(|m| m.fwd),
             Some("vary-miss")
         );
     }

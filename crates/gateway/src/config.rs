@@ -84,9 +84,9 @@ pub struct RouteConfig {
     pub mirror: Vec<(String, u32)>,
     /// Retries after a failed attempt, instead of `Limits::max_retries`.
     pub retries: Option<u32>,
-    /// Keep GET responses and answer repeats from the gateway: this long
-    /// when a response gives no freshness of its own.
-    pub cache: Option<Duration>,
+    /// Keep GET responses and answer repeats from the gateway (`ttl`: how
+    /// long when a response gives no freshness of its own).
+    pub cache: Option<flotilla_manifest::RouteCache>,
     /// Upper-case methods; empty means any. HEAD is allowed wherever GET is.
     pub methods: Vec<String>,
     /// Bounds everything up to the upstream's response headers: waiting for
@@ -435,7 +435,7 @@ impl Config {
                         .map(|(service, percent)| (service.clone(), *percent))
                         .collect(),
                     retries: route.retries,
-                    cache: route.cache.map(|c| c.ttl),
+                    cache: route.cache,
                     methods: route.methods.clone(),
                     timeout: route.timeout,
                     auth: match &route.auth {

@@ -384,7 +384,16 @@ pub(crate) fn handle<'a>(
                 finish.done(&mut reply);
                 reply
             }
-            Err(rejection) => finish.reject(rejection),
+            Err(rejection) => {
+                if let Some(mut miss) = miss
+                    && let Some(mut reply) = miss.stand_in(rejection.status(), clock::now())
+                {
+                    tracing::warn!(target: "flotilla::gateway", route = route.pattern.as_str(), error = %rejection, "the fetch failed; a kept response past its freshness stands in (stale-if-error)");
+                    finish.done(&mut reply);
+                    return reply;
+                }
+                finish.reject(rejection)
+            }
         }
     }
 }

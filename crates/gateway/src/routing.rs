@@ -167,9 +167,10 @@ impl Routing {
                     &route.request_headers,
                 ),
                 cache: match (&cache, route.cache) {
-                    (Some(store), Some(ttl)) => Some(RouteCache {
+                    (Some(store), Some(c)) => Some(RouteCache {
                         store: Arc::clone(store),
-                        ttl,
+                        ttl: c.ttl,
+                        stale_if_error: c.stale_if_error,
                         by_host: !route.hosts.is_empty(),
                         id: id.clone().into_boxed_str(),
                     }),

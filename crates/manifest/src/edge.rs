@@ -664,6 +664,10 @@ pub struct RouteCache {
     /// How long a response without freshness of its own (`Cache-Control:
     /// max-age`, `s-maxage`, `Expires`) is served from the cache.
     pub ttl: Duration,
+    /// How long past its freshness a kept response may still be served
+    /// when the service fails (RFC 5861's `stale-if-error`, which a
+    /// response may also give itself); zero: never.
+    pub stale_if_error: Duration,
 }
 
 impl RouteCache {

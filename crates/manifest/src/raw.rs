@@ -56,6 +56,7 @@ pub(crate) struct RawCacheStore {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRouteCache {
     pub ttl: Option<Spanned<String>>,
+    pub stale_if_error: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -210,7 +210,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
         route.rate_limit = Some(RateLimit::parse(spec)?);
     }
     if args.cache {
-        route.cache = Some(Duration::from_secs(60));
+        route.cache = Some(flotilla_manifest::RouteCache {
+            ttl: Duration::from_secs(60),
+            stale_if_error: Duration::ZERO,
+        });
     }
     config.routes.push(route);
     let endpoint = Endpoint {

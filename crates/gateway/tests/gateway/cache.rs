@@ -5,11 +5,18 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flotilla_gateway::{CacheConfig, Gateway, RateLimit};
+use flotilla_manifest::RouteCache;
 use http::{Method, StatusCode};
 
 use crate::support::*;
 
 const T: Duration = Duration::from_secs(5);
+
+/// A minute's cache, never stale.
+const MINUTE: Option<RouteCache> = Some(RouteCache {
+    ttl: Duration::from_secs(60),
+    stale_if_error: Duration::ZERO,
+});
 
 /// A gateway in front of one instance of `c`, whose `/c/**` keeps
 /// responses for a minute by default.
@@ -17,7 +24,7 @@ async fn cached(registry: &std::sync::Arc<Registry>, store: CacheConfig) -> (Gat
     let up = Upstream::start("c-0").await;
     registry.set("c", vec![up.endpoint()]);
     let mut route = route("c", "/c/**", &[], T);
-    route.cache = Some(Duration::from_secs(60));
+    route.cache = MINUTE;
     let mut cfg = config(vec![route, crate::support::route("c", "/plain/**", &[], T)]);
     cfg.cache = store;
     (start(cfg, registry).await, up)
@@ -394,7 +401,7 @@ async fn a_kept_response_never_lets_a_request_past_the_edge_policies() {
     let up = Upstream::start("cp-0").await;
     registry.set("cp", vec![up.endpoint()]);
     let mut limited = route("cp", "/cp/**", &[], T);
-    limited.cache = Some(Duration::from_secs(60));
+    limited.cache = MINUTE;
     limited.rate_limit = Some(ok(RateLimit::parse("3/m per ip"), "rate limit"));
     let gateway = start(config(vec![limited]), &registry).await;
     let client = Client::new(&gateway);
@@ -498,13 +505,17 @@ async fn the_gateway_s_cache_status_follows_the_instance_s() {
     gateway.shutdown(T).await;
 }
 
-/// A gateway whose `/h/**` keeps responses, for the collapsing tests
-/// (their own route, so that the metric counts only theirs).
-async fn collapsing(registry: &std::sync::Arc<Registry>, name: &str) -> (Gateway, Upstream) {
+/// A gateway whose `/<name>/**` keeps responses as `cache` says, with a
+/// route of its own (so that a metric counts only this test's).
+async fn own_route(
+    registry: &std::sync::Arc<Registry>,
+    name: &str,
+    cache: Option<RouteCache>,
+) -> (Gateway, Upstream) {
     let up = Upstream::start(name).await;
     registry.set(name, vec![up.endpoint()]);
     let mut route = route(name, &format!("/{name}/**"), &[], T);
-    route.cache = Some(Duration::from_secs(60));
+    route.cache = cache;
     (start(config(vec![route]), registry).await, up)
 }
 
@@ -519,7 +530,7 @@ fn waited(route: &str) -> u64 {
 #[tokio::test]
 async fn concurrent_misses_of_one_url_reach_the_instance_once() {
     let registry = Registry::new();
-    let (gateway, up) = collapsing(&registry, "collapse").await;
+    let (gateway, up) = own_route(&registry, "collapse", MINUTE).await;
     let client = Client::new(&gateway);
     // The first is held at the instance; seven more arrive meanwhile.
     let first = tokio::spawn({
@@ -559,7 +570,7 @@ async fn concurrent_misses_of_one_url_reach_the_instance_once() {
 #[tokio::test]
 async fn waiters_for_a_response_that_cannot_be_kept_are_each_forwarded() {
     let registry = Registry::new();
-    let (gateway, up) = collapsing(&registry, "uncollapse").await;
+    let (gateway, up) = own_route(&registry, "uncollapse", MINUTE).await;
     let client = Client::new(&gateway);
     let private = [("x-reply-cache-control", "private")];
     let first = tokio::spawn({
@@ -597,5 +608,80 @@ async fn waiters_for_a_response_that_cannot_be_kept_are_each_forwarded() {
     }
     // Each went on by itself, none waiting for another a second time.
     assert_eq!(up.hits(), 4);
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn a_kept_response_stands_in_when_the_service_fails() {
+    let registry = Registry::new();
+    let cache = RouteCache {
+        ttl: Duration::from_secs(60),
+        stale_if_error: Duration::from_secs(600),
+    };
+    let (gateway, mut up) = own_route(&registry, "stale", Some(cache)).await;
+    let client = Client::new(&gateway);
+    // Fresh for a second each; `strict` must be revalidated, `own` gives
+    // its own window, of nothing.
+    let mut kept = Vec::new();
+    for (path, said) in [
+        ("/stale/a", "max-age=1"),
+        ("/stale/strict", "max-age=1, must-revalidate"),
+        ("/stale/own", "max-age=1, stale-if-error=0"),
+    ] {
+        let reply = client
+            .request(
+                Method::GET,
+                path,
+                &[("x-reply-cache-control", said)],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        kept.push(reply.body);
+    }
+    up.set_status(503);
+    let started = Instant::now();
+    let stood_in = loop {
+        let reply = client.get("/stale/a").await;
+        if !cache_status(&reply).contains("hit") {
+            break reply;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never went stale"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(stood_in.status, StatusCode::OK);
+    assert_eq!(stood_in.body, kept[0], "the kept response");
+    let said = cache_status(&stood_in);
+    // Its ttl is how long ago it went stale: zero or less.
+    let ttl = said
+        .strip_prefix("flotilla; fwd=stale; fwd-status=503; ttl=")
+        .and_then(|rest| rest.strip_suffix("; detail=stale-if-error"))
+        .and_then(|ttl| ttl.parse::<i64>().ok());
+    assert!(ttl.is_some_and(|ttl| ttl <= 0), "{said}");
+    for path in ["/stale/strict", "/stale/own"] {
+        let reply = client.get(path).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{path}");
+    }
+
+    // With the service gone altogether (the gateway's own 502/503), and
+    // for a HEAD too.
+    up.kill().await;
+    let reply = client.get("/stale/a").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body, kept[0]);
+    assert!(
+        cache_status(&reply).contains("fwd=stale"),
+        "{}",
+        cache_status(&reply)
+    );
+    let head = client
+        .request(Method::HEAD, "/stale/a", &[], Bytes::new())
+        .await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(head.header("content-length"), kept[0].len().to_string());
+    assert!(client.get("/stale/strict").await.status.is_server_error());
     gateway.shutdown(T).await;
 }

@@ -643,7 +643,8 @@ pub(super) fn cache_store(ctx: &mut Ctx<'_>, raw: &Spanned<RawCacheStore>) -> Op
 /// advice has it for "never expires".
 const MAX_CACHE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// A route's `cache`: a `ttl` of a whole second or more, on a route that
+/// A route's `cache`: a `ttl` of a whole second or more and a
+/// `stale_if_error` of zero or more (each at most a year), on a route that
 /// takes GET (only GET responses are kept).
 pub(super) fn route_cache(
     ctx: &mut Ctx<'_>,
@@ -658,7 +659,8 @@ pub(super) fn route_cache(
         );
         return None;
     }
-    let ttl = match &raw.get_ref().ttl {
+    let raw = raw.get_ref();
+    let ttl = match &raw.ttl {
         Some(t) => {
             let ttl = ctx.duration(t, "ttl")?;
             if ttl < Duration::from_secs(1) || ttl > MAX_CACHE_TTL {
@@ -673,5 +675,23 @@ pub(super) fn route_cache(
         }
         None => RouteCache::DEFAULT_TTL,
     };
-    Some(RouteCache { ttl })
+    let stale_if_error = match &raw.stale_if_error {
+        Some(s) => {
+            let window = ctx.duration_or_zero(s, "stale_if_error", true)?;
+            if window > MAX_CACHE_TTL {
+                ctx.error(
+                    s.span(),
+                    format!("`stale_if_error = \"{}\"` is out of range", s.get_ref()),
+                    Some("give from 0s (never) to 365d".into()),
+                );
+                return None;
+            }
+            window
+        }
+        None => Duration::ZERO,
+    };
+    Some(RouteCache {
+        ttl,
+        stale_if_error,
+    })
 }

@@ -1414,8 +1414,10 @@ fn the_documented_gateway_examples_parse() {
     let m = parses(&format!("name = \"x\"\n{}", cache[0]));
     assert_eq!(m.gateway.cache.max_bytes, 128 << 20);
     assert_eq!(
-        m.services["reviews"].routes[0].cache.map(|c| c.ttl),
-        Some(Duration::from_secs(30))
+        m.services["reviews"].routes[0]
+            .cache
+            .map(|c| (c.ttl, c.stale_if_error)),
+        Some((Duration::from_secs(30), Duration::from_secs(3600)))
     );
 
     let compression = documented_examples("### `[gateway] compression`");
@@ -1441,20 +1443,23 @@ fn a_route_s_cache_and_the_store_take_defaults_and_refuse_what_cannot_be_kept() 
     assert_eq!(
         m.services["a"].routes[0].cache,
         Some(crate::RouteCache {
-            ttl: Duration::from_secs(60)
+            ttl: Duration::from_secs(60),
+            stale_if_error: Duration::ZERO,
         })
     );
     let m = parses(&with(
         "[gateway.cache]\nmax_bytes = 4096\nmax_entry_bytes = 4096",
-        "methods = [\"GET\", \"POST\"], cache = { ttl = \"2m\" }",
+        "methods = [\"GET\", \"POST\"], cache = { ttl = \"2m\", stale_if_error = \"1h\" }",
     ));
     assert_eq!(
         (m.gateway.cache.max_bytes, m.gateway.cache.max_entry_bytes),
         (4096, 4096)
     );
     assert_eq!(
-        m.services["a"].routes[0].cache.map(|c| c.ttl),
-        Some(Duration::from_secs(120))
+        m.services["a"].routes[0]
+            .cache
+            .map(|c| (c.ttl, c.stale_if_error)),
+        Some((Duration::from_secs(120), Duration::from_secs(3600)))
     );
     assert_eq!(
         parses(&with("", "methods = [\"GET\"]")).services["a"].routes[0].cache,
@@ -1476,6 +1481,10 @@ fn a_route_s_cache_and_the_store_take_defaults_and_refuse_what_cannot_be_kept() 
         ),
         ("cache = { ttl = \"0s\" }", "`ttl` must be longer than zero"),
         ("cache = { ttl = \"soon\" }", "`soon` is not a duration"),
+        (
+            "cache = { stale_if_error = \"400d\" }",
+            "`stale_if_error = \"400d\"` is out of range",
+        ),
         ("cache = { ttl = \"1m\", vary = [] }", "unknown key `vary`"),
     ] {
         let e = errors(&with("", route));
