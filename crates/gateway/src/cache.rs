@@ -21,8 +21,11 @@
 //!   which identifies the client as surely.
 //! - Freshness is the response's: `s-maxage`, else `max-age`, else
 //!   `Expires` (from its `Date`), else the route's `ttl`, less the `Age`
-//!   it came with. A stale entry is not served while the instance
-//!   answers: the request is forwarded again.
+//!   it came with. A stale entry is forwarded again, except:
+//! - A stale entry is served at once while one request fetches it again in
+//!   the background (RFC 5861's `stale-while-revalidate`), for as long
+//!   past its freshness as the response's own `stale-while-revalidate`
+//!   says, else the route's; never after `must-revalidate`.
 //! - A stale entry stands in for a fetch that fails with 500, 502, 503 or
 //!   504 (RFC 5861's `stale-if-error`), for as long past its freshness as
 //!   the response's own `stale-if-error` says, else the route's
@@ -62,7 +65,7 @@
 //! none waits twice).
 //!
 //! Left out: stale entries are not revalidated with `If-None-Match`, just
-//! fetched again, and not served while they are (`stale-while-revalidate`).
+//! fetched again.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -154,6 +157,9 @@ struct Missed {
 /// What the store has for a request.
 enum Found {
     Fresh(Arc<Entry>),
+    /// Stale, but to be served while it is fetched again; with the claim
+    /// to fetch it, unless another request is already.
+    Revalidate(Arc<Entry>, Option<Fill>),
     /// Nothing fresh, and the request fetches it for the others, if it
     /// leads.
     Missing(Missed, Option<Fill>),
@@ -193,6 +199,9 @@ pub(crate) struct Entry {
     /// Until when, past `expires`, it may stand in for a failed fetch
     /// (`stale-if-error`); `expires` when never.
     stale_until: Instant,
+    /// Until when, past `expires`, it may be served while it is fetched
+    /// again in the background (`stale-while-revalidate`).
+    revalidate_until: Instant,
     /// The `Age` the instance sent, in seconds.
     age: u64,
     size: u64,
@@ -229,7 +238,8 @@ impl ResponseCache {
             return Err(missed("vary-miss"));
         };
         if variants[at].expires <= now {
-            if now < variants[at].stale_until {
+            let entry = &variants[at];
+            if now < entry.stale_until || now < entry.revalidate_until {
                 return Err(Missed {
                     fwd: "stale",
                     stale: Some(Arc::clone(&variants[at])),
@@ -262,23 +272,47 @@ impl ResponseCache {
             Ok(entry) => return Found::Fresh(entry),
             Err(missed) => missed,
         };
+        if let Some(stale) = &missed.stale
+            && now < stale.revalidate_until
+        {
+            let fill = if may_wait {
+                Self::claim(this, key)
+            } else {
+                None
+            };
+            return Found::Revalidate(Arc::clone(stale), fill);
+        }
         if !may_wait {
             return Found::Missing(missed, None);
         }
-        let mut store = this.store();
+        let store = this.store();
         if let Some(done) = store.filling.get(key) {
             return Found::Filling(missed.fwd, done.clone());
         }
+        drop(store);
+        match Self::claim(this, key) {
+            Some(fill) => Found::Missing(missed, Some(fill)),
+            // Claimed between the two looks: wait for that one.
+            None => match this.store().filling.get(key) {
+                Some(done) => Found::Filling(missed.fwd, done.clone()),
+                None => Found::Missing(missed, None),
+            },
+        }
+    }
+
+    /// The claim to fetch `key` for others, unless a request has it.
+    fn claim(this: &Arc<ResponseCache>, key: &str) -> Option<Fill> {
+        let mut store = this.store();
+        if store.filling.contains_key(key) {
+            return None;
+        }
         let (tx, rx) = watch::channel(());
         store.filling.insert(key.into(), rx);
-        Found::Missing(
-            missed,
-            Some(Fill {
-                cache: Arc::clone(this),
-                key: key.into(),
-                _done: tx,
-            }),
-        )
+        Some(Fill {
+            cache: Arc::clone(this),
+            key: key.into(),
+            _done: tx,
+        })
     }
 
     /// Keeps `entry` under `key`, in place of the variant it matches, and
@@ -436,6 +470,7 @@ pub(crate) struct RouteCache {
     pub store: Arc<ResponseCache>,
     pub ttl: Duration,
     pub stale_if_error: Duration,
+    pub stale_while_revalidate: Duration,
     /// The route's identity (service, pattern, methods, hosts).
     pub id: Box<str>,
     /// Whether the route names hosts: then the host is part of the key.
@@ -446,6 +481,10 @@ pub(crate) struct RouteCache {
 pub(crate) enum Verdict {
     /// Answered from the cache.
     Hit(Reply),
+    /// Answered from the cache with a stale response, and, unless another
+    /// request is at it, to be forwarded in the background to fetch it
+    /// again (`stale-while-revalidate`).
+    Revalidate(Reply, Option<Miss>),
     /// To be forwarded; [`Miss::keep`] takes its response.
     Forward(Miss),
     /// Another request is fetching the same: wait for it
@@ -573,6 +612,19 @@ impl RouteCache {
                     }
                 }))
             }
+            Found::Revalidate(entry, fill) => {
+                let reply = entry.reply(now, !is_get, req.headers(), |ttl| {
+                    format!("flotilla; hit; ttl={ttl}; detail=stale-while-revalidate")
+                });
+                let refresh = match fill {
+                    Some(fill) => match miss("stale", true, false, Some(fill)) {
+                        Verdict::Forward(m) => Some(m),
+                        _ => None,
+                    },
+                    None => None,
+                };
+                Verdict::Revalidate(reply, refresh)
+            }
             Found::Missing(missed, fill) => {
                 let fwd = collapsed.map_or(missed.fwd, |c| c.fwd);
                 let mut verdict = miss(fwd, is_get, false, fill);
@@ -664,7 +716,7 @@ impl Miss {
     /// here, if it will not be).
     fn record(self, cache: &RouteCache, reply: &mut Reply, now: Instant) {
         let status = reply.res.status();
-        let Some((lifetime, stale_window)) = self.lifetime(cache, reply) else {
+        let Some((lifetime, stale_window, revalidate_window)) = self.lifetime(cache, reply) else {
             return;
         };
         let limit = cache.store.config.max_entry_bytes;
@@ -709,6 +761,7 @@ impl Miss {
                 stored: now,
                 expires,
                 stale_until: expires + stale_window.min(year),
+                revalidate_until: expires + revalidate_window.min(year),
                 age,
                 size: 0,
             },
@@ -725,18 +778,28 @@ impl Miss {
     }
 
     /// How long the response may be served, if it may be kept at all, and
-    /// for how long after that it may stand in for a failed fetch: its own
-    /// `stale-if-error`, else the route's, and never past `must-revalidate`
-    /// (RFC 9111 §5.2.2.2).
-    fn lifetime(&self, cache: &RouteCache, reply: &Reply) -> Option<(Duration, Duration)> {
+    /// for how long after that it may stand in for a failed fetch, and be
+    /// served while it is fetched again: its own `stale-if-error` and
+    /// `stale-while-revalidate`, else the route's, and neither past
+    /// `must-revalidate` (RFC 9111 §5.2.2.2).
+    fn lifetime(
+        &self,
+        cache: &RouteCache,
+        reply: &Reply,
+    ) -> Option<(Duration, Duration, Duration)> {
         let said = Directives::of(reply.values(&CACHE_CONTROL));
-        let stale_window = if said.must_revalidate {
-            Duration::ZERO
-        } else {
-            said.stale_if_error
-                .map_or(cache.stale_if_error, Duration::from_secs)
+        let window = |own: Option<u64>, route: Duration| {
+            if said.must_revalidate {
+                Duration::ZERO
+            } else {
+                own.map_or(route, Duration::from_secs)
+            }
         };
-        Some((self.freshness(cache, reply, &said)?, stale_window))
+        Some((
+            self.freshness(cache, reply, &said)?,
+            window(said.stale_if_error, cache.stale_if_error),
+            window(said.stale_while_revalidate, cache.stale_while_revalidate),
+        ))
     }
 
     /// How long the response may be served, if it may be kept at all.
@@ -811,6 +874,7 @@ struct Directives {
     max_age: Option<u64>,
     s_maxage: Option<u64>,
     stale_if_error: Option<u64>,
+    stale_while_revalidate: Option<u64>,
 }
 
 impl Directives {
@@ -842,6 +906,8 @@ impl Directives {
                 d.s_maxage = Some(number(arg).unwrap_or(0));
             } else if is(b"stale-if-error") {
                 d.stale_if_error = number(arg);
+            } else if is(b"stale-while-revalidate") {
+                d.stale_while_revalidate = number(arg);
             }
         }
         d
@@ -969,6 +1035,8 @@ mod tests {
         assert_eq!(d.stale_if_error, Some(300));
         // A malformed one is not there: the route's window holds.
         assert_eq!(directives(&["stale-if-error=later"]).stale_if_error, None);
+        let d = directives(&["max-age=1, stale-while-revalidate=\"30\""]);
+        assert_eq!(d.stale_while_revalidate, Some(30));
     }
 
     fn entry(size: u64, vary: Vec<(HeaderName, Option<Vec<u8>>)>, expires: Instant) -> Entry {
@@ -981,6 +1049,7 @@ mod tests {
             stored: Instant::now(),
             expires,
             stale_until: expires,
+            revalidate_until: expires,
             age: 0,
             size,
         }

@@ -353,17 +353,30 @@ pub(crate) fn handle<'a>(
                     finish.done(&mut reply);
                     return reply;
                 }
+                Verdict::Revalidate(mut reply, refresh) => {
+                    // The request itself goes on, in the background, to
+                    // fetch what the client was given stale.
+                    if let Some(refresh) = refresh
+                        && prepare(route, &mut req).is_ok()
+                    {
+                        revalidate(
+                            proxy.detached(),
+                            req,
+                            conn,
+                            Arc::clone(route),
+                            client,
+                            refresh,
+                        );
+                    }
+                    finish.done(&mut reply);
+                    return reply;
+                }
                 Verdict::Forward(m) => miss = Some(Box::new(m)),
                 // Unreachable: a collapsed request never waits again.
                 Verdict::Wait(_) => {}
             }
         }
-        if let Some(changes) = &route.policy.request_headers {
-            changes.apply_to_request(req.headers_mut());
-        }
-        if route.strip_segments > 0
-            && let Err(rejection) = strip_prefix(&mut req, route.strip_segments)
-        {
+        if let Err(rejection) = prepare(route, &mut req) {
             return finish.reject(rejection);
         }
         // A WebSocket is a conversation with one instance: never copied.
@@ -398,6 +411,51 @@ pub(crate) fn handle<'a>(
     }
 }
 
+/// Step 11 and the prefix: `req` as the instance is to get it.
+fn prepare(route: &Route, req: &mut Request<Body>) -> Result<(), Rejection> {
+    if let Some(changes) = &route.policy.request_headers {
+        changes.apply_to_request(req.headers_mut());
+    }
+    if route.strip_segments > 0 {
+        strip_prefix(req, route.strip_segments)?;
+    }
+    Ok(())
+}
+
+/// Forwards `req`, whose client was answered with a stale response, from
+/// a task of its own, and keeps what the instance answers
+/// (`stale-while-revalidate`). If the fetch fails, the stale response
+/// stays, and the claim goes with the task, so that the next request
+/// tries again.
+#[cold]
+#[inline(never)]
+fn revalidate(
+    proxy: Proxy,
+    req: Request<Body>,
+    conn: ConnInfo,
+    route: Arc<Route>,
+    client: ClientAddr,
+    refresh: Miss,
+) {
+    tokio::spawn(async move {
+        let Some(cache) = &route.policy.cache else {
+            return;
+        };
+        match proxy.forward(req, conn, &route, client).await {
+            Ok((mut reply, _answered)) => {
+                refresh.keep(cache, &mut reply, clock::now());
+                // The response is kept as its body ends: read it to there,
+                // no longer than the route may take.
+                let body = http_body_util::BodyExt::collect(reply.res.into_body());
+                let _ = tokio::time::timeout(route.timeout, body).await;
+            }
+            Err(rejection) => {
+                tracing::debug!(target: "flotilla::gateway", route = route.pattern.as_str(), error = %rejection, "a background fetch of a stale response failed; it stays");
+            }
+        }
+    });
+}
+
 /// The cache's verdict on `req`, counted by route (once: a request that
 /// waited for another's fetch was counted as it began to wait).
 #[cold]
@@ -421,6 +479,7 @@ fn look_up(
     let verdict = cache.lookup(req, host, path, clock::now(), collapsed);
     let result = match &verdict {
         Verdict::Hit(_) => first.then_some("hit"),
+        Verdict::Revalidate(..) => first.then_some("stale"),
         Verdict::Forward(miss) => miss.result(),
         Verdict::Wait(_) => Some("collapsed"),
     };

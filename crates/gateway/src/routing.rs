@@ -171,6 +171,7 @@ impl Routing {
                         store: Arc::clone(store),
                         ttl: c.ttl,
                         stale_if_error: c.stale_if_error,
+                        stale_while_revalidate: c.stale_while_revalidate,
                         by_host: !route.hosts.is_empty(),
                         id: id.clone().into_boxed_str(),
                     }),

@@ -121,7 +121,7 @@ pub(crate) fn describe() {
     );
     metrics::describe_counter!(
         CACHE_LOOKUPS,
-        "GET and HEAD requests on routes with a cache, by route and result (hit, miss: nothing fresh kept, bypass: the request asked not to be served from the cache, or for a range, collapsed: it waited for another request's fetch of the same URL)."
+        "GET and HEAD requests on routes with a cache, by route and result (hit, stale: a stale response served while it is fetched again, miss: nothing fresh kept, bypass: the request asked not to be served from the cache, or for a range, collapsed: it waited for another request's fetch of the same URL)."
     );
     metrics::describe_gauge!(
         CACHE_BYTES,

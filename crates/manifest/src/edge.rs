@@ -668,6 +668,11 @@ pub struct RouteCache {
     /// when the service fails (RFC 5861's `stale-if-error`, which a
     /// response may also give itself); zero: never.
     pub stale_if_error: Duration,
+    /// How long past its freshness a kept response may still be served at
+    /// once while the gateway fetches it again in the background (RFC
+    /// 5861's `stale-while-revalidate`, which a response may also give
+    /// itself); zero: never.
+    pub stale_while_revalidate: Duration,
 }
 
 impl RouteCache {

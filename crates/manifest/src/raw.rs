@@ -57,6 +57,7 @@ pub(crate) struct RawCacheStore {
 pub(crate) struct RawRouteCache {
     pub ttl: Option<Spanned<String>>,
     pub stale_if_error: Option<Spanned<String>>,
+    pub stale_while_revalidate: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

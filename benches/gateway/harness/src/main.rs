@@ -213,6 +213,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         route.cache = Some(flotilla_manifest::RouteCache {
             ttl: Duration::from_secs(60),
             stale_if_error: Duration::ZERO,
+            stale_while_revalidate: Duration::ZERO,
         });
     }
     config.routes.push(route);

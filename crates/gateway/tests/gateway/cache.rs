@@ -16,6 +16,7 @@ const T: Duration = Duration::from_secs(5);
 const MINUTE: Option<RouteCache> = Some(RouteCache {
     ttl: Duration::from_secs(60),
     stale_if_error: Duration::ZERO,
+    stale_while_revalidate: Duration::ZERO,
 });
 
 /// A gateway in front of one instance of `c`, whose `/c/**` keeps
@@ -617,6 +618,7 @@ async fn a_kept_response_stands_in_when_the_service_fails() {
     let cache = RouteCache {
         ttl: Duration::from_secs(60),
         stale_if_error: Duration::from_secs(600),
+        stale_while_revalidate: Duration::ZERO,
     };
     let (gateway, mut up) = own_route(&registry, "stale", Some(cache)).await;
     let client = Client::new(&gateway);
@@ -683,5 +685,78 @@ async fn a_kept_response_stands_in_when_the_service_fails() {
     assert_eq!(head.status, StatusCode::OK);
     assert_eq!(head.header("content-length"), kept[0].len().to_string());
     assert!(client.get("/stale/strict").await.status.is_server_error());
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn a_stale_response_is_served_while_one_request_fetches_it_again() {
+    let registry = Registry::new();
+    let cache = RouteCache {
+        ttl: Duration::from_secs(60),
+        stale_if_error: Duration::ZERO,
+        stale_while_revalidate: Duration::from_secs(600),
+    };
+    let (gateway, up) = own_route(&registry, "swr", Some(cache)).await;
+    let client = Client::new(&gateway);
+    let first = client
+        .request(
+            Method::GET,
+            "/swr/a",
+            &[("x-reply-cache-control", "max-age=1")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(up.hits(), 1);
+
+    // Bursts of eight until the kept response has gone stale: the burst
+    // that finds it so is answered at once, stale, and one request of it
+    // fetches it again.
+    let fresh_for_a_minute = [("x-reply-cache-control", "max-age=60")];
+    let started = Instant::now();
+    let burst = loop {
+        let replies = futures_util::future::join_all((0..8).map(|_| {
+            let client = client.clone();
+            async move {
+                client
+                    .request(Method::GET, "/swr/a", &fresh_for_a_minute, Bytes::new())
+                    .await
+            }
+        }))
+        .await;
+        if replies
+            .iter()
+            .any(|r| cache_status(r).contains("stale-while-revalidate"))
+        {
+            break replies;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never went stale"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for reply in &burst {
+        assert_eq!(reply.status, StatusCode::OK);
+        if cache_status(reply).contains("stale-while-revalidate") {
+            assert_eq!(reply.body, first.body, "the stale response");
+            assert!(cache_status(reply).starts_with("flotilla; hit; ttl="));
+        }
+    }
+    wait_until("the one background fetch", || up.hits() == 2).await;
+    let started = Instant::now();
+    let fresh = loop {
+        let reply = client.get("/swr/a").await;
+        if !cache_status(&reply).contains("stale") {
+            break reply;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never refreshed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(ttl_of(&fresh) > 50, "{}", cache_status(&fresh));
+    assert_ne!(fresh.body, first.body, "the response fetched again");
+    assert_eq!(up.hits(), 2, "one fetch for the whole burst");
     gateway.shutdown(T).await;
 }

@@ -643,9 +643,9 @@ pub(super) fn cache_store(ctx: &mut Ctx<'_>, raw: &Spanned<RawCacheStore>) -> Op
 /// advice has it for "never expires".
 const MAX_CACHE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// A route's `cache`: a `ttl` of a whole second or more and a
-/// `stale_if_error` of zero or more (each at most a year), on a route that
-/// takes GET (only GET responses are kept).
+/// A route's `cache`: a `ttl` of a whole second or more, and
+/// `stale_if_error` and `stale_while_revalidate` of zero or more (each at
+/// most a year), on a route that takes GET (only GET responses are kept).
 pub(super) fn route_cache(
     ctx: &mut Ctx<'_>,
     raw: &Spanned<RawRouteCache>,
@@ -675,23 +675,24 @@ pub(super) fn route_cache(
         }
         None => RouteCache::DEFAULT_TTL,
     };
-    let stale_if_error = match &raw.stale_if_error {
+    let mut window = |raw: &Option<Spanned<String>>, key: &str| match raw {
         Some(s) => {
-            let window = ctx.duration_or_zero(s, "stale_if_error", true)?;
+            let window = ctx.duration_or_zero(s, key, true)?;
             if window > MAX_CACHE_TTL {
                 ctx.error(
                     s.span(),
-                    format!("`stale_if_error = \"{}\"` is out of range", s.get_ref()),
+                    format!("`{key} = \"{}\"` is out of range", s.get_ref()),
                     Some("give from 0s (never) to 365d".into()),
                 );
                 return None;
             }
-            window
+            Some(window)
         }
-        None => Duration::ZERO,
+        None => Some(Duration::ZERO),
     };
     Some(RouteCache {
         ttl,
-        stale_if_error,
+        stale_if_error: window(&raw.stale_if_error, "stale_if_error")?,
+        stale_while_revalidate: window(&raw.stale_while_revalidate, "stale_while_revalidate")?,
     })
 }

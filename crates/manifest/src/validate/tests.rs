@@ -1445,21 +1445,28 @@ fn a_route_s_cache_and_the_store_take_defaults_and_refuse_what_cannot_be_kept() 
         Some(crate::RouteCache {
             ttl: Duration::from_secs(60),
             stale_if_error: Duration::ZERO,
+            stale_while_revalidate: Duration::ZERO,
         })
     );
     let m = parses(&with(
         "[gateway.cache]\nmax_bytes = 4096\nmax_entry_bytes = 4096",
-        "methods = [\"GET\", \"POST\"], cache = { ttl = \"2m\", stale_if_error = \"1h\" }",
+        "methods = [\"GET\", \"POST\"], cache = { ttl = \"2m\", stale_if_error = \"1h\", stale_while_revalidate = \"5s\" }",
     ));
     assert_eq!(
         (m.gateway.cache.max_bytes, m.gateway.cache.max_entry_bytes),
         (4096, 4096)
     );
     assert_eq!(
-        m.services["a"].routes[0]
-            .cache
-            .map(|c| (c.ttl, c.stale_if_error)),
-        Some((Duration::from_secs(120), Duration::from_secs(3600)))
+        m.services["a"].routes[0].cache.map(|c| (
+            c.ttl,
+            c.stale_if_error,
+            c.stale_while_revalidate
+        )),
+        Some((
+            Duration::from_secs(120),
+            Duration::from_secs(3600),
+            Duration::from_secs(5)
+        ))
     );
     assert_eq!(
         parses(&with("", "methods = [\"GET\"]")).services["a"].routes[0].cache,
@@ -1484,6 +1491,10 @@ fn a_route_s_cache_and_the_store_take_defaults_and_refuse_what_cannot_be_kept() 
         (
             "cache = { stale_if_error = \"400d\" }",
             "`stale_if_error = \"400d\"` is out of range",
+        ),
+        (
+            "cache = { stale_while_revalidate = \"-1s\" }",
+            "`-1s` is not a duration",
         ),
         ("cache = { ttl = \"1m\", vary = [] }", "unknown key `vary`"),
     ] {
