@@ -47,7 +47,10 @@
 //!
 //! The store is one per gateway, bounded by `max_bytes` in all: keys,
 //! heads and bodies are counted, and the entries used longest ago go first
-//! (a `LinkedHashMap` in use order). Entries are keyed by the route
+//! (a `LinkedHashMap` in use order). It is split into up to 16 shards by
+//! the key's hash, each with its own lock and an equal share of the
+//! bytes, so that worker threads hitting different URLs do not queue on
+//! one lock. Entries are keyed by the route
 //! (service, pattern, methods, hosts), the host when the route names
 //! hosts, and the path with its query, so a reload that gives a path to
 //! another route never serves the old route's answers, and the store
@@ -68,7 +71,9 @@
 //! fetched again.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -129,11 +134,22 @@ const MAX_VARIANTS: usize = 8;
 /// (nginx's `proxy_cache_lock_timeout`); then it is forwarded itself.
 const MAX_COLLAPSE_WAIT: Duration = Duration::from_secs(5);
 
+/// Shards of the store at most. Every hit moves its entry to the back of
+/// the use order, a write: one lock for the whole store would have every
+/// worker thread take turns on it, so keys are spread over shards, each
+/// with its own lock, use order and share of `max_bytes`.
+const MAX_SHARDS: u64 = 16;
+
 /// The gateway's store of responses.
 #[derive(Debug)]
 pub(crate) struct ResponseCache {
     config: CacheConfig,
-    store: Mutex<Store>,
+    shards: Box<[Mutex<Store>]>,
+    /// Each shard's share of `max_bytes`.
+    shard_bytes: u64,
+    hasher: foldhash::fast::RandomState,
+    /// Bytes kept in all the shards.
+    bytes: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -179,7 +195,7 @@ impl Drop for Fill {
     fn drop(&mut self) {
         // Before the sender goes (the fields drop after this): a request
         // that wakes and misses again must not find the claim still there.
-        self.cache.store().filling.remove(&self.key);
+        self.cache.store(&self.key).filling.remove(&self.key);
     }
 }
 
@@ -208,10 +224,18 @@ pub(crate) struct Entry {
 }
 
 impl ResponseCache {
+    /// As many shards as leave each room for four of the largest entries,
+    /// up to [`MAX_SHARDS`]: LRU within a shard is LRU overall for a store
+    /// of many entries, and a store of a few large ones stays whole.
     pub(crate) fn new(config: CacheConfig) -> ResponseCache {
+        let shards = (config.max_bytes / config.max_entry_bytes.saturating_mul(4).max(1))
+            .clamp(1, MAX_SHARDS);
         ResponseCache {
             config,
-            store: Mutex::new(Store::default()),
+            shards: (0..shards).map(|_| Mutex::new(Store::default())).collect(),
+            shard_bytes: config.max_bytes / shards,
+            hasher: foldhash::fast::RandomState::default(),
+            bytes: AtomicU64::new(0),
         }
     }
 
@@ -219,16 +243,29 @@ impl ResponseCache {
         self.config
     }
 
-    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+    /// The shard that holds `key`, locked.
+    fn store(&self, key: &str) -> std::sync::MutexGuard<'_, Store> {
+        let at = self.hasher.hash_one(key) % self.shards.len() as u64;
+        let shard = &self.shards[usize::try_from(at).unwrap_or(0)];
         // Nothing panics while holding it; a poisoned store is still whole.
-        self.store.lock().unwrap_or_else(|e| e.into_inner())
+        shard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a shard going from `before` bytes to `after`.
+    fn account(&self, before: u64, after: u64) {
+        let total = if after >= before {
+            self.bytes.fetch_add(after - before, Ordering::Relaxed) + (after - before)
+        } else {
+            self.bytes.fetch_sub(before - after, Ordering::Relaxed) - (before - after)
+        };
+        stats::cache_bytes(total);
     }
 
     /// The fresh entry for `key` that `req`'s fields select, or why none
     /// (and the stale one, if it may still stand in for a failed fetch).
     fn get(&self, key: &str, req: &HeaderMap, now: Instant) -> Result<Arc<Entry>, Missed> {
         let missed = |fwd| Missed { fwd, stale: None };
-        let mut store = self.store();
+        let mut store = self.store(key);
         let store = &mut *store;
         let Some(variants) = store.entries.get_mut(key) else {
             return Err(missed("uri-miss"));
@@ -246,11 +283,11 @@ impl ResponseCache {
                 });
             }
             let stale = variants.remove(at);
-            store.bytes -= stale.size;
             if variants.is_empty() {
                 store.entries.remove(key);
             }
-            stats::cache_bytes(store.bytes);
+            store.bytes -= stale.size;
+            self.account(store.bytes + stale.size, store.bytes);
             return Err(missed("stale"));
         }
         let entry = Arc::clone(&variants[at]);
@@ -285,7 +322,7 @@ impl ResponseCache {
         if !may_wait {
             return Found::Missing(missed, None);
         }
-        let store = this.store();
+        let store = this.store(key);
         if let Some(done) = store.filling.get(key) {
             return Found::Filling(missed.fwd, done.clone());
         }
@@ -293,7 +330,7 @@ impl ResponseCache {
         match Self::claim(this, key) {
             Some(fill) => Found::Missing(missed, Some(fill)),
             // Claimed between the two looks: wait for that one.
-            None => match this.store().filling.get(key) {
+            None => match this.store(key).filling.get(key) {
                 Some(done) => Found::Filling(missed.fwd, done.clone()),
                 None => Found::Missing(missed, None),
             },
@@ -302,7 +339,7 @@ impl ResponseCache {
 
     /// The claim to fetch `key` for others, unless a request has it.
     fn claim(this: &Arc<ResponseCache>, key: &str) -> Option<Fill> {
-        let mut store = this.store();
+        let mut store = this.store(key);
         if store.filling.contains_key(key) {
             return None;
         }
@@ -318,12 +355,13 @@ impl ResponseCache {
     /// Keeps `entry` under `key`, in place of the variant it matches, and
     /// lets go of what was used longest ago until the store fits.
     fn put(&self, key: Box<str>, entry: Entry) {
-        if entry.size > self.config.max_bytes {
+        if entry.size > self.shard_bytes {
             return;
         }
         let entry = Arc::new(entry);
-        let mut store = self.store();
+        let mut store = self.store(&key);
         let store = &mut *store;
+        let before = store.bytes;
         let mut freed = 0;
         // Out and back in: the key goes to the back, as just used.
         let mut variants = store.entries.remove(&key).unwrap_or_default();
@@ -341,29 +379,40 @@ impl ResponseCache {
         variants.push(entry);
         store.entries.insert(key, variants);
         store.bytes = store.bytes - freed + size;
-        while store.bytes > self.config.max_bytes {
+        while store.bytes > self.shard_bytes {
             let Some((_, evicted)) = store.entries.pop_front() else {
                 break;
             };
             store.bytes -= evicted.iter().map(|e| e.size).sum::<u64>();
         }
-        stats::cache_bytes(store.bytes);
+        self.account(before, store.bytes);
     }
 
     /// Drops every variant kept under `key`.
     fn invalidate(&self, key: &str) {
-        let mut store = self.store();
+        let mut store = self.store(key);
         if let Some(variants) = store.entries.remove(key) {
-            store.bytes -= variants.iter().map(|e| e.size).sum::<u64>();
-            stats::cache_bytes(store.bytes);
+            let freed = variants.iter().map(|e| e.size).sum::<u64>();
+            store.bytes -= freed;
+            self.account(store.bytes + freed, store.bytes);
         }
     }
 
     /// Bytes and entries kept now.
     #[cfg(test)]
     fn usage(&self) -> (u64, usize) {
-        let store = self.store();
-        (store.bytes, store.entries.values().map(Vec::len).sum())
+        let mut usage = (0, 0);
+        for shard in &self.shards {
+            let store = shard.lock().unwrap_or_else(|e| e.into_inner());
+            usage.0 += store.bytes;
+            usage.1 += store.entries.values().map(Vec::len).sum::<usize>();
+        }
+        assert_eq!(
+            usage.0,
+            self.bytes.load(Ordering::Relaxed),
+            "the total follows the shards"
+        );
+        usage
     }
 }
 
@@ -475,6 +524,7 @@ pub(crate) struct RouteCache {
     pub id: Box<str>,
     /// Whether the route names hosts: then the host is part of the key.
     pub by_host: bool,
+    pub stats: stats::CacheStats,
 }
 
 /// What the cache made of a request on a caching route.
@@ -558,42 +608,40 @@ impl RouteCache {
     ) -> Verdict {
         let key = self.key(host, path);
         let method = req.method();
-        let miss = |fwd, storable, invalidates, fill| {
-            Verdict::Forward(Miss {
-                fwd,
-                key: key.clone(),
-                storable,
-                invalidates,
-                authorized: req.headers().contains_key(AUTHORIZATION)
-                    || req.headers().contains_key(&XFCC),
-                headers: if storable {
-                    req.headers().clone()
-                } else {
-                    HeaderMap::new()
-                },
-                fill,
-                collapsed: collapsed.is_some(),
-                stale: None,
-                head: false,
-            })
+        let miss = |fwd, storable, invalidates, fill| Miss {
+            fwd,
+            key: key.clone(),
+            storable,
+            invalidates,
+            authorized: req.headers().contains_key(AUTHORIZATION)
+                || req.headers().contains_key(&XFCC),
+            headers: if storable {
+                req.headers().clone()
+            } else {
+                HeaderMap::new()
+            },
+            fill,
+            collapsed: collapsed.is_some(),
+            stale: None,
+            head: false,
         };
         if method != Method::GET && method != Method::HEAD {
             let unsafe_method = !matches!(*method, Method::OPTIONS | Method::TRACE);
-            return miss("method", false, unsafe_method, None);
+            return Verdict::Forward(miss("method", false, unsafe_method, None));
         }
         if req.headers().contains_key(RANGE) {
-            return miss("bypass", false, false, None);
+            return Verdict::Forward(miss("bypass", false, false, None));
         }
         let asked = Directives::of(req.headers().get_all(CACHE_CONTROL).iter());
         if asked.no_store {
-            return miss("request", false, false, None);
+            return Verdict::Forward(miss("request", false, false, None));
         }
         let is_get = method == Method::GET;
         let pragma_no_cache = !req.headers().contains_key(CACHE_CONTROL)
             && list_elements(req.headers().get_all(PRAGMA).iter().map(|v| v.as_bytes()))
                 .any(|p| p.eq_ignore_ascii_case(b"no-cache"));
         if asked.no_cache || asked.max_age == Some(0) || pragma_no_cache {
-            return miss("request", is_get, false, None);
+            return Verdict::Forward(miss("request", is_get, false, None));
         }
         // Only a GET fetches what others may wait for.
         let may_wait = is_get && collapsed.is_none();
@@ -616,23 +664,16 @@ impl RouteCache {
                 let reply = entry.reply(now, !is_get, req.headers(), |ttl| {
                     format!("flotilla; hit; ttl={ttl}; detail=stale-while-revalidate")
                 });
-                let refresh = match fill {
-                    Some(fill) => match miss("stale", true, false, Some(fill)) {
-                        Verdict::Forward(m) => Some(m),
-                        _ => None,
-                    },
-                    None => None,
-                };
+                let refresh = fill.map(|fill| miss("stale", true, false, Some(fill)));
                 Verdict::Revalidate(reply, refresh)
             }
             Found::Missing(missed, fill) => {
                 let fwd = collapsed.map_or(missed.fwd, |c| c.fwd);
-                let mut verdict = miss(fwd, is_get, false, fill);
-                if let Verdict::Forward(m) = &mut verdict {
-                    m.stale = missed.stale;
-                    m.head = !is_get;
-                }
-                verdict
+                Verdict::Forward(Miss {
+                    stale: missed.stale,
+                    head: !is_get,
+                    ..miss(fwd, is_get, false, fill)
+                })
             }
             Found::Filling(fwd, done) => Verdict::Wait(Waiting { fwd, done }),
         }
@@ -1108,6 +1149,28 @@ mod tests {
         let missed = cache.get("k", &HeaderMap::new(), later).err();
         assert!(missed.is_some_and(|m| m.fwd == "stale" && m.stale.is_none()));
         assert_eq!(cache.usage(), (0, 0), "dropped once it may not");
+    }
+
+    #[test]
+    fn a_large_store_is_sharded_and_stays_within_its_bytes() {
+        let config = CacheConfig::default();
+        let cache = ResponseCache::new(config);
+        assert_eq!(cache.shards.len(), 16);
+        let later = Instant::now() + Duration::from_secs(60);
+        for n in 0..4000 {
+            cache.put(format!("k{n}").into(), entry(64 << 10, Vec::new(), later));
+        }
+        let (bytes, entries) = cache.usage();
+        assert!(bytes <= config.max_bytes, "{bytes}");
+        // Every shard full, or nearly: 64 MiB of 64 KiB entries, less at
+        // most one entry per shard.
+        assert!(entries >= 1024 - 16, "{entries}");
+        // Small stores stay whole.
+        let small = ResponseCache::new(CacheConfig {
+            max_bytes: 4096,
+            max_entry_bytes: 4096,
+        });
+        assert_eq!(small.shards.len(), 1);
     }
 
     #[test]

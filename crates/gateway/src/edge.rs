@@ -342,11 +342,11 @@ pub(crate) fn handle<'a>(
         if let Some(cache) = &route.policy.cache
             && tunnel.is_none()
         {
-            let mut verdict = look_up(cache, &req, route, None);
+            let mut verdict = look_up(cache, &req, None);
             if let Verdict::Wait(waiting) = verdict {
                 // Boxed, as the mirror's: only a collapsed request waits.
                 let collapsed = Box::pin(waiting.done(route.timeout)).await;
-                verdict = look_up(cache, &req, route, Some(collapsed));
+                verdict = look_up(cache, &req, Some(collapsed));
             }
             match verdict {
                 Verdict::Hit(mut reply) => {
@@ -463,7 +463,6 @@ fn revalidate(
 fn look_up(
     cache: &crate::cache::RouteCache,
     req: &Request<Body>,
-    route: &Route,
     collapsed: Option<Collapsed>,
 ) -> Verdict {
     let host = if cache.by_host {
@@ -484,7 +483,7 @@ fn look_up(
         Verdict::Wait(_) => Some("collapsed"),
     };
     if let Some(result) = result {
-        stats::cache_lookup(route.pattern.as_str(), result);
+        cache.stats.lookup(result);
     }
     verdict
 }

@@ -173,6 +173,7 @@ impl Routing {
                         stale_if_error: c.stale_if_error,
                         stale_while_revalidate: c.stale_while_revalidate,
                         by_host: !route.hosts.is_empty(),
+                        stats: crate::stats::CacheStats::new(route.pattern.as_str()),
                         id: id.clone().into_boxed_str(),
                     }),
                     _ => None,

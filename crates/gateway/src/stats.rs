@@ -290,8 +290,42 @@ pub(crate) fn mirrored(route: &str, service: &str, result: &'static str) {
     .increment(1);
 }
 
-pub(crate) fn cache_lookup(route: &str, result: &'static str) {
-    metrics::counter!(CACHE_LOOKUPS, "route" => route.to_string(), "result" => result).increment(1);
+/// A caching route's lookup counters, made once per result on first use:
+/// a hit costs an atomic add, not a registry lookup with a label copied.
+pub(crate) struct CacheStats {
+    route: String,
+    results: [OnceLock<Counter>; CacheStats::RESULTS.len()],
+}
+
+impl std::fmt::Debug for CacheStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheStats")
+            .field("route", &self.route)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CacheStats {
+    const RESULTS: [&'static str; 5] = ["hit", "stale", "miss", "bypass", "collapsed"];
+
+    pub(crate) fn new(route: &str) -> CacheStats {
+        CacheStats {
+            route: route.to_string(),
+            results: Default::default(),
+        }
+    }
+
+    /// Counts a lookup; `result` is one of [`CacheStats::RESULTS`].
+    pub(crate) fn lookup(&self, result: &'static str) {
+        let Some(at) = CacheStats::RESULTS.iter().position(|r| *r == result) else {
+            return;
+        };
+        self.results[at]
+            .get_or_init(|| {
+                metrics::counter!(CACHE_LOOKUPS, "route" => self.route.clone(), "result" => result)
+            })
+            .increment(1);
+    }
 }
 
 pub(crate) fn cache_bytes(bytes: u64) {
