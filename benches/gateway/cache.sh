@@ -73,49 +73,14 @@ done
 TARGETS=(nginx-cache gw-cache gw-plain upstream)
 HZ=$(getconf CLK_TCK)
 
-# wrk_run TARGET: "REQ/S P50_MS P99_MS ERRORS".
-wrk_run() {
-  local t=$1 out="$TMP/wrk-$1.txt"
-  wrk -t1 -c64 -d"$DURATION" --latency "${URL[$t]}" >"$out" 2>&1 || true
-  local errors
-  errors=$(awk '/Socket errors|Non-2xx/ {s = s $0 "; "} END {print (s == "" ? "0" : "!")}' "$out")
-  echo "$(wrk_figures "$out") ${errors}"
-}
-
-declare -A rates p50s p99s cpus last
+declare -A RATES P50S P99S CPUS
 echo
 echo "one URL, wrk -t1 -c64 -d$DURATION, $ROUNDS rounds"
-for round in $(seq 1 "$ROUNDS"); do
-  for t in $(round_order "$round" "${TARGETS[@]}"); do
-    DURATION=1s wrk_run "$t" >/dev/null
-    before=$(ticks "${PID[$t]}")
-    out=$(wrk_run "$t")
-    after=$(ticks "${PID[$t]}")
-    read -r rps p50 p99 errors <<<"$out"
-    cpu=$(awk -v d=$((after - before)) -v hz="$HZ" -v r="$rps" -v s="${DURATION%s}" \
-      'BEGIN { n = r * s; if (n > 0) printf "%.1f", d / hz * 1e6 / n; else print "-" }')
-    rates[$t]+="$rps "
-    p50s[$t]+="$p50 "
-    p99s[$t]+="$p99 "
-    cpus[$t]+="$cpu "
-    last[$t]=$rps
-    note=""
-    [ "$errors" = 0 ] || note=" (wrk saw socket errors or non-2xx answers; KEEP=1 keeps its output)"
-    echo "  round $round $t: $rps req/s p50 $p50 ms p99 $p99 ms cpu $cpu us/req$note" >&2
-  done
-  awk -v a="${last[gw-cache]}" -v b="${last[nginx-cache]}" -v r="$round" \
-    'BEGIN { if (b > 0) printf "  round %d: gw-cache/nginx-cache %.2fx\n", r, a / b }' >&2
-done
-printf '%-12s | %10s | %8s | %8s | %12s\n' target "req/s" "p50 ms" "p99 ms" "cpu us/req"
-for t in "${TARGETS[@]}"; do
-  # shellcheck disable=SC2086
-  printf '%-12s | %10s | %8s | %8s | %12s\n' "$t" "$(median ${rates[$t]})" \
-    "$(median ${p50s[$t]})" "$(median ${p99s[$t]})" "$(median ${cpus[$t]})"
-done
+measure_rounds gw-cache nginx-cache 64
 # shellcheck disable=SC2086
-awk -v g="$(median ${rates[gw-cache]})" -v n="$(median ${rates[nginx-cache]})" \
-  -v gc="$(median ${cpus[gw-cache]})" -v nc="$(median ${cpus[nginx-cache]})" \
-  -v p="$(median ${rates[gw-plain]})" -v pc="$(median ${cpus[gw-plain]})" 'BEGIN {
+awk -v g="$(median ${RATES[gw-cache]})" -v n="$(median ${RATES[nginx-cache]})" \
+  -v gc="$(median ${CPUS[gw-cache]})" -v nc="$(median ${CPUS[nginx-cache]})" \
+  -v p="$(median ${RATES[gw-plain]})" -v pc="$(median ${CPUS[gw-plain]})" 'BEGIN {
     printf "gw-cache/nginx-cache: %.2fx the requests/s at %.2fx the CPU per request\n", g / n, gc / nc
     printf "gw-cache/gw-plain (what a hit saves the gateway): %.2fx the requests/s at %.2fx the CPU per request\n", g / p, gc / pc
   }'

@@ -232,3 +232,56 @@ wrk_figures() {
   p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$1")")
   echo "${rps:-0} ${p50:-0} ${p99:-0}"
 }
+
+# wrk_target TARGET CONNS [WRK ARGS...]: "REQ/S P50_MS P99_MS ERRORS" of
+# one wrk -t1 run of DURATION against URL[TARGET] (ERRORS: 0, or ! when
+# wrk saw socket errors or non-2xx answers); wrk's output in
+# $TMP/wrk-TARGET.txt.
+wrk_target() {
+  local t=$1 conns=$2 out="$TMP/wrk-$1.txt" errors
+  shift 2
+  wrk -t1 -c"$conns" -d"$DURATION" --latency "$@" "${URL[$t]}" >"$out" 2>&1 || true
+  errors=$(awk '/Socket errors|Non-2xx/ {s = s $0 "; "} END {print (s == "" ? "0" : "!")}' "$out")
+  echo "$(wrk_figures "$out") ${errors}"
+}
+
+# measure_rounds A B CONNS [WRK ARGS...]: ROUNDS rounds of every target in
+# TARGETS (interleaved by round_order; each warmed for 1 s, then loaded
+# for DURATION by wrk_target), the CPU each spent per request read from
+# its PID (ticks; HZ clock ticks a second). Prints each run and each
+# round's A/B ratio as it goes (to stderr), then a table of medians, and
+# leaves the runs in RATES, P50S, P99S and CPUS (space-separated, by
+# target) for the ratios the caller prints.
+measure_rounds() {
+  local a=$1 b=$2 conns=$3 round t before after out rps p50 p99 errors cpu note
+  shift 3
+  local -A last
+  RATES=() P50S=() P99S=() CPUS=()
+  for round in $(seq 1 "$ROUNDS"); do
+    for t in $(round_order "$round" "${TARGETS[@]}"); do
+      DURATION=1s wrk_target "$t" "$conns" "$@" >/dev/null
+      before=$(ticks "${PID[$t]}")
+      out=$(wrk_target "$t" "$conns" "$@")
+      after=$(ticks "${PID[$t]}")
+      read -r rps p50 p99 errors <<<"$out"
+      cpu=$(awk -v d=$((after - before)) -v hz="$HZ" -v r="$rps" -v s="${DURATION%s}" \
+        'BEGIN { n = r * s; if (n > 0) printf "%.1f", d / hz * 1e6 / n; else print "-" }')
+      RATES[$t]+="$rps "
+      P50S[$t]+="$p50 "
+      P99S[$t]+="$p99 "
+      CPUS[$t]+="$cpu "
+      last[$t]=$rps
+      note=""
+      [ "$errors" = 0 ] || note=" (wrk saw socket errors or non-2xx answers; KEEP=1 keeps its output)"
+      echo "  round $round $t: $rps req/s p50 $p50 ms p99 $p99 ms cpu $cpu us/req$note" >&2
+    done
+    awk -v x="${last[$a]}" -v y="${last[$b]}" -v r="$round" -v n="$a/$b" \
+      'BEGIN { if (y > 0) printf "  round %d: %s %.2fx\n", r, n, x / y }' >&2
+  done
+  printf '%-12s | %10s | %8s | %8s | %12s\n' target "req/s" "p50 ms" "p99 ms" "cpu us/req"
+  for t in "${TARGETS[@]}"; do
+    # shellcheck disable=SC2086
+    printf '%-12s | %10s | %8s | %8s | %12s\n' "$t" "$(median ${RATES[$t]})" \
+      "$(median ${P50S[$t]})" "$(median ${P99S[$t]})" "$(median ${CPUS[$t]})"
+  done
+}

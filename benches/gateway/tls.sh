@@ -71,55 +71,20 @@ for t in gw-tls gw-plain nginx-tls; do wait_port "${PORT[$t]}"; done
 TARGETS=(nginx-tls gw-tls gw-plain)
 HZ=$(getconf CLK_TCK)
 
-# wrk_run TARGET CONNS [wrk args...]: "REQ/S P50_MS P99_MS ERRORS".
-wrk_run() {
-  local t=$1 conns=$2 out="$TMP/wrk-$1.txt"
-  shift 2
-  wrk -t1 -c"$conns" -d"$DURATION" --latency "$@" "${URL[$t]}" >"$out" 2>&1 || true
-  local errors
-  errors=$(awk '/Socket errors|Non-2xx/ {s = s $0 "; "} END {print (s == "" ? "0" : "!")}' "$out")
-  echo "$(wrk_figures "$out") ${errors}"
-}
+declare -A RATES P50S P99S CPUS
 
-# load NAME CONNS [wrk args...]: every round of every target, then the medians.
+# load NAME CONNS [wrk args...]: every round of every target, then the
+# medians and the ratios.
 load() {
   local name=$1 conns=$2
   shift 2
-  local -A rates p50s p99s cpus last
-  local round t before after out rps p50 p99 errors cpu note
   echo
   echo "$name: wrk -t1 -c$conns -d$DURATION${*:+ $*}, $ROUNDS rounds"
-  for round in $(seq 1 "$ROUNDS"); do
-    for t in $(round_order "$round" "${TARGETS[@]}"); do
-      DURATION=1s wrk_run "$t" "$conns" "$@" >/dev/null
-      before=$(ticks "${PID[$t]}")
-      out=$(wrk_run "$t" "$conns" "$@")
-      after=$(ticks "${PID[$t]}")
-      read -r rps p50 p99 errors <<<"$out"
-      cpu=$(awk -v d=$((after - before)) -v hz="$HZ" -v r="$rps" -v s="${DURATION%s}" \
-        'BEGIN { n = r * s; if (n > 0) printf "%.1f", d / hz * 1e6 / n; else print "-" }')
-      rates[$t]+="$rps "
-      p50s[$t]+="$p50 "
-      p99s[$t]+="$p99 "
-      cpus[$t]+="$cpu "
-      last[$t]=$rps
-      note=""
-      [ "$errors" = 0 ] || note=" (wrk saw socket errors or non-2xx answers; KEEP=1 keeps its output)"
-      echo "  round $round $t: $rps req/s p50 $p50 ms p99 $p99 ms cpu $cpu us/req$note" >&2
-    done
-    awk -v a="${last[gw-tls]}" -v b="${last[nginx-tls]}" -v r="$round" \
-      'BEGIN { if (b > 0) printf "  round %d: gw-tls/nginx-tls %.2fx\n", r, a / b }' >&2
-  done
-  printf '%-10s | %10s | %8s | %8s | %12s\n' target "req/s" "p50 ms" "p99 ms" "cpu us/req"
-  for t in "${TARGETS[@]}"; do
-    # shellcheck disable=SC2086
-    printf '%-10s | %10s | %8s | %8s | %12s\n' "$t" "$(median ${rates[$t]})" \
-      "$(median ${p50s[$t]})" "$(median ${p99s[$t]})" "$(median ${cpus[$t]})"
-  done
+  measure_rounds gw-tls nginx-tls "$conns" "$@"
   # shellcheck disable=SC2086
-  awk -v g="$(median ${rates[gw-tls]})" -v n="$(median ${rates[nginx-tls]})" \
-    -v gc="$(median ${cpus[gw-tls]})" -v nc="$(median ${cpus[nginx-tls]})" \
-    -v p="$(median ${rates[gw-plain]})" -v pc="$(median ${cpus[gw-plain]})" 'BEGIN {
+  awk -v g="$(median ${RATES[gw-tls]})" -v n="$(median ${RATES[nginx-tls]})" \
+    -v gc="$(median ${CPUS[gw-tls]})" -v nc="$(median ${CPUS[nginx-tls]})" \
+    -v p="$(median ${RATES[gw-plain]})" -v pc="$(median ${CPUS[gw-plain]})" 'BEGIN {
       printf "gw-tls/nginx-tls: %.2fx the requests/s at %.2fx the CPU per request\n", g / n, gc / nc
       printf "gw-tls/gw-plain (what TLS costs the gateway): %.2fx the requests/s at %.2fx the CPU per request\n", g / p, gc / pc
     }'
