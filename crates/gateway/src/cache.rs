@@ -1173,6 +1173,48 @@ mod tests {
         assert_eq!(small.shards.len(), 1);
     }
 
+    /// A body of two pieces, recorded into `cache` under `key`.
+    fn recording(cache: &Arc<ResponseCache>, key: &str) -> Recording {
+        let pieces = futures_util::stream::iter([
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"hello "))),
+            Ok(Frame::data(Bytes::from_static(b"world"))),
+        ]);
+        Recording {
+            inner: body::boxed(http_body_util::StreamBody::new(pieces)),
+            pieces: Vec::new(),
+            len: 0,
+            limit: 1024,
+            pending: Some(Pending {
+                store: Arc::clone(cache),
+                _fill: None,
+                key: key.into(),
+                entry: entry(0, Vec::new(), Instant::now() + Duration::from_secs(60)),
+                overhead: ENTRY_OVERHEAD,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_is_kept_only_once_it_has_ended() {
+        use http_body_util::BodyExt;
+        let cache = Arc::new(ResponseCache::new(CacheConfig::default()));
+        // The client went away after the first piece: nothing is kept.
+        let mut cut = recording(&cache, "cut");
+        let first = cut.frame().await;
+        assert!(first.is_some_and(|f| f.is_ok()));
+        drop(cut);
+        assert_eq!(cache.usage(), (0, 0));
+        // Read to its end: kept, whole.
+        let whole = recording(&cache, "whole");
+        let body = whole.collect().await.map(|c| c.to_bytes()).ok();
+        assert_eq!(body.as_deref(), Some(&b"hello world"[..]));
+        let kept = cache.get("whole", &HeaderMap::new(), Instant::now());
+        assert_eq!(
+            kept.ok().map(|e| e.body.clone()),
+            Some(Bytes::from_static(b"hello world"))
+        );
+    }
+
     #[test]
     fn variants_are_bounded_per_key() {
         let cache = ResponseCache::new(CacheConfig::default());

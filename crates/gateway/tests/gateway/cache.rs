@@ -760,3 +760,110 @@ async fn a_stale_response_is_served_while_one_request_fetches_it_again() {
     assert_eq!(up.hits(), 2, "one fetch for the whole burst");
     gateway.shutdown(T).await;
 }
+
+/// An instance that answers from a script, by path, over raw HTTP/1.1
+/// (one request per connection): what hyper would never send.
+struct Scripted {
+    addr: std::net::SocketAddr,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Scripted {
+    async fn start(script: &'static [(&'static str, &'static str)]) -> Scripted {
+        use std::sync::atomic::Ordering;
+        use tokio::io::AsyncWriteExt;
+        let listener = ok(tokio::net::TcpListener::bind("127.0.0.1:0").await, "bind");
+        let addr = ok(listener.local_addr(), "addr");
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = std::sync::Arc::clone(&hits);
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let hits = std::sync::Arc::clone(&counted);
+                tokio::spawn(async move {
+                    let Some(head) = read_head(&mut stream).await else {
+                        return;
+                    };
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    let line = String::from_utf8_lossy(&head);
+                    let path = line.split(' ').nth(1).unwrap_or("");
+                    let answer = script.iter().find(|(p, _)| *p == path).map_or(
+                        "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+                        |(_, a)| a,
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        Scripted { addr, hits, task }
+    }
+
+    fn endpoint(&self) -> flotilla_gateway::Endpoint {
+        flotilla_gateway::Endpoint {
+            instance: "scripted-0".into(),
+            addr: self.addr,
+            load: std::sync::Arc::new(flotilla_gateway::Load::default()),
+        }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn only_a_whole_body_is_kept() {
+    const SCRIPT: &[(&str, &str)] = &[
+        (
+            "/raw/chunked",
+            "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        ),
+        (
+            "/raw/cut",
+            "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 100\r\nconnection: close\r\n\r\nonly ten b",
+        ),
+        (
+            "/raw/chunks-cut",
+            "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n",
+        ),
+    ];
+    let registry = Registry::new();
+    let up = Scripted::start(SCRIPT).await;
+    registry.set("raw", vec![up.endpoint()]);
+    let mut route = route("raw", "/raw/**", &[], T);
+    route.cache = MINUTE;
+    route.retries = Some(0);
+    let gateway = start(config(vec![route]), &registry).await;
+    let client = Client::new(&gateway);
+
+    // Chunked, of unknown length: kept once whole, and served with its
+    // length.
+    let first = client.get("/raw/chunked").await;
+    assert_eq!(first.body, "hello world");
+    let again = client.get("/raw/chunked").await;
+    assert!(cache_status(&again).contains("hit"), "{:?}", again.headers);
+    assert_eq!(again.body, "hello world");
+    assert_eq!(again.header("content-length"), "11");
+    assert_eq!(up.hits(), 1);
+
+    // A body the instance broke off: the client sees it fail, and nothing
+    // is kept, so each request goes to the instance again.
+    for path in ["/raw/cut", "/raw/chunks-cut"] {
+        let before = up.hits();
+        for _ in 0..2 {
+            let reply = client
+                .try_request(Method::GET, path, &[], Bytes::new())
+                .await;
+            assert!(reply.is_err(), "{path}: {reply:?}");
+        }
+        assert_eq!(up.hits(), before + 2, "{path}");
+    }
+    gateway.shutdown(T).await;
+}

@@ -502,6 +502,21 @@ impl Client {
     }
 }
 
+/// Reads from `stream` up to the end of a request head (and whatever came
+/// with it); `None` if the peer closed first.
+pub async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
+}
+
 /// Sends `raw` as-is over a fresh connection and returns the whole answer;
 /// for requests an HTTP client would normalise (`/../x`).
 pub async fn raw_request(addr: SocketAddr, raw: &str) -> String {

@@ -682,14 +682,9 @@ async fn page_server(html: String) -> SocketAddr {
             // Each connection on its own: Chromium also opens connections
             // it sends nothing on (preconnects).
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(head) = read_head(&mut stream).await else {
+                    return;
+                };
                 let body = if head.starts_with(b"GET /done") {
                     done.send_replace(true);
                     ""
