@@ -77,6 +77,16 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Drop the gateway's kept responses (routes with `cache`) whose path
+    /// starts with PREFIX, so the next request for each reaches its service.
+    Purge {
+        /// A path prefix, such as `/api/reviews/`; `/` drops every kept response.
+        #[arg(default_value = "/")]
+        prefix: String,
+        /// The running system's data dir [default: .flotilla beside the manifest].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Stop the running system gracefully.
     Down {
         /// The running system's data dir [default: .flotilla beside the manifest].
@@ -226,6 +236,29 @@ async fn run(command: Command) -> ExitCode {
             match client.redrive(&queue, max).await {
                 Ok(moved) => {
                     out!("moved {moved} message(s) from {queue} back to where they came from");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Purge { prefix, data_dir } => {
+            if !prefix.starts_with('/') {
+                eprintln!(
+                    "error: `{prefix}` is not a path prefix: give one starting with `/` (`/` alone drops every kept response)"
+                );
+                return ExitCode::from(EXIT_INVALID);
+            }
+            let client = match open(data_dir) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match client.purge_cache(&prefix).await {
+                Ok(purged) => {
+                    out!(
+                        "purged {} kept response(s), {} bytes, under {prefix}",
+                        purged.responses,
+                        purged.bytes
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(&e),

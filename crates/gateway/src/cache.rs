@@ -56,6 +56,9 @@
 //! another route never serves the old route's answers, and the store
 //! survives reloads that keep its sizes.
 //!
+//! An operator drops what is kept under a path prefix with
+//! [`crate::Gateway::purge_cache`] (`flotilla purge`).
+//!
 //! A client's own conditional GET (`If-None-Match`, `If-Modified-Since`)
 //! that a kept response meets gets `304 Not Modified` from the cache.
 //!
@@ -197,6 +200,15 @@ impl Drop for Fill {
         // that wakes and misses again must not find the claim still there.
         self.cache.store(&self.key).filling.remove(&self.key);
     }
+}
+
+/// What a purge dropped ([`crate::Gateway::purge_cache`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CachePurged {
+    /// Responses dropped (each variant of a URL counts).
+    pub responses: u64,
+    /// The bytes they held.
+    pub bytes: u64,
 }
 
 /// One kept response.
@@ -396,6 +408,30 @@ impl ResponseCache {
             store.bytes -= freed;
             self.account(store.bytes + freed, store.bytes);
         }
+    }
+
+    /// Drops every entry whose path (with its query) starts with `prefix`.
+    pub(crate) fn purge(&self, prefix: &str) -> CachePurged {
+        let mut purged = CachePurged::default();
+        for shard in &self.shards {
+            let mut store = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let store = &mut *store;
+            let before = store.bytes;
+            // Keys are `route id \n host \n path`.
+            store.entries.retain(|key, variants| {
+                let path = key.splitn(3, '\n').nth(2).unwrap_or_default();
+                if !path.starts_with(prefix) {
+                    return true;
+                }
+                purged.responses += variants.len() as u64;
+                let freed = variants.iter().map(|e| e.size).sum::<u64>();
+                purged.bytes += freed;
+                store.bytes -= freed;
+                false
+            });
+            self.account(before, store.bytes);
+        }
+        purged
     }
 
     /// Bytes and entries kept now.

@@ -84,7 +84,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::task::AbortOnDropHandle;
 
-pub use cache::CacheConfig;
+pub use cache::{CacheConfig, CachePurged};
 pub use client::UpstreamTls;
 pub use compress::CompressionConfig;
 pub use config::{Config, ConfigError, Limits, RouteConfig};
@@ -333,6 +333,18 @@ impl Gateway {
             "gateway configuration reloaded"
         );
         Ok(())
+    }
+
+    /// Drops every kept response (routes' `cache`) whose path, with its
+    /// query, starts with `prefix` (`"/"`: all of them), as Kong's
+    /// proxy-cache purge does: after a bad deploy, say, without waiting
+    /// for the responses to expire. A request for one of them now is
+    /// forwarded.
+    pub fn purge_cache(&self, prefix: &str) -> CachePurged {
+        match self.routing.current().cache() {
+            Some(cache) => cache.purge(prefix),
+            None => CachePurged::default(),
+        }
     }
 
     /// Stops accepting connections, lets in-flight requests finish for up to

@@ -50,6 +50,13 @@ pub(crate) struct Routing {
     cache: Option<Arc<ResponseCache>>,
 }
 
+impl Routing {
+    /// The store of the routes with `cache`, if any has.
+    pub(crate) fn cache(&self) -> Option<&Arc<ResponseCache>> {
+        self.cache.as_ref()
+    }
+}
+
 /// What building a [`Routing`] needs besides the config.
 #[derive(Clone)]
 pub(crate) struct Context {

@@ -6,8 +6,9 @@
 //! `<data-dir>/operator/` (key 0600) and renews like any other: whoever can
 //! read that directory is the operator. Every other peer of the system gets
 //! `403 operator_only`; plaintext and foreign certificates never finish the
-//! handshake. Stopping the system (`POST /v1/shutdown`) also still needs
-//! the bearer token from `endpoints.json` (0600).
+//! handshake. Stopping the system (`POST /v1/shutdown`) and dropping the
+//! gateway's kept responses (`POST /v1/cache/purge`) also still need the
+//! bearer token from `endpoints.json` (0600).
 //!
 //! The web console (an HTML page and the read-only status it shows) is on a
 //! separate plain-HTTP loopback listener, because a browser has no operator
@@ -15,7 +16,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use axum::Router;
@@ -24,6 +25,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{any, get, post};
 use bytes::Bytes;
+use flotilla_gateway::{CachePurged, Gateway};
 use flotilla_mesh::identity::{BROKER, OPERATOR, RUNTIME};
 use flotilla_mesh::{ExpectedPeer, Identity, IdentityFiles};
 use http_body_util::{BodyExt, Full};
@@ -51,6 +53,8 @@ struct ControlState {
     source: Arc<dyn StatusSource>,
     token: Arc<str>,
     shutdown: Arc<Notify>,
+    /// Weak: the system stops the gateway by owning it alone.
+    gateway: Weak<Gateway>,
 }
 
 /// The control API, for the operator.
@@ -58,14 +62,17 @@ pub(crate) fn router(
     source: Arc<dyn StatusSource>,
     token: String,
     shutdown: Arc<Notify>,
+    gateway: Weak<Gateway>,
 ) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/shutdown", post(shutdown_handler))
+        .route("/v1/cache/purge", post(purge_handler))
         .with_state(ControlState {
             source,
             token: token.into(),
             shutdown,
+            gateway,
         })
 }
 
@@ -165,17 +172,34 @@ async fn status(State(state): State<ControlState>) -> Response {
     axum::Json(state.source.status()).into_response()
 }
 
-async fn shutdown_handler(State(state): State<ControlState>, headers: HeaderMap) -> Response {
+/// Whether `headers` carry the control token.
+fn authorized(state: &ControlState, headers: &HeaderMap) -> bool {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), state.token.as_bytes())) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            axum::Json(serde_json::json!({"error": {"code": "unauthorized", "message": "the control token from endpoints.json is required"}})),
-        )
-            .into_response();
+    presented.is_some_and(|p| constant_time_eq(p.as_bytes(), state.token.as_bytes()))
+}
+
+fn unauthorized() -> Response {
+    refusal(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "the control token from endpoints.json is required",
+    )
+}
+
+fn refusal(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+async fn shutdown_handler(State(state): State<ControlState>, headers: HeaderMap) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
     }
     state.shutdown.notify_one();
     (
@@ -183,6 +207,49 @@ async fn shutdown_handler(State(state): State<ControlState>, headers: HeaderMap)
         axum::Json(serde_json::json!({"status": "stopping"})),
     )
         .into_response()
+}
+
+/// `POST /v1/cache/purge` with `{"prefix": "/api/reviews/"}`: drops the
+/// gateway's kept responses under that path prefix; answers what it
+/// dropped.
+async fn purge_handler(
+    State(state): State<ControlState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Purge {
+        prefix: String,
+    }
+    let prefix = match serde_json::from_slice::<Purge>(&body) {
+        Ok(p) if p.prefix.starts_with('/') => p.prefix,
+        Ok(_) => {
+            return refusal(
+                StatusCode::BAD_REQUEST,
+                "invalid_prefix",
+                "the prefix is a path, starting with `/` (`/` alone: every kept response)",
+            );
+        }
+        Err(e) => {
+            return refusal(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                &format!("expected {{\"prefix\": \"/…\"}}: {e}"),
+            );
+        }
+    };
+    match state.gateway.upgrade() {
+        Some(gateway) => axum::Json(gateway.purge_cache(&prefix)).into_response(),
+        None => refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopping",
+            "the gateway is stopping",
+        ),
+    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -309,6 +376,26 @@ impl ControlClient {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(false)
+    }
+
+    /// Drops the gateway's kept responses whose path starts with `prefix`;
+    /// what it dropped.
+    pub async fn purge_cache(&self, prefix: &str) -> Result<CachePurged, ControlError> {
+        let body = serde_json::json!({ "prefix": prefix }).to_string();
+        let answer = self
+            .exchange(
+                &self.endpoints.control,
+                &self.tls,
+                true,
+                http::Method::POST,
+                "/v1/cache/purge",
+                Some(body),
+            )
+            .await?;
+        serde_json::from_slice(&answer).map_err(|e| ControlError::Refused {
+            status: 200,
+            body: format!("unreadable purge answer: {e}"),
+        })
     }
 
     /// A queue's counts (the queue must be declared in the manifest).

@@ -307,6 +307,7 @@ impl System {
             Arc::clone(&registry) as Arc<dyn StatusSource>,
             token.clone(),
             Arc::clone(&shutdown_requested),
+            Arc::downgrade(&gateway),
         );
         tasks.push(tokio::spawn(control::serve_mtls(
             control_listener,

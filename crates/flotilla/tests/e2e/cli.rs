@@ -123,7 +123,7 @@ fn hello_manifest(dir: &Path, listen: &str) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "name = \"cli\"\n[gateway]\nlisten = \"{listen}\"\n[services.hello]\nrun = {{ command = [\"python3\", \"{}\"] }}\nreplicas = 2\nroutes = [{{ path = \"/**\" }}]\n[topics.t]\n[queues.q]\nsubscribe = {{ topic = \"t\" }}\nmax_receives = 3\ndead_letter = \"q-dlq\"\n[queues.q-dlq]\n",
+            "name = \"cli\"\n[gateway]\nlisten = \"{listen}\"\n[services.hello]\nrun = {{ command = [\"python3\", \"{}\"] }}\nreplicas = 2\nroutes = [{{ path = \"/**\" }}, {{ path = \"/cached/**\", methods = [\"GET\"], cache = {{}} }}]\n[topics.t]\n[queues.q]\nsubscribe = {{ topic = \"t\" }}\nmax_receives = 3\ndead_letter = \"q-dlq\"\n[queues.q-dlq]\n",
             hello.display()
         ),
     )
@@ -217,6 +217,30 @@ fn wait_until(what: &str, deadline: Duration, f: impl Fn() -> bool) {
     }
 }
 
+/// The `Cache-Status` of a GET of `path` from the gateway at `url`
+/// (`http://ip:port`), over a plain socket.
+fn cache_status_of(url: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer
+        .lines()
+        .find_map(|l| l.strip_prefix("cache-status: "))
+        .unwrap_or_default()
+        .to_string()
+}
+
 #[test]
 fn up_status_down() {
     let mut up = up("127.0.0.1:0");
@@ -270,6 +294,31 @@ fn up_status_down() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // The gateway keeps /cached/**: kept, then purged by the CLI, then
+    // fetched again.
+    let gateway = endpoints["gateway"].as_str().unwrap().to_string();
+    assert!(cache_status_of(&gateway, "/cached/x").contains("fwd=uri-miss"));
+    assert!(cache_status_of(&gateway, "/cached/x").contains("hit"));
+    let out = flotilla()
+        .args(["purge", "/cached/", "--data-dir"])
+        .arg(&up.data)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("purged 1 kept response(s), "),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(cache_status_of(&gateway, "/cached/x").contains("fwd=uri-miss"));
+    let out = flotilla()
+        .args(["purge", "cached", "--data-dir"])
+        .arg(&up.data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a path prefix"));
 
     let out = flotilla()
         .args(["down", "--data-dir"])
@@ -377,8 +426,8 @@ async fn up_serves_https_with_the_manifests_certificate() {
 
     let manifest = hello_manifest(dir.path(), "127.0.0.1:0");
     let mut text = std::fs::read_to_string(&manifest).unwrap().replace(
-        "routes = [{ path = \"/**\" }]",
-        "routes = [{ path = \"/partner/**\", client_cert = true }, { path = \"/**\" }]",
+        "routes = [{ path = \"/**\" }",
+        "routes = [{ path = \"/partner/**\", client_cert = true }, { path = \"/**\" }",
     );
     text.push_str("[gateway.tls]\ncert = \"gw.pem\"\nkey = \"gw-key.pem\"\nclient_ca = \"partners-ca.pem\"\n[[gateway.tls.certificates]]\ncert = \"api.pem\"\nkey = \"api-key.pem\"\n");
     std::fs::write(&manifest, text).unwrap();

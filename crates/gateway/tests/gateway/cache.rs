@@ -867,3 +867,26 @@ async fn only_a_whole_body_is_kept() {
     }
     gateway.shutdown(T).await;
 }
+
+#[tokio::test]
+async fn a_purge_drops_what_is_kept_under_a_prefix() {
+    let registry = Registry::new();
+    let (gateway, up) = own_route(&registry, "purge", MINUTE).await;
+    let client = Client::new(&gateway);
+    for path in ["/purge/a", "/purge/b/1", "/purge/b/2?q=1"] {
+        client.get(path).await;
+        expect_cache_status(&client, path, "hit").await;
+    }
+    let purged = gateway.purge_cache("/purge/b/");
+    assert_eq!(purged.responses, 2);
+    assert!(purged.bytes > 0);
+    expect_cache_status(&client, "/purge/b/1", "uri-miss").await;
+    expect_cache_status(&client, "/purge/b/2?q=1", "uri-miss").await;
+    expect_cache_status(&client, "/purge/a", "hit").await;
+    // "/": everything; nothing left, nothing to drop.
+    assert_eq!(gateway.purge_cache("/").responses, 3);
+    assert_eq!(gateway.purge_cache("/").responses, 0);
+    expect_cache_status(&client, "/purge/a", "uri-miss").await;
+    assert_eq!(up.hits(), 6);
+    gateway.shutdown(T).await;
+}

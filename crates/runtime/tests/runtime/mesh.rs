@@ -351,8 +351,15 @@ async fn the_control_api_answers_only_the_operator() {
     let control = endpoints.control.trim_start_matches("https://").to_string();
 
     // The CLI's way: the operator's identity from the data dir.
-    let status = ControlClient::open(&data).unwrap().status().await.unwrap();
+    let operator = ControlClient::open(&data).unwrap();
+    let status = operator.status().await.unwrap();
     assert_eq!(status.system, "rt");
+    // A purge of the gateway's kept responses: none kept here; a prefix
+    // that is not a path is refused with why.
+    let purged = operator.purge_cache("/").await.unwrap();
+    assert_eq!((purged.responses, purged.bytes), (0, 0));
+    let refused = operator.purge_cache("api").await.unwrap_err().to_string();
+    assert!(refused.contains("invalid_prefix"), "{refused}");
 
     // Any other identity of the system is refused; so is plaintext.
     let caller = identity(&h, "caller");
@@ -394,5 +401,12 @@ async fn the_control_api_answers_only_the_operator() {
         .await
         .unwrap();
     assert_eq!(shutdown.status(), 404, "the console cannot stop the system");
+    let purge = client()
+        .post(format!("{}/v1/cache/purge", endpoints.console))
+        .body(r#"{"prefix": "/"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purge.status(), 404, "nor purge the gateway's cache");
     h.stop().await;
 }
