@@ -177,6 +177,7 @@ impl AccessLog {
             request: logged.then(|| (req.method().clone(), req.uri().clone())),
             route: None,
             upstream: None,
+            cache: None,
             status: StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
             bytes: 0,
         }
@@ -197,6 +198,8 @@ pub(crate) struct Entry {
     /// Kept until the response body is done: it also counts the request
     /// on its instance.
     upstream: Option<Upstream>,
+    /// What a route's cache made of it (`hit`, `stale`, `miss`, …).
+    cache: Option<&'static str>,
     status: StatusCode,
     bytes: u64,
 }
@@ -210,6 +213,9 @@ struct Line<'a> {
     route: Option<&'a str>,
     service: Option<&'a str>,
     instance: Option<&'a str>,
+    /// Only on routes with a cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<&'a str>,
     status: u16,
     duration_ms: f64,
     bytes: u64,
@@ -226,6 +232,7 @@ impl Entry {
         self.status = status;
         self.route = served.route;
         self.upstream = served.upstream;
+        self.cache = served.cache;
     }
 }
 
@@ -261,6 +268,7 @@ impl Drop for Entry {
             route,
             service,
             instance,
+            cache = self.cache,
             status = self.status.as_u16(),
             duration_ms,
             bytes = self.bytes,
@@ -277,6 +285,7 @@ impl Drop for Entry {
             route,
             service,
             instance,
+            cache: self.cache,
             status: self.status.as_u16(),
             duration_ms,
             bytes: self.bytes,

@@ -76,6 +76,8 @@ pub(crate) struct ClientAddr {
 pub(crate) struct Served {
     pub route: Option<Arc<Route>>,
     pub upstream: Option<Upstream>,
+    /// What the route's cache made of it, as its metric counts it.
+    pub cache: Option<&'static str>,
 }
 
 /// The name a request asked for, without the port: the URI's authority
@@ -192,6 +194,7 @@ pub(crate) fn handle<'a>(
         let Served {
             route: matched,
             upstream,
+            cache: cache_result,
         } = served;
         let mut finish = Finish {
             request_id,
@@ -342,11 +345,11 @@ pub(crate) fn handle<'a>(
         if let Some(cache) = &route.policy.cache
             && tunnel.is_none()
         {
-            let mut verdict = look_up(cache, &req, None);
+            let mut verdict = look_up(cache, &req, None, cache_result);
             if let Verdict::Wait(waiting) = verdict {
                 // Boxed, as the mirror's: only a collapsed request waits.
                 let collapsed = Box::pin(waiting.done(route.timeout)).await;
-                verdict = look_up(cache, &req, Some(collapsed));
+                verdict = look_up(cache, &req, Some(collapsed), cache_result);
             }
             match verdict {
                 Verdict::Hit(mut reply) => {
@@ -467,6 +470,7 @@ fn look_up(
     cache: &crate::cache::RouteCache,
     req: &Request<Body>,
     collapsed: Option<Collapsed>,
+    counted: &mut Option<&'static str>,
 ) -> Verdict {
     let host = if cache.by_host {
         request_host(req)
@@ -487,6 +491,7 @@ fn look_up(
     };
     if let Some(result) = result {
         cache.stats.lookup(result);
+        *counted = Some(result);
     }
     verdict
 }

@@ -890,3 +890,47 @@ async fn a_purge_drops_what_is_kept_under_a_prefix() {
     assert_eq!(up.hits(), 6);
     gateway.shutdown(T).await;
 }
+
+#[tokio::test]
+async fn the_access_log_says_what_the_cache_did() {
+    let dir = TestDir::new();
+    let log = path_buf(&dir, "access.log");
+    let registry = Registry::new();
+    let up = Upstream::start("logged-0").await;
+    registry.set("logged", vec![up.endpoint()]);
+    let mut cached = route("logged", "/logged/**", &[], T);
+    cached.cache = MINUTE;
+    let mut cfg = config(vec![cached, route("logged", "/plain/**", &[], T)]);
+    cfg.access_log = Some(log.clone());
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    for (id, path, fields) in [
+        ("c-1", "/logged/x", &[][..]),
+        ("c-2", "/logged/x", &[]),
+        ("c-3", "/logged/x", &[("cache-control", "no-cache")]),
+        ("c-4", "/plain/x", &[]),
+    ] {
+        let mut fields = fields.to_vec();
+        fields.push(("x-request-id", id));
+        client
+            .request(Method::GET, path, &fields, Bytes::new())
+            .await;
+    }
+    // Lines are written after the bodies: shut down to flush them all.
+    gateway.shutdown(T).await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| ok(serde_json::from_str(l), "access-log line is JSON"))
+        .collect();
+    let cache_of = |id: &str| {
+        let line = lines.iter().find(|l| l["request_id"] == id);
+        line.map(|l| l.get("cache").cloned())
+            .unwrap_or_else(|| panic!("no line for {id}: {text}"))
+    };
+    assert_eq!(cache_of("c-1"), Some("miss".into()));
+    assert_eq!(cache_of("c-2"), Some("hit".into()));
+    assert_eq!(cache_of("c-3"), Some("bypass".into()));
+    assert_eq!(cache_of("c-4"), None, "no field where no cache is");
+    drop(up);
+}
