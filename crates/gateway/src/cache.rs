@@ -291,7 +291,7 @@ impl ResponseCache {
             if now < entry.stale_until || now < entry.revalidate_until {
                 return Err(Missed {
                     fwd: "stale",
-                    stale: Some(Arc::clone(&variants[at])),
+                    stale: Some(Arc::clone(entry)),
                 });
             }
             let stale = variants.remove(at);
@@ -325,7 +325,7 @@ impl ResponseCache {
             && now < stale.revalidate_until
         {
             let fill = if may_wait {
-                Self::claim(this, key)
+                Self::claim(this, key).ok()
             } else {
                 None
             };
@@ -334,30 +334,22 @@ impl ResponseCache {
         if !may_wait {
             return Found::Missing(missed, None);
         }
-        let store = this.store(key);
-        if let Some(done) = store.filling.get(key) {
-            return Found::Filling(missed.fwd, done.clone());
-        }
-        drop(store);
         match Self::claim(this, key) {
-            Some(fill) => Found::Missing(missed, Some(fill)),
-            // Claimed between the two looks: wait for that one.
-            None => match this.store(key).filling.get(key) {
-                Some(done) => Found::Filling(missed.fwd, done.clone()),
-                None => Found::Missing(missed, None),
-            },
+            Ok(fill) => Found::Missing(missed, Some(fill)),
+            Err(done) => Found::Filling(missed.fwd, done),
         }
     }
 
-    /// The claim to fetch `key` for others, unless a request has it.
-    fn claim(this: &Arc<ResponseCache>, key: &str) -> Option<Fill> {
+    /// The claim to fetch `key` for others, or, when a request has it, the
+    /// signal that it is done.
+    fn claim(this: &Arc<ResponseCache>, key: &str) -> Result<Fill, watch::Receiver<()>> {
         let mut store = this.store(key);
-        if store.filling.contains_key(key) {
-            return None;
+        if let Some(done) = store.filling.get(key) {
+            return Err(done.clone());
         }
         let (tx, rx) = watch::channel(());
         store.filling.insert(key.into(), rx);
-        Some(Fill {
+        Ok(Fill {
             cache: Arc::clone(this),
             key: key.into(),
             _done: tx,
@@ -513,10 +505,6 @@ impl Entry {
 /// weakly) or `*`; without one, an `If-Modified-Since` no earlier than its
 /// `Last-Modified`.
 fn not_modified(req: &HeaderMap, reply: &Reply) -> bool {
-    let date = |v: Option<&[u8]>| {
-        v.and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| httpdate::parse_http_date(v).ok())
-    };
     if req.contains_key(IF_NONE_MATCH) {
         let Some(tag) = reply.values(&ETAG).next() else {
             return false;
@@ -527,12 +515,18 @@ fn not_modified(req: &HeaderMap, reply: &Reply) -> bool {
             .any(|asked| asked == b"*" || opaque(asked) == tag);
     }
     match (
-        date(req.get(IF_MODIFIED_SINCE).map(HeaderValue::as_bytes)),
-        date(reply.values(&LAST_MODIFIED).next()),
+        http_date(req.get(IF_MODIFIED_SINCE).map(HeaderValue::as_bytes)),
+        http_date(reply.values(&LAST_MODIFIED).next()),
     ) {
         (Some(since), Some(modified)) => modified <= since,
         _ => false,
     }
+}
+
+/// A field's value read as an HTTP date, if it is one.
+fn http_date(value: Option<&[u8]>) -> Option<SystemTime> {
+    let text = std::str::from_utf8(value?).ok()?;
+    httpdate::parse_http_date(text).ok()
 }
 
 /// A request's values of the field `name`, joined as one list; `None`
@@ -668,14 +662,24 @@ impl RouteCache {
         if req.headers().contains_key(RANGE) {
             return Verdict::Forward(miss("bypass", false, false, None));
         }
-        let asked = Directives::of(req.headers().get_all(CACHE_CONTROL).iter());
+        let asked = Directives::of(
+            req.headers()
+                .get_all(CACHE_CONTROL)
+                .iter()
+                .map(HeaderValue::as_bytes),
+        );
         if asked.no_store {
             return Verdict::Forward(miss("request", false, false, None));
         }
         let is_get = method == Method::GET;
         let pragma_no_cache = !req.headers().contains_key(CACHE_CONTROL)
-            && list_elements(req.headers().get_all(PRAGMA).iter().map(|v| v.as_bytes()))
-                .any(|p| p.eq_ignore_ascii_case(b"no-cache"));
+            && list_elements(
+                req.headers()
+                    .get_all(PRAGMA)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
+            )
+            .any(|p| p.eq_ignore_ascii_case(b"no-cache"));
         if asked.no_cache || asked.max_age == Some(0) || pragma_no_cache {
             return Verdict::Forward(miss("request", is_get, false, None));
         }
@@ -797,12 +801,10 @@ impl Miss {
             return;
         };
         let limit = cache.store.config.max_entry_bytes;
-        let declared = reply
-            .values(&CONTENT_LENGTH)
-            .next()
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit) || reply.res.body().size_hint().lower() > limit {
+        // A body that says it is too large is not copied at all (the
+        // instance's `Content-Length` is its size hint); one of unknown
+        // length is, until it passes the limit.
+        if reply.res.body().size_hint().lower() > limit {
             return;
         }
         let age = number(reply.values(&AGE).next()).unwrap_or(0);
@@ -898,15 +900,8 @@ impl Miss {
         }
         if let Some(expires) = reply.values(&EXPIRES).next() {
             // An `Expires` that is not a date means "already expired".
-            let expires = std::str::from_utf8(expires)
-                .ok()
-                .and_then(|e| httpdate::parse_http_date(e).ok())?;
-            let date = reply
-                .values(&DATE)
-                .next()
-                .and_then(|d| std::str::from_utf8(d).ok())
-                .and_then(|d| httpdate::parse_http_date(d).ok())
-                .unwrap_or_else(SystemTime::now);
+            let expires = http_date(Some(expires))?;
+            let date = http_date(reply.values(&DATE).next()).unwrap_or_else(SystemTime::now);
             return expires.duration_since(date).ok();
         }
         Some(cache.ttl)
@@ -955,10 +950,9 @@ struct Directives {
 }
 
 impl Directives {
-    fn of<'a>(values: impl Iterator<Item = impl AsRef<[u8]> + 'a>) -> Directives {
-        let values: Vec<_> = values.collect();
+    fn of<'a>(values: impl Iterator<Item = &'a [u8]>) -> Directives {
         let mut d = Directives::default();
-        for element in list_elements(values.iter().map(AsRef::as_ref)) {
+        for element in list_elements(values) {
             let (name, arg) = match element.iter().position(|&b| b == b'=') {
                 Some(at) => (element[..at].trim_ascii(), Some(&element[at + 1..])),
                 None => (element, None),
@@ -1249,6 +1243,70 @@ mod tests {
             kept.ok().map(|e| e.body.clone()),
             Some(Bytes::from_static(b"hello world"))
         );
+    }
+
+    /// Forwards a GET of `/x` on a route whose cache is `cache` with
+    /// `fields`, answers it 200 with `said` as its `Cache-Control`, and
+    /// reads the answer to its end; whether it was kept.
+    async fn kept(
+        cache: &RouteCache,
+        fields: &[(HeaderName, &'static str)],
+        said: &'static str,
+    ) -> bool {
+        use http_body_util::BodyExt;
+        let mut req = Request::new(body::empty());
+        for (name, value) in fields {
+            req.headers_mut()
+                .insert(name, HeaderValue::from_static(value));
+        }
+        let now = Instant::now();
+        let Verdict::Forward(miss) = cache.lookup(&req, None, "/x", now, None) else {
+            panic!("a first GET is forwarded");
+        };
+        let mut res = Response::new(body::full("x"));
+        if !said.is_empty() {
+            res.headers_mut()
+                .insert(CACHE_CONTROL, HeaderValue::from_static(said));
+        }
+        let mut reply = Reply::from(res);
+        miss.keep(cache, &mut reply, now);
+        let _ = reply.res.into_body().collect().await;
+        cache
+            .store
+            .get(&cache.key(None, "/x"), req.headers(), now)
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn credentials_keep_a_response_only_when_it_may_be_shared() {
+        let route = || RouteCache {
+            store: Arc::new(ResponseCache::new(CacheConfig::default())),
+            ttl: Duration::from_secs(60),
+            stale_if_error: Duration::ZERO,
+            stale_while_revalidate: Duration::ZERO,
+            id: "svc:/x:".into(),
+            by_host: false,
+            stats: stats::CacheStats::new("/x"),
+        };
+        let token = (AUTHORIZATION, "Bearer t");
+        // The gateway sets this from a verified client certificate.
+        let cert = (XFCC.clone(), "Hash=00");
+        assert!(kept(&route(), &[], "").await);
+        for credential in [token, cert] {
+            let with = std::slice::from_ref(&credential);
+            for (said, keeps) in [
+                ("", false),
+                ("max-age=60", false),
+                ("public", true),
+                ("s-maxage=60", true),
+            ] {
+                assert_eq!(
+                    kept(&route(), with, said).await,
+                    keeps,
+                    "{credential:?} {said}"
+                );
+            }
+        }
     }
 
     #[test]
