@@ -13,7 +13,9 @@ use flotilla_mesh::{Ca, CaConfig, Identity, IdentityFiles, PolicySpec};
 use flotilla_runtime::{ControlClient, Endpoints, Error, Options, System};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{Harness, client, environ, host_port, identity, start, start_with, tls_get};
+use crate::support::{
+    Harness, client, environ, host_port, identity, start, start_with, tls_exchange, tls_get,
+};
 
 const TWO: &str = r#"[services.hello]
 run = { command = ["python3", "HELLO"] }
@@ -360,6 +362,24 @@ async fn the_control_api_answers_only_the_operator() {
     assert_eq!((purged.responses, purged.bytes), (0, 0));
     let refused = operator.purge_cache("api").await.unwrap_err().to_string();
     assert!(refused.contains("invalid_prefix"), "{refused}");
+    // The operator's identity without the control token changes nothing.
+    let operator_id = identity(&h, "operator");
+    for path in ["/v1/cache/purge", "/v1/shutdown"] {
+        let body = r#"{"prefix": "/"}"#;
+        let answer = tls_exchange(
+            &operator_id,
+            "runtime",
+            &control,
+            &format!(
+                "POST {path} HTTP/1.1\r\nHost: runtime\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+        .await
+        .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 401"), "{path}: {answer}");
+        assert!(answer.contains("unauthorized"), "{path}: {answer}");
+    }
 
     // Any other identity of the system is refused; so is plaintext.
     let caller = identity(&h, "caller");
