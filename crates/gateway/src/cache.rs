@@ -21,7 +21,13 @@
 //!   which identifies the client as surely.
 //! - Freshness is the response's: `s-maxage`, else `max-age`, else
 //!   `Expires` (from its `Date`), else the route's `ttl`, less the `Age`
-//!   it came with. A stale entry is forwarded again, except:
+//!   it came with. A stale entry is forwarded again, with its validators
+//!   when it has any (`If-None-Match` with its `ETag`, `If-Modified-Since`
+//!   with its `Last-Modified`, §4.3.1, unless the client sent conditions
+//!   of its own): a `304 Not Modified` updates its fields, makes it fresh
+//!   again and the client gets it whole, so an unchanged body never
+//!   crosses the network twice. An entry with validators is kept past its
+//!   freshness for that, until it is the least recently used. Besides:
 //! - A stale entry is served at once while one request fetches it again in
 //!   the background (RFC 5861's `stale-while-revalidate`), for as long
 //!   past its freshness as the response's own `stale-while-revalidate`
@@ -69,9 +75,6 @@
 //! under load costs the instance one request, not one per client. If the
 //! first's response cannot be kept, each of the others is forwarded (and
 //! none waits twice).
-//!
-//! Left out: stale entries are not revalidated with `If-None-Match`, just
-//! fetched again.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -84,8 +87,10 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use hashlink::LinkedHashMap;
 use http::header::{
-    AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, DATE, ETAG, EXPIRES, HeaderMap, HeaderName,
-    HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, PRAGMA, RANGE, SET_COOKIE, VARY,
+    AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, DATE, ETAG,
+    EXPIRES, HeaderMap, HeaderName, HeaderValue, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH,
+    IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, PRAGMA, RANGE, SET_COOKIE, TRANSFER_ENCODING,
+    VARY,
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
@@ -136,6 +141,10 @@ const MAX_VARIANTS: usize = 8;
 /// The longest a request waits for another's fetch of the same URL
 /// (nginx's `proxy_cache_lock_timeout`); then it is forwarded itself.
 const MAX_COLLAPSE_WAIT: Duration = Duration::from_secs(5);
+
+/// The longest an entry is fresh, or stale and kept for a window: instants
+/// a year apart at most (a year is RFC 9111's "never").
+const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Shards of the store at most. Every hit moves its entry to the back of
 /// the use order, a write: one lock for the whole store would have every
@@ -233,6 +242,40 @@ pub(crate) struct Entry {
     /// The `Age` the instance sent, in seconds.
     age: u64,
     size: u64,
+    /// Its `ETag` and `Last-Modified`, which a request to fetch it again
+    /// asks with: a stale entry that has either is kept past its windows
+    /// (until it is the least recently used), since an instance that
+    /// answers `304 Not Modified` makes it fresh again without a body.
+    validators: Validators,
+}
+
+/// What a kept response is identified by, to ask the instance whether it
+/// has changed (RFC 9111 §4.3.1).
+#[derive(Debug, Clone, Default)]
+struct Validators {
+    etag: Option<HeaderValue>,
+    last_modified: Option<HeaderValue>,
+}
+
+impl Validators {
+    fn of(reply: &Reply) -> Validators {
+        let value = |name| {
+            reply
+                .values(name)
+                .next()
+                .and_then(|v| HeaderValue::from_bytes(v).ok())
+        };
+        Validators {
+            etag: value(&ETAG),
+            // Only a date: anything else could not be compared.
+            last_modified: value(&LAST_MODIFIED)
+                .filter(|v| http_date(Some(v.as_bytes())).is_some()),
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.etag.is_some() || self.last_modified.is_some()
+    }
 }
 
 impl ResponseCache {
@@ -288,7 +331,7 @@ impl ResponseCache {
         };
         if variants[at].expires <= now {
             let entry = &variants[at];
-            if now < entry.stale_until || now < entry.revalidate_until {
+            if now < entry.stale_until || now < entry.revalidate_until || entry.validators.any() {
                 return Err(Missed {
                     fwd: "stale",
                     stale: Some(Arc::clone(entry)),
@@ -617,11 +660,16 @@ pub(crate) struct Miss {
     fill: Option<Fill>,
     /// Whether it waited for another request's fetch first, in vain.
     collapsed: bool,
-    /// A kept response past its freshness that may stand in if the fetch
-    /// fails (`stale-if-error`).
+    /// A kept response past its freshness, that may stand in if the fetch
+    /// fails (`stale-if-error`) or be made fresh by a `304 Not Modified`.
     stale: Option<Arc<Entry>>,
     /// Whether it is a HEAD.
     head: bool,
+    /// Whether it fetches in the background, for a client answered stale
+    /// already: its own conditions are the client's no longer.
+    detached: bool,
+    /// Whether it asks with `stale`'s validators ([`Miss::ask_if_changed`]).
+    validating: bool,
 }
 
 impl RouteCache {
@@ -654,6 +702,8 @@ impl RouteCache {
             collapsed: collapsed.is_some(),
             stale: None,
             head: false,
+            detached: false,
+            validating: false,
         };
         if method != Method::GET && method != Method::HEAD {
             let unsafe_method = !matches!(*method, Method::OPTIONS | Method::TRACE);
@@ -704,7 +754,11 @@ impl RouteCache {
                 let reply = entry.reply(now, !is_get, req.headers(), |ttl| {
                     format!("flotilla; hit; ttl={ttl}; detail=stale-while-revalidate")
                 });
-                let refresh = fill.map(|fill| miss("stale", true, false, Some(fill)));
+                let refresh = fill.map(|fill| Miss {
+                    stale: Some(entry),
+                    detached: true,
+                    ..miss("stale", true, false, Some(fill))
+                });
                 Verdict::Revalidate(reply, refresh)
             }
             Found::Missing(missed, fill) => {
@@ -743,6 +797,15 @@ impl Miss {
     /// may be kept; a successful unsafe request drops the path's entries.
     pub(crate) fn keep(mut self, cache: &RouteCache, reply: &mut Reply, now: Instant) {
         let status = reply.res.status();
+        if self.validating {
+            if status == StatusCode::NOT_MODIFIED {
+                cache.stats.revalidated("unchanged");
+                return self.refresh(cache, reply, now);
+            }
+            if !status.is_server_error() {
+                cache.stats.revalidated("changed");
+            }
+        }
         if let Some(stale) = self.stand_in(status, now) {
             tracing::warn!(target: "flotilla::gateway", status = status.as_u16(), "the instance failed; a kept response past its freshness stands in (stale-if-error)");
             *reply = stale;
@@ -763,6 +826,144 @@ impl Miss {
         }
         // After the entry took its copy of the fields: a hit says its own.
         reply.fields().append(CACHE_STATUS.clone(), said);
+    }
+
+    /// Asks the instance, in the forwarded request's `fields`, for the
+    /// response only if it differs from the stale one kept for it
+    /// (`If-None-Match` with its `ETag`, `If-Modified-Since` with its
+    /// `Last-Modified`), as nginx's `proxy_cache_revalidate` does: a `304`
+    /// then makes the kept response fresh again ([`Miss::keep`]) without
+    /// its body crossing the network. Not when the client asks with
+    /// conditions of its own, whose answer is for it; a background fetch
+    /// drops the client's, since the client has its answer.
+    pub(crate) fn ask_if_changed(&mut self, fields: &mut HeaderMap) {
+        let Some(validators) = self.stale.as_ref().map(|e| &e.validators) else {
+            return;
+        };
+        if !validators.any() {
+            return;
+        }
+        let conditions = [
+            IF_NONE_MATCH,
+            IF_MODIFIED_SINCE,
+            IF_MATCH,
+            IF_UNMODIFIED_SINCE,
+            IF_RANGE,
+        ];
+        if self.detached {
+            for name in &conditions {
+                fields.remove(name);
+            }
+        } else if conditions.iter().any(|name| fields.contains_key(name)) {
+            return;
+        }
+        if let Some(etag) = &validators.etag {
+            fields.insert(IF_NONE_MATCH, etag.clone());
+        }
+        if let Some(modified) = &validators.last_modified {
+            fields.insert(IF_MODIFIED_SINCE, modified.clone());
+        }
+        self.validating = true;
+    }
+
+    /// Makes the stale response this request asked about fresh again with
+    /// the instance's `304 Not Modified` (RFC 9111 §4.3.4): its fields are
+    /// updated from the 304's, freshness is worked out again from them,
+    /// and the client gets the kept response. Kept again unless the
+    /// updated fields forbid it. Any 304 to the gateway's own conditions
+    /// counts, as with nginx: only the kept response was asked about.
+    fn refresh(mut self, cache: &RouteCache, reply: &mut Reply, now: Instant) {
+        let Some(old) = self.stale.take() else {
+            return;
+        };
+        let update = std::mem::replace(reply, Reply::from(Response::new(body::empty())))
+            .into_response()
+            .into_parts()
+            .0
+            .headers;
+        let mut fields = Reply {
+            res: Response::new(body::empty()),
+            relayed: old.relayed.clone(),
+        };
+        *fields.res.headers_mut() = old.headers.clone();
+        let mut headers = fields.into_response().into_parts().0.headers;
+        // The 304's `Age` is the response's now; the body's own fields
+        // stay those of the body kept.
+        headers.remove(AGE);
+        let updates = |name: &HeaderName| {
+            ![
+                CONTENT_LENGTH,
+                CONTENT_ENCODING,
+                CONTENT_RANGE,
+                TRANSFER_ENCODING,
+            ]
+            .contains(name)
+        };
+        for name in update.keys() {
+            if updates(name) {
+                headers.remove(name);
+            }
+        }
+        for (name, value) in &update {
+            if updates(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        let mut res = Response::new(body::empty());
+        *res.status_mut() = old.status;
+        *res.headers_mut() = headers;
+        let merged = Reply::from(res);
+        let age = number(merged.values(&AGE).next()).unwrap_or(0);
+        let kept = self
+            .lifetime(cache, &merged)
+            .and_then(|(lifetime, stale, revalidate)| {
+                let fresh = lifetime.checked_sub(Duration::from_secs(age))?;
+                (!fresh.is_zero()).then_some((
+                    fresh.min(YEAR),
+                    stale.min(YEAR),
+                    revalidate.min(YEAR),
+                ))
+            });
+        let (fresh, stale_window, revalidate_window) = kept.unwrap_or_default();
+        let expires = now + fresh;
+        let head_bytes: usize = merged
+            .res
+            .headers()
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
+        let entry = Entry {
+            status: old.status,
+            relayed: None,
+            validators: Validators::of(&merged),
+            headers: merged.res.into_parts().0.headers,
+            body: old.body.clone(),
+            vary: old.vary.clone(),
+            stored: now,
+            expires,
+            stale_until: expires + stale_window,
+            revalidate_until: expires + revalidate_window,
+            age,
+            size: old.body.len() as u64
+                + self.key.len() as u64
+                + head_bytes as u64
+                + ENTRY_OVERHEAD,
+        };
+        let collapsed = if self.collapsed { "; collapsed=?0" } else { "" };
+        *reply = entry.reply(now, self.head, &HeaderMap::new(), |ttl| {
+            format!(
+                "flotilla; fwd={}; fwd-status=304{collapsed}; ttl={ttl}",
+                self.fwd
+            )
+        });
+        if kept.is_some() {
+            cache.store.put(self.key, entry);
+        } else {
+            // Its fields forbid keeping it now: the stale one goes too.
+            cache.store.invalidate(&self.key);
+        }
+        // The claim goes last, once whoever waits finds the entry.
+        drop(self.fill);
     }
 
     /// The kept response, past its freshness, for a fetch that failed with
@@ -814,9 +1015,7 @@ impl Miss {
         if fresh.is_zero() {
             return;
         }
-        // Instants a year apart at most (a year is RFC 9111's "never").
-        let year = Duration::from_secs(365 * 24 * 3600);
-        let fresh = fresh.min(year);
+        let fresh = fresh.min(YEAR);
         let expires = now + fresh;
         let vary = list_elements(reply.values(&VARY))
             .filter_map(|name| HeaderName::from_bytes(name).ok())
@@ -839,10 +1038,11 @@ impl Miss {
                 vary,
                 stored: now,
                 expires,
-                stale_until: expires + stale_window.min(year),
-                revalidate_until: expires + revalidate_window.min(year),
+                stale_until: expires + stale_window.min(YEAR),
+                revalidate_until: expires + revalidate_window.min(YEAR),
                 age,
                 size: 0,
+                validators: Validators::of(reply),
             },
             overhead: head_bytes + ENTRY_OVERHEAD,
         };
@@ -1123,6 +1323,7 @@ mod tests {
             revalidate_until: expires,
             age: 0,
             size,
+            validators: Validators::default(),
         }
     }
 

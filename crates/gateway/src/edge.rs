@@ -359,9 +359,10 @@ pub(crate) fn handle<'a>(
                 Verdict::Revalidate(mut reply, refresh) => {
                     // The request itself goes on, in the background, to
                     // fetch what the client was given stale.
-                    if let Some(refresh) = refresh
+                    if let Some(mut refresh) = refresh
                         && prepare(route, &mut req).is_ok()
                     {
+                        refresh.ask_if_changed(req.headers_mut());
                         revalidate(
                             proxy.detached(),
                             req,
@@ -381,6 +382,9 @@ pub(crate) fn handle<'a>(
         }
         if let Err(rejection) = prepare(route, &mut req) {
             return finish.reject(rejection);
+        }
+        if let Some(miss) = &mut miss {
+            miss.ask_if_changed(req.headers_mut());
         }
         // A WebSocket is a conversation with one instance: never copied.
         // Boxed: the rare path would otherwise make every request's

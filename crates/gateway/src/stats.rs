@@ -23,6 +23,7 @@ const RETRIES_TOTAL: &str = "flotilla_gateway_retries_total";
 const MIRRORED: &str = "flotilla_gateway_mirrored_total";
 const CACHE_LOOKUPS: &str = "flotilla_gateway_cache_lookups_total";
 const CACHE_BYTES: &str = "flotilla_gateway_cache_bytes";
+const CACHE_REVALIDATIONS: &str = "flotilla_gateway_cache_revalidations_total";
 const ACCESS_LOG_DROPPED: &str = "flotilla_gateway_access_log_dropped_total";
 const AUTH_FAILURES: &str = "flotilla_gateway_auth_failures_total";
 const RATE_LIMITED: &str = "flotilla_gateway_rate_limited_total";
@@ -122,6 +123,10 @@ pub(crate) fn describe() {
     metrics::describe_counter!(
         CACHE_LOOKUPS,
         "GET and HEAD requests on routes with a cache, by route and result (hit, stale: a stale response served while it is fetched again, miss: nothing fresh kept, bypass: the request asked not to be served from the cache, or for a range, collapsed: it waited for another request's fetch of the same URL)."
+    );
+    metrics::describe_counter!(
+        CACHE_REVALIDATIONS,
+        "Stale responses the gateway asked the instance about with their validators (If-None-Match, If-Modified-Since), by route and result (unchanged: 304, made fresh again without a body; changed: a whole new response)."
     );
     metrics::describe_gauge!(
         CACHE_BYTES,
@@ -295,6 +300,7 @@ pub(crate) fn mirrored(route: &str, service: &str, result: &'static str) {
 pub(crate) struct CacheStats {
     route: String,
     results: [OnceLock<Counter>; CacheStats::RESULTS.len()],
+    revalidations: [OnceLock<Counter>; 2],
 }
 
 impl std::fmt::Debug for CacheStats {
@@ -312,7 +318,18 @@ impl CacheStats {
         CacheStats {
             route: route.to_string(),
             results: Default::default(),
+            revalidations: Default::default(),
         }
+    }
+
+    /// Counts a stale response asked about: `unchanged` or `changed`.
+    pub(crate) fn revalidated(&self, result: &'static str) {
+        let at = usize::from(result != "unchanged");
+        self.revalidations[at]
+            .get_or_init(|| {
+                metrics::counter!(CACHE_REVALIDATIONS, "route" => self.route.clone(), "result" => result)
+            })
+            .increment(1);
     }
 
     /// Counts a lookup; `result` is one of [`CacheStats::RESULTS`].

@@ -50,6 +50,39 @@ fn ttl_of(reply: &Reply) -> u64 {
     }
 }
 
+/// GETs `path` with `fields`, a few times a second, until a response's
+/// `Cache-Status` is `done` (10 s at most): that response.
+async fn get_until(
+    client: &Client,
+    path: &str,
+    fields: &[(&str, &str)],
+    what: &str,
+    done: impl Fn(&str) -> bool,
+) -> Reply {
+    let started = Instant::now();
+    loop {
+        let reply = client
+            .request(Method::GET, path, fields, Bytes::new())
+            .await;
+        if done(cache_status(&reply)) {
+            return reply;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{path} never {what}: {}",
+            cache_status(&reply)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A minute's cache, then ten minutes served stale while fetched again.
+const SWR: Option<RouteCache> = Some(RouteCache {
+    ttl: Duration::from_secs(60),
+    stale_if_error: Duration::ZERO,
+    stale_while_revalidate: Duration::from_secs(600),
+});
+
 #[tokio::test]
 async fn repeated_gets_are_answered_from_the_cache() {
     let registry = Registry::new();
@@ -230,25 +263,8 @@ async fn freshness_is_the_response_s_then_the_route_s() {
         .request(Method::GET, "/c/short", &short, Bytes::new())
         .await;
     let forwarded = up.hits();
-    let started = Instant::now();
-    loop {
-        let reply = client
-            .request(Method::GET, "/c/short", &short, Bytes::new())
-            .await;
-        if cache_status(&reply).contains("fwd=stale") {
-            break;
-        }
-        assert!(
-            cache_status(&reply).contains("hit"),
-            "{}",
-            cache_status(&reply)
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "never went stale"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Hits until then: one request reached the instance.
+    when_stale(&client, "/c/short", &short).await;
     assert_eq!(up.hits(), forwarded + 1);
     expect_cache_status(&client, "/c/short", "hit").await;
     gateway.shutdown(T).await;
@@ -642,18 +658,7 @@ async fn a_kept_response_stands_in_when_the_service_fails() {
         kept.push(reply.body);
     }
     up.set_status(503);
-    let started = Instant::now();
-    let stood_in = loop {
-        let reply = client.get("/stale/a").await;
-        if !cache_status(&reply).contains("hit") {
-            break reply;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "never went stale"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let stood_in = when_stale(&client, "/stale/a", &[]).await;
     assert_eq!(stood_in.status, StatusCode::OK);
     assert_eq!(stood_in.body, kept[0], "the kept response");
     let said = cache_status(&stood_in);
@@ -691,12 +696,7 @@ async fn a_kept_response_stands_in_when_the_service_fails() {
 #[tokio::test]
 async fn a_stale_response_is_served_while_one_request_fetches_it_again() {
     let registry = Registry::new();
-    let cache = RouteCache {
-        ttl: Duration::from_secs(60),
-        stale_if_error: Duration::ZERO,
-        stale_while_revalidate: Duration::from_secs(600),
-    };
-    let (gateway, up) = own_route(&registry, "swr", Some(cache)).await;
+    let (gateway, up) = own_route(&registry, "swr", SWR).await;
     let client = Client::new(&gateway);
     let first = client
         .request(
@@ -743,21 +743,225 @@ async fn a_stale_response_is_served_while_one_request_fetches_it_again() {
         }
     }
     wait_until("the one background fetch", || up.hits() == 2).await;
-    let started = Instant::now();
-    let fresh = loop {
-        let reply = client.get("/swr/a").await;
-        if !cache_status(&reply).contains("stale") {
-            break reply;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "never refreshed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let fresh = get_until(&client, "/swr/a", &[], "was fetched again", |said| {
+        !said.contains("stale")
+    })
+    .await;
     assert!(ttl_of(&fresh) > 50, "{}", cache_status(&fresh));
     assert_ne!(fresh.body, first.body, "the response fetched again");
     assert_eq!(up.hits(), 2, "one fetch for the whole burst");
+    gateway.shutdown(T).await;
+}
+
+/// GETs `path` with `fields` until the kept response has gone stale and
+/// been forwarded again: that response.
+async fn when_stale(client: &Client, path: &str, fields: &[(&str, &str)]) -> Reply {
+    get_until(client, path, fields, "went stale", |said| {
+        !said.contains("hit")
+    })
+    .await
+}
+
+/// GETs `path`, answered with `ETag: "v1"` and fresh for a second.
+async fn tagged_for_a_second(client: &Client, path: &str) -> Reply {
+    let fields = [
+        ("x-reply-etag", "\"v1\""),
+        ("x-reply-cache-control", "max-age=1"),
+    ];
+    client
+        .request(Method::GET, path, &fields, Bytes::new())
+        .await
+}
+
+fn revalidations(route: &str, result: &str) -> u64 {
+    metric_sum(&[
+        "flotilla_gateway_cache_revalidations_total",
+        &format!("route=\"/{route}/**\""),
+        &format!("result=\"{result}\""),
+    ])
+}
+
+#[tokio::test]
+async fn a_stale_response_is_asked_about_with_its_validators() {
+    let registry = Registry::new();
+    // No stale windows: without its validators, a stale entry would be
+    // dropped and fetched whole again.
+    let (gateway, up) = own_route(&registry, "reval", MINUTE).await;
+    let client = Client::new(&gateway);
+    for (path, validator) in [
+        ("/reval/tagged", ("x-reply-etag", "\"v1\"")),
+        (
+            "/reval/dated",
+            ("x-reply-last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"),
+        ),
+    ] {
+        let unchanged_before = revalidations("reval", "unchanged");
+        let fields = [
+            validator,
+            ("x-reply-cache-control", "max-age=1"),
+            ("x-reply-x-note", "first"),
+        ];
+        let first = client
+            .request(Method::GET, path, &fields, Bytes::new())
+            .await;
+        assert_eq!(first.status, StatusCode::OK);
+        assert_eq!(first.header("x-note"), "first");
+        let (hits, not_modified) = (up.hits(), up.not_modified());
+
+        // Stale: asked about, answered 304 (with a field of its own, which
+        // updates the kept one), and served whole from the cache.
+        let fields = [
+            validator,
+            ("x-reply-cache-control", "max-age=60"),
+            ("x-reply-x-note", "second"),
+        ];
+        let refreshed = when_stale(&client, path, &fields).await;
+        assert_eq!(refreshed.status, StatusCode::OK, "{path}");
+        assert_eq!(refreshed.body, first.body, "{path}: the kept body");
+        assert_eq!(
+            refreshed.header("content-length"),
+            first.body.len().to_string()
+        );
+        assert_eq!(
+            refreshed.header("x-note"),
+            "second",
+            "{path}: the 304's fields"
+        );
+        assert_eq!(
+            refreshed.header(validator.0.strip_prefix("x-reply-").unwrap_or("")),
+            validator.1
+        );
+        let said = cache_status(&refreshed);
+        assert!(
+            said.starts_with("flotilla; fwd=stale; fwd-status=304; ttl="),
+            "{path}: {said}"
+        );
+        assert!(
+            ttl_of(&refreshed) > 50,
+            "{path}: fresh for the 304's max-age: {said}"
+        );
+        assert_eq!(up.hits(), hits + 1, "{path}");
+        assert_eq!(
+            up.not_modified(),
+            not_modified + 1,
+            "{path}: the instance said 304"
+        );
+        assert_eq!(revalidations("reval", "unchanged"), unchanged_before + 1);
+
+        // Fresh again: a hit, with the updated fields.
+        let again = client.get(path).await;
+        assert!(
+            cache_status(&again).contains("hit"),
+            "{}",
+            cache_status(&again)
+        );
+        assert_eq!(again.header("x-note"), "second");
+        assert_eq!(again.body, first.body);
+        assert_eq!(up.hits(), hits + 1);
+    }
+
+    // A 304 whose fields forbid keeping the response: the client still
+    // gets it, and nothing stays.
+    let v1 = [
+        ("x-reply-etag", "\"v1\""),
+        ("x-reply-cache-control", "max-age=1"),
+    ];
+    let first = client
+        .request(Method::GET, "/reval/forbidden", &v1, Bytes::new())
+        .await;
+    let no_store = [
+        ("x-reply-etag", "\"v1\""),
+        ("x-reply-cache-control", "no-store"),
+    ];
+    let last = when_stale(&client, "/reval/forbidden", &no_store).await;
+    assert_eq!(last.status, StatusCode::OK);
+    assert_eq!(last.body, first.body);
+    assert_eq!(last.header("cache-control"), "no-store");
+    assert!(
+        cache_status(&last).contains("fwd-status=304"),
+        "{}",
+        cache_status(&last)
+    );
+    expect_cache_status(&client, "/reval/forbidden", "fwd=uri-miss").await;
+
+    // A response that changed comes whole, and replaces the kept one; the
+    // instance saw the kept response's tag.
+    let changed_before = revalidations("reval", "changed");
+    tagged_for_a_second(&client, "/reval/changes").await;
+    let v2 = [
+        ("x-reply-etag", "\"v2\""),
+        ("x-reply-cache-control", "max-age=60"),
+    ];
+    let changed = when_stale(&client, "/reval/changes", &v2).await;
+    assert_eq!(changed.status, StatusCode::OK);
+    assert_eq!(
+        cache_status(&changed),
+        "flotilla; fwd=stale; fwd-status=200"
+    );
+    assert_eq!(changed.header("etag"), "\"v2\"");
+    let echoed: serde_json::Value = ok(serde_json::from_slice(&changed.body), "echo");
+    assert_eq!(echoed["headers"]["if-none-match"], "\"v1\"", "{echoed}");
+    assert_eq!(revalidations("reval", "changed"), changed_before + 1);
+    expect_cache_status(&client, "/reval/changes", "hit").await;
+
+    // A client's own conditions go as it sent them, and the instance's
+    // answer is the client's: here a 304 for the tag it holds.
+    tagged_for_a_second(&client, "/reval/own").await;
+    let own = [
+        ("x-reply-etag", "\"v1\""),
+        ("x-reply-cache-control", "max-age=1"),
+        ("if-none-match", "\"v1\""),
+    ];
+    let reply = when_stale(&client, "/reval/own", &own).await;
+    assert_eq!(reply.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(cache_status(&reply), "flotilla; fwd=stale; fwd-status=304");
+    let own = [
+        ("x-reply-etag", "\"v1\""),
+        ("x-reply-cache-control", "max-age=1"),
+        ("if-none-match", "\"mine\""),
+    ];
+    let reply = when_stale(&client, "/reval/own", &own).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let echoed: serde_json::Value = ok(serde_json::from_slice(&reply.body), "echo");
+    assert_eq!(echoed["headers"]["if-none-match"], "\"mine\"", "{echoed}");
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn a_background_fetch_asks_with_the_kept_validators_not_the_client_s() {
+    let registry = Registry::new();
+    let (gateway, up) = own_route(&registry, "bgreval", SWR).await;
+    let client = Client::new(&gateway);
+    let first = tagged_for_a_second(&client, "/bgreval/a").await;
+    // The client holds another tag: its answer comes from the kept
+    // response (200: the tags differ), and the background fetch must not
+    // ask with the client's tag.
+    let fields = [
+        ("x-reply-etag", "\"v1\""),
+        ("x-reply-cache-control", "max-age=60"),
+        ("if-none-match", "\"v0\""),
+    ];
+    let stale = get_until(&client, "/bgreval/a", &fields, "went stale", |said| {
+        said.contains("stale-while-revalidate")
+    })
+    .await;
+    assert_eq!(stale.status, StatusCode::OK);
+    assert_eq!(stale.body, first.body);
+    wait_until("the background fetch answered 304", || {
+        up.not_modified() == 1
+    })
+    .await;
+    assert_eq!(up.hits(), 2);
+    let fresh = get_until(&client, "/bgreval/a", &[], "was made fresh", |said| {
+        !said.contains("stale")
+    })
+    .await;
+    assert!(ttl_of(&fresh) > 50, "{}", cache_status(&fresh));
+    assert_eq!(
+        fresh.body, first.body,
+        "the kept body, made fresh by the 304"
+    );
+    assert_eq!(up.hits(), 2);
     gateway.shutdown(T).await;
 }
 

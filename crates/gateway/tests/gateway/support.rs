@@ -81,6 +81,8 @@ struct UpstreamState {
     status: std::sync::atomic::AtomicU16,
     /// The `Host` of every request, in arrival order.
     hosts: Mutex<Vec<String>>,
+    /// Requests answered `304 Not Modified`.
+    not_modified: AtomicUsize,
 }
 
 /// An HTTP upstream on 127.0.0.1:0. Paths containing `slow` never answer;
@@ -88,7 +90,9 @@ struct UpstreamState {
 /// echoed as JSON (instance, method, path, headers, body length), with
 /// each request field `x-reply-<name>` answered as a field `<name>`; paths
 /// containing `forge` also carry the fields only the gateway may set
-/// ([`FORGED`]). Field names go out in title case (`Content-Type`), as
+/// ([`FORGED`]). A GET whose `If-None-Match` is the `x-reply-etag` it asks
+/// for (or, without one, whose `If-Modified-Since` is its
+/// `x-reply-last-modified`) is answered `304 Not Modified`. Field names go out in title case (`Content-Type`), as
 /// many servers write them.
 pub struct Upstream {
     pub name: String,
@@ -111,6 +115,7 @@ impl Upstream {
             release: release_rx,
             status: std::sync::atomic::AtomicU16::new(0),
             hosts: Mutex::new(Vec::new()),
+            not_modified: AtomicUsize::new(0),
         });
         let task = tokio::spawn(serve(listener, Arc::clone(&state)));
         Upstream {
@@ -134,6 +139,11 @@ impl Upstream {
     /// Requests answered or being answered.
     pub fn hits(&self) -> usize {
         self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// Requests it answered `304 Not Modified`.
+    pub fn not_modified(&self) -> usize {
+        self.state.not_modified.load(Ordering::SeqCst)
     }
 
     /// The `Host` of every request so far, in arrival order.
@@ -246,6 +256,31 @@ async fn handle(
             ))
         })
         .collect();
+    // A conditional GET that the validators it was told to send meet gets
+    // `304 Not Modified`, with those fields and no body, as a real
+    // instance's would.
+    let told = |name: &str| {
+        reply_fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_bytes())
+    };
+    let asked = |name: &str| req.headers().get(name).map(http::HeaderValue::as_bytes);
+    let unchanged = match asked("if-none-match") {
+        Some(tags) => told("etag").is_some_and(|tag| tags == tag),
+        None => {
+            asked("if-modified-since").is_some_and(|since| told("last-modified") == Some(since))
+        }
+    };
+    if unchanged {
+        state.not_modified.fetch_add(1, Ordering::SeqCst);
+        let mut res = Response::new(Full::new(Bytes::new()));
+        *res.status_mut() = StatusCode::NOT_MODIFIED;
+        for (name, value) in &reply_fields {
+            res.headers_mut().append(name.clone(), value.clone());
+        }
+        return Ok(res);
+    }
     let body_len = match req.into_body().collect().await {
         Ok(c) => c.to_bytes().len(),
         Err(_) => usize::MAX,
