@@ -158,6 +158,7 @@ async fn the_shop_runs_on_mutual_tls_and_its_acls() {
     );
     // Through the gateway to reviews directly, whose route keeps answers
     // for 30 s: the second read is the gateway's.
+    let mut tag = String::new();
     for want in ["fwd=uri-miss", "hit"] {
         let read = http
             .get(system.url("/api/reviews/sku-kettle"))
@@ -166,7 +167,21 @@ async fn the_shop_runs_on_mutual_tls_and_its_acls() {
             .unwrap();
         let said = read.headers()["cache-status"].to_str().unwrap_or("");
         assert!(said.contains(want), "{want}: {said}");
+        tag = read.headers()["etag"].to_str().unwrap_or("").to_string();
     }
+    // The service tags the list from its index: a conditional request
+    // that passes the cache by is answered 304 by the service itself (as
+    // the gateway's own revalidation of a stale copy is).
+    let unchanged = http
+        .get(system.url("/api/reviews/sku-kettle"))
+        .header("cache-control", "no-cache")
+        .header("if-none-match", &tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unchanged.status(), 304, "{tag}");
+    let said = unchanged.headers()["cache-status"].to_str().unwrap_or("");
+    assert!(said.contains("fwd=request; fwd-status=304"), "{said}");
     // Write one, read it back: the write dropped the kept list.
     let posted = http
         .post(system.url("/api/reviews/sku-kettle"))
@@ -182,6 +197,11 @@ async fn the_shop_runs_on_mutual_tls_and_its_acls() {
         .unwrap();
     let said = read.headers()["cache-status"].to_str().unwrap_or("");
     assert!(said.contains("fwd=uri-miss"), "{said}");
+    assert_ne!(
+        read.headers()["etag"].to_str().unwrap_or(""),
+        tag,
+        "a new tag"
+    );
     let list: Value = read.json().await.unwrap();
     assert!(
         list["reviews"]
