@@ -597,6 +597,9 @@ pub(crate) struct RouteCache {
     pub id: Box<str>,
     /// Whether the route names hosts: then the host is part of the key.
     pub by_host: bool,
+    /// The query parameters that count, if the route names them
+    /// ([`RouteCache::kept_query`]).
+    pub query: Option<Box<[Box<str>]>>,
     pub stats: stats::CacheStats,
 }
 
@@ -771,6 +774,34 @@ impl RouteCache {
             }
             Found::Filling(fwd, done) => Verdict::Wait(Waiting { fwd, done }),
         }
+    }
+
+    /// `path_and_query` with only the query parameters the route's `query`
+    /// names, by name as sent, in the order of their names (a name's
+    /// values in the order sent), if that differs from it. The gateway
+    /// forwards a GET or HEAD with this query, and keys it by this query:
+    /// what the instance answers is always for exactly what the entry is
+    /// keyed by, so a parameter left out (even one an instance would read
+    /// another way, `%70age` or `a;page`) can never put one page's answer
+    /// under another's key.
+    pub(crate) fn kept_query(&self, path_and_query: &str) -> Option<String> {
+        let names = self.query.as_deref()?;
+        let (path, query) = path_and_query.split_once('?')?;
+        let mut kept: Vec<(&str, &str)> = query
+            .split('&')
+            .filter_map(|param| {
+                let name = param.split_once('=').map_or(param, |(name, _)| name);
+                names.iter().any(|n| **n == *name).then_some((name, param))
+            })
+            .collect();
+        kept.sort_by(|a, b| a.0.cmp(b.0));
+        let mut out = String::with_capacity(path_and_query.len());
+        out.push_str(path);
+        for (at, (_, param)) in kept.iter().enumerate() {
+            out.push(if at == 0 { '?' } else { '&' });
+            out.push_str(param);
+        }
+        (out != path_and_query).then_some(out)
     }
 
     fn key(&self, host: Option<&str>, path: &str) -> Box<str> {
@@ -1478,17 +1509,24 @@ mod tests {
             .is_ok()
     }
 
-    #[tokio::test]
-    async fn credentials_keep_a_response_only_when_it_may_be_shared() {
-        let route = || RouteCache {
+    /// A minute's cache on `/x`, with a store of its own, keyed by the
+    /// `query` parameters named, or by the whole query.
+    fn route_cache(query: Option<&[&str]>) -> RouteCache {
+        RouteCache {
             store: Arc::new(ResponseCache::new(CacheConfig::default())),
             ttl: Duration::from_secs(60),
             stale_if_error: Duration::ZERO,
             stale_while_revalidate: Duration::ZERO,
             id: "svc:/x:".into(),
             by_host: false,
+            query: query.map(|q| q.iter().map(|n| (*n).into()).collect()),
             stats: stats::CacheStats::new("/x"),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn credentials_keep_a_response_only_when_it_may_be_shared() {
+        let route = || route_cache(None);
         let token = (AUTHORIZATION, "Bearer t");
         // The gateway sets this from a verified client certificate.
         let cert = (XFCC.clone(), "Hash=00");
@@ -1534,5 +1572,38 @@ mod tests {
             cache.get("k", &HeaderMap::new(), now).err().map(|m| m.fwd),
             Some("vary-miss")
         );
+    }
+
+    #[test]
+    fn only_the_named_query_parameters_count_and_in_the_order_of_their_names() {
+        let route = route_cache;
+        let kept = route(Some(&["page", "sort", "tag"]));
+        for (sent, want) in [
+            // Others dropped, the rest by name; a name's values as sent.
+            (
+                "/x?utm_source=a&sort=new&page=2",
+                Some("/x?page=2&sort=new"),
+            ),
+            ("/x?tag=b&page=1&tag=a", Some("/x?page=1&tag=b&tag=a")),
+            ("/x?page=1&sort=new", None),
+            ("/x", None),
+            ("/x?", Some("/x")),
+            ("/x?utm=1&&", Some("/x")),
+            // A name is as sent: another spelling is another parameter,
+            // dropped whole with whatever it holds.
+            ("/x?pag%65=9&page=1", Some("/x?page=1")),
+            ("/x?utm=1;page=9&page=1", Some("/x?page=1")),
+            ("/x?page=1;admin=1", None),
+            // A name alone, without `=`, is a parameter too.
+            ("/x?sort&page=1", Some("/x?page=1&sort")),
+        ] {
+            assert_eq!(kept.kept_query(sent).as_deref(), want, "{sent}");
+            // What it makes is kept as it is.
+            if let Some(want) = want {
+                assert_eq!(kept.kept_query(want), None, "{want}");
+            }
+        }
+        assert_eq!(route(Some(&[])).kept_query("/x?a=1"), Some("/x".into()));
+        assert_eq!(route(None).kept_query("/x?b=1&a=2"), None);
     }
 }

@@ -435,7 +435,7 @@ impl Config {
                         .map(|(service, percent)| (service.clone(), *percent))
                         .collect(),
                     retries: route.retries,
-                    cache: route.cache,
+                    cache: route.cache.clone(),
                     methods: route.methods.clone(),
                     timeout: route.timeout,
                     auth: match &route.auth {

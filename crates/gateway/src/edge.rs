@@ -345,11 +345,11 @@ pub(crate) fn handle<'a>(
         if let Some(cache) = &route.policy.cache
             && tunnel.is_none()
         {
-            let mut verdict = look_up(cache, &req, None, cache_result);
+            let mut verdict = look_up(cache, &mut req, None, cache_result);
             if let Verdict::Wait(waiting) = verdict {
                 // Boxed, as the mirror's: only a collapsed request waits.
                 let collapsed = Box::pin(waiting.done(route.timeout)).await;
-                verdict = look_up(cache, &req, Some(collapsed), cache_result);
+                verdict = look_up(cache, &mut req, Some(collapsed), cache_result);
             }
             match verdict {
                 Verdict::Hit(mut reply) => {
@@ -467,24 +467,46 @@ fn revalidate(
 }
 
 /// The cache's verdict on `req`, counted by route (once: a request that
-/// waited for another's fetch was counted as it began to wait).
+/// waited for another's fetch was counted as it began to wait). A GET or
+/// HEAD goes on with only the query parameters the route's cache keys by.
 #[cold]
 #[inline(never)]
 fn look_up(
     cache: &crate::cache::RouteCache,
-    req: &Request<Body>,
+    req: &mut Request<Body>,
     collapsed: Option<Collapsed>,
     counted: &mut Option<&'static str>,
 ) -> Verdict {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or(req.uri().path(), PathAndQuery::as_str);
+    let mut kept = cache.kept_query(path);
+    if let Some(target) = &kept
+        && matches!(*req.method(), Method::GET | Method::HEAD)
+    {
+        // A part of a valid target: cannot fail, but if it did, the
+        // request would be keyed as it goes, whole.
+        let mut parts = req.uri().clone().into_parts();
+        parts.path_and_query = PathAndQuery::try_from(target.as_str()).ok();
+        match Uri::from_parts(parts) {
+            Ok(uri) if uri.path_and_query().is_some() => *req.uri_mut() = uri,
+            _ => kept = None,
+        }
+    }
+    let req = &*req;
     let host = if cache.by_host {
         request_host(req)
     } else {
         None
     };
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or(req.uri().path(), PathAndQuery::as_str);
+    let path = match &kept {
+        Some(kept) => kept.as_str(),
+        None => req
+            .uri()
+            .path_and_query()
+            .map_or(req.uri().path(), PathAndQuery::as_str),
+    };
     let first = collapsed.is_none();
     let verdict = cache.lookup(req, host, path, clock::now(), collapsed);
     let result = match &verdict {

@@ -173,13 +173,17 @@ impl Routing {
                     &config.request_headers,
                     &route.request_headers,
                 ),
-                cache: match (&cache, route.cache) {
+                cache: match (&cache, &route.cache) {
                     (Some(store), Some(c)) => Some(RouteCache {
                         store: Arc::clone(store),
                         ttl: c.ttl,
                         stale_if_error: c.stale_if_error,
                         stale_while_revalidate: c.stale_while_revalidate,
                         by_host: !route.hosts.is_empty(),
+                        query: c
+                            .query
+                            .as_ref()
+                            .map(|names| names.iter().map(|n| n.as_str().into()).collect()),
                         stats: crate::stats::CacheStats::new(route.pattern.as_str()),
                         id: id.clone().into_boxed_str(),
                     }),

@@ -659,7 +659,7 @@ impl Default for CacheStore {
 }
 
 /// A route's response caching (`cache = { ttl = "30s" }`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteCache {
     /// How long a response without freshness of its own (`Cache-Control:
     /// max-age`, `s-maxage`, `Expires`) is served from the cache.
@@ -673,6 +673,12 @@ pub struct RouteCache {
     /// 5861's `stale-while-revalidate`, which a response may also give
     /// itself); zero: never.
     pub stale_while_revalidate: Duration,
+    /// The query parameters a GET or HEAD keeps, by name as sent, in the
+    /// order of their names: the others are dropped from the request the
+    /// instance gets as from its key, so that neither a tracking parameter
+    /// nor a random one makes another entry, and what the instance answers
+    /// is always for what the entry is keyed by. `None`: the query as sent.
+    pub query: Option<Vec<String>>,
 }
 
 impl RouteCache {

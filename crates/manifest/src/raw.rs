@@ -58,6 +58,7 @@ pub(crate) struct RawRouteCache {
     pub ttl: Option<Spanned<String>>,
     pub stale_if_error: Option<Spanned<String>>,
     pub stale_while_revalidate: Option<Spanned<String>>,
+    pub query: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]

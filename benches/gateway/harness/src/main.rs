@@ -214,6 +214,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
             ttl: Duration::from_secs(60),
             stale_if_error: Duration::ZERO,
             stale_while_revalidate: Duration::ZERO,
+            query: None,
         });
     }
     config.routes.push(route);

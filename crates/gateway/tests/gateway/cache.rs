@@ -17,6 +17,7 @@ const MINUTE: Option<RouteCache> = Some(RouteCache {
     ttl: Duration::from_secs(60),
     stale_if_error: Duration::ZERO,
     stale_while_revalidate: Duration::ZERO,
+    query: None,
 });
 
 /// A gateway in front of one instance of `c`, whose `/c/**` keeps
@@ -81,6 +82,7 @@ const SWR: Option<RouteCache> = Some(RouteCache {
     ttl: Duration::from_secs(60),
     stale_if_error: Duration::ZERO,
     stale_while_revalidate: Duration::from_secs(600),
+    query: None,
 });
 
 #[tokio::test]
@@ -635,6 +637,7 @@ async fn a_kept_response_stands_in_when_the_service_fails() {
         ttl: Duration::from_secs(60),
         stale_if_error: Duration::from_secs(600),
         stale_while_revalidate: Duration::ZERO,
+        query: None,
     };
     let (gateway, mut up) = own_route(&registry, "stale", Some(cache)).await;
     let client = Client::new(&gateway);
@@ -962,6 +965,60 @@ async fn a_background_fetch_asks_with_the_kept_validators_not_the_client_s() {
         "the kept body, made fresh by the 304"
     );
     assert_eq!(up.hits(), 2);
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn only_the_named_query_parameters_reach_the_instance_and_the_key() {
+    let registry = Registry::new();
+    let cache = RouteCache {
+        query: Some(vec!["page".into(), "sort".into()]),
+        ..MINUTE.unwrap_or_else(|| unreachable!())
+    };
+    let (gateway, up) = own_route(&registry, "q", Some(cache)).await;
+    let client = Client::new(&gateway);
+    let path_seen = |reply: &Reply| {
+        let echoed: serde_json::Value = ok(serde_json::from_slice(&reply.body), "echo");
+        echoed["path"].as_str().unwrap_or_default().to_string()
+    };
+    let first = client.get("/q/list?utm_source=mail&sort=new&page=2").await;
+    assert!(
+        cache_status(&first).contains("fwd=uri-miss"),
+        "{}",
+        cache_status(&first)
+    );
+    assert_eq!(
+        path_seen(&first),
+        "/q/list?page=2&sort=new",
+        "what the instance got"
+    );
+    // Another order, other parameters: the same entry.
+    for same in [
+        "/q/list?page=2&sort=new",
+        "/q/list?sort=new&page=2&utm_source=other",
+        "/q/list?page=2&sort=new&cachebuster=7",
+    ] {
+        let reply = client.get(same).await;
+        assert!(
+            cache_status(&reply).contains("hit"),
+            "{same}: {}",
+            cache_status(&reply)
+        );
+        assert_eq!(reply.body, first.body, "{same}");
+    }
+    assert_eq!(up.hits(), 1);
+    expect_cache_status(&client, "/q/list?page=3&sort=new", "fwd=uri-miss").await;
+    // A write goes as sent, and drops the entry its parameters key.
+    let posted = client
+        .request(
+            Method::POST,
+            "/q/list?sort=new&page=2&x=1",
+            &[],
+            Bytes::from_static(b"{}"),
+        )
+        .await;
+    assert_eq!(path_seen(&posted), "/q/list?sort=new&page=2&x=1");
+    expect_cache_status(&client, "/q/list?page=2&sort=new", "fwd=uri-miss").await;
     gateway.shutdown(T).await;
 }
 

@@ -645,7 +645,8 @@ const MAX_CACHE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A route's `cache`: a `ttl` of a whole second or more, and
 /// `stale_if_error` and `stale_while_revalidate` of zero or more (each at
-/// most a year), on a route that takes GET (only GET responses are kept).
+/// most a year), on a route that takes GET (only GET responses are kept),
+/// and optionally the query parameters that count.
 pub(super) fn route_cache(
     ctx: &mut Ctx<'_>,
     raw: &Spanned<RawRouteCache>,
@@ -690,9 +691,60 @@ pub(super) fn route_cache(
         }
         None => Some(Duration::ZERO),
     };
+    let stale_if_error = window(&raw.stale_if_error, "stale_if_error")?;
+    let stale_while_revalidate = window(&raw.stale_while_revalidate, "stale_while_revalidate")?;
+    let query = match &raw.query {
+        Some(names) => Some(query_names(ctx, names)?),
+        None => None,
+    };
     Some(RouteCache {
         ttl,
-        stale_if_error: window(&raw.stale_if_error, "stale_if_error")?,
-        stale_while_revalidate: window(&raw.stale_while_revalidate, "stale_while_revalidate")?,
+        stale_if_error,
+        stale_while_revalidate,
+        query,
     })
+}
+
+/// A cache's `query`: parameter names as a client writes them, each once,
+/// and none holding what would end or split a parameter.
+fn query_names(ctx: &mut Ctx<'_>, raw: &Spanned<Vec<Spanned<String>>>) -> Option<Vec<String>> {
+    const MAX: usize = 64;
+    if raw.get_ref().len() > MAX {
+        ctx.error(
+            raw.span(),
+            format!("`query` names {} parameters", raw.get_ref().len()),
+            Some(format!("name at most {MAX}")),
+        );
+        return None;
+    }
+    let mut names: Vec<String> = Vec::with_capacity(raw.get_ref().len());
+    for name in raw.get_ref() {
+        let text = name.get_ref();
+        let bad = text.is_empty()
+            || text.len() > 256
+            || text
+                .bytes()
+                .any(|b| matches!(b, b'&' | b'=' | b'#' | b'?') || !b.is_ascii_graphic());
+        if bad {
+            ctx.error(
+                name.span(),
+                format!("`{text}` is not a query parameter's name"),
+                Some(
+                    "give a name as clients write it in the URL, like \"page\" (no `&`, `=`, `#`, `?` or spaces)"
+                        .into(),
+                ),
+            );
+            return None;
+        }
+        if names.contains(text) {
+            ctx.error(
+                name.span(),
+                format!("`{text}` is listed twice in `query`"),
+                Some("name each parameter once".into()),
+            );
+            return None;
+        }
+        names.push(text.clone());
+    }
+    Some(names)
 }

@@ -1330,11 +1330,18 @@ fn documented_examples(heading: &str) -> Vec<String> {
     // Up to the next heading (the document's only `# ` is its title; a
     // TOML comment at a line's start is `# `, never `##`).
     let section = section.split("\n##").next().unwrap_or_default();
+    // A block in a list item is indented; TOML is not, to its parser.
     section
         .split("```toml\n")
         .skip(1)
-        .filter_map(|s| s.split("\n```").next())
-        .map(str::to_string)
+        .map(|block| {
+            block
+                .lines()
+                .take_while(|line| line.trim() != "```")
+                .map(str::trim_start)
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
         .collect()
 }
 
@@ -1416,8 +1423,17 @@ fn the_documented_gateway_examples_parse() {
     assert_eq!(
         m.services["reviews"].routes[0]
             .cache
+            .as_ref()
             .map(|c| (c.ttl, c.stale_if_error)),
         Some((Duration::from_secs(30), Duration::from_secs(3600)))
+    );
+    let m = parses(&format!("name = \"x\"\n{}", cache[1]));
+    assert_eq!(
+        m.services["catalog"].routes[0]
+            .cache
+            .as_ref()
+            .and_then(|c| c.query.clone()),
+        Some(vec!["limit".to_string(), "page".to_string()])
     );
 
     let compression = documented_examples("### `[gateway] compression`");
@@ -1446,18 +1462,26 @@ fn a_route_s_cache_and_the_store_take_defaults_and_refuse_what_cannot_be_kept() 
             ttl: Duration::from_secs(60),
             stale_if_error: Duration::ZERO,
             stale_while_revalidate: Duration::ZERO,
+            query: None,
         })
     );
     let m = parses(&with(
         "[gateway.cache]\nmax_bytes = 4096\nmax_entry_bytes = 4096",
-        "methods = [\"GET\", \"POST\"], cache = { ttl = \"2m\", stale_if_error = \"1h\", stale_while_revalidate = \"5s\" }",
+        "methods = [\"GET\", \"POST\"], cache = { ttl = \"2m\", stale_if_error = \"1h\", stale_while_revalidate = \"5s\", query = [\"page\", \"filter[tag]\"] }",
     ));
+    assert_eq!(
+        m.services["a"].routes[0]
+            .cache
+            .as_ref()
+            .and_then(|c| c.query.clone()),
+        Some(vec!["page".to_string(), "filter[tag]".to_string()])
+    );
     assert_eq!(
         (m.gateway.cache.max_bytes, m.gateway.cache.max_entry_bytes),
         (4096, 4096)
     );
     assert_eq!(
-        m.services["a"].routes[0].cache.map(|c| (
+        m.services["a"].routes[0].cache.as_ref().map(|c| (
             c.ttl,
             c.stale_if_error,
             c.stale_while_revalidate
@@ -1497,6 +1521,19 @@ fn a_route_s_cache_and_the_store_take_defaults_and_refuse_what_cannot_be_kept() 
             "`-1s` is not a duration",
         ),
         ("cache = { ttl = \"1m\", vary = [] }", "unknown key `vary`"),
+        (
+            "cache = { query = [\"\"] }",
+            "`` is not a query parameter's name",
+        ),
+        (
+            "cache = { query = [\"a&b\"] }",
+            "`a&b` is not a query parameter's name",
+        ),
+        (
+            "cache = { query = [\"page\", \"page\"] }",
+            "`page` is listed twice in `query`",
+        ),
+        ("cache = { query = \"page\" }", "invalid type"),
     ] {
         let e = errors(&with("", route));
         assert!(e.contains(want), "{route}: {e}");
