@@ -9,6 +9,10 @@
 # workers (default 2), no JWT and no rate limit. nginx keeps its cache in
 # files (its design; they stay in the page cache), the gateway in memory.
 #
+# With GZIP=1 the URL is a 2.4 kB JSON page, the clients take gzip, and
+# both proxies compress (level 5): nginx gzips every hit again, the
+# gateway keeps the gzip with the entry. Without, the body is 3 bytes.
+#
 # Each target is loaded with wrk -t1 -c64 for DURATION, ROUNDS times, the
 # targets interleaved (every other round in reverse order); prints each
 # round, then medians of requests/s, p50/p99, the proxy's CPU time per
@@ -18,6 +22,7 @@
 # cargo.
 # Usage: benches/gateway/cache.sh
 # Env: ROUNDS (default 3), DURATION (default 6s), GW_THREADS (default 2),
+# GZIP (default 0),
 # KEEP=1 keeps the temp dir (wrk's output, logs, nginx.conf).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,6 +33,15 @@ ROUNDS="${ROUNDS:-3}"
 DURATION="${DURATION:-6s}"
 GW_THREADS="${GW_THREADS:-2}"
 NGINX_WORKERS="$GW_THREADS"
+GZIP="${GZIP:-0}"
+ITEM=/item
+WRK_ARGS=()
+GW_FLAGS=()
+if [ "$GZIP" = 1 ]; then
+  ITEM=/json
+  WRK_ARGS=(-H "Accept-Encoding: gzip")
+  GW_FLAGS=(--gzip)
+fi
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 need "apt-get install -y wrk nginx-light curl" wrk curl "$NGINX"
 
@@ -42,32 +56,38 @@ UPSTREAM_PID=${PIDS[-1]}
 declare -A PORT PID URL
 for t in gw-cache gw-plain; do
   PORT[$t]=$(free_port)
-  flags=()
-  [ "$t" = gw-cache ] && flags=(--cache)
+  flags=("${GW_FLAGS[@]}")
+  [ "$t" = gw-cache ] && flags+=(--cache)
   "$GW" --listen "127.0.0.1:${PORT[$t]}" --upstream "127.0.0.1:$UP" --threads "$GW_THREADS" \
     "${flags[@]}" >"$TMP/$t.log" 2>&1 &
   PID[$t]=$!
   PIDS+=("${PID[$t]}")
-  URL[$t]="http://127.0.0.1:${PORT[$t]}/item"
+  URL[$t]="http://127.0.0.1:${PORT[$t]}$ITEM"
 done
 PORT[nginx-cache]=$(free_port)
-NGINX_CACHE=1 start_nginx "$NGINX" "${PORT[nginx-cache]}" "$UP"
+NGINX_CACHE=1 NGINX_GZIP="$GZIP" start_nginx "$NGINX" "${PORT[nginx-cache]}" "$UP"
 PID[nginx-cache]=$NGINX_PID
-URL[nginx-cache]="http://127.0.0.1:${PORT[nginx-cache]}/item"
+URL[nginx-cache]="http://127.0.0.1:${PORT[nginx-cache]}$ITEM"
 PORT[upstream]=$UP
 PID[upstream]=$UPSTREAM_PID
-URL[upstream]="http://127.0.0.1:$UP/item"
+URL[upstream]="http://127.0.0.1:$UP$ITEM"
 for t in gw-cache gw-plain nginx-cache; do wait_port "${PORT[$t]}"; done
 
 # Both caches answer the second request: check it, so that a proxy that
 # never kept anything cannot pass for a fast one.
 for t in gw-cache nginx-cache; do
-  curl -s -o /dev/null "${URL[$t]}"
-  said=$(curl -s -D - -o /dev/null "${URL[$t]}" | tr -d '\r' | awk -F': ' 'tolower($1) == "cache-status" {print $2}')
+  curl -s -o /dev/null "${WRK_ARGS[@]}" "${URL[$t]}"
+  head=$(curl -s -D - -o /dev/null "${WRK_ARGS[@]}" "${URL[$t]}" | tr -d '\r')
+  said=$(awk -F': ' 'tolower($1) == "cache-status" {print $2}' <<<"$head")
   case "$said" in
     *hit* | HIT) ;;
     *) echo "$t did not answer from its cache (Cache-Status: '$said')" >&2; exit 1 ;;
   esac
+  # And, with GZIP=1, gzipped: the work being compared.
+  if [ "$GZIP" = 1 ] && ! grep -qi '^content-encoding: gzip' <<<"$head"; then
+    echo "$t did not gzip its hit" >&2
+    exit 1
+  fi
 done
 
 TARGETS=(nginx-cache gw-cache gw-plain upstream)
@@ -75,8 +95,8 @@ HZ=$(getconf CLK_TCK)
 
 declare -A RATES P50S P99S CPUS
 echo
-echo "one URL, wrk -t1 -c64 -d$DURATION, $ROUNDS rounds"
-measure_rounds gw-cache nginx-cache 64
+echo "one URL ($ITEM), wrk -t1 -c64 -d$DURATION ${WRK_ARGS[*]}, $ROUNDS rounds"
+measure_rounds gw-cache nginx-cache 64 "${WRK_ARGS[@]}"
 # shellcheck disable=SC2086
 awk -v g="$(median ${RATES[gw-cache]})" -v n="$(median ${RATES[nginx-cache]})" \
   -v gc="$(median ${CPUS[gw-cache]})" -v nc="$(median ${CPUS[nginx-cache]})" \

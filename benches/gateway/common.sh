@@ -44,15 +44,20 @@ wait_port() {
 # serves HTTPS only, with DIR/cert.pem and DIR/key.pem, TLS 1.2 and 1.3,
 # and a session cache. With NGINX_CACHE=1 it keeps responses
 # (proxy_cache, 200s for a minute), as the
-# gateway's route `cache` does. Sets NGINX_PID; its files go under
+# gateway's route `cache` does. With NGINX_GZIP=1 it gzips JSON and text
+# of 1 kB or more at level 5 for clients that take it, as the gateway's
+# `compression = {}` does. Sets NGINX_PID; its files go under
 # $TMP/nginx.
 start_nginx() {
   local nginx=$1 port=$2 upstream=$3 user_line="" procs="worker_processes ${NGINX_WORKERS:-2};"
   local map="" connection='proxy_set_header Connection "";'
-  local listen="listen 127.0.0.1:$port;" ssl="" cache_path="" cache=""
+  local listen="listen 127.0.0.1:$port;" ssl="" cache_path="" cache="" gzip=""
   if [ "${NGINX_CACHE:-0}" = 1 ]; then
     cache_path="proxy_cache_path $TMP/nginx/cache keys_zone=flotilla:10m max_size=64m;"
     cache="proxy_cache flotilla; proxy_cache_valid 200 1m; add_header Cache-Status \$upstream_cache_status;"
+  fi
+  if [ "${NGINX_GZIP:-0}" = 1 ]; then
+    gzip="gzip on; gzip_comp_level 5; gzip_min_length 1024; gzip_vary on; gzip_types application/json text/plain;"
   fi
   if [ -n "${NGINX_TLS:-}" ]; then
     listen="listen 127.0.0.1:$port ssl;"
@@ -81,6 +86,7 @@ http {
   uwsgi_temp_path $TMP/nginx/tmp/uwsgi;
   scgi_temp_path $TMP/nginx/tmp/scgi;
   keepalive_requests 1000000;
+  $gzip
   $map
   $cache_path
   upstream backend {

@@ -21,17 +21,45 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 async fn serve<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: IO) {
-    let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
-        let mut res = Response::new(Full::new(Bytes::from_static(b"ok\n")));
-        res.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("text/plain"),
-        );
-        Ok::<_, Infallible>(res)
+    let json = page();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        // `/json`: a page of JSON, as an API's list answers (for gzip);
+        // anything else: three bytes of text.
+        let (body, media) = if req.uri().path() == "/json" {
+            (json.clone(), "application/json")
+        } else {
+            (Bytes::from_static(b"ok\n"), "text/plain")
+        };
+        async move {
+            let mut res = Response::new(Full::new(body));
+            res.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(media),
+            );
+            Ok::<_, Infallible>(res)
+        }
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(io), service)
         .await;
+}
+
+/// About 2.4 kB of JSON: twelve reviews of a product, as the shop's
+/// reviews service lists them.
+fn page() -> Bytes {
+    let reviews: Vec<String> = (1..=12)
+        .map(|i| {
+            format!(
+                "{{\"id\":{i},\"author\":\"customer-{i}@example.com\",\"rating\":{},\"text\":\"Arrived quickly and works as described; would buy again.\",\"created_at\":\"2026-11-{:02}T10:00:00Z\"}}",
+                1 + i % 5,
+                i
+            )
+        })
+        .collect();
+    Bytes::from(format!(
+        "{{\"product_id\":\"sku-kettle\",\"count\":12,\"average_rating\":3.5,\"reviews\":[{}]}}",
+        reviews.join(",")
+    ))
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

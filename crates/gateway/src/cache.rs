@@ -37,6 +37,9 @@
 //!   the response's own `stale-if-error` says, else the route's
 //!   `stale_if_error`; never after `must-revalidate`. It is kept that long
 //!   (or until it is the least recently used).
+//! - A response the gateway's gzip would compress is kept gzipped too,
+//!   compressed once as it is kept: a hit for a client that takes gzip is
+//!   that copy (with its length), where nginx and Envoy gzip every hit.
 //! - `Vary` is honoured: each kept response remembers the request's values
 //!   of the fields it names, and is served only to requests with the same.
 //! - A successful unsafe request (POST, PUT, PATCH, DELETE …) on a path
@@ -99,6 +102,7 @@ use tokio::time::Instant;
 
 use crate::body::{self, Body, BoxError};
 use crate::client_cert::XFCC;
+use crate::compress::{self, Compression};
 use crate::headers::list_elements;
 use crate::relayed::{Relayed, Reply};
 use crate::stats;
@@ -242,6 +246,9 @@ pub(crate) struct Entry {
     /// The `Age` the instance sent, in seconds.
     age: u64,
     size: u64,
+    /// The body gzipped, when the gateway compresses responses like it:
+    /// made once as it is kept, not for every hit.
+    gzipped: Option<Bytes>,
     /// Its `ETag` and `Last-Modified`, which a request to fetch it again
     /// asks with: a stale entry that has either is kept past its windows
     /// (until it is the least recently used), since an instance that
@@ -496,13 +503,14 @@ impl Entry {
 
     /// The entry as a response to `req`, made `now`: to a HEAD, without
     /// its body (hyper's HTTP/2 server would send it) but with its length;
-    /// to a request whose validators the entry meets, `304 Not Modified`.
-    /// `said` is its `Cache-Status`, given the seconds it has left
+    /// to a request whose validators the entry meets, `304 Not Modified`;
+    /// to a client that takes gzip (`gzip`), the body gzipped when it was
+    /// kept. `said` is its `Cache-Status`, given the seconds it has left
     /// (negative when it is stale).
     fn reply(
         &self,
         now: Instant,
-        head: bool,
+        form: Form,
         req: &HeaderMap,
         said: impl FnOnce(i64) -> String,
     ) -> Reply {
@@ -523,13 +531,16 @@ impl Entry {
         };
         if not_modified {
             *reply.res.status_mut() = StatusCode::NOT_MODIFIED;
-        } else if !head {
-            *reply.res.body_mut() = body::full(self.body.clone());
+        } else if !form.head {
+            match &self.gzipped {
+                Some(gzipped) if form.gzip => compress::gzipped(&mut reply, gzipped.clone()),
+                _ => *reply.res.body_mut() = body::full(self.body.clone()),
+            }
         }
         let mut fields = reply.fields();
         if not_modified {
             fields.remove(&CONTENT_LENGTH);
-        } else if head {
+        } else if form.head {
             fields.insert(CONTENT_LENGTH, HeaderValue::from(self.body.len()));
         }
         fields.insert(AGE, HeaderValue::from(age));
@@ -600,6 +611,9 @@ pub(crate) struct RouteCache {
     /// The query parameters that count, if the route names them
     /// ([`RouteCache::kept_query`]).
     pub query: Option<Box<[Box<str>]>>,
+    /// The gateway's gzip, if it compresses: a response it would compress
+    /// is kept gzipped too.
+    pub compression: Option<Arc<Compression>>,
     pub stats: stats::CacheStats,
 }
 
@@ -666,8 +680,8 @@ pub(crate) struct Miss {
     /// A kept response past its freshness, that may stand in if the fetch
     /// fails (`stale-if-error`) or be made fresh by a `304 Not Modified`.
     stale: Option<Arc<Entry>>,
-    /// Whether it is a HEAD.
-    head: bool,
+    /// How a kept response would answer it.
+    form: Form,
     /// Whether it fetches in the background, for a client answered stale
     /// already: its own conditions are the client's no longer.
     detached: bool,
@@ -675,20 +689,34 @@ pub(crate) struct Miss {
     validating: bool,
 }
 
+/// How a kept response goes to the client that asked: without its body
+/// to a HEAD, gzipped to a client that takes gzip (when the gateway
+/// compresses).
+#[derive(Debug, Clone, Copy)]
+struct Form {
+    head: bool,
+    gzip: bool,
+}
+
 impl RouteCache {
     /// Looks `req` up: `host` is the name it asked for (read only when the
     /// route names hosts), `path` its path and query as the client sent
-    /// them; `collapsed` when it already waited for another request.
+    /// them, `gzip` whether it takes gzip and the gateway compresses;
+    /// `collapsed` when it already waited for another request.
     pub(crate) fn lookup(
         &self,
         req: &Request<Body>,
-        host: Option<&str>,
-        path: &str,
+        (host, path): (Option<&str>, &str),
+        gzip: bool,
         now: Instant,
         collapsed: Option<Collapsed>,
     ) -> Verdict {
         let key = self.key(host, path);
         let method = req.method();
+        let form = Form {
+            head: method == Method::HEAD,
+            gzip,
+        };
         let miss = |fwd, storable, invalidates, fill| Miss {
             fwd,
             key: key.clone(),
@@ -704,7 +732,7 @@ impl RouteCache {
             fill,
             collapsed: collapsed.is_some(),
             stale: None,
-            head: false,
+            form,
             detached: false,
             validating: false,
         };
@@ -741,7 +769,7 @@ impl RouteCache {
         match ResponseCache::find(&self.store, &key, req.headers(), now, may_wait) {
             Found::Fresh(entry) => {
                 let status = entry.status.as_u16();
-                Verdict::Hit(entry.reply(now, !is_get, req.headers(), |ttl| {
+                Verdict::Hit(entry.reply(now, form, req.headers(), |ttl| {
                     match collapsed {
                         None => format!("flotilla; hit; ttl={ttl}"),
                         // The response is the fetch this one waited for
@@ -754,7 +782,7 @@ impl RouteCache {
                 }))
             }
             Found::Revalidate(entry, fill) => {
-                let reply = entry.reply(now, !is_get, req.headers(), |ttl| {
+                let reply = entry.reply(now, form, req.headers(), |ttl| {
                     format!("flotilla; hit; ttl={ttl}; detail=stale-while-revalidate")
                 });
                 let refresh = fill.map(|fill| Miss {
@@ -768,7 +796,6 @@ impl RouteCache {
                 let fwd = collapsed.map_or(missed.fwd, |c| c.fwd);
                 Verdict::Forward(Miss {
                     stale: missed.stale,
-                    head: !is_get,
                     ..miss(fwd, is_get, false, fill)
                 })
             }
@@ -969,6 +996,7 @@ impl Miss {
             validators: Validators::of(&merged),
             headers: merged.res.into_parts().0.headers,
             body: old.body.clone(),
+            gzipped: old.gzipped.clone(),
             vary: old.vary.clone(),
             stored: now,
             expires,
@@ -976,12 +1004,13 @@ impl Miss {
             revalidate_until: expires + revalidate_window,
             age,
             size: old.body.len() as u64
+                + old.gzipped.as_ref().map_or(0, Bytes::len) as u64
                 + self.key.len() as u64
                 + head_bytes as u64
                 + ENTRY_OVERHEAD,
         };
         let collapsed = if self.collapsed { "; collapsed=?0" } else { "" };
-        *reply = entry.reply(now, self.head, &HeaderMap::new(), |ttl| {
+        *reply = entry.reply(now, self.form, &HeaderMap::new(), |ttl| {
             format!(
                 "flotilla; fwd={}; fwd-status=304{collapsed}; ttl={ttl}",
                 self.fwd
@@ -1007,7 +1036,7 @@ impl Miss {
             .take()
             .filter(|e| failed && now < e.stale_until)?;
         let code = status.as_u16();
-        Some(stale.reply(now, self.head, &HeaderMap::new(), |ttl| {
+        Some(stale.reply(now, self.form, &HeaderMap::new(), |ttl| {
             format!("flotilla; fwd=stale; fwd-status={code}; ttl={ttl}; detail=stale-if-error")
         }))
     }
@@ -1059,6 +1088,7 @@ impl Miss {
         let head_bytes = relayed.as_ref().map_or(0, Relayed::head_len) as u64;
         let pending = Pending {
             store: Arc::clone(&cache.store),
+            gzip: cache.compression.clone().filter(|c| c.eligible(reply)),
             _fill: self.fill,
             key: self.key,
             entry: Entry {
@@ -1066,6 +1096,7 @@ impl Miss {
                 relayed,
                 headers: reply.res.headers().clone(),
                 body: Bytes::new(),
+                gzipped: None,
                 vary,
                 stored: now,
                 expires,
@@ -1219,6 +1250,8 @@ impl Directives {
 /// What a response's body becomes once it is whole.
 struct Pending {
     store: Arc<ResponseCache>,
+    /// The gateway's gzip, if it would compress the response.
+    gzip: Option<Arc<Compression>>,
     /// Dropped after the entry is kept: whoever waits finds it.
     _fill: Option<Fill>,
     key: Box<str>,
@@ -1248,7 +1281,11 @@ impl Recording {
             body.extend_from_slice(&piece);
         }
         p.entry.body = body.freeze();
-        p.entry.size = self.len + p.key.len() as u64 + p.overhead;
+        // Here, once, rather than for every hit by a client that takes it
+        // (as nginx and Envoy do, with every hit gzipped again).
+        p.entry.gzipped = p.gzip.as_ref().and_then(|c| c.gzip(&p.entry.body));
+        let gzipped = p.entry.gzipped.as_ref().map_or(0, Bytes::len) as u64;
+        p.entry.size = self.len + gzipped + p.key.len() as u64 + p.overhead;
         p.store.put(p.key, p.entry);
     }
 
@@ -1354,6 +1391,7 @@ mod tests {
             revalidate_until: expires,
             age: 0,
             size,
+            gzipped: None,
             validators: Validators::default(),
         }
     }
@@ -1448,6 +1486,7 @@ mod tests {
             limit: 1024,
             pending: Some(Pending {
                 store: Arc::clone(cache),
+                gzip: None,
                 _fill: None,
                 key: key.into(),
                 entry: entry(0, Vec::new(), Instant::now() + Duration::from_secs(60)),
@@ -1492,7 +1531,7 @@ mod tests {
                 .insert(name, HeaderValue::from_static(value));
         }
         let now = Instant::now();
-        let Verdict::Forward(miss) = cache.lookup(&req, None, "/x", now, None) else {
+        let Verdict::Forward(miss) = cache.lookup(&req, (None, "/x"), false, now, None) else {
             panic!("a first GET is forwarded");
         };
         let mut res = Response::new(body::full("x"));
@@ -1520,6 +1559,7 @@ mod tests {
             id: "svc:/x:".into(),
             by_host: false,
             query: query.map(|q| q.iter().map(|n| (*n).into()).collect()),
+            compression: None,
             stats: stats::CacheStats::new("/x"),
         }
     }

@@ -90,32 +90,26 @@ impl Compression {
         if !self.eligible(reply) {
             return;
         }
-        let etag = reply
-            .values(&ETAG)
-            .next()
-            .filter(|_| gzip)
-            .and_then(weakened);
-        // Once: an instance may have said so already.
-        let varies = list_elements(reply.values(&VARY))
-            .any(|v| v == b"*" || v.eq_ignore_ascii_case(b"accept-encoding"));
-        let mut fields = reply.fields();
-        if !varies {
-            fields.append(VARY, HeaderValue::from_static("accept-encoding"));
-        }
         if !gzip {
+            varies(reply);
             return;
         }
-        fields.remove(&CONTENT_LENGTH);
-        fields.remove(&ACCEPT_RANGES);
-        fields.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-        if let Some(etag) = etag {
-            fields.insert(ETAG, etag);
-        }
+        encoded(reply, None);
         let body = std::mem::replace(reply.res.body_mut(), body::empty());
         *reply.res.body_mut() = body::boxed(Gzip::new(body, self.level));
     }
 
-    fn eligible(&self, reply: &Reply) -> bool {
+    /// `body` gzipped whole, at the configured level: for the response
+    /// cache, which keeps it beside the body so that a hit is not
+    /// compressed again for every client.
+    pub(crate) fn gzip(&self, body: &[u8]) -> Option<Bytes> {
+        let mut encoder = GzEncoder::new(Vec::with_capacity(body.len() / 3 + 64), self.level);
+        encoder.write_all(body).ok()?;
+        encoder.finish().ok().map(Bytes::from)
+    }
+
+    /// Whether `reply` is one to compress, for a client that takes gzip.
+    pub(crate) fn eligible(&self, reply: &Reply) -> bool {
         let status = reply.res.status();
         if status.is_informational()
             || status == StatusCode::NO_CONTENT
@@ -159,6 +153,43 @@ impl Compression {
             || self.kinds.iter().any(|k| {
                 media.len() > k.len() && media[..k.len()].eq_ignore_ascii_case(k.as_bytes())
             })
+    }
+}
+
+/// `reply`, whose body the response cache gzipped already (`gzipped`,
+/// of an [`Compression::eligible`] response), as a compressed response: its
+/// fields as [`Compression::apply`] sets them, with the length known.
+pub(crate) fn gzipped(reply: &mut Reply, gzipped: Bytes) {
+    encoded(reply, Some(gzipped.len()));
+    *reply.res.body_mut() = body::full(gzipped);
+}
+
+/// Marks `reply` as varying by `Accept-Encoding`, once: an instance may
+/// have said so already.
+fn varies(reply: &mut Reply) {
+    let varies = list_elements(reply.values(&VARY))
+        .any(|v| v == b"*" || v.eq_ignore_ascii_case(b"accept-encoding"));
+    if !varies {
+        reply
+            .fields()
+            .append(VARY, HeaderValue::from_static("accept-encoding"));
+    }
+}
+
+/// The fields of a gzipped response: `Content-Encoding`, a weak `ETag`,
+/// no ranges, and `length` if it is known (else none: chunked).
+fn encoded(reply: &mut Reply, length: Option<usize>) {
+    varies(reply);
+    let etag = reply.values(&ETAG).next().and_then(weakened);
+    let mut fields = reply.fields();
+    match length {
+        Some(length) => fields.insert(CONTENT_LENGTH, HeaderValue::from(length)),
+        None => fields.remove(&CONTENT_LENGTH),
+    }
+    fields.remove(&ACCEPT_RANGES);
+    fields.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    if let Some(etag) = etag {
+        fields.insert(ETAG, etag);
     }
 }
 

@@ -345,11 +345,11 @@ pub(crate) fn handle<'a>(
         if let Some(cache) = &route.policy.cache
             && tunnel.is_none()
         {
-            let mut verdict = look_up(cache, &mut req, None, cache_result);
+            let mut verdict = look_up(cache, &mut req, finish.gzip, None, cache_result);
             if let Verdict::Wait(waiting) = verdict {
                 // Boxed, as the mirror's: only a collapsed request waits.
                 let collapsed = Box::pin(waiting.done(route.timeout)).await;
-                verdict = look_up(cache, &mut req, Some(collapsed), cache_result);
+                verdict = look_up(cache, &mut req, finish.gzip, Some(collapsed), cache_result);
             }
             match verdict {
                 Verdict::Hit(mut reply) => {
@@ -474,6 +474,7 @@ fn revalidate(
 fn look_up(
     cache: &crate::cache::RouteCache,
     req: &mut Request<Body>,
+    gzip: bool,
     collapsed: Option<Collapsed>,
     counted: &mut Option<&'static str>,
 ) -> Verdict {
@@ -508,7 +509,7 @@ fn look_up(
             .map_or(req.uri().path(), PathAndQuery::as_str),
     };
     let first = collapsed.is_none();
-    let verdict = cache.lookup(req, host, path, clock::now(), collapsed);
+    let verdict = cache.lookup(req, (host, path), gzip, clock::now(), collapsed);
     let result = match &verdict {
         Verdict::Hit(_) => first.then_some("hit"),
         Verdict::Revalidate(..) => first.then_some("stale"),

@@ -184,6 +184,7 @@ impl Routing {
                             .query
                             .as_ref()
                             .map(|names| names.iter().map(|n| n.as_str().into()).collect()),
+                        compression: compression.clone(),
                         stats: crate::stats::CacheStats::new(route.pattern.as_str()),
                         id: id.clone().into_boxed_str(),
                     }),

@@ -2,7 +2,7 @@
 //! scripts in `benches/gateway` (run.sh, ab.sh, pgo.sh, ...).
 //!
 //! Usage: `bench_gateway --listen ADDR --upstream ADDR [--threads N]
-//! [--jwt] [--rate-limit SPEC] [--cache] [--upstream-tls DIR] [--tls DIR]`, or
+//! [--jwt] [--rate-limit SPEC] [--cache] [--gzip] [--upstream-tls DIR] [--tls DIR]`, or
 //! `bench_gateway --issue DIR` to create a CA and the identities of both
 //! sides of an mTLS upstream hop (`DIR/gateway`, `DIR/upstream`) and exit.
 //!
@@ -13,6 +13,10 @@
 //! With `--cache` the route keeps responses for a minute (a route's
 //! `cache`), so all but the first request of a URL are answered by the
 //! gateway.
+//!
+//! With `--gzip` the gateway compresses responses for clients that take
+//! gzip (`[gateway] compression = {}`, its defaults: level 5, JSON and
+//! text of 1 kB or more).
 //!
 //! With `--tls DIR` clients connect over HTTPS, with the certificate
 //! `DIR/cert.pem` and its key `DIR/key.pem` (`[gateway.tls]`).
@@ -69,6 +73,7 @@ struct Args {
     jwt: bool,
     rate_limit: Option<String>,
     cache: bool,
+    gzip: bool,
 }
 
 fn args() -> Result<Args, BoxError> {
@@ -78,6 +83,7 @@ fn args() -> Result<Args, BoxError> {
     let mut jwt = false;
     let mut rate_limit = None;
     let mut cache = false;
+    let mut gzip = false;
     let mut upstream_tls = None;
     let mut tls = None;
     let mut it = std::env::args().skip(1);
@@ -89,6 +95,7 @@ fn args() -> Result<Args, BoxError> {
             "--jwt" => jwt = true,
             "--rate-limit" => rate_limit = Some(it.next().ok_or("--rate-limit SPEC")?),
             "--cache" => cache = true,
+            "--gzip" => gzip = true,
             "--upstream-tls" => upstream_tls = Some(it.next().ok_or("--upstream-tls DIR")?.into()),
             "--tls" => tls = Some(it.next().ok_or("--tls DIR")?.into()),
             "--issue" => {
@@ -107,6 +114,7 @@ fn args() -> Result<Args, BoxError> {
         jwt,
         rate_limit,
         cache,
+        gzip,
     })
 }
 
@@ -172,7 +180,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
             .map(|dir| flotilla_gateway::TlsConfig::new(dir.join("cert.pem"), dir.join("key.pem"))),
         request_headers: Default::default(),
         response_headers: Default::default(),
-        compression: None,
+        compression: args.gzip.then(|| {
+            flotilla_gateway::CompressionConfig::from_manifest(
+                &flotilla_manifest::Compression::default(),
+            )
+        }),
         cache: Default::default(),
     };
     if args.jwt {

@@ -1022,6 +1022,80 @@ async fn only_the_named_query_parameters_reach_the_instance_and_the_key() {
     gateway.shutdown(T).await;
 }
 
+#[tokio::test]
+async fn a_kept_response_is_gzipped_once_not_for_every_hit() {
+    use std::io::Read;
+    let gunzip = |body: &[u8]| {
+        let mut out = Vec::new();
+        ok(
+            flate2::read::GzDecoder::new(body).read_to_end(&mut out),
+            "a gzip body",
+        );
+        out
+    };
+    let registry = Registry::new();
+    let up = Upstream::start("gzc-0").await;
+    registry.set("gzc", vec![up.endpoint()]);
+    let mut route = route("gzc", "/gzc/**", &[], T);
+    route.cache = MINUTE;
+    let mut cfg = config(vec![route]);
+    cfg.compression = Some(flotilla_gateway::CompressionConfig::from_manifest(
+        &flotilla_manifest::Compression::default(),
+    ));
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    let pad = "x".repeat(4000);
+    let gzip = [
+        ("accept-encoding", "gzip"),
+        ("x-pad", pad.as_str()),
+        ("x-reply-etag", "\"t\""),
+    ];
+
+    // The miss is gzipped as it streams: no length.
+    let miss = client
+        .request(Method::GET, "/gzc/a", &gzip, Bytes::new())
+        .await;
+    assert!(cache_status(&miss).contains("fwd=uri-miss"));
+    assert_eq!(miss.header("content-encoding"), "gzip");
+    assert!(miss.headers.get("content-length").is_none());
+    let json = gunzip(&miss.body);
+
+    // A hit is the gzip kept with the entry: its length known, its
+    // fields as the gateway's gzip sets them.
+    let hit = client
+        .request(Method::GET, "/gzc/a", &gzip, Bytes::new())
+        .await;
+    assert!(cache_status(&hit).contains("hit"), "{}", cache_status(&hit));
+    assert_eq!(hit.header("content-encoding"), "gzip");
+    assert_eq!(hit.header("content-length"), hit.body.len().to_string());
+    assert!(hit.body.len() < 1000, "{} bytes", hit.body.len());
+    assert_eq!(gunzip(&hit.body), json, "the kept body");
+    assert_eq!(hit.header("etag"), "W/\"t\"");
+    assert_eq!(hit.header("vary"), "accept-encoding");
+    assert!(hit.headers.get("accept-ranges").is_none());
+
+    // The same entry, as it is, for a client that does not take gzip.
+    let plain = client.get("/gzc/a").await;
+    assert!(cache_status(&plain).contains("hit"));
+    assert!(plain.headers.get("content-encoding").is_none());
+    assert_eq!(plain.body.to_vec(), json);
+    assert_eq!(plain.header("etag"), "\"t\"");
+    assert_eq!(plain.header("vary"), "accept-encoding");
+
+    // The weak tag a gzip client holds still names the entry.
+    let again = client
+        .request(
+            Method::GET,
+            "/gzc/a",
+            &[("accept-encoding", "gzip"), ("if-none-match", "W/\"t\"")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(up.hits(), 1);
+    gateway.shutdown(T).await;
+}
+
 /// An instance that answers from a script, by path, over raw HTTP/1.1
 /// (one request per connection): what hyper would never send.
 struct Scripted {
