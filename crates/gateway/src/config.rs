@@ -102,6 +102,9 @@ pub struct RouteConfig {
     pub ip: Option<IpRules>,
     /// Replaces `Limits::max_body_bytes` for this route.
     pub max_body_bytes: Option<usize>,
+    /// Requests of this route in flight at once; past it, 503 (a
+    /// bulkhead). `None`: only `Limits::max_in_flight`.
+    pub max_in_flight: Option<usize>,
     /// Only clients that connected with a verified certificate
     /// (`TlsConfig::client_ca`); the rest get 403.
     pub client_cert: bool,
@@ -130,6 +133,7 @@ impl RouteConfig {
             cors: None,
             ip: None,
             max_body_bytes: None,
+            max_in_flight: None,
             client_cert: false,
             request_headers: HeaderChanges::default(),
             response_headers: HeaderChanges::default(),
@@ -455,6 +459,9 @@ impl Config {
                     max_body_bytes: route
                         .max_body_bytes
                         .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
+                    max_in_flight: route
+                        .max_in_flight
+                        .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
                     client_cert: route.client_cert,
                     request_headers: HeaderChanges::from_manifest(&route.request_headers),
                     response_headers: HeaderChanges::from_manifest(&route.response_headers),

@@ -380,6 +380,14 @@ pub(crate) fn handle<'a>(
                 Verdict::Wait(_) => {}
             }
         }
+        // Past the cache, which answers without the service.
+        let place = match &route.policy.bulkhead {
+            None => None,
+            Some(bulkhead) => match bulkhead.enter() {
+                Some(place) => Some(place),
+                None => return overloaded(&finish, miss, route),
+            },
+        };
         if let Err(rejection) = prepare(route, &mut req) {
             return finish.reject(rejection);
         }
@@ -401,21 +409,48 @@ pub(crate) fn handle<'a>(
                 if let (Some(miss), Some(cache)) = (miss, &route.policy.cache) {
                     miss.keep(cache, &mut reply, clock::now());
                 }
+                if let Some(place) = place {
+                    // In flight until the client has the whole response.
+                    let body = std::mem::replace(reply.res.body_mut(), body::empty());
+                    *reply.res.body_mut() = body::boxed(body::Holding::new(body, place));
+                }
                 finish.done(&mut reply);
                 reply
             }
-            Err(rejection) => {
-                if let Some(mut miss) = miss
-                    && let Some(mut reply) = miss.stand_in(rejection.status(), clock::now())
-                {
-                    tracing::warn!(target: "flotilla::gateway", route = route.pattern.as_str(), error = %rejection, "the fetch failed; a kept response past its freshness stands in (stale-if-error)");
-                    finish.done(&mut reply);
-                    return reply;
-                }
-                finish.reject(rejection)
-            }
+            Err(rejection) => failed(&finish, miss, route, rejection),
         }
     }
+}
+
+/// The answer to a request whose fetch failed with `rejection`: a kept
+/// response past its freshness if one may stand in (`stale-if-error`),
+/// else the rejection.
+#[cold]
+fn failed(
+    finish: &Finish<'_>,
+    miss: Option<Box<Miss>>,
+    route: &Route,
+    rejection: Rejection,
+) -> Reply {
+    if let Some(mut miss) = miss
+        && let Some(mut reply) = miss.stand_in(rejection.status(), clock::now())
+    {
+        tracing::warn!(target: "flotilla::gateway", route = route.pattern.as_str(), error = %rejection, "the fetch failed; a kept response past its freshness stands in (stale-if-error)");
+        finish.done(&mut reply);
+        return reply;
+    }
+    finish.reject(rejection)
+}
+
+/// The answer to a request its route's bulkhead refused: 503, or a kept
+/// response standing in for it, as for any failed fetch.
+#[cold]
+#[inline(never)]
+fn overloaded(finish: &Finish<'_>, miss: Option<Box<Miss>>, route: &Route) -> Reply {
+    let rejection = Rejection::RouteOverloaded {
+        service: route.service.clone(),
+    };
+    failed(finish, miss, route, rejection)
 }
 
 /// Step 11 and the prefix: `req` as the instance is to get it. Inlined:

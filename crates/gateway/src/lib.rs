@@ -39,6 +39,7 @@
 mod access_log;
 mod balance;
 mod body;
+mod bulkhead;
 mod cache;
 mod chunked;
 mod client;

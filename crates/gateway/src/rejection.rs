@@ -72,6 +72,8 @@ pub(crate) enum Rejection {
     PayloadTooLarge { limit: usize },
     #[error("the gateway is overloaded; retry later")]
     Overloaded,
+    #[error("service `{service}` has as many requests in flight as this route allows; retry later")]
+    RouteOverloaded { service: String },
     #[error("the gateway has as many WebSocket connections open as it allows; retry later")]
     TooManyTunnels,
 }
@@ -102,7 +104,9 @@ impl Rejection {
             Rejection::Auth(_) => StatusCode::UNAUTHORIZED,
             Rejection::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Rejection::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Rejection::Overloaded | Rejection::TooManyTunnels => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::Overloaded
+            | Rejection::RouteOverloaded { .. }
+            | Rejection::TooManyTunnels => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -126,6 +130,7 @@ impl Rejection {
             Rejection::RateLimited => "rate_limited",
             Rejection::PayloadTooLarge { .. } => "payload_too_large",
             Rejection::Overloaded => "overloaded",
+            Rejection::RouteOverloaded { .. } => "route_overloaded",
             Rejection::TooManyTunnels => "too_many_websockets",
         }
     }
@@ -162,7 +167,10 @@ impl Rejection {
         if let Rejection::Auth(e) = &self {
             res.headers_mut().insert(WWW_AUTHENTICATE, challenge(e));
         }
-        if let Rejection::Overloaded | Rejection::TooManyTunnels = &self {
+        if let Rejection::Overloaded
+        | Rejection::RouteOverloaded { .. }
+        | Rejection::TooManyTunnels = &self
+        {
             res.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }

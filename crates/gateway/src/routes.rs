@@ -20,6 +20,7 @@ use flotilla_manifest::{HostPattern, PathPattern};
 use http::Method;
 use rand::Rng;
 
+use crate::bulkhead::Bulkhead;
 use crate::cache::RouteCache;
 use crate::compress::Compression;
 use crate::config::RouteConfig;
@@ -72,6 +73,8 @@ pub(crate) struct RoutePolicy {
     pub request_headers: Option<HeaderChanges>,
     /// Responses kept and served by the gateway (`cache`).
     pub cache: Option<RouteCache>,
+    /// The route's own cap on requests in flight (`max_in_flight`).
+    pub bulkhead: Option<Bulkhead>,
 }
 
 /// What every response gets on its way out: of a route, or the system's

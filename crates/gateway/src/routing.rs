@@ -19,6 +19,7 @@ use flotilla_manifest::HostPattern;
 
 use tower_http::services::ServeDir;
 
+use crate::bulkhead::Bulkhead;
 use crate::cache::{ResponseCache, RouteCache};
 use crate::client::FetchClient;
 use crate::compress::Compression;
@@ -27,7 +28,7 @@ use crate::cors::CorsPolicy;
 use crate::header_changes::HeaderChanges;
 use crate::ip::{IpConfig, IpRules};
 use crate::jwt::Verifier;
-use crate::ratelimit::{self, Limiter, RateLimitBackend};
+use crate::ratelimit::{self, RateLimitBackend};
 use crate::routes::{Outgoing, RoutePolicy, RouteTable};
 use crate::upstream::Upstreams;
 
@@ -62,6 +63,27 @@ impl Routing {
 pub(crate) struct Context {
     pub client: FetchClient,
     pub upstreams: Arc<dyn Upstreams>,
+}
+
+/// What each route of `previous` keeps across a reload (`of` its
+/// policy), by the route's identity.
+fn by_route_id<'a, T>(
+    previous: Option<&'a Routing>,
+    of: impl Fn(&'a RoutePolicy) -> Option<&'a T>,
+) -> HashMap<String, &'a T> {
+    let Some(previous) = previous else {
+        return HashMap::new();
+    };
+    previous
+        .table
+        .routes()
+        .iter()
+        .filter_map(|r| {
+            let kept = of(&r.policy)?;
+            let id = route_id(&r.service, r.pattern.as_str(), r.methods(), &r.hosts);
+            Some((id, kept))
+        })
+        .collect()
 }
 
 /// Identifies a route across reloads (and across replicas, for Redis keys).
@@ -102,19 +124,9 @@ impl Routing {
             Some(c) => CorsPolicy::new(c).ok().map(Arc::new),
             None => None,
         };
-        let old_limiters: HashMap<String, &Arc<Limiter>> = previous
-            .map(|p| {
-                p.table
-                    .routes()
-                    .iter()
-                    .filter_map(|r| {
-                        let l = r.policy.limiter.as_ref()?;
-                        let id = route_id(&r.service, r.pattern.as_str(), r.methods(), &r.hosts);
-                        Some((id, l))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let old_limiters = by_route_id(previous, |p| p.limiter.as_ref());
+        // The same for each route's count of requests in flight.
+        let old_bulkheads = by_route_id(previous, |p| p.bulkhead.as_ref());
         let compression = config
             .compression
             .as_ref()
@@ -190,6 +202,13 @@ impl Routing {
                     }),
                     _ => None,
                 },
+                bulkhead: route.max_in_flight.map(|limit| {
+                    Bulkhead::new(
+                        limit,
+                        route.pattern.as_str(),
+                        old_bulkheads.get(&id).copied(),
+                    )
+                }),
             }
         });
         Ok(Routing {

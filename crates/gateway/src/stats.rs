@@ -32,6 +32,7 @@ const IP_DENIED: &str = "flotilla_gateway_ip_denied_total";
 const EJECTIONS: &str = "flotilla_gateway_ejections_total";
 const RETRY_BUDGET_EXHAUSTED: &str = "flotilla_gateway_retry_budget_exhausted_total";
 const SHED: &str = "flotilla_gateway_shed_total";
+const ROUTE_SHED: &str = "flotilla_gateway_route_shed_total";
 const WEBSOCKETS_OPEN: &str = "flotilla_gateway_websockets_open";
 const WEBSOCKETS_CLOSED: &str = "flotilla_gateway_websockets_closed_total";
 const WEBSOCKET_BYTES: &str = "flotilla_gateway_websocket_bytes_total";
@@ -153,6 +154,10 @@ pub(crate) fn describe() {
     metrics::describe_counter!(
         SHED,
         "Requests shed with 503 because too many were in flight."
+    );
+    metrics::describe_counter!(
+        ROUTE_SHED,
+        "Requests refused with 503 because their route had its max_in_flight in flight, by route."
     );
     metrics::describe_counter!(
         ACCESS_LOG_DROPPED,
@@ -375,6 +380,10 @@ pub(crate) fn retry_budget_exhausted(service: &str) {
 
 pub(crate) fn shed() {
     metrics::counter!(SHED).increment(1);
+}
+
+pub(crate) fn route_shed(route: &str) {
+    metrics::counter!(ROUTE_SHED, "route" => route.to_string()).increment(1);
 }
 
 /// The open-connections gauge, for `conn_limit` to keep.

@@ -235,6 +235,10 @@ pub struct Route {
     pub ip: Option<IpList>,
     /// Largest request body accepted (the gateway's default when `None`).
     pub max_body_bytes: Option<u64>,
+    /// Requests of this route in flight at once, past which the next gets
+    /// 503 (a bulkhead: a slow service cannot take every one of the
+    /// gateway's `max_in_flight`); `None`: only the gateway's cap.
+    pub max_in_flight: Option<u32>,
     /// Only clients with a verified certificate (`[gateway.tls] client_ca`).
     pub client_cert: bool,
 }

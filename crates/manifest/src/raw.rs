@@ -232,6 +232,7 @@ pub(crate) struct RawRoute {
     pub response_headers: Option<Spanned<RawHeaderChanges>>,
     pub ip: Option<Spanned<RawIp>>,
     pub max_body_bytes: Option<Spanned<i64>>,
+    pub max_in_flight: Option<Spanned<i64>>,
     pub client_cert: Option<Spanned<bool>>,
 }
 

@@ -989,6 +989,10 @@ fn route(
         Some(m) => Some(edge::max_body(ctx, m)?),
         None => None,
     };
+    let max_in_flight = match &raw.max_in_flight {
+        Some(m) => Some(edge::route_max_in_flight(ctx, m)?),
+        None => None,
+    };
     let timeout = match &raw.timeout {
         Some(t) => ctx.duration(t, "timeout")?,
         None => ctx.route_timeout,
@@ -1024,6 +1028,7 @@ fn route(
         response_headers,
         ip,
         max_body_bytes,
+        max_in_flight,
         client_cert,
     })
 }

@@ -121,6 +121,42 @@ async fn unchanged_rate_limits_keep_their_counters_across_a_reload() {
     gateway.shutdown(T).await;
 }
 
+#[tokio::test]
+async fn a_route_s_requests_in_flight_count_on_across_a_reload() {
+    let registry = Registry::new();
+    let up = Upstream::start("cap-keep-0").await;
+    registry.set("cap-keep", vec![up.endpoint()]);
+    let capped = |cap: usize| {
+        let mut r = route("cap-keep", "/**", &[], T);
+        r.max_in_flight = Some(cap);
+        r
+    };
+    let gateway = start(config(vec![capped(2)]), &registry).await;
+    let client = Client::new(&gateway);
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move { c.get("/hold").await })
+        })
+        .collect();
+    wait_until("two requests in flight", || up.held() == 2).await;
+    // The same route with a cap of 3: one more, not three.
+    ok(gateway.reload(config(vec![capped(3)])), "reload");
+    let third = tokio::spawn({
+        let c = client.clone();
+        async move { c.get("/hold").await }
+    });
+    wait_until("a third request in flight", || up.held() == 3).await;
+    let refused = client.get("/hold").await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.json()["error"]["code"], "route_overloaded");
+    up.release();
+    for h in held.into_iter().chain([third]) {
+        assert_eq!(ok(h.await, "held").status, StatusCode::OK);
+    }
+    gateway.shutdown(T).await;
+}
+
 /// How many of `n` requests to `path` each instance answered.
 async fn shares(
     client: &Client,

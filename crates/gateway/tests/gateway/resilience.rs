@@ -204,3 +204,64 @@ async fn a_route_s_own_retries_replace_the_gateway_s() {
     }
     gateway.shutdown(T).await;
 }
+
+#[tokio::test]
+async fn a_route_s_max_in_flight_sheds_its_excess_and_leaves_the_others_room() {
+    let registry = Registry::new();
+    let slow = Upstream::start("bulk-slow-0").await;
+    let fast = Upstream::start("bulk-fast-0").await;
+    registry.set("bulk-slow", vec![slow.endpoint()]);
+    registry.set("bulk-fast", vec![fast.endpoint()]);
+    let mut capped = route("bulk-slow", "/capped/**", &[], Duration::from_secs(5));
+    capped.max_in_flight = Some(2);
+    let mut cfg = config(vec![
+        capped,
+        route("bulk-fast", "/fast/**", &[], Duration::from_secs(5)),
+    ]);
+    // The gateway's own allowance: without the route's cap, the slow
+    // service's requests would take all of it. (The test upstream never
+    // answers a path with `slow` in it: hence `capped`.)
+    cfg.limits.max_in_flight = 4;
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    let shed = || metric_sum(&["flotilla_gateway_route_shed_total", "route=\"/capped/**\""]);
+    let shed_before = shed();
+
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move { c.get("/capped/hold").await })
+        })
+        .collect();
+    wait_until("two requests at the slow service", || slow.held() == 2).await;
+    let excess = futures_util::future::join_all((0..5).map(|_| client.get("/capped/hold"))).await;
+    for reply in &excess {
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(reply.json()["error"]["code"], "route_overloaded");
+        assert_eq!(reply.header("retry-after"), "1");
+        let message = reply.json()["error"]["message"].to_string();
+        assert!(message.contains("bulk-slow"), "{message}");
+    }
+    assert_eq!(slow.hits(), 2, "the excess never reached the service");
+    assert_eq!(shed(), shed_before + 5);
+    // The other route has the rest of the gateway's room.
+    for _ in 0..2 {
+        assert_eq!(client.get("/fast/x").await.status, StatusCode::OK);
+    }
+
+    slow.release();
+    for h in held {
+        assert_eq!(ok(h.await, "held").status, StatusCode::OK);
+    }
+    // A place is given back once the response body is sent, which the
+    // client may see a moment before the gateway does: poll.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while client.get("/capped/x").await.status != StatusCode::OK {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still refused after the load went"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gateway.shutdown(Duration::from_secs(5)).await;
+}

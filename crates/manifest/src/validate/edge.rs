@@ -390,6 +390,24 @@ pub(super) fn rate_limit(
     }
 }
 
+/// A route's `max_in_flight`: at least one request, and no more than the
+/// gateway could ever hold.
+pub(super) fn route_max_in_flight(ctx: &mut Ctx<'_>, raw: &Spanned<i64>) -> Option<u32> {
+    const MAX: i64 = 1_000_000;
+    let v = *raw.get_ref();
+    if !(1..=MAX).contains(&v) {
+        ctx.error(
+            raw.span(),
+            format!("`max_in_flight = {v}` is out of range"),
+            Some(format!(
+                "give the requests this route may have in flight at once, from 1 to {MAX}"
+            )),
+        );
+        return None;
+    }
+    u32::try_from(v).ok()
+}
+
 pub(super) fn max_body(ctx: &mut Ctx<'_>, raw: &Spanned<i64>) -> Option<u64> {
     let v = *raw.get_ref();
     if !(1..=MAX_BODY_LIMIT).contains(&v) {

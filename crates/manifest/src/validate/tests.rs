@@ -690,7 +690,7 @@ run = { cargo = "shop-accounts" }
 routes = [{ path = "/api/accounts/login", methods = ["POST"], rate_limit = "5/m burst 10 per ip", cors = { origins = ["https://id.example"], headers = ["content-type"] } }]
 [services.orders]
 run = { cargo = "shop-orders" }
-routes = [{ path = "/api/orders/**", auth = "jwt", scopes = ["orders:write"], claims = { tier = ["gold", "silver"], email_verified = true, "realm_access.roles" = "buyer", level = 3 }, request_headers = { set = { "x-api-version" = " 2 " }, remove = ["cookie"] }, rate_limit = "20/s burst 40 per user", ip = { deny = ["127.0.0.2"] }, max_body_bytes = 65536 }]
+routes = [{ path = "/api/orders/**", auth = "jwt", scopes = ["orders:write"], claims = { tier = ["gold", "silver"], email_verified = true, "realm_access.roles" = "buyer", level = 3 }, request_headers = { set = { "x-api-version" = " 2 " }, remove = ["cookie"] }, rate_limit = "20/s burst 40 per user", ip = { deny = ["127.0.0.2"] }, max_body_bytes = 65536, max_in_flight = 64 }]
 "#;
 
 #[test]
@@ -789,6 +789,7 @@ fn edge_policies_parse() {
         "20/s burst 40 per user"
     );
     assert_eq!(route.max_body_bytes, Some(65536));
+    assert_eq!(route.max_in_flight, Some(64));
     assert_eq!(
         route.ip.as_ref().unwrap().deny[0].to_string(),
         "127.0.0.2/32"
@@ -842,6 +843,16 @@ fn edge_policy_errors() {
             "max_body_bytes = 65536",
             "max_body_bytes = 0",
             "`max_body_bytes = 0` is out of range",
+        ),
+        (
+            "max_in_flight = 64",
+            "max_in_flight = 0",
+            "`max_in_flight = 0` is out of range",
+        ),
+        (
+            "max_in_flight = 64",
+            "max_in_flight = \"lots\"",
+            "invalid type",
         ),
         (
             "auth = \"jwt\", scopes",
