@@ -8,7 +8,10 @@
 //! - Only GET responses are kept; a HEAD is answered from a kept GET. A
 //!   request with `Range`, or `Cache-Control: no-store`, passes by; one
 //!   with `no-cache` (or `max-age=0`, or `Pragma: no-cache`) is forwarded
-//!   and its response replaces the kept one.
+//!   and its response replaces the kept one. A request's `max-age`,
+//!   `min-fresh` and `max-stale` say how fresh a kept response it takes
+//!   (`max-stale` never gets one that said `must-revalidate`), and
+//!   `only-if-cached` gets a kept response or 504, never a fetch.
 //! - A response is kept when its status is cacheable by default (200, 203,
 //!   204, 300, 301, 308, 404, 405, 410, 414, 501), nothing in its
 //!   `Cache-Control` forbids it (`no-store`, `private`, `no-cache`), it
@@ -246,6 +249,8 @@ pub(crate) struct Entry {
     /// The `Age` the instance sent, in seconds.
     age: u64,
     size: u64,
+    /// `must-revalidate`: never served stale, whatever a client takes.
+    must_revalidate: bool,
     /// The body gzipped, when the gateway compresses responses like it:
     /// made once as it is kept, not for every hit.
     gzipped: Option<Bytes>,
@@ -323,9 +328,17 @@ impl ResponseCache {
         stats::cache_bytes(total);
     }
 
-    /// The fresh entry for `key` that `req`'s fields select, or why none
-    /// (and the stale one, if it may still stand in for a failed fetch).
-    fn get(&self, key: &str, req: &HeaderMap, now: Instant) -> Result<Arc<Entry>, Missed> {
+    /// The fresh entry for `key` that `req`'s fields select, as fresh as
+    /// its `asked` directives want (`max-age`, `min-fresh`), or a stale
+    /// one it takes (`max-stale`); else why none, and the entry kept if
+    /// it may still stand in for a failed fetch or be asked about.
+    fn get(
+        &self,
+        key: &str,
+        req: &HeaderMap,
+        now: Instant,
+        asked: &Directives,
+    ) -> Result<Arc<Entry>, Missed> {
         let missed = |fwd| Missed { fwd, stale: None };
         let mut store = self.store(key);
         let store = &mut *store;
@@ -336,25 +349,49 @@ impl ResponseCache {
         let Some(at) = variants.iter().rposition(|e| e.selected_by(req)) else {
             return Err(missed("vary-miss"));
         };
-        if variants[at].expires <= now {
-            let entry = &variants[at];
-            if now < entry.stale_until || now < entry.revalidate_until || entry.validators.any() {
+        let entry = &variants[at];
+        let age = entry.age + now.saturating_duration_since(entry.stored).as_secs();
+        let too_old = asked.max_age.is_some_and(|max| age > max);
+        let taken = if entry.expires > now {
+            let left = entry.expires.duration_since(now).as_secs();
+            if too_old || asked.min_fresh.is_some_and(|min| left < min) {
+                // Fresh, but not as fresh as the client asked (RFC
+                // 9211's `request`): forwarded, the entry kept.
                 return Err(Missed {
-                    fwd: "stale",
+                    fwd: "request",
                     stale: Some(Arc::clone(entry)),
                 });
             }
-            let stale = variants.remove(at);
-            if variants.is_empty() {
-                store.entries.remove(key);
-            }
-            store.bytes -= stale.size;
-            self.account(store.bytes + stale.size, store.bytes);
-            return Err(missed("stale"));
+            true
+        } else {
+            // Stale: a client may take it, as stale as it says, unless
+            // the response said it must be revalidated (§4.2.4).
+            let stale_for = now.duration_since(entry.expires).as_secs();
+            !entry.must_revalidate
+                && !too_old
+                && asked.min_fresh.is_none()
+                && asked.max_stale.is_some_and(|max| stale_for <= max)
+        };
+        if taken {
+            let entry = Arc::clone(entry);
+            store.entries.to_back(key);
+            return Ok(entry);
         }
-        let entry = Arc::clone(&variants[at]);
-        store.entries.to_back(key);
-        Ok(entry)
+        // Stale, and not taken as it is: kept while it may stand in, be
+        // served while fetched, or be asked about; else dropped now.
+        if now < entry.stale_until || now < entry.revalidate_until || entry.validators.any() {
+            return Err(Missed {
+                fwd: "stale",
+                stale: Some(Arc::clone(entry)),
+            });
+        }
+        let stale = variants.remove(at);
+        if variants.is_empty() {
+            store.entries.remove(key);
+        }
+        store.bytes -= stale.size;
+        self.account(store.bytes + stale.size, store.bytes);
+        Err(missed("stale"))
     }
 
     /// What is kept for `key` that `req` may have; when nothing fresh is
@@ -365,13 +402,17 @@ impl ResponseCache {
         key: &str,
         req: &HeaderMap,
         now: Instant,
+        asked: &Directives,
         may_wait: bool,
     ) -> Found {
-        let missed = match this.get(key, req, now) {
+        let missed = match this.get(key, req, now, asked) {
             Ok(entry) => return Found::Fresh(entry),
             Err(missed) => missed,
         };
+        // Only a stale entry: one fresh but not fresh enough for the
+        // client is not served while it is fetched.
         if let Some(stale) = &missed.stale
+            && missed.fwd == "stale"
             && now < stale.revalidate_until
         {
             let fill = if may_wait {
@@ -630,6 +671,9 @@ pub(crate) enum Verdict {
     /// Another request is fetching the same: wait for it
     /// ([`Waiting::done`]), then look up again.
     Wait(Waiting),
+    /// Nothing kept that it may have, and it asked for nothing else
+    /// (`Cache-Control: only-if-cached`): 504, never forwarded.
+    NotCached,
 }
 
 /// A request waiting for another's fetch of the same URL.
@@ -706,6 +750,33 @@ impl RouteCache {
     pub(crate) fn lookup(
         &self,
         req: &Request<Body>,
+        at: (Option<&str>, &str),
+        gzip: bool,
+        now: Instant,
+        collapsed: Option<Collapsed>,
+    ) -> Verdict {
+        let verdict = self.consult(req, at, gzip, now, collapsed);
+        // A GET or HEAD that would be forwarded, from a client that takes
+        // only a kept response (RFC 9111 §5.2.1.7).
+        if matches!(verdict, Verdict::Forward(_) | Verdict::Wait(_))
+            && matches!(*req.method(), Method::GET | Method::HEAD)
+            && req.headers().contains_key(CACHE_CONTROL)
+            && Directives::of(
+                req.headers()
+                    .get_all(CACHE_CONTROL)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
+            )
+            .only_if_cached
+        {
+            return Verdict::NotCached;
+        }
+        verdict
+    }
+
+    fn consult(
+        &self,
+        req: &Request<Body>,
         (host, path): (Option<&str>, &str),
         gzip: bool,
         now: Instant,
@@ -766,7 +837,7 @@ impl RouteCache {
         }
         // Only a GET fetches what others may wait for.
         let may_wait = is_get && collapsed.is_none();
-        match ResponseCache::find(&self.store, &key, req.headers(), now, may_wait) {
+        match ResponseCache::find(&self.store, &key, req.headers(), now, &asked, may_wait) {
             Found::Fresh(entry) => {
                 let status = entry.status.as_u16();
                 Verdict::Hit(entry.reply(now, form, req.headers(), |ttl| {
@@ -990,6 +1061,7 @@ impl Miss {
             .iter()
             .map(|(n, v)| n.as_str().len() + v.len() + 4)
             .sum();
+        let must_revalidate = Directives::of(merged.values(&CACHE_CONTROL)).must_revalidate;
         let entry = Entry {
             status: old.status,
             relayed: None,
@@ -997,6 +1069,7 @@ impl Miss {
             headers: merged.res.into_parts().0.headers,
             body: old.body.clone(),
             gzipped: old.gzipped.clone(),
+            must_revalidate,
             vary: old.vary.clone(),
             stored: now,
             expires,
@@ -1097,6 +1170,7 @@ impl Miss {
                 headers: reply.res.headers().clone(),
                 body: Bytes::new(),
                 gzipped: None,
+                must_revalidate: Directives::of(reply.values(&CACHE_CONTROL)).must_revalidate,
                 vary,
                 stored: now,
                 expires,
@@ -1209,6 +1283,13 @@ struct Directives {
     s_maxage: Option<u64>,
     stale_if_error: Option<u64>,
     stale_while_revalidate: Option<u64>,
+    /// A request's: how stale a response it takes (`u64::MAX` for
+    /// `max-stale` without a number: any).
+    max_stale: Option<u64>,
+    /// A request's: how long a response must stay fresh, at least.
+    min_fresh: Option<u64>,
+    /// A request's: a kept response or none, never a fetch.
+    only_if_cached: bool,
 }
 
 impl Directives {
@@ -1241,6 +1322,14 @@ impl Directives {
                 d.stale_if_error = number(arg);
             } else if is(b"stale-while-revalidate") {
                 d.stale_while_revalidate = number(arg);
+            } else if is(b"max-stale") {
+                // Without a number (or with a malformed one, which must
+                // not make the cache stricter than the client meant): any.
+                d.max_stale = Some(number(arg).unwrap_or(u64::MAX));
+            } else if is(b"min-fresh") {
+                d.min_fresh = number(arg);
+            } else if is(b"only-if-cached") {
+                d.only_if_cached = true;
             }
         }
         d
@@ -1376,6 +1465,15 @@ mod tests {
         assert_eq!(directives(&["stale-if-error=later"]).stale_if_error, None);
         let d = directives(&["max-age=1, stale-while-revalidate=\"30\""]);
         assert_eq!(d.stale_while_revalidate, Some(30));
+        // A request's own.
+        let d = directives(&["max-stale, min-fresh=5", "only-if-cached"]);
+        assert_eq!((d.max_stale, d.min_fresh), (Some(u64::MAX), Some(5)));
+        assert!(d.only_if_cached);
+        assert_eq!(directives(&["max-stale=60"]).max_stale, Some(60));
+        // A malformed max-stale takes any staleness, not none; a
+        // malformed min-fresh asks for nothing.
+        assert_eq!(directives(&["max-stale=soon"]).max_stale, Some(u64::MAX));
+        assert_eq!(directives(&["min-fresh=x"]).min_fresh, None);
     }
 
     fn entry(size: u64, vary: Vec<(HeaderName, Option<Vec<u8>>)>, expires: Instant) -> Entry {
@@ -1392,6 +1490,7 @@ mod tests {
             age: 0,
             size,
             gzipped: None,
+            must_revalidate: false,
             validators: Validators::default(),
         }
     }
@@ -1409,14 +1508,25 @@ mod tests {
         }
         assert_eq!(cache.usage(), (3000, 3));
         // `a` used: `b` is now the oldest, and goes for `d`.
-        assert!(cache.get("a", &HeaderMap::new(), now).is_ok());
+        assert!(
+            cache
+                .get("a", &HeaderMap::new(), now, &Directives::default())
+                .is_ok()
+        );
         cache.put("d".into(), entry(1000, Vec::new(), later));
         assert_eq!(cache.usage(), (3000, 3));
         assert_eq!(
-            cache.get("b", &HeaderMap::new(), now).err().map(|m| m.fwd),
+            cache
+                .get("b", &HeaderMap::new(), now, &Directives::default())
+                .err()
+                .map(|m| m.fwd),
             Some("uri-miss")
         );
-        assert!(cache.get("a", &HeaderMap::new(), now).is_ok());
+        assert!(
+            cache
+                .get("a", &HeaderMap::new(), now, &Directives::default())
+                .is_ok()
+        );
         // Replacing an entry frees the old one's bytes.
         cache.put("a".into(), entry(500, Vec::new(), later));
         assert_eq!(cache.usage(), (2500, 3));
@@ -1426,7 +1536,10 @@ mod tests {
         // Stale entries go when found; invalidation drops a key.
         cache.put("s".into(), entry(100, Vec::new(), now));
         assert_eq!(
-            cache.get("s", &HeaderMap::new(), now).err().map(|m| m.fwd),
+            cache
+                .get("s", &HeaderMap::new(), now, &Directives::default())
+                .err()
+                .map(|m| m.fwd),
             Some("stale")
         );
         cache.invalidate("a");
@@ -1442,11 +1555,15 @@ mod tests {
         let mut stale = entry(100, Vec::new(), now);
         stale.stale_until = now + Duration::from_secs(60);
         cache.put("k".into(), stale);
-        let missed = cache.get("k", &HeaderMap::new(), now).err();
+        let missed = cache
+            .get("k", &HeaderMap::new(), now, &Directives::default())
+            .err();
         assert!(missed.is_some_and(|m| m.fwd == "stale" && m.stale.is_some()));
         assert_eq!(cache.usage(), (100, 1), "kept while it may stand in");
         let later = now + Duration::from_secs(61);
-        let missed = cache.get("k", &HeaderMap::new(), later).err();
+        let missed = cache
+            .get("k", &HeaderMap::new(), later, &Directives::default())
+            .err();
         assert!(missed.is_some_and(|m| m.fwd == "stale" && m.stale.is_none()));
         assert_eq!(cache.usage(), (0, 0), "dropped once it may not");
     }
@@ -1509,7 +1626,12 @@ mod tests {
         let whole = recording(&cache, "whole");
         let body = whole.collect().await.map(|c| c.to_bytes()).ok();
         assert_eq!(body.as_deref(), Some(&b"hello world"[..]));
-        let kept = cache.get("whole", &HeaderMap::new(), Instant::now());
+        let kept = cache.get(
+            "whole",
+            &HeaderMap::new(),
+            Instant::now(),
+            &Directives::default(),
+        );
         assert_eq!(
             kept.ok().map(|e| e.body.clone()),
             Some(Bytes::from_static(b"hello world"))
@@ -1544,7 +1666,12 @@ mod tests {
         let _ = reply.res.into_body().collect().await;
         cache
             .store
-            .get(&cache.key(None, "/x"), req.headers(), now)
+            .get(
+                &cache.key(None, "/x"),
+                req.headers(),
+                now,
+                &Directives::default(),
+            )
             .is_ok()
     }
 
@@ -1602,14 +1729,20 @@ mod tests {
         let mut asked = HeaderMap::new();
         asked.insert(&lang, HeaderValue::from_static("0"));
         assert_eq!(
-            cache.get("k", &asked, now).err().map(|m| m.fwd),
+            cache
+                .get("k", &asked, now, &Directives::default())
+                .err()
+                .map(|m| m.fwd),
             Some("vary-miss")
         );
         asked.insert(&lang, HeaderValue::from(MAX_VARIANTS + 3));
-        assert!(cache.get("k", &asked, now).is_ok());
+        assert!(cache.get("k", &asked, now, &Directives::default()).is_ok());
         // A variant without the field is its own.
         assert_eq!(
-            cache.get("k", &HeaderMap::new(), now).err().map(|m| m.fwd),
+            cache
+                .get("k", &HeaderMap::new(), now, &Directives::default())
+                .err()
+                .map(|m| m.fwd),
             Some("vary-miss")
         );
     }

@@ -376,6 +376,7 @@ pub(crate) fn handle<'a>(
                     return reply;
                 }
                 Verdict::Forward(m) => miss = Some(Box::new(m)),
+                Verdict::NotCached => return finish.reject(Rejection::NotCached),
                 // Unreachable: a collapsed request never waits again.
                 Verdict::Wait(_) => {}
             }
@@ -550,6 +551,7 @@ fn look_up(
         Verdict::Revalidate(..) => first.then_some("stale"),
         Verdict::Forward(miss) => miss.result(),
         Verdict::Wait(_) => Some("collapsed"),
+        Verdict::NotCached => first.then_some("miss"),
     };
     if let Some(result) = result {
         cache.stats.lookup(result);

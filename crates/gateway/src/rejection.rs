@@ -72,6 +72,10 @@ pub(crate) enum Rejection {
     PayloadTooLarge { limit: usize },
     #[error("the gateway is overloaded; retry later")]
     Overloaded,
+    #[error(
+        "nothing is kept for this request, which asked for a kept response only (`Cache-Control: only-if-cached`)"
+    )]
+    NotCached,
     #[error("service `{service}` has as many requests in flight as this route allows; retry later")]
     RouteOverloaded { service: String },
     #[error("the gateway has as many WebSocket connections open as it allows; retry later")]
@@ -93,7 +97,7 @@ impl Rejection {
             Rejection::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Rejection::BadPath | Rejection::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
             Rejection::NoReadyInstance { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Rejection::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Rejection::UpstreamTimeout { .. } | Rejection::NotCached => StatusCode::GATEWAY_TIMEOUT,
             Rejection::UpstreamUnreachable { .. } | Rejection::BadGateway { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -130,6 +134,7 @@ impl Rejection {
             Rejection::RateLimited => "rate_limited",
             Rejection::PayloadTooLarge { .. } => "payload_too_large",
             Rejection::Overloaded => "overloaded",
+            Rejection::NotCached => "not_cached",
             Rejection::RouteOverloaded { .. } => "route_overloaded",
             Rejection::TooManyTunnels => "too_many_websockets",
         }
@@ -139,7 +144,8 @@ impl Rejection {
     pub(crate) fn into_response(self, request_id: Option<&RequestId>) -> Response<Body> {
         let status = self.status();
         let request_id = request_id.map(RequestId::as_str).unwrap_or("");
-        if status.is_server_error() {
+        // A 504 for `only-if-cached` is the client's choice, not a failure.
+        if status.is_server_error() && !matches!(self, Rejection::NotCached) {
             tracing::warn!(
                 target: "flotilla::gateway",
                 request_id,

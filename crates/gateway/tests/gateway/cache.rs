@@ -1096,6 +1096,111 @@ async fn a_kept_response_is_gzipped_once_not_for_every_hit() {
     gateway.shutdown(T).await;
 }
 
+#[tokio::test]
+async fn a_client_s_cache_control_says_how_fresh_a_kept_response_it_takes() {
+    let registry = Registry::new();
+    let (gateway, up) = own_route(&registry, "asks", MINUTE).await;
+    let client = Client::new(&gateway);
+    // A GET of `path` with `Cache-Control: <directives>`.
+    let ask = |path: &'static str, directives: &'static str| {
+        let client = client.clone();
+        async move {
+            let fields = [("cache-control", directives)];
+            client
+                .request(Method::GET, path, &fields, Bytes::new())
+                .await
+        }
+    };
+
+    // only-if-cached: a kept response or 504, never a fetch.
+    let none = ask("/asks/a", "only-if-cached").await;
+    assert_eq!(none.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(none.json()["error"]["code"], "not_cached");
+    assert_eq!(up.hits(), 0);
+    // Fresh for 60 s, 30 of them gone already (its `Age`).
+    let aged = [
+        ("x-reply-cache-control", "max-age=60"),
+        ("x-reply-age", "30"),
+    ];
+    client
+        .request(Method::GET, "/asks/a", &aged, Bytes::new())
+        .await;
+    let kept = ask("/asks/a", "only-if-cached").await;
+    assert!(
+        cache_status(&kept).contains("hit"),
+        "{}",
+        cache_status(&kept)
+    );
+    assert_eq!(up.hits(), 1);
+
+    // max-age: no older than it says; min-fresh: fresh for that long yet.
+    // (A forwarded request's response is kept in its place: the aged one
+    // is fetched again before each.)
+    let refill = [
+        ("x-reply-cache-control", "max-age=60"),
+        ("x-reply-age", "30"),
+        ("cache-control", "no-cache"),
+    ];
+    for (directives, hit) in [
+        ("max-age=100", true),
+        ("max-age=10", false),
+        ("min-fresh=10", true),
+        ("min-fresh=45", false),
+    ] {
+        client
+            .request(Method::GET, "/asks/a", &refill, Bytes::new())
+            .await;
+        let reply = ask("/asks/a", directives).await;
+        let said = cache_status(&reply);
+        if hit {
+            assert!(said.contains("hit"), "{directives}: {said}");
+        } else {
+            assert!(
+                said.starts_with("flotilla; fwd=request"),
+                "{directives}: {said}"
+            );
+        }
+    }
+
+    // max-stale: a stale response, as stale as the client takes, unless
+    // the response must be revalidated. (A tag keeps them past their
+    // freshness.)
+    for (path, said) in [
+        ("/asks/stale", "max-age=1"),
+        ("/asks/strict", "max-age=1, must-revalidate"),
+    ] {
+        let fields = [("x-reply-cache-control", said), ("x-reply-etag", "\"s\"")];
+        client
+            .request(Method::GET, path, &fields, Bytes::new())
+            .await;
+    }
+    let started = Instant::now();
+    let stale = loop {
+        let reply = ask("/asks/stale", "max-stale").await;
+        if cache_status(&reply).contains("ttl=-") {
+            break reply;
+        }
+        assert!(
+            cache_status(&reply).contains("hit"),
+            "{}",
+            cache_status(&reply)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never went stale"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(stale.status, StatusCode::OK);
+    let hits = up.hits();
+    let reply = ask("/asks/stale", "max-stale=3600").await;
+    assert!(cache_status(&reply).contains("hit; ttl=-"));
+    let reply = ask("/asks/strict", "max-stale, only-if-cached").await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "must-revalidate");
+    assert_eq!(up.hits(), hits);
+    gateway.shutdown(T).await;
+}
+
 /// An instance that answers from a script, by path, over raw HTTP/1.1
 /// (one request per connection): what hyper would never send.
 struct Scripted {
