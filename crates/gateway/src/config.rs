@@ -14,6 +14,7 @@ use std::time::Duration;
 use flotilla_manifest::{
     Auth, HeaderDirection, HostPattern, Manifest, PathPattern, RateLimitStore,
 };
+use http::{HeaderName, HeaderValue};
 
 use crate::cache::CacheConfig;
 use crate::client::UpstreamTls;
@@ -105,6 +106,10 @@ pub struct RouteConfig {
     /// Requests of this route in flight at once; past it, 503 (a
     /// bulkhead). `None`: only `Limits::max_in_flight`.
     pub max_in_flight: Option<usize>,
+    /// Request headers the route is for: each name to the values one of
+    /// which the request's must be. Tried before a route of the same path
+    /// without; empty: any request.
+    pub match_headers: Vec<(HeaderName, Vec<HeaderValue>)>,
     /// Only clients that connected with a verified certificate
     /// (`TlsConfig::client_ca`); the rest get 403.
     pub client_cert: bool,
@@ -134,6 +139,7 @@ impl RouteConfig {
             ip: None,
             max_body_bytes: None,
             max_in_flight: None,
+            match_headers: Vec::new(),
             client_cert: false,
             request_headers: HeaderChanges::default(),
             response_headers: HeaderChanges::default(),
@@ -462,6 +468,20 @@ impl Config {
                     max_in_flight: route
                         .max_in_flight
                         .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+                    // Validated: names are tokens, values strings (one
+                    // that is no header value could never be sent).
+                    match_headers: route
+                        .match_headers
+                        .iter()
+                        .filter_map(|(name, values)| {
+                            let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
+                            let values = values
+                                .iter()
+                                .filter_map(|v| HeaderValue::from_str(v).ok())
+                                .collect();
+                            Some((name, values))
+                        })
+                        .collect(),
                     client_cert: route.client_cert,
                     request_headers: HeaderChanges::from_manifest(&route.request_headers),
                     response_headers: HeaderChanges::from_manifest(&route.response_headers),

@@ -259,7 +259,9 @@ pub(crate) fn handle<'a>(
             } else {
                 None
             };
-            let found = routing.table.find(host, &lookup_method, path);
+            let found = routing
+                .table
+                .find(host, &lookup_method, path, req.headers());
             let cors = match &found {
                 Match::Route(route) => route.policy.outgoing.cors.as_deref(),
                 _ => routing.outgoing.cors.as_deref(),
@@ -280,7 +282,7 @@ pub(crate) fn handle<'a>(
             }
             if preflight {
                 // No CORS policy here: an ordinary OPTIONS request.
-                routing.table.find(host, req.method(), path)
+                routing.table.find(host, req.method(), path, req.headers())
             } else {
                 found
             }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_manifest::{HostPattern, PathPattern};
-use http::Method;
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use rand::Rng;
 
 use crate::bulkhead::Bulkhead;
@@ -43,6 +43,8 @@ pub(crate) struct Route {
     /// Leading path segments taken off before forwarding (0: none).
     pub strip_segments: usize,
     methods: Vec<String>,
+    /// The request headers it is for (`match_headers`); empty: any.
+    pub match_headers: Vec<(HeaderName, Vec<HeaderValue>)>,
     pub timeout: Duration,
     /// Retries after a failed attempt; `None`: the gateway's.
     pub retries: Option<u32>,
@@ -95,6 +97,14 @@ impl Route {
     /// The methods the route was configured with, upper case.
     pub(crate) fn methods(&self) -> &[String] {
         &self.methods
+    }
+
+    /// Whether `headers` are what the route is for: for each of its
+    /// names, some value of the request's is one of the route's.
+    fn wants(&self, headers: &HeaderMap) -> bool {
+        self.match_headers
+            .iter()
+            .all(|(name, values)| headers.get_all(name).iter().any(|v| values.contains(v)))
     }
 
     /// Any method when none are listed; HEAD wherever GET is, as HTTP asks.
@@ -177,6 +187,7 @@ impl RouteTable {
                     .as_ref()
                     .map_or(0, PathPattern::segment_count),
                 methods: c.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+                match_headers: c.match_headers.clone(),
                 timeout: c.timeout,
                 retries: c.retries,
                 policy,
@@ -214,8 +225,14 @@ impl RouteTable {
                 (own, Some(split.into()))
             })
             .collect();
-        // Stable: routes with the same pattern keep their configured order.
-        routes.sort_by(|(a, _), (b, _)| b.pattern.specificity_cmp(&a.pattern));
+        // Stable: routes with the same pattern keep their configured
+        // order, except that one for given headers comes before one for
+        // any request (the more headers, the sooner).
+        routes.sort_by(|(a, _), (b, _)| {
+            b.pattern
+                .specificity_cmp(&a.pattern)
+                .then_with(|| b.match_headers.len().cmp(&a.match_headers.len()))
+        });
         let mut entries: Vec<Entry> = routes
             .iter()
             .flat_map(|(route, split)| {
@@ -259,7 +276,13 @@ impl RouteTable {
     /// `None` when it named none, or when the table is not [`by_host`]).
     ///
     /// [`by_host`]: RouteTable::by_host
-    pub(crate) fn find(&self, host: Option<&str>, method: &Method, path: &str) -> Match {
+    pub(crate) fn find(
+        &self,
+        host: Option<&str>,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Match {
         let mut allow: Vec<String> = Vec::new();
         for entry in &self.entries {
             if let Some(wanted) = &entry.host
@@ -269,6 +292,9 @@ impl RouteTable {
             }
             let route = &entry.route;
             if !route.pattern.matches(path) {
+                continue;
+            }
+            if !route.match_headers.is_empty() && !route.wants(headers) {
                 continue;
             }
             if route.allows(method) {
@@ -364,6 +390,55 @@ mod tests {
     }
 
     #[test]
+    fn a_route_for_given_headers_goes_before_one_of_its_path_for_any() {
+        let canary = |service: &str, wanted: &[(&'static str, &[&'static str])]| RouteConfig {
+            match_headers: wanted
+                .iter()
+                .map(|(name, values)| {
+                    let values = values.iter().map(|v| HeaderValue::from_static(v)).collect();
+                    (HeaderName::from_static(name), values)
+                })
+                .collect(),
+            ..route(service, "/api/**", &[])
+        };
+        // Written after the route for any request, and still first.
+        let table = RouteTable::new(&[
+            route("stable", "/api/**", &[]),
+            canary("canary", &[("x-canary", &["1", "yes"])]),
+            canary("gold", &[("x-canary", &["1"]), ("x-tier", &["gold"])]),
+            route("catalog", "/api/catalog/**", &[]),
+        ]);
+        let at = |path: &str, fields: &[(&'static str, &'static str)]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in fields {
+                headers.append(*name, HeaderValue::from_static(value));
+            }
+            match table.find(None, &Method::GET, path, &headers) {
+                Match::Route(r) => r.service.clone(),
+                _ => "none".to_string(),
+            }
+        };
+        assert_eq!(at("/api/x", &[]), "stable");
+        assert_eq!(at("/api/x", &[("x-canary", "1")]), "canary");
+        assert_eq!(at("/api/x", &[("x-canary", "yes")]), "canary");
+        assert_eq!(at("/api/x", &[("x-canary", "no")]), "stable");
+        // Every header named, one of its values: the more headers, the
+        // sooner.
+        assert_eq!(
+            at("/api/x", &[("x-canary", "1"), ("x-tier", "gold")]),
+            "gold"
+        );
+        assert_eq!(at("/api/x", &[("x-tier", "gold")]), "stable");
+        // Any of a repeated field's values.
+        assert_eq!(
+            at("/api/x", &[("x-canary", "0"), ("x-canary", "1")]),
+            "canary"
+        );
+        // Headers refine a path; they do not beat a more specific one.
+        assert_eq!(at("/api/catalog/1", &[("x-canary", "1")]), "catalog");
+    }
+
+    #[test]
     fn table_is_sorted_most_specific_first_whatever_the_config_order() {
         let table = RouteTable::new(&[
             route("web", "/**", &[]),
@@ -414,15 +489,15 @@ mod tests {
     fn no_matching_path_is_not_found() {
         let table = RouteTable::new(&[route("a", "/api/a/**", &["GET"])]);
         assert!(matches!(
-            table.find(None, &Method::GET, "/api/b"),
+            table.find(None, &Method::GET, "/api/b", &HeaderMap::new()),
             Match::NotFound
         ));
         assert!(matches!(
-            table.find(None, &Method::GET, "/"),
+            table.find(None, &Method::GET, "/", &HeaderMap::new()),
             Match::NotFound
         ));
         assert!(matches!(
-            RouteTable::default().find(None, &Method::GET, "/"),
+            RouteTable::default().find(None, &Method::GET, "/", &HeaderMap::new()),
             Match::NotFound
         ));
     }
@@ -433,7 +508,7 @@ mod tests {
             route("a", "/api/**", &["POST"]),
             route("b", "/api/x", &["GET"]),
         ]);
-        match table.find(None, &Method::DELETE, "/api/x") {
+        match table.find(None, &Method::DELETE, "/api/x", &HeaderMap::new()) {
             Match::MethodNotAllowed(allow) => assert_eq!(allow, ["GET", "HEAD", "POST"]),
             other => panic!("expected 405, got {other:?}"),
         }
@@ -458,7 +533,7 @@ mod tests {
         method: Method,
         path: &str,
     ) -> Option<String> {
-        match table.find(host, &method, path) {
+        match table.find(host, &method, path, &HeaderMap::new()) {
             Match::Route(r) => Some(r.service.clone()),
             _ => None,
         }
@@ -520,10 +595,20 @@ mod tests {
             &["api.example.com"],
         )]);
         assert!(matches!(
-            table.find(Some("www.example.com"), &Method::POST, "/v1/items"),
+            table.find(
+                Some("www.example.com"),
+                &Method::POST,
+                "/v1/items",
+                &HeaderMap::new()
+            ),
             Match::NotFound
         ));
-        match table.find(Some("api.example.com"), &Method::POST, "/v1/items") {
+        match table.find(
+            Some("api.example.com"),
+            &Method::POST,
+            "/v1/items",
+            &HeaderMap::new(),
+        ) {
             Match::MethodNotAllowed(allow) => assert_eq!(allow, ["GET", "HEAD"]),
             other => panic!("expected 405, got {other:?}"),
         }
@@ -559,9 +644,11 @@ mod tests {
         );
         // The split's routes are one route to everything but the proxy.
         let picked: Vec<Arc<Route>> = (0..200)
-            .filter_map(|_| match table.find(None, &Method::GET, "/api/catalog/1") {
-                Match::Route(r) => Some(r),
-                _ => None,
+            .filter_map(|_| {
+                match table.find(None, &Method::GET, "/api/catalog/1", &HeaderMap::new()) {
+                    Match::Route(r) => Some(r),
+                    _ => None,
+                }
             })
             .collect();
         assert!(

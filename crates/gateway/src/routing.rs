@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use flotilla_manifest::HostPattern;
+use http::{HeaderName, HeaderValue};
 
 use tower_http::services::ServeDir;
 
@@ -80,7 +81,13 @@ fn by_route_id<'a, T>(
         .iter()
         .filter_map(|r| {
             let kept = of(&r.policy)?;
-            let id = route_id(&r.service, r.pattern.as_str(), r.methods(), &r.hosts);
+            let id = route_id(
+                &r.service,
+                r.pattern.as_str(),
+                r.methods(),
+                &r.hosts,
+                &r.match_headers,
+            );
             Some((id, kept))
         })
         .collect()
@@ -89,11 +96,26 @@ fn by_route_id<'a, T>(
 /// Identifies a route across reloads (and across replicas, for Redis keys).
 /// A route for any host keeps the id it had before routes could name hosts,
 /// so an upgrade does not reset its counters in Redis.
-fn route_id(service: &str, pattern: &str, methods: &[String], hosts: &[HostPattern]) -> String {
+fn route_id(
+    service: &str,
+    pattern: &str,
+    methods: &[String],
+    hosts: &[HostPattern],
+    headers: &[(HeaderName, Vec<HeaderValue>)],
+) -> String {
     let mut id = format!("{service}:{pattern}:{}", methods.join(","));
     if !hosts.is_empty() {
         let hosts: Vec<String> = hosts.iter().map(ToString::to_string).collect();
         id.push_str(&format!(":{}", hosts.join(",")));
+    }
+    // Two routes of one path for different headers are two routes: their
+    // limits, counts and cached responses are their own.
+    for (name, values) in headers {
+        id.push_str(&format!(":{name}="));
+        for value in values {
+            id.push_str(&String::from_utf8_lossy(value.as_bytes()));
+            id.push(',');
+        }
     }
     id
 }
@@ -154,6 +176,7 @@ impl Routing {
                 route.pattern.as_str(),
                 &methods,
                 &route.hosts,
+                &route.match_headers,
             );
             RoutePolicy {
                 auth: route.auth.clone(),

@@ -233,6 +233,11 @@ pub struct Route {
     pub response_headers: HeaderChanges,
     /// Client networks for this route, on top of the gateway's.
     pub ip: Option<IpList>,
+    /// Request headers the route is for: each name (lower case) to the
+    /// values one of which the request's must be, exactly. A route with
+    /// them is tried before one of the same path without (`match_headers`:
+    /// a canary for testers who send `x-canary: 1`, say).
+    pub match_headers: BTreeMap<String, Vec<String>>,
     /// Largest request body accepted (the gateway's default when `None`).
     pub max_body_bytes: Option<u64>,
     /// Requests of this route in flight at once, past which the next gets

@@ -233,6 +233,7 @@ pub(crate) struct RawRoute {
     pub ip: Option<Spanned<RawIp>>,
     pub max_body_bytes: Option<Spanned<i64>>,
     pub max_in_flight: Option<Spanned<i64>>,
+    pub match_headers: Option<Spanned<BTreeMap<String, Spanned<toml::Value>>>>,
     pub client_cert: Option<Spanned<bool>>,
 }
 

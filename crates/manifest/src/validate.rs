@@ -989,6 +989,10 @@ fn route(
         Some(m) => Some(edge::max_body(ctx, m)?),
         None => None,
     };
+    let match_headers = match &raw.match_headers {
+        Some(h) => edge::match_headers(ctx, h)?,
+        None => BTreeMap::new(),
+    };
     let max_in_flight = match &raw.max_in_flight {
         Some(m) => Some(edge::route_max_in_flight(ctx, m)?),
         None => None,
@@ -1027,6 +1031,7 @@ fn route(
         request_headers,
         response_headers,
         ip,
+        match_headers,
         max_body_bytes,
         max_in_flight,
         client_cert,
@@ -1347,7 +1352,8 @@ fn acl_rule(
 /// so they are an error wherever they are declared. A route with hosts and
 /// one without never clash: the one with hosts wins for its names.
 fn check_route_conflicts(ctx: &mut Ctx<'_>, raw: &RawManifest) {
-    let mut seen: Vec<(String, PathPattern, Vec<String>, Vec<HostPattern>)> = Vec::new();
+    type Seen = (String, PathPattern, Vec<String>, Vec<HostPattern>, String);
+    let mut seen: Vec<Seen> = Vec::new();
     for (name, service) in &raw.services {
         for r in service.get_ref().routes.iter().flatten() {
             let r = r.get_ref();
@@ -1367,7 +1373,18 @@ fn check_route_conflicts(ctx: &mut Ctx<'_>, raw: &RawManifest) {
                 .flat_map(|h| h.get_ref())
                 .filter_map(|h| HostPattern::parse(h.get_ref()).ok())
                 .collect();
-            for (other, other_pattern, other_methods, other_hosts) in &seen {
+            // Routes for different headers are different routes; compared
+            // as written, names in lower case (values are checked by
+            // `route`).
+            let headers: String = r
+                .match_headers
+                .iter()
+                .flat_map(|h| h.get_ref())
+                .map(|(name, value)| format!("{}={}\n", name.to_ascii_lowercase(), value.get_ref()))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            for (other, other_pattern, other_methods, other_hosts, other_headers) in &seen {
                 let overlap = methods.is_empty()
                     || other_methods.is_empty()
                     || methods.iter().any(|m| other_methods.contains(m));
@@ -1376,7 +1393,11 @@ fn check_route_conflicts(ctx: &mut Ctx<'_>, raw: &RawManifest) {
                 } else {
                     hosts.iter().any(|h| other_hosts.contains(h))
                 };
-                if overlap && same_hosts && pattern.same_as(other_pattern) {
+                if overlap
+                    && same_hosts
+                    && headers == *other_headers
+                    && pattern.same_as(other_pattern)
+                {
                     let whose = if other == name.get_ref() {
                         "this service".to_string()
                     } else {
@@ -1395,7 +1416,7 @@ fn check_route_conflicts(ctx: &mut Ctx<'_>, raw: &RawManifest) {
                     );
                 }
             }
-            seen.push((name.get_ref().clone(), pattern, methods, hosts));
+            seen.push((name.get_ref().clone(), pattern, methods, hosts, headers));
         }
     }
 }

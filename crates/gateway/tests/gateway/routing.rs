@@ -551,3 +551,35 @@ async fn a_mirror_gets_copies_and_the_client_only_the_route_s_answer() {
     assert_eq!(shadow.hits(), 3);
     gateway.shutdown(T).await;
 }
+
+#[tokio::test]
+async fn a_canary_takes_the_requests_that_carry_its_header() {
+    let registry = Registry::new();
+    let stable = Upstream::start("stable-0").await;
+    let canary = Upstream::start("canary-0").await;
+    registry.set("stable", vec![stable.endpoint()]);
+    registry.set("canary", vec![canary.endpoint()]);
+    let mut for_testers = route("canary", "/api/**", &[], T);
+    for_testers.match_headers = vec![(
+        http::HeaderName::from_static("x-canary"),
+        vec![http::HeaderValue::from_static("1")],
+    )];
+    let gateway = start(
+        config(vec![route("stable", "/api/**", &[], T), for_testers]),
+        &registry,
+    )
+    .await;
+    let client = Client::new(&gateway);
+    for (fields, want) in [
+        (&[][..], "stable-0"),
+        (&[("x-canary", "1")][..], "canary-0"),
+        (&[("x-canary", "0")][..], "stable-0"),
+    ] {
+        let reply = client
+            .request(Method::GET, "/api/items", fields, Bytes::new())
+            .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.json()["instance"], want, "{fields:?}");
+    }
+    gateway.shutdown(T).await;
+}

@@ -484,6 +484,71 @@ pub(super) fn claims(
     (ctx.errors.len() == before).then_some(claims)
 }
 
+/// A route's `match_headers`: header names (kept in lower case) to a
+/// string, or a non-empty array of strings, one of which the request's
+/// value must be. At most 16 names; none the gateway itself sets or
+/// strips, which no client could match.
+pub(super) fn match_headers(
+    ctx: &mut Ctx<'_>,
+    raw: &Spanned<BTreeMap<String, Spanned<toml::Value>>>,
+) -> Option<BTreeMap<String, Vec<String>>> {
+    const MAX: usize = 16;
+    let before = ctx.errors.len();
+    if raw.get_ref().len() > MAX {
+        ctx.error(
+            raw.span(),
+            format!("`match_headers` names {} headers", raw.get_ref().len()),
+            Some(format!("name at most {MAX}")),
+        );
+        return None;
+    }
+    let mut headers = BTreeMap::new();
+    for (name, value) in raw.get_ref() {
+        let lower = name.to_ascii_lowercase();
+        if lower.is_empty() || !lower.bytes().all(is_token_byte) {
+            ctx.error(
+                value.span(),
+                format!("`{name}` is not a header name"),
+                Some("use letters, digits and `-`, e.g. `x-canary`".into()),
+            );
+            continue;
+        }
+        if lower.starts_with("x-flotilla-") || lower == "x-forwarded-client-cert" {
+            ctx.error(
+                value.span(),
+                format!(
+                    "`{name}` is set by the gateway, never by a client: no request could match it"
+                ),
+                Some("match a header clients send, e.g. `x-canary`".into()),
+            );
+            continue;
+        }
+        let text = |v: &toml::Value| v.as_str().map(str::to_string);
+        let values = match value.get_ref() {
+            toml::Value::Array(list) => list.iter().map(text).collect::<Option<Vec<_>>>(),
+            v => text(v).map(|v| vec![v]),
+        };
+        match values {
+            Some(values) if !values.is_empty() => {
+                headers.insert(lower, values);
+            }
+            Some(_) => ctx.error(
+                value.span(),
+                format!("`{name}` lists no value: no request could match"),
+                Some(format!("list the values `{name}` may have, or remove it")),
+            ),
+            None => ctx.error(
+                value.span(),
+                format!("`{name}` must be a string or an array of strings"),
+                Some(format!(
+                    "e.g. `\"{name}\" = \"1\"` or `\"{name}\" = [\"a\", \"b\"]`"
+                )),
+            ),
+        }
+    }
+    (ctx.errors.len() == before).then_some(headers)
+}
+
 /// `request_headers` or `response_headers`: names that are tokens (kept in
 /// lower case) and not the gateway's own ([`reserved_header`]), values of
 /// visible ASCII, each name once across `set` and `remove`.

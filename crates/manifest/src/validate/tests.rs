@@ -1446,6 +1446,12 @@ fn the_documented_gateway_examples_parse() {
             .and_then(|c| c.query.clone()),
         Some(vec!["limit".to_string(), "page".to_string()])
     );
+    // The order of routes, after it: a canary for a header.
+    let m = parses(&format!("name = \"x\"\n{}", cache[2]));
+    assert_eq!(
+        m.services["catalog-v2"].routes[0].match_headers["x-canary"],
+        ["1"]
+    );
 
     let compression = documented_examples("### `[gateway] compression`");
     let m = parses(&format!("name = \"x\"\n{}\n{service}", compression[0]));
@@ -1564,5 +1570,49 @@ fn a_route_s_cache_and_the_store_take_defaults_and_refuse_what_cannot_be_kept() 
     ] {
         let e = errors(&with(&format!("[gateway.cache]\n{gateway}"), "cache = {}"));
         assert!(e.contains(want), "{gateway}: {e}");
+    }
+}
+
+#[test]
+fn a_route_may_be_for_requests_with_given_headers() {
+    let two = |first: &str, second: &str| {
+        format!(
+            "name = \"x\"\n[services.a]\nrun = {{ cargo = \"a\" }}\nroutes = [{{ path = \"/api/**\"{first} }}]\n[services.b]\nrun = {{ cargo = \"b\" }}\nroutes = [{{ path = \"/api/**\"{second} }}]\n"
+        )
+    };
+    let m = parses(&two(
+        "",
+        ", match_headers = { \"X-Canary\" = \"1\", x-tier = [\"gold\", \"silver\"] }",
+    ));
+    assert!(m.services["a"].routes[0].match_headers.is_empty());
+    let headers = &m.services["b"].routes[0].match_headers;
+    assert_eq!(headers["x-canary"], ["1"]);
+    assert_eq!(headers["x-tier"], ["gold", "silver"]);
+    // The same path for the same headers is one route declared twice.
+    let same = ", match_headers = { x-canary = \"1\" }";
+    let e = errors(&two(same, ", match_headers = { X-CANARY = \"1\" }"));
+    assert!(e.contains("is also declared by service `a`"), "{e}");
+    parses(&two(same, ", match_headers = { x-canary = \"2\" }"));
+
+    for (route, want) in [
+        (
+            ", match_headers = { \"x canary\" = \"1\" }",
+            "`x canary` is not a header name",
+        ),
+        (
+            ", match_headers = { x-flotilla-user-id = \"1\" }",
+            "is set by the gateway, never by a client",
+        ),
+        (
+            ", match_headers = { x-canary = [] }",
+            "`x-canary` lists no value",
+        ),
+        (
+            ", match_headers = { x-canary = 1 }",
+            "`x-canary` must be a string or an array of strings",
+        ),
+    ] {
+        let e = errors(&two("", route));
+        assert!(e.contains(want), "{route}: {e}");
     }
 }
