@@ -87,6 +87,13 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Make a new API key for CONSUMER (routes with `auth = "key"`): prints
+    /// the key, for the client, and the line for `[gateway.api_keys]`,
+    /// which keeps only its SHA-256.
+    ApiKey {
+        /// The consumer's name, such as `partner-a`.
+        consumer: String,
+    },
     /// Stop the running system gracefully.
     Down {
         /// The running system's data dir [default: .flotilla beside the manifest].
@@ -263,6 +270,26 @@ async fn run(command: Command) -> ExitCode {
                 }
                 Err(e) => fail(&e),
             }
+        }
+        Command::ApiKey { consumer } => {
+            if !flotilla_manifest::ApiKeys::is_consumer_name(&consumer) {
+                eprintln!(
+                    "error: `{consumer}` is not a consumer name: use up to 64 letters, digits, `-`, `_` or `.`"
+                );
+                return ExitCode::from(EXIT_INVALID);
+            }
+            let Some(new) = flotilla_gateway::new_api_key() else {
+                eprintln!("error: the system's random number generator failed");
+                return ExitCode::FAILURE;
+            };
+            out!("key for {consumer} (give it to the client; it is not kept anywhere):");
+            out!("  {}", new.key);
+            out!(
+                "add to flotilla.toml (the digest lets no one in; keep one per key while rotating):"
+            );
+            out!("  [gateway.api_keys]");
+            out!("  consumers = {{ {consumer} = [\"{}\"] }}", new.digest);
+            ExitCode::SUCCESS
         }
         Command::Down { data_dir } => {
             let client = match open(data_dir) {

@@ -64,6 +64,8 @@ pub struct Config {
     pub compression: Option<CompressionConfig>,
     /// The store of responses kept for routes with `cache`.
     pub cache: CacheConfig,
+    /// The keys of machine clients; needed by any route with `auth = key`.
+    pub api_keys: Option<flotilla_manifest::ApiKeys>,
 }
 
 /// One path (and optionally methods) owned by a service.
@@ -256,6 +258,14 @@ pub enum ConfigError {
     JwtRequired { route: String },
     #[error("route `{route}` limits `per user` but is public; use `auth = jwt` or limit `per ip`")]
     UserLimitNeedsJwt { route: String },
+    #[error(
+        "route `{route}` has `auth = key` but the gateway has no API keys; add [gateway.api_keys] or make the route public"
+    )]
+    ApiKeysRequired { route: String },
+    #[error("route `{route}` admits consumer `{consumer}`, which [gateway.api_keys] does not have")]
+    UnknownConsumer { route: String, consumer: String },
+    #[error("[gateway.api_keys] header `{0}` cannot be a header name")]
+    ApiKeyHeader(String),
     #[error("the JWT issuer is empty; set jwt.issuer to the `iss` your tokens carry")]
     JwtIssuer,
     #[error(
@@ -373,15 +383,29 @@ impl Config {
         for route in &self.routes {
             // `optional` verifies tokens too, and keys `per user` limits by
             // the user when there is one (by address when not).
-            let is_jwt = !matches!(route.auth, RouteAuth::Public);
+            let is_jwt = matches!(route.auth, RouteAuth::Optional | RouteAuth::Jwt { .. });
             if is_jwt && self.jwt.is_none() {
                 return Err(ConfigError::JwtRequired {
                     route: route.name(),
                 });
             }
+            if let RouteAuth::Key { consumers } = &route.auth {
+                let Some(keys) = &self.api_keys else {
+                    return Err(ConfigError::ApiKeysRequired {
+                        route: route.name(),
+                    });
+                };
+                if let Some(unknown) = consumers.iter().find(|c| !keys.consumers.contains_key(*c)) {
+                    return Err(ConfigError::UnknownConsumer {
+                        route: route.name(),
+                        consumer: unknown.clone(),
+                    });
+                }
+            }
+            let has_user = is_jwt || matches!(route.auth, RouteAuth::Key { .. });
             if let Some(limit) = &route.rate_limit
                 && limit.key == RateLimitKey::User
-                && !is_jwt
+                && !has_user
             {
                 return Err(ConfigError::UserLimitNeedsJwt {
                     route: route.name(),
@@ -454,6 +478,9 @@ impl Config {
                         Auth::Jwt { scopes, claims } => RouteAuth::Jwt {
                             scopes: scopes.clone(),
                             claims: claims.clone(),
+                        },
+                        Auth::Key { consumers } => RouteAuth::Key {
+                            consumers: consumers.clone(),
                         },
                     },
                     rate_limit: route.rate_limit.clone(),
@@ -534,6 +561,7 @@ impl Config {
                 .as_ref()
                 .map(CompressionConfig::from_manifest),
             cache: CacheConfig::from_manifest(&gw.cache),
+            api_keys: gw.api_keys.clone(),
         }
     }
 }

@@ -40,6 +40,7 @@ use http_body::Body as _;
 use http_body_util::Limited;
 use tower::ServiceExt;
 
+use crate::apikey::KeyError;
 use crate::body::{self, Body};
 use crate::cache::{Collapsed, Miss, Verdict};
 use crate::client_cert::{ClientCert, XFCC};
@@ -605,7 +606,29 @@ async fn police<'a>(
     }
 
     let mut identity: Option<Arc<Identity>> = None;
-    if !matches!(policy.auth, RouteAuth::Public) {
+    if let RouteAuth::Key { consumers } = &policy.auth {
+        // Validation guarantees keys for every key route.
+        let result = match &routing.keys {
+            Some(keys) => keys.authenticate(req.headers_mut(), consumers),
+            None => Err(KeyError::Invalid),
+        };
+        match result {
+            Ok(id) => {
+                for (name, value) in &id.headers {
+                    req.headers_mut().insert(name.clone(), value.clone());
+                }
+                identity = Some(id);
+            }
+            Err(error) => {
+                stats::auth_failed(label, error.reason());
+                let header = routing.keys.as_ref().map_or_else(
+                    || HeaderName::from_static("x-api-key"),
+                    |k| k.header().clone(),
+                );
+                return Err(Rejection::ApiKey { error, header });
+            }
+        }
+    } else if !matches!(policy.auth, RouteAuth::Public) {
         // Validation guarantees a verifier for every jwt and optional route.
         let result = match &routing.jwt {
             Some(verifier) => verifier.authenticate(req.headers()).await,

@@ -37,6 +37,7 @@
 //! behind a TLS handshake, HTTP/2 or HTTP/1.1 by ALPN.
 
 mod access_log;
+mod apikey;
 mod balance;
 mod body;
 mod bulkhead;
@@ -85,6 +86,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::task::AbortOnDropHandle;
 
+pub use apikey::{NewApiKey, new_api_key};
 pub use cache::{CacheConfig, CachePurged};
 pub use client::UpstreamTls;
 pub use compress::CompressionConfig;

@@ -8,8 +8,9 @@
 use std::time::Duration;
 
 use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
-use http::{HeaderValue, Method, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Method, Response, StatusCode};
 
+use crate::apikey::KeyError;
 use crate::body::{self, Body, BoxError};
 use crate::jwt::AuthError;
 use crate::request_id::RequestId;
@@ -66,6 +67,10 @@ pub(crate) enum Rejection {
     /// token failed helps them forge the next one.
     #[error("{}", auth_message(.0))]
     Auth(AuthError),
+    /// As for tokens, the message says what to send, never why a key
+    /// failed beyond that.
+    #[error("{}", key_message(.error, .header))]
+    ApiKey { error: KeyError, header: HeaderName },
     #[error("too many requests; retry later")]
     RateLimited,
     #[error("the request body is larger than the limit of {limit} bytes")]
@@ -80,6 +85,14 @@ pub(crate) enum Rejection {
     RouteOverloaded { service: String },
     #[error("the gateway has as many WebSocket connections open as it allows; retry later")]
     TooManyTunnels,
+}
+
+fn key_message(e: &KeyError, header: &HeaderName) -> String {
+    match e {
+        KeyError::Missing => format!("an API key is required, in one `{header}` header"),
+        KeyError::Invalid => "the API key is invalid".into(),
+        KeyError::NotAllowed => "this API key may not call this route".into(),
+    }
 }
 
 fn auth_message(e: &AuthError) -> &'static str {
@@ -106,6 +119,11 @@ impl Rejection {
             }
             Rejection::Auth(AuthError::Forbidden { .. }) => StatusCode::FORBIDDEN,
             Rejection::Auth(_) => StatusCode::UNAUTHORIZED,
+            Rejection::ApiKey {
+                error: KeyError::NotAllowed,
+                ..
+            } => StatusCode::FORBIDDEN,
+            Rejection::ApiKey { .. } => StatusCode::UNAUTHORIZED,
             Rejection::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Rejection::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::Overloaded
@@ -131,6 +149,7 @@ impl Rejection {
             Rejection::Auth(AuthError::Missing) => "missing_token",
             Rejection::Auth(AuthError::Invalid(_)) => "invalid_token",
             Rejection::Auth(AuthError::Forbidden { .. }) => "insufficient_scope",
+            Rejection::ApiKey { error, .. } => error.reason(),
             Rejection::RateLimited => "rate_limited",
             Rejection::PayloadTooLarge { .. } => "payload_too_large",
             Rejection::Overloaded => "overloaded",
@@ -172,6 +191,13 @@ impl Rejection {
         }
         if let Rejection::Auth(e) = &self {
             res.headers_mut().insert(WWW_AUTHENTICATE, challenge(e));
+        }
+        if let Rejection::ApiKey { header, .. } = &self
+            && status == StatusCode::UNAUTHORIZED
+            && let Ok(v) =
+                HeaderValue::from_str(&format!("ApiKey realm=\"flotilla\", header=\"{header}\""))
+        {
+            res.headers_mut().insert(WWW_AUTHENTICATE, v);
         }
         if let Rejection::Overloaded
         | Rejection::RouteOverloaded { .. }

@@ -20,6 +20,7 @@ use http::{HeaderName, HeaderValue};
 
 use tower_http::services::ServeDir;
 
+use crate::apikey::KeyVerifier;
 use crate::bulkhead::Bulkhead;
 use crate::cache::{ResponseCache, RouteCache};
 use crate::client::FetchClient;
@@ -39,6 +40,8 @@ pub(crate) struct Routing {
     pub table: RouteTable,
     pub static_files: Option<ServeDir>,
     pub jwt: Option<Arc<Verifier>>,
+    /// The API keys, for routes with `auth = key`.
+    pub keys: Option<KeyVerifier>,
     /// What responses to requests no route matched get on the way out.
     pub outgoing: Outgoing,
     /// The system's allow/deny lists (`None`: everyone).
@@ -234,8 +237,15 @@ impl Routing {
                 }),
             }
         });
+        let keys = match &config.api_keys {
+            Some(k) => Some(
+                KeyVerifier::new(k).ok_or_else(|| ConfigError::ApiKeyHeader(k.header.clone()))?,
+            ),
+            None => None,
+        };
         Ok(Routing {
             table,
+            keys,
             static_files: config
                 .static_dir
                 .as_ref()

@@ -730,6 +730,7 @@ mod tests {
             response_headers: Default::default(),
             compression: None,
             cache: Default::default(),
+            api_keys: None,
         };
         let upstreams: Arc<dyn Upstreams> = Arc::new(Silent(Arc::from(vec![Endpoint {
             instance: "svc-0".into(),

@@ -6,6 +6,7 @@
 //! reports a bad value with its line and column; the gateway re-exports
 //! them and builds its runtime policies from these validated values.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -630,6 +631,32 @@ impl Default for Compression {
             types: Compression::DEFAULT_TYPES.map(String::from).to_vec(),
             level: Compression::DEFAULT_LEVEL,
         }
+    }
+}
+
+/// The keys machine clients authenticate with (`[gateway.api_keys]`), as
+/// Kong's key-auth takes them: each consumer's keys, by their SHA-256, so
+/// that the manifest holds nothing that would let anyone in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeys {
+    /// The request header a key comes in (lower case).
+    pub header: String,
+    /// Each consumer's keys' SHA-256 digests (more than one while a key is
+    /// rotated).
+    pub consumers: BTreeMap<String, Vec<[u8; 32]>>,
+}
+
+impl ApiKeys {
+    pub const DEFAULT_HEADER: &str = "x-api-key";
+
+    /// Whether `name` may name a consumer: up to 64 letters, digits, `-`,
+    /// `_` or `.` (it becomes `x-flotilla-user-id`'s value).
+    pub fn is_consumer_name(name: &str) -> bool {
+        !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     }
 }
 

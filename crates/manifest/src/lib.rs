@@ -21,7 +21,7 @@ use std::time::Duration;
 
 pub use diagnostic::Diagnostic;
 pub use edge::{
-    CacheStore, ClientAuth, Compression, Cors, GatewayLimits, HOP_BY_HOP, HeaderChanges,
+    ApiKeys, CacheStore, ClientAuth, Compression, Cors, GatewayLimits, HOP_BY_HOP, HeaderChanges,
     HeaderDirection, IpList, IpNet, IpNetParseError, JwksSource, Jwt, OutlierDetection, RateLimit,
     RateLimitKey, RateLimitParseError, RateLimitStore, Retries, RouteCache, Tls, TlsCertificate,
     TlsVersion, parse_net, parse_nets, reserved_header,
@@ -94,6 +94,9 @@ pub struct Gateway {
     /// The store of cached responses (`[gateway.cache]`), for routes with
     /// `cache`.
     pub cache: CacheStore,
+    /// The API keys of machine clients (`[gateway.api_keys]`), for routes
+    /// with `auth = "key"`.
+    pub api_keys: Option<ApiKeys>,
 }
 
 /// Names of the platform's own identities: no service may take one.
@@ -193,6 +196,11 @@ pub enum Auth {
         /// claim must equal one of them (an array claim must contain one).
         /// Booleans and integers are kept as their text (`true`, `3`).
         claims: BTreeMap<String, Vec<String>>,
+    },
+    /// A key from `[gateway.api_keys]`, of one of `consumers` (any
+    /// consumer's when empty).
+    Key {
+        consumers: Vec<String>,
     },
 }
 

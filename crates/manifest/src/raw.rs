@@ -43,6 +43,14 @@ pub(crate) struct RawGateway {
     pub response_headers: Option<Spanned<RawHeaderChanges>>,
     pub compression: Option<Spanned<RawCompression>>,
     pub cache: Option<Spanned<RawCacheStore>>,
+    pub api_keys: Option<Spanned<RawApiKeys>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawApiKeys {
+    pub header: Option<Spanned<String>>,
+    pub consumers: Spanned<BTreeMap<String, Spanned<Vec<Spanned<String>>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,6 +242,7 @@ pub(crate) struct RawRoute {
     pub max_body_bytes: Option<Spanned<i64>>,
     pub max_in_flight: Option<Spanned<i64>>,
     pub match_headers: Option<Spanned<BTreeMap<String, Spanned<toml::Value>>>>,
+    pub consumers: Option<Vec<Spanned<String>>>,
     pub client_cert: Option<Spanned<bool>>,
 }
 

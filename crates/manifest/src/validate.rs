@@ -47,6 +47,9 @@ struct Ctx<'a> {
     route_timeout: Duration,
     /// Whether `[gateway.jwt]` is set, so routes may use `auth = "jwt"`.
     jwt_configured: bool,
+    /// The consumers of `[gateway.api_keys]`, if it is set, so routes may
+    /// use `auth = "key"` and name them.
+    key_consumers: Option<BTreeSet<String>>,
     /// Whether `[gateway.tls] client_ca` is set, so routes may ask for
     /// `client_cert`.
     client_ca_configured: bool,
@@ -130,6 +133,7 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
         dir,
         route_timeout: DEFAULT_TIMEOUT,
         jwt_configured: false,
+        key_consumers: None,
         client_ca_configured: false,
         errors: Vec::new(),
     };
@@ -156,6 +160,10 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
     if let Some(gw) = &gateway {
         ctx.route_timeout = gw.timeout;
         ctx.jwt_configured = gw.jwt.is_some();
+        ctx.key_consumers = gw
+            .api_keys
+            .as_ref()
+            .map(|k| k.consumers.keys().cloned().collect());
         ctx.client_ca_configured = gw.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
     }
 
@@ -247,6 +255,7 @@ fn unreachable_gateway() -> Gateway {
         response_headers: Default::default(),
         compression: None,
         cache: Default::default(),
+        api_keys: None,
     }
 }
 
@@ -386,6 +395,7 @@ fn gateway(
         response_headers: Default::default(),
         compression: None,
         cache: Default::default(),
+        api_keys: None,
     };
     let Some(raw) = raw else { return Some(gw) };
     let raw = raw.get_ref();
@@ -446,6 +456,9 @@ fn gateway(
     }
     if let Some(c) = &raw.cache {
         gw.cache = edge::cache_store(ctx, c)?;
+    }
+    if let Some(k) = &raw.api_keys {
+        gw.api_keys = Some(edge::api_keys(ctx, k)?);
     }
     if let Some(t) = &raw.tls {
         let tls = edge::tls(ctx, t)?;
@@ -917,6 +930,19 @@ fn route(
                 },
             },
             "optional" if ctx.jwt_configured => Auth::Optional,
+            "key" => match ctx.key_consumers.clone() {
+                Some(known) => Auth::Key {
+                    consumers: edge::route_consumers(ctx, raw.consumers.as_deref(), &known)?,
+                },
+                None => {
+                    ctx.error(
+                        a.span(),
+                        "`auth = \"key\"` needs `[gateway.api_keys]`: the gateway has no keys to check",
+                        Some("add `[gateway.api_keys]` with `consumers = { partner = [\"sha256:…\"] }`".into()),
+                    );
+                    return None;
+                }
+            },
             which @ ("jwt" | "optional") => {
                 ctx.error(
                     a.span(),
@@ -930,7 +956,7 @@ fn route(
                     a.span(),
                     format!("unknown auth `{other}`"),
                     Some(
-                        "write `auth = \"public\"`, `auth = \"optional\"` or `auth = \"jwt\"`"
+                        "write `auth = \"public\"`, `auth = \"optional\"`, `auth = \"jwt\"` or `auth = \"key\"`"
                             .into(),
                     ),
                 );
@@ -939,6 +965,16 @@ fn route(
         },
     };
     let jwt_route = matches!(auth, Auth::Jwt { .. });
+    if !matches!(auth, Auth::Key { .. })
+        && let Some(first) = raw.consumers.as_ref().and_then(|c| c.first())
+    {
+        ctx.error(
+            first.span(),
+            "`consumers` need `auth = \"key\"`",
+            Some("add `auth = \"key\"` to the route, or remove `consumers`".into()),
+        );
+        return None;
+    }
     // What only a token can carry: the first of these written on a route
     // without `auth = "jwt"`.
     let needs_jwt = [
@@ -964,7 +1000,7 @@ fn route(
     }
     // `per user` needs a user: one every request has, or, on an optional
     // route, one some have (the others are limited by their address).
-    let has_user = jwt_route || auth == Auth::Optional;
+    let has_user = jwt_route || auth == Auth::Optional || matches!(auth, Auth::Key { .. });
     let rate_limit = match &raw.rate_limit {
         Some(r) => Some(edge::rate_limit(ctx, r, has_user)?),
         None => None,

@@ -1,7 +1,7 @@
 //! Hot reload: `flotilla up` watches `flotilla.toml` and applies what the
 //! gateway owns — each route's auth, scopes, claims, rate limit, CORS, IP
 //! list, body limit, header changes, timeout, cache, `max_in_flight` and
-//! `match_headers`, and the gateway's JWT,
+//! `match_headers`, and the gateway's JWT, API keys,
 //! CORS, IP, rate-limit and header-change settings — without dropping a
 //! request or a kept-alive connection.
 //!

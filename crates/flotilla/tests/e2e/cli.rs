@@ -117,6 +117,45 @@ fn check_reports_a_missing_file() {
     );
 }
 
+#[test]
+fn api_key_prints_a_key_and_the_digest_the_manifest_takes() {
+    let out = flotilla().args(["api-key", "partner-a"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = stdout.lines().map(str::trim).collect();
+    let key = lines[1];
+    assert!(key.starts_with("flk_") && key.len() == 47, "{stdout}");
+    // The printed table, as it is, with a route that takes the key.
+    let manifest = format!(
+        "name = \"x\"\n{}\n{}\n[services.a]\nrun = {{ cargo = \"a\" }}\nroutes = [{{ path = \"/a/**\", auth = \"key\" }}]\n",
+        lines[3], lines[4]
+    );
+    let parsed = flotilla_manifest::Manifest::parse(&manifest, Path::new("flotilla.toml"))
+        .unwrap_or_else(|e| panic!("{e}\n{manifest}"));
+    let digest = &parsed.gateway.api_keys.unwrap().consumers["partner-a"][0];
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    // The digest is the key's SHA-256, as coreutils computes it.
+    let sum = std::process::Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(key.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&sum.stdout).starts_with(&hex),
+        "{stdout}"
+    );
+    // Never the same key twice; a name that is no consumer's is refused.
+    let again = flotilla().args(["api-key", "partner-a"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&again.stdout).contains(key));
+    let bad = flotilla().args(["api-key", "a b"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}
+
 fn hello_manifest(dir: &Path, listen: &str) -> PathBuf {
     let hello = flotilla_testkit::hello_py();
     let path = dir.join("flotilla.toml");

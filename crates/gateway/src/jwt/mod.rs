@@ -183,6 +183,9 @@ pub enum RouteAuth {
         scopes: Vec<String>,
         claims: BTreeMap<String, Vec<String>>,
     },
+    /// An API key of one of `consumers`, any consumer's when empty
+    /// (`auth = "key"`, [`crate::apikey`]).
+    Key { consumers: Vec<String> },
 }
 
 /// Why an auth string does not parse.
@@ -223,6 +226,32 @@ pub(crate) struct Identity {
     exp: f64,
     /// `x-flotilla-user-id` and the forwarded claims.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The API-key consumer it is, when a key identified it.
+    consumer: Option<String>,
+}
+
+impl Identity {
+    /// The caller an API key of `name`'s identifies
+    /// ([`crate::apikey::KeyVerifier`]): `x-flotilla-user-id: <name>`, and
+    /// its own count under `per user` rate limits.
+    pub(crate) fn consumer(name: &str) -> Identity {
+        Identity {
+            rate_key: format!("k:{name}").into(),
+            scopes: Vec::new(),
+            claims: Map::new(),
+            exp: f64::INFINITY,
+            // A consumer's name is a header value (the manifest checks it).
+            headers: HeaderValue::from_str(name)
+                .map(|v| vec![(USER_ID.clone(), v)])
+                .unwrap_or_default(),
+            consumer: Some(name.to_string()),
+        }
+    }
+
+    /// The API-key consumer it is, if a key identified it.
+    pub(crate) fn consumer_name(&self) -> Option<&String> {
+        self.consumer.as_ref()
+    }
 }
 
 /// An authentication or authorization failure.
@@ -427,6 +456,7 @@ impl Verifier {
             claims,
             exp,
             headers,
+            consumer: None,
         })
     }
 }
@@ -764,6 +794,7 @@ mod tests {
             claims,
             exp: 0.0,
             headers: Vec::new(),
+            consumer: None,
         }
     }
 

@@ -16,6 +16,7 @@ mod resilience;
 mod routing;
 mod security_edge;
 mod security_jwt;
+mod security_keys;
 mod static_files;
 mod support;
 mod tls;

@@ -410,6 +410,7 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
         response_headers: Default::default(),
         compression: None,
         cache: Default::default(),
+        api_keys: None,
     }
 }
 

@@ -4,20 +4,20 @@
 //! system's and routes' `request_headers` and `response_headers`, and
 //! `[gateway.compression]`, `[gateway.cache]` and a route's `cache`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use toml::Spanned;
 
 use super::Ctx;
 use crate::edge::{
-    CacheStore, ClientAuth, Compression, Cors, HeaderChanges, HeaderDirection, IpList, JwksSource,
-    Jwt, RateLimit, RateLimitKey, RateLimitStore, RouteCache, Tls, TlsCertificate, TlsVersion,
-    is_origin, parse_net, reserved_header,
+    ApiKeys, CacheStore, ClientAuth, Compression, Cors, HeaderChanges, HeaderDirection, IpList,
+    JwksSource, Jwt, RateLimit, RateLimitKey, RateLimitStore, RouteCache, Tls, TlsCertificate,
+    TlsVersion, is_origin, parse_net, reserved_header,
 };
 use crate::raw::{
-    RawCacheStore, RawCompression, RawCors, RawHeaderChanges, RawIp, RawJwt, RawRateLimits,
-    RawRouteCache, RawTls,
+    RawApiKeys, RawCacheStore, RawCompression, RawCors, RawHeaderChanges, RawIp, RawJwt,
+    RawRateLimits, RawRouteCache, RawTls,
 };
 
 const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
@@ -482,6 +482,127 @@ pub(super) fn claims(
         }
     }
     (ctx.errors.len() == before).then_some(claims)
+}
+
+/// `[gateway.api_keys]`: the header (a token, not one the gateway sets or
+/// `authorization`, which bearer tokens take) and each consumer's keys as
+/// `sha256:<64 hex digits>`, none under two consumers.
+pub(super) fn api_keys(ctx: &mut Ctx<'_>, raw: &Spanned<RawApiKeys>) -> Option<ApiKeys> {
+    let before = ctx.errors.len();
+    let raw = raw.get_ref();
+    let header = match &raw.header {
+        Some(h) => {
+            let lower = h.get_ref().to_ascii_lowercase();
+            let bad = lower.is_empty()
+                || !lower.bytes().all(is_token_byte)
+                || lower.starts_with("x-flotilla-")
+                || lower == "authorization"
+                || lower == "cookie";
+            if bad {
+                ctx.error(
+                    h.span(),
+                    format!("`header = \"{}\"` cannot carry API keys", h.get_ref()),
+                    Some("name a header of its own, e.g. `header = \"x-api-key\"` (not `authorization`, `cookie` or `x-flotilla-*`)".into()),
+                );
+            }
+            lower
+        }
+        None => ApiKeys::DEFAULT_HEADER.to_string(),
+    };
+    let mut consumers = BTreeMap::new();
+    let mut owner: BTreeMap<[u8; 32], String> = BTreeMap::new();
+    for (name, keys) in raw.consumers.get_ref() {
+        if !ApiKeys::is_consumer_name(name) {
+            ctx.error(
+                keys.span(),
+                format!("`{name}` is not a consumer name"),
+                Some("use up to 64 letters, digits, `-`, `_` or `.`, e.g. `partner-a`".into()),
+            );
+            continue;
+        }
+        if keys.get_ref().is_empty() {
+            ctx.error(
+                keys.span(),
+                format!("consumer `{name}` has no key: it could never be let in"),
+                Some("give it one, or remove it".into()),
+            );
+            continue;
+        }
+        let mut digests = Vec::new();
+        for key in keys.get_ref() {
+            let Some(digest) = sha256_of(key.get_ref()) else {
+                ctx.error(
+                    key.span(),
+                    format!("`{}` is not a key's digest", key.get_ref()),
+                    Some("write `sha256:` and the 64 hex digits of the key's SHA-256, never the key itself: `printf %s \"$KEY\" | sha256sum`".into()),
+                );
+                continue;
+            };
+            if let Some(other) = owner.insert(digest, name.clone()) {
+                ctx.error(
+                    key.span(),
+                    format!("this key is also `{other}`'s: a key names one consumer"),
+                    Some("give each consumer keys of its own".into()),
+                );
+                continue;
+            }
+            digests.push(digest);
+        }
+        consumers.insert(name.clone(), digests);
+    }
+    if raw.consumers.get_ref().is_empty() {
+        ctx.error(
+            raw.consumers.span(),
+            "`[gateway.api_keys]` names no consumer",
+            Some("add one, e.g. `consumers = { partner-a = [\"sha256:…\"] }`".into()),
+        );
+    }
+    (ctx.errors.len() == before).then_some(ApiKeys { header, consumers })
+}
+
+/// `sha256:` and 64 hex digits, as bytes.
+fn sha256_of(text: &str) -> Option<[u8; 32]> {
+    let hex = text.strip_prefix("sha256:")?;
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (at, pair) in hex.as_bytes().chunks(2).enumerate() {
+        let digit = |b: u8| char::from(b).to_digit(16);
+        out[at] = u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()?;
+    }
+    Some(out)
+}
+
+/// A key route's `consumers`: each one of `[gateway.api_keys]`'s.
+pub(super) fn route_consumers(
+    ctx: &mut Ctx<'_>,
+    raw: Option<&[Spanned<String>]>,
+    known: &BTreeSet<String>,
+) -> Option<Vec<String>> {
+    let mut consumers = Vec::new();
+    for name in raw.unwrap_or_default() {
+        if !known.contains(name.get_ref()) {
+            ctx.error(
+                name.span(),
+                format!(
+                    "`{}` is not a consumer of `[gateway.api_keys]`",
+                    name.get_ref()
+                ),
+                Some(format!(
+                    "name one of {}",
+                    known
+                        .iter()
+                        .map(|k| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            );
+            return None;
+        }
+        consumers.push(name.get_ref().clone());
+    }
+    Some(consumers)
 }
 
 /// A route's `match_headers`: header names (kept in lower case) to a

@@ -1453,6 +1453,16 @@ fn the_documented_gateway_examples_parse() {
         ["1"]
     );
 
+    let keys = documented_examples("### `[gateway] api_keys`");
+    let m = parses(&format!("name = \"x\"\n{}", keys[0]));
+    assert_eq!(
+        m.services["orders"].routes[0].auth,
+        Auth::Key {
+            consumers: vec!["partner-a".into()]
+        }
+    );
+    assert_eq!(m.gateway.api_keys.map(|k| k.consumers.len()), Some(1));
+
     let compression = documented_examples("### `[gateway] compression`");
     let m = parses(&format!("name = \"x\"\n{}\n{service}", compression[0]));
     let c = m.gateway.compression.unwrap_or_default();
@@ -1615,4 +1625,92 @@ fn a_route_may_be_for_requests_with_given_headers() {
         let e = errors(&two("", route));
         assert!(e.contains(want), "{route}: {e}");
     }
+}
+
+#[test]
+fn api_keys_are_digests_of_named_consumers_and_key_routes_need_them() {
+    let a = "sha256:".to_string() + &"ab".repeat(32);
+    let b = "sha256:".to_string() + &"0F".repeat(32);
+    let with = |keys: &str, route: &str| {
+        format!(
+            "name = \"x\"\n[gateway.api_keys]\n{keys}\n[services.a]\nrun = {{ cargo = \"a\" }}\nroutes = [{{ path = \"/a/**\", {route} }}]\n"
+        )
+    };
+    let keys = format!("consumers = {{ partner-a = [\"{a}\"], partner-b = [\"{b}\"] }}");
+    let m = parses(&with(
+        &keys,
+        "auth = \"key\", consumers = [\"partner-b\"], rate_limit = \"5/s per user\"",
+    ));
+    let api = m
+        .gateway
+        .api_keys
+        .as_ref()
+        .unwrap_or_else(|| panic!("api_keys"));
+    assert_eq!(api.header, "x-api-key");
+    assert_eq!(api.consumers["partner-a"], vec![[0xab; 32]]);
+    assert_eq!(api.consumers["partner-b"], vec![[0x0f; 32]]);
+    assert_eq!(
+        m.services["a"].routes[0].auth,
+        Auth::Key {
+            consumers: vec!["partner-b".into()]
+        }
+    );
+    let m = parses(&with(
+        &format!("header = \"X-Partner-Key\"\n{keys}"),
+        "auth = \"key\"",
+    ));
+    let api = m
+        .gateway
+        .api_keys
+        .as_ref()
+        .unwrap_or_else(|| panic!("api_keys"));
+    assert_eq!(api.header, "x-partner-key");
+
+    for (keys, route, want) in [
+        (
+            keys.clone(),
+            "auth = \"key\", consumers = [\"partner-z\"]".to_string(),
+            "`partner-z` is not a consumer of `[gateway.api_keys]`",
+        ),
+        (
+            keys.clone(),
+            "consumers = [\"partner-a\"]".to_string(),
+            "`consumers` need `auth = \"key\"`",
+        ),
+        (
+            "consumers = { partner-a = [\"s3cr3t\"] }".to_string(),
+            "auth = \"key\"".to_string(),
+            "`s3cr3t` is not a key's digest",
+        ),
+        (
+            format!("consumers = {{ partner-a = [\"{a}\"], partner-b = [\"{a}\"] }}"),
+            "auth = \"key\"".to_string(),
+            "this key is also `partner-a`'s",
+        ),
+        (
+            "consumers = { partner-a = [] }".to_string(),
+            "auth = \"key\"".to_string(),
+            "consumer `partner-a` has no key",
+        ),
+        (
+            format!("header = \"authorization\"\n{keys}"),
+            "auth = \"key\"".to_string(),
+            "`header = \"authorization\"` cannot carry API keys",
+        ),
+        (
+            "consumers = {}".to_string(),
+            "auth = \"key\"".to_string(),
+            "names no consumer",
+        ),
+    ] {
+        let e = errors(&with(&keys, &route));
+        assert!(e.contains(want), "{keys} / {route}: {e}");
+    }
+    let e = errors(
+        "name = \"x\"\n[services.a]\nrun = { cargo = \"a\" }\nroutes = [{ path = \"/a/**\", auth = \"key\" }]\n",
+    );
+    assert!(
+        e.contains("`auth = \"key\"` needs `[gateway.api_keys]`"),
+        "{e}"
+    );
 }

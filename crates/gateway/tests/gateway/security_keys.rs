@@ -1,0 +1,183 @@
+//! `auth = "key"`: machine clients with API keys from `[gateway.api_keys]`,
+//! through a real gateway.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use flotilla_gateway::{RateLimit, RouteAuth};
+use http::{Method, StatusCode};
+
+use crate::support::*;
+
+const T: Duration = Duration::from_secs(5);
+
+fn digest(key: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    d.as_ref().try_into().unwrap_or([0; 32])
+}
+
+fn keyed(pattern: &str, consumers: &[&str]) -> flotilla_gateway::RouteConfig {
+    let mut r = route("keyed", pattern, &[], T);
+    r.auth = RouteAuth::Key {
+        consumers: consumers.iter().map(|c| c.to_string()).collect(),
+    };
+    r
+}
+
+async fn get(client: &Client, path: &str, fields: &[(&str, &str)]) -> Reply {
+    client
+        .request(Method::GET, path, fields, Bytes::new())
+        .await
+}
+
+fn failures(reason: &str) -> u64 {
+    metric_sum(&[
+        "flotilla_gateway_auth_failures_total",
+        "route=\"/k/**\"",
+        &format!("reason=\"{reason}\""),
+    ])
+}
+
+#[tokio::test]
+async fn a_key_lets_its_consumer_in_and_nothing_else_does() {
+    let registry = Registry::new();
+    let up = Upstream::start("keyed-0").await;
+    registry.set("keyed", vec![up.endpoint()]);
+    let mut limited = keyed("/lim/**", &[]);
+    limited.rate_limit = Some(ok(RateLimit::parse("1/h per user"), "limit"));
+    let mut cfg = config(vec![
+        keyed("/k/**", &[]),
+        keyed("/only-a/**", &["partner-a"]),
+        limited,
+    ]);
+    cfg.api_keys = Some(flotilla_manifest::ApiKeys {
+        header: "x-api-key".into(),
+        consumers: BTreeMap::from([
+            ("partner-a".to_string(), vec![digest("key-a")]),
+            (
+                "partner-b".to_string(),
+                vec![digest("key-b"), digest("key-b2")],
+            ),
+        ]),
+    });
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+
+    // The consumer, as the gateway vouches for it; the key stays here.
+    let forged = ("x-flotilla-user-id", "admin");
+    for (key, consumer) in [("key-a", "partner-a"), ("key-b2", "partner-b")] {
+        let reply = get(&client, "/k/x", &[("x-api-key", key), forged]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{key}");
+        let headers = &reply.json()["headers"];
+        assert_eq!(headers["x-flotilla-user-id"], consumer);
+        assert!(headers.get("x-api-key").is_none(), "forwarded: {headers}");
+    }
+
+    let hits = up.hits();
+    for (fields, status, code) in [
+        (&[][..], StatusCode::UNAUTHORIZED, "missing_api_key"),
+        (
+            &[("x-api-key", "key-c")][..],
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+        ),
+        (
+            &[("x-api-key", "key-a"), ("x-api-key", "key-b")][..],
+            StatusCode::UNAUTHORIZED,
+            "missing_api_key",
+        ),
+        // A bearer token is not a key.
+        (
+            &[("authorization", "Bearer key-a")][..],
+            StatusCode::UNAUTHORIZED,
+            "missing_api_key",
+        ),
+    ] {
+        let before = failures(code);
+        let reply = get(&client, "/k/x", fields).await;
+        assert_eq!(reply.status, status, "{fields:?}");
+        assert_eq!(reply.json()["error"]["code"], code, "{fields:?}");
+        assert_eq!(
+            reply.header("www-authenticate"),
+            "ApiKey realm=\"flotilla\", header=\"x-api-key\""
+        );
+        assert!(failures(code) > before, "{code} counted");
+    }
+    assert_eq!(up.hits(), hits, "no refused request reached the service");
+
+    // A route for one consumer only.
+    let other = get(&client, "/only-a/x", &[("x-api-key", "key-b")]).await;
+    assert_eq!(other.status, StatusCode::FORBIDDEN);
+    assert_eq!(other.json()["error"]["code"], "consumer_not_allowed");
+    assert!(other.headers.get("www-authenticate").is_none());
+    let own = get(&client, "/only-a/x", &[("x-api-key", "key-a")]).await;
+    assert_eq!(own.status, StatusCode::OK);
+
+    // `per user` counts per consumer, whichever of its keys it sends.
+    assert_eq!(
+        get(&client, "/lim/x", &[("x-api-key", "key-a")])
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let again = get(&client, "/lim/x", &[("x-api-key", "key-a")]).await;
+    assert_eq!(again.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        get(&client, "/lim/x", &[("x-api-key", "key-b")])
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let rotated = get(&client, "/lim/x", &[("x-api-key", "key-b2")]).await;
+    assert_eq!(rotated.status, StatusCode::TOO_MANY_REQUESTS);
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn a_key_route_without_keys_is_refused_at_start() {
+    let mut cfg = config(vec![keyed("/k/**", &[])]);
+    let e = start_error(cfg.clone(), "a key route without [gateway.api_keys]").await;
+    assert!(e.contains("[gateway.api_keys]"), "{e}");
+    cfg.api_keys = Some(flotilla_manifest::ApiKeys {
+        header: "x-api-key".into(),
+        consumers: BTreeMap::from([("partner-a".to_string(), vec![digest("k")])]),
+    });
+    cfg.routes = vec![keyed("/k/**", &["partner-z"])];
+    let e = start_error(cfg, "a route for an unknown consumer").await;
+    assert!(e.contains("partner-z"), "{e}");
+}
+
+#[tokio::test]
+async fn a_reload_adds_and_revokes_keys() {
+    let registry = Registry::new();
+    let up = Upstream::start("keyed-r-0").await;
+    registry.set("keyed", vec![up.endpoint()]);
+    let with_keys = |keys: &[&str]| {
+        let mut cfg = config(vec![keyed("/k/**", &[])]);
+        cfg.api_keys = Some(flotilla_manifest::ApiKeys {
+            header: "x-api-key".into(),
+            consumers: BTreeMap::from([(
+                "partner-a".to_string(),
+                keys.iter().map(|k| digest(k)).collect(),
+            )]),
+        });
+        cfg
+    };
+    let gateway = start(with_keys(&["old"]), &registry).await;
+    let client = Client::new(&gateway);
+    let status = |key: &'static str| {
+        let client = client.clone();
+        async move { get(&client, "/k/x", &[("x-api-key", key)]).await.status }
+    };
+    assert_eq!(status("old").await, StatusCode::OK);
+    assert_eq!(status("new").await, StatusCode::UNAUTHORIZED);
+    // Rotation: both for a while, then the new one alone.
+    ok(gateway.reload(with_keys(&["old", "new"])), "reload");
+    assert_eq!(status("old").await, StatusCode::OK);
+    assert_eq!(status("new").await, StatusCode::OK);
+    ok(gateway.reload(with_keys(&["new"])), "reload");
+    assert_eq!(status("old").await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status("new").await, StatusCode::OK);
+    gateway.shutdown(T).await;
+}
