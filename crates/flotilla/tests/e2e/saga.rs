@@ -150,6 +150,19 @@ async fn the_saga_confirms_cancels_and_compensates() {
         v.to_string().contains("sku-mug").then_some(())
     })
     .await;
+    // The same figures for a partner's system, with its API key only.
+    let partner = shop.system.url("/partner/api/analytics/sales");
+    let keyed = shop
+        .http
+        .get(&partner)
+        .header("x-api-key", "flk_shop-demo-partner")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(keyed.status(), 200);
+    assert!(keyed.text().await.unwrap().contains("sku-mug"));
+    let anonymous = shop.http.get(&partner).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
 
     // A declined card: cancelled, and the reserved stock is released again.
     let kettles = shop.available("sku-kettle").await;
