@@ -21,7 +21,7 @@
 //!   response to a request with `Authorization` is kept only when it says
 //!   it may be shared (`public`, `s-maxage`, `must-revalidate`, §3.5);
 //!   so is one to a request over a connection with a client certificate,
-//!   which identifies the client as surely.
+//!   or with an API key, which identify the client as surely.
 //! - Freshness is the response's: `s-maxage`, else `max-age`, else
 //!   `Expires` (from its `Date`), else the route's `ttl`, less the `Age`
 //!   it came with. A stale entry is forwarded again, with its validators
@@ -107,6 +107,7 @@ use crate::body::{self, Body, BoxError};
 use crate::client_cert::XFCC;
 use crate::compress::{self, Compression};
 use crate::headers::list_elements;
+use crate::jwt::USER_ID;
 use crate::relayed::{Relayed, Reply};
 use crate::stats;
 
@@ -712,8 +713,9 @@ pub(crate) struct Miss {
     storable: bool,
     /// Whether a success drops what is kept under its key.
     invalidates: bool,
-    /// Whether it carried credentials: `Authorization`, or a client
-    /// certificate the gateway verified.
+    /// Whether it carried credentials: `Authorization`, a client
+    /// certificate the gateway verified, or an API key (its consumer,
+    /// `x-flotilla-user-id`).
     authorized: bool,
     /// Its fields, for the response's `Vary` (only when `storable`).
     headers: HeaderMap,
@@ -793,8 +795,12 @@ impl RouteCache {
             key: key.clone(),
             storable,
             invalidates,
+            // The gateway's own word for who the caller is counts too: an
+            // API key is taken off before the lookup, and its consumer's
+            // answer is no more another's than a token's would be.
             authorized: req.headers().contains_key(AUTHORIZATION)
-                || req.headers().contains_key(&XFCC),
+                || req.headers().contains_key(&XFCC)
+                || req.headers().contains_key(&USER_ID),
             headers: if storable {
                 req.headers().clone()
             } else {

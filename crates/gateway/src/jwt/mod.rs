@@ -46,7 +46,7 @@ use crate::upstream::Upstreams;
 
 /// The prefix of the identity headers the gateway sets.
 pub(crate) const USER_HEADER_PREFIX: &str = "x-flotilla-user-";
-static USER_ID: HeaderName = HeaderName::from_static("x-flotilla-user-id");
+pub(crate) static USER_ID: HeaderName = HeaderName::from_static("x-flotilla-user-id");
 
 /// How the gateway verifies access tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]

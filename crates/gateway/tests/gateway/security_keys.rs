@@ -181,3 +181,44 @@ async fn a_reload_adds_and_revokes_keys() {
     assert_eq!(status("new").await, StatusCode::OK);
     gateway.shutdown(T).await;
 }
+
+#[tokio::test]
+async fn one_consumer_s_answer_is_never_kept_for_another() {
+    let registry = Registry::new();
+    let up = Upstream::start("keyed-c-0").await;
+    registry.set("keyed", vec![up.endpoint()]);
+    let mut cached = keyed("/k/**", &[]);
+    cached.cache = Some(flotilla_manifest::RouteCache {
+        ttl: Duration::from_secs(60),
+        stale_if_error: Duration::ZERO,
+        stale_while_revalidate: Duration::ZERO,
+        query: None,
+    });
+    let mut cfg = config(vec![cached]);
+    cfg.api_keys = Some(flotilla_manifest::ApiKeys {
+        header: "x-api-key".into(),
+        consumers: BTreeMap::from([
+            ("partner-a".to_string(), vec![digest("key-a")]),
+            ("partner-b".to_string(), vec![digest("key-b")]),
+        ]),
+    });
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    // Answers that do not say they may be shared are the consumer's own.
+    for key in ["key-a", "key-b"] {
+        let reply = get(&client, "/k/mine", &[("x-api-key", key)]).await;
+        assert!(reply.header("cache-status").contains("fwd=uri-miss"));
+    }
+    let b = get(&client, "/k/mine", &[("x-api-key", "key-b")]).await;
+    assert_eq!(b.json()["headers"]["x-flotilla-user-id"], "partner-b");
+    assert_eq!(up.hits(), 3, "nothing kept");
+    // One that says `public` is everyone's.
+    let public = [
+        ("x-api-key", "key-a"),
+        ("x-reply-cache-control", "public, max-age=60"),
+    ];
+    get(&client, "/k/shared", &public).await;
+    let other = get(&client, "/k/shared", &[("x-api-key", "key-b")]).await;
+    assert!(other.header("cache-status").contains("hit"));
+    gateway.shutdown(T).await;
+}
