@@ -29,7 +29,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use flotilla_mesh::tls::FileStamp;
 use http::HeaderValue;
@@ -62,7 +63,18 @@ pub(crate) struct ClientCas {
     /// Counts the CA files taken; a session is resumed only in the one it
     /// was made in.
     generation: AtomicU64,
+    /// When the files were last taken again, if ever.
+    changed: Mutex<Option<Instant>>,
 }
+
+/// How long after the CA or CRL files change no session is kept for
+/// resumption: the longest a handshake may take (`header_timeout`'s
+/// ceiling). A handshake that checked a certificate with the files before
+/// the change may store its session after it, under the new generation;
+/// resumed, that session would skip the check for good (a revoked client
+/// kept in, found by the CRL test failing one run in six). Its clients
+/// make full handshakes meanwhile, checked with the new files.
+const NO_SESSIONS_AFTER_A_CHANGE: Duration = Duration::from_secs(5 * 60);
 
 impl ClientCas {
     /// Loads `file` now: a gateway that cannot verify clients does not start.
@@ -80,7 +92,17 @@ impl ClientCas {
             provider,
             current: RwLock::new(loaded),
             generation: AtomicU64::new(0),
+            changed: Mutex::new(None),
         })
+    }
+
+    /// Whether sessions stored now could have been verified with files
+    /// taken over since.
+    fn changed_lately(&self) -> bool {
+        self.changed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .is_some_and(|at| at.elapsed() < NO_SESSIONS_AFTER_A_CHANGE)
     }
 
     fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
@@ -113,6 +135,10 @@ impl ClientCas {
             .current
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = loaded;
+        *self
+            .changed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Instant::now());
         self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(true)
     }
@@ -281,6 +307,9 @@ impl Sessions {
 
 impl StoresServerSessions for Sessions {
     fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        if self.cas.changed_lately() {
+            return false;
+        }
         self.inner.put(self.key(&key), value)
     }
 
