@@ -1456,9 +1456,9 @@ fn the_documented_gateway_examples_parse() {
     let keys = documented_examples("### `[gateway] api_keys`");
     let m = parses(&format!("name = \"x\"\n{}", keys[0]));
     assert_eq!(
-        m.services["orders"].routes[0].auth,
+        m.services["analytics"].routes[0].auth,
         Auth::Key {
-            consumers: vec!["partner-a".into()]
+            consumers: vec!["demo-partner".into()]
         }
     );
     assert_eq!(m.gateway.api_keys.map(|k| k.consumers.len()), Some(1));
