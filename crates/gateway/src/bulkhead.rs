@@ -1,6 +1,8 @@
-//! A route's own cap on requests in flight (`max_in_flight` on a route):
-//! a bulkhead, as Envoy's circuit breakers cap `max_requests` per cluster
-//! and Resilience4j's bulkhead caps calls per backend.
+//! Caps on requests in flight: the gateway's own (`[gateway.limits]
+//! max_in_flight`, load shedding in `server`) and a route's
+//! (`max_in_flight` on a route): a bulkhead, as Envoy's circuit breakers
+//! cap `max_requests` per cluster and Resilience4j's bulkhead caps calls
+//! per backend. Both are a [`Cap`].
 //!
 //! The gateway's `max_in_flight` protects the gateway; it does not protect
 //! one service's callers from another service. When a service slows down,
@@ -22,13 +24,39 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::stats;
 
-/// A route's cap and the count it keeps.
+/// A number of requests in flight at most, and the count of them; clones
+/// share the count.
+#[derive(Debug, Clone)]
+pub(crate) struct Cap {
+    limit: usize,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Cap {
+    pub(crate) fn new(limit: usize) -> Cap {
+        Cap {
+            limit,
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// A place for one more request, unless `limit` are in flight.
+    pub(crate) fn enter(&self) -> Option<Place> {
+        // Taken first and given back when over: a check before the add
+        // would let every concurrent request past the same last place.
+        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let place = Place(Arc::clone(&self.in_flight));
+        (before < self.limit).then_some(place)
+    }
+}
+
+/// A route's cap.
 #[derive(Debug)]
 pub(crate) struct Bulkhead {
-    limit: usize,
-    /// Shared with the same route's bulkhead of the configuration before
-    /// a reload, whose requests may still be in flight.
-    in_flight: Arc<AtomicUsize>,
+    /// Its count shared with the same route's bulkhead of the
+    /// configuration before a reload, whose requests may still be in
+    /// flight.
+    cap: Cap,
     /// The route's pattern, for the metric.
     route: Box<str>,
 }
@@ -47,9 +75,15 @@ impl Bulkhead {
     /// A cap of `limit` for `route`, counting on from `previous` (the same
     /// route's, before a reload) if there was one.
     pub(crate) fn new(limit: usize, route: &str, previous: Option<&Bulkhead>) -> Bulkhead {
+        let limit = limit.max(1);
         Bulkhead {
-            limit: limit.max(1),
-            in_flight: previous.map_or_else(Arc::default, |p| Arc::clone(&p.in_flight)),
+            cap: match previous {
+                Some(p) => Cap {
+                    limit,
+                    in_flight: Arc::clone(&p.cap.in_flight),
+                },
+                None => Cap::new(limit),
+            },
             route: route.into(),
         }
     }
@@ -57,22 +91,17 @@ impl Bulkhead {
     /// A place for one more request, unless the route has `limit` in
     /// flight already: then `None`, counted as shed.
     pub(crate) fn enter(&self) -> Option<Place> {
-        // Taken first and given back when over: a check before the add
-        // would let every concurrent request past the same last place.
-        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let place = Place(Arc::clone(&self.in_flight));
-        if before >= self.limit {
-            drop(place);
+        let place = self.cap.enter();
+        if place.is_none() {
             stats::route_shed(&self.route);
-            return None;
         }
-        Some(place)
+        place
     }
 
     /// Requests in flight now.
     #[cfg(test)]
     fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.cap.in_flight.load(Ordering::Acquire)
     }
 }
 

@@ -28,7 +28,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -45,6 +44,7 @@ use tokio::task::JoinHandle;
 
 use crate::access_log::{self, AccessLog, Sink};
 use crate::body::{self, Body, Holding};
+use crate::bulkhead::{Cap, Place};
 use crate::client_cert::ClientCert;
 use crate::config::Limits;
 use crate::conn::{self, H2_PREFACE, Watch};
@@ -147,7 +147,7 @@ pub(crate) fn stacks(
 ) -> Vec<Stack> {
     stats::describe();
     let log = AccessLog::new(access_log);
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    let in_flight = Cap::new(limits.max_in_flight);
     let tunnels = Tunnels::new(limits.max_tunnels);
     let hsts = hsts.map(|max_age| {
         // Digits and ASCII only: always a valid value.
@@ -165,9 +165,8 @@ pub(crate) fn stacks(
         .map(|proxy| {
             Stack(Arc::new(Front {
                 log: log.clone(),
-                in_flight: Arc::clone(&in_flight),
+                in_flight: in_flight.clone(),
                 tunnels: Arc::clone(&tunnels),
-                max_in_flight: limits.max_in_flight,
                 routing: Arc::clone(&routing),
                 proxy,
                 hsts: hsts.clone(),
@@ -182,9 +181,9 @@ const REQUEST_HEADROOM: usize = 8;
 /// What every request goes through, whatever its route.
 struct Front {
     log: AccessLog,
-    /// Requests admitted and not finished (response body done or dropped).
-    in_flight: Arc<AtomicUsize>,
-    max_in_flight: usize,
+    /// Requests admitted and not finished (response body done or
+    /// dropped), against `max_in_flight`; shared by every worker's stack.
+    in_flight: Cap,
     /// WebSocket tunnels open, against `Limits::max_tunnels`.
     tunnels: Arc<Tunnels>,
     routing: Arc<RoutingState>,
@@ -192,15 +191,6 @@ struct Front {
     /// `Strict-Transport-Security` for every response, with TLS and `hsts`
     /// (the listener is then HTTPS only, so every response is over TLS).
     hsts: Option<HeaderValue>,
-}
-
-/// Counts one request in flight until dropped.
-struct InFlight(Arc<AtomicUsize>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 impl Front {
@@ -285,10 +275,8 @@ impl Front {
     }
 
     /// Counts a request in, unless `max_in_flight` are in flight already.
-    fn admit(&self) -> Option<InFlight> {
-        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let guard = InFlight(Arc::clone(&self.in_flight));
-        (before < self.max_in_flight).then_some(guard)
+    fn admit(&self) -> Option<Place> {
+        self.in_flight.enter()
     }
 }
 
