@@ -42,10 +42,9 @@ pub fn new_api_key() -> Option<NewApiKey> {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     );
     let sum = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
-    let hex: String = sum.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     Some(NewApiKey {
+        digest: format!("sha256:{}", hex::encode(sum)),
         key,
-        digest: format!("sha256:{hex}"),
     })
 }
 
@@ -179,11 +178,10 @@ mod tests {
             header: "x-api-key".into(),
             consumers: BTreeMap::from([("p".to_string(), vec![digest(&one.key)])]),
         };
-        let hex: String = digest(&one.key)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        assert_eq!(one.digest, format!("sha256:{hex}"));
+        assert_eq!(
+            one.digest,
+            format!("sha256:{}", hex::encode(digest(&one.key)))
+        );
         let verifier = KeyVerifier::new(&keys).unwrap_or_else(|| panic!("a valid header"));
         let mut headers = HeaderMap::new();
         headers.insert(

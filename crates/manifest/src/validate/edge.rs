@@ -562,15 +562,8 @@ pub(super) fn api_keys(ctx: &mut Ctx<'_>, raw: &Spanned<RawApiKeys>) -> Option<A
 
 /// `sha256:` and 64 hex digits, as bytes.
 fn sha256_of(text: &str) -> Option<[u8; 32]> {
-    let hex = text.strip_prefix("sha256:")?;
-    if hex.len() != 64 {
-        return None;
-    }
     let mut out = [0u8; 32];
-    for (at, pair) in hex.as_bytes().chunks(2).enumerate() {
-        let digit = |b: u8| char::from(b).to_digit(16);
-        out[at] = u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()?;
-    }
+    hex::decode_to_slice(text.strip_prefix("sha256:")?, &mut out).ok()?;
     Some(out)
 }
 
