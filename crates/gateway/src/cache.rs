@@ -757,28 +757,30 @@ impl RouteCache {
         now: Instant,
         collapsed: Option<Collapsed>,
     ) -> Verdict {
-        let verdict = self.consult(req, at, gzip, now, collapsed);
+        let asked = Directives::of(
+            req.headers()
+                .get_all(CACHE_CONTROL)
+                .iter()
+                .map(HeaderValue::as_bytes),
+        );
+        let verdict = self.consult(req, &asked, at, gzip, now, collapsed);
         // A GET or HEAD that would be forwarded, from a client that takes
         // only a kept response (RFC 9111 §5.2.1.7).
-        if matches!(verdict, Verdict::Forward(_) | Verdict::Wait(_))
+        if asked.only_if_cached
+            && matches!(verdict, Verdict::Forward(_) | Verdict::Wait(_))
             && matches!(*req.method(), Method::GET | Method::HEAD)
-            && req.headers().contains_key(CACHE_CONTROL)
-            && Directives::of(
-                req.headers()
-                    .get_all(CACHE_CONTROL)
-                    .iter()
-                    .map(HeaderValue::as_bytes),
-            )
-            .only_if_cached
         {
             return Verdict::NotCached;
         }
         verdict
     }
 
+    /// [`RouteCache::lookup`] but for `only-if-cached`; `asked` is the
+    /// request's `Cache-Control`.
     fn consult(
         &self,
         req: &Request<Body>,
+        asked: &Directives,
         (host, path): (Option<&str>, &str),
         gzip: bool,
         now: Instant,
@@ -820,12 +822,6 @@ impl RouteCache {
         if req.headers().contains_key(RANGE) {
             return Verdict::Forward(miss("bypass", false, false, None));
         }
-        let asked = Directives::of(
-            req.headers()
-                .get_all(CACHE_CONTROL)
-                .iter()
-                .map(HeaderValue::as_bytes),
-        );
         if asked.no_store {
             return Verdict::Forward(miss("request", false, false, None));
         }
@@ -843,7 +839,7 @@ impl RouteCache {
         }
         // Only a GET fetches what others may wait for.
         let may_wait = is_get && collapsed.is_none();
-        match ResponseCache::find(&self.store, &key, req.headers(), now, &asked, may_wait) {
+        match ResponseCache::find(&self.store, &key, req.headers(), now, asked, may_wait) {
             Found::Fresh(entry) => {
                 let status = entry.status.as_u16();
                 Verdict::Hit(entry.reply(now, form, req.headers(), |ttl| {
