@@ -474,6 +474,43 @@ mod tests {
     }
 
     #[test]
+    fn no_session_is_kept_for_resumption_just_after_the_cas_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            params.self_signed(&key).unwrap().pem()
+        };
+        // Written as a renewal is: a new file renamed over the old one.
+        let write = |pem: String| {
+            let tmp = dir.path().join("ca.pem.tmp");
+            std::fs::write(&tmp, pem).unwrap();
+            std::fs::rename(&tmp, dir.path().join("ca.pem")).unwrap();
+        };
+        write(ca("first"));
+        let file = dir.path().join("ca.pem");
+        let cas = Arc::new(
+            ClientCas::new(&file, None, true, flotilla_mesh::tls::crypto_provider()).unwrap(),
+        );
+        let sessions = Sessions::new(Arc::clone(&cas));
+        assert!(sessions.put(b"a".to_vec(), b"made under the first CA".to_vec()));
+        assert!(sessions.get(b"a").is_some());
+
+        write(ca("second"));
+        assert!(cas.reload_if_changed().unwrap());
+        // A session made under the first CA is not resumed; one stored now
+        // may have been verified with it, by a handshake under way as the
+        // file changed, and is not kept.
+        assert!(sessions.get(b"a").is_none());
+        assert!(!sessions.put(b"b".to_vec(), b"maybe the first CA's".to_vec()));
+        assert!(sessions.get(b"b").is_none());
+    }
+
+    #[test]
     fn values_are_quoted_as_envoy_quotes_them() {
         let mut out = String::new();
         value_of(&mut out, "spiffe://partner.example/ns/a");
