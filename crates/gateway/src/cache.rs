@@ -1640,6 +1640,46 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_body_the_gateway_would_gzip_is_kept_gzipped_too_and_counted() {
+        use std::io::Read;
+
+        use http_body_util::BodyExt;
+        let cache = Arc::new(ResponseCache::new(CacheConfig::default()));
+        let plain = recording(&cache, "plain");
+        let _ = plain.collect().await;
+        let mut zipped = recording(&cache, "zipped");
+        let compression = crate::compress::CompressionConfig::from_manifest(
+            &flotilla_manifest::Compression::default(),
+        );
+        if let Some(p) = zipped.pending.as_mut() {
+            p.gzip = Some(Arc::new(Compression::new(&compression)));
+        }
+        let _ = zipped.collect().await;
+        let get = |key| {
+            cache
+                .get(
+                    key,
+                    &HeaderMap::new(),
+                    Instant::now(),
+                    &Directives::default(),
+                )
+                .ok()
+                .unwrap_or_else(|| panic!("{key} not kept"))
+        };
+        let (plain, zipped) = (get("plain"), get("zipped"));
+        assert!(plain.gzipped.is_none());
+        let gzipped = zipped.gzipped.clone().unwrap_or_default();
+        let mut out = Vec::new();
+        let read = flate2::read::GzDecoder::new(&gzipped[..]).read_to_end(&mut out);
+        assert!(read.is_ok());
+        assert_eq!(out, b"hello world");
+        // Both forms count against the store's bytes (the key `zipped` is
+        // a byte longer than `plain`).
+        assert_eq!(zipped.size, plain.size + gzipped.len() as u64 + 1);
+        assert_eq!(cache.usage().0, plain.size + zipped.size);
+    }
+
     /// Forwards a GET of `/x` on a route whose cache is `cache` with
     /// `fields`, answers it 200 with `said` as its `Cache-Control`, and
     /// reads the answer to its end; whether it was kept.
