@@ -552,22 +552,17 @@ async fn concurrent_misses_of_one_url_reach_the_instance_once() {
     let (gateway, up) = own_route(&registry, "collapse", MINUTE).await;
     let client = Client::new(&gateway);
     // The first is held at the instance; seven more arrive meanwhile.
-    let first = tokio::spawn({
-        let client = client.clone();
-        async move { client.get("/collapse/hold").await }
-    });
+    let first = in_background(&client, "/collapse/hold", 1);
     wait_until("the first request at the instance", || up.held() == 1).await;
-    let others: Vec<_> = (0..7)
-        .map(|_| {
-            let client = client.clone();
-            tokio::spawn(async move { client.get("/collapse/hold").await })
-        })
-        .collect();
+    let others = in_background(&client, "/collapse/hold", 7);
     wait_until("seven requests waiting for it", || waited("collapse") == 7).await;
     assert_eq!(up.hits(), 1);
     up.release();
 
-    let first = ok(first.await, "first");
+    let first = ok(
+        futures_util::future::join_all(first).await.remove(0),
+        "first",
+    );
     assert_eq!(
         cache_status(&first),
         "flotilla; fwd=uri-miss; fwd-status=200"

@@ -234,12 +234,7 @@ async fn past_max_in_flight_requests_are_shed_with_503() {
     cfg.limits.max_in_flight = 2;
     let gateway = start(cfg, &registry).await;
     let client = Client::new(&gateway);
-    let held: Vec<_> = (0..2)
-        .map(|_| {
-            let c = client.clone();
-            tokio::spawn(async move { c.get("/hold").await })
-        })
-        .collect();
+    let held = in_background(&client, "/hold", 2);
     wait_until("two requests in flight", || up.held() == 2).await;
     let reply = client.get("/x").await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);

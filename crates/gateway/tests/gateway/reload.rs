@@ -133,25 +133,17 @@ async fn a_route_s_requests_in_flight_count_on_across_a_reload() {
     };
     let gateway = start(config(vec![capped(2)]), &registry).await;
     let client = Client::new(&gateway);
-    let held: Vec<_> = (0..2)
-        .map(|_| {
-            let c = client.clone();
-            tokio::spawn(async move { c.get("/hold").await })
-        })
-        .collect();
+    let held = in_background(&client, "/hold", 2);
     wait_until("two requests in flight", || up.held() == 2).await;
     // The same route with a cap of 3: one more, not three.
     ok(gateway.reload(config(vec![capped(3)])), "reload");
-    let third = tokio::spawn({
-        let c = client.clone();
-        async move { c.get("/hold").await }
-    });
+    let third = in_background(&client, "/hold", 1);
     wait_until("a third request in flight", || up.held() == 3).await;
     let refused = client.get("/hold").await;
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(refused.json()["error"]["code"], "route_overloaded");
     up.release();
-    for h in held.into_iter().chain([third]) {
+    for h in held.into_iter().chain(third) {
         assert_eq!(ok(h.await, "held").status, StatusCode::OK);
     }
     gateway.shutdown(T).await;

@@ -227,12 +227,7 @@ async fn a_route_s_max_in_flight_sheds_its_excess_and_leaves_the_others_room() {
     let shed = || metric_sum(&["flotilla_gateway_route_shed_total", "route=\"/capped/**\""]);
     let shed_before = shed();
 
-    let held: Vec<_> = (0..2)
-        .map(|_| {
-            let c = client.clone();
-            tokio::spawn(async move { c.get("/capped/hold").await })
-        })
-        .collect();
+    let held = in_background(&client, "/capped/hold", 2);
     wait_until("two requests at the slow service", || slow.held() == 2).await;
     let excess = futures_util::future::join_all((0..5).map(|_| client.get("/capped/hold"))).await;
     for reply in &excess {

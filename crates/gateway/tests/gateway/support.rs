@@ -428,6 +428,18 @@ pub async fn start_error(config: Config, why_not: &str) -> String {
     }
 }
 
+/// `n` GETs of `path` sent at once, each in a task of its own: requests
+/// to hold at an instance (a `hold` path) while the test looks at what
+/// else the gateway does.
+pub fn in_background(client: &Client, path: &'static str, n: usize) -> Vec<JoinHandle<Reply>> {
+    (0..n)
+        .map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move { c.get(path).await })
+        })
+        .collect()
+}
+
 pub async fn start(config: Config, registry: &Arc<Registry>) -> Gateway {
     // Before any gateway counts anything: counts made with no recorder
     // installed are lost.
