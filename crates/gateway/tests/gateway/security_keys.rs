@@ -1,7 +1,6 @@
 //! `auth = "key"`: machine clients with API keys from `[gateway.api_keys]`,
 //! through a real gateway.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +14,18 @@ const T: Duration = Duration::from_secs(5);
 fn digest(key: &str) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
     d.as_ref().try_into().unwrap_or([0; 32])
+}
+
+/// `[gateway.api_keys]` in the default header: each consumer with the
+/// digests of its keys.
+fn api_keys(consumers: &[(&str, &[&str])]) -> Option<flotilla_manifest::ApiKeys> {
+    Some(flotilla_manifest::ApiKeys {
+        header: "x-api-key".into(),
+        consumers: consumers
+            .iter()
+            .map(|(name, keys)| (name.to_string(), keys.iter().map(|k| digest(k)).collect()))
+            .collect(),
+    })
 }
 
 fn keyed(pattern: &str, consumers: &[&str]) -> flotilla_gateway::RouteConfig {
@@ -51,16 +62,10 @@ async fn a_key_lets_its_consumer_in_and_nothing_else_does() {
         keyed("/only-a/**", &["partner-a"]),
         limited,
     ]);
-    cfg.api_keys = Some(flotilla_manifest::ApiKeys {
-        header: "x-api-key".into(),
-        consumers: BTreeMap::from([
-            ("partner-a".to_string(), vec![digest("key-a")]),
-            (
-                "partner-b".to_string(),
-                vec![digest("key-b"), digest("key-b2")],
-            ),
-        ]),
-    });
+    cfg.api_keys = api_keys(&[
+        ("partner-a", &["key-a"]),
+        ("partner-b", &["key-b", "key-b2"]),
+    ]);
     let gateway = start(cfg, &registry).await;
     let client = Client::new(&gateway);
 
@@ -139,10 +144,7 @@ async fn a_key_route_without_keys_is_refused_at_start() {
     let mut cfg = config(vec![keyed("/k/**", &[])]);
     let e = start_error(cfg.clone(), "a key route without [gateway.api_keys]").await;
     assert!(e.contains("[gateway.api_keys]"), "{e}");
-    cfg.api_keys = Some(flotilla_manifest::ApiKeys {
-        header: "x-api-key".into(),
-        consumers: BTreeMap::from([("partner-a".to_string(), vec![digest("k")])]),
-    });
+    cfg.api_keys = api_keys(&[("partner-a", &["k"])]);
     cfg.routes = vec![keyed("/k/**", &["partner-z"])];
     let e = start_error(cfg, "a route for an unknown consumer").await;
     assert!(e.contains("partner-z"), "{e}");
@@ -155,13 +157,7 @@ async fn a_reload_adds_and_revokes_keys() {
     registry.set("keyed", vec![up.endpoint()]);
     let with_keys = |keys: &[&str]| {
         let mut cfg = config(vec![keyed("/k/**", &[])]);
-        cfg.api_keys = Some(flotilla_manifest::ApiKeys {
-            header: "x-api-key".into(),
-            consumers: BTreeMap::from([(
-                "partner-a".to_string(),
-                keys.iter().map(|k| digest(k)).collect(),
-            )]),
-        });
+        cfg.api_keys = api_keys(&[("partner-a", keys)]);
         cfg
     };
     let gateway = start(with_keys(&["old"]), &registry).await;
@@ -195,13 +191,7 @@ async fn one_consumer_s_answer_is_never_kept_for_another() {
         query: None,
     });
     let mut cfg = config(vec![cached]);
-    cfg.api_keys = Some(flotilla_manifest::ApiKeys {
-        header: "x-api-key".into(),
-        consumers: BTreeMap::from([
-            ("partner-a".to_string(), vec![digest("key-a")]),
-            ("partner-b".to_string(), vec![digest("key-b")]),
-        ]),
-    });
+    cfg.api_keys = api_keys(&[("partner-a", &["key-a"]), ("partner-b", &["key-b"])]);
     let gateway = start(cfg, &registry).await;
     let client = Client::new(&gateway);
     // Answers that do not say they may be shared are the consumer's own.
