@@ -217,6 +217,21 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
             r#"routes = [{ path = "/a/**", methods = ["GET"], hosts = ["a.example.com"] }, { path = "/a/**", methods = ["GET"] }]"#,
         );
         assert!(restart_needed(&base, &m(&hosts)).is_ok());
+        // So are a route's headers, its bulkhead and its API keys.
+        let canary = BASE.replace(
+            r#"routes = [{ path = "/a/**", methods = ["GET"] }]"#,
+            r#"routes = [{ path = "/a/**", methods = ["GET"], match_headers = { x-canary = "1" }, max_in_flight = 8 }, { path = "/a/**", methods = ["GET"] }]"#,
+        );
+        assert!(restart_needed(&base, &m(&canary)).is_ok());
+        let keys = format!(
+            "{}[gateway.api_keys]\nconsumers = {{ p = [\"sha256:{}\"] }}\n",
+            BASE.replace(
+                r#"methods = ["GET"] }"#,
+                r#"methods = ["GET"], auth = "key" }"#
+            ),
+            "ab".repeat(32)
+        );
+        assert!(restart_needed(&base, &m(&keys)).is_ok());
         // A canary's share moves without a restart; a new canary needs one
         // (its instances' ACLs must let the gateway in).
         let two = format!("{BASE}[services.b]\nrun = {{ command = [\"true\"] }}\n");
