@@ -29,7 +29,9 @@
 //!   with its `Last-Modified`, §4.3.1, unless the client sent conditions
 //!   of its own): a `304 Not Modified` updates its fields, makes it fresh
 //!   again and the client gets it whole, so an unchanged body never
-//!   crosses the network twice. An entry with validators is kept past its
+//!   crosses the network twice; a 304 about another response (another
+//!   tag or date, §4.3.4) refreshes nothing, and the request goes again
+//!   without conditions. An entry with validators is kept past its
 //!   freshness for that, until it is the least recently used. Besides:
 //! - A stale entry is served at once while one request fetches it again in
 //!   the background (RFC 5861's `stale-while-revalidate`), for as long
@@ -288,6 +290,32 @@ impl Validators {
 
     fn any(&self) -> bool {
         self.etag.is_some() || self.last_modified.is_some()
+    }
+
+    /// Whether `not_modified`, the instance's `304` to a request asking
+    /// with these, is about the response that has them (RFC 9111 §4.3.4):
+    /// its entity tag, if it sent one, is theirs (compared weakly, as
+    /// `If-None-Match` is), else its `Last-Modified`, if it sent one, is
+    /// the same time. A 304 with neither is taken as about it, as nginx
+    /// and most caches take it: it answered this response's validators.
+    fn answered_by(&self, not_modified: &Reply) -> bool {
+        if let Some(tag) = not_modified.values(&ETAG).next() {
+            let opaque = |tag: &[u8]| {
+                let tag = tag.trim_ascii();
+                tag.strip_prefix(b"W/").unwrap_or(tag).to_vec()
+            };
+            return self
+                .etag
+                .as_ref()
+                .is_some_and(|kept| opaque(kept.as_bytes()) == opaque(tag));
+        }
+        if let Some(modified) = not_modified.values(&LAST_MODIFIED).next() {
+            return self.last_modified.as_ref().is_some_and(|kept| {
+                let kept = http_date(Some(kept.as_bytes()));
+                kept.is_some() && kept == http_date(Some(modified))
+            });
+        }
+        true
     }
 }
 
@@ -733,6 +761,10 @@ pub(crate) struct Miss {
     detached: bool,
     /// Whether it asks with `stale`'s validators ([`Miss::ask_if_changed`]).
     validating: bool,
+    /// When `validating`, the request as it was before it asked: sent
+    /// again if the instance's `304` is about another response than the
+    /// kept one. Boxed: only a revalidation holds one.
+    again: Option<Box<Request<Body>>>,
 }
 
 /// How a kept response goes to the client that asked: without its body
@@ -814,6 +846,7 @@ impl RouteCache {
             form,
             detached: false,
             validating: false,
+            again: None,
         };
         if method != Method::GET && method != Method::HEAD {
             let unsafe_method = !matches!(*method, Method::OPTIONS | Method::TRACE);
@@ -926,12 +959,40 @@ impl Miss {
     /// Takes the response to the forwarded request: says why it was
     /// forwarded, and keeps it (as its body streams to the client) when it
     /// may be kept; a successful unsafe request drops the path's entries.
-    pub(crate) fn keep(mut self, cache: &RouteCache, reply: &mut Reply, now: Instant) {
+    ///
+    /// A `304` about another response than the kept one (RFC 9111 §4.3.4:
+    /// another entity tag, or another `Last-Modified`) refreshes nothing:
+    /// the kept response is dropped, and what comes back is the request to
+    /// send again without conditions, with this as its miss (no longer
+    /// validating, with nothing to stand in), to keep what that answers.
+    #[must_use = "a request to send again must be sent"]
+    pub(crate) fn keep(
+        mut self,
+        cache: &RouteCache,
+        reply: &mut Reply,
+        now: Instant,
+    ) -> Option<(Miss, Request<Body>)> {
         let status = reply.res.status();
         if self.validating {
             if status == StatusCode::NOT_MODIFIED {
-                cache.stats.revalidated("unchanged");
-                return self.refresh(cache, reply, now);
+                let about_kept = self
+                    .stale
+                    .as_ref()
+                    .is_none_or(|kept| kept.validators.answered_by(reply));
+                match self.again.take() {
+                    Some(again) if !about_kept => {
+                        cache.stats.revalidated("changed");
+                        cache.store.invalidate(&self.key);
+                        self.stale = None;
+                        self.validating = false;
+                        return Some((self, *again));
+                    }
+                    _ => {
+                        cache.stats.revalidated("unchanged");
+                        self.refresh(cache, reply, now);
+                        return None;
+                    }
+                }
             }
             if !status.is_server_error() {
                 cache.stats.revalidated("changed");
@@ -940,7 +1001,7 @@ impl Miss {
         if let Some(stale) = self.stand_in(status, now) {
             tracing::warn!(target: "flotilla::gateway", status = status.as_u16(), "the instance failed; a kept response past its freshness stands in (stale-if-error)");
             *reply = stale;
-            return;
+            return None;
         }
         let collapsed = if self.collapsed { "; collapsed=?0" } else { "" };
         let said = HeaderValue::from_str(&format!(
@@ -957,21 +1018,23 @@ impl Miss {
         }
         // After the entry took its copy of the fields: a hit says its own.
         reply.fields().append(CACHE_STATUS.clone(), said);
+        None
     }
 
-    /// Asks the instance, in the forwarded request's `fields`, for the
+    /// Asks the instance, in the forwarded request `req`, for the
     /// response only if it differs from the stale one kept for it
     /// (`If-None-Match` with its `ETag`, `If-Modified-Since` with its
     /// `Last-Modified`), as nginx's `proxy_cache_revalidate` does: a `304`
     /// then makes the kept response fresh again ([`Miss::keep`]) without
     /// its body crossing the network. Not when the client asks with
     /// conditions of its own, whose answer is for it; a background fetch
-    /// drops the client's, since the client has its answer.
-    pub(crate) fn ask_if_changed(&mut self, fields: &mut HeaderMap) {
+    /// drops the client's, since the client has its answer. Not for a
+    /// request with a body, which could not be sent again.
+    pub(crate) fn ask_if_changed(&mut self, req: &mut Request<Body>) {
         let Some(validators) = self.stale.as_ref().map(|e| &e.validators) else {
             return;
         };
-        if !validators.any() {
+        if !validators.any() || !req.body().is_end_stream() {
             return;
         }
         let conditions = [
@@ -981,6 +1044,7 @@ impl Miss {
             IF_UNMODIFIED_SINCE,
             IF_RANGE,
         ];
+        let fields = req.headers_mut();
         if self.detached {
             for name in &conditions {
                 fields.remove(name);
@@ -988,6 +1052,13 @@ impl Miss {
         } else if conditions.iter().any(|name| fields.contains_key(name)) {
             return;
         }
+        let mut again = Request::new(body::empty());
+        *again.method_mut() = req.method().clone();
+        *again.uri_mut() = req.uri().clone();
+        *again.version_mut() = req.version();
+        *again.headers_mut() = req.headers().clone();
+        self.again = Some(Box::new(again));
+        let fields = req.headers_mut();
         if let Some(etag) = &validators.etag {
             fields.insert(IF_NONE_MATCH, etag.clone());
         }
@@ -1704,7 +1775,10 @@ mod tests {
                 .insert(CACHE_CONTROL, HeaderValue::from_static(said));
         }
         let mut reply = Reply::from(res);
-        miss.keep(cache, &mut reply, now);
+        assert!(
+            miss.keep(cache, &mut reply, now).is_none(),
+            "only a 304 is sent again"
+        );
         let _ = reply.res.into_body().collect().await;
         cache
             .store

@@ -365,7 +365,7 @@ pub(crate) fn handle<'a>(
                     if let Some(mut refresh) = refresh
                         && prepare(route, &mut req).is_ok()
                     {
-                        refresh.ask_if_changed(req.headers_mut());
+                        refresh.ask_if_changed(&mut req);
                         revalidate(
                             proxy.detached(),
                             req,
@@ -396,7 +396,7 @@ pub(crate) fn handle<'a>(
             return finish.reject(rejection);
         }
         if let Some(miss) = &mut miss {
-            miss.ask_if_changed(req.headers_mut());
+            miss.ask_if_changed(&mut req);
         }
         // A WebSocket is a conversation with one instance: never copied.
         // Boxed: the rare path would otherwise make every request's
@@ -410,8 +410,27 @@ pub(crate) fn handle<'a>(
                     Handoff::hold(&reply.res, slot);
                 }
                 *upstream = Some(answered);
-                if let (Some(miss), Some(cache)) = (miss, &route.policy.cache) {
-                    miss.keep(cache, &mut reply, clock::now());
+                // Boxed, as the mirror's: only a revalidation that the
+                // instance answered about another response fetches again.
+                // Made in a closure, so that neither the miss nor the
+                // request takes room in this future.
+                let again = match (miss, &route.policy.cache) {
+                    (Some(miss), Some(cache)) => {
+                        miss.keep(cache, &mut reply, clock::now())
+                            .map(|(miss, again)| {
+                                Box::pin(fetch_again(proxy, again, conn, route, client, miss))
+                            })
+                    }
+                    _ => None,
+                };
+                if let Some(fetched) = again {
+                    match fetched.await {
+                        Ok((fetched, answered)) => {
+                            reply = fetched;
+                            *upstream = Some(answered);
+                        }
+                        Err(rejection) => return finish.reject(rejection),
+                    }
                 }
                 if let Some(place) = place {
                     // In flight until the client has the whole response.
@@ -471,11 +490,32 @@ fn prepare(route: &Route, req: &mut Request<Body>) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// Forwards `req` again, without the kept response's validators: the
+/// instance answered them with a `304` about another response
+/// ([`Miss::keep`]). What it answers now is kept as any miss's would be.
+#[cold]
+#[inline(never)]
+async fn fetch_again(
+    proxy: &Proxy,
+    req: Request<Body>,
+    conn: ConnInfo,
+    route: &Route,
+    client: ClientAddr,
+    miss: Miss,
+) -> Result<(Reply, Upstream), Rejection> {
+    let (mut reply, answered) = proxy.forward(req, conn, route, client).await?;
+    if let Some(cache) = &route.policy.cache {
+        // No longer asking with validators: never sent a third time.
+        let _ = miss.keep(cache, &mut reply, clock::now());
+    }
+    Ok((reply, answered))
+}
+
 /// Forwards `req`, whose client was answered with a stale response, from
 /// a task of its own, and keeps what the instance answers
 /// (`stale-while-revalidate`). If the fetch fails, the stale response
-/// stays, and the claim goes with the task, so that the next request
-/// tries again.
+/// stays (unless a 304 about another response disowned it), and the
+/// claim goes with the task, so that the next request tries again.
 #[cold]
 #[inline(never)]
 fn revalidate(
@@ -490,17 +530,26 @@ fn revalidate(
         let Some(cache) = &route.policy.cache else {
             return;
         };
-        match proxy.forward(req, conn, &route, client).await {
-            Ok((mut reply, _answered)) => {
-                refresh.keep(cache, &mut reply, clock::now());
-                // The response is kept as its body ends: read it to there,
-                // no longer than the route may take.
-                let body = http_body_util::BodyExt::collect(reply.res.into_body());
-                let _ = tokio::time::timeout(route.timeout, body).await;
+        let (mut req, mut refresh) = (req, refresh);
+        loop {
+            match proxy.forward(req, conn, &route, client).await {
+                Ok((mut reply, _answered)) => {
+                    if let Some(again) = refresh.keep(cache, &mut reply, clock::now()) {
+                        // A 304 about another response: fetched whole now
+                        // (at most once more: the second asks with nothing).
+                        (refresh, req) = again;
+                        continue;
+                    }
+                    // The response is kept as its body ends: read it to
+                    // there, no longer than the route may take.
+                    let body = http_body_util::BodyExt::collect(reply.res.into_body());
+                    let _ = tokio::time::timeout(route.timeout, body).await;
+                }
+                Err(rejection) => {
+                    tracing::debug!(target: "flotilla::gateway", route = route.pattern.as_str(), error = %rejection, "a background fetch of a stale response failed");
+                }
             }
-            Err(rejection) => {
-                tracing::debug!(target: "flotilla::gateway", route = route.pattern.as_str(), error = %rejection, "a background fetch of a stale response failed; it stays");
-            }
+            return;
         }
     });
 }

@@ -740,7 +740,7 @@ async fn a_stale_response_is_served_while_one_request_fetches_it_again() {
             assert!(cache_status(reply).starts_with("flotilla; hit; ttl="));
         }
     }
-    wait_until("the one background fetch", || up.hits() == 2).await;
+    wait_until("the background fetch", || up.hits() >= 2).await;
     let fresh = get_until(&client, "/swr/a", &[], "was fetched again", |said| {
         !said.contains("stale")
     })
@@ -922,6 +922,133 @@ async fn a_stale_response_is_asked_about_with_its_validators() {
     assert_eq!(reply.status, StatusCode::OK);
     let echoed: serde_json::Value = ok(serde_json::from_slice(&reply.body), "echo");
     assert_eq!(echoed["headers"]["if-none-match"], "\"mine\"", "{echoed}");
+    gateway.shutdown(T).await;
+}
+
+/// A field the instance is asked to answer with, and its value.
+type Field = (&'static str, &'static str);
+
+/// Kept with `kept` (an `ETag` or a `Last-Modified`), then answered
+/// `304` with `other`, as an instance would about another response.
+const MISMATCHES: [(&str, Field, Field); 2] = [
+    (
+        "tagged",
+        ("x-reply-etag", "\"v1\""),
+        ("x-reply-etag", "W/\"v2\""),
+    ),
+    (
+        "dated",
+        ("x-reply-last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"),
+        ("x-reply-last-modified", "Mon, 07 Nov 1994 08:49:37 GMT"),
+    ),
+];
+
+/// That `reply` was fetched without conditions, and carries `field`.
+fn fetched_whole(reply: &Reply, field: (&str, &str)) {
+    assert_eq!(reply.status, StatusCode::OK);
+    let name = field.0.strip_prefix("x-reply-").unwrap_or(field.0);
+    assert_eq!(reply.header(name), field.1);
+    let echoed: serde_json::Value = ok(serde_json::from_slice(&reply.body), "echo");
+    for condition in ["if-none-match", "if-modified-since"] {
+        assert!(
+            echoed["headers"].get(condition).is_none(),
+            "sent again without conditions: {echoed}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_304_about_another_response_is_fetched_again_whole() {
+    let registry = Registry::new();
+    let (gateway, up) = own_route(&registry, "mismatch", MINUTE).await;
+    let client = Client::new(&gateway);
+    for (name, kept, other) in MISMATCHES {
+        let path = format!("/mismatch/{name}");
+        let changed_before = revalidations("mismatch", "changed");
+        let fields = [kept, ("x-reply-cache-control", "max-age=1")];
+        let first = client
+            .request(Method::GET, &path, &fields, Bytes::new())
+            .await;
+        assert_eq!(first.status, StatusCode::OK);
+        let (hits, not_modified) = (up.hits(), up.not_modified());
+
+        // Stale: asked about with `kept`, answered 304 about `other`. The
+        // kept response is not the instance's: the client gets the
+        // instance's own, fetched again, and that is what is kept now.
+        let fields = [
+            other,
+            ("x-reply-cache-control", "max-age=60"),
+            ("x-not-modified-anyway", "1"),
+        ];
+        let fetched = when_stale(&client, &path, &fields).await;
+        fetched_whole(&fetched, other);
+        assert_eq!(
+            cache_status(&fetched),
+            "flotilla; fwd=stale; fwd-status=200",
+            "{path}"
+        );
+        assert_eq!(up.not_modified(), not_modified + 1, "{path}");
+        assert_eq!(up.hits(), hits + 2, "{path}: the 304, then the whole");
+        assert_eq!(revalidations("mismatch", "changed"), changed_before + 1);
+        let again = client.get(&path).await;
+        assert!(cache_status(&again).contains("hit"), "{path}");
+        assert_eq!(again.body, fetched.body, "{path}");
+        assert_eq!(up.hits(), hits + 2);
+    }
+
+    // A 304 whose tag is the kept one's, weakly compared, still makes it
+    // fresh.
+    let fields = [
+        ("x-reply-etag", "\"w1\""),
+        ("x-reply-cache-control", "max-age=1"),
+    ];
+    let first = client
+        .request(Method::GET, "/mismatch/weak", &fields, Bytes::new())
+        .await;
+    let fields = [
+        ("x-reply-etag", "W/\"w1\""),
+        ("x-reply-cache-control", "max-age=60"),
+        ("x-not-modified-anyway", "1"),
+    ];
+    let refreshed = when_stale(&client, "/mismatch/weak", &fields).await;
+    assert_eq!(refreshed.body, first.body);
+    assert!(
+        cache_status(&refreshed).contains("fwd-status=304"),
+        "{}",
+        cache_status(&refreshed)
+    );
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn a_background_fetch_answered_about_another_response_fetches_it_whole() {
+    let registry = Registry::new();
+    let (gateway, up) = own_route(&registry, "bgmismatch", SWR).await;
+    let client = Client::new(&gateway);
+    for (name, kept, other) in MISMATCHES {
+        let path = format!("/bgmismatch/{name}");
+        let fields = [kept, ("x-reply-cache-control", "max-age=1")];
+        let first = client
+            .request(Method::GET, &path, &fields, Bytes::new())
+            .await;
+        let hits = up.hits();
+        let fields = [
+            other,
+            ("x-reply-cache-control", "max-age=60"),
+            ("x-not-modified-anyway", "1"),
+        ];
+        let stale = get_until(&client, &path, &fields, "went stale", |said| {
+            said.contains("stale-while-revalidate")
+        })
+        .await;
+        assert_eq!(stale.body, first.body, "{path}: the stale one, at once");
+        let fresh = get_until(&client, &path, &[], "was fetched whole", |said| {
+            said.contains("hit") && !said.contains("stale")
+        })
+        .await;
+        fetched_whole(&fresh, other);
+        assert_eq!(up.hits(), hits + 2, "{path}: the 304, then the whole");
+    }
     gateway.shutdown(T).await;
 }
 

@@ -92,7 +92,9 @@ struct UpstreamState {
 /// containing `forge` also carry the fields only the gateway may set
 /// ([`FORGED`]). A GET whose `If-None-Match` is the `x-reply-etag` it asks
 /// for (or, without one, whose `If-Modified-Since` is its
-/// `x-reply-last-modified`) is answered `304 Not Modified`. Field names go out in title case (`Content-Type`), as
+/// `x-reply-last-modified`) is answered `304 Not Modified`, and so is any
+/// conditional GET with `x-not-modified-anyway` (an instance answering
+/// about another response than the one asked about). Field names go out in title case (`Content-Type`), as
 /// many servers write them.
 pub struct Upstream {
     pub name: String,
@@ -266,12 +268,15 @@ async fn handle(
             .map(|(_, v)| v.as_bytes())
     };
     let asked = |name: &str| req.headers().get(name).map(http::HeaderValue::as_bytes);
-    let unchanged = match asked("if-none-match") {
-        Some(tags) => told("etag").is_some_and(|tag| tags == tag),
-        None => {
-            asked("if-modified-since").is_some_and(|since| told("last-modified") == Some(since))
-        }
-    };
+    let anyway = asked("x-not-modified-anyway").is_some()
+        && (asked("if-none-match").is_some() || asked("if-modified-since").is_some());
+    let unchanged = anyway
+        || match asked("if-none-match") {
+            Some(tags) => told("etag").is_some_and(|tag| tags == tag),
+            None => {
+                asked("if-modified-since").is_some_and(|since| told("last-modified") == Some(since))
+            }
+        };
     if unchanged {
         state.not_modified.fetch_add(1, Ordering::SeqCst);
         let mut res = Response::new(Full::new(Bytes::new()));
