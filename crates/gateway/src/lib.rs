@@ -160,6 +160,9 @@ pub struct Gateway {
     local_addr: SocketAddr,
     routing: Arc<routing::RoutingState>,
     context: routing::Context,
+    /// The retry and ejection settings every worker's proxy reads, and
+    /// each service's state: a reload changes the settings in place.
+    resilience: Arc<resilience::Resilience>,
     /// Serialises reloads, so each builds on the one before.
     reloading: std::sync::Mutex<()>,
     /// `https` when TLS is terminated here, else `http`.
@@ -240,6 +243,9 @@ impl Gateway {
         let clients = (0..config.limits.workers)
             .map(|_| outbound::Outbound::new(connector.clone()))
             .collect();
+        let resilience = Arc::new(resilience::Resilience::new(
+            resilience::Settings::from_limits(&config.limits),
+        ));
         let stacks = server::stacks(
             &config.limits,
             config.tls.as_ref().and_then(|t| t.hsts),
@@ -247,6 +253,7 @@ impl Gateway {
             sink,
             upstreams,
             clients,
+            Arc::clone(&resilience),
         );
         let (stopping, _) = tokio::sync::watch::channel(());
         let certificates = config
@@ -290,6 +297,7 @@ impl Gateway {
             redirect,
             routing,
             context,
+            resilience,
             reloading: std::sync::Mutex::new(()),
             stop,
             task,
@@ -315,21 +323,26 @@ impl Gateway {
     }
 
     /// Atomically replaces the routes, the static directory and every
-    /// policy (JWT, CORS, IP lists, rate limits, body limits). Requests in
-    /// flight finish with the configuration they started with; connections
-    /// stay open and their next request uses the new one. Rate-limit
-    /// counters of unchanged limits and the JWT keys of an unchanged JWT
-    /// config carry over.
+    /// policy (JWT, CORS, IP lists, rate limits, body limits, retries and
+    /// outlier detection). Requests in flight finish with the configuration
+    /// they started with; connections stay open and their next request uses
+    /// the new one. Rate-limit counters of unchanged limits and the JWT keys
+    /// of an unchanged JWT config carry over, and so do the retry budgets
+    /// spent and the instances ejected (under the new rules from their next
+    /// decision on).
     ///
     /// An invalid `config` is refused with its error and the old one stays.
-    /// `listen`, `tls`, `access_log` and `limits` (except `max_body_bytes`) are
-    /// fixed at start; changing them needs a new gateway. Must be called
-    /// from within the tokio runtime.
+    /// `listen`, `tls`, `access_log` and `limits` (except `max_body_bytes`,
+    /// the retry settings and the outlier detection's) are fixed at start;
+    /// changing them needs a new gateway. Must be called from within the
+    /// tokio runtime.
     pub fn reload(&self, config: Config) -> Result<(), ConfigError> {
         let _serial = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.routing.current();
         let next = routing::Routing::build(&config, Some(&current), &self.context)?;
         self.routing.replace(next);
+        self.resilience
+            .update(resilience::Settings::from_limits(&config.limits));
         tracing::info!(
             target: "flotilla::gateway",
             routes = config.routes.len(),

@@ -37,7 +37,7 @@ use crate::headers::Forwarding;
 use crate::outbound::{OutBody, Outbound, SendError, UpstreamRequest};
 use crate::rejection::Rejection;
 use crate::relayed::Reply;
-use crate::resilience::{Resilience, ServiceHealth, Settings};
+use crate::resilience::{Resilience, ServiceHealth};
 use crate::routes::Route;
 use crate::server::ConnInfo;
 use crate::stats;
@@ -74,7 +74,6 @@ static IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempo
 pub(crate) struct Proxy {
     upstreams: Arc<dyn Upstreams>,
     client: Outbound,
-    max_retries: u32,
     retry_body_limit: usize,
     /// Shared by every worker's proxy: outliers and retry budgets are
     /// per instance and per service, not per thread.
@@ -103,13 +102,19 @@ enum Failure {
 }
 
 impl Proxy {
-    pub(crate) fn new(upstreams: Arc<dyn Upstreams>, client: Outbound, limits: &Limits) -> Proxy {
+    /// `resilience` holds the retry and ejection settings (which a reload
+    /// may change) and every service's state.
+    pub(crate) fn new(
+        upstreams: Arc<dyn Upstreams>,
+        client: Outbound,
+        limits: &Limits,
+        resilience: Arc<Resilience>,
+    ) -> Proxy {
         Proxy {
             upstreams,
             client,
-            max_retries: limits.max_retries,
             retry_body_limit: limits.retry_body_limit,
-            resilience: Arc::new(Resilience::new(Settings::from_limits(limits))),
+            resilience,
             background: tokio::runtime::Handle::try_current().ok(),
         }
     }
@@ -126,7 +131,6 @@ impl Proxy {
         Proxy {
             upstreams: Arc::clone(&self.upstreams),
             client,
-            max_retries: self.max_retries,
             retry_body_limit: self.retry_body_limit,
             resilience: Arc::clone(&self.resilience),
             background: self.background.clone(),
@@ -166,7 +170,9 @@ impl Proxy {
             let retryable = is_idempotent(&req.parts.method)
                 || (req.parts.method == Method::POST
                     && req.parts.headers.contains_key(&IDEMPOTENCY_KEY));
-            let max_retries = route.retries.unwrap_or(self.max_retries);
+            let max_retries = route
+                .retries
+                .unwrap_or_else(|| self.resilience.max_retries());
             let mut outgoing = match self.outgoing(retryable && max_retries > 0, body) {
                 Ok(outgoing) => outgoing,
                 // Only a body to buffer needs the deadline (and a timer) here.

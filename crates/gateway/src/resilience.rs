@@ -19,7 +19,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
@@ -29,8 +29,10 @@ use crate::config::Limits;
 use crate::stats;
 use crate::upstream::Endpoint;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Settings {
+    /// Retries per request, for routes that set none of their own.
+    max_retries: u32,
     ratio: f64,
     min_per_second: u32,
     consecutive: u32,
@@ -41,6 +43,7 @@ pub(crate) struct Settings {
 impl Settings {
     pub(crate) fn from_limits(l: &Limits) -> Settings {
         Settings {
+            max_retries: l.max_retries,
             ratio: l.retry_budget_ratio,
             min_per_second: l.retry_budget_min_per_second,
             consecutive: l.outlier_consecutive_failures,
@@ -50,21 +53,95 @@ impl Settings {
     }
 }
 
+/// The settings in force, which a reload changes in place: every
+/// service's health reads them as it decides, so that a new retry budget
+/// or ejection rule applies at once, with the counts and ejections so far
+/// kept. Each an atomic of its own: a decision that reads some before a
+/// reload and some after acts on values that are each valid.
+#[derive(Debug)]
+struct Live {
+    max_retries: AtomicU32,
+    ratio: AtomicU64,
+    min_per_second: AtomicU32,
+    consecutive: AtomicU32,
+    base_nanos: AtomicU64,
+    max_nanos: AtomicU64,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Live {
+    fn new(settings: Settings) -> Live {
+        let live = Live {
+            max_retries: AtomicU32::new(0),
+            ratio: AtomicU64::new(0),
+            min_per_second: AtomicU32::new(0),
+            consecutive: AtomicU32::new(0),
+            base_nanos: AtomicU64::new(0),
+            max_nanos: AtomicU64::new(0),
+        };
+        live.set(settings);
+        live
+    }
+
+    fn set(&self, s: Settings) {
+        self.max_retries.store(s.max_retries, Ordering::Relaxed);
+        self.ratio.store(s.ratio.to_bits(), Ordering::Relaxed);
+        self.min_per_second
+            .store(s.min_per_second, Ordering::Relaxed);
+        self.consecutive.store(s.consecutive, Ordering::Relaxed);
+        self.base_nanos.store(nanos(s.base), Ordering::Relaxed);
+        self.max_nanos.store(nanos(s.max), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Settings {
+        Settings {
+            max_retries: self.max_retries.load(Ordering::Relaxed),
+            ratio: f64::from_bits(self.ratio.load(Ordering::Relaxed)),
+            min_per_second: self.min_per_second.load(Ordering::Relaxed),
+            consecutive: self.consecutive.load(Ordering::Relaxed),
+            base: Duration::from_nanos(self.base_nanos.load(Ordering::Relaxed)),
+            max: Duration::from_nanos(self.max_nanos.load(Ordering::Relaxed)),
+        }
+    }
+}
+
 /// Every service's health, created on first use.
 pub(crate) struct Resilience {
-    settings: Settings,
+    settings: Arc<Live>,
     epoch: Instant,
     /// foldhash: service names come from the manifest, not from clients.
     services: RwLock<HashMap<String, Arc<ServiceHealth>, foldhash::fast::RandomState>>,
 }
 
+impl std::fmt::Debug for Resilience {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resilience")
+            .field("settings", &self.settings.get())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Resilience {
     pub(crate) fn new(settings: Settings) -> Resilience {
         Resilience {
-            settings,
+            settings: Arc::new(Live::new(settings)),
             epoch: Instant::now(),
             services: RwLock::new(HashMap::default()),
         }
+    }
+
+    /// Puts `settings` in force for every service (a reload), from its
+    /// next decision on; what each has counted and ejected so far stays.
+    pub(crate) fn update(&self, settings: Settings) {
+        self.settings.set(settings);
+    }
+
+    /// Retries per request, for a route that sets none of its own.
+    pub(crate) fn max_retries(&self) -> u32 {
+        self.settings.max_retries.load(Ordering::Relaxed)
     }
 
     pub(crate) fn service(&self, name: &str) -> Arc<ServiceHealth> {
@@ -80,7 +157,7 @@ impl Resilience {
         Arc::clone(services.entry(name.to_string()).or_insert_with(|| {
             Arc::new(ServiceHealth {
                 name: name.to_string(),
-                settings: self.settings,
+                settings: Arc::clone(&self.settings),
                 epoch: self.epoch,
                 budget: Mutex::new(Budget::default()),
                 instances: Mutex::new(HashMap::new()),
@@ -162,7 +239,7 @@ impl HealthMemo {
 
 pub(crate) struct ServiceHealth {
     name: String,
-    settings: Settings,
+    settings: Arc<Live>,
     epoch: Instant,
     budget: Mutex<Budget>,
     instances: Mutex<HashMap<String, InstanceState>>,
@@ -191,7 +268,8 @@ impl ServiceHealth {
         let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
         b.roll(second);
         let rate = b.requests.max(b.previous_requests) as f64;
-        let allowed = (rate * self.settings.ratio).max(f64::from(self.settings.min_per_second));
+        let settings = self.settings.get();
+        let allowed = (rate * settings.ratio).max(f64::from(settings.min_per_second));
         if (b.retries as f64) < allowed {
             b.retries += 1;
             true
@@ -218,14 +296,13 @@ impl ServiceHealth {
             return;
         }
         let now = crate::clock::now();
+        let max = self.settings.get().max;
         let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
         let forget = match instances.get_mut(instance) {
             Some(s) => {
                 s.consecutive = 0;
                 // Back in for `max` since its last ejection ended: forgiven.
-                let forgiven = s
-                    .ejected_until
-                    .is_none_or(|until| now >= until + self.settings.max);
+                let forgiven = s.ejected_until.is_none_or(|until| now >= until + max);
                 if forgiven {
                     s.ejections = 0;
                     s.ejected_until = None;
@@ -244,6 +321,7 @@ impl ServiceHealth {
     /// now (so that the last one standing is never ejected).
     pub(crate) fn failure(&self, instance: &str, ready: &[Endpoint]) {
         let now = crate::clock::now();
+        let settings = self.settings.get();
         let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
         let state = instances.entry(instance.to_string()).or_default();
         if state.ejected_until.is_some_and(|until| until > now) {
@@ -251,7 +329,7 @@ impl ServiceHealth {
             return;
         }
         state.consecutive += 1;
-        if state.consecutive < self.settings.consecutive {
+        if state.consecutive < settings.consecutive {
             self.tracked.store(instances.len(), Ordering::Release);
             return;
         }
@@ -272,17 +350,16 @@ impl ServiceHealth {
         }
         if state
             .ejected_until
-            .is_some_and(|until| now >= until + self.settings.max)
+            .is_some_and(|until| now >= until + settings.max)
         {
             state.ejections = 0;
         }
         state.ejections += 1;
         state.consecutive = 0;
-        let duration = self
-            .settings
+        let duration = settings
             .base
             .saturating_mul(state.ejections)
-            .min(self.settings.max);
+            .min(settings.max);
         state.ejected_until = Some(now + duration);
         stats::ejected(&self.name);
         tracing::warn!(
@@ -399,6 +476,36 @@ mod tests {
         assert!(s.is_ejected("a"));
         tokio::time::advance(Duration::from_secs(16)).await;
         assert!(!s.is_ejected("a"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_settings_apply_to_every_service_at_once_and_its_state_stays() {
+        let r = Resilience::new(settings());
+        let s = r.service("svc");
+        let ready = [endpoint("a"), endpoint("b")];
+        for _ in 0..3 {
+            s.failure("a", &ready);
+        }
+        assert!(!s.is_ejected("a"));
+        assert!(s.try_retry(), "the floor of 3 a second");
+        r.update(Settings {
+            max_retries: 0,
+            ratio: 0.0,
+            min_per_second: 1,
+            consecutive: 4,
+            base: Duration::from_secs(2),
+            max: Duration::from_secs(2),
+        });
+        assert_eq!(r.max_retries(), 0);
+        // The retry taken counts against the new floor of one.
+        assert!(!s.try_retry());
+        // The fourth failure, with the three before it, under the new rule.
+        s.failure("a", &ready);
+        assert!(s.is_ejected("a"));
+        tokio::time::advance(Duration::from_millis(2100)).await;
+        assert!(!s.is_ejected("a"), "ejected for the new base of 2 s");
+        // A service first asked about after the reload has them too.
+        assert_eq!(r.service("later").settings.get(), r.settings.get());
     }
 
     #[tokio::test(start_paused = true)]

@@ -57,6 +57,7 @@ use crate::proxy::Proxy;
 use crate::rejection::Rejection;
 use crate::relayed::Reply;
 use crate::request_id::{RequestId, X_REQUEST_ID};
+use crate::resilience::Resilience;
 use crate::routing::RoutingState;
 use crate::tls::Acceptor;
 use crate::transport::Transport;
@@ -144,6 +145,7 @@ pub(crate) fn stacks(
     access_log: Option<Arc<Sink>>,
     upstreams: Arc<dyn Upstreams>,
     clients: Vec<Outbound>,
+    resilience: Arc<Resilience>,
 ) -> Vec<Stack> {
     stats::describe();
     let log = AccessLog::new(access_log);
@@ -158,7 +160,7 @@ pub(crate) fn stacks(
     let Some(first) = clients.next() else {
         return Vec::new();
     };
-    let first = Proxy::new(upstreams, first, limits);
+    let first = Proxy::new(upstreams, first, limits, resilience);
     let others: Vec<Proxy> = clients.map(|client| first.with_client(client)).collect();
     std::iter::once(first)
         .chain(others)
@@ -744,6 +746,9 @@ mod tests {
             Some(sink),
             Arc::clone(&upstreams),
             vec![outbound::Outbound::new(connector)],
+            Arc::new(Resilience::new(crate::resilience::Settings::from_limits(
+                &limits,
+            ))),
         )
         .pop() else {
             panic!("no stack for one client");

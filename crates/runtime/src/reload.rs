@@ -2,8 +2,8 @@
 //! gateway owns — each route's auth, scopes, claims, rate limit, CORS, IP
 //! list, body limit, header changes, timeout, cache, `max_in_flight` and
 //! `match_headers`, and the gateway's JWT, API keys,
-//! CORS, IP, rate-limit and header-change settings — without dropping a
-//! request or a kept-alive connection.
+//! CORS, IP, rate-limit, header-change, retry and outlier detection
+//! settings — without dropping a request or a kept-alive connection.
 //!
 //! Everything else needs a restart, and a change that touches it is refused
 //! as a whole (the running configuration stays) with a message saying so:
@@ -86,9 +86,27 @@ fn apply(watched: &Watched, gateway: &Gateway) -> Result<(Manifest, GatewayConfi
     config.access_log = watched.base.access_log.clone();
     config.upstream_tls = watched.base.upstream_tls.clone();
     config.tls = watched.base.tls.clone();
-    config.limits = watched.base.limits.clone();
+    config.limits = reloadable_limits(&watched.base.limits, &config.limits);
     gateway.reload(config.clone()).map_err(|e| e.to_string())?;
     Ok((next, config))
+}
+
+/// The limits the gateway started with, but the retry and outlier
+/// detection settings of `fresh` (the new file's): those the gateway takes
+/// without a restart.
+fn reloadable_limits(
+    base: &flotilla_gateway::Limits,
+    fresh: &flotilla_gateway::Limits,
+) -> flotilla_gateway::Limits {
+    flotilla_gateway::Limits {
+        max_retries: fresh.max_retries,
+        retry_budget_ratio: fresh.retry_budget_ratio,
+        retry_budget_min_per_second: fresh.retry_budget_min_per_second,
+        outlier_consecutive_failures: fresh.outlier_consecutive_failures,
+        outlier_base_ejection: fresh.outlier_base_ejection,
+        outlier_max_ejection: fresh.outlier_max_ejection,
+        ..base.clone()
+    }
 }
 
 /// Why `next` cannot be applied to a system running `current`, if it can't.
@@ -110,13 +128,10 @@ fn restart_needed(current: &Manifest, next: &Manifest) -> Result<(), String> {
     if next.gateway.tls != current.gateway.tls {
         return Err("the gateway's `[gateway.tls]` changed: restart to apply (a renewed certificate written over the same files is taken without one)".into());
     }
-    // Read by the listener, the workers and each service's retry and
-    // ejection state, all made once at start.
-    if next.gateway.limits != current.gateway.limits
-        || next.gateway.retries != current.gateway.retries
-        || next.gateway.outlier_detection != current.gateway.outlier_detection
-    {
-        return Err("`[gateway.limits]`, `[gateway.retries]` or `[gateway.outlier_detection]` changed: restart to apply".into());
+    // Read by the listener and the workers, made once at start. (The
+    // retry and outlier detection settings are changed in place.)
+    if next.gateway.limits != current.gateway.limits {
+        return Err("`[gateway.limits]` changed: restart to apply".into());
     }
     let names = |m: &Manifest| m.services.keys().cloned().collect::<Vec<_>>();
     if names(next) != names(current) {
@@ -266,7 +281,7 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
     }
 
     #[test]
-    fn changed_gateway_limits_retries_or_ejection_need_a_restart() {
+    fn changed_gateway_limits_need_a_restart_retries_and_ejection_do_not() {
         let base = m(BASE);
         let with = |table: &str| {
             m(&format!(
@@ -274,15 +289,48 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
                 BASE.trim_start_matches("name = \"x\"\n")
             ))
         };
+        let limits = "limits]\nmax_in_flight = 500";
+        let why = restart_needed(&base, &with(limits)).unwrap_err();
+        assert!(why.contains("`[gateway.limits]` changed"), "{why}");
+        assert!(restart_needed(&with(limits), &with(limits)).is_ok());
         for table in [
-            "limits]\nmax_in_flight = 500",
             "retries]\nattempts = 0",
             "outlier_detection]\nbase_ejection = \"10s\"",
         ] {
-            let why = restart_needed(&base, &with(table)).unwrap_err();
-            assert!(why.contains("restart to apply"), "{table}: {why}");
-            assert!(restart_needed(&with(table), &with(table)).is_ok());
+            assert!(restart_needed(&base, &with(table)).is_ok(), "{table}");
         }
+    }
+
+    #[test]
+    fn a_reload_takes_the_new_retry_and_ejection_settings_and_keeps_the_rest() {
+        let base = flotilla_gateway::Limits::default();
+        let fresh = flotilla_gateway::Limits {
+            max_in_flight: 7,
+            workers: 3,
+            max_retries: 0,
+            retry_budget_ratio: 0.5,
+            retry_budget_min_per_second: 9,
+            outlier_consecutive_failures: 2,
+            outlier_base_ejection: Duration::from_secs(1),
+            outlier_max_ejection: Duration::from_secs(2),
+            ..base.clone()
+        };
+        let applied = reloadable_limits(&base, &fresh);
+        assert_eq!(
+            (applied.max_in_flight, applied.workers),
+            (base.max_in_flight, base.workers)
+        );
+        assert_eq!(
+            (
+                applied.max_retries,
+                applied.retry_budget_ratio,
+                applied.retry_budget_min_per_second,
+                applied.outlier_consecutive_failures,
+                applied.outlier_base_ejection,
+                applied.outlier_max_ejection,
+            ),
+            (0, 0.5, 9, 2, Duration::from_secs(1), Duration::from_secs(2))
+        );
     }
 
     #[test]

@@ -175,14 +175,24 @@ async fn post_is_retried_only_with_an_idempotency_key() {
     gateway.shutdown(T).await;
 }
 
+/// Two instances of `service`, `<service>-a` and `-b`, answering every
+/// request 503.
+async fn two_answering_503(
+    registry: &std::sync::Arc<Registry>,
+    service: &str,
+) -> (Upstream, Upstream) {
+    let a = Upstream::start(&format!("{service}-a")).await;
+    let b = Upstream::start(&format!("{service}-b")).await;
+    a.set_status(503);
+    b.set_status(503);
+    registry.set(service, vec![a.endpoint(), b.endpoint()]);
+    (a, b)
+}
+
 #[tokio::test]
 async fn a_route_s_own_retries_replace_the_gateway_s() {
     let registry = Registry::new();
-    let a = Upstream::start("rr-a").await;
-    let b = Upstream::start("rr-b").await;
-    a.set_status(503);
-    b.set_status(503);
-    registry.set("rr", vec![a.endpoint(), b.endpoint()]);
+    let (a, b) = two_answering_503(&registry, "rr").await;
     let mut once = route("rr", "/once/**", &[], T);
     once.retries = Some(0);
     let mut cfg = config(vec![once, route("rr", "/again/**", &[], T)]);
@@ -202,6 +212,66 @@ async fn a_route_s_own_retries_replace_the_gateway_s() {
         assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(a.hits() + b.hits(), 3 + n);
     }
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn retries_and_ejections_follow_a_reload_with_their_state_kept() {
+    let registry = Registry::new();
+    let (a, b) = two_answering_503(&registry, "rlr").await;
+    let mut cfg = config(vec![route("rlr", "/**", &[], T)]);
+    cfg.limits = generous_budget();
+    cfg.limits.outlier_consecutive_failures = 1000;
+    let gateway = start(cfg.clone(), &registry).await;
+    let client = Client::new(&gateway);
+    let attempts = || a.hits() + b.hits();
+
+    // The gateway's retries (2): three attempts.
+    let reply = client.get("/x").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(attempts(), 3);
+
+    // None now: one attempt each, on the same connection.
+    cfg.limits.max_retries = 0;
+    ok(gateway.reload(cfg.clone()), "reload without retries");
+    for n in 1..=3 {
+        let reply = client.get("/x").await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(attempts(), 3 + n);
+    }
+
+    // An instance that fails twice in a row is out now: the next two
+    // failures of `a` (with what it failed before) eject it, and then
+    // every request goes to `b`.
+    cfg.limits.outlier_consecutive_failures = 2;
+    ok(
+        gateway.reload(cfg.clone()),
+        "reload with a stricter ejection",
+    );
+    let ejected = || metric_sum(&["flotilla_gateway_ejections_total", "service=\"rlr\""]);
+    for _ in 0..20 {
+        if ejected() > 0 {
+            break;
+        }
+        client.get("/x").await;
+    }
+    assert_eq!(ejected(), 1, "one of the two ejected, never both");
+    let (a_before, b_before) = (a.hits(), b.hits());
+    for _ in 0..10 {
+        client.get("/x").await;
+    }
+    let (a_more, b_more) = (a.hits() - a_before, b.hits() - b_before);
+    assert!(
+        (a_more, b_more) == (10, 0) || (a_more, b_more) == (0, 10),
+        "all to the one left in: a {a_more}, b {b_more}"
+    );
+
+    // An invalid setting is refused, and the last good ones stay.
+    cfg.limits.outlier_consecutive_failures = 0;
+    assert!(gateway.reload(cfg).is_err());
+    let before = attempts();
+    client.get("/x").await;
+    assert_eq!(attempts(), before + 1, "still no retries");
     gateway.shutdown(T).await;
 }
 

@@ -111,11 +111,22 @@ async fn the_manifests_gateway_limits_apply_and_a_change_waits_for_a_restart() {
             r#"methods = ["GET"] }"#,
             r#"methods = ["GET"], rate_limit = "1/h burst 1 per route" }"#,
         );
-    std::fs::write(&file, raised).unwrap();
+    std::fs::write(&file, &raised).unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await; // two polls: nothing may change
     assert_eq!(status_with_body(&gateway, 2000).await, 413);
     for _ in 0..3 {
         assert_eq!(status(&gateway).await, 200, "the rate limit came along");
     }
+
+    // Retries and outlier detection are taken without a restart: with the
+    // limit as it was, the edit (and its rate limit) applies.
+    let retuned = raised
+        .replace("max_body_bytes = 5000", "max_body_bytes = 1000")
+        .replace(
+            "[gateway.limits]",
+            "[gateway.retries]\nattempts = 0\n[gateway.outlier_detection]\nconsecutive_failures = 2\n[gateway.limits]",
+        );
+    std::fs::write(&file, retuned).unwrap();
+    wait_for_limit(&gateway, true).await;
     h.stop().await;
 }
