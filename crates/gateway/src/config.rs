@@ -95,6 +95,11 @@ pub struct RouteConfig {
     /// Bounds everything up to the upstream's response headers: waiting for
     /// an instance to activate, connecting, retries and the upstream's work.
     pub timeout: Duration,
+    /// How long each attempt may wait for the instance's response headers,
+    /// within `timeout`; one that takes longer is given up, and retried on
+    /// another instance when the request may be (Envoy's
+    /// `per_try_timeout`). `None`: an attempt may take all of `timeout`.
+    pub try_timeout: Option<Duration>,
     /// Who may call it (default: anyone).
     pub auth: RouteAuth,
     /// Requests allowed per client, user, header value or route.
@@ -135,6 +140,7 @@ impl RouteConfig {
             cache: None,
             methods: Vec::new(),
             timeout: Duration::from_secs(30),
+            try_timeout: None,
             auth: RouteAuth::Public,
             rate_limit: None,
             cors: None,
@@ -303,6 +309,10 @@ pub enum ConfigError {
     )]
     Mirror { route: String },
     #[error(
+        "route `{route}`: try_timeout must be longer than zero and shorter than the route's timeout, which every attempt shares"
+    )]
+    TryTimeout { route: String },
+    #[error(
         "{}{which} may not change `{name}`: {why}",
         route.as_ref().map(|r| format!("route `{r}`: ")).unwrap_or_default()
     )]
@@ -381,6 +391,14 @@ impl Config {
             })?;
         }
         for route in &self.routes {
+            if route
+                .try_timeout
+                .is_some_and(|t| t.is_zero() || t >= route.timeout)
+            {
+                return Err(ConfigError::TryTimeout {
+                    route: route.name(),
+                });
+            }
             // `optional` verifies tokens too, and keys `per user` limits by
             // the user when there is one (by address when not).
             let is_jwt = matches!(route.auth, RouteAuth::Optional | RouteAuth::Jwt { .. });
@@ -472,6 +490,7 @@ impl Config {
                     cache: route.cache.clone(),
                     methods: route.methods.clone(),
                     timeout: route.timeout,
+                    try_timeout: route.try_timeout,
                     auth: match &route.auth {
                         Auth::Public => RouteAuth::Public,
                         Auth::Optional => RouteAuth::Optional,

@@ -204,15 +204,33 @@ impl Proxy {
                     }
                 };
                 let may_retry = |retries: u32| can_retry && retries < max_retries;
+                // This attempt's own deadline (`try_timeout`), within the
+                // route's, which every attempt shares.
+                let attempt_deadline = route
+                    .try_timeout
+                    .map_or(deadline, |t| deadline.min(crate::clock::now() + t));
                 // Sent for the route's service: over mTLS, only an instance of
                 // it can take the request.
-                let sending = self
-                    .client
-                    .send(&route.service, endpoint.addr, &req, body, deadline);
-                let error = match sending.await {
+                let sending =
+                    self.client
+                        .send(&route.service, endpoint.addr, &req, body, attempt_deadline);
+                // Why this attempt is retried; every other outcome returns.
+                let reason = match sending.await {
                     Err(SendError::TimedOut) => {
                         health.failure(&endpoint.instance, &ready);
-                        return Err(timed_out());
+                        drop(guard);
+                        let Some(try_timeout) =
+                            route.try_timeout.filter(|_| attempt_deadline < deadline)
+                        else {
+                            return Err(timed_out());
+                        };
+                        if !may_retry(retries) || !health.try_retry() {
+                            return Err(Rejection::UpstreamTimeout {
+                                service: route.service.clone(),
+                                timeout: try_timeout,
+                            });
+                        }
+                        "try_timeout"
                     }
                     Ok(reply) => {
                         let status = reply.res.status();
@@ -229,60 +247,49 @@ impl Proxy {
                         if !may_retry(retries) || !health.try_retry() {
                             return Ok(relay(reply, ready, index, guard));
                         }
-                        drop(reply);
                         drop(guard);
-                        retries += 1;
-                        stats::retried(route.pattern.as_str(), &route.service, reason);
-                        tracing::debug!(
-                            target: "flotilla::gateway",
-                            service = %route.service,
-                            instance = %endpoint.instance,
-                            %status,
-                            retry = retries,
-                            "upstream answered {status}; retrying on another instance"
-                        );
-                        tried.push(endpoint.instance.clone());
-                        tokio::time::sleep_until(deadline.min(Instant::now() + backoff(retries)))
-                            .await;
-                        continue;
+                        reason
                     }
-                    Err(error) => error,
+                    Err(error) => {
+                        drop(guard);
+                        if let Some(limit) = body_limit_exceeded(&error, route) {
+                            return Err(Rejection::PayloadTooLarge { limit });
+                        }
+                        let failure = classify(&error);
+                        if failure != Failure::Other {
+                            health.failure(&endpoint.instance, &ready);
+                        }
+                        if failure == Failure::Other || !may_retry(retries) || !health.try_retry() {
+                            let service = route.service.clone();
+                            let source = Box::new(error);
+                            return Err(match failure {
+                                Failure::Connect => {
+                                    Rejection::UpstreamUnreachable { service, source }
+                                }
+                                Failure::ConnectionLost | Failure::Other => {
+                                    Rejection::BadGateway { service, source }
+                                }
+                            });
+                        }
+                        tracing::debug!(target: "flotilla::gateway", service = %route.service, instance = %endpoint.instance, error = %error, "upstream connection failed");
+                        match failure {
+                            Failure::Connect => "connect",
+                            _ => "connection_lost",
+                        }
+                    }
                 };
-                drop(guard);
-                if let Some(limit) = body_limit_exceeded(&error, route) {
-                    return Err(Rejection::PayloadTooLarge { limit });
-                }
-                let failure = classify(&error);
-                if failure != Failure::Other {
-                    health.failure(&endpoint.instance, &ready);
-                }
-                if failure != Failure::Other && may_retry(retries) && health.try_retry() {
-                    retries += 1;
-                    let reason = match failure {
-                        Failure::Connect => "connect",
-                        _ => "connection_lost",
-                    };
-                    stats::retried(route.pattern.as_str(), &route.service, reason);
-                    tracing::debug!(
-                        target: "flotilla::gateway",
-                        service = %route.service,
-                        instance = %endpoint.instance,
-                        error = %error,
-                        retry = retries,
-                        "upstream connection failed; retrying on another instance"
-                    );
-                    tried.push(endpoint.instance.clone());
-                    tokio::time::sleep_until(deadline.min(Instant::now() + backoff(retries))).await;
-                    continue;
-                }
-                let service = route.service.clone();
-                let source = Box::new(error);
-                return Err(match failure {
-                    Failure::Connect => Rejection::UpstreamUnreachable { service, source },
-                    Failure::ConnectionLost | Failure::Other => {
-                        Rejection::BadGateway { service, source }
-                    }
-                });
+                retries += 1;
+                stats::retried(route.pattern.as_str(), &route.service, reason);
+                tracing::debug!(
+                    target: "flotilla::gateway",
+                    service = %route.service,
+                    instance = %endpoint.instance,
+                    reason,
+                    retry = retries,
+                    "retrying on another instance"
+                );
+                tried.push(endpoint.instance.clone());
+                tokio::time::sleep_until(deadline.min(Instant::now() + backoff(retries))).await;
             }
         }
     }

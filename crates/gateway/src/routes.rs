@@ -46,6 +46,8 @@ pub(crate) struct Route {
     /// The request headers it is for (`match_headers`); empty: any.
     pub match_headers: Vec<(HeaderName, Vec<HeaderValue>)>,
     pub timeout: Duration,
+    /// How long one attempt may take, within `timeout` (`try_timeout`).
+    pub try_timeout: Option<Duration>,
     /// Retries after a failed attempt; `None`: the gateway's.
     pub retries: Option<u32>,
     /// Shared by the routes of one `split`.
@@ -189,6 +191,7 @@ impl RouteTable {
                 methods: c.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
                 match_headers: c.match_headers.clone(),
                 timeout: c.timeout,
+                try_timeout: c.try_timeout,
                 retries: c.retries,
                 policy,
                 mirrors,

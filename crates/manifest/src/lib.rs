@@ -231,6 +231,11 @@ pub struct Route {
     pub methods: Vec<String>,
     pub auth: Auth,
     pub timeout: Duration,
+    /// How long each attempt may wait for the instance's answer, within
+    /// `timeout`, before it is given up and (if the request may be) retried
+    /// on another instance: Envoy's `per_try_timeout`. `None`: an attempt
+    /// may take all of `timeout`.
+    pub try_timeout: Option<Duration>,
     /// A GCRA limit for this route.
     pub rate_limit: Option<RateLimit>,
     /// Cross-origin rules for this route, instead of the gateway's.

@@ -234,6 +234,7 @@ pub(crate) struct RawRoute {
     pub scopes: Option<Vec<Spanned<String>>>,
     pub claims: Option<Spanned<BTreeMap<String, Spanned<toml::Value>>>>,
     pub timeout: Option<Spanned<String>>,
+    pub try_timeout: Option<Spanned<String>>,
     pub rate_limit: Option<Spanned<String>>,
     pub cors: Option<Spanned<RawCors>>,
     pub request_headers: Option<Spanned<RawHeaderChanges>>,

@@ -1037,6 +1037,25 @@ fn route(
         Some(t) => ctx.duration(t, "timeout")?,
         None => ctx.route_timeout,
     };
+    let try_timeout = match &raw.try_timeout {
+        Some(t) => {
+            let try_timeout = ctx.duration(t, "try_timeout")?;
+            if try_timeout >= timeout {
+                ctx.error(
+                    t.span(),
+                    format!(
+                        "`try_timeout` ({}) must be shorter than the route's `timeout` ({}), which every attempt shares",
+                        humantime::format_duration(try_timeout),
+                        humantime::format_duration(timeout)
+                    ),
+                    Some("lower `try_timeout`, or raise the route's `timeout` to leave room for a retry".into()),
+                );
+                return None;
+            }
+            Some(try_timeout)
+        }
+        None => None,
+    };
     let client_cert = raw.client_cert.as_ref().is_some_and(|c| *c.get_ref());
     if client_cert && !ctx.client_ca_configured {
         let span = raw
@@ -1062,6 +1081,7 @@ fn route(
         methods,
         auth,
         timeout,
+        try_timeout,
         rate_limit,
         cors,
         request_headers,

@@ -276,6 +276,75 @@ async fn retries_and_ejections_follow_a_reload_with_their_state_kept() {
 }
 
 #[tokio::test]
+async fn an_attempt_past_its_try_timeout_is_given_up_and_retried_elsewhere() {
+    let registry = Registry::new();
+    let hung = Upstream::start("tt-hung").await;
+    let good = Upstream::start("tt-good").await;
+    hung.stall();
+    registry.set("tt", vec![hung.endpoint(), good.endpoint()]);
+    let mut tried = route("tt", "/**", &[], Duration::from_secs(30));
+    tried.try_timeout = Some(Duration::from_millis(200));
+    let mut cfg = config(vec![tried]);
+    cfg.limits = generous_budget();
+    // Ejection would take the hung instance out of the draw: these
+    // requests are to meet it.
+    cfg.limits.outlier_consecutive_failures = 1000;
+    let gateway = start(cfg.clone(), &registry).await;
+    let client = Client::new(&gateway);
+    let retried = || {
+        metric_sum(&[
+            "flotilla_gateway_retries_total",
+            "service=\"tt\"",
+            "reason=\"try_timeout\"",
+        ])
+    };
+
+    // Each GET that meets the hung instance first is given up there and
+    // answered by the other, well within the route's 30 s.
+    let mut met = 0;
+    for i in 0..40 {
+        let reply = client.get(&format!("/x/{i}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "request {i}: {reply:?}");
+        assert_eq!(reply.instance(), "tt-good");
+        met = hung.hits();
+        if met >= 3 {
+            break;
+        }
+    }
+    assert!(met >= 3, "the hung instance was drawn {met} times in 40");
+    assert_eq!(retried(), met as u64);
+
+    // A request that may not be retried gets 504 once its one attempt is
+    // past the try_timeout, naming it; with only the hung instance in,
+    // a GET gets its retries there, each given up in turn.
+    registry.set("tt", vec![hung.endpoint()]);
+    let before = hung.hits();
+    let reply = client
+        .request(Method::POST, "/x/post", &[], Bytes::from_static(b"{}"))
+        .await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        String::from_utf8_lossy(&reply.body).contains("200ms"),
+        "{reply:?}"
+    );
+    assert_eq!(hung.hits(), before + 1);
+    let reply = client.get("/x/get").await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(hung.hits(), before + 4, "the attempt and its two retries");
+
+    // A try_timeout that leaves no room within the route's is refused.
+    cfg.routes[0].try_timeout = Some(Duration::from_secs(30));
+    let refused = gateway.reload(cfg).err().map(|e| e.to_string());
+    assert!(
+        refused
+            .as_deref()
+            .is_some_and(|e| e.contains("try_timeout must be longer than zero and shorter")),
+        "{refused:?}"
+    );
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
 async fn a_route_s_max_in_flight_sheds_its_excess_and_leaves_the_others_room() {
     let registry = Registry::new();
     let slow = Upstream::start("bulk-slow-0").await;

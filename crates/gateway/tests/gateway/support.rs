@@ -79,6 +79,8 @@ struct UpstreamState {
     release: watch::Receiver<bool>,
     /// When not 0, every request is answered with this status.
     status: std::sync::atomic::AtomicU16,
+    /// Every request is left unanswered (a hung process).
+    stalled: std::sync::atomic::AtomicBool,
     /// The `Host` of every request, in arrival order.
     hosts: Mutex<Vec<String>>,
     /// Requests answered `304 Not Modified`.
@@ -116,6 +118,7 @@ impl Upstream {
             held: AtomicUsize::new(0),
             release: release_rx,
             status: std::sync::atomic::AtomicU16::new(0),
+            stalled: std::sync::atomic::AtomicBool::new(false),
             hosts: Mutex::new(Vec::new()),
             not_modified: AtomicUsize::new(0),
         });
@@ -171,6 +174,12 @@ impl Upstream {
         self.state.status.store(status, Ordering::SeqCst);
     }
 
+    /// Leaves every request from now on unanswered, with its connection
+    /// open, as a hung process would.
+    pub fn stall(&self) {
+        self.state.stalled.store(true, Ordering::SeqCst);
+    }
+
     /// Closes the listener and every open connection, as a crashed process
     /// would.
     pub async fn kill(&mut self) {
@@ -221,6 +230,9 @@ async fn handle(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(host.unwrap_or_default().to_string());
+    if state.stalled.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
     let status = state.status.load(Ordering::SeqCst);
     if status != 0 {
         let mut res = Response::new(Full::new(Bytes::from_static(b"{\"error\":\"down\"}")));

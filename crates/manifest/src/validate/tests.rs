@@ -374,6 +374,34 @@ fn a_route_s_own_retries_are_0_to_10() {
 }
 
 #[test]
+fn a_route_s_try_timeout_is_shorter_than_its_timeout() {
+    let m = parses(&catalogs("timeout = \"5s\", try_timeout = \"500ms\""));
+    assert_eq!(
+        m.services["catalog"].routes[0].try_timeout,
+        Some(Duration::from_millis(500))
+    );
+    assert_eq!(
+        parses(&catalogs("methods = [\"GET\"]")).services["catalog"].routes[0].try_timeout,
+        None
+    );
+    refused_on_the_route(&[
+        (
+            "try_timeout = \"30s\"",
+            "`try_timeout` (30s) must be shorter than the route's `timeout` (15s)",
+        ),
+        (
+            "timeout = \"1s\", try_timeout = \"2s\"",
+            "must be shorter than the route's `timeout` (1s)",
+        ),
+        (
+            "try_timeout = \"0s\"",
+            "`try_timeout` must be longer than zero",
+        ),
+        ("try_timeout = \"soon\"", "`soon` is not a duration"),
+    ]);
+}
+
+#[test]
 fn invalid_values() {
     let cases = [
         (
