@@ -5,10 +5,12 @@
 //!
 //! A fetch that fails, or returns no usable key, leaves the last good set
 //! in place: an outage of the identity service must not log everyone out.
-//! Only keys that pin an algorithm we verify are kept (OKP/Ed25519 →
-//! EdDSA, EC/P-256 → ES256, each with a `kid`); RSA, symmetric (`oct`) and
-//! encryption keys are skipped, so a JWKS can never smuggle in an HMAC
-//! secret.
+//! Only keys that pin an algorithm we verify are kept, each with a `kid`:
+//! OKP/Ed25519 → EdDSA, EC/P-256 → ES256, EC/P-384 → ES384, and RSA keys
+//! of 2048 to 8192 bits → the RS*/PS* algorithm their `alg` names, or
+//! RS256 when they name none (Azure AD's and some others' keys carry no
+//! `alg`; RS256 is what they sign with). Symmetric (`oct`) and encryption
+//! keys are skipped, so a JWKS can never smuggle in an HMAC secret.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +25,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::JwksSource;
-use super::jws::{Alg, Key};
+use super::jws::{Alg, Key, Public};
 use crate::body;
 use crate::client::{self, FetchClient};
 use crate::upstream::Upstreams;
@@ -69,11 +71,33 @@ struct Jwk {
     crv: Option<String>,
     x: Option<String>,
     y: Option<String>,
+    /// RSA: the modulus and the exponent.
+    n: Option<String>,
+    e: Option<String>,
 }
 
-fn coordinate(v: &Option<String>) -> Option<Vec<u8>> {
+/// A base64url field of `len` bytes.
+fn coordinate(v: &Option<String>, len: usize) -> Option<Vec<u8>> {
     let bytes = URL_SAFE_NO_PAD.decode(v.as_deref()?).ok()?;
-    (bytes.len() == 32).then_some(bytes)
+    (bytes.len() == len).then_some(bytes)
+}
+
+/// RSA moduli `ring` verifies with (`RSA_*_2048_8192_*`).
+const RSA_BITS: std::ops::RangeInclusive<usize> = 2048..=8192;
+
+/// A base64url big-endian integer, without its leading zero bytes.
+fn integer(v: &Option<String>) -> Option<Vec<u8>> {
+    let bytes = URL_SAFE_NO_PAD.decode(v.as_deref()?).ok()?;
+    let first = bytes.iter().position(|&b| b != 0)?;
+    Some(bytes[first..].to_vec())
+}
+
+/// The RSA public key of a JWK's `n` and `e`, if its modulus has a size
+/// we verify with.
+fn rsa(n: &Option<String>, e: &Option<String>) -> Option<Public> {
+    let (n, e) = (integer(n)?, integer(e)?);
+    let bits = n.len() * 8 - n.first().map_or(8, |b| b.leading_zeros() as usize);
+    RSA_BITS.contains(&bits).then_some(Public::Rsa { n, e })
 }
 
 impl Jwk {
@@ -83,13 +107,24 @@ impl Jwk {
         if self.use_.as_deref().is_some_and(|u| u != "sig") {
             return None;
         }
-        let (alg, public) = match (self.kty.as_deref()?, self.crv.as_deref()?) {
-            ("OKP", "Ed25519") => (Alg::EdDsa, coordinate(&self.x)?),
-            ("EC", "P-256") => {
-                let mut point = vec![0x04];
-                point.extend(coordinate(&self.x)?);
-                point.extend(coordinate(&self.y)?);
-                (Alg::Es256, point)
+        let point = |len| {
+            let mut point = vec![0x04];
+            point.extend(coordinate(&self.x, len)?);
+            point.extend(coordinate(&self.y, len)?);
+            Some(Public::Raw(point))
+        };
+        let (alg, public) = match (self.kty.as_deref()?, self.crv.as_deref()) {
+            ("OKP", Some("Ed25519")) => (Alg::EdDsa, Public::Raw(coordinate(&self.x, 32)?)),
+            ("EC", Some("P-256")) => (Alg::Es256, point(32)?),
+            ("EC", Some("P-384")) => (Alg::Es384, point(48)?),
+            ("RSA", _) => {
+                // An RSA key signs with the padding and hash its `alg`
+                // names; without one, with RS256, as its issuers do.
+                let alg = match self.alg.as_deref() {
+                    None => Alg::Rs256,
+                    Some(named) => Alg::from_name(named).filter(|a| a.is_rsa())?,
+                };
+                (alg, rsa(&self.n, &self.e)?)
             }
             _ => return None,
         };
@@ -119,7 +154,9 @@ pub(crate) enum FetchError {
     Body(#[source] body::BoxError),
     #[error("the JWKS is not valid JSON of the form {{\"keys\": [...]}}")]
     Json(#[source] serde_json::Error),
-    #[error("the JWKS has no usable key (OKP/Ed25519 or EC/P-256 with a `kid`)")]
+    #[error(
+        "the JWKS has no usable key (OKP/Ed25519, EC/P-256 or P-384, or RSA of 2048 to 8192 bits, with a `kid`)"
+    )]
     NoUsableKeys,
     #[error(
         "the JWKS fetch took longer than {}",
@@ -334,29 +371,58 @@ mod tests {
     }
 
     #[test]
-    fn keeps_ed25519_and_p256_skips_the_rest() {
+    fn keeps_the_keys_it_verifies_with_and_skips_the_rest() {
         let x = b64(&[1; 32]);
         let y = b64(&[2; 32]);
+        let x48 = b64(&[1; 48]);
+        let y48 = b64(&[2; 48]);
+        // A 2048-bit modulus (its top bit set), one of 2047 bits, and one
+        // with a leading zero byte, as some encoders write it.
+        let mut n2048 = vec![0x80; 256];
+        n2048[255] = 1;
+        let n = b64(&n2048);
+        let n2047 = b64(&[0x7f; 256]);
+        let n_padded = b64(&[&[0u8][..], &n2048].concat());
         let doc = json!({"keys": [
             {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "ed", "alg": "EdDSA", "use": "sig"},
             {"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": "ec"},
+            {"kty": "EC", "crv": "P-384", "x": x48, "y": y48, "kid": "p384", "alg": "ES384"},
+            {"kty": "RSA", "n": n, "e": "AQAB", "kid": "rsa"},
+            {"kty": "RSA", "n": n_padded, "e": "AQAB", "kid": "pss", "alg": "PS256"},
+            {"kty": "RSA", "n": n, "e": "AQAB", "kid": "rs512", "alg": "RS512"},
             {"kty": "oct", "k": x, "kid": "hmac", "alg": "HS256"},
-            {"kty": "RSA", "n": x, "e": "AQAB", "kid": "rsa"},
+            {"kty": "RSA", "n": n, "e": "AQAB", "kid": "rsa-as-hmac", "alg": "HS256"},
+            {"kty": "RSA", "n": n, "e": "AQAB", "kid": "rsa-as-ec", "alg": "ES256"},
+            {"kty": "RSA", "n": n2047, "e": "AQAB", "kid": "rsa-small"},
+            {"kty": "RSA", "n": x, "e": "AQAB", "kid": "rsa-tiny"},
+            {"kty": "RSA", "e": "AQAB", "kid": "rsa-no-n"},
+            {"kty": "RSA", "n": n, "e": "AA", "kid": "rsa-zero-e"},
             {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "enc", "use": "enc"},
             {"kty": "OKP", "crv": "Ed25519", "x": x},
             {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "wrong-alg", "alg": "ES256"},
             {"kty": "OKP", "crv": "Ed25519", "x": b64(&[1; 31]), "kid": "short"},
-            {"kty": "EC", "crv": "P-384", "x": x, "y": y, "kid": "p384"},
+            {"kty": "EC", "crv": "P-384", "x": x, "y": y, "kid": "p384-short"},
+            {"kty": "EC", "crv": "P-521", "x": x, "y": y, "kid": "p521"},
         ]});
         let set = match parse(doc.to_string().as_bytes()) {
             Ok(s) => s,
             Err(e) => panic!("{e}"),
         };
-        assert_eq!(set.kids(), ["ec", "ed"]);
-        let ec = set.get("ec");
-        assert_eq!(ec.as_ref().map(|k| k.alg), Some(Alg::Es256));
-        assert_eq!(ec.map(|k| k.public.len()), Some(65));
-        assert_eq!(set.get("ed").map(|k| k.alg), Some(Alg::EdDsa));
+        assert_eq!(set.kids(), ["ec", "ed", "p384", "pss", "rs512", "rsa"]);
+        let alg = |kid: &str| set.get(kid).map(|k| k.alg);
+        assert_eq!(alg("ec"), Some(Alg::Es256));
+        assert_eq!(alg("ed"), Some(Alg::EdDsa));
+        assert_eq!(alg("p384"), Some(Alg::Es384));
+        assert_eq!(alg("rsa"), Some(Alg::Rs256), "no alg: RS256");
+        assert_eq!(alg("pss"), Some(Alg::Ps256));
+        assert_eq!(alg("rs512"), Some(Alg::Rs512));
+        let public = |kid: &str| set.get(kid).map(|k| k.public.clone());
+        assert!(matches!(public("ec"), Some(Public::Raw(p)) if p.len() == 65));
+        assert!(matches!(public("p384"), Some(Public::Raw(p)) if p.len() == 97));
+        assert!(
+            matches!(public("pss"), Some(Public::Rsa { n, e }) if n == n2048 && e == [1, 0, 1]),
+            "the leading zero is not part of the modulus"
+        );
     }
 
     #[test]

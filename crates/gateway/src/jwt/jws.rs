@@ -1,19 +1,24 @@
-//! Compact JWS verification for EdDSA (Ed25519) and ES256 (P-256), on
+//! Compact JWS verification for the asymmetric algorithms identity
+//! providers sign with: EdDSA (Ed25519), ES256 and ES384 (P-256, P-384),
+//! and RSA (RS256/384/512, PS256/384/512, keys of 2048 to 8192 bits), on
 //! `ring`, and nothing else.
 //!
 //! Why not a JWT crate: `jsonwebtoken` 11 needs a crypto backend, and its
 //! `rust_crypto` one pulls `rsa` 0.9 (RUSTSEC-2023-0071, no fixed release)
 //! while its `aws_lc_rs` one is banned here (DEPENDENCIES.md); the other
 //! crates either do the same or verify every algorithm by default. The
-//! gateway needs two algorithms and one direction (verify), which is ~150
-//! lines over `ring` (already in the tree through rustls), `base64` and
-//! `serde_json` — small enough to read whole, and strict by construction:
+//! gateway needs one direction (verify), which is ~150 lines over `ring`
+//! (already in the tree through rustls; its RSA verification is not the
+//! `rsa` crate's, and verifying uses no secret for a timing attack to
+//! find), `base64` and `serde_json` — small enough to read whole, and
+//! strict by construction:
 //!
-//! - only `EdDSA` and `ES256` exist; `none`, every `HS*` (HMAC, where a
-//!   public key could be abused as the secret), `RS*`/`PS*` and anything
-//!   unknown are refused before any key is looked at;
+//! - only the algorithms above exist; `none`, every `HS*` (HMAC, where a
+//!   public key could be abused as the secret) and anything unknown are
+//!   refused before any key is looked at;
 //! - the key is chosen by `kid` (required) and pins the algorithm: a token
-//!   whose `alg` differs from its key's is refused;
+//!   whose `alg` differs from its key's is refused (an RSA key that pins
+//!   RS256 never verifies a PS256 token, nor the reverse);
 //! - `crit` is refused (no extension is understood), and `jku`/`x5u`/`jwk`
 //!   headers are never used to find keys;
 //! - base64url must be canonical and unpadded, the token at most
@@ -24,7 +29,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ring::signature::{self, UnparsedPublicKey};
+use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use serde_json::{Map, Value};
 
 /// The algorithms a key may pin.
@@ -32,16 +37,45 @@ use serde_json::{Map, Value};
 pub(crate) enum Alg {
     EdDsa,
     Es256,
+    Es384,
+    Rs256,
+    Rs384,
+    Rs512,
+    Ps256,
+    Ps384,
+    Ps512,
 }
 
 impl Alg {
     pub(crate) fn from_name(name: &str) -> Option<Alg> {
-        match name {
-            "EdDSA" => Some(Alg::EdDsa),
-            "ES256" => Some(Alg::Es256),
-            _ => None,
-        }
+        Some(match name {
+            "EdDSA" => Alg::EdDsa,
+            "ES256" => Alg::Es256,
+            "ES384" => Alg::Es384,
+            "RS256" => Alg::Rs256,
+            "RS384" => Alg::Rs384,
+            "RS512" => Alg::Rs512,
+            "PS256" => Alg::Ps256,
+            "PS384" => Alg::Ps384,
+            "PS512" => Alg::Ps512,
+            _ => return None,
+        })
     }
+
+    /// Whether a key of this algorithm is an RSA key.
+    pub(crate) fn is_rsa(self) -> bool {
+        !matches!(self, Alg::EdDsa | Alg::Es256 | Alg::Es384)
+    }
+}
+
+/// A verification key's public part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Public {
+    /// Ed25519: the 32-byte key; P-256 and P-384: the uncompressed point
+    /// `04 || x || y`.
+    Raw(Vec<u8>),
+    /// RSA: the modulus and the exponent, big-endian.
+    Rsa { n: Vec<u8>, e: Vec<u8> },
 }
 
 /// A verification key from the JWKS.
@@ -49,20 +83,38 @@ impl Alg {
 pub(crate) struct Key {
     pub kid: String,
     pub alg: Alg,
-    /// Ed25519: the 32-byte public key; P-256: the uncompressed point
-    /// `04 || x || y`.
-    pub public: Vec<u8>,
+    pub public: Public,
 }
 
 impl Key {
     fn verify(&self, message: &[u8], sig: &[u8]) -> bool {
-        let alg: &dyn signature::VerificationAlgorithm = match self.alg {
-            Alg::EdDsa => &signature::ED25519,
-            Alg::Es256 => &signature::ECDSA_P256_SHA256_FIXED,
-        };
-        UnparsedPublicKey::new(alg, &self.public)
-            .verify(message, sig)
-            .is_ok()
+        match &self.public {
+            Public::Raw(public) => {
+                let alg: &dyn signature::VerificationAlgorithm = match self.alg {
+                    Alg::EdDsa => &signature::ED25519,
+                    Alg::Es256 => &signature::ECDSA_P256_SHA256_FIXED,
+                    Alg::Es384 => &signature::ECDSA_P384_SHA384_FIXED,
+                    _ => return false,
+                };
+                UnparsedPublicKey::new(alg, public)
+                    .verify(message, sig)
+                    .is_ok()
+            }
+            Public::Rsa { n, e } => {
+                let params = match self.alg {
+                    Alg::Rs256 => &signature::RSA_PKCS1_2048_8192_SHA256,
+                    Alg::Rs384 => &signature::RSA_PKCS1_2048_8192_SHA384,
+                    Alg::Rs512 => &signature::RSA_PKCS1_2048_8192_SHA512,
+                    Alg::Ps256 => &signature::RSA_PSS_2048_8192_SHA256,
+                    Alg::Ps384 => &signature::RSA_PSS_2048_8192_SHA384,
+                    Alg::Ps512 => &signature::RSA_PSS_2048_8192_SHA512,
+                    _ => return false,
+                };
+                RsaPublicKeyComponents { n, e }
+                    .verify(params, message, sig)
+                    .is_ok()
+            }
+        }
     }
 }
 
@@ -72,7 +124,7 @@ impl Key {
 pub(crate) enum JwsError {
     Oversized,
     Malformed,
-    /// `none`, HMAC, RSA or unknown.
+    /// `none`, HMAC or unknown.
     AlgNotAllowed,
     /// The token's `alg` is not its key's.
     AlgMismatch,
@@ -173,12 +225,21 @@ pub(crate) mod test_keys {
     //! Signing, for tests only: the gateway never signs.
     use super::*;
     use ring::rand::SystemRandom;
-    use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair};
+    use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair};
 
     pub(crate) enum Signer {
         Ed(Ed25519KeyPair),
         Ec(EcdsaKeyPair),
+        /// Signs RS256 or PS256 (the `alg` given), with the test key.
+        Rsa(RsaKeyPair, Alg),
     }
+
+    /// The tests' RSA key (`ring` cannot make one): see the fixture's
+    /// README.
+    pub(crate) const RSA_TEST_KEY: &[u8] = include_bytes!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/rsa-2048-test-only.pk8.der"
+    ));
 
     impl Signer {
         pub(crate) fn ed25519() -> Signer {
@@ -206,18 +267,33 @@ pub(crate) mod test_keys {
             }
         }
 
+        /// `alg`: [`Alg::Rs256`] or [`Alg::Ps256`].
+        pub(crate) fn rsa(alg: Alg) -> Signer {
+            match RsaKeyPair::from_pkcs8(RSA_TEST_KEY) {
+                Ok(p) => Signer::Rsa(p, alg),
+                Err(e) => panic!("{e}"),
+            }
+        }
+
         pub(crate) fn key(&self, kid: &str) -> Key {
-            match self {
-                Signer::Ed(p) => Key {
-                    kid: kid.into(),
-                    alg: Alg::EdDsa,
-                    public: p.public_key().as_ref().to_vec(),
-                },
-                Signer::Ec(p) => Key {
-                    kid: kid.into(),
-                    alg: Alg::Es256,
-                    public: p.public_key().as_ref().to_vec(),
-                },
+            let (alg, public) = match self {
+                Signer::Ed(p) => (Alg::EdDsa, Public::Raw(p.public_key().as_ref().to_vec())),
+                Signer::Ec(p) => (Alg::Es256, Public::Raw(p.public_key().as_ref().to_vec())),
+                Signer::Rsa(p, alg) => {
+                    let parts = RsaPublicKeyComponents::<Vec<u8>>::from(p.public());
+                    (
+                        *alg,
+                        Public::Rsa {
+                            n: parts.n,
+                            e: parts.e,
+                        },
+                    )
+                }
+            };
+            Key {
+                kid: kid.into(),
+                alg,
+                public,
             }
         }
 
@@ -227,12 +303,24 @@ pub(crate) mod test_keys {
                 URL_SAFE_NO_PAD.encode(header.to_string()),
                 URL_SAFE_NO_PAD.encode(claims.to_string())
             );
+            let rng = SystemRandom::new();
             let sig = match self {
                 Signer::Ed(p) => p.sign(input.as_bytes()).as_ref().to_vec(),
-                Signer::Ec(p) => match p.sign(&SystemRandom::new(), input.as_bytes()) {
+                Signer::Ec(p) => match p.sign(&rng, input.as_bytes()) {
                     Ok(s) => s.as_ref().to_vec(),
                     Err(e) => panic!("{e}"),
                 },
+                Signer::Rsa(p, alg) => {
+                    let padding: &dyn signature::RsaEncoding = match alg {
+                        Alg::Ps256 => &signature::RSA_PSS_SHA256,
+                        _ => &signature::RSA_PKCS1_SHA256,
+                    };
+                    let mut sig = vec![0; p.public().modulus_len()];
+                    if let Err(e) = p.sign(padding, &rng, input.as_bytes(), &mut sig) {
+                        panic!("{e}");
+                    }
+                    sig
+                }
             };
             format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig))
         }
@@ -250,8 +338,13 @@ mod tests {
     }
 
     #[test]
-    fn ed25519_and_p256_verify() {
-        for (signer, alg) in [(Signer::ed25519(), "EdDSA"), (Signer::p256(), "ES256")] {
+    fn every_algorithm_verifies_with_its_key() {
+        for (signer, alg) in [
+            (Signer::ed25519(), "EdDSA"),
+            (Signer::p256(), "ES256"),
+            (Signer::rsa(Alg::Rs256), "RS256"),
+            (Signer::rsa(Alg::Ps256), "PS256"),
+        ] {
             let key = signer.key("k1");
             let token = signer.sign(&json!({"alg": alg, "kid": "k1", "typ": "JWT"}), &claims());
             let parsed = match parse(&token, 8192) {
@@ -267,9 +360,9 @@ mod tests {
     }
 
     #[test]
-    fn refuses_none_hmac_rsa_and_unknown_algs() {
+    fn refuses_none_hmac_and_unknown_algs() {
         for alg in [
-            "none", "None", "HS256", "HS512", "RS256", "PS256", "ES384", "EdDSA ",
+            "none", "None", "HS256", "HS384", "HS512", "ES512", "RS1", "EdDSA ", "rs256",
         ] {
             let token = format!(
                 "{}.{}.{}",
@@ -296,6 +389,25 @@ mod tests {
         if let Ok(p) = parsed {
             assert_eq!(p.verify(&ed.key("k")).err(), Some(JwsError::AlgMismatch));
         }
+        // One RSA key, two paddings: the key's is the only one it takes.
+        let rs = Signer::rsa(Alg::Rs256);
+        let ps = Signer::rsa(Alg::Ps256);
+        let pss_token = ps.sign(&json!({"alg": "PS256", "kid": "k"}), &claims());
+        let verify = |t: &str, key: &Key| parse(t, 8192).and_then(|p| p.verify(key)).err();
+        assert_eq!(
+            verify(&pss_token, &rs.key("k")),
+            Some(JwsError::AlgMismatch)
+        );
+        // A PSS signature presented as PKCS#1 v1.5 does not verify.
+        let relabelled = {
+            let mut parts: Vec<String> = pss_token.split('.').map(String::from).collect();
+            parts[0] = URL_SAFE_NO_PAD.encode(json!({"alg": "RS256", "kid": "k"}).to_string());
+            parts.join(".")
+        };
+        assert_eq!(
+            verify(&relabelled, &rs.key("k")),
+            Some(JwsError::BadSignature)
+        );
     }
 
     #[test]

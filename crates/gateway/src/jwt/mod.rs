@@ -5,8 +5,9 @@
 //!
 //! A token is `Authorization: Bearer <compact JWS>` (which a browser's
 //! WebSocket handshake may offer as a subprotocol instead: the edge moves
-//! it here first, see `upgrade::token_from_subprotocol`), signed with EdDSA or
-//! ES256 by a key in the configured JWKS ([`jwks`]), verified by [`jws`],
+//! it here first, see `upgrade::token_from_subprotocol`), signed with EdDSA,
+//! ES256/384 or RSA (RS*/PS*) by a key in the configured JWKS ([`jwks`]),
+//! verified by [`jws`],
 //! and accepted when `exp`/`nbf` hold (with `leeway`), `iss` is the
 //! configured issuer, `aud` names one of the configured audiences, and
 //! `sub` is present. The route may also require scopes (`scope`, space

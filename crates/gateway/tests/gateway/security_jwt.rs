@@ -138,12 +138,16 @@ fn assert_invalid_token(reply: &Reply, what: &str) {
 async fn a_good_token_forwards_the_identity_and_strips_forged_headers() {
     let ed = Signer::ed25519("ed-1");
     let ec = Signer::p256("ec-1");
-    let f = fixture("jwt-good", &[&ed, &ec], |_| {}).await;
+    // An identity provider's RSA keys: one whose JWK names PS256, one
+    // whose JWK names no algorithm (RS256, as Azure AD's keys sign).
+    let ps = Signer::rsa("ps-1", "PS256", true);
+    let rs = Signer::rsa("rs-1", "RS256", false);
+    let f = fixture("jwt-good", &[&ed, &ec, &ps, &rs], |_| {}).await;
     let forged = [
         ("x-flotilla-user-id", "admin"),
         ("X-Flotilla-User-Role", "root"),
     ];
-    for signer in [&ed, &ec] {
+    for signer in [&ed, &ec, &ps, &rs] {
         let token = signer.sign(&claims());
         let reply = get(&f.client, "/api/orders", Some(&token), &forged).await;
         assert_eq!(reply.status, StatusCode::OK, "{}: {reply:?}", signer.alg());
@@ -227,6 +231,11 @@ async fn every_bad_token_is_401_invalid_token_and_never_reaches_the_service() {
         ("HMAC with the public key", hmac_token, "alg_not_allowed"),
         ("bad signature", impostor.sign(&claims()), "bad_signature"),
         ("alg not the key's", ec.sign(&claims()), "alg_mismatch"),
+        (
+            "an RSA token for the Ed25519 key",
+            Signer::rsa("k1", "RS256", true).sign(&claims()),
+            "alg_mismatch",
+        ),
         (
             "expired",
             key.sign(&with(claims(), "exp", json!(now - 120))),

@@ -704,7 +704,7 @@ pub mod keys {
     use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use ring::rand::SystemRandom;
-    use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
+    use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair};
     use serde_json::{Value, json};
 
     use super::ok;
@@ -716,6 +716,13 @@ pub mod keys {
     pub enum Key {
         Ed(Ed25519KeyPair),
         Ec(EcdsaKeyPair),
+        /// The fixture key, signing with `alg` (`RS256` or `PS256`); its
+        /// JWK names `alg` when `named` (some providers' keys do not).
+        Rsa {
+            pair: RsaKeyPair,
+            alg: &'static str,
+            named: bool,
+        },
     }
 
     pub struct Signer {
@@ -748,10 +755,26 @@ pub mod keys {
             }
         }
 
+        /// The tests' RSA key (`ring` makes none; see the fixture's
+        /// README), signing with `alg`, `RS256` or `PS256`; `named`: whether
+        /// its JWK says so.
+        pub fn rsa(kid: &str, alg: &'static str, named: bool) -> Signer {
+            let der = include_bytes!("../fixtures/rsa-2048-test-only.pk8.der");
+            Signer {
+                kid: kid.into(),
+                key: Key::Rsa {
+                    pair: ok(RsaKeyPair::from_pkcs8(der), "rsa key"),
+                    alg,
+                    named,
+                },
+            }
+        }
+
         pub fn alg(&self) -> &'static str {
             match self.key {
                 Key::Ed(_) => "EdDSA",
                 Key::Ec(_) => "ES256",
+                Key::Rsa { alg, .. } => alg,
             }
         }
 
@@ -769,6 +792,17 @@ pub mod keys {
                         "kid": self.kid, "x": b64(&point[1..33]), "y": b64(&point[33..65]),
                     })
                 }
+                Key::Rsa { pair, alg, named } => {
+                    let parts = signature::RsaPublicKeyComponents::<Vec<u8>>::from(pair.public());
+                    let mut jwk = json!({
+                        "kty": "RSA", "use": "sig", "kid": self.kid,
+                        "n": b64(&parts.n), "e": b64(&parts.e),
+                    });
+                    if *named {
+                        jwk["alg"] = json!(alg);
+                    }
+                    jwk
+                }
             }
         }
 
@@ -778,6 +812,7 @@ pub mod keys {
             match &self.key {
                 Key::Ed(p) => p.public_key().as_ref().to_vec(),
                 Key::Ec(p) => p.public_key().as_ref().to_vec(),
+                Key::Rsa { pair, .. } => pair.public().as_ref().to_vec(),
             }
         }
 
@@ -792,6 +827,19 @@ pub mod keys {
                 Key::Ec(p) => ok(p.sign(&SystemRandom::new(), input.as_bytes()), "sign")
                     .as_ref()
                     .to_vec(),
+                Key::Rsa { pair, alg, .. } => {
+                    let padding: &dyn signature::RsaEncoding = if *alg == "PS256" {
+                        &signature::RSA_PSS_SHA256
+                    } else {
+                        &signature::RSA_PKCS1_SHA256
+                    };
+                    let mut sig = vec![0; pair.public().modulus_len()];
+                    ok(
+                        pair.sign(padding, &SystemRandom::new(), input.as_bytes(), &mut sig),
+                        "sign",
+                    );
+                    sig
+                }
             };
             format!("{input}.{}", b64(&sig))
         }
