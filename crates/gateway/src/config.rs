@@ -198,6 +198,13 @@ pub struct Limits {
     /// (default 60 s); an HTTP/2 connection with no request in progress
     /// for as long is told to go away.
     pub idle_timeout: Duration,
+    /// The longest pause within a response body, either way (default
+    /// 60 s, as nginx's `proxy_read_timeout` and `send_timeout`): the
+    /// instance sending none of it, or an HTTP/1 client reading none of
+    /// it. Past it the connection is closed, so that neither a hung
+    /// instance nor a client that stops reading holds a connection, a
+    /// place in `max_in_flight` and an instance connection for ever.
+    pub body_timeout: Duration,
     /// How long a WebSocket tunnel may carry nothing either way before it
     /// is closed (default 5 min; a client that pings keeps it open).
     pub tunnel_idle_timeout: Duration,
@@ -238,6 +245,7 @@ impl Default for Limits {
             max_connections: 10_000,
             max_connections_per_ip: 0,
             idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(60),
             tunnel_idle_timeout: Duration::from_secs(300),
             max_tunnels: 10_000,
             retry_budget_ratio: 0.2,
@@ -628,6 +636,7 @@ fn limits(gw: &flotilla_manifest::Gateway) -> Limits {
         max_headers: m.max_headers.map_or(d.max_headers, size),
         header_read_timeout: m.header_timeout.unwrap_or(d.header_read_timeout),
         idle_timeout: m.idle_timeout.unwrap_or(d.idle_timeout),
+        body_timeout: m.body_timeout.unwrap_or(d.body_timeout),
         connect_timeout: m.connect_timeout.unwrap_or(d.connect_timeout),
         max_tunnels: m.max_websockets.map_or(d.max_tunnels, size),
         tunnel_idle_timeout: m.websocket_idle_timeout.unwrap_or(d.tunnel_idle_timeout),
@@ -756,6 +765,7 @@ max_header_bytes = 16384
 max_headers = 50
 header_timeout = "5s"
 idle_timeout = "30s"
+body_timeout = "45s"
 connect_timeout = "500ms"
 max_websockets = 300
 websocket_idle_timeout = "1m"
@@ -792,6 +802,7 @@ routes = [{ path = "/a/**" }]
             (secs(5), secs(30), Duration::from_millis(500))
         );
         assert_eq!((l.max_tunnels, l.tunnel_idle_timeout), (300, secs(60)));
+        assert_eq!(l.body_timeout, secs(45));
         assert_eq!((l.max_connections, l.max_connections_per_ip), (5000, 64));
         assert_eq!(l.workers, 3);
         assert_eq!(l.max_retries, 1);

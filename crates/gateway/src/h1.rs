@@ -116,6 +116,8 @@ pub(crate) struct Settings {
     pub max_headers: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    /// The longest pause in sending a response body (`Limits::body_timeout`).
+    pub body_timeout: Duration,
     pub tunnel_idle_timeout: Duration,
 }
 
@@ -126,6 +128,7 @@ impl Settings {
             max_headers: limits.max_headers,
             header_timeout: limits.header_read_timeout,
             idle_timeout: limits.idle_timeout,
+            body_timeout: limits.body_timeout,
             tunnel_idle_timeout: limits.tunnel_idle_timeout,
         }
     }
@@ -673,14 +676,41 @@ impl<H: Handler> Conn<H> {
         close: bool,
         feed: &mut Option<Feed>,
     ) -> Next {
+        // Without progress either way (a body frame from the stack, bytes
+        // written to the client) for `body_timeout`, the response is given
+        // up: a hung instance or a client that reads nothing would hold the
+        // connection and its place in flight for ever. Set at the first
+        // wait: a response written whole at once reads no clock.
+        let mut stalled_at: Option<Instant> = None;
         let sent = if encoder.is_done() {
             drop(body);
-            poll_fn(|cx| self.poll_flush(cx)).await.is_ok()
+            poll_fn(|cx| {
+                let before = self.out.len();
+                match self.poll_flush(cx) {
+                    Poll::Ready(done) => Poll::Ready(done.is_ok()),
+                    Poll::Pending => {
+                        self.poll_stalled(cx, self.out.len() < before, &mut stalled_at)
+                    }
+                }
+            })
+            .await
         } else {
             let mut trailers = None;
-            let sent =
-                poll_fn(|cx| self.poll_send(cx, &mut body, &mut encoder, feed, &mut trailers))
-                    .await;
+            let sent = poll_fn(|cx| {
+                let mut progressed = false;
+                match self.poll_send(
+                    cx,
+                    &mut body,
+                    &mut encoder,
+                    feed,
+                    &mut trailers,
+                    &mut progressed,
+                ) {
+                    Poll::Ready(sent) => Poll::Ready(sent),
+                    Poll::Pending => self.poll_stalled(cx, progressed, &mut stalled_at),
+                }
+            })
+            .await;
             // Ends the request's accounting (in flight, access log) now,
             // not when the next request arrives.
             drop(body);
@@ -701,6 +731,7 @@ impl<H: Handler> Conn<H> {
     /// into each write; keeps feeding the request body meanwhile (an
     /// upstream may answer while still reading it). `false`: the response
     /// could not be sent whole.
+    /// `progressed` is set when a body frame came or bytes were written.
     fn poll_send(
         &mut self,
         cx: &mut Context<'_>,
@@ -708,6 +739,7 @@ impl<H: Handler> Conn<H> {
         encoder: &mut BodyEncoder,
         feed: &mut Option<Feed>,
         trailers: &mut Option<HeaderMap>,
+        progressed: &mut bool,
     ) -> Poll<bool> {
         loop {
             if let Some(f) = feed.as_mut().filter(|f| !f.finished)
@@ -723,19 +755,21 @@ impl<H: Handler> Conn<H> {
                         break;
                     }
                     Poll::Ready(None) => encoder.finish(&mut self.out, trailers.as_ref()),
-                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                        Ok(data) => {
-                            if encoder.data(&mut self.out, data).is_err() {
-                                tracing::debug!(target: "flotilla::gateway", "response body longer than its content-length; closing");
-                                return Poll::Ready(false);
+                    Poll::Ready(Some(Ok(frame))) => {
+                        match frame.into_data().inspect(|_| *progressed = true) {
+                            Ok(data) => {
+                                if encoder.data(&mut self.out, data).is_err() {
+                                    tracing::debug!(target: "flotilla::gateway", "response body longer than its content-length; closing");
+                                    return Poll::Ready(false);
+                                }
+                            }
+                            Err(frame) => {
+                                if let Ok(t) = frame.into_trailers() {
+                                    *trailers = Some(t);
+                                }
                             }
                         }
-                        Err(frame) => {
-                            if let Ok(t) = frame.into_trailers() {
-                                *trailers = Some(t);
-                            }
-                        }
-                    },
+                    }
                     Poll::Ready(Some(Err(e))) => {
                         // Mid-body: the only way to tell the client is to
                         // close without finishing the message.
@@ -744,7 +778,10 @@ impl<H: Handler> Conn<H> {
                     }
                 }
             }
-            match self.poll_flush(cx) {
+            let before = self.out.len();
+            let flushed = self.poll_flush(cx);
+            *progressed |= self.out.len() < before;
+            match flushed {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(_)) => return Poll::Ready(false),
                 Poll::Pending => return Poll::Pending,
@@ -763,6 +800,34 @@ impl<H: Handler> Conn<H> {
                 return Poll::Pending;
             }
         }
+    }
+
+    /// A response waiting (its body or the client): `Ready(false)`, the
+    /// response given up, once it has waited `body_timeout` since it last
+    /// `progressed` (or since `stalled_at` was first set); else pending,
+    /// with the connection's timer set to wake it then.
+    fn poll_stalled(
+        &mut self,
+        cx: &mut Context<'_>,
+        progressed: bool,
+        stalled_at: &mut Option<Instant>,
+    ) -> Poll<bool> {
+        let now = clock::now();
+        let since = match stalled_at {
+            Some(since) if !progressed => *since,
+            _ => *stalled_at.insert(now),
+        };
+        let deadline = since + self.settings.body_timeout;
+        arm(&mut self.timer, deadline);
+        // The timer may fire early (see `arm`): then it is set again.
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
+                tracing::debug!(target: "flotilla::gateway", peer = %self.info.peer, timeout = ?self.settings.body_timeout, "response body stalled (the instance sent nothing, or the client read nothing); closing");
+                return Poll::Ready(false);
+            }
+            self.timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
     }
 
     /// Writes out everything pending: one `write` (or `writev` when large
@@ -920,6 +985,8 @@ mod tests {
         /// Requests whose future was dropped before it finished.
         abandoned: AtomicUsize,
         calls: AtomicUsize,
+        /// Connections whose `serve` has returned.
+        closed: AtomicUsize,
     }
 
     struct Abandoned(Arc<Probe>, bool);
@@ -940,7 +1007,9 @@ mod tests {
 
     /// `/echo` answers `METHOD TARGET len=N` after reading the body;
     /// `/stream` answers with a body of unknown length; `/refuse` answers
-    /// 401 without reading the body; `/hold` never answers.
+    /// 401 without reading the body; `/hold` never answers; `/stall` sends
+    /// a first chunk of its body and then nothing; `/drip` sends ten
+    /// chunks 50 ms apart; `/big` is 32 MiB.
     #[derive(Clone)]
     struct Stub(Arc<Probe>);
 
@@ -974,6 +1043,24 @@ mod tests {
                     }
                     "/refuse" => text(StatusCode::UNAUTHORIZED, "no"),
                     "/hold" => std::future::pending().await,
+                    "/stall" => {
+                        use futures_util::StreamExt as _;
+                        let first = futures_util::stream::iter([Ok::<_, Infallible>(Frame::data(
+                            Bytes::from("first "),
+                        ))]);
+                        Response::new(body::boxed(StreamBody::new(
+                            first.chain(futures_util::stream::pending()),
+                        )))
+                    }
+                    "/drip" => {
+                        use futures_util::StreamExt as _;
+                        let drops = futures_util::stream::iter(0..10).then(|i| async move {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            Ok::<_, Infallible>(Frame::data(Bytes::from(format!("{i}"))))
+                        });
+                        Response::new(body::boxed(StreamBody::new(drops)))
+                    }
+                    "/big" => text(StatusCode::OK, vec![b'x'; 32 << 20]),
                     _ => text(StatusCode::NOT_FOUND, "?"),
                 };
                 guard.1 = true;
@@ -1006,7 +1093,7 @@ mod tests {
                     peer,
                     scheme: "http",
                 };
-                tokio::spawn(serve(
+                let served = serve(
                     stream.into(),
                     BytesMut::new(),
                     info,
@@ -1014,7 +1101,12 @@ mod tests {
                     stack.clone(),
                     settings,
                     stopping.clone(),
-                ));
+                );
+                let probe = Arc::clone(&stack.0);
+                tokio::spawn(async move {
+                    served.await;
+                    probe.closed.fetch_add(1, Ordering::SeqCst);
+                });
             }
         });
         Server { addr, probe, stop }
@@ -1341,6 +1433,42 @@ mod tests {
             "{:?}",
             began.elapsed()
         );
+    }
+
+    #[tokio::test]
+    async fn a_response_body_that_stalls_either_way_is_given_up() {
+        let s = server(Settings {
+            body_timeout: Duration::from_millis(300),
+            ..settings()
+        })
+        .await;
+        // The stack sends part of the body, then nothing: the client gets
+        // what came, and the connection ends without the last chunk.
+        let mut stream = connect(s.addr).await;
+        send(&mut stream, b"GET /stall HTTP/1.1\r\n\r\n").await;
+        let answer = read_all(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.contains("first "), "{answer}");
+        assert!(!answer.ends_with("0\r\n\r\n"), "{answer}");
+
+        // A body that keeps coming, if slowly, is never cut.
+        let mut stream = connect(s.addr).await;
+        send(&mut stream, b"GET /drip HTTP/1.1\r\n\r\n").await;
+        read_until(&mut stream, |t| t.ends_with("0\r\n\r\n")).await;
+
+        // A client that reads nothing of a large response: closed once the
+        // socket is full and nothing moves for the timeout.
+        let mut reader = connect(s.addr).await;
+        let before = s.probe.closed.load(Ordering::SeqCst);
+        send(&mut reader, b"GET /big HTTP/1.1\r\n\r\n").await;
+        let deadline = Instant::now() + PATIENCE;
+        while s.probe.closed.load(Ordering::SeqCst) == before {
+            assert!(Instant::now() < deadline, "the stalled reader was kept");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(PATIENCE, reader.read_to_end(&mut got)).await;
+        assert!(got.len() < 32 << 20, "the whole body was sent");
     }
 
     #[tokio::test]

@@ -241,7 +241,7 @@ impl Gateway {
         // One connection pool per worker: a pooled connection is served by
         // the reactor of the worker that opened it.
         let clients = (0..config.limits.workers)
-            .map(|_| outbound::Outbound::new(connector.clone()))
+            .map(|_| outbound::Outbound::new(connector.clone(), config.limits.body_timeout))
             .collect();
         let resilience = Arc::new(resilience::Resilience::new(
             resilience::Settings::from_limits(&config.limits),

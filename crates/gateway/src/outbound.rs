@@ -38,6 +38,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
@@ -120,6 +121,9 @@ struct Shared {
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>, foldhash::fast::RandomState>>,
     /// Idle connections kept per instance ([`MAX_IDLE_PER_INSTANCE`]).
     max_idle: usize,
+    /// The longest an instance may send nothing of a response body
+    /// (`Limits::body_timeout`).
+    body_timeout: Duration,
 }
 
 /// Connections are boxed from the pool to the response body and back: a
@@ -145,15 +149,18 @@ struct Conn {
 impl Outbound {
     /// A client opening connections with `connector`; sweeps idle
     /// connections in the background (needs a tokio runtime).
-    pub(crate) fn new(connector: Connector) -> Outbound {
-        Outbound::with_max_idle(connector, MAX_IDLE_PER_INSTANCE)
+    /// A response body the instance sends nothing of for `body_timeout`
+    /// fails.
+    pub(crate) fn new(connector: Connector, body_timeout: Duration) -> Outbound {
+        Outbound::with_max_idle(connector, MAX_IDLE_PER_INSTANCE, body_timeout)
     }
 
-    fn with_max_idle(connector: Connector, max_idle: usize) -> Outbound {
+    fn with_max_idle(connector: Connector, max_idle: usize, body_timeout: Duration) -> Outbound {
         let shared = Arc::new(Shared {
             connector,
             idle: Mutex::new(HashMap::default()),
             max_idle,
+            body_timeout,
         });
         tokio::spawn(sweep(Arc::downgrade(&shared)));
         Outbound { shared }
@@ -238,6 +245,8 @@ impl Outbound {
             framing,
             reusable,
             shared: Arc::downgrade(&self.shared),
+            idle: self.shared.body_timeout,
+            waiting_since: None,
         };
         if matches!(body.framing, Framing::Done) {
             body.finish();
@@ -887,6 +896,10 @@ struct UpstreamBody {
     framing: Framing,
     reusable: bool,
     shared: Weak<Shared>,
+    /// How long the instance may send nothing.
+    idle: Duration,
+    /// When a read last found nothing to read, since the last bytes came.
+    waiting_since: Option<Instant>,
 }
 
 impl UpstreamBody {
@@ -904,6 +917,16 @@ impl UpstreamBody {
             Outbound::checkin(&shared, conn);
         }
     }
+}
+
+fn stalled(idle: Duration) -> BoxError {
+    Box::new(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "the instance sent nothing of the response body for {}",
+            humantime::format_duration(idle)
+        ),
+    ))
 }
 
 fn truncated() -> BoxError {
@@ -968,7 +991,35 @@ impl http_body::Body for UpstreamBody {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            match ready!(poll_read_more(&mut conn.io, &mut conn.read, cx)) {
+            let read = match poll_read_more(&mut conn.io, &mut conn.read, cx) {
+                Poll::Ready(read) => {
+                    this.waiting_since = None;
+                    read
+                }
+                Poll::Pending => {
+                    // Nothing from the instance for `idle` since the last
+                    // bytes: a hung instance would hold the client, its
+                    // place in flight and this connection for ever (as
+                    // nginx's `proxy_read_timeout`).
+                    let now = crate::clock::now();
+                    let deadline = *this.waiting_since.get_or_insert(now) + this.idle;
+                    let timer = conn
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    arm(timer, deadline);
+                    // It may fire early (see `arm`): then it is set again.
+                    while timer.as_mut().poll(cx).is_ready() {
+                        if Instant::now() >= deadline {
+                            this.conn = None;
+                            this.framing = Framing::Done;
+                            return Poll::Ready(Some(Err(stalled(this.idle))));
+                        }
+                        timer.as_mut().reset(deadline);
+                    }
+                    return Poll::Pending;
+                }
+            };
+            match read {
                 Ok(0) => {
                     this.conn = None;
                     let until_close = matches!(this.framing, Framing::UntilClose);
@@ -1047,7 +1098,7 @@ mod tests {
 
     fn outbound() -> Outbound {
         match crate::client::connector(&limits(), None) {
-            Ok(c) => Outbound::new(c),
+            Ok(c) => Outbound::new(c, Duration::from_secs(60)),
             Err(e) => panic!("{e}"),
         }
     }
@@ -1180,7 +1231,7 @@ mod tests {
             Ok(c) => c,
             Err(e) => panic!("{e}"),
         };
-        let client = Outbound::with_max_idle(connector, 3);
+        let client = Outbound::with_max_idle(connector, 3, Duration::from_secs(60));
         let burst = (0..5).map(|_| {
             let client = client.clone();
             async move {
@@ -1635,6 +1686,52 @@ mod tests {
             Err(SendError::Lost(_)) => {}
             Err(e) => panic!("{e}"),
             Ok(r) => panic!("{}", r.res.status()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_the_instance_stops_sending_fails_after_the_body_timeout() {
+        let listener = match TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => panic!("{e}"),
+        };
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        // Sends 3 of 10 bytes, then nothing, with the connection open.
+        tokio::spawn(async move {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let mut head = [0u8; 4096];
+            let _ = s.read(&mut head).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+                .await;
+            std::future::pending::<()>().await;
+            drop(s);
+        });
+        let client = match crate::client::connector(&limits(), None) {
+            Ok(c) => Outbound::new(c, Duration::from_millis(200)),
+            Err(e) => panic!("{e}"),
+        };
+        let res = match client
+            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()), far())
+            .await
+        {
+            Ok(res) => res,
+            Err(e) => panic!("{e}"),
+        };
+        let mut body = res.res.into_body();
+        let first = tokio::time::timeout(TEST_DEADLINE, body.frame()).await;
+        let first = first.ok().flatten().and_then(|f| f.ok()?.into_data().ok());
+        assert_eq!(first.as_deref(), Some(&b"abc"[..]));
+        match tokio::time::timeout(TEST_DEADLINE, body.frame()).await {
+            Ok(Some(Err(e))) => assert!(
+                e.to_string()
+                    .contains("sent nothing of the response body for 200ms"),
+                "{e}"
+            ),
+            Ok(other) => panic!("{:?}", other.map(|f| f.map(|_| ()))),
+            Err(_) => panic!("the stalled body never failed"),
         }
     }
 

@@ -745,7 +745,7 @@ mod tests {
             Arc::new(RoutingState::new(built)),
             Some(sink),
             Arc::clone(&upstreams),
-            vec![outbound::Outbound::new(connector)],
+            vec![outbound::Outbound::new(connector, limits.body_timeout)],
             Arc::new(Resilience::new(crate::resilience::Settings::from_limits(
                 &limits,
             ))),

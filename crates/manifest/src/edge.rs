@@ -35,6 +35,8 @@ pub struct GatewayLimits {
     pub header_timeout: Option<Duration>,
     /// How long a kept-alive connection may sit idle between requests.
     pub idle_timeout: Option<Duration>,
+    /// The longest pause within a response body, either way.
+    pub body_timeout: Option<Duration>,
     /// How long connecting to an instance may take.
     pub connect_timeout: Option<Duration>,
     /// WebSocket tunnels open at once.

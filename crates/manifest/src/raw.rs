@@ -96,6 +96,7 @@ pub(crate) struct RawLimits {
     pub max_headers: Option<Spanned<i64>>,
     pub header_timeout: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
+    pub body_timeout: Option<Spanned<String>>,
     pub connect_timeout: Option<Spanned<String>>,
     pub max_websockets: Option<Spanned<i64>>,
     pub websocket_idle_timeout: Option<Spanned<String>>,

@@ -50,6 +50,7 @@ pub(super) fn limits(ctx: &mut Ctx<'_>, raw: &Spanned<RawLimits>) -> Option<Gate
             5 * MINUTE,
         ),
         idle_timeout: duration(ctx, &raw.idle_timeout, "idle_timeout", SECOND, HOUR),
+        body_timeout: duration(ctx, &raw.body_timeout, "body_timeout", SECOND, HOUR),
         connect_timeout: duration(
             ctx,
             &raw.connect_timeout,

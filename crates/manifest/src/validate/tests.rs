@@ -1207,6 +1207,7 @@ max_header_bytes = 16384
 max_headers = 50
 header_timeout = "5s"
 idle_timeout = "30s"
+body_timeout = "20s"
 connect_timeout = "500ms"
 max_websockets = 300
 websocket_idle_timeout = "1m"
@@ -1238,6 +1239,7 @@ fn gateway_limits_retries_and_outlier_detection_parse() {
             max_headers: Some(50),
             header_timeout: secs(5),
             idle_timeout: secs(30),
+            body_timeout: secs(20),
             connect_timeout: Some(std::time::Duration::from_millis(500)),
             max_websockets: Some(300),
             websocket_idle_timeout: secs(60),
