@@ -16,12 +16,13 @@
 //! client behind a load balancer shares its address.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use metrics::Gauge;
 
+use crate::ip;
 use crate::routing::RoutingState;
 use crate::stats;
 
@@ -124,7 +125,7 @@ impl ConnLimits {
             return refused(Refused::MaxConnections);
         }
         let ip = if self.per_ip() && !trusted {
-            let key = bucket(peer);
+            let key = ip::host_block(peer);
             let mut by_ip = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
             let count = by_ip.entry(key).or_insert(0);
             if *count >= self.per_ip {
@@ -166,17 +167,6 @@ impl Drop for ConnSlot {
                 }
             }
         }
-    }
-}
-
-/// The address a client is counted under: IPv4 as it is, IPv6 by its /64.
-fn bucket(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !((1u128 << 64) - 1))),
-        },
     }
 }
 
@@ -233,15 +223,7 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_clients_are_counted_by_their_64_and_mapped_ipv4_as_ipv4() {
-        assert_eq!(bucket(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
-        assert_eq!(
-            bucket(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
-            ip("2001:db8:1:2::")
-        );
-        assert_ne!(bucket(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
-        assert_eq!(bucket(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(bucket(ip("192.0.2.7")), ip("192.0.2.7"));
+    fn ipv6_clients_are_counted_by_their_64() {
         let limits = ConnLimits::new(100, 1);
         let _first = limits.admit(ip("2001:db8::1"), false);
         assert_eq!(

@@ -743,7 +743,8 @@ fn rate_key<'a>(
     identity: Option<&'a Identity>,
     headers: &HeaderMap,
 ) -> Cow<'a, str> {
-    let ip = || client.ip.to_string();
+    // By the client's block: an IPv6 client holds a /64 of addresses.
+    let ip = || ip::host_block(client.ip).to_string();
     match key {
         RateLimitKey::Ip => Cow::Owned(ip()),
         RateLimitKey::User => match identity {

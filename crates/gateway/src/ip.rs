@@ -16,7 +16,7 @@
 //! IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`, from dual-stack sockets)
 //! are matched as the IPv4 address they are.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use http::HeaderMap;
 use ipnet::IpNet;
@@ -71,6 +71,21 @@ impl IpConfig {
 }
 
 /// The client address of a request that arrived from `peer`.
+/// The block of addresses one client holds, which per-client limits
+/// (connections, `per ip` rate limits) count it by: an IPv4 address as it
+/// is, an IPv6 one by its /64, the block a single host or home network is
+/// given (so a client cannot pass a limit by moving through its 2^64
+/// addresses), an IPv4-mapped one as its IPv4 address.
+pub(crate) fn host_block(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
 pub(crate) fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
     let peer = canonical(peer);
     if trusted.is_empty() || !contains(trusted, peer) {
@@ -151,6 +166,19 @@ fn parse_node(s: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_s_block_is_its_ipv4_address_or_its_ipv6_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|e| panic!("{s}: {e}"));
+        assert_eq!(host_block(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            host_block(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            ip("2001:db8:1:2::")
+        );
+        assert_ne!(host_block(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+        assert_eq!(host_block(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(host_block(ip("192.0.2.7")), ip("192.0.2.7"));
+    }
     use http::HeaderValue;
 
     fn ip(s: &str) -> IpAddr {

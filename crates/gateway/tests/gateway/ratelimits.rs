@@ -102,6 +102,47 @@ async fn a_header_key_counts_each_value_separately() {
     gateway.shutdown(T).await;
 }
 
+#[tokio::test]
+async fn an_ipv6_client_is_limited_by_its_64_not_by_each_address() {
+    let registry = Registry::new();
+    let up = Upstream::start("rl-v6-0").await;
+    registry.set("rl-v6", vec![up.endpoint()]);
+    let mut cfg = config(vec![limited("rl-v6", "2/h per ip")]);
+    // The test client plays a trusted proxy, telling the gateway who the
+    // client behind it is.
+    cfg.ip = Some(flotilla_gateway::IpConfig {
+        trusted_proxies: ok(flotilla_gateway::parse_nets(&["127.0.0.0/8"]), "nets"),
+        ..flotilla_gateway::IpConfig::default()
+    });
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    let from = |client_ip: &'static str| [("x-forwarded-for", client_ip)];
+    // Three addresses of one /64: one client, two requests an hour.
+    let mut statuses = Vec::new();
+    for addr in ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::3"] {
+        let reply = client
+            .request(Method::GET, "/x", &from(addr), Bytes::new())
+            .await;
+        statuses.push(reply.status);
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    // Another /64, and an IPv4 client, are others.
+    for addr in ["2001:db8:1:3::1", "192.0.2.7"] {
+        let reply = client
+            .request(Method::GET, "/x", &from(addr), Bytes::new())
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{addr}");
+    }
+    gateway.shutdown(T).await;
+}
+
 /// Held by the tests whose gateways use the Redis backend: the backend
 /// error counter they read is the process's, and one test's failures
 /// (on purpose, in the fallback test) must not show up in the other's.
