@@ -385,7 +385,7 @@ pub(crate) fn handle<'a>(
             }
         }
         // Past the cache, which answers without the service.
-        let place = match &route.policy.bulkhead {
+        let mut place = match &route.policy.bulkhead {
             None => None,
             Some(bulkhead) => match bulkhead.enter() {
                 Some(place) => Some(place),
@@ -406,7 +406,11 @@ pub(crate) fn handle<'a>(
         }
         match proxy.forward(req, conn, route, client).await {
             Ok((mut reply, answered)) => {
-                if let Some(slot) = tunnel {
+                if let Some(mut slot) = tunnel {
+                    // An open tunnel is a request in flight until it closes.
+                    if reply.res.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        slot.in_flight = place.take();
+                    }
                     Handoff::hold(&reply.res, slot);
                 }
                 *upstream = Some(answered);

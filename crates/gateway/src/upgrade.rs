@@ -49,6 +49,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use crate::body::Body;
+use crate::bulkhead::Place;
 use crate::client::Stream;
 use crate::routes::Route;
 use crate::stats;
@@ -123,6 +124,9 @@ pub(crate) struct Tunnels {
 pub(crate) struct Slot {
     tunnels: Arc<Tunnels>,
     route: Arc<Route>,
+    /// Its place within the route's `max_in_flight`, if the route has one:
+    /// a tunnel is a request in flight until it closes.
+    pub(crate) in_flight: Option<Place>,
 }
 
 impl Tunnels {
@@ -139,6 +143,7 @@ impl Tunnels {
         let slot = Slot {
             tunnels: Arc::clone(self),
             route: Arc::clone(route),
+            in_flight: None,
         };
         // Dropped (given back) when over.
         (before < self.max).then_some(slot)

@@ -539,6 +539,24 @@ async fn under_a_cors_policy_only_allowed_origins_may_open_a_websocket() {
     gateway.shutdown(Duration::ZERO).await;
 }
 
+/// A tunnel to `path`, opened once the gateway stops refusing it with
+/// 503 (a closed tunnel's place given back), within `T`.
+async fn once_a_place_is_free(gateway: &Gateway, path: &str) -> WebSocketStream<TcpStream> {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        match connect(gateway, path).await {
+            Ok((opened, _)) => return opened,
+            Err(tungstenite::Error::Http(res))
+                if res.status() == StatusCode::SERVICE_UNAVAILABLE
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::task::yield_now().await;
+            }
+            Err(e) => panic!("the place of a closed tunnel was not given back: {e}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn past_max_tunnels_handshakes_get_503_until_one_closes() {
     let mut cfg = config(vec![chat_route()]);
@@ -563,19 +581,32 @@ async fn past_max_tunnels_handshakes_get_503_until_one_closes() {
 
     // The first tunnel ends; its place is given back.
     drop(first);
-    let deadline = tokio::time::Instant::now() + T;
-    let (mut again, _) = loop {
-        match connect(&gateway, "/ws/room").await {
-            Ok(opened) => break opened,
-            Err(tungstenite::Error::Http(res))
-                if res.status() == StatusCode::SERVICE_UNAVAILABLE
-                    && tokio::time::Instant::now() < deadline =>
-            {
-                tokio::task::yield_now().await;
-            }
-            Err(e) => panic!("the place of a closed tunnel was not given back: {e}"),
-        }
-    };
+    let mut again = once_a_place_is_free(&gateway, "/ws/room").await;
+    assert_eq!(next(&mut again).await, Message::text("welcome"));
+    gateway.shutdown(Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn an_open_tunnel_holds_its_place_in_the_route_s_max_in_flight() {
+    let mut capped = chat_route();
+    capped.max_in_flight = Some(1);
+    let (_instance, gateway) = ws_gateway(config(vec![capped])).await;
+
+    let (mut first, _) = ok(connect(&gateway, "/ws/room").await, "first handshake");
+    assert_eq!(next(&mut first).await, Message::text("welcome"));
+    // The tunnel is the route's one request in flight while it is open.
+    let res = refused(&gateway, "/ws/room", &[]).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = res.body().clone().unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&body).contains("route_overloaded"),
+        "{res:?}"
+    );
+    echoes_binary(&mut first, 1000).await;
+
+    // Closed, its place is given back.
+    drop(first);
+    let mut again = once_a_place_is_free(&gateway, "/ws/room").await;
     assert_eq!(next(&mut again).await, Message::text("welcome"));
     gateway.shutdown(Duration::ZERO).await;
 }
