@@ -731,7 +731,8 @@ impl<H: Handler> Conn<H> {
     /// into each write; keeps feeding the request body meanwhile (an
     /// upstream may answer while still reading it). `false`: the response
     /// could not be sent whole.
-    /// `progressed` is set when a body frame came or bytes were written.
+    /// `progressed` is set when a body frame came, bytes were written, or
+    /// request body bytes were handed over.
     fn poll_send(
         &mut self,
         cx: &mut Context<'_>,
@@ -742,10 +743,12 @@ impl<H: Handler> Conn<H> {
         progressed: &mut bool,
     ) -> Poll<bool> {
         loop {
-            if let Some(f) = feed.as_mut().filter(|f| !f.finished)
-                && self.poll_feed(cx, f).is_err()
-            {
-                return Poll::Ready(false);
+            if let Some(f) = feed.as_mut().filter(|f| !f.finished) {
+                // A request body still coming in is the exchange moving too.
+                match self.poll_feed(cx, f) {
+                    Ok(fed) => *progressed |= fed,
+                    Err(()) => return Poll::Ready(false),
+                }
             }
             let mut waiting = false;
             while !encoder.is_done() && self.out.len() < WRITE_HIGH_WATER {
