@@ -11,6 +11,16 @@
 //! a slow response stream keeps it open. (HTTP/1 is served by the gateway's
 //! own driver, `h1`, which applies its idle and slow-head timeouts itself.)
 //!
+//! A client that stops reading a response keeps its stream's flow-control
+//! window shut, and hyper then stops asking the body for more: nothing on
+//! the stream ever times out, and the response holds its place in flight
+//! and its instance connection for ever. So each response body is
+//! [`Paced`]: it tells the watch when the client is what the stream waits
+//! for (the body gave data and has not been asked again), and a stream
+//! that waits on the client for `body_timeout` closes the connection, as
+//! nginx's `send_timeout` does. (A body waiting on its instance is the
+//! instance's `body_timeout`, in `outbound`.)
+//!
 //! When a connection ends with the client still sending (a head over the
 //! size limit answered with 431, a body refused with 413), closing at once
 //! would make the kernel reset the connection and the client could lose the
@@ -20,15 +30,18 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use crate::body::{Body, BoxError};
 
 /// How long a closing connection keeps reading what the client still sends.
 const LINGER: Duration = Duration::from_secs(2);
@@ -48,6 +61,8 @@ pub(crate) struct Watch {
     in_request: AtomicU64,
     /// Millis since `epoch` (+1) of the last byte read or request finished.
     last_activity: AtomicU64,
+    /// Each response body's [`Paced`] clock.
+    bodies: Mutex<Vec<Weak<AtomicU64>>>,
 }
 
 impl Watch {
@@ -56,7 +71,41 @@ impl Watch {
             epoch: Instant::now(),
             in_request: AtomicU64::new(0),
             last_activity: AtomicU64::new(0),
+            bodies: Mutex::new(Vec::new()),
         })
+    }
+
+    /// `body`, telling this watch when it waits on the client.
+    pub(crate) fn pace(self: &Arc<Self>, body: Body) -> Paced {
+        let clock = Arc::new(AtomicU64::new(0));
+        let mut bodies = self.bodies.lock().unwrap_or_else(|e| e.into_inner());
+        bodies.retain(|b| b.strong_count() > 0);
+        bodies.push(Arc::downgrade(&clock));
+        Paced {
+            inner: body,
+            clock,
+            watch: Arc::clone(self),
+        }
+    }
+
+    /// Resolves once a response body has waited on the client (given data
+    /// that the client's flow control has not let out) for `timeout`.
+    pub(crate) async fn stalled(&self, timeout: Duration) {
+        let timeout_ms = timeout.as_millis() as u64;
+        let every = (timeout / 4).max(Duration::from_millis(10));
+        loop {
+            tokio::time::sleep(every).await;
+            let now = self.now_ms();
+            let mut bodies = self.bodies.lock().unwrap_or_else(|e| e.into_inner());
+            bodies.retain(|b| b.strong_count() > 0);
+            let stalled = bodies.iter().filter_map(Weak::upgrade).any(|clock| {
+                let since = clock.load(Ordering::Relaxed);
+                since != 0 && now >= since + timeout_ms
+            });
+            if stalled {
+                return;
+            }
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -90,6 +139,39 @@ impl Watch {
             };
             tokio::time::sleep(Duration::from_millis(wake_in.max(10))).await;
         }
+    }
+}
+
+/// A response body on an HTTP/2 connection ([`Watch::pace`]).
+pub(crate) struct Paced {
+    inner: Body,
+    /// When the body last gave data (millis since the watch's epoch, +1),
+    /// until it is asked again; 0 when not waiting on the client.
+    clock: Arc<AtomicU64>,
+    watch: Arc<Watch>,
+}
+
+impl http_body::Body for Paced {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let gave_data = matches!(&polled, Poll::Ready(Some(Ok(f))) if f.is_data());
+        let since = if gave_data { self.watch.now_ms() } else { 0 };
+        self.clock.store(since, Ordering::Relaxed);
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

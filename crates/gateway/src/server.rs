@@ -588,6 +588,12 @@ async fn serve_h2_conn<I>(
             conn.as_mut().graceful_shutdown();
             conn.await
         }
+        // Closed at once: a graceful end would wait for the stream the
+        // client does not read.
+        () = watch.stalled(with.settings.body_timeout) => {
+            tracing::debug!(target: "flotilla::gateway", %peer, timeout = ?with.settings.body_timeout, "an HTTP/2 client read nothing of a response; closing");
+            Ok(())
+        }
     };
     if let Err(e) = result {
         tracing::debug!(target: "flotilla::gateway", %peer, error = %e, "connection ended with an error");
@@ -632,10 +638,11 @@ impl tower::Service<Request<Incoming>> for Connection {
             req.extensions_mut().insert(Arc::clone(cert));
         }
         let fut = self.stack.call(req, self.info);
+        let watch = Arc::clone(&self.watch);
         async move {
             // hyper writes the map only.
             let res = fut.await.into_response();
-            Ok(res.map(|b| body::boxed(Holding::new(b, guard))))
+            Ok(res.map(|b| body::boxed(Holding::new(watch.pace(b), guard))))
         }
         .boxed()
     }

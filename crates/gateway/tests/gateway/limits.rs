@@ -380,3 +380,58 @@ async fn one_address_is_limited_but_others_and_trusted_proxies_are_not() {
     }
     gateway.shutdown(T).await;
 }
+
+#[tokio::test]
+async fn a_client_that_reads_nothing_of_a_response_is_closed_after_body_timeout() {
+    let registry = Registry::new();
+    let up = Upstream::start("unread-0").await;
+    registry.set("unread", vec![up.endpoint()]);
+    let mut cfg = config(vec![route("unread", "/**", &[], T)]);
+    cfg.limits.body_timeout = Duration::from_millis(300);
+    let gateway = start(cfg, &registry).await;
+
+    // HTTP/1.1: the request, then nothing read.
+    let mut h1 = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
+    ok(
+        h1.write_all(b"GET /bigbody HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await,
+        "write",
+    );
+    // HTTP/2: the head read, the body never (its window stays shut).
+    let h2 = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
+    let (mut sender, conn) = ok(
+        hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(h2),
+        )
+        .await,
+        "h2 handshake",
+    );
+    let h2_conn = tokio::spawn(conn);
+    let req = ok(
+        http::Request::get(format!("http://{}/bigbody", gateway.local_addr()))
+            .body(http_body_util::Empty::<Bytes>::new()),
+        "request",
+    );
+    let res = ok(sender.send_request(req).await, "h2 response");
+    assert_eq!(res.status(), StatusCode::OK);
+
+    // Both are given up (a request is counted as its response ends) and
+    // closed by the gateway, neither client having the whole body.
+    wait_until("both responses given up", || {
+        metric_sum(&["flotilla_gateway_requests_total", "service=\"unread\""]) >= 2
+    })
+    .await;
+    let ended = tokio::time::timeout(PATIENCE, h2_conn).await;
+    assert!(ended.is_ok(), "the HTTP/2 connection was kept");
+    let body = tokio::time::timeout(PATIENCE, http_body_util::BodyExt::collect(res.into_body()))
+        .await
+        .ok();
+    let got = body.and_then(|b| b.ok()).map_or(0, |b| b.to_bytes().len());
+    assert!(got < BIG_BODY, "HTTP/2: the whole body came");
+    let mut h1_got = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, h1.read_to_end(&mut h1_got)).await;
+    assert!(read.is_ok(), "the HTTP/1.1 connection was kept");
+    assert!(h1_got.len() < BIG_BODY, "HTTP/1.1: the whole body came");
+    gateway.shutdown(T).await;
+}

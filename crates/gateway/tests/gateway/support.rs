@@ -87,7 +87,12 @@ struct UpstreamState {
     not_modified: AtomicUsize,
 }
 
+/// The body of an upstream's `bigbody` paths: more than any client's and
+/// the kernel's buffers take unread.
+pub const BIG_BODY: usize = 16 << 20;
+
 /// An HTTP upstream on 127.0.0.1:0. Paths containing `slow` never answer;
+/// paths containing `bigbody` answer [`BIG_BODY`] bytes;
 /// paths containing `hold` wait for [`Upstream::release`]; anything else is
 /// echoed as JSON (instance, method, path, headers, body length), with
 /// each request field `x-reply-<name>` answered as a field `<name>`; paths
@@ -240,6 +245,9 @@ async fn handle(
         return Ok(res);
     }
     let path = req.uri().path().to_string();
+    if path.contains("bigbody") {
+        return Ok(Response::new(Full::new(Bytes::from(vec![b'x'; BIG_BODY]))));
+    }
     if path.contains("slow") {
         std::future::pending::<()>().await;
     }
