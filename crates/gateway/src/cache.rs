@@ -759,11 +759,10 @@ pub(crate) struct Miss {
     /// Whether it fetches in the background, for a client answered stale
     /// already: its own conditions are the client's no longer.
     detached: bool,
-    /// Whether it asks with `stale`'s validators ([`Miss::ask_if_changed`]).
-    validating: bool,
-    /// When `validating`, the request as it was before it asked: sent
-    /// again if the instance's `304` is about another response than the
-    /// kept one. Boxed: only a revalidation holds one.
+    /// Set when it asks with `stale`'s validators
+    /// ([`Miss::ask_if_changed`]): the request as it was before it asked,
+    /// sent again if the instance's `304` is about another response than
+    /// the kept one. Boxed: only a revalidation holds one.
     again: Option<Box<Request<Body>>>,
 }
 
@@ -845,7 +844,6 @@ impl RouteCache {
             stale: None,
             form,
             detached: false,
-            validating: false,
             again: None,
         };
         if method != Method::GET && method != Method::HEAD {
@@ -963,8 +961,8 @@ impl Miss {
     /// A `304` about another response than the kept one (RFC 9111 §4.3.4:
     /// another entity tag, or another `Last-Modified`) refreshes nothing:
     /// the kept response is dropped, and what comes back is the request to
-    /// send again without conditions, with this as its miss (no longer
-    /// validating, with nothing to stand in), to keep what that answers.
+    /// send again without conditions, with this as its miss (asking with
+    /// nothing now, and nothing to stand in), to keep what that answers.
     #[must_use = "a request to send again must be sent"]
     pub(crate) fn keep(
         mut self,
@@ -973,26 +971,21 @@ impl Miss {
         now: Instant,
     ) -> Option<(Miss, Request<Body>)> {
         let status = reply.res.status();
-        if self.validating {
+        if let Some(again) = self.again.take() {
             if status == StatusCode::NOT_MODIFIED {
                 let about_kept = self
                     .stale
                     .as_ref()
                     .is_none_or(|kept| kept.validators.answered_by(reply));
-                match self.again.take() {
-                    Some(again) if !about_kept => {
-                        cache.stats.revalidated("changed");
-                        cache.store.invalidate(&self.key);
-                        self.stale = None;
-                        self.validating = false;
-                        return Some((self, *again));
-                    }
-                    _ => {
-                        cache.stats.revalidated("unchanged");
-                        self.refresh(cache, reply, now);
-                        return None;
-                    }
+                if !about_kept {
+                    cache.stats.revalidated("changed");
+                    cache.store.invalidate(&self.key);
+                    self.stale = None;
+                    return Some((self, *again));
                 }
+                cache.stats.revalidated("unchanged");
+                self.refresh(cache, reply, now);
+                return None;
             }
             if !status.is_server_error() {
                 cache.stats.revalidated("changed");
@@ -1065,7 +1058,6 @@ impl Miss {
         if let Some(modified) = &validators.last_modified {
             fields.insert(IF_MODIFIED_SINCE, modified.clone());
         }
-        self.validating = true;
     }
 
     /// Makes the stale response this request asked about fresh again with

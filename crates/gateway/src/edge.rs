@@ -534,26 +534,24 @@ fn revalidate(
         let Some(cache) = &route.policy.cache else {
             return;
         };
-        let (mut req, mut refresh) = (req, refresh);
-        loop {
-            match proxy.forward(req, conn, &route, client).await {
-                Ok((mut reply, _answered)) => {
-                    if let Some(again) = refresh.keep(cache, &mut reply, clock::now()) {
-                        // A 304 about another response: fetched whole now
-                        // (at most once more: the second asks with nothing).
-                        (refresh, req) = again;
-                        continue;
-                    }
-                    // The response is kept as its body ends: read it to
-                    // there, no longer than the route may take.
-                    let body = http_body_util::BodyExt::collect(reply.res.into_body());
-                    let _ = tokio::time::timeout(route.timeout, body).await;
-                }
-                Err(rejection) => {
-                    tracing::debug!(target: "flotilla::gateway", route = route.pattern.as_str(), error = %rejection, "a background fetch of a stale response failed");
-                }
+        let fetched = match proxy.forward(req, conn, &route, client).await {
+            Ok((mut reply, answered)) => match refresh.keep(cache, &mut reply, clock::now()) {
+                None => Ok((reply, answered)),
+                // A 304 about another response: fetched whole now.
+                Some((miss, again)) => fetch_again(&proxy, again, conn, &route, client, miss).await,
+            },
+            Err(rejection) => Err(rejection),
+        };
+        match fetched {
+            Ok((reply, _answered)) => {
+                // The response is kept as its body ends: read it to there,
+                // no longer than the route may take.
+                let body = http_body_util::BodyExt::collect(reply.res.into_body());
+                let _ = tokio::time::timeout(route.timeout, body).await;
             }
-            return;
+            Err(rejection) => {
+                tracing::debug!(target: "flotilla::gateway", route = route.pattern.as_str(), error = %rejection, "a background fetch of a stale response failed");
+            }
         }
     });
 }
