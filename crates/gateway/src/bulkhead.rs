@@ -2,7 +2,8 @@
 //! max_in_flight`, load shedding in `server`) and a route's
 //! (`max_in_flight` on a route): a bulkhead, as Envoy's circuit breakers
 //! cap `max_requests` per cluster and Resilience4j's bulkhead caps calls
-//! per backend. Both are a [`Cap`].
+//! per backend. Both are a [`Cap`], as is the count of WebSocket tunnels
+//! (`upgrade::Tunnels`).
 //!
 //! The gateway's `max_in_flight` protects the gateway; it does not protect
 //! one service's callers from another service. When a service slows down,

@@ -37,7 +37,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -49,7 +49,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use crate::body::Body;
-use crate::bulkhead::Place;
+use crate::bulkhead::{Cap, Place};
 use crate::client::Stream;
 use crate::routes::Route;
 use crate::stats;
@@ -113,16 +113,13 @@ pub(crate) struct Tunnel {
 /// Tunnels open (and handshakes in progress) against `Limits::max_tunnels`,
 /// shared by every worker.
 #[derive(Debug)]
-pub(crate) struct Tunnels {
-    open: AtomicUsize,
-    max: usize,
-}
+pub(crate) struct Tunnels(Cap);
 
 /// One tunnel's place among [`Tunnels`], given back when dropped; and the
 /// route it was opened on, for its metrics.
 #[derive(Debug)]
 pub(crate) struct Slot {
-    tunnels: Arc<Tunnels>,
+    _open: Place,
     route: Arc<Route>,
     /// Its place within the route's `max_in_flight`, if the route has one:
     /// a tunnel is a request in flight until it closes.
@@ -131,28 +128,16 @@ pub(crate) struct Slot {
 
 impl Tunnels {
     pub(crate) fn new(max: usize) -> Arc<Tunnels> {
-        Arc::new(Tunnels {
-            open: AtomicUsize::new(0),
-            max,
-        })
+        Arc::new(Tunnels(Cap::new(max)))
     }
 
     /// A place for one more tunnel on `route`, unless all are taken.
-    pub(crate) fn reserve(self: &Arc<Self>, route: &Arc<Route>) -> Option<Slot> {
-        let before = self.open.fetch_add(1, Ordering::AcqRel);
-        let slot = Slot {
-            tunnels: Arc::clone(self),
+    pub(crate) fn reserve(&self, route: &Arc<Route>) -> Option<Slot> {
+        Some(Slot {
+            _open: self.0.enter()?,
             route: Arc::clone(route),
             in_flight: None,
-        };
-        // Dropped (given back) when over.
-        (before < self.max).then_some(slot)
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.tunnels.open.fetch_sub(1, Ordering::AcqRel);
+        })
     }
 }
 
