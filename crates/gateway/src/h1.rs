@@ -1012,7 +1012,8 @@ mod tests {
     /// `/stream` answers with a body of unknown length; `/refuse` answers
     /// 401 without reading the body; `/hold` never answers; `/stall` sends
     /// a first chunk of its body and then nothing; `/drip` sends ten
-    /// chunks 50 ms apart; `/big` is 32 MiB.
+    /// chunks 50 ms apart; `/big` is 32 MiB; `/late` answers at once and
+    /// ends its body with the request body's length once it has all come.
     #[derive(Clone)]
     struct Stub(Arc<Probe>);
 
@@ -1064,6 +1065,20 @@ mod tests {
                         Response::new(body::boxed(StreamBody::new(drops)))
                     }
                     "/big" => text(StatusCode::OK, vec![b'x'; 32 << 20]),
+                    "/late" => {
+                        // Answers at once, and ends once the whole request
+                        // body has come.
+                        use futures_util::StreamExt as _;
+                        let body = req.into_body();
+                        let first = futures_util::stream::iter([Ok::<_, Infallible>(Frame::data(
+                            Bytes::from("first "),
+                        ))]);
+                        let rest = futures_util::stream::once(async move {
+                            let len = body.collect().await.map_or(0, |c| c.to_bytes().len());
+                            Ok(Frame::data(Bytes::from(format!("len={len}"))))
+                        });
+                        Response::new(body::boxed(StreamBody::new(first.chain(rest))))
+                    }
                     _ => text(StatusCode::NOT_FOUND, "?"),
                 };
                 guard.1 = true;
@@ -1458,6 +1473,22 @@ mod tests {
         let mut stream = connect(s.addr).await;
         send(&mut stream, b"GET /drip HTTP/1.1\r\n\r\n").await;
         read_until(&mut stream, |t| t.ends_with("0\r\n\r\n")).await;
+
+        // Nor is one that waits for a request body still coming in, for
+        // longer in all than the timeout: the exchange is moving.
+        let mut stream = connect(s.addr).await;
+        send(
+            &mut stream,
+            b"POST /late HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+        )
+        .await;
+        read_until(&mut stream, |t| t.contains("first ")).await;
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            send(&mut stream, b"1\r\nx\r\n").await;
+        }
+        send(&mut stream, b"0\r\n\r\n").await;
+        read_until(&mut stream, |t| t.contains("len=8")).await;
 
         // A client that reads nothing of a large response: closed once the
         // socket is full and nothing moves for the timeout.
