@@ -230,7 +230,7 @@ impl Entry {
     /// the instance that answered, if any.
     pub(crate) fn responded(&mut self, status: StatusCode, served: Served) {
         self.status = status;
-        self.route = served.route;
+        self.route = served.split.or(served.route);
         self.upstream = served.upstream;
         self.cache = served.cache;
     }

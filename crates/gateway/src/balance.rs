@@ -8,6 +8,7 @@
 
 use rand::Rng;
 
+use crate::affinity;
 use crate::upstream::Endpoint;
 
 /// Picks one of the `endpoints` that are a `candidate`, as its index;
@@ -43,6 +44,23 @@ pub(crate) fn pick<R: Rng + ?Sized>(
             })
         }
     }
+}
+
+/// Picks, of the `endpoints` that are a `candidate`, the one the key
+/// hashed to `key` goes to (see `affinity`): the highest score wins, so
+/// a key keeps its instance while that instance is a candidate, and
+/// otherwise moves to the same next one from every gateway.
+pub(crate) fn pick_sticky(
+    endpoints: &[Endpoint],
+    candidate: impl Fn(&Endpoint) -> bool,
+    key: u64,
+) -> Option<usize> {
+    endpoints
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| candidate(e))
+        .max_by_key(|(_, e)| affinity::score(key, &e.instance))
+        .map(|(i, _)| i)
 }
 
 #[cfg(test)]
@@ -113,6 +131,25 @@ mod tests {
             // Each idle instance is expected about 1000 times.
             assert!(c[name] > 700, "{name} picked {} times: {c:?}", c[name]);
         }
+    }
+
+    #[test]
+    fn a_key_keeps_its_instance_whatever_the_load_and_order() {
+        let es: Vec<Endpoint> = (0..4).map(|i| endpoint(&format!("e{i}"), i)).collect();
+        let first = pick_sticky(&es, all, 42).unwrap();
+        // Loaded or listed in another order, the same instance.
+        let _guards: Vec<_> = (0..5).map(|_| es[first].load.begin()).collect();
+        let mut reversed = es.clone();
+        reversed.reverse();
+        let again = pick_sticky(&reversed, all, 42).unwrap();
+        assert_eq!(reversed[again].instance, es[first].instance);
+        // Not a candidate (ejected, tried): the next choice, the same one
+        // each time; and none without candidates.
+        let skip = |e: &Endpoint| e.instance != es[first].instance;
+        let next = pick_sticky(&es, skip, 42).unwrap();
+        assert_ne!(next, first);
+        assert_eq!(pick_sticky(&es, skip, 42), Some(next));
+        assert_eq!(pick_sticky(&es, |_| false, 42), None);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use flotilla_manifest::{
-    Auth, HeaderDirection, HostPattern, Manifest, PathPattern, RateLimitStore,
+    Affinity, Auth, HeaderDirection, HostPattern, Manifest, PathPattern, RateLimitStore,
 };
 use http::{HeaderName, HeaderValue};
 
@@ -104,6 +104,9 @@ pub struct RouteConfig {
     pub auth: RouteAuth,
     /// Requests allowed per client, user, header value or route.
     pub rate_limit: Option<RateLimit>,
+    /// What sends a client's requests to the same instance; `None`: the
+    /// less loaded of two instances drawn at random.
+    pub affinity: Option<Affinity>,
     /// Replaces the system's CORS policy for this route.
     pub cors: Option<CorsConfig>,
     /// Allow/deny lists applied on top of the system's, for this route.
@@ -143,6 +146,7 @@ impl RouteConfig {
             try_timeout: None,
             auth: RouteAuth::Public,
             rate_limit: None,
+            affinity: None,
             cors: None,
             ip: None,
             max_body_bytes: None,
@@ -273,6 +277,10 @@ pub enum ConfigError {
     JwtRequired { route: String },
     #[error("route `{route}` limits `per user` but is public; use `auth = jwt` or limit `per ip`")]
     UserLimitNeedsJwt { route: String },
+    #[error(
+        "route `{route}` keeps clients on an instance by user but is public; use `auth = jwt`, `optional` or `key`, or `affinity = \"ip\"` or `\"cookie:<name>\"`"
+    )]
+    UserAffinityNeedsUser { route: String },
     #[error(
         "route `{route}` has `auth = key` but the gateway has no API keys; add [gateway.api_keys] or make the route public"
     )]
@@ -438,6 +446,11 @@ impl Config {
                     route: route.name(),
                 });
             }
+            if route.affinity == Some(Affinity::User) && !has_user {
+                return Err(ConfigError::UserAffinityNeedsUser {
+                    route: route.name(),
+                });
+            }
             if let Some(cors) = &route.cors {
                 CorsPolicy::new(cors).map_err(|source| ConfigError::Cors {
                     route: Some(route.name()),
@@ -512,6 +525,7 @@ impl Config {
                         },
                     },
                     rate_limit: route.rate_limit.clone(),
+                    affinity: route.affinity.clone(),
                     cors: route.cors.as_ref().map(cors_config),
                     ip: route.ip.as_ref().map(|ip| IpRules {
                         allow: ip.allow.clone(),
@@ -695,7 +709,7 @@ response_headers = { set = { "x-frame-options" = "DENY" } }
 [services.catalog]
 run = { command = ["true"] }
 routes = [
-  { path = "/api/catalog/**", methods = ["GET"] },
+  { path = "/api/catalog/**", methods = ["GET"], affinity = "cookie:sticky" },
   { path = "/api/stock/**", hosts = ["staff.example.com"], auth = "jwt", scopes = ["stock"], claims = { "realm_access.roles" = ["staff", "admin"] }, cors = { origins = ["https://staff.example"], credentials = true }, request_headers = { remove = ["cookie"] } },
 ]
 "#;
@@ -715,6 +729,8 @@ routes = [
         assert_eq!(route.timeout, Duration::from_secs(7));
         assert_eq!(route.auth, RouteAuth::Public);
         assert_eq!(route.cors, None);
+        assert_eq!(route.affinity, Some(Affinity::Cookie("sticky".into())));
+        assert_eq!(config.routes[1].affinity, None);
         assert_eq!(
             config.response_headers.set,
             [(

@@ -33,13 +33,14 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use futures_util::future::FutureExt;
-use http::header::{CONTENT_LENGTH, HOST, ORIGIN};
+use http::header::{CONTENT_LENGTH, HOST, ORIGIN, SET_COOKIE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body::Body as _;
 use http_body_util::Limited;
 use tower::ServiceExt;
 
+use crate::affinity;
 use crate::apikey::KeyError;
 use crate::body::{self, Body};
 use crate::cache::{Collapsed, Miss, Verdict};
@@ -55,19 +56,23 @@ use crate::ratelimit::{Decision, Limiter, RateLimitKey};
 use crate::rejection::Rejection;
 use crate::relayed::Reply;
 use crate::request_id::RequestId;
-use crate::routes::{Match, Outgoing, Route, has_dot_segment, split_after_segments};
+use crate::routes::{self, Match, Outgoing, Route, has_dot_segment, split_after_segments};
 use crate::routing::Routing;
 use crate::server::ConnInfo;
 use crate::stats;
 use crate::upgrade::{self, Handoff, Slot, Tunnels, WebSocket};
 
-/// The client address after trusted proxies.
+/// Who sent a request: the client address after trusted proxies.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ClientAddr {
     pub ip: IpAddr,
     /// Whether the direct peer is a trusted proxy (whose forwarding
     /// headers may be passed on).
     pub via_trusted_proxy: bool,
+    /// On a route with `affinity`, the hash of what keeps this client on
+    /// one instance, once the route's policies have found it; `None`:
+    /// balanced freely.
+    pub affinity: Option<u64>,
 }
 
 /// How a request was served, for the access log: the route it matched and
@@ -76,6 +81,9 @@ pub(crate) struct ClientAddr {
 #[derive(Default)]
 pub(crate) struct Served {
     pub route: Option<Arc<Route>>,
+    /// The service of a sticky split (`Match::Sticky`) that took it, once
+    /// the client's key chose it: counted and logged instead of `route`.
+    pub split: Option<Arc<Route>>,
     pub upstream: Option<Upstream>,
     /// What the route's cache made of it, as its metric counts it.
     pub cache: Option<&'static str>,
@@ -194,6 +202,7 @@ pub(crate) fn handle<'a>(
     async move {
         let Served {
             route: matched,
+            split: chosen,
             upstream,
             cache: cache_result,
         } = served;
@@ -215,7 +224,7 @@ pub(crate) fn handle<'a>(
             None => false,
         };
 
-        let client = {
+        let mut client = {
             let peer = conn.peer.ip();
             let trusted = routing
                 .ip
@@ -225,6 +234,7 @@ pub(crate) fn handle<'a>(
             ClientAddr {
                 ip: ip::client_addr(peer, req.headers(), trusted),
                 via_trusted_proxy: trusted.iter().any(|n| n.contains(&peer)),
+                affinity: None,
             }
         };
         if let Some(rules) = &routing.ip_rules
@@ -264,7 +274,9 @@ pub(crate) fn handle<'a>(
                 .table
                 .find(host, &lookup_method, path, req.headers());
             let cors = match &found {
-                Match::Route(route) => route.policy.outgoing.cors.as_deref(),
+                Match::Route(route) | Match::Sticky(route, _) => {
+                    route.policy.outgoing.cors.as_deref()
+                }
                 _ => routing.outgoing.cors.as_deref(),
             };
             if preflight && let Some(cors) = cors {
@@ -290,8 +302,15 @@ pub(crate) fn handle<'a>(
         };
 
         // The `Arc` for a WebSocket's metrics; `&Route` everywhere else.
+        let mut split = None;
         let route: &Arc<Route> = match found {
             Match::Route(route) => {
+                let route = matched.insert(route);
+                finish.out = &route.policy.outgoing;
+                route
+            }
+            Match::Sticky(route, services) => {
+                split = Some(services);
                 let route = matched.insert(route);
                 finish.out = &route.policy.outgoing;
                 route
@@ -335,11 +354,32 @@ pub(crate) fn handle<'a>(
         } else {
             None
         };
-        if let Err(rejection) =
-            police(&routing, route, client, has_cert, &mut req, &mut finish).await
+        let identity = match police(&routing, route, client, has_cert, &mut req, &mut finish).await
         {
-            return finish.reject(rejection);
+            Ok(identity) => identity,
+            Err(rejection) => return finish.reject(rejection),
+        };
+        // A cookie the gateway made up to keep this client on its instance.
+        let mut set_cookie = None;
+        if let Some(affinity) = &route.policy.affinity {
+            let sticky = affinity::sticky(
+                affinity,
+                client.ip,
+                identity.as_deref(),
+                req.headers(),
+                conn.scheme == "https",
+            );
+            client.affinity = sticky.hash;
+            set_cookie = sticky.set_cookie;
         }
+        drop(identity);
+        // A sticky split's service, by the client's key: every route of a
+        // split has the one policy just applied, and differs only in where
+        // it sends the request.
+        let route: &Arc<Route> = match split {
+            Some(services) => chosen.insert(routes::choose(route, &services, client.affinity)),
+            None => route,
+        };
         // After every policy, so that a kept response never lets a request
         // past one; before the request's own changes, which are the same
         // for every request of the route. Boxed: most routes keep nothing,
@@ -435,6 +475,9 @@ pub(crate) fn handle<'a>(
                         }
                         Err(rejection) => return finish.reject(rejection),
                     }
+                }
+                if let Some(cookie) = set_cookie {
+                    reply.fields().append(SET_COOKIE, cookie);
                 }
                 if let Some(place) = place {
                     // In flight until the client has the whole response.
@@ -633,7 +676,8 @@ fn admit_websocket(
     Ok(slot)
 }
 
-/// Steps 6–9 for a matched route; on success `req` is ready to forward.
+/// Steps 6–9 for a matched route; on success `req` is ready to forward,
+/// and the caller's verified identity, if it has one, is returned.
 async fn police<'a>(
     routing: &Routing,
     route: &'a Route,
@@ -641,7 +685,7 @@ async fn police<'a>(
     has_cert: bool,
     req: &mut Request<Body>,
     finish: &mut Finish<'a>,
-) -> Result<(), Rejection> {
+) -> Result<Option<Arc<Identity>>, Rejection> {
     let label = route.pattern.as_str();
     let policy = &route.policy;
     if let Some(rules) = &policy.ip
@@ -733,7 +777,7 @@ async fn police<'a>(
             *req.body_mut() = body::boxed(Limited::new(body, limit));
         }
     }
-    Ok(())
+    Ok(identity)
 }
 
 /// Longer header values are hashed, so a key costs bounded memory.
@@ -804,6 +848,7 @@ mod tests {
         let client = ClientAddr {
             ip: IpAddr::from([192, 0, 2, 1]),
             via_trusted_proxy: false,
+            affinity: None,
         };
         let key = rate_key(&RateLimitKey::Header(name.clone()), client, None, &h);
         assert_eq!(key.len(), 2 + 64);

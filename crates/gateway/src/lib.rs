@@ -37,6 +37,7 @@
 //! behind a TLS handshake, HTTP/2 or HTTP/1.1 by ALPN.
 
 mod access_log;
+mod affinity;
 mod apikey;
 mod balance;
 mod body;
@@ -92,6 +93,9 @@ pub use client::UpstreamTls;
 pub use compress::CompressionConfig;
 pub use config::{Config, ConfigError, Limits, RouteConfig};
 pub use cors::{CorsConfig, CorsConfigError};
+/// What a route keeps a client's requests on one instance by
+/// ([`RouteConfig::affinity`]).
+pub use flotilla_manifest::Affinity;
 pub use header_changes::HeaderChanges;
 pub use ip::{IpConfig, IpNetParseError, IpRules, parse_net, parse_nets};
 pub use jwt::{JwksSource, JwksSourceError, JwtConfig, RouteAuth, RouteAuthParseError};

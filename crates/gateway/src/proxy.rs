@@ -17,7 +17,9 @@
 //! is retried: a non-idempotent request may already have had its effect.
 //!
 //! Every attempt's outcome feeds passive outlier detection; ejected
-//! instances are skipped when picking.
+//! instances are skipped when picking. On a route with `affinity`, the
+//! pick is the client's own instance instead (see `affinity`), and a
+//! retry its next.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -188,7 +190,9 @@ impl Proxy {
             let mut tried: Vec<String> = Vec::new();
             let mut retries = 0;
             loop {
-                let (ready, index) = self.pick(route, &tried, deadline, health).await?;
+                let (ready, index) = self
+                    .pick(route, &tried, deadline, health, client.affinity)
+                    .await?;
                 let Some(endpoint) = ready.get(index) else {
                     // Unreachable: `pick` returns an index into `ready`.
                     return Err(Rejection::NoReadyInstance {
@@ -312,15 +316,17 @@ impl Proxy {
     }
 
     /// A ready instance (as `ready` and its index there), preferring ones
-    /// not `tried` yet and not ejected; activates the service (holding the
-    /// request) when none is ready. `ready` is also what outlier detection
-    /// needs.
+    /// not `tried` yet and not ejected: the one `affinity`, a client's key
+    /// hashed, goes to, or else the less loaded of two drawn at random.
+    /// Activates the service (holding the request) when none is ready.
+    /// `ready` is also what outlier detection needs.
     async fn pick(
         &self,
         route: &Route,
         tried: &[String],
         deadline: Instant,
         health: &ServiceHealth,
+        affinity: Option<u64>,
     ) -> Result<(Arc<[Endpoint]>, usize), Rejection> {
         let service = route.service.as_str();
         let no_ready = |source: ActivateError| Rejection::NoReadyInstance {
@@ -367,11 +373,11 @@ impl Proxy {
         let in_pool = |e: &Endpoint| !any_healthy || healthy(e);
         // With every instance tried, try again where we must.
         let any_fresh = tried.is_empty() || ready.iter().any(|e| in_pool(e) && fresh(e));
-        let picked = balance::pick(
-            &ready,
-            |e| in_pool(e) && (!any_fresh || fresh(e)),
-            &mut rand::rng(),
-        );
+        let candidate = |e: &Endpoint| in_pool(e) && (!any_fresh || fresh(e));
+        let picked = match affinity {
+            Some(key) => balance::pick_sticky(&ready, candidate, key),
+            None => balance::pick(&ready, candidate, &mut rand::rng()),
+        };
         match picked {
             Some(index) => Ok((ready, index)),
             None => Err(no_ready(ActivateError::Unavailable {

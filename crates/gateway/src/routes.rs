@@ -31,6 +31,7 @@ use crate::jwt::RouteAuth;
 use crate::ratelimit::Limiter;
 use crate::resilience::HealthMemo;
 use crate::stats::RouteStats;
+use flotilla_manifest::Affinity;
 
 /// One route, as the edge and the proxy need it. A route with a `split`
 /// is one of these per service, sharing one policy.
@@ -79,6 +80,8 @@ pub(crate) struct RoutePolicy {
     pub cache: Option<RouteCache>,
     /// The route's own cap on requests in flight (`max_in_flight`).
     pub bulkhead: Option<Bulkhead>,
+    /// What keeps a client's requests on one instance (`affinity`).
+    pub affinity: Option<Affinity>,
 }
 
 /// What every response gets on its way out: of a route, or the system's
@@ -121,6 +124,11 @@ impl Route {
 #[derive(Debug)]
 pub(crate) enum Match {
     Route(Arc<Route>),
+    /// A route with a `split` and an `affinity`: the split's services are
+    /// chosen between by the client's key, which the edge finds once the
+    /// route's policies (the same for all of them) have run. The route is
+    /// the split's own.
+    Sticky(Arc<Route>, Split),
     /// Some route has this path, none this method; the methods that would do.
     MethodNotAllowed(Vec<String>),
     NotFound,
@@ -148,20 +156,35 @@ struct Entry {
 
 /// A `split`: each service's route and the percentage below which a draw
 /// in `0..100` picks it, the route's own first.
-type Split = Arc<[(u32, Arc<Route>)]>;
+pub(crate) type Split = Arc<[(u32, Arc<Route>)]>;
+
+/// The route of `split` (of `own`'s) that takes a request: by
+/// `affinity`, a client's key hashed, so that a client stays with one
+/// version (as Kong's canary `hash` does), or by a random draw.
+pub(crate) fn choose(own: &Arc<Route>, split: &Split, affinity: Option<u64>) -> Arc<Route> {
+    let draw = match affinity {
+        // The key's hash is uniform: its remainder is a fair share.
+        Some(hash) => (hash % 100) as u32,
+        None => rand::rng().random_range(0..100),
+    };
+    split
+        .iter()
+        .find(|(below, _)| draw < *below)
+        .map_or_else(|| Arc::clone(own), |(_, r)| Arc::clone(r))
+}
 
 impl Entry {
-    /// The route that takes this request: a draw among the split's
-    /// services, or the only one.
-    fn pick(&self) -> Arc<Route> {
-        let Some(split) = &self.split else {
-            return Arc::clone(&self.route);
-        };
-        let draw = rand::rng().random_range(0..100);
-        split
-            .iter()
-            .find(|(below, _)| draw < *below)
-            .map_or_else(|| Arc::clone(&self.route), |(_, r)| Arc::clone(r))
+    /// What a lookup found: a draw among the split's services, or the only
+    /// one; a split with `affinity` is left to the edge, which draws once
+    /// the route's policies have found the client's key.
+    fn pick(&self) -> Match {
+        match &self.split {
+            None => Match::Route(Arc::clone(&self.route)),
+            Some(split) if self.route.policy.affinity.is_some() => {
+                Match::Sticky(Arc::clone(&self.route), Arc::clone(split))
+            }
+            Some(split) => Match::Route(choose(&self.route, split, None)),
+        }
     }
 }
 
@@ -301,7 +324,7 @@ impl RouteTable {
                 continue;
             }
             if route.allows(method) {
-                return Match::Route(entry.pick());
+                return entry.pick();
             }
             allow.extend(route.methods.iter().cloned());
         }
@@ -670,6 +693,41 @@ mod tests {
         all.split = vec![("canary".to_string(), 100)];
         let seen = counts(&RouteTable::new(&[all]), 500);
         assert_eq!(seen.get("canary"), Some(&500), "{seen:?}");
+    }
+
+    #[test]
+    fn a_sticky_split_is_left_to_the_key_which_keeps_a_client_on_one_service() {
+        let mut split = route("catalog", "/api/catalog/**", &[]);
+        split.split = vec![("canary".to_string(), 30), ("dark".to_string(), 0)];
+        let table = RouteTable::with_policies(&[split], |_| RoutePolicy {
+            affinity: Some(Affinity::Header("x-user".into())),
+            ..RoutePolicy::default()
+        });
+        let (own, services) =
+            match table.find(None, &Method::GET, "/api/catalog/1", &HeaderMap::new()) {
+                Match::Sticky(own, services) => (own, services),
+                other => panic!("expected a sticky split, got {other:?}"),
+            };
+        assert_eq!(own.service, "catalog");
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for key in 0..10_000u64 {
+            // Spread keys, as a hash is.
+            let hash = key.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let first = choose(&own, &services, Some(hash));
+            for _ in 0..3 {
+                assert!(Arc::ptr_eq(&first, &choose(&own, &services, Some(hash))));
+            }
+            *seen.entry(first.service.clone()).or_default() += 1;
+        }
+        let canary = seen.get("canary").copied().unwrap_or(0);
+        assert!((2_700..=3_300).contains(&canary), "{seen:?}");
+        assert!(!seen.contains_key("dark"), "{seen:?}");
+        // No key: a draw, as on any split.
+        let drawn = (0..2_000)
+            .map(|_| choose(&own, &services, None).service.clone())
+            .filter(|s| s == "canary")
+            .count();
+        assert!((450..=750).contains(&drawn), "{drawn} of 2000");
     }
 
     #[test]

@@ -228,6 +228,7 @@ impl Routing {
                     }),
                     _ => None,
                 },
+                affinity: route.affinity.clone(),
                 bulkhead: route.max_in_flight.map(|limit| {
                     Bulkhead::new(
                         limit,

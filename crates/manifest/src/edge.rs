@@ -513,6 +513,78 @@ impl fmt::Display for RateLimit {
     }
 }
 
+/// What a route's requests are sent to the same instance by (`affinity`),
+/// as Envoy's ring-hash `hash_policy` and Kong's `hash_on` do: a cart, a
+/// session or a user's cached state stays on the instance that holds it.
+///
+/// The string form is `ip`, `user`, `header:<name>` or `cookie:<name>`.
+/// A request without the value is balanced as any other, except that a
+/// `cookie` is then made up by the gateway and set on the response, so
+/// that the client's next requests carry it (Envoy's generated cookie).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Affinity {
+    /// The client address (after trusted proxies; an IPv6 client by its
+    /// /64).
+    Ip,
+    /// The verified JWT subject, or the API key's consumer.
+    User,
+    /// The value of this request header (lower case).
+    Header(String),
+    /// The value of this cookie, set by the gateway when absent.
+    Cookie(String),
+}
+
+/// Why an `affinity` string does not parse; the message says what to write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AffinityParseError {
+    #[error("`{0}` is not an affinity: use `ip`, `user`, `header:<name>` or `cookie:<name>`")]
+    Unknown(String),
+    #[error("`{0}` is not a valid header name")]
+    BadHeader(String),
+    #[error("`{0}` is not a valid cookie name (letters, digits and `!#$%&'*+-.^_`|~`)")]
+    BadCookie(String),
+}
+
+impl Affinity {
+    /// Parses the manifest syntax; see [`Affinity`].
+    pub fn parse(s: &str) -> Result<Affinity, AffinityParseError> {
+        match s.trim() {
+            "ip" => Ok(Affinity::Ip),
+            "user" => Ok(Affinity::User),
+            other => {
+                if let Some(name) = other.strip_prefix("header:") {
+                    if is_header_name(name) {
+                        Ok(Affinity::Header(name.to_ascii_lowercase()))
+                    } else {
+                        Err(AffinityParseError::BadHeader(name.to_string()))
+                    }
+                } else if let Some(name) = other.strip_prefix("cookie:") {
+                    // A cookie name is an RFC 6265 token, as a header name;
+                    // its case is kept: cookie names are case-sensitive.
+                    if is_header_name(name) {
+                        Ok(Affinity::Cookie(name.to_string()))
+                    } else {
+                        Err(AffinityParseError::BadCookie(name.to_string()))
+                    }
+                } else {
+                    Err(AffinityParseError::Unknown(other.to_string()))
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for Affinity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Affinity::Ip => write!(f, "ip"),
+            Affinity::User => write!(f, "user"),
+            Affinity::Header(h) => write!(f, "header:{h}"),
+            Affinity::Cookie(c) => write!(f, "cookie:{c}"),
+        }
+    }
+}
+
 /// Whether `origin` is an exact web origin: `scheme://host[:port]`, no path.
 pub(crate) fn is_origin(origin: &str) -> bool {
     let Some((scheme, rest)) = origin.split_once("://") else {
@@ -527,6 +599,35 @@ pub(crate) fn is_origin(origin: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn affinities_parse_and_print() {
+        for (text, parsed) in [
+            ("ip", Affinity::Ip),
+            ("user", Affinity::User),
+            ("header:X-Cart", Affinity::Header("x-cart".into())),
+            ("cookie:Sticky_1", Affinity::Cookie("Sticky_1".into())),
+        ] {
+            assert_eq!(Affinity::parse(text), Ok(parsed.clone()), "{text}");
+            assert_eq!(Affinity::parse(&parsed.to_string()), Ok(parsed));
+        }
+        assert_eq!(
+            Affinity::parse("route"),
+            Err(AffinityParseError::Unknown("route".into()))
+        );
+        assert_eq!(
+            Affinity::parse("header:"),
+            Err(AffinityParseError::BadHeader("".into()))
+        );
+        assert_eq!(
+            Affinity::parse("cookie:a=b"),
+            Err(AffinityParseError::BadCookie("a=b".into()))
+        );
+        assert_eq!(
+            Affinity::parse("cookie:a;b"),
+            Err(AffinityParseError::BadCookie("a;b".into()))
+        );
+    }
 
     #[test]
     fn rate_limits_parse_and_print() {

@@ -21,10 +21,11 @@ use std::time::Duration;
 
 pub use diagnostic::Diagnostic;
 pub use edge::{
-    ApiKeys, CacheStore, ClientAuth, Compression, Cors, GatewayLimits, HOP_BY_HOP, HeaderChanges,
-    HeaderDirection, IpList, IpNet, IpNetParseError, JwksSource, Jwt, OutlierDetection, RateLimit,
-    RateLimitKey, RateLimitParseError, RateLimitStore, Retries, RouteCache, Tls, TlsCertificate,
-    TlsVersion, parse_net, parse_nets, reserved_header,
+    Affinity, AffinityParseError, ApiKeys, CacheStore, ClientAuth, Compression, Cors,
+    GatewayLimits, HOP_BY_HOP, HeaderChanges, HeaderDirection, IpList, IpNet, IpNetParseError,
+    JwksSource, Jwt, OutlierDetection, RateLimit, RateLimitKey, RateLimitParseError,
+    RateLimitStore, Retries, RouteCache, Tls, TlsCertificate, TlsVersion, parse_net, parse_nets,
+    reserved_header,
 };
 pub use events::{
     Broker, BrokerDurability, BrokerEngine, Deliver, Queue, Stream, StreamSource, Subscribe, Topic,
@@ -238,6 +239,9 @@ pub struct Route {
     pub try_timeout: Option<Duration>,
     /// A GCRA limit for this route.
     pub rate_limit: Option<RateLimit>,
+    /// What sends a client's requests to the same instance; `None`: each
+    /// request goes to the less loaded of two drawn at random.
+    pub affinity: Option<Affinity>,
     /// Cross-origin rules for this route, instead of the gateway's.
     pub cors: Option<Cors>,
     /// Header changes on this route's requests, after the gateway's.

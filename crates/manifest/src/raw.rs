@@ -237,6 +237,7 @@ pub(crate) struct RawRoute {
     pub timeout: Option<Spanned<String>>,
     pub try_timeout: Option<Spanned<String>>,
     pub rate_limit: Option<Spanned<String>>,
+    pub affinity: Option<Spanned<String>>,
     pub cors: Option<Spanned<RawCors>>,
     pub request_headers: Option<Spanned<RawHeaderChanges>>,
     pub response_headers: Option<Spanned<RawHeaderChanges>>,

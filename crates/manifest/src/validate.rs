@@ -1005,6 +1005,10 @@ fn route(
         Some(r) => Some(edge::rate_limit(ctx, r, has_user)?),
         None => None,
     };
+    let affinity = match &raw.affinity {
+        Some(a) => Some(edge::affinity(ctx, a, has_user)?),
+        None => None,
+    };
     let cors = match &raw.cors {
         Some(c) => Some(edge::cors(ctx, c)?),
         None => None,
@@ -1083,6 +1087,7 @@ fn route(
         timeout,
         try_timeout,
         rate_limit,
+        affinity,
         cors,
         request_headers,
         response_headers,

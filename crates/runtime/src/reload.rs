@@ -1,7 +1,7 @@
 //! Hot reload: `flotilla up` watches `flotilla.toml` and applies what the
 //! gateway owns — each route's auth, scopes, claims, rate limit, CORS, IP
-//! list, body limit, header changes, timeout, cache, `max_in_flight` and
-//! `match_headers`, and the gateway's JWT, API keys,
+//! list, body limit, header changes, timeout, cache, `max_in_flight`,
+//! `affinity` and `match_headers`, and the gateway's JWT, API keys,
 //! CORS, IP, rate-limit, header-change, retry and outlier detection
 //! settings — without dropping a request or a kept-alive connection.
 //!
@@ -210,7 +210,7 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
         let base = m(BASE);
         let limited = BASE.replace(
             r#"methods = ["GET"] }"#,
-            r#"methods = ["GET"], rate_limit = "5/s", timeout = "2s" }"#,
+            r#"methods = ["GET"], rate_limit = "5/s", timeout = "2s", affinity = "cookie:s" }"#,
         );
         assert!(restart_needed(&base, &m(&limited)).is_ok());
         let new_path = BASE.replace("/a/**", "/b/**");

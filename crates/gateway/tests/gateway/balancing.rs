@@ -210,3 +210,176 @@ async fn an_unreachable_only_instance_is_502() {
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     gateway.shutdown(T).await;
 }
+
+/// Three instances of `svc` behind a route keeping clients by `affinity`.
+async fn sticky_gateway(
+    affinity: &str,
+) -> (
+    Arc<Registry>,
+    Vec<Upstream>,
+    flotilla_gateway::Gateway,
+    Client,
+) {
+    let registry = Registry::new();
+    let mut ups = Vec::new();
+    for name in ["svc-a", "svc-b", "svc-c"] {
+        ups.push(Upstream::start(name).await);
+    }
+    registry.set("svc", ups.iter().map(Upstream::endpoint).collect());
+    let mut r = route("svc", "/**", &[], T);
+    r.affinity = Some(ok(flotilla_gateway::Affinity::parse(affinity), "affinity"));
+    let mut cfg = config(vec![r]);
+    // Retries are about where they go here, not the budget; and a failing
+    // instance stays in rotation, so that its clients can be seen to come
+    // back (an ejected one is skipped as a tried one is).
+    cfg.limits.retry_budget_min_per_second = 1000;
+    cfg.limits.outlier_consecutive_failures = 1000;
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    (registry, ups, gateway, client)
+}
+
+/// Where `n` requests with `fields` went: each instance and its count.
+async fn spread(client: &Client, fields: &[(&str, &str)], n: usize) -> HashMap<String, usize> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..n {
+        let reply = client
+            .request(Method::GET, "/cart", fields, Bytes::new())
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        *seen.entry(reply.instance()).or_default() += 1;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_cookie_keeps_a_browser_on_its_instance_and_is_made_up_when_missing() {
+    let (_registry, ups, gateway, client) = sticky_gateway("cookie:flotilla-sticky").await;
+
+    // A first visit: balanced freely, and given a cookie to come back with.
+    let first = client.get("/cart").await;
+    assert_eq!(first.status, StatusCode::OK);
+    let set = first.header("set-cookie").to_string();
+    assert!(
+        set.starts_with("flotilla-sticky=") && set.ends_with("; Path=/; HttpOnly; SameSite=Lax"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap_or_default().to_string();
+    // With it, every request goes where the first did (even with other
+    // cookies around it), and no new cookie is set.
+    let with = format!("theme=dark; {cookie}");
+    for _ in 0..30 {
+        let reply = client
+            .request(Method::GET, "/cart", &[("cookie", &with)], Bytes::new())
+            .await;
+        assert_eq!(reply.instance(), first.instance());
+        assert_eq!(reply.header("set-cookie"), "");
+    }
+
+    // Different clients' cookies spread over the instances.
+    let mut owners: HashMap<String, usize> = HashMap::new();
+    for i in 0..60 {
+        let value = format!("flotilla-sticky=client-{i}");
+        let seen = spread(&client, &[("cookie", &value)], 3).await;
+        assert_eq!(seen.len(), 1, "client {i} moved: {seen:?}");
+        for (instance, _) in seen {
+            *owners.entry(instance).or_default() += 1;
+        }
+    }
+    // 20 expected each; all three take a fair share.
+    for up in &ups {
+        let n = owners.get(&up.name).copied().unwrap_or(0);
+        assert!(n >= 8, "{} kept {n} of 60 clients: {owners:?}", up.name);
+    }
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn a_failing_instance_s_clients_move_together_and_come_back() {
+    let (_registry, ups, gateway, client) = sticky_gateway("header:x-cart").await;
+    let fields = [("x-cart", "cart-17")];
+    let home = spread(&client, &fields, 5).await;
+    assert_eq!(home.len(), 1, "{home:?}");
+    let home = home.into_keys().next().unwrap_or_default();
+    let Some(failing) = ups.iter().find(|u| u.name == home) else {
+        panic!("no instance named {home}");
+    };
+
+    // Its instance answers 503: each request is retried, and always on
+    // the same other instance (the key's next choice), never lost.
+    failing.set_status(503);
+    let moved = spread(&client, &fields, 10).await;
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert!(!moved.contains_key(&home), "{moved:?}");
+    // Once the instance answers again (and is no longer ejected), the
+    // client goes back to it.
+    failing.set_status(0);
+    let back = spread(&client, &fields, 1).await;
+    assert!(back.contains_key(&home), "{back:?}");
+
+    // Requests without the header are balanced as on any route.
+    let free = spread(&client, &[], 60).await;
+    assert!(free.len() >= 2, "{free:?}");
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn affinity_by_user_needs_a_route_with_users() {
+    let mut r = route("svc", "/**", &[], T);
+    r.affinity = Some(flotilla_gateway::Affinity::User);
+    let error = start_error(config(vec![r]), "a public route kept by user").await;
+    assert!(
+        error.contains("keeps clients on an instance by user"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_sticky_split_keeps_each_client_on_one_version() {
+    let registry = Registry::new();
+    let stable = Upstream::start("stable-0").await;
+    let canary = Upstream::start("canary-0").await;
+    registry.set("svc", vec![stable.endpoint()]);
+    registry.set("canary", vec![canary.endpoint()]);
+    let mut r = route("svc", "/**", &[], T);
+    r.split = vec![("canary".into(), 30)];
+    r.affinity = Some(flotilla_gateway::Affinity::Cookie("v".into()));
+    let gateway = start(config(vec![r]), &registry).await;
+    let client = Client::new(&gateway);
+
+    // A new visitor gets its cookie, and its version with it.
+    let first = client.get("/page").await;
+    let cookie = first
+        .header("set-cookie")
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert!(cookie.starts_with("v="), "{first:?}");
+    let again = spread(&client, &[("cookie", &cookie)], 10).await;
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert!(again.contains_key(&first.instance()), "{again:?}");
+
+    // 100 visitors: each on one version, about 30 on the canary.
+    let mut on_canary = 0;
+    for i in 0..100 {
+        let value = format!("v=visitor-{i}");
+        let seen = spread(&client, &[("cookie", &value)], 3).await;
+        assert_eq!(seen.len(), 1, "visitor {i} moved: {seen:?}");
+        if seen.contains_key("canary-0") {
+            on_canary += 1;
+        }
+    }
+    assert!(
+        (12..=50).contains(&on_canary),
+        "{on_canary} of 100 on the canary"
+    );
+    // Counted under the service that answered.
+    let canary_requests = metric_sum(&[
+        "flotilla_gateway_requests_total",
+        "route=\"/**\"",
+        "service=\"canary\"",
+    ]);
+    assert!(canary_requests >= 3 * on_canary as u64, "{canary_requests}");
+    gateway.shutdown(T).await;
+}

@@ -11,9 +11,9 @@ use toml::Spanned;
 
 use super::Ctx;
 use crate::edge::{
-    ApiKeys, CacheStore, ClientAuth, Compression, Cors, HeaderChanges, HeaderDirection, IpList,
-    JwksSource, Jwt, RateLimit, RateLimitKey, RateLimitStore, RouteCache, Tls, TlsCertificate,
-    TlsVersion, is_origin, parse_net, reserved_header,
+    Affinity, ApiKeys, CacheStore, ClientAuth, Compression, Cors, HeaderChanges, HeaderDirection,
+    IpList, JwksSource, Jwt, RateLimit, RateLimitKey, RateLimitStore, RouteCache, Tls,
+    TlsCertificate, TlsVersion, is_origin, parse_net, reserved_header,
 };
 use crate::raw::{
     RawApiKeys, RawCacheStore, RawCompression, RawCors, RawHeaderChanges, RawIp, RawJwt,
@@ -384,6 +384,40 @@ pub(super) fn rate_limit(
                 raw.span(),
                 e.to_string(),
                 Some("e.g. `rate_limit = \"20/s burst 40 per user\"`".into()),
+            );
+            None
+        }
+    }
+}
+
+/// A route's `affinity`; `user` needs a route whose requests can carry a
+/// user.
+pub(super) fn affinity(
+    ctx: &mut Ctx<'_>,
+    raw: &Spanned<String>,
+    has_user: bool,
+) -> Option<Affinity> {
+    match Affinity::parse(raw.get_ref()) {
+        Ok(Affinity::User) if !has_user => {
+            ctx.error(
+                raw.span(),
+                "`affinity = \"user\"` needs a verified user",
+                Some(
+                    "set `auth = \"jwt\"`, `\"optional\"` or `\"key\"` on this route, or use `affinity = \"ip\"` or `\"cookie:<name>\"`"
+                        .into(),
+                ),
+            );
+            None
+        }
+        Ok(affinity) => Some(affinity),
+        Err(e) => {
+            ctx.error(
+                raw.span(),
+                e.to_string(),
+                Some(
+                    "e.g. `affinity = \"cookie:flotilla-affinity\"` or `affinity = \"user\"`"
+                        .into(),
+                ),
             );
             None
         }

@@ -718,7 +718,7 @@ run = { cargo = "shop-accounts" }
 routes = [{ path = "/api/accounts/login", methods = ["POST"], rate_limit = "5/m burst 10 per ip", cors = { origins = ["https://id.example"], headers = ["content-type"] } }]
 [services.orders]
 run = { cargo = "shop-orders" }
-routes = [{ path = "/api/orders/**", auth = "jwt", scopes = ["orders:write"], claims = { tier = ["gold", "silver"], email_verified = true, "realm_access.roles" = "buyer", level = 3 }, request_headers = { set = { "x-api-version" = " 2 " }, remove = ["cookie"] }, rate_limit = "20/s burst 40 per user", ip = { deny = ["127.0.0.2"] }, max_body_bytes = 65536, max_in_flight = 64 }]
+routes = [{ path = "/api/orders/**", auth = "jwt", scopes = ["orders:write"], claims = { tier = ["gold", "silver"], email_verified = true, "realm_access.roles" = "buyer", level = 3 }, request_headers = { set = { "x-api-version" = " 2 " }, remove = ["cookie"] }, rate_limit = "20/s burst 40 per user", affinity = "user", ip = { deny = ["127.0.0.2"] }, max_body_bytes = 65536, max_in_flight = 64 }]
 "#;
 
 #[test]
@@ -816,6 +816,8 @@ fn edge_policies_parse() {
         route.rate_limit.as_ref().unwrap().to_string(),
         "20/s burst 40 per user"
     );
+    assert_eq!(route.affinity, Some(crate::Affinity::User));
+    assert_eq!(login.affinity, None);
     assert_eq!(route.max_body_bytes, Some(65536));
     assert_eq!(route.max_in_flight, Some(64));
     assert_eq!(
@@ -866,6 +868,21 @@ fn edge_policy_errors() {
             "\"20/s burst 40 per user\"",
             "\"20/d\"",
             "`d` is not a time unit",
+        ),
+        (
+            "affinity = \"user\"",
+            "affinity = \"session\"",
+            "`session` is not an affinity: use `ip`, `user`, `header:<name>` or `cookie:<name>`",
+        ),
+        (
+            "affinity = \"user\"",
+            "affinity = \"cookie:a b\"",
+            "`a b` is not a valid cookie name",
+        ),
+        (
+            "rate_limit = \"5/m burst 10 per ip\"",
+            "rate_limit = \"5/m burst 10 per ip\", affinity = \"user\"",
+            "`affinity = \"user\"` needs a verified user",
         ),
         (
             "max_body_bytes = 65536",
