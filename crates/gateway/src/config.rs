@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use flotilla_manifest::{
-    Affinity, Auth, HeaderDirection, HostPattern, Manifest, PathPattern, RateLimitStore,
+    Affinity, Auth, HeaderDirection, HostPattern, MAX_RATE_LIMITS, Manifest, PathPattern,
+    RateLimitStore,
 };
 use http::{HeaderName, HeaderValue};
 
@@ -102,8 +103,10 @@ pub struct RouteConfig {
     pub try_timeout: Option<Duration>,
     /// Who may call it (default: anyone).
     pub auth: RouteAuth,
-    /// Requests allowed per client, user, header value or route.
-    pub rate_limit: Option<RateLimit>,
+    /// Requests allowed per client, user, header value or route: each
+    /// limit counted on its own, a request must pass all (at most
+    /// `MAX_RATE_LIMITS`, no two with the same unit and key).
+    pub rate_limits: Vec<RateLimit>,
     /// What sends a client's requests to the same instance; `None`: the
     /// less loaded of two instances drawn at random.
     pub affinity: Option<Affinity>,
@@ -145,7 +148,7 @@ impl RouteConfig {
             timeout: Duration::from_secs(30),
             try_timeout: None,
             auth: RouteAuth::Public,
-            rate_limit: None,
+            rate_limits: Vec::new(),
             affinity: None,
             cors: None,
             ip: None,
@@ -277,6 +280,10 @@ pub enum ConfigError {
     JwtRequired { route: String },
     #[error("route `{route}` limits `per user` but is public; use `auth = jwt` or limit `per ip`")]
     UserLimitNeedsJwt { route: String },
+    #[error(
+        "route `{route}` has more than {MAX_RATE_LIMITS} rate limits, or two with the same unit and key; keep the stricter of two"
+    )]
+    RateLimits { route: String },
     #[error(
         "route `{route}` keeps clients on an instance by user but is public; use `auth = jwt`, `optional` or `key`, or `affinity = \"ip\"` or `\"cookie:<name>\"`"
     )]
@@ -438,11 +445,24 @@ impl Config {
                 }
             }
             let has_user = is_jwt || matches!(route.auth, RouteAuth::Key { .. });
-            if let Some(limit) = &route.rate_limit
-                && limit.key == RateLimitKey::User
+            if route
+                .rate_limits
+                .iter()
+                .any(|l| l.key == RateLimitKey::User)
                 && !has_user
             {
                 return Err(ConfigError::UserLimitNeedsJwt {
+                    route: route.name(),
+                });
+            }
+            let limits = &route.rate_limits;
+            let twins = limits.iter().enumerate().any(|(i, a)| {
+                limits[..i]
+                    .iter()
+                    .any(|b| a.period == b.period && a.key == b.key)
+            });
+            if limits.len() > MAX_RATE_LIMITS || twins {
+                return Err(ConfigError::RateLimits {
                     route: route.name(),
                 });
             }
@@ -524,7 +544,7 @@ impl Config {
                             consumers: consumers.clone(),
                         },
                     },
-                    rate_limit: route.rate_limit.clone(),
+                    rate_limits: route.rate_limits.clone(),
                     affinity: route.affinity.clone(),
                     cors: route.cors.as_ref().map(cors_config),
                     ip: route.ip.as_ref().map(|ip| IpRules {

@@ -52,7 +52,7 @@ use crate::ip;
 use crate::jwt::{self, Identity, RouteAuth, USER_HEADER_PREFIX};
 use crate::mirror;
 use crate::proxy::{Proxy, Upstream};
-use crate::ratelimit::{Decision, Limiter, RateLimitKey};
+use crate::ratelimit::{Counted, Limiter, RateLimitKey};
 use crate::rejection::Rejection;
 use crate::relayed::Reply;
 use crate::request_id::RequestId;
@@ -153,7 +153,7 @@ struct Finish<'a> {
     origin: Option<HeaderValue>,
     /// The system's until a route matched, then the route's.
     out: &'a Outgoing,
-    limit: Option<(&'a Limiter, Decision)>,
+    limit: Option<(&'a Limiter, Counted)>,
     /// Whether the client takes gzip (read only when compression is on).
     gzip: bool,
 }
@@ -174,8 +174,8 @@ impl Finish<'_> {
         if let Some(cors) = &self.out.cors {
             cors.decorate(self.origin.as_ref(), &mut fields);
         }
-        if let Some((limiter, decision)) = &self.limit {
-            limiter.headers(decision, &mut fields);
+        if let Some((limiter, counted)) = &self.limit {
+            limiter.headers(counted, &mut fields);
         }
         if let Some(changes) = &self.out.headers {
             changes.apply_to_response(&mut fields);
@@ -749,15 +749,13 @@ async fn police<'a>(
     }
 
     if let Some(limiter) = &policy.limiter {
-        let key = rate_key(
-            &limiter.limit.key,
-            client,
-            identity.as_deref(),
-            req.headers(),
-        );
-        let decision = limiter.check(&key).await;
-        finish.limit = Some((limiter, decision));
-        if !decision.allowed {
+        let (id, headers) = (identity.as_deref(), req.headers());
+        let counted = limiter
+            .check(|key| rate_key(key, client, id, headers))
+            .await;
+        let allowed = counted.allowed();
+        finish.limit = Some((limiter, counted));
+        if !allowed {
             stats::rate_limited(label);
             return Err(Rejection::RateLimited);
         }

@@ -183,9 +183,9 @@ impl Routing {
             );
             RoutePolicy {
                 auth: route.auth.clone(),
-                limiter: route.rate_limit.as_ref().map(|limit| {
+                limiter: (!route.rate_limits.is_empty()).then(|| {
                     ratelimit::reuse_or_new(
-                        limit,
+                        &route.rate_limits,
                         backend,
                         &id,
                         old_limiters.get(&id).copied(),

@@ -350,11 +350,15 @@ pub fn parse_nets<S: AsRef<str>>(list: &[S]) -> Result<Vec<IpNet>, IpNetParseErr
     list.iter().map(|s| parse_net(s.as_ref())).collect()
 }
 
+/// The most rate limits one route may have: a few windows (a second, an
+/// hour, a day) and keys (per client, for the whole route).
+pub const MAX_RATE_LIMITS: usize = 4;
+
 /// One route's limit: `count` requests per `period`, at most `burst` at
 /// once, counted per `key`.
 ///
 /// The string form is `"<count>/<unit> [burst <n>] [per <key>]"` with unit
-/// `s`, `m` or `h`, and key `ip` (the default), `user`, `route` or
+/// `s`, `m`, `h` or `d`, and key `ip` (the default), `user`, `route` or
 /// `header:<name>`, e.g. `"20/s burst 40 per user"`, `"100/m"`,
 /// `"5/h per header:x-api-key"`. Without `burst`, the burst is `count`: up
 /// to `count` requests at once, refilled at `count` per `period`.
@@ -389,7 +393,7 @@ pub enum RateLimitParseError {
     Empty,
     #[error("`{0}` is not a rate: write `<count>/<unit>`, e.g. \"20/s\", \"100/m\" or \"1000/h\"")]
     BadRate(String),
-    #[error("`{0}` is not a time unit: use `s`, `m` or `h`")]
+    #[error("`{0}` is not a time unit: use `s`, `m`, `h` or `d`")]
     BadUnit(String),
     #[error("the count in `{0}` must be a whole number from 1 to 1000000000")]
     BadCount(String),
@@ -437,6 +441,7 @@ impl RateLimit {
             "s" | "sec" | "second" => Duration::from_secs(1),
             "m" | "min" | "minute" => Duration::from_secs(60),
             "h" | "hour" => Duration::from_secs(3600),
+            "d" | "day" => Duration::from_secs(86_400),
             "" => return Err(RateLimitParseError::BadRate(rate.to_string())),
             other => return Err(RateLimitParseError::BadUnit(other.to_string())),
         };
@@ -496,6 +501,7 @@ impl RateLimit {
 impl fmt::Display for RateLimit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let unit = match self.period.as_secs() {
+            86_400 => "d",
             3600 => "h",
             60 => "m",
             _ => "s",
@@ -644,9 +650,12 @@ mod tests {
             "100/m per ip"
         );
         assert_eq!(
-            RateLimit::parse("1/d"),
-            Err(RateLimitParseError::BadUnit("d".into()))
+            RateLimit::parse("1/w"),
+            Err(RateLimitParseError::BadUnit("w".into()))
         );
+        let daily = RateLimit::parse("5000/day per user").unwrap();
+        assert_eq!(daily.period, Duration::from_secs(86_400));
+        assert_eq!(daily.to_string(), "5000/d per user");
         assert_eq!(
             RateLimit::parse("x/s"),
             Err(RateLimitParseError::BadCount("x/s".into()))

@@ -23,9 +23,9 @@ pub use diagnostic::Diagnostic;
 pub use edge::{
     Affinity, AffinityParseError, ApiKeys, CacheStore, ClientAuth, Compression, Cors,
     GatewayLimits, HOP_BY_HOP, HeaderChanges, HeaderDirection, IpList, IpNet, IpNetParseError,
-    JwksSource, Jwt, OutlierDetection, RateLimit, RateLimitKey, RateLimitParseError,
-    RateLimitStore, Retries, RouteCache, Tls, TlsCertificate, TlsVersion, parse_net, parse_nets,
-    reserved_header,
+    JwksSource, Jwt, MAX_RATE_LIMITS, OutlierDetection, RateLimit, RateLimitKey,
+    RateLimitParseError, RateLimitStore, Retries, RouteCache, Tls, TlsCertificate, TlsVersion,
+    parse_net, parse_nets, reserved_header,
 };
 pub use events::{
     Broker, BrokerDurability, BrokerEngine, Deliver, Queue, Stream, StreamSource, Subscribe, Topic,
@@ -237,8 +237,9 @@ pub struct Route {
     /// on another instance: Envoy's `per_try_timeout`. `None`: an attempt
     /// may take all of `timeout`.
     pub try_timeout: Option<Duration>,
-    /// A GCRA limit for this route.
-    pub rate_limit: Option<RateLimit>,
+    /// GCRA limits for this route, each counted on its own; a request
+    /// must pass all of them (20 a second and 5000 a day per user, say).
+    pub rate_limits: Vec<RateLimit>,
     /// What sends a client's requests to the same instance; `None`: each
     /// request goes to the less loaded of two drawn at random.
     pub affinity: Option<Affinity>,

@@ -236,7 +236,8 @@ pub(crate) struct RawRoute {
     pub claims: Option<Spanned<BTreeMap<String, Spanned<toml::Value>>>>,
     pub timeout: Option<Spanned<String>>,
     pub try_timeout: Option<Spanned<String>>,
-    pub rate_limit: Option<Spanned<String>>,
+    /// A limit, or a list of them (each request must pass all).
+    pub rate_limit: Option<Spanned<toml::Value>>,
     pub affinity: Option<Spanned<String>>,
     pub cors: Option<Spanned<RawCors>>,
     pub request_headers: Option<Spanned<RawHeaderChanges>>,

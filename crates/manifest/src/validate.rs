@@ -1001,9 +1001,9 @@ fn route(
     // `per user` needs a user: one every request has, or, on an optional
     // route, one some have (the others are limited by their address).
     let has_user = jwt_route || auth == Auth::Optional || matches!(auth, Auth::Key { .. });
-    let rate_limit = match &raw.rate_limit {
-        Some(r) => Some(edge::rate_limit(ctx, r, has_user)?),
-        None => None,
+    let rate_limits = match &raw.rate_limit {
+        Some(r) => edge::rate_limits(ctx, r, has_user)?,
+        None => Vec::new(),
     };
     let affinity = match &raw.affinity {
         Some(a) => Some(edge::affinity(ctx, a, has_user)?),
@@ -1086,7 +1086,7 @@ fn route(
         auth,
         timeout,
         try_timeout,
-        rate_limit,
+        rate_limits,
         affinity,
         cors,
         request_headers,

@@ -220,7 +220,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         println!("token: {input}.{}", b64(sig.as_ref()));
     }
     if let Some(spec) = &args.rate_limit {
-        route.rate_limit = Some(RateLimit::parse(spec)?);
+        route.rate_limits = vec![RateLimit::parse(spec)?];
     }
     if args.cache {
         route.cache = Some(flotilla_manifest::RouteCache {

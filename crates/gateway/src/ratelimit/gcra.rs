@@ -121,6 +121,20 @@ impl Store {
         decision
     }
 
+    /// Gives `key` back the request last counted for it under `limit`
+    /// (which a later limit of the route refused): its arrival time moves
+    /// back one interval. Whatever else was counted for the key meanwhile
+    /// stays counted, and an arrival time before now is the same as now,
+    /// so the key ends as if the request had never come.
+    pub(crate) fn refund(&self, limit: &RateLimit, key: &str) {
+        let hash = self.hasher.hash_one(key);
+        let shard = &self.shards[(hash >> 32) as usize % SHARDS];
+        let mut table = shard.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = table.find_mut(hash, |e| *e.key == *key) {
+            entry.tat = entry.tat.saturating_sub(limit.interval_nanos());
+        }
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.shards

@@ -10,16 +10,23 @@
 //! lines run in memory ([`gcra`]) and as an atomic Lua script in Redis
 //! ([`redis`]), so several gateway replicas can share counters.
 //!
+//! A route may have several limits (20 a second per user and 5000 a day,
+//! say): a request is counted against each in turn, and one that a limit
+//! refuses is given back to the limits before it, so a refused request
+//! counts against none.
+//!
 //! Headers follow the IETF draft "RateLimit header fields for HTTP"
 //! (draft-ietf-httpapi-ratelimit-headers, structured-field form):
 //! `RateLimit-Policy: "default";q=40;w=2` (quota `burst` replenished over
 //! `w` seconds) and `RateLimit: "default";r=12;t=1` (remaining requests and
-//! seconds until the quota is whole again). A rejection is 429 with
-//! `Retry-After` in whole seconds.
+//! seconds until the quota is whole again); with several limits, one list
+//! item each, named by unit and key (`"s-user"`, `"d-user"`). A rejection
+//! is 429 with `Retry-After` in whole seconds.
 
 pub(crate) mod gcra;
 pub(crate) mod redis;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,18 +88,28 @@ impl Decision {
     }
 }
 
-/// A route's compiled limit and its counters; kept across reloads while
-/// the route's limit and the backend stay the same.
+/// A route's compiled limits and their counters; each limit's counters
+/// are kept across reloads while that limit and the backend stay the same.
 pub(crate) struct Limiter {
-    pub limit: RateLimit,
-    store: Store,
+    /// In the manifest's order: a request is counted against each in turn.
+    parts: Box<[Part]>,
     policy_header: HeaderValue,
+}
+
+/// One limit of a route, and its counters.
+struct Part {
+    limit: RateLimit,
+    /// Its name in the `RateLimit` fields: `default` when it is the
+    /// route's only one, else its unit and key (`s-user`, `d-route`).
+    name: Box<str>,
+    store: Arc<Store>,
 }
 
 impl fmt::Debug for Limiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let limits: Vec<String> = self.parts.iter().map(|p| p.limit.to_string()).collect();
         f.debug_struct("Limiter")
-            .field("limit", &self.limit.to_string())
+            .field("limits", &limits)
             .finish_non_exhaustive()
     }
 }
@@ -100,6 +117,73 @@ impl fmt::Debug for Limiter {
 enum Store {
     Memory(gcra::Store),
     Redis(Box<redis::Store>),
+}
+
+impl Store {
+    fn new(limit: &RateLimit, backend: &RateLimitBackend, id: &str) -> Store {
+        match backend {
+            RateLimitBackend::Memory => Store::Memory(gcra::Store::new(gcra::DEFAULT_MAX_KEYS)),
+            // Named by the route and the limit's unit and key, the same on
+            // every replica whatever the route's other limits.
+            RateLimitBackend::Redis { url, prefix } => Store::Redis(Box::new(redis::Store::new(
+                url,
+                &format!("{prefix}{id}:{}:", unit_and_key(limit)),
+            ))),
+        }
+    }
+
+    async fn check(&self, limit: &RateLimit, key: &str) -> Decision {
+        match self {
+            Store::Memory(store) => store.check(limit, key),
+            // Boxed: the Redis exchange's future is large, and unboxed it
+            // would make every request's future larger, memory store or not.
+            Store::Redis(store) => Box::pin(store.check(limit, key)).await,
+        }
+    }
+
+    async fn refund(&self, limit: &RateLimit, key: &str) {
+        match self {
+            Store::Memory(store) => store.refund(limit, key),
+            Store::Redis(store) => Box::pin(store.refund(limit, key)).await,
+        }
+    }
+}
+
+/// `s-user`, `d-route`, `m-header:x-api-key`: a limit's unit and key, which
+/// no two limits of a route share (validated).
+fn unit_and_key(limit: &RateLimit) -> String {
+    let unit = match limit.period.as_secs() {
+        86_400 => "d",
+        3600 => "h",
+        60 => "m",
+        _ => "s",
+    };
+    let key = match &limit.key {
+        RateLimitKey::Ip => "ip".to_string(),
+        RateLimitKey::User => "user".to_string(),
+        RateLimitKey::Route => "route".to_string(),
+        RateLimitKey::Header(h) => format!("header:{h}"),
+    };
+    format!("{unit}-{key}")
+}
+
+/// What counting one request against a route's limits found: each limit's
+/// decision, in order, up to the first that refused it (the limits before
+/// it are given back the request).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Counted {
+    /// The route's only limit (the common case: no allocation).
+    One(Decision),
+    Several(Box<[Decision]>),
+}
+
+impl Counted {
+    pub(crate) fn allowed(&self) -> bool {
+        match self {
+            Counted::One(d) => d.allowed,
+            Counted::Several(ds) => ds.iter().all(|d| d.allowed),
+        }
+    }
 }
 
 pub(crate) static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -111,71 +195,154 @@ fn ceil_secs(d: Duration) -> u64 {
 }
 
 impl Limiter {
-    /// `id` names the route stably (the same on every replica), for Redis keys.
-    pub(crate) fn new(limit: RateLimit, backend: &RateLimitBackend, id: &str) -> Limiter {
-        let window = ceil_secs(Duration::from_nanos(limit.tolerance_nanos())).max(1);
-        let policy = format!("\"default\";q={};w={window}", limit.burst);
+    /// `limits` (at least one; validated) for the route named `id` (stably,
+    /// the same on every replica, for Redis keys), each with the counters
+    /// of `previous`'s limit equal to it when there is one and the backend
+    /// is unchanged (`reused`), so that a reload hands no one a fresh quota.
+    fn new(
+        limits: &[RateLimit],
+        backend: &RateLimitBackend,
+        id: &str,
+        reused: Option<&Limiter>,
+    ) -> Limiter {
+        let alone = limits.len() == 1;
+        let parts: Box<[Part]> = limits
+            .iter()
+            .map(|limit| {
+                let store = reused
+                    .and_then(|r| r.parts.iter().find(|p| p.limit == *limit))
+                    .map_or_else(
+                        || Arc::new(Store::new(limit, backend, id)),
+                        |p| Arc::clone(&p.store),
+                    );
+                Part {
+                    limit: limit.clone(),
+                    name: if alone {
+                        "default".into()
+                    } else {
+                        unit_and_key(limit).into()
+                    },
+                    store,
+                }
+            })
+            .collect();
+        let policy = parts
+            .iter()
+            .map(|p| {
+                let window = ceil_secs(Duration::from_nanos(p.limit.tolerance_nanos())).max(1);
+                format!("\"{}\";q={};w={window}", p.name, p.limit.burst)
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
         let policy_header = HeaderValue::from_str(&policy)
             .unwrap_or_else(|_| HeaderValue::from_static("\"default\""));
-        let store = match backend {
-            RateLimitBackend::Memory => Store::Memory(gcra::Store::new(gcra::DEFAULT_MAX_KEYS)),
-            RateLimitBackend::Redis { url, prefix } => {
-                Store::Redis(Box::new(redis::Store::new(url, &format!("{prefix}{id}:"))))
-            }
-        };
         Limiter {
-            limit,
-            store,
+            parts,
             policy_header,
         }
     }
 
-    /// Counts one request for `key`.
-    pub(crate) async fn check(&self, key: &str) -> Decision {
-        match &self.store {
-            Store::Memory(store) => store.check(&self.limit, key),
-            // Boxed: the Redis exchange's future is large, and unboxed it
-            // would make every request's future larger, memory store or not.
-            Store::Redis(store) => Box::pin(store.check(&self.limit, key)).await,
+    /// The limits, in order.
+    pub(crate) fn limits(&self) -> impl Iterator<Item = &RateLimit> {
+        self.parts.iter().map(|p| &p.limit)
+    }
+
+    /// Counts one request against each limit in turn, under the key `key`
+    /// gives for that limit's `RateLimitKey`. The first limit that refuses
+    /// it ends the count, and the limits before it are given the request
+    /// back: a request refused counts against none of them.
+    pub(crate) async fn check<'k>(&self, key: impl Fn(&RateLimitKey) -> Cow<'k, str>) -> Counted {
+        if let [part] = &*self.parts {
+            return Counted::One(part.store.check(&part.limit, &key(&part.limit.key)).await);
         }
+        // Boxed: routes with several limits are few, and every request's
+        // future would otherwise hold room for this one.
+        Box::pin(self.check_each(key)).await
+    }
+
+    async fn check_each<'k>(&self, key: impl Fn(&RateLimitKey) -> Cow<'k, str>) -> Counted {
+        let mut decisions = Vec::with_capacity(self.parts.len());
+        for part in &*self.parts {
+            let decision = part.store.check(&part.limit, &key(&part.limit.key)).await;
+            decisions.push(decision);
+            if decision.allowed {
+                continue;
+            }
+            let refused = decisions.len() - 1;
+            for (earlier, counted) in self.parts[..refused].iter().zip(&mut decisions) {
+                earlier
+                    .store
+                    .refund(&earlier.limit, &key(&earlier.limit.key))
+                    .await;
+                counted.given_back(&earlier.limit);
+            }
+            break;
+        }
+        Counted::Several(decisions.into())
     }
 
     /// The `RateLimit`, `RateLimit-Policy` (and, when refused, `Retry-After`)
-    /// headers for `decision`.
-    pub(crate) fn headers(&self, decision: &Decision, headers: &mut Fields<'_>) {
+    /// headers for what `counted` found.
+    pub(crate) fn headers(&self, counted: &Counted, headers: &mut Fields<'_>) {
         headers.insert(RATELIMIT_POLICY.clone(), self.policy_header.clone());
-        // `"default";r=<u32>;t=<u64>`: at most 49 bytes, one allocation
-        // (the value's), and itoa instead of `fmt` (a third of the cost).
-        let mut remaining = itoa::Buffer::new();
-        let mut reset = itoa::Buffer::new();
-        let mut value = Vec::with_capacity(49);
-        value.extend_from_slice(b"\"default\";r=");
-        value.extend_from_slice(remaining.format(decision.remaining).as_bytes());
-        value.extend_from_slice(b";t=");
-        value.extend_from_slice(reset.format(ceil_secs(decision.reset)).as_bytes());
+        let (decisions, refused) = match counted {
+            Counted::One(d) => (std::slice::from_ref(d), (!d.allowed).then_some(d)),
+            Counted::Several(ds) => (&ds[..], ds.iter().find(|d| !d.allowed)),
+        };
+        // `"default";r=<u32>;t=<u64>`: at most 49 bytes per limit, one
+        // allocation (the value's), and itoa instead of `fmt` (a third of
+        // the cost).
+        let mut value = Vec::with_capacity(49 * decisions.len());
+        for (part, decision) in self.parts.iter().zip(decisions) {
+            if !value.is_empty() {
+                value.extend_from_slice(b", ");
+            }
+            let mut remaining = itoa::Buffer::new();
+            let mut reset = itoa::Buffer::new();
+            value.push(b'"');
+            value.extend_from_slice(part.name.as_bytes());
+            value.extend_from_slice(b"\";r=");
+            value.extend_from_slice(remaining.format(decision.remaining).as_bytes());
+            value.extend_from_slice(b";t=");
+            value.extend_from_slice(reset.format(ceil_secs(decision.reset)).as_bytes());
+        }
         headers.insert(
             RATELIMIT.clone(),
             crate::headers::own_value(bytes::Bytes::from(value)),
         );
-        if !decision.allowed {
-            let secs = ceil_secs(decision.retry_after).max(1);
+        if let Some(refused) = refused {
+            let secs = ceil_secs(refused.retry_after).max(1);
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
     }
 }
 
-/// Reuses `previous` when it counts the same limit in the same backend, so a
-/// reload does not hand everyone a fresh quota.
+impl Decision {
+    /// This decision (an allowed one) as it stands once the request it
+    /// counted has been given back.
+    fn given_back(&mut self, limit: &RateLimit) {
+        self.remaining = self.remaining.saturating_add(1).min(limit.burst);
+        self.reset = self
+            .reset
+            .saturating_sub(Duration::from_nanos(limit.interval_nanos()));
+    }
+}
+
+/// The route's limiter: `previous` itself when it counts the same limits in
+/// the same backend, else a new one that keeps the counters of each limit
+/// it shares with `previous`, so a reload does not hand everyone a fresh
+/// quota.
 pub(crate) fn reuse_or_new(
-    limit: &RateLimit,
+    limits: &[RateLimit],
     backend: &RateLimitBackend,
     id: &str,
     previous: Option<&Arc<Limiter>>,
     previous_backend: Option<&RateLimitBackend>,
 ) -> Arc<Limiter> {
-    match (previous, previous_backend) {
-        (Some(p), Some(b)) if &p.limit == limit && b == backend => Arc::clone(p),
-        _ => Arc::new(Limiter::new(limit.clone(), backend, id)),
+    let reusable = previous.filter(|_| previous_backend == Some(backend));
+    match reusable {
+        Some(p) if p.limits().eq(limits.iter()) => Arc::clone(p),
+        _ => Arc::new(Limiter::new(limits, backend, id, reusable.map(|p| &**p))),
     }
 }
 
@@ -232,7 +399,7 @@ mod tests {
         assert_eq!(err(""), E::Empty);
         assert_eq!(err("20"), E::BadRate("20".into()));
         assert_eq!(err("20/"), E::BadRate("20/".into()));
-        assert_eq!(err("20/d"), E::BadUnit("d".into()));
+        assert_eq!(err("20/w"), E::BadUnit("w".into()));
         assert_eq!(err("0/s"), E::BadCount("0/s".into()));
         assert_eq!(err("x/s"), E::BadCount("x/s".into()));
         assert_eq!(err("20/s burst"), E::BadBurst);
@@ -244,21 +411,108 @@ mod tests {
         assert_eq!(err("20/s burst 2 burst 3"), E::Duplicate("burst"));
         assert_eq!(err("20/s per ip per user"), E::Duplicate("per"));
         assert_eq!(err("20/s please"), E::Unexpected("please".into()));
-        assert!(err("20/d").to_string().contains("`s`, `m` or `h`"));
+        assert!(err("20/w").to_string().contains("`s`, `m`, `h` or `d`"));
     }
 
     #[test]
     fn headers_follow_the_draft() {
-        let limiter = Limiter::new(parse("20/s burst 40"), &RateLimitBackend::Memory, "r");
+        let limits = [parse("20/s burst 40")];
+        let limiter = Limiter::new(&limits, &RateLimitBackend::Memory, "r", None);
         let mut h = http::HeaderMap::new();
-        let d = Decision::from_gcra(&limiter.limit, true, 150_000_000, 0);
-        limiter.headers(&d, &mut (&mut h).into());
+        let d = Decision::from_gcra(&limits[0], true, 150_000_000, 0);
+        limiter.headers(&Counted::One(d), &mut (&mut h).into());
         assert_eq!(h["ratelimit-policy"], "\"default\";q=40;w=2");
         assert_eq!(h["ratelimit"], "\"default\";r=37;t=1");
         assert!(h.get("retry-after").is_none());
-        let d = Decision::from_gcra(&limiter.limit, false, 2_000_000_000, 10_000_000);
-        limiter.headers(&d, &mut (&mut h).into());
+        let d = Decision::from_gcra(&limits[0], false, 2_000_000_000, 10_000_000);
+        limiter.headers(&Counted::One(d), &mut (&mut h).into());
         assert_eq!(h["ratelimit"], "\"default\";r=0;t=2");
         assert_eq!(h["retry-after"], "1");
+    }
+
+    fn key_of(key: &RateLimitKey) -> Cow<'static, str> {
+        Cow::Borrowed(match key {
+            RateLimitKey::Route => "",
+            _ => "client",
+        })
+    }
+
+    #[tokio::test]
+    async fn a_request_must_pass_every_limit_and_a_refused_one_counts_against_none() {
+        // 3 a day per client, but only 2 an hour for the whole route.
+        let limits = [parse("3/d per ip"), parse("2/h per route")];
+        let limiter = Limiter::new(&limits, &RateLimitBackend::Memory, "r", None);
+        let allowed = |c: &Counted| c.allowed();
+        assert!(allowed(&limiter.check(key_of).await));
+        assert!(allowed(&limiter.check(key_of).await));
+        // The route's limit refuses the third; the client's day is given
+        // back what the route refused, every time.
+        for _ in 0..5 {
+            let counted = limiter.check(key_of).await;
+            let Counted::Several(ds) = &counted else {
+                panic!("{counted:?}");
+            };
+            assert_eq!(ds.len(), 2);
+            assert!(ds[0].allowed && !ds[1].allowed, "{ds:?}");
+            assert_eq!(
+                ds[0].remaining, 1,
+                "the client's day keeps its third request"
+            );
+            let mut h = http::HeaderMap::new();
+            limiter.headers(&counted, &mut (&mut h).into());
+            assert_eq!(
+                h["ratelimit-policy"],
+                "\"d-ip\";q=3;w=86400, \"h-route\";q=2;w=3600"
+            );
+            assert!(
+                h["ratelimit"].to_str().is_ok_and(
+                    |v| v.starts_with("\"d-ip\";r=1;t=") && v.contains(", \"h-route\";r=0;t=")
+                ),
+                "{:?}",
+                h["ratelimit"]
+            );
+            assert_eq!(h["retry-after"], "1800");
+        }
+        // Without the refunds the client's day would be spent: it is not.
+        let day = Limiter::new(&limits[..1], &RateLimitBackend::Memory, "r", Some(&limiter));
+        let left = day.check(key_of).await;
+        assert!(
+            matches!(left, Counted::One(d) if d.allowed && d.remaining == 0),
+            "{left:?}"
+        );
+    }
+
+    #[test]
+    fn a_reload_keeps_the_counters_of_each_limit_it_keeps() {
+        let backend = RateLimitBackend::Memory;
+        let day = parse("3/d per ip");
+        let old = Arc::new(Limiter::new(
+            std::slice::from_ref(&day),
+            &backend,
+            "r",
+            None,
+        ));
+        let same = reuse_or_new(
+            std::slice::from_ref(&day),
+            &backend,
+            "r",
+            Some(&old),
+            Some(&backend),
+        );
+        assert!(Arc::ptr_eq(&old, &same));
+        let more = reuse_or_new(
+            &[parse("1/s per route"), day.clone()],
+            &backend,
+            "r",
+            Some(&old),
+            Some(&backend),
+        );
+        assert!(Arc::ptr_eq(&more.parts[1].store, &old.parts[0].store));
+        let redis = RateLimitBackend::Redis {
+            url: "redis://127.0.0.1:1".into(),
+            prefix: "p:".into(),
+        };
+        let moved = reuse_or_new(&[day], &redis, "r", Some(&old), Some(&backend));
+        assert!(!Arc::ptr_eq(&moved.parts[0].store, &old.parts[0].store));
     }
 }

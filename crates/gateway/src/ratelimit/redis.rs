@@ -46,6 +46,16 @@ redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil(ahead /
 return {1, ahead, 0}
 "#;
 
+/// Gives a key back one interval (see `gcra::Store::refund`), keeping its
+/// expiry.
+const REFUND: &str = r#"
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat > 0 then
+  redis.call('SET', KEYS[1], string.format('%d', math.max(tat - tonumber(ARGV[1]), 0)), 'KEEPTTL')
+end
+return 1
+"#;
+
 const RESPONSE_TIMEOUT: Duration = Duration::from_millis(250);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long to stay on the local fallback after a Redis failure.
@@ -55,6 +65,7 @@ pub(crate) struct Store {
     client: Option<redis::Client>,
     manager: OnceLock<Option<ConnectionManager>>,
     script: Arc<redis::Script>,
+    refund: Arc<redis::Script>,
     /// Where the calls run (see the module's comment); `None` outside a
     /// runtime, where they run in the caller's task.
     background: Option<tokio::runtime::Handle>,
@@ -78,6 +89,7 @@ impl Store {
             client,
             manager: OnceLock::new(),
             script: Arc::new(redis::Script::new(SCRIPT)),
+            refund: Arc::new(redis::Script::new(REFUND)),
             background: tokio::runtime::Handle::try_current().ok(),
             prefix: prefix.to_string(),
             fallback: gcra::Store::new(gcra::DEFAULT_MAX_KEYS),
@@ -137,6 +149,35 @@ impl Store {
             }
         }
         self.fallback.check(limit, key)
+    }
+
+    /// Gives `key` back a request counted under `limit`, where it was
+    /// counted: in Redis, or in memory while Redis is failing. A refund
+    /// that fails is lost (the request stays counted: the strict side).
+    pub(crate) async fn refund(&self, limit: &RateLimit, key: &str) {
+        let now_ms = self.epoch.elapsed().as_millis() as u64;
+        if now_ms >= self.degraded_until_ms.load(Ordering::Relaxed)
+            && let Some(mut conn) = self.manager()
+        {
+            let interval = limit.interval_nanos().div_ceil(1000).max(1);
+            let key = format!("{}{key}", self.prefix);
+            let script = Arc::clone(&self.refund);
+            let call = async move {
+                let mut invocation = script.key(key);
+                invocation.arg(interval);
+                let call = invocation.invoke_async::<i64>(&mut conn);
+                tokio::time::timeout(RESPONSE_TIMEOUT * 2, call).await
+            };
+            let outcome = crate::workers::on_caller(self.background.as_ref(), call).await;
+            match outcome {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err(e))) => self.degrade(now_ms, &e.to_string()),
+                Ok(Err(_)) => self.degrade(now_ms, "timed out"),
+                Err(e) => self.degrade(now_ms, &e.to_string()),
+            }
+            return;
+        }
+        self.fallback.refund(limit, key);
     }
 
     fn degrade(&self, now_ms: u64, error: &str) {

@@ -421,7 +421,7 @@ async fn a_kept_response_never_lets_a_request_past_the_edge_policies() {
     registry.set("cp", vec![up.endpoint()]);
     let mut limited = route("cp", "/cp/**", &[], T);
     limited.cache = MINUTE;
-    limited.rate_limit = Some(ok(RateLimit::parse("3/m per ip"), "rate limit"));
+    limited.rate_limits = vec![ok(RateLimit::parse("3/m per ip"), "rate limit")];
     let gateway = start(config(vec![limited]), &registry).await;
     let client = Client::new(&gateway);
 

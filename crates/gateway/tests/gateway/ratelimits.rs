@@ -14,7 +14,7 @@ const T: Duration = Duration::from_secs(10);
 
 fn limited(service: &str, limit: &str) -> flotilla_gateway::RouteConfig {
     let mut r = route(service, "/**", &[], T);
-    r.rate_limit = Some(ok(RateLimit::parse(limit), "rate limit"));
+    r.rate_limits = vec![ok(RateLimit::parse(limit), "rate limit")];
     r
 }
 
@@ -216,4 +216,105 @@ async fn an_unreachable_redis_falls_back_to_memory() {
     assert_eq!(count(&replies, StatusCode::OK), 3);
     assert_eq!(count(&replies, StatusCode::TOO_MANY_REQUESTS), 3);
     gateway.shutdown(T).await;
+}
+
+/// 5 an hour for the route, then 1 an hour per `x-client`, through
+/// `gateways` in turn: a request the client's limit refuses is given back
+/// to the route's, so four more clients still get in after one client has
+/// been refused four times.
+async fn several_limits(gateways: &[Gateway], up: &Upstream) {
+    let clients: Vec<Client> = gateways.iter().map(Client::new).collect();
+    let mut next = 0;
+    let mut get = async |client_id: &str| {
+        next += 1;
+        clients[next % clients.len()]
+            .request(Method::GET, "/x", &[("x-client", client_id)], Bytes::new())
+            .await
+    };
+    assert_eq!(get("a").await.status, StatusCode::OK);
+    for _ in 0..4 {
+        let refused = get("a").await;
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            refused.header("ratelimit-policy"),
+            "\"h-route\";q=5;w=3600, \"h-header:x-client\";q=1;w=3600"
+        );
+        let state = refused.header("ratelimit");
+        assert!(
+            state.starts_with("\"h-route\";r=4;t=")
+                && state.contains(", \"h-header:x-client\";r=0;t="),
+            "{state}"
+        );
+        assert_eq!(refused.header("retry-after"), "3600");
+    }
+    for client_id in ["b", "c", "d", "e"] {
+        let reply = get(client_id).await;
+        assert_eq!(reply.status, StatusCode::OK, "{client_id}: {reply:?}");
+    }
+    let last = get("f").await;
+    assert_eq!(last.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(
+        last.header("ratelimit").starts_with("\"h-route\";r=0;t="),
+        "{last:?}"
+    );
+    assert_eq!(up.hits(), 5);
+}
+
+fn with_several_limits(service: &str) -> flotilla_gateway::RouteConfig {
+    let mut r = route(service, "/**", &[], T);
+    r.rate_limits = ["5/h per route", "1/h per header:x-client"]
+        .into_iter()
+        .map(|l| ok(RateLimit::parse(l), "rate limit"))
+        .collect();
+    r
+}
+
+#[tokio::test]
+async fn several_limits_must_all_pass_and_a_refused_request_counts_against_none() {
+    let registry = Registry::new();
+    let up = Upstream::start("rl-several-0").await;
+    registry.set("rl-several", vec![up.endpoint()]);
+    let gateway = start(config(vec![with_several_limits("rl-several")]), &registry).await;
+    several_limits(std::slice::from_ref(&gateway), &up).await;
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn several_limits_are_given_back_in_redis_too() {
+    let Ok(url) = std::env::var("FLOTILLA_TEST_REDIS_URL") else {
+        eprintln!("skipped: FLOTILLA_TEST_REDIS_URL not set");
+        return;
+    };
+    let _alone = REDIS_BACKEND.lock().await;
+    let registry = Registry::new();
+    let up = Upstream::start("rl-several-redis-0").await;
+    registry.set("rl-several-redis", vec![up.endpoint()]);
+    let prefix = format!("flotilla-test:{}:", uuid::Uuid::new_v4());
+    let mut cfg = config(vec![with_several_limits("rl-several-redis")]);
+    cfg.rate_limit_backend = RateLimitBackend::Redis { url, prefix };
+    let backend_errors = counter("flotilla_gateway_rate_limit_backend_errors_total");
+    let gateways = [
+        start(cfg.clone(), &registry).await,
+        start(cfg, &registry).await,
+    ];
+    several_limits(&gateways, &up).await;
+    assert_eq!(
+        counter("flotilla_gateway_rate_limit_backend_errors_total"),
+        backend_errors,
+        "Redis failed during the test; counts fell back to memory"
+    );
+    for g in gateways {
+        g.shutdown(T).await;
+    }
+}
+
+#[tokio::test]
+async fn two_limits_on_one_unit_and_key_are_refused() {
+    let mut r = route("svc", "/**", &[], T);
+    r.rate_limits = ["5/s per ip", "50/s burst 10 per ip"]
+        .into_iter()
+        .map(|l| ok(RateLimit::parse(l), "rate limit"))
+        .collect();
+    let why = start_error(config(vec![r]), "two limits per second per ip").await;
+    assert!(why.contains("two with the same unit and key"), "{why}");
 }

@@ -94,7 +94,7 @@ async fn unchanged_rate_limits_keep_their_counters_across_a_reload() {
     registry.set("rl-keep", vec![up.endpoint()]);
     let limited = |limit: &str| {
         let mut r = route("rl-keep", "/**", &[], T);
-        r.rate_limit = Some(ok(RateLimit::parse(limit), "limit"));
+        r.rate_limits = vec![ok(RateLimit::parse(limit), "limit")];
         r
     };
     let gateway = start(config(vec![limited("2/h per route")]), &registry).await;
@@ -174,7 +174,7 @@ async fn a_canary_s_share_is_raised_by_a_reload_under_one_rate_limit() {
     let with_share = |percent: u32| {
         let mut r = route("catalog", "/api/catalog/**", &[], T);
         r.split = vec![("catalog-v2".to_string(), percent)];
-        r.rate_limit = Some(ok(RateLimit::parse("1000/h burst 1000 per route"), "limit"));
+        r.rate_limits = vec![ok(RateLimit::parse("1000/h burst 1000 per route"), "limit")];
         config(vec![r])
     };
     let gateway = start(with_share(0), &registry).await;

@@ -357,10 +357,10 @@ async fn an_instance_cannot_set_the_gateways_own_response_fields() {
     let up = Upstream::start("forger-0").await;
     registry.set("forger", vec![up.endpoint()]);
     let mut limited = route("forger", "/api/**", &[], T);
-    limited.rate_limit = Some(ok(
+    limited.rate_limits = vec![ok(
         flotilla_gateway::RateLimit::parse("1000/s burst 1000"),
         "rate limit",
-    ));
+    )];
     let mut cfg = config(vec![limited]);
     cfg.cors = Some(cors(&[origin], false));
     let gateway = start(cfg, &registry).await;

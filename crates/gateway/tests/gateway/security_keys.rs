@@ -56,7 +56,7 @@ async fn a_key_lets_its_consumer_in_and_nothing_else_does() {
     let up = Upstream::start("keyed-0").await;
     registry.set("keyed", vec![up.endpoint()]);
     let mut limited = keyed("/lim/**", &[]);
-    limited.rate_limit = Some(ok(RateLimit::parse("1/h per user"), "limit"));
+    limited.rate_limits = vec![ok(RateLimit::parse("1/h per user"), "limit")];
     let mut cfg = config(vec![
         keyed("/k/**", &[]),
         keyed("/only-a/**", &["partner-a"]),

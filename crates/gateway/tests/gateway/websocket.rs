@@ -298,7 +298,7 @@ async fn messages_pass_both_ways_and_a_close_ends_the_tunnel() {
 #[tokio::test]
 async fn the_handshake_is_a_request_like_any_other() {
     let mut limited = chat_route();
-    limited.rate_limit = Some(ok(RateLimit::parse("1/m burst 1 per ip"), "rate limit"));
+    limited.rate_limits = vec![ok(RateLimit::parse("1/m burst 1 per ip"), "rate limit")];
     let (_instance, gateway) = ws_gateway(config(vec![limited])).await;
 
     // A route the request does not match: 404, no tunnel.
@@ -318,7 +318,7 @@ async fn the_handshake_is_a_request_like_any_other() {
 #[tokio::test]
 async fn a_switch_carries_the_route_policy_headers() {
     let mut limited = chat_route();
-    limited.rate_limit = Some(ok(RateLimit::parse("10/m burst 10 per ip"), "rate limit"));
+    limited.rate_limits = vec![ok(RateLimit::parse("10/m burst 10 per ip"), "rate limit")];
     let (_instance, gateway) = ws_gateway(config(vec![limited])).await;
     let (mut ws, res) = ok(connect(&gateway, "/ws/room").await, "handshake");
     assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);

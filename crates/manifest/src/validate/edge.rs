@@ -1,6 +1,6 @@
 //! Validation of the gateway's edge policies: `[gateway.jwt]`, `.cors`,
 //! `.ip`, `.rate_limits`, `.tls`, the per-route `auth`, `scopes`,
-//! `claims`, `rate_limit`, `cors`, `ip` and `max_body_bytes`, and the
+//! `claims`, `rate_limit`, `affinity`, `cors`, `ip` and `max_body_bytes`, and the
 //! system's and routes' `request_headers` and `response_headers`, and
 //! `[gateway.compression]`, `[gateway.cache]` and a route's `cache`.
 
@@ -12,8 +12,8 @@ use toml::Spanned;
 use super::Ctx;
 use crate::edge::{
     Affinity, ApiKeys, CacheStore, ClientAuth, Compression, Cors, HeaderChanges, HeaderDirection,
-    IpList, JwksSource, Jwt, RateLimit, RateLimitKey, RateLimitStore, RouteCache, Tls,
-    TlsCertificate, TlsVersion, is_origin, parse_net, reserved_header,
+    IpList, JwksSource, Jwt, MAX_RATE_LIMITS, RateLimit, RateLimitKey, RateLimitStore, RouteCache,
+    Tls, TlsCertificate, TlsVersion, is_origin, parse_net, reserved_header,
 };
 use crate::raw::{
     RawApiKeys, RawCacheStore, RawCompression, RawCors, RawHeaderChanges, RawIp, RawJwt,
@@ -361,13 +361,64 @@ pub(super) fn tls(ctx: &mut Ctx<'_>, raw: &Spanned<RawTls>) -> Option<Tls> {
     })
 }
 
-pub(super) fn rate_limit(
+/// A route's `rate_limit`: one limit, or a list of them, each on its own
+/// window and key (two with the same unit and key would only repeat the
+/// stricter one). `per user` needs a route whose requests carry a user.
+pub(super) fn rate_limits(
     ctx: &mut Ctx<'_>,
-    raw: &Spanned<String>,
-    jwt_route: bool,
-) -> Option<RateLimit> {
-    match RateLimit::parse(raw.get_ref()) {
-        Ok(limit) if limit.key == RateLimitKey::User && !jwt_route => {
+    raw: &Spanned<toml::Value>,
+    has_user: bool,
+) -> Option<Vec<RateLimit>> {
+    let example = "e.g. `rate_limit = \"20/s burst 40 per user\"`, or a list: `rate_limit = [\"20/s per user\", \"5000/d per user\"]`";
+    let texts: Vec<&str> = match raw.get_ref() {
+        toml::Value::String(s) => vec![s.as_str()],
+        toml::Value::Array(items) if !items.is_empty() && items.len() <= MAX_RATE_LIMITS => {
+            match items
+                .iter()
+                .map(toml::Value::as_str)
+                .collect::<Option<Vec<_>>>()
+            {
+                Some(texts) => texts,
+                None => {
+                    ctx.error(
+                        raw.span(),
+                        "every rate limit in the list must be a string",
+                        Some(example.into()),
+                    );
+                    return None;
+                }
+            }
+        }
+        toml::Value::Array(items) => {
+            ctx.error(
+                raw.span(),
+                format!(
+                    "a route takes 1 to {MAX_RATE_LIMITS} rate limits, not {}",
+                    items.len()
+                ),
+                Some(example.into()),
+            );
+            return None;
+        }
+        _ => {
+            ctx.error(
+                raw.span(),
+                "`rate_limit` must be a string or a list of strings",
+                Some(example.into()),
+            );
+            return None;
+        }
+    };
+    let mut limits: Vec<RateLimit> = Vec::with_capacity(texts.len());
+    for text in texts {
+        let limit = match RateLimit::parse(text) {
+            Ok(limit) => limit,
+            Err(e) => {
+                ctx.error(raw.span(), e.to_string(), Some(example.into()));
+                return None;
+            }
+        };
+        if limit.key == RateLimitKey::User && !has_user {
             ctx.error(
                 raw.span(),
                 "`per user` needs a verified user",
@@ -376,18 +427,22 @@ pub(super) fn rate_limit(
                         .into(),
                 ),
             );
-            None
+            return None;
         }
-        Ok(limit) => Some(limit),
-        Err(e) => {
+        if let Some(twin) = limits
+            .iter()
+            .find(|l| l.period == limit.period && l.key == limit.key)
+        {
             ctx.error(
                 raw.span(),
-                e.to_string(),
-                Some("e.g. `rate_limit = \"20/s burst 40 per user\"`".into()),
+                format!("`{twin}` and `{limit}` count the same key over the same unit of time"),
+                Some("keep the stricter one, or give them different units (`/s`, `/h`, `/d`) or keys".into()),
             );
-            None
+            return None;
         }
+        limits.push(limit);
     }
+    Some(limits)
 }
 
 /// A route's `affinity`; `user` needs a route whose requests can carry a

@@ -813,8 +813,30 @@ fn edge_policies_parse() {
         }
     );
     assert_eq!(
-        route.rate_limit.as_ref().unwrap().to_string(),
-        "20/s burst 40 per user"
+        route
+            .rate_limits
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["20/s burst 40 per user"]
+    );
+    let daily = EDGE.replacen(
+        "rate_limit = \"20/s burst 40 per user\"",
+        "rate_limit = [\"20/s burst 40 per user\", \"5000/d per user\", \"100/s per route\"]",
+        1,
+    );
+    let m3 = Manifest::parse(&daily, Path::new("flotilla.toml")).unwrap();
+    assert_eq!(
+        m3.services["orders"].routes[0]
+            .rate_limits
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        [
+            "20/s burst 40 per user",
+            "5000/d per user",
+            "100/s per route"
+        ]
     );
     assert_eq!(route.affinity, Some(crate::Affinity::User));
     assert_eq!(login.affinity, None);
@@ -866,8 +888,28 @@ fn edge_policy_errors() {
         ),
         (
             "\"20/s burst 40 per user\"",
-            "\"20/d\"",
-            "`d` is not a time unit",
+            "\"20/w\"",
+            "`w` is not a time unit",
+        ),
+        (
+            "\"20/s burst 40 per user\"",
+            "[\"20/s per user\", \"30/s burst 5 per user\"]",
+            "`20/s per user` and `30/s burst 5 per user` count the same key over the same unit of time",
+        ),
+        (
+            "\"20/s burst 40 per user\"",
+            "[\"20/s per user\", \"5000/d per user\", \"1/h\", \"2/m\", \"3/s per route\"]",
+            "a route takes 1 to 4 rate limits, not 5",
+        ),
+        (
+            "\"20/s burst 40 per user\"",
+            "[\"20/s per user\", 5]",
+            "every rate limit in the list must be a string",
+        ),
+        (
+            "\"20/s burst 40 per user\"",
+            "[\"20/s per user\", \"20/x\"]",
+            "`x` is not a time unit",
         ),
         (
             "affinity = \"user\"",
@@ -1014,7 +1056,7 @@ fn an_optional_route_verifies_tokens_but_requires_none() {
     assert_eq!(route.auth, Auth::Optional);
     // `per user` is allowed: by user when there is one, by address when not.
     assert_eq!(
-        route.rate_limit.as_ref().map(|r| &r.key),
+        route.rate_limits.first().map(|r| &r.key),
         Some(&crate::RateLimitKey::User)
     );
     let with_scopes = optional.replacen(
@@ -1470,6 +1512,32 @@ fn the_documented_gateway_examples_parse() {
     let m = parses(&format!("name = \"x\"\n{}", split[0]));
     assert_eq!(m.services["catalog"].routes[0].split["catalog-v2"], 5);
     assert_eq!(m.routes_reaching("catalog-v2").count(), 1);
+
+    let several = documented_examples("#### Several rate limits");
+    let m = parses(&format!(
+        "name = \"x\"\n{jwt}[services.search]\nrun = {{ cargo = \"s\" }}\n{}",
+        several[0]
+    ));
+    let limits: Vec<String> = m.services["search"].routes[0]
+        .rate_limits
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        limits,
+        [
+            "10/s burst 20 per user",
+            "2000/d per user",
+            "300/s per route"
+        ]
+    );
+
+    let sticky = documented_examples("#### Keeping a client on one instance (affinity)");
+    let m = parses(&format!("name = \"x\"\n{}", sticky[0]));
+    assert_eq!(
+        m.services["cart"].routes[0].affinity,
+        Some(crate::Affinity::Cookie("flotilla-cart".into()))
+    );
 
     let mirror = documented_examples("#### Mirroring traffic (shadow requests)");
     let m = parses(&format!("name = \"x\"\n{}", mirror[0]));
