@@ -753,12 +753,12 @@ async fn police<'a>(
         let counted = limiter
             .check(|key| rate_key(key, client, id, headers))
             .await;
-        let allowed = counted.allowed();
-        finish.limit = Some((limiter, counted));
-        if !allowed {
-            stats::rate_limited(label);
+        if let Some(refused_by) = limiter.refused_by(&counted) {
+            stats::rate_limited(label, refused_by);
+            finish.limit = Some((limiter, counted));
             return Err(Rejection::RateLimited);
         }
+        finish.limit = Some((limiter, counted));
     }
 
     if let Some(limit) = policy.max_body_bytes {

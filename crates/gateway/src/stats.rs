@@ -358,8 +358,11 @@ pub(crate) fn auth_failed(route: &str, reason: &'static str) {
     metrics::counter!(AUTH_FAILURES, "route" => route.to_string(), "reason" => reason).increment(1);
 }
 
-pub(crate) fn rate_limited(route: &str) {
-    metrics::counter!(RATE_LIMITED, "route" => route.to_string()).increment(1);
+/// A request of `route` refused by its rate limit named `limit`
+/// (`default`, or the unit and key of one of several).
+pub(crate) fn rate_limited(route: &str, limit: &str) {
+    metrics::counter!(RATE_LIMITED, "route" => route.to_string(), "limit" => limit.to_string())
+        .increment(1);
 }
 
 pub(crate) fn rate_limit_backend_error() {

@@ -177,15 +177,6 @@ pub(crate) enum Counted {
     Several(Box<[Decision]>),
 }
 
-impl Counted {
-    pub(crate) fn allowed(&self) -> bool {
-        match self {
-            Counted::One(d) => d.allowed,
-            Counted::Several(ds) => ds.iter().all(|d| d.allowed),
-        }
-    }
-}
-
 pub(crate) static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 pub(crate) static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 
@@ -279,6 +270,16 @@ impl Limiter {
             break;
         }
         Counted::Several(decisions.into())
+    }
+
+    /// The name of the limit that refused what `counted` found, if one did
+    /// (`default`, or its unit and key: see `Part::name`).
+    pub(crate) fn refused_by(&self, counted: &Counted) -> Option<&str> {
+        let position = match counted {
+            Counted::One(d) => (!d.allowed).then_some(0),
+            Counted::Several(ds) => ds.iter().position(|d| !d.allowed),
+        }?;
+        self.parts.get(position).map(|p| &*p.name)
     }
 
     /// The `RateLimit`, `RateLimit-Policy` (and, when refused, `Retry-After`)
@@ -442,9 +443,8 @@ mod tests {
         // 3 a day per client, but only 2 an hour for the whole route.
         let limits = [parse("3/d per ip"), parse("2/h per route")];
         let limiter = Limiter::new(&limits, &RateLimitBackend::Memory, "r", None);
-        let allowed = |c: &Counted| c.allowed();
-        assert!(allowed(&limiter.check(key_of).await));
-        assert!(allowed(&limiter.check(key_of).await));
+        assert_eq!(limiter.refused_by(&limiter.check(key_of).await), None);
+        assert_eq!(limiter.refused_by(&limiter.check(key_of).await), None);
         // The route's limit refuses the third; the client's day is given
         // back what the route refused, every time.
         for _ in 0..5 {
@@ -454,6 +454,7 @@ mod tests {
             };
             assert_eq!(ds.len(), 2);
             assert!(ds[0].allowed && !ds[1].allowed, "{ds:?}");
+            assert_eq!(limiter.refused_by(&counted), Some("h-route"));
             assert_eq!(
                 ds[0].remaining, 1,
                 "the client's day keeps its third request"

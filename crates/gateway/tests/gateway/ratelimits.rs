@@ -254,6 +254,13 @@ async fn several_limits(gateways: &[Gateway], up: &Upstream) {
     let last = get("f").await;
     assert_eq!(last.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(
+        metric_sum(&[
+            "flotilla_gateway_rate_limited_total",
+            "limit=\"h-header:x-client\"",
+        ]) >= 4
+    );
+    assert!(metric_sum(&["flotilla_gateway_rate_limited_total", "limit=\"h-route\"",]) >= 1);
+    assert!(
         last.header("ratelimit").starts_with("\"h-route\";r=0;t="),
         "{last:?}"
     );
