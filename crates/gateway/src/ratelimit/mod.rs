@@ -244,7 +244,14 @@ impl Limiter {
     /// back: a request refused counts against none of them.
     pub(crate) async fn check<'k>(&self, key: impl Fn(&RateLimitKey) -> Cow<'k, str>) -> Counted {
         if let [part] = &*self.parts {
-            return Counted::One(part.store.check(&part.limit, &key(&part.limit.key)).await);
+            // The store matched here, not in an `async fn` of its own: one
+            // future less in every limited request's (callgrind: ~200
+            // instructions a request).
+            let key = key(&part.limit.key);
+            return Counted::One(match &*part.store {
+                Store::Memory(store) => store.check(&part.limit, &key),
+                Store::Redis(store) => Box::pin(store.check(&part.limit, &key)).await,
+            });
         }
         // Boxed: routes with several limits are few, and every request's
         // future would otherwise hold room for this one.
@@ -286,27 +293,26 @@ impl Limiter {
     /// headers for what `counted` found.
     pub(crate) fn headers(&self, counted: &Counted, headers: &mut Fields<'_>) {
         headers.insert(RATELIMIT_POLICY.clone(), self.policy_header.clone());
-        let (decisions, refused) = match counted {
-            Counted::One(d) => (std::slice::from_ref(d), (!d.allowed).then_some(d)),
-            Counted::Several(ds) => (&ds[..], ds.iter().find(|d| !d.allowed)),
-        };
         // `"default";r=<u32>;t=<u64>`: at most 49 bytes per limit, one
         // allocation (the value's), and itoa instead of `fmt` (a third of
-        // the cost).
-        let mut value = Vec::with_capacity(49 * decisions.len());
-        for (part, decision) in self.parts.iter().zip(decisions) {
-            if !value.is_empty() {
-                value.extend_from_slice(b", ");
+        // the cost). One limit, the common case, without a loop.
+        let (value, refused) = match counted {
+            Counted::One(d) => {
+                let mut value = Vec::with_capacity(49);
+                item(&mut value, b"default", d);
+                (value, (!d.allowed).then_some(d))
             }
-            let mut remaining = itoa::Buffer::new();
-            let mut reset = itoa::Buffer::new();
-            value.push(b'"');
-            value.extend_from_slice(part.name.as_bytes());
-            value.extend_from_slice(b"\";r=");
-            value.extend_from_slice(remaining.format(decision.remaining).as_bytes());
-            value.extend_from_slice(b";t=");
-            value.extend_from_slice(reset.format(ceil_secs(decision.reset)).as_bytes());
-        }
+            Counted::Several(ds) => {
+                let mut value = Vec::with_capacity(64 * ds.len());
+                for (part, d) in self.parts.iter().zip(ds.iter()) {
+                    if !value.is_empty() {
+                        value.extend_from_slice(b", ");
+                    }
+                    item(&mut value, part.name.as_bytes(), d);
+                }
+                (value, ds.iter().find(|d| !d.allowed))
+            }
+        };
         headers.insert(
             RATELIMIT.clone(),
             crate::headers::own_value(bytes::Bytes::from(value)),
@@ -316,6 +322,22 @@ impl Limiter {
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
     }
+}
+
+/// One limit's `"<name>";r=<remaining>;t=<reset>` in a `RateLimit` value.
+/// Always inlined: left to itself the compiler calls it, and the call
+/// costs the one-limit case (every limited response) a fifth of the
+/// headers' instructions (callgrind).
+#[inline(always)]
+fn item(value: &mut Vec<u8>, name: &[u8], d: &Decision) {
+    let mut remaining = itoa::Buffer::new();
+    let mut reset = itoa::Buffer::new();
+    value.push(b'"');
+    value.extend_from_slice(name);
+    value.extend_from_slice(b"\";r=");
+    value.extend_from_slice(remaining.format(d.remaining).as_bytes());
+    value.extend_from_slice(b";t=");
+    value.extend_from_slice(reset.format(ceil_secs(d.reset)).as_bytes());
 }
 
 impl Decision {
