@@ -456,11 +456,10 @@ impl Config {
                 });
             }
             let limits = &route.rate_limits;
-            let twins = limits.iter().enumerate().any(|(i, a)| {
-                limits[..i]
-                    .iter()
-                    .any(|b| a.period == b.period && a.key == b.key)
-            });
+            let twins = limits
+                .iter()
+                .enumerate()
+                .any(|(i, a)| limits[..i].iter().any(|b| a.same_counter(b)));
             if limits.len() > MAX_RATE_LIMITS || twins {
                 return Err(ConfigError::RateLimits {
                     route: route.name(),

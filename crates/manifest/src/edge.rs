@@ -498,23 +498,42 @@ impl RateLimit {
     }
 }
 
-impl fmt::Display for RateLimit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let unit = match self.period.as_secs() {
+impl RateLimit {
+    /// The unit of its period as written: `s`, `m`, `h` or `d`.
+    pub fn unit(&self) -> &'static str {
+        match self.period.as_secs() {
             86_400 => "d",
             3600 => "h",
             60 => "m",
             _ => "s",
-        };
-        write!(f, "{}/{unit}", self.count)?;
+        }
+    }
+
+    /// Whether `other` counts the same key over the same unit of time: two
+    /// such limits on one route would only repeat the stricter one.
+    pub fn same_counter(&self, other: &RateLimit) -> bool {
+        self.period == other.period && self.key == other.key
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.count, self.unit())?;
         if self.burst != self.count {
             write!(f, " burst {}", self.burst)?;
         }
-        match &self.key {
-            RateLimitKey::Ip => write!(f, " per ip"),
-            RateLimitKey::User => write!(f, " per user"),
-            RateLimitKey::Route => write!(f, " per route"),
-            RateLimitKey::Header(h) => write!(f, " per header:{h}"),
+        write!(f, " per {}", self.key)
+    }
+}
+
+/// As written after `per`: `ip`, `user`, `route` or `header:<name>`.
+impl fmt::Display for RateLimitKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RateLimitKey::Ip => write!(f, "ip"),
+            RateLimitKey::User => write!(f, "user"),
+            RateLimitKey::Route => write!(f, "route"),
+            RateLimitKey::Header(h) => write!(f, "header:{h}"),
         }
     }
 }

@@ -152,19 +152,7 @@ impl Store {
 /// `s-user`, `d-route`, `m-header:x-api-key`: a limit's unit and key, which
 /// no two limits of a route share (validated).
 fn unit_and_key(limit: &RateLimit) -> String {
-    let unit = match limit.period.as_secs() {
-        86_400 => "d",
-        3600 => "h",
-        60 => "m",
-        _ => "s",
-    };
-    let key = match &limit.key {
-        RateLimitKey::Ip => "ip".to_string(),
-        RateLimitKey::User => "user".to_string(),
-        RateLimitKey::Route => "route".to_string(),
-        RateLimitKey::Header(h) => format!("header:{h}"),
-    };
-    format!("{unit}-{key}")
+    format!("{}-{}", limit.unit(), limit.key)
 }
 
 /// What counting one request against a route's limits found: each limit's

@@ -429,10 +429,7 @@ pub(super) fn rate_limits(
             );
             return None;
         }
-        if let Some(twin) = limits
-            .iter()
-            .find(|l| l.period == limit.period && l.key == limit.key)
-        {
+        if let Some(twin) = limits.iter().find(|l| l.same_counter(&limit)) {
             ctx.error(
                 raw.span(),
                 format!("`{twin}` and `{limit}` count the same key over the same unit of time"),
