@@ -76,6 +76,15 @@ pub(crate) struct Store {
     degraded_until_ms: AtomicU64,
 }
 
+/// How a script call went.
+enum Ran<T> {
+    Done(T),
+    /// Not tried: Redis failed a moment ago, or cannot be set up.
+    Skipped,
+    /// Tried, and failed or timed out (counted; the store backs off).
+    Failed,
+}
+
 /// Checks a Redis URL without connecting, for config validation.
 pub(crate) fn check_url(url: &str) -> Result<(), redis::RedisError> {
     redis::Client::open(url).map(|_| ())
@@ -118,66 +127,69 @@ impl Store {
     }
 
     pub(crate) async fn check(&self, limit: &RateLimit, key: &str) -> Decision {
-        let now_ms = self.epoch.elapsed().as_millis() as u64;
-        if now_ms >= self.degraded_until_ms.load(Ordering::Relaxed)
-            && let Some(mut conn) = self.manager()
-        {
-            let interval = limit.interval_nanos().div_ceil(1000).max(1);
-            let tolerance = interval.saturating_mul(u64::from(limit.burst));
-            let key = format!("{}{key}", self.prefix);
-            let script = Arc::clone(&self.script);
-            let call = async move {
-                let mut invocation = script.key(key);
-                invocation.arg(interval).arg(tolerance);
-                let call = invocation.invoke_async::<(i64, i64, i64)>(&mut conn);
-                tokio::time::timeout(RESPONSE_TIMEOUT * 2, call).await
-            };
-            let outcome = crate::workers::on_caller(self.background.as_ref(), call)
-                .await
-                .unwrap_or_else(|e| Ok(Err(redis::RedisError::from(std::io::Error::other(e)))));
-            match outcome {
-                Ok(Ok((allowed, ahead, over))) => {
-                    return Decision::from_gcra(
-                        limit,
-                        allowed == 1,
-                        (ahead.max(0) as u64).saturating_mul(1000),
-                        (over.max(0) as u64).saturating_mul(1000),
-                    );
-                }
-                Ok(Err(e)) => self.degrade(now_ms, &e.to_string()),
-                Err(_) => self.degrade(now_ms, "timed out"),
-            }
+        let interval = limit.interval_nanos().div_ceil(1000).max(1);
+        let tolerance = interval.saturating_mul(u64::from(limit.burst));
+        let ran = self
+            .run::<(i64, i64, i64)>(&self.script, key, &[interval, tolerance])
+            .await;
+        match ran {
+            Ran::Done((allowed, ahead, over)) => Decision::from_gcra(
+                limit,
+                allowed == 1,
+                (ahead.max(0) as u64).saturating_mul(1000),
+                (over.max(0) as u64).saturating_mul(1000),
+            ),
+            Ran::Skipped | Ran::Failed => self.fallback.check(limit, key),
         }
-        self.fallback.check(limit, key)
     }
 
     /// Gives `key` back a request counted under `limit`, where it was
     /// counted: in Redis, or in memory while Redis is failing. A refund
     /// that fails is lost (the request stays counted: the strict side).
     pub(crate) async fn refund(&self, limit: &RateLimit, key: &str) {
-        let now_ms = self.epoch.elapsed().as_millis() as u64;
-        if now_ms >= self.degraded_until_ms.load(Ordering::Relaxed)
-            && let Some(mut conn) = self.manager()
-        {
-            let interval = limit.interval_nanos().div_ceil(1000).max(1);
-            let key = format!("{}{key}", self.prefix);
-            let script = Arc::clone(&self.refund);
-            let call = async move {
-                let mut invocation = script.key(key);
-                invocation.arg(interval);
-                let call = invocation.invoke_async::<i64>(&mut conn);
-                tokio::time::timeout(RESPONSE_TIMEOUT * 2, call).await
-            };
-            let outcome = crate::workers::on_caller(self.background.as_ref(), call).await;
-            match outcome {
-                Ok(Ok(Ok(_))) => {}
-                Ok(Ok(Err(e))) => self.degrade(now_ms, &e.to_string()),
-                Ok(Err(_)) => self.degrade(now_ms, "timed out"),
-                Err(e) => self.degrade(now_ms, &e.to_string()),
-            }
-            return;
+        let interval = limit.interval_nanos().div_ceil(1000).max(1);
+        if let Ran::Skipped = self.run::<i64>(&self.refund, key, &[interval]).await {
+            self.fallback.refund(limit, key);
         }
-        self.fallback.refund(limit, key);
+    }
+
+    /// Runs `script` on `key` (under the prefix) with `args`, on the
+    /// caller's runtime and within the response timeout; a failure is
+    /// counted and puts the store on its fallback for a while.
+    async fn run<T: redis::FromRedisValue + Send + 'static>(
+        &self,
+        script: &Arc<redis::Script>,
+        key: &str,
+        args: &[u64],
+    ) -> Ran<T> {
+        let now_ms = self.epoch.elapsed().as_millis() as u64;
+        if now_ms < self.degraded_until_ms.load(Ordering::Relaxed) {
+            return Ran::Skipped;
+        }
+        let Some(mut conn) = self.manager() else {
+            return Ran::Skipped;
+        };
+        let (script, key, args) = (
+            Arc::clone(script),
+            format!("{}{key}", self.prefix),
+            args.to_vec(),
+        );
+        let call = async move {
+            let mut invocation = script.key(key);
+            for arg in args {
+                invocation.arg(arg);
+            }
+            let call = invocation.invoke_async::<T>(&mut conn);
+            tokio::time::timeout(RESPONSE_TIMEOUT * 2, call).await
+        };
+        let error = match crate::workers::on_caller(self.background.as_ref(), call).await {
+            Ok(Ok(Ok(value))) => return Ran::Done(value),
+            Ok(Ok(Err(e))) => e.to_string(),
+            Ok(Err(_)) => "timed out".to_string(),
+            Err(e) => e.to_string(),
+        };
+        self.degrade(now_ms, &error);
+        Ran::Failed
     }
 
     fn degrade(&self, now_ms: u64, error: &str) {
