@@ -301,20 +301,9 @@ pub(crate) fn handle<'a>(
             }
         };
 
-        // The `Arc` for a WebSocket's metrics; `&Route` everywhere else.
-        let mut split = None;
-        let route: &Arc<Route> = match found {
-            Match::Route(route) => {
-                let route = matched.insert(route);
-                finish.out = &route.policy.outgoing;
-                route
-            }
-            Match::Sticky(route, services) => {
-                split = Some(services);
-                let route = matched.insert(route);
-                finish.out = &route.policy.outgoing;
-                route
-            }
+        let (route, split) = match found {
+            Match::Route(route) => (route, None),
+            Match::Sticky(route, services) => (route, Some(services)),
             Match::MethodNotAllowed(allow) => {
                 return finish.reject(Rejection::MethodNotAllowed {
                     method: req.method().clone(),
@@ -346,6 +335,9 @@ pub(crate) fn handle<'a>(
                 };
             }
         };
+        // The `Arc` for a WebSocket's metrics; `&Route` everywhere else.
+        let route: &Arc<Route> = matched.insert(route);
+        finish.out = &route.policy.outgoing;
         let tunnel = if req.extensions().get::<WebSocket>().is_some() {
             match admit_websocket(&mut req, finish.out.cors.as_deref(), tunnels, route) {
                 Ok(slot) => Some(slot),
@@ -372,6 +364,8 @@ pub(crate) fn handle<'a>(
             client.affinity = sticky.hash;
             set_cookie = sticky.set_cookie;
         }
+        // Not held across the awaits below: the request's future would
+        // otherwise keep room (and the identity's reference) for it.
         drop(identity);
         // A sticky split's service, by the client's key: every route of a
         // split has the one policy just applied, and differs only in where
