@@ -69,6 +69,11 @@ pub(crate) struct ClientAddr {
     /// Whether the direct peer is a trusted proxy (whose forwarding
     /// headers may be passed on).
     pub via_trusted_proxy: bool,
+    /// The scheme the client used: the connection's, or the one a trusted
+    /// proxy says its client used (`X-Forwarded-Proto`, `Forwarded`), so
+    /// that a gateway behind a TLS-terminating load balancer tells its
+    /// instances `https` and marks its cookies `Secure`.
+    pub proto: &'static str,
     /// On a route with `affinity`, the hash of what keeps this client on
     /// one instance, once the route's policies have found it; `None`:
     /// balanced freely.
@@ -231,9 +236,14 @@ pub(crate) fn handle<'a>(
                 .as_ref()
                 .map(|i| i.trusted_proxies.as_slice())
                 .unwrap_or_default();
+            let via_trusted_proxy = ip::is_trusted(peer, trusted);
             ClientAddr {
                 ip: ip::client_addr(peer, req.headers(), trusted),
-                via_trusted_proxy: trusted.iter().any(|n| n.contains(&peer)),
+                via_trusted_proxy,
+                proto: via_trusted_proxy
+                    .then(|| ip::forwarded_proto(req.headers()))
+                    .flatten()
+                    .unwrap_or(conn.scheme),
                 affinity: None,
             }
         };
@@ -359,7 +369,7 @@ pub(crate) fn handle<'a>(
                 client.ip,
                 identity.as_deref(),
                 req.headers(),
-                conn.scheme == "https",
+                client.proto == "https",
             );
             client.affinity = sticky.hash;
             set_cookie = sticky.set_cookie;
@@ -843,6 +853,7 @@ mod tests {
         let client = ClientAddr {
             ip: IpAddr::from([192, 0, 2, 1]),
             via_trusted_proxy: false,
+            proto: "http",
             affinity: None,
         };
         let key = rate_key(&RateLimitKey::Header(name.clone()), client, None, &h);

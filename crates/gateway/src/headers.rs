@@ -99,8 +99,11 @@ pub(crate) struct Forwarding {
 /// - `X-Forwarded-For` is the peer, appended to the chain the client sent
 ///   when the peer is a trusted proxy; `Forwarded` is dropped from an
 ///   untrusted peer;
-/// - `X-Forwarded-Proto` is the scheme, and `X-Forwarded-Host` the `Host`
-///   (an HTTP/2 client's `:authority` becomes both when it sent no `Host`).
+/// - `X-Forwarded-Proto` is the scheme (`fwd.proto`, which a trusted proxy
+///   may have set), and `X-Forwarded-Host` the `Host` (an HTTP/2 client's
+///   `:authority` becomes both when it sent no `Host`), or from a trusted
+///   proxy the right-most element of the one it sent: the name its client
+///   asked it for.
 ///
 /// Returns whether a `Host` was put (if not, the caller names the
 /// instance).
@@ -117,6 +120,7 @@ pub(crate) fn forward_fields(
     // One pass to learn what the second needs; names compare cheaply.
     let (mut connection, mut chain) = (false, false);
     let mut host: Option<&[u8]> = None;
+    let mut forwarded_host: Option<&[u8]> = None;
     for (name, value) in headers {
         if name == header::CONNECTION {
             connection = true;
@@ -124,6 +128,8 @@ pub(crate) fn forward_fields(
             host.get_or_insert(value.as_bytes());
         } else if name == X_FORWARDED_FOR {
             chain = true;
+        } else if fwd.trust_chain && name == X_FORWARDED_HOST {
+            forwarded_host = Some(value.as_bytes());
         }
     }
     let named_by_connection = |name: &HeaderName| {
@@ -156,7 +162,11 @@ pub(crate) fn forward_fields(
         host = Some(authority.as_str().as_bytes());
         put(b"host", authority.as_str().as_bytes());
     }
-    if let Some(host) = host {
+    let forwarded_host = forwarded_host
+        .and_then(|v| v.rsplit(|&b| b == b',').next())
+        .map(<[u8]>::trim_ascii)
+        .filter(|v| !v.is_empty());
+    if let Some(host) = forwarded_host.or(host) {
         put(X_FORWARDED_HOST.as_str().as_bytes(), host);
     }
     if fwd.trust_chain && chain {
@@ -431,7 +441,7 @@ pub(crate) mod tests {
                 ("x-forwarded-for", "203.0.113.7"),
                 ("x-forwarded-for", "198.51.100.1"),
                 ("x-forwarded-proto", "https"),
-                ("x-forwarded-host", "evil.example"),
+                ("x-forwarded-host", "shop.example, cdn.example"),
                 ("expect", "100-continue"),
                 ("content-length", "5"),
                 ("forwarded", "for=203.0.113.7"),
@@ -449,7 +459,8 @@ pub(crate) mod tests {
         );
         assert_eq!(one(&f, "x-forwarded-proto"), Some("http"));
         assert_eq!(one(&f, "host"), Some("shop.example:8080"));
-        assert_eq!(one(&f, "x-forwarded-host"), Some("shop.example:8080"));
+        // The name the trusted proxy's own client asked for: its right-most.
+        assert_eq!(one(&f, "x-forwarded-host"), Some("cdn.example"));
         // A trusted proxy's `Forwarded` is passed on.
         assert_eq!(one(&f, "forwarded"), Some("for=203.0.113.7"));
         assert_eq!(one(&f, "accept"), Some("*/*"));
@@ -460,7 +471,13 @@ pub(crate) mod tests {
     #[test]
     fn an_untrusted_peer_cannot_forge_the_chain() {
         let (f, _) = forwarded(
-            &[("x-forwarded-for", "6.6.6.6"), ("forwarded", "for=6.6.6.6")],
+            &[
+                ("host", "shop.example"),
+                ("x-forwarded-for", "6.6.6.6"),
+                ("forwarded", "for=6.6.6.6"),
+                ("x-forwarded-host", "evil.example"),
+                ("x-forwarded-proto", "https"),
+            ],
             "/",
             [203, 0, 113, 9],
             false,
@@ -468,6 +485,8 @@ pub(crate) mod tests {
         );
         assert_eq!(one(&f, "x-forwarded-for"), Some("203.0.113.9"));
         assert_eq!(one(&f, "forwarded"), None);
+        assert_eq!(one(&f, "x-forwarded-host"), Some("shop.example"));
+        assert_eq!(one(&f, "x-forwarded-proto"), Some("http"));
     }
 
     #[test]

@@ -70,7 +70,6 @@ impl IpConfig {
     }
 }
 
-/// The client address of a request that arrived from `peer`.
 /// The block of addresses one client holds, which per-client limits
 /// (connections, `per ip` rate limits) count it by: an IPv4 address as it
 /// is, an IPv6 one by its /64, the block a single host or home network is
@@ -86,9 +85,47 @@ pub(crate) fn host_block(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Whether `peer` is one of the `trusted` proxies (an IPv4-mapped IPv6
+/// peer of a dual-stack socket matched as the IPv4 address it is).
+pub(crate) fn is_trusted(peer: IpAddr, trusted: &[IpNet]) -> bool {
+    !trusted.is_empty() && contains(trusted, canonical(peer))
+}
+
+/// The scheme a trusted proxy says its client used: the right-most element
+/// of `X-Forwarded-Proto` (a proxy that appends to a client's own writes
+/// its claim last, so an element to its left is the client's and is not
+/// believed), else the `proto=` of the right-most `Forwarded` element.
+/// `None` when it sent neither or something other than `http` or `https`:
+/// the scheme of the connection stands. Only for a peer `is_trusted`.
+pub(crate) fn forwarded_proto(headers: &HeaderMap) -> Option<&'static str> {
+    let scheme = |s: &str| {
+        let s = s.trim().trim_matches('"');
+        if s.eq_ignore_ascii_case("https") {
+            Some("https")
+        } else if s.eq_ignore_ascii_case("http") {
+            Some("http")
+        } else {
+            None
+        }
+    };
+    if let Some(last) = headers.get_all("x-forwarded-proto").iter().next_back() {
+        return scheme(last.to_str().ok()?.rsplit(',').next()?);
+    }
+    let last = headers
+        .get_all(http::header::FORWARDED)
+        .iter()
+        .next_back()?;
+    let element = last.to_str().ok()?.rsplit(',').next()?;
+    element.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        k.trim().eq_ignore_ascii_case("proto").then(|| scheme(v))?
+    })
+}
+
+/// The client address of a request that arrived from `peer`.
 pub(crate) fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
     let peer = canonical(peer);
-    if trusted.is_empty() || !contains(trusted, peer) {
+    if !is_trusted(peer, trusted) {
         return peer;
     }
     // `Forwarded` is the standard; prefer it when a proxy sent it.
@@ -220,6 +257,54 @@ mod tests {
         assert!(parse_net("10.0.0.0/33").is_err());
         let e = parse_net("localhost").err().map(|e| e.to_string());
         assert!(e.is_some_and(|e| e.contains("CIDR")));
+    }
+
+    #[test]
+    fn a_trusted_proxy_s_scheme_is_its_right_most_claim() {
+        let proto = |pairs: &[(&'static str, &'static str)]| forwarded_proto(&headers(pairs));
+        assert_eq!(proto(&[("x-forwarded-proto", "https")]), Some("https"));
+        assert_eq!(proto(&[("x-forwarded-proto", "HTTP")]), Some("http"));
+        // A proxy that appends to the client's own: the client's is ignored.
+        assert_eq!(proto(&[("x-forwarded-proto", "https, http")]), Some("http"));
+        assert_eq!(
+            proto(&[
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-proto", "http")
+            ]),
+            Some("http")
+        );
+        // Anything else leaves the connection's scheme.
+        assert_eq!(proto(&[("x-forwarded-proto", "wss")]), None);
+        assert_eq!(proto(&[("x-forwarded-proto", "http, ftp")]), None);
+        assert_eq!(proto(&[]), None);
+        // `Forwarded` when there is no `X-Forwarded-Proto`: its last element.
+        assert_eq!(
+            proto(&[(
+                "forwarded",
+                "for=6.6.6.6;proto=http, for=203.0.113.7;Proto=\"https\""
+            )]),
+            Some("https")
+        );
+        assert_eq!(
+            proto(&[("forwarded", "for=203.0.113.7;proto=https, for=10.0.0.2")]),
+            None
+        );
+        assert_eq!(
+            proto(&[
+                ("forwarded", "for=203.0.113.7;proto=https"),
+                ("x-forwarded-proto", "http"),
+            ]),
+            Some("http")
+        );
+    }
+
+    #[test]
+    fn a_mapped_peer_is_trusted_as_its_ipv4_address() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        assert!(is_trusted(ip("10.1.2.3"), &trusted));
+        assert!(is_trusted(ip("::ffff:10.1.2.3"), &trusted));
+        assert!(!is_trusted(ip("192.0.2.1"), &trusted));
+        assert!(!is_trusted(ip("10.1.2.3"), &[]));
     }
 
     #[test]

@@ -160,7 +160,7 @@ impl Proxy {
             forwarding: Forwarding {
                 peer: conn.peer.ip(),
                 trust_chain: client.via_trusted_proxy,
-                proto: conn.scheme,
+                proto: client.proto,
             },
         };
         async move {

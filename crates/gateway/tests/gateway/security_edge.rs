@@ -131,6 +131,98 @@ async fn a_trusted_proxy_chain_is_honoured_up_to_the_first_untrusted_hop() {
     gateway.shutdown(T).await;
 }
 
+/// A route whose instance is kept by a cookie the gateway makes up, which
+/// says by `Secure` whether the gateway believes the client used HTTPS.
+fn cookie_route(service: &str) -> flotilla_gateway::RouteConfig {
+    let mut r = route(service, "/**", &[], T);
+    r.affinity = Some(ok(
+        flotilla_gateway::Affinity::parse("cookie:sticky"),
+        "affinity",
+    ));
+    r
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_s_scheme_and_host_reach_the_service() {
+    // The test client plays a load balancer that terminated TLS.
+    let ip = IpConfig {
+        trusted_proxies: nets(&["127.0.0.0/8"]),
+        ..IpConfig::default()
+    };
+    let (up, gateway, client) = ip_gateway("fwd-proto", ip, vec![cookie_route("fwd-proto")]).await;
+    let reply = get(
+        &client,
+        "/x",
+        &[
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "shop.example"),
+            ("x-forwarded-for", "203.0.113.5"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let h = &reply.json()["headers"];
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(h["x-forwarded-host"], "shop.example");
+    assert_eq!(h["x-forwarded-for"], "203.0.113.5, 127.0.0.1");
+    let set = reply.header("set-cookie");
+    assert!(
+        set.ends_with("; Path=/; HttpOnly; SameSite=Lax; Secure"),
+        "{set}"
+    );
+
+    // `Forwarded` says the same to a gateway that reads it.
+    let reply = get(
+        &client,
+        "/x",
+        &[("forwarded", "for=203.0.113.5;proto=https")],
+    )
+    .await;
+    assert_eq!(reply.json()["headers"]["x-forwarded-proto"], "https");
+    assert!(
+        reply.header("set-cookie").ends_with("; Secure"),
+        "{reply:?}"
+    );
+
+    // A proxy that says nothing, or something that is no scheme, leaves the
+    // connection's own.
+    for fields in [vec![], vec![("x-forwarded-proto", "gopher")]] {
+        let reply = get(&client, "/x", &fields).await;
+        let h = &reply.json()["headers"];
+        assert_eq!(h["x-forwarded-proto"], "http", "{fields:?}");
+        assert!(!reply.header("set-cookie").contains("Secure"), "{reply:?}");
+    }
+    assert_eq!(up.hits(), 4);
+    gateway.shutdown(T).await;
+
+    // From a peer that is no trusted proxy the same claims are the client's
+    // own: the service is told the truth, and the cookie is not `Secure`
+    // (which a browser on plain HTTP would refuse to keep).
+    let (up, gateway, client) = ip_gateway(
+        "fwd-forged",
+        IpConfig::default(),
+        vec![cookie_route("fwd-forged")],
+    )
+    .await;
+    let reply = get(
+        &client,
+        "/x",
+        &[
+            ("host", "shop.example"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+            ("forwarded", "for=203.0.113.5;proto=https"),
+        ],
+    )
+    .await;
+    let h = &reply.json()["headers"];
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "shop.example");
+    assert!(!reply.header("set-cookie").contains("Secure"), "{reply:?}");
+    assert_eq!(up.hits(), 1);
+    gateway.shutdown(T).await;
+}
+
 #[tokio::test]
 async fn route_ip_lists_narrow_the_systems() {
     let mut internal = route("ip-route", "/internal/**", &[], T);
