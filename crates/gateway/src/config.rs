@@ -321,6 +321,10 @@ pub enum ConfigError {
     #[error("limits.{0}")]
     Limits(&'static str),
     #[error(
+        "ip.proxy_protocol needs trusted_proxies: a PROXY header is believed only from the load balancers listed there"
+    )]
+    ProxyProtocolUntrusted,
+    #[error(
         "route `{route}`: strip_prefix `{prefix}` is not how its path starts; write the path's first segments as the path has them, without `**`"
     )]
     StripPrefix { route: String, prefix: String },
@@ -393,6 +397,13 @@ impl Config {
             if jwt.refresh_interval < Duration::from_secs(1) {
                 return Err(ConfigError::JwtRefresh);
             }
+        }
+        if self
+            .ip
+            .as_ref()
+            .is_some_and(|ip| ip.proxy_protocol && ip.trusted_proxies.is_empty())
+        {
+            return Err(ConfigError::ProxyProtocolUntrusted);
         }
         if let Some(cors) = &self.cors {
             CorsPolicy::new(cors).map_err(|source| ConfigError::Cors {
@@ -596,6 +607,7 @@ impl Config {
                 allow: ip.allow.clone(),
                 deny: ip.deny.clone(),
                 trusted_proxies: ip.trusted_proxies.clone(),
+                proxy_protocol: ip.proxy_protocol,
             }),
             rate_limit_backend: match &gw.rate_limits {
                 RateLimitStore::Memory => RateLimitBackend::Memory,

@@ -76,7 +76,7 @@ impl Admission {
                 .current()
                 .ip
                 .as_ref()
-                .is_some_and(|ip| ip.trusted_proxies.iter().any(|n| n.contains(&peer.ip())));
+                .is_some_and(|ip| ip::is_trusted(peer.ip(), &ip.trusted_proxies));
         self.limits.admit(peer.ip(), trusted).inspect_err(|why| {
             // Closed before a byte is read: no handshake, no buffers.
             tracing::debug!(target: "flotilla::gateway", %peer, reason = why.reason(), "connection refused");

@@ -31,6 +31,9 @@ pub struct IpConfig {
     /// Proxies (load balancers, CDNs) whose `X-Forwarded-For`/`Forwarded`
     /// are believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// Every client connection starts with a PROXY protocol header
+    /// (`proxy_protocol`), believed from `trusted_proxies` only.
+    pub proxy_protocol: bool,
 }
 
 /// A route's own allow/deny lists, applied after the system's.

@@ -62,6 +62,7 @@ mod jwt;
 mod mirror;
 mod outbound;
 mod proxy;
+mod proxy_protocol;
 mod ratelimit;
 mod redirect;
 mod rejection;

@@ -42,6 +42,7 @@ pub(crate) fn spawn(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192));
     let builder = Arc::new(builder);
+    let header_timeout = limits.header_read_timeout;
     let task = tokio::spawn(async move {
         let mut connections = JoinSet::new();
         loop {
@@ -60,7 +61,20 @@ pub(crate) fn spawn(
                         continue;
                     };
                     let builder = Arc::clone(&builder);
+                    let routing = Arc::clone(&admission.routing);
                     connections.spawn(async move {
+                        let mut stream = stream;
+                        // A balancer in front sends its PROXY header here
+                        // too; the redirect needs no client address.
+                        let current = routing.current();
+                        if let Some(ip) = current.ip.as_ref().filter(|ip| ip.proxy_protocol)
+                            && crate::proxy_protocol::take(&mut stream, peer, ip, header_timeout)
+                                .await
+                                .is_none()
+                        {
+                            return;
+                        }
+                        drop(current);
                         let service = hyper::service::service_fn(move |req| async move {
                             Ok::<_, Infallible>(answer(&req, https_port))
                         });

@@ -54,6 +54,7 @@ use crate::h1;
 use crate::health;
 use crate::outbound::Outbound;
 use crate::proxy::Proxy;
+use crate::proxy_protocol;
 use crate::rejection::Rejection;
 use crate::relayed::Reply;
 use crate::request_id::{RequestId, X_REQUEST_ID};
@@ -402,7 +403,19 @@ const FIRST_READ: usize = 8 * 1024;
 /// The one place the HTTP/1 driver is started from: with two, its future's
 /// poll would no longer be inlined into this one's, which costs every
 /// request on a plain connection ~45 instructions (`instructions.sh`).
-async fn serve_connection(with: Connections, stream: TcpStream, peer: SocketAddr) {
+async fn serve_connection(with: Connections, mut stream: TcpStream, mut peer: SocketAddr) {
+    // Behind a balancer that speaks the PROXY protocol, the client is the
+    // one its header names. Boxed: off by default, and a connection's
+    // task does not grow by the read's future.
+    let routing = with.stack.0.routing.current();
+    if let Some(ip) = routing.ip.as_ref().filter(|ip| ip.proxy_protocol) {
+        let timeout = with.settings.header_timeout;
+        match Box::pin(proxy_protocol::take(&mut stream, peer, ip, timeout)).await {
+            Some(client) => peer = client,
+            None => return,
+        }
+    }
+    drop(routing);
     let started = match &with.tls {
         None => start_plain(&with, stream, peer).await,
         // Boxed: a plain connection's task does not grow by the

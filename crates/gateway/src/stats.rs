@@ -194,7 +194,7 @@ pub(crate) fn describe() {
     );
     metrics::describe_counter!(
         CONNECTIONS_REFUSED,
-        "Client connections closed as soon as accepted, over max_connections or max_connections_per_ip (reason)."
+        "Client connections closed as soon as accepted, over max_connections or max_connections_per_ip, or without a valid PROXY protocol header (reason)."
     );
     metrics::describe_counter!(
         TLS_CERT_RELOADS,

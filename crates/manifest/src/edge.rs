@@ -253,6 +253,10 @@ pub struct IpList {
     pub deny: Vec<IpNet>,
     /// Proxies whose `X-Forwarded-For`/`Forwarded` headers are believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// Every client connection starts with a PROXY protocol header (v1 or
+    /// v2), whose source address is the client when a trusted proxy sent
+    /// it (`[gateway.ip]` only).
+    pub proxy_protocol: bool,
 }
 
 /// Where rate-limit counters live (`[gateway.rate_limits]`).

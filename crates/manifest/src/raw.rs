@@ -167,6 +167,7 @@ pub(crate) struct RawIp {
     pub allow: Option<Vec<Spanned<String>>>,
     pub deny: Option<Vec<Spanned<String>>>,
     pub trusted_proxies: Option<Vec<Spanned<String>>>,
+    pub proxy_protocol: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

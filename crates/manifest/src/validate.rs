@@ -431,7 +431,7 @@ fn gateway(
         gw.cors = Some(edge::cors(ctx, c)?);
     }
     if let Some(i) = &raw.ip {
-        gw.ip = Some(edge::ip(ctx, i)?);
+        gw.ip = Some(edge::ip(ctx, i, false)?);
     }
     if let Some(r) = &raw.rate_limits {
         gw.rate_limits = edge::rate_limit_store(ctx, r)?;
@@ -1022,7 +1022,7 @@ fn route(
         None => HeaderChanges::default(),
     };
     let ip = match &raw.ip {
-        Some(i) => Some(edge::ip(ctx, i)?),
+        Some(i) => Some(edge::ip(ctx, i, true)?),
         None => None,
     };
     let max_body_bytes = match &raw.max_body_bytes {

@@ -347,9 +347,8 @@ async fn one_address_is_limited_but_others_and_trusted_proxies_are_not() {
     let mut cfg = config(vec![route("perip", "/**", &[], T)]);
     cfg.limits.max_connections_per_ip = 2;
     cfg.ip = Some(flotilla_gateway::IpConfig {
-        allow: Vec::new(),
-        deny: Vec::new(),
         trusted_proxies: ok(flotilla_gateway::parse_nets(&["127.0.0.3"]), "nets"),
+        ..flotilla_gateway::IpConfig::default()
     });
     let gateway = start(cfg, &registry).await;
 

@@ -223,6 +223,149 @@ async fn a_trusted_proxy_s_scheme_and_host_reach_the_service() {
     gateway.shutdown(T).await;
 }
 
+/// Sends `head` then `request` on one fresh connection and returns the
+/// whole answer ("" when the gateway closed it unanswered).
+async fn proxied(gateway: &Gateway, head: &[u8], request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = ok(
+        tokio::net::TcpStream::connect(gateway.local_addr()).await,
+        "connect",
+    );
+    let mut sent = head.to_vec();
+    sent.extend_from_slice(request.as_bytes());
+    ok(stream.write_all(&sent).await, "write");
+    let mut out = Vec::new();
+    // A reset after the gateway closed on unread bytes is an answer too.
+    let _ = ok(
+        tokio::time::timeout(PATIENCE, stream.read_to_end(&mut out)).await,
+        "read timed out",
+    );
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The JSON body of a whole HTTP/1.1 answer.
+fn answer_json(answer: &str) -> serde_json::Value {
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+const GET: &str = "GET /x HTTP/1.1\r\nhost: shop.example\r\nconnection: close\r\n\r\n";
+
+#[tokio::test]
+async fn a_trusted_balancer_s_proxy_protocol_header_names_the_client() {
+    let ip = IpConfig {
+        deny: nets(&["198.51.100.0/24"]),
+        trusted_proxies: nets(&["127.0.0.0/8"]),
+        proxy_protocol: true,
+        ..IpConfig::default()
+    };
+    let (up, gateway, _) =
+        ip_gateway("pp-trusted", ip, vec![route("pp-trusted", "/**", &[], T)]).await;
+
+    // v1: the client it names is the one the service is told of, and the
+    // one a client's own `X-Forwarded-For` cannot replace.
+    let answer = proxied(
+        &gateway,
+        b"PROXY TCP4 203.0.113.9 127.0.0.1 55555 8080\r\n",
+        "GET /x HTTP/1.1\r\nhost: shop.example\r\nx-forwarded-for: 10.9.9.9\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        answer_json(&answer)["headers"]["x-forwarded-for"],
+        "203.0.113.9"
+    );
+
+    // v2, IPv6, and the IP lists judge the named client.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x24".to_vec();
+    v2.extend_from_slice(
+        &"2001:db8::5"
+            .parse::<std::net::Ipv6Addr>()
+            .map(|a| a.octets())
+            .unwrap_or_default(),
+    );
+    v2.extend_from_slice(&[0; 15]);
+    v2.push(1);
+    v2.extend_from_slice(&[0x12, 0x67, 0x1f, 0x90]);
+    let answer = proxied(&gateway, &v2, GET).await;
+    assert_eq!(
+        answer_json(&answer)["headers"]["x-forwarded-for"],
+        "2001:db8::5",
+        "{answer}"
+    );
+    let answer = proxied(&gateway, b"PROXY TCP4 198.51.100.7 127.0.0.1 1 2\r\n", GET).await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("ip_denied"), "{answer}");
+
+    // The balancer's health check (`LOCAL`) is the balancer itself.
+    let answer = proxied(&gateway, b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00", GET).await;
+    assert_eq!(
+        answer_json(&answer)["headers"]["x-forwarded-for"],
+        "127.0.0.1",
+        "{answer}"
+    );
+
+    // Without a header, or with a broken one, the connection is closed
+    // unanswered and counted.
+    let before = metric_sum(&[
+        "flotilla_gateway_connections_refused_total",
+        "reason=\"proxy_protocol\"",
+    ]);
+    assert_eq!(proxied(&gateway, b"", GET).await, "");
+    assert_eq!(
+        proxied(&gateway, b"PROXY TCP4 nowhere 127.0.0.1 1 2\r\n", GET).await,
+        ""
+    );
+    let after = metric_sum(&[
+        "flotilla_gateway_connections_refused_total",
+        "reason=\"proxy_protocol\"",
+    ]);
+    assert!(after >= before + 2, "{before} -> {after}");
+    assert_eq!(up.hits(), 3);
+    gateway.shutdown(T).await;
+
+    // From a peer that is no trusted proxy, the header is read and not
+    // believed: the peer stays the client.
+    let ip = IpConfig {
+        trusted_proxies: nets(&["10.0.0.0/8"]),
+        proxy_protocol: true,
+        ..IpConfig::default()
+    };
+    let (_up, gateway, _) = ip_gateway(
+        "pp-untrusted",
+        ip,
+        vec![route("pp-untrusted", "/**", &[], T)],
+    )
+    .await;
+    let answer = proxied(
+        &gateway,
+        b"PROXY TCP4 203.0.113.9 127.0.0.1 55555 8080\r\n",
+        GET,
+    )
+    .await;
+    assert_eq!(
+        answer_json(&answer)["headers"]["x-forwarded-for"],
+        "127.0.0.1",
+        "{answer}"
+    );
+    gateway.shutdown(T).await;
+}
+
+#[tokio::test]
+async fn the_proxy_protocol_needs_trusted_proxies() {
+    let mut cfg = config(vec![route("pp-none", "/**", &[], T)]);
+    cfg.ip = Some(IpConfig {
+        proxy_protocol: true,
+        ..IpConfig::default()
+    });
+    let e = cfg
+        .validate()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("proxy_protocol needs trusted_proxies"), "{e}");
+}
+
 #[tokio::test]
 async fn route_ip_lists_narrow_the_systems() {
     let mut internal = route("ip-route", "/internal/**", &[], T);

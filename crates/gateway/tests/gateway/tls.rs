@@ -233,6 +233,48 @@ async fn https_with_http1_keeps_the_connection_and_tells_instances_the_scheme() 
 }
 
 #[tokio::test]
+async fn a_proxy_protocol_header_comes_before_the_tls_handshake() {
+    let dir = TestDir::new();
+    let pair = pair();
+    write(&dir, &pair);
+    let (gw, upstream) = https_gateway(&dir, |cfg| {
+        cfg.ip = Some(flotilla_gateway::IpConfig {
+            trusted_proxies: ok(flotilla_gateway::parse_nets(&["127.0.0.1"]), "nets"),
+            proxy_protocol: true,
+            ..flotilla_gateway::IpConfig::default()
+        });
+    })
+    .await;
+    // A balancer passing TCP through: its header, then the client's bytes.
+    let mut tcp = ok(TcpStream::connect(gw.local_addr()).await, "connect");
+    ok(
+        tcp.write_all(b"PROXY TCP4 203.0.113.9 127.0.0.1 55555 443\r\n")
+            .await,
+        "write the PROXY header",
+    );
+    let name = ok(ServerName::try_from("localhost"), "server name");
+    let config = client_config(&pair.der, rustls::DEFAULT_VERSIONS, &[b"http/1.1"]);
+    let mut tls = ok(
+        ok(
+            tokio::time::timeout(PATIENCE, TlsConnector::from(config).connect(name, tcp)).await,
+            "handshake timed out",
+        ),
+        "TLS handshake after the PROXY header",
+    );
+    let answer = exchange(&mut tls, "GET /api/x HTTP/1.1\r\nhost: localhost\r\n\r\n").await;
+    let echo = body_json(&answer);
+    assert_eq!(echo["headers"]["x-forwarded-for"], "203.0.113.9", "{echo}");
+    assert_eq!(echo["headers"]["x-forwarded-proto"], "https", "{echo}");
+    assert_eq!(upstream.hits(), 1);
+
+    // A client that reached the gateway around the balancer, handshake
+    // first: closed.
+    let config = client_config(&pair.der, rustls::DEFAULT_VERSIONS, &[b"http/1.1"]);
+    assert!(handshake(gw.local_addr(), config).await.is_err());
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
 async fn https_with_h2_by_alpn() {
     let dir = TestDir::new();
     let pair = pair();

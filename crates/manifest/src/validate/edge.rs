@@ -165,9 +165,35 @@ pub(super) fn cors(ctx: &mut Ctx<'_>, raw: &Spanned<RawCors>) -> Option<Cors> {
     })
 }
 
-pub(super) fn ip(ctx: &mut Ctx<'_>, raw: &Spanned<RawIp>) -> Option<IpList> {
+/// `[gateway.ip]`, or a route's `ip` (`route`: only the lists, since who
+/// the client is is decided for the whole gateway before any route).
+pub(super) fn ip(ctx: &mut Ctx<'_>, raw: &Spanned<RawIp>, route: bool) -> Option<IpList> {
+    let table = raw.span();
     let raw = raw.get_ref();
     let before = ctx.errors.len();
+    if route {
+        let spans = [
+            raw.trusted_proxies.as_ref().map(|l| {
+                (
+                    "trusted_proxies",
+                    l.first().map_or(table.clone(), |e| e.span()),
+                )
+            }),
+            raw.proxy_protocol
+                .as_ref()
+                .map(|p| ("proxy_protocol", p.span())),
+        ];
+        for (key, span) in spans.into_iter().flatten() {
+            ctx.error(
+                span,
+                format!("a route's `ip` takes `allow` and `deny` only, not `{key}`"),
+                Some(
+                    "set it in `[gateway.ip]`: who the client is is decided for the whole gateway"
+                        .into(),
+                ),
+            );
+        }
+    }
     let mut nets = |list: &Option<Vec<Spanned<String>>>| {
         let mut out = Vec::new();
         for entry in list.iter().flatten() {
@@ -182,7 +208,19 @@ pub(super) fn ip(ctx: &mut Ctx<'_>, raw: &Spanned<RawIp>) -> Option<IpList> {
         allow: nets(&raw.allow),
         deny: nets(&raw.deny),
         trusted_proxies: nets(&raw.trusted_proxies),
+        proxy_protocol: raw.proxy_protocol.as_ref().is_some_and(|p| *p.get_ref()),
     };
+    if list.proxy_protocol
+        && list.trusted_proxies.is_empty()
+        && ctx.errors.len() == before
+        && let Some(p) = &raw.proxy_protocol
+    {
+        ctx.error(
+            p.span(),
+            "`proxy_protocol = true` needs `trusted_proxies`: a PROXY header is believed only from them",
+            Some("list the load balancers that send it, e.g. `trusted_proxies = [\"10.0.0.0/24\"]`".into()),
+        );
+    }
     (ctx.errors.len() == before).then_some(list)
 }
 

@@ -710,7 +710,7 @@ name = "shop"
 [gateway]
 jwt = { issuer = "shop-accounts", audiences = ["shop"], jwks = "accounts:/.well-known/jwks.json", forward_claims = ["email"] }
 cors = { origins = ["http://localhost:8080"], credentials = true, max_age = "5m" }
-ip = { allow = ["127.0.0.0/8", "::1"], trusted_proxies = ["10.0.0.1"] }
+ip = { allow = ["127.0.0.0/8", "::1"], trusted_proxies = ["10.0.0.1"], proxy_protocol = true }
 rate_limits = { store = "redis", url = "redis://127.0.0.1:6379" }
 response_headers = { set = { "X-Frame-Options" = "DENY", "x-content-type-options" = "nosniff" }, remove = ["X-Powered-By"] }
 [services.accounts]
@@ -741,6 +741,7 @@ fn edge_policies_parse() {
         m.gateway.ip.as_ref().unwrap().allow[1].to_string(),
         "::1/128"
     );
+    assert!(m.gateway.ip.as_ref().unwrap().proxy_protocol);
     assert_eq!(
         m.gateway.rate_limits,
         crate::RateLimitStore::Redis {
@@ -1489,6 +1490,12 @@ fn the_documented_gateway_examples_parse() {
     };
     assert_eq!(claims["realm_access.roles"], ["shop-admin", "ops"]);
 
+    let ip = documented_examples("### `[gateway] ip` (and a route's `ip`)");
+    let m = parses(&format!("name = \"x\"\n{}\n{service}", ip[1]));
+    let ip = m.gateway.ip.as_ref().unwrap();
+    assert!(ip.proxy_protocol);
+    assert_eq!(ip.trusted_proxies[0].to_string(), "10.0.0.0/24");
+
     let hosts = documented_examples("#### Hosts");
     let m = parses(&format!("name = \"x\"\n{}", hosts[0]));
     let api: Vec<String> = m.services["api"].routes[0]
@@ -1828,4 +1835,34 @@ fn api_keys_are_digests_of_named_consumers_and_key_routes_need_them() {
         e.contains("`auth = \"key\"` needs `[gateway.api_keys]`"),
         "{e}"
     );
+}
+
+#[test]
+fn the_proxy_protocol_needs_trusted_proxies_and_is_the_gateway_s_alone() {
+    let e = errors(&with_service("[gateway]\nip = { proxy_protocol = true }"));
+    assert!(
+        e.contains("`proxy_protocol = true` needs `trusted_proxies`"),
+        "{e}"
+    );
+    assert!(e.contains("trusted_proxies = [\"10.0.0.0/24\"]"), "{e}");
+    let ok = Manifest::parse(
+        &with_service(
+            "[gateway]\nip = { trusted_proxies = [\"10.0.0.2\"], proxy_protocol = false }",
+        ),
+        Path::new("flotilla.toml"),
+    );
+    assert!(ok.is_ok_and(|m| m.gateway.ip.is_some_and(|ip| !ip.proxy_protocol)));
+    for key in ["proxy_protocol = true", "trusted_proxies = [\"10.0.0.2\"]"] {
+        let e = errors(&with_service(&format!(
+            "routes = [{{ path = \"/a\", ip = {{ allow = [\"10.0.0.0/8\"], {key} }} }}]"
+        )));
+        let name = key.split(' ').next().unwrap_or_default();
+        assert!(
+            e.contains(&format!(
+                "a route's `ip` takes `allow` and `deny` only, not `{name}`"
+            )),
+            "{e}"
+        );
+        assert!(e.contains("set it in `[gateway.ip]`"), "{e}");
+    }
 }
