@@ -7,12 +7,17 @@ use std::io::Write;
 /// Prints to stdout when enabled; always cheap to call.
 #[derive(Debug)]
 pub(crate) struct Console {
+    /// Instances' output (`flotilla up --quiet` turns it off).
     echo: bool,
+    /// The runtime's own events and warnings: on for `flotilla up`, quiet
+    /// or not (a refused reload or a crash loop must not go unseen because
+    /// the services' output is), off for a system a test runs.
+    events: bool,
 }
 
 impl Console {
-    pub(crate) fn new(echo: bool) -> Self {
-        Console { echo }
+    pub(crate) fn new(echo: bool, events: bool) -> Self {
+        Console { echo, events }
     }
 
     /// One line of an instance's output.
@@ -28,7 +33,7 @@ impl Console {
     /// An event of the runtime itself (start, crash, restart, scale).
     pub(crate) fn event(&self, message: &str) {
         tracing::info!(target: "flotilla::runtime", "{message}");
-        if self.echo {
+        if self.events {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{:>12} | {message}", "flotilla");
         }
@@ -37,7 +42,7 @@ impl Console {
     /// A problem the operator should see even when output is quiet.
     pub(crate) fn warn(&self, message: &str) {
         tracing::warn!(target: "flotilla::runtime", "{message}");
-        if self.echo {
+        if self.events {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{:>12} | warning: {message}", "flotilla");
         }

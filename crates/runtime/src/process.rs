@@ -265,7 +265,7 @@ mod tests {
             Ok(d) => d,
             Err(e) => panic!("{e}"),
         };
-        let console = Arc::new(Console::new(false));
+        let console = Arc::new(Console::new(false, false));
         for i in 0..100 {
             let path = dir.path().join(format!("{i}.log"));
             let file = match OpenOptions::new()
@@ -321,7 +321,7 @@ mod tests {
             dir: dir.path().to_path_buf(),
         };
         let log = dir.path().join("out.log");
-        let console = Arc::new(Console::new(false));
+        let console = Arc::new(Console::new(false, false));
         let mut proc = match Proc::spawn(&launch, &[], "limit-0", &log, console).await {
             Ok(p) => p,
             Err(e) => panic!("{e}"),

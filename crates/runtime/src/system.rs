@@ -89,7 +89,10 @@ impl System {
         if let Some(url) = control::is_live(&data_dir).await {
             return Err(Error::AlreadyRunning { data_dir, url });
         }
-        let console = Arc::new(Console::new(options.echo_logs));
+        let console = Arc::new(Console::new(
+            options.echo_logs,
+            options.echo_logs || options.interactive,
+        ));
         // Before anything records a metric.
         flotilla_gateway::prometheus_recorder();
         match crate::process::raise_open_files_limit() {

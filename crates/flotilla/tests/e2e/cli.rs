@@ -543,3 +543,59 @@ async fn up_serves_https_with_the_manifests_certificate() {
     let body = plain.text().await.unwrap();
     assert!(body.contains("https_required"), "{body}");
 }
+
+#[test]
+fn a_quiet_up_still_says_what_an_edit_of_the_manifest_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = hello_manifest(dir.path(), "127.0.0.1:0");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let mut up = up_with(dir, manifest.clone());
+    wait_for_endpoints(&mut up);
+    // What `up --quiet` prints, as it prints it.
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stdout = up.child.stdout.take().unwrap();
+    let sink = std::sync::Arc::clone(&printed);
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let mut all = sink.lock().unwrap_or_else(|e| e.into_inner());
+            all.push_str(&line);
+            all.push('\n');
+        }
+    });
+    let seen = |what: &str| {
+        printed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(what)
+    };
+    let route = "routes = [{ path = \"/**\" }";
+
+    // An edit that cannot be applied: said, though the instances' output
+    // is not shown.
+    std::fs::write(
+        &manifest,
+        text.replace(route, "routes = [{ path = \"/**\", rate_limit = \"lots\" }"),
+    )
+    .unwrap();
+    wait_until(
+        "the refused reload to be printed",
+        Duration::from_secs(20),
+        || seen("was not applied; the running configuration stays") && seen("lots"),
+    );
+    // And one that is.
+    std::fs::write(
+        &manifest,
+        text.replace(
+            route,
+            "routes = [{ path = \"/**\", rate_limit = \"100/s\" }",
+        ),
+    )
+    .unwrap();
+    wait_until("the reload to be printed", Duration::from_secs(20), || {
+        seen("changed: gateway reloaded (2 routes)")
+    });
+}
