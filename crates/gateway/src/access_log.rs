@@ -11,6 +11,7 @@
 //! dropped and counted (`flotilla_gateway_access_log_dropped_total`) rather
 //! than slowing traffic or growing memory without bound.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -156,7 +157,7 @@ impl AccessLog {
     /// Starts the record of `req`, counted in flight until it is dropped.
     /// Until [`Entry::responded`] it stands for a client that left: dropped
     /// with the request's future, it logs a 499.
-    pub(crate) fn begin(&self, req: &Request<Body>, request_id: RequestId) -> Entry {
+    pub(crate) fn begin(&self, req: &Request<Body>, request_id: RequestId, peer: IpAddr) -> Entry {
         // What only a line needs is kept only when a line will be written
         // (a file, or the console's filter letting access lines through):
         // the URI's clone and drop were ~1 % of a request's instructions
@@ -175,6 +176,7 @@ impl AccessLog {
             // tokens. Cloning the URI shares its bytes: no copy unless a
             // line is written.
             request: logged.then(|| (req.method().clone(), req.uri().clone())),
+            client: peer,
             route: None,
             upstream: None,
             cache: None,
@@ -194,6 +196,9 @@ pub(crate) struct Entry {
     request_id: RequestId,
     /// The request's method and URI, when a line is to be written.
     request: Option<(Method, Uri)>,
+    /// Who sent it: the connection's peer (the client a PROXY header
+    /// named), or the client the edge found behind trusted proxies.
+    client: IpAddr,
     route: Option<Arc<Route>>,
     /// Kept until the response body is done: it also counts the request
     /// on its instance.
@@ -208,6 +213,7 @@ pub(crate) struct Entry {
 struct Line<'a> {
     ts: String,
     request_id: &'a str,
+    client: IpAddr,
     method: &'a str,
     path: &'a str,
     route: Option<&'a str>,
@@ -233,6 +239,9 @@ impl Entry {
         self.route = served.split.or(served.route);
         self.upstream = served.upstream;
         self.cache = served.cache;
+        if let Some(client) = served.client {
+            self.client = client;
+        }
     }
 }
 
@@ -263,6 +272,7 @@ impl Drop for Entry {
         tracing::info!(
             target: "flotilla::access",
             request_id,
+            client = %self.client,
             method = %method,
             path,
             route,
@@ -280,6 +290,7 @@ impl Drop for Entry {
         let line = Line {
             ts: humantime::format_rfc3339_millis(ts).to_string(),
             request_id,
+            client: self.client,
             method: method.as_str(),
             path,
             route,
@@ -391,8 +402,14 @@ mod tests {
         };
         let (path, log, writer) = open_log(&dir).await;
         let req = request("/a/b?token=secret");
-        let mut entry = log.begin(&req, RequestId::keep_or_generate(None));
-        entry.responded(StatusCode::OK, Served::default());
+        let peer = IpAddr::from([10, 0, 0, 2]);
+        let mut entry = log.begin(&req, RequestId::keep_or_generate(None), peer);
+        // The client the edge found behind the proxy at `peer`.
+        let served = Served {
+            client: Some(IpAddr::from([203, 0, 113, 9])),
+            ..Served::default()
+        };
+        entry.responded(StatusCode::OK, served);
         let held = Arc::new(());
         let body = logged(body::full("hello"), Arc::clone(&held), entry);
         assert_eq!(Arc::strong_count(&held), 2);
@@ -406,6 +423,7 @@ mod tests {
         assert_eq!(lines.len(), 1, "{lines:?}");
         let line = &lines[0];
         assert_eq!(line["method"], "GET");
+        assert_eq!(line["client"], "203.0.113.9");
         assert_eq!(line["path"], "/a/b");
         assert_eq!(line["status"], 200);
         assert_eq!(line["bytes"], 5);
@@ -422,7 +440,8 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         let (path, log, writer) = open_log(&dir).await;
-        let entry = log.begin(&request("/slow"), RequestId::keep_or_generate(None));
+        let peer = IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 7]);
+        let entry = log.begin(&request("/slow"), RequestId::keep_or_generate(None), peer);
         // The request's future, holding the entry, is dropped before any
         // response.
         drop(entry);
@@ -432,5 +451,7 @@ mod tests {
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0]["status"], 499);
         assert_eq!(lines[0]["path"], "/slow");
+        // Before the edge found anyone else: the connection's peer.
+        assert_eq!(lines[0]["client"], "2001:db8::7");
     }
 }

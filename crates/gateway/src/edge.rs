@@ -92,6 +92,9 @@ pub(crate) struct Served {
     pub upstream: Option<Upstream>,
     /// What the route's cache made of it, as its metric counts it.
     pub cache: Option<&'static str>,
+    /// The client address, once the edge has found it through trusted
+    /// proxies (else the log keeps the connection's peer).
+    pub client: Option<IpAddr>,
 }
 
 /// The name a request asked for, without the port: the URI's authority
@@ -210,6 +213,7 @@ pub(crate) fn handle<'a>(
             split: chosen,
             upstream,
             cache: cache_result,
+            client: client_seen,
         } = served;
         let mut finish = Finish {
             request_id,
@@ -247,6 +251,7 @@ pub(crate) fn handle<'a>(
                 affinity: None,
             }
         };
+        *client_seen = Some(client.ip);
         if let Some(rules) = &routing.ip_rules
             && !rules.admits(client.ip)
         {

@@ -238,7 +238,7 @@ impl Front {
             };
             // Dropped with this future if the client leaves before the
             // response: then it logs a 499.
-            let mut entry = self.log.begin(&req, request_id);
+            let mut entry = self.log.begin(&req, request_id, conn.peer.ip());
             let admitted = self.admit();
             let mut served = Served::default();
             let mut reply = if admitted.is_none() {

@@ -235,6 +235,7 @@ async fn access_log_has_one_line_per_request() {
     };
     let first = &by_id("log-1");
     assert_eq!(first["method"], "GET");
+    assert_eq!(first["client"], "127.0.0.1");
     assert_eq!(first["path"], "/svc/1");
     assert_eq!(first["route"], "/svc/*");
     assert_eq!(first["service"], "svc");
