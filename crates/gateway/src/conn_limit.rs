@@ -87,8 +87,14 @@ impl Admission {
 /// One open connection, counted until dropped (when it closes).
 pub(crate) struct ConnSlot {
     limits: Arc<ConnLimits>,
-    /// The address it is counted under, if it is counted per address.
-    ip: Option<IpAddr>,
+    /// Its place under its address, if it is counted per address.
+    _ip: Option<IpCount>,
+}
+
+/// A connection counted under a client's address block until dropped.
+pub(crate) struct IpCount {
+    limits: Arc<ConnLimits>,
+    key: IpAddr,
 }
 
 impl ConnLimits {
@@ -125,14 +131,10 @@ impl ConnLimits {
             return refused(Refused::MaxConnections);
         }
         let ip = if self.per_ip() && !trusted {
-            let key = ip::host_block(peer);
-            let mut by_ip = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
-            let count = by_ip.entry(key).or_insert(0);
-            if *count >= self.per_ip {
-                return refused(Refused::MaxConnectionsPerIp);
+            match self.count_ip(peer) {
+                Some(count) => Some(count),
+                None => return refused(Refused::MaxConnectionsPerIp),
             }
-            *count += 1;
-            Some(key)
         } else {
             None
         };
@@ -140,7 +142,44 @@ impl ConnLimits {
         self.gauge().increment(1.0);
         Ok(ConnSlot {
             limits: Arc::clone(self),
-            ip,
+            _ip: ip,
+        })
+    }
+
+    /// A place under `client`'s address for a connection already admitted
+    /// from a trusted proxy, once its PROXY header named the client behind
+    /// it: without one, every client of a balancer that passes TCP through
+    /// would share the balancer's unlimited address. `Ok(None)` when there
+    /// is no limit per address.
+    pub(crate) fn admit_client(
+        self: &Arc<Self>,
+        client: IpAddr,
+    ) -> Result<Option<IpCount>, Refused> {
+        if !self.per_ip() {
+            return Ok(None);
+        }
+        match self.count_ip(client) {
+            Some(count) => Ok(Some(count)),
+            None => {
+                stats::connection_refused(Refused::MaxConnectionsPerIp.reason());
+                Err(Refused::MaxConnectionsPerIp)
+            }
+        }
+    }
+
+    /// One more connection under `ip`'s block, unless it has `per_ip`
+    /// already (the check and the increment under one lock).
+    fn count_ip(self: &Arc<Self>, ip: IpAddr) -> Option<IpCount> {
+        let key = ip::host_block(ip);
+        let mut by_ip = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let count = by_ip.entry(key).or_insert(0);
+        if *count >= self.per_ip {
+            return None;
+        }
+        *count += 1;
+        Some(IpCount {
+            limits: Arc::clone(self),
+            key,
         })
     }
 
@@ -158,13 +197,16 @@ impl Drop for ConnSlot {
     fn drop(&mut self) {
         self.limits.open.fetch_sub(1, Ordering::Relaxed);
         self.limits.gauge().decrement(1.0);
-        if let Some(ip) = self.ip {
-            let mut by_ip = self.limits.by_ip.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(count) = by_ip.get_mut(&ip) {
-                *count -= 1;
-                if *count == 0 {
-                    by_ip.remove(&ip);
-                }
+    }
+}
+
+impl Drop for IpCount {
+    fn drop(&mut self) {
+        let mut by_ip = self.limits.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = by_ip.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                by_ip.remove(&self.key);
             }
         }
     }
@@ -220,6 +262,39 @@ mod tests {
             "closed addresses leave the map"
         );
         assert!(limits.admit(ip("10.0.0.1"), false).is_ok());
+    }
+
+    #[test]
+    fn a_client_named_behind_a_trusted_proxy_is_counted_under_its_own_address() {
+        let limits = ConnLimits::new(100, 2);
+        let direct = limits.admit(ip("203.0.113.9"), false);
+        assert!(direct.is_ok());
+        // Two connections from the balancer, each naming the same client.
+        let via: Vec<(ConnSlot, Option<IpCount>)> = (0..2)
+            .filter_map(|_| {
+                let slot = limits.admit(ip("10.0.0.9"), true).ok()?;
+                Some((slot, limits.admit_client(ip("203.0.113.9")).ok()?))
+            })
+            .collect();
+        assert_eq!(via.len(), 1, "the client's direct connection counts too");
+        assert_eq!(
+            limits.admit_client(ip("203.0.113.9")).err(),
+            Some(Refused::MaxConnectionsPerIp)
+        );
+        assert!(matches!(
+            limits.admit_client(ip("203.0.113.10")),
+            Ok(Some(_))
+        ));
+        drop(via);
+        drop(direct);
+        assert!(
+            limits.by_ip.lock().map(|m| m.is_empty()).unwrap_or(false),
+            "closed clients leave the map"
+        );
+        assert!(matches!(
+            ConnLimits::new(100, 0).admit_client(ip("203.0.113.9")),
+            Ok(None)
+        ));
     }
 
     #[test]

@@ -283,8 +283,9 @@ impl Gateway {
                 redirect::spawn(listener, local_addr.port(), &config.limits, admission()),
             )
         });
-        let workers = server::start_workers(stacks, &config.limits, acceptor, &stopping)
-            .map_err(Error::Workers)?;
+        let workers =
+            server::start_workers(stacks, &config.limits, acceptor, &conn_limits, &stopping)
+                .map_err(Error::Workers)?;
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(server::run(
             listener,

@@ -12,7 +12,9 @@
 //! The address is believed only from `trusted_proxies`, as nginx's
 //! `set_real_ip_from`: from anyone else the header is read and ignored,
 //! and the peer stays the client. A `LOCAL` header (the balancer's own
-//! health check) and `UNKNOWN` leave the peer too.
+//! health check) and `UNKNOWN` leave the peer too. A named client is
+//! counted under its own address against `max_connections_per_ip` (the
+//! balancer, a trusted proxy, is not limited).
 //!
 //! The header is read exactly, never a byte past it: a TLS handshake
 //! follows it on the same connection. The parsing is `ppp`'s.
@@ -23,6 +25,9 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+use std::sync::Arc;
+
+use crate::conn_limit::{ConnLimits, IpCount};
 use crate::ip::{self, IpConfig};
 use crate::stats;
 
@@ -50,30 +55,73 @@ pub(crate) enum HeaderError {
     Io(#[from] std::io::Error),
 }
 
+/// A connection's client, once its PROXY header is taken.
+pub(crate) struct Client {
+    pub addr: SocketAddr,
+    /// Its place under the client's address (`max_connections_per_ip`),
+    /// held as long as the connection, when a trusted proxy named it.
+    pub counted: Option<IpCount>,
+}
+
 /// Takes the PROXY header off a new connection from `peer`, within
-/// `timeout`: the client's address (the peer's own unless a trusted proxy
-/// named another), or `None` when the connection is to be closed (no
-/// valid header in time; logged and counted as refused).
+/// `timeout`: the client (the peer itself unless a trusted proxy named
+/// another, which is then counted under its own address against `limits`),
+/// or `None` when the connection is to be closed (no valid header in time,
+/// or the named client over its connections; logged and counted as
+/// refused).
 pub(crate) async fn take(
     stream: &mut TcpStream,
     peer: SocketAddr,
     ip: &IpConfig,
+    limits: &Arc<ConnLimits>,
     timeout: Duration,
-) -> Option<SocketAddr> {
-    let error = match tokio::time::timeout(timeout, read(stream)).await {
-        Ok(Ok(named)) => {
-            return Some(match named {
-                Some(client) if ip::is_trusted(peer.ip(), &ip.trusted_proxies) => client,
-                Some(client) => {
-                    tracing::debug!(target: "flotilla::gateway", %peer, claimed = %client, "a PROXY header from a peer that is no trusted proxy; ignored");
-                    peer
-                }
-                None => peer,
-            });
+) -> Option<Client> {
+    let named = match tokio::time::timeout(timeout, read(stream)).await {
+        Ok(Ok(named)) => named,
+        Ok(Err(e)) => return refused(peer, &e.to_string()),
+        Err(_) => {
+            return refused(
+                peer,
+                &format!("no PROXY protocol header within {timeout:?}"),
+            );
         }
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("no PROXY protocol header within {timeout:?}"),
     };
+    let trusted = |addr: SocketAddr| ip::is_trusted(addr.ip(), &ip.trusted_proxies);
+    match named {
+        // The peer was admitted as a trusted proxy, not counted under its
+        // address; the client it names is (unless it is a proxy too).
+        Some(client) if trusted(peer) => {
+            let counted = if trusted(client) {
+                None
+            } else {
+                match limits.admit_client(client.ip()) {
+                    Ok(counted) => counted,
+                    Err(why) => {
+                        tracing::debug!(target: "flotilla::gateway", %peer, %client, reason = why.reason(), "connection closed");
+                        return None;
+                    }
+                }
+            };
+            Some(Client {
+                addr: client,
+                counted,
+            })
+        }
+        Some(client) => {
+            tracing::debug!(target: "flotilla::gateway", %peer, claimed = %client, "a PROXY header from a peer that is no trusted proxy; ignored");
+            Some(Client {
+                addr: peer,
+                counted: None,
+            })
+        }
+        None => Some(Client {
+            addr: peer,
+            counted: None,
+        }),
+    }
+}
+
+fn refused(peer: SocketAddr, error: &str) -> Option<Client> {
     tracing::debug!(target: "flotilla::gateway", %peer, %error, "connection closed");
     stats::connection_refused("proxy_protocol");
     None

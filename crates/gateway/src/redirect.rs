@@ -62,17 +62,19 @@ pub(crate) fn spawn(
                     };
                     let builder = Arc::clone(&builder);
                     let routing = Arc::clone(&admission.routing);
+                    let limits = Arc::clone(&admission.limits);
                     connections.spawn(async move {
                         let mut stream = stream;
                         // A balancer in front sends its PROXY header here
                         // too; the redirect needs no client address.
                         let current = routing.current();
-                        if let Some(ip) = current.ip.as_ref().filter(|ip| ip.proxy_protocol)
-                            && crate::proxy_protocol::take(&mut stream, peer, ip, header_timeout)
-                                .await
-                                .is_none()
-                        {
-                            return;
+                        let mut _counted = None;
+                        if let Some(ip) = current.ip.as_ref().filter(|ip| ip.proxy_protocol) {
+                            let taken = crate::proxy_protocol::take(&mut stream, peer, ip, &limits, header_timeout);
+                            match taken.await {
+                                Some(client) => _counted = client.counted,
+                                None => return,
+                            }
                         }
                         drop(current);
                         let service = hyper::service::service_fn(move |req| async move {

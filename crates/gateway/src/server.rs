@@ -49,6 +49,7 @@ use crate::client_cert::ClientCert;
 use crate::config::Limits;
 use crate::conn::{self, H2_PREFACE, Watch};
 use crate::conn_limit::Admission;
+use crate::conn_limit::ConnLimits;
 use crate::edge::{self, Served};
 use crate::h1;
 use crate::health;
@@ -342,6 +343,7 @@ pub(crate) fn start_workers(
     stacks: Vec<Stack>,
     limits: &Limits,
     tls: Option<Acceptor>,
+    conn_limits: &Arc<ConnLimits>,
     stopping: &watch::Sender<()>,
 ) -> std::io::Result<Workers> {
     let builder = Arc::new(h2_builder(limits));
@@ -354,6 +356,7 @@ pub(crate) fn start_workers(
             stopping: stopping.subscribe(),
             settings,
             tls: tls.clone(),
+            conn_limits: Arc::clone(conn_limits),
         })
         .collect();
     Workers::start("flotilla-gateway", serves)
@@ -369,6 +372,8 @@ struct Connections {
     settings: h1::Settings,
     /// With TLS terminated here: the handshake, with the current certificate.
     tls: Option<Acceptor>,
+    /// For the client a PROXY protocol header names.
+    conn_limits: Arc<ConnLimits>,
 }
 
 impl workers::Serve for Connections {
@@ -408,10 +413,16 @@ async fn serve_connection(with: Connections, mut stream: TcpStream, mut peer: So
     // one its header names. Boxed: off by default, and a connection's
     // task does not grow by the read's future.
     let routing = with.stack.0.routing.current();
+    let mut _counted = None;
     if let Some(ip) = routing.ip.as_ref().filter(|ip| ip.proxy_protocol) {
         let timeout = with.settings.header_timeout;
-        match Box::pin(proxy_protocol::take(&mut stream, peer, ip, timeout)).await {
-            Some(client) => peer = client,
+        let limits = &with.conn_limits;
+        match Box::pin(proxy_protocol::take(&mut stream, peer, ip, limits, timeout)).await {
+            Some(client) => {
+                peer = client.addr;
+                // Counted under the client's address while it is open.
+                _counted = client.counted;
+            }
             None => return,
         }
     }

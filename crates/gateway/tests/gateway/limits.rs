@@ -341,41 +341,89 @@ async fn connections_past_max_connections_are_closed_at_once() {
 
 #[tokio::test]
 async fn one_address_is_limited_but_others_and_trusted_proxies_are_not() {
+    limited_by_address(false).await;
+}
+
+#[tokio::test]
+async fn clients_a_proxy_protocol_header_names_are_limited_by_their_own_address() {
+    limited_by_address(true).await;
+}
+
+/// Two connections per client address, from 127.0.0.2 and 127.0.0.4, and
+/// none for the trusted proxy at 127.0.0.3. With `proxy_protocol`, all of
+/// them come through one balancer (127.0.0.5, trusted), whose headers name
+/// them.
+async fn limited_by_address(proxy_protocol: bool) {
     let registry = Registry::new();
-    let up = Upstream::start("perip-0").await;
-    registry.set("perip", vec![up.endpoint()]);
-    let mut cfg = config(vec![route("perip", "/**", &[], T)]);
+    let service = if proxy_protocol { "ppip" } else { "perip" };
+    let up = Upstream::start(&format!("{service}-0")).await;
+    registry.set(service, vec![up.endpoint()]);
+    let mut cfg = config(vec![route(service, "/**", &[], T)]);
     cfg.limits.max_connections_per_ip = 2;
     cfg.ip = Some(flotilla_gateway::IpConfig {
-        trusted_proxies: ok(flotilla_gateway::parse_nets(&["127.0.0.3"]), "nets"),
+        trusted_proxies: ok(
+            flotilla_gateway::parse_nets(&["127.0.0.3", "127.0.0.5"]),
+            "nets",
+        ),
+        proxy_protocol,
         ..flotilla_gateway::IpConfig::default()
     });
     let gateway = start(cfg, &registry).await;
+    let connect = |client: &'static str| {
+        let gateway = &gateway;
+        async move {
+            if !proxy_protocol {
+                return connect_from(client, gateway).await;
+            }
+            let mut stream = connect_from("127.0.0.5", gateway).await;
+            let head = format!("PROXY TCP4 {client} 127.0.0.1 40000 8080\r\n");
+            ok(
+                stream.write_all(head.as_bytes()).await,
+                "write the PROXY header",
+            );
+            stream
+        }
+    };
 
     let mut held = Vec::new();
     for _ in 0..2 {
-        let mut c = connect_from("127.0.0.2", &gateway).await;
+        let mut c = connect("127.0.0.2").await;
         assert!(served(&mut c).await);
         held.push(c);
     }
     let before = refused("max_connections_per_ip");
-    let mut over = connect_from("127.0.0.2", &gateway).await;
+    let mut over = connect("127.0.0.2").await;
     assert!(
         closed_unanswered(&mut over).await,
         "a third from one address was served"
     );
     assert!(refused("max_connections_per_ip") > before, "not counted");
     // Another address has places of its own.
-    let mut other = connect_from("127.0.0.4", &gateway).await;
+    let mut other = connect("127.0.0.4").await;
     assert!(served(&mut other).await);
     // A load balancer carries many clients: not limited by its address.
     for _ in 0..4 {
-        let mut c = connect_from("127.0.0.3", &gateway).await;
+        let mut c = connect("127.0.0.3").await;
         assert!(
             served(&mut c).await,
             "a trusted proxy's connection was refused"
         );
         held.push(c);
+    }
+    // A closed connection gives its address's place back (once the
+    // gateway has seen the close: poll).
+    held.remove(0);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mut next = connect("127.0.0.2").await;
+        if !closed_unanswered(&mut next).await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection's place was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     gateway.shutdown(T).await;
 }
