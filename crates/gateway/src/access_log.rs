@@ -175,8 +175,11 @@ impl AccessLog {
             // The query string is left out when logging: it often carries
             // tokens. Cloning the URI shares its bytes: no copy unless a
             // line is written.
-            request: logged.then(|| (req.method().clone(), req.uri().clone())),
-            client: peer,
+            request: logged.then(|| Told {
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                client: peer,
+            }),
             route: None,
             upstream: None,
             cache: None,
@@ -194,11 +197,8 @@ pub(crate) struct Entry {
     ts: Option<SystemTime>,
     start: Instant,
     request_id: RequestId,
-    /// The request's method and URI, when a line is to be written.
-    request: Option<(Method, Uri)>,
-    /// Who sent it: the connection's peer (the client a PROXY header
-    /// named), or the client the edge found behind trusted proxies.
-    client: IpAddr,
+    /// What only a line needs, when a line is to be written.
+    request: Option<Told>,
     route: Option<Arc<Route>>,
     /// Kept until the response body is done: it also counts the request
     /// on its instance.
@@ -207,6 +207,15 @@ pub(crate) struct Entry {
     cache: Option<&'static str>,
     status: StatusCode,
     bytes: u64,
+}
+
+/// A request as its line tells it.
+struct Told {
+    method: Method,
+    uri: Uri,
+    /// Who sent it: the connection's peer (the client a PROXY header
+    /// named), or the client the edge found behind trusted proxies.
+    client: IpAddr,
 }
 
 #[derive(Serialize)]
@@ -239,8 +248,8 @@ impl Entry {
         self.route = served.split.or(served.route);
         self.upstream = served.upstream;
         self.cache = served.cache;
-        if let Some(client) = served.client {
-            self.client = client;
+        if let (Some(client), Some(told)) = (served.client, &mut self.request) {
+            told.client = client;
         }
     }
 }
@@ -257,7 +266,12 @@ impl Drop for Entry {
         }
         // Usually neither is on (no file, and the line filtered out of the
         // console): then the line's fields are not worth computing.
-        let Some((method, uri)) = &self.request else {
+        let Some(Told {
+            method,
+            uri,
+            client,
+        }) = &self.request
+        else {
             return;
         };
         let traced = tracing::enabled!(target: "flotilla::access", tracing::Level::INFO);
@@ -272,7 +286,7 @@ impl Drop for Entry {
         tracing::info!(
             target: "flotilla::access",
             request_id,
-            client = %self.client,
+            client = %client,
             method = %method,
             path,
             route,
@@ -290,7 +304,7 @@ impl Drop for Entry {
         let line = Line {
             ts: humantime::format_rfc3339_millis(ts).to_string(),
             request_id,
-            client: self.client,
+            client: *client,
             method: method.as_str(),
             path,
             route,

@@ -120,7 +120,6 @@ pub(crate) fn forward_fields(
     // One pass to learn what the second needs; names compare cheaply.
     let (mut connection, mut chain) = (false, false);
     let mut host: Option<&[u8]> = None;
-    let mut forwarded_host: Option<&[u8]> = None;
     for (name, value) in headers {
         if name == header::CONNECTION {
             connection = true;
@@ -128,8 +127,6 @@ pub(crate) fn forward_fields(
             host.get_or_insert(value.as_bytes());
         } else if name == X_FORWARDED_FOR {
             chain = true;
-        } else if fwd.trust_chain && name == X_FORWARDED_HOST {
-            forwarded_host = Some(value.as_bytes());
         }
     }
     let named_by_connection = |name: &HeaderName| {
@@ -162,8 +159,13 @@ pub(crate) fn forward_fields(
         host = Some(authority.as_str().as_bytes());
         put(b"host", authority.as_str().as_bytes());
     }
-    let forwarded_host = forwarded_host
-        .and_then(|v| v.rsplit(|&b| b == b',').next())
+    // Looked up only for a trusted proxy: not a comparison per field of
+    // every request.
+    let forwarded_host = fwd
+        .trust_chain
+        .then(|| headers.get_all(&X_FORWARDED_HOST).iter().next_back())
+        .flatten()
+        .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
         .map(<[u8]>::trim_ascii)
         .filter(|v| !v.is_empty());
     if let Some(host) = forwarded_host.or(host) {
