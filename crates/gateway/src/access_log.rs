@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
@@ -93,7 +93,7 @@ pub(crate) async fn open(path: &Path) -> Result<(Arc<Sink>, JoinHandle<()>), Err
             source,
         })?;
     let (tx, rx) = mpsc::channel(QUEUE_LINES);
-    let writer = tokio::spawn(write_lines(rx, file, path.to_path_buf()));
+    let writer = tokio::spawn(write_lines(rx, file, path.to_path_buf(), ROTATION_CHECK));
     let sink = Arc::new(Sink {
         tx,
         dropped: AtomicU64::new(0),
@@ -102,10 +102,57 @@ pub(crate) async fn open(path: &Path) -> Result<(Arc<Sink>, JoinHandle<()>), Err
     Ok((sink, writer))
 }
 
-async fn write_lines(mut rx: mpsc::Receiver<Vec<u8>>, file: tokio::fs::File, path: PathBuf) {
+/// How often the writer looks whether the file it writes is still the one
+/// at its path.
+const ROTATION_CHECK: Duration = Duration::from_secs(1);
+
+/// The file a handle or path is: device and inode.
+fn identity(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
+/// Writes what comes in `rx` to `file` (opened at `path`), a burst at a
+/// time. A log rotated by renaming it (logrotate's default) or removed is
+/// noticed at the first burst `check_every` after the last look, and a new
+/// file is made at `path` for it and what follows, as a log shipper
+/// following the path expects; nginx needs a signal for that. (A
+/// `copytruncate` rotation needs nothing: the file is opened to append.)
+async fn write_lines(
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    file: tokio::fs::File,
+    path: PathBuf,
+    check_every: Duration,
+) {
+    let mut writing = file.metadata().await.ok().map(|m| identity(&m));
     let mut out = tokio::io::BufWriter::with_capacity(64 * 1024, file);
+    let mut looked = Instant::now();
     let mut failing = false;
+    // The path could not be made again after a rotation.
+    let mut lost = false;
     while let Some(line) = rx.recv().await {
+        if looked.elapsed() >= check_every {
+            looked = Instant::now();
+            let at_path = tokio::fs::metadata(&path).await.ok().map(|m| identity(&m));
+            if at_path.is_none() || at_path != writing {
+                // What is buffered belongs to the old file.
+                let _ = out.flush().await;
+                match reopen(&path).await {
+                    Ok(file) => {
+                        lost = false;
+                        writing = file.metadata().await.ok().map(|m| identity(&m));
+                        out = tokio::io::BufWriter::with_capacity(64 * 1024, file);
+                        tracing::info!(target: "flotilla::gateway", path = %path.display(), "the access log was rotated; writing a new file");
+                    }
+                    // Said once, not at every look while it lasts.
+                    Err(e) if !lost => {
+                        lost = true;
+                        tracing::error!(target: "flotilla::gateway", path = %path.display(), error = %e, "the access log was moved and cannot be made again; writing the moved file");
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
         let mut result = out.write_all(&line).await;
         // Take what else is queued before flushing: a burst costs one write.
         for _ in 0..LINES_PER_FLUSH {
@@ -137,6 +184,14 @@ async fn write_lines(mut rx: mpsc::Receiver<Vec<u8>>, file: tokio::fs::File, pat
     if let Err(e) = out.flush().await {
         tracing::error!(target: "flotilla::gateway", path = %path.display(), error = %e, "cannot flush the access log");
     }
+}
+
+async fn reopen(path: &Path) -> std::io::Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await
 }
 
 /// Records every request (log line and metrics), one [`Entry`] each.
@@ -399,6 +454,63 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         (path, AccessLog::new(Some(sink)), writer)
+    }
+
+    /// Waits until the file at `path` reads `want`.
+    async fn reads(path: &Path, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if text == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} reads {text:?}, not {want:?}",
+                path.display()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rotated_or_removed_log_is_made_again_at_its_path() {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("{e}"),
+        };
+        let path = dir.path().join("access.log");
+        let file = match reopen(&path).await {
+            Ok(f) => f,
+            Err(e) => panic!("{e}"),
+        };
+        let (tx, rx) = mpsc::channel(16);
+        // Looks at every burst.
+        let writer = tokio::spawn(write_lines(rx, file, path.clone(), Duration::ZERO));
+        let send = |line: &str| {
+            let tx = tx.clone();
+            let line = line.as_bytes().to_vec();
+            async move { assert!(tx.send(line).await.is_ok()) }
+        };
+        send("one\n").await;
+        reads(&path, "one\n").await;
+        // logrotate's default: rename, and the writer makes a new file.
+        let rotated = dir.path().join("access.log.1");
+        assert!(std::fs::rename(&path, &rotated).is_ok());
+        send("two\n").await;
+        reads(&path, "two\n").await;
+        // Removed outright: made again too.
+        assert!(std::fs::remove_file(&path).is_ok());
+        send("three\n").await;
+        reads(&path, "three\n").await;
+        send("four\n").await;
+        reads(&path, "three\nfour\n").await;
+        drop(tx);
+        finished(writer).await;
+        assert_eq!(
+            std::fs::read_to_string(&rotated).unwrap_or_default(),
+            "one\n"
+        );
     }
 
     async fn finished(writer: JoinHandle<()>) {
