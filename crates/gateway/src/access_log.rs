@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use http::{Method, Request, StatusCode, Uri};
+use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use serde::Serialize;
@@ -234,6 +234,7 @@ impl AccessLog {
                 method: req.method().clone(),
                 uri: req.uri().clone(),
                 client: peer,
+                trace: req.headers().get(&crate::trace::TRACEPARENT).cloned(),
             }),
             route: None,
             upstream: None,
@@ -271,12 +272,18 @@ struct Told {
     /// Who sent it: the connection's peer (the client a PROXY header
     /// named), or the client the edge found behind trusted proxies.
     client: IpAddr,
+    /// Its `traceparent`, as kept or started at the edge.
+    trace: Option<HeaderValue>,
 }
 
 #[derive(Serialize)]
 struct Line<'a> {
     ts: String,
     request_id: &'a str,
+    /// The trace the request's `traceparent` names: the services' log
+    /// lines carry the same `trace_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<&'a str>,
     client: IpAddr,
     method: &'a str,
     path: &'a str,
@@ -325,6 +332,7 @@ impl Drop for Entry {
             method,
             uri,
             client,
+            trace,
         }) = &self.request
         else {
             return;
@@ -336,11 +344,13 @@ impl Drop for Entry {
         // Microsecond resolution is plenty and keeps lines short.
         let duration_ms = (took.as_secs_f64() * 1_000_000.0).round() / 1000.0;
         let request_id = self.request_id.as_str();
+        let trace_id = trace.as_ref().and_then(crate::trace::trace_id);
         let instance = self.upstream.as_ref().map(Upstream::instance);
         let path = uri.path();
         tracing::info!(
             target: "flotilla::access",
             request_id,
+            trace_id,
             client = %client,
             method = %method,
             path,
@@ -359,6 +369,7 @@ impl Drop for Entry {
         let line = Line {
             ts: humantime::format_rfc3339_millis(ts).to_string(),
             request_id,
+            trace_id,
             client: *client,
             method: method.as_str(),
             path,

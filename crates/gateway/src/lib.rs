@@ -74,6 +74,7 @@ mod routing;
 mod server;
 mod stats;
 mod tls;
+mod trace;
 mod transport;
 mod upgrade;
 pub mod upstream;

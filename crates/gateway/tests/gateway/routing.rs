@@ -236,6 +236,12 @@ async fn access_log_has_one_line_per_request() {
     let first = &by_id("log-1");
     assert_eq!(first["method"], "GET");
     assert_eq!(first["client"], "127.0.0.1");
+    // The trace the gateway started, as the instance was told it.
+    let traceparent = routed.json()["headers"]["traceparent"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(first["trace_id"], traceparent.get(3..35).unwrap_or("none"));
     assert_eq!(first["path"], "/svc/1");
     assert_eq!(first["route"], "/svc/*");
     assert_eq!(first["service"], "svc");
@@ -247,6 +253,75 @@ async fn access_log_has_one_line_per_request() {
     let second = &by_id("log-2");
     assert_eq!(second["status"], 404);
     assert_eq!(second["route"], serde_json::Value::Null);
+}
+
+#[tokio::test]
+async fn every_request_reaches_its_instance_in_a_trace() {
+    let registry = Registry::new();
+    let up = Upstream::start("trace-0").await;
+    registry.set("trace", vec![up.endpoint()]);
+    let gateway = start(config(vec![route("trace", "/t/**", &[], T)]), &registry).await;
+    let client = Client::new(&gateway);
+    let told = |reply: &Reply, name: &str| -> Option<String> {
+        reply.json()["headers"][name].as_str().map(String::from)
+    };
+    let shape = |v: &str| {
+        let parts: Vec<&str> = v.split('-').collect();
+        parts.len() == 4
+            && parts[0] == "00"
+            && parts[1].len() == 32
+            && parts[2].len() == 16
+            && parts[3] == "01"
+            && v.bytes()
+                .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+
+    // None given: one is started, a new trace for each request.
+    let a = client.get("/t/a").await;
+    let b = client.get("/t/b").await;
+    let (ta, tb) = (told(&a, "traceparent"), told(&b, "traceparent"));
+    assert!(ta.as_deref().is_some_and(shape), "{ta:?}");
+    assert!(tb.as_deref().is_some_and(shape), "{tb:?}");
+    assert_ne!(
+        ta.as_deref().and_then(|t| t.get(3..35)),
+        tb.as_deref().and_then(|t| t.get(3..35))
+    );
+
+    // A client's trace goes on, its state with it.
+    let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let kept = client
+        .request(
+            Method::GET,
+            "/t/c",
+            &[("traceparent", given), ("tracestate", "congo=t61rcWkgMzE")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(told(&kept, "traceparent").as_deref(), Some(given));
+    assert_eq!(
+        told(&kept, "tracestate").as_deref(),
+        Some("congo=t61rcWkgMzE")
+    );
+
+    // A malformed one is replaced, and the state that came with it dropped.
+    let replaced = client
+        .request(
+            Method::GET,
+            "/t/d",
+            &[
+                (
+                    "traceparent",
+                    "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+                ),
+                ("tracestate", "congo=t61rcWkgMzE"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    let new = told(&replaced, "traceparent");
+    assert!(new.as_deref().is_some_and(shape), "{new:?}");
+    assert_eq!(told(&replaced, "tracestate"), None);
+    gateway.shutdown(T).await;
 }
 
 #[tokio::test]
