@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use http::{HeaderValue, Method, Request, StatusCode, Uri};
+use http::{Method, Request, StatusCode, Uri};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use serde::Serialize;
@@ -234,7 +234,7 @@ impl AccessLog {
                 method: req.method().clone(),
                 uri: req.uri().clone(),
                 client: peer,
-                trace: req.headers().get(&crate::trace::TRACEPARENT).cloned(),
+                trace_id: crate::trace::kept(req.headers()).and_then(crate::trace::trace_id_of),
             }),
             route: None,
             upstream: None,
@@ -272,8 +272,9 @@ struct Told {
     /// Who sent it: the connection's peer (the client a PROXY header
     /// named), or the client the edge found behind trusted proxies.
     client: IpAddr,
-    /// Its `traceparent`, as kept or started at the edge.
-    trace: Option<HeaderValue>,
+    /// The trace it is in: the client's kept `traceparent`'s, else the one
+    /// the edge started (`Served::trace`).
+    trace_id: Option<[u8; 32]>,
 }
 
 #[derive(Serialize)]
@@ -310,8 +311,13 @@ impl Entry {
         self.route = served.split.or(served.route);
         self.upstream = served.upstream;
         self.cache = served.cache;
-        if let (Some(client), Some(told)) = (served.client, &mut self.request) {
-            told.client = client;
+        if let Some(told) = &mut self.request {
+            if let Some(client) = served.client {
+                told.client = client;
+            }
+            if told.trace_id.is_none() {
+                told.trace_id = served.trace.map(|t| t.trace_id());
+            }
         }
     }
 }
@@ -332,7 +338,7 @@ impl Drop for Entry {
             method,
             uri,
             client,
-            trace,
+            trace_id,
         }) = &self.request
         else {
             return;
@@ -344,7 +350,10 @@ impl Drop for Entry {
         // Microsecond resolution is plenty and keeps lines short.
         let duration_ms = (took.as_secs_f64() * 1_000_000.0).round() / 1000.0;
         let request_id = self.request_id.as_str();
-        let trace_id = trace.as_ref().and_then(crate::trace::trace_id);
+        // Hex digits.
+        let trace_id = trace_id
+            .as_ref()
+            .and_then(|id| std::str::from_utf8(id).ok());
         let instance = self.upstream.as_ref().map(Upstream::instance);
         let path = uri.path();
         tracing::info!(

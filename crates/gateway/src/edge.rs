@@ -60,6 +60,7 @@ use crate::routes::{self, Match, Outgoing, Route, has_dot_segment, split_after_s
 use crate::routing::Routing;
 use crate::server::ConnInfo;
 use crate::stats;
+use crate::trace;
 use crate::upgrade::{self, Handoff, Slot, Tunnels, WebSocket};
 
 /// Who sent a request: the client address after trusted proxies.
@@ -78,6 +79,9 @@ pub(crate) struct ClientAddr {
     /// one instance, once the route's policies have found it; `None`:
     /// balanced freely.
     pub affinity: Option<u64>,
+    /// The trace the request is sent in when it brings none to keep: one
+    /// for all its attempts and mirrored copies.
+    pub trace: trace::Started,
 }
 
 /// How a request was served, for the access log: the route it matched and
@@ -95,6 +99,9 @@ pub(crate) struct Served {
     /// The client address, once the edge has found it through trusted
     /// proxies (else the log keeps the connection's peer).
     pub client: Option<IpAddr>,
+    /// The trace started for it, sent to the instance in place of a
+    /// `traceparent` the request did not bring (or brought malformed).
+    pub trace: Option<trace::Started>,
 }
 
 /// The name a request asked for, without the port: the URI's authority
@@ -214,6 +221,7 @@ pub(crate) fn handle<'a>(
             upstream,
             cache: cache_result,
             client: client_seen,
+            trace: trace_started,
         } = served;
         let mut finish = Finish {
             request_id,
@@ -249,9 +257,11 @@ pub(crate) fn handle<'a>(
                     .flatten()
                     .unwrap_or(conn.scheme),
                 affinity: None,
+                trace: trace::Started::new(),
             }
         };
         *client_seen = Some(client.ip);
+        *trace_started = Some(client.trace);
         if let Some(rules) = &routing.ip_rules
             && !rules.admits(client.ip)
         {
@@ -860,6 +870,7 @@ mod tests {
             via_trusted_proxy: false,
             proto: "http",
             affinity: None,
+            trace: trace::Started::new(),
         };
         let key = rate_key(&RateLimitKey::Header(name.clone()), client, None, &h);
         assert_eq!(key.len(), 2 + 64);

@@ -85,6 +85,9 @@ pub(crate) struct Forwarding {
     pub trust_chain: bool,
     /// The scheme the client used.
     pub proto: &'static str,
+    /// The trace to send the request in when it brings no `traceparent`
+    /// to keep (`trace`); `None`: the request's fields as they are.
+    pub trace: Option<crate::trace::Started>,
 }
 
 /// The fields of a client's request `parts` as they go to an instance,
@@ -103,7 +106,9 @@ pub(crate) struct Forwarding {
 ///   may have set), and `X-Forwarded-Host` the `Host` (an HTTP/2 client's
 ///   `:authority` becomes both when it sent no `Host`), or from a trusted
 ///   proxy the right-most element of the one it sent: the name its client
-///   asked it for.
+///   asked it for;
+/// - `traceparent` is the request's when it has exactly one, well-formed,
+///   else `fwd.trace`'s, and then `tracestate` is left out with it.
 ///
 /// Returns whether a `Host` was put (if not, the caller names the
 /// instance).
@@ -120,6 +125,8 @@ pub(crate) fn forward_fields(
     // One pass to learn what the second needs; names compare cheaply.
     let (mut connection, mut chain) = (false, false);
     let mut host: Option<&[u8]> = None;
+    // The trace fields: how many `traceparent`s, the first, a `tracestate`.
+    let (mut parents, mut parent, mut state) = (0, None, false);
     for (name, value) in headers {
         if name == header::CONNECTION {
             connection = true;
@@ -127,8 +134,17 @@ pub(crate) fn forward_fields(
             host.get_or_insert(value.as_bytes());
         } else if name == X_FORWARDED_FOR {
             chain = true;
+        } else if name == crate::trace::TRACEPARENT {
+            parents += 1;
+            parent.get_or_insert(value.as_bytes());
+        } else if name == crate::trace::TRACESTATE {
+            state = true;
         }
     }
+    let keep_trace = parents == 1 && parent.is_some_and(crate::trace::is_valid);
+    let started = fwd.trace.filter(|_| !keep_trace);
+    // Only compared in the second pass when there is something to leave out.
+    let drop_trace = started.is_some() && (parents > 0 || state);
     let named_by_connection = |name: &HeaderName| {
         connection
             && list_elements(
@@ -147,6 +163,8 @@ pub(crate) fn forward_fields(
             || name == X_FORWARDED_PROTO
             || name == X_FORWARDED_HOST
             || (!fwd.trust_chain && name == header::FORWARDED)
+            || (drop_trace
+                && (name == crate::trace::TRACEPARENT || name == crate::trace::TRACESTATE))
             || named_by_connection(name);
         if !left_out {
             put(name.as_str().as_bytes(), value.as_bytes());
@@ -190,6 +208,12 @@ pub(crate) fn forward_fields(
         );
     }
     put(X_FORWARDED_PROTO.as_str().as_bytes(), fwd.proto.as_bytes());
+    if let Some(started) = &started {
+        put(
+            crate::trace::TRACEPARENT.as_str().as_bytes(),
+            started.as_bytes(),
+        );
+    }
     host.is_some()
 }
 
@@ -425,6 +449,7 @@ pub(crate) mod tests {
             peer: IpAddr::from(peer),
             trust_chain,
             proto,
+            trace: None,
         };
         let mut out = Vec::new();
         let host = forward_fields(&parts, &fwd, |name, value| {
@@ -477,6 +502,54 @@ pub(crate) mod tests {
         assert_eq!(one(&f, "accept"), Some("*/*"));
         assert_eq!(one(&f, "expect"), None);
         assert_eq!(one(&f, "content-length"), None);
+    }
+
+    #[test]
+    fn a_good_traceparent_is_kept_and_anything_else_replaced_without_its_state() {
+        let given = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let started = crate::trace::Started::new();
+        let started_text = String::from_utf8_lossy(started.as_bytes()).into_owned();
+        let sent = |pairs: &[(&'static str, &'static str)]| {
+            let (mut parts, ()) = http::Request::get("/")
+                .body(())
+                .unwrap_or_default()
+                .into_parts();
+            parts.headers = map(pairs);
+            let fwd = Forwarding {
+                peer: IpAddr::from([10, 0, 0, 1]),
+                trust_chain: false,
+                proto: "http",
+                trace: Some(started),
+            };
+            let mut out: Vec<(String, String)> = Vec::new();
+            forward_fields(&parts, &fwd, |name, value| {
+                out.push((
+                    String::from_utf8_lossy(name).into_owned(),
+                    String::from_utf8_lossy(value).into_owned(),
+                ));
+            });
+            out
+        };
+        let f = sent(&[("traceparent", given), ("tracestate", "congo=t61rcWkgMzE")]);
+        assert_eq!(one(&f, "traceparent"), Some(given));
+        assert_eq!(one(&f, "tracestate"), Some("congo=t61rcWkgMzE"));
+        for pairs in [
+            &[][..],
+            &[("tracestate", "congo=t61rcWkgMzE")][..],
+            &[
+                ("traceparent", "00-nonsense"),
+                ("tracestate", "congo=t61rcWkgMzE"),
+            ][..],
+            &[("traceparent", given), ("traceparent", given)][..],
+        ] {
+            let f = sent(pairs);
+            assert_eq!(
+                one(&f, "traceparent"),
+                Some(started_text.as_str()),
+                "{pairs:?}"
+            );
+            assert_eq!(one(&f, "tracestate"), None, "{pairs:?}");
+        }
     }
 
     #[test]

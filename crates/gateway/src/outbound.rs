@@ -1117,6 +1117,7 @@ mod tests {
                 peer: std::net::IpAddr::from([192, 0, 2, 1]),
                 trust_chain: false,
                 proto: "http",
+                trace: None,
             },
         }
     }

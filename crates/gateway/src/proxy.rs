@@ -161,6 +161,7 @@ impl Proxy {
                 peer: conn.peer.ip(),
                 trust_chain: client.via_trusted_proxy,
                 proto: client.proto,
+                trace: Some(client.trace),
             },
         };
         async move {

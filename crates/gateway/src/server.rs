@@ -237,7 +237,6 @@ impl Front {
                     id
                 }
             };
-            crate::trace::keep_or_start(req.headers_mut());
             // Dropped with this future if the client leaves before the
             // response: then it logs a 499.
             let mut entry = self.log.begin(&req, request_id, conn.peer.ip());
