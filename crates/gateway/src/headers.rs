@@ -211,7 +211,7 @@ pub(crate) fn forward_fields(
     if let Some(started) = &started {
         put(
             crate::trace::TRACEPARENT.as_str().as_bytes(),
-            started.as_bytes(),
+            &started.text(),
         );
     }
     host.is_some()
@@ -508,7 +508,7 @@ pub(crate) mod tests {
     fn a_good_traceparent_is_kept_and_anything_else_replaced_without_its_state() {
         let given = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let started = crate::trace::Started::new();
-        let started_text = String::from_utf8_lossy(started.as_bytes()).into_owned();
+        let started_text = String::from_utf8_lossy(&started.text()).into_owned();
         let sent = |pairs: &[(&'static str, &'static str)]| {
             let (mut parts, ()) = http::Request::get("/")
                 .body(())
