@@ -119,9 +119,15 @@ pub(crate) fn forwarded_proto(headers: &HeaderMap) -> Option<&'static str> {
         .iter()
         .next_back()?;
     let element = last.to_str().ok()?.rsplit(',').next()?;
+    scheme(forwarded_param(element, "proto")?)
+}
+
+/// The value of the parameter `key` (`for`, `proto`, …) of one
+/// `Forwarded` element (RFC 7239 §4), trimmed, quotes left on.
+fn forwarded_param<'a>(element: &'a str, key: &str) -> Option<&'a str> {
     element.split(';').find_map(|pair| {
         let (k, v) = pair.trim().split_once('=')?;
-        k.trim().eq_ignore_ascii_case("proto").then(|| scheme(v))?
+        k.trim().eq_ignore_ascii_case(key).then(|| v.trim())
     })
 }
 
@@ -173,11 +179,7 @@ fn forwarded_for(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
             continue;
         };
         for element in value.split(',') {
-            let node = element.split(';').find_map(|pair| {
-                let (k, v) = pair.trim().split_once('=')?;
-                k.trim().eq_ignore_ascii_case("for").then(|| v.trim())
-            });
-            match node {
+            match forwarded_param(element, "for") {
                 Some(v) => out.push(parse_node(v.trim_matches('"'))),
                 // An element without `for=` says nothing about the client
                 // but is still a hop.
