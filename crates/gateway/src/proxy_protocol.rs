@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use crate::conn_limit::{ConnLimits, IpCount};
 use crate::ip::{self, IpConfig};
+use crate::routing::RoutingState;
 use crate::stats;
 
 /// The v2 header's first 12 bytes.
@@ -63,13 +64,33 @@ pub(crate) struct Client {
     pub counted: Option<IpCount>,
 }
 
+/// The client of a new connection from `peer`, on either listener: with
+/// `proxy_protocol` on in the routing in force, what its header says
+/// ([`take`]), else the peer itself. `None`: close the connection.
+pub(crate) async fn client_of(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    routing: &RoutingState,
+    limits: &Arc<ConnLimits>,
+    timeout: Duration,
+) -> Option<Client> {
+    let current = routing.current();
+    match current.ip.as_ref().filter(|ip| ip.proxy_protocol) {
+        Some(ip) => take(stream, peer, ip, limits, timeout).await,
+        None => Some(Client {
+            addr: peer,
+            counted: None,
+        }),
+    }
+}
+
 /// Takes the PROXY header off a new connection from `peer`, within
 /// `timeout`: the client (the peer itself unless a trusted proxy named
 /// another, which is then counted under its own address against `limits`),
 /// or `None` when the connection is to be closed (no valid header in time,
 /// or the named client over its connections; logged and counted as
 /// refused).
-pub(crate) async fn take(
+async fn take(
     stream: &mut TcpStream,
     peer: SocketAddr,
     ip: &IpConfig,

@@ -67,16 +67,17 @@ pub(crate) fn spawn(
                         let mut stream = stream;
                         // A balancer in front sends its PROXY header here
                         // too; the redirect needs no client address.
-                        let current = routing.current();
-                        let mut _counted = None;
-                        if let Some(ip) = current.ip.as_ref().filter(|ip| ip.proxy_protocol) {
-                            let taken = crate::proxy_protocol::take(&mut stream, peer, ip, &limits, header_timeout);
-                            match taken.await {
-                                Some(client) => _counted = client.counted,
-                                None => return,
-                            }
-                        }
-                        drop(current);
+                        let client = crate::proxy_protocol::client_of(
+                            &mut stream,
+                            peer,
+                            &routing,
+                            &limits,
+                            header_timeout,
+                        );
+                        let Some(client) = client.await else {
+                            return;
+                        };
+                        let _counted = client.counted;
                         let service = hyper::service::service_fn(move |req| async move {
                             Ok::<_, Infallible>(answer(&req, https_port))
                         });

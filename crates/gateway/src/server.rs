@@ -410,23 +410,21 @@ const FIRST_READ: usize = 8 * 1024;
 /// request on a plain connection ~45 instructions (`instructions.sh`).
 async fn serve_connection(with: Connections, mut stream: TcpStream, mut peer: SocketAddr) {
     // Behind a balancer that speaks the PROXY protocol, the client is the
-    // one its header names. Boxed: off by default, and a connection's
-    // task does not grow by the read's future.
-    let routing = with.stack.0.routing.current();
-    let mut _counted = None;
-    if let Some(ip) = routing.ip.as_ref().filter(|ip| ip.proxy_protocol) {
-        let timeout = with.settings.header_timeout;
-        let limits = &with.conn_limits;
-        match Box::pin(proxy_protocol::take(&mut stream, peer, ip, limits, timeout)).await {
-            Some(client) => {
-                peer = client.addr;
-                // Counted under the client's address while it is open.
-                _counted = client.counted;
-            }
-            None => return,
-        }
-    }
-    drop(routing);
+    // one its header names, counted under its address while the
+    // connection is open. Boxed: a connection's task does not grow by the
+    // read's future.
+    let client = proxy_protocol::client_of(
+        &mut stream,
+        peer,
+        &with.stack.0.routing,
+        &with.conn_limits,
+        with.settings.header_timeout,
+    );
+    let Some(client) = Box::pin(client).await else {
+        return;
+    };
+    peer = client.addr;
+    let _counted = client.counted;
     let started = match &with.tls {
         None => start_plain(&with, stream, peer).await,
         // Boxed: a plain connection's task does not grow by the

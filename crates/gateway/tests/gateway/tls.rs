@@ -243,6 +243,9 @@ async fn a_proxy_protocol_header_comes_before_the_tls_handshake() {
             proxy_protocol: true,
             ..flotilla_gateway::IpConfig::default()
         });
+        if let Some(tls) = cfg.tls.as_mut() {
+            tls.http_redirect = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        }
     })
     .await;
     // A balancer passing TCP through: its header, then the client's bytes.
@@ -271,6 +274,30 @@ async fn a_proxy_protocol_header_comes_before_the_tls_handshake() {
     // first: closed.
     let config = client_config(&pair.der, rustls::DEFAULT_VERSIONS, &[b"http/1.1"]);
     assert!(handshake(gw.local_addr(), config).await.is_err());
+
+    // The balancer's plain-HTTP port sends its header too: the redirect
+    // listener takes it off, and refuses a connection without one.
+    let redirect = gw
+        .redirect_addr()
+        .unwrap_or_else(|| panic!("no redirect listener"));
+    let get = "GET /api/x HTTP/1.1\r\nhost: shop.example\r\nconnection: close\r\n\r\n";
+    let answer = raw_request(
+        redirect,
+        &format!("PROXY TCP4 203.0.113.9 127.0.0.1 55555 80\r\n{get}"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 308"), "{answer}");
+    // Closed unanswered: an end of stream, or a reset for the unread bytes.
+    let mut bare = ok(TcpStream::connect(redirect).await, "connect");
+    ok(bare.write_all(get.as_bytes()).await, "write");
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, bare.read_to_end(&mut got)).await;
+    assert!(
+        read.is_ok(),
+        "the redirect listener held a headerless connection"
+    );
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    assert_eq!(upstream.hits(), 1);
     gw.shutdown(Duration::from_secs(1)).await;
 }
 
