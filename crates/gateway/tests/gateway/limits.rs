@@ -292,6 +292,23 @@ async fn closed_unanswered(stream: &mut TcpStream) -> bool {
     }
 }
 
+/// Waits until a connection made by `connect` is served again, once the
+/// gateway has seen a close the client made a moment ago: polled.
+async fn a_place_is_freed<F: std::future::Future<Output = TcpStream>>(connect: impl Fn() -> F) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mut next = connect().await;
+        if !closed_unanswered(&mut next).await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection's place was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn refused(reason: &str) -> u64 {
     metric_sum(&[
         "flotilla_gateway_connections_refused_total",
@@ -324,18 +341,7 @@ async fn connections_past_max_connections_are_closed_at_once() {
     // A closed connection frees its place (once the gateway has seen the
     // close, a moment after the client made it: poll).
     drop(second);
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let mut next = connect_from("127.0.0.1", &gateway).await;
-        if !closed_unanswered(&mut next).await {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the closed connection's place was never freed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    a_place_is_freed(|| connect_from("127.0.0.1", &gateway)).await;
     gateway.shutdown(T).await;
 }
 
@@ -413,18 +419,7 @@ async fn limited_by_address(proxy_protocol: bool) {
     // A closed connection gives its address's place back (once the
     // gateway has seen the close: poll).
     held.remove(0);
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let mut next = connect("127.0.0.2").await;
-        if !closed_unanswered(&mut next).await {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the closed connection's place was never freed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    a_place_is_freed(|| connect("127.0.0.2")).await;
     gateway.shutdown(T).await;
 }
 
