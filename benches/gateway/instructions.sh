@@ -26,7 +26,8 @@
 # PGO=1 adds gw-pgo, gw-jwt-rl as built by benches/gateway/pgo.sh
 # (target/pgo/bench_gateway; pgo.sh runs first if it is missing or older
 # than the sources).
-# KEEP=1 keeps the temp dir with the callgrind files.
+# KEEP=1 keeps the temp dir with the callgrind files; benches/gateway/cgdiff.py
+# compares two kept runs function by function, per request.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
