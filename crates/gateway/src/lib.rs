@@ -63,6 +63,7 @@ mod mirror;
 mod outbound;
 mod proxy;
 mod proxy_protocol;
+mod random;
 mod ratelimit;
 mod redirect;
 mod rejection;

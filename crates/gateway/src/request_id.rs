@@ -20,24 +20,12 @@ pub(crate) struct RequestId(HeaderValue);
 
 impl RequestId {
     fn generate() -> RequestId {
-        // A v4 UUID from the thread-local CSPRNG: `Uuid::new_v4` would ask
-        // the OS for randomness (a syscall) on every request. Formatted in
-        // place in the buffer that becomes the header value's owner: one
+        // A v4 UUID from the gateway's id generator (`random`), written
+        // in the buffer that becomes the header value's owner: one
         // allocation, which every clone of the value (the request's, the
         // response's) shares. A value copied from a slice would allocate
         // twice, once for the bytes and again when first cloned.
-        //
-        // Filled in one call: `rand::random::<[u8; 16]>()` draws each
-        // byte on its own, a 32-bit word apiece, which emptied the
-        // generator's block (and refilled it, a ChaCha round) every fourth
-        // request rather than every sixteenth.
-        let mut random = [0u8; 16];
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut random);
-        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        uuid::Builder::from_random_bytes(random)
-            .into_uuid()
-            .hyphenated()
-            .encode_lower(&mut buf);
+        let buf = crate::random::uuid_v4();
         // Hex digits and hyphens.
         RequestId(crate::headers::own_value(bytes::Bytes::from_owner(buf)))
     }

@@ -18,12 +18,11 @@
 //! ~1.5 k instructions per request (`instructions.sh`), most of it
 //! hashing and moving map entries; this one ~0.5 k (making the ids at the
 //! edge, writing them out as hex and the field into the head). Its ids
-//! come from a per-thread wyrand generator seeded from the thread's
-//! CSPRNG: trace ids must be unlikely to collide, not secret.
-
-use std::cell::Cell;
+//! come from the gateway's id generator (`random`).
 
 use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::random::{self, hex};
 
 pub(crate) static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub(crate) static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
@@ -43,7 +42,7 @@ impl Started {
     /// behind the gateway records it. Never all-zero ids (invalid): the low
     /// bit of each id's last word is set.
     pub(crate) fn new() -> Started {
-        Started([next(), next() | 1, next() | 1])
+        Started([random::next(), random::next() | 1, random::next() | 1])
     }
 
     /// As a `traceparent` value.
@@ -105,71 +104,11 @@ pub(crate) fn is_valid(v: &[u8]) -> bool {
         && hex(flags)
 }
 
-thread_local! {
-    static STATE: Cell<u64> = Cell::new(rand::RngCore::next_u64(&mut rand::rng()));
-}
-
-/// wyrand: one multiply per 64 bits.
-fn next() -> u64 {
-    STATE.with(|state| {
-        let s = state.get().wrapping_add(0xa076_1d64_78bd_642f);
-        state.set(s);
-        let t = u128::from(s) * u128::from(s ^ 0xe703_7ed1_a0b4_28db);
-        (t >> 64) as u64 ^ t as u64
-    })
-}
-
-/// `x` as 16 lower-case hex digits, most significant first, without a
-/// table: each nibble spread into a byte of its own, then made a digit.
-fn hex(x: u64) -> [u8; 16] {
-    fn spread(x: u32) -> u64 {
-        let mut x = u64::from(x);
-        x = (x | (x << 16)) & 0x0000_ffff_0000_ffff;
-        x = (x | (x << 8)) & 0x00ff_00ff_00ff_00ff;
-        (x | (x << 4)) & 0x0f0f_0f0f_0f0f_0f0f
-    }
-    fn digits(n: u64) -> u64 {
-        // Nibbles of 10 and more get 'a' - '0' - 10 = 39 more.
-        let letters = ((n + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
-        n + 0x3030_3030_3030_3030 + letters * 39
-    }
-    // `spread` puts a u32's nibbles one to a byte, the most significant
-    // in the most significant byte: read big-endian, they are in order.
-    let mut out = [0u8; 16];
-    out[..8].copy_from_slice(&digits(spread((x >> 32) as u32)).to_be_bytes());
-    out[8..].copy_from_slice(&digits(spread(x as u32)).to_be_bytes());
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const GIVEN: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-
-    #[test]
-    fn hex_is_what_format_writes() {
-        for x in [
-            0u64,
-            1,
-            0x0123_4567_89ab_cdef,
-            0xfedc_ba98_7654_3210,
-            u64::MAX,
-            0xa0a0_0505_f00f_9999,
-        ] {
-            assert_eq!(
-                std::str::from_utf8(&hex(x)).unwrap_or_default(),
-                format!("{x:016x}")
-            );
-        }
-        for _ in 0..1000 {
-            let x = next();
-            assert_eq!(
-                std::str::from_utf8(&hex(x)).unwrap_or_default(),
-                format!("{x:016x}")
-            );
-        }
-    }
 
     #[test]
     fn only_well_formed_traceparents_are_valid() {
