@@ -482,20 +482,22 @@ impl<H: Handler> Conn<H> {
         feed: &mut Option<Feed>,
     ) -> Poll<Option<Reply>> {
         for _ in 0..FEED_ROUNDS {
-            let fed = match feed.as_mut().filter(|f| !f.finished) {
+            let (fed, watch) = match feed.as_mut().filter(|f| !f.finished) {
                 Some(f) => match self.poll_feed(cx, f) {
-                    Ok(fed) => fed,
+                    Ok(fed) => (fed, false),
                     Err(()) => return Poll::Ready(None),
                 },
-                None => {
-                    if self.poll_gone(cx) {
-                        return Poll::Ready(None);
-                    }
-                    false
-                }
+                None => (false, true),
             };
             if let Poll::Ready(res) = call.as_mut().poll(cx) {
                 return Poll::Ready(Some(res));
+            }
+            // Whether the client went away is asked only while the stack
+            // is still at work: the poll that brings the response (most
+            // requests are two polls, the second that one) reads nothing,
+            // a read of the client's socket fewer per request.
+            if watch && self.poll_gone(cx) {
+                return Poll::Ready(None);
             }
             // Fed a frame the stack may already have taken (an in-task
             // upstream client): feed the next one without a wake-up.
