@@ -761,6 +761,8 @@ fn has_final_head(read: &[u8]) -> bool {
 }
 
 fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    // Room for the line at once: the copies below then find it there.
+    out.reserve(name.len() + value.len() + 4);
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);

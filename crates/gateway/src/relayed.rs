@@ -70,33 +70,39 @@ impl Field {
 pub(crate) struct Relayed {
     head: Bytes,
     fields: Vec<Field>,
-    /// Bit `n % 64` is set when some field's name is `n` bytes long: most
-    /// lookups and removals by name are settled by it without a scan.
-    lengths: u64,
+    /// A field's [`name_bit`] is set here: most lookups and removals by
+    /// name are settled by it without a scan.
+    names: u64,
     /// Set by the gateway ([`Fields`]); written after the instance's. A
     /// list, not a map: a handful of fields, each set once, cost less
     /// pushed than hashed into a `HeaderMap`.
     added: Vec<(HeaderName, HeaderValue)>,
+    /// The [`name_bit`]s of what was ever added (a removal leaves its bit).
+    added_names: u64,
 }
 
 impl Relayed {
     /// A response's fields, in the order the instance sent them, as spans
     /// of `head` ([`Field::within`]).
     pub(crate) fn new(head: Bytes, fields: Vec<Field>) -> Relayed {
-        let lengths = fields.iter().fold(0, |bits, f| {
-            bits | length_bit(f.name.1.wrapping_sub(f.name.0) as usize)
-        });
+        let mut names = 0;
+        for f in &fields {
+            let (start, end) = f.name;
+            names |= name_bit(head.get(start as usize..end as usize).unwrap_or_default());
+        }
         Relayed {
             head,
             fields,
-            lengths,
+            names,
             added: Vec::new(),
+            added_names: 0,
         }
     }
 
-    /// Whether some field of the instance's may be named `name`.
-    fn may_have(&self, name: &[u8]) -> bool {
-        self.lengths & length_bit(name.len()) != 0
+    /// Sets a field after the instance's.
+    fn add(&mut self, name: HeaderName, value: HeaderValue) {
+        self.added_names |= name_bit(name.as_str().as_bytes());
+        self.added.push((name, value));
     }
 
     fn bytes(&self, (start, end): (u32, u32)) -> &[u8] {
@@ -135,11 +141,15 @@ impl Relayed {
     /// The values of the fields named `name`, in order.
     pub(crate) fn get_all<'a>(&'a self, name: &'a HeaderName) -> Values<'a> {
         let raw = name.as_str().as_bytes();
-        // Past the instance's fields when none can have the name.
-        let at = if self.may_have(raw) {
+        let bit = name_bit(raw);
+        // Past the instance's fields when none can have the name, past the
+        // gateway's too when none of those can.
+        let at = if self.names & bit != 0 {
             0
-        } else {
+        } else if self.added_names & bit != 0 {
             self.fields.len()
+        } else {
+            self.fields.len() + self.added.len()
         };
         Values {
             relayed: Some(Lookup {
@@ -156,12 +166,13 @@ impl Relayed {
     fn remove(&mut self, name: &HeaderName) {
         let raw = name.as_str().as_bytes();
         // Usually there is none: then nothing is moved.
-        if self.may_have(raw) && self.fields.iter().any(|f| self.is_named(f, raw)) {
+        let bit = name_bit(raw);
+        if self.names & bit != 0 && self.fields.iter().any(|f| self.is_named(f, raw)) {
             let mut fields = std::mem::take(&mut self.fields);
             fields.retain(|f| !self.is_named(f, raw));
             self.fields = fields;
         }
-        if self.added.iter().any(|(n, _)| n == name) {
+        if self.added_names & bit != 0 && self.added.iter().any(|(n, _)| n == name) {
             self.added.retain(|(n, _)| n != name);
         }
     }
@@ -176,8 +187,14 @@ impl Relayed {
     }
 }
 
-fn length_bit(len: usize) -> u64 {
-    1 << (len % 64)
+/// A name's bit in a 64-bit filter, from its length and first byte, in
+/// any case (`| 0x20` is a lower-case letter's bit, already set in a digit
+/// and `-`): `content-type` and `x-request-id`, both 12 bytes long, get
+/// bits of their own, as a bit per length alone did not give them, so a
+/// response's `content-type` cost every request a scan and a comparison.
+fn name_bit(name: &[u8]) -> u64 {
+    let first = name.first().map_or(0, |b| usize::from(b | 0x20));
+    1 << ((name.len() + 8 * first) % 64)
 }
 
 /// The values of the fields of one name: a [`Relayed`]'s, then a map's.
@@ -327,7 +344,7 @@ impl Fields<'_> {
                 if !self.map.is_empty() {
                     self.map.remove(&name);
                 }
-                relayed.added.push((name, value));
+                relayed.add(name, value);
             }
             None => {
                 self.map.insert(name, value);
@@ -341,7 +358,7 @@ impl Fields<'_> {
             // Written after the instance's fields: after any of its own of
             // that name. (The map of a relayed response holds nothing the
             // gateway set: everything goes through here.)
-            Some(relayed) => relayed.added.push((name, value)),
+            Some(relayed) => relayed.add(name, value),
             None => {
                 self.map.append(name, value);
             }
@@ -465,14 +482,14 @@ mod tests {
         assert_eq!(headers.len(), 8);
     }
 
-    /// Names are found by a bit per length (modulo 64) before any scan:
-    /// long names, and names whose lengths share a bit, are still told
-    /// apart by their bytes.
+    /// Names are found by a bit per length and first byte (modulo 64)
+    /// before any scan: names that share a bit are still told apart by
+    /// their bytes.
     #[test]
     fn names_of_any_length_are_found_and_removed() {
         let long = "x".repeat(70);
         let head: &'static [u8] =
-            format!("HTTP/1.1 200 OK\r\n{long}: 1\r\nabcdef: 2\r\nAbCdEf: 3\r\n\r\n")
+            format!("HTTP/1.1 200 OK\r\n{long}: 1\r\nxbcdef: 2\r\nXbCdEf: 3\r\n\r\n")
                 .into_bytes()
                 .leak();
         let mut reply = Reply {
@@ -486,11 +503,12 @@ mod tests {
                 .unwrap_or_default()
         };
         let long = HeaderName::from_bytes(long.as_bytes()).unwrap_or(http::header::DATE);
-        let six = HeaderName::from_static("abcdef");
-        // 70 % 64 == 6: the bit is shared, the bytes are not.
+        let six = HeaderName::from_static("xbcdef");
+        // (70 + 8 * 'x') % 64 == (6 + 8 * 'x') % 64: the bit is shared,
+        // the bytes are not.
         assert_eq!(values(&reply, &long), [b"1".to_vec()]);
         assert_eq!(values(&reply, &six), [b"2".to_vec(), b"3".to_vec()]);
-        assert!(values(&reply, &HeaderName::from_static("abcdeg")).is_empty());
+        assert!(values(&reply, &HeaderName::from_static("xbcdeg")).is_empty());
         reply.fields().remove(&six);
         assert_eq!(values(&reply, &long), [b"1".to_vec()]);
         assert!(values(&reply, &six).is_empty());
