@@ -17,16 +17,49 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// Whether `name`, a field name httparse or `HeaderName` accepted (a
+/// token), is `lower` in any case, where `lower` is made of lower-case
+/// letters, digits and `-`, as the names the gateway looks for are.
+///
+/// Eight bytes at a time, where `eq_ignore_ascii_case` folds and compares
+/// a byte at a time (~6 instructions a byte: a response's
+/// `content-length` was compared so three times per request). Setting
+/// bit 0x20 of a byte folds an upper-case letter into its lower-case one
+/// and leaves a lower-case letter, a digit and `-` as they are; the only
+/// other bytes it turns into one of those are control bytes (0x0d into
+/// `-`, 0x10–0x19 into digits), which no token holds.
+#[inline(always)]
+pub(crate) fn name_is(name: &[u8], lower: &[u8]) -> bool {
+    debug_assert!(
+        lower
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+    );
+    if name.len() != lower.len() {
+        return false;
+    }
+    let word = |b: &[u8]| <[u8; 8]>::try_from(b).map_or(0, u64::from_ne_bytes);
+    let (mut a, mut b) = (name.chunks_exact(8), lower.chunks_exact(8));
+    for (x, y) in (&mut a).zip(&mut b) {
+        if word(x) | 0x2020_2020_2020_2020 != word(y) {
+            return false;
+        }
+    }
+    a.remainder()
+        .iter()
+        .zip(b.remainder())
+        .all(|(x, y)| x | 0x20 == *y)
+}
+
 /// Whether a field named `name` (any case) is hop-by-hop whatever
 /// `Connection` says.
 fn is_hop_by_hop(name: &[u8]) -> bool {
-    // By length first: most names are compared with nothing.
-    match name.len() {
-        2 | 7 | 10 | 17 => HOP_BY_HOP
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h.as_bytes())),
-        n => n >= 6 && name[..6].eq_ignore_ascii_case(b"proxy-"),
-    }
+    // By length and first byte first: most names are compared with
+    // nothing. (A `Proxy-*` name 7, 10 or 17 bytes long was once taken
+    // for end-to-end: only the fixed set was looked at for those lengths.)
+    let fixed = || matches!(name.len(), 2 | 7 | 10 | 17);
+    let proxy = || name.len() >= 6 && name[0] | 0x20 == b'p' && name_is(&name[..6], b"proxy-");
+    (fixed() && HOP_BY_HOP.iter().any(|h| name_is(name, h.as_bytes()))) || proxy()
 }
 
 /// The elements of a list field's values (RFC 9110 §5.6.1): split at
@@ -49,7 +82,7 @@ pub(crate) fn list_elements<'a>(
 pub(crate) fn hop_by_hop<'h>(fields: &'h [httparse::Header<'h>]) -> impl Fn(&[u8]) -> bool + 'h {
     let connection = fields
         .iter()
-        .any(|f| f.name.eq_ignore_ascii_case("connection"));
+        .any(|f| name_is(f.name.as_bytes(), b"connection"));
     hop_by_hop_given(fields, connection)
 }
 
@@ -65,7 +98,7 @@ pub(crate) fn hop_by_hop_given<'h>(
                 && list_elements(
                     fields
                         .iter()
-                        .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+                        .filter(|f| name_is(f.name.as_bytes(), b"connection"))
                         .map(|f| f.value),
                 )
                 .any(|token| token.eq_ignore_ascii_case(name)))
@@ -316,6 +349,78 @@ fn is_space_or_visible_ascii(bytes: &[u8]) -> bool {
 pub(crate) mod tests {
     use super::*;
     use http::HeaderMap;
+
+    /// `name_is` says what `eq_ignore_ascii_case` says for every field
+    /// name httparse accepts: every token byte, at every place of a word
+    /// and of the rest after the words, against the names the gateway
+    /// looks for.
+    #[test]
+    fn names_compare_as_eq_ignore_ascii_case_does() {
+        let tokens: Vec<u8> = (0..=255u8)
+            .filter(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b))
+            .collect();
+        let wanted = [
+            "connection",
+            "content-length",
+            "transfer-encoding",
+            "te",
+            "date",
+            "proxy-",
+            "x-request-id",
+            "accept-encoding",
+        ];
+        for lower in wanted {
+            let lower = lower.as_bytes();
+            assert!(name_is(lower, lower));
+            assert!(name_is(&lower.to_ascii_uppercase(), lower));
+            for at in 0..lower.len() {
+                for &b in &tokens {
+                    let mut name = lower.to_vec();
+                    name[at] = b;
+                    assert_eq!(
+                        name_is(&name, lower),
+                        name.eq_ignore_ascii_case(lower),
+                        "{:?} against {:?}",
+                        String::from_utf8_lossy(&name),
+                        String::from_utf8_lossy(lower)
+                    );
+                }
+            }
+            assert!(!name_is(&lower[1..], lower));
+            assert!(!name_is(&[lower, b"x"].concat(), lower));
+        }
+        // Every hop-by-hop name, in any case, and nothing close to one.
+        for name in [
+            "Connection",
+            "KEEP-ALIVE",
+            "te",
+            "Trailer",
+            "Transfer-Encoding",
+            "upgrade",
+        ] {
+            assert!(is_hop_by_hop(name.as_bytes()), "{name}");
+        }
+        // Of every length, those of the fixed set's lengths too.
+        for name in [
+            "Proxy-Authorization",
+            "proxy-x",
+            "Proxy-Auth",
+            "proxy-abcdefghijk",
+            "PROXY-",
+        ] {
+            assert!(is_hop_by_hop(name.as_bytes()), "{name}");
+        }
+        for name in [
+            "content-length",
+            "proxy",
+            "proxyx-",
+            "tf",
+            "connectiom",
+            "date",
+        ] {
+            assert!(!is_hop_by_hop(name.as_bytes()), "{name}");
+        }
+    }
 
     #[test]
     fn values_are_checked_as_http_checks_them() {

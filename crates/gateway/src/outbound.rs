@@ -782,7 +782,7 @@ fn values<'f>(
 ) -> impl Iterator<Item = &'f [u8]> {
     fields
         .iter()
-        .filter(move |f| f.name.eq_ignore_ascii_case(name))
+        .filter(move |f| headers::name_is(f.name.as_bytes(), name.as_bytes()))
         .map(|f| f.value)
 }
 
@@ -810,9 +810,9 @@ impl Present {
         for f in fields {
             let name = f.name.as_bytes();
             match name.len() {
-                10 => present.connection |= name.eq_ignore_ascii_case(b"connection"),
-                14 => present.content_length |= name.eq_ignore_ascii_case(b"content-length"),
-                17 => present.transfer_encoding |= name.eq_ignore_ascii_case(b"transfer-encoding"),
+                10 => present.connection |= headers::name_is(name, b"connection"),
+                14 => present.content_length |= headers::name_is(name, b"content-length"),
+                17 => present.transfer_encoding |= headers::name_is(name, b"transfer-encoding"),
                 _ => {}
             }
         }

@@ -239,7 +239,7 @@ pub(crate) fn head(
         if replaced(name, framing) {
             return;
         }
-        has_date |= name.eq_ignore_ascii_case(b"date");
+        has_date |= crate::headers::name_is(name, b"date");
         b.extend_from_slice(name);
         b.extend_from_slice(b": ");
         b.extend_from_slice(value);
@@ -314,7 +314,7 @@ impl<'a> From<&'a HeaderMap> for HeadFields<'a> {
 /// persistence fields, and `trailer` unless the body is chunked.
 fn replaced(name: &[u8], framing: Framing) -> bool {
     // By length first: most names are compared with nothing.
-    let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+    let is = |known: &str| crate::headers::name_is(name, known.as_bytes());
     match name.len() {
         7 => is("trailer") && framing != Framing::Chunked,
         10 => is("connection") || is("keep-alive"),
