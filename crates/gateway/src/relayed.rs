@@ -33,6 +33,7 @@ use http::Response;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::body::Body;
+use crate::headers::name_bit;
 
 /// Where a field's name and value lie in the head: `(start, end)`.
 #[derive(Debug, Clone, Copy)]
@@ -185,16 +186,6 @@ impl Relayed {
     pub(crate) fn head_len(&self) -> usize {
         self.head.len()
     }
-}
-
-/// A name's bit in a 64-bit filter, from its length and first byte, in
-/// any case (`| 0x20` is a lower-case letter's bit, already set in a digit
-/// and `-`): `content-type` and `x-request-id`, both 12 bytes long, get
-/// bits of their own, as a bit per length alone did not give them, so a
-/// response's `content-type` cost every request a scan and a comparison.
-fn name_bit(name: &[u8]) -> u64 {
-    let first = name.first().map_or(0, |b| usize::from(b | 0x20));
-    1 << ((name.len() + 8 * first) % 64)
 }
 
 /// The values of the fields of one name: a [`Relayed`]'s, then a map's.

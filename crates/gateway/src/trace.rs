@@ -25,7 +25,6 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use crate::random::{self, hex};
 
 pub(crate) static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-pub(crate) static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// `00-<trace id>-<parent id>-<flags>`: the version 00 form.
 const LEN: usize = 55;
