@@ -760,13 +760,22 @@ fn has_final_head(read: &[u8]) -> bool {
     }
 }
 
+/// Writes `name: value` and its line end. Room for the line is made once
+/// and the four pieces copied into it: four `extend_from_slice`s each
+/// checked the capacity and moved the length, ~90 instructions a field
+/// with the copies (callgrind, line by line), eight fields a request.
 fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    // Room for the line at once: the copies below then find it there.
-    out.reserve(name.len() + value.len() + 4);
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
+    let (n, v) = (name.len(), value.len());
+    let len = n + v + 4;
+    out.reserve(len);
+    let line = &mut out.spare_capacity_mut()[..len];
+    line[..n].write_copy_of_slice(name);
+    line[n..n + 2].write_copy_of_slice(b": ");
+    line[n + 2..n + 2 + v].write_copy_of_slice(value);
+    line[n + 2 + v..].write_copy_of_slice(b"\r\n");
+    // SAFETY: the `len` bytes past the length were written just above:
+    // `line` is exactly `len` long, and its four parts cover it.
+    unsafe { out.set_len(out.len() + len) };
 }
 
 /// Methods whose empty body is still announced (`content-length: 0`), as
