@@ -33,7 +33,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use futures_util::future::FutureExt;
-use http::header::{CONTENT_LENGTH, HOST, ORIGIN, SET_COOKIE};
+use http::header::{HOST, ORIGIN, SET_COOKIE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body::Body as _;
@@ -781,12 +781,10 @@ async fn police<'a>(
     }
 
     if let Some(limit) = policy.max_body_bytes {
-        let declared = req
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > limit as u64) {
+        // The length the client declared, as its body tells it (the
+        // connection read `Content-Length` already; a body read whole is
+        // its own length): no second lookup and parse of the field.
+        if req.body().size_hint().lower() > limit as u64 {
             return Err(Rejection::PayloadTooLarge { limit });
         }
         if !req.body().is_end_stream() {
