@@ -70,8 +70,9 @@ pub fn init_logging() {
 }
 
 /// The event formatter: `timestamp`, `level`, `target`, `message`, the
-/// event's fields, the innermost span's name, and the constant identity
-/// fields.
+/// event's fields, the innermost span's name, the constant identity
+/// fields, and, for a line logged while a request is handled, its
+/// `request_id` and `trace_id`.
 struct JsonLines {
     service: Option<String>,
     instance: Option<String>,
@@ -105,6 +106,15 @@ where
         }
         if let Some(span) = ctx.lookup_current() {
             map.insert("span".into(), span.name().into());
+        }
+        // The request being handled on this task (the metrics middleware
+        // scopes both): its lines join the gateway's access-log line and
+        // the other services' lines of the same request and trace.
+        if let Some(id) = crate::request_id::current() {
+            map.insert("request_id".into(), id.into());
+        }
+        if let Some(trace_id) = crate::trace::current_trace_id() {
+            map.insert("trace_id".into(), trace_id.into());
         }
         event.record(&mut JsonVisitor(&mut map));
         let line = serde_json::to_string(&map).map_err(|_| fmt::Error)?;
@@ -218,6 +228,66 @@ mod tests {
 
     fn at(secs: u64, millis: u64) -> String {
         format_rfc3339(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis))
+    }
+
+    /// Lines of a handler's work carry the request's id and trace id;
+    /// lines outside one carry neither.
+    #[tokio::test]
+    async fn lines_logged_while_handling_a_request_carry_its_ids() {
+        use std::sync::{Arc, Mutex};
+
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let written = lines.clone();
+        let format = JsonLines {
+            service: Some("orders".into()),
+            instance: None,
+            system: None,
+        };
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .event_format(format)
+                .with_writer(move || written.clone()),
+        );
+        let _default = tracing::subscriber::set_default(subscriber);
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        crate::request_id::scope(
+            Some("req-7".into()),
+            crate::trace::scope(Some(traceparent.into()), async {
+                tracing::info!(order = 42, "order placed");
+            }),
+        )
+        .await;
+        tracing::info!("between requests");
+
+        let text = String::from_utf8(lines.0.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .unwrap_or_default();
+        let parsed: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or(Value::Null))
+            .collect();
+        assert_eq!(parsed.len(), 2, "{text}");
+        assert_eq!(parsed[0]["message"], "order placed");
+        assert_eq!(parsed[0]["order"], 42);
+        assert_eq!(parsed[0]["service"], "orders");
+        assert_eq!(parsed[0]["request_id"], "req-7");
+        assert_eq!(parsed[0]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(parsed[1]["message"], "between requests");
+        assert!(parsed[1].get("request_id").is_none(), "{text}");
+        assert!(parsed[1].get("trace_id").is_none(), "{text}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Carries the incoming W3C `traceparent` header to the events a handler
-//! creates, so an event joins the trace of the request that caused it.
+//! creates, so an event joins the trace of the request that caused it, and
+//! its trace id to the handler's log lines (`logging`).
 //!
 //! There is no span export yet: the chassis does not start spans of its
 //! own, it only passes on the context it was given (the gateway's, or the
@@ -45,6 +46,20 @@ pub(crate) async fn scope<F: Future>(traceparent: Option<String>, fut: F) -> F::
 /// The trace context of the request being handled on this task, if any.
 pub(crate) fn current() -> Option<String> {
     CURRENT.try_with(Clone::clone).ok().flatten()
+}
+
+/// The trace id (32 hex digits) of the request being handled on this
+/// task, if any: what its log lines carry as `trace_id`, as the gateway's
+/// access log does.
+pub(crate) fn current_trace_id() -> Option<String> {
+    CURRENT
+        .try_with(|tp| {
+            tp.as_deref()
+                .and_then(|tp| tp.get(3..35))
+                .map(str::to_owned)
+        })
+        .ok()
+        .flatten()
 }
 
 #[cfg(test)]
