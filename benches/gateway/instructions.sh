@@ -27,7 +27,9 @@
 # (target/pgo/bench_gateway; pgo.sh runs first if it is missing or older
 # than the sources).
 # KEEP=1 keeps the temp dir with the callgrind files; benches/gateway/cgdiff.py
-# compares two kept runs function by function, per request.
+# compares two kept runs function by function, per request, and
+# benches/gateway/cglines.py shows one line by line (build with
+# CARGO_PROFILE_RELEASE_DEBUG=line-tables-only for the lines).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
