@@ -225,7 +225,7 @@ impl AccessLog {
             in_flight: self.in_flight.started(),
             // Only the file's lines carry a wall-clock time.
             ts: self.sink.as_ref().map(|_| SystemTime::now()),
-            start: crate::clock::ticks(),
+            start: crate::clock::now(),
             request_id,
             // The query string is left out when logging: it often carries
             // tokens. Cloning the URI shares its bytes: no copy unless a
@@ -251,8 +251,7 @@ pub(crate) struct Entry {
     /// Decremented when the entry is dropped.
     in_flight: metrics::Gauge,
     ts: Option<SystemTime>,
-    /// When it began, in `clock::ticks`.
-    start: u64,
+    start: Instant,
     request_id: RequestId,
     /// What only a line needs, when a line is to be written.
     request: Option<Told>,
@@ -325,7 +324,7 @@ impl Entry {
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        let took = Duration::from_nanos(crate::clock::ticks().saturating_sub(self.start));
+        let took = crate::clock::now().saturating_duration_since(self.start);
         self.in_flight.decrement(1.0);
         let route = self.route.as_ref().map(|r| r.pattern.as_str());
         let service = self.route.as_ref().map(|r| r.service.as_str());

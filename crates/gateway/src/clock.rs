@@ -17,11 +17,7 @@
 //! as nginx's are whole event-loop turns apart.
 //!
 //! Readings are `tokio::time::Instant`s, so that tests that pause tokio's
-//! clock pause these too. [`ticks`] gives the same reading as nanoseconds
-//! from a fixed point, a `u64`, for what keeps a time only to subtract it
-//! from a later one (a request's duration in the access log, an
-//! instance's last activity, a pooled connection's idle time, the retry
-//! budget's second): a subtraction of two `Instant`s is a call into std.
+//! clock pause these too.
 //!
 //! State that workers share sees their readings out of order: each is as
 //! old as its poll, and another worker's newer one can reach a shared lock
@@ -34,63 +30,18 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::LazyLock;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// A poll's reading, and the same in [`ticks`] once asked for (0 before).
-#[derive(Clone, Copy)]
-struct Now {
-    at: Instant,
-    ticks: u64,
-}
-
 thread_local! {
-    static NOW: Cell<Option<Now>> = const { Cell::new(None) };
+    static NOW: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
 /// The time as this poll of a connection's task began; outside one, now.
 pub(crate) fn now() -> Instant {
-    NOW.with(Cell::get).map_or_else(Instant::now, |now| now.at)
+    NOW.with(Cell::get).unwrap_or_else(Instant::now)
 }
-
-/// What [`ticks`] count from: a day before the first asked for them, so
-/// that every reading taken since the process began (a paused test clock's
-/// too, which starts from the real one) counts from it.
-static EPOCH: LazyLock<Instant> = LazyLock::new(|| {
-    let now = Instant::now();
-    now.checked_sub(Duration::from_secs(86_400)).unwrap_or(now)
-});
-
-/// [`now`] as nanoseconds from a fixed point: durations and deadlines
-/// kept as these are subtracted and compared in an instruction, where
-/// each `Instant` subtraction is a call into std (`sub_timespec`, ~37
-/// instructions, six or seven times per proxied request:
-/// `instructions.sh`). Made once per poll, when first asked for.
-pub(crate) fn ticks() -> u64 {
-    NOW.with(|cell| match cell.get() {
-        Some(now) if now.ticks != 0 => now.ticks,
-        Some(Now { at, .. }) => {
-            let ticks = ticks_at(at);
-            cell.set(Some(Now { at, ticks }));
-            ticks
-        }
-        None => ticks_at(Instant::now()),
-    })
-}
-
-/// `at` in [`ticks`]; never 0.
-pub(crate) fn ticks_at(at: Instant) -> u64 {
-    u64::try_from(at.saturating_duration_since(*EPOCH).as_nanos())
-        .unwrap_or(u64::MAX)
-        .max(1)
-}
-
-/// Nanoseconds in a second, and in a millisecond, for [`ticks`].
-pub(crate) const SECOND: u64 = 1_000_000_000;
-pub(crate) const MILLISECOND: u64 = 1_000_000;
 
 pin_project_lite::pin_project! {
     /// A connection's task, with the clock read once as each poll begins.
@@ -119,15 +70,11 @@ impl<F: Future> Future for Ticking<F> {
 /// when it is dropped, also when the poll panics (tokio catches a task's
 /// panic and the thread goes on: a reading left behind would stop its
 /// clock).
-struct Reading(Option<Now>);
+struct Reading(Option<Instant>);
 
 impl Reading {
     fn start() -> Reading {
-        let now = Now {
-            at: Instant::now(),
-            ticks: 0,
-        };
-        Reading(NOW.with(|cell| cell.replace(Some(now))))
+        Reading(NOW.with(|now| now.replace(Some(Instant::now()))))
     }
 }
 
@@ -140,6 +87,7 @@ impl Drop for Reading {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// A future that, polled once, returns the readings `now` gave at the
     /// start and the end of a poll that took some time.
@@ -159,21 +107,6 @@ mod tests {
         // Outside a poll of a ticking task, every reading is fresh.
         let (first, second) = two_readings().await;
         assert!(second >= first + Duration::from_millis(5));
-        assert!(NOW.with(Cell::get).is_none(), "a reading outlived its poll");
-    }
-
-    #[tokio::test]
-    async fn ticks_are_the_polls_reading_and_go_on_with_the_clock() {
-        let (first, second, at) = Ticking::new(async {
-            let first = ticks();
-            std::thread::sleep(Duration::from_millis(5));
-            (first, ticks(), now())
-        })
-        .await;
-        assert_eq!(first, second, "the ticks moved within one poll");
-        assert_eq!(first, ticks_at(at));
-        // Outside a poll, fresh: at least the 5 ms slept later.
-        assert!(ticks() >= first + 5 * MILLISECOND);
         assert!(NOW.with(Cell::get).is_none(), "a reading outlived its poll");
     }
 

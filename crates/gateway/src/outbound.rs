@@ -131,12 +131,8 @@ struct Shared {
 /// makes of it, where a box is one allocation per connection opened.
 struct Idle {
     conn: Box<Conn>,
-    /// When it was put back, in `clock::ticks`.
-    since: u64,
+    since: Instant,
 }
-
-/// `POOL_IDLE` in `clock::ticks`.
-const POOL_IDLE_TICKS: u64 = POOL_IDLE.as_nanos() as u64;
 
 /// One connection to an instance.
 struct Conn {
@@ -263,7 +259,7 @@ impl Outbound {
 
     /// A pooled connection to `service` at `addr` that still looks alive.
     fn checkout(&self, service: &str, addr: SocketAddr) -> Option<Box<Conn>> {
-        let now = crate::clock::ticks();
+        let now = crate::clock::now();
         loop {
             let mut conn = {
                 let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -275,7 +271,7 @@ impl Outbound {
                 }
                 found
             };
-            if now.saturating_sub(conn.since) < POOL_IDLE_TICKS && conn.conn.looks_alive() {
+            if now.duration_since(conn.since) < POOL_IDLE && conn.conn.looks_alive() {
                 return Some(conn.conn);
             }
         }
@@ -287,7 +283,7 @@ impl Outbound {
         if list.len() < shared.max_idle {
             list.push(Idle {
                 conn,
-                since: crate::clock::ticks(),
+                since: crate::clock::now(),
             });
         }
     }
@@ -303,7 +299,7 @@ async fn sweep(shared: Weak<Shared>) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let now = crate::clock::ticks();
+        let now = Instant::now();
         // Dropped (closed) outside the lock.
         let mut expired = Vec::new();
         {
@@ -311,7 +307,7 @@ async fn sweep(shared: Weak<Shared>) {
             idle.retain(|_, list| {
                 let (keep, old): (Vec<Idle>, Vec<Idle>) = std::mem::take(list)
                     .into_iter()
-                    .partition(|i| now.saturating_sub(i.since) < POOL_IDLE_TICKS);
+                    .partition(|i| now.duration_since(i.since) < POOL_IDLE);
                 expired.extend(old);
                 *list = keep;
                 !list.is_empty()

@@ -111,6 +111,7 @@ impl Live {
 /// Every service's health, created on first use.
 pub(crate) struct Resilience {
     settings: Arc<Live>,
+    epoch: Instant,
     /// foldhash: service names come from the manifest, not from clients.
     services: RwLock<HashMap<String, Arc<ServiceHealth>, foldhash::fast::RandomState>>,
 }
@@ -127,6 +128,7 @@ impl Resilience {
     pub(crate) fn new(settings: Settings) -> Resilience {
         Resilience {
             settings: Arc::new(Live::new(settings)),
+            epoch: Instant::now(),
             services: RwLock::new(HashMap::default()),
         }
     }
@@ -156,6 +158,7 @@ impl Resilience {
             Arc::new(ServiceHealth {
                 name: name.to_string(),
                 settings: Arc::clone(&self.settings),
+                epoch: self.epoch,
                 budget: Mutex::new(Budget::default()),
                 instances: Mutex::new(HashMap::new()),
                 tracked: AtomicUsize::new(0),
@@ -237,6 +240,7 @@ impl HealthMemo {
 pub(crate) struct ServiceHealth {
     name: String,
     settings: Arc<Live>,
+    epoch: Instant,
     budget: Mutex<Budget>,
     instances: Mutex<HashMap<String, InstanceState>>,
     /// Entries in `instances`: lets the common all-healthy case skip the lock.
@@ -245,7 +249,9 @@ pub(crate) struct ServiceHealth {
 
 impl ServiceHealth {
     fn second(&self) -> u64 {
-        crate::clock::ticks() / crate::clock::SECOND
+        crate::clock::now()
+            .saturating_duration_since(self.epoch)
+            .as_secs()
     }
 
     /// Counts a request towards the budget.

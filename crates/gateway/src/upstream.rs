@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// One ready instance of a service.
 #[derive(Debug, Clone)]
@@ -58,15 +58,17 @@ pub trait Upstreams: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct Load {
     in_flight: AtomicU32,
-    /// The last request start or end, in milliseconds of `clock::ticks`.
+    /// Milliseconds since `epoch` at the last request start or end.
     last_active_ms: AtomicU64,
+    epoch: Instant,
 }
 
 impl Default for Load {
     fn default() -> Self {
         Load {
             in_flight: AtomicU32::new(0),
-            last_active_ms: AtomicU64::new(elapsed_ms()),
+            last_active_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
 }
@@ -86,7 +88,7 @@ impl Load {
 
     /// Time since a request last started or finished here.
     pub fn idle_for(&self) -> Duration {
-        let now = elapsed_ms();
+        let now = self.elapsed_ms();
         Duration::from_millis(now.saturating_sub(self.last_active_ms.load(Ordering::Acquire)))
     }
 
@@ -94,13 +96,14 @@ impl Load {
     /// service addresses call it as bytes flow, since they cannot see
     /// request boundaries on a kept-alive connection.
     pub fn touch(&self) {
-        self.last_active_ms.store(elapsed_ms(), Ordering::Release);
+        self.last_active_ms
+            .store(self.elapsed_ms(), Ordering::Release);
     }
-}
 
-/// The time in milliseconds, counted from a fixed point.
-fn elapsed_ms() -> u64 {
-    crate::clock::ticks() / crate::clock::MILLISECOND
+    fn elapsed_ms(&self) -> u64 {
+        let now = crate::clock::now().into_std();
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
 }
 
 /// Ends one unit of load when dropped, however the request ended.
