@@ -45,9 +45,20 @@ def now_rfc3339():
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+# The request this thread is handling, for its log lines (as the Rust
+# chassis adds them): they join the gateway's access-log line of the request.
+handling = threading.local()
+TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
 def log(level, message, **fields):
     line = {"timestamp": now_rfc3339(), "level": level, "service": SERVICE,
             "instance": INSTANCE, "fields": {"message": message, **fields}}
+    for key in ("request_id", "trace_id"):
+        value = getattr(handling, key, None)
+        if value:
+            line[key] = value
     print(json.dumps(line), flush=True)
 
 
@@ -498,6 +509,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def dispatch(self, method):
         started = time.monotonic()
+        request_id = self.headers.get("x-request-id") or ""
+        handling.request_id = request_id if REQUEST_ID.fullmatch(request_id) else None
+        trace = TRACEPARENT.fullmatch(self.headers.get("traceparent") or "")
+        handling.trace_id = trace.group(1) if trace and trace.group(1) != "0" * 32 else None
         with State.lock:
             State.in_flight += 1
         route, status = "unmatched", 500
@@ -523,6 +538,7 @@ class Handler(BaseHTTPRequestHandler):
             status = 500
             self.reply(500, error("internal", "internal error"))
         finally:
+            handling.request_id = handling.trace_id = None
             with State.lock:
                 State.in_flight -= 1
             metrics.add("http_requests_total", {"route": route, "method": method, "status": str(status)})
