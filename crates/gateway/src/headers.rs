@@ -7,6 +7,7 @@
 //! the service who really called, since it only sees the gateway.
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 use std::net::IpAddr;
 
 use flotilla_manifest::HOP_BY_HOP;
@@ -74,6 +75,58 @@ const fn name_bits(names: &[&str]) -> u64 {
         i += 1;
     }
     bits
+}
+
+/// What a head is written into: an upstream request's (`Vec<u8>`) or a
+/// response's (`BytesMut`).
+pub(crate) trait HeadBuffer {
+    /// Room for `len` more bytes, past the length: uninitialised.
+    fn room(&mut self, len: usize) -> &mut [MaybeUninit<u8>];
+    /// Moves the length past `len` bytes of the room.
+    ///
+    /// # Safety
+    /// The first `len` bytes of the last [`HeadBuffer::room`] were written.
+    unsafe fn filled(&mut self, len: usize);
+}
+
+impl HeadBuffer for Vec<u8> {
+    fn room(&mut self, len: usize) -> &mut [MaybeUninit<u8>] {
+        self.reserve(len);
+        &mut self.spare_capacity_mut()[..len]
+    }
+    unsafe fn filled(&mut self, len: usize) {
+        // SAFETY: the caller wrote them, and `room` reserved them.
+        unsafe { self.set_len(self.len() + len) };
+    }
+}
+
+impl HeadBuffer for bytes::BytesMut {
+    fn room(&mut self, len: usize) -> &mut [MaybeUninit<u8>] {
+        self.reserve(len);
+        &mut self.spare_capacity_mut()[..len]
+    }
+    unsafe fn filled(&mut self, len: usize) {
+        // SAFETY: the caller wrote them, and `room` reserved them.
+        unsafe { self.set_len(self.len() + len) };
+    }
+}
+
+/// Writes `name: value` and its line end. Room for the line is made once
+/// and the four pieces copied into it: four `extend_from_slice`s each
+/// checked the capacity and moved the length, ~90 instructions a field
+/// with the copies (callgrind, line by line), and a request has eight
+/// upstream fields and half a dozen response fields.
+pub(crate) fn put_field(out: &mut impl HeadBuffer, name: &[u8], value: &[u8]) {
+    let (n, v) = (name.len(), value.len());
+    let len = n + v + 4;
+    let line = out.room(len);
+    line[..n].write_copy_of_slice(name);
+    line[n..n + 2].write_copy_of_slice(b": ");
+    line[n + 2..n + 2 + v].write_copy_of_slice(value);
+    line[n + 2 + v..].write_copy_of_slice(b"\r\n");
+    // SAFETY: `line` is exactly `len` long, and its four parts, all
+    // written just above, cover it.
+    unsafe { out.filled(len) };
 }
 
 /// The bits of the fixed hop-by-hop set ([`is_hop_by_hop`]).
@@ -448,36 +501,33 @@ pub(crate) mod tests {
             assert!(!name_is(&lower[1..], lower));
             assert!(!name_is(&[lower, b"x"].concat(), lower));
         }
-        // Every hop-by-hop name, in any case, and nothing close to one.
-        for name in [
+        // Every hop-by-hop name, in any case, `Proxy-*` of every length
+        // (the fixed set's lengths too), and nothing close to one.
+        let hop_by_hop = [
             "Connection",
             "KEEP-ALIVE",
             "te",
             "Trailer",
             "Transfer-Encoding",
             "upgrade",
-        ] {
-            assert!(is_hop_by_hop(name.as_bytes()), "{name}");
-        }
-        // Of every length, those of the fixed set's lengths too.
-        for name in [
             "Proxy-Authorization",
             "proxy-x",
             "Proxy-Auth",
             "proxy-abcdefghijk",
             "PROXY-",
-        ] {
-            assert!(is_hop_by_hop(name.as_bytes()), "{name}");
-        }
-        for name in [
+        ];
+        let end_to_end = [
             "content-length",
             "proxy",
             "proxyx-",
             "tf",
             "connectiom",
             "date",
-        ] {
-            assert!(!is_hop_by_hop(name.as_bytes()), "{name}");
+        ];
+        for (names, is) in [(&hop_by_hop[..], true), (&end_to_end[..], false)] {
+            for name in names {
+                assert_eq!(is_hop_by_hop(name.as_bytes()), is, "{name}");
+            }
         }
     }
 

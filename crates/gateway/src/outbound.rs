@@ -361,10 +361,10 @@ impl Conn {
         out.extend_from_slice(b" HTTP/1.1\r\n");
         // The framing fields are this connection's, set below.
         let has_host = headers::forward_fields(parts, &req.forwarding, |name, value| {
-            put_header(out, name, value);
+            headers::put_field(out, name, value);
         });
         if !has_host {
-            put_header(out, b"host", self.addr.to_string().as_bytes());
+            headers::put_field(out, b"host", self.addr.to_string().as_bytes());
         }
         if websocket {
             ask_for_websocket(out);
@@ -376,7 +376,7 @@ impl Conn {
         let sent = match body {
             OutBody::Full(bytes) => {
                 if !bytes.is_empty() || expects_body(&parts.method) {
-                    put_header(out, b"content-length", bytes.len().to_string().as_bytes());
+                    headers::put_field(out, b"content-length", bytes.len().to_string().as_bytes());
                 }
                 out.extend_from_slice(b"\r\n");
                 if bytes.len() <= COALESCE_BYTES {
@@ -392,8 +392,8 @@ impl Conn {
             OutBody::Stream(body) => {
                 let length = body.size_hint().exact();
                 match length {
-                    Some(n) => put_header(out, b"content-length", n.to_string().as_bytes()),
-                    None => put_header(out, b"transfer-encoding", b"chunked"),
+                    Some(n) => headers::put_field(out, b"content-length", n.to_string().as_bytes()),
+                    None => headers::put_field(out, b"transfer-encoding", b"chunked"),
                 }
                 out.extend_from_slice(b"\r\n");
                 self.write_body(body, length).await?
@@ -628,8 +628,8 @@ impl Conn {
 #[cold]
 #[inline(never)]
 fn ask_for_websocket(out: &mut Vec<u8>) {
-    put_header(out, b"connection", b"upgrade");
-    put_header(out, b"upgrade", b"websocket");
+    headers::put_field(out, b"connection", b"upgrade");
+    headers::put_field(out, b"upgrade", b"websocket");
 }
 
 /// Whether an instance's `101` may be followed: only to WebSocket, and
@@ -758,24 +758,6 @@ fn has_final_head(read: &[u8]) -> bool {
             Ok(httparse::Status::Partial) => return false,
         }
     }
-}
-
-/// Writes `name: value` and its line end. Room for the line is made once
-/// and the four pieces copied into it: four `extend_from_slice`s each
-/// checked the capacity and moved the length, ~90 instructions a field
-/// with the copies (callgrind, line by line), eight fields a request.
-fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    let (n, v) = (name.len(), value.len());
-    let len = n + v + 4;
-    out.reserve(len);
-    let line = &mut out.spare_capacity_mut()[..len];
-    line[..n].write_copy_of_slice(name);
-    line[n..n + 2].write_copy_of_slice(b": ");
-    line[n + 2..n + 2 + v].write_copy_of_slice(value);
-    line[n + 2 + v..].write_copy_of_slice(b"\r\n");
-    // SAFETY: the `len` bytes past the length were written just above:
-    // `line` is exactly `len` long, and its four parts cover it.
-    unsafe { out.set_len(out.len() + len) };
 }
 
 /// Methods whose empty body is still announced (`content-length: 0`), as

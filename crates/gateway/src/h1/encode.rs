@@ -240,7 +240,7 @@ pub(crate) fn head(
             return;
         }
         has_date |= crate::headers::name_is(name, b"date");
-        field_line(b, name, value);
+        crate::headers::put_field(b, name, value);
     };
     // An instance's fields first, as it sent them, then what the gateway
     // set beside them (both from `Relayed::iter`), then the map's.
@@ -274,23 +274,6 @@ pub(crate) fn head(
         b.extend_from_slice(b"\r\n");
     }
     b.extend_from_slice(b"\r\n");
-}
-
-/// Writes `name: value` and its line end, in room made for the line at
-/// once (as `outbound` writes an upstream request's fields): four
-/// `extend_from_slice`s each checked the capacity and moved the length.
-fn field_line(b: &mut BytesMut, name: &[u8], value: &[u8]) {
-    let (n, v) = (name.len(), value.len());
-    let len = n + v + 4;
-    b.reserve(len);
-    let line = &mut b.spare_capacity_mut()[..len];
-    line[..n].write_copy_of_slice(name);
-    line[n..n + 2].write_copy_of_slice(b": ");
-    line[n + 2..n + 2 + v].write_copy_of_slice(value);
-    line[n + 2 + v..].write_copy_of_slice(b"\r\n");
-    // SAFETY: the `len` bytes past the length were written just above:
-    // `line` is exactly `len` long, and its four parts cover it.
-    unsafe { b.set_len(b.len() + len) };
 }
 
 /// A response's fields as the head is written: its map and, for a response
