@@ -128,11 +128,14 @@ async fn browse_quote_and_order() {
             .starts_with("Bearer")
     );
 
-    // Sign up and in with the accounts service, order, read it back.
+    // Sign up and in with the accounts service, order, read it back. The
+    // order is placed in a trace of the client's.
     let token = sign_in(&http, system.gateway_url(), "e2e@example.com").await;
+    let trace_id = "5c0ffee0e2e0000000000000000000a1";
     let placed = http
         .post(system.url("/api/orders"))
         .bearer_auth(&token)
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
         .json(&json!({"items": [{"sku": id, "quantity": 2}], "payment": {"card": "4242 4242 4242 4242"}}))
         .send()
         .await
@@ -140,6 +143,20 @@ async fn browse_quote_and_order() {
     assert_eq!(placed.status(), 201);
     let order: Value = placed.json().await.unwrap();
     let order_id = order["id"].as_str().expect("order id");
+    // One trace id joins the request's lines in every log: the gateway's
+    // access log, the orders service's while it placed the order, and the
+    // inventory service's while it handled the event that order published.
+    for (log, line_of) in [
+        ("gateway-access", "/api/orders"),
+        ("orders-", "order placed"),
+        ("inventory-", "order.placed handled"),
+    ] {
+        let found = logged_in_trace(system.data_dir(), log, trace_id, line_of).await;
+        assert!(
+            found,
+            "no {log}* log line `{line_of}` with trace_id {trace_id}"
+        );
+    }
     assert!(order["total_cents"].as_i64().unwrap_or(0) > 0, "{order}");
     let back: Value = http
         .get(system.url(&format!("/api/orders/{order_id}")))
@@ -250,6 +267,34 @@ async fn browse_quote_and_order() {
 }
 
 /// `[gateway] response_headers` in the shop's manifest, on every response.
+/// Whether, within a few seconds, a JSON line of a log in `data_dir`'s
+/// `logs` whose file name starts with `log` has `trace_id` and names
+/// `text` (its message, or the path of an access-log line).
+async fn logged_in_trace(
+    data_dir: &std::path::Path,
+    log: &str,
+    trace_id: &str,
+    text: &str,
+) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let logs = data_dir.join("logs");
+    while std::time::Instant::now() < deadline {
+        let files = std::fs::read_dir(&logs).into_iter().flatten().flatten();
+        for file in files.filter(|f| f.file_name().to_string_lossy().starts_with(log)) {
+            let text_of = std::fs::read_to_string(file.path()).unwrap_or_default();
+            let found = text_of
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .any(|l| l["trace_id"] == trace_id && (l["message"] == text || l["path"] == text));
+            if found {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 fn assert_security_headers(res: &reqwest::Response) {
     for (name, value) in [
         ("x-content-type-options", "nosniff"),
