@@ -129,9 +129,6 @@ pub(crate) fn put_field(out: &mut impl HeadBuffer, name: &[u8], value: &[u8]) {
     unsafe { out.filled(len) };
 }
 
-/// The bits of the fixed hop-by-hop set ([`is_hop_by_hop`]).
-const HOP_BY_HOP_BITS: u64 = name_bits(&HOP_BY_HOP);
-
 /// Whether a field named `name` (any case) is hop-by-hop whatever
 /// `Connection` says.
 fn is_hop_by_hop(name: &[u8]) -> bool {
@@ -247,17 +244,18 @@ pub(crate) fn forward_fields(
         "traceparent",
         "tracestate",
     ]);
-    const LEFT_OUT: u64 = HOP_BY_HOP_BITS
-        | name_bits(&[
-            "expect",
-            "content-length",
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "forwarded",
-            "traceparent",
-            "tracestate",
-        ]);
+    // Left out besides the hop-by-hop ones (`is_hop_by_hop` settles most
+    // names by length and first byte itself).
+    const LEFT_OUT: u64 = name_bits(&[
+        "expect",
+        "content-length",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+        "traceparent",
+        "tracestate",
+    ]);
     // One pass to learn what the second needs.
     let (mut connection, mut chain) = (false, false);
     let mut host: Option<&[u8]> = None;
@@ -299,17 +297,15 @@ pub(crate) fn forward_fields(
     };
     for (name, value) in headers {
         let raw = name.as_str().as_bytes();
-        let left_out = (name_bit(raw) & LEFT_OUT != 0
-            && (is_hop_by_hop(raw)
-                || match raw {
+        let left_out = is_hop_by_hop(raw)
+            || (name_bit(raw) & LEFT_OUT != 0
+                && match raw {
                     b"expect" | b"content-length" | b"x-forwarded-for" | b"x-forwarded-proto"
                     | b"x-forwarded-host" => true,
                     b"forwarded" => !fwd.trust_chain,
                     b"traceparent" | b"tracestate" => drop_trace,
                     _ => false,
-                }))
-            // Every `Proxy-*`, whatever its bit.
-            || (raw.first() == Some(&b'p') && is_hop_by_hop(raw))
+                })
             || named_by_connection(raw);
         if !left_out {
             put(raw, value.as_bytes());
