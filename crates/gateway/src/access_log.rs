@@ -549,7 +549,7 @@ mod tests {
         let (path, log, writer) = open_log(&dir).await;
         let req = request("/a/b?token=secret");
         let peer = IpAddr::from([10, 0, 0, 2]);
-        let mut entry = log.begin(&req, RequestId::keep_or_generate(None), peer);
+        let mut entry = log.begin(&req, RequestId::of(&mut http::HeaderMap::new()), peer);
         // The client the edge found behind the proxy at `peer`.
         let served = Served {
             client: Some(IpAddr::from([203, 0, 113, 9])),
@@ -587,7 +587,11 @@ mod tests {
         };
         let (path, log, writer) = open_log(&dir).await;
         let peer = IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 7]);
-        let entry = log.begin(&request("/slow"), RequestId::keep_or_generate(None), peer);
+        let entry = log.begin(
+            &request("/slow"),
+            RequestId::of(&mut http::HeaderMap::new()),
+            peer,
+        );
         // The request's future, holding the entry, is dropped before any
         // response.
         drop(entry);

@@ -17,7 +17,7 @@
 //!   `Cache-Control` forbids it (`no-store`, `private`, `no-cache`), it
 //!   sets no cookie (a shared cache would hand one client's session to the
 //!   next, so Varnish and most CDNs refuse these too), it does not vary on
-//!   `*`, and its body is whole and no larger than `max_entry_bytes`. A
+//!   `*` (or on `X-Request-Id`, which differs for every request), and its body is whole and no larger than `max_entry_bytes`. A
 //!   response to a request with `Authorization` is kept only when it says
 //!   it may be shared (`public`, `s-maxage`, `must-revalidate`, §3.5);
 //!   so is one to a request over a connection with a client certificate,
@@ -1286,7 +1286,12 @@ impl Miss {
     fn freshness(&self, cache: &RouteCache, reply: &Reply, said: &Directives) -> Option<Duration> {
         if !cacheable_status(reply.res.status())
             || reply.values(&SET_COOKIE).next().is_some()
-            || list_elements(reply.values(&VARY)).any(|v| v == b"*")
+            // Varying on the request id, unique to each request, is
+            // varying on everything, as `*` is (and the id the gateway
+            // made is not among the request's fields, which a `Vary` is
+            // read from).
+            || list_elements(reply.values(&VARY))
+                .any(|v| v == b"*" || v.eq_ignore_ascii_case(b"x-request-id"))
         {
             return None;
         }

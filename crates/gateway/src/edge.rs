@@ -430,7 +430,7 @@ pub(crate) fn handle<'a>(
                             req,
                             conn,
                             Arc::clone(route),
-                            client,
+                            (client, request_id.unsent()),
                             refresh,
                         );
                     }
@@ -461,9 +461,15 @@ pub(crate) fn handle<'a>(
         // Boxed: the rare path would otherwise make every request's
         // future, and each move of it, that much larger.
         if !route.mirrors.is_empty() && tunnel.is_none() {
-            Box::pin(mirror::send(proxy, &mut req, conn, route, client)).await;
+            Box::pin(mirror::send(
+                proxy, &mut req, conn, route, client, request_id,
+            ))
+            .await;
         }
-        match proxy.forward(req, conn, route, client).await {
+        match proxy
+            .forward(req, conn, route, client, request_id.unsent())
+            .await
+        {
             Ok((mut reply, answered)) => {
                 if let Some(mut slot) = tunnel {
                     // An open tunnel is a request in flight until it closes.
@@ -481,7 +487,14 @@ pub(crate) fn handle<'a>(
                     (Some(miss), Some(cache)) => {
                         miss.keep(cache, &mut reply, clock::now())
                             .map(|(miss, again)| {
-                                Box::pin(fetch_again(proxy, again, conn, route, client, miss))
+                                Box::pin(fetch_again(
+                                    proxy,
+                                    again,
+                                    conn,
+                                    route,
+                                    (client, request_id.unsent()),
+                                    miss,
+                                ))
                             })
                     }
                     _ => None,
@@ -566,10 +579,10 @@ async fn fetch_again(
     req: Request<Body>,
     conn: ConnInfo,
     route: &Route,
-    client: ClientAddr,
+    (client, request_id): (ClientAddr, Option<HeaderValue>),
     miss: Miss,
 ) -> Result<(Reply, Upstream), Rejection> {
-    let (mut reply, answered) = proxy.forward(req, conn, route, client).await?;
+    let (mut reply, answered) = proxy.forward(req, conn, route, client, request_id).await?;
     if let Some(cache) = &route.policy.cache {
         // No longer asking with validators: never sent a third time.
         let _ = miss.keep(cache, &mut reply, clock::now());
@@ -589,18 +602,23 @@ fn revalidate(
     req: Request<Body>,
     conn: ConnInfo,
     route: Arc<Route>,
-    client: ClientAddr,
+    (client, request_id): (ClientAddr, Option<HeaderValue>),
     refresh: Miss,
 ) {
     tokio::spawn(async move {
         let Some(cache) = &route.policy.cache else {
             return;
         };
-        let fetched = match proxy.forward(req, conn, &route, client).await {
+        let fetched = match proxy
+            .forward(req, conn, &route, client, request_id.clone())
+            .await
+        {
             Ok((mut reply, answered)) => match refresh.keep(cache, &mut reply, clock::now()) {
                 None => Ok((reply, answered)),
                 // A 304 about another response: fetched whole now.
-                Some((miss, again)) => fetch_again(&proxy, again, conn, &route, client, miss).await,
+                Some((miss, again)) => {
+                    fetch_again(&proxy, again, conn, &route, (client, request_id), miss).await
+                }
             },
             Err(rejection) => Err(rejection),
         };

@@ -186,7 +186,7 @@ pub(crate) fn hop_by_hop_given<'h>(
 /// What the gateway tells an instance about who sent a request: decided
 /// where the request arrived, written into the upstream request head by
 /// [`forward_fields`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Forwarding {
     /// The peer the request came from.
     pub peer: IpAddr,
@@ -199,6 +199,10 @@ pub(crate) struct Forwarding {
     /// The trace to send the request in when it brings no `traceparent`
     /// to keep (`trace`); `None`: the request's fields as they are.
     pub trace: Option<crate::trace::Started>,
+    /// The request's id when its fields do not hold it (one the gateway
+    /// made: `RequestId::unsent`); any `X-Request-Id` they hold is then
+    /// left out.
+    pub request_id: Option<HeaderValue>,
 }
 
 /// The fields of a client's request `parts` as they go to an instance,
@@ -219,7 +223,9 @@ pub(crate) struct Forwarding {
 ///   proxy the right-most element of the one it sent: the name its client
 ///   asked it for;
 /// - `traceparent` is the request's when it has exactly one, well-formed,
-///   else `fwd.trace`'s, and then `tracestate` is left out with it.
+///   else `fwd.trace`'s, and then `tracestate` is left out with it;
+/// - `X-Request-Id` is `fwd.request_id` when there is one, else the
+///   request's.
 ///
 /// Returns whether a `Host` was put (if not, the caller names the
 /// instance).
@@ -255,6 +261,7 @@ pub(crate) fn forward_fields(
         "forwarded",
         "traceparent",
         "tracestate",
+        "x-request-id",
     ]);
     // One pass to learn what the second needs.
     let (mut connection, mut chain) = (false, false);
@@ -304,6 +311,7 @@ pub(crate) fn forward_fields(
                     | b"x-forwarded-host" => true,
                     b"forwarded" => !fwd.trust_chain,
                     b"traceparent" | b"tracestate" => drop_trace,
+                    b"x-request-id" => fwd.request_id.is_some(),
                     _ => false,
                 })
             || named_by_connection(raw);
@@ -353,6 +361,12 @@ pub(crate) fn forward_fields(
         put(
             crate::trace::TRACEPARENT.as_str().as_bytes(),
             &started.text(),
+        );
+    }
+    if let Some(id) = &fwd.request_id {
+        put(
+            crate::request_id::X_REQUEST_ID.as_str().as_bytes(),
+            id.as_bytes(),
         );
     }
     host.is_some()
@@ -666,6 +680,7 @@ pub(crate) mod tests {
             trust_chain,
             proto,
             trace: None,
+            request_id: None,
         };
         let mut out = Vec::new();
         let host = forward_fields(&parts, &fwd, |name, value| {
@@ -721,6 +736,41 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_made_request_id_is_sent_in_place_of_the_fields_one() {
+        let sent = |pairs: &[(&'static str, &'static str)], id: Option<&'static str>| {
+            let (mut parts, ()) = http::Request::get("/")
+                .body(())
+                .unwrap_or_default()
+                .into_parts();
+            parts.headers = map(pairs);
+            let fwd = Forwarding {
+                peer: IpAddr::from([10, 0, 0, 1]),
+                trust_chain: false,
+                proto: "http",
+                trace: None,
+                request_id: id.map(HeaderValue::from_static),
+            };
+            let mut out: Vec<(String, String)> = Vec::new();
+            forward_fields(&parts, &fwd, |name, value| {
+                out.push((
+                    String::from_utf8_lossy(name).into_owned(),
+                    String::from_utf8_lossy(value).into_owned(),
+                ));
+            });
+            out
+        };
+        // The fields' own (a client's id, kept).
+        let f = sent(&[("x-request-id", "client-1"), ("accept", "*/*")], None);
+        assert_eq!(one(&f, "x-request-id"), Some("client-1"));
+        // One the gateway made, written once, whatever the fields hold.
+        let f = sent(&[("accept", "*/*")], Some("made-1"));
+        assert_eq!(one(&f, "x-request-id"), Some("made-1"));
+        let f = sent(&[("x-request-id", "client-2")], Some("made-2"));
+        assert_eq!(one(&f, "x-request-id"), Some("made-2"));
+        assert_eq!(one(&f, "accept"), None);
+    }
+
+    #[test]
     fn a_good_traceparent_is_kept_and_anything_else_replaced_without_its_state() {
         let given = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let started = crate::trace::Started::new();
@@ -736,6 +786,7 @@ pub(crate) mod tests {
                 trust_chain: false,
                 proto: "http",
                 trace: Some(started),
+                request_id: None,
             };
             let mut out: Vec<(String, String)> = Vec::new();
             forward_fields(&parts, &fwd, |name, value| {

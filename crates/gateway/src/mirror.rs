@@ -25,6 +25,7 @@ use rand::Rng;
 use crate::body::{self, Body};
 use crate::edge::ClientAddr;
 use crate::proxy::Proxy;
+use crate::request_id::RequestId;
 use crate::routes::Route;
 use crate::server::ConnInfo;
 use crate::stats;
@@ -56,15 +57,16 @@ impl Drop for Slot {
     }
 }
 
-/// Sends copies of `req` (about to be forwarded on `route`) to the mirrors
-/// whose share it falls in. May read a small body whole, leaving `req`
-/// with the same bytes.
+/// Sends copies of `req` (about to be forwarded on `route`, with
+/// `request_id`) to the mirrors whose share it falls in. May read a small
+/// body whole, leaving `req` with the same bytes.
 pub(crate) async fn send(
     proxy: &Proxy,
     req: &mut Request<Body>,
     conn: ConnInfo,
     route: &Route,
     client: ClientAddr,
+    request_id: &RequestId,
 ) {
     let label = route.pattern.as_str();
     let chosen: Vec<&Arc<Route>> = route
@@ -114,12 +116,13 @@ pub(crate) async fn send(
             continue;
         };
         let copy = copy_of(req, bytes.clone());
+        let request_id = request_id.unsent();
         let proxy = proxy.detached();
         let mirror = Arc::clone(mirror);
         tokio::spawn(async move {
             let _slot = slot;
             let label = mirror.pattern.as_str();
-            let result = match proxy.forward(copy, conn, &mirror, client).await {
+            let result = match proxy.forward(copy, conn, &mirror, client, request_id).await {
                 Ok((reply, _answered)) => {
                     // Read to the end, so the connection can be used again;
                     // no longer than the route may take.

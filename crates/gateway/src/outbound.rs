@@ -1125,6 +1125,7 @@ mod tests {
                 trust_chain: false,
                 proto: "http",
                 trace: None,
+                request_id: None,
             },
         }
     }

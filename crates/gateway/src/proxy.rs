@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode, Version};
+use http::{HeaderValue, Method, Request, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use rand::Rng;
@@ -141,7 +141,8 @@ impl Proxy {
 
     /// Forwards `req`, matched to `route`, and relays the response, with
     /// the instance that answered it. `client` is who sent it, as the edge
-    /// found (for `X-Forwarded-For`).
+    /// found (for `X-Forwarded-For`); `request_id` the request's id when its
+    /// fields do not hold it (`RequestId::unsent`).
     ///
     /// The request is taken apart before the future is made, which then
     /// holds it once, as it is sent (an `async fn` would hold it also as it
@@ -152,6 +153,7 @@ impl Proxy {
         conn: ConnInfo,
         route: &'a Route,
         client: ClientAddr,
+        request_id: Option<HeaderValue>,
     ) -> impl Future<Output = Result<(Reply, Upstream), Rejection>> + Send + 'a {
         let (parts, body) = req.into_parts();
         // The `X-Forwarded-*` fields are written with the head.
@@ -162,6 +164,7 @@ impl Proxy {
                 trust_chain: client.via_trusted_proxy,
                 proto: client.proto,
                 trace: Some(client.trace),
+                request_id,
             },
         };
         async move {

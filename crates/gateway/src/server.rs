@@ -32,7 +32,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use http::header::{Entry, SERVER, STRICT_TRANSPORT_SECURITY};
+use http::header::{SERVER, STRICT_TRANSPORT_SECURITY};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
@@ -219,24 +219,14 @@ impl Front {
         conn: ConnInfo,
     ) -> impl Future<Output = Reply> + Send + 'static {
         async move {
-            // Room for what the gateway adds (request id, identity and
-            // forwarding headers) in one allocation rather than a regrowth per
-            // insert. (It fails only near the map's size limit, which the head
+            // Room for what the gateway adds (identity and forwarding
+            // headers) in one allocation rather than a regrowth per insert.
+            // (It fails only near the map's size limit, which the head
             // limits rule out.)
             let _ = req.headers_mut().try_reserve(REQUEST_HEADROOM);
-            // One lookup: the client's id kept in place, or ours put there.
-            let request_id = match req.headers_mut().entry(&X_REQUEST_ID) {
-                Entry::Occupied(mut given) => {
-                    let id = RequestId::keep_or_generate(Some(given.get()));
-                    given.insert(id.header().clone());
-                    id
-                }
-                Entry::Vacant(none) => {
-                    let id = RequestId::keep_or_generate(None);
-                    none.insert(id.header().clone());
-                    id
-                }
-            };
+            // The client's id kept in place, or a new one for the instance's
+            // request head.
+            let request_id = RequestId::of(req.headers_mut());
             // Dropped with this future if the client leaves before the
             // response: then it logs a 499.
             let mut entry = self.log.begin(&req, request_id, conn.peer.ip());

@@ -149,6 +149,20 @@ async fn request_id_is_kept_when_well_formed_and_generated_otherwise() {
         .await;
     assert_eq!(kept.header("x-request-id"), "client-id:42.a_b");
     assert_eq!(kept.json()["headers"]["x-request-id"], "client-id:42.a_b");
+    assert_eq!(kept.json()["request_ids"], 1);
+
+    // Of several, the first well-formed one, alone.
+    let first = client
+        .request(
+            Method::GET,
+            "/a",
+            &[("x-request-id", "first-1"), ("x-request-id", "second-2")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(first.header("x-request-id"), "first-1");
+    assert_eq!(first.json()["headers"]["x-request-id"], "first-1");
+    assert_eq!(first.json()["request_ids"], 1);
 
     let replaced = client
         .request(
@@ -161,10 +175,13 @@ async fn request_id_is_kept_when_well_formed_and_generated_otherwise() {
     let id = replaced.header("x-request-id").to_string();
     assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
     assert_eq!(replaced.json()["headers"]["x-request-id"], id.as_str());
+    assert_eq!(replaced.json()["request_ids"], 1);
 
     let generated = client.get("/a").await;
     let id2 = generated.header("x-request-id").to_string();
     assert!(uuid::Uuid::parse_str(&id2).is_ok(), "{id2}");
+    assert_eq!(generated.json()["headers"]["x-request-id"], id2.as_str());
+    assert_eq!(generated.json()["request_ids"], 1);
     assert_ne!(id, id2);
     gateway.shutdown(T).await;
 }

@@ -262,6 +262,8 @@ async fn handle(
         .path_and_query()
         .map(|pq| pq.as_str().to_string())
         .unwrap_or_default();
+    // How many `x-request-id` lines came: the map below keeps one.
+    let request_ids = req.headers().get_all("x-request-id").iter().count();
     let headers: HashMap<String, String> = req
         .headers()
         .iter()
@@ -315,6 +317,7 @@ async fn handle(
         "method": method,
         "path": path_and_query,
         "headers": headers,
+        "request_ids": request_ids,
         "body_len": body_len,
     });
     let mut res = Response::new(Full::new(Bytes::from(json.to_string())));
