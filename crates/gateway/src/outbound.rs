@@ -99,6 +99,13 @@ pub(crate) struct UpstreamRequest {
     pub forwarding: Forwarding,
 }
 
+impl Drop for UpstreamRequest {
+    /// Its header map, emptied, serves a later request on this thread.
+    fn drop(&mut self) {
+        headers::recycle(std::mem::take(&mut self.parts.headers));
+    }
+}
+
 /// The request body to send.
 pub(crate) enum OutBody {
     /// Known bytes (buffered, so a retry can send them again).

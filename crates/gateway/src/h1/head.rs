@@ -206,7 +206,7 @@ fn headers(
     spans: &[Span],
     version: Version,
 ) -> Result<(HeaderMap, Framing), Invalid> {
-    let mut headers = HeaderMap::with_capacity(spans.len() + HEADROOM);
+    let mut headers = crate::headers::map_with_capacity(spans.len() + HEADROOM);
     let mut seen = Seen::default();
     for span in spans {
         let name = head
