@@ -710,6 +710,28 @@ pub(crate) mod tests {
         );
     }
 
+    /// The fields `forward_fields` writes for a request to `uri` with
+    /// `pairs`, forwarded as `fwd` says, and whether it wrote a `Host`.
+    fn written(
+        pairs: &[(&'static str, &'static str)],
+        uri: &str,
+        fwd: &Forwarding,
+    ) -> (Vec<(String, String)>, bool) {
+        let (mut parts, ()) = http::Request::get(uri)
+            .body(())
+            .unwrap_or_default()
+            .into_parts();
+        parts.headers = map(pairs);
+        let mut out = Vec::new();
+        let host = forward_fields(&parts, fwd, |name, value| {
+            out.push((
+                String::from_utf8_lossy(name).into_owned(),
+                String::from_utf8_lossy(value).into_owned(),
+            ));
+        });
+        (out, host)
+    }
+
     /// The fields `forward_fields` writes for a request with `pairs`, and
     /// whether it wrote a `Host`.
     fn forwarded(
@@ -719,11 +741,6 @@ pub(crate) mod tests {
         trust_chain: bool,
         proto: &'static str,
     ) -> (Vec<(String, String)>, bool) {
-        let (mut parts, ()) = http::Request::get(uri)
-            .body(())
-            .unwrap_or_default()
-            .into_parts();
-        parts.headers = map(pairs);
         let fwd = Forwarding {
             peer: IpAddr::from(peer),
             trust_chain,
@@ -731,14 +748,24 @@ pub(crate) mod tests {
             trace: None,
             request_id: None,
         };
-        let mut out = Vec::new();
-        let host = forward_fields(&parts, &fwd, |name, value| {
-            out.push((
-                String::from_utf8_lossy(name).into_owned(),
-                String::from_utf8_lossy(value).into_owned(),
-            ));
-        });
-        (out, host)
+        written(pairs, uri, &fwd)
+    }
+
+    /// The fields written for a GET of `/` from an untrusted 10.0.0.1,
+    /// with `trace` and `request_id` to send.
+    fn sent(
+        pairs: &[(&'static str, &'static str)],
+        trace: Option<crate::trace::Started>,
+        request_id: Option<&'static str>,
+    ) -> Vec<(String, String)> {
+        let fwd = Forwarding {
+            peer: IpAddr::from([10, 0, 0, 1]),
+            trust_chain: false,
+            proto: "http",
+            trace,
+            request_id: request_id.map(HeaderValue::from_static),
+        };
+        written(pairs, "/", &fwd).0
     }
 
     /// The value of the one field `name` among `fields`.
@@ -832,29 +859,8 @@ pub(crate) mod tests {
 
     #[test]
     fn a_made_request_id_is_sent_in_place_of_the_fields_one() {
-        let sent = |pairs: &[(&'static str, &'static str)], id: Option<&'static str>| {
-            let (mut parts, ()) = http::Request::get("/")
-                .body(())
-                .unwrap_or_default()
-                .into_parts();
-            parts.headers = map(pairs);
-            let fwd = Forwarding {
-                peer: IpAddr::from([10, 0, 0, 1]),
-                trust_chain: false,
-                proto: "http",
-                trace: None,
-                request_id: id.map(HeaderValue::from_static),
-            };
-            let mut out: Vec<(String, String)> = Vec::new();
-            forward_fields(&parts, &fwd, |name, value| {
-                out.push((
-                    String::from_utf8_lossy(name).into_owned(),
-                    String::from_utf8_lossy(value).into_owned(),
-                ));
-            });
-            out
-        };
         // The fields' own (a client's id, kept).
+        let sent = |pairs: &[(&'static str, &'static str)], id| sent(pairs, None, id);
         let f = sent(&[("x-request-id", "client-1"), ("accept", "*/*")], None);
         assert_eq!(one(&f, "x-request-id"), Some("client-1"));
         // One the gateway made, written once, whatever the fields hold.
@@ -870,28 +876,7 @@ pub(crate) mod tests {
         let given = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let started = crate::trace::Started::new();
         let started_text = String::from_utf8_lossy(&started.text()).into_owned();
-        let sent = |pairs: &[(&'static str, &'static str)]| {
-            let (mut parts, ()) = http::Request::get("/")
-                .body(())
-                .unwrap_or_default()
-                .into_parts();
-            parts.headers = map(pairs);
-            let fwd = Forwarding {
-                peer: IpAddr::from([10, 0, 0, 1]),
-                trust_chain: false,
-                proto: "http",
-                trace: Some(started),
-                request_id: None,
-            };
-            let mut out: Vec<(String, String)> = Vec::new();
-            forward_fields(&parts, &fwd, |name, value| {
-                out.push((
-                    String::from_utf8_lossy(name).into_owned(),
-                    String::from_utf8_lossy(value).into_owned(),
-                ));
-            });
-            out
-        };
+        let sent = |pairs: &[(&'static str, &'static str)]| sent(pairs, Some(started), None);
         let f = sent(&[("traceparent", given), ("tracestate", "congo=t61rcWkgMzE")]);
         assert_eq!(one(&f, "traceparent"), Some(given));
         assert_eq!(one(&f, "tracestate"), Some("congo=t61rcWkgMzE"));
