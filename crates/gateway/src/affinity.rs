@@ -70,9 +70,9 @@ pub(crate) fn sticky(
             IpAddr::V6(v6) => keyed(&v6.octets()),
         },
         Affinity::User => identity.map_or(none, |i| keyed(i.rate_key.as_bytes())),
-        Affinity::Header(name) => headers
-            .get(name.as_str())
-            .map_or(none, |v| keyed(v.as_bytes())),
+        Affinity::Header(name) => {
+            crate::jwt::request_field(headers, identity, name).map_or(none, |v| keyed(v.as_bytes()))
+        }
         Affinity::Cookie(name) => match cookie(headers, name) {
             Some(value) => keyed(value),
             None => {
@@ -207,6 +207,15 @@ mod tests {
         assert!(by_header.hash.is_some() && by_header.set_cookie.is_none());
         let missing = sticky(&Affinity::Header("x-other".into()), v4, None, &h, false);
         assert_eq!(missing.hash, None);
+        // An identity field is the verified caller's (not among the
+        // request's fields): the same key as by user's name.
+        let partner = Identity::consumer("partner");
+        let by_id = Affinity::Header("x-flotilla-user-id".into());
+        let id_hash = sticky(&by_id, v4, Some(&partner), &h, false).hash;
+        assert!(id_hash.is_some());
+        let sent = headers(&[("x-flotilla-user-id", "partner")]);
+        assert_eq!(sticky(&by_id, v4, None, &sent, false).hash, id_hash);
+        assert_eq!(sticky(&by_id, v4, None, &h, false).hash, None);
         // No user: balanced freely, not by address.
         assert_eq!(sticky(&Affinity::User, v4, None, &h, false).hash, None);
         let user = Identity::consumer("partner");

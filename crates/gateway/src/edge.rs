@@ -48,6 +48,7 @@ use crate::client_cert::{ClientCert, XFCC};
 use crate::clock;
 use crate::compress;
 use crate::cors::{self, CorsPolicy};
+use crate::headers::Told;
 use crate::ip;
 use crate::jwt::{self, Identity, RouteAuth, USER_HEADER_PREFIX};
 use crate::mirror;
@@ -389,9 +390,13 @@ pub(crate) fn handle<'a>(
             client.affinity = sticky.hash;
             set_cookie = sticky.set_cookie;
         }
-        // Not held across the awaits below: the request's future would
-        // otherwise keep room (and the identity's reference) for it.
-        drop(identity);
+        // What the instance is told besides the request's fields: the id
+        // made here, the caller verified (unless `police` put it among the
+        // fields, for the cache).
+        let told = Told {
+            request_id: request_id.unsent(),
+            identity: identity.filter(|_| route.policy.cache.is_none()),
+        };
         // A sticky split's service, by the client's key: every route of a
         // split has the one policy just applied, and differs only in where
         // it sends the request.
@@ -430,7 +435,7 @@ pub(crate) fn handle<'a>(
                             req,
                             conn,
                             Arc::clone(route),
-                            (client, request_id.unsent()),
+                            (client, told.clone()),
                             refresh,
                         );
                     }
@@ -461,15 +466,11 @@ pub(crate) fn handle<'a>(
         // Boxed: the rare path would otherwise make every request's
         // future, and each move of it, that much larger.
         if !route.mirrors.is_empty() && tunnel.is_none() {
-            Box::pin(mirror::send(
-                proxy, &mut req, conn, route, client, request_id,
-            ))
-            .await;
+            Box::pin(mirror::send(proxy, &mut req, conn, route, client, &told)).await;
         }
-        match proxy
-            .forward(req, conn, route, client, request_id.unsent())
-            .await
-        {
+        // Kept for a second fetch only where a cache may ask for one.
+        let told_again = route.policy.cache.as_ref().map(|_| told.clone());
+        match proxy.forward(req, conn, route, client, told).await {
             Ok((mut reply, answered)) => {
                 if let Some(mut slot) = tunnel {
                     // An open tunnel is a request in flight until it closes.
@@ -492,7 +493,7 @@ pub(crate) fn handle<'a>(
                                     again,
                                     conn,
                                     route,
-                                    (client, request_id.unsent()),
+                                    (client, told_again.unwrap_or_default()),
                                     miss,
                                 ))
                             })
@@ -579,10 +580,10 @@ async fn fetch_again(
     req: Request<Body>,
     conn: ConnInfo,
     route: &Route,
-    (client, request_id): (ClientAddr, Option<HeaderValue>),
+    (client, told): (ClientAddr, Told),
     miss: Miss,
 ) -> Result<(Reply, Upstream), Rejection> {
-    let (mut reply, answered) = proxy.forward(req, conn, route, client, request_id).await?;
+    let (mut reply, answered) = proxy.forward(req, conn, route, client, told).await?;
     if let Some(cache) = &route.policy.cache {
         // No longer asking with validators: never sent a third time.
         let _ = miss.keep(cache, &mut reply, clock::now());
@@ -602,22 +603,19 @@ fn revalidate(
     req: Request<Body>,
     conn: ConnInfo,
     route: Arc<Route>,
-    (client, request_id): (ClientAddr, Option<HeaderValue>),
+    (client, told): (ClientAddr, Told),
     refresh: Miss,
 ) {
     tokio::spawn(async move {
         let Some(cache) = &route.policy.cache else {
             return;
         };
-        let fetched = match proxy
-            .forward(req, conn, &route, client, request_id.clone())
-            .await
-        {
+        let fetched = match proxy.forward(req, conn, &route, client, told.clone()).await {
             Ok((mut reply, answered)) => match refresh.keep(cache, &mut reply, clock::now()) {
                 None => Ok((reply, answered)),
                 // A 304 about another response: fetched whole now.
                 Some((miss, again)) => {
-                    fetch_again(&proxy, again, conn, &route, (client, request_id), miss).await
+                    fetch_again(&proxy, again, conn, &route, (client, told), miss).await
                 }
             },
             Err(rejection) => Err(rejection),
@@ -745,12 +743,7 @@ async fn police<'a>(
             None => Err(KeyError::Invalid),
         };
         match result {
-            Ok(id) => {
-                for (name, value) in &id.headers {
-                    req.headers_mut().insert(name.clone(), value.clone());
-                }
-                identity = Some(id);
-            }
+            Ok(id) => identity = Some(id),
             Err(error) => {
                 stats::auth_failed(label, error.reason());
                 let header = routing.keys.as_ref().map_or_else(
@@ -771,17 +764,25 @@ async fn police<'a>(
             // No bearer token on an optional route: an anonymous caller
             // (the identity headers a client sent are already gone).
             Err(jwt::AuthError::Missing) if matches!(policy.auth, RouteAuth::Optional) => {}
-            Ok(id) => {
-                for (name, value) in &id.headers {
-                    req.headers_mut().insert(name.clone(), value.clone());
-                }
-                identity = Some(id);
-            }
+            Ok(id) => identity = Some(id),
             Err(e) => {
                 stats::auth_failed(label, e.reason());
                 tracing::debug!(target: "flotilla::gateway", route = label, reason = e.reason(), "request refused by JWT policy");
                 return Err(Rejection::Auth(e));
             }
+        }
+    }
+
+    // The caller's fields go to the instance with the request
+    // (`headers::Told`), and are put among the request's fields only on a
+    // route that keeps responses: a response may vary on them
+    // (`Vary: x-flotilla-user-id`), and the cache reads the request's
+    // fields.
+    if policy.cache.is_some()
+        && let Some(id) = &identity
+    {
+        for (name, value) in &id.headers {
+            req.headers_mut().insert(name.clone(), value.clone());
         }
     }
 
@@ -834,16 +835,18 @@ fn rate_key<'a>(
             None => Cow::Owned(ip()),
         },
         RateLimitKey::Route => Cow::Borrowed(""),
-        RateLimitKey::Header(name) => Cow::Owned(match headers.get(name) {
-            Some(v) if v.len() <= MAX_KEY_BYTES => {
-                format!("h:{}", String::from_utf8_lossy(v.as_bytes()))
-            }
-            Some(v) => {
-                let digest = ring::digest::digest(&ring::digest::SHA256, v.as_bytes());
-                format!("h#{}", hex::encode(digest))
-            }
-            None => format!("ip:{}", ip()),
-        }),
+        RateLimitKey::Header(name) => {
+            Cow::Owned(match jwt::request_field(headers, identity, name) {
+                Some(v) if v.len() <= MAX_KEY_BYTES => {
+                    format!("h:{}", String::from_utf8_lossy(v.as_bytes()))
+                }
+                Some(v) => {
+                    let digest = ring::digest::digest(&ring::digest::SHA256, v.as_bytes());
+                    format!("h#{}", hex::encode(digest))
+                }
+                None => format!("ip:{}", ip()),
+            })
+        }
     }
 }
 
@@ -897,6 +900,18 @@ mod tests {
         );
         assert_eq!(
             rate_key(&RateLimitKey::Header(name), client, None, &HeaderMap::new()),
+            "ip:192.0.2.1"
+        );
+        // An identity field is the verified caller's, which the request's
+        // fields do not hold.
+        let user = Identity::consumer("partner");
+        let by_user = RateLimitKey::Header("x-flotilla-user-id".into());
+        assert_eq!(
+            rate_key(&by_user, client, Some(&user), &HeaderMap::new()),
+            "h:partner"
+        );
+        assert_eq!(
+            rate_key(&by_user, client, None, &HeaderMap::new()),
             "ip:192.0.2.1"
         );
     }

@@ -24,8 +24,8 @@ use rand::Rng;
 
 use crate::body::{self, Body};
 use crate::edge::ClientAddr;
+use crate::headers::Told;
 use crate::proxy::Proxy;
-use crate::request_id::RequestId;
 use crate::routes::Route;
 use crate::server::ConnInfo;
 use crate::stats;
@@ -57,8 +57,8 @@ impl Drop for Slot {
     }
 }
 
-/// Sends copies of `req` (about to be forwarded on `route`, with
-/// `request_id`) to the mirrors whose share it falls in. May read a small
+/// Sends copies of `req` (about to be forwarded on `route`, the instance
+/// `told` what it is told) to the mirrors whose share it falls in. May read a small
 /// body whole, leaving `req` with the same bytes.
 pub(crate) async fn send(
     proxy: &Proxy,
@@ -66,7 +66,7 @@ pub(crate) async fn send(
     conn: ConnInfo,
     route: &Route,
     client: ClientAddr,
-    request_id: &RequestId,
+    told: &Told,
 ) {
     let label = route.pattern.as_str();
     let chosen: Vec<&Arc<Route>> = route
@@ -116,13 +116,13 @@ pub(crate) async fn send(
             continue;
         };
         let copy = copy_of(req, bytes.clone());
-        let request_id = request_id.unsent();
+        let told = told.clone();
         let proxy = proxy.detached();
         let mirror = Arc::clone(mirror);
         tokio::spawn(async move {
             let _slot = slot;
             let label = mirror.pattern.as_str();
-            let result = match proxy.forward(copy, conn, &mirror, client, request_id).await {
+            let result = match proxy.forward(copy, conn, &mirror, client, told).await {
                 Ok((reply, _answered)) => {
                     // Read to the end, so the connection can be used again;
                     // no longer than the route may take.

@@ -33,7 +33,7 @@
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
-use std::mem::MaybeUninit;
+use std::mem::{ManuallyDrop, MaybeUninit};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -95,14 +95,30 @@ pub(crate) enum SendError {
 // Cloned only by tests that send one request twice.
 #[cfg_attr(test, derive(Clone))]
 pub(crate) struct UpstreamRequest {
-    pub parts: Parts,
+    /// Taken apart as it is dropped, for its header map.
+    pub parts: ManuallyDrop<Parts>,
     pub forwarding: Forwarding,
 }
 
+impl UpstreamRequest {
+    pub(crate) fn new(parts: Parts, forwarding: Forwarding) -> UpstreamRequest {
+        UpstreamRequest {
+            parts: ManuallyDrop::new(parts),
+            forwarding,
+        }
+    }
+}
+
 impl Drop for UpstreamRequest {
-    /// Its header map, emptied, serves a later request on this thread.
+    /// Its header map, emptied, serves a later request on this thread
+    /// (`headers::recycle`). Moved out of the parts, not swapped for an
+    /// empty map that would then be dropped (~60 instructions).
     fn drop(&mut self) {
-        headers::recycle(std::mem::take(&mut self.parts.headers));
+        // SAFETY: `parts` is taken once, here, and never used again: the
+        // request is being dropped, and `ManuallyDrop` keeps it from being
+        // dropped a second time.
+        let parts = unsafe { ManuallyDrop::take(&mut self.parts) };
+        headers::recycle(parts.headers);
     }
 }
 
@@ -1125,16 +1141,16 @@ mod tests {
         parts
             .headers
             .insert(header::HOST, HeaderValue::from_static("shop.test"));
-        UpstreamRequest {
+        UpstreamRequest::new(
             parts,
-            forwarding: Forwarding {
+            Forwarding {
                 peer: std::net::IpAddr::from([192, 0, 2, 1]),
                 trust_chain: false,
                 proto: "http",
                 trace: None,
-                request_id: None,
+                told: Default::default(),
             },
-        }
+        )
     }
 
     /// A fake instance: answers each request head it reads with the next

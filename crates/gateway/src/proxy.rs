@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, StatusCode, Version};
+use http::{Method, Request, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use rand::Rng;
@@ -35,7 +35,7 @@ use crate::balance;
 use crate::body::{self, Body};
 use crate::config::Limits;
 use crate::edge::ClientAddr;
-use crate::headers::Forwarding;
+use crate::headers::{Forwarding, Told};
 use crate::outbound::{OutBody, Outbound, SendError, UpstreamRequest};
 use crate::rejection::Rejection;
 use crate::relayed::Reply;
@@ -141,8 +141,8 @@ impl Proxy {
 
     /// Forwards `req`, matched to `route`, and relays the response, with
     /// the instance that answered it. `client` is who sent it, as the edge
-    /// found (for `X-Forwarded-For`); `request_id` the request's id when its
-    /// fields do not hold it (`RequestId::unsent`).
+    /// found (for `X-Forwarded-For`); `told` what the instance is told
+    /// besides the request's fields (its id, the verified caller).
     ///
     /// The request is taken apart before the future is made, which then
     /// holds it once, as it is sent (an `async fn` would hold it also as it
@@ -153,20 +153,20 @@ impl Proxy {
         conn: ConnInfo,
         route: &'a Route,
         client: ClientAddr,
-        request_id: Option<HeaderValue>,
+        told: Told,
     ) -> impl Future<Output = Result<(Reply, Upstream), Rejection>> + Send + 'a {
         let (parts, body) = req.into_parts();
         // The `X-Forwarded-*` fields are written with the head.
-        let req = UpstreamRequest {
+        let req = UpstreamRequest::new(
             parts,
-            forwarding: Forwarding {
+            Forwarding {
                 peer: conn.peer.ip(),
                 trust_chain: client.via_trusted_proxy,
                 proto: client.proto,
                 trace: Some(client.trace),
-                request_id,
+                told,
             },
-        };
+        );
         async move {
             let deadline = crate::clock::now() + route.timeout;
             let timed_out = || Rejection::UpstreamTimeout {

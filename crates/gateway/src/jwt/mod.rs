@@ -253,6 +253,28 @@ impl Identity {
     pub(crate) fn consumer_name(&self) -> Option<&String> {
         self.consumer.as_ref()
     }
+
+    /// The value it gives the identity field `name` (lower case), if any.
+    pub(crate) fn field(&self, name: &str) -> Option<&HeaderValue> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.as_str() == name)
+            .map(|(_, v)| v)
+    }
+}
+
+/// The field `name` (lower case) of a request with `headers`, whose
+/// caller is `identity`: the identity's fields (`x-flotilla-user-id`, the
+/// forwarded claims) reach the instance with the request, but are not put
+/// among its fields (`headers::Told`).
+pub(crate) fn request_field<'a>(
+    headers: &'a HeaderMap,
+    identity: Option<&'a Identity>,
+    name: &str,
+) -> Option<&'a HeaderValue> {
+    identity
+        .and_then(|i| i.field(name))
+        .or_else(|| headers.get(name))
 }
 
 /// An authentication or authorization failure.

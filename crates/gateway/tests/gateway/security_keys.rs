@@ -210,5 +210,27 @@ async fn one_consumer_s_answer_is_never_kept_for_another() {
     get(&client, "/k/shared", &public).await;
     let other = get(&client, "/k/shared", &[("x-api-key", "key-b")]).await;
     assert!(other.header("cache-status").contains("hit"));
+    // One that varies on the caller is kept once per consumer.
+    let per_caller = |key| {
+        [
+            ("x-api-key", key),
+            ("x-reply-cache-control", "public, max-age=60"),
+            ("x-reply-vary", "x-flotilla-user-id"),
+        ]
+    };
+    let a = get(&client, "/k/each", &per_caller("key-a")).await;
+    assert_eq!(a.json()["headers"]["x-flotilla-user-id"], "partner-a");
+    let b = get(&client, "/k/each", &per_caller("key-b")).await;
+    assert!(
+        b.header("cache-status").contains("fwd=vary-miss"),
+        "{}",
+        b.header("cache-status")
+    );
+    assert_eq!(b.json()["headers"]["x-flotilla-user-id"], "partner-b");
+    for (key, consumer) in [("key-a", "partner-a"), ("key-b", "partner-b")] {
+        let again = get(&client, "/k/each", &per_caller(key)).await;
+        assert!(again.header("cache-status").contains("hit"), "{key}");
+        assert_eq!(again.json()["headers"]["x-flotilla-user-id"], consumer);
+    }
     gateway.shutdown(T).await;
 }
