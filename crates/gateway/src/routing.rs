@@ -50,6 +50,9 @@ pub(crate) struct Routing {
     /// Whether responses may be gzipped (`Outgoing::compression`), so
     /// that a request's `Accept-Encoding` is read only then.
     pub compression: bool,
+    /// Whether any policy answers CORS (the system's or a route's), so
+    /// that a request's `Origin` is looked up only then.
+    pub cors: bool,
     backend: RateLimitBackend,
     /// The store of the routes with `cache`, if any has.
     cache: Option<Arc<ResponseCache>>,
@@ -260,6 +263,7 @@ impl Routing {
             ip_rules: config.ip.as_ref().map(IpConfig::rules),
             ip: config.ip.clone(),
             compression: compression.is_some(),
+            cors: config.cors.is_some() || config.routes.iter().any(|r| r.cors.is_some()),
             backend: backend.clone(),
             cache,
         })

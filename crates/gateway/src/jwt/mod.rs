@@ -221,6 +221,8 @@ pub(crate) struct Identity {
     /// `u:<sub>`, the caller's key under `per user` rate limits, made once
     /// per verified token rather than once per request.
     pub rate_key: Box<str>,
+    /// Its hash in the rate limits' memory stores, made once with it.
+    pub rate_key_hash: u64,
     scopes: Vec<String>,
     claims: Map<String, Value>,
     /// Seconds since the epoch.
@@ -236,8 +238,10 @@ impl Identity {
     /// ([`crate::apikey::KeyVerifier`]): `x-flotilla-user-id: <name>`, and
     /// its own count under `per user` rate limits.
     pub(crate) fn consumer(name: &str) -> Identity {
+        let rate_key: Box<str> = format!("k:{name}").into();
         Identity {
-            rate_key: format!("k:{name}").into(),
+            rate_key_hash: crate::ratelimit::gcra::key_hash(&rate_key),
+            rate_key,
             scopes: Vec::new(),
             claims: Map::new(),
             exp: f64::INFINITY,
@@ -473,8 +477,10 @@ impl Verifier {
                 .collect(),
             _ => Vec::new(),
         };
+        let rate_key: Box<str> = format!("u:{sub}").into();
         Ok(Identity {
-            rate_key: format!("u:{sub}").into(),
+            rate_key_hash: crate::ratelimit::gcra::key_hash(&rate_key),
+            rate_key,
             scopes,
             claims,
             exp,
@@ -813,6 +819,7 @@ mod tests {
         };
         Identity {
             rate_key: "u:u".into(),
+            rate_key_hash: 0,
             scopes: scopes.split(' ').map(String::from).collect(),
             claims,
             exp: 0.0,

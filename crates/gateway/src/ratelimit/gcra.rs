@@ -10,10 +10,10 @@
 //! one client's limit more lenient, never anyone else's stricter.
 
 use std::hash::{BuildHasher, RandomState};
+use std::sync::{LazyLock, Mutex};
+use std::time::Instant;
 
 use hashbrown::HashTable;
-use std::sync::Mutex;
-use std::time::Instant;
 
 use super::{Decision, RateLimit};
 
@@ -35,9 +35,21 @@ struct Entry {
 
 pub(crate) struct Store {
     epoch: Instant,
-    hasher: RandomState,
     shards: Box<[Shard]>,
     per_shard: usize,
+}
+
+/// The hasher of every store's keys: std's SipHash, whose DoS resistance
+/// is kept since keys can be client-chosen (`per header`), with one random
+/// seed per process rather than per store, so that a key's hash can be
+/// made once where the key is made once (a verified caller's,
+/// `jwt::Identity`) instead of on every request (~190 instructions,
+/// `instructions.sh`).
+static HASHER: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+
+/// `key`'s hash in every store of this process.
+pub(crate) fn key_hash(key: &str) -> u64 {
+    HASHER.hash_one(key)
 }
 
 /// The GCRA step: `tat` is the stored arrival time (0 for a new key).
@@ -63,7 +75,6 @@ impl Store {
         let per_shard = max_keys.div_ceil(SHARDS).max(1);
         Store {
             epoch: Instant::now(),
-            hasher: RandomState::new(),
             shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
             per_shard,
         }
@@ -85,12 +96,14 @@ impl Store {
     }
 
     pub(crate) fn check(&self, limit: &RateLimit, key: &str) -> Decision {
-        // One `SipHash` of the key picks both the shard and the slot in it.
-        // Keys can be client-chosen (`per header`), so the std hasher's DoS
-        // resistance is kept rather than a faster one. The shard comes from
-        // middle bits: the table indexes by the low ones and tags by the
-        // top seven.
-        let hash = self.hasher.hash_one(key);
+        self.check_hashed(limit, key, key_hash(key))
+    }
+
+    /// Counts a request under `key`, whose hash (`key_hash`) is `hash`.
+    pub(crate) fn check_hashed(&self, limit: &RateLimit, key: &str, hash: u64) -> Decision {
+        // One hash of the key picks both the shard and the slot in it. The
+        // shard comes from middle bits: the table indexes by the low ones
+        // and tags by the top seven.
         let shard = &self.shards[(hash >> 32) as usize % SHARDS];
         // A panic cannot leave a `u64` half-written; keep counting.
         let mut table = shard.lock().unwrap_or_else(|e| e.into_inner());
@@ -127,7 +140,7 @@ impl Store {
     /// stays counted, and an arrival time before now is the same as now,
     /// so the key ends as if the request had never come.
     pub(crate) fn refund(&self, limit: &RateLimit, key: &str) {
-        let hash = self.hasher.hash_one(key);
+        let hash = key_hash(key);
         let shard = &self.shards[(hash >> 32) as usize % SHARDS];
         let mut table = shard.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = table.find_mut(hash, |e| *e.key == *key) {

@@ -119,6 +119,26 @@ enum Store {
     Redis(Box<redis::Store>),
 }
 
+/// A request's key under a limit: its text, and its hash in the memory
+/// store when it was made beforehand (a verified caller's key, hashed once
+/// per token: `gcra::key_hash`).
+pub(crate) struct Key<'k> {
+    pub text: Cow<'k, str>,
+    pub hash: Option<u64>,
+}
+
+impl<'k> From<Cow<'k, str>> for Key<'k> {
+    fn from(text: Cow<'k, str>) -> Key<'k> {
+        Key { text, hash: None }
+    }
+}
+
+impl Key<'_> {
+    fn memory_hash(&self) -> u64 {
+        self.hash.unwrap_or_else(|| gcra::key_hash(&self.text))
+    }
+}
+
 impl Store {
     fn new(limit: &RateLimit, backend: &RateLimitBackend, id: &str) -> Store {
         match backend {
@@ -132,19 +152,19 @@ impl Store {
         }
     }
 
-    async fn check(&self, limit: &RateLimit, key: &str) -> Decision {
+    async fn check(&self, limit: &RateLimit, key: &Key<'_>) -> Decision {
         match self {
-            Store::Memory(store) => store.check(limit, key),
+            Store::Memory(store) => store.check_hashed(limit, &key.text, key.memory_hash()),
             // Boxed: the Redis exchange's future is large, and unboxed it
             // would make every request's future larger, memory store or not.
-            Store::Redis(store) => Box::pin(store.check(limit, key)).await,
+            Store::Redis(store) => Box::pin(store.check(limit, &key.text)).await,
         }
     }
 
-    async fn refund(&self, limit: &RateLimit, key: &str) {
+    async fn refund(&self, limit: &RateLimit, key: &Key<'_>) {
         match self {
-            Store::Memory(store) => store.refund(limit, key),
-            Store::Redis(store) => Box::pin(store.refund(limit, key)).await,
+            Store::Memory(store) => store.refund(limit, &key.text),
+            Store::Redis(store) => Box::pin(store.refund(limit, &key.text)).await,
         }
     }
 }
@@ -230,15 +250,17 @@ impl Limiter {
     /// gives for that limit's `RateLimitKey`. The first limit that refuses
     /// it ends the count, and the limits before it are given the request
     /// back: a request refused counts against none of them.
-    pub(crate) async fn check<'k>(&self, key: impl Fn(&RateLimitKey) -> Cow<'k, str>) -> Counted {
+    pub(crate) async fn check<'k>(&self, key: impl Fn(&RateLimitKey) -> Key<'k>) -> Counted {
         if let [part] = &*self.parts {
             // The store matched here, not in an `async fn` of its own: one
             // future less in every limited request's (callgrind: ~200
             // instructions a request).
             let key = key(&part.limit.key);
             return Counted::One(match &*part.store {
-                Store::Memory(store) => store.check(&part.limit, &key),
-                Store::Redis(store) => Box::pin(store.check(&part.limit, &key)).await,
+                Store::Memory(store) => {
+                    store.check_hashed(&part.limit, &key.text, key.memory_hash())
+                }
+                Store::Redis(store) => Box::pin(store.check(&part.limit, &key.text)).await,
             });
         }
         // Boxed: routes with several limits are few, and every request's
@@ -246,7 +268,7 @@ impl Limiter {
         Box::pin(self.check_each(key)).await
     }
 
-    async fn check_each<'k>(&self, key: impl Fn(&RateLimitKey) -> Cow<'k, str>) -> Counted {
+    async fn check_each<'k>(&self, key: impl Fn(&RateLimitKey) -> Key<'k>) -> Counted {
         let mut decisions = Vec::with_capacity(self.parts.len());
         for part in &*self.parts {
             let decision = part.store.check(&part.limit, &key(&part.limit.key)).await;
@@ -441,11 +463,12 @@ mod tests {
         assert_eq!(h["retry-after"], "1");
     }
 
-    fn key_of(key: &RateLimitKey) -> Cow<'static, str> {
+    fn key_of(key: &RateLimitKey) -> Key<'static> {
         Cow::Borrowed(match key {
             RateLimitKey::Route => "",
             _ => "client",
         })
+        .into()
     }
 
     #[tokio::test]
