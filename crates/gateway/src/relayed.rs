@@ -158,6 +158,7 @@ impl Relayed {
                 name,
                 raw,
                 at,
+                in_added: self.added_names & bit != 0,
             }),
             map: None,
         }
@@ -204,6 +205,9 @@ struct Lookup<'a> {
     raw: &'a [u8],
     /// The next of the instance's fields, then of the added ones.
     at: usize,
+    /// Whether any added field may have the name (`added_names`): if not,
+    /// they are not compared once the instance's are done.
+    in_added: bool,
 }
 
 impl<'a> Values<'a> {
@@ -235,7 +239,9 @@ impl<'a> Iterator for Values<'a> {
                     return Some(r.bytes(f.value));
                 }
             }
-            while let Some((n, v)) = r.added.get(l.at - r.fields.len()) {
+            // The instance's field found, its duplicates looked for: the
+            // gateway's are compared only when one may have the name.
+            while let Some((n, v)) = r.added.get(l.at - r.fields.len()).filter(|_| l.in_added) {
                 l.at += 1;
                 if n == l.name {
                     return Some(v.as_bytes());
@@ -448,6 +454,11 @@ mod tests {
             [b"Accept-Encoding".to_vec(), b"Origin".to_vec()]
         );
         assert!(values(&http::header::SET_COOKIE).is_empty());
+        // The instance's alone, with fields of other names added after.
+        assert_eq!(
+            values(&http::header::CONTENT_TYPE),
+            [b"text/plain".to_vec()]
+        );
         let res = reply.into_response();
         let headers = res.headers();
         assert_eq!(headers["content-type"], "text/plain");
