@@ -399,8 +399,7 @@ impl Verifier {
         version: u64,
     ) -> Result<Arc<Identity>, AuthError> {
         let leeway = self.config.leeway.as_secs_f64();
-        // `bearer` let only ASCII through.
-        let text = std::str::from_utf8(token).map_err(|_| AuthError::Invalid("malformed"))?;
+        let text = token_text(token)?;
         let unverified = jws::parse(text, self.config.max_token_bytes).map_err(jws_error)?;
         let key = self
             .store
@@ -554,8 +553,20 @@ fn jws_error(e: JwsError) -> AuthError {
     AuthError::Invalid(e.reason())
 }
 
+/// A token's bytes as text, if they are ASCII, as every token is: checked
+/// only for a token the cache does not hold (it holds verified ones, all
+/// ASCII), not on every request (a word at a time over hundreds of bytes:
+/// ~90 instructions a request, `instructions.sh`).
+fn token_text(token: &[u8]) -> Result<&str, AuthError> {
+    if !token.is_ascii() {
+        return Err(AuthError::Invalid("malformed"));
+    }
+    std::str::from_utf8(token).map_err(|_| AuthError::Invalid("malformed"))
+}
+
 /// The token of `Authorization: Bearer <token>`; exactly one such header.
-/// ASCII, and as bytes: on a cache hit nothing needs it as a `str`.
+/// As bytes: on a cache hit nothing needs it as a `str` (`token_text`
+/// checks it otherwise).
 fn bearer(headers: &HeaderMap) -> Result<&[u8], AuthError> {
     let mut values = headers.get_all(AUTHORIZATION).iter();
     let Some(value) = values.next() else {
@@ -564,19 +575,18 @@ fn bearer(headers: &HeaderMap) -> Result<&[u8], AuthError> {
     if values.next().is_some() {
         return Err(AuthError::Invalid("malformed"));
     }
-    // Checked and split as bytes: `to_str` checks a byte at a time, and a
-    // token is hundreds. A header value holds no control byte but tab, so
-    // all-ASCII is what `to_str` accepts.
+    // Split as bytes: `to_str` checks a byte at a time, and a token is
+    // hundreds. The scheme is a few bytes: a plain scan beats a general
+    // searcher.
     let value = value.as_bytes();
-    if !value.is_ascii() {
-        return Err(AuthError::Invalid("malformed"));
-    }
-    // The scheme is a few bytes: a plain scan beats a general searcher.
     let space = value
         .iter()
         .position(|b| *b == b' ')
         .ok_or(AuthError::Invalid("malformed"))?;
     let (scheme, token) = (&value[..space], &value[space + 1..]);
+    if !scheme.is_ascii() {
+        return Err(AuthError::Invalid("malformed"));
+    }
     if !scheme.eq_ignore_ascii_case(b"bearer") {
         // Another scheme (Basic, ...) is not a token we can check.
         return Err(AuthError::Missing);
@@ -803,9 +813,17 @@ mod tests {
             bearer(&headers("Bearer")),
             Err(AuthError::Invalid("malformed"))
         );
+        // A token that is not ASCII is no token: refused before it is
+        // parsed, when the cache does not hold it (which it never can).
         let latin1 = HeaderValue::from_bytes(b"Bearer caf\xe9").ok();
         let mut h = HeaderMap::new();
         h.extend(latin1.map(|v| (AUTHORIZATION, v)));
+        assert_eq!(bearer(&h), Ok(&b"caf\xe9"[..]));
+        assert_eq!(token_text(b"caf\xe9"), Err(AuthError::Invalid("malformed")));
+        assert_eq!(token_text(b"a.b.c"), Ok("a.b.c"));
+        let scheme = HeaderValue::from_bytes(b"B\xe9arer abc").ok();
+        let mut h = HeaderMap::new();
+        h.extend(scheme.map(|v| (AUTHORIZATION, v)));
         assert_eq!(bearer(&h), Err(AuthError::Invalid("malformed")));
         assert_eq!(bearer(&headers("Bearer  abc ")), Ok(&b"abc"[..]));
         let mut two = headers("Bearer a");
