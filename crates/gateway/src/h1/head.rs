@@ -211,7 +211,7 @@ fn headers(
     for span in spans {
         let name = head
             .get(span.name.clone())
-            .and_then(|n| HeaderName::from_bytes(n).ok())
+            .and_then(|n| crate::headers::known_name(n).or_else(|| HeaderName::from_bytes(n).ok()))
             .ok_or(Invalid::Malformed("a header name is invalid"))?;
         let value = checked_value(slice(head, span.value.clone())?)
             .ok_or(Invalid::Malformed("a header value is invalid"))?;
