@@ -17,8 +17,9 @@
 //!   `Cache-Control` forbids it (`no-store`, `private`, `no-cache`), it
 //!   sets no cookie (a shared cache would hand one client's session to the
 //!   next, so Varnish and most CDNs refuse these too), it does not vary on
-//!   `*` (or on `X-Request-Id`, which differs for every request), and its body is whole and no larger than `max_entry_bytes`. A
-//!   response to a request with `Authorization` is kept only when it says
+//!   `*` (or on `X-Request-Id`, which differs for every request), and its
+//!   body is whole and no larger than `max_entry_bytes`. A response to a
+//!   request with `Authorization` is kept only when it says
 //!   it may be shared (`public`, `s-maxage`, `must-revalidate`, §3.5);
 //!   so is one to a request over a connection with a client certificate,
 //!   or with an API key, which identify the client as surely.

@@ -474,7 +474,7 @@ pub(crate) fn handle<'a>(
         if !route.mirrors.is_empty() && tunnel.is_none() {
             Box::pin(mirror::send(proxy, &mut req, conn, route, client, &told)).await;
         }
-        // Kept for a second fetch only where a cache may ask for one.
+        // Kept for a second fetch, which only a cache asks for.
         let told_again = route.policy.cache.as_ref().map(|_| told.clone());
         match proxy.forward(req, conn, route, client, told).await {
             Ok((mut reply, answered)) => {
@@ -490,20 +490,12 @@ pub(crate) fn handle<'a>(
                 // instance answered about another response fetches again.
                 // Made in a closure, so that neither the miss nor the
                 // request takes room in this future.
-                let again = match (miss, &route.policy.cache) {
-                    (Some(miss), Some(cache)) => {
-                        miss.keep(cache, &mut reply, clock::now())
-                            .map(|(miss, again)| {
-                                Box::pin(fetch_again(
-                                    proxy,
-                                    again,
-                                    conn,
-                                    route,
-                                    (client, told_again.unwrap_or_default()),
-                                    miss,
-                                ))
-                            })
-                    }
+                let again = match (miss, &route.policy.cache, told_again) {
+                    (Some(miss), Some(cache), Some(told)) => miss
+                        .keep(cache, &mut reply, clock::now())
+                        .map(|(miss, again)| {
+                            Box::pin(fetch_again(proxy, again, conn, route, (client, told), miss))
+                        }),
                     _ => None,
                 };
                 if let Some(fetched) = again {

@@ -240,7 +240,7 @@ pub(crate) struct Forwarding {
 /// What the gateway tells an instance that a request's fields do not hold
 /// (and are not made to hold: each insertion into the request's map costs
 /// a hashed lookup and a move of entries, ~300 instructions per request
-/// for each of these):
+/// for each of these).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Told {
     /// The request's id, when the gateway made it (`RequestId::unsent`);

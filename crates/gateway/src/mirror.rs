@@ -57,9 +57,10 @@ impl Drop for Slot {
     }
 }
 
-/// Sends copies of `req` (about to be forwarded on `route`, the instance
-/// `told` what it is told) to the mirrors whose share it falls in. May read a small
-/// body whole, leaving `req` with the same bytes.
+/// Sends copies of `req` (about to be forwarded on `route`, its instance
+/// `told` what the request's fields do not hold) to the mirrors whose
+/// share it falls in. May read a small body whole, leaving `req` with the
+/// same bytes.
 pub(crate) async fn send(
     proxy: &Proxy,
     req: &mut Request<Body>,

@@ -179,7 +179,8 @@ pub(crate) fn stacks(
         .collect()
 }
 
-/// Headers the gateway may add to a request before forwarding it.
+/// Fields the gateway may add to a request's map before forwarding it
+/// (see `h1::head`'s `HEADROOM`; an HTTP/2 request's map comes from hyper).
 const REQUEST_HEADROOM: usize = 8;
 
 /// What every request goes through, whatever its route.
@@ -219,8 +220,8 @@ impl Front {
         conn: ConnInfo,
     ) -> impl Future<Output = Reply> + Send + 'static {
         async move {
-            // Room for what the gateway adds (identity and forwarding
-            // headers) in one allocation rather than a regrowth per insert.
+            // Room for what the gateway may add to the map in one
+            // allocation rather than a regrowth per insert.
             // (It fails only near the map's size limit, which the head
             // limits rule out.)
             let _ = req.headers_mut().try_reserve(REQUEST_HEADROOM);

@@ -20,8 +20,12 @@ use http::{Method, StatusCode, Uri, Version};
 
 use super::encode::{content_length, trim_ows};
 
-/// Room in a request's header map for what the gateway adds (request id,
-/// forwarding and identity headers): one allocation instead of a regrowth.
+/// Room in a request's header map for what the gateway may still add to
+/// it (a client certificate's `X-Forwarded-Client-Cert`, a route's
+/// request-header changes, a caching route's identity fields and
+/// validators): one allocation instead of a regrowth. The request id, the
+/// forwarding fields and, elsewhere, the identity go straight into the
+/// instance's head (`headers::Told`).
 const HEADROOM: usize = 8;
 
 /// Headers parsed into a stack array up to this many (the default limit is

@@ -847,7 +847,7 @@ mod tests {
         };
         Identity {
             rate_key: "u:u".into(),
-            rate_key_hash: 0,
+            rate_key_hash: crate::ratelimit::gcra::key_hash("u:u"),
             scopes: scopes.split(' ').map(String::from).collect(),
             claims,
             exp: 0.0,

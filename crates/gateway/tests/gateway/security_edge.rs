@@ -425,6 +425,43 @@ async fn preflight(
         .await
 }
 
+/// A route's own policy answers CORS where the system has none: the
+/// gateway reads a request's `Origin` only when some policy may answer it.
+#[tokio::test]
+async fn a_route_s_own_cors_policy_answers_without_a_system_one() {
+    let registry = Registry::new();
+    let up = Upstream::start("cors-own-0").await;
+    registry.set("cors-own", vec![up.endpoint()]);
+    let origin = "http://other.example";
+    let mut special = route("cors-own", "/special/**", &[], T);
+    special.cors = Some(cors(&[origin], false));
+    let gateway = start(
+        config(vec![route("cors-own", "/api/**", &["GET"], T), special]),
+        &registry,
+    )
+    .await;
+    let client = Client::new(&gateway);
+    let reply = client
+        .request(
+            Method::GET,
+            "/special/x",
+            &[("origin", origin)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("access-control-allow-origin"), origin);
+    let preflight = preflight(&client, "/special/x", origin, "GET", None).await;
+    assert_eq!(preflight.status, StatusCode::NO_CONTENT);
+    assert_eq!(preflight.header("access-control-allow-origin"), origin);
+    // The other route has no policy: no CORS fields.
+    let plain = client
+        .request(Method::GET, "/api/x", &[("origin", origin)], Bytes::new())
+        .await;
+    assert_eq!(plain.header("access-control-allow-origin"), "");
+    gateway.shutdown(T).await;
+}
+
 #[tokio::test]
 async fn cors_preflights_are_answered_at_the_gateway() {
     let origin = "http://localhost:8080";
