@@ -274,7 +274,7 @@ impl CorsPolicy {
             );
         }
         if let Some(v) = &self.expose_headers {
-            headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
+            headers.insert_ref(&header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
         }
     }
 }

@@ -117,7 +117,7 @@ impl HeaderChanges {
             fields.remove(name);
         }
         for (name, value) in &self.set {
-            fields.insert(name.clone(), value.clone());
+            fields.insert_ref(name, value);
         }
         for (name, value) in &self.add {
             fields.append(name.clone(), value.clone());

@@ -542,6 +542,13 @@ pub(crate) fn own_value(bytes: bytes::Bytes) -> HeaderValue {
     unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
 }
 
+/// Whether `HeaderValue` accepts `bytes` as a value: checked a word at a
+/// time for the common case, as [`value`] is, and by `http` itself when a
+/// byte is outside space and visible ASCII.
+pub(crate) fn is_valid_value(bytes: &[u8]) -> bool {
+    is_space_or_visible_ascii(bytes) || HeaderValue::from_bytes(bytes).is_ok()
+}
+
 /// Whether every byte is in 0x20..=0x7E.
 fn is_space_or_visible_ascii(bytes: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);

@@ -74,12 +74,104 @@ pub(crate) struct Relayed {
     /// A field's [`name_bit`] is set here: most lookups and removals by
     /// name are settled by it without a scan.
     names: u64,
-    /// Set by the gateway ([`Fields`]); written after the instance's. A
-    /// list, not a map: a handful of fields, each set once, cost less
-    /// pushed than hashed into a `HeaderMap`.
-    added: Vec<(HeaderName, HeaderValue)>,
+    /// Set by the gateway ([`Fields`]); written after the instance's.
+    added: Added,
     /// The [`name_bit`]s of what was ever added (a removal leaves its bit).
     added_names: u64,
+}
+
+/// The fields the gateway set on a relayed response, one after another in
+/// one buffer: each its name's length and its value's (two `u32`s), its
+/// name (lower case, a `HeaderName`'s), then its value.
+///
+/// Not a list of `(HeaderName, HeaderValue)`: a handful of fields, each set
+/// once, cost less copied into one buffer than cloned in and dropped one by
+/// one (a value's drop is a call through its `Bytes`' vtable), and a value
+/// the gateway formats (the `RateLimit` field) is written here in place,
+/// not allocated on its own (`Fields::insert_with`; callgrind,
+/// `benches/gateway`).
+#[derive(Debug, Clone, Default)]
+struct Added {
+    bytes: Vec<u8>,
+    count: usize,
+}
+
+/// The two lengths before each field of an [`Added`].
+const LENGTHS: usize = 8;
+
+impl Added {
+    /// Adds `name` with the value `write` appends to the buffer it is
+    /// given. A value `HeaderValue` would refuse (a control byte, which
+    /// would let a value end the head's line) is taken back, and the field
+    /// left out.
+    fn push_with(&mut self, name: &[u8], write: impl FnOnce(&mut Vec<u8>)) {
+        let Ok(name_len) = u32::try_from(name.len()) else {
+            return;
+        };
+        let b = &mut self.bytes;
+        let at = b.len();
+        // Room at once for the few fields a response gets (request id,
+        // `server`, a rate limit's pair: about 160 bytes): growing a byte at
+        // a time from nothing would copy them several times over.
+        b.reserve(if at == 0 {
+            256
+        } else {
+            LENGTHS + name.len() + 64
+        });
+        b.extend_from_slice(&name_len.to_ne_bytes());
+        b.extend_from_slice(&[0; 4]);
+        b.extend_from_slice(name);
+        let start = b.len();
+        write(b);
+        let value = b.get(start..).unwrap_or_default();
+        let fits = u32::try_from(value.len()).ok();
+        match fits.filter(|_| crate::headers::is_valid_value(value)) {
+            Some(value_len) => {
+                b[at + 4..at + LENGTHS].copy_from_slice(&value_len.to_ne_bytes());
+                self.count += 1;
+            }
+            None => b.truncate(at),
+        }
+    }
+
+    /// The field that begins at byte `at` and where the next one begins.
+    #[inline]
+    fn at(&self, at: usize) -> Option<(&[u8], &[u8], usize)> {
+        let b = &self.bytes;
+        let lengths = b.get(at..at.checked_add(LENGTHS)?)?;
+        let len = |i: usize| {
+            let word = <[u8; 4]>::try_from(&lengths[i..i + 4]).unwrap_or_default();
+            u32::from_ne_bytes(word) as usize
+        };
+        let name_at = at + LENGTHS;
+        let value_at = name_at + len(0);
+        let end = value_at + len(4);
+        Some((b.get(name_at..value_at)?, b.get(value_at..end)?, end))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let (name, value, next) = self.at(at)?;
+            at = next;
+            Some((name, value))
+        })
+    }
+
+    /// Leaves out every field named `name` (lower case).
+    fn remove(&mut self, name: &[u8]) {
+        if !self.iter().any(|(n, _)| n == name) {
+            return;
+        }
+        let mut kept = Added {
+            bytes: Vec::with_capacity(self.bytes.len()),
+            count: 0,
+        };
+        for (n, v) in self.iter().filter(|(n, _)| *n != name) {
+            kept.push_with(n, |b| b.extend_from_slice(v));
+        }
+        *self = kept;
+    }
 }
 
 impl Relayed {
@@ -95,15 +187,16 @@ impl Relayed {
             head,
             fields,
             names,
-            added: Vec::new(),
+            added: Added::default(),
             added_names: 0,
         }
     }
 
-    /// Sets a field after the instance's.
-    fn add(&mut self, name: HeaderName, value: HeaderValue) {
-        self.added_names |= name_bit(name.as_str().as_bytes());
-        self.added.push((name, value));
+    /// Sets a field after the instance's, its value what `write` appends.
+    fn add_with(&mut self, name: &HeaderName, write: impl FnOnce(&mut Vec<u8>)) {
+        let name = name.as_str().as_bytes();
+        self.added_names |= name_bit(name);
+        self.added.push_with(name, write);
     }
 
     fn bytes(&self, (start, end): (u32, u32)) -> &[u8] {
@@ -132,11 +225,7 @@ impl Relayed {
             .fields
             .iter()
             .map(|f| (self.bytes(f.name), self.bytes(f.value)));
-        let added = self
-            .added
-            .iter()
-            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
-        sent.chain(added)
+        sent.chain(self.added.iter())
     }
 
     /// The values of the fields named `name`, in order.
@@ -147,18 +236,15 @@ impl Relayed {
         // gateway's too when none of those can.
         let at = if self.names & bit != 0 {
             0
-        } else if self.added_names & bit != 0 {
-            self.fields.len()
         } else {
-            self.fields.len() + self.added.len()
+            self.fields.len()
         };
         Values {
             relayed: Some(Lookup {
                 relayed: self,
-                name,
                 raw,
                 at,
-                in_added: self.added_names & bit != 0,
+                added_at: (self.added_names & bit != 0).then_some(0),
             }),
             map: None,
         }
@@ -174,13 +260,13 @@ impl Relayed {
             fields.retain(|f| !self.is_named(f, raw));
             self.fields = fields;
         }
-        if self.added_names & bit != 0 && self.added.iter().any(|(n, _)| n == name) {
-            self.added.retain(|(n, _)| n != name);
+        if self.added_names & bit != 0 {
+            self.added.remove(raw);
         }
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.fields.len() + self.added.len()
+        self.fields.len() + self.added.count
     }
 
     /// The bytes of the instance's head, which this holds on to.
@@ -200,14 +286,13 @@ pub(crate) struct Values<'a> {
 
 struct Lookup<'a> {
     relayed: &'a Relayed,
-    name: &'a HeaderName,
-    /// `name` as bytes, for the instance's fields.
+    /// The name looked for, lower case.
     raw: &'a [u8],
-    /// The next of the instance's fields, then of the added ones.
+    /// The next of the instance's fields.
     at: usize,
-    /// Whether any added field may have the name (`added_names`): if not,
-    /// they are not compared once the instance's are done.
-    in_added: bool,
+    /// Where the next of the gateway's fields begins in its buffer; `None`
+    /// when none may have the name (`added_names`), or all were seen.
+    added_at: Option<usize>,
 }
 
 impl<'a> Values<'a> {
@@ -241,10 +326,10 @@ impl<'a> Iterator for Values<'a> {
             }
             // The instance's field found, its duplicates looked for: the
             // gateway's are compared only when one may have the name.
-            while let Some((n, v)) = r.added.get(l.at - r.fields.len()).filter(|_| l.in_added) {
-                l.at += 1;
-                if n == l.name {
-                    return Some(v.as_bytes());
+            while let Some((n, v, next)) = l.added_at.and_then(|at| r.added.at(at)) {
+                l.added_at = Some(next);
+                if n == l.raw {
+                    return Some(v);
                 }
             }
             self.relayed = None;
@@ -300,8 +385,13 @@ impl Reply {
                 map.append(name, value);
             }
         }
-        for (name, value) in relayed.added {
-            map.append(name, value);
+        for (name, value) in relayed.added.iter() {
+            // Both made from a `HeaderName` and a checked value.
+            let name = HeaderName::from_bytes(name);
+            let value = crate::headers::value(Bytes::copy_from_slice(value));
+            if let (Ok(name), Ok(value)) = (name, value) {
+                map.append(name, value);
+            }
         }
         let mut last = None;
         for (name, value) in std::mem::take(&mut parts.headers) {
@@ -335,17 +425,47 @@ pub(crate) struct Fields<'a> {
 impl Fields<'_> {
     /// Sets `name` to `value`, replacing any field of that name.
     pub(crate) fn insert(&mut self, name: HeaderName, value: HeaderValue) {
-        match self.relayed.as_deref_mut() {
-            Some(relayed) => {
-                relayed.remove(&name);
-                if !self.map.is_empty() {
-                    self.map.remove(&name);
-                }
-                relayed.add(name, value);
+        if self.relayed.is_some() {
+            self.replace_relayed(&name, |b| b.extend_from_slice(value.as_bytes()));
+        } else {
+            self.map.insert(name, value);
+        }
+    }
+
+    /// [`Fields::insert`] of a name and value the caller keeps: a relayed
+    /// response copies their bytes, and only a map clones them.
+    pub(crate) fn insert_ref(&mut self, name: &HeaderName, value: &HeaderValue) {
+        if self.relayed.is_some() {
+            self.replace_relayed(name, |b| b.extend_from_slice(value.as_bytes()));
+        } else {
+            self.map.insert(name.clone(), value.clone());
+        }
+    }
+
+    /// Sets `name` to the value `write` appends to the buffer it is given,
+    /// replacing any field of that name: for a relayed response, written in
+    /// place among the gateway's fields. A value `HeaderValue` refuses is
+    /// left out.
+    pub(crate) fn insert_with(&mut self, name: &HeaderName, write: impl FnOnce(&mut Vec<u8>)) {
+        if self.relayed.is_some() {
+            self.replace_relayed(name, write);
+        } else {
+            let mut value = Vec::new();
+            write(&mut value);
+            if let Ok(value) = crate::headers::value(Bytes::from(value)) {
+                self.map.insert(name.clone(), value);
             }
-            None => {
-                self.map.insert(name, value);
+        }
+    }
+
+    /// A relayed response's `name` replaced by the value `write` appends.
+    fn replace_relayed(&mut self, name: &HeaderName, write: impl FnOnce(&mut Vec<u8>)) {
+        if let Some(relayed) = self.relayed.as_deref_mut() {
+            relayed.remove(name);
+            if !self.map.is_empty() {
+                self.map.remove(name);
             }
+            relayed.add_with(name, write);
         }
     }
 
@@ -355,7 +475,7 @@ impl Fields<'_> {
             // Written after the instance's fields: after any of its own of
             // that name. (The map of a relayed response holds nothing the
             // gateway set: everything goes through here.)
-            Some(relayed) => relayed.add(name, value),
+            Some(relayed) => relayed.add_with(&name, |b| b.extend_from_slice(value.as_bytes())),
             None => {
                 self.map.append(name, value);
             }
@@ -466,6 +586,49 @@ mod tests {
         let vary: Vec<_> = headers.get_all(http::header::VARY).iter().collect();
         assert_eq!(vary, ["Accept-Encoding", "Origin"]);
         assert!(headers.get(http::header::SET_COOKIE).is_none());
+    }
+
+    /// What the gateway writes in place goes out as written, a value
+    /// `HeaderValue` refuses never (it could end the line and start a
+    /// field of its own), and a removal keeps the rest in order, in a
+    /// relayed response and in a map alike.
+    #[test]
+    fn values_written_in_place_are_checked_and_removed_by_name() {
+        let mut reply = reply();
+        let name = HeaderName::from_static("x-made");
+        let other = HeaderName::from_static("x-other");
+        let mut fields = reply.fields();
+        fields.insert_with(&name, |b| b.extend_from_slice(b"one"));
+        fields.insert_ref(&other, &HeaderValue::from_static("kept"));
+        fields.insert_with(&name, |b| b.extend_from_slice(b"two\r\nx-evil: 1"));
+        fields.append(name.clone(), HeaderValue::from_static("three"));
+        fields.insert_with(&other, |b| b.extend_from_slice(b"tab\tand \x80 obs-text"));
+        let added: Vec<(Vec<u8>, Vec<u8>)> = reply
+            .relayed
+            .iter()
+            .flat_map(Relayed::iter)
+            .skip(5)
+            .map(|(n, v)| (n.to_vec(), v.to_vec()))
+            .collect();
+        assert_eq!(
+            added,
+            [
+                (b"x-made".to_vec(), b"three".to_vec()),
+                (b"x-other".to_vec(), b"tab\tand \x80 obs-text".to_vec()),
+            ]
+        );
+        assert_eq!(reply.relayed.as_ref().map(Relayed::len), Some(7));
+        let res = reply.into_response();
+        assert_eq!(res.headers()[&name], "three");
+        assert_eq!(res.headers()[&other].as_bytes(), b"tab\tand \x80 obs-text");
+        assert!(res.headers().get("x-evil").is_none());
+
+        let mut map = HeaderMap::new();
+        let mut fields = Fields::from(&mut map);
+        fields.insert_with(&name, |b| b.extend_from_slice(b"one"));
+        fields.insert_with(&other, |b| b.extend_from_slice(b"bad\n"));
+        assert_eq!(map[&name], "one");
+        assert!(map.get(&other).is_none());
     }
 
     #[test]

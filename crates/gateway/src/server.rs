@@ -68,6 +68,9 @@ use crate::upstream::Upstreams;
 use crate::workers::{self, Workers};
 use crate::{Error, stats};
 
+/// The `Server` field of every response.
+static FLOTILLA: HeaderValue = HeaderValue::from_static("flotilla");
+
 /// The whole request path, called with each request and the connection it
 /// arrived on. Not a tower `Service`: a service's future must be a type it
 /// can name, which for an `async fn` means a box, allocated, moved into and
@@ -254,10 +257,10 @@ impl Front {
                 .await
             };
             let mut fields = reply.fields();
-            fields.insert(X_REQUEST_ID.clone(), entry.request_id().header().clone());
-            fields.insert(SERVER, HeaderValue::from_static("flotilla"));
+            fields.insert_ref(&X_REQUEST_ID, entry.request_id().header());
+            fields.insert_ref(&SERVER, &FLOTILLA);
             if let Some(hsts) = &self.hsts {
-                fields.insert(STRICT_TRANSPORT_SECURITY, hsts.clone());
+                fields.insert_ref(&STRICT_TRANSPORT_SECURITY, hsts);
             }
             entry.responded(reply.res.status(), served);
             // In flight until the response body is done. The body is swapped
