@@ -102,7 +102,7 @@ pub(crate) const fn name_bit(name: &[u8]) -> u64 {
 }
 
 /// The [`name_bit`]s of `names`.
-const fn name_bits(names: &[&str]) -> u64 {
+pub(crate) const fn name_bits(names: &[&str]) -> u64 {
     let (mut bits, mut i) = (0, 0);
     while i < names.len() {
         bits |= name_bit(names[i].as_bytes());

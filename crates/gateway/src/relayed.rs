@@ -9,9 +9,9 @@
 //! `httparse` has checked it, so the response travels as a [`Reply`]: the
 //! response, whose map stays empty, and beside it a [`Relayed`]: that
 //! buffer, where each field lies in it, and the fields the gateway sets on
-//! the way out (request id, `server`, rate-limit and CORS fields) in a
-//! list. Beside, not in the response's extensions: the first extension
-//! costs three allocations.
+//! the way out (request id, `server`, rate-limit and CORS fields) copied
+//! into a second one. Beside, not in the response's extensions: the first
+//! extension costs three allocations.
 //!
 //! The way out changes fields through [`Fields`], so that a field the
 //! gateway sets replaces the instance's (a `RateLimit` or
@@ -80,73 +80,59 @@ pub(crate) struct Relayed {
     added_names: u64,
 }
 
-/// The fields the gateway set on a relayed response, one after another in
-/// one buffer: each its name's length and its value's (two `u32`s), its
-/// name (lower case, a `HeaderName`'s), then its value.
+/// The fields the gateway set on a relayed response, as they go out:
+/// `name: value` lines, one after another in one buffer, names lower case
+/// (a `HeaderName`'s).
 ///
 /// Not a list of `(HeaderName, HeaderValue)`: a handful of fields, each set
 /// once, cost less copied into one buffer than cloned in and dropped one by
-/// one (a value's drop is a call through its `Bytes`' vtable), and a value
-/// the gateway formats (the `RateLimit` field) is written here in place,
-/// not allocated on its own (`Fields::insert_with`; callgrind,
-/// `benches/gateway`).
+/// one (a value's drop is a call through its `Bytes`' vtable); a value the
+/// gateway formats (the `RateLimit` field) is written here in place, not
+/// allocated on its own (`Fields::insert_with`); and the HTTP/1 writer
+/// copies the lines into the head at once ([`Relayed::added_lines`]), not a
+/// field at a time (callgrind, `benches/gateway`).
+///
+/// A line is read back by its first `:` (a name is a token, which holds
+/// none) and its `\r` (every value is checked as it is added: none holds
+/// a CR or LF).
 #[derive(Debug, Clone, Default)]
 struct Added {
-    bytes: Vec<u8>,
+    lines: Vec<u8>,
     count: usize,
 }
-
-/// The two lengths before each field of an [`Added`].
-const LENGTHS: usize = 8;
 
 impl Added {
     /// Adds `name` with the value `write` appends to the buffer it is
     /// given. A value `HeaderValue` would refuse (a control byte, which
-    /// would let a value end the head's line) is taken back, and the field
-    /// left out.
+    /// could end the line and start a field of its own) is taken back, and
+    /// the field left out.
     fn push_with(&mut self, name: &[u8], write: impl FnOnce(&mut Vec<u8>)) {
-        let Ok(name_len) = u32::try_from(name.len()) else {
-            return;
-        };
-        let b = &mut self.bytes;
+        let b = &mut self.lines;
         let at = b.len();
         // Room at once for the few fields a response gets (request id,
-        // `server`, a rate limit's pair: about 160 bytes): growing a byte at
-        // a time from nothing would copy them several times over.
-        b.reserve(if at == 0 {
-            256
-        } else {
-            LENGTHS + name.len() + 64
-        });
-        b.extend_from_slice(&name_len.to_ne_bytes());
-        b.extend_from_slice(&[0; 4]);
+        // `server`, a rate limit's pair: about 130 bytes): growing from
+        // nothing would copy them several times over.
+        b.reserve(if at == 0 { 256 } else { name.len() + 68 });
         b.extend_from_slice(name);
+        b.extend_from_slice(b": ");
         let start = b.len();
         write(b);
-        let value = b.get(start..).unwrap_or_default();
-        let fits = u32::try_from(value.len()).ok();
-        match fits.filter(|_| crate::headers::is_valid_value(value)) {
-            Some(value_len) => {
-                b[at + 4..at + LENGTHS].copy_from_slice(&value_len.to_ne_bytes());
-                self.count += 1;
-            }
-            None => b.truncate(at),
+        if crate::headers::is_valid_value(b.get(start..).unwrap_or_default()) {
+            b.extend_from_slice(b"\r\n");
+            self.count += 1;
+        } else {
+            b.truncate(at);
         }
     }
 
-    /// The field that begins at byte `at` and where the next one begins.
-    #[inline]
+    /// The field whose line begins at byte `at`, and where the next begins.
     fn at(&self, at: usize) -> Option<(&[u8], &[u8], usize)> {
-        let b = &self.bytes;
-        let lengths = b.get(at..at.checked_add(LENGTHS)?)?;
-        let len = |i: usize| {
-            let word = <[u8; 4]>::try_from(&lengths[i..i + 4]).unwrap_or_default();
-            u32::from_ne_bytes(word) as usize
-        };
-        let name_at = at + LENGTHS;
-        let value_at = name_at + len(0);
-        let end = value_at + len(4);
-        Some((b.get(name_at..value_at)?, b.get(value_at..end)?, end))
+        let rest = self.lines.get(at..)?;
+        let cr = rest.iter().position(|&b| b == b'\r')?;
+        let line = &rest[..cr];
+        let colon = line.iter().position(|&b| b == b':')?;
+        let value = line.get(colon + 2..).unwrap_or_default();
+        Some((&line[..colon], value, at + cr + 2))
     }
 
     fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
@@ -164,7 +150,7 @@ impl Added {
             return;
         }
         let mut kept = Added {
-            bytes: Vec::with_capacity(self.bytes.len()),
+            lines: Vec::with_capacity(self.lines.len()),
             count: 0,
         };
         for (n, v) in self.iter().filter(|(n, _)| *n != name) {
@@ -220,12 +206,29 @@ impl Relayed {
 
     /// Every field as `(name, value)`: the instance's, names as sent (any
     /// case), then the gateway's.
+    #[cfg(test)]
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        let sent = self
-            .fields
+        self.sent().chain(self.added.iter())
+    }
+
+    /// The instance's fields, names as sent (any case).
+    pub(crate) fn sent(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields
             .iter()
-            .map(|f| (self.bytes(f.name), self.bytes(f.value)));
-        sent.chain(self.added.iter())
+            .map(|f| (self.bytes(f.name), self.bytes(f.value)))
+    }
+
+    /// The gateway's fields.
+    pub(crate) fn added(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.added.iter()
+    }
+
+    /// The gateway's fields as the `name: value` lines of a head, when
+    /// none of them may have a name in `names` (by [`name_bit`]s: a
+    /// writer that would leave such a field out, or note it, goes through
+    /// [`Relayed::added`] instead).
+    pub(crate) fn added_lines(&self, names: u64) -> Option<&[u8]> {
+        (self.added_names & names == 0).then_some(&self.added.lines[..])
     }
 
     /// The values of the fields named `name`, in order.

@@ -235,7 +235,7 @@ pub(crate) fn head(
     b.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     b.extend_from_slice(b"\r\n");
     let mut has_date = false;
-    let mut field = |name: &[u8], value: &[u8]| {
+    let mut field = |b: &mut BytesMut, name: &[u8], value: &[u8]| {
         if replaced(name, framing) {
             return;
         }
@@ -243,12 +243,24 @@ pub(crate) fn head(
         crate::headers::put_field(b, name, value);
     };
     // An instance's fields first, as it sent them, then what the gateway
-    // set beside them (both from `Relayed::iter`), then the map's.
-    for (name, value) in fields.relayed.into_iter().flat_map(Relayed::iter) {
-        field(name, value);
+    // set beside them, then the map's.
+    if let Some(relayed) = fields.relayed {
+        for (name, value) in relayed.sent() {
+            field(b, name, value);
+        }
+        // The gateway's lines copied at once, unless one may be left out
+        // here or be a date.
+        match relayed.added_lines(REPLACED_OR_DATE) {
+            Some(lines) => b.extend_from_slice(lines),
+            None => {
+                for (name, value) in relayed.added() {
+                    field(b, name, value);
+                }
+            }
+        }
     }
     for (name, value) in fields.map {
-        field(name.as_str().as_bytes(), value.as_bytes());
+        field(b, name.as_str().as_bytes(), value.as_bytes());
     }
     if let Some(n) = length {
         b.extend_from_slice(b"content-length: ");
@@ -320,6 +332,17 @@ fn replaced(name: &[u8], framing: Framing) -> bool {
         _ => false,
     }
 }
+
+/// The [`name_bit`](crate::headers::name_bit)s of the names [`replaced`]
+/// may leave out, and of `date`, which `head` notes.
+const REPLACED_OR_DATE: u64 = crate::headers::name_bits(&[
+    "trailer",
+    "connection",
+    "keep-alive",
+    "content-length",
+    "transfer-encoding",
+    "date",
+]);
 
 /// The body writer for one response.
 pub(crate) struct BodyEncoder {
@@ -661,6 +684,48 @@ mod tests {
         assert!(written(&out).contains("\r\nTrailer: X-Sum\r\n"));
         let enc = BodyEncoder::new(Framing::Chunked, fields);
         assert_eq!(enc.trailer_names, [HeaderName::from_static("x-sum")]);
+    }
+
+    /// What the gateway set on a relayed response goes out after the
+    /// instance's fields, copied at once; one the connection replaces
+    /// (`content-length`, here set by compression) is still left out, and
+    /// a `date` of its own is not doubled.
+    #[test]
+    fn the_gateways_fields_on_a_relayed_response_follow_the_instances() {
+        use crate::relayed::Reply;
+        let head: &[u8] = b"Content-Type: text/plain\r\n";
+        let field = Field::within(head, &head[..12], &head[14..24]);
+        let mut reply = Reply {
+            res: http::Response::new(crate::body::empty()),
+            relayed: Some(Relayed::new(Bytes::from_static(head), vec![field])),
+        };
+        let mut fields = reply.fields();
+        let id = HeaderName::from_static("x-request-id");
+        fields.insert_ref(&id, &HeaderValue::from_static("id"));
+        fields.insert(header::SERVER, HeaderValue::from_static("flotilla"));
+        let written_now = |reply: &Reply| {
+            let mut out = Out::default();
+            let fields = HeadFields {
+                map: reply.res.headers(),
+                relayed: reply.relayed.as_ref(),
+            };
+            head_of(&mut out, fields, Framing::Length(3));
+            written(&out)
+        };
+        let text = written_now(&reply);
+        assert!(
+            text.starts_with(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nx-request-id: id\r\nserver: flotilla\r\ncontent-length: 3\r\ndate: "
+            ),
+            "{text}"
+        );
+        let mut fields = reply.fields();
+        fields.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
+        fields.insert(header::DATE, HeaderValue::from_static("yesterday"));
+        assert_eq!(
+            written_now(&reply),
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nx-request-id: id\r\nserver: flotilla\r\ndate: yesterday\r\ncontent-length: 3\r\n\r\n"
+        );
     }
 
     fn head_of(out: &mut Out, fields: HeadFields<'_>, framing: Framing) {
