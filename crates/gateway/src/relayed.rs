@@ -101,20 +101,37 @@ struct Added {
     count: usize,
 }
 
+/// Line buffers emptied and kept for the thread's next responses: at most
+/// this many, each of [`LINES_CAPACITY`] bytes (one grown by a response
+/// with many fields is let go).
+///
+/// A buffer made and freed per response cost ~170 instructions of a
+/// proxied request (`instructions.sh`), taking a kept one back a few
+/// dozen: the request's header maps are kept so too (`headers::recycle`).
+const KEPT_LINES: usize = 32;
+const LINES_CAPACITY: usize = 256;
+
+thread_local! {
+    static KEPT: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Added {
+    /// Adds `name: value`, `value` a `HeaderValue`'s bytes (valid as they
+    /// are).
+    fn push(&mut self, name: &[u8], value: &[u8]) {
+        let b = self.line_start(name);
+        b.extend_from_slice(value);
+        b.extend_from_slice(b"\r\n");
+        self.count += 1;
+    }
+
     /// Adds `name` with the value `write` appends to the buffer it is
     /// given. A value `HeaderValue` would refuse (a control byte, which
     /// could end the line and start a field of its own) is taken back, and
     /// the field left out.
     fn push_with(&mut self, name: &[u8], write: impl FnOnce(&mut Vec<u8>)) {
-        let b = &mut self.lines;
-        let at = b.len();
-        // Room at once for the few fields a response gets (request id,
-        // `server`, a rate limit's pair: about 130 bytes): growing from
-        // nothing would copy them several times over.
-        b.reserve(if at == 0 { 256 } else { name.len() + 68 });
-        b.extend_from_slice(name);
-        b.extend_from_slice(b": ");
+        let at = self.lines.len();
+        let b = self.line_start(name);
         let start = b.len();
         write(b);
         if crate::headers::is_valid_value(b.get(start..).unwrap_or_default()) {
@@ -123,6 +140,26 @@ impl Added {
         } else {
             b.truncate(at);
         }
+    }
+
+    /// The buffer, with room for a line and `name: ` written.
+    #[inline]
+    fn line_start(&mut self, name: &[u8]) -> &mut Vec<u8> {
+        if self.lines.capacity() == 0 {
+            // Room at once for the few fields a response gets (request id,
+            // `server`, a rate limit's pair: about 130 bytes): growing
+            // from nothing would copy them several times over.
+            self.lines = KEPT
+                .try_with(|kept| kept.borrow_mut().pop())
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| Vec::with_capacity(LINES_CAPACITY));
+        }
+        let b = &mut self.lines;
+        b.reserve(name.len() + 68);
+        b.extend_from_slice(name);
+        b.extend_from_slice(b": ");
+        b
     }
 
     /// The field whose line begins at byte `at`, and where the next begins.
@@ -149,15 +186,41 @@ impl Added {
         if !self.iter().any(|(n, _)| n == name) {
             return;
         }
-        let mut kept = Added {
-            lines: Vec::with_capacity(self.lines.len()),
-            count: 0,
-        };
+        let mut kept = Added::default();
         for (n, v) in self.iter().filter(|(n, _)| *n != name) {
-            kept.push_with(n, |b| b.extend_from_slice(v));
+            kept.push(n, v);
         }
         *self = kept;
     }
+}
+
+impl Drop for Added {
+    /// Keeps the buffer, emptied, for a later response on this thread.
+    fn drop(&mut self) {
+        if self.lines.capacity() != LINES_CAPACITY {
+            return;
+        }
+        let mut lines = std::mem::take(&mut self.lines);
+        lines.clear();
+        let _ = KEPT.try_with(|kept| {
+            let mut kept = kept.borrow_mut();
+            if kept.len() < KEPT_LINES {
+                kept.push(lines);
+            }
+        });
+    }
+}
+
+/// The value of a field the gateway sets: a `HeaderValue`'s bytes, or
+/// what a closure writes (checked as it is added).
+enum Line<'v, W> {
+    Value(&'v [u8]),
+    Written(W),
+}
+
+/// A `HeaderValue`'s bytes as a [`Line`].
+fn copied(value: &[u8]) -> Line<'_, fn(&mut Vec<u8>)> {
+    Line::Value(value)
 }
 
 impl Relayed {
@@ -178,11 +241,14 @@ impl Relayed {
         }
     }
 
-    /// Sets a field after the instance's, its value what `write` appends.
-    fn add_with(&mut self, name: &HeaderName, write: impl FnOnce(&mut Vec<u8>)) {
+    /// Sets a field after the instance's.
+    fn add<W: FnOnce(&mut Vec<u8>)>(&mut self, name: &HeaderName, line: Line<'_, W>) {
         let name = name.as_str().as_bytes();
         self.added_names |= name_bit(name);
-        self.added.push_with(name, write);
+        match line {
+            Line::Value(value) => self.added.push(name, value),
+            Line::Written(write) => self.added.push_with(name, write),
+        }
     }
 
     fn bytes(&self, (start, end): (u32, u32)) -> &[u8] {
@@ -429,7 +495,7 @@ impl Fields<'_> {
     /// Sets `name` to `value`, replacing any field of that name.
     pub(crate) fn insert(&mut self, name: HeaderName, value: HeaderValue) {
         if self.relayed.is_some() {
-            self.replace_relayed(&name, |b| b.extend_from_slice(value.as_bytes()));
+            self.replace_relayed(&name, copied(value.as_bytes()));
         } else {
             self.map.insert(name, value);
         }
@@ -439,7 +505,7 @@ impl Fields<'_> {
     /// response copies their bytes, and only a map clones them.
     pub(crate) fn insert_ref(&mut self, name: &HeaderName, value: &HeaderValue) {
         if self.relayed.is_some() {
-            self.replace_relayed(name, |b| b.extend_from_slice(value.as_bytes()));
+            self.replace_relayed(name, copied(value.as_bytes()));
         } else {
             self.map.insert(name.clone(), value.clone());
         }
@@ -451,7 +517,7 @@ impl Fields<'_> {
     /// left out.
     pub(crate) fn insert_with(&mut self, name: &HeaderName, write: impl FnOnce(&mut Vec<u8>)) {
         if self.relayed.is_some() {
-            self.replace_relayed(name, write);
+            self.replace_relayed(name, Line::Written(write));
         } else {
             let mut value = Vec::new();
             write(&mut value);
@@ -461,14 +527,14 @@ impl Fields<'_> {
         }
     }
 
-    /// A relayed response's `name` replaced by the value `write` appends.
-    fn replace_relayed(&mut self, name: &HeaderName, write: impl FnOnce(&mut Vec<u8>)) {
+    /// A relayed response's `name` replaced by `line`'s value.
+    fn replace_relayed<W: FnOnce(&mut Vec<u8>)>(&mut self, name: &HeaderName, line: Line<'_, W>) {
         if let Some(relayed) = self.relayed.as_deref_mut() {
             relayed.remove(name);
             if !self.map.is_empty() {
                 self.map.remove(name);
             }
-            relayed.add_with(name, write);
+            relayed.add(name, line);
         }
     }
 
@@ -478,7 +544,7 @@ impl Fields<'_> {
             // Written after the instance's fields: after any of its own of
             // that name. (The map of a relayed response holds nothing the
             // gateway set: everything goes through here.)
-            Some(relayed) => relayed.add_with(&name, |b| b.extend_from_slice(value.as_bytes())),
+            Some(relayed) => relayed.add(&name, copied(value.as_bytes())),
             None => {
                 self.map.append(name, value);
             }
@@ -632,6 +698,30 @@ mod tests {
         fields.insert_with(&other, |b| b.extend_from_slice(b"bad\n"));
         assert_eq!(map[&name], "one");
         assert!(map.get(&other).is_none());
+    }
+
+    /// A response's line buffer is kept, emptied, for the thread's next
+    /// one; one grown past the usual size is let go.
+    #[test]
+    fn line_buffers_are_kept_per_thread_and_come_back_empty() {
+        let kept = std::thread::spawn(|| {
+            let mut a = Added::default();
+            a.push(b"x-a", b"1");
+            let first = a.lines.as_ptr();
+            drop(a);
+            let mut b = Added::default();
+            b.push(b"x-b", b"2");
+            assert_eq!(b.lines.as_ptr(), first, "the kept buffer was not taken");
+            let fields: Vec<(&[u8], &[u8])> = b.iter().collect();
+            assert_eq!(fields, [(&b"x-b"[..], &b"2"[..])]);
+            let mut c = Added::default();
+            c.push(b"x-c", &[b'v'; 300]);
+            drop(b);
+            drop(c);
+            KEPT.with(|kept| kept.borrow().len())
+        })
+        .join();
+        assert_eq!(kept.ok(), Some(1));
     }
 
     #[test]
