@@ -115,7 +115,7 @@ use crate::relayed::{Relayed, Reply};
 use crate::stats;
 
 /// The field a hit or a forwarded request's response says so in.
-static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// How much of the cache one response may take, and all of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

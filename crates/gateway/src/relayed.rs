@@ -456,7 +456,7 @@ impl Reply {
         }
         for (name, value) in relayed.added.iter() {
             // Both made from a `HeaderName` and a checked value.
-            let name = HeaderName::from_bytes(name);
+            let name = added_name(name).map_or_else(|| HeaderName::from_bytes(name), Ok);
             let value = crate::headers::value(Bytes::copy_from_slice(value));
             if let (Ok(name), Ok(value)) = (name, value) {
                 map.append(name, value);
@@ -475,6 +475,24 @@ impl Reply {
         parts.headers = map;
         Response::from_parts(parts, body)
     }
+}
+
+/// The `HeaderName` of a field the gateway sets, from its (lower-case)
+/// bytes, for the names it sets on most responses: `from_bytes` would
+/// allocate each custom one again (three allocations a response on
+/// HTTP/2), where these are clones of statics.
+fn added_name(raw: &[u8]) -> Option<HeaderName> {
+    let statics = [
+        &crate::request_id::X_REQUEST_ID,
+        &crate::ratelimit::RATELIMIT,
+        &crate::ratelimit::RATELIMIT_POLICY,
+        &crate::cache::CACHE_STATUS,
+    ];
+    statics
+        .into_iter()
+        .find(|n| n.as_str().as_bytes() == raw)
+        .cloned()
+        .or_else(|| crate::headers::known_name(raw))
 }
 
 impl From<Response<Body>> for Reply {
@@ -722,6 +740,23 @@ mod tests {
         })
         .join();
         assert_eq!(kept.ok(), Some(1));
+    }
+
+    #[test]
+    fn the_gateways_names_are_made_as_from_bytes_makes_them() {
+        for raw in [
+            "x-request-id",
+            "ratelimit",
+            "ratelimit-policy",
+            "cache-status",
+            "content-type",
+        ] {
+            let made = added_name(raw.as_bytes());
+            assert_eq!(made, HeaderName::from_bytes(raw.as_bytes()).ok(), "{raw}");
+        }
+        // Any other is left to `from_bytes`.
+        assert_eq!(added_name(b"x-request-ie"), None);
+        assert_eq!(added_name(b"vary"), None);
     }
 
     #[test]
