@@ -50,7 +50,11 @@ impl RequestId {
     /// rest), else a new one, and then whatever the client sent under the
     /// name is removed.
     pub(crate) fn of(headers: &mut HeaderMap) -> RequestId {
-        let mut given = crate::headers::values_of(headers, &X_REQUEST_ID);
+        // Most requests carry none: told without a hashed lookup.
+        if !crate::headers::has_field(headers, &X_REQUEST_ID) {
+            return RequestId::generate();
+        }
+        let mut given = headers.get_all(&X_REQUEST_ID).iter();
         let (first, more) = (given.next(), given.next().is_some());
         match first {
             None => RequestId::generate(),

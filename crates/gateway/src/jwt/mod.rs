@@ -568,7 +568,7 @@ fn token_text(token: &[u8]) -> Result<&str, AuthError> {
 /// As bytes: on a cache hit nothing needs it as a `str` (`token_text`
 /// checks it otherwise).
 fn bearer(headers: &HeaderMap) -> Result<&[u8], AuthError> {
-    let mut values = crate::headers::values_of(headers, &AUTHORIZATION);
+    let mut values = headers.get_all(AUTHORIZATION).iter();
     let Some(value) = values.next() else {
         return Err(AuthError::Missing);
     };
