@@ -55,9 +55,9 @@ pub(crate) fn name_is(name: &[u8], lower: &[u8]) -> bool {
         .all(|(x, y)| x | 0x20 == *y)
 }
 
-/// The `HeaderName` of a request field's name (a token, as httparse
-/// checked) when it is one of the names most requests carry; `None`:
-/// any other, for `HeaderName::from_bytes`.
+/// The `HeaderName` of a field's name (a token, as httparse checked, or a
+/// `HeaderName`'s own bytes) when it is one of the names most requests
+/// carry; `None`: any other, for `HeaderName::from_bytes`.
 ///
 /// `from_bytes` lower-cases a standard name into a scratch buffer and
 /// matches it by length and bytes, ~110 instructions a name

@@ -156,6 +156,7 @@ impl Added {
                 .unwrap_or_else(|| Vec::with_capacity(LINES_CAPACITY));
         }
         let b = &mut self.lines;
+        // The name, `: `, a value of up to 64 bytes and the line's end.
         b.reserve(name.len() + 68);
         b.extend_from_slice(name);
         b.extend_from_slice(b": ");

@@ -318,31 +318,36 @@ impl<'a> From<&'a HeaderMap> for HeadFields<'a> {
     }
 }
 
-/// Whether a response's field named `name` (any case) is left out of the
-/// head, because what this connection does replaces it: its framing and
-/// persistence fields, and `trailer` unless the body is chunked.
-fn replaced(name: &[u8], framing: Framing) -> bool {
-    // By length first: most names are compared with nothing.
-    let is = |known: &str| crate::headers::name_is(name, known.as_bytes());
-    match name.len() {
-        7 => is("trailer") && framing != Framing::Chunked,
-        10 => is("connection") || is("keep-alive"),
-        14 => is("content-length"),
-        17 => is("transfer-encoding"),
-        _ => false,
-    }
-}
-
-/// The [`name_bit`](crate::headers::name_bit)s of the names [`replaced`]
-/// may leave out, and of `date`, which `head` notes.
-const REPLACED_OR_DATE: u64 = crate::headers::name_bits(&[
+/// The fields a response head leaves out because what this connection
+/// does replaces them: its framing and persistence fields, and `trailer`
+/// unless the body is chunked. One list, for [`replaced`] and for the
+/// bits that send the gateway's own lines through it ([`REPLACED_OR_DATE`]).
+const REPLACED: [&str; 5] = [
     "trailer",
     "connection",
     "keep-alive",
     "content-length",
     "transfer-encoding",
-    "date",
-]);
+];
+
+/// The [`name_bit`](crate::headers::name_bit)s of [`REPLACED`].
+const REPLACED_BITS: u64 = crate::headers::name_bits(&REPLACED);
+
+/// The [`name_bit`](crate::headers::name_bit)s of [`REPLACED`] and of
+/// `date`, which `head` notes: a relayed response's added lines with none
+/// of these go into the head at once.
+const REPLACED_OR_DATE: u64 = REPLACED_BITS | crate::headers::name_bit(b"date");
+
+/// Whether a response's field named `name` (any case) is one of
+/// [`REPLACED`], left out of the head.
+fn replaced(name: &[u8], framing: Framing) -> bool {
+    // By the name's bit first: most names are compared with nothing.
+    if REPLACED_BITS & crate::headers::name_bit(name) == 0 {
+        return false;
+    }
+    let is = |known: &str| crate::headers::name_is(name, known.as_bytes());
+    REPLACED.iter().any(|known| is(known)) && !(framing == Framing::Chunked && is("trailer"))
+}
 
 /// The body writer for one response.
 pub(crate) struct BodyEncoder {
@@ -726,6 +731,13 @@ mod tests {
             written_now(&reply),
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nx-request-id: id\r\nserver: flotilla\r\ndate: yesterday\r\ncontent-length: 3\r\n\r\n"
         );
+        // Nor does any other field the connection replaces.
+        for name in REPLACED {
+            let mut fields = reply.fields();
+            fields.insert(HeaderName::from_static(name), HeaderValue::from_static("x"));
+            let text = written_now(&reply);
+            assert!(!text.contains(&format!("{name}: x")), "{name}: {text}");
+        }
     }
 
     fn head_of(out: &mut Out, fields: HeadFields<'_>, framing: Framing) {
