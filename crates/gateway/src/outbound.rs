@@ -567,7 +567,7 @@ impl Conn {
         asked: Asked,
     ) -> Result<(http::response::Parts, Relayed, Framing, bool), SendError> {
         loop {
-            if let Some(parsed) = self.parse_head(asked)? {
+            if let Some(parsed) = parse_head(&mut self.read, asked)? {
                 return Ok(parsed);
             }
             if self.read.len() >= MAX_HEAD_BYTES {
@@ -586,75 +586,84 @@ impl Conn {
             }
         }
     }
+}
 
-    /// A complete final response head at the start of the read buffer
-    /// (skipping 1xx heads), or `None` when more bytes are needed.
-    fn parse_head(
-        &mut self,
-        asked: Asked,
-    ) -> Result<Option<(http::response::Parts, Relayed, Framing, bool)>, SendError> {
-        loop {
-            if self.read.is_empty() {
-                return Ok(None);
-            }
-            // Uninitialised slots: zeroing 128 of them (4 KiB) per response
-            // cost more than parsing a small head.
-            let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-            let mut res = httparse::Response::new(&mut []);
-            let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-                &mut res,
-                &self.read,
-                &mut fields,
-            ) {
-                Ok(httparse::Status::Complete(len)) => len,
-                Ok(httparse::Status::Partial) => return Ok(None),
-                Err(e) => return Err(SendError::Protocol(e.to_string())),
-            };
-            let code = res.code.unwrap_or(0);
-            let status = StatusCode::from_u16(code)
-                .map_err(|_| SendError::Protocol(format!("invalid status code {code}")))?;
-            if status == StatusCode::SWITCHING_PROTOCOLS {
-                may_switch(asked, res.headers)?;
-            }
-            if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-                // A `100 Continue` (or `103 Early Hints`) before the real
-                // response: not relayed.
-                let _ = self.read.split_to(len);
-                continue;
-            }
-            let version = if res.version == Some(0) {
-                Version::HTTP_10
-            } else {
-                Version::HTTP_11
-            };
-            // Framing and reuse are read off the parsed fields, before
-            // the hop-by-hop ones that carry them are dropped.
-            let present = Present::of(res.headers);
-            let (framing, mut reusable) = framing(status, asked.head_only, res.headers, present)?;
-            reusable &= keep_alive(version, res.headers, present);
-            // Where each end-to-end name and value lies in the head: the
-            // response carries the head and these spans, and the fields
-            // are written to the client as the instance sent them (see
-            // `relayed`). The hop-by-hop fields describe this connection,
-            // not the client's (RFC 9110 §7.6.1), so they are left out.
-            let doomed = headers::hop_by_hop_given(res.headers, present.connection);
-            let within = &self.read[..len];
-            // Sized once: collected from a filter, the list would grow.
-            let mut fields = Vec::with_capacity(res.headers.len());
-            fields.extend(
-                res.headers
-                    .iter()
-                    .filter(|h| !doomed(h.name.as_bytes()))
-                    .map(|h| Field::within(within, h.name.as_bytes(), h.value)),
-            );
-            drop(doomed);
-            let head = self.read.split_to(len).freeze();
-            let mut parts = Response::new(()).into_parts().0;
-            parts.status = status;
-            parts.version = version;
-            let relayed = Relayed::new(head, fields);
-            return Ok(Some((parts, relayed, framing, reusable)));
+/// A complete final response head at the start of `read`, a connection's
+/// read buffer (skipping 1xx heads), or `None` when more bytes are needed.
+/// The head's bytes are taken off `read`.
+fn parse_head(
+    read: &mut BytesMut,
+    asked: Asked,
+) -> Result<Option<(http::response::Parts, Relayed, Framing, bool)>, SendError> {
+    loop {
+        if read.is_empty() {
+            return Ok(None);
         }
+        // Uninitialised slots: zeroing 128 of them (4 KiB) per response
+        // cost more than parsing a small head.
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut res,
+            read,
+            &mut fields,
+        ) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(SendError::Protocol(e.to_string())),
+        };
+        let code = res.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| SendError::Protocol(format!("invalid status code {code}")))?;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            may_switch(asked, res.headers)?;
+        }
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            // A `100 Continue` (or `103 Early Hints`) before the real
+            // response: not relayed.
+            let _ = read.split_to(len);
+            continue;
+        }
+        let version = if res.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Framing and reuse are read off the parsed fields, before
+        // the hop-by-hop ones that carry them are dropped.
+        let present = Present::of(res.headers);
+        let (framing, mut reusable) = framing(status, asked.head_only, res.headers, present)?;
+        reusable &= keep_alive(version, res.headers, present);
+        // Where each end-to-end name and value lies in the head: the
+        // response carries the head and these spans, and the fields
+        // are written to the client as the instance sent them (see
+        // `relayed`). The hop-by-hop fields describe this connection,
+        // not the client's (RFC 9110 §7.6.1), so they are left out.
+        let doomed = headers::hop_by_hop_given(res.headers, present.connection);
+        // With a `Transfer-Encoding`, the body is framed by it and a
+        // `Content-Length` beside it is wrong: relayed, it would frame the
+        // client's copy by the wrong length. An intermediary must remove
+        // it (RFC 9112 §6.3).
+        let wrong_length = present.transfer_encoding && present.content_length;
+        let dropped = |name: &[u8]| {
+            doomed(name) || (wrong_length && headers::name_is(name, b"content-length"))
+        };
+        let within = &read[..len];
+        // Sized once: collected from a filter, the list would grow.
+        let mut fields = Vec::with_capacity(res.headers.len());
+        fields.extend(
+            res.headers
+                .iter()
+                .filter(|h| !dropped(h.name.as_bytes()))
+                .map(|h| Field::within(within, h.name.as_bytes(), h.value)),
+        );
+        drop(doomed);
+        let head = read.split_to(len).freeze();
+        let mut parts = Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = version;
+        let relayed = Relayed::new(head, fields);
+        return Ok(Some((parts, relayed, framing, reusable)));
     }
 }
 
@@ -1587,6 +1596,32 @@ mod tests {
             .map(|(conn, _)| conn)
             .collect();
         assert_eq!(conns, [1, 1]);
+    }
+
+    /// RFC 9112 §6.3: a response framed by `Transfer-Encoding` whose
+    /// `Content-Length` disagrees is read by its chunks, and the length is
+    /// not relayed (it would frame the client's copy: cut short here).
+    #[tokio::test]
+    async fn a_length_beside_a_transfer_coding_is_not_relayed() {
+        let (addr, _seen) = instance(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\
+              X-Keep: yes\r\ncontent-length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ])
+        .await;
+        let res = match outbound()
+            .send("svc", addr, &get("/"), OutBody::Full(Bytes::new()), far())
+            .await
+        {
+            Ok(res) => res,
+            Err(e) => panic!("{e}"),
+        };
+        let relayed: Vec<(&[u8], &[u8])> = res
+            .relayed
+            .as_ref()
+            .map(|r| r.iter().collect())
+            .unwrap_or_default();
+        assert_eq!(relayed, [(&b"X-Keep"[..], &b"yes"[..])]);
+        assert_eq!(body_of(res.into_response().into()).await, b"hello");
     }
 
     #[tokio::test]
