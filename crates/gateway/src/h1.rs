@@ -60,9 +60,9 @@
 //!   with it. Bytes the client sent after its handshake go to the
 //!   instance first.
 
-mod decode;
-mod encode;
-mod head;
+pub(crate) mod decode;
+pub(crate) mod encode;
+pub(crate) mod head;
 mod incoming;
 
 use std::future::{Future, poll_fn};

@@ -53,6 +53,9 @@ mod conn;
 mod conn_limit;
 mod cors;
 mod edge;
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzz;
 mod h1;
 mod header_changes;
 mod headers;

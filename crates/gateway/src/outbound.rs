@@ -389,23 +389,7 @@ impl Conn {
     ) -> Result<Sent, SendError> {
         let parts = &req.parts;
         let out = &mut self.write;
-        out.clear();
-        out.extend_from_slice(parts.method.as_str().as_bytes());
-        out.push(b' ');
-        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        // Origin form: a request target is never empty.
-        out.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
-        out.extend_from_slice(b" HTTP/1.1\r\n");
-        // The framing fields are this connection's, set below.
-        let has_host = headers::forward_fields(parts, &req.forwarding, |name, value| {
-            headers::put_field(out, name, value);
-        });
-        if !has_host {
-            headers::put_field(out, b"host", self.addr.to_string().as_bytes());
-        }
-        if websocket {
-            ask_for_websocket(out);
-        }
+        write_head(out, req, self.addr, websocket);
         let body = match body {
             OutBody::Stream(b) if b.is_end_stream() => OutBody::Full(Bytes::new()),
             other => other,
@@ -588,6 +572,58 @@ impl Conn {
     }
 }
 
+/// The request line and fields of `req` as they go to the instance at
+/// `addr`, into the emptied `out`: all but the framing fields, which are
+/// this connection's and follow (`Conn::write_request`).
+fn write_head(out: &mut Vec<u8>, req: &UpstreamRequest, addr: SocketAddr, websocket: bool) {
+    let parts = &req.parts;
+    out.clear();
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    // Origin form: a request target is never empty.
+    out.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let has_host = headers::forward_fields(parts, &req.forwarding, |name, value| {
+        headers::put_field(out, name, value);
+    });
+    if !has_host {
+        headers::put_field(out, b"host", addr.to_string().as_bytes());
+    }
+    if websocket {
+        ask_for_websocket(out);
+    }
+}
+
+/// For the fuzz targets (`crate::fuzz`): the head a client's request
+/// `parts` goes to an instance with, as `Conn::write_request` writes it
+/// for a body of `length` (`Some(None)`: streamed, of unknown length;
+/// `None`: no body), from an untrusted peer.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn forward_head(parts: Parts, length: Option<Option<u64>>, websocket: bool) -> Vec<u8> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], 8080));
+    let forwarding = Forwarding {
+        peer: addr.ip(),
+        trust_chain: false,
+        proto: "http",
+        trace: None,
+        told: headers::Told::default(),
+    };
+    let req = UpstreamRequest::new(parts, forwarding);
+    let mut out = Vec::new();
+    write_head(&mut out, &req, addr, websocket);
+    match length {
+        None if expects_body(&req.parts.method) => {
+            headers::put_field(&mut out, b"content-length", b"0");
+        }
+        None => {}
+        Some(Some(n)) => headers::put_field(&mut out, b"content-length", n.to_string().as_bytes()),
+        Some(None) => headers::put_field(&mut out, b"transfer-encoding", b"chunked"),
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
 /// A complete final response head at the start of `read`, a connection's
 /// read buffer (skipping 1xx heads), or `None` when more bytes are needed.
 /// The head's bytes are taken off `read`.
@@ -664,6 +700,32 @@ fn parse_head(
         parts.version = version;
         let relayed = Relayed::new(head, fields);
         return Ok(Some((parts, relayed, framing, reusable)));
+    }
+}
+
+/// For the fuzz targets (`crate::fuzz`): a response head at the start of
+/// `read` as the gateway takes it from an instance, with the length its
+/// body is read by (`Some(0)`: none; `None`: chunks, or until the close).
+#[cfg(any(test, fuzzing))]
+pub(crate) fn relay_head(
+    read: &mut BytesMut,
+    head_only: bool,
+) -> Result<Option<(StatusCode, Relayed, Option<u64>)>, String> {
+    let asked = Asked {
+        head_only,
+        websocket: false,
+    };
+    match parse_head(read, asked) {
+        Ok(Some((parts, relayed, framing, _))) => {
+            let length = match framing {
+                Framing::Fixed(n) => Some(n),
+                Framing::Done => Some(0),
+                Framing::Chunked(_) | Framing::UntilClose => None,
+            };
+            Ok(Some((parts.status, relayed, length)))
+        }
+        Ok(None) => Ok(None),
+        Err(e) => Err(e.to_string()),
     }
 }
 
