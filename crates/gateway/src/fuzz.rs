@@ -393,24 +393,28 @@ const KEYS: &str = r#"{"keys": [
      "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}
 ]}"#;
 
+/// xorshift64*: a fixed sequence from its seed, so that a failing test
+/// fails the same way every run.
+#[cfg(test)]
+pub(crate) struct Rng(pub u64);
+
+#[cfg(test)]
+impl Rng {
+    /// A number below `n` (0 when `n` is 0).
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n.max(1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The checks over seeds and deterministic mutations of them: what a
     //! short fuzzing run would try first, on stable and in every test run.
 
     use super::*;
-
-    /// xorshift64*: a fixed sequence, so a failure is the same every run.
-    struct Rng(u64);
-
-    impl Rng {
-        fn below(&mut self, n: usize) -> usize {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n.max(1)
-        }
-    }
 
     /// Bytes that matter to the parsers.
     const TOKENS: &[&[u8]] = &[

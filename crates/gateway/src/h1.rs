@@ -1627,4 +1627,166 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
         assert!(answer.contains("headers_too_large"), "{answer}");
     }
+
+    /// One request of [`pipelines_split_anywhere_are_answered_in_order`]:
+    /// its bytes, and the status and body its answer must have (`None`:
+    /// a `HEAD`, answered with no body).
+    fn random_request(
+        rng: &mut crate::fuzz::Rng,
+        i: usize,
+        last: bool,
+    ) -> (Vec<u8>, Option<String>) {
+        let close = if last { "connection: close\r\n" } else { "" };
+        let body: Vec<u8> = (0..rng.below(40)).map(|n| b'a' + (n % 26) as u8).collect();
+        let len = body.len();
+        match rng.below(6) {
+            0 => (
+                format!("GET /echo?{i} HTTP/1.1\r\nhost: x\r\n{close}\r\n").into_bytes(),
+                Some(format!("GET /echo?{i} len=0")),
+            ),
+            1 => {
+                let mut raw = format!(
+                    "POST /echo?{i} HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\n{close}\r\n"
+                )
+                .into_bytes();
+                raw.extend_from_slice(&body);
+                (raw, Some(format!("POST /echo?{i} len={len}")))
+            }
+            2 => {
+                let mut raw = format!(
+                    "POST /echo?{i} HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n{close}\r\n"
+                )
+                .into_bytes();
+                let mut rest = &body[..];
+                while !rest.is_empty() {
+                    let n = (1 + rng.below(rest.len())).min(rest.len());
+                    let ext = if rng.below(3) == 0 { ";x=\"y\"" } else { "" };
+                    raw.extend_from_slice(format!("{n:x}{ext}\r\n").as_bytes());
+                    raw.extend_from_slice(&rest[..n]);
+                    raw.extend_from_slice(b"\r\n");
+                    rest = &rest[n..];
+                }
+                let trailer = if rng.below(2) == 0 {
+                    "x-sum: 1\r\n"
+                } else {
+                    ""
+                };
+                raw.extend_from_slice(format!("0\r\n{trailer}\r\n").as_bytes());
+                (raw, Some(format!("POST /echo?{i} len={len}")))
+            }
+            3 => (
+                format!("HEAD /echo?{i} HTTP/1.1\r\nhost: x\r\n{close}\r\n").into_bytes(),
+                None,
+            ),
+            4 => (
+                format!("GET /stream?{i} HTTP/1.1\r\nhost: x\r\n{close}\r\n").into_bytes(),
+                Some("hello world".to_owned()),
+            ),
+            _ => {
+                let mut raw = format!(
+                    "PUT /echo?{i} HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: {len}\r\n{close}\r\n"
+                )
+                .into_bytes();
+                raw.extend_from_slice(&body);
+                (raw, Some(format!("PUT /echo?{i} len={len}")))
+            }
+        }
+    }
+
+    /// The responses in `raw`, each as its status and body (`None` for the
+    /// answer to a `HEAD`, which has none), skipping `100 Continue`s.
+    fn responses(mut raw: &[u8], heads: &[bool]) -> Vec<(u16, Option<String>)> {
+        let mut out = Vec::new();
+        while !raw.is_empty() {
+            let mut slots = [httparse::EMPTY_HEADER; 32];
+            let mut res = httparse::Response::new(&mut slots);
+            let len = match res.parse(raw) {
+                Ok(httparse::Status::Complete(len)) => len,
+                other => panic!("{other:?} at {:?}", raw.escape_ascii().to_string()),
+            };
+            let code = res.code.unwrap_or_default();
+            let field = |name: &str| {
+                res.headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| String::from_utf8_lossy(h.value).into_owned())
+            };
+            let (length, chunked) = (field("content-length"), field("transfer-encoding"));
+            raw = &raw[len..];
+            if code == 100 {
+                continue;
+            }
+            if heads.get(out.len()).copied().unwrap_or(false) {
+                out.push((code, None));
+                continue;
+            }
+            let body = if chunked.as_deref() == Some("chunked") {
+                let mut buf = BytesMut::from(raw);
+                let mut decoder = crate::chunked::ChunkedDecoder::default();
+                let mut body = Vec::new();
+                loop {
+                    match decoder.decode(&mut buf) {
+                        Ok(crate::chunked::Decoded::Data(d)) => body.extend_from_slice(&d),
+                        Ok(crate::chunked::Decoded::Done) => break,
+                        other => panic!("{other:?} in {:?}", raw.escape_ascii().to_string()),
+                    }
+                }
+                raw = &raw[raw.len() - buf.len()..];
+                body
+            } else {
+                let n: usize = length.and_then(|l| l.parse().ok()).unwrap_or(raw.len());
+                let (body, rest) = raw.split_at(n.min(raw.len()));
+                raw = rest;
+                body.to_vec()
+            };
+            out.push((code, Some(String::from_utf8_lossy(&body).into_owned())));
+        }
+        out
+    }
+
+    /// Pipelined requests of every framing (lengths, chunks with
+    /// extensions and trailers, `HEAD`, `Expect`), their bytes cut into
+    /// pieces at random places: each is answered once, in order, with its
+    /// own body, and nothing else is sent. Where one request ends and the
+    /// next begins must not depend on how the bytes arrive.
+    #[tokio::test]
+    async fn pipelines_split_anywhere_are_answered_in_order() {
+        let s = server(settings()).await;
+        let mut rng = crate::fuzz::Rng(0x5eed_1234_abcd_ef01);
+        for case in 0..60 {
+            let n = 1 + rng.below(6);
+            let (mut raw, mut wanted, mut heads) = (Vec::new(), Vec::new(), Vec::new());
+            for i in 0..n {
+                let (bytes, answer) = random_request(&mut rng, i, i + 1 == n);
+                raw.extend_from_slice(&bytes);
+                heads.push(answer.is_none());
+                wanted.push((200, answer));
+            }
+            let mut cuts: Vec<usize> = (0..rng.below(6)).map(|_| rng.below(raw.len())).collect();
+            cuts.sort_unstable();
+            let mut stream = connect(s.addr).await;
+            let _ = stream.set_nodelay(true);
+            let mut at = 0;
+            for cut in cuts.into_iter().chain([raw.len()]) {
+                send(&mut stream, &raw[at..cut.max(at)]).await;
+                at = cut.max(at);
+                tokio::task::yield_now().await;
+            }
+            let mut answer = Vec::new();
+            match tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer)).await {
+                Ok(Ok(_)) => {}
+                other => panic!(
+                    "case {case}: {other:?} after {:?}",
+                    answer.escape_ascii().to_string()
+                ),
+            }
+            assert_eq!(
+                responses(&answer, &heads),
+                wanted,
+                "case {case}: {:?} answered {:?}",
+                raw.escape_ascii().to_string(),
+                answer.escape_ascii().to_string()
+            );
+        }
+    }
 }
