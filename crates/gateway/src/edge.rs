@@ -57,7 +57,7 @@ use crate::ratelimit::{self, Counted, Limiter, RateLimitKey};
 use crate::rejection::Rejection;
 use crate::relayed::Reply;
 use crate::request_id::RequestId;
-use crate::routes::{self, Match, Outgoing, Route, has_dot_segment, split_after_segments};
+use crate::routes::{self, Match, Outgoing, Route, routed_path, split_after_segments};
 use crate::routing::Routing;
 use crate::server::ConnInfo;
 use crate::stats;
@@ -129,17 +129,23 @@ fn strip_prefix(req: &mut Request<Body>, segments: usize) -> Result<(), Rejectio
     let uri = req.uri();
     let (prefix, rest) = split_after_segments(uri.path(), segments);
     let rest = if rest.is_empty() { "/" } else { rest };
-    let target = match uri.query() {
-        Some(query) => format!("{rest}?{query}"),
-        None => rest.to_string(),
-    };
     // Both come from a valid URI's path: neither can fail.
     let prefix = HeaderValue::from_str(prefix).map_err(|_| Rejection::BadPath)?;
-    let mut parts = uri.clone().into_parts();
-    parts.path_and_query = Some(PathAndQuery::try_from(target).map_err(|_| Rejection::BadPath)?);
-    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| Rejection::BadPath)?;
+    *req.uri_mut() = with_path(uri, rest)?;
     req.headers_mut().insert(X_FORWARDED_PREFIX.clone(), prefix);
     Ok(())
+}
+
+/// `uri` with its path replaced by `path` (a valid URI's path, or one made
+/// from one), its query kept.
+fn with_path(uri: &Uri, path: &str) -> Result<Uri, Rejection> {
+    let target = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(PathAndQuery::try_from(target).map_err(|_| Rejection::BadPath)?);
+    Uri::from_parts(parts).map_err(|_| Rejection::BadPath)
 }
 
 /// Removes every `x-flotilla-user-*`, `x-forwarded-client-cert` and
@@ -278,11 +284,19 @@ pub(crate) fn handle<'a>(
 
         // A clone shares the URI's bytes; the path is copied only into a
         // rejection.
-        let uri = req.uri().clone();
-        let path = uri.path();
-        if has_dot_segment(path) {
-            return finish.reject(Rejection::BadPath);
+        let mut uri = req.uri().clone();
+        match routed_path(uri.path()) {
+            Ok(None) => {}
+            Ok(Some(path)) => match with_path(&uri, &path) {
+                Ok(routed) => {
+                    *req.uri_mut() = routed.clone();
+                    uri = routed;
+                }
+                Err(rejection) => return finish.reject(rejection),
+            },
+            Err(()) => return finish.reject(Rejection::BadPath),
         }
+        let path = uri.path();
 
         // In a block: what only the lookup needs (the host, the method a
         // preflight asks about) ends here, and is not kept in this future

@@ -28,7 +28,9 @@ pub(crate) enum Rejection {
         path: String,
         allow: Vec<String>,
     },
-    #[error("the path must not contain `.` or `..` segments")]
+    #[error(
+        "the path must not contain a `.` or `..` segment, an encoded `/` (`%2F`), a backslash, a control character or a malformed `%` escape"
+    )]
     BadPath,
     #[error("could not read the request body")]
     BadRequestBody {

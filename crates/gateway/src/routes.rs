@@ -360,11 +360,41 @@ pub(crate) fn split_after_segments(path: &str, n: usize) -> (&str, &str) {
     path.split_at(end)
 }
 
+/// The path a request is routed by and forwarded with, when it is not the
+/// path as sent: the one a service reads, normalised as the mesh's ACLs
+/// and the chassis normalise it (`flotilla_mesh::normalize_path`:
+/// escapes of letters, digits and `-._~` decoded, `//` collapsed). Most
+/// frameworks decode those escapes too. Matched as sent, `/%61dmin` would
+/// miss a protected `/admin/**` route, match a public `/**` beside it, and
+/// be served as `/admin` all the same.
+///
+/// `Err`: a path no route is matched against, refused as it arrives: a
+/// `.` or `..` segment (literally or percent-encoded; resolving it would
+/// route `/api/public/../admin` by a path the client did not ask for), an
+/// encoded `/` or a backslash (raw or encoded: whether a service takes
+/// either for a separator differs between frameworks), a control
+/// character or a malformed escape.
+pub(crate) fn routed_path(path: &str) -> Result<Option<String>, ()> {
+    // Most paths have no dot, escape, backslash or doubled slash: one pass
+    // over their bytes settles them.
+    let mut last = 0;
+    let plain = path.bytes().all(|b| {
+        let plain = !(matches!(b, b'.' | b'%' | b'\\') || (b == b'/' && last == b'/'));
+        last = b;
+        plain
+    });
+    if plain {
+        return Ok(None);
+    }
+    if has_dot_segment(path) {
+        return Err(());
+    }
+    let normal = flotilla_mesh::normalize_path(path).map_err(|_| ())?;
+    Ok((normal != path).then_some(normal))
+}
+
 /// Whether `path` has a `.` or `..` segment, literally or percent-encoded.
-/// Such paths are refused outright: the pattern matcher compares segments as
-/// written, and an upstream that normalises them could otherwise be reached
-/// outside the routes declared for it (`/api/public/../admin`).
-pub(crate) fn has_dot_segment(path: &str) -> bool {
+fn has_dot_segment(path: &str) -> bool {
     // Most paths have neither a dot nor an escape: one pass over the bytes
     // settles them, where splitting into segments cost ~200 instructions
     // even for `/`.
@@ -762,6 +792,38 @@ mod tests {
             ("/t/acme", "/orders")
         );
         assert_eq!(split_after_segments("/a/b", 0), ("", "/a/b"));
+    }
+
+    #[test]
+    fn paths_are_routed_as_services_read_them() {
+        for plain in ["/", "/api/items/1", "/a-b_c~d", "/caf\u{e9}"] {
+            assert_eq!(routed_path(plain), Ok(None), "{plain}");
+        }
+        for (sent, routed) in [
+            ("/%61dmin/x", Some("/admin/x")),
+            ("/adm%69n", Some("/admin")),
+            ("//admin", Some("/admin")),
+            ("/a//b/", Some("/a/b/")),
+            ("/a%20b", None),
+            ("/a%3ab", Some("/a%3Ab")),
+            ("/v1.2/x", None),
+            ("/.well-known/jwks.json", None),
+        ] {
+            assert_eq!(routed_path(sent), Ok(routed.map(String::from)), "{sent}");
+        }
+        for refused in [
+            "/a/../admin",
+            "/a/%2e%2e/admin",
+            "/admin%2Fx",
+            "/x%2f..%2fadmin",
+            "/x\\..\\admin",
+            "/x%5Cadmin",
+            "/a%00",
+            "/a%zz",
+            "/..",
+        ] {
+            assert_eq!(routed_path(refused), Err(()), "{refused}");
+        }
     }
 
     #[test]

@@ -447,3 +447,52 @@ async fn the_last_good_key_set_is_kept_when_the_jwks_breaks() {
     );
     f.gateway.shutdown(T).await;
 }
+
+/// A protected route cannot be reached under another spelling of its path
+/// through a public route beside it: routes are matched against the path
+/// as a service normalises it (the chassis, and most frameworks, decode
+/// `%61` to `a` and collapse `//`), and that path is what is forwarded;
+/// spellings a service might read either way (`%2F`, a backslash) are
+/// refused.
+#[tokio::test]
+async fn a_protected_route_is_not_reached_by_another_spelling_of_its_path() {
+    let registry = Registry::new();
+    let up = Upstream::start("jwt-spelling-0").await;
+    registry.set("jwt-spelling", vec![up.endpoint()]);
+    let signer = Signer::ed25519("ed-1");
+    let jwks = JwksServer::start(jwks(&[&signer])).await;
+    let mut admin = route("jwt-spelling", "/admin/**", &[], T);
+    admin.auth = RouteAuth::jwt();
+    let everything = route("jwt-spelling", "/**", &[], T);
+    let mut cfg = config(vec![admin, everything]);
+    cfg.jwt = Some(jwt_config(&jwks));
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+
+    for path in ["/%61dmin/x", "/adm%69n/x", "//admin/x", "/admin//x"] {
+        let reply = get(&client, path, None, &[]).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{path}: {reply:?}");
+    }
+    assert_eq!(up.hits(), 0);
+    let token = signer.sign(&claims());
+    let reply = get(&client, "/%61dmin/x?q=%61", Some(&token), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.json()["path"], "/admin/x?q=%61");
+
+    for target in [
+        "/admin%2Fx",
+        "/x%2f..%2fadmin",
+        "/x\\..\\admin",
+        "/x%5Cadmin",
+    ] {
+        let raw = raw_request(
+            gateway.local_addr(),
+            &format!("GET {target} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(raw.starts_with("HTTP/1.1 400"), "{target}: {raw}");
+        assert!(raw.contains("bad_path"), "{target}: {raw}");
+    }
+    assert_eq!(up.hits(), 1);
+    gateway.shutdown(T).await;
+}
