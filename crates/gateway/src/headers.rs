@@ -335,6 +335,14 @@ pub(crate) fn forward_fields(
             _ => {}
         }
     }
+    // A request whose target names its host (absolute form, or HTTP/2's
+    // `:authority`) is for that host, whatever a `Host` beside it says: it
+    // was routed by the target's (`edge::request_host`), and a proxy sends
+    // the target's on rather than the field (RFC 9112 §3.2.2). Forwarded,
+    // a `Host` that differs would tell the instance of a host other than
+    // the one the request was routed and authorised for.
+    let authority = parts.uri.authority();
+    let replace_host = authority.is_some() && host.is_some();
     let keep_trace = parents == 1 && parent.is_some_and(crate::trace::is_valid);
     let started = fwd.trace.filter(|_| !keep_trace);
     // Only compared in the second pass when there is something to leave out.
@@ -361,14 +369,13 @@ pub(crate) fn forward_fields(
                     b"x-request-id" => fwd.told.request_id.is_some(),
                     _ => false,
                 })
-            || named_by_connection(raw);
+            || named_by_connection(raw)
+            || (replace_host && raw == b"host");
         if !left_out {
             put(raw, value.as_bytes());
         }
     }
-    if host.is_none()
-        && let Some(authority) = parts.uri.authority()
-    {
+    if let Some(authority) = authority {
         // An authority's characters are all valid in a field value.
         host = Some(authority.as_str().as_bytes());
         put(b"host", authority.as_str().as_bytes());

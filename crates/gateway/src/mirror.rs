@@ -142,7 +142,11 @@ pub(crate) async fn send(
     }
 }
 
-/// `req`'s head with `body`, its `Host` marked as a shadow's.
+/// `req`'s head with `body`, its `Host` marked as a shadow's. The host
+/// is the one the request was routed by: its target's, when the target
+/// names one (absolute form, HTTP/2's `:authority`), else its `Host`. The
+/// copy's target is then the path alone, so that the shadow's `Host` is
+/// the one forwarded (`headers::forward_fields` prefers a target's host).
 fn copy_of(req: &Request<Body>, body: Bytes) -> Request<Body> {
     let mut copy = Request::new(body::full(body));
     *copy.method_mut() = req.method().clone();
@@ -150,14 +154,21 @@ fn copy_of(req: &Request<Body>, body: Bytes) -> Request<Body> {
     *copy.version_mut() = req.version();
     *copy.headers_mut() = req.headers().clone();
     let host = req
-        .headers()
-        .get(HOST)
-        .map(|h| h.as_bytes())
-        .or_else(|| req.uri().authority().map(|a| a.as_str().as_bytes()));
+        .uri()
+        .authority()
+        .map(|a| a.as_str().as_bytes())
+        .or_else(|| req.headers().get(HOST).map(|h| h.as_bytes()));
     if let Some(host) = host
         && let Ok(shadow) = HeaderValue::from_bytes(&[host, b"-shadow"].concat())
     {
         copy.headers_mut().insert(HOST, shadow);
+        if req.uri().authority().is_some() {
+            let mut origin = http::uri::Parts::default();
+            origin.path_and_query = req.uri().path_and_query().cloned();
+            if let Ok(uri) = http::Uri::from_parts(origin) {
+                *copy.uri_mut() = uri;
+            }
+        }
     }
     copy
 }

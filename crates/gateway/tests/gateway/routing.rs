@@ -360,6 +360,50 @@ async fn h2c_clients_are_proxied_over_http11() {
     gateway.shutdown(T).await;
 }
 
+/// An absolute-form request is for the host its target names, whatever a
+/// `Host` beside it says (RFC 9112 §3.2.2): routed by it, and forwarded
+/// with it, so that the instance never hears of a host the request was
+/// not routed and authorised for.
+#[tokio::test]
+async fn an_absolute_target_s_host_is_the_one_forwarded() {
+    let registry = Registry::new();
+    let public = Upstream::start("public-0").await;
+    let admin = Upstream::start("admin-0").await;
+    registry.set("public", vec![public.endpoint()]);
+    registry.set("admin", vec![admin.endpoint()]);
+    let mut for_public = route("public", "/**", &[], T);
+    for_public.hosts = vec![ok(
+        flotilla_manifest::HostPattern::parse("public.example"),
+        "host",
+    )];
+    let mut for_admin = route("admin", "/**", &[], T);
+    for_admin.hosts = vec![ok(
+        flotilla_manifest::HostPattern::parse("admin.example"),
+        "host",
+    )];
+    let gateway = start(config(vec![for_public, for_admin]), &registry).await;
+    let raw = raw_request(
+        gateway.local_addr(),
+        "GET http://public.example/x HTTP/1.1\r\nhost: admin.example\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let echo: serde_json::Value = ok(serde_json::from_str(body), "echo");
+    assert_eq!(echo["instance"], "public-0");
+    assert_eq!(echo["path"], "/x");
+    assert_eq!(echo["headers"]["host"], "public.example", "{echo}");
+    assert_eq!(
+        echo["headers"]["x-forwarded-host"], "public.example",
+        "{echo}"
+    );
+    assert_eq!(admin.hits(), 0);
+    gateway.shutdown(T).await;
+}
+
 /// Request metrics are labelled by the route's pattern (never the raw
 /// path) and status class, and the latency is a Prometheus histogram
 /// (`_bucket` series that replicas can add up), not a summary.
@@ -635,13 +679,20 @@ async fn a_mirror_gets_copies_and_the_client_only_the_route_s_answer() {
     // A copy says it is one.
     assert_eq!(shadow.hosts(), ["gw.example-shadow"; 3]);
     assert_eq!(live.hosts(), ["gw.example"; 3]);
+    // An HTTP/2 request's host is its `:authority`, and so is its copy's.
+    let reply = Client::h2c(&gateway).get("/api/items").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    wait_until("the shadow got the HTTP/2 copy", || shadow.hits() == 4).await;
+    let authority = gateway.local_addr().to_string();
+    assert_eq!(shadow.hosts().last(), Some(&format!("{authority}-shadow")));
+    assert_eq!(live.hosts().last(), Some(&authority));
 
     // A body too large to copy goes to the live service alone, whole.
     let big = Bytes::from(vec![b'y'; 100 * 1024]);
     let reply = client.request(Method::POST, "/api/items", &[], big).await;
     assert_eq!(reply.json()["body_len"], 100 * 1024);
     assert!(sent("body_too_large") >= 1);
-    assert_eq!(shadow.hits(), 3);
+    assert_eq!(shadow.hits(), 4);
     gateway.shutdown(T).await;
 }
 
