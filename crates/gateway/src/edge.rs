@@ -151,9 +151,19 @@ fn with_path(uri: &Uri, path: &str) -> Result<Uri, Rejection> {
 /// Removes every `x-flotilla-user-*`, `x-forwarded-client-cert` and
 /// `x-forwarded-prefix` header: only the gateway may say who the user is,
 /// which certificate the client showed, and what it took off the path.
+/// Also any name that is one of those, or of the forwarding fields the
+/// gateway writes, with `_` for `-` (`x_flotilla_user_id`): servers that
+/// hand a request's fields over CGI-style (WSGI, Rack, PHP) read both
+/// spellings as one variable, so such a field would speak for the
+/// gateway there. nginx drops every name with an underscore by default;
+/// these alone are dropped here.
 fn strip_identity_headers(headers: &mut HeaderMap) {
     let forged = |k: &&HeaderName| {
-        k.as_str().starts_with(USER_HEADER_PREFIX) || **k == XFCC || **k == X_FORWARDED_PREFIX
+        let name = k.as_str();
+        name.starts_with(USER_HEADER_PREFIX)
+            || **k == XFCC
+            || **k == X_FORWARDED_PREFIX
+            || (name.as_bytes().contains(&b'_') && spells_gateway_field(name))
     };
     // Almost every request has none: look before making a list.
     if !headers.keys().any(|k| forged(&k)) {
@@ -163,6 +173,31 @@ fn strip_identity_headers(headers: &mut HeaderMap) {
     for name in forged {
         headers.remove(name);
     }
+}
+
+/// Whether `name`, read with `_` as `-`, is a field only the gateway
+/// writes: a user field, the client certificate, the prefix taken off, the
+/// forwarding fields or the request id.
+fn spells_gateway_field(name: &str) -> bool {
+    const FIELDS: [&str; 6] = [
+        "x-forwarded-client-cert",
+        "x-forwarded-prefix",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+    ];
+    let same = |name: &[u8], field: &[u8]| {
+        name.len() == field.len()
+            && name
+                .iter()
+                .zip(field)
+                .all(|(n, f)| n == f || (*n == b'_' && *f == b'-'))
+    };
+    let name = name.as_bytes();
+    let prefix = USER_HEADER_PREFIX.as_bytes();
+    name.get(..prefix.len()).is_some_and(|p| same(p, prefix))
+        || FIELDS.iter().any(|f| same(name, f.as_bytes()))
 }
 
 /// What every response of this request gets on its way out. Borrows what
@@ -883,6 +918,29 @@ fn rate_key<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gateway_fields_spelled_with_underscores_are_told_apart() {
+        for forged in [
+            "x_flotilla_user_id",
+            "x-flotilla_user-role",
+            "x_forwarded_for",
+            "x_forwarded_client_cert",
+            "x_request_id",
+            "x_forwarded_prefix",
+        ] {
+            assert!(spells_gateway_field(forged), "{forged}");
+        }
+        for fine in [
+            "x_custom",
+            "api_key",
+            "x_flotilla_user",
+            "x_forwarded_fo",
+            "x_forwarded_forx",
+        ] {
+            assert!(!spells_gateway_field(fine), "{fine}");
+        }
+    }
 
     #[test]
     fn identity_headers_are_stripped_whatever_their_case_or_number() {

@@ -143,9 +143,14 @@ async fn a_good_token_forwards_the_identity_and_strips_forged_headers() {
     let ps = Signer::rsa("ps-1", "PS256", true);
     let rs = Signer::rsa("rs-1", "RS256", false);
     let f = fixture("jwt-good", &[&ed, &ec, &ps, &rs], |_| {}).await;
+    // Underscores too: CGI-style servers read `x_flotilla_user_id` as
+    // `x-flotilla-user-id`.
     let forged = [
         ("x-flotilla-user-id", "admin"),
         ("X-Flotilla-User-Role", "root"),
+        ("x_flotilla_user_id", "admin"),
+        ("X_Forwarded_For", "203.0.113.9"),
+        ("x-flotilla_user-tenant", "t0"),
     ];
     for signer in [&ed, &ec, &ps, &rs] {
         let token = signer.sign(&claims());
@@ -155,6 +160,13 @@ async fn a_good_token_forwards_the_identity_and_strips_forged_headers() {
         assert_eq!(h["x-flotilla-user-id"], "user-1");
         assert_eq!(h["x-flotilla-user-tenant"], "t1");
         assert!(h.get("x-flotilla-user-role").is_none(), "{h}");
+        for underscored in [
+            "x_flotilla_user_id",
+            "x_forwarded_for",
+            "x-flotilla_user-tenant",
+        ] {
+            assert!(h.get(underscored).is_none(), "{h}");
+        }
         // The token itself still reaches the service.
         assert_eq!(h["authorization"], format!("Bearer {token}"));
     }
