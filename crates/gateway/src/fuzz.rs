@@ -34,8 +34,9 @@ fn parse_request(data: &[u8]) -> (Result<Option<Head>, Invalid>, usize) {
 /// keeps is one `HeaderValue` accepts (the parser builds them unchecked);
 /// its framing is one reading only (no `Transfer-Encoding` beside a
 /// `Content-Length`, chunked only on HTTP/1.1, one `Host`), and the head
-/// an instance is sent for it has the gateway's framing alone; and the
-/// body after it decodes without a panic.
+/// an instance is sent for it has the gateway's framing alone; the path
+/// it is routed by, once normalised, stays so; and the body after it
+/// decodes without a panic.
 pub fn request_head(data: &[u8]) {
     let (whole, used) = parse_request(data);
     for cut in cuts(data.len(), used) {
@@ -89,6 +90,21 @@ pub fn request_head(data: &[u8]) {
         BodyLength::None => assert!(codings == 0, "{:?}", show()),
     }
     forwarded(&head, &show);
+    // The path routed by is a fixed point: normalised once, it stays as
+    // it is, and it is a valid target.
+    if let Ok(Some(path)) = crate::routes::routed_path(head.uri.path()) {
+        assert_eq!(
+            crate::routes::routed_path(&path),
+            Ok(None),
+            "{path:?} from {:?}",
+            show()
+        );
+        assert!(
+            http::uri::PathAndQuery::try_from(path.as_str()).is_ok(),
+            "{path:?} from {:?}",
+            show()
+        );
+    }
     let mut decoder = match head.body {
         BodyLength::None => return,
         BodyLength::Length(n) => Decoder::Length(n),
@@ -509,6 +525,8 @@ mod tests {
         b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
         b"PUT / HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2, 2\r\nExpect: 100-continue\r\n\r\nab",
         b"\r\nGET http://a/b HTTP/1.1\r\nx-v: a\x80b\r\nauthorization: Bearer e30.e30.e30\r\n\r\n",
+        b"GET /%61dmin//x/./y%2e%2E/%2Fz?q=%61 HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET http://a.example/caf\xc3\xa9/%7e%41 HTTP/1.1\r\nhost: b\r\n\r\n",
     ];
 
     #[test]
