@@ -118,6 +118,23 @@ fn request_host(req: &Request<Body>) -> Option<&str> {
     }
 }
 
+/// Whether the request's host carries userinfo (`admin@public.example`),
+/// in its target or its `Host`: RFC 9110 §4.2.4 forbids it in an `http`
+/// URI, and readers disagree on which name such a host is (the gateway
+/// routes by what follows the `@`, a service may take what precedes it).
+/// An HTTP/1 request's `Host` was checked as its head was read
+/// (`h1::head`), which spares every request a lookup here.
+fn has_userinfo(req: &Request<Body>) -> bool {
+    req.uri()
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'))
+        || (req.version() == http::Version::HTTP_2
+            && req
+                .headers()
+                .get(HOST)
+                .is_some_and(|h| h.as_bytes().contains(&b'@')))
+}
+
 /// Tells an instance what a route's `strip_prefix` took off the path.
 static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 
@@ -320,6 +337,9 @@ pub(crate) fn handle<'a>(
         // A clone shares the URI's bytes; the path is copied only into a
         // rejection.
         let mut uri = req.uri().clone();
+        if has_userinfo(&req) {
+            return finish.reject(Rejection::BadHost);
+        }
         match routed_path(uri.path()) {
             Ok(None) => {}
             Ok(Some(path)) => match with_path(&uri, &path) {
@@ -918,6 +938,32 @@ fn rate_key<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn userinfo_in_a_target_or_an_http2_host_is_seen() {
+        let req = |version, uri: &str, host: Option<&'static str>| {
+            let mut req = Request::new(crate::body::empty());
+            *req.version_mut() = version;
+            *req.uri_mut() = uri.parse().unwrap_or_default();
+            if let Some(host) = host {
+                req.headers_mut()
+                    .insert(HOST, HeaderValue::from_static(host));
+            }
+            req
+        };
+        let h1 = http::Version::HTTP_11;
+        let h2 = http::Version::HTTP_2;
+        assert!(has_userinfo(&req(h1, "http://a@b.example/x", None)));
+        assert!(has_userinfo(&req(h2, "http://a@b.example/x", None)));
+        assert!(has_userinfo(&req(h2, "/x", Some("a@b.example"))));
+        // HTTP/1's `Host` is refused as its head is read (`h1::head`).
+        assert!(!has_userinfo(&req(h1, "/x", Some("a@b.example"))));
+        assert!(!has_userinfo(&req(
+            h2,
+            "http://b.example/x",
+            Some("b.example")
+        )));
+    }
 
     #[test]
     fn gateway_fields_spelled_with_underscores_are_told_apart() {

@@ -33,7 +33,8 @@ fn parse_request(data: &[u8]) -> (Result<Option<Head>, Invalid>, usize) {
 /// between reads (a prefix of a head is never an answer); every value it
 /// keeps is one `HeaderValue` accepts (the parser builds them unchecked);
 /// its framing is one reading only (no `Transfer-Encoding` beside a
-/// `Content-Length`, chunked only on HTTP/1.1, one `Host`), and the head
+/// `Content-Length`, chunked only on HTTP/1.1, one `Host`, without
+/// userinfo), and the head
 /// an instance is sent for it has the gateway's framing alone; the path
 /// it is routed by, once normalised, stays so; and the body after it
 /// decodes without a panic.
@@ -80,6 +81,14 @@ pub fn request_head(data: &[u8]) {
         .iter()
         .count();
     assert!(head.headers.get_all(header::HOST).iter().count() <= 1);
+    assert!(
+        !head
+            .headers
+            .get(header::HOST)
+            .is_some_and(|h| h.as_bytes().contains(&b'@')),
+        "a Host with userinfo: {:?}",
+        show()
+    );
     match head.body {
         BodyLength::Chunked => {
             assert!(lengths == 0 && codings > 0 && head.version == Version::HTTP_11);

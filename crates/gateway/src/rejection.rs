@@ -32,6 +32,8 @@ pub(crate) enum Rejection {
         "the path must not contain a `.` or `..` segment, an encoded `/` (`%2F`), a backslash, a control character or a malformed `%` escape"
     )]
     BadPath,
+    #[error("the host must not carry userinfo (`user@`)")]
+    BadHost,
     #[error("could not read the request body")]
     BadRequestBody {
         #[source]
@@ -110,7 +112,9 @@ impl Rejection {
         match self {
             Rejection::NotFound { .. } => StatusCode::NOT_FOUND,
             Rejection::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Rejection::BadPath | Rejection::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
+            Rejection::BadPath | Rejection::BadHost | Rejection::BadRequestBody { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             Rejection::NoReadyInstance { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::UpstreamTimeout { .. } | Rejection::NotCached => StatusCode::GATEWAY_TIMEOUT,
             Rejection::UpstreamUnreachable { .. } | Rejection::BadGateway { .. } => {
@@ -140,6 +144,7 @@ impl Rejection {
             Rejection::NotFound { .. } => "not_found",
             Rejection::MethodNotAllowed { .. } => "method_not_allowed",
             Rejection::BadPath => "bad_path",
+            Rejection::BadHost => "bad_host",
             Rejection::BadRequestBody { .. } => "bad_request_body",
             Rejection::NoReadyInstance { .. } => "no_ready_instance",
             Rejection::UpstreamTimeout { .. } => "upstream_timeout",

@@ -253,6 +253,8 @@ struct Framing {
 /// The framing-relevant headers, as seen.
 struct Seen {
     hosts: usize,
+    /// A `Host` with an `@`.
+    userinfo: bool,
     /// The agreed length so far; `Err`: invalid or disagreeing.
     length: Result<Option<u64>, ()>,
     transfer_encoding: bool,
@@ -271,6 +273,7 @@ impl Default for Seen {
     fn default() -> Seen {
         Seen {
             hosts: 0,
+            userinfo: false,
             length: Ok(None),
             transfer_encoding: false,
             chunked: 0,
@@ -289,6 +292,9 @@ impl Seen {
         let tokens = || value.split(|&b| b == b',').map(trim_ows);
         if name == header::HOST {
             self.hosts += 1;
+            // Userinfo (`user@host`) names two hosts, depending on the
+            // reader (RFC 9110 §4.2.4): refused with the request.
+            self.userinfo |= value.contains(&b'@');
         } else if name == header::CONTENT_LENGTH {
             self.length = match (self.length, content_length(std::iter::once(value))) {
                 (Ok(None), new) => new,
@@ -326,6 +332,11 @@ impl Seen {
         let http11 = version == Version::HTTP_11;
         if self.hosts > 1 {
             return Err(Invalid::Malformed("more than one Host header"));
+        }
+        if self.userinfo {
+            return Err(Invalid::Malformed(
+                "the Host header carries userinfo (`user@`)",
+            ));
         }
         let length = self
             .length

@@ -401,6 +401,16 @@ async fn an_absolute_target_s_host_is_the_one_forwarded() {
         "{echo}"
     );
     assert_eq!(admin.hits(), 0);
+    // A host with userinfo names two hosts, depending on who reads it.
+    for raw in [
+        "GET http://admin.example@public.example/x HTTP/1.1\r\nhost: public.example\r\nconnection: close\r\n\r\n",
+        "GET /x HTTP/1.1\r\nhost: admin.example@public.example\r\nconnection: close\r\n\r\n",
+    ] {
+        let answer = raw_request(gateway.local_addr(), raw).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{raw:?}: {answer}");
+        assert!(answer.contains("userinfo"), "{answer}");
+    }
+    assert_eq!(public.hits() + admin.hits(), 1);
     gateway.shutdown(T).await;
 }
 
