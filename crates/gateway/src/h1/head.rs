@@ -294,7 +294,7 @@ impl Seen {
             self.hosts += 1;
             // Userinfo (`user@host`) names two hosts, depending on the
             // reader (RFC 9110 §4.2.4): refused with the request.
-            self.userinfo |= value.contains(&b'@');
+            self.userinfo |= crate::headers::has_byte(value, b'@');
         } else if name == header::CONTENT_LENGTH {
             self.length = match (self.length, content_length(std::iter::once(value))) {
                 (Ok(None), new) => new,
