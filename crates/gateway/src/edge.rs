@@ -132,7 +132,7 @@ fn has_userinfo(req: &Request<Body>) -> bool {
             && req
                 .headers()
                 .get(HOST)
-                .is_some_and(|h| h.as_bytes().contains(&b'@')))
+                .is_some_and(|h| crate::headers::has_byte(h.as_bytes(), b'@')))
 }
 
 /// Tells an instance what a route's `strip_prefix` took off the path.

@@ -17,6 +17,7 @@ use crate::h1::decode::Decoder;
 use crate::h1::encode::{self, Exchange, Framing, HeadFields, Out, Then};
 use crate::h1::head::{self, BodyLength, Head, Invalid, Limits};
 use crate::jwt::{jwks, jws};
+use crate::outbound::BodySize;
 
 const LIMITS: Limits = Limits {
     max_bytes: 8192,
@@ -133,12 +134,14 @@ fn forwarded(head: &Head, show: &dyn Fn() -> String) {
     parts.uri = head.uri.clone();
     parts.version = head.version;
     parts.headers = head.headers.clone();
-    let length = match head.body {
-        BodyLength::None => None,
-        BodyLength::Length(n) => Some(Some(n)),
-        BodyLength::Chunked => Some(None),
+    // The body as the h1 server hands it on: none ends at once (and is
+    // sent as an empty one), a length is known, chunks are streamed.
+    let size = match head.body {
+        BodyLength::None => BodySize::Empty,
+        BodyLength::Length(n) => BodySize::Known(n),
+        BodyLength::Chunked => BodySize::Unknown,
     };
-    let written = crate::outbound::forward_head(parts, length, head.websocket);
+    let written = crate::outbound::forward_head(parts, size, head.websocket);
     let mut slots = [httparse::EMPTY_HEADER; 256];
     let mut req = httparse::Request::new(&mut slots);
     assert_eq!(
@@ -154,16 +157,16 @@ fn forwarded(head: &Head, show: &dyn Fn() -> String) {
     let named = |name: &str| values(req.headers, name);
     assert_eq!(named("host").len(), 1, "{:?}", show());
     let (lengths, codings) = (named("content-length"), named("transfer-encoding"));
-    match length {
-        Some(Some(n)) => {
+    match size {
+        BodySize::Known(n) => {
             assert_eq!(lengths, [n.to_string().as_bytes()], "{:?}", show());
             assert!(codings.is_empty(), "{:?}", show());
         }
-        Some(None) => {
+        BodySize::Unknown => {
             assert!(lengths.is_empty(), "{:?}", show());
             assert_eq!(codings, [&b"chunked"[..]], "{:?}", show());
         }
-        None => {
+        BodySize::Empty => {
             assert!(codings.is_empty() && lengths.len() <= 1, "{:?}", show());
             assert!(lengths.iter().all(|v| *v == b"0"), "{:?}", show());
         }
@@ -293,14 +296,15 @@ pub fn response_head(data: &[u8]) {
             map: &map,
             relayed: Some(&relayed),
         };
-        let declared =
-            encode::content_length(fields.get_all(&header::CONTENT_LENGTH)).unwrap_or(None);
         let ex = Exchange {
             head: head_only,
             version: Version::HTTP_11,
             websocket: false,
         };
-        let (framing, announced) = encode::framing(ex, status, declared, length == Some(0), length);
+        // As `h1::Conn::response_head` frames it: the body an instance's
+        // response gets knows its length when the instance gave one.
+        let (framing, announced) =
+            encode::framing_of(ex, status, fields, length == Some(0), length);
         let mut out = Out::default();
         encode::head(
             &mut out,
@@ -324,30 +328,22 @@ pub fn response_head(data: &[u8]) {
         );
         assert_eq!(res.code, Some(status.as_u16()));
         let named = |name: &str| values(res.headers, name);
-        let framed_by = [
-            "content-length",
-            "transfer-encoding",
-            "connection",
-            "keep-alive",
-            "trailer",
-        ];
+        // The fields the connection speaks for, on both sides (`trailer`
+        // among them, which a chunked head keeps).
+        let framed_by = |name: &[u8]| {
+            encode::REPLACED
+                .iter()
+                .any(|f| name.eq_ignore_ascii_case(f.as_bytes()))
+        };
         let theirs: Vec<(&[u8], &[u8])> = relayed
             .sent()
-            .filter(|(name, _)| {
-                !framed_by
-                    .iter()
-                    .any(|f| name.eq_ignore_ascii_case(f.as_bytes()))
-            })
+            .filter(|(name, _)| !framed_by(name))
             .collect();
         let relayed_out: Vec<(&[u8], &[u8])> = res
             .headers
             .iter()
             .map(|h| (h.name.as_bytes(), h.value))
-            .filter(|(name, _)| {
-                !framed_by
-                    .iter()
-                    .any(|f| name.eq_ignore_ascii_case(f.as_bytes()))
-            })
+            .filter(|(name, _)| !framed_by(name))
             .take(theirs.len())
             .collect();
         assert_eq!(relayed_out, theirs, "{:?}", show());

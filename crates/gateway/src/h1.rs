@@ -75,7 +75,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt as _;
 use futures_util::future::{BoxFuture, Fuse};
-use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, SERVER};
+use http::header::{CONNECTION, CONTENT_TYPE, SERVER};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Version};
 use http_body::Body as _;
 use tokio::sync::watch;
@@ -668,12 +668,10 @@ impl<H: Handler> Conn<H> {
             relayed: relayed.as_ref(),
         };
         let values = |name| fields.get_all(name);
-        // An invalid length from the stack is replaced by the body's own.
-        let declared = encode::content_length(values(&CONTENT_LENGTH)).unwrap_or(None);
-        let (framing, length) = encode::framing(
+        let (framing, length) = encode::framing_of(
             ex,
             status,
-            declared,
+            fields,
             body.is_end_stream(),
             body.size_hint().exact(),
         );

@@ -396,10 +396,12 @@ impl Conn {
         };
         let sent = match body {
             OutBody::Full(bytes) => {
-                if !bytes.is_empty() || expects_body(&parts.method) {
-                    headers::put_field(out, b"content-length", bytes.len().to_string().as_bytes());
-                }
-                out.extend_from_slice(b"\r\n");
+                let size = if bytes.is_empty() {
+                    BodySize::Empty
+                } else {
+                    BodySize::Known(bytes.len() as u64)
+                };
+                end_head(out, &parts.method, size);
                 if bytes.len() <= COALESCE_BYTES {
                     out.extend_from_slice(&bytes);
                     self.write_buffer().await?
@@ -412,11 +414,11 @@ impl Conn {
             }
             OutBody::Stream(body) => {
                 let length = body.size_hint().exact();
-                match length {
-                    Some(n) => headers::put_field(out, b"content-length", n.to_string().as_bytes()),
-                    None => headers::put_field(out, b"transfer-encoding", b"chunked"),
-                }
-                out.extend_from_slice(b"\r\n");
+                end_head(
+                    out,
+                    &parts.method,
+                    length.map_or(BodySize::Unknown, BodySize::Known),
+                );
                 self.write_body(body, length).await?
             }
         };
@@ -595,12 +597,35 @@ fn write_head(out: &mut Vec<u8>, req: &UpstreamRequest, addr: SocketAddr, websoc
     }
 }
 
+/// How big a request's body is, as its head says it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum BodySize {
+    /// None at all.
+    Empty,
+    Known(u64),
+    /// Streamed, of a length not known before its end: sent chunked.
+    Unknown,
+}
+
+/// Ends the request head in `out` with its body's framing field, this
+/// connection's own: the length, or chunked when it is not known. An
+/// empty body is announced (`content-length: 0`) only for a method that
+/// expects one.
+fn end_head(out: &mut Vec<u8>, method: &Method, size: BodySize) {
+    match size {
+        BodySize::Empty if !expects_body(method) => {}
+        BodySize::Empty => headers::put_field(out, b"content-length", b"0"),
+        BodySize::Known(n) => headers::put_field(out, b"content-length", n.to_string().as_bytes()),
+        BodySize::Unknown => headers::put_field(out, b"transfer-encoding", b"chunked"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 /// For the fuzz targets (`crate::fuzz`): the head a client's request
 /// `parts` goes to an instance with, as `Conn::write_request` writes it
-/// for a body of `length` (`Some(None)`: streamed, of unknown length;
-/// `None`: no body), from an untrusted peer.
+/// for a body of `size`, from an untrusted peer.
 #[cfg(any(test, fuzzing))]
-pub(crate) fn forward_head(parts: Parts, length: Option<Option<u64>>, websocket: bool) -> Vec<u8> {
+pub(crate) fn forward_head(parts: Parts, size: BodySize, websocket: bool) -> Vec<u8> {
     let addr = SocketAddr::from(([127, 0, 0, 1], 8080));
     let forwarding = Forwarding {
         peer: addr.ip(),
@@ -612,15 +637,7 @@ pub(crate) fn forward_head(parts: Parts, length: Option<Option<u64>>, websocket:
     let req = UpstreamRequest::new(parts, forwarding);
     let mut out = Vec::new();
     write_head(&mut out, &req, addr, websocket);
-    match length {
-        None if expects_body(&req.parts.method) => {
-            headers::put_field(&mut out, b"content-length", b"0");
-        }
-        None => {}
-        Some(Some(n)) => headers::put_field(&mut out, b"content-length", n.to_string().as_bytes()),
-        Some(None) => headers::put_field(&mut out, b"transfer-encoding", b"chunked"),
-    }
-    out.extend_from_slice(b"\r\n");
+    end_head(&mut out, &req.parts.method, size);
     out
 }
 
@@ -1606,6 +1623,16 @@ mod tests {
     /// The instance's hop-by-hop fields (RFC 9110 §7.6.1) are not in the
     /// response the proxy relays; its end-to-end fields are, and the
     /// connection they described is reused as they said it may be.
+    /// A reply's relayed fields as the instance sent them, then the
+    /// gateway's.
+    fn relayed_of(reply: &Reply) -> Vec<(&[u8], &[u8])> {
+        reply
+            .relayed
+            .as_ref()
+            .map(|r| r.iter().collect())
+            .unwrap_or_default()
+    }
+
     #[tokio::test]
     async fn hop_by_hop_fields_of_a_response_are_not_relayed() {
         let (addr, mut seen) = instance(vec![
@@ -1626,11 +1653,7 @@ mod tests {
         };
         // As sent, in order, beside the response, whose map is left for
         // what the gateway adds.
-        let relayed: Vec<(&[u8], &[u8])> = res
-            .relayed
-            .as_ref()
-            .map(|r| r.iter().collect())
-            .unwrap_or_default();
+        let relayed = relayed_of(&res);
         assert_eq!(
             relayed,
             [
@@ -1677,11 +1700,7 @@ mod tests {
             Ok(res) => res,
             Err(e) => panic!("{e}"),
         };
-        let relayed: Vec<(&[u8], &[u8])> = res
-            .relayed
-            .as_ref()
-            .map(|r| r.iter().collect())
-            .unwrap_or_default();
+        let relayed = relayed_of(&res);
         assert_eq!(relayed, [(&b"X-Keep"[..], &b"yes"[..])]);
         assert_eq!(body_of(res.into_response().into()).await, b"hello");
     }

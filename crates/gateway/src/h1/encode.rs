@@ -121,6 +121,20 @@ pub(crate) struct Exchange {
     pub websocket: bool,
 }
 
+/// [`framing`] for a response with `fields`: its own `content-length`
+/// read off them, where an invalid one (from the stack) is replaced by the
+/// body's own size.
+pub(crate) fn framing_of(
+    ex: Exchange,
+    status: StatusCode,
+    fields: HeadFields<'_>,
+    end_stream: bool,
+    exact: Option<u64>,
+) -> (Framing, Option<u64>) {
+    let declared = content_length(fields.get_all(&header::CONTENT_LENGTH)).unwrap_or(None);
+    framing(ex, status, declared, end_stream, exact)
+}
+
 /// The framing of a response and the `content-length` to announce, from
 /// the request, the status, the response's own `content-length` (if
 /// valid) and what its body knows of its size.
@@ -322,7 +336,7 @@ impl<'a> From<&'a HeaderMap> for HeadFields<'a> {
 /// does replaces them: its framing and persistence fields, and `trailer`
 /// unless the body is chunked. One list, for [`replaced`] and for the
 /// bits that send the gateway's own lines through it ([`REPLACED_OR_DATE`]).
-const REPLACED: [&str; 5] = [
+pub(crate) const REPLACED: [&str; 5] = [
     "trailer",
     "connection",
     "keep-alive",
