@@ -206,6 +206,19 @@ ticks() {
   echo $((user + sys))
 }
 
+# switches PID: the context switches so far (voluntary and not) of every
+# thread of PID and of its children, as user_sys counts their time.
+switches() {
+  local pid=$1 n=0 p task
+  for p in "$pid" $(pgrep -P "$pid" 2>/dev/null); do
+    for task in /proc/"$p"/task/*; do
+      [ -r "$task/status" ] || continue
+      n=$((n + $(awk '/^(non)?voluntary_ctxt_switches:/ { s += $2 } END { print s + 0 }' "$task/status")))
+    done
+  done
+  echo "$n"
+}
+
 # round_order ROUND TARGET...: the targets in the order to measure them
 # in ROUND: as given in odd rounds, reversed in even ones, so that a drift
 # of the machine within a round does not always favour the same targets.

@@ -40,6 +40,10 @@
 # Each run also prints the machine's steal time (/proc/stat): the share of
 # its CPU time the hypervisor gave to other guests while wrk ran, which
 # slows whichever target it lands on; the most of any run is said at the end.
+# And the machine's idle share (/proc/stat; in the paced runs the spinners
+# below keep it at 0) and the target's context switches per request (every
+# thread's, /proc/<pid>/task/*/status): whether a proxy leaves CPU unused,
+# or switches more than another, at its maximum.
 #
 # SPIN (default 1) keeps every CPU busy during the paced runs with a
 # spinner at the lowest priority there is (SCHED_IDLE: any thread that
@@ -271,6 +275,11 @@ if [ -n "${ONLY+set}" ]; then
   TARGETS=("${picked[@]}")
 fi
 declare -A MAX PACED CPU MAX_CPU MAX_RATIOS PACED_RATIOS
+# per_req COUNT RPS: COUNT per request over one run (wrk's rate times the
+# run's length: the requests served).
+per_req() {
+  awk -v c="$1" -v r="$2" -v s="${DURATION%s}" 'BEGIN { n = r * s; if (n > 0) printf "%.3f", c / n; else print "-" }'
+}
 # cpu_per_req TICKS RPS: CPU microseconds per request over one run.
 cpu_per_req() {
   awk -v d="$1" -v hz="$HZ" -v r="$2" -v s="${DURATION%s}" \
@@ -281,6 +290,11 @@ cpu_per_req() {
 # (/proc/stat's first line).
 steal_now() {
   awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print $9 + 0, t; exit }' /proc/stat
+}
+# idle_now: "IDLE TOTAL", the machine's idle CPU time so far (idle and
+# iowait, all CPUs, in clock ticks) and all of it; read with steal_pct.
+idle_now() {
+  awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print $5 + $6, t; exit }' /proc/stat
 }
 # steal_pct "STEAL TOTAL" "STEAL TOTAL": the share of the time between two
 # readings the hypervisor took, in %.
@@ -321,21 +335,25 @@ measure() {
   local conns=$4
   shift 4
   local -A runs_of cpus_of
-  local round t before after rps cpu out jr nr stolen steal
+  local round t before after rps cpu out jr nr stolen steal switched idled idle
   for round in $(seq 1 "$ROUNDS"); do
     for t in $(round_order "$round" "${TARGETS[@]}"); do
       DURATION=1s run "$t" "${URL[$t]}" "$conns" "$@" >/dev/null
       before=$(ticks "${PID_OF[$t]}")
+      switched=$(switches "${PID_OF[$t]}")
       stolen=$(steal_now)
+      idled=$(idle_now)
       out=$(run "$t" "${URL[$t]}" "$conns" "$@")
+      idle=$(steal_pct "$idled" "$(idle_now)")
       after=$(ticks "${PID_OF[$t]}")
+      switched=$(($(switches "${PID_OF[$t]}") - switched))
       steal=$(steal_pct "$stolen" "$(steal_now)")
       [ "$steal" -gt "$MAX_STEAL" ] && MAX_STEAL=$steal
       read -r rps _ <<<"$out"
       cpu=$(cpu_per_req $((after - before)) "$rps")
       runs_of[$t]="${runs_of[$t]:-}|$out"
       cpus_of[$t]="${cpus_of[$t]:-} $cpu"
-      echo "  round $round $t: $out cpu $cpu us/req steal $steal%" >&2
+      echo "  round $round $t: $out cpu $cpu us/req steal $steal% idle $idle% switches/req $(per_req "$switched" "$rps")" >&2
     done
     read -r jr _ <<<"$(echo "${runs_of[gw-jwt-rl]}" | awk -F'|' '{ print $NF }')"
     read -r nr _ <<<"$(echo "${runs_of[nginx]}" | awk -F'|' '{ print $NF }')"
