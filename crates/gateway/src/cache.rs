@@ -206,6 +206,15 @@ enum Found {
     Filling(&'static str, watch::Receiver<()>),
 }
 
+/// What a request asking to fetch a key for the others gets.
+enum Claim {
+    Won(Fill),
+    /// Another request is fetching it: the signal that it is done.
+    Filling(watch::Receiver<()>),
+    /// Another response was kept for it since it was looked up.
+    Changed,
+}
+
 /// A request's claim to fetch a key for the others; they wake when it
 /// is dropped, after the response is kept or given up.
 struct Fill {
@@ -435,42 +444,78 @@ impl ResponseCache {
         asked: &Directives,
         may_wait: bool,
     ) -> Found {
-        let missed = match this.get(key, req, now, asked) {
-            Ok(entry) => return Found::Fresh(entry),
-            Err(missed) => missed,
-        };
-        // Only a stale entry: one fresh but not fresh enough for the
-        // client is not served while it is fetched.
-        if let Some(stale) = &missed.stale
-            && missed.fwd == "stale"
-            && now < stale.revalidate_until
-        {
-            let fill = if may_wait {
-                Self::claim(this, key).ok()
-            } else {
-                None
+        // The lookup and the claim take the shard's lock one after the
+        // other: a fetch may keep its response and let go of its claim in
+        // between, and a claim made then would fetch what was just kept.
+        // Such a claim is refused (`Claim::Changed`) and the lookup made
+        // again, which finds the kept response; a few times at most.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let missed = match this.get(key, req, now, asked) {
+                Ok(entry) => return Found::Fresh(entry),
+                Err(missed) => missed,
             };
-            return Found::Revalidate(Arc::clone(stale), fill);
-        }
-        if !may_wait {
-            return Found::Missing(missed, None);
-        }
-        match Self::claim(this, key) {
-            Ok(fill) => Found::Missing(missed, Some(fill)),
-            Err(done) => Found::Filling(missed.fwd, done),
+            let seen = (tries < 4).then_some(missed.stale.as_ref());
+            // Only a stale entry: one fresh but not fresh enough for the
+            // client is not served while it is fetched.
+            if let Some(stale) = &missed.stale
+                && missed.fwd == "stale"
+                && now < stale.revalidate_until
+            {
+                let fill = if may_wait {
+                    match Self::claim(this, key, req, seen) {
+                        Claim::Won(fill) => Some(fill),
+                        Claim::Filling(_) => None,
+                        Claim::Changed => continue,
+                    }
+                } else {
+                    None
+                };
+                return Found::Revalidate(Arc::clone(stale), fill);
+            }
+            if !may_wait {
+                return Found::Missing(missed, None);
+            }
+            return match Self::claim(this, key, req, seen) {
+                Claim::Won(fill) => Found::Missing(missed, Some(fill)),
+                Claim::Filling(done) => Found::Filling(missed.fwd, done),
+                Claim::Changed => continue,
+            };
         }
     }
 
     /// The claim to fetch `key` for others, or, when a request has it, the
-    /// signal that it is done.
-    fn claim(this: &Arc<ResponseCache>, key: &str) -> Result<Fill, watch::Receiver<()>> {
+    /// signal that it is done. With `seen` (the variant `req` selected
+    /// when it was looked up, if any), refused when another is kept for
+    /// `req` now.
+    fn claim(
+        this: &Arc<ResponseCache>,
+        key: &str,
+        req: &HeaderMap,
+        seen: Option<Option<&Arc<Entry>>>,
+    ) -> Claim {
         let mut store = this.store(key);
         if let Some(done) = store.filling.get(key) {
-            return Err(done.clone());
+            return Claim::Filling(done.clone());
+        }
+        if let Some(seen) = seen {
+            let now_kept = store
+                .entries
+                .get(key)
+                .and_then(|variants| variants.iter().rev().find(|e| e.selected_by(req)));
+            let same = match (seen, now_kept) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                return Claim::Changed;
+            }
         }
         let (tx, rx) = watch::channel(());
         store.filling.insert(key.into(), rx);
-        Ok(Fill {
+        Claim::Won(Fill {
             cache: Arc::clone(this),
             key: key.into(),
             _done: tx,
@@ -1681,6 +1726,47 @@ mod tests {
                 overhead: ENTRY_OVERHEAD,
             }),
         }
+    }
+
+    /// A request that looked up a stale entry, and asks to fetch it after
+    /// another fetch kept a new one and let go of its claim, is refused
+    /// the claim: looked up again, it finds the new one. (Before, it
+    /// fetched the response a second time.)
+    #[test]
+    fn a_claim_after_another_fetch_kept_its_response_is_refused() {
+        let cache = Arc::new(ResponseCache::new(CacheConfig::default()));
+        let req = HeaderMap::new();
+        let now = Instant::now();
+        let stale = now.checked_sub(Duration::from_secs(5)).unwrap_or(now);
+        let mut old = entry(10, Vec::new(), stale);
+        old.revalidate_until = now + Duration::from_secs(60);
+        cache.put("k".into(), old);
+        let seen = match cache.get("k", &req, now, &Directives::default()) {
+            Err(missed) => missed.stale,
+            Ok(_) => None,
+        };
+        assert!(seen.is_some(), "the stale entry is what is seen");
+        // Another request's fetch keeps a fresh one meanwhile.
+        cache.put(
+            "k".into(),
+            entry(10, Vec::new(), now + Duration::from_secs(60)),
+        );
+        assert!(matches!(
+            ResponseCache::claim(&cache, "k", &req, Some(seen.as_ref())),
+            Claim::Changed
+        ));
+        // Unchanged, the claim is won; and the lookup again finds it fresh.
+        let kept = cache.get("k", &req, now, &Directives::default()).ok();
+        assert!(kept.is_some());
+        let fresh = matches!(
+            ResponseCache::find(&cache, "k", &req, now, &Directives::default(), true),
+            Found::Fresh(_)
+        );
+        assert!(fresh);
+        assert!(matches!(
+            ResponseCache::claim(&cache, "k", &req, Some(kept.as_ref())),
+            Claim::Won(_)
+        ));
     }
 
     #[tokio::test]
