@@ -207,11 +207,12 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// The longest pause within a response body, either way (default
     /// 60 s, as nginx's `proxy_read_timeout` and `send_timeout`): the
-    /// instance sending none of it, or the client reading none of it (an
-    /// HTTP/2 client's whole connection is closed then). Past it the
-    /// connection is closed, so that neither a hung
-    /// instance nor a client that stops reading holds a connection, a
-    /// place in `max_in_flight` and an instance connection for ever.
+    /// instance sending none of it, or the client reading none of it.
+    /// Past it the response is cut short (an HTTP/1.1 connection closed,
+    /// an HTTP/2 stream reset, the connection's other streams going on),
+    /// so that neither a hung instance nor a client that stops reading
+    /// holds a connection, a place in `max_in_flight` and an instance
+    /// connection for ever.
     pub body_timeout: Duration,
     /// How long a WebSocket tunnel may carry nothing either way before it
     /// is closed (default 5 min; a client that pings keeps it open).

@@ -17,9 +17,19 @@
 //! and its instance connection for ever. So each response body is
 //! [`Paced`]: it tells the watch when the client is what the stream waits
 //! for (the body gave data and has not been asked again), and a stream
-//! that waits on the client for `body_timeout` closes the connection, as
-//! nginx's `send_timeout` does. (A body waiting on its instance is the
-//! instance's `body_timeout`, in `outbound`.)
+//! that waits on the client for `body_timeout` is reset (`RST_STREAM`
+//! `CANCEL`) while the connection's other streams go on, as Envoy's
+//! per-stream idle timeout does. A browser multiplexes a whole page over one
+//! connection, so closing it for one unread download (nginx's
+//! `send_timeout`) would fail every other request of that page. hyper has no
+//! call to reset a stream, and a stream waiting for window is not polled;
+//! but it spawns each stream's task through the connection's executor, so
+//! [`StreamExecutor`] spawns it abortable and lends the abort handle to the
+//! body (a tokio task-local, set while the stream's task is polled).
+//! Dropping the task drops the stream's handles, which h2 answers with the
+//! reset. Only a body polled outside such a task (none is) would still
+//! close its connection. (A body waiting on its instance is the instance's
+//! `body_timeout`, in `outbound`.)
 //!
 //! When a connection ends with the client still sending (a head over the
 //! size limit answered with 431, a body refused with 413), closing at once
@@ -36,6 +46,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::{AbortHandle, Abortable};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -62,7 +73,43 @@ pub(crate) struct Watch {
     /// Millis since `epoch` (+1) of the last byte read or request finished.
     last_activity: AtomicU64,
     /// Each response body's [`Paced`] clock.
-    bodies: Mutex<Vec<Weak<AtomicU64>>>,
+    bodies: Mutex<Vec<Weak<Pacing>>>,
+}
+
+/// A response body's wait on the client, and how to reset its stream.
+#[derive(Debug)]
+struct Pacing {
+    /// When the body last gave data (millis since the watch's epoch, +1),
+    /// until it is asked again; 0 when not waiting on the client.
+    since: AtomicU64,
+    /// Aborts the stream's task (`StreamExecutor`); `None` for a body
+    /// polled outside one, whose stall closes the connection instead.
+    stream: Option<AbortHandle>,
+}
+
+tokio::task_local! {
+    /// The abort handle of the HTTP/2 stream whose task is being polled.
+    static STREAM: AbortHandle;
+}
+
+/// hyper's executor for an HTTP/2 server connection: each stream's task
+/// is spawned [`Abortable`], its handle in the task-local `STREAM` for the
+/// response body to take ([`Watch::pace`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct StreamExecutor;
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let (handle, registration) = AbortHandle::new_pair();
+        let task = Abortable::new(fut, registration);
+        tokio::spawn(STREAM.scope(handle, async move {
+            // Aborted: the stream's handles are dropped with `fut`.
+            let _ = task.await;
+        }));
+    }
 }
 
 impl Watch {
@@ -75,34 +122,56 @@ impl Watch {
         })
     }
 
-    /// `body`, telling this watch when it waits on the client.
+    /// `body`, telling this watch when it waits on the client. Called
+    /// from the stream's task, whose abort handle it takes.
     pub(crate) fn pace(self: &Arc<Self>, body: Body) -> Paced {
-        let clock = Arc::new(AtomicU64::new(0));
+        let pacing = Arc::new(Pacing {
+            since: AtomicU64::new(0),
+            stream: STREAM.try_with(AbortHandle::clone).ok(),
+        });
         let mut bodies = self.bodies.lock().unwrap_or_else(|e| e.into_inner());
         bodies.retain(|b| b.strong_count() > 0);
-        bodies.push(Arc::downgrade(&clock));
+        bodies.push(Arc::downgrade(&pacing));
         Paced {
             inner: body,
-            clock,
+            pacing,
             watch: Arc::clone(self),
         }
     }
 
-    /// Resolves once a response body has waited on the client (given data
-    /// that the client's flow control has not let out) for `timeout`.
+    /// Resets every stream whose response body has waited on the client
+    /// (given data that the client's flow control has not let out) for
+    /// `timeout`; resolves once such a body cannot be reset on its own, and
+    /// the connection must close instead.
     pub(crate) async fn stalled(&self, timeout: Duration) {
         let timeout_ms = timeout.as_millis() as u64;
         let every = (timeout / 4).max(Duration::from_millis(10));
         loop {
             tokio::time::sleep(every).await;
             let now = self.now_ms();
+            let mut close = false;
             let mut bodies = self.bodies.lock().unwrap_or_else(|e| e.into_inner());
-            bodies.retain(|b| b.strong_count() > 0);
-            let stalled = bodies.iter().filter_map(Weak::upgrade).any(|clock| {
-                let since = clock.load(Ordering::Relaxed);
-                since != 0 && now >= since + timeout_ms
+            bodies.retain(|b| {
+                let Some(pacing) = b.upgrade() else {
+                    return false;
+                };
+                let since = pacing.since.load(Ordering::Relaxed);
+                if since == 0 || now < since + timeout_ms {
+                    return true;
+                }
+                match &pacing.stream {
+                    Some(stream) => {
+                        tracing::debug!(target: "flotilla::gateway", ?timeout, "an HTTP/2 client read nothing of a response; resetting its stream");
+                        stream.abort();
+                        false
+                    }
+                    None => {
+                        close = true;
+                        true
+                    }
+                }
             });
-            if stalled {
+            if close {
                 return;
             }
         }
@@ -145,9 +214,7 @@ impl Watch {
 /// A response body on an HTTP/2 connection ([`Watch::pace`]).
 pub(crate) struct Paced {
     inner: Body,
-    /// When the body last gave data (millis since the watch's epoch, +1),
-    /// until it is asked again; 0 when not waiting on the client.
-    clock: Arc<AtomicU64>,
+    pacing: Arc<Pacing>,
     watch: Arc<Watch>,
 }
 
@@ -162,7 +229,7 @@ impl http_body::Body for Paced {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         let gave_data = matches!(&polled, Poll::Ready(Some(Ok(f))) if f.is_data());
         let since = if gave_data { self.watch.now_ms() } else { 0 };
-        self.clock.store(since, Ordering::Relaxed);
+        self.pacing.since.store(since, Ordering::Relaxed);
         polled
     }
 

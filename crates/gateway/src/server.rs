@@ -36,7 +36,7 @@ use http::header::{SERVER, STRICT_TRANSPORT_SECURITY};
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
@@ -47,7 +47,7 @@ use crate::body::{self, Body, Holding};
 use crate::bulkhead::{Cap, Place};
 use crate::client_cert::ClientCert;
 use crate::config::Limits;
-use crate::conn::{self, H2_PREFACE, Watch};
+use crate::conn::{self, H2_PREFACE, StreamExecutor, Watch};
 use crate::conn_limit::Admission;
 use crate::conn_limit::ConnLimits;
 use crate::edge::{self, Served};
@@ -281,8 +281,8 @@ impl Front {
 /// hyper's HTTP/2 builder, for h2c connections (`serve_h2`): only
 /// connections that start with the HTTP/2 preface reach hyper, so no
 /// HTTP/1 settings (and no second look at the preface) are needed.
-fn h2_builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
-    let mut builder = http2::Builder::new(TokioExecutor::new());
+fn h2_builder(limits: &Limits) -> http2::Builder<StreamExecutor> {
+    let mut builder = http2::Builder::new(StreamExecutor);
     builder
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
@@ -360,7 +360,7 @@ pub(crate) fn start_workers(
 /// holds a clone (reference counts and a watch receiver).
 #[derive(Clone)]
 struct Connections {
-    builder: Arc<http2::Builder<TokioExecutor>>,
+    builder: Arc<http2::Builder<StreamExecutor>>,
     stack: Stack,
     stopping: watch::Receiver<()>,
     settings: h1::Settings,
@@ -604,8 +604,9 @@ async fn serve_h2_conn<I>(
             conn.as_mut().graceful_shutdown();
             conn.await
         }
-        // Closed at once: a graceful end would wait for the stream the
-        // client does not read.
+        // Resets each stream the client reads nothing of; resolves only for
+        // one that cannot be reset alone. Closed at once then: a graceful
+        // end would wait for that stream.
         () = watch.stalled(with.settings.body_timeout) => {
             tracing::debug!(target: "flotilla::gateway", %peer, timeout = ?with.settings.body_timeout, "an HTTP/2 client read nothing of a response; closing");
             Ok(())

@@ -423,8 +423,11 @@ async fn limited_by_address(proxy_protocol: bool) {
     gateway.shutdown(T).await;
 }
 
+/// HTTP/1.1 has one response at a time, so its connection is closed; an
+/// HTTP/2 connection carries others (a browser's whole page), so only the
+/// unread stream is reset and the connection goes on.
 #[tokio::test]
-async fn a_client_that_reads_nothing_of_a_response_is_closed_after_body_timeout() {
+async fn a_client_that_reads_nothing_of_a_response_is_cut_off_after_body_timeout() {
     let registry = Registry::new();
     let up = Upstream::start("unread-0").await;
     registry.set("unread", vec![up.endpoint()]);
@@ -458,19 +461,48 @@ async fn a_client_that_reads_nothing_of_a_response_is_closed_after_body_timeout(
     let res = ok(sender.send_request(req).await, "h2 response");
     assert_eq!(res.status(), StatusCode::OK);
 
-    // Both are given up (a request is counted as its response ends) and
-    // closed by the gateway, neither client having the whole body.
+    // Both are given up (a request is counted as its response ends),
+    // neither client having the whole body.
     wait_until("both responses given up", || {
         metric_sum(&["flotilla_gateway_requests_total", "service=\"unread\""]) >= 2
     })
     .await;
-    let ended = tokio::time::timeout(PATIENCE, h2_conn).await;
-    assert!(ended.is_ok(), "the HTTP/2 connection was kept");
-    let body = tokio::time::timeout(PATIENCE, http_body_util::BodyExt::collect(res.into_body()))
-        .await
-        .ok();
-    let got = body.and_then(|b| b.ok()).map_or(0, |b| b.to_bytes().len());
-    assert!(got < BIG_BODY, "HTTP/2: the whole body came");
+    // The unread HTTP/2 stream was reset: its body ends in an error.
+    let body =
+        tokio::time::timeout(PATIENCE, http_body_util::BodyExt::collect(res.into_body())).await;
+    match body {
+        Ok(Err(e)) => {
+            let reset = std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<h2::Error>())
+                .and_then(h2::Error::reason);
+            assert_eq!(reset, Some(h2::Reason::CANCEL), "{e:?}");
+        }
+        Ok(Ok(b)) => panic!(
+            "HTTP/2: the body ended without a reset ({} bytes)",
+            b.to_bytes().len()
+        ),
+        Err(_) => panic!("HTTP/2: the unread stream was kept"),
+    }
+    // ... and the connection still serves: another stream on it is answered
+    // whole, then the connection is still open.
+    let again = ok(
+        http::Request::get(format!("http://{}/after", gateway.local_addr()))
+            .body(http_body_util::Empty::<Bytes>::new()),
+        "request",
+    );
+    let res = ok(
+        tokio::time::timeout(PATIENCE, sender.send_request(again))
+            .await
+            .map_err(|_| "no answer"),
+        "a second stream",
+    );
+    let res = ok(res, "a second stream's response");
+    assert_eq!(res.status(), StatusCode::OK);
+    ok(
+        http_body_util::BodyExt::collect(res.into_body()).await,
+        "the second stream's body",
+    );
+    assert!(!h2_conn.is_finished(), "the HTTP/2 connection was closed");
     let mut h1_got = Vec::new();
     let read = tokio::time::timeout(PATIENCE, h1.read_to_end(&mut h1_got)).await;
     assert!(read.is_ok(), "the HTTP/1.1 connection was kept");
