@@ -491,12 +491,9 @@ async fn a_client_that_reads_nothing_of_a_response_is_cut_off_after_body_timeout
         "request",
     );
     let res = ok(
-        tokio::time::timeout(PATIENCE, sender.send_request(again))
-            .await
-            .map_err(|_| "no answer"),
+        within("a second stream's answer", sender.send_request(again)).await,
         "a second stream",
     );
-    let res = ok(res, "a second stream's response");
     assert_eq!(res.status(), StatusCode::OK);
     ok(
         http_body_util::BodyExt::collect(res.into_body()).await,
@@ -507,5 +504,156 @@ async fn a_client_that_reads_nothing_of_a_response_is_cut_off_after_body_timeout
     let read = tokio::time::timeout(PATIENCE, h1.read_to_end(&mut h1_got)).await;
     assert!(read.is_ok(), "the HTTP/1.1 connection was kept");
     assert!(h1_got.len() < BIG_BODY, "HTTP/1.1: the whole body came");
+    gateway.shutdown(T).await;
+}
+
+/// HTTP/2 "rapid reset" (CVE-2023-44487): a client opens streams and
+/// resets each at once, so none counts against the concurrent-stream limit
+/// while every one may cost the server a request to an instance. The
+/// gateway ends such a connection with `GOAWAY` `ENHANCE_YOUR_CALM`, after
+/// few of its streams reached the instance.
+#[tokio::test]
+async fn an_http2_client_resetting_every_stream_it_opens_is_cut_off() {
+    const STREAMS: usize = 2000;
+    let registry = Registry::new();
+    let up = Upstream::start("reset-0").await;
+    registry.set("reset", vec![up.endpoint()]);
+    let gateway = start(config(vec![route("reset", "/**", &[], T)]), &registry).await;
+
+    let tcp = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
+    let (mut client, conn) = ok(h2::client::handshake(tcp).await, "h2 handshake");
+    let conn = tokio::spawn(conn);
+    let mut sent = 0;
+    for i in 0..STREAMS {
+        let req = ok(
+            http::Request::get(format!("http://{}/hold/{i}", gateway.local_addr())).body(()),
+            "request",
+        );
+        let Ok((_, mut stream)) = client.send_request(req, true) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+        sent += 1;
+        if i % 20 == 19 {
+            // Let the frames out, as an attacker streams them.
+            tokio::task::yield_now().await;
+        }
+    }
+    let ended = within("the gateway's end of the connection", conn).await;
+    let err = match ended {
+        Ok(Err(e)) => e,
+        other => panic!("the connection ended without an error: {other:?}"),
+    };
+    assert!(err.is_go_away(), "{err:?}");
+    assert_eq!(err.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{err:?}");
+    let reached = up.hits();
+    eprintln!("sent {sent} streams, {reached} reached the instance");
+    assert!(
+        reached < STREAMS / 10,
+        "{reached} of {sent} reset streams reached the instance"
+    );
+    gateway.shutdown(T).await;
+}
+
+/// One HTTP/2 frame: its 9-byte header, then `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len())
+        .unwrap_or(u32::MAX)
+        .to_be_bytes();
+    let mut frame = vec![len[1], len[2], len[3], kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// HTTP/2 "MadeYouReset" (CVE-2025-8671): a client makes the server reset
+/// the streams it opens (here a `PRIORITY` frame making each stream depend
+/// on itself, a stream error), so none counts against the concurrent-stream
+/// limit. (Its other ways, a `WINDOW_UPDATE` of 0 or `DATA` after a
+/// stream's end, end the connection at once.) The gateway ends such a
+/// connection with `GOAWAY` `ENHANCE_YOUR_CALM` once it has reset 1024 of
+/// its streams (h2's `max_local_error_reset_streams`; fewer of the resets
+/// are on the wire by then), few if any having reached the instance, and
+/// keeps serving others.
+#[tokio::test]
+async fn an_http2_client_making_the_gateway_reset_its_streams_is_cut_off() {
+    const STREAMS: u32 = 3000;
+    const GET_HOLD: &[u8] = &[
+        0x82, // :method GET (static table 2)
+        0x86, // :scheme http (6)
+        0x04, 5, b'/', b'h', b'o', b'l', b'd', // :path, literal, not indexed
+        0x01, 1, b'x', // :authority
+    ];
+    let registry = Registry::new();
+    let up = Upstream::start("made-reset-0").await;
+    registry.set("made-reset", vec![up.endpoint()]);
+    let gateway = start(config(vec![route("made-reset", "/**", &[], T)]), &registry).await;
+
+    let stream = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
+    let (mut rx, mut tx) = stream.into_split();
+    let attack = tokio::spawn(async move {
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
+        for i in 0..STREAMS {
+            let id = 2 * i + 1;
+            // HEADERS, END_STREAM | END_HEADERS; then PRIORITY on itself.
+            out.extend(h2_frame(0x1, 0x5, id, GET_HOLD));
+            let mut priority = id.to_be_bytes().to_vec();
+            priority.push(16);
+            out.extend(h2_frame(0x2, 0, id, &priority));
+            if i % 100 == 99 {
+                if tx.write_all(&out).await.is_err() {
+                    return i + 1;
+                }
+                out.clear();
+            }
+        }
+        STREAMS
+    });
+    // The gateway's frames, until its GOAWAY.
+    let go_away = async {
+        let mut resets = 0u32;
+        loop {
+            let mut head = [0u8; 9];
+            rx.read_exact(&mut head).await?;
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            rx.read_exact(&mut payload).await?;
+            match head[3] {
+                0x3 => resets += 1,
+                0x7 if len >= 8 => {
+                    let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+                    let debug = String::from_utf8_lossy(&payload[8..]).into_owned();
+                    return Ok::<_, std::io::Error>((code, debug, resets));
+                }
+                _ => {}
+            }
+        }
+    };
+    let (code, debug, resets) = ok(
+        within("the gateway's GOAWAY", go_away).await,
+        "reading the gateway's frames",
+    );
+    let sent = ok(within("the attack's writes", attack).await, "the attack");
+    let reached = up.hits();
+    eprintln!(
+        "sent {sent} streams; {resets} reset, {reached} reached the instance; GOAWAY {code} {debug:?}"
+    );
+    assert_eq!(
+        code, 0xb,
+        "GOAWAY's error code ({debug}), not ENHANCE_YOUR_CALM"
+    );
+    assert!(
+        resets < 1100,
+        "{resets} streams reset before the connection was ended"
+    );
+    assert!(
+        (reached as u32) < STREAMS / 10,
+        "{reached} of {sent} reset streams reached the instance"
+    );
+    // Others are served still.
+    let client = Client::new(&gateway);
+    let reply = client.get("/after").await;
+    assert_eq!(reply.status, StatusCode::OK);
     gateway.shutdown(T).await;
 }

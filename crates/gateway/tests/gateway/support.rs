@@ -44,6 +44,15 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// `fut`'s output; the test fails, saying `what`, when it takes longer
+/// than [`PATIENCE`].
+pub async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(PATIENCE, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("{what}: not within {PATIENCE:?}"),
+    }
+}
+
 /// A temp dir kept (and its path printed) when the test fails.
 pub struct TestDir(Option<tempfile::TempDir>);
 
