@@ -26,9 +26,19 @@
 //! Without [`UpstreamTls`] (tests, or a gateway in front of plain HTTP
 //! instances) the connector is plain TCP and the user-info is ignored, as
 //! it is for URIs that name no service (a JWKS URL).
+//!
+//! # Servers outside the system
+//!
+//! An identity provider's JWKS (Auth0, Okta, Keycloak, Google) is served
+//! over HTTPS with a certificate from the web's CAs, not the mesh's: an
+//! `https://` URI is opened by [`web_fetch_client`]'s connector only, with
+//! TLS checking the URI's host name against the machine's trusted roots
+//! (or the CA file `jwt.jwks_ca` names), never with the gateway's mesh
+//! identity. The other connectors refuse `https://` URIs.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
@@ -44,7 +54,9 @@ use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 use crate::body::Body;
 use crate::config::Limits;
@@ -108,8 +120,98 @@ pub(crate) fn connector(limits: &Limits, tls: Option<&UpstreamTls>) -> Result<Co
     Ok(Connector {
         tcp,
         mtls,
+        web: None,
         handshake_timeout: limits.connect_timeout,
     })
+}
+
+/// Why the roots an `https://` JWKS server's certificate is checked
+/// against cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum WebTrustError {
+    #[error("cannot read jwt.jwks_ca {}; check the path", path.display())]
+    ReadCa {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "jwt.jwks_ca {} holds no usable CA certificate ({reason}); give the PEM file of the CA that signed the JWKS server's certificate",
+        path.display()
+    )]
+    BadCa { path: PathBuf, reason: String },
+    #[error(
+        "this machine has no trusted root certificates to check the JWKS server's with; install its CA bundle (Debian: ca-certificates), or set jwt.jwks_ca to the server's CA"
+    )]
+    NoSystemRoots,
+    #[error("TLS 1.2 and 1.3 with the ring provider")]
+    Tls(#[source] tokio_rustls::rustls::Error),
+}
+
+/// The roots in the PEM file `ca`, or the machine's trusted roots (as
+/// OpenSSL finds them: `SSL_CERT_FILE`, `SSL_CERT_DIR`, the system bundle).
+pub(crate) fn web_roots(ca: Option<&Path>) -> Result<RootCertStore, WebTrustError> {
+    let mut roots = RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|source| WebTrustError::ReadCa {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let bad = |reason: String| WebTrustError::BadCa {
+                path: path.to_path_buf(),
+                reason,
+            };
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| bad(e.to_string()))?;
+                roots.add(cert).map_err(|e| bad(e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(bad("no `-----BEGIN CERTIFICATE-----` in it".into()));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for e in &found.errors {
+                tracing::debug!(target: "flotilla::gateway", error = %e, "a trusted root could not be read");
+            }
+            let (added, ignored) = roots.add_parsable_certificates(found.certs);
+            if ignored > 0 {
+                tracing::debug!(target: "flotilla::gateway", added, ignored, "trusted roots rustls cannot use were left out");
+            }
+            if roots.is_empty() {
+                return Err(WebTrustError::NoSystemRoots);
+            }
+        }
+    }
+    Ok(roots)
+}
+
+/// hyper's pooled client for `https://` servers outside the system (an
+/// identity provider's JWKS): their certificate must chain to `roots` and
+/// name the URI's host. Plain `http://` URIs are opened as plain TCP.
+pub(crate) fn web_fetch_client(
+    roots: RootCertStore,
+    limits: &Limits,
+) -> Result<FetchClient, WebTrustError> {
+    let mut config = ClientConfig::builder_with_provider(mesh_tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(WebTrustError::Tls)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    // hyper's pooled client speaks HTTP/1.1 here.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut tcp = HttpConnector::new();
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(limits.connect_timeout));
+    // `https://` URIs reach `call`, which wraps them in TLS.
+    tcp.enforce_http(false);
+    Ok(fetch_client(Connector {
+        tcp,
+        mtls: None,
+        web: Some(TlsConnector::from(Arc::new(config))),
+        handshake_timeout: limits.connect_timeout,
+    }))
 }
 
 /// hyper's pooled client over `connector`: for the gateway's own fetches
@@ -158,6 +260,9 @@ fn named_service(uri: &Uri) -> Option<&str> {
 pub(crate) struct Connector {
     tcp: HttpConnector,
     mtls: Option<Arc<Mtls>>,
+    /// TLS to servers outside the system, for `https://` URIs
+    /// ([`web_fetch_client`]); `None` refuses them.
+    web: Option<TlsConnector>,
     handshake_timeout: Duration,
 }
 
@@ -203,16 +308,46 @@ impl tower::Service<Uri> for Connector {
     }
 
     fn call(&mut self, dst: Uri) -> Self::Future {
+        let timeout = self.handshake_timeout;
+        if dst.scheme() == Some(&Scheme::HTTPS) {
+            let web = self.web.clone();
+            let name = web_server_name(&dst);
+            let connecting = self.tcp.call(dst);
+            return Box::pin(async move {
+                let web = web.ok_or("an https:// URI for a connector without web TLS")?;
+                let name = name?;
+                let tcp = connecting.await?.into_inner();
+                let tls = tokio::time::timeout(timeout, web.connect(name, tcp))
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the TLS handshake took too long",
+                        )
+                    })??;
+                Ok(UpstreamIo(TokioIo::new(Stream::Tls(Box::new(tls)))))
+            });
+        }
         let service = named_service(&dst).map(str::to_string);
         let connecting = self.tcp.call(dst);
         let mtls = self.mtls.clone();
-        let timeout = self.handshake_timeout;
         Box::pin(async move {
             let tcp = connecting.await?.into_inner();
             let stream = secure(mtls.as_deref(), service.as_deref(), tcp, timeout).await?;
             Ok(UpstreamIo(TokioIo::new(stream)))
         })
     }
+}
+
+/// The name an `https://` server's certificate must have: the URI's host
+/// (an IP address without its brackets).
+fn web_server_name(uri: &Uri) -> Result<ServerName<'static>, ConnectError> {
+    let host = uri.host().ok_or("an https:// URI without a host")?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    Ok(ServerName::try_from(host.to_string())?)
 }
 
 impl Connector {

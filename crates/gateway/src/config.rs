@@ -297,6 +297,8 @@ pub enum ConfigError {
     UnknownConsumer { route: String, consumer: String },
     #[error("[gateway.api_keys] header `{0}` cannot be a header name")]
     ApiKeyHeader(String),
+    #[error("the JWKS server's certificate cannot be checked")]
+    JwksTrust(#[source] crate::client::WebTrustError),
     #[error("the JWT issuer is empty; set jwt.issuer to the `iss` your tokens carry")]
     JwtIssuer,
     #[error(
@@ -600,6 +602,7 @@ impl Config {
                     JwksSource::try_from(&j.jwks).ok()?,
                 );
                 config.refresh_interval = j.refresh;
+                config.jwks_ca = j.jwks_ca.clone();
                 config.forward_claims = j.forward_claims.clone();
                 Some(config)
             }),

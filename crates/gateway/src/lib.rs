@@ -95,7 +95,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 pub use apikey::{NewApiKey, new_api_key};
 pub use cache::{CacheConfig, CachePurged};
-pub use client::UpstreamTls;
+pub use client::{UpstreamTls, WebTrustError};
 pub use compress::CompressionConfig;
 pub use config::{Config, ConfigError, Limits, RouteConfig};
 pub use cors::{CorsConfig, CorsConfigError};

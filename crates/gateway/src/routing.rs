@@ -136,17 +136,21 @@ impl Routing {
         ctx: &Context,
     ) -> Result<Routing, ConfigError> {
         config.validate()?;
-        let jwt = config
-            .jwt
-            .as_ref()
-            .map(|jwt| match previous.and_then(|p| p.jwt.as_ref()) {
+        let jwt = match config.jwt.as_ref() {
+            None => None,
+            Some(jwt) => Some(match previous.and_then(|p| p.jwt.as_ref()) {
                 Some(v) if v.config == *jwt => Arc::clone(v),
-                _ => Arc::new(Verifier::start(
-                    jwt.clone(),
-                    ctx.client.clone(),
-                    Arc::clone(&ctx.upstreams),
-                )),
-            });
+                _ => Arc::new(
+                    Verifier::start(
+                        jwt.clone(),
+                        ctx.client.clone(),
+                        Arc::clone(&ctx.upstreams),
+                        &config.limits,
+                    )
+                    .map_err(ConfigError::JwksTrust)?,
+                ),
+            }),
+        };
         let cors = match &config.cors {
             // Validated above.
             Some(c) => CorsPolicy::new(c).ok().map(Arc::new),

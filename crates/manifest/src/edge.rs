@@ -176,6 +176,9 @@ pub struct Jwt {
     pub audiences: Vec<String>,
     /// Where the signing keys are published.
     pub jwks: JwksSource,
+    /// The CA certificates (PEM) an `https://` JWKS server's certificate
+    /// must chain to; `None`: the machine's trusted roots.
+    pub jwks_ca: Option<PathBuf>,
     /// How often the key set is fetched again in the background.
     pub refresh: Duration,
     /// Claims forwarded to services as `x-flotilla-user-<claim>`.
@@ -185,28 +188,49 @@ pub struct Jwt {
 /// Where a JWKS is fetched from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JwksSource {
-    /// A plain `http://` URL.
+    /// An `https://` URL, or an `http://` one on this machine.
     Url(String),
     /// A path on a service of this system: `accounts:/.well-known/jwks.json`.
     Service { service: String, path: String },
 }
 
 impl JwksSource {
-    /// Parses `http://host:port/path` or `<service>:/path`. The one parser
-    /// of this syntax: the gateway takes the parsed form.
+    /// Parses `https://host[:port]/path`, `http://` to this machine, or
+    /// `<service>:/path`. The one parser of this syntax: the gateway takes
+    /// the parsed form.
+    ///
+    /// Keys fetched over plain HTTP from another machine could be swapped
+    /// on the way, and with them any token forged, so `http://` is taken
+    /// for a loopback host only (a test server, a local identity provider).
     pub fn parse(s: &str) -> Result<JwksSource, String> {
-        if let Some(rest) = s.strip_prefix("http://") {
-            let authority = rest.split('/').next().unwrap_or("");
-            if authority.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        let url = s
+            .strip_prefix("https://")
+            .map(|rest| (true, rest))
+            .or_else(|| s.strip_prefix("http://").map(|rest| (false, rest)));
+        if let Some((tls, rest)) = url {
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+            let host = authority
+                .strip_prefix('[')
+                .and_then(|h| h.split_once(']'))
+                .map_or_else(|| authority.split(':').next().unwrap_or(""), |(h, _)| h);
+            if host.is_empty()
+                || authority.contains('@')
+                || s.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
                 return Err(format!(
-                    "`{s}` is not a JWKS URL: write `http://host:port/path`"
+                    "`{s}` is not a JWKS URL: write `https://host[:port]/path`"
+                ));
+            }
+            if !tls && !is_loopback(host) {
+                return Err(format!(
+                    "`{s}` fetches the signing keys over plain HTTP from another machine: anyone on the way could put in keys of their own and sign any token; write `https://{rest}`"
                 ));
             }
             return Ok(JwksSource::Url(s.to_string()));
         }
         if s.contains("://") {
             return Err(format!(
-                "`{s}`: only plain `http://` JWKS URLs are supported; use `<service>:/path` for a service of this system"
+                "`{s}`: a JWKS URL is `https://` (or `http://` to this machine); use `<service>:/path` for a service of this system"
             ));
         }
         let service_ok = |service: &str| {
@@ -230,6 +254,12 @@ impl JwksSource {
             )),
         }
     }
+}
+
+/// `localhost`, or an address of 127.0.0.0/8 or `::1`.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Cross-origin rules (`[gateway.cors]`).
@@ -713,7 +743,32 @@ mod tests {
                 path: "/.well-known/jwks.json".into()
             }
         );
-        assert!(JwksSource::parse("https://x/jwks").is_err());
+        for url in [
+            "https://idp.example/.well-known/jwks.json",
+            "https://idp.example:8443/jwks?tenant=a",
+            "https://[2001:db8::1]/jwks",
+            "http://127.0.0.1:9000/jwks.json",
+            "http://localhost/jwks",
+            "http://[::1]:8080/jwks",
+        ] {
+            assert_eq!(
+                JwksSource::parse(url),
+                Ok(JwksSource::Url(url.into())),
+                "{url}"
+            );
+        }
+        // Plain HTTP from another machine: keys anyone on the way could swap.
+        for url in [
+            "http://idp.example/jwks",
+            "http://10.0.0.5/jwks",
+            "http://[2001:db8::1]/jwks",
+            "http://localhost.evil.example/jwks",
+        ] {
+            let why = JwksSource::parse(url).unwrap_err();
+            assert!(why.contains("https://"), "{url}: {why}");
+        }
+        assert!(JwksSource::parse("https://user@idp.example/jwks").is_err());
+        assert!(JwksSource::parse("https:///jwks").is_err());
         assert!(JwksSource::parse("accounts").is_err());
         assert!(JwksSource::parse("ftp://x/jwks").is_err());
         assert!(JwksSource::parse("Accounts:/jwks").is_err());

@@ -146,6 +146,7 @@ pub(crate) struct RawJwt {
     pub issuer: Spanned<String>,
     pub audiences: Vec<Spanned<String>>,
     pub jwks: Spanned<String>,
+    pub jwks_ca: Option<Spanned<String>>,
     pub refresh: Option<Spanned<String>>,
     pub forward_claims: Option<Vec<Spanned<String>>>,
 }

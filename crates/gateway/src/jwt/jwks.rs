@@ -345,9 +345,10 @@ pub(crate) async fn refresh_loop(store: Arc<KeyStore>, interval: Duration) {
     }
 }
 
-/// Checks a JWKS URL for config validation: plain `http://` with a host.
+/// Checks a JWKS URL for config validation: `https://` or `http://`
+/// with a host (the manifest's parser takes `http://` to loopback only).
 pub(crate) fn check_url(uri: &Uri) -> bool {
-    uri.scheme_str() == Some("http") && uri.host().is_some()
+    matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some()
 }
 
 fn chain(error: &dyn std::error::Error) -> String {

@@ -29,6 +29,7 @@ pub(crate) mod jws;
 
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
@@ -42,7 +43,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use self::jwks::KeyStore;
 use self::jws::JwsError;
-use crate::client::FetchClient;
+use crate::client::{self, FetchClient, WebTrustError};
 use crate::upstream::Upstreams;
 
 /// The prefix of the identity headers the gateway sets.
@@ -59,6 +60,9 @@ pub struct JwtConfig {
     pub audiences: Vec<String>,
     /// Where the verification keys come from.
     pub jwks: JwksSource,
+    /// For an `https://` source: the PEM file of the CAs its server's
+    /// certificate must chain to; `None` trusts the machine's roots.
+    pub jwks_ca: Option<PathBuf>,
     /// How often the JWKS is fetched again (default 5 min).
     pub refresh_interval: Duration,
     /// The least time between two refetches triggered by an unknown `kid`
@@ -82,6 +86,7 @@ impl JwtConfig {
             issuer: issuer.into(),
             audiences,
             jwks,
+            jwks_ca: None,
             refresh_interval: Duration::from_secs(300),
             refetch_min_interval: Duration::from_secs(10),
             leeway: Duration::from_secs(60),
@@ -93,7 +98,8 @@ impl JwtConfig {
 
 /// Where a JWKS is fetched from.
 ///
-/// String form: `http://host:port/path` (a URL), or `<service>:<path>`
+/// String form: `https://host[:port]/path` (a URL; `http://` to this
+/// machine only), or `<service>:<path>`
 /// (e.g. `accounts:/.well-known/jwks.json`: a ready instance of that
 /// service of this system, activated if needed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,13 +112,12 @@ pub enum JwksSource {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JwksSourceError {
     #[error(
-        "`{0}` is not a JWKS source: write `http://host:port/path` or `<service>:/path`, e.g. \"accounts:/.well-known/jwks.json\""
+        "`{0}` is not a JWKS source: write `https://host[:port]/path` or `<service>:/path`, e.g. \"accounts:/.well-known/jwks.json\""
     )]
     Invalid(String),
-    #[error(
-        "`{0}`: only plain `http://` JWKS URLs are supported; use `<service>:/path` for a service of this system"
-    )]
-    Scheme(String),
+    /// The manifest's parser refused it; its message says why and the fix.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl FromStr for JwksSource {
@@ -129,10 +134,7 @@ impl JwksSource {
     pub fn parse(s: &str) -> Result<JwksSource, JwksSourceError> {
         match flotilla_manifest::JwksSource::parse(s) {
             Ok(source) => JwksSource::try_from(&source),
-            Err(_) if s.contains("://") && !s.starts_with("http://") => {
-                Err(JwksSourceError::Scheme(s.to_string()))
-            }
-            Err(_) => Err(JwksSourceError::Invalid(s.to_string())),
+            Err(why) => Err(JwksSourceError::Refused(why)),
         }
     }
 }
@@ -145,9 +147,6 @@ impl TryFrom<&flotilla_manifest::JwksSource> for JwksSource {
             flotilla_manifest::JwksSource::Url(url) => {
                 let invalid = || JwksSourceError::Invalid(url.clone());
                 let uri: Uri = url.parse().map_err(|_| invalid())?;
-                if uri.scheme_str() != Some("http") {
-                    return Err(JwksSourceError::Scheme(url.clone()));
-                }
                 if !jwks::check_url(&uri) {
                     return Err(invalid());
                 }
@@ -340,12 +339,23 @@ pub(crate) fn claim_header(claim: &str) -> Option<HeaderName> {
 }
 
 impl Verifier {
-    /// Starts fetching keys in the background (must run inside tokio).
+    /// Starts fetching keys in the background (must run inside tokio):
+    /// from a service of this system with `client`, from an `https://`
+    /// server with a client of its own that trusts `jwks_ca` or the
+    /// machine's roots, which must be there.
     pub(crate) fn start(
         config: JwtConfig,
         client: FetchClient,
         upstreams: Arc<dyn Upstreams>,
-    ) -> Verifier {
+        limits: &crate::config::Limits,
+    ) -> Result<Verifier, WebTrustError> {
+        let client = match &config.jwks {
+            JwksSource::Url(uri) if uri.scheme() == Some(&http::uri::Scheme::HTTPS) => {
+                let roots = client::web_roots(config.jwks_ca.as_deref())?;
+                client::web_fetch_client(roots, limits)?
+            }
+            _ => client,
+        };
         let store = Arc::new(KeyStore::new(
             config.jwks.clone(),
             client,
@@ -361,13 +371,13 @@ impl Verifier {
             .iter()
             .filter_map(|c| claim_header(c).map(|h| (c.clone(), h)))
             .collect();
-        Verifier {
+        Ok(Verifier {
             config,
             store,
             cache: TokenCache::new(),
             forward,
             _refresh: AbortOnDropHandle::new(task),
-        }
+        })
     }
 
     /// The caller of a request, from its `Authorization` header.
@@ -765,7 +775,11 @@ mod tests {
         ));
         assert!(matches!(
             JwksSource::parse("https://idp.example/jwks"),
-            Err(JwksSourceError::Scheme(_))
+            Ok(JwksSource::Url(u)) if u.scheme() == Some(&http::uri::Scheme::HTTPS)
+        ));
+        assert!(matches!(
+            JwksSource::parse("http://idp.example/jwks"),
+            Err(JwksSourceError::Refused(why)) if why.contains("https://idp.example/jwks")
         ));
         for bad in [
             "accounts",
@@ -773,6 +787,7 @@ mod tests {
             ":/x",
             "Acc:/x",
             "http:///x",
+            "ftp://idp.example/jwks",
             "",
         ] {
             assert!(JwksSource::parse(bad).is_err(), "{bad}");

@@ -508,3 +508,106 @@ async fn a_protected_route_is_not_reached_by_another_spelling_of_its_path() {
     assert_eq!(up.hits(), 1);
     gateway.shutdown(T).await;
 }
+
+/// A gateway with one JWT route whose keys come from the JWKS at `url`,
+/// trusting the CA in `ca_pem` (written beside the test) for its
+/// certificate.
+async fn https_fixture(
+    service: &str,
+    url: &str,
+    ca_pem: &str,
+    dir: &TestDir,
+) -> (Upstream, Gateway, Client) {
+    let registry = Registry::new();
+    let up = Upstream::start(&format!("{service}-0")).await;
+    registry.set(service, vec![up.endpoint()]);
+    let mut api = route(service, "/api/**", &[], T);
+    api.auth = RouteAuth::jwt();
+    let mut cfg = config(vec![api]);
+    let ca = path_buf(dir, "jwks-ca.pem");
+    ok(std::fs::write(&ca, ca_pem), "write the CA");
+    let mut jwt = JwtConfig::new(
+        ISSUER,
+        vec!["shop".into()],
+        ok(JwksSource::parse(url), "jwks url"),
+    );
+    jwt.jwks_ca = Some(ca);
+    cfg.jwt = Some(jwt);
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    (up, gateway, client)
+}
+
+/// An identity provider's JWKS is served over HTTPS (Auth0, Okta, Google
+/// serve theirs no other way): the gateway fetches it so, its server's
+/// certificate checked against `jwks_ca` (or the machine's roots) and the
+/// URL's host name.
+#[tokio::test]
+async fn keys_come_from_an_https_jwks_whose_certificate_is_trusted() {
+    let key = Signer::ed25519("web-1");
+    let cert = server_cert("idp-ca", &["localhost"]);
+    let jwks = JwksServer::start_tls(jwks(&[&key]), &cert).await;
+    let dir = TestDir::new();
+    let (_up, gateway, client) =
+        https_fixture("jwt-https", &jwks.url_at("localhost"), &cert.ca_pem, &dir).await;
+    let reply = get(&client, "/api/orders", Some(&key.sign(&claims())), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.json()["headers"]["x-flotilla-user-id"], "user-1");
+    assert!(jwks.fetches() >= 1);
+    gateway.shutdown(T).await;
+}
+
+/// A JWKS server whose certificate is not for the URL's host, or is signed
+/// by a CA other than `jwks_ca`, is never read: its keys could be anyone's.
+#[tokio::test]
+async fn an_https_jwks_whose_certificate_is_not_trusted_is_never_read() {
+    let key = Signer::ed25519("web-2");
+    let cert = server_cert("idp-ca", &["localhost"]);
+    let other = server_cert("another-ca", &["localhost"]);
+    let jwks = JwksServer::start_tls(jwks(&[&key]), &cert).await;
+    let token = key.sign(&claims());
+    for (url, ca, why) in [
+        (
+            jwks.url.clone(),
+            &cert.ca_pem,
+            "a certificate for another name",
+        ),
+        (jwks.url_at("localhost"), &other.ca_pem, "another CA"),
+    ] {
+        let dir = TestDir::new();
+        let (_up, gateway, client) = https_fixture("jwt-https-untrusted", &url, ca, &dir).await;
+        // The first fetch, then the refetch an unknown `kid` asks for,
+        // both fail: the token's key is unknown.
+        let reply = get(&client, "/api/orders", Some(&token), &[]).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{why}: {reply:?}");
+        assert_eq!(jwks.fetches(), 0, "{why}: the JWKS was read");
+        gateway.shutdown(T).await;
+    }
+}
+
+/// A `jwks_ca` that holds no certificate is refused when the gateway
+/// starts, saying so, rather than failing every token later.
+#[tokio::test]
+async fn a_jwks_ca_without_a_certificate_is_refused_at_start() {
+    let dir = TestDir::new();
+    let ca = path_buf(&dir, "empty-ca.pem");
+    ok(std::fs::write(&ca, "not a certificate\n"), "write the CA");
+    let mut api = route("jwt-no-ca", "/api/**", &[], T);
+    api.auth = RouteAuth::jwt();
+    let mut cfg = config(vec![api]);
+    let mut jwt = JwtConfig::new(
+        ISSUER,
+        vec!["shop".into()],
+        ok(
+            JwksSource::parse("https://idp.example/.well-known/jwks.json"),
+            "jwks url",
+        ),
+    );
+    jwt.jwks_ca = Some(ca);
+    cfg.jwt = Some(jwt);
+    let e = start_error(cfg, "its jwks_ca holds no certificate").await;
+    assert!(
+        e.contains("empty-ca.pem holds no usable CA certificate"),
+        "{e}"
+    );
+}

@@ -456,12 +456,16 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
 pub async fn start_error(config: Config, why_not: &str) -> String {
     match Gateway::start(config, Registry::new()).await {
         Ok(_) => panic!("the gateway started ({why_not})"),
-        Err(err) => format!(
-            "{err}: {}",
-            std::error::Error::source(&err)
-                .map(|s| s.to_string())
-                .unwrap_or_default()
-        ),
+        Err(err) => {
+            let mut chain = err.to_string();
+            let mut source = std::error::Error::source(&err);
+            while let Some(e) = source {
+                chain.push_str(": ");
+                chain.push_str(&e.to_string());
+                source = e.source();
+            }
+            chain
+        }
     }
 }
 
@@ -669,37 +673,79 @@ pub struct JwksServer {
 }
 
 impl JwksServer {
+    /// Over plain HTTP, at `http://127.0.0.1:<port>/jwks.json`.
     pub async fn start(doc: serde_json::Value) -> JwksServer {
+        JwksServer::serve(doc, None).await
+    }
+
+    /// Over HTTPS with `cert` (`url` names 127.0.0.1; [`JwksServer::url_at`]
+    /// another host name).
+    pub async fn start_tls(doc: serde_json::Value, cert: &ServerCert) -> JwksServer {
+        let key = ok(
+            tokio_rustls::rustls::pki_types::PrivateKeyDer::try_from(cert.key_der.clone()),
+            "server key",
+        );
+        let config = ok(
+            ok(
+                tokio_rustls::rustls::ServerConfig::builder_with_provider(
+                    flotilla_mesh::tls::crypto_provider(),
+                )
+                .with_safe_default_protocol_versions(),
+                "TLS versions",
+            )
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der.clone()], key),
+            "server config",
+        );
+        JwksServer::serve(doc, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn serve(doc: serde_json::Value, tls: Option<tokio_rustls::TlsAcceptor>) -> JwksServer {
         let listener = ok(TcpListener::bind("127.0.0.1:0").await, "bind jwks");
         let addr = ok(listener.local_addr(), "jwks addr");
         let doc = Arc::new(Mutex::new(doc.to_string()));
         let fetches = Arc::new(AtomicUsize::new(0));
         let (d, f) = (Arc::clone(&doc), Arc::clone(&fetches));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (d, f) = (Arc::clone(&d), Arc::clone(&f));
+                let (d, f, tls) = (Arc::clone(&d), Arc::clone(&f), tls.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
                         f.fetch_add(1, Ordering::SeqCst);
                         let body = d.lock().unwrap_or_else(|e| e.into_inner()).clone();
                         async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .title_case_headers(true)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        // A client that refuses the certificate ends here.
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                    }
                 });
             }
         });
         JwksServer {
-            url: format!("http://{addr}/jwks.json"),
+            url: format!("{scheme}://{addr}/jwks.json"),
             doc,
             fetches,
             task,
         }
+    }
+
+    /// `url` with `host` for 127.0.0.1 (`localhost`: a name the server's
+    /// certificate may have).
+    pub fn url_at(&self, host: &str) -> String {
+        self.url.replacen("127.0.0.1", host, 1)
     }
 
     pub fn set(&self, doc: serde_json::Value) {
@@ -714,6 +760,38 @@ impl JwksServer {
 impl Drop for JwksServer {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A server certificate and its key, and the PEM of the CA that signed it.
+pub struct ServerCert {
+    pub der: tokio_rustls::rustls::pki_types::CertificateDer<'static>,
+    pub key_der: Vec<u8>,
+    pub ca_pem: String,
+}
+
+/// A new CA named `ca_name` and a server certificate it signed for `names`
+/// (DNS names, or IP addresses).
+pub fn server_cert(ca_name: &str, names: &[&str]) -> ServerCert {
+    let ca_key = ok(rcgen::KeyPair::generate(), "CA key");
+    let mut ca = rcgen::CertificateParams::default();
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, ca_name);
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ok(ca.self_signed(&ca_key), "CA certificate");
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = ok(rcgen::KeyPair::generate(), "server key");
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let params = ok(rcgen::CertificateParams::new(names), "server names");
+    let cert = ok(params.signed_by(&key, &issuer), "server certificate");
+    ServerCert {
+        der: cert.der().clone(),
+        key_der: key.serialize_der(),
+        ca_pem: ca_cert.pem(),
     }
 }
 

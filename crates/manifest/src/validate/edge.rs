@@ -49,7 +49,7 @@ pub(super) fn jwt(ctx: &mut Ctx<'_>, raw: &Spanned<RawJwt>, declared: &[String])
                 raw.jwks.span(),
                 format!("`jwks` names service `{service}`, which is not a service of this system"),
                 Some(format!(
-                    "declare `[services.{service}]`, or give an `http://` URL"
+                    "declare `[services.{service}]`, or give an `https://` URL"
                 )),
             );
             JwksSource::Service { service, path }
@@ -64,6 +64,23 @@ pub(super) fn jwt(ctx: &mut Ctx<'_>, raw: &Spanned<RawJwt>, declared: &[String])
             return None;
         }
     };
+    let jwks_ca = raw.jwks_ca.as_ref().map(|ca| {
+        let path = ctx.dir.join(ca.get_ref());
+        if !matches!(&jwks, JwksSource::Url(url) if url.starts_with("https://")) {
+            ctx.error(
+                ca.span(),
+                "`jwks_ca` is for an `https://` `jwks` URL",
+                Some("remove it: a service of this system is reached over the mesh's mutual TLS, and a loopback `http://` URL has no certificate".into()),
+            );
+        } else if !path.is_file() {
+            ctx.error(
+                ca.span(),
+                format!("JWKS CA file `{}` does not exist", path.display()),
+                Some("give a PEM file relative to the manifest, e.g. `jwks_ca = \"certs/idp-ca.pem\"`, or leave it out to trust the machine's roots".into()),
+            );
+        }
+        path
+    });
     let refresh = match &raw.refresh {
         Some(r) => ctx.duration(r, "refresh")?,
         None => DEFAULT_JWKS_REFRESH,
@@ -92,6 +109,7 @@ pub(super) fn jwt(ctx: &mut Ctx<'_>, raw: &Spanned<RawJwt>, declared: &[String])
         issuer: raw.issuer.get_ref().clone(),
         audiences: raw.audiences.iter().map(|a| a.get_ref().clone()).collect(),
         jwks,
+        jwks_ca,
         refresh,
         forward_claims,
     })

@@ -1109,6 +1109,78 @@ fn gateway_tls_files_resolve_beside_the_manifest() {
 }
 
 #[test]
+fn an_https_jwks_may_name_the_ca_it_chains_to_beside_the_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("idp-ca.pem"), "pem").unwrap();
+    let file = dir.path().join("flotilla.toml");
+    let jwt = |jwks: &str, ca: &str| {
+        format!(
+            "name = \"x\"\n[gateway]\njwt = {{ issuer = \"i\", audiences = [\"a\"], jwks = \"{jwks}\"{ca} }}\n[services.accounts]\nrun = {{ cargo = \"a\" }}\n"
+        )
+    };
+    let https = "https://idp.example/.well-known/jwks.json";
+    std::fs::write(&file, jwt(https, ", jwks_ca = \"idp-ca.pem\"")).unwrap();
+    let m = Manifest::load(&file).unwrap();
+    let j = m.gateway.jwt.unwrap();
+    assert_eq!(j.jwks, crate::JwksSource::Url(https.into()));
+    assert_eq!(j.jwks_ca, Some(dir.path().join("idp-ca.pem")));
+    // Without one, the machine's roots (`None`).
+    std::fs::write(&file, jwt(https, "")).unwrap();
+    assert_eq!(
+        Manifest::load(&file).unwrap().gateway.jwt.unwrap().jwks_ca,
+        None
+    );
+
+    for (jwks, ca, says) in [
+        (https, ", jwks_ca = \"missing.pem\"", "JWKS CA file"),
+        (
+            "accounts:/.well-known/jwks.json",
+            ", jwks_ca = \"idp-ca.pem\"",
+            "`jwks_ca` is for an `https://` `jwks` URL",
+        ),
+        (
+            "http://127.0.0.1:9/jwks",
+            ", jwks_ca = \"idp-ca.pem\"",
+            "`jwks_ca` is for an `https://` `jwks` URL",
+        ),
+        (
+            "http://idp.example/jwks",
+            "",
+            "write `https://idp.example/jwks`",
+        ),
+    ] {
+        std::fs::write(&file, jwt(jwks, ca)).unwrap();
+        let e = Manifest::load(&file).unwrap_err().to_string();
+        assert!(e.contains(says), "{jwks} {ca}: {e}");
+    }
+}
+
+/// The `[gateway] jwt` examples parse as printed: a service's JWKS, an
+/// identity provider's over HTTPS, and one with its CA beside the manifest.
+#[test]
+fn the_documented_jwt_examples_parse() {
+    let examples = documented_examples("### `[gateway] jwt`");
+    assert_eq!(examples.len(), 3, "{examples:?}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("certs")).unwrap();
+    std::fs::write(dir.path().join("certs/corp-ca.pem"), "pem").unwrap();
+    let file = dir.path().join("flotilla.toml");
+    let mut sources = Vec::new();
+    for example in &examples {
+        std::fs::write(
+            &file,
+            format!("name = \"x\"\n[gateway]\n{example}\n[services.accounts]\nrun = {{ cargo = \"a\" }}\n"),
+        )
+        .unwrap();
+        let m = Manifest::load(&file).unwrap_or_else(|e| panic!("{e}\n{example}"));
+        let jwt = m.gateway.jwt.unwrap();
+        sources.push((jwt.jwks, jwt.jwks_ca));
+    }
+    assert!(matches!(&sources[1], (crate::JwksSource::Url(u), None) if u.starts_with("https://")));
+    assert_eq!(sources[2].1, Some(dir.path().join("certs/corp-ca.pem")));
+}
+
+#[test]
 fn gateway_tls_further_certificates_resolve_beside_the_manifest_in_order() {
     let dir = tempfile::tempdir().unwrap();
     for name in [
