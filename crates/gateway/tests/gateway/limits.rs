@@ -555,17 +555,6 @@ async fn an_http2_client_resetting_every_stream_it_opens_is_cut_off() {
     gateway.shutdown(T).await;
 }
 
-/// One HTTP/2 frame: its 9-byte header, then `payload`.
-fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len())
-        .unwrap_or(u32::MAX)
-        .to_be_bytes();
-    let mut frame = vec![len[1], len[2], len[3], kind, flags];
-    frame.extend_from_slice(&stream.to_be_bytes());
-    frame.extend_from_slice(payload);
-    frame
-}
-
 /// HTTP/2 "MadeYouReset" (CVE-2025-8671): a client makes the server reset
 /// the streams it opens (here a `PRIORITY` frame making each stream depend
 /// on itself, a stream error), so none counts against the concurrent-stream
@@ -592,15 +581,14 @@ async fn an_http2_client_making_the_gateway_reset_its_streams_is_cut_off() {
     let stream = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
     let (mut rx, mut tx) = stream.into_split();
     let attack = tokio::spawn(async move {
-        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        out.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
+        let mut out = h2_raw::preface();
         for i in 0..STREAMS {
             let id = 2 * i + 1;
             // HEADERS, END_STREAM | END_HEADERS; then PRIORITY on itself.
-            out.extend(h2_frame(0x1, 0x5, id, GET_HOLD));
+            out.extend(h2_raw::frame(0x1, 0x5, id, GET_HOLD));
             let mut priority = id.to_be_bytes().to_vec();
             priority.push(16);
-            out.extend(h2_frame(0x2, 0, id, &priority));
+            out.extend(h2_raw::frame(0x2, 0, id, &priority));
             if i % 100 == 99 {
                 if tx.write_all(&out).await.is_err() {
                     return i + 1;

@@ -694,3 +694,165 @@ async fn an_instance_cannot_set_the_gateways_own_response_fields() {
     }
     gateway.shutdown(T).await;
 }
+
+/// A request sent frame by frame: its HPACK head, its body, and whether
+/// the body waits until the instance has the head.
+struct Attack {
+    what: &'static str,
+    head: Vec<u8>,
+    body: Option<Vec<u8>>,
+    late: bool,
+}
+
+/// HTTP/2 in front, HTTP/1.1 behind: a request whose HTTP/2 framing and
+/// fields say different things (request smuggling by downgrade, as James
+/// Kettle showed against several CDNs in 2021) must never become two
+/// requests, or a request and the start of another, on the instance's
+/// connection. Each is sent frame by frame (no client library sends them),
+/// each is refused, the instance never sees the request hidden in it, and
+/// the gateway's pooled connections to the instance stay in step.
+#[tokio::test]
+async fn an_http2_request_cannot_smuggle_another_past_the_gateway() {
+    use h2_raw::{Outcome, field, frame, preface};
+    const HIDDEN: &[u8] = b"GET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n";
+    let registry = Registry::new();
+    let up = Upstream::start("smuggle-0").await;
+    registry.set("smuggle", vec![up.endpoint()]);
+    let mut cfg = config(vec![route("smuggle", "/**", &[], T)]);
+    // One worker, so one pool of connections to the instance: the requests
+    // after each attack reuse the connection it was sent on, if kept.
+    cfg.limits.workers = 1;
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+
+    let head = |method: u8, path: &[u8], fields: &[Vec<u8>]| {
+        // :method (static 2 GET, 3 POST), :scheme http, :path, :authority.
+        let mut block = vec![method, 0x86, 0x04, path.len() as u8];
+        block.extend_from_slice(path);
+        block.extend_from_slice(&[0x01, 1, b'x']);
+        for f in fields {
+            block.extend_from_slice(f);
+        }
+        block
+    };
+    let with_body = |body: &[u8]| {
+        let mut b = body.to_vec();
+        b.extend_from_slice(HIDDEN);
+        b
+    };
+    let (get, post) = (0x82, 0x83);
+    // The body sent with the head, or (`late`) once the instance has the
+    // head: the gateway has then begun the request on an instance
+    // connection, and must not let that connection carry what follows.
+    let mut attacks = Vec::new();
+    for late in [false, true] {
+        attacks.push(Attack {
+            what: "a content-length shorter than the body",
+            head: head(post, b"/cl", &[field(b"content-length", b"5")]),
+            body: Some(with_body(b"hello")),
+            late,
+        });
+        attacks.push(Attack {
+            what: "a content-length longer than the body",
+            head: head(post, b"/cl-long", &[field(b"content-length", b"100")]),
+            body: Some(b"hello".to_vec()),
+            late,
+        });
+    }
+    let chunked = |name: &[u8]| Attack {
+        what: "transfer-encoding: chunked",
+        head: head(post, b"/te", &[field(name, b"chunked")]),
+        body: Some(with_body(b"0\r\n\r\n")),
+        late: false,
+    };
+    attacks.push(chunked(b"transfer-encoding"));
+    attacks.push(Attack {
+        what: "an upper-case Transfer-Encoding",
+        ..chunked(b"Transfer-Encoding")
+    });
+    let bare = |what, head| Attack {
+        what,
+        head,
+        body: None,
+        late: false,
+    };
+    attacks.push(bare(
+        "CRLF in a field's value",
+        head(
+            get,
+            b"/crlf",
+            &[field(
+                b"x-note",
+                b"a\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: x",
+            )],
+        ),
+    ));
+    attacks.push(bare(
+        "CRLF in the path",
+        head(get, b"/p HTTP/1.1\r\nhost: x\r\n\r\nGET /smuggled", &[]),
+    ));
+    attacks.push(bare(
+        "CRLF in a field's name",
+        head(
+            get,
+            b"/crlf-name",
+            &[field(b"x-a\r\ntransfer-encoding", b"chunked")],
+        ),
+    ));
+    for Attack {
+        what,
+        head: block,
+        body,
+        late,
+    } in attacks
+    {
+        let stream = ok(
+            tokio::net::TcpStream::connect(gateway.local_addr()).await,
+            "connect",
+        );
+        let (mut rx, mut tx) = stream.into_split();
+        let mut out = preface();
+        match &body {
+            // HEADERS with END_HEADERS, then DATA with END_STREAM.
+            Some(body) => {
+                out.extend(frame(0x1, 0x4, 1, &block));
+                if late {
+                    ok(
+                        tokio::io::AsyncWriteExt::write_all(&mut tx, &out).await,
+                        "write",
+                    );
+                    out.clear();
+                    let seen = up.hits() + 1;
+                    wait_until("the instance has the head", || up.hits() >= seen).await;
+                }
+                out.extend(frame(0x0, 0x1, 1, body));
+            }
+            None => out.extend(frame(0x1, 0x5, 1, &block)),
+        }
+        ok(
+            tokio::io::AsyncWriteExt::write_all(&mut tx, &out).await,
+            "write",
+        );
+        let what = format!("{what}{}", if late { ", sent after the head" } else { "" });
+        let outcome = within(&what, h2_raw::outcome(&mut rx, 1)).await;
+        eprintln!("{what}: {outcome:?}");
+        assert!(
+            !matches!(outcome, Outcome::Answered(Some(200..=299))),
+            "{what}: answered as a good request"
+        );
+        // The instance's connections stay in step: each request after it
+        // gets its own answer, not one meant for a hidden request.
+        for i in 0..3 {
+            let path = format!("/after/{i}");
+            let reply = client.get(&path).await;
+            assert_eq!(reply.status, StatusCode::OK, "{what}: {reply:?}");
+            assert_eq!(reply.json()["path"], path, "{what}: out of step");
+        }
+        let paths = up.paths();
+        assert!(
+            !paths.iter().any(|p| p.contains("smuggled")),
+            "{what}: the instance saw {paths:?}"
+        );
+    }
+    gateway.shutdown(T).await;
+}

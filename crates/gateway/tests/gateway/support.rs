@@ -92,6 +92,8 @@ struct UpstreamState {
     stalled: std::sync::atomic::AtomicBool,
     /// The `Host` of every request, in arrival order.
     hosts: Mutex<Vec<String>>,
+    /// The path of every request, in arrival order.
+    paths: Mutex<Vec<String>>,
     /// Requests answered `304 Not Modified`.
     not_modified: AtomicUsize,
 }
@@ -134,6 +136,7 @@ impl Upstream {
             status: std::sync::atomic::AtomicU16::new(0),
             stalled: std::sync::atomic::AtomicBool::new(false),
             hosts: Mutex::new(Vec::new()),
+            paths: Mutex::new(Vec::new()),
             not_modified: AtomicUsize::new(0),
         });
         let task = tokio::spawn(serve(listener, Arc::clone(&state)));
@@ -169,6 +172,15 @@ impl Upstream {
     pub fn hosts(&self) -> Vec<String> {
         self.state
             .hosts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The path of every request so far, in arrival order.
+    pub fn paths(&self) -> Vec<String> {
+        self.state
+            .paths
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -244,6 +256,11 @@ async fn handle(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(host.unwrap_or_default().to_string());
+    state
+        .paths
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(req.uri().path().to_string());
     if state.stalled.load(Ordering::SeqCst) {
         std::future::pending::<()>().await;
     }
@@ -792,6 +809,96 @@ pub fn server_cert(ca_name: &str, names: &[&str]) -> ServerCert {
         der: cert.der().clone(),
         key_der: key.serialize_der(),
         ca_pem: ca_cert.pem(),
+    }
+}
+
+// ------------------------------------------------------------ raw HTTP/2
+
+/// What a client library would never send: HTTP/2 frame by frame.
+pub mod h2_raw {
+    use tokio::io::{AsyncRead, AsyncReadExt};
+
+    /// The client's connection preface and an empty SETTINGS frame.
+    pub fn preface() -> Vec<u8> {
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(0x4, 0, 0, &[]));
+        out
+    }
+
+    /// One frame: its 9-byte header, then `payload`.
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes();
+        let mut frame = vec![len[1], len[2], len[3], kind, flags];
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// An HPACK field line, literal and not indexed, name and value as
+    /// given (each under 127 bytes): whatever bytes they are.
+    pub fn field(name: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x00, name.len() as u8];
+        out.extend_from_slice(name);
+        out.push(value.len() as u8);
+        out.extend_from_slice(value);
+        out
+    }
+
+    /// How the server answered a stream.
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum Outcome {
+        /// A response head, with its status when HPACK gave it plainly
+        /// (a static-table status, or a literal one first).
+        Answered(Option<u16>),
+        /// `RST_STREAM` with this error code.
+        Reset(u32),
+        /// `GOAWAY` with this error code.
+        GoAway(u32),
+        /// The connection ended first.
+        Closed,
+    }
+
+    /// The server's frames until stream `id` is answered or reset, or the
+    /// connection goes away.
+    pub async fn outcome(rx: &mut (impl AsyncRead + Unpin), id: u32) -> Outcome {
+        loop {
+            let mut head = [0u8; 9];
+            if rx.read_exact(&mut head).await.is_err() {
+                return Outcome::Closed;
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len];
+            if rx.read_exact(&mut payload).await.is_err() {
+                return Outcome::Closed;
+            }
+            let code = |p: &[u8]| {
+                p.get(..4)
+                    .map_or(0, |c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            };
+            match head[3] {
+                0x1 if stream == id => return Outcome::Answered(status(&payload)),
+                0x3 if stream == id => return Outcome::Reset(code(&payload)),
+                0x7 => return Outcome::GoAway(code(payload.get(4..).unwrap_or_default())),
+                _ => {}
+            }
+        }
+    }
+
+    fn status(block: &[u8]) -> Option<u16> {
+        match *block.first()? {
+            b @ 0x88..=0x8e => [200, 204, 206, 304, 400, 404, 500]
+                .get(usize::from(b - 0x88))
+                .copied(),
+            // Literal, name `:status` (static 8), with or without indexing.
+            0x48 | 0x08 => std::str::from_utf8(block.get(2..2 + usize::from(*block.get(1)?))?)
+                .ok()?
+                .parse()
+                .ok(),
+            _ => None,
+        }
     }
 }
 
