@@ -102,9 +102,7 @@ impl UpstreamTls {
 /// Opens connections to instances, with the gateway's identity if it has
 /// one (its certificate is reloaded in the background when renewed).
 pub(crate) fn connector(limits: &Limits, tls: Option<&UpstreamTls>) -> Result<Connector, TlsError> {
-    let mut tcp = HttpConnector::new();
-    tcp.set_nodelay(true);
-    tcp.set_connect_timeout(Some(limits.connect_timeout));
+    let tcp = tcp_connector(limits);
     let mtls = match tls {
         None => None,
         Some(tls) => {
@@ -123,6 +121,14 @@ pub(crate) fn connector(limits: &Limits, tls: Option<&UpstreamTls>) -> Result<Co
         web: None,
         handshake_timeout: limits.connect_timeout,
     })
+}
+
+/// TCP with no delay, within the connect timeout.
+fn tcp_connector(limits: &Limits) -> HttpConnector {
+    let mut tcp = HttpConnector::new();
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(limits.connect_timeout));
+    tcp
 }
 
 /// Why the roots an `https://` JWKS server's certificate is checked
@@ -201,9 +207,7 @@ pub(crate) fn web_fetch_client(
         .with_no_client_auth();
     // hyper's pooled client speaks HTTP/1.1 here.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let mut tcp = HttpConnector::new();
-    tcp.set_nodelay(true);
-    tcp.set_connect_timeout(Some(limits.connect_timeout));
+    let mut tcp = tcp_connector(limits);
     // `https://` URIs reach `call`, which wraps them in TLS.
     tcp.enforce_http(false);
     Ok(fetch_client(Connector {

@@ -1620,9 +1620,6 @@ mod tests {
         }
     }
 
-    /// The instance's hop-by-hop fields (RFC 9110 §7.6.1) are not in the
-    /// response the proxy relays; its end-to-end fields are, and the
-    /// connection they described is reused as they said it may be.
     /// A reply's relayed fields as the instance sent them, then the
     /// gateway's.
     fn relayed_of(reply: &Reply) -> Vec<(&[u8], &[u8])> {
@@ -1633,6 +1630,9 @@ mod tests {
             .unwrap_or_default()
     }
 
+    /// The instance's hop-by-hop fields (RFC 9110 §7.6.1) are not in the
+    /// response the proxy relays; its end-to-end fields are, and the
+    /// connection they described is reused as they said it may be.
     #[tokio::test]
     async fn hop_by_hop_fields_of_a_response_are_not_relayed() {
         let (addr, mut seen) = instance(vec![

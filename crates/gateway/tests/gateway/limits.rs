@@ -601,27 +601,21 @@ async fn an_http2_client_making_the_gateway_reset_its_streams_is_cut_off() {
     // The gateway's frames, until its GOAWAY.
     let go_away = async {
         let mut resets = 0u32;
-        loop {
-            let mut head = [0u8; 9];
-            rx.read_exact(&mut head).await?;
-            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let mut payload = vec![0u8; len];
-            rx.read_exact(&mut payload).await?;
-            match head[3] {
+        while let Some(frame) = h2_raw::read_frame(&mut rx).await {
+            match frame.kind {
                 0x3 => resets += 1,
-                0x7 if len >= 8 => {
-                    let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
-                    let debug = String::from_utf8_lossy(&payload[8..]).into_owned();
-                    return Ok::<_, std::io::Error>((code, debug, resets));
+                0x7 => {
+                    let debug = String::from_utf8_lossy(frame.payload.get(8..).unwrap_or_default());
+                    return Some((frame.error_code(), debug.into_owned(), resets));
                 }
                 _ => {}
             }
         }
+        None
     };
-    let (code, debug, resets) = ok(
-        within("the gateway's GOAWAY", go_away).await,
-        "reading the gateway's frames",
-    );
+    let (code, debug, resets) = within("the gateway's GOAWAY", go_away)
+        .await
+        .unwrap_or_else(|| panic!("the connection ended without a GOAWAY"));
     let sent = ok(within("the attack's writes", attack).await, "the attack");
     let reached = up.hits();
     eprintln!(

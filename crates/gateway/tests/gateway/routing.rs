@@ -371,16 +371,8 @@ async fn an_absolute_target_s_host_is_the_one_forwarded() {
     let admin = Upstream::start("admin-0").await;
     registry.set("public", vec![public.endpoint()]);
     registry.set("admin", vec![admin.endpoint()]);
-    let mut for_public = route("public", "/**", &[], T);
-    for_public.hosts = vec![ok(
-        flotilla_manifest::HostPattern::parse("public.example"),
-        "host",
-    )];
-    let mut for_admin = route("admin", "/**", &[], T);
-    for_admin.hosts = vec![ok(
-        flotilla_manifest::HostPattern::parse("admin.example"),
-        "host",
-    )];
+    let for_public = on_hosts(route("public", "/**", &[], T), &["public.example"]);
+    let for_admin = on_hosts(route("admin", "/**", &[], T), &["admin.example"]);
     let gateway = start(config(vec![for_public, for_admin]), &registry).await;
     let raw = raw_request(
         gateway.local_addr(),

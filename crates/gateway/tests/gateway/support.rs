@@ -860,31 +860,49 @@ pub mod h2_raw {
         Closed,
     }
 
+    /// A frame of the server's.
+    pub struct Frame {
+        pub kind: u8,
+        pub stream: u32,
+        pub payload: Vec<u8>,
+    }
+
+    impl Frame {
+        /// The error code of a `RST_STREAM`, or of a `GOAWAY`.
+        pub fn error_code(&self) -> u32 {
+            let at = if self.kind == 0x7 { 4 } else { 0 };
+            self.payload
+                .get(at..at + 4)
+                .map_or(0, |c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        }
+    }
+
+    /// The server's next frame; `None` once the connection has ended.
+    pub async fn read_frame(rx: &mut (impl AsyncRead + Unpin)) -> Option<Frame> {
+        let mut head = [0u8; 9];
+        rx.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        rx.read_exact(&mut payload).await.ok()?;
+        Some(Frame {
+            kind: head[3],
+            stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
+            payload,
+        })
+    }
+
     /// The server's frames until stream `id` is answered or reset, or the
     /// connection goes away.
     pub async fn outcome(rx: &mut (impl AsyncRead + Unpin), id: u32) -> Outcome {
-        loop {
-            let mut head = [0u8; 9];
-            if rx.read_exact(&mut head).await.is_err() {
-                return Outcome::Closed;
-            }
-            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-            let mut payload = vec![0u8; len];
-            if rx.read_exact(&mut payload).await.is_err() {
-                return Outcome::Closed;
-            }
-            let code = |p: &[u8]| {
-                p.get(..4)
-                    .map_or(0, |c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-            };
-            match head[3] {
-                0x1 if stream == id => return Outcome::Answered(status(&payload)),
-                0x3 if stream == id => return Outcome::Reset(code(&payload)),
-                0x7 => return Outcome::GoAway(code(payload.get(4..).unwrap_or_default())),
+        while let Some(frame) = read_frame(rx).await {
+            match frame.kind {
+                0x1 if frame.stream == id => return Outcome::Answered(status(&frame.payload)),
+                0x3 if frame.stream == id => return Outcome::Reset(frame.error_code()),
+                0x7 => return Outcome::GoAway(frame.error_code()),
                 _ => {}
             }
         }
+        Outcome::Closed
     }
 
     fn status(block: &[u8]) -> Option<u16> {
