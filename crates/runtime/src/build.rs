@@ -88,6 +88,20 @@ fn set_for_the_running_package(name: &str) -> bool {
         )
 }
 
+/// `cargo build` with JSON messages, without the running package's
+/// variables ([`set_for_the_running_package`]).
+fn cargo_build(cargo: &str) -> Command {
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build")
+        .arg("--message-format=json-render-diagnostics");
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(set_for_the_running_package) {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
 /// Builds all cargo-run services of `manifest`.
 pub(crate) async fn build(
     manifest: &Manifest,
@@ -108,14 +122,7 @@ pub(crate) async fn build(
         return Ok(Binaries::new());
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(&cargo);
-    cmd.arg("build")
-        .arg("--message-format=json-render-diagnostics");
-    for (name, _) in std::env::vars_os() {
-        if name.to_str().is_some_and(set_for_the_running_package) {
-            cmd.env_remove(name);
-        }
-    }
+    let mut cmd = cargo_build(&cargo);
     if profile == Profile::Release {
         cmd.arg("--release");
     }
@@ -258,6 +265,24 @@ mod tests {
         ] {
             assert!(!set_for_the_running_package(name), "{name}");
         }
+    }
+
+    /// `cargo test` runs this with the package's variables set, as `cargo
+    /// run` runs `flotilla`: the build's command takes them away.
+    #[test]
+    fn the_build_runs_without_the_running_package_s_variables() {
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        assert!(std::env::var_os("CARGO_PKG_NAME").is_some());
+        let cmd = cargo_build("cargo");
+        let removed: Vec<_> = cmd
+            .as_std()
+            .get_envs()
+            .filter(|(_, value)| value.is_none())
+            .filter_map(|(name, _)| name.to_str())
+            .collect();
+        assert!(removed.contains(&"CARGO_MANIFEST_DIR"), "{removed:?}");
+        assert!(removed.contains(&"CARGO_PKG_NAME"), "{removed:?}");
+        assert!(!removed.contains(&"CARGO"), "{removed:?}");
     }
 
     #[test]
