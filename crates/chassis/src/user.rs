@@ -3,8 +3,12 @@
 //! Routes with `auth = "jwt"` in the manifest pass the gateway, which
 //! verifies the bearer token, strips any `x-flotilla-user-*` header the
 //! client sent, and passes the token's `sub` as `x-flotilla-user-id`
-//! ([`USER_HEADER`]). A handler takes [`VerifiedUser`] to get that id;
-//! nothing the client writes in the body or query can choose it.
+//! ([`USER_HEADER`]); for a token of another `[gateway] jwt` issuer than
+//! the first (a company's staff directory beside the system's own
+//! accounts), `<issuer name>:<sub>`, so that one issuer's user is never
+//! taken for another's of the same `sub`. A handler takes [`VerifiedUser`]
+//! to get that id; nothing the client writes in the body or query can
+//! choose it.
 //!
 //! The trust rule: [`crate::Service::serve`] strips `x-flotilla-user-*`
 //! from any caller whose mTLS identity is not the gateway's, so only the

@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use flotilla_manifest::{
-    Affinity, Auth, HeaderDirection, HostPattern, MAX_RATE_LIMITS, Manifest, PathPattern,
-    RateLimitStore,
+    Affinity, Auth, HeaderDirection, HostPattern, MAX_JWT_ISSUERS, MAX_RATE_LIMITS, Manifest,
+    PathPattern, RateLimitStore,
 };
 use http::{HeaderName, HeaderValue};
 
@@ -41,9 +41,10 @@ pub struct Config {
     pub access_log: Option<PathBuf>,
     /// Protective bounds; fixed at start except `max_body_bytes`.
     pub limits: Limits,
-    /// How access tokens are verified; needed by any route with
-    /// `auth = jwt`.
-    pub jwt: Option<JwtConfig>,
+    /// The issuers whose access tokens the gateway verifies; needed by any
+    /// route with `auth = jwt` or `optional`, which takes the first's
+    /// unless its `issuers` name others. Empty: none.
+    pub jwt: Vec<JwtConfig>,
     /// CORS for every path (routes may replace it with their own).
     pub cors: Option<CorsConfig>,
     /// Client address allow/deny lists and trusted proxies.
@@ -103,6 +104,9 @@ pub struct RouteConfig {
     pub try_timeout: Option<Duration>,
     /// Who may call it (default: anyone).
     pub auth: RouteAuth,
+    /// For `auth = jwt` and `optional`: the names of the [`Config::jwt`]
+    /// issuers whose tokens it takes; empty: the first's.
+    pub issuers: Vec<String>,
     /// Requests allowed per client, user, header value or route: each
     /// limit counted on its own, a request must pass all (at most
     /// `MAX_RATE_LIMITS`, no two with the same unit and key).
@@ -148,6 +152,7 @@ impl RouteConfig {
             timeout: Duration::from_secs(30),
             try_timeout: None,
             auth: RouteAuth::Public,
+            issuers: Vec::new(),
             rate_limits: Vec::new(),
             affinity: None,
             cors: None,
@@ -302,9 +307,21 @@ pub enum ConfigError {
     #[error("the JWT issuer is empty; set jwt.issuer to the `iss` your tokens carry")]
     JwtIssuer,
     #[error(
-        "jwt.forward_claims has `{0}`, which cannot be a header name; use letters, digits, `_` and `-`"
+        "jwt.forward_claims has `{0}`, which cannot be a header name (or is `id` or `issuer`, which the gateway sets); use letters, digits, `_` and `-`"
     )]
     JwtForwardClaim(String),
+    #[error(
+        "jwt issuer name `{0}` is empty, too long, repeated or has characters other than letters, digits, `-`, `_` and `.`"
+    )]
+    JwtName(String),
+    #[error("two jwt issuers verify `iss = \"{0}\"`; a token goes to the one its `iss` names")]
+    JwtIssuerRepeated(String),
+    #[error("jwt lists more than {MAX_JWT_ISSUERS} issuers")]
+    JwtTooMany,
+    #[error(
+        "route `{route}` takes tokens of issuer `{issuer}`, which jwt does not list (or has `issuers` without `auth = jwt` or `optional`)"
+    )]
+    UnknownIssuer { route: String, issuer: String },
     #[error("jwt.max_token_bytes must be at least 256")]
     JwtMaxTokenBytes,
     #[error("jwt.refresh_interval must be at least 1s")]
@@ -383,14 +400,29 @@ impl Config {
         if !(1..=MAX_WORKERS).contains(&l.workers) {
             return Err(ConfigError::Limits("workers must be between 1 and 1024"));
         }
-        if let Some(jwt) = &self.jwt {
+        if self.jwt.len() > MAX_JWT_ISSUERS {
+            return Err(ConfigError::JwtTooMany);
+        }
+        for (i, jwt) in self.jwt.iter().enumerate() {
             if jwt.issuer.is_empty() {
                 return Err(ConfigError::JwtIssuer);
+            }
+            let name_ok = (1..=64).contains(&jwt.name.len())
+                && jwt
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            let earlier = &self.jwt[..i];
+            if !name_ok || earlier.iter().any(|j| j.name == jwt.name) {
+                return Err(ConfigError::JwtName(jwt.name.clone()));
+            }
+            if earlier.iter().any(|j| j.issuer == jwt.issuer) {
+                return Err(ConfigError::JwtIssuerRepeated(jwt.issuer.clone()));
             }
             if let Some(bad) = jwt
                 .forward_claims
                 .iter()
-                .find(|c| claim_header(c).is_none() || *c == "id")
+                .find(|c| claim_header(c).is_none() || *c == "id" || *c == "issuer")
             {
                 return Err(ConfigError::JwtForwardClaim(bad.clone()));
             }
@@ -440,9 +472,19 @@ impl Config {
             // `optional` verifies tokens too, and keys `per user` limits by
             // the user when there is one (by address when not).
             let is_jwt = matches!(route.auth, RouteAuth::Optional | RouteAuth::Jwt { .. });
-            if is_jwt && self.jwt.is_none() {
+            if is_jwt && self.jwt.is_empty() {
                 return Err(ConfigError::JwtRequired {
                     route: route.name(),
+                });
+            }
+            if let Some(unknown) = route
+                .issuers
+                .iter()
+                .find(|n| !is_jwt || !self.jwt.iter().any(|j| j.name == **n))
+            {
+                return Err(ConfigError::UnknownIssuer {
+                    route: route.name(),
+                    issuer: unknown.clone(),
                 });
             }
             if let RouteAuth::Key { consumers } = &route.auth {
@@ -557,6 +599,7 @@ impl Config {
                             consumers: consumers.clone(),
                         },
                     },
+                    issuers: route.issuers.clone(),
                     rate_limits: route.rate_limits.clone(),
                     affinity: route.affinity.clone(),
                     cors: route.cors.as_ref().map(cors_config),
@@ -593,19 +636,28 @@ impl Config {
             static_dir: gw.static_dir.clone(),
             access_log: None,
             limits: limits(gw),
-            // A source the gateway cannot parse leaves `jwt` unset; `validate`
-            // then refuses every `auth = "jwt"` route, so it never fails open.
-            jwt: gw.jwt.as_ref().and_then(|j| {
-                let mut config = JwtConfig::new(
-                    j.issuer.clone(),
-                    j.audiences.clone(),
-                    JwksSource::try_from(&j.jwks).ok()?,
-                );
-                config.refresh_interval = j.refresh;
-                config.jwks_ca = j.jwks_ca.clone();
-                config.forward_claims = j.forward_claims.clone();
-                Some(config)
-            }),
+            // A source the gateway cannot parse leaves `jwt` empty (not one
+            // issuer out, which could make another the routes' default);
+            // `validate` then refuses every `auth = "jwt"` route, so it
+            // never fails open. The manifest's parser is the gateway's, so
+            // this does not happen.
+            jwt: gw
+                .jwt
+                .iter()
+                .map(|j| {
+                    let mut config = JwtConfig::new(
+                        j.issuer.clone(),
+                        j.audiences.clone(),
+                        JwksSource::try_from(&j.jwks).ok()?,
+                    );
+                    config.name = j.name.clone();
+                    config.refresh_interval = j.refresh;
+                    config.jwks_ca = j.jwks_ca.clone();
+                    config.forward_claims = j.forward_claims.clone();
+                    Some(config)
+                })
+                .collect::<Option<Vec<_>>>()
+                .unwrap_or_default(),
             cors: gw.cors.as_ref().map(cors_config),
             ip: gw.ip.as_ref().map(|ip| IpConfig {
                 allow: ip.allow.clone(),
@@ -801,6 +853,74 @@ routes = [
         );
         assert!(config.static_dir.is_none());
         assert!(config.access_log.is_none());
+    }
+
+    #[test]
+    fn several_issuers_are_taken_in_order_and_validated() {
+        let toml = r#"
+name = "shop"
+
+[gateway]
+jwt = [
+  { name = "shop", issuer = "shop", audiences = ["shop"], jwks = "http://127.0.0.1:1/jwks.json" },
+  { name = "staff", issuer = "https://id.corp.example/realms/staff", audiences = ["admin"], jwks = "https://id.corp.example/certs" },
+]
+
+[services.catalog]
+run = { command = ["true"] }
+routes = [
+  { path = "/api/**", auth = "jwt" },
+  { path = "/admin/**", auth = "optional", issuers = ["staff", "shop"] },
+]
+"#;
+        let config = Config::from_manifest(&parse(toml));
+        let names: Vec<&str> = config.jwt.iter().map(|j| j.name.as_str()).collect();
+        assert_eq!(names, ["shop", "staff"]);
+        assert!(config.routes[0].issuers.is_empty());
+        assert_eq!(config.routes[1].issuers, ["staff", "shop"]);
+        assert!(config.validate().is_ok());
+
+        let refused = |change: &dyn Fn(&mut Config), expected: &str| {
+            let mut c = config.clone();
+            change(&mut c);
+            match c.validate() {
+                Err(e) => assert!(e.to_string().contains(expected), "{e}"),
+                Ok(()) => panic!("accepted, expected: {expected}"),
+            }
+        };
+        refused(&|c| c.jwt[1].name = "shop".into(), "jwt issuer name `shop`");
+        refused(&|c| c.jwt[1].name = "a:b".into(), "jwt issuer name `a:b`");
+        refused(
+            &|c| c.jwt[1].issuer = "shop".into(),
+            "two jwt issuers verify `iss = \"shop\"`",
+        );
+        refused(
+            &|c| c.routes[1].issuers = vec!["staf".into()],
+            "route `catalog /admin/**` takes tokens of issuer `staf`",
+        );
+        refused(
+            &|c| {
+                c.routes[1].auth = RouteAuth::Public;
+            },
+            "takes tokens of issuer `staff`",
+        );
+        refused(
+            &|c| c.jwt[0].forward_claims = vec!["issuer".into()],
+            "jwt.forward_claims has `issuer`",
+        );
+        refused(
+            &|c| {
+                let extra = c.jwt[1].clone();
+                c.jwt = (0..17)
+                    .map(|i| JwtConfig {
+                        name: format!("i{i}"),
+                        issuer: format!("iss-{i}"),
+                        ..extra.clone()
+                    })
+                    .collect();
+            },
+            "more than 16 issuers",
+        );
     }
 
     #[test]

@@ -825,10 +825,10 @@ async fn police<'a>(
         }
     } else if !matches!(policy.auth, RouteAuth::Public) {
         // Validation guarantees a verifier for every jwt and optional route.
-        let result = match &routing.jwt {
-            Some(verifier) => verifier.authenticate(req.headers()).await,
-            None => Err(jwt::AuthError::Invalid("no_verifier")),
-        };
+        let result = routing
+            .jwt
+            .authenticate(req.headers(), policy.issuers)
+            .await;
         let result = result.and_then(|id| jwt::authorize(&id, &policy.auth).map(|()| id));
         match result {
             // No bearer token on an optional route: an anonymous caller

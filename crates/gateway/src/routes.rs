@@ -27,7 +27,7 @@ use crate::config::RouteConfig;
 use crate::cors::CorsPolicy;
 use crate::header_changes::HeaderChanges;
 use crate::ip::IpRules;
-use crate::jwt::RouteAuth;
+use crate::jwt::{Issuers, RouteAuth};
 use crate::ratelimit::Limiter;
 use crate::resilience::HealthMemo;
 use crate::stats::RouteStats;
@@ -66,6 +66,8 @@ pub(crate) struct Route {
 #[derive(Debug, Default)]
 pub(crate) struct RoutePolicy {
     pub auth: RouteAuth,
+    /// The issuers whose tokens it takes, for `jwt` and `optional`.
+    pub issuers: Issuers,
     pub limiter: Option<Arc<Limiter>>,
     /// What its responses get on the way out.
     pub outgoing: Outgoing,

@@ -29,7 +29,7 @@ use crate::config::{Config, ConfigError};
 use crate::cors::CorsPolicy;
 use crate::header_changes::HeaderChanges;
 use crate::ip::{IpConfig, IpRules};
-use crate::jwt::Verifier;
+use crate::jwt::{Issuers, JwtConfig, Verifier, Verifiers};
 use crate::ratelimit::{self, RateLimitBackend};
 use crate::routes::{Outgoing, RoutePolicy, RouteTable};
 use crate::upstream::Upstreams;
@@ -39,7 +39,8 @@ use crate::upstream::Upstreams;
 pub(crate) struct Routing {
     pub table: RouteTable,
     pub static_files: Option<ServeDir>,
-    pub jwt: Option<Arc<Verifier>>,
+    /// The issuers of `[gateway] jwt`, in order.
+    pub jwt: Verifiers,
     /// The API keys, for routes with `auth = key`.
     pub keys: Option<KeyVerifier>,
     /// What responses to requests no route matched get on the way out.
@@ -126,6 +127,20 @@ fn route_id(
     id
 }
 
+/// The bits of the issuers named `names` (validated: each is one of
+/// `jwt`'s); none named, the first's.
+fn issuers(jwt: &[JwtConfig], names: &[String]) -> Issuers {
+    if names.is_empty() {
+        return Issuers::default();
+    }
+    Issuers(
+        jwt.iter()
+            .enumerate()
+            .filter(|(_, j)| names.contains(&j.name))
+            .fold(0, |bits, (i, _)| bits | (1 << i)),
+    )
+}
+
 impl Routing {
     /// Validates `config` and compiles it, reusing what `previous` has that
     /// is still valid. Must run inside tokio (the JWT verifier spawns its
@@ -136,21 +151,30 @@ impl Routing {
         ctx: &Context,
     ) -> Result<Routing, ConfigError> {
         config.validate()?;
-        let jwt = match config.jwt.as_ref() {
-            None => None,
-            Some(jwt) => Some(match previous.and_then(|p| p.jwt.as_ref()) {
-                Some(v) if v.config == *jwt => Arc::clone(v),
-                _ => Arc::new(
+        // Each issuer's keys and verified tokens are kept while its
+        // settings and its place (first or not) are.
+        let mut verifiers = Vec::with_capacity(config.jwt.len());
+        for (i, jwt) in config.jwt.iter().enumerate() {
+            let secondary = i > 0;
+            let kept = previous
+                .into_iter()
+                .flat_map(|p| &p.jwt.0)
+                .find(|v| v.config == *jwt && v.secondary == secondary);
+            verifiers.push(match kept {
+                Some(v) => Arc::clone(v),
+                None => Arc::new(
                     Verifier::start(
                         jwt.clone(),
+                        secondary,
                         ctx.client.clone(),
                         Arc::clone(&ctx.upstreams),
                         &config.limits,
                     )
                     .map_err(ConfigError::JwksTrust)?,
                 ),
-            }),
-        };
+            });
+        }
+        let jwt = Verifiers(verifiers);
         let cors = match &config.cors {
             // Validated above.
             Some(c) => CorsPolicy::new(c).ok().map(Arc::new),
@@ -190,6 +214,7 @@ impl Routing {
             );
             RoutePolicy {
                 auth: route.auth.clone(),
+                issuers: issuers(&config.jwt, &route.issuers),
                 limiter: (!route.rate_limits.is_empty()).then(|| {
                     ratelimit::reuse_or_new(
                         &route.rate_limits,

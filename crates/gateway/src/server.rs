@@ -734,7 +734,7 @@ mod tests {
             static_dir: None,
             access_log: None,
             limits: limits.clone(),
-            jwt: None,
+            jwt: Vec::new(),
             cors: None,
             ip: None,
             rate_limit_backend: Default::default(),

@@ -167,9 +167,18 @@ pub fn reserved_header(name: &str, direction: HeaderDirection) -> Option<&'stati
     None
 }
 
-/// How the gateway verifies bearer tokens (`[gateway.jwt]`).
+/// The most issuers `[gateway] jwt` may list (the gateway keeps the ones a
+/// route takes as the bits of a 16-bit word).
+pub const MAX_JWT_ISSUERS: usize = 16;
+
+/// How the gateway verifies one issuer's bearer tokens (`[gateway.jwt]`,
+/// or one of `[[gateway.jwt]]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Jwt {
+    /// What routes' `issuers` call it (`default` for a lone issuer that
+    /// sets none), and, for every issuer but the first, the prefix of its
+    /// users' ids (`<name>:<sub>`).
+    pub name: String,
     /// Required `iss`.
     pub issuer: String,
     /// Accepted `aud` values (a token needs one of them).

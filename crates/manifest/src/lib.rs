@@ -23,7 +23,7 @@ pub use diagnostic::Diagnostic;
 pub use edge::{
     Affinity, AffinityParseError, ApiKeys, CacheStore, ClientAuth, Compression, Cors,
     GatewayLimits, HOP_BY_HOP, HeaderChanges, HeaderDirection, IpList, IpNet, IpNetParseError,
-    JwksSource, Jwt, MAX_RATE_LIMITS, OutlierDetection, RateLimit, RateLimitKey,
+    JwksSource, Jwt, MAX_JWT_ISSUERS, MAX_RATE_LIMITS, OutlierDetection, RateLimit, RateLimitKey,
     RateLimitParseError, RateLimitStore, Retries, RouteCache, Tls, TlsCertificate, TlsVersion,
     parse_net, parse_nets, reserved_header,
 };
@@ -69,8 +69,11 @@ pub struct Gateway {
     pub static_dir: Option<PathBuf>,
     /// Default upstream timeout for routes that set none.
     pub timeout: Duration,
-    /// Bearer-token verification for routes with `auth = "jwt"`.
-    pub jwt: Option<Jwt>,
+    /// Bearer-token verification for routes with `auth = "jwt"` or
+    /// `"optional"`: the issuers whose tokens the gateway can verify, the
+    /// first being the one routes accept unless they name others
+    /// (`issuers`). Empty: no tokens.
+    pub jwt: Vec<Jwt>,
     /// Cross-origin rules for browsers.
     pub cors: Option<Cors>,
     /// Client networks allowed or denied everywhere.
@@ -189,8 +192,8 @@ pub enum Auth {
     /// Anyone; a bearer token, if sent, must be valid and identifies the
     /// caller.
     Optional,
-    /// A valid bearer token from `[gateway.jwt]`'s issuer, with these scopes
-    /// and claims.
+    /// A valid bearer token from one of the route's issuers, with these
+    /// scopes and claims.
     Jwt {
         scopes: Vec<String>,
         /// Each claim the token must carry, to the values it may have: the
@@ -231,6 +234,9 @@ pub struct Route {
     /// Upper-case HTTP methods; empty means any method.
     pub methods: Vec<String>,
     pub auth: Auth,
+    /// The `[gateway] jwt` issuers (by name) whose tokens the route takes,
+    /// for `auth = "jwt"` and `"optional"`; empty means the first only.
+    pub issuers: Vec<String>,
     pub timeout: Duration,
     /// How long each attempt may wait for the instance's answer, within
     /// `timeout`, before it is given up and (if the request may be) retried

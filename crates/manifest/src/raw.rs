@@ -31,7 +31,7 @@ pub(crate) struct RawGateway {
     #[serde(rename = "static")]
     pub static_dir: Option<Spanned<String>>,
     pub timeout: Option<Spanned<String>>,
-    pub jwt: Option<Spanned<RawJwt>>,
+    pub jwt: Option<Spanned<RawJwts>>,
     pub cors: Option<Spanned<RawCors>>,
     pub ip: Option<Spanned<RawIp>>,
     pub rate_limits: Option<Spanned<RawRateLimits>>,
@@ -143,12 +143,44 @@ pub(crate) struct RawTlsCertificate {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawJwt {
+    pub name: Option<Spanned<String>>,
     pub issuer: Spanned<String>,
     pub audiences: Vec<Spanned<String>>,
     pub jwks: Spanned<String>,
     pub jwks_ca: Option<Spanned<String>>,
     pub refresh: Option<Spanned<String>>,
     pub forward_claims: Option<Vec<Spanned<String>>>,
+}
+
+/// `jwt`: one issuer's table, or an array of them (`[[gateway.jwt]]`).
+/// By hand rather than `#[serde(untagged)]`: an untagged enum buffers the
+/// value, which loses every span inside it and replaces each error (an
+/// unknown key, a missing `issuer`) with "did not match any variant".
+#[derive(Debug)]
+pub(crate) enum RawJwts {
+    One(Box<RawJwt>),
+    Many(Vec<Spanned<RawJwt>>),
+}
+
+impl<'de> Deserialize<'de> for RawJwts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawJwts, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawJwts;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a table `{ issuer, audiences, jwks }`, or an array of such tables")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawJwts, A::Error> {
+                RawJwt::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(|one| RawJwts::One(Box::new(one)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<RawJwts, A::Error> {
+                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(RawJwts::Many)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,6 +266,7 @@ pub(crate) struct RawRoute {
     pub cache: Option<Spanned<RawRouteCache>>,
     pub methods: Option<Vec<Spanned<String>>>,
     pub auth: Option<Spanned<String>>,
+    pub issuers: Option<Spanned<Vec<Spanned<String>>>>,
     pub scopes: Option<Vec<Spanned<String>>>,
     pub claims: Option<Spanned<BTreeMap<String, Spanned<toml::Value>>>>,
     pub timeout: Option<Spanned<String>>,

@@ -45,8 +45,9 @@ struct Ctx<'a> {
     dir: PathBuf,
     /// The gateway's timeout, the default for routes that set none.
     route_timeout: Duration,
-    /// Whether `[gateway.jwt]` is set, so routes may use `auth = "jwt"`.
-    jwt_configured: bool,
+    /// The names of `[gateway.jwt]`'s issuers, if it is set, so routes may
+    /// use `auth = "jwt"` and name them in `issuers`.
+    jwt_names: Vec<String>,
     /// The consumers of `[gateway.api_keys]`, if it is set, so routes may
     /// use `auth = "key"` and name them.
     key_consumers: Option<BTreeSet<String>>,
@@ -132,7 +133,7 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
         source,
         dir,
         route_timeout: DEFAULT_TIMEOUT,
-        jwt_configured: false,
+        jwt_names: Vec::new(),
         key_consumers: None,
         client_ca_configured: false,
         errors: Vec::new(),
@@ -159,7 +160,7 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
     let gateway = gateway(&mut ctx, raw.gateway.as_ref(), &declared_names);
     if let Some(gw) = &gateway {
         ctx.route_timeout = gw.timeout;
-        ctx.jwt_configured = gw.jwt.is_some();
+        ctx.jwt_names = gw.jwt.iter().map(|j| j.name.clone()).collect();
         ctx.key_consumers = gw
             .api_keys
             .as_ref()
@@ -243,7 +244,7 @@ fn unreachable_gateway() -> Gateway {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         static_dir: None,
         timeout: DEFAULT_TIMEOUT,
-        jwt: None,
+        jwt: Vec::new(),
         cors: None,
         ip: None,
         rate_limits: Default::default(),
@@ -383,7 +384,7 @@ fn gateway(
         listen: DEFAULT_LISTEN.parse().ok()?,
         static_dir: None,
         timeout: DEFAULT_TIMEOUT,
-        jwt: None,
+        jwt: Vec::new(),
         cors: None,
         ip: None,
         rate_limits: Default::default(),
@@ -425,7 +426,7 @@ fn gateway(
         gw.timeout = ctx.duration(t, "timeout")?;
     }
     if let Some(j) = &raw.jwt {
-        gw.jwt = Some(edge::jwt(ctx, j, declared)?);
+        gw.jwt = edge::jwts(ctx, j, declared)?;
     }
     if let Some(c) = &raw.cors {
         gw.cors = Some(edge::cors(ctx, c)?);
@@ -917,7 +918,7 @@ fn route(
         None => Auth::Public,
         Some(a) => match a.get_ref().as_str() {
             "public" => Auth::Public,
-            "jwt" if ctx.jwt_configured => Auth::Jwt {
+            "jwt" if !ctx.jwt_names.is_empty() => Auth::Jwt {
                 scopes: raw
                     .scopes
                     .iter()
@@ -929,7 +930,7 @@ fn route(
                     None => BTreeMap::new(),
                 },
             },
-            "optional" if ctx.jwt_configured => Auth::Optional,
+            "optional" if !ctx.jwt_names.is_empty() => Auth::Optional,
             "key" => match ctx.key_consumers.clone() {
                 Some(known) => Auth::Key {
                     consumers: edge::route_consumers(ctx, raw.consumers.as_deref(), &known)?,
@@ -998,6 +999,21 @@ fn route(
         );
         return None;
     }
+    let issuers = match &raw.issuers {
+        Some(names) if jwt_route || auth == Auth::Optional => {
+            let known = ctx.jwt_names.clone();
+            edge::route_issuers(ctx, names, &known)?
+        }
+        Some(names) => {
+            ctx.error(
+                names.span(),
+                "`issuers` need `auth = \"jwt\"` or `\"optional\"`",
+                Some("add `auth = \"jwt\"` to the route, or remove `issuers`".into()),
+            );
+            return None;
+        }
+        None => Vec::new(),
+    };
     // `per user` needs a user: one every request has, or, on an optional
     // route, one some have (the others are limited by their address).
     let has_user = jwt_route || auth == Auth::Optional || matches!(auth, Auth::Key { .. });
@@ -1084,6 +1100,7 @@ fn route(
         cache,
         methods,
         auth,
+        issuers,
         timeout,
         try_timeout,
         rate_limits,

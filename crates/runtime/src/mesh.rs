@@ -371,16 +371,18 @@ fn policy_spec(
             }
         })
         .collect();
-    if let Some(Jwt {
-        jwks: JwksSource::Service { service, path },
-        ..
-    }) = &manifest.gateway.jwt
-        && *service == callee.name
-    {
-        routes.push(RouteSpec {
-            path: path.clone(),
-            methods: vec!["GET".to_string(), "HEAD".to_string()],
-        });
+    for jwt in &manifest.gateway.jwt {
+        if let Jwt {
+            jwks: JwksSource::Service { service, path },
+            ..
+        } = jwt
+            && *service == callee.name
+        {
+            routes.push(RouteSpec {
+                path: path.clone(),
+                methods: vec!["GET".to_string(), "HEAD".to_string()],
+            });
+        }
     }
     let mut spec = PolicySpec::new(id(&callee.name)?);
     spec.mode = mode;

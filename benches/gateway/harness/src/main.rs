@@ -166,7 +166,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
             workers: args.threads.max(1),
             ..Limits::default()
         },
-        jwt: None,
+        jwt: Vec::new(),
         cors: None,
         ip: None,
         rate_limit_backend: Default::default(),
@@ -197,11 +197,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
             "x": b64(key.public_key().as_ref()),
         }]});
         let url = serve_jwks(jwks.to_string()).await?;
-        config.jwt = Some(JwtConfig::new(
+        config.jwt = vec![JwtConfig::new(
             "bench",
             vec!["bench".into()],
             JwksSource::parse(&url)?,
-        ));
+        )];
         route.auth = RouteAuth::jwt();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?

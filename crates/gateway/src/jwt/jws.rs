@@ -206,6 +206,19 @@ pub(crate) fn parse(token: &str, max_bytes: usize) -> Result<Unverified<'_>, Jws
     })
 }
 
+/// The `iss` of a compact JWS's payload, unverified: which issuer's keys
+/// to check it with. The token is checked in full by [`parse`] and
+/// [`Unverified::verify`] after.
+pub(crate) fn peek_issuer(token: &str) -> Result<String, JwsError> {
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        iss: Option<String>,
+    }
+    let payload = token.split('.').nth(1).ok_or(JwsError::Malformed)?;
+    let claims: Claims = serde_json::from_slice(&b64(payload)?).map_err(|_| JwsError::Malformed)?;
+    claims.iss.ok_or(JwsError::Malformed)
+}
+
 impl Unverified<'_> {
     /// Checks the signature with `key` (which must pin the token's `alg`)
     /// and returns the payload's claims.

@@ -13,6 +13,13 @@
 //! `sub` is present. The route may also require scopes (`scope`, space
 //! separated, or `scp`) and claim values.
 //!
+//! There may be several issuers ([`Verifiers`]), each with its own keys,
+//! cache and settings. A route takes the first's tokens unless it names
+//! others ([`Issuers`]); a token no cache holds goes to the issuer its
+//! (unverified) `iss` names, and only to it. Callers of any issuer but the
+//! first are `<name>:<sub>` with `x-flotilla-user-issuer`, so that no
+//! service takes them for the system's own users.
+//!
 //! Verified tokens are cached, keyed by the whole token, until they expire
 //! or the key set changes: a signature check costs ~50 µs, a cache hit a
 //! hash of the token and one comparison, and the same token is typically
@@ -49,10 +56,17 @@ use crate::upstream::Upstreams;
 /// The prefix of the identity headers the gateway sets.
 pub(crate) const USER_HEADER_PREFIX: &str = "x-flotilla-user-";
 pub(crate) static USER_ID: HeaderName = HeaderName::from_static("x-flotilla-user-id");
+/// The name of the issuer that verified a caller's token, for every issuer
+/// but the first (whose callers are the system's own users).
+pub(crate) static USER_ISSUER: HeaderName = HeaderName::from_static("x-flotilla-user-issuer");
 
-/// How the gateway verifies access tokens.
+/// How the gateway verifies one issuer's access tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwtConfig {
+    /// What routes' `issuers` call it; for every issuer but the first, the
+    /// prefix of its callers' ids (`<name>:<sub>`) and their
+    /// `x-flotilla-user-issuer`. Default `default`.
+    pub name: String,
     /// The required `iss` claim.
     pub issuer: String,
     /// `aud` must name at least one of these; empty skips the check (not
@@ -83,6 +97,7 @@ impl JwtConfig {
     /// Defaults for everything but the three settings that have none.
     pub fn new(issuer: impl Into<String>, audiences: Vec<String>, jwks: JwksSource) -> JwtConfig {
         JwtConfig {
+            name: "default".to_string(),
             issuer: issuer.into(),
             audiences,
             jwks,
@@ -307,6 +322,10 @@ impl AuthError {
 /// config is unchanged (keys and cache survive).
 pub(crate) struct Verifier {
     pub config: JwtConfig,
+    /// Not the first issuer: its callers' ids are `<name>:<sub>`, and they
+    /// carry `x-flotilla-user-issuer: <name>`, so that no service takes
+    /// them for the system's own users of the same `sub`.
+    pub secondary: bool,
     store: Arc<KeyStore>,
     cache: TokenCache,
     forward: Vec<(String, HeaderName)>,
@@ -345,6 +364,7 @@ impl Verifier {
     /// machine's roots, which must be there.
     pub(crate) fn start(
         config: JwtConfig,
+        secondary: bool,
         client: FetchClient,
         upstreams: Arc<dyn Upstreams>,
         limits: &crate::config::Limits,
@@ -373,6 +393,7 @@ impl Verifier {
             .collect();
         Ok(Verifier {
             config,
+            secondary,
             store,
             cache: TokenCache::new(),
             forward,
@@ -380,25 +401,14 @@ impl Verifier {
         })
     }
 
-    /// The caller of a request, from its `Authorization` header.
-    pub(crate) async fn authenticate(
-        &self,
-        headers: &HeaderMap,
-    ) -> Result<Arc<Identity>, AuthError> {
-        let token = bearer(headers)?;
-        let now = unix_now();
-        let leeway = self.config.leeway.as_secs_f64();
-        let version = self.store.version();
-        if let Some(identity) = self.cache.get(token, version) {
-            if now > identity.exp + leeway {
-                return Err(AuthError::Invalid("expired"));
-            }
-            return Ok(identity);
+    /// The caller `token` names if this issuer verified it before (and its
+    /// keys have not changed since): an error if it has expired since.
+    fn cached(&self, token: &[u8], now: f64) -> Option<Result<Arc<Identity>, AuthError>> {
+        let identity = self.cache.get(token, self.store.version())?;
+        if now > identity.exp + self.config.leeway.as_secs_f64() {
+            return Some(Err(AuthError::Invalid("expired")));
         }
-        // Boxed: the rare path (a token not seen before, maybe a JWKS
-        // refetch) would otherwise make every request's future, and each
-        // move of it, that much larger (see `server::Handler`).
-        Box::pin(self.verify(token, now, version)).await
+        Some(Ok(identity))
     }
 
     /// Verifies a token the cache does not hold, and caches its identity.
@@ -460,9 +470,24 @@ impl Verifier {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             _ => return Err(AuthError::Invalid("missing_sub")),
         };
-        let sub_header =
-            HeaderValue::from_str(&sub).map_err(|_| AuthError::Invalid("malformed"))?;
-        let mut headers = vec![(USER_ID.clone(), sub_header)];
+        // A secondary issuer's callers are told apart from the first's:
+        // `<name>:<sub>` with their issuer's name, and their own prefix
+        // under `per user` limits (`u:` is the first's), which no `sub`
+        // can forge: a name has no `:`.
+        let (id, rate_key) = match self.secondary {
+            false => (sub.clone(), format!("u:{sub}")),
+            true => {
+                let name = &self.config.name;
+                (format!("{name}:{sub}"), format!("i:{name}:{sub}"))
+            }
+        };
+        let id = HeaderValue::from_str(&id).map_err(|_| AuthError::Invalid("malformed"))?;
+        let mut headers = vec![(USER_ID.clone(), id)];
+        if self.secondary {
+            let issuer = HeaderValue::from_str(&self.config.name)
+                .map_err(|_| AuthError::Invalid("malformed"))?;
+            headers.push((USER_ISSUER.clone(), issuer));
+        }
         for (claim, header) in &self.forward {
             if let Some(v) = claims.get(claim).and_then(header_value) {
                 headers.push((header.clone(), v));
@@ -486,7 +511,7 @@ impl Verifier {
                 .collect(),
             _ => Vec::new(),
         };
-        let rate_key: Box<str> = format!("u:{sub}").into();
+        let rate_key = rate_key.into_boxed_str();
         Ok(Identity {
             rate_key_hash: crate::ratelimit::gcra::key_hash(&rate_key),
             rate_key,
@@ -496,6 +521,88 @@ impl Verifier {
             headers,
             consumer: None,
         })
+    }
+}
+
+/// The issuers of `[gateway] jwt`, in order: a route takes the first's
+/// tokens unless it names others (a bit each in [`Issuers`]).
+#[derive(Debug, Default)]
+pub(crate) struct Verifiers(pub Vec<Arc<Verifier>>);
+
+/// The issuers a route takes, a bit each by their place in [`Verifiers`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Issuers(pub u16);
+
+impl Default for Issuers {
+    /// The first only.
+    fn default() -> Issuers {
+        Issuers(1)
+    }
+}
+
+impl Issuers {
+    fn has(self, i: usize) -> bool {
+        i < 16 && self.0 & (1 << i) != 0
+    }
+}
+
+impl Verifiers {
+    /// The caller of a request, from its `Authorization` header, if one of
+    /// `accepted` issued its token.
+    pub(crate) async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        accepted: Issuers,
+    ) -> Result<Arc<Identity>, AuthError> {
+        let token = bearer(headers)?;
+        let now = unix_now();
+        // One cache lookup for a route of one issuer, the usual case.
+        for (i, verifier) in self.0.iter().enumerate() {
+            if accepted.has(i)
+                && let Some(found) = verifier.cached(token, now)
+            {
+                return found;
+            }
+        }
+        // Boxed: the rare path (a token not seen before, maybe a JWKS
+        // refetch) would otherwise make every request's future, and each
+        // move of it, that much larger (see `server::Handler`).
+        Box::pin(self.verify(token, now, accepted)).await
+    }
+
+    /// Verifies a token no accepted issuer's cache holds, with the keys of
+    /// the issuer its `iss` names (read before the signature is checked,
+    /// as Envoy's `jwt_authn` picks a provider), and caches its identity.
+    async fn verify(
+        &self,
+        token: &[u8],
+        now: f64,
+        accepted: Issuers,
+    ) -> Result<Arc<Identity>, AuthError> {
+        let verifier = match self.0.as_slice() {
+            [] => return Err(AuthError::Invalid("no_verifier")),
+            // One issuer: its own checks say what is wrong with the token.
+            [only] => only,
+            several => {
+                let largest = several.iter().map(|v| v.config.max_token_bytes).max();
+                if token.len() > largest.unwrap_or(0) {
+                    return Err(jws_error(JwsError::Oversized));
+                }
+                let iss = jws::peek_issuer(token_text(token)?).map_err(jws_error)?;
+                let found = several
+                    .iter()
+                    .enumerate()
+                    .find(|(_, v)| v.config.issuer == iss);
+                match found {
+                    Some((i, v)) if accepted.has(i) => v,
+                    // Another issuer's, or none of them: not for this
+                    // route, whatever its signature.
+                    _ => return Err(AuthError::Invalid("wrong_issuer")),
+                }
+            }
+        };
+        let version = verifier.store.version();
+        verifier.verify(token, now, version).await
     }
 }
 

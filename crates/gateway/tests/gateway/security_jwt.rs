@@ -69,7 +69,7 @@ async fn fixture(
     let mut cfg = config(vec![api, admin, staff, public, feed]);
     let mut jwt = jwt_config(&jwks);
     tweak(&mut jwt);
-    cfg.jwt = Some(jwt);
+    cfg.jwt = vec![jwt];
     let gateway = start(cfg, &registry).await;
     let client = Client::new(&gateway);
     Fixture {
@@ -477,7 +477,7 @@ async fn a_protected_route_is_not_reached_by_another_spelling_of_its_path() {
     admin.auth = RouteAuth::jwt();
     let everything = route("jwt-spelling", "/**", &[], T);
     let mut cfg = config(vec![admin, everything]);
-    cfg.jwt = Some(jwt_config(&jwks));
+    cfg.jwt = vec![jwt_config(&jwks)];
     let gateway = start(cfg, &registry).await;
     let client = Client::new(&gateway);
 
@@ -532,7 +532,7 @@ async fn https_fixture(
         ok(JwksSource::parse(url), "jwks url"),
     );
     jwt.jwks_ca = Some(ca);
-    cfg.jwt = Some(jwt);
+    cfg.jwt = vec![jwt];
     let gateway = start(cfg, &registry).await;
     let client = Client::new(&gateway);
     (up, gateway, client)
@@ -604,10 +604,118 @@ async fn a_jwks_ca_without_a_certificate_is_refused_at_start() {
         ),
     );
     jwt.jwks_ca = Some(ca);
-    cfg.jwt = Some(jwt);
+    cfg.jwt = vec![jwt];
     let e = start_error(cfg, "its jwks_ca holds no certificate").await;
     assert!(
         e.contains("empty-ca.pem holds no usable CA certificate"),
         "{e}"
     );
+}
+
+/// The staff identity provider of `several_issuers`, beside the system's
+/// own (`ISSUER`).
+const STAFF_ISSUER: &str = "https://id.corp.example/realms/staff";
+
+/// Two issuers, as a shop with its own accounts and a company's staff
+/// directory would have: a route takes the first's tokens unless it names
+/// others; a token goes to the issuer its `iss` names, and to no other's
+/// keys; the second's callers are `staff:<sub>` with
+/// `x-flotilla-user-issuer`, never one of the system's users of the same
+/// `sub`, and count apart under `per user` limits.
+#[tokio::test]
+async fn several_issuers_each_for_the_routes_that_name_it() {
+    let own_key = Signer::ed25519("own-1");
+    let staff_key = Signer::p256("staff-1");
+    let registry = Registry::new();
+    let up = Upstream::start("issuers-0").await;
+    registry.set("issuers", vec![up.endpoint()]);
+    let own_jwks = JwksServer::start(jwks(&[&own_key])).await;
+    let staff_jwks = JwksServer::start(jwks(&[&staff_key])).await;
+
+    let mut api = route("issuers", "/api/**", &[], T);
+    api.auth = RouteAuth::jwt();
+    let mut admin = route("issuers", "/admin/**", &[], T);
+    admin.auth = RouteAuth::jwt();
+    admin.issuers = vec!["staff".into()];
+    let mut both = route("issuers", "/both/**", &[], T);
+    both.auth = RouteAuth::jwt();
+    both.issuers = vec!["staff".into(), "own".into()];
+    both.rate_limits = vec![ok(
+        flotilla_gateway::RateLimit::parse("1/h per user"),
+        "rate limit",
+    )];
+    let mut cfg = config(vec![api, admin, both]);
+    let mut own = jwt_config(&own_jwks);
+    own.name = "own".into();
+    let mut staff = JwtConfig::new(
+        STAFF_ISSUER,
+        vec!["shop-admin".into()],
+        ok(JwksSource::parse(&staff_jwks.url), "jwks url"),
+    );
+    staff.name = "staff".into();
+    staff.forward_claims = vec!["tenant".into()];
+    cfg.jwt = vec![own, staff];
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+
+    let own_token = own_key.sign(&claims());
+    let staff_claims = with(
+        with(claims(), "iss", json!(STAFF_ISSUER)),
+        "aud",
+        json!("shop-admin"),
+    );
+    let staff_token = staff_key.sign(&staff_claims);
+    let forged = [
+        ("x-flotilla-user-issuer", "own"),
+        ("x_flotilla_user_issuer", "own"),
+    ];
+
+    // A staff token verified (and cached) for a route that takes it...
+    let reply = get(&client, "/admin/stock", Some(&staff_token), &forged).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let h = &reply.json()["headers"];
+    assert_eq!(h["x-flotilla-user-id"], "staff:user-1", "{h}");
+    assert_eq!(h["x-flotilla-user-issuer"], "staff", "{h}");
+    assert_eq!(h["x-flotilla-user-tenant"], "t1", "{h}");
+    assert!(h.get("x_flotilla_user_issuer").is_none(), "{h}");
+    // ... is no token at all for a route that takes the system's own.
+    let hits = up.hits();
+    let reply = get(&client, "/api/orders", Some(&staff_token), &[]).await;
+    assert_invalid_token(&reply, "a staff token on an own-users route");
+    // Nor is the system's own token for the staff's route.
+    let reply = get(&client, "/admin/stock", Some(&own_token), &[]).await;
+    assert_invalid_token(&reply, "an own token on a staff route");
+    // A staff key's signature on a token that claims the system's `iss`
+    // is checked with the system's keys, which do not have it.
+    let mislabelled = staff_key.sign(&claims());
+    let reply = get(&client, "/both/x", Some(&mislabelled), &[]).await;
+    assert_invalid_token(&reply, "a staff-signed token claiming the own issuer");
+    // An issuer nobody configured.
+    let stranger = own_key.sign(&with(claims(), "iss", json!("https://evil.example")));
+    let reply = get(&client, "/both/x", Some(&stranger), &[]).await;
+    assert_invalid_token(&reply, "an unknown issuer");
+    assert_eq!(up.hits(), hits, "a refused token reached the service");
+
+    // The system's own user: the `sub` alone, no issuer field, forged
+    // ones stripped.
+    let reply = get(&client, "/api/orders", Some(&own_token), &forged).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let h = &reply.json()["headers"];
+    assert_eq!(h["x-flotilla-user-id"], "user-1", "{h}");
+    assert!(h.get("x-flotilla-user-issuer").is_none(), "{h}");
+    assert!(h.get("x_flotilla_user_issuer").is_none(), "{h}");
+
+    // A route of both takes both, and `user-1` of each is a user of its
+    // own under `1/h per user`: one request each passes, the second of
+    // each is refused.
+    for (token, id) in [(&own_token, "user-1"), (&staff_token, "staff:user-1")] {
+        let reply = get(&client, "/both/x", Some(token), &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{id}: {reply:?}");
+        assert_eq!(reply.json()["headers"]["x-flotilla-user-id"], id);
+    }
+    for token in [&own_token, &staff_token] {
+        let reply = get(&client, "/both/x", Some(token), &[]).await;
+        assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS, "{reply:?}");
+    }
+    gateway.shutdown(T).await;
 }

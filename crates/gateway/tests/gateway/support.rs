@@ -454,7 +454,7 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
         static_dir: None,
         access_log: None,
         limits: Limits::default(),
-        jwt: None,
+        jwt: Vec::new(),
         cors: None,
         ip: None,
         rate_limit_backend: Default::default(),

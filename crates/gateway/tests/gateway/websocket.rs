@@ -630,11 +630,11 @@ impl JwtChat {
         let mut guarded = chat_route();
         guarded.auth = RouteAuth::jwt();
         let mut cfg = config(vec![guarded]);
-        cfg.jwt = Some(JwtConfig::new(
+        cfg.jwt = vec![JwtConfig::new(
             "test-issuer",
             vec!["shop".into()],
             ok(JwksSource::parse(&keys.url), "jwks url"),
-        ));
+        )];
         let (instance, gateway) = ws_gateway(cfg).await;
         let now = now();
         let token = signer.sign(&serde_json::json!({

@@ -12,11 +12,12 @@ use toml::Spanned;
 use super::Ctx;
 use crate::edge::{
     Affinity, ApiKeys, CacheStore, ClientAuth, Compression, Cors, HeaderChanges, HeaderDirection,
-    IpList, JwksSource, Jwt, MAX_RATE_LIMITS, RateLimit, RateLimitKey, RateLimitStore, RouteCache,
-    Tls, TlsCertificate, TlsVersion, is_origin, parse_net, reserved_header,
+    IpList, JwksSource, Jwt, MAX_JWT_ISSUERS, MAX_RATE_LIMITS, RateLimit, RateLimitKey,
+    RateLimitStore, RouteCache, Tls, TlsCertificate, TlsVersion, is_origin, parse_net,
+    reserved_header,
 };
 use crate::raw::{
-    RawApiKeys, RawCacheStore, RawCompression, RawCors, RawHeaderChanges, RawIp, RawJwt,
+    RawApiKeys, RawCacheStore, RawCompression, RawCors, RawHeaderChanges, RawIp, RawJwt, RawJwts,
     RawRateLimits, RawRouteCache, RawTls,
 };
 
@@ -26,8 +27,142 @@ const DEFAULT_CORS_METHODS: [&str; 5] = ["GET", "HEAD", "POST", "PUT", "DELETE"]
 /// A larger request body than this belongs in the object store.
 const MAX_BODY_LIMIT: i64 = 1 << 30;
 
-pub(super) fn jwt(ctx: &mut Ctx<'_>, raw: &Spanned<RawJwt>, declared: &[String]) -> Option<Jwt> {
-    let raw = raw.get_ref();
+/// `[gateway] jwt`: one issuer's table (its `name` optional, `default`),
+/// or an array of them, each named. Names and `iss` values are unique: a
+/// token is given to the issuer its `iss` names.
+pub(super) fn jwts(
+    ctx: &mut Ctx<'_>,
+    raw: &Spanned<RawJwts>,
+    declared: &[String],
+) -> Option<Vec<Jwt>> {
+    let span = raw.span();
+    let entries: Vec<(&RawJwt, std::ops::Range<usize>)> = match raw.get_ref() {
+        RawJwts::One(one) => vec![(one.as_ref(), span.clone())],
+        RawJwts::Many(many) => many.iter().map(|j| (j.get_ref(), j.span())).collect(),
+    };
+    let many = matches!(raw.get_ref(), RawJwts::Many(_));
+    if entries.is_empty() {
+        ctx.error(
+            span,
+            "`jwt` lists no issuer",
+            Some("give one: `jwt = { issuer = \"…\", audiences = [\"…\"], jwks = \"accounts:/.well-known/jwks.json\" }`, or remove `jwt`".into()),
+        );
+        return None;
+    }
+    if entries.len() > MAX_JWT_ISSUERS {
+        ctx.error(
+            span,
+            format!(
+                "`jwt` lists {} issuers; at most {MAX_JWT_ISSUERS}",
+                entries.len()
+            ),
+            Some("remove issuers no route takes".into()),
+        );
+        return None;
+    }
+    let before = ctx.errors.len();
+    let mut out: Vec<Jwt> = Vec::new();
+    for (entry, entry_span) in entries {
+        let name = match &entry.name {
+            Some(n) => {
+                let name = n.get_ref();
+                let ok = !name.is_empty()
+                    && name.len() <= 64
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+                if !ok {
+                    ctx.error(
+                        n.span(),
+                        format!("`{name}` cannot be an issuer's name"),
+                        Some("use up to 64 letters, digits, `-`, `_` and `.`, e.g. `name = \"staff\"`".into()),
+                    );
+                    continue;
+                }
+                if out.iter().any(|j| j.name == *name) {
+                    ctx.error(
+                        n.span(),
+                        format!("two issuers are named `{name}`"),
+                        Some("give each `[[gateway.jwt]]` a name of its own".into()),
+                    );
+                    continue;
+                }
+                name.clone()
+            }
+            None if many => {
+                ctx.error(
+                    entry_span,
+                    "an issuer of `[[gateway.jwt]]` has no `name`",
+                    Some("name each, e.g. `name = \"staff\"`: routes' `issuers` name the ones they take".into()),
+                );
+                continue;
+            }
+            None => "default".to_string(),
+        };
+        if let Some(other) = out.iter().find(|j| j.issuer == *entry.issuer.get_ref()) {
+            ctx.error(
+                entry.issuer.span(),
+                format!(
+                    "issuers `{}` and `{name}` both verify `iss = \"{}\"`",
+                    other.name,
+                    entry.issuer.get_ref()
+                ),
+                Some("a token goes to the one issuer its `iss` names: merge them, or give each its own `issuer`".into()),
+            );
+            continue;
+        }
+        if let Some(jwt) = jwt(ctx, entry, name, declared) {
+            out.push(jwt);
+        }
+    }
+    (ctx.errors.len() == before).then_some(out)
+}
+
+/// A route's `issuers`: names of `[gateway] jwt`'s issuers, at least one,
+/// each once.
+pub(super) fn route_issuers(
+    ctx: &mut Ctx<'_>,
+    raw: &Spanned<Vec<Spanned<String>>>,
+    known: &[String],
+) -> Option<Vec<String>> {
+    if raw.get_ref().is_empty() {
+        ctx.error(
+            raw.span(),
+            "`issuers` is empty: no token could pass",
+            Some(format!(
+                "name one or more of {}, or remove `issuers` to take `{}`'s",
+                quoted(known),
+                known.first().map_or("", String::as_str)
+            )),
+        );
+        return None;
+    }
+    let mut names: Vec<String> = Vec::new();
+    for name in raw.get_ref() {
+        if !known.contains(name.get_ref()) {
+            ctx.error(
+                name.span(),
+                format!("`{}` is not an issuer of `[gateway] jwt`", name.get_ref()),
+                Some(format!("name one of {}", quoted(known))),
+            );
+            return None;
+        }
+        if !names.contains(name.get_ref()) {
+            names.push(name.get_ref().clone());
+        }
+    }
+    Some(names)
+}
+
+fn quoted(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn jwt(ctx: &mut Ctx<'_>, raw: &RawJwt, name: String, declared: &[String]) -> Option<Jwt> {
     let before = ctx.errors.len();
     if raw.issuer.get_ref().trim().is_empty() {
         ctx.error(
@@ -98,6 +233,13 @@ pub(super) fn jwt(ctx: &mut Ctx<'_>, raw: &Spanned<RawJwt>, declared: &[String])
                 format!("`{claim}` cannot be a header name suffix"),
                 Some("use letters, digits, `_` and `-`".into()),
             );
+        } else if ["id", "issuer"].contains(&claim.to_ascii_lowercase().replace('_', "-").as_str())
+        {
+            ctx.error(
+                c.span(),
+                format!("`{claim}` would be `x-flotilla-user-{claim}`, which the gateway sets itself"),
+                Some("remove it: `x-flotilla-user-id` carries the `sub`, and `x-flotilla-user-issuer` the issuer's name".into()),
+            );
         } else {
             forward_claims.push(claim.to_ascii_lowercase());
         }
@@ -106,6 +248,7 @@ pub(super) fn jwt(ctx: &mut Ctx<'_>, raw: &Spanned<RawJwt>, declared: &[String])
         return None;
     }
     Some(Jwt {
+        name,
         issuer: raw.issuer.get_ref().clone(),
         audiences: raw.audiences.iter().map(|a| a.get_ref().clone()).collect(),
         jwks,

@@ -721,10 +721,134 @@ run = { cargo = "shop-orders" }
 routes = [{ path = "/api/orders/**", auth = "jwt", scopes = ["orders:write"], claims = { tier = ["gold", "silver"], email_verified = true, "realm_access.roles" = "buyer", level = 3 }, request_headers = { set = { "x-api-version" = " 2 " }, remove = ["cookie"] }, rate_limit = "20/s burst 40 per user", affinity = "user", ip = { deny = ["127.0.0.2"] }, max_body_bytes = 65536, max_in_flight = 64 }]
 "#;
 
+const ISSUERS: &str = r#"
+name = "shop"
+[[gateway.jwt]]
+name = "shop"
+issuer = "shop-accounts"
+audiences = ["shop"]
+jwks = "accounts:/.well-known/jwks.json"
+[[gateway.jwt]]
+name = "staff"
+issuer = "https://id.corp.example/realms/staff"
+audiences = ["shop-admin"]
+jwks = "https://id.corp.example/realms/staff/protocol/openid-connect/certs"
+forward_claims = ["email"]
+[services.accounts]
+run = { cargo = "shop-accounts" }
+routes = [
+  { path = "/api/accounts/me", auth = "jwt" },
+  { path = "/admin/accounts/**", auth = "jwt", issuers = ["staff"] },
+  { path = "/api/accounts/help", auth = "optional", issuers = ["staff", "shop", "staff"] },
+  { path = "/api/accounts/open", methods = ["GET"] },
+]
+"#;
+
+#[test]
+fn several_jwt_issuers_parse_and_routes_name_them() {
+    let m = parses(ISSUERS);
+    let names: Vec<&str> = m.gateway.jwt.iter().map(|j| j.name.as_str()).collect();
+    assert_eq!(names, ["shop", "staff"]);
+    assert_eq!(m.gateway.jwt[1].audiences, ["shop-admin"]);
+    assert_eq!(m.gateway.jwt[1].forward_claims, ["email"]);
+    let issuers: Vec<&[String]> = m.services["accounts"]
+        .routes
+        .iter()
+        .map(|r| r.issuers.as_slice())
+        .collect();
+    // None named: the first's; a name written twice counts once.
+    assert_eq!(
+        issuers,
+        [
+            &[][..],
+            &["staff".to_string()][..],
+            &["staff".to_string(), "shop".to_string()][..],
+            &[][..]
+        ]
+    );
+    // A lone table may leave its name out.
+    let one = parses(&EDGE.replacen("jwt = { issuer", "jwt = { name = \"own\", issuer", 1));
+    assert_eq!(one.gateway.jwt[0].name, "own");
+    assert_eq!(parses(EDGE).gateway.jwt[0].name, "default");
+    // The docs' example, with the service its first issuer's keys come from.
+    let documented = documented_examples("#### Several issuers");
+    assert_eq!(documented.len(), 1, "{documented:?}");
+    let m = parses(&format!(
+        "name = \"x\"\n{}\n[services.accounts]\nrun = {{ cargo = \"a\" }}\n",
+        documented[0]
+    ));
+    assert_eq!(m.gateway.jwt.len(), 2);
+    assert_eq!(m.services["catalog"].routes[1].issuers, ["staff"]);
+}
+
+#[test]
+fn several_jwt_issuers_errors_say_what_to_fix() {
+    for (from, to, expected) in [
+        (
+            "name = \"staff\"",
+            "name = \"shop\"",
+            "two issuers are named `shop`",
+        ),
+        (
+            "name = \"staff\"\n",
+            "",
+            "an issuer of `[[gateway.jwt]]` has no `name`",
+        ),
+        (
+            "name = \"staff\"",
+            "name = \"staff team\"",
+            "`staff team` cannot be an issuer's name",
+        ),
+        (
+            "issuer = \"https://id.corp.example/realms/staff\"",
+            "issuer = \"shop-accounts\"",
+            "issuers `shop` and `staff` both verify `iss = \"shop-accounts\"`",
+        ),
+        (
+            "issuers = [\"staff\"] }",
+            "issuers = [\"staf\"] }",
+            "`staf` is not an issuer of `[gateway] jwt`",
+        ),
+        (
+            "issuers = [\"staff\"] }",
+            "issuers = [] }",
+            "`issuers` is empty: no token could pass",
+        ),
+        (
+            "methods = [\"GET\"] }",
+            "methods = [\"GET\"], issuers = [\"staff\"] }",
+            "`issuers` need `auth = \"jwt\"` or `\"optional\"`",
+        ),
+        (
+            "forward_claims = [\"email\"]",
+            "forward_claims = [\"Issuer\"]",
+            "`Issuer` would be `x-flotilla-user-Issuer`, which the gateway sets itself",
+        ),
+        (
+            "forward_claims = [\"email\"]",
+            "forward_claim = [\"email\"]",
+            "forward_claim",
+        ),
+    ] {
+        assert!(ISSUERS.contains(from), "{from}");
+        let e = errors(&ISSUERS.replacen(from, to, 1));
+        assert!(e.contains(expected), "{from} -> {to}: {e}");
+    }
+    // The help names the issuers there are.
+    let e = errors(&ISSUERS.replacen("[\"staff\"] }", "[\"staf\"] }", 1));
+    assert!(e.contains("name one of `shop`, `staff`"), "{e}");
+    // An unknown key in the array's second table is pointed at where it is.
+    let e = errors(&ISSUERS.replacen("forward_claims =", "forward_claim =", 1));
+    assert!(e.contains("flotilla.toml:13:"), "{e}");
+    // Neither a table nor an array of them.
+    let e = errors(&EDGE.replacen("jwt = {", "jwt = \"shop\" # {", 1));
+    assert!(e.contains("an array of such tables"), "{e}");
+}
+
 #[test]
 fn edge_policies_parse() {
     let m = Manifest::parse(EDGE, Path::new("flotilla.toml")).unwrap();
-    let jwt = m.gateway.jwt.as_ref().unwrap();
+    let jwt = m.gateway.jwt.first().unwrap();
     assert_eq!(jwt.issuer, "shop-accounts");
     assert_eq!(
         jwt.jwks,
@@ -1121,13 +1245,20 @@ fn an_https_jwks_may_name_the_ca_it_chains_to_beside_the_manifest() {
     let https = "https://idp.example/.well-known/jwks.json";
     std::fs::write(&file, jwt(https, ", jwks_ca = \"idp-ca.pem\"")).unwrap();
     let m = Manifest::load(&file).unwrap();
-    let j = m.gateway.jwt.unwrap();
+    let j = m.gateway.jwt.into_iter().next().unwrap();
     assert_eq!(j.jwks, crate::JwksSource::Url(https.into()));
     assert_eq!(j.jwks_ca, Some(dir.path().join("idp-ca.pem")));
     // Without one, the machine's roots (`None`).
     std::fs::write(&file, jwt(https, "")).unwrap();
     assert_eq!(
-        Manifest::load(&file).unwrap().gateway.jwt.unwrap().jwks_ca,
+        Manifest::load(&file)
+            .unwrap()
+            .gateway
+            .jwt
+            .into_iter()
+            .next()
+            .unwrap()
+            .jwks_ca,
         None
     );
 
@@ -1173,7 +1304,7 @@ fn the_documented_jwt_examples_parse() {
         )
         .unwrap();
         let m = Manifest::load(&file).unwrap_or_else(|e| panic!("{e}\n{example}"));
-        let jwt = m.gateway.jwt.unwrap();
+        let jwt = m.gateway.jwt.into_iter().next().unwrap();
         sources.push((jwt.jwks, jwt.jwks_ca));
     }
     assert!(matches!(&sources[1], (crate::JwksSource::Url(u), None) if u.starts_with("https://")));
