@@ -24,10 +24,10 @@ use std::net::IpAddr;
 
 use flotilla_manifest::Affinity;
 use foldhash::quality::FixedState;
-use http::header::COOKIE;
 use http::{HeaderMap, HeaderValue};
 use rand::RngCore;
 
+use crate::headers;
 use crate::ip;
 use crate::jwt::Identity;
 
@@ -73,7 +73,7 @@ pub(crate) fn sticky(
         Affinity::Header(name) => {
             crate::jwt::request_field(headers, identity, name).map_or(none, |v| keyed(v.as_bytes()))
         }
-        Affinity::Cookie(name) => match cookie(headers, name) {
+        Affinity::Cookie(name) => match headers::cookie(headers, name) {
             Some(value) => keyed(value),
             None => {
                 let value = new_cookie_value();
@@ -94,28 +94,6 @@ fn new_cookie_value() -> String {
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
     hex::encode(bytes)
-}
-
-/// The value of the cookie `name` among the request's `Cookie` fields
-/// (HTTP/2 clients may send one field per cookie), without the quotes
-/// RFC 6265 allows around it. Empty values count as none.
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
-    headers.get_all(COOKIE).iter().find_map(|field| {
-        field.as_bytes().split(|b| *b == b';').find_map(|pair| {
-            let pair = pair.trim_ascii();
-            let eq = pair.iter().position(|b| *b == b'=')?;
-            let (n, v) = (&pair[..eq], &pair[eq + 1..]);
-            if n.trim_ascii() != name.as_bytes() {
-                return None;
-            }
-            let v = v.trim_ascii();
-            let v = v
-                .strip_prefix(b"\"")
-                .and_then(|v| v.strip_suffix(b"\""))
-                .unwrap_or(v);
-            (!v.is_empty()).then_some(v)
-        })
-    })
 }
 
 fn key_hash(bytes: &[u8]) -> u64 {
@@ -148,22 +126,6 @@ mod tests {
     /// The instance of `names` a key goes to.
     fn owner<'a>(key: u64, names: &[&'a str]) -> &'a str {
         names.iter().copied().max_by_key(|n| score(key, n)).unwrap()
-    }
-
-    #[test]
-    fn cookies_are_found_by_exact_name_in_any_field() {
-        let h = headers(&[
-            ("cookie", "theme=dark; sticky=abc"),
-            ("cookie", "Sticky=other"),
-        ]);
-        assert_eq!(cookie(&h, "sticky"), Some(&b"abc"[..]));
-        assert_eq!(cookie(&h, "Sticky"), Some(&b"other"[..]));
-        assert_eq!(cookie(&h, "stick"), None);
-        let h = headers(&[("cookie", "a=1;sticky=\"q\" ; b=2")]);
-        assert_eq!(cookie(&h, "sticky"), Some(&b"q"[..]));
-        // A value that is empty, or no value at all, is no key.
-        let h = headers(&[("cookie", "sticky=; sticky")]);
-        assert_eq!(cookie(&h, "sticky"), None);
     }
 
     #[test]

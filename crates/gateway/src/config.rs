@@ -316,6 +316,10 @@ pub enum ConfigError {
     JwtName(String),
     #[error("two jwt issuers verify `iss = \"{0}\"`; a token goes to the one its `iss` names")]
     JwtIssuerRepeated(String),
+    #[error(
+        "jwt.cookie `{0}` cannot be a cookie's name; use letters, digits and `!#$%&'*+-.^_`|~`"
+    )]
+    JwtCookie(String),
     #[error("jwt lists more than {MAX_JWT_ISSUERS} issuers")]
     JwtTooMany,
     #[error(
@@ -425,6 +429,11 @@ impl Config {
                 .find(|c| claim_header(c).is_none() || *c == "id" || *c == "issuer")
             {
                 return Err(ConfigError::JwtForwardClaim(bad.clone()));
+            }
+            if let Some(cookie) = &jwt.cookie
+                && !flotilla_manifest::is_token(cookie)
+            {
+                return Err(ConfigError::JwtCookie(cookie.clone()));
             }
             if jwt.max_token_bytes < 256 {
                 return Err(ConfigError::JwtMaxTokenBytes);
@@ -654,6 +663,7 @@ impl Config {
                     config.refresh_interval = j.refresh;
                     config.jwks_ca = j.jwks_ca.clone();
                     config.forward_claims = j.forward_claims.clone();
+                    config.cookie = j.cookie.clone();
                     Some(config)
                 })
                 .collect::<Option<Vec<_>>>()
@@ -907,6 +917,10 @@ routes = [
         refused(
             &|c| c.jwt[0].forward_claims = vec!["issuer".into()],
             "jwt.forward_claims has `issuer`",
+        );
+        refused(
+            &|c| c.jwt[0].cookie = Some("access token".into()),
+            "jwt.cookie `access token` cannot be a cookie's name",
         );
         refused(
             &|c| {

@@ -189,6 +189,12 @@ impl CorsPolicy {
         })
     }
 
+    /// Whether a page of `origin` may send its cookies here: the policy
+    /// admits it with `credentials` (never with `*`: validated).
+    pub(crate) fn admits_credentials(&self, origin: &HeaderValue) -> bool {
+        self.credentials && self.origin_allowed(origin)
+    }
+
     fn origin_allowed(&self, origin: &HeaderValue) -> bool {
         self.any_origin || origin.to_str().is_ok_and(|o| self.origins.contains(o))
     }

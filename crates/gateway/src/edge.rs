@@ -825,10 +825,32 @@ async fn police<'a>(
         }
     } else if !matches!(policy.auth, RouteAuth::Public) {
         // Validation guarantees a verifier for every jwt and optional route.
-        let result = routing
+        let mut result = routing
             .jwt
             .authenticate(req.headers(), policy.issuers)
             .await;
+        if matches!(result, Err(jwt::AuthError::Missing))
+            && let Some(token) = routing.jwt.cookie_token(req.headers(), policy.issuers)
+        {
+            let optional = matches!(policy.auth, RouteAuth::Optional);
+            if !cookie_allowed(req, finish.out.cors.as_deref()) {
+                // On an optional route a cookie the browser sent on
+                // another site's behalf leaves the caller anonymous, as
+                // without one.
+                if !optional {
+                    stats::auth_failed(label, "cross_site");
+                    return Err(Rejection::CrossSiteToken);
+                }
+            } else {
+                // Boxed: few routes read cookies, and every request's
+                // future would otherwise grow by this path's.
+                match Box::pin(routing.jwt.identify(token, policy.issuers)).await {
+                    // ... and so does a stale one there.
+                    Err(_) if optional => {}
+                    other => result = other,
+                }
+            }
+        }
         let result = result.and_then(|id| jwt::authorize(&id, &policy.auth).map(|()| id));
         match result {
             // No bearer token on an optional route: an anonymous caller
@@ -882,6 +904,14 @@ async fn police<'a>(
         }
     }
     Ok(identity)
+}
+
+/// Whether `req` may be acted on with a token from its cookies
+/// ([`jwt::cookie`]), under `cors`, its route's CORS policy.
+#[cold]
+fn cookie_allowed(req: &Request<Body>, cors: Option<&CorsPolicy>) -> bool {
+    let websocket = req.extensions().get::<WebSocket>().is_some();
+    jwt::cookie::same_site(req.method(), req.uri(), req.headers(), websocket, cors)
 }
 
 /// Longer header values are hashed, so a key costs bounded memory.

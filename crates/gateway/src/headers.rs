@@ -626,10 +626,55 @@ fn is_space_or_visible_ascii(bytes: &[u8]) -> bool {
     words.remainder().iter().all(|b| (0x20..0x7f).contains(b))
 }
 
+/// The value of the cookie `name` among the request's `Cookie` fields
+/// (HTTP/2 clients may send one field per cookie), without the quotes
+/// RFC 6265 allows around it. Empty values count as none.
+pub(crate) fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a [u8]> {
+    headers.get_all(header::COOKIE).iter().find_map(|field| {
+        field.as_bytes().split(|b| *b == b';').find_map(|pair| {
+            let pair = pair.trim_ascii();
+            let eq = pair.iter().position(|b| *b == b'=')?;
+            let (n, v) = (&pair[..eq], &pair[eq + 1..]);
+            if n.trim_ascii() != name.as_bytes() {
+                return None;
+            }
+            let v = v.trim_ascii();
+            let v = v
+                .strip_prefix(b"\"")
+                .and_then(|v| v.strip_suffix(b"\""))
+                .unwrap_or(v);
+            (!v.is_empty()).then_some(v)
+        })
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use http::HeaderMap;
+
+    #[test]
+    fn cookies_are_found_by_exact_name_in_any_field() {
+        let headers = |fields: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in fields {
+                h.append(*n, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let h = headers(&[
+            ("cookie", "theme=dark; sticky=abc"),
+            ("cookie", "Sticky=other"),
+        ]);
+        assert_eq!(cookie(&h, "sticky"), Some(&b"abc"[..]));
+        assert_eq!(cookie(&h, "Sticky"), Some(&b"other"[..]));
+        assert_eq!(cookie(&h, "stick"), None);
+        let h = headers(&[("cookie", "a=1;sticky=\"q\" ; b=2")]);
+        assert_eq!(cookie(&h, "sticky"), Some(&b"q"[..]));
+        // A value that is empty, or no value at all, is no key.
+        let h = headers(&[("cookie", "sticky=; sticky")]);
+        assert_eq!(cookie(&h, "sticky"), None);
+    }
 
     #[test]
     fn has_byte_finds_a_byte_anywhere() {

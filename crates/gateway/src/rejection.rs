@@ -75,6 +75,10 @@ pub(crate) enum Rejection {
     /// failed beyond that.
     #[error("{}", key_message(.error, .header))]
     ApiKey { error: KeyError, header: HeaderName },
+    #[error(
+        "a token from a cookie is taken on this request only from this site, or from an origin the CORS policy admits with credentials; send it in `Authorization: Bearer` instead"
+    )]
+    CrossSiteToken,
     #[error("too many requests; retry later")]
     RateLimited,
     #[error("the request body is larger than the limit of {limit} bytes")]
@@ -130,6 +134,7 @@ impl Rejection {
                 ..
             } => StatusCode::FORBIDDEN,
             Rejection::ApiKey { .. } => StatusCode::UNAUTHORIZED,
+            Rejection::CrossSiteToken => StatusCode::FORBIDDEN,
             Rejection::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Rejection::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::Overloaded
@@ -157,6 +162,7 @@ impl Rejection {
             Rejection::Auth(AuthError::Invalid(_)) => "invalid_token",
             Rejection::Auth(AuthError::Forbidden { .. }) => "insufficient_scope",
             Rejection::ApiKey { error, .. } => error.reason(),
+            Rejection::CrossSiteToken => "cross_site_request",
             Rejection::RateLimited => "rate_limited",
             Rejection::PayloadTooLarge { .. } => "payload_too_large",
             Rejection::Overloaded => "overloaded",

@@ -167,6 +167,17 @@ pub fn reserved_header(name: &str, direction: HeaderDirection) -> Option<&'stati
     None
 }
 
+/// A `tchar` of RFC 9110 §5.6.2, the bytes a field name is made of.
+pub(crate) fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Whether `s` is a token (RFC 9110 §5.6.2): what a field's name, or a
+/// cookie's (RFC 6265 §4.1.1), may be.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(is_token_byte)
+}
+
 /// The most issuers `[gateway] jwt` may list (the gateway keeps the ones a
 /// route takes as the bits of a 16-bit word).
 pub const MAX_JWT_ISSUERS: usize = 16;
@@ -192,6 +203,9 @@ pub struct Jwt {
     pub refresh: Duration,
     /// Claims forwarded to services as `x-flotilla-user-<claim>`.
     pub forward_claims: Vec<String>,
+    /// A cookie the token may come in, when a request has no
+    /// `Authorization: Bearer`.
+    pub cookie: Option<String>,
 }
 
 /// Where a JWKS is fetched from.

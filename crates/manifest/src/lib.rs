@@ -25,7 +25,7 @@ pub use edge::{
     GatewayLimits, HOP_BY_HOP, HeaderChanges, HeaderDirection, IpList, IpNet, IpNetParseError,
     JwksSource, Jwt, MAX_JWT_ISSUERS, MAX_RATE_LIMITS, OutlierDetection, RateLimit, RateLimitKey,
     RateLimitParseError, RateLimitStore, Retries, RouteCache, Tls, TlsCertificate, TlsVersion,
-    parse_net, parse_nets, reserved_header,
+    is_token, parse_net, parse_nets, reserved_header,
 };
 pub use events::{
     Broker, BrokerDurability, BrokerEngine, Deliver, Queue, Stream, StreamSource, Subscribe, Topic,

@@ -150,6 +150,7 @@ pub(crate) struct RawJwt {
     pub jwks_ca: Option<Spanned<String>>,
     pub refresh: Option<Spanned<String>>,
     pub forward_claims: Option<Vec<Spanned<String>>>,
+    pub cookie: Option<Spanned<String>>,
 }
 
 /// `jwt`: one issuer's table, or an array of them (`[[gateway.jwt]]`).

@@ -31,6 +31,7 @@
 //! `error="insufficient_scope"`; the reason goes to metrics and the debug
 //! log, never to the client.
 
+pub(crate) mod cookie;
 pub(crate) mod jwks;
 pub(crate) mod jws;
 
@@ -86,6 +87,10 @@ pub struct JwtConfig {
     pub leeway: Duration,
     /// Larger tokens are refused unread (default 8 KiB).
     pub max_token_bytes: usize,
+    /// A cookie the token may come in when a request has no
+    /// `Authorization: Bearer` (see [`cookie`]: honoured on requests that
+    /// could change something only from this site).
+    pub cookie: Option<String>,
     /// Claims forwarded to services as `x-flotilla-user-<claim>` (lower
     /// case, `_` as `-`), besides `sub` as `x-flotilla-user-id`. Strings go
     /// as they are, numbers and booleans as JSON, arrays of strings joined
@@ -106,6 +111,7 @@ impl JwtConfig {
             refetch_min_interval: Duration::from_secs(10),
             leeway: Duration::from_secs(60),
             max_token_bytes: 8 * 1024,
+            cookie: None,
             forward_claims: Vec::new(),
         }
     }
@@ -555,6 +561,28 @@ impl Verifiers {
         accepted: Issuers,
     ) -> Result<Arc<Identity>, AuthError> {
         let token = bearer(headers)?;
+        self.identify(token, accepted).await
+    }
+
+    /// The token in the first cookie an `accepted` issuer reads tokens
+    /// from (`cookie`), if the request has one.
+    pub(crate) fn cookie_token<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        accepted: Issuers,
+    ) -> Option<&'a [u8]> {
+        self.0.iter().enumerate().find_map(|(i, v)| {
+            let name = v.config.cookie.as_deref().filter(|_| accepted.has(i))?;
+            crate::headers::cookie(headers, name)
+        })
+    }
+
+    /// The caller `token` names, if one of `accepted` issued it.
+    pub(crate) async fn identify(
+        &self,
+        token: &[u8],
+        accepted: Issuers,
+    ) -> Result<Arc<Identity>, AuthError> {
         let now = unix_now();
         // One cache lookup for a route of one issuer, the usual case.
         for (i, verifier) in self.0.iter().enumerate() {

@@ -719,3 +719,106 @@ async fn several_issuers_each_for_the_routes_that_name_it() {
     }
     gateway.shutdown(T).await;
 }
+
+/// A token in an `HttpOnly` cookie (`jwt.cookie`), as a browser app keeps
+/// it: taken when there is no `Authorization`, but on a request that could
+/// change something only from this site or an origin the CORS policy
+/// admits with credentials. Another site's page, which the browser sends
+/// the cookie from all the same, gets 403 `cross_site_request` on a `jwt`
+/// route and is anonymous on an `optional` one.
+#[tokio::test]
+async fn a_token_in_a_cookie_acts_only_for_this_site() {
+    let key = Signer::ed25519("cookie-1");
+    let registry = Registry::new();
+    let up = Upstream::start("cookies-0").await;
+    registry.set("cookies", vec![up.endpoint()]);
+    let keys = JwksServer::start(jwks(&[&key])).await;
+    let mut api = route("cookies", "/api/**", &[], T);
+    api.auth = RouteAuth::jwt();
+    let mut feed = route("cookies", "/feed/**", &[], T);
+    feed.auth = RouteAuth::Optional;
+    let mut cfg = config(vec![api, feed]);
+    let mut jwt = jwt_config(&keys);
+    jwt.cookie = Some("at".into());
+    cfg.jwt = vec![jwt];
+    cfg.cors = Some(flotilla_gateway::CorsConfig {
+        origins: vec!["https://app.example".into()],
+        credentials: true,
+        ..Default::default()
+    });
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    let own = format!("http://{}", gateway.local_addr());
+    let token = key.sign(&claims());
+    let cookie = format!("theme=dark; at={token}");
+    let send = |method: Method, path: &'static str, fields: Vec<(&'static str, String)>| {
+        let client = &client;
+        async move {
+            let fields: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            client.request(method, path, &fields, Bytes::new()).await
+        }
+    };
+    let with_cookie = |more: &[(&'static str, &str)]| {
+        let mut fields = vec![("cookie", cookie.clone())];
+        fields.extend(more.iter().map(|(n, v)| (*n, v.to_string())));
+        fields
+    };
+
+    // A read, from anywhere: the cookie's user.
+    let reply = send(Method::GET, "/api/orders", with_cookie(&[])).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.json()["headers"]["x-flotilla-user-id"], "user-1");
+    // A change from this site, or from the front end CORS trusts with
+    // credentials, or typed by the user (no `Origin`, `Sec-Fetch-Site:
+    // none`): the cookie's user.
+    for more in [
+        vec![("origin", own.as_str())],
+        vec![("origin", "https://app.example")],
+        vec![("sec-fetch-site", "none")],
+    ] {
+        let reply = send(Method::POST, "/api/orders", with_cookie(&more)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{more:?}: {reply:?}");
+        assert_eq!(reply.json()["headers"]["x-flotilla-user-id"], "user-1");
+    }
+    // A change from another site's page, or with nothing to say where it
+    // comes from: refused before the service.
+    for more in [
+        vec![("origin", "https://evil.example")],
+        vec![("origin", "null")],
+        vec![("sec-fetch-site", "cross-site")],
+        vec![],
+    ] {
+        let hits = up.hits();
+        let reply = send(Method::POST, "/api/orders", with_cookie(&more)).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{more:?}: {reply:?}");
+        assert_eq!(reply.json()["error"]["code"], "cross_site_request");
+        assert_eq!(up.hits(), hits, "{more:?}: a refused request came");
+        // On an optional route the caller is anonymous instead.
+        let reply = send(Method::POST, "/feed/like", with_cookie(&more)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{more:?}: {reply:?}");
+        assert!(reply.json()["headers"].get("x-flotilla-user-id").is_none());
+    }
+    // The same request with the token in `Authorization`: no other site
+    // can put it there, so it passes whatever the origin.
+    let bearer = format!("Bearer {token}");
+    let fields = vec![
+        ("origin", "https://evil.example".to_string()),
+        ("authorization", bearer.clone()),
+    ];
+    let reply = send(Method::POST, "/api/orders", fields).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    // A bad cookie: 401 on a jwt route, anonymous on an optional one; and
+    // `Authorization`, when there is one, is the token, not the cookie.
+    let stale = key.sign(&with(claims(), "exp", json!(now() - 120)));
+    let fields = vec![("cookie", format!("at={stale}"))];
+    let reply = send(Method::GET, "/api/orders", fields.clone()).await;
+    assert_invalid_token(&reply, "an expired token in the cookie");
+    let reply = send(Method::GET, "/feed/today", fields.clone()).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert!(reply.json()["headers"].get("x-flotilla-user-id").is_none());
+    let mut both = fields;
+    both.push(("authorization", bearer));
+    let reply = send(Method::GET, "/api/orders", both).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    gateway.shutdown(T).await;
+}

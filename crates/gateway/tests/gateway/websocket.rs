@@ -630,11 +630,13 @@ impl JwtChat {
         let mut guarded = chat_route();
         guarded.auth = RouteAuth::jwt();
         let mut cfg = config(vec![guarded]);
-        cfg.jwt = vec![JwtConfig::new(
+        let mut jwt = JwtConfig::new(
             "test-issuer",
             vec!["shop".into()],
             ok(JwksSource::parse(&keys.url), "jwks url"),
-        )];
+        );
+        jwt.cookie = Some("at".into());
+        cfg.jwt = vec![jwt];
         let (instance, gateway) = ws_gateway(cfg).await;
         let now = now();
         let token = signer.sign(&serde_json::json!({
@@ -688,6 +690,44 @@ async fn a_browser_can_send_its_bearer_token_as_a_subprotocol() {
     assert_eq!(head["sec-websocket-protocol"], "chat");
     assert_eq!(head["authorization"], format!("Bearer {token}").as_str());
     gateway.shutdown(Duration::ZERO).await;
+}
+
+/// A token in a cookie opens a tunnel only from this site: the handshake
+/// is a GET, but the tunnel then acts for the user, and a browser sends
+/// the cookie with another site's page's handshake too (cross-site
+/// WebSocket hijacking).
+#[tokio::test]
+async fn a_token_in_a_cookie_opens_a_tunnel_only_from_this_site() {
+    let mut chat = JwtChat::start().await;
+    let gateway = &chat.gateway;
+    let cookie = format!("at={}", chat.token);
+    let res = refused(
+        gateway,
+        "/ws/room",
+        &[("cookie", &cookie), ("origin", "https://evil.example")],
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let body = res.body().clone().unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&body).contains("cross_site_request"),
+        "{res:?}"
+    );
+    let own = format!("http://{}", gateway.local_addr());
+    let (mut ws, _) = ok(
+        connect_with(
+            gateway,
+            "/ws/room",
+            &[("cookie", &cookie), ("origin", &own)],
+        )
+        .await,
+        "handshake",
+    );
+    assert_eq!(next(&mut ws).await, Message::text("welcome"));
+    // The refused handshake never reached it: this is its first.
+    let head = chat.instance.next_head().await;
+    assert_eq!(head["x-flotilla-user-id"], "user-7");
+    chat.gateway.shutdown(Duration::ZERO).await;
 }
 
 /// Serves a test page (`/`) to headless Chromium, and holds the page's

@@ -13,8 +13,8 @@ use super::Ctx;
 use crate::edge::{
     Affinity, ApiKeys, CacheStore, ClientAuth, Compression, Cors, HeaderChanges, HeaderDirection,
     IpList, JwksSource, Jwt, MAX_JWT_ISSUERS, MAX_RATE_LIMITS, RateLimit, RateLimitKey,
-    RateLimitStore, RouteCache, Tls, TlsCertificate, TlsVersion, is_origin, parse_net,
-    reserved_header,
+    RateLimitStore, RouteCache, Tls, TlsCertificate, TlsVersion, is_origin, is_token,
+    is_token_byte, parse_net, reserved_header,
 };
 use crate::raw::{
     RawApiKeys, RawCacheStore, RawCompression, RawCors, RawHeaderChanges, RawIp, RawJwt, RawJwts,
@@ -244,11 +244,26 @@ fn jwt(ctx: &mut Ctx<'_>, raw: &RawJwt, name: String, declared: &[String]) -> Op
             forward_claims.push(claim.to_ascii_lowercase());
         }
     }
+    let cookie = raw.cookie.as_ref().and_then(|c| {
+        if is_token(c.get_ref()) {
+            return Some(c.get_ref().clone());
+        }
+        ctx.error(
+            c.span(),
+            format!("`{}` cannot be a cookie's name", c.get_ref()),
+            Some(
+                "use letters, digits and `!#$%&'*+-.^_`|~`, e.g. `cookie = \"access_token\"`"
+                    .into(),
+            ),
+        );
+        None
+    });
     if ctx.errors.len() != before {
         return None;
     }
     Some(Jwt {
         name,
+        cookie,
         issuer: raw.issuer.get_ref().clone(),
         audiences: raw.audiences.iter().map(|a| a.get_ref().clone()).collect(),
         jwks,
@@ -1027,11 +1042,6 @@ pub(super) fn header_changes(
     changes.set.sort();
     changes.add.sort();
     (ctx.errors.len() == before).then_some(changes)
-}
-
-/// A `tchar` of RFC 9110 §5.6.2, the bytes a field name is made of.
-fn is_token_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// `[gateway.compression]`: each key in range, each type a media type

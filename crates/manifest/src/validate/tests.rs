@@ -734,6 +734,7 @@ issuer = "https://id.corp.example/realms/staff"
 audiences = ["shop-admin"]
 jwks = "https://id.corp.example/realms/staff/protocol/openid-connect/certs"
 forward_claims = ["email"]
+cookie = "staff_at"
 [services.accounts]
 run = { cargo = "shop-accounts" }
 routes = [
@@ -751,6 +752,8 @@ fn several_jwt_issuers_parse_and_routes_name_them() {
     assert_eq!(names, ["shop", "staff"]);
     assert_eq!(m.gateway.jwt[1].audiences, ["shop-admin"]);
     assert_eq!(m.gateway.jwt[1].forward_claims, ["email"]);
+    assert_eq!(m.gateway.jwt[1].cookie.as_deref(), Some("staff_at"));
+    assert_eq!(m.gateway.jwt[0].cookie, None);
     let issuers: Vec<&[String]> = m.services["accounts"]
         .routes
         .iter()
@@ -828,6 +831,11 @@ fn several_jwt_issuers_errors_say_what_to_fix() {
             "forward_claims = [\"email\"]",
             "forward_claim = [\"email\"]",
             "forward_claim",
+        ),
+        (
+            "cookie = \"staff_at\"",
+            "cookie = \"staff at\"",
+            "`staff at` cannot be a cookie's name",
         ),
     ] {
         assert!(ISSUERS.contains(from), "{from}");
@@ -1309,6 +1317,13 @@ fn the_documented_jwt_examples_parse() {
     }
     assert!(matches!(&sources[1], (crate::JwksSource::Url(u), None) if u.starts_with("https://")));
     assert_eq!(sources[2].1, Some(dir.path().join("certs/corp-ca.pem")));
+    let cookie = documented_examples("#### Tokens in a cookie");
+    assert_eq!(cookie.len(), 1, "{cookie:?}");
+    let m = parses(&format!(
+        "name = \"x\"\n[gateway]\n{}\n[services.accounts]\nrun = {{ cargo = \"a\" }}\n",
+        cookie[0]
+    ));
+    assert_eq!(m.gateway.jwt[0].cookie.as_deref(), Some("access_token"));
 }
 
 #[test]

@@ -1,0 +1,155 @@
+//! Access tokens in a cookie (`[gateway] jwt` `cookie`), as Envoy's
+//! `from_cookies` and Kong's `cookie_names` read them: a browser app that
+//! keeps its token in an `HttpOnly` cookie, out of reach of any script a
+//! cross-site scripting bug lets in.
+//!
+//! A browser sends cookies with requests that other sites make it send,
+//! which a bearer header never is: cross-site request forgery. So a token
+//! read from a cookie identifies the caller of a request that could change
+//! something (any method but GET, HEAD and OPTIONS, and a WebSocket
+//! handshake, whose tunnel then acts for the user) only if the request
+//! comes from this site, as Envoy's CSRF filter and OWASP's origin check
+//! decide it:
+//!
+//! - `Origin` names the host the request is for (its `Host`, or HTTP/2's
+//!   `:authority`), or an origin the route's CORS policy admits with
+//!   credentials (a front end on another origin that the system trusts);
+//! - without `Origin` (which browsers send on every cross-origin request
+//!   that could change something), `Sec-Fetch-Site: same-origin` or `none`
+//!   (typed by the user), which no script can set;
+//! - without either, a `Referer` from the same host.
+//!
+//! Anything else, `Origin: null` included, is refused: a client that is
+//! not a browser sends its token in `Authorization`, where no other site
+//! can put it.
+
+use http::header::{HOST, ORIGIN, REFERER};
+use http::{HeaderMap, Method, Uri};
+
+use crate::cors::CorsPolicy;
+
+/// Whether a request may be acted on with a token from its cookies (see
+/// the module doc): always for a read, and for anything else only from
+/// this site or an origin `cors` admits with credentials.
+pub(crate) fn same_site(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    websocket: bool,
+    cors: Option<&CorsPolicy>,
+) -> bool {
+    let reads = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
+    if reads && !websocket {
+        return true;
+    }
+    // The host the request is for: HTTP/2's `:authority`, else `Host`.
+    let host = uri
+        .authority()
+        .map(|a| a.as_str().as_bytes())
+        .or_else(|| headers.get(HOST).map(|h| h.as_bytes()));
+    let Some(host) = host else {
+        return false;
+    };
+    let mut origins = headers.get_all(ORIGIN).iter();
+    if let Some(origin) = origins.next() {
+        return origins.next().is_none()
+            && (authority(origin.as_bytes()).is_some_and(|a| a.eq_ignore_ascii_case(host))
+                || cors.is_some_and(|c| c.admits_credentials(origin)));
+    }
+    match headers.get("sec-fetch-site").map(|v| v.as_bytes()) {
+        Some(b"same-origin" | b"none") => return true,
+        Some(_) => return false,
+        None => {}
+    }
+    headers
+        .get(REFERER)
+        .and_then(|r| authority(r.as_bytes()))
+        .is_some_and(|a| a.eq_ignore_ascii_case(host))
+}
+
+/// The `host[:port]` of an origin or an absolute URL (`scheme://host...`);
+/// `None` for `null` and anything that is not one.
+fn authority(url: &[u8]) -> Option<&[u8]> {
+    let at = url.windows(3).position(|w| w == b"://")?;
+    let scheme = &url[..at];
+    if !matches!(scheme, b"http" | b"https" | b"ws" | b"wss") {
+        return None;
+    }
+    let rest = &url[at + 3..];
+    let end = rest
+        .iter()
+        .position(|b| matches!(b, b'/' | b'?' | b'#'))
+        .unwrap_or(rest.len());
+    let authority = &rest[..end];
+    // Userinfo would make `https://shop.example@evil.example` look like
+    // the shop.
+    (!authority.is_empty() && !authority.contains(&b'@')).then_some(authority)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(fields: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in fields {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn only_reads_or_requests_from_this_site_may_use_a_cookie_token() {
+        let uri: Uri = "/api/orders".parse().unwrap();
+        let check = |method: Method, fields: &[(&'static str, &'static str)]| {
+            same_site(&method, &uri, &headers(fields), false, None)
+        };
+        let host = ("host", "shop.example:8443");
+        // Reads, whoever asks.
+        assert!(check(
+            Method::GET,
+            &[host, ("origin", "https://evil.example")]
+        ));
+        // Anything else from this site.
+        for ok in [
+            vec![host, ("origin", "https://shop.example:8443")],
+            vec![host, ("origin", "http://SHOP.example:8443")],
+            vec![host, ("sec-fetch-site", "same-origin")],
+            vec![host, ("sec-fetch-site", "none")],
+            vec![host, ("referer", "https://shop.example:8443/cart?x=1")],
+        ] {
+            assert!(check(Method::POST, &ok), "{ok:?}");
+        }
+        // ... and from nowhere else.
+        for refused in [
+            vec![host],
+            vec![host, ("origin", "https://evil.example")],
+            vec![host, ("origin", "https://shop.example")],
+            vec![host, ("origin", "null")],
+            vec![host, ("origin", "https://shop.example:8443@evil.example")],
+            vec![
+                host,
+                ("origin", "https://shop.example:8443"),
+                ("origin", "https://evil.example"),
+            ],
+            vec![host, ("sec-fetch-site", "cross-site")],
+            vec![
+                host,
+                ("sec-fetch-site", "same-site"),
+                ("referer", "https://shop.example:8443/"),
+            ],
+            vec![host, ("referer", "https://evil.example/shop.example:8443")],
+            vec![("origin", "https://shop.example:8443")],
+        ] {
+            assert!(!check(Method::DELETE, &refused), "{refused:?}");
+        }
+        // A WebSocket handshake is a GET, and acts for the user after it.
+        let evil = headers(&[host, ("origin", "https://evil.example")]);
+        assert!(!same_site(&Method::GET, &uri, &evil, true, None));
+        // HTTP/2's `:authority` names the host.
+        let h2: Uri = "https://shop.example:8443/api/orders".parse().unwrap();
+        let own = headers(&[("origin", "https://shop.example:8443")]);
+        assert!(same_site(&Method::POST, &h2, &own, false, None));
+    }
+}
