@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use http::{Method, Request, StatusCode, Uri};
+use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use serde::Serialize;
@@ -33,6 +33,7 @@ use crate::Error;
 use crate::body::{self, Body};
 use crate::edge::Served;
 use crate::proxy::Upstream;
+use crate::rejection::Refusal;
 use crate::request_id::RequestId;
 use crate::routes::Route;
 use crate::stats;
@@ -235,6 +236,8 @@ impl AccessLog {
                 uri: req.uri().clone(),
                 client: peer,
                 trace_id: crate::trace::kept(req.headers()).and_then(crate::trace::trace_id_of),
+                user: None,
+                refusal: None,
             }),
             route: None,
             upstream: None,
@@ -275,6 +278,10 @@ struct Told {
     /// The trace it is in: the client's kept `traceparent`'s, else the one
     /// the edge started (`Served::trace`).
     trace_id: Option<[u8; 32]>,
+    /// The verified caller (`x-flotilla-user-id`), if it has one.
+    user: Option<HeaderValue>,
+    /// Why the gateway answered it itself, if it did.
+    refusal: Option<Refusal>,
 }
 
 #[derive(Serialize)]
@@ -294,6 +301,15 @@ struct Line<'a> {
     /// Only on routes with a cache.
     #[serde(skip_serializing_if = "Option::is_none")]
     cache: Option<&'a str>,
+    /// The verified caller, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+    /// The `error.code` of an answer the gateway made itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    /// Why a credential was refused (`expired`, `bad_signature`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
     status: u16,
     duration_ms: f64,
     bytes: u64,
@@ -304,14 +320,28 @@ impl Entry {
         &self.request_id
     }
 
+    /// Whether a line will be written for it: what only a line needs is
+    /// gathered only then.
+    pub(crate) fn logs(&self) -> bool {
+        self.request.is_some()
+    }
+
     /// The response is ready: its status, the route it was matched to and
-    /// the instance that answered, if any.
-    pub(crate) fn responded(&mut self, status: StatusCode, served: Served) {
+    /// the instance that answered, if any, and why the gateway answered it
+    /// itself, if it did.
+    pub(crate) fn responded(
+        &mut self,
+        status: StatusCode,
+        served: Served,
+        refusal: Option<Refusal>,
+    ) {
         self.status = status;
         self.route = served.split.or(served.route);
         self.upstream = served.upstream;
         self.cache = served.cache;
         if let Some(told) = &mut self.request {
+            told.user = served.user;
+            told.refusal = refusal;
             if let Some(client) = served.client {
                 told.client = client;
             }
@@ -339,6 +369,8 @@ impl Drop for Entry {
             uri,
             client,
             trace_id,
+            user,
+            refusal,
         }) = &self.request
         else {
             return;
@@ -356,6 +388,11 @@ impl Drop for Entry {
             .and_then(|id| std::str::from_utf8(id).ok());
         let instance = self.upstream.as_ref().map(Upstream::instance);
         let path = uri.path();
+        // A verified id is a header value, visible ASCII (the chassis's
+        // rule); one that is not is left out rather than mangled.
+        let user = user.as_ref().and_then(|u| u.to_str().ok());
+        let error = refusal.map(|r| r.code);
+        let reason = refusal.and_then(|r| r.reason);
         tracing::info!(
             target: "flotilla::access",
             request_id,
@@ -367,6 +404,9 @@ impl Drop for Entry {
             service,
             instance,
             cache = self.cache,
+            user,
+            error,
+            reason,
             status = self.status.as_u16(),
             duration_ms,
             bytes = self.bytes,
@@ -386,6 +426,9 @@ impl Drop for Entry {
             service,
             instance,
             cache: self.cache,
+            user,
+            error,
+            reason,
             status: self.status.as_u16(),
             duration_ms,
             bytes: self.bytes,
@@ -551,11 +594,17 @@ mod tests {
         let peer = IpAddr::from([10, 0, 0, 2]);
         let mut entry = log.begin(&req, RequestId::of(&mut http::HeaderMap::new()), peer);
         // The client the edge found behind the proxy at `peer`.
+        assert!(entry.logs());
         let served = Served {
             client: Some(IpAddr::from([203, 0, 113, 9])),
+            user: Some(http::HeaderValue::from_static("user-1")),
             ..Served::default()
         };
-        entry.responded(StatusCode::OK, served);
+        let refusal = Refusal {
+            code: "invalid_token",
+            reason: Some("expired"),
+        };
+        entry.responded(StatusCode::UNAUTHORIZED, served, Some(refusal));
         let held = Arc::new(());
         let body = logged(body::full("hello"), Arc::clone(&held), entry);
         assert_eq!(Arc::strong_count(&held), 2);
@@ -571,7 +620,10 @@ mod tests {
         assert_eq!(line["method"], "GET");
         assert_eq!(line["client"], "203.0.113.9");
         assert_eq!(line["path"], "/a/b");
-        assert_eq!(line["status"], 200);
+        assert_eq!(line["status"], 401);
+        assert_eq!(line["user"], "user-1");
+        assert_eq!(line["error"], "invalid_token");
+        assert_eq!(line["reason"], "expired");
         assert_eq!(line["bytes"], 5);
         assert_eq!(line["route"], serde_json::Value::Null);
         assert!(line["request_id"].as_str().is_some_and(|id| id.len() == 36));

@@ -103,6 +103,11 @@ pub(crate) struct Served {
     /// The trace started for it, sent to the instance in place of a
     /// `traceparent` the request did not bring (or brought malformed).
     pub trace: Option<trace::Started>,
+    /// Whether a line will be written (`access_log::Entry::logs`): only
+    /// then is `user` worth a clone.
+    pub logged: bool,
+    /// The verified caller's `x-flotilla-user-id`, when a line is written.
+    pub user: Option<HeaderValue>,
 }
 
 /// The name a request asked for, without the port: the URI's authority
@@ -284,6 +289,8 @@ pub(crate) fn handle<'a>(
             cache: cache_result,
             client: client_seen,
             trace: trace_started,
+            logged,
+            user,
         } = served;
         let mut finish = Finish {
             request_id,
@@ -455,6 +462,9 @@ pub(crate) fn handle<'a>(
             Ok(identity) => identity,
             Err(rejection) => return finish.reject(rejection),
         };
+        if *logged && let Some(id) = &identity {
+            *user = id.field(jwt::USER_ID.as_str()).cloned();
+        }
         // A cookie the gateway made up to keep this client on its instance.
         let mut set_cookie = None;
         if let Some(affinity) = &route.policy.affinity {

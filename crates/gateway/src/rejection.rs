@@ -16,6 +16,16 @@ use crate::jwt::AuthError;
 use crate::request_id::RequestId;
 use crate::upstream::ActivateError;
 
+/// What the access log tells of a response the gateway made itself: its
+/// `error.code`, and for a refused credential the reason, which the
+/// client is never told (a metric label, as `auth_failures_total` counts
+/// it). Kept in the response's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub code: &'static str,
+    pub reason: Option<&'static str>,
+}
+
 /// Why the gateway answered a request itself. The `Display` text is the
 /// client-facing message.
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +205,14 @@ impl Rejection {
         });
         let mut res = Response::new(body::full(body.to_string()));
         *res.status_mut() = status;
+        res.extensions_mut().insert(Refusal {
+            code: self.code(),
+            reason: match &self {
+                Rejection::Auth(e) => Some(e.reason()),
+                Rejection::ApiKey { error, .. } => Some(error.reason()),
+                _ => None,
+            },
+        });
         res.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Rejection::MethodNotAllowed { allow, .. } = &self

@@ -56,7 +56,7 @@ use crate::health;
 use crate::outbound::Outbound;
 use crate::proxy::Proxy;
 use crate::proxy_protocol;
-use crate::rejection::Rejection;
+use crate::rejection::{Refusal, Rejection};
 use crate::relayed::Reply;
 use crate::request_id::{RequestId, X_REQUEST_ID};
 use crate::resilience::Resilience;
@@ -235,7 +235,10 @@ impl Front {
             // response: then it logs a 499.
             let mut entry = self.log.begin(&req, request_id, conn.peer.ip());
             let admitted = self.admit();
-            let mut served = Served::default();
+            let mut served = Served {
+                logged: entry.logs(),
+                ..Served::default()
+            };
             let mut reply = if admitted.is_none() {
                 stats::shed();
                 Rejection::Overloaded
@@ -262,7 +265,8 @@ impl Front {
             if let Some(hsts) = &self.hsts {
                 fields.insert_ref(&STRICT_TRANSPORT_SECURITY, hsts);
             }
-            entry.responded(reply.res.status(), served);
+            let refusal = reply.res.extensions().get::<Refusal>().copied();
+            entry.responded(reply.res.status(), served, refusal);
             // In flight until the response body is done. The body is swapped
             // in place: taking the response apart and putting it together
             // again would copy all of it twice.

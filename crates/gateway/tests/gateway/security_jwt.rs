@@ -822,3 +822,52 @@ async fn a_token_in_a_cookie_acts_only_for_this_site() {
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     gateway.shutdown(T).await;
 }
+
+/// The access log says who called (`user`) and, for a refusal, its code
+/// and the reason the client is never told: what an operator needs to
+/// answer "why was I refused?" without a debug log.
+#[tokio::test]
+async fn the_access_log_names_the_caller_and_why_a_token_was_refused() {
+    let key = Signer::ed25519("log-1");
+    let dir = TestDir::new();
+    let log = path_buf(&dir, "access.log");
+    let registry = Registry::new();
+    let up = Upstream::start("logged-0").await;
+    registry.set("logged", vec![up.endpoint()]);
+    let keys = JwksServer::start(jwks(&[&key])).await;
+    let mut api = route("logged", "/api/**", &[], T);
+    api.auth = RouteAuth::jwt();
+    let mut cfg = config(vec![api]);
+    cfg.jwt = vec![jwt_config(&keys)];
+    cfg.access_log = Some(log.clone());
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+
+    let good = key.sign(&claims());
+    let expired = key.sign(&with(claims(), "exp", json!(now() - 120)));
+    for (token, status) in [
+        (Some(good.as_str()), StatusCode::OK),
+        (Some(expired.as_str()), StatusCode::UNAUTHORIZED),
+        (None, StatusCode::UNAUTHORIZED),
+    ] {
+        let reply = get(&client, "/api/orders", token, &[]).await;
+        assert_eq!(reply.status, status, "{reply:?}");
+    }
+    // Lines are written after the bodies: shut down to flush them all.
+    gateway.shutdown(T).await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| ok(serde_json::from_str(l), "an access-log line"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines[0]["user"], "user-1", "{text}");
+    assert!(lines[0].get("error").is_none(), "{text}");
+    assert_eq!(lines[1]["error"], "invalid_token", "{text}");
+    assert_eq!(lines[1]["reason"], "expired", "{text}");
+    assert!(lines[1].get("user").is_none(), "{text}");
+    assert_eq!(lines[2]["error"], "missing_token", "{text}");
+    assert_eq!(lines[2]["reason"], "missing", "{text}");
+    // No token is ever written down.
+    assert!(!text.contains(&good) && !text.contains(&expired), "{text}");
+}
