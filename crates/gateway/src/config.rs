@@ -330,6 +330,8 @@ pub enum ConfigError {
     JwtMaxTokenBytes,
     #[error("jwt.refresh_interval must be at least 1s")]
     JwtRefresh,
+    #[error("jwt.leeway must be at most 5m: more would take tokens long expired")]
+    JwtLeeway,
     #[error("{}CORS: {source}", route.as_ref().map(|r| format!("route `{r}`: ")).unwrap_or_default())]
     Cors {
         route: Option<String>,
@@ -440,6 +442,9 @@ impl Config {
             }
             if jwt.refresh_interval < Duration::from_secs(1) {
                 return Err(ConfigError::JwtRefresh);
+            }
+            if jwt.leeway > Duration::from_secs(300) {
+                return Err(ConfigError::JwtLeeway);
             }
         }
         if self
@@ -664,6 +669,7 @@ impl Config {
                     config.jwks_ca = j.jwks_ca.clone();
                     config.forward_claims = j.forward_claims.clone();
                     config.cookie = j.cookie.clone();
+                    config.leeway = j.leeway;
                     Some(config)
                 })
                 .collect::<Option<Vec<_>>>()
@@ -917,6 +923,10 @@ routes = [
         refused(
             &|c| c.jwt[0].forward_claims = vec!["issuer".into()],
             "jwt.forward_claims has `issuer`",
+        );
+        refused(
+            &|c| c.jwt[1].leeway = Duration::from_secs(301),
+            "jwt.leeway must be at most 5m",
         );
         refused(
             &|c| c.jwt[0].cookie = Some("access token".into()),

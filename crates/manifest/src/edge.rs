@@ -201,6 +201,8 @@ pub struct Jwt {
     pub jwks_ca: Option<PathBuf>,
     /// How often the key set is fetched again in the background.
     pub refresh: Duration,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
     /// Claims forwarded to services as `x-flotilla-user-<claim>`.
     pub forward_claims: Vec<String>,
     /// A cookie the token may come in, when a request has no
@@ -215,6 +217,8 @@ pub enum JwksSource {
     Url(String),
     /// A path on a service of this system: `accounts:/.well-known/jwks.json`.
     Service { service: String, path: String },
+    /// A file on this machine (`jwks_file`), read again at every refresh.
+    File(PathBuf),
 }
 
 impl JwksSource {

@@ -148,6 +148,10 @@ pub(crate) enum FetchError {
     Request(#[source] http::Error),
     #[error("the JWKS request failed")]
     Send(#[source] hyper_util::client::legacy::Error),
+    #[error("cannot read the JWKS file `{}`", .0.display())]
+    File(std::path::PathBuf, #[source] std::io::Error),
+    #[error("the JWKS file `{}` is larger than {MAX_JWKS_BYTES} bytes", .0.display())]
+    FileTooLarge(std::path::PathBuf),
     #[error("the JWKS source answered {0}")]
     Status(StatusCode),
     #[error("cannot read the JWKS (larger than {MAX_JWKS_BYTES} bytes?)")]
@@ -283,6 +287,7 @@ impl KeyStore {
 
     async fn fetch(&self) -> Result<KeySet, FetchError> {
         let uri = match &self.source {
+            JwksSource::File(path) => return read_file(path).await,
             JwksSource::Url(uri) => uri.clone(),
             JwksSource::Service { service, path } => {
                 let mut ready = self.upstreams.ready(service);
@@ -319,6 +324,24 @@ impl KeyStore {
             .to_bytes();
         parse(&bytes)
     }
+}
+
+/// The key set in the JWKS file at `path`, read whole unless it is larger
+/// than any JWKS is.
+async fn read_file(path: &std::path::Path) -> Result<KeySet, FetchError> {
+    use tokio::io::AsyncReadExt;
+    let failed = |e| FetchError::File(path.to_path_buf(), e);
+    let file = tokio::fs::File::open(path).await.map_err(failed)?;
+    let mut bytes = Vec::new();
+    // One byte past the limit tells a file that is too large.
+    file.take(MAX_JWKS_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(failed)?;
+    if bytes.len() > MAX_JWKS_BYTES {
+        return Err(FetchError::FileTooLarge(path.to_path_buf()));
+    }
+    parse(&bytes)
 }
 
 /// Refreshes `store` every `interval`, retrying failures sooner; runs until

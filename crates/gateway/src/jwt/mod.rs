@@ -122,11 +122,18 @@ impl JwtConfig {
 /// String form: `https://host[:port]/path` (a URL; `http://` to this
 /// machine only), or `<service>:<path>`
 /// (e.g. `accounts:/.well-known/jwks.json`: a ready instance of that
-/// service of this system, activated if needed).
+/// service of this system, activated if needed). A file has no string
+/// form: the manifest names it with `jwks_file`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JwksSource {
     Url(Uri),
-    Service { service: String, path: String },
+    Service {
+        service: String,
+        path: String,
+    },
+    /// A JWKS document on this machine, read at every refresh (and on an
+    /// unknown `kid`), as Envoy's `local_jwks`.
+    File(PathBuf),
 }
 
 /// Why a JWKS source string does not parse.
@@ -173,6 +180,7 @@ impl TryFrom<&flotilla_manifest::JwksSource> for JwksSource {
                 }
                 Ok(JwksSource::Url(uri))
             }
+            flotilla_manifest::JwksSource::File(path) => Ok(JwksSource::File(path.clone())),
             flotilla_manifest::JwksSource::Service { service, path } => {
                 if path.parse::<http::uri::PathAndQuery>().is_err() {
                     return Err(JwksSourceError::Invalid(format!("{service}:{path}")));

@@ -871,3 +871,71 @@ async fn the_access_log_names_the_caller_and_why_a_token_was_refused() {
     // No token is ever written down.
     assert!(!text.contains(&good) && !text.contains(&expired), "{text}");
 }
+
+/// Keys from a file (`jwks_file`, Envoy's `local_jwks`): read at start,
+/// and again for a token whose `kid` it did not have, so a key rotated
+/// into the file is taken without a restart. And an issuer's own
+/// `leeway` for its clock.
+#[tokio::test]
+async fn keys_come_from_a_file_which_is_read_again_for_an_unknown_kid() {
+    let old = Signer::ed25519("file-1");
+    let new = Signer::p256("file-2");
+    let dir = TestDir::new();
+    let file = path_buf(&dir, "jwks.json");
+    ok(
+        std::fs::write(&file, jwks(&[&old]).to_string()),
+        "write jwks",
+    );
+    let registry = Registry::new();
+    let up = Upstream::start("filed-0").await;
+    registry.set("filed", vec![up.endpoint()]);
+    let mut api = route("filed", "/api/**", &[], T);
+    api.auth = RouteAuth::jwt();
+    let mut cfg = config(vec![api]);
+    let mut jwt = JwtConfig::new(ISSUER, vec!["shop".into()], JwksSource::File(file.clone()));
+    jwt.refetch_min_interval = Duration::ZERO;
+    jwt.leeway = Duration::from_secs(120);
+    cfg.jwt = vec![jwt];
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+
+    let reply = get(&client, "/api/x", Some(&old.sign(&claims())), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    // Expired 90 s ago: within this issuer's 120 s, past the default 60.
+    let late = old.sign(&with(claims(), "exp", json!(now() - 90)));
+    let reply = get(&client, "/api/x", Some(&late), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let later = old.sign(&with(claims(), "exp", json!(now() - 150)));
+    assert_invalid_token(
+        &get(&client, "/api/x", Some(&later), &[]).await,
+        "past the leeway",
+    );
+
+    // The new key, before it is in the file: refused; once it is: taken.
+    let token = new.sign(&claims());
+    assert_invalid_token(
+        &get(&client, "/api/x", Some(&token), &[]).await,
+        "not yet in the file",
+    );
+    ok(
+        std::fs::write(&file, jwks(&[&old, &new]).to_string()),
+        "rotate",
+    );
+    let reply = get(&client, "/api/x", Some(&token), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    // A file that goes bad keeps the last good keys.
+    ok(std::fs::write(&file, "{not json"), "break");
+    let reply = get(
+        &client,
+        "/api/x",
+        Some(&Signer::ed25519("file-3").sign(&claims())),
+        &[],
+    )
+    .await;
+    assert_invalid_token(&reply, "a kid the broken file cannot have");
+    // (A token not seen before: checked with the keys, not the cache.)
+    let fresh = old.sign(&with(claims(), "tenant", json!("t2")));
+    let reply = get(&client, "/api/x", Some(&fresh), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    gateway.shutdown(T).await;
+}

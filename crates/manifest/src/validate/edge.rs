@@ -22,6 +22,9 @@ use crate::raw::{
 };
 
 const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
+/// Clock skew allowed on `exp` and `nbf`, as Envoy's `clock_skew_seconds`.
+const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(60);
+const MAX_JWT_LEEWAY: Duration = Duration::from_secs(300);
 const DEFAULT_CORS_MAX_AGE: Duration = Duration::from_secs(600);
 const DEFAULT_CORS_METHODS: [&str; 5] = ["GET", "HEAD", "POST", "PUT", "DELETE"];
 /// A larger request body than this belongs in the object store.
@@ -162,6 +165,35 @@ fn quoted(names: &[String]) -> String {
         .join(", ")
 }
 
+/// `jwks`: a URL or a service of this system (declared).
+fn jwks_source(
+    ctx: &mut Ctx<'_>,
+    jwks: &Spanned<String>,
+    declared: &[String],
+) -> Option<JwksSource> {
+    match JwksSource::parse(jwks.get_ref()) {
+        Ok(JwksSource::Service { service, path }) if !declared.contains(&service) => {
+            ctx.error(
+                jwks.span(),
+                format!("`jwks` names service `{service}`, which is not a service of this system"),
+                Some(format!(
+                    "declare `[services.{service}]`, or give an `https://` URL"
+                )),
+            );
+            Some(JwksSource::Service { service, path })
+        }
+        Ok(source) => Some(source),
+        Err(why) => {
+            ctx.error(
+                jwks.span(),
+                why,
+                Some("e.g. `jwks = \"accounts:/.well-known/jwks.json\"`".into()),
+            );
+            None
+        }
+    }
+}
+
 fn jwt(ctx: &mut Ctx<'_>, raw: &RawJwt, name: String, declared: &[String]) -> Option<Jwt> {
     let before = ctx.errors.len();
     if raw.issuer.get_ref().trim().is_empty() {
@@ -173,28 +205,38 @@ fn jwt(ctx: &mut Ctx<'_>, raw: &RawJwt, name: String, declared: &[String]) -> Op
     }
     if raw.audiences.is_empty() {
         ctx.error(
-            raw.jwks.span(),
+            raw.issuer.span(),
             "`audiences` is empty: no token could pass",
             Some("list the `aud` values to accept, e.g. `audiences = [\"shop\"]`".into()),
         );
     }
-    let jwks = match JwksSource::parse(raw.jwks.get_ref()) {
-        Ok(JwksSource::Service { service, path }) if !declared.contains(&service) => {
-            ctx.error(
-                raw.jwks.span(),
-                format!("`jwks` names service `{service}`, which is not a service of this system"),
-                Some(format!(
-                    "declare `[services.{service}]`, or give an `https://` URL"
-                )),
-            );
-            JwksSource::Service { service, path }
+    let jwks = match (&raw.jwks, &raw.jwks_file) {
+        (Some(jwks), None) => jwks_source(ctx, jwks, declared)?,
+        (None, Some(file)) => {
+            let path = ctx.dir.join(file.get_ref());
+            if !path.is_file() {
+                ctx.error(
+                    file.span(),
+                    format!("JWKS file `{}` does not exist", path.display()),
+                    Some("give a JSON file of the form `{\"keys\": [...]}` relative to the manifest, e.g. `jwks_file = \"keys/jwks.json\"`".into()),
+                );
+                return None;
+            }
+            JwksSource::File(path)
         }
-        Ok(source) => source,
-        Err(why) => {
+        (Some(_), Some(file)) => {
             ctx.error(
-                raw.jwks.span(),
-                why,
-                Some("e.g. `jwks = \"accounts:/.well-known/jwks.json\"`".into()),
+                file.span(),
+                "`jwks` and `jwks_file` both say where the keys are",
+                Some("keep one: `jwks` to fetch them, `jwks_file` to read them from a file".into()),
+            );
+            return None;
+        }
+        (None, None) => {
+            ctx.error(
+                raw.issuer.span(),
+                "this issuer has no keys: `jwks` or `jwks_file` is missing",
+                Some("add `jwks = \"accounts:/.well-known/jwks.json\"` (or an `https://` URL), or `jwks_file = \"keys/jwks.json\"`".into()),
             );
             return None;
         }
@@ -205,7 +247,7 @@ fn jwt(ctx: &mut Ctx<'_>, raw: &RawJwt, name: String, declared: &[String]) -> Op
             ctx.error(
                 ca.span(),
                 "`jwks_ca` is for an `https://` `jwks` URL",
-                Some("remove it: a service of this system is reached over the mesh's mutual TLS, and a loopback `http://` URL has no certificate".into()),
+                Some("remove it: a service of this system is reached over the mesh's mutual TLS, and a loopback `http://` URL and a `jwks_file` have no certificate".into()),
             );
         } else if !path.is_file() {
             ctx.error(
@@ -219,6 +261,24 @@ fn jwt(ctx: &mut Ctx<'_>, raw: &RawJwt, name: String, declared: &[String]) -> Op
     let refresh = match &raw.refresh {
         Some(r) => ctx.duration(r, "refresh")?,
         None => DEFAULT_JWKS_REFRESH,
+    };
+    let leeway = match &raw.leeway {
+        Some(l) => {
+            let leeway = ctx.duration_or_zero(l, "leeway", true)?;
+            if leeway > MAX_JWT_LEEWAY {
+                ctx.error(
+                    l.span(),
+                    format!(
+                        "`leeway` of `{}` would take tokens long expired",
+                        l.get_ref()
+                    ),
+                    Some("allow at most `\"5m\"` of clock skew; the default is `\"60s\"`".into()),
+                );
+                return None;
+            }
+            leeway
+        }
+        None => DEFAULT_JWT_LEEWAY,
     };
     let mut forward_claims = Vec::new();
     for c in raw.forward_claims.iter().flatten() {
@@ -264,6 +324,7 @@ fn jwt(ctx: &mut Ctx<'_>, raw: &RawJwt, name: String, declared: &[String]) -> Op
     Some(Jwt {
         name,
         cookie,
+        leeway,
         issuer: raw.issuer.get_ref().clone(),
         audiences: raw.audiences.iter().map(|a| a.get_ref().clone()).collect(),
         jwks,

@@ -785,6 +785,27 @@ fn several_jwt_issuers_parse_and_routes_name_them() {
 }
 
 #[test]
+fn a_jwks_file_is_found_beside_the_manifest_and_leeway_is_the_issuers() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("keys")).unwrap();
+    std::fs::write(dir.path().join("keys/jwks.json"), r#"{"keys": []}"#).unwrap();
+    let file = dir.path().join("flotilla.toml");
+    std::fs::write(
+        &file,
+        "name = \"x\"\n[gateway]\njwt = { issuer = \"i\", audiences = [\"a\"], jwks_file = \"keys/jwks.json\", leeway = \"90s\" }\n[services.a]\nrun = { cargo = \"a\" }\n",
+    )
+    .unwrap();
+    let m = Manifest::load(&file).unwrap_or_else(|e| panic!("{e}"));
+    let jwt = &m.gateway.jwt[0];
+    assert_eq!(
+        jwt.jwks,
+        crate::JwksSource::File(dir.path().join("keys/jwks.json"))
+    );
+    assert_eq!(jwt.leeway, Duration::from_secs(90));
+    assert_eq!(parses(EDGE).gateway.jwt[0].leeway, Duration::from_secs(60));
+}
+
+#[test]
 fn several_jwt_issuers_errors_say_what_to_fix() {
     for (from, to, expected) in [
         (
@@ -836,6 +857,26 @@ fn several_jwt_issuers_errors_say_what_to_fix() {
             "cookie = \"staff_at\"",
             "cookie = \"staff at\"",
             "`staff at` cannot be a cookie's name",
+        ),
+        (
+            "cookie = \"staff_at\"",
+            "leeway = \"10m\"",
+            "`leeway` of `10m` would take tokens long expired",
+        ),
+        (
+            "jwks = \"https://id.corp.example/realms/staff/protocol/openid-connect/certs\"",
+            "jwks_file = \"staff-jwks.json\"",
+            "staff-jwks.json` does not exist",
+        ),
+        (
+            "jwks = \"https://id.corp.example/realms/staff/protocol/openid-connect/certs\"",
+            "jwks = \"https://id.corp.example/certs\"\njwks_file = \"staff-jwks.json\"",
+            "`jwks` and `jwks_file` both say where the keys are",
+        ),
+        (
+            "jwks = \"https://id.corp.example/realms/staff/protocol/openid-connect/certs\"",
+            "",
+            "this issuer has no keys: `jwks` or `jwks_file` is missing",
         ),
     ] {
         assert!(ISSUERS.contains(from), "{from}");
