@@ -26,7 +26,7 @@ use crate::compress::Compression;
 use crate::config::RouteConfig;
 use crate::cors::CorsPolicy;
 use crate::header_changes::HeaderChanges;
-use crate::ip::IpRules;
+use crate::ip::IpFilter;
 use crate::jwt::{Issuers, RouteAuth};
 use crate::ratelimit::Limiter;
 use crate::resilience::HealthMemo;
@@ -71,7 +71,7 @@ pub(crate) struct RoutePolicy {
     pub limiter: Option<Arc<Limiter>>,
     /// What its responses get on the way out.
     pub outgoing: Outgoing,
-    pub ip: Option<IpRules>,
+    pub ip: Option<IpFilter>,
     /// `None`: no limit (only tests build routes without one).
     pub max_body_bytes: Option<usize>,
     /// Only requests over a connection with a verified client certificate.

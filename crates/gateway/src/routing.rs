@@ -28,7 +28,7 @@ use crate::compress::Compression;
 use crate::config::{Config, ConfigError};
 use crate::cors::CorsPolicy;
 use crate::header_changes::HeaderChanges;
-use crate::ip::{IpConfig, IpRules};
+use crate::ip::{IpConfig, IpFilter, IpRules};
 use crate::jwt::{Issuers, JwtConfig, Verifier, Verifiers};
 use crate::ratelimit::{self, RateLimitBackend};
 use crate::routes::{Outgoing, RoutePolicy, RouteTable};
@@ -46,7 +46,7 @@ pub(crate) struct Routing {
     /// What responses to requests no route matched get on the way out.
     pub outgoing: Outgoing,
     /// The system's allow/deny lists (`None`: everyone).
-    pub ip_rules: Option<IpRules>,
+    pub ip_rules: Option<IpFilter>,
     pub ip: Option<IpConfig>,
     /// Whether responses may be gzipped (`Outgoing::compression`), so
     /// that a request's `Accept-Encoding` is read only then.
@@ -236,7 +236,7 @@ impl Routing {
                     ),
                     compression: compression.clone(),
                 },
-                ip: route.ip.clone(),
+                ip: route.ip.as_ref().map(IpRules::filter),
                 max_body_bytes: Some(route.max_body_bytes.unwrap_or(default_body)),
                 client_cert: route.client_cert,
                 request_headers: HeaderChanges::merged(
@@ -289,7 +289,7 @@ impl Routing {
                 headers: HeaderChanges::merged(&config.response_headers, &HeaderChanges::default()),
                 compression: compression.clone(),
             },
-            ip_rules: config.ip.as_ref().map(IpConfig::rules),
+            ip_rules: config.ip.as_ref().map(IpConfig::filter),
             ip: config.ip.clone(),
             compression: compression.is_some(),
             cors: config.cors.is_some() || config.routes.iter().any(|r| r.cors.is_some()),

@@ -314,6 +314,9 @@ pub struct IpList {
     /// v2), whose source address is the client when a trusted proxy sent
     /// it (`[gateway.ip]` only).
     pub proxy_protocol: bool,
+    /// The files `allow` and `deny` were read from besides the manifest
+    /// (`allow_file`, `deny_file`): an edit of one is a reload.
+    pub files: Vec<PathBuf>,
 }
 
 /// Where rate-limit counters live (`[gateway.rate_limits]`).

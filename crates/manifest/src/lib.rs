@@ -289,6 +289,22 @@ impl Route {
 }
 
 impl Manifest {
+    /// The files besides the manifest whose contents the gateway's settings
+    /// are made of and a hot reload applies: the IP list files
+    /// (`allow_file`, `deny_file`) of the gateway and of every route.
+    pub fn list_files(&self) -> Vec<PathBuf> {
+        let routes = self.services.values().flat_map(|s| &s.routes);
+        let lists = self
+            .gateway
+            .ip
+            .iter()
+            .chain(routes.filter_map(|r| r.ip.as_ref()));
+        let mut files: Vec<PathBuf> = lists.flat_map(|l| l.files.iter().cloned()).collect();
+        files.sort();
+        files.dedup();
+        files
+    }
+
     /// The routes whose requests may reach `service`: its own, and those of
     /// other services that `split` a share to it or `mirror` one. What the
     /// gateway may call on its instances.

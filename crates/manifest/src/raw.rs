@@ -202,6 +202,8 @@ pub(crate) struct RawCors {
 pub(crate) struct RawIp {
     pub allow: Option<Vec<Spanned<String>>>,
     pub deny: Option<Vec<Spanned<String>>>,
+    pub allow_file: Option<Spanned<String>>,
+    pub deny_file: Option<Spanned<String>>,
     pub trusted_proxies: Option<Vec<Spanned<String>>>,
     pub proxy_protocol: Option<Spanned<bool>>,
 }

@@ -1,4 +1,5 @@
-//! Hot reload: `flotilla up` watches `flotilla.toml` and applies what the
+//! Hot reload: `flotilla up` watches `flotilla.toml` (and the IP list
+//! files it names, `allow_file` and `deny_file`) and applies what the
 //! gateway owns — each route's auth, scopes, claims, rate limit, CORS, IP
 //! list, body limit, header changes, timeout, cache, `max_in_flight`,
 //! `affinity` and `match_headers`, and the gateway's JWT, API keys,
@@ -33,43 +34,63 @@ pub(crate) struct Watched {
     pub base: GatewayConfig,
 }
 
-/// Polls the manifest until `stop`, reloading the gateway when it changes.
+/// Polls the manifest, and the list files it names, until `stop`,
+/// reloading the gateway when one of them changes.
 pub(crate) async fn watch_manifest(
     mut watched: Watched,
     gateway: Arc<Gateway>,
     console: Arc<Console>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let file: PathBuf = watched.manifest.file.clone();
-    let mut seen = modified(&file);
+    let mut files = watched_files(&watched.manifest);
+    let mut seen = stamps(&files);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
             _ = stop.changed() => return,
         }
-        let now = modified(&file);
+        let now = stamps(&files);
         if now == seen {
             continue;
         }
+        let changed: Vec<String> = files
+            .iter()
+            .zip(seen.iter().zip(&now))
+            .filter(|(_, (before, after))| before != after)
+            .map(|(path, _)| path.display().to_string())
+            .collect();
+        let changed = changed.join(", ");
         seen = now;
         match apply(&watched, &gateway) {
             Ok((manifest, config)) => {
                 console.event(&format!(
-                    "{} changed: gateway reloaded ({} routes)",
-                    file.display(),
+                    "{changed} changed: gateway reloaded ({} routes)",
                     config.routes.len()
                 ));
+                // The new manifest may name other list files.
+                files = watched_files(&manifest);
+                seen = stamps(&files);
                 watched = Watched {
                     manifest,
                     base: config,
                 };
             }
             Err(why) => console.warn(&format!(
-                "{} changed but was not applied; the running configuration stays:\n{why}",
-                file.display()
+                "{changed} changed but was not applied; the running configuration stays:\n{why}"
             )),
         }
     }
+}
+
+/// The manifest, then the list files it names (`Manifest::list_files`).
+fn watched_files(manifest: &Manifest) -> Vec<PathBuf> {
+    let mut files = vec![manifest.file.clone()];
+    files.extend(manifest.list_files());
+    files
+}
+
+fn stamps(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
+    files.iter().map(|f| modified(f)).collect()
 }
 
 fn modified(file: &std::path::Path) -> Option<SystemTime> {

@@ -256,9 +256,9 @@ fn wait_until(what: &str, deadline: Duration, f: impl Fn() -> bool) {
     }
 }
 
-/// The `Cache-Status` of a GET of `path` from the gateway at `url`
+/// The whole answer to a GET of `path` from the gateway at `url`
 /// (`http://ip:port`), over a plain socket.
-fn cache_status_of(url: &str, path: &str) -> String {
+fn get_raw(url: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let addr = url.trim_start_matches("http://");
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
@@ -271,7 +271,13 @@ fn cache_status_of(url: &str, path: &str) -> String {
     )
     .unwrap();
     let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+}
+
+/// The `Cache-Status` of a GET of `path` from the gateway at `url`.
+fn cache_status_of(url: &str, path: &str) -> String {
+    let answer = get_raw(url, path);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     answer
         .lines()
@@ -551,27 +557,7 @@ fn a_quiet_up_still_says_what_an_edit_of_the_manifest_did() {
     let text = std::fs::read_to_string(&manifest).unwrap();
     let mut up = up_with(dir, manifest.clone());
     wait_for_endpoints(&mut up);
-    // What `up --quiet` prints, as it prints it.
-    let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let stdout = up.child.stdout.take().unwrap();
-    let sink = std::sync::Arc::clone(&printed);
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let mut all = sink.lock().unwrap_or_else(|e| e.into_inner());
-            all.push_str(&line);
-            all.push('\n');
-        }
-    });
-    let seen = |what: &str| {
-        printed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(what)
-    };
+    let seen = printed(&mut up);
     let route = "routes = [{ path = \"/**\" }";
 
     // An edit that cannot be applied: said, though the instances' output
@@ -598,4 +584,94 @@ fn a_quiet_up_still_says_what_an_edit_of_the_manifest_did() {
     wait_until("the reload to be printed", Duration::from_secs(20), || {
         seen("changed: gateway reloaded (2 routes)")
     });
+}
+
+/// Whether `up --quiet` has printed a line containing the text asked
+/// about, as it printed it: its stdout is read from here on.
+fn printed(up: &mut Up) -> impl Fn(&str) -> bool + use<> {
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stdout = up.child.stdout.take().unwrap();
+    let sink = std::sync::Arc::clone(&printed);
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let mut all = sink.lock().unwrap_or_else(|e| e.into_inner());
+            all.push_str(&line);
+            all.push('\n');
+        }
+    });
+    move |what: &str| {
+        printed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(what)
+    }
+}
+
+/// The status line of a GET of `path` from the gateway at `url`.
+fn status_of(url: &str, path: &str) -> String {
+    get_raw(url, path)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A blocklist in a file of its own (`deny_file`), as threat feeds are
+/// published: an edit of the file alone is a hot reload, as an edit of
+/// the manifest is.
+#[test]
+fn an_edit_of_an_ip_list_file_is_applied_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = hello_manifest(dir.path(), "127.0.0.1:0");
+    let list = dir.path().join("deny.txt");
+    std::fs::write(&list, "# nobody yet\n").unwrap();
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replacen(
+            "[gateway]\n",
+            "[gateway]\nip = { deny_file = \"deny.txt\" }\n",
+            1,
+        ),
+    )
+    .unwrap();
+    let mut up = up_with(dir, manifest);
+    let endpoints = wait_for_endpoints(&mut up);
+    let seen = printed(&mut up);
+    let gateway = endpoints["gateway"].as_str().unwrap().to_string();
+    wait_until(
+        "the hello service to answer",
+        Duration::from_secs(30),
+        || status_of(&gateway, "/hello").starts_with("HTTP/1.1 200"),
+    );
+    // This machine on the list (Spamhaus' DROP format): refused.
+    std::fs::write(&list, "203.0.113.0/24 ; SBL1\n127.0.0.0/8 ; SBL2\n").unwrap();
+    wait_until(
+        "the list to refuse this machine",
+        Duration::from_secs(20),
+        || status_of(&gateway, "/hello").starts_with("HTTP/1.1 403"),
+    );
+    wait_until("the reload to be printed", Duration::from_secs(20), || {
+        seen("deny.txt changed: gateway reloaded")
+    });
+    // A broken list is not applied (said, with the line): the last good
+    // one stays.
+    std::fs::write(&list, "127.0.0.0/8\nnot-a-network\n").unwrap();
+    wait_until(
+        "the broken list to be refused",
+        Duration::from_secs(20),
+        || seen("was not applied") && seen("line 2: `not-a-network`"),
+    );
+    assert!(status_of(&gateway, "/hello").starts_with("HTTP/1.1 403"));
+    // Off the list again: admitted.
+    std::fs::write(&list, "203.0.113.0/24\n").unwrap();
+    wait_until(
+        "the list to admit this machine",
+        Duration::from_secs(20),
+        || status_of(&gateway, "/hello").starts_with("HTTP/1.1 200"),
+    );
 }

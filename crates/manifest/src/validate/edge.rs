@@ -441,12 +441,27 @@ pub(super) fn ip(ctx: &mut Ctx<'_>, raw: &Spanned<RawIp>, route: bool) -> Option
         }
         out
     };
-    let list = IpList {
+    let mut list = IpList {
         allow: nets(&raw.allow),
         deny: nets(&raw.deny),
         trusted_proxies: nets(&raw.trusted_proxies),
         proxy_protocol: raw.proxy_protocol.as_ref().is_some_and(|p| *p.get_ref()),
+        files: Vec::new(),
     };
+    for (file, key) in [
+        (&raw.allow_file, "allow_file"),
+        (&raw.deny_file, "deny_file"),
+    ] {
+        let Some(file) = file else { continue };
+        let path = ctx.dir.join(file.get_ref());
+        if let Some(read) = ip_file(ctx, file, &path, key) {
+            match key {
+                "allow_file" => list.allow.extend(read),
+                _ => list.deny.extend(read),
+            }
+        }
+        list.files.push(path);
+    }
     if list.proxy_protocol
         && list.trusted_proxies.is_empty()
         && ctx.errors.len() == before
@@ -459,6 +474,68 @@ pub(super) fn ip(ctx: &mut Ctx<'_>, raw: &Spanned<RawIp>, route: bool) -> Option
         );
     }
     (ctx.errors.len() == before).then_some(list)
+}
+
+/// The largest list file read: a few million networks.
+const MAX_IP_FILE_BYTES: u64 = 64 << 20;
+/// How many of a list file's bad lines are told, the rest counted.
+const MAX_IP_FILE_ERRORS: usize = 5;
+
+/// The networks of a list file (`allow_file`, `deny_file`): one address or
+/// CIDR a line, with `#` and `;` starting a comment, so a FireHOL netset
+/// or Spamhaus' DROP list (`1.10.16.0/20 ; SBL256894`) is read as
+/// published.
+fn ip_file(
+    ctx: &mut Ctx<'_>,
+    file: &Spanned<String>,
+    path: &std::path::Path,
+    key: &str,
+) -> Option<Vec<ipnet::IpNet>> {
+    let too_large = std::fs::metadata(path).is_ok_and(|m| m.len() > MAX_IP_FILE_BYTES);
+    let text = match std::fs::read_to_string(path) {
+        Ok(_) if too_large => Err(format!("it is larger than {} MiB", MAX_IP_FILE_BYTES >> 20)),
+        Ok(text) => Ok(text),
+        Err(e) => Err(e.to_string()),
+    };
+    let text = match text {
+        Ok(text) => text,
+        Err(why) => {
+            ctx.error(
+                file.span(),
+                format!("cannot read `{key}` `{}`: {why}", path.display()),
+                Some(format!(
+                    "give a text file relative to the manifest, one address or CIDR a line, e.g. `{key} = \"blocklists/drop.txt\"`"
+                )),
+            );
+            return None;
+        }
+    };
+    let mut nets = Vec::new();
+    let mut bad = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let entry = line.split(['#', ';']).next().unwrap_or("").trim();
+        if entry.is_empty() {
+            continue;
+        }
+        match parse_net(entry) {
+            Ok(net) => nets.push(net),
+            Err(_) => bad.push(format!("line {}: `{entry}`", i + 1)),
+        }
+    }
+    if !bad.is_empty() {
+        let more = bad.len().saturating_sub(MAX_IP_FILE_ERRORS);
+        let mut told = bad[..bad.len().min(MAX_IP_FILE_ERRORS)].join(", ");
+        if more > 0 {
+            told.push_str(&format!(" and {more} more"));
+        }
+        ctx.error(
+            file.span(),
+            format!("`{}` has lines that are not an address or a CIDR: {told}", path.display()),
+            Some("write one address or CIDR a line (`203.0.113.0/24`, `2001:db8::/32`); `#` or `;` starts a comment".into()),
+        );
+        return None;
+    }
+    Some(nets)
 }
 
 pub(super) fn rate_limit_store(

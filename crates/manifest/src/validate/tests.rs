@@ -806,6 +806,77 @@ fn a_jwks_file_is_found_beside_the_manifest_and_leeway_is_the_issuers() {
 }
 
 #[test]
+fn ip_lists_are_read_from_files_beside_the_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("lists")).unwrap();
+    // Spamhaus' DROP format and a FireHOL netset's comments.
+    std::fs::write(
+        dir.path().join("lists/drop.txt"),
+        "; Spamhaus DROP List\n1.10.16.0/20 ; SBL256894\n\n# FireHOL\n2001:db8::/32\n192.0.2.7\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("lists/office.txt"), "10.0.0.0/8 # office\n").unwrap();
+    let file = dir.path().join("flotilla.toml");
+    let manifest = |gateway_ip: &str, route_ip: &str| {
+        format!(
+            "name = \"x\"\n[gateway]\nip = {{ {gateway_ip} }}\n[services.a]\nrun = {{ cargo = \"a\" }}\nroutes = [{{ path = \"/admin/**\", ip = {{ {route_ip} }} }}]\n"
+        )
+    };
+    std::fs::write(
+        &file,
+        manifest(
+            "deny = [\"203.0.113.0/24\"], deny_file = \"lists/drop.txt\"",
+            "allow_file = \"lists/office.txt\"",
+        ),
+    )
+    .unwrap();
+    let m = Manifest::load(&file).unwrap_or_else(|e| panic!("{e}"));
+    let deny: Vec<String> = m
+        .gateway
+        .ip
+        .as_ref()
+        .unwrap()
+        .deny
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert_eq!(
+        deny,
+        [
+            "203.0.113.0/24",
+            "1.10.16.0/20",
+            "2001:db8::/32",
+            "192.0.2.7/32"
+        ]
+    );
+    let route = m.services["a"].routes[0].ip.as_ref().unwrap();
+    assert_eq!(route.allow[0].to_string(), "10.0.0.0/8");
+    assert_eq!(
+        m.list_files(),
+        [
+            dir.path().join("lists/drop.txt"),
+            dir.path().join("lists/office.txt")
+        ]
+    );
+
+    // A bad line is told with its number; past five, counted.
+    let bad: String = (1..=8).map(|i| format!("10.0.0.{i}/33\n")).collect();
+    std::fs::write(
+        dir.path().join("lists/bad.txt"),
+        format!("10.1.0.0/16\n{bad}"),
+    )
+    .unwrap();
+    std::fs::write(&file, manifest("deny_file = \"lists/bad.txt\"", "")).unwrap();
+    let e = Manifest::load(&file).unwrap_err().to_string();
+    assert!(e.contains("line 2: `10.0.0.1/33`"), "{e}");
+    assert!(e.contains("line 6: `10.0.0.5/33` and 3 more"), "{e}");
+    std::fs::write(&file, manifest("", "deny_file = \"lists/missing.txt\"")).unwrap();
+    let e = Manifest::load(&file).unwrap_err().to_string();
+    assert!(e.contains("cannot read `deny_file`"), "{e}");
+    assert!(e.contains("missing.txt"), "{e}");
+}
+
+#[test]
 fn several_jwt_issuers_errors_say_what_to_fix() {
     for (from, to, expected) in [
         (
@@ -1750,7 +1821,23 @@ fn the_documented_gateway_examples_parse() {
     assert_eq!(claims["realm_access.roles"], ["shop-admin", "ops"]);
 
     let ip = documented_examples("### `[gateway] ip` (and a route's `ip`)");
-    let m = parses(&format!("name = \"x\"\n{}\n{service}", ip[1]));
+    assert_eq!(ip.len(), 3, "{ip:?}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("blocklists")).unwrap();
+    std::fs::write(
+        dir.path().join("blocklists/drop.txt"),
+        "1.10.16.0/20 ; SBL256894\n",
+    )
+    .unwrap();
+    let file = dir.path().join("flotilla.toml");
+    std::fs::write(
+        &file,
+        format!("name = \"x\"\n[gateway]\n{}\n{service}", ip[1]),
+    )
+    .unwrap();
+    let m = Manifest::load(&file).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(m.gateway.ip.as_ref().unwrap().deny.len(), 2);
+    let m = parses(&format!("name = \"x\"\n{}\n{service}", ip[2]));
     let ip = m.gateway.ip.as_ref().unwrap();
     assert!(ip.proxy_protocol);
     assert_eq!(ip.trusted_proxies[0].to_string(), "10.0.0.0/24");
