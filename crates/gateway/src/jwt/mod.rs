@@ -417,6 +417,7 @@ impl Verifier {
 
     /// The caller `token` names if this issuer verified it before (and its
     /// keys have not changed since): an error if it has expired since.
+    #[inline]
     fn cached(&self, token: &[u8], now: f64) -> Option<Result<Arc<Identity>, AuthError>> {
         let identity = self.cache.get(token, self.store.version())?;
         if now > identity.exp + self.config.leeway.as_secs_f64() {
@@ -569,7 +570,16 @@ impl Verifiers {
         accepted: Issuers,
     ) -> Result<Arc<Identity>, AuthError> {
         let token = bearer(headers)?;
-        self.identify(token, accepted).await
+        let now = unix_now();
+        if let Some(found) = self.cached(token, now, accepted) {
+            return found;
+        }
+        // Boxed: the rare path (a token not seen before, maybe a JWKS
+        // refetch) would otherwise make every request's future, and each
+        // move of it, that much larger (see `server::Handler`). Not an
+        // `identify` awaited here: a future nested in this one is moved
+        // with it on every request (~200 instructions, `instructions.sh`).
+        Box::pin(self.verify(token, now, accepted)).await
     }
 
     /// The token in the first cookie an `accepted` issuer reads tokens
@@ -585,25 +595,37 @@ impl Verifiers {
         })
     }
 
-    /// The caller `token` names, if one of `accepted` issued it.
+    /// The caller `token` (from a cookie) names, if one of `accepted`
+    /// issued it.
     pub(crate) async fn identify(
         &self,
         token: &[u8],
         accepted: Issuers,
     ) -> Result<Arc<Identity>, AuthError> {
         let now = unix_now();
-        // One cache lookup for a route of one issuer, the usual case.
+        match self.cached(token, now, accepted) {
+            Some(found) => found,
+            None => self.verify(token, now, accepted).await,
+        }
+    }
+
+    /// The caller an `accepted` issuer verified `token` for before, if
+    /// one did: one cache lookup for a route of one issuer, the usual case.
+    #[inline]
+    fn cached(
+        &self,
+        token: &[u8],
+        now: f64,
+        accepted: Issuers,
+    ) -> Option<Result<Arc<Identity>, AuthError>> {
         for (i, verifier) in self.0.iter().enumerate() {
             if accepted.has(i)
                 && let Some(found) = verifier.cached(token, now)
             {
-                return found;
+                return Some(found);
             }
         }
-        // Boxed: the rare path (a token not seen before, maybe a JWKS
-        // refetch) would otherwise make every request's future, and each
-        // move of it, that much larger (see `server::Handler`).
-        Box::pin(self.verify(token, now, accepted)).await
+        None
     }
 
     /// Verifies a token no accepted issuer's cache holds, with the keys of
