@@ -152,14 +152,14 @@ impl Routing {
     ) -> Result<Routing, ConfigError> {
         config.validate()?;
         // Each issuer's keys and verified tokens are kept while its
-        // settings and its place (first or not) are.
+        // settings, its place (first or not) and its `jwks_ca` file are.
         let mut verifiers = Vec::with_capacity(config.jwt.len());
         for (i, jwt) in config.jwt.iter().enumerate() {
             let secondary = i > 0;
             let kept = previous
                 .into_iter()
                 .flat_map(|p| &p.jwt.0)
-                .find(|v| v.config == *jwt && v.secondary == secondary);
+                .find(|v| v.still_current(jwt, secondary));
             verifiers.push(match kept {
                 Some(v) => Arc::clone(v),
                 None => Arc::new(

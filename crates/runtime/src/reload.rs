@@ -1,5 +1,6 @@
-//! Hot reload: `flotilla up` watches `flotilla.toml` (and the IP list
-//! files it names, `allow_file` and `deny_file`) and applies what the
+//! Hot reload: `flotilla up` watches `flotilla.toml` (and the files it
+//! names that the gateway reads: the IP lists' `allow_file` and
+//! `deny_file`, the JWT issuers' `jwks_ca`) and applies what the
 //! gateway owns — each route's auth, scopes, claims, rate limit, CORS, IP
 //! list, body limit, header changes, timeout, cache, `max_in_flight`,
 //! `affinity` and `match_headers`, and the gateway's JWT, API keys,
@@ -82,10 +83,11 @@ pub(crate) async fn watch_manifest(
     }
 }
 
-/// The manifest, then the list files it names (`Manifest::list_files`).
+/// The manifest, then the files it names that the gateway reads
+/// (`Manifest::gateway_files`).
 fn watched_files(manifest: &Manifest) -> Vec<PathBuf> {
     let mut files = vec![manifest.file.clone()];
-    files.extend(manifest.list_files());
+    files.extend(manifest.gateway_files());
     files
 }
 

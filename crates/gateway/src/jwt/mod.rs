@@ -340,6 +340,9 @@ pub(crate) struct Verifier {
     /// carry `x-flotilla-user-issuer: <name>`, so that no service takes
     /// them for the system's own users of the same `sub`.
     pub secondary: bool,
+    /// What `jwks_ca` held as the verifier began (a hash): a verifier is
+    /// kept across a reload only while the file holds the same.
+    ca_stamp: Option<u64>,
     store: Arc<KeyStore>,
     cache: TokenCache,
     forward: Vec<(String, HeaderName)>,
@@ -353,6 +356,16 @@ impl std::fmt::Debug for Verifier {
             .field("issuer", &self.config.issuer)
             .finish_non_exhaustive()
     }
+}
+
+/// A hash of what `config`'s `jwks_ca` file holds, if it has one: its
+/// contents rather than its modification time, which file systems keep
+/// only to a clock tick (two writes within one look alike). A few KiB,
+/// read on a reload only.
+fn ca_stamp(config: &JwtConfig) -> Option<u64> {
+    let ca = config.jwks_ca.as_deref()?;
+    let bytes = std::fs::read(ca).ok()?;
+    Some(foldhash::quality::FixedState::default().hash_one(&bytes))
 }
 
 /// The header a forwarded claim travels in, if the claim name can be one.
@@ -383,6 +396,9 @@ impl Verifier {
         upstreams: Arc<dyn Upstreams>,
         limits: &crate::config::Limits,
     ) -> Result<Verifier, WebTrustError> {
+        // Before the roots are read: a change while they are is noticed
+        // at the next reload.
+        let ca_stamp = ca_stamp(&config);
         let client = match &config.jwks {
             JwksSource::Url(uri) if uri.scheme() == Some(&http::uri::Scheme::HTTPS) => {
                 let roots = client::web_roots(config.jwks_ca.as_deref())?;
@@ -408,11 +424,19 @@ impl Verifier {
         Ok(Verifier {
             config,
             secondary,
+            ca_stamp,
             store,
             cache: TokenCache::new(),
             forward,
             _refresh: AbortOnDropHandle::new(task),
         })
+    }
+
+    /// Whether this verifier is what `config`, in its place, would start:
+    /// the same settings and, for an `https://` JWKS trusting `jwks_ca`,
+    /// that file as it was (`flotilla up` reloads when it changes).
+    pub(crate) fn still_current(&self, config: &JwtConfig, secondary: bool) -> bool {
+        self.config == *config && self.secondary == secondary && self.ca_stamp == ca_stamp(config)
     }
 
     /// The caller `token` names if this issuer verified it before (and its

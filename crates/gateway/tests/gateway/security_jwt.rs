@@ -939,3 +939,53 @@ async fn keys_come_from_a_file_which_is_read_again_for_an_unknown_kid() {
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     gateway.shutdown(T).await;
 }
+
+/// A `jwks_ca` file renewed in place (a company CA rotated) is taken at
+/// the next reload of the same settings (`flotilla up` reloads when the
+/// file changes): the verifier is kept across reloads only while its CA
+/// file is the one it read.
+#[tokio::test]
+async fn a_renewed_jwks_ca_file_is_taken_at_the_next_reload() {
+    let key = Signer::ed25519("web-ca-1");
+    let cert = server_cert("idp-ca", &["localhost"]);
+    let old = server_cert("retired-ca", &["localhost"]);
+    let jwks = JwksServer::start_tls(jwks(&[&key]), &cert).await;
+    let dir = TestDir::new();
+    let registry = Registry::new();
+    let up = Upstream::start("jwt-ca-renewed-0").await;
+    registry.set("jwt-ca-renewed", vec![up.endpoint()]);
+    let mut api = route("jwt-ca-renewed", "/api/**", &[], T);
+    api.auth = RouteAuth::jwt();
+    let mut cfg = config(vec![api]);
+    let ca = path_buf(&dir, "corp-ca.pem");
+    ok(std::fs::write(&ca, &old.ca_pem), "write the retired CA");
+    let mut jwt = JwtConfig::new(
+        ISSUER,
+        vec!["shop".into()],
+        ok(JwksSource::parse(&jwks.url_at("localhost")), "jwks url"),
+    );
+    jwt.jwks_ca = Some(ca.clone());
+    cfg.jwt = vec![jwt];
+    let gateway = start(cfg.clone(), &registry).await;
+    let client = Client::new(&gateway);
+    let token = key.sign(&claims());
+
+    // The server's certificate is not the retired CA's: never read.
+    let reply = get(&client, "/api/orders", Some(&token), &[]).await;
+    assert_invalid_token(&reply, "a JWKS server the CA file does not vouch for");
+    assert_eq!(jwks.fetches(), 0);
+    // The same settings again, before the file changed: the verifier
+    // is kept (and so is what it trusts).
+    ok(gateway.reload(cfg.clone()), "reload");
+    assert_invalid_token(
+        &get(&client, "/api/orders", Some(&token), &[]).await,
+        "kept",
+    );
+    // The file renewed, then the reload its change brings.
+    ok(std::fs::write(&ca, &cert.ca_pem), "renew the CA");
+    ok(gateway.reload(cfg), "reload");
+    let reply = get(&client, "/api/orders", Some(&token), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert!(jwks.fetches() >= 1);
+    gateway.shutdown(T).await;
+}

@@ -852,7 +852,7 @@ fn ip_lists_are_read_from_files_beside_the_manifest() {
     let route = m.services["a"].routes[0].ip.as_ref().unwrap();
     assert_eq!(route.allow[0].to_string(), "10.0.0.0/8");
     assert_eq!(
-        m.list_files(),
+        m.gateway_files(),
         [
             dir.path().join("lists/drop.txt"),
             dir.path().join("lists/office.txt")
@@ -1365,6 +1365,8 @@ fn an_https_jwks_may_name_the_ca_it_chains_to_beside_the_manifest() {
     let https = "https://idp.example/.well-known/jwks.json";
     std::fs::write(&file, jwt(https, ", jwks_ca = \"idp-ca.pem\"")).unwrap();
     let m = Manifest::load(&file).unwrap();
+    // Watched by `flotilla up`: a renewed CA is a reload.
+    assert_eq!(m.gateway_files(), [dir.path().join("idp-ca.pem")]);
     let j = m.gateway.jwt.into_iter().next().unwrap();
     assert_eq!(j.jwks, crate::JwksSource::Url(https.into()));
     assert_eq!(j.jwks_ca, Some(dir.path().join("idp-ca.pem")));
