@@ -161,7 +161,10 @@ impl Routing {
                 .flat_map(|p| &p.jwt.0)
                 .find(|v| v.still_current(jwt, secondary));
             verifiers.push(match kept {
-                Some(v) => Arc::clone(v),
+                Some(v) => {
+                    v.reread_file();
+                    Arc::clone(v)
+                }
                 None => Arc::new(
                     Verifier::start(
                         jwt.clone(),

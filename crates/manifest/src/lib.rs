@@ -292,7 +292,7 @@ impl Manifest {
     /// The files besides the manifest whose contents the gateway's settings
     /// are made of and a hot reload applies: the IP list files
     /// (`allow_file`, `deny_file`) of the gateway and of every route, and
-    /// the JWT issuers' `jwks_ca`.
+    /// the JWT issuers' `jwks_ca` and `jwks_file`.
     pub fn gateway_files(&self) -> Vec<PathBuf> {
         let routes = self.services.values().flat_map(|s| &s.routes);
         let lists = self
@@ -301,7 +301,12 @@ impl Manifest {
             .iter()
             .chain(routes.filter_map(|r| r.ip.as_ref()));
         let mut files: Vec<PathBuf> = lists.flat_map(|l| l.files.iter().cloned()).collect();
-        files.extend(self.gateway.jwt.iter().filter_map(|j| j.jwks_ca.clone()));
+        for jwt in &self.gateway.jwt {
+            files.extend(jwt.jwks_ca.clone());
+            if let JwksSource::File(keys) = &jwt.jwks {
+                files.push(keys.clone());
+            }
+        }
         files.sort();
         files.dedup();
         files

@@ -1,9 +1,9 @@
 //! Hot reload: `flotilla up` watches `flotilla.toml` (and the files it
 //! names that the gateway reads: the IP lists' `allow_file` and
-//! `deny_file`, the JWT issuers' `jwks_ca`) and applies what the
-//! gateway owns — each route's auth, scopes, claims, rate limit, CORS, IP
-//! list, body limit, header changes, timeout, cache, `max_in_flight`,
-//! `affinity` and `match_headers`, and the gateway's JWT, API keys,
+//! `deny_file`, the JWT issuers' `jwks_ca` and `jwks_file`) and applies
+//! what the gateway owns — each route's auth, scopes, claims, rate limit,
+//! CORS, IP list, body limit, header changes, timeout, cache,
+//! `max_in_flight`, `affinity` and `match_headers`, and the gateway's JWT, API keys,
 //! CORS, IP, rate-limit, header-change, retry and outlier detection
 //! settings — without dropping a request or a kept-alive connection.
 //!

@@ -439,6 +439,23 @@ impl Verifier {
         self.config == *config && self.secondary == secondary && self.ca_stamp == ca_stamp(config)
     }
 
+    /// For keys read from a file (`jwks_file`): reads it again now, in the
+    /// background, as a reload kept this verifier. `flotilla up` reloads
+    /// when the file changes, so a key taken out of it (a leaked one) stops
+    /// verifying at once rather than at the next refresh: the set changes,
+    /// and with it the version every cached token was verified under.
+    pub(crate) fn reread_file(&self) {
+        if !matches!(self.config.jwks, JwksSource::File(_)) {
+            return;
+        }
+        let store = Arc::clone(&self.store);
+        tokio::spawn(async move {
+            if let Err(e) = store.refresh().await {
+                tracing::warn!(target: "flotilla::gateway", error = %jwks::chain(&e), "JWKS file not read again; keeping the last good set");
+            }
+        });
+    }
+
     /// The caller `token` names if this issuer verified it before (and its
     /// keys have not changed since): an error if it has expired since.
     #[inline]

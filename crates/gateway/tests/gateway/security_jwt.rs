@@ -989,3 +989,61 @@ async fn a_renewed_jwks_ca_file_is_taken_at_the_next_reload() {
     assert!(jwks.fetches() >= 1);
     gateway.shutdown(T).await;
 }
+
+/// A key taken out of a `jwks_file` (it leaked) stops verifying at the
+/// reload the file's change brings (`flotilla up` watches the file), not
+/// at the next refresh minutes later: tokens it signed, cached as
+/// verified, are refused from then on.
+#[tokio::test]
+async fn a_key_taken_out_of_a_jwks_file_stops_verifying_at_the_next_reload() {
+    let leaked = Signer::ed25519("leaked-1");
+    let kept = Signer::ed25519("kept-1");
+    let dir = TestDir::new();
+    let file = path_buf(&dir, "jwks.json");
+    ok(
+        std::fs::write(&file, jwks(&[&leaked, &kept]).to_string()),
+        "write jwks",
+    );
+    let registry = Registry::new();
+    let up = Upstream::start("revoked-0").await;
+    registry.set("revoked", vec![up.endpoint()]);
+    let mut api = route("revoked", "/api/**", &[], T);
+    api.auth = RouteAuth::jwt();
+    let mut cfg = config(vec![api]);
+    cfg.jwt = vec![JwtConfig::new(
+        ISSUER,
+        vec!["shop".into()],
+        JwksSource::File(file.clone()),
+    )];
+    let gateway = start(cfg.clone(), &registry).await;
+    let client = Client::new(&gateway);
+    let stolen = leaked.sign(&claims());
+    let good = kept.sign(&claims());
+    for token in [&stolen, &good] {
+        let reply = get(&client, "/api/x", Some(token), &[]).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    }
+
+    ok(
+        std::fs::write(&file, jwks(&[&kept]).to_string()),
+        "take the key out",
+    );
+    ok(gateway.reload(cfg), "reload");
+    // The file is read again in the background: refused within a moment.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let reply = get(&client, "/api/x", Some(&stolen), &[]).await;
+        if reply.status == StatusCode::UNAUTHORIZED {
+            assert_invalid_token(&reply, "a token of the removed key");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still taken: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let reply = get(&client, "/api/x", Some(&good), &[]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    gateway.shutdown(T).await;
+}

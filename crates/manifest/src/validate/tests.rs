@@ -802,6 +802,8 @@ fn a_jwks_file_is_found_beside_the_manifest_and_leeway_is_the_issuers() {
         crate::JwksSource::File(dir.path().join("keys/jwks.json"))
     );
     assert_eq!(jwt.leeway, Duration::from_secs(90));
+    // Watched by `flotilla up`: a key taken out is a reload.
+    assert_eq!(m.gateway_files(), [dir.path().join("keys/jwks.json")]);
     assert_eq!(parses(EDGE).gateway.jwt[0].leeway, Duration::from_secs(60));
 }
 
