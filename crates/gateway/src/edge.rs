@@ -843,7 +843,7 @@ async fn police<'a>(
             && let Some(token) = routing.jwt.cookie_token(req.headers(), policy.issuers)
         {
             let optional = matches!(policy.auth, RouteAuth::Optional);
-            if !cookie_allowed(req, finish.out.cors.as_deref()) {
+            if !cookie_allowed(req, finish.out.cors.as_deref(), client.via_trusted_proxy) {
                 // On an optional route a cookie the browser sent on
                 // another site's behalf leaves the caller anonymous, as
                 // without one.
@@ -917,11 +917,22 @@ async fn police<'a>(
 }
 
 /// Whether `req` may be acted on with a token from its cookies
-/// ([`jwt::cookie`]), under `cors`, its route's CORS policy.
+/// ([`jwt::cookie`]), under `cors`, its route's CORS policy; a trusted
+/// proxy's `X-Forwarded-Host` names this site too.
 #[cold]
-fn cookie_allowed(req: &Request<Body>, cors: Option<&CorsPolicy>) -> bool {
+fn cookie_allowed(req: &Request<Body>, cors: Option<&CorsPolicy>, via_trusted_proxy: bool) -> bool {
     let websocket = req.extensions().get::<WebSocket>().is_some();
-    jwt::cookie::same_site(req.method(), req.uri(), req.headers(), websocket, cors)
+    let forwarded = via_trusted_proxy
+        .then(|| crate::headers::trusted_forwarded_host(req.headers()))
+        .flatten();
+    jwt::cookie::same_site(
+        req.method(),
+        req.uri(),
+        req.headers(),
+        websocket,
+        cors,
+        forwarded,
+    )
 }
 
 /// Longer header values are hashed, so a key costs bounded memory.

@@ -436,7 +436,7 @@ pub(crate) fn forward_fields(
 /// no trusted proxy, and their forwarding pass should not carry it.
 #[cold]
 #[inline(never)]
-fn trusted_forwarded_host(headers: &http::HeaderMap) -> Option<&[u8]> {
+pub(crate) fn trusted_forwarded_host(headers: &http::HeaderMap) -> Option<&[u8]> {
     let last = headers.get_all(&X_FORWARDED_HOST).iter().next_back()?;
     let host = last.as_bytes().rsplit(|&b| b == b',').next()?.trim_ascii();
     (!host.is_empty()).then_some(host)

@@ -12,8 +12,10 @@
 //! decide it:
 //!
 //! - `Origin` names the host the request is for (its `Host`, or HTTP/2's
-//!   `:authority`), or an origin the route's CORS policy admits with
-//!   credentials (a front end on another origin that the system trusts);
+//!   `:authority`; behind a trusted proxy, also the host its client asked
+//!   for, its `X-Forwarded-Host`), or an origin the route's CORS policy
+//!   admits with credentials (a front end on another origin that the
+//!   system trusts);
 //! - without `Origin` (which browsers send on every cross-origin request
 //!   that could change something), `Sec-Fetch-Site: same-origin` or `none`
 //!   (typed by the user), which no script can set;
@@ -30,13 +32,17 @@ use crate::cors::CorsPolicy;
 
 /// Whether a request may be acted on with a token from its cookies (see
 /// the module doc): always for a read, and for anything else only from
-/// this site or an origin `cors` admits with credentials.
+/// this site or an origin `cors` admits with credentials. `forwarded` is
+/// the host a trusted proxy's client asked for, when a trusted proxy sent
+/// the request (a proxy that rewrites `Host` passes the site's name on
+/// there).
 pub(crate) fn same_site(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
     websocket: bool,
     cors: Option<&CorsPolicy>,
+    forwarded: Option<&[u8]>,
 ) -> bool {
     let reads = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
     if reads && !websocket {
@@ -50,10 +56,13 @@ pub(crate) fn same_site(
     let Some(host) = host else {
         return false;
     };
+    let this_site = |a: &[u8]| {
+        a.eq_ignore_ascii_case(host) || forwarded.is_some_and(|f| a.eq_ignore_ascii_case(f))
+    };
     let mut origins = headers.get_all(ORIGIN).iter();
     if let Some(origin) = origins.next() {
         return origins.next().is_none()
-            && (authority(origin.as_bytes()).is_some_and(|a| a.eq_ignore_ascii_case(host))
+            && (authority(origin.as_bytes()).is_some_and(this_site)
                 || cors.is_some_and(|c| c.admits_credentials(origin)));
     }
     match headers.get("sec-fetch-site").map(|v| v.as_bytes()) {
@@ -64,7 +73,7 @@ pub(crate) fn same_site(
     headers
         .get(REFERER)
         .and_then(|r| authority(r.as_bytes()))
-        .is_some_and(|a| a.eq_ignore_ascii_case(host))
+        .is_some_and(this_site)
 }
 
 /// The `host[:port]` of an origin or an absolute URL (`scheme://host...`);
@@ -103,7 +112,7 @@ mod tests {
     fn only_reads_or_requests_from_this_site_may_use_a_cookie_token() {
         let uri: Uri = "/api/orders".parse().unwrap();
         let check = |method: Method, fields: &[(&'static str, &'static str)]| {
-            same_site(&method, &uri, &headers(fields), false, None)
+            same_site(&method, &uri, &headers(fields), false, None, None)
         };
         let host = ("host", "shop.example:8443");
         // Reads, whoever asks.
@@ -146,10 +155,33 @@ mod tests {
         }
         // A WebSocket handshake is a GET, and acts for the user after it.
         let evil = headers(&[host, ("origin", "https://evil.example")]);
-        assert!(!same_site(&Method::GET, &uri, &evil, true, None));
+        assert!(!same_site(&Method::GET, &uri, &evil, true, None, None));
         // HTTP/2's `:authority` names the host.
         let h2: Uri = "https://shop.example:8443/api/orders".parse().unwrap();
         let own = headers(&[("origin", "https://shop.example:8443")]);
-        assert!(same_site(&Method::POST, &h2, &own, false, None));
+        assert!(same_site(&Method::POST, &h2, &own, false, None, None));
+        // Behind a trusted proxy that rewrote `Host`: the name its client
+        // asked for is this site too, and only when the proxy is trusted.
+        let proxied = headers(&[
+            ("host", "catalog.internal:8080"),
+            ("origin", "https://shop.example"),
+        ]);
+        assert!(same_site(
+            &Method::POST,
+            &uri,
+            &proxied,
+            false,
+            None,
+            Some(b"shop.example")
+        ));
+        assert!(!same_site(&Method::POST, &uri, &proxied, false, None, None));
+        assert!(!same_site(
+            &Method::POST,
+            &uri,
+            &proxied,
+            false,
+            None,
+            Some(b"evil.example")
+        ));
     }
 }

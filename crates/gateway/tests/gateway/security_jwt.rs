@@ -1047,3 +1047,59 @@ async fn a_key_taken_out_of_a_jwks_file_stops_verifying_at_the_next_reload() {
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     gateway.shutdown(T).await;
 }
+
+/// Behind a trusted proxy that rewrites `Host` (to an internal name), the
+/// site is the name its client asked for, its `X-Forwarded-Host`: a cookie
+/// token is acted on for a request from there, and still not for another
+/// site, nor on the word of a proxy the gateway does not trust.
+#[tokio::test]
+async fn a_cookie_token_behind_a_trusted_proxy_is_for_the_site_it_names() {
+    let key = Signer::ed25519("proxied-1");
+    let token = key.sign(&claims());
+    for trusted in [true, false] {
+        let registry = Registry::new();
+        let up = Upstream::start("proxied-0").await;
+        registry.set("proxied", vec![up.endpoint()]);
+        let keys = JwksServer::start(jwks(&[&key])).await;
+        let mut api = route("proxied", "/api/**", &[], T);
+        api.auth = RouteAuth::jwt();
+        let mut cfg = config(vec![api]);
+        let mut jwt = jwt_config(&keys);
+        jwt.cookie = Some("at".into());
+        cfg.jwt = vec![jwt];
+        if trusted {
+            cfg.ip = Some(flotilla_gateway::IpConfig {
+                trusted_proxies: ok(flotilla_gateway::parse_nets(&["127.0.0.0/8"]), "nets"),
+                ..Default::default()
+            });
+        }
+        let gateway = start(cfg, &registry).await;
+        let client = Client::new(&gateway);
+        let cookie = format!("at={token}");
+        for (origin, expected) in [
+            (
+                "https://shop.example",
+                if trusted {
+                    StatusCode::OK
+                } else {
+                    StatusCode::FORBIDDEN
+                },
+            ),
+            ("https://evil.example", StatusCode::FORBIDDEN),
+        ] {
+            let fields = [
+                ("cookie", cookie.as_str()),
+                ("origin", origin),
+                ("x-forwarded-host", "shop.example"),
+            ];
+            let reply = client
+                .request(Method::POST, "/api/orders", &fields, Bytes::new())
+                .await;
+            assert_eq!(
+                reply.status, expected,
+                "trusted {trusted}, {origin}: {reply:?}"
+            );
+        }
+        gateway.shutdown(T).await;
+    }
+}
