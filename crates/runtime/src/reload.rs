@@ -35,8 +35,8 @@ pub(crate) struct Watched {
     pub base: GatewayConfig,
 }
 
-/// Polls the manifest, and the list files it names, until `stop`,
-/// reloading the gateway when one of them changes.
+/// Polls the manifest, and the files it names that the gateway reads,
+/// until `stop`, reloading the gateway when one of them changes.
 pub(crate) async fn watch_manifest(
     mut watched: Watched,
     gateway: Arc<Gateway>,
@@ -62,7 +62,14 @@ pub(crate) async fn watch_manifest(
             .collect();
         let changed = changed.join(", ");
         seen = now;
-        match apply(&watched, &gateway) {
+        // Read off the runtime: the manifest and its files (IP lists of up
+        // to 64 MiB, CA bundles) are read with blocking calls.
+        let file = watched.manifest.file.clone();
+        let next = match tokio::task::spawn_blocking(move || Manifest::load(&file)).await {
+            Ok(loaded) => loaded.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("the manifest could not be read: {e}")),
+        };
+        match next.and_then(|next| apply(&watched, next, &gateway)) {
             Ok((manifest, config)) => {
                 console.event(&format!(
                     "{changed} changed: gateway reloaded ({} routes)",
@@ -99,10 +106,13 @@ fn modified(file: &std::path::Path) -> Option<SystemTime> {
     std::fs::metadata(file).and_then(|m| m.modified()).ok()
 }
 
-/// Loads the file, checks the change is one the gateway alone can take, and
-/// swaps the gateway's configuration.
-fn apply(watched: &Watched, gateway: &Gateway) -> Result<(Manifest, GatewayConfig), String> {
-    let next = Manifest::load(&watched.manifest.file).map_err(|e| e.to_string())?;
+/// Checks the change to `next`, the file as loaded again, is one the
+/// gateway alone can take, and swaps the gateway's configuration.
+fn apply(
+    watched: &Watched,
+    next: Manifest,
+    gateway: &Gateway,
+) -> Result<(Manifest, GatewayConfig), String> {
     restart_needed(&watched.manifest, &next)?;
     let mut config = GatewayConfig::from_manifest(&next);
     config.listen = watched.base.listen;
