@@ -593,3 +593,65 @@ mod tests {
         assert_eq!(client_addr(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.1"));
     }
 }
+
+/// Times lookups in compiled lists against the scan they replaced, side by
+/// side on the same networks and addresses; run by
+/// `benches/gateway/ip_lists.sh` (a release build). Prints, never asserts:
+/// timings are no test's business.
+#[cfg(test)]
+mod lookup_timing {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    #[ignore = "a benchmark: benches/gateway/ip_lists.sh"]
+    fn ip_list_lookups_against_a_scan() {
+        let mut state = 0x1234_5678_9abc_def0_u64;
+        let mut draw = move || {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        };
+        println!("networks | scan ns/lookup | compiled ns/lookup | scan / compiled (medians of 5)");
+        for n in [3usize, 100, 10_000, 100_000] {
+            let nets: Vec<IpNet> = (0..n)
+                .map(|_| {
+                    let d = draw();
+                    let prefix = 16 + ((d >> 40) % 17) as u8;
+                    IpNet::new(IpAddr::V4(Ipv4Addr::from_bits(d as u32)), prefix)
+                        .map_or_else(|e| panic!("{e}"), |net| net.trunc())
+                })
+                .collect();
+            let addrs: Vec<IpAddr> = (0..20_000)
+                .map(|_| IpAddr::V4(Ipv4Addr::from_bits(draw() as u32)))
+                .collect();
+            let filter = IpFilter::new(&[], &nets);
+            // The scan of the largest lists is slow: fewer passes.
+            let scans = if n > 1000 { 1 } else { 3 };
+            let (mut scan_ns, mut set_ns) = (Vec::new(), Vec::new());
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                let mut hits = 0usize;
+                for _ in 0..scans {
+                    for a in &addrs {
+                        hits += usize::from(std::hint::black_box(contains(&nets, *a)));
+                    }
+                }
+                scan_ns.push(t.elapsed().as_nanos() as f64 / (scans * addrs.len()) as f64);
+                let t = std::time::Instant::now();
+                for _ in 0..50 {
+                    for a in &addrs {
+                        hits += usize::from(std::hint::black_box(filter.admits(*a)));
+                    }
+                }
+                set_ns.push(t.elapsed().as_nanos() as f64 / (50 * addrs.len()) as f64);
+                std::hint::black_box(hits);
+            }
+            scan_ns.sort_by(f64::total_cmp);
+            set_ns.sort_by(f64::total_cmp);
+            let (scan, set) = (scan_ns[2], set_ns[2]);
+            println!("{n:>8} | {scan:>14.1} | {set:>18.1} | {:.1}x", scan / set);
+        }
+    }
+}
