@@ -56,8 +56,9 @@ pub(crate) fn same_site(
     let Some(host) = host else {
         return false;
     };
-    let this_site = |a: &[u8]| {
-        a.eq_ignore_ascii_case(host) || forwarded.is_some_and(|f| a.eq_ignore_ascii_case(f))
+    let this_site = |(a, default_port): (&[u8], &[u8])| {
+        same_authority(a, host, default_port)
+            || forwarded.is_some_and(|f| same_authority(a, f, default_port))
     };
     let mut origins = headers.get_all(ORIGIN).iter();
     if let Some(origin) = origins.next() {
@@ -76,14 +77,16 @@ pub(crate) fn same_site(
         .is_some_and(this_site)
 }
 
-/// The `host[:port]` of an origin or an absolute URL (`scheme://host...`);
-/// `None` for `null` and anything that is not one.
-fn authority(url: &[u8]) -> Option<&[u8]> {
+/// The `host[:port]` of an origin or an absolute URL (`scheme://host...`),
+/// with its scheme's default port; `None` for `null` and anything that is
+/// not one.
+fn authority(url: &[u8]) -> Option<(&[u8], &'static [u8])> {
     let at = url.windows(3).position(|w| w == b"://")?;
-    let scheme = &url[..at];
-    if !matches!(scheme, b"http" | b"https" | b"ws" | b"wss") {
-        return None;
-    }
+    let default_port: &'static [u8] = match &url[..at] {
+        b"http" | b"ws" => b"80",
+        b"https" | b"wss" => b"443",
+        _ => return None,
+    };
     let rest = &url[at + 3..];
     let end = rest
         .iter()
@@ -92,7 +95,29 @@ fn authority(url: &[u8]) -> Option<&[u8]> {
     let authority = &rest[..end];
     // Userinfo would make `https://shop.example@evil.example` look like
     // the shop.
-    (!authority.is_empty() && !authority.contains(&b'@')).then_some(authority)
+    (!authority.is_empty() && !authority.contains(&b'@')).then_some((authority, default_port))
+}
+
+/// Whether an origin's `host[:port]` names the same host and port as a
+/// request's `Host`, either of them leaving out the origin scheme's
+/// default port: a browser never writes it in `Origin`, while some
+/// clients and proxies write it in `Host` (`shop.example:443`).
+fn same_authority(origin: &[u8], host: &[u8], default_port: &[u8]) -> bool {
+    let (o_name, o_port) = split_port(origin);
+    let (h_name, h_port) = split_port(host);
+    o_name.eq_ignore_ascii_case(h_name)
+        && o_port.unwrap_or(default_port) == h_port.unwrap_or(default_port)
+}
+
+/// `host[:port]` into its name and port; an IPv6 literal keeps its
+/// brackets (`[::1]:8080` is `[::1]` and `8080`).
+fn split_port(authority: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match authority.iter().rposition(|&b| b == b':') {
+        Some(colon) if !authority[colon..].contains(&b']') => {
+            (&authority[..colon], Some(&authority[colon + 1..]))
+        }
+        _ => (authority, None),
+    }
 }
 
 #[cfg(test)]
@@ -153,6 +178,20 @@ mod tests {
         ] {
             assert!(!check(Method::DELETE, &refused), "{refused:?}");
         }
+        // The default port, written on one side only, is the same port;
+        // another is not.
+        let on = |host: &'static str, origin: &'static str| {
+            check(Method::POST, &[("host", host), ("origin", origin)])
+        };
+        assert!(on("shop.example:443", "https://shop.example"));
+        assert!(on("shop.example", "https://shop.example:443"));
+        assert!(on("shop.example:80", "http://shop.example"));
+        assert!(on("[::1]:443", "https://[::1]"));
+        assert!(on("[::1]:8443", "https://[::1]:8443"));
+        assert!(!on("shop.example:80", "https://shop.example"));
+        assert!(!on("shop.example", "https://shop.example:8443"));
+        assert!(!on("[::1]:8443", "https://[::1]"));
+        assert!(!on("shop.example:443", "https://shop.example.evil:443"));
         // A WebSocket handshake is a GET, and acts for the user after it.
         let evil = headers(&[host, ("origin", "https://evil.example")]);
         assert!(!same_site(&Method::GET, &uri, &evil, true, None, None));
