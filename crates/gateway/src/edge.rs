@@ -457,14 +457,21 @@ pub(crate) fn handle<'a>(
         } else {
             None
         };
-        let identity = match police(&routing, route, client, has_cert, &mut req, &mut finish).await
+        let logged_user = logged.then_some(user);
+        let identity = match police(
+            &routing,
+            route,
+            client,
+            has_cert,
+            &mut req,
+            &mut finish,
+            logged_user,
+        )
+        .await
         {
             Ok(identity) => identity,
             Err(rejection) => return finish.reject(rejection),
         };
-        if *logged && let Some(id) = &identity {
-            *user = id.field(jwt::USER_ID.as_str()).cloned();
-        }
         // A cookie the gateway made up to keep this client on its instance.
         let mut set_cookie = None;
         if let Some(affinity) = &route.policy.affinity {
@@ -792,7 +799,10 @@ fn admit_websocket(
 }
 
 /// Steps 6–9 for a matched route; on success `req` is ready to forward,
-/// and the caller's verified identity, if it has one, is returned.
+/// and the caller's verified identity, if it has one, is returned. When
+/// the access log wants it (`user`), the caller's id is put there as soon
+/// as it is verified: a request refused after that (rate limit, body
+/// size) is logged with its caller.
 async fn police<'a>(
     routing: &Routing,
     route: &'a Route,
@@ -800,6 +810,7 @@ async fn police<'a>(
     has_cert: bool,
     req: &mut Request<Body>,
     finish: &mut Finish<'a>,
+    user: Option<&mut Option<HeaderValue>>,
 ) -> Result<Option<Arc<Identity>>, Rejection> {
     let label = route.pattern.as_str();
     let policy = &route.policy;
@@ -875,6 +886,10 @@ async fn police<'a>(
         }
     }
 
+    if let (Some(user), Some(id)) = (user, &identity) {
+        *user = id.field(jwt::USER_ID.as_str()).cloned();
+    }
+
     // The caller's fields go to the instance with the request
     // (`headers::Told`), and are put among the request's fields only on a
     // route that keeps responses: a response may vary on them
@@ -895,8 +910,9 @@ async fn police<'a>(
             .await;
         if let Some(refused_by) = limiter.refused_by(&counted) {
             stats::rate_limited(label, refused_by);
+            let limit = refused_by.into();
             finish.limit = Some((limiter, counted));
-            return Err(Rejection::RateLimited);
+            return Err(Rejection::RateLimited { limit });
         }
         finish.limit = Some((limiter, counted));
     }

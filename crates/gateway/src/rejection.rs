@@ -5,6 +5,7 @@
 //!
 //! Body shape: `{"error":{"code":"not_found","message":"no route for GET /x","request_id":"..."}}`.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -19,11 +20,13 @@ use crate::upstream::ActivateError;
 /// What the access log tells of a response the gateway made itself: its
 /// `error.code`, and for a refused credential the reason, which the
 /// client is never told (a metric label, as `auth_failures_total` counts
-/// it). Kept in the response's extensions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// it), and for a 429 the limit that refused it (its `RateLimit` name, the
+/// `limit` label of `rate_limited_total`). Kept in the response's
+/// extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Refusal {
     pub code: &'static str,
-    pub reason: Option<&'static str>,
+    pub reason: Option<Cow<'static, str>>,
 }
 
 /// Why the gateway answered a request itself. The `Display` text is the
@@ -89,8 +92,9 @@ pub(crate) enum Rejection {
         "a token from a cookie is taken on this request only from this site, or from an origin the CORS policy admits with credentials; send it in `Authorization: Bearer` instead"
     )]
     CrossSiteToken,
+    /// `limit` is the refusing limit's name, for the access log only.
     #[error("too many requests; retry later")]
-    RateLimited,
+    RateLimited { limit: Box<str> },
     #[error("the request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("the gateway is overloaded; retry later")]
@@ -145,7 +149,7 @@ impl Rejection {
             } => StatusCode::FORBIDDEN,
             Rejection::ApiKey { .. } => StatusCode::UNAUTHORIZED,
             Rejection::CrossSiteToken => StatusCode::FORBIDDEN,
-            Rejection::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Rejection::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Rejection::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::Overloaded
             | Rejection::RouteOverloaded { .. }
@@ -173,7 +177,7 @@ impl Rejection {
             Rejection::Auth(AuthError::Forbidden { .. }) => "insufficient_scope",
             Rejection::ApiKey { error, .. } => error.reason(),
             Rejection::CrossSiteToken => "cross_site_request",
-            Rejection::RateLimited => "rate_limited",
+            Rejection::RateLimited { .. } => "rate_limited",
             Rejection::PayloadTooLarge { .. } => "payload_too_large",
             Rejection::Overloaded => "overloaded",
             Rejection::NotCached => "not_cached",
@@ -208,8 +212,9 @@ impl Rejection {
         res.extensions_mut().insert(Refusal {
             code: self.code(),
             reason: match &self {
-                Rejection::Auth(e) => Some(e.reason()),
-                Rejection::ApiKey { error, .. } => Some(error.reason()),
+                Rejection::Auth(e) => Some(Cow::Borrowed(e.reason())),
+                Rejection::ApiKey { error, .. } => Some(Cow::Borrowed(error.reason())),
+                Rejection::RateLimited { limit } => Some(Cow::Owned(limit.to_string())),
                 _ => None,
             },
         });

@@ -824,10 +824,11 @@ async fn a_token_in_a_cookie_acts_only_for_this_site() {
 }
 
 /// The access log says who called (`user`) and, for a refusal, its code
-/// and the reason the client is never told: what an operator needs to
-/// answer "why was I refused?" without a debug log.
+/// and the reason the client is never told (for a token, what was wrong;
+/// for a 429, which limit): what an operator needs to answer "why was I
+/// refused?" without a debug log.
 #[tokio::test]
-async fn the_access_log_names_the_caller_and_why_a_token_was_refused() {
+async fn the_access_log_names_the_caller_and_why_a_request_was_refused() {
     let key = Signer::ed25519("log-1");
     let dir = TestDir::new();
     let log = path_buf(&dir, "access.log");
@@ -837,6 +838,10 @@ async fn the_access_log_names_the_caller_and_why_a_token_was_refused() {
     let keys = JwksServer::start(jwks(&[&key])).await;
     let mut api = route("logged", "/api/**", &[], T);
     api.auth = RouteAuth::jwt();
+    // Two limits: the log names the one that refused.
+    api.rate_limits = ["100/s per user", "1/h per user"]
+        .map(|l| ok(flotilla_gateway::RateLimit::parse(l), "rate limit"))
+        .to_vec();
     let mut cfg = config(vec![api]);
     cfg.jwt = vec![jwt_config(&keys)];
     cfg.access_log = Some(log.clone());
@@ -849,6 +854,7 @@ async fn the_access_log_names_the_caller_and_why_a_token_was_refused() {
         (Some(good.as_str()), StatusCode::OK),
         (Some(expired.as_str()), StatusCode::UNAUTHORIZED),
         (None, StatusCode::UNAUTHORIZED),
+        (Some(good.as_str()), StatusCode::TOO_MANY_REQUESTS),
     ] {
         let reply = get(&client, "/api/orders", token, &[]).await;
         assert_eq!(reply.status, status, "{reply:?}");
@@ -860,7 +866,7 @@ async fn the_access_log_names_the_caller_and_why_a_token_was_refused() {
         .lines()
         .map(|l| ok(serde_json::from_str(l), "an access-log line"))
         .collect();
-    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines.len(), 4, "{text}");
     assert_eq!(lines[0]["user"], "user-1", "{text}");
     assert!(lines[0].get("error").is_none(), "{text}");
     assert_eq!(lines[1]["error"], "invalid_token", "{text}");
@@ -868,6 +874,9 @@ async fn the_access_log_names_the_caller_and_why_a_token_was_refused() {
     assert!(lines[1].get("user").is_none(), "{text}");
     assert_eq!(lines[2]["error"], "missing_token", "{text}");
     assert_eq!(lines[2]["reason"], "missing", "{text}");
+    assert_eq!(lines[3]["error"], "rate_limited", "{text}");
+    assert_eq!(lines[3]["reason"], "h-user", "{text}");
+    assert_eq!(lines[3]["user"], "user-1", "{text}");
     // No token is ever written down.
     assert!(!text.contains(&good) && !text.contains(&expired), "{text}");
 }
