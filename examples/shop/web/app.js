@@ -10,9 +10,10 @@
 // has the platform's shape {"error": {"code", "message", "fields"?,
 // "details"?}}, shown as is.
 //
-// Order calls carry `Authorization: Bearer <access token>`: the gateway
-// verifies it and an order belongs to the token's user, so ordering and
-// "my orders" need a signed-in user.
+// A signed-in browser carries its access token in an HttpOnly cookie that
+// the accounts service sets (`"session": "cookie"` at login): the gateway
+// verifies it on order calls and an order belongs to the token's user, so
+// ordering and "my orders" need a signed-in user.
 'use strict';
 
 (() => {
@@ -25,17 +26,20 @@
   const TRACK_FOR_MS = 60_000;
   const BASKET_KEY = 'flotilla-shop-basket';
   const EMAIL_KEY = 'flotilla-shop-email';
-  // Tokens. The access token lives in memory only (`auth.accessToken`): it
-  // is what order calls carry, so it should be the hardest to lift, and it
-  // is gone on reload, when the refresh token gets a fresh one. The refresh
-  // token goes to sessionStorage, not localStorage: it survives a reload but
-  // not closing the tab, and each tab keeps its own. With localStorage every
-  // tab would share one token and two tabs refreshing at once would present
-  // it twice, which the server treats as theft and answers by revoking the
-  // session. Script on the page can still read it (an HttpOnly cookie would
-  // not be readable, but needs a cookie and CSRF policy at the gateway), so
-  // this page loads no third-party script and builds DOM with textContent.
-  const REFRESH_KEY = 'flotilla-shop-refresh';
+  // Tokens. This page never sees one: both live in HttpOnly cookies the
+  // accounts service sets, the access token (`shop_at`, sent to /api) and
+  // the refresh token (`shop_rt`, sent to /api/accounts only, and only from
+  // this site), so no script, a cross-site scripting bug's included, can
+  // read them. The gateway takes the access token from its cookie and acts
+  // on it for a request that changes something only when the request comes
+  // from this site (its CSRF check). What the page can read is
+  // `shop_session`: when the access token expires. It says whether there
+  // is a session to resume on load, and whether another tab has refreshed
+  // it (all tabs share the cookies, and a refresh token presented twice
+  // ends the session: the server takes that for theft).
+  const SESSION_COOKIE = 'shop_session';
+  // Where an earlier version of this page kept the refresh token.
+  const OLD_REFRESH_KEY = 'flotilla-shop-refresh';
 
   const $ = (id) => document.getElementById(id);
 
@@ -53,8 +57,8 @@
   };
 
   const auth = {
-    accessToken: null,
-    user: null, // {email, name?} for display, from the access token
+    signedIn: false,
+    user: null, // {email, name?} for display, from /api/accounts/me
     refreshing: null, // the one refresh in flight, shared by all callers
   };
 
@@ -71,31 +75,28 @@
   }
 
   /**
-   * Calls the shop. With `{ auth: true }` the access token goes along when
-   * signed in, and a 401 is answered by refreshing the session once and
-   * retrying once.
+   * Calls the shop (the browser sends the session's cookies). With
+   * `{ auth: true }`, a 401 while there is a session is answered by
+   * refreshing it once and retrying once.
    */
   async function api(method, url, body, options) {
     const withAuth = Boolean(options && options.auth);
-    const sentToken = withAuth ? auth.accessToken : null;
+    const seen = sessionExpiry();
     try {
-      return await request(method, url, body, sentToken);
+      return await request(method, url, body);
     } catch (err) {
-      if (!(err instanceof ApiError) || err.status !== 401 || !sentToken) throw err;
-      // Another call may have refreshed meanwhile: then its token is new.
-      if (auth.accessToken === sentToken && !(await refreshSession())) throw err;
-      if (!auth.accessToken) throw err;
-      return request(method, url, body, auth.accessToken);
+      if (!(err instanceof ApiError) || err.status !== 401 || !withAuth || seen === null) throw err;
+      if (!(await refreshSession(seen))) throw err;
+      return request(method, url, body);
     }
   }
 
-  async function request(method, url, body, token) {
-    const init = { method, headers: { Accept: 'application/json' } };
+  async function request(method, url, body) {
+    const init = { method, headers: { Accept: 'application/json' }, credentials: 'same-origin' };
     if (body !== undefined) {
       init.headers['Content-Type'] = 'application/json';
       init.body = JSON.stringify(body);
     }
-    if (token) init.headers.Authorization = `Bearer ${token}`;
     let res;
     try {
       res = await fetch(url, init);
@@ -172,80 +173,76 @@
 
   // ---- Account ------------------------------------------------------------
 
-  function storedRefreshToken() {
-    try {
-      return sessionStorage.getItem(REFRESH_KEY);
-    } catch (_) {
-      return null;
-    }
-  }
-
-  function storeRefreshToken(token) {
-    try {
-      if (token) sessionStorage.setItem(REFRESH_KEY, token);
-      else sessionStorage.removeItem(REFRESH_KEY);
-    } catch (_) {
-      // No storage: the session just won't survive a reload.
-    }
-  }
-
   /**
-   * A JWT's claims, for display only (the e-mail address). The page never
-   * trusts them: the gateway verifies the token on every call.
+   * When the session's access token expires (Unix seconds, from the
+   * readable `shop_session` cookie), or null when there is no session.
    */
-  function claimsOf(token) {
-    try {
-      const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
-      const padded = part + '='.repeat((4 - (part.length % 4)) % 4);
-      const bytes = Uint8Array.from(atob(padded), (c) => c.charCodeAt(0));
-      return JSON.parse(new TextDecoder().decode(bytes)) || {};
-    } catch (_) {
-      return {};
+  function sessionExpiry() {
+    for (const pair of document.cookie.split(';')) {
+      const eq = pair.indexOf('=');
+      if (eq > 0 && pair.slice(0, eq).trim() === SESSION_COOKIE) {
+        const value = Number(pair.slice(eq + 1).trim());
+        return Number.isFinite(value) && value > 0 ? value : null;
+      }
     }
+    return null;
   }
 
-  function acceptTokens(tokens) {
-    auth.accessToken = tokens.access_token;
-    storeRefreshToken(tokens.refresh_token);
-    auth.user = { email: claimsOf(tokens.access_token).email || '' };
+  /** Signed in: who it is comes from the accounts service. */
+  async function startSession() {
+    auth.signedIn = true;
+    try {
+      const me = await api('GET', 'api/accounts/me', undefined, { auth: true });
+      auth.user = { email: me.email, name: me.name };
+    } catch (err) {
+      if (err.status === 401) {
+        forgetSession();
+        return;
+      }
+      // The name is for display only; the session stands.
+    }
     renderAccount();
     loadNotifications();
   }
 
   function forgetSession() {
-    auth.accessToken = null;
+    auth.signedIn = false;
     auth.user = null;
-    storeRefreshToken(null);
     renderAccount();
   }
 
   /**
-   * Swaps the refresh token for new tokens; resolves to whether the page is
-   * signed in afterwards. One refresh at a time: two at once would present
-   * the same refresh token twice, and the server revokes a session whose
-   * token comes back.
+   * Swaps the refresh token (its cookie) for new tokens; resolves to
+   * whether the page is signed in afterwards. `seen` is the session's
+   * expiry when the call that needs it was refused. One refresh at a time
+   * in this tab, and with the Web Locks API in all of them: two at once
+   * would present the same refresh token twice. A tab that waited for
+   * another's refresh sees a new expiry and just retries.
    */
-  function refreshSession() {
+  function refreshSession(seen) {
     if (auth.refreshing) return auth.refreshing;
-    const pending = (async () => {
-      const token = storedRefreshToken();
-      if (!token) {
+    const run = async () => {
+      const now = sessionExpiry();
+      if (now === null) {
         forgetSession();
         return false;
       }
+      if (now !== seen) return true; // another tab refreshed it
       try {
-        acceptTokens(await request('POST', 'api/accounts/refresh', { refresh_token: token }));
+        await request('POST', 'api/accounts/refresh', {});
         return true;
       } catch (err) {
-        // Refused (expired, revoked, reused): signed out. A network error
-        // or an outage keeps the token for the next try.
+        // Refused (expired, revoked, reused): signed out, and the server
+        // cleared the cookies. A network error or an outage keeps the
+        // session for the next try.
         if (err.status === 400 || err.status === 401) {
           forgetSession();
           showError($('account-error'), new ApiError(err.status, err.code, 'Your session has ended. Please sign in again.'));
         }
         return false;
       }
-    })();
+    };
+    const pending = navigator.locks ? navigator.locks.request('flotilla-shop-refresh', run) : run();
     auth.refreshing = pending;
     pending.then(() => {
       if (auth.refreshing === pending) auth.refreshing = null;
@@ -271,9 +268,10 @@
     showOk($('account-ok'), null);
     await withBusy($('si-submit'), async () => {
       try {
-        acceptTokens(await request('POST', 'api/accounts/login', { email, password }));
+        await request('POST', 'api/accounts/login', { email, password, session: 'cookie' });
         $('si-password').value = '';
         rememberEmail(email);
+        await startSession();
       } catch (err) {
         showError($('account-error'), err);
       }
@@ -293,9 +291,10 @@
     await withBusy($('su-submit'), async () => {
       try {
         await request('POST', 'api/accounts/register', body);
-        acceptTokens(await request('POST', 'api/accounts/login', { email, password }));
+        await request('POST', 'api/accounts/login', { email, password, session: 'cookie' });
         $('su-password').value = '';
         rememberEmail(email);
+        await startSession();
         showOk($('account-ok'), 'Welcome! Your account is ready and you are signed in.');
       } catch (err) {
         showError($('account-error'), err);
@@ -304,7 +303,6 @@
   }
 
   async function signOut() {
-    const token = storedRefreshToken();
     forgetSession();
     showError($('account-error'), null);
     $('orders').replaceChildren();
@@ -314,18 +312,19 @@
     stopTracking();
     $('progress').hidden = true;
     showOk($('account-ok'), 'You are signed out.');
-    if (token) {
-      try {
-        await request('POST', 'api/accounts/logout', { refresh_token: token });
-      } catch (_) {
-        // Signed out here regardless; the session ends on the server when
-        // its refresh token expires.
-      }
+    try {
+      // Revokes the refresh token (its cookie) and clears the cookies.
+      await request('POST', 'api/accounts/logout', {});
+    } catch (_) {
+      // Signed out here regardless: the page forgets the session (the
+      // tokens' cookies are out of its reach), which ends on the server
+      // when its refresh token expires.
+      document.cookie = `${SESSION_COOKIE}=; Max-Age=0; Path=/; SameSite=Strict`;
     }
   }
 
   function renderAccount() {
-    const signedIn = Boolean(auth.accessToken);
+    const signedIn = auth.signedIn;
     const who = signedIn ? (auth.user && auth.user.email) || 'your account' : '';
     $('signed-in').hidden = !signedIn;
     $('signed-out').hidden = signedIn;
@@ -567,7 +566,7 @@
   async function placeOrder(event) {
     event.preventDefault();
     if (!state.quote || state.placing) return;
-    if (!auth.accessToken) {
+    if (!auth.signedIn) {
       showError($('order-error'), new ApiError(401, 'unauthenticated', 'Sign in to place an order.'));
       return;
     }
@@ -634,7 +633,7 @@
   async function loadOrders() {
     showError($('orders-error'), null);
     const url = 'api/orders'; // the token says whose
-    if (!auth.accessToken) {
+    if (!auth.signedIn) {
       showError($('orders-error'), new ApiError(401, 'unauthenticated', 'Sign in to see your orders.'));
       return;
     }
@@ -735,7 +734,7 @@
   async function loadNotifications() {
     showError($('notifications-error'), null);
     const list = $('notifications');
-    if (!auth.accessToken) {
+    if (!auth.signedIn) {
       list.replaceChildren();
       $('notifications-empty').hidden = true;
       return;
@@ -839,9 +838,14 @@
       // No storage: start empty.
     }
     renderAccount();
-    // A reload keeps the session: the stored refresh token gets a new
-    // access token.
-    if (storedRefreshToken()) refreshSession();
+    try {
+      sessionStorage.removeItem(OLD_REFRESH_KEY);
+    } catch (_) {
+      // No storage: nothing was kept there either.
+    }
+    // A reload keeps the session: its cookies are still there, and an
+    // expired access token is refreshed on the first refusal.
+    if (sessionExpiry() !== null) startSession();
     renderBasket();
     scheduleQuote();
     loadCategories();

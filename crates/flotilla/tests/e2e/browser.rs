@@ -202,6 +202,27 @@ impl Browser {
         }
     }
 
+    /// The browser's cookie `name` for the current page, as WebDriver
+    /// sees it (`httpOnly`, `sameSite` and all; scripts see less).
+    pub async fn cookie(&self, name: &str) -> Value {
+        self.command(
+            reqwest::Method::GET,
+            &format!("/cookie/{name}"),
+            Value::Null,
+        )
+        .await
+    }
+
+    /// Deletes the cookie `name`, as an expired one would be.
+    pub async fn delete_cookie(&self, name: &str) {
+        self.command(
+            reqwest::Method::DELETE,
+            &format!("/cookie/{name}"),
+            Value::Null,
+        )
+        .await;
+    }
+
     pub async fn close(self) {
         self.command(reqwest::Method::DELETE, "", Value::Null).await;
     }

@@ -544,7 +544,8 @@ async fn the_web_ui_lists_products_in_a_real_browser() {
 /// The shop as a customer uses it, in a real browser: create an account in
 /// the UI (which signs in), put a product in the basket, wait for the quote,
 /// place the order, and find it under "My orders", which lists the signed-in
-/// user's orders (the gateway takes the user from the token).
+/// user's orders (the gateway takes the user from the token, which is in an
+/// HttpOnly cookie no script sees); reload and still be signed in; sign out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_customer_signs_up_and_orders_in_a_real_browser() {
     let Some(browser) = Browser::start().await else {
@@ -610,6 +611,86 @@ async fn a_customer_signs_up_and_orders_in_a_real_browser() {
         .await;
     let mine = mine.as_str().unwrap_or_default();
     assert!(mine.contains(&short_id), "{short_id} not in:\n{mine}");
+
+    // The tokens are in HttpOnly cookies, out of any script's reach: the
+    // page sees only when its session expires.
+    let visible = browser
+        .eval("return [document.cookie, JSON.stringify(sessionStorage), JSON.stringify(localStorage)].join(' | ')")
+        .await;
+    let visible = visible.as_str().unwrap_or_default().to_string();
+    assert!(visible.contains("shop_session="), "{visible}");
+    for secret in ["shop_at", "shop_rt", "eyJ", "refresh"] {
+        assert!(
+            !visible.contains(secret),
+            "{secret} in what the page sees: {visible}"
+        );
+    }
+    // A reload resumes the session from its cookies.
+    browser.goto(&system.url("/")).await;
+    let who = browser
+        .wait_for(
+            "signed in after a reload",
+            "return !document.getElementById('signed-in').hidden && document.getElementById('who').textContent",
+        )
+        .await;
+    assert_eq!(who, "browser@example.com");
+    // The token cookies, seen where they are sent (WebDriver shows the
+    // current page's): HttpOnly, and only from this site. The access
+    // token authenticates a plain navigation too.
+    browser.goto(&system.url("/api/accounts/me")).await;
+    let me = browser.eval("return document.body.innerText").await;
+    assert!(
+        me.as_str()
+            .unwrap_or_default()
+            .contains("browser@example.com"),
+        "{me}"
+    );
+    for name in ["shop_at", "shop_rt"] {
+        let cookie = browser.cookie(name).await;
+        assert_eq!(cookie["httpOnly"], true, "{cookie}");
+        assert_eq!(cookie["sameSite"], "Strict", "{cookie}");
+    }
+    // The access token gone (as after its 15 minutes): the page's refused
+    // call refreshes the session from the refresh token's cookie.
+    browser.delete_cookie("shop_at").await;
+    browser.goto(&system.url("/")).await;
+    let who = browser
+        .wait_for(
+            "signed in again through a refresh",
+            "return !document.getElementById('signed-in').hidden && document.getElementById('who').textContent",
+        )
+        .await;
+    assert_eq!(who, "browser@example.com");
+    browser.click("#refresh-orders").await;
+    let mine = browser
+        .wait_for(
+            "My orders after the refresh",
+            "const err = document.getElementById('orders-error');
+             if (!err.hidden) return 'error: ' + err.textContent;
+             const t = document.getElementById('orders').innerText; return t.length > 0 && t",
+        )
+        .await;
+    let mine = mine.as_str().unwrap_or_default();
+    assert!(mine.contains(&short_id), "{short_id} not in:\n{mine}");
+    // Signing out clears the cookies: a reload finds no session.
+    browser.click("#sign-out").await;
+    browser
+        .wait_for(
+            "the session cookie cleared",
+            "return !document.getElementById('signed-out').hidden && !document.cookie.includes('shop_session')",
+        )
+        .await;
+    browser.goto(&system.url("/")).await;
+    browser
+        .wait_for(
+            "the product list after signing out",
+            "return document.querySelectorAll('#products .add-btn').length",
+        )
+        .await;
+    let state = browser
+        .eval("return document.getElementById('signed-in').hidden")
+        .await;
+    assert_eq!(state, true, "signed out after a reload");
 
     browser.close().await;
     system.stop().await;

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use flotilla_chassis::{ApiError, ApiJson, FieldError, VerifiedUser};
@@ -20,6 +20,7 @@ use crate::jwt::{self, ACCESS_TTL_SECONDS, Claims};
 use crate::keys::{KeyError, Keys};
 use crate::password::{PasswordError, Passwords};
 use crate::refresh::{self, RefreshError, Rotation};
+use crate::session::{self, Delivery};
 use crate::users::{self, User};
 use crate::validate;
 
@@ -193,19 +194,66 @@ struct Tokens {
     refresh_token: String,
 }
 
-/// Tokens must not be cached by anything in between (RFC 6749 §5.1).
-fn tokens_response(access_token: String, refresh_token: String) -> Response {
-    let mut res = axum::Json(Tokens {
-        access_token,
-        token_type: "Bearer",
-        expires_in: ACCESS_TTL_SECONDS,
-        refresh_token,
-    })
-    .into_response();
-    let headers = res.headers_mut();
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    res
+/// A session delivered in cookies: the tokens are in `Set-Cookie` only.
+#[derive(Debug, Serialize)]
+struct CookieSession {
+    session: &'static str,
+    expires_in: i64,
+}
+
+/// How a new session leaves: where it was asked for (`delivery`), and
+/// whether the client's connection was HTTPS (`secure`, for the cookies).
+#[derive(Debug, Clone, Copy)]
+struct Reply {
+    delivery: Delivery,
+    secure: bool,
+}
+
+impl Reply {
+    /// The tokens, in the body or in cookies. Neither may be cached by
+    /// anything in between (RFC 6749 §5.1).
+    fn tokens(self, access_token: String, refresh_token: String, ttl: i64) -> Response {
+        let mut res = match self.delivery {
+            Delivery::Body => axum::Json(Tokens {
+                access_token,
+                token_type: "Bearer",
+                expires_in: ACCESS_TTL_SECONDS,
+                refresh_token,
+            })
+            .into_response(),
+            Delivery::Cookie => {
+                let mut res = axum::Json(CookieSession {
+                    session: "cookie",
+                    expires_in: ACCESS_TTL_SECONDS,
+                })
+                .into_response();
+                session::set(
+                    res.headers_mut(),
+                    &access_token,
+                    ACCESS_TTL_SECONDS,
+                    unix_now() + ACCESS_TTL_SECONDS,
+                    &refresh_token,
+                    ttl,
+                    self.secure,
+                );
+                res
+            }
+        };
+        let headers = res.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+        res
+    }
+
+    /// `err`, and for a cookie session, cookies that end it in the browser
+    /// (a revoked or unknown refresh token is of no more use there).
+    fn ended(self, err: ApiError) -> Response {
+        let mut res = err.into_response();
+        if self.delivery == Delivery::Cookie {
+            session::clear(res.headers_mut(), self.secure);
+        }
+        res
+    }
 }
 
 /// `POST /api/accounts/login` body.
@@ -215,10 +263,15 @@ pub struct Login {
     email: Option<String>,
     #[serde(default)]
     password: Option<String>,
+    /// `"token"` (the default: tokens in the body) or `"cookie"` (see
+    /// [`session`]).
+    #[serde(default)]
+    session: Option<String>,
 }
 
 async fn login(
     State(state): State<AppState>,
+    request: HeaderMap,
     ApiJson(body): ApiJson<Login>,
 ) -> Result<Response, ApiError> {
     let mut errors = Vec::new();
@@ -227,8 +280,19 @@ async fn login(
         &mut errors,
         validate::login_password(body.password.as_deref()),
     );
-    let (Some(email), Some(password)) = (email, password) else {
+    let delivery = Delivery::parse(body.session.as_deref());
+    if delivery.is_none() {
+        errors.push(FieldError::new(
+            "session",
+            "must be \"token\" or \"cookie\"",
+        ));
+    }
+    let (Some(email), Some(password), Some(delivery)) = (email, password, delivery) else {
         return Err(ApiError::validation(errors));
+    };
+    let reply = Reply {
+        delivery,
+        secure: session::secure(&request),
     };
     let (user, stored) = match users::by_email(&state.db, &email).await? {
         Some((user, hash)) => (Some(user), Some(hash)),
@@ -258,27 +322,42 @@ async fn login(
     );
     metrics::counter!("accounts_logins_total", "outcome" => "success").increment(1);
     tracing::info!(user = %user.id, kid = %signer.kid, "logged in");
-    Ok(tokens_response(jwt::sign(signer, &claims), refresh_token))
+    let ttl = state.config.refresh_ttl;
+    Ok(reply.tokens(jwt::sign(signer, &claims), refresh_token, ttl))
 }
 
-/// `POST /api/accounts/refresh` and `/logout` body.
+/// `POST /api/accounts/refresh` and `/logout` body. Without a token, the
+/// session's cookie is the token.
 #[derive(Debug, Default, Deserialize)]
 pub struct RefreshBody {
     #[serde(default)]
     refresh_token: Option<String>,
 }
 
-fn required_token(body: RefreshBody) -> Result<String, ApiError> {
-    body.refresh_token
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::validation(vec![FieldError::new("refresh_token", "is required")]))
+/// The refresh token presented, and how the session it belongs to is
+/// delivered: the body's, else the cookie's.
+fn presented_token(body: RefreshBody, request: &HeaderMap) -> Result<(String, Reply), ApiError> {
+    let secure = session::secure(request);
+    if let Some(token) = body.refresh_token.filter(|t| !t.is_empty()) {
+        let delivery = Delivery::Body;
+        return Ok((token, Reply { delivery, secure }));
+    }
+    let token = session::refresh_token(request).ok_or_else(|| {
+        ApiError::validation(vec![FieldError::new(
+            "refresh_token",
+            "is required (in the body, or in the session's cookie)",
+        )])
+    })?;
+    let delivery = Delivery::Cookie;
+    Ok((token, Reply { delivery, secure }))
 }
 
 async fn refresh_tokens(
     State(state): State<AppState>,
+    request: HeaderMap,
     ApiJson(body): ApiJson<RefreshBody>,
 ) -> Result<Response, ApiError> {
-    let presented = required_token(body)?;
+    let (presented, reply) = presented_token(body, &request)?;
     let now = unix_now();
     let ring = state.keys.current();
     // Before spending the token: failing after would lose the session.
@@ -297,31 +376,38 @@ async fn refresh_tokens(
                 now,
             );
             metrics::counter!("accounts_refreshes_total", "outcome" => "rotated").increment(1);
-            Ok(tokens_response(jwt::sign(signer, &claims), token))
+            let ttl = state.config.refresh_ttl;
+            Ok(reply.tokens(jwt::sign(signer, &claims), token, ttl))
         }
         Rotation::Reused { user_id } => {
             metrics::counter!("accounts_refreshes_total", "outcome" => "reused").increment(1);
             tracing::warn!(user = %user_id, "refresh token reused; its family is revoked");
-            Err(refresh_token_reused())
+            Ok(reply.ended(refresh_token_reused()))
         }
         Rotation::Invalid => {
             metrics::counter!("accounts_refreshes_total", "outcome" => "invalid").increment(1);
-            Err(invalid_refresh_token())
+            Ok(reply.ended(invalid_refresh_token()))
         }
     }
 }
 
 /// Always 204 for a well-formed request: whether the token was known is
-/// nobody's business, and logging out twice is not an error.
+/// nobody's business, and logging out twice is not an error. A cookie
+/// session's cookies are cleared.
 async fn logout(
     State(state): State<AppState>,
+    request: HeaderMap,
     ApiJson(body): ApiJson<RefreshBody>,
-) -> Result<StatusCode, ApiError> {
-    let presented = required_token(body)?;
+) -> Result<Response, ApiError> {
+    let (presented, reply) = presented_token(body, &request)?;
     if refresh::logout(&state.db, &presented, unix_now()).await? {
         metrics::counter!("accounts_logouts_total").increment(1);
     }
-    Ok(StatusCode::NO_CONTENT)
+    let mut res = StatusCode::NO_CONTENT.into_response();
+    if reply.delivery == Delivery::Cookie {
+        session::clear(res.headers_mut(), reply.secure);
+    }
+    Ok(res)
 }
 
 // ---- Me and JWKS -------------------------------------------------------------

@@ -13,6 +13,7 @@ mod keys;
 mod openapi;
 mod password;
 mod refresh;
+mod session;
 mod users;
 mod validate;
 

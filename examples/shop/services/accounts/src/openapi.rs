@@ -7,8 +7,15 @@ use serde_json::{Value, json};
 pub fn document() -> Value {
     let body = |schema: &str| json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
     let tokens = json!({
-        "description": "An access token and a new refresh token (Cache-Control: no-store)",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Tokens"}}}
+        "description": "An access token and a new refresh token (Cache-Control: no-store): in the body (Tokens), or for a cookie session in HttpOnly cookies only (CookieSession)",
+        "headers": {"Set-Cookie": {
+            "description": "A cookie session's cookies: shop_at (the access token; HttpOnly, SameSite=Strict, Path=/api, Max-Age=900), shop_rt (the refresh token; HttpOnly, SameSite=Strict, Path=/api/accounts) and shop_session (the access token's expiry in Unix seconds, readable by the page). Secure when the client's connection was HTTPS.",
+            "schema": {"type": "string"}
+        }},
+        "content": {"application/json": {"schema": {"oneOf": [
+            {"$ref": "#/components/schemas/Tokens"},
+            {"$ref": "#/components/schemas/CookieSession"}
+        ]}}}
     });
     json!({
         "openapi": "3.0.3",
@@ -49,10 +56,11 @@ pub fn document() -> Value {
                 "post": {
                     "operationId": "refresh",
                     "summary": "Exchange a refresh token for new tokens; the presented one is spent",
+                    "description": "The token is the body's refresh_token, else the shop_rt cookie's; the new tokens go where the presented one came from. A refused cookie is cleared.",
                     "requestBody": body("RefreshToken"),
                     "responses": {
                         "200": tokens,
-                        "400": error_response("invalid_request: refresh_token missing"),
+                        "400": error_response("invalid_request: refresh_token missing (from the body and the cookies)"),
                         "401": error_response("invalid_refresh_token (unknown, expired or revoked), or refresh_token_reused (already spent: its whole family is now revoked)")
                     }
                 }
@@ -61,10 +69,11 @@ pub fn document() -> Value {
                 "post": {
                     "operationId": "logout",
                     "summary": "Revoke the refresh token's family",
+                    "description": "The token is the body's refresh_token, else the shop_rt cookie's; a cookie session's cookies are cleared.",
                     "requestBody": body("RefreshToken"),
                     "responses": {
                         "204": {"description": "Logged out (also when the token was unknown)"},
-                        "400": error_response("invalid_request: refresh_token missing")
+                        "400": error_response("invalid_request: refresh_token missing (from the body and the cookies)")
                     }
                 }
             },
@@ -107,13 +116,21 @@ pub fn document() -> Value {
                     "required": ["email", "password"],
                     "properties": {
                         "email": {"type": "string", "format": "email"},
-                        "password": {"type": "string", "format": "password"}
+                        "password": {"type": "string", "format": "password"},
+                        "session": {"type": "string", "enum": ["token", "cookie"], "default": "token", "description": "Where the tokens go: the response body, or HttpOnly cookies (a browser's session, which no script on the page can read)"}
                     }
                 },
                 "RefreshToken": {
                     "type": "object",
-                    "required": ["refresh_token"],
-                    "properties": {"refresh_token": {"type": "string"}}
+                    "properties": {"refresh_token": {"type": "string", "description": "Required unless the request carries the shop_rt cookie"}}
+                },
+                "CookieSession": {
+                    "type": "object",
+                    "required": ["session", "expires_in"],
+                    "properties": {
+                        "session": {"type": "string", "enum": ["cookie"]},
+                        "expires_in": {"type": "integer", "example": 900}
+                    }
                 },
                 "Tokens": {
                     "type": "object",

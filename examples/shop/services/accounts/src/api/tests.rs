@@ -346,6 +346,155 @@ async fn logout_revokes_the_family() {
     assert_eq!(a.status, StatusCode::OK);
 }
 
+/// `name`'s value among a response's `Set-Cookie` fields, with its
+/// attributes.
+fn set_cookie<'a>(a: &'a Answer, name: &str) -> Option<&'a str> {
+    a.headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+}
+
+/// The value `set_cookie` gives `name`.
+fn cookie_value(a: &Answer, name: &str) -> String {
+    let field = set_cookie(a, name).unwrap_or_else(|| panic!("no {name} cookie: {:?}", a.headers));
+    field[name.len() + 1..]
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// A POST with the `Cookie` field and, optionally, the forwarded scheme.
+async fn post_with_cookie(app: &Router, path: &str, body: Value, cookie: &str) -> Answer {
+    send(
+        app,
+        Request::post(path)
+            .header("content-type", "application/json")
+            .header("cookie", cookie)
+            .body(Body::from(body.to_string()))
+            .unwrap(),
+    )
+    .await
+}
+
+/// A browser's session: the tokens only in `HttpOnly` cookies, the
+/// refresh token read from its cookie and rotated there, a reused one
+/// ending the session in the browser too, and logout clearing them.
+#[tokio::test]
+async fn a_cookie_session_keeps_both_tokens_out_of_the_page() {
+    let (app, _) = app().await;
+    register(&app, "ivy@example.com", "a long passphrase").await;
+    let credentials = json!({"email": "ivy@example.com", "password": "a long passphrase"});
+    let mut body = credentials.clone();
+    body["session"] = json!("cookies");
+    let a = post(&app, "/api/accounts/login", body.clone()).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert_eq!(fields(&a), ["session"]);
+
+    body["session"] = json!("cookie");
+    let a = post(&app, "/api/accounts/login", body.clone()).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(a.body, json!({"session": "cookie", "expires_in": 900}));
+    assert_eq!(a.headers["cache-control"], "no-store");
+    let at = set_cookie(&a, "shop_at").unwrap();
+    assert!(at.contains("HttpOnly") && at.contains("Path=/api;") && at.ends_with("Max-Age=900"));
+    assert!(!at.contains("Secure"), "plain HTTP: {at}");
+    let rt = set_cookie(&a, "shop_rt").unwrap();
+    assert!(
+        rt.contains("HttpOnly")
+            && rt.contains("SameSite=Strict")
+            && rt.contains("Path=/api/accounts;")
+    );
+    let session = set_cookie(&a, "shop_session").unwrap();
+    assert!(
+        !session.contains("HttpOnly"),
+        "the page reads when it expires"
+    );
+    let expires: i64 = cookie_value(&a, "shop_session").parse().unwrap();
+    let claims = verified_claims(&app, &cookie_value(&a, "shop_at")).await;
+    assert_eq!(claims["email"], "ivy@example.com");
+    assert_eq!(claims["exp"], expires);
+
+    // The refresh token from its cookie, rotated in the cookies.
+    let r1 = cookie_value(&a, "shop_rt");
+    let cookie = format!("shop_session={expires}; shop_rt={r1}");
+    let a = post_with_cookie(&app, "/api/accounts/refresh", json!({}), &cookie).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert!(a.body.get("refresh_token").is_none() && a.body.get("access_token").is_none());
+    let r2 = cookie_value(&a, "shop_rt");
+    assert_ne!(r2, r1);
+    // A token in the body is the token, whatever the cookie.
+    let a = post_with_cookie(
+        &app,
+        "/api/accounts/refresh",
+        json!({"refresh_token": r2}),
+        "shop_rt=unknown",
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert!(
+        set_cookie(&a, "shop_rt").is_none(),
+        "a body session stays one"
+    );
+    let r3 = a.body["refresh_token"].as_str().unwrap().to_owned();
+
+    // The spent cookie again: the family is revoked, and the browser is
+    // told to forget its cookies.
+    let a = post_with_cookie(
+        &app,
+        "/api/accounts/refresh",
+        json!({}),
+        &format!("shop_rt={r1}"),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(a.body["error"]["code"], "refresh_token_reused");
+    for name in ["shop_at", "shop_rt", "shop_session"] {
+        assert!(
+            set_cookie(&a, name).is_some_and(|c| c.contains("Max-Age=0")),
+            "{name}"
+        );
+    }
+    let a = post(&app, "/api/accounts/refresh", json!({"refresh_token": r3})).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+
+    // Over HTTPS the cookies are `Secure`; logout by cookie clears them.
+    let a = send(
+        &app,
+        Request::post("/api/accounts/login")
+            .header("content-type", "application/json")
+            .header("x-forwarded-proto", "https")
+            .body(Body::from(body.to_string()))
+            .unwrap(),
+    )
+    .await;
+    assert!(set_cookie(&a, "shop_rt").unwrap().contains("Secure"));
+    let rt = cookie_value(&a, "shop_rt");
+    let a = post_with_cookie(
+        &app,
+        "/api/accounts/logout",
+        json!({}),
+        &format!("shop_rt={rt}"),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::NO_CONTENT);
+    assert!(set_cookie(&a, "shop_rt").is_some_and(|c| c.contains("Max-Age=0")));
+    let a = post_with_cookie(
+        &app,
+        "/api/accounts/refresh",
+        json!({}),
+        &format!("shop_rt={rt}"),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    // Neither a body token nor a cookie: the field error says where.
+    let a = post_with_cookie(&app, "/api/accounts/refresh", json!({}), "other=1").await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert_eq!(fields(&a), ["refresh_token"]);
+}
+
 #[tokio::test]
 async fn me_reads_the_gateway_header() {
     let (app, _) = app().await;
