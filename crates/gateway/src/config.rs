@@ -68,6 +68,9 @@ pub struct Config {
     pub cache: CacheConfig,
     /// The keys of machine clients; needed by any route with `auth = key`.
     pub api_keys: Option<flotilla_manifest::ApiKeys>,
+    /// The service that authorizes requests of routes with `authz`
+    /// (`[gateway.authz]`; see [`crate::authz`]).
+    pub authz: Option<flotilla_manifest::Authz>,
 }
 
 /// One path (and optionally methods) owned by a service.
@@ -134,6 +137,9 @@ pub struct RouteConfig {
     pub request_headers: HeaderChanges,
     /// Header changes on this route's responses, after the system's.
     pub response_headers: HeaderChanges,
+    /// Each request is let through only if `Config::authz`'s service
+    /// allows it.
+    pub authz: bool,
 }
 
 impl RouteConfig {
@@ -163,6 +169,7 @@ impl RouteConfig {
             client_cert: false,
             request_headers: HeaderChanges::default(),
             response_headers: HeaderChanges::default(),
+            authz: false,
         }
     }
 
@@ -302,6 +309,12 @@ pub enum ConfigError {
     UnknownConsumer { route: String, consumer: String },
     #[error("[gateway.api_keys] header `{0}` cannot be a header name")]
     ApiKeyHeader(String),
+    #[error(
+        "route `{route}` has `authz` but the gateway has no authorization service; add [gateway.authz] with `service`"
+    )]
+    AuthzRequired { route: String },
+    #[error("[gateway.authz] lists a header that cannot be a header name")]
+    AuthzHeader,
     #[error("the JWKS server's certificate cannot be checked")]
     JwksTrust(#[source] crate::client::WebTrustError),
     #[error("the JWT issuer is empty; set jwt.issuer to the `iss` your tokens carry")]
@@ -501,6 +514,11 @@ impl Config {
                     issuer: unknown.clone(),
                 });
             }
+            if route.authz && self.authz.is_none() {
+                return Err(ConfigError::AuthzRequired {
+                    route: route.name(),
+                });
+            }
             if let RouteAuth::Key { consumers } = &route.auth {
                 let Some(keys) = &self.api_keys else {
                     return Err(ConfigError::ApiKeysRequired {
@@ -642,6 +660,7 @@ impl Config {
                         })
                         .collect(),
                     client_cert: route.client_cert,
+                    authz: route.authz,
                     request_headers: HeaderChanges::from_manifest(&route.request_headers),
                     response_headers: HeaderChanges::from_manifest(&route.response_headers),
                     ..RouteConfig::new(service, route.pattern.clone())
@@ -707,6 +726,7 @@ impl Config {
                 .map(CompressionConfig::from_manifest),
             cache: CacheConfig::from_manifest(&gw.cache),
             api_keys: gw.api_keys.clone(),
+            authz: gw.authz.clone(),
         }
     }
 }

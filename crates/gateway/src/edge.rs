@@ -42,6 +42,7 @@ use tower::ServiceExt;
 
 use crate::affinity;
 use crate::apikey::KeyError;
+use crate::authz;
 use crate::body::{self, Body};
 use crate::cache::{Collapsed, Miss, Verdict};
 use crate::client_cert::{ClientCert, XFCC};
@@ -472,6 +473,21 @@ pub(crate) fn handle<'a>(
             Ok(identity) => identity,
             Err(rejection) => return finish.reject(rejection),
         };
+        // After every policy of the gateway's own, so that the check is
+        // asked only about requests those let through; before affinity,
+        // which may key on a field the check set. Boxed, as the mirror's:
+        // most routes ask nothing.
+        if let Some(check) = &route.policy.authz {
+            let told = Told {
+                request_id: request_id.unsent(),
+                identity: identity.clone(),
+            };
+            let label = route.pattern.as_str();
+            let asked = authz::check(proxy, check, &mut req, conn, client, told, label);
+            if let Err(rejection) = Box::pin(asked).await {
+                return finish.reject(rejection);
+            }
+        }
         // A cookie the gateway made up to keep this client on its instance.
         let mut set_cookie = None;
         if let Some(affinity) = &route.policy.affinity {

@@ -39,6 +39,7 @@
 mod access_log;
 mod affinity;
 mod apikey;
+mod authz;
 mod balance;
 mod body;
 mod bulkhead;

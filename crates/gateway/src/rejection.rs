@@ -92,6 +92,12 @@ pub(crate) enum Rejection {
         "a token from a cookie is taken on this request only from this site, or from an origin the CORS policy admits with credentials; send it in `Authorization: Bearer` instead"
     )]
     CrossSiteToken,
+    /// The authorization service's own refusal (`[gateway.authz]`), passed
+    /// on as it answered.
+    #[error("the authorization service refused the request")]
+    AuthzDenied(Box<Response<Body>>),
+    #[error("the authorization service `{service}` could not decide on the request; retry later")]
+    AuthzUnavailable { service: String },
     /// `limit` is the refusing limit's name, for the access log only.
     #[error("too many requests; retry later")]
     RateLimited { limit: Box<str> },
@@ -149,6 +155,8 @@ impl Rejection {
             } => StatusCode::FORBIDDEN,
             Rejection::ApiKey { .. } => StatusCode::UNAUTHORIZED,
             Rejection::CrossSiteToken => StatusCode::FORBIDDEN,
+            Rejection::AuthzDenied(res) => res.status(),
+            Rejection::AuthzUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Rejection::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::Overloaded
@@ -177,6 +185,8 @@ impl Rejection {
             Rejection::Auth(AuthError::Forbidden { .. }) => "insufficient_scope",
             Rejection::ApiKey { error, .. } => error.reason(),
             Rejection::CrossSiteToken => "cross_site_request",
+            Rejection::AuthzDenied(_) => "authz_denied",
+            Rejection::AuthzUnavailable { .. } => "authz_unavailable",
             Rejection::RateLimited { .. } => "rate_limited",
             Rejection::PayloadTooLarge { .. } => "payload_too_large",
             Rejection::Overloaded => "overloaded",
@@ -189,6 +199,14 @@ impl Rejection {
     /// The JSON error response; logs the full chain of server-side failures.
     pub(crate) fn into_response(self, request_id: Option<&RequestId>) -> Response<Body> {
         let status = self.status();
+        if let Rejection::AuthzDenied(mut res) = self {
+            // The service's answer is the client's; the log tells its status.
+            res.extensions_mut().insert(Refusal {
+                code: "authz_denied",
+                reason: Some(Cow::Owned(format!("status_{}", status.as_u16()))),
+            });
+            return *res;
+        }
         let request_id = request_id.map(RequestId::as_str).unwrap_or("");
         // A 504 for `only-if-cached` is the client's choice, not a failure.
         if status.is_server_error() && !matches!(self, Rejection::NotCached) {
@@ -237,6 +255,7 @@ impl Rejection {
         }
         if let Rejection::Overloaded
         | Rejection::RouteOverloaded { .. }
+        | Rejection::AuthzUnavailable { .. }
         | Rejection::TooManyTunnels = &self
         {
             res.headers_mut()

@@ -84,6 +84,8 @@ pub(crate) struct RoutePolicy {
     pub bulkhead: Option<Bulkhead>,
     /// What keeps a client's requests on one instance (`affinity`).
     pub affinity: Option<Affinity>,
+    /// The external authorization check its requests pass (`authz`).
+    pub authz: Option<crate::authz::Check>,
 }
 
 /// What every response gets on its way out: of a route, or the system's
@@ -101,6 +103,26 @@ pub(crate) struct Outgoing {
 }
 
 impl Route {
+    /// The route the checks of `[gateway.authz]` (to `service`, under
+    /// `timeout`) are sent by for requests of a route of `pattern`.
+    pub(crate) fn for_check(service: &str, pattern: &PathPattern, timeout: Duration) -> Arc<Route> {
+        Arc::new(Route {
+            service: service.to_string(),
+            pattern: pattern.clone(),
+            hosts: Vec::new(),
+            strip_segments: 0,
+            methods: Vec::new(),
+            match_headers: Vec::new(),
+            timeout,
+            try_timeout: None,
+            retries: None,
+            policy: Arc::new(RoutePolicy::default()),
+            mirrors: Arc::new([]),
+            stats: RouteStats::new(pattern.as_str(), service),
+            health: HealthMemo::default(),
+        })
+    }
+
     /// The methods the route was configured with, upper case.
     pub(crate) fn methods(&self) -> &[String] {
         &self.methods

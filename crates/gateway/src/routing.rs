@@ -21,6 +21,7 @@ use http::{HeaderName, HeaderValue};
 use tower_http::services::ServeDir;
 
 use crate::apikey::KeyVerifier;
+use crate::authz::{Authz, Check};
 use crate::bulkhead::Bulkhead;
 use crate::cache::{ResponseCache, RouteCache};
 use crate::client::FetchClient;
@@ -31,7 +32,7 @@ use crate::header_changes::HeaderChanges;
 use crate::ip::{IpConfig, IpFilter, IpRules};
 use crate::jwt::{Issuers, JwtConfig, Verifier, Verifiers};
 use crate::ratelimit::{self, RateLimitBackend};
-use crate::routes::{Outgoing, RoutePolicy, RouteTable};
+use crate::routes::{Outgoing, Route, RoutePolicy, RouteTable};
 use crate::upstream::Upstreams;
 
 /// One configuration, compiled.
@@ -202,6 +203,10 @@ impl Routing {
         let backend = &config.rate_limit_backend;
         let old_backend = previous.map(|p| &p.backend);
         let default_body = config.limits.max_body_bytes;
+        let authz = match &config.authz {
+            Some(a) => Some(Arc::new(Authz::new(a).ok_or(ConfigError::AuthzHeader)?)),
+            None => None,
+        };
         let table = RouteTable::with_policies(&config.routes, |route| {
             let methods: Vec<String> = route
                 .methods
@@ -264,6 +269,10 @@ impl Routing {
                     _ => None,
                 },
                 affinity: route.affinity.clone(),
+                authz: authz.as_ref().filter(|_| route.authz).map(|a| Check {
+                    authz: Arc::clone(a),
+                    route: Route::for_check(a.service(), &route.pattern, a.timeout()),
+                }),
                 bulkhead: route.max_in_flight.map(|limit| {
                     Bulkhead::new(
                         limit,

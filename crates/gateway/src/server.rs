@@ -749,6 +749,7 @@ mod tests {
             compression: None,
             cache: Default::default(),
             api_keys: None,
+            authz: None,
         };
         let upstreams: Arc<dyn Upstreams> = Arc::new(Silent(Arc::from(vec![Endpoint {
             instance: "svc-0".into(),

@@ -21,6 +21,7 @@ const REQUEST_DURATION_BUCKETS: &[f64] = &[
 const IN_FLIGHT: &str = "flotilla_gateway_in_flight";
 const RETRIES_TOTAL: &str = "flotilla_gateway_retries_total";
 const MIRRORED: &str = "flotilla_gateway_mirrored_total";
+const AUTHZ: &str = "flotilla_gateway_authz_total";
 const CACHE_LOOKUPS: &str = "flotilla_gateway_cache_lookups_total";
 const CACHE_BYTES: &str = "flotilla_gateway_cache_bytes";
 const CACHE_REVALIDATIONS: &str = "flotilla_gateway_cache_revalidations_total";
@@ -116,6 +117,10 @@ pub(crate) fn describe() {
     metrics::describe_counter!(
         RETRIES_TOTAL,
         "Attempts retried on another instance, by route, service and reason (connect, connection_lost, status_502, status_503)."
+    );
+    metrics::describe_counter!(
+        AUTHZ,
+        "External authorization checks by route and outcome (allowed, denied, error: refused with 503, failed_open: let through on failure = \"allow\")"
     );
     metrics::describe_counter!(
         MIRRORED,
@@ -288,6 +293,11 @@ pub(crate) fn retried(route: &str, service: &str, reason: &'static str) {
         "reason" => reason,
     )
     .increment(1);
+}
+
+/// An external authorization check of a request of `route`.
+pub(crate) fn authz(route: &str, outcome: &'static str) {
+    metrics::counter!(AUTHZ, "route" => route.to_string(), "outcome" => outcome).increment(1);
 }
 
 pub(crate) fn mirrored(route: &str, service: &str, result: &'static str) {

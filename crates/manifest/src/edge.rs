@@ -854,6 +854,38 @@ impl Default for Compression {
     }
 }
 
+/// External authorization (`[gateway.authz]`), as Envoy's `ext_authz`
+/// HTTP service, nginx's `auth_request` and Traefik's `forwardAuth` do it:
+/// before a request of a route with `authz = true` goes on, the gateway
+/// asks a service of the system (over the mesh) with the request's method,
+/// path and chosen headers, and the service's answer decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authz {
+    pub service: String,
+    /// Put before the request's path in the check (`""`: the path as is).
+    pub path_prefix: String,
+    /// How long the check may take.
+    pub timeout: Duration,
+    /// The client's headers the check gets (lower case), besides `Host`
+    /// and what the gateway tells every instance.
+    pub request_headers: Vec<String>,
+    /// Headers of an allowing answer that go on with the request (lower
+    /// case); a client's own copies never do.
+    pub upstream_headers: Vec<String>,
+    /// When the check fails (no answer in time, 5xx): let the request
+    /// through (`failure = "allow"`) instead of refusing it with 503.
+    pub failure_open: bool,
+}
+
+impl Authz {
+    /// `timeout` when none is set.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+    /// The longest `timeout`.
+    pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `request_headers` when none are set: the credentials a check reads.
+    pub const DEFAULT_REQUEST_HEADERS: [&'static str; 2] = ["authorization", "cookie"];
+}
+
 /// The keys machine clients authenticate with (`[gateway.api_keys]`), as
 /// Kong's key-auth takes them: each consumer's keys, by their SHA-256, so
 /// that the manifest holds nothing that would let anyone in.

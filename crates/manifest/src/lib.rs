@@ -21,7 +21,7 @@ use std::time::Duration;
 
 pub use diagnostic::Diagnostic;
 pub use edge::{
-    Affinity, AffinityParseError, ApiKeys, CacheStore, ClientAuth, Compression, Cors,
+    Affinity, AffinityParseError, ApiKeys, Authz, CacheStore, ClientAuth, Compression, Cors,
     GatewayLimits, HOP_BY_HOP, HeaderChanges, HeaderDirection, IpList, IpNet, IpNetParseError,
     JwksSource, Jwt, MAX_JWT_ISSUERS, MAX_RATE_LIMITS, OutlierDetection, RateLimit, RateLimitKey,
     RateLimitParseError, RateLimitStore, Retries, RouteCache, Tls, TlsCertificate, TlsVersion,
@@ -101,6 +101,9 @@ pub struct Gateway {
     /// The API keys of machine clients (`[gateway.api_keys]`), for routes
     /// with `auth = "key"`.
     pub api_keys: Option<ApiKeys>,
+    /// The service that authorizes requests of routes with `authz = true`
+    /// (`[gateway.authz]`).
+    pub authz: Option<Authz>,
 }
 
 /// Names of the platform's own identities: no service may take one.
@@ -270,6 +273,9 @@ pub struct Route {
     pub max_in_flight: Option<u32>,
     /// Only clients with a verified certificate (`[gateway.tls] client_ca`).
     pub client_cert: bool,
+    /// Each request is let through only if `[gateway.authz]`'s service
+    /// allows it.
+    pub authz: bool,
 }
 
 impl Route {

@@ -44,6 +44,18 @@ pub(crate) struct RawGateway {
     pub compression: Option<Spanned<RawCompression>>,
     pub cache: Option<Spanned<RawCacheStore>>,
     pub api_keys: Option<Spanned<RawApiKeys>>,
+    pub authz: Option<Spanned<RawAuthz>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAuthz {
+    pub service: Spanned<String>,
+    pub path_prefix: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub request_headers: Option<Vec<Spanned<String>>>,
+    pub upstream_headers: Option<Vec<Spanned<String>>>,
+    pub failure: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -288,6 +300,7 @@ pub(crate) struct RawRoute {
     pub match_headers: Option<Spanned<BTreeMap<String, Spanned<toml::Value>>>>,
     pub consumers: Option<Vec<Spanned<String>>>,
     pub client_cert: Option<Spanned<bool>>,
+    pub authz: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -54,6 +54,8 @@ struct Ctx<'a> {
     /// Whether `[gateway.tls] client_ca` is set, so routes may ask for
     /// `client_cert`.
     client_ca_configured: bool,
+    /// Whether `[gateway.authz]` is set, so routes may ask for `authz`.
+    authz_configured: bool,
     errors: Vec<Diagnostic>,
 }
 
@@ -136,6 +138,7 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
         jwt_names: Vec::new(),
         key_consumers: None,
         client_ca_configured: false,
+        authz_configured: false,
         errors: Vec::new(),
     };
     let raw: RawManifest = match toml::from_str(source) {
@@ -166,6 +169,7 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
             .as_ref()
             .map(|k| k.consumers.keys().cloned().collect());
         ctx.client_ca_configured = gw.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        ctx.authz_configured = gw.authz.is_some();
     }
 
     let mesh = mesh(&mut ctx, raw.mesh.as_ref());
@@ -257,6 +261,7 @@ fn unreachable_gateway() -> Gateway {
         compression: None,
         cache: Default::default(),
         api_keys: None,
+        authz: None,
     }
 }
 
@@ -397,6 +402,7 @@ fn gateway(
         compression: None,
         cache: Default::default(),
         api_keys: None,
+        authz: None,
     };
     let Some(raw) = raw else { return Some(gw) };
     let raw = raw.get_ref();
@@ -460,6 +466,9 @@ fn gateway(
     }
     if let Some(k) = &raw.api_keys {
         gw.api_keys = Some(edge::api_keys(ctx, k)?);
+    }
+    if let Some(a) = &raw.authz {
+        gw.authz = Some(edge::authz(ctx, a, declared)?);
     }
     if let Some(t) = &raw.tls {
         let tls = edge::tls(ctx, t)?;
@@ -1090,6 +1099,16 @@ fn route(
         );
         return None;
     }
+    let authz = raw.authz.as_ref().is_some_and(|a| *a.get_ref());
+    if authz && !ctx.authz_configured {
+        let span = raw.authz.as_ref().map(|a| a.span()).unwrap_or_default();
+        ctx.error(
+            span,
+            "`authz = true` needs `[gateway.authz]`: the gateway has no service to ask",
+            Some("add `[gateway.authz]` with `service = \"<the service that decides>\"`".into()),
+        );
+        return None;
+    }
     Some(Route {
         pattern,
         hosts,
@@ -1113,6 +1132,7 @@ fn route(
         max_body_bytes,
         max_in_flight,
         client_cert,
+        authz,
     })
 }
 

@@ -341,9 +341,10 @@ fn write_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
 
 /// The ACL of `callee` the manifest implies: its callers from the other
 /// services' `calls`, the gateway on its routes (HEAD wherever GET, as the
-/// gateway forwards it) and, on the service that publishes the JWKS the
-/// gateway verifies tokens with, `GET` of that path; the runtime on its
-/// health paths; and the service's own `acl` rules.
+/// gateway forwards it), on the service that publishes the JWKS the
+/// gateway verifies tokens with, `GET` of that path, and on the external
+/// authorization service, its checks; the runtime on its health paths;
+/// and the service's own `acl` rules.
 fn policy_spec(
     ca: &Ca,
     manifest: &Manifest,
@@ -383,6 +384,16 @@ fn policy_spec(
                 methods: vec!["GET".to_string(), "HEAD".to_string()],
             });
         }
+    }
+    // The external authorization service: its checks are the gateway's
+    // requests, any method, under the check's path prefix.
+    if let Some(authz) = &manifest.gateway.authz
+        && authz.service == callee.name
+    {
+        routes.push(RouteSpec {
+            path: format!("{}/**", authz.path_prefix),
+            methods: Vec::new(),
+        });
     }
     let mut spec = PolicySpec::new(id(&callee.name)?);
     spec.mode = mode;
@@ -454,10 +465,15 @@ calls = ["catalog"]
 routes = [{ path = "/api/orders" }, { path = "/legacy/orders/**", strip_prefix = "/legacy" }]
 [services.accounts]
 run = { cargo = "a" }
+[services.policy]
+run = { cargo = "p" }
 [mesh]
 mode = "audit"
 [gateway]
 jwt = { issuer = "shop", audiences = ["shop"], jwks = "accounts:/.well-known/jwks.json" }
+[gateway.authz]
+service = "policy"
+path_prefix = "/check"
 "#,
             &dir.path().join("flotilla.toml"),
         )
@@ -522,6 +538,17 @@ jwt = { issuer = "shop", audiences = ["shop"], jwks = "accounts:/.well-known/jwk
                 .decide(&gateway, &http::Method::GET, "/.well-known/jwks.json")
                 .allowed
         );
+
+        // The gateway asks the authorization service, any method, under
+        // the check's prefix only.
+        let spec =
+            policy_spec(&ca, &manifest, &manifest.services["policy"], Mode::Enforce).unwrap();
+        let policy = Policy::from_spec(&spec).unwrap();
+        let gateway = spec.gateway.unwrap().identity;
+        let allowed = |method, path| policy.decide(&gateway, &method, path).allowed;
+        assert!(allowed(http::Method::DELETE, "/check/api/orders/7"));
+        assert!(allowed(http::Method::GET, "/check/"));
+        assert!(!allowed(http::Method::GET, "/admin"));
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! `deny_file`, the JWT issuers' `jwks_ca` and `jwks_file`) and applies
 //! what the gateway owns — each route's auth, scopes, claims, rate limit,
 //! CORS, IP list, body limit, header changes, timeout, cache,
-//! `max_in_flight`, `affinity` and `match_headers`, and the gateway's JWT, API keys,
+//! `max_in_flight`, `affinity`, `match_headers` and `authz`, and the gateway's JWT, API keys,
 //! CORS, IP, rate-limit, header-change, retry and outlier detection
-//! settings — without dropping a request or a kept-alive connection.
+//! settings, and how it asks `[gateway.authz]` — without dropping a request or a kept-alive connection.
 //!
 //! Everything else needs a restart, and a change that touches it is refused
 //! as a whole (the running configuration stays) with a message saying so:
@@ -214,6 +214,18 @@ fn restart_needed(current: &Manifest, next: &Manifest) -> Result<(), String> {
     if next.mesh != current.mesh {
         return Err("`[mesh]` changed: restart to apply".into());
     }
+    // Whom the gateway asks, and under which path, is in that service's
+    // instances' ACLs; how it asks (timeout, headers, failure) is the
+    // gateway's.
+    let asked = |m: &Manifest| {
+        m.gateway
+            .authz
+            .as_ref()
+            .map(|a| (a.service.clone(), a.path_prefix.clone()))
+    };
+    if asked(next) != asked(current) {
+        return Err("`[gateway.authz]` names another service or `path_prefix`: that service's instances' ACLs allow the gateway only the checks they started with, so restart to apply".into());
+    }
     Ok(())
 }
 
@@ -271,6 +283,25 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
             r#"routes = [{ path = "/a/**", methods = ["GET"], match_headers = { x-canary = "1" }, max_in_flight = 8 }, { path = "/a/**", methods = ["GET"] }]"#,
         );
         assert!(restart_needed(&base, &m(&canary)).is_ok());
+        // How the gateway asks its authorization service reloads; whom, and
+        // where, is in that service's ACL.
+        let authz = |settings: &str| {
+            m(&format!(
+                "{}[services.p]\nrun = {{ command = [\"true\"] }}\n[gateway.authz]\nservice = \"p\"\n{settings}\n",
+                BASE.replace(
+                    r#"methods = ["GET"] }"#,
+                    r#"methods = ["GET"], authz = true }"#
+                )
+            ))
+        };
+        assert!(
+            restart_needed(&authz(""), &authz("timeout = \"2s\"\nfailure = \"allow\"")).is_ok()
+        );
+        assert!(
+            restart_needed(&authz(""), &authz("path_prefix = \"/check\""))
+                .unwrap_err()
+                .contains("`[gateway.authz]` names another service")
+        );
         let keys = format!(
             "{}[gateway.api_keys]\nconsumers = {{ p = [\"sha256:{}\"] }}\n",
             BASE.replace(

@@ -187,6 +187,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }),
         cache: Default::default(),
         api_keys: None,
+        authz: None,
     };
     if args.jwt {
         let rng = ring::rand::SystemRandom::new();

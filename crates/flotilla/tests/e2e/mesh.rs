@@ -495,3 +495,76 @@ async fn certificates_rotate_under_traffic_with_no_failure_and_no_restart() {
     assert_eq!(status, 200);
     system.stop().await;
 }
+
+/// `[gateway.authz]` under `flotilla up`: the gateway asks a policy
+/// service of the system over the mesh (mutual TLS, the ACL the manifest
+/// implies lets the gateway in under the check's prefix only) before a
+/// request of an `authz` route goes on, and the policy's answer decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authz_route_goes_on_only_when_the_policy_service_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let hello = flotilla_testkit::hello_py().display().to_string();
+    let manifest = dir.path().join("flotilla.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"name = "authz"
+[gateway.authz]
+service = "policy"
+path_prefix = "/check"
+upstream_headers = ["x-tenant"]
+
+[services.hello]
+run = {{ command = ["python3", "{hello}"] }}
+routes = [{{ path = "/api/**", authz = true }}, {{ path = "/public/**" }}]
+
+[services.policy]
+run = {{ command = ["python3", "{hello}"] }}
+env = {{ POLICY = "1" }}
+"#
+        ),
+    )
+    .unwrap();
+    let system = System::start(&manifest).await.expect("system starts");
+    let http = client();
+    let get = |path: &str, token: Option<&str>| {
+        let mut req = http.get(system.url(path)).header("x-tenant", "evil");
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        req.send()
+    };
+    let allowed = get("/api/things", Some("let-me-in")).await.unwrap();
+    assert_eq!(allowed.status(), 200);
+    let body: Value = allowed.json().await.unwrap();
+    assert_eq!(
+        body["tenant"], "acme",
+        "the check's word, not the client's: {body}"
+    );
+    assert!(
+        body["peer"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("/svc/gateway")),
+        "{body}"
+    );
+    let refused = get("/api/things", Some("guess")).await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(
+        refused.headers()["www-authenticate"],
+        "Bearer realm=\"policy\""
+    );
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "who are you?");
+    // A route without `authz` is not checked.
+    let public = get("/public/page", None).await.unwrap();
+    assert_eq!(public.status(), 200);
+    // The policy is asked only by the gateway: none of its paths is a
+    // route.
+    let direct = get("/check/api/things", Some("let-me-in")).await.unwrap();
+    assert_eq!(
+        direct.status(),
+        404,
+        "the policy service has no route of its own"
+    );
+    system.stop().await;
+}

@@ -3,6 +3,7 @@
 //! plays the runtime.
 
 mod activation;
+mod authz;
 mod balancing;
 mod cache;
 mod compression;

@@ -465,6 +465,7 @@ pub fn config(routes: Vec<RouteConfig>) -> Config {
         compression: None,
         cache: Default::default(),
         api_keys: None,
+        authz: None,
     }
 }
 

@@ -11,14 +11,14 @@ use toml::Spanned;
 
 use super::Ctx;
 use crate::edge::{
-    Affinity, ApiKeys, CacheStore, ClientAuth, Compression, Cors, HeaderChanges, HeaderDirection,
-    IpList, JwksSource, Jwt, MAX_JWT_ISSUERS, MAX_RATE_LIMITS, RateLimit, RateLimitKey,
-    RateLimitStore, RouteCache, Tls, TlsCertificate, TlsVersion, is_origin, is_token,
+    Affinity, ApiKeys, Authz, CacheStore, ClientAuth, Compression, Cors, HeaderChanges,
+    HeaderDirection, IpList, JwksSource, Jwt, MAX_JWT_ISSUERS, MAX_RATE_LIMITS, RateLimit,
+    RateLimitKey, RateLimitStore, RouteCache, Tls, TlsCertificate, TlsVersion, is_origin, is_token,
     is_token_byte, parse_net, reserved_header,
 };
 use crate::raw::{
-    RawApiKeys, RawCacheStore, RawCompression, RawCors, RawHeaderChanges, RawIp, RawJwt, RawJwts,
-    RawRateLimits, RawRouteCache, RawTls,
+    RawApiKeys, RawAuthz, RawCacheStore, RawCompression, RawCors, RawHeaderChanges, RawIp, RawJwt,
+    RawJwts, RawRateLimits, RawRouteCache, RawTls,
 };
 
 const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
@@ -996,6 +996,120 @@ pub(super) fn api_keys(ctx: &mut Ctx<'_>, raw: &Spanned<RawApiKeys>) -> Option<A
         );
     }
     (ctx.errors.len() == before).then_some(ApiKeys { header, consumers })
+}
+
+/// `[gateway.authz]`: a declared service, a path prefix, a timeout, and
+/// header names: those the check gets (any token) and those of its
+/// answer that go on with the request (none the gateway sets itself).
+pub(super) fn authz(
+    ctx: &mut Ctx<'_>,
+    raw: &Spanned<RawAuthz>,
+    declared: &[String],
+) -> Option<Authz> {
+    let before = ctx.errors.len();
+    let raw = raw.get_ref();
+    let service = raw.service.get_ref().clone();
+    if !declared.contains(&service) {
+        ctx.error(
+            raw.service.span(),
+            format!("`service = \"{service}\"` is not a service of this system"),
+            Some(if declared.is_empty() {
+                "declare the service that decides, e.g. `[services.authz]`".into()
+            } else {
+                format!("name one of {}", quoted(declared))
+            }),
+        );
+    }
+    let path_prefix = match &raw.path_prefix {
+        None => String::new(),
+        Some(p) => {
+            let prefix = p.get_ref().trim_end_matches('/').to_string();
+            let ok = p.get_ref().starts_with('/')
+                && prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !matches!(b, b'?' | b'#' | b'%'))
+                && !prefix.split('/').any(|seg| seg == "." || seg == "..");
+            if !ok {
+                ctx.error(
+                    p.span(),
+                    format!("`path_prefix = \"{}\"` is not a path prefix", p.get_ref()),
+                    Some("write an absolute path without a query, e.g. `path_prefix = \"/check\"`: the check of `GET /api/orders` is then `GET /check/api/orders`".into()),
+                );
+            }
+            prefix
+        }
+    };
+    let timeout = match &raw.timeout {
+        None => Authz::DEFAULT_TIMEOUT,
+        Some(t) => {
+            let timeout = ctx.duration(t, "timeout")?;
+            if timeout > Authz::MAX_TIMEOUT {
+                ctx.error(
+                    t.span(),
+                    format!("`timeout = \"{}\"` is longer than a check may take (60s)", t.get_ref()),
+                    Some("a check is on every request's path: give it at most a second or two, e.g. `timeout = \"500ms\"`".into()),
+                );
+            }
+            timeout
+        }
+    };
+    let mut names = |list: Option<&Vec<Spanned<String>>>, upstream: bool| -> Vec<String> {
+        let mut out = Vec::new();
+        for name in list.into_iter().flatten() {
+            let lower = name.get_ref().to_ascii_lowercase();
+            let why = if lower.is_empty() || !lower.bytes().all(is_token_byte) {
+                Some("it is not a header name")
+            } else if upstream {
+                reserved_header(&lower, HeaderDirection::Request)
+            } else if matches!(lower.as_str(), "host" | "content-length")
+                || lower.starts_with("x-flotilla-")
+            {
+                Some("the gateway sets it itself")
+            } else {
+                None
+            };
+            match why {
+                Some(why) => ctx.error(
+                    name.span(),
+                    format!("`{}` cannot be listed here: {why}", name.get_ref()),
+                    Some(if upstream {
+                        "list the headers the check's answer adds for the service, e.g. `upstream_headers = [\"x-tenant-id\"]`".into()
+                    } else {
+                        "list the client's headers the check reads, e.g. `request_headers = [\"authorization\", \"cookie\"]`".into()
+                    }),
+                ),
+                None if !out.contains(&lower) => out.push(lower),
+                None => {}
+            }
+        }
+        out
+    };
+    let request_headers = match &raw.request_headers {
+        None => Authz::DEFAULT_REQUEST_HEADERS.map(String::from).to_vec(),
+        Some(list) => names(Some(list), false),
+    };
+    let upstream_headers = names(raw.upstream_headers.as_ref(), true);
+    let failure_open = match raw.failure.as_ref().map(|f| f.get_ref().as_str()) {
+        None | Some("deny") => false,
+        Some("allow") => true,
+        Some(other) => {
+            let span = raw.failure.as_ref().map(|f| f.span()).unwrap_or_default();
+            ctx.error(
+                span,
+                format!("`failure = \"{other}\"` is neither `deny` nor `allow`"),
+                Some("`deny` (the default) refuses a request the check could not decide with 503; `allow` lets it through".into()),
+            );
+            false
+        }
+    };
+    (ctx.errors.len() == before).then_some(Authz {
+        service,
+        path_prefix,
+        timeout,
+        request_headers,
+        upstream_headers,
+        failure_open,
+    })
 }
 
 /// `sha256:` and 64 hex digits, as bytes.

@@ -1935,6 +1935,16 @@ fn the_documented_gateway_examples_parse() {
     );
     assert_eq!(m.gateway.api_keys.map(|k| k.consumers.len()), Some(1));
 
+    let authz = documented_examples("### `[gateway] authz`");
+    let m = parses(&format!("name = \"x\"\n{}", authz[0]));
+    assert!(m.services["orders"].routes[0].authz);
+    assert_eq!(
+        m.gateway
+            .authz
+            .map(|a| (a.service, a.path_prefix, a.upstream_headers)),
+        Some(("policy".into(), "/check".into(), vec!["x-tenant-id".into()]))
+    );
+
     let compression = documented_examples("### `[gateway] compression`");
     let m = parses(&format!("name = \"x\"\n{}\n{service}", compression[0]));
     let c = m.gateway.compression.unwrap_or_default();
@@ -2215,4 +2225,85 @@ fn the_proxy_protocol_needs_trusted_proxies_and_is_the_gateway_s_alone() {
         );
         assert!(e.contains("set it in `[gateway.ip]`"), "{e}");
     }
+}
+
+#[test]
+fn authz_names_a_service_and_headers_and_routes_opt_in() {
+    let with = |authz: &str, route: &str| {
+        format!(
+            "name = \"x\"\n[gateway.authz]\n{authz}\n[services.a]\nrun = {{ cargo = \"a\" }}\nroutes = [{{ path = \"/a/**\", {route} }}]\n[services.policy]\nrun = {{ cargo = \"p\" }}\n"
+        )
+    };
+    let m = parses(&with("service = \"policy\"", "authz = true"));
+    let authz = m.gateway.authz.clone().unwrap_or_else(|| panic!("authz"));
+    assert_eq!(authz.service, "policy");
+    assert_eq!(authz.path_prefix, "");
+    assert_eq!(authz.timeout, crate::Authz::DEFAULT_TIMEOUT);
+    assert_eq!(authz.request_headers, ["authorization", "cookie"]);
+    assert!(authz.upstream_headers.is_empty() && !authz.failure_open);
+    assert!(m.services["a"].routes[0].authz);
+    let m = parses(&with(
+        "service = \"policy\"\npath_prefix = \"/check/\"\ntimeout = \"250ms\"\nrequest_headers = [\"Authorization\", \"x-session\"]\nupstream_headers = [\"X-Tenant-Id\"]\nfailure = \"allow\"",
+        "methods = [\"GET\"]",
+    ));
+    let authz = m.gateway.authz.clone().unwrap_or_else(|| panic!("authz"));
+    assert_eq!(authz.path_prefix, "/check");
+    assert_eq!(authz.timeout, Duration::from_millis(250));
+    assert_eq!(authz.request_headers, ["authorization", "x-session"]);
+    assert_eq!(authz.upstream_headers, ["x-tenant-id"]);
+    assert!(authz.failure_open);
+    assert!(!m.services["a"].routes[0].authz, "routes opt in");
+
+    for (authz, route, want) in [
+        (
+            "service = \"nope\"",
+            "",
+            "`service = \"nope\"` is not a service of this system",
+        ),
+        (
+            "service = \"policy\"\npath_prefix = \"check\"",
+            "",
+            "is not a path prefix",
+        ),
+        (
+            "service = \"policy\"\npath_prefix = \"/a/../b\"",
+            "",
+            "is not a path prefix",
+        ),
+        (
+            "service = \"policy\"\ntimeout = \"2m\"",
+            "",
+            "longer than a check may take",
+        ),
+        (
+            "service = \"policy\"\nupstream_headers = [\"x-flotilla-user-id\"]",
+            "",
+            "`x-flotilla-user-id` cannot be listed here",
+        ),
+        (
+            "service = \"policy\"\nupstream_headers = [\"host\"]",
+            "",
+            "`host` cannot be listed here",
+        ),
+        (
+            "service = \"policy\"\nrequest_headers = [\"bad name\"]",
+            "",
+            "it is not a header name",
+        ),
+        (
+            "service = \"policy\"\nfailure = \"open\"",
+            "",
+            "is neither `deny` nor `allow`",
+        ),
+        ("service = \"policy\"\nretries = 2", "", "retries"),
+    ] {
+        let e = errors(&with(authz, route));
+        assert!(e.contains(want), "{authz}: {e}");
+    }
+    let no_authz = "name = \"x\"\n[services.a]\nrun = { cargo = \"a\" }\nroutes = [{ path = \"/a/**\", authz = true }]\n";
+    assert!(
+        errors(no_authz).contains("`authz = true` needs `[gateway.authz]`"),
+        "{}",
+        errors(no_authz)
+    );
 }
