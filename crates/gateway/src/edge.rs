@@ -478,8 +478,10 @@ pub(crate) fn handle<'a>(
         // which may key on a field the check set. Boxed, as the mirror's:
         // most routes ask nothing.
         if let Some(check) = &route.policy.authz {
+            // The id always: the check has none of the request's fields
+            // but those it reads.
             let told = Told {
-                request_id: request_id.unsent(),
+                request_id: Some(request_id.header().clone()),
                 identity: identity.clone(),
             };
             let label = route.pattern.as_str();

@@ -209,12 +209,20 @@ async fn the_policy_service_decides_and_its_answer_is_the_clients() {
         .request(
             Method::GET,
             "/api/things",
-            &[("x-tenant", "acme")],
+            &[("x-tenant", "acme"), ("x-request-id", "client-chosen-1")],
             Bytes::new(),
         )
         .await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{reply:?}");
     assert_eq!(reply.header("www-authenticate"), "Bearer realm=\"policy\"");
+    // The client's own request id, which the gateway keeps, is the check's.
+    let last = policy.asked().pop().map(|a| a.headers);
+    assert_eq!(
+        last.as_ref()
+            .and_then(|h| h.get("x-request-id"))
+            .map(|v| v.as_bytes()),
+        Some(&b"client-chosen-1"[..])
+    );
     assert_eq!(reply.json()["error"], "who are you?");
     assert!(
         !reply.header("x-request-id").is_empty(),

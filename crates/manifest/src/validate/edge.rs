@@ -1057,16 +1057,16 @@ pub(super) fn authz(
         let mut out = Vec::new();
         for name in list.into_iter().flatten() {
             let lower = name.get_ref().to_ascii_lowercase();
+            // Both ways, the fields the gateway writes itself on a request
+            // (the connection's, framing, `Host`, forwarding, the request
+            // id, the caller): the check gets the gateway's, and no answer
+            // may set them.
             let why = if lower.is_empty() || !lower.bytes().all(is_token_byte) {
                 Some("it is not a header name")
-            } else if upstream {
-                reserved_header(&lower, HeaderDirection::Request)
-            } else if matches!(lower.as_str(), "host" | "content-length")
-                || lower.starts_with("x-flotilla-")
-            {
-                Some("the gateway sets it itself")
+            } else if !upstream && lower.starts_with("x-flotilla-") {
+                Some("the gateway tells the check the caller itself")
             } else {
-                None
+                reserved_header(&lower, HeaderDirection::Request)
             };
             match why {
                 Some(why) => ctx.error(

@@ -2291,6 +2291,21 @@ fn authz_names_a_service_and_headers_and_routes_opt_in() {
             "it is not a header name",
         ),
         (
+            "service = \"policy\"\nrequest_headers = [\"transfer-encoding\"]",
+            "",
+            "`transfer-encoding` cannot be listed here",
+        ),
+        (
+            "service = \"policy\"\nrequest_headers = [\"x-forwarded-for\"]",
+            "",
+            "`x-forwarded-for` cannot be listed here",
+        ),
+        (
+            "service = \"policy\"\nrequest_headers = [\"x-flotilla-user-id\"]",
+            "",
+            "`x-flotilla-user-id` cannot be listed here",
+        ),
+        (
             "service = \"policy\"\nfailure = \"open\"",
             "",
             "is neither `deny` nor `allow`",
