@@ -391,8 +391,8 @@ impl Drop for Entry {
         // A verified id is a header value, visible ASCII (the chassis's
         // rule); one that is not is left out rather than mangled.
         let user = user.as_ref().and_then(|u| u.to_str().ok());
-        let error = refusal.as_ref().map(|r| r.code);
-        let reason = refusal.as_ref().and_then(|r| r.reason.as_deref());
+        let error = refusal.map(|r| r.code);
+        let reason = refusal.and_then(|r| r.reason);
         tracing::info!(
             target: "flotilla::access",
             request_id,
@@ -602,7 +602,7 @@ mod tests {
         };
         let refusal = Refusal {
             code: "invalid_token",
-            reason: Some("expired".into()),
+            reason: Some("expired"),
         };
         entry.responded(StatusCode::UNAUTHORIZED, served, Some(refusal));
         let held = Arc::new(());

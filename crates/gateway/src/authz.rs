@@ -26,6 +26,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, Request, Response, Uri};
@@ -93,7 +94,24 @@ pub(crate) struct Check {
 /// Asks the check's service about `req`, about to go on by `route` (whose
 /// pattern labels the metrics); on `Ok` the request may go on, with the
 /// answer's `upstream_headers` among its fields.
-pub(crate) async fn check(
+///
+/// Boxed here, not at the caller: a future made there, even moved into a
+/// box at once, would keep its room in the edge's future (a moved-from
+/// local's storage lasts to the end of its scope), and every request's
+/// future, routes without `authz` included, would carry a check's.
+pub(crate) fn check<'a>(
+    proxy: &'a Proxy,
+    check: &'a Check,
+    req: &'a mut Request<Body>,
+    conn: ConnInfo,
+    client: ClientAddr,
+    told: Told,
+    label: &'a str,
+) -> BoxFuture<'a, Result<(), Rejection>> {
+    Box::pin(ask(proxy, check, req, conn, client, told, label))
+}
+
+async fn ask(
     proxy: &Proxy,
     check: &Check,
     req: &mut Request<Body>,

@@ -475,18 +475,23 @@ pub(crate) fn handle<'a>(
         };
         // After every policy of the gateway's own, so that the check is
         // asked only about requests those let through; before affinity,
-        // which may key on a field the check set. Boxed, as the mirror's:
-        // most routes ask nothing.
+        // which may key on a field the check set. Boxed (by `check`): most
+        // routes ask nothing. The id always: the check has none of the
+        // request's fields but those it reads.
         if let Some(check) = &route.policy.authz {
-            // The id always: the check has none of the request's fields
-            // but those it reads.
-            let told = Told {
-                request_id: Some(request_id.header().clone()),
-                identity: identity.clone(),
-            };
-            let label = route.pattern.as_str();
-            let asked = authz::check(proxy, check, &mut req, conn, client, told, label);
-            if let Err(rejection) = Box::pin(asked).await {
+            let asked = authz::check(
+                proxy,
+                check,
+                &mut req,
+                conn,
+                client,
+                Told {
+                    request_id: Some(request_id.header().clone()),
+                    identity: identity.clone(),
+                },
+                route.pattern.as_str(),
+            );
+            if let Err(rejection) = asked.await {
                 return finish.reject(rejection);
             }
         }
@@ -928,9 +933,8 @@ async fn police<'a>(
             .await;
         if let Some(refused_by) = limiter.refused_by(&counted) {
             stats::rate_limited(label, refused_by);
-            let limit = refused_by.into();
             finish.limit = Some((limiter, counted));
-            return Err(Rejection::RateLimited { limit });
+            return Err(Rejection::RateLimited { limit: refused_by });
         }
         finish.limit = Some((limiter, counted));
     }

@@ -5,7 +5,6 @@
 //!
 //! Body shape: `{"error":{"code":"not_found","message":"no route for GET /x","request_id":"..."}}`.
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -23,10 +22,10 @@ use crate::upstream::ActivateError;
 /// it), and for a 429 the limit that refused it (its `RateLimit` name, the
 /// `limit` label of `rate_limited_total`). Kept in the response's
 /// extensions.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Refusal {
     pub code: &'static str,
-    pub reason: Option<Cow<'static, str>>,
+    pub reason: Option<&'static str>,
 }
 
 /// Why the gateway answered a request itself. The `Display` text is the
@@ -100,7 +99,7 @@ pub(crate) enum Rejection {
     AuthzUnavailable { service: String },
     /// `limit` is the refusing limit's name, for the access log only.
     #[error("too many requests; retry later")]
-    RateLimited { limit: Box<str> },
+    RateLimited { limit: &'static str },
     #[error("the request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("the gateway is overloaded; retry later")]
@@ -200,10 +199,11 @@ impl Rejection {
     pub(crate) fn into_response(self, request_id: Option<&RequestId>) -> Response<Body> {
         let status = self.status();
         if let Rejection::AuthzDenied(mut res) = self {
-            // The service's answer is the client's; the log tells its status.
+            // The service's answer is the client's; the log's `status` is
+            // the service's.
             res.extensions_mut().insert(Refusal {
                 code: "authz_denied",
-                reason: Some(Cow::Owned(format!("status_{}", status.as_u16()))),
+                reason: None,
             });
             return *res;
         }
@@ -230,9 +230,9 @@ impl Rejection {
         res.extensions_mut().insert(Refusal {
             code: self.code(),
             reason: match &self {
-                Rejection::Auth(e) => Some(Cow::Borrowed(e.reason())),
-                Rejection::ApiKey { error, .. } => Some(Cow::Borrowed(error.reason())),
-                Rejection::RateLimited { limit } => Some(Cow::Owned(limit.to_string())),
+                Rejection::Auth(e) => Some(e.reason()),
+                Rejection::ApiKey { error, .. } => Some(error.reason()),
+                Rejection::RateLimited { limit } => Some(limit),
                 _ => None,
             },
         });

@@ -265,7 +265,7 @@ impl Front {
             if let Some(hsts) = &self.hsts {
                 fields.insert_ref(&STRICT_TRANSPORT_SECURITY, hsts);
             }
-            let refusal = reply.res.extensions().get::<Refusal>().cloned();
+            let refusal = reply.res.extensions().get::<Refusal>().copied();
             entry.responded(reply.res.status(), served, refusal);
             // In flight until the response body is done. The body is swapped
             // in place: taking the response apart and putting it together

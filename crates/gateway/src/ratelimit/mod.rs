@@ -27,8 +27,9 @@ pub(crate) mod gcra;
 pub(crate) mod redis;
 
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
@@ -101,7 +102,8 @@ struct Part {
     limit: RateLimit,
     /// Its name in the `RateLimit` fields: `default` when it is the
     /// route's only one, else its unit and key (`s-user`, `d-route`).
-    name: Box<str>,
+    /// Interned: a refusal names it in the access log by reference.
+    name: &'static str,
     store: Arc<Store>,
 }
 
@@ -175,6 +177,22 @@ fn unit_and_key(limit: &RateLimit) -> String {
     format!("{}-{}", limit.unit(), limit.key)
 }
 
+/// `name`, kept for the life of the process, once per distinct name: a
+/// limit's name goes by reference into what a refusal tells the access
+/// log, so that what every response carries stays small and `Copy`. The
+/// names are few (a unit and a key, header names included), and a reload
+/// that rebuilds the limits finds them here.
+fn intern(name: String) -> &'static str {
+    static NAMES: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(kept) = names.get(name.as_str()) {
+        return kept;
+    }
+    let kept: &'static str = Box::leak(name.into_boxed_str());
+    names.insert(kept);
+    kept
+}
+
 /// What counting one request against a route's limits found: each limit's
 /// decision, in order, up to the first that refused it (the limits before
 /// it are given back the request).
@@ -217,9 +235,9 @@ impl Limiter {
                 Part {
                     limit: limit.clone(),
                     name: if alone {
-                        "default".into()
+                        "default"
                     } else {
-                        unit_and_key(limit).into()
+                        intern(unit_and_key(limit))
                     },
                     store,
                 }
@@ -291,12 +309,12 @@ impl Limiter {
 
     /// The name of the limit that refused what `counted` found, if one did
     /// (`default`, or its unit and key: see `Part::name`).
-    pub(crate) fn refused_by(&self, counted: &Counted) -> Option<&str> {
+    pub(crate) fn refused_by(&self, counted: &Counted) -> Option<&'static str> {
         let position = match counted {
             Counted::One(d) => (!d.allowed).then_some(0),
             Counted::Several(ds) => ds.iter().position(|d| !d.allowed),
         }?;
-        self.parts.get(position).map(|p| &*p.name)
+        self.parts.get(position).map(|p| p.name)
     }
 
     /// The `RateLimit`, `RateLimit-Policy` (and, when refused, `Retry-After`)
