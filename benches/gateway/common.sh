@@ -46,15 +46,22 @@ wait_port() {
 # (proxy_cache, 200s for a minute), as the
 # gateway's route `cache` does. With NGINX_GZIP=1 it gzips JSON and text
 # of 1 kB or more at level 5 for clients that take it, as the gateway's
-# `compression = {}` does. Sets NGINX_PID; its files go under
+# `compression = {}` does. With NGINX_AUTH_REQUEST=1 every request is
+# first checked by an auth_request subrequest to the upstream's
+# /check<uri> (no body, Authorization passed on), as the gateway's
+# `[gateway.authz]` asks its service. Sets NGINX_PID; its files go under
 # $TMP/nginx.
 start_nginx() {
   local nginx=$1 port=$2 upstream=$3 user_line="" procs="worker_processes ${NGINX_WORKERS:-2};"
   local map="" connection='proxy_set_header Connection "";'
-  local listen="listen 127.0.0.1:$port;" ssl="" cache_path="" cache="" gzip=""
+  local listen="listen 127.0.0.1:$port;" ssl="" cache_path="" cache="" gzip="" auth="" check=""
   if [ "${NGINX_CACHE:-0}" = 1 ]; then
     cache_path="proxy_cache_path $TMP/nginx/cache keys_zone=flotilla:10m max_size=64m;"
     cache="proxy_cache flotilla; proxy_cache_valid 200 1m; add_header Cache-Status \$upstream_cache_status;"
+  fi
+  if [ "${NGINX_AUTH_REQUEST:-0}" = 1 ]; then
+    auth="auth_request /_check;"
+    check="location = /_check { internal; proxy_pass http://backend/check\$request_uri; proxy_pass_request_body off; proxy_set_header Content-Length \"\"; proxy_http_version 1.1; proxy_set_header Connection \"\"; }"
   fi
   if [ "${NGINX_GZIP:-0}" = 1 ]; then
     gzip="gzip on; gzip_comp_level 5; gzip_min_length 1024; gzip_vary on; gzip_types application/json text/plain;"
@@ -103,7 +110,9 @@ http {
       proxy_set_header Host \$host;
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
       $cache
+      $auth
     }
+    $check
   }
 }
 EOF

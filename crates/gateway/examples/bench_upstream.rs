@@ -1,6 +1,7 @@
 //! A trivial HTTP/1.1 upstream for `benches/gateway/run.sh`: answers every
-//! request with `200 ok`. One thread, so that it costs every proxy under
-//! test the same.
+//! request with `200 ok`, except a policy check (`/check/…`, for
+//! `authz.sh`), which gets an empty `200`, or `403` for `/check/deny…`. One thread, so that it costs
+//! every proxy under test the same.
 //!
 //! Usage: `bench_upstream 127.0.0.1:PORT [--tls DIR]`
 //!
@@ -30,8 +31,21 @@ async fn serve<IO: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: IO) {
         } else {
             (Bytes::from_static(b"ok\n"), "text/plain")
         };
+        // A policy check (`/check/…`) is answered with no body, as an
+        // authorization service answers one: nginx's `auth_request` keeps
+        // its connection to the upstream only then (it does not read a
+        // check's body, so it closes the connection to skip one).
+        let path = req.uri().path();
+        let (body, denied) = if path.starts_with("/check/") {
+            (Bytes::new(), path.starts_with("/check/deny"))
+        } else {
+            (body, false)
+        };
         async move {
             let mut res = Response::new(Full::new(body));
+            if denied {
+                *res.status_mut() = http::StatusCode::FORBIDDEN;
+            }
             res.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static(media),

@@ -2,7 +2,7 @@
 //! scripts in `benches/gateway` (run.sh, ab.sh, pgo.sh, ...).
 //!
 //! Usage: `bench_gateway --listen ADDR --upstream ADDR [--threads N]
-//! [--jwt] [--rate-limit SPEC] [--cache] [--gzip] [--upstream-tls DIR] [--tls DIR]`, or
+//! [--jwt] [--rate-limit SPEC] [--cache] [--gzip] [--authz] [--upstream-tls DIR] [--tls DIR]`, or
 //! `bench_gateway --issue DIR` to create a CA and the identities of both
 //! sides of an mTLS upstream hop (`DIR/gateway`, `DIR/upstream`) and exit.
 //!
@@ -17,6 +17,11 @@
 //! With `--gzip` the gateway compresses responses for clients that take
 //! gzip (`[gateway] compression = {}`, its defaults: level 5, JSON and
 //! text of 1 kB or more).
+//!
+//! With `--authz` every request is first checked by `[gateway.authz]`
+//! (`path_prefix = "/check"`, `Authorization` passed on), whose service is
+//! the same upstream, which allows anything: the cost of one check a
+//! request, as nginx's `auth_request` is measured in `authz.sh`.
 //!
 //! With `--tls DIR` clients connect over HTTPS, with the certificate
 //! `DIR/cert.pem` and its key `DIR/key.pem` (`[gateway.tls]`).
@@ -74,6 +79,7 @@ struct Args {
     rate_limit: Option<String>,
     cache: bool,
     gzip: bool,
+    authz: bool,
 }
 
 fn args() -> Result<Args, BoxError> {
@@ -84,6 +90,7 @@ fn args() -> Result<Args, BoxError> {
     let mut rate_limit = None;
     let mut cache = false;
     let mut gzip = false;
+    let mut authz = false;
     let mut upstream_tls = None;
     let mut tls = None;
     let mut it = std::env::args().skip(1);
@@ -96,6 +103,7 @@ fn args() -> Result<Args, BoxError> {
             "--rate-limit" => rate_limit = Some(it.next().ok_or("--rate-limit SPEC")?),
             "--cache" => cache = true,
             "--gzip" => gzip = true,
+            "--authz" => authz = true,
             "--upstream-tls" => upstream_tls = Some(it.next().ok_or("--upstream-tls DIR")?.into()),
             "--tls" => tls = Some(it.next().ok_or("--tls DIR")?.into()),
             "--issue" => {
@@ -115,6 +123,7 @@ fn args() -> Result<Args, BoxError> {
         rate_limit,
         cache,
         gzip,
+        authz,
     })
 }
 
@@ -230,6 +239,17 @@ async fn run(args: Args) -> Result<(), BoxError> {
             stale_while_revalidate: Duration::ZERO,
             query: None,
         });
+    }
+    if args.authz {
+        config.authz = Some(flotilla_manifest::Authz {
+            service: "bench".into(),
+            path_prefix: "/check".into(),
+            timeout: Duration::from_secs(1),
+            request_headers: vec!["authorization".into()],
+            upstream_headers: Vec::new(),
+            failure_open: false,
+        });
+        route.authz = true;
     }
     config.routes.push(route);
     let endpoint = Endpoint {
