@@ -3,23 +3,25 @@
 //! `deny_file`, the JWT issuers' `jwks_ca` and `jwks_file`) and applies
 //! what the gateway owns — each route's auth, scopes, claims, rate limit,
 //! CORS, IP list, body limit, header changes, timeout, cache,
-//! `max_in_flight`, `affinity`, `match_headers` and `authz`, and the gateway's JWT, API keys,
-//! CORS, IP, rate-limit, header-change, retry and outlier detection
-//! settings, and how it asks `[gateway.authz]` — without dropping a request or a kept-alive connection.
+//! `max_in_flight`, `affinity`, `match_headers` and `authz`, and the
+//! gateway's JWT, API keys, CORS, IP, rate-limit, header-change, retry and
+//! outlier detection settings, and how it asks `[gateway.authz]` —
+//! without dropping a request or a kept-alive connection.
 //!
 //! Everything else needs a restart, and a change that touches it is refused
 //! as a whole (the running configuration stays) with a message saying so:
-//! services and how they run, and which paths and methods each service
-//! exposes, because every instance's ACL lets the gateway reach exactly the
-//! routes it had at start. An invalid file is refused the same way, with the
-//! manifest's own diagnostics.
+//! services and how they run, and what the gateway may call on each
+//! service (its routes' paths and methods, a JWKS it fetches from it, the
+//! checks `[gateway.authz]` sends it), because every instance's ACL lets
+//! the gateway reach exactly what it could at start. An invalid file is
+//! refused the same way, with the manifest's own diagnostics.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use flotilla_gateway::{Config as GatewayConfig, Gateway};
-use flotilla_manifest::{Manifest, Service};
+use flotilla_manifest::{JwksSource, Manifest, Service};
 use tokio::sync::watch;
 
 use crate::console::Console;
@@ -214,6 +216,21 @@ fn restart_needed(current: &Manifest, next: &Manifest) -> Result<(), String> {
     if next.mesh != current.mesh {
         return Err("`[mesh]` changed: restart to apply".into());
     }
+    // Where the gateway fetches keys from a service of the system is in
+    // that service's instances' ACLs too: a new one would be refused.
+    let fetched = |m: &Manifest| {
+        m.gateway
+            .jwt
+            .iter()
+            .filter_map(|j| match &j.jwks {
+                JwksSource::Service { service, path } => Some((service.clone(), path.clone())),
+                _ => None,
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    if !fetched(next).is_subset(&fetched(current)) {
+        return Err("a `[gateway] jwt` issuer fetches its keys from another service or path: that service's instances' ACLs allow the gateway only the JWKS paths they started with, so restart to apply".into());
+    }
     // Whom the gateway asks, and under which path, is in that service's
     // instances' ACLs; how it asks (timeout, headers, failure) is the
     // gateway's.
@@ -302,6 +319,32 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
                 .unwrap_err()
                 .contains("`[gateway.authz]` names another service")
         );
+        // So is where keys are fetched from a service: a new source is
+        // refused, a dropped one is not.
+        let jwt = |sources: &[&str]| {
+            let issuers: String = sources
+                .iter()
+                .enumerate()
+                .map(|(i, jwks)| {
+                    format!("[[gateway.jwt]]\nname = \"i{i}\"\nissuer = \"i{i}\"\naudiences = [\"x\"]\njwks = \"{jwks}\"\n")
+                })
+                .collect();
+            m(&format!("{BASE}{issuers}"))
+        };
+        let one = jwt(&["a:/jwks.json"]);
+        assert!(
+            restart_needed(
+                &one,
+                &jwt(&["a:/jwks.json", "https://id.example/jwks.json"])
+            )
+            .is_ok()
+        );
+        assert!(
+            restart_needed(&one, &jwt(&["a:/keys.json"]))
+                .unwrap_err()
+                .contains("fetches its keys from another service or path")
+        );
+        assert!(restart_needed(&jwt(&["a:/jwks.json", "a:/other.json"]), &one).is_ok());
         let keys = format!(
             "{}[gateway.api_keys]\nconsumers = {{ p = [\"sha256:{}\"] }}\n",
             BASE.replace(
