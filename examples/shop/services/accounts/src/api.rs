@@ -82,6 +82,14 @@ fn invalid_refresh_token() -> ApiError {
     )
 }
 
+fn cross_origin() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "cross_origin_request",
+        "a session in cookies is used only from the shop's own pages; an API client sends its tokens in the body instead",
+    )
+}
+
 fn refresh_token_reused() -> ApiError {
     ApiError::new(
         StatusCode::UNAUTHORIZED,
@@ -290,6 +298,10 @@ async fn login(
     let (Some(email), Some(password), Some(delivery)) = (email, password, delivery) else {
         return Err(ApiError::validation(errors));
     };
+    // A page of another origin must not sign the browser in (login CSRF).
+    if delivery == Delivery::Cookie && !session::from_this_origin(&request) {
+        return Err(cross_origin());
+    }
     let reply = Reply {
         delivery,
         secure: session::secure(&request),
@@ -348,6 +360,9 @@ fn presented_token(body: RefreshBody, request: &HeaderMap) -> Result<(String, Re
             "is required (in the body, or in the session's cookie)",
         )])
     })?;
+    if !session::from_this_origin(request) {
+        return Err(cross_origin());
+    }
     let delivery = Delivery::Cookie;
     Ok((token, Reply { delivery, secure }))
 }

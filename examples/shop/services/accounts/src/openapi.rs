@@ -48,6 +48,7 @@ pub fn document() -> Value {
                         "200": tokens.clone(),
                         "400": error_response("invalid_request: missing or malformed email or password"),
                         "401": error_response("invalid_credentials: unknown e-mail or wrong password (one answer for both)"),
+                        "403": error_response("cross_origin_request: a cookie session asked for from a page of another origin"),
                         "503": error_response("busy, or signing_unavailable")
                     }
                 }
@@ -61,7 +62,8 @@ pub fn document() -> Value {
                     "responses": {
                         "200": tokens,
                         "400": error_response("invalid_request: refresh_token missing (from the body and the cookies)"),
-                        "401": error_response("invalid_refresh_token (unknown, expired or revoked), or refresh_token_reused (already spent: its whole family is now revoked)")
+                        "401": error_response("invalid_refresh_token (unknown, expired or revoked), or refresh_token_reused (already spent: its whole family is now revoked)"),
+                        "403": error_response("cross_origin_request: the cookie presented from a page of another origin (nothing is spent)")
                     }
                 }
             },
@@ -73,7 +75,8 @@ pub fn document() -> Value {
                     "requestBody": body("RefreshToken"),
                     "responses": {
                         "204": {"description": "Logged out (also when the token was unknown)"},
-                        "400": error_response("invalid_request: refresh_token missing (from the body and the cookies)")
+                        "400": error_response("invalid_request: refresh_token missing (from the body and the cookies)"),
+                        "403": error_response("cross_origin_request: the cookie presented from a page of another origin")
                     }
                 }
             },

@@ -18,6 +18,13 @@
 //! `Secure` is set when the client's connection was HTTPS, as the gateway
 //! tells in `x-forwarded-proto` (it replaces a client's own): a browser
 //! refuses `Secure` cookies over plain HTTP on any host but localhost.
+//!
+//! `SameSite=Strict` keeps other sites' pages from making the browser send
+//! the refresh token, but not pages of the same site: a sibling host
+//! (`promo.shop.example` beside `shop.example`) is the same site. So a
+//! login, refresh or logout that works by cookie must also come from this
+//! origin ([`from_this_origin`]), as the gateway checks for the access
+//! token's cookie.
 
 use axum::http::{HeaderMap, HeaderValue, header};
 use cookie::{Cookie, SameSite};
@@ -53,6 +60,41 @@ pub fn secure(request: &HeaderMap) -> bool {
     request
         .get("x-forwarded-proto")
         .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https"))
+}
+
+/// Whether a request comes from this origin's own pages: the browser's
+/// `Sec-Fetch-Site` (which no script can set) says `same-origin` or `none`
+/// (typed by the user); without it (an older browser), its `Origin` names
+/// the host the request was sent to, the scheme's default port written on
+/// one side only counting as that port. A request with neither is no
+/// browser's cross-origin one (browsers send `Origin` with every POST).
+pub fn from_this_origin(request: &HeaderMap) -> bool {
+    if let Some(site) = request.get("sec-fetch-site") {
+        return matches!(site.as_bytes(), b"same-origin" | b"none");
+    }
+    let Some(origin) = request.get(header::ORIGIN) else {
+        return true;
+    };
+    let Some(host) = request.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let Some((scheme, authority)) = origin.to_str().ok().and_then(|o| o.split_once("://")) else {
+        return false; // `null`, or no origin at all
+    };
+    let default = match scheme {
+        "http" => "80",
+        "https" => "443",
+        _ => return false,
+    };
+    let split = |a: &str| -> (String, String) {
+        match a.rsplit_once(':') {
+            Some((name, port)) if !port.contains(']') => {
+                (name.to_ascii_lowercase(), port.to_owned())
+            }
+            _ => (a.to_ascii_lowercase(), default.to_owned()),
+        }
+    };
+    !authority.contains(['/', '@']) && split(authority) == split(host)
 }
 
 /// The refresh token in the request's cookies, if any.
@@ -179,6 +221,47 @@ mod tests {
         assert!(!secure(&h));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         assert!(secure(&h));
+    }
+
+    #[test]
+    fn only_this_origins_pages_may_act_with_the_cookies() {
+        let check = |fields: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in fields {
+                h.append(*n, HeaderValue::from_static(v));
+            }
+            from_this_origin(&h)
+        };
+        let host = ("host", "shop.example");
+        for ok in [
+            vec![host, ("sec-fetch-site", "same-origin")],
+            vec![host, ("sec-fetch-site", "none")],
+            vec![host, ("origin", "http://shop.example")],
+            vec![
+                ("host", "shop.example:443"),
+                ("origin", "https://SHOP.example"),
+            ],
+            vec![("host", "[::1]:8080"), ("origin", "http://[::1]:8080")],
+            vec![host],
+        ] {
+            assert!(check(&ok), "{ok:?}");
+        }
+        for refused in [
+            // A sibling host is the same site, not the same origin.
+            vec![
+                host,
+                ("sec-fetch-site", "same-site"),
+                ("origin", "http://shop.example"),
+            ],
+            vec![host, ("sec-fetch-site", "cross-site")],
+            vec![host, ("origin", "http://promo.shop.example")],
+            vec![host, ("origin", "http://shop.example:8080")],
+            vec![host, ("origin", "null")],
+            vec![host, ("origin", "http://shop.example@evil.example")],
+            vec![("origin", "http://shop.example")],
+        ] {
+            assert!(!check(&refused), "{refused:?}");
+        }
     }
 
     #[test]

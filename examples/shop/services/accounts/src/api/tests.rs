@@ -557,3 +557,64 @@ async fn unknown_routes_get_the_platform_404() {
     assert_eq!(a.status, StatusCode::NOT_FOUND);
     assert_eq!(a.body["error"]["code"], "not_found");
 }
+
+/// A refresh, login or logout by cookie from a page of another origin (a
+/// sibling host is the same site, so `SameSite` lets the cookie go) is
+/// refused before anything is spent.
+#[tokio::test]
+async fn a_cookie_session_is_used_only_from_this_origin() {
+    let (app, _) = app().await;
+    register(&app, "jon@example.com", "a long passphrase").await;
+    let body =
+        json!({"email": "jon@example.com", "password": "a long passphrase", "session": "cookie"});
+    let login = |site: &'static str| {
+        Request::post("/api/accounts/login")
+            .header("content-type", "application/json")
+            .header("host", "shop.example")
+            .header("sec-fetch-site", site)
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let a = send(&app, login("same-site")).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.body);
+    assert_eq!(a.body["error"]["code"], "cross_origin_request");
+    assert!(set_cookie(&a, "shop_rt").is_none());
+    let a = send(&app, login("same-origin")).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let rt = cookie_value(&a, "shop_rt");
+    let refresh = |origin: &'static str| {
+        Request::post("/api/accounts/refresh")
+            .header("content-type", "application/json")
+            .header("host", "shop.example")
+            .header("origin", origin)
+            .header("cookie", format!("shop_rt={rt}"))
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let a = send(&app, refresh("http://promo.shop.example")).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.body);
+    // Not spent: the shop's own page refreshes with it after.
+    let a = send(&app, refresh("http://shop.example")).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    // A token in the body is an API client's, whatever the page.
+    let t = login_tokens(&app).await;
+    let a = send(
+        &app,
+        Request::post("/api/accounts/refresh")
+            .header("content-type", "application/json")
+            .header("origin", "http://evil.example")
+            .body(Body::from(json!({"refresh_token": t}).to_string()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+}
+
+async fn login_tokens(app: &Router) -> String {
+    login(app, "jon@example.com", "a long passphrase")
+        .await
+        .body["refresh_token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
