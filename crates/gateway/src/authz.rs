@@ -121,6 +121,7 @@ async fn ask(
     label: &str,
 ) -> Result<(), Rejection> {
     let authz = &*check.authz;
+    let started = std::time::Instant::now();
     // Whatever the answer, no client speaks for the check.
     for name in &authz.upstream_headers {
         req.headers_mut().remove(name);
@@ -129,12 +130,15 @@ async fn ask(
         Some(asked) => asked,
         // A path that cannot be put after the prefix: nothing to ask
         // about, and nothing is let through undecided.
-        None => return failed(authz, label, "the check's path is not a path".into()),
+        None => {
+            let why = "the check's path is not a path".into();
+            return failed(authz, label, why, started);
+        }
     };
     let answer = match proxy.forward(asked, conn, &check.route, client, told).await {
         // Its fields in the map, the instance's included.
         Ok((reply, _instance)) => reply.into_response(),
-        Err(rejection) => return failed(authz, label, rejection.to_string()),
+        Err(rejection) => return failed(authz, label, rejection.to_string(), started),
     };
     let status = answer.status();
     if status.is_success() {
@@ -146,20 +150,20 @@ async fn ask(
         }
         // Read to the end, so the connection can be used again.
         let _ = read(body, authz.timeout).await;
-        stats::authz(label, "allowed");
+        stats::authz(label, "allowed", started.elapsed());
         return Ok(());
     }
     if status.is_server_error() {
         let (_, body) = answer.into_parts();
         let _ = read(body, authz.timeout).await;
-        return failed(authz, label, format!("it answered {status}"));
+        return failed(authz, label, format!("it answered {status}"), started);
     }
     // 1xx cannot arrive here (hyper reads past them); 3xx and 4xx refuse.
     let (mut parts, body) = answer.into_parts();
     let bytes = read(body, authz.timeout).await.unwrap_or_default();
     parts.headers.remove(CONTENT_LENGTH);
     parts.headers.remove(TRANSFER_ENCODING);
-    stats::authz(label, "denied");
+    stats::authz(label, "denied", started.elapsed());
     Err(Rejection::AuthzDenied(Box::new(Response::from_parts(
         parts,
         body::full(bytes),
@@ -198,13 +202,18 @@ fn question(authz: &Authz, req: &Request<Body>) -> Option<Request<Body>> {
 
 /// A check that decided nothing (`why`): refused with 503, or let through
 /// with `failure = "allow"`.
-fn failed(authz: &Authz, label: &str, why: String) -> Result<(), Rejection> {
+fn failed(
+    authz: &Authz,
+    label: &str,
+    why: String,
+    started: std::time::Instant,
+) -> Result<(), Rejection> {
     if authz.failure_open {
-        stats::authz(label, "failed_open");
+        stats::authz(label, "failed_open", started.elapsed());
         tracing::warn!(target: "flotilla::gateway", route = label, service = %authz.service, error = %why, "the authorization check failed; the request goes on (failure = \"allow\")");
         return Ok(());
     }
-    stats::authz(label, "error");
+    stats::authz(label, "error", started.elapsed());
     tracing::warn!(target: "flotilla::gateway", route = label, service = %authz.service, error = %why, "the authorization check failed; the request is refused");
     Err(Rejection::AuthzUnavailable {
         service: authz.service.clone(),
@@ -276,10 +285,10 @@ mod tests {
     fn a_check_that_decided_nothing_fails_closed_unless_told_otherwise() {
         let mut open = authz("");
         assert!(matches!(
-            failed(&open, "/a", "timeout".into()),
+            failed(&open, "/a", "timeout".into(), std::time::Instant::now()),
             Err(Rejection::AuthzUnavailable { .. })
         ));
         open.failure_open = true;
-        assert!(failed(&open, "/a", "timeout".into()).is_ok());
+        assert!(failed(&open, "/a", "timeout".into(), std::time::Instant::now()).is_ok());
     }
 }

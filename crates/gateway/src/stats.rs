@@ -22,6 +22,7 @@ const IN_FLIGHT: &str = "flotilla_gateway_in_flight";
 const RETRIES_TOTAL: &str = "flotilla_gateway_retries_total";
 const MIRRORED: &str = "flotilla_gateway_mirrored_total";
 const AUTHZ: &str = "flotilla_gateway_authz_total";
+const AUTHZ_DURATION: &str = "flotilla_gateway_authz_duration_seconds";
 const CACHE_LOOKUPS: &str = "flotilla_gateway_cache_lookups_total";
 const CACHE_BYTES: &str = "flotilla_gateway_cache_bytes";
 const CACHE_REVALIDATIONS: &str = "flotilla_gateway_cache_revalidations_total";
@@ -69,10 +70,18 @@ pub fn prometheus_recorder() -> &'static PrometheusHandle {
 /// replicas or turned into an SLO ratio, and which cost a sketch update per
 /// request to keep.
 fn prometheus_builder() -> PrometheusBuilder {
-    match PrometheusBuilder::new().set_buckets_for_metric(
-        Matcher::Full(REQUEST_DURATION.to_owned()),
-        REQUEST_DURATION_BUCKETS,
-    ) {
+    let built = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(REQUEST_DURATION.to_owned()),
+            REQUEST_DURATION_BUCKETS,
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(AUTHZ_DURATION.to_owned()),
+                REQUEST_DURATION_BUCKETS,
+            )
+        });
+    match built {
         Ok(builder) => builder,
         // Only an empty list is refused, and the list above is not empty.
         Err(_) => PrometheusBuilder::new(),
@@ -117,6 +126,11 @@ pub(crate) fn describe() {
     metrics::describe_counter!(
         RETRIES_TOTAL,
         "Attempts retried on another instance, by route, service and reason (connect, connection_lost, status_502, status_503)."
+    );
+    metrics::describe_histogram!(
+        AUTHZ_DURATION,
+        metrics::Unit::Seconds,
+        "How long external authorization checks took, from asking to the decision, by route: what a check adds to each request of the route."
     );
     metrics::describe_counter!(
         AUTHZ,
@@ -295,9 +309,11 @@ pub(crate) fn retried(route: &str, service: &str, reason: &'static str) {
     .increment(1);
 }
 
-/// An external authorization check of a request of `route`.
-pub(crate) fn authz(route: &str, outcome: &'static str) {
+/// An external authorization check of a request of `route`, which took
+/// `took` to decide.
+pub(crate) fn authz(route: &str, outcome: &'static str, took: Duration) {
     metrics::counter!(AUTHZ, "route" => route.to_string(), "outcome" => outcome).increment(1);
+    metrics::histogram!(AUTHZ_DURATION, "route" => route.to_string()).record(took.as_secs_f64());
 }
 
 pub(crate) fn mirrored(route: &str, service: &str, result: &'static str) {

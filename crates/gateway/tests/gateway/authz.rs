@@ -248,6 +248,13 @@ async fn the_policy_service_decides_and_its_answer_is_the_clients() {
 
     assert_eq!(allowed("allowed"), allowed_before + 1);
     assert_eq!(allowed("denied"), denied_before + 2);
+    // And how long each took, in the request-duration buckets.
+    let timed = metric_sum(&[
+        "flotilla_gateway_authz_duration_seconds_bucket",
+        "route=\"/api/**\"",
+        "le=\"+Inf\"",
+    ]);
+    assert!(timed >= 3, "{timed} checks timed");
     gateway.shutdown(T).await;
 }
 
