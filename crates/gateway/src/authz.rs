@@ -132,13 +132,22 @@ async fn ask(
         // about, and nothing is let through undecided.
         None => {
             let why = "the check's path is not a path".into();
-            return failed(authz, label, why, started);
+            return failed(authz, label, "bad_path", why, started);
         }
     };
     let answer = match proxy.forward(asked, conn, &check.route, client, told).await {
         // Its fields in the map, the instance's included.
         Ok((reply, _instance)) => reply.into_response(),
-        Err(rejection) => return failed(authz, label, rejection.to_string(), started),
+        Err(rejection) => {
+            let reason = match &rejection {
+                Rejection::UpstreamTimeout { .. } => "timeout",
+                Rejection::UpstreamUnreachable { .. } => "unreachable",
+                Rejection::NoReadyInstance { .. } => "no_instance",
+                Rejection::BadGateway { .. } => "connection_lost",
+                _ => "error",
+            };
+            return failed(authz, label, reason, rejection.to_string(), started);
+        }
     };
     let status = answer.status();
     if status.is_success() {
@@ -156,7 +165,8 @@ async fn ask(
     if status.is_server_error() {
         let (_, body) = answer.into_parts();
         let _ = read(body, authz.timeout).await;
-        return failed(authz, label, format!("it answered {status}"), started);
+        let why = format!("it answered {status}");
+        return failed(authz, label, "status_5xx", why, started);
     }
     // 1xx cannot arrive here (hyper reads past them); 3xx and 4xx refuse.
     let (mut parts, body) = answer.into_parts();
@@ -200,11 +210,13 @@ fn question(authz: &Authz, req: &Request<Body>) -> Option<Request<Body>> {
     Some(asked)
 }
 
-/// A check that decided nothing (`why`): refused with 503, or let through
-/// with `failure = "allow"`.
+/// A check that decided nothing (`reason`, for the access log, and `why`,
+/// for the gateway's): refused with 503, or let through with `failure =
+/// "allow"`.
 fn failed(
     authz: &Authz,
     label: &str,
+    reason: &'static str,
     why: String,
     started: std::time::Instant,
 ) -> Result<(), Rejection> {
@@ -217,6 +229,7 @@ fn failed(
     tracing::warn!(target: "flotilla::gateway", route = label, service = %authz.service, error = %why, "the authorization check failed; the request is refused");
     Err(Rejection::AuthzUnavailable {
         service: authz.service.clone(),
+        reason,
     })
 }
 
@@ -283,12 +296,17 @@ mod tests {
 
     #[test]
     fn a_check_that_decided_nothing_fails_closed_unless_told_otherwise() {
-        let mut open = authz("");
+        let now = std::time::Instant::now();
+        let mut policy = authz("");
+        let closed = failed(&policy, "/a", "timeout", "-".into(), now);
         assert!(matches!(
-            failed(&open, "/a", "timeout".into(), std::time::Instant::now()),
-            Err(Rejection::AuthzUnavailable { .. })
+            closed,
+            Err(Rejection::AuthzUnavailable {
+                reason: "timeout",
+                ..
+            })
         ));
-        open.failure_open = true;
-        assert!(failed(&open, "/a", "timeout".into(), std::time::Instant::now()).is_ok());
+        policy.failure_open = true;
+        assert!(failed(&policy, "/a", "timeout", "-".into(), now).is_ok());
     }
 }

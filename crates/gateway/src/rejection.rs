@@ -96,7 +96,11 @@ pub(crate) enum Rejection {
     #[error("the authorization service refused the request")]
     AuthzDenied(Box<Response<Body>>),
     #[error("the authorization service `{service}` could not decide on the request; retry later")]
-    AuthzUnavailable { service: String },
+    /// `reason` says why, in the access log only.
+    AuthzUnavailable {
+        service: String,
+        reason: &'static str,
+    },
     /// `limit` is the refusing limit's name, for the access log only.
     #[error("too many requests; retry later")]
     RateLimited { limit: &'static str },
@@ -233,6 +237,7 @@ impl Rejection {
                 Rejection::Auth(e) => Some(e.reason()),
                 Rejection::ApiKey { error, .. } => Some(error.reason()),
                 Rejection::RateLimited { limit } => Some(limit),
+                Rejection::AuthzUnavailable { reason, .. } => Some(reason),
                 _ => None,
             },
         });

@@ -131,6 +131,7 @@ fn authz(failure_open: bool) -> flotilla_manifest::Authz {
 
 async fn checked_gateway(
     failure_open: bool,
+    access_log: Option<std::path::PathBuf>,
 ) -> (flotilla_gateway::Gateway, Upstream, Policy, Arc<Registry>) {
     let registry = Registry::new();
     let up = Upstream::start("things-0").await;
@@ -142,6 +143,7 @@ async fn checked_gateway(
     let open = route("things", "/public/**", &[], T);
     let mut cfg = config(vec![checked, open]);
     cfg.authz = Some(authz(failure_open));
+    cfg.access_log = access_log;
     let gateway = start(cfg, &registry).await;
     (gateway, up, policy, registry)
 }
@@ -151,7 +153,7 @@ async fn checked_gateway(
 /// go on.
 #[tokio::test]
 async fn the_policy_service_decides_and_its_answer_is_the_clients() {
-    let (gateway, up, policy, _registry) = checked_gateway(false).await;
+    let (gateway, up, policy, _registry) = checked_gateway(false, None).await;
     let client = Client::new(&gateway);
     let allowed = |outcome: &str| {
         metric_sum(&[
@@ -263,7 +265,9 @@ async fn the_policy_service_decides_and_its_answer_is_the_clients() {
 /// with `failure = "allow"`.
 #[tokio::test]
 async fn a_check_that_fails_refuses_unless_failure_is_allow() {
-    let (gateway, up, _policy, registry) = checked_gateway(false).await;
+    let dir = TestDir::new();
+    let log = path_buf(&dir, "access.log");
+    let (gateway, up, _policy, registry) = checked_gateway(false, Some(log.clone())).await;
     let client = Client::new(&gateway);
     for who in ["Bearer broken", "Bearer slow"] {
         let reply = client
@@ -294,8 +298,31 @@ async fn a_check_that_fails_refuses_unless_failure_is_allow() {
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
     assert_eq!(up.hits(), 0);
     gateway.shutdown(T).await;
+    // The access log says why each check decided nothing, which the
+    // client is not told.
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let reasons: Vec<String> = text
+        .lines()
+        .map(|l| ok(serde_json::from_str::<serde_json::Value>(l), "a log line"))
+        .map(|l| {
+            format!(
+                "{} {}",
+                l["error"].as_str().unwrap_or("-"),
+                l["reason"].as_str().unwrap_or("-")
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "authz_unavailable status_5xx",
+            "authz_unavailable timeout",
+            "authz_unavailable no_instance"
+        ],
+        "{text}"
+    );
 
-    let (gateway, up, _policy, _registry) = checked_gateway(true).await;
+    let (gateway, up, _policy, _registry) = checked_gateway(true, None).await;
     let client = Client::new(&gateway);
     let reply = client
         .request(
