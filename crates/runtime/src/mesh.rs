@@ -339,27 +339,16 @@ fn write_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// The ACL of `callee` the manifest implies: its callers from the other
-/// services' `calls`, the gateway on its routes (HEAD wherever GET, as the
-/// gateway forwards it), on the service that publishes the JWKS the
-/// gateway verifies tokens with, `GET` of that path, and on the external
-/// authorization service, its checks; the runtime on its health paths;
-/// and the service's own `acl` rules.
-fn policy_spec(
-    ca: &Ca,
-    manifest: &Manifest,
-    callee: &Service,
-    mode: Mode,
-) -> Result<PolicySpec, MeshError> {
-    let id = |service: &str| -> Result<SpiffeId, MeshError> {
-        ca.id_for(service).map_err(|source| MeshError::Issue {
-            service: service.to_string(),
-            source: Box::new(source),
-        })
-    };
+/// What the gateway may call on `callee`, as the manifest implies it: its
+/// routes and those that split a share of their requests to it (HEAD
+/// wherever GET, as the gateway forwards it), `GET` of a JWKS the gateway
+/// fetches from it, and the checks `[gateway.authz]` sends it. The one
+/// place this is worked out: the instances' ACLs are made from it, and a
+/// hot reload that needs more than they allow is refused by it.
+pub(crate) fn gateway_routes(manifest: &Manifest, callee: &str) -> Vec<RouteSpec> {
     // Its own routes, and those that split a share of their requests to it.
     let mut routes: Vec<RouteSpec> = manifest
-        .routes_reaching(&callee.name)
+        .routes_reaching(callee)
         .map(|r| {
             let mut methods = r.methods.clone();
             if methods.iter().any(|m| m == "GET") && !methods.iter().any(|m| m == "HEAD") {
@@ -377,7 +366,7 @@ fn policy_spec(
             jwks: JwksSource::Service { service, path },
             ..
         } = jwt
-            && *service == callee.name
+            && service == callee
         {
             routes.push(RouteSpec {
                 path: path.clone(),
@@ -388,13 +377,32 @@ fn policy_spec(
     // The external authorization service: its checks are the gateway's
     // requests, any method, under the check's path prefix.
     if let Some(authz) = &manifest.gateway.authz
-        && authz.service == callee.name
+        && authz.service == callee
     {
         routes.push(RouteSpec {
             path: format!("{}/**", authz.path_prefix),
             methods: Vec::new(),
         });
     }
+    routes
+}
+
+/// The ACL of `callee` the manifest implies: its callers from the other
+/// services' `calls`, the gateway on what [`gateway_routes`] gives it, the
+/// runtime on its health paths, and the service's own `acl` rules.
+fn policy_spec(
+    ca: &Ca,
+    manifest: &Manifest,
+    callee: &Service,
+    mode: Mode,
+) -> Result<PolicySpec, MeshError> {
+    let id = |service: &str| -> Result<SpiffeId, MeshError> {
+        ca.id_for(service).map_err(|source| MeshError::Issue {
+            service: service.to_string(),
+            source: Box::new(source),
+        })
+    };
+    let routes = gateway_routes(manifest, &callee.name);
     let mut spec = PolicySpec::new(id(&callee.name)?);
     spec.mode = mode;
     spec.callers = manifest

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use flotilla_gateway::{Config as GatewayConfig, Gateway};
-use flotilla_manifest::{JwksSource, Manifest, Service};
+use flotilla_manifest::{Manifest, Service};
 use tokio::sync::watch;
 
 use crate::console::Console;
@@ -183,26 +183,6 @@ fn restart_needed(current: &Manifest, next: &Manifest) -> Result<(), String> {
                 "service `{name}` changed in more than its routes: restart to apply"
             ));
         }
-        // A set: the ACL is about paths (as instances see them, so a
-        // changed `strip_prefix` counts) and methods; routes reordered, or
-        // a path added for another host, need no restart.
-        // The routes of other services that split a share to this one count
-        // too; a changed share does not.
-        let exposed = |m: &Manifest| {
-            m.routes_reaching(name)
-                .map(|r| {
-                    (
-                        r.forwarded_pattern().as_str().to_string(),
-                        r.methods.clone(),
-                    )
-                })
-                .collect::<std::collections::BTreeSet<_>>()
-        };
-        if exposed(next) != exposed(current) {
-            return Err(format!(
-                "service `{name}` exposes other paths or methods: its instances' ACLs allow the gateway only the routes they started with, so restart to apply"
-            ));
-        }
     }
     if next.broker != current.broker
         || next.topics != current.topics
@@ -216,32 +196,26 @@ fn restart_needed(current: &Manifest, next: &Manifest) -> Result<(), String> {
     if next.mesh != current.mesh {
         return Err("`[mesh]` changed: restart to apply".into());
     }
-    // Where the gateway fetches keys from a service of the system is in
-    // that service's instances' ACLs too: a new one would be refused.
-    let fetched = |m: &Manifest| {
-        m.gateway
-            .jwt
-            .iter()
-            .filter_map(|j| match &j.jwks {
-                JwksSource::Service { service, path } => Some((service.clone(), path.clone())),
-                _ => None,
+    // What the gateway may call on each service (its routes' paths and
+    // methods, a JWKS, authz checks) is in that service's instances' ACLs,
+    // made at start: the gateway may need less after a reload, never more.
+    // Hosts, headers and everything else about how it calls are its own.
+    for name in next.services.keys() {
+        let allowed = crate::mesh::gateway_routes(current, name);
+        let more: Vec<String> = crate::mesh::gateway_routes(next, name)
+            .into_iter()
+            .filter(|r| !allowed.contains(r))
+            .map(|r| match r.methods.as_slice() {
+                [] => format!("`{}` (any method)", r.path),
+                methods => format!("`{} {}`", methods.join(","), r.path),
             })
-            .collect::<std::collections::BTreeSet<_>>()
-    };
-    if !fetched(next).is_subset(&fetched(current)) {
-        return Err("a `[gateway] jwt` issuer fetches its keys from another service or path: that service's instances' ACLs allow the gateway only the JWKS paths they started with, so restart to apply".into());
-    }
-    // Whom the gateway asks, and under which path, is in that service's
-    // instances' ACLs; how it asks (timeout, headers, failure) is the
-    // gateway's.
-    let asked = |m: &Manifest| {
-        m.gateway
-            .authz
-            .as_ref()
-            .map(|a| (a.service.clone(), a.path_prefix.clone()))
-    };
-    if asked(next) != asked(current) {
-        return Err("`[gateway.authz]` names another service or `path_prefix`: that service's instances' ACLs allow the gateway only the checks they started with, so restart to apply".into());
+            .collect();
+        if !more.is_empty() {
+            return Err(format!(
+                "the gateway would call service `{name}` at {}, which its instances' ACLs, made at start, do not allow: restart to apply",
+                more.join(", ")
+            ));
+        }
     }
     Ok(())
 }
@@ -279,7 +253,7 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
         assert!(
             restart_needed(&base, &m(&new_path))
                 .unwrap_err()
-                .contains("restart to apply")
+                .contains("the gateway would call service `a` at `GET,HEAD /b/**`")
         );
         let replicas = BASE.replace("routes =", "replicas = 2\nroutes =");
         assert!(
@@ -317,7 +291,7 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
         assert!(
             restart_needed(&authz(""), &authz("path_prefix = \"/check\""))
                 .unwrap_err()
-                .contains("`[gateway.authz]` names another service")
+                .contains("would call service `p` at `/check/**` (any method)")
         );
         // So is where keys are fetched from a service: a new source is
         // refused, a dropped one is not.
@@ -342,7 +316,7 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
         assert!(
             restart_needed(&one, &jwt(&["a:/keys.json"]))
                 .unwrap_err()
-                .contains("fetches its keys from another service or path")
+                .contains("would call service `a` at `GET,HEAD /keys.json`")
         );
         assert!(restart_needed(&jwt(&["a:/jwks.json", "a:/other.json"]), &one).is_ok());
         let keys = format!(
@@ -367,7 +341,7 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
         assert!(
             restart_needed(&m(&two), &share(5))
                 .unwrap_err()
-                .contains("service `b` exposes other paths")
+                .contains("would call service `b` at `GET,HEAD /a/**`")
         );
         // Stripping changes the paths instances see, and so their ACLs.
         let stripped = BASE.replace(
@@ -377,7 +351,7 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
         assert!(
             restart_needed(&base, &m(&stripped))
                 .unwrap_err()
-                .contains("other paths or methods")
+                .contains("would call service `a` at `GET,HEAD /**`")
         );
         let added = format!("{BASE}[services.b]\nrun = {{ command = [\"true\"] }}\n");
         assert!(
