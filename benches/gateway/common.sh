@@ -48,7 +48,8 @@ wait_port() {
 # of 1 kB or more at level 5 for clients that take it, as the gateway's
 # `compression = {}` does. With NGINX_AUTH_REQUEST=1 every request is
 # first checked by an auth_request subrequest to the upstream's
-# /check<uri> (no body, Authorization passed on), as the gateway's
+# /check<uri> (no body; the client's header fields go along, as every
+# nginx subrequest inherits them), as the gateway's
 # `[gateway.authz]` asks its service. Sets NGINX_PID; its files go under
 # $TMP/nginx.
 start_nginx() {
