@@ -26,6 +26,10 @@
 # PGO=1 adds gw-pgo, gw-jwt-rl as built by benches/gateway/pgo.sh
 # (target/pgo/bench_gateway; pgo.sh runs first if it is missing or older
 # than the sources).
+# AUTHZ=1 adds gw-authz (the bench gateway with `[gateway.authz]`: every
+# request first checked by the upstream, as authz.sh runs it) and
+# nginx-authz (nginx with `auth_request` to the same), and prints what a
+# check costs each: its count less the same proxy's without the check.
 # KEEP=1 keeps the temp dir with the callgrind files; benches/gateway/cgdiff.py
 # compares two kept runs function by function, per request, and
 # benches/gateway/cglines.py shows one line by line (build with
@@ -75,6 +79,18 @@ if [ "$PGO" = 1 ]; then
 fi
 start_nginx "$NGINX" "$NG" "$UP" "${VG[@]}" --callgrind-out-file="$TMP/nginx.cg"
 wait_port "$NG" 60
+if [ "${AUTHZ:-0}" = 1 ]; then
+  GA=$(free_port); NA=$(free_port)
+  start gw-authz "$GA" "$GW" --listen "127.0.0.1:$GA" --upstream "127.0.0.1:$UP" --threads 1 --authz
+  # start_nginx writes under $TMP/nginx: this one's files under its own dir.
+  mkdir -p "$TMP/nginx-authz"
+  TMP="$TMP/nginx-authz" NGINX_AUTH_REQUEST=1 start_nginx "$NGINX" "$NA" "$UP" "${VG[@]}" \
+    --callgrind-out-file="$TMP/nginx-authz.cg"
+  wait_port "$NA" 60
+  NAMES+=(gw-authz nginx-authz)
+  PORT[gw-authz]=$GA
+  PORT[nginx-authz]=$NA
+fi
 # Each JWT gateway makes its own key, so each has its own token; the
 # others get gw-jwt-rl's, which they ignore.
 declare -A TOKEN
@@ -113,15 +129,17 @@ total_of() {
   echo "$f $(awk '/^totals:/ { print $2 }' "$f")"
 }
 
-printf '%-10s | %9s %12s %10s\n' target requests "instr/req" "x raw-h1"
-printf -- '-----------+-----------------------------------\n'
+printf '%-11s | %9s %12s %10s\n' target requests "instr/req" "x raw-h1"
+printf -- '------------+-----------------------------------\n'
 base=""
+declare -A PER
 for name in "${NAMES[@]}"; do
   read -r file total < <(total_of "$name")
   per=$((total / REQS[$name]))
+  PER[$name]=$per
   [ -z "$base" ] && base=$per
   awk -v n="$name" -v r="${REQS[$name]}" -v p="$per" -v b="$base" \
-    'BEGIN { printf "%-10s | %9d %12d %9.2fx\n", n, r, p, p / b }'
+    'BEGIN { printf "%-11s | %9d %12d %9.2fx\n", n, r, p, p / b }'
   if [ "${CACHE:-0}" = 1 ]; then
     awk -v r="${REQS[$name]}" '
       /^events:/ { for (i = 2; i <= NF; i++) col[$i] = i }
@@ -140,3 +158,7 @@ for name in "${NAMES[@]}"; do
             if (shown++ < top) printf "    %7.0f  %s\n", n / r, line }'
   fi
 done
+if [ "${AUTHZ:-0}" = 1 ]; then
+  awk -v g=$((PER[gw-authz] - PER[gw-plain])) -v n=$((PER[nginx-authz] - PER[nginx])) 'BEGIN {
+    printf "a check costs: gateway %d instructions per request, nginx %d (%.2fx)\n", g, n, g / n }'
+fi

@@ -29,7 +29,8 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderName, Request, Response, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 
 use crate::body::{self, Body};
@@ -39,7 +40,7 @@ use crate::proxy::Proxy;
 use crate::rejection::Rejection;
 use crate::routes::Route;
 use crate::server::ConnInfo;
-use crate::stats;
+use crate::stats::AuthzStats;
 
 /// The most of a refusing answer's body passed on to the client.
 const MAX_DENIAL_BODY: usize = 64 * 1024;
@@ -82,13 +83,14 @@ impl Authz {
     }
 }
 
-/// A route's check: the gateway's settings and the route the check is
-/// sent by (to `[gateway.authz]`'s service, under the check's timeout,
-/// counted under the route's pattern).
+/// A route's check: the gateway's settings, the route the check is sent
+/// by (to `[gateway.authz]`'s service, under the check's timeout, counted
+/// under the route's pattern), and the route's authz metrics.
 #[derive(Debug)]
 pub(crate) struct Check {
     pub authz: std::sync::Arc<Authz>,
     pub route: std::sync::Arc<Route>,
+    pub stats: AuthzStats,
 }
 
 /// Asks the check's service about `req`, about to go on by `route` (whose
@@ -121,7 +123,7 @@ async fn ask(
     label: &str,
 ) -> Result<(), Rejection> {
     let authz = &*check.authz;
-    let started = std::time::Instant::now();
+    let started = crate::clock::now();
     // Whatever the answer, no client speaks for the check.
     for name in &authz.upstream_headers {
         req.headers_mut().remove(name);
@@ -132,12 +134,11 @@ async fn ask(
         // about, and nothing is let through undecided.
         None => {
             let why = "the check's path is not a path".into();
-            return failed(authz, label, "bad_path", why, started);
+            return failed(check, label, "bad_path", why, started);
         }
     };
-    let answer = match proxy.forward(asked, conn, &check.route, client, told).await {
-        // Its fields in the map, the instance's included.
-        Ok((reply, _instance)) => reply.into_response(),
+    let reply = match proxy.forward(asked, conn, &check.route, client, told).await {
+        Ok((reply, _instance)) => reply,
         Err(rejection) => {
             let reason = match &rejection {
                 Rejection::UpstreamTimeout { .. } => "timeout",
@@ -146,34 +147,37 @@ async fn ask(
                 Rejection::BadGateway { .. } => "connection_lost",
                 _ => "error",
             };
-            return failed(authz, label, reason, rejection.to_string(), started);
+            return failed(check, label, reason, rejection.to_string(), started);
         }
     };
-    let status = answer.status();
+    let status = reply.res.status();
     if status.is_success() {
-        let (parts, body) = answer.into_parts();
+        // Read from the instance's fields as they came: an answer that
+        // lets a request on is not made into a map of its own.
         for name in &authz.upstream_headers {
-            for value in parts.headers.get_all(name) {
-                req.headers_mut().append(name.clone(), value.clone());
+            for value in reply.values(name) {
+                if let Ok(value) = HeaderValue::from_bytes(value) {
+                    req.headers_mut().append(name.clone(), value);
+                }
             }
         }
         // Read to the end, so the connection can be used again.
-        let _ = read(body, authz.timeout).await;
-        stats::authz(label, "allowed", started.elapsed());
+        drain(reply.res.into_body(), authz.timeout).await;
+        check.stats.checked("allowed", elapsed(started));
         return Ok(());
     }
     if status.is_server_error() {
-        let (_, body) = answer.into_parts();
-        let _ = read(body, authz.timeout).await;
+        drain(reply.res.into_body(), authz.timeout).await;
         let why = format!("it answered {status}");
-        return failed(authz, label, "status_5xx", why, started);
+        return failed(check, label, "status_5xx", why, started);
     }
-    // 1xx cannot arrive here (hyper reads past them); 3xx and 4xx refuse.
-    let (mut parts, body) = answer.into_parts();
+    // 1xx cannot arrive here (the client reads past them); 3xx and 4xx
+    // refuse. Its fields in the map, the instance's included.
+    let (mut parts, body) = reply.into_response().into_parts();
     let bytes = read(body, authz.timeout).await.unwrap_or_default();
     parts.headers.remove(CONTENT_LENGTH);
     parts.headers.remove(TRANSFER_ENCODING);
-    stats::authz(label, "denied", started.elapsed());
+    check.stats.checked("denied", elapsed(started));
     Err(Rejection::AuthzDenied(Box::new(Response::from_parts(
         parts,
         body::full(bytes),
@@ -187,7 +191,11 @@ fn question(authz: &Authz, req: &Request<Body>) -> Option<Request<Body>> {
     let uri = if authz.path_prefix.is_empty() {
         Uri::try_from(pq).ok()?
     } else {
-        Uri::try_from(format!("{}{pq}", authz.path_prefix)).ok()?
+        // Not `format!`, whose machinery cost more than the copy.
+        let mut path = String::with_capacity(authz.path_prefix.len() + pq.len());
+        path.push_str(&authz.path_prefix);
+        path.push_str(pq);
+        Uri::try_from(path).ok()?
     };
     let mut asked = Request::new(body::empty());
     *asked.method_mut() = req.method().clone();
@@ -214,23 +222,37 @@ fn question(authz: &Authz, req: &Request<Body>) -> Option<Request<Body>> {
 /// for the gateway's): refused with 503, or let through with `failure =
 /// "allow"`.
 fn failed(
-    authz: &Authz,
+    check: &Check,
     label: &str,
     reason: &'static str,
     why: String,
-    started: std::time::Instant,
+    started: tokio::time::Instant,
 ) -> Result<(), Rejection> {
+    let authz = &*check.authz;
     if authz.failure_open {
-        stats::authz(label, "failed_open", started.elapsed());
+        check.stats.checked("failed_open", elapsed(started));
         tracing::warn!(target: "flotilla::gateway", route = label, service = %authz.service, error = %why, "the authorization check failed; the request goes on (failure = \"allow\")");
         return Ok(());
     }
-    stats::authz(label, "error", started.elapsed());
+    check.stats.checked("error", elapsed(started));
     tracing::warn!(target: "flotilla::gateway", route = label, service = %authz.service, error = %why, "the authorization check failed; the request is refused");
     Err(Rejection::AuthzUnavailable {
         service: authz.service.clone(),
         reason,
     })
+}
+
+/// How long since `started`, by the clock the connection's poll read.
+fn elapsed(started: tokio::time::Instant) -> Duration {
+    crate::clock::now().saturating_duration_since(started)
+}
+
+/// `body` read to its end and thrown away, within `timeout`; an empty one
+/// (an allowing answer's, usually) at once, without setting a timer.
+async fn drain(body: Body, timeout: Duration) {
+    if !body.is_end_stream() {
+        let _ = read(body, timeout).await;
+    }
 }
 
 /// A body read whole, up to [`MAX_DENIAL_BODY`] and `timeout`; `None`
@@ -294,11 +316,23 @@ mod tests {
         assert_eq!(asked.uri(), "/a");
     }
 
+    fn check(policy: Authz) -> Check {
+        Check {
+            route: Route::for_check(
+                &policy.service,
+                &flotilla_manifest::PathPattern::parse("/a").unwrap(),
+                policy.timeout,
+            ),
+            authz: std::sync::Arc::new(policy),
+            stats: AuthzStats::new("/a"),
+        }
+    }
+
     #[test]
     fn a_check_that_decided_nothing_fails_closed_unless_told_otherwise() {
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         let mut policy = authz("");
-        let closed = failed(&policy, "/a", "timeout", "-".into(), now);
+        let closed = failed(&check(authz("")), "/a", "timeout", "-".into(), now);
         assert!(matches!(
             closed,
             Err(Rejection::AuthzUnavailable {
@@ -307,6 +341,6 @@ mod tests {
             })
         ));
         policy.failure_open = true;
-        assert!(failed(&policy, "/a", "timeout", "-".into(), now).is_ok());
+        assert!(failed(&check(policy), "/a", "timeout", "-".into(), now).is_ok());
     }
 }

@@ -272,6 +272,7 @@ impl Routing {
                 authz: authz.as_ref().filter(|_| route.authz).map(|a| Check {
                     authz: Arc::clone(a),
                     route: Route::for_check(a.service(), &route.pattern, a.timeout()),
+                    stats: crate::stats::AuthzStats::new(route.pattern.as_str()),
                 }),
                 bulkhead: route.max_in_flight.map(|limit| {
                     Bulkhead::new(
