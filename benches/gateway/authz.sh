@@ -46,26 +46,10 @@ start_upstream target/release/examples/bench_upstream "$UP"
 UPSTREAM_PID=${PIDS[-1]}
 
 declare -A PORT PID URL
-for t in gw-authz gw-plain; do
-  PORT[$t]=$(free_port)
-  flags=()
-  [ "$t" = gw-authz ] && flags+=(--authz)
-  "$GW" --listen "127.0.0.1:${PORT[$t]}" --upstream "127.0.0.1:$UP" --threads "$GW_THREADS" \
-    "${flags[@]}" >"$TMP/$t.log" 2>&1 &
-  PID[$t]=$!
-  PIDS+=("${PID[$t]}")
-  URL[$t]="http://127.0.0.1:${PORT[$t]}/item"
-done
-for t in nginx-authz nginx; do
-  PORT[$t]=$(free_port)
-  auth=0
-  [ "$t" = nginx-authz ] && auth=1
-  mkdir -p "$TMP/$t"
-  # start_nginx writes under $TMP/nginx: one dir per nginx.
-  TMP="$TMP/$t" NGINX_AUTH_REQUEST=$auth start_nginx "$NGINX" "${PORT[$t]}" "$UP"
-  PID[$t]=$NGINX_PID
-  URL[$t]="http://127.0.0.1:${PORT[$t]}/item"
-done
+start_gw_target gw-authz --authz
+start_gw_target gw-plain
+NGINX_AUTH_REQUEST=1 start_nginx_target nginx-authz
+start_nginx_target nginx
 PORT[upstream]=$UP
 PID[upstream]=$UPSTREAM_PID
 URL[upstream]="http://127.0.0.1:$UP/item"

@@ -50,12 +50,20 @@ wait_port() {
 # first checked by an auth_request subrequest to the upstream's
 # /check<uri> (no body; the client's header fields go along, as every
 # nginx subrequest inherits them), as the gateway's
-# `[gateway.authz]` asks its service. Sets NGINX_PID; its files go under
-# $TMP/nginx.
+# `[gateway.authz]` asks its service. With NGINX_LIMIT_REQ=RATE (e.g.
+# 1r/m) requests are limited per client address (limit_req, no burst,
+# refused with 429), as a route's `rate_limit = "1/m per ip"` does; the
+# refusals are not logged (the bench gateways keep no access log). Sets
+# NGINX_PID; its files go under $TMP/nginx.
 start_nginx() {
   local nginx=$1 port=$2 upstream=$3 user_line="" procs="worker_processes ${NGINX_WORKERS:-2};"
   local map="" connection='proxy_set_header Connection "";'
   local listen="listen 127.0.0.1:$port;" ssl="" cache_path="" cache="" gzip="" auth="" check=""
+  local limit_zone="" limit=""
+  if [ -n "${NGINX_LIMIT_REQ:-}" ]; then
+    limit_zone="limit_req_zone \$binary_remote_addr zone=flotilla_limit:10m rate=$NGINX_LIMIT_REQ; limit_req_status 429; limit_req_log_level info;"
+    limit="limit_req zone=flotilla_limit;"
+  fi
   if [ "${NGINX_CACHE:-0}" = 1 ]; then
     cache_path="proxy_cache_path $TMP/nginx/cache keys_zone=flotilla:10m max_size=64m;"
     cache="proxy_cache flotilla; proxy_cache_valid 200 1m; add_header Cache-Status \$upstream_cache_status;"
@@ -97,6 +105,7 @@ http {
   $gzip
   $map
   $cache_path
+  $limit_zone
   upstream backend {
     server 127.0.0.1:$upstream;
     keepalive 64;
@@ -112,6 +121,7 @@ http {
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
       $cache
       $auth
+      $limit
     }
     $check
   }
@@ -120,6 +130,33 @@ EOF
   "$@" "$nginx" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx/logs/stdout.log" 2>&1 &
   NGINX_PID=$!
   PIDS+=("$NGINX_PID")
+}
+
+# start_gw_target NAME [FLAGS...]: a bench gateway with FLAGS and
+# GW_THREADS workers in front of the upstream on port UP, as target NAME
+# of measure_rounds: sets PORT, PID and URL (.../item) for it.
+start_gw_target() {
+  local t=$1
+  shift
+  PORT[$t]=$(free_port)
+  "$GW" --listen "127.0.0.1:${PORT[$t]}" --upstream "127.0.0.1:$UP" --threads "$GW_THREADS" \
+    "$@" >"$TMP/$t.log" 2>&1 &
+  PID[$t]=$!
+  PIDS+=("${PID[$t]}")
+  URL[$t]="http://127.0.0.1:${PORT[$t]}/item"
+}
+
+# start_nginx_target NAME: nginx (start_nginx, with the NGINX_* settings
+# the caller gives it) in front of the upstream on port UP, as target NAME,
+# its files under $TMP/NAME: sets PORT, PID and URL (.../item) for it.
+start_nginx_target() {
+  local t=$1
+  PORT[$t]=$(free_port)
+  mkdir -p "$TMP/$t"
+  # start_nginx writes under $TMP/nginx: one dir per nginx.
+  TMP="$TMP/$t" start_nginx "$NGINX" "${PORT[$t]}" "$UP"
+  PID[$t]=$NGINX_PID
+  URL[$t]="http://127.0.0.1:${PORT[$t]}/item"
 }
 
 # need HINT TOOL...: exits, saying what is missing and HINT (how to install
@@ -264,13 +301,17 @@ wrk_figures() {
 
 # wrk_target TARGET CONNS [WRK ARGS...]: "REQ/S P50_MS P99_MS ERRORS" of
 # one wrk -t1 run of DURATION against URL[TARGET] (ERRORS: 0, or ! when
-# wrk saw socket errors or non-2xx answers); wrk's output in
-# $TMP/wrk-TARGET.txt.
+# wrk saw socket errors or non-2xx answers, or with REFUSING=1 socket
+# errors or any 2xx answer); wrk's output in $TMP/wrk-TARGET.txt.
 wrk_target() {
   local t=$1 conns=$2 out="$TMP/wrk-$1.txt" errors
   shift 2
   wrk -t1 -c"$conns" -d"$DURATION" --latency "$@" "${URL[$t]}" >"$out" 2>&1 || true
-  errors=$(awk '/Socket errors|Non-2xx/ {s = s $0 "; "} END {print (s == "" ? "0" : "!")}' "$out")
+  errors=$(awk -v refusing="${REFUSING:-0}" '
+    /requests in/ { total = $1 }
+    /Non-2xx/ { refused = $5; if (!refusing) s = s $0 "; " }
+    /Socket errors/ { s = s $0 "; " }
+    END { if (refusing && refused != total) s = s "some answered 2xx"; print (s == "" ? "0" : "!") }' "$out")
   echo "$(wrk_figures "$out") ${errors}"
 }
 

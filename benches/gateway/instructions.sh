@@ -30,6 +30,10 @@
 # request first checked by the upstream, as authz.sh runs it) and
 # nginx-authz (nginx with `auth_request` to the same), and prints what a
 # check costs each: its count less the same proxy's without the check.
+# REFUSALS=1 adds gw-429 (the bench gateway with a rate limit of 1/m per
+# ip, so that all but the first request are refused with 429) and
+# nginx-429 (limit_req at 1r/m per address, refusing with 429), and prints
+# what a refusal costs each: what a gateway spends on a flood over a limit.
 # KEEP=1 keeps the temp dir with the callgrind files; benches/gateway/cgdiff.py
 # compares two kept runs function by function, per request, and
 # benches/gateway/cglines.py shows one line by line (build with
@@ -41,7 +45,7 @@ source benches/gateway/common.sh
 
 DURATION="${DURATION:-6s}"
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-need "apt-get install -y valgrind wrk nginx-light" valgrind callgrind_control callgrind_annotate wrk \
+need "apt-get install -y valgrind wrk nginx-light curl" valgrind callgrind_control callgrind_annotate wrk curl \
   python3 "$NGINX"
 
 echo "building (release)..." >&2
@@ -91,6 +95,23 @@ if [ "${AUTHZ:-0}" = 1 ]; then
   PORT[gw-authz]=$GA
   PORT[nginx-authz]=$NA
 fi
+if [ "${REFUSALS:-0}" = 1 ]; then
+  GR=$(free_port); NR=$(free_port)
+  start gw-429 "$GR" "$GW" --listen "127.0.0.1:$GR" --upstream "127.0.0.1:$UP" --threads 1 \
+    --rate-limit "1/m per ip"
+  mkdir -p "$TMP/nginx-429"
+  TMP="$TMP/nginx-429" NGINX_LIMIT_REQ=1r/m start_nginx "$NGINX" "$NR" "$UP" "${VG[@]}" \
+    --callgrind-out-file="$TMP/nginx-429.cg"
+  wait_port "$NR" 60
+  NAMES+=(gw-429 nginx-429)
+  PORT[gw-429]=$GR
+  PORT[nginx-429]=$NR
+  # Each must refuse a second request, or it measures nothing.
+  for name in gw-429 nginx-429; do
+    codes="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${PORT[$name]}/") $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${PORT[$name]}/")"
+    [ "$codes" = "200 429" ] || { echo "$name answered $codes, not 200 429: it does not limit" >&2; exit 1; }
+  done
+fi
 # Each JWT gateway makes its own key, so each has its own token; the
 # others get gw-jwt-rl's, which they ignore.
 declare -A TOKEN
@@ -116,7 +137,13 @@ declare -A REQS
 for name in "${NAMES[@]}"; do
   out=$(wrk -t1 -c8 -d"$DURATION" -H "authorization: Bearer ${TOKEN[$name]}" "http://127.0.0.1:${PORT[$name]}/")
   REQS[$name]=$(echo "$out" | awk '/requests in/ { print $1 }')
-  if echo "$out" | grep -q "Non-2xx"; then echo "$name answered non-2xx responses" >&2; exit 1; fi
+  case $name in
+    *-429)
+      # Every response a refusal.
+      [ "$(echo "$out" | awk '/Non-2xx/ { print $5 }')" = "${REQS[$name]}" ] ||
+        { echo "$name answered some requests other than 429" >&2; exit 1; } ;;
+    *) if echo "$out" | grep -q "Non-2xx"; then echo "$name answered non-2xx responses" >&2; exit 1; fi ;;
+  esac
 done
 callgrind_control -d >/dev/null 2>&1
 sleep 1
@@ -161,4 +188,8 @@ done
 if [ "${AUTHZ:-0}" = 1 ]; then
   awk -v g=$((PER[gw-authz] - PER[gw-plain])) -v n=$((PER[nginx-authz] - PER[nginx])) 'BEGIN {
     printf "a check costs: gateway %d instructions per request, nginx %d (%.2fx)\n", g, n, g / n }'
+fi
+if [ "${REFUSALS:-0}" = 1 ]; then
+  awk -v g="${PER[gw-429]}" -v n="${PER[nginx-429]}" 'BEGIN {
+    printf "a refusal (429) costs: gateway %d instructions, nginx %d (%.2fx)\n", g, n, g / n }'
 fi

@@ -239,11 +239,15 @@ struct Finish<'a> {
     limit: Option<(&'a Limiter, Counted)>,
     /// Whether the client takes gzip (read only when compression is on).
     gzip: bool,
+    /// Whether the access log writes a line for the request.
+    logged: bool,
 }
 
 impl Finish<'_> {
     fn reject(&self, rejection: Rejection) -> Reply {
-        let mut reply = rejection.into_response(Some(self.request_id)).into();
+        let mut reply = rejection
+            .into_response(Some(self.request_id), self.logged)
+            .into();
         self.done(&mut reply);
         reply
     }
@@ -307,6 +311,7 @@ pub(crate) fn handle<'a>(
             gzip: routing.compression
                 && req.method() != Method::HEAD
                 && compress::accepts_gzip(req.headers()),
+            logged: *logged,
         };
         strip_identity_headers(req.headers_mut());
         let has_cert = match req.extensions_mut().remove::<Arc<ClientCert>>() {
@@ -341,7 +346,7 @@ pub(crate) fn handle<'a>(
         if let Some(rules) = &routing.ip_rules
             && !rules.admits(client.ip)
         {
-            stats::ip_denied(stats::UNMATCHED);
+            stats::unmatched_ip_denied();
             return finish.reject(Rejection::IpDenied);
         }
 
@@ -398,7 +403,8 @@ pub(crate) fn handle<'a>(
                 return match cors.preflight(&req) {
                     Ok(res) => res.into(),
                     Err(()) => {
-                        let mut res = Rejection::CorsDenied.into_response(Some(request_id));
+                        let mut res =
+                            Rejection::CorsDenied.into_response(Some(request_id), *logged);
                         res.headers_mut()
                             .insert(http::header::VARY, HeaderValue::from_static("Origin"));
                         res.into()
@@ -840,12 +846,12 @@ async fn police<'a>(
     if let Some(rules) = &policy.ip
         && !rules.admits(client.ip)
     {
-        stats::ip_denied(label);
+        route.stats.ip_denied();
         return Err(Rejection::IpDenied);
     }
 
     if policy.client_cert && !has_cert {
-        stats::auth_failed(label, "client_certificate_required");
+        route.stats.auth_failed("client_certificate_required");
         return Err(Rejection::ClientCertRequired);
     }
 
@@ -859,7 +865,7 @@ async fn police<'a>(
         match result {
             Ok(id) => identity = Some(id),
             Err(error) => {
-                stats::auth_failed(label, error.reason());
+                route.stats.auth_failed(error.reason());
                 let header = routing.keys.as_ref().map_or_else(
                     || HeaderName::from_static("x-api-key"),
                     |k| k.header().clone(),
@@ -882,7 +888,7 @@ async fn police<'a>(
                 // another site's behalf leaves the caller anonymous, as
                 // without one.
                 if !optional {
-                    stats::auth_failed(label, "cross_site");
+                    route.stats.auth_failed("cross_site");
                     return Err(Rejection::CrossSiteToken);
                 }
             } else {
@@ -902,7 +908,7 @@ async fn police<'a>(
             Err(jwt::AuthError::Missing) if matches!(policy.auth, RouteAuth::Optional) => {}
             Ok(id) => identity = Some(id),
             Err(e) => {
-                stats::auth_failed(label, e.reason());
+                route.stats.auth_failed(e.reason());
                 tracing::debug!(target: "flotilla::gateway", route = label, reason = e.reason(), "request refused by JWT policy");
                 return Err(Rejection::Auth(e));
             }
@@ -932,7 +938,7 @@ async fn police<'a>(
             .check(|key| limit_key(key, client, id, headers))
             .await;
         if let Some(refused_by) = limiter.refused_by(&counted) {
-            stats::rate_limited(label, refused_by);
+            route.stats.rate_limited(refused_by);
             finish.limit = Some((limiter, counted));
             return Err(Rejection::RateLimited { limit: refused_by });
         }
@@ -1004,7 +1010,7 @@ fn rate_key<'a>(
     headers: &HeaderMap,
 ) -> Cow<'a, str> {
     // By the client's block: an IPv6 client holds a /64 of addresses.
-    let ip = || ip::host_block(client.ip).to_string();
+    let ip = || ip::text(ip::host_block(client.ip));
     match key {
         RateLimitKey::Ip => Cow::Owned(ip()),
         RateLimitKey::User => match identity {

@@ -968,10 +968,7 @@ impl<H: Handler> Conn<H> {
 /// The error body of the gateway's other refusals (`rejection`), without a
 /// request id: these requests never reached the stack that assigns one.
 fn refusal_body(code: &str, message: &str) -> Bytes {
-    let body = serde_json::json!({
-        "error": { "code": code, "message": message, "request_id": "" }
-    });
-    Bytes::from(body.to_string())
+    crate::rejection::error_body(code, message, "")
 }
 
 fn json_headers() -> HeaderMap {

@@ -454,7 +454,7 @@ fn address_value(ip: IpAddr) -> HeaderValue {
         Some((cached, value)) if *cached == ip => value.clone(),
         _ => {
             // An address's text is always a valid header value.
-            let value = HeaderValue::from_str(&ip.to_string())
+            let value = HeaderValue::from_str(&crate::ip::text(ip))
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
             *last = Some((ip, value.clone()));
             value

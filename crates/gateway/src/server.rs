@@ -242,7 +242,7 @@ impl Front {
             let mut reply = if admitted.is_none() {
                 stats::shed();
                 Rejection::Overloaded
-                    .into_response(Some(entry.request_id()))
+                    .into_response(Some(entry.request_id()), entry.logs())
                     .into()
             } else if let Some(res) = health::answer(&req) {
                 res.into()
