@@ -245,9 +245,7 @@ struct Finish<'a> {
 
 impl Finish<'_> {
     fn reject(&self, rejection: Rejection) -> Reply {
-        let mut reply = rejection
-            .into_response(Some(self.request_id), self.logged)
-            .into();
+        let mut reply = rejection.into_reply(Some(self.request_id), self.logged);
         self.done(&mut reply);
         reply
     }
@@ -403,11 +401,11 @@ pub(crate) fn handle<'a>(
                 return match cors.preflight(&req) {
                     Ok(res) => res.into(),
                     Err(()) => {
-                        let mut res =
-                            Rejection::CorsDenied.into_response(Some(request_id), *logged);
-                        res.headers_mut()
+                        let mut reply = Rejection::CorsDenied.into_reply(Some(request_id), *logged);
+                        reply
+                            .fields()
                             .insert(http::header::VARY, HeaderValue::from_static("Origin"));
-                        res.into()
+                        reply
                     }
                 };
             }

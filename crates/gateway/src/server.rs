@@ -241,9 +241,7 @@ impl Front {
             };
             let mut reply = if admitted.is_none() {
                 stats::shed();
-                Rejection::Overloaded
-                    .into_response(Some(entry.request_id()), entry.logs())
-                    .into()
+                Rejection::Overloaded.into_reply(Some(entry.request_id()), entry.logs())
             } else if let Some(res) = health::answer(&req) {
                 res.into()
             } else {

@@ -357,6 +357,16 @@ async fn h2c_clients_are_proxied_over_http11() {
     assert_eq!(echo["headers"]["host"], authority.as_str());
     assert_eq!(echo["headers"]["x-forwarded-host"], authority.as_str());
     assert!(!reply.header("x-request-id").is_empty());
+    // The gateway's own refusals reach an HTTP/2 client whole too: their
+    // fields are kept as a relayed response's are, not in a map.
+    let refused = client.get("/nope").await;
+    assert_eq!(refused.status, StatusCode::NOT_FOUND);
+    assert_eq!(refused.header("content-type"), "application/json");
+    assert_eq!(refused.header("server"), "flotilla");
+    let id = refused.header("x-request-id");
+    assert!(!id.is_empty());
+    assert_eq!(refused.json()["error"]["code"], "not_found");
+    assert_eq!(refused.json()["error"]["request_id"], id);
     gateway.shutdown(T).await;
 }
 
