@@ -1,7 +1,7 @@
 //! A trivial HTTP/1.1 upstream for `benches/gateway/run.sh`: answers every
 //! request with `200 ok`, except a policy check (`/check/…`, for
-//! `authz.sh`), which gets an empty `200`, or `403` for `/check/deny…`. One thread, so that it costs
-//! every proxy under test the same.
+//! `authz.sh`), which gets an empty `200`, or `403` for `/check/deny…`.
+//! One thread, so that it costs every proxy under test the same.
 //!
 //! Usage: `bench_upstream 127.0.0.1:PORT [--tls DIR]`
 //!

@@ -40,7 +40,7 @@ use crate::proxy::Proxy;
 use crate::rejection::Rejection;
 use crate::routes::Route;
 use crate::server::ConnInfo;
-use crate::stats::AuthzStats;
+use crate::stats::{AuthzOutcome, AuthzStats};
 
 /// The most of a refusing answer's body passed on to the client.
 const MAX_DENIAL_BODY: usize = 64 * 1024;
@@ -93,9 +93,9 @@ pub(crate) struct Check {
     pub stats: AuthzStats,
 }
 
-/// Asks the check's service about `req`, about to go on by `route` (whose
-/// pattern labels the metrics); on `Ok` the request may go on, with the
-/// answer's `upstream_headers` among its fields.
+/// Asks the check's service about `req`, about to go on by the route the
+/// check is of; on `Ok` the request may go on, with the answer's
+/// `upstream_headers` among its fields.
 ///
 /// Boxed here, not at the caller: a future made there, even moved into a
 /// box at once, would keep its room in the edge's future (a moved-from
@@ -108,9 +108,8 @@ pub(crate) fn check<'a>(
     conn: ConnInfo,
     client: ClientAddr,
     told: Told,
-    label: &'a str,
 ) -> BoxFuture<'a, Result<(), Rejection>> {
-    Box::pin(ask(proxy, check, req, conn, client, told, label))
+    Box::pin(ask(proxy, check, req, conn, client, told))
 }
 
 async fn ask(
@@ -120,7 +119,6 @@ async fn ask(
     conn: ConnInfo,
     client: ClientAddr,
     told: Told,
-    label: &str,
 ) -> Result<(), Rejection> {
     let authz = &*check.authz;
     let started = crate::clock::now();
@@ -134,7 +132,7 @@ async fn ask(
         // about, and nothing is let through undecided.
         None => {
             let why = "the check's path is not a path".into();
-            return failed(check, label, "bad_path", why, started);
+            return failed(check, "bad_path", why, started);
         }
     };
     let reply = match proxy.forward(asked, conn, &check.route, client, told).await {
@@ -147,7 +145,7 @@ async fn ask(
                 Rejection::BadGateway { .. } => "connection_lost",
                 _ => "error",
             };
-            return failed(check, label, reason, rejection.to_string(), started);
+            return failed(check, reason, rejection.to_string(), started);
         }
     };
     let status = reply.res.status();
@@ -163,13 +161,13 @@ async fn ask(
         }
         // Read to the end, so the connection can be used again.
         drain(reply.res.into_body(), authz.timeout).await;
-        check.stats.checked("allowed", elapsed(started));
+        check.stats.checked(AuthzOutcome::Allowed, elapsed(started));
         return Ok(());
     }
     if status.is_server_error() {
         drain(reply.res.into_body(), authz.timeout).await;
         let why = format!("it answered {status}");
-        return failed(check, label, "status_5xx", why, started);
+        return failed(check, "status_5xx", why, started);
     }
     // 1xx cannot arrive here (the client reads past them); 3xx and 4xx
     // refuse. Its fields in the map, the instance's included.
@@ -177,7 +175,7 @@ async fn ask(
     let bytes = read(body, authz.timeout).await.unwrap_or_default();
     parts.headers.remove(CONTENT_LENGTH);
     parts.headers.remove(TRANSFER_ENCODING);
-    check.stats.checked("denied", elapsed(started));
+    check.stats.checked(AuthzOutcome::Denied, elapsed(started));
     Err(Rejection::AuthzDenied(Box::new(Response::from_parts(
         parts,
         body::full(bytes),
@@ -223,18 +221,21 @@ fn question(authz: &Authz, req: &Request<Body>) -> Option<Request<Body>> {
 /// "allow"`.
 fn failed(
     check: &Check,
-    label: &str,
     reason: &'static str,
     why: String,
     started: tokio::time::Instant,
 ) -> Result<(), Rejection> {
     let authz = &*check.authz;
+    // The route's pattern: the check is sent by a route of the same one.
+    let label = check.route.pattern.as_str();
     if authz.failure_open {
-        check.stats.checked("failed_open", elapsed(started));
+        check
+            .stats
+            .checked(AuthzOutcome::FailedOpen, elapsed(started));
         tracing::warn!(target: "flotilla::gateway", route = label, service = %authz.service, error = %why, "the authorization check failed; the request goes on (failure = \"allow\")");
         return Ok(());
     }
-    check.stats.checked("error", elapsed(started));
+    check.stats.checked(AuthzOutcome::Error, elapsed(started));
     tracing::warn!(target: "flotilla::gateway", route = label, service = %authz.service, error = %why, "the authorization check failed; the request is refused");
     Err(Rejection::AuthzUnavailable {
         service: authz.service.clone(),
@@ -331,8 +332,7 @@ mod tests {
     #[test]
     fn a_check_that_decided_nothing_fails_closed_unless_told_otherwise() {
         let now = tokio::time::Instant::now();
-        let mut policy = authz("");
-        let closed = failed(&check(authz("")), "/a", "timeout", "-".into(), now);
+        let closed = failed(&check(authz("")), "timeout", "-".into(), now);
         assert!(matches!(
             closed,
             Err(Rejection::AuthzUnavailable {
@@ -340,7 +340,8 @@ mod tests {
                 ..
             })
         ));
-        policy.failure_open = true;
-        assert!(failed(&check(policy), "/a", "timeout", "-".into(), now).is_ok());
+        let mut open = authz("");
+        open.failure_open = true;
+        assert!(failed(&check(open), "timeout", "-".into(), now).is_ok());
     }
 }

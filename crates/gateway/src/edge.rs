@@ -493,7 +493,6 @@ pub(crate) fn handle<'a>(
                     request_id: Some(request_id.header().clone()),
                     identity: identity.clone(),
                 },
-                route.pattern.as_str(),
             );
             if let Err(rejection) = asked.await {
                 return finish.reject(rejection);

@@ -375,8 +375,38 @@ pub(crate) fn retried(route: &str, service: &str, reason: &'static str) {
 /// (`AUTHZ=1 benches/gateway/instructions.sh`).
 pub(crate) struct AuthzStats {
     route: String,
-    outcomes: [OnceLock<Counter>; AuthzStats::OUTCOMES.len()],
+    outcomes: [OnceLock<Counter>; AuthzOutcome::ALL.len()],
     duration: OnceLock<Histogram>,
+}
+
+/// What a check decided: the `outcome` label of
+/// `flotilla_gateway_authz_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AuthzOutcome {
+    Allowed,
+    Denied,
+    /// Decided nothing, and the request was refused with 503.
+    Error,
+    /// Decided nothing, and the request went on (`failure = "allow"`).
+    FailedOpen,
+}
+
+impl AuthzOutcome {
+    const ALL: [AuthzOutcome; 4] = [
+        AuthzOutcome::Allowed,
+        AuthzOutcome::Denied,
+        AuthzOutcome::Error,
+        AuthzOutcome::FailedOpen,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            AuthzOutcome::Allowed => "allowed",
+            AuthzOutcome::Denied => "denied",
+            AuthzOutcome::Error => "error",
+            AuthzOutcome::FailedOpen => "failed_open",
+        }
+    }
 }
 
 impl std::fmt::Debug for AuthzStats {
@@ -388,8 +418,6 @@ impl std::fmt::Debug for AuthzStats {
 }
 
 impl AuthzStats {
-    const OUTCOMES: [&'static str; 4] = ["allowed", "denied", "error", "failed_open"];
-
     pub(crate) fn new(route: &str) -> AuthzStats {
         AuthzStats {
             route: route.to_string(),
@@ -399,15 +427,13 @@ impl AuthzStats {
     }
 
     /// Counts a check of a request of the route, which took `took` to
-    /// decide; `outcome` is one of [`AuthzStats::OUTCOMES`].
-    pub(crate) fn checked(&self, outcome: &'static str, took: Duration) {
-        if let Some(at) = AuthzStats::OUTCOMES.iter().position(|o| *o == outcome) {
-            self.outcomes[at]
-                .get_or_init(|| {
-                    metrics::counter!(AUTHZ, "route" => self.route.clone(), "outcome" => outcome)
-                })
-                .increment(1);
-        }
+    /// decide.
+    pub(crate) fn checked(&self, outcome: AuthzOutcome, took: Duration) {
+        self.outcomes[outcome as usize]
+            .get_or_init(|| {
+                metrics::counter!(AUTHZ, "route" => self.route.clone(), "outcome" => outcome.label())
+            })
+            .increment(1);
         self.duration
             .get_or_init(|| metrics::histogram!(AUTHZ_DURATION, "route" => self.route.clone()))
             .record(took.as_secs_f64());
@@ -614,6 +640,59 @@ fn status_class(status: StatusCode) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each refusal is counted under its own metric and label, in the
+    /// slots a route keeps and past them (the registry is asked then).
+    #[test]
+    fn a_route_counts_each_refusal_under_its_own_labels() {
+        let recorder = prometheus_builder().build_recorder();
+        let handle = recorder.handle();
+        let reasons: Vec<&'static str> = (0..REFUSAL_SLOTS + 3)
+            .map(|i| &*Box::leak(format!("reason_{i}").into_boxed_str()))
+            .collect();
+        metrics::with_local_recorder(&recorder, || {
+            let stats = RouteStats::new("/r/**", "svc");
+            for (i, reason) in reasons.iter().enumerate() {
+                for _ in 0..=i {
+                    stats.auth_failed(reason);
+                }
+            }
+            // Past the slots, which the reasons took: from the registry.
+            for _ in 0..200 {
+                stats.rate_limited("s-ip");
+                stats.ip_denied();
+            }
+            // And a route whose first refusals take the slots, two of one
+            // label value under two metrics.
+            let other = RouteStats::new("/o", "svc");
+            for _ in 0..3 {
+                other.rate_limited("default");
+                other.auth_failed("default");
+            }
+        });
+        let text = handle.render();
+        let count = |line: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no `{line}` in\n{text}"))
+        };
+        for (i, reason) in reasons.iter().enumerate() {
+            let line = format!(
+                "flotilla_gateway_auth_failures_total{{route=\"/r/**\",reason=\"{reason}\"}}"
+            );
+            assert_eq!(count(&line), i as u64 + 1, "{reason}");
+        }
+        let limited = "flotilla_gateway_rate_limited_total{route=\"/r/**\",limit=\"s-ip\"}";
+        assert_eq!(count(limited), 200);
+        assert_eq!(
+            count("flotilla_gateway_ip_denied_total{route=\"/r/**\"}"),
+            200
+        );
+        let other = "flotilla_gateway_rate_limited_total{route=\"/o\",limit=\"default\"}";
+        assert_eq!(count(other), 3);
+        let other = "flotilla_gateway_auth_failures_total{route=\"/o\",reason=\"default\"}";
+        assert_eq!(count(other), 3);
+    }
 
     #[test]
     fn status_classes() {
