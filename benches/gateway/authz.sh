@@ -28,11 +28,7 @@ cd "$(dirname "$0")/../.."
 
 source benches/gateway/common.sh
 
-ROUNDS="${ROUNDS:-3}"
-DURATION="${DURATION:-6s}"
-GW_THREADS="${GW_THREADS:-2}"
-NGINX_WORKERS="$GW_THREADS"
-NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+proxy_bench_settings
 need "apt-get install -y wrk nginx-light curl" wrk curl "$NGINX"
 "$NGINX" -V 2>&1 | grep -q -- --with-http_auth_request_module ||
   { echo "this nginx has no auth_request module (Debian's nginx-light has it)" >&2; exit 1; }

@@ -29,10 +29,7 @@ cd "$(dirname "$0")/../.."
 
 source benches/gateway/common.sh
 
-ROUNDS="${ROUNDS:-3}"
-DURATION="${DURATION:-6s}"
-GW_THREADS="${GW_THREADS:-2}"
-NGINX_WORKERS="$GW_THREADS"
+proxy_bench_settings
 GZIP="${GZIP:-0}"
 ITEM=/item
 WRK_ARGS=()
@@ -42,7 +39,6 @@ if [ "$GZIP" = 1 ]; then
   WRK_ARGS=(-H "Accept-Encoding: gzip")
   GW_FLAGS=(--gzip)
 fi
-NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 need "apt-get install -y wrk nginx-light curl" wrk curl "$NGINX"
 
 echo "building (release)..." >&2
@@ -54,20 +50,10 @@ start_upstream target/release/examples/bench_upstream "$UP"
 UPSTREAM_PID=${PIDS[-1]}
 
 declare -A PORT PID URL
-for t in gw-cache gw-plain; do
-  PORT[$t]=$(free_port)
-  flags=("${GW_FLAGS[@]}")
-  [ "$t" = gw-cache ] && flags+=(--cache)
-  "$GW" --listen "127.0.0.1:${PORT[$t]}" --upstream "127.0.0.1:$UP" --threads "$GW_THREADS" \
-    "${flags[@]}" >"$TMP/$t.log" 2>&1 &
-  PID[$t]=$!
-  PIDS+=("${PID[$t]}")
-  URL[$t]="http://127.0.0.1:${PORT[$t]}$ITEM"
-done
-PORT[nginx-cache]=$(free_port)
-NGINX_CACHE=1 NGINX_GZIP="$GZIP" start_nginx "$NGINX" "${PORT[nginx-cache]}" "$UP"
-PID[nginx-cache]=$NGINX_PID
-URL[nginx-cache]="http://127.0.0.1:${PORT[nginx-cache]}$ITEM"
+TARGET_PATH=$ITEM
+start_gw_target gw-cache "${GW_FLAGS[@]}" --cache
+start_gw_target gw-plain "${GW_FLAGS[@]}"
+NGINX_CACHE=1 NGINX_GZIP="$GZIP" start_nginx_target nginx-cache
 PORT[upstream]=$UP
 PID[upstream]=$UPSTREAM_PID
 URL[upstream]="http://127.0.0.1:$UP$ITEM"

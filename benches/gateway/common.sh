@@ -132,9 +132,23 @@ EOF
   PIDS+=("$NGINX_PID")
 }
 
+# proxy_bench_settings: the settings of the scripts that load a gateway
+# and nginx side by side (authz.sh, cache.sh, refusals.sh, tls.sh), from
+# the environment or their defaults: ROUNDS (3), DURATION (6s),
+# GW_THREADS (2) worker threads, as many nginx workers, and NGINX, the
+# nginx to run.
+proxy_bench_settings() {
+  ROUNDS="${ROUNDS:-3}"
+  DURATION="${DURATION:-6s}"
+  GW_THREADS="${GW_THREADS:-2}"
+  NGINX_WORKERS="$GW_THREADS"
+  NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+}
+
 # start_gw_target NAME [FLAGS...]: a bench gateway with FLAGS and
 # GW_THREADS workers in front of the upstream on port UP, as target NAME
-# of measure_rounds: sets PORT, PID and URL (.../item) for it.
+# of measure_rounds: sets PORT, PID and URL for it, the URL of
+# TARGET_SCHEME (default http) and TARGET_PATH (default /item).
 start_gw_target() {
   local t=$1
   shift
@@ -143,12 +157,13 @@ start_gw_target() {
     "$@" >"$TMP/$t.log" 2>&1 &
   PID[$t]=$!
   PIDS+=("${PID[$t]}")
-  URL[$t]="http://127.0.0.1:${PORT[$t]}/item"
+  URL[$t]="${TARGET_SCHEME:-http}://127.0.0.1:${PORT[$t]}${TARGET_PATH:-/item}"
 }
 
 # start_nginx_target NAME: nginx (start_nginx, with the NGINX_* settings
 # the caller gives it) in front of the upstream on port UP, as target NAME,
-# its files under $TMP/NAME: sets PORT, PID and URL (.../item) for it.
+# its files under $TMP/NAME: sets PORT, PID and URL for it, as
+# start_gw_target does.
 start_nginx_target() {
   local t=$1
   PORT[$t]=$(free_port)
@@ -156,7 +171,7 @@ start_nginx_target() {
   # start_nginx writes under $TMP/nginx: one dir per nginx.
   TMP="$TMP/$t" start_nginx "$NGINX" "${PORT[$t]}" "$UP"
   PID[$t]=$NGINX_PID
-  URL[$t]="http://127.0.0.1:${PORT[$t]}/item"
+  URL[$t]="${TARGET_SCHEME:-http}://127.0.0.1:${PORT[$t]}${TARGET_PATH:-/item}"
 }
 
 # need HINT TOOL...: exits, saying what is missing and HINT (how to install

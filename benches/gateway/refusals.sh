@@ -23,11 +23,7 @@ cd "$(dirname "$0")/../.."
 
 source benches/gateway/common.sh
 
-ROUNDS="${ROUNDS:-3}"
-DURATION="${DURATION:-6s}"
-GW_THREADS="${GW_THREADS:-2}"
-NGINX_WORKERS="$GW_THREADS"
-NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+proxy_bench_settings
 need "apt-get install -y wrk nginx-light curl" wrk curl "$NGINX"
 
 echo "building (release)..." >&2

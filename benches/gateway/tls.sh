@@ -29,11 +29,7 @@ cd "$(dirname "$0")/../.."
 
 source benches/gateway/common.sh
 
-ROUNDS="${ROUNDS:-3}"
-DURATION="${DURATION:-6s}"
-GW_THREADS="${GW_THREADS:-2}"
-NGINX_WORKERS="$GW_THREADS"
-NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+proxy_bench_settings
 need "apt-get install -y wrk nginx-light openssl" wrk openssl "$NGINX"
 
 echo "building (release)..." >&2
@@ -48,24 +44,10 @@ UP=$(free_port)
 start_upstream target/release/examples/bench_upstream "$UP"
 
 declare -A PORT PID URL
-PORT[gw-tls]=$(free_port)
-"$GW" --listen "127.0.0.1:${PORT[gw-tls]}" --upstream "127.0.0.1:$UP" --threads "$GW_THREADS" \
-  --tls "$TMP" >"$TMP/gw-tls.log" 2>&1 &
-PID[gw-tls]=$!
-PIDS+=("${PID[gw-tls]}")
-URL[gw-tls]="https://127.0.0.1:${PORT[gw-tls]}/"
-
-PORT[gw-plain]=$(free_port)
-"$GW" --listen "127.0.0.1:${PORT[gw-plain]}" --upstream "127.0.0.1:$UP" --threads "$GW_THREADS" \
-  >"$TMP/gw-plain.log" 2>&1 &
-PID[gw-plain]=$!
-PIDS+=("${PID[gw-plain]}")
-URL[gw-plain]="http://127.0.0.1:${PORT[gw-plain]}/"
-
-PORT[nginx-tls]=$(free_port)
-NGINX_TLS="$TMP" start_nginx "$NGINX" "${PORT[nginx-tls]}" "$UP"
-PID[nginx-tls]=$NGINX_PID
-URL[nginx-tls]="https://127.0.0.1:${PORT[nginx-tls]}/"
+TARGET_PATH=/
+TARGET_SCHEME=https start_gw_target gw-tls --tls "$TMP"
+start_gw_target gw-plain
+TARGET_SCHEME=https NGINX_TLS="$TMP" start_nginx_target nginx-tls
 for t in gw-tls gw-plain nginx-tls; do wait_port "${PORT[$t]}"; done
 
 TARGETS=(nginx-tls gw-tls gw-plain)
