@@ -53,13 +53,21 @@ wait_port() {
 # `[gateway.authz]` asks its service. With NGINX_LIMIT_REQ=RATE (e.g.
 # 1r/m) requests are limited per client address (limit_req, no burst,
 # refused with 429), as a route's `rate_limit = "1/m per ip"` does; the
-# refusals are not logged (the bench gateways keep no access log). Sets
-# NGINX_PID; its files go under $TMP/nginx.
+# refusals are not logged (the bench gateways keep no access log). With
+# NGINX_UNMATCHED=1 only /api/ is proxied and every other path gets a 404
+# with a short JSON body (`return 404`), as a gateway whose one route is
+# `/api/**` answers a path no route matches. Sets NGINX_PID; its files go under $TMP/nginx.
 start_nginx() {
   local nginx=$1 port=$2 upstream=$3 user_line="" procs="worker_processes ${NGINX_WORKERS:-2};"
   local map="" connection='proxy_set_header Connection "";'
   local listen="listen 127.0.0.1:$port;" ssl="" cache_path="" cache="" gzip="" auth="" check=""
-  local limit_zone="" limit=""
+  local limit_zone="" limit="" proxied="/" unmatched=""
+  if [ "${NGINX_UNMATCHED:-0}" = 1 ]; then
+    # Only /api/ proxied; any other path answered 404 with a JSON body the
+    # size of the gateway's, as the gateway answers a path no route matches.
+    proxied="/api/"
+    unmatched="location / { default_type application/json; return 404 '{\"error\":\"not_found\",\"message\":\"no route for GET /\",\"request_id\":\"00000000000000000000000000\"}'; }"
+  fi
   if [ -n "${NGINX_LIMIT_REQ:-}" ]; then
     limit_zone="limit_req_zone \$binary_remote_addr zone=flotilla_limit:10m rate=$NGINX_LIMIT_REQ; limit_req_status 429; limit_req_log_level info;"
     limit="limit_req zone=flotilla_limit;"
@@ -113,7 +121,7 @@ http {
   server {
     $listen
     $ssl
-    location / {
+    location $proxied {
       proxy_pass http://backend;
       proxy_http_version 1.1;
       $connection
@@ -124,6 +132,7 @@ http {
       $limit
     }
     $check
+    $unmatched
   }
 }
 EOF

@@ -34,6 +34,10 @@
 # ip, so that all but the first request are refused with 429) and
 # nginx-429 (limit_req at 1r/m per address, refusing with 429), and prints
 # what a refusal costs each: what a gateway spends on a flood over a limit.
+# UNMATCHED=1 adds gw-404 (the bench gateway whose one route is /api/**,
+# asked for /, a path no route matches) and nginx-404 (nginx proxying only
+# /api/, answering any other path with a JSON 404), and prints what such
+# an answer costs each: what a scanner probing paths costs a gateway.
 # KEEP=1 keeps the temp dir with the callgrind files; benches/gateway/cgdiff.py
 # compares two kept runs function by function, per request, and
 # benches/gateway/cglines.py shows one line by line (build with
@@ -83,34 +87,47 @@ if [ "$PGO" = 1 ]; then
 fi
 start_nginx "$NGINX" "$NG" "$UP" "${VG[@]}" --callgrind-out-file="$TMP/nginx.cg"
 wait_port "$NG" 60
-if [ "${AUTHZ:-0}" = 1 ]; then
-  GA=$(free_port); NA=$(free_port)
-  start gw-authz "$GA" "$GW" --listen "127.0.0.1:$GA" --upstream "127.0.0.1:$UP" --threads 1 --authz
+# start_pair SUFFIX NGINX_SETTING [GATEWAY FLAGS...]: gw-SUFFIX, the bench
+# gateway with FLAGS, and nginx-SUFFIX, nginx with NGINX_SETTING (one of
+# start_nginx's VAR=VALUE settings), both counted.
+start_pair() {
+  local suffix=$1 setting=$2 g n out; shift 2
+  out="$TMP/nginx-$suffix.cg"
+  g=$(free_port); n=$(free_port)
+  start "gw-$suffix" "$g" "$GW" --listen "127.0.0.1:$g" --upstream "127.0.0.1:$UP" --threads 1 "$@"
   # start_nginx writes under $TMP/nginx: this one's files under its own dir.
-  mkdir -p "$TMP/nginx-authz"
-  TMP="$TMP/nginx-authz" NGINX_AUTH_REQUEST=1 start_nginx "$NGINX" "$NA" "$UP" "${VG[@]}" \
-    --callgrind-out-file="$TMP/nginx-authz.cg"
-  wait_port "$NA" 60
-  NAMES+=(gw-authz nginx-authz)
-  PORT[gw-authz]=$GA
-  PORT[nginx-authz]=$NA
+  mkdir -p "$TMP/nginx-$suffix"
+  local TMP="$TMP/nginx-$suffix" "${setting%%=*}=${setting#*=}"
+  start_nginx "$NGINX" "$n" "$UP" "${VG[@]}" --callgrind-out-file="$out"
+  wait_port "$n" 60
+  NAMES+=("gw-$suffix" "nginx-$suffix")
+  PORT[gw-$suffix]=$g
+  PORT[nginx-$suffix]=$n
+}
+# expect_codes SUFFIX WANT PATH...: each of the pair, asked for each PATH
+# in turn, answers the status codes WANT, or it measures something else.
+expect_codes() {
+  local suffix=$1 want=$2 name path codes; shift 2
+  for name in "gw-$suffix" "nginx-$suffix"; do
+    codes=""
+    for path in "$@"; do
+      codes+="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${PORT[$name]}$path") "
+    done
+    [ "${codes% }" = "$want" ] || { echo "$name answered $codes, not $want" >&2; exit 1; }
+  done
+}
+if [ "${AUTHZ:-0}" = 1 ]; then
+  start_pair authz NGINX_AUTH_REQUEST=1 --authz
 fi
 if [ "${REFUSALS:-0}" = 1 ]; then
-  GR=$(free_port); NR=$(free_port)
-  start gw-429 "$GR" "$GW" --listen "127.0.0.1:$GR" --upstream "127.0.0.1:$UP" --threads 1 \
-    --rate-limit "1/m per ip"
-  mkdir -p "$TMP/nginx-429"
-  TMP="$TMP/nginx-429" NGINX_LIMIT_REQ=1r/m start_nginx "$NGINX" "$NR" "$UP" "${VG[@]}" \
-    --callgrind-out-file="$TMP/nginx-429.cg"
-  wait_port "$NR" 60
-  NAMES+=(gw-429 nginx-429)
-  PORT[gw-429]=$GR
-  PORT[nginx-429]=$NR
-  # Each must refuse a second request, or it measures nothing.
-  for name in gw-429 nginx-429; do
-    codes="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${PORT[$name]}/") $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${PORT[$name]}/")"
-    [ "$codes" = "200 429" ] || { echo "$name answered $codes, not 200 429: it does not limit" >&2; exit 1; }
-  done
+  start_pair 429 NGINX_LIMIT_REQ=1r/m --rate-limit "1/m per ip"
+  # A limit that lets the first request through and refuses the next.
+  expect_codes 429 "200 429" / /
+fi
+if [ "${UNMATCHED:-0}" = 1 ]; then
+  start_pair 404 NGINX_UNMATCHED=1 --route "/api/**"
+  # /api/ proxied, / answered 404.
+  expect_codes 404 "200 404" /api/ /
 fi
 # Each JWT gateway makes its own key, so each has its own token; the
 # others get gw-jwt-rl's, which they ignore.
@@ -138,10 +155,10 @@ for name in "${NAMES[@]}"; do
   out=$(wrk -t1 -c8 -d"$DURATION" -H "authorization: Bearer ${TOKEN[$name]}" "http://127.0.0.1:${PORT[$name]}/")
   REQS[$name]=$(echo "$out" | awk '/requests in/ { print $1 }')
   case $name in
-    *-429)
+    *-429 | *-404)
       # Every response a refusal.
       [ "$(echo "$out" | awk '/Non-2xx/ { print $5 }')" = "${REQS[$name]}" ] ||
-        { echo "$name answered some requests other than 429" >&2; exit 1; } ;;
+        { echo "$name answered some requests other than ${name##*-}" >&2; exit 1; } ;;
     *) if echo "$out" | grep -q "Non-2xx"; then echo "$name answered non-2xx responses" >&2; exit 1; fi ;;
   esac
 done
@@ -192,4 +209,8 @@ fi
 if [ "${REFUSALS:-0}" = 1 ]; then
   awk -v g="${PER[gw-429]}" -v n="${PER[nginx-429]}" 'BEGIN {
     printf "a refusal (429) costs: gateway %d instructions, nginx %d (%.2fx)\n", g, n, g / n }'
+fi
+if [ "${UNMATCHED:-0}" = 1 ]; then
+  awk -v g="${PER[gw-404]}" -v n="${PER[nginx-404]}" 'BEGIN {
+    printf "a path no route matches (404) costs: gateway %d instructions, nginx %d (%.2fx)\n", g, n, g / n }'
 fi

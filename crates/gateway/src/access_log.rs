@@ -199,15 +199,18 @@ async fn reopen(path: &Path) -> std::io::Result<tokio::fs::File> {
 #[derive(Debug, Clone)]
 pub(crate) struct AccessLog {
     sink: Option<Arc<Sink>>,
-    in_flight: stats::InFlight,
+    stats: Arc<stats::GatewayStats>,
 }
 
 impl AccessLog {
-    pub(crate) fn new(sink: Option<Arc<Sink>>) -> AccessLog {
-        AccessLog {
-            sink,
-            in_flight: stats::InFlight::default(),
-        }
+    /// Counts into `stats`, the gateway's.
+    pub(crate) fn new(sink: Option<Arc<Sink>>, stats: Arc<stats::GatewayStats>) -> AccessLog {
+        AccessLog { sink, stats }
+    }
+
+    /// A request refused because `max_in_flight` were in flight.
+    pub(crate) fn shed(&self) {
+        self.stats.shed();
     }
 
     /// Starts the record of `req`, counted in flight until it is dropped.
@@ -223,7 +226,10 @@ impl AccessLog {
             || tracing::enabled!(target: "flotilla::access", tracing::Level::INFO);
         Entry {
             sink: self.sink.clone(),
-            in_flight: self.in_flight.started(),
+            stats: {
+                self.stats.in_flight().increment(1.0);
+                Arc::clone(&self.stats)
+            },
             // Only the file's lines carry a wall-clock time.
             ts: self.sink.as_ref().map(|_| SystemTime::now()),
             start: crate::clock::now(),
@@ -251,8 +257,9 @@ impl AccessLog {
 /// One request's record; written when dropped.
 pub(crate) struct Entry {
     sink: Option<Arc<Sink>>,
-    /// Decremented when the entry is dropped.
-    in_flight: metrics::Gauge,
+    /// The gateway's: its in-flight gauge is decremented when the entry is
+    /// dropped, and a request no route matched is counted there.
+    stats: Arc<stats::GatewayStats>,
     ts: Option<SystemTime>,
     start: Instant,
     request_id: RequestId,
@@ -355,12 +362,12 @@ impl Entry {
 impl Drop for Entry {
     fn drop(&mut self) {
         let took = crate::clock::now().saturating_duration_since(self.start);
-        self.in_flight.decrement(1.0);
+        self.stats.in_flight().decrement(1.0);
         let route = self.route.as_ref().map(|r| r.pattern.as_str());
         let service = self.route.as_ref().map(|r| r.service.as_str());
         match &self.route {
             Some(r) => r.stats.finished(self.status, took),
-            None => stats::unmatched_finished(self.status, took),
+            None => self.stats.unmatched().finished(self.status, took),
         }
         // Usually neither is on (no file, and the line filtered out of the
         // console): then the line's fields are not worth computing.
@@ -516,7 +523,11 @@ mod tests {
             Ok(v) => v,
             Err(e) => panic!("{e}"),
         };
-        (path, AccessLog::new(Some(sink)), writer)
+        (
+            path,
+            AccessLog::new(Some(sink), stats::GatewayStats::new()),
+            writer,
+        )
     }
 
     /// Waits until the file at `path` reads `want`.

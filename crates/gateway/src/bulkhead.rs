@@ -58,8 +58,8 @@ pub(crate) struct Bulkhead {
     /// configuration before a reload, whose requests may still be in
     /// flight.
     cap: Cap,
-    /// The route's pattern, for the metric.
-    route: Box<str>,
+    /// The route's count of requests it refused.
+    shed: stats::RouteShed,
 }
 
 /// One request's place within a route's cap, given back when dropped.
@@ -85,7 +85,7 @@ impl Bulkhead {
                 },
                 None => Cap::new(limit),
             },
-            route: route.into(),
+            shed: stats::RouteShed::new(route),
         }
     }
 
@@ -94,7 +94,7 @@ impl Bulkhead {
     pub(crate) fn enter(&self) -> Option<Place> {
         let place = self.cap.enter();
         if place.is_none() {
-            stats::route_shed(&self.route);
+            self.shed.shed();
         }
         place
     }

@@ -61,7 +61,6 @@ use crate::request_id::RequestId;
 use crate::routes::{self, Match, Outgoing, Route, routed_path, split_after_segments};
 use crate::routing::Routing;
 use crate::server::ConnInfo;
-use crate::stats;
 use crate::trace;
 use crate::upgrade::{self, Handoff, Slot, Tunnels, WebSocket};
 
@@ -344,7 +343,7 @@ pub(crate) fn handle<'a>(
         if let Some(rules) = &routing.ip_rules
             && !rules.admits(client.ip)
         {
-            stats::unmatched_ip_denied();
+            routing.stats.unmatched().ip_denied();
             return finish.reject(Rejection::IpDenied);
         }
 

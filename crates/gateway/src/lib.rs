@@ -245,6 +245,7 @@ impl Gateway {
         let context = routing::Context {
             client: client::fetch_client(connector.clone()),
             upstreams: Arc::clone(&upstreams),
+            stats: stats::GatewayStats::new(),
         };
         let routing = Arc::new(routing::RoutingState::new(routing::Routing::build(
             &config, None, &context,

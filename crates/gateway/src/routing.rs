@@ -33,6 +33,7 @@ use crate::ip::{IpConfig, IpFilter, IpRules};
 use crate::jwt::{Issuers, JwtConfig, Verifier, Verifiers};
 use crate::ratelimit::{self, RateLimitBackend};
 use crate::routes::{Outgoing, Route, RoutePolicy, RouteTable};
+use crate::stats::GatewayStats;
 use crate::upstream::Upstreams;
 
 /// One configuration, compiled.
@@ -58,6 +59,8 @@ pub(crate) struct Routing {
     backend: RateLimitBackend,
     /// The store of the routes with `cache`, if any has.
     cache: Option<Arc<ResponseCache>>,
+    /// The gateway's own metrics, the same in every routing built for it.
+    pub stats: Arc<GatewayStats>,
 }
 
 impl Routing {
@@ -72,6 +75,8 @@ impl Routing {
 pub(crate) struct Context {
     pub client: FetchClient,
     pub upstreams: Arc<dyn Upstreams>,
+    /// The gateway's own metrics, which its access log counts into too.
+    pub stats: Arc<GatewayStats>,
 }
 
 /// What each route of `previous` keeps across a reload (`of` its
@@ -308,6 +313,7 @@ impl Routing {
             cors: config.cors.is_some() || config.routes.iter().any(|r| r.cors.is_some()),
             backend: backend.clone(),
             cache,
+            stats: Arc::clone(&ctx.stats),
         })
     }
 }

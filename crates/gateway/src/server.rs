@@ -153,7 +153,10 @@ pub(crate) fn stacks(
     resilience: Arc<Resilience>,
 ) -> Vec<Stack> {
     stats::describe();
-    let log = AccessLog::new(access_log);
+    // The gateway's own metrics: its routings carry them, so that every
+    // routing built for the gateway (the first, and each reload's) counts
+    // into the same.
+    let log = AccessLog::new(access_log, Arc::clone(&routing.current().stats));
     let in_flight = Cap::new(limits.max_in_flight);
     let tunnels = Tunnels::new(limits.max_tunnels);
     let hsts = hsts.map(|max_age| {
@@ -240,7 +243,7 @@ impl Front {
                 ..Served::default()
             };
             let mut reply = if admitted.is_none() {
-                stats::shed();
+                self.log.shed();
                 Rejection::Overloaded.into_reply(Some(entry.request_id()), entry.logs())
             } else if let Some(res) = health::answer(&req) {
                 res.into()
@@ -761,6 +764,7 @@ mod tests {
         let context = routing::Context {
             client: client::fetch_client(connector.clone()),
             upstreams: Arc::clone(&upstreams),
+            stats: stats::GatewayStats::new(),
         };
         let built = match routing::Routing::build(&config, None, &context) {
             Ok(r) => r,

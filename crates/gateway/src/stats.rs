@@ -221,33 +221,54 @@ pub(crate) fn describe() {
     );
 }
 
-/// The in-flight gauge, registered on the first request rather than looked
-/// up by name on every one.
-#[derive(Clone, Default)]
-pub(crate) struct InFlight(Arc<OnceLock<Gauge>>);
+/// The gateway's own metrics, not a route's: requests in flight, requests
+/// shed, and requests no route matched. One per gateway, which its access
+/// log and every routing built for it share; each handle made on first use
+/// rather than looked up by name on every request. A scanner probing for
+/// paths no route matches, and a flood the gateway sheds, are where the
+/// requests are.
+///
+/// Not a process-wide static: a handle made before the process installs
+/// its recorder would count into nothing for good.
+pub(crate) struct GatewayStats {
+    in_flight: OnceLock<Gauge>,
+    shed: OnceLock<Counter>,
+    unmatched: RouteStats,
+}
 
-impl std::fmt::Debug for InFlight {
+impl std::fmt::Debug for GatewayStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("InFlight")
+        f.write_str("GatewayStats")
     }
 }
 
-impl InFlight {
-    /// Counts a request in; returns the gauge to count it out with.
-    pub(crate) fn started(&self) -> Gauge {
-        let gauge = self.0.get_or_init(|| metrics::gauge!(IN_FLIGHT)).clone();
-        gauge.increment(1.0);
-        gauge
+impl GatewayStats {
+    pub(crate) fn new() -> Arc<GatewayStats> {
+        Arc::new(GatewayStats {
+            in_flight: OnceLock::new(),
+            shed: OnceLock::new(),
+            unmatched: RouteStats::new(UNMATCHED, ""),
+        })
     }
-}
 
-/// A request no route matched is finished.
-pub(crate) fn unmatched_finished(status: StatusCode, took: Duration) {
-    let class = status_class(status);
-    metrics::counter!(REQUESTS_TOTAL, "route" => UNMATCHED, "service" => "", "status_class" => class)
-        .increment(1);
-    metrics::histogram!(REQUEST_DURATION, "route" => UNMATCHED, "service" => "", "status_class" => class)
-        .record(took.as_secs_f64());
+    /// The requests-in-flight gauge.
+    pub(crate) fn in_flight(&self) -> &Gauge {
+        self.in_flight.get_or_init(|| metrics::gauge!(IN_FLIGHT))
+    }
+
+    /// A request refused because `max_in_flight` were in flight.
+    pub(crate) fn shed(&self) {
+        self.shed
+            .get_or_init(|| metrics::counter!(SHED))
+            .increment(1);
+    }
+
+    /// The metrics of requests no route matched (`route="unmatched"`,
+    /// `service=""`): their requests and durations, and the system IP
+    /// list's refusals, made before a route is looked for.
+    pub(crate) fn unmatched(&self) -> &RouteStats {
+        &self.unmatched
+    }
 }
 
 /// One route's request metrics. The handles are registered on the first
@@ -508,11 +529,6 @@ pub(crate) fn rate_limit_backend_error() {
     metrics::counter!(RATE_LIMIT_BACKEND_ERRORS).increment(1);
 }
 
-/// A request no route matched, refused by the gateway's IP list.
-pub(crate) fn unmatched_ip_denied() {
-    metrics::counter!(IP_DENIED, "route" => UNMATCHED).increment(1);
-}
-
 pub(crate) fn ejected(service: &str) {
     metrics::counter!(EJECTIONS, "service" => service.to_string()).increment(1);
 }
@@ -521,12 +537,32 @@ pub(crate) fn retry_budget_exhausted(service: &str) {
     metrics::counter!(RETRY_BUDGET_EXHAUSTED, "service" => service.to_string()).increment(1);
 }
 
-pub(crate) fn shed() {
-    metrics::counter!(SHED).increment(1);
+/// A route's count of requests refused over its own `max_in_flight`,
+/// made on first use: a route sheds when it is busiest.
+pub(crate) struct RouteShed {
+    route: Box<str>,
+    counter: OnceLock<Counter>,
 }
 
-pub(crate) fn route_shed(route: &str) {
-    metrics::counter!(ROUTE_SHED, "route" => route.to_string()).increment(1);
+impl std::fmt::Debug for RouteShed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RouteShed").field(&self.route).finish()
+    }
+}
+
+impl RouteShed {
+    pub(crate) fn new(route: &str) -> RouteShed {
+        RouteShed {
+            route: route.into(),
+            counter: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn shed(&self) {
+        self.counter
+            .get_or_init(|| metrics::counter!(ROUTE_SHED, "route" => self.route.to_string()))
+            .increment(1);
+    }
 }
 
 /// The open-connections gauge, for `conn_limit` to keep.
@@ -692,6 +728,61 @@ mod tests {
         assert_eq!(count(other), 3);
         let other = "flotilla_gateway_auth_failures_total{route=\"/o\",reason=\"default\"}";
         assert_eq!(count(other), 3);
+    }
+
+    /// The gateway's own counts and a route's shed count, made before the
+    /// recorder they count into is there (as a gateway's are when its
+    /// process installs one later): their handles are made on first use,
+    /// under the recorder then in place, and counted on after that.
+    #[test]
+    fn the_gateway_s_own_counts_go_to_the_recorder_in_place_when_first_used() {
+        let stats = GatewayStats::new();
+        let route = RouteShed::new("/capped/**");
+        let recorder = prometheus_builder().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            for _ in 0..3 {
+                stats.shed();
+                route.shed();
+                stats.unmatched().ip_denied();
+                stats.in_flight().increment(1.0);
+            }
+            stats.in_flight().decrement(1.0);
+            stats
+                .unmatched()
+                .finished(StatusCode::NOT_FOUND, Duration::from_millis(1));
+            stats
+                .unmatched()
+                .finished(StatusCode::NOT_FOUND, Duration::from_millis(2));
+        });
+        let text = handle.render();
+        let count = |line: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no `{line}` in\n{text}"))
+        };
+        assert_eq!(count("flotilla_gateway_shed_total "), 3.0);
+        assert_eq!(
+            count("flotilla_gateway_route_shed_total{route=\"/capped/**\"}"),
+            3.0
+        );
+        assert_eq!(
+            count("flotilla_gateway_ip_denied_total{route=\"unmatched\"}"),
+            3.0
+        );
+        assert_eq!(count("flotilla_gateway_in_flight "), 2.0);
+        assert_eq!(
+            count(
+                "flotilla_gateway_requests_total{route=\"unmatched\",service=\"\",status_class=\"4xx\"}"
+            ),
+            2.0
+        );
+        assert_eq!(
+            count(
+                "flotilla_gateway_request_duration_seconds_count{route=\"unmatched\",service=\"\",status_class=\"4xx\"}"
+            ),
+            2.0
+        );
     }
 
     #[test]

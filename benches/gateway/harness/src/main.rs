@@ -2,7 +2,8 @@
 //! scripts in `benches/gateway` (run.sh, ab.sh, pgo.sh, ...).
 //!
 //! Usage: `bench_gateway --listen ADDR --upstream ADDR [--threads N]
-//! [--jwt] [--rate-limit SPEC] [--cache] [--gzip] [--authz] [--upstream-tls DIR] [--tls DIR]`, or
+//! [--jwt] [--rate-limit SPEC] [--cache] [--gzip] [--authz] [--upstream-tls DIR] [--tls DIR]
+//! [--route PATTERN]`, or
 //! `bench_gateway --issue DIR` to create a CA and the identities of both
 //! sides of an mTLS upstream hop (`DIR/gateway`, `DIR/upstream`) and exit.
 //!
@@ -22,6 +23,10 @@
 //! (`path_prefix = "/check"`, `Authorization` passed on), whose service is
 //! the same upstream, which allows anything: the cost of one check a
 //! request, as nginx's `auth_request` is measured in `authz.sh`.
+//!
+//! With `--route PATTERN` the one route is `PATTERN` rather than `/**`,
+//! so that requests to other paths are ones no route matches (404), as
+//! `instructions.sh` counts them with `UNMATCHED=1`.
 //!
 //! With `--tls DIR` clients connect over HTTPS, with the certificate
 //! `DIR/cert.pem` and its key `DIR/key.pem` (`[gateway.tls]`).
@@ -80,6 +85,7 @@ struct Args {
     cache: bool,
     gzip: bool,
     authz: bool,
+    route: String,
 }
 
 fn args() -> Result<Args, BoxError> {
@@ -93,6 +99,7 @@ fn args() -> Result<Args, BoxError> {
     let mut authz = false;
     let mut upstream_tls = None;
     let mut tls = None;
+    let mut route = "/**".to_owned();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -104,6 +111,7 @@ fn args() -> Result<Args, BoxError> {
             "--cache" => cache = true,
             "--gzip" => gzip = true,
             "--authz" => authz = true,
+            "--route" => route = it.next().ok_or("--route PATTERN")?,
             "--upstream-tls" => upstream_tls = Some(it.next().ok_or("--upstream-tls DIR")?.into()),
             "--tls" => tls = Some(it.next().ok_or("--tls DIR")?.into()),
             "--issue" => {
@@ -124,6 +132,7 @@ fn args() -> Result<Args, BoxError> {
         cache,
         gzip,
         authz,
+        route,
     })
 }
 
@@ -164,7 +173,7 @@ fn b64(bytes: &[u8]) -> String {
 }
 
 async fn run(args: Args) -> Result<(), BoxError> {
-    let mut route = RouteConfig::new("bench", PathPattern::parse("/**")?);
+    let mut route = RouteConfig::new("bench", PathPattern::parse(&args.route)?);
     route.timeout = Duration::from_secs(10);
     let mut config = Config {
         listen: args.listen,

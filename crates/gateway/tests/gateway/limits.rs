@@ -236,10 +236,14 @@ async fn past_max_in_flight_requests_are_shed_with_503() {
     let client = Client::new(&gateway);
     let held = in_background(&client, "/hold", 2);
     wait_until("two requests in flight", || up.held() == 2).await;
+    let shed = || metric_sum(&["flotilla_gateway_shed_total"]);
+    let shed_before = shed();
     let reply = client.get("/x").await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reply.json()["error"]["code"], "overloaded");
     assert_eq!(reply.header("retry-after"), "1");
+    // Other tests may shed too: counts only grow.
+    assert!(shed() > shed_before, "the 503 was not counted");
     up.release();
     for h in held {
         assert_eq!(ok(h.await, "held").status, StatusCode::OK);

@@ -382,6 +382,47 @@ async fn route_ip_lists_narrow_the_systems() {
     gateway.shutdown(T).await;
 }
 
+/// Requests no route matched, and those the system's IP list refused
+/// before any route was looked for, count under `route="unmatched"`, after
+/// a reload as before it.
+#[tokio::test]
+async fn refusals_before_a_route_count_under_unmatched() {
+    let unmatched_404 = || {
+        metric_sum(&[
+            "flotilla_gateway_requests_total",
+            "route=\"unmatched\"",
+            "status_class=\"4xx\"",
+        ])
+    };
+    let denied = || metric_sum(&["flotilla_gateway_ip_denied_total", "route=\"unmatched\""]);
+    let routes = || vec![route("ip-unmatched", "/api/**", &[], T)];
+    let (up, gateway, client) = ip_gateway("ip-unmatched", IpConfig::default(), routes()).await;
+    for round in ["before a reload", "after a reload"] {
+        let (before_404, before_denied) = (unmatched_404(), denied());
+        assert_eq!(
+            get(&client, "/elsewhere", &[]).await.status,
+            StatusCode::NOT_FOUND
+        );
+        assert!(unmatched_404() > before_404, "{round}: a 404 not counted");
+        // The gateway's other tests run beside this one and count under
+        // `unmatched` too: counts only ever grow, so "more" is what says
+        // this gateway counted.
+        let mut cfg = config(routes());
+        cfg.ip = Some(IpConfig {
+            deny: nets(&["127.0.0.0/8", "::1/128"]),
+            ..IpConfig::default()
+        });
+        ok(gateway.reload(cfg), "reload with a deny list");
+        assert_ip_denied(&get(&client, "/api/x", &[]).await);
+        assert!(denied() > before_denied, "{round}: a denial not counted");
+        let mut cfg = config(routes());
+        cfg.ip = Some(IpConfig::default());
+        ok(gateway.reload(cfg), "reload without it");
+    }
+    assert_eq!(up.hits(), 0);
+    gateway.shutdown(T).await;
+}
+
 fn cors(origins: &[&str], credentials: bool) -> CorsConfig {
     CorsConfig {
         origins: origins.iter().map(|s| s.to_string()).collect(),
