@@ -9,7 +9,9 @@
 //! File writes happen on a writer task fed by a bounded channel: the request
 //! path never waits for the disk. When the writer falls behind, lines are
 //! dropped and counted (`flotilla_gateway_access_log_dropped_total`) rather
-//! than slowing traffic or growing memory without bound.
+//! than slowing traffic or growing memory without bound. Lines a full or
+//! failing disk refuses are kept, up to a bound, and written once it takes
+//! them again; past the bound they are dropped and counted too.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -25,7 +27,6 @@ use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -62,7 +63,7 @@ impl Sink {
     fn send(&self, line: Vec<u8>) {
         if self.tx.try_send(line).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
-            stats::access_log_dropped();
+            stats::access_log_dropped(stats::DROPPED_QUEUE_FULL, 1);
         }
     }
 }
@@ -84,17 +85,17 @@ impl Drop for Sink {
 /// Opens (appending) `path` and starts its writer task, which ends once
 /// every [`Sink`] clone is gone and the queue is written out.
 pub(crate) async fn open(path: &Path) -> Result<(Arc<Sink>, JoinHandle<()>), Error> {
-    let file = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .await
-        .map_err(|source| Error::AccessLog {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let owned = path.to_path_buf();
+    let file = match tokio::task::spawn_blocking(move || reopen(&owned)).await {
+        Ok(opened) => opened,
+        Err(e) => Err(std::io::Error::other(e)),
+    }
+    .map_err(|source| Error::AccessLog {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let (tx, rx) = mpsc::channel(QUEUE_LINES);
-    let writer = tokio::spawn(write_lines(rx, file, path.to_path_buf(), ROTATION_CHECK));
+    let writer = tokio::spawn(write_lines(rx, file, path.to_path_buf(), TUNING));
     let sink = Arc::new(Sink {
         tx,
         dropped: AtomicU64::new(0),
@@ -103,9 +104,23 @@ pub(crate) async fn open(path: &Path) -> Result<(Arc<Sink>, JoinHandle<()>), Err
     Ok((sink, writer))
 }
 
-/// How often the writer looks whether the file it writes is still the one
-/// at its path.
-const ROTATION_CHECK: Duration = Duration::from_secs(1);
+/// How the writer treats its file: how often it looks whether the file is
+/// still the one at its path, how much it keeps while the disk refuses
+/// lines, and how often it tries a refusing disk again.
+#[derive(Debug, Clone, Copy)]
+struct Tuning {
+    check_every: Duration,
+    keep_bytes: usize,
+    retry_every: Duration,
+}
+
+const TUNING: Tuning = Tuning {
+    check_every: Duration::from_secs(1),
+    // About 3 500 lines, besides the queue's 4 096: a disk full for a
+    // moment (until a rotation's compression frees room, say) loses none.
+    keep_bytes: 1024 * 1024,
+    retry_every: Duration::from_secs(1),
+};
 
 /// The file a handle or path is: device and inode.
 fn identity(meta: &std::fs::Metadata) -> (u64, u64) {
@@ -114,85 +129,228 @@ fn identity(meta: &std::fs::Metadata) -> (u64, u64) {
 }
 
 /// Writes what comes in `rx` to `file` (opened at `path`), a burst at a
-/// time. A log rotated by renaming it (logrotate's default) or removed is
-/// noticed at the first burst `check_every` after the last look, and a new
-/// file is made at `path` for it and what follows, as a log shipper
-/// following the path expects; nginx needs a signal for that. (A
-/// `copytruncate` rotation needs nothing: the file is opened to append.)
+/// time, each burst written on tokio's blocking pool with `std`'s file:
+/// tokio's own file type reports a failed write only at the next one, its
+/// bytes gone, and writes a buffer whole or in part without saying which
+/// part, so a full disk lost lines uncounted and cut one in two.
+///
+/// Lines the disk refuses (full, or failing) are kept, up to
+/// `keep_bytes`, and written, in order, once it takes them again, tried
+/// every `retry_every`; past that, new lines are dropped whole and counted
+/// (`flotilla_gateway_access_log_dropped_total{reason="write_failed"}`). A
+/// line cut by a short write is finished by the next one, so none is left
+/// half written.
+///
+/// A log rotated by renaming it (logrotate's default) or removed is noticed
+/// at the first burst `check_every` after the last look, and a new file is
+/// made at `path` for it and what follows, as a log shipper following the
+/// path expects; nginx needs a signal for that. (A `copytruncate` rotation
+/// needs nothing: the file is opened to append.)
 async fn write_lines(
     mut rx: mpsc::Receiver<Vec<u8>>,
-    file: tokio::fs::File,
+    file: std::fs::File,
     path: PathBuf,
-    check_every: Duration,
+    tuning: Tuning,
 ) {
-    let mut writing = file.metadata().await.ok().map(|m| identity(&m));
-    let mut out = tokio::io::BufWriter::with_capacity(64 * 1024, file);
-    let mut looked = Instant::now();
-    let mut failing = false;
-    // The path could not be made again after a rotation.
-    let mut lost = false;
-    while let Some(line) = rx.recv().await {
-        if looked.elapsed() >= check_every {
-            looked = Instant::now();
-            let at_path = tokio::fs::metadata(&path).await.ok().map(|m| identity(&m));
-            if at_path.is_none() || at_path != writing {
-                // What is buffered belongs to the old file.
-                let _ = out.flush().await;
-                match reopen(&path).await {
-                    Ok(file) => {
-                        lost = false;
-                        writing = file.metadata().await.ok().map(|m| identity(&m));
-                        out = tokio::io::BufWriter::with_capacity(64 * 1024, file);
-                        tracing::info!(target: "flotilla::gateway", path = %path.display(), "the access log was rotated; writing a new file");
-                    }
-                    // Said once, not at every look while it lasts.
-                    Err(e) if !lost => {
-                        lost = true;
-                        tracing::error!(target: "flotilla::gateway", path = %path.display(), error = %e, "the access log was moved and cannot be made again; writing the moved file");
-                    }
-                    Err(_) => {}
+    let mut out = Out {
+        writing: file.metadata().ok().map(|m| identity(&m)),
+        file,
+        path,
+        pending: Vec::new(),
+        fresh: Vec::new(),
+        tuning,
+        looked: Instant::now(),
+        failing: None,
+        dropped: 0,
+        lost: false,
+    };
+    loop {
+        let line = if out.failing.is_some() {
+            // Woken to try the disk again even when no line comes.
+            match tokio::time::timeout(tuning.retry_every, rx.recv()).await {
+                Ok(None) => break,
+                Ok(Some(line)) => Some(line),
+                Err(_) => None,
+            }
+        } else {
+            match rx.recv().await {
+                Some(line) => Some(line),
+                None => break,
+            }
+        };
+        if let Some(line) = line {
+            out.keep(&line);
+            // Take what else is queued: a burst costs one write.
+            for _ in 0..LINES_PER_FLUSH {
+                match rx.try_recv() {
+                    Ok(line) => out.keep(&line),
+                    Err(_) => break,
                 }
             }
         }
-        let mut result = out.write_all(&line).await;
-        // Take what else is queued before flushing: a burst costs one write.
-        for _ in 0..LINES_PER_FLUSH {
-            if result.is_err() {
-                break;
-            }
-            match rx.try_recv() {
-                Ok(line) => result = out.write_all(&line).await,
-                Err(_) => break,
-            }
+        if out.resting() {
+            continue;
         }
-        if result.is_ok() {
-            result = out.flush().await;
-        }
-        match result {
-            Err(e) if !failing => {
-                failing = true;
-                tracing::error!(
-                    target: "flotilla::gateway",
-                    path = %path.display(),
-                    error = %e,
-                    "cannot write the access log; lines are lost until it recovers"
-                );
-            }
-            Err(_) => {}
-            Ok(()) => failing = false,
-        }
+        out = match tokio::task::spawn_blocking(move || {
+            out.burst();
+            out
+        })
+        .await
+        {
+            Ok(out) => out,
+            // Only a panic in `burst`, which does not panic: nothing left to
+            // write with.
+            Err(_) => return,
+        };
     }
-    if let Err(e) = out.flush().await {
-        tracing::error!(target: "flotilla::gateway", path = %path.display(), error = %e, "cannot flush the access log");
+    // The queue is empty and every sender gone: one last try.
+    if let Ok(mut out) = tokio::task::spawn_blocking(move || {
+        out.burst();
+        out
+    })
+    .await
+        && !out.pending.is_empty()
+    {
+        let lines = out.pending.iter().filter(|&&b| b == b'\n').count();
+        stats::access_log_dropped(stats::DROPPED_WRITE_FAILED, lines as u64);
+        tracing::error!(target: "flotilla::gateway", path = %out.path.display(), lines, "the access log could not be written out; its last lines are lost");
+        out.pending.clear();
     }
 }
 
-async fn reopen(path: &Path) -> std::io::Result<tokio::fs::File> {
-    tokio::fs::OpenOptions::new()
+/// The writer's file and the lines it has not written yet.
+struct Out {
+    file: std::fs::File,
+    path: PathBuf,
+    /// The file `file` is (device, inode), to tell a rotation.
+    writing: Option<(u64, u64)>,
+    /// Whole lines taken and not yet written, but for a part of the first
+    /// that a short write took.
+    pending: Vec<u8>,
+    /// Lines taken since the last burst: they go to the file at the path
+    /// when it changed, where `pending` goes to the file it was meant for.
+    fresh: Vec<u8>,
+    tuning: Tuning,
+    looked: Instant,
+    /// When the disk last refused a write, until it takes one again.
+    failing: Option<Instant>,
+    /// Lines dropped since the disk last took a write.
+    dropped: u64,
+    /// The path could not be made again after a rotation.
+    lost: bool,
+}
+
+impl Out {
+    /// Takes `line` to write, unless what is kept already leaves no room
+    /// for it (only a disk refusing lines leaves that much unwritten: a
+    /// burst is a few hundred lines): then it is dropped and counted.
+    fn keep(&mut self, line: &[u8]) {
+        if self.pending.len() + self.fresh.len() + line.len() > self.tuning.keep_bytes {
+            if self.dropped == 0 {
+                tracing::warn!(target: "flotilla::gateway", path = %self.path.display(), kept_bytes = self.pending.len(), "the access log cannot be written and the lines kept for it fill their room; new lines are dropped until it can");
+            }
+            self.dropped += 1;
+            stats::access_log_dropped(stats::DROPPED_WRITE_FAILED, 1);
+            return;
+        }
+        self.fresh.extend_from_slice(line);
+    }
+
+    /// Whether to wait before trying a refusing disk again.
+    fn resting(&self) -> bool {
+        self.failing
+            .is_some_and(|tried| tried.elapsed() < self.tuning.retry_every)
+    }
+
+    /// Looks for a rotation when it is time, then writes what is pending.
+    /// Blocks.
+    fn burst(&mut self) {
+        if self.looked.elapsed() >= self.tuning.check_every {
+            self.looked = Instant::now();
+            self.follow_path();
+        }
+        if self.pending.is_empty() {
+            // Usually: no copy.
+            std::mem::swap(&mut self.pending, &mut self.fresh);
+        } else {
+            self.pending.append(&mut self.fresh);
+        }
+        match write_out(&mut self.file, &mut self.pending) {
+            Ok(()) => {
+                if self.dropped > 0 {
+                    tracing::warn!(target: "flotilla::gateway", path = %self.path.display(), dropped = self.dropped, "the access log is written again; lines were dropped while it could not be");
+                } else if self.failing.is_some() {
+                    tracing::info!(target: "flotilla::gateway", path = %self.path.display(), "the access log is written again, with the lines kept while it could not be");
+                }
+                self.failing = None;
+                self.dropped = 0;
+                // Room kept for a refusing disk is not held on to after it.
+                if self.pending.capacity() > 64 * 1024 {
+                    self.pending = Vec::new();
+                }
+                if self.fresh.capacity() > 64 * 1024 {
+                    self.fresh = Vec::new();
+                }
+            }
+            Err(e) => {
+                // Said once while it lasts.
+                if self.failing.is_none() {
+                    tracing::error!(target: "flotilla::gateway", path = %self.path.display(), error = %e, kept_up_to = self.tuning.keep_bytes, "cannot write the access log; its lines are kept, up to kept_up_to bytes, and written when it can");
+                }
+                self.failing = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Opens the file at the path again when the one being written is no
+    /// longer there (rotated by a rename, or removed). What is pending goes
+    /// to the new file if the old one refuses it.
+    fn follow_path(&mut self) {
+        let at_path = std::fs::metadata(&self.path).ok().map(|m| identity(&m));
+        if at_path.is_some() && at_path == self.writing {
+            return;
+        }
+        // What is written so far belongs to the old file.
+        let _ = write_out(&mut self.file, &mut self.pending);
+        match reopen(&self.path) {
+            Ok(file) => {
+                self.lost = false;
+                self.writing = file.metadata().ok().map(|m| identity(&m));
+                self.file = file;
+                tracing::info!(target: "flotilla::gateway", path = %self.path.display(), "the access log was rotated; writing a new file");
+            }
+            // Said once, not at every look while it lasts.
+            Err(e) if !self.lost => {
+                self.lost = true;
+                tracing::error!(target: "flotilla::gateway", path = %self.path.display(), error = %e, "the access log was moved and cannot be made again; writing the moved file");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Writes all of `pending` to `file`, leaving in it what the file did not
+/// take. Blocks.
+fn write_out(file: &mut std::fs::File, pending: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::io::Write;
+    while !pending.is_empty() {
+        match file.write(pending) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                pending.drain(..n.min(pending.len()));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn reopen(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .await
 }
 
 /// Records every request (log line and metrics), one [`Entry`] each.
@@ -554,13 +712,17 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         let path = dir.path().join("access.log");
-        let file = match reopen(&path).await {
+        let file = match reopen(&path) {
             Ok(f) => f,
             Err(e) => panic!("{e}"),
         };
         let (tx, rx) = mpsc::channel(16);
         // Looks at every burst.
-        let writer = tokio::spawn(write_lines(rx, file, path.clone(), Duration::ZERO));
+        let tuning = Tuning {
+            check_every: Duration::ZERO,
+            ..TUNING
+        };
+        let writer = tokio::spawn(write_lines(rx, file, path.clone(), tuning));
         let send = |line: &str| {
             let tx = tx.clone();
             let line = line.as_bytes().to_vec();
@@ -585,6 +747,113 @@ mod tests {
             std::fs::read_to_string(&rotated).unwrap_or_default(),
             "one\n"
         );
+    }
+
+    /// The lines `flotilla_gateway_access_log_dropped_total` counts as
+    /// dropped for `reason`, in this process.
+    fn dropped(reason: &str) -> u64 {
+        let prefix = format!("flotilla_gateway_access_log_dropped_total{{reason=\"{reason}\"}} ");
+        stats::prometheus_recorder()
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits until `what` holds, or fails the test after 5 s.
+    async fn until(what: &str, holds: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !holds() {
+            assert!(Instant::now() < deadline, "not so after 5 s: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Held by each test that counts lines dropped for a failing disk, so
+    /// that each counts only its own: the counter is the process's.
+    static FAILING_DISK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// A writer whose path leads to `/dev/full`, where every write fails
+    /// with ENOSPC, as on a full disk; the lines already counted as dropped
+    /// for a failing disk when it started (`before`).
+    /// Dropped with the test: the lock and the directory are held as long.
+    struct FullDisk {
+        _counting: tokio::sync::MutexGuard<'static, ()>,
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        tx: mpsc::Sender<Vec<u8>>,
+        writer: JoinHandle<()>,
+        before: u64,
+    }
+
+    async fn full_disk(tuning: Tuning) -> FullDisk {
+        let counting = FAILING_DISK.lock().await;
+        let _ = stats::prometheus_recorder();
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("{e}"),
+        };
+        let path = dir.path().join("access.log");
+        assert!(std::os::unix::fs::symlink("/dev/full", &path).is_ok());
+        let file = match reopen(&path) {
+            Ok(f) => f,
+            Err(e) => panic!("{e}"),
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let before = dropped(stats::DROPPED_WRITE_FAILED);
+        FullDisk {
+            _counting: counting,
+            _dir: dir,
+            writer: tokio::spawn(write_lines(rx, file, path.clone(), tuning)),
+            path,
+            tx,
+            before,
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_a_full_disk_refuses_are_kept_and_written_once_one_takes_them() {
+        // Room for three 10-byte lines; the path looked at every burst.
+        let disk = full_disk(Tuning {
+            check_every: Duration::ZERO,
+            keep_bytes: 30,
+            retry_every: Duration::from_millis(10),
+        })
+        .await;
+        let (path, before) = (&disk.path, disk.before);
+        for i in 0..10 {
+            let line = format!("line-{i:04}\n").into_bytes();
+            assert!(disk.tx.send(line).await.is_ok());
+        }
+        // Three kept, seven dropped: however the writer took them in, no
+        // write ever succeeds.
+        until("seven lines counted as dropped", || {
+            dropped(stats::DROPPED_WRITE_FAILED) >= before + 7
+        })
+        .await;
+        // The disk takes lines again: here, the path is a file once more
+        // (the writer makes it, as after a rotation), and the kept lines
+        // are written to it without another line coming to prompt it.
+        assert!(std::fs::remove_file(path).is_ok());
+        reads(path, "line-0000\nline-0001\nline-0002\n").await;
+        assert!(disk.tx.send(b"after\n".to_vec()).await.is_ok());
+        reads(path, "line-0000\nline-0001\nline-0002\nafter\n").await;
+        drop(disk.tx);
+        finished(disk.writer).await;
+        assert_eq!(dropped(stats::DROPPED_WRITE_FAILED), before + 7);
+    }
+
+    #[tokio::test]
+    async fn lines_a_full_disk_still_refuses_at_the_end_are_counted_and_the_writer_ends() {
+        let disk = full_disk(TUNING).await;
+        for i in 0..3 {
+            let line = format!("line-{i}\n").into_bytes();
+            assert!(disk.tx.send(line).await.is_ok());
+        }
+        drop(disk.tx);
+        // Not waiting a retry interval per line, nor forever.
+        finished(disk.writer).await;
+        assert_eq!(dropped(stats::DROPPED_WRITE_FAILED), disk.before + 3);
     }
 
     async fn finished(writer: JoinHandle<()>) {

@@ -180,7 +180,7 @@ pub(crate) fn describe() {
     );
     metrics::describe_counter!(
         ACCESS_LOG_DROPPED,
-        "Access-log lines dropped because the writer fell behind."
+        "Access-log lines dropped, by reason: queue_full (the writer fell behind), write_failed (the disk refused writes, full or failing, for longer than the lines kept for it could cover)."
     );
     metrics::describe_gauge!(
         WEBSOCKETS_OPEN,
@@ -659,8 +659,15 @@ pub(crate) fn tls_certificate_expiry(cert: &std::path::Path, not_after: std::tim
     metrics::gauge!(TLS_CERT_EXPIRY, "cert" => cert.display().to_string()).set(secs);
 }
 
-pub(crate) fn access_log_dropped() {
-    metrics::counter!(ACCESS_LOG_DROPPED).increment(1);
+/// An access-log line the writer could not take in time (its queue full).
+pub(crate) const DROPPED_QUEUE_FULL: &str = "queue_full";
+/// An access-log line dropped while the disk refused writes and the lines
+/// kept for it filled their room, or left unwritten at the end.
+pub(crate) const DROPPED_WRITE_FAILED: &str = "write_failed";
+
+/// `lines` access-log lines dropped, for `reason` (one of the two above).
+pub(crate) fn access_log_dropped(reason: &'static str, lines: u64) {
+    metrics::counter!(ACCESS_LOG_DROPPED, "reason" => reason).increment(lines);
 }
 
 fn status_class(status: StatusCode) -> &'static str {
