@@ -132,14 +132,14 @@ fn identity(meta: &std::fs::Metadata) -> (u64, u64) {
 /// time, each burst written on tokio's blocking pool with `std`'s file:
 /// tokio's own file type reports a failed write only at the next one, its
 /// bytes gone, and writes a buffer whole or in part without saying which
-/// part, so a full disk lost lines uncounted and cut one in two.
+/// part: with it a full disk would lose lines uncounted, and could leave
+/// one cut in two.
 ///
 /// Lines the disk refuses (full, or failing) are kept, up to
 /// `keep_bytes`, and written, in order, once it takes them again, tried
 /// every `retry_every`; past that, new lines are dropped whole and counted
 /// (`flotilla_gateway_access_log_dropped_total{reason="write_failed"}`). A
-/// line cut by a short write is finished by the next one, so none is left
-/// half written.
+/// line cut by a short write is finished by the next write that succeeds.
 ///
 /// A log rotated by renaming it (logrotate's default) or removed is noticed
 /// at the first burst `check_every` after the last look, and a new file is
