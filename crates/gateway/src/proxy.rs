@@ -42,7 +42,6 @@ use crate::relayed::Reply;
 use crate::resilience::{Resilience, ServiceHealth};
 use crate::routes::Route;
 use crate::server::ConnInfo;
-use crate::stats;
 use crate::upstream::{ActivateError, Endpoint, LoadGuard, Upstreams};
 use crate::workers;
 
@@ -287,7 +286,7 @@ impl Proxy {
                     }
                 };
                 retries += 1;
-                stats::retried(route.pattern.as_str(), &route.service, reason);
+                route.stats.retried(reason);
                 tracing::debug!(
                     target: "flotilla::gateway",
                     service = %route.service,

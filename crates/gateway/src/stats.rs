@@ -280,25 +280,28 @@ pub(crate) struct RouteStats {
     route: String,
     service: String,
     classes: [OnceLock<(Counter, Histogram)>; 5],
-    /// The route's refusal counters, by metric and label value, each made
-    /// on first use: a client a route refuses (a flood of requests over
-    /// its rate limit, of forged tokens) is the one that sends the most,
-    /// and a registry lookup cost a 429 about a tenth of its instructions.
-    /// Slots are taken in order, so a lookup stops at the first empty one;
-    /// past the last, the registry is asked.
-    refusals: [OnceLock<(Refused, &'static str, Counter)>; REFUSAL_SLOTS],
+    /// The route's counters of refusals and retries, by metric and label
+    /// value, each made on first use: a client a route refuses (a flood of
+    /// requests over its rate limit, of forged tokens) is the one that
+    /// sends the most, and a registry lookup cost a 429 about a tenth of
+    /// its instructions; retries come in floods too, when an instance
+    /// fails. Slots are taken in order, so a lookup stops at the first
+    /// empty one; past the last, the registry is asked.
+    events: [OnceLock<(Event, &'static str, Counter)>; EVENT_SLOTS],
 }
 
-/// Room for a route's refusal counters: a route refuses for a few reasons
-/// (its JWT policy's, its API keys', its limits', its IP list).
-const REFUSAL_SLOTS: usize = 12;
+/// Room for a route's refusal and retry counters: a route refuses for a
+/// few reasons (its JWT policy's, its API keys', its limits', its IP list)
+/// and retries for a few (`connect`, `status_503`, ...).
+const EVENT_SLOTS: usize = 12;
 
-/// Which refusal metric a counter is of.
+/// Which metric a route's refusal or retry counter is of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refused {
+enum Event {
     Auth,
     RateLimited,
     IpDenied,
+    Retried,
 }
 
 impl std::fmt::Debug for RouteStats {
@@ -316,38 +319,50 @@ impl RouteStats {
             route: route.to_string(),
             service: service.to_string(),
             classes: Default::default(),
-            refusals: Default::default(),
+            events: Default::default(),
         }
     }
 
     /// A request of this route refused by its JWT policy, API keys or
     /// client-certificate rule, for `reason`.
     pub(crate) fn auth_failed(&self, reason: &'static str) {
-        self.refused(Refused::Auth, reason);
+        self.counted(Event::Auth, reason);
     }
 
     /// A request of this route refused by its rate limit named `limit`
     /// (`default`, or the unit and key of one of several).
     pub(crate) fn rate_limited(&self, limit: &'static str) {
-        self.refused(Refused::RateLimited, limit);
+        self.counted(Event::RateLimited, limit);
     }
 
     /// A request of this route refused by an IP list.
     pub(crate) fn ip_denied(&self) {
-        self.refused(Refused::IpDenied, "");
+        self.counted(Event::IpDenied, "");
     }
 
-    fn refused(&self, kind: Refused, value: &'static str) {
+    /// A request of this route sent again, after a failed attempt for
+    /// `reason`.
+    pub(crate) fn retried(&self, reason: &'static str) {
+        self.counted(Event::Retried, reason);
+    }
+
+    fn counted(&self, kind: Event, value: &'static str) {
         let register = || match kind {
-            Refused::Auth => {
+            Event::Auth => {
                 metrics::counter!(AUTH_FAILURES, "route" => self.route.clone(), "reason" => value)
             }
-            Refused::RateLimited => {
+            Event::RateLimited => {
                 metrics::counter!(RATE_LIMITED, "route" => self.route.clone(), "limit" => value)
             }
-            Refused::IpDenied => metrics::counter!(IP_DENIED, "route" => self.route.clone()),
+            Event::IpDenied => metrics::counter!(IP_DENIED, "route" => self.route.clone()),
+            Event::Retried => metrics::counter!(
+                RETRIES_TOTAL,
+                "route" => self.route.clone(),
+                "service" => self.service.clone(),
+                "reason" => value,
+            ),
         };
-        for slot in &self.refusals {
+        for slot in &self.events {
             // Taken by whichever worker comes first; another that wanted
             // it for another counter goes on to the next.
             let (k, v, counter) = slot.get_or_init(|| (kind, value, register()));
@@ -377,16 +392,6 @@ impl RouteStats {
         requests.increment(1);
         duration.record(took.as_secs_f64());
     }
-}
-
-pub(crate) fn retried(route: &str, service: &str, reason: &'static str) {
-    metrics::counter!(
-        RETRIES_TOTAL,
-        "route" => route.to_string(),
-        "service" => service.to_string(),
-        "reason" => reason,
-    )
-    .increment(1);
 }
 
 /// A route's external authorization metrics, each made on first use, as
@@ -533,8 +538,26 @@ pub(crate) fn ejected(service: &str) {
     metrics::counter!(EJECTIONS, "service" => service.to_string()).increment(1);
 }
 
-pub(crate) fn retry_budget_exhausted(service: &str) {
-    metrics::counter!(RETRY_BUDGET_EXHAUSTED, "service" => service.to_string()).increment(1);
+/// A service's count of retries its budget refused, made on first use:
+/// while an instance fails, every request to the service may ask for one.
+#[derive(Default)]
+pub(crate) struct RetryBudgetStats(OnceLock<Counter>);
+
+impl std::fmt::Debug for RetryBudgetStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RetryBudgetStats")
+    }
+}
+
+impl RetryBudgetStats {
+    /// A retry of a request to `service` refused.
+    pub(crate) fn exhausted(&self, service: &str) {
+        self.0
+            .get_or_init(
+                || metrics::counter!(RETRY_BUDGET_EXHAUSTED, "service" => service.to_string()),
+            )
+            .increment(1);
+    }
 }
 
 /// A route's count of requests refused over its own `max_in_flight`,
@@ -684,13 +707,13 @@ fn status_class(status: StatusCode) -> &'static str {
 mod tests {
     use super::*;
 
-    /// Each refusal is counted under its own metric and label, in the
-    /// slots a route keeps and past them (the registry is asked then).
+    /// Each refusal and retry is counted under its own metric and label, in
+    /// the slots a route keeps and past them (the registry is asked then).
     #[test]
     fn a_route_counts_each_refusal_under_its_own_labels() {
         let recorder = prometheus_builder().build_recorder();
         let handle = recorder.handle();
-        let reasons: Vec<&'static str> = (0..REFUSAL_SLOTS + 3)
+        let reasons: Vec<&'static str> = (0..EVENT_SLOTS + 3)
             .map(|i| &*Box::leak(format!("reason_{i}").into_boxed_str()))
             .collect();
         metrics::with_local_recorder(&recorder, || {
@@ -711,7 +734,9 @@ mod tests {
             for _ in 0..3 {
                 other.rate_limited("default");
                 other.auth_failed("default");
+                other.retried("status_503");
             }
+            other.retried("connect");
         });
         let text = handle.render();
         let count = |line: &str| -> u64 {
@@ -735,6 +760,12 @@ mod tests {
         assert_eq!(count(other), 3);
         let other = "flotilla_gateway_auth_failures_total{route=\"/o\",reason=\"default\"}";
         assert_eq!(count(other), 3);
+        let retried =
+            "flotilla_gateway_retries_total{route=\"/o\",service=\"svc\",reason=\"status_503\"}";
+        assert_eq!(count(retried), 3);
+        let retried =
+            "flotilla_gateway_retries_total{route=\"/o\",service=\"svc\",reason=\"connect\"}";
+        assert_eq!(count(retried), 1);
     }
 
     /// The gateway's own counts and a route's shed count, made before the

@@ -215,6 +215,35 @@ async fn a_route_s_own_retries_replace_the_gateway_s() {
     gateway.shutdown(T).await;
 }
 
+/// A spent retry budget stops retries, and each one it refuses is counted
+/// for its service.
+#[tokio::test]
+async fn retries_past_the_budget_are_not_made_and_are_counted() {
+    let registry = Registry::new();
+    let (a, b) = two_answering_503(&registry, "spent").await;
+    let mut cfg = config(vec![route("spent", "/**", &[], T)]);
+    // No budget at all: every retry is past it.
+    cfg.limits.retry_budget_ratio = 0.0;
+    cfg.limits.retry_budget_min_per_second = 0;
+    cfg.limits.outlier_consecutive_failures = 1000;
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    let refused = || {
+        metric_sum(&[
+            "flotilla_gateway_retry_budget_exhausted_total",
+            "service=\"spent\"",
+        ])
+    };
+    let before = refused();
+    for _ in 0..5 {
+        let reply = client.get("/x").await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(a.hits() + b.hits(), 5, "one attempt each");
+    assert_eq!(refused(), before + 5);
+    gateway.shutdown(T).await;
+}
+
 #[tokio::test]
 async fn retries_and_ejections_follow_a_reload_with_their_state_kept() {
     let registry = Registry::new();
