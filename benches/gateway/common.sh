@@ -56,12 +56,16 @@ wait_port() {
 # refusals are not logged (the bench gateways keep no access log). With
 # NGINX_UNMATCHED=1 only /api/ is proxied and every other path gets a 404
 # with a short JSON body (`return 404`), as a gateway whose one route is
-# `/api/**` answers a path no route matches. Sets NGINX_PID; its files go under $TMP/nginx.
+# `/api/**` answers a path no route matches. With NGINX_ACCESS_LOG=PATH
+# every request gets a line in PATH (the combined format, a write per
+# request), as the gateway's `access_log` does. Sets NGINX_PID; its files go under $TMP/nginx.
 start_nginx() {
   local nginx=$1 port=$2 upstream=$3 user_line="" procs="worker_processes ${NGINX_WORKERS:-2};"
   local map="" connection='proxy_set_header Connection "";'
   local listen="listen 127.0.0.1:$port;" ssl="" cache_path="" cache="" gzip="" auth="" check=""
-  local limit_zone="" limit="" proxied="/" unmatched=""
+  local limit_zone="" limit="" proxied="/" unmatched="" access_log="access_log off;"
+  # nginx's default format (combined), unbuffered: a write per request.
+  [ -n "${NGINX_ACCESS_LOG:-}" ] && access_log="access_log $NGINX_ACCESS_LOG;"
   if [ "${NGINX_UNMATCHED:-0}" = 1 ]; then
     # Only /api/ proxied; any other path answered 404 with a JSON body the
     # size of the gateway's, as the gateway answers a path no route matches.
@@ -103,7 +107,7 @@ pid $TMP/nginx/nginx.pid;
 error_log $TMP/nginx/logs/error.log warn;
 events { worker_connections 4096; }
 http {
-  access_log off;
+  $access_log
   client_body_temp_path $TMP/nginx/tmp/body;
   proxy_temp_path $TMP/nginx/tmp/proxy;
   fastcgi_temp_path $TMP/nginx/tmp/fastcgi;

@@ -38,6 +38,12 @@
 # asked for /, a path no route matches) and nginx-404 (nginx proxying only
 # /api/, answering any other path with a JSON 404), and prints what such
 # an answer costs each: what a scanner probing paths costs a gateway.
+# ACCESS_LOG=1 adds gw-log (the bench gateway writing its access log to a
+# file, as `flotilla up` does) and nginx-log (nginx with access_log to a
+# file, the combined format), and prints what a line costs each: its count
+# less the same proxy's without a log. Only user space is counted: the
+# writes and the wake-ups a line costs are the kernel's (access_log.sh
+# times them).
 # KEEP=1 keeps the temp dir with the callgrind files; benches/gateway/cgdiff.py
 # compares two kept runs function by function, per request, and
 # benches/gateway/cglines.py shows one line by line (build with
@@ -129,6 +135,10 @@ if [ "${UNMATCHED:-0}" = 1 ]; then
   # /api/ proxied, / answered 404.
   expect_codes 404 "200 404" /api/ /
 fi
+if [ "${ACCESS_LOG:-0}" = 1 ]; then
+  start_pair log "NGINX_ACCESS_LOG=$TMP/nginx-log.access" --access-log "$TMP/gw-log.access"
+  expect_codes log "200" /
+fi
 # Each JWT gateway makes its own key, so each has its own token; the
 # others get gw-jwt-rl's, which they ignore.
 declare -A TOKEN
@@ -213,4 +223,11 @@ fi
 if [ "${UNMATCHED:-0}" = 1 ]; then
   awk -v g="${PER[gw-404]}" -v n="${PER[nginx-404]}" 'BEGIN {
     printf "a path no route matches (404) costs: gateway %d instructions, nginx %d (%.2fx)\n", g, n, g / n }'
+fi
+if [ "${ACCESS_LOG:-0}" = 1 ]; then
+  for name in gw-log nginx-log; do
+    [ -s "$TMP/$name.access" ] || { echo "$name wrote no access log" >&2; exit 1; }
+  done
+  awk -v g=$((PER[gw-log] - PER[gw-plain])) -v n=$((PER[nginx-log] - PER[nginx])) 'BEGIN {
+    printf "an access-log line costs: gateway %d instructions, nginx %d (%.2fx)\n", g, n, g / n }'
 fi

@@ -214,19 +214,36 @@ pub(crate) fn text(ip: IpAddr) -> String {
         return ip.to_string();
     };
     let mut out = String::with_capacity(15);
+    v4_digits(v4, |b| out.push(char::from(b)));
+    out
+}
+
+/// `ip` as text, as [`text`] writes it, at the end of `out`.
+pub(crate) fn push_text(ip: IpAddr, out: &mut Vec<u8>) {
+    match ip {
+        IpAddr::V4(v4) => v4_digits(v4, |b| out.push(b)),
+        IpAddr::V6(v6) => {
+            use std::io::Write;
+            // Writing into a `Vec` cannot fail.
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+/// The characters of `v4` as `Display` writes it, one by one.
+fn v4_digits(v4: std::net::Ipv4Addr, mut push: impl FnMut(u8)) {
     for (i, octet) in v4.octets().into_iter().enumerate() {
         if i > 0 {
-            out.push('.');
+            push(b'.');
         }
         if octet >= 100 {
-            out.push(char::from(b'0' + octet / 100));
+            push(b'0' + octet / 100);
         }
         if octet >= 10 {
-            out.push(char::from(b'0' + octet / 10 % 10));
+            push(b'0' + octet / 10 % 10);
         }
-        out.push(char::from(b'0' + octet % 10));
+        push(b'0' + octet % 10);
     }
-    out
 }
 
 /// Whether `peer` is one of the `trusted` proxies (an IPv4-mapped IPv6
@@ -361,13 +378,20 @@ mod tests {
         };
         let mut v4: Vec<u32> = vec![0, u32::MAX, 0x0a00_6409, 0x7f00_0001, 0x6464_6464];
         v4.extend((0..2000).map(|_| next() as u32));
+        let pushed = |ip: IpAddr| {
+            let mut out = b"x".to_vec();
+            push_text(ip, &mut out);
+            String::from_utf8(out).unwrap_or_default()
+        };
         for bits in v4 {
             let ip = IpAddr::V4(std::net::Ipv4Addr::from_bits(bits));
             assert_eq!(text(ip), ip.to_string());
+            assert_eq!(pushed(ip), format!("x{ip}"));
         }
         for ip in ["::1", "2001:db8::", "::ffff:10.0.0.1", "fe80::1:2:3:4"] {
             let ip: IpAddr = ip.parse().unwrap();
             assert_eq!(text(ip), ip.to_string());
+            assert_eq!(pushed(ip), format!("x{ip}"));
         }
     }
 

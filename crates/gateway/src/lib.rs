@@ -62,6 +62,7 @@ mod header_changes;
 mod headers;
 mod health;
 mod ip;
+mod json;
 mod jwt;
 mod mirror;
 mod outbound;

@@ -3,7 +3,7 @@
 //!
 //! Usage: `bench_gateway --listen ADDR --upstream ADDR [--threads N]
 //! [--jwt] [--rate-limit SPEC] [--cache] [--gzip] [--authz] [--upstream-tls DIR] [--tls DIR]
-//! [--route PATTERN]`, or
+//! [--route PATTERN] [--access-log PATH]`, or
 //! `bench_gateway --issue DIR` to create a CA and the identities of both
 //! sides of an mTLS upstream hop (`DIR/gateway`, `DIR/upstream`) and exit.
 //!
@@ -27,6 +27,9 @@
 //! With `--route PATTERN` the one route is `PATTERN` rather than `/**`,
 //! so that requests to other paths are ones no route matches (404), as
 //! `instructions.sh` counts them with `UNMATCHED=1`.
+//!
+//! With `--access-log PATH` every request gets a line in the file at `PATH`
+//! (`[gateway] access_log`, as `flotilla up` always writes one).
 //!
 //! With `--tls DIR` clients connect over HTTPS, with the certificate
 //! `DIR/cert.pem` and its key `DIR/key.pem` (`[gateway.tls]`).
@@ -86,6 +89,7 @@ struct Args {
     gzip: bool,
     authz: bool,
     route: String,
+    access_log: Option<std::path::PathBuf>,
 }
 
 fn args() -> Result<Args, BoxError> {
@@ -100,6 +104,7 @@ fn args() -> Result<Args, BoxError> {
     let mut upstream_tls = None;
     let mut tls = None;
     let mut route = "/**".to_owned();
+    let mut access_log = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -112,6 +117,7 @@ fn args() -> Result<Args, BoxError> {
             "--gzip" => gzip = true,
             "--authz" => authz = true,
             "--route" => route = it.next().ok_or("--route PATTERN")?,
+            "--access-log" => access_log = Some(it.next().ok_or("--access-log PATH")?.into()),
             "--upstream-tls" => upstream_tls = Some(it.next().ok_or("--upstream-tls DIR")?.into()),
             "--tls" => tls = Some(it.next().ok_or("--tls DIR")?.into()),
             "--issue" => {
@@ -133,6 +139,7 @@ fn args() -> Result<Args, BoxError> {
         gzip,
         authz,
         route,
+        access_log,
     })
 }
 
@@ -179,7 +186,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         listen: args.listen,
         routes: Vec::new(),
         static_dir: None,
-        access_log: None,
+        access_log: args.access_log.clone(),
         limits: Limits {
             workers: args.threads.max(1),
             ..Limits::default()
