@@ -971,18 +971,12 @@ mod tests {
     /// through seconds the thread formats once and milliseconds it adds.
     #[test]
     fn a_line_s_time_is_rfc3339_with_milliseconds() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
         let mut millis: Vec<u64> = vec![0, 999, 1_000, 1_764_590_791_721, 1_764_590_791_722];
         // Random times to the year 2200, each followed by one in the same
         // second and one in the next, which the thread's second serves.
         for _ in 0..2_000 {
-            let ms = next() % 7_258_118_400_000;
+            // A failure names the time it was at.
+            let ms = crate::random::next() % 7_258_118_400_000;
             millis.extend([ms, ms - ms % 1000 + 999, ms + 1000]);
         }
         for ms in millis {
