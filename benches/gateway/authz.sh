@@ -33,13 +33,7 @@ need "apt-get install -y wrk nginx-light curl" wrk curl "$NGINX"
 "$NGINX" -V 2>&1 | grep -q -- --with-http_auth_request_module ||
   { echo "this nginx has no auth_request module (Debian's nginx-light has it)" >&2; exit 1; }
 
-echo "building (release)..." >&2
-build_release bench_upstream
-make_tmp flotilla-authz
-
-UP=$(free_port)
-start_upstream target/release/examples/bench_upstream "$UP"
-UPSTREAM_PID=${PIDS[-1]}
+proxy_bench_start authz
 
 declare -A PORT PID URL
 start_gw_target gw-authz --authz

@@ -41,13 +41,7 @@ if [ "$GZIP" = 1 ]; then
 fi
 need "apt-get install -y wrk nginx-light curl" wrk curl "$NGINX"
 
-echo "building (release)..." >&2
-build_release bench_upstream
-make_tmp flotilla-cache
-
-UP=$(free_port)
-start_upstream target/release/examples/bench_upstream "$UP"
-UPSTREAM_PID=${PIDS[-1]}
+proxy_bench_start cache
 
 declare -A PORT PID URL
 TARGET_PATH=$ITEM

@@ -146,7 +146,8 @@ EOF
 }
 
 # proxy_bench_settings: the settings of the scripts that load a gateway
-# and nginx side by side (authz.sh, cache.sh, refusals.sh, tls.sh), from
+# and nginx side by side (access_log.sh, authz.sh, cache.sh, refusals.sh,
+# tls.sh), from
 # the environment or their defaults: ROUNDS (3), DURATION (6s),
 # GW_THREADS (2) worker threads, as many nginx workers, and NGINX, the
 # nginx to run.
@@ -156,6 +157,18 @@ proxy_bench_settings() {
   GW_THREADS="${GW_THREADS:-2}"
   NGINX_WORKERS="$GW_THREADS"
   NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+}
+
+# proxy_bench_start NAME: builds the bench gateway and upstream, makes the
+# temp dir (flotilla-NAME) and starts the upstream on port UP (its pid in
+# UPSTREAM_PID), for start_gw_target and start_nginx_target.
+proxy_bench_start() {
+  echo "building (release)..." >&2
+  build_release bench_upstream
+  make_tmp "flotilla-$1"
+  UP=$(free_port)
+  start_upstream target/release/examples/bench_upstream "$UP"
+  UPSTREAM_PID=${PIDS[-1]}
 }
 
 # start_gw_target NAME [FLAGS...]: a bench gateway with FLAGS and

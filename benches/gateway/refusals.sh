@@ -26,12 +26,7 @@ source benches/gateway/common.sh
 proxy_bench_settings
 need "apt-get install -y wrk nginx-light curl" wrk curl "$NGINX"
 
-echo "building (release)..." >&2
-build_release bench_upstream
-make_tmp flotilla-refusals
-
-UP=$(free_port)
-start_upstream target/release/examples/bench_upstream "$UP"
+proxy_bench_start refusals
 
 declare -A PORT PID URL
 start_gw_target gw-429 --rate-limit "1/m per ip"
