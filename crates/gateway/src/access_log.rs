@@ -46,7 +46,7 @@ const QUEUE_LINES: usize = 4096;
 
 /// Lines written in one burst at most, so the file stays current even under
 /// sustained load.
-const LINES_PER_FLUSH: usize = 2048;
+const LINES_PER_BURST: usize = 2048;
 
 /// How long the writer lets lines gather after one wakes it, before it
 /// writes them: a line takes at most this long to reach the file. Woken
@@ -163,17 +163,10 @@ async fn write_lines(
     path: PathBuf,
     tuning: Tuning,
 ) {
-    let mut out = Out {
-        writing: file.metadata().ok().map(|m| identity(&m)),
-        file,
-        path,
-        pending: Vec::new(),
-        fresh: Vec::new(),
-        tuning,
-        looked: Instant::now(),
-        failing: None,
-        dropped: 0,
-        lost: false,
+    // The file's identity is read on the blocking pool, as every other
+    // call on the file is.
+    let Some(mut out) = on_blocking_pool(move || Out::new(file, path, tuning)).await else {
+        return;
     };
     loop {
         let line = if out.failing.is_some() {
@@ -195,7 +188,7 @@ async fn write_lines(
             // Take what else is queued: a burst costs one write. At most
             // half the room for kept lines, so that only lines a refusing
             // disk left behind ever fill it.
-            for _ in 0..LINES_PER_FLUSH {
+            for _ in 0..LINES_PER_BURST {
                 if out.pending.len() + out.fresh.len() >= tuning.keep_bytes / 2 {
                     break;
                 }
@@ -208,24 +201,14 @@ async fn write_lines(
         if out.resting() {
             continue;
         }
-        out = match tokio::task::spawn_blocking(move || {
-            out.burst();
-            out
-        })
-        .await
-        {
-            Ok(out) => out,
-            // Only a panic in `burst`, which does not panic: nothing left to
-            // write with.
-            Err(_) => return,
+        out = match on_blocking_pool(move || out.burst()).await {
+            Some(out) => out,
+            // Nothing left to write with.
+            None => return,
         };
     }
     // The queue is empty and every sender gone: one last try.
-    if let Ok(mut out) = tokio::task::spawn_blocking(move || {
-        out.burst();
-        out
-    })
-    .await
+    if let Some(mut out) = on_blocking_pool(move || out.burst()).await
         && !out.pending.is_empty()
     {
         let lines = out.pending.iter().filter(|&&b| b == b'\n').count();
@@ -233,6 +216,14 @@ async fn write_lines(
         tracing::error!(target: "flotilla::gateway", path = %out.path.display(), lines, "the access log could not be written out; its last lines are lost");
         out.pending.clear();
     }
+}
+
+/// `work` on tokio's blocking pool; `None` only if it panicked (nothing
+/// here does) or the runtime is going away.
+async fn on_blocking_pool<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    tokio::task::spawn_blocking(work).await.ok()
 }
 
 /// The writer's file and the lines it has not written yet.
@@ -258,13 +249,29 @@ struct Out {
 }
 
 impl Out {
+    /// Blocks (the file's metadata).
+    fn new(file: std::fs::File, path: PathBuf, tuning: Tuning) -> Out {
+        Out {
+            writing: file.metadata().ok().map(|m| identity(&m)),
+            file,
+            path,
+            pending: Vec::new(),
+            fresh: Vec::new(),
+            tuning,
+            looked: Instant::now(),
+            failing: None,
+            dropped: 0,
+            lost: false,
+        }
+    }
+
     /// Takes `line` to write, unless what is kept already leaves no room
     /// for it (only a disk refusing lines leaves that much unwritten: a
     /// burst takes at most half the room): then it is dropped and counted.
     fn keep(&mut self, line: &[u8]) {
         if self.pending.len() + self.fresh.len() + line.len() > self.tuning.keep_bytes {
             if self.dropped == 0 {
-                tracing::warn!(target: "flotilla::gateway", path = %self.path.display(), kept_bytes = self.pending.len(), "the access log cannot be written and the lines kept for it fill their room; new lines are dropped until it can");
+                tracing::warn!(target: "flotilla::gateway", path = %self.path.display(), kept_bytes = self.pending.len() + self.fresh.len(), "the access log cannot be written and the lines kept for it fill their room; new lines are dropped until it can");
             }
             self.dropped += 1;
             stats::access_log_dropped(stats::DROPPED_WRITE_FAILED, 1);
@@ -281,7 +288,7 @@ impl Out {
 
     /// Looks for a rotation when it is time, then writes what is pending.
     /// Blocks.
-    fn burst(&mut self) {
+    fn burst(mut self) -> Out {
         if self.looked.elapsed() >= self.tuning.check_every {
             self.looked = Instant::now();
             self.follow_path();
@@ -317,6 +324,7 @@ impl Out {
                 self.failing = Some(Instant::now());
             }
         }
+        self
     }
 
     /// Opens the file at the path again when the one being written is no
@@ -835,22 +843,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_rotated_or_removed_log_is_made_again_at_its_path() {
-        let dir = match tempfile::tempdir() {
-            Ok(d) => d,
-            Err(e) => panic!("{e}"),
-        };
-        let path = dir.path().join("access.log");
-        let file = match reopen(&path) {
-            Ok(f) => f,
-            Err(e) => panic!("{e}"),
-        };
-        let (tx, rx) = mpsc::channel(16);
         // Looks at every burst.
         let tuning = Tuning {
             check_every: Duration::ZERO,
             ..TUNING
         };
-        let writer = tokio::spawn(write_lines(rx, file, path.clone(), tuning));
+        let TestLog {
+            _dir,
+            path,
+            tx,
+            writer,
+        } = test_log(tuning, false);
         let send = |line: &str| {
             let tx = tx.clone();
             let line = line.as_bytes().to_vec();
@@ -859,7 +862,7 @@ mod tests {
         send("one\n").await;
         reads(&path, "one\n").await;
         // logrotate's default: rename, and the writer makes a new file.
-        let rotated = dir.path().join("access.log.1");
+        let rotated = path.with_file_name("access.log.1");
         assert!(std::fs::rename(&path, &rotated).is_ok());
         send("two\n").await;
         reads(&path, "two\n").await;
@@ -901,42 +904,81 @@ mod tests {
     /// that each counts only its own: the counter is the process's.
     static FAILING_DISK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-    /// A writer whose path leads to `/dev/full`, where every write fails
-    /// with ENOSPC, as on a full disk; the lines already counted as dropped
-    /// for a failing disk when it started (`before`).
-    /// Dropped with the test: the lock and the directory are held as long.
-    struct FullDisk {
-        _counting: tokio::sync::MutexGuard<'static, ()>,
+    /// A writer of `access.log` in a temp dir of its own, which it holds.
+    struct TestLog {
         _dir: tempfile::TempDir,
         path: PathBuf,
         tx: mpsc::Sender<Vec<u8>>,
         writer: JoinHandle<()>,
+    }
+
+    /// With `full`, the log's path leads to `/dev/full`, where every write
+    /// fails with ENOSPC, as on a full disk.
+    fn test_log(tuning: Tuning, full: bool) -> TestLog {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("{e}"),
+        };
+        let path = dir.path().join("access.log");
+        if full {
+            assert!(std::os::unix::fs::symlink("/dev/full", &path).is_ok());
+        }
+        let file = match reopen(&path) {
+            Ok(f) => f,
+            Err(e) => panic!("{e}"),
+        };
+        let (tx, rx) = mpsc::channel(64);
+        TestLog {
+            _dir: dir,
+            writer: tokio::spawn(write_lines(rx, file, path.clone(), tuning)),
+            path,
+            tx,
+        }
+    }
+
+    /// A log on a full disk, with the lines already counted as dropped for
+    /// a failing disk when it started (`before`). Dropped with the test:
+    /// the lock and the directory are held as long.
+    struct FullDisk {
+        _counting: tokio::sync::MutexGuard<'static, ()>,
+        log: TestLog,
         before: u64,
     }
 
     async fn full_disk(tuning: Tuning) -> FullDisk {
         let counting = FAILING_DISK.lock().await;
         let _ = stats::prometheus_recorder();
-        let dir = match tempfile::tempdir() {
-            Ok(d) => d,
-            Err(e) => panic!("{e}"),
-        };
-        let path = dir.path().join("access.log");
-        assert!(std::os::unix::fs::symlink("/dev/full", &path).is_ok());
-        let file = match reopen(&path) {
-            Ok(f) => f,
-            Err(e) => panic!("{e}"),
-        };
-        let (tx, rx) = mpsc::channel(64);
+        // Read before the writer can have dropped anything.
         let before = dropped(stats::DROPPED_WRITE_FAILED);
         FullDisk {
             _counting: counting,
-            _dir: dir,
-            writer: tokio::spawn(write_lines(rx, file, path.clone(), tuning)),
-            path,
-            tx,
+            log: test_log(tuning, true),
             before,
         }
+    }
+
+    /// Lines that gather faster than the room for kept lines holds go out
+    /// in several bursts, none dropped: only a refusing disk fills it.
+    #[tokio::test]
+    async fn a_burst_bigger_than_the_room_for_kept_lines_is_written_whole() {
+        // Room for three 10-byte lines; ten arrive while the first gathers.
+        let log = test_log(
+            Tuning {
+                keep_bytes: 30,
+                gather: Duration::from_millis(50),
+                ..TUNING
+            },
+            false,
+        );
+        let mut want = String::new();
+        for i in 0..10 {
+            let line = format!("line-{i:04}\n");
+            want.push_str(&line);
+            assert!(log.tx.send(line.into_bytes()).await.is_ok());
+        }
+        reads(&log.path, &want).await;
+        drop(log.tx);
+        finished(log.writer).await;
     }
 
     #[tokio::test]
@@ -949,10 +991,10 @@ mod tests {
             gather: Duration::ZERO,
         })
         .await;
-        let (path, before) = (&disk.path, disk.before);
+        let (path, before) = (&disk.log.path, disk.before);
         for i in 0..10 {
             let line = format!("line-{i:04}\n").into_bytes();
-            assert!(disk.tx.send(line).await.is_ok());
+            assert!(disk.log.tx.send(line).await.is_ok());
         }
         // Three kept, seven dropped: however the writer took them in, no
         // write ever succeeds.
@@ -965,10 +1007,10 @@ mod tests {
         // are written to it without another line coming to prompt it.
         assert!(std::fs::remove_file(path).is_ok());
         reads(path, "line-0000\nline-0001\nline-0002\n").await;
-        assert!(disk.tx.send(b"after\n".to_vec()).await.is_ok());
+        assert!(disk.log.tx.send(b"after\n".to_vec()).await.is_ok());
         reads(path, "line-0000\nline-0001\nline-0002\nafter\n").await;
-        drop(disk.tx);
-        finished(disk.writer).await;
+        drop(disk.log.tx);
+        finished(disk.log.writer).await;
         assert_eq!(dropped(stats::DROPPED_WRITE_FAILED), before + 7);
     }
 
@@ -977,11 +1019,11 @@ mod tests {
         let disk = full_disk(TUNING).await;
         for i in 0..3 {
             let line = format!("line-{i}\n").into_bytes();
-            assert!(disk.tx.send(line).await.is_ok());
+            assert!(disk.log.tx.send(line).await.is_ok());
         }
-        drop(disk.tx);
+        drop(disk.log.tx);
         // Not waiting a retry interval per line, nor forever.
-        finished(disk.writer).await;
+        finished(disk.log.writer).await;
         assert_eq!(dropped(stats::DROPPED_WRITE_FAILED), disk.before + 3);
     }
 
