@@ -59,7 +59,7 @@ pub(crate) struct Bulkhead {
     /// flight.
     cap: Cap,
     /// The route's count of requests it refused.
-    shed: stats::RouteShed,
+    shed: stats::LazyCounter,
 }
 
 /// One request's place within a route's cap, given back when dropped.
@@ -85,7 +85,7 @@ impl Bulkhead {
                 },
                 None => Cap::new(limit),
             },
-            shed: stats::RouteShed::new(route),
+            shed: stats::LazyCounter::route_shed(route),
         }
     }
 
@@ -94,7 +94,7 @@ impl Bulkhead {
     pub(crate) fn enter(&self) -> Option<Place> {
         let place = self.cap.enter();
         if place.is_none() {
-            self.shed.shed();
+            self.shed.increment();
         }
         place
     }

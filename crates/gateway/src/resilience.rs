@@ -162,7 +162,7 @@ impl Resilience {
                 budget: Mutex::new(Budget::default()),
                 instances: Mutex::new(HashMap::new()),
                 tracked: AtomicUsize::new(0),
-                budget_stats: stats::RetryBudgetStats::default(),
+                budget_exhausted: stats::LazyCounter::retry_budget_exhausted(name),
             })
         }))
     }
@@ -246,7 +246,7 @@ pub(crate) struct ServiceHealth {
     instances: Mutex<HashMap<String, InstanceState>>,
     /// Entries in `instances`: lets the common all-healthy case skip the lock.
     tracked: AtomicUsize,
-    budget_stats: stats::RetryBudgetStats,
+    budget_exhausted: stats::LazyCounter,
 }
 
 impl ServiceHealth {
@@ -276,7 +276,7 @@ impl ServiceHealth {
             b.retries += 1;
             true
         } else {
-            self.budget_stats.exhausted(&self.name);
+            self.budget_exhausted.increment();
             false
         }
     }

@@ -538,52 +538,47 @@ pub(crate) fn ejected(service: &str) {
     metrics::counter!(EJECTIONS, "service" => service.to_string()).increment(1);
 }
 
-/// A service's count of retries its budget refused, made on first use:
-/// while an instance fails, every request to the service may ask for one.
-#[derive(Default)]
-pub(crate) struct RetryBudgetStats(OnceLock<Counter>);
-
-impl std::fmt::Debug for RetryBudgetStats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RetryBudgetStats")
-    }
-}
-
-impl RetryBudgetStats {
-    /// A retry of a request to `service` refused.
-    pub(crate) fn exhausted(&self, service: &str) {
-        self.0
-            .get_or_init(
-                || metrics::counter!(RETRY_BUDGET_EXHAUSTED, "service" => service.to_string()),
-            )
-            .increment(1);
-    }
-}
-
-/// A route's count of requests refused over its own `max_in_flight`,
-/// made on first use: a route sheds when it is busiest.
-pub(crate) struct RouteShed {
-    route: Box<str>,
+/// A counter with one label, made on first use rather than looked up by
+/// name and label (a `String` made for the label) on every count: a
+/// route's requests shed over its own `max_in_flight` (a route sheds when
+/// it is busiest), a service's retries its budget refused (while an
+/// instance fails, every request to the service may ask for one).
+pub(crate) struct LazyCounter {
+    metric: &'static str,
+    label: &'static str,
+    value: Box<str>,
     counter: OnceLock<Counter>,
 }
 
-impl std::fmt::Debug for RouteShed {
+impl std::fmt::Debug for LazyCounter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("RouteShed").field(&self.route).finish()
+        write!(f, "{}{{{}={:?}}}", self.metric, self.label, self.value)
     }
 }
 
-impl RouteShed {
-    pub(crate) fn new(route: &str) -> RouteShed {
-        RouteShed {
-            route: route.into(),
+impl LazyCounter {
+    fn new(metric: &'static str, label: &'static str, value: &str) -> LazyCounter {
+        LazyCounter {
+            metric,
+            label,
+            value: value.into(),
             counter: OnceLock::new(),
         }
     }
 
-    pub(crate) fn shed(&self) {
+    /// `route`'s requests shed over its own `max_in_flight`.
+    pub(crate) fn route_shed(route: &str) -> LazyCounter {
+        LazyCounter::new(ROUTE_SHED, "route", route)
+    }
+
+    /// `service`'s retries its budget refused.
+    pub(crate) fn retry_budget_exhausted(service: &str) -> LazyCounter {
+        LazyCounter::new(RETRY_BUDGET_EXHAUSTED, "service", service)
+    }
+
+    pub(crate) fn increment(&self) {
         self.counter
-            .get_or_init(|| metrics::counter!(ROUTE_SHED, "route" => self.route.to_string()))
+            .get_or_init(|| metrics::counter!(self.metric, self.label => self.value.to_string()))
             .increment(1);
     }
 }
@@ -775,13 +770,15 @@ mod tests {
     #[test]
     fn the_gateway_s_own_counts_go_to_the_recorder_in_place_when_first_used() {
         let stats = GatewayStats::new();
-        let route = RouteShed::new("/capped/**");
+        let route = LazyCounter::route_shed("/capped/**");
+        let budget = LazyCounter::retry_budget_exhausted("svc");
         let recorder = prometheus_builder().build_recorder();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || {
             for _ in 0..3 {
                 stats.shed();
-                route.shed();
+                route.increment();
+                budget.increment();
                 stats.unmatched().ip_denied();
                 stats.in_flight().increment(1.0);
             }
@@ -802,6 +799,10 @@ mod tests {
         assert_eq!(count("flotilla_gateway_shed_total "), 3.0);
         assert_eq!(
             count("flotilla_gateway_route_shed_total{route=\"/capped/**\"}"),
+            3.0
+        );
+        assert_eq!(
+            count("flotilla_gateway_retry_budget_exhausted_total{service=\"svc\"}"),
             3.0
         );
         assert_eq!(
