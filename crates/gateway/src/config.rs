@@ -698,6 +698,7 @@ impl Config {
                 allow: ip.allow.clone(),
                 deny: ip.deny.clone(),
                 trusted_proxies: ip.trusted_proxies.clone(),
+                forwarded_header: ip.forwarded_header,
                 proxy_protocol: ip.proxy_protocol,
             }),
             rate_limit_backend: match &gw.rate_limits {

@@ -68,11 +68,11 @@ use crate::upgrade::{self, Handoff, Slot, Tunnels, WebSocket};
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ClientAddr {
     pub ip: IpAddr,
-    /// Whether the direct peer is a trusted proxy (whose forwarding
-    /// headers may be passed on).
-    pub via_trusted_proxy: bool,
+    /// When the direct peer is a trusted proxy, the header it writes (whose
+    /// forwarding chain may be passed on).
+    pub trusted_proxy: Option<ip::ForwardedHeader>,
     /// The scheme the client used: the connection's, or the one a trusted
-    /// proxy says its client used (`X-Forwarded-Proto`, `Forwarded`), so
+    /// proxy says its client used (`X-Forwarded-Proto`, or `Forwarded`), so
     /// that a gateway behind a TLS-terminating load balancer tells its
     /// instances `https` and marks its cookies `Secure`.
     pub proto: &'static str,
@@ -321,18 +321,17 @@ pub(crate) fn handle<'a>(
 
         let mut client = {
             let peer = conn.peer.ip();
-            let trusted = routing
+            let (trusted, header) = routing
                 .ip
                 .as_ref()
-                .map(|i| i.trusted_proxies.as_slice())
+                .map(|i| (i.trusted_proxies.as_slice(), i.forwarded_header))
                 .unwrap_or_default();
-            let via_trusted_proxy = ip::is_trusted(peer, trusted);
+            let trusted_proxy = ip::is_trusted(peer, trusted).then_some(header);
             ClientAddr {
-                ip: ip::client_addr(peer, req.headers(), trusted),
-                via_trusted_proxy,
-                proto: via_trusted_proxy
-                    .then(|| ip::forwarded_proto(req.headers()))
-                    .flatten()
+                ip: ip::client_addr(peer, req.headers(), trusted, header),
+                trusted_proxy,
+                proto: trusted_proxy
+                    .and_then(|header| ip::forwarded_proto(req.headers(), header))
                     .unwrap_or(conn.scheme),
                 affinity: None,
                 trace: trace::Started::new(),
@@ -879,7 +878,7 @@ async fn police<'a>(
             && let Some(token) = routing.jwt.cookie_token(req.headers(), policy.issuers)
         {
             let optional = matches!(policy.auth, RouteAuth::Optional);
-            if !cookie_allowed(req, finish.out.cors.as_deref(), client.via_trusted_proxy) {
+            if !cookie_allowed(req, finish.out.cors.as_deref(), client.trusted_proxy) {
                 // On an optional route a cookie the browser sent on
                 // another site's behalf leaves the caller anonymous, as
                 // without one.
@@ -960,11 +959,14 @@ async fn police<'a>(
 /// ([`jwt::cookie`]), under `cors`, its route's CORS policy; a trusted
 /// proxy's `X-Forwarded-Host` names this site too.
 #[cold]
-fn cookie_allowed(req: &Request<Body>, cors: Option<&CorsPolicy>, via_trusted_proxy: bool) -> bool {
+fn cookie_allowed(
+    req: &Request<Body>,
+    cors: Option<&CorsPolicy>,
+    trusted_proxy: Option<ip::ForwardedHeader>,
+) -> bool {
     let websocket = req.extensions().get::<WebSocket>().is_some();
-    let forwarded = via_trusted_proxy
-        .then(|| crate::headers::trusted_forwarded_host(req.headers()))
-        .flatten();
+    let forwarded = trusted_proxy
+        .and_then(|header| crate::headers::trusted_forwarded_host(req.headers(), header));
     jwt::cookie::same_site(
         req.method(),
         req.uri(),
@@ -1108,7 +1110,7 @@ mod tests {
     fn client() -> ClientAddr {
         ClientAddr {
             ip: IpAddr::from([192, 0, 2, 1]),
-            via_trusted_proxy: false,
+            trusted_proxy: None,
             proto: "http",
             affinity: None,
             trace: trace::Started::new(),

@@ -11,7 +11,7 @@ use std::mem::MaybeUninit;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use flotilla_manifest::HOP_BY_HOP;
+use flotilla_manifest::{ForwardedHeader, HOP_BY_HOP};
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 
@@ -224,10 +224,11 @@ pub(crate) fn hop_by_hop_given<'h>(
 pub(crate) struct Forwarding {
     /// The peer the request came from.
     pub peer: IpAddr,
-    /// Whether the peer is a trusted proxy: only then is the forwarding
-    /// chain it sent kept (otherwise it is the client's own claim, and
-    /// services never see a forged hop).
-    pub trust_chain: bool,
+    /// When the peer is a trusted proxy, the header it writes: only then,
+    /// and only from that header, is the forwarding chain it sent kept
+    /// (otherwise it is the client's own claim, and services never see a
+    /// forged hop).
+    pub trusted_proxy: Option<ForwardedHeader>,
     /// The scheme the client used.
     pub proto: &'static str,
     /// The trace to send the request in when it brings no `traceparent`
@@ -262,13 +263,14 @@ pub(crate) struct Told {
 /// - so are `Content-Length` and `Transfer-Encoding`: the upstream
 ///   connection frames the body itself;
 /// - `X-Forwarded-For` is the peer, appended to the chain the client sent
-///   when the peer is a trusted proxy; `Forwarded` is dropped from an
-///   untrusted peer;
+///   when the peer is a trusted proxy that writes it; `Forwarded` is
+///   dropped unless the peer is a trusted proxy that writes that;
 /// - `X-Forwarded-Proto` is the scheme (`fwd.proto`, which a trusted proxy
 ///   may have set), and `X-Forwarded-Host` the `Host` (an HTTP/2 client's
 ///   `:authority` becomes both when it sent no `Host`), or from a trusted
-///   proxy the right-most element of the one it sent: the name its client
-///   asked it for;
+///   proxy the right-most element of the one it sent (the `host=` of its
+///   `Forwarded`, for one that writes that): the name its client asked it
+///   for;
 /// - `traceparent` is the request's when it has exactly one, well-formed,
 ///   else `fwd.trace`'s, and then `tracestate` is left out with it;
 /// - `X-Request-Id` is `fwd.told`'s when there is one, else the
@@ -364,7 +366,7 @@ pub(crate) fn forward_fields(
                 && match raw {
                     b"expect" | b"content-length" | b"x-forwarded-for" | b"x-forwarded-proto"
                     | b"x-forwarded-host" => true,
-                    b"forwarded" => !fwd.trust_chain,
+                    b"forwarded" => fwd.trusted_proxy != Some(ForwardedHeader::Forwarded),
                     b"traceparent" | b"tracestate" => drop_trace,
                     b"x-request-id" => fwd.told.request_id.is_some(),
                     _ => false,
@@ -382,15 +384,13 @@ pub(crate) fn forward_fields(
     }
     // Looked up only for a trusted proxy: not a comparison per field of
     // every request.
-    let forwarded_host = if fwd.trust_chain {
-        trusted_forwarded_host(headers)
-    } else {
-        None
-    };
+    let forwarded_host = fwd
+        .trusted_proxy
+        .and_then(|header| trusted_forwarded_host(headers, header));
     if let Some(host) = forwarded_host.or(host) {
         put(X_FORWARDED_HOST.as_str().as_bytes(), host);
     }
-    if fwd.trust_chain && chain {
+    if fwd.trusted_proxy == Some(ForwardedHeader::XForwardedFor) && chain {
         // Several `X-Forwarded-For` lines are one list (RFC 9110 §5.3).
         let mut hops: Vec<u8> = Vec::with_capacity(64);
         for hop in list_elements(
@@ -431,12 +431,20 @@ pub(crate) fn forward_fields(
     host.is_some()
 }
 
-/// The right-most element of the `X-Forwarded-Host` a trusted proxy sent:
-/// the name its own client asked for. Out of line: most requests come from
-/// no trusted proxy, and their forwarding pass should not carry it.
+/// The right-most element of the `X-Forwarded-Host` a trusted proxy sent
+/// (or the `host=` of its `Forwarded`, for one that writes `header`
+/// `Forwarded`): the name its own client asked for. Out of line: most
+/// requests come from no trusted proxy, and their forwarding pass should
+/// not carry it.
 #[cold]
 #[inline(never)]
-pub(crate) fn trusted_forwarded_host(headers: &http::HeaderMap) -> Option<&[u8]> {
+pub(crate) fn trusted_forwarded_host(
+    headers: &http::HeaderMap,
+    header: ForwardedHeader,
+) -> Option<&[u8]> {
+    if header == ForwardedHeader::Forwarded {
+        return crate::ip::forwarded_host(headers);
+    }
     let last = headers.get_all(&X_FORWARDED_HOST).iter().next_back()?;
     let host = last.as_bytes().rsplit(|&b| b == b',').next()?.trim_ascii();
     (!host.is_empty()).then_some(host)
@@ -917,7 +925,7 @@ pub(crate) mod tests {
     ) -> (Vec<(String, String)>, bool) {
         let fwd = Forwarding {
             peer: IpAddr::from(peer),
-            trust_chain,
+            trusted_proxy: trust_chain.then_some(ForwardedHeader::XForwardedFor),
             proto,
             trace: None,
             told: Told::default(),
@@ -934,7 +942,7 @@ pub(crate) mod tests {
     ) -> Vec<(String, String)> {
         let fwd = Forwarding {
             peer: IpAddr::from([10, 0, 0, 1]),
-            trust_chain: false,
+            trusted_proxy: None,
             proto: "http",
             trace,
             told: Told {
@@ -981,11 +989,44 @@ pub(crate) mod tests {
         assert_eq!(one(&f, "host"), Some("shop.example:8080"));
         // The name the trusted proxy's own client asked for: its right-most.
         assert_eq!(one(&f, "x-forwarded-host"), Some("cdn.example"));
-        // A trusted proxy's `Forwarded` is passed on.
-        assert_eq!(one(&f, "forwarded"), Some("for=203.0.113.7"));
+        // `Forwarded` is not what this proxy writes: its client's own.
+        assert_eq!(one(&f, "forwarded"), None);
         assert_eq!(one(&f, "accept"), Some("*/*"));
         assert_eq!(one(&f, "expect"), None);
         assert_eq!(one(&f, "content-length"), None);
+    }
+
+    #[test]
+    fn a_proxy_that_writes_forwarded_has_it_passed_on_and_its_host_read() {
+        let fwd = Forwarding {
+            peer: IpAddr::from([127, 0, 0, 1]),
+            trusted_proxy: Some(ForwardedHeader::Forwarded),
+            proto: "https",
+            trace: None,
+            told: Told::default(),
+        };
+        let (f, host) = written(
+            &[
+                ("host", "shop.example:8080"),
+                ("x-forwarded-for", "203.0.113.7"),
+                ("x-forwarded-host", "evil.example"),
+                (
+                    "forwarded",
+                    "for=198.51.100.1;host=\"cdn.example\";proto=https",
+                ),
+            ],
+            "/",
+            &fwd,
+        );
+        assert!(host);
+        // The client's `X-Forwarded-For` is not a chain this proxy wrote.
+        assert_eq!(one(&f, "x-forwarded-for"), Some("127.0.0.1"));
+        assert_eq!(one(&f, "x-forwarded-host"), Some("cdn.example"));
+        assert_eq!(one(&f, "x-forwarded-proto"), Some("https"));
+        assert_eq!(
+            one(&f, "forwarded"),
+            Some("for=198.51.100.1;host=\"cdn.example\";proto=https")
+        );
     }
 
     /// A scanned map and a hashed one say what `contains_key` says.
@@ -1140,7 +1181,7 @@ pub(crate) mod tests {
     fn a_told_identity_s_fields_come_after_the_request_s() {
         let fwd = Forwarding {
             peer: IpAddr::from([10, 0, 0, 1]),
-            trust_chain: false,
+            trusted_proxy: None,
             proto: "http",
             trace: None,
             told: Told {

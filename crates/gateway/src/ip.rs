@@ -28,9 +28,11 @@ pub struct IpConfig {
     pub allow: Vec<IpNet>,
     /// Refuse these networks, even when allowed.
     pub deny: Vec<IpNet>,
-    /// Proxies (load balancers, CDNs) whose `X-Forwarded-For`/`Forwarded`
-    /// are believed.
+    /// Proxies (load balancers, CDNs) whose `X-Forwarded-For` (or
+    /// `Forwarded`) is believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// Which of the two they write; the other is never read.
+    pub forwarded_header: ForwardedHeader,
     /// Every client connection starts with a PROXY protocol header
     /// (`proxy_protocol`), believed from `trusted_proxies` only.
     pub proxy_protocol: bool,
@@ -44,7 +46,7 @@ pub struct IpRules {
 }
 
 // The parsers are the manifest's, so both report the same errors.
-pub use flotilla_manifest::{IpNetParseError, parse_net, parse_nets};
+pub use flotilla_manifest::{ForwardedHeader, IpNetParseError, parse_net, parse_nets};
 
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -252,13 +254,17 @@ pub(crate) fn is_trusted(peer: IpAddr, trusted: &[IpNet]) -> bool {
     !trusted.is_empty() && contains(trusted, canonical(peer))
 }
 
-/// The scheme a trusted proxy says its client used: the right-most element
-/// of `X-Forwarded-Proto` (a proxy that appends to a client's own writes
-/// its claim last, so an element to its left is the client's and is not
-/// believed), else the `proto=` of the right-most `Forwarded` element.
-/// `None` when it sent neither or something other than `http` or `https`:
-/// the scheme of the connection stands. Only for a peer `is_trusted`.
-pub(crate) fn forwarded_proto(headers: &HeaderMap) -> Option<&'static str> {
+/// The scheme a trusted proxy that writes `header` says its client used:
+/// the right-most element of `X-Forwarded-Proto` (a proxy that appends to
+/// a client's own writes its claim last, so an element to its left is the
+/// client's and is not believed), or with `Forwarded` the `proto=` of its
+/// right-most element. `None` when it sent none or something other than
+/// `http` or `https`: the scheme of the connection stands. Only for a peer
+/// `is_trusted`.
+pub(crate) fn forwarded_proto(
+    headers: &HeaderMap,
+    header: ForwardedHeader,
+) -> Option<&'static str> {
     let scheme = |s: &str| {
         let s = s.trim().trim_matches('"');
         if s.eq_ignore_ascii_case("https") {
@@ -269,7 +275,8 @@ pub(crate) fn forwarded_proto(headers: &HeaderMap) -> Option<&'static str> {
             None
         }
     };
-    if let Some(last) = headers.get_all("x-forwarded-proto").iter().next_back() {
+    if header == ForwardedHeader::XForwardedFor {
+        let last = headers.get_all("x-forwarded-proto").iter().next_back()?;
         return scheme(last.to_str().ok()?.rsplit(',').next()?);
     }
     let last = headers
@@ -278,6 +285,18 @@ pub(crate) fn forwarded_proto(headers: &HeaderMap) -> Option<&'static str> {
         .next_back()?;
     let element = last.to_str().ok()?.rsplit(',').next()?;
     scheme(forwarded_param(element, "proto")?)
+}
+
+/// The `host=` of the right-most `Forwarded` element, unquoted: the name
+/// a trusted proxy that writes `Forwarded` says its client asked for.
+pub(crate) fn forwarded_host(headers: &HeaderMap) -> Option<&[u8]> {
+    let last = headers
+        .get_all(http::header::FORWARDED)
+        .iter()
+        .next_back()?;
+    let element = last.to_str().ok()?.rsplit(',').next()?;
+    let host = forwarded_param(element, "host")?.trim_matches('"');
+    (!host.is_empty()).then_some(host.as_bytes())
 }
 
 /// The value of the parameter `key` (`for`, `proto`, …) of one
@@ -289,17 +308,25 @@ fn forwarded_param<'a>(element: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
-/// The client address of a request that arrived from `peer`.
-pub(crate) fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+/// The client address of a request that arrived from `peer`: when it is
+/// one of the `trusted` proxies, the right-most untrusted hop of the
+/// header they write (`header`). The other header is not read: a proxy
+/// passes it on as its client wrote it, and a client that sent
+/// `Forwarded: for=10.0.0.9` through a balancer that appends to
+/// `X-Forwarded-For` would otherwise be whoever it named.
+pub(crate) fn client_addr(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &[IpNet],
+    header: ForwardedHeader,
+) -> IpAddr {
     let peer = canonical(peer);
     if !is_trusted(peer, trusted) {
         return peer;
     }
-    // `Forwarded` is the standard; prefer it when a proxy sent it.
-    let hops = if headers.contains_key(http::header::FORWARDED) {
-        forwarded_for(headers)
-    } else {
-        x_forwarded_for(headers)
+    let hops = match header {
+        ForwardedHeader::XForwardedFor => x_forwarded_for(headers),
+        ForwardedHeader::Forwarded => forwarded_for(headers),
     };
     let mut client = peer;
     for hop in hops.iter().rev() {
@@ -452,7 +479,9 @@ mod tests {
 
     #[test]
     fn a_trusted_proxy_s_scheme_is_its_right_most_claim() {
-        let proto = |pairs: &[(&'static str, &'static str)]| forwarded_proto(&headers(pairs));
+        let proto = |pairs: &[(&'static str, &'static str)]| {
+            forwarded_proto(&headers(pairs), ForwardedHeader::XForwardedFor)
+        };
         assert_eq!(proto(&[("x-forwarded-proto", "https")]), Some("https"));
         assert_eq!(proto(&[("x-forwarded-proto", "HTTP")]), Some("http"));
         // A proxy that appends to the client's own: the client's is ignored.
@@ -468,7 +497,12 @@ mod tests {
         assert_eq!(proto(&[("x-forwarded-proto", "wss")]), None);
         assert_eq!(proto(&[("x-forwarded-proto", "http, ftp")]), None);
         assert_eq!(proto(&[]), None);
-        // `Forwarded` when there is no `X-Forwarded-Proto`: its last element.
+        // `Forwarded` is not read from a proxy that writes the other.
+        assert_eq!(proto(&[("forwarded", "for=203.0.113.7;proto=https")]), None);
+        // From one that writes `Forwarded`: its last element.
+        let proto = |pairs: &[(&'static str, &'static str)]| {
+            forwarded_proto(&headers(pairs), ForwardedHeader::Forwarded)
+        };
         assert_eq!(
             proto(&[(
                 "forwarded",
@@ -485,7 +519,7 @@ mod tests {
                 ("forwarded", "for=203.0.113.7;proto=https"),
                 ("x-forwarded-proto", "http"),
             ]),
-            Some("http")
+            Some("https")
         );
     }
 
@@ -605,15 +639,23 @@ mod tests {
         }
     }
 
+    const XFF: ForwardedHeader = ForwardedHeader::XForwardedFor;
+    const FORWARDED: ForwardedHeader = ForwardedHeader::Forwarded;
+
     #[test]
     fn forwarded_headers_from_untrusted_peers_are_ignored() {
         let h = headers(&[("x-forwarded-for", "1.1.1.1"), ("forwarded", "for=2.2.2.2")]);
-        assert_eq!(client_addr(ip("203.0.113.5"), &h, &[]), ip("203.0.113.5"));
-        let trusted = nets(&["10.0.0.0/8"]);
-        assert_eq!(
-            client_addr(ip("203.0.113.5"), &h, &trusted),
-            ip("203.0.113.5")
-        );
+        for header in [XFF, FORWARDED] {
+            assert_eq!(
+                client_addr(ip("203.0.113.5"), &h, &[], header),
+                ip("203.0.113.5")
+            );
+            let trusted = nets(&["10.0.0.0/8"]);
+            assert_eq!(
+                client_addr(ip("203.0.113.5"), &h, &trusted, header),
+                ip("203.0.113.5")
+            );
+        }
     }
 
     #[test]
@@ -625,20 +667,26 @@ mod tests {
             ("x-forwarded-for", "10.0.0.2"),
         ]);
         assert_eq!(
-            client_addr(ip("10.0.0.1"), &h, &trusted),
+            client_addr(ip("10.0.0.1"), &h, &trusted, XFF),
             ip("198.51.100.7")
         );
         // All hops trusted: the left-most is as far as we can see.
         let h = headers(&[("x-forwarded-for", "10.0.0.3, 10.0.0.2")]);
-        assert_eq!(client_addr(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.3"));
+        assert_eq!(
+            client_addr(ip("10.0.0.1"), &h, &trusted, XFF),
+            ip("10.0.0.3")
+        );
         // No header: the proxy itself.
         assert_eq!(
-            client_addr(ip("10.0.0.1"), &HeaderMap::new(), &trusted),
+            client_addr(ip("10.0.0.1"), &HeaderMap::new(), &trusted, XFF),
             ip("10.0.0.1")
         );
         // Garbage stops the walk at the last trusted hop.
         let h = headers(&[("x-forwarded-for", "198.51.100.7, garbage, 10.0.0.2")]);
-        assert_eq!(client_addr(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.2"));
+        assert_eq!(
+            client_addr(ip("10.0.0.1"), &h, &trusted, XFF),
+            ip("10.0.0.2")
+        );
     }
 
     #[test]
@@ -649,80 +697,52 @@ mod tests {
             "for=6.6.6.6, for=\"[2001:db8:cafe::17]:4711\";proto=https, For=10.0.0.9:80;by=10.0.0.1",
         )]);
         assert_eq!(
-            client_addr(ip("10.0.0.1"), &h, &trusted),
+            client_addr(ip("10.0.0.1"), &h, &trusted, FORWARDED),
             ip("2001:db8:cafe::17")
         );
+        let h = headers(&[("forwarded", "for=unknown")]);
+        assert_eq!(
+            client_addr(ip("10.0.0.1"), &h, &trusted, FORWARDED),
+            ip("10.0.0.1")
+        );
+    }
+
+    /// A balancer appends to the header it writes and passes the other on
+    /// as its client sent it: only the one it writes is read, address,
+    /// scheme and host alike.
+    #[test]
+    fn only_the_header_the_trusted_proxies_write_is_read() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        // The client sent `Forwarded` (naming an allowed inside address,
+        // `https` and another site) through a balancer at 10.0.0.2 that
+        // appended its peer to `X-Forwarded-For` and set nothing else.
         let h = headers(&[
-            ("forwarded", "for=198.51.100.1:8080"),
-            ("x-forwarded-for", "6.6.6.6"),
+            ("forwarded", "for=10.9.9.9;proto=https;host=evil.example"),
+            ("x-forwarded-for", "203.0.113.7"),
         ]);
         assert_eq!(
-            client_addr(ip("10.0.0.1"), &h, &trusted),
+            client_addr(ip("10.0.0.2"), &h, &trusted, XFF),
+            ip("203.0.113.7")
+        );
+        assert_eq!(forwarded_proto(&h, XFF), None);
+        // The other way round: a balancer that writes `Forwarded`.
+        let h = headers(&[
+            ("x-forwarded-for", "10.9.9.9"),
+            ("x-forwarded-proto", "https"),
+            (
+                "forwarded",
+                "for=198.51.100.1:8080;proto=http;host=\"shop.example\"",
+            ),
+        ]);
+        assert_eq!(
+            client_addr(ip("10.0.0.2"), &h, &trusted, FORWARDED),
             ip("198.51.100.1")
         );
-        let h = headers(&[("forwarded", "for=unknown")]);
-        assert_eq!(client_addr(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.1"));
-    }
-}
-
-/// Times lookups in compiled lists against the scan they replaced, side by
-/// side on the same networks and addresses; run by
-/// `benches/gateway/ip_lists.sh` (a release build). Prints, never asserts:
-/// timings are no test's business.
-#[cfg(test)]
-mod lookup_timing {
-    use super::*;
-    use std::net::Ipv4Addr;
-
-    #[test]
-    #[ignore = "a benchmark: benches/gateway/ip_lists.sh"]
-    fn ip_list_lookups_against_a_scan() {
-        let mut state = 0x1234_5678_9abc_def0_u64;
-        let mut draw = move || {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            state.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        };
-        println!("networks | scan ns/lookup | compiled ns/lookup | scan / compiled (medians of 5)");
-        for n in [3usize, 100, 10_000, 100_000] {
-            let nets: Vec<IpNet> = (0..n)
-                .map(|_| {
-                    let d = draw();
-                    let prefix = 16 + ((d >> 40) % 17) as u8;
-                    IpNet::new(IpAddr::V4(Ipv4Addr::from_bits(d as u32)), prefix)
-                        .map_or_else(|e| panic!("{e}"), |net| net.trunc())
-                })
-                .collect();
-            let addrs: Vec<IpAddr> = (0..20_000)
-                .map(|_| IpAddr::V4(Ipv4Addr::from_bits(draw() as u32)))
-                .collect();
-            let filter = IpFilter::new(&[], &nets);
-            // The scan of the largest lists is slow: fewer passes.
-            let scans = if n > 1000 { 1 } else { 3 };
-            let (mut scan_ns, mut set_ns) = (Vec::new(), Vec::new());
-            for _ in 0..5 {
-                let t = std::time::Instant::now();
-                let mut hits = 0usize;
-                for _ in 0..scans {
-                    for a in &addrs {
-                        hits += usize::from(std::hint::black_box(contains(&nets, *a)));
-                    }
-                }
-                scan_ns.push(t.elapsed().as_nanos() as f64 / (scans * addrs.len()) as f64);
-                let t = std::time::Instant::now();
-                for _ in 0..50 {
-                    for a in &addrs {
-                        hits += usize::from(std::hint::black_box(filter.admits(*a)));
-                    }
-                }
-                set_ns.push(t.elapsed().as_nanos() as f64 / (50 * addrs.len()) as f64);
-                std::hint::black_box(hits);
-            }
-            scan_ns.sort_by(f64::total_cmp);
-            set_ns.sort_by(f64::total_cmp);
-            let (scan, set) = (scan_ns[2], set_ns[2]);
-            println!("{n:>8} | {scan:>14.1} | {set:>18.1} | {:.1}x", scan / set);
-        }
+        assert_eq!(forwarded_proto(&h, FORWARDED), Some("http"));
+        assert_eq!(forwarded_host(&h), Some(&b"shop.example"[..]));
+        assert_eq!(
+            forwarded_host(&headers(&[("forwarded", "for=1.2.3.4")])),
+            None
+        );
     }
 }

@@ -105,7 +105,7 @@ pub use cors::{CorsConfig, CorsConfigError};
 /// ([`RouteConfig::affinity`]).
 pub use flotilla_manifest::Affinity;
 pub use header_changes::HeaderChanges;
-pub use ip::{IpConfig, IpNetParseError, IpRules, parse_net, parse_nets};
+pub use ip::{ForwardedHeader, IpConfig, IpNetParseError, IpRules, parse_net, parse_nets};
 pub use jwt::{JwksSource, JwksSourceError, JwtConfig, RouteAuth, RouteAuthParseError};
 pub use ratelimit::{RateLimit, RateLimitBackend, RateLimitKey, RateLimitParseError};
 pub use stats::prometheus_recorder;

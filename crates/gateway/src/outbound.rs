@@ -629,7 +629,7 @@ pub(crate) fn forward_head(parts: Parts, size: BodySize, websocket: bool) -> Vec
     let addr = SocketAddr::from(([127, 0, 0, 1], 8080));
     let forwarding = Forwarding {
         peer: addr.ip(),
-        trust_chain: false,
+        trusted_proxy: None,
         proto: "http",
         trace: None,
         told: headers::Told::default(),
@@ -1233,7 +1233,7 @@ mod tests {
             parts,
             Forwarding {
                 peer: std::net::IpAddr::from([192, 0, 2, 1]),
-                trust_chain: false,
+                trusted_proxy: None,
                 proto: "http",
                 trace: None,
                 told: Default::default(),

@@ -160,7 +160,7 @@ impl Proxy {
             parts,
             Forwarding {
                 peer: conn.peer.ip(),
-                trust_chain: client.via_trusted_proxy,
+                trusted_proxy: client.trusted_proxy,
                 proto: client.proto,
                 trace: Some(client.trace),
                 told,

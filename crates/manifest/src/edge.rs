@@ -308,8 +308,11 @@ pub struct IpList {
     pub allow: Vec<IpNet>,
     /// These networks may never call (wins over `allow`).
     pub deny: Vec<IpNet>,
-    /// Proxies whose `X-Forwarded-For`/`Forwarded` headers are believed.
+    /// Proxies whose `X-Forwarded-For` (or `Forwarded`, with
+    /// `forwarded_header`) is believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// Which header those proxies write (`[gateway.ip]` only).
+    pub forwarded_header: ForwardedHeader,
     /// Every client connection starts with a PROXY protocol header (v1 or
     /// v2), whose source address is the client when a trusted proxy sent
     /// it (`[gateway.ip]` only).
@@ -317,6 +320,21 @@ pub struct IpList {
     /// The files `allow` and `deny` were read from besides the manifest
     /// (`allow_file`, `deny_file`): an edit of one is a reload.
     pub files: Vec<PathBuf>,
+}
+
+/// The header `trusted_proxies` write the client's address (and scheme and
+/// host) in. Only that one is read from them: a balancer that appends to
+/// one passes the other through as its client sent it, so reading both
+/// would let a client name its own address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host`: what
+    /// AWS's and Google's load balancers, nginx, HAProxy, Envoy and most
+    /// CDNs write.
+    #[default]
+    XForwardedFor,
+    /// RFC 7239's `Forwarded` (`for=`, `proto=`, `host=`).
+    Forwarded,
 }
 
 /// Where rate-limit counters live (`[gateway.rate_limits]`).

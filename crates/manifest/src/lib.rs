@@ -22,10 +22,10 @@ use std::time::Duration;
 pub use diagnostic::Diagnostic;
 pub use edge::{
     Affinity, AffinityParseError, ApiKeys, Authz, CacheStore, ClientAuth, Compression, Cors,
-    GatewayLimits, HOP_BY_HOP, HeaderChanges, HeaderDirection, IpList, IpNet, IpNetParseError,
-    JwksSource, Jwt, MAX_JWT_ISSUERS, MAX_RATE_LIMITS, OutlierDetection, RateLimit, RateLimitKey,
-    RateLimitParseError, RateLimitStore, Retries, RouteCache, Tls, TlsCertificate, TlsVersion,
-    is_token, parse_net, parse_nets, reserved_header,
+    ForwardedHeader, GatewayLimits, HOP_BY_HOP, HeaderChanges, HeaderDirection, IpList, IpNet,
+    IpNetParseError, JwksSource, Jwt, MAX_JWT_ISSUERS, MAX_RATE_LIMITS, OutlierDetection,
+    RateLimit, RateLimitKey, RateLimitParseError, RateLimitStore, Retries, RouteCache, Tls,
+    TlsCertificate, TlsVersion, is_token, parse_net, parse_nets, reserved_header,
 };
 pub use events::{
     Broker, BrokerDurability, BrokerEngine, Deliver, Queue, Stream, StreamSource, Subscribe, Topic,

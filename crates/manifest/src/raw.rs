@@ -217,6 +217,7 @@ pub(crate) struct RawIp {
     pub allow_file: Option<Spanned<String>>,
     pub deny_file: Option<Spanned<String>>,
     pub trusted_proxies: Option<Vec<Spanned<String>>>,
+    pub forwarded_header: Option<Spanned<String>>,
     pub proxy_protocol: Option<Spanned<bool>>,
 }
 

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use flotilla_gateway::{
-    ConfigError, CorsConfig, Error, Gateway, IpConfig, IpRules, Upstreams, parse_nets,
+    ConfigError, CorsConfig, Error, ForwardedHeader, Gateway, IpConfig, IpRules, Upstreams,
+    parse_nets,
 };
 use http::{Method, StatusCode};
 
@@ -105,14 +106,31 @@ async fn a_trusted_proxy_chain_is_honoured_up_to_the_first_untrusted_hop() {
         )
         .await,
     );
-    assert_ip_denied(
-        &get(
-            &client,
-            "/x",
-            &[("forwarded", "for=\"198.51.100.9:4711\";proto=https")],
-        )
-        .await,
-    );
+    // A client's own `Forwarded`, which a balancer that appends to
+    // `X-Forwarded-For` passes on untouched, is neither believed nor
+    // passed on: a denied client does not get in by naming another address.
+    let reply = get(
+        &client,
+        "/x",
+        &[
+            ("forwarded", "for=203.0.113.9;proto=https"),
+            ("x-forwarded-for", "198.51.100.7"),
+        ],
+    )
+    .await;
+    assert_ip_denied(&reply);
+    let reply = get(
+        &client,
+        "/x",
+        &[
+            ("forwarded", "for=\"198.51.100.9:4711\";proto=https"),
+            ("x-forwarded-for", "203.0.113.9"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.json()["headers"].get("forwarded").is_none());
+    assert_eq!(reply.json()["headers"]["x-forwarded-proto"], "http");
     // A denied address written left of the real client is the client's own
     // claim: ignored.
     let reply = get(
@@ -127,6 +145,46 @@ async fn a_trusted_proxy_chain_is_honoured_up_to_the_first_untrusted_hop() {
         reply.json()["headers"]["x-forwarded-for"],
         "198.51.100.7, 203.0.113.5, 127.0.0.1"
     );
+    assert_eq!(up.hits(), 2);
+    gateway.shutdown(T).await;
+
+    // Proxies that write `Forwarded` (`forwarded_header = "forwarded"`):
+    // that one is read and passed on, and `X-Forwarded-For` is not read.
+    let ip = IpConfig {
+        deny: nets(&["198.51.100.0/24"]),
+        trusted_proxies: nets(&["127.0.0.0/8", "10.0.0.0/8"]),
+        forwarded_header: ForwardedHeader::Forwarded,
+        ..IpConfig::default()
+    };
+    let (up, gateway, client) =
+        ip_gateway("ip-rfc7239", ip, vec![route("ip-rfc7239", "/**", &[], T)]).await;
+    assert_ip_denied(
+        &get(
+            &client,
+            "/x",
+            &[("forwarded", "for=\"198.51.100.9:4711\";proto=https")],
+        )
+        .await,
+    );
+    let reply = get(
+        &client,
+        "/x",
+        &[
+            ("forwarded", "for=203.0.113.9;proto=https;host=shop.example"),
+            ("x-forwarded-for", "198.51.100.7"),
+            ("x-forwarded-host", "evil.example"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let h = &reply.json()["headers"];
+    assert_eq!(
+        h["forwarded"],
+        "for=203.0.113.9;proto=https;host=shop.example"
+    );
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(h["x-forwarded-host"], "shop.example");
     assert_eq!(up.hits(), 1);
     gateway.shutdown(T).await;
 }
@@ -171,18 +229,16 @@ async fn a_trusted_proxy_s_scheme_and_host_reach_the_service() {
         "{set}"
     );
 
-    // `Forwarded` says the same to a gateway that reads it.
+    // `Forwarded` is not read from proxies that write `X-Forwarded-*` (the
+    // default): a client's own passes through them untouched.
     let reply = get(
         &client,
         "/x",
         &[("forwarded", "for=203.0.113.5;proto=https")],
     )
     .await;
-    assert_eq!(reply.json()["headers"]["x-forwarded-proto"], "https");
-    assert!(
-        reply.header("set-cookie").ends_with("; Secure"),
-        "{reply:?}"
-    );
+    assert_eq!(reply.json()["headers"]["x-forwarded-proto"], "http");
+    assert!(!reply.header("set-cookie").contains("Secure"), "{reply:?}");
 
     // A proxy that says nothing, or something that is no scheme, leaves the
     // connection's own.

@@ -11,10 +11,10 @@ use toml::Spanned;
 
 use super::Ctx;
 use crate::edge::{
-    Affinity, ApiKeys, Authz, CacheStore, ClientAuth, Compression, Cors, HeaderChanges,
-    HeaderDirection, IpList, JwksSource, Jwt, MAX_JWT_ISSUERS, MAX_RATE_LIMITS, RateLimit,
-    RateLimitKey, RateLimitStore, RouteCache, Tls, TlsCertificate, TlsVersion, is_origin, is_token,
-    is_token_byte, parse_net, reserved_header,
+    Affinity, ApiKeys, Authz, CacheStore, ClientAuth, Compression, Cors, ForwardedHeader,
+    HeaderChanges, HeaderDirection, IpList, JwksSource, Jwt, MAX_JWT_ISSUERS, MAX_RATE_LIMITS,
+    RateLimit, RateLimitKey, RateLimitStore, RouteCache, Tls, TlsCertificate, TlsVersion,
+    is_origin, is_token, is_token_byte, parse_net, reserved_header,
 };
 use crate::raw::{
     RawApiKeys, RawAuthz, RawCacheStore, RawCompression, RawCors, RawHeaderChanges, RawIp, RawJwt,
@@ -416,6 +416,9 @@ pub(super) fn ip(ctx: &mut Ctx<'_>, raw: &Spanned<RawIp>, route: bool) -> Option
                     l.first().map_or(table.clone(), |e| e.span()),
                 )
             }),
+            raw.forwarded_header
+                .as_ref()
+                .map(|f| ("forwarded_header", f.span())),
             raw.proxy_protocol
                 .as_ref()
                 .map(|p| ("proxy_protocol", p.span())),
@@ -445,6 +448,7 @@ pub(super) fn ip(ctx: &mut Ctx<'_>, raw: &Spanned<RawIp>, route: bool) -> Option
         allow: nets(&raw.allow),
         deny: nets(&raw.deny),
         trusted_proxies: nets(&raw.trusted_proxies),
+        forwarded_header: ForwardedHeader::XForwardedFor,
         proxy_protocol: raw.proxy_protocol.as_ref().is_some_and(|p| *p.get_ref()),
         files: Vec::new(),
     };
@@ -461,6 +465,22 @@ pub(super) fn ip(ctx: &mut Ctx<'_>, raw: &Spanned<RawIp>, route: bool) -> Option
             }
         }
         list.files.push(path);
+    }
+    if let Some(header) = &raw.forwarded_header
+        && !route
+    {
+        match header.get_ref().to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => {}
+            "forwarded" => list.forwarded_header = ForwardedHeader::Forwarded,
+            other => ctx.error(
+                header.span(),
+                format!("unknown forwarded_header `{other}`"),
+                Some(
+                    "write `forwarded_header = \"x-forwarded-for\"` (the default) or `\"forwarded\"`: the one your load balancer writes"
+                        .into(),
+                ),
+            ),
+        }
     }
     if list.proxy_protocol
         && list.trusted_proxies.is_empty()

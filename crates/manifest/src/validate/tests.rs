@@ -3,7 +3,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::{AclEffect, Auth, Data, Manifest, MeshMode, PLATFORM_NAMES, Run, Shape};
+use crate::{
+    AclEffect, Auth, Data, ForwardedHeader, Manifest, MeshMode, PLATFORM_NAMES, Run, Shape,
+};
 
 const GOOD: &str = r#"
 name = "shop"
@@ -2225,6 +2227,44 @@ fn the_proxy_protocol_needs_trusted_proxies_and_is_the_gateway_s_alone() {
         );
         assert!(e.contains("set it in `[gateway.ip]`"), "{e}");
     }
+}
+
+#[test]
+fn the_forwarded_header_is_x_forwarded_for_unless_named_and_the_gateway_s_alone() {
+    let ip_of = |ip: &str| {
+        Manifest::parse(
+            &with_service(&format!("[gateway]\nip = {{ {ip} }}")),
+            Path::new("flotilla.toml"),
+        )
+        .map(|m| m.gateway.ip.map(|ip| ip.forwarded_header))
+    };
+    assert!(matches!(
+        ip_of("trusted_proxies = [\"10.0.0.2\"]"),
+        Ok(Some(ForwardedHeader::XForwardedFor))
+    ));
+    assert!(matches!(
+        ip_of("trusted_proxies = [\"10.0.0.2\"], forwarded_header = \"Forwarded\""),
+        Ok(Some(ForwardedHeader::Forwarded))
+    ));
+    assert!(matches!(
+        ip_of("trusted_proxies = [\"10.0.0.2\"], forwarded_header = \"x-forwarded-for\""),
+        Ok(Some(ForwardedHeader::XForwardedFor))
+    ));
+    let e = errors(&with_service(
+        "[gateway]\nip = { trusted_proxies = [\"10.0.0.2\"], forwarded_header = \"x-real-ip\" }",
+    ));
+    assert!(e.contains("unknown forwarded_header `x-real-ip`"), "{e}");
+    assert!(
+        e.contains("`forwarded_header = \"x-forwarded-for\"` (the default)"),
+        "{e}"
+    );
+    let e = errors(&with_service(
+        "routes = [{ path = \"/a\", ip = { allow = [\"10.0.0.0/8\"], forwarded_header = \"forwarded\" } }]",
+    ));
+    assert!(
+        e.contains("a route's `ip` takes `allow` and `deny` only, not `forwarded_header`"),
+        "{e}"
+    );
 }
 
 #[test]
