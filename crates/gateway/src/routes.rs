@@ -396,24 +396,35 @@ pub(crate) fn split_after_segments(path: &str, n: usize) -> (&str, &str) {
 /// `.` or `..` segment (literally or percent-encoded; resolving it would
 /// route `/api/public/../admin` by a path the client did not ask for), an
 /// encoded `/` or a backslash (raw or encoded: whether a service takes
-/// either for a separator differs between frameworks), a control
-/// character or a malformed escape.
+/// either for a separator differs between frameworks), a `;` (raw or
+/// encoded), a control character or a malformed escape.
+///
+/// The `;`: Java's servlet containers (Tomcat, Jetty, and Spring on them)
+/// take what follows a `;` in a segment for a path parameter and drop it
+/// before they route. Matched as sent, `/public/..;/admin/users` would be
+/// a public route's path and `/admin;x/users` would miss `/admin/**`,
+/// and both be served as `/admin/users`. Spring Security's firewall
+/// refuses `;` and `%3B` by default for the same reason.
 pub(crate) fn routed_path(path: &str) -> Result<Option<String>, ()> {
-    // Most paths have no dot, escape, backslash or doubled slash: one pass
-    // over their bytes settles them.
+    // Most paths have no dot, escape, backslash, `;` or doubled slash: one
+    // pass over their bytes settles them.
     let mut last = 0;
     let plain = path.bytes().all(|b| {
-        let plain = !(matches!(b, b'.' | b'%' | b'\\') || (b == b'/' && last == b'/'));
+        let plain = !(matches!(b, b'.' | b'%' | b'\\' | b';') || (b == b'/' && last == b'/'));
         last = b;
         plain
     });
     if plain {
         return Ok(None);
     }
-    if has_dot_segment(path) {
+    if path.contains(';') || has_dot_segment(path) {
         return Err(());
     }
     let normal = flotilla_mesh::normalize_path(path).map_err(|_| ())?;
+    // Escapes come out of `normalize_path` upper case.
+    if normal.contains("%3B") {
+        return Err(());
+    }
     Ok((normal != path).then_some(normal))
 }
 
@@ -845,6 +856,13 @@ mod tests {
             "/a%00",
             "/a%zz",
             "/..",
+            // Path parameters, which servlet containers drop before they
+            // route: each of these is served as `/admin/users` there.
+            "/public/..;/admin/users",
+            "/admin;x/users",
+            "/admin;/users",
+            "/admin%3bx/users",
+            "/admin%3B/users",
         ] {
             assert_eq!(routed_path(refused), Err(()), "{refused}");
         }

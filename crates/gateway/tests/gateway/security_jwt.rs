@@ -496,6 +496,10 @@ async fn a_protected_route_is_not_reached_by_another_spelling_of_its_path() {
         "/x%2f..%2fadmin",
         "/x\\..\\admin",
         "/x%5Cadmin",
+        // Servlet containers serve each of these as `/admin/x`.
+        "/x/..;/admin/x",
+        "/admin;jsessionid=1/x",
+        "/admin%3B/x",
     ] {
         let raw = raw_request(
             gateway.local_addr(),
