@@ -36,6 +36,7 @@ use std::io;
 use std::mem::{ManuallyDrop, MaybeUninit};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -87,6 +88,10 @@ pub(crate) enum SendError {
     /// The deadline passed before the response head arrived.
     #[error("no response head before the deadline")]
     TimedOut,
+    /// The deadline passed while the request's body was awaited from the
+    /// client: the client was too slow, not the instance.
+    #[error("the client had not sent the request body by the deadline")]
+    ClientTooSlow,
 }
 
 /// A request as it goes to an instance: the client's head (after the
@@ -235,9 +240,15 @@ impl Outbound {
             head_only: req.parts.method == Method::HEAD,
             websocket: req.parts.extensions.get::<WebSocket>().is_some(),
         };
+        // Whether the exchange is waiting for the next of the client's body:
+        // a deadline that passes then is the client's doing.
+        // An atomic only for `Send`: one task reads and writes it.
+        let awaiting_client = AtomicBool::new(false);
         let (sent, (head, relayed, framing, mut reusable)) = {
             let exchange = async {
-                let sent = conn.write_request(req, body, asked.websocket).await?;
+                let sent = conn
+                    .write_request(req, body, asked.websocket, &awaiting_client)
+                    .await?;
                 let head = conn.read_head(asked).await?;
                 Ok::<_, SendError>((sent, head))
             };
@@ -249,7 +260,11 @@ impl Outbound {
                     () = timer.as_mut() => {
                         // It may fire early (see `arm`): then it is re-armed.
                         if Instant::now() >= deadline {
-                            return Err(SendError::TimedOut);
+                            return Err(if awaiting_client.load(Ordering::Relaxed) {
+                                SendError::ClientTooSlow
+                            } else {
+                                SendError::TimedOut
+                            });
                         }
                         timer.as_mut().reset(deadline);
                     }
@@ -386,6 +401,7 @@ impl Conn {
         req: &UpstreamRequest,
         body: OutBody,
         websocket: bool,
+        awaiting_client: &AtomicBool,
     ) -> Result<Sent, SendError> {
         let parts = &req.parts;
         let out = &mut self.write;
@@ -419,7 +435,7 @@ impl Conn {
                     &parts.method,
                     length.map_or(BodySize::Unknown, BodySize::Known),
                 );
-                self.write_body(body, length).await?
+                self.write_body(body, length, awaiting_client).await?
             }
         };
         if let Sent::All = sent {
@@ -484,7 +500,12 @@ impl Conn {
     /// Streams `body` after the head already in the write buffer: with
     /// `length` as declared, else chunked. Stops early if the instance
     /// answers meanwhile (also while the client's body is slow to come).
-    async fn write_body(&mut self, mut body: Body, length: Option<u64>) -> Result<Sent, SendError> {
+    async fn write_body(
+        &mut self,
+        mut body: Body,
+        length: Option<u64>,
+        awaiting_client: &AtomicBool,
+    ) -> Result<Sent, SendError> {
         let mut sent: u64 = 0;
         loop {
             if let Sent::Answered = self.write_buffer().await? {
@@ -493,13 +514,16 @@ impl Conn {
             let next = {
                 let io = &mut self.io;
                 let read = &mut self.read;
-                poll_fn(|cx| {
+                let next = poll_fn(|cx| {
                     if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
                         return Poll::Ready(Ok(Next::Frame(frame)));
                     }
+                    awaiting_client.store(true, Ordering::Relaxed);
                     poll_answer(io, read, cx).map_ok(|()| Next::Answered)
                 })
-                .await
+                .await;
+                awaiting_client.store(false, Ordering::Relaxed);
+                next
             };
             let frame = match next {
                 Ok(Next::Frame(frame)) => frame,

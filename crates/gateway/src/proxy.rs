@@ -181,9 +181,13 @@ impl Proxy {
             let mut outgoing = match self.outgoing(retryable && max_retries > 0, body) {
                 Ok(outgoing) => outgoing,
                 // Only a body to buffer needs the deadline (and a timer) here.
+                // It comes from the client: past the deadline, the client
+                // was too slow (408), and no instance was asked.
                 Err(body) => tokio::time::timeout_at(deadline, collect(body))
                     .await
-                    .map_err(|_| timed_out())??,
+                    .map_err(|_| Rejection::RequestBodyTimeout {
+                        timeout: route.timeout,
+                    })??,
             };
             let can_retry = matches!(outgoing, Outgoing::Replayable(_));
             let health = route.health.get(&self.resilience, &route.service);
@@ -223,6 +227,20 @@ impl Proxy {
                         .send(&route.service, endpoint.addr, &req, body, attempt_deadline);
                 // Why this attempt is retried; every other outcome returns.
                 let reason = match sending.await {
+                    // A client that sends its body slower than the route's
+                    // timeout allows is its own fault: were the instance
+                    // charged, a handful of slow uploads would eject every
+                    // instance but one.
+                    Err(SendError::ClientTooSlow) => {
+                        drop(guard);
+                        return Err(Rejection::RequestBodyTimeout {
+                            timeout: if attempt_deadline < deadline {
+                                route.try_timeout.unwrap_or(route.timeout)
+                            } else {
+                                route.timeout
+                            },
+                        });
+                    }
                     Err(SendError::TimedOut) => {
                         health.failure(&endpoint.instance, &ready);
                         drop(guard);
@@ -460,7 +478,10 @@ fn classify(error: &SendError) -> Failure {
     match error {
         SendError::Connect(_) => Failure::Connect,
         SendError::Lost(_) => Failure::ConnectionLost,
-        SendError::Body(_) | SendError::Protocol(_) | SendError::TimedOut => Failure::Other,
+        SendError::Body(_)
+        | SendError::Protocol(_)
+        | SendError::TimedOut
+        | SendError::ClientTooSlow => Failure::Other,
     }
 }
 

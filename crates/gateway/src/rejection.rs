@@ -43,7 +43,7 @@ pub(crate) enum Rejection {
         allow: Vec<String>,
     },
     #[error(
-        "the path must not contain a `.` or `..` segment, an encoded `/` (`%2F`), a backslash, a control character or a malformed `%` escape"
+        "the path must not contain a `.` or `..` segment, an encoded `/` (`%2F`), a backslash, a `;`, a control character or a malformed `%` escape"
     )]
     BadPath,
     #[error("the host must not carry userinfo (`user@`)")]
@@ -61,6 +61,10 @@ pub(crate) enum Rejection {
     },
     #[error("`{service}` did not answer within {}", humantime::format_duration(*timeout))]
     UpstreamTimeout { service: String, timeout: Duration },
+    /// The client had not sent its body when the route's `timeout` ran
+    /// out: its fault, not the service's (which is not charged for it).
+    #[error("the request body did not arrive within {}", humantime::format_duration(*timeout))]
+    RequestBodyTimeout { timeout: Duration },
     #[error("cannot connect to `{service}`")]
     UpstreamUnreachable {
         service: String,
@@ -146,6 +150,7 @@ impl Rejection {
             }
             Rejection::NoReadyInstance { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::UpstreamTimeout { .. } | Rejection::NotCached => StatusCode::GATEWAY_TIMEOUT,
+            Rejection::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Rejection::UpstreamUnreachable { .. } | Rejection::BadGateway { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -180,6 +185,7 @@ impl Rejection {
             Rejection::BadRequestBody { .. } => "bad_request_body",
             Rejection::NoReadyInstance { .. } => "no_ready_instance",
             Rejection::UpstreamTimeout { .. } => "upstream_timeout",
+            Rejection::RequestBodyTimeout { .. } => "request_timeout",
             Rejection::UpstreamUnreachable { .. } => "upstream_unreachable",
             Rejection::BadGateway { .. } => "bad_gateway",
             Rejection::IpDenied => "ip_denied",

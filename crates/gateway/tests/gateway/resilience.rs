@@ -373,6 +373,60 @@ async fn an_attempt_past_its_try_timeout_is_given_up_and_retried_elsewhere() {
     gateway.shutdown(T).await;
 }
 
+/// A client that sends its body slower than the route's timeout gets 408,
+/// and the instance waiting for that body is not charged for it: were it,
+/// a handful of stalled uploads at once would eject every instance but one.
+#[tokio::test]
+async fn a_client_too_slow_with_its_body_gets_408_and_no_instance_is_charged() {
+    let registry = Registry::new();
+    let a = Upstream::start("slowbody-a").await;
+    let b = Upstream::start("slowbody-b").await;
+    registry.set("slowbody", vec![a.endpoint(), b.endpoint()]);
+    let cfg = config(vec![route(
+        "slowbody",
+        "/**",
+        &[],
+        Duration::from_millis(300),
+    )]);
+    let gateway = start(cfg, &registry).await;
+    let addr = gateway.local_addr();
+
+    // Twelve stalled uploads at once: more than the five consecutive
+    // failures that eject an instance, on each of the two. A POST's body
+    // streams to the instance (10 of its 100 bytes), and a PUT's is
+    // buffered first to be retryable: both wait for the client.
+    let mut uploads = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let method = if i % 2 == 0 { "POST" } else { "PUT" };
+        let raw = format!(
+            "{method} /up/{i} HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789"
+        );
+        uploads.spawn(async move { raw_request(addr, &raw).await });
+    }
+    while let Some(answer) = uploads.join_next().await {
+        let answer = ok(answer, "upload task");
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+        assert!(answer.contains("\"request_timeout\""), "{answer}");
+        assert!(
+            answer.contains("the request body did not arrive within 300ms"),
+            "{answer}"
+        );
+    }
+    assert_eq!(
+        metric_sum(&["flotilla_gateway_ejections_total", "service=\"slowbody\""]),
+        0
+    );
+    // Both instances are still in rotation.
+    let client = Client::new(&gateway);
+    let (a_before, b_before) = (a.hits(), b.hits());
+    for i in 0..10 {
+        let reply = client.get(&format!("/x/{i}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    }
+    assert!(a.hits() > a_before && b.hits() > b_before);
+    gateway.shutdown(T).await;
+}
+
 #[tokio::test]
 async fn a_route_s_max_in_flight_sheds_its_excess_and_leaves_the_others_room() {
     let registry = Registry::new();
