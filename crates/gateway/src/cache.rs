@@ -85,6 +85,7 @@
 //! first's response cannot be kept, each of the others is forwarded (and
 //! none waits twice).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::pin::Pin;
@@ -97,7 +98,7 @@ use bytes::{Bytes, BytesMut};
 use hashlink::LinkedHashMap;
 use http::header::{
     AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, DATE, ETAG,
-    EXPIRES, HeaderMap, HeaderName, HeaderValue, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH,
+    EXPIRES, HOST, HeaderMap, HeaderName, HeaderValue, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH,
     IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, PRAGMA, RANGE, SET_COOKIE, TRANSFER_ENCODING,
     VARY,
 };
@@ -701,6 +702,34 @@ fn http_date(value: Option<&[u8]>) -> Option<SystemTime> {
 
 /// A request's values of the field `name`, joined as one list; `None`
 /// when it has none.
+/// The request's fields as a response's `Vary` compares them: those the
+/// instance was sent. They are the client's but for `Host`, which the
+/// instance gets from the target's authority when it has one (an HTTP/2
+/// request's `:authority`, an HTTP/1 request in absolute form), as the
+/// request is routed and forwarded (`headers::forward_fields`). Compared
+/// by the client's `Host` instead, a page an instance made for
+/// `GET http://evil.example/` with `Host: shop.example` and `Vary: Host`
+/// would be served to every later `Host: shop.example`, and every HTTP/2
+/// client (which sends no `Host`) would share one variant.
+fn varied_fields(req: &Request<Body>) -> Cow<'_, HeaderMap> {
+    let headers = req.headers();
+    let Some(authority) = req.uri().authority() else {
+        return Cow::Borrowed(headers);
+    };
+    let mut host = headers.get_all(HOST).iter();
+    if host.next().map(HeaderValue::as_bytes) == Some(authority.as_str().as_bytes())
+        && host.next().is_none()
+    {
+        return Cow::Borrowed(headers);
+    }
+    let mut fields = headers.clone();
+    // An authority's characters are all valid in a field value.
+    if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
+        fields.insert(HOST, value);
+    }
+    Cow::Owned(fields)
+}
+
 fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
     let mut values = headers.get_all(name).iter();
     let first = values.next()?;
@@ -865,6 +894,7 @@ impl RouteCache {
     ) -> Verdict {
         let key = self.key(host, path);
         let method = req.method();
+        let varied = varied_fields(req);
         let form = Form {
             head: method == Method::HEAD,
             gzip,
@@ -881,7 +911,7 @@ impl RouteCache {
                 || req.headers().contains_key(&XFCC)
                 || req.headers().contains_key(&USER_ID),
             headers: if storable {
-                req.headers().clone()
+                varied.as_ref().clone()
             } else {
                 HeaderMap::new()
             },
@@ -916,7 +946,7 @@ impl RouteCache {
         }
         // Only a GET fetches what others may wait for.
         let may_wait = is_get && collapsed.is_none();
-        match ResponseCache::find(&self.store, &key, req.headers(), now, asked, may_wait) {
+        match ResponseCache::find(&self.store, &key, &varied, now, asked, may_wait) {
             Found::Fresh(entry) => {
                 let status = entry.status.as_u16();
                 Verdict::Hit(entry.reply(now, form, req.headers(), |ttl| {

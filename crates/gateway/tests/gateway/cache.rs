@@ -275,6 +275,39 @@ async fn freshness_is_the_response_s_then_the_route_s() {
     gateway.shutdown(T).await;
 }
 
+/// `Vary: Host` compares the host the instance was sent, which is the
+/// target's authority when a request has one (absolute form here, an
+/// HTTP/2 `:authority`), not the client's `Host` field beside it.
+#[tokio::test]
+async fn vary_host_compares_the_host_the_instance_was_sent() {
+    let registry = Registry::new();
+    let (gateway, up) = cached(&registry, CacheConfig::default()).await;
+    let addr = gateway.local_addr();
+    let get = |target: &str| {
+        let raw = format!(
+            "GET {target} HTTP/1.1\r\nhost: shop.example\r\nx-reply-vary: Host\r\nconnection: close\r\n\r\n"
+        );
+        async move { raw_request(addr, &raw).await }
+    };
+    // A page made for another host, asked for with this one's `Host`.
+    let poisoned = get("http://evil.example/c/page").await;
+    assert!(poisoned.starts_with("HTTP/1.1 200"), "{poisoned}");
+    assert!(poisoned.contains("\"host\":\"evil.example\""), "{poisoned}");
+    // This host's own request is not answered with it...
+    let own = get("/c/page").await;
+    assert!(own.contains("\"host\":\"shop.example\""), "{own}");
+    assert!(own.contains("fwd=vary-miss"), "{own}");
+    // ...and each host's page is kept as its own variant.
+    let again = get("/c/page").await;
+    assert!(again.contains("\"host\":\"shop.example\""), "{again}");
+    assert!(again.contains("flotilla; hit"), "{again}");
+    let evil = get("http://evil.example/c/page").await;
+    assert!(evil.contains("\"host\":\"evil.example\""), "{evil}");
+    assert!(evil.contains("flotilla; hit"), "{evil}");
+    assert_eq!(up.hits(), 2);
+    gateway.shutdown(T).await;
+}
+
 #[tokio::test]
 async fn vary_keeps_one_response_per_variant() {
     let registry = Registry::new();
