@@ -122,8 +122,27 @@ async fn ask(
 ) -> Result<(), Rejection> {
     let authz = &*check.authz;
     let started = crate::clock::now();
-    // Whatever the answer, no client speaks for the check.
+    // Whatever the answer, no client speaks for the check: not in the
+    // fields' own names, nor with `_` for `-` (`x_tenant_id`), which a
+    // CGI-style server (WSGI, Rack, PHP) reads as the same variable.
     for name in &authz.upstream_headers {
+        req.headers_mut().remove(name);
+    }
+    let spelled: Vec<HeaderName> = req
+        .headers()
+        .keys()
+        .filter(|k| {
+            k.as_str().contains('_')
+                && authz.upstream_headers.iter().any(|n| {
+                    crate::edge::spells_with_underscores(
+                        k.as_str().as_bytes(),
+                        n.as_str().as_bytes(),
+                    )
+                })
+        })
+        .cloned()
+        .collect();
+    for name in spelled {
         req.headers_mut().remove(name);
     }
     let asked = match question(authz, req) {

@@ -212,17 +212,24 @@ fn spells_gateway_field(name: &str) -> bool {
         "x-forwarded-host",
         "x-request-id",
     ];
-    let same = |name: &[u8], field: &[u8]| {
-        name.len() == field.len()
-            && name
-                .iter()
-                .zip(field)
-                .all(|(n, f)| n == f || (*n == b'_' && *f == b'-'))
-    };
     let name = name.as_bytes();
     let prefix = USER_HEADER_PREFIX.as_bytes();
-    name.get(..prefix.len()).is_some_and(|p| same(p, prefix))
-        || FIELDS.iter().any(|f| same(name, f.as_bytes()))
+    name.get(..prefix.len())
+        .is_some_and(|p| spells_with_underscores(p, prefix))
+        || FIELDS
+            .iter()
+            .any(|f| spells_with_underscores(name, f.as_bytes()))
+}
+
+/// Whether `name` is `field`, a lower-case field name, with any of its
+/// `-` written `_`: one variable to a server that hands fields over
+/// CGI-style (`HTTP_X_TENANT_ID`).
+pub(crate) fn spells_with_underscores(name: &[u8], field: &[u8]) -> bool {
+    name.len() == field.len()
+        && name
+            .iter()
+            .zip(field)
+            .all(|(n, f)| n == f || (*n == b'_' && *f == b'-'))
 }
 
 /// What every response of this request gets on its way out. Borrows what

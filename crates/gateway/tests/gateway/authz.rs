@@ -173,6 +173,8 @@ async fn the_policy_service_decides_and_its_answer_is_the_clients() {
             &[
                 ("authorization", "Bearer alice"),
                 ("x-tenant", "evil"),
+                // The same variable as `x-tenant` to a CGI-style server.
+                ("x_tenant", "evil"),
                 ("cookie", "session=1"),
                 ("content-type", "application/json"),
             ],
@@ -182,6 +184,7 @@ async fn the_policy_service_decides_and_its_answer_is_the_clients() {
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     let seen = reply.json();
     assert_eq!(seen["headers"]["x-tenant"], "acme", "{seen}");
+    assert!(seen["headers"].get("x_tenant").is_none(), "{seen}");
     assert!(seen["headers"].get("x-other").is_none(), "{seen}");
     assert_eq!(seen["body_len"], 7, "the body went on");
     // The check: the method, the prefix and the path and query, the host,
