@@ -137,15 +137,20 @@ impl Settings {
 /// Serves HTTP/1.x on `io` until the connection ends; `read` holds what was
 /// already read from it.
 pub(crate) async fn serve<H: Handler>(
-    io: Transport,
-    read: BytesMut,
-    info: ConnInfo,
-    client_cert: Option<Arc<ClientCert>>,
+    start: Start,
     stack: H,
     settings: Settings,
     stopping: watch::Receiver<()>,
 ) {
+    let Start {
+        io,
+        read,
+        info,
+        client_cert,
+        head_by,
+    } = start;
     let mut conn = Conn {
+        first_head_by: Some(head_by),
         timer: Box::pin(tokio::time::sleep(settings.idle_timeout)),
         stop_signal: StopSignal::new(&stopping),
         io,
@@ -279,6 +284,26 @@ struct Conn<H> {
     read_closed: bool,
     /// A request body's framing was invalid: the connection cannot be reused.
     bad_body: bool,
+    /// Until its first head has arrived: when it must have (see [`Start`]).
+    first_head_by: Option<Instant>,
+}
+
+/// A connection as the HTTP/1 driver takes it over.
+pub(crate) struct Start {
+    pub io: Transport,
+    /// What was read from it already.
+    pub read: BytesMut,
+    pub info: ConnInfo,
+    /// The client's verified certificate.
+    pub client_cert: Option<Arc<ClientCert>>,
+    /// When the first request's head must have arrived: `header_timeout`
+    /// after the connection was accepted (or its TLS handshake done). A
+    /// connection that has said nothing yet is no idle keep-alive one,
+    /// whose wait for a head `idle_timeout` bounds: timed as one, a
+    /// client could hold a connection for a minute by saying nothing after
+    /// its handshake, and a head begun at the last moment would get
+    /// `header_timeout` more.
+    pub head_by: Instant,
 }
 
 impl<H: Handler> Conn<H> {
@@ -353,6 +378,10 @@ impl<H: Handler> Conn<H> {
         // (the usual case) costs no clock reads here.
         let mut idle_deadline = None;
         let mut head_deadline = None;
+        if let Some(by) = self.first_head_by.take() {
+            idle_deadline = Some(by);
+            head_deadline = Some(by);
+        }
         let mut scanned = 0;
         loop {
             // Line ends before a request line are ignored (RFC 9112 §2.2:
@@ -1196,15 +1225,14 @@ mod tests {
                     peer,
                     scheme: "http",
                 };
-                let served = serve(
-                    stream.into(),
-                    BytesMut::new(),
+                let start = Start {
+                    io: stream.into(),
+                    read: BytesMut::new(),
                     info,
-                    None,
-                    stack.clone(),
-                    settings,
-                    stopping.clone(),
-                );
+                    client_cert: None,
+                    head_by: Instant::now() + settings.header_timeout,
+                };
+                let served = serve(start, stack.clone(), settings, stopping.clone());
                 let probe = Arc::clone(&stack.0);
                 tokio::spawn(async move {
                     served.await;

@@ -430,20 +430,34 @@ async fn serve_connection(with: Connections, mut stream: TcpStream, mut peer: So
         // handshake's future.
         Some(tls) => Box::pin(start_tls(tls, &with, stream, peer)).await,
     };
-    if let Some((io, first, info, client_cert)) = started {
+    if let Some((io, first, info, client_cert, head_by)) = started {
         let Connections {
             stack,
             settings,
             stopping,
             ..
         } = with;
-        h1::serve(io, first, info, client_cert, stack, settings, stopping).await;
+        let conn = h1::Start {
+            io,
+            read: first,
+            info,
+            client_cert,
+            head_by,
+        };
+        h1::serve(conn, stack, settings, stopping).await;
     }
 }
 
 /// What the HTTP/1 driver starts with: the connection, what was read from
-/// it, where it comes from, and the client's verified certificate.
-type Http1 = (Transport, BytesMut, ConnInfo, Option<Arc<ClientCert>>);
+/// it, where it comes from, the client's verified certificate, and when
+/// its first request's head must have arrived.
+type Http1 = (
+    Transport,
+    BytesMut,
+    ConnInfo,
+    Option<Arc<ClientCert>>,
+    tokio::time::Instant,
+);
 
 /// A plain connection: its first bytes tell HTTP/2 (served here, to its
 /// end) from HTTP/1 (returned).
@@ -451,10 +465,13 @@ async fn start_plain(with: &Connections, stream: TcpStream, peer: SocketAddr) ->
     nodelay(&stream, peer);
     // A client that connects and says nothing would hold the socket
     // forever (and, being silent, would never see a graceful shutdown).
+    // Its first head is due `header_timeout` after it connected: the wait
+    // for its first bytes is part of it, not added to it.
+    let head_by = tokio::time::Instant::now() + with.settings.header_timeout;
     let mut first = BytesMut::with_capacity(FIRST_READ);
     let mut stop = with.stopping.clone();
     tokio::select! {
-        read = tokio::time::timeout(with.settings.header_timeout, read_first(&stream, &mut first)) => {
+        read = tokio::time::timeout_at(head_by, read_first(&stream, &mut first)) => {
             if !matches!(read, Ok(Ok(true))) {
                 return None;
             }
@@ -469,7 +486,7 @@ async fn start_plain(with: &Connections, stream: TcpStream, peer: SocketAddr) ->
         serve_h2(with, stream, first, info).await;
         return None;
     }
-    Some((stream.into(), first, info, None))
+    Some((stream.into(), first, info, None, head_by))
 }
 
 /// A connection to a gateway that terminates TLS: the handshake (within
@@ -538,7 +555,11 @@ async fn start_tls(
         serve_h2_conn(with, stream, info, client_cert, Watch::new()).await;
         return None;
     }
-    Some((stream.into(), BytesMut::new(), info, client_cert))
+    // The first head is due `header_timeout` after the handshake, as the
+    // next ones are after their requests: not the idle timeout's minute a
+    // connection that has said nothing yet would otherwise get.
+    let head_by = tokio::time::Instant::now() + with.settings.header_timeout;
+    Some((stream.into(), BytesMut::new(), info, client_cert, head_by))
 }
 
 /// Requests and responses are small writes that must not wait for

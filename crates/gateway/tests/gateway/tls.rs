@@ -468,6 +468,43 @@ async fn a_client_that_never_finishes_its_handshake_is_closed_at_the_head_timeou
     gw.shutdown(Duration::from_secs(1)).await;
 }
 
+/// After its handshake a connection has the head timeout for its first
+/// request, as it has for each next one once it starts: not the idle
+/// timeout of a kept-alive connection between requests.
+#[tokio::test]
+async fn a_client_silent_after_its_handshake_is_closed_at_the_head_timeout() {
+    let dir = TestDir::new();
+    let pair = pair();
+    write(&dir, &pair);
+    let (gw, _upstream) = https_gateway(&dir, |cfg| {
+        cfg.limits = Limits {
+            header_read_timeout: Duration::from_millis(300),
+            // Far beyond the test's patience: a close within it is the
+            // head timeout's.
+            idle_timeout: Duration::from_secs(600),
+            ..Limits::default()
+        };
+    })
+    .await;
+    // Says nothing: closed without an answer.
+    let mut stream = connect(gw.local_addr(), &pair.der, &[b"http/1.1"]).await;
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent connection should be closed at the head timeout: {read:?}"
+    );
+    // Starts a head and stalls: 408.
+    let mut stream = connect(gw.local_addr(), &pair.der, &[b"http/1.1"]).await;
+    ok(stream.write_all(b"GET /api/x HTTP/1.1\r\n").await, "write");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "no answer within the test's patience");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test]
 async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_not() {
     let dir = TestDir::new();
