@@ -66,8 +66,21 @@ impl Upstream {
 /// at most 200 ms — short, since the retry goes to another instance, and
 /// random so that a burst of failures does not retry in lockstep.
 fn backoff(retry: u32) -> Duration {
-    let cap = (10u64 << retry.saturating_sub(1).min(5)).min(200);
+    let cap = backoff_cap(retry).as_millis() as u64;
     Duration::from_millis(rand::rng().random_range(1..=cap))
+}
+
+/// The longest [`backoff`] before retry `n`.
+fn backoff_cap(retry: u32) -> Duration {
+    Duration::from_millis((10u64 << retry.saturating_sub(1).min(5)).min(200))
+}
+
+/// Whether retry `n` still fits before the route's `deadline`, at `now`:
+/// its longest backoff must end before it. One that would start past it
+/// would be given no time at all, charge its instance a failure, spend the
+/// retry budget, and turn the 502 or 503 the client should get into a 504.
+fn retry_fits(now: Instant, retry: u32, deadline: Instant) -> bool {
+    now + backoff_cap(retry) < deadline
 }
 
 static IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
@@ -214,7 +227,11 @@ impl Proxy {
                         OutBody::Stream(body.take().unwrap_or_else(body::empty))
                     }
                 };
-                let may_retry = |retries: u32| can_retry && retries < max_retries;
+                let may_retry = |retries: u32| {
+                    can_retry
+                        && retries < max_retries
+                        && retry_fits(crate::clock::now(), retries + 1, deadline)
+                };
                 // This attempt's own deadline (`try_timeout`), within the
                 // route's, which every attempt shares.
                 let attempt_deadline = route
@@ -488,6 +505,25 @@ fn classify(error: &SendError) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_is_made_only_when_its_backoff_ends_before_the_deadline() {
+        let now = Instant::now();
+        let deadline = now + Duration::from_millis(100);
+        // The first retry waits up to 10 ms, the third up to 40.
+        assert!(retry_fits(now, 1, deadline));
+        assert!(retry_fits(now + Duration::from_millis(89), 1, deadline));
+        assert!(!retry_fits(now + Duration::from_millis(90), 1, deadline));
+        assert!(!retry_fits(now + Duration::from_millis(60), 3, deadline));
+        assert!(!retry_fits(deadline, 1, deadline));
+        for retry in 1..12 {
+            for _ in 0..50 {
+                let b = backoff(retry);
+                assert!(b >= Duration::from_millis(1) && b <= backoff_cap(retry));
+            }
+        }
+        assert_eq!(backoff_cap(30), Duration::from_millis(200));
+    }
 
     #[test]
     fn only_idempotent_methods_are_retryable() {
