@@ -371,7 +371,18 @@ pub(crate) fn forward_fields(
                     b"x-request-id" => fwd.told.request_id.is_some(),
                     _ => false,
                 })
-            || named_by_connection(raw)
+            // Not the fields the first pass settled on and the gateway
+            // relies on reaching the instance: `Connection: host` would
+            // send a request with no `Host` (and none put back), and
+            // naming `traceparent` or `x-request-id` one with neither the
+            // client's nor the gateway's. RFC 9110 §7.6.1 forbids a sender
+            // to name a field meant for every recipient; kept, as nginx
+            // (which removes nothing `Connection` names) keeps them.
+            || (named_by_connection(raw)
+                && !matches!(
+                    raw,
+                    b"host" | b"traceparent" | b"tracestate" | b"x-request-id"
+                ))
             || (replace_host && raw == b"host");
         if !left_out {
             put(raw, value.as_bytes());
@@ -1296,6 +1307,34 @@ pub(crate) mod tests {
         assert_eq!(one(&f, "x-secret"), None);
         assert_eq!(one(&f, "connection"), None);
         assert_eq!(one(&f, "x-kept"), Some("2"));
+    }
+
+    #[test]
+    fn connection_cannot_name_away_the_fields_the_gateway_relies_on() {
+        let (f, host) = forwarded(
+            &[
+                ("host", "shop.example"),
+                (
+                    "traceparent",
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                ),
+                ("x-request-id", "client-1"),
+                ("x-secret", "1"),
+                ("connection", "host, traceparent, x-request-id, x-secret"),
+            ],
+            "/",
+            [10, 0, 0, 1],
+            false,
+            "http",
+        );
+        assert!(host);
+        assert_eq!(one(&f, "host"), Some("shop.example"));
+        assert_eq!(
+            one(&f, "traceparent"),
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        );
+        assert_eq!(one(&f, "x-request-id"), Some("client-1"));
+        assert_eq!(one(&f, "x-secret"), None);
     }
 
     #[test]
