@@ -14,8 +14,9 @@ use crate::raw::{
     RawAclRule, RawGateway, RawManifest, RawMesh, RawRoute, RawRun, RawScale, RawService,
 };
 use crate::{
-    AclEffect, AclRule, Auth, Data, Gateway, HeaderChanges, HeaderDirection, HostPattern, Manifest,
-    Mesh, MeshMode, PLATFORM_NAMES, PathPattern, Route, Run, Scale, Service, Shape,
+    AclEffect, AclRule, Affinity, Auth, Data, Gateway, HeaderChanges, HeaderDirection, HostPattern,
+    Manifest, Mesh, MeshMode, PLATFORM_NAMES, PathPattern, RateLimitKey, Route, Run, Scale,
+    Service, Shape,
 };
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -51,6 +52,8 @@ struct Ctx<'a> {
     /// The consumers of `[gateway.api_keys]`, if it is set, so routes may
     /// use `auth = "key"` and name them.
     key_consumers: Option<BTreeSet<String>>,
+    /// The header API keys come in, when `[gateway.api_keys]` is set.
+    key_header: Option<String>,
     /// Whether `[gateway.tls] client_ca` is set, so routes may ask for
     /// `client_cert`.
     client_ca_configured: bool,
@@ -137,6 +140,7 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
         route_timeout: DEFAULT_TIMEOUT,
         jwt_names: Vec::new(),
         key_consumers: None,
+        key_header: None,
         client_ca_configured: false,
         authz_configured: false,
         errors: Vec::new(),
@@ -168,6 +172,7 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
             .api_keys
             .as_ref()
             .map(|k| k.consumers.keys().cloned().collect());
+        ctx.key_header = gw.api_keys.as_ref().map(|k| k.header.clone());
         ctx.client_ca_configured = gw.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         ctx.authz_configured = gw.authz.is_some();
     }
@@ -1030,10 +1035,39 @@ fn route(
         Some(r) => edge::rate_limits(ctx, r, has_user)?,
         None => Vec::new(),
     };
+    // The gateway takes a key off the request once it has checked it, before
+    // the limits count: a limit on the key's header would find none and
+    // count every request by its address instead.
+    if let (Auth::Key { .. }, Some(header), Some(r)) = (&auth, &ctx.key_header, &raw.rate_limit)
+        && rate_limits
+            .iter()
+            .any(|l| matches!(&l.key, RateLimitKey::Header(h) if h == header))
+    {
+        ctx.error(
+            r.span(),
+            format!(
+                "`per header:{header}` cannot count by the API key on an `auth = \"key\"` route"
+            ),
+            Some("count `per user`: on such a route it counts each key's consumer".into()),
+        );
+        return None;
+    }
     let affinity = match &raw.affinity {
         Some(a) => Some(edge::affinity(ctx, a, has_user)?),
         None => None,
     };
+    // Likewise for the instance a key's requests are kept on.
+    if let (Auth::Key { .. }, Some(header), Some(Affinity::Header(h)), Some(a)) =
+        (&auth, &ctx.key_header, &affinity, &raw.affinity)
+        && h == header
+    {
+        ctx.error(
+            a.span(),
+            format!("`affinity = \"header:{header}\"` cannot keep an API key on one instance on an `auth = \"key\"` route"),
+            Some("use `affinity = \"user\"`: on such a route it keeps each key's consumer on one instance".into()),
+        );
+        return None;
+    }
     let cors = match &raw.cors {
         Some(c) => Some(edge::cors(ctx, c)?),
         None => None,

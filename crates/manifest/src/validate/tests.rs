@@ -2186,10 +2186,28 @@ fn api_keys_are_digests_of_named_consumers_and_key_routes_need_them() {
             "auth = \"key\"".to_string(),
             "names no consumer",
         ),
+        (
+            keys.clone(),
+            "auth = \"key\", rate_limit = [\"5/s per user\", \"1000/d per header:x-api-key\"]"
+                .to_string(),
+            "`per header:x-api-key` cannot count by the API key on an `auth = \"key\"` route",
+        ),
+        (
+            format!("header = \"X-Partner-Key\"\n{keys}"),
+            "auth = \"key\", rate_limit = \"5/s per header:X-Partner-Key\"".to_string(),
+            "count `per user`",
+        ),
+        (
+            keys.clone(),
+            "auth = \"key\", affinity = \"header:x-api-key\"".to_string(),
+            "use `affinity = \"user\"`",
+        ),
     ] {
         let e = errors(&with(&keys, &route));
         assert!(e.contains(want), "{keys} / {route}: {e}");
     }
+    // Where the gateway checks no key, the header is the client's to count.
+    parses(&with(&keys, "rate_limit = \"5/s per header:x-api-key\""));
     let e = errors(
         "name = \"x\"\n[services.a]\nrun = { cargo = \"a\" }\nroutes = [{ path = \"/a/**\", auth = \"key\" }]\n",
     );
