@@ -298,7 +298,11 @@ impl Proxy {
                             return Err(Rejection::PayloadTooLarge { limit });
                         }
                         let failure = classify(&error);
-                        if failure != Failure::Other {
+                        // An answer that is no HTTP response is evidence
+                        // against the instance as a 502 would be: counted
+                        // toward its ejection (not retried: it may have
+                        // acted on the request).
+                        if failure != Failure::Other || matches!(error, SendError::Protocol(_)) {
                             health.failure(&endpoint.instance, &ready);
                         }
                         if failure == Failure::Other || !may_retry(retries) || !health.try_retry() {

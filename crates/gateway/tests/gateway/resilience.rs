@@ -373,6 +373,51 @@ async fn an_attempt_past_its_try_timeout_is_given_up_and_retried_elsewhere() {
     gateway.shutdown(T).await;
 }
 
+/// An instance that answers with something that is no HTTP response gets
+/// 502s for its requests and is ejected as one answering 502 would be.
+#[tokio::test]
+async fn an_instance_answering_garbage_is_ejected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = ok(tokio::net::TcpListener::bind("127.0.0.1:0").await, "bind");
+    let addr = ok(listener.local_addr(), "addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(b"HTTP/1.1 2OO Fine\r\n\r\n").await;
+            });
+        }
+    });
+    let registry = Registry::new();
+    let good = Upstream::start("garbage-good").await;
+    let garbage = flotilla_gateway::Endpoint {
+        instance: "garbage-bad".into(),
+        addr,
+        load: Default::default(),
+    };
+    registry.set("garbage", vec![garbage, good.endpoint()]);
+    let mut cfg = config(vec![route("garbage", "/**", &[], T)]);
+    cfg.limits = generous_budget();
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    let mut bad = 0;
+    for i in 0..40 {
+        let reply = client.get(&format!("/x/{i}")).await;
+        if reply.status == StatusCode::BAD_GATEWAY {
+            bad += 1;
+        } else {
+            assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        }
+    }
+    assert_eq!(bad, 5, "five bad answers, then it is out");
+    assert_eq!(
+        metric_sum(&["flotilla_gateway_ejections_total", "service=\"garbage\""]),
+        1
+    );
+    gateway.shutdown(T).await;
+}
+
 /// A client that sends its body slower than the route's timeout gets 408,
 /// and the instance waiting for that body is not charged for it: were it,
 /// a handful of stalled uploads at once would eject every instance but one.
