@@ -7,6 +7,11 @@
 //! ends a line (a bare LF is an error), a size is 1–16 hex digits, and
 //! anything after a size other than whitespace and a `;` extension is an
 //! error. Extensions are skipped; trailer fields are read and dropped.
+//!
+//! Neither counts toward a body's size, so each has a cap of its own per
+//! body, not per line: 4 KiB of extensions on every 1-byte chunk would
+//! otherwise be ~4 GiB read under a 1 MiB body limit (as Node's
+//! CVE-2024-22019, which Node closed with the same 16 KiB cap).
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -14,6 +19,10 @@ use bytes::{Buf, Bytes, BytesMut};
 const MAX_TRAILER_BYTES: usize = 16 * 1024;
 /// The longest chunk-size line (size and extensions) accepted.
 const MAX_SIZE_LINE: usize = 4096;
+/// The most chunk-extension bytes accepted in one body, all its size
+/// lines together: what follows each size on its line (whitespace, `;`,
+/// names and values), up to its CRLF.
+const MAX_EXTENSION_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum ChunkedError {
@@ -21,6 +30,8 @@ pub(crate) enum ChunkedError {
     Size,
     #[error("chunk size line too long")]
     SizeLineTooLong,
+    #[error("too many chunk extension bytes in one body")]
+    ExtensionsTooLong,
     #[error("chunk data not followed by CRLF")]
     DataEnd,
     #[error("invalid or oversized trailer section")]
@@ -71,6 +82,9 @@ pub(crate) enum Decoded {
 pub(crate) struct ChunkedDecoder {
     state: State,
     line_bytes: usize,
+    /// Chunk-extension bytes of the whole body; never reset, as
+    /// `trailer_bytes` is not: the cap is per body.
+    extension_bytes: usize,
     trailer_bytes: usize,
     /// The size of the chunk being read, kept for the size-line state.
     pending: u64,
@@ -84,6 +98,7 @@ impl Default for ChunkedDecoder {
                 digits: 0,
             },
             line_bytes: 0,
+            extension_bytes: 0,
             trailer_bytes: 0,
             pending: 0,
         }
@@ -144,6 +159,9 @@ impl ChunkedDecoder {
                     return Err(ChunkedError::Size);
                 } else {
                     self.pending = value;
+                    if byte != b'\r' {
+                        self.extension_byte()?;
+                    }
                     self.state = match byte {
                         b'\r' => State::SizeLf { value },
                         b' ' | b'\t' => State::SizeBws,
@@ -156,6 +174,9 @@ impl ChunkedDecoder {
                 self.line_bytes += 1;
                 if self.line_bytes > MAX_SIZE_LINE {
                     return Err(ChunkedError::SizeLineTooLong);
+                }
+                if byte != b'\r' {
+                    self.extension_byte()?;
                 }
                 self.state = match byte {
                     b'\r' => State::SizeLf {
@@ -170,6 +191,9 @@ impl ChunkedDecoder {
                 self.line_bytes += 1;
                 if self.line_bytes > MAX_SIZE_LINE {
                     return Err(ChunkedError::SizeLineTooLong);
+                }
+                if byte != b'\r' {
+                    self.extension_byte()?;
                 }
                 match byte {
                     b'\r' => {
@@ -229,6 +253,15 @@ impl ChunkedDecoder {
                 };
             }
             State::Data { .. } | State::Done => {}
+        }
+        Ok(())
+    }
+
+    /// Counts one byte of a chunk extension against the body's cap.
+    fn extension_byte(&mut self) -> Result<(), ChunkedError> {
+        self.extension_bytes += 1;
+        if self.extension_bytes > MAX_EXTENSION_BYTES {
+            return Err(ChunkedError::ExtensionsTooLong);
         }
         Ok(())
     }
@@ -333,6 +366,60 @@ mod tests {
         }
         msg.extend_from_slice(b"\r\n");
         assert_eq!(decode_all(&msg).err(), Some(ChunkedError::Trailer));
+    }
+
+    /// `chunks` 1-byte chunks, each with `ext` bytes of extension after
+    /// its size (`;` and a name), then the last chunk.
+    fn with_extensions(chunks: usize, ext: usize) -> Vec<u8> {
+        let mut msg = Vec::new();
+        for _ in 0..chunks {
+            msg.extend_from_slice(b"1;");
+            msg.extend(std::iter::repeat_n(b'e', ext - 1));
+            msg.extend_from_slice(b"\r\nx\r\n");
+        }
+        msg.extend_from_slice(b"0\r\n\r\n");
+        msg
+    }
+
+    #[test]
+    fn chunk_extensions_are_capped_per_body_not_per_line() {
+        // Each line well under the line cap, the body's total over its
+        // own: refused, however short each chunk is.
+        let long = with_extensions(5, 4000);
+        assert_eq!(
+            decode_all(&long).err(),
+            Some(ChunkedError::ExtensionsTooLong)
+        );
+        let many = with_extensions(2000, 10);
+        assert_eq!(
+            decode_all(&many).err(),
+            Some(ChunkedError::ExtensionsTooLong)
+        );
+        // Up to the cap exactly, the body is read.
+        let (data, done, _) = decode_all(&with_extensions(8, MAX_EXTENSION_BYTES / 8))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(done);
+        assert_eq!(data, b"xxxxxxxx");
+        // One byte more (after the first `1;`) is not.
+        let mut one_more = with_extensions(8, MAX_EXTENSION_BYTES / 8);
+        one_more.insert(2, b'e');
+        assert_eq!(
+            decode_all(&one_more).err(),
+            Some(ChunkedError::ExtensionsTooLong)
+        );
+        // Whitespace after a size is part of its extension (RFC 9112's
+        // `chunk-ext` begins with BWS), and counted too.
+        let mut spaced = Vec::new();
+        for _ in 0..5 {
+            spaced.extend_from_slice(b"1");
+            spaced.extend(std::iter::repeat_n(b' ', 4000));
+            spaced.extend_from_slice(b"\r\nx\r\n");
+        }
+        spaced.extend_from_slice(b"0\r\n\r\n");
+        assert_eq!(
+            decode_all(&spaced).err(),
+            Some(ChunkedError::ExtensionsTooLong)
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::compress::CompressionConfig;
 use crate::cors::{CorsConfig, CorsConfigError, CorsPolicy};
 use crate::header_changes::HeaderChanges;
 use crate::ip::{IpConfig, IpRules};
-use crate::jwt::{JwksSource, JwtConfig, RouteAuth, claim_header};
+use crate::jwt::{JwksSource, JwtConfig, RouteAuth, USER_ID, USER_ISSUER, claim_header};
 use crate::ratelimit::{RateLimit, RateLimitBackend, RateLimitKey};
 use crate::tls::TlsConfig;
 
@@ -438,11 +438,12 @@ impl Config {
             if earlier.iter().any(|j| j.issuer == jwt.issuer) {
                 return Err(ConfigError::JwtIssuerRepeated(jwt.issuer.clone()));
             }
-            if let Some(bad) = jwt
-                .forward_claims
-                .iter()
-                .find(|c| claim_header(c).is_none() || *c == "id" || *c == "issuer")
-            {
+            if let Some(bad) = jwt.forward_claims.iter().find(|c| {
+                // By the header it would travel in: claim names are
+                // case-sensitive, so `ID` is a claim of its own, but
+                // its header would be the gateway's `x-flotilla-user-id`.
+                claim_header(c).is_none_or(|h| h == USER_ID || h == USER_ISSUER)
+            }) {
                 return Err(ConfigError::JwtForwardClaim(bad.clone()));
             }
             if let Some(cookie) = &jwt.cookie
@@ -944,6 +945,10 @@ routes = [
         refused(
             &|c| c.jwt[0].forward_claims = vec!["issuer".into()],
             "jwt.forward_claims has `issuer`",
+        );
+        refused(
+            &|c| c.jwt[0].forward_claims = vec!["tenantId".into(), "ID".into()],
+            "jwt.forward_claims has `ID`",
         );
         refused(
             &|c| c.jwt[1].leeway = Duration::from_secs(301),

@@ -8,9 +8,9 @@
 //! request has gone on, under the route's timeout, and dropped, never
 //! queued, when [`MAX_IN_FLIGHT`] copies are out already. A body is copied
 //! only when its length is known and at most [`MAX_BODY`]; a larger or
-//! streamed one is not mirrored at all. The copy's `Host` ends in
-//! `-shadow` (Envoy's convention), so the service and its logs can tell a
-//! copy from the real thing.
+//! streamed one is not mirrored at all. The copy's host name ends in
+//! `-shadow` (Envoy's convention), before any port, so the service and
+//! its logs can tell a copy from the real thing.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -147,6 +147,7 @@ pub(crate) async fn send(
 /// names one (absolute form, HTTP/2's `:authority`), else its `Host`. The
 /// copy's target is then the path alone, so that the shadow's `Host` is
 /// the one forwarded (`headers::forward_fields` prefers a target's host).
+/// A host that cannot be marked ([`shadow_host`]) is left as it is.
 fn copy_of(req: &Request<Body>, body: Bytes) -> Request<Body> {
     let mut copy = Request::new(body::full(body));
     *copy.method_mut() = req.method().clone();
@@ -156,11 +157,9 @@ fn copy_of(req: &Request<Body>, body: Bytes) -> Request<Body> {
     let host = req
         .uri()
         .authority()
-        .map(|a| a.as_str().as_bytes())
-        .or_else(|| req.headers().get(HOST).map(|h| h.as_bytes()));
-    if let Some(host) = host
-        && let Ok(shadow) = HeaderValue::from_bytes(&[host, b"-shadow"].concat())
-    {
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()));
+    if let Some(shadow) = host.and_then(shadow_host) {
         copy.headers_mut().insert(HOST, shadow);
         if req.uri().authority().is_some() {
             let mut origin = http::uri::Parts::default();
@@ -173,9 +172,82 @@ fn copy_of(req: &Request<Body>, body: Bytes) -> Request<Body> {
     copy
 }
 
+/// `host` (`name[:port]`) with `-shadow` on its name, before the port:
+/// `shop.example:8443` is `shop.example-shadow:8443`, where `-shadow`
+/// after the port would make it no host at all (`:8443-shadow` is no
+/// port). An IPv6 address (`[::1]:8080`) has no name to add to
+/// (`[::1]-shadow` is not a host either), and neither has something that
+/// is not a host: `None` for both, and the copy keeps the request's host.
+fn shadow_host(host: &str) -> Option<HeaderValue> {
+    let authority: http::uri::Authority = host.parse().ok()?;
+    let name = authority.host();
+    if name.is_empty() || name.starts_with('[') {
+        return None;
+    }
+    // What follows the name: `:port`, or nothing. Userinfo, which the
+    // gateway refuses in a request's host before this, is dropped.
+    let written = authority.as_str();
+    let after_userinfo = written.rsplit_once('@').map_or(written, |(_, rest)| rest);
+    let port = after_userinfo.strip_prefix(name)?;
+    HeaderValue::from_str(&format!("{name}-shadow{port}")).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_s_host_name_is_marked_before_its_port() {
+        let copy = |target: &str, host: Option<&str>| {
+            let mut req = Request::builder().uri(target);
+            if let Some(host) = host {
+                req = req.header(HOST, host);
+            }
+            let req = req
+                .body(body::empty())
+                .unwrap_or_else(|e| panic!("{target}: {e}"));
+            let copy = copy_of(&req, Bytes::new());
+            let host = copy.headers().get(HOST).map(|h| h.as_bytes().to_vec());
+            (
+                host.map(|h| String::from_utf8_lossy(&h).into_owned()),
+                copy.uri().to_string(),
+            )
+        };
+        let host = |target: &str, host: &str| copy(target, Some(host)).0;
+        assert_eq!(
+            host("/a", "shop.example").as_deref(),
+            Some("shop.example-shadow")
+        );
+        assert_eq!(
+            host("/a", "shop.example:8443").as_deref(),
+            Some("shop.example-shadow:8443")
+        );
+        assert_eq!(
+            host("/a", "127.0.0.1:8080").as_deref(),
+            Some("127.0.0.1-shadow:8080")
+        );
+        // An IPv6 address has no name to mark: left as it is.
+        assert_eq!(host("/a", "[::1]:8080").as_deref(), Some("[::1]:8080"));
+        assert_eq!(host("/a", "[::1]").as_deref(), Some("[::1]"));
+        // The host a target names (absolute form, `:authority`) is the
+        // one marked, and the copy's target becomes the path alone.
+        assert_eq!(
+            copy("http://shop.example:8443/a?b", Some("other.example")),
+            (Some("shop.example-shadow:8443".into()), "/a?b".into())
+        );
+        assert_eq!(
+            copy("http://shop.example/a", None),
+            (Some("shop.example-shadow".into()), "/a".into())
+        );
+        // Unmarked, the target keeps its host, which is what is forwarded.
+        assert_eq!(
+            copy("http://[::1]:8080/a", Some("[::1]:8080")),
+            (Some("[::1]:8080".into()), "http://[::1]:8080/a".into())
+        );
+        assert_eq!(copy("/a", None), (None, "/a".into()));
+        // Not a host: left alone rather than made a different wrong one.
+        assert_eq!(host("/a", "a b").as_deref(), Some("a b"));
+    }
 
     /// The only test in this binary that takes slots: the count is global.
     #[test]

@@ -203,7 +203,9 @@ pub struct Jwt {
     pub refresh: Duration,
     /// Clock skew allowed on `exp` and `nbf`.
     pub leeway: Duration,
-    /// Claims forwarded to services as `x-flotilla-user-<claim>`.
+    /// Claims forwarded to services as `x-flotilla-user-<claim>`, by their
+    /// names as written (claim names are case-sensitive; the header's is
+    /// lower case).
     pub forward_claims: Vec<String>,
     /// A cookie the token may come in, when a request has no
     /// `Authorization: Bearer`.

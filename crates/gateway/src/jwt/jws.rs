@@ -161,6 +161,20 @@ fn b64(segment: &str) -> Result<Vec<u8>, JwsError> {
         .map_err(|_| JwsError::Malformed)
 }
 
+/// Whether a header's `typ` is one a bearer token may have: a JWT, or an
+/// OAuth access token (`at+jwt`, which RFC 9068 §4 says resource servers
+/// must accept, as `application/at+jwt` too). `typ` is a media type, so it
+/// compares without regard to case and its `application/` may be left out
+/// (RFC 7515 §4.1.9): providers write either form.
+fn typ_allowed(typ: &str) -> bool {
+    const APPLICATION: &str = "application/";
+    let subtype = match typ.get(..APPLICATION.len()) {
+        Some(prefix) if prefix.eq_ignore_ascii_case(APPLICATION) => &typ[APPLICATION.len()..],
+        _ => typ,
+    };
+    subtype.eq_ignore_ascii_case("jwt") || subtype.eq_ignore_ascii_case("at+jwt")
+}
+
 /// Splits and decodes `token`, checking its header.
 pub(crate) fn parse(token: &str, max_bytes: usize) -> Result<Unverified<'_>, JwsError> {
     if token.len() > max_bytes {
@@ -184,13 +198,10 @@ pub(crate) fn parse(token: &str, max_bytes: usize) -> Result<Unverified<'_>, Jws
     if header.contains_key("crit") {
         return Err(JwsError::Malformed);
     }
-    if let Some(typ) = header.get("typ") {
-        let ok = typ
-            .as_str()
-            .is_some_and(|t| t.eq_ignore_ascii_case("JWT") || t.eq_ignore_ascii_case("at+jwt"));
-        if !ok {
-            return Err(JwsError::Malformed);
-        }
+    if let Some(typ) = header.get("typ")
+        && !typ.as_str().is_some_and(typ_allowed)
+    {
+        return Err(JwsError::Malformed);
     }
     let kid = match header.get("kid") {
         Some(Value::String(kid)) if !kid.is_empty() => kid.clone(),
@@ -482,5 +493,42 @@ mod tests {
         );
         assert_eq!(e(&header(json!(["alg"]))), Some(JwsError::Malformed));
         assert_eq!(parse(&good, 10).err(), Some(JwsError::Oversized));
+    }
+
+    #[test]
+    fn typ_is_a_media_type_of_a_jwt_or_an_access_token() {
+        let typ = |t: Value| {
+            let h = json!({"alg": "EdDSA", "kid": "k", "typ": t});
+            let token = format!("{}.e30.c2ln", URL_SAFE_NO_PAD.encode(h.to_string()));
+            parse(&token, 8192).err()
+        };
+        for ok in [
+            "JWT",
+            "jwt",
+            "at+jwt",
+            "AT+JWT",
+            "application/jwt",
+            "application/at+jwt",
+            "Application/AT+JWT",
+            "APPLICATION/JWT",
+        ] {
+            assert_eq!(typ(json!(ok)), None, "{ok}");
+        }
+        for bad in [
+            "JWE",
+            "application/jwe",
+            "text/jwt",
+            "application/",
+            "application",
+            "applicationjwt",
+            "application/application/jwt",
+            "at+jwt ",
+            "secevent+jwt",
+            "",
+        ] {
+            assert_eq!(typ(json!(bad)), Some(JwsError::Malformed), "{bad}");
+        }
+        assert_eq!(typ(json!(7)), Some(JwsError::Malformed));
+        assert_eq!(typ(Value::Null), Some(JwsError::Malformed));
     }
 }

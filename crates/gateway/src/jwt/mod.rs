@@ -92,7 +92,9 @@ pub struct JwtConfig {
     /// could change something only from this site).
     pub cookie: Option<String>,
     /// Claims forwarded to services as `x-flotilla-user-<claim>` (lower
-    /// case, `_` as `-`), besides `sub` as `x-flotilla-user-id`. Strings go
+    /// case, `_` as `-`), besides `sub` as `x-flotilla-user-id`. Each is
+    /// looked up by its name as written (claim names are case-sensitive:
+    /// `tenantId` goes as `x-flotilla-user-tenantid`). Strings go
     /// as they are, numbers and booleans as JSON, arrays of strings joined
     /// with spaces; other values are not forwarded.
     pub forward_claims: Vec<String>,
@@ -1017,6 +1019,11 @@ mod tests {
         assert_eq!(
             claim_header("tenant_id").map(|h| h.to_string()).as_deref(),
             Some("x-flotilla-user-tenant-id")
+        );
+        // The header is lower case; the claim keeps its name (`forward`).
+        assert_eq!(
+            claim_header("tenantId").map(|h| h.to_string()).as_deref(),
+            Some("x-flotilla-user-tenantid")
         );
         assert!(claim_header("a b").is_none());
         assert!(claim_header("").is_none());

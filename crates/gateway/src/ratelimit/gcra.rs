@@ -62,11 +62,14 @@ pub(crate) fn step(limit: &RateLimit, tat: u64, now: u64) -> (Decision, Option<u
     if ahead > tolerance {
         let current = tat.saturating_sub(now);
         (
-            Decision::from_gcra(limit, false, current, ahead - tolerance),
+            Decision::from_gcra(interval, tolerance, false, current, ahead - tolerance),
             None,
         )
     } else {
-        (Decision::from_gcra(limit, true, ahead, 0), Some(new_tat))
+        (
+            Decision::from_gcra(interval, tolerance, true, ahead, 0),
+            Some(new_tat),
+        )
     }
 }
 

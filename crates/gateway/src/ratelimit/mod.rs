@@ -72,10 +72,18 @@ pub(crate) struct Decision {
 
 impl Decision {
     /// From GCRA state: `ahead` is how far the (new, if allowed) arrival time
-    /// runs ahead of now.
-    pub(crate) fn from_gcra(limit: &RateLimit, allowed: bool, ahead: u64, over: u64) -> Decision {
-        let interval = limit.interval_nanos();
-        let tolerance = limit.tolerance_nanos();
+    /// runs ahead of now. `interval` and `tolerance` (nanoseconds) must be
+    /// those the state was counted with, which for Redis are the limit's
+    /// rounded up to whole microseconds (`redis::Store::check`): the
+    /// remaining count divides what is left of one by the other.
+    pub(crate) fn from_gcra(
+        interval: u64,
+        tolerance: u64,
+        allowed: bool,
+        ahead: u64,
+        over: u64,
+    ) -> Decision {
+        let interval = interval.max(1);
         Decision {
             allowed,
             remaining: if allowed {
@@ -467,12 +475,13 @@ mod tests {
         let limits = [parse("20/s burst 40")];
         let limiter = Limiter::new(&limits, &RateLimitBackend::Memory, "r", None);
         let mut h = http::HeaderMap::new();
-        let d = Decision::from_gcra(&limits[0], true, 150_000_000, 0);
+        let (interval, tolerance) = (limits[0].interval_nanos(), limits[0].tolerance_nanos());
+        let d = Decision::from_gcra(interval, tolerance, true, 150_000_000, 0);
         limiter.headers(&Counted::One(d), &mut (&mut h).into());
         assert_eq!(h["ratelimit-policy"], "\"default\";q=40;w=2");
         assert_eq!(h["ratelimit"], "\"default\";r=37;t=1");
         assert!(h.get("retry-after").is_none());
-        let d = Decision::from_gcra(&limits[0], false, 2_000_000_000, 10_000_000);
+        let d = Decision::from_gcra(interval, tolerance, false, 2_000_000_000, 10_000_000);
         limiter.headers(&Counted::One(d), &mut (&mut h).into());
         assert_eq!(h["ratelimit"], "\"default\";r=0;t=2");
         assert_eq!(h["retry-after"], "1");

@@ -61,6 +61,32 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long to stay on the local fallback after a Redis failure.
 const BACK_OFF: Duration = Duration::from_secs(1);
 
+/// `limit`'s emission interval and tolerance as the script counts them:
+/// whole microseconds, the interval rounded up (never to nothing), the
+/// tolerance `burst` such intervals.
+fn micros(limit: &RateLimit) -> (u64, u64) {
+    let interval = limit.interval_nanos().div_ceil(1000).max(1);
+    (interval, interval.saturating_mul(u64::from(limit.burst)))
+}
+
+/// The decision the script's answer (`{allowed, ahead_us, over_us}`)
+/// makes, figured with the interval and tolerance the script counted
+/// with. The limit's own, in nanoseconds, are a little shorter: "3/s"
+/// counts 333,334 µs a request, and after one has 666,668 µs of its
+/// 1,000,002 left, two requests' worth; over the unrounded 333,333,333
+/// ns that was 1.99, shown as one remaining where the memory store says 2.
+fn decision(limit: &RateLimit, allowed: bool, ahead_us: i64, over_us: i64) -> Decision {
+    let (interval, tolerance) = micros(limit);
+    let ns = |us: u64| us.saturating_mul(1000);
+    Decision::from_gcra(
+        ns(interval),
+        ns(tolerance),
+        allowed,
+        ns(ahead_us.max(0) as u64),
+        ns(over_us.max(0) as u64),
+    )
+}
+
 pub(crate) struct Store {
     client: Option<redis::Client>,
     manager: OnceLock<Option<ConnectionManager>>,
@@ -127,18 +153,12 @@ impl Store {
     }
 
     pub(crate) async fn check(&self, limit: &RateLimit, key: &str) -> Decision {
-        let interval = limit.interval_nanos().div_ceil(1000).max(1);
-        let tolerance = interval.saturating_mul(u64::from(limit.burst));
+        let (interval, tolerance) = micros(limit);
         let ran = self
             .run::<(i64, i64, i64)>(&self.script, key, &[interval, tolerance])
             .await;
         match ran {
-            Ran::Done((allowed, ahead, over)) => Decision::from_gcra(
-                limit,
-                allowed == 1,
-                (ahead.max(0) as u64).saturating_mul(1000),
-                (over.max(0) as u64).saturating_mul(1000),
-            ),
+            Ran::Done((allowed, ahead, over)) => decision(limit, allowed == 1, ahead, over),
             Ran::Skipped | Ran::Failed => self.fallback.check(limit, key),
         }
     }
@@ -147,7 +167,7 @@ impl Store {
     /// counted: in Redis, or in memory while Redis is failing. A refund
     /// that fails is lost (the request stays counted: the strict side).
     pub(crate) async fn refund(&self, limit: &RateLimit, key: &str) {
-        let interval = limit.interval_nanos().div_ceil(1000).max(1);
+        let (interval, _) = micros(limit);
         if let Ran::Skipped = self.run::<i64>(&self.refund, key, &[interval]).await {
             self.fallback.refund(limit, key);
         }
@@ -223,6 +243,77 @@ mod tests {
             runtime.block_on(store.check(&limit, "client"))
         });
         checked.await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// What each of `limit`'s first `n` requests, made at once, leaves:
+    /// as the script's answer reports it, and as the memory store does.
+    fn remaining(limit: &str, n: usize) -> (Vec<u32>, Vec<u32>) {
+        let limit = RateLimit::parse(limit).unwrap_or_else(|e| panic!("{e}"));
+        let (interval, tolerance) = micros(&limit);
+        // The script's arithmetic, at one instant: each request pushes
+        // the arrival time one interval ahead.
+        let redis = (1..=n as i64)
+            .map(|i| {
+                let ahead = i * interval as i64;
+                let allowed = ahead <= tolerance as i64;
+                let ahead = if allowed {
+                    ahead
+                } else {
+                    ahead - interval as i64
+                };
+                decision(&limit, allowed, ahead, 0).remaining
+            })
+            .collect();
+        let mut tat = 0;
+        let memory = (0..n)
+            .map(|_| {
+                let (d, stored) = gcra::step(&limit, tat, 1);
+                tat = stored.unwrap_or(tat);
+                d.remaining
+            })
+            .collect();
+        (redis, memory)
+    }
+
+    #[test]
+    fn remaining_is_counted_with_the_interval_the_script_counts_with() {
+        // Intervals that are not whole microseconds (333,333.3 µs, 142,857.1
+        // µs) and one that is.
+        for (limit, want) in [
+            ("3/s", vec![2, 1, 0, 0]),
+            ("7/s burst 3", vec![2, 1, 0, 0]),
+            ("7/m burst 3", vec![2, 1, 0, 0]),
+            ("10/s burst 4", vec![3, 2, 1, 0, 0]),
+            ("3/m burst 3", vec![2, 1, 0, 0]),
+        ] {
+            let (redis, memory) = remaining(limit, want.len());
+            assert_eq!(redis, want, "{limit} in Redis");
+            assert_eq!(memory, want, "{limit} in memory");
+        }
+    }
+
+    /// The same against a Redis of the tests' (`FLOTILLA_TEST_REDIS_URL`).
+    #[tokio::test]
+    async fn redis_and_memory_report_the_same_remaining() {
+        let Ok(url) = std::env::var("FLOTILLA_TEST_REDIS_URL") else {
+            eprintln!("skipped: FLOTILLA_TEST_REDIS_URL not set");
+            return;
+        };
+        let prefix = format!("flotilla-test:{}:", uuid::Uuid::new_v4());
+        let store = Store::new(&url, &prefix);
+        // 8,571,428.6 µs a request: rounded up by the script, and long
+        // enough that the time between the checks changes nothing.
+        let limit = RateLimit::parse("7/m burst 3").unwrap_or_else(|e| panic!("{e}"));
+        let mut remaining = Vec::new();
+        for _ in 0..3 {
+            remaining.push(store.check(&limit, "client").await.remaining);
+        }
+        assert_eq!(
+            store.degraded_until_ms.load(Ordering::Relaxed),
+            0,
+            "a check failed and was counted in memory"
+        );
+        assert_eq!(remaining, [2, 1, 0]);
     }
 
     #[tokio::test]

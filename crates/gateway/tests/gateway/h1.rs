@@ -370,3 +370,45 @@ async fn a_streamed_body_over_the_limit_is_413() {
     drop(stream);
     gateway.shutdown(T).await;
 }
+
+#[tokio::test]
+async fn chunk_extensions_past_the_body_s_cap_are_refused_as_a_long_size_line_is() {
+    let mirror = Mirror::start().await;
+    let gateway = gateway_for(&mirror).await;
+    // 1-byte chunks with 3000 bytes of extensions each: every size line
+    // within its own 4 KiB, 24,000 bytes in all (the cap is 16 KiB).
+    let flood = format!("1;{}\r\nx\r\n", "e".repeat(2999)).repeat(8);
+    let long_line = format!("1;{}\r\nx\r\n", "e".repeat(5000));
+    let mut answers = Vec::new();
+    for body in [flood, long_line] {
+        let mut stream = connect(&gateway).await;
+        send(
+            &mut stream,
+            b"POST /x HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n",
+        )
+        .await;
+        // Apart, so that the body streams, as a flood's would.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The gateway may answer (and close) before all of it is sent.
+        let _ = stream.write_all(body.as_bytes()).await;
+        let _ = stream.write_all(b"0\r\n\r\n").await;
+        // Until the error's JSON body, or the head of an answer that is none.
+        let answer = read_until(&mut stream, |t| {
+            t.contains("\r\n\r\n{") || (t.starts_with("HTTP/1.1 200 ") && t.contains("\r\n\r\n"))
+        })
+        .await;
+        assert!(!answer.starts_with("HTTP/1.1 200 "), "taken: {answer}");
+        assert!(answer.contains("connection: close\r\n"), "{answer}");
+        let status = answer.lines().next().unwrap_or_default().to_string();
+        let code = answer
+            .split(r#""code":""#)
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_default()
+            .to_string();
+        answers.push((status, code));
+    }
+    assert!(!answers[0].1.is_empty(), "{answers:?}");
+    assert_eq!(answers[0], answers[1], "the flood, and a long size line");
+    gateway.shutdown(T).await;
+}

@@ -732,8 +732,14 @@ async fn a_mirror_gets_copies_and_the_client_only_the_route_s_answer() {
     let reply = Client::h2c(&gateway).get("/api/items").await;
     assert_eq!(reply.status, StatusCode::OK);
     wait_until("the shadow got the HTTP/2 copy", || shadow.hits() == 4).await;
-    let authority = gateway.local_addr().to_string();
-    assert_eq!(shadow.hosts().last(), Some(&format!("{authority}-shadow")));
+    // Marked on its name, before the port (an IPv6 address is left alone).
+    let addr = gateway.local_addr();
+    let authority = addr.to_string();
+    let marked = match addr {
+        std::net::SocketAddr::V4(a) => format!("{}-shadow:{}", a.ip(), a.port()),
+        std::net::SocketAddr::V6(_) => authority.clone(),
+    };
+    assert_eq!(shadow.hosts().last(), Some(&marked));
     assert_eq!(live.hosts().last(), Some(&authority));
 
     // A body too large to copy goes to the live service alone, whole.

@@ -280,9 +280,13 @@ fn jwt(ctx: &mut Ctx<'_>, raw: &RawJwt, name: String, declared: &[String]) -> Op
         }
         None => DEFAULT_JWT_LEEWAY,
     };
-    let mut forward_claims = Vec::new();
+    // Kept as written: claim names are case-sensitive (RFC 7519 §4), so
+    // `tenantId` is looked up as `tenantId`. Only the header it travels in
+    // is lower case (`x-flotilla-user-tenantid`), as header names are.
+    let mut forward_claims: Vec<String> = Vec::new();
     for c in raw.forward_claims.iter().flatten() {
         let claim = c.get_ref();
+        let suffix = claim.to_ascii_lowercase().replace('_', "-");
         if claim.is_empty()
             || !claim
                 .chars()
@@ -293,15 +297,25 @@ fn jwt(ctx: &mut Ctx<'_>, raw: &RawJwt, name: String, declared: &[String]) -> Op
                 format!("`{claim}` cannot be a header name suffix"),
                 Some("use letters, digits, `_` and `-`".into()),
             );
-        } else if ["id", "issuer"].contains(&claim.to_ascii_lowercase().replace('_', "-").as_str())
-        {
+        } else if ["id", "issuer"].contains(&suffix.as_str()) {
             ctx.error(
                 c.span(),
-                format!("`{claim}` would be `x-flotilla-user-{claim}`, which the gateway sets itself"),
+                format!("`{claim}` would be `x-flotilla-user-{suffix}`, which the gateway sets itself"),
                 Some("remove it: `x-flotilla-user-id` carries the `sub`, and `x-flotilla-user-issuer` the issuer's name".into()),
             );
+        } else if let Some(other) = forward_claims
+            .iter()
+            .find(|o| o.to_ascii_lowercase().replace('_', "-") == suffix)
+        {
+            // Two claims in one header would reach the service as two
+            // values it could not tell apart.
+            ctx.error(
+                c.span(),
+                format!("`{claim}` and `{other}` would both be `x-flotilla-user-{suffix}`"),
+                Some("forward one of them".into()),
+            );
         } else {
-            forward_claims.push(claim.to_ascii_lowercase());
+            forward_claims.push(claim.clone());
         }
     }
     let cookie = raw.cookie.as_ref().and_then(|c| {

@@ -755,6 +755,16 @@ fn several_jwt_issuers_parse_and_routes_name_them() {
     assert_eq!(m.gateway.jwt[1].audiences, ["shop-admin"]);
     assert_eq!(m.gateway.jwt[1].forward_claims, ["email"]);
     assert_eq!(m.gateway.jwt[1].cookie.as_deref(), Some("staff_at"));
+    // Claim names are case-sensitive: kept as written, not lowered.
+    let m = parses(&ISSUERS.replacen(
+        "forward_claims = [\"email\"]",
+        "forward_claims = [\"tenantId\", \"Email_Verified\"]",
+        1,
+    ));
+    assert_eq!(
+        m.gateway.jwt[1].forward_claims,
+        ["tenantId", "Email_Verified"]
+    );
     assert_eq!(m.gateway.jwt[0].cookie, None);
     let issuers: Vec<&[String]> = m.services["accounts"]
         .routes
@@ -921,7 +931,17 @@ fn several_jwt_issuers_errors_say_what_to_fix() {
         (
             "forward_claims = [\"email\"]",
             "forward_claims = [\"Issuer\"]",
-            "`Issuer` would be `x-flotilla-user-Issuer`, which the gateway sets itself",
+            "`Issuer` would be `x-flotilla-user-issuer`, which the gateway sets itself",
+        ),
+        (
+            "forward_claims = [\"email\"]",
+            "forward_claims = [\"tenant_id\", \"tenant-id\"]",
+            "`tenant-id` and `tenant_id` would both be `x-flotilla-user-tenant-id`",
+        ),
+        (
+            "forward_claims = [\"email\"]",
+            "forward_claims = [\"tenantId\", \"tenantid\"]",
+            "`tenantid` and `tenantId` would both be `x-flotilla-user-tenantid`",
         ),
         (
             "forward_claims = [\"email\"]",
