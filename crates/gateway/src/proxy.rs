@@ -307,6 +307,14 @@ impl Proxy {
                         }
                         if failure == Failure::Other || !may_retry(retries) || !health.try_retry() {
                             let service = route.service.clone();
+                            // The client's body broke as it streamed (bad
+                            // chunked framing, longer or shorter than it
+                            // said): the client's fault, not the instance's.
+                            if matches!(error, SendError::Body(_)) {
+                                return Err(Rejection::BadRequestBody {
+                                    source: Box::new(error),
+                                });
+                            }
                             let source = Box::new(error);
                             return Err(match failure {
                                 Failure::Connect => {

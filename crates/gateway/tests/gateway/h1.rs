@@ -410,5 +410,13 @@ async fn chunk_extensions_past_the_body_s_cap_are_refused_as_a_long_size_line_is
     }
     assert!(!answers[0].1.is_empty(), "{answers:?}");
     assert_eq!(answers[0], answers[1], "the flood, and a long size line");
+    // The client's body is at fault, not the instance it streamed to.
+    assert_eq!(
+        answers[0],
+        (
+            "HTTP/1.1 400 Bad Request".to_string(),
+            "bad_request_body".to_string()
+        )
+    );
     gateway.shutdown(T).await;
 }
