@@ -312,7 +312,9 @@ impl tower::Service<Uri> for Connector {
     }
 
     fn call(&mut self, dst: Uri) -> Self::Future {
-        let timeout = self.handshake_timeout;
+        // One deadline for the TCP connect and the handshake, as in `open`.
+        let deadline = tokio::time::Instant::now() + self.handshake_timeout;
+        let left = move || deadline.saturating_duration_since(tokio::time::Instant::now());
         if dst.scheme() == Some(&Scheme::HTTPS) {
             let web = self.web.clone();
             let name = web_server_name(&dst);
@@ -321,7 +323,7 @@ impl tower::Service<Uri> for Connector {
                 let web = web.ok_or("an https:// URI for a connector without web TLS")?;
                 let name = name?;
                 let tcp = connecting.await?.into_inner();
-                let tls = tokio::time::timeout(timeout, web.connect(name, tcp))
+                let tls = tokio::time::timeout(left(), web.connect(name, tcp))
                     .await
                     .map_err(|_| {
                         std::io::Error::new(
@@ -337,7 +339,7 @@ impl tower::Service<Uri> for Connector {
         let mtls = self.mtls.clone();
         Box::pin(async move {
             let tcp = connecting.await?.into_inner();
-            let stream = secure(mtls.as_deref(), service.as_deref(), tcp, timeout).await?;
+            let stream = secure(mtls.as_deref(), service.as_deref(), tcp, left()).await?;
             Ok(UpstreamIo(TokioIo::new(stream)))
         })
     }
@@ -365,8 +367,11 @@ impl Connector {
         service: &str,
         addr: SocketAddr,
     ) -> Result<Stream, ConnectError> {
-        let tcp = match tokio::time::timeout(self.handshake_timeout, TcpStream::connect(addr)).await
-        {
+        // One deadline for the TCP connect and the TLS handshake after it:
+        // `connect_timeout` is how long opening a connection may take, not
+        // each step of it.
+        let deadline = tokio::time::Instant::now() + self.handshake_timeout;
+        let tcp = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
             Err(_) => {
                 return Err(Box::new(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
@@ -379,13 +384,8 @@ impl Connector {
             Ok(tcp) => tcp?,
         };
         tcp.set_nodelay(true)?;
-        secure(
-            self.mtls.as_deref(),
-            Some(service),
-            tcp,
-            self.handshake_timeout,
-        )
-        .await
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        secure(self.mtls.as_deref(), Some(service), tcp, left).await
     }
 }
 
