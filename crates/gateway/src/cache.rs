@@ -753,6 +753,11 @@ pub(crate) struct RouteCache {
     pub id: Box<str>,
     /// Whether the route names hosts: then the host is part of the key.
     pub by_host: bool,
+    /// Whether every request is let on by `[gateway.authz]`'s check: then
+    /// each is taken to carry credentials (the check admitted it by its
+    /// cookie, say, and may have told the instance whose it is), and its
+    /// response is kept only when the instance says it may be shared.
+    pub checked: bool,
     /// The query parameters that count, if the route names them
     /// ([`RouteCache::kept_query`]).
     pub query: Option<Box<[Box<str>]>>,
@@ -907,7 +912,8 @@ impl RouteCache {
             // The gateway's own word for who the caller is counts too: an
             // API key is taken off before the lookup, and its consumer's
             // answer is no more another's than a token's would be.
-            authorized: req.headers().contains_key(AUTHORIZATION)
+            authorized: self.checked
+                || req.headers().contains_key(AUTHORIZATION)
                 || req.headers().contains_key(&XFCC)
                 || req.headers().contains_key(&USER_ID),
             headers: if storable {
@@ -1915,6 +1921,7 @@ mod tests {
             stale_while_revalidate: Duration::ZERO,
             id: "svc:/x:".into(),
             by_host: false,
+            checked: false,
             query: query.map(|q| q.iter().map(|n| (*n).into()).collect()),
             compression: None,
             stats: stats::CacheStats::new("/x"),
@@ -1942,6 +1949,15 @@ mod tests {
                     "{credential:?} {said}"
                 );
             }
+        }
+        // On a route whose requests `[gateway.authz]` lets on, every one is
+        // credentialed (the check may have admitted a cookie).
+        let checked = || RouteCache {
+            checked: true,
+            ..route_cache(None)
+        };
+        for (said, keeps) in [("", false), ("max-age=60", false), ("public", true)] {
+            assert_eq!(kept(&checked(), &[], said).await, keeps, "checked {said}");
         }
     }
 

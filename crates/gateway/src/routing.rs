@@ -263,6 +263,7 @@ impl Routing {
                         stale_if_error: c.stale_if_error,
                         stale_while_revalidate: c.stale_while_revalidate,
                         by_host: !route.hosts.is_empty(),
+                        checked: route.authz && authz.is_some(),
                         query: c
                             .query
                             .as_ref()
