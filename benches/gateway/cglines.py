@@ -16,12 +16,19 @@ and call sites to print (default 40); FUNCTION, a part of a function's name,
 keeps only what that function (with what is inlined into it) costs. Line
 tables do not change the code (the same counts to within 0.2 % here).
 
+EVENT=NAME counts another of the profile's events instead of instructions
+(Ir): with `CACHE=1` in the run, I1mr (L1 instruction-cache misses), D1mr
+and D1mw (L1 data-cache read and write misses) or Bcm (mispredicted
+conditional branches). EVENT=I1mr BY=crate sums them by crate (or BY=file
+by source file) instead of listing lines.
+
 Compare runs whose request counts are alike: the counts per request include
 work that goes by time, not by request (the metrics' upkeep thread, timers),
 so a run the machine slowed (fewer requests in its time) reads higher.
 """
 
 import collections
+import os
 import re
 import sys
 
@@ -44,6 +51,8 @@ def main():
             table[m.group(1)] = m.group(2)
         return table.get(m.group(1), "?")
 
+    event = os.environ.get("EVENT", "Ir")
+    column = None
     own = collections.Counter()
     calls = collections.Counter()
     count = collections.Counter()
@@ -53,6 +62,12 @@ def main():
         for raw in f:
             line = raw.rstrip("\n")
             if not line:
+                continue
+            if line.startswith("events:"):
+                events = line.split()[1:]
+                if event not in events:
+                    sys.exit(f"{path} has no {event} event; it has {' '.join(events)}")
+                column = 1 + events.index(event)
                 continue
             c = line[0]
             if c.isdigit() or c in "+-*":
@@ -66,7 +81,7 @@ def main():
                 else:
                     at = int(pos)
                 last = at
-                cost = int(parts[1]) if len(parts) > 1 else 0
+                cost = int(parts[column]) if len(parts) > column else 0
                 where = inlined or file
                 if pending is not None:
                     key = (function, where, at, callee)
@@ -98,10 +113,28 @@ def main():
     def kept(fn):
         return only is None or only in (fn or "")
 
-    print("instructions per request, each line's own (inlined code at its own line):")
+    by = os.environ.get("BY")
+    if by:
+        # Own costs only: the calls' inclusive costs would count them twice.
+        totals = collections.Counter()
+        for (fn, f, _), cost in own.items():
+            if not kept(fn):
+                continue
+            where = short(f)
+            if by == "crate":
+                # glibc's sources are named relative to its build ("./string/...").
+                where = "glibc" if where.startswith("./") else re.sub(r"^([^/]+)/.*", r"\1", where)
+            totals[where] += cost
+        whole = sum(totals.values())
+        print(f"{event} per request by {by}, own (inlined code where its source is): {whole / requests:.1f}")
+        for where, cost in totals.most_common(top):
+            print(f"{cost / requests:8.1f} {100 * cost / whole:5.1f} %  {where}")
+        return
+
+    print(f"{event} per request, each line's own (inlined code at its own line):")
     for cost, (fn, f, at) in sorted(((v, k) for k, v in own.items() if kept(k[0])), reverse=True)[:top]:
         print(f"{cost / requests:8.1f}  {short(f)}:{at}  [{(fn or '')[-60:]}]")
-    print("call sites: the callee's inclusive instructions per request, calls per request:")
+    print(f"call sites: the callee's inclusive {event} per request, calls per request:")
     for cost, key in sorted(((v, k) for k, v in calls.items() if kept(k[0])), reverse=True)[:top]:
         fn, f, at, cf = key
         print(f"{cost / requests:8.1f} {count[key] / requests:5.2f}x  {short(f)}:{at} -> {cf[-70:]}  [{(fn or '')[-40:]}]")
