@@ -37,12 +37,18 @@
 //! - A stale entry is served at once while one request fetches it again in
 //!   the background (RFC 5861's `stale-while-revalidate`), for as long
 //!   past its freshness as the response's own `stale-while-revalidate`
-//!   says, else the route's; never after `must-revalidate`.
+//!   says, else the route's; never after `must-revalidate`, and never to a
+//!   request that says how fresh a response it takes (`max-age`,
+//!   `min-fresh`, `max-stale`), which is forwarded (RFC 9111 §4.2.4: the
+//!   client's word against serving stale wins). One with `only-if-cached`
+//!   is served it without the fetch, since it is never forwarded.
 //! - A stale entry stands in for a fetch that fails with 500, 502, 503 or
 //!   504 (RFC 5861's `stale-if-error`), for as long past its freshness as
 //!   the response's own `stale-if-error` says, else the route's
 //!   `stale_if_error`; never after `must-revalidate`. It is kept that long
-//!   (or until it is the least recently used).
+//!   (or until it is the least recently used). So does one still fresh
+//!   that the client's `max-age` or `min-fresh` passed over, but only if
+//!   it could stand in once stale (a window, and no `must-revalidate`).
 //! - A response the gateway's gzip would compress is kept gzipped too,
 //!   compressed once as it is kept: a hit for a client that takes gzip is
 //!   that copy (with its length), where nginx and Envoy gzip every hit.
@@ -459,10 +465,15 @@ impl ResponseCache {
             };
             let seen = (tries < 4).then_some(missed.stale.as_ref());
             // Only a stale entry: one fresh but not fresh enough for the
-            // client is not served while it is fetched.
+            // client is not served while it is fetched. Nor is a stale one
+            // to a client that said how fresh a response it takes: the
+            // entry failed what it said (else `get` took it), and a
+            // response's `stale-while-revalidate` does not override the
+            // client's word (RFC 9111 §4.2.4, §5.2.1).
             if let Some(stale) = &missed.stale
                 && missed.fwd == "stale"
                 && now < stale.revalidate_until
+                && asked.leaves_freshness_to_the_cache()
             {
                 let fill = if may_wait {
                     match Self::claim(this, key, req, seen) {
@@ -950,8 +961,10 @@ impl RouteCache {
         if asked.no_cache || asked.max_age == Some(0) || pragma_no_cache {
             return Verdict::Forward(miss("request", is_get, false, None));
         }
-        // Only a GET fetches what others may wait for.
-        let may_wait = is_get && collapsed.is_none();
+        // Only a GET fetches what others may wait for; and not one with
+        // `only-if-cached`, which is never forwarded, not even in the
+        // background for a stale entry it is served.
+        let may_wait = is_get && collapsed.is_none() && !asked.only_if_cached;
         match ResponseCache::find(&self.store, &key, &varied, now, asked, may_wait) {
             Found::Fresh(entry) => {
                 let status = entry.status.as_u16();
@@ -1248,16 +1261,28 @@ impl Miss {
 
     /// The kept response, past its freshness, for a fetch that failed with
     /// `status` (RFC 5861: 500, 502, 503 or 504, the instance's or the
-    /// gateway's), if it may stand in for it now.
+    /// gateway's), if it may stand in for it now. Or one still fresh that
+    /// the client's `max-age` or `min-fresh` passed over: only if it
+    /// could stand in once stale, that is with a `stale-if-error` window
+    /// (which `must-revalidate` closes): served past the client's limit,
+    /// it is as good as stale to that client, and a response that may
+    /// never be served stale is not served so on an error either.
     pub(crate) fn stand_in(&mut self, status: StatusCode, now: Instant) -> Option<Reply> {
         let failed = matches!(status.as_u16(), 500 | 502 | 503 | 504);
         let stale = self
             .stale
             .take()
-            .filter(|e| failed && now < e.stale_until)?;
+            .filter(|e| failed && now < e.stale_until && e.stale_until > e.expires)?;
         let code = status.as_u16();
+        // RFC 9211: `request` when the client's directives ruled out a
+        // fresh response, `stale` when it was past its freshness.
+        let fwd = if now < stale.expires {
+            "request"
+        } else {
+            "stale"
+        };
         Some(stale.reply(now, self.form, &HeaderMap::new(), |ttl| {
-            format!("flotilla; fwd=stale; fwd-status={code}; ttl={ttl}; detail=stale-if-error")
+            format!("flotilla; fwd={fwd}; fwd-status={code}; ttl={ttl}; detail=stale-if-error")
         }))
     }
 
@@ -1445,6 +1470,13 @@ struct Directives {
 }
 
 impl Directives {
+    /// Whether a request leaves how fresh a response it gets to the cache:
+    /// it names no `max-age`, `min-fresh` or `max-stale`. Only then may a
+    /// stale response be served to it while it is fetched again.
+    fn leaves_freshness_to_the_cache(&self) -> bool {
+        self.max_age.is_none() && self.min_fresh.is_none() && self.max_stale.is_none()
+    }
+
     fn of<'a>(values: impl Iterator<Item = &'a [u8]>) -> Directives {
         let mut d = Directives::default();
         for element in list_elements(values) {
@@ -1958,6 +1990,128 @@ mod tests {
         };
         for (said, keeps) in [("", false), ("max-age=60", false), ("public", true)] {
             assert_eq!(kept(&checked(), &[], said).await, keeps, "checked {said}");
+        }
+    }
+
+    /// A route's cache with an entry kept for `/x`: fresh until `expires`,
+    /// `age` seconds old at `now`, with `stale_window` past `expires` to
+    /// stand in for a failed fetch, and a minute past `now` (or `expires`,
+    /// if later) to be served while fetched again. (Kept as `Miss::record`
+    /// keeps them: `must-revalidate` makes both windows nothing.)
+    fn with_entry(now: Instant, expires: Instant, age: u64, stale_window: Duration) -> RouteCache {
+        let cache = route_cache(None);
+        let mut kept = entry(100, Vec::new(), expires);
+        kept.stored = now;
+        kept.age = age;
+        kept.stale_until = expires + stale_window;
+        kept.revalidate_until = expires.max(now) + Duration::from_secs(60);
+        cache.store.put(cache.key(None, "/x"), kept);
+        cache
+    }
+
+    /// A GET of `/x` with `Cache-Control: directives` (none if empty).
+    fn asking(directives: &'static str) -> Request<Body> {
+        let mut req = Request::new(body::empty());
+        if !directives.is_empty() {
+            req.headers_mut()
+                .insert(CACHE_CONTROL, HeaderValue::from_static(directives));
+        }
+        req
+    }
+
+    fn cache_status_of(reply: &Reply) -> String {
+        let said = reply.values(&CACHE_STATUS).next().unwrap_or_default();
+        String::from_utf8_lossy(said).into_owned()
+    }
+
+    /// What a lookup made of a request, in words, for a failed assertion.
+    fn verdict(v: &Verdict) -> String {
+        match v {
+            Verdict::Hit(r) => format!("hit: {}", cache_status_of(r)),
+            Verdict::Revalidate(r, fetch) => {
+                let fetch = if fetch.is_some() { "with" } else { "without" };
+                format!("stale {fetch} a fetch: {}", cache_status_of(r))
+            }
+            Verdict::Forward(m) => format!("forwarded, fwd={}", m.fwd),
+            Verdict::Wait(_) => "waits".into(),
+            Verdict::NotCached => "not cached".into(),
+        }
+    }
+
+    /// A client's `max-age`, `min-fresh` or `max-stale` that a stale entry
+    /// fails rules it out even within its `stale-while-revalidate`
+    /// window: forwarded (RFC 9111 §4.2.4), not served stale. One with
+    /// `only-if-cached` is served it, but starts no fetch.
+    #[test]
+    fn a_client_s_freshness_limits_win_over_stale_while_revalidate() {
+        // Ahead of the clock, so that 20 s before it is an instant too.
+        let now = Instant::now() + Duration::from_secs(60);
+        let went_stale = now - Duration::from_secs(20);
+        // Fresh for 10 s, stale for 20: 30 s old.
+        let cache = with_entry(now, went_stale, 30, Duration::ZERO);
+        let look = |directives| cache.lookup(&asking(directives), (None, "/x"), false, now, None);
+        for directives in [
+            "max-age=5",
+            "min-fresh=10",
+            "max-stale=5",
+            // Old enough for it, but stale, and no `max-stale`: a client
+            // with a `max-age` takes nothing stale (§5.2.1.1).
+            "max-age=100",
+        ] {
+            let v = look(directives);
+            assert!(
+                matches!(&v, Verdict::Forward(m) if m.fwd == "stale" && m.stale.is_some()),
+                "{directives}: {}",
+                verdict(&v)
+            );
+        }
+        let v = look("max-stale=60");
+        assert!(
+            matches!(v, Verdict::Hit(_)),
+            "as stale as it takes: {}",
+            verdict(&v)
+        );
+        let v = look("only-if-cached");
+        assert!(
+            matches!(&v, Verdict::Revalidate(r, None)
+                if cache_status_of(r).ends_with("detail=stale-while-revalidate")),
+            "only-if-cached: {}",
+            verdict(&v)
+        );
+        // A client that says nothing: served stale, and it fetches.
+        let v = look("");
+        assert!(
+            matches!(&v, Verdict::Revalidate(_, Some(_))),
+            "{}",
+            verdict(&v)
+        );
+    }
+
+    /// A response still fresh that the client's `max-age` passed over
+    /// stands in for a failed fetch only where it could once stale: with
+    /// a `stale-if-error` window (none after `must-revalidate`, which
+    /// closes it as the response is kept).
+    #[test]
+    fn a_fresh_response_passed_over_stands_in_only_with_a_window() {
+        let now = Instant::now();
+        let fresh_until = now + Duration::from_secs(30);
+        for (window, stands_in) in [(Duration::ZERO, false), (Duration::from_secs(600), true)] {
+            let cache = with_entry(now, fresh_until, 30, window);
+            let v = cache.lookup(&asking("max-age=5"), (None, "/x"), false, now, None);
+            let Verdict::Forward(mut miss) = v else {
+                panic!("max-age=5 of a 30 s old response: {}", verdict(&v));
+            };
+            assert_eq!(miss.fwd, "request");
+            let stood_in = miss.stand_in(StatusCode::SERVICE_UNAVAILABLE, now);
+            assert_eq!(stood_in.is_some(), stands_in, "{window:?}");
+            if let Some(reply) = stood_in {
+                let said = cache_status_of(&reply);
+                assert!(
+                    said.starts_with("flotilla; fwd=request; fwd-status=503; ttl=")
+                        && said.ends_with("; detail=stale-if-error"),
+                    "{said}"
+                );
+            }
         }
     }
 

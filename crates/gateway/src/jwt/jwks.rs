@@ -3,8 +3,16 @@
 //! `refetch_min_interval`) when a token names a key id we do not know —
 //! which is how a rotated-in key is picked up before the next refresh.
 //!
-//! A fetch that fails, or returns no usable key, leaves the last good set
-//! in place: an outage of the identity service must not log everyone out.
+//! A fetch that fails, or answers with something that is not a JWKS (JSON
+//! with a `keys` array), leaves the last good set in place: an outage of
+//! the identity service must not log everyone out. A JWKS replaces it,
+//! even one without a key we can use (`{"keys": []}`): that is how the
+//! only key, a leaked one, is taken out, and the set is the source's word
+//! on which keys are good. Then every token is refused, and a warning says
+//! which keys were skipped and why. (Envoy refuses every token of a
+//! `local_jwks` without a valid key too; its remote sets expire after
+//! `cache_duration`, where ours are kept until replaced, so a set kept past
+//! its revocation would verify the leaked key for good.)
 //! Only keys that pin an algorithm we verify are kept, each with a `kid`:
 //! OKP/Ed25519 → EdDSA, EC/P-256 → ES256, EC/P-384 → ES384, and RSA keys
 //! of 2048 to 8192 bits → the RS*/PS* algorithm their `alg` names, or
@@ -47,6 +55,10 @@ pub(crate) struct KeySet {
 impl KeySet {
     pub(crate) fn get(&self, kid: &str) -> Option<Arc<Key>> {
         self.keys.get(kid).cloned()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
 
     fn kids(&self) -> Vec<&str> {
@@ -101,11 +113,11 @@ fn rsa(n: &Option<String>, e: &Option<String>) -> Option<Public> {
 }
 
 impl Jwk {
-    /// The key, if it is one we verify with; `None` skips it.
-    fn into_key(self) -> Option<Key> {
-        let kid = self.kid.filter(|k| !k.is_empty())?;
+    /// The key, if it is one we verify with; else why it is skipped.
+    fn into_key(self) -> Result<Key, &'static str> {
+        let kid = self.kid.filter(|k| !k.is_empty()).ok_or("no `kid`")?;
         if self.use_.as_deref().is_some_and(|u| u != "sig") {
-            return None;
+            return Err("not a signing key (its `use` is not `sig`)");
         }
         let point = |len| {
             let mut point = vec![0x04];
@@ -113,30 +125,91 @@ impl Jwk {
             point.extend(coordinate(&self.y, len)?);
             Some(Public::Raw(point))
         };
-        let (alg, public) = match (self.kty.as_deref()?, self.crv.as_deref()) {
-            ("OKP", Some("Ed25519")) => (Alg::EdDsa, Public::Raw(coordinate(&self.x, 32)?)),
-            ("EC", Some("P-256")) => (Alg::Es256, point(32)?),
-            ("EC", Some("P-384")) => (Alg::Es384, point(48)?),
-            ("RSA", _) => {
+        let (alg, public) = match (self.kty.as_deref(), self.crv.as_deref()) {
+            (Some("OKP"), Some("Ed25519")) => (
+                Alg::EdDsa,
+                Public::Raw(coordinate(&self.x, 32).ok_or("its `x` is not 32 bytes of base64url")?),
+            ),
+            (Some("EC"), Some("P-256")) => (
+                Alg::Es256,
+                point(32).ok_or("its `x` or `y` is not 32 bytes of base64url")?,
+            ),
+            (Some("EC"), Some("P-384")) => (
+                Alg::Es384,
+                point(48).ok_or("its `x` or `y` is not 48 bytes of base64url")?,
+            ),
+            (Some("RSA"), _) => {
                 // An RSA key signs with the padding and hash its `alg`
                 // names; without one, with RS256, as its issuers do.
                 let alg = match self.alg.as_deref() {
                     None => Alg::Rs256,
-                    Some(named) => Alg::from_name(named).filter(|a| a.is_rsa())?,
+                    Some(named) => Alg::from_name(named)
+                        .filter(|a| a.is_rsa())
+                        .ok_or("an RSA key whose `alg` is not RS256/384/512 or PS256/384/512")?,
                 };
-                (alg, rsa(&self.n, &self.e)?)
+                let public = rsa(&self.n, &self.e)
+                    .ok_or("an RSA key whose `n` is not of 2048 to 8192 bits, or whose `n` or `e` is malformed")?;
+                (alg, public)
             }
-            _ => return None,
+            (Some("oct"), _) => return Err("a symmetric (`oct`) key, never taken from a JWKS"),
+            _ => return Err("not OKP/Ed25519, EC/P-256 or P-384, or RSA"),
         };
         // A key that names another algorithm than its curve implies is
         // inconsistent: skip it rather than guess.
         if let Some(named) = &self.alg
             && Alg::from_name(named) != Some(alg)
         {
-            return None;
+            return Err("its `alg` is not the one its key type and curve imply");
         }
-        Some(Key { kid, alg, public })
+        Ok(Key { kid, alg, public })
     }
+}
+
+/// A key of a JWKS we do not verify with, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Skipped {
+    kid: Option<String>,
+    why: &'static str,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kid {
+            // Cut short: a JWKS is someone else's text, and a log line
+            // should not carry a 256 KiB `kid`.
+            Some(kid) if kid.chars().count() > 64 => {
+                let cut: String = kid.chars().take(64).collect();
+                write!(f, "{cut:?}…: {}", self.why)
+            }
+            Some(kid) => write!(f, "{kid:?}: {}", self.why),
+            None => write!(f, "a key without a `kid`: {}", self.why),
+        }
+    }
+}
+
+/// The skipped keys, for a log line: the first 16, and how many more.
+fn describe(skipped: &[Skipped]) -> String {
+    const SHOWN: usize = 16;
+    if skipped.is_empty() {
+        return "none".into();
+    }
+    let mut out = skipped
+        .iter()
+        .take(SHOWN)
+        .map(Skipped::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if skipped.len() > SHOWN {
+        out.push_str(&format!("; and {} more", skipped.len() - SHOWN));
+    }
+    out
+}
+
+/// A JWKS document read: the keys we verify with, and those we skip.
+#[derive(Debug)]
+pub(crate) struct Parsed {
+    pub keys: KeySet,
+    pub skipped: Vec<Skipped>,
 }
 
 /// Why a JWKS could not be fetched or used.
@@ -159,38 +232,43 @@ pub(crate) enum FetchError {
     #[error("the JWKS is not valid JSON of the form {{\"keys\": [...]}}")]
     Json(#[source] serde_json::Error),
     #[error(
-        "the JWKS has no usable key (OKP/Ed25519, EC/P-256 or P-384, or RSA of 2048 to 8192 bits, with a `kid`)"
-    )]
-    NoUsableKeys,
-    #[error(
         "the JWKS fetch took longer than {}",
         humantime::format_duration(FETCH_TIMEOUT)
     )]
     Timeout,
 }
 
-/// Parses a JWKS document, keeping the keys we can verify with.
-pub(crate) fn parse(bytes: &[u8]) -> Result<KeySet, FetchError> {
+/// Parses a JWKS document, keeping the keys we can verify with. A set
+/// with none is still a set (see the module's comment); only a document
+/// that is not one is an error.
+pub(crate) fn parse(bytes: &[u8]) -> Result<Parsed, FetchError> {
     let jwks: Jwks = serde_json::from_slice(bytes).map_err(FetchError::Json)?;
     let mut keys = HashMap::new();
+    let mut skipped = Vec::new();
     let mut duplicates = Vec::new();
     for jwk in jwks.keys {
-        if let Some(key) = jwk.into_key() {
-            if keys.contains_key(&key.kid) {
-                duplicates.push(key.kid.clone());
-                continue;
+        let kid = jwk.kid.clone();
+        match jwk.into_key() {
+            Ok(key) if keys.contains_key(&key.kid) => duplicates.push(key.kid),
+            Ok(key) => {
+                keys.insert(key.kid.clone(), Arc::new(key));
             }
-            keys.insert(key.kid.clone(), Arc::new(key));
+            Err(why) => skipped.push(Skipped { kid, why }),
         }
     }
     // Two keys under one id: which one signed a token is ambiguous.
     for kid in duplicates {
-        keys.remove(&kid);
+        if keys.remove(&kid).is_some() {
+            skipped.push(Skipped {
+                kid: Some(kid),
+                why: "another key has the same `kid`",
+            });
+        }
     }
-    if keys.is_empty() {
-        return Err(FetchError::NoUsableKeys);
-    }
-    Ok(KeySet { keys })
+    Ok(Parsed {
+        keys: KeySet { keys },
+        skipped,
+    })
 }
 
 /// The current key set and how to get a new one.
@@ -266,26 +344,36 @@ impl KeyStore {
         self.current().get(kid)
     }
 
-    /// Fetches the set and installs it if usable.
+    /// Fetches the set and installs it, unless the fetch failed or what
+    /// came is not a JWKS.
     pub(crate) async fn refresh(&self) -> Result<(), FetchError> {
         let _fetching = self.fetching.lock().await;
         self.refresh_locked().await
     }
 
     async fn refresh_locked(&self) -> Result<(), FetchError> {
-        let set = tokio::time::timeout(FETCH_TIMEOUT, self.fetch())
+        let Parsed { keys: set, skipped } = tokio::time::timeout(FETCH_TIMEOUT, self.fetch())
             .await
             .map_err(|_| FetchError::Timeout)??;
+        // Installed all the same (the module's comment says why), and
+        // said at every fetch while it lasts: no token passes meanwhile.
+        if set.is_empty() {
+            tracing::warn!(
+                target: "flotilla::gateway",
+                skipped = %describe(&skipped),
+                "the JWKS has no usable key (OKP/Ed25519, EC/P-256 or P-384, or RSA of 2048 to 8192 bits, with a `kid`): every token is refused until it has one"
+            );
+        }
         let mut current = self.keys.write().unwrap_or_else(|e| e.into_inner());
         if **current != set {
-            tracing::info!(target: "flotilla::gateway", kids = ?set.kids(), "JWKS updated");
+            tracing::info!(target: "flotilla::gateway", kids = ?set.kids(), skipped = %describe(&skipped), "JWKS updated");
             *current = Arc::new(set);
             self.version.fetch_add(1, Ordering::AcqRel);
         }
         Ok(())
     }
 
-    async fn fetch(&self) -> Result<KeySet, FetchError> {
+    async fn fetch(&self) -> Result<Parsed, FetchError> {
         let uri = match &self.source {
             JwksSource::File(path) => return read_file(path).await,
             JwksSource::Url(uri) => uri.clone(),
@@ -328,7 +416,7 @@ impl KeyStore {
 
 /// The key set in the JWKS file at `path`, read whole unless it is larger
 /// than any JWKS is.
-async fn read_file(path: &std::path::Path) -> Result<KeySet, FetchError> {
+async fn read_file(path: &std::path::Path) -> Result<Parsed, FetchError> {
     use tokio::io::AsyncReadExt;
     let failed = |e| FetchError::File(path.to_path_buf(), e);
     let file = tokio::fs::File::open(path).await.map_err(failed)?;
@@ -428,11 +516,38 @@ mod tests {
             {"kty": "EC", "crv": "P-384", "x": x, "y": y, "kid": "p384-short"},
             {"kty": "EC", "crv": "P-521", "x": x, "y": y, "kid": "p521"},
         ]});
-        let set = match parse(doc.to_string().as_bytes()) {
-            Ok(s) => s,
+        let Parsed { keys: set, skipped } = match parse(doc.to_string().as_bytes()) {
+            Ok(p) => p,
             Err(e) => panic!("{e}"),
         };
         assert_eq!(set.kids(), ["ec", "ed", "p384", "pss", "rs512", "rsa"]);
+        // Each skipped key is named, with why, for the log.
+        let why = |kid: Option<&str>| {
+            skipped
+                .iter()
+                .find(|s| s.kid.as_deref() == kid)
+                .map(|s| s.why)
+        };
+        assert_eq!(skipped.len(), 13, "{skipped:?}");
+        assert_eq!(
+            why(Some("hmac")),
+            Some("a symmetric (`oct`) key, never taken from a JWKS")
+        );
+        assert_eq!(
+            why(Some("enc")),
+            Some("not a signing key (its `use` is not `sig`)")
+        );
+        assert_eq!(why(None), Some("no `kid`"));
+        assert_eq!(
+            why(Some("wrong-alg")),
+            Some("its `alg` is not the one its key type and curve imply")
+        );
+        assert_eq!(
+            why(Some("p521")),
+            Some("not OKP/Ed25519, EC/P-256 or P-384, or RSA")
+        );
+        assert!(why(Some("rsa-small")).is_some_and(|w| w.contains("2048 to 8192")));
+        assert!(why(Some("rsa-as-hmac")).is_some_and(|w| w.contains("`alg`")));
         let alg = |kid: &str| set.get(kid).map(|k| k.alg);
         assert_eq!(alg("ec"), Some(Alg::Es256));
         assert_eq!(alg("ed"), Some(Alg::EdDsa));
@@ -449,21 +564,148 @@ mod tests {
         );
     }
 
+    /// A set without a usable key is a set (an empty one): only what is
+    /// not a JWKS is an error.
     #[test]
-    fn duplicate_kids_are_dropped_and_empty_sets_refused() {
+    fn duplicate_kids_are_dropped_and_a_set_without_usable_keys_is_still_a_set() {
         let x = b64(&[1; 32]);
         let doc = json!({"keys": [
             {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "a"},
             {"kty": "OKP", "crv": "Ed25519", "x": b64(&[3; 32]), "kid": "a"},
+            {"kty": "OKP", "crv": "Ed25519", "x": b64(&[4; 32]), "kid": "a"},
         ]});
-        assert!(matches!(
-            parse(doc.to_string().as_bytes()),
-            Err(FetchError::NoUsableKeys)
-        ));
-        assert!(matches!(parse(b"{}"), Err(FetchError::Json(_))));
-        assert!(matches!(
-            parse(br#"{"keys": []}"#),
-            Err(FetchError::NoUsableKeys)
-        ));
+        let parsed = parse(doc.to_string().as_bytes());
+        assert!(
+            matches!(&parsed, Ok(p) if p.keys.is_empty()
+                && p.skipped == [Skipped { kid: Some("a".into()), why: "another key has the same `kid`" }]),
+            "{parsed:?}"
+        );
+        let parsed = parse(br#"{"keys": []}"#);
+        assert!(
+            matches!(&parsed, Ok(p) if p.keys.is_empty() && p.skipped.is_empty()),
+            "{parsed:?}"
+        );
+        for not_a_jwks in [&b"{}"[..], b"[]", br#"{"keys": {}}"#, b"{not json", b""] {
+            assert!(
+                matches!(parse(not_a_jwks), Err(FetchError::Json(_))),
+                "{}",
+                String::from_utf8_lossy(not_a_jwks)
+            );
+        }
+    }
+
+    #[test]
+    fn a_skipped_key_is_logged_by_its_kid_cut_short() {
+        let long = "k".repeat(100);
+        let skipped: Vec<Skipped> = (0..20)
+            .map(|n| Skipped {
+                kid: (n > 0).then(|| {
+                    if n == 1 {
+                        long.clone()
+                    } else {
+                        format!("k{n}")
+                    }
+                }),
+                why: "why",
+            })
+            .collect();
+        let said = describe(&skipped);
+        assert!(
+            said.starts_with(&format!(
+                "a key without a `kid`: why; \"{}\"…: why; \"k2\": why; ",
+                "k".repeat(64)
+            )),
+            "{said}"
+        );
+        assert!(said.ends_with("; and 4 more"), "{said}");
+        assert_eq!(describe(&[]), "none");
+    }
+
+    /// Keys from nowhere: a store of a file's keys never asks for one.
+    struct NoUpstreams;
+
+    impl Upstreams for NoUpstreams {
+        fn ready(&self, _service: &str) -> Arc<[crate::upstream::Endpoint]> {
+            Arc::from([])
+        }
+
+        fn activate(&self, _service: &str) -> crate::upstream::ActivateFuture {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// An operator revokes the only key, a leaked one, by writing a set
+    /// without it: the empty set replaces the last good one at once (and
+    /// the version changes, so that no cached verification holds). A
+    /// file that is not a JWKS, or is gone, keeps the last good set.
+    #[tokio::test]
+    async fn a_set_without_usable_keys_replaces_the_last_good_one_and_a_broken_one_does_not() {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("{e}"),
+        };
+        let file = dir.path().join("jwks.json");
+        let write = |doc: &str| {
+            if let Err(e) = std::fs::write(&file, doc) {
+                panic!("{e}");
+            }
+        };
+        let connector = match client::connector(&crate::config::Limits::default(), None) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        let store = KeyStore::new(
+            JwksSource::File(file.clone()),
+            client::fetch_client(connector),
+            Arc::new(NoUpstreams),
+            Duration::ZERO,
+        );
+        let good = json!({"keys": [
+            {"kty": "OKP", "crv": "Ed25519", "x": b64(&[1; 32]), "kid": "leaked"},
+        ]})
+        .to_string();
+        let refreshed = |r: Result<(), FetchError>| match r {
+            Ok(()) => {}
+            Err(e) => panic!("{}", chain(&e)),
+        };
+
+        for unusable in [
+            r#"{"keys": []}"#.to_string(),
+            // Keys, none of which the gateway verifies with.
+            json!({"keys": [{"kty": "oct", "k": b64(&[1; 32]), "kid": "hmac"}]}).to_string(),
+        ] {
+            write(&good);
+            refreshed(store.refresh().await);
+            assert!(store.current().get("leaked").is_some());
+            let version = store.version();
+            write(&unusable);
+            refreshed(store.refresh().await);
+            assert!(
+                store.current().get("leaked").is_none(),
+                "{unusable}: still verifying with the revoked key"
+            );
+            assert!(
+                store.version() > version,
+                "{unusable}: cached tokens outlive it"
+            );
+            assert!(store.key("leaked").await.is_none(), "{unusable}: refetched");
+        }
+
+        // Not a JWKS, or no file at all: a failed fetch, the set kept.
+        write(&good);
+        refreshed(store.refresh().await);
+        let version = store.version();
+        for broken in ["{not json", "{}", r#"{"keys": null}"#] {
+            write(broken);
+            let failed = store.refresh().await;
+            assert!(matches!(failed, Err(FetchError::Json(_))), "{broken}");
+            assert!(store.current().get("leaked").is_some(), "{broken}");
+        }
+        if let Err(e) = std::fs::remove_file(&file) {
+            panic!("{e}");
+        }
+        assert!(matches!(store.refresh().await, Err(FetchError::File(..))));
+        assert!(store.current().get("leaked").is_some());
+        assert_eq!(store.version(), version);
     }
 }

@@ -673,25 +673,52 @@ async fn a_kept_response_stands_in_when_the_service_fails() {
     let (gateway, mut up) = own_route(&registry, "stale", Some(cache)).await;
     let client = Client::new(&gateway);
     // Fresh for a second each; `strict` must be revalidated, `own` gives
-    // its own window, of nothing.
+    // its own window, of nothing. The `passed` ones are fresh for 30 s
+    // more, and already 30 s old.
     let mut kept = Vec::new();
-    for (path, said) in [
-        ("/stale/a", "max-age=1"),
-        ("/stale/strict", "max-age=1, must-revalidate"),
-        ("/stale/own", "max-age=1, stale-if-error=0"),
+    for (path, said, age) in [
+        ("/stale/a", "max-age=1", "0"),
+        ("/stale/strict", "max-age=1, must-revalidate", "0"),
+        ("/stale/own", "max-age=1, stale-if-error=0", "0"),
+        ("/stale/passed", "max-age=60", "30"),
+        ("/stale/passed-strict", "max-age=60, must-revalidate", "30"),
+        ("/stale/passed-own", "max-age=60, stale-if-error=0", "30"),
     ] {
+        let fields = [("x-reply-cache-control", said), ("x-reply-age", age)];
         let reply = client
-            .request(
-                Method::GET,
-                path,
-                &[("x-reply-cache-control", said)],
-                Bytes::new(),
-            )
+            .request(Method::GET, path, &fields, Bytes::new())
             .await;
         assert_eq!(reply.status, StatusCode::OK);
         kept.push(reply.body);
     }
     up.set_status(503);
+
+    // A fresh response the client's `max-age` passed over stands in as a
+    // stale one would (`fwd=request`: it was fresh), and only where a
+    // stale one could: not after `must-revalidate`, nor without a window.
+    let too_old = [("cache-control", "max-age=5")];
+    let reply = client
+        .request(Method::GET, "/stale/passed", &too_old, Bytes::new())
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body, kept[3]);
+    let said = cache_status(&reply);
+    let ttl = said
+        .strip_prefix("flotilla; fwd=request; fwd-status=503; ttl=")
+        .and_then(|rest| rest.strip_suffix("; detail=stale-if-error"))
+        .and_then(|ttl| ttl.parse::<i64>().ok());
+    assert!(ttl.is_some_and(|ttl| ttl > 0), "{said}");
+    for path in ["/stale/passed-strict", "/stale/passed-own"] {
+        let reply = client
+            .request(Method::GET, path, &too_old, Bytes::new())
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{path}: {}",
+            cache_status(&reply)
+        );
+    }
     let stood_in = when_stale(&client, "/stale/a", &[]).await;
     assert_eq!(stood_in.status, StatusCode::OK);
     assert_eq!(stood_in.body, kept[0], "the kept response");
@@ -793,6 +820,93 @@ async fn a_stale_response_is_served_while_one_request_fetches_it_again() {
         "one fetch for the whole burst; the burst was told {said:?}, the last reply {:?}",
         cache_status(&fresh)
     );
+    gateway.shutdown(T).await;
+}
+
+/// A client that says how fresh a response it takes (`max-age`,
+/// `min-fresh`, `max-stale`) is not served a stale one it rules out within
+/// `stale_while_revalidate`: its request is forwarded. `only-if-cached`
+/// is served the stale one, and fetches nothing.
+#[tokio::test]
+async fn a_client_s_freshness_limits_win_over_stale_while_revalidate() {
+    let registry = Registry::new();
+    let (gateway, up) = own_route(&registry, "swrasks", SWR).await;
+    let client = Client::new(&gateway);
+    // Fresh for a second, and already a minute old.
+    let paths = [
+        ("/swrasks/age", "max-age=5"),
+        ("/swrasks/fresh", "min-fresh=10"),
+        ("/swrasks/stale", "max-stale=0"),
+        ("/swrasks/cached", "only-if-cached"),
+    ];
+    let aged = [
+        ("x-reply-cache-control", "max-age=61"),
+        ("x-reply-age", "60"),
+    ];
+    let mut kept = Vec::new();
+    for (path, _) in paths {
+        let reply = client.request(Method::GET, path, &aged, Bytes::new()).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        kept.push(reply.body);
+    }
+    // Until each is stale by a second at least: a client that takes any
+    // staleness is served it, and nothing is fetched.
+    for (path, _) in paths {
+        get_until(
+            &client,
+            path,
+            &[("cache-control", "max-stale")],
+            "went stale",
+            |said| said.contains("hit; ttl=-"),
+        )
+        .await;
+    }
+    assert_eq!(up.hits(), paths.len());
+
+    for (at, (path, directives)) in paths.iter().take(3).enumerate() {
+        let hits = up.hits();
+        let reply = client
+            .request(
+                Method::GET,
+                path,
+                &[("cache-control", directives)],
+                Bytes::new(),
+            )
+            .await;
+        let said = cache_status(&reply);
+        assert!(
+            said.starts_with("flotilla; fwd=stale; fwd-status=200"),
+            "{directives}: {said}"
+        );
+        assert_ne!(reply.body, kept[at], "{directives}: the response fetched");
+        assert_eq!(up.hits(), hits + 1, "{directives}");
+    }
+
+    let (path, _) = paths[3];
+    let hits = up.hits();
+    let reply = client
+        .request(
+            Method::GET,
+            path,
+            &[("cache-control", "only-if-cached")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body, kept[3]);
+    let said = cache_status(&reply);
+    assert!(said.ends_with("detail=stale-while-revalidate"), "{said}");
+    // Still stale, as nothing fetched it: a client that says nothing is
+    // served it too, and its request fetches it in the background.
+    let reply = client.get(path).await;
+    let said = cache_status(&reply);
+    assert!(said.ends_with("detail=stale-while-revalidate"), "{said}");
+    wait_until("the background fetch", || up.hits() > hits).await;
+    get_until(&client, path, &[], "was fetched again", |said| {
+        !said.contains("stale")
+    })
+    .await;
+    assert_eq!(up.hits(), hits + 1, "only the second request fetched");
     gateway.shutdown(T).await;
 }
 

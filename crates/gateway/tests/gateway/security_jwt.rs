@@ -436,6 +436,28 @@ async fn an_unknown_kid_triggers_one_rate_limited_refetch() {
     f.gateway.shutdown(T).await;
 }
 
+/// GETs `/api/x` with `token` until it is refused (within `T`), as a
+/// key set read again in the background takes its key away.
+async fn until_refused(client: &Client, token: &str, what: &str) {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let reply = get(client, "/api/x", Some(token), &[]).await;
+        if reply.status == StatusCode::UNAUTHORIZED {
+            assert_invalid_token(&reply, what);
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: still taken: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A JWKS source that answers with something that is not a JWKS keeps
+/// the last good keys; one that answers with a JWKS without the key
+/// (here without any: the identity provider revoked its only one) takes
+/// it away.
 #[tokio::test]
 async fn the_last_good_key_set_is_kept_when_the_jwks_breaks() {
     let a = Signer::ed25519("a");
@@ -448,7 +470,7 @@ async fn the_last_good_key_set_is_kept_when_the_jwks_breaks() {
         get(&f.client, "/api/x", Some(&token), &[]).await.status,
         StatusCode::OK
     );
-    f.jwks.set(json!({"keys": []}));
+    f.jwks.set(json!({"error": "down for maintenance"}));
     let before = f.jwks.fetches();
     wait_until("two failed refreshes", || f.jwks.fetches() >= before + 2).await;
     // Cached verifications are not what keeps this working: a fresh token.
@@ -456,6 +478,14 @@ async fn the_last_good_key_set_is_kept_when_the_jwks_breaks() {
     assert_eq!(
         get(&f.client, "/api/x", Some(&fresh), &[]).await.status,
         StatusCode::OK
+    );
+
+    f.jwks.set(json!({"keys": []}));
+    until_refused(&f.client, &token, "a token of a key the JWKS took out").await;
+    let another = a.sign(&with(claims(), "jti", json!("another")));
+    assert_invalid_token(
+        &get(&f.client, "/api/x", Some(&another), &[]).await,
+        "a new token of a key the JWKS took out",
     );
     f.gateway.shutdown(T).await;
 }
@@ -1041,23 +1071,20 @@ async fn a_key_taken_out_of_a_jwks_file_stops_verifying_at_the_next_reload() {
         std::fs::write(&file, jwks(&[&kept]).to_string()),
         "take the key out",
     );
-    ok(gateway.reload(cfg), "reload");
+    ok(gateway.reload(cfg.clone()), "reload");
     // The file is read again in the background: refused within a moment.
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        let reply = get(&client, "/api/x", Some(&stolen), &[]).await;
-        if reply.status == StatusCode::UNAUTHORIZED {
-            assert_invalid_token(&reply, "a token of the removed key");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still taken: {reply:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_refused(&client, &stolen, "a token of the removed key").await;
     let reply = get(&client, "/api/x", Some(&good), &[]).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+
+    // The last key taken out too: a set of none is a set, and no token
+    // passes (a file that is not a JWKS would keep the last good keys).
+    ok(
+        std::fs::write(&file, r#"{"keys": []}"#),
+        "take every key out",
+    );
+    ok(gateway.reload(cfg), "reload");
+    until_refused(&client, &good, "a token of the last key, taken out").await;
     gateway.shutdown(T).await;
 }
 
