@@ -68,9 +68,11 @@ impl KeySet {
     }
 }
 
+/// Each key is read on its own ([`parse`]): one whose field has the wrong
+/// JSON type (`"kid": 5`) is skipped, not the whole set.
 #[derive(Deserialize)]
 struct Jwks {
-    keys: Vec<Jwk>,
+    keys: Vec<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -246,7 +248,22 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<Parsed, FetchError> {
     let mut keys = HashMap::new();
     let mut skipped = Vec::new();
     let mut duplicates = Vec::new();
-    for jwk in jwks.keys {
+    for value in jwks.keys {
+        // A key that is not even of the JWK's shape is one skipped, as one
+        // of a kind we do not verify with is: were the whole document
+        // refused for it, the last set would stay, and a key the provider
+        // took out (a leaked one) would go on verifying.
+        let jwk = match Jwk::deserialize(&value) {
+            Ok(jwk) => jwk,
+            Err(_) => {
+                let kid = value.get("kid").and_then(|k| k.as_str()).map(String::from);
+                skipped.push(Skipped {
+                    kid,
+                    why: "not a JWK: a field is not of its JSON type",
+                });
+                continue;
+            }
+        };
         let kid = jwk.kid.clone();
         match jwk.into_key() {
             Ok(key) if keys.contains_key(&key.kid) => duplicates.push(key.kid),
@@ -583,6 +600,24 @@ mod tests {
         let parsed = parse(br#"{"keys": []}"#);
         assert!(
             matches!(&parsed, Ok(p) if p.keys.is_empty() && p.skipped.is_empty()),
+            "{parsed:?}"
+        );
+        // A key of the wrong shape is skipped, not the set.
+        let doc = json!({"keys": [
+            {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": 5},
+            {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "b", "use": ["sig"]},
+            "a string",
+            {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": "c"},
+        ]});
+        let parsed = parse(doc.to_string().as_bytes());
+        let not_a_jwk = "not a JWK: a field is not of its JSON type";
+        assert!(
+            matches!(&parsed, Ok(p) if p.keys.kids() == ["c"]
+            && p.skipped == [
+                Skipped { kid: None, why: not_a_jwk },
+                Skipped { kid: Some("b".into()), why: not_a_jwk },
+                Skipped { kid: None, why: not_a_jwk },
+            ]),
             "{parsed:?}"
         );
         for not_a_jwks in [&b"{}"[..], b"[]", br#"{"keys": {}}"#, b"{not json", b""] {
