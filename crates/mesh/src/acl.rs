@@ -679,6 +679,11 @@ pub enum PathProblem {
     ControlCharacter,
     /// `..` above the root.
     EscapesRoot,
+    /// `;` or `%3B`: Java's servlet containers (Tomcat, Jetty, Spring on
+    /// them) drop what follows it in a segment (a path parameter) before
+    /// they route, so `/public/..;/admin` would be checked as one path
+    /// and served as another.
+    PathParameter,
 }
 
 impl fmt::Display for PathProblem {
@@ -690,6 +695,7 @@ impl fmt::Display for PathProblem {
             PathProblem::Backslash => "the path has a backslash",
             PathProblem::ControlCharacter => "the path has a control character or space",
             PathProblem::EscapesRoot => "the path climbs above the root with `..`",
+            PathProblem::PathParameter => "the path has a `;` (a path parameter)",
         })
     }
 }
@@ -720,6 +726,7 @@ fn decode_segment(segment: &str) -> Result<String, PathProblem> {
             match v {
                 b'/' => return Err(PathProblem::EncodedSlash),
                 b'\\' => return Err(PathProblem::Backslash),
+                b';' => return Err(PathProblem::PathParameter),
                 0..=0x1f | 0x7f => return Err(PathProblem::ControlCharacter),
                 v if v.is_ascii_alphanumeric() || b"-._~".contains(&v) => out.push(char::from(v)),
                 v => {
@@ -731,6 +738,9 @@ fn decode_segment(segment: &str) -> Result<String, PathProblem> {
         } else {
             if b == b'\\' {
                 return Err(PathProblem::Backslash);
+            }
+            if b == b';' {
+                return Err(PathProblem::PathParameter);
             }
             if b <= 0x20 || b == 0x7f {
                 return Err(PathProblem::ControlCharacter);
@@ -828,6 +838,10 @@ mod tests {
             ("/a%4", PathProblem::BadEscape),
             ("/a%zz", PathProblem::BadEscape),
             ("admin", PathProblem::NotAbsolute),
+            ("/public/..;/admin", PathProblem::PathParameter),
+            ("/admin;jsessionid=1/x", PathProblem::PathParameter),
+            ("/admin%3bx", PathProblem::PathParameter),
+            ("/admin%3B", PathProblem::PathParameter),
         ] {
             assert_eq!(normalize_path(raw), Err(problem), "{raw:?}");
         }

@@ -182,8 +182,20 @@ fn normalisation_cannot_slip_past_a_rule() {
     assert_eq!(d.reason, ReasonCode::InvalidPath);
     // Dot segments are resolved whatever precedes them, and the decision
     // carries the path to serve, so the check and the handler agree.
-    let d = policy.decide(&id("orders"), &Method::GET, "/admin;x=1/..");
-    assert_eq!(d.path.as_deref(), Some("/"));
+    let d = policy.decide(&id("orders"), &Method::GET, "/admin/x=1/..");
+    assert_eq!(d.path.as_deref(), Some("/admin/"));
+    // A path parameter, which Java's servlet containers drop before they
+    // route (`/api/..;/admin` is `/admin` to Tomcat), is no path to decide on.
+    for attack in [
+        "/api/..;/admin",
+        "/admin;x=1/..",
+        "/api;x/items",
+        "/api%3B/items",
+    ] {
+        let d = policy.decide(&id("cart"), &Method::GET, attack);
+        assert_eq!(d.reason, ReasonCode::InvalidPath, "{attack}");
+        assert!(!d.allowed, "{attack}");
+    }
     let d = policy.decide(&id("orders"), &Method::GET, "/a//b/./c/../%64");
     assert_eq!(d.path.as_deref(), Some("/a/b/d"));
 }
