@@ -881,10 +881,16 @@ async fn police<'a>(
             .jwt
             .authenticate(req.headers(), policy.issuers)
             .await;
-        if matches!(result, Err(jwt::AuthError::Missing))
-            && let Some(token) = routing.jwt.cookie_token(req.headers(), policy.issuers)
-        {
-            let optional = matches!(policy.auth, RouteAuth::Optional);
+        let cookie = matches!(result, Err(jwt::AuthError::Missing))
+            .then(|| routing.jwt.cookie_token(req.headers(), policy.issuers));
+        let optional = matches!(policy.auth, RouteAuth::Optional);
+        if let Some(Err(reason)) = cookie {
+            // Two tokens under the cookie's name: neither is taken. On an
+            // optional route the caller is anonymous, as without one.
+            if !optional {
+                result = Err(jwt::AuthError::Invalid(reason));
+            }
+        } else if let Some(Ok(Some(token))) = cookie {
             if !cookie_allowed(req, finish.out.cors.as_deref(), client.trusted_proxy) {
                 // On an optional route a cookie the browser sent on
                 // another site's behalf leaves the caller anonymous, as

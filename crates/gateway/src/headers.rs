@@ -649,22 +649,57 @@ fn is_space_or_visible_ascii(bytes: &[u8]) -> bool {
 /// (HTTP/2 clients may send one field per cookie), without the quotes
 /// RFC 6265 allows around it. Empty values count as none.
 pub(crate) fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a [u8]> {
-    headers.get_all(header::COOKIE).iter().find_map(|field| {
-        field.as_bytes().split(|b| *b == b';').find_map(|pair| {
-            let pair = pair.trim_ascii();
-            let eq = pair.iter().position(|b| *b == b'=')?;
-            let (n, v) = (&pair[..eq], &pair[eq + 1..]);
-            if n.trim_ascii() != name.as_bytes() {
-                return None;
-            }
-            let v = v.trim_ascii();
-            let v = v
-                .strip_prefix(b"\"")
-                .and_then(|v| v.strip_suffix(b"\""))
-                .unwrap_or(v);
-            (!v.is_empty()).then_some(v)
+    cookies(headers, name).next()
+}
+
+/// The one value of the cookie `name`, as [`cookie`] finds it; `Err` when
+/// the request carries two different ones. A browser sends every cookie
+/// of that name it holds: its site's own, and one a sibling host set for
+/// the parent domain (`Domain=shop.example`, "cookie tossing"), longer
+/// paths first. Which is the site's cannot be told, so neither is taken:
+/// the first would be the planted one, and a client signed in as the
+/// planter.
+pub(crate) fn cookie_once<'a>(
+    headers: &'a http::HeaderMap,
+    name: &str,
+) -> Result<Option<&'a [u8]>, ()> {
+    let mut values = cookies(headers, name);
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.any(|other| other != first) {
+        return Err(());
+    }
+    Ok(Some(first))
+}
+
+/// Every non-empty value of the cookie `name`, in the order sent.
+fn cookies<'a, 'n>(
+    headers: &'a http::HeaderMap,
+    name: &'n str,
+) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .flat_map(move |field| {
+            field
+                .as_bytes()
+                .split(|b| *b == b';')
+                .filter_map(move |pair| {
+                    let pair = pair.trim_ascii();
+                    let eq = pair.iter().position(|b| *b == b'=')?;
+                    let (n, v) = (&pair[..eq], &pair[eq + 1..]);
+                    if n.trim_ascii() != name.as_bytes() {
+                        return None;
+                    }
+                    let v = v.trim_ascii();
+                    let v = v
+                        .strip_prefix(b"\"")
+                        .and_then(|v| v.strip_suffix(b"\""))
+                        .unwrap_or(v);
+                    (!v.is_empty()).then_some(v)
+                })
         })
-    })
 }
 
 #[cfg(test)]

@@ -626,16 +626,25 @@ impl Verifiers {
     }
 
     /// The token in the first cookie an `accepted` issuer reads tokens
-    /// from (`cookie`), if the request has one.
+    /// from (`cookie`), if the request has one. `Err` (the reason, for the
+    /// 401) when it has two different ones under that name: one may have
+    /// been set by a sibling host ([`crate::headers::cookie_once`]).
     pub(crate) fn cookie_token<'a>(
         &self,
         headers: &'a HeaderMap,
         accepted: Issuers,
-    ) -> Option<&'a [u8]> {
-        self.0.iter().enumerate().find_map(|(i, v)| {
-            let name = v.config.cookie.as_deref().filter(|_| accepted.has(i))?;
-            crate::headers::cookie(headers, name)
-        })
+    ) -> Result<Option<&'a [u8]>, &'static str> {
+        for (i, v) in self.0.iter().enumerate() {
+            let Some(name) = v.config.cookie.as_deref().filter(|_| accepted.has(i)) else {
+                continue;
+            };
+            match crate::headers::cookie_once(headers, name) {
+                Ok(None) => {}
+                Ok(Some(token)) => return Ok(Some(token)),
+                Err(()) => return Err("ambiguous_cookie"),
+            }
+        }
+        Ok(None)
     }
 
     /// The caller `token` (from a cookie) names, if one of `accepted`

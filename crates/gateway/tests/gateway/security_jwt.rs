@@ -854,6 +854,23 @@ async fn a_token_in_a_cookie_acts_only_for_this_site() {
     both.push(("authorization", bearer));
     let reply = send(Method::GET, "/api/orders", both).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    // Two different tokens under the cookie's name (a sibling host can set
+    // one for the parent domain, which the browser sends first): neither
+    // is taken. The same one twice is one token.
+    let planted = key.sign(&with(claims(), "sub", json!("user-2")));
+    let two = format!("at={planted}; theme=dark; at={token}");
+    let reply = send(Method::GET, "/api/orders", vec![("cookie", two.clone())]).await;
+    assert_invalid_token(&reply, "two tokens in the cookie");
+    let reply = send(Method::GET, "/feed/today", vec![("cookie", two)]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert!(reply.json()["headers"].get("x-flotilla-user-id").is_none());
+    let twice = vec![
+        ("cookie", format!("at={token}")),
+        ("cookie", format!("at={token}")),
+    ];
+    let reply = send(Method::GET, "/api/orders", twice).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.json()["headers"]["x-flotilla-user-id"], "user-1");
     gateway.shutdown(T).await;
 }
 
