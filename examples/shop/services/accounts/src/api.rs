@@ -82,6 +82,14 @@ fn invalid_refresh_token() -> ApiError {
     )
 }
 
+fn ambiguous_session() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "ambiguous_session",
+        "the request carries more than one session cookie (another site may have set one for this domain); nothing was refreshed",
+    )
+}
+
 fn cross_origin() -> ApiError {
     ApiError::new(
         StatusCode::FORBIDDEN,
@@ -346,25 +354,30 @@ pub struct RefreshBody {
     refresh_token: Option<String>,
 }
 
-/// The refresh token presented, and how the session it belongs to is
-/// delivered: the body's, else the cookie's.
-fn presented_token(body: RefreshBody, request: &HeaderMap) -> Result<(String, Reply), ApiError> {
+/// The refresh tokens presented, and how the session they belong to is
+/// delivered: the body's, else the cookie's (more than one when another
+/// site set one too: see [`session::refresh_tokens`]).
+fn presented_tokens(
+    body: RefreshBody,
+    request: &HeaderMap,
+) -> Result<(Vec<String>, Reply), ApiError> {
     let secure = session::secure(request);
     if let Some(token) = body.refresh_token.filter(|t| !t.is_empty()) {
         let delivery = Delivery::Body;
-        return Ok((token, Reply { delivery, secure }));
+        return Ok((vec![token], Reply { delivery, secure }));
     }
-    let token = session::refresh_token(request).ok_or_else(|| {
-        ApiError::validation(vec![FieldError::new(
+    let tokens = session::refresh_tokens(request);
+    if tokens.is_empty() {
+        return Err(ApiError::validation(vec![FieldError::new(
             "refresh_token",
             "is required (in the body, or in the session's cookie)",
-        )])
-    })?;
+        )]));
+    }
     if !session::from_this_origin(request) {
         return Err(cross_origin());
     }
     let delivery = Delivery::Cookie;
-    Ok((token, Reply { delivery, secure }))
+    Ok((tokens, Reply { delivery, secure }))
 }
 
 async fn refresh_tokens(
@@ -372,7 +385,12 @@ async fn refresh_tokens(
     request: HeaderMap,
     ApiJson(body): ApiJson<RefreshBody>,
 ) -> Result<Response, ApiError> {
-    let (presented, reply) = presented_token(body, &request)?;
+    let (presented, reply) = presented_tokens(body, &request)?;
+    // Two session cookies: ours and one another site set for the domain.
+    // Neither is spent: the first may be the planter's own, which would
+    // sign this browser in as them. The cookies are left as they are:
+    // cleared, ours would go and the planted one stay, alone and taken.
+    let [presented] = <[String; 1]>::try_from(presented).map_err(|_| ambiguous_session())?;
     let now = unix_now();
     let ring = state.keys.current();
     // Before spending the token: failing after would lose the session.
@@ -414,9 +432,13 @@ async fn logout(
     request: HeaderMap,
     ApiJson(body): ApiJson<RefreshBody>,
 ) -> Result<Response, ApiError> {
-    let (presented, reply) = presented_token(body, &request)?;
-    if refresh::logout(&state.db, &presented, unix_now()).await? {
-        metrics::counter!("accounts_logouts_total").increment(1);
+    let (presented, reply) = presented_tokens(body, &request)?;
+    // Each session the browser holds is ended, a planted one's too: the
+    // user asked to be signed out of whatever this browser is signed in as.
+    for token in &presented {
+        if refresh::logout(&state.db, token, unix_now()).await? {
+            metrics::counter!("accounts_logouts_total").increment(1);
+        }
     }
     let mut res = StatusCode::NO_CONTENT.into_response();
     if reply.delivery == Delivery::Cookie {

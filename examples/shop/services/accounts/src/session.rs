@@ -97,16 +97,26 @@ pub fn from_this_origin(request: &HeaderMap) -> bool {
     !authority.contains(['/', '@']) && split(authority) == split(host)
 }
 
-/// The refresh token in the request's cookies, if any.
-pub fn refresh_token(request: &HeaderMap) -> Option<String> {
-    request
+/// The refresh tokens in the request's cookies, each once, in the order
+/// sent. More than one is not the shop's doing: a sibling host
+/// (`promo.shop.example`) can set a cookie for the parent domain, which
+/// the browser sends beside ours, and first when its path is longer
+/// ("cookie tossing"). Which one is ours cannot be told.
+pub fn refresh_tokens(request: &HeaderMap) -> Vec<String> {
+    let mut tokens: Vec<String> = Vec::new();
+    for cookie in request
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|field| field.to_str().ok())
         .flat_map(Cookie::split_parse)
         .filter_map(Result::ok)
-        .find(|c| c.name() == REFRESH_COOKIE && !c.value().is_empty())
-        .map(|c| c.value().to_owned())
+        .filter(|c| c.name() == REFRESH_COOKIE && !c.value().is_empty())
+    {
+        if !tokens.iter().any(|t| t == cookie.value()) {
+            tokens.push(cookie.value().to_owned());
+        }
+    }
+    tokens
 }
 
 /// The cookies of a new session: the access token until `access_expires`
@@ -213,11 +223,19 @@ mod tests {
     #[test]
     fn the_refresh_token_is_read_from_any_cookie_field() {
         let mut h = HeaderMap::new();
-        assert_eq!(refresh_token(&h), None);
+        assert!(refresh_tokens(&h).is_empty());
         h.append(header::COOKIE, HeaderValue::from_static("a=1; shop_rt="));
-        assert_eq!(refresh_token(&h), None, "empty is none");
+        assert!(refresh_tokens(&h).is_empty(), "empty is none");
         h.append(header::COOKIE, HeaderValue::from_static("x=2; shop_rt=tok"));
-        assert_eq!(refresh_token(&h).as_deref(), Some("tok"));
+        assert_eq!(refresh_tokens(&h), ["tok"]);
+        // The same one twice is one; another beside it is a second.
+        h.append(header::COOKIE, HeaderValue::from_static("shop_rt=tok"));
+        assert_eq!(refresh_tokens(&h), ["tok"]);
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("shop_rt=planted; y=3"),
+        );
+        assert_eq!(refresh_tokens(&h), ["tok", "planted"]);
         assert!(!secure(&h));
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         assert!(secure(&h));

@@ -379,6 +379,44 @@ async fn post_with_cookie(app: &Router, path: &str, body: Value, cookie: &str) -
     .await
 }
 
+/// Two refresh cookies (ours, and one a sibling host set for the parent
+/// domain): neither is spent nor cleared, and a logout ends both.
+#[tokio::test]
+async fn two_refresh_cookies_refresh_nothing_and_a_logout_ends_both() {
+    let (app, _) = app().await;
+    let mut rts = Vec::new();
+    for email in ["ivy@example.com", "mallory@example.com"] {
+        register(&app, email, "a long passphrase").await;
+        let body = json!({"email": email, "password": "a long passphrase", "session": "cookie"});
+        let a = post(&app, "/api/accounts/login", body).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+        rts.push(cookie_value(&a, "shop_rt"));
+    }
+    let (ivy, mallory) = (&rts[0], &rts[1]);
+    // The planted one first, as a browser sends a longer path's first.
+    let both = format!("shop_rt={mallory}; shop_session=1; shop_rt={ivy}");
+    let a = post_with_cookie(&app, "/api/accounts/refresh", json!({}), &both).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{}", a.body);
+    assert_eq!(a.body["error"]["code"], "ambiguous_session");
+    assert!(a.headers.get_all("set-cookie").iter().next().is_none());
+    // Neither was spent: each alone still refreshes.
+    let mut next = Vec::new();
+    for rt in [ivy, mallory] {
+        let cookie = format!("shop_rt={rt}");
+        let a = post_with_cookie(&app, "/api/accounts/refresh", json!({}), &cookie).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+        next.push(cookie_value(&a, "shop_rt"));
+    }
+    // A logout with both ends both sessions.
+    let both = format!("shop_rt={}; shop_rt={}", next[1], next[0]);
+    let a = post_with_cookie(&app, "/api/accounts/logout", json!({}), &both).await;
+    assert_eq!(a.status, StatusCode::NO_CONTENT, "{}", a.body);
+    for rt in &next {
+        let a = post(&app, "/api/accounts/refresh", json!({"refresh_token": rt})).await;
+        assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{}", a.body);
+    }
+}
+
 /// A browser's session: the tokens only in `HttpOnly` cookies, the
 /// refresh token read from its cookie and rotated there, a reused one
 /// ending the session in the browser too, and logout clearing them.
