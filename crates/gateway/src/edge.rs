@@ -123,21 +123,26 @@ fn request_host(req: &Request<Body>) -> Option<&str> {
     }
 }
 
-/// Whether the request's host carries userinfo (`admin@public.example`),
-/// in its target or its `Host`: RFC 9110 §4.2.4 forbids it in an `http`
-/// URI, and readers disagree on which name such a host is (the gateway
-/// routes by what follows the `@`, a service may take what precedes it).
-/// An HTTP/1 request's `Host` was checked as its head was read
-/// (`h1::head`), which spares every request a lookup here.
-fn has_userinfo(req: &Request<Body>) -> bool {
+/// Whether the request's host could be read as two names: userinfo
+/// (`admin@public.example`) in its target or its `Host` (RFC 9110 §4.2.4
+/// forbids it in an `http` URI, and readers disagree on which name such a
+/// host is: the gateway routes by what follows the `@`, a service may take
+/// what precedes it), or two `Host` fields (the gateway routes by the
+/// first; the instance, sent both when the request has no `:authority`,
+/// may read the last). An HTTP/1 request's `Host` was checked for both as
+/// its head was read (`h1::head`), which spares every request the lookups
+/// here.
+fn host_is_ambiguous(req: &Request<Body>) -> bool {
     req.uri()
         .authority()
         .is_some_and(|a| a.as_str().contains('@'))
-        || (req.version() == http::Version::HTTP_2
-            && req
-                .headers()
-                .get(HOST)
-                .is_some_and(|h| crate::headers::has_byte(h.as_bytes(), b'@')))
+        || (req.version() == http::Version::HTTP_2 && {
+            let mut hosts = req.headers().get_all(HOST).iter();
+            hosts
+                .next()
+                .is_some_and(|h| crate::headers::has_byte(h.as_bytes(), b'@'))
+                || hosts.next().is_some()
+        })
 }
 
 /// Tells an instance what a route's `strip_prefix` took off the path.
@@ -356,7 +361,7 @@ pub(crate) fn handle<'a>(
         // A clone shares the URI's bytes; the path is copied only into a
         // rejection.
         let mut uri = req.uri().clone();
-        if has_userinfo(&req) {
+        if host_is_ambiguous(&req) {
             return finish.reject(Rejection::BadHost);
         }
         match routed_path(uri.path()) {
@@ -1049,6 +1054,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_http2_request_with_two_hosts_is_ambiguous() {
+        let mut req = Request::new(crate::body::empty());
+        *req.version_mut() = http::Version::HTTP_2;
+        *req.uri_mut() = "/x".parse().unwrap_or_default();
+        req.headers_mut()
+            .append(HOST, HeaderValue::from_static("public.example"));
+        assert!(!host_is_ambiguous(&req));
+        req.headers_mut()
+            .append(HOST, HeaderValue::from_static("admin.internal.example"));
+        assert!(host_is_ambiguous(&req));
+    }
+
+    #[test]
     fn userinfo_in_a_target_or_an_http2_host_is_seen() {
         let req = |version, uri: &str, host: Option<&'static str>| {
             let mut req = Request::new(crate::body::empty());
@@ -1062,12 +1080,12 @@ mod tests {
         };
         let h1 = http::Version::HTTP_11;
         let h2 = http::Version::HTTP_2;
-        assert!(has_userinfo(&req(h1, "http://a@b.example/x", None)));
-        assert!(has_userinfo(&req(h2, "http://a@b.example/x", None)));
-        assert!(has_userinfo(&req(h2, "/x", Some("a@b.example"))));
+        assert!(host_is_ambiguous(&req(h1, "http://a@b.example/x", None)));
+        assert!(host_is_ambiguous(&req(h2, "http://a@b.example/x", None)));
+        assert!(host_is_ambiguous(&req(h2, "/x", Some("a@b.example"))));
         // HTTP/1's `Host` is refused as its head is read (`h1::head`).
-        assert!(!has_userinfo(&req(h1, "/x", Some("a@b.example"))));
-        assert!(!has_userinfo(&req(
+        assert!(!host_is_ambiguous(&req(h1, "/x", Some("a@b.example"))));
+        assert!(!host_is_ambiguous(&req(
             h2,
             "http://b.example/x",
             Some("b.example")

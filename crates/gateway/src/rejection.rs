@@ -46,7 +46,7 @@ pub(crate) enum Rejection {
         "the path must not contain a `.` or `..` segment, an encoded `/` (`%2F`), a backslash, a `;`, a control character or a malformed `%` escape"
     )]
     BadPath,
-    #[error("the host must not carry userinfo (`user@`)")]
+    #[error("the request must name one host, without userinfo (`user@`)")]
     BadHost,
     #[error("could not read the request body")]
     BadRequestBody {

@@ -904,6 +904,12 @@ async fn an_http2_request_cannot_smuggle_another_past_the_gateway() {
             &[field(b"x-a\r\ntransfer-encoding", b"chunked")],
         ),
     ));
+    // No `:authority`, and two `Host` fields: routed by the first, the
+    // instance (sent both) may read the last.
+    let mut two_hosts = vec![get, 0x86, 0x04, 2, b'/', b'h'];
+    two_hosts.extend(field(b"host", b"public.example"));
+    two_hosts.extend(field(b"host", b"internal.example"));
+    attacks.push(bare("two Host fields and no :authority", two_hosts));
     for Attack {
         what,
         head: block,
