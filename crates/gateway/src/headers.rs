@@ -298,6 +298,7 @@ pub(crate) fn forward_fields(
         "x-forwarded-for",
         "traceparent",
         "tracestate",
+        "cookie",
     ]);
     // Left out besides the hop-by-hop ones (`is_hop_by_hop` settles most
     // names by length and first byte itself).
@@ -317,6 +318,7 @@ pub(crate) fn forward_fields(
     let mut host: Option<&[u8]> = None;
     // The trace fields: how many `traceparent`s, the first, a `tracestate`.
     let (mut parents, mut parent, mut state) = (0, None, false);
+    let mut cookies = 0;
     for (name, value) in headers {
         let raw = name.as_str().as_bytes();
         if name_bit(raw) & SEEN == 0 {
@@ -334,9 +336,23 @@ pub(crate) fn forward_fields(
                 parent.get_or_insert(value.as_bytes());
             }
             b"tracestate" => state = true,
+            b"cookie" => cookies += 1,
             _ => {}
         }
     }
+    // An HTTP/2 client sends each cookie as a field of its own; before an
+    // HTTP/1.1 hop they MUST be one, joined with "; " (RFC 9113 §8.2.3):
+    // servers that read one `Cookie` line would see only the first cookie.
+    let mut joined_cookies = (cookies > 1).then(|| {
+        let mut joined = Vec::with_capacity(256);
+        for value in headers.get_all(header::COOKIE) {
+            if !joined.is_empty() {
+                joined.extend_from_slice(b"; ");
+            }
+            joined.extend_from_slice(value.as_bytes());
+        }
+        joined
+    });
     // A request whose target names its host (absolute form, or HTTP/2's
     // `:authority`) is for that host, whatever a `Host` beside it says: it
     // was routed by the target's (`edge::request_host`), and a proxy sends
@@ -384,9 +400,17 @@ pub(crate) fn forward_fields(
                     b"host" | b"traceparent" | b"tracestate" | b"x-request-id"
                 ))
             || (replace_host && raw == b"host");
-        if !left_out {
-            put(raw, value.as_bytes());
+        if left_out {
+            continue;
         }
+        if cookies > 1 && raw == b"cookie" {
+            // Where the first was, once.
+            if let Some(joined) = joined_cookies.take() {
+                put(raw, &joined);
+            }
+            continue;
+        }
+        put(raw, value.as_bytes());
     }
     if let Some(authority) = authority {
         // An authority's characters are all valid in a field value.
@@ -1342,6 +1366,27 @@ pub(crate) mod tests {
         assert_eq!(one(&f, "x-secret"), None);
         assert_eq!(one(&f, "connection"), None);
         assert_eq!(one(&f, "x-kept"), Some("2"));
+    }
+
+    #[test]
+    fn an_http2_client_s_cookie_fields_go_on_as_one() {
+        let (f, _) = forwarded(
+            &[
+                ("cookie", "a=1"),
+                ("x-between", "v"),
+                ("cookie", "b=2"),
+                ("cookie", "c=3; d=4"),
+            ],
+            "http://shop.example/",
+            [10, 0, 0, 1],
+            false,
+            "https",
+        );
+        let names: Vec<&str> = f.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(&names[..2], ["cookie", "x-between"], "{f:?}");
+        assert_eq!(one(&f, "cookie"), Some("a=1; b=2; c=3; d=4"));
+        let (f, _) = forwarded(&[("cookie", "a=1; b=2")], "/", [10, 0, 0, 1], false, "http");
+        assert_eq!(one(&f, "cookie"), Some("a=1; b=2"));
     }
 
     #[test]

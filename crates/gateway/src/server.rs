@@ -614,6 +614,7 @@ async fn serve_h2_conn<I>(
         info,
         client_cert,
         watch: Arc::clone(&watch),
+        max_headers: with.settings.max_headers,
     });
     let conn = with.builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
@@ -662,6 +663,12 @@ struct Connection {
     info: ConnInfo,
     client_cert: Option<Arc<ClientCert>>,
     watch: Arc<Watch>,
+    /// `[gateway.limits] max_headers`: hyper bounds a head's bytes
+    /// (`max_header_list_size`), not its fields, and HTTP/2's accounting
+    /// (each field's length plus 32) lets some 1 900 one-byte fields
+    /// through 64 KiB. More than this many get 431, as over HTTP/1 (the
+    /// cookies counted as one field).
+    max_headers: usize,
 }
 
 impl tower::Service<Request<Incoming>> for Connection {
@@ -675,6 +682,25 @@ impl tower::Service<Request<Incoming>> for Connection {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         use futures_util::FutureExt;
+        // HTTP/2 clients send each cookie as a field of its own (RFC 9113
+        // §8.2.3), which HTTP/1 joins into one: counted as one here too.
+        if req.headers().len() > self.max_headers
+            && req.headers().len() - req.headers().get_all(http::header::COOKIE).iter().count()
+                >= self.max_headers
+        {
+            let body = crate::rejection::error_body(
+                "headers_too_large",
+                "the request headers are too large",
+                "",
+            );
+            let mut res = Response::new(body::full(body));
+            *res.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+            res.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            return async move { Ok(res) }.boxed();
+        }
         let guard = self.watch.request_started();
         let mut req = req.map(body::boxed);
         if let Some(cert) = &self.client_cert {

@@ -140,6 +140,25 @@ async fn oversized_heads_get_431_not_a_reset() {
     let answer = read_response(&mut stream).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
     assert_eq!(up.hits(), 0);
+
+    // Over HTTP/2 too, where only the head's bytes were bounded; each
+    // cookie a field of its own there, as browsers send them, counts as
+    // the one field HTTP/1 joins them into.
+    let h2 = Client::h2c(&gateway);
+    let names: Vec<String> = (0..150).map(|i| format!("x-h-{i}")).collect();
+    let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    let reply = h2.request(Method::GET, "/x", &many, Bytes::new()).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "{reply:?}"
+    );
+    assert_eq!(reply.json()["error"]["code"], "headers_too_large");
+    assert_eq!(up.hits(), 0);
+    let crumbs: Vec<String> = (0..150).map(|i| format!("c{i}=v")).collect();
+    let cookies: Vec<(&str, &str)> = crumbs.iter().map(|c| ("cookie", c.as_str())).collect();
+    let reply = h2.request(Method::GET, "/x", &cookies, Bytes::new()).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     gateway.shutdown(T).await;
 }
 
