@@ -408,6 +408,10 @@ const FIRST_READ: usize = 8 * 1024;
 /// poll would no longer be inlined into this one's, which costs every
 /// request on a plain connection ~45 instructions (`instructions.sh`).
 async fn serve_connection(with: Connections, mut stream: TcpStream, mut peer: SocketAddr) {
+    // The connection's first head (over TLS, its handshake) is due
+    // `header_timeout` from now: a PROXY header's wait is part of it, not
+    // added to it.
+    let accepted = tokio::time::Instant::now();
     // Behind a balancer that speaks the PROXY protocol, the client is the
     // one its header names, counted under its address while the
     // connection is open. Boxed: a connection's task does not grow by the
@@ -425,10 +429,10 @@ async fn serve_connection(with: Connections, mut stream: TcpStream, mut peer: So
     peer = client.addr;
     let _counted = client.counted;
     let started = match &with.tls {
-        None => start_plain(&with, stream, peer).await,
+        None => start_plain(&with, stream, peer, accepted).await,
         // Boxed: a plain connection's task does not grow by the
         // handshake's future.
-        Some(tls) => Box::pin(start_tls(tls, &with, stream, peer)).await,
+        Some(tls) => Box::pin(start_tls(tls, &with, stream, peer, accepted)).await,
     };
     if let Some((io, first, info, client_cert, head_by)) = started {
         let Connections {
@@ -461,13 +465,18 @@ type Http1 = (
 
 /// A plain connection: its first bytes tell HTTP/2 (served here, to its
 /// end) from HTTP/1 (returned).
-async fn start_plain(with: &Connections, stream: TcpStream, peer: SocketAddr) -> Option<Http1> {
+async fn start_plain(
+    with: &Connections,
+    stream: TcpStream,
+    peer: SocketAddr,
+    accepted: tokio::time::Instant,
+) -> Option<Http1> {
     nodelay(&stream, peer);
     // A client that connects and says nothing would hold the socket
     // forever (and, being silent, would never see a graceful shutdown).
     // Its first head is due `header_timeout` after it connected: the wait
     // for its first bytes is part of it, not added to it.
-    let head_by = tokio::time::Instant::now() + with.settings.header_timeout;
+    let head_by = accepted + with.settings.header_timeout;
     let mut first = BytesMut::with_capacity(FIRST_READ);
     let mut stop = with.stopping.clone();
     tokio::select! {
@@ -498,11 +507,12 @@ async fn start_tls(
     with: &Connections,
     stream: TcpStream,
     peer: SocketAddr,
+    accepted: tokio::time::Instant,
 ) -> Option<Http1> {
     nodelay(&stream, peer);
     let mut stop = with.stopping.clone();
     // One deadline for the first byte and the handshake.
-    let deadline = tokio::time::Instant::now() + with.settings.header_timeout;
+    let deadline = accepted + with.settings.header_timeout;
     let mut first = [0u8; 1];
     let peeked = tokio::select! {
         peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => peeked,
