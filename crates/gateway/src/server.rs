@@ -692,19 +692,12 @@ impl tower::Service<Request<Incoming>> for Connection {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         use futures_util::FutureExt;
-        // HTTP/2 clients send each cookie as a field of its own (RFC 9113
-        // §8.2.3), which HTTP/1 joins into one: counted as one here too.
-        if req.headers().len() > self.max_headers
-            && req.headers().len() - req.headers().get_all(http::header::COOKIE).iter().count()
-                >= self.max_headers
-        {
-            let body = crate::rejection::error_body(
-                "headers_too_large",
-                "the request headers are too large",
-                "",
-            );
+        if too_many_fields(req.headers(), self.max_headers) {
+            // The refusal HTTP/1 gives the same head (`h1::head`).
+            let too_large = h1::head::Invalid::TooLarge;
+            let body = crate::rejection::error_body(too_large.code(), too_large.message(), "");
             let mut res = Response::new(body::full(body));
-            *res.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+            *res.status_mut() = too_large.status();
             res.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/json"),
@@ -727,12 +720,46 @@ impl tower::Service<Request<Incoming>> for Connection {
     }
 }
 
+/// Whether an HTTP/2 request's head has more than `max` fields. Its
+/// cookies count as one: HTTP/2 clients send each as a field of its own
+/// (RFC 9113 §8.2.3), which HTTP/1 joins into one line. Counted only past
+/// `max`, which almost no request is.
+fn too_many_fields(headers: &http::HeaderMap, max: usize) -> bool {
+    if headers.len() <= max {
+        return false;
+    }
+    let cookies = headers.get_all(http::header::COOKIE).iter().count();
+    headers.len() - cookies + usize::from(cookies > 0) > max
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{Config, RouteConfig};
     use crate::upstream::{ActivateFuture, Endpoint, Load};
     use crate::{access_log, client, outbound, routing};
+
+    #[test]
+    fn an_http2_head_s_cookies_count_as_one_field() {
+        let head = |fields: usize, cookies: usize| {
+            let mut h = http::HeaderMap::new();
+            for i in 0..fields {
+                h.append(
+                    http::HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
+                    http::HeaderValue::from_static("v"),
+                );
+            }
+            for _ in 0..cookies {
+                h.append(http::header::COOKIE, http::HeaderValue::from_static("a=1"));
+            }
+            h
+        };
+        assert!(!too_many_fields(&head(10, 0), 10));
+        assert!(too_many_fields(&head(11, 0), 10));
+        assert!(!too_many_fields(&head(9, 50), 10), "nine and the cookies");
+        assert!(too_many_fields(&head(10, 1), 10));
+        assert!(too_many_fields(&head(10, 50), 10));
+    }
 
     /// One service whose only instance accepts connections and never answers.
     struct Silent(Arc<[Endpoint]>);
