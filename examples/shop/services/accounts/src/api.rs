@@ -21,6 +21,7 @@ use crate::keys::{KeyError, Keys};
 use crate::password::{PasswordError, Passwords};
 use crate::refresh::{self, RefreshError, Rotation};
 use crate::session::{self, Delivery};
+use crate::throttle::{self, Attempt};
 use crate::users::{self, User};
 use crate::validate;
 
@@ -72,6 +73,20 @@ fn invalid_credentials() -> ApiError {
         "invalid_credentials",
         "the e-mail address or password is wrong",
     )
+}
+
+/// 429 for an address whose recent sign-ins failed too often
+/// ([`throttle`]); said alike whether or not it has an account.
+fn too_many_attempts(wait: i64) -> Response {
+    let mut res = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_attempts",
+        format!("too many failed sign-ins for this e-mail address; try again in {wait} s"),
+    )
+    .into_response();
+    res.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(wait.max(1)));
+    res
 }
 
 fn invalid_refresh_token() -> ApiError {
@@ -314,6 +329,13 @@ async fn login(
         delivery,
         secure: session::secure(&request),
     };
+    // Before the (costly) password check, and counted as a failure until
+    // it turns out right: see `throttle`.
+    if let Attempt::Wait(wait) = throttle::attempt(&state.db, &email, unix_now()).await? {
+        metrics::counter!("accounts_logins_total", "outcome" => "throttled").increment(1);
+        tracing::info!("login refused: throttled");
+        return Ok(too_many_attempts(wait));
+    }
     let (user, stored) = match users::by_email(&state.db, &email).await? {
         Some((user, hash)) => (Some(user), Some(hash)),
         None => (None, None),
@@ -328,11 +350,12 @@ async fn login(
         tracing::info!("login refused: invalid credentials");
         return Err(invalid_credentials());
     };
+    throttle::succeeded(&state.db, &email).await?;
     let now = unix_now();
     let ring = state.keys.current();
     let signer = ring.signer(now).ok_or_else(no_signing_key)?;
-    let refresh_token =
-        refresh::start_family(&state.db, &user.id, now, state.config.refresh_ttl).await?;
+    let life = state.config.refresh_lifetime();
+    let refresh_token = refresh::start_family(&state.db, &user.id, now, life).await?;
     let claims = Claims::access(
         &state.config.issuer,
         &state.config.audience,
@@ -342,8 +365,7 @@ async fn login(
     );
     metrics::counter!("accounts_logins_total", "outcome" => "success").increment(1);
     tracing::info!(user = %user.id, kid = %signer.kid, "logged in");
-    let ttl = state.config.refresh_ttl;
-    Ok(reply.tokens(jwt::sign(signer, &claims), refresh_token, ttl))
+    Ok(reply.tokens(jwt::sign(signer, &claims), refresh_token, life.ttl))
 }
 
 /// `POST /api/accounts/refresh` and `/logout` body. Without a token, the
@@ -395,8 +417,13 @@ async fn refresh_tokens(
     let ring = state.keys.current();
     // Before spending the token: failing after would lose the session.
     let signer = ring.signer(now).ok_or_else(no_signing_key)?;
-    match refresh::rotate(&state.db, &presented, now, state.config.refresh_ttl).await? {
-        Rotation::Rotated { user_id, token } => {
+    let life = state.config.refresh_lifetime();
+    match refresh::rotate(&state.db, &presented, now, life).await? {
+        Rotation::Rotated {
+            user_id,
+            token,
+            expires_in,
+        } => {
             // The family cascades away with its user, so the user exists.
             let user = users::by_id(&state.db, &user_id)
                 .await?
@@ -409,8 +436,7 @@ async fn refresh_tokens(
                 now,
             );
             metrics::counter!("accounts_refreshes_total", "outcome" => "rotated").increment(1);
-            let ttl = state.config.refresh_ttl;
-            Ok(reply.tokens(jwt::sign(signer, &claims), token, ttl))
+            Ok(reply.tokens(jwt::sign(signer, &claims), token, expires_in))
         }
         Rotation::Reused { user_id } => {
             metrics::counter!("accounts_refreshes_total", "outcome" => "reused").increment(1);

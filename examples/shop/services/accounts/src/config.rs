@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::jwt::ACCESS_TTL_SECONDS;
 use crate::keys::schedule::Schedule;
+use crate::refresh::Lifetime;
 
 /// `Cache-Control: max-age` of the JWKS.
 pub const JWKS_MAX_AGE_SECONDS: i64 = 60;
@@ -25,6 +26,7 @@ pub const DEFAULT_KEY_ROTATION: &str = "24h";
 /// fetch: a gateway then knows the key before the first token it signs.
 pub const DEFAULT_PUBLISH_DELAY: &str = "10m";
 pub const DEFAULT_REFRESH_TTL: &str = "30d";
+pub const DEFAULT_SESSION_MAX: &str = "90d";
 
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,9 @@ pub struct Config {
     pub keys: Schedule,
     /// Refresh-token lifetime in seconds (`ACCOUNTS_REFRESH_TTL`).
     pub refresh_ttl: i64,
+    /// How long a session lasts from its login, however often it is
+    /// refreshed, in seconds (`ACCOUNTS_SESSION_MAX`).
+    pub session_max: i64,
 }
 
 impl Config {
@@ -119,6 +124,19 @@ impl Config {
             });
         }
 
+        let (name, raw) = var("ACCOUNTS_SESSION_MAX", DEFAULT_SESSION_MAX);
+        let session_max = seconds(name, &raw)?;
+        if session_max < refresh_ttl {
+            return Err(ConfigError {
+                var: name,
+                value: raw,
+                reason: format!(
+                    "a session must last at least as long as one refresh token ({refresh_ttl} s, ACCOUNTS_REFRESH_TTL)"
+                ),
+                fix: "use e.g. 90d, or shorten ACCOUNTS_REFRESH_TTL".into(),
+            });
+        }
+
         Ok(Config {
             issuer,
             audience,
@@ -128,7 +146,16 @@ impl Config {
                 retire_grace: ACCESS_TTL_SECONDS + VERIFIER_LEEWAY_SECONDS,
             },
             refresh_ttl,
+            session_max,
         })
+    }
+
+    /// How long refresh tokens and their families live.
+    pub fn refresh_lifetime(&self) -> Lifetime {
+        Lifetime {
+            ttl: self.refresh_ttl,
+            max: self.session_max,
+        }
     }
 }
 
@@ -184,6 +211,7 @@ mod tests {
         assert_eq!(c.keys.rotation, Some(86_400));
         assert_eq!(c.keys.retire_grace, 960);
         assert_eq!(c.refresh_ttl, 30 * 86_400);
+        assert_eq!(c.session_max, 90 * 86_400);
         // The invariant the default exists for.
         assert!(
             c.keys.publish_delay
@@ -201,6 +229,7 @@ mod tests {
             ("ACCOUNTS_KEY_ROTATION", "off"),
             ("ACCOUNTS_KEY_PUBLISH_DELAY", "6m"),
             ("ACCOUNTS_REFRESH_TTL", "7d"),
+            ("ACCOUNTS_SESSION_MAX", "7d"),
         ])
         .unwrap();
         assert_eq!(c.issuer, "https://shop.example/accounts");
@@ -208,12 +237,14 @@ mod tests {
         assert_eq!(c.keys.rotation, None);
         assert_eq!(c.keys.publish_delay, 360);
         assert_eq!(c.refresh_ttl, 7 * 86_400);
+        assert_eq!(c.session_max, 7 * 86_400);
 
         for (var, value, says) in [
             ("ACCOUNTS_KEY_ROTATION", "soon", "duration"),
             ("ACCOUNTS_KEY_ROTATION", "5m", "publish delay"),
             ("ACCOUNTS_KEY_PUBLISH_DELAY", "30s", "max-age"),
             ("ACCOUNTS_REFRESH_TTL", "10m", "outlive"),
+            ("ACCOUNTS_SESSION_MAX", "29d", "at least as long"),
             ("ACCOUNTS_ISSUER", "shop accounts", "spaces"),
         ] {
             let err = config(&[(var, value)]).unwrap_err().to_string();

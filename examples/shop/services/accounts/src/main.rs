@@ -14,6 +14,7 @@ mod openapi;
 mod password;
 mod refresh;
 mod session;
+mod throttle;
 mod users;
 mod validate;
 
@@ -87,8 +88,9 @@ async fn run() -> Result<(), StartError> {
 }
 
 /// Applies the key schedule every [`KEY_RELOAD_EVERY`] (picking up keys
-/// other replicas created) and purges expired refresh tokens hourly. A
-/// failed round keeps the current keys and is retried next tick.
+/// other replicas created) and purges expired refresh tokens and stale
+/// sign-in failure counts hourly. A failed round keeps the current keys
+/// and is retried next tick.
 async fn upkeep(db: SqlitePool, keys: Keys, schedule: Schedule, mut signer: Option<String>) {
     let mut tick = tokio::time::interval(KEY_RELOAD_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -118,6 +120,10 @@ async fn upkeep(db: SqlitePool, keys: Keys, schedule: Schedule, mut signer: Opti
             match refresh::purge_expired(&db, now).await {
                 Ok(n) => tracing::info!(purged = n, "expired refresh tokens deleted"),
                 Err(e) => tracing::error!(error = %error_chain(&e), "refresh-token purge failed"),
+            }
+            match throttle::purge(&db, now).await {
+                Ok(n) => tracing::info!(purged = n, "stale sign-in failure counts deleted"),
+                Err(e) => tracing::error!(error = %error_chain(&e), "sign-in count purge failed"),
             }
         }
     }

@@ -49,6 +49,7 @@ pub fn document() -> Value {
                         "400": error_response("invalid_request: missing or malformed email or password"),
                         "401": error_response("invalid_credentials: unknown e-mail or wrong password (one answer for both)"),
                         "403": error_response("cross_origin_request: a cookie session asked for from a page of another origin"),
+                        "429": error_response("too_many_attempts: this e-mail address has had too many failed sign-ins (with or without an account); Retry-After says when to try again"),
                         "503": error_response("busy, or signing_unavailable")
                     }
                 }

@@ -8,6 +8,11 @@
 //! that ever descended from that login — is revoked (OAuth 2.0 Security
 //! BCP, refresh token rotation). Logout revokes the family too.
 //!
+//! Each token expires `ttl` after it was issued, and a family ends for good
+//! `max` after its login ([`Lifetime`]): without that bound, a stolen
+//! token refreshed once a month would be a session for ever (OWASP's
+//! "absolute timeout").
+//!
 //! Each rotation runs in one `BEGIN IMMEDIATE` transaction, so two requests
 //! racing with the same token cannot both succeed: the second finds it
 //! spent.
@@ -61,12 +66,30 @@ fn well_formed(token: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// How long tokens and their families live, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetime {
+    /// Each token, from its issue (renewed by each rotation).
+    pub ttl: i64,
+    /// A family, from its login: no token of it outlives this.
+    pub max: i64,
+}
+
+impl Lifetime {
+    /// When a token issued at `now` in a family created at `created`
+    /// expires.
+    fn expiry(self, created: i64, now: i64) -> i64 {
+        now.saturating_add(self.ttl)
+            .min(created.saturating_add(self.max))
+    }
+}
+
 /// Starts a family for `user_id` (a login) and returns its first token.
 pub async fn start_family(
     db: &SqlitePool,
     user_id: &str,
     now: i64,
-    ttl: i64,
+    life: Lifetime,
 ) -> Result<String, RefreshError> {
     let family = uuid::Uuid::new_v4().to_string();
     let first = fresh()?;
@@ -84,7 +107,7 @@ pub async fn start_family(
     .bind(&first.hash)
     .bind(&family)
     .bind(now)
-    .bind(now.saturating_add(ttl))
+    .bind(life.expiry(now, now))
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -94,8 +117,12 @@ pub async fn start_family(
 /// What presenting a refresh token led to.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Rotation {
-    /// Spent; here is its successor.
-    Rotated { user_id: String, token: String },
+    /// Spent; here is its successor, which expires in `expires_in` s.
+    Rotated {
+        user_id: String,
+        token: String,
+        expires_in: i64,
+    },
     /// It had been spent before: its family is now revoked.
     Reused { user_id: String },
     /// Unknown, expired, or of a revoked family.
@@ -109,6 +136,7 @@ struct Presented {
     used_at: Option<i64>,
     user_id: String,
     revoked_at: Option<i64>,
+    created_at: i64,
 }
 
 /// Spends `token` and issues its successor, or detects reuse.
@@ -116,7 +144,7 @@ pub async fn rotate(
     db: &SqlitePool,
     token: &str,
     now: i64,
-    ttl: i64,
+    life: Lifetime,
 ) -> Result<Rotation, RefreshError> {
     if !well_formed(token) {
         return Ok(Rotation::Invalid);
@@ -126,7 +154,7 @@ pub async fn rotate(
     let mut conn = db.acquire().await?;
     let mut tx = (*conn).begin_with("BEGIN IMMEDIATE").await?;
     let presented = sqlx::query_as::<_, Presented>(
-        "SELECT t.family_id, t.expires_at, t.used_at, f.user_id, f.revoked_at
+        "SELECT t.family_id, t.expires_at, t.used_at, f.user_id, f.revoked_at, f.created_at
          FROM refresh_tokens t JOIN refresh_families f ON f.id = t.family_id
          WHERE t.token_hash = ?1",
     )
@@ -141,7 +169,10 @@ pub async fn rotate(
         tx.commit().await?;
         return Ok(Rotation::Reused { user_id: p.user_id });
     }
-    if p.revoked_at.is_some() || p.expires_at <= now {
+    let expires_at = life.expiry(p.created_at, now);
+    // Past the family's end: its last token may still be unexpired when
+    // it was issued under a longer `max`.
+    if p.revoked_at.is_some() || p.expires_at <= now || expires_at <= now {
         return Ok(Rotation::Invalid);
     }
     sqlx::query("UPDATE refresh_tokens SET used_at = ?2 WHERE token_hash = ?1")
@@ -157,13 +188,14 @@ pub async fn rotate(
     .bind(&p.family_id)
     .bind(&hash)
     .bind(now)
-    .bind(now.saturating_add(ttl))
+    .bind(expires_at)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
     Ok(Rotation::Rotated {
         user_id: p.user_id,
         token: next.token,
+        expires_in: expires_at - now,
     })
 }
 
@@ -228,6 +260,10 @@ mod tests {
     use super::*;
 
     const TTL: i64 = 30 * 86_400;
+    const LIFE: Lifetime = Lifetime {
+        ttl: TTL,
+        max: 90 * 86_400,
+    };
 
     async fn db_with_user() -> SqlitePool {
         let db = flotilla_chassis::open_sqlite("sqlite::memory:", &crate::MIGRATOR)
@@ -266,23 +302,26 @@ mod tests {
     #[tokio::test]
     async fn rotation_spends_the_token_and_reuse_revokes_the_family() {
         let db = db_with_user().await;
-        let t1 = start_family(&db, "u1", 100, TTL).await.unwrap();
-        let t2 = token(rotate(&db, &t1, 200, TTL).await.unwrap());
-        let t3 = token(rotate(&db, &t2, 300, TTL).await.unwrap());
+        let t1 = start_family(&db, "u1", 100, LIFE).await.unwrap();
+        let t2 = token(rotate(&db, &t1, 200, LIFE).await.unwrap());
+        let t3 = token(rotate(&db, &t2, 300, LIFE).await.unwrap());
         assert_ne!(t2, t1);
         assert_ne!(t3, t2);
 
         // t1 again: reuse. The family goes, including the newest token.
         assert_eq!(
-            rotate(&db, &t1, 400, TTL).await.unwrap(),
+            rotate(&db, &t1, 400, LIFE).await.unwrap(),
             Rotation::Reused {
                 user_id: "u1".into()
             }
         );
-        assert_eq!(rotate(&db, &t3, 401, TTL).await.unwrap(), Rotation::Invalid);
+        assert_eq!(
+            rotate(&db, &t3, 401, LIFE).await.unwrap(),
+            Rotation::Invalid
+        );
         // Still reported as reuse afterwards, and still revoked.
         assert!(matches!(
-            rotate(&db, &t2, 402, TTL).await.unwrap(),
+            rotate(&db, &t2, 402, LIFE).await.unwrap(),
             Rotation::Reused { .. }
         ));
         let reason: String = sqlx::query_scalar("SELECT revoked_reason FROM refresh_families")
@@ -292,9 +331,9 @@ mod tests {
         assert_eq!(reason, "reuse");
 
         // Another login's family is untouched.
-        let other = start_family(&db, "u1", 500, TTL).await.unwrap();
+        let other = start_family(&db, "u1", 500, LIFE).await.unwrap();
         assert!(matches!(
-            rotate(&db, &other, 501, TTL).await.unwrap(),
+            rotate(&db, &other, 501, LIFE).await.unwrap(),
             Rotation::Rotated { .. }
         ));
         // Nothing stored is a token.
@@ -318,8 +357,8 @@ mod tests {
         .execute(&db)
         .await
         .unwrap();
-        let t = start_family(&db, "u1", 0, TTL).await.unwrap();
-        let (a, b) = tokio::join!(rotate(&db, &t, 1, TTL), rotate(&db, &t, 1, TTL));
+        let t = start_family(&db, "u1", 0, LIFE).await.unwrap();
+        let (a, b) = tokio::join!(rotate(&db, &t, 1, LIFE), rotate(&db, &t, 1, LIFE));
         let outcomes = [a.unwrap(), b.unwrap()];
         let rotated = outcomes
             .iter()
@@ -333,24 +372,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_family_ends_at_its_maximum_however_often_it_is_refreshed() {
+        let db = db_with_user().await;
+        let life = Lifetime { ttl: 100, max: 250 };
+        let rotated = |r: Rotation| match r {
+            Rotation::Rotated {
+                token, expires_in, ..
+            } => (token, expires_in),
+            other => panic!("not rotated: {other:?}"),
+        };
+        let t = start_family(&db, "u1", 0, life).await.unwrap();
+        let (t, left) = rotated(rotate(&db, &t, 90, life).await.unwrap());
+        assert_eq!(left, 100);
+        // The successor's life is cut to the family's end, at 250.
+        let (t, left) = rotated(rotate(&db, &t, 180, life).await.unwrap());
+        assert_eq!(left, 70);
+        let (t, left) = rotated(rotate(&db, &t, 249, life).await.unwrap());
+        assert_eq!(left, 1);
+        assert_eq!(rotate(&db, &t, 250, life).await.unwrap(), Rotation::Invalid);
+
+        // A token issued under longer settings ends with the current ones:
+        // its own expiry (1000) is not yet, the family's end (250) is.
+        let long = Lifetime {
+            ttl: 1000,
+            max: 5000,
+        };
+        let t = start_family(&db, "u1", 0, long).await.unwrap();
+        assert_eq!(rotate(&db, &t, 300, life).await.unwrap(), Rotation::Invalid);
+    }
+
+    #[tokio::test]
     async fn expired_unknown_and_logged_out_tokens_are_invalid() {
         let db = db_with_user().await;
-        let t = start_family(&db, "u1", 0, 100).await.unwrap();
-        assert_eq!(rotate(&db, &t, 100, 100).await.unwrap(), Rotation::Invalid);
+        let t = start_family(&db, "u1", 0, Lifetime { ttl: 100, ..LIFE })
+            .await
+            .unwrap();
         assert_eq!(
-            rotate(&db, &fresh().unwrap().token, 1, TTL).await.unwrap(),
+            rotate(&db, &t, 100, Lifetime { ttl: 100, ..LIFE })
+                .await
+                .unwrap(),
             Rotation::Invalid
         );
         assert_eq!(
-            rotate(&db, "garbage", 1, TTL).await.unwrap(),
+            rotate(&db, &fresh().unwrap().token, 1, LIFE).await.unwrap(),
+            Rotation::Invalid
+        );
+        assert_eq!(
+            rotate(&db, "garbage", 1, LIFE).await.unwrap(),
             Rotation::Invalid
         );
 
-        let t = start_family(&db, "u1", 0, TTL).await.unwrap();
-        let t2 = token(rotate(&db, &t, 1, TTL).await.unwrap());
+        let t = start_family(&db, "u1", 0, LIFE).await.unwrap();
+        let t2 = token(rotate(&db, &t, 1, LIFE).await.unwrap());
         // Logging out with the newest token revokes the family.
         assert!(logout(&db, &t2, 2).await.unwrap());
-        assert_eq!(rotate(&db, &t2, 3, TTL).await.unwrap(), Rotation::Invalid);
+        assert_eq!(rotate(&db, &t2, 3, LIFE).await.unwrap(), Rotation::Invalid);
         assert!(!logout(&db, "garbage", 2).await.unwrap());
         assert!(!logout(&db, &fresh().unwrap().token, 2).await.unwrap());
 

@@ -263,6 +263,46 @@ async fn wrong_password_and_unknown_email_get_the_same_answer() {
 }
 
 #[tokio::test]
+async fn failed_sign_ins_throttle_the_address_alike_whether_it_has_an_account() {
+    let (app, _) = app().await;
+    register(&app, "erin@example.com", "a long passphrase").await;
+    let mut answers = Vec::new();
+    for email in ["erin@example.com", "nobody@example.com"] {
+        for _ in 0..crate::throttle::FREE_FAILURES {
+            let a = login(&app, email, "a wrong guess").await;
+            assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+        }
+        // Now even the right password waits: it is not checked.
+        let a = login(&app, email, "a long passphrase").await;
+        assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS, "{}", a.body);
+        assert_eq!(a.body["error"]["code"], "too_many_attempts");
+        let wait: i64 = a.headers[header::RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=crate::throttle::FIRST_WAIT_SECONDS).contains(&wait));
+        answers.push(a.body);
+    }
+    // No account oracle: the same words for both.
+    let said = |b: &Value| b["error"]["code"].clone();
+    assert_eq!(said(&answers[0]), said(&answers[1]));
+
+    // Another address signs in as before, and a success clears the count.
+    register(&app, "finn@example.com", "a long passphrase").await;
+    for _ in 0..crate::throttle::FREE_FAILURES - 1 {
+        login(&app, "finn@example.com", "a wrong guess").await;
+    }
+    let a = login(&app, "finn@example.com", "a long passphrase").await;
+    assert_eq!(a.status, StatusCode::OK);
+    for _ in 0..crate::throttle::FREE_FAILURES - 1 {
+        login(&app, "finn@example.com", "a wrong guess").await;
+    }
+    let a = login(&app, "finn@example.com", "a long passphrase").await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+}
+
+#[tokio::test]
 async fn refresh_rotates_and_reuse_revokes_the_family() {
     let (app, _) = app().await;
     register(&app, "fay@example.com", "a long passphrase").await;
