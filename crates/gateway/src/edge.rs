@@ -33,7 +33,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use futures_util::future::FutureExt;
-use http::header::{HOST, ORIGIN, SET_COOKIE};
+use http::header::{CONNECTION, HOST, ORIGIN, SET_COOKIE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body::Body as _;
@@ -183,7 +183,9 @@ fn with_path(uri: &Uri, path: &str) -> Result<Uri, Rejection> {
 /// hand a request's fields over CGI-style (WSGI, Rack, PHP) read both
 /// spellings as one variable, so such a field would speak for the
 /// gateway there. nginx drops every name with an underscore by default;
-/// these alone are dropped here.
+/// these alone are dropped here. And the fields the client's `Connection`
+/// names, now rather than at forwarding, where the gateway's own would go
+/// with them.
 fn strip_identity_headers(headers: &mut HeaderMap) {
     // Every name looked for starts with `x` (a `HeaderName` is lower
     // case): most fields are told apart by their first byte.
@@ -195,13 +197,24 @@ fn strip_identity_headers(headers: &mut HeaderMap) {
                 || **k == X_FORWARDED_PREFIX
                 || (name.as_bytes().contains(&b'_') && spells_gateway_field(name)))
     };
-    // Almost every request has none: look before making a list.
-    if !headers.keys().any(|k| forged(&k)) {
-        return;
+    // Almost every request has none: look before making a list. The same
+    // look finds a `Connection` (`c`), whose named fields go too, before
+    // the gateway adds its own (`headers::take_connection_named`).
+    let mut connection = false;
+    let any_forged = headers.keys().any(|k| {
+        connection |= k.as_str().as_bytes().first() == Some(&b'c') && *k == CONNECTION;
+        forged(&k)
+    });
+    if any_forged {
+        // The look stopped at the first: it may not have reached one.
+        connection = headers.contains_key(CONNECTION);
+        let forged: Vec<HeaderName> = headers.keys().filter(forged).cloned().collect();
+        for name in forged {
+            headers.remove(name);
+        }
     }
-    let forged: Vec<HeaderName> = headers.keys().filter(forged).cloned().collect();
-    for name in forged {
-        headers.remove(name);
+    if connection {
+        crate::headers::take_connection_named(headers);
     }
 }
 
@@ -863,6 +876,15 @@ async fn police<'a>(
     }
 
     let mut identity: Option<Arc<Identity>> = None;
+    if let Some(keys) = &routing.keys
+        && !matches!(policy.auth, RouteAuth::Key { .. })
+    {
+        // The key is the gateway's to read wherever it is sent: an SDK
+        // that sends it on every call must not hand it to a public
+        // route's service, which may log it. (A key route takes it off
+        // as it authenticates.)
+        req.headers_mut().remove(keys.header());
+    }
     if let RouteAuth::Key { consumers } = &policy.auth {
         // Validation guarantees keys for every key route.
         let result = match &routing.keys {

@@ -185,6 +185,50 @@ pub(crate) fn list_elements<'a>(
         .filter(|e| !e.is_empty())
 }
 
+/// Takes out of a request's `headers` the fields its `Connection` names
+/// (RFC 9110 §7.6.1: they are for this hop alone), and leaves in
+/// `Connection` only connection options (`close`, `keep-alive`,
+/// `upgrade`). Done as a request arrives, before the gateway adds fields
+/// of its own: still named at forwarding, `Connection:
+/// x-forwarded-client-cert` or an authz check's `x-tenant` would take out
+/// what the gateway tells the instance. `host`, `traceparent`,
+/// `tracestate` and `x-request-id` stay, as at forwarding.
+pub(crate) fn take_connection_named(headers: &mut http::HeaderMap) {
+    let is_option = |token: &[u8]| token.eq_ignore_ascii_case(b"close") || is_hop_by_hop(token);
+    let stays = |token: &[u8]| {
+        [&b"host"[..], b"traceparent", b"tracestate", b"x-request-id"]
+            .iter()
+            .any(|kept| token.eq_ignore_ascii_case(kept))
+    };
+    let values = || headers.get_all(header::CONNECTION).iter();
+    // A browser's `Connection: keep-alive` names no field: nothing to do.
+    let named: Vec<HeaderName> = list_elements(values().map(HeaderValue::as_bytes))
+        .filter(|token| !is_option(token) && !stays(token))
+        .filter_map(|token| HeaderName::from_bytes(token).ok())
+        .collect();
+    if named.is_empty() {
+        return;
+    }
+    let mut options = Vec::new();
+    for token in list_elements(values().map(HeaderValue::as_bytes)).filter(|t| is_option(t)) {
+        if !options.is_empty() {
+            options.extend_from_slice(b", ");
+        }
+        options.extend_from_slice(token);
+    }
+    for name in named {
+        headers.remove(name);
+    }
+    match HeaderValue::from_bytes(&options) {
+        Ok(options) if !options.is_empty() => {
+            headers.insert(header::CONNECTION, options);
+        }
+        _ => {
+            headers.remove(header::CONNECTION);
+        }
+    }
+}
+
 /// The hop-by-hop fields of a head still in `httparse`'s form: a field
 /// name (any case) is hop-by-hop when [`is_hop_by_hop`] says so or one of
 /// the head's `Connection` fields names it. For a response from an
@@ -902,6 +946,48 @@ pub(crate) mod tests {
         ] {
             assert!(!is_hop_by_hop(name.as_bytes()), "{name}");
         }
+    }
+
+    #[test]
+    fn connection_named_fields_go_as_the_request_arrives_and_options_stay() {
+        let map = |fields: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in fields {
+                h.append(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let mut h = map(&[
+            ("connection", "Keep-Alive, X-Secret"),
+            ("connection", "host, Upgrade,,close"),
+            ("host", "a.example"),
+            ("upgrade", "websocket"),
+            ("x-secret", "1"),
+            ("x-secret", "2"),
+            ("x-kept", "1"),
+        ]);
+        take_connection_named(&mut h);
+        assert!(!h.contains_key("x-secret"));
+        assert_eq!(h["host"], "a.example", "a field meant for every hop stays");
+        assert_eq!(h["x-kept"], "1");
+        assert_eq!(
+            h["upgrade"], "websocket",
+            "hop-by-hop: dropped at forwarding"
+        );
+        // Only the options are left to name, so a field the gateway adds
+        // after (`x-secret`, say) is not taken off with them.
+        let options: Vec<_> = h.get_all("connection").iter().collect();
+        assert_eq!(options, ["Keep-Alive, Upgrade, close"]);
+
+        // Nothing named: nothing changes.
+        let mut h = map(&[("connection", "keep-alive"), ("x-a", "1")]);
+        let before = h.clone();
+        take_connection_named(&mut h);
+        assert_eq!(h, before);
+        // Only fields named: no `Connection` left.
+        let mut h = map(&[("connection", "x-a"), ("x-a", "1")]);
+        take_connection_named(&mut h);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]

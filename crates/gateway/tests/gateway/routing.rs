@@ -672,6 +672,20 @@ async fn strip_prefix_forwards_the_rest_of_the_path_and_names_what_it_took() {
             "{path}: {echo}"
         );
     }
+    // A client's `Connection` takes its own fields off this hop, not the
+    // gateway's: the instance still learns what was taken off the path.
+    let fields = [
+        ("connection", "keep-alive, X-Forwarded-Prefix, x-dropped"),
+        ("x-dropped", "1"),
+        ("x-kept", "1"),
+    ];
+    let reply = client
+        .request(Method::GET, "/legacy/items", &fields, Bytes::new())
+        .await;
+    let echo = reply.json();
+    assert_eq!(echo["headers"]["x-forwarded-prefix"], "/legacy", "{echo}");
+    assert!(echo["headers"].get("x-dropped").is_none(), "{echo}");
+    assert_eq!(echo["headers"]["x-kept"], "1", "{echo}");
     gateway.shutdown(T).await;
 
     let bad = stripping(route("legacy", "/legacy/**", &[], T), "/other");

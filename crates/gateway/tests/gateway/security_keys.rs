@@ -66,8 +66,17 @@ async fn a_key_lets_its_consumer_in_and_nothing_else_does() {
         ("partner-a", &["key-a"]),
         ("partner-b", &["key-b", "key-b2"]),
     ]);
+    cfg.routes.push(route("keyed", "/open/**", &[], T));
     let gateway = start(cfg, &registry).await;
     let client = Client::new(&gateway);
+
+    // A key sent to a route that does not ask for one stays here too: an
+    // SDK sends it on every call, and the service may log what it gets.
+    let reply = get(&client, "/open/x", &[("x-api-key", "key-a")]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let headers = &reply.json()["headers"];
+    assert!(headers.get("x-api-key").is_none(), "forwarded: {headers}");
+    assert!(headers.get("x-flotilla-user-id").is_none(), "{headers}");
 
     // The consumer, as the gateway vouches for it; the key stays here.
     let forged = ("x-flotilla-user-id", "admin");
