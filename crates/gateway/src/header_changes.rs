@@ -9,7 +9,7 @@
 //! ([`flotilla_manifest::reserved_header`]), so a change can never forge an
 //! identity, a request id or a CORS answer, nor touch the framing.
 
-use flotilla_manifest::{HeaderDirection, reserved_header};
+use flotilla_manifest::{HeaderDirection, only_added, reserved_header};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::relayed::Fields;
@@ -54,12 +54,17 @@ impl HeaderChanges {
 
     /// The first name the gateway keeps for itself, and why.
     pub(crate) fn reserved(&self, direction: HeaderDirection) -> Option<(String, &'static str)> {
-        self.set
-            .iter()
-            .chain(&self.add)
-            .map(|(name, _)| name)
-            .chain(&self.remove)
+        let mut replaced = self.set.iter().map(|(name, _)| name).chain(&self.remove);
+        let added = self.add.iter().map(|(name, _)| name);
+        added
+            .clone()
+            .chain(replaced.clone())
             .find_map(|name| Some((name.to_string(), reserved_header(name.as_str(), direction)?)))
+            .or_else(|| {
+                replaced.find_map(|name| {
+                    Some((name.to_string(), only_added(name.as_str(), direction)?))
+                })
+            })
     }
 
     /// The system's changes, then the route's: a name the route sets or
@@ -261,5 +266,22 @@ mod tests {
             ..HeaderChanges::default()
         };
         assert!(added.reserved(HeaderDirection::Response).is_some());
+
+        // `vary` may be added to, not set or removed; `_` spellings are
+        // the names they spell.
+        let vary = |c: HeaderChanges| c.reserved(HeaderDirection::Response).map(|(n, _)| n);
+        assert_eq!(vary(changes(&[("vary", "a")], &[])), Some("vary".into()));
+        assert_eq!(vary(changes(&[], &["vary"])), Some("vary".into()));
+        let add = HeaderChanges {
+            add: vec![(
+                HeaderName::from_static("vary"),
+                HeaderValue::from_static("a"),
+            )],
+            ..HeaderChanges::default()
+        };
+        assert_eq!(vary(add.clone()), None);
+        assert!(add.reserved(HeaderDirection::Request).is_none());
+        let spelled = changes(&[("x_flotilla_user_id", "admin")], &[]);
+        assert!(spelled.reserved(HeaderDirection::Request).is_some());
     }
 }

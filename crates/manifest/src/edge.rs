@@ -121,6 +121,16 @@ pub enum HeaderDirection {
 /// `name` is lower case. Shared with the gateway, which checks a
 /// configuration built in code by the same rule.
 pub fn reserved_header(name: &str, direction: HeaderDirection) -> Option<&'static str> {
+    // Read with `_` as `-` too: servers that hand fields over CGI-style
+    // (WSGI, Rack, PHP) read `x_flotilla_user_id` as the gateway's own
+    // `x-flotilla-user-id`, which is why the gateway strips a client's.
+    let dashed;
+    let name = if name.contains('_') {
+        dashed = name.replace('_', "-");
+        dashed.as_str()
+    } else {
+        name
+    };
     if HOP_BY_HOP.contains(&name)
         || name.starts_with("proxy-")
         || name == "content-length"
@@ -148,6 +158,11 @@ pub fn reserved_header(name: &str, direction: HeaderDirection) -> Option<&'stati
             ) {
                 return Some("the gateway sets it from the client's connection");
             }
+            if name == "traceparent" || name == "tracestate" {
+                return Some(
+                    "the gateway passes the request's trace on, the one its access log records",
+                );
+            }
         }
         HeaderDirection::Response => {
             if name.starts_with("access-control-") {
@@ -162,9 +177,25 @@ pub fn reserved_header(name: &str, direction: HeaderDirection) -> Option<&'stati
             if name == "strict-transport-security" {
                 return Some("set it with `[gateway.tls] hsts`");
             }
+            if name == "content-encoding" {
+                return Some(
+                    "it says how the body is encoded, which the instance or `[gateway.compression]` decides",
+                );
+            }
         }
     }
     None
+}
+
+/// Why a header may only be added to (`add`), not set or removed, if so:
+/// the gateway adds values of its own that a `set` or `remove` would take
+/// away. `Vary: Origin` (CORS) and `Vary: accept-encoding` (compression)
+/// gone, a shared cache would hand one origin's or one encoding's answer
+/// to another. `name` is lower case.
+pub fn only_added(name: &str, direction: HeaderDirection) -> Option<&'static str> {
+    (direction == HeaderDirection::Response && name == "vary").then_some(
+        "the gateway adds to it for CORS and compression, and a `set` or `remove` would take that away; use `add`",
+    )
 }
 
 /// A `tchar` of RFC 9110 §5.6.2, the bytes a field name is made of.

@@ -25,7 +25,7 @@ pub use edge::{
     ForwardedHeader, GatewayLimits, HOP_BY_HOP, HeaderChanges, HeaderDirection, IpList, IpNet,
     IpNetParseError, JwksSource, Jwt, MAX_JWT_ISSUERS, MAX_RATE_LIMITS, OutlierDetection,
     RateLimit, RateLimitKey, RateLimitParseError, RateLimitStore, Retries, RouteCache, Tls,
-    TlsCertificate, TlsVersion, is_token, parse_net, parse_nets, reserved_header,
+    TlsCertificate, TlsVersion, is_token, only_added, parse_net, parse_nets, reserved_header,
 };
 pub use events::{
     Broker, BrokerDurability, BrokerEngine, Deliver, Queue, Stream, StreamSource, Subscribe, Topic,

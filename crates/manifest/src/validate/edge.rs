@@ -14,7 +14,7 @@ use crate::edge::{
     Affinity, ApiKeys, Authz, CacheStore, ClientAuth, Compression, Cors, ForwardedHeader,
     HeaderChanges, HeaderDirection, IpList, JwksSource, Jwt, MAX_JWT_ISSUERS, MAX_RATE_LIMITS,
     RateLimit, RateLimitKey, RateLimitStore, RouteCache, Tls, TlsCertificate, TlsVersion,
-    is_origin, is_token, is_token_byte, parse_net, reserved_header,
+    is_origin, is_token, is_token_byte, only_added, parse_net, reserved_header,
 };
 use crate::raw::{
     RawApiKeys, RawAuthz, RawCacheStore, RawCompression, RawCors, RawHeaderChanges, RawIp, RawJwt,
@@ -1262,7 +1262,7 @@ pub(super) fn header_changes(
     let before = ctx.errors.len();
     let mut changes = HeaderChanges::default();
     let mut seen: Vec<String> = Vec::new();
-    let mut name_ok = |ctx: &mut Ctx<'_>, name: &str, at: std::ops::Range<usize>| {
+    let mut name_ok = |ctx: &mut Ctx<'_>, name: &str, at: std::ops::Range<usize>, add: bool| {
         let lower = name.to_ascii_lowercase();
         if lower.is_empty() || !lower.bytes().all(is_token_byte) {
             ctx.error(
@@ -1280,6 +1280,14 @@ pub(super) fn header_changes(
             );
             return None;
         }
+        if let Some(why) = only_added(&lower, direction).filter(|_| !add) {
+            ctx.error(
+                at,
+                format!("`{lower}` can only be added to: {why}"),
+                Some(format!("write `add = {{ {lower} = \"…\" }}`")),
+            );
+            return None;
+        }
         if seen.contains(&lower) {
             ctx.error(
                 at,
@@ -1294,7 +1302,7 @@ pub(super) fn header_changes(
     let sets = raw.set.iter().flatten().map(|field| (false, field));
     let adds = raw.add.iter().flatten().map(|field| (true, field));
     for (add, (name, value)) in sets.chain(adds) {
-        let Some(lower) = name_ok(ctx, name, value.span()) else {
+        let Some(lower) = name_ok(ctx, name, value.span(), add) else {
             continue;
         };
         let v = value.get_ref();
@@ -1314,7 +1322,7 @@ pub(super) fn header_changes(
         list.push((lower, v.trim().to_string()));
     }
     for name in raw.remove.iter().flatten() {
-        if let Some(lower) = name_ok(ctx, name.get_ref(), name.span()) {
+        if let Some(lower) = name_ok(ctx, name.get_ref(), name.span(), false) {
             changes.remove.push(lower);
         }
     }

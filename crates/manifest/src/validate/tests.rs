@@ -1266,6 +1266,31 @@ fn edge_policy_errors() {
             "`x-request-id` cannot be changed here",
         ),
         (
+            "\"X-Frame-Options\" = \"DENY\"",
+            "\"Vary\" = \"Accept-Language\"",
+            "`vary` can only be added to: the gateway adds to it for CORS and compression",
+        ),
+        (
+            "remove = [\"X-Powered-By\"]",
+            "remove = [\"vary\"]",
+            "`vary` can only be added to",
+        ),
+        (
+            "\"X-Frame-Options\" = \"DENY\"",
+            "\"Content-Encoding\" = \"gzip\"",
+            "`content-encoding` cannot be changed here: it says how the body is encoded",
+        ),
+        (
+            "remove = [\"cookie\"]",
+            "remove = [\"x_flotilla_user_id\"]",
+            "`x_flotilla_user_id` cannot be changed here: only the gateway says who the caller is",
+        ),
+        (
+            "remove = [\"cookie\"]",
+            "remove = [\"traceparent\"]",
+            "`traceparent` cannot be changed here: the gateway passes the request's trace on",
+        ),
+        (
             "request_headers = { set",
             "request_headers = { append",
             "unknown key `append`",
