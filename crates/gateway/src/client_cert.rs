@@ -334,6 +334,9 @@ const HASH_FIELD_LEN: usize = 5 + 64;
 #[derive(Debug)]
 pub(crate) struct ClientCert {
     pub xfcc: HeaderValue,
+    /// Its validity (Unix seconds, `notBefore` and `notAfter`), when it
+    /// could be read here.
+    validity: Option<(i64, i64)>,
 }
 
 impl ClientCert {
@@ -341,9 +344,12 @@ impl ClientCert {
     pub(crate) fn new(leaf: &CertificateDer<'_>) -> ClientCert {
         let hash = ring::digest::digest(&ring::digest::SHA256, leaf.as_ref());
         let mut xfcc = format!("Hash={}", hex::encode(hash));
+        let mut validity = None;
         // It parsed for the verifier; should it not here, the hash alone
         // still names it.
         if let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) {
+            let v = cert.validity();
+            validity = Some((v.not_before.timestamp(), v.not_after.timestamp()));
             xfcc.push_str(";Subject=");
             quoted(&mut xfcc, &rfc4514(cert.subject()));
             if let Ok(Some(san)) = cert.subject_alternative_name() {
@@ -366,7 +372,18 @@ impl ClientCert {
         let xfcc = HeaderValue::from_str(&xfcc)
             .or_else(|_| HeaderValue::from_str(&xfcc[..HASH_FIELD_LEN]))
             .unwrap_or_else(|_| HeaderValue::from_static(""));
-        ClientCert { xfcc }
+        ClientCert { xfcc, validity }
+    }
+
+    /// Whether it is within its validity at `now` (Unix seconds). The
+    /// verifier checked that in a full handshake; a resumed one copies the
+    /// certificate from the session without checking it again (rustls),
+    /// and each resumption hands out new tickets, so without this a
+    /// short-lived certificate would open connections long after it
+    /// expired. One it could not read is taken as the verifier took it.
+    pub(crate) fn in_date(&self, now: i64) -> bool {
+        self.validity
+            .is_none_or(|(not_before, not_after)| not_before <= now && now <= not_after)
     }
 }
 

@@ -561,6 +561,14 @@ async fn start_tls(
         .peer_certificates()
         .and_then(|chain| chain.first())
         .map(|leaf| Arc::new(ClientCert::new(leaf)));
+    if let Some(cert) = &client_cert
+        && !cert.in_date(unix_seconds())
+    {
+        // A resumed session's: see `ClientCert::in_date`.
+        tracing::debug!(target: "flotilla::gateway", %peer, "client certificate out of date on a resumed session");
+        stats::tls_failed("certificate_expired");
+        return None;
+    }
     if h2 {
         serve_h2_conn(with, stream, info, client_cert, Watch::new()).await;
         return None;
@@ -570,6 +578,13 @@ async fn start_tls(
     // connection that has said nothing yet would otherwise get.
     let head_by = tokio::time::Instant::now() + with.settings.header_timeout;
     Some((stream.into(), BytesMut::new(), info, client_cert, head_by))
+}
+
+/// The wall clock, in Unix seconds (0 before 1970).
+fn unix_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Requests and responses are small writes that must not wait for

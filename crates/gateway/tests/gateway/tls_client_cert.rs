@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use flotilla_gateway::{ClientAuth, Gateway, TlsConfig};
@@ -53,29 +53,30 @@ struct ClientCert {
 }
 
 fn client_cert(ca: &Ca, cn: &str, sans: &[rcgen::SanType]) -> ClientCert {
-    let key = ok(rcgen::KeyPair::generate(), "client key");
-    let mut params = rcgen::CertificateParams::default();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, cn);
-    params.subject_alt_names = sans.to_vec();
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = ok(params.signed_by(&key, &ca.issuer), "client certificate");
-    ClientCert {
-        der: cert.der().clone(),
-        key: key.serialize_der(),
-    }
+    signed(ca, cn, |p| p.subject_alt_names = sans.to_vec())
 }
 
 /// A client certificate `ca` signed with this serial number.
 fn client_cert_numbered(ca: &Ca, cn: &str, serial: u8) -> ClientCert {
+    signed(ca, cn, |p| {
+        p.serial_number = Some(rcgen::SerialNumber::from(vec![serial]));
+    })
+}
+
+/// A client certificate `ca` signed that expires at `not_after`.
+fn client_cert_until(ca: &Ca, cn: &str, not_after: SystemTime) -> ClientCert {
+    signed(ca, cn, |p| p.not_after = not_after.into())
+}
+
+/// A client certificate for `cn` that `ca` signed, with what `edit` sets.
+fn signed(ca: &Ca, cn: &str, edit: impl FnOnce(&mut rcgen::CertificateParams)) -> ClientCert {
     let key = ok(rcgen::KeyPair::generate(), "client key");
     let mut params = rcgen::CertificateParams::default();
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, cn);
-    params.serial_number = Some(rcgen::SerialNumber::from(vec![serial]));
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    edit(&mut params);
     let cert = ok(params.signed_by(&key, &ca.issuer), "client certificate");
     ClientCert {
         der: cert.der().clone(),
@@ -448,4 +449,58 @@ async fn a_crl_of_another_ca_stops_the_start() {
         source.contains("clients-crl.pem") && source.contains("not one of the client CAs"),
         "{source}"
     );
+}
+
+#[tokio::test]
+async fn a_resumed_session_ends_when_its_client_certificate_expires() {
+    let dir = TestDir::new();
+    let server = server(&dir);
+    let partners = ca("Partners CA");
+    let (gw, _upstream) = gateway(tls(&dir, &partners, ClientAuth::Required)).await;
+    let addr = gw.local_addr();
+    // Valid for a few seconds (certificates count whole seconds): long
+    // enough for a full handshake and a resumed one.
+    let expires = SystemTime::now() + Duration::from_secs(3);
+    let config = client(
+        &server,
+        Some(&client_cert_until(&partners, "brief", expires)),
+        &[],
+    );
+    let answer = ok(get(addr, Arc::clone(&config), "/api/x", "").await, "GET");
+    assert_eq!(status(&answer), 200, "{answer}");
+    // The next connection resumes that session (so the test below is
+    // about resumption, not a full handshake's own check).
+    let mut resumed = ok(connect(addr, Arc::clone(&config)).await, "resume");
+    assert_eq!(
+        resumed.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    ok(
+        resumed
+            .write_all(b"GET /api/x HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .await,
+        "write",
+    );
+    let mut got = Vec::new();
+    ok(
+        resumed.read_to_end(&mut got).await,
+        "read, and the new tickets",
+    );
+    assert_eq!(status(&String::from_utf8_lossy(&got)), 200);
+
+    // Past its notAfter (and the second it names), the session it made
+    // opens nothing.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while SystemTime::now() < expires + Duration::from_secs(1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the clock stood still"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        get(addr, config, "/api/x", "").await.is_err(),
+        "an expired certificate's session was resumed"
+    );
+    gw.shutdown(Duration::from_secs(1)).await;
 }
