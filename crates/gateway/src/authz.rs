@@ -41,6 +41,7 @@ use crate::rejection::Rejection;
 use crate::routes::Route;
 use crate::server::ConnInfo;
 use crate::stats::{AuthzOutcome, AuthzStats};
+use crate::trace::TRACEPARENT;
 
 /// The most of a refusing answer's body passed on to the client.
 const MAX_DENIAL_BODY: usize = 64 * 1024;
@@ -227,7 +228,12 @@ fn question(authz: &Authz, req: &Request<Body>) -> Option<Request<Body>> {
     if let Some(host) = host {
         headers.insert(HOST, host);
     }
-    for name in &authz.request_headers {
+    // The request's trace, as the instance will get it: without it the
+    // check would be sent in the trace the gateway starts for a request
+    // that has none, one its access log never names.
+    let tracestate = HeaderName::from_static("tracestate");
+    let trace = [&TRACEPARENT, &tracestate];
+    for name in trace.into_iter().chain(&authz.request_headers) {
         for value in req.headers().get_all(name) {
             headers.append(name.clone(), value.clone());
         }
@@ -334,6 +340,16 @@ mod tests {
         let asked = question(&authz(""), &req).unwrap();
         assert_eq!(asked.headers()["host"], "api.example");
         assert_eq!(asked.uri(), "/a");
+        // The request's trace goes with it, as it goes to the instance.
+        let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let req = Request::get("/a")
+            .header("traceparent", parent)
+            .header("tracestate", "vendor=1")
+            .body(body::empty())
+            .unwrap();
+        let asked = question(&authz(""), &req).unwrap();
+        assert_eq!(asked.headers()["traceparent"], parent);
+        assert_eq!(asked.headers()["tracestate"], "vendor=1");
     }
 
     fn check(policy: Authz) -> Check {
