@@ -259,7 +259,7 @@ impl Proxy {
                         });
                     }
                     Err(SendError::TimedOut) => {
-                        health.failure(&endpoint.instance, &ready);
+                        health.failure(endpoint, &ready);
                         drop(guard);
                         let Some(try_timeout) =
                             route.try_timeout.filter(|_| attempt_deadline < deadline)
@@ -277,9 +277,9 @@ impl Proxy {
                     Ok(reply) => {
                         let status = reply.res.status();
                         if status.is_server_error() {
-                            health.failure(&endpoint.instance, &ready);
+                            health.failure(endpoint, &ready);
                         } else {
-                            health.success(&endpoint.instance);
+                            health.success(endpoint);
                         }
                         let reason = match status {
                             StatusCode::BAD_GATEWAY => "status_502",
@@ -303,7 +303,7 @@ impl Proxy {
                         // toward its ejection (not retried: it may have
                         // acted on the request).
                         if failure != Failure::Other || matches!(error, SendError::Protocol(_)) {
-                            health.failure(&endpoint.instance, &ready);
+                            health.failure(endpoint, &ready);
                         }
                         if failure == Failure::Other || !may_retry(retries) || !health.try_retry() {
                             let service = route.service.clone();
@@ -415,7 +415,7 @@ impl Proxy {
         // Candidates by predicate rather than collected into lists: this
         // runs on every request, and nearly always every instance is a
         // candidate.
-        let healthy = |e: &Endpoint| !health.is_ejected(&e.instance);
+        let healthy = |e: &Endpoint| !health.is_ejected(e);
         let fresh = |e: &Endpoint| !tried.contains(&e.instance);
         // Outlier detection never ejects every instance, but the runtime's
         // list may have shrunk to ejected ones: better them than nothing.

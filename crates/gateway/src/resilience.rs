@@ -19,6 +19,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
@@ -197,11 +198,32 @@ impl Budget {
     }
 }
 
-#[derive(Debug, Default)]
+/// An instance's record, for the process at `addr`: an instance id is
+/// given again to the process that replaces a crashed one (at another
+/// address), which starts with a clean record rather than its
+/// predecessor's ejection.
+#[derive(Debug)]
 struct InstanceState {
+    addr: SocketAddr,
     consecutive: u32,
     ejections: u32,
     ejected_until: Option<Instant>,
+}
+
+impl InstanceState {
+    fn new(addr: SocketAddr) -> InstanceState {
+        InstanceState {
+            addr,
+            consecutive: 0,
+            ejections: 0,
+            ejected_until: None,
+        }
+    }
+
+    /// Whether `e`'s process is out at `now`.
+    fn ejects(&self, e: &Endpoint, now: Instant) -> bool {
+        self.addr == e.addr && self.ejected_until.is_some_and(|until| until > now)
+    }
 }
 
 /// One service's health, remembered where it is asked for on every
@@ -281,26 +303,25 @@ impl ServiceHealth {
         }
     }
 
-    pub(crate) fn is_ejected(&self, instance: &str) -> bool {
+    pub(crate) fn is_ejected(&self, e: &Endpoint) -> bool {
         if self.tracked.load(Ordering::Acquire) == 0 {
             return false;
         }
         let now = crate::clock::now();
         let instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
-        instances
-            .get(instance)
-            .and_then(|s| s.ejected_until)
-            .is_some_and(|until| until > now)
+        instances.get(&e.instance).is_some_and(|s| s.ejects(e, now))
     }
 
-    pub(crate) fn success(&self, instance: &str) {
+    pub(crate) fn success(&self, e: &Endpoint) {
         if self.tracked.load(Ordering::Acquire) == 0 {
             return;
         }
         let now = crate::clock::now();
         let max = self.settings.get().max;
         let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
-        let forget = match instances.get_mut(instance) {
+        let forget = match instances.get_mut(&e.instance) {
+            // Another process's record: this one starts clean.
+            Some(s) if s.addr != e.addr => true,
             Some(s) => {
                 s.consecutive = 0;
                 // Back in for `max` since its last ejection ended: forgiven.
@@ -314,20 +335,31 @@ impl ServiceHealth {
             None => false,
         };
         if forget {
-            instances.remove(instance);
+            instances.remove(&e.instance);
             self.tracked.store(instances.len(), Ordering::Release);
         }
     }
 
-    /// Records a failure of `instance`; `ready` is the service's instances
-    /// now (so that the last one standing is never ejected).
-    pub(crate) fn failure(&self, instance: &str, ready: &[Endpoint]) {
+    /// Records a failure of `e`; `ready` is the service's instances now
+    /// (so that the last one standing is never ejected).
+    pub(crate) fn failure(&self, e: &Endpoint, ready: &[Endpoint]) {
         let now = crate::clock::now();
         let settings = self.settings.get();
         let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
-        let state = instances.entry(instance.to_string()).or_default();
-        if state.ejected_until.is_some_and(|until| until > now) {
+        // Records of processes no longer ready (scaled down, or replaced)
+        // go: they would only keep every pick taking this lock.
+        instances.retain(|id, s| {
+            id == &e.instance || ready.iter().any(|r| &r.instance == id && r.addr == s.addr)
+        });
+        let state = instances
+            .entry(e.instance.clone())
+            .or_insert_with(|| InstanceState::new(e.addr));
+        if state.addr != e.addr {
+            *state = InstanceState::new(e.addr);
+        }
+        if state.ejects(e, now) {
             // Already out; failures of requests sent before do not extend it.
+            self.tracked.store(instances.len(), Ordering::Release);
             return;
         }
         state.consecutive += 1;
@@ -335,19 +367,15 @@ impl ServiceHealth {
             self.tracked.store(instances.len(), Ordering::Release);
             return;
         }
-        let others_in = ready.iter().any(|e| {
-            e.instance != instance
-                && instances
-                    .get(&e.instance)
-                    .and_then(|s| s.ejected_until)
-                    .is_none_or(|until| until <= now)
+        let others_in = ready.iter().any(|r| {
+            r.instance != e.instance && instances.get(&r.instance).is_none_or(|s| !s.ejects(r, now))
         });
-        let Some(state) = instances.get_mut(instance) else {
+        self.tracked.store(instances.len(), Ordering::Release);
+        let Some(state) = instances.get_mut(&e.instance) else {
             return;
         };
         if !others_in {
-            tracing::debug!(target: "flotilla::gateway", service = %self.name, instance, "not ejecting the last instance in rotation");
-            self.tracked.store(instances.len(), Ordering::Release);
+            tracing::debug!(target: "flotilla::gateway", service = %self.name, instance = %e.instance, "not ejecting the last instance in rotation");
             return;
         }
         if state
@@ -367,12 +395,11 @@ impl ServiceHealth {
         tracing::warn!(
             target: "flotilla::gateway",
             service = %self.name,
-            instance,
+            instance = %e.instance,
             ejections = state.ejections,
             for_ = ?duration,
             "instance ejected after consecutive failures"
         );
-        self.tracked.store(instances.len(), Ordering::Release);
     }
 }
 
@@ -457,27 +484,27 @@ mod tests {
         let s = r.service("svc");
         let ready = [endpoint("a"), endpoint("b")];
         for _ in 0..4 {
-            s.failure("a", &ready);
+            s.failure(&ready[0], &ready);
         }
-        assert!(!s.is_ejected("a"));
-        s.failure("a", &ready);
-        assert!(s.is_ejected("a"));
+        assert!(!s.is_ejected(&ready[0]));
+        s.failure(&ready[0], &ready);
+        assert!(s.is_ejected(&ready[0]));
         // b fails too, but a is out: b stays in.
         for _ in 0..10 {
-            s.failure("b", &ready);
+            s.failure(&ready[1], &ready);
         }
-        assert!(!s.is_ejected("b"));
+        assert!(!s.is_ejected(&ready[1]));
         tokio::time::advance(Duration::from_secs(31)).await;
-        assert!(!s.is_ejected("a"));
+        assert!(!s.is_ejected(&ready[0]));
         for _ in 0..5 {
-            s.failure("a", &ready);
+            s.failure(&ready[0], &ready);
         }
-        assert!(s.is_ejected("a"));
+        assert!(s.is_ejected(&ready[0]));
         // Second ejection: 60 s.
         tokio::time::advance(Duration::from_secs(45)).await;
-        assert!(s.is_ejected("a"));
+        assert!(s.is_ejected(&ready[0]));
         tokio::time::advance(Duration::from_secs(16)).await;
-        assert!(!s.is_ejected("a"));
+        assert!(!s.is_ejected(&ready[0]));
     }
 
     #[tokio::test(start_paused = true)]
@@ -486,9 +513,9 @@ mod tests {
         let s = r.service("svc");
         let ready = [endpoint("a"), endpoint("b")];
         for _ in 0..3 {
-            s.failure("a", &ready);
+            s.failure(&ready[0], &ready);
         }
-        assert!(!s.is_ejected("a"));
+        assert!(!s.is_ejected(&ready[0]));
         assert!(s.try_retry(), "the floor of 3 a second");
         r.update(Settings {
             max_retries: 0,
@@ -502,12 +529,41 @@ mod tests {
         // The retry taken counts against the new floor of one.
         assert!(!s.try_retry());
         // The fourth failure, with the three before it, under the new rule.
-        s.failure("a", &ready);
-        assert!(s.is_ejected("a"));
+        s.failure(&ready[0], &ready);
+        assert!(s.is_ejected(&ready[0]));
         tokio::time::advance(Duration::from_millis(2100)).await;
-        assert!(!s.is_ejected("a"), "ejected for the new base of 2 s");
+        assert!(!s.is_ejected(&ready[0]), "ejected for the new base of 2 s");
         // A service first asked about after the reload has them too.
         assert_eq!(r.service("later").settings.get(), r.settings.get());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replaced_process_starts_clean_and_gone_ones_are_forgotten() {
+        let r = Resilience::new(settings());
+        let s = r.service("svc");
+        let ready = [endpoint("a"), endpoint("b"), endpoint("c")];
+        for _ in 0..5 {
+            s.failure(&ready[0], &ready);
+        }
+        assert!(s.is_ejected(&ready[0]));
+        // `a` crashed; the process that replaces it has its id, at another
+        // address: not the one ejected.
+        let again = Endpoint {
+            addr: SocketAddr::from(([127, 0, 0, 1], 2)),
+            ..endpoint("a")
+        };
+        assert!(!s.is_ejected(&again));
+        let ready = [again, endpoint("b"), endpoint("c")];
+        // Its first failure counts from one, not from the old record.
+        for _ in 0..4 {
+            s.failure(&ready[0], &ready);
+        }
+        assert!(!s.is_ejected(&ready[0]));
+        // `c` is scaled away; a failure elsewhere drops its record.
+        s.failure(&ready[2], &ready);
+        let ready = [ready[0].clone(), endpoint("b")];
+        s.failure(&ready[1], &ready);
+        assert_eq!(s.tracked.load(Ordering::Acquire), 2, "a and b");
     }
 
     #[tokio::test(start_paused = true)]
@@ -516,14 +572,14 @@ mod tests {
         let s = r.service("svc");
         let ready = [endpoint("a"), endpoint("b")];
         for _ in 0..4 {
-            s.failure("a", &ready);
+            s.failure(&ready[0], &ready);
         }
-        s.success("a");
+        s.success(&ready[0]);
         for _ in 0..4 {
-            s.failure("a", &ready);
+            s.failure(&ready[0], &ready);
         }
-        assert!(!s.is_ejected("a"));
-        s.success("a");
+        assert!(!s.is_ejected(&ready[0]));
+        s.success(&ready[0]);
         assert_eq!(s.tracked.load(Ordering::Acquire), 0);
     }
 }
