@@ -4,9 +4,9 @@
 //! hyper's HTTP/2 server has no idle timeout: a client could open
 //! connections, make a request or none, and keep them forever, each a
 //! socket and a task. So each h2 connection (h2c, or h2 over TLS) keeps a
-//! [`Watch`]: requests in progress and the time of the last activity (a
-//! byte read, on h2c, or a response finished). Once no request has been in
-//! progress for `idle_timeout`, the connection is told to go away (GOAWAY)
+//! [`Watch`]: requests in progress and the time the last one finished (or
+//! the connection began). Once no request has been in progress for
+//! `idle_timeout`, the connection is told to go away (GOAWAY)
 //! and closes, as nginx closes an idle HTTP/2 connection; a long request or
 //! a slow response stream keeps it open. (HTTP/1 is served by the gateway's
 //! own driver, `h1`, which applies its idle and slow-head timeouts itself.)
@@ -70,7 +70,7 @@ pub(crate) struct Watch {
     epoch: Instant,
     /// Requests handed to the service whose responses are not done.
     in_request: AtomicU64,
-    /// Millis since `epoch` (+1) of the last byte read or request finished.
+    /// Millis since `epoch` (+1) the last request finished; 0 for none.
     last_activity: AtomicU64,
     /// Each response body's [`Paced`] clock.
     bodies: Mutex<Vec<Weak<Pacing>>>,
@@ -181,18 +181,16 @@ impl Watch {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 
-    fn read(&self) {
-        self.last_activity.store(self.now_ms(), Ordering::Relaxed);
-    }
-
     /// A request was handed to the service.
     pub(crate) fn request_started(self: &Arc<Self>) -> RequestGuard {
         self.in_request.fetch_add(1, Ordering::AcqRel);
         RequestGuard(Arc::clone(self))
     }
 
-    /// Resolves once no request has been in progress, and nothing was read,
-    /// for `idle_timeout`.
+    /// Resolves once no request has been in progress for `idle_timeout`.
+    /// Bytes read do not count, as Envoy's idle timeout counts only
+    /// streams: a client's PINGs (or SETTINGS, or WINDOW_UPDATEs) alone
+    /// would otherwise keep a connection, a socket and a task, for ever.
     pub(crate) async fn idle(&self, idle_timeout: Duration) {
         let idle_ms = idle_timeout.as_millis() as u64;
         loop {
@@ -258,7 +256,6 @@ impl Drop for RequestGuard {
 /// need to write a 408 and linger after hyper is gone.
 pub(crate) struct Io {
     stream: Arc<TcpStream>,
-    watch: Arc<Watch>,
     /// Bytes read before the connection was handed over (to tell HTTP/2
     /// from HTTP/1); hyper reads them first.
     prefix: Bytes,
@@ -275,7 +272,6 @@ impl AsyncRead for Io {
             let n = this.prefix.len().min(buf.remaining());
             let head = this.prefix.split_to(n);
             buf.put_slice(&head);
-            this.watch.read();
             return Poll::Ready(Ok(()));
         }
         loop {
@@ -283,12 +279,7 @@ impl AsyncRead for Io {
             // Into the uninitialised part directly (`ReadBuf` is a `BufMut`):
             // zeroing hyper's read buffer on every read costs measurably.
             match self.stream.try_read_buf(buf) {
-                Ok(n) => {
-                    if n > 0 {
-                        self.watch.read();
-                    }
-                    return Poll::Ready(Ok(()));
-                }
+                Ok(_) => return Poll::Ready(Ok(())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
@@ -353,7 +344,6 @@ pub(crate) fn watch(stream: TcpStream, read: Bytes) -> (Io, Watched) {
     (
         Io {
             stream: Arc::clone(&stream),
-            watch: Arc::clone(&watch),
             prefix: read,
         },
         Watched { stream, watch },

@@ -772,6 +772,35 @@ async fn an_idle_h2c_connection_is_told_to_go_away() {
 }
 
 #[tokio::test]
+async fn pings_alone_do_not_keep_an_h2c_connection() {
+    let dir = TestDir::new();
+    let pair = pair();
+    write(&dir, &pair);
+    let (gw, _upstream) = https_gateway(&dir, |cfg| {
+        short_idle(cfg);
+        cfg.tls = None;
+    })
+    .await;
+    let tcp = ok(TcpStream::connect(gw.local_addr()).await, "connect");
+    // A client that PINGs four times per idle timeout and asks nothing.
+    let (_sender, conn) = ok(
+        hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(50))
+            .keep_alive_while_idle(true)
+            .handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
+            .await,
+        "h2 handshake",
+    );
+    let ended = tokio::time::timeout(PATIENCE, conn).await;
+    assert!(
+        matches!(ended, Ok(Ok(()))),
+        "a connection of PINGs alone should have been told to go away: {ended:?}"
+    );
+    gw.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
 async fn the_plain_http_listener_redirects_to_https_which_sends_hsts() {
     let dir = TestDir::new();
     let pair = pair();
