@@ -4,13 +4,14 @@
 //! real traffic before it serves anyone.
 //!
 //! The client's request is never held up by its copy beyond reading a
-//! small body whole: the copy is sent from a task of its own after the
-//! request has gone on, under the route's timeout, and dropped, never
-//! queued, when [`MAX_IN_FLIGHT`] copies are out already. A body is copied
-//! only when its length is known and at most [`MAX_BODY`]; a larger or
-//! streamed one is not mirrored at all. The copy's host name ends in
-//! `-shadow` (Envoy's convention), before any port, so the service and
-//! its logs can tell a copy from the real thing.
+//! small body whole, for no longer than the route's timeout (past it the
+//! client gets 408, as without a mirror): the copy is sent from a task of
+//! its own after the request has gone on, under the route's timeout, and
+//! dropped, never queued, when [`MAX_IN_FLIGHT`] copies are out already.
+//! A body is copied only when its length is known and at most
+//! [`MAX_BODY`]; a larger or streamed one is not mirrored at all. The
+//! copy's host name ends in `-shadow` (Envoy's convention), before any
+//! port, so the service and its logs can tell a copy from the real thing.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,6 +27,7 @@ use crate::body::{self, Body};
 use crate::edge::ClientAddr;
 use crate::headers::Told;
 use crate::proxy::Proxy;
+use crate::rejection::Rejection;
 use crate::routes::Route;
 use crate::server::ConnInfo;
 use crate::stats;
@@ -60,7 +62,9 @@ impl Drop for Slot {
 /// Sends copies of `req` (about to be forwarded on `route`, its instance
 /// `told` what the request's fields do not hold) to the mirrors whose
 /// share it falls in. May read a small body whole, leaving `req` with the
-/// same bytes.
+/// same bytes, for no longer than the route's timeout. A client that has
+/// not sent its body by then gets the 408 it would get without a mirror
+/// (the `Err`).
 pub(crate) async fn send(
     proxy: &Proxy,
     req: &mut Request<Body>,
@@ -68,7 +72,7 @@ pub(crate) async fn send(
     route: &Route,
     client: ClientAddr,
     told: &Told,
-) {
+) -> Result<(), Rejection> {
     let label = route.pattern.as_str();
     let chosen: Vec<&Arc<Route>> = route
         .mirrors
@@ -77,37 +81,46 @@ pub(crate) async fn send(
         .map(|(_, mirror)| mirror)
         .collect();
     if chosen.is_empty() {
-        return;
+        return Ok(());
     }
-    let bytes = if req.body().is_end_stream() {
+    let empty = req.body().is_end_stream();
+    let copyable = empty
+        || req
+            .body()
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= MAX_BODY);
+    if !copyable {
+        for mirror in chosen {
+            stats::mirrored(label, &mirror.service, "body_too_large");
+        }
+        return Ok(());
+    }
+    let bytes = if empty {
         Bytes::new()
     } else {
-        match req.body().size_hint().exact() {
-            Some(n) if n <= MAX_BODY => {
-                let body = std::mem::replace(req.body_mut(), body::empty());
-                match body.collect().await {
-                    Ok(collected) => {
-                        let bytes = collected.to_bytes();
-                        *req.body_mut() = body::full(bytes.clone());
-                        bytes
-                    }
-                    // The client's body broke off: the request goes on to
-                    // fail as it would have, and nothing is copied.
-                    Err(e) => {
-                        *req.body_mut() = body::boxed(http_body_util::StreamBody::new(
-                            futures_util::stream::once(async move {
-                                Err::<http_body::Frame<Bytes>, _>(e)
-                            }),
-                        ));
-                        return;
-                    }
-                }
+        let body = std::mem::replace(req.body_mut(), body::empty());
+        // Bounded as the proxy bounds a body it buffers: a client that
+        // never sends the length it announced would otherwise hold its
+        // route's and the gateway's places for ever.
+        match tokio::time::timeout(route.timeout, body.collect()).await {
+            Ok(Ok(collected)) => {
+                let bytes = collected.to_bytes();
+                *req.body_mut() = body::full(bytes.clone());
+                bytes
             }
-            _ => {
-                for mirror in chosen {
-                    stats::mirrored(label, &mirror.service, "body_too_large");
-                }
-                return;
+            // The client's body broke off: the request goes on to fail
+            // as it would have, and nothing is copied.
+            Ok(Err(e)) => {
+                *req.body_mut() = body::boxed(http_body_util::StreamBody::new(
+                    futures_util::stream::once(async move { Err::<http_body::Frame<Bytes>, _>(e) }),
+                ));
+                return Ok(());
+            }
+            Err(_) => {
+                return Err(Rejection::RequestBodyTimeout {
+                    timeout: route.timeout,
+                });
             }
         }
     };
@@ -140,6 +153,7 @@ pub(crate) async fn send(
             stats::mirrored(label, &mirror.service, result);
         });
     }
+    Ok(())
 }
 
 /// `req`'s head with `body`, its `Host` marked as a shadow's. The host
