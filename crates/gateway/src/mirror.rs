@@ -7,11 +7,12 @@
 //! small body whole, for no longer than the route's timeout (past it the
 //! client gets 408, as without a mirror): the copy is sent from a task of
 //! its own after the request has gone on, under the route's timeout, and
-//! dropped, never queued, when [`MAX_IN_FLIGHT`] copies are out already.
-//! A body is copied only when its length is known and at most
-//! [`MAX_BODY`]; a larger or streamed one is not mirrored at all. The
-//! copy's host name ends in `-shadow` (Envoy's convention), before any
-//! port, so the service and its logs can tell a copy from the real thing.
+//! dropped, never queued, when [`MAX_IN_FLIGHT`] copies are out already
+//! (and then the body is not read ahead at all). A body is copied only
+//! when its length is known and at most [`MAX_BODY`]; a larger or
+//! streamed one is not mirrored at all. The copy's host name ends in
+//! `-shadow` (Envoy's convention), before any port, so the service and
+//! its logs can tell a copy from the real thing.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -62,9 +63,9 @@ impl Drop for Slot {
 /// Sends copies of `req` (about to be forwarded on `route`, its instance
 /// `told` what the request's fields do not hold) to the mirrors whose
 /// share it falls in. May read a small body whole, leaving `req` with the
-/// same bytes, for no longer than the route's timeout. A client that has
-/// not sent its body by then gets the 408 it would get without a mirror
-/// (the `Err`).
+/// same bytes: only once a copy has its place among [`MAX_IN_FLIGHT`], and
+/// for no longer than the route's timeout. A client that has not sent its
+/// body by then gets the 408 it would get without a mirror (the `Err`).
 pub(crate) async fn send(
     proxy: &Proxy,
     req: &mut Request<Body>,
@@ -96,6 +97,22 @@ pub(crate) async fn send(
         }
         return Ok(());
     }
+    // Each copy's place is taken before the body is read: a copy that
+    // would be dropped must not hold the request, nor its body be kept
+    // (at most `MAX_IN_FLIGHT` bodies are buffered for copies at once).
+    let copies: Vec<(&Arc<Route>, Slot)> = chosen
+        .into_iter()
+        .filter_map(|mirror| match Slot::take() {
+            Some(slot) => Some((mirror, slot)),
+            None => {
+                stats::mirrored(label, &mirror.service, "overloaded");
+                None
+            }
+        })
+        .collect();
+    if copies.is_empty() {
+        return Ok(());
+    }
     let bytes = if empty {
         Bytes::new()
     } else {
@@ -124,17 +141,12 @@ pub(crate) async fn send(
             }
         }
     };
-    for mirror in chosen {
-        let Some(slot) = Slot::take() else {
-            stats::mirrored(label, &mirror.service, "overloaded");
-            continue;
-        };
+    for (mirror, slot) in copies {
         let copy = copy_of(req, bytes.clone());
         let told = told.clone();
         let proxy = proxy.detached();
         let mirror = Arc::clone(mirror);
         tokio::spawn(async move {
-            let _slot = slot;
             let label = mirror.pattern.as_str();
             let result = match proxy.forward(copy, conn, &mirror, client, told).await {
                 Ok((reply, _answered)) => {
@@ -150,6 +162,8 @@ pub(crate) async fn send(
                 }
                 Err(_) => "failed",
             };
+            // Free before counted: a copy counted is no longer out.
+            drop(slot);
             stats::mirrored(label, &mirror.service, result);
         });
     }

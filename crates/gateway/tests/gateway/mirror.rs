@@ -5,8 +5,23 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 
 use crate::support::*;
+
+/// Copies out at once across the gateway (`mirror::MAX_IN_FLIGHT`).
+const MAX_COPIES: usize = 256;
+
+/// `flotilla_gateway_mirrored_total` for copies to `service` that ended
+/// as `result`.
+fn copies(service: &str, result: &str) -> u64 {
+    metric_sum(&[
+        "flotilla_gateway_mirrored_total",
+        &format!("service=\"{service}\""),
+        &format!("result=\"{result}\""),
+    ])
+}
 
 /// A body small enough to copy is read whole before the request goes on,
 /// and a client that never sends it must not hold the request (and the
@@ -15,6 +30,7 @@ use crate::support::*;
 /// anywhere.
 #[tokio::test]
 async fn a_mirrored_request_whose_body_never_comes_gets_408_and_frees_its_place() {
+    let _places = MIRROR_PLACES.read().await;
     let registry = Registry::new();
     let live = Upstream::start("slowcopy-0").await;
     let shadow = Upstream::start("slowcopy-shadow-0").await;
@@ -51,5 +67,71 @@ async fn a_mirrored_request_whose_body_never_comes_gets_408_and_frees_its_place(
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     assert_eq!(reply.json()["body_len"], 10);
     wait_until("the whole request's copy", || shadow.hits() == 1).await;
+    gateway.shutdown(Duration::ZERO).await;
+}
+
+/// With every copy's place taken, a request's copy is dropped: its body
+/// must then not be read ahead for it, and the request goes on at once,
+/// as on a route without a mirror (its body streamed to the instance as it
+/// comes).
+#[tokio::test]
+async fn with_every_copy_out_a_request_is_not_held_for_its_body() {
+    let _places = MIRROR_PLACES.write().await;
+    let registry = Registry::new();
+    let live = Upstream::start("fullcopy-0").await;
+    let mut shadow = Upstream::start("fullcopy-shadow-0").await;
+    registry.set("fullcopy", vec![live.endpoint()]);
+    registry.set("fullcopy-shadow", vec![shadow.endpoint()]);
+    // Long enough that no copy gives up before the shadow is killed.
+    let mut mirrored = route("fullcopy", "/**", &[], Duration::from_secs(60));
+    mirrored.mirror = vec![("fullcopy-shadow".to_string(), 100)];
+    let gateway = start(config(vec![mirrored]), &registry).await;
+    let client = Client::new(&gateway);
+    let failed_before = copies("fullcopy-shadow", "failed");
+
+    // Every place taken by a copy the shadow never answers.
+    shadow.stall();
+    for i in 0..MAX_COPIES {
+        let reply = client.get(&format!("/fill/{i}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    }
+    wait_until("every copy at the shadow", || shadow.hits() == MAX_COPIES).await;
+    let overloaded = copies("fullcopy-shadow", "overloaded");
+
+    // A POST with a body small enough to copy, a tenth of it sent.
+    let mut stream = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
+    let head = "POST /up HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 100\r\n\r\n";
+    ok(
+        stream
+            .write_all(format!("{head}0123456789").as_bytes())
+            .await,
+        "write",
+    );
+    wait_until("the request at the instance before its whole body", || {
+        live.hits() == MAX_COPIES + 1
+    })
+    .await;
+    assert_eq!(
+        copies("fullcopy-shadow", "overloaded"),
+        overloaded + 1,
+        "the copy was not dropped"
+    );
+    ok(stream.write_all(&[b'x'; 90]).await, "write the rest");
+    let mut answer = Vec::new();
+    ok(
+        within("the answer", stream.read_to_end(&mut answer)).await,
+        "read",
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(answer.contains("\"body_len\":100"), "{answer}");
+    assert_eq!(shadow.hits(), MAX_COPIES, "a copy was sent past the cap");
+
+    // Every place freed before another test needs one.
+    shadow.kill().await;
+    wait_until("every copy given up", || {
+        copies("fullcopy-shadow", "failed") >= failed_before + MAX_COPIES as u64
+    })
+    .await;
     gateway.shutdown(Duration::ZERO).await;
 }
