@@ -12,7 +12,9 @@
 //! when its length is known and at most [`MAX_BODY`]; a larger or
 //! streamed one is not mirrored at all. The copy's host name ends in
 //! `-shadow` (Envoy's convention), before any port, so the service and
-//! its logs can tell a copy from the real thing.
+//! its logs can tell a copy from the real thing. A copy's answer is read
+//! only to be thrown away, a frame at a time, and no further than
+//! [`MAX_DRAIN`]: past it, its connection is closed instead.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,7 +26,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use rand::Rng;
 
-use crate::body::{self, Body};
+use crate::body::{self, Body, BoxError};
 use crate::edge::ClientAddr;
 use crate::headers::Told;
 use crate::proxy::Proxy;
@@ -35,6 +37,9 @@ use crate::stats;
 
 /// The largest request body copied.
 const MAX_BODY: u64 = 64 * 1024;
+/// The most of a mirror's answer read only to be thrown away: past it,
+/// closing the connection costs less than reading on.
+const MAX_DRAIN: u64 = 64 * 1024;
 /// Copies in flight at once, across the gateway; past it copies are dropped.
 const MAX_IN_FLIGHT: usize = 256;
 
@@ -150,11 +155,10 @@ pub(crate) async fn send(
             let label = mirror.pattern.as_str();
             let result = match proxy.forward(copy, conn, &mirror, client, told).await {
                 Ok((reply, _answered)) => {
-                    // Read to the end, so the connection can be used again;
-                    // no longer than the route may take.
+                    // No longer than the route may take.
                     let drained =
-                        tokio::time::timeout(mirror.timeout, reply.res.into_body().collect()).await;
-                    if matches!(drained, Ok(Ok(_))) {
+                        tokio::time::timeout(mirror.timeout, drain(reply.res.into_body())).await;
+                    if matches!(drained, Ok(Ok(()))) {
                         "answered"
                     } else {
                         "failed"
@@ -166,6 +170,25 @@ pub(crate) async fn send(
             drop(slot);
             stats::mirrored(label, &mirror.service, result);
         });
+    }
+    Ok(())
+}
+
+/// Reads a mirror's answer, `body`, to throw it away: to its end, so that
+/// its connection can be used again, when it is at most [`MAX_DRAIN`];
+/// past that it is dropped (its connection closed) rather than read on,
+/// and one whose length says it is longer before any of it is read.
+/// Frame by frame, none kept: [`MAX_IN_FLIGHT`] copies' answers of any
+/// size must not be held in memory at once.
+async fn drain(mut body: Body) -> Result<(), BoxError> {
+    let mut read = 0u64;
+    while read <= MAX_DRAIN && body.size_hint().lower() <= MAX_DRAIN - read {
+        let Some(frame) = body.frame().await else {
+            return Ok(());
+        };
+        if let Ok(data) = frame?.into_data() {
+            read = read.saturating_add(data.len() as u64);
+        }
     }
     Ok(())
 }

@@ -1,12 +1,15 @@
 //! Mirrored routes (`mirror`): what a copy may cost the client whose
 //! request is copied, and the gateway that copies it.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use flotilla_gateway::Endpoint;
 use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 
 use crate::support::*;
 
@@ -133,5 +136,91 @@ async fn with_every_copy_out_a_request_is_not_held_for_its_body() {
         copies("fullcopy-shadow", "failed") >= failed_before + MAX_COPIES as u64
     })
     .await;
+    gateway.shutdown(Duration::ZERO).await;
+}
+
+/// The length of a [`large_answer`]: far more than the kernel buffers of
+/// the connection between the shadow and the gateway hold.
+const LARGE_ANSWER: usize = 64 << 20;
+
+/// A shadow instance that answers one request with [`LARGE_ANSWER`]
+/// bytes, with a `Content-Length` or `chunked`, and says how many it
+/// wrote before the gateway closed the connection (`Err`), or that it
+/// wrote them all (`Ok`).
+async fn large_answer(chunked: bool) -> (SocketAddr, JoinHandle<Result<usize, usize>>) {
+    let listener = ok(TcpListener::bind("127.0.0.1:0").await, "bind shadow");
+    let addr = ok(listener.local_addr(), "shadow addr");
+    let answering = tokio::spawn(async move {
+        let (mut stream, _) = ok(listener.accept().await, "accept");
+        assert!(read_head(&mut stream).await.is_some(), "no request head");
+        let (head, chunk) = if chunked {
+            let mut chunk = b"10000\r\n".to_vec();
+            chunk.extend_from_slice(&[b'x'; 0x10000]);
+            chunk.extend_from_slice(b"\r\n");
+            ("transfer-encoding: chunked".to_string(), chunk)
+        } else {
+            (
+                format!("content-length: {LARGE_ANSWER}"),
+                vec![b'x'; 0x10000],
+            )
+        };
+        let head = format!("HTTP/1.1 200 OK\r\n{head}\r\n\r\n");
+        ok(stream.write_all(head.as_bytes()).await, "write head");
+        let mut written = 0;
+        while written < LARGE_ANSWER {
+            if stream.write_all(&chunk).await.is_err() {
+                return Err(written);
+            }
+            written += 0x10000;
+        }
+        if chunked && stream.write_all(b"0\r\n\r\n").await.is_err() {
+            return Err(written);
+        }
+        Ok(written)
+    });
+    (addr, answering)
+}
+
+/// A mirror's answer is thrown away: it must not be read whole into
+/// memory (256 copies out at once, each with an answer of tens of
+/// megabytes, would take gigabytes), nor be read on past what keeping its
+/// connection is worth. The gateway stops reading and closes the
+/// connection, which the shadow sees as its writes failing before the
+/// whole answer is out.
+#[tokio::test]
+async fn a_mirror_s_large_answer_is_not_read_whole() {
+    let _places = MIRROR_PLACES.read().await;
+    let registry = Registry::new();
+    let live = Upstream::start("bigcopy-0").await;
+    registry.set("bigcopy", vec![live.endpoint()]);
+    let mut mirrored = route("bigcopy", "/**", &[], Duration::from_secs(30));
+    mirrored.mirror = vec![("bigcopy-shadow".to_string(), 100)];
+    let gateway = start(config(vec![mirrored]), &registry).await;
+    let client = Client::new(&gateway);
+
+    for (n, chunked) in [false, true].into_iter().enumerate() {
+        let (addr, answering) = large_answer(chunked).await;
+        registry.set(
+            "bigcopy-shadow",
+            vec![Endpoint {
+                instance: format!("bigcopy-shadow-{n}"),
+                addr,
+                load: Default::default(),
+            }],
+        );
+        let reply = client.get("/items").await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        assert_eq!(reply.instance(), "bigcopy-0");
+        let written = ok(within("the shadow's answer", answering).await, "shadow");
+        assert!(
+            written.is_err(),
+            "chunked {chunked}: the gateway read the mirror's whole answer ({written:?} bytes)"
+        );
+        // It answered: counted so, however little of it was read.
+        wait_until("the copy counted", || {
+            copies("bigcopy-shadow", "answered") == n as u64 + 1
+        })
+        .await;
+    }
     gateway.shutdown(Duration::ZERO).await;
 }
