@@ -609,8 +609,12 @@ pub(crate) fn handle<'a>(
         // A WebSocket is a conversation with one instance: never copied.
         // Boxed: the rare path would otherwise make every request's
         // future, and each move of it, that much larger.
-        if !route.mirrors.is_empty() && tunnel.is_none() {
-            Box::pin(mirror::send(proxy, &mut req, conn, route, client, &told)).await;
+        if !route.mirrors.is_empty()
+            && tunnel.is_none()
+            && let Err(rejection) =
+                Box::pin(mirror::send(proxy, &mut req, conn, route, client, &told)).await
+        {
+            return failed(&finish, miss, route, rejection);
         }
         // Kept for a second fetch, which only a cache asks for.
         let told_again = route.policy.cache.as_ref().map(|_| told.clone());

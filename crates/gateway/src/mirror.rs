@@ -4,13 +4,17 @@
 //! real traffic before it serves anyone.
 //!
 //! The client's request is never held up by its copy beyond reading a
-//! small body whole: the copy is sent from a task of its own after the
-//! request has gone on, under the route's timeout, and dropped, never
-//! queued, when [`MAX_IN_FLIGHT`] copies are out already. A body is copied
-//! only when its length is known and at most [`MAX_BODY`]; a larger or
+//! small body whole, for no longer than the route's timeout (past it the
+//! client gets 408, as without a mirror): the copy is sent from a task of
+//! its own after the request has gone on, under the route's timeout, and
+//! dropped, never queued, when [`MAX_IN_FLIGHT`] copies are out already
+//! (and then the body is not read ahead at all). A body is copied only
+//! when its length is known and at most [`MAX_BODY`]; a larger or
 //! streamed one is not mirrored at all. The copy's host name ends in
 //! `-shadow` (Envoy's convention), before any port, so the service and
-//! its logs can tell a copy from the real thing.
+//! its logs can tell a copy from the real thing. A copy's answer is read
+//! only to be thrown away, a frame at a time, and no further than
+//! [`MAX_DRAIN`]: past it, its connection is closed instead.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,16 +26,20 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use rand::Rng;
 
-use crate::body::{self, Body};
+use crate::body::{self, Body, BoxError};
 use crate::edge::ClientAddr;
 use crate::headers::Told;
 use crate::proxy::Proxy;
+use crate::rejection::Rejection;
 use crate::routes::Route;
 use crate::server::ConnInfo;
 use crate::stats;
 
 /// The largest request body copied.
 const MAX_BODY: u64 = 64 * 1024;
+/// The most of a mirror's answer read only to be thrown away: past it,
+/// closing the connection costs less than reading on.
+const MAX_DRAIN: u64 = 64 * 1024;
 /// Copies in flight at once, across the gateway; past it copies are dropped.
 const MAX_IN_FLIGHT: usize = 256;
 
@@ -60,7 +68,9 @@ impl Drop for Slot {
 /// Sends copies of `req` (about to be forwarded on `route`, its instance
 /// `told` what the request's fields do not hold) to the mirrors whose
 /// share it falls in. May read a small body whole, leaving `req` with the
-/// same bytes.
+/// same bytes: only once a copy has its place among [`MAX_IN_FLIGHT`], and
+/// for no longer than the route's timeout. A client that has not sent its
+/// body by then gets the 408 it would get without a mirror (the `Err`).
 pub(crate) async fn send(
     proxy: &Proxy,
     req: &mut Request<Body>,
@@ -68,7 +78,7 @@ pub(crate) async fn send(
     route: &Route,
     client: ClientAddr,
     told: &Told,
-) {
+) -> Result<(), Rejection> {
     let label = route.pattern.as_str();
     let chosen: Vec<&Arc<Route>> = route
         .mirrors
@@ -77,59 +87,78 @@ pub(crate) async fn send(
         .map(|(_, mirror)| mirror)
         .collect();
     if chosen.is_empty() {
-        return;
+        return Ok(());
     }
-    let bytes = if req.body().is_end_stream() {
+    let empty = req.body().is_end_stream();
+    let copyable = empty
+        || req
+            .body()
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= MAX_BODY);
+    if !copyable {
+        for mirror in chosen {
+            stats::mirrored(label, &mirror.service, "body_too_large");
+        }
+        return Ok(());
+    }
+    // Each copy's place is taken before the body is read: a copy that
+    // would be dropped must not hold the request, nor its body be kept
+    // (at most `MAX_IN_FLIGHT` bodies are buffered for copies at once).
+    let copies: Vec<(&Arc<Route>, Slot)> = chosen
+        .into_iter()
+        .filter_map(|mirror| match Slot::take() {
+            Some(slot) => Some((mirror, slot)),
+            None => {
+                stats::mirrored(label, &mirror.service, "overloaded");
+                None
+            }
+        })
+        .collect();
+    if copies.is_empty() {
+        return Ok(());
+    }
+    let bytes = if empty {
         Bytes::new()
     } else {
-        match req.body().size_hint().exact() {
-            Some(n) if n <= MAX_BODY => {
-                let body = std::mem::replace(req.body_mut(), body::empty());
-                match body.collect().await {
-                    Ok(collected) => {
-                        let bytes = collected.to_bytes();
-                        *req.body_mut() = body::full(bytes.clone());
-                        bytes
-                    }
-                    // The client's body broke off: the request goes on to
-                    // fail as it would have, and nothing is copied.
-                    Err(e) => {
-                        *req.body_mut() = body::boxed(http_body_util::StreamBody::new(
-                            futures_util::stream::once(async move {
-                                Err::<http_body::Frame<Bytes>, _>(e)
-                            }),
-                        ));
-                        return;
-                    }
-                }
+        let body = std::mem::replace(req.body_mut(), body::empty());
+        // Bounded as the proxy bounds a body it buffers: a client that
+        // never sends the length it announced would otherwise hold its
+        // route's and the gateway's places for ever.
+        match tokio::time::timeout(route.timeout, body.collect()).await {
+            Ok(Ok(collected)) => {
+                let bytes = collected.to_bytes();
+                *req.body_mut() = body::full(bytes.clone());
+                bytes
             }
-            _ => {
-                for mirror in chosen {
-                    stats::mirrored(label, &mirror.service, "body_too_large");
-                }
-                return;
+            // The client's body broke off: the request goes on to fail
+            // as it would have, and nothing is copied.
+            Ok(Err(e)) => {
+                *req.body_mut() = body::boxed(http_body_util::StreamBody::new(
+                    futures_util::stream::once(async move { Err::<http_body::Frame<Bytes>, _>(e) }),
+                ));
+                return Ok(());
+            }
+            Err(_) => {
+                return Err(Rejection::RequestBodyTimeout {
+                    timeout: route.timeout,
+                });
             }
         }
     };
-    for mirror in chosen {
-        let Some(slot) = Slot::take() else {
-            stats::mirrored(label, &mirror.service, "overloaded");
-            continue;
-        };
+    for (mirror, slot) in copies {
         let copy = copy_of(req, bytes.clone());
         let told = told.clone();
         let proxy = proxy.detached();
         let mirror = Arc::clone(mirror);
         tokio::spawn(async move {
-            let _slot = slot;
             let label = mirror.pattern.as_str();
             let result = match proxy.forward(copy, conn, &mirror, client, told).await {
                 Ok((reply, _answered)) => {
-                    // Read to the end, so the connection can be used again;
-                    // no longer than the route may take.
+                    // No longer than the route may take.
                     let drained =
-                        tokio::time::timeout(mirror.timeout, reply.res.into_body().collect()).await;
-                    if matches!(drained, Ok(Ok(_))) {
+                        tokio::time::timeout(mirror.timeout, drain(reply.res.into_body())).await;
+                    if matches!(drained, Ok(Ok(()))) {
                         "answered"
                     } else {
                         "failed"
@@ -137,9 +166,31 @@ pub(crate) async fn send(
                 }
                 Err(_) => "failed",
             };
+            // Free before counted: a copy counted is no longer out.
+            drop(slot);
             stats::mirrored(label, &mirror.service, result);
         });
     }
+    Ok(())
+}
+
+/// Reads a mirror's answer, `body`, to throw it away: to its end, so that
+/// its connection can be used again, when it is at most [`MAX_DRAIN`];
+/// past that it is dropped (its connection closed) rather than read on,
+/// and one whose length says it is longer before any of it is read.
+/// Frame by frame, none kept: [`MAX_IN_FLIGHT`] copies' answers of any
+/// size must not be held in memory at once.
+async fn drain(mut body: Body) -> Result<(), BoxError> {
+    let mut read = 0u64;
+    while read <= MAX_DRAIN && body.size_hint().lower() <= MAX_DRAIN - read {
+        let Some(frame) = body.frame().await else {
+            return Ok(());
+        };
+        if let Ok(data) = frame?.into_data() {
+            read = read.saturating_add(data.len() as u64);
+        }
+    }
+    Ok(())
 }
 
 /// `req`'s head with `body`, its `Host` marked as a shadow's. The host

@@ -11,6 +11,7 @@ mod h1;
 mod header_changes;
 mod lifecycle;
 mod limits;
+mod mirror;
 mod ratelimits;
 mod reload;
 mod resilience;

@@ -702,6 +702,7 @@ async fn strip_prefix_forwards_the_rest_of_the_path_and_names_what_it_took() {
 
 #[tokio::test]
 async fn a_mirror_gets_copies_and_the_client_only_the_route_s_answer() {
+    let _places = MIRROR_PLACES.read().await;
     let registry = Registry::new();
     let live = Upstream::start("live-0").await;
     let shadow = Upstream::start("shadow-0").await;

@@ -53,6 +53,13 @@ pub async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
     }
 }
 
+/// The places of mirrored copies in flight are counted per process (the
+/// gateway's 256), so they are shared by every gateway of these tests: a
+/// test that needs its copies sent holds this read, and a test that takes
+/// every place holds it written, alone, and frees them all before it lets
+/// go.
+pub static MIRROR_PLACES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// A temp dir kept (and its path printed) when the test fails.
 pub struct TestDir(Option<tempfile::TempDir>);
 

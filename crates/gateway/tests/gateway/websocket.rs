@@ -887,6 +887,7 @@ Promise.all([
 
 #[tokio::test]
 async fn a_handshake_is_never_copied_to_a_mirror() {
+    let _places = MIRROR_PLACES.read().await;
     let instance = WsInstance::start().await;
     let shadow = Upstream::start("ws-shadow-0").await;
     let registry = Registry::new();
