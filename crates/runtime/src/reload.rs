@@ -16,9 +16,10 @@
 //! the gateway reach exactly what it could at start. An invalid file is
 //! refused the same way, with the manifest's own diagnostics.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use flotilla_gateway::{Config as GatewayConfig, Gateway};
 use flotilla_manifest::{Manifest, Service};
@@ -26,8 +27,12 @@ use tokio::sync::watch;
 
 use crate::console::Console;
 
-/// How often the manifest's modification time is checked.
+/// How often the watched files are looked at.
 const POLL: Duration = Duration::from_millis(500);
+/// How long a changed file must look the same before it is read: an
+/// editor that truncates a file and then writes it, or a script writing
+/// an IP list in pieces, is not read half-way.
+const SETTLE: Duration = Duration::from_millis(100);
 
 /// What the running system was started with, to compare a new file against.
 pub(crate) struct Watched {
@@ -45,25 +50,8 @@ pub(crate) async fn watch_manifest(
     console: Arc<Console>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut files = watched_files(&watched.manifest);
-    let mut seen = stamps(&files);
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(POLL) => {}
-            _ = stop.changed() => return,
-        }
-        let now = stamps(&files);
-        if now == seen {
-            continue;
-        }
-        let changed: Vec<String> = files
-            .iter()
-            .zip(seen.iter().zip(&now))
-            .filter(|(_, (before, after))| before != after)
-            .map(|(path, _)| path.display().to_string())
-            .collect();
-        let changed = changed.join(", ");
-        seen = now;
+    let mut files = Files::new(watched_files(&watched.manifest));
+    while let Some(change) = files.changed(&mut stop).await {
         // Read off the runtime: the manifest and its files (IP lists of up
         // to 64 MiB, CA bundles) are read with blocking calls.
         let file = watched.manifest.file.clone();
@@ -74,20 +62,24 @@ pub(crate) async fn watch_manifest(
         match next.and_then(|next| apply(&watched, next, &gateway)) {
             Ok((manifest, config)) => {
                 console.event(&format!(
-                    "{changed} changed: gateway reloaded ({} routes)",
+                    "{} changed: gateway reloaded ({} routes)",
+                    change.names,
                     config.routes.len()
                 ));
                 // The new manifest may name other list files.
-                files = watched_files(&manifest);
-                seen = stamps(&files);
+                files.reloaded(watched_files(&manifest));
                 watched = Watched {
                     manifest,
                     base: config,
                 };
             }
-            Err(why) => console.warn(&format!(
-                "{changed} changed but was not applied; the running configuration stays:\n{why}"
-            )),
+            Err(why) => {
+                console.warn(&format!(
+                    "{} changed but was not applied; the running configuration stays:\n{why}",
+                    change.names
+                ));
+                files.refused(change);
+            }
         }
     }
 }
@@ -100,12 +92,115 @@ fn watched_files(manifest: &Manifest) -> Vec<PathBuf> {
     files
 }
 
-fn stamps(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
-    files.iter().map(|f| modified(f)).collect()
+/// The watched files, and how each looked when the running configuration
+/// was read from it.
+struct Files {
+    paths: Vec<PathBuf>,
+    seen: Vec<Stamp>,
 }
 
-fn modified(file: &std::path::Path) -> Option<SystemTime> {
-    std::fs::metadata(file).and_then(|m| m.modified()).ok()
+/// A change to apply: how the files looked just before they were read
+/// again.
+struct Change {
+    /// The changed files, for messages.
+    names: String,
+    stamps: Vec<Stamp>,
+}
+
+impl Files {
+    /// `paths` as they look now.
+    fn new(paths: Vec<PathBuf>) -> Files {
+        let seen = stamps(&paths);
+        Files { paths, seen }
+    }
+
+    /// Waits for a file to look different from what was applied, and then
+    /// to look the same for `SETTLE`; `None` once `stop` changes.
+    async fn changed(&self, stop: &mut watch::Receiver<bool>) -> Option<Change> {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = stop.changed() => return None,
+            }
+            let mut now = stamps(&self.paths);
+            if now == self.seen {
+                continue;
+            }
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(SETTLE) => {}
+                    _ = stop.changed() => return None,
+                }
+                let again = stamps(&self.paths);
+                if again == now {
+                    break;
+                }
+                now = again;
+            }
+            // Written back as it was (a file put back in place).
+            if now == self.seen {
+                continue;
+            }
+            let names: Vec<String> = self
+                .paths
+                .iter()
+                .zip(self.seen.iter().zip(&now))
+                .filter(|(_, (before, after))| before != after)
+                .map(|(path, _)| path.display().to_string())
+                .collect();
+            return Some(Change {
+                names: names.join(", "),
+                stamps: now,
+            });
+        }
+    }
+
+    /// A change was applied, and the new configuration names `paths`.
+    fn reloaded(&mut self, paths: Vec<PathBuf>) {
+        self.seen = stamps(&paths);
+        self.paths = paths;
+    }
+
+    /// `change` was refused: it is not looked at again until the files
+    /// change once more.
+    fn refused(&mut self, change: Change) {
+        self.seen = change.stamps;
+    }
+}
+
+/// How a file looks: its identity, size and times, so that a rewrite in
+/// place within one tick of the file system's clock (same mtime, another
+/// size or ctime) or a file replaced by another (an editor's rename) is a
+/// change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stamp {
+    Missing,
+    File {
+        dev: u64,
+        ino: u64,
+        len: u64,
+        mtime: (i64, i64),
+        ctime: (i64, i64),
+    },
+}
+
+fn stamps(files: &[PathBuf]) -> Vec<Stamp> {
+    files.iter().map(|f| Stamp::of(f)).collect()
+}
+
+impl Stamp {
+    fn of(file: &std::path::Path) -> Stamp {
+        match std::fs::metadata(file) {
+            Ok(m) => Stamp::File {
+                dev: m.dev(),
+                ino: m.ino(),
+                len: m.len(),
+                mtime: (m.mtime(), m.mtime_nsec()),
+                ctime: (m.ctime(), m.ctime_nsec()),
+            },
+            Err(_) => Stamp::Missing,
+        }
+    }
 }
 
 /// Checks the change to `next`, the file as loaded again, is one the
@@ -239,6 +334,70 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
 
     fn m(src: &str) -> Manifest {
         Manifest::parse(src, Path::new("flotilla.toml")).unwrap()
+    }
+
+    /// `paths` as they look now, applied.
+    fn applied(paths: &[PathBuf]) -> Files {
+        Files {
+            paths: paths.to_vec(),
+            seen: stamps(paths),
+        }
+    }
+
+    #[test]
+    fn a_rewrite_that_keeps_the_mtime_is_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("allow.txt");
+        std::fs::write(&list, "10.0.0.0/8\n").unwrap();
+        let before = Stamp::of(&list);
+        let mtime = std::fs::metadata(&list).unwrap().modified().unwrap();
+        // Written again within the same tick of the file system's clock.
+        std::fs::write(&list, "10.0.0.0/8\n192.168.0.0/16\n").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&list)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert_eq!(std::fs::metadata(&list).unwrap().modified().unwrap(), mtime);
+        assert_ne!(Stamp::of(&list), before);
+        // Replaced by another file (an editor's save by rename).
+        let before = Stamp::of(&list);
+        let other = dir.path().join("allow.txt.new");
+        std::fs::write(&other, "10.0.0.0/8\n192.168.0.0/16\n").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&other)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        std::fs::rename(&other, &list).unwrap();
+        assert_ne!(Stamp::of(&list), before);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_file_is_read_once_it_has_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("allow.txt");
+        std::fs::write(&list, "10.0.0.0/8\n").unwrap();
+        let files = applied(std::slice::from_ref(&list));
+        // An editor truncates the file, and has not written it yet when
+        // the watcher looks.
+        std::fs::write(&list, "").unwrap();
+        let (_tx, mut stop) = watch::channel(false);
+        let change = files.changed(&mut stop);
+        tokio::pin!(change);
+        tokio::select! {
+            biased;
+            _ = &mut change => panic!("the half-written file was taken"),
+            _ = tokio::time::sleep(POLL + SETTLE / 2) => {}
+        }
+        std::fs::write(&list, "10.0.0.0/8\n192.168.0.0/16\n").unwrap();
+        let change = tokio::time::timeout(POLL * 4, change)
+            .await
+            .expect("the written file is taken")
+            .unwrap();
+        assert_eq!(change.stamps, stamps(&files.paths), "as written in full");
     }
 
     #[test]
