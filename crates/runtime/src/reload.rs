@@ -19,7 +19,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flotilla_gateway::{Config as GatewayConfig, Gateway};
 use flotilla_manifest::{Manifest, Service};
@@ -67,7 +67,7 @@ pub(crate) async fn watch_manifest(
                     config.routes.len()
                 ));
                 // The new manifest may name other list files.
-                files.reloaded(watched_files(&manifest));
+                files.reloaded(change, watched_files(&manifest));
                 watched = Watched {
                     manifest,
                     base: config,
@@ -100,11 +100,12 @@ struct Files {
 }
 
 /// A change to apply: how the files looked just before they were read
-/// again.
+/// again, and when that was.
 struct Change {
     /// The changed files, for messages.
     names: String,
     stamps: Vec<Stamp>,
+    read_at: SystemTime,
 }
 
 impl Files {
@@ -151,13 +152,27 @@ impl Files {
             return Some(Change {
                 names: names.join(", "),
                 stamps: now,
+                read_at: SystemTime::now(),
             });
         }
     }
 
-    /// A change was applied, and the new configuration names `paths`.
-    fn reloaded(&mut self, paths: Vec<PathBuf>) {
-        self.seen = stamps(&paths);
+    /// `change` was applied, and the new configuration names `paths`.
+    /// Each file is taken as it looked *before* it was read: one written
+    /// while it was read or applied is changed again at the next look.
+    /// A file named for the first time is looked at now, and counts as
+    /// unapplied if it changed after the read began.
+    fn reloaded(&mut self, change: Change, paths: Vec<PathBuf>) {
+        let before = |path: &PathBuf| {
+            self.paths
+                .iter()
+                .position(|p| p == path)
+                .map(|i| change.stamps[i])
+        };
+        self.seen = paths
+            .iter()
+            .map(|p| before(p).unwrap_or_else(|| Stamp::since(p, change.read_at)))
+            .collect();
         self.paths = paths;
     }
 
@@ -182,6 +197,9 @@ enum Stamp {
         mtime: (i64, i64),
         ctime: (i64, i64),
     },
+    /// Changed after the running configuration was read: unlike any look
+    /// at a file, so the next poll reloads.
+    Unapplied,
 }
 
 fn stamps(files: &[PathBuf]) -> Vec<Stamp> {
@@ -200,6 +218,44 @@ impl Stamp {
             },
             Err(_) => Stamp::Missing,
         }
+    }
+
+    /// How `file` looks, or `Unapplied` if it changed at or after
+    /// `read_at` (allowing for the file system's clock: see `lag`).
+    fn since(file: &std::path::Path, read_at: SystemTime) -> Stamp {
+        let stamp = Stamp::of(file);
+        let Stamp::File { mtime, ctime, .. } = stamp else {
+            return stamp;
+        };
+        // ctime too: a copy that keeps its mtime (`cp -p`, `touch -d`)
+        // still sets it.
+        let last = time(mtime).max(time(ctime));
+        if last + lag(last) >= read_at {
+            Stamp::Unapplied
+        } else {
+            stamp
+        }
+    }
+}
+
+fn time((secs, nanos): (i64, i64)) -> SystemTime {
+    let secs = u64::try_from(secs).unwrap_or(0);
+    let nanos = u32::try_from(nanos).unwrap_or(0);
+    UNIX_EPOCH + Duration::new(secs, nanos)
+}
+
+/// How far a file's time may be behind the clock when it was written.
+/// Linux stamps files with a clock updated once a kernel tick (at most
+/// 10 ms behind); a file system that keeps whole seconds (or two, FAT)
+/// truncates further. Erring long only costs a reload of what is running.
+fn lag(stamped: SystemTime) -> Duration {
+    let whole_seconds = stamped
+        .duration_since(UNIX_EPOCH)
+        .is_ok_and(|d| d.subsec_nanos() == 0);
+    if whole_seconds {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_millis(50)
     }
 }
 
@@ -344,6 +400,16 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
         }
     }
 
+    /// The next change `files` reports, within a few polls (of paused
+    /// time: nothing waits for real).
+    async fn next_change(files: &Files) -> Option<Change> {
+        let (_tx, mut stop) = watch::channel(false);
+        tokio::time::timeout(POLL * 4, files.changed(&mut stop))
+            .await
+            .ok()
+            .flatten()
+    }
+
     #[test]
     fn a_rewrite_that_keeps_the_mtime_is_a_change() {
         let dir = tempfile::tempdir().unwrap();
@@ -398,6 +464,47 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
             .expect("the written file is taken")
             .unwrap();
         assert_eq!(change.stamps, stamps(&files.paths), "as written in full");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_during_a_reload_is_reloaded_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("flotilla.toml");
+        let list = dir.path().join("allow.txt");
+        std::fs::write(&manifest, "name = \"x\"\n").unwrap();
+        std::fs::write(&list, "10.0.0.0/8\n").unwrap();
+        let paths = vec![manifest, list.clone()];
+        let mut files = applied(&paths);
+        std::fs::write(&list, "10.0.0.0/8\n172.16.0.0/12\n").unwrap();
+        let change = next_change(&files).await.expect("the edit is seen");
+        // Written again while the manifest is loaded and applied.
+        std::fs::write(&list, "10.0.0.0/8\n172.16.0.0/12\n192.168.0.0/16\n").unwrap();
+        files.reloaded(change, paths);
+        let again = next_change(&files)
+            .await
+            .expect("the write during the reload is applied");
+        assert_eq!(again.names, list.display().to_string());
+        // Applied: nothing more to do.
+        files.reloaded(again, files.paths.clone());
+        assert!(next_change(&files).await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_file_first_named_by_a_reload_and_written_meanwhile_is_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("flotilla.toml");
+        let list = dir.path().join("deny.txt");
+        std::fs::write(&manifest, "name = \"x\"\n").unwrap();
+        let mut files = applied(std::slice::from_ref(&manifest));
+        std::fs::write(&manifest, "name = \"x\"\n# deny.txt\n").unwrap();
+        let change = next_change(&files).await.expect("the edit is seen");
+        // Written after the manifest that names it was read.
+        std::fs::write(&list, "10.0.0.0/8\n").unwrap();
+        files.reloaded(change, vec![manifest, list.clone()]);
+        let again = next_change(&files)
+            .await
+            .expect("the list as written is applied");
+        assert_eq!(again.names, list.display().to_string());
     }
 
     #[test]
