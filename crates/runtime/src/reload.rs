@@ -40,6 +40,10 @@ pub(crate) struct Watched {
     /// The gateway config the system runs, whose runtime-owned fields
     /// (listen address, access log, upstream TLS) every reload keeps.
     pub base: GatewayConfig,
+    /// When `manifest` was read (the clock just before `Manifest::load`):
+    /// a watched file changed since, while the services built and
+    /// started, is applied at the watcher's first look.
+    pub read_at: SystemTime,
 }
 
 /// Polls the manifest, and the files it names that the gateway reads,
@@ -50,7 +54,7 @@ pub(crate) async fn watch_manifest(
     console: Arc<Console>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut files = Files::new(watched_files(&watched.manifest));
+    let mut files = Files::new(watched_files(&watched.manifest), watched.read_at);
     while let Some(change) = files.changed(&mut stop).await {
         // Read off the runtime: the manifest and its files (IP lists of up
         // to 64 MiB, CA bundles) are read with blocking calls.
@@ -66,11 +70,13 @@ pub(crate) async fn watch_manifest(
                     change.names,
                     config.routes.len()
                 ));
+                let read_at = change.read_at;
                 // The new manifest may name other list files.
                 files.reloaded(change, watched_files(&manifest));
                 watched = Watched {
                     manifest,
                     base: config,
+                    read_at,
                 };
             }
             Err(why) => {
@@ -109,9 +115,10 @@ struct Change {
 }
 
 impl Files {
-    /// `paths` as they look now.
-    fn new(paths: Vec<PathBuf>) -> Files {
-        let seen = stamps(&paths);
+    /// `paths` as a configuration read at `read_at` left them: one changed
+    /// since counts as unapplied.
+    fn new(paths: Vec<PathBuf>, read_at: SystemTime) -> Files {
+        let seen = paths.iter().map(|p| Stamp::since(p, read_at)).collect();
         Files { paths, seen }
     }
 
@@ -505,6 +512,19 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
             .await
             .expect("the list as written is applied");
         assert_eq!(again.names, list.display().to_string());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_file_saved_after_the_manifest_was_read_is_applied_at_the_first_look() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("flotilla.toml");
+        std::fs::write(&manifest, "name = \"x\"\n").unwrap();
+        let read_at = SystemTime::now();
+        // Saved while the services build, before the watcher starts.
+        std::fs::write(&manifest, "name = \"x\"\n# edited\n").unwrap();
+        let files = Files::new(vec![manifest.clone()], read_at);
+        let change = next_change(&files).await.expect("the save is applied");
+        assert_eq!(change.names, manifest.display().to_string());
     }
 
     #[test]
