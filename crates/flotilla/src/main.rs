@@ -165,12 +165,16 @@ async fn run(command: Command) -> ExitCode {
             dev,
             quiet,
         } => {
+            // Before the file is read: the watcher applies what is saved
+            // from here on, while the services build and start.
+            let read_at = std::time::SystemTime::now();
             let manifest = match load(manifest.as_deref()) {
                 Ok(m) => m,
                 Err(code) => return code,
             };
             let data_dir = data_dir.unwrap_or_else(|| manifest.dir.join(".flotilla"));
             let mut options = Options::new(data_dir);
+            options.manifest_read_at = Some(read_at);
             options.listen = listen;
             options.profile = if dev { Profile::Dev } else { Profile::Release };
             options.echo_logs = !quiet;

@@ -57,6 +57,11 @@ pub struct Options {
     /// Watch the manifest and reload the gateway's routes and policies
     /// when it changes (what `flotilla up` does).
     pub watch: bool,
+    /// When the manifest was read: the clock taken just before
+    /// `Manifest::load`. With `watch`, a watched file changed since (while
+    /// the services build and start) is applied once the system is up.
+    /// `None`: when [`System::start`] is called.
+    pub manifest_read_at: Option<std::time::SystemTime>,
     /// Overrides the manifest's `[mesh] leaf_lifetime` (tests of rotation).
     pub leaf_lifetime: Option<std::time::Duration>,
     /// Overrides the manifest's `[mesh] mode` (tests of audit mode).
@@ -73,6 +78,7 @@ impl Options {
             echo_logs: false,
             interactive: false,
             watch: false,
+            manifest_read_at: None,
             leaf_lifetime: None,
             mesh_mode: None,
         }

@@ -112,6 +112,10 @@ struct Slot {
     stop: watch::Sender<bool>,
     /// The endpoint while the instance is in rotation.
     endpoint: Option<Endpoint>,
+    /// Its last run ended before it was ready (it exited at start, or
+    /// never answered `/readyz`): a request does not wait for it to start
+    /// again (see `Pool::worth_waiting`).
+    start_failed: bool,
 }
 
 #[derive(Default)]
@@ -223,6 +227,7 @@ impl Pool {
                     started: None,
                     stop,
                     endpoint: None,
+                    start_failed: false,
                 },
             );
             tokio::spawn(Arc::clone(self).supervise(index, id, stop_rx));
@@ -232,7 +237,9 @@ impl Pool {
     }
 
     /// Waits until at least one instance is ready, starting one if none is
-    /// running; fails when an instance fails to start after this call.
+    /// running; fails when an instance fails to start after this call, and
+    /// at once for a service none of whose instances is on its way to
+    /// ready (see `worth_waiting`).
     pub(crate) async fn activate(self: Arc<Self>) -> Result<(), ActivateError> {
         let mut changes = self.subscribe();
         let seen_errors = {
@@ -261,11 +268,52 @@ impl Pool {
                         reason: state.last_error.clone().unwrap_or_default(),
                     });
                 }
+                if let Err(reason) = self.worth_waiting(&state) {
+                    return Err(ActivateError::Unavailable {
+                        service: self.spec.name.clone(),
+                        reason,
+                    });
+                }
             }
             if changes.changed().await.is_err() {
                 return Err(ActivateError::ShuttingDown);
             }
         }
+    }
+
+    /// Whether a request, none of this pool's instances being ready, may
+    /// wait for one; if not, why.
+    ///
+    /// A function's may: it is started from zero for the request. A
+    /// service's may only while an instance is on its way to ready:
+    /// starting for the first time, or again after a run in which it was
+    /// ready (a crash). Instances out of rotation for failing `/readyz`,
+    /// or whose last start failed (a crash loop, one never ready), may
+    /// take any time, and a request held for them would only take an
+    /// in-flight place until its timeout: it is answered 503 at once.
+    fn worth_waiting(&self, state: &PoolState) -> Result<(), String> {
+        if self.spec.shape == Shape::Function {
+            return Ok(());
+        }
+        let coming = state.slots.values().any(|s| {
+            matches!(
+                s.status.state,
+                InstanceState::Starting | InstanceState::Backoff
+            ) && !s.start_failed
+        });
+        if coming {
+            return Ok(());
+        }
+        let unready = state
+            .slots
+            .values()
+            .filter(|s| s.status.state == InstanceState::Unready)
+            .count();
+        Err(match (unready, &state.last_error) {
+            (1.., _) => "its instances are out of rotation, failing GET /readyz".into(),
+            (0, Some(last)) => last.clone(),
+            (0, None) => "none is starting".into(),
+        })
     }
 
     fn record_error(&self, message: String) {
@@ -292,10 +340,16 @@ impl Pool {
             if *stop.borrow() {
                 break;
             }
+            let start_failed;
             let outcome = self.run_once(index, &id, &log_file, &mut stop).await;
             let failed = match outcome {
                 Outcome::Stopped => break,
-                Outcome::Failed { message, stable } => {
+                Outcome::Failed {
+                    message,
+                    stable,
+                    was_ready,
+                } => {
+                    start_failed = !was_ready;
                     self.record_error(message);
                     let mut state = lock(&self.state);
                     state.restarts += 1;
@@ -322,6 +376,7 @@ impl Pool {
                 slot.status.restarts += 1;
                 slot.status.pid = None;
                 slot.endpoint = None;
+                slot.start_failed = start_failed;
             });
             let backoff = backoff(failed);
             tokio::select! {
@@ -349,6 +404,7 @@ impl Pool {
                 return Outcome::Failed {
                     message: why.clone(),
                     stable: false,
+                    was_ready: false,
                 };
             }
         };
@@ -358,6 +414,7 @@ impl Pool {
                 return Outcome::Failed {
                     message: format!("{id}: no free port on 127.0.0.1: {e}"),
                     stable: false,
+                    was_ready: false,
                 };
             }
         };
@@ -372,6 +429,7 @@ impl Pool {
                         flotilla_mesh::tls::error_chain(&e)
                     ),
                     stable: false,
+                    was_ready: false,
                 };
             }
         };
@@ -395,6 +453,7 @@ impl Pool {
                         self.spec.name
                     ),
                     stable: false,
+                    was_ready: false,
                 };
             }
         };
@@ -408,6 +467,7 @@ impl Pool {
                 return Outcome::Failed {
                     message: format!("{id}: exited during start ({how}); last output:\n{}", last_lines(log_file, 8)),
                     stable: false,
+                    was_ready: false,
                 };
             }
             _ = stop.changed() => {
@@ -430,6 +490,7 @@ impl Pool {
                     self.spec.ready_timeout
                 ),
                 stable: false,
+                was_ready: false,
             };
         }
         let load = Arc::new(Load::default());
@@ -441,6 +502,7 @@ impl Pool {
         self.update(index, |slot| {
             slot.status.state = InstanceState::Ready;
             slot.endpoint = Some(endpoint.clone());
+            slot.start_failed = false;
         });
         {
             let mut state = lock(&self.state);
@@ -465,6 +527,7 @@ impl Pool {
                     return Outcome::Failed {
                         message: format!("{id}: exited ({how}) after {:?}; restarting", started.elapsed()),
                         stable: started.elapsed() >= STABLE_AFTER,
+                        was_ready: true,
                     };
                 }
                 _ = stop.changed() => {
@@ -639,7 +702,13 @@ impl Pool {
 
 enum Outcome {
     Stopped,
-    Failed { message: String, stable: bool },
+    /// The process exited or could not be started; `was_ready`: after it
+    /// had been ready in this run.
+    Failed {
+        message: String,
+        stable: bool,
+        was_ready: bool,
+    },
 }
 
 fn backoff(failures: u32) -> Duration {

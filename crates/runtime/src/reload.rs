@@ -16,9 +16,10 @@
 //! the gateway reach exactly what it could at start. An invalid file is
 //! refused the same way, with the manifest's own diagnostics.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flotilla_gateway::{Config as GatewayConfig, Gateway};
 use flotilla_manifest::{Manifest, Service};
@@ -26,8 +27,12 @@ use tokio::sync::watch;
 
 use crate::console::Console;
 
-/// How often the manifest's modification time is checked.
+/// How often the watched files are looked at.
 const POLL: Duration = Duration::from_millis(500);
+/// How long a changed file must look the same before it is read: an
+/// editor that truncates a file and then writes it, or a script writing
+/// an IP list in pieces, is not read half-way.
+const SETTLE: Duration = Duration::from_millis(100);
 
 /// What the running system was started with, to compare a new file against.
 pub(crate) struct Watched {
@@ -35,6 +40,10 @@ pub(crate) struct Watched {
     /// The gateway config the system runs, whose runtime-owned fields
     /// (listen address, access log, upstream TLS) every reload keeps.
     pub base: GatewayConfig,
+    /// When `manifest` was read (the clock just before `Manifest::load`):
+    /// a watched file changed since, while the services built and
+    /// started, is applied at the watcher's first look.
+    pub read_at: SystemTime,
 }
 
 /// Polls the manifest, and the files it names that the gateway reads,
@@ -45,25 +54,8 @@ pub(crate) async fn watch_manifest(
     console: Arc<Console>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut files = watched_files(&watched.manifest);
-    let mut seen = stamps(&files);
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(POLL) => {}
-            _ = stop.changed() => return,
-        }
-        let now = stamps(&files);
-        if now == seen {
-            continue;
-        }
-        let changed: Vec<String> = files
-            .iter()
-            .zip(seen.iter().zip(&now))
-            .filter(|(_, (before, after))| before != after)
-            .map(|(path, _)| path.display().to_string())
-            .collect();
-        let changed = changed.join(", ");
-        seen = now;
+    let mut files = Files::new(watched_files(&watched.manifest), watched.read_at);
+    while let Some(change) = files.changed(&mut stop).await {
         // Read off the runtime: the manifest and its files (IP lists of up
         // to 64 MiB, CA bundles) are read with blocking calls.
         let file = watched.manifest.file.clone();
@@ -74,20 +66,26 @@ pub(crate) async fn watch_manifest(
         match next.and_then(|next| apply(&watched, next, &gateway)) {
             Ok((manifest, config)) => {
                 console.event(&format!(
-                    "{changed} changed: gateway reloaded ({} routes)",
+                    "{} changed: gateway reloaded ({} routes)",
+                    change.names,
                     config.routes.len()
                 ));
+                let read_at = change.read_at;
                 // The new manifest may name other list files.
-                files = watched_files(&manifest);
-                seen = stamps(&files);
+                files.reloaded(change, watched_files(&manifest));
                 watched = Watched {
                     manifest,
                     base: config,
+                    read_at,
                 };
             }
-            Err(why) => console.warn(&format!(
-                "{changed} changed but was not applied; the running configuration stays:\n{why}"
-            )),
+            Err(why) => {
+                console.warn(&format!(
+                    "{} changed but was not applied; the running configuration stays:\n{why}",
+                    change.names
+                ));
+                files.refused(change);
+            }
         }
     }
 }
@@ -100,12 +98,172 @@ fn watched_files(manifest: &Manifest) -> Vec<PathBuf> {
     files
 }
 
-fn stamps(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
-    files.iter().map(|f| modified(f)).collect()
+/// The watched files, and how each looked when the running configuration
+/// was read from it.
+struct Files {
+    paths: Vec<PathBuf>,
+    seen: Vec<Stamp>,
 }
 
-fn modified(file: &std::path::Path) -> Option<SystemTime> {
-    std::fs::metadata(file).and_then(|m| m.modified()).ok()
+/// A change to apply: how the files looked just before they were read
+/// again, and when that was.
+struct Change {
+    /// The changed files, for messages.
+    names: String,
+    stamps: Vec<Stamp>,
+    read_at: SystemTime,
+}
+
+impl Files {
+    /// `paths` as a configuration read at `read_at` left them: one changed
+    /// since counts as unapplied.
+    fn new(paths: Vec<PathBuf>, read_at: SystemTime) -> Files {
+        let seen = paths.iter().map(|p| Stamp::since(p, read_at)).collect();
+        Files { paths, seen }
+    }
+
+    /// Waits for a file to look different from what was applied, and then
+    /// to look the same for `SETTLE`; `None` once `stop` changes.
+    async fn changed(&self, stop: &mut watch::Receiver<bool>) -> Option<Change> {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = stop.changed() => return None,
+            }
+            let mut now = stamps(&self.paths);
+            if now == self.seen {
+                continue;
+            }
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(SETTLE) => {}
+                    _ = stop.changed() => return None,
+                }
+                let again = stamps(&self.paths);
+                if again == now {
+                    break;
+                }
+                now = again;
+            }
+            // Written back as it was (a file put back in place).
+            if now == self.seen {
+                continue;
+            }
+            let names: Vec<String> = self
+                .paths
+                .iter()
+                .zip(self.seen.iter().zip(&now))
+                .filter(|(_, (before, after))| before != after)
+                .map(|(path, _)| path.display().to_string())
+                .collect();
+            return Some(Change {
+                names: names.join(", "),
+                stamps: now,
+                read_at: SystemTime::now(),
+            });
+        }
+    }
+
+    /// `change` was applied, and the new configuration names `paths`.
+    /// Each file is taken as it looked *before* it was read: one written
+    /// while it was read or applied is changed again at the next look.
+    /// A file named for the first time is looked at now, and counts as
+    /// unapplied if it changed after the read began.
+    fn reloaded(&mut self, change: Change, paths: Vec<PathBuf>) {
+        let before = |path: &PathBuf| {
+            self.paths
+                .iter()
+                .position(|p| p == path)
+                .map(|i| change.stamps[i])
+        };
+        self.seen = paths
+            .iter()
+            .map(|p| before(p).unwrap_or_else(|| Stamp::since(p, change.read_at)))
+            .collect();
+        self.paths = paths;
+    }
+
+    /// `change` was refused: it is not looked at again until the files
+    /// change once more.
+    fn refused(&mut self, change: Change) {
+        self.seen = change.stamps;
+    }
+}
+
+/// How a file looks: its identity, size and times, so that a rewrite in
+/// place within one tick of the file system's clock (same mtime, another
+/// size or ctime) or a file replaced by another (an editor's rename) is a
+/// change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stamp {
+    Missing,
+    File {
+        dev: u64,
+        ino: u64,
+        len: u64,
+        mtime: (i64, i64),
+        ctime: (i64, i64),
+    },
+    /// Changed after the running configuration was read: unlike any look
+    /// at a file, so the next poll reloads.
+    Unapplied,
+}
+
+fn stamps(files: &[PathBuf]) -> Vec<Stamp> {
+    files.iter().map(|f| Stamp::of(f)).collect()
+}
+
+impl Stamp {
+    fn of(file: &std::path::Path) -> Stamp {
+        match std::fs::metadata(file) {
+            Ok(m) => Stamp::File {
+                dev: m.dev(),
+                ino: m.ino(),
+                len: m.len(),
+                mtime: (m.mtime(), m.mtime_nsec()),
+                ctime: (m.ctime(), m.ctime_nsec()),
+            },
+            Err(_) => Stamp::Missing,
+        }
+    }
+
+    /// How `file` looks, or `Unapplied` if it changed at or after
+    /// `read_at` (allowing for the file system's clock: see `lag`).
+    fn since(file: &std::path::Path, read_at: SystemTime) -> Stamp {
+        let stamp = Stamp::of(file);
+        let Stamp::File { mtime, ctime, .. } = stamp else {
+            return stamp;
+        };
+        // ctime too: a copy that keeps its mtime (`cp -p`, `touch -d`)
+        // still sets it.
+        let last = time(mtime).max(time(ctime));
+        if last + lag(last) >= read_at {
+            Stamp::Unapplied
+        } else {
+            stamp
+        }
+    }
+}
+
+fn time((secs, nanos): (i64, i64)) -> SystemTime {
+    let secs = u64::try_from(secs).unwrap_or(0);
+    let nanos = u32::try_from(nanos).unwrap_or(0);
+    UNIX_EPOCH + Duration::new(secs, nanos)
+}
+
+/// How far a file's time may be behind the clock when it was written.
+/// Linux stamps files with a clock updated once a kernel tick (at most
+/// 10 ms behind); a file system that keeps whole seconds (or two, FAT)
+/// truncates further. Erring long only costs a reload of what is running.
+fn lag(stamped: SystemTime) -> Duration {
+    let whole_seconds = stamped
+        .duration_since(UNIX_EPOCH)
+        .is_ok_and(|d| d.subsec_nanos() == 0);
+    if whole_seconds {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_millis(50)
+    }
 }
 
 /// Checks the change to `next`, the file as loaded again, is one the
@@ -239,6 +397,134 @@ routes = [{ path = "/a/**", methods = ["GET"] }]
 
     fn m(src: &str) -> Manifest {
         Manifest::parse(src, Path::new("flotilla.toml")).unwrap()
+    }
+
+    /// `paths` as they look now, applied.
+    fn applied(paths: &[PathBuf]) -> Files {
+        Files {
+            paths: paths.to_vec(),
+            seen: stamps(paths),
+        }
+    }
+
+    /// The next change `files` reports, within a few polls (of paused
+    /// time: nothing waits for real).
+    async fn next_change(files: &Files) -> Option<Change> {
+        let (_tx, mut stop) = watch::channel(false);
+        tokio::time::timeout(POLL * 4, files.changed(&mut stop))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    #[test]
+    fn a_rewrite_that_keeps_the_mtime_is_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("allow.txt");
+        std::fs::write(&list, "10.0.0.0/8\n").unwrap();
+        let before = Stamp::of(&list);
+        let mtime = std::fs::metadata(&list).unwrap().modified().unwrap();
+        // Written again within the same tick of the file system's clock.
+        std::fs::write(&list, "10.0.0.0/8\n192.168.0.0/16\n").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&list)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert_eq!(std::fs::metadata(&list).unwrap().modified().unwrap(), mtime);
+        assert_ne!(Stamp::of(&list), before);
+        // Replaced by another file (an editor's save by rename).
+        let before = Stamp::of(&list);
+        let other = dir.path().join("allow.txt.new");
+        std::fs::write(&other, "10.0.0.0/8\n192.168.0.0/16\n").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&other)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        std::fs::rename(&other, &list).unwrap();
+        assert_ne!(Stamp::of(&list), before);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_file_is_read_once_it_has_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("allow.txt");
+        std::fs::write(&list, "10.0.0.0/8\n").unwrap();
+        let files = applied(std::slice::from_ref(&list));
+        // An editor truncates the file, and has not written it yet when
+        // the watcher looks.
+        std::fs::write(&list, "").unwrap();
+        let (_tx, mut stop) = watch::channel(false);
+        let change = files.changed(&mut stop);
+        tokio::pin!(change);
+        tokio::select! {
+            biased;
+            _ = &mut change => panic!("the half-written file was taken"),
+            _ = tokio::time::sleep(POLL + SETTLE / 2) => {}
+        }
+        std::fs::write(&list, "10.0.0.0/8\n192.168.0.0/16\n").unwrap();
+        let change = tokio::time::timeout(POLL * 4, change)
+            .await
+            .expect("the written file is taken")
+            .unwrap();
+        assert_eq!(change.stamps, stamps(&files.paths), "as written in full");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_during_a_reload_is_reloaded_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("flotilla.toml");
+        let list = dir.path().join("allow.txt");
+        std::fs::write(&manifest, "name = \"x\"\n").unwrap();
+        std::fs::write(&list, "10.0.0.0/8\n").unwrap();
+        let paths = vec![manifest, list.clone()];
+        let mut files = applied(&paths);
+        std::fs::write(&list, "10.0.0.0/8\n172.16.0.0/12\n").unwrap();
+        let change = next_change(&files).await.expect("the edit is seen");
+        // Written again while the manifest is loaded and applied.
+        std::fs::write(&list, "10.0.0.0/8\n172.16.0.0/12\n192.168.0.0/16\n").unwrap();
+        files.reloaded(change, paths);
+        let again = next_change(&files)
+            .await
+            .expect("the write during the reload is applied");
+        assert_eq!(again.names, list.display().to_string());
+        // Applied: nothing more to do.
+        files.reloaded(again, files.paths.clone());
+        assert!(next_change(&files).await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_file_first_named_by_a_reload_and_written_meanwhile_is_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("flotilla.toml");
+        let list = dir.path().join("deny.txt");
+        std::fs::write(&manifest, "name = \"x\"\n").unwrap();
+        let mut files = applied(std::slice::from_ref(&manifest));
+        std::fs::write(&manifest, "name = \"x\"\n# deny.txt\n").unwrap();
+        let change = next_change(&files).await.expect("the edit is seen");
+        // Written after the manifest that names it was read.
+        std::fs::write(&list, "10.0.0.0/8\n").unwrap();
+        files.reloaded(change, vec![manifest, list.clone()]);
+        let again = next_change(&files)
+            .await
+            .expect("the list as written is applied");
+        assert_eq!(again.names, list.display().to_string());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_file_saved_after_the_manifest_was_read_is_applied_at_the_first_look() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("flotilla.toml");
+        std::fs::write(&manifest, "name = \"x\"\n").unwrap();
+        let read_at = SystemTime::now();
+        // Saved while the services build, before the watcher starts.
+        std::fs::write(&manifest, "name = \"x\"\n# edited\n").unwrap();
+        let files = Files::new(vec![manifest.clone()], read_at);
+        let change = next_change(&files).await.expect("the save is applied");
+        assert_eq!(change.names, manifest.display().to_string());
     }
 
     #[test]

@@ -85,6 +85,9 @@ impl System {
     /// failing (the rest of the system is then served, degraded).
     pub async fn start(manifest: Manifest, options: Options) -> Result<System, Error> {
         let started = Instant::now();
+        let read_at = options
+            .manifest_read_at
+            .unwrap_or_else(std::time::SystemTime::now);
         let data_dir = prepare_data_dir(&options.data_dir)?;
         if let Some(url) = control::is_live(&data_dir).await {
             return Err(Error::AlreadyRunning { data_dir, url });
@@ -254,6 +257,7 @@ impl System {
         let watched = reload::Watched {
             manifest: manifest.clone(),
             base: gateway_config.clone(),
+            read_at,
         };
         let gateway = Gateway::start(gateway_config, Arc::clone(&registry) as Arc<dyn Upstreams>)
             .await

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{client, start_with};
+use crate::support::{client, start_editing, start_with};
 
 const SERVICES: &str = r#"[services.hello]
 run = { command = ["python3", "HELLO"] }
@@ -77,6 +77,27 @@ async fn editing_the_manifest_reloads_gateway_policies() {
     // Back to the original file: the limit goes away again.
     std::fs::write(&file, &original).unwrap();
     wait_for_limit(&gateway, false).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_saved_while_the_system_starts_is_applied() {
+    // Saved after the manifest was read, while the services would build:
+    // the running gateway must not keep the file as read.
+    let h = start_editing(
+        SERVICES,
+        |o| o.watch = true,
+        |file| {
+            let text = std::fs::read_to_string(file).unwrap();
+            let limited = text.replace(
+                r#"methods = ["GET"] }"#,
+                r#"methods = ["GET"], rate_limit = "1/h burst 1 per route" }"#,
+            );
+            std::fs::write(file, limited).unwrap();
+        },
+    )
+    .await;
+    wait_for_limit(&h.gateway(), true).await;
     h.stop().await;
 }
 

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use flotilla_manifest::Manifest;
-use flotilla_runtime::{Endpoints, Error, Options, System};
+use flotilla_runtime::{Endpoints, Error, InstanceState, Options, System};
 
 use crate::support::{client, start};
 
@@ -40,6 +40,121 @@ run = { command = ["python3", "HELLO"] }
         1,
         "the healthy service is unaffected"
     );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_whose_instances_all_fail_readiness_answers_503_at_once() {
+    let flags = tempfile::tempdir().unwrap();
+    let unready = flags.path().join("unready");
+    let h = start(&format!(
+        r#"[services.hello]
+run = {{ command = ["python3", "HELLO"] }}
+env = {{ UNREADY_FILE = "{}" }}
+routes = [{{ path = "/hello/**", timeout = "5m" }}]
+"#,
+        unready.display()
+    ))
+    .await;
+    let http = client();
+    let url = format!("{}/hello/x", h.gateway());
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
+
+    // Its only instance keeps running but fails /readyz: out of rotation.
+    std::fs::write(&unready, "").unwrap();
+    h.wait(
+        "the instance to be out of rotation",
+        Duration::from_secs(15),
+        |h| {
+            let s = h.service("hello");
+            s.instances.len() == 1 && s.instances[0].state == InstanceState::Unready
+        },
+    )
+    .await;
+    // Answered 503, not held for the route's five minutes (the client
+    // gives up after 20 s).
+    let refused = http
+        .get(&url)
+        .send()
+        .await
+        .expect("answered, not held until the route's timeout");
+    assert_eq!(refused.status(), 503);
+    let body: serde_json::Value = serde_json::from_str(&refused.text().await.unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "no_ready_instance", "{body}");
+
+    // Back in rotation once it answers again.
+    std::fs::remove_file(&unready).unwrap();
+    h.wait(
+        "the instance back in rotation",
+        Duration::from_secs(15),
+        |h| h.service("hello").ready == 1,
+    )
+    .await;
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_whose_last_start_failed_answers_503_while_it_starts_again() {
+    // Three starts exit, then one that never becomes ready and is given
+    // five minutes to.
+    let counter = tempfile::tempdir().unwrap();
+    let count = counter.path().join("starts");
+    let h = start(&format!(
+        r#"[services.hello]
+run = {{ command = ["sh", "-c", "n=$(cat {count} 2>/dev/null || echo 0); echo $((n + 1)) > {count}; [ $n -ge 3 ] && exec python3 HELLO; echo cannot start; exit 1"] }}
+env = {{ NEVER_READY = "1" }}
+ready_timeout = "5m"
+routes = [{{ path = "/hello/**", timeout = "5m" }}]
+"#,
+        count = count.display()
+    ))
+    .await;
+    h.wait("the fourth start to run", Duration::from_secs(20), |h| {
+        let s = h.service("hello");
+        s.restarts >= 3
+            && s.instances.len() == 1
+            && s.instances[0].state == InstanceState::Starting
+            && s.instances[0].pid.is_some()
+    })
+    .await;
+    let refused = client()
+        .get(format!("{}/hello/x", h.gateway()))
+        .send()
+        .await
+        .expect("answered, not held until the route's timeout");
+    assert_eq!(refused.status(), 503);
+    let body: serde_json::Value = serde_json::from_str(&refused.text().await.unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "no_ready_instance", "{body}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waits_for_a_crashed_instance_to_start_again() {
+    let h = start(
+        r#"[services.hello]
+run = { command = ["python3", "HELLO"] }
+routes = [{ path = "/hello/**" }]
+"#,
+    )
+    .await;
+    let pid = h.service("hello").instances[0].pid.unwrap();
+    // SAFETY: kill(2) on a pid this test's runtime reported.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    h.wait(
+        "the runtime to see the crash",
+        Duration::from_secs(15),
+        |h| h.service("hello").restarts >= 1,
+    )
+    .await;
+    // Its only instance was ready before it crashed: the request waits
+    // for it to start again rather than being refused.
+    let r = client()
+        .get(format!("{}/hello/x", h.gateway()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     h.stop().await;
 }
 

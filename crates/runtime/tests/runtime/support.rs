@@ -38,6 +38,17 @@ pub async fn start(services: &str) -> Harness {
 
 /// Like [`start`], adjusting the options first.
 pub async fn start_with(services: &str, configure: impl FnOnce(&mut Options)) -> Harness {
+    start_editing(services, configure, |_| {}).await
+}
+
+/// Like [`start_with`], calling `edit` with the manifest's path once it has
+/// been read and before the system starts (as `flotilla up` reads it
+/// before it builds the services).
+pub async fn start_editing(
+    services: &str,
+    configure: impl FnOnce(&mut Options),
+    edit: impl FnOnce(&Path),
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "name = \"rt\"\n{}",
@@ -45,10 +56,13 @@ pub async fn start_with(services: &str, configure: impl FnOnce(&mut Options)) ->
     );
     let path = dir.path().join("flotilla.toml");
     std::fs::write(&path, text).unwrap();
+    let read_at = std::time::SystemTime::now();
     let manifest = Manifest::load(&path).unwrap();
+    edit(&path);
     let mut options = Options::new(dir.path().join("data"));
     options.listen = Some(([127, 0, 0, 1], 0).into());
     options.echo_logs = true;
+    options.manifest_read_at = Some(read_at);
     configure(&mut options);
     let system = System::start(manifest, options)
         .await
