@@ -4,7 +4,10 @@
 //! A line is written when the response body is finished (or abandoned), so
 //! it carries the real duration and byte count of a streamed response. A
 //! request whose client went away before the response started is logged
-//! with status 499, as nginx does, so that no request goes unrecorded.
+//! with status 499, as nginx does, so that no request goes unrecorded, and
+//! counted under the route, client and trace the edge had found for it by
+//! then: the edge writes them into the request's [`Entry`] as it finds
+//! them.
 //!
 //! File writes happen on a writer task fed by a bounded channel: the request
 //! path never waits for the disk. When the writer falls behind, lines are
@@ -23,7 +26,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use http::{HeaderValue, Method, Request, StatusCode, Uri};
+use http::{Method, Request, StatusCode, Uri};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
@@ -36,7 +39,6 @@ use crate::json;
 use crate::proxy::Upstream;
 use crate::rejection::Refusal;
 use crate::request_id::RequestId;
-use crate::routes::Route;
 use crate::stats;
 
 /// Lines queued for the writer. A line is ~300 bytes, so the queue holds at
@@ -398,7 +400,8 @@ impl AccessLog {
 
     /// Starts the record of `req`, counted in flight until it is dropped.
     /// Until [`Entry::responded`] it stands for a client that left: dropped
-    /// with the request's future, it logs a 499.
+    /// with the request's future, it logs a 499, under what the edge had
+    /// found by then ([`Entry::serving`]).
     pub(crate) fn begin(&self, req: &Request<Body>, request_id: RequestId, peer: IpAddr) -> Entry {
         // What only a line needs is kept only when a line will be written
         // (a file, or the console's filter letting access lines through):
@@ -425,12 +428,12 @@ impl AccessLog {
                 uri: req.uri().clone(),
                 client: peer,
                 trace_id: crate::trace::kept(req.headers()).and_then(crate::trace::trace_id_of),
-                user: None,
                 refusal: None,
             }),
-            route: None,
-            upstream: None,
-            cache: None,
+            served: Served {
+                logged,
+                ..Served::default()
+            },
             status: StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
             bytes: 0,
         }
@@ -448,12 +451,13 @@ pub(crate) struct Entry {
     request_id: RequestId,
     /// What only a line needs, when a line is to be written.
     request: Option<Told>,
-    route: Option<Arc<Route>>,
-    /// Kept until the response body is done: it also counts the request
-    /// on its instance.
-    upstream: Option<Upstream>,
-    /// What a route's cache made of it (`hit`, `stale`, `miss`, …).
-    cache: Option<&'static str>,
+    /// What the edge found as it went (route, client, trace, caller,
+    /// instance), written here as it found it rather than handed over
+    /// with the response: a request whose client left midway is logged
+    /// and counted under its route, client and trace all the same. Its
+    /// instance is kept until the response body is done: it also counts
+    /// the request on its instance.
+    served: Served,
     status: StatusCode,
     bytes: u64,
 }
@@ -462,14 +466,13 @@ pub(crate) struct Entry {
 struct Told {
     method: Method,
     uri: Uri,
-    /// Who sent it: the connection's peer (the client a PROXY header
-    /// named), or the client the edge found behind trusted proxies.
+    /// Who sent it, unless the edge found another behind trusted proxies
+    /// (`Served::client`): the connection's peer (the client a PROXY
+    /// header named).
     client: IpAddr,
-    /// The trace it is in: the client's kept `traceparent`'s, else the one
-    /// the edge started (`Served::trace`).
+    /// The client's kept `traceparent`'s trace, else it is in the one the
+    /// edge started (`Served::trace`).
     trace_id: Option<[u8; 32]>,
-    /// The verified caller (`x-flotilla-user-id`), if it has one.
-    user: Option<HeaderValue>,
     /// Why the gateway answered it itself, if it did.
     refusal: Option<Refusal>,
 }
@@ -638,28 +641,18 @@ impl Entry {
         self.request.is_some()
     }
 
-    /// The response is ready: its status, the route it was matched to and
-    /// the instance that answered, if any, and why the gateway answered it
+    /// The request's id, and where the edge writes what it finds (its
+    /// route, client, trace, caller, instance) as it finds it.
+    pub(crate) fn serving(&mut self) -> (&RequestId, &mut Served) {
+        (&self.request_id, &mut self.served)
+    }
+
+    /// The response is ready: its status, and why the gateway answered it
     /// itself, if it did.
-    pub(crate) fn responded(
-        &mut self,
-        status: StatusCode,
-        served: Served,
-        refusal: Option<Refusal>,
-    ) {
+    pub(crate) fn responded(&mut self, status: StatusCode, refusal: Option<Refusal>) {
         self.status = status;
-        self.route = served.split.or(served.route);
-        self.upstream = served.upstream;
-        self.cache = served.cache;
         if let Some(told) = &mut self.request {
-            told.user = served.user;
             told.refusal = refusal;
-            if let Some(client) = served.client {
-                told.client = client;
-            }
-            if told.trace_id.is_none() {
-                told.trace_id = served.trace.map(|t| t.trace_id());
-            }
         }
     }
 }
@@ -668,9 +661,11 @@ impl Drop for Entry {
     fn drop(&mut self) {
         let took = crate::clock::now().saturating_duration_since(self.start);
         self.stats.in_flight().decrement(1.0);
-        let route = self.route.as_ref().map(|r| r.pattern.as_str());
-        let service = self.route.as_ref().map(|r| r.service.as_str());
-        match &self.route {
+        // A sticky split's service, when one took it, else its route.
+        let matched = self.served.split.as_ref().or(self.served.route.as_ref());
+        let route = matched.map(|r| r.pattern.as_str());
+        let service = matched.map(|r| r.service.as_str());
+        match matched {
             Some(r) => r.stats.finished(self.status, took),
             None => self.stats.unmatched().finished(self.status, took),
         }
@@ -681,7 +676,6 @@ impl Drop for Entry {
             uri,
             client,
             trace_id,
-            user,
             refusal,
         }) = &self.request
         else {
@@ -693,11 +687,13 @@ impl Drop for Entry {
         }
         // Microsecond resolution is plenty and keeps lines short.
         let duration_us = u64::try_from((took.as_nanos() + 500) / 1000).unwrap_or(u64::MAX);
-        let instance = self.upstream.as_ref().map(Upstream::instance);
+        let instance = self.served.upstream.as_ref().map(Upstream::instance);
         let path = uri.path();
+        let client = self.served.client.unwrap_or(*client);
+        let trace_id = (*trace_id).or_else(|| self.served.trace.map(|t| t.trace_id()));
         // A verified id is a header value, visible ASCII (the chassis's
         // rule); one that is not is left out rather than mangled.
-        let user = user.as_ref().and_then(|u| u.to_str().ok());
+        let user = self.served.user.as_ref().and_then(|u| u.to_str().ok());
         let error = refusal.map(|r| r.code);
         let reason = refusal.and_then(|r| r.reason);
         // The fields are evaluated only when the line is traced.
@@ -712,7 +708,7 @@ impl Drop for Entry {
             route,
             service,
             instance,
-            cache = self.cache,
+            cache = self.served.cache,
             user,
             error,
             reason,
@@ -728,13 +724,13 @@ impl Drop for Entry {
             ts,
             request_id: self.request_id.header().as_bytes(),
             trace_id: trace_id.as_ref(),
-            client: *client,
+            client,
             method: method.as_str(),
             path,
             route,
             service,
             instance,
-            cache: self.cache,
+            cache: self.served.cache,
             user,
             error,
             reason,
@@ -1163,16 +1159,14 @@ mod tests {
         let mut entry = log.begin(&req, RequestId::of(&mut http::HeaderMap::new()), peer);
         // The client the edge found behind the proxy at `peer`.
         assert!(entry.logs());
-        let served = Served {
-            client: Some(IpAddr::from([203, 0, 113, 9])),
-            user: Some(http::HeaderValue::from_static("user-1")),
-            ..Served::default()
-        };
+        let (_, served) = entry.serving();
+        served.client = Some(IpAddr::from([203, 0, 113, 9]));
+        served.user = Some(http::HeaderValue::from_static("user-1"));
         let refusal = Refusal {
             code: "invalid_token",
             reason: Some("expired"),
         };
-        entry.responded(StatusCode::UNAUTHORIZED, served, Some(refusal));
+        entry.responded(StatusCode::UNAUTHORIZED, Some(refusal));
         let held = Arc::new(());
         let body = logged(body::full("hello"), Arc::clone(&held), entry);
         assert_eq!(Arc::strong_count(&held), 2);

@@ -50,7 +50,7 @@ use crate::config::Limits;
 use crate::conn::{self, H2_PREFACE, StreamExecutor, Watch};
 use crate::conn_limit::Admission;
 use crate::conn_limit::ConnLimits;
-use crate::edge::{self, Served};
+use crate::edge;
 use crate::h1;
 use crate::health;
 use crate::outbound::Outbound;
@@ -238,10 +238,6 @@ impl Front {
             // response: then it logs a 499.
             let mut entry = self.log.begin(&req, request_id, conn.peer.ip());
             let admitted = self.admit();
-            let mut served = Served {
-                logged: entry.logs(),
-                ..Served::default()
-            };
             let mut reply = if admitted.is_none() {
                 self.log.shed();
                 Rejection::Overloaded.into_reply(Some(entry.request_id()), entry.logs())
@@ -249,14 +245,17 @@ impl Front {
                 res.into()
             } else {
                 let routing = self.routing.current();
+                // The edge writes what it finds into the entry as it goes,
+                // so that a request dropped midway is logged with it.
+                let (request_id, served) = entry.serving();
                 edge::handle(
                     routing,
                     &self.proxy,
                     &self.tunnels,
                     req,
                     conn,
-                    entry.request_id(),
-                    &mut served,
+                    request_id,
+                    served,
                 )
                 .await
             };
@@ -267,7 +266,7 @@ impl Front {
                 fields.insert_ref(&STRICT_TRANSPORT_SECURITY, hsts);
             }
             let refusal = reply.res.extensions().get::<Refusal>().copied();
-            entry.responded(reply.res.status(), served, refusal);
+            entry.responded(reply.res.status(), refusal);
             // In flight until the response body is done. The body is swapped
             // in place: taking the response apart and putting it together
             // again would copy all of it twice.
