@@ -41,10 +41,27 @@ use crate::rejection::Refusal;
 use crate::request_id::RequestId;
 use crate::stats;
 
-/// Lines queued for the writer. A line is ~300 bytes, so the queue holds at
-/// most about 1.2 MB; at 10k requests/s that absorbs ~0.4 s of disk stall
-/// before lines are dropped.
+/// Lines queued for the writer. A line is ~300 bytes, so the queue holds
+/// about 1.2 MB; at 10k requests/s that absorbs ~0.4 s of disk stall
+/// before lines are dropped. What a client sends is clipped in a line
+/// ([`clip`]), so a line is at most about 3 KiB (besides the manifest's
+/// route, service and instance names), and the queue at most about
+/// 12 MB: a flood of requests with 60 KiB paths while the disk stalls
+/// would otherwise queue 240 MB.
 const QUEUE_LINES: usize = 4096;
+
+/// Most bytes a line gives a value the client chose, escaped: its path, its
+/// method (an extension method is any token), and the verified caller's id
+/// (a token's `sub`, as long as its issuer made it). A longer one is cut
+/// ([`clip`]). 2 KiB of path tells one request from another; nginx's
+/// lines carry up to 8 KiB of request line, in a buffer of their own.
+const MAX_PATH: usize = 2048;
+const MAX_METHOD: usize = 32;
+const MAX_USER: usize = 256;
+
+/// What ends a value cut short in a line, which then says
+/// `"truncated":true`.
+const CUT_MARK: &str = "…";
 
 /// Lines written in one burst at most, so the file stays current even under
 /// sustained load.
@@ -477,6 +494,58 @@ struct Told {
     refusal: Option<Refusal>,
 }
 
+/// `s`, cut to what takes at most `max` bytes written as a JSON string's
+/// content, and whether it was cut: at a character, before an escape,
+/// never inside either, so that the line stays valid JSON and the value
+/// valid UTF-8.
+fn clip(s: &str, max: usize) -> (&str, bool) {
+    // An escape takes at most 6 bytes (`\u001f`): so short a value fits
+    // however it is written, and costs the usual request one comparison.
+    if s.len() <= max / 6 {
+        return (s, false);
+    }
+    let mut written = 0;
+    for (at, b) in s.bytes().enumerate() {
+        // As `serde_json` escapes (`json::string`).
+        written += match b {
+            b'"' | b'\\' | 0x08 | b'\t' | b'\n' | 0x0c | b'\r' => 2,
+            ..0x20 => 6,
+            _ => 1,
+        };
+        if written > max {
+            // A boundary is at most 3 bytes back.
+            let end = (0..=at).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+            return (s.get(..end).unwrap_or_default(), true);
+        }
+    }
+    (s, false)
+}
+
+/// Which of a line's values [`clip`] cut.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cut {
+    method: bool,
+    path: bool,
+    user: bool,
+}
+
+impl Cut {
+    fn any(self) -> bool {
+        self.method || self.path || self.user
+    }
+}
+
+/// `s` as a JSON string, ended with [`CUT_MARK`] when it was `cut`.
+fn push_string(out: &mut Vec<u8>, s: &str, cut: bool) {
+    json::string(out, s);
+    if cut {
+        // Before the closing quote.
+        out.pop();
+        out.extend_from_slice(CUT_MARK.as_bytes());
+        out.push(b'"');
+    }
+}
+
 /// A line of the file, as [`Line::encode`] writes it.
 struct Line<'a> {
     ts: SystemTime,
@@ -499,6 +568,9 @@ struct Line<'a> {
     error: Option<&'a str>,
     /// Why a credential was refused (`expired`, `bad_signature`, …).
     reason: Option<&'a str>,
+    /// Which of the method, path and user were cut ([`clip`]): they are
+    /// given here cut, and written with [`CUT_MARK`].
+    cut: Cut,
     status: u16,
     /// From arrival to the last byte, in microseconds; written as
     /// milliseconds (`duration_ms`).
@@ -599,25 +671,28 @@ impl Line<'_> {
         out.extend_from_slice(b"\",\"client\":\"");
         crate::ip::push_text(self.client, &mut out);
         out.extend_from_slice(b"\",\"method\":");
-        json::string(&mut out, self.method);
+        push_string(&mut out, self.method, self.cut.method);
         out.extend_from_slice(b",\"path\":");
-        json::string(&mut out, self.path);
+        push_string(&mut out, self.path, self.cut.path);
         out.extend_from_slice(b",\"route\":");
         json::string_or_null(&mut out, self.route);
         out.extend_from_slice(b",\"service\":");
         json::string_or_null(&mut out, self.service);
         out.extend_from_slice(b",\"instance\":");
         json::string_or_null(&mut out, self.instance);
-        for (key, value) in [
-            (&b",\"cache\":"[..], self.cache),
-            (b",\"user\":", self.user),
-            (b",\"error\":", self.error),
-            (b",\"reason\":", self.reason),
+        for (key, value, cut) in [
+            (&b",\"cache\":"[..], self.cache, false),
+            (b",\"user\":", self.user, self.cut.user),
+            (b",\"error\":", self.error, false),
+            (b",\"reason\":", self.reason, false),
         ] {
             if let Some(value) = value {
                 out.extend_from_slice(key);
-                json::string(&mut out, value);
+                push_string(&mut out, value, cut);
             }
+        }
+        if self.cut.any() {
+            out.extend_from_slice(b",\"truncated\":true");
         }
         out.extend_from_slice(b",\"status\":");
         out.extend_from_slice(itoa::Buffer::new().format(self.status).as_bytes());
@@ -688,12 +763,25 @@ impl Drop for Entry {
         // Microsecond resolution is plenty and keeps lines short.
         let duration_us = u64::try_from((took.as_nanos() + 500) / 1000).unwrap_or(u64::MAX);
         let instance = self.served.upstream.as_ref().map(Upstream::instance);
-        let path = uri.path();
+        // What the client chose, clipped: a line stays a few KiB.
+        let (method, cut_method) = clip(method.as_str(), MAX_METHOD);
+        let (path, cut_path) = clip(uri.path(), MAX_PATH);
         let client = self.served.client.unwrap_or(*client);
         let trace_id = (*trace_id).or_else(|| self.served.trace.map(|t| t.trace_id()));
         // A verified id is a header value, visible ASCII (the chassis's
         // rule); one that is not is left out rather than mangled.
-        let user = self.served.user.as_ref().and_then(|u| u.to_str().ok());
+        let (user, cut_user) = match self.served.user.as_ref().and_then(|u| u.to_str().ok()) {
+            Some(user) => {
+                let (user, cut) = clip(user, MAX_USER);
+                (Some(user), cut)
+            }
+            None => (None, false),
+        };
+        let cut = Cut {
+            method: cut_method,
+            path: cut_path,
+            user: cut_user,
+        };
         let error = refusal.map(|r| r.code);
         let reason = refusal.and_then(|r| r.reason);
         // The fields are evaluated only when the line is traced.
@@ -703,7 +791,7 @@ impl Drop for Entry {
             // Hex digits.
             trace_id = trace_id.as_ref().and_then(|id| std::str::from_utf8(id).ok()),
             client = %client,
-            method = %method,
+            method,
             path,
             route,
             service,
@@ -712,6 +800,7 @@ impl Drop for Entry {
             user,
             error,
             reason,
+            truncated = cut.any().then_some(true),
             status = self.status.as_u16(),
             duration_ms = duration_us as f64 / 1000.0,
             bytes = self.bytes,
@@ -725,7 +814,7 @@ impl Drop for Entry {
             request_id: self.request_id.header().as_bytes(),
             trace_id: trace_id.as_ref(),
             client,
-            method: method.as_str(),
+            method,
             path,
             route,
             service,
@@ -734,6 +823,7 @@ impl Drop for Entry {
             user,
             error,
             reason,
+            cut,
             status: self.status.as_u16(),
             duration_us,
             bytes: self.bytes,
@@ -1082,6 +1172,7 @@ mod tests {
             user: Some("user-1"),
             error: Some("rate_limited"),
             reason: Some("d-user"),
+            cut: Cut::default(),
             status: 429,
             duration_us: 9_043,
             bytes: 2856,
@@ -1138,6 +1229,128 @@ mod tests {
                 "bytes": 0,
             })
         );
+    }
+
+    /// A value too long for a line is cut where its escaped text would
+    /// pass the bound, never inside a character or an escape; the line
+    /// stays JSON, says `truncated`, and the value ends with the mark.
+    #[test]
+    fn a_value_too_long_is_cut_at_a_character_and_the_line_stays_json() {
+        for (unit, escaped) in [
+            ("a", 1),
+            ("é", 2),
+            ("€", 3),
+            ("𝄞", 4),
+            ("\"", 2),
+            ("\\", 2),
+            ("\u{1}", 6),
+        ] {
+            for max in [12, 13, 14, 15, 16, 17, 18, 100, 2048] {
+                // Lengths about the bound, and far past it.
+                for units in [max / escaped - 1, max / escaped, max / escaped + 1, max * 3] {
+                    let value = unit.repeat(units);
+                    let (kept, cut) = clip(&value, max);
+                    let mut text = Vec::new();
+                    json::string(&mut text, kept);
+                    let written = text.len() - 2;
+                    assert!(written <= max, "{unit:?}×{units} in {max}: {written}");
+                    assert_eq!(cut, units * escaped > max, "{unit:?}×{units} in {max}");
+                    if cut {
+                        // As much as fits: one more would not.
+                        assert!(written + escaped > max, "{unit:?}×{units} in {max}");
+                        assert_eq!(kept, unit.repeat(written / escaped));
+                    } else {
+                        assert_eq!(kept, value);
+                    }
+                }
+            }
+        }
+        let long = format!("/{}", "a\"é\\".repeat(30_000));
+        let line = Line {
+            ts: SystemTime::UNIX_EPOCH,
+            request_id: b"id",
+            trace_id: None,
+            client: IpAddr::from([203, 0, 113, 9]),
+            method: "GET",
+            path: clip(&long, MAX_PATH).0,
+            route: None,
+            service: None,
+            instance: None,
+            cache: None,
+            user: Some("u"),
+            error: None,
+            reason: None,
+            cut: Cut {
+                path: true,
+                ..Cut::default()
+            },
+            status: 404,
+            duration_us: 1,
+            bytes: 0,
+        };
+        let text = line.encode();
+        assert!(text.len() < 3 * 1024, "{}", text.len());
+        let parsed: serde_json::Value = serde_json::from_slice(&text).unwrap_or_default();
+        let path = parsed["path"].as_str().unwrap_or_default();
+        let kept = path.strip_suffix(CUT_MARK).unwrap_or_default();
+        assert!(long.starts_with(kept), "{path}");
+        // As much as fits: the next character takes at most 2.
+        let mut escaped = Vec::new();
+        json::string(&mut escaped, kept);
+        assert!(
+            (MAX_PATH - 1..=MAX_PATH).contains(&(escaped.len() - 2)),
+            "{path}"
+        );
+        assert_eq!(parsed["truncated"], true);
+        assert_eq!(parsed["user"], "u");
+    }
+
+    /// However long the path, method and verified caller a client sends,
+    /// a request's line is a few KiB: the queue's bound in lines is then
+    /// one in bytes.
+    #[tokio::test]
+    async fn a_request_s_line_is_a_few_kib_whatever_the_client_sent() {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("{e}"),
+        };
+        let (path, log, writer) = open_log(&dir).await;
+        // The longest target the HTTP/1 driver takes.
+        let long_path = format!("/{}", "p".repeat(60 * 1024));
+        let mut req = request(&long_path);
+        let method = "X".repeat(1000);
+        *req.method_mut() = match Method::from_bytes(method.as_bytes()) {
+            Ok(m) => m,
+            Err(e) => panic!("{e}"),
+        };
+        let mut entry = log.begin(
+            &req,
+            RequestId::of(&mut http::HeaderMap::new()),
+            IpAddr::from([10, 0, 0, 2]),
+        );
+        let user = "u".repeat(8 * 1024);
+        entry.serving().1.user = http::HeaderValue::from_str(&user).ok();
+        entry.responded(StatusCode::NOT_FOUND, None);
+        drop(entry);
+        drop(log);
+        finished(writer).await;
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(text.len() < 3 * 1024, "{} bytes", text.len());
+        let lines = read_lines(&path);
+        assert_eq!(lines.len(), 1, "{text}");
+        let line = &lines[0];
+        assert_eq!(line["status"], 404);
+        assert_eq!(line["truncated"], true);
+        for (key, value, max) in [
+            ("path", &long_path, MAX_PATH),
+            ("method", &method, MAX_METHOD),
+            ("user", &user, MAX_USER),
+        ] {
+            let logged = line[key].as_str().unwrap_or_default();
+            let kept = logged.strip_suffix(CUT_MARK).unwrap_or_default();
+            assert_eq!(kept.len(), max, "{key}: {logged}");
+            assert!(value.starts_with(kept), "{key}: {logged}");
+        }
     }
 
     async fn finished(writer: JoinHandle<()>) {
