@@ -546,6 +546,30 @@ fn push_string(out: &mut Vec<u8>, s: &str, cut: bool) {
     }
 }
 
+/// `s`, or `null`, as [`push_string`] writes it.
+fn push_string_or_null(out: &mut Vec<u8>, s: Option<&str>, cut: bool) {
+    match s {
+        Some(s) => push_string(out, s, cut),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// [`clip`] of a value there may not be.
+fn clip_some(s: Option<&str>, max: usize) -> (Option<&str>, bool) {
+    match s {
+        Some(s) => {
+            let (s, cut) = clip(s, max);
+            (Some(s), cut)
+        }
+        None => (None, false),
+    }
+}
+
+/// `took` in microseconds, rounded: resolution enough, and short lines.
+fn micros(took: Duration) -> u64 {
+    u64::try_from((took.as_nanos() + 500) / 1000).unwrap_or(u64::MAX)
+}
+
 /// A line of the file, as [`Line::encode`] writes it.
 struct Line<'a> {
     ts: SystemTime,
@@ -555,8 +579,10 @@ struct Line<'a> {
     /// lines carry the same `trace_id`.
     trace_id: Option<&'a [u8; 32]>,
     client: IpAddr,
-    method: &'a str,
-    path: &'a str,
+    /// `None` only for a request refused before its request line was
+    /// read whole (`Refused`).
+    method: Option<&'a str>,
+    path: Option<&'a str>,
     route: Option<&'a str>,
     service: Option<&'a str>,
     instance: Option<&'a str>,
@@ -652,7 +678,8 @@ impl Line<'_> {
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
             LINE_ROOM
-                + self.path.len()
+                + self.method.map_or(0, str::len)
+                + self.path.map_or(0, str::len)
                 + self.route.map_or(0, str::len)
                 + self.service.map_or(0, str::len)
                 + self.instance.map_or(0, str::len)
@@ -671,9 +698,9 @@ impl Line<'_> {
         out.extend_from_slice(b"\",\"client\":\"");
         crate::ip::push_text(self.client, &mut out);
         out.extend_from_slice(b"\",\"method\":");
-        push_string(&mut out, self.method, self.cut.method);
+        push_string_or_null(&mut out, self.method, self.cut.method);
         out.extend_from_slice(b",\"path\":");
-        push_string(&mut out, self.path, self.cut.path);
+        push_string_or_null(&mut out, self.path, self.cut.path);
         out.extend_from_slice(b",\"route\":");
         json::string_or_null(&mut out, self.route);
         out.extend_from_slice(b",\"service\":");
@@ -702,6 +729,101 @@ impl Line<'_> {
         out.extend_from_slice(itoa::Buffer::new().format(self.bytes).as_bytes());
         out.extend_from_slice(b"}\n");
         out
+    }
+
+    /// Writes the line: to the console when its filter lets the access
+    /// target through, and to the file of `sink` if there is one.
+    fn record(&self, sink: Option<&Sink>) {
+        // The fields are evaluated only when the line is traced.
+        tracing::info!(
+            target: "flotilla::access",
+            // `[A-Za-z0-9._:-]`.
+            request_id = std::str::from_utf8(self.request_id).unwrap_or("-"),
+            // Hex digits.
+            trace_id = self.trace_id.and_then(|id| std::str::from_utf8(id).ok()),
+            client = %self.client,
+            method = self.method,
+            path = self.path,
+            route = self.route,
+            service = self.service,
+            instance = self.instance,
+            cache = self.cache,
+            user = self.user,
+            error = self.error,
+            reason = self.reason,
+            truncated = self.cut.any().then_some(true),
+            status = self.status,
+            duration_ms = self.duration_us as f64 / 1000.0,
+            bytes = self.bytes,
+            "request"
+        );
+        if let Some(sink) = sink {
+            sink.send(self.encode());
+        }
+    }
+}
+
+/// A request the HTTP/1 driver answered itself before it became one the
+/// edge could take (`h1`): its head too slow (408), too large (431),
+/// malformed (400, 414, 501, 505), or its chunked body malformed (400).
+pub(crate) struct Refused<'a> {
+    pub status: StatusCode,
+    /// The answer's `error.code`.
+    pub code: &'static str,
+    /// Made up for it, and sent in the answer.
+    pub request_id: &'a RequestId,
+    /// The connection's peer (or the client a PROXY header named): the
+    /// fields of a head refused are not read for another.
+    pub client: IpAddr,
+    /// As far as its request line came whole.
+    pub method: Option<&'a str>,
+    pub path: Option<&'a str>,
+    /// From the head's first byte to the answer's last.
+    pub took: Duration,
+    /// The answer's body bytes written.
+    pub bytes: u64,
+}
+
+impl AccessLog {
+    /// Records `refused` as the gateway's other answers before a route are:
+    /// counted under `route="unmatched"`, and a line without a route.
+    pub(crate) fn refused(&self, refused: &Refused<'_>) {
+        self.stats
+            .unmatched()
+            .finished(refused.status, refused.took);
+        let traced = tracing::enabled!(target: "flotilla::access", tracing::Level::INFO);
+        if !traced && self.sink.is_none() {
+            return;
+        }
+        let (method, cut_method) = clip_some(refused.method, MAX_METHOD);
+        let (path, cut_path) = clip_some(refused.path, MAX_PATH);
+        let line = Line {
+            // When its head began.
+            ts: SystemTime::now()
+                .checked_sub(refused.took)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+            request_id: refused.request_id.header().as_bytes(),
+            trace_id: None,
+            client: refused.client,
+            method,
+            path,
+            route: None,
+            service: None,
+            instance: None,
+            cache: None,
+            user: None,
+            error: Some(refused.code),
+            reason: None,
+            cut: Cut {
+                method: cut_method,
+                path: cut_path,
+                user: false,
+            },
+            status: refused.status.as_u16(),
+            duration_us: micros(refused.took),
+            bytes: refused.bytes,
+        };
+        line.record(self.sink.as_deref());
     }
 }
 
@@ -760,75 +882,39 @@ impl Drop for Entry {
         if !traced && self.sink.is_none() {
             return;
         }
-        // Microsecond resolution is plenty and keeps lines short.
-        let duration_us = u64::try_from((took.as_nanos() + 500) / 1000).unwrap_or(u64::MAX);
-        let instance = self.served.upstream.as_ref().map(Upstream::instance);
         // What the client chose, clipped: a line stays a few KiB.
         let (method, cut_method) = clip(method.as_str(), MAX_METHOD);
         let (path, cut_path) = clip(uri.path(), MAX_PATH);
-        let client = self.served.client.unwrap_or(*client);
-        let trace_id = (*trace_id).or_else(|| self.served.trace.map(|t| t.trace_id()));
         // A verified id is a header value, visible ASCII (the chassis's
         // rule); one that is not is left out rather than mangled.
-        let (user, cut_user) = match self.served.user.as_ref().and_then(|u| u.to_str().ok()) {
-            Some(user) => {
-                let (user, cut) = clip(user, MAX_USER);
-                (Some(user), cut)
-            }
-            None => (None, false),
-        };
-        let cut = Cut {
-            method: cut_method,
-            path: cut_path,
-            user: cut_user,
-        };
-        let error = refusal.map(|r| r.code);
-        let reason = refusal.and_then(|r| r.reason);
-        // The fields are evaluated only when the line is traced.
-        tracing::info!(
-            target: "flotilla::access",
-            request_id = self.request_id.as_str(),
-            // Hex digits.
-            trace_id = trace_id.as_ref().and_then(|id| std::str::from_utf8(id).ok()),
-            client = %client,
-            method,
-            path,
-            route,
-            service,
-            instance,
-            cache = self.served.cache,
-            user,
-            error,
-            reason,
-            truncated = cut.any().then_some(true),
-            status = self.status.as_u16(),
-            duration_ms = duration_us as f64 / 1000.0,
-            bytes = self.bytes,
-            "request"
-        );
-        let (Some(sink), Some(ts)) = (&self.sink, self.ts) else {
-            return;
-        };
+        let user = self.served.user.as_ref().and_then(|u| u.to_str().ok());
+        let (user, cut_user) = clip_some(user, MAX_USER);
+        let trace_id = (*trace_id).or_else(|| self.served.trace.map(|t| t.trace_id()));
         let line = Line {
-            ts,
+            // Set exactly when a file is written.
+            ts: self.ts.unwrap_or(SystemTime::UNIX_EPOCH),
             request_id: self.request_id.header().as_bytes(),
             trace_id: trace_id.as_ref(),
-            client,
-            method,
-            path,
+            client: self.served.client.unwrap_or(*client),
+            method: Some(method),
+            path: Some(path),
             route,
             service,
-            instance,
+            instance: self.served.upstream.as_ref().map(Upstream::instance),
             cache: self.served.cache,
             user,
-            error,
-            reason,
-            cut,
+            error: refusal.map(|r| r.code),
+            reason: refusal.and_then(|r| r.reason),
+            cut: Cut {
+                method: cut_method,
+                path: cut_path,
+                user: cut_user,
+            },
             status: self.status.as_u16(),
-            duration_us,
+            duration_us: micros(took),
             bytes: self.bytes,
         };
-        sink.send(line.encode());
+        line.record(self.sink.as_deref());
     }
 }
 
@@ -1163,8 +1249,8 @@ mod tests {
             request_id: b"5efe8de8-0dc2-4ec3-b548-32b341a36756",
             trace_id: Some(b"4bf92f3577b34da6a3ce929d0e0e4736"),
             client: IpAddr::from([203, 0, 113, 9]),
-            method: "GET",
-            path: "/api/catalog/products",
+            method: Some("GET"),
+            path: Some("/api/catalog/products"),
             route: Some("/api/catalog/**"),
             service: Some("catalog"),
             instance: Some("catalog-0"),
@@ -1192,8 +1278,8 @@ mod tests {
         let bare = Line {
             trace_id: None,
             client: IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 7]),
-            method: "PURGE",
-            path: "/a\"b\\c\u{1}é",
+            method: Some("PURGE"),
+            path: Some("/a\"b\\c\u{1}é"),
             route: None,
             service: None,
             instance: None,
@@ -1228,6 +1314,24 @@ mod tests {
                 "duration_ms": 0.0,
                 "bytes": 0,
             })
+        );
+        // A request refused before its request line came whole.
+        let unread = Line {
+            method: None,
+            path: None,
+            user: None,
+            error: Some("request_timeout"),
+            status: 408,
+            ..bare
+        };
+        let text = String::from_utf8(unread.encode()).unwrap_or_default();
+        assert!(
+            text.contains(r#""client":"2001:db8::7","method":null,"path":null,"route":null,"#),
+            "{text}"
+        );
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&text).is_ok(),
+            "{text}"
         );
     }
 
@@ -1271,8 +1375,8 @@ mod tests {
             request_id: b"id",
             trace_id: None,
             client: IpAddr::from([203, 0, 113, 9]),
-            method: "GET",
-            path: clip(&long, MAX_PATH).0,
+            method: Some("GET"),
+            path: Some(clip(&long, MAX_PATH).0),
             route: None,
             service: None,
             instance: None,

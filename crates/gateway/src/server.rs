@@ -42,7 +42,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::access_log::{self, AccessLog, Sink};
+use crate::access_log::{self, AccessLog, Refused, Sink};
 use crate::body::{self, Body, Holding};
 use crate::bulkhead::{Cap, Place};
 use crate::client_cert::ClientCert;
@@ -82,6 +82,12 @@ pub(crate) trait Handler: Clone + Send + Sync + 'static {
         req: Request<Body>,
         conn: ConnInfo,
     ) -> impl Future<Output = Reply> + Send + 'static;
+
+    /// A request the HTTP/1 driver answered itself, never having made it
+    /// one to `call` with (a head too slow, too large or malformed, a
+    /// malformed chunked body): to record as the request path records its
+    /// own answers.
+    fn refused(&self, refused: &Refused<'_>);
 }
 
 /// The gateway's request path ([`Front`]), one per worker.
@@ -97,6 +103,10 @@ impl Handler for Stack {
         // `serve`'s own future, not one wrapped in a block: awaiting it in
         // one would move all of it (~3 KB) into the block's on every call.
         Front::serve(Arc::clone(&self.0), req, conn)
+    }
+
+    fn refused(&self, refused: &Refused<'_>) {
+        self.0.log.refused(refused);
     }
 }
 
