@@ -4,7 +4,10 @@
 //! A line is written when the response body is finished (or abandoned), so
 //! it carries the real duration and byte count of a streamed response. A
 //! request whose client went away before the response started is logged
-//! with status 499, as nginx does, so that no request goes unrecorded.
+//! with status 499, as nginx does, so that no request goes unrecorded, and
+//! counted under the route, client and trace the edge had found for it by
+//! then: the edge writes them into the request's [`Entry`] as it finds
+//! them.
 //!
 //! File writes happen on a writer task fed by a bounded channel: the request
 //! path never waits for the disk. When the writer falls behind, lines are
@@ -23,7 +26,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use http::{HeaderValue, Method, Request, StatusCode, Uri};
+use http::{Method, Request, StatusCode, Uri};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
@@ -36,13 +39,29 @@ use crate::json;
 use crate::proxy::Upstream;
 use crate::rejection::Refusal;
 use crate::request_id::RequestId;
-use crate::routes::Route;
 use crate::stats;
 
-/// Lines queued for the writer. A line is ~300 bytes, so the queue holds at
-/// most about 1.2 MB; at 10k requests/s that absorbs ~0.4 s of disk stall
-/// before lines are dropped.
+/// Lines queued for the writer. A line is ~300 bytes, so the queue holds
+/// about 1.2 MB; at 10k requests/s that absorbs ~0.4 s of disk stall
+/// before lines are dropped. What a client sends is clipped in a line
+/// ([`clip`]), so a line is at most about 3 KiB (besides the manifest's
+/// route, service and instance names), and the queue at most about
+/// 12 MB: a flood of requests with 60 KiB paths while the disk stalls
+/// would otherwise queue 240 MB.
 const QUEUE_LINES: usize = 4096;
+
+/// Most bytes a line gives a value the client chose, escaped: its path, its
+/// method (an extension method is any token), and the verified caller's id
+/// (a token's `sub`, as long as its issuer made it). A longer one is cut
+/// ([`clip`]). 2 KiB of path tells one request from another; nginx's
+/// lines carry up to 8 KiB of request line, in a buffer of their own.
+const MAX_PATH: usize = 2048;
+const MAX_METHOD: usize = 32;
+const MAX_USER: usize = 256;
+
+/// What ends a value cut short in a line, which then says
+/// `"truncated":true`.
+const CUT_MARK: &str = "…";
 
 /// Lines written in one burst at most, so the file stays current even under
 /// sustained load.
@@ -398,7 +417,8 @@ impl AccessLog {
 
     /// Starts the record of `req`, counted in flight until it is dropped.
     /// Until [`Entry::responded`] it stands for a client that left: dropped
-    /// with the request's future, it logs a 499.
+    /// with the request's future, it logs a 499, under what the edge had
+    /// found by then ([`Entry::serving`]).
     pub(crate) fn begin(&self, req: &Request<Body>, request_id: RequestId, peer: IpAddr) -> Entry {
         // What only a line needs is kept only when a line will be written
         // (a file, or the console's filter letting access lines through):
@@ -425,12 +445,12 @@ impl AccessLog {
                 uri: req.uri().clone(),
                 client: peer,
                 trace_id: crate::trace::kept(req.headers()).and_then(crate::trace::trace_id_of),
-                user: None,
                 refusal: None,
             }),
-            route: None,
-            upstream: None,
-            cache: None,
+            served: Served {
+                logged,
+                ..Served::default()
+            },
             status: StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
             bytes: 0,
         }
@@ -448,12 +468,13 @@ pub(crate) struct Entry {
     request_id: RequestId,
     /// What only a line needs, when a line is to be written.
     request: Option<Told>,
-    route: Option<Arc<Route>>,
-    /// Kept until the response body is done: it also counts the request
-    /// on its instance.
-    upstream: Option<Upstream>,
-    /// What a route's cache made of it (`hit`, `stale`, `miss`, …).
-    cache: Option<&'static str>,
+    /// What the edge found as it went (route, client, trace, caller,
+    /// instance), written here as it found it rather than handed over
+    /// with the response: a request whose client left midway is logged
+    /// and counted under its route, client and trace all the same. Its
+    /// instance is kept until the response body is done: it also counts
+    /// the request on its instance.
+    served: Served,
     status: StatusCode,
     bytes: u64,
 }
@@ -462,16 +483,91 @@ pub(crate) struct Entry {
 struct Told {
     method: Method,
     uri: Uri,
-    /// Who sent it: the connection's peer (the client a PROXY header
-    /// named), or the client the edge found behind trusted proxies.
+    /// Who sent it, unless the edge found another behind trusted proxies
+    /// (`Served::client`): the connection's peer (the client a PROXY
+    /// header named).
     client: IpAddr,
-    /// The trace it is in: the client's kept `traceparent`'s, else the one
-    /// the edge started (`Served::trace`).
+    /// The client's kept `traceparent`'s trace, else it is in the one the
+    /// edge started (`Served::trace`).
     trace_id: Option<[u8; 32]>,
-    /// The verified caller (`x-flotilla-user-id`), if it has one.
-    user: Option<HeaderValue>,
     /// Why the gateway answered it itself, if it did.
     refusal: Option<Refusal>,
+}
+
+/// `s`, cut to what takes at most `max` bytes written as a JSON string's
+/// content, and whether it was cut: at a character, before an escape,
+/// never inside either, so that the line stays valid JSON and the value
+/// valid UTF-8.
+fn clip(s: &str, max: usize) -> (&str, bool) {
+    // An escape takes at most 6 bytes (`\u001f`): so short a value fits
+    // however it is written, and costs the usual request one comparison.
+    if s.len() <= max / 6 {
+        return (s, false);
+    }
+    let mut written = 0;
+    for (at, b) in s.bytes().enumerate() {
+        // As `serde_json` escapes (`json::string`).
+        written += match b {
+            b'"' | b'\\' | 0x08 | b'\t' | b'\n' | 0x0c | b'\r' => 2,
+            ..0x20 => 6,
+            _ => 1,
+        };
+        if written > max {
+            // A boundary is at most 3 bytes back.
+            let end = (0..=at).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+            return (s.get(..end).unwrap_or_default(), true);
+        }
+    }
+    (s, false)
+}
+
+/// Which of a line's values [`clip`] cut.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cut {
+    method: bool,
+    path: bool,
+    user: bool,
+}
+
+impl Cut {
+    fn any(self) -> bool {
+        self.method || self.path || self.user
+    }
+}
+
+/// `s` as a JSON string, ended with [`CUT_MARK`] when it was `cut`.
+fn push_string(out: &mut Vec<u8>, s: &str, cut: bool) {
+    json::string(out, s);
+    if cut {
+        // Before the closing quote.
+        out.pop();
+        out.extend_from_slice(CUT_MARK.as_bytes());
+        out.push(b'"');
+    }
+}
+
+/// `s`, or `null`, as [`push_string`] writes it.
+fn push_string_or_null(out: &mut Vec<u8>, s: Option<&str>, cut: bool) {
+    match s {
+        Some(s) => push_string(out, s, cut),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// [`clip`] of a value there may not be.
+fn clip_some(s: Option<&str>, max: usize) -> (Option<&str>, bool) {
+    match s {
+        Some(s) => {
+            let (s, cut) = clip(s, max);
+            (Some(s), cut)
+        }
+        None => (None, false),
+    }
+}
+
+/// `took` in microseconds, rounded: resolution enough, and short lines.
+fn micros(took: Duration) -> u64 {
+    u64::try_from((took.as_nanos() + 500) / 1000).unwrap_or(u64::MAX)
 }
 
 /// A line of the file, as [`Line::encode`] writes it.
@@ -483,8 +579,10 @@ struct Line<'a> {
     /// lines carry the same `trace_id`.
     trace_id: Option<&'a [u8; 32]>,
     client: IpAddr,
-    method: &'a str,
-    path: &'a str,
+    /// `None` only for a request refused before its request line was
+    /// read whole (`Refused`).
+    method: Option<&'a str>,
+    path: Option<&'a str>,
     route: Option<&'a str>,
     service: Option<&'a str>,
     instance: Option<&'a str>,
@@ -496,6 +594,9 @@ struct Line<'a> {
     error: Option<&'a str>,
     /// Why a credential was refused (`expired`, `bad_signature`, …).
     reason: Option<&'a str>,
+    /// Which of the method, path and user were cut ([`clip`]): they are
+    /// given here cut, and written with [`CUT_MARK`].
+    cut: Cut,
     status: u16,
     /// From arrival to the last byte, in microseconds; written as
     /// milliseconds (`duration_ms`).
@@ -577,7 +678,8 @@ impl Line<'_> {
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
             LINE_ROOM
-                + self.path.len()
+                + self.method.map_or(0, str::len)
+                + self.path.map_or(0, str::len)
                 + self.route.map_or(0, str::len)
                 + self.service.map_or(0, str::len)
                 + self.instance.map_or(0, str::len)
@@ -596,25 +698,28 @@ impl Line<'_> {
         out.extend_from_slice(b"\",\"client\":\"");
         crate::ip::push_text(self.client, &mut out);
         out.extend_from_slice(b"\",\"method\":");
-        json::string(&mut out, self.method);
+        push_string_or_null(&mut out, self.method, self.cut.method);
         out.extend_from_slice(b",\"path\":");
-        json::string(&mut out, self.path);
+        push_string_or_null(&mut out, self.path, self.cut.path);
         out.extend_from_slice(b",\"route\":");
         json::string_or_null(&mut out, self.route);
         out.extend_from_slice(b",\"service\":");
         json::string_or_null(&mut out, self.service);
         out.extend_from_slice(b",\"instance\":");
         json::string_or_null(&mut out, self.instance);
-        for (key, value) in [
-            (&b",\"cache\":"[..], self.cache),
-            (b",\"user\":", self.user),
-            (b",\"error\":", self.error),
-            (b",\"reason\":", self.reason),
+        for (key, value, cut) in [
+            (&b",\"cache\":"[..], self.cache, false),
+            (b",\"user\":", self.user, self.cut.user),
+            (b",\"error\":", self.error, false),
+            (b",\"reason\":", self.reason, false),
         ] {
             if let Some(value) = value {
                 out.extend_from_slice(key);
-                json::string(&mut out, value);
+                push_string(&mut out, value, cut);
             }
+        }
+        if self.cut.any() {
+            out.extend_from_slice(b",\"truncated\":true");
         }
         out.extend_from_slice(b",\"status\":");
         out.extend_from_slice(itoa::Buffer::new().format(self.status).as_bytes());
@@ -624,6 +729,101 @@ impl Line<'_> {
         out.extend_from_slice(itoa::Buffer::new().format(self.bytes).as_bytes());
         out.extend_from_slice(b"}\n");
         out
+    }
+
+    /// Writes the line: to the console when its filter lets the access
+    /// target through, and to the file of `sink` if there is one.
+    fn record(&self, sink: Option<&Sink>) {
+        // The fields are evaluated only when the line is traced.
+        tracing::info!(
+            target: "flotilla::access",
+            // `[A-Za-z0-9._:-]`.
+            request_id = std::str::from_utf8(self.request_id).unwrap_or("-"),
+            // Hex digits.
+            trace_id = self.trace_id.and_then(|id| std::str::from_utf8(id).ok()),
+            client = %self.client,
+            method = self.method,
+            path = self.path,
+            route = self.route,
+            service = self.service,
+            instance = self.instance,
+            cache = self.cache,
+            user = self.user,
+            error = self.error,
+            reason = self.reason,
+            truncated = self.cut.any().then_some(true),
+            status = self.status,
+            duration_ms = self.duration_us as f64 / 1000.0,
+            bytes = self.bytes,
+            "request"
+        );
+        if let Some(sink) = sink {
+            sink.send(self.encode());
+        }
+    }
+}
+
+/// A request the HTTP/1 driver answered itself before it became one the
+/// edge could take (`h1`): its head too slow (408), too large (431),
+/// malformed (400, 414, 501, 505), or its chunked body malformed (400).
+pub(crate) struct Refused<'a> {
+    pub status: StatusCode,
+    /// The answer's `error.code`.
+    pub code: &'static str,
+    /// Made up for it, and sent in the answer.
+    pub request_id: &'a RequestId,
+    /// The connection's peer (or the client a PROXY header named): the
+    /// fields of a head refused are not read for another.
+    pub client: IpAddr,
+    /// As far as its request line came whole.
+    pub method: Option<&'a str>,
+    pub path: Option<&'a str>,
+    /// From the head's first byte to the answer's last.
+    pub took: Duration,
+    /// The answer's body bytes written.
+    pub bytes: u64,
+}
+
+impl AccessLog {
+    /// Records `refused` as the gateway's other answers before a route are:
+    /// counted under `route="unmatched"`, and a line without a route.
+    pub(crate) fn refused(&self, refused: &Refused<'_>) {
+        self.stats
+            .unmatched()
+            .finished(refused.status, refused.took);
+        let traced = tracing::enabled!(target: "flotilla::access", tracing::Level::INFO);
+        if !traced && self.sink.is_none() {
+            return;
+        }
+        let (method, cut_method) = clip_some(refused.method, MAX_METHOD);
+        let (path, cut_path) = clip_some(refused.path, MAX_PATH);
+        let line = Line {
+            // When its head began.
+            ts: SystemTime::now()
+                .checked_sub(refused.took)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+            request_id: refused.request_id.header().as_bytes(),
+            trace_id: None,
+            client: refused.client,
+            method,
+            path,
+            route: None,
+            service: None,
+            instance: None,
+            cache: None,
+            user: None,
+            error: Some(refused.code),
+            reason: None,
+            cut: Cut {
+                method: cut_method,
+                path: cut_path,
+                user: false,
+            },
+            status: refused.status.as_u16(),
+            duration_us: micros(refused.took),
+            bytes: refused.bytes,
+        };
+        line.record(self.sink.as_deref());
     }
 }
 
@@ -638,28 +838,18 @@ impl Entry {
         self.request.is_some()
     }
 
-    /// The response is ready: its status, the route it was matched to and
-    /// the instance that answered, if any, and why the gateway answered it
+    /// The request's id, and where the edge writes what it finds (its
+    /// route, client, trace, caller, instance) as it finds it.
+    pub(crate) fn serving(&mut self) -> (&RequestId, &mut Served) {
+        (&self.request_id, &mut self.served)
+    }
+
+    /// The response is ready: its status, and why the gateway answered it
     /// itself, if it did.
-    pub(crate) fn responded(
-        &mut self,
-        status: StatusCode,
-        served: Served,
-        refusal: Option<Refusal>,
-    ) {
+    pub(crate) fn responded(&mut self, status: StatusCode, refusal: Option<Refusal>) {
         self.status = status;
-        self.route = served.split.or(served.route);
-        self.upstream = served.upstream;
-        self.cache = served.cache;
         if let Some(told) = &mut self.request {
-            told.user = served.user;
             told.refusal = refusal;
-            if let Some(client) = served.client {
-                told.client = client;
-            }
-            if told.trace_id.is_none() {
-                told.trace_id = served.trace.map(|t| t.trace_id());
-            }
         }
     }
 }
@@ -668,9 +858,11 @@ impl Drop for Entry {
     fn drop(&mut self) {
         let took = crate::clock::now().saturating_duration_since(self.start);
         self.stats.in_flight().decrement(1.0);
-        let route = self.route.as_ref().map(|r| r.pattern.as_str());
-        let service = self.route.as_ref().map(|r| r.service.as_str());
-        match &self.route {
+        // A sticky split's service, when one took it, else its route.
+        let matched = self.served.split.as_ref().or(self.served.route.as_ref());
+        let route = matched.map(|r| r.pattern.as_str());
+        let service = matched.map(|r| r.service.as_str());
+        match matched {
             Some(r) => r.stats.finished(self.status, took),
             None => self.stats.unmatched().finished(self.status, took),
         }
@@ -681,7 +873,6 @@ impl Drop for Entry {
             uri,
             client,
             trace_id,
-            user,
             refusal,
         }) = &self.request
         else {
@@ -691,58 +882,39 @@ impl Drop for Entry {
         if !traced && self.sink.is_none() {
             return;
         }
-        // Microsecond resolution is plenty and keeps lines short.
-        let duration_us = u64::try_from((took.as_nanos() + 500) / 1000).unwrap_or(u64::MAX);
-        let instance = self.upstream.as_ref().map(Upstream::instance);
-        let path = uri.path();
+        // What the client chose, clipped: a line stays a few KiB.
+        let (method, cut_method) = clip(method.as_str(), MAX_METHOD);
+        let (path, cut_path) = clip(uri.path(), MAX_PATH);
         // A verified id is a header value, visible ASCII (the chassis's
         // rule); one that is not is left out rather than mangled.
-        let user = user.as_ref().and_then(|u| u.to_str().ok());
-        let error = refusal.map(|r| r.code);
-        let reason = refusal.and_then(|r| r.reason);
-        // The fields are evaluated only when the line is traced.
-        tracing::info!(
-            target: "flotilla::access",
-            request_id = self.request_id.as_str(),
-            // Hex digits.
-            trace_id = trace_id.as_ref().and_then(|id| std::str::from_utf8(id).ok()),
-            client = %client,
-            method = %method,
-            path,
-            route,
-            service,
-            instance,
-            cache = self.cache,
-            user,
-            error,
-            reason,
-            status = self.status.as_u16(),
-            duration_ms = duration_us as f64 / 1000.0,
-            bytes = self.bytes,
-            "request"
-        );
-        let (Some(sink), Some(ts)) = (&self.sink, self.ts) else {
-            return;
-        };
+        let user = self.served.user.as_ref().and_then(|u| u.to_str().ok());
+        let (user, cut_user) = clip_some(user, MAX_USER);
+        let trace_id = (*trace_id).or_else(|| self.served.trace.map(|t| t.trace_id()));
         let line = Line {
-            ts,
+            // Set exactly when a file is written.
+            ts: self.ts.unwrap_or(SystemTime::UNIX_EPOCH),
             request_id: self.request_id.header().as_bytes(),
             trace_id: trace_id.as_ref(),
-            client: *client,
-            method: method.as_str(),
-            path,
+            client: self.served.client.unwrap_or(*client),
+            method: Some(method),
+            path: Some(path),
             route,
             service,
-            instance,
-            cache: self.cache,
+            instance: self.served.upstream.as_ref().map(Upstream::instance),
+            cache: self.served.cache,
             user,
-            error,
-            reason,
+            error: refusal.map(|r| r.code),
+            reason: refusal.and_then(|r| r.reason),
+            cut: Cut {
+                method: cut_method,
+                path: cut_path,
+                user: cut_user,
+            },
             status: self.status.as_u16(),
-            duration_us,
+            duration_us: micros(took),
             bytes: self.bytes,
         };
-        sink.send(line.encode());
+        line.record(self.sink.as_deref());
     }
 }
 
@@ -1077,8 +1249,8 @@ mod tests {
             request_id: b"5efe8de8-0dc2-4ec3-b548-32b341a36756",
             trace_id: Some(b"4bf92f3577b34da6a3ce929d0e0e4736"),
             client: IpAddr::from([203, 0, 113, 9]),
-            method: "GET",
-            path: "/api/catalog/products",
+            method: Some("GET"),
+            path: Some("/api/catalog/products"),
             route: Some("/api/catalog/**"),
             service: Some("catalog"),
             instance: Some("catalog-0"),
@@ -1086,6 +1258,7 @@ mod tests {
             user: Some("user-1"),
             error: Some("rate_limited"),
             reason: Some("d-user"),
+            cut: Cut::default(),
             status: 429,
             duration_us: 9_043,
             bytes: 2856,
@@ -1105,8 +1278,8 @@ mod tests {
         let bare = Line {
             trace_id: None,
             client: IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 7]),
-            method: "PURGE",
-            path: "/a\"b\\c\u{1}é",
+            method: Some("PURGE"),
+            path: Some("/a\"b\\c\u{1}é"),
             route: None,
             service: None,
             instance: None,
@@ -1142,6 +1315,146 @@ mod tests {
                 "bytes": 0,
             })
         );
+        // A request refused before its request line came whole.
+        let unread = Line {
+            method: None,
+            path: None,
+            user: None,
+            error: Some("request_timeout"),
+            status: 408,
+            ..bare
+        };
+        let text = String::from_utf8(unread.encode()).unwrap_or_default();
+        assert!(
+            text.contains(r#""client":"2001:db8::7","method":null,"path":null,"route":null,"#),
+            "{text}"
+        );
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&text).is_ok(),
+            "{text}"
+        );
+    }
+
+    /// A value too long for a line is cut where its escaped text would
+    /// pass the bound, never inside a character or an escape; the line
+    /// stays JSON, says `truncated`, and the value ends with the mark.
+    #[test]
+    fn a_value_too_long_is_cut_at_a_character_and_the_line_stays_json() {
+        for (unit, escaped) in [
+            ("a", 1),
+            ("é", 2),
+            ("€", 3),
+            ("𝄞", 4),
+            ("\"", 2),
+            ("\\", 2),
+            ("\u{1}", 6),
+        ] {
+            for max in [12, 13, 14, 15, 16, 17, 18, 100, 2048] {
+                // Lengths about the bound, and far past it.
+                for units in [max / escaped - 1, max / escaped, max / escaped + 1, max * 3] {
+                    let value = unit.repeat(units);
+                    let (kept, cut) = clip(&value, max);
+                    let mut text = Vec::new();
+                    json::string(&mut text, kept);
+                    let written = text.len() - 2;
+                    assert!(written <= max, "{unit:?}×{units} in {max}: {written}");
+                    assert_eq!(cut, units * escaped > max, "{unit:?}×{units} in {max}");
+                    if cut {
+                        // As much as fits: one more would not.
+                        assert!(written + escaped > max, "{unit:?}×{units} in {max}");
+                        assert_eq!(kept, unit.repeat(written / escaped));
+                    } else {
+                        assert_eq!(kept, value);
+                    }
+                }
+            }
+        }
+        let long = format!("/{}", "a\"é\\".repeat(30_000));
+        let line = Line {
+            ts: SystemTime::UNIX_EPOCH,
+            request_id: b"id",
+            trace_id: None,
+            client: IpAddr::from([203, 0, 113, 9]),
+            method: Some("GET"),
+            path: Some(clip(&long, MAX_PATH).0),
+            route: None,
+            service: None,
+            instance: None,
+            cache: None,
+            user: Some("u"),
+            error: None,
+            reason: None,
+            cut: Cut {
+                path: true,
+                ..Cut::default()
+            },
+            status: 404,
+            duration_us: 1,
+            bytes: 0,
+        };
+        let text = line.encode();
+        assert!(text.len() < 3 * 1024, "{}", text.len());
+        let parsed: serde_json::Value = serde_json::from_slice(&text).unwrap_or_default();
+        let path = parsed["path"].as_str().unwrap_or_default();
+        let kept = path.strip_suffix(CUT_MARK).unwrap_or_default();
+        assert!(long.starts_with(kept), "{path}");
+        // As much as fits: the next character takes at most 2.
+        let mut escaped = Vec::new();
+        json::string(&mut escaped, kept);
+        assert!(
+            (MAX_PATH - 1..=MAX_PATH).contains(&(escaped.len() - 2)),
+            "{path}"
+        );
+        assert_eq!(parsed["truncated"], true);
+        assert_eq!(parsed["user"], "u");
+    }
+
+    /// However long the path, method and verified caller a client sends,
+    /// a request's line is a few KiB: the queue's bound in lines is then
+    /// one in bytes.
+    #[tokio::test]
+    async fn a_request_s_line_is_a_few_kib_whatever_the_client_sent() {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("{e}"),
+        };
+        let (path, log, writer) = open_log(&dir).await;
+        // The longest target the HTTP/1 driver takes.
+        let long_path = format!("/{}", "p".repeat(60 * 1024));
+        let mut req = request(&long_path);
+        let method = "X".repeat(1000);
+        *req.method_mut() = match Method::from_bytes(method.as_bytes()) {
+            Ok(m) => m,
+            Err(e) => panic!("{e}"),
+        };
+        let mut entry = log.begin(
+            &req,
+            RequestId::of(&mut http::HeaderMap::new()),
+            IpAddr::from([10, 0, 0, 2]),
+        );
+        let user = "u".repeat(8 * 1024);
+        entry.serving().1.user = http::HeaderValue::from_str(&user).ok();
+        entry.responded(StatusCode::NOT_FOUND, None);
+        drop(entry);
+        drop(log);
+        finished(writer).await;
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(text.len() < 3 * 1024, "{} bytes", text.len());
+        let lines = read_lines(&path);
+        assert_eq!(lines.len(), 1, "{text}");
+        let line = &lines[0];
+        assert_eq!(line["status"], 404);
+        assert_eq!(line["truncated"], true);
+        for (key, value, max) in [
+            ("path", &long_path, MAX_PATH),
+            ("method", &method, MAX_METHOD),
+            ("user", &user, MAX_USER),
+        ] {
+            let logged = line[key].as_str().unwrap_or_default();
+            let kept = logged.strip_suffix(CUT_MARK).unwrap_or_default();
+            assert_eq!(kept.len(), max, "{key}: {logged}");
+            assert!(value.starts_with(kept), "{key}: {logged}");
+        }
     }
 
     async fn finished(writer: JoinHandle<()>) {
@@ -1163,16 +1476,14 @@ mod tests {
         let mut entry = log.begin(&req, RequestId::of(&mut http::HeaderMap::new()), peer);
         // The client the edge found behind the proxy at `peer`.
         assert!(entry.logs());
-        let served = Served {
-            client: Some(IpAddr::from([203, 0, 113, 9])),
-            user: Some(http::HeaderValue::from_static("user-1")),
-            ..Served::default()
-        };
+        let (_, served) = entry.serving();
+        served.client = Some(IpAddr::from([203, 0, 113, 9]));
+        served.user = Some(http::HeaderValue::from_static("user-1"));
         let refusal = Refusal {
             code: "invalid_token",
             reason: Some("expired"),
         };
-        entry.responded(StatusCode::UNAUTHORIZED, served, Some(refusal));
+        entry.responded(StatusCode::UNAUTHORIZED, Some(refusal));
         let held = Arc::new(());
         let body = logged(body::full("hello"), Arc::clone(&held), entry);
         assert_eq!(Arc::strong_count(&held), 2);

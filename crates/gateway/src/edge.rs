@@ -87,7 +87,10 @@ pub(crate) struct ClientAddr {
 
 /// How a request was served, for the access log: the route it matched and
 /// the instance that answered. The instance is kept until the response
-/// body is done, since it counts the request on that instance.
+/// body is done, since it counts the request on that instance. It is the
+/// access-log entry's own (`access_log::Entry::serving`), written as each
+/// is found: a request dropped before its response (its client left) is
+/// logged and counted with what was found by then.
 #[derive(Default)]
 pub(crate) struct Served {
     pub route: Option<Arc<Route>>,

@@ -28,7 +28,10 @@
 //! - **Limits.** A head over `max_header_bytes` or with more than
 //!   `max_headers` headers gets 431; a malformed one 400; a transfer coding
 //!   other than chunked 501. Each closes the connection (lingering, so the
-//!   client reads the answer even while still sending).
+//!   client reads the answer even while still sending), and is recorded as
+//!   the stack records its own answers (`Handler::refused`: an access-log
+//!   line, a count under `route="unmatched"`), under a request id the
+//!   answer carries.
 //! - **Framing** (`head`, `decode`): strict where two parsers could
 //!   disagree about where a request ends (request smuggling):
 //!   `Content-Length` with `Transfer-Encoding` is 400, `Content-Length` is
@@ -85,12 +88,14 @@ use self::decode::Decoder;
 use self::encode::{BodyEncoder, Exchange, Framing, HeadFields, Out, Then};
 use self::head::{BodyLength, Head};
 use self::incoming::{BodyError, Room};
+use crate::access_log::Refused;
 use crate::body::{self, Body};
 use crate::chunked::{ChunkedDecoder, ChunkedError, Decoded};
 use crate::client_cert::ClientCert;
 use crate::clock;
 use crate::config::Limits;
 use crate::relayed::Reply;
+use crate::request_id::{RequestId, X_REQUEST_ID};
 use crate::server::{ConnInfo, Handler};
 use crate::transport::{Bufs, Transport};
 use crate::upgrade::{self, Handoff, Tunnel, WebSocket};
@@ -233,7 +238,9 @@ enum End {
 enum Stop {
     Close,
     Abort,
-    Refuse(StatusCode, &'static str, &'static str),
+    /// Answered with this status, `error.code` and message; the head began
+    /// at the instant.
+    Refuse(StatusCode, &'static str, &'static str, Instant),
 }
 
 /// After an exchange.
@@ -313,8 +320,9 @@ impl<H: Handler> Conn<H> {
                 Ok(head) => head,
                 Err(Stop::Close) => return End::Close,
                 Err(Stop::Abort) => return End::Abort,
-                Err(Stop::Refuse(status, code, message)) => {
-                    self.refuse(status, code, message).await;
+                Err(Stop::Refuse(status, code, message, began)) => {
+                    self.refuse_request(status, code, message, began, None)
+                        .await;
                     return End::Close;
                 }
             };
@@ -327,10 +335,13 @@ impl<H: Handler> Conn<H> {
                 Ok(request) => request,
                 Err(e) => {
                     tracing::debug!(target: "flotilla::gateway", peer = %self.info.peer, error = %e, "bad request body");
-                    self.refuse(
+                    let (parts, _) = req.into_parts();
+                    self.refuse_request(
                         StatusCode::BAD_REQUEST,
                         "bad_request",
                         "the chunked request body is malformed",
+                        clock::now(),
+                        Some((parts.method, parts.uri)),
                     )
                     .await;
                     return End::Close;
@@ -408,10 +419,16 @@ impl<H: Handler> Conn<H> {
                         Ok(Some(head)) => return Ok(head),
                         Ok(None) => {}
                         Err(invalid) => {
+                            // Its first bytes came when its clock started,
+                            // or in this read.
+                            let began = head_deadline
+                                .and_then(|d| d.checked_sub(self.settings.header_timeout))
+                                .unwrap_or_else(clock::now);
                             return Err(Stop::Refuse(
                                 invalid.status(),
                                 invalid.code(),
                                 invalid.message(),
+                                began,
                             ));
                         }
                     }
@@ -451,12 +468,18 @@ impl<H: Handler> Conn<H> {
                 // The timer may fire early (see `arm`): then it is re-armed.
                 None if clock::now() < deadline => {}
                 None if idle => return Err(Stop::Close),
+                // Only a head begun is timed out: a connection that sent
+                // nothing (a preconnect, an idle keep-alive one) closes
+                // silently above, and is no request to log.
                 None => {
                     tracing::debug!(target: "flotilla::gateway", peer = %self.info.peer, "request headers too slow; answering 408");
                     return Err(Stop::Refuse(
                         StatusCode::REQUEST_TIMEOUT,
                         "request_timeout",
                         "the request headers took too long to arrive",
+                        deadline
+                            .checked_sub(self.settings.header_timeout)
+                            .unwrap_or_else(clock::now),
                     ));
                 }
             }
@@ -478,6 +501,9 @@ impl<H: Handler> Conn<H> {
             version: head.version,
             websocket: head.websocket,
         };
+        // Before the body, which may be refused: its log line names them.
+        *req.method_mut() = head.method;
+        *req.uri_mut() = head.uri;
         let (body, feed) = self.request_body(head.body, head.expect_continue)?;
         *req.body_mut() = body;
         if head.websocket {
@@ -486,8 +512,6 @@ impl<H: Handler> Conn<H> {
         if let Some(cert) = &self.client_cert {
             req.extensions_mut().insert(Arc::clone(cert));
         }
-        *req.method_mut() = head.method;
-        *req.uri_mut() = head.uri;
         *req.version_mut() = head.version;
         *req.headers_mut() = head.headers;
         Ok((feed, ex, head.keep_alive))
@@ -941,10 +965,12 @@ impl<H: Handler> Conn<H> {
         if !asked {
             tracing::warn!(target: "flotilla::gateway", "a protocol switch nobody asked for; answering 502");
             drop(tunnel);
+            // The request's own line is written as its reply is dropped.
             self.refuse(
                 StatusCode::BAD_GATEWAY,
                 "bad_gateway",
                 "the upstream switched protocols unasked",
+                None,
             )
             .await;
             return End::Close;
@@ -980,23 +1006,73 @@ impl<H: Handler> Conn<H> {
         End::Abort
     }
 
-    /// Answers a request the gateway will not serve, then the connection
-    /// closes. Best effort: the client may be gone or not reading.
-    async fn refuse(&mut self, status: StatusCode, code: &'static str, message: &'static str) {
+    /// Answers a request refused before it became one for the stack (its
+    /// head, or its chunked body), and records it as the stack records its
+    /// own answers before a route: a line in the access log and a count
+    /// under `route="unmatched"`, so that a scan for smuggling shapes or a
+    /// slowloris leaves a trace. Its request line is `line` (what its head
+    /// made of it), else read from what is buffered, as far as it came.
+    async fn refuse_request(
+        &mut self,
+        status: StatusCode,
+        code: &'static str,
+        message: &'static str,
+        began: Instant,
+        line: Option<(Method, http::Uri)>,
+    ) {
+        let request_id = RequestId::new();
+        let bytes = self.refuse(status, code, message, Some(&request_id)).await;
+        let (method, path) = match &line {
+            Some((method, uri)) => (Some(method.as_str()), Some(uri.path())),
+            None => head::request_line(&self.rbuf),
+        };
+        self.stack.refused(&Refused {
+            status,
+            code,
+            request_id: &request_id,
+            client: self.info.peer.ip(),
+            method,
+            path,
+            took: clock::now().saturating_duration_since(began),
+            bytes,
+        });
+    }
+
+    /// Answers a request the gateway will not serve, with `request_id` when
+    /// it has one, then the connection closes. Best effort: the client may
+    /// be gone or not reading. Returns the body's bytes written.
+    async fn refuse(
+        &mut self,
+        status: StatusCode,
+        code: &'static str,
+        message: &'static str,
+        request_id: Option<&RequestId>,
+    ) -> u64 {
         tracing::debug!(target: "flotilla::gateway", peer = %self.info.peer, %status, code, "request refused");
-        let body = refusal_body(code, message);
+        let body =
+            crate::rejection::error_body(code, message, request_id.map_or("", RequestId::as_str));
         let len = body.len() as u64;
+        let mut fields = json_headers();
+        if let Some(id) = request_id {
+            fields.insert(X_REQUEST_ID.clone(), id.header().clone());
+        }
         encode::head(
             &mut self.out,
             Version::HTTP_11,
             status,
-            (&json_headers()).into(),
+            (&fields).into(),
             Framing::Length(len),
             Some(len),
             Then::Close,
         );
         self.out.extend(&body);
-        let _ = tokio::time::timeout(REFUSAL_DEADLINE, poll_fn(|cx| self.poll_flush(cx))).await;
+        let flushed =
+            tokio::time::timeout(REFUSAL_DEADLINE, poll_fn(|cx| self.poll_flush(cx))).await;
+        if matches!(flushed, Ok(Ok(()))) {
+            len
+        } else {
+            0
+        }
     }
 }
 
@@ -1132,6 +1208,9 @@ mod tests {
     struct Stub(Arc<Probe>);
 
     impl Handler for Stub {
+        // What becomes of a refusal is the access log's to test.
+        fn refused(&self, _: &Refused<'_>) {}
+
         fn call(
             &self,
             req: Request<Body>,

@@ -45,6 +45,12 @@ impl RequestId {
         }
     }
 
+    /// A new id, for a request the gateway answers before it reads its
+    /// fields (`h1`'s refusals).
+    pub(crate) fn new() -> RequestId {
+        RequestId::generate()
+    }
+
     /// The id of a request with `headers`: the client's, when it sent one
     /// well-formed id (the first of several, which then replaces the
     /// rest), else a new one, and then whatever the client sent under the

@@ -42,7 +42,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::access_log::{self, AccessLog, Sink};
+use crate::access_log::{self, AccessLog, Refused, Sink};
 use crate::body::{self, Body, Holding};
 use crate::bulkhead::{Cap, Place};
 use crate::client_cert::ClientCert;
@@ -50,7 +50,7 @@ use crate::config::Limits;
 use crate::conn::{self, H2_PREFACE, StreamExecutor, Watch};
 use crate::conn_limit::Admission;
 use crate::conn_limit::ConnLimits;
-use crate::edge::{self, Served};
+use crate::edge;
 use crate::h1;
 use crate::health;
 use crate::outbound::Outbound;
@@ -82,6 +82,12 @@ pub(crate) trait Handler: Clone + Send + Sync + 'static {
         req: Request<Body>,
         conn: ConnInfo,
     ) -> impl Future<Output = Reply> + Send + 'static;
+
+    /// A request the HTTP/1 driver answered itself, never having made it
+    /// one to `call` with (a head too slow, too large or malformed, a
+    /// malformed chunked body): to record as the request path records its
+    /// own answers.
+    fn refused(&self, refused: &Refused<'_>);
 }
 
 /// The gateway's request path ([`Front`]), one per worker.
@@ -97,6 +103,10 @@ impl Handler for Stack {
         // `serve`'s own future, not one wrapped in a block: awaiting it in
         // one would move all of it (~3 KB) into the block's on every call.
         Front::serve(Arc::clone(&self.0), req, conn)
+    }
+
+    fn refused(&self, refused: &Refused<'_>) {
+        self.0.log.refused(refused);
     }
 }
 
@@ -238,10 +248,6 @@ impl Front {
             // response: then it logs a 499.
             let mut entry = self.log.begin(&req, request_id, conn.peer.ip());
             let admitted = self.admit();
-            let mut served = Served {
-                logged: entry.logs(),
-                ..Served::default()
-            };
             let mut reply = if admitted.is_none() {
                 self.log.shed();
                 Rejection::Overloaded.into_reply(Some(entry.request_id()), entry.logs())
@@ -249,14 +255,17 @@ impl Front {
                 res.into()
             } else {
                 let routing = self.routing.current();
+                // The edge writes what it finds into the entry as it goes,
+                // so that a request dropped midway is logged with it.
+                let (request_id, served) = entry.serving();
                 edge::handle(
                     routing,
                     &self.proxy,
                     &self.tunnels,
                     req,
                     conn,
-                    entry.request_id(),
-                    &mut served,
+                    request_id,
+                    served,
                 )
                 .await
             };
@@ -267,7 +276,7 @@ impl Front {
                 fields.insert_ref(&STRICT_TRANSPORT_SECURITY, hsts);
             }
             let refusal = reply.res.extensions().get::<Refusal>().copied();
-            entry.responded(reply.res.status(), served, refusal);
+            entry.responded(reply.res.status(), refusal);
             // In flight until the response body is done. The body is swapped
             // in place: taking the response apart and putting it together
             // again would copy all of it twice.

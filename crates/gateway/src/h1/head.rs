@@ -126,7 +126,9 @@ fn range_in(whole: &[u8], part: &[u8]) -> Option<Range<usize>> {
 
 /// Parses the head at the start of `buf`, taking its bytes off `buf`.
 /// `Ok(None)`: incomplete (and still within the limits). `spans` is
-/// scratch space, reused between requests.
+/// scratch space, reused between requests. A head refused is left in
+/// `buf`, where the refusal's access-log line finds its request line
+/// ([`request_line`]).
 pub(crate) fn parse(
     buf: &mut BytesMut,
     limits: Limits,
@@ -177,13 +179,35 @@ pub(crate) fn parse(
     }
 
     let head = buf.split_to(len).freeze();
+    match request(&head, method, target, version, spans) {
+        Ok(head) => Ok(Some(head)),
+        Err(invalid) => {
+            // Put back (a copy, made only for a refusal), as what comes
+            // before the split is.
+            let mut whole = BytesMut::with_capacity(head.len() + buf.len());
+            whole.extend_from_slice(&head);
+            whole.extend_from_slice(buf);
+            *buf = whole;
+            Err(invalid)
+        }
+    }
+}
+
+/// The request a whole `head` (its bytes, its request line parsed) is.
+fn request(
+    head: &Bytes,
+    method: Method,
+    target: Range<usize>,
+    version: Version,
+    spans: &[Span],
+) -> Result<Head, Invalid> {
     if target.len() > MAX_TARGET {
         return Err(Invalid::TargetTooLong);
     }
-    let uri = Uri::from_maybe_shared(slice(&head, target)?)
+    let uri = Uri::from_maybe_shared(slice(head, target)?)
         .map_err(|_| Invalid::Malformed("the request target is invalid"))?;
-    let (headers, framing) = headers(&head, spans, version)?;
-    Ok(Some(Head {
+    let (headers, framing) = headers(head, spans, version)?;
+    Ok(Head {
         uri,
         version,
         keep_alive: framing.keep_alive,
@@ -192,7 +216,52 @@ pub(crate) fn parse(
         body: framing.body,
         method,
         headers,
-    }))
+    })
+}
+
+/// The method and path of the request line `buf` starts with, each as far
+/// as it came whole and can be read (a method of visible ASCII, a path of
+/// UTF-8), never the query: for the access-log line of a request refused
+/// before it became one (too slow, too large, malformed).
+pub(crate) fn request_line(buf: &[u8]) -> (Option<&str>, Option<&str>) {
+    // Line ends before a request line are skipped (`h1`'s `read_head`).
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    let rest = buf.get(start..).unwrap_or_default();
+    let mut words = rest.splitn(3, |&b| b == b' ');
+    let (Some(method), Some(target)) = (words.next(), words.next()) else {
+        return (None, None);
+    };
+    let method = (!method.is_empty() && method.iter().all(u8::is_ascii_graphic))
+        .then(|| std::str::from_utf8(method).ok())
+        .flatten();
+    // Whole only if a space (before the version) followed it.
+    let Some(method) = method.filter(|_| words.next().is_some()) else {
+        return (method, None);
+    };
+    // The origin form's path (`/a/b?q`), or an absolute form's
+    // (`http://host/a/b?q`), or `*`.
+    let target = match target.windows(3).position(|w| w == b"://") {
+        Some(scheme) if target.first() != Some(&b'/') => {
+            let after = target.get(scheme + 3..).unwrap_or_default();
+            match after.iter().position(|&b| b == b'/') {
+                Some(slash) => after.get(slash..).unwrap_or_default(),
+                None => b"/",
+            }
+        }
+        _ => target,
+    };
+    let end = target
+        .iter()
+        .position(|&b| b == b'?' || b == b'#')
+        .unwrap_or(target.len());
+    let path = target
+        .get(..end)
+        .filter(|p| !p.is_empty())
+        .and_then(|p| std::str::from_utf8(p).ok());
+    (Some(method), path)
 }
 
 fn slice(head: &Bytes, range: Range<usize>) -> Result<Bytes, Invalid> {
@@ -443,6 +512,57 @@ mod tests {
         assert!(head.keep_alive);
         assert!(!head.expect_continue);
         assert_eq!(&buf[..], b"abcGET");
+    }
+
+    /// A refused head stays in the buffer, whichever check refused it, for
+    /// its log line to read its request line from.
+    #[test]
+    fn a_refused_head_is_left_in_the_buffer() {
+        for raw in [
+            // Refused as it is read.
+            "GET /a HTTP/1.1\r\nbad header\r\n\r\nrest",
+            // Refused once it is whole: its framing, a header, its target.
+            "POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\nrest",
+            "GET /a HTTP/1.1\r\nhost: x\r\nhost: y\r\n\r\nrest",
+            "GET /a HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip\r\n\r\nrest",
+        ] {
+            let mut buf = BytesMut::from(raw);
+            let parsed = parse(&mut buf, LIMITS, &mut Vec::new());
+            assert!(parsed.is_err(), "{raw:?}: {parsed:?}");
+            assert_eq!(&buf[..], raw.as_bytes(), "{raw:?}");
+        }
+    }
+
+    /// What a refusal's log line names of its request: the method and the
+    /// path, never the query, as far as they came whole and are text.
+    #[test]
+    fn a_request_line_is_read_as_far_as_it_came() {
+        for (raw, want) in [
+            (
+                "GET /a/b?token=x HTTP/1.1\r\nhost: x",
+                (Some("GET"), Some("/a/b")),
+            ),
+            ("\r\nPOST /p#f HTTP/1.1\r\n", (Some("POST"), Some("/p"))),
+            (
+                "GET http://h.example:80/x/y?q HTTP/1.1\r\n",
+                (Some("GET"), Some("/x/y")),
+            ),
+            (
+                "GET http://h.example HTTP/1.1\r\n",
+                (Some("GET"), Some("/")),
+            ),
+            ("OPTIONS * HTTP/1.1\r\n", (Some("OPTIONS"), Some("*"))),
+            // The target may not have come whole: no path.
+            ("GET /a/very/long/tar", (Some("GET"), None)),
+            ("GET", (None, None)),
+            ("", (None, None)),
+            ("\u{16}\u{3}\u{1}\r\n\r\n", (None, None)),
+            ("G\u{1}T /a HTTP/1.1\r\n", (None, None)),
+        ] {
+            assert_eq!(request_line(raw.as_bytes()), want, "{raw:?}");
+        }
+        // A path that is not UTF-8 is left out; the method is not.
+        assert_eq!(request_line(b"GET /\xff HTTP/1.1\r\n"), (Some("GET"), None));
     }
 
     #[test]

@@ -420,3 +420,121 @@ async fn chunk_extensions_past_the_body_s_cap_are_refused_as_a_long_size_line_is
     );
     gateway.shutdown(T).await;
 }
+
+/// Requests the HTTP/1 driver refuses before they are requests the edge
+/// takes (a smuggling shape, a malformed chunked body, a head too large,
+/// one too slow, bytes that are no HTTP) are logged and counted as the
+/// gateway's other answers before a route, each under an id its answer
+/// carries; a connection that said nothing before it timed out is no
+/// request, and leaves no line.
+#[tokio::test]
+async fn requests_refused_before_the_edge_are_logged_and_counted() {
+    let dir = TestDir::new();
+    let log = path_buf(&dir, "access.log");
+    let mirror = Mirror::start().await;
+    let registry = Registry::new();
+    registry.set("mirror", vec![mirror.endpoint()]);
+    let mut cfg = config(vec![route("mirror", "/**", &[], T)]);
+    cfg.access_log = Some(log.clone());
+    cfg.limits.header_read_timeout = Duration::from_millis(300);
+    let gateway = start(cfg, &registry).await;
+    let unmatched = || {
+        metric_sum(&[
+            "flotilla_gateway_requests_total",
+            "route=\"unmatched\"",
+            "status_class=\"4xx\"",
+        ])
+    };
+    let before = unmatched();
+
+    // Says nothing, and is closed unanswered when its head is due.
+    let mut silent = connect(&gateway).await;
+    assert_eq!(read_all(&mut silent).await, "", "no answer, no 408");
+
+    let many: String = (0..150).map(|i| format!("x-h-{i}: v\r\n")).collect();
+    let cases = [
+        (
+            "POST /smuggle HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nX".to_string(),
+            400,
+            "bad_request",
+            Some("POST"),
+            Some("/smuggle"),
+        ),
+        (
+            "POST /chunked?k=secret HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3 ;x\nabc\r\n0\r\n\r\n".to_string(),
+            400,
+            "bad_request",
+            Some("POST"),
+            Some("/chunked"),
+        ),
+        (
+            format!("GET /large HTTP/1.1\r\nhost: x\r\n{many}\r\n"),
+            431,
+            "headers_too_large",
+            Some("GET"),
+            Some("/large"),
+        ),
+        // Never finished: 408 once `header_read_timeout` has passed.
+        (
+            "GET /slowloris?token=secret HTTP/1.1\r\nhost: x\r\n".to_string(),
+            408,
+            "request_timeout",
+            Some("GET"),
+            Some("/slowloris"),
+        ),
+        (
+            "\u{16}\u{3}\u{1}\u{2}\u{0}\u{1}\u{0}\u{1}\r\n\r\n".to_string(),
+            400,
+            "bad_request",
+            None,
+            None,
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (raw, status, ..) in &cases {
+        let answer = raw_request(gateway.local_addr(), raw).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{raw:?}: {answer}"
+        );
+        let id = answer
+            .lines()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .unwrap_or_else(|| panic!("no x-request-id: {answer}"))
+            .to_string();
+        assert!(
+            answer.contains(&format!("\"request_id\":\"{id}\"")),
+            "{answer}"
+        );
+        ids.push(id);
+    }
+    assert_eq!(mirror.hits(), 0);
+    wait_until("the refusals counted under unmatched", || {
+        unmatched() >= before + cases.len() as u64
+    })
+    .await;
+    gateway.shutdown(T).await;
+
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!text.contains("secret"), "no query string: {text}");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| ok(serde_json::from_str(l), "access-log line is JSON"))
+        .collect();
+    // One a refusal, none for the connection that said nothing.
+    assert_eq!(lines.len(), cases.len(), "{text}");
+    for ((raw, status, code, method, path), id) in cases.iter().zip(&ids) {
+        let line = lines
+            .iter()
+            .find(|l| l["request_id"] == id.as_str())
+            .unwrap_or_else(|| panic!("{raw:?}: no line with its id {id}: {text}"));
+        assert_eq!(line["status"], *status, "{raw:?}: {line}");
+        assert_eq!(line["error"], *code, "{raw:?}: {line}");
+        assert_eq!(line["method"].as_str(), *method, "{raw:?}: {line}");
+        assert_eq!(line["path"].as_str(), *path, "{raw:?}: {line}");
+        assert_eq!(line["client"], "127.0.0.1", "{raw:?}: {line}");
+        assert_eq!(line["route"], serde_json::Value::Null, "{raw:?}: {line}");
+        assert!(line["bytes"].as_u64().is_some_and(|b| b > 0), "{line}");
+        assert!(line["duration_ms"].is_number(), "{line}");
+    }
+}

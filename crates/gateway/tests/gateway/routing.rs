@@ -309,6 +309,85 @@ async fn access_log_has_one_line_per_request() {
     assert_eq!(second["route"], serde_json::Value::Null);
 }
 
+/// The access-log line of `id` in `log`, once it is written.
+async fn logged_line(log: &std::path::Path, id: &str) -> serde_json::Value {
+    let line = || -> Option<serde_json::Value> {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["request_id"] == id)
+    };
+    wait_until(&format!("the line of {id}"), || line().is_some()).await;
+    line().unwrap_or_default()
+}
+
+/// A request whose client leaves before its answer is logged as a 499
+/// and counted under the route it was matched to, with the client, the
+/// trace and the caller the edge had found for it by then: not as an
+/// unmatched request from the proxy in front.
+#[tokio::test]
+async fn a_request_its_client_abandons_keeps_its_route_client_trace_and_user() {
+    let dir = TestDir::new();
+    let log = path_buf(&dir, "access.log");
+    let registry = Registry::new();
+    let up = Upstream::start("abandoned-0").await;
+    registry.set("abandoned", vec![up.endpoint()]);
+    let mut keyed = route("abandoned", "/abandoned/*", &[], T);
+    keyed.auth = flotilla_gateway::RouteAuth::Key {
+        consumers: vec!["partner".into()],
+    };
+    let mut cfg = config(vec![keyed]);
+    cfg.access_log = Some(log.clone());
+    cfg.api_keys = crate::security_keys::api_keys(&[("partner", &["k1"])]);
+    // The test client plays a trusted proxy, naming the client behind it.
+    cfg.ip = Some(flotilla_gateway::IpConfig {
+        trusted_proxies: ok(flotilla_gateway::parse_nets(&["127.0.0.0/8"]), "nets"),
+        ..flotilla_gateway::IpConfig::default()
+    });
+    let gateway = start(cfg, &registry).await;
+    let counted = || {
+        metric_sum(&[
+            "flotilla_gateway_requests_total",
+            "route=\"/abandoned/*\"",
+            "service=\"abandoned\"",
+            "status_class=\"4xx\"",
+        ])
+    };
+    let before = counted();
+
+    // A `slow` path: the instance never answers, and the client leaves.
+    let mut stream = ok(
+        tokio::net::TcpStream::connect(gateway.local_addr()).await,
+        "connect",
+    );
+    let head = "GET /abandoned/slow HTTP/1.1\r\nhost: x\r\nx-forwarded-for: 203.0.113.7\r\n\
+                x-api-key: k1\r\nx-request-id: abandoned-1\r\n\r\n";
+    ok(
+        tokio::io::AsyncWriteExt::write_all(&mut stream, head.as_bytes()).await,
+        "write",
+    );
+    wait_until("the request at its instance", || up.hits() == 1).await;
+    drop(stream);
+
+    let line = logged_line(&log, "abandoned-1").await;
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["route"], "/abandoned/*", "{line}");
+    assert_eq!(line["service"], "abandoned", "{line}");
+    // No instance answered it.
+    assert_eq!(line["instance"], serde_json::Value::Null, "{line}");
+    assert_eq!(line["client"], "203.0.113.7", "{line}");
+    assert_eq!(line["user"], "partner", "{line}");
+    // The trace the gateway started and sent the instance.
+    let trace_id = line["trace_id"].as_str().unwrap_or_default();
+    assert!(
+        trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{line}"
+    );
+    wait_until("the 499 counted under its route", || counted() > before).await;
+    gateway.shutdown(T).await;
+}
+
 #[tokio::test]
 async fn every_request_reaches_its_instance_in_a_trace() {
     let registry = Registry::new();

@@ -18,7 +18,7 @@ fn digest(key: &str) -> [u8; 32] {
 
 /// `[gateway.api_keys]` in the default header: each consumer with the
 /// digests of its keys.
-fn api_keys(consumers: &[(&str, &[&str])]) -> Option<flotilla_manifest::ApiKeys> {
+pub(crate) fn api_keys(consumers: &[(&str, &[&str])]) -> Option<flotilla_manifest::ApiKeys> {
     Some(flotilla_manifest::ApiKeys {
         header: "x-api-key".into(),
         consumers: consumers
