@@ -1065,8 +1065,14 @@ fn rate_key<'a>(
         RateLimitKey::Route => Cow::Borrowed(""),
         RateLimitKey::Header(name) => {
             Cow::Owned(match jwt::request_field(headers, identity, name) {
-                Some(v) if v.len() <= MAX_KEY_BYTES => {
-                    format!("h:{}", String::from_utf8_lossy(v.as_bytes()))
+                // Text as it is; anything else by its digest, as a long
+                // value is: read lossily, `a\x80` and `a\x81` would be one
+                // client, and one could spend the other's limit.
+                Some(v)
+                    if v.len() <= MAX_KEY_BYTES
+                        && let Ok(text) = v.to_str() =>
+                {
+                    format!("h:{text}")
                 }
                 Some(v) => {
                     let digest = ring::digest::digest(&ring::digest::SHA256, v.as_bytes());
@@ -1193,6 +1199,16 @@ mod tests {
             rate_key(&RateLimitKey::Header(name.clone()), client, None, &h),
             "h:abc"
         );
+        // Values that are not text are told apart by their digests.
+        let keys: Vec<_> = [&b"a\x80"[..], b"a\x81"]
+            .iter()
+            .map(|v| {
+                h.insert("x-api-key", HeaderValue::from_bytes(v).unwrap());
+                rate_key(&RateLimitKey::Header(name.clone()), client, None, &h).into_owned()
+            })
+            .collect();
+        assert_ne!(keys[0], keys[1]);
+        assert!(keys[0].starts_with("h#"), "{}", keys[0]);
         assert_eq!(
             rate_key(&RateLimitKey::Header(name), client, None, &HeaderMap::new()),
             "ip:192.0.2.1"

@@ -55,10 +55,16 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Whether `ip` is in one of `nets`, by a scan: for the few trusted
-/// proxies, looked at only for a request that names a client behind one.
+/// Whether `ip` (`canonical`) is in one of `nets`, by a scan: for the few
+/// trusted proxies, looked at only for a request that names a client
+/// behind one. A network written as IPv4-mapped IPv6
+/// (`::ffff:10.0.0.0/104`) holds the IPv4 addresses it maps, as in
+/// [`IpSet`].
 fn contains(nets: &[IpNet], ip: IpAddr) -> bool {
-    nets.iter().any(|n| n.contains(&ip))
+    nets.iter().any(|n| {
+        n.contains(&ip)
+            || matches!(ip, IpAddr::V4(v4) if n.contains(&IpAddr::V6(v4.to_ipv6_mapped())))
+    })
 }
 
 /// A list of networks as sorted ranges that neither overlap nor touch, one
@@ -276,25 +282,27 @@ pub(crate) fn forwarded_proto(
         }
     };
     if header == ForwardedHeader::XForwardedFor {
-        let last = headers.get_all("x-forwarded-proto").iter().next_back()?;
-        return scheme(last.to_str().ok()?.rsplit(',').next()?);
+        return scheme(last_element(headers, "x-forwarded-proto")?);
     }
-    let last = headers
-        .get_all(http::header::FORWARDED)
-        .iter()
-        .next_back()?;
-    let element = last.to_str().ok()?.rsplit(',').next()?;
-    scheme(forwarded_param(element, "proto")?)
+    scheme(forwarded_param(
+        last_element(headers, "forwarded")?,
+        "proto",
+    )?)
+}
+
+/// The right-most element of the last `name` field, read on its own: the
+/// one a trusted proxy appended. (Read with the whole line, a byte the
+/// client chose to its left would make the proxy's unreadable too.)
+fn last_element<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    let last = headers.get_all(name).iter().next_back()?;
+    let element = last.as_bytes().rsplit(|b| *b == b',').next()?;
+    std::str::from_utf8(element).ok()
 }
 
 /// The `host=` of the right-most `Forwarded` element, unquoted: the name
 /// a trusted proxy that writes `Forwarded` says its client asked for.
 pub(crate) fn forwarded_host(headers: &HeaderMap) -> Option<&[u8]> {
-    let last = headers
-        .get_all(http::header::FORWARDED)
-        .iter()
-        .next_back()?;
-    let element = last.to_str().ok()?.rsplit(',').next()?;
+    let element = last_element(headers, "forwarded")?;
     let host = forwarded_param(element, "host")?.trim_matches('"');
     (!host.is_empty()).then_some(host.as_bytes())
 }
@@ -307,6 +315,11 @@ fn forwarded_param<'a>(element: &'a str, key: &str) -> Option<&'a str> {
         k.trim().eq_ignore_ascii_case(key).then(|| v.trim())
     })
 }
+
+/// Hops of a forwarding header walked at most: past as many trusted
+/// proxies, the last one's word is taken (nginx's `real_ip_recursive` and
+/// Envoy's `xff_num_trusted_hops` stop well before).
+const MAX_HOPS: usize = 32;
 
 /// The client address of a request that arrived from `peer`: when it is
 /// one of the `trusted` proxies, the right-most untrusted hop of the
@@ -324,15 +337,38 @@ pub(crate) fn client_addr(
     if !is_trusted(peer, trusted) {
         return peer;
     }
-    let hops = match header {
-        ForwardedHeader::XForwardedFor => x_forwarded_for(headers),
-        ForwardedHeader::Forwarded => forwarded_for(headers),
+    let name = match header {
+        ForwardedHeader::XForwardedFor => "x-forwarded-for",
+        ForwardedHeader::Forwarded => "forwarded",
     };
+    // From the right, lazily: the walk nearly always stops at the first
+    // hop or two, and a client may send thousands. Each element is read
+    // on its own, as bytes: a line read whole would be unreadable for one
+    // byte the client chose (`X-Forwarded-For: \x80`), and balancers
+    // append their hop to the client's own line, so that one byte would
+    // hide the address the balancer wrote.
+    let hops = headers
+        .get_all(name)
+        .iter()
+        .rev()
+        .flat_map(|v| v.as_bytes().rsplit(|b| *b == b','))
+        .map(|element| {
+            let element = std::str::from_utf8(element).ok()?;
+            match header {
+                ForwardedHeader::XForwardedFor => parse_node(element.trim()),
+                // An element without `for=` says nothing about the client
+                // but is still a hop.
+                ForwardedHeader::Forwarded => {
+                    parse_node(forwarded_param(element, "for")?.trim_matches('"'))
+                }
+            }
+        })
+        .take(MAX_HOPS);
     let mut client = peer;
-    for hop in hops.iter().rev() {
+    for hop in hops {
         match hop {
             Some(ip) => {
-                client = canonical(*ip);
+                client = canonical(ip);
                 if !contains(trusted, client) {
                     return client;
                 }
@@ -344,35 +380,6 @@ pub(crate) fn client_addr(
         }
     }
     client
-}
-
-fn x_forwarded_for(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
-    headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
-        .map(|s| parse_node(s.trim()))
-        .collect()
-}
-
-/// The `for=` of each element of every `Forwarded` header (RFC 7239).
-fn forwarded_for(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
-    let mut out = Vec::new();
-    for value in headers.get_all(http::header::FORWARDED) {
-        let Ok(value) = value.to_str() else {
-            out.push(None);
-            continue;
-        };
-        for element in value.split(',') {
-            match forwarded_param(element, "for") {
-                Some(v) => out.push(parse_node(v.trim_matches('"'))),
-                // An element without `for=` says nothing about the client
-                // but is still a hop.
-                None => out.push(None),
-            }
-        }
-    }
-    out
 }
 
 /// An address with an optional port: `1.2.3.4`, `1.2.3.4:80`, `[::1]`,
@@ -687,6 +694,53 @@ mod tests {
             client_addr(ip("10.0.0.1"), &h, &trusted, XFF),
             ip("10.0.0.2")
         );
+        // A byte the client chose in its own part of the line it sent
+        // through a balancer that appends: the balancer's part stands.
+        for (name, header, value) in [
+            ("x-forwarded-for", XFF, &b"\x80, 203.0.113.7"[..]),
+            ("x-forwarded-for", XFF, b"caf\xc3\xa9,203.0.113.7"),
+            ("forwarded", FORWARDED, b"for=\x80, for=203.0.113.7"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_bytes(value).unwrap());
+            assert_eq!(
+                client_addr(ip("10.0.0.1"), &h, &trusted, header),
+                ip("203.0.113.7"),
+                "{value:?}"
+            );
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-proto",
+            HeaderValue::from_bytes(b"\x80, https").unwrap(),
+        );
+        h.insert(
+            "forwarded",
+            HeaderValue::from_bytes(b"host=\x80, proto=https;host=a.example").unwrap(),
+        );
+        assert_eq!(forwarded_proto(&h, XFF), Some("https"));
+        assert_eq!(forwarded_proto(&h, FORWARDED), Some("https"));
+        assert_eq!(forwarded_host(&h), Some(&b"a.example"[..]));
+        // Thousands of hops: only the first few from the right are read.
+        let many = format!("198.51.100.7, {}10.0.0.4", "10.0.0.3, ".repeat(10_000));
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_str(&many).unwrap());
+        assert_eq!(
+            client_addr(ip("10.0.0.1"), &h, &trusted, XFF),
+            ip("10.0.0.3"),
+            "the walk stops after MAX_HOPS trusted hops"
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_written_as_mapped_ipv6_hold_their_ipv4_addresses() {
+        let trusted = nets(&["::ffff:10.0.0.0/104"]);
+        let h = headers(&[("x-forwarded-for", "198.51.100.7, 10.0.0.2")]);
+        for peer in ["10.0.0.1", "::ffff:10.0.0.1"] {
+            assert!(is_trusted(ip(peer), &trusted), "{peer}");
+            assert_eq!(client_addr(ip(peer), &h, &trusted, XFF), ip("198.51.100.7"));
+        }
+        assert!(!is_trusted(ip("11.0.0.1"), &trusted));
     }
 
     #[test]
