@@ -6,10 +6,13 @@
 //! from the replicas, so their clocks need not agree. Keys expire once
 //! their arrival time has passed: idle clients cost Redis nothing.
 //!
-//! When Redis fails or is slow (250 ms), the request is counted in this
-//! replica's in-memory store instead and Redis is left alone for a second:
-//! limits stay roughly in force (per replica) and a Redis outage neither
-//! stalls nor opens the gateway.
+//! When Redis fails or is slow (no answer within 250 ms, tried twice), the
+//! request is counted in this replica's in-memory store instead and Redis
+//! is left alone for a second: limits stay roughly in force (per replica)
+//! and a Redis outage neither stalls nor opens the gateway. After that
+//! second, one request tries Redis again while the others go on counting
+//! in memory: were all to try at once, a Redis that drops packets would
+//! stall every request of that moment.
 //!
 //! The calls run on the runtime the store was made on (the gateway's
 //! caller's), not on the worker thread whose request asked: the Redis
@@ -29,7 +32,10 @@ use crate::stats;
 
 /// Returns `{allowed, ahead_us, over_us}`; see `gcra::step` for the same
 /// arithmetic in Rust. Times are microseconds (Lua numbers are doubles:
-/// exact to 2^53, i.e. centuries of microseconds).
+/// exact to 2^53, i.e. centuries of microseconds). A stored arrival time
+/// is never more than `tolerance` ahead of `now`, but for Redis's clock
+/// stepping back: then it is taken as `tolerance` ahead, so a step back
+/// of an hour does not refuse every client for an hour.
 const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -37,6 +43,7 @@ local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
+if tat > now + tolerance then tat = now + tolerance end
 local new_tat = tat + interval
 local ahead = new_tat - now
 if ahead > tolerance then
@@ -60,6 +67,8 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_millis(250);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long to stay on the local fallback after a Redis failure.
 const BACK_OFF: Duration = Duration::from_secs(1);
+/// The longest a call may take: the response timeout, and one retry.
+const PROBE: Duration = Duration::from_millis(2 * RESPONSE_TIMEOUT.as_millis() as u64);
 
 /// `limit`'s emission interval and tolerance as the script counts them:
 /// whole microseconds, the interval rounded up (never to nothing), the
@@ -183,7 +192,24 @@ impl Store {
         args: &[u64],
     ) -> Ran<T> {
         let now_ms = self.epoch.elapsed().as_millis() as u64;
-        if now_ms < self.degraded_until_ms.load(Ordering::Relaxed) {
+        let until = self.degraded_until_ms.load(Ordering::Acquire);
+        if now_ms < until {
+            return Ran::Skipped;
+        }
+        // Back from a failure: one request (the one that moves the mark
+        // on) finds out whether Redis is back, within the calls' timeout.
+        let probing = until != 0;
+        if probing
+            && self
+                .degraded_until_ms
+                .compare_exchange(
+                    until,
+                    now_ms + PROBE.as_millis() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_err()
+        {
             return Ran::Skipped;
         }
         let Some(mut conn) = self.manager() else {
@@ -200,10 +226,15 @@ impl Store {
                 invocation.arg(arg);
             }
             let call = invocation.invoke_async::<T>(&mut conn);
-            tokio::time::timeout(RESPONSE_TIMEOUT * 2, call).await
+            tokio::time::timeout(PROBE, call).await
         };
         let error = match crate::workers::on_caller(self.background.as_ref(), call).await {
-            Ok(Ok(Ok(value))) => return Ran::Done(value),
+            Ok(Ok(Ok(value))) => {
+                if probing {
+                    self.degraded_until_ms.store(0, Ordering::Release);
+                }
+                return Ran::Done(value);
+            }
             Ok(Ok(Err(e))) => e.to_string(),
             Ok(Err(_)) => "timed out".to_string(),
             Err(e) => e.to_string(),
@@ -314,6 +345,88 @@ mod tests {
             "a check failed and was counted in memory"
         );
         assert_eq!(remaining, [2, 1, 0]);
+    }
+
+    /// A stored arrival time far ahead of Redis's clock (as after the
+    /// clock stepped back an hour) refuses for one interval, not the hour.
+    #[tokio::test]
+    async fn a_clock_stepped_back_refuses_for_an_interval_not_the_step() {
+        let Ok(url) = std::env::var("FLOTILLA_TEST_REDIS_URL") else {
+            eprintln!("skipped: FLOTILLA_TEST_REDIS_URL not set");
+            return;
+        };
+        let prefix = format!("flotilla-test:{}:", uuid::Uuid::new_v4());
+        let store = Store::new(&url, &prefix);
+        let limit = RateLimit::parse("10/s burst 5").unwrap_or_else(|e| panic!("{e}"));
+        let client = redis::Client::open(url.as_str()).unwrap_or_else(|e| panic!("{e}"));
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (secs, micros): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let hour_ahead = (secs + 3600) * 1_000_000 + micros;
+        let _: () = redis::cmd("SET")
+            .arg(format!("{prefix}client"))
+            .arg(hour_ahead.to_string())
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let decision = store.check(&limit, "client").await;
+        assert_eq!(store.degraded_until_ms.load(Ordering::Relaxed), 0);
+        assert!(!decision.allowed);
+        assert!(
+            decision.retry_after <= Duration::from_millis(100),
+            "refused for {:?}",
+            decision.retry_after
+        );
+    }
+
+    /// After a failure's back-off, one call tries Redis again; the others
+    /// of that moment count in memory without waiting on it. The Redis
+    /// here takes connections and commands and never answers.
+    #[tokio::test]
+    async fn one_call_tries_a_failed_redis_again_while_the_others_go_on() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    while let Ok(1..) = socket.read(&mut buf).await {}
+                });
+            }
+        });
+        let store = Arc::new(Store::new(&format!("redis://{addr}"), "flotilla-test:"));
+        // A failure whose back-off has just ended.
+        store.degraded_until_ms.store(1, Ordering::Release);
+        while store.epoch.elapsed() < Duration::from_millis(2) {
+            tokio::task::yield_now().await;
+        }
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            let store = Arc::clone(&store);
+            calls.spawn(async move {
+                let script = Arc::clone(&store.script);
+                matches!(
+                    store.run::<(i64, i64, i64)>(&script, "k", &[1, 1]).await,
+                    Ran::Failed
+                )
+            });
+        }
+        let mut tried = 0;
+        while let Some(failed) = calls.join_next().await {
+            tried += usize::from(failed.unwrap_or_else(|e| panic!("{e}")));
+        }
+        assert_eq!(tried, 1, "calls that waited on Redis");
+        // And a check meanwhile is counted in memory.
+        let limit = RateLimit::parse("10/s burst 20").unwrap_or_else(|e| panic!("{e}"));
+        assert!(store.check(&limit, "k").await.allowed);
     }
 
     #[tokio::test]
