@@ -571,7 +571,7 @@ impl ResponseCache {
     }
 
     /// Drops every variant kept under `key`.
-    fn invalidate(&self, key: &str) {
+    pub(crate) fn invalidate(&self, key: &str) {
         let mut store = self.store(key);
         if let Some(variants) = store.entries.remove(key) {
             let freed = variants.iter().map(|e| e.size).sum::<u64>();
@@ -1028,6 +1028,14 @@ impl RouteCache {
             out.push_str(param);
         }
         (out != path_and_query).then_some(out)
+    }
+
+    /// The key a `GET` of `path_and_query` at `host` (the request's, as
+    /// routed) is kept under: what a successful unsafe request to that
+    /// target through another route drops (RFC 9111 §4.4).
+    pub(crate) fn key_of_target(&self, host: Option<&str>, path_and_query: &str) -> Box<str> {
+        let kept = self.kept_query(path_and_query);
+        self.key(host, kept.as_deref().unwrap_or(path_and_query))
     }
 
     fn key(&self, host: Option<&str>, path: &str) -> Box<str> {

@@ -621,8 +621,29 @@ pub(crate) fn handle<'a>(
         }
         // Kept for a second fetch, which only a cache asks for.
         let told_again = route.policy.cache.as_ref().map(|_| told.clone());
+        // An unsafe request by a route that keeps nothing, to a target
+        // another route keeps (a `POST` route beside a cached `GET` one):
+        // what that route keeps of it goes once this succeeds.
+        let kept_elsewhere = if route.policy.cache.is_none()
+            && routing.cache().is_some()
+            && !matches!(
+                *req.method(),
+                Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+            ) {
+            kept_by_another_route(&routing.table, &req, &uri)
+        } else {
+            None
+        };
         match proxy.forward(req, conn, route, client, told).await {
             Ok((mut reply, answered)) => {
+                if let Some((keeper, key)) = kept_elsewhere
+                    && let Some(cache) = &keeper.policy.cache
+                {
+                    let status = reply.res.status();
+                    if status.is_success() || status.is_redirection() {
+                        cache.store.invalidate(&key);
+                    }
+                }
                 if let Some(mut slot) = tunnel {
                     // An open tunnel is a request in flight until it closes.
                     if reply.res.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -775,6 +796,38 @@ fn revalidate(
             }
         }
     });
+}
+
+/// The route that keeps responses to a `GET` of `req`'s target, and the
+/// key it keeps them under, if one does. `uri` is the target as routed
+/// (its path normalised), before the route's own changes to it.
+#[cold]
+#[inline(never)]
+fn kept_by_another_route(
+    table: &crate::routes::RouteTable,
+    req: &Request<Body>,
+    uri: &Uri,
+) -> Option<(Arc<Route>, Box<str>)> {
+    let host = if table.by_host() {
+        request_host(req)
+    } else {
+        None
+    };
+    let route = match table.find(host, &Method::GET, uri.path(), req.headers()) {
+        Match::Route(route) | Match::Sticky(route, _) => route,
+        _ => return None,
+    };
+    let cache = route.policy.cache.as_ref()?;
+    let host = if cache.by_host {
+        request_host(req)
+    } else {
+        None
+    };
+    let target = uri
+        .path_and_query()
+        .map_or(uri.path(), PathAndQuery::as_str);
+    let key = cache.key_of_target(host, target);
+    Some((route, key))
 }
 
 /// The cache's verdict on `req`, counted by route (once: a request that

@@ -409,6 +409,41 @@ async fn a_successful_unsafe_request_drops_what_is_kept() {
     gateway.shutdown(T).await;
 }
 
+/// The common split: `GET` on a cached public route, `POST` on a route of
+/// its own (signed in, limited) that keeps nothing. A write through the
+/// second drops what the first keeps of the same target.
+#[tokio::test]
+async fn an_unsafe_request_by_another_route_drops_what_is_kept_for_its_target() {
+    let registry = Registry::new();
+    let up = Upstream::start("c-0").await;
+    registry.set("c", vec![up.endpoint()]);
+    let mut reads = route("c", "/r/*", &["GET"], T);
+    reads.cache = MINUTE;
+    let writes = route("c", "/r/*", &["POST"], T);
+    let gateway = start(config(vec![reads, writes]), &registry).await;
+    let client = Client::new(&gateway);
+    client.get("/r/kettle").await;
+    client.get("/r/mug").await;
+    expect_cache_status(&client, "/r/kettle", "hit").await;
+
+    let post = client
+        .request(Method::POST, "/r/kettle", &[], Bytes::from_static(b"{}"))
+        .await;
+    assert_eq!(post.status, StatusCode::OK);
+    expect_cache_status(&client, "/r/kettle", "uri-miss").await;
+    // Another target's stays.
+    expect_cache_status(&client, "/r/mug", "hit").await;
+
+    // A failed one leaves it.
+    up.set_status(503);
+    client
+        .request(Method::POST, "/r/kettle", &[], Bytes::new())
+        .await;
+    up.set_status(0);
+    expect_cache_status(&client, "/r/kettle", "hit").await;
+    gateway.shutdown(T).await;
+}
+
 #[tokio::test]
 async fn the_store_keeps_within_its_bytes_and_lets_the_oldest_go() {
     let registry = Registry::new();
