@@ -182,10 +182,22 @@ async fn the_shop_runs_on_mutual_tls_and_its_acls() {
     assert_eq!(unchanged.status(), 304, "{tag}");
     let said = unchanged.headers()["cache-status"].to_str().unwrap_or("");
     assert!(said.contains("fwd=request; fwd-status=304"), "{said}");
-    // Write one, read it back: the write dropped the kept list.
+    // Only a signed-in user reviews.
+    let review = json!({"author": "e2e", "rating": 4, "text": "Pours well."});
+    let anonymous = http
+        .post(system.url("/api/reviews/sku-kettle"))
+        .json(&review)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    // Write one, read it back: the write, by its own route, dropped the
+    // list the reading route keeps.
+    let token = sign_in(&http, system.gateway_url(), "reviewer@example.com").await;
     let posted = http
         .post(system.url("/api/reviews/sku-kettle"))
-        .json(&json!({"author": "e2e", "rating": 4, "text": "Pours well."}))
+        .bearer_auth(&token)
+        .json(&review)
         .send()
         .await
         .unwrap();
@@ -211,8 +223,34 @@ async fn the_shop_runs_on_mutual_tls_and_its_acls() {
             .any(|r| r["text"] == "Pours well."),
         "{list}"
     );
+    // A second review by the same user replaces the first.
+    let again = http
+        .post(system.url("/api/reviews/sku-kettle"))
+        .bearer_auth(&token)
+        .json(&json!({"author": "e2e", "rating": 5, "text": "Pours very well."}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 201);
+    let list: Value = http
+        .get(system.url("/api/reviews/sku-kettle"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let texts: Vec<&Value> = list["reviews"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| &r["text"])
+        .collect();
+    assert!(texts.contains(&&json!("Pours very well.")), "{list}");
+    assert!(!texts.contains(&&json!("Pours well.")), "{list}");
     let bad = http
         .post(system.url("/api/reviews/sku-kettle"))
+        .bearer_auth(&token)
         .json(&json!({"author": "e2e", "rating": 9, "text": ""}))
         .send()
         .await

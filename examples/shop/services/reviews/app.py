@@ -14,8 +14,11 @@ sqlite3), to show that the runtime contract is enough for any language:
 - answers /healthz, /readyz, /metrics, /openapi.json, logs JSON lines and
   drains on SIGTERM within FLOTILLA_DRAIN_SECONDS.
 
-API: GET /api/reviews/{product_id}, POST /api/reviews/{product_id}
-with {"author": "...", "rating": 1-5, "text": "..."}.
+API: GET /api/reviews/{product_id} (the count, the average and the
+latest 50), POST /api/reviews/{product_id} with {"author": "...",
+"rating": 1-5, "text": "..."}: by a signed-in user only (the gateway's
+`x-flotilla-user-id`), one review per user and product (a second replaces
+the first); `author` is the name shown with it.
 """
 import json
 import os
@@ -37,6 +40,7 @@ DRAIN_SECONDS = float(os.environ.get("FLOTILLA_DRAIN_SECONDS", "10"))
 TLS_VARS = ("FLOTILLA_TLS_CERT", "FLOTILLA_TLS_KEY", "FLOTILLA_TLS_CA")
 HANDSHAKE_TIMEOUT = 10  # seconds a peer has to finish the TLS handshake
 MAX_BODY = 64 * 1024
+SHOWN = 50  # reviews in a product's list; the count and average are of all
 USER_PREFIX = "x-flotilla-user-"
 CLIENT_CERT_HEADER = "x-forwarded-client-cert"
 
@@ -370,6 +374,13 @@ def migrate():
                 "INSERT INTO reviews (product_id, author, rating, text, created_at) VALUES (?, ?, ?, ?, ?)",
                 [(p, a, r, t, "2024-01-01T00:00:00Z") for p, a, r, t in SEED])
             db.execute("PRAGMA user_version = 1")
+        if version < 2:
+            # Who wrote each review (the seeded ones: nobody), one per user
+            # and product: a review is a signed-in user's, and one user
+            # cannot bury a product's reviews under copies of theirs.
+            db.execute("ALTER TABLE reviews ADD COLUMN user_id TEXT")
+            db.execute("CREATE UNIQUE INDEX reviews_by_user ON reviews (product_id, user_id)")
+            db.execute("PRAGMA user_version = 2")
         db.execute("COMMIT")
     except Exception:
         db.execute("ROLLBACK")
@@ -388,12 +399,16 @@ def db():
 
 
 def product_reviews(product_id):
+    """The count and average of all of a product's reviews, and the latest
+    SHOWN of them, oldest first: a page's worth, however many there are."""
+    count, average = db().execute(
+        "SELECT count(*), avg(rating) FROM reviews WHERE product_id = ?", (product_id,)).fetchone()
     rows = db().execute(
-        "SELECT id, author, rating, text, created_at FROM reviews WHERE product_id = ? ORDER BY id",
-        (product_id,)).fetchall()
-    items = [dict(r) for r in rows]
-    average = round(sum(r["rating"] for r in items) / len(items), 2) if items else None
-    return {"product_id": product_id, "count": len(items), "average_rating": average, "reviews": items}
+        "SELECT id, author, rating, text, created_at FROM reviews WHERE product_id = ? ORDER BY id DESC LIMIT ?",
+        (product_id, SHOWN)).fetchall()
+    items = [dict(r) for r in reversed(rows)]
+    average = round(average, 2) if average is not None else None
+    return {"product_id": product_id, "count": count, "average_rating": average, "reviews": items}
 
 
 def reviews_tag(product_id):
@@ -430,7 +445,7 @@ OPENAPI = {
             "parameters": [{"name": "product_id", "in": "path", "required": True,
                             "schema": {"type": "string"}, "example": "sku-espresso"}],
             "get": {"operationId": "listReviews", "summary": "A product's reviews",
-                    "responses": {"200": {"description": "The reviews, oldest first",
+                    "responses": {"200": {"description": "The count and average of all reviews, and the latest 50, oldest first",
                                           "headers": {"ETag": {"description": "Names this list; send it back in If-None-Match",
                                                                "schema": {"type": "string"}}},
                                           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Reviews"}}}},
@@ -439,7 +454,9 @@ OPENAPI = {
                      "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NewReview"}}}},
                      "responses": {"201": {"description": "The review",
                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Review"}}}},
-                                   "400": {"description": "Invalid review"}}},
+                                   "400": {"description": "Invalid review"},
+                                   "401": {"description": "Not signed in"},
+                                   "411": {"description": "A body without a Content-Length"}}},
         }
     },
     "components": {"schemas": {
@@ -570,6 +587,16 @@ class Handler(BaseHTTPRequestHandler):
         return template, self.reply(405, error("method_not_allowed", f"{method} is not allowed here"))
 
     def add_review(self, product_id):
+        if self.headers.get("transfer-encoding"):
+            # http.server reads only by Content-Length: a chunked body left
+            # unread would be taken for the next request on the connection.
+            self.close_connection = True
+            return self.reply(411, error("length_required", "send the review with a Content-Length"))
+        # A review is a signed-in user's (the gateway's word, through
+        # mTLS: anyone else's copy of the header was dropped above).
+        user = self.headers.get(USER_PREFIX + "id")
+        if not user:
+            return self.reply(401, error("unauthenticated", "sign in to review a product"))
         length = int(self.headers.get("content-length") or 0)
         if length > MAX_BODY:
             return self.reply(413, error("payload_too_large", f"the body is larger than {MAX_BODY} bytes"))
@@ -584,10 +611,6 @@ class Handler(BaseHTTPRequestHandler):
             body = {}
             fields.append({"field": "body", "message": "must be a JSON object"})
         author = body.get("author")
-        # The gateway's verified user, when there is one, signs the review.
-        user = self.headers.get(USER_PREFIX + "id")
-        if user:
-            author = user
         rating, text = body.get("rating"), body.get("text")
         if not isinstance(author, str) or not 1 <= len(author.strip()) <= 100:
             fields.append({"field": "author", "message": "must be 1 to 100 characters"})
@@ -598,9 +621,12 @@ class Handler(BaseHTTPRequestHandler):
         if fields:
             return self.reply(400, error("invalid_request", "the review is invalid", fields=fields))
         created = now_rfc3339()
+        # A user's second review of a product replaces the first, under a
+        # new id: the list's tag (its count and last id) changes with it.
         cur = db().execute(
-            "INSERT INTO reviews (product_id, author, rating, text, created_at) VALUES (?, ?, ?, ?, ?)",
-            (product_id, author.strip(), rating, text.strip(), created))
+            "INSERT OR REPLACE INTO reviews (product_id, user_id, author, rating, text, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (product_id, user, author.strip(), rating, text.strip(), created))
         review = {"id": cur.lastrowid, "product_id": product_id, "author": author.strip(),
                   "rating": rating, "text": text.strip(), "created_at": created}
         return self.reply(201, review)
