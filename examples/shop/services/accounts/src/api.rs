@@ -336,16 +336,29 @@ async fn login(
         tracing::info!("login refused: throttled");
         return Ok(too_many_attempts(wait));
     }
-    let (user, stored) = match users::by_email(&state.db, &email).await? {
-        Some((user, hash)) => (Some(user), Some(hash)),
-        None => (None, None),
+    let checked = async {
+        let (user, stored) = match users::by_email(&state.db, &email).await? {
+            Some((user, hash)) => (Some(user), Some(hash)),
+            None => (None, None),
+        };
+        // An unknown user is checked against a dummy hash: same work, same
+        // time.
+        let matched = state
+            .passwords
+            .verify(password.into_bytes(), stored)
+            .await?;
+        Ok::<_, ApiError>(user.filter(|_| matched))
     };
-    // An unknown user is checked against a dummy hash: same work, same time.
-    let matched = state
-        .passwords
-        .verify(password.into_bytes(), stored)
-        .await?;
-    let Some(user) = user.filter(|_| matched) else {
+    let user = match checked.await {
+        Ok(user) => user,
+        Err(e) => {
+            // No verdict (a 503 when hashing is saturated, say): not a
+            // failed guess.
+            throttle::undecided(&state.db, &email).await?;
+            return Err(e);
+        }
+    };
+    let Some(user) = user else {
         metrics::counter!("accounts_logins_total", "outcome" => "invalid_credentials").increment(1);
         tracing::info!("login refused: invalid credentials");
         return Err(invalid_credentials());

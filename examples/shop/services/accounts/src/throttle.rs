@@ -103,6 +103,32 @@ pub async fn attempt(db: &SqlitePool, email: &str, now: i64) -> Result<Attempt, 
     Ok(Attempt::Allowed)
 }
 
+/// The attempt [`attempt`] counted for `email` ended in no verdict (the
+/// database or the password hashing failed, or was too busy): it is not
+/// counted against the address. Else a user retrying through a storm of
+/// 503s would be made to wait without a password ever checked.
+pub async fn undecided(db: &SqlitePool, email: &str) -> Result<(), sqlx::Error> {
+    let mut conn = db.acquire().await?;
+    let mut tx = (*conn).begin_with("BEGIN IMMEDIATE").await?;
+    let row = sqlx::query_as::<_, Row>(
+        "SELECT failures, last_at, blocked_until FROM login_attempts WHERE email = ?1",
+    )
+    .bind(email)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(r) = row {
+        let failures = r.failures.saturating_sub(1).max(0);
+        sqlx::query("UPDATE login_attempts SET failures = ?2, blocked_until = ?3 WHERE email = ?1")
+            .bind(email)
+            .bind(failures)
+            .bind(r.last_at.saturating_add(wait_after(failures)))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
 /// The password for `email` was right: its count starts again.
 pub async fn succeeded(db: &SqlitePool, email: &str) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM login_attempts WHERE email = ?1")
@@ -159,6 +185,10 @@ mod tests {
         // After the wait one more try, then twice the wait.
         assert_eq!(attempt(&db, a, 1030).await.unwrap(), Attempt::Allowed);
         assert_eq!(attempt(&db, a, 1031).await.unwrap(), Attempt::Wait(59));
+        // A try that ended in no verdict (a 503) is given back: the next
+        // is not made to wait twice as long.
+        undecided(&db, a).await.unwrap();
+        assert_eq!(attempt(&db, a, 1061).await.unwrap(), Attempt::Allowed);
         // That try was right: the count is gone.
         succeeded(&db, a).await.unwrap();
         assert_eq!(attempt(&db, a, 1031).await.unwrap(), Attempt::Allowed);
