@@ -473,7 +473,8 @@ fn gateway(
         gw.api_keys = Some(edge::api_keys(ctx, k)?);
     }
     if let Some(a) = &raw.authz {
-        gw.authz = Some(edge::authz(ctx, a, declared)?);
+        let key_header = gw.api_keys.as_ref().map(|k| k.header.as_str());
+        gw.authz = Some(edge::authz(ctx, a, declared, key_header)?);
     }
     if let Some(t) = &raw.tls {
         let tls = edge::tls(ctx, t)?;
@@ -1035,10 +1036,19 @@ fn route(
         Some(r) => edge::rate_limits(ctx, r, has_user)?,
         None => Vec::new(),
     };
-    // The gateway takes a key off the request once it has checked it, before
-    // the limits count: a limit on the key's header would find none and
+    // The gateway takes the API-key header off every request before the
+    // limits count (it checks it on a key route, and keeps it from the
+    // service on any other): a limit on that header would find none and
     // count every request by its address instead.
-    if let (Auth::Key { .. }, Some(header), Some(r)) = (&auth, &ctx.key_header, &raw.rate_limit)
+    let key_route = matches!(auth, Auth::Key { .. });
+    let instead = |key_route: bool| -> String {
+        if key_route {
+            "count `per user`: on such a route it counts each key's consumer".into()
+        } else {
+            "make the route `auth = \"key\"` and count `per user`, or count `per ip`".into()
+        }
+    };
+    if let (Some(header), Some(r)) = (&ctx.key_header, &raw.rate_limit)
         && rate_limits
             .iter()
             .any(|l| matches!(&l.key, RateLimitKey::Header(h) if h == header))
@@ -1046,9 +1056,9 @@ fn route(
         ctx.error(
             r.span(),
             format!(
-                "`per header:{header}` cannot count by the API key on an `auth = \"key\"` route"
+                "`per header:{header}` cannot count by the API-key header: the gateway takes it off every request before the limits count"
             ),
-            Some("count `per user`: on such a route it counts each key's consumer".into()),
+            Some(instead(key_route)),
         );
         return None;
     }
@@ -1057,14 +1067,18 @@ fn route(
         None => None,
     };
     // Likewise for the instance a key's requests are kept on.
-    if let (Auth::Key { .. }, Some(header), Some(Affinity::Header(h)), Some(a)) =
-        (&auth, &ctx.key_header, &affinity, &raw.affinity)
+    if let (Some(header), Some(Affinity::Header(h)), Some(a)) =
+        (&ctx.key_header, &affinity, &raw.affinity)
         && h == header
     {
         ctx.error(
             a.span(),
-            format!("`affinity = \"header:{header}\"` cannot keep an API key on one instance on an `auth = \"key\"` route"),
-            Some("use `affinity = \"user\"`: on such a route it keeps each key's consumer on one instance".into()),
+            format!("`affinity = \"header:{header}\"` cannot keep an API key on one instance: the gateway takes the API-key header off every request first"),
+            Some(if key_route {
+                "use `affinity = \"user\"`: on such a route it keeps each key's consumer on one instance".into()
+            } else {
+                "make the route `auth = \"key\"` and use `affinity = \"user\"`, or use `affinity = \"ip\"`".into()
+            }),
         );
         return None;
     }

@@ -1035,10 +1035,13 @@ pub(super) fn api_keys(ctx: &mut Ctx<'_>, raw: &Spanned<RawApiKeys>) -> Option<A
 /// `[gateway.authz]`: a declared service, a path prefix, a timeout, and
 /// header names: those the check gets (any token) and those of its
 /// answer that go on with the request (none the gateway sets itself).
+/// `key_header`: the API keys' header, if `[gateway.api_keys]` is set,
+/// which the gateway takes off every request before the check.
 pub(super) fn authz(
     ctx: &mut Ctx<'_>,
     raw: &Spanned<RawAuthz>,
     declared: &[String],
+    key_header: Option<&str>,
 ) -> Option<Authz> {
     let before = ctx.errors.len();
     let raw = raw.get_ref();
@@ -1099,6 +1102,10 @@ pub(super) fn authz(
                 Some("it is not a header name")
             } else if !upstream && lower.starts_with("x-flotilla-") {
                 Some("the gateway tells the check the caller itself")
+            } else if key_header.is_some_and(|k| k.eq_ignore_ascii_case(&lower)) {
+                Some(
+                    "the gateway takes the API-key header off every request first, and tells the check the key's consumer",
+                )
             } else {
                 reserved_header(&lower, HeaderDirection::Request)
             };

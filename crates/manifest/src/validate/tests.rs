@@ -1948,7 +1948,13 @@ fn the_documented_gateway_examples_parse() {
     assert_eq!(m.services["catalog"].routes[0].mirror["catalog-v2"], 100);
 
     let cache = documented_examples("#### Caching responses");
-    let m = parses(&format!("name = \"x\"\n{}", cache[0]));
+    // Its writing route takes tokens: an issuer, as the shop has.
+    let with_issuer = cache[0].replacen(
+        "[gateway]\n",
+        "[gateway]\njwt = { issuer = \"i\", audiences = [\"a\"], jwks = \"http://127.0.0.1:1/jwks.json\" }\n",
+        1,
+    );
+    let m = parses(&format!("name = \"x\"\n{with_issuer}"));
     assert_eq!(m.gateway.cache.max_bytes, 128 << 20);
     assert_eq!(
         m.services["reviews"].routes[0]
@@ -2235,7 +2241,18 @@ fn api_keys_are_digests_of_named_consumers_and_key_routes_need_them() {
             keys.clone(),
             "auth = \"key\", rate_limit = [\"5/s per user\", \"1000/d per header:x-api-key\"]"
                 .to_string(),
-            "`per header:x-api-key` cannot count by the API key on an `auth = \"key\"` route",
+            "`per header:x-api-key` cannot count by the API-key header: the gateway takes it off every request",
+        ),
+        // On any route: the key header never reaches the limits.
+        (
+            keys.clone(),
+            "rate_limit = \"5/s per header:x-api-key\"".to_string(),
+            "make the route `auth = \"key\"` and count `per user`, or count `per ip`",
+        ),
+        (
+            keys.clone(),
+            "affinity = \"header:x-api-key\"".to_string(),
+            "use `affinity = \"ip\"`",
         ),
         (
             format!("header = \"X-Partner-Key\"\n{keys}"),
@@ -2251,8 +2268,8 @@ fn api_keys_are_digests_of_named_consumers_and_key_routes_need_them() {
         let e = errors(&with(&keys, &route));
         assert!(e.contains(want), "{keys} / {route}: {e}");
     }
-    // Where the gateway checks no key, the header is the client's to count.
-    parses(&with(&keys, "rate_limit = \"5/s per header:x-api-key\""));
+    // Another header is the client's to count.
+    parses(&with(&keys, "rate_limit = \"5/s per header:x-tenant\""));
     let e = errors(
         "name = \"x\"\n[services.a]\nrun = { cargo = \"a\" }\nroutes = [{ path = \"/a/**\", auth = \"key\" }]\n",
     );
@@ -2418,6 +2435,17 @@ fn authz_names_a_service_and_headers_and_routes_opt_in() {
         let e = errors(&with(authz, route));
         assert!(e.contains(want), "{authz}: {e}");
     }
+    // The API keys' header is taken off every request before the check.
+    let keyed = format!(
+        "name = \"x\"\n[gateway.api_keys]\nconsumers = {{ p = [\"sha256:{}\"] }}\n{}",
+        "ab".repeat(32),
+        &with(
+            "service = \"policy\"\nrequest_headers = [\"X-Api-Key\"]",
+            "authz = true"
+        )["name = \"x\"\n".len()..]
+    );
+    let e = errors(&keyed);
+    assert!(e.contains("`X-Api-Key` cannot be listed here: the gateway takes the API-key header off every request"), "{e}");
     let no_authz = "name = \"x\"\n[services.a]\nrun = { cargo = \"a\" }\nroutes = [{ path = \"/a/**\", authz = true }]\n";
     assert!(
         errors(no_authz).contains("`authz = true` needs `[gateway.authz]`"),
