@@ -561,11 +561,6 @@ async fn start_tls(
     };
     let (_, session) = stream.get_ref();
     let h2 = session.alpn_protocol() == Some(b"h2");
-    stats::tls_accepted(session.protocol_version(), h2);
-    let info = ConnInfo {
-        peer,
-        scheme: "https",
-    };
     let client_cert = session
         .peer_certificates()
         .and_then(|chain| chain.first())
@@ -573,11 +568,18 @@ async fn start_tls(
     if let Some(cert) = &client_cert
         && !cert.in_date(unix_seconds())
     {
-        // A resumed session's: see `ClientCert::in_date`.
+        // A resumed session's (see `ClientCert::in_date`): refused, not
+        // counted as accepted. (A client that renewed its certificate but
+        // kept its sessions then makes a full handshake: the test shows.)
         tracing::debug!(target: "flotilla::gateway", %peer, "client certificate out of date on a resumed session");
         stats::tls_failed("certificate_expired");
         return None;
     }
+    stats::tls_accepted(session.protocol_version(), h2);
+    let info = ConnInfo {
+        peer,
+        scheme: "https",
+    };
     if h2 {
         serve_h2_conn(with, stream, info, client_cert, Watch::new()).await;
         return None;

@@ -498,9 +498,29 @@ async fn a_resumed_session_ends_when_its_client_certificate_expires() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let expired = || {
+        metric_sum(&[
+            "flotilla_gateway_tls_handshake_failures_total",
+            "reason=\"certificate_expired\"",
+        ])
+    };
+    let before = expired();
     assert!(
-        get(addr, config, "/api/x", "").await.is_err(),
+        get(addr, Arc::clone(&config), "/api/x", "").await.is_err(),
         "an expired certificate's session was resumed"
     );
+    assert!(
+        expired() > before,
+        "refused as a resumption of an expired one"
+    );
+    // The client renews its certificate but keeps its sessions (as a
+    // client whose certificates a resolver renews does): the tickets the
+    // refused resumption handed it must not be taken again, or it would
+    // never make the full handshake that shows the new one.
+    let renewed = client_cert(&partners, "brief", &[]);
+    let mut renewed = Arc::unwrap_or_clone(client(&server, Some(&renewed), &[]));
+    renewed.resumption = config.resumption.clone();
+    let answer = ok(get(addr, Arc::new(renewed), "/api/x", "").await, "GET");
+    assert_eq!(status(&answer), 200, "{answer}");
     gw.shutdown(Duration::from_secs(1)).await;
 }
