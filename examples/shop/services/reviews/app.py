@@ -18,7 +18,8 @@ API: GET /api/reviews/{product_id} (the count, the average and the
 latest 50), POST /api/reviews/{product_id} with {"author": "...",
 "rating": 1-5, "text": "..."}: by a signed-in user only (the gateway's
 `x-flotilla-user-id`), one review per user and product (a second replaces
-the first); `author` is the name shown with it.
+the first); `author` is the name shown with it, the writer's choice
+(as a nickname is on any shop's reviews), tied to their account here.
 """
 import json
 import os
@@ -412,8 +413,10 @@ def product_reviews(product_id):
 
 
 def reviews_tag(product_id):
-    """The entity tag of a product's reviews, from the index alone: reviews
-    are only ever added, so their number and the last id name the list.
+    """The entity tag of a product's reviews, from the index alone: a
+    review is added, or replaced by its writer's next under a new id
+    (AUTOINCREMENT never gives an id again), so their number and the last
+    id name the list.
     The gateway's cache asks with it when its copy goes stale, and a 304
     costs one indexed lookup instead of building the page."""
     count, last = db().execute(
