@@ -346,10 +346,16 @@ impl ServiceHealth {
         let now = crate::clock::now();
         let settings = self.settings.get();
         let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
-        // Records of processes no longer ready (scaled down, or replaced)
-        // go: they would only keep every pick taking this lock.
+        // Records of processes no longer ready (scaled down, replaced, or
+        // out of rotation a while) go once they hold nothing that would
+        // still count, their ejections forgiven: they would only keep
+        // every pick taking this lock. One that is merely unready for a
+        // moment keeps its count of ejections.
         instances.retain(|id, s| {
-            id == &e.instance || ready.iter().any(|r| &r.instance == id && r.addr == s.addr)
+            id == &e.instance
+                || ready.iter().any(|r| &r.instance == id && r.addr == s.addr)
+                || s.ejected_until
+                    .is_some_and(|until| now < until + settings.max)
         });
         let state = instances
             .entry(e.instance.clone())
@@ -561,9 +567,26 @@ mod tests {
         assert!(!s.is_ejected(&ready[0]));
         // `c` is scaled away; a failure elsewhere drops its record.
         s.failure(&ready[2], &ready);
+        let c = ready[2].clone();
         let ready = [ready[0].clone(), endpoint("b")];
         s.failure(&ready[1], &ready);
         assert_eq!(s.tracked.load(Ordering::Acquire), 2, "a and b");
+        // An ejected one out of the ready list a moment keeps its record
+        // (and its count of ejections) until that would be forgiven.
+        let ready = [ready[0].clone(), endpoint("b"), c];
+        for _ in 0..5 {
+            s.failure(&ready[2], &ready);
+        }
+        assert!(s.is_ejected(&ready[2]));
+        let without_c = [ready[0].clone(), endpoint("b")];
+        s.failure(&without_c[1], &without_c);
+        assert!(s.is_ejected(&ready[2]), "kept while unready");
+        tokio::time::advance(Duration::from_secs(30 + 300)).await;
+        s.failure(&without_c[1], &without_c);
+        assert!(
+            !s.instances.lock().unwrap().contains_key("c"),
+            "forgiven, then forgotten"
+        );
     }
 
     #[tokio::test(start_paused = true)]
