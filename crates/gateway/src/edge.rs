@@ -636,12 +636,13 @@ pub(crate) fn handle<'a>(
         };
         match proxy.forward(req, conn, route, client, told).await {
             Ok((mut reply, answered)) => {
-                if let Some((keeper, key)) = kept_elsewhere
+                if let Some(kept) = kept_elsewhere
+                    && let (keeper, key) = &*kept
                     && let Some(cache) = &keeper.policy.cache
                 {
                     let status = reply.res.status();
                     if status.is_success() || status.is_redirection() {
-                        cache.store.invalidate(&key);
+                        cache.store.invalidate(key);
                     }
                 }
                 if let Some(mut slot) = tunnel {
@@ -807,7 +808,7 @@ fn kept_by_another_route(
     table: &crate::routes::RouteTable,
     req: &Request<Body>,
     uri: &Uri,
-) -> Option<(Arc<Route>, Box<str>)> {
+) -> Option<Box<(Arc<Route>, Box<str>)>> {
     let host = if table.by_host() {
         request_host(req)
     } else {
@@ -827,7 +828,9 @@ fn kept_by_another_route(
         .path_and_query()
         .map_or(uri.path(), PathAndQuery::as_str);
     let key = cache.key_of_target(host, target);
-    Some((route, key))
+    // Boxed: held across the forward in every request's future, where
+    // most requests have none.
+    Some(Box::new((route, key)))
 }
 
 /// The cache's verdict on `req`, counted by route (once: a request that
