@@ -56,6 +56,14 @@ pub async fn start_editing(
     );
     let path = dir.path().join("flotilla.toml");
     std::fs::write(&path, text).unwrap();
+    // Read once the file system's clock has passed the write by more than
+    // the watcher allows for its lag (50 ms), as a manifest is read by
+    // `flotilla up` well after it was saved: else the watcher would take
+    // the file for one saved after it was read, and reload it once.
+    let written = std::time::SystemTime::now();
+    while written.elapsed().unwrap_or_default() < Duration::from_millis(60) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let read_at = std::time::SystemTime::now();
     let manifest = Manifest::load(&path).unwrap();
     edit(&path);
