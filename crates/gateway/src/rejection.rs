@@ -5,6 +5,8 @@
 //!
 //! Body shape: `{"error":{"code":"not_found","message":"no route for GET /x","request_id":"..."}}`.
 
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::header::{ALLOW, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -233,8 +235,25 @@ impl Rejection {
             return Reply::from(*res);
         }
         let request_id = request_id.map(RequestId::as_str).unwrap_or("");
-        // A 504 for `only-if-cached` is the client's choice, not a failure.
-        if status.is_server_error() && !matches!(self, Rejection::NotCached) {
+        let shed = matches!(
+            self,
+            Rejection::Overloaded | Rejection::RouteOverloaded { .. } | Rejection::TooManyTunnels
+        );
+        if shed {
+            // Said in a summary: a line for each, written to the console
+            // under its lock by the worker that sheds, would add to the
+            // load being shed (the access log and metrics count each).
+            if let Some(refused) = SHED_LOG.shed(std::time::Instant::now()) {
+                tracing::warn!(
+                    target: "flotilla::gateway",
+                    code = self.code(),
+                    refused,
+                    "shedding load: requests refused with 503 since the last such line"
+                );
+            }
+        } else if status.is_server_error() && !matches!(self, Rejection::NotCached) {
+            // A 504 for `only-if-cached` is the client's choice, not a
+            // failure.
             tracing::warn!(
                 target: "flotilla::gateway",
                 request_id,
@@ -337,6 +356,36 @@ impl Rejection {
 /// How a 404's message starts: `Rejection::NotFound`'s `Display`.
 const NO_ROUTE: &str = "no route for ";
 
+/// How often at most load shedding is said in the log.
+const SHED_LOG_EVERY: Duration = Duration::from_secs(10);
+
+static SHED_LOG: ShedLog = ShedLog {
+    refused: AtomicU64::new(0),
+    said_at: Mutex::new(None),
+};
+
+/// Requests shed since the log last said so, and when it did.
+struct ShedLog {
+    refused: AtomicU64,
+    said_at: Mutex<Option<std::time::Instant>>,
+}
+
+impl ShedLog {
+    /// Counts one refusal at `now`; the count to say, when a line is due
+    /// (the first shed, then at most one every [`SHED_LOG_EVERY`]).
+    fn shed(&self, now: std::time::Instant) -> Option<u64> {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        // Only one of the workers shedding at once says it; the others
+        // do not wait for it.
+        let mut said_at = self.said_at.try_lock().ok()?;
+        if said_at.is_some_and(|at| now.saturating_duration_since(at) < SHED_LOG_EVERY) {
+            return None;
+        }
+        *said_at = Some(now);
+        Some(self.refused.swap(0, Ordering::Relaxed))
+    }
+}
+
 /// The JSON body of a refusal: `{"error":{"code":…,"message":…,
 /// "request_id":…}}`, byte for byte what `serde_json` writes for it.
 /// Written here rather than through `serde_json`: built as a `Value`, it
@@ -398,6 +447,22 @@ fn chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn load_shedding_is_said_once_in_a_while_with_its_count() {
+        let log = ShedLog {
+            refused: AtomicU64::new(0),
+            said_at: Mutex::new(None),
+        };
+        let start = std::time::Instant::now();
+        assert_eq!(log.shed(start), Some(1), "the first is said at once");
+        let said: Vec<u64> = (1..=1000)
+            .filter_map(|ms| log.shed(start + Duration::from_millis(ms * 19)))
+            .collect();
+        // 19 s of sheds: one line at 10 s, with all since the first.
+        assert_eq!(said, [527]);
+        assert_eq!(log.shed(start + Duration::from_secs(21)), Some(474));
+    }
 
     /// A 404's message, put together by hand, is `Display`'s.
     #[test]
