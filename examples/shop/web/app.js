@@ -414,7 +414,66 @@
         const n = Number.parseInt(qty.value, 10);
         addToBasket(p, Number.isFinite(n) && n > 0 ? n : 1);
       });
+      setUpReviews(card, p);
       list.append(card);
+    }
+  }
+
+  // ---- Reviews ------------------------------------------------------------
+
+  /**
+   * A product's reviews, loaded when its card's "Reviews" is opened (the
+   * gateway keeps them a while); a signed-in user may post one, and reads
+   * it back at once (posting drops the gateway's kept list).
+   */
+  function setUpReviews(card, product) {
+    const box = card.querySelector('.reviews');
+    const form = box.querySelector('.review-form');
+    const error = box.querySelector('.review-error');
+    box.addEventListener('toggle', () => {
+      if (!box.open) return;
+      form.hidden = !auth.signedIn;
+      box.querySelector('.review-hint').hidden = auth.signedIn;
+      loadReviews(box, product.id);
+    });
+    form.addEventListener('submit', async (event) => {
+      event.preventDefault();
+      showError(error, null);
+      const submit = form.querySelector('.review-submit');
+      submit.disabled = true;
+      try {
+        const review = {
+          author: form.querySelector('.review-author').value,
+          rating: Number.parseInt(form.querySelector('.review-rating').value, 10),
+          text: form.querySelector('.review-text').value,
+        };
+        await api('POST', `api/reviews/${encodeURIComponent(product.id)}`, review, { auth: true });
+        form.querySelector('.review-text').value = '';
+        await loadReviews(box, product.id);
+      } catch (err) {
+        showError(error, err);
+      } finally {
+        submit.disabled = false;
+      }
+    });
+  }
+
+  async function loadReviews(box, id) {
+    const summary = box.querySelector('.reviews-summary');
+    const list = box.querySelector('.review-list');
+    summary.textContent = 'Loading…';
+    try {
+      const page = await api('GET', `api/reviews/${encodeURIComponent(id)}`);
+      const plural = page.count === 1 ? '' : 's';
+      summary.textContent = page.count === 0
+        ? 'No reviews yet.'
+        : `${page.average_rating} of 5 from ${page.count} review${plural}`;
+      // Newest first; all text, never markup.
+      list.replaceChildren(...page.reviews.slice().reverse().map((r) => el('li', {},
+        el('span', { className: 'stars' }, '★'.repeat(r.rating)), ` ${r.author}: `, r.text)));
+    } catch (err) {
+      summary.textContent = '';
+      showError(box.querySelector('.review-error'), err);
     }
   }
 

@@ -612,6 +612,41 @@ async fn a_customer_signs_up_and_orders_in_a_real_browser() {
     let mine = mine.as_str().unwrap_or_default();
     assert!(mine.contains(&short_id), "{short_id} not in:\n{mine}");
 
+    // Review the product: signed in, the form is there; the review posted
+    // (by the cookie's token) is read back at once through the gateway's
+    // cached list.
+    browser.click("#products .reviews summary").await;
+    browser
+        .wait_for(
+            "the review form",
+            "const c = document.querySelector('#products .card');
+             const said = c.querySelector('.reviews-summary').textContent;
+             return !c.querySelector('.review-form').hidden && said !== '' && said !== 'Loading…'",
+        )
+        .await;
+    browser
+        .type_into("#products .review-author", "Browser Customer")
+        .await;
+    browser
+        .type_into("#products .review-text", "Arrived quickly, as ordered.")
+        .await;
+    browser.click("#products .review-submit").await;
+    let reviews = browser
+        .wait_for(
+            "the posted review in the list",
+            "const c = document.querySelector('#products .card');
+             const err = c.querySelector('.review-error');
+             if (!err.hidden) return 'error: ' + err.textContent;
+             const t = c.querySelector('.review-list').innerText;
+             return t.includes('Arrived quickly') && t",
+        )
+        .await;
+    let reviews = reviews.as_str().unwrap_or_default();
+    assert!(
+        reviews.contains("Browser Customer: Arrived quickly, as ordered."),
+        "{reviews}"
+    );
+
     // The tokens are in HttpOnly cookies, out of any script's reach: the
     // page sees only when its session expires.
     let visible = browser
