@@ -860,7 +860,7 @@ impl Drop for Entry {
         self.stats.in_flight().decrement(1.0);
         // A sticky split's service, when one took it, else its route.
         let matched = self.served.split.as_ref().or(self.served.route.as_ref());
-        let route = matched.map(|r| r.pattern.as_str());
+        let route = matched.map(|r| r.label());
         let service = matched.map(|r| r.service.as_str());
         match matched {
             Some(r) => r.stats.finished(self.status, took),

@@ -252,7 +252,7 @@ fn failed(
 ) -> Result<(), Rejection> {
     let authz = &*check.authz;
     // The route's pattern: the check is sent by a route of the same one.
-    let label = check.route.pattern.as_str();
+    let label = check.route.label();
     if authz.failure_open {
         check
             .stats
@@ -357,6 +357,7 @@ mod tests {
             route: Route::for_check(
                 &policy.service,
                 &flotilla_manifest::PathPattern::parse("/a").unwrap(),
+                "/a",
                 policy.timeout,
             ),
             authz: std::sync::Arc::new(policy),

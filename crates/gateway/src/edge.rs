@@ -703,7 +703,7 @@ fn failed(
     if let Some(mut miss) = miss
         && let Some(mut reply) = miss.stand_in(rejection.status(), clock::now())
     {
-        tracing::warn!(target: "flotilla::gateway", route = route.pattern.as_str(), error = %rejection, "the fetch failed; a kept response past its freshness stands in (stale-if-error)");
+        tracing::warn!(target: "flotilla::gateway", route = route.label(), error = %rejection, "the fetch failed; a kept response past its freshness stands in (stale-if-error)");
         finish.done(&mut reply);
         return reply;
     }
@@ -793,7 +793,7 @@ fn revalidate(
                 let _ = tokio::time::timeout(route.timeout, body).await;
             }
             Err(rejection) => {
-                tracing::debug!(target: "flotilla::gateway", route = route.pattern.as_str(), error = %rejection, "a background fetch of a stale response failed");
+                tracing::debug!(target: "flotilla::gateway", route = route.label(), error = %rejection, "a background fetch of a stale response failed");
             }
         }
     });
@@ -924,7 +924,7 @@ async fn police<'a>(
     finish: &mut Finish<'a>,
     user: Option<&mut Option<HeaderValue>>,
 ) -> Result<Option<Arc<Identity>>, Rejection> {
-    let label = route.pattern.as_str();
+    let label = route.label();
     let policy = &route.policy;
     if let Some(rules) = &policy.ip
         && !rules.admits(client.ip)

@@ -79,7 +79,7 @@ pub(crate) async fn send(
     client: ClientAddr,
     told: &Told,
 ) -> Result<(), Rejection> {
-    let label = route.pattern.as_str();
+    let label = route.label();
     let chosen: Vec<&Arc<Route>> = route
         .mirrors
         .iter()
@@ -152,7 +152,7 @@ pub(crate) async fn send(
         let proxy = proxy.detached();
         let mirror = Arc::clone(mirror);
         tokio::spawn(async move {
-            let label = mirror.pattern.as_str();
+            let label = mirror.label();
             let result = match proxy.forward(copy, conn, &mirror, client, told).await {
                 Ok((reply, _answered)) => {
                     // No longer than the route may take.

@@ -58,6 +58,8 @@ pub(crate) struct Route {
     /// the routes of one `split`; empty on a mirror's own route.
     pub mirrors: Arc<[(u32, Arc<Route>)]>,
     pub stats: RouteStats,
+    /// What metrics and the access log call it ([`route_label`]).
+    label: Box<str>,
     /// The service's health, for the proxy.
     pub health: HealthMemo,
 }
@@ -102,10 +104,30 @@ pub(crate) struct Outgoing {
     pub compression: Option<Arc<Compression>>,
 }
 
+/// What a route is called in metrics and the access log: its pattern,
+/// after its hosts when it names any (`shop.example,*.shop.example/api/**`),
+/// so that routes of one pattern on different hosts are told apart. A
+/// bounded set, as patterns are: never what a client sent.
+pub(crate) fn route_label(pattern: &PathPattern, hosts: &[HostPattern]) -> String {
+    let hosts: Vec<String> = hosts.iter().map(ToString::to_string).collect();
+    format!("{}{}", hosts.join(","), pattern.as_str())
+}
+
 impl Route {
+    /// What metrics and the access log call it ([`route_label`]).
+    pub(crate) fn label(&self) -> &str {
+        &self.label
+    }
+
     /// The route the checks of `[gateway.authz]` (to `service`, under
-    /// `timeout`) are sent by for requests of a route of `pattern`.
-    pub(crate) fn for_check(service: &str, pattern: &PathPattern, timeout: Duration) -> Arc<Route> {
+    /// `timeout`) are sent by for requests of a route of `pattern`, called
+    /// `label`.
+    pub(crate) fn for_check(
+        service: &str,
+        pattern: &PathPattern,
+        label: &str,
+        timeout: Duration,
+    ) -> Arc<Route> {
         Arc::new(Route {
             service: service.to_string(),
             pattern: pattern.clone(),
@@ -118,7 +140,8 @@ impl Route {
             retries: None,
             policy: Arc::new(RoutePolicy::default()),
             mirrors: Arc::new([]),
-            stats: RouteStats::new(pattern.as_str(), service),
+            stats: RouteStats::new(label, service),
+            label: label.into(),
             health: HealthMemo::default(),
         })
     }
@@ -227,6 +250,7 @@ impl RouteTable {
                         service: &str,
                         policy: Arc<RoutePolicy>,
                         mirrors: Arc<[(u32, Arc<Route>)]>| {
+            let label = route_label(&c.pattern, &c.hosts);
             Arc::new(Route {
                 service: service.to_string(),
                 pattern: c.pattern.clone(),
@@ -242,7 +266,8 @@ impl RouteTable {
                 retries: c.retries,
                 policy,
                 mirrors,
-                stats: RouteStats::new(c.pattern.as_str(), service),
+                stats: RouteStats::new(&label, service),
+                label: label.into_boxed_str(),
                 health: HealthMemo::default(),
             })
         };
@@ -625,6 +650,28 @@ mod tests {
             Match::Route(r) => Some(r.service.clone()),
             _ => None,
         }
+    }
+
+    #[test]
+    fn a_route_on_hosts_is_labelled_with_them() {
+        let table = RouteTable::new(&[
+            route("any", "/**", &[]),
+            on_hosts(route("wild", "/**", &[]), &["*.example.com"]),
+            on_hosts(
+                route("admin", "/**", &[]),
+                &["admin.example.com", "ops.example.com"],
+            ),
+        ]);
+        let mut labels: Vec<&str> = table.routes().iter().map(|r| r.label()).collect();
+        labels.sort_unstable();
+        assert_eq!(
+            labels,
+            [
+                "*.example.com/**",
+                "/**",
+                "admin.example.com,ops.example.com/**"
+            ]
+        );
     }
 
     #[test]

@@ -225,6 +225,7 @@ impl Routing {
                 &route.hosts,
                 &route.match_headers,
             );
+            let label = crate::routes::route_label(&route.pattern, &route.hosts);
             RoutePolicy {
                 auth: route.auth.clone(),
                 issuers: issuers(&config.jwt, &route.issuers),
@@ -269,7 +270,7 @@ impl Routing {
                             .as_ref()
                             .map(|names| names.iter().map(|n| n.as_str().into()).collect()),
                         compression: compression.clone(),
-                        stats: crate::stats::CacheStats::new(route.pattern.as_str()),
+                        stats: crate::stats::CacheStats::new(&label),
                         id: id.clone().into_boxed_str(),
                     }),
                     _ => None,
@@ -277,16 +278,12 @@ impl Routing {
                 affinity: route.affinity.clone(),
                 authz: authz.as_ref().filter(|_| route.authz).map(|a| Check {
                     authz: Arc::clone(a),
-                    route: Route::for_check(a.service(), &route.pattern, a.timeout()),
-                    stats: crate::stats::AuthzStats::new(route.pattern.as_str()),
+                    route: Route::for_check(a.service(), &route.pattern, &label, a.timeout()),
+                    stats: crate::stats::AuthzStats::new(&label),
                 }),
-                bulkhead: route.max_in_flight.map(|limit| {
-                    Bulkhead::new(
-                        limit,
-                        route.pattern.as_str(),
-                        old_bulkheads.get(&id).copied(),
-                    )
-                }),
+                bulkhead: route
+                    .max_in_flight
+                    .map(|limit| Bulkhead::new(limit, &label, old_bulkheads.get(&id).copied())),
             }
         });
         let keys = match &config.api_keys {

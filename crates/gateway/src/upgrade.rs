@@ -223,7 +223,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let open = match tunnel.slot.as_ref().map(|s| &s.route) {
-        Some(route) => stats::tunnel_opened(route.pattern.as_str(), &route.service),
+        Some(route) => stats::tunnel_opened(route.label(), &route.service),
         None => stats::tunnel_opened(stats::UNMATCHED, ""),
     };
     let start = crate::clock::now();
