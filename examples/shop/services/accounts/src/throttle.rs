@@ -66,17 +66,22 @@ struct Row {
     blocked_until: i64,
 }
 
+/// `email`'s count, read in the transaction that will write it.
+async fn counted(tx: &mut sqlx::SqliteConnection, email: &str) -> Result<Option<Row>, sqlx::Error> {
+    sqlx::query_as::<_, Row>(
+        "SELECT failures, last_at, blocked_until FROM login_attempts WHERE email = ?1",
+    )
+    .bind(email)
+    .fetch_optional(tx)
+    .await
+}
+
 /// Asks to check a password for `email` (normalised) at `now`, counting the
 /// attempt as a failure if it may go ahead.
 pub async fn attempt(db: &SqlitePool, email: &str, now: i64) -> Result<Attempt, sqlx::Error> {
     let mut conn = db.acquire().await?;
     let mut tx = (*conn).begin_with("BEGIN IMMEDIATE").await?;
-    let row = sqlx::query_as::<_, Row>(
-        "SELECT failures, last_at, blocked_until FROM login_attempts WHERE email = ?1",
-    )
-    .bind(email)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let row = counted(&mut tx, email).await?;
     let reset = RESET_AFTER.as_secs() as i64;
     let failures = match row {
         Some(r) if r.blocked_until > now => return Ok(Attempt::Wait(r.blocked_until - now)),
@@ -110,13 +115,7 @@ pub async fn attempt(db: &SqlitePool, email: &str, now: i64) -> Result<Attempt, 
 pub async fn undecided(db: &SqlitePool, email: &str) -> Result<(), sqlx::Error> {
     let mut conn = db.acquire().await?;
     let mut tx = (*conn).begin_with("BEGIN IMMEDIATE").await?;
-    let row = sqlx::query_as::<_, Row>(
-        "SELECT failures, last_at, blocked_until FROM login_attempts WHERE email = ?1",
-    )
-    .bind(email)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some(r) = row {
+    if let Some(r) = counted(&mut tx, email).await? {
         let failures = r.failures.saturating_sub(1).max(0);
         sqlx::query("UPDATE login_attempts SET failures = ?2, blocked_until = ?3 WHERE email = ?1")
             .bind(email)
