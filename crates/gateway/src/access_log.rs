@@ -506,12 +506,7 @@ fn clip(s: &str, max: usize) -> (&str, bool) {
     }
     let mut written = 0;
     for (at, b) in s.bytes().enumerate() {
-        // As `serde_json` escapes (`json::string`).
-        written += match b {
-            b'"' | b'\\' | 0x08 | b'\t' | b'\n' | 0x0c | b'\r' => 2,
-            ..0x20 => 6,
-            _ => 1,
-        };
+        written += json::escaped_len(b);
         if written > max {
             // A boundary is at most 3 bytes back.
             let end = (0..=at).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);

@@ -23,6 +23,16 @@ pub(crate) fn string(out: &mut Vec<u8>, s: &str) {
     }
 }
 
+/// How many bytes [`string`] writes for the byte `b` of a string: what
+/// `serde_json` makes of it (`\"`, `\n`, `\u001f`, or itself).
+pub(crate) fn escaped_len(b: u8) -> usize {
+    match b {
+        b'"' | b'\\' | 0x08 | b'\t' | b'\n' | 0x0c | b'\r' => 2,
+        ..0x20 => 6,
+        _ => 1,
+    }
+}
+
 /// `s` as a JSON string, or `null`.
 pub(crate) fn string_or_null(out: &mut Vec<u8>, s: Option<&str>) {
     match s {
@@ -54,5 +64,18 @@ mod tests {
         let mut out = Vec::new();
         string_or_null(&mut out, None);
         assert_eq!(out, b"null");
+    }
+
+    /// `escaped_len` counts what `serde_json` writes, byte by byte.
+    #[test]
+    fn each_byte_s_width_is_serde_json_s() {
+        for b in 0u8..0x80 {
+            let s = char::from(b).to_string();
+            let written = serde_json::to_vec(&s).unwrap_or_default().len() - 2;
+            assert_eq!(escaped_len(b), written, "{b:#04x}");
+        }
+        for s in ["é", "☃", "𝄞"] {
+            assert!(s.bytes().all(|b| escaped_len(b) == 1));
+        }
     }
 }
