@@ -104,13 +104,28 @@ pub(crate) struct Outgoing {
     pub compression: Option<Arc<Compression>>,
 }
 
-/// What a route is called in metrics and the access log: its pattern,
-/// after its hosts when it names any (`shop.example,*.shop.example/api/**`),
-/// so that routes of one pattern on different hosts are told apart. A
-/// bounded set, as patterns are: never what a client sent.
-pub(crate) fn route_label(pattern: &PathPattern, hosts: &[HostPattern]) -> String {
-    let hosts: Vec<String> = hosts.iter().map(ToString::to_string).collect();
-    format!("{}{}", hosts.join(","), pattern.as_str())
+/// What route `c` of `all` is called in metrics and the access log: its
+/// pattern, after its hosts when it names any
+/// (`shop.example,*.shop.example/api/**`), so that routes of one pattern on
+/// different hosts are told apart; and after its methods when another
+/// route has the same hosts and pattern (`POST /api/reviews/*`), as the
+/// usual split of a cached public `GET` route and a `jwt` `POST` route
+/// would otherwise share every series, latency included. A bounded set, as
+/// routes are: never what a client sent.
+pub(crate) fn route_label(c: &RouteConfig, all: &[RouteConfig]) -> String {
+    let hosts: Vec<String> = c.hosts.iter().map(ToString::to_string).collect();
+    let place = format!("{}{}", hosts.join(","), c.pattern.as_str());
+    let shared = all
+        .iter()
+        .filter(|o| o.pattern == c.pattern && o.hosts == c.hosts)
+        .nth(1)
+        .is_some();
+    if shared && !c.methods.is_empty() {
+        let methods: Vec<String> = c.methods.iter().map(|m| m.to_ascii_uppercase()).collect();
+        format!("{} {place}", methods.join(","))
+    } else {
+        place
+    }
 }
 
 impl Route {
@@ -250,7 +265,7 @@ impl RouteTable {
                         service: &str,
                         policy: Arc<RoutePolicy>,
                         mirrors: Arc<[(u32, Arc<Route>)]>| {
-            let label = route_label(&c.pattern, &c.hosts);
+            let label = route_label(c, configs);
             Arc::new(Route {
                 service: service.to_string(),
                 pattern: c.pattern.clone(),
@@ -670,6 +685,32 @@ mod tests {
                 "*.example.com/**",
                 "/**",
                 "admin.example.com,ops.example.com/**"
+            ]
+        );
+    }
+
+    #[test]
+    fn routes_of_one_place_are_labelled_with_their_methods() {
+        let table = RouteTable::new(&[
+            route("reviews", "/api/reviews/*", &["GET"]),
+            route("reviews", "/api/reviews/*", &["post"]),
+            // Alone on its pattern: its label stays the pattern.
+            route("catalog", "/api/catalog/**", &["GET", "HEAD"]),
+            // Another host is another place.
+            on_hosts(
+                route("admin", "/api/reviews/*", &["DELETE"]),
+                &["admin.example"],
+            ),
+        ]);
+        let mut labels: Vec<&str> = table.routes().iter().map(|r| r.label()).collect();
+        labels.sort_unstable();
+        assert_eq!(
+            labels,
+            [
+                "/api/catalog/**",
+                "GET /api/reviews/*",
+                "POST /api/reviews/*",
+                "admin.example/api/reviews/*"
             ]
         );
     }

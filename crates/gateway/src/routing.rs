@@ -225,7 +225,7 @@ impl Routing {
                 &route.hosts,
                 &route.match_headers,
             );
-            let label = crate::routes::route_label(&route.pattern, &route.hosts);
+            let label = crate::routes::route_label(route, &config.routes);
             RoutePolicy {
                 auth: route.auth.clone(),
                 issuers: issuers(&config.jwt, &route.issuers),
