@@ -29,7 +29,7 @@ use rand::Rng;
 use crate::body::{self, Body, BoxError};
 use crate::edge::ClientAddr;
 use crate::headers::Told;
-use crate::proxy::Proxy;
+use crate::proxy::{Deadline, Proxy};
 use crate::rejection::Rejection;
 use crate::routes::Route;
 use crate::server::ConnInfo;
@@ -124,8 +124,11 @@ pub(crate) async fn send(
         let body = std::mem::replace(req.body_mut(), body::empty());
         // Bounded as the proxy bounds a body it buffers: a client that
         // never sends the length it announced would otherwise hold its
-        // route's and the gateway's places for ever.
-        match tokio::time::timeout(route.timeout, body.collect()).await {
+        // route's and the gateway's places for ever. The forward then has
+        // what is left of the same timeout.
+        let deadline = crate::clock::now() + route.timeout;
+        req.extensions_mut().insert(Deadline(deadline));
+        match tokio::time::timeout_at(deadline, body.collect()).await {
             Ok(Ok(collected)) => {
                 let bytes = collected.to_bytes();
                 *req.body_mut() = body::full(bytes.clone());

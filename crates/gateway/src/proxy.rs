@@ -85,6 +85,13 @@ fn retry_fits(now: Instant, retry: u32, deadline: Instant) -> bool {
 
 static IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
 
+/// When a request's route timeout ends, put in its extensions by what
+/// spent part of it before [`Proxy::forward`] (a mirror reading the body
+/// to copy it), so that the body's wait and the instance's share the one
+/// `timeout`, as without the mirror, instead of taking it twice.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Deadline(pub tokio::time::Instant);
+
 pub(crate) struct Proxy {
     upstreams: Arc<dyn Upstreams>,
     client: Outbound,
@@ -156,6 +163,10 @@ impl Proxy {
     /// found (for `X-Forwarded-For`); `told` what the instance is told
     /// besides the request's fields (its id, the verified caller).
     ///
+    /// The route's timeout runs from now, or from the [`Deadline`] in the
+    /// request's extensions when something before the proxy already spent
+    /// part of it.
+    ///
     /// The request is taken apart before the future is made, which then
     /// holds it once, as it is sent (an `async fn` would hold it also as it
     /// came, and copy it into itself).
@@ -167,7 +178,8 @@ impl Proxy {
         client: ClientAddr,
         told: Told,
     ) -> impl Future<Output = Result<(Reply, Upstream), Rejection>> + Send + 'a {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        let deadline = parts.extensions.remove::<Deadline>();
         // The `X-Forwarded-*` fields are written with the head.
         let req = UpstreamRequest::new(
             parts,
@@ -180,7 +192,10 @@ impl Proxy {
             },
         );
         async move {
-            let deadline = crate::clock::now() + route.timeout;
+            let deadline = match deadline {
+                Some(Deadline(at)) => at,
+                None => crate::clock::now() + route.timeout,
+            };
             let timed_out = || Rejection::UpstreamTimeout {
                 service: route.service.clone(),
                 timeout: route.timeout,

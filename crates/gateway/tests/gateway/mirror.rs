@@ -73,6 +73,44 @@ async fn a_mirrored_request_whose_body_never_comes_gets_408_and_frees_its_place(
     gateway.shutdown(Duration::ZERO).await;
 }
 
+/// The route's timeout runs from when the request is forwarded, its body
+/// included: the wait for a body the mirror reads to copy it is part of
+/// it, not taken before it. Body 400 ms late, the instance answering at
+/// 800 ms, a 600 ms route: 504, as without a mirror (it was 200, the
+/// forward's own 600 ms starting after the body).
+#[tokio::test]
+async fn the_wait_for_a_copied_body_is_part_of_the_route_s_timeout() {
+    let _places = MIRROR_PLACES.read().await;
+    let registry = Registry::new();
+    let live = Upstream::start("latebody-0").await;
+    let shadow = Upstream::start("latebody-shadow-0").await;
+    registry.set("latebody", vec![live.endpoint()]);
+    registry.set("latebody-shadow", vec![shadow.endpoint()]);
+    let mut mirrored = route("latebody", "/**", &[], Duration::from_millis(600));
+    mirrored.mirror = vec![("latebody-shadow".to_string(), 100)];
+    let gateway = start(config(vec![mirrored]), &registry).await;
+
+    let sent = tokio::time::Instant::now();
+    let mut stream = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
+    let head = "POST /hold HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 10\r\n\r\n";
+    ok(stream.write_all(head.as_bytes()).await, "write the head");
+    // The client's pace, not a wait for a condition.
+    tokio::time::sleep_until(sent + Duration::from_millis(400)).await;
+    ok(stream.write_all(b"0123456789").await, "write the body");
+    wait_until("the request at the instance", || live.held() == 1).await;
+    tokio::time::sleep_until(sent + Duration::from_millis(800)).await;
+    live.release();
+    let mut answer = Vec::new();
+    ok(
+        within("the answer", stream.read_to_end(&mut answer)).await,
+        "read",
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 504 "), "{answer}");
+    assert!(answer.contains("\"upstream_timeout\""), "{answer}");
+    gateway.shutdown(Duration::ZERO).await;
+}
+
 /// With every copy's place taken, a request's copy is dropped: its body
 /// must then not be read ahead for it, and the request goes on at once,
 /// as on a route without a mirror (its body streamed to the instance as it
