@@ -347,6 +347,9 @@ pub struct Service {
     pub env: BTreeMap<String, String>,
     /// How long an instance may take to answer `/readyz` with 200.
     pub ready_timeout: Duration,
+    /// How long a started instance may fail both `/readyz` and `/healthz`
+    /// (no answer, or a 5xx) before it is restarted as hung.
+    pub liveness_timeout: Duration,
     /// How long an instance may take to stop after SIGTERM before SIGKILL.
     pub drain: Duration,
     /// Topics this service may publish to (`publishes = ["orders"]`).

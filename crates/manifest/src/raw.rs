@@ -248,6 +248,7 @@ pub(crate) struct RawService {
     pub acl: Option<Vec<Spanned<RawAclRule>>>,
     pub env: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
     pub ready_timeout: Option<Spanned<String>>,
+    pub liveness_timeout: Option<Spanned<String>>,
     pub drain: Option<Spanned<String>>,
     pub publishes: Option<Vec<Spanned<String>>>,
     pub consumes: Option<Vec<Spanned<String>>>,

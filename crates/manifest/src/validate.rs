@@ -22,6 +22,9 @@ use crate::{
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Kubernetes' default liveness probe gives up after three failures ten
+/// seconds apart: about as long.
+const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_DRAIN: Duration = Duration::from_secs(10);
 const DEFAULT_LEAF_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 /// Shorter leaves would expire before instances (which poll their files
@@ -635,6 +638,11 @@ fn service(
         .as_ref()
         .and_then(|t| ctx.duration(t, "ready_timeout"))
         .unwrap_or(DEFAULT_READY_TIMEOUT);
+    let liveness_timeout = raw
+        .liveness_timeout
+        .as_ref()
+        .and_then(|t| ctx.duration(t, "liveness_timeout"))
+        .unwrap_or(DEFAULT_LIVENESS_TIMEOUT);
     let drain = raw
         .drain
         .as_ref()
@@ -658,6 +666,7 @@ fn service(
         acl,
         env,
         ready_timeout,
+        liveness_timeout,
         drain,
         publishes,
         consumes,

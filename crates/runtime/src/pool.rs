@@ -116,12 +116,16 @@ struct Slot {
     /// never answered `/readyz`): a request does not wait for it to start
     /// again (see `Pool::worth_waiting`).
     start_failed: bool,
+    /// Its runs that failed in a row: starts that never became ready and
+    /// runs that ended before [`STABLE_AFTER`]. Back to 0 once a run has
+    /// lasted that long, not as soon as it is ready: a program that
+    /// crashes a second after each start is a crash loop too.
+    failures: u32,
 }
 
 #[derive(Default)]
 struct PoolState {
     slots: BTreeMap<u32, Slot>,
-    consecutive_failures: u32,
     restarts: u64,
     last_error: Option<String>,
     /// Bumped for every recorded error, so waiters can tell a new one.
@@ -228,6 +232,7 @@ impl Pool {
                     stop,
                     endpoint: None,
                     start_failed: false,
+                    failures: 0,
                 },
             );
             tokio::spawn(Arc::clone(self).supervise(index, id, stop_rx));
@@ -353,12 +358,11 @@ impl Pool {
                     self.record_error(message);
                     let mut state = lock(&self.state);
                     state.restarts += 1;
-                    state.consecutive_failures = if stable {
-                        1
-                    } else {
-                        state.consecutive_failures + 1
+                    let Some(slot) = state.slots.get_mut(&index) else {
+                        break;
                     };
-                    let n = state.consecutive_failures;
+                    slot.failures = if stable { 1 } else { slot.failures + 1 };
+                    let n = slot.failures;
                     if n == CRASH_LOOP_AFTER {
                         drop(state);
                         self.env.console.warn(&format!(
@@ -504,10 +508,6 @@ impl Pool {
             slot.endpoint = Some(endpoint.clone());
             slot.start_failed = false;
         });
-        {
-            let mut state = lock(&self.state);
-            state.consecutive_failures = 0;
-        }
         self.env.console.event(&format!(
             "{id} ready on {addr} (pid {pid}) in {} ms",
             started.elapsed().as_millis()
@@ -515,6 +515,15 @@ impl Pool {
 
         // Watch the running instance until it exits or is told to stop.
         let mut failed_probes = 0u32;
+        // Since when it has failed both probes: a hung process (a deadlock,
+        // a busy loop) neither crashes nor recovers, and is restarted
+        // after `liveness_timeout`, as Kubernetes' liveness probe does. A
+        // ready instance is alive: `/healthz` is asked only while
+        // `/readyz` fails, so a healthy system pays nothing for it.
+        let mut dead_since: Option<Instant> = None;
+        // Whether this run has lasted `STABLE_AFTER`, its slot's failures
+        // forgotten.
+        let mut stable = false;
         loop {
             tokio::select! {
                 status = proc.wait() => {
@@ -539,6 +548,10 @@ impl Pool {
                     return Outcome::Stopped;
                 }
                 _ = tokio::time::sleep(PROBE_EVERY) => {
+                    if !stable && started.elapsed() >= STABLE_AFTER {
+                        stable = true;
+                        self.update(index, |slot| slot.failures = 0);
+                    }
                     let ok = probe(addr, &self.env.prober).await == Ok(200);
                     if ok && failed_probes >= PROBE_FAILURES {
                         self.env.console.event(&format!("{id} ready again"));
@@ -549,6 +562,32 @@ impl Pool {
                         });
                     }
                     failed_probes = if ok { 0 } else { failed_probes + 1 };
+                    let dead = if ok {
+                        None
+                    } else {
+                        alive(addr, &self.env.prober).await.err()
+                    };
+                    match dead {
+                        None => dead_since = None,
+                        Some(why) => {
+                            let since = *dead_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= self.spec.liveness_timeout {
+                                self.update(index, |slot| {
+                                    slot.status.state = InstanceState::Stopping;
+                                    slot.endpoint = None;
+                                });
+                                let _ = proc.stop(self.spec.drain).await;
+                                return Outcome::Failed {
+                                    message: format!(
+                                        "{id}: hung: GET /readyz and GET /healthz failing for {:?} (last /healthz: {why}); restarting. Raise `liveness_timeout` if it may be busy that long",
+                                        self.spec.liveness_timeout
+                                    ),
+                                    stable: started.elapsed() >= STABLE_AFTER,
+                                    was_ready: true,
+                                };
+                            }
+                        }
+                    }
                     if failed_probes == PROBE_FAILURES {
                         self.env.console.warn(&format!("{id}: /readyz failing; out of rotation until it recovers"));
                         self.update(index, |slot| {
@@ -683,20 +722,24 @@ impl Pool {
                 .filter(|i| i.state == InstanceState::Ready)
                 .count(),
             restarts: state.restarts,
-            crash_loop: state.consecutive_failures >= CRASH_LOOP_AFTER,
+            crash_loop: Self::failures_in_a_row(&state) >= CRASH_LOOP_AFTER,
             last_error: state.last_error.clone(),
             instances,
         }
     }
 
-    /// Whether the pool has given up being ready for now (crash loop).
+    /// Whether an instance is in a crash loop.
     pub(crate) fn crash_looping(&self) -> bool {
-        lock(&self.state).consecutive_failures >= CRASH_LOOP_AFTER
+        Self::failures_in_a_row(&lock(&self.state)) >= CRASH_LOOP_AFTER
     }
 
-    /// Number of failures recorded in a row (0 once an instance is ready).
+    /// The most runs in a row that one of its instances failed.
     pub(crate) fn consecutive_failures(&self) -> u32 {
-        lock(&self.state).consecutive_failures
+        Self::failures_in_a_row(&lock(&self.state))
+    }
+
+    fn failures_in_a_row(state: &PoolState) -> u32 {
+        state.slots.values().map(|s| s.failures).max().unwrap_or(0)
     }
 }
 
@@ -833,17 +876,35 @@ async fn wait_ready(addr: SocketAddr, timeout: Duration, prober: &Prober) -> Res
 
 /// `GET /readyz` over a fresh connection; the status code, or what went
 /// wrong.
+pub(crate) async fn probe(addr: SocketAddr, prober: &Prober) -> Result<u16, String> {
+    probe_path(addr, prober, "/readyz").await
+}
+
+/// Whether an instance failing `/readyz` is alive: `GET /healthz` answered
+/// with anything below 500. A 404 of a program that serves no `/healthz`
+/// is an answer, and so alive; a 5xx says it is broken; no answer within
+/// a second is a hung process. What went wrong, when it is not.
+async fn alive(addr: SocketAddr, prober: &Prober) -> Result<(), String> {
+    match probe_path(addr, prober, "/healthz").await {
+        Ok(status) if status < 500 => Ok(()),
+        Ok(status) => Err(format!("status {status}")),
+        Err(e) => Err(e),
+    }
+}
+
+/// `GET path` over a fresh connection; the status code, or what went
+/// wrong.
 ///
 /// Written against the socket rather than through an HTTP client because it
 /// must never reuse a pooled connection (that would hide a dead listener)
 /// and it needs nothing but the status line.
-pub(crate) async fn probe(addr: SocketAddr, prober: &Prober) -> Result<u16, String> {
+async fn probe_path(addr: SocketAddr, prober: &Prober, path: &str) -> Result<u16, String> {
     let attempt = async {
         let stream = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         match &prober.0 {
-            None => read_status(stream, addr).await,
+            None => read_status(stream, addr, path).await,
             Some(connector) => {
                 let (tls, _) = flotilla_mesh::connect_with_timeout(
                     connector,
@@ -853,7 +914,7 @@ pub(crate) async fn probe(addr: SocketAddr, prober: &Prober) -> Result<u16, Stri
                 )
                 .await
                 .map_err(|e| flotilla_mesh::tls::error_chain(&e))?;
-                read_status(tls, addr).await
+                read_status(tls, addr, path).await
             }
         }
     };
@@ -862,13 +923,13 @@ pub(crate) async fn probe(addr: SocketAddr, prober: &Prober) -> Result<u16, Stri
         .unwrap_or_else(|_| Err("no answer within 1s".to_string()))
 }
 
-async fn read_status<S>(mut stream: S, addr: SocketAddr) -> Result<u16, String>
+async fn read_status<S>(mut stream: S, addr: SocketAddr, path: &str) -> Result<u16, String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let request = format!(
-        "GET /readyz HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: flotilla-runtime\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: flotilla-runtime\r\nConnection: close\r\n\r\n"
     );
     stream
         .write_all(request.as_bytes())

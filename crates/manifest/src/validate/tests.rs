@@ -31,6 +31,7 @@ run = { command = ["python3", "-m", "http.server"] }
 scale = { min = 1, max = 4, target_concurrency = 20 }
 calls = ["catalog", "pricing"]
 env = { GREETING = "hi" }
+liveness_timeout = "1m"
 routes = [
   { path = "/api/orders/**", methods = ["GET", "POST"], auth = "public" },
 ]
@@ -75,6 +76,8 @@ fn a_good_manifest_parses_with_defaults() {
     assert_eq!(pricing.routes[0].timeout.as_secs(), 3);
     let orders = &m.services["orders"];
     assert_eq!(orders.calls, ["catalog", "pricing"]);
+    assert_eq!(orders.liveness_timeout, Duration::from_secs(60));
+    assert_eq!(catalog.liveness_timeout, Duration::from_secs(30), "default");
     assert_eq!(orders.routes[0].auth, Auth::Public);
     assert!(matches!(&orders.run, Run::Command { argv, .. } if argv[0] == "python3"));
     assert_eq!(m.routes().count(), 3);
@@ -425,6 +428,11 @@ fn invalid_values() {
             "ready_timeout = \"soon\"",
             "`soon` is not a duration",
             "such as",
+        ),
+        (
+            "liveness_timeout = \"0s\"",
+            "`liveness_timeout` must be longer than zero",
+            "liveness_timeout = \"30s\"",
         ),
         (
             "routes = [{ path = \"api\" }]",

@@ -94,6 +94,100 @@ routes = [{{ path = "/hello/**", timeout = "5m" }}]
     h.stop().await;
 }
 
+/// A program that crashes a second after each start is ready every time:
+/// its failures still count in a row (until a run lasts 10 s), so its
+/// restarts back off and it is reported as a crash loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_crashes_soon_after_it_is_ready_is_a_crash_loop() {
+    let h = start(
+        r#"[services.brief]
+run = { command = ["sh", "-c", "timeout 1.5 python3 HELLO; exit 3"] }
+routes = [{ path = "/brief/**" }]
+"#,
+    )
+    .await;
+    h.wait(
+        "a crash loop to be reported",
+        Duration::from_secs(60),
+        |h| h.service("brief").crash_loop,
+    )
+    .await;
+    let brief = h.service("brief");
+    assert!(brief.restarts >= 5, "{brief:?}");
+    assert!(
+        brief
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("exit code 3"),
+        "{brief:?}"
+    );
+    h.stop().await;
+}
+
+/// A process that hangs (a deadlock) neither exits nor recovers: once it
+/// has failed `/readyz` and `/healthz` for its `liveness_timeout` it is
+/// restarted, as by Kubernetes' liveness probe. One that fails only
+/// `/readyz` (waiting for its database, say) is alive, and kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_instance_is_restarted_and_a_merely_unready_one_is_kept() {
+    let flags = tempfile::tempdir().unwrap();
+    let hung = flags.path().join("hung");
+    let unready = flags.path().join("unready");
+    let h = start(&format!(
+        r#"[services.stuck]
+run = {{ command = ["python3", "HELLO"] }}
+env = {{ HUNG_FILE = "{}" }}
+liveness_timeout = "2s"
+routes = [{{ path = "/stuck/**" }}]
+[services.waiting]
+run = {{ command = ["python3", "HELLO"] }}
+env = {{ UNREADY_FILE = "{}" }}
+liveness_timeout = "2s"
+"#,
+        hung.display(),
+        unready.display()
+    ))
+    .await;
+    let http = client();
+    let url = format!("{}/stuck/x", h.gateway());
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
+
+    std::fs::write(&unready, "").unwrap();
+    std::fs::write(&hung, "").unwrap();
+    h.wait(
+        "the hung instance restarted",
+        Duration::from_secs(60),
+        |h| h.service("stuck").restarts >= 1,
+    )
+    .await;
+    let stuck = h.service("stuck");
+    let why = stuck.last_error.as_deref().unwrap_or("");
+    assert!(
+        why.contains("hung") && why.contains("/healthz") && why.contains("liveness_timeout"),
+        "{stuck:?}"
+    );
+    // Failing /readyz as long, but answering /healthz: kept.
+    let waiting = h.service("waiting");
+    assert_eq!(waiting.restarts, 0, "{waiting:?}");
+    assert_eq!(
+        waiting.instances[0].state,
+        InstanceState::Unready,
+        "{waiting:?}"
+    );
+
+    // The new instance serves once it answers.
+    std::fs::remove_file(&hung).unwrap();
+    h.wait(
+        "the restarted instance ready",
+        Duration::from_secs(30),
+        |h| h.service("stuck").ready == 1,
+    )
+    .await;
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_whose_last_start_failed_answers_503_while_it_starts_again() {
     // Three starts exit, then one that never becomes ready and is given
