@@ -130,7 +130,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(cli.command))
+    let code = runtime.block_on(run(cli.command));
+    // Tasks still running (instances' supervisors, after a second Ctrl-C)
+    // are dropped, and with them their processes and process groups;
+    // nothing that blocks may hold the exit up for long.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    code
 }
 
 async fn run(command: Command) -> ExitCode {
@@ -319,22 +324,42 @@ async fn run(command: Command) -> ExitCode {
 }
 
 async fn up(manifest: Manifest, options: Options) -> ExitCode {
-    let system = match System::start(manifest, options).await {
-        Ok(s) => s,
-        Err(e) => return fail(&e),
+    use tokio::signal::unix::{SignalKind, signal};
+    // Listened for before anything starts: Ctrl-C while the system starts
+    // would otherwise kill `flotilla` at once, and what its instances had
+    // started themselves (a wrapper's server) would be left running.
+    let (mut interrupt, mut sigterm) = match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(i), Ok(t)) => (i, t),
+        (Err(e), _) | (_, Err(e)) => return fail(&e),
     };
-    let mut sigterm = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
-        Ok(s) => s,
-        Err(e) => return fail(&e),
+    let system = tokio::select! {
+        started = System::start(manifest, options) => match started {
+            Ok(s) => s,
+            Err(e) => return fail(&e),
+        },
+        _ = interrupt.recv() => return interrupted("while starting"),
+        _ = sigterm.recv() => return interrupted("while starting"),
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = interrupt.recv() => {}
         _ = sigterm.recv() => {}
         _ = system.shutdown_requested() => {}
     }
-    system.shutdown().await;
-    ExitCode::SUCCESS
+    out!("stopping (Ctrl-C again to kill the instances at once)");
+    tokio::select! {
+        () = system.shutdown() => ExitCode::SUCCESS,
+        _ = interrupt.recv() => interrupted("while stopping"),
+    }
+}
+
+/// Gives up at once: the instances (and their process groups) are killed
+/// as the runtime drops their supervisors.
+fn interrupted(when: &str) -> ExitCode {
+    eprintln!("interrupted {when}: killing the instances");
+    ExitCode::from(130)
 }
 
 /// `1 topic`, `3 topics`.

@@ -71,6 +71,18 @@ pub(crate) struct Proc {
     /// The output copiers; awaited briefly after exit so a crash report
     /// includes the last lines the process wrote.
     pumps: Vec<tokio::task::JoinHandle<()>>,
+    /// Whether its process group has been killed: what `kill_on_drop`
+    /// does for the process itself, [`Drop`] does for the group (a
+    /// `sh -c` wrapper's server, a master's workers) until then.
+    group_killed: bool,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if !self.group_killed {
+            signal_group(self.pid, libc::SIGKILL);
+        }
+    }
 }
 
 /// How long to wait for a dead process's last output to be in its log.
@@ -106,6 +118,11 @@ impl Proc {
             .kill_on_drop(true);
         // Read before the fork: the child only makes the system call.
         let started_with = STARTED_WITH.get().copied();
+        // Who the child's parent must be: `getppid() == 1` would also hold
+        // when `flotilla` is itself PID 1 (a container without an init),
+        // and every instance would kill itself before it ran.
+        #[cfg(target_os = "linux")]
+        let parent = std::process::id() as libc::pid_t;
         // SAFETY: only async-signal-safe calls (setpgid, prctl, getppid,
         // kill) and setrlimit, a plain system call, between fork and exec.
         unsafe {
@@ -125,20 +142,28 @@ impl Proc {
                         return Err(io::Error::last_os_error());
                     }
                     // The parent may have died before prctl took effect.
-                    if libc::getppid() == 1 {
+                    if libc::getppid() != parent {
                         libc::kill(libc::getpid(), libc::SIGKILL);
                     }
                 }
                 Ok(())
             });
         }
-        let mut child = cmd.spawn()?;
-        let pid = child.id().unwrap_or(0);
+        // Opened first: a log that cannot be written must not leave a
+        // process running that nothing watches.
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(log_file)
-            .await?;
+            .await
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot open its log {}: {e}", log_file.display()),
+                )
+            })?;
+        let mut child = cmd.spawn()?;
+        let pid = child.id().unwrap_or(0);
         let log = Arc::new(tokio::sync::Mutex::new(log));
         let mut pumps = Vec::new();
         if let Some(out) = child.stdout.take() {
@@ -152,16 +177,24 @@ impl Proc {
         if let Some(err) = child.stderr.take() {
             pumps.push(tokio::spawn(pump(err, log, instance.to_string(), console)));
         }
-        Ok(Proc { child, pid, pumps })
+        Ok(Proc {
+            child,
+            pid,
+            pumps,
+            group_killed: false,
+        })
     }
 
     pub(crate) fn pid(&self) -> u32 {
         self.pid
     }
 
-    /// Waits for the process to exit on its own.
+    /// Waits for the process to exit on its own; what it leaves behind in
+    /// its group (a crashed master's workers, still holding its files) is
+    /// killed with it, as systemd does with a unit's processes.
     pub(crate) async fn wait(&mut self) -> io::Result<ExitStatus> {
         let status = self.child.wait().await;
+        self.kill_group();
         // Taken out so a second call cannot poll a finished handle again.
         let pumps: Vec<_> = self.pumps.drain(..).collect();
         let _ = tokio::time::timeout(FLUSH_AFTER_EXIT, async {
@@ -176,23 +209,51 @@ impl Proc {
     /// SIGTERM to the process group, then SIGKILL after `drain`.
     pub(crate) async fn stop(&mut self, drain: Duration) -> io::Result<ExitStatus> {
         if let Ok(Some(status)) = self.child.try_wait() {
+            self.kill_group();
             return Ok(status);
         }
         signal_group(self.pid, libc::SIGTERM);
-        match tokio::time::timeout(drain, self.child.wait()).await {
+        let deadline = tokio::time::Instant::now() + drain;
+        match tokio::time::timeout_at(deadline, self.child.wait()).await {
             Ok(status) => {
-                // Children the instance left behind in its group go too.
-                signal_group(self.pid, libc::SIGKILL);
+                // A wrapper (`sh -c`, `npm start`) exits at once on SIGTERM
+                // while the server it started drains: the rest of the group
+                // has what is left of `drain` too, then goes.
+                while group_alive(self.pid) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(GROUP_POLL).await;
+                }
+                self.kill_group();
                 status
             }
             Err(_) => {
                 tracing::warn!(pid = self.pid, "did not stop within {drain:?}; killing");
-                signal_group(self.pid, libc::SIGKILL);
+                self.kill_group();
                 let _ = self.child.start_kill();
                 self.child.wait().await
             }
         }
     }
+
+    fn kill_group(&mut self) {
+        signal_group(self.pid, libc::SIGKILL);
+        self.group_killed = true;
+    }
+}
+
+/// How often a stopping group is looked at after its leader exited.
+const GROUP_POLL: Duration = Duration::from_millis(20);
+
+/// Whether process group `pid` still has a member (zombies included,
+/// until whoever inherited them reaps them).
+fn group_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid == 0 {
+        return false;
+    }
+    // SAFETY: kill(2) with signal 0 only checks that the group exists.
+    unsafe { libc::kill(-pid, 0) == 0 }
 }
 
 fn signal_group(pid: u32, signal: libc::c_int) {

@@ -232,6 +232,18 @@ fn wait_for_endpoints(up: &mut Up) -> Value {
     }
 }
 
+/// How `up` exited, within 30 s (else the test fails: it did not `what`).
+fn exited(up: &mut Up, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = up.child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "flotilla up did not {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn alive(pid: u32) -> bool {
     // A zombie still answers kill(0); /proc tells the real state.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -407,22 +419,53 @@ fn no_orphans_after_kill_nine() {
     );
 }
 
+/// Ctrl-C while the system starts (an instance not ready yet) stops
+/// `flotilla` with 130 and takes what its instances started themselves
+/// with them: without its own handler, SIGINT killed `flotilla` at once,
+/// and only its direct children died with it.
+#[test]
+fn ctrl_c_while_starting_leaves_nothing_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let helper = dir.path().join("helper.pid");
+    let manifest = dir.path().join("flotilla.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "name = \"interrupted\"\n[gateway]\nlisten = \"127.0.0.1:0\"\n[services.hello]\nrun = {{ command = [\"sh\", \"-c\", \"sleep 600 & echo $! > {}; exec python3 {}\"] }}\nenv = {{ NEVER_READY = \"1\" }}\nready_timeout = \"60s\"\n",
+            helper.display(),
+            flotilla_testkit::hello_py().display()
+        ),
+    )
+    .unwrap();
+    let mut up = up_with(dir, manifest);
+    wait_until("the instance's helper", Duration::from_secs(30), || {
+        std::fs::read_to_string(&helper).is_ok_and(|s| s.ends_with('\n'))
+    });
+    let helper_pid: u32 = std::fs::read_to_string(&helper)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(helper_pid));
+    // SAFETY: kill(2) of the child this test started.
+    unsafe {
+        libc::kill(up.child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let status = exited(&mut up, "stop on Ctrl-C");
+    assert_eq!(status.code(), Some(130), "{status}");
+    wait_until(
+        "what the instance started to stop",
+        Duration::from_secs(10),
+        || !alive(helper_pid),
+    );
+}
+
 #[test]
 fn a_port_already_in_use_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let mut up = up(&addr);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = up.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "flotilla up did not exit on a taken port"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exited(&mut up, "exit on a taken port");
     assert!(!status.success());
     let stderr = up
         .child

@@ -94,6 +94,84 @@ routes = [{{ path = "/hello/**", timeout = "5m" }}]
     h.stop().await;
 }
 
+/// Whether process `pid` runs (a zombie does not).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name's closing parenthesis.
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// What a crashed instance started in its process group (a master's
+/// workers, a wrapper's helpers) goes with it, as systemd stops what is
+/// left of a unit: it would keep its files, and print under the old name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_crashed_instance_started_goes_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let helper = dir.path().join("helper.pid");
+    let h = start(&format!(
+        r#"[services.parent]
+run = {{ command = ["sh", "-c", "sleep 600 & echo $! > {}; exec python3 HELLO"] }}
+"#,
+        helper.display()
+    ))
+    .await;
+    let pid = h.service("parent").instances[0].pid.expect("its pid");
+    let helper_pid: u32 = std::fs::read_to_string(&helper)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(running(helper_pid), "the helper runs");
+    // SAFETY: kill(2) of the instance's own process, as a crash.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+    h.wait("the crash seen", Duration::from_secs(20), |h| {
+        h.service("parent").restarts >= 1
+    })
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while running(helper_pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the crashed instance's helper {helper_pid} still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.stop().await;
+}
+
+/// A wrapper (`sh -c`, `npm start`) exits at once on SIGTERM; the server
+/// it started still gets the service's `drain` to finish, not a SIGKILL
+/// as soon as the wrapper is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrapped_server_gets_its_drain_when_the_wrapper_exits_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let drained = dir.path().join("drained");
+    let h = start(&format!(
+        r#"[services.wrapped]
+run = {{ command = ["sh", "-c", "python3 HELLO & wait"] }}
+env = {{ DRAIN_MS = "700", DRAINED_FILE = "{}" }}
+drain = "20s"
+"#,
+        drained.display()
+    ))
+    .await;
+    assert_eq!(h.service("wrapped").ready, 1);
+    h.stop().await;
+    assert!(
+        drained.exists(),
+        "the server was killed before it finished draining"
+    );
+}
+
 /// A program that crashes a second after each start is ready every time:
 /// its failures still count in a row (until a run lasts 10 s), so its
 /// restarts back off and it is reported as a crash loop.
