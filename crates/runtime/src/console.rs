@@ -3,8 +3,20 @@
 //! services for them) are shown compactly; anything else is shown as is.
 
 use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::time::Duration;
 
-/// Prints to stdout when enabled; always cheap to call.
+/// Lines waiting for the console at most. Past it, lines are dropped (and
+/// counted, and the count printed once the console drains) rather than
+/// waited for.
+const BACKLOG: usize = 4096;
+
+/// Prints to stdout when enabled; always cheap to call, and never waits
+/// for stdout: a console nobody reads (`flotilla up | less` left
+/// unscrolled, Ctrl-S in the terminal) blocks only the writer thread,
+/// never the instances' output pumps, the supervisors or the gateway.
 #[derive(Debug)]
 pub(crate) struct Console {
     /// Instances' output (`flotilla up --quiet` turns it off).
@@ -13,11 +25,35 @@ pub(crate) struct Console {
     /// or not (a refused reload or a crash loop must not go unseen because
     /// the services' output is), off for a system a test runs.
     events: bool,
+    /// To the writer thread, when anything is printed at all.
+    lines: Option<SyncSender<Line>>,
+    dropped: Arc<AtomicU64>,
+}
+
+#[derive(Debug)]
+enum Line {
+    Text(String),
+    /// Answered once every line before it is written.
+    Flush(SyncSender<()>),
 }
 
 impl Console {
     pub(crate) fn new(echo: bool, events: bool) -> Self {
-        Console { echo, events }
+        let dropped = Arc::new(AtomicU64::new(0));
+        let lines = (echo || events).then(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(BACKLOG);
+            let counted = Arc::clone(&dropped);
+            let spawned = std::thread::Builder::new()
+                .name("flotilla-console".into())
+                .spawn(move || write_lines(&rx, &counted, &mut std::io::stdout()));
+            spawned.ok().map(|_| tx)
+        });
+        Console {
+            echo,
+            events,
+            lines: lines.flatten(),
+            dropped,
+        }
     }
 
     /// One line of an instance's output.
@@ -26,16 +62,14 @@ impl Console {
             return;
         }
         let shown = compact_json(line).unwrap_or_else(|| line.to_string());
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{instance:>12} | {shown}");
+        self.print(format!("{instance:>12} | {shown}"));
     }
 
     /// An event of the runtime itself (start, crash, restart, scale).
     pub(crate) fn event(&self, message: &str) {
         tracing::info!(target: "flotilla::runtime", "{message}");
         if self.events {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{:>12} | {message}", "flotilla");
+            self.print(format!("{:>12} | {message}", "flotilla"));
         }
     }
 
@@ -43,8 +77,55 @@ impl Console {
     pub(crate) fn warn(&self, message: &str) {
         tracing::warn!(target: "flotilla::runtime", "{message}");
         if self.events {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{:>12} | warning: {message}", "flotilla");
+            self.print(format!("{:>12} | warning: {message}", "flotilla"));
+        }
+    }
+
+    fn print(&self, line: String) {
+        let Some(lines) = &self.lines else {
+            return;
+        };
+        match lines.try_send(Line::Text(line)) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Waits, up to `within`, for what was printed so far to be written:
+    /// before `flotilla` exits, so that its last lines are not lost.
+    pub(crate) fn flush(&self, within: Duration) {
+        let Some(lines) = &self.lines else {
+            return;
+        };
+        let (done, written) = std::sync::mpsc::sync_channel(1);
+        if lines.try_send(Line::Flush(done)).is_ok() {
+            let _ = written.recv_timeout(within);
+        }
+    }
+}
+
+/// The writer thread: writes `lines` to `out` as they come, and, once it
+/// has caught up after some were dropped, says how many.
+fn write_lines(lines: &Receiver<Line>, dropped: &AtomicU64, out: &mut impl Write) {
+    while let Ok(line) = lines.recv() {
+        match line {
+            Line::Text(text) => {
+                let _ = writeln!(out, "{text}");
+            }
+            Line::Flush(done) => {
+                let _ = out.flush();
+                let _ = done.try_send(());
+            }
+        }
+        let lost = dropped.swap(0, Ordering::Relaxed);
+        if lost > 0 {
+            let _ = writeln!(
+                out,
+                "{:>12} | warning: {lost} lines of output dropped: the console was not being read",
+                "flotilla"
+            );
         }
     }
 }
@@ -79,6 +160,33 @@ fn compact_json(line: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lines past the backlog are dropped, not waited for, and counted in
+    /// a line of their own once the writer catches up.
+    #[test]
+    fn a_console_nobody_reads_drops_lines_instead_of_waiting() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(2);
+        let console = Console {
+            echo: true,
+            events: true,
+            lines: Some(tx),
+            dropped: Arc::new(AtomicU64::new(0)),
+        };
+        // Nothing writes yet: the third and fourth lines find it full.
+        for n in 0..4 {
+            console.instance_line("a-0", &format!("line {n}"));
+        }
+        assert_eq!(console.dropped.load(Ordering::Relaxed), 2);
+        drop(console);
+        let mut out = Vec::new();
+        write_lines(&rx, &AtomicU64::new(2), &mut out);
+        let out = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "         a-0 | line 0");
+        assert!(lines[1].contains("2 lines of output dropped"), "{out}");
+        assert_eq!(lines[2], "         a-0 | line 1");
+        assert_eq!(lines.len(), 3, "{out}");
+    }
 
     #[test]
     fn json_lines_are_compacted() {

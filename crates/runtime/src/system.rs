@@ -458,6 +458,7 @@ impl System {
         }
         let _ = std::fs::remove_file(Endpoints::path(&self.data_dir));
         self.console.event("stopped");
+        self.console.flush(Duration::from_secs(1));
     }
 }
 
