@@ -211,6 +211,11 @@ impl Pool {
             return;
         }
         let target = count.min(self.spec.scale.max);
+        if Self::running(&state) >= target {
+            // Nothing to start, and nothing to tell: `activate` calls this
+            // on every change, and a change it caused would wake it again.
+            return;
+        }
         while Self::running(&state) < target {
             let index = (0..).find(|i| !state.slots.contains_key(i)).unwrap_or(0);
             let id = format!("{}-{index}", self.spec.name);
@@ -257,8 +262,10 @@ impl Pool {
         if !self.ready().is_empty() {
             return Ok(());
         }
-        self.ensure_running(1);
         loop {
+            // Again on every change: the instance started for an earlier
+            // request may have been stopped since (out of rotation).
+            self.ensure_running(1);
             if !self.ready().is_empty() {
                 return Ok(());
             }
@@ -553,7 +560,8 @@ impl Pool {
                         self.update(index, |slot| slot.failures = 0);
                     }
                     let ok = probe(addr, &self.env.prober).await == Ok(200);
-                    if ok && failed_probes >= PROBE_FAILURES {
+                    // Not when the scaler took it out to stop it meanwhile.
+                    if ok && failed_probes >= PROBE_FAILURES && !*stop.borrow() {
                         self.env.console.event(&format!("{id} ready again"));
                         let ep = endpoint.clone();
                         self.update(index, |slot| {
@@ -588,7 +596,7 @@ impl Pool {
                             }
                         }
                     }
-                    if failed_probes == PROBE_FAILURES {
+                    if failed_probes == PROBE_FAILURES && !*stop.borrow() {
                         self.env.console.warn(&format!("{id}: /readyz failing; out of rotation until it recovers"));
                         self.update(index, |slot| {
                             slot.status.state = InstanceState::Unready;
@@ -650,8 +658,8 @@ impl Pool {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tick.tick().await;
-            let (running, victim) = {
-                let state = lock(&self.state);
+            let stopping = {
+                let mut state = lock(&self.state);
                 if state.shutting_down {
                     return;
                 }
@@ -668,28 +676,66 @@ impl Pool {
                     self.ensure_running(wanted.max(scale.min));
                     continue;
                 }
-                // One idle instance at a time, so a short lull does not
-                // tear the whole pool down at once; and never below what
-                // the load needs (requests already placed on one instance
-                // leave the new ones idle while the load still wants them).
-                let victim = (running > scale.min.max(wanted))
-                    .then(|| {
-                        state.slots.values().find(|s| {
+                // One instance at a time, so a short lull does not tear
+                // the whole pool down at once; and never below what the
+                // load needs (requests already placed on one instance leave
+                // the new ones idle while the load still wants them). One
+                // out of rotation (failing /readyz) serves nothing and goes
+                // first; a ready one only while more than that many are
+                // ready (instances starting or backing off after a crash
+                // serve nothing yet either).
+                let keep = scale.min.max(wanted);
+                let ready = state
+                    .slots
+                    .values()
+                    .filter(|s| s.endpoint.is_some())
+                    .count() as u32;
+                let unready = || {
+                    state
+                        .slots
+                        .iter()
+                        .find(|(_, s)| s.status.state == InstanceState::Unready)
+                        .map(|(i, _)| (*i, "out of rotation"))
+                };
+                let idle = || {
+                    state
+                        .slots
+                        .iter()
+                        .find(|(_, s)| {
                             s.endpoint.as_ref().is_some_and(|e| {
                                 e.load.in_flight() == 0 && e.load.idle_for() >= scale.idle
                             })
                         })
-                    })
-                    .flatten()
-                    .map(|s| (s.status.id.clone(), s.stop.clone()));
-                (running, victim)
+                        .map(|(i, _)| (*i, "idle"))
+                };
+                let victim = if running > keep {
+                    unready().or_else(|| if ready > keep { idle() } else { None })
+                } else {
+                    None
+                };
+                // Out of rotation before it is told to stop, in the same
+                // look at the pool that found it unused: a request that
+                // comes now is not sent to an instance about to go.
+                let stopping = victim.and_then(|(index, why)| {
+                    let slot = state.slots.get_mut(&index)?;
+                    slot.endpoint = None;
+                    slot.status.state = InstanceState::Stopping;
+                    Some((slot.status.id.clone(), slot.stop.clone(), why))
+                });
+                if stopping.is_some() {
+                    self.publish_ready(&state);
+                }
+                stopping.map(|(id, stop, why)| (id, stop, why, running))
             };
-            if let Some((id, stop)) = victim {
-                self.env.console.event(&format!(
-                    "{id} idle for {:?}; stopping ({} running)",
-                    scale.idle,
-                    running - 1
-                ));
+            if let Some((id, stop, why, running)) = stopping {
+                self.changed();
+                let what = match why {
+                    "idle" => format!("idle for {:?}", scale.idle),
+                    other => other.to_string(),
+                };
+                self.env
+                    .console
+                    .event(&format!("{id} {what}; stopping ({} running)", running - 1));
                 let _ = stop.send(true);
             }
         }

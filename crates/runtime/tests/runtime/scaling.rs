@@ -95,3 +95,36 @@ routes = [{ path = "/fn/**" }]
     assert_eq!(h.service("fn").ready, 1);
     h.stop().await;
 }
+
+/// A function's instance out of rotation (failing `/readyz` but alive)
+/// serves nothing: it is stopped, and the next request starts a fresh one
+/// instead of waiting for it until its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_s_instance_out_of_rotation_is_replaced() {
+    let flags = tempfile::tempdir().unwrap();
+    let unready = flags.path().join("unready");
+    let h = start(&format!(
+        r#"[services.fn]
+shape = "function"
+run = {{ command = ["sh", "-c", "[ -e {flag}.used ] && rm -f {flag}; touch {flag}.used; exec python3 HELLO"] }}
+env = {{ UNREADY_FILE = "{flag}" }}
+scale = {{ idle = "1h" }}
+routes = [{{ path = "/fn/**", timeout = "5m" }}]
+"#,
+        flag = unready.display()
+    ))
+    .await;
+    let http = client();
+    let url = format!("{}/fn/x", h.gateway());
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
+    // fn-0 fails /readyz from now on; the next start clears the flag.
+    std::fs::write(&unready, "").unwrap();
+    // Stopped: with an `idle` of an hour, not for idleness.
+    h.wait("fn-0 stopped", Duration::from_secs(30), |h| {
+        h.service("fn").instances.is_empty()
+    })
+    .await;
+    let answered = http.get(&url).send().await.unwrap();
+    assert_eq!(answered.status(), 200);
+    h.stop().await;
+}
