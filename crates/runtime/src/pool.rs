@@ -820,8 +820,25 @@ fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
     }
 }
 
+/// The last `n` lines of an instance's log, from its last 64 KiB only (a
+/// log may be tens of MiB), any bytes that are not UTF-8 replaced.
 fn last_lines(path: &std::path::Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 64 * 1024;
+    let mut bytes = Vec::new();
+    if let Ok(mut file) = std::fs::File::open(path) {
+        let len = file.metadata().map_or(0, |m| m.len());
+        let from = len.saturating_sub(TAIL);
+        if file.seek(SeekFrom::Start(from)).is_ok() {
+            let _ = file.take(TAIL).read_to_end(&mut bytes);
+        }
+        if from > 0 {
+            // The first line read is likely a part of one.
+            let start = bytes.iter().position(|b| *b == b'\n').map_or(0, |i| i + 1);
+            bytes.drain(..start);
+        }
+    }
+    let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().collect();
     let tail = &lines[lines.len().saturating_sub(n)..];
     if tail.is_empty() {
@@ -1003,6 +1020,27 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A crash report's last lines come from the log's end, whatever its
+    /// size, and a byte that is not UTF-8 does not hide them.
+    #[test]
+    fn last_lines_read_the_end_of_a_long_log_lossily() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a-0.log");
+        let mut text = "x".repeat(100).repeat(2000).into_bytes(); // no newline: 200 kB
+        text.extend_from_slice(b"\nstarting\n\xff bad byte\npanicked: no config\n");
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(
+            last_lines(&path, 2),
+            "    \u{fffd} bad byte\n    panicked: no config"
+        );
+        // The part of a line the 64 KiB cut through is not shown.
+        assert_eq!(last_lines(&path, 5).lines().count(), 3);
+        assert_eq!(
+            last_lines(&dir.path().join("none.log"), 2),
+            "    (no output)"
+        );
+    }
 
     #[test]
     fn instance_ports_never_come_from_the_ephemeral_range() {

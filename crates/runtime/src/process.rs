@@ -151,17 +151,12 @@ impl Proc {
         }
         // Opened first: a log that cannot be written must not leave a
         // process running that nothing watches.
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_file)
-            .await
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot open its log {}: {e}", log_file.display()),
-                )
-            })?;
+        let log = LogFile::open(log_file, MAX_LOG).await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot open its log {}: {e}", log_file.display()),
+            )
+        })?;
         let mut child = cmd.spawn()?;
         let pid = child.id().unwrap_or(0);
         let log = Arc::new(tokio::sync::Mutex::new(log));
@@ -269,10 +264,77 @@ fn signal_group(pid: u32, signal: libc::c_int) {
     }
 }
 
+/// The size past which an instance's log is rotated.
+const MAX_LOG: u64 = 32 << 20;
+
+/// An instance's log file, kept to about twice `max` on disk: past `max`
+/// it becomes `<id>.log.1` (replacing the one before) and a new one is
+/// begun, as logrotate's `size` with `rotate 1` does. It is appended to
+/// across restarts and runs, so without this a chatty service filled the
+/// disk.
+struct LogFile {
+    file: tokio::fs::File,
+    path: PathBuf,
+    written: u64,
+    max: u64,
+}
+
+impl LogFile {
+    async fn open(path: &Path, max: u64) -> io::Result<LogFile> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await?;
+        let written = file.metadata().await.map_or(0, |m| m.len());
+        Ok(LogFile {
+            file,
+            path: path.to_path_buf(),
+            written,
+            max,
+        })
+    }
+
+    /// Appends `bytes`, rotating first when the file is full. Errors (a
+    /// full disk) are the caller's to ignore: the console still shows it.
+    async fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.written >= self.max {
+            self.rotate().await;
+        }
+        self.file.write_all(bytes).await?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        self.file.flush().await
+    }
+
+    async fn rotate(&mut self) {
+        let mut kept = self.path.clone().into_os_string();
+        kept.push(".1");
+        let renamed = tokio::fs::rename(&self.path, &kept).await;
+        let fresh = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .await;
+        match (renamed, fresh) {
+            (Ok(()), Ok(file)) => {
+                self.file = file;
+                self.written = 0;
+            }
+            // Cannot rotate (a read-only directory): write on, and try
+            // again only after as much again.
+            _ => self.written = 0,
+        }
+    }
+}
+
 /// Copies a child's output into its log file and the console, line by line.
 async fn pump<R: AsyncRead + Unpin>(
     mut from: R,
-    log: Arc<tokio::sync::Mutex<tokio::fs::File>>,
+    log: Arc<tokio::sync::Mutex<LogFile>>,
     instance: String,
     console: Arc<Console>,
 ) {
@@ -286,7 +348,7 @@ async fn pump<R: AsyncRead + Unpin>(
         {
             let mut file = log.lock().await;
             // A full disk must not stop the service: the console still shows it.
-            let _ = file.write_all(&buf[..n]).await;
+            let _ = file.write(&buf[..n]).await;
         }
         for &b in &buf[..n] {
             if b == b'\n' {
@@ -329,12 +391,7 @@ mod tests {
         let console = Arc::new(Console::new(false, false));
         for i in 0..100 {
             let path = dir.path().join(format!("{i}.log"));
-            let file = match OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .await
-            {
+            let file = match LogFile::open(&path, MAX_LOG).await {
                 Ok(f) => f,
                 Err(e) => panic!("{e}"),
             };
@@ -344,6 +401,30 @@ mod tests {
             let written = std::fs::read_to_string(&path).unwrap_or_default();
             assert_eq!(written.as_bytes(), output, "run {i}");
         }
+    }
+
+    /// Past its size a log becomes `.log.1`, the one before it dropped;
+    /// what was there before this run counts toward the size.
+    #[tokio::test]
+    async fn a_log_past_its_size_is_rotated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a-0.log");
+        std::fs::write(&path, b"from the last run\n").unwrap();
+        let mut log = LogFile::open(&path, 20).await.unwrap();
+        log.write(b"one\n").await.unwrap(); // 18 + 4 = 22 bytes: full
+        log.write(b"two\n").await.unwrap(); // rotated first
+        for line in [b"three\n", b"four!\n"] {
+            log.write(line).await.unwrap(); // 10, 16: not yet
+        }
+        log.write(b"five\n").await.unwrap(); // 21: full
+        log.write(b"six\n").await.unwrap(); // rotated first
+        log.write(b"seven\n").await.unwrap();
+        log.flush().await.unwrap();
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+        assert_eq!(read(&path), "six\nseven\n");
+        // The last run's and the first rotation's lines are gone.
+        let kept = dir.path().join("a-0.log.1");
+        assert_eq!(read(&kept), "two\nthree\nfour!\nfive\n");
     }
 
     /// One test, since the limit is the process's: the only one in this
