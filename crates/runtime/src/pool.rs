@@ -531,7 +531,26 @@ impl Pool {
         // Whether this run has lasted `STABLE_AFTER`, its slot's failures
         // forgotten.
         let mut stable = false;
+        // A probe every `PROBE_EVERY` however long the last one took, and
+        // inside the `select!`: an exit or a stop is seen while a probe of a
+        // hung instance waits out its timeout.
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + PROBE_EVERY, PROBE_EVERY);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // `/healthz` beside `/readyz` once `/readyz` has failed, at once,
+            // so that a hung instance's probes take one timeout, not two.
+            let ask_alive = failed_probes > 0;
+            let prober = &self.env.prober;
+            let check = async {
+                ticker.tick().await;
+                if ask_alive {
+                    let (ready, alive) = tokio::join!(probe(addr, prober), alive(addr, prober));
+                    (ready, Some(alive))
+                } else {
+                    (probe(addr, prober).await, None)
+                }
+            };
             tokio::select! {
                 status = proc.wait() => {
                     let how = describe_exit(status);
@@ -554,12 +573,12 @@ impl Pool {
                     let _ = proc.stop(self.spec.drain).await;
                     return Outcome::Stopped;
                 }
-                _ = tokio::time::sleep(PROBE_EVERY) => {
+                (ready, alive) = check => {
                     if !stable && started.elapsed() >= STABLE_AFTER {
                         stable = true;
                         self.update(index, |slot| slot.failures = 0);
                     }
-                    let ok = probe(addr, &self.env.prober).await == Ok(200);
+                    let ok = ready == Ok(200);
                     // Not when the scaler took it out to stop it meanwhile.
                     if ok && failed_probes >= PROBE_FAILURES && !*stop.borrow() {
                         self.env.console.event(&format!("{id} ready again"));
@@ -570,14 +589,16 @@ impl Pool {
                         });
                     }
                     failed_probes = if ok { 0 } else { failed_probes + 1 };
-                    let dead = if ok {
-                        None
-                    } else {
-                        alive(addr, &self.env.prober).await.err()
+                    // Not asked (the first failure): nothing known yet.
+                    let dead = match (ok, alive) {
+                        (true, _) | (false, Some(Ok(()))) => Some(None),
+                        (false, Some(Err(why))) => Some(Some(why)),
+                        (false, None) => None,
                     };
                     match dead {
-                        None => dead_since = None,
-                        Some(why) => {
+                        None => {}
+                        Some(None) => dead_since = None,
+                        Some(Some(why)) => {
                             let since = *dead_since.get_or_insert_with(Instant::now);
                             if since.elapsed() >= self.spec.liveness_timeout {
                                 self.update(index, |slot| {
