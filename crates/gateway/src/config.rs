@@ -140,6 +140,8 @@ pub struct RouteConfig {
     /// Each request is let through only if `Config::authz`'s service
     /// allows it.
     pub authz: bool,
+    /// Whether `Config::compression` applies to its responses.
+    pub compress: bool,
 }
 
 impl RouteConfig {
@@ -170,6 +172,7 @@ impl RouteConfig {
             request_headers: HeaderChanges::default(),
             response_headers: HeaderChanges::default(),
             authz: false,
+            compress: true,
         }
     }
 
@@ -662,6 +665,7 @@ impl Config {
                         .collect(),
                     client_cert: route.client_cert,
                     authz: route.authz,
+                    compress: route.compress,
                     request_headers: HeaderChanges::from_manifest(&route.request_headers),
                     response_headers: HeaderChanges::from_manifest(&route.response_headers),
                     ..RouteConfig::new(service, route.pattern.clone())

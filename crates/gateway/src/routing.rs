@@ -226,6 +226,8 @@ impl Routing {
                 &route.match_headers,
             );
             let label = crate::routes::route_label(route, &config.routes);
+            // `compress = false`: this route's responses go as they come.
+            let route_compression = compression.clone().filter(|_| route.compress);
             RoutePolicy {
                 auth: route.auth.clone(),
                 issuers: issuers(&config.jwt, &route.issuers),
@@ -248,7 +250,7 @@ impl Routing {
                         &config.response_headers,
                         &route.response_headers,
                     ),
-                    compression: compression.clone(),
+                    compression: route_compression.clone(),
                 },
                 ip: route.ip.as_ref().map(IpRules::filter),
                 max_body_bytes: Some(route.max_body_bytes.unwrap_or(default_body)),
@@ -269,7 +271,7 @@ impl Routing {
                             .query
                             .as_ref()
                             .map(|names| names.iter().map(|n| n.as_str().into()).collect()),
-                        compression: compression.clone(),
+                        compression: route_compression.clone(),
                         stats: crate::stats::CacheStats::new(&label),
                         id: id.clone().into_boxed_str(),
                     }),

@@ -276,6 +276,9 @@ pub struct Route {
     /// Each request is let through only if `[gateway.authz]`'s service
     /// allows it.
     pub authz: bool,
+    /// Whether `[gateway.compression]` applies to its responses (`true`
+    /// unless the route says `compress = false`).
+    pub compress: bool,
 }
 
 impl Route {

@@ -303,6 +303,7 @@ pub(crate) struct RawRoute {
     pub consumers: Option<Vec<Spanned<String>>>,
     pub client_cert: Option<Spanned<bool>>,
     pub authz: Option<Spanned<bool>>,
+    pub compress: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -62,6 +62,8 @@ struct Ctx<'a> {
     client_ca_configured: bool,
     /// Whether `[gateway.authz]` is set, so routes may ask for `authz`.
     authz_configured: bool,
+    /// Whether `[gateway.compression]` is set, so `compress` means anything.
+    compression_configured: bool,
     errors: Vec<Diagnostic>,
 }
 
@@ -146,6 +148,7 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
         key_header: None,
         client_ca_configured: false,
         authz_configured: false,
+        compression_configured: false,
         errors: Vec::new(),
     };
     let raw: RawManifest = match toml::from_str(source) {
@@ -178,6 +181,7 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
         ctx.key_header = gw.api_keys.as_ref().map(|k| k.header.clone());
         ctx.client_ca_configured = gw.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         ctx.authz_configured = gw.authz.is_some();
+        ctx.compression_configured = gw.compression.is_some();
     }
 
     let mesh = mesh(&mut ctx, raw.mesh.as_ref());
@@ -1166,6 +1170,17 @@ fn route(
         );
         return None;
     }
+    if let Some(c) = &raw.compress
+        && !ctx.compression_configured
+    {
+        ctx.error(
+            c.span(),
+            "`compress` needs `[gateway.compression]`: without it nothing is compressed",
+            Some("add `[gateway.compression]` to gzip responses, or leave `compress` out".into()),
+        );
+        return None;
+    }
+    let compress = raw.compress.as_ref().is_none_or(|c| *c.get_ref());
     Some(Route {
         pattern,
         hosts,
@@ -1190,6 +1205,7 @@ fn route(
         max_in_flight,
         client_cert,
         authz,
+        compress,
     })
 }
 

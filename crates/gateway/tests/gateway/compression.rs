@@ -100,3 +100,36 @@ async fn responses_are_gzipped_for_clients_that_take_it() {
     }
     gateway.shutdown(T).await;
 }
+
+/// `compress = false` leaves one route's responses as the instance sent
+/// them (a page that reflects what a visitor typed beside a secret:
+/// BREACH), while the rest of the system's are gzipped.
+#[tokio::test]
+async fn a_route_with_compress_false_is_not_gzipped() {
+    let registry = Registry::new();
+    let api = Upstream::start("gzoff-0").await;
+    registry.set("gzoff", vec![api.endpoint()]);
+    let mut plain = route("gzoff", "/account/**", &[], T);
+    plain.compress = false;
+    let mut cfg = config(vec![route("gzoff", "/api/**", &[], T), plain]);
+    cfg.compression = Some(CompressionConfig::from_manifest(
+        &flotilla_manifest::Compression::default(),
+    ));
+    let gateway = start(cfg, &registry).await;
+    let pad = "x".repeat(4000);
+    let gzip = [("accept-encoding", "gzip"), ("x-pad", pad.as_str())];
+    for client in [Client::new(&gateway), Client::h2c(&gateway)] {
+        let zipped = client
+            .request(Method::GET, "/api/x", &gzip, Bytes::new())
+            .await;
+        assert_eq!(zipped.header("content-encoding"), "gzip");
+        let kept = client
+            .request(Method::GET, "/account/x", &gzip, Bytes::new())
+            .await;
+        assert_eq!(kept.status, StatusCode::OK);
+        assert!(kept.headers.get("content-encoding").is_none(), "{kept:?}");
+        assert!(kept.headers.get("vary").is_none(), "{kept:?}");
+        assert_eq!(kept.json()["headers"]["x-pad"], pad.as_str());
+    }
+    gateway.shutdown(T).await;
+}

@@ -344,6 +344,19 @@ fn compression_takes_defaults_and_refuses_what_it_cannot_compress() {
         assert!(e.contains(want), "{line}: {e}");
         assert!(e.contains("flotilla.toml:3:"), "{line}: {e}");
     }
+    // A route may opt out; the rest are compressed.
+    let m = match Manifest::parse(
+        &format!(
+            "{}routes = [{{ path = \"/account/**\", compress = false }}, {{ path = \"/api/**\" }}]\n",
+            with("[gateway.compression]")
+        ),
+        Path::new("flotilla.toml"),
+    ) {
+        Ok(m) => m,
+        Err(e) => panic!("{e}"),
+    };
+    let compress: Vec<bool> = m.services["a"].routes.iter().map(|r| r.compress).collect();
+    assert_eq!(compress, [false, true]);
 }
 
 #[test]
@@ -428,6 +441,11 @@ fn invalid_values() {
             "ready_timeout = \"soon\"",
             "`soon` is not a duration",
             "such as",
+        ),
+        (
+            "routes = [{ path = \"/a\", compress = false }]",
+            "`compress` needs `[gateway.compression]`",
+            "or leave `compress` out",
         ),
         (
             "liveness_timeout = \"0s\"",
@@ -1857,6 +1875,12 @@ fn the_documented_gateway_examples_parse() {
         catalog.response_headers.add[0],
         ("vary".into(), "Accept-Language".into())
     );
+
+    let compression = documented_examples("### `[gateway] compression`");
+    let m = parses(&format!("name = \"x\"\n{}\n{service}", compression[0]));
+    assert_eq!(m.gateway.compression.map(|c| c.level), Some(5));
+    let m = parses(&format!("name = \"x\"\n{}", compression[1]));
+    assert!(!m.services["accounts"].routes[0].compress);
 
     let limits = documented_examples("### `[gateway] limits`, `retries`, `outlier_detection`");
     let m = parses(&format!("name = \"x\"\n{}\n{service}", limits[0]));
