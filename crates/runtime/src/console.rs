@@ -13,10 +13,63 @@ use std::time::Duration;
 /// waited for.
 const BACKLOG: usize = 4096;
 
+/// A queue of lines to a writer thread that writes them to `out` (stdout,
+/// stderr): whoever sends never waits for the terminal or pipe behind it.
+/// A console nobody reads (`flotilla up | less` left unscrolled, Ctrl-S in
+/// the terminal) blocks only the writer thread, never the instances'
+/// output pumps, the supervisors or the gateway. Past [`BACKLOG`] lines,
+/// lines are dropped and counted, and the count written once it drains.
+#[derive(Debug, Clone)]
+pub struct Lines {
+    tx: SyncSender<Line>,
+    dropped: Arc<AtomicU64>,
+}
+
+#[derive(Debug)]
+enum Line {
+    /// Written as it is (ending with its newline).
+    Bytes(Vec<u8>),
+    /// Answered once every line before it is written.
+    Flush(SyncSender<()>),
+}
+
+impl Lines {
+    /// A writer thread called `name` writing to `out`; `None` if no thread
+    /// could be started.
+    pub fn spawn(name: &str, mut out: impl Write + Send + 'static) -> Option<Lines> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(BACKLOG);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&dropped);
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || write_lines(&rx, &counted, &mut out))
+            .ok()?;
+        Some(Lines { tx, dropped })
+    }
+
+    /// Queues `line`, which ends with its newline; drops it if the queue
+    /// is full.
+    pub fn send(&self, line: Vec<u8>) {
+        match self.tx.try_send(Line::Bytes(line)) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Waits, up to `within`, for what was sent so far to be written:
+    /// before `flotilla` exits, so that its last lines are not lost.
+    pub fn flush(&self, within: Duration) {
+        let (done, written) = std::sync::mpsc::sync_channel(1);
+        if self.tx.try_send(Line::Flush(done)).is_ok() {
+            let _ = written.recv_timeout(within);
+        }
+    }
+}
+
 /// Prints to stdout when enabled; always cheap to call, and never waits
-/// for stdout: a console nobody reads (`flotilla up | less` left
-/// unscrolled, Ctrl-S in the terminal) blocks only the writer thread,
-/// never the instances' output pumps, the supervisors or the gateway.
+/// for stdout (see [`Lines`]).
 #[derive(Debug)]
 pub(crate) struct Console {
     /// Instances' output (`flotilla up --quiet` turns it off).
@@ -26,33 +79,20 @@ pub(crate) struct Console {
     /// the services' output is), off for a system a test runs.
     events: bool,
     /// To the writer thread, when anything is printed at all.
-    lines: Option<SyncSender<Line>>,
-    dropped: Arc<AtomicU64>,
-}
-
-#[derive(Debug)]
-enum Line {
-    Text(String),
-    /// Answered once every line before it is written.
-    Flush(SyncSender<()>),
+    lines: Option<Lines>,
 }
 
 impl Console {
     pub(crate) fn new(echo: bool, events: bool) -> Self {
-        let dropped = Arc::new(AtomicU64::new(0));
-        let lines = (echo || events).then(|| {
-            let (tx, rx) = std::sync::mpsc::sync_channel(BACKLOG);
-            let counted = Arc::clone(&dropped);
-            let spawned = std::thread::Builder::new()
-                .name("flotilla-console".into())
-                .spawn(move || write_lines(&rx, &counted, &mut std::io::stdout()));
-            spawned.ok().map(|_| tx)
-        });
+        let lines = if echo || events {
+            Lines::spawn("flotilla-console", std::io::stdout())
+        } else {
+            None
+        };
         Console {
             echo,
             events,
-            lines: lines.flatten(),
-            dropped,
+            lines,
         }
     }
 
@@ -81,27 +121,17 @@ impl Console {
         }
     }
 
-    fn print(&self, line: String) {
-        let Some(lines) = &self.lines else {
-            return;
-        };
-        match lines.try_send(Line::Text(line)) {
-            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-            Err(TrySendError::Full(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+    fn print(&self, mut line: String) {
+        if let Some(lines) = &self.lines {
+            line.push('\n');
+            lines.send(line.into_bytes());
         }
     }
 
-    /// Waits, up to `within`, for what was printed so far to be written:
-    /// before `flotilla` exits, so that its last lines are not lost.
+    /// See [`Lines::flush`].
     pub(crate) fn flush(&self, within: Duration) {
-        let Some(lines) = &self.lines else {
-            return;
-        };
-        let (done, written) = std::sync::mpsc::sync_channel(1);
-        if lines.try_send(Line::Flush(done)).is_ok() {
-            let _ = written.recv_timeout(within);
+        if let Some(lines) = &self.lines {
+            lines.flush(within);
         }
     }
 }
@@ -111,8 +141,8 @@ impl Console {
 fn write_lines(lines: &Receiver<Line>, dropped: &AtomicU64, out: &mut impl Write) {
     while let Ok(line) = lines.recv() {
         match line {
-            Line::Text(text) => {
-                let _ = writeln!(out, "{text}");
+            Line::Bytes(bytes) => {
+                let _ = out.write_all(&bytes);
             }
             Line::Flush(done) => {
                 let _ = out.flush();
@@ -166,20 +196,23 @@ mod tests {
     #[test]
     fn a_console_nobody_reads_drops_lines_instead_of_waiting() {
         let (tx, rx) = std::sync::mpsc::sync_channel(2);
+        let lines = Lines {
+            tx,
+            dropped: Arc::new(AtomicU64::new(0)),
+        };
         let console = Console {
             echo: true,
             events: true,
-            lines: Some(tx),
-            dropped: Arc::new(AtomicU64::new(0)),
+            lines: Some(lines.clone()),
         };
         // Nothing writes yet: the third and fourth lines find it full.
         for n in 0..4 {
             console.instance_line("a-0", &format!("line {n}"));
         }
-        assert_eq!(console.dropped.load(Ordering::Relaxed), 2);
-        drop(console);
+        assert_eq!(lines.dropped.load(Ordering::Relaxed), 2);
+        drop((console, lines.tx));
         let mut out = Vec::new();
-        write_lines(&rx, &AtomicU64::new(2), &mut out);
+        write_lines(&rx, &lines.dropped, &mut out);
         let out = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[0], "         a-0 | line 0");
