@@ -296,6 +296,51 @@ pub struct PartitionStats {
     pub next_sequence: u64,
 }
 
+/// The longest partition or FIFO group key, in bytes: Kinesis's partition
+/// keys are at most 256 characters, SQS's group ids 128.
+pub const MAX_KEY_BYTES: usize = 256;
+
+/// `key`, taken from the event attribute `attribute` (or given with the
+/// record), if it can be a partition or group key: at most
+/// [`MAX_KEY_BYTES`], no control characters. A longer one had its length
+/// stored in two bytes and wrapped, corrupting the record (and the
+/// broker's start, if it was a partition's last); a line break in one
+/// made the NATS client panic writing it as a header.
+pub fn checked_key(key: String, attribute: &str) -> Result<String, EngineError> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(EngineError::InvalidArgument {
+            what: "key",
+            problem: format!(
+                "the key taken from `{attribute}` is {} bytes; at most {MAX_KEY_BYTES}",
+                key.len()
+            ),
+        });
+    }
+    if key.chars().any(char::is_control) {
+        return Err(EngineError::InvalidArgument {
+            what: "key",
+            problem: format!("the key taken from `{attribute}` has a control character"),
+        });
+    }
+    Ok(key)
+}
+
+/// A stream record's partition key: the one given with it, else the event
+/// attribute `attribute`, else the event's id; checked ([`checked_key`]).
+pub fn stream_key(
+    given: Option<String>,
+    event: &CloudEvent,
+    attribute: &str,
+) -> Result<String, EngineError> {
+    match given {
+        Some(key) => checked_key(key, "partition_key"),
+        None => match event.key(attribute) {
+            Some(key) => checked_key(key, attribute),
+            None => checked_key(event.id().to_owned(), "id"),
+        },
+    }
+}
+
 /// The partition for `key` among `partitions`: FNV-1a (stable across
 /// processes, versions and engines) modulo the partition count.
 pub fn partition_for(key: &str, partitions: u32) -> u32 {

@@ -659,9 +659,7 @@ impl Engine for NatsEngine {
                     }
                     NTarget::Stream(name) => {
                         let s = inner.stream(name)?;
-                        let key = event
-                            .key(&s.config.partition_key)
-                            .unwrap_or_else(|| event.id().to_owned());
+                        let key = super::stream_key(None, event, &s.config.partition_key)?;
                         let p = partition_for(&key, s.config.partitions);
                         let mut h = HeaderMap::new();
                         h.insert(KEY, key.as_str());
@@ -905,10 +903,7 @@ impl Engine for NatsEngine {
         let mut partitions = Vec::with_capacity(records.len());
         let mut msgs = Vec::with_capacity(records.len());
         for r in records {
-            let key = r
-                .partition_key
-                .or_else(|| r.event.key(&s.config.partition_key))
-                .unwrap_or_else(|| r.event.id().to_owned());
+            let key = super::stream_key(r.partition_key, &r.event, &s.config.partition_key)?;
             let p = partition_for(&key, s.config.partitions);
             let mut h = HeaderMap::new();
             h.insert(KEY, key.as_str());

@@ -18,6 +18,7 @@ conformance!(
     long_poll_wakes_on_send,
     delivery_delay,
     fifo_groups_and_dedup,
+    fifo_group_keys_are_bounded,
     retention_expires_messages,
     concurrent_publish_and_consume_loses_nothing,
     bad_arguments,
@@ -318,6 +319,44 @@ async fn delivery_delay(kind: Kind) {
         )
         .await;
     assert!(matches!(too_long, Err(EngineError::InvalidArgument { .. })));
+    env.close().await;
+}
+
+/// A FIFO group key is held to a stream key's bound (its length was
+/// stored in two bytes). On NATS a FIFO queue has no groups to key.
+async fn fifo_group_keys_are_bounded(kind: Kind) {
+    if kind.is_nats() {
+        return;
+    }
+    let env = Env::start(&kind, |c| {
+        c.queues.insert(
+            "orders".into(),
+            QueueConfig {
+                fifo: true,
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let e = &*env.engine;
+    let long = "g".repeat(65_537);
+    let refused = e
+        .send(
+            "orders",
+            vec![event("a1", "t", &[("partitionkey", &long)]).into()],
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(EngineError::InvalidArgument { .. })),
+        "{refused:?}"
+    );
+    let fits = e
+        .send(
+            "orders",
+            vec![event("a2", "t", &[("partitionkey", &"g".repeat(256))]).into()],
+        )
+        .await;
+    assert!(fits.is_ok(), "{fits:?}");
     env.close().await;
 }
 

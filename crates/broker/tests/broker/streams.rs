@@ -12,8 +12,76 @@ use crate::support::{Env, Kind, event, event_id, eventually};
 
 conformance!(
     partitions_sequences_iterators,
-    consumer_groups_split_and_take_over
+    consumer_groups_split_and_take_over,
+    partition_keys_are_bounded
 );
+
+/// A partition key is at most 256 bytes, with no control characters:
+/// a longer one's length wrapped in the embedded store (a corrupt record,
+/// and a broker that would not start when it was a partition's last), and
+/// a line break made the NATS client panic. Refused with what to fix;
+/// nothing of the batch is stored.
+async fn partition_keys_are_bounded(kind: Kind) {
+    let env = Env::start(&kind, |c| {
+        c.streams.insert(
+            "keys".into(),
+            StreamConfig {
+                partitions: 2,
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let e = &*env.engine;
+    let longest = "k".repeat(256);
+    let ok = e
+        .put_records(
+            "keys",
+            vec![event("fits", "t", &[("partitionkey", &longest)]).into()],
+        )
+        .await
+        .unwrap();
+    for bad in ["k".repeat(257), "a\r\nb".to_string(), "x".repeat(70_000)] {
+        let refused = e
+            .put_records(
+                "keys",
+                vec![
+                    event("first", "t", &[("partitionkey", "fine")]).into(),
+                    event("bad", "t", &[("partitionkey", &bad)]).into(),
+                ],
+            )
+            .await;
+        assert!(
+            matches!(&refused, Err(EngineError::InvalidArgument { problem, .. }) if problem.contains("partitionkey")),
+            "{refused:?}"
+        );
+    }
+    // An id standing in for a missing key is held to the same bound.
+    let long_id = e
+        .put_records("keys", vec![event(&"i".repeat(300), "t", &[]).into()])
+        .await;
+    assert!(
+        matches!(&long_id, Err(EngineError::InvalidArgument { problem, .. }) if problem.contains("`id`")),
+        "{long_id:?}"
+    );
+    let read = e
+        .read(
+            "keys",
+            ok[0].partition,
+            StreamPosition::TrimHorizon,
+            100,
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    let keys: Vec<&str> = read
+        .records
+        .iter()
+        .map(|r| r.partition_key.as_str())
+        .collect();
+    assert_eq!(keys, [longest.as_str()], "only the record that fits");
+    env.close().await;
+}
 
 async fn partitions_sequences_iterators(kind: Kind) {
     let env = Env::start(&kind, |c| {

@@ -488,38 +488,45 @@ impl Inner {
         event: &CloudEvent,
         delay: Option<Duration>,
         now: u64,
-    ) -> Append {
+    ) -> Result<Append, EngineError> {
         let cfg = &self.shared.queues[q].config;
         let (group, dedup) = if cfg.fifo {
             (
-                event.key(&cfg.group_attribute).unwrap_or_default(),
+                super::checked_key(
+                    event.key(&cfg.group_attribute).unwrap_or_default(),
+                    &cfg.group_attribute,
+                )?,
                 Some(event.dedup_key()),
             )
         } else {
             (String::new(), None)
         };
-        Append::Queue {
+        Ok(Append::Queue {
             queue: q,
             event: event.as_bytes().clone(),
             group,
             dedup,
             delay_ms: ms(delay.unwrap_or(cfg.delay)),
             now,
-        }
+        })
     }
 
-    fn stream_append(&self, s: usize, event: &CloudEvent, key: Option<String>, now: u64) -> Append {
+    fn stream_append(
+        &self,
+        s: usize,
+        event: &CloudEvent,
+        key: Option<String>,
+        now: u64,
+    ) -> Result<Append, EngineError> {
         let rt = &self.shared.streams[s];
-        let key = key
-            .or_else(|| event.key(&rt.config.partition_key))
-            .unwrap_or_else(|| event.id().to_owned());
-        Append::Stream {
+        let key = super::stream_key(key, event, &rt.config.partition_key)?;
+        Ok(Append::Stream {
             stream: s,
             partition: partition_for(&key, rt.config.partitions),
             key,
             event: event.as_bytes().clone(),
             now,
-        }
+        })
     }
 
     /// A receive served from memory: new messages from the tail, for a
@@ -966,8 +973,8 @@ impl Engine for EmbeddedEngine {
                 routed += 1;
                 bytes += event.as_bytes().len();
                 items.push(match to {
-                    RouteTo::Queue(q) => inner.queue_append(*q, event, None, now),
-                    RouteTo::Stream(s) => inner.stream_append(*s, event, None, now),
+                    RouteTo::Queue(q) => inner.queue_append(*q, event, None, now)?,
+                    RouteTo::Stream(s) => inner.stream_append(*s, event, None, now)?,
                 });
             }
             outcomes.push(PublishOutcome { routed });
@@ -991,7 +998,7 @@ impl Engine for EmbeddedEngine {
         for m in &messages {
             check_delay(m.delay)?;
             bytes += m.event.as_bytes().len();
-            items.push(inner.queue_append(qi, &m.event, m.delay, now));
+            items.push(inner.queue_append(qi, &m.event, m.delay, now)?);
         }
         let out = inner.append(items, bytes).await?;
         Ok(out
@@ -1233,13 +1240,13 @@ impl Engine for EmbeddedEngine {
         let si = inner.stream_idx(stream)?;
         let now = now_ms();
         let mut bytes = 0;
-        let items: Vec<Append> = records
+        let items = records
             .into_iter()
             .map(|r| {
                 bytes += r.event.as_bytes().len();
                 inner.stream_append(si, &r.event, r.partition_key, now)
             })
-            .collect();
+            .collect::<Result<Vec<Append>, EngineError>>()?;
         let out = inner.append(items, bytes).await?;
         Ok(out
             .into_iter()
