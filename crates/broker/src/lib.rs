@@ -123,6 +123,9 @@ impl Broker {
                     spec.name.clone(),
                     push.clone(),
                     spec.config.max_receives,
+                    spec.config
+                        .fifo
+                        .then(|| spec.config.group_attribute.clone()),
                     identity.clone(),
                     rx.clone(),
                 ));

@@ -704,12 +704,25 @@ impl Engine for NatsEngine {
         request.check()?;
         let inner = &self.inner;
         let q = inner.queue(queue)?;
-        let visibility = request.visibility_timeout.unwrap_or(q.ack_wait);
+        // A FIFO queue's message stays in flight for all of AckWait: a
+        // shorter visibility is a -NAK with delay, which frees its one
+        // place and lets the next message overtake it.
+        let visibility = match request.visibility_timeout {
+            Some(v) if !(q.config.fifo && v < q.ack_wait) => v,
+            _ => q.ack_wait,
+        };
         let deadline = tokio::time::Instant::now() + request.wait;
         loop {
             let before = now_ms();
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let fetch = q.consumer.fetch().max_messages(request.max_messages);
+            // A FIFO queue has one message in flight (MaxAckPending 1): a
+            // fetch for more was held open by the server until it expired.
+            let most = if q.config.fifo {
+                1
+            } else {
+                request.max_messages
+            };
+            let fetch = q.consumer.fetch().max_messages(most);
             let fetch = if remaining >= Duration::from_millis(10) {
                 fetch.expires(remaining)
             } else {
@@ -717,6 +730,12 @@ impl Engine for NatsEngine {
             };
             let mut batch = fetch.messages().await.map_err(nats("fetch"))?;
             let mut out = Vec::new();
+            // NAKed once the batch is in: a message NAKed with a delay
+            // counts as pending at the server, which then holds the fetch
+            // open until it expires (every receive with a visibility shorter
+            // than AckWait, push delivery's included, took the whole long
+            // poll, 20 s, however many messages were there).
+            let mut shortened: Vec<String> = Vec::new();
             while let Some(m) = batch.next().await {
                 let m = m.map_err(nats_boxed("fetch"))?;
                 let Some(reply) = m.reply.as_ref().map(|r| r.to_string()) else {
@@ -744,9 +763,7 @@ impl Engine for NatsEngine {
                     continue;
                 }
                 let until = if visibility < q.ack_wait {
-                    inner
-                        .ack_kind(&reply, AckKind::Nak(Some(visibility)))
-                        .await?;
+                    shortened.push(reply.clone());
                     before + ms(visibility)
                 } else {
                     if visibility > q.ack_wait {
@@ -765,6 +782,12 @@ impl Engine for NatsEngine {
                     sent_at_ms: published,
                     event: m.payload.clone(),
                 });
+            }
+            drop(batch);
+            for reply in &shortened {
+                inner
+                    .ack_kind(reply, AckKind::Nak(Some(visibility)))
+                    .await?;
             }
             if !out.is_empty() || tokio::time::Instant::now() >= deadline {
                 return Ok(out);
@@ -799,6 +822,14 @@ impl Engine for NatsEngine {
         let r = inner.current(receipt)?;
         inner.stop_keepalive(&r.reply);
         let start = now_ms();
+        // On a FIFO queue only a release (0) is a -NAK, which puts the
+        // message back at the head; one with a delay would let the next
+        // overtake it, so a shorter timeout keeps it for AckWait.
+        let timeout = if q.config.fifo && !timeout.is_zero() {
+            timeout.max(q.ack_wait)
+        } else {
+            timeout
+        };
         if timeout < q.ack_wait {
             // Redelivered sooner than the old receipt's deadline: that
             // receipt must not be able to ack the redelivery.

@@ -23,7 +23,70 @@ conformance!(
     topic_push_retries_then_delivers_with_trace,
     push_dead_letters_rejections_and_exhausted_retries,
     stream_push_in_order_per_partition,
+    fifo_push_keeps_each_group_in_order,
 );
+
+/// A FIFO queue's receive can hold several messages of one group; pushed
+/// each in a task of its own, the second could arrive first, or succeed
+/// while the first was put back to be retried. Each group's messages now
+/// reach the subscriber in order, the head's retry included. On NATS (one
+/// message in flight for the whole queue) the retry waits out the queue's
+/// visibility, 2 s here, rather than the push backoff: a -NAK with a delay
+/// let the next message overtake it, and each receive took the whole long
+/// poll.
+async fn fifo_push_keeps_each_group_in_order(kind: Kind) {
+    let (addr, mut rx) = subscriber(Arc::new(|id, attempt| {
+        if id == "a1" && attempt == 1 {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        }
+    }))
+    .await;
+    let env = Env::start(&kind, |c| {
+        c.queues.insert(
+            "orders".into(),
+            QueueConfig {
+                fifo: true,
+                deliver: Some(push(addr)),
+                visibility_timeout: Duration::from_secs(2),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let g = |id: &str, group: &str| event(id, "t", &[("partitionkey", group)]).into();
+    env.engine
+        .send(
+            "orders",
+            vec![
+                g("a1", "A"),
+                g("b1", "B"),
+                g("a2", "A"),
+                g("b2", "B"),
+                g("a3", "A"),
+            ],
+        )
+        .await
+        .unwrap();
+    let hits = collect_until(&mut rx, "5 deliveries", |h| {
+        h.iter().filter(|h| h.status == 200).count() >= 5
+    })
+    .await;
+    let seen = |group: &str| -> Vec<String> {
+        hits.iter()
+            .filter(|h| h.key.as_deref() == Some(group))
+            .map(|h| format!("{}:{}", h.id, h.status))
+            .collect()
+    };
+    assert_eq!(
+        seen("A"),
+        ["a1:503", "a1:200", "a2:200", "a3:200"],
+        "{hits:?}"
+    );
+    assert_eq!(seen("B"), ["b1:200", "b2:200"], "{hits:?}");
+    env.close().await;
+}
 
 const TRACE: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
