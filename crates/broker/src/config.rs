@@ -121,9 +121,10 @@ pub enum Durability {
     /// After the data is fsynced (concurrent publishes share one fsync).
     #[default]
     Always,
-    /// After the data is written; an fsync runs every interval, so a power
-    /// loss (not a process crash) can lose up to one interval of
-    /// acknowledged publishes.
+    /// After the data is committed in memory; a durable commit runs every
+    /// interval, so a crash of the process or a power loss can lose up to
+    /// one interval of acknowledged publishes (redb keeps a non-durable
+    /// commit in memory only).
     Interval(Duration),
 }
 

@@ -41,9 +41,9 @@ pub enum BrokerEngine {
 pub enum BrokerDurability {
     /// After the event is fsynced (concurrent publishes share one fsync).
     Always,
-    /// After it is written; an fsync runs every interval, so a power loss
-    /// (not a process crash) can lose up to one interval of acknowledged
-    /// publishes.
+    /// After it is committed in memory; the log is made durable every
+    /// interval, so a crash of the broker's process or a power loss can
+    /// lose up to one interval of acknowledged publishes.
     Interval(Duration),
 }
 
