@@ -640,6 +640,9 @@ struct LeaseBody {
     ttl_seconds: Option<f64>,
 }
 
+/// The longest lease a consumer may ask for.
+const MAX_LEASE_TTL: Duration = Duration::from_secs(300);
+
 fn lease_json(l: &Lease) -> serde_json::Value {
     serde_json::json!({ "partition": l.partition, "token": l.token, "checkpoint": l.checkpoint })
 }
@@ -651,6 +654,14 @@ async fn leases(
 ) -> Result<Response, ApiError> {
     let b: LeaseBody = json(&body(&api, raw)?)?;
     let ttl = seconds("ttl_seconds", b.ttl_seconds)?.unwrap_or(Duration::from_secs(30));
+    // A consumer that took its partitions for a day and died would stall
+    // them for a day: renewals are cheap, a long lease is not.
+    if ttl > MAX_LEASE_TTL || ttl.is_zero() {
+        return Err(ApiError::Request(format!(
+            "ttl_seconds must be more than 0 and at most {}",
+            MAX_LEASE_TTL.as_secs()
+        )));
+    }
     let leases = api
         .engine
         .acquire_leases(&stream, &group, &b.consumer, ttl)

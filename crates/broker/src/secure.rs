@@ -54,6 +54,25 @@ fn required(method: &Method, path: &str) -> Option<(ResourceKind, String, Action
     }
 }
 
+/// The consumer group a stream call names (`/streams/{s}/groups/{g}/…`).
+fn stream_group(path: &str) -> Option<&str> {
+    let mut parts = path.trim_start_matches('/').split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("streams"), Some(_), Some("groups"), Some(group)) => Some(group),
+        _ => None,
+    }
+}
+
+/// Whether `group` is `service`'s: its name, or its name and `-` before
+/// anything. Every service that consumes a stream could otherwise join,
+/// checkpoint or take the leases of another's group (or the broker's own
+/// `push`), and skip or stall its records.
+fn owns_group(service: &str, group: &str) -> bool {
+    group
+        .strip_prefix(service)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+}
+
 fn denied(code: &str, message: String) -> Response {
     let body = serde_json::json!({ "error": { "code": code, "message": message } });
     (
@@ -81,6 +100,19 @@ pub(crate) fn authorized(router: Router, grants: Grants) -> Router {
                 {
                     tracing::warn!(%caller, %kind, name, %action, "broker: refused a call: {e}");
                     return denied(e.code(), e.to_string());
+                }
+                if let Some(group) = stream_group(req.uri().path())
+                    && !grants.is_operator(&caller)
+                    && !owns_group(caller.service(), group)
+                {
+                    let service = caller.service();
+                    tracing::warn!(%caller, group, "broker: refused another's consumer group");
+                    return denied(
+                        "not_your_group",
+                        format!(
+                            "consumer group `{group}` is not service `{service}`'s: a service's groups are named `{service}` or `{service}-<anything>`"
+                        ),
+                    );
                 }
                 next.run(req).await
             }
@@ -177,5 +209,58 @@ mod tests {
         );
         assert_eq!(required(&get, "/healthz"), None);
         assert_eq!(required(&get, "/openapi.json"), None);
+    }
+
+    /// Two services consume one stream: each may use its own groups only,
+    /// not the other's nor the broker's `push`; the operator any.
+    #[tokio::test]
+    async fn a_service_uses_only_its_own_consumer_groups() {
+        use tower::ServiceExt as _;
+        let mut grants = Grants::new("shop", "local").unwrap();
+        for service in ["analytics", "audit"] {
+            let mut declared = flotilla_mesh::exposure::Declared::default();
+            declared.streams.insert("orders".into());
+            grants.declare(service, declared).unwrap();
+        }
+        grants.allow_operator("flotilla-operator").unwrap();
+        let app = authorized(
+            Router::new().fallback(|| async { StatusCode::NO_CONTENT }),
+            grants,
+        );
+        let call = |service: &str, path: &str| {
+            let request = Request::builder()
+                .method(Method::POST)
+                .uri(path)
+                .extension(Peer(SpiffeId::local("shop", service).unwrap()))
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let app = app.clone();
+            async move { app.oneshot(request).await.unwrap().status() }
+        };
+        for (service, group, allowed) in [
+            ("analytics", "analytics", true),
+            ("analytics", "analytics-replay", true),
+            ("analytics", "analyticsx", false),
+            ("analytics", "audit", false),
+            ("audit", "analytics", false),
+            ("audit", "push", false),
+            ("flotilla-operator", "push", true),
+        ] {
+            for path in [
+                format!("/streams/orders/groups/{group}/leases"),
+                format!("/streams/orders/groups/{group}/partitions/0/checkpoint"),
+            ] {
+                let status = call(service, &path).await;
+                let want = if allowed {
+                    StatusCode::NO_CONTENT
+                } else {
+                    StatusCode::FORBIDDEN
+                };
+                assert_eq!(status, want, "{service} {path}");
+            }
+        }
+        // Reading a partition names no group.
+        let read = call("audit", "/streams/orders/partitions/0/records").await;
+        assert_eq!(read, StatusCode::NO_CONTENT);
     }
 }

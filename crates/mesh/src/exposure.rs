@@ -240,6 +240,14 @@ impl Grants {
         Ok(())
     }
 
+    /// Whether `caller` is one of [`Grants::allow_operator`]'s identities
+    /// (of this system and environment).
+    pub fn is_operator(&self, caller: &SpiffeId) -> bool {
+        caller.system() == self.system
+            && caller.env() == self.env
+            && self.operators.contains(caller.service())
+    }
+
     /// Whether `caller` may do `action` to the `kind` resource `name`.
     pub fn check(
         &self,

@@ -183,6 +183,19 @@ async fn api_round_trip(kind: Kind) {
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["records"][0]["event"]["id"], "s2");
     let seq = body["records"][0]["sequence"].as_u64().unwrap();
+    // A lease is renewed, not taken for a day: a consumer that died
+    // holding one would stall its partitions that long.
+    for ttl in [86_400.0, 301.0, 0.0] {
+        let (s, body) = http
+            .json(
+                "POST",
+                "/streams/log/groups/g/leases",
+                serde_json::json!({"consumer": "c1", "ttl_seconds": ttl}),
+            )
+            .await;
+        assert_eq!(s, 400, "{ttl}: {body}");
+        assert!(body.to_string().contains("at most 300"), "{body}");
+    }
     let (s, body) = http
         .json(
             "POST",
