@@ -296,6 +296,13 @@ pub struct PartitionStats {
     pub next_sequence: u64,
 }
 
+/// The most event bytes one stream read returns (it returns at least one
+/// record, whatever its size): `limit` alone let a read of 10 000 records
+/// of 1 MiB hold 10 GiB in the broker. Above the largest event allowed
+/// (16 MiB) with its headers, since NATS refuses a fetch whose byte budget
+/// one message exceeds.
+pub const MAX_READ_BYTES: usize = 32 << 20;
+
 /// The longest partition or FIFO group key, in bytes: Kinesis's partition
 /// keys are at most 256 characters, SQS's group ids 128.
 pub const MAX_KEY_BYTES: usize = 256;

@@ -1022,7 +1022,10 @@ impl Engine for NatsEngine {
             .await
             .map_err(nats("create reader"))?;
         let wait = wait.min(crate::config::MAX_WAIT);
-        let fetch = consumer.fetch().max_messages(limit);
+        let fetch = consumer
+            .fetch()
+            .max_messages(limit)
+            .max_bytes(super::MAX_READ_BYTES);
         let fetch = if wait >= Duration::from_millis(10) {
             fetch.expires(wait)
         } else {
@@ -1031,7 +1034,15 @@ impl Engine for NatsEngine {
         let mut batch = fetch.messages().await.map_err(nats("read"))?;
         let mut records = Vec::new();
         while let Some(m) = batch.next().await {
-            let m = m.map_err(nats_boxed("read"))?;
+            let m = match m {
+                Ok(m) => m,
+                // The server ends a batch whose next message would pass
+                // `max_bytes` with a 409 (async-nats: an opaque error):
+                // what came is returned, and the next read goes on from
+                // after it. An error before any record is the caller's.
+                Err(_) if !records.is_empty() => break,
+                Err(e) => return Err(nats_boxed("read")(e)),
+            };
             let Ok(info) = m.info() else { continue };
             let key = m
                 .headers

@@ -13,8 +13,61 @@ use crate::support::{Env, Kind, event, event_id, eventually};
 conformance!(
     partitions_sequences_iterators,
     consumer_groups_split_and_take_over,
-    partition_keys_are_bounded
+    partition_keys_are_bounded,
+    a_read_is_bounded_in_bytes
 );
+
+/// A read returns at most `MAX_READ_BYTES` of events, then goes on from
+/// where it stopped: 80 events of 512 KiB are 40 MiB.
+async fn a_read_is_bounded_in_bytes(kind: Kind) {
+    let env = Env::start(&kind, |c| {
+        c.streams.insert(
+            "big".into(),
+            StreamConfig {
+                partitions: 1,
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let e = &*env.engine;
+    let pad = "x".repeat(512 << 10);
+    for chunk in 0..8 {
+        let records: Vec<OutgoingRecord> = (0..10)
+            .map(|i| {
+                flotilla_broker::CloudEvent::new(
+                    &format!("b{}", chunk * 10 + i),
+                    "/tests",
+                    "t",
+                    &[("partitionkey", "k")],
+                    &serde_json::json!({ "pad": pad }),
+                )
+                .unwrap()
+                .into()
+            })
+            .collect();
+        e.put_records("big", records).await.unwrap();
+    }
+    let mut from = StreamPosition::TrimHorizon;
+    let mut reads = Vec::new();
+    let mut ids = Vec::new();
+    while ids.len() < 80 {
+        let r = e
+            .read("big", 0, from, 10_000, Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(!r.records.is_empty(), "stopped at {}", ids.len());
+        let bytes: usize = r.records.iter().map(|r| r.event.len()).sum();
+        assert!(bytes <= flotilla_broker::engine::MAX_READ_BYTES, "{bytes}");
+        reads.push(r.records.len());
+        ids.extend(r.records.iter().map(|r| event_id(&r.event)));
+        from = r.next;
+    }
+    assert!(reads.len() >= 2, "{reads:?}");
+    let want: Vec<String> = (0..80).map(|i| format!("b{i}")).collect();
+    assert_eq!(ids, want);
+    env.close().await;
+}
 
 /// A partition key is at most 256 bytes, with no control characters:
 /// a longer one's length wrapped in the embedded store (a corrupt record,

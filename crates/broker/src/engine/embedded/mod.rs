@@ -857,6 +857,7 @@ impl Inner {
             }
         };
         let mut records = Vec::new();
+        let mut bytes = 0usize;
         let mut resume = start.min(next);
         if start < next {
             for row in srec
@@ -867,6 +868,10 @@ impl Inner {
                 let (k, v) = row.map_err(err)?;
                 let sequence = k.value().2;
                 let rec = StreamRecord::decode(v.value()).map_err(store_err)?;
+                bytes = bytes.saturating_add(rec.event.len());
+                if !records.is_empty() && bytes > super::MAX_READ_BYTES {
+                    break;
+                }
                 records.push(Record {
                     partition,
                     sequence,
