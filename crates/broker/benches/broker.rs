@@ -130,6 +130,7 @@ async fn consume(e: Arc<dyn Engine>, queue: &str, n: u64, workers: usize) -> f64
                             max_messages: 10,
                             wait: Duration::from_millis(200),
                             visibility_timeout: None,
+                            one_per_group: false,
                         },
                     )
                     .await
@@ -167,6 +168,7 @@ async fn latency(e: Arc<dyn Engine>, queue: &str, n: usize) -> Vec<Duration> {
                         max_messages: 10,
                         wait: Duration::from_secs(5),
                         visibility_timeout: None,
+                        one_per_group: false,
                     },
                 )
                 .await

@@ -389,6 +389,7 @@ async fn receive(
         max_messages: b.max_messages.unwrap_or(1),
         wait: seconds("wait_seconds", b.wait_seconds)?.unwrap_or_default(),
         visibility_timeout: seconds("visibility_timeout_seconds", b.visibility_timeout_seconds)?,
+        one_per_group: false,
     };
     let deliveries = api.engine.receive(&queue, request).await?;
     // The events are stored, validated JSON: splice them in verbatim.

@@ -123,9 +123,7 @@ impl Broker {
                     spec.name.clone(),
                     push.clone(),
                     spec.config.max_receives,
-                    spec.config
-                        .fifo
-                        .then(|| spec.config.group_attribute.clone()),
+                    spec.config.fifo,
                     identity.clone(),
                     rx.clone(),
                 ));

@@ -154,8 +154,7 @@ fn count(subscription: &str, outcome: &'static str) {
 }
 
 /// Settles delivery `d` of `queue` by how its POST went: acknowledged,
-/// put back with backoff, or dead-lettered. Whether the message is gone
-/// (acknowledged or dead-lettered), so that a FIFO group's next may go.
+/// put back with backoff, or dead-lettered.
 async fn settle(
     engine: &dyn Engine,
     queue: &str,
@@ -163,61 +162,44 @@ async fn settle(
     max_receives: Option<u32>,
     d: &Delivery,
     outcome: Outcome,
-) -> bool {
-    let (result, gone) = match outcome {
+) {
+    let result = match outcome {
         Outcome::Delivered => {
             count(queue, "ok");
             let acked = engine.ack(queue, std::slice::from_ref(&d.receipt)).await;
-            (acked.map(|_| ()), true)
+            acked.map(|_| ())
         }
         Outcome::Retry(after) if max_receives.is_none_or(|m| d.receive_count < m) => {
             count(queue, "retry");
             let wait = backoff(cfg, d.receive_count).max(after.unwrap_or_default());
             let wait = wait.min(crate::config::MAX_VISIBILITY);
             let put_back = engine.change_visibility(queue, &d.receipt, wait).await;
-            (put_back.map(|_| ()), false)
+            put_back.map(|_| ())
         }
         Outcome::Retry(_) | Outcome::Reject(_) => {
             tracing::info!(queue = %queue, receive_count = d.receive_count, outcome = ?outcome, "push delivery gave up; dead-lettering");
             count(queue, "dead_letter");
-            (engine.dead_letter(queue, &d.receipt).await, true)
+            engine.dead_letter(queue, &d.receipt).await
         }
     };
     if let Err(e) = result {
         // Stale: it expired and went to someone else.
         tracing::debug!(queue = %queue, error = %e, "push settle failed");
     }
-    gone
-}
-
-/// `deliveries` by FIFO group (the event attribute `attribute`), each
-/// group's in the order received, groups in the order first seen.
-fn by_group(deliveries: Vec<Delivery>, attribute: &str) -> Vec<Vec<Delivery>> {
-    let mut groups: Vec<(String, Vec<Delivery>)> = Vec::new();
-    for d in deliveries {
-        let key = cloudevent::CloudEvent::parse(d.event.clone(), usize::MAX)
-            .ok()
-            .and_then(|e| e.key(attribute))
-            .unwrap_or_default();
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, group)) => group.push(d),
-            None => groups.push((key, vec![d])),
-        }
-    }
-    groups.into_iter().map(|(_, group)| group).collect()
 }
 
 /// Delivers a queue's messages to `cfg.url` until `shutdown` turns true.
-/// For a FIFO queue (`fifo_group`: its group attribute), a receive can hold
-/// several messages of one group: they are POSTed one after another, and
-/// when one is put back to be retried, the rest of its group go back
-/// unsent, so that the subscriber sees each group in order.
+/// From a FIFO queue (`fifo`) it receives one message of each group at a
+/// time: the next of a group only once the one before it is acknowledged
+/// or dead-lettered (a receive could hold several of one group, POSTed at
+/// once, the second arriving first or succeeding while the first waited
+/// to be retried), so that the subscriber sees each group in order.
 pub(crate) fn spawn_queue(
     engine: Arc<dyn Engine>,
     queue: String,
     cfg: PushConfig,
     max_receives: Option<u32>,
-    fifo_group: Option<String>,
+    fifo: bool,
     identity: Option<Identity>,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
@@ -247,6 +229,7 @@ pub(crate) fn spawn_queue(
                 wait: crate::config::MAX_WAIT,
                 // Long enough that a slow POST is not redelivered under it.
                 visibility_timeout: Some(cfg.timeout + Duration::from_secs(5)),
+                one_per_group: fifo,
             };
             let got = tokio::select! {
                 r = engine.receive(&queue, request) => r,
@@ -261,33 +244,14 @@ pub(crate) fn spawn_queue(
                     continue;
                 }
             };
-            // One task per message, or per FIFO group holding a permit
-            // for each of its messages.
-            let runs: Vec<Vec<Delivery>> = match &fifo_group {
-                Some(attribute) => by_group(deliveries, attribute),
-                None => deliveries.into_iter().map(|d| vec![d]).collect(),
-            };
-            for run in runs {
-                let permits: Vec<_> = (0..run.len()).map_while(|_| held.pop()).collect();
+            for d in deliveries {
+                let Some(permit) = held.pop() else { break };
                 let (engine, client, cfg, queue) =
                     (engine.clone(), client.clone(), cfg.clone(), queue.clone());
                 tasks.spawn(async move {
-                    let _permits = permits;
-                    let mut run = run.into_iter();
-                    while let Some(d) = run.next() {
-                        let outcome = post(&client, &cfg, &d.event).await;
-                        if !settle(&*engine, &queue, &cfg, max_receives, &d, outcome).await {
-                            // Back unsent: visible again at once, each
-                            // waits behind the one put back (the group's
-                            // head is in flight).
-                            for rest in run {
-                                let _ = engine
-                                    .change_visibility(&queue, &rest.receipt, Duration::ZERO)
-                                    .await;
-                            }
-                            break;
-                        }
-                    }
+                    let _permit = permit;
+                    let outcome = post(&client, &cfg, &d.event).await;
+                    settle(&*engine, &queue, &cfg, max_receives, &d, outcome).await;
                 });
             }
         }

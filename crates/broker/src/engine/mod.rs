@@ -108,6 +108,12 @@ pub struct ReceiveRequest {
     pub wait: Duration,
     /// Overrides the queue's visibility timeout for these deliveries.
     pub visibility_timeout: Option<Duration>,
+    /// On a FIFO queue, at most one message of each group (its head): for
+    /// a consumer that handles a group's messages one at a time (push
+    /// delivery), so that the rest are not received, counted and held
+    /// in flight while the head is handled. On NATS a FIFO queue has one
+    /// message in flight anyway.
+    pub one_per_group: bool,
 }
 
 impl Default for ReceiveRequest {
@@ -116,6 +122,7 @@ impl Default for ReceiveRequest {
             max_messages: 1,
             wait: Duration::ZERO,
             visibility_timeout: None,
+            one_per_group: false,
         }
     }
 }

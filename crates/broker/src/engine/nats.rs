@@ -736,6 +736,9 @@ impl Engine for NatsEngine {
             // than AckWait, push delivery's included, took the whole long
             // poll, 20 s, however many messages were there).
             let mut shortened: Vec<String> = Vec::new();
+            // Messages fetched before their delivery delay, handed back
+            // once the batch is in, for the same reason.
+            let mut early: Vec<(String, Duration)> = Vec::new();
             while let Some(m) = batch.next().await {
                 let m = m.map_err(nats_boxed("fetch"))?;
                 let Some(reply) = m.reply.as_ref().map(|r| r.to_string()) else {
@@ -758,8 +761,7 @@ impl Engine for NatsEngine {
                     && nb > now_ms()
                 {
                     // Delivery delay: hand it back until it is due.
-                    let wait = Duration::from_millis(nb - now_ms());
-                    inner.ack_kind(&reply, AckKind::Nak(Some(wait))).await?;
+                    early.push((reply, Duration::from_millis(nb - now_ms())));
                     continue;
                 }
                 let until = if visibility < q.ack_wait {
@@ -788,6 +790,9 @@ impl Engine for NatsEngine {
                 inner
                     .ack_kind(reply, AckKind::Nak(Some(visibility)))
                     .await?;
+            }
+            for (reply, wait) in &early {
+                inner.ack_kind(reply, AckKind::Nak(Some(*wait))).await?;
             }
             if !out.is_empty() || tokio::time::Instant::now() >= deadline {
                 return Ok(out);

@@ -77,6 +77,7 @@ async fn drain(broker: &Broker, queue: &str) -> HashMap<String, usize> {
                     max_messages: 10,
                     wait: Duration::from_millis(300),
                     visibility_timeout: Some(Duration::from_secs(600)),
+                    one_per_group: false,
                 },
             )
             .await

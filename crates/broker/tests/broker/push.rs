@@ -29,18 +29,16 @@ conformance!(
 /// A FIFO queue's receive can hold several messages of one group; pushed
 /// each in a task of its own, the second could arrive first, or succeed
 /// while the first was put back to be retried. Each group's messages now
-/// reach the subscriber in order, the head's retry included. On NATS (one
-/// message in flight for the whole queue) the retry waits out the queue's
-/// visibility, 2 s here, rather than the push backoff: a -NAK with a delay
-/// let the next message overtake it, and each receive took the whole long
-/// poll.
+/// reach the subscriber in order, retries included, and a message waiting
+/// behind its group's head is not received (and counted toward
+/// `max_receives`) meanwhile. On NATS (one message in flight for the whole
+/// queue) a retry waits out the queue's visibility, 2 s here, rather than
+/// the push backoff: a -NAK with a delay let the next message overtake it,
+/// and each receive took the whole long poll.
 async fn fifo_push_keeps_each_group_in_order(kind: Kind) {
-    let (addr, mut rx) = subscriber(Arc::new(|id, attempt| {
-        if id == "a1" && attempt == 1 {
-            StatusCode::SERVICE_UNAVAILABLE
-        } else {
-            StatusCode::OK
-        }
+    let (addr, mut rx) = subscriber(Arc::new(|id, attempt| match (id, attempt) {
+        ("a1", 1 | 2) | ("a2", 1) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::OK,
     }))
     .await;
     let env = Env::start(&kind, |c| {
@@ -50,6 +48,7 @@ async fn fifo_push_keeps_each_group_in_order(kind: Kind) {
                 fifo: true,
                 deliver: Some(push(addr)),
                 visibility_timeout: Duration::from_secs(2),
+                max_receives: Some(3),
                 ..Default::default()
             },
         );
@@ -81,7 +80,7 @@ async fn fifo_push_keeps_each_group_in_order(kind: Kind) {
     };
     assert_eq!(
         seen("A"),
-        ["a1:503", "a1:200", "a2:200", "a3:200"],
+        ["a1:503", "a1:503", "a1:200", "a2:503", "a2:200", "a3:200"],
         "{hits:?}"
     );
     assert_eq!(seen("B"), ["b1:200", "b2:200"], "{hits:?}");

@@ -235,6 +235,7 @@ async fn poison_message_does_not_block_others(kind: Kind) {
                     max_messages: 10,
                     wait: Duration::from_millis(500),
                     visibility_timeout: None,
+                    one_per_group: false,
                 },
             )
             .await
@@ -267,6 +268,7 @@ async fn long_poll_wakes_on_send(kind: Kind) {
                     max_messages: 1,
                     wait: Duration::from_secs(15),
                     visibility_timeout: None,
+                    one_per_group: false,
                 },
             )
             .await
@@ -557,6 +559,7 @@ async fn concurrent_publish_and_consume_loses_nothing(kind: Kind) {
                             max_messages: 10,
                             wait: Duration::from_millis(500),
                             visibility_timeout: None,
+                            one_per_group: false,
                         },
                     )
                     .await

@@ -221,6 +221,7 @@ pub async fn receive_n(
                     max_messages: (n - got.len()).min(10),
                     wait: Duration::from_secs(2),
                     visibility_timeout: Some(visibility),
+                    one_per_group: false,
                 },
             )
             .await
@@ -240,6 +241,7 @@ pub async fn receive_window(engine: &dyn Engine, queue: &str, window: Duration) 
                 max_messages: 10,
                 wait: window,
                 visibility_timeout: None,
+                one_per_group: false,
             },
         )
         .await

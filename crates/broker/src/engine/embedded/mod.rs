@@ -590,6 +590,7 @@ impl Inner {
         qi: usize,
         max: usize,
         visibility: u64,
+        one_per_group: bool,
     ) -> Result<Vec<Delivery>, EngineError> {
         let q = &self.shared.queues[qi];
         let db = self.db()?;
@@ -642,10 +643,13 @@ impl Inner {
                             dead.push(seq);
                             continue;
                         }
-                        picks.push((seq, f.count, group, f.recv_row, None));
+                        picks.push((seq, f.count, group.clone(), f.recv_row, None));
                     } else {
                         st.skipped.remove(&seq);
-                        picks.push((seq, 0, group, false, None));
+                        picks.push((seq, 0, group.clone(), false, None));
+                    }
+                    if one_per_group {
+                        blocked.insert(group);
                     }
                 }
             } else {
@@ -698,6 +702,9 @@ impl Inner {
                     if q.config.fifo && blocked.contains(&group) {
                         st.skipped.insert(seq, group);
                     } else {
+                        if q.config.fifo && one_per_group {
+                            blocked.insert(group.clone());
+                        }
                         picks.push((
                             seq,
                             prior.unwrap_or(0),
@@ -1039,9 +1046,12 @@ impl Engine for EmbeddedEngine {
                 Some(got) => got,
                 None => {
                     let inner = self.inner.clone();
-                    tokio::task::spawn_blocking(move || inner.try_receive(qi, max, visibility))
-                        .await
-                        .map_err(|_| EngineError::Closed)??
+                    let one_per_group = request.one_per_group;
+                    tokio::task::spawn_blocking(move || {
+                        inner.try_receive(qi, max, visibility, one_per_group)
+                    })
+                    .await
+                    .map_err(|_| EngineError::Closed)??
                 }
             };
             let now = tokio::time::Instant::now();
