@@ -61,10 +61,21 @@ impl Lines {
     /// Waits, up to `within`, for what was sent so far to be written:
     /// before `flotilla` exits, so that its last lines are not lost.
     pub fn flush(&self, within: Duration) {
+        let until = std::time::Instant::now() + within;
         let (done, written) = std::sync::mpsc::sync_channel(1);
-        if self.tx.try_send(Line::Flush(done)).is_ok() {
-            let _ = written.recv_timeout(within);
+        let mut flush = Line::Flush(done);
+        // A full queue is when the last lines matter most: wait for room.
+        loop {
+            match self.tx.try_send(flush) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if std::time::Instant::now() < until => {
+                    flush = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return,
+            }
         }
+        let _ = written.recv_timeout(until.saturating_duration_since(std::time::Instant::now()));
     }
 }
 
@@ -133,6 +144,14 @@ impl Console {
         if let Some(lines) = &self.lines {
             lines.flush(within);
         }
+    }
+}
+
+impl Drop for Console {
+    /// However the system ends (a failed start, Ctrl-C while starting),
+    /// what it printed last reaches the console before `flotilla` exits.
+    fn drop(&mut self) {
+        self.flush(Duration::from_secs(1));
     }
 }
 

@@ -373,7 +373,7 @@ impl Pool {
                     if n == CRASH_LOOP_AFTER {
                         drop(state);
                         self.env.console.warn(&format!(
-                            "{}: crash loop ({n} failed starts in a row); still retrying with backoff up to {}s. Logs: {}",
+                            "{}: crash loop ({n} failed runs in a row: starts that never became ready or runs shorter than 10 s); still retrying with backoff up to {}s. Logs: {}",
                             self.spec.name,
                             BACKOFF_MAX.as_secs(),
                             log_file.display()
@@ -584,8 +584,11 @@ impl Pool {
                         self.env.console.event(&format!("{id} ready again"));
                         let ep = endpoint.clone();
                         self.update(index, |slot| {
-                            slot.status.state = InstanceState::Ready;
-                            slot.endpoint = Some(ep);
+                            // Under the lock the scaler takes it out under.
+                            if slot.status.state != InstanceState::Stopping {
+                                slot.status.state = InstanceState::Ready;
+                                slot.endpoint = Some(ep);
+                            }
                         });
                     }
                     failed_probes = if ok { 0 } else { failed_probes + 1 };
@@ -601,8 +604,12 @@ impl Pool {
                         Some(Some(why)) => {
                             let since = *dead_since.get_or_insert_with(Instant::now);
                             if since.elapsed() >= self.spec.liveness_timeout {
+                                // Not `Stopping`: it is being replaced, and
+                                // a slot stopping is not counted as running,
+                                // so a request meanwhile would start another
+                                // instance beside it (past `max`).
                                 self.update(index, |slot| {
-                                    slot.status.state = InstanceState::Stopping;
+                                    slot.status.state = InstanceState::Unready;
                                     slot.endpoint = None;
                                 });
                                 let _ = proc.stop(self.spec.drain).await;
@@ -620,7 +627,9 @@ impl Pool {
                     if failed_probes == PROBE_FAILURES && !*stop.borrow() {
                         self.env.console.warn(&format!("{id}: /readyz failing; out of rotation until it recovers"));
                         self.update(index, |slot| {
-                            slot.status.state = InstanceState::Unready;
+                            if slot.status.state != InstanceState::Stopping {
+                                slot.status.state = InstanceState::Unready;
+                            }
                             slot.endpoint = None;
                         });
                     }

@@ -215,6 +215,7 @@ impl Proc {
                 // while the server it started drains: the rest of the group
                 // has what is left of `drain` too, then goes.
                 while group_alive(self.pid) && tokio::time::Instant::now() < deadline {
+                    reap_group(self.pid);
                     tokio::time::sleep(GROUP_POLL).await;
                 }
                 self.kill_group();
@@ -231,12 +232,31 @@ impl Proc {
 
     fn kill_group(&mut self) {
         signal_group(self.pid, libc::SIGKILL);
+        reap_group(self.pid);
         self.group_killed = true;
     }
 }
 
 /// How often a stopping group is looked at after its leader exited.
 const GROUP_POLL: Duration = Duration::from_millis(20);
+
+/// Reaps the exited members of process group `pid` that are this
+/// process's children: none, unless `flotilla` is PID 1 (or a subreaper)
+/// and so inherited them when their parent, the instance, exited. Without
+/// it they stay zombies, and [`group_alive`] sees the group alive until
+/// the drain's end. Only after the group's leader, a child tokio waits
+/// for, has been reaped, so nothing of tokio's is taken from it.
+fn reap_group(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    if pid == 0 {
+        return;
+    }
+    // SAFETY: waitpid(2) on the group, without blocking; the status is
+    // not read.
+    while unsafe { libc::waitpid(-pid, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+}
 
 /// Whether process group `pid` still has a member (zombies included,
 /// until whoever inherited them reaps them).

@@ -75,10 +75,11 @@ async fn a_mirrored_request_whose_body_never_comes_gets_408_and_frees_its_place(
 
 /// The route's timeout runs from when the request is forwarded, its body
 /// included: the wait for a body the mirror reads to copy it is part of
-/// it, not taken before it. Body 400 ms late, the instance answering at
-/// 800 ms, a 600 ms route: 504, as without a mirror (it was 200, the
-/// forward's own 600 ms starting after the body).
-#[tokio::test]
+/// it, not taken before it. Body 1 s late, the instance answering at
+/// 2.5 s, a 2 s route: 504, as without a mirror (it was 200, the forward's
+/// own 2 s starting after the body). Half a second either side, for a
+/// loaded machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wait_for_a_copied_body_is_part_of_the_route_s_timeout() {
     let _places = MIRROR_PLACES.read().await;
     let registry = Registry::new();
@@ -86,7 +87,7 @@ async fn the_wait_for_a_copied_body_is_part_of_the_route_s_timeout() {
     let shadow = Upstream::start("latebody-shadow-0").await;
     registry.set("latebody", vec![live.endpoint()]);
     registry.set("latebody-shadow", vec![shadow.endpoint()]);
-    let mut mirrored = route("latebody", "/**", &[], Duration::from_millis(600));
+    let mut mirrored = route("latebody", "/**", &[], Duration::from_secs(2));
     mirrored.mirror = vec![("latebody-shadow".to_string(), 100)];
     let gateway = start(config(vec![mirrored]), &registry).await;
 
@@ -95,10 +96,10 @@ async fn the_wait_for_a_copied_body_is_part_of_the_route_s_timeout() {
     let head = "POST /hold HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 10\r\n\r\n";
     ok(stream.write_all(head.as_bytes()).await, "write the head");
     // The client's pace, not a wait for a condition.
-    tokio::time::sleep_until(sent + Duration::from_millis(400)).await;
+    tokio::time::sleep_until(sent + Duration::from_secs(1)).await;
     ok(stream.write_all(b"0123456789").await, "write the body");
     wait_until("the request at the instance", || live.held() == 1).await;
-    tokio::time::sleep_until(sent + Duration::from_millis(800)).await;
+    tokio::time::sleep_until(sent + Duration::from_millis(2500)).await;
     live.release();
     let mut answer = Vec::new();
     ok(
