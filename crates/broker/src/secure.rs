@@ -64,13 +64,21 @@ fn stream_group(path: &str) -> Option<&str> {
 }
 
 /// Whether `group` is `service`'s: its name, or its name and `-` before
-/// anything. Every service that consumes a stream could otherwise join,
-/// checkpoint or take the leases of another's group (or the broker's own
-/// `push`), and skip or stall its records.
-fn owns_group(service: &str, group: &str) -> bool {
-    group
-        .strip_prefix(service)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+/// anything, unless a longer name of `services` claims it so (`orders-audit`
+/// is the group of service `orders-audit`, not of `orders`). `push` is the
+/// broker's own push delivery's, nobody else's. Every service that
+/// consumes a stream could otherwise join, checkpoint or take the leases
+/// of another's group, and skip or stall its records.
+fn owns_group<'a>(service: &str, group: &str, mut services: impl Iterator<Item = &'a str>) -> bool {
+    let claims = |name: &str| {
+        group
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+    };
+    if group == crate::push::PUSH_GROUP || !claims(service) {
+        return false;
+    }
+    !services.any(|other| other.len() > service.len() && claims(other))
 }
 
 fn denied(code: &str, message: String) -> Response {
@@ -103,7 +111,7 @@ pub(crate) fn authorized(router: Router, grants: Grants) -> Router {
                 }
                 if let Some(group) = stream_group(req.uri().path())
                     && !grants.is_operator(&caller)
-                    && !owns_group(caller.service(), group)
+                    && !owns_group(caller.service(), group, grants.services())
                 {
                     let service = caller.service();
                     tracing::warn!(%caller, group, "broker: refused another's consumer group");
@@ -217,7 +225,7 @@ mod tests {
     async fn a_service_uses_only_its_own_consumer_groups() {
         use tower::ServiceExt as _;
         let mut grants = Grants::new("shop", "local").unwrap();
-        for service in ["analytics", "audit"] {
+        for service in ["analytics", "audit", "analytics-audit", "push"] {
             let mut declared = flotilla_mesh::exposure::Declared::default();
             declared.streams.insert("orders".into());
             grants.declare(service, declared).unwrap();
@@ -244,6 +252,10 @@ mod tests {
             ("analytics", "audit", false),
             ("audit", "analytics", false),
             ("audit", "push", false),
+            ("push", "push", false),
+            ("analytics", "analytics-audit", false),
+            ("analytics", "analytics-audit-x", false),
+            ("analytics-audit", "analytics-audit-x", true),
             ("flotilla-operator", "push", true),
         ] {
             for path in [

@@ -240,6 +240,11 @@ impl Grants {
         Ok(())
     }
 
+    /// The services that declared anything.
+    pub fn services(&self) -> impl Iterator<Item = &str> {
+        self.services.keys().map(String::as_str)
+    }
+
     /// Whether `caller` is one of [`Grants::allow_operator`]'s identities
     /// (of this system and environment).
     pub fn is_operator(&self, caller: &SpiffeId) -> bool {
