@@ -178,8 +178,7 @@ impl Proxy {
         client: ClientAddr,
         told: Told,
     ) -> impl Future<Output = Result<(Reply, Upstream), Rejection>> + Send + 'a {
-        let (mut parts, body) = req.into_parts();
-        let deadline = parts.extensions.remove::<Deadline>();
+        let (parts, body) = req.into_parts();
         // The `X-Forwarded-*` fields are written with the head.
         let req = UpstreamRequest::new(
             parts,
@@ -192,10 +191,15 @@ impl Proxy {
             },
         );
         async move {
-            let deadline = match deadline {
-                Some(Deadline(at)) => at,
-                None => crate::clock::now() + route.timeout,
-            };
+            // Only a mirrored route's requests carry one. Taken out of the
+            // parts before the future was made, the lookup (and the moves
+            // it cost) added ~330 instructions to every request
+            // (instructions.sh), 1.6 % of one.
+            let deadline = match route.mirrors.is_empty() {
+                true => None,
+                false => req.parts.extensions.get::<Deadline>().map(|d| d.0),
+            }
+            .unwrap_or_else(|| crate::clock::now() + route.timeout);
             let timed_out = || Rejection::UpstreamTimeout {
                 service: route.service.clone(),
                 timeout: route.timeout,
