@@ -463,6 +463,17 @@ fn parse_attributes(raw: &[u8]) -> Result<Vec<(String, AttrValue)>, EventError> 
     get("type")?;
     for optional in ["subject", "datacontenttype", "dataschema", "time"] {
         match attributes.iter().find(|(k, _)| k == optional) {
+            Some((_, AttrValue::String(s))) if optional == "time" => {
+                // The spec's type for it: a consumer that reads it must be
+                // able to, whatever produced it.
+                let rfc3339 = &time::format_description::well_known::Rfc3339;
+                if time::OffsetDateTime::parse(s, rfc3339).is_err() {
+                    return Err(invalid(
+                        optional,
+                        "must be an RFC 3339 timestamp, e.g. 2026-12-01T10:00:00Z",
+                    ));
+                }
+            }
             Some((_, AttrValue::String(_))) | None => {}
             Some(_) => return Err(invalid(optional, "must be a string")),
         }
@@ -516,6 +527,26 @@ mod tests {
             Err(EventError::Invalid { .. })
         ));
         assert!(matches!(parse("[1]"), Err(EventError::Json { .. })));
+        for time in [
+            "yesterday",
+            "2026-12-01",
+            "10:00:00Z",
+            "2026-13-01T10:00:00Z",
+        ] {
+            let e = format!(
+                r#"{{"specversion":"1.0","id":"1","source":"/s","type":"t","time":"{time}"}}"#
+            );
+            assert!(
+                matches!(parse(&e), Err(EventError::Invalid { ref attribute, .. }) if attribute == "time"),
+                "{time}"
+            );
+        }
+        for time in ["2026-12-01T10:00:00Z", "2026-12-01T10:00:00.123456+01:00"] {
+            let e = format!(
+                r#"{{"specversion":"1.0","id":"1","source":"/s","type":"t","time":"{time}"}}"#
+            );
+            assert!(parse(&e).is_ok(), "{time}");
+        }
         assert!(matches!(
             CloudEvent::parse(Bytes::from_static(b"{}"), 1),
             Err(EventError::TooLarge { .. })
