@@ -592,16 +592,12 @@ impl Pool {
                         });
                     }
                     failed_probes = if ok { 0 } else { failed_probes + 1 };
-                    // Not asked (the first failure): nothing known yet.
-                    let dead = match (ok, alive) {
-                        (true, _) | (false, Some(Ok(()))) => Some(None),
-                        (false, Some(Err(why))) => Some(Some(why)),
-                        (false, None) => None,
-                    };
-                    match dead {
-                        None => {}
-                        Some(None) => dead_since = None,
-                        Some(Some(why)) => {
+                    match (ok, alive) {
+                        // `/healthz` not asked yet (the first failure):
+                        // nothing known.
+                        (false, None) => {}
+                        (true, _) | (false, Some(Ok(()))) => dead_since = None,
+                        (false, Some(Err(why))) => {
                             let since = *dead_since.get_or_insert_with(Instant::now);
                             if since.elapsed() >= self.spec.liveness_timeout {
                                 // Not `Stopping`: it is being replaced, and
@@ -725,7 +721,7 @@ impl Pool {
                         .slots
                         .iter()
                         .find(|(_, s)| s.status.state == InstanceState::Unready)
-                        .map(|(i, _)| (*i, "out of rotation"))
+                        .map(|(i, _)| (*i, "out of rotation".to_string()))
                 };
                 let idle = || {
                     state
@@ -736,7 +732,7 @@ impl Pool {
                                 e.load.in_flight() == 0 && e.load.idle_for() >= scale.idle
                             })
                         })
-                        .map(|(i, _)| (*i, "idle"))
+                        .map(|(i, _)| (*i, format!("idle for {:?}", scale.idle)))
                 };
                 let victim = if running > keep {
                     unready().or_else(|| if ready > keep { idle() } else { None })
@@ -759,13 +755,9 @@ impl Pool {
             };
             if let Some((id, stop, why, running)) = stopping {
                 self.changed();
-                let what = match why {
-                    "idle" => format!("idle for {:?}", scale.idle),
-                    other => other.to_string(),
-                };
                 self.env
                     .console
-                    .event(&format!("{id} {what}; stopping ({} running)", running - 1));
+                    .event(&format!("{id} {why}; stopping ({} running)", running - 1));
                 let _ = stop.send(true);
             }
         }

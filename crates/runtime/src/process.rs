@@ -247,40 +247,34 @@ const GROUP_POLL: Duration = Duration::from_millis(20);
 /// the drain's end. Only after the group's leader, a child tokio waits
 /// for, has been reaped, so nothing of tokio's is taken from it.
 fn reap_group(pid: u32) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    if pid == 0 {
-        return;
-    }
+    let Some(group) = group_of(pid) else { return };
     // SAFETY: waitpid(2) on the group, without blocking; the status is
     // not read.
-    while unsafe { libc::waitpid(-pid, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+    while unsafe { libc::waitpid(group, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+}
+
+/// The negative pid that names the process group led by `pid` in kill(2)
+/// and waitpid(2); `None` for no process (0) or one out of range.
+fn group_of(pid: u32) -> Option<libc::pid_t> {
+    libc::pid_t::try_from(pid)
+        .ok()
+        .filter(|pid| *pid != 0)
+        .map(|pid| -pid)
 }
 
 /// Whether process group `pid` still has a member (zombies included,
 /// until whoever inherited them reaps them).
 fn group_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    if pid == 0 {
-        return false;
-    }
     // SAFETY: kill(2) with signal 0 only checks that the group exists.
-    unsafe { libc::kill(-pid, 0) == 0 }
+    group_of(pid).is_some_and(|group| unsafe { libc::kill(group, 0) } == 0)
 }
 
 fn signal_group(pid: u32, signal: libc::c_int) {
-    if pid == 0 {
-        return;
-    }
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    // SAFETY: kill(2) with a negative pid signals that process group only.
-    unsafe {
-        libc::kill(-pid, signal);
+    if let Some(group) = group_of(pid) {
+        // SAFETY: kill(2) with a negative pid signals that process group only.
+        unsafe {
+            libc::kill(group, signal);
+        }
     }
 }
 
@@ -339,15 +333,12 @@ impl LogFile {
             .append(true)
             .open(&self.path)
             .await;
-        match (renamed, fresh) {
-            (Ok(()), Ok(file)) => {
-                self.file = file;
-                self.written = 0;
-            }
-            // Cannot rotate (a read-only directory): write on, and try
-            // again only after as much again.
-            _ => self.written = 0,
+        if let (Ok(()), Ok(file)) = (renamed, fresh) {
+            self.file = file;
         }
+        // Rotated, or not (a read-only directory): either way, write on
+        // and try again only after as much again.
+        self.written = 0;
     }
 }
 
