@@ -120,13 +120,15 @@ fn main() -> ExitCode {
     // request's access line is logged, and a stderr nobody reads (a pipe
     // to a pager) must not stop the gateway's workers that log them.
     let stderr = flotilla_runtime::Lines::spawn("flotilla-stderr", std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_writer(QueuedStderr(stderr.clone()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .init();
+    let logs = tracing_subscriber::fmt().with_env_filter(
+        tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+    );
+    match stderr.clone() {
+        Some(lines) => logs.with_writer(move || lines.writer()).init(),
+        // No thread for it: straight to stderr, as before.
+        None => logs.with_writer(std::io::stderr).init(),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -143,52 +145,6 @@ fn main() -> ExitCode {
         stderr.flush(Duration::from_secs(1));
     }
     code
-}
-
-/// tracing's writer: each event's line goes to [`flotilla_runtime::Lines`]
-/// (or straight to stderr when no thread could be started for it).
-#[derive(Clone)]
-struct QueuedStderr(Option<flotilla_runtime::Lines>);
-
-/// One event's line, queued when dropped.
-struct QueuedLine<'a> {
-    line: Vec<u8>,
-    to: &'a QueuedStderr,
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for QueuedStderr {
-    type Writer = QueuedLine<'a>;
-
-    fn make_writer(&'a self) -> QueuedLine<'a> {
-        QueuedLine {
-            line: Vec::new(),
-            to: self,
-        }
-    }
-}
-
-impl std::io::Write for QueuedLine<'_> {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.line.extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for QueuedLine<'_> {
-    fn drop(&mut self) {
-        let line = std::mem::take(&mut self.line);
-        match &self.to.0 {
-            Some(lines) => lines.send(line),
-            None => {
-                use std::io::Write as _;
-                let _ = std::io::stderr().write_all(&line);
-            }
-        }
-    }
 }
 
 async fn run(command: Command) -> ExitCode {

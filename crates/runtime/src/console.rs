@@ -58,6 +58,16 @@ impl Lines {
         }
     }
 
+    /// A writer of one line (a `tracing` event's, say), queued whole when
+    /// it is dropped: `tracing_subscriber`'s `with_writer(move ||
+    /// lines.writer())` logs through the queue.
+    pub fn writer(&self) -> LineWriter {
+        LineWriter {
+            line: Vec::new(),
+            to: self.clone(),
+        }
+    }
+
     /// Waits, up to `within`, for what was sent so far to be written:
     /// before `flotilla` exits, so that its last lines are not lost.
     pub fn flush(&self, within: Duration) {
@@ -76,6 +86,32 @@ impl Lines {
             }
         }
         let _ = written.recv_timeout(until.saturating_duration_since(std::time::Instant::now()));
+    }
+}
+
+/// See [`Lines::writer`].
+#[derive(Debug)]
+pub struct LineWriter {
+    line: Vec<u8>,
+    to: Lines,
+}
+
+impl Write for LineWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.line.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LineWriter {
+    fn drop(&mut self) {
+        if !self.line.is_empty() {
+            self.to.send(std::mem::take(&mut self.line));
+        }
     }
 }
 
@@ -238,6 +274,29 @@ mod tests {
         assert!(lines[1].contains("2 lines of output dropped"), "{out}");
         assert_eq!(lines[2], "         a-0 | line 1");
         assert_eq!(lines.len(), 3, "{out}");
+    }
+
+    /// What tracing writes in pieces goes to the queue as one line, once
+    /// the writer is dropped; a writer nothing was written to sends nothing.
+    #[test]
+    fn a_line_writer_queues_its_line_whole() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        let lines = Lines {
+            tx,
+            dropped: Arc::new(AtomicU64::new(0)),
+        };
+        {
+            let mut w = lines.writer();
+            write!(w, "INFO ").unwrap();
+            writeln!(w, "request done").unwrap();
+            assert!(rx.try_recv().is_err(), "sent before the line was done");
+        }
+        drop(lines.writer());
+        let Ok(Line::Bytes(line)) = rx.try_recv() else {
+            panic!("no line queued");
+        };
+        assert_eq!(line, b"INFO request done\n");
+        assert!(rx.try_recv().is_err(), "an empty writer sent a line");
     }
 
     #[test]

@@ -35,7 +35,7 @@ use std::path::PathBuf;
 
 pub use broker::{BrokerError, check as check_broker};
 pub use build::Profile;
-pub use console::Lines;
+pub use console::{LineWriter, Lines};
 pub use control::{ControlClient, ControlError, QueueStats};
 pub use endpoints::{Endpoints, InstanceEndpoint, ServiceEndpoint};
 pub use mesh::{ENV_ACL_FILE, MeshError};
