@@ -17,7 +17,7 @@ use flotilla_broker::{
 use tokio::sync::mpsc;
 
 use crate::conformance;
-use crate::support::{Env, Kind, event, event_id, eventually, receive_n};
+use crate::support::{Env, Kind, event, event_id, eventually, receive_n, two_groups};
 
 conformance!(
     topic_push_retries_then_delivers_with_trace,
@@ -54,20 +54,7 @@ async fn fifo_push_keeps_each_group_in_order(kind: Kind) {
         );
     })
     .await;
-    let g = |id: &str, group: &str| event(id, "t", &[("partitionkey", group)]).into();
-    env.engine
-        .send(
-            "orders",
-            vec![
-                g("a1", "A"),
-                g("b1", "B"),
-                g("a2", "A"),
-                g("b2", "B"),
-                g("a3", "A"),
-            ],
-        )
-        .await
-        .unwrap();
+    env.engine.send("orders", two_groups()).await.unwrap();
     let hits = collect_until(&mut rx, "5 deliveries", |h| {
         h.iter().filter(|h| h.status == 200).count() >= 5
     })

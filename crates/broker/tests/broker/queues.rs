@@ -7,7 +7,9 @@ use flotilla_broker::QueueConfig;
 use flotilla_broker::engine::{EngineError, OutgoingMessage, ReceiveRequest};
 
 use crate::conformance;
-use crate::support::{Env, Kind, event, event_id, eventually, receive_n, receive_window};
+use crate::support::{
+    Env, Kind, event, event_id, eventually, receive_n, receive_window, two_groups,
+};
 
 conformance!(
     send_receive_ack,
@@ -376,19 +378,7 @@ async fn fifo_groups_and_dedup(kind: Kind) {
     .await;
     let e = &*env.engine;
     let g = |id: &str, group: &str| event(id, "t", &[("partitionkey", group)]).into();
-    let out = e
-        .send(
-            "orders",
-            vec![
-                g("a1", "A"),
-                g("b1", "B"),
-                g("a2", "A"),
-                g("b2", "B"),
-                g("a3", "A"),
-            ],
-        )
-        .await
-        .unwrap();
+    let out = e.send("orders", two_groups()).await.unwrap();
     assert!(out.iter().all(|o| !o.duplicate));
     // Same source + id within five minutes: deduplicated.
     let dup = e.send("orders", vec![g("a1", "A")]).await.unwrap();

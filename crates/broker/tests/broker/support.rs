@@ -194,6 +194,21 @@ pub fn event(id: &str, ty: &str, ext: &[(&str, &str)]) -> CloudEvent {
     .expect("valid event")
 }
 
+/// Five messages of FIFO groups `A` and `B` (their `partitionkey`),
+/// interleaved: a1 b1 a2 b2 a3.
+pub fn two_groups() -> Vec<flotilla_broker::engine::OutgoingMessage> {
+    [
+        ("a1", "A"),
+        ("b1", "B"),
+        ("a2", "A"),
+        ("b2", "B"),
+        ("a3", "A"),
+    ]
+    .into_iter()
+    .map(|(id, group)| event(id, "t", &[("partitionkey", group)]).into())
+    .collect()
+}
+
 pub fn event_id(bytes: &Bytes) -> String {
     let v: serde_json::Value = serde_json::from_slice(bytes).expect("event json");
     v["id"].as_str().expect("id").to_owned()
