@@ -9,7 +9,10 @@
 //! streams are fed by their topic (`source`).
 //! Health and the OpenAPI document are open to any peer of the system. A
 //! name the check does not recognise (percent-encoded, say) is simply not
-//! declared: the check fails closed.
+//! declared: the check fails closed. A stream's consumer group, which
+//! must be the caller's own, is judged percent-decoded, as the handlers
+//! read it: there an escape would not fail closed but pass as another
+//! service's group.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -109,12 +112,16 @@ pub(crate) fn authorized(router: Router, grants: Grants) -> Router {
                     tracing::warn!(%caller, %kind, name, %action, "broker: refused a call: {e}");
                     return denied(e.code(), e.to_string());
                 }
+                // The handlers read the group percent-decoded (axum's
+                // `Path`): decide on what they will see, or an escape
+                // (`analytics-%61udit`) would pass as another name here.
                 if let Some(group) = stream_group(req.uri().path())
+                    .map(|raw| percent_encoding::percent_decode_str(raw).decode_utf8_lossy())
                     && !grants.is_operator(&caller)
-                    && !owns_group(caller.service(), group, grants.services())
+                    && !owns_group(caller.service(), &group, grants.services())
                 {
                     let service = caller.service();
-                    tracing::warn!(%caller, group, "broker: refused another's consumer group");
+                    tracing::warn!(%caller, group = %group, "broker: refused another's consumer group");
                     return denied(
                         "not_your_group",
                         format!(
@@ -257,6 +264,11 @@ mod tests {
             ("analytics", "analytics-audit-x", false),
             ("analytics-audit", "analytics-audit-x", true),
             ("flotilla-operator", "push", true),
+            // Judged as the handler reads it, decoded.
+            ("analytics", "analytics-%61udit", false),
+            ("analytics", "analytics-%61udit-x", false),
+            ("audit", "%70ush", false),
+            ("analytics", "%61nalytics", true),
         ] {
             for path in [
                 format!("/streams/orders/groups/{group}/leases"),
