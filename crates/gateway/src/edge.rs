@@ -40,6 +40,9 @@ use http_body::Body as _;
 use http_body_util::Limited;
 use tower::ServiceExt;
 
+/// The gateway's fields in their CGI spelling are the mesh's concern too.
+pub(crate) use flotilla_mesh::user::spells_with_underscores;
+
 use crate::affinity;
 use crate::apikey::KeyError;
 use crate::authz;
@@ -240,17 +243,6 @@ fn spells_gateway_field(name: &str) -> bool {
         || FIELDS
             .iter()
             .any(|f| spells_with_underscores(name, f.as_bytes()))
-}
-
-/// Whether `name` is `field`, a lower-case field name, with any of its
-/// `-` written `_`: one variable to a server that hands fields over
-/// CGI-style (`HTTP_X_TENANT_ID`).
-pub(crate) fn spells_with_underscores(name: &[u8], field: &[u8]) -> bool {
-    name.len() == field.len()
-        && name
-            .iter()
-            .zip(field)
-            .all(|(n, f)| n == f || (*n == b'_' && *f == b'-'))
 }
 
 /// What every response of this request gets on its way out. Borrows what

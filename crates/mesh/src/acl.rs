@@ -18,8 +18,9 @@
 //!
 //! When several rules match, the most specific path pattern wins
 //! ([`PathPattern::specificity_cmp`]), never the first listed; on equal
-//! patterns a rule naming methods beats one that does not, and deny beats
-//! allow.
+//! patterns (`/a` and `/a/` are equal, and so are a deny's `/ADMIN` and an
+//! allow's `/admin`) a rule naming methods beats one that does not, and
+//! deny beats allow.
 //!
 //! # Paths are normalised before matching
 //!
@@ -42,8 +43,16 @@
 //! - case is kept: paths are case-sensitive (RFC 3986), so an allow rule
 //!   for `/admin` does not allow `/ADMIN`. But a service might route case-
 //!   insensitively, so **deny rules match case-insensitively**: a deny on
-//!   `/admin/**` also denies `/ADMIN/x`. Case tricks can thus make a call
-//!   fall out of an allow rule, never out of a deny rule.
+//!   `/admin/**` also denies `/ADMIN/x`. And a service's framework decodes
+//!   the escapes the normalised path keeps before it routes (`%3A` is the
+//!   `:` of `/v1/items:purge` to Flask, Spring or axum), so **deny rules
+//!   match the path with every escape decoded** too. Case and escape
+//!   tricks can thus make a call fall out of an allow rule, never out of
+//!   a deny rule.
+//!
+//! A rule that names `GET` names `HEAD` too: a `HEAD` runs the `GET`
+//! handler in every framework (RFC 9110 §9.3.2), so a deny on `GET` that
+//! let `HEAD` through would protect nothing.
 //!
 //! The callee should serve the request on [`Decision::path`] (the
 //! normalised path), so that what was checked is what runs.
@@ -252,29 +261,40 @@ struct Rule {
     methods: Option<Vec<Method>>,
     /// As written: used for specificity and descriptions.
     pattern: PathPattern,
-    /// Deny rules match a lower-cased path against a lower-cased pattern.
-    folded: Option<PathPattern>,
+    /// Lower-cased: deny rules match the lower-cased, decoded path with
+    /// it, and two rules whose folded patterns are the same are equally
+    /// specific.
+    folded: PathPattern,
     effect: Effect,
     description: String,
 }
 
 impl Rule {
-    fn applies(&self, caller: &SpiffeId, method: &Method, path: &str, lower: &str) -> bool {
+    /// Whether the rule is about this call: `path` is the normalised path,
+    /// `folded` the same lower-cased with every escape decoded.
+    fn applies(&self, caller: &SpiffeId, method: &Method, path: &str, folded: &str) -> bool {
         let who = match &self.who {
             Who::Service(name) => caller.service() == name,
             Who::Exact(id) => id == caller,
         };
         who && self.methods.as_ref().is_none_or(|m| m.contains(method))
-            && match &self.folded {
-                Some(folded) => folded.matches(lower),
-                None => self.pattern.matches(path),
+            && match self.effect {
+                Effect::Deny => self.folded.matches(folded),
+                Effect::Allow => self.pattern.matches(path),
             }
     }
 
     /// `Greater`: `self` wins over `other`.
     fn precedence(&self, other: &Rule) -> Ordering {
-        self.pattern
-            .specificity_cmp(&other.pattern)
+        // `specificity_cmp` orders equal patterns by their spelling, to be
+        // total; here an equal pattern must fall through to "deny beats
+        // allow", whatever its spelling.
+        let specificity = if self.folded.same_as(&other.folded) {
+            Ordering::Equal
+        } else {
+            self.pattern.specificity_cmp(&other.pattern)
+        };
+        specificity
             .then_with(|| self.methods.is_some().cmp(&other.methods.is_some()))
             .then_with(|| (self.effect == Effect::Deny).cmp(&(other.effect == Effect::Deny)))
     }
@@ -426,14 +446,19 @@ fn compile(
         source,
     };
     let pattern = PathPattern::parse(path).map_err(bad)?;
-    let folded = match effect {
-        Effect::Deny => Some(PathPattern::parse(&path.to_ascii_lowercase()).map_err(bad)?),
-        Effect::Allow => None,
-    };
+    let folded = PathPattern::parse(&path.to_ascii_lowercase()).map_err(bad)?;
     let method_text = match &methods {
         None => "*".to_string(),
         Some(ms) => ms.iter().map(Method::as_str).collect::<Vec<_>>().join(","),
     };
+    // A rule about `GET` is about `HEAD` too (see the module docs); the
+    // description keeps what was written.
+    let methods = methods.map(|mut ms| {
+        if ms.contains(&Method::GET) && !ms.contains(&Method::HEAD) {
+            ms.push(Method::HEAD);
+        }
+        ms
+    });
     let verb = match effect {
         Effect::Allow => "allow",
         Effect::Deny => "deny",
@@ -598,11 +623,11 @@ impl Policy {
         if !caller.same_namespace(&self.callee) {
             return (ReasonCode::ForeignIdentity, None, Some(path));
         }
-        let lower = path.to_ascii_lowercase();
+        let folded = decoded(&path).to_ascii_lowercase();
         let winner = self
             .rules
             .iter()
-            .filter(|r| r.applies(caller, method, &path, &lower))
+            .filter(|r| r.applies(caller, method, &path, &folded))
             .max_by(|a, b| a.precedence(b));
         match winner {
             None => (ReasonCode::NoMatchingRule, None, Some(path)),
@@ -752,6 +777,37 @@ fn decode_segment(segment: &str) -> Result<String, PathProblem> {
         }
     }
     Ok(out)
+}
+
+/// A normalised path with the escapes it kept decoded: what a service's
+/// framework routes on, for deny rules. Non-UTF-8 bytes become U+FFFD,
+/// which no pattern names. (A pattern cannot hold `%`, so a `%25` decoded
+/// to `%` cannot start a second round of decoding that matters.)
+fn decoded(path: &str) -> String {
+    let bytes = path.as_bytes();
+    if !bytes.contains(&b'%') {
+        return path.to_string();
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        // `normalize_path` left only well-formed escapes.
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push(hi * 16 + lo);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Normalises a request target's path for matching (see the module

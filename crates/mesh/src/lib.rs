@@ -42,13 +42,16 @@
 //!
 //! The runtime's own identity (service [`identity::RUNTIME`]) is a leaf
 //! like any other, used with [`client_config`] and
-//! [`ExpectedPeer::AnyService`] for health checks. For each callee it
+//! [`ExpectedPeer::service`] (the instance's own service) for health
+//! checks. For each callee it
 //! derives a [`PolicySpec`] from the manifest (`callers` from the other
 //! services' `calls`, the gateway's routes, its own identity) and hands it
 //! to the instance (e.g. as JSON), and builds [`Grants`] for the broker and
 //! object store. A root rotation is `begin_root_rotation` → write the new
 //! bundle to every instance ([`Ca::write_bundle`]) → `commit_root_rotation`
 //! → re-issue every leaf → `finish_root_rotation` → write the bundle again.
+//! (No part of `flotilla` drives a rotation yet; a running runtime holds
+//! its CA in memory and would not see one made beside it.)
 //!
 //! **Chassis** (inside each Rust service):
 //!

@@ -21,10 +21,40 @@ pub const USER_HEADER_PREFIX: &str = "x-flotilla-user-";
 /// The edge client's verified certificate, in Envoy's format.
 pub const CLIENT_CERT_HEADER: &str = "x-forwarded-client-cert";
 
-/// Removes every `x-flotilla-user-*` and `x-forwarded-client-cert` header
-/// unless `peer` is `gateway`;
-/// returns how many distinct header names were removed. A request with no
-/// verified peer (`None`) is never trusted.
+/// Whether `name` (lower case, as a `HeaderName` is) is an end-user
+/// header or the client certificate's, also when written with `_` for any
+/// `-` (`x_flotilla_user_id`): servers that hand a request's fields over
+/// CGI-style (WSGI, Rack, PHP) read both spellings as one variable
+/// (`HTTP_X_FLOTILLA_USER_ID`), so such a field would speak for the
+/// gateway there.
+pub fn is_user_header(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let prefix = USER_HEADER_PREFIX.as_bytes();
+    name.starts_with(USER_HEADER_PREFIX)
+        || name == CLIENT_CERT_HEADER
+        || (bytes.contains(&b'_')
+            && (bytes
+                .get(..prefix.len())
+                .is_some_and(|p| spells_with_underscores(p, prefix))
+                || spells_with_underscores(bytes, CLIENT_CERT_HEADER.as_bytes())))
+}
+
+/// Whether `name` is `field`, a lower-case field name, with any of its
+/// `-` written `_`: one variable to a server that hands fields over
+/// CGI-style (`HTTP_X_TENANT_ID`).
+#[inline]
+pub fn spells_with_underscores(name: &[u8], field: &[u8]) -> bool {
+    name.len() == field.len()
+        && name
+            .iter()
+            .zip(field)
+            .all(|(n, f)| n == f || (*n == b'_' && *f == b'-'))
+}
+
+/// Removes every end-user header ([`is_user_header`]: `x-flotilla-user-*`
+/// and `x-forwarded-client-cert`, in either spelling) unless `peer` is
+/// `gateway`; returns how many distinct header names were removed. A
+/// request with no verified peer (`None`) is never trusted.
 pub fn strip_untrusted_user_headers(
     headers: &mut HeaderMap,
     peer: Option<&SpiffeId>,
@@ -35,9 +65,7 @@ pub fn strip_untrusted_user_headers(
     }
     let forged: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| {
-            name.as_str().starts_with(USER_HEADER_PREFIX) || name.as_str() == CLIENT_CERT_HEADER
-        })
+        .filter(|name| is_user_header(name.as_str()))
         .cloned()
         .collect();
     for name in &forged {
@@ -64,6 +92,10 @@ mod tests {
         h.append("x-flotilla-user-roles", "root".parse().unwrap());
         h.insert("x-request-id", "r1".parse().unwrap());
         h.insert("X-Forwarded-Client-Cert", "Hash=00".parse().unwrap());
+        h.insert("x_flotilla_user_id", "mallory".parse().unwrap());
+        h.insert("x-flotilla_user-roles", "admin".parse().unwrap());
+        h.insert("x_forwarded_client_cert", "Hash=01".parse().unwrap());
+        h.insert("x_flotilla_userid", "fine".parse().unwrap());
         h
     }
 
@@ -78,13 +110,15 @@ mod tests {
             strip_untrusted_user_headers(&mut h, Some(&gateway), &gateway),
             0
         );
-        assert_eq!(h.len(), 5);
+        assert_eq!(h.len(), 9);
 
         for peer in [Some(&orders), Some(&other_gateway), None] {
             let mut h = headers();
-            assert_eq!(strip_untrusted_user_headers(&mut h, peer, &gateway), 3);
-            assert_eq!(h.len(), 1);
+            assert_eq!(strip_untrusted_user_headers(&mut h, peer, &gateway), 6);
+            assert_eq!(h.len(), 2);
             assert!(h.contains_key("x-request-id"));
+            // Not a spelling of the prefix: `userid` has no separator.
+            assert!(h.contains_key("x_flotilla_userid"));
         }
     }
 }

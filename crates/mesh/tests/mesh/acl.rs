@@ -200,6 +200,54 @@ fn normalisation_cannot_slip_past_a_rule() {
     assert_eq!(d.path.as_deref(), Some("/a/b/d"));
 }
 
+/// A deny rule is not dodged by `HEAD` for `GET`, by an escape the
+/// service's framework decodes, or by spelling its pattern unlike the
+/// allow it carves from.
+#[test]
+fn deny_rules_hold_against_head_escapes_and_spelling() {
+    let mut spec = PolicySpec::new(id("catalog"));
+    spec.callers = ["orders"].map(String::from).into();
+    spec.gateway = Some(GatewaySpec {
+        identity: id("gateway"),
+        routes: vec![
+            RouteSpec {
+                path: "/api/catalog/**".into(),
+                methods: vec!["GET".into()],
+            },
+            RouteSpec {
+                path: "/api/orders".into(),
+                methods: vec![],
+            },
+        ],
+    });
+    spec.rules = vec![
+        rule("gateway", &["GET"], "/api/catalog/admin/**", Effect::Deny),
+        rule("gateway", &[], "/api/orders/", Effect::Deny),
+        rule("orders", &["POST"], "/v1/items:purge", Effect::Deny),
+        rule("orders", &[], "/users/bob@corp", Effect::Deny),
+    ];
+    let policy = Policy::from_spec(&spec).unwrap();
+    let denied = |caller: &str, method: Method, path: &str| {
+        let d = policy.decide(&id(caller), &method, path);
+        assert!(!d.allowed, "{method} {path} slipped past: {d:?}");
+        assert_eq!(d.reason, ReasonCode::DeniedByRule, "{method} {path}");
+    };
+    // `HEAD` runs the `GET` handler: a deny on `GET` is one on `HEAD`.
+    denied("gateway", Method::GET, "/api/catalog/admin/export");
+    denied("gateway", Method::HEAD, "/api/catalog/admin/export");
+    assert!(allowed(&policy, "gateway", Method::HEAD, "/api/catalog/1"));
+    // Escapes kept encoded by normalisation are decoded for deny rules.
+    denied("orders", Method::POST, "/v1/items:purge");
+    denied("orders", Method::POST, "/v1/items%3Apurge");
+    denied("orders", Method::POST, "/v1/ITEMS%3apurge");
+    denied("orders", Method::GET, "/users/bob%40corp");
+    assert!(allowed(&policy, "orders", Method::POST, "/v1/items%3Alist"));
+    // `/api/orders/` is `/api/orders`: the deny beats the route's allow
+    // whichever way each is spelt.
+    denied("gateway", Method::GET, "/api/orders");
+    denied("gateway", Method::POST, "/api/orders/");
+}
+
 #[test]
 fn audit_mode_lets_through_what_it_would_deny() {
     let mut spec = catalog_spec(false);

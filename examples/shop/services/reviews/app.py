@@ -167,8 +167,10 @@ class Denied(Exception):
 def normalize_path(raw):
     """The one spelling ACL rules are written in (the same rules as the
     platform's): query cut off, unreserved escapes decoded, `//` and `.`
-    removed, `..` applied; encoded `/`, backslashes, control characters,
-    bad escapes and climbing above the root are refused (None)."""
+    removed, `..` applied; encoded `/`, backslashes, `;` (a path
+    parameter, which servlet containers drop before routing), control
+    characters, spaces, bad escapes and climbing above the root are
+    refused (None)."""
     raw = re.split(r"[?#]", raw, maxsplit=1)[0]
     if not raw.startswith("/"):
         return None
@@ -182,13 +184,13 @@ def normalize_path(raw):
                 if len(h) != 2 or any(x not in "0123456789abcdefABCDEF" for x in h):
                     return None
                 v = int(h, 16)
-                if v in (0x2F, 0x5C) or v < 0x20 or v == 0x7F:
+                if v in (0x2F, 0x5C, 0x3B) or v < 0x20 or v == 0x7F:
                     return None
                 ch = chr(v)
                 decoded.append(ch if (ch.isascii() and ch.isalnum()) or ch in "-._~" else "%%%02X" % v)
                 i += 3
             else:
-                if c == "\\" or ord(c) <= 0x20 or ord(c) == 0x7F:
+                if c in "\\;" or ord(c) <= 0x20 or ord(c) == 0x7F:
                     return None
                 decoded.append(c)
                 i += 1
@@ -248,6 +250,21 @@ def wins(a, b):
     return (a[1], a[2]) > (b[1], b[2])
 
 
+def with_head(methods):
+    """A rule's methods (None: any); one naming GET names HEAD too, since
+    a HEAD runs the GET handler."""
+    if not methods:
+        return None
+    return list(methods) + ["HEAD"] if "GET" in methods and "HEAD" not in methods else list(methods)
+
+
+def is_user_header(name):
+    """An end-user or client-certificate field, also spelt with `_` for
+    `-`: http.server keeps both, and a CGI-style reader takes them as one."""
+    name = name.lower().replace("_", "-")
+    return name.startswith(USER_PREFIX) or name == CLIENT_CERT_HEADER
+
+
 class Acl:
     """The default-deny policy the runtime derived from the manifest."""
 
@@ -273,11 +290,11 @@ class Acl:
                 who = ("exact", runtime)
             else:
                 raise ValueError(f"ACL rule names {caller}, which never calls {self.callee}")
-            self.rules.append((who, r.get("methods") or None, Pattern(r["path"]), deny))
+            self.rules.append((who, with_head(r.get("methods")), Pattern(r["path"]), deny))
         for name in callers - with_allow:
             self.rules.append((("service", name), None, Pattern("/**"), False))
         for route in (spec.get("gateway") or {}).get("routes", []):
-            self.rules.append((("exact", self.gateway), route.get("methods") or None, Pattern(route["path"]), False))
+            self.rules.append((("exact", self.gateway), with_head(route.get("methods")), Pattern(route["path"]), False))
         if runtime:
             for path in ("/healthz", "/readyz", "/metrics"):
                 self.rules.append((("exact", runtime), ["GET", "HEAD"], Pattern(path), False))
@@ -298,7 +315,9 @@ class Acl:
                     continue
                 if methods is not None and method not in methods:
                     continue
-                target = path.lower() if deny else path
+                # Deny rules match case-insensitively and on the path with
+                # its escapes decoded, as a framework routes on it.
+                target = urllib.parse.unquote(path).lower() if deny else path
                 patt = Pattern(pattern.source.lower()) if deny else pattern
                 if not patt.matches(target):
                     continue
@@ -550,7 +569,7 @@ class Handler(BaseHTTPRequestHandler):
                                                  details={"reason": str(denied), "caller": self.peer, "callee": acl.callee}))
                 if self.peer != acl.gateway:
                     for name in [h for h in self.headers.keys()
-                                 if h.lower().startswith(USER_PREFIX) or h.lower() == CLIENT_CERT_HEADER]:
+                                 if is_user_header(h)]:
                         del self.headers[name]
             route, status = self.route(method, path)
         except Exception as e:  # noqa: BLE001 - one bad request must not kill the server
