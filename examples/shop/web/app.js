@@ -53,6 +53,10 @@
     quoteSeq: 0,
     quoteTimer: null,
     placing: false,
+    // {body, key}: the Idempotency-Key of the order being placed, kept
+    // until it is placed so that trying again after a lost answer cannot
+    // place it twice; a changed order gets a new key.
+    checkout: null,
     tracking: null, // the id of the order being followed
   };
 
@@ -81,18 +85,19 @@
    */
   async function api(method, url, body, options) {
     const withAuth = Boolean(options && options.auth);
+    const headers = (options && options.headers) || {};
     const seen = sessionExpiry();
     try {
-      return await request(method, url, body);
+      return await request(method, url, body, headers);
     } catch (err) {
       if (!(err instanceof ApiError) || err.status !== 401 || !withAuth || seen === null) throw err;
       if (!(await refreshSession(seen))) throw err;
-      return request(method, url, body);
+      return request(method, url, body, headers);
     }
   }
 
-  async function request(method, url, body) {
-    const init = { method, headers: { Accept: 'application/json' }, credentials: 'same-origin' };
+  async function request(method, url, body, headers) {
+    const init = { method, headers: { Accept: 'application/json', ...headers }, credentials: 'same-origin' };
     if (body !== undefined) {
       init.headers['Content-Type'] = 'application/json';
       init.body = JSON.stringify(body);
@@ -639,12 +644,23 @@
     // its last four digits.
     body.payment = { card: $('card').value.trim() };
 
+    // The same order tried again keeps its key: if the first try placed
+    // it and only the answer was lost, orders answers with that order.
+    const sent = JSON.stringify(body);
+    if (!state.checkout || state.checkout.body !== sent) {
+      state.checkout = { body: sent, key: newKey() };
+    }
+
     state.placing = true;
     updatePlaceButton();
     showError($('order-error'), null);
     showOk($('order-ok'), null);
     try {
-      const order = await api('POST', 'api/orders', body, { auth: true });
+      const order = await api('POST', 'api/orders', body, {
+        auth: true,
+        headers: { 'Idempotency-Key': state.checkout.key },
+      });
+      state.checkout = null;
       state.basket = [];
       state.quote = null;
       saveBasket();
@@ -661,6 +677,17 @@
       state.placing = false;
       updatePlaceButton();
     }
+  }
+
+  /** A random idempotency key (a v4 UUID): `crypto.randomUUID` is only
+   * there on https and localhost, `getRandomValues` everywhere. */
+  function newKey() {
+    if (crypto.randomUUID) return crypto.randomUUID();
+    const b = crypto.getRandomValues(new Uint8Array(16));
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    const h = Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
+    return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
   }
 
   /** Re-reads every basket line from the catalog, then re-quotes. */

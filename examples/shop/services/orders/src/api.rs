@@ -8,12 +8,21 @@
 //! wait for the saga; clients poll `GET /api/orders/{id}` for the outcome.
 //! The client's idea of the price is never used; it may send
 //! `expected_total_cents` to be told when the price it showed has changed.
+//!
+//! A placement may carry an `Idempotency-Key` (IETF draft
+//! `httpapi-idempotency-key-header`, as Stripe's API has it): sent again
+//! with the same key and the same order, because the first answer was lost
+//! (or by the gateway, which retries a POST only when it has one), it
+//! answers with the order the key placed, marked `Idempotent-Replayed:
+//! true`, rather than placing and charging a second one. The same key with
+//! a different order is 422 `idempotency_key_reused`. Keys are each
+//! customer's own and are kept as long as their orders.
 
 use std::collections::HashMap;
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use flotilla_chassis::outbox::RelayHandle;
@@ -38,6 +47,13 @@ pub const MAX_COUPON_LEN: usize = 32;
 /// Catalog lookups in flight per order: enough to hide latency, few enough
 /// not to flood the catalog with one large basket.
 const LOOKUP_CONCURRENCY: usize = 8;
+/// The request field that makes a placement safe to retry.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The response field that says a retried placement was answered with the
+/// order its key placed before.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+/// Longest idempotency key.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 /// Orders listed when `limit` is absent, and at most.
 pub const DEFAULT_LIST_LIMIT: i64 = 50;
 pub const MAX_LIST_LIMIT: i64 = 200;
@@ -225,12 +241,127 @@ fn validate(body: PlaceOrder, customer: VerifiedUser) -> Result<Validated, ApiEr
     })
 }
 
+/// The request's `Idempotency-Key`, if it has one: a structured-field
+/// string as the IETF draft writes it (`"…"`), or bare as Stripe's clients
+/// send it; 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::bad_request(
+            "invalid_idempotency_key",
+            format!(
+                "Idempotency-Key must be one value of 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters, e.g. a UUID"
+            ),
+        )
+        .with_field(
+            "Idempotency-Key",
+            format!("1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"),
+        )
+    };
+    if values.next().is_some() {
+        return Err(bad());
+    }
+    let text = value.to_str().map_err(|_| bad())?.trim();
+    let key = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(text);
+    let fine = !key.is_empty()
+        && key.len() <= MAX_IDEMPOTENCY_KEY_LEN
+        && key.bytes().all(|b| b.is_ascii_graphic() && b != b'"');
+    if !fine {
+        return Err(bad());
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// A placement as its idempotency key remembers it, to tell a retry from
+/// another order under the same key: what was ordered, never the card
+/// number (its last four digits stand for it).
+fn fingerprint(order: &Validated) -> String {
+    json!({
+        "items": order.items,
+        "coupon": order.coupon,
+        "expected_total_cents": order.expected_total_cents,
+        "card_last4": &order.card[order.card.len() - 4..],
+    })
+    .to_string()
+}
+
+/// The answer to a placement whose key placed an order already: that
+/// order, as the first answer had it (201), if `request` is the same
+/// placement; 422 if it is another. `None` when the key is new.
+async fn replay(
+    state: &AppState,
+    customer: &str,
+    key: &str,
+    request: &str,
+) -> Result<Option<Response>, ApiError> {
+    let mut conn = state.db.acquire().await?;
+    let Some((first, order_id)) = store::keyed(&mut conn, customer, key).await? else {
+        return Ok(None);
+    };
+    if first != request {
+        return Err(ApiError::unprocessable(
+            "idempotency_key_reused",
+            "this Idempotency-Key placed a different order; send a new key with a new order",
+        )
+        .with_details(json!({ "order_id": order_id })));
+    }
+    let order = store::get_on(&mut conn, &order_id)
+        .await?
+        .ok_or_else(missing_order)?;
+    tracing::info!(order = %order.id, "order placement replayed for its idempotency key");
+    Ok(Some(created(order, true)))
+}
+
+/// A key's order is gone: the key's row goes with its order (`ON DELETE
+/// CASCADE`), so this is a broken database, not a client's mistake.
+fn missing_order() -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the order this Idempotency-Key placed is missing",
+    )
+}
+
+/// 201 with the order and where it lives.
+fn created(order: Order, replayed: bool) -> Response {
+    let location = format!("/api/orders/{}", order.id);
+    let mut response = (
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        axum::Json(order),
+    )
+        .into_response();
+    if replayed {
+        response.headers_mut().insert(
+            IDEMPOTENT_REPLAYED,
+            header::HeaderValue::from_static("true"),
+        );
+    }
+    response
+}
+
 async fn place(
     State(state): State<AppState>,
     customer: VerifiedUser,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<PlaceOrder>,
 ) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
     let order = validate(body, customer)?;
+    // A retry is answered before anything is asked of the catalog and
+    // pricing, whose answers may have changed since.
+    let keyed = key.map(|key| (key, fingerprint(&order)));
+    if let Some((key, request)) = &keyed
+        && let Some(done) = replay(&state, order.customer.as_str(), key, request).await?
+    {
+        return Ok(done);
+    }
 
     // 1. The catalog: existence, stock and price of every SKU.
     // Owned values in the stream: borrowed ones trip the compiler's
@@ -362,18 +493,22 @@ async fn place(
     let placed = events::placed(&stored, &order.card)?;
     let mut tx = state.db.begin().await?;
     store::insert(&mut tx, &stored).await?;
+    if let Some((key, request)) = &keyed
+        && !store::remember_key(&mut tx, &stored.customer, key, request, &stored.id).await?
+    {
+        // A concurrent retry with the same key placed its order first:
+        // this one is not placed, and is answered as that one was.
+        tx.rollback().await?;
+        return replay(&state, &stored.customer, key, request)
+            .await?
+            .ok_or_else(missing_order);
+    }
     events::enqueue(&mut tx, placed).await?;
     tx.commit().await?;
     state.published();
     metrics::counter!("shop_orders_placed_total").increment(1);
     tracing::info!(order = %stored.id, total_cents = stored.total_cents, "order placed");
-    let location = format!("/api/orders/{}", stored.id);
-    Ok((
-        StatusCode::CREATED,
-        [(header::LOCATION, location)],
-        axum::Json(stored),
-    )
-        .into_response())
+    Ok(created(stored, false))
 }
 
 /// Pricing rejecting the coupon is the client's problem (400 on the

@@ -17,16 +17,23 @@ pub fn document() -> Value {
                 "post": {
                     "operationId": "placeOrder",
                     "summary": "Place an order",
+                    "parameters": [
+                        {"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                         "description": "Makes the placement safe to retry: sent again with the same key and the same order, it answers with the order the key placed (201, `Idempotent-Replayed: true`) instead of placing a second one. One key per checkout, e.g. a UUID; each customer's keys are their own."}
+                    ],
                     "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PlaceOrder"}}}},
                     "responses": {
                         "201": {
                             "description": "Placed (status `placed`); poll the Location for `confirmed` or `cancelled`",
-                            "headers": {"Location": {"description": "The order's URL", "schema": {"type": "string"}}},
+                            "headers": {
+                                "Location": {"description": "The order's URL", "schema": {"type": "string"}},
+                                "Idempotent-Replayed": {"description": "`true` when this answers a retry with the order its Idempotency-Key placed before", "schema": {"type": "string", "enum": ["true"]}}
+                            },
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Order"}}}
                         },
-                        "400": error_response("Invalid fields, including an unknown coupon"),
+                        "400": error_response("Invalid fields, including an unknown coupon, or invalid_idempotency_key"),
                         "409": error_response("price_changed (details.total_cents is the new total)"),
-                        "422": error_response("unknown_sku (details.skus), invalid_card (payment.card is not 12 to 19 digits), or a body that is not the expected JSON"),
+                        "422": error_response("unknown_sku (details.skus), invalid_card (payment.card is not 12 to 19 digits), idempotency_key_reused (the key placed a different order, details.order_id), or a body that is not the expected JSON"),
                         "502": error_response("dependency_unavailable: catalog or pricing answered badly"),
                         "503": error_response("dependency_unavailable: catalog or pricing unreachable")
                     }

@@ -174,6 +174,46 @@ pub async fn insert(tx: &mut SqliteConnection, order: &Order) -> Result<(), sqlx
     Ok(())
 }
 
+/// The placement a customer's idempotency key was first used for: the
+/// request as [`remember_key`] stored it, and the order it placed.
+pub async fn keyed(
+    conn: &mut SqliteConnection,
+    customer: &str,
+    key: &str,
+) -> Result<Option<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT request, order_id FROM order_idempotency_keys WHERE customer = ?1 AND key = ?2",
+    )
+    .bind(customer)
+    .bind(key)
+    .fetch_optional(&mut *conn)
+    .await
+}
+
+/// Records that `customer`'s `key` placed `order_id` with `request`, in
+/// the transaction that stores the order; `false` (and nothing written)
+/// when the key is taken already: a concurrent retry placed its order
+/// first, and this transaction must roll back.
+pub async fn remember_key(
+    tx: &mut SqliteConnection,
+    customer: &str,
+    key: &str,
+    request: &str,
+    order_id: &str,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO order_idempotency_keys (customer, key, request, order_id)
+         VALUES (?1, ?2, ?3, ?4) ON CONFLICT (customer, key) DO NOTHING",
+    )
+    .bind(customer)
+    .bind(key)
+    .bind(request)
+    .bind(order_id)
+    .execute(&mut *tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Moves order `id` from `placed` to `to` (with `reason`), recording the
 /// step in its history, and returns the order as it now is.
 ///

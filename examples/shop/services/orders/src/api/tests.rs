@@ -675,3 +675,106 @@ async fn malformed_events_are_4xx_so_the_broker_dead_letters_them() {
     let (status, _, _) = call(&app, req).await;
     assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
 }
+
+/// Places `body` as `user` with `Idempotency-Key: key`; the response's
+/// status, `Idempotent-Replayed` and body.
+async fn place_keyed(
+    app: &Router,
+    user: &str,
+    key: &str,
+    body: &Value,
+) -> (StatusCode, Option<String>, Value) {
+    let req = Request::post("/api/orders")
+        .header("content-type", "application/json")
+        .header(USER_HEADER, user)
+        .header(IDEMPOTENCY_KEY, key)
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let replayed = res
+        .headers()
+        .get(IDEMPOTENT_REPLAYED)
+        .map(|v| v.to_str().unwrap().to_owned());
+    let bytes = to_bytes(res.into_body(), 1 << 20).await.unwrap();
+    (status, replayed, serde_json::from_slice(&bytes).unwrap())
+}
+
+async fn orders_stored(db: &sqlx::SqlitePool) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM orders")
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+/// A placement retried with its key (its answer lost) is answered with
+/// the order it placed: one order, one `order.placed`, one charge.
+#[tokio::test]
+async fn a_retried_placement_with_its_key_places_one_order() {
+    let (app, db) = app_and_db().await;
+    let body = json!({"items": [{"sku": "sku-a", "quantity": 2}], "payment": {"card": "4242 4242 4242 4242"}});
+    let (status, replayed, first) = place_keyed(&app, "alice", "checkout-1", &body).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert_eq!(replayed, None);
+    // The draft's structured-field spelling is the same key.
+    for key in ["checkout-1", "\"checkout-1\""] {
+        let (status, replayed, again) = place_keyed(&app, "alice", key, &body).await;
+        assert_eq!(status, StatusCode::CREATED, "{again}");
+        assert_eq!(replayed.as_deref(), Some("true"));
+        assert_eq!(again["id"], first["id"]);
+        assert_eq!(again["total_cents"], first["total_cents"]);
+    }
+    assert_eq!(orders_stored(&db).await, 1);
+    assert_eq!(outbox(&db).await.len(), 1);
+
+    // The same key with another order is the client's mistake, said so.
+    let other = json!({"items": [{"sku": "sku-a", "quantity": 3}], "payment": {"card": "4242 4242 4242 4242"}});
+    let (status, _, err) = place_keyed(&app, "alice", "checkout-1", &other).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert_eq!(err["error"]["code"], "idempotency_key_reused");
+    assert_eq!(orders_stored(&db).await, 1);
+
+    // A key is its customer's own: bob's `checkout-1` is bob's order.
+    let (status, replayed, bobs) = place_keyed(&app, "bob", "checkout-1", &body).await;
+    assert_eq!(status, StatusCode::CREATED, "{bobs}");
+    assert_eq!(replayed, None);
+    assert_ne!(bobs["id"], first["id"]);
+    assert_eq!(bobs["customer"], "bob");
+    assert_eq!(orders_stored(&db).await, 2);
+}
+
+/// Retries that race (the gateway's and the client's) still place one
+/// order: the key is taken in the order's own transaction.
+#[tokio::test]
+async fn racing_retries_with_one_key_place_one_order() {
+    let (app, db) = app_and_db().await;
+    let body = json!({"items": [{"sku": "sku-b", "quantity": 1}], "payment": {"card": "4242 4242 4242 4242"}});
+    let answers =
+        futures_util::future::join_all((0..8).map(|_| place_keyed(&app, "alice", "race-1", &body)))
+            .await;
+    let first = &answers[0].2["id"];
+    for (status, _, order) in &answers {
+        assert_eq!(*status, StatusCode::CREATED, "{order}");
+        assert_eq!(&order["id"], first);
+    }
+    assert_eq!(
+        answers.iter().filter(|(_, r, _)| r.is_none()).count(),
+        1,
+        "exactly one answer placed the order"
+    );
+    assert_eq!(orders_stored(&db).await, 1);
+    assert_eq!(outbox(&db).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_malformed_idempotency_key_is_refused() {
+    let (app, db) = app_and_db().await;
+    let body = json!({"items": [{"sku": "sku-b", "quantity": 1}], "payment": {"card": "4242 4242 4242 4242"}});
+    let long = "k".repeat(MAX_IDEMPOTENCY_KEY_LEN + 1);
+    for key in ["", "\"\"", "two words", long.as_str(), "\"a\"b\""] {
+        let (status, _, err) = place_keyed(&app, "alice", key, &body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{key:?}: {err}");
+        assert_eq!(err["error"]["code"], "invalid_idempotency_key", "{key:?}");
+    }
+    assert_eq!(orders_stored(&db).await, 0);
+}
