@@ -63,6 +63,15 @@ pub struct ListParams {
     offset: Option<String>,
 }
 
+/// `GET /api/catalog/products/{id}` parameters.
+#[derive(Debug, Default, Deserialize)]
+pub struct OneParams {
+    /// `false`: the product alone, without asking reviews. For services
+    /// (orders looks up every line of an order), which have no use for
+    /// reviews and should not wait up to `REVIEWS_TIMEOUT` for them.
+    reviews: Option<String>,
+}
+
 /// The routes, with `x-served-by: <instance>` on every response. `reviews`
 /// is the client of the reviews service, if there is one.
 pub fn router(db: SqlitePool, instance: &str, reviews: Option<Client>) -> Router {
@@ -96,14 +105,25 @@ async fn list(
 async fn one(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    ApiQuery(params): ApiQuery<OneParams>,
 ) -> Result<axum::Json<ProductPage>, ApiError> {
+    let with_reviews = match params.reviews.as_deref() {
+        None | Some("true") => true,
+        Some("false") => false,
+        Some(_) => {
+            return Err(ApiError::validation(vec![FieldError::new(
+                "reviews",
+                "must be true or false",
+            )]));
+        }
+    };
     let Some(product) = store::get(&state.db, &id).await? else {
         return Err(ApiError::not_found(format!("no product with id {id:?}"))
             .with_details(json!({ "id": id })));
     };
     let reviews = match &state.reviews {
-        Some(client) => reviews_of(client, &product.id).await,
-        None => None,
+        Some(client) if with_reviews => reviews_of(client, &product.id).await,
+        _ => None,
     };
     Ok(axum::Json(ProductPage { product, reviews }))
 }
@@ -317,6 +337,43 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(p["id"], "sku-espresso");
         assert_eq!(p["reviews"], Value::Null);
+    }
+
+    /// `?reviews=false` is the product alone: reviews is not asked (so a
+    /// slow reviews cannot hold up the order that looks the product up).
+    #[tokio::test]
+    async fn a_product_without_reviews_does_not_ask_reviews() {
+        let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = asked.clone();
+        let fake = Router::new().route(
+            "/api/reviews/{id}",
+            axum::routing::get(move || {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { axum::Json(json!({"count": 1, "reviews": []})) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, fake).await });
+        let service = flotilla_chassis::Service::from_vars([
+            ("FLOTILLA_SERVICE", "catalog".to_string()),
+            ("FLOTILLA_URL_REVIEWS", format!("http://127.0.0.1:{port}")),
+        ])
+        .unwrap();
+        let app = router(db().await, "catalog-0", service.client("reviews").ok());
+        let path = "/api/catalog/products/sku-espresso";
+        let (status, _, p) = get(&app, &format!("{path}?reviews=false")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(p["id"], "sku-espresso");
+        assert_eq!(p["reviews"], Value::Null);
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let (status, _, p) = get(&app, path).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(p["reviews"]["count"], 1);
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let (status, _, e) = get(&app, &format!("{path}?reviews=no")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(e["error"]["fields"][0]["field"], "reviews");
     }
 
     #[tokio::test]

@@ -46,10 +46,13 @@ pub fn document() -> Value {
                     "operationId": "getProduct",
                     "summary": "One product by SKU",
                     "parameters": [
-                        {"name": "id", "in": "path", "required": true, "schema": {"type": "string"}, "example": "sku-espresso"}
+                        {"name": "id", "in": "path", "required": true, "schema": {"type": "string"}, "example": "sku-espresso"},
+                        {"name": "reviews", "in": "query", "required": false, "schema": {"type": "boolean", "default": true},
+                         "description": "`false`: the product alone (`reviews` null), without asking the reviews service; for services that only need the product"}
                     ],
                     "responses": {
                         "200": {"description": "The product with its reviews", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ProductPage"}}}},
+                        "400": error_response("reviews is not true or false"),
                         "404": error_response("No such product")
                     }
                 }

@@ -17,8 +17,10 @@ pub struct Product {
 /// The product with SKU `sku`, `None` if the catalog does not know it.
 pub async fn product(catalog: &Client, sku: &str) -> Result<Option<Product>, Error> {
     // SKUs are validated to URL-safe characters before this is called.
+    // Without reviews: the catalog would otherwise wait on the reviews
+    // service for each line, which an order has no use for.
     match catalog
-        .get_json::<Product>(&format!("/api/catalog/products/{sku}"))
+        .get_json::<Product>(&format!("/api/catalog/products/{sku}?reviews=false"))
         .await
     {
         Ok(product) => Ok(Some(product)),
