@@ -166,11 +166,12 @@ async fn places_an_order_at_catalog_prices() {
     let app = app().await;
     let (status, location, order) = place_order(
         &app,
+        // A client's prices, per line and for the order, are ignored.
         json!({"customer": "alice@example.com", "items": [
-            {"sku": "sku-a", "quantity": 2},
-            {"sku": "sku-b", "quantity": 1},
+            {"sku": "sku-a", "quantity": 2, "unit_price_cents": 1},
+            {"sku": "sku-b", "quantity": 1, "unit_price_cents": 1, "line_total_cents": 1},
             {"sku": "sku-a", "quantity": 1}
-        ], "unit_price_cents": 1}),
+        ], "unit_price_cents": 1, "total_cents": 1}),
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{order}");
