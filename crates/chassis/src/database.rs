@@ -8,6 +8,16 @@
 //! timeout, then retries until a deadline), and then find nothing to do.
 //! Opening a brand-new file races the same way on the switch to WAL, which
 //! SQLite's busy timeout does not cover, so that is retried too.
+//!
+//! Foreign keys are off while migrations run. SQLite ignores
+//! `PRAGMA foreign_keys` inside a transaction, so a migration cannot turn
+//! them off itself, and with them on the table rebuild SQLite documents
+//! (`CREATE TABLE t_new …; INSERT …; DROP TABLE t; ALTER TABLE t_new RENAME
+//! TO t`) would cascade the `DROP` to every child row. Instead the
+//! migration connection turns them off before `BEGIN IMMEDIATE`, runs
+//! `PRAGMA foreign_key_check` before committing (and rolls everything back
+//! if any row is left pointing nowhere), and turns them on again before the
+//! connection goes back to the pool.
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -29,7 +39,8 @@ const MAX_CONNECTIONS: u32 = 8;
 /// Opens the SQLite database at `url` (`sqlite:///abs/path.db`,
 /// `sqlite://rel.db` or `sqlite::memory:`), creating the file and its
 /// directory if missing, with WAL, a 5 s busy timeout and foreign keys on,
-/// then runs `migrator`.
+/// then runs `migrator` with foreign keys off, refusing to commit if they no
+/// longer hold afterwards ([`Error::MigrateForeignKeys`]).
 ///
 /// [`crate::Service::database`] calls this with `DATABASE_URL`; tests call
 /// it directly with a temporary file.
@@ -103,14 +114,20 @@ pub async fn open_sqlite(url: &str, migrator: &Migrator) -> Result<SqlitePool, E
     loop {
         match migrate_once(&pool, migrator).await {
             Ok(()) => return Ok(pool),
-            Err(e) if is_migrate_busy(&e) && Instant::now() < deadline => {
+            Err(Failure::Migrate(e)) if is_migrate_busy(&e) && Instant::now() < deadline => {
                 tracing::info!(database = %path, "another replica is migrating; waiting");
                 backoff.wait().await;
             }
-            Err(source) => {
+            Err(Failure::Migrate(source)) => {
                 return Err(Error::Migrate {
                     path: path.clone(),
                     source,
+                });
+            }
+            Err(Failure::ForeignKeys(violations)) => {
+                return Err(Error::MigrateForeignKeys {
+                    path: path.clone(),
+                    violations,
                 });
             }
         }
@@ -129,14 +146,106 @@ impl Backoff {
     }
 }
 
-async fn migrate_once(pool: &SqlitePool, migrator: &Migrator) -> Result<(), MigrateError> {
+/// Why one migration attempt failed.
+enum Failure {
+    Migrate(MigrateError),
+    /// `PRAGMA foreign_key_check` found rows, summarised per table.
+    ForeignKeys(String),
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Self {
+        Failure::Migrate(MigrateError::Execute(e))
+    }
+}
+
+impl From<MigrateError> for Failure {
+    fn from(e: MigrateError) -> Self {
+        Failure::Migrate(e)
+    }
+}
+
+async fn migrate_once(pool: &SqlitePool, migrator: &Migrator) -> Result<(), Failure> {
     let mut conn = pool.acquire().await?;
-    let mut tx = (*conn).begin_with("BEGIN IMMEDIATE").await?;
+    // Must come before BEGIN: inside a transaction SQLite ignores it (see the
+    // module's documentation).
+    sqlx::query("PRAGMA foreign_keys = OFF")
+        .execute(&mut *conn)
+        .await?;
+    let outcome = migrate_checked(&mut conn, migrator).await;
+    // Every pool connection promises foreign keys on, so this one goes back
+    // only once they are; if they cannot be turned on (say a rollback
+    // failed and a transaction is still open, where the pragma is ignored)
+    // it is closed instead (for `:memory:` that loses the database, but
+    // opening fails then anyway).
+    let restored = restore_foreign_keys(&mut conn).await;
+    if let Err(e) = &restored {
+        tracing::warn!(error = %e, "could not turn foreign keys back on; closing the migration connection");
+        let _ = conn.detach().close().await;
+    }
+    outcome?;
+    restored?;
+    Ok(())
+}
+
+async fn migrate_checked(
+    conn: &mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
+    migrator: &Migrator,
+) -> Result<(), Failure> {
+    let mut tx = (**conn).begin_with("BEGIN IMMEDIATE").await?;
     // Inside the transaction sqlx applies each migration in a savepoint, so
     // the whole run is atomic and holds the write lock throughout.
-    migrator.run(&mut *tx).await?;
+    if let Err(e) = migrator.run(&mut *tx).await {
+        let _ = tx.rollback().await;
+        return Err(e.into());
+    }
+    // Checked before committing, so a migration that breaks a reference is
+    // refused whole instead of leaving rows no later statement could
+    // satisfy.
+    let rows: Vec<(String, String, i64)> = match sqlx::query_as(
+        "SELECT \"table\", parent, count(*) FROM pragma_foreign_key_check \
+         GROUP BY \"table\", parent ORDER BY \"table\", parent",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    {
+        Ok(rows) => rows,
+        Err(e) => {
+            let _ = tx.rollback().await;
+            return Err(e.into());
+        }
+    };
+    if !rows.is_empty() {
+        tx.rollback().await?;
+        let summary = rows
+            .iter()
+            .map(|(table, parent, n)| {
+                format!("{n} row(s) of `{table}` reference missing `{parent}` rows")
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(Failure::ForeignKeys(summary));
+    }
     tx.commit().await?;
     Ok(())
+}
+
+async fn restore_foreign_keys(
+    conn: &mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("PRAGMA foreign_keys = ON")
+        .execute(&mut **conn)
+        .await?;
+    let on: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+        .fetch_one(&mut **conn)
+        .await?;
+    if on == 1 {
+        Ok(())
+    } else {
+        Err(sqlx::Error::Protocol(
+            "PRAGMA foreign_keys = ON did not take effect".into(),
+        ))
+    }
 }
 
 fn is_migrate_busy(e: &MigrateError) -> bool {
@@ -214,6 +323,100 @@ mod tests {
         open_sqlite(&url, &m).await.unwrap();
     }
 
+    /// Writes `files` (name, SQL) into a fresh migrations directory.
+    async fn migrator_of(dir: &Path, files: &[(&str, &str)]) -> Migrator {
+        std::fs::create_dir_all(dir).unwrap();
+        for (name, sql) in files {
+            std::fs::write(dir.join(name), sql).unwrap();
+        }
+        Migrator::new(dir).await.unwrap()
+    }
+
+    const ORDERS: &str = "CREATE TABLE orders (id TEXT PRIMARY KEY, total INTEGER NOT NULL);\n\
+         CREATE TABLE order_lines (\n\
+           id INTEGER PRIMARY KEY,\n\
+           order_id TEXT NOT NULL REFERENCES orders(id) ON DELETE CASCADE\n\
+         );\n\
+         INSERT INTO orders (id, total) VALUES ('o1', 5), ('o2', 7);\n\
+         INSERT INTO order_lines (order_id) VALUES ('o1'), ('o1'), ('o2');";
+
+    #[tokio::test]
+    async fn rebuilding_a_parent_table_keeps_its_children() {
+        let tmp = tempfile::tempdir().unwrap();
+        // The rebuild SQLite documents for changing a column's type.
+        let m = migrator_of(
+            &tmp.path().join("migrations"),
+            &[
+                ("0001_orders.sql", ORDERS),
+                (
+                    "0002_rebuild.sql",
+                    "CREATE TABLE orders_new (id TEXT PRIMARY KEY, total TEXT NOT NULL);\n\
+                     INSERT INTO orders_new SELECT id, CAST(total AS TEXT) FROM orders;\n\
+                     DROP TABLE orders;\n\
+                     ALTER TABLE orders_new RENAME TO orders;",
+                ),
+            ],
+        )
+        .await;
+        let url = format!("sqlite://{}/x.db", tmp.path().display());
+        let pool = open_sqlite(&url, &m).await.unwrap();
+        let lines: i64 = sqlx::query_scalar("SELECT count(*) FROM order_lines")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(lines, 3, "the rebuild must not cascade to order_lines");
+        // Every connection, the migration's included, has them on again.
+        let mut conns = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            conns.push(pool.acquire().await.unwrap());
+        }
+        for conn in &mut conns {
+            let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap();
+            assert_eq!(fk, 1);
+        }
+        drop(conns);
+        let err = sqlx::query("DELETE FROM orders WHERE id = 'o1'")
+            .execute(&pool)
+            .await;
+        assert!(err.is_ok());
+        let lines: i64 = sqlx::query_scalar("SELECT count(*) FROM order_lines")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(lines, 1, "ON DELETE CASCADE still applies after migrating");
+    }
+
+    #[tokio::test]
+    async fn a_migration_that_breaks_a_reference_is_rolled_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = migrator_of(
+            &tmp.path().join("migrations"),
+            &[
+                ("0001_orders.sql", ORDERS),
+                ("0002_drop.sql", "DELETE FROM orders WHERE id = 'o1';"),
+            ],
+        )
+        .await;
+        let url = format!("sqlite://{}/x.db", tmp.path().display());
+        let err = open_sqlite(&url, &m).await.unwrap_err();
+        assert!(matches!(err, Error::MigrateForeignKeys { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("2 row(s) of `order_lines`"), "{msg}");
+        assert!(msg.contains("`orders`"), "{msg}");
+        assert!(msg.contains("rolled back"), "{msg}");
+        // Nothing was applied, not even 0001.
+        let pool = SqlitePool::connect(&url).await.unwrap();
+        let tables: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE name = 'orders'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(tables, 0);
+    }
+
     #[tokio::test]
     async fn memory_and_bad_urls() {
         let tmp = tempfile::tempdir().unwrap();
@@ -224,6 +427,12 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 3);
+        // The one connection is the migration's: foreign keys are on again.
+        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(fk, 1);
 
         let err = open_sqlite("postgres://u:secret@h/db", &m)
             .await

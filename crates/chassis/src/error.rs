@@ -92,6 +92,19 @@ pub enum Error {
         source: sqlx::migrate::MigrateError,
     },
 
+    /// A migration left rows whose foreign keys point at no row (foreign
+    /// keys are off while migrations run, and checked before committing);
+    /// nothing was applied.
+    #[error(
+        "migrations on the SQLite database {path} were rolled back: {violations}; fix the migration so every reference still holds"
+    )]
+    MigrateForeignKeys {
+        /// The database file (or `:memory:`).
+        path: String,
+        /// Which tables hold such rows, and which tables they point at.
+        violations: String,
+    },
+
     /// The listen address could not be bound.
     #[error("could not bind {addr}; set FLOTILLA_LISTEN to a free address")]
     Bind {

@@ -36,7 +36,9 @@
 //!   errors tell unreachable, timeout, non-2xx and bad JSON apart, and which
 //!   forwards the incoming `x-request-id`.
 //! - [`Service::database`] opens the service's SQLite database (WAL, busy
-//!   timeout, foreign keys) and migrates it safely across replicas.
+//!   timeout, foreign keys) and migrates it safely across replicas, with
+//!   foreign keys off while migrations run (so a table rebuild does not
+//!   cascade) and checked before they commit.
 //! - [`ApiError`] is the one mapping from errors to HTTP responses, with
 //!   [`ApiJson`]/[`ApiQuery`] extractors that reject in the same shape and
 //!   [`int_param`] for a ranged whole-number parameter such as `limit`.
