@@ -67,8 +67,38 @@ pub struct Message {
     pub message_id: String,
     /// How many times it has been delivered, this time included.
     pub receive_count: u32,
-    /// The event.
-    pub event: Event,
+    /// The event, or why the chassis cannot read it. Such a message must
+    /// still be acked or released (or left to expire) like any other.
+    pub event: Result<Event, UndecodableEvent>,
+}
+
+/// A delivered event the chassis cannot read as an [`Event`]: binary data
+/// (`data_base64`), for example, which other publishers may send but the
+/// chassis does not decode.
+///
+/// [`Broker::receive`] and [`StreamConsumer::read`] return it in place of
+/// the event rather than dropping the delivery, so the consumer still has
+/// the receipt to settle a queue message with and the sequence to
+/// checkpoint past a stream record.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("the delivered event cannot be read: {reason}")]
+pub struct UndecodableEvent {
+    /// What is wrong with it.
+    pub reason: String,
+    /// The event as the broker delivered it (structured JSON), to log or
+    /// pass on.
+    pub raw: Value,
+}
+
+/// Reads a delivered event, keeping what could not be read.
+fn decode(raw: Value) -> Result<Event, UndecodableEvent> {
+    match serde_json::from_value::<Event>(raw.clone()) {
+        Ok(event) => Ok(event),
+        Err(e) => Err(UndecodableEvent {
+            reason: e.to_string(),
+            raw,
+        }),
+    }
 }
 
 /// A stream partition leased to a [`StreamConsumer`].
@@ -90,8 +120,9 @@ pub struct Record {
     pub partition: u32,
     /// Its position in the partition (increasing, possibly with gaps).
     pub sequence: u64,
-    /// The event.
-    pub event: Event,
+    /// The event, or why the chassis cannot read it. Checkpoint past such
+    /// a record like any other, or the partition stops there.
+    pub event: Result<Event, UndecodableEvent>,
 }
 
 impl Broker {
@@ -165,8 +196,9 @@ impl Broker {
     /// arrived in time.
     ///
     /// A message whose event the chassis cannot read (binary data, say) is
-    /// logged and left in flight, so the queue's `max_receives` moves it to
-    /// the dead-letter queue; the others are returned.
+    /// returned too, with an [`UndecodableEvent`] for its event: ack it to
+    /// drop it, or release it so the queue's `max_receives` moves it to the
+    /// dead-letter queue.
     pub async fn receive(
         &self,
         queue: &str,
@@ -200,22 +232,11 @@ impl Broker {
         Ok(received
             .messages
             .into_iter()
-            .filter_map(|m| match serde_json::from_value::<Event>(m.event) {
-                Ok(event) => Some(Message {
-                    receipt: m.receipt,
-                    message_id: m.message_id,
-                    receive_count: m.receive_count,
-                    event,
-                }),
-                Err(e) => {
-                    tracing::error!(
-                        queue,
-                        message_id = %m.message_id,
-                        error = %e,
-                        "received an event the chassis cannot read; leaving it to the queue's dead-letter policy"
-                    );
-                    None
-                }
+            .map(|m| Message {
+                receipt: m.receipt,
+                message_id: m.message_id,
+                receive_count: m.receive_count,
+                event: decode(m.event),
             })
             .collect())
     }
@@ -467,7 +488,9 @@ impl StreamConsumer {
 
     /// Reads up to `limit` records of `partition` after sequence `after`
     /// (from the oldest retained with `None`; pass the lease's checkpoint),
-    /// waiting up to `wait` (at most 20 s) for the first.
+    /// waiting up to `wait` (at most 20 s) for the first. Records whose
+    /// event the chassis cannot read are returned too, with an
+    /// [`UndecodableEvent`] for their event.
     pub async fn read(
         &self,
         partition: u32,
@@ -501,22 +524,10 @@ impl StreamConsumer {
         Ok(read
             .records
             .into_iter()
-            .filter_map(|r| match serde_json::from_value::<Event>(r.event) {
-                Ok(event) => Some(Record {
-                    partition: r.partition,
-                    sequence: r.sequence,
-                    event,
-                }),
-                Err(e) => {
-                    tracing::error!(
-                        stream = %self.stream,
-                        partition = r.partition,
-                        sequence = r.sequence,
-                        error = %e,
-                        "skipping a stream record whose event the chassis cannot read"
-                    );
-                    None
-                }
+            .map(|r| Record {
+                partition: r.partition,
+                sequence: r.sequence,
+                event: decode(r.event),
             })
             .collect())
     }

@@ -157,7 +157,9 @@ mod trace;
 mod user;
 
 pub use api::{ApiError, ApiJson, ApiQuery, FieldError, int_param, not_found};
-pub use broker::{Broker, Lease, Message, ReceiveOptions, Record, StreamConsumer};
+pub use broker::{
+    Broker, Lease, Message, ReceiveOptions, Record, StreamConsumer, UndecodableEvent,
+};
 pub use client::{Client, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT};
 pub use database::open_sqlite;
 pub use error::{Error, error_chain};

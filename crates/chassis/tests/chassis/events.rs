@@ -151,7 +151,7 @@ async fn receive_n(broker: &Broker, queue: &str, n: usize) -> Vec<Event> {
         };
         for m in broker.receive(queue, options).await.expect("receive") {
             broker.ack(queue, &m.receipt).await.expect("ack");
-            got.push(m.event);
+            got.push(m.event.expect("a readable event"));
         }
     }
     got
@@ -177,7 +177,7 @@ async fn audit_ids(broker: &Broker, n: usize) -> Vec<String> {
             .expect("read")
         {
             after = Some(r.sequence);
-            ids.push(r.event.id);
+            ids.push(r.event.expect("a readable event").id);
         }
     }
     ids
@@ -206,7 +206,11 @@ async fn publish_receive_ack_extend_release() {
     let got = broker.receive("inventory", options).await.expect("receive");
     assert_eq!(got.len(), 1);
     let m = &got[0];
-    assert_eq!(m.event, event, "the event comes back as published");
+    assert_eq!(
+        m.event,
+        Ok(event.clone()),
+        "the event comes back as published"
+    );
     assert_eq!(m.receive_count, 1);
 
     // Extended, it stays hidden; use the receipt the broker returns.
@@ -234,7 +238,7 @@ async fn publish_receive_ack_extend_release() {
         .expect("release");
     let again = broker.receive("inventory", options).await.expect("receive");
     assert_eq!(again.len(), 1);
-    assert_eq!(again[0].event.id, event.id);
+    assert_eq!(again[0].event.as_ref().map(|e| &e.id), Ok(&event.id));
     assert_eq!(again[0].receive_count, 2);
     let err = broker.ack("inventory", &m.receipt).await.unwrap_err();
     assert_eq!(err.status(), Some(StatusCode::CONFLICT), "{err}");
@@ -294,6 +298,97 @@ async fn publish_receive_ack_extend_release() {
     assert!(err.is_dependency_failure());
 }
 
+/// A binary-mode event, as a publisher other than the chassis may send:
+/// the broker stores it, the chassis cannot read it as an [`Event`].
+const BINARY: &str = r#"{"specversion":"1.0","id":"bin-1","source":"/camera","type":"photo.taken","datacontenttype":"image/png","data_base64":"iVBORw0KGgo="}"#;
+
+#[tokio::test]
+async fn undecodable_deliveries_can_still_be_settled() {
+    let scratch = Scratch::new();
+    let (server, addr) = start_broker(&scratch).await;
+    let svc = service(addr);
+    let broker = svc.broker().expect("broker");
+    let response = http()
+        .post(format!("http://{addr}/topics/orders/events"))
+        .header("content-type", "application/cloudevents+json")
+        .body(BINARY)
+        .send()
+        .await
+        .expect("publish binary");
+    assert!(response.status().is_success(), "{response:?}");
+    let readable = svc.event("order.placed", json!({"n": 1})).unwrap();
+    broker.publish("orders", &readable).await.expect("publish");
+
+    // The queue: both come back, the binary one with its receipt, so it
+    // can be acked instead of coming back after every visibility timeout.
+    let options = ReceiveOptions {
+        wait: Duration::from_secs(2),
+        visibility_timeout: Some(Duration::from_millis(300)),
+        ..ReceiveOptions::default()
+    };
+    let mut got = Vec::new();
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while got.len() < 2 {
+        assert!(tokio::time::Instant::now() < end, "got only {got:?}");
+        got.extend(broker.receive("inventory", options).await.expect("receive"));
+    }
+    let bad = got
+        .iter()
+        .find(|m| m.event.is_err())
+        .expect("the binary event is returned");
+    let err = bad.event.as_ref().unwrap_err();
+    assert!(err.reason.contains("data_base64"), "{err}");
+    assert_eq!(err.raw["id"], "bin-1");
+    assert_eq!(bad.receive_count, 1);
+    for m in &got {
+        broker.ack("inventory", &m.receipt).await.expect("ack");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let none = broker
+        .receive(
+            "inventory",
+            ReceiveOptions {
+                wait: Duration::ZERO,
+                ..options
+            },
+        )
+        .await
+        .expect("receive");
+    assert!(none.is_empty(), "acked, not redelivered: {none:?}");
+
+    // The stream: the binary record keeps its place, so a consumer that
+    // checkpoints the last record read moves past it.
+    let reader = broker
+        .stream_consumer("audit", "skipper", "s")
+        .expect("consumer");
+    let lease = reader.lease().await.expect("lease")[0];
+    let mut records = Vec::new();
+    while records.len() < 2 {
+        assert!(tokio::time::Instant::now() < end, "got only {records:?}");
+        let after = records
+            .last()
+            .map(|r: &flotilla_chassis::Record| r.sequence);
+        records.extend(
+            reader
+                .read(0, after, 10, Duration::from_secs(2))
+                .await
+                .expect("read"),
+        );
+    }
+    assert!(records[0].event.is_err(), "published first: {records:?}");
+    assert_eq!(records[1].event.as_ref().map(|e| &e.id), Ok(&readable.id));
+    reader
+        .checkpoint(&lease, records[1].sequence)
+        .await
+        .expect("checkpoint");
+    let rest = reader
+        .read(0, Some(records[1].sequence), 10, Duration::ZERO)
+        .await
+        .expect("read");
+    assert!(rest.is_empty());
+    server.close().await;
+}
+
 #[tokio::test]
 async fn stream_consumer_leases_reads_and_checkpoints() {
     let scratch = Scratch::new();
@@ -330,7 +425,10 @@ async fn stream_consumer_leases_reads_and_checkpoints() {
                 .expect("read"),
         );
     }
-    let ids: Vec<&str> = records.iter().map(|r| r.event.id.as_str()).collect();
+    let ids: Vec<&str> = records
+        .iter()
+        .map(|r| r.event.as_ref().expect("readable").id.as_str())
+        .collect();
     let want: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids, want, "in order");
     let last = records[2].sequence;

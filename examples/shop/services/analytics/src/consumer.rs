@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use flotilla_chassis::{Broker, Error, Lease, StreamConsumer};
+use flotilla_chassis::{Broker, Error, Event, Lease, StreamConsumer, UndecodableEvent};
 use sqlx::SqlitePool;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -40,15 +40,23 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Applies one record and returns whether it was counted. Events other
-/// than `order.confirmed`, or whose data cannot be read, are not counted
-/// but still passed (and logged): a stream has no dead-letter queue, and
-/// one bad record must not stop the partition.
+/// than `order.confirmed`, events the chassis cannot read and events whose
+/// data cannot be read are not counted but still passed (and logged): a
+/// stream has no dead-letter queue, and one bad record must not stop the
+/// partition.
 pub async fn apply_record(
     db: &SqlitePool,
     partition: u32,
     sequence: u64,
-    event: &flotilla_chassis::Event,
+    event: Result<&Event, &UndecodableEvent>,
 ) -> Result<Applied, sqlx::Error> {
+    let event = match event {
+        Ok(event) => event,
+        Err(e) => {
+            tracing::error!(partition, sequence, id = %e.raw["id"], error = %e, "skipping a record whose event cannot be read");
+            return store::apply(db, STREAM, partition, sequence, None).await;
+        }
+    };
     let order = match event.ty.as_str() {
         "order.confirmed" => match event.data_as::<Confirmed>() {
             Ok(order) => Some(order),
@@ -95,7 +103,7 @@ async fn drain(consumer: &StreamConsumer, db: &SqlitePool, lease: &Lease) -> Res
         return Ok(0);
     };
     for record in &records {
-        let applied = apply_record(db, record.partition, record.sequence, &record.event)
+        let applied = apply_record(db, record.partition, record.sequence, record.event.as_ref())
             .await
             .map_err(|source| Error::Sql {
                 what: "apply a stream record",
@@ -185,7 +193,7 @@ mod tests {
 
     use super::*;
 
-    fn confirmed(id: &str, ty: &str, data: serde_json::Value) -> flotilla_chassis::Event {
+    fn confirmed(id: &str, ty: &str, data: serde_json::Value) -> Event {
         serde_json::from_value(json!({
             "specversion": "1.0", "id": id, "source": "/orders", "type": ty,
             "customer": "alice", "orderid": "o-1", "data": data
@@ -205,26 +213,34 @@ mod tests {
                    "items": [{"sku": "sku-mug", "quantity": 2, "unit_price_cents": 1450}]}),
         );
         assert_eq!(
-            apply_record(&db, 0, 1, &good).await.unwrap(),
+            apply_record(&db, 0, 1, Ok(&good)).await.unwrap(),
             Applied::Counted
         );
         assert_eq!(
-            apply_record(&db, 0, 1, &good).await.unwrap(),
+            apply_record(&db, 0, 1, Ok(&good)).await.unwrap(),
             Applied::AlreadyCounted
         );
         let unreadable = confirmed("e-2", "order.confirmed", json!({"items": "?"}));
         assert_eq!(
-            apply_record(&db, 0, 2, &unreadable).await.unwrap(),
+            apply_record(&db, 0, 2, Ok(&unreadable)).await.unwrap(),
             Applied::Counted
         );
         let other = confirmed("e-3", "order.cancelled", json!({}));
         assert_eq!(
-            apply_record(&db, 0, 3, &other).await.unwrap(),
+            apply_record(&db, 0, 3, Ok(&other)).await.unwrap(),
+            Applied::Counted
+        );
+        let binary = UndecodableEvent {
+            reason: "binary data (`data_base64`) is not supported".into(),
+            raw: json!({"specversion": "1.0", "id": "e-4", "data_base64": "AA=="}),
+        };
+        assert_eq!(
+            apply_record(&db, 0, 4, Err(&binary)).await.unwrap(),
             Applied::Counted
         );
         let sales = store::sales(&db).await.unwrap();
         assert_eq!(sales.len(), 1);
         assert_eq!((sales[0].units, sales[0].revenue_cents), (2, 2900));
-        assert_eq!(store::position(&db, STREAM, 0).await.unwrap(), Some(3));
+        assert_eq!(store::position(&db, STREAM, 0).await.unwrap(), Some(4));
     }
 }

@@ -12,6 +12,10 @@
 //! visibility expired mid-work) changes nothing. A message that fails is
 //! not acked: it becomes visible again after the queue's visibility
 //! timeout and, after `max_receives` tries, moves to `notifications-dlq`.
+//! One whose event cannot be read at all (binary data from some other
+//! publisher) never will be, so it is released at once instead, which
+//! spends those tries without waiting and moves it to the dead-letter queue
+//! within a moment, where someone can look at it.
 
 use std::time::Duration;
 
@@ -98,7 +102,17 @@ pub async fn run(broker: Broker, db: SqlitePool, mut stop: watch::Receiver<bool>
             }
         };
         for message in messages {
-            let event = &message.event;
+            let event = match &message.event {
+                Ok(event) => event,
+                Err(e) => {
+                    tracing::error!(message_id = %message.message_id, receive_count = message.receive_count, error = %e, "cannot read the event; releasing it towards the dead-letter queue");
+                    metrics::counter!("shop_notifications_events_total", "outcome" => "undecodable").increment(1);
+                    if let Err(e) = broker.release(QUEUE, &message.receipt).await {
+                        tracing::warn!(message_id = %message.message_id, error = %flotilla_chassis::error_chain(&e), "release failed; the message comes back after its visibility timeout");
+                    }
+                    continue;
+                }
+            };
             match apply(&db, event).await {
                 Ok(applied) => {
                     tracing::info!(id = %event.id, ty = %event.ty, ?applied, "notification handled");
