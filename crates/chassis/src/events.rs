@@ -28,6 +28,14 @@ pub const CONTENT_TYPE: &str = "application/cloudevents+json";
 /// Media type of a JSON array of events.
 pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 
+/// The extension the broker partitions streams and groups FIFO queues by
+/// unless the manifest names another attribute (CloudEvents' Partitioning
+/// extension).
+const PARTITION_KEY: &str = "partitionkey";
+/// The longest key the broker accepts, in bytes (as Kinesis's partition
+/// keys).
+const MAX_KEY_BYTES: usize = 256;
+
 /// Attribute names an extension may not take: the CloudEvents context
 /// attributes and the data members.
 const RESERVED: &[&str] = &[
@@ -128,9 +136,40 @@ impl Event {
         self.extensions.get(trace::TRACEPARENT)?.as_str()
     }
 
-    /// Checks the rules the broker enforces: non-empty `id`, `source` and
-    /// `type`, valid extension names and values.
+    /// Checks the rules the broker enforces before it takes an event:
+    /// non-empty `id`, `source` and `type`, valid extension names and
+    /// values, an RFC 3339 `time`, and keys it can partition a stream or
+    /// group a FIFO queue by: `partitionkey` (the default key attribute)
+    /// and `id` (the key when the event has none) at most 256 bytes, with
+    /// no control characters. A key attribute the manifest names instead
+    /// (`partition_key`, `group_by`) must keep to the same rule.
+    ///
+    /// Checked where events are published and written to the outbox, so a
+    /// mistake fails the request that made it: through the outbox it would
+    /// otherwise be refused by the broker long after the commit, and hold
+    /// up the topic's later events.
     pub fn validate(&self) -> Result<(), Error> {
+        self.check_attributes()?;
+        if let Some(at) = &self.time {
+            let rfc3339 = &time::format_description::well_known::Rfc3339;
+            if time::OffsetDateTime::parse(at, rfc3339).is_err() {
+                return Err(invalid(format!(
+                    "attribute `time` must be an RFC 3339 timestamp, e.g. 2026-12-01T10:00:00Z, not {at:?}"
+                )));
+            }
+        }
+        check_key("id", &self.id)?;
+        if let Some(Value::String(key)) = self.extensions.get(PARTITION_KEY) {
+            check_key(PARTITION_KEY, key)?;
+        }
+        Ok(())
+    }
+
+    /// The rules every event read is held to as well: the ones
+    /// [`Event::validate`] adds are the broker's rules for accepting an
+    /// event, and one it delivered is read even if it took it under older
+    /// rules.
+    fn check_attributes(&self) -> Result<(), Error> {
         for (name, value) in [
             ("id", &self.id),
             ("source", &self.source),
@@ -157,6 +196,22 @@ impl Event {
 
 fn invalid(reason: String) -> Error {
     Error::InvalidEvent { reason }
+}
+
+/// A partition or FIFO group key, as the broker checks it.
+fn check_key(attribute: &str, key: &str) -> Result<(), Error> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(invalid(format!(
+            "attribute `{attribute}` is {} bytes; as a partition or group key it may have at most {MAX_KEY_BYTES}",
+            key.len()
+        )));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "attribute `{attribute}` has a control character, which a partition or group key may not"
+        )));
+    }
+    Ok(())
 }
 
 fn check_extension(name: &str, value: &Value) -> Result<(), Error> {
@@ -231,7 +286,7 @@ impl TryFrom<Wire> for Event {
             data: w.data,
             extensions,
         };
-        event.validate()?;
+        event.check_attributes()?;
         Ok(event)
     }
 }
@@ -405,6 +460,64 @@ mod tests {
         assert!(e.clone().with_extension("amount", 12).is_ok());
         assert!(e.clone().with_extension("flag", true).is_ok());
         assert!(Event::new("orders", "", 1).is_err());
+    }
+
+    #[test]
+    fn time_and_keys_are_validated_as_the_broker_does() {
+        let e = Event::new("orders", "t", 1).unwrap();
+        // What the broker's parser (the `time` crate's) takes, no more.
+        for ok in [
+            "2026-12-01T10:00:00Z",
+            "2026-12-01 10:00:00Z",
+            "2026-12-01T10:00:00.123456+02:00",
+            "1985-04-12T23:20:50.52Z",
+        ] {
+            let mut e = e.clone();
+            e.time = Some(ok.into());
+            assert!(e.validate().is_ok(), "{ok}");
+        }
+        for bad in [
+            "yesterday",
+            "",
+            "2026-12-01",
+            "2026-12-01T10:00:00",
+            "2026-13-01T10:00:00Z",
+        ] {
+            let mut e = e.clone();
+            e.time = Some(bad.into());
+            let err = e.validate().expect_err(bad);
+            assert!(matches!(err, Error::InvalidEvent { .. }), "{bad}: {err:?}");
+            assert!(err.to_string().contains("`time`"), "{err}");
+        }
+        let key = |k: &str| e.clone().with_extension("partitionkey", k).unwrap();
+        assert!(key(&"k".repeat(256)).validate().is_ok());
+        assert!(key("c-42").validate().is_ok());
+        for bad in ["k".repeat(257), "a\nb".into(), "a\u{7f}b".into()] {
+            let err = key(&bad).validate().unwrap_err();
+            assert!(err.to_string().contains("`partitionkey`"), "{err}");
+        }
+        let mut long_id = e.clone();
+        long_id.id = "i".repeat(257);
+        let err = long_id.validate().unwrap_err();
+        assert!(err.to_string().contains("`id`"), "{err}");
+        // Another extension is not a key unless the manifest says so: the
+        // broker takes it at any length.
+        assert!(
+            e.clone()
+                .with_extension("note", "n".repeat(1000))
+                .unwrap()
+                .validate()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn received_events_are_read_even_under_older_rules() {
+        let e =
+            parse(br#"{"specversion":"1.0","id":"1","source":"/s","type":"t","time":"yesterday"}"#)
+                .unwrap();
+        assert_eq!(e.time.as_deref(), Some("yesterday"));
+        assert!(e.validate().is_err(), "but it would not be published");
     }
 
     #[test]

@@ -562,4 +562,30 @@ mod tests {
         assert!(!is_refusal(&broker(408)));
         assert!(!is_refusal(&broker(503)));
     }
+
+    #[tokio::test]
+    async fn enqueue_refuses_what_the_broker_would_refuse_after_the_commit() {
+        static NONE: sqlx::migrate::Migrator = sqlx::migrate::Migrator::DEFAULT;
+        let pool = crate::open_sqlite("sqlite::memory:", &NONE).await.unwrap();
+        Outbox::install(&pool).await.unwrap();
+        let good = Event::new("orders", "order.placed", 1).unwrap();
+        let mut bad_time = good.clone();
+        bad_time.time = Some("2026-12-01 10:00".into());
+        let bad_key = good
+            .clone()
+            .with_extension("partitionkey", "x".repeat(300))
+            .unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        for bad in [&bad_time, &bad_key] {
+            let err = enqueue(&mut tx, "orders", bad).await.unwrap_err();
+            assert!(matches!(err, Error::InvalidEvent { .. }), "{err:?}");
+        }
+        enqueue(&mut tx, "orders", &good).await.unwrap();
+        tx.commit().await.unwrap();
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM flotilla_outbox")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, 1, "only the good event is written");
+    }
 }
