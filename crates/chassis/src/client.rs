@@ -10,6 +10,10 @@
 //! server only if its SPIFFE id is the dependency's, so a service address
 //! that led anywhere else fails the handshake. Connections are pooled and
 //! reused, so handshakes are rare.
+//!
+//! Calls made while a request is handled carry its `x-request-id` and W3C
+//! `traceparent` on, so the dependency's log lines for the call name the
+//! same request and trace.
 
 use std::sync::{Arc, Once};
 use std::time::Duration;
@@ -18,8 +22,7 @@ use flotilla_mesh::{ExpectedPeer, Identity};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::Error;
-use crate::request_id;
+use crate::{Error, request_id, trace};
 
 /// Default time to establish a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -125,7 +128,7 @@ impl Client {
     }
 
     /// The underlying reqwest client, for calls the helpers do not cover.
-    /// It has the timeouts but does not add `x-request-id`.
+    /// It has the timeouts but does not add `x-request-id` or `traceparent`.
     pub fn http(&self) -> &reqwest::Client {
         &self.http
     }
@@ -164,6 +167,11 @@ impl Client {
         request = request.header(http::header::ACCEPT, "application/json");
         if let Some(id) = request_id::current() {
             request = request.header(request_id::HEADER, id);
+        }
+        // Passed on unchanged: the chassis starts no spans of its own, and
+        // the trace id is what joins the dependency's log lines to ours.
+        if let Some(tp) = trace::current() {
+            request = request.header(trace::TRACEPARENT, tp);
         }
         let mut response = request
             .send()

@@ -34,7 +34,7 @@
 //!   `FLOTILLA_DRAIN_SECONDS` (default 10).
 //! - [`Service::client`] gives a [`Client`] for a declared dependency whose
 //!   errors tell unreachable, timeout, non-2xx and bad JSON apart, and which
-//!   forwards the incoming `x-request-id`.
+//!   forwards the incoming `x-request-id` and `traceparent`.
 //! - [`Service::database`] opens the service's SQLite database (WAL, busy
 //!   timeout, foreign keys) and migrates it safely across replicas, with
 //!   foreign keys off while migrations run (so a table rebuild does not

@@ -17,11 +17,17 @@ fn callee() -> Router {
         .route(
             "/api/items/{id}",
             get(|Path(id): Path<String>, headers: HeaderMap| async move {
-                let rid = headers
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                axum::Json(json!({ "id": id, "request_id": rid }))
+                let header = |name: &str| {
+                    headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                };
+                axum::Json(json!({
+                    "id": id,
+                    "request_id": header("x-request-id"),
+                    "traceparent": header("traceparent"),
+                }))
             }),
         )
         .route(
@@ -82,10 +88,12 @@ async fn calls_between_two_servers() {
     let client = service.client("it-callee").unwrap();
     let caller = start("it-caller", &vars, caller(client.clone())).await;
 
-    // Through the caller, with the request id forwarded.
+    // Through the caller, with the request id and trace forwarded.
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let res = http()
         .get(caller.url("/api/proxy/sku-1"))
         .header("x-request-id", "req-42")
+        .header("traceparent", tp)
         .send()
         .await
         .unwrap();
@@ -93,6 +101,15 @@ async fn calls_between_two_servers() {
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["id"], "sku-1");
     assert_eq!(body["request_id"], "req-42");
+    assert_eq!(body["traceparent"], tp);
+    // Without one, none is made up.
+    let res = http()
+        .get(caller.url("/api/proxy/sku-2"))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["traceparent"], Value::Null);
 
     // A non-2xx from the callee becomes a 502 dependency_unavailable.
     let res = http()
