@@ -215,7 +215,28 @@ fn write_lines(lines: &Receiver<Line>, dropped: &AtomicU64, out: &mut impl Write
     }
 }
 
-/// `LEVEL message key=value …` for a tracing-style JSON line.
+/// Keys of a JSON log line that [`compact_json`] shows otherwise or not at
+/// all: the level and message lead the line, the instance prefixes it, and
+/// the rest say the same on every line of a process.
+const STANDARD_KEYS: &[&str] = &[
+    "level",
+    "message",
+    "msg",
+    "fields",
+    "timestamp",
+    "time",
+    "ts",
+    "target",
+    "span",
+    "spans",
+    "service",
+    "instance",
+    "system",
+];
+
+/// `LEVEL message key=value …` for a JSON log line: the key/values of
+/// `fields` (tracing-subscriber's JSON shape), then the other top-level
+/// ones (the chassis's shape, and most JSON-lines loggers').
 fn compact_json(line: &str) -> Option<String> {
     let value: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
     let obj = value.as_object()?;
@@ -228,15 +249,17 @@ fn compact_json(line: &str) -> Option<String> {
         .and_then(|m| m.as_str())
         .unwrap_or("");
     let mut out = format!("{level:<5} {message}");
-    if let Some(fields) = fields {
-        for (k, v) in fields {
-            if k == "message" {
-                continue;
-            }
-            match v.as_str() {
-                Some(s) => out.push_str(&format!(" {k}={s}")),
-                None => out.push_str(&format!(" {k}={v}")),
-            }
+    let nested = fields
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.as_str() != "message");
+    let top = obj
+        .iter()
+        .filter(|(k, _)| !STANDARD_KEYS.contains(&k.as_str()));
+    for (k, v) in nested.chain(top) {
+        match v.as_str() {
+            Some(s) => out.push_str(&format!(" {k}={s}")),
+            None => out.push_str(&format!(" {k}={v}")),
         }
     }
     Some(out)
@@ -307,5 +330,37 @@ mod tests {
             "INFO  listening addr=127.0.0.1:1"
         );
         assert!(compact_json("plain text").is_none());
+    }
+
+    /// The chassis writes its fields at the top level, beside `level` and
+    /// `message`: they are shown, the ones every line repeats are not.
+    #[test]
+    fn top_level_fields_are_shown() {
+        let line = r#"{"timestamp":"2026-01-01T00:00:00.000Z","level":"WARN","target":"flotilla_chassis::outbox","service":"orders","instance":"orders-0","system":"shop","span":"relay","request_id":"req-1","message":"outbox cannot publish; retrying","topic":"orders","error":"the broker answered 503"}"#;
+        let shown = compact_json(line).unwrap();
+        assert!(
+            shown.starts_with("WARN  outbox cannot publish; retrying "),
+            "{shown}"
+        );
+        for kv in [
+            " error=the broker answered 503",
+            " request_id=req-1",
+            " topic=orders",
+        ] {
+            assert!(shown.contains(kv), "{kv} missing: {shown}");
+        }
+        for repeated in [
+            "service=",
+            "instance=",
+            "system=",
+            "target=",
+            "span=",
+            "timestamp=",
+        ] {
+            assert!(!shown.contains(repeated), "{repeated} shown: {shown}");
+        }
+        let line =
+            r#"{"level":"info","msg":"ready","port":8080,"fields":{"message":"m","a":true}}"#;
+        assert_eq!(compact_json(line).unwrap(), "info  m a=true port=8080");
     }
 }
