@@ -18,7 +18,10 @@ use serde_json::{Value, json};
 ///
 /// Starts ready. A service that needs warm-up can call
 /// [`Readiness::set_ready`]`(false)` before serving and `true` when done;
-/// shutdown marks it draining, which no later `set_ready` undoes.
+/// shutdown marks it draining, which no later `set_ready` undoes. Nothing
+/// else changes it: the chassis does not probe the database or other
+/// dependencies, so a service that wants to leave rotation while one is
+/// down calls `set_ready` itself.
 #[derive(Debug, Clone)]
 pub struct Readiness {
     inner: Arc<State>,
