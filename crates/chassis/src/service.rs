@@ -254,8 +254,11 @@ impl Server {
     }
 
     /// Serves until `shutdown` completes, then drains: `/readyz` turns 503,
-    /// the listener stops accepting, in-flight requests get the drain
-    /// deadline to finish.
+    /// the listener stops accepting, in-flight requests get four fifths of
+    /// the drain deadline to finish. The last fifth is for the caller's
+    /// own cleanup after this returns (stopping the outbox relay and
+    /// consumers, closing the database), which would never run if the
+    /// requests took it all: the runtime sends SIGKILL at the deadline.
     pub async fn serve_until<F>(self, router: Router, shutdown: F) -> Result<(), Error>
     where
         F: Future<Output = ()> + Send + 'static,
@@ -299,12 +302,13 @@ impl Server {
             let _ = draining_tx.send(true);
         };
         let drain = service.drain_deadline();
+        let in_flight = drain * 4 / 5;
         let deadline = async move {
             if draining_rx.wait_for(|draining| *draining).await.is_err() {
                 std::future::pending::<()>().await;
             }
-            tracing::info!(deadline = ?drain, "draining in-flight requests");
-            tokio::time::sleep(drain).await;
+            tracing::info!(deadline = ?in_flight, "draining in-flight requests");
+            tokio::time::sleep(in_flight).await;
         };
 
         // service, instance and system are on every line already.
@@ -320,7 +324,7 @@ impl Server {
             result = server => result.map_err(|source| Error::Serve { addr: local_addr, source }),
             () = deadline => {
                 tracing::warn!(
-                    deadline = ?drain,
+                    deadline = ?in_flight,
                     "drain deadline passed with requests still in flight; stopping anyway"
                 );
                 Ok(())
