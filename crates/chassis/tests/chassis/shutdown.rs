@@ -79,7 +79,10 @@ async fn drain_deadline_bounds_the_wait() {
         .expect("serve_until returned within the deadline")
         .unwrap()
         .unwrap();
+    // Not a measure of speed: whether it waited for the requests at all
+    // (at least their 4 s), and whether it left the cleanup its second
+    // (it returned before the whole budget had passed).
     let took = begun.elapsed();
     assert!(took >= Duration::from_millis(3900), "{took:?}");
-    assert!(took < Duration::from_millis(4700), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
 }
