@@ -187,6 +187,14 @@ async fn run(command: Command) -> ExitCode {
                 Err(code) => return code,
             };
             let data_dir = data_dir.unwrap_or_else(|| manifest.dir.join(".flotilla"));
+            if let Some(served) = serves(&manifest, &data_dir) {
+                eprintln!(
+                    "error: the data directory {} is inside the gateway's static directory {}, which would serve its CA keys and control token to anyone\n  help: give `--data-dir` a place outside `static`",
+                    data_dir.display(),
+                    served.display()
+                );
+                return ExitCode::from(EXIT_INVALID);
+            }
             let mut options = Options::new(data_dir);
             options.manifest_read_at = Some(read_at);
             options.listen = listen;
@@ -405,6 +413,20 @@ fn load(path: Option<&Path>) -> Result<Manifest, ExitCode> {
         return Err(ExitCode::from(EXIT_INVALID));
     }
     Ok(manifest)
+}
+
+/// The gateway's static directory, if `data_dir` is inside it (where it
+/// need not exist yet).
+fn serves<'m>(manifest: &'m Manifest, data_dir: &Path) -> Option<&'m Path> {
+    let served = manifest.gateway.static_dir.as_deref()?;
+    let served_at = served.canonicalize().ok()?;
+    let data_at = std::path::absolute(data_dir).ok()?;
+    // The data directory may not exist yet: resolve the part that does.
+    let existing = data_at.ancestors().find_map(|a| {
+        let real = a.canonicalize().ok()?;
+        Some(real.join(data_at.strip_prefix(a).ok()?))
+    })?;
+    existing.starts_with(&served_at).then_some(served)
 }
 
 fn open(data_dir: Option<PathBuf>) -> Result<ControlClient, ExitCode> {

@@ -224,6 +224,20 @@ fn strip_identity_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether a request path names a dot-file or something under a
+/// dot-directory (`/.git/config`, `/.env`, `/%2Eflotilla/ca/…`, as the
+/// files see it, decoded), which `static` never serves, as nginx setups
+/// deny `/\.`: a directory of files to serve may also hold a checkout's
+/// `.git`, a tool's state or a system's data directory (`.flotilla`, its
+/// CA keys and control token, when `static` is the manifest's own
+/// directory). `/.well-known/` is served: it is meant to be public
+/// (`security.txt`, ACME challenges).
+fn hidden(path: &str) -> bool {
+    let path = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    path.split(['/', '\\'])
+        .any(|segment| segment.starts_with('.') && segment != ".well-known")
+}
+
 /// Whether `name`, read with `_` as `-`, is a field only the gateway
 /// writes: a user field, the client certificate, the prefix taken off, the
 /// forwarding fields or the request id.
@@ -452,7 +466,7 @@ pub(crate) fn handle<'a>(
                 };
                 let is_read = req.method() == Method::GET || req.method() == Method::HEAD;
                 return match routing.static_files.clone() {
-                    Some(files) if is_read => {
+                    Some(files) if is_read && !hidden(req.uri().path()) => {
                         let res = match files.oneshot(req).boxed().await {
                             Ok(res) => res,
                             Err(never) => match never {},

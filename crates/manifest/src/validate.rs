@@ -430,7 +430,29 @@ fn gateway(
     }
     if let Some(dir) = &raw.static_dir {
         let path = ctx.dir.join(dir.get_ref());
-        if path.is_dir() {
+        // The manifest's directory holds the manifest and, by default, the
+        // system's data directory (`.flotilla`: its CA's private keys, the
+        // control token, the databases); served as files they would be
+        // anyone's. (The gateway never serves dot-files either.)
+        let here = if ctx.dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            ctx.dir.as_path()
+        };
+        let holds_manifest = match (path.canonicalize(), here.canonicalize()) {
+            (Ok(served), Ok(here)) => here.starts_with(served),
+            _ => false,
+        };
+        if holds_manifest {
+            ctx.error(
+                dir.span(),
+                format!(
+                    "static directory `{}` holds the manifest's own directory, with the manifest and the system's data (its CA keys and control token)",
+                    dir.get_ref()
+                ),
+                Some("give the files a directory of their own below the manifest's, e.g. `static = \"web\"`".into()),
+            );
+        } else if path.is_dir() {
             gw.static_dir = Some(path);
         } else {
             ctx.error(

@@ -480,6 +480,34 @@ fn a_port_already_in_use_is_a_clear_error() {
     );
 }
 
+/// A data directory the gateway would serve (its CA keys, its control
+/// token) is refused before anything starts.
+#[test]
+fn a_data_dir_inside_the_static_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("web")).unwrap();
+    let manifest = dir.path().join("flotilla.toml");
+    std::fs::write(
+        &manifest,
+        "name = \"x\"\n[gateway]\nlisten = \"127.0.0.1:0\"\nstatic = \"web\"\n[services.a]\nrun = { command = [\"true\"] }\n",
+    )
+    .unwrap();
+    let out = flotilla()
+        .arg("up")
+        .arg(&manifest)
+        .arg("--data-dir")
+        .arg(dir.path().join("web/state"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("inside the gateway's static directory"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("web/state").exists(), "nothing was made");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_serves_https_with_the_manifests_certificate() {
     let dir = tempfile::tempdir().unwrap();

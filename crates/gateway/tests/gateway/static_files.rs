@@ -81,3 +81,51 @@ async fn static_files_are_served_and_traversal_refused() {
     }
     gateway.shutdown(T).await;
 }
+
+/// Dot-files and dot-directories are never served, however the path spells
+/// them: `static` may be a directory that also holds a checkout's `.git`
+/// or a system's `.flotilla` (its CA keys). `.well-known` is public.
+#[tokio::test]
+async fn dot_files_are_not_served() {
+    let dir = TestDir::new();
+    let web = dir.path().to_path_buf();
+    for (file, text) in [
+        ("index.html", "<h1>shop</h1>"),
+        (".env", "SECRET=1"),
+        (".flotilla/ca/gen-1/root.key", "ROOTKEY"),
+        ("assets/.hidden", "HIDDEN"),
+        (
+            ".well-known/security.txt",
+            "Contact: mailto:security@example.com",
+        ),
+    ] {
+        let path = web.join(file);
+        ok(std::fs::create_dir_all(path.parent().unwrap()), "mkdir");
+        ok(std::fs::write(&path, text), "write");
+    }
+    let registry = Registry::new();
+    let mut cfg = config(vec![]);
+    cfg.static_dir = Some(web);
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    assert_eq!(client.get("/").await.status, StatusCode::OK);
+    let public = client.get("/.well-known/security.txt").await;
+    assert_eq!(public.status, StatusCode::OK);
+    for target in [
+        "/.env",
+        "/.flotilla/ca/gen-1/root.key",
+        "/%2Eflotilla/ca/gen-1/root.key",
+        "/%2eenv",
+        "/assets/.hidden",
+        "/assets/%2ehidden",
+    ] {
+        let got = client.get(target).await;
+        assert_eq!(got.status, StatusCode::NOT_FOUND, "{target}");
+        assert_eq!(got.json()["error"]["code"], "not_found", "{target}");
+        let head = client
+            .request(Method::HEAD, target, &[], Bytes::new())
+            .await;
+        assert_eq!(head.status, StatusCode::NOT_FOUND, "HEAD {target}");
+    }
+    gateway.shutdown(T).await;
+}

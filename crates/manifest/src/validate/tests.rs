@@ -550,6 +550,33 @@ fn missing_static_dir() {
     assert!(e.contains("does not exist"), "{e}");
 }
 
+/// `static = "."` would serve the manifest and `.flotilla` (CA keys,
+/// control token), and `".."` or an absolute parent the same.
+#[test]
+fn a_static_directory_holding_the_manifest_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let nested = dir.path().join("sys");
+    std::fs::create_dir_all(nested.join("web")).unwrap();
+    let manifest = nested.join("flotilla.toml");
+    for served in [".", "..", "./", nested.to_str().unwrap()] {
+        let src = format!(
+            "name = \"x\"\n[gateway]\nstatic = {served:?}\n[services.a]\nrun = {{ cargo = \"a\" }}\n"
+        );
+        let e = match Manifest::parse(&src, &manifest) {
+            Ok(_) => panic!("static = {served:?} was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains("holds the manifest's own directory"),
+            "{served}: {e}"
+        );
+        assert!(e.contains("static = \"web\""), "{e}");
+    }
+    let src = "name = \"x\"\n[gateway]\nstatic = \"web\"\n[services.a]\nrun = { cargo = \"a\" }\n";
+    let m = Manifest::parse(src, &manifest).unwrap();
+    assert_eq!(m.gateway.static_dir, Some(nested.join("web")));
+}
+
 #[test]
 fn find_walks_up() {
     let dir = tempfile::tempdir().unwrap();
