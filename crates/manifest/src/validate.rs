@@ -42,6 +42,23 @@ const MAX_CONCURRENCY: i64 = 100_000;
 const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 /// Paths the gateway answers itself.
 const RESERVED_PATHS: [&str; 1] = ["/healthz"];
+const SECOND: Duration = Duration::from_secs(1);
+const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+/// A request's `timeout`, the gateway's or a route's.
+const TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(1), DAY);
+const TIMEOUT_RANGE_TEXT: &str = "1ms to 1d";
+/// `ready_timeout` and `liveness_timeout`: an instance's probes answer
+/// every 100 ms at best.
+const PROBE_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(3600));
+const PROBE_RANGE_TEXT: &str = "100ms to 1h";
+/// `drain`: instances are told it in whole seconds (`FLOTILLA_DRAIN_SECONDS`)
+/// and stopped when it ends, so less than a second would be a promise the
+/// runtime breaks.
+const DRAIN_RANGE: (Duration, Duration) = (SECOND, Duration::from_secs(3600));
+const DRAIN_RANGE_TEXT: &str = "1s to 1h";
+/// `idle` of `scale`.
+const IDLE_RANGE: (Duration, Duration) = (Duration::from_millis(100), DAY);
+const IDLE_RANGE_TEXT: &str = "100ms to 1d";
 
 struct Ctx<'a> {
     file: &'a Path,
@@ -80,6 +97,29 @@ impl Ctx<'_> {
 
     fn duration(&mut self, value: &Spanned<String>, key: &str) -> Option<Duration> {
         self.duration_or_zero(value, key, false)
+    }
+
+    /// A duration from `min` to `max` (`range` says so in words; `"0s"`
+    /// only when `min` is zero). Every duration the platform adds to a
+    /// clock needs a bound: `"300000000000y"` parses, and overflowed the
+    /// gateway's clock on every request of its route.
+    fn duration_in(
+        &mut self,
+        value: &Spanned<String>,
+        key: &str,
+        (min, max): (Duration, Duration),
+        range: &str,
+    ) -> Option<Duration> {
+        let d = self.duration_or_zero(value, key, min.is_zero())?;
+        if !(min..=max).contains(&d) {
+            self.error(
+                value.span(),
+                format!("`{key} = \"{}\"` is out of range", value.get_ref()),
+                Some(format!("use a duration from {range}")),
+            );
+            return None;
+        }
+        Some(d)
     }
 
     /// Like [`Ctx::duration`], accepting `"0s"` when `zero_ok`.
@@ -463,7 +503,7 @@ fn gateway(
         }
     }
     if let Some(t) = &raw.timeout {
-        gw.timeout = ctx.duration(t, "timeout")?;
+        gw.timeout = ctx.duration_in(t, "timeout", TIMEOUT_RANGE, TIMEOUT_RANGE_TEXT)?;
     }
     if let Some(j) = &raw.jwt {
         gw.jwt = edge::jwts(ctx, j, declared)?;
@@ -662,17 +702,17 @@ fn service(
     let ready_timeout = raw
         .ready_timeout
         .as_ref()
-        .and_then(|t| ctx.duration(t, "ready_timeout"))
+        .and_then(|t| ctx.duration_in(t, "ready_timeout", PROBE_RANGE, PROBE_RANGE_TEXT))
         .unwrap_or(DEFAULT_READY_TIMEOUT);
     let liveness_timeout = raw
         .liveness_timeout
         .as_ref()
-        .and_then(|t| ctx.duration(t, "liveness_timeout"))
+        .and_then(|t| ctx.duration_in(t, "liveness_timeout", PROBE_RANGE, PROBE_RANGE_TEXT))
         .unwrap_or(DEFAULT_LIVENESS_TIMEOUT);
     let drain = raw
         .drain
         .as_ref()
-        .and_then(|t| ctx.duration(t, "drain"))
+        .and_then(|t| ctx.duration_in(t, "drain", DRAIN_RANGE, DRAIN_RANGE_TEXT))
         .unwrap_or(DEFAULT_DRAIN);
 
     let publishes = events::publishes(ctx, name, raw.publishes.as_ref(), event_names);
@@ -848,7 +888,7 @@ fn scale(
                 s.concurrency = ctx.count(c, "concurrency", 1, MAX_CONCURRENCY)?;
             }
             if let Some(i) = &raw.idle {
-                s.idle = ctx.duration(i, "idle")?;
+                s.idle = ctx.duration_in(i, "idle", IDLE_RANGE, IDLE_RANGE_TEXT)?;
             }
             Some(s)
         }
@@ -899,7 +939,7 @@ fn scale(
                 s.concurrency = ctx.count(c, "target_concurrency", 1, MAX_CONCURRENCY)?;
             }
             if let Some(i) = &raw.idle {
-                s.idle = ctx.duration(i, "idle")?;
+                s.idle = ctx.duration_in(i, "idle", IDLE_RANGE, IDLE_RANGE_TEXT)?;
             }
             Some(s)
         }
@@ -1146,7 +1186,7 @@ fn route(
         None => None,
     };
     let timeout = match &raw.timeout {
-        Some(t) => ctx.duration(t, "timeout")?,
+        Some(t) => ctx.duration_in(t, "timeout", TIMEOUT_RANGE, TIMEOUT_RANGE_TEXT)?,
         None => ctx.route_timeout,
     };
     let try_timeout = match &raw.try_timeout {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::Ctx;
+use super::{Ctx, DAY, SECOND};
 use crate::edge::{
     Affinity, ApiKeys, Authz, CacheStore, ClientAuth, Compression, Cors, ForwardedHeader,
     HeaderChanges, HeaderDirection, IpList, JwksSource, Jwt, MAX_JWT_ISSUERS, MAX_RATE_LIMITS,
@@ -259,7 +259,9 @@ fn jwt(ctx: &mut Ctx<'_>, raw: &RawJwt, name: String, declared: &[String]) -> Op
         path
     });
     let refresh = match &raw.refresh {
-        Some(r) => ctx.duration(r, "refresh")?,
+        // The identity provider's JWKS is fetched this often: at most once
+        // a second, at least once a day.
+        Some(r) => ctx.duration_in(r, "refresh", (SECOND, DAY), "1s to 1d")?,
         None => DEFAULT_JWKS_REFRESH,
     };
     let leeway = match &raw.leeway {
@@ -400,7 +402,8 @@ pub(super) fn cors(ctx: &mut Ctx<'_>, raw: &Spanned<RawCors>) -> Option<Cors> {
         None => DEFAULT_CORS_METHODS.iter().map(|m| m.to_string()).collect(),
     };
     let max_age = match &raw.max_age {
-        Some(m) => ctx.duration(m, "max_age")?,
+        // Browsers cap it lower still (Chrome at 2h, Firefox at 1d).
+        Some(m) => ctx.duration_in(m, "max_age", (SECOND, DAY), "1s to 1d")?,
         None => DEFAULT_CORS_MAX_AGE,
     };
     if ctx.errors.len() != before {
@@ -731,7 +734,14 @@ pub(super) fn tls(ctx: &mut Ctx<'_>, raw: &Spanned<RawTls>) -> Option<Tls> {
         parsed
     });
     let hsts = match &raw.hsts {
-        Some(d) => Some(ctx.duration(d, "hsts")?),
+        // `max-age` counts whole seconds: under one it would be
+        // `max-age=0`, which tells browsers to forget HSTS.
+        Some(d) => Some(ctx.duration_in(
+            d,
+            "hsts",
+            (SECOND, Duration::from_secs(10 * 365 * 24 * 60 * 60)),
+            "1s to 3650d",
+        )?),
         None => None,
     };
     (ctx.errors.len() == before).then_some(Tls {

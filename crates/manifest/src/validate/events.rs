@@ -336,9 +336,15 @@ pub(super) fn broker(
         let durability = match (&raw.fsync_interval, interval) {
             (_, None) | (None, Some(false)) => BrokerDurability::Always,
             (None, Some(true)) => BrokerDurability::Interval(DEFAULT_FSYNC_INTERVAL),
-            (Some(f), Some(true)) => {
-                BrokerDurability::Interval(ctx.duration(f, "fsync_interval").unwrap_or_default())
-            }
+            (Some(f), Some(true)) => BrokerDurability::Interval(
+                ctx.duration_in(
+                    f,
+                    "fsync_interval",
+                    (Duration::from_millis(1), Duration::from_secs(60)),
+                    "1ms to 1m",
+                )
+                .unwrap_or_default(),
+            ),
             (Some(f), Some(false)) => {
                 ctx.error(
                     f.span(),
@@ -442,16 +448,7 @@ fn duration_within(
     max: Duration,
     range: &str,
 ) -> Option<Duration> {
-    let d = ctx.duration_or_zero(value, key, min.is_zero())?;
-    if !(min..=max).contains(&d) {
-        ctx.error(
-            value.span(),
-            format!("`{key} = \"{}\"` is out of range", value.get_ref()),
-            Some(format!("use a duration from {range}")),
-        );
-        return None;
-    }
-    Some(d)
+    ctx.duration_in(value, key, (min, max), range)
 }
 
 fn queue(ctx: &mut Ctx<'_>, name: &str, raw: &Spanned<RawQueue>, names: &Names) -> Option<Queue> {

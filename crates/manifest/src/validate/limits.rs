@@ -149,19 +149,10 @@ fn duration(
     min: Duration,
     max: Duration,
 ) -> Option<Duration> {
-    let raw = raw.as_ref()?;
-    let d = ctx.duration(raw, key)?;
-    if !(min..=max).contains(&d) {
-        ctx.error(
-            raw.span(),
-            format!("`{key} = \"{}\"` is out of range", raw.get_ref()),
-            Some(format!(
-                "use a duration from {} to {}",
-                humantime::format_duration(min),
-                humantime::format_duration(max)
-            )),
-        );
-        return None;
-    }
-    Some(d)
+    let range = format!(
+        "{} to {}",
+        humantime::format_duration(min),
+        humantime::format_duration(max)
+    );
+    ctx.duration_in(raw.as_ref()?, key, (min, max), &range)
 }

@@ -2512,3 +2512,43 @@ fn authz_names_a_service_and_headers_and_routes_opt_in() {
         errors(no_authz)
     );
 }
+
+/// Durations the platform adds to a clock or tells a program have ranges:
+/// `"300000000000y"` overflowed the gateway's clock on each request of its
+/// route, `ready_timeout = "1ns"` could never be met, `drain = "500ms"` was
+/// told as 1 s and cut at 0.5, `hsts = "500ms"` sent `max-age=0`.
+#[test]
+fn durations_have_ranges() {
+    for (extra, range) in [
+        (
+            "routes = [{ path = \"/a/**\", timeout = \"300000000000y\" }]",
+            "1ms to 1d",
+        ),
+        ("ready_timeout = \"1ns\"", "100ms to 1h"),
+        ("liveness_timeout = \"2h\"", "100ms to 1h"),
+        ("drain = \"500ms\"", "1s to 1h"),
+        ("scale = { idle = \"1ns\" }", "100ms to 1d"),
+    ] {
+        let e = errors(&with_service(extra));
+        assert!(e.contains("is out of range"), "{extra}: {e}");
+        assert!(e.contains(range), "{extra}: {e}");
+    }
+    let gateway = |table: &str| {
+        format!("name = \"shop\"\n{table}\n[services.a]\nrun = {{ cargo = \"a\" }}\n")
+    };
+    for (table, range) in [
+        ("[gateway]\ntimeout = \"2d\"", "1ms to 1d"),
+        (
+            "[gateway]\njwt = { issuer = \"https://id.example\", audiences = [\"shop\"], jwks = \"https://id.example/jwks.json\", refresh = \"1ms\" }",
+            "1s to 1d",
+        ),
+        (
+            "[gateway.cors]\norigins = [\"https://shop.example\"]\nmax_age = \"30d\"",
+            "1s to 1d",
+        ),
+    ] {
+        let e = errors(&gateway(table));
+        assert!(e.contains("is out of range"), "{table}: {e}");
+        assert!(e.contains(range), "{table}: {e}");
+    }
+}
