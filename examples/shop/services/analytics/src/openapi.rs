@@ -9,7 +9,7 @@ pub fn document() -> Value {
         "info": {
             "title": "shop-analytics",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Units and revenue per product from confirmed orders (stream `order-analytics`). Revenue is quantity × unit price at order time, before order-level discounts and tax. Amounts are integer cents."
+            "description": "Units and revenue per product from confirmed orders (stream `order-analytics`). Revenue is what each line cost at order time (after its volume discount), before order-level discounts and tax; each order counts once, however many copies of its event the stream holds. Amounts are integer cents."
         },
         "paths": {
             "/api/analytics/sales": {

@@ -17,6 +17,10 @@ pub struct ProductSales {
 /// `order.confirmed` data, the part analytics reads.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Confirmed {
+    /// Counted once, however many copies of its event the stream holds
+    /// (absent from events of older orders: those are not deduplicated).
+    #[serde(default)]
+    pub order_id: Option<String>,
     pub items: Vec<Item>,
     #[serde(default = "eur")]
     pub currency: String,
@@ -32,6 +36,19 @@ pub struct Item {
     pub sku: String,
     pub quantity: i64,
     pub unit_price_cents: i64,
+    /// What the line cost after its volume discount; events of older
+    /// orders lack it, and their revenue is quantity times unit price.
+    #[serde(default)]
+    pub line_total_cents: Option<i64>,
+}
+
+impl Item {
+    /// The line's revenue: what the customer paid for it before the
+    /// order's own discounts and tax.
+    fn revenue_cents(&self) -> i64 {
+        self.line_total_cents
+            .unwrap_or_else(|| self.quantity.saturating_mul(self.unit_price_cents))
+    }
 }
 
 /// Whether a record was counted.
@@ -40,6 +57,9 @@ pub enum Applied {
     Counted,
     /// At or below the partition's last applied sequence: a re-read.
     AlreadyCounted,
+    /// A second copy of an order already counted (the position moved past
+    /// it).
+    Duplicate,
 }
 
 /// The last sequence applied for `partition` of `stream`.
@@ -88,6 +108,18 @@ pub async fn apply(
         return Ok(Applied::AlreadyCounted);
     }
     if let Some(order) = order {
+        if let Some(id) = &order.order_id {
+            let first = sqlx::query(
+                "INSERT INTO counted_orders (order_id) VALUES (?1) ON CONFLICT DO NOTHING",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            if first.rows_affected() == 0 {
+                tx.commit().await?;
+                return Ok(Applied::Duplicate);
+            }
+        }
         for item in order.items.iter().filter(|i| i.quantity > 0) {
             sqlx::query(
                 "INSERT INTO product_sales (sku, currency, units, revenue_cents, orders)
@@ -100,7 +132,7 @@ pub async fn apply(
             .bind(&item.sku)
             .bind(&order.currency)
             .bind(item.quantity)
-            .bind(item.quantity.saturating_mul(item.unit_price_cents))
+            .bind(item.revenue_cents())
             .execute(&mut *tx)
             .await?;
         }
@@ -129,8 +161,13 @@ mod tests {
             .unwrap()
     }
 
+    /// A confirmed order of `items` (sku, quantity, unit price), with an
+    /// id of its own.
     fn order(items: &[(&str, i64, i64)]) -> Confirmed {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Confirmed {
+            order_id: Some(format!("o-{n}")),
             currency: "EUR".into(),
             items: items
                 .iter()
@@ -138,9 +175,44 @@ mod tests {
                     sku: (*sku).into(),
                     quantity: *quantity,
                     unit_price_cents: *price,
+                    line_total_cents: None,
                 })
                 .collect(),
         }
+    }
+
+    /// The orders outbox may publish an `order.confirmed` twice; the
+    /// stream keeps both at different sequences. The order counts once.
+    #[tokio::test]
+    async fn a_republished_order_counts_once() {
+        let db = db().await;
+        let a = order(&[("sku-mug", 2, 1450)]);
+        assert_eq!(
+            apply(&db, "s", 0, 1, Some(&a)).await.unwrap(),
+            Applied::Counted
+        );
+        assert_eq!(
+            apply(&db, "s", 0, 2, Some(&a)).await.unwrap(),
+            Applied::Duplicate
+        );
+        assert_eq!(
+            apply(&db, "s", 3, 9, Some(&a)).await.unwrap(),
+            Applied::Duplicate
+        );
+        let got = sales(&db).await.unwrap();
+        assert_eq!((got[0].units, got[0].orders), (2, 1));
+        // The position moved past the copy.
+        assert_eq!(position(&db, "s", 0).await.unwrap(), Some(2));
+    }
+
+    /// Revenue is what the line cost after its volume discount.
+    #[tokio::test]
+    async fn revenue_is_the_line_total() {
+        let db = db().await;
+        let mut a = order(&[("sku-mug", 3, 1450)]);
+        a.items[0].line_total_cents = Some(3915);
+        apply(&db, "s", 0, 1, Some(&a)).await.unwrap();
+        assert_eq!(sales(&db).await.unwrap()[0].revenue_cents, 3915);
     }
 
     #[tokio::test]
@@ -178,23 +250,25 @@ mod tests {
     async fn a_re_read_after_a_crash_does_not_double_count() {
         let db = db().await;
         let a = order(&[("sku-mug", 2, 1450)]);
+        let b = order(&[("sku-mug", 2, 1450)]);
         apply(&db, "s", 0, 7, Some(&a)).await.unwrap();
-        apply(&db, "s", 0, 8, Some(&a)).await.unwrap();
+        apply(&db, "s", 0, 8, Some(&b)).await.unwrap();
         // The broker checkpoint was lost: records 7 and 8 come again.
         assert_eq!(
             apply(&db, "s", 0, 7, Some(&a)).await.unwrap(),
             Applied::AlreadyCounted
         );
         assert_eq!(
-            apply(&db, "s", 0, 8, Some(&a)).await.unwrap(),
+            apply(&db, "s", 0, 8, Some(&b)).await.unwrap(),
             Applied::AlreadyCounted
         );
         assert_eq!(sales(&db).await.unwrap()[0].units, 4);
         assert_eq!(position(&db, "s", 0).await.unwrap(), Some(8));
         // Partitions are independent.
         assert_eq!(position(&db, "s", 1).await.unwrap(), None);
+        let c = order(&[("sku-mug", 2, 1450)]);
         assert_eq!(
-            apply(&db, "s", 1, 3, Some(&a)).await.unwrap(),
+            apply(&db, "s", 1, 3, Some(&c)).await.unwrap(),
             Applied::Counted
         );
         assert_eq!(sales(&db).await.unwrap()[0].units, 6);

@@ -36,6 +36,9 @@ pub struct Item {
     pub sku: String,
     pub quantity: i64,
     pub unit_price_cents: i64,
+    /// After the line's volume discount: what analytics counts as the
+    /// product's revenue.
+    pub line_total_cents: i64,
 }
 
 /// `order.placed` data.
@@ -73,6 +76,7 @@ fn items(order: &Order) -> Vec<Item> {
             sku: l.sku.clone(),
             quantity: l.quantity,
             unit_price_cents: l.unit_price_cents,
+            line_total_cents: l.line_total_cents,
         })
         .collect()
 }

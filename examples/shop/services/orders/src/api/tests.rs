@@ -507,7 +507,7 @@ async fn placing_enqueues_order_placed_in_the_same_transaction() {
     assert_eq!(data["customer"], "alice");
     assert_eq!(
         data["items"],
-        json!([{"sku": "sku-a", "quantity": 2, "unit_price_cents": 1000}])
+        json!([{"sku": "sku-a", "quantity": 2, "unit_price_cents": 1000, "line_total_cents": 2000}])
     );
     assert_eq!(data["total_cents"], 2400);
     assert_eq!(data["currency"], "EUR");
