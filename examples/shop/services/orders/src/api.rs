@@ -512,15 +512,37 @@ async fn place(
 }
 
 /// Pricing rejecting the coupon is the client's problem (400 on the
-/// `coupon` field); anything else from pricing is a dependency failure.
+/// `coupon` field). Pricing refusing anything else it was asked (a product
+/// priced in a currency it does not quote, a price above its bound) is
+/// 422 `unpriceable`: asking again cannot help, so it must not read as
+/// "pricing unavailable; try again". Anything else from pricing is a
+/// dependency failure.
 fn pricing_error(e: flotilla_chassis::Error) -> ApiError {
     if e.status() == Some(StatusCode::BAD_REQUEST) {
-        let coupon_problem = e
+        let refusal = e
             .body_json()
-            .and_then(|body| ApiError::from_body(StatusCode::BAD_REQUEST, &body))
-            .and_then(|api| api.fields.into_iter().find(|f| f.field == "coupon"));
-        if let Some(field) = coupon_problem {
-            return ApiError::validation(vec![field]);
+            .and_then(|body| ApiError::from_body(StatusCode::BAD_REQUEST, &body));
+        if let Some(refusal) = refusal {
+            if let Some(field) = refusal.fields.iter().find(|f| f.field == "coupon") {
+                return ApiError::validation(vec![field.clone()]);
+            }
+            // Pricing's field errors say what it could not take; its
+            // message alone is the generic "invalid fields".
+            let why = if refusal.fields.is_empty() {
+                refusal.message
+            } else {
+                refusal
+                    .fields
+                    .iter()
+                    .map(|f| format!("{} {}", f.field, f.message))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
+            tracing::warn!(pricing = %why, "pricing cannot price an order");
+            return ApiError::unprocessable(
+                "unpriceable",
+                format!("this order cannot be priced: {why}"),
+            );
         }
     }
     ApiError::from(e)

@@ -33,7 +33,7 @@ pub fn document() -> Value {
                         },
                         "400": error_response("Invalid fields, including an unknown coupon, or invalid_idempotency_key"),
                         "409": error_response("price_changed (details.total_cents is the new total)"),
-                        "422": error_response("unknown_sku (details.skus), invalid_card (payment.card is not 12 to 19 digits), idempotency_key_reused (the key placed a different order, details.order_id), or a body that is not the expected JSON"),
+                        "422": error_response("unknown_sku (details.skus), invalid_card (payment.card is not 12 to 19 digits), idempotency_key_reused (the key placed a different order, details.order_id), unpriceable (pricing cannot price these products, e.g. their currency), or a body that is not the expected JSON"),
                         "502": error_response("dependency_unavailable: catalog or pricing answered badly"),
                         "503": error_response("dependency_unavailable: catalog or pricing unreachable")
                     }

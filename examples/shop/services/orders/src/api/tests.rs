@@ -387,6 +387,33 @@ async fn dependencies_down_are_503_never_a_panic() {
     assert_eq!(e["error"]["details"]["dependency"], "pricing");
 }
 
+/// Pricing refusing what it was asked for any reason but the coupon
+/// (here: a currency it does not quote) is 422: trying again cannot help.
+#[tokio::test]
+async fn an_order_pricing_refuses_is_unpriceable_not_unavailable() {
+    let refusing = spawn(Router::new().route(
+        "/api/pricing/quote",
+        post(|| async {
+            flotilla_chassis::ApiError::validation(vec![FieldError::new(
+                "currency",
+                "only EUR is quoted",
+            )])
+            .into_response()
+        }),
+    ))
+    .await;
+    let app = app_with(spawn(fake_catalog()).await, refusing).await;
+    let (status, _, e) = place_order(
+        &app,
+        json!({"customer": "a@example.com", "items": [{"sku": "sku-a", "quantity": 1}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert_eq!(e["error"]["code"], "unpriceable");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(message.contains("currency only EUR is quoted"), "{message}");
+}
+
 #[tokio::test]
 async fn a_broken_dependency_is_502() {
     let broken = spawn(Router::new().route(
