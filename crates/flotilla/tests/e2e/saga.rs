@@ -101,15 +101,21 @@ impl Shop {
             .expect("available")
     }
 
-    fn pid(&self, service: &str) -> i32 {
-        let s = self
+    /// The pid of `service`'s instance, once it runs: one killed a moment
+    /// ago may still be restarting.
+    async fn pid(&self, service: &str) -> i32 {
+        let running = |s: &flotilla_runtime::Status| {
+            s.services
+                .iter()
+                .find(|s| s.name == service)
+                .and_then(|s| s.instances.first())
+                .and_then(|i| i.pid)
+        };
+        let status = self
             .system
-            .status()
-            .services
-            .into_iter()
-            .find(|s| s.name == service)
-            .unwrap();
-        s.instances[0].pid.expect("running") as i32
+            .wait_for(&format!("{service} to run"), SAGA, |s| running(s).is_some())
+            .await;
+        running(&status).expect("running") as i32
     }
 }
 
@@ -226,7 +232,7 @@ async fn an_order_completes_when_a_consumer_is_killed_mid_saga() {
         } else {
             "inventory"
         };
-        let pid = shop.pid(victim);
+        let pid = shop.pid(victim).await;
         // SAFETY: kill(2) on a pid the runtime reported for this test's
         // instance.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
