@@ -101,6 +101,12 @@ pub enum Error {
         data_dir.display()
     )]
     AlreadyRunning { data_dir: PathBuf, url: String },
+    #[error(
+        "data dir {} is in use by another `flotilla up` (pid {pid}); stop it with `flotilla down --data-dir {}` or pick another --data-dir",
+        data_dir.display(),
+        data_dir.display()
+    )]
+    DataDirInUse { data_dir: PathBuf, pid: String },
     #[error(transparent)]
     Build(#[from] build::BuildError),
     #[error("cannot listen on {addr} for {what}: {reason}")]

@@ -295,9 +295,12 @@ struct LogFile {
 
 impl LogFile {
     async fn open(path: &Path, max: u64) -> io::Result<LogFile> {
+        // An instance's output is its owner's to read (it may log what
+        // its requests carried).
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(path)
             .await?;
         let written = file.metadata().await.map_or(0, |m| m.len());
@@ -331,6 +334,7 @@ impl LogFile {
         let fresh = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&self.path)
             .await;
         if let (Ok(()), Ok(file)) = (renamed, fresh) {

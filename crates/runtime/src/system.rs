@@ -77,6 +77,8 @@ pub struct System {
     broker: Option<flotilla_broker::Broker>,
     /// The runtime's, gateway's and operator's certificates, kept renewed.
     _renewals: Vec<Renewal>,
+    /// Held until the system is dropped (or the process dies).
+    _lock: DirLock,
 }
 
 impl System {
@@ -89,6 +91,7 @@ impl System {
             .manifest_read_at
             .unwrap_or_else(std::time::SystemTime::now);
         let data_dir = prepare_data_dir(&options.data_dir)?;
+        let lock = lock_data_dir(&data_dir)?;
         if let Some(url) = control::is_live(&data_dir).await {
             return Err(Error::AlreadyRunning { data_dir, url });
         }
@@ -383,6 +386,7 @@ impl System {
             print_ready(&endpoints, &registry.status(), started.elapsed(), built);
         }
         Ok(System {
+            _lock: lock,
             registry,
             gateway,
             watcher,
@@ -472,6 +476,59 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
     }
 }
 
+/// The data directory's `lock` file, `flock`ed: one `flotilla up` per data
+/// directory. Before it, a second `up` was refused only by asking the
+/// first's control API, which answers once the first is ready (minutes,
+/// with a build): meanwhile the second re-issued the identities, shared
+/// the databases and overwrote `endpoints.json`. The kernel drops the lock
+/// when the process ends, however it ends, and the file is opened
+/// close-on-exec, so no instance inherits it.
+#[derive(Debug)]
+struct DirLock(#[allow(dead_code)] std::fs::File);
+
+fn lock_data_dir(dir: &Path) -> Result<DirLock, Error> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let failed = |source| Error::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(dir.join("lock"))
+        .map_err(failed)?;
+    // SAFETY: flock(2) on a descriptor `file` owns and keeps open.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(failed(e));
+        }
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let pid = holder.trim();
+        return Err(Error::DataDirInUse {
+            data_dir: dir.to_path_buf(),
+            pid: if pid.is_empty() {
+                "unknown".into()
+            } else {
+                pid.into()
+            },
+        });
+    }
+    // Who holds it, for the next one's message.
+    let said = file
+        .set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()));
+    said.map_err(failed)?;
+    Ok(DirLock(file))
+}
+
 fn prepare_data_dir(dir: &Path) -> Result<PathBuf, Error> {
     let mk = |p: &Path| {
         std::fs::create_dir_all(p).map_err(|source| Error::DataDir {
@@ -480,6 +537,18 @@ fn prepare_data_dir(dir: &Path) -> Result<PathBuf, Error> {
         })
     };
     mk(dir)?;
+    // Only its owner may look inside: logs, databases and the broker's
+    // stored events are below it, and the umask (022) would leave them
+    // readable to every user of the machine.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            |source| Error::DataDir {
+                path: dir.to_path_buf(),
+                source,
+            },
+        )?;
+    }
     mk(&dir.join("logs"))?;
     mk(&dir.join("data"))?;
     let dir = dir.canonicalize().map_err(|source| Error::DataDir {

@@ -349,6 +349,8 @@ routes = [{ path = "/**" }]
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600, "it holds the control token");
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "the data dir is its owner's alone");
 
     // Requests reach both replicas.
     let http = client();
@@ -359,13 +361,16 @@ routes = [{ path = "/**" }]
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
 
-    // A second system on the same data dir is refused by name.
+    // A second system on the same data dir is refused by name, by the
+    // data dir's lock, before it touches anything.
     let manifest = Manifest::load(&h.dir.path().join("flotilla.toml")).unwrap();
     let mut options = Options::new(&data);
     options.listen = Some(([127, 0, 0, 1], 0).into());
     match System::start(manifest, options).await {
-        Err(e @ Error::AlreadyRunning { .. }) => {
-            assert!(e.to_string().contains("flotilla down"), "{e}")
+        Err(e @ Error::DataDirInUse { .. }) => {
+            let e = e.to_string();
+            assert!(e.contains("flotilla down"), "{e}");
+            assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
         }
         Err(e) => panic!("unexpected error: {e}"),
         Ok(_) => panic!("a second system started on a running data dir"),
