@@ -149,7 +149,7 @@ impl Console {
             return;
         }
         let shown = compact_json(line).unwrap_or_else(|| line.to_string());
-        self.print(format!("{instance:>12} | {shown}"));
+        self.print(format!("{instance:>12} | {}", defused(&shown)));
     }
 
     /// An event of the runtime itself (start, crash, restart, scale).
@@ -233,6 +233,32 @@ const STANDARD_KEYS: &[&str] = &[
     "instance",
     "system",
 ];
+
+/// `line` with what a terminal would act on written out instead: control
+/// characters (escape sequences, which can set the window title, write
+/// the clipboard (OSC 52) or move the cursor; a newline, which would start
+/// a line that looks like the runtime's own) and the bidirectional
+/// overrides that reorder what is shown. An instance prints what its
+/// clients sent it, and the JSON decoding of its lines turns `\u001b`
+/// back into the byte.
+fn defused(line: &str) -> std::borrow::Cow<'_, str> {
+    let acts = |c: char| {
+        (c.is_control() && c != '\t')
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !line.chars().any(acts) {
+        return std::borrow::Cow::Borrowed(line);
+    }
+    let mut out = String::with_capacity(line.len() + 16);
+    for c in line.chars() {
+        if acts(c) {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
 
 /// `LEVEL message key=value …` for a JSON log line: the key/values of
 /// `fields` (tracing-subscriber's JSON shape), then the other top-level
@@ -320,6 +346,34 @@ mod tests {
         };
         assert_eq!(line, b"INFO request done\n");
         assert!(rx.try_recv().is_err(), "an empty writer sent a line");
+    }
+
+    /// What an instance logs from its clients cannot drive the operator's
+    /// terminal nor forge a line of the runtime's.
+    #[test]
+    fn escape_sequences_and_newlines_are_shown_not_sent() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        let console = Console {
+            echo: true,
+            events: false,
+            lines: Some(Lines {
+                tx,
+                dropped: Arc::new(AtomicU64::new(0)),
+            }),
+        };
+        let json = r#"{"level":"WARN","message":"bad sku","sku":"\u001b]52;c;aGk=\u0007\n    flotilla | warning: x"}"#;
+        console.instance_line("a-0", json);
+        console.instance_line("a-0", "raw \u{1b}[2J\u{202e}txt\tok");
+        drop(console);
+        let mut got = Vec::new();
+        while let Ok(Line::Bytes(b)) = rx.try_recv() {
+            got.push(String::from_utf8(b).unwrap());
+        }
+        assert_eq!(
+            got[0],
+            "         a-0 | WARN  bad sku sku=\\u{1b}]52;c;aGk=\\u{7}\\u{a}    flotilla | warning: x\n"
+        );
+        assert_eq!(got[1], "         a-0 | raw \\u{1b}[2J\\u{202e}txt\tok\n");
     }
 
     #[test]

@@ -76,7 +76,8 @@ pub(crate) fn router(
         })
 }
 
-/// The console: the page and the read-only status it polls.
+/// The console: the page and the read-only status it polls, for requests
+/// addressed to the loopback host only ([`loopback_host_only`]).
 pub(crate) fn console_router(source: Arc<dyn StatusSource>) -> Router {
     Router::new()
         .route("/", get(console))
@@ -88,6 +89,46 @@ pub(crate) fn console_router(source: Arc<dyn StatusSource>) -> Router {
         )
         .route("/metrics", get(metrics))
         .with_state(source)
+        .layer(axum::middleware::from_fn(loopback_host_only))
+}
+
+/// Answers only requests whose `Host` is a loopback address or
+/// `localhost`. The console listens on loopback, but a web page on another
+/// site can point its own host name at 127.0.0.1 (DNS rebinding) and then
+/// read the console same-origin: the status holds instances' last log
+/// lines. Such a request names that site in `Host`, and is refused (421).
+async fn loopback_host_only(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok());
+    if host.is_some_and(is_loopback_host) {
+        return next.run(request).await;
+    }
+    (
+        StatusCode::MISDIRECTED_REQUEST,
+        axum::Json(serde_json::json!({"error": {"code": "not_loopback", "message": "the console answers requests to 127.0.0.1, [::1] or localhost only"}})),
+    )
+        .into_response()
+}
+
+/// Whether a `Host` value (with or without a port) names this machine's
+/// loopback: `127.0.0.1:8080`, `[::1]:8080`, `localhost`.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(rest, |(ip, _)| ip),
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        },
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The platform's metrics in the Prometheus text format: the gateway's, the
@@ -550,4 +591,36 @@ pub(crate) async fn bind() -> std::io::Result<(tokio::net::TcpListener, SocketAd
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;
     Ok((listener, addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_host;
+
+    #[test]
+    fn only_loopback_hosts_are_the_console_s() {
+        for host in [
+            "127.0.0.1:8080",
+            "127.0.0.1",
+            "127.1.2.3:1",
+            "[::1]:9000",
+            "[::1]",
+            "localhost:3000",
+            "LOCALHOST",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example:8080",
+            "evil.example",
+            "127.0.0.1.evil.example:80",
+            "localhost.evil.example",
+            "10.0.0.1:8080",
+            "[::2]:80",
+            "",
+            "127.0.0.1:80:80",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
 }

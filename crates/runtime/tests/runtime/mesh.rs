@@ -415,6 +415,15 @@ async fn the_control_api_answers_only_the_operator() {
         .await
         .unwrap();
     assert_eq!(page.status(), 200);
+    // Not from a page whose own host name was pointed at 127.0.0.1 (DNS
+    // rebinding): it would read instances' log lines same-origin.
+    let rebound = client()
+        .get(format!("{}/v1/status", endpoints.console))
+        .header("host", "rebound.example:80")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), 421);
     let shutdown = client()
         .post(format!("{}/v1/shutdown", endpoints.console))
         .send()
