@@ -146,6 +146,15 @@ async fn metrics() -> Response {
         .into_response()
 }
 
+/// `name` as one path segment: a space, `/` or `?` in what the operator
+/// typed would otherwise make no URI (reported as the runtime not
+/// answering) or another path. The broker answers an unknown name 404.
+fn segment(name: &str) -> percent_encoding::PercentEncode<'_> {
+    const NOT_NAME: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_');
+    percent_encoding::utf8_percent_encode(name, NOT_NAME)
+}
+
 /// What every peer that is not the operator gets.
 fn operator_only() -> Router {
     Router::new().fallback(any(|| async {
@@ -442,7 +451,11 @@ impl ControlClient {
     /// A queue's counts (the queue must be declared in the manifest).
     pub async fn queue_stats(&self, queue: &str) -> Result<QueueStats, ControlError> {
         let body = self
-            .broker_call(http::Method::GET, &format!("/queues/{queue}"), None)
+            .broker_call(
+                http::Method::GET,
+                &format!("/queues/{}", segment(queue)),
+                None,
+            )
             .await?;
         serde_json::from_slice(&body).map_err(|e| ControlError::Broker {
             status: 200,
@@ -457,7 +470,7 @@ impl ControlClient {
         let answer = self
             .broker_call(
                 http::Method::POST,
-                &format!("/queues/{queue}/redrive"),
+                &format!("/queues/{}/redrive", segment(queue)),
                 Some(body),
             )
             .await?;
@@ -596,6 +609,15 @@ pub(crate) async fn bind() -> std::io::Result<(tokio::net::TcpListener, SocketAd
 #[cfg(test)]
 mod tests {
     use super::is_loopback_host;
+
+    #[test]
+    fn a_queue_name_is_one_path_segment() {
+        assert_eq!(super::segment("orders-dlq").to_string(), "orders-dlq");
+        assert_eq!(
+            super::segment("my q/../x?y").to_string(),
+            "my%20q%2F%2E%2E%2Fx%3Fy"
+        );
+    }
 
     #[test]
     fn only_loopback_hosts_are_the_console_s() {
