@@ -97,6 +97,10 @@ fn invalid_refresh_token() -> ApiError {
     )
 }
 
+/// Most refresh-token cookies one request may carry (a browser has one, or
+/// two with a planted one).
+const MAX_SESSION_COOKIES: usize = 4;
+
 fn ambiguous_session() -> ApiError {
     ApiError::new(
         StatusCode::UNAUTHORIZED,
@@ -402,6 +406,14 @@ fn presented_tokens(
         return Ok((vec![token], Reply { delivery, secure }));
     }
     let tokens = session::refresh_tokens(request);
+    // Ours and a planted one are two; each costs a hash and a lookup, so a
+    // client sending hundreds is refused before any.
+    if tokens.len() > MAX_SESSION_COOKIES {
+        return Err(ApiError::bad_request(
+            "too_many_sessions",
+            format!("the request carries more than {MAX_SESSION_COOKIES} session cookies"),
+        ));
+    }
     if tokens.is_empty() {
         return Err(ApiError::validation(vec![FieldError::new(
             "refresh_token",

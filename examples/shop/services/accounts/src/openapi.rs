@@ -58,13 +58,14 @@ pub fn document() -> Value {
                 "post": {
                     "operationId": "refresh",
                     "summary": "Exchange a refresh token for new tokens; the presented one is spent",
-                    "description": "The token is the body's refresh_token, else the shop_rt cookie's; the new tokens go where the presented one came from. A refused cookie is cleared.",
+                    "description": "The token is the body's refresh_token, else the shop_rt cookie's; the new tokens go where the presented one came from. A refused cookie is cleared, except when two different ones came (ambiguous_session: neither is spent nor cleared). An access token already issued stays valid until it expires.",
                     "requestBody": body("RefreshToken"),
                     "responses": {
                         "200": tokens,
-                        "400": error_response("invalid_request: refresh_token missing (from the body and the cookies)"),
-                        "401": error_response("invalid_refresh_token (unknown, expired or revoked), or refresh_token_reused (already spent: its whole family is now revoked)"),
-                        "403": error_response("cross_origin_request: the cookie presented from a page of another origin (nothing is spent)")
+                        "400": error_response("invalid_request: refresh_token missing (from the body and the cookies); too_many_sessions: more than 4 shop_rt cookies"),
+                        "401": error_response("invalid_refresh_token (unknown, expired or revoked), refresh_token_reused (already spent: its whole family is now revoked), or ambiguous_session (two different shop_rt cookies: nothing spent)"),
+                        "403": error_response("cross_origin_request: the cookie presented from a page of another origin (nothing is spent)"),
+                        "503": error_response("signing_unavailable: no key may sign yet (nothing is spent)")
                     }
                 }
             },
@@ -76,7 +77,7 @@ pub fn document() -> Value {
                     "requestBody": body("RefreshToken"),
                     "responses": {
                         "204": {"description": "Logged out (also when the token was unknown)"},
-                        "400": error_response("invalid_request: refresh_token missing (from the body and the cookies)"),
+                        "400": error_response("invalid_request: refresh_token missing (from the body and the cookies); too_many_sessions: more than 4 shop_rt cookies"),
                         "403": error_response("cross_origin_request: the cookie presented from a page of another origin")
                     }
                 }

@@ -332,16 +332,24 @@ mod tests {
 
         // Another login's family is untouched.
         let other = start_family(&db, "u1", 500, LIFE).await.unwrap();
-        assert!(matches!(
-            rotate(&db, &other, 501, LIFE).await.unwrap(),
-            Rotation::Rotated { .. }
-        ));
-        // Nothing stored is a token.
+        let other2 = token(rotate(&db, &other, 501, LIFE).await.unwrap());
+        // Nothing stored is a token, nor its decoded bytes: each row is the
+        // SHA-256 of a token handed out.
         let stored: Vec<Vec<u8>> = sqlx::query_scalar("SELECT token_hash FROM refresh_tokens")
             .fetch_all(&db)
             .await
             .unwrap();
-        assert!(stored.iter().all(|h| h.len() == 32 && h != t1.as_bytes()));
+        let issued = [&t1, &t2, &t3, &other, &other2];
+        assert!(!stored.is_empty());
+        for h in &stored {
+            assert!(issued.iter().any(|t| *h == digest(t)), "{h:?}");
+            assert!(
+                issued
+                    .iter()
+                    .all(|t| *h != URL_SAFE_NO_PAD.decode(t).unwrap() && *h != t.as_bytes()),
+                "a token stored as it is"
+            );
+        }
     }
 
     #[tokio::test]

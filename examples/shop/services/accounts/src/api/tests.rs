@@ -242,10 +242,15 @@ async fn issuer_and_audience_come_from_the_settings() {
 
 #[tokio::test]
 async fn wrong_password_and_unknown_email_get_the_same_answer() {
-    let (app, _) = app().await;
+    let (app, state) = app().await;
     register(&app, "erin@example.com", "a long passphrase").await;
+    let before = state.passwords.checked();
     let wrong = login(&app, "erin@example.com", "a long passphrasf").await;
+    assert_eq!(state.passwords.checked(), before + 1);
     let unknown = login(&app, "nobody@example.com", "a long passphrase").await;
+    // An unknown address costs an argon2 check as a known one does: its
+    // answer takes as long.
+    assert_eq!(state.passwords.checked(), before + 2, "no timing oracle");
     for a in [&wrong, &unknown] {
         assert_eq!(a.status, StatusCode::UNAUTHORIZED);
         assert_eq!(a.body["error"]["code"], "invalid_credentials");
@@ -455,6 +460,11 @@ async fn two_refresh_cookies_refresh_nothing_and_a_logout_ends_both() {
         let a = post(&app, "/api/accounts/refresh", json!({"refresh_token": rt})).await;
         assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{}", a.body);
     }
+    // Hundreds of them (each a hash and a lookup) are refused unread.
+    let many: Vec<String> = (0..300).map(|n| format!("shop_rt={n:0>43}")).collect();
+    let a = post_with_cookie(&app, "/api/accounts/logout", json!({}), &many.join("; ")).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert_eq!(a.body["error"]["code"], "too_many_sessions");
 }
 
 /// A browser's session: the tokens only in `HttpOnly` cookies, the
