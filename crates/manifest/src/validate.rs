@@ -19,7 +19,8 @@ use crate::{
     Service, Shape,
 };
 
-const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Kubernetes' default liveness probe gives up after three failures ten
@@ -81,10 +82,19 @@ struct Ctx<'a> {
     authz_configured: bool,
     /// Whether `[gateway.compression]` is set, so `compress` means anything.
     compression_configured: bool,
+    /// The parts of `[gateway]` that are written but invalid (their errors
+    /// already reported). The route checks that lean on one are skipped:
+    /// they could only repeat its error, or wrongly say it is missing.
+    gateway_broken: BTreeSet<&'static str>,
     errors: Vec<Diagnostic>,
 }
 
 impl Ctx<'_> {
+    /// Whether `[gateway]`'s `part` is written but invalid.
+    fn broken(&self, part: &str) -> bool {
+        self.gateway_broken.contains(part)
+    }
+
     fn error(&mut self, span: Range<usize>, message: impl Into<String>, help: Option<String>) {
         self.errors.push(Diagnostic::at(
             self.file,
@@ -189,6 +199,7 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
         client_ca_configured: false,
         authz_configured: false,
         compression_configured: false,
+        gateway_broken: BTreeSet::new(),
         errors: Vec::new(),
     };
     let raw: RawManifest = match toml::from_str(source) {
@@ -210,19 +221,20 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
     }
 
     let declared_names: Vec<String> = raw.services.keys().map(|k| k.get_ref().clone()).collect();
+    // What of the gateway is valid, even when some of it is not: routes
+    // are checked against that (and `ctx.gateway_broken`), so one bad
+    // section neither hides the others' errors nor invents route errors.
     let gateway = gateway(&mut ctx, raw.gateway.as_ref(), &declared_names);
-    if let Some(gw) = &gateway {
-        ctx.route_timeout = gw.timeout;
-        ctx.jwt_names = gw.jwt.iter().map(|j| j.name.clone()).collect();
-        ctx.key_consumers = gw
-            .api_keys
-            .as_ref()
-            .map(|k| k.consumers.keys().cloned().collect());
-        ctx.key_header = gw.api_keys.as_ref().map(|k| k.header.clone());
-        ctx.client_ca_configured = gw.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
-        ctx.authz_configured = gw.authz.is_some();
-        ctx.compression_configured = gw.compression.is_some();
-    }
+    ctx.route_timeout = gateway.timeout;
+    ctx.jwt_names = gateway.jwt.iter().map(|j| j.name.clone()).collect();
+    ctx.key_consumers = gateway
+        .api_keys
+        .as_ref()
+        .map(|k| k.consumers.keys().cloned().collect());
+    ctx.key_header = gateway.api_keys.as_ref().map(|k| k.header.clone());
+    ctx.client_ca_configured = gateway.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    ctx.authz_configured = gateway.authz.is_some();
+    ctx.compression_configured = gateway.compression.is_some();
 
     let mesh = mesh(&mut ctx, raw.mesh.as_ref());
     let broker = events::broker(&mut ctx, raw.broker.as_ref(), &name);
@@ -282,7 +294,7 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
             name,
             file: file.to_path_buf(),
             dir: ctx.dir,
-            gateway: gateway.unwrap_or_else(unreachable_gateway),
+            gateway,
             mesh: mesh.unwrap_or_else(unreachable_mesh),
             services,
             broker: broker.unwrap_or_else(events::default_broker),
@@ -291,29 +303,6 @@ pub(crate) fn parse(source: &str, file: &Path) -> Result<Manifest, Vec<Diagnosti
             streams,
         }),
         _ => Err(ctx.errors),
-    }
-}
-
-/// Only reached when errors were recorded, in which case it is discarded.
-fn unreachable_gateway() -> Gateway {
-    Gateway {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        static_dir: None,
-        timeout: DEFAULT_TIMEOUT,
-        jwt: Vec::new(),
-        cors: None,
-        ip: None,
-        rate_limits: Default::default(),
-        tls: None,
-        limits: Default::default(),
-        retries: Default::default(),
-        outlier_detection: Default::default(),
-        request_headers: Default::default(),
-        response_headers: Default::default(),
-        compression: None,
-        cache: Default::default(),
-        api_keys: None,
-        authz: None,
     }
 }
 
@@ -432,13 +421,12 @@ fn quote_list(items: &[&str]) -> String {
         .join(", ")
 }
 
-fn gateway(
-    ctx: &mut Ctx<'_>,
-    raw: Option<&Spanned<RawGateway>>,
-    declared: &[String],
-) -> Option<Gateway> {
+/// `[gateway]`, each section checked on its own so that every problem is
+/// reported at once. What is invalid keeps its default here and is named
+/// in `ctx.gateway_broken`; the errors make the manifest fail anyway.
+fn gateway(ctx: &mut Ctx<'_>, raw: Option<&Spanned<RawGateway>>, declared: &[String]) -> Gateway {
     let mut gw = Gateway {
-        listen: DEFAULT_LISTEN.parse().ok()?,
+        listen: DEFAULT_LISTEN,
         static_dir: None,
         timeout: DEFAULT_TIMEOUT,
         jwt: Vec::new(),
@@ -456,16 +444,28 @@ fn gateway(
         api_keys: None,
         authz: None,
     };
-    let Some(raw) = raw else { return Some(gw) };
+    let Some(raw) = raw else { return gw };
     let raw = raw.get_ref();
+    // Stores a section's value, or notes that it is broken.
+    fn take<T>(ctx: &mut Ctx<'_>, part: &'static str, value: Option<T>, into: &mut T) {
+        match value {
+            Some(v) => *into = v,
+            None => {
+                ctx.gateway_broken.insert(part);
+            }
+        }
+    }
     if let Some(listen) = &raw.listen {
         match listen.get_ref().parse::<SocketAddr>() {
             Ok(addr) => gw.listen = addr,
-            Err(_) => ctx.error(
-                listen.span(),
-                format!("`{}` is not a socket address", listen.get_ref()),
-                Some("write an IP address and a port, e.g. `listen = \"127.0.0.1:8080\"` or `\"[::1]:8080\"`; port 0 picks a free one".into()),
-            ),
+            Err(_) => {
+                ctx.gateway_broken.insert("listen");
+                ctx.error(
+                    listen.span(),
+                    format!("`{}` is not a socket address", listen.get_ref()),
+                    Some("write an IP address and a port, e.g. `listen = \"127.0.0.1:8080\"` or `\"[::1]:8080\"`; port 0 picks a free one".into()),
+                );
+            }
         }
     }
     if let Some(dir) = &raw.static_dir {
@@ -503,61 +503,80 @@ fn gateway(
         }
     }
     if let Some(t) = &raw.timeout {
-        gw.timeout = ctx.duration_in(t, "timeout", TIMEOUT_RANGE, TIMEOUT_RANGE_TEXT)?;
+        let v = ctx.duration_in(t, "timeout", TIMEOUT_RANGE, TIMEOUT_RANGE_TEXT);
+        take(ctx, "timeout", v, &mut gw.timeout);
     }
     if let Some(j) = &raw.jwt {
-        gw.jwt = edge::jwts(ctx, j, declared)?;
+        let v = edge::jwts(ctx, j, declared);
+        take(ctx, "jwt", v, &mut gw.jwt);
     }
     if let Some(c) = &raw.cors {
-        gw.cors = Some(edge::cors(ctx, c)?);
+        let v = edge::cors(ctx, c).map(Some);
+        take(ctx, "cors", v, &mut gw.cors);
     }
     if let Some(i) = &raw.ip {
-        gw.ip = Some(edge::ip(ctx, i, false)?);
+        let v = edge::ip(ctx, i, false).map(Some);
+        take(ctx, "ip", v, &mut gw.ip);
     }
     if let Some(r) = &raw.rate_limits {
-        gw.rate_limits = edge::rate_limit_store(ctx, r)?;
+        let v = edge::rate_limit_store(ctx, r);
+        take(ctx, "rate_limits", v, &mut gw.rate_limits);
     }
     if let Some(l) = &raw.limits {
-        gw.limits = limits::limits(ctx, l)?;
+        let v = limits::limits(ctx, l);
+        take(ctx, "limits", v, &mut gw.limits);
     }
     if let Some(r) = &raw.retries {
-        gw.retries = limits::retries(ctx, r)?;
+        let v = limits::retries(ctx, r);
+        take(ctx, "retries", v, &mut gw.retries);
     }
     if let Some(o) = &raw.outlier_detection {
-        gw.outlier_detection = limits::outlier_detection(ctx, o)?;
+        let v = limits::outlier_detection(ctx, o);
+        take(ctx, "outlier_detection", v, &mut gw.outlier_detection);
     }
     if let Some(h) = &raw.request_headers {
-        gw.request_headers = edge::header_changes(ctx, h, HeaderDirection::Request)?;
+        let v = edge::header_changes(ctx, h, HeaderDirection::Request);
+        take(ctx, "request_headers", v, &mut gw.request_headers);
     }
     if let Some(h) = &raw.response_headers {
-        gw.response_headers = edge::header_changes(ctx, h, HeaderDirection::Response)?;
+        let v = edge::header_changes(ctx, h, HeaderDirection::Response);
+        take(ctx, "response_headers", v, &mut gw.response_headers);
     }
     if let Some(c) = &raw.compression {
-        gw.compression = Some(edge::compression(ctx, c)?);
+        let v = edge::compression(ctx, c).map(Some);
+        take(ctx, "compression", v, &mut gw.compression);
     }
     if let Some(c) = &raw.cache {
-        gw.cache = edge::cache_store(ctx, c)?;
+        let v = edge::cache_store(ctx, c);
+        take(ctx, "cache", v, &mut gw.cache);
     }
     if let Some(k) = &raw.api_keys {
-        gw.api_keys = Some(edge::api_keys(ctx, k)?);
+        let v = edge::api_keys(ctx, k).map(Some);
+        take(ctx, "api_keys", v, &mut gw.api_keys);
     }
     if let Some(a) = &raw.authz {
+        // With broken keys their header is unknown, and not checked against.
         let key_header = gw.api_keys.as_ref().map(|k| k.header.as_str());
-        gw.authz = Some(edge::authz(ctx, a, declared, key_header)?);
+        let v = edge::authz(ctx, a, declared, key_header).map(Some);
+        take(ctx, "authz", v, &mut gw.authz);
     }
     if let Some(t) = &raw.tls {
-        let tls = edge::tls(ctx, t)?;
-        if tls.http_redirect.is_some_and(|r| same_socket(r, gw.listen)) {
+        let v = edge::tls(ctx, t);
+        // Against a `listen` that is not valid there is nothing to compare.
+        let clash = v.as_ref().is_some_and(|tls| {
+            !ctx.broken("listen") && tls.http_redirect.is_some_and(|r| same_socket(r, gw.listen))
+        });
+        if clash {
             ctx.error(
                 t.span(),
                 format!("`http_redirect` takes `listen`'s own port ({})", gw.listen),
                 Some("give the plain-HTTP listener another port, e.g. `http_redirect = \"0.0.0.0:80\"` beside `listen = \"0.0.0.0:443\"`".into()),
             );
-            return None;
         }
-        gw.tls = Some(tls);
+        let v = v.filter(|_| !clash).map(Some);
+        take(ctx, "tls", v, &mut gw.tls);
     }
-    Some(gw)
+    gw
 }
 
 /// Whether two listeners would claim the same socket: the same port (not
@@ -1004,11 +1023,14 @@ fn route(
         Some(c) => Some(edge::route_cache(ctx, c, &methods)?),
         None => None,
     };
+    // A broken `[gateway] jwt` or `[gateway.api_keys]` has had its error:
+    // the route is checked as if it were there, but not against its names.
+    let jwt_written = !ctx.jwt_names.is_empty() || ctx.broken("jwt");
     let auth = match &raw.auth {
         None => Auth::Public,
         Some(a) => match a.get_ref().as_str() {
             "public" => Auth::Public,
-            "jwt" if !ctx.jwt_names.is_empty() => Auth::Jwt {
+            "jwt" if jwt_written => Auth::Jwt {
                 scopes: raw
                     .scopes
                     .iter()
@@ -1020,10 +1042,13 @@ fn route(
                     None => BTreeMap::new(),
                 },
             },
-            "optional" if !ctx.jwt_names.is_empty() => Auth::Optional,
+            "optional" if jwt_written => Auth::Optional,
             "key" => match ctx.key_consumers.clone() {
                 Some(known) => Auth::Key {
                     consumers: edge::route_consumers(ctx, raw.consumers.as_deref(), &known)?,
+                },
+                None if ctx.broken("api_keys") => Auth::Key {
+                    consumers: Vec::new(),
                 },
                 None => {
                     ctx.error(
@@ -1091,8 +1116,12 @@ fn route(
     }
     let issuers = match &raw.issuers {
         Some(names) if jwt_route || auth == Auth::Optional => {
-            let known = ctx.jwt_names.clone();
-            edge::route_issuers(ctx, names, &known)?
+            if ctx.broken("jwt") {
+                Vec::new()
+            } else {
+                let known = ctx.jwt_names.clone();
+                edge::route_issuers(ctx, names, &known)?
+            }
         }
         Some(names) => {
             ctx.error(
@@ -1192,7 +1221,9 @@ fn route(
     let try_timeout = match &raw.try_timeout {
         Some(t) => {
             let try_timeout = ctx.duration(t, "try_timeout")?;
-            if try_timeout >= timeout {
+            // Not against the gateway's `timeout` when that is invalid.
+            let known = raw.timeout.is_some() || !ctx.broken("timeout");
+            if known && try_timeout >= timeout {
                 ctx.error(
                     t.span(),
                     format!(
@@ -1209,7 +1240,7 @@ fn route(
         None => None,
     };
     let client_cert = raw.client_cert.as_ref().is_some_and(|c| *c.get_ref());
-    if client_cert && !ctx.client_ca_configured {
+    if client_cert && !ctx.client_ca_configured && !ctx.broken("tls") {
         let span = raw
             .client_cert
             .as_ref()
@@ -1223,7 +1254,7 @@ fn route(
         return None;
     }
     let authz = raw.authz.as_ref().is_some_and(|a| *a.get_ref());
-    if authz && !ctx.authz_configured {
+    if authz && !ctx.authz_configured && !ctx.broken("authz") {
         let span = raw.authz.as_ref().map(|a| a.span()).unwrap_or_default();
         ctx.error(
             span,
@@ -1234,6 +1265,7 @@ fn route(
     }
     if let Some(c) = &raw.compress
         && !ctx.compression_configured
+        && !ctx.broken("compression")
     {
         ctx.error(
             c.span(),

@@ -532,6 +532,30 @@ fn all_errors_are_reported_at_once() {
     assert!(e.ends_with("2 errors in manifest"), "{e}");
 }
 
+/// One invalid `[gateway]` section neither hides the others' errors nor
+/// makes the routes that lean on a valid one look wrong.
+#[test]
+fn a_bad_gateway_section_leaves_the_others_checked_and_the_routes_alone() {
+    let jwt = "jwt = { issuer = \"https://id.example.com\", audiences = [\"shop\"], jwks = \"https://id.example.com/jwks.json\" }";
+    let e = errors(&format!(
+        "name = \"x\"\n[gateway]\ntimeout = \"10\"\n{jwt}\n[services.a]\nrun = {{ cargo = \"a\" }}\nroutes = [{{ path = \"/a/**\", auth = \"jwt\", scopes = [\"read\"] }}]\n"
+    ));
+    assert!(e.contains("`10` is not a duration"), "{e}");
+    assert!(!e.contains("needs `[gateway.jwt]`"), "{e}");
+    assert!(e.ends_with("1 error in manifest"), "{e}");
+
+    // Two sections wrong: both are reported, and a route leaning on the
+    // broken one gets no second, misleading error.
+    let e = errors(
+        "name = \"x\"\n[gateway]\ntimeout = \"10\"\n[gateway.compression]\nmin_bytes = -1\n[services.a]\nrun = { cargo = \"a\" }\nroutes = [{ path = \"/a/**\", compress = false, try_timeout = \"20s\" }]\n",
+    );
+    assert!(e.contains("`10` is not a duration"), "{e}");
+    assert!(e.contains("min_bytes"), "{e}");
+    assert!(!e.contains("needs `[gateway.compression]`"), "{e}");
+    assert!(!e.contains("try_timeout"), "{e}");
+    assert!(e.ends_with("2 errors in manifest"), "{e}");
+}
+
 #[test]
 fn bad_listen_address() {
     let e = errors(
