@@ -6,6 +6,14 @@
 //! last) matches zero or more segments, so `/api/orders/**` covers
 //! `/api/orders` itself as well as everything below it.
 //!
+//! A literal is matched against the path as the gateway and the mesh
+//! normalise it (escapes of letters, digits and `-._~` decoded, the rest
+//! kept encoded), so a literal that no normalised path can hold is refused:
+//! one with `;` or `\` (such paths are refused with 400 `bad_path`), `%`,
+//! or a character clients send percent-encoded (non-ASCII, `"`, `<`, `>`,
+//! `` ` ``, `{`, `}`). Placeholders of other routers (`{id}`, `:id`,
+//! `<id>`) would match only themselves; `*` is the segment wildcard here.
+//!
 //! When several patterns match, the *most specific* wins, never the first
 //! listed: patterns are compared segment by segment, a literal beats `*`,
 //! `*` beats `**`, and a longer exact pattern beats a shorter one. Two
@@ -44,18 +52,40 @@ impl Segment {
 pub enum PatternError {
     #[error("a path pattern must start with `/`")]
     NoLeadingSlash,
-    #[error("empty segment (`//`) in path pattern")]
+    #[error("empty segment (`//`) in the path")]
     EmptySegment,
     #[error("`**` may only be the last segment of a path pattern")]
     RestNotLast,
     #[error("`{segment}` mixes `*` with other characters; `*` and `**` must be whole segments")]
     PartialWildcard { segment: String },
-    #[error("`{segment}` is not allowed in a path pattern; write the normalised path")]
+    #[error("a `{segment}` segment is not allowed; write the normalised path")]
     DotSegment { segment: String },
     #[error(
-        "`{segment}` contains characters that are not allowed in a path (`?`, `#`, `%`, spaces or control characters)"
+        "`{segment}` contains characters that are not allowed in a path (`?`, `#`, `%`, `;`, `\\`, spaces or control characters)"
     )]
     BadCharacter { segment: String },
+    #[error(
+        "`{segment}` has characters clients send percent-encoded (non-ASCII, `\"`, `<`, `>`, `` ` ``, `{{`, `}}`), so no request path could match it"
+    )]
+    Encoded { segment: String },
+    #[error(
+        "`{segment}` is not a placeholder here: it would match only itself; use `*` for one segment"
+    )]
+    Placeholder { segment: String },
+}
+
+/// `{id}`, `<id>` or `:id`: another router's way to name a segment.
+fn is_placeholder(segment: &str) -> bool {
+    let inner = |s: &str| !s.is_empty();
+    segment
+        .strip_prefix('{')
+        .and_then(|s| s.strip_suffix('}'))
+        .or_else(|| segment.strip_prefix('<').and_then(|s| s.strip_suffix('>')))
+        .is_some_and(inner)
+        || segment
+            .strip_prefix(':')
+            .and_then(|s| s.chars().next())
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
 }
 
 impl PathPattern {
@@ -86,11 +116,21 @@ impl PathPattern {
                             segment: p.to_string(),
                         });
                     }
+                    p if is_placeholder(p) => {
+                        return Err(PatternError::Placeholder {
+                            segment: p.to_string(),
+                        });
+                    }
                     p if p
                         .chars()
-                        .any(|c| c.is_control() || c.is_whitespace() || "?#%".contains(c)) =>
+                        .any(|c| c.is_control() || c.is_whitespace() || "?#%;\\".contains(c)) =>
                     {
                         return Err(PatternError::BadCharacter {
+                            segment: p.to_string(),
+                        });
+                    }
+                    p if p.chars().any(|c| !c.is_ascii() || "\"<>`{}".contains(c)) => {
+                        return Err(PatternError::Encoded {
                             segment: p.to_string(),
                         });
                     }
@@ -277,6 +317,41 @@ mod tests {
             PathPattern::parse("/a b"),
             Err(PatternError::BadCharacter { .. })
         ));
+    }
+
+    /// What the gateway refuses (`;`, `\`) or only ever sees encoded
+    /// (non-ASCII, `{`) could never match; placeholders of other routers
+    /// would match only themselves.
+    #[test]
+    fn literals_no_normalised_path_holds_are_refused() {
+        for bad in ["/a;b", "/a\\b", "/a/%41", "/x;jsessionid=1"] {
+            assert!(
+                matches!(
+                    PathPattern::parse(bad),
+                    Err(PatternError::BadCharacter { .. })
+                ),
+                "{bad}"
+            );
+        }
+        for bad in ["/caf\u{e9}", "/a\"b", "/a<b", "/a`b", "/a{b"] {
+            assert!(
+                matches!(PathPattern::parse(bad), Err(PatternError::Encoded { .. })),
+                "{bad}"
+            );
+        }
+        for bad in ["/users/{id}", "/users/:id", "/users/<id>", "/x/:_y/z"] {
+            let e = PathPattern::parse(bad).unwrap_err();
+            assert!(matches!(e, PatternError::Placeholder { .. }), "{bad}");
+            assert!(e.to_string().contains("use `*` for one segment"), "{e}");
+        }
+        for good in [
+            "/v1/things:batchGet",
+            "/a-b_c~d.e",
+            "/a:",
+            "/~user/(x)/[y]/a|b/@me/$1!",
+        ] {
+            assert!(PathPattern::parse(good).is_ok(), "{good}");
+        }
     }
 
     #[test]

@@ -13,7 +13,8 @@ use crate::raw::{
     RawBroker, RawDeliver, RawFilter, RawManifest, RawQueue, RawSource, RawStream, RawSubscribe,
 };
 use crate::{
-    Broker, BrokerDurability, BrokerEngine, Deliver, Queue, Stream, StreamSource, Subscribe, Topic,
+    Broker, BrokerDurability, BrokerEngine, Deliver, PathPattern, PatternError, Queue, Stream,
+    StreamSource, Subscribe, Topic,
 };
 
 const DEFAULT_MAX_EVENT_BYTES: u64 = 1 << 20;
@@ -807,14 +808,25 @@ fn deliver(
         }
         Some(p) => {
             let path = p.get_ref();
+            // The broker POSTs to the path as written, and the mesh lets it
+            // (an ACL rule of that path) only if the path is already as the
+            // mesh normalises it: so no `.`, `..` or `//` segment, nothing
+            // refused as `bad_path`, nothing a client would send encoded.
             let problem = if !path.starts_with('/') {
-                Some("must start with `/`")
+                Some("must start with `/`".to_string())
             } else if path.contains('*') {
-                Some("is a pattern; events go to one plain path")
+                Some("is a pattern; events go to one plain path".to_string())
             } else if path.contains(['?', '#']) {
-                Some("must not carry a query or fragment")
+                Some("must not carry a query or fragment".to_string())
             } else if path.contains(|c: char| c.is_whitespace() || c.is_control()) {
-                Some("must not contain spaces")
+                Some("must not contain spaces".to_string())
+            } else if let Err(e) = PathPattern::parse(path) {
+                Some(match e {
+                    PatternError::Placeholder { .. } => {
+                        "is a pattern; events go to one plain path".to_string()
+                    }
+                    e => format!("is not a plain, normalised path: {e}"),
+                })
             } else {
                 None
             };

@@ -532,6 +532,46 @@ fn all_errors_are_reported_at_once() {
     assert!(e.ends_with("2 errors in manifest"), "{e}");
 }
 
+/// A route or ACL path no request could reach is refused where it is
+/// written: the gateway answers 400 to `;` and `\\`, non-ASCII arrives
+/// percent-encoded, and `{id}`/`:id` would match only themselves.
+#[test]
+fn paths_no_request_could_match_are_refused() {
+    for (path, says) in [
+        (
+            "/users/{id}",
+            "`{id}` is not a placeholder here: it would match only itself; use `*` for one segment",
+        ),
+        ("/users/:id", "`:id` is not a placeholder here"),
+        (
+            "/a;b",
+            "`a;b` contains characters that are not allowed in a path",
+        ),
+        (
+            "/a\\\\b",
+            "contains characters that are not allowed in a path",
+        ),
+        ("/caf\u{e9}", "has characters clients send percent-encoded"),
+    ] {
+        let e = errors(&with_service(&format!(
+            "routes = [{{ path = \"{path}\" }}]"
+        )));
+        assert!(e.contains(says), "{path}: {e}");
+        assert!(e.contains("--> flotilla.toml:4:20"), "{path}: {e}");
+        assert!(e.contains("`*` is one segment"), "{path}: {e}");
+        let e = errors(&format!(
+            "name = \"x\"\n[services.a]\nrun = {{ cargo = \"a\" }}\ncalls = [\"b\"]\n[services.b]\nrun = {{ cargo = \"b\" }}\nacl = [{{ caller = \"a\", path = \"{path}\" }}]\n"
+        ));
+        assert!(e.contains("invalid ACL path"), "{path}: {e}");
+        assert!(e.contains(says), "{path}: {e}");
+    }
+    // The example system still parses.
+    let shop = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/shop/flotilla.toml");
+    if let Err(e) = Manifest::load(&shop) {
+        panic!("{e}");
+    }
+}
+
 /// One invalid `[gateway]` section neither hides the others' errors nor
 /// makes the routes that lean on a valid one look wrong.
 #[test]

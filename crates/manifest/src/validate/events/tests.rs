@@ -450,6 +450,50 @@ fn each_error_names_the_place_and_the_fix() {
             "e.g. `path = \"/events/orders\"`",
             ("\"/events?kind", 0),
         ),
+        // The broker's POST is let through by an ACL rule of the path:
+        // only a path the mesh leaves as it is could ever pass it.
+        (
+            "path = \"/events/orders\"",
+            "path = \"/events/../orders\"",
+            "`deliver` path `/events/../orders` is not a plain, normalised path: a `..` segment is not allowed; write the normalised path",
+            "e.g. `path = \"/events/orders\"`",
+            ("\"/events/../", 0),
+        ),
+        (
+            "path = \"/events/orders\"",
+            "path = \"/events//orders\"",
+            "`deliver` path `/events//orders` is not a plain, normalised path: empty segment (`//`) in the path",
+            "e.g. `path = \"/events/orders\"`",
+            ("\"/events//", 0),
+        ),
+        (
+            "path = \"/events/orders\"",
+            "path = \"/events/orders;v=1\"",
+            "`deliver` path `/events/orders;v=1` is not a plain, normalised path: `orders;v=1` contains characters that are not allowed in a path (`?`, `#`, `%`, `;`, `\\`, spaces or control characters)",
+            "e.g. `path = \"/events/orders\"`",
+            ("\"/events/orders;", 0),
+        ),
+        (
+            "path = \"/events/orders\"",
+            "path = \"/events/%6Frders\"",
+            "`deliver` path `/events/%6Frders` is not a plain, normalised path: `%6Frders` contains characters that are not allowed in a path (`?`, `#`, `%`, `;`, `\\`, spaces or control characters)",
+            "e.g. `path = \"/events/orders\"`",
+            ("\"/events/%6F", 0),
+        ),
+        (
+            "path = \"/events/orders\"",
+            "path = \"/\u{e9}v\u{e9}nements\"",
+            "`deliver` path `/\u{e9}v\u{e9}nements` is not a plain, normalised path: `\u{e9}v\u{e9}nements` has characters clients send percent-encoded (non-ASCII, `\"`, `<`, `>`, `` ` ``, `{`, `}`), so no request path could match it",
+            "e.g. `path = \"/events/orders\"`",
+            ("\"/\u{e9}v", 0),
+        ),
+        (
+            "path = \"/events/orders\"",
+            "path = \"/events/{kind}\"",
+            "`deliver` path `/events/{kind}` is a pattern; events go to one plain path",
+            "e.g. `path = \"/events/orders\"`",
+            ("\"/events/{", 0),
+        ),
         (
             "concurrency = 2",
             "concurrency = 0",
