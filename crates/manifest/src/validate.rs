@@ -1034,7 +1034,7 @@ fn route(
                 scopes: raw
                     .scopes
                     .iter()
-                    .flatten()
+                    .flat_map(|s| s.get_ref())
                     .map(|s| s.get_ref().clone())
                     .collect(),
                 claims: match &raw.claims {
@@ -1043,22 +1043,23 @@ fn route(
                 },
             },
             "optional" if jwt_written => Auth::Optional,
-            "key" => match ctx.key_consumers.clone() {
-                Some(known) => Auth::Key {
-                    consumers: edge::route_consumers(ctx, raw.consumers.as_deref(), &known)?,
-                },
-                None if ctx.broken("api_keys") => Auth::Key {
-                    consumers: Vec::new(),
-                },
-                None => {
-                    ctx.error(
-                        a.span(),
-                        "`auth = \"key\"` needs `[gateway.api_keys]`: the gateway has no keys to check",
-                        Some("add `[gateway.api_keys]` with `consumers = { partner = [\"sha256:…\"] }`".into()),
-                    );
-                    return None;
+            "key" if ctx.key_consumers.is_some() || ctx.broken("api_keys") => {
+                let known = ctx.key_consumers.clone();
+                Auth::Key {
+                    consumers: edge::route_consumers(ctx, raw.consumers.as_ref(), known.as_ref())?,
                 }
-            },
+            }
+            "key" => {
+                ctx.error(
+                    a.span(),
+                    "`auth = \"key\"` needs `[gateway.api_keys]`: the gateway has no keys to check",
+                    Some(
+                        "add `[gateway.api_keys]` with `consumers = { partner = [\"sha256:…\"] }`"
+                            .into(),
+                    ),
+                );
+                return None;
+            }
             which @ ("jwt" | "optional") => {
                 ctx.error(
                     a.span(),
@@ -1081,11 +1082,13 @@ fn route(
         },
     };
     let jwt_route = matches!(auth, Auth::Jwt { .. });
+    // Written at all, even empty (`consumers = []`), they belong to a
+    // route of that kind: elsewhere they would be ignored without a word.
     if !matches!(auth, Auth::Key { .. })
-        && let Some(first) = raw.consumers.as_ref().and_then(|c| c.first())
+        && let Some(consumers) = &raw.consumers
     {
         ctx.error(
-            first.span(),
+            consumers.span(),
             "`consumers` need `auth = \"key\"`",
             Some("add `auth = \"key\"` to the route, or remove `consumers`".into()),
         );
@@ -1094,13 +1097,7 @@ fn route(
     // What only a token can carry: the first of these written on a route
     // without `auth = "jwt"`.
     let needs_jwt = [
-        (
-            "scopes",
-            raw.scopes
-                .as_ref()
-                .and_then(|s| s.first())
-                .map(|s| s.span()),
-        ),
+        ("scopes", raw.scopes.as_ref().map(|s| s.span())),
         ("claims", raw.claims.as_ref().map(|c| c.span())),
     ];
     if !jwt_route && let Some((key, span)) = needs_jwt.into_iter().find_map(|(k, s)| Some((k, s?)))

@@ -1170,15 +1170,32 @@ fn sha256_of(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// A key route's `consumers`: each one of `[gateway.api_keys]`'s.
+/// A key route's `consumers`: each one of `[gateway.api_keys]`'s (`known`;
+/// `None` when that table is invalid, and then not checked against), at
+/// least one. Left out, every consumer is admitted; `consumers = []` is
+/// refused like `hosts = []` and `issuers = []`, since read as "none" it
+/// would lock every key out, and read as "any" it widens silently.
 pub(super) fn route_consumers(
     ctx: &mut Ctx<'_>,
-    raw: Option<&[Spanned<String>]>,
-    known: &BTreeSet<String>,
+    raw: Option<&Spanned<Vec<Spanned<String>>>>,
+    known: Option<&BTreeSet<String>>,
 ) -> Option<Vec<String>> {
+    let Some(raw) = raw else {
+        return Some(Vec::new());
+    };
+    if raw.get_ref().is_empty() {
+        ctx.error(
+            raw.span(),
+            "`consumers = []` names no consumer",
+            Some("list the consumers whose keys the route admits, e.g. `consumers = [\"partner-a\"]`, or leave `consumers` out to admit every consumer of `[gateway.api_keys]`".into()),
+        );
+        return None;
+    }
     let mut consumers = Vec::new();
-    for name in raw.unwrap_or_default() {
-        if !known.contains(name.get_ref()) {
+    for name in raw.get_ref() {
+        if let Some(known) = known
+            && !known.contains(name.get_ref())
+        {
             ctx.error(
                 name.span(),
                 format!(

@@ -2335,6 +2335,28 @@ fn api_keys_are_digests_of_named_consumers_and_key_routes_need_them() {
             "consumers = [\"partner-a\"]".to_string(),
             "`consumers` need `auth = \"key\"`",
         ),
+        // Empty lists are no way around these: `[]` on a key route would
+        // have admitted every consumer, and elsewhere passed unnoticed.
+        (
+            keys.clone(),
+            "auth = \"key\", consumers = []".to_string(),
+            "`consumers = []` names no consumer",
+        ),
+        (
+            keys.clone(),
+            "auth = \"key\", consumers = []".to_string(),
+            "leave `consumers` out to admit every consumer of `[gateway.api_keys]`",
+        ),
+        (
+            keys.clone(),
+            "consumers = []".to_string(),
+            "`consumers` need `auth = \"key\"`",
+        ),
+        (
+            keys.clone(),
+            "scopes = []".to_string(),
+            "`scopes` need `auth = \"jwt\"`",
+        ),
         (
             "consumers = { partner-a = [\"s3cr3t\"] }".to_string(),
             "auth = \"key\"".to_string(),
