@@ -1614,7 +1614,14 @@ fn acl_rule(
 /// so they are an error wherever they are declared. A route with hosts and
 /// one without never clash: the one with hosts wins for its names.
 fn check_route_conflicts(ctx: &mut Ctx<'_>, raw: &RawManifest) {
-    type Seen = (String, PathPattern, Vec<String>, Vec<HostPattern>, String);
+    type MatchHeaders = BTreeMap<String, BTreeSet<String>>;
+    type Seen = (
+        String,
+        PathPattern,
+        Vec<String>,
+        Vec<HostPattern>,
+        MatchHeaders,
+    );
     let mut seen: Vec<Seen> = Vec::new();
     for (name, service) in &raw.services {
         for r in service.get_ref().routes.iter().flatten() {
@@ -1636,16 +1643,16 @@ fn check_route_conflicts(ctx: &mut Ctx<'_>, raw: &RawManifest) {
                 .filter_map(|h| HostPattern::parse(h.get_ref()).ok())
                 .collect();
             // Routes for different headers are different routes; compared
-            // as written, names in lower case (values are checked by
-            // `route`).
-            let headers: String = r
-                .match_headers
-                .iter()
-                .flat_map(|h| h.get_ref())
-                .map(|(name, value)| format!("{}={}\n", name.to_ascii_lowercase(), value.get_ref()))
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
+            // as the gateway reads them: names in lower case, a string as a
+            // list of one, the values as a set (invalid ones are reported
+            // by `route`).
+            let mut headers: MatchHeaders = BTreeMap::new();
+            for (name, value) in r.match_headers.iter().flat_map(|h| h.get_ref()) {
+                headers
+                    .entry(name.to_ascii_lowercase())
+                    .or_default()
+                    .extend(edge::match_header_values(value.get_ref()).unwrap_or_default());
+            }
             for (other, other_pattern, other_methods, other_hosts, other_headers) in &seen {
                 let overlap = methods.is_empty()
                     || other_methods.is_empty()

@@ -1237,8 +1237,22 @@ pub(super) fn match_headers(
         return None;
     }
     let mut headers = BTreeMap::new();
+    // Each lower-cased name and how it was first written.
+    let mut written: BTreeMap<String, &str> = BTreeMap::new();
     for (name, value) in raw.get_ref() {
         let lower = name.to_ascii_lowercase();
+        // Header names are case-insensitive: TOML keeps `X-Canary` and
+        // `x-canary` apart, and one of their values would be dropped.
+        if let Some(first) = written.insert(lower.clone(), name) {
+            ctx.error(
+                value.span(),
+                format!("`{name}` and `{first}` are the same header"),
+                Some(format!(
+                    "give `{lower}` once, with every value it may have in a list"
+                )),
+            );
+            continue;
+        }
         if lower.is_empty() || !lower.bytes().all(is_token_byte) {
             ctx.error(
                 value.span(),
@@ -1257,12 +1271,7 @@ pub(super) fn match_headers(
             );
             continue;
         }
-        let text = |v: &toml::Value| v.as_str().map(str::to_string);
-        let values = match value.get_ref() {
-            toml::Value::Array(list) => list.iter().map(text).collect::<Option<Vec<_>>>(),
-            v => text(v).map(|v| vec![v]),
-        };
-        match values {
+        match match_header_values(value.get_ref()) {
             Some(values) if !values.is_empty() => {
                 headers.insert(lower, values);
             }
@@ -1281,6 +1290,16 @@ pub(super) fn match_headers(
         }
     }
     (ctx.errors.len() == before).then_some(headers)
+}
+
+/// A `match_headers` value: a string is a list of one. `None` if it is
+/// neither a string nor an array of them.
+pub(super) fn match_header_values(value: &toml::Value) -> Option<Vec<String>> {
+    let text = |v: &toml::Value| v.as_str().map(str::to_string);
+    match value {
+        toml::Value::Array(list) => list.iter().map(text).collect(),
+        v => text(v).map(|v| vec![v]),
+    }
 }
 
 /// `request_headers` or `response_headers`: names that are tokens (kept in

@@ -2261,6 +2261,19 @@ fn a_route_may_be_for_requests_with_given_headers() {
     let e = errors(&two(same, ", match_headers = { X-CANARY = \"1\" }"));
     assert!(e.contains("is also declared by service `a`"), "{e}");
     parses(&two(same, ", match_headers = { x-canary = \"2\" }"));
+    // Also written another way: a string is a list of one, and a list is
+    // a set of values.
+    let e = errors(&two(same, ", match_headers = { x-canary = [\"1\"] }"));
+    assert!(e.contains("is also declared by service `a`"), "{e}");
+    let e = errors(&two(
+        ", match_headers = { x-tier = [\"gold\", \"silver\"] }",
+        ", match_headers = { X-Tier = [\"silver\", \"gold\", \"gold\"] }",
+    ));
+    assert!(e.contains("is also declared by service `a`"), "{e}");
+    parses(&two(
+        same,
+        ", match_headers = { x-canary = [\"1\", \"2\"] }",
+    ));
 
     for (route, want) in [
         (
@@ -2278,6 +2291,15 @@ fn a_route_may_be_for_requests_with_given_headers() {
         (
             ", match_headers = { x-canary = 1 }",
             "`x-canary` must be a string or an array of strings",
+        ),
+        // One header in two spellings: the gateway would keep one value.
+        (
+            ", match_headers = { X-Canary = \"1\", x-canary = \"2\" }",
+            "`x-canary` and `X-Canary` are the same header",
+        ),
+        (
+            ", match_headers = { X-Canary = \"1\", x-canary = \"2\" }",
+            "give `x-canary` once, with every value it may have in a list",
         ),
     ] {
         let e = errors(&two("", route));
