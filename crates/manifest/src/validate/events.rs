@@ -708,8 +708,10 @@ fn attribute(ctx: &mut Ctx<'_>, raw: &Spanned<String>, key: &str) -> Option<Stri
     Some(name.clone())
 }
 
-/// A filter policy: a table of attribute → array of conditions. The
-/// conditions themselves are the broker's to check.
+/// A filter policy: a table of attribute → non-empty array of conditions,
+/// each of the shapes the broker's parser (crates/broker/src/filter.rs)
+/// takes. The broker checks them again when it starts, but its serde errors
+/// name neither the place nor the attribute; this says both.
 fn filter(
     ctx: &mut Ctx<'_>,
     raw: Option<&Spanned<RawFilter>>,
@@ -734,8 +736,25 @@ fn filter(
     entries.sort_by_key(|(_, value)| value.span().start);
     for (attr, value) in entries {
         match value.get_ref() {
-            toml::Value::Array(_) => {
-                filter.insert(attr.clone(), value.get_ref().clone());
+            toml::Value::Array(list) if list.is_empty() => ctx.error(
+                value.span(),
+                format!("the filter on `{attr}` lists no condition: no event could match"),
+                Some(format!(
+                    "list the values `{attr}` may have, e.g. `{attr} = [\"order.placed\"]`, or remove it"
+                )),
+            ),
+            toml::Value::Array(list) => {
+                // The first bad condition of the list: the array's span is
+                // the closest place TOML keeps.
+                if let Some(why) = list.iter().find_map(|c| condition_problem(c).err()) {
+                    ctx.error(
+                        value.span(),
+                        format!("the filter on `{attr}`: {why}"),
+                        Some(CONDITION_SHAPES.into()),
+                    );
+                } else {
+                    filter.insert(attr.clone(), value.get_ref().clone());
+                }
             }
             toml::Value::Table(_) => ctx.error(
                 value.span(),
@@ -755,6 +774,76 @@ fn filter(
         }
     }
     (ctx.errors.len() == before).then_some(filter)
+}
+
+const CONDITION_SHAPES: &str = "a condition is an exact value (`\"order.placed\"`, `42`, `true`), `{ prefix = \"eu-\" }`, `{ anything-but = [\"a\", \"b\"] }`, `{ numeric = [\">=\", 10, \"<\", 20] }` or `{ exists = true }`";
+
+/// Whether one filter condition has a shape the broker takes: a string,
+/// number or boolean; or a table with exactly one of `prefix` (a string),
+/// `anything-but` (a value, an array of them, or `{ prefix = "…" }`),
+/// `numeric` (one or two operator/number pairs) and `exists` (a boolean).
+fn condition_problem(condition: &toml::Value) -> Result<(), String> {
+    use toml::Value;
+    let scalar = |v: &Value| {
+        matches!(
+            v,
+            Value::String(_) | Value::Integer(_) | Value::Float(_) | Value::Boolean(_)
+        )
+    };
+    let table = match condition {
+        v if scalar(v) => return Ok(()),
+        Value::Table(t) => t,
+        other => {
+            return Err(format!(
+                "a condition cannot be {} {}",
+                if matches!(other, Value::Array(_)) {
+                    "an"
+                } else {
+                    "a"
+                },
+                other.type_str()
+            ));
+        }
+    };
+    const KEYS: [&str; 4] = ["prefix", "anything-but", "numeric", "exists"];
+    if let Some(unknown) = table.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        return Err(match did_you_mean(unknown, KEYS) {
+            Some(near) => format!("unknown condition `{unknown}`; did you mean `{near}`?"),
+            None => format!("unknown condition `{unknown}`"),
+        });
+    }
+    let mut keys = table.iter();
+    let (Some((key, value)), None) = (keys.next(), keys.next()) else {
+        return Err(
+            "a condition table takes exactly one of `prefix`, `anything-but`, `numeric` and `exists`"
+                .into(),
+        );
+    };
+    let ok = match (key.as_str(), value) {
+        ("prefix", Value::String(_)) | ("exists", Value::Boolean(_)) => true,
+        ("anything-but", Value::Array(list)) => list.iter().all(scalar),
+        ("anything-but", Value::Table(t)) => {
+            t.len() == 1 && matches!(t.get("prefix"), Some(Value::String(_)))
+        }
+        ("anything-but", v) => scalar(v),
+        ("numeric", Value::Array(list)) => {
+            let pair = |p: &[Value]| {
+                matches!(&p[0], Value::String(op) if ["=", "<", "<=", ">", ">="].contains(&op.as_str()))
+                    && matches!(&p[1], Value::Integer(_) | Value::Float(_))
+            };
+            matches!(list.len(), 2 | 4) && list.chunks(2).all(pair)
+        }
+        _ => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(match key.as_str() {
+        "prefix" => "`prefix` takes a string, e.g. `{ prefix = \"eu-\" }`".into(),
+        "exists" => "`exists` takes `true` or `false`".into(),
+        "anything-but" => "`anything-but` takes a value, an array of values, or `{ prefix = \"…\" }`".into(),
+        _ => "`numeric` takes one or two operator/number pairs, the operators `=`, `<`, `<=`, `>`, `>=`, e.g. `{ numeric = [\">=\", 10, \"<\", 20] }`".into(),
+    })
 }
 
 fn deliver(

@@ -221,6 +221,19 @@ run = { cargo = "a" }
     assert!(matches!(m.broker.engine, BrokerEngine::Nats { prefix, .. } if prefix == "ci_42"));
 }
 
+/// Every shape of condition the broker's parser takes passes the manifest.
+#[test]
+fn every_condition_shape_the_broker_takes_is_accepted() {
+    let src = EVENTS.replacen(
+        "amount = [{ numeric = [\">=\", 10] }]",
+        "amount = [10, 2.5, true, \"x\", { prefix = \"1\" }, { anything-but = \"a\" }, { anything-but = [\"a\", 1, false] }, { anything-but = { prefix = \"b\" } }, { numeric = [\">\", 0, \"<=\", 9.5] }, { numeric = [\"=\", 3] }, { exists = false }]",
+        1,
+    );
+    let m = parse(&src);
+    let sub = m.queues["inventory-orders"].subscribe.as_ref().unwrap();
+    assert_eq!(sub.filter["amount"].as_array().map(Vec::len), Some(11));
+}
+
 #[test]
 fn pull_and_push_combinations_that_are_allowed() {
     // A stream may be pushed to one service and consumed by others (each in
@@ -657,6 +670,64 @@ fn each_error_names_the_place_and_the_fix() {
             "the filter on `amount` must be an array of conditions, not a table",
             "wrap the condition in an array: `amount = [{ … }]`",
             ("{ numeric", 0),
+        ),
+        // Conditions of a shape the broker's parser refuses, said here with
+        // the place and the attribute.
+        (
+            "amount = [{ numeric = [\">=\", 10] }]",
+            "amount = [{ numerc = [\">=\", 10] }]",
+            "the filter on `amount`: unknown condition `numerc`; did you mean `numeric`?",
+            "a condition is an exact value",
+            ("[{ numerc", 0),
+        ),
+        (
+            "amount = [{ numeric = [\">=\", 10] }]",
+            "amount = [{ numeric = [\">=\", \"10\"] }]",
+            "the filter on `amount`: `numeric` takes one or two operator/number pairs, the operators `=`, `<`, `<=`, `>`, `>=`, e.g. `{ numeric = [\">=\", 10, \"<\", 20] }`",
+            "`{ exists = true }`",
+            ("[{ numeric", 0),
+        ),
+        (
+            "amount = [{ numeric = [\">=\", 10] }]",
+            "amount = [{ numeric = [\"~\", 10] }]",
+            "the filter on `amount`: `numeric` takes one or two operator/number pairs, the operators `=`, `<`, `<=`, `>`, `>=`, e.g. `{ numeric = [\">=\", 10, \"<\", 20] }`",
+            "a condition is an exact value",
+            ("[{ numeric", 0),
+        ),
+        (
+            "amount = [{ numeric = [\">=\", 10] }]",
+            "amount = [10, { prefix = \"1\", exists = true }]",
+            "the filter on `amount`: a condition table takes exactly one of `prefix`, `anything-but`, `numeric` and `exists`",
+            "a condition is an exact value",
+            ("[10, {", 0),
+        ),
+        (
+            "amount = [{ numeric = [\">=\", 10] }]",
+            "amount = [{ anything-but = [[1]] }]",
+            "the filter on `amount`: `anything-but` takes a value, an array of values, or `{ prefix = \"…\" }`",
+            "a condition is an exact value",
+            ("[{ anything", 0),
+        ),
+        (
+            "amount = [{ numeric = [\">=\", 10] }]",
+            "amount = [{ exists = \"yes\" }]",
+            "the filter on `amount`: `exists` takes `true` or `false`",
+            "a condition is an exact value",
+            ("[{ exists", 0),
+        ),
+        (
+            "filter = { type = [\"order.placed\"]",
+            "filter = { type = [\"order.placed\", [\"order.paid\"]]",
+            "the filter on `type`: a condition cannot be an array",
+            "a condition is an exact value",
+            ("[\"order.placed\", [", 0),
+        ),
+        (
+            "filter = { type = [\"order.placed\"]",
+            "filter = { type = []",
+            "the filter on `type` lists no condition: no event could match",
+            "e.g. `type = [\"order.placed\"]`, or remove it",
+            ("[], amount", 0),
         ),
         (
             "subscribe = { topic = \"payments\" }",
