@@ -41,6 +41,16 @@ const DEFAULT_TARGET_CONCURRENCY: u32 = 50;
 const MAX_INSTANCES: i64 = 64;
 const MAX_CONCURRENCY: i64 = 100_000;
 const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+/// Variables the runtime sets on every instance, besides `FLOTILLA_*`.
+/// The OpenTelemetry pair is the runtime's too: it names the instance in
+/// `OTEL_RESOURCE_ATTRIBUTES` (set after `env`, so a value here would be
+/// silently lost), and `OTEL_SERVICE_NAME` must agree with it.
+const RUNTIME_ENV: [&str; 4] = [
+    "DATABASE_URL",
+    "PORT",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+];
 /// Paths the gateway answers itself.
 const RESERVED_PATHS: [&str; 1] = ["/healthz"];
 const SECOND: Duration = Duration::from_secs(1);
@@ -704,7 +714,7 @@ fn service(
                 format!("`{key}` is not a valid environment variable name"),
                 Some("use letters, digits and `_`, not starting with a digit".into()),
             );
-        } else if key.starts_with("FLOTILLA_") || key == "DATABASE_URL" || key == "PORT" {
+        } else if key.starts_with("FLOTILLA_") || RUNTIME_ENV.contains(&key.as_str()) {
             ctx.error(
                 k.span(),
                 format!("`{key}` is set by the runtime and cannot be overridden"),

@@ -478,6 +478,16 @@ fn invalid_values() {
             "runtime-contract",
         ),
         (
+            "env = { OTEL_RESOURCE_ATTRIBUTES = \"team=shop\" }",
+            "`OTEL_RESOURCE_ATTRIBUTES` is set by the runtime and cannot be overridden",
+            "runtime-contract",
+        ),
+        (
+            "env = { OTEL_SERVICE_NAME = \"cat\" }",
+            "`OTEL_SERVICE_NAME` is set by the runtime and cannot be overridden",
+            "runtime-contract",
+        ),
+        (
             "scale = { min = 3, max = 2 }",
             "`max = 2` is below `min = 3`",
             "raise `max`",
