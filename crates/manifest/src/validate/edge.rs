@@ -27,6 +27,9 @@ const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(60);
 const MAX_JWT_LEEWAY: Duration = Duration::from_secs(300);
 const DEFAULT_CORS_MAX_AGE: Duration = Duration::from_secs(600);
 const DEFAULT_CORS_METHODS: [&str; 5] = ["GET", "HEAD", "POST", "PUT", "DELETE"];
+/// `[gateway.cache] max_bytes`: 1 KiB to 4 GiB, as docs/manifest.md says.
+const MIN_CACHE_BYTES: u64 = 1 << 10;
+const MAX_CACHE_BYTES: u64 = 4 << 30;
 /// A larger request body than this belongs in the object store.
 const MAX_BODY_LIMIT: i64 = 1 << 30;
 
@@ -1450,9 +1453,18 @@ pub(super) fn cache_store(ctx: &mut Ctx<'_>, raw: &Spanned<RawCacheStore>) -> Op
     let mut c = CacheStore::default();
     let before = ctx.errors.len();
     if let Some(m) = &raw.max_bytes {
-        c.max_bytes = ctx
-            .count(m, "max_bytes", 1024, i64::from(u32::MAX))
-            .map_or(0, u64::from);
+        // Not `ctx.count`: 4 GiB is one more than a u32 holds.
+        let v = *m.get_ref();
+        match u64::try_from(v) {
+            Ok(n) if (MIN_CACHE_BYTES..=MAX_CACHE_BYTES).contains(&n) => c.max_bytes = n,
+            _ => ctx.error(
+                m.span(),
+                format!("`max_bytes = {v}` is out of range"),
+                Some(format!(
+                    "use a whole number from {MIN_CACHE_BYTES} (1 KiB) to {MAX_CACHE_BYTES} (4 GiB)"
+                )),
+            ),
+        }
     }
     if let Some(m) = &raw.max_entry_bytes {
         c.max_entry_bytes = ctx

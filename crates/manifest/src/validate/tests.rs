@@ -2175,6 +2175,14 @@ fn a_route_s_cache_and_the_store_take_defaults_and_refuse_what_cannot_be_kept() 
         (m.gateway.cache.max_bytes, m.gateway.cache.max_entry_bytes),
         (4096, 4096)
     );
+    // The documented bounds, both ends: 1 KiB and 4 GiB.
+    for bytes in [1024, 4 << 30] {
+        let m = parses(&with(
+            &format!("[gateway.cache]\nmax_bytes = {bytes}\nmax_entry_bytes = 1024"),
+            "cache = {}",
+        ));
+        assert_eq!(m.gateway.cache.max_bytes, bytes);
+    }
     assert_eq!(
         m.services["a"].routes[0].cache.as_ref().map(|c| (
             c.ttl,
@@ -2236,6 +2244,11 @@ fn a_route_s_cache_and_the_store_take_defaults_and_refuse_what_cannot_be_kept() 
     }
     for (gateway, want) in [
         ("max_bytes = 100", "`max_bytes = 100` is out of range"),
+        (
+            "max_bytes = 4294967297",
+            "use a whole number from 1024 (1 KiB) to 4294967296 (4 GiB)",
+        ),
+        ("max_bytes = -1", "`max_bytes = -1` is out of range"),
         (
             "max_entry_bytes = 0",
             "`max_entry_bytes = 0` is out of range",
