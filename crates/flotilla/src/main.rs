@@ -186,6 +186,18 @@ async fn run(command: Command) -> ExitCode {
                 Ok(m) => m,
                 Err(code) => return code,
             };
+            // `--listen` replaces the `listen` the manifest's own check
+            // compared `http_redirect` with: compare again, before anything
+            // is built, rather than fail to bind once the system starts.
+            if let Some(listen) = listen
+                && let Some(redirect) = manifest.gateway.redirect_clashes_with(listen)
+            {
+                eprintln!(
+                    "error: `--listen {listen}` takes the port of `[gateway.tls] http_redirect = \"{redirect}\"` in {}\n  help: give `--listen` another port, or move `http_redirect` to one of its own",
+                    manifest.file.display()
+                );
+                return ExitCode::from(EXIT_INVALID);
+            }
             let data_dir = data_dir.unwrap_or_else(|| manifest.dir.join(".flotilla"));
             if let Some(served) = serves(&manifest, &data_dir) {
                 eprintln!(

@@ -106,6 +106,27 @@ pub struct Gateway {
     pub authz: Option<Authz>,
 }
 
+impl Gateway {
+    /// `[gateway.tls] http_redirect`, if it would claim the same socket as a
+    /// gateway listening on `listen`. The manifest's own `listen` is checked
+    /// when it is parsed; this is for a `listen` given in its place
+    /// (`flotilla up --listen`).
+    pub fn redirect_clashes_with(&self, listen: SocketAddr) -> Option<SocketAddr> {
+        self.tls
+            .as_ref()?
+            .http_redirect
+            .filter(|r| same_socket(*r, listen))
+    }
+}
+
+/// Whether two listeners would claim the same socket: the same port (not
+/// 0, which picks a free one) on the same address, or on every address.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// Names of the platform's own identities: no service may take one.
 /// `gateway` and `runtime` may appear as callers in ACL rules.
 pub const PLATFORM_NAMES: [&str; 5] = ["gateway", "runtime", "operator", "broker", "objects"];

@@ -574,7 +574,10 @@ fn gateway(ctx: &mut Ctx<'_>, raw: Option<&Spanned<RawGateway>>, declared: &[Str
         let v = edge::tls(ctx, t);
         // Against a `listen` that is not valid there is nothing to compare.
         let clash = v.as_ref().is_some_and(|tls| {
-            !ctx.broken("listen") && tls.http_redirect.is_some_and(|r| same_socket(r, gw.listen))
+            !ctx.broken("listen")
+                && tls
+                    .http_redirect
+                    .is_some_and(|r| crate::same_socket(r, gw.listen))
         });
         if clash {
             ctx.error(
@@ -587,14 +590,6 @@ fn gateway(ctx: &mut Ctx<'_>, raw: Option<&Spanned<RawGateway>>, declared: &[Str
         take(ctx, "tls", v, &mut gw.tls);
     }
     gw
-}
-
-/// Whether two listeners would claim the same socket: the same port (not
-/// 0, which picks a free one) on the same address, or on every address.
-fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port()
-        && a.port() != 0
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn service(

@@ -508,6 +508,42 @@ fn a_data_dir_inside_the_static_directory_is_refused() {
     assert!(!dir.path().join("web/state").exists(), "nothing was made");
 }
 
+/// `--listen` on the port of `http_redirect` is refused before anything
+/// starts, as the same `listen` in the manifest is by `check`.
+#[test]
+fn a_listen_on_the_redirect_port_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // The manifest checks only that these exist; nothing starts to read them.
+    std::fs::write(dir.path().join("cert.pem"), "").unwrap();
+    std::fs::write(dir.path().join("key.pem"), "").unwrap();
+    let manifest = dir.path().join("flotilla.toml");
+    std::fs::write(
+        &manifest,
+        "name = \"x\"\n[gateway]\nlisten = \"127.0.0.1:9443\"\n[gateway.tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\nhttp_redirect = \"0.0.0.0:8080\"\n[services.a]\nrun = { command = [\"true\"] }\n",
+    )
+    .unwrap();
+    let out = flotilla()
+        .arg("up")
+        .arg(&manifest)
+        .args(["--listen", "127.0.0.1:8080", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "error: `--listen 127.0.0.1:8080` takes the port of `[gateway.tls] http_redirect = \"0.0.0.0:8080\"`"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("help: give `--listen` another port"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("data").exists(), "nothing was made");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_serves_https_with_the_manifests_certificate() {
     let dir = tempfile::tempdir().unwrap();

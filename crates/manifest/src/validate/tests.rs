@@ -1758,6 +1758,18 @@ fn gateway_tls_missing_files_and_bad_version() {
         e.contains("`http_redirect` takes `listen`'s own port"),
         "{e}"
     );
+    // The same check for a `listen` given in the manifest's place
+    // (`flotilla up --listen`).
+    let m = parses(
+        "name = \"x\"\n[gateway]\nlisten = \"127.0.0.1:9443\"\n[gateway.tls]\ncert = \"Cargo.toml\"\nkey = \"Cargo.toml\"\nhttp_redirect = \"0.0.0.0:8443\"\n[services.a]\nrun = { cargo = \"a\" }\n",
+    );
+    let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+    assert_eq!(
+        m.gateway.redirect_clashes_with(at("127.0.0.1:8443")),
+        Some(at("0.0.0.0:8443"))
+    );
+    assert_eq!(m.gateway.redirect_clashes_with(at("127.0.0.1:8444")), None);
+    assert_eq!(m.gateway.redirect_clashes_with(at("127.0.0.1:0")), None);
     let e = errors(
         "name = \"x\"\n[gateway.tls]\ncert = \"a.pem\"\n[services.a]\nrun = { cargo = \"a\" }\n",
     );
