@@ -162,11 +162,11 @@ async fn run(command: Command) -> ExitCode {
                     String::new()
                 };
                 out!(
-                    "{}: ok — system `{}` with {} services and {} routes{events}",
+                    "{}: ok — system `{}` with {} and {}{events}",
                     m.file.display(),
                     m.name,
-                    m.services.len(),
-                    m.routes().count()
+                    count(m.services.len(), "service"),
+                    count(m.routes().count(), "route")
                 );
                 ExitCode::SUCCESS
             }
@@ -402,8 +402,11 @@ fn count(n: usize, noun: &str) -> String {
 
 /// Finds and loads the manifest, printing errors; follows a symlinked
 /// manifest so relative paths and the data dir are those of its real place.
+/// A directory stands for the flotilla.toml in it (`flotilla check
+/// examples/shop`), not its parents': a path given is meant exactly.
 fn load(path: Option<&Path>) -> Result<Manifest, ExitCode> {
     let path = match path {
+        Some(p) if p.is_dir() => p.join(flotilla_manifest::FILE_NAME),
         Some(p) => p.to_path_buf(),
         None => {
             let cwd = std::env::current_dir().map_err(|e| fail(&e))?;

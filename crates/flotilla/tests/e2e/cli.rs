@@ -544,6 +544,39 @@ fn a_listen_on_the_redirect_port_is_refused() {
     assert!(!dir.path().join("data").exists(), "nothing was made");
 }
 
+/// A directory stands for its flotilla.toml; counts are in words.
+#[test]
+fn check_takes_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("flotilla.toml"),
+        "name = \"x\"\n[services.a]\nrun = { command = [\"true\"] }\nroutes = [{ path = \"/a/**\" }]\n",
+    )
+    .unwrap();
+    let out = flotilla().arg("check").arg(dir.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("flotilla.toml: ok — system `x` with 1 service and 1 route\n"),
+        "{stdout}"
+    );
+    // A directory without one is a missing file (exit 1), not a parent's.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = flotilla().arg("check").arg(&empty).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot read manifest") && stderr.contains("empty/flotilla.toml"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_serves_https_with_the_manifests_certificate() {
     let dir = tempfile::tempdir().unwrap();
