@@ -244,8 +244,18 @@ consumes = ["notes", "sales"]
 
     #[test]
     fn a_bad_filter_condition_names_the_queue() {
-        let text = SHOP.replace(r#"{ numeric = [">=", 10] }"#, r#"{ numeric = ["~", 10] }"#);
-        let err = check(&manifest(&text)).unwrap_err().to_string();
+        // `flotilla check` refuses this shape itself; the broker's rules are
+        // the backstop for a Manifest that reaches the runtime another way.
+        let mut m = manifest(SHOP);
+        let bad: toml::Table = toml::from_str(r#"total = [{ numeric = ["~", 10] }]"#).unwrap();
+        if let Some(sub) = m
+            .queues
+            .get_mut("inventory-orders")
+            .and_then(|q| q.subscribe.as_mut())
+        {
+            sub.filter.extend(bad);
+        }
+        let err = check(&m).unwrap_err().to_string();
         assert!(
             err.contains("queues.inventory-orders.subscribe"),
             "got: {err}"
