@@ -415,12 +415,17 @@ impl ControlClient {
         })
     }
 
-    /// Asks the system to stop, and waits up to `wait` for it to be gone.
+    /// Asks the system to stop, and waits up to `wait` for it to be gone:
+    /// its control API silent, and then its runtime finished (its data
+    /// dir's lock let go), so that a `flotilla up` right after finds the
+    /// data dir free.
     pub async fn shutdown(&self, wait: Duration) -> Result<bool, ControlError> {
         self.call(http::Method::POST, "/v1/shutdown").await?;
         let deadline = tokio::time::Instant::now() + wait;
+        let mut silent = false;
         while tokio::time::Instant::now() < deadline {
-            if self.call(http::Method::GET, "/v1/status").await.is_err() {
+            silent = silent || self.call(http::Method::GET, "/v1/status").await.is_err();
+            if silent && crate::dirlock::DirLock::free(&self.dir) {
                 return Ok(true);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

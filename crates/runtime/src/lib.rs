@@ -23,6 +23,7 @@ mod broker;
 mod build;
 mod console;
 mod control;
+mod dirlock;
 mod endpoints;
 mod mesh;
 mod pool;

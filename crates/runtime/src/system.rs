@@ -17,6 +17,7 @@ use crate::broker::{self, ENV_BROKER_URL};
 use crate::build::{self, bin_name};
 use crate::console::Console;
 use crate::control::{self, StatusSource};
+use crate::dirlock::DirLock;
 use crate::endpoints::{Endpoints, InstanceEndpoint, ServiceEndpoint};
 use crate::mesh::{Mesh, Renewal};
 use crate::pool::{Pool, PoolEnv, Prober, Status};
@@ -476,57 +477,51 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
     }
 }
 
-/// The data directory's `lock` file, `flock`ed: one `flotilla up` per data
-/// directory. Before it, a second `up` was refused only by asking the
-/// first's control API, which answers once the first is ready (minutes,
-/// with a build): meanwhile the second re-issued the identities, shared
-/// the databases and overwrote `endpoints.json`. The kernel drops the lock
-/// when the process ends, however it ends, and the file is opened
-/// close-on-exec, so no instance inherits it.
-#[derive(Debug)]
-struct DirLock(#[allow(dead_code)] std::fs::File);
-
 fn lock_data_dir(dir: &Path) -> Result<DirLock, Error> {
-    use std::io::{Read, Seek, Write};
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    let failed = |source| Error::DataDir {
-        path: dir.to_path_buf(),
-        source,
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(dir.join("lock"))
-        .map_err(failed)?;
-    // SAFETY: flock(2) on a descriptor `file` owns and keeps open.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(failed(e));
-        }
-        let mut holder = String::new();
-        let _ = file.read_to_string(&mut holder);
-        let pid = holder.trim();
-        return Err(Error::DataDirInUse {
+    match DirLock::take(dir) {
+        Ok(Ok(lock)) => Ok(lock),
+        Ok(Err(pid)) => Err(Error::DataDirInUse {
             data_dir: dir.to_path_buf(),
-            pid: if pid.is_empty() {
-                "unknown".into()
-            } else {
-                pid.into()
-            },
-        });
+            pid,
+        }),
+        Err(source) => Err(Error::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        }),
     }
-    // Who holds it, for the next one's message.
-    let said = file
-        .set_len(0)
-        .and_then(|()| file.rewind())
-        .and_then(|()| writeln!(file, "{}", std::process::id()));
-    said.map_err(failed)?;
-    Ok(DirLock(file))
+}
+
+/// Makes the data dir its owner's alone (0700): logs, databases and the
+/// broker's stored events are below it, and the umask (022) would leave
+/// them readable to every user of the machine. A directory made now is
+/// always set; one that existed only if this user owns it and it is not
+/// the user's home or the current directory given as `--data-dir .`,
+/// whose modes are the user's choice (a warning says why it is left).
+fn private(dir: &Path, existed: bool) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return;
+    };
+    if meta.permissions().mode() & 0o077 == 0 {
+        return;
+    }
+    // SAFETY: geteuid(2) has no failure mode.
+    let mine = meta.uid() == unsafe { libc::geteuid() };
+    let shared = |other: Option<PathBuf>| {
+        other.is_some_and(|o| o.canonicalize().ok() == dir.canonicalize().ok())
+    };
+    let users_own =
+        shared(std::env::var_os("HOME").map(PathBuf::from)) || shared(std::env::current_dir().ok());
+    if !existed || (mine && !users_own) {
+        if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot make the data dir 0700");
+        }
+    } else {
+        tracing::warn!(
+            dir = %dir.display(),
+            "the data dir is readable by other users (its logs, databases and stored events too); left as it is, since it is not a directory of flotilla's own"
+        );
+    }
 }
 
 fn prepare_data_dir(dir: &Path) -> Result<PathBuf, Error> {
@@ -536,19 +531,9 @@ fn prepare_data_dir(dir: &Path) -> Result<PathBuf, Error> {
             source,
         })
     };
+    let existed = dir.is_dir();
     mk(dir)?;
-    // Only its owner may look inside: logs, databases and the broker's
-    // stored events are below it, and the umask (022) would leave them
-    // readable to every user of the machine.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
-            |source| Error::DataDir {
-                path: dir.to_path_buf(),
-                source,
-            },
-        )?;
-    }
+    private(dir, existed);
     mk(&dir.join("logs"))?;
     mk(&dir.join("data"))?;
     let dir = dir.canonicalize().map_err(|source| Error::DataDir {

@@ -388,6 +388,18 @@ fn up_status_down() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("stopped cli"));
+    // `down` returned once the runtime let go of the data dir, so an `up`
+    // right after would find it free.
+    let lock = std::fs::File::open(up.data.join("lock")).unwrap();
+    // SAFETY: flock(2) on a descriptor `lock` owns.
+    let taken = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&lock),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    assert_eq!(taken, 0, "the data dir is still locked after `down`");
+    drop(lock);
     let status = up.child.wait().unwrap();
     assert!(status.success(), "flotilla up exits 0 after down: {status}");
     for pid in pids {
