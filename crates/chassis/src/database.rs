@@ -193,11 +193,20 @@ async fn migrate_checked(
     migrator: &Migrator,
 ) -> Result<(), Failure> {
     let mut tx = (**conn).begin_with("BEGIN IMMEDIATE").await?;
+    let before = applied(&mut tx).await;
     // Inside the transaction sqlx applies each migration in a savepoint, so
     // the whole run is atomic and holds the write lock throughout.
     if let Err(e) = migrator.run(&mut *tx).await {
         let _ = tx.rollback().await;
         return Err(e.into());
+    }
+    // Nothing applied, nothing to check: a start with no new migration
+    // neither scans every child table nor refuses a database whose
+    // references were broken by hand (the sqlite3 shell has foreign keys
+    // off), which no migration could mend.
+    if applied(&mut tx).await == before {
+        tx.commit().await?;
+        return Ok(());
     }
     // Checked before committing, so a migration that breaks a reference is
     // refused whole instead of leaving rows no later statement could
@@ -228,6 +237,15 @@ async fn migrate_checked(
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// How many migrations the database has applied (none before the first
+/// run made sqlx's table).
+async fn applied(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&mut **tx)
+        .await
+        .unwrap_or(0)
 }
 
 async fn restore_foreign_keys(
@@ -415,6 +433,39 @@ mod tests {
                 .await
                 .unwrap();
         assert_eq!(tables, 0);
+    }
+
+    /// A reference broken outside any migration (by hand, in the sqlite3
+    /// shell, where foreign keys are off) does not stop a start that
+    /// applies nothing: no migration could mend it.
+    #[tokio::test]
+    async fn a_start_with_no_new_migration_does_not_check_references() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = migrator_of(
+            &tmp.path().join("migrations"),
+            &[("0001_orders.sql", ORDERS)],
+        )
+        .await;
+        let url = format!("sqlite://{}/x.db", tmp.path().display());
+        open_sqlite(&url, &m).await.unwrap().close().await;
+        let by_hand = SqlitePool::connect_with(
+            url.parse::<sqlx::sqlite::SqliteConnectOptions>()
+                .unwrap()
+                .foreign_keys(false),
+        )
+        .await
+        .unwrap();
+        sqlx::query("DELETE FROM orders WHERE id = 'o1'")
+            .execute(&by_hand)
+            .await
+            .unwrap();
+        let dangling: i64 = sqlx::query_scalar("SELECT count(*) FROM pragma_foreign_key_check")
+            .fetch_one(&by_hand)
+            .await
+            .unwrap();
+        assert_eq!(dangling, 2, "the references are broken");
+        by_hand.close().await;
+        open_sqlite(&url, &m).await.unwrap();
     }
 
     #[tokio::test]

@@ -139,8 +139,8 @@ impl Event {
     /// Checks the rules the broker enforces before it takes an event:
     /// non-empty `id`, `source` and `type`, valid extension names and
     /// values, an RFC 3339 `time`, and keys it can partition a stream or
-    /// group a FIFO queue by: `partitionkey` (the default key attribute)
-    /// and `id` (the key when the event has none) at most 256 bytes, with
+    /// group a FIFO queue by: `partitionkey` (the default key attribute),
+    /// or `id` when there is none (then the key), at most 256 bytes, with
     /// no control characters. A key attribute the manifest names instead
     /// (`partition_key`, `group_by`) must keep to the same rule.
     ///
@@ -158,9 +158,12 @@ impl Event {
                 )));
             }
         }
-        check_key("id", &self.id)?;
-        if let Some(Value::String(key)) = self.extensions.get(PARTITION_KEY) {
-            check_key(PARTITION_KEY, key)?;
+        // The key the broker would use: `partitionkey` when there is one
+        // (checked whether or not a stream reads it: the chassis cannot
+        // tell), else `id`, which the broker judges only then.
+        match self.extensions.get(PARTITION_KEY) {
+            Some(Value::String(key)) => check_key(PARTITION_KEY, key)?,
+            _ => check_key("id", &self.id)?,
         }
         Ok(())
     }
@@ -500,6 +503,9 @@ mod tests {
         long_id.id = "i".repeat(257);
         let err = long_id.validate().unwrap_err();
         assert!(err.to_string().contains("`id`"), "{err}");
+        // With a partition key, the id is no key: the broker takes it long.
+        let keyed = long_id.with_extension("partitionkey", "c-42").unwrap();
+        assert!(keyed.validate().is_ok());
         // Another extension is not a key unless the manifest says so: the
         // broker takes it at any length.
         assert!(

@@ -62,7 +62,7 @@ async fn drain_deadline_bounds_the_wait() {
     let release = Arc::new(Notify::new());
     let mut server = start(
         "it-deadline",
-        &[("FLOTILLA_DRAIN_SECONDS", "5")],
+        &[("FLOTILLA_DRAIN_SECONDS", "10")],
         held(started_tx, release),
     )
     .await;
@@ -73,16 +73,17 @@ async fn drain_deadline_bounds_the_wait() {
     let begun = Instant::now();
     server.trigger_stop();
     // Never released: serve_until must still return, after four fifths
-    // of the 5 s, leaving the last second for cleanup before SIGKILL.
-    tokio::time::timeout(Duration::from_secs(10), &mut server.task)
+    // of the 10 s, leaving the last two for cleanup before SIGKILL.
+    tokio::time::timeout(Duration::from_secs(20), &mut server.task)
         .await
         .expect("serve_until returned within the deadline")
         .unwrap()
         .unwrap();
     // Not a measure of speed: whether it waited for the requests at all
-    // (at least their 4 s), and whether it left the cleanup its second
-    // (it returned before the whole budget had passed).
+    // (at least their 8 s), and whether it left the cleanup its share (it
+    // returned before the whole budget had passed; 2 s is room enough for
+    // a loaded machine).
     let took = begun.elapsed();
-    assert!(took >= Duration::from_millis(3900), "{took:?}");
-    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(took >= Duration::from_millis(7900), "{took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
 }
