@@ -410,6 +410,9 @@ pub struct Policy {
     callee: SpiffeId,
     mode: Mode,
     rules: Vec<Rule>,
+    /// Whether any rule denies: only then is the path decoded and folded
+    /// for them, on every call.
+    denies: bool,
 }
 
 fn parse_methods(context: &str, methods: &[String]) -> Result<Option<Vec<Method>>, AclError> {
@@ -582,6 +585,7 @@ impl Policy {
         Ok(Policy {
             callee: callee.clone(),
             mode: spec.mode,
+            denies: rules.iter().any(|r| r.effect == Effect::Deny),
             rules,
         })
     }
@@ -623,7 +627,11 @@ impl Policy {
         if !caller.same_namespace(&self.callee) {
             return (ReasonCode::ForeignIdentity, None, Some(path));
         }
-        let folded = decoded(&path).to_ascii_lowercase();
+        let folded = if self.denies {
+            decoded(&path).to_ascii_lowercase()
+        } else {
+            String::new()
+        };
         let winner = self
             .rules
             .iter()
@@ -783,10 +791,10 @@ fn decode_segment(segment: &str) -> Result<String, PathProblem> {
 /// framework routes on, for deny rules. Non-UTF-8 bytes become U+FFFD,
 /// which no pattern names. (A pattern cannot hold `%`, so a `%25` decoded
 /// to `%` cannot start a second round of decoding that matters.)
-fn decoded(path: &str) -> String {
+fn decoded(path: &str) -> std::borrow::Cow<'_, str> {
     let bytes = path.as_bytes();
     if !bytes.contains(&b'%') {
-        return path.to_string();
+        return std::borrow::Cow::Borrowed(path);
     }
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -807,7 +815,7 @@ fn decoded(path: &str) -> String {
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Normalises a request target's path for matching (see the module
