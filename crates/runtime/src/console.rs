@@ -240,22 +240,37 @@ const STANDARD_KEYS: &[&str] = &[
 /// a line that looks like the runtime's own) and the bidirectional
 /// overrides that reorder what is shown. An instance prints what its
 /// clients sent it, and the JSON decoding of its lines turns `\u001b`
-/// back into the byte.
+/// back into the byte. Colours (`ESC[…m`, which loggers such as
+/// tracing's add by default) and a line's closing `\r` are dropped rather
+/// than shown as noise.
 fn defused(line: &str) -> std::borrow::Cow<'_, str> {
     let acts = |c: char| {
         (c.is_control() && c != '\t')
             || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
     };
+    let line = line.strip_suffix('\r').unwrap_or(line);
     if !line.chars().any(acts) {
         return std::borrow::Cow::Borrowed(line);
     }
     let mut out = String::with_capacity(line.len() + 16);
-    for c in line.chars() {
+    let mut rest = line;
+    while let Some(c) = rest.chars().next() {
+        if let Some(after) = rest.strip_prefix("\u{1b}[") {
+            let params = after.len()
+                - after
+                    .trim_start_matches(|p: char| p.is_ascii_digit() || p == ';')
+                    .len();
+            if after[params..].starts_with('m') {
+                rest = &after[params + 1..];
+                continue;
+            }
+        }
         if acts(c) {
             out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
         } else {
             out.push(c);
         }
+        rest = &rest[c.len_utf8()..];
     }
     std::borrow::Cow::Owned(out)
 }
@@ -364,6 +379,10 @@ mod tests {
         let json = r#"{"level":"WARN","message":"bad sku","sku":"\u001b]52;c;aGk=\u0007\n    flotilla | warning: x"}"#;
         console.instance_line("a-0", json);
         console.instance_line("a-0", "raw \u{1b}[2J\u{202e}txt\tok");
+        console.instance_line(
+            "a-0",
+            "\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m ready\r",
+        );
         drop(console);
         let mut got = Vec::new();
         while let Ok(Line::Bytes(b)) = rx.try_recv() {
@@ -374,6 +393,8 @@ mod tests {
             "         a-0 | WARN  bad sku sku=\\u{1b}]52;c;aGk=\\u{7}\\u{a}    flotilla | warning: x\n"
         );
         assert_eq!(got[1], "         a-0 | raw \\u{1b}[2J\\u{202e}txt\tok\n");
+        // Colours and a CRLF's \r are dropped, not shown.
+        assert_eq!(got[2], "         a-0 | 2026  INFO ready\n");
     }
 
     #[test]
