@@ -440,18 +440,6 @@ fn event_name(ctx: &mut Ctx<'_>, key: &Spanned<String>, kind: Kind, names: &Name
     true
 }
 
-/// A duration within `min..=max` (`range` says it in words).
-fn duration_within(
-    ctx: &mut Ctx<'_>,
-    value: &Spanned<String>,
-    key: &str,
-    min: Duration,
-    max: Duration,
-    range: &str,
-) -> Option<Duration> {
-    ctx.duration_in(value, key, (min, max), range)
-}
-
 fn queue(ctx: &mut Ctx<'_>, name: &str, raw: &Spanned<RawQueue>, names: &Names) -> Option<Queue> {
     let raw = raw.get_ref();
     let before = ctx.errors.len();
@@ -474,12 +462,10 @@ fn queue(ctx: &mut Ctx<'_>, name: &str, raw: &Spanned<RawQueue>, names: &Names) 
         Some(g) => attribute(ctx, g, "group_by"),
     };
     let visibility_timeout = raw.visibility_timeout.as_ref().and_then(|v| {
-        duration_within(
-            ctx,
+        ctx.duration_in(
             v,
             "visibility_timeout",
-            Duration::ZERO,
-            MAX_VISIBILITY,
+            (Duration::ZERO, MAX_VISIBILITY),
             "0s to 12h",
         )
     });
@@ -538,19 +524,17 @@ fn queue(ctx: &mut Ctx<'_>, name: &str, raw: &Spanned<RawQueue>, names: &Names) 
         }
     };
     let retention = raw.retention.as_ref().and_then(|r| {
-        duration_within(
-            ctx,
+        ctx.duration_in(
             r,
             "retention",
-            MIN_QUEUE_RETENTION,
-            MAX_QUEUE_RETENTION,
+            (MIN_QUEUE_RETENTION, MAX_QUEUE_RETENTION),
             "60s to 14d",
         )
     });
     let delay = raw
         .delay
         .as_ref()
-        .and_then(|d| duration_within(ctx, d, "delay", Duration::ZERO, MAX_DELAY, "0s to 900s"));
+        .and_then(|d| ctx.duration_in(d, "delay", (Duration::ZERO, MAX_DELAY), "0s to 900s"));
     let subscribe = raw
         .subscribe
         .as_ref()
@@ -591,12 +575,10 @@ fn stream(
         Some(p) => ctx.count(p, "partitions", 1, MAX_PARTITIONS),
     };
     let retention = raw.retention.as_ref().and_then(|r| {
-        duration_within(
-            ctx,
+        ctx.duration_in(
             r,
             "retention",
-            MIN_STREAM_RETENTION,
-            MAX_STREAM_RETENTION,
+            (MIN_STREAM_RETENTION, MAX_STREAM_RETENTION),
             "1h to 7d",
         )
     });
@@ -942,12 +924,10 @@ fn deliver(
     };
     let timeout = match &raw.timeout {
         None => Some(DEFAULT_DELIVER_TIMEOUT),
-        Some(t) => duration_within(
-            ctx,
+        Some(t) => ctx.duration_in(
             t,
             "timeout",
-            MIN_DELIVER_TIMEOUT,
-            MAX_DELIVER_TIMEOUT,
+            (MIN_DELIVER_TIMEOUT, MAX_DELIVER_TIMEOUT),
             "1s to 15m",
         ),
     };
