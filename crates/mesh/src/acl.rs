@@ -790,32 +790,10 @@ fn decode_segment(segment: &str) -> Result<String, PathProblem> {
 /// A normalised path with the escapes it kept decoded: what a service's
 /// framework routes on, for deny rules. Non-UTF-8 bytes become U+FFFD,
 /// which no pattern names. (A pattern cannot hold `%`, so a `%25` decoded
-/// to `%` cannot start a second round of decoding that matters.)
+/// to `%` cannot start a second round of decoding that matters.) The
+/// decoder axum's `Path` uses, so the two agree on what a path means.
 fn decoded(path: &str) -> std::borrow::Cow<'_, str> {
-    let bytes = path.as_bytes();
-    if !bytes.contains(&b'%') {
-        return std::borrow::Cow::Borrowed(path);
-    }
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        // `normalize_path` left only well-formed escapes.
-        match (
-            bytes[i],
-            bytes.get(i + 1).copied().and_then(hex),
-            bytes.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push(hi * 16 + lo);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+    percent_encoding::percent_decode_str(path).decode_utf8_lossy()
 }
 
 /// Normalises a request target's path for matching (see the module
