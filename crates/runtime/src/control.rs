@@ -29,7 +29,7 @@ use flotilla_gateway::{CachePurged, Gateway};
 use flotilla_mesh::identity::{BROKER, OPERATOR, RUNTIME};
 use flotilla_mesh::{ExpectedPeer, Identity, IdentityFiles};
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -42,6 +42,17 @@ use crate::pool::Status;
 
 /// How long a peer of the control API has to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many connections the console serves at once; more wait in the
+/// listen backlog. Any local user can reach the console, and each
+/// connection holds a file descriptor of the process that also runs the
+/// gateway and supervises every instance.
+const CONSOLE_CONNECTIONS: usize = 64;
+
+/// How long a console client has to send a request's head (and how long an
+/// idle keep-alive connection is kept), so that connections that never
+/// finish one do not hold the slots above for good.
+const CONSOLE_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the control API serves from.
 pub(crate) trait StatusSource: Send + Sync + 'static {
@@ -213,6 +224,56 @@ pub(crate) async fn serve_mtls(
             };
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
+                .await;
+        });
+    }
+}
+
+/// Serves the console (plain HTTP, loopback) until `stop`: at most
+/// [`CONSOLE_CONNECTIONS`] at once, each closed if a request's head takes
+/// longer than [`CONSOLE_HEADER_TIMEOUT`]. `axum::serve` has neither limit.
+/// At `stop` the open connections are dropped: the console's answers are
+/// small and read-only, so there is nothing to drain.
+pub(crate) async fn serve_console(
+    listener: TcpListener,
+    console: Router,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONSOLE_CONNECTIONS));
+    let mut connections = tokio::task::JoinSet::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(CONSOLE_HEADER_TIMEOUT);
+    let builder = Arc::new(builder);
+    loop {
+        while connections.try_join_next().is_some() {}
+        let accepted = tokio::select! {
+            accepted = async {
+                // The slot first: past the cap, connections wait in the
+                // backlog rather than being accepted and left unserved.
+                let slot = Arc::clone(&slots).acquire_owned().await;
+                (slot, listener.accept().await)
+            } => accepted,
+            () = async {
+                let _ = stop.wait_for(|s| *s).await;
+            } => return,
+        };
+        let (slot, tcp) = match accepted {
+            (Ok(slot), Ok((tcp, _))) => (slot, tcp),
+            (Err(_), _) => return,
+            (_, Err(e)) => {
+                tracing::warn!("console: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (builder, console) = (Arc::clone(&builder), console.clone());
+        connections.spawn(async move {
+            let _slot = slot;
+            let _ = builder
+                .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(console))
                 .await;
         });
     }

@@ -328,14 +328,11 @@ impl System {
         )));
         let console_router =
             control::console_router(Arc::clone(&registry) as Arc<dyn StatusSource>);
-        let mut console_stop = stop_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let _ = axum::serve(console_listener, console_router)
-                .with_graceful_shutdown(async move {
-                    let _ = console_stop.wait_for(|s| *s).await;
-                })
-                .await;
-        }));
+        tasks.push(tokio::spawn(control::serve_console(
+            console_listener,
+            console_router,
+            stop_rx.clone(),
+        )));
 
         for (name, (listener, _)) in listeners {
             let pool = Arc::clone(&registry.pools[&name]);
@@ -742,5 +739,34 @@ fn print_ready(endpoints: &Endpoints, status: &Status, took: Duration, build: Du
             s.max,
             s.address.trim_start_matches("https://"),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::private;
+
+    fn mode(path: &std::path::Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn an_existing_data_dir_of_the_users_is_made_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Made before this run, owned by this user, neither HOME nor the
+        // current directory: flotilla's own, so made 0700.
+        private(&data, true);
+        assert_eq!(mode(&data), 0o700);
+        // One that is already private keeps its mode (0500 is the owner's
+        // choice, not widened to 0700).
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o500)).unwrap();
+        private(&data, true);
+        assert_eq!(mode(&data), 0o500);
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
     }
 }

@@ -439,3 +439,65 @@ async fn the_control_api_answers_only_the_operator() {
     assert_eq!(purge.status(), 404, "nor purge the gateway's cache");
     h.stop().await;
 }
+
+/// Any local user reaches the console, and every connection it holds is a
+/// file descriptor of the process that runs the gateway: it serves 64 at
+/// once, and closes one that sends no whole request head within 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_holds_64_connections_and_closes_silent_ones() {
+    let h = start(TWO).await;
+    let endpoints = Endpoints::read(h.system().data_dir()).unwrap();
+    let console = endpoints.console.trim_start_matches("http://").to_string();
+
+    // 64 connections that start a request head and never finish it (std
+    // sockets: their state is read below with a plain non-blocking read).
+    let mut silent = Vec::new();
+    for _ in 0..64 {
+        let mut tcp = std::net::TcpStream::connect(&console).unwrap();
+        std::io::Write::write_all(&mut tcp, b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            .unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        silent.push(tcp);
+    }
+    // Whether the console has closed `tcp` (end of stream, or reset).
+    let closed = |mut tcp: &std::net::TcpStream| {
+        let mut buf = [0u8; 512];
+        loop {
+            match std::io::Read::read(&mut tcp, &mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+                Err(_) => return true,
+            }
+        }
+    };
+    // A 65th with a whole request waits for one of them to go.
+    let mut tcp = tokio::net::TcpStream::connect(&console).await.unwrap();
+    tcp.write_all(b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), tcp.read_to_end(&mut answer))
+        .await
+        .expect("the 65th connection was never answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The console closed a silent one (its end of stream is here: on
+    // loopback it arrives as the console closes) before it took the 65th.
+    let already = silent.iter().filter(|tcp| closed(tcp)).count();
+    assert!(
+        already >= 1,
+        "the 65th connection was served while 64 others were held"
+    );
+    // Every one of them is closed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !silent.iter().all(closed) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "silent connections left open after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.stop().await;
+}
