@@ -51,6 +51,14 @@ const RUNTIME_ENV: [&str; 4] = [
     "OTEL_SERVICE_NAME",
     "OTEL_RESOURCE_ATTRIBUTES",
 ];
+/// Whether the runtime owns the environment variable `name`: a service's
+/// `env` cannot set it, and an instance never inherits it from flotilla's
+/// own environment (a `DATABASE_URL` in the developer's shell is not the
+/// database of a service with `data = "none"`).
+pub fn set_by_runtime(name: &str) -> bool {
+    name.starts_with("FLOTILLA_") || RUNTIME_ENV.contains(&name)
+}
+
 /// Paths the gateway answers itself.
 const RESERVED_PATHS: [&str; 1] = ["/healthz"];
 const SECOND: Duration = Duration::from_secs(1);
@@ -709,7 +717,7 @@ fn service(
                 format!("`{key}` is not a valid environment variable name"),
                 Some("use letters, digits and `_`, not starting with a digit".into()),
             );
-        } else if key.starts_with("FLOTILLA_") || RUNTIME_ENV.contains(&key.as_str()) {
+        } else if set_by_runtime(key) {
             ctx.error(
                 k.span(),
                 format!("`{key}` is set by the runtime and cannot be overridden"),

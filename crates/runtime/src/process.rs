@@ -106,6 +106,15 @@ impl Proc {
         console: Arc<Console>,
     ) -> io::Result<Proc> {
         let mut cmd = Command::new(&launch.program);
+        // The runtime's own variables come from the runtime alone: one in
+        // flotilla's environment (a `DATABASE_URL` or `FLOTILLA_URL_*` left
+        // in the developer's shell) would reach the instances the runtime
+        // sets no value for, as a database or a peer they do not have.
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_some_and(flotilla_manifest::set_by_runtime) {
+                cmd.env_remove(&name);
+            }
+        }
         cmd.args(&launch.args)
             .current_dir(&launch.dir)
             .envs(
