@@ -357,12 +357,16 @@ async fn up(manifest: Manifest, options: Options) -> ExitCode {
     // Listened for before anything starts: Ctrl-C while the system starts
     // would otherwise kill `flotilla` at once, and what its instances had
     // started themselves (a wrapper's server) would be left running.
-    let (mut interrupt, mut sigterm) = match (
+    // A hangup (the terminal or SSH session that ran `flotilla up` closed)
+    // stops the system as SIGTERM does: its default action would kill
+    // `flotilla` with no drain, and leave what wrappers started running.
+    let (mut interrupt, mut sigterm, mut hangup) = match (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
     ) {
-        (Ok(i), Ok(t)) => (i, t),
-        (Err(e), _) | (_, Err(e)) => return fail(&e),
+        (Ok(i), Ok(t), Ok(h)) => (i, t, h),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return fail(&e),
     };
     let system = tokio::select! {
         started = System::start(manifest, options) => match started {
@@ -371,10 +375,12 @@ async fn up(manifest: Manifest, options: Options) -> ExitCode {
         },
         _ = interrupt.recv() => return interrupted("while starting"),
         _ = sigterm.recv() => return interrupted("while starting"),
+        _ = hangup.recv() => return interrupted("while starting"),
     };
     tokio::select! {
         _ = interrupt.recv() => {}
         _ = sigterm.recv() => {}
+        _ = hangup.recv() => {}
         _ = system.shutdown_requested() => {}
     }
     out!("stopping (Ctrl-C again to kill the instances at once)");

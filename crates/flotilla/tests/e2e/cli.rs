@@ -198,6 +198,10 @@ fn up_with(dir: tempfile::TempDir, manifest: PathBuf) -> Up {
         .arg("--data-dir")
         .arg(&data)
         .arg("--quiet")
+        // Left in a developer's shell: no instance inherits the runtime's
+        // names (`up_status_down` looks).
+        .env("DATABASE_URL", "postgres://leaked/db")
+        .env("FLOTILLA_URL_LEAKED", "https://leaked:1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -304,6 +308,21 @@ fn up_status_down() {
     let endpoints = wait_for_endpoints(&mut up);
     let pids = instance_pids(&endpoints);
     assert_eq!(pids.len(), 2, "{endpoints}");
+    for &pid in &pids {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let environ = String::from_utf8_lossy(&environ);
+        let names: Vec<&str> = environ
+            .split('\0')
+            .filter_map(|kv| kv.split_once('=').map(|(k, _)| k))
+            .collect();
+        assert!(names.contains(&"FLOTILLA_SERVICE"), "{names:?}");
+        for leaked in ["DATABASE_URL", "FLOTILLA_URL_LEAKED"] {
+            assert!(
+                !names.contains(&leaked),
+                "instance {pid} inherited {leaked}"
+            );
+        }
+    }
     assert!(
         endpoints["gateway"]
             .as_str()
@@ -351,6 +370,18 @@ fn up_status_down() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A name the operator mistyped, with characters a path cannot hold as
+    // they are, is asked for as one path segment: the broker says there is
+    // no such queue, not that the runtime did not answer.
+    let out = flotilla()
+        .args(["redrive", "q dlq/../q?x", "--data-dir"])
+        .arg(&up.data)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("404"), "{said}");
+    assert!(!said.contains("not answer"), "{said}");
 
     // The gateway keeps /cached/**: kept, then purged by the CLI, then
     // fetched again.
@@ -431,25 +462,24 @@ fn no_orphans_after_kill_nine() {
     );
 }
 
-/// Ctrl-C while the system starts (an instance not ready yet) stops
-/// `flotilla` with 130 and takes what its instances started themselves
-/// with them: without its own handler, SIGINT killed `flotilla` at once,
-/// and only its direct children died with it.
-#[test]
-fn ctrl_c_while_starting_leaves_nothing_running() {
+/// `flotilla up` of system `name`, whose one service is a shell wrapper
+/// that starts a process of its own (`sleep 600`) and then execs the hello
+/// service, with `extra` lines in its section; and that process's pid once
+/// it runs.
+fn up_with_a_wrapper(name: &str, extra: &str) -> (Up, u32) {
     let dir = tempfile::tempdir().unwrap();
     let helper = dir.path().join("helper.pid");
     let manifest = dir.path().join("flotilla.toml");
     std::fs::write(
         &manifest,
         format!(
-            "name = \"interrupted\"\n[gateway]\nlisten = \"127.0.0.1:0\"\n[services.hello]\nrun = {{ command = [\"sh\", \"-c\", \"sleep 600 & echo $! > {}; exec python3 {}\"] }}\nenv = {{ NEVER_READY = \"1\" }}\nready_timeout = \"60s\"\n",
+            "name = \"{name}\"\n[gateway]\nlisten = \"127.0.0.1:0\"\n[services.hello]\nrun = {{ command = [\"sh\", \"-c\", \"sleep 600 & echo $! > {}; exec python3 {}\"] }}\n{extra}",
             helper.display(),
             flotilla_testkit::hello_py().display()
         ),
     )
     .unwrap();
-    let mut up = up_with(dir, manifest);
+    let up = up_with(dir, manifest);
     wait_until("the instance's helper", Duration::from_secs(30), || {
         std::fs::read_to_string(&helper).is_ok_and(|s| s.ends_with('\n'))
     });
@@ -459,17 +489,53 @@ fn ctrl_c_while_starting_leaves_nothing_running() {
         .parse()
         .unwrap();
     assert!(alive(helper_pid));
+    (up, helper_pid)
+}
+
+/// Sends `signal` to `up`; how it exited, once the wrapper's own process
+/// has gone too.
+fn signalled(
+    up: &mut Up,
+    signal: libc::c_int,
+    helper_pid: u32,
+    what: &str,
+) -> std::process::ExitStatus {
     // SAFETY: kill(2) of the child this test started.
     unsafe {
-        libc::kill(up.child.id() as libc::pid_t, libc::SIGINT);
+        libc::kill(up.child.id() as libc::pid_t, signal);
     }
-    let status = exited(&mut up, "stop on Ctrl-C");
-    assert_eq!(status.code(), Some(130), "{status}");
+    let status = exited(up, what);
     wait_until(
         "what the instance started to stop",
         Duration::from_secs(10),
         || !alive(helper_pid),
     );
+    status
+}
+
+/// Ctrl-C while the system starts (an instance not ready yet) stops
+/// `flotilla` with 130 and takes what its instances started themselves
+/// with them: without its own handler, SIGINT killed `flotilla` at once,
+/// and only its direct children died with it.
+#[test]
+fn ctrl_c_while_starting_leaves_nothing_running() {
+    let (mut up, helper_pid) = up_with_a_wrapper(
+        "interrupted",
+        "env = { NEVER_READY = \"1\" }\nready_timeout = \"60s\"\n",
+    );
+    let status = signalled(&mut up, libc::SIGINT, helper_pid, "stop on Ctrl-C");
+    assert_eq!(status.code(), Some(130), "{status}");
+}
+
+/// The terminal or SSH session that ran `flotilla up` closing (SIGHUP)
+/// stops the system as Ctrl-C does: by default the signal would kill
+/// `flotilla` alone, and what a wrapper started would be left running.
+#[test]
+fn a_hangup_stops_the_system_gracefully() {
+    let (mut up, helper_pid) = up_with_a_wrapper("hungup", "");
+    wait_for_endpoints(&mut up);
+    let status = signalled(&mut up, libc::SIGHUP, helper_pid, "stop on a hangup");
+    assert!(status.success(), "{status}");
 }
 
 #[test]
