@@ -13,7 +13,8 @@
 //! not acked: it becomes visible again after the queue's visibility
 //! timeout and, after `max_receives` tries, moves to `notifications-dlq`.
 //! One whose event cannot be read at all (binary data from some other
-//! publisher) never will be, so it is released at once instead, which
+//! publisher), or whose data is not an order that ended, never will be, so
+//! it is released at once instead, which
 //! spends those tries without waiting and moves it to the dead-letter queue
 //! within a moment, where someone can look at it.
 
@@ -47,6 +48,11 @@ pub enum Applied {
 
 /// Applies one event: inbox claim and message, in one transaction.
 pub async fn apply(db: &SqlitePool, event: &Event) -> Result<Applied, flotilla_chassis::Error> {
+    // The type first: an event of another type (a filter widened by
+    // mistake) is ignored, not read as an order that ended and failed.
+    if !store::KINDS.contains(&event.ty.as_str()) {
+        return Ok(Applied::Ignored);
+    }
     let order: OrderEnded = event.data_as()?;
     let Some(message) = store::message(&event.ty, &order) else {
         return Ok(Applied::Ignored);
@@ -122,6 +128,17 @@ pub async fn run(broker: Broker, db: SqlitePool, mut stop: watch::Receiver<bool>
                         // the inbox will recognise it. Anything else: the
                         // same, after the visibility timeout.
                         tracing::warn!(id = %event.id, error = %flotilla_chassis::error_chain(&e), "ack failed; the message will come back and be recognised");
+                    }
+                }
+                // Data that does not read as an order that ended never
+                // will: released at once, like an unreadable event, so it
+                // reaches the dead-letter queue in moments rather than
+                // after `max_receives` visibility timeouts of errors.
+                Err(e @ flotilla_chassis::Error::EventData { .. }) => {
+                    tracing::error!(id = %event.id, ty = %event.ty, receive_count = message.receive_count, error = %flotilla_chassis::error_chain(&e), "cannot read the event's data; releasing it towards the dead-letter queue");
+                    metrics::counter!("shop_notifications_events_total", "outcome" => "undecodable").increment(1);
+                    if let Err(e) = broker.release(QUEUE, &message.receipt).await {
+                        tracing::warn!(id = %event.id, error = %flotilla_chassis::error_chain(&e), "release failed; the message comes back after its visibility timeout");
                     }
                 }
                 Err(e) => {
@@ -217,13 +234,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unreadable_data_is_an_error_so_the_message_is_not_acked() {
+    async fn unreadable_data_is_an_event_data_error_so_the_message_is_released() {
         let db = db().await;
         let bad: Event = serde_json::from_value(json!({
             "specversion": "1.0", "id": "e-1", "source": "/orders",
             "type": "order.confirmed", "data": {"nope": 1}
         }))
         .unwrap();
-        assert!(apply(&db, &bad).await.is_err());
+        let err = apply(&db, &bad).await.unwrap_err();
+        assert!(
+            matches!(err, flotilla_chassis::Error::EventData { .. }),
+            "{err}"
+        );
+        // Another type is ignored whatever its data.
+        let other: Event = serde_json::from_value(json!({
+            "specversion": "1.0", "id": "e-2", "source": "/orders",
+            "type": "order.placed", "data": {"nope": 1}
+        }))
+        .unwrap();
+        assert_eq!(apply(&db, &other).await.unwrap(), Applied::Ignored);
     }
 }

@@ -45,6 +45,9 @@ fn reference(order_id: &str) -> &str {
     order_id.get(..8).unwrap_or(order_id)
 }
 
+/// The event types a customer is told about.
+pub const KINDS: [&str; 2] = ["order.confirmed", "order.cancelled"];
+
 /// The message for an order event of type `kind`, `None` for types
 /// notifications does not tell customers about.
 pub fn message(kind: &str, order: &OrderEnded) -> Option<String> {
