@@ -22,6 +22,11 @@ pub enum Decline {
     /// Not a card number at all: wrong length, not digits, or a failing
     /// Luhn check digit.
     InvalidCard,
+    /// A negative amount: nothing a processor would charge (or refund
+    /// through a charge).
+    InvalidAmount,
+    /// Not an ISO 4217 code (three upper-case letters).
+    InvalidCurrency,
 }
 
 impl Decline {
@@ -31,6 +36,8 @@ impl Decline {
             Decline::CardDeclined => "card_declined",
             Decline::InsufficientFunds => "insufficient_funds",
             Decline::InvalidCard => "invalid_card",
+            Decline::InvalidAmount => "invalid_amount",
+            Decline::InvalidCurrency => "invalid_currency",
         }
     }
 }

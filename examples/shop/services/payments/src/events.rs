@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::SqliteConnection;
 
 use crate::AppState;
-use crate::store::{self, ChargeRequest, Outcome};
+use crate::store::{self, Charge, ChargeRequest, Outcome};
 
 /// This service's name: the events' `source` is `/payments`.
 pub const SERVICE: &str = "payments";
@@ -61,12 +61,13 @@ struct Failed<'a> {
     reason: &'a str,
 }
 
-/// Charges the order (once) and enqueues the result, on `tx`. Separate
-/// from the handler so the tests drive it without HTTP.
+/// Charges the order (once) and enqueues the result, on `tx`: the charge
+/// made, `None` if the order had one. Separate from the handler so the
+/// tests drive it without HTTP.
 pub async fn on_reserved(
     tx: &mut SqliteConnection,
     reserved: &Reserved,
-) -> Result<&'static str, ApiError> {
+) -> Result<Option<Charge>, ApiError> {
     let request = ChargeRequest {
         order_id: &reserved.order_id,
         customer: &reserved.customer,
@@ -76,13 +77,12 @@ pub async fn on_reserved(
     };
     let charge = match store::charge(tx, &request).await? {
         Outcome::New(charge) => charge,
-        Outcome::AlreadyCharged(_) => return Ok("unchanged"),
+        Outcome::AlreadyCharged(_) => return Ok(None),
     };
     let (order, customer) = (charge.order_id.as_str(), charge.customer.as_str());
-    let (ty, outcome, data) = match charge.reason.as_deref() {
+    let (ty, data) = match charge.reason.as_deref() {
         None => (
             "payment.succeeded",
-            "succeeded",
             serde_json::to_value(Succeeded {
                 order_id: order,
                 customer,
@@ -93,7 +93,6 @@ pub async fn on_reserved(
         ),
         Some(reason) => (
             "payment.failed",
-            "failed",
             serde_json::to_value(Failed {
                 order_id: order,
                 customer,
@@ -107,9 +106,7 @@ pub async fn on_reserved(
         .with_extension("customer", customer)?
         .with_extension("orderid", order)?;
     flotilla_chassis::outbox::enqueue(tx, TOPIC, &event).await?;
-    tracing::info!(order, charge = %charge.id, outcome, reason = charge.reason.as_deref(), "charged");
-    metrics::counter!("shop_payments_charges_total", "outcome" => outcome).increment(1);
-    Ok(outcome)
+    Ok(Some(charge))
 }
 
 /// `POST /events/stock`: `stock.reserved`.
@@ -126,9 +123,21 @@ pub async fn stock(
         on_reserved(tx, &reserved).await
     })
     .await?;
-    let Some(outcome) = handled else {
+    let Some(charged) = handled else {
         return Ok(Handled::DUPLICATE);
     };
+    let Some(charge) = charged else {
+        return Ok(Handled::new("unchanged"));
+    };
+    // Told once the charge committed: a commit that failed is redelivered,
+    // and would otherwise be counted twice.
+    let outcome = if charge.reason.is_none() {
+        "succeeded"
+    } else {
+        "failed"
+    };
+    tracing::info!(order = %charge.order_id, charge = %charge.id, outcome, reason = charge.reason.as_deref(), "charged");
+    metrics::counter!("shop_payments_charges_total", "outcome" => outcome).increment(1);
     if let Some(relay) = &state.relay {
         relay.notify();
     }

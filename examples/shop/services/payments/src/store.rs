@@ -54,8 +54,11 @@ pub async fn charge(
     if let Some(existing) = by_order(conn, request.order_id).await? {
         return Ok(Outcome::AlreadyCharged(existing));
     }
+    let currency = request.currency;
     let decision = if request.amount_cents < 0 {
-        Err(Decline::InvalidCard)
+        Err(Decline::InvalidAmount)
+    } else if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        Err(Decline::InvalidCurrency)
     } else {
         card::authorize(request.payment_token)
     };
@@ -63,6 +66,8 @@ pub async fn charge(
         id: format!("ch_{}", uuid::Uuid::new_v4().simple()),
         order_id: request.order_id.to_owned(),
         customer: request.customer.to_owned(),
+        // Stored as 0 when negative (the table refuses less), declined
+        // with `invalid_amount`, which says what it was.
         amount_cents: request.amount_cents.max(0),
         currency: request.currency.to_owned(),
         card_last4: card::last4(request.payment_token),
@@ -174,6 +179,36 @@ mod tests {
             };
             assert_eq!(c.status, "failed");
             assert_eq!(c.reason.as_deref(), Some(reason));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_negative_amount_or_a_currency_that_is_no_code_is_declined_as_such() {
+        let db = db().await;
+        let negative = ChargeRequest {
+            amount_cents: -5,
+            ..request("o-1", "4242 4242 4242 4242")
+        };
+        let Outcome::New(c) = charge_once(&db, &negative).await else {
+            panic!("expected a new charge")
+        };
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_deref()),
+            ("failed", Some("invalid_amount"))
+        );
+        for (order, currency) in [("o-2", "eur"), ("o-3", "EURO"), ("o-4", "")] {
+            let odd = ChargeRequest {
+                currency,
+                ..request(order, "4242 4242 4242 4242")
+            };
+            let Outcome::New(c) = charge_once(&db, &odd).await else {
+                panic!("expected a new charge")
+            };
+            assert_eq!(
+                c.reason.as_deref(),
+                Some("invalid_currency"),
+                "{currency:?}"
+            );
         }
     }
 
