@@ -19,11 +19,19 @@ pub fn document() -> Value {
                     "responses": {
                         "200": {"description": "The sales", "content": {"application/json": {"schema": {
                             "type": "object",
-                            "required": ["products", "units", "revenue_cents"],
+                            "required": ["products", "units", "revenue"],
                             "properties": {
                                 "products": {"type": "array", "items": {"$ref": "#/components/schemas/ProductSales"}},
                                 "units": {"type": "integer"},
-                                "revenue_cents": {"type": "integer"}
+                                "revenue": {
+                                    "description": "The revenue per currency (cents of different currencies are not added)",
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["currency", "revenue_cents"],
+                                        "properties": {"currency": {"type": "string"}, "revenue_cents": {"type": "integer"}}
+                                    }
+                                }
                             }
                         }}}}
                     }
