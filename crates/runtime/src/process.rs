@@ -356,6 +356,11 @@ impl LogFile {
 }
 
 /// Copies a child's output into its log file and the console, line by line.
+/// Its stdout and stderr share the file, so each pump writes whole lines
+/// only: a read ends anywhere (a block-buffered stdout, as Python's is when
+/// piped, is cut mid-line), and the other stream's lines would land inside
+/// this one's. A line longer than [`MAX_LINE`] is written in pieces, so
+/// what is held back stays bounded.
 async fn pump<R: AsyncRead + Unpin>(
     mut from: R,
     log: Arc<tokio::sync::Mutex<LogFile>>,
@@ -364,15 +369,24 @@ async fn pump<R: AsyncRead + Unpin>(
 ) {
     let mut buf = vec![0u8; 8192];
     let mut line: Vec<u8> = Vec::with_capacity(256);
+    let mut unwritten: Vec<u8> = Vec::with_capacity(8192);
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        {
+        unwritten.extend_from_slice(&buf[..n]);
+        let whole = match unwritten.iter().rposition(|&b| b == b'\n') {
+            Some(end) => end + 1,
+            None if unwritten.len() >= MAX_LINE => unwritten.len(),
+            None => 0,
+        };
+        if whole > 0 {
             let mut file = log.lock().await;
             // A full disk must not stop the service: the console still shows it.
-            let _ = file.write(&buf[..n]).await;
+            let _ = file.write(&unwritten[..whole]).await;
+            drop(file);
+            unwritten.drain(..whole);
         }
         for &b in &buf[..n] {
             if b == b'\n' {
@@ -386,10 +400,17 @@ async fn pump<R: AsyncRead + Unpin>(
     if !line.is_empty() {
         console.instance_line(&instance, &String::from_utf8_lossy(&line));
     }
+    let mut file = log.lock().await;
+    // The last line had no newline: given one, so that the other stream's
+    // next line does not go on from it.
+    if !unwritten.is_empty() {
+        unwritten.push(b'\n');
+        let _ = file.write(&unwritten).await;
+    }
     // A tokio file finishes a write in the background: without this the
     // last one (a panic message, say) may not be in the file yet when the
     // crash report reads it.
-    let _ = log.lock().await.flush().await;
+    let _ = file.flush().await;
 }
 
 #[cfg(test)]
@@ -425,6 +446,59 @@ mod tests {
             let written = std::fs::read_to_string(&path).unwrap_or_default();
             assert_eq!(written.as_bytes(), output, "run {i}");
         }
+    }
+
+    /// stdout and stderr share the log file; neither's lines are cut by the
+    /// other's, however their writes are split.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_streams_interleave_whole_lines_only() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("both.log");
+        let log = Arc::new(tokio::sync::Mutex::new(
+            LogFile::open(&path, MAX_LOG).await.unwrap(),
+        ));
+        let console = Arc::new(Console::new(false, false));
+        let mut pumps = Vec::new();
+        let mut writers = Vec::new();
+        for stream in ["out", "err"] {
+            let (mut tx, rx) = tokio::io::duplex(64);
+            pumps.push(tokio::spawn(pump(
+                rx,
+                Arc::clone(&log),
+                stream.into(),
+                Arc::clone(&console),
+            )));
+            writers.push(tokio::spawn(async move {
+                for i in 0..300 {
+                    let line = format!("{stream} line {i} of the {stream} stream\n");
+                    // In pieces, as a buffered stream's writes end anywhere.
+                    for piece in line.as_bytes().chunks(7) {
+                        tx.write_all(piece).await.unwrap();
+                        tokio::task::yield_now().await;
+                    }
+                }
+                // The last line has no newline.
+                tx.write_all(format!("{stream} end").as_bytes())
+                    .await
+                    .unwrap();
+            }));
+        }
+        for task in writers.into_iter().chain(pumps) {
+            task.await.unwrap();
+        }
+        let written = std::fs::read_to_string(&path).unwrap();
+        let mut counts = std::collections::HashMap::new();
+        assert!(written.ends_with('\n'), "{written}");
+        for line in written.lines() {
+            let stream = line.split(' ').next().unwrap_or_default();
+            let ok = line == format!("{stream} end")
+                || line.ends_with(&format!(" of the {stream} stream"));
+            assert!(ok, "a cut line: {line:?}");
+            *counts.entry(stream.to_string()).or_insert(0) += 1;
+        }
+        assert_eq!(counts["out"], 301, "{counts:?}");
+        assert_eq!(counts["err"], 301, "{counts:?}");
     }
 
     /// Past its size a log becomes `.log.1`, the one before it dropped;
