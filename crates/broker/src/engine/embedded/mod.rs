@@ -1220,7 +1220,7 @@ impl Engine for EmbeddedEngine {
             .request(|reply| Op::Move {
                 queue: qi,
                 seqs,
-                to: MoveTo::Redrive,
+                to: MoveTo::Redrive { now: now_ms() },
                 reply: Some(reply),
             })
             .await
@@ -1461,5 +1461,107 @@ impl Engine for EmbeddedEngine {
         if let Some(done) = self.inner.writer_done.lock().await.take() {
             let _ = done.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, EngineConfig};
+
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+
+    /// Opens an engine on `dir` with the given queues. The housekeeping
+    /// ticker's first sweep is five seconds away; the tests drive the
+    /// writer themselves, with the times they need.
+    async fn open(dir: &std::path::Path, queues: &[(&str, QueueConfig)]) -> EmbeddedEngine {
+        let mut config = Config {
+            engine: EngineConfig::Embedded(EmbeddedConfig {
+                dir: dir.join("data"),
+                ..EmbeddedConfig::default()
+            }),
+            ..Config::default()
+        };
+        for (name, q) in queues {
+            config.queues.insert((*name).into(), q.clone());
+        }
+        let topology = config.validate().expect("valid config");
+        let EngineConfig::Embedded(e) = &config.engine else {
+            unreachable!()
+        };
+        EmbeddedEngine::open(&topology, e).await.expect("open")
+    }
+
+    fn event(id: &str) -> CloudEvent {
+        CloudEvent::new(id, "/t", "t", &[], &serde_json::json!({})).expect("event")
+    }
+
+    /// Runs the retention sweep as the ticker would at `now`.
+    async fn sweep(e: &EmbeddedEngine, now: u64) {
+        while e
+            .inner
+            .request(|reply| Op::Sweep { now, reply })
+            .await
+            .expect("sweep")
+        {}
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redrive_restarts_retention() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let e = open(
+            dir.path(),
+            &[
+                (
+                    "src",
+                    QueueConfig {
+                        retention: Duration::from_millis(4 * DAY_MS),
+                        dead_letter: Some("dlq".into()),
+                        ..QueueConfig::default()
+                    },
+                ),
+                (
+                    "dlq",
+                    QueueConfig {
+                        retention: Duration::from_millis(14 * DAY_MS),
+                        ..QueueConfig::default()
+                    },
+                ),
+            ],
+        )
+        .await;
+        // Enqueued five days ago: dead-lettered (the DLQ keeps 14 days)
+        // and redriven today.
+        let src = e.inner.queue_idx("src").unwrap();
+        let item = e
+            .inner
+            .queue_append(src, &event("m"), None, now_ms() - 5 * DAY_MS)
+            .unwrap();
+        e.inner.append(vec![item], 1).await.unwrap();
+        let got = e.receive("src", ReceiveRequest::default()).await.unwrap();
+        assert_eq!(got.len(), 1);
+        e.dead_letter("src", &got[0].receipt).await.unwrap();
+        let before = now_ms();
+        assert_eq!(e.redrive("dlq", 10).await.unwrap(), 1);
+        let redriven_at = now_ms();
+
+        // The source queue's next sweep must not take it: it was enqueued
+        // there again today.
+        sweep(&e, redriven_at + 1_000).await;
+        let got = e.receive("src", ReceiveRequest::default()).await.unwrap();
+        assert_eq!(got.len(), 1, "the redriven message was swept");
+        assert!(got[0].sent_at_ms >= before, "sent_at_ms is the redrive's");
+        // Its retention still applies, from the redrive on.
+        e.change_visibility("src", &got[0].receipt, Duration::ZERO)
+            .await
+            .unwrap();
+        sweep(&e, redriven_at + 4 * DAY_MS + 1_000).await;
+        assert!(
+            e.receive("src", ReceiveRequest::default())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        e.close().await;
     }
 }

@@ -457,7 +457,10 @@ pub(super) enum Op {
 #[derive(Debug, Clone, Copy)]
 pub(super) enum MoveTo {
     Queue(usize),
-    Redrive,
+    /// Back to the origin queue, enqueued afresh at `now` (ms).
+    Redrive {
+        now: u64,
+    },
     Drop,
 }
 
@@ -1242,7 +1245,7 @@ impl Writer {
                     src.dead_lettered += 1;
                     (dlq, src_id)
                 }
-                MoveTo::Redrive => {
+                MoveTo::Redrive { .. } => {
                     let Some(&origin) = self.shared.queue_by_id.get(&rec.origin) else {
                         // Its source queue is no longer declared: keep it.
                         let src = &mut self.state.queues[queue];
@@ -1256,7 +1259,21 @@ impl Writer {
                 }
             };
             let w = &mut self.state.queues[target];
-            let encoded = MsgRecord { origin, ..rec }.encode();
+            // A redriven message is a new message of its origin queue (as in
+            // SQS; NATS republishes it): its retention starts again. Kept,
+            // the original enqueue time would let the origin's (shorter)
+            // retention delete it at the next sweep. A move to a dead-letter
+            // queue keeps it, as SQS does for standard queues.
+            let enqueued_ms = match to {
+                MoveTo::Redrive { now } => now,
+                _ => rec.enqueued_ms,
+            };
+            let encoded = MsgRecord {
+                enqueued_ms,
+                origin,
+                ..rec
+            }
+            .encode();
             t.qmsg()?.insert((w.id, w.next_seq), encoded.as_slice())?;
             fx.append_record(target, w.next_seq, &encoded)?;
             w.next_seq += 1;
