@@ -31,7 +31,7 @@
 //! since redelivered, so the broker refuses receipts past their deadline
 //! (minus a safety margin) itself.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -870,48 +870,83 @@ impl Engine for NatsEngine {
         let inner = &self.inner;
         let dlq = inner.queue(dead_letter_queue)?;
         let mut moved = 0u64;
-        while (moved as usize) < max {
-            let want = (max - moved as usize).min(256);
-            let mut batch = dlq
-                .consumer
-                .fetch()
-                .max_messages(want)
-                .messages()
-                .await
-                .map_err(nats("fetch"))?;
-            let mut got = 0;
-            while let Some(m) = batch.next().await {
-                let m = m.map_err(nats_boxed("fetch"))?;
-                got += 1;
-                let Some(reply) = m.reply.as_ref().map(|r| r.to_string()) else {
-                    continue;
-                };
-                let origin = m
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(ORIGIN))
-                    .map(|v| v.as_str().to_owned());
-                match origin.as_deref().and_then(|o| inner.queues.get(o)) {
-                    Some(target) => {
-                        inner
-                            .publish_all(vec![(
-                                target.subject.clone(),
-                                HeaderMap::new(),
-                                m.payload.clone(),
-                            )])
-                            .await?;
-                        inner.ack_kind(&reply, AckKind::Ack).await?;
-                        moved += 1;
+        // Messages that stay (no `Flotilla-Origin`, or an origin no longer
+        // declared) are held un-acked until the call ends, then NAKed: NAKed
+        // at once they were deliverable again at once, every fetch returned
+        // them, and the loop never ended (each turn also counted a delivery
+        // toward MaxDeliver).
+        let mut kept: Vec<String> = Vec::new();
+        // Stream sequences fetched by this call. A held message fetched
+        // again (its AckWait ran out) is not new: a fetch of only such
+        // messages means everything has been looked at.
+        let mut seen: HashSet<u64> = HashSet::new();
+        // While the consumer's MaxAckPending messages are held, nothing more
+        // can be fetched (FIFO: one).
+        let hold_limit = if dlq.config.fifo {
+            1
+        } else {
+            dlq.config.max_in_flight.max(1)
+        };
+        let result = async {
+            while (moved as usize) < max && kept.len() < hold_limit {
+                // FIFO: one at a time (MaxAckPending 1); a fetch for more
+                // was held open by the server, with no expiry: for ever.
+                let want = (max - moved as usize).min(if dlq.config.fifo { 1 } else { 256 });
+                let mut batch = dlq
+                    .consumer
+                    .fetch()
+                    .max_messages(want)
+                    .messages()
+                    .await
+                    .map_err(nats("fetch"))?;
+                let mut new = 0;
+                while let Some(m) = batch.next().await {
+                    let m = m.map_err(nats_boxed("fetch"))?;
+                    let Some(reply) = m.reply.as_ref().map(|r| r.to_string()) else {
+                        continue;
+                    };
+                    if let Ok(info) = m.info()
+                        && !seen.insert(info.stream_sequence)
+                    {
+                        kept.push(reply);
+                        continue;
                     }
-                    // Not from a declared queue: leave it where it is.
-                    None => inner.ack_kind(&reply, AckKind::Nak(None)).await?,
+                    new += 1;
+                    let origin = m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(ORIGIN))
+                        .map(|v| v.as_str().to_owned());
+                    match origin.as_deref().and_then(|o| inner.queues.get(o)) {
+                        Some(target) => {
+                            inner
+                                .publish_all(vec![(
+                                    target.subject.clone(),
+                                    HeaderMap::new(),
+                                    m.payload.clone(),
+                                )])
+                                .await?;
+                            inner.ack_kind(&reply, AckKind::Ack).await?;
+                            moved += 1;
+                        }
+                        // Not from a declared queue: leave it where it is.
+                        None => kept.push(reply),
+                    }
+                }
+                if new == 0 {
+                    break;
                 }
             }
-            if got == 0 {
-                break;
+            Ok(())
+        }
+        .await;
+        // Hand the ones left back, also when the loop failed part way.
+        for reply in &kept {
+            if let Err(e) = inner.ack_kind(reply, AckKind::Nak(None)).await {
+                tracing::warn!(queue = dead_letter_queue, error = %e, "cannot hand back a message redrive left; it is redelivered after its AckWait");
             }
         }
-        Ok(moved)
+        result.map(|()| moved)
     }
 
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats, EngineError> {

@@ -16,6 +16,7 @@ conformance!(
     visibility_redelivery_and_stale_receipts,
     extend_and_release,
     never_acked_goes_to_dead_letter_then_redrive,
+    redrive_leaves_messages_without_origin,
     poison_message_does_not_block_others,
     long_poll_wakes_on_send,
     delivery_delay,
@@ -205,6 +206,64 @@ async fn never_acked_goes_to_dead_letter_then_redrive(kind: Kind) {
     assert_eq!(event_id(&back[0].event), "poison");
     assert_eq!(back[0].receive_count, 1, "redrive starts the count again");
     env.close().await;
+}
+
+/// A message in a dead-letter queue that did not come from a declared
+/// queue (sent to it directly) stays there, and redrive still returns,
+/// moving the others. (On NATS it was put back at once, refetched at once,
+/// and the call never ended.) Standard and FIFO dead-letter queues.
+async fn redrive_leaves_messages_without_origin(kind: Kind) {
+    for fifo in [false, true] {
+        let env = Env::start(&kind, |c| {
+            c.queues.insert(
+                "jobs".into(),
+                QueueConfig {
+                    fifo,
+                    dead_letter: Some("jobs-dlq".into()),
+                    ..Default::default()
+                },
+            );
+            c.queues.insert(
+                "jobs-dlq".into(),
+                QueueConfig {
+                    fifo,
+                    ..Default::default()
+                },
+            );
+        })
+        .await;
+        let e = &*env.engine;
+        let g = [("partitionkey", "g")];
+        e.send("jobs", vec![event("failed", "t", &g).into()])
+            .await
+            .unwrap();
+        let d = receive_n(e, "jobs", 1, Duration::from_secs(30)).await;
+        e.dead_letter("jobs", &d[0].receipt).await.unwrap();
+        // After the dead letter: on NATS a FIFO queue is ordered as a
+        // whole, and redrive stops at a message it has to leave.
+        e.send("jobs-dlq", vec![event("stray", "t", &g).into()])
+            .await
+            .unwrap();
+
+        let moved = tokio::time::timeout(Duration::from_secs(20), e.redrive("jobs-dlq", 100))
+            .await
+            .unwrap_or_else(|_| panic!("redrive did not return (fifo: {fifo})"))
+            .unwrap();
+        assert_eq!(moved, 1, "fifo: {fifo}");
+        let back = receive_n(e, "jobs", 1, Duration::from_secs(30)).await;
+        assert_eq!(event_id(&back[0].event), "failed");
+        let left = receive_n(e, "jobs-dlq", 1, Duration::from_secs(30)).await;
+        assert_eq!(event_id(&left[0].event), "stray");
+        // On NATS, redrive looked at it through the consumer: one delivery
+        // per call (documented), not one per turn of a loop.
+        let deliveries = if kind.is_nats() { 2 } else { 1 };
+        assert_eq!(left[0].receive_count, deliveries, "fifo: {fifo}");
+        // Nothing else is left in either queue.
+        e.ack("jobs", &[back[0].receipt.clone()]).await.unwrap();
+        e.ack("jobs-dlq", &[left[0].receipt.clone()]).await.unwrap();
+        assert_eq!(e.redrive("jobs-dlq", 100).await.unwrap(), 0);
+        env.close().await;
+    }
 }
 
 async fn poison_message_does_not_block_others(kind: Kind) {
