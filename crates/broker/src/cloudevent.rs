@@ -30,8 +30,8 @@ pub enum EventError {
         size: usize,
         limit: usize,
     },
-    #[error("batch has {count} events, over the limit of {limit}")]
-    BatchTooLarge { count: usize, limit: usize },
+    #[error("batch has more than {limit} events")]
+    BatchTooLarge { limit: usize },
     #[error("batch is empty: send at least one event")]
     EmptyBatch,
     #[error("body is not JSON{}", at(*.index))]
@@ -93,6 +93,41 @@ impl EventError {
             Self::SpecVersion { found, .. } => Self::SpecVersion { index, found },
             other => other,
         }
+    }
+}
+
+/// Reads a batch's JSON array into its items, failing at the first item
+/// past `max` (and noting so in `over`).
+struct BatchItems<'c> {
+    max: usize,
+    over: &'c std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for BatchItems<'_> {
+    type Value = Vec<&'de RawValue>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for BatchItems<'_> {
+    type Value = Vec<&'de RawValue>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON array of CloudEvents")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<&'de RawValue>()? {
+            if items.len() == self.max {
+                self.over.set(true);
+                return Err(serde::de::Error::custom("too many events"));
+            }
+            items.push(item);
+        }
+        Ok(items)
     }
 }
 
@@ -180,6 +215,16 @@ impl CloudEvent {
         max_bytes: usize,
     ) -> Result<Self, EventError> {
         use base64::Engine as _;
+        // The body is the event's data, so a body over the limit makes an
+        // event over it: refuse it before building a tree of up to the body
+        // limit (16 MiB) only to find that out after serializing it.
+        if body.len() > max_bytes {
+            return Err(EventError::TooLarge {
+                index: None,
+                size: body.len(),
+                limit: max_bytes,
+            });
+        }
         let mut event = serde_json::Map::new();
         for (name, value) in headers {
             let Some(attr) = name.as_str().strip_prefix("ce-") else {
@@ -240,19 +285,31 @@ impl CloudEvent {
         max_bytes: usize,
         max_events: usize,
     ) -> Result<Vec<Self>, EventError> {
-        let items: Vec<&RawValue> =
-            serde_json::from_slice(body).map_err(|source| EventError::Json {
-                index: None,
-                source,
-            })?;
+        // The cap is enforced while the array is read: parsed whole first, a
+        // 16 MiB body of `[0,0,...]` was millions of entries before it was
+        // refused.
+        let over = std::cell::Cell::new(false);
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let items = serde::de::DeserializeSeed::deserialize(
+            BatchItems {
+                max: max_events,
+                over: &over,
+            },
+            &mut de,
+        )
+        .and_then(|items| de.end().map(|()| items))
+        .map_err(|source| {
+            if over.get() {
+                EventError::BatchTooLarge { limit: max_events }
+            } else {
+                EventError::Json {
+                    index: None,
+                    source,
+                }
+            }
+        })?;
         if items.is_empty() {
             return Err(EventError::EmptyBatch);
-        }
-        if items.len() > max_events {
-            return Err(EventError::BatchTooLarge {
-                count: items.len(),
-                limit: max_events,
-            });
         }
         items
             .into_iter()
@@ -650,5 +707,49 @@ mod tests {
             CloudEvent::from_binary(&h, &[b'a'; 300], 100),
             Err(EventError::TooLarge { .. })
         ));
+    }
+
+    /// Limits are checked before the body is parsed, so an oversized body
+    /// costs no tree and no array of millions of entries: the error is the
+    /// size's, not the (later, never reached) parse error's.
+    #[test]
+    fn limits_apply_before_parsing() {
+        let mut h = binary(&CE);
+        h.insert("content-type", "application/json".parse().unwrap());
+        let body = format!("[{}", "0,".repeat(100));
+        assert!(matches!(
+            CloudEvent::from_binary(&h, body.as_bytes(), 100),
+            Err(EventError::TooLarge { size, limit: 100, .. }) if size == body.len()
+        ));
+
+        // One element past the cap ends the parse: what follows is not read.
+        let ok = r#"{"specversion":"1.0","id":"1","source":"/s","type":"t"}"#;
+        let body = format!("[{}{{not json", format!("{ok},").repeat(4));
+        let err = CloudEvent::parse_batch(body.as_bytes(), 1 << 20, 3).unwrap_err();
+        assert!(
+            matches!(err, EventError::BatchTooLarge { limit: 3 }),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), "batch has more than 3 events");
+        // Up to the cap it is parsed, and errors are the parse's.
+        let body = format!("[{}{{not json", format!("{ok},").repeat(2));
+        assert!(matches!(
+            CloudEvent::parse_batch(body.as_bytes(), 1 << 20, 3),
+            Err(EventError::Json { .. })
+        ));
+        let body = format!("[{ok},{ok},{ok}]");
+        assert_eq!(
+            CloudEvent::parse_batch(body.as_bytes(), 1 << 20, 3)
+                .unwrap()
+                .len(),
+            3
+        );
+        // Not an array, trailing bytes.
+        for body in [ok.to_owned(), format!("[{ok}] x")] {
+            assert!(matches!(
+                CloudEvent::parse_batch(body.as_bytes(), 1 << 20, 3),
+                Err(EventError::Json { index: None, .. })
+            ));
+        }
     }
 }

@@ -245,6 +245,44 @@ async fn api_rejects_bad_input(kind: Kind) {
         .await;
     assert_eq!((s, code(&b).as_str()), (413, "message_too_large"), "{b}");
 
+    // Over the limits before parsing: a binary-mode body over 1 MiB (not
+    // JSON, though it says so: it is never parsed), and a batch past 1000
+    // events (the rest, malformed, is never read).
+    let (s, b) = http
+        .call_with(
+            "POST",
+            "/topics/orders/events",
+            &[
+                ("content-type", "application/json"),
+                ("ce-specversion", "1.0"),
+                ("ce-id", "big"),
+                ("ce-source", "/tests"),
+                ("ce-type", "t"),
+            ],
+            format!("[{}", "0,".repeat(1 << 19)),
+        )
+        .await;
+    assert_eq!((s, code(&b).as_str()), (413, "message_too_large"), "{b}");
+    let (s, b) = http
+        .call(
+            "POST",
+            "/topics/orders/events",
+            BATCH,
+            format!("[{}{{not json", "0,".repeat(1001)),
+        )
+        .await;
+    assert_eq!((s, code(&b).as_str()), (413, "batch_too_large"), "{b}");
+    let batch: Vec<_> = (0..1001).map(|i| ce(&i.to_string(), "t")).collect();
+    let (s, b) = http
+        .call(
+            "POST",
+            "/topics/orders/events",
+            BATCH,
+            serde_json::Value::from(batch).to_string(),
+        )
+        .await;
+    assert_eq!((s, code(&b).as_str()), (413, "batch_too_large"), "{b}");
+
     // Invalid CloudEvents: each required attribute missing, bad version.
     for missing in ["specversion", "id", "source", "type"] {
         let mut e = ce("x", "t");

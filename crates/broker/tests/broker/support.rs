@@ -289,6 +289,10 @@ impl Http {
             .header("content-type", content_type)
             .body(Full::new(body.into()))
             .expect("request");
+        self.send(req).await
+    }
+
+    async fn send(&self, req: http::Request<Full<Bytes>>) -> (u16, serde_json::Value) {
         let resp = self.client.request(req).await.expect("http call");
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await.expect("body").to_bytes();
@@ -300,6 +304,24 @@ impl Http {
             })
         };
         (status, json)
+    }
+
+    /// A call with extra headers (binary-mode CloudEvents).
+    pub async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(body.into())).expect("request");
+        self.send(req).await
     }
 
     pub async fn json(
