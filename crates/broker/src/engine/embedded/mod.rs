@@ -123,8 +123,11 @@ pub(super) struct QueueState {
     /// stale and skipped.
     heap: BinaryHeap<Reverse<(u64, u64, u64)>>,
     /// FIFO: messages behind the cursor not yet delivered because their
-    /// group had a message in flight.
-    skipped: BTreeMap<u64, Arc<str>>,
+    /// group had a message in flight: seq → (group, stored receive count).
+    /// The count is there after a restart, for a message delivered before
+    /// it; dropped, `max_receives` would start over and the count's row
+    /// would outlive the message.
+    skipped: BTreeMap<u64, (Arc<str>, Option<u32>)>,
     next_token: u64,
     /// The newest appended messages, contiguous up to `committed` since
     /// the engine opened (bounded by TAIL_MESSAGES and TAIL_BYTES).
@@ -646,7 +649,7 @@ impl Inner {
                     .iter()
                     .filter(|(_, f)| f.visible_at <= now)
                     .map(|(&s, f)| (s, f.group.clone(), true))
-                    .chain(st.skipped.iter().map(|(&s, g)| (s, g.clone(), false)))
+                    .chain(st.skipped.iter().map(|(&s, (g, _))| (s, g.clone(), false)))
                     .collect();
                 cands.sort_unstable_by_key(|c| c.0);
                 for (seq, group, in_flight) in cands {
@@ -666,9 +669,14 @@ impl Inner {
                             continue;
                         }
                         picks.push((seq, f.count, group.clone(), f.recv_row, None));
-                    } else {
-                        st.skipped.remove(&seq);
-                        picks.push((seq, 0, group.clone(), false, None));
+                    } else if let Some((_, prior)) = st.skipped.remove(&seq) {
+                        picks.push((
+                            seq,
+                            prior.unwrap_or(0),
+                            group.clone(),
+                            prior.is_some(),
+                            None,
+                        ));
                     }
                     if one_per_group {
                         blocked.insert(group);
@@ -722,7 +730,7 @@ impl Inner {
                     }
                     let group: Arc<str> = Arc::from(rec.group);
                     if q.config.fifo && blocked.contains(&group) {
-                        st.skipped.insert(seq, group);
+                        st.skipped.insert(seq, (group, prior));
                     } else {
                         if q.config.fifo && one_per_group {
                             blocked.insert(group.clone());
@@ -1490,6 +1498,7 @@ impl Engine for EmbeddedEngine {
 mod tests {
     use super::*;
     use crate::config::{Config, EngineConfig};
+    use redb::ReadableTable;
 
     const DAY_MS: u64 = 24 * 3600 * 1000;
 
@@ -1641,6 +1650,75 @@ mod tests {
             most <= 2 * 11 + HEAP_SLACK,
             "the heap grew to {most} entries with at most 11 messages in flight"
         );
+        e.close().await;
+    }
+
+    /// After a restart, a FIFO message read from disk while its group is
+    /// busy is set aside; its stored receive count must come along, or
+    /// `max_receives` starts over and its receive-count row is orphaned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fifo_message_set_aside_after_restart_keeps_its_receive_count() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let queues = [(
+            "f",
+            QueueConfig {
+                fifo: true,
+                max_receives: Some(5),
+                ..QueueConfig::default()
+            },
+        )];
+        let e = open(dir.path(), &queues).await;
+        let g = |id: &str| {
+            CloudEvent::new(
+                id,
+                "/t",
+                "t",
+                &[("partitionkey", "A")],
+                &serde_json::json!({}),
+            )
+            .unwrap()
+            .into()
+        };
+        e.send("f", vec![g("a1"), g("a2")]).await.unwrap();
+        let all = ReceiveRequest {
+            max_messages: 10,
+            ..ReceiveRequest::default()
+        };
+        // Both delivered twice: their counts (2) are stored.
+        for n in 1..=2 {
+            let got = e.receive("f", all.clone()).await.unwrap();
+            assert_eq!(got.len(), 2);
+            assert!(got.iter().all(|d| d.receive_count == n));
+            for d in &got {
+                e.change_visibility("f", &d.receipt, Duration::ZERO)
+                    .await
+                    .unwrap();
+            }
+        }
+        e.close().await;
+
+        let e = open(dir.path(), &queues).await;
+        // One per group: a1 goes out, a2 is read and set aside.
+        let head = ReceiveRequest {
+            one_per_group: true,
+            ..all.clone()
+        };
+        let got = e.receive("f", head.clone()).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].receive_count, 3);
+        e.ack("f", &[got[0].receipt.clone()]).await.unwrap();
+        let got = e.receive("f", head).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].receive_count, 3, "a2's stored count was lost");
+        e.ack("f", &[got[0].receipt.clone()]).await.unwrap();
+
+        // No receive-count row is left behind.
+        let db = e.inner.db().unwrap();
+        let read = db.begin_read().unwrap();
+        let rows = read.open_table(QRECV).unwrap().iter().unwrap().count();
+        assert_eq!(rows, 0, "orphaned receive-count rows");
+        drop(read);
+        drop(db);
         e.close().await;
     }
 }
