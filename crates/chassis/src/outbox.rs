@@ -22,8 +22,10 @@
 //! `last_error`, is logged once and retried with backoff, and holds back
 //! the rows after it in its topic, never other topics'. An unreachable or
 //! failing broker (5xx, 429, timeout) is retried with backoff from 100 ms
-//! doubling to 5 s. Nothing is dropped. Sent rows are kept for a day, then
-//! deleted. The gauge `flotilla_outbox_pending` counts unsent rows.
+//! doubling to 5 s. Nothing is dropped. Sent rows are kept for a day (for
+//! inspection), then deleted; rows written with [`enqueue_sensitive`] (an
+//! event carrying a card number, say) are deleted as they are marked sent.
+//! The gauge `flotilla_outbox_pending` counts unsent rows.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -72,7 +74,8 @@ CREATE TABLE IF NOT EXISTS flotilla_outbox (
     created_ms INTEGER NOT NULL,
     sent_ms INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT
+    last_error TEXT,
+    keep_sent INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS flotilla_outbox_unsent ON flotilla_outbox (topic, seq) WHERE sent_ms IS NULL;
 CREATE INDEX IF NOT EXISTS flotilla_outbox_sent ON flotilla_outbox (sent_ms) WHERE sent_ms IS NOT NULL;
@@ -98,6 +101,34 @@ impl Outbox {
                 what: "create the outbox tables",
                 source,
             })?;
+        // A table made before `keep_sent` existed gains it. Replicas may
+        // race to add it: the loser's "duplicate column" is success.
+        let has_keep_sent = || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pragma_table_info('flotilla_outbox') WHERE name = 'keep_sent'",
+            )
+            .fetch_one(pool)
+            .await
+            .map_err(|source| Error::Sql {
+                what: "read the outbox table's columns",
+                source,
+            })
+        };
+        if has_keep_sent().await? == 0 {
+            let added = sqlx::query(
+                "ALTER TABLE flotilla_outbox ADD COLUMN keep_sent INTEGER NOT NULL DEFAULT 1",
+            )
+            .execute(pool)
+            .await;
+            if let Err(source) = added
+                && has_keep_sent().await? == 0
+            {
+                return Err(Error::Sql {
+                    what: "add the outbox's keep_sent column",
+                    source,
+                });
+            }
+        }
         Ok(())
     }
 
@@ -133,6 +164,28 @@ impl Outbox {
 /// The event is checked now (valid CloudEvent, topic name, at most 1 MiB)
 /// so a mistake fails the request instead of the relay.
 pub async fn enqueue(conn: &mut SqliteConnection, topic: &str, event: &Event) -> Result<(), Error> {
+    insert(conn, topic, event, true).await
+}
+
+/// As [`enqueue`], for an event that must not stay at rest once the broker
+/// has it (a card number on its way to the service that charges it): its
+/// row is deleted as it is marked sent, not kept a day for inspection.
+/// Open the database with [`crate::open_sqlite`], which sets SQLite's
+/// `secure_delete`, so the deleted row's bytes are overwritten too.
+pub async fn enqueue_sensitive(
+    conn: &mut SqliteConnection,
+    topic: &str,
+    event: &Event,
+) -> Result<(), Error> {
+    insert(conn, topic, event, false).await
+}
+
+async fn insert(
+    conn: &mut SqliteConnection,
+    topic: &str,
+    event: &Event,
+    keep_sent: bool,
+) -> Result<(), Error> {
     broker::check_name("topic", topic)?;
     event.validate()?;
     let json = event.to_json()?;
@@ -145,16 +198,19 @@ pub async fn enqueue(conn: &mut SqliteConnection, topic: &str, event: &Event) ->
             ),
         });
     }
-    sqlx::query("INSERT INTO flotilla_outbox (topic, event, created_ms) VALUES (?1, ?2, ?3)")
-        .bind(topic)
-        .bind(json)
-        .bind(now_ms())
-        .execute(conn)
-        .await
-        .map_err(|source| Error::Sql {
-            what: "write the event to the outbox (is Outbox::install run at start?)",
-            source,
-        })?;
+    sqlx::query(
+        "INSERT INTO flotilla_outbox (topic, event, created_ms, keep_sent) VALUES (?1, ?2, ?3, ?4)",
+    )
+    .bind(topic)
+    .bind(json)
+    .bind(now_ms())
+    .bind(keep_sent)
+    .execute(conn)
+    .await
+    .map_err(|source| Error::Sql {
+        what: "write the event to the outbox (is Outbox::install run at start?)",
+        source,
+    })?;
     Ok(())
 }
 
@@ -408,19 +464,33 @@ impl Relay {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Marks `rows` sent, in one statement (so one transaction). If this
-    /// fails the rows are published again later: a duplicate, which
-    /// consumers tolerate, rather than a loss.
+    /// Marks `rows` sent and deletes the sensitive ones among them, in one
+    /// transaction. If this fails the rows are published again later: a
+    /// duplicate, which consumers tolerate, rather than a loss.
     async fn mark_sent(&self, rows: &[Row]) {
         // The seqs go in as one JSON array: a static statement whatever the
         // batch size.
-        let query = sqlx::query(
-            "UPDATE flotilla_outbox SET sent_ms = ?1, attempts = attempts + 1, last_error = NULL
-             WHERE seq IN (SELECT value FROM json_each(?2))",
-        )
-        .bind(now_ms())
-        .bind(seqs(rows));
-        if let Err(e) = query.execute(&self.pool).await {
+        let seqs = seqs(rows);
+        let marked = async {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "DELETE FROM flotilla_outbox
+                 WHERE keep_sent = 0 AND seq IN (SELECT value FROM json_each(?1))",
+            )
+            .bind(&seqs)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE flotilla_outbox SET sent_ms = ?1, attempts = attempts + 1, last_error = NULL
+                 WHERE seq IN (SELECT value FROM json_each(?2))",
+            )
+            .bind(now_ms())
+            .bind(&seqs)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await
+        };
+        if let Err(e) = marked.await {
             tracing::error!(
                 error = %e,
                 rows = rows.len(),

@@ -537,6 +537,40 @@ async fn outbox_publishes_committed_rows_only() {
         .unwrap();
     assert!(none.is_empty(), "published once: {none:?}");
 
+    // A sensitive event: published, then its row is gone, and its bytes
+    // with it (secure_delete, once the WAL is checkpointed).
+    let secret = "4242424242424242";
+    let paid = svc
+        .event("order.placed", json!({"order": "o-2", "card": secret}))
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    outbox::enqueue_sensitive(&mut tx, "orders", &paid)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    relay.notify();
+    let got = receive_n(&broker, "inventory", 1).await;
+    assert_eq!(got, vec![paid.clone()]);
+    eventually(DEADLINE, || {
+        let pool = pool.clone();
+        async move { (outbox_rows(&pool).await.len() == 1).then_some(()) }
+    })
+    .await;
+    assert!(outbox_rows(&pool).await[0].0.contains(r#""order":"o-1""#));
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let db = scratch.path().join("orders.db");
+    for file in [db.clone(), db.with_extension("db-wal")] {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{} still holds the card number",
+            file.display()
+        );
+    }
+
     // Invalid input fails the request, not the relay.
     let mut tx = pool.begin().await.unwrap();
     let err = outbox::enqueue(&mut tx, "a/b", &placed).await.unwrap_err();
@@ -549,6 +583,35 @@ async fn outbox_publishes_committed_rows_only() {
 
     relay.stop().await;
     server.close().await;
+}
+
+/// An outbox table made before `keep_sent` existed gains the column, and
+/// its rows are kept once sent as before.
+#[tokio::test]
+async fn outbox_install_adds_keep_sent_to_an_older_table() {
+    let scratch = Scratch::new();
+    static NONE: Migrator = Migrator::DEFAULT;
+    let url = format!("sqlite://{}/old.db", scratch.path().display());
+    let pool = open_sqlite(&url, &NONE).await.expect("open db");
+    sqlx::raw_sql(
+        "CREATE TABLE flotilla_outbox (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, event TEXT NOT NULL,
+            created_ms INTEGER NOT NULL, sent_ms INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT);
+         INSERT INTO flotilla_outbox (topic, event, created_ms) VALUES ('orders', '{}', 1);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    Outbox::install(&pool)
+        .await
+        .expect("install on an older table");
+    Outbox::install(&pool).await.expect("install again");
+    let kept: Vec<i64> = sqlx::query_scalar("SELECT keep_sent FROM flotilla_outbox")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, [1]);
 }
 
 #[tokio::test]

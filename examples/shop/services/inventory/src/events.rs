@@ -54,7 +54,8 @@ pub struct Placed {
     pub total_cents: i64,
     pub currency: String,
     /// Passed on to payments in `stock.reserved`; never logged (see the
-    /// `Debug` below) and never stored by inventory.
+    /// `Debug` below) and never stored by inventory beyond the outbox row
+    /// that publishes it, deleted once sent.
     pub payment_token: String,
 }
 
@@ -153,7 +154,10 @@ pub async fn on_placed(
                 payment_token: &placed.payment_token,
                 items: &placed.items,
             };
-            enqueue(tx, event("stock.reserved", order, customer, data)?).await?;
+            // It carries the card number on to payments: its outbox row
+            // goes once the broker has it.
+            let reserved = event("stock.reserved", order, customer, data)?;
+            flotilla_chassis::outbox::enqueue_sensitive(tx, TOPIC, &reserved).await?;
             changed(tx, order, customer, &items).await?;
             "reserved"
         }

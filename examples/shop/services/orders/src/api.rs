@@ -503,7 +503,7 @@ async fn place(
             .await?
             .ok_or_else(missing_order);
     }
-    events::enqueue(&mut tx, placed).await?;
+    events::enqueue_placed(&mut tx, placed).await?;
     tx.commit().await?;
     state.published();
     metrics::counter!("shop_orders_placed_total").increment(1);

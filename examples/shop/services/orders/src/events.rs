@@ -128,6 +128,16 @@ pub async fn enqueue(
     flotilla_chassis::outbox::enqueue(tx, TOPIC, &event).await
 }
 
+/// Enqueues `order.placed` (from [`placed`]) on the caller's transaction:
+/// it carries the card number, so its outbox row is deleted once the broker
+/// has it, not kept a day.
+pub async fn enqueue_placed(
+    tx: &mut SqliteConnection,
+    placed: Event,
+) -> Result<(), flotilla_chassis::Error> {
+    flotilla_chassis::outbox::enqueue_sensitive(tx, TOPIC, &placed).await
+}
+
 /// The part of `stock.*` and `payment.*` data orders reads.
 #[derive(Debug, Deserialize)]
 struct About {
