@@ -112,6 +112,13 @@ struct Slot {
     stop: watch::Sender<bool>,
     /// The endpoint while the instance is in rotation.
     endpoint: Option<Endpoint>,
+    /// Its requests in flight, from its first ready to the end of its run:
+    /// kept apart from `endpoint` because an instance taken out of
+    /// rotation still finishes the requests it was given, and the scaler
+    /// must see them (it is not stopped under them).
+    load: Option<Arc<Load>>,
+    /// Since when it has been out of rotation for failing `/readyz`.
+    unready_since: Option<Instant>,
     /// Its last run ended before it was ready (it exited at start, or
     /// never answered `/readyz`): a request does not wait for it to start
     /// again (see `Pool::worth_waiting`).
@@ -236,6 +243,8 @@ impl Pool {
                     started: None,
                     stop,
                     endpoint: None,
+                    load: None,
+                    unready_since: None,
                     start_failed: false,
                     failures: 0,
                 },
@@ -387,6 +396,8 @@ impl Pool {
                 slot.status.restarts += 1;
                 slot.status.pid = None;
                 slot.endpoint = None;
+                slot.load = None;
+                slot.unready_since = None;
                 slot.start_failed = start_failed;
             });
             let backoff = backoff(failed);
@@ -508,11 +519,12 @@ impl Pool {
         let endpoint = Endpoint {
             instance: id.to_string(),
             addr,
-            load,
+            load: Arc::clone(&load),
         };
         self.update(index, |slot| {
             slot.status.state = InstanceState::Ready;
             slot.endpoint = Some(endpoint.clone());
+            slot.load = Some(load);
             slot.start_failed = false;
         });
         self.env.console.event(&format!(
@@ -557,6 +569,7 @@ impl Pool {
                     let exit = how.clone();
                     self.update(index, |slot| {
                         slot.endpoint = None;
+                        slot.load = None;
                         slot.status.last_exit = Some(exit);
                     });
                     return Outcome::Failed {
@@ -588,6 +601,7 @@ impl Pool {
                             if slot.status.state != InstanceState::Stopping {
                                 slot.status.state = InstanceState::Ready;
                                 slot.endpoint = Some(ep);
+                                slot.unready_since = None;
                             }
                         });
                     }
@@ -607,6 +621,7 @@ impl Pool {
                                 self.update(index, |slot| {
                                     slot.status.state = InstanceState::Unready;
                                     slot.endpoint = None;
+                                    slot.unready_since.get_or_insert_with(Instant::now);
                                 });
                                 let _ = proc.stop(self.spec.drain).await;
                                 return Outcome::Failed {
@@ -625,6 +640,7 @@ impl Pool {
                         self.update(index, |slot| {
                             if slot.status.state != InstanceState::Stopping {
                                 slot.status.state = InstanceState::Unready;
+                                slot.unready_since.get_or_insert_with(Instant::now);
                             }
                             slot.endpoint = None;
                         });
@@ -690,11 +706,16 @@ impl Pool {
                     return;
                 }
                 let running = Self::running(&state);
+                // Out of rotation or not, an instance's requests are load:
+                // one that left rotation busy still needs its place until
+                // they are answered. Not a stopping one's: it is no longer
+                // counted as running either.
                 let in_flight: u32 = state
                     .slots
                     .values()
-                    .filter_map(|s| s.endpoint.as_ref())
-                    .map(|e| e.load.in_flight())
+                    .filter(|s| s.status.state != InstanceState::Stopping)
+                    .filter_map(|s| s.load.as_ref())
+                    .map(|l| l.in_flight())
                     .sum();
                 let wanted = in_flight.div_ceil(scale.concurrency.max(1));
                 if wanted > running {
@@ -716,12 +737,31 @@ impl Pool {
                     .values()
                     .filter(|s| s.endpoint.is_some())
                     .count() as u32;
+                // Not while it still has requests to answer (SIGTERM would
+                // cut them), unless it has been out of rotation for
+                // `ready_timeout`: as long as a start may take, and a
+                // request held longer by an instance failing `/readyz` is
+                // likely stuck with it.
                 let unready = || {
-                    state
-                        .slots
-                        .iter()
-                        .find(|(_, s)| s.status.state == InstanceState::Unready)
-                        .map(|(i, _)| (*i, "out of rotation".to_string()))
+                    state.slots.iter().find_map(|(i, s)| {
+                        if s.status.state != InstanceState::Unready {
+                            return None;
+                        }
+                        let in_flight = s.load.as_ref().map_or(0, |l| l.in_flight());
+                        if in_flight == 0 {
+                            return Some((*i, "out of rotation".to_string()));
+                        }
+                        let since = s.unready_since?;
+                        (since.elapsed() >= self.spec.ready_timeout).then(|| {
+                            (
+                                *i,
+                                format!(
+                                    "out of rotation for {:?} with {in_flight} requests still in flight",
+                                    self.spec.ready_timeout
+                                ),
+                            )
+                        })
+                    })
                 };
                 let idle = || {
                     state
@@ -771,7 +811,9 @@ impl Pool {
             .values()
             .map(|s| {
                 let mut st = s.status.clone();
-                st.in_flight = s.endpoint.as_ref().map_or(0, |e| e.load.in_flight());
+                // From the load, not the endpoint: an instance out of
+                // rotation or stopping may still be finishing requests.
+                st.in_flight = s.load.as_ref().map_or(0, |l| l.in_flight());
                 st.uptime_ms = s.started.map(|t| t.elapsed().as_millis() as u64);
                 st
             })

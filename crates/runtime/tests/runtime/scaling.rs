@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use flotilla_runtime::InstanceState;
+
 use crate::support::{client, host_port, identity, start, tls_get};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,5 +128,145 @@ routes = [{{ path = "/fn/**", timeout = "5m" }}]
     .await;
     let answered = http.get(&url).send().await.unwrap();
     assert_eq!(answered.status(), 200);
+    h.stop().await;
+}
+
+/// A function's only instance that leaves rotation (failing `/readyz`)
+/// while a request is in flight on it finishes that request: it is
+/// stopped once the request is answered, not under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_out_of_rotation_finishes_its_requests_before_it_stops() {
+    let flags = tempfile::tempdir().unwrap();
+    let unready = flags.path().join("unready");
+    // Never retried: a request cut by the instance's stop must show as
+    // such, not be answered by another instance.
+    let h = start(&format!(
+        r#"[services.fn]
+shape = "function"
+run = {{ command = ["python3", "HELLO"] }}
+env = {{ UNREADY_FILE = "{flag}" }}
+scale = {{ idle = "1h" }}
+ready_timeout = "10m"
+routes = [{{ path = "/fn/**", timeout = "5m", retries = 0 }}]
+"#,
+        flag = unready.display()
+    ))
+    .await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    // Held far longer than leaving rotation takes (three failed probes a
+    // second apart).
+    let url = format!("{}/fn/sleep?ms=20000", h.gateway());
+    let held = tokio::spawn(async move {
+        let r = http.get(url).send().await?;
+        let status = r.status().as_u16();
+        r.text().await.map(|body| (status, body))
+    });
+    h.wait(
+        "the request in flight on fn-0",
+        Duration::from_secs(30),
+        |h| h.service("fn").instances.iter().any(|i| i.in_flight == 1),
+    )
+    .await;
+    // fn-0 fails /readyz from now on.
+    std::fs::write(&unready, "").unwrap();
+    h.wait("fn-0 out of rotation", Duration::from_secs(30), |h| {
+        h.service("fn").ready == 0
+    })
+    .await;
+    let fn0 = h.service("fn");
+    assert!(
+        fn0.instances
+            .iter()
+            .any(|i| i.state == InstanceState::Unready && i.in_flight == 1),
+        "fn-0 kept, finishing its request: {fn0:#?}"
+    );
+    let (status, body) = held.await.unwrap().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"instance\": \"fn-0\""), "{body}");
+    // Its request answered, it serves nothing: stopped (with an `idle` of
+    // an hour, not for idleness).
+    h.wait("fn-0 stopped", Duration::from_secs(30), |h| {
+        h.service("fn").instances.is_empty()
+    })
+    .await;
+    h.stop().await;
+}
+
+/// The same with another instance ready beside it, enough for the load:
+/// the one out of rotation is still not stopped under its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_out_of_rotation_beside_a_ready_one_finishes_its_requests() {
+    let flags = tempfile::tempdir().unwrap();
+    // One flag per instance, so that only fn-0 leaves rotation.
+    let h = start(&format!(
+        r#"[services.fn]
+shape = "function"
+run = {{ command = ["sh", "-c", "UNREADY_FILE={dir}/$FLOTILLA_INSTANCE exec python3 HELLO"] }}
+scale = {{ max = 2, concurrency = 1, idle = "1h" }}
+ready_timeout = "10m"
+routes = [{{ path = "/fn/**", timeout = "5m", retries = 0 }}]
+"#,
+        dir = flags.path().display()
+    ))
+    .await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let get = |ms: u32| {
+        let (http, url) = (http.clone(), format!("{}/fn/sleep?ms={ms}", h.gateway()));
+        tokio::spawn(async move {
+            let r = http.get(url).send().await?;
+            let status = r.status().as_u16();
+            r.text().await.map(|body| (status, body))
+        })
+    };
+    let long = get(20000);
+    h.wait(
+        "the long request in flight on fn-0",
+        Duration::from_secs(30),
+        |h| h.service("fn").instances.iter().any(|i| i.in_flight == 1),
+    )
+    .await;
+    // A second request on fn-0 against a concurrency of one starts fn-1.
+    let short = get(3000);
+    h.wait("fn-1 ready", Duration::from_secs(30), |h| {
+        h.service("fn").ready == 2
+    })
+    .await;
+    let (status, body) = short.await.unwrap().unwrap();
+    assert_eq!(status, 200, "{body}");
+    // fn-1 alone can take the load that is left; fn-0 fails /readyz.
+    std::fs::write(flags.path().join("fn-0"), "").unwrap();
+    h.wait("fn-0 out of rotation", Duration::from_secs(30), |h| {
+        h.service("fn").ready == 1
+    })
+    .await;
+    let status_now = h.service("fn");
+    assert!(
+        status_now
+            .instances
+            .iter()
+            .any(|i| i.id == "fn-0" && i.state == InstanceState::Unready && i.in_flight == 1),
+        "fn-0 kept, finishing its request: {status_now:#?}"
+    );
+    let (status, body) = long.await.unwrap().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"instance\": \"fn-0\""), "{body}");
+    h.wait("fn-0 stopped, fn-1 left", Duration::from_secs(30), |h| {
+        let ids: Vec<String> = h
+            .service("fn")
+            .instances
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        ids == ["fn-1"]
+    })
+    .await;
     h.stop().await;
 }
