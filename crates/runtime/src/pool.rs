@@ -688,8 +688,10 @@ impl Pool {
         }
     }
 
-    /// Keeps instances between `min` and `max` from the observed load, and
-    /// stops instances above `min` that have been idle for `idle`.
+    /// Keeps instances between `min` and `max` from the observed load:
+    /// adds them as soon as the load exceeds what those running take, and
+    /// stops one at a time above `min` while the load of the last `idle`
+    /// would have fitted in one fewer (or one has been idle for `idle`).
     pub(crate) async fn scale_loop(self: Arc<Self>) {
         let scale = self.spec.scale;
         self.ensure_running(scale.min);
@@ -698,6 +700,16 @@ impl Pool {
         }
         let mut tick = tokio::time::interval(SCALE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // The pool's requests in flight at each tick of the last `idle`,
+        // whose peak is the load an instance fewer must take. The pool's,
+        // not each instance's: the balancer spreads light traffic over all
+        // instances, so under a steady trickle none of them is ever idle
+        // for long, though one or two could take it all (scaled up for a
+        // spike, the pool would stay at `max`). As Kubernetes' HPA picks
+        // the highest recommendation of its scale-down window.
+        let mut samples: std::collections::VecDeque<(Instant, u32)> =
+            std::collections::VecDeque::new();
+        let sampling_since = Instant::now();
         loop {
             tick.tick().await;
             let stopping = {
@@ -717,6 +729,17 @@ impl Pool {
                     .filter_map(|s| s.load.as_ref())
                     .map(|l| l.in_flight())
                     .sum();
+                let now = Instant::now();
+                samples.push_back((now, in_flight));
+                while samples
+                    .front()
+                    .is_some_and(|(at, _)| now.duration_since(*at) > scale.idle)
+                {
+                    samples.pop_front();
+                }
+                // `None` until the scaler has watched for all of `idle`.
+                let peak = (now.duration_since(sampling_since) >= scale.idle)
+                    .then(|| samples.iter().map(|(_, n)| *n).max().unwrap_or(0));
                 let wanted = in_flight.div_ceil(scale.concurrency.max(1));
                 if wanted > running {
                     drop(state);
@@ -767,15 +790,45 @@ impl Pool {
                     state
                         .slots
                         .iter()
-                        .find(|(_, s)| {
-                            s.endpoint.as_ref().is_some_and(|e| {
-                                e.load.in_flight() == 0 && e.load.idle_for() >= scale.idle
-                            })
-                        })
+                        .filter_map(|(i, s)| Some((i, s.endpoint.as_ref()?)))
+                        .filter(|(_, e)| e.load.in_flight() == 0)
+                        .max_by_key(|(_, e)| e.load.idle_for())
+                        .filter(|(_, e)| e.load.idle_for() >= scale.idle)
                         .map(|(i, _)| (*i, format!("idle for {:?}", scale.idle)))
                 };
+                // The load fitted in one instance fewer all along: the
+                // least loaded goes, one with nothing in flight (SIGTERM
+                // would cut what it has), the longest quiet of those. Not
+                // the last instance: that one goes when idle (above), as
+                // the load sampled here may miss a request between ticks.
+                let not_needed = || {
+                    let fewer = ready.checked_sub(1).filter(|n| *n > 0)?;
+                    let peak =
+                        peak.filter(|p| *p <= fewer.saturating_mul(scale.concurrency.max(1)))?;
+                    state
+                        .slots
+                        .iter()
+                        .filter_map(|(i, s)| Some((i, s.endpoint.as_ref()?)))
+                        .filter(|(_, e)| e.load.in_flight() == 0)
+                        .max_by_key(|(_, e)| e.load.idle_for())
+                        .map(|(i, _)| {
+                            (
+                                *i,
+                                format!(
+                                    "not needed: at most {peak} requests in flight in the last {:?} fit in {fewer}",
+                                    scale.idle
+                                ),
+                            )
+                        })
+                };
                 let victim = if running > keep {
-                    unready().or_else(|| if ready > keep { idle() } else { None })
+                    unready().or_else(|| {
+                        if ready > keep {
+                            idle().or_else(not_needed)
+                        } else {
+                            None
+                        }
+                    })
                 } else {
                     None
                 };

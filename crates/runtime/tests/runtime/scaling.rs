@@ -270,3 +270,70 @@ routes = [{{ path = "/fn/**", timeout = "5m", retries = 0 }}]
     .await;
     h.stop().await;
 }
+
+/// Scaled up for a burst, a service scales back down under a trickle of
+/// requests that one instance takes easily, though the balancer spreads
+/// the trickle so that no instance is ever idle for `idle` on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_scales_down_under_a_trickle_that_fewer_instances_take() {
+    let h = start(
+        r#"[services.busy]
+run = { command = ["python3", "HELLO"] }
+scale = { min = 1, max = 3, target_concurrency = 2, idle = "1s" }
+routes = [{ path = "/busy/**" }]
+"#,
+    )
+    .await;
+    let http = client();
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let (http, url) = (http.clone(), format!("{}/busy/sleep?ms=2000", h.gateway()));
+        held.push(tokio::spawn(async move {
+            http.get(url).send().await.map(|r| r.status().as_u16())
+        }));
+    }
+    h.wait(
+        "busy to scale to its max of 3",
+        Duration::from_secs(10),
+        |h| h.service("busy").ready == 3,
+    )
+    .await;
+    for r in held {
+        assert_eq!(r.await.unwrap().unwrap(), 200);
+    }
+    // One request every 100 ms until told to stop; their statuses.
+    let (done, mut stop) = tokio::sync::watch::channel(false);
+    let trickle = {
+        let (http, url) = (http.clone(), format!("{}/busy/trickle", h.gateway()));
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            let mut every = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = stop.changed() => return statuses,
+                }
+                statuses.push(
+                    http.get(&url)
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16())
+                        .ok(),
+                );
+            }
+        })
+    };
+    h.wait(
+        "busy to scale back to min 1 under the trickle",
+        Duration::from_secs(30),
+        |h| h.service("busy").instances.len() == 1,
+    )
+    .await;
+    done.send(true).unwrap();
+    let statuses = trickle.await.unwrap();
+    assert!(
+        statuses.iter().all(|s| *s == Some(200)),
+        "every request answered: {statuses:?}"
+    );
+    h.stop().await;
+}
