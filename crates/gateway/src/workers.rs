@@ -42,13 +42,34 @@ use crate::conn_limit::ConnSlot;
 /// spawns its supervisors, and redis-rs spawns a connection's driver where
 /// the connection is first used. `Err`: the task panicked, or its runtime
 /// is shutting down.
+///
+/// Dropped before it is done (a route's timeout fired while an instance
+/// was activated, the client went away), it aborts the task, as `task`
+/// would be dropped if it ran in place: a dropped `JoinHandle` only
+/// detaches its task, and an abandoned activation would go on waiting for
+/// an instance until the service's `ready_timeout`, one per request given
+/// up on. What the task spawned (supervisors, a connection's driver) is
+/// not aborted with it.
 pub(crate) async fn on_caller<T: Send + 'static>(
     runtime: Option<&tokio::runtime::Handle>,
     task: impl Future<Output = T> + Send + 'static,
 ) -> Result<T, tokio::task::JoinError> {
     match runtime {
-        Some(runtime) => runtime.spawn(task).await,
+        Some(runtime) => {
+            let handle = runtime.spawn(task);
+            let _abort = AbortOnDrop(handle.abort_handle());
+            handle.await
+        }
         None => Ok(task.await),
+    }
+}
+
+/// Aborts a task when dropped; a no-op once the task has ended.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -370,6 +391,30 @@ mod tests {
         drop(client);
         drop(clients);
         workers.finish(PATIENCE).await;
+    }
+
+    /// A task run on the caller's runtime for a caller that gave up
+    /// waiting (its timeout fired) is aborted, not left running.
+    #[tokio::test]
+    async fn a_task_on_the_caller_s_runtime_ends_when_its_caller_gives_up() {
+        let runtime = tokio::runtime::Handle::current();
+        // Dropped with the task that holds it: `ended` then resolves.
+        let (held, ended) = oneshot::channel::<()>();
+        let waits_forever = async move {
+            let _held = held;
+            std::future::pending::<()>().await;
+        };
+        let given_up = tokio::time::timeout(
+            Duration::from_millis(10),
+            on_caller(Some(&runtime), waits_forever),
+        )
+        .await;
+        assert!(given_up.is_err(), "the task cannot have finished");
+        let ended = tokio::time::timeout(PATIENCE, ended).await;
+        assert!(
+            matches!(ended, Ok(Err(_))),
+            "the abandoned task is still running"
+        );
     }
 
     #[tokio::test]

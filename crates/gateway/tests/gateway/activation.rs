@@ -109,6 +109,40 @@ async fn activation_outlasting_the_route_timeout_is_503_in_time() {
     gateway.shutdown(Duration::from_secs(5)).await;
 }
 
+/// An activation the request gave up on (its route timeout fired) is
+/// dropped, not left running until the service's `ready_timeout`: one per
+/// request given up on would pile up while the service is slow to start.
+#[tokio::test]
+async fn an_activation_given_up_on_is_dropped() {
+    let registry = Registry::new();
+    // One reference per activation still running.
+    let running = Arc::new(());
+    let held = Arc::clone(&running);
+    registry.on_activate(
+        "fn",
+        Arc::new(move || {
+            let held = Arc::clone(&held);
+            Box::pin(async move {
+                let _held = held;
+                std::future::pending().await
+            })
+        }),
+    );
+    let gateway = start(
+        config(vec![route("fn", "/fn/**", &[], Duration::from_millis(100))]),
+        &registry,
+    )
+    .await;
+    let reply = Client::new(&gateway).get("/fn/x").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    // The closure's own reference and the test's are left.
+    wait_until("the activation to be dropped", || {
+        Arc::strong_count(&running) == 2
+    })
+    .await;
+    gateway.shutdown(Duration::from_secs(5)).await;
+}
+
 /// Starting an instance spawns the tasks that supervise it, and those must
 /// outlive the gateway's worker threads: an activation runs on the runtime
 /// the gateway was started on. Run on a worker's runtime, the task below
