@@ -10,7 +10,7 @@ pub fn document() -> Value {
         "info": {
             "title": "shop-payments",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Charges simulated test cards for the order saga. Called by the broker only (push delivery); a 4xx dead-letters the event, a 5xx has it retried. Test cards: 4000 0000 0000 0002 declines (card_declined), 4000 0000 0000 9995 declines (insufficient_funds), any other number passing the Luhn check succeeds, anything else declines (invalid_card)."
+            "description": "Charges simulated test cards for the order saga. Called by the broker only (push delivery); a 4xx dead-letters the event, a 5xx has it retried. Test cards: 4000 0000 0000 0002 declines (card_declined), 4000 0000 0000 9995 declines (insufficient_funds), any other number passing the Luhn check succeeds, anything else declines (invalid_card). A negative amount declines as invalid_amount, a currency that is not three upper-case letters (ISO 4217) as invalid_currency."
         },
         "paths": {
             "/events/stock": {
