@@ -241,7 +241,11 @@ pub(crate) async fn serve_console(
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(CONSOLE_CONNECTIONS));
     let mut connections = tokio::task::JoinSet::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1 only (a browser speaks nothing else to plain http://): the
+    // automatic choice reads the first bytes to tell HTTP/1 from HTTP/2
+    // with no deadline, so 64 connections that sent nothing, or half an
+    // HTTP/2 preface, would hold every slot for good.
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
