@@ -91,6 +91,7 @@ impl ApiError {
                 E::Unsupported { .. } => (StatusCode::NOT_IMPLEMENTED, "unsupported"),
                 E::StorageFull(_) => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),
                 E::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
+                E::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "message_too_large"),
                 E::Nats { .. } => (StatusCode::SERVICE_UNAVAILABLE, "engine_unavailable"),
                 E::Closed => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             },

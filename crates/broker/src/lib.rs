@@ -86,6 +86,7 @@ impl Broker {
     /// every subscription that has one. Must run inside a tokio runtime.
     pub async fn open(config: Config) -> Result<Self, Error> {
         let topology = config.validate()?;
+        let mut limits = config.limits.clone();
         let identity = match &config.identity {
             Some(files) => {
                 Some(flotilla_mesh::Identity::load(files.clone()).map_err(Error::Identity)?)
@@ -105,14 +106,18 @@ impl Broker {
                         source,
                     })?,
             ),
-            EngineConfig::Nats(n) => Arc::new(
-                engine::nats::NatsEngine::open(&topology, n)
+            EngineConfig::Nats(n) => {
+                let nats = engine::nats::NatsEngine::open(&topology, n, limits.max_event_bytes)
                     .await
                     .map_err(|source| Error::Engine {
                         engine: "nats",
                         source,
-                    })?,
-            ),
+                    })?;
+                // The server's max_payload may lower the limit: the API then
+                // refuses larger events with 413 before they reach NATS.
+                limits.max_event_bytes = nats.max_event_bytes();
+                Arc::new(nats)
+            }
         };
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -152,7 +157,7 @@ impl Broker {
         Ok(Self {
             inner: Arc::new(Inner {
                 engine,
-                limits: config.limits,
+                limits,
                 identity,
                 _reloader: reloader,
                 shutdown,
@@ -164,6 +169,13 @@ impl Broker {
     /// The engine, for embedding code that calls it directly.
     pub fn engine(&self) -> Arc<dyn Engine> {
         self.inner.engine.clone()
+    }
+
+    /// The limits the HTTP API applies: `Config.limits`, with
+    /// `max_event_bytes` lowered to what the engine can store (on NATS, the
+    /// server's `max_payload` less room for headers).
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
     }
 
     /// The HTTP API (see `docs/broker.md`).

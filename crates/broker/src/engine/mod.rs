@@ -52,6 +52,11 @@ pub enum EngineError {
     StorageFull(#[source] std::io::Error),
     #[error("storage failed; the operation did not take effect")]
     Storage(#[source] embedded::StoreError),
+    /// An event the engine cannot store whole: on NATS, over the server's
+    /// `max_payload` once its headers are added. Nothing of the call was
+    /// stored.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("NATS {op} failed")]
     Nats {
         op: &'static str,

@@ -72,6 +72,15 @@ const MAX_KEEPALIVES: usize = 100_000;
 const MAX_REVOKED: usize = 100_000;
 /// Compare-and-set attempts on a consumer-group document before giving up.
 const CAS_ATTEMPTS: usize = 50;
+/// Bytes of every NATS message kept for this engine's headers: the
+/// server's `max_payload` limits payload and headers together, so events are
+/// limited to `max_payload` less this. It covers `Flotilla-Key` with a key
+/// at its 256-byte maximum, `Flotilla-Not-Before`, `Flotilla-Origin` (a
+/// dead-letter move or redrive) and a FIFO `Nats-Msg-Id` (the hex of
+/// `source` + `id`) for a `source` and `id` of up to ~1.9 KiB together; a
+/// message whose headers are longer still is checked exactly and refused
+/// whole.
+pub const HEADER_ROOM: usize = 4096;
 
 fn nats<E: std::error::Error + Send + Sync + 'static>(
     op: &'static str,
@@ -122,6 +131,9 @@ struct Inner {
     revoked: Mutex<HashMap<String, u64>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     closed: AtomicBool,
+    /// The largest event: `Limits.max_event_bytes`, at most the server's
+    /// `max_payload` less [`HEADER_ROOM`].
+    max_event_bytes: usize,
 }
 
 /// The NATS JetStream engine. Cheap to clone.
@@ -183,6 +195,22 @@ fn hex(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The size of a message on the wire as the NATS client counts it against
+/// `max_payload`: the header block (as `HPUB` sends it) plus the payload.
+fn wire_len(headers: &HeaderMap, payload: usize) -> usize {
+    if headers.is_empty() {
+        return payload;
+    }
+    let mut len = b"NATS/1.0\r\n".len() + b"\r\n".len();
+    for (k, vs) in headers.iter() {
+        let k: &str = k.as_ref();
+        for v in vs {
+            len += k.len() + b": ".len() + v.as_str().len() + b"\r\n".len();
+        }
+    }
+    len + payload
+}
+
 fn check_prefix(prefix: &str) -> Result<(), EngineError> {
     if prefix.is_empty()
         || prefix.len() > 32
@@ -207,14 +235,54 @@ struct GroupDoc {
 
 impl NatsEngine {
     /// Connects, and creates (or reuses) the streams and consumers of the
-    /// topology.
-    pub async fn open(topology: &Topology, config: &NatsConfig) -> Result<Self, EngineError> {
+    /// topology. `max_event_bytes` (`Limits.max_event_bytes`) is lowered to
+    /// the server's `max_payload` less [`HEADER_ROOM`] if it is over it (see
+    /// [`NatsEngine::max_event_bytes`]).
+    pub async fn open(
+        topology: &Topology,
+        config: &NatsConfig,
+        max_event_bytes: usize,
+    ) -> Result<Self, EngineError> {
         check_prefix(&config.prefix)?;
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(5))
             .connect(config.url.as_str())
             .await
             .map_err(nats("connect"))?;
+        let max_payload = client.server_info().max_payload;
+        let room = max_payload.saturating_sub(HEADER_ROOM);
+        if room == 0 {
+            return Err(EngineError::InvalidArgument {
+                what: "NATS max_payload",
+                problem: format!(
+                    "the server at {} allows messages of {max_payload} bytes, which leaves no room for events after {HEADER_ROOM} bytes of headers; raise max_payload in the nats-server configuration",
+                    config.url
+                ),
+            });
+        }
+        if max_event_bytes > room {
+            // Clamped, not refused: the defaults of both (1 MiB) collide, and
+            // with NATS the server's max_payload is the message size limit.
+            let message = "events are limited to the NATS server's max_payload less room for headers; to allow larger ones raise max_payload in the nats-server configuration (max 64 MiB), or set max_event_bytes to the limit to silence this";
+            if max_event_bytes > max_payload {
+                tracing::warn!(
+                    max_event_bytes,
+                    max_payload,
+                    limit = room,
+                    header_room = HEADER_ROOM,
+                    "{message}"
+                );
+            } else {
+                tracing::info!(
+                    max_event_bytes,
+                    max_payload,
+                    limit = room,
+                    header_room = HEADER_ROOM,
+                    "{message}"
+                );
+            }
+        }
+        let max_event_bytes = max_event_bytes.min(room);
         let js = jetstream::new(client.clone());
         let p = &config.prefix;
         let replicas = config.replicas.max(1);
@@ -328,10 +396,19 @@ impl NatsEngine {
                 revoked: Mutex::new(HashMap::new()),
                 tasks: Mutex::new(Vec::new()),
                 closed: AtomicBool::new(false),
+                max_event_bytes,
             }),
         };
         engine.start_dead_letter_listeners().await?;
         Ok(engine)
+    }
+
+    /// The largest event this engine stores, in bytes: the configured
+    /// `Limits.max_event_bytes`, or the NATS server's `max_payload` less
+    /// [`HEADER_ROOM`] if that is smaller. The broker's HTTP API refuses
+    /// larger events with 413 before they reach the engine.
+    pub fn max_event_bytes(&self) -> usize {
+        self.inner.max_event_bytes
     }
 
     /// One listener per queue with `max_receives`, in a queue group so that
@@ -494,17 +571,57 @@ impl Inner {
         h
     }
 
+    /// Refuses event #`index` if its message (`payload` bytes plus
+    /// `headers`) is over the event limit or the server's `max_payload`.
+    /// Called for every message of a call before any is published, so that
+    /// a fan-out or batch is stored whole or not at all on size.
+    fn check_size(
+        &self,
+        index: usize,
+        headers: &HeaderMap,
+        payload: usize,
+    ) -> Result<(), EngineError> {
+        let max_payload = self.client.max_payload();
+        let wire = wire_len(headers, payload);
+        if payload > self.max_event_bytes || wire > max_payload {
+            return Err(EngineError::TooLarge(format!(
+                "event #{index} is {payload} bytes ({wire} as a NATS message with headers), over the limit of {} bytes per event and the NATS server's max_payload of {max_payload} bytes per message",
+                self.max_event_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Publishes `msgs` and waits for every acknowledgement. Every message
+    /// is checked against the server's `max_payload` first: the client
+    /// refuses an oversized one only when it comes to it, after the ones
+    /// before it were sent.
     async fn publish_all(
         &self,
         msgs: Vec<(String, HeaderMap, Bytes)>,
     ) -> Result<Vec<jetstream::publish::PublishAck>, EngineError> {
+        let max_payload = self.client.max_payload();
+        for (i, (_, headers, payload)) in msgs.iter().enumerate() {
+            let wire = wire_len(headers, payload.len());
+            if wire > max_payload {
+                return Err(EngineError::TooLarge(format!(
+                    "message #{i} is {wire} bytes with headers, over the NATS server's max_payload of {max_payload} bytes"
+                )));
+            }
+        }
         let mut futures = Vec::with_capacity(msgs.len());
         for (subject, headers, payload) in msgs {
             futures.push(
                 self.js
                     .publish_with_headers(subject, headers, payload)
                     .await
-                    .map_err(nats("publish"))?,
+                    .map_err(|e| {
+                        if e.kind() == PublishErrorKind::MaxPayloadExceeded {
+                            EngineError::TooLarge(e.to_string())
+                        } else {
+                            nats("publish")(e)
+                        }
+                    })?,
             );
         }
         let mut acks = Vec::with_capacity(futures.len());
@@ -644,7 +761,7 @@ impl Engine for NatsEngine {
             .ok_or_else(|| EngineError::UnknownTopic(topic.to_owned()))?;
         let mut msgs = Vec::new();
         let mut outcomes = Vec::with_capacity(events.len());
-        for event in &events {
+        for (index, event) in events.iter().enumerate() {
             let mut routed = 0;
             for (target, filter) in routes {
                 if !filter.matches(event) {
@@ -655,6 +772,7 @@ impl Engine for NatsEngine {
                     NTarget::Queue(name) => {
                         let q = inner.queue(name)?;
                         let h = inner.headers_for(q, event, q.config.delay);
+                        inner.check_size(index, &h, event.as_bytes().len())?;
                         msgs.push((q.subject.clone(), h, event.as_bytes().clone()));
                     }
                     NTarget::Stream(name) => {
@@ -663,6 +781,7 @@ impl Engine for NatsEngine {
                         let p = partition_for(&key, s.config.partitions);
                         let mut h = HeaderMap::new();
                         h.insert(KEY, key.as_str());
+                        inner.check_size(index, &h, event.as_bytes().len())?;
                         msgs.push((format!("{}.{p}", s.subject), h, event.as_bytes().clone()));
                     }
                 }
@@ -681,9 +800,10 @@ impl Engine for NatsEngine {
         let inner = &self.inner;
         let q = inner.queue(queue)?;
         let mut msgs = Vec::with_capacity(messages.len());
-        for m in &messages {
+        for (index, m) in messages.iter().enumerate() {
             check_delay(m.delay)?;
             let h = inner.headers_for(q, &m.event, m.delay.unwrap_or(q.config.delay));
+            inner.check_size(index, &h, m.event.as_bytes().len())?;
             msgs.push((q.subject.clone(), h, m.event.as_bytes().clone()));
         }
         let acks = inner.publish_all(msgs).await?;
@@ -973,11 +1093,12 @@ impl Engine for NatsEngine {
         let s = inner.stream(stream)?;
         let mut partitions = Vec::with_capacity(records.len());
         let mut msgs = Vec::with_capacity(records.len());
-        for r in records {
+        for (index, r) in records.into_iter().enumerate() {
             let key = super::stream_key(r.partition_key, &r.event, &s.config.partition_key)?;
             let p = partition_for(&key, s.config.partitions);
             let mut h = HeaderMap::new();
             h.insert(KEY, key.as_str());
+            inner.check_size(index, &h, r.event.as_bytes().len())?;
             partitions.push(p);
             msgs.push((format!("{}.{p}", s.subject), h, r.event.into_bytes()));
         }
