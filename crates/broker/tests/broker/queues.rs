@@ -633,3 +633,68 @@ async fn concurrent_publish_and_consume_loses_nothing(kind: Kind) {
     assert_eq!(seen.lock().unwrap().len(), total, "messages went missing");
     env.close().await;
 }
+
+/// Embedded FIFO: with group A's head held in flight and a backlog of A
+/// larger than what is held of a group in memory (and, on `small`, than
+/// `max_in_flight`), a message of group B published after the backlog is
+/// still received; then A's whole backlog comes, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifo_other_groups_flow_past_a_stuck_groups_backlog() {
+    const BACKLOG: usize = 600;
+    let env = Env::start(&Kind::Embedded, |c| {
+        for (name, max_in_flight) in [("small", 64), ("big", 120_000)] {
+            c.queues.insert(
+                name.into(),
+                QueueConfig {
+                    fifo: true,
+                    max_in_flight,
+                    ..Default::default()
+                },
+            );
+        }
+    })
+    .await;
+    let e = &*env.engine;
+    let g = |id: String, group: &str| -> OutgoingMessage {
+        event(&id, "t", &[("partitionkey", group)]).into()
+    };
+    for queue in ["small", "big"] {
+        e.send(queue, vec![g("a0".into(), "A")]).await.unwrap();
+        let head = receive_n(e, queue, 1, Duration::from_secs(60)).await;
+        assert_eq!(event_id(&head[0].event), "a0");
+        let backlog: Vec<_> = (1..=BACKLOG).map(|i| g(format!("a{i}"), "A")).collect();
+        e.send(queue, backlog).await.unwrap();
+        e.send(queue, vec![g("b0".into(), "B")]).await.unwrap();
+
+        let b = receive_n(e, queue, 1, Duration::from_secs(60)).await;
+        assert_eq!(event_id(&b[0].event), "b0", "{queue}: B must flow past A");
+        e.send(queue, vec![g("b1".into(), "B")]).await.unwrap();
+        e.ack(queue, &[b[0].receipt.clone()]).await.unwrap();
+        let b = receive_n(e, queue, 1, Duration::from_secs(60)).await;
+        assert_eq!(event_id(&b[0].event), "b1", "{queue}: B keeps flowing");
+        e.ack(queue, &[b[0].receipt.clone(), head[0].receipt.clone()])
+            .await
+            .unwrap();
+
+        // A's backlog, all of it, in order.
+        let mut got = Vec::new();
+        while got.len() < BACKLOG {
+            let batch = receive_window(e, queue, Duration::from_secs(5)).await;
+            assert!(!batch.is_empty(), "{queue}: A stalled after {}", got.len());
+            let receipts: Vec<_> = batch.iter().map(|d| d.receipt.clone()).collect();
+            got.extend(batch.iter().map(|d| event_id(&d.event)));
+            for r in e.ack(queue, &receipts).await.unwrap() {
+                r.unwrap();
+            }
+        }
+        let want: Vec<String> = (1..=BACKLOG).map(|i| format!("a{i}")).collect();
+        assert_eq!(got, want, "{queue}: A out of order");
+        assert!(
+            receive_window(e, queue, Duration::from_millis(100))
+                .await
+                .is_empty(),
+            "{queue}: nothing left"
+        );
+    }
+    env.close().await;
+}

@@ -9,8 +9,10 @@
 //! - per queue, the *in-flight* table of delivered, unacknowledged messages
 //!   (visibility deadline, receipt token, receive count) with a deadline
 //!   heap, capped by `max_in_flight` (SQS's in-flight limit); for FIFO
-//!   queues also the messages passed over because their group was busy,
-//!   under the same cap;
+//!   queues also the messages passed over because their group was busy:
+//!   at most [`HELD_PER_GROUP`] per group and `max_in_flight` in all, the
+//!   rest of a busy group's backlog left on disk behind a per-group marker
+//!   and read again when the group drains;
 //! - per stream partition, the next sequence number.
 //!
 //! Receipts are `<seq>-<token>`; the token changes on every delivery, so a
@@ -108,6 +110,19 @@ pub(super) struct TailMsg {
 /// than twice the in-flight messages plus this many.
 const HEAP_SLACK: usize = 1024;
 
+/// FIFO: the most messages of one busy group (one with a message in
+/// flight) held in memory behind its head. The rest of its backlog stays on
+/// disk, behind the cursor, from a per-group marker on, and is read again
+/// (up to this many) once fewer than half are held, so that a stuck group
+/// with a large backlog neither fills the queue's memory nor stops the
+/// cursor, and other groups keep flowing.
+const HELD_PER_GROUP: usize = 256;
+
+/// The most rows a FIFO receive reads from disk while holding the queue
+/// lock; one that finds nothing to deliver in them lets go of the lock and
+/// goes on.
+const SCAN_BUDGET: usize = 4096;
+
 /// The in-memory tail per queue holds at most this many messages...
 const TAIL_MESSAGES: usize = 1024;
 /// ...and this many bytes; older fresh messages are read from disk.
@@ -128,6 +143,13 @@ pub(super) struct QueueState {
     /// it; dropped, `max_receives` would start over and the count's row
     /// would outlive the message.
     skipped: BTreeMap<u64, (Arc<str>, Option<u32>)>,
+    /// FIFO: how many messages of each group are in `skipped`.
+    held: HashMap<Arc<str>, usize>,
+    /// FIFO: groups whose backlog from this seq on, behind the cursor, is
+    /// on disk only (their `skipped` was full): messages of these groups
+    /// the cursor passes are left there too, in order, and read back into
+    /// `skipped` from the marker when it runs low.
+    overflow: HashMap<Arc<str>, u64>,
     next_token: u64,
     /// The newest appended messages, contiguous up to `committed` since
     /// the engine opened (bounded by TAIL_MESSAGES and TAIL_BYTES).
@@ -138,12 +160,33 @@ pub(super) struct QueueState {
 impl QueueState {
     pub(super) fn forget(&mut self, seq: u64) {
         self.inflight.remove(&seq);
-        self.skipped.remove(&seq);
+        self.unhold(seq);
         if let Ok(i) = self.tail.binary_search_by_key(&seq, |m| m.seq)
             && let Some(m) = self.tail.remove(i)
         {
             self.tail_bytes -= m.event.len();
         }
+    }
+
+    /// How many messages of `group` are held in `skipped`.
+    fn held_of(&self, group: &str) -> usize {
+        self.held.get(group).copied().unwrap_or(0)
+    }
+
+    fn hold(&mut self, seq: u64, group: Arc<str>, prior: Option<u32>) {
+        *self.held.entry(group.clone()).or_default() += 1;
+        self.skipped.insert(seq, (group, prior));
+    }
+
+    fn unhold(&mut self, seq: u64) -> Option<(Arc<str>, Option<u32>)> {
+        let (group, prior) = self.skipped.remove(&seq)?;
+        if let Some(n) = self.held.get_mut(&*group) {
+            *n -= 1;
+            if *n == 0 {
+                self.held.remove(&*group);
+            }
+        }
+        Some((group, prior))
     }
 
     pub(super) fn extend_tail(&mut self, msgs: Vec<TailMsg>) {
@@ -342,6 +385,8 @@ impl EmbeddedEngine {
                     inflight: HashMap::new(),
                     heap: BinaryHeap::new(),
                     skipped: BTreeMap::new(),
+                    held: HashMap::new(),
+                    overflow: HashMap::new(),
                     next_token: first_token,
                     tail: VecDeque::new(),
                     tail_bytes: 0,
@@ -609,14 +654,16 @@ impl Inner {
     }
 
     /// The blocking half of a receive: picks messages under the queue lock,
-    /// reading new ones from disk at the cursor.
+    /// reading new ones from disk at the cursor. Also says whether it
+    /// stopped reading the disk on [`SCAN_BUDGET`] with rows left to read
+    /// (call again before waiting).
     fn try_receive(
         &self,
         qi: usize,
         max: usize,
         visibility: u64,
         one_per_group: bool,
-    ) -> Result<Vec<Delivery>, EngineError> {
+    ) -> Result<(Vec<Delivery>, bool), EngineError> {
         let q = &self.shared.queues[qi];
         let db = self.db()?;
         let max_receives = q.config.max_receives;
@@ -628,6 +675,9 @@ impl Inner {
         let mut dead = Vec::new();
         let mut counts = Vec::new();
         let mut out = Vec::new();
+        let cap = q.config.max_in_flight;
+        let mut budget = SCAN_BUDGET;
+        let mut more = false;
         {
             let mut st = q.state.lock().map_err(|_| EngineError::Closed)?;
             let st = &mut *st;
@@ -639,6 +689,60 @@ impl Inner {
             let qrecv = read.open_table(QRECV).map_err(|e| store_err(e.into()))?;
             let mut blocked: HashSet<Arc<str>> = HashSet::new();
             if q.config.fifo {
+                // Groups whose backlog is on disk and runs low in memory:
+                // read the next of it back, in order, from their markers.
+                let low: Vec<(Arc<str>, u64)> = st
+                    .overflow
+                    .iter()
+                    .filter(|(g, _)| st.held_of(g) < HELD_PER_GROUP / 2)
+                    .map(|(g, &from)| (g.clone(), from))
+                    .collect();
+                for (group, from) in low {
+                    if budget == 0 {
+                        more = true;
+                        break;
+                    }
+                    if st.skipped.len() >= cap {
+                        break;
+                    }
+                    let mut next = None;
+                    for row in qmsg
+                        .range((q.id, from)..(q.id, st.cursor))
+                        .map_err(|e| store_err(e.into()))?
+                    {
+                        let (k, v) = row.map_err(|e| store_err(e.into()))?;
+                        let seq = k.value().1;
+                        budget -= 1;
+                        let rec = MsgRecord::decode(v.value()).map_err(store_err)?;
+                        if rec.group == &*group {
+                            let prior = qrecv
+                                .get((q.id, seq))
+                                .map_err(|e| store_err(e.into()))?
+                                .map(|c| c.value());
+                            if max_receives.is_some_and(|m| prior.unwrap_or(0) >= m) {
+                                dead.push(seq);
+                            } else {
+                                st.hold(seq, group.clone(), prior);
+                            }
+                        }
+                        if st.held_of(&group) >= HELD_PER_GROUP
+                            || st.skipped.len() >= cap
+                            || budget == 0
+                        {
+                            next = Some(seq + 1);
+                            break;
+                        }
+                    }
+                    match next {
+                        Some(n) => {
+                            st.overflow.insert(group, n);
+                        }
+                        // Read up to the cursor: all of it is held now.
+                        None => {
+                            st.overflow.remove(&group);
+                        }
+                    }
+                }
                 for f in st.inflight.values() {
                     if f.visible_at > now {
                         blocked.insert(f.group.clone());
@@ -669,7 +773,7 @@ impl Inner {
                             continue;
                         }
                         picks.push((seq, f.count, group.clone(), f.recv_row, None));
-                    } else if let Some((_, prior)) = st.skipped.remove(&seq) {
+                    } else if let Some((_, prior)) = st.unhold(seq) {
                         picks.push((
                             seq,
                             prior.unwrap_or(0),
@@ -705,12 +809,10 @@ impl Inner {
                     picks.push((seq, f.count, f.group.clone(), f.recv_row, None));
                 }
             }
-            // New messages from disk, while under the in-flight cap.
-            let cap = q.config.max_in_flight;
-            if picks.len() < max
-                && st.cursor <= st.committed
-                && st.inflight.len() + st.skipped.len() < cap
-            {
+            // New messages from disk, while under the in-flight cap. What
+            // is held for busy groups does not stop the cursor: it is
+            // bounded per group, and beyond that left on disk.
+            if picks.len() < max && st.cursor <= st.committed && st.inflight.len() < cap {
                 let range = qmsg
                     .range((q.id, st.cursor)..=(q.id, st.committed))
                     .map_err(|e| store_err(e.into()))?;
@@ -728,10 +830,17 @@ impl Inner {
                         dead.push(seq);
                         continue;
                     }
-                    let group: Arc<str> = Arc::from(rec.group);
-                    if q.config.fifo && blocked.contains(&group) {
-                        st.skipped.insert(seq, (group, prior));
+                    if q.config.fifo && st.overflow.contains_key(rec.group) {
+                        // Part of the group's backlog left on disk (its
+                        // marker is before it): read back in order later.
+                    } else if q.config.fifo && blocked.contains(rec.group) {
+                        if st.held_of(rec.group) >= HELD_PER_GROUP || st.skipped.len() >= cap {
+                            st.overflow.insert(Arc::from(rec.group), seq);
+                        } else {
+                            st.hold(seq, Arc::from(rec.group), prior);
+                        }
                     } else {
+                        let group: Arc<str> = Arc::from(rec.group);
                         if q.config.fifo && one_per_group {
                             blocked.insert(group.clone());
                         }
@@ -743,10 +852,14 @@ impl Inner {
                             Some((Bytes::copy_from_slice(rec.event), rec.enqueued_ms)),
                         ));
                     }
-                    if picks.len() >= max
-                        || st.inflight.len() + st.skipped.len() + picks.len() >= cap
-                    {
+                    budget = budget.saturating_sub(1);
+                    if picks.len() >= max || st.inflight.len() + picks.len() >= cap {
                         exhausted = false;
+                        break;
+                    }
+                    if budget == 0 {
+                        exhausted = false;
+                        more = st.cursor <= st.committed;
                         break;
                     }
                 }
@@ -811,7 +924,7 @@ impl Inner {
             })
             .map_err(|_| EngineError::Closed)?;
         }
-        Ok(out)
+        Ok((out, more))
     }
 
     /// Dead-letters expired deliveries that used up `max_receives`, without
@@ -1072,8 +1185,8 @@ impl Engine for EmbeddedEngine {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let max = request.max_messages;
-            let got = match self.inner.try_receive_fast(qi, max, visibility)? {
-                Some(got) => got,
+            let (got, more) = match self.inner.try_receive_fast(qi, max, visibility)? {
+                Some(got) => (got, false),
                 None => {
                     let inner = self.inner.clone();
                     let one_per_group = request.one_per_group;
@@ -1085,8 +1198,13 @@ impl Engine for EmbeddedEngine {
                 }
             };
             let now = tokio::time::Instant::now();
-            if !got.is_empty() || now >= deadline {
+            if !got.is_empty() || (now >= deadline && !more) {
                 return Ok(got);
+            }
+            if more {
+                // The disk scan stopped on its budget (the lock was let go
+                // for others meanwhile): go on before waiting.
+                continue;
             }
             // Sleep until something is published, released or acked (FIFO),
             // or an in-flight message becomes visible again.
@@ -1217,8 +1335,36 @@ impl Engine for EmbeddedEngine {
             }
             let skipped: Vec<u64> = st.skipped.keys().copied().take(max - seqs.len()).collect();
             for s in skipped {
-                st.skipped.remove(&s);
+                st.unhold(s);
                 seqs.push(s);
+            }
+            // FIFO backlogs left on disk behind the cursor (see
+            // `QueueState::overflow`), oldest first.
+            if seqs.len() < max
+                && let Some(from) = st.overflow.values().min().copied()
+            {
+                let mut stop = st.cursor;
+                for row in qmsg
+                    .range((q.id, from)..(q.id, st.cursor))
+                    .map_err(|e| store_err(e.into()))?
+                {
+                    let (k, v) = row.map_err(|e| store_err(e.into()))?;
+                    let seq = k.value().1;
+                    if seqs.len() >= max {
+                        stop = seq;
+                        break;
+                    }
+                    let rec = MsgRecord::decode(v.value()).map_err(store_err)?;
+                    if st.overflow.get(rec.group).is_some_and(|&m| m <= seq) {
+                        seqs.push(seq);
+                    }
+                }
+                // Every left-behind message before `stop` was taken.
+                let cursor = st.cursor;
+                st.overflow.retain(|_, m| {
+                    *m = (*m).max(stop);
+                    *m < cursor
+                });
             }
             if seqs.len() < max && st.cursor <= st.committed {
                 let mut exhausted = true;
