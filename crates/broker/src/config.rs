@@ -124,7 +124,10 @@ pub enum Durability {
     /// After the data is committed in memory; a durable commit runs every
     /// interval, so a crash of the process or a power loss can lose up to
     /// one interval of acknowledged publishes (redb keeps a non-durable
-    /// commit in memory only).
+    /// commit in memory only). So can a full disk: it is found at the
+    /// durable commit, after the publishes were acknowledged; the engine
+    /// logs the loss, refuses writes, and the restart that follows drops
+    /// them.
     Interval(Duration),
 }
 

@@ -1039,6 +1039,26 @@ impl Inner {
     }
 }
 
+/// Says, loudly, what a failed durable commit of the ticker loses: the
+/// engine refuses writes from now on and redb drops the commits made since
+/// the last durable one when it is reopened.
+fn flush_failed(durability: Durability, e: &EngineError) {
+    let cause = std::error::Error::source(e).map(ToString::to_string);
+    match durability {
+        Durability::Interval(d) => tracing::error!(
+            error = %e,
+            cause,
+            interval = ?d,
+            "broker: the periodic durable commit failed (Durability::Interval); publishes acknowledged since the last durable commit (up to one interval) are not on disk and will be LOST when the broker restarts, as will acks and moves since then (redelivered); writes are refused until the restart; free disk space and restart the broker"
+        ),
+        Durability::Always => tracing::error!(
+            error = %e,
+            cause,
+            "broker: the periodic durable commit failed; acks, receive counts and moves since the last durable commit are not on disk and are undone when the broker restarts (those messages are delivered again); every acknowledged publish is on disk; writes are refused until the restart"
+        ),
+    }
+}
+
 /// Housekeeping: promotes due delayed messages, sweeps dead letters,
 /// retention and dedup entries, and flushes non-durable commits.
 async fn ticker(weak: Weak<Inner>) {
@@ -1094,7 +1114,11 @@ async fn ticker(weak: Weak<Inner>) {
         }
         if last_flush.elapsed() >= flush_every {
             last_flush = tokio::time::Instant::now();
-            let _ = inner.request(|reply| Op::Flush { reply }).await;
+            if let Err(e @ (EngineError::StorageFull(_) | EngineError::Storage(_))) =
+                inner.request(|reply| Op::Flush { reply }).await
+            {
+                flush_failed(inner.durability, &e);
+            }
         }
     }
 }
@@ -1865,6 +1889,86 @@ mod tests {
         assert_eq!(rows, 0, "orphaned receive-count rows");
         drop(read);
         drop(db);
+        e.close().await;
+    }
+
+    /// Collects the messages of ERROR events (a minimal subscriber: the
+    /// crate has no tracing-subscriber).
+    struct Errors(Arc<Mutex<Vec<String>>>);
+
+    impl tracing::Subscriber for Errors {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            struct Text(String);
+            impl tracing::field::Visit for Text {
+                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    self.0.push_str(&format!("{}={v:?} ", f.name()));
+                }
+            }
+            if *event.metadata().level() == tracing::Level::ERROR {
+                let mut t = Text(String::new());
+                event.record(&mut t);
+                self.0.lock().unwrap().push(t.0);
+            }
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// With `Durability::Interval` a publish is acknowledged before it is on
+    /// disk; a full disk shows up only at the ticker's durable commit, and
+    /// that failure must be logged as the loss it is, not discarded.
+    #[tokio::test(flavor = "current_thread")]
+    async fn interval_flush_failure_is_logged() {
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        // Thread-local; the ticker runs on this (current-thread) runtime.
+        let _guard = tracing::subscriber::set_default(Errors(errors.clone()));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fault = FaultInjection::new();
+        let mut config = Config {
+            engine: EngineConfig::Embedded(EmbeddedConfig {
+                dir: dir.path().join("data"),
+                durability: Durability::Interval(Duration::from_millis(20)),
+                fault_injection: Some(fault.clone()),
+                ..EmbeddedConfig::default()
+            }),
+            ..Config::default()
+        };
+        config.queues.insert("q".into(), QueueConfig::default());
+        let topology = config.validate().expect("valid config");
+        let EngineConfig::Embedded(c) = &config.engine else {
+            unreachable!()
+        };
+        let e = EmbeddedEngine::open(&topology, c).await.expect("open");
+        fault.fail_writes(true);
+        // Acknowledged, though the disk is full: the commit is in memory.
+        let sent = e.send("q", vec![event("acked").into()]).await;
+        assert!(sent.is_ok(), "{sent:?}");
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let logged = errors
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|m| m.contains("periodic durable commit failed") && m.contains("LOST"));
+            if logged {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < end,
+                "no error logged for the failed flush: {:?}",
+                errors.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(e.inner.shared.failed.load(Ordering::SeqCst));
         e.close().await;
     }
 }
