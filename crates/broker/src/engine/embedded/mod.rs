@@ -1971,4 +1971,74 @@ mod tests {
         assert!(e.inner.shared.failed.load(Ordering::SeqCst));
         e.close().await;
     }
+
+    /// Redrive of a FIFO dead-letter queue also takes the part of a busy
+    /// group's backlog that was left on disk (over `HELD_PER_GROUP`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redrive_takes_a_fifo_backlog_left_on_disk() {
+        const N: usize = HELD_PER_GROUP + 50;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let e = open(
+            dir.path(),
+            &[
+                (
+                    "src",
+                    QueueConfig {
+                        fifo: true,
+                        dead_letter: Some("dlq".into()),
+                        ..QueueConfig::default()
+                    },
+                ),
+                (
+                    "dlq",
+                    QueueConfig {
+                        fifo: true,
+                        ..QueueConfig::default()
+                    },
+                ),
+            ],
+        )
+        .await;
+        let msgs: Vec<OutgoingMessage> = (0..=N).map(|i| event(&format!("m{i}")).into()).collect();
+        e.send("src", msgs).await.unwrap();
+        let mut moved = 0;
+        while moved <= N {
+            let got = e
+                .receive(
+                    "src",
+                    ReceiveRequest {
+                        max_messages: 10,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            assert!(!got.is_empty());
+            for d in got {
+                e.dead_letter("src", &d.receipt).await.unwrap();
+                moved += 1;
+            }
+        }
+        // All of one group (no `partitionkey`): hold its head, then a
+        // receive passes the cursor over the rest.
+        let head = e.receive("dlq", ReceiveRequest::default()).await.unwrap();
+        assert_eq!(head.len(), 1);
+        assert!(
+            e.receive("dlq", ReceiveRequest::default())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        {
+            let q = &e.inner.shared.queues[e.inner.queue_idx("dlq").unwrap()];
+            let st = q.state.lock().unwrap();
+            assert_eq!(st.skipped.len(), HELD_PER_GROUP);
+            assert_eq!(st.overflow.len(), 1, "the rest is left on disk");
+        }
+        assert_eq!(e.redrive("dlq", 10_000).await.unwrap(), N as u64);
+        let q = &e.inner.shared.queues[e.inner.queue_idx("dlq").unwrap()];
+        assert!(q.state.lock().unwrap().overflow.is_empty());
+        assert_eq!(e.queue_stats("src").await.unwrap().ready, N as u64);
+        e.close().await;
+    }
 }
