@@ -111,6 +111,16 @@ macro_rules! out {
     }};
 }
 
+/// Like `eprintln!`, but a stderr that cannot be written (the terminal hung
+/// up, `2>&-`) is not a panic: a message lost is better than a stop cut
+/// short.
+macro_rules! err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 /// Exit code for an invalid manifest, distinct from runtime failures.
 const EXIT_INVALID: u8 = 2;
 
@@ -132,7 +142,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            err!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -192,7 +202,7 @@ async fn run(command: Command) -> ExitCode {
             if let Some(listen) = listen
                 && let Some(redirect) = manifest.gateway.redirect_clashes_with(listen)
             {
-                eprintln!(
+                err!(
                     "error: `--listen {listen}` takes the port of `[gateway.tls] http_redirect = \"{redirect}\"` in {}\n  help: give `--listen` another port, or move `http_redirect` to one of its own",
                     manifest.file.display()
                 );
@@ -200,7 +210,7 @@ async fn run(command: Command) -> ExitCode {
             }
             let data_dir = data_dir.unwrap_or_else(|| manifest.dir.join(".flotilla"));
             if let Some(served) = serves(&manifest, &data_dir) {
-                eprintln!(
+                err!(
                     "error: the data directory {} is inside the gateway's static directory {}, which would serve its CA keys and control token to anyone\n  help: give `--data-dir` a place outside `static`",
                     data_dir.display(),
                     served.display()
@@ -288,7 +298,7 @@ async fn run(command: Command) -> ExitCode {
         }
         Command::Purge { prefix, data_dir } => {
             if !prefix.starts_with('/') {
-                eprintln!(
+                err!(
                     "error: `{prefix}` is not a path prefix: give one starting with `/` (`/` alone drops every kept response)"
                 );
                 return ExitCode::from(EXIT_INVALID);
@@ -311,13 +321,13 @@ async fn run(command: Command) -> ExitCode {
         }
         Command::ApiKey { consumer } => {
             if !flotilla_manifest::ApiKeys::is_consumer_name(&consumer) {
-                eprintln!(
+                err!(
                     "error: `{consumer}` is not a consumer name: use up to 64 letters, digits, `-`, `_` or `.`"
                 );
                 return ExitCode::from(EXIT_INVALID);
             }
             let Some(new) = flotilla_gateway::new_api_key() else {
-                eprintln!("error: the system's random number generator failed");
+                err!("error: the system's random number generator failed");
                 return ExitCode::FAILURE;
             };
             out!("key for {consumer} (give it to the client; it is not kept anywhere):");
@@ -340,7 +350,7 @@ async fn run(command: Command) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Ok(false) => {
-                    eprintln!(
+                    err!(
                         "error: asked {} to stop, but it is still running after 60 s",
                         client.endpoints().system
                     );
@@ -360,13 +370,24 @@ async fn up(manifest: Manifest, options: Options) -> ExitCode {
     // A hangup (the terminal or SSH session that ran `flotilla up` closed)
     // stops the system as SIGTERM does: its default action would kill
     // `flotilla` with no drain, and leave what wrappers started running.
+    // Unless it is ignored, as `nohup flotilla up &` asks: listening for it
+    // would undo that, and the system would stop at logout.
+    let hangup = if hangup_ignored() {
+        None
+    } else {
+        Some(signal(SignalKind::hangup()))
+    };
     let (mut interrupt, mut sigterm, mut hangup) = match (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
+        hangup.transpose(),
     ) {
         (Ok(i), Ok(t), Ok(h)) => (i, t, h),
         (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return fail(&e),
+    };
+    let mut hangup = async move || match &mut hangup {
+        Some(h) => h.recv().await,
+        None => std::future::pending().await,
     };
     let system = tokio::select! {
         started = System::start(manifest, options) => match started {
@@ -375,12 +396,12 @@ async fn up(manifest: Manifest, options: Options) -> ExitCode {
         },
         _ = interrupt.recv() => return interrupted("while starting"),
         _ = sigterm.recv() => return interrupted("while starting"),
-        _ = hangup.recv() => return interrupted("while starting"),
+        _ = hangup() => return interrupted("while starting"),
     };
     tokio::select! {
         _ = interrupt.recv() => {}
         _ = sigterm.recv() => {}
-        _ = hangup.recv() => {}
+        _ = hangup() => {}
         _ = system.shutdown_requested() => {}
     }
     out!("stopping (Ctrl-C again to kill the instances at once)");
@@ -392,8 +413,19 @@ async fn up(manifest: Manifest, options: Options) -> ExitCode {
 
 /// Gives up at once: the instances (and their process groups) are killed
 /// as the runtime drops their supervisors.
+/// Whether SIGHUP is ignored in this process (`nohup` leaves it so).
+fn hangup_ignored() -> bool {
+    // SAFETY: with a null new action, sigaction(2) only writes the current
+    // one into `old`, a zeroed struct of the right type.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
 fn interrupted(when: &str) -> ExitCode {
-    eprintln!("interrupted {when}: killing the instances");
+    err!("interrupted {when}: killing the instances");
     ExitCode::from(130)
 }
 
@@ -422,7 +454,7 @@ fn load(path: Option<&Path>) -> Result<Manifest, ExitCode> {
     let path = path.canonicalize().unwrap_or(path);
     let manifest = Manifest::load(&path).map_err(|e| match e {
         flotilla_manifest::Error::Invalid { .. } => {
-            eprintln!("{e}");
+            err!("{e}");
             ExitCode::from(EXIT_INVALID)
         }
         other => fail(&other),
@@ -430,7 +462,7 @@ fn load(path: Option<&Path>) -> Result<Manifest, ExitCode> {
     // What the manifest alone cannot judge: filter conditions and the
     // broker's limits, checked by the broker's own rules.
     if let Err(e) = flotilla_runtime::check_broker(&manifest) {
-        eprintln!("error: {}: {e}", path.display());
+        err!("error: {}: {e}", path.display());
         return Err(ExitCode::from(EXIT_INVALID));
     }
     Ok(manifest)
@@ -475,7 +507,7 @@ fn fail(e: &dyn std::error::Error) -> ExitCode {
         message.push_str(&format!("\n  caused by: {cause}"));
         source = cause.source();
     }
-    eprintln!("{message}");
+    err!("{message}");
     ExitCode::FAILURE
 }
 

@@ -191,8 +191,19 @@ fn up(listen: &str) -> Up {
 
 /// `flotilla up` on `manifest`, which is in `dir`, with its data dir there.
 fn up_with(dir: tempfile::TempDir, manifest: PathBuf) -> Up {
+    up_configured(dir, manifest, |_| {})
+}
+
+/// Like [`up_with`], `configure` adjusting the command first.
+fn up_configured(
+    dir: tempfile::TempDir,
+    manifest: PathBuf,
+    configure: impl FnOnce(&mut std::process::Command),
+) -> Up {
     let data = dir.path().join("data");
-    let child = flotilla()
+    let mut command = flotilla();
+    configure(&mut command);
+    let child = command
         .arg("up")
         .arg(&manifest)
         .arg("--data-dir")
@@ -511,6 +522,57 @@ fn signalled(
         || !alive(helper_pid),
     );
     status
+}
+
+/// `nohup flotilla up &` asks for hangups to be ignored: `flotilla` keeps
+/// them so (listening for SIGHUP would undo it), and the system outlives
+/// the session that started it.
+#[test]
+fn a_hangup_is_ignored_under_nohup() {
+    let dir = tempfile::tempdir().unwrap();
+    let unready = dir.path().join("unready");
+    std::fs::write(&unready, b"").unwrap();
+    let manifest = dir.path().join("flotilla.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "name = \"nohup\"\n[gateway]\nlisten = \"127.0.0.1:0\"\n[services.hello]\nrun = {{ command = [\"python3\", \"{}\"] }}\nenv = {{ UNREADY_FILE = \"{}\" }}\nready_timeout = \"60s\"\n",
+            flotilla_testkit::hello_py().display(),
+            unready.display()
+        ),
+    )
+    .unwrap();
+    let mut up = up_configured(dir, manifest, |command| {
+        // SAFETY: signal(2) between fork and exec, as nohup(1) does.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(command, || {
+                libc::signal(libc::SIGHUP, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+    });
+    wait_until("the instance to start", Duration::from_secs(30), || {
+        up.data.join("logs").join("hello-0.log").exists()
+    });
+    // While it starts: heeded, the hangup would stop it with 130.
+    // SAFETY: kill(2) of the child this test started.
+    unsafe {
+        libc::kill(up.child.id() as libc::pid_t, libc::SIGHUP);
+    }
+    std::fs::remove_file(up.data.parent().unwrap().join("unready")).unwrap();
+    wait_for_endpoints(&mut up);
+    let out = flotilla()
+        .args(["down", "--data-dir"])
+        .arg(&up.data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = exited(&mut up, "stop on `down`");
+    assert!(status.success(), "{status}");
 }
 
 /// Ctrl-C while the system starts (an instance not ready yet) stops
