@@ -32,7 +32,6 @@ pub use events::{
 };
 pub use host::{HostPattern, HostPatternError, host_name};
 pub use pattern::{PathPattern, PatternError};
-pub use validate::set_by_runtime;
 
 /// The file name Flotilla looks for.
 pub const FILE_NAME: &str = "flotilla.toml";

@@ -51,11 +51,9 @@ const RUNTIME_ENV: [&str; 4] = [
     "OTEL_SERVICE_NAME",
     "OTEL_RESOURCE_ATTRIBUTES",
 ];
-/// Whether the runtime owns the environment variable `name`: a service's
-/// `env` cannot set it, and an instance never inherits it from flotilla's
-/// own environment (a `DATABASE_URL` in the developer's shell is not the
-/// database of a service with `data = "none"`).
-pub fn set_by_runtime(name: &str) -> bool {
+/// Whether the runtime owns the environment variable `name`, so a
+/// service's `env` cannot set it.
+fn set_by_runtime(name: &str) -> bool {
     name.starts_with("FLOTILLA_") || RUNTIME_ENV.contains(&name)
 }
 

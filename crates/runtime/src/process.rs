@@ -106,12 +106,14 @@ impl Proc {
         console: Arc<Console>,
     ) -> io::Result<Proc> {
         let mut cmd = Command::new(&launch.program);
-        // The runtime's own variables come from the runtime alone: one in
-        // flotilla's environment (a `DATABASE_URL` or `FLOTILLA_URL_*` left
-        // in the developer's shell) would reach the instances the runtime
-        // sets no value for, as a database or a peer they do not have.
+        // The platform's variables come from the runtime alone: one in
+        // flotilla's environment (a `FLOTILLA_URL_*` or
+        // `FLOTILLA_BROKER_URL` left in the developer's shell) would reach
+        // the instances the runtime sets no value for, as a peer they do
+        // not have. Not `DATABASE_URL`: a service without `data = "sqlite"`
+        // may be given its database elsewhere that way, as before.
         for (name, _) in std::env::vars_os() {
-            if name.to_str().is_some_and(flotilla_manifest::set_by_runtime) {
+            if name.to_str().is_some_and(|n| n.starts_with("FLOTILLA_")) {
                 cmd.env_remove(&name);
             }
         }

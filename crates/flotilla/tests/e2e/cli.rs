@@ -209,8 +209,9 @@ fn up_configured(
         .arg("--data-dir")
         .arg(&data)
         .arg("--quiet")
-        // Left in a developer's shell: no instance inherits the runtime's
-        // names (`up_status_down` looks).
+        // Left in a developer's shell: no instance inherits a FLOTILLA_
+        // name; a DATABASE_URL reaches those without `data`
+        // (`up_status_down` looks).
         .env("DATABASE_URL", "postgres://leaked/db")
         .env("FLOTILLA_URL_LEAKED", "https://leaked:1")
         .stdout(Stdio::piped())
@@ -327,12 +328,12 @@ fn up_status_down() {
             .filter_map(|kv| kv.split_once('=').map(|(k, _)| k))
             .collect();
         assert!(names.contains(&"FLOTILLA_SERVICE"), "{names:?}");
-        for leaked in ["DATABASE_URL", "FLOTILLA_URL_LEAKED"] {
-            assert!(
-                !names.contains(&leaked),
-                "instance {pid} inherited {leaked}"
-            );
-        }
+        assert!(
+            !names.contains(&"FLOTILLA_URL_LEAKED"),
+            "instance {pid} inherited FLOTILLA_URL_LEAKED"
+        );
+        // Not the platform's (hello has no `data`): its database elsewhere.
+        assert!(names.contains(&"DATABASE_URL"), "{names:?}");
     }
     assert!(
         endpoints["gateway"]
