@@ -211,19 +211,40 @@ impl Pool {
             .count() as u32
     }
 
-    /// Starts slots until `count` are running (bounded by `max`).
+    /// Instances that take new requests, now or once ready: running, less
+    /// those out of rotation that still finish the requests they were
+    /// given. One restarting (its load reset) counts: it is on its way.
+    fn taking(state: &PoolState) -> u32 {
+        state
+            .slots
+            .values()
+            .filter(|s| s.status.state != InstanceState::Stopping)
+            .filter(|s| {
+                s.status.state != InstanceState::Unready
+                    || s.load.as_ref().is_none_or(|l| l.in_flight() == 0)
+            })
+            .count() as u32
+    }
+
+    /// Starts slots until `count` take new requests, bounded by `max`
+    /// running: an instance that left rotation busy does not hold back the
+    /// one a waiting request needs (it would wait out that instance's
+    /// longest request).
     pub(crate) fn ensure_running(self: &Arc<Self>, count: u32) {
         let mut state = lock(&self.state);
         if state.shutting_down {
             return;
         }
         let target = count.min(self.spec.scale.max);
-        if Self::running(&state) >= target {
+        let room = |state: &PoolState| {
+            Self::taking(state) < target && Self::running(state) < self.spec.scale.max
+        };
+        if !room(&state) {
             // Nothing to start, and nothing to tell: `activate` calls this
             // on every change, and a change it caused would wake it again.
             return;
         }
-        while Self::running(&state) < target {
+        while room(&state) {
             let index = (0..).find(|i| !state.slots.contains_key(i)).unwrap_or(0);
             let id = format!("{}-{index}", self.spec.name);
             let (stop, stop_rx) = watch::channel(false);
@@ -821,6 +842,11 @@ impl Pool {
                             )
                         })
                 };
+                // One out of rotation is stopped above `min` even when the
+                // load wants it kept: it takes no new requests (a request
+                // that finds none ready starts another beside it, see
+                // `ensure_running`), and its own in-flight requests, which
+                // made the load, are what `unready` waits for.
                 let victim = if running > keep {
                     unready().or_else(|| {
                         if ready > keep {
@@ -829,6 +855,8 @@ impl Pool {
                             None
                         }
                     })
+                } else if running > scale.min {
+                    unready()
                 } else {
                     None
                 };

@@ -61,7 +61,7 @@ routes = [{ path = "/busy/**" }]
     }
     h.wait(
         "busy to scale to its max of 3",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         |h| h.service("busy").ready == 3,
     )
     .await;
@@ -137,19 +137,18 @@ routes = [{{ path = "/fn/**", timeout = "5m" }}]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_out_of_rotation_finishes_its_requests_before_it_stops() {
     let flags = tempfile::tempdir().unwrap();
-    let unready = flags.path().join("unready");
-    // Never retried: a request cut by the instance's stop must show as
-    // such, not be answered by another instance.
+    // One flag per instance, so that only fn-0 leaves rotation. Never
+    // retried: a request cut by the instance's stop must show as such, not
+    // be answered by another instance.
     let h = start(&format!(
         r#"[services.fn]
 shape = "function"
-run = {{ command = ["python3", "HELLO"] }}
-env = {{ UNREADY_FILE = "{flag}" }}
+run = {{ command = ["sh", "-c", "UNREADY_FILE={dir}/$FLOTILLA_INSTANCE exec python3 HELLO"] }}
 scale = {{ idle = "1h" }}
 ready_timeout = "10m"
 routes = [{{ path = "/fn/**", timeout = "5m", retries = 0 }}]
 "#,
-        flag = unready.display()
+        dir = flags.path().display()
     ))
     .await;
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -157,14 +156,17 @@ routes = [{{ path = "/fn/**", timeout = "5m", retries = 0 }}]
         .timeout(Duration::from_secs(120))
         .build()
         .unwrap();
+    let get = |ms: u32| {
+        let (http, url) = (http.clone(), format!("{}/fn/sleep?ms={ms}", h.gateway()));
+        tokio::spawn(async move {
+            let r = http.get(url).send().await?;
+            let status = r.status().as_u16();
+            r.text().await.map(|body| (status, body))
+        })
+    };
     // Held far longer than leaving rotation takes (three failed probes a
     // second apart).
-    let url = format!("{}/fn/sleep?ms=20000", h.gateway());
-    let held = tokio::spawn(async move {
-        let r = http.get(url).send().await?;
-        let status = r.status().as_u16();
-        r.text().await.map(|body| (status, body))
-    });
+    let held = get(20000);
     h.wait(
         "the request in flight on fn-0",
         Duration::from_secs(30),
@@ -172,7 +174,7 @@ routes = [{{ path = "/fn/**", timeout = "5m", retries = 0 }}]
     )
     .await;
     // fn-0 fails /readyz from now on.
-    std::fs::write(&unready, "").unwrap();
+    std::fs::write(flags.path().join("fn-0"), "").unwrap();
     h.wait("fn-0 out of rotation", Duration::from_secs(30), |h| {
         h.service("fn").ready == 0
     })
@@ -184,13 +186,28 @@ routes = [{{ path = "/fn/**", timeout = "5m", retries = 0 }}]
             .any(|i| i.state == InstanceState::Unready && i.in_flight == 1),
         "fn-0 kept, finishing its request: {fn0:#?}"
     );
+    // A request now does not wait for fn-0's to end: another instance
+    // starts for it beside fn-0.
+    let (status, body) = get(0).await.unwrap().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"instance\": \"fn-1\""), "{body}");
+    assert!(
+        !held.is_finished(),
+        "the new request waited for fn-0's to end"
+    );
     let (status, body) = held.await.unwrap().unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"instance\": \"fn-0\""), "{body}");
     // Its request answered, it serves nothing: stopped (with an `idle` of
-    // an hour, not for idleness).
-    h.wait("fn-0 stopped", Duration::from_secs(30), |h| {
-        h.service("fn").instances.is_empty()
+    // an hour, not for idleness); fn-1 stays.
+    h.wait("fn-0 stopped, fn-1 left", Duration::from_secs(30), |h| {
+        let ids: Vec<String> = h
+            .service("fn")
+            .instances
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        ids == ["fn-1"]
     })
     .await;
     h.stop().await;
@@ -285,16 +302,19 @@ routes = [{ path = "/busy/**" }]
     )
     .await;
     let http = client();
+    // Held long enough that the load is still there when the instances it
+    // started are ready, however slowly they start (else the first of
+    // them may go again before all three were ever ready).
     let mut held = Vec::new();
     for _ in 0..6 {
-        let (http, url) = (http.clone(), format!("{}/busy/sleep?ms=2000", h.gateway()));
+        let (http, url) = (http.clone(), format!("{}/busy/sleep?ms=8000", h.gateway()));
         held.push(tokio::spawn(async move {
             http.get(url).send().await.map(|r| r.status().as_u16())
         }));
     }
     h.wait(
         "busy to scale to its max of 3",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         |h| h.service("busy").ready == 3,
     )
     .await;
