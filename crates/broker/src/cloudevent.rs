@@ -215,10 +215,28 @@ impl CloudEvent {
         max_bytes: usize,
     ) -> Result<Self, EventError> {
         use base64::Engine as _;
-        // The body is the event's data, so a body over the limit makes an
-        // event over it: refuse it before building a tree of up to the body
-        // limit (16 MiB) only to find that out after serializing it.
-        if body.len() > max_bytes {
+        let content_type = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let essence = content_type
+            .as_deref()
+            .and_then(|c| c.split(';').next())
+            .map(|c| c.trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        let json = essence == "application/json" || essence.ends_with("+json");
+        // The body is the event's data. Base64-encoded (not JSON) it only
+        // grows, so a body over the limit makes an event over it. JSON is
+        // parsed and written back compact, which shrinks a pretty-printed
+        // body: it may be up to four times the limit. Either way it is
+        // refused before a tree of up to the body limit (16 MiB) is built
+        // only to find that out.
+        let allowed = if json {
+            max_bytes.saturating_mul(4)
+        } else {
+            max_bytes
+        };
+        if body.len() > allowed {
             return Err(EventError::TooLarge {
                 index: None,
                 size: body.len(),
@@ -237,16 +255,6 @@ impl CloudEvent {
             })?;
             event.insert(attr.to_owned(), serde_json::Value::String(text));
         }
-        let content_type = headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let essence = content_type
-            .as_deref()
-            .and_then(|c| c.split(';').next())
-            .map(|c| c.trim().to_ascii_lowercase())
-            .unwrap_or_default();
-        let json = essence == "application/json" || essence.ends_with("+json");
         if !body.is_empty() {
             let data = if json {
                 serde_json::from_slice::<serde_json::Value>(body)
@@ -716,10 +724,29 @@ mod tests {
     fn limits_apply_before_parsing() {
         let mut h = binary(&CE);
         h.insert("content-type", "application/json".parse().unwrap());
-        let body = format!("[{}", "0,".repeat(100));
+        // JSON over four times the limit: refused unparsed (this is not
+        // even JSON).
+        let body = format!("[{}", "0,".repeat(250));
         assert!(matches!(
             CloudEvent::from_binary(&h, body.as_bytes(), 100),
             Err(EventError::TooLarge { size, limit: 100, .. }) if size == body.len()
+        ));
+        // Pretty-printed JSON over the limit that is within it written
+        // compact, as the event holds it: taken.
+        let pretty = format!("[1,{}2]", " ".repeat(300));
+        let event = CloudEvent::from_binary(&h, pretty.as_bytes(), 200).unwrap();
+        let stored: serde_json::Value = serde_json::from_slice(event.as_bytes()).unwrap();
+        assert_eq!(stored["data"], serde_json::json!([1, 2]));
+        // Other data only grows (base64): over the limit, refused unread.
+        h.insert("content-type", "application/octet-stream".parse().unwrap());
+        let body = vec![0u8; 201];
+        assert!(matches!(
+            CloudEvent::from_binary(&h, &body, 200),
+            Err(EventError::TooLarge {
+                size: 201,
+                limit: 200,
+                ..
+            })
         ));
 
         // One element past the cap ends the parse: what follows is not read.
