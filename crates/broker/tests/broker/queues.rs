@@ -638,6 +638,49 @@ async fn concurrent_publish_and_consume_loses_nothing(kind: Kind) {
 /// larger than what is held of a group in memory (and, on `small`, than
 /// `max_in_flight`), a message of group B published after the backlog is
 /// still received; then A's whole backlog comes, in order.
+/// With a stuck group's backlog holding every place for passed-over
+/// messages (max_in_flight of them), another group whose next message had
+/// to wait on disk behind its own message in flight still gets it once
+/// that one is acked.
+#[tokio::test]
+async fn fifo_a_group_left_on_disk_is_read_back_past_the_cap() {
+    let env = Env::start(&Kind::Embedded, |c| {
+        c.queues.insert(
+            "small".into(),
+            QueueConfig {
+                fifo: true,
+                max_in_flight: 64,
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let e = &*env.engine;
+    let g = |id: String, group: &str| -> OutgoingMessage {
+        event(&id, "t", &[("partitionkey", group)]).into()
+    };
+    e.send("small", vec![g("a0".into(), "A")]).await.unwrap();
+    let head = receive_n(e, "small", 1, Duration::from_secs(60)).await;
+    assert_eq!(event_id(&head[0].event), "a0");
+    let backlog: Vec<_> = (1..=200).map(|i| g(format!("a{i}"), "A")).collect();
+    e.send("small", backlog).await.unwrap();
+    e.send("small", vec![g("d0".into(), "D")]).await.unwrap();
+    let d0 = receive_n(e, "small", 1, Duration::from_secs(60)).await;
+    assert_eq!(event_id(&d0[0].event), "d0");
+    // d1 comes while d0 is in flight and A's backlog holds every place.
+    e.send("small", vec![g("d1".into(), "D")]).await.unwrap();
+    assert!(
+        receive_window(e, "small", Duration::from_millis(200))
+            .await
+            .is_empty(),
+        "d1 before d0 was acked"
+    );
+    e.ack("small", &[d0[0].receipt.clone()]).await.unwrap();
+    let d1 = receive_n(e, "small", 1, Duration::from_secs(10)).await;
+    assert_eq!(event_id(&d1[0].event), "d1", "D stuck behind A's backlog");
+    env.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifo_other_groups_flow_past_a_stuck_groups_backlog() {
     const BACKLOG: usize = 600;

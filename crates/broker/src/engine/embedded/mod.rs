@@ -697,13 +697,25 @@ impl Inner {
                     .filter(|(g, _)| st.held_of(g) < HELD_PER_GROUP / 2)
                     .map(|(g, &from)| (g.clone(), from))
                     .collect();
+                // Past the cap on what is held, a group with nothing in
+                // flight is still read back, as much as this receive can
+                // take: its messages go out now rather than stay held, so
+                // groups stuck behind their heads, however many, cannot
+                // keep it waiting on disk.
+                let busy: HashSet<Arc<str>> =
+                    st.inflight.values().map(|f| f.group.clone()).collect();
                 for (group, from) in low {
                     if budget == 0 {
                         more = true;
                         break;
                     }
-                    if st.skipped.len() >= cap {
-                        break;
+                    let limit = if busy.contains(&group) {
+                        cap
+                    } else {
+                        cap + max
+                    };
+                    if st.skipped.len() >= limit {
+                        continue;
                     }
                     let mut next = None;
                     for row in qmsg
@@ -726,12 +738,18 @@ impl Inner {
                             }
                         }
                         if st.held_of(&group) >= HELD_PER_GROUP
-                            || st.skipped.len() >= cap
+                            || st.skipped.len() >= limit
                             || budget == 0
                         {
                             next = Some(seq + 1);
                             break;
                         }
+                    }
+                    // Out of budget before the group's next message: the
+                    // receive goes on (releasing the lock between) rather
+                    // than sleeping its wait with messages deliverable.
+                    if budget == 0 {
+                        more = true;
                     }
                     match next {
                         Some(n) => {
@@ -828,6 +846,13 @@ impl Inner {
                     st.cursor = seq + 1;
                     if max_receives.is_some_and(|m| prior.unwrap_or(0) >= m) {
                         dead.push(seq);
+                        // A row read all the same: counted in the budget.
+                        budget = budget.saturating_sub(1);
+                        if budget == 0 {
+                            exhausted = false;
+                            more = st.cursor <= st.committed;
+                            break;
+                        }
                         continue;
                     }
                     if q.config.fifo && st.overflow.contains_key(rec.group) {
@@ -1409,6 +1434,10 @@ impl Engine for EmbeddedEngine {
                     st.cursor = st.committed + 1;
                 }
             }
+            // Moved in the order they were published: taken from the
+            // in-flight table (in map order), what is held and what is on
+            // disk, a group's messages would otherwise land out of order.
+            seqs.sort_unstable();
             Ok(seqs)
         })
         .await
