@@ -212,15 +212,21 @@ impl Pool {
     }
 
     /// Instances that take new requests, now or once ready: running, less
-    /// those out of rotation that still finish the requests they were
-    /// given. One restarting (its load reset) counts: it is on its way.
-    fn taking(state: &PoolState) -> u32 {
+    /// a function's instances out of rotation that still finish the
+    /// requests they were given (it is replaced, and a new one starting
+    /// beside them is what a waiting request needs). A service's count:
+    /// out of rotation, one is kept and waited for (a dependency it needs
+    /// may be down; another would fail the same), not replaced. One
+    /// restarting (its load reset) counts: it is on its way.
+    fn taking(&self, state: &PoolState) -> u32 {
+        let function = self.spec.shape == Shape::Function;
         state
             .slots
             .values()
             .filter(|s| s.status.state != InstanceState::Stopping)
             .filter(|s| {
-                s.status.state != InstanceState::Unready
+                !function
+                    || s.status.state != InstanceState::Unready
                     || s.load.as_ref().is_none_or(|l| l.in_flight() == 0)
             })
             .count() as u32
@@ -237,7 +243,7 @@ impl Pool {
         }
         let target = count.min(self.spec.scale.max);
         let room = |state: &PoolState| {
-            Self::taking(state) < target && Self::running(state) < self.spec.scale.max
+            self.taking(state) < target && Self::running(state) < self.spec.scale.max
         };
         if !room(&state) {
             // Nothing to start, and nothing to tell: `activate` calls this
@@ -638,7 +644,8 @@ impl Pool {
                                 // Not `Stopping`: it is being replaced, and
                                 // a slot stopping is not counted as running,
                                 // so a request meanwhile would start another
-                                // instance beside it (past `max`).
+                                // instance beside it past `max` (within it,
+                                // a function's may, see `taking`).
                                 self.update(index, |slot| {
                                     slot.status.state = InstanceState::Unready;
                                     slot.endpoint = None;
@@ -842,11 +849,11 @@ impl Pool {
                             )
                         })
                 };
-                // One out of rotation is stopped above `min` even when the
-                // load wants it kept: it takes no new requests (a request
-                // that finds none ready starts another beside it, see
-                // `ensure_running`), and its own in-flight requests, which
-                // made the load, are what `unready` waits for.
+                // A function's instance out of rotation is stopped even
+                // when the load wants it kept: it takes no new requests (a
+                // request that finds none ready starts another beside it,
+                // see `taking`), and its own in-flight requests, which made
+                // the load, are what `unready` waits for.
                 let victim = if running > keep {
                     unready().or_else(|| {
                         if ready > keep {
@@ -855,7 +862,7 @@ impl Pool {
                             None
                         }
                     })
-                } else if running > scale.min {
+                } else if self.spec.shape == Shape::Function && running > scale.min {
                     unready()
                 } else {
                     None
