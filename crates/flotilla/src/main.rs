@@ -411,8 +411,6 @@ async fn up(manifest: Manifest, options: Options) -> ExitCode {
     }
 }
 
-/// Gives up at once: the instances (and their process groups) are killed
-/// as the runtime drops their supervisors.
 /// Whether SIGHUP is ignored in this process (`nohup` leaves it so).
 fn hangup_ignored() -> bool {
     // SAFETY: with a null new action, sigaction(2) only writes the current
@@ -424,6 +422,8 @@ fn hangup_ignored() -> bool {
     }
 }
 
+/// Gives up at once: the instances (and their process groups) are killed
+/// as the runtime drops their supervisors.
 fn interrupted(when: &str) -> ExitCode {
     err!("interrupted {when}: killing the instances");
     ExitCode::from(130)
