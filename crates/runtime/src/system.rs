@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_gateway::upstream::{ActivateError, ActivateFuture, Endpoint, Upstreams};
 use flotilla_gateway::{Config as GatewayConfig, Gateway, UpstreamTls};
-use flotilla_manifest::{Data, Manifest, Run, Shape, env_key};
+use flotilla_manifest::{Data, Manifest, Run, Service, Shape, env_key};
 use tokio::sync::{Notify, watch};
 
 use crate::broker::{self, ENV_BROKER_URL};
@@ -220,7 +220,7 @@ impl System {
             let address = listeners[name].1;
             let prober = Prober::tls(mesh.prober(name)?);
             let pool = Pool::new(
-                spec.clone(),
+                with_delivery_idle(spec, &manifest),
                 PoolEnv {
                     system: manifest.name.clone(),
                     data_dir: data_dir.clone(),
@@ -742,14 +742,67 @@ fn print_ready(endpoints: &Endpoints, status: &Status, took: Duration, build: Du
     }
 }
 
+/// `spec` with `idle` at least the longest `timeout` of a push delivery to
+/// the service. A delivery reaches it through its service address, spliced
+/// as bytes (TLS end to end): the scaler cannot count it as a request, only
+/// see bytes flow. A function working on one without a byte for `idle`
+/// would look idle, and its last instance would be stopped under it; a
+/// delivery that takes longer than its `timeout` has failed anyway.
+fn with_delivery_idle(spec: &Service, manifest: &Manifest) -> Service {
+    let longest = manifest
+        .queues
+        .values()
+        .filter_map(|q| q.deliver.as_ref())
+        .chain(manifest.streams.values().filter_map(|s| s.deliver.as_ref()))
+        .filter(|d| d.to == spec.name)
+        .map(|d| d.timeout)
+        .max();
+    let mut spec = spec.clone();
+    if let Some(timeout) = longest {
+        spec.scale.idle = spec.scale.idle.max(timeout);
+    }
+    spec
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 
-    use super::private;
+    use super::{private, with_delivery_idle};
 
     fn mode(path: &std::path::Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_service_s_idle_is_at_least_its_longest_delivery() {
+        let manifest = flotilla_manifest::Manifest::parse(
+            r#"name = "t"
+[services.fn]
+shape = "function"
+run = { command = ["true"] }
+scale = { idle = "5s" }
+[services.other]
+run = { command = ["true"] }
+scale = { idle = "5s" }
+[topics.t]
+[queues.slow]
+subscribe = { topic = "t" }
+deliver = { to = "fn", path = "/events", timeout = "2m" }
+[queues.quick]
+subscribe = { topic = "t" }
+deliver = { to = "fn", path = "/events", timeout = "3s" }
+"#,
+            std::path::Path::new("/tmp/flotilla.toml"),
+        )
+        .unwrap();
+        let idle = |name: &str| {
+            with_delivery_idle(&manifest.services[name], &manifest)
+                .scale
+                .idle
+        };
+        assert_eq!(idle("fn"), std::time::Duration::from_secs(120));
+        assert_eq!(idle("other"), std::time::Duration::from_secs(5));
     }
 
     #[test]
