@@ -10,7 +10,8 @@
 //!   (visibility deadline, receipt token, receive count) with a deadline
 //!   heap, capped by `max_in_flight` (SQS's in-flight limit); for FIFO
 //!   queues also the messages passed over because their group was busy:
-//!   at most [`HELD_PER_GROUP`] per group and `max_in_flight` in all, the
+//!   at most [`HELD_PER_GROUP`] per group and `max_in_flight` in all (plus
+//!   one receive's worth, read back for a group with nothing in flight), the
 //!   rest of a busy group's backlog left on disk behind a per-group marker
 //!   and read again when the group drains;
 //! - per stream partition, the next sequence number.
@@ -830,7 +831,11 @@ impl Inner {
             // New messages from disk, while under the in-flight cap. What
             // is held for busy groups does not stop the cursor: it is
             // bounded per group, and beyond that left on disk.
-            if picks.len() < max && st.cursor <= st.committed && st.inflight.len() < cap {
+            if picks.len() < max
+                && budget > 0
+                && st.cursor <= st.committed
+                && st.inflight.len() < cap
+            {
                 let range = qmsg
                     .range((q.id, st.cursor)..=(q.id, st.committed))
                     .map_err(|e| store_err(e.into()))?;
@@ -850,7 +855,7 @@ impl Inner {
                         budget = budget.saturating_sub(1);
                         if budget == 0 {
                             exhausted = false;
-                            more = st.cursor <= st.committed;
+                            more |= st.cursor <= st.committed;
                             break;
                         }
                         continue;
@@ -884,7 +889,7 @@ impl Inner {
                     }
                     if budget == 0 {
                         exhausted = false;
-                        more = st.cursor <= st.committed;
+                        more |= st.cursor <= st.committed;
                         break;
                     }
                 }
@@ -1372,13 +1377,16 @@ impl Engine for EmbeddedEngine {
             // After the lock: see the comment in `try_receive`.
             let read = db.begin_read().map_err(|e| store_err(e.into()))?;
             let qmsg = read.open_table(QMSG).map_err(|e| store_err(e.into()))?;
+            // The oldest first: taken in map order, a group's later
+            // message could go in one call and its earlier in the next.
             let mut seqs: Vec<u64> = st
                 .inflight
                 .iter()
                 .filter(|(_, f)| f.visible_at <= now)
                 .map(|(&s, _)| s)
-                .take(max)
                 .collect();
+            seqs.sort_unstable();
+            seqs.truncate(max);
             for s in &seqs {
                 st.inflight.remove(s);
             }
