@@ -793,14 +793,16 @@ impl Pool {
                 // `ready_timeout`: as long as a start may take, and a
                 // request held longer by an instance failing `/readyz` is
                 // likely stuck with it.
-                let unready = || {
+                // `stuck_only`: only one that has held requests for all of
+                // `ready_timeout`.
+                let unready = |stuck_only: bool| {
                     state.slots.iter().find_map(|(i, s)| {
                         if s.status.state != InstanceState::Unready {
                             return None;
                         }
                         let in_flight = s.load.as_ref().map_or(0, |l| l.in_flight());
                         if in_flight == 0 {
-                            return Some((*i, "out of rotation".to_string()));
+                            return (!stuck_only).then(|| (*i, "out of rotation".to_string()));
                         }
                         let since = s.unready_since?;
                         (since.elapsed() >= self.spec.ready_timeout).then(|| {
@@ -849,21 +851,23 @@ impl Pool {
                             )
                         })
                 };
-                // A function's instance out of rotation is stopped even
-                // when the load wants it kept: it takes no new requests (a
-                // request that finds none ready starts another beside it,
-                // see `taking`), and its own in-flight requests, which made
-                // the load, are what `unready` waits for.
+                // One out of rotation is stopped above `min` even when the
+                // load wants it kept, since its own in-flight requests made
+                // that load: a function's as soon as they are answered (it
+                // takes no new requests; a request that finds none ready
+                // starts another beside it, see `taking`); a service's, not
+                // replaced while it may come back, only once it has held
+                // them for all of `ready_timeout`.
                 let victim = if running > keep {
-                    unready().or_else(|| {
+                    unready(false).or_else(|| {
                         if ready > keep {
                             idle().or_else(not_needed)
                         } else {
                             None
                         }
                     })
-                } else if self.spec.shape == Shape::Function && running > scale.min {
-                    unready()
+                } else if running > scale.min {
+                    unready(self.spec.shape == Shape::Service)
                 } else {
                     None
                 };
