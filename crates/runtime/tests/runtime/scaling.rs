@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use flotilla_runtime::InstanceState;
 
-use crate::support::{client, host_port, identity, start, tls_get};
+use tokio::task::JoinHandle;
+
+use crate::support::{Harness, client, host_port, identity, start, tls_get};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_to_a_function_at_zero_is_held_then_served() {
@@ -131,39 +133,61 @@ routes = [{{ path = "/fn/**", timeout = "5m" }}]
     h.stop().await;
 }
 
+/// Function `fn`, whose instance `fn-N` fails `/readyz` while the file
+/// `<flags>/fn-N` exists (so one instance at a time can be taken out of
+/// rotation), with `scale`, behind `/fn/**`. Never retried: a request cut
+/// by an instance's stop must show as such, not be answered by another.
+async fn function_with_flags(flags: &std::path::Path, scale: &str) -> Harness {
+    start(&format!(
+        r#"[services.fn]
+shape = "function"
+run = {{ command = ["sh", "-c", "UNREADY_FILE={dir}/$FLOTILLA_INSTANCE exec python3 HELLO"] }}
+scale = {{ {scale} }}
+ready_timeout = "10m"
+routes = [{{ path = "/fn/**", timeout = "5m", retries = 0 }}]
+"#,
+        dir = flags.display()
+    ))
+    .await
+}
+
+/// `GET /fn/sleep?ms=<ms>` through `h`'s gateway, in a task of its own:
+/// the answer's status and body.
+fn sleep_request(h: &Harness, ms: u32) -> JoinHandle<reqwest::Result<(u16, String)>> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let url = format!("{}/fn/sleep?ms={ms}", h.gateway());
+    tokio::spawn(async move {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()?;
+        let r = http.get(url).send().await?;
+        let status = r.status().as_u16();
+        r.text().await.map(|body| (status, body))
+    })
+}
+
+/// Waits until `fn`'s only instance is fn-1.
+async fn wait_for_fn_1_alone(h: &Harness) {
+    h.wait("fn-0 stopped, fn-1 left", Duration::from_secs(30), |h| {
+        let ids: Vec<String> = h
+            .service("fn")
+            .instances
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        ids == ["fn-1"]
+    })
+    .await;
+}
+
 /// A function's only instance that leaves rotation (failing `/readyz`)
 /// while a request is in flight on it finishes that request: it is
 /// stopped once the request is answered, not under it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_out_of_rotation_finishes_its_requests_before_it_stops() {
     let flags = tempfile::tempdir().unwrap();
-    // One flag per instance, so that only fn-0 leaves rotation. Never
-    // retried: a request cut by the instance's stop must show as such, not
-    // be answered by another instance.
-    let h = start(&format!(
-        r#"[services.fn]
-shape = "function"
-run = {{ command = ["sh", "-c", "UNREADY_FILE={dir}/$FLOTILLA_INSTANCE exec python3 HELLO"] }}
-scale = {{ idle = "1h" }}
-ready_timeout = "10m"
-routes = [{{ path = "/fn/**", timeout = "5m", retries = 0 }}]
-"#,
-        dir = flags.path().display()
-    ))
-    .await;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap();
-    let get = |ms: u32| {
-        let (http, url) = (http.clone(), format!("{}/fn/sleep?ms={ms}", h.gateway()));
-        tokio::spawn(async move {
-            let r = http.get(url).send().await?;
-            let status = r.status().as_u16();
-            r.text().await.map(|body| (status, body))
-        })
-    };
+    let h = function_with_flags(flags.path(), r#"idle = "1h""#).await;
+    let get = |ms: u32| sleep_request(&h, ms);
     // Held far longer than leaving rotation takes (three failed probes a
     // second apart).
     let held = get(20000);
@@ -200,16 +224,7 @@ routes = [{{ path = "/fn/**", timeout = "5m", retries = 0 }}]
     assert!(body.contains("\"instance\": \"fn-0\""), "{body}");
     // Its request answered, it serves nothing: stopped (with an `idle` of
     // an hour, not for idleness); fn-1 stays.
-    h.wait("fn-0 stopped, fn-1 left", Duration::from_secs(30), |h| {
-        let ids: Vec<String> = h
-            .service("fn")
-            .instances
-            .into_iter()
-            .map(|i| i.id)
-            .collect();
-        ids == ["fn-1"]
-    })
-    .await;
+    wait_for_fn_1_alone(&h).await;
     h.stop().await;
 }
 
@@ -218,31 +233,8 @@ routes = [{{ path = "/fn/**", timeout = "5m", retries = 0 }}]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_out_of_rotation_beside_a_ready_one_finishes_its_requests() {
     let flags = tempfile::tempdir().unwrap();
-    // One flag per instance, so that only fn-0 leaves rotation.
-    let h = start(&format!(
-        r#"[services.fn]
-shape = "function"
-run = {{ command = ["sh", "-c", "UNREADY_FILE={dir}/$FLOTILLA_INSTANCE exec python3 HELLO"] }}
-scale = {{ max = 2, concurrency = 1, idle = "1h" }}
-ready_timeout = "10m"
-routes = [{{ path = "/fn/**", timeout = "5m", retries = 0 }}]
-"#,
-        dir = flags.path().display()
-    ))
-    .await;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap();
-    let get = |ms: u32| {
-        let (http, url) = (http.clone(), format!("{}/fn/sleep?ms={ms}", h.gateway()));
-        tokio::spawn(async move {
-            let r = http.get(url).send().await?;
-            let status = r.status().as_u16();
-            r.text().await.map(|body| (status, body))
-        })
-    };
+    let h = function_with_flags(flags.path(), r#"max = 2, concurrency = 1, idle = "1h""#).await;
+    let get = |ms: u32| sleep_request(&h, ms);
     let long = get(20000);
     h.wait(
         "the long request in flight on fn-0",
@@ -275,16 +267,7 @@ routes = [{{ path = "/fn/**", timeout = "5m", retries = 0 }}]
     let (status, body) = long.await.unwrap().unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"instance\": \"fn-0\""), "{body}");
-    h.wait("fn-0 stopped, fn-1 left", Duration::from_secs(30), |h| {
-        let ids: Vec<String> = h
-            .service("fn")
-            .instances
-            .into_iter()
-            .map(|i| i.id)
-            .collect();
-        ids == ["fn-1"]
-    })
-    .await;
+    wait_for_fn_1_alone(&h).await;
     h.stop().await;
 }
 
