@@ -560,7 +560,7 @@ fn a_hangup_is_ignored_under_nohup() {
     unsafe {
         libc::kill(up.child.id() as libc::pid_t, libc::SIGHUP);
     }
-    std::fs::remove_file(up.data.parent().unwrap().join("unready")).unwrap();
+    std::fs::remove_file(&unready).unwrap();
     wait_for_endpoints(&mut up);
     let out = flotilla()
         .args(["down", "--data-dir"])
