@@ -242,15 +242,13 @@ pub(crate) async fn serve_console(
     let slots = Arc::new(tokio::sync::Semaphore::new(CONSOLE_CONNECTIONS));
     let mut connections = tokio::task::JoinSet::new();
     // HTTP/1 only (a browser speaks nothing else to plain http://): the
-    // automatic choice reads the first bytes to tell HTTP/1 from HTTP/2
-    // with no deadline, so 64 connections that sent nothing, or half an
-    // HTTP/2 preface, would hold every slot for good.
-    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+    // automatic choice (`auto::Builder`) reads the first bytes to tell
+    // HTTP/1 from HTTP/2 with no deadline, so 64 connections that sent
+    // nothing, or half an HTTP/2 preface, would hold every slot for good.
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(CONSOLE_HEADER_TIMEOUT);
-    let builder = Arc::new(builder);
     loop {
         while connections.try_join_next().is_some() {}
         let accepted = tokio::select! {
@@ -273,7 +271,7 @@ pub(crate) async fn serve_console(
                 continue;
             }
         };
-        let (builder, console) = (Arc::clone(&builder), console.clone());
+        let (builder, console) = (builder.clone(), console.clone());
         connections.spawn(async move {
             let _slot = slot;
             let _ = builder
