@@ -215,8 +215,9 @@ impl Pool {
     /// a function's instances out of rotation that still finish the
     /// requests they were given (it is replaced, and a new one starting
     /// beside them is what a waiting request needs). A service's count:
-    /// out of rotation, one is kept and waited for (a dependency it needs
-    /// may be down; another would fail the same), not replaced. One
+    /// one out of rotation is not replaced (a dependency it needs may be
+    /// down, and another would fail the same); a request that finds no
+    /// other ready or starting is refused (`worth_waiting`). One
     /// restarting (its load reset) counts: it is on its way.
     fn taking(&self, state: &PoolState) -> u32 {
         let function = self.spec.shape == Shape::Function;
