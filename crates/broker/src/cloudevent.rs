@@ -227,10 +227,9 @@ impl CloudEvent {
         let json = essence == "application/json" || essence.ends_with("+json");
         // The body is the event's data. Base64-encoded (not JSON) it only
         // grows, so a body over the limit makes an event over it. JSON is
-        // parsed and written back compact, which shrinks a pretty-printed
+        // validated and written back compact, which shrinks a pretty-printed
         // body: it may be up to four times the limit. Either way it is
-        // refused before a tree of up to the body limit (16 MiB) is built
-        // only to find that out.
+        // refused before it is read any further.
         let allowed = if json {
             max_bytes.saturating_mul(4)
         } else {
@@ -255,35 +254,49 @@ impl CloudEvent {
             })?;
             event.insert(attr.to_owned(), serde_json::Value::String(text));
         }
+        // JSON data is spliced in as the compact bytes of the body, never
+        // built into a tree: a 4 MiB body of `[0,0,...]` is two million
+        // 32-byte `serde_json::Value`s, 64 MiB, per request.
+        let mut json_data = None;
         if !body.is_empty() {
             let data = if json {
-                serde_json::from_slice::<serde_json::Value>(body)
-                    .map_err(|source| EventError::Json {
-                        index: None,
-                        source,
-                    })
-                    .map(|v| ("data", v))?
+                json_data = Some(compact_json(body)?);
+                event.remove("data");
+                event.remove("data_base64");
+                None
             } else if essence.starts_with("text/")
                 && let Ok(text) = std::str::from_utf8(body)
             {
-                ("data", serde_json::Value::String(text.to_owned()))
+                Some(("data", serde_json::Value::String(text.to_owned())))
             } else {
-                (
+                Some((
                     "data_base64",
                     serde_json::Value::String(
                         base64::engine::general_purpose::STANDARD.encode(body),
                     ),
-                )
+                ))
             };
-            event.insert(data.0.to_owned(), data.1);
+            if let Some((name, value)) = data {
+                event.insert(name.to_owned(), value);
+            }
         }
         if let Some(ct) = content_type {
             event.insert("datacontenttype".into(), serde_json::Value::String(ct));
         }
-        let bytes = serde_json::to_vec(&event).map_err(|source| EventError::Json {
+        let mut bytes = serde_json::to_vec(&event).map_err(|source| EventError::Json {
             index: None,
             source,
         })?;
+        if let Some(data) = json_data {
+            // `{...}` becomes `{...,"data":<data>}`.
+            bytes.pop();
+            if !event.is_empty() {
+                bytes.push(b',');
+            }
+            bytes.extend_from_slice(br#""data":"#);
+            bytes.extend_from_slice(&data);
+            bytes.push(b'}');
+        }
         Self::parse(Bytes::from(bytes), max_bytes)
     }
 
@@ -425,6 +438,42 @@ impl CloudEvent {
     pub fn key(&self, attribute: &str) -> Option<String> {
         self.attribute(attribute).map(AttrValue::to_text)
     }
+}
+
+/// A JSON document checked and written back without the whitespace between
+/// its tokens, in one pass over its bytes and no tree. Strings, numbers and
+/// escapes are kept as sent.
+fn compact_json(body: &[u8]) -> Result<Vec<u8>, EventError> {
+    // `IgnoredAny` checks the grammar (and the nesting limit) but not the
+    // UTF-8 of strings, which must be checked apart.
+    let text = std::str::from_utf8(body).map_err(|_| EventError::Invalid {
+        index: None,
+        attribute: "data".into(),
+        problem: "is not UTF-8, as a JSON body must be",
+    })?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|source| EventError::Json {
+        index: None,
+        source,
+    })?;
+    let mut out = Vec::with_capacity(body.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            continue;
+        } else if b == b'"' {
+            in_string = true;
+        }
+        out.push(b);
+    }
+    Ok(out)
 }
 
 fn trim(body: &[u8]) -> &[u8] {
@@ -715,6 +764,50 @@ mod tests {
             CloudEvent::from_binary(&h, &[b'a'; 300], 100),
             Err(EventError::TooLarge { .. })
         ));
+    }
+
+    /// JSON data is kept as sent, less the whitespace between its tokens:
+    /// whitespace, quotes and backslashes inside strings stay, and a body
+    /// that is not JSON, or not UTF-8, is refused.
+    #[test]
+    fn binary_json_data_is_compacted_as_sent() {
+        let mut h = binary(&CE);
+        h.insert("content-type", "application/vnd.shop+json".parse().unwrap());
+        h.insert("ce-data", "from-a-header".parse().unwrap());
+        let body =
+            "{\n  \"a b\" : [ 1.50 , \"x \\\" \\\\\" , \"\\u00e9 \\t\" ],\r\n\t\"n\": null }\n";
+        let event = CloudEvent::from_binary(&h, body.as_bytes(), 1 << 20).unwrap();
+        let stored = std::str::from_utf8(event.as_bytes()).unwrap();
+        assert!(
+            stored.contains(r#""data":{"a b":[1.50,"x \" \\","\u00e9 \t"],"n":null}"#),
+            "{stored}"
+        );
+        let v: serde_json::Value = serde_json::from_str(stored).unwrap();
+        assert_eq!(v["data"]["a b"][1], "x \" \\");
+        assert_eq!(v["datacontenttype"], "application/vnd.shop+json");
+        assert_eq!(event.ty(), "order.placed");
+
+        for bad in [&b"[1,]"[..], b"[1] [2]", b"\"open", b"[\"\xff\"]"] {
+            assert!(
+                matches!(
+                    CloudEvent::from_binary(&h, bad, 1 << 20),
+                    Err(EventError::Json { .. } | EventError::Invalid { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        // Deep nesting is checked without recursion, so it overflows no
+        // stack, and is taken as the structured form takes it.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let event = CloudEvent::from_binary(&h, deep.as_bytes(), 1 << 20).unwrap();
+        assert!(
+            std::str::from_utf8(event.as_bytes())
+                .unwrap()
+                .contains(&deep)
+        );
+        let structured =
+            format!(r#"{{"specversion":"1.0","id":"s","source":"/s","type":"t","data":{deep}}}"#);
+        CloudEvent::parse(Bytes::from(structured), 1 << 20).unwrap();
     }
 
     /// Limits are checked before the body is parsed, so an oversized body
