@@ -448,6 +448,7 @@ async fn refresh_tokens(
             user_id,
             token,
             expires_in,
+            retry,
         } => {
             // The family cascades away with its user, so the user exists.
             let user = users::by_id(&state.db, &user_id)
@@ -460,7 +461,8 @@ async fn refresh_tokens(
                 &user.email,
                 now,
             );
-            metrics::counter!("accounts_refreshes_total", "outcome" => "rotated").increment(1);
+            let outcome = if retry { "retried" } else { "rotated" };
+            metrics::counter!("accounts_refreshes_total", "outcome" => outcome).increment(1);
             Ok(reply.tokens(jwt::sign(signer, &claims), token, expires_in))
         }
         Rotation::Reused { user_id } => {

@@ -27,6 +27,11 @@ pub const DEFAULT_KEY_ROTATION: &str = "24h";
 pub const DEFAULT_PUBLISH_DELAY: &str = "10m";
 pub const DEFAULT_REFRESH_TTL: &str = "30d";
 pub const DEFAULT_SESSION_MAX: &str = "90d";
+/// Long enough for a client to retry a refresh whose answer it lost, short
+/// enough that a replayed token is soon reuse again.
+pub const DEFAULT_REFRESH_REUSE_GRACE: &str = "10s";
+/// Okta's longest grace period.
+pub const MAX_REFRESH_REUSE_GRACE_SECONDS: i64 = 60;
 
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +58,9 @@ pub struct Config {
     /// How long a session lasts from its login, however often it is
     /// refreshed, in seconds (`ACCOUNTS_SESSION_MAX`).
     pub session_max: i64,
+    /// How long after a refresh its token, presented again, is a retry
+    /// rather than reuse, in seconds (`ACCOUNTS_REFRESH_REUSE_GRACE`).
+    pub refresh_reuse_grace: i64,
 }
 
 impl Config {
@@ -137,6 +145,21 @@ impl Config {
             });
         }
 
+        let (name, raw) = var("ACCOUNTS_REFRESH_REUSE_GRACE", DEFAULT_REFRESH_REUSE_GRACE);
+        let refresh_reuse_grace = humantime::parse_duration(raw.trim())
+            .ok()
+            .and_then(|d| i64::try_from(d.as_secs()).ok())
+            .filter(|s| *s <= MAX_REFRESH_REUSE_GRACE_SECONDS)
+            .ok_or_else(|| ConfigError {
+                var: name,
+                value: raw.clone(),
+                reason: format!(
+                    "must be a duration of at most {MAX_REFRESH_REUSE_GRACE_SECONDS} s"
+                ),
+                fix: "use e.g. 10s, or 0s to take every second use of a refresh token as reuse"
+                    .into(),
+            })?;
+
         Ok(Config {
             issuer,
             audience,
@@ -147,6 +170,7 @@ impl Config {
             },
             refresh_ttl,
             session_max,
+            refresh_reuse_grace,
         })
     }
 
@@ -155,6 +179,7 @@ impl Config {
         Lifetime {
             ttl: self.refresh_ttl,
             max: self.session_max,
+            reuse_grace: self.refresh_reuse_grace,
         }
     }
 }
@@ -212,6 +237,7 @@ mod tests {
         assert_eq!(c.keys.retire_grace, 960);
         assert_eq!(c.refresh_ttl, 30 * 86_400);
         assert_eq!(c.session_max, 90 * 86_400);
+        assert_eq!(c.refresh_reuse_grace, 10);
         // The invariant the default exists for.
         assert!(
             c.keys.publish_delay
@@ -230,8 +256,10 @@ mod tests {
             ("ACCOUNTS_KEY_PUBLISH_DELAY", "6m"),
             ("ACCOUNTS_REFRESH_TTL", "7d"),
             ("ACCOUNTS_SESSION_MAX", "7d"),
+            ("ACCOUNTS_REFRESH_REUSE_GRACE", "0s"),
         ])
         .unwrap();
+        assert_eq!(c.refresh_reuse_grace, 0);
         assert_eq!(c.issuer, "https://shop.example/accounts");
         assert_eq!(c.audience, "shop-api");
         assert_eq!(c.keys.rotation, None);
@@ -246,6 +274,8 @@ mod tests {
             ("ACCOUNTS_REFRESH_TTL", "10m", "outlive"),
             ("ACCOUNTS_SESSION_MAX", "29d", "at least as long"),
             ("ACCOUNTS_ISSUER", "shop accounts", "spaces"),
+            ("ACCOUNTS_REFRESH_REUSE_GRACE", "2m", "at most 60 s"),
+            ("ACCOUNTS_REFRESH_REUSE_GRACE", "soon", "at most 60 s"),
         ] {
             let err = config(&[(var, value)]).unwrap_err().to_string();
             assert!(err.contains(var), "{err}");

@@ -22,7 +22,7 @@ pub fn document() -> Value {
         "info": {
             "title": "shop-accounts",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Shop accounts: registration with argon2id-hashed passwords, login returning a 15-minute EdDSA access JWT and a rotating refresh token, and the JWKS that verifies the access tokens. Reusing a spent refresh token revokes its whole family."
+            "description": "Shop accounts: registration with argon2id-hashed passwords, login returning a 15-minute EdDSA access JWT and a rotating refresh token, and the JWKS that verifies the access tokens. Reusing a spent refresh token revokes its whole family, unless it is a retry within the reuse grace (10 s by default) while its successor is unused."
         },
         "paths": {
             "/api/accounts/register": {
@@ -63,7 +63,7 @@ pub fn document() -> Value {
                     "responses": {
                         "200": tokens,
                         "400": error_response("invalid_request: refresh_token missing (from the body and the cookies); too_many_sessions: more than 4 shop_rt cookies"),
-                        "401": error_response("invalid_refresh_token (unknown, expired or revoked), refresh_token_reused (already spent: its whole family is now revoked), or ambiguous_session (two different shop_rt cookies: nothing spent)"),
+                        "401": error_response("invalid_refresh_token (unknown, expired or revoked), refresh_token_reused (already spent, and not a retry within the reuse grace: its whole family is now revoked), or ambiguous_session (two different shop_rt cookies: nothing spent)"),
                         "403": error_response("cross_origin_request: the cookie presented from a page of another origin (nothing is spent)"),
                         "503": error_response("signing_unavailable: no key may sign yet (nothing is spent)")
                     }

@@ -13,9 +13,19 @@
 //! token refreshed once a month would be a session for ever (OWASP's
 //! "absolute timeout").
 //!
+//! A token presented again within [`Lifetime::reuse_grace`] of its
+//! rotation, while its successor is still unused, is a retry, not a theft:
+//! the answer to the first use was lost (a dropped connection, a phone
+//! going into a tunnel), or two tabs of one browser refreshed at once. It
+//! gets a new successor, and the one it had is superseded: presenting that
+//! one is reuse. So there is still only one live token per family, and a
+//! thief who replays a token within the grace is caught as soon as the
+//! holder of the superseded successor presents it (Auth0's reuse interval
+//! and Okta's grace period, without their second live token).
+//!
 //! Each rotation runs in one `BEGIN IMMEDIATE` transaction, so two requests
-//! racing with the same token cannot both succeed: the second finds it
-//! spent.
+//! racing with the same token are taken one after the other: the second
+//! is a retry within the grace, or reuse.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -73,6 +83,9 @@ pub struct Lifetime {
     pub ttl: i64,
     /// A family, from its login: no token of it outlives this.
     pub max: i64,
+    /// For how many seconds after its rotation a token presented again is
+    /// taken as a retry of that rotation rather than as reuse (0: never).
+    pub reuse_grace: i64,
 }
 
 impl Lifetime {
@@ -118,10 +131,13 @@ pub async fn start_family(
 #[derive(Debug, PartialEq, Eq)]
 pub enum Rotation {
     /// Spent; here is its successor, which expires in `expires_in` s.
+    /// `retry`: it had been spent within the reuse grace, and the
+    /// successor it got then is superseded by this one.
     Rotated {
         user_id: String,
         token: String,
         expires_in: i64,
+        retry: bool,
     },
     /// It had been spent before: its family is now revoked.
     Reused { user_id: String },
@@ -134,6 +150,7 @@ struct Presented {
     family_id: String,
     expires_at: i64,
     used_at: Option<i64>,
+    superseded_at: Option<i64>,
     user_id: String,
     revoked_at: Option<i64>,
     created_at: i64,
@@ -154,7 +171,8 @@ pub async fn rotate(
     let mut conn = db.acquire().await?;
     let mut tx = (*conn).begin_with("BEGIN IMMEDIATE").await?;
     let presented = sqlx::query_as::<_, Presented>(
-        "SELECT t.family_id, t.expires_at, t.used_at, f.user_id, f.revoked_at, f.created_at
+        "SELECT t.family_id, t.expires_at, t.used_at, t.superseded_at, f.user_id, f.revoked_at,
+                f.created_at
          FROM refresh_tokens t JOIN refresh_families f ON f.id = t.family_id
          WHERE t.token_hash = ?1",
     )
@@ -164,22 +182,59 @@ pub async fn rotate(
     let Some(p) = presented else {
         return Ok(Rotation::Invalid);
     };
-    if p.used_at.is_some() {
-        revoke(&mut tx, &p.family_id, now, "reuse").await?;
-        tx.commit().await?;
-        return Ok(Rotation::Reused { user_id: p.user_id });
-    }
     let expires_at = life.expiry(p.created_at, now);
     // Past the family's end: its last token may still be unexpired when
     // it was issued under a longer `max`.
-    if p.revoked_at.is_some() || p.expires_at <= now || expires_at <= now {
+    let ended = p.revoked_at.is_some() || p.expires_at <= now || expires_at <= now;
+    let retry = match p.used_at {
+        None if p.superseded_at.is_none() => false,
+        Some(used) if p.superseded_at.is_none() && !ended && now - used < life.reuse_grace => {
+            // A retry only while the successor it got is unused: once that
+            // was presented, its holder has the session and this is reuse.
+            let successor = sqlx::query_scalar::<_, Vec<u8>>(
+                "SELECT token_hash FROM refresh_tokens
+                 WHERE family_id = ?1 AND parent_hash = ?2
+                   AND used_at IS NULL AND superseded_at IS NULL",
+            )
+            .bind(&p.family_id)
+            .bind(&hash)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match successor {
+                Some(successor) => {
+                    sqlx::query(
+                        "UPDATE refresh_tokens SET superseded_at = ?2 WHERE token_hash = ?1",
+                    )
+                    .bind(&successor)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    true
+                }
+                None => {
+                    revoke(&mut tx, &p.family_id, now, "reuse").await?;
+                    tx.commit().await?;
+                    return Ok(Rotation::Reused { user_id: p.user_id });
+                }
+            }
+        }
+        // Spent, or superseded (never meant to be used): reuse.
+        _ => {
+            revoke(&mut tx, &p.family_id, now, "reuse").await?;
+            tx.commit().await?;
+            return Ok(Rotation::Reused { user_id: p.user_id });
+        }
+    };
+    if ended {
         return Ok(Rotation::Invalid);
     }
-    sqlx::query("UPDATE refresh_tokens SET used_at = ?2 WHERE token_hash = ?1")
-        .bind(&hash)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+    if !retry {
+        sqlx::query("UPDATE refresh_tokens SET used_at = ?2 WHERE token_hash = ?1")
+            .bind(&hash)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+    }
     sqlx::query(
         "INSERT INTO refresh_tokens (token_hash, family_id, parent_hash, issued_at, expires_at)
          VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -196,6 +251,7 @@ pub async fn rotate(
         user_id: p.user_id,
         token: next.token,
         expires_in: expires_at - now,
+        retry,
     })
 }
 
@@ -260,9 +316,11 @@ mod tests {
     use super::*;
 
     const TTL: i64 = 30 * 86_400;
+    const GRACE: i64 = 10;
     const LIFE: Lifetime = Lifetime {
         ttl: TTL,
         max: 90 * 86_400,
+        reuse_grace: GRACE,
     };
 
     async fn db_with_user() -> SqlitePool {
@@ -365,24 +423,120 @@ mod tests {
         .execute(&db)
         .await
         .unwrap();
-        let t = start_family(&db, "u1", 0, LIFE).await.unwrap();
-        let (a, b) = tokio::join!(rotate(&db, &t, 1, LIFE), rotate(&db, &t, 1, LIFE));
+        // Without a grace: one rotates, the other is reuse.
+        let no_grace = Lifetime {
+            reuse_grace: 0,
+            ..LIFE
+        };
+        let t = start_family(&db, "u1", 0, no_grace).await.unwrap();
+        let (a, b) = tokio::join!(rotate(&db, &t, 1, no_grace), rotate(&db, &t, 1, no_grace));
         let outcomes = [a.unwrap(), b.unwrap()];
         let rotated = outcomes
             .iter()
-            .filter(|o| matches!(o, Rotation::Rotated { .. }))
+            .filter(|o| matches!(o, Rotation::Rotated { retry: false, .. }))
             .count();
         let reused = outcomes
             .iter()
             .filter(|o| matches!(o, Rotation::Reused { .. }))
             .count();
         assert_eq!((rotated, reused), (1, 1), "{outcomes:?}");
+
+        // With one (two tabs at once): one rotates, the other retries, and
+        // only the retry's token lives on.
+        let t = start_family(&db, "u1", 0, LIFE).await.unwrap();
+        let (a, b) = tokio::join!(rotate(&db, &t, 1, LIFE), rotate(&db, &t, 1, LIFE));
+        let (mut first, mut retried) = (None, None);
+        for outcome in [a.unwrap(), b.unwrap()] {
+            match outcome {
+                Rotation::Rotated {
+                    token,
+                    retry: false,
+                    ..
+                } if first.is_none() => first = Some(token),
+                Rotation::Rotated {
+                    token, retry: true, ..
+                } if retried.is_none() => retried = Some(token),
+                other => panic!("{other:?}"),
+            }
+        }
+        let (first, retried) = (first.unwrap(), retried.unwrap());
+        token(rotate(&db, &retried, 2, LIFE).await.unwrap());
+        assert!(matches!(
+            rotate(&db, &first, 3, LIFE).await.unwrap(),
+            Rotation::Reused { .. }
+        ));
+    }
+
+    fn retried(r: Rotation) -> String {
+        match r {
+            Rotation::Rotated {
+                token, retry: true, ..
+            } => token,
+            other => panic!("not a retry: {other:?}"),
+        }
+    }
+
+    /// A token presented again within the grace, its successor unused, gets
+    /// a new successor; the one it had is superseded and is reuse from then
+    /// on. Once the successor was used, or past the grace, it is reuse.
+    #[tokio::test]
+    async fn a_retry_within_the_grace_supersedes_the_successor() {
+        let db = db_with_user().await;
+        let t1 = start_family(&db, "u1", 0, LIFE).await.unwrap();
+        let t2 = token(rotate(&db, &t1, 100, LIFE).await.unwrap());
+        let t2b = retried(rotate(&db, &t1, 105, LIFE).await.unwrap());
+        // The grace counts from the rotation, not from the last retry.
+        let t2c = retried(rotate(&db, &t1, 100 + GRACE - 1, LIFE).await.unwrap());
+        assert!(t2 != t2b && t2b != t2c && t2 != t2c);
+        let t3 = token(rotate(&db, &t2c, 111, LIFE).await.unwrap());
+        // t2c was used: t1 again is reuse, though within its grace.
+        assert!(matches!(
+            rotate(&db, &t1, 111, LIFE).await.unwrap(),
+            Rotation::Reused { .. }
+        ));
+        assert_eq!(
+            rotate(&db, &t3, 112, LIFE).await.unwrap(),
+            Rotation::Invalid
+        );
+
+        // Past the grace: reuse.
+        let u1 = start_family(&db, "u1", 0, LIFE).await.unwrap();
+        let u2 = token(rotate(&db, &u1, 0, LIFE).await.unwrap());
+        assert!(matches!(
+            rotate(&db, &u1, GRACE, LIFE).await.unwrap(),
+            Rotation::Reused { .. }
+        ));
+        assert_eq!(
+            rotate(&db, &u2, GRACE, LIFE).await.unwrap(),
+            Rotation::Invalid
+        );
+
+        // A superseded successor presented, even at once: reuse, and the
+        // retry's token goes with the family (one of the two holders is
+        // not who they say).
+        let v1 = start_family(&db, "u1", 0, LIFE).await.unwrap();
+        let v2 = token(rotate(&db, &v1, 0, LIFE).await.unwrap());
+        let v2b = retried(rotate(&db, &v1, 1, LIFE).await.unwrap());
+        assert!(matches!(
+            rotate(&db, &v2, 2, LIFE).await.unwrap(),
+            Rotation::Reused { .. }
+        ));
+        assert_eq!(rotate(&db, &v2b, 3, LIFE).await.unwrap(), Rotation::Invalid);
+        // And a retry of a revoked family's token is not one.
+        assert!(matches!(
+            rotate(&db, &v1, 4, LIFE).await.unwrap(),
+            Rotation::Reused { .. }
+        ));
     }
 
     #[tokio::test]
     async fn a_family_ends_at_its_maximum_however_often_it_is_refreshed() {
         let db = db_with_user().await;
-        let life = Lifetime { ttl: 100, max: 250 };
+        let life = Lifetime {
+            ttl: 100,
+            max: 250,
+            ..LIFE
+        };
         let rotated = |r: Rotation| match r {
             Rotation::Rotated {
                 token, expires_in, ..
@@ -404,6 +558,7 @@ mod tests {
         let long = Lifetime {
             ttl: 1000,
             max: 5000,
+            ..LIFE
         };
         let t = start_family(&db, "u1", 0, long).await.unwrap();
         assert_eq!(rotate(&db, &t, 300, life).await.unwrap(), Rotation::Invalid);

@@ -324,13 +324,28 @@ async fn refresh_rotates_and_reuse_revokes_the_family() {
     let claims = verified_claims(&app, a.body["access_token"].as_str().unwrap()).await;
     assert_eq!(claims["email"], "fay@example.com");
 
-    // The spent token again: reuse, and the family is gone.
+    // Its answer lost, the spent token is presented again at once (within
+    // the reuse grace): new tokens, and r2 is superseded.
+    let a = post(&app, "/api/accounts/refresh", json!({"refresh_token": r1})).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let r2b = a.body["refresh_token"].as_str().unwrap().to_owned();
+    assert!(r2b != r2 && r2b != r1);
+    let a = post(&app, "/api/accounts/refresh", json!({"refresh_token": r2b})).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let r3 = a.body["refresh_token"].as_str().unwrap().to_owned();
+
+    // r1 again now that its successor was used: reuse, and the family is
+    // gone.
     let a = post(&app, "/api/accounts/refresh", json!({"refresh_token": r1})).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert_eq!(a.body["error"]["code"], "refresh_token_reused");
-    let a = post(&app, "/api/accounts/refresh", json!({"refresh_token": r2})).await;
+    let a = post(&app, "/api/accounts/refresh", json!({"refresh_token": r3})).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert_eq!(a.body["error"]["code"], "invalid_refresh_token");
+    // The superseded r2 is reuse too.
+    let a = post(&app, "/api/accounts/refresh", json!({"refresh_token": r2})).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(a.body["error"]["code"], "refresh_token_reused");
 
     // Unknown and missing tokens.
     let a = post(

@@ -116,7 +116,9 @@ fn wait_for(lines: &mpsc::Receiver<Value>, message: &str) -> Value {
 }
 
 fn start(dir: &Path, name: &str) -> Instance {
-    let (child, lines) = command(dir, name, &[]);
+    // The longest reuse grace, so that a slow machine between a refresh and
+    // its retry does not turn the retry into reuse.
+    let (child, lines) = command(dir, name, &[("ACCOUNTS_REFRESH_REUSE_GRACE", "60s")]);
     let listening = wait_for(&lines, "listening");
     Instance {
         child,
@@ -202,7 +204,9 @@ fn replicas_share_one_key_and_sessions_and_the_key_survives_a_restart() {
     let claims = verify(a.addr, tokens["access_token"].as_str().unwrap());
     assert_eq!(claims["sub"], user["id"]);
 
-    // Rotate on one replica, reuse on the other: the family is revoked.
+    // Rotate on one replica, retry on the other (within the reuse grace),
+    // then present the superseded successor: reuse, and the family is
+    // revoked.
     let first = tokens["refresh_token"].clone();
     let (status, next) = call(
         a.addr,
@@ -211,19 +215,26 @@ fn replicas_share_one_key_and_sessions_and_the_key_survives_a_restart() {
         Some(json!({"refresh_token": first})),
     );
     assert_eq!(status, 200, "{next}");
-    let (status, reused) = call(
+    let (status, retried) = call(
         b.addr,
         "POST",
         "/api/accounts/refresh",
         Some(json!({"refresh_token": first})),
     );
-    assert_eq!(status, 401);
-    assert_eq!(reused["error"]["code"], "refresh_token_reused");
-    let (status, _) = call(
+    assert_eq!(status, 200, "{retried}");
+    let (status, reused) = call(
         a.addr,
         "POST",
         "/api/accounts/refresh",
         Some(json!({"refresh_token": next["refresh_token"]})),
+    );
+    assert_eq!(status, 401);
+    assert_eq!(reused["error"]["code"], "refresh_token_reused");
+    let (status, _) = call(
+        b.addr,
+        "POST",
+        "/api/accounts/refresh",
+        Some(json!({"refresh_token": retried["refresh_token"]})),
     );
     assert_eq!(status, 401, "the newest token of a revoked family");
 
