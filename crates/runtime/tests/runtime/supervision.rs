@@ -9,14 +9,18 @@ use crate::support::{client, start};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashing_service_backs_off_and_is_reported_as_a_crash_loop() {
-    let h = start(
+    // Each start appends the time it began, in nanoseconds.
+    let record = tempfile::tempdir().unwrap();
+    let starts = record.path().join("starts");
+    let h = start(&format!(
         r#"[services.flaky]
-run = { command = ["sh", "-c", "echo starting; exit 1"] }
-routes = [{ path = "/flaky/**" }]
+run = {{ command = ["sh", "-c", "date +%s%N >> {}; echo starting; exit 1"] }}
+routes = [{{ path = "/flaky/**" }}]
 [services.ok]
-run = { command = ["python3", "HELLO"] }
+run = {{ command = ["python3", "HELLO"] }}
 "#,
-    )
+        starts.display()
+    ))
     .await;
     h.wait(
         "a crash loop to be reported",
@@ -34,7 +38,24 @@ run = { command = ["python3", "HELLO"] }
             .contains("exit code 1"),
         "{flaky:?}"
     );
-    // Backoff: five failed starts took at least 100+200+400+800 ms.
+    // Backoff: the wait before the n-th restart is at least 100 ms ×
+    // 2^(n-1), so each gap between starts is at least that (lower bounds
+    // only: a loaded machine only makes the gaps longer).
+    let stamps: Vec<u128> = std::fs::read_to_string(&starts)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert!(stamps.len() >= 5, "{stamps:?}");
+    for (n, pair) in stamps.windows(2).take(4).enumerate() {
+        let gap = Duration::from_nanos((pair[1] - pair[0]) as u64);
+        let backoff = Duration::from_millis(100 << n);
+        assert!(
+            gap >= backoff,
+            "restart {} came {gap:?} after the start before it, not after a backoff of at least {backoff:?}: {stamps:?}",
+            n + 1
+        );
+    }
     assert_eq!(
         h.service("ok").ready,
         1,
@@ -406,6 +427,14 @@ routes = [{ path = "/**" }]
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    h.stop().await;
-    assert!(!Endpoints::path(&data).exists(), "removed on a clean stop");
+    // The data dir outlives the stop: it is the harness's temp dir.
+    let dir = h.stop_keeping_dir().await;
+    assert!(data.starts_with(dir.path()), "{}", data.display());
+    if Endpoints::path(&data).exists() || !data.exists() {
+        let kept = dir.keep();
+        panic!(
+            "endpoints.json is not removed (or the data dir is) on a clean stop; kept at {}",
+            kept.display()
+        );
+    }
 }
