@@ -72,9 +72,16 @@ pub async fn start_editing(
     options.echo_logs = true;
     options.manifest_read_at = Some(read_at);
     configure(&mut options);
-    let system = System::start(manifest, options)
-        .await
-        .expect("system starts");
+    let system = match System::start(manifest, options).await {
+        Ok(system) => system,
+        Err(e) => {
+            let kept = dir.keep();
+            panic!(
+                "the system did not start: {e}; data dir kept at {}",
+                kept.display()
+            );
+        }
+    };
     Harness {
         system: Some(system),
         dir,
