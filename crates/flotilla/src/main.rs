@@ -557,4 +557,10 @@ fn print_status(status: &Status, endpoints: &flotilla_runtime::Endpoints) {
             out!("  last error: {}", err.lines().next().unwrap_or(""));
         }
     }
+    if let Some(why) = &status.reloads.last_refusal {
+        out!(
+            "manifest edit refused (the running configuration stays): {}",
+            why.lines().next().unwrap_or("")
+        );
+    }
 }

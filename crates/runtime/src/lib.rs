@@ -40,7 +40,7 @@ pub use console::{LineWriter, Lines};
 pub use control::{ControlClient, ControlError, QueueStats};
 pub use endpoints::{Endpoints, InstanceEndpoint, ServiceEndpoint};
 pub use mesh::{ENV_ACL_FILE, MeshError};
-pub use pool::{InstanceState, InstanceStatus, ServiceStatus, Status};
+pub use pool::{InstanceState, InstanceStatus, ReloadStatus, ServiceStatus, Status};
 pub use system::System;
 
 /// How to run a system.

@@ -87,6 +87,23 @@ pub struct Status {
     pub system: String,
     pub gateway: String,
     pub services: Vec<ServiceStatus>,
+    /// How the edits of the manifest (and the files it names) went while
+    /// the system watched it; all zero when it does not watch.
+    #[serde(default)]
+    pub reloads: ReloadStatus,
+}
+
+/// The manifest watcher's reloads since the system started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReloadStatus {
+    /// Changes applied.
+    pub applied: u64,
+    /// Changes refused (an invalid file, or one that needs a restart): the
+    /// running configuration stayed.
+    pub refused: u64,
+    /// Why the latest change was refused, while no change was applied
+    /// since: the running configuration is not what the files say.
+    pub last_refusal: Option<String>,
 }
 
 /// Everything a pool needs from the system around it.

@@ -18,7 +18,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flotilla_gateway::{Config as GatewayConfig, Gateway};
@@ -26,6 +26,7 @@ use flotilla_manifest::{Manifest, Service};
 use tokio::sync::watch;
 
 use crate::console::Console;
+use crate::pool::ReloadStatus;
 
 /// How often the watched files are looked at.
 const POLL: Duration = Duration::from_millis(500);
@@ -52,6 +53,7 @@ pub(crate) async fn watch_manifest(
     mut watched: Watched,
     gateway: Arc<Gateway>,
     console: Arc<Console>,
+    reloads: Arc<Mutex<ReloadStatus>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut files = Files::new(watched_files(&watched.manifest), watched.read_at);
@@ -70,6 +72,11 @@ pub(crate) async fn watch_manifest(
                     change.names,
                     config.routes.len()
                 ));
+                {
+                    let mut reloads = reloads.lock().unwrap();
+                    reloads.applied += 1;
+                    reloads.last_refusal = None;
+                }
                 let read_at = change.read_at;
                 // The new manifest may name other list files.
                 files.reloaded(change, watched_files(&manifest));
@@ -84,6 +91,11 @@ pub(crate) async fn watch_manifest(
                     "{} changed but was not applied; the running configuration stays:\n{why}",
                     change.names
                 ));
+                {
+                    let mut reloads = reloads.lock().unwrap();
+                    reloads.refused += 1;
+                    reloads.last_refusal = Some(why);
+                }
                 files.refused(change);
             }
         }

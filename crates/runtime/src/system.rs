@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_gateway::upstream::{ActivateError, ActivateFuture, Endpoint, Upstreams};
@@ -20,7 +20,7 @@ use crate::control::{self, StatusSource};
 use crate::dirlock::DirLock;
 use crate::endpoints::{Endpoints, InstanceEndpoint, ServiceEndpoint};
 use crate::mesh::{Mesh, Renewal};
-use crate::pool::{Pool, PoolEnv, Prober, Status};
+use crate::pool::{Pool, PoolEnv, Prober, ReloadStatus, Status};
 use crate::process::Launch;
 use crate::reload;
 use crate::{Error, Options};
@@ -30,6 +30,8 @@ struct Registry {
     system: String,
     gateway_url: std::sync::OnceLock<String>,
     pools: BTreeMap<String, Arc<Pool>>,
+    /// Written by the manifest watcher.
+    reloads: Arc<Mutex<ReloadStatus>>,
 }
 
 impl Upstreams for Registry {
@@ -57,6 +59,7 @@ impl StatusSource for Registry {
             system: self.system.clone(),
             gateway: self.gateway_url.get().cloned().unwrap_or_default(),
             services: self.pools.values().map(|p| p.status()).collect(),
+            reloads: self.reloads.lock().unwrap().clone(),
         }
     }
 }
@@ -238,6 +241,7 @@ impl System {
             system: manifest.name.clone(),
             gateway_url: std::sync::OnceLock::new(),
             pools,
+            reloads: Arc::default(),
         });
 
         let mut gateway_config = GatewayConfig::from_manifest(&manifest);
@@ -370,6 +374,7 @@ impl System {
                 watched,
                 Arc::clone(&gateway),
                 Arc::clone(&console),
+                Arc::clone(&registry.reloads),
                 stop_rx.clone(),
             ))
         });

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{client, start_editing, start_with};
+use crate::support::{Harness, client, start_editing, start_with};
 
 const SERVICES: &str = r#"[services.hello]
 run = { command = ["python3", "HELLO"] }
@@ -39,6 +39,22 @@ async fn wait_for_limit(gateway: &str, limited: bool) {
     }
 }
 
+/// Waits for the watcher to have refused one more change than `before`
+/// (a count of `reloads.refused`), for a reason that mentions `why`.
+async fn wait_for_refusal(h: &Harness, before: u64, why: &str) {
+    h.wait("the edit to be refused", Duration::from_secs(15), |h| {
+        h.system().status().reloads.refused > before
+    })
+    .await;
+    let reloads = h.system().status().reloads;
+    assert_eq!(reloads.refused, before + 1, "{reloads:?}");
+    let refusal = reloads.last_refusal.unwrap_or_default();
+    assert!(
+        refusal.contains(why),
+        "refused for another reason: {refusal}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn editing_the_manifest_reloads_gateway_policies() {
     let h = start_with(SERVICES, |o| o.watch = true).await;
@@ -57,8 +73,9 @@ async fn editing_the_manifest_reloads_gateway_policies() {
     wait_for_limit(&gateway, true).await;
 
     // An invalid file is refused: the limit stays, the system keeps serving.
+    let refused = h.system().status().reloads.refused;
     std::fs::write(&file, limited.replace("rate_limit", "rate_limmit")).unwrap();
-    tokio::time::sleep(Duration::from_millis(1200)).await; // two polls: nothing may change
+    wait_for_refusal(&h, refused, "rate_limmit").await;
     assert_eq!(
         status(&gateway).await,
         429,
@@ -67,7 +84,7 @@ async fn editing_the_manifest_reloads_gateway_policies() {
 
     // A new path needs a restart (instance ACLs): refused as a whole.
     std::fs::write(&file, original.replace("/hello/**", "/bye/**")).unwrap();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    wait_for_refusal(&h, refused + 1, "restart to apply").await;
     assert_eq!(
         status(&gateway).await,
         429,
@@ -77,6 +94,8 @@ async fn editing_the_manifest_reloads_gateway_policies() {
     // Back to the original file: the limit goes away again.
     std::fs::write(&file, &original).unwrap();
     wait_for_limit(&gateway, false).await;
+    let reloads = h.system().status().reloads;
+    assert_eq!(reloads.last_refusal, None, "{reloads:?}");
     h.stop().await;
 }
 
@@ -132,8 +151,9 @@ async fn the_manifests_gateway_limits_apply_and_a_change_waits_for_a_restart() {
             r#"methods = ["GET"] }"#,
             r#"methods = ["GET"], rate_limit = "1/h burst 1 per route" }"#,
         );
+    let refused = h.system().status().reloads.refused;
     std::fs::write(&file, &raised).unwrap();
-    tokio::time::sleep(Duration::from_millis(1200)).await; // two polls: nothing may change
+    wait_for_refusal(&h, refused, "`[gateway.limits]` changed").await;
     assert_eq!(status_with_body(&gateway, 2000).await, 413);
     for _ in 0..3 {
         assert_eq!(status(&gateway).await, 200, "the rate limit came along");
