@@ -173,13 +173,24 @@ fn hello_manifest(dir: &Path, listen: &str) -> PathBuf {
 struct Up {
     child: Child,
     data: PathBuf,
-    _dir: tempfile::TempDir,
+    /// Deleted with the `Up`, unless the test is failing: then kept, with
+    /// the instances' logs, and its path printed.
+    dir: Option<tempfile::TempDir>,
 }
 
 impl Drop for Up {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            let kept = dir.keep();
+            eprintln!(
+                "test failed; flotilla up's data dir (instance logs in logs/) kept at {}",
+                kept.join("data").display()
+            );
+        }
     }
 }
 
@@ -221,7 +232,7 @@ fn up_configured(
     Up {
         child,
         data,
-        _dir: dir,
+        dir: Some(dir),
     }
 }
 
@@ -241,9 +252,16 @@ fn wait_for_endpoints(up: &mut Up) -> Value {
                 .map(std::io::read_to_string)
                 .and_then(Result::ok)
                 .unwrap_or_default();
-            panic!("flotilla up exited ({status}) before ready: {out}");
+            panic!(
+                "flotilla up exited ({status}) before ready (data dir {}): {out}",
+                up.data.display()
+            );
         }
-        assert!(Instant::now() < deadline, "no endpoints.json after 30 s");
+        assert!(
+            Instant::now() < deadline,
+            "no endpoints.json in {} after 30 s",
+            up.data.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -255,7 +273,11 @@ fn exited(up: &mut Up, what: &str) -> std::process::ExitStatus {
         if let Some(s) = up.child.try_wait().unwrap() {
             return s;
         }
-        assert!(Instant::now() < deadline, "flotilla up did not {what}");
+        assert!(
+            Instant::now() < deadline,
+            "flotilla up did not {what} (data dir {})",
+            up.data.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -464,6 +486,8 @@ fn no_orphans_after_kill_nine() {
     let mut up = up("127.0.0.1:0");
     let endpoints = wait_for_endpoints(&mut up);
     let pids = instance_pids(&endpoints);
+    // Both replicas of hello_manifest: an empty list would pass below.
+    assert_eq!(pids.len(), 2, "{endpoints}");
     assert!(pids.iter().all(|p| alive(*p)));
     up.child.kill().unwrap(); // SIGKILL: no chance to clean up
     up.child.wait().unwrap();
