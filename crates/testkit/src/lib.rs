@@ -98,7 +98,7 @@ impl Builder {
             .canonicalize()
             .unwrap_or(self.manifest.clone());
         let manifest = Manifest::load(&manifest_path)?;
-        let (temp, data_dir) = match self.data_dir {
+        let (temp, data_dir) = match self.data_dir.clone() {
             Some(d) => (None, d),
             None => {
                 let t = tempfile::Builder::new()
@@ -128,7 +128,7 @@ impl Builder {
             inner: Some(inner),
             temp,
             data_dir,
-            manifest: self.manifest,
+            builder: self,
         })
     }
 }
@@ -139,7 +139,8 @@ pub struct System {
     inner: Option<flotilla_runtime::System>,
     temp: Option<tempfile::TempDir>,
     data_dir: PathBuf,
-    manifest: PathBuf,
+    /// How it was started, for [`System::restart`].
+    builder: Builder,
 }
 
 impl System {
@@ -228,19 +229,38 @@ impl System {
         }
     }
 
-    /// Stops the system and starts it again on the same data dir (what
-    /// `flotilla down` then `flotilla up` does).
+    /// Stops the system and starts it again on the same data dir, with the
+    /// builder's settings (what `flotilla down` then `flotilla up` does).
+    /// If it cannot start again, a temporary data dir is kept, with its
+    /// logs, and its path printed.
     pub async fn restart(mut self) -> Result<System, Error> {
         if let Some(inner) = self.inner.take() {
             inner.shutdown().await;
         }
         let temp = self.temp.take();
-        let mut next = System::builder(&self.manifest)
+        let started = self
+            .builder
+            .clone()
             .data_dir(self.data_dir.clone())
             .start()
-            .await?;
-        next.temp = temp;
-        Ok(next)
+            .await;
+        match started {
+            Ok(mut next) => {
+                next.temp = temp;
+                next.builder.data_dir = self.builder.data_dir.clone();
+                Ok(next)
+            }
+            Err(e) => {
+                if let Some(t) = temp {
+                    let kept = t.keep();
+                    eprintln!(
+                        "flotilla-testkit: restart failed; data dir and logs kept at {}",
+                        kept.display()
+                    );
+                }
+                Err(e)
+            }
+        }
     }
 }
 
@@ -257,5 +277,56 @@ impl Drop for System {
         }
         // Instances still running die with their tokio tasks (kill_on_drop)
         // when the test's runtime shuts down.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_manifest(dir: &Path) -> PathBuf {
+        let manifest = dir.join("flotilla.toml");
+        std::fs::write(
+            &manifest,
+            format!(
+                "name = \"kit\"\n[services.hello]\nrun = {{ command = [\"python3\", \"{}\"] }}\n",
+                hello_py().display()
+            ),
+        )
+        .unwrap();
+        manifest
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restart_keeps_the_builders_settings_and_a_failed_one_keeps_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = write_manifest(dir.path());
+        let system = System::builder(&manifest)
+            .echo_logs(false)
+            .leaf_lifetime(Duration::from_secs(600))
+            .mesh_mode(MeshMode::Audit)
+            .start()
+            .await
+            .unwrap();
+        let data = system.data_dir().to_path_buf();
+        let system = system.restart().await.expect("restarts");
+        assert_eq!(system.data_dir(), data);
+        assert!(!system.builder.echo);
+        assert_eq!(system.builder.leaf_lifetime, Some(Duration::from_secs(600)));
+        assert_eq!(system.builder.mesh_mode, Some(MeshMode::Audit));
+        assert_eq!(system.builder.data_dir, None, "a temp dir still");
+
+        // Cannot start again (the manifest became invalid): the temp data
+        // dir stays for its logs.
+        std::fs::write(&manifest, "name = ").unwrap();
+        let err = match system.restart().await {
+            Ok(_) => panic!("restarted on an invalid manifest"),
+            Err(e) => e,
+        };
+        assert!(matches!(err, Error::Manifest(_)), "{err}");
+        let kept = data.join("logs").join("hello-0.log");
+        let exists = kept.exists();
+        let _ = std::fs::remove_dir_all(&data);
+        assert!(exists, "{} deleted after a failed restart", kept.display());
     }
 }
