@@ -16,6 +16,7 @@ async fn a_connection_to_a_function_at_zero_is_held_then_served() {
 shape = "function"
 run = { command = ["python3", "HELLO"] }
 scale = { idle = "300ms" }
+routes = [{ path = "/fn/**" }]
 "#,
     )
     .await;
@@ -38,6 +39,12 @@ scale = { idle = "300ms" }
     .await;
 
     // And from zero again through the gateway.
+    let r = client()
+        .get(format!("{}/fn/again", h.gateway()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     h.stop().await;
 }
 
@@ -53,12 +60,22 @@ routes = [{ path = "/busy/**" }]
     .await;
     assert_eq!(h.service("busy").instances.len(), 1);
     let http = client();
-    // Six slow requests in flight against a target of two per instance.
+    // Six slow requests in flight against a target of two per instance,
+    // each sent again as it is answered, until the scale-up is seen (a
+    // cold start slower than one request's time must not let the load go).
+    let (done, _) = tokio::sync::watch::channel(false);
     let mut held = Vec::new();
     for _ in 0..6 {
-        let (http, url) = (http.clone(), format!("{}/busy/sleep?ms=3000", h.gateway()));
+        let (http, url) = (http.clone(), format!("{}/busy/sleep?ms=1000", h.gateway()));
+        let done = done.subscribe();
         held.push(tokio::spawn(async move {
-            http.get(url).send().await.map(|r| r.status().as_u16())
+            let mut statuses = Vec::new();
+            loop {
+                statuses.push(http.get(&url).send().await.map(|r| r.status().as_u16()));
+                if *done.borrow() {
+                    return statuses;
+                }
+            }
         }));
     }
     h.wait(
@@ -67,8 +84,11 @@ routes = [{ path = "/busy/**" }]
         |h| h.service("busy").ready == 3,
     )
     .await;
+    done.send_replace(true);
     for r in held {
-        assert_eq!(r.await.unwrap().unwrap(), 200);
+        for status in r.await.unwrap() {
+            assert_eq!(status.unwrap(), 200);
+        }
     }
     h.wait(
         "busy to scale back to min 1",
