@@ -1497,24 +1497,20 @@ mod tests {
             Ok(res) => assert_eq!(body_of(res).await, b"ok"),
             Err(e) => panic!("/fast: {e}"),
         }
-        // 300 ms to answer, within a deadline of 5 s on the same connection.
-        match send("/slow", Duration::from_secs(5)).await {
+        // 300 ms to answer, within a deadline of 5 min on the same
+        // connection: far beyond TEST_DEADLINE, so a timer left at it
+        // below shows as no answer and no timeout.
+        match send("/slow", Duration::from_secs(300)).await {
             Ok(res) => assert_eq!(body_of(res).await, b"ok"),
             Err(e) => panic!("/slow: {e}"),
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         // A deadline earlier than the timer's: it must be moved back.
-        let started = Instant::now();
         match send("/never", Duration::from_millis(200)).await {
             Err(SendError::TimedOut) => {}
             Ok(res) => panic!("/never answered {}", res.res.status()),
             Err(e) => panic!("/never: {e}"),
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(4),
-            "{:?}",
-            started.elapsed()
-        );
     }
 
     #[tokio::test]
