@@ -391,7 +391,12 @@ async fn plaintext_foreign_and_stalled_peers_are_refused() {
             "a stalled handshake was not closed: {read:?}"
         );
     }
-    assert!(started.elapsed() < Duration::from_secs(3));
+    // Not a measure of speed: twenty deadlines of 300 ms, run side by
+    // side, are over long before this; the bound only catches them held
+    // far longer in all (one after another with a longer deadline, say),
+    // with room for a loaded machine.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "{took:?}");
     let (status, _) = get(&pki.identity("orders"), &running, "/api/catalog/products").await;
     assert_eq!(status, 200);
     running.stop().await.unwrap();

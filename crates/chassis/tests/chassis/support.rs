@@ -74,10 +74,15 @@ pub async fn start_with(
 }
 
 pub fn http() -> reqwest::Client {
+    http_giving_up_after(Duration::from_secs(10))
+}
+
+/// Like [`http`], giving up on a request after `timeout`.
+pub fn http_giving_up_after(timeout: Duration) -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .no_proxy()
-        .timeout(Duration::from_secs(10))
+        .timeout(timeout)
         .build()
         .expect("reqwest client")
 }

@@ -105,7 +105,9 @@ async fn activation_outlasting_the_route_timeout_is_503_in_time() {
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reply.json()["error"]["code"], "no_ready_instance");
     assert!(took >= timeout, "{took:?}");
-    assert!(took < timeout + Duration::from_secs(2), "{took:?}");
+    // The route timeout fired, not the client's (or nothing): the bound is
+    // the property, with generous room for a loaded machine.
+    assert!(took < timeout + Duration::from_secs(10), "{took:?}");
     gateway.shutdown(Duration::from_secs(5)).await;
 }
 

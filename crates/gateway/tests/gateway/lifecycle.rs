@@ -27,7 +27,9 @@ async fn a_slow_upstream_is_504_within_the_route_timeout() {
     assert_eq!(error["code"], "upstream_timeout");
     assert_eq!(error["message"], "`svc` did not answer within 300ms");
     assert!(took >= timeout, "{took:?}");
-    assert!(took < timeout + Duration::from_secs(2), "{took:?}");
+    // The timeout fired, not the client's (or nothing): the bound is the
+    // property, with generous room for a loaded machine.
+    assert!(took < timeout + Duration::from_secs(10), "{took:?}");
     wait_until("the abandoned request's load to end", || {
         up.load.in_flight() == 0
     })
@@ -96,7 +98,10 @@ async fn shutdown_closes_what_is_still_open_at_the_deadline() {
     wait_until("the request to reach the upstream", || up.held() == 1).await;
     let began = Instant::now();
     gateway.shutdown(Duration::from_millis(200)).await;
-    assert!(began.elapsed() < Duration::from_secs(3));
+    // The deadline cut the held request off rather than waiting for it:
+    // the bound is the property, with generous room for a loaded machine.
+    let took = began.elapsed();
+    assert!(took < Duration::from_secs(15), "{took:?}");
     let result = ok(in_flight.await, "in-flight task");
     assert!(result.is_err(), "the connection was closed: {result:?}");
     wait_until("the upstream load to end", || up.load.in_flight() == 0).await;
