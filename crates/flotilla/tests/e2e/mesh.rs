@@ -56,6 +56,30 @@ async fn call_with(
     target: &str,
     headers: &str,
 ) -> Result<(u16, String), String> {
+    let request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {service}\r\n{headers}Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    );
+    let text = exchange(identity, service, addr, &request).await?;
+    let status = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .filter(|_| text.starts_with("HTTP/1."))
+        .ok_or_else(|| format!("not an HTTP answer: {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Writes `request` as it is over mutual TLS and reads until the server
+/// closes the connection (within 10 s): everything it answered.
+async fn exchange(
+    identity: &Identity,
+    service: &str,
+    addr: &str,
+    request: &str,
+) -> Result<String, String> {
     let connector = TlsConnector::from(
         client_config(identity, ExpectedPeer::service(service)).map_err(|e| e.to_string())?,
     );
@@ -71,30 +95,23 @@ async fn call_with(
     )
     .await
     .map_err(|e| flotilla_mesh::tls::error_chain(&e))?;
-    let request = format!(
-        "{method} {target} HTTP/1.1\r\nHost: {service}\r\n{headers}Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
-    );
     tls.write_all(request.as_bytes())
         .await
         .map_err(|e| e.to_string())?;
     let mut answer = Vec::new();
-    match tls.read_to_end(&mut answer).await {
-        Ok(_) => {}
+    match tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await {
+        Err(_) => {
+            return Err(format!(
+                "not closed within 10 s; answered so far: {:?}",
+                String::from_utf8_lossy(&answer)
+            ));
+        }
+        Ok(Ok(_)) => {}
         // Python's ssl closes without close_notify.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !answer.is_empty() => {}
-        Err(e) => return Err(e.to_string()),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof && !answer.is_empty() => {}
+        Ok(Err(e)) => return Err(e.to_string()),
     }
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let status = text
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .filter(|_| text.starts_with("HTTP/1."))
-        .ok_or_else(|| format!("not an HTTP answer: {text:?}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    Ok(String::from_utf8_lossy(&answer).into_owned())
 }
 
 fn json_of(body: &str) -> Value {
@@ -315,6 +332,55 @@ async fn the_shop_runs_on_mutual_tls_and_its_acls() {
     .await
     .unwrap();
     assert_eq!(status, 403, "catalog may only read reviews: {body}");
+    // A request's framing is checked before anything else: a
+    // Content-Length that is not a number of bytes is a 400 that closes
+    // the connection, whoever sends it and whatever they may do.
+    let gateway = identity_of(&system, "gateway");
+    for (who, identity, request) in [
+        (
+            "catalog",
+            &catalog,
+            "GET /api/reviews/sku-mug HTTP/1.1\r\nHost: reviews\r\nContent-Length: abc\r\n\r\n",
+        ),
+        // Read as -1, it would be read to the end of the stream, which the
+        // client keeps open for the answer.
+        (
+            "gateway",
+            &gateway,
+            "POST /api/reviews/sku-mug HTTP/1.1\r\nHost: reviews\r\nx-flotilla-user-id: e2e-framing\r\nContent-Type: application/json\r\nContent-Length: -1\r\n\r\n{}",
+        ),
+    ] {
+        let answer = exchange(identity, "reviews", &reviews_addr, request)
+            .await
+            .unwrap_or_else(|e| panic!("{who}: {request:?}: {e}"));
+        assert!(
+            answer.starts_with("HTTP/1.1 400 "),
+            "{who}: {request:?}: {answer:?}"
+        );
+        assert_eq!(json_of(&answer)["error"]["code"], "bad_request", "{answer}");
+    }
+    // A chunked body (which http.server does not read) on a GET is not
+    // taken for the next request on the connection: the answer closes it.
+    let answer = exchange(
+        &catalog,
+        "reviews",
+        &reviews_addr,
+        "GET /api/reviews/sku-mug HTTP/1.1\r\nHost: reviews\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or_default();
+    assert!(head.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    assert!(
+        head.to_ascii_lowercase().contains("\r\nconnection: close"),
+        "{answer:?}"
+    );
+    // Read as a request, the chunk would be answered too (an HTTP/0.9
+    // error page, after the JSON).
+    assert!(
+        serde_json::from_str::<Value>(body).is_ok(),
+        "one answer and nothing after it: {answer:?}"
+    );
     let reviews_metrics = metrics_of(&system, "reviews").await;
     assert!(
         counter(

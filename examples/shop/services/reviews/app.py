@@ -501,6 +501,28 @@ def error(code, message, **extra):
     return {"error": {"code": code, "message": message, **extra}}
 
 
+CONTENT_LENGTH = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit takes "²"
+
+
+def body_length(headers):
+    """The request body's length by its Content-Length (0 without one), or
+    None when that header cannot be believed: anything but ASCII digits
+    (int() would take "-1", which reads to the end of the stream, and
+    "+5", " 5", "5_0"), or several that disagree (RFC 9112 6.3). Digits
+    past any body accepted count as MAX_BODY + 1: int() refuses more than
+    4300 of them."""
+    lengths = set()
+    for value in headers.get_all("content-length") or ():
+        value = value.strip(" \t")
+        if not CONTENT_LENGTH.fullmatch(value):
+            return None
+        digits = value.lstrip("0")
+        lengths.add(int(digits or "0") if len(digits) <= 18 else MAX_BODY + 1)
+    if len(lengths) > 1:
+        return None
+    return lengths.pop() if lengths else 0
+
+
 class State:
     draining = False
     in_flight = 0
@@ -552,13 +574,21 @@ class Handler(BaseHTTPRequestHandler):
         handling.request_id = request_id if REQUEST_ID.fullmatch(request_id) else None
         trace = TRACEPARENT.fullmatch(self.headers.get("traceparent") or "")
         handling.trace_id = trace.group(1) if trace and trace.group(1) != "0" * 32 else None
-        with State.lock:
-            State.in_flight += 1
         route, status = "unmatched", 500
         # A body nobody reads would be parsed as the next request on this
-        # keep-alive connection: answers that leave one close it.
-        self.body_pending = int(self.headers.get("content-length") or 0) > 0
+        # keep-alive connection: answers that leave one close it. A
+        # Transfer-Encoding says a body follows whatever the Content-Length
+        # says (http.server reads by Content-Length only).
+        self.length = body_length(self.headers)
+        self.body_pending = bool(self.headers.get("transfer-encoding")) or self.length != 0
+        with State.lock:
+            State.in_flight += 1
+        # Nothing between the count and the try: whatever raises, the
+        # finally takes it back, or every later drain waits its deadline.
         try:
+            if self.length is None:
+                status = 400
+                return self.reply(400, error("bad_request", "the Content-Length header is invalid"))
             path = self.path
             if acl is not None:
                 try:
@@ -619,10 +649,9 @@ class Handler(BaseHTTPRequestHandler):
         user = self.headers.get(USER_PREFIX + "id")
         if not user:
             return self.reply(401, error("unauthenticated", "sign in to review a product"))
-        length = int(self.headers.get("content-length") or 0)
-        if length > MAX_BODY:
+        if self.length > MAX_BODY:
             return self.reply(413, error("payload_too_large", f"the body is larger than {MAX_BODY} bytes"))
-        raw = self.rfile.read(length)
+        raw = self.rfile.read(self.length)
         self.body_pending = False
         try:
             body = json.loads(raw or b"null")
