@@ -273,6 +273,26 @@ async fn the_shop_runs_on_mutual_tls_and_its_acls() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+    // JSON may escape half a UTF-16 pair alone, which no UTF-8 text (the
+    // database's) can hold: each such field is named in a 400, not a 500.
+    let lone = http
+        .post(system.url("/api/reviews/sku-kettle"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(r#"{"author": "e2e \ud800", "rating": 4, "text": "Pours \udfffwell."}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lone.status(), 400);
+    let lone: Value = lone.json().await.unwrap();
+    assert_eq!(lone["error"]["code"], "invalid_request", "{lone}");
+    let named: Vec<&Value> = lone["error"]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| &f["field"])
+        .collect();
+    assert_eq!(named, [&json!("author"), &json!("text")], "{lone}");
 
     // A stolen identity calling where the manifest says it may not: the
     // catalog's certificate to orders (catalog does not call orders).

@@ -497,6 +497,20 @@ OPENAPI = {
 }
 
 
+UNPAIRED_SURROGATE = "must be Unicode text: it has an unpaired surrogate (an escape such as \\ud800 alone)"
+
+
+def is_unicode(value):
+    """Whether a string from json.loads is text that can be stored: JSON
+    lets an escape name half of a UTF-16 pair alone ("\\ud800"), which
+    Python keeps as a lone surrogate and SQLite's UTF-8 cannot hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def error(code, message, **extra):
     return {"error": {"code": code, "message": message, **extra}}
 
@@ -665,10 +679,14 @@ class Handler(BaseHTTPRequestHandler):
         rating, text = body.get("rating"), body.get("text")
         if not isinstance(author, str) or not 1 <= len(author.strip()) <= 100:
             fields.append({"field": "author", "message": "must be 1 to 100 characters"})
+        elif not is_unicode(author):
+            fields.append({"field": "author", "message": UNPAIRED_SURROGATE})
         if not isinstance(rating, int) or isinstance(rating, bool) or not 1 <= rating <= 5:
             fields.append({"field": "rating", "message": "must be a whole number from 1 to 5"})
         if not isinstance(text, str) or not 1 <= len(text.strip()) <= 2000:
             fields.append({"field": "text", "message": "must be 1 to 2000 characters"})
+        elif not is_unicode(text):
+            fields.append({"field": "text", "message": UNPAIRED_SURROGATE})
         if fields:
             return self.reply(400, error("invalid_request", "the review is invalid", fields=fields))
         created = now_rfc3339()
