@@ -114,6 +114,17 @@ async fn exchange(
     Ok(String::from_utf8_lossy(&answer).into_owned())
 }
 
+/// `MAX_CONNECTIONS` of the reviews service, from its source.
+fn reviews_connection_cap() -> usize {
+    let app = shop_manifest().with_file_name("services/reviews/app.py");
+    std::fs::read_to_string(&app)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MAX_CONNECTIONS = "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no `MAX_CONNECTIONS = N` in {}", app.display()))
+}
+
 fn json_of(body: &str) -> Value {
     body.find('{')
         .and_then(|s| body.rfind('}').map(|e| &body[s..=e]))
@@ -472,6 +483,49 @@ async fn the_shop_runs_on_mutual_tls_and_its_acls() {
             "{service} served a foreign CA: {outcome:?}"
         );
     }
+
+    // Silent peers past reviews' cap on connections (a thread each) wait
+    // in the backlog instead of each taking a thread. Their handshake
+    // deadline (10 s) closes those accepted together; those past the cap
+    // would only be accepted then, and closed 10 s later.
+    let cap = reviews_connection_cap();
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    let mut silent = Vec::new();
+    for _ in 0..cap + 20 {
+        let mut tcp = tokio::net::TcpStream::connect(&reviews_addr).await.unwrap();
+        let closed_tx = closed_tx.clone();
+        silent.push(tokio::spawn(async move {
+            // End of stream or a reset: the server closed it.
+            let _ = tcp.read(&mut [0; 1]).await;
+            let _ = closed_tx.send(tokio::time::Instant::now());
+        }));
+    }
+    let first = tokio::time::timeout(Duration::from_secs(30), closed.recv())
+        .await
+        .expect("the handshake deadline closes silent connections")
+        .unwrap();
+    // Everything closed within half a deadline of the first was accepted
+    // in the same round, and so held a thread at the same time.
+    let mut round = 1;
+    while let Ok(Some(_)) =
+        tokio::time::timeout_at(first + Duration::from_secs(5), closed.recv()).await
+    {
+        round += 1;
+    }
+    assert!(
+        round <= cap,
+        "{round} silent connections held at once; the cap is {cap}"
+    );
+    // The waiting ones give up; their slots come free and a real caller
+    // is served at once, not after another handshake deadline.
+    for peer in &silent {
+        peer.abort();
+    }
+    let runtime = identity_of(&system, "runtime");
+    let (status, body) = call(&runtime, "reviews", &reviews_addr, "GET", "/healthz")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
     system.stop().await;
 }
 

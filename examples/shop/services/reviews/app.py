@@ -40,6 +40,12 @@ LISTEN = os.environ.get("FLOTILLA_LISTEN") or "127.0.0.1:" + os.environ.get("POR
 DRAIN_SECONDS = float(os.environ.get("FLOTILLA_DRAIN_SECONDS", "10"))
 TLS_VARS = ("FLOTILLA_TLS_CERT", "FLOTILLA_TLS_KEY", "FLOTILLA_TLS_CA")
 HANDSHAKE_TIMEOUT = 10  # seconds a peer has to finish the TLS handshake
+# Connections served at once, each by a thread of its own from accept to
+# close (its handshake, its requests, its keep-alive wait): the Rust
+# chassis's bound on handshakes (MAX_HANDSHAKES). Past it, accepting waits
+# and the kernel's backlog holds new connections, so a flood of silent
+# peers costs at most this many threads until their deadlines free them.
+MAX_CONNECTIONS = 256
 MAX_BODY = 64 * 1024
 SHOWN = 50  # reviews in a product's list; the count and average are of all
 USER_PREFIX = "x-flotilla-user-"
@@ -724,15 +730,62 @@ class Handler(BaseHTTPRequestHandler):
         pass  # one line per request is in the metrics; errors are logged
 
 
+class AtLimit(OSError):
+    """No connection slot came free in one poll interval: the connection
+    stays in the backlog, and serve_forever, to which get_request's
+    OSError means "nothing accepted", looks at its shutdown flag and asks
+    again."""
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    # The kernel's backlog, as tokio's listener has it: connections wait
+    # there while every slot is taken, instead of their SYNs being dropped
+    # (socketserver's 5 would refuse a burst).
+    request_queue_size = 1024
+    # Waits for a slot are this long at most, so that shutdown() (which
+    # waits for serve_forever's loop) is not held up by a full server.
+    slot_wait = 0.5
+
+    def __init__(self, *args, **kwargs):
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.at_limit = False  # whether the last wait for a slot was logged
+        super().__init__(*args, **kwargs)
 
     def get_request(self):
-        sock, addr = self.socket.accept()
+        # A slot before the accept, released by shutdown_request when the
+        # connection ends, whichever way it ends.
+        if not self.slots.acquire(blocking=False):
+            if not self.at_limit:
+                self.at_limit = True
+                log("WARN", "at the connection limit; new connections wait in the backlog",
+                    limit=MAX_CONNECTIONS)
+            if not self.slots.acquire(timeout=self.slot_wait):
+                raise AtLimit("no connection slot free")
+        else:
+            self.at_limit = False
+        try:
+            sock, addr = self.socket.accept()
+        except BaseException:
+            self.slots.release()
+            raise
         if identity is not None:
-            # The handshake runs in the connection's own thread (setup).
-            sock = identity.current().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            try:
+                # The handshake runs in the connection's own thread (setup).
+                sock = identity.current().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except BaseException:
+                sock.close()
+                self.slots.release()
+                raise
         return sock, addr
+
+    def shutdown_request(self, request):
+        # socketserver calls this once for every request get_request
+        # returned: after its thread ends, or when it could not start one.
+        try:
+            super().shutdown_request(request)
+        finally:
+            self.slots.release()
 
     def handle_error(self, request, client_address):
         e = sys.exc_info()[1]
