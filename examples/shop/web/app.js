@@ -48,6 +48,9 @@
     category: '',
     offset: 0,
     total: 0,
+    // Numbers each product list asked for: only the latest one's answer
+    // is shown, whatever order the answers come back in.
+    productsSeq: 0,
     basket: loadBasket(), // [{sku, name, unit_price_cents, currency, stock, quantity}]
     quote: null,
     quoteSeq: 0,
@@ -365,6 +368,7 @@
   }
 
   async function loadProducts() {
+    const seq = ++state.productsSeq;
     const params = new URLSearchParams({ limit: String(PAGE_SIZE), offset: String(state.offset) });
     if (state.q) params.set('q', state.q);
     if (state.category) params.set('category', state.category);
@@ -372,6 +376,7 @@
     showError($('catalog-error'), null);
     try {
       const page = await api('GET', `api/catalog/products?${params}`);
+      if (seq !== state.productsSeq) return; // a newer list is on its way
       state.total = page.total;
       renderProducts(page.products);
       const from = page.total === 0 ? 0 : page.offset + 1;
@@ -381,6 +386,7 @@
       $('prev').disabled = page.offset === 0;
       $('next').disabled = to >= page.total;
     } catch (err) {
+      if (seq !== state.productsSeq) return;
       $('catalog-status').textContent = '';
       renderProducts([]);
       showError($('catalog-error'), err);

@@ -560,6 +560,59 @@ async fn a_customer_signs_up_and_orders_in_a_real_browser() {
         )
         .await;
 
+    // Lists whose answers come back out of order: the one asked for last
+    // is shown. The page's fetch is wrapped so that a search's answer is
+    // held until the list asked for after it has been shown.
+    browser
+        .eval(
+            "const real = window.fetch;
+             let release;
+             const held = new Promise((resolve) => { release = resolve; });
+             window.releaseStale = () => { window.fetch = real; release(); };
+             window.fetch = async (url, init) => {
+               const res = await real(url, init);
+               if (!String(url).includes('q=mug')) return res;
+               await held;
+               const text = res.text.bind(res);
+               res.text = async () => {
+                 const body = await text();
+                 // Runs after the page's own promise jobs for this answer.
+                 setTimeout(() => { window.staleHandled = true; }, 0);
+                 return body;
+               };
+               return res;
+             };
+             const q = document.getElementById('q');
+             const search = document.getElementById('search');
+             q.value = 'mug';
+             search.requestSubmit();
+             q.value = '';
+             search.requestSubmit();
+             return true",
+        )
+        .await;
+    let latest = browser
+        .wait_for(
+            "the list asked for last",
+            "return document.getElementById('catalog-status').textContent === ''
+                 && document.getElementById('page-info').textContent",
+        )
+        .await;
+    browser.eval("window.releaseStale(); return true").await;
+    browser
+        .wait_for(
+            "the earlier search's answer, handled",
+            "return window.staleHandled === true",
+        )
+        .await;
+    let shown = browser
+        .eval("return document.getElementById('page-info').textContent")
+        .await;
+    assert_eq!(
+        shown, latest,
+        "the earlier search's answer replaced the later list"
+    );
+
     browser.click("#tab-sign-up").await;
     browser.type_into("#su-name", "Browser Customer").await;
     browser.type_into("#su-email", "browser@example.com").await;
