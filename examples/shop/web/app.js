@@ -53,6 +53,10 @@
     productsSeq: 0,
     basket: loadBasket(), // [{sku, name, unit_price_cents, currency, stock, quantity}]
     quote: null,
+    // The quote request (JSON) that state.quote answers: an order is
+    // placed only at the total quoted for the basket and coupon as they
+    // are now, not as they were before the last change.
+    quotedFor: null,
     quoteSeq: 0,
     quoteTimer: null,
     placing: false,
@@ -549,7 +553,7 @@
     $('basket-empty').hidden = !empty;
     $('basket-table').hidden = empty;
     const quoted = new Map();
-    if (state.quote) for (const l of state.quote.lines) quoted.set(l.sku, l);
+    if (quoteIsCurrent()) for (const l of state.quote.lines) quoted.set(l.sku, l);
     for (const line of state.basket) {
       const q = quoted.get(line.sku);
       const qty = el('input', { type: 'number', min: '0', max: '1000', value: String(line.quantity) });
@@ -584,27 +588,45 @@
     state.quoteTimer = setTimeout(requestQuote, QUOTE_DELAY_MS);
   }
 
-  async function requestQuote() {
-    const seq = ++state.quoteSeq;
-    showError($('quote-error'), null);
-    if (state.basket.length === 0) {
-      state.quote = null;
-      renderQuote();
-      return;
-    }
-    const coupon = $('coupon').value.trim();
+  /** The quote request for the basket and coupon as they are now; null
+   * for an empty basket. */
+  function quoteRequest() {
+    if (state.basket.length === 0) return null;
     const body = {
       items: state.basket.map((l) => ({ sku: l.sku, quantity: l.quantity, unit_price_cents: l.unit_price_cents })),
       currency: state.basket[0].currency || 'EUR',
     };
+    const coupon = $('coupon').value.trim();
     if (coupon) body.coupon = coupon;
+    return body;
+  }
+
+  /** Whether state.quote is of the basket and coupon as they are now:
+   * after a change it is not, until the next quote comes back. */
+  function quoteIsCurrent() {
+    const body = quoteRequest();
+    return Boolean(state.quote && body && state.quotedFor === JSON.stringify(body));
+  }
+
+  async function requestQuote() {
+    const seq = ++state.quoteSeq;
+    showError($('quote-error'), null);
+    const body = quoteRequest();
+    if (!body) {
+      state.quote = null;
+      state.quotedFor = null;
+      renderQuote();
+      return;
+    }
     try {
       const quote = await api('POST', 'api/pricing/quote', body);
       if (seq !== state.quoteSeq) return; // a newer quote is on its way
       state.quote = quote;
+      state.quotedFor = JSON.stringify(body);
     } catch (err) {
       if (seq !== state.quoteSeq) return;
       state.quote = null;
+      state.quotedFor = null;
       showError($('quote-error'), err);
     }
     renderQuote();
@@ -629,13 +651,16 @@
 
   // ---- Orders -------------------------------------------------------------
 
+  /** Place order waits for the quote of the basket and coupon as they are
+   * (within the quote's delay after a change, or while it is asked for):
+   * an earlier one's total would be refused as price_changed. */
   function updatePlaceButton() {
-    $('place').disabled = state.placing || state.basket.length === 0 || !state.quote;
+    $('place').disabled = state.placing || !quoteIsCurrent();
   }
 
   async function placeOrder(event) {
     event.preventDefault();
-    if (!state.quote || state.placing) return;
+    if (!quoteIsCurrent() || state.placing) return;
     if (!auth.signedIn) {
       showError($('order-error'), new ApiError(401, 'unauthenticated', 'Sign in to place an order.'));
       return;
@@ -669,6 +694,7 @@
       state.checkout = null;
       state.basket = [];
       state.quote = null;
+      state.quotedFor = null;
       saveBasket();
       renderQuote();
       showOk($('order-ok'), `Thank you! Order ${order.id.slice(0, 8)} is placed: ${money(order.total_cents, order.currency)}. Checking stock and payment…`);
@@ -911,7 +937,10 @@
       state.offset += PAGE_SIZE;
       loadProducts();
     });
-    $('coupon').addEventListener('input', scheduleQuote);
+    $('coupon').addEventListener('input', () => {
+      updatePlaceButton(); // the quote is of the coupon before this change
+      scheduleQuote();
+    });
     $('checkout').addEventListener('submit', placeOrder);
     $('refresh-orders').addEventListener('click', loadOrders);
     $('refresh-notifications').addEventListener('click', loadNotifications);

@@ -635,6 +635,27 @@ async fn a_customer_signs_up_and_orders_in_a_real_browser() {
             "return !document.getElementById('place').disabled",
         )
         .await;
+    // A change to the coupon (or the basket) makes that quote another
+    // order's: placing is held until the quote of the order as it is now
+    // comes back, or its total would be refused as price_changed. Back as
+    // it was, the quote is the order's again.
+    let held = browser
+        .eval(
+            "const coupon = document.getElementById('coupon');
+             const place = document.getElementById('place');
+             coupon.value = 'WELCOME10';
+             coupon.dispatchEvent(new Event('input'));
+             const changed = place.disabled;
+             coupon.value = '';
+             coupon.dispatchEvent(new Event('input'));
+             return [changed, place.disabled]",
+        )
+        .await;
+    assert_eq!(
+        held,
+        json!([true, false]),
+        "Place order while the coupon changes"
+    );
     browser.click("#place").await;
     let placed = browser
         .wait_for(
