@@ -781,6 +781,76 @@ async fn a_customer_signs_up_and_orders_in_a_real_browser() {
         .await;
     let mine = mine.as_str().unwrap_or_default();
     assert!(mine.contains(&short_id), "{short_id} not in:\n{mine}");
+    // A basket kept from before a price change (unit prices the catalog
+    // no longer has): the order is refused as price_changed, and the page
+    // re-reads every line from the catalog, all at once and without their
+    // reviews (which would cost the catalog a call to reviews each), then
+    // quotes it again.
+    browser
+        .eval(
+            "localStorage.setItem('flotilla-shop-basket', JSON.stringify([
+               {sku: 'sku-mug', name: 'Mug', unit_price_cents: 1, currency: 'EUR', stock: 5, quantity: 1},
+               {sku: 'sku-kettle', name: 'Kettle', unit_price_cents: 1, currency: 'EUR', stock: 5, quantity: 1}]));
+             return true",
+        )
+        .await;
+    browser.goto(&system.url("/")).await;
+    browser
+        .wait_for(
+            "the kept basket quoted",
+            "return !document.getElementById('signed-in').hidden
+                 && !document.getElementById('place').disabled",
+        )
+        .await;
+    browser
+        .eval(
+            "const real = window.fetch;
+             let open = 0;
+             window.catalogReads = [];
+             window.catalogAtOnce = 0;
+             window.fetch = async (url, init) => {
+               if (!String(url).startsWith('api/catalog/products/')) return real(url, init);
+               window.catalogReads.push(String(url));
+               open += 1;
+               window.catalogAtOnce = Math.max(window.catalogAtOnce, open);
+               try {
+                 return await real(url, init);
+               } finally {
+                 open -= 1;
+               }
+             };
+             return true",
+        )
+        .await;
+    browser.click("#place").await;
+    let refused = browser
+        .wait_for(
+            "price_changed, then the basket quoted again",
+            "const err = document.getElementById('order-error');
+             return !err.hidden && !document.getElementById('place').disabled
+                 && window.catalogReads.length === 2 && err.textContent",
+        )
+        .await;
+    assert!(
+        refused
+            .as_str()
+            .is_some_and(|t| t.contains("the total is now")),
+        "{refused}"
+    );
+    let reads = browser
+        .eval("return [window.catalogReads, window.catalogAtOnce]")
+        .await;
+    assert_eq!(
+        reads,
+        json!([
+            [
+                "api/catalog/products/sku-mug?reviews=false",
+                "api/catalog/products/sku-kettle?reviews=false"
+            ],
+            2
+        ]),
+        "the basket's lines read from the catalog, and how many at once"
+    );
     // Signing out clears the cookies: a reload finds no session.
     browser.click("#sign-out").await;
     browser
