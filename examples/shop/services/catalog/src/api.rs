@@ -155,7 +155,9 @@ async fn reviews_of(client: &Client, id: &str) -> Option<serde_json::Value> {
 fn parse(params: ListParams) -> Result<Search, Vec<FieldError>> {
     let mut errors = Vec::new();
     let mut text_param = |name: &str, value: Option<String>| -> Option<String> {
-        let value = value?.trim().to_lowercase();
+        let value = value?;
+        // Counted as sent (the OpenAPI maxLength): folding can change the
+        // count, `İ` being two characters in lower case.
         if value.chars().count() > MAX_TEXT {
             errors.push(FieldError::new(
                 name,
@@ -163,6 +165,9 @@ fn parse(params: ListParams) -> Result<Search, Vec<FieldError>> {
             ));
             return None;
         }
+        // ASCII only, as SQLite's lower() folds what it is compared with:
+        // `É` folded here would never match the `É` it leaves in a name.
+        let value = value.trim().to_ascii_lowercase();
         (!value.is_empty()).then_some(value)
     };
     let text = text_param("q", params.q);
@@ -274,6 +279,37 @@ mod tests {
         assert_eq!(page["total"], 0);
     }
 
+    /// SQLite's lower() folds ASCII letters only, and so does the search:
+    /// a name or category with an upper-case `É` is found by `É` (any
+    /// case of its ASCII letters), not by `é`.
+    #[tokio::test]
+    async fn searches_non_ascii_text_case_insensitively_for_ascii_letters() {
+        let db = db().await;
+        sqlx::query(
+            "INSERT INTO products (id, name, description, price_cents, currency, stock, category)
+             VALUES ('sku-eclair', 'Éclair au café', 'Choux pastry', 350, 'EUR', 5, 'Épicerie')",
+        )
+        .execute(&db)
+        .await
+        .unwrap();
+        let app = router(db, "catalog-0", None);
+        for query in [
+            "q=%C3%89CLAIR",          // ÉCLAIR
+            "q=%C3%89clair",          // Éclair
+            "q=CAF%C3%A9",            // CAFé
+            "q=%C3%89PICERIE",        // ÉPICERIE, in the category
+            "category=%C3%89picerie", // Épicerie
+            "category=%C3%89PICERIE", // ÉPICERIE
+        ] {
+            let (status, _, page) = get(&app, &format!("/api/catalog/products?{query}")).await;
+            assert_eq!(status, StatusCode::OK, "{query}");
+            assert_eq!(skus(&page), ["sku-eclair"], "{query}: {page}");
+        }
+        // Only ASCII letters are folded.
+        let (_, _, page) = get(&app, "/api/catalog/products?q=%C3%A9clair").await;
+        assert_eq!(page["total"], 0, "éclair: {page}");
+    }
+
     #[tokio::test]
     async fn pages_with_limit_and_offset() {
         let app = router(db().await, "catalog-0", None);
@@ -299,6 +335,16 @@ mod tests {
         let (status, _, e) = get(&app, &format!("/api/catalog/products?q={long}")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(e["error"]["fields"][0]["field"], "q");
+        // The limit is of the characters sent: 100 `İ` are 100, though
+        // 200 in lower case.
+        for (n, want) in [(100, StatusCode::OK), (101, StatusCode::BAD_REQUEST)] {
+            let dotted = "%C4%B0".repeat(n);
+            for name in ["q", "category"] {
+                let uri = format!("/api/catalog/products?{name}={dotted}");
+                let (status, _, e) = get(&app, &uri).await;
+                assert_eq!(status, want, "{n} İ in {name}: {e}");
+            }
+        }
     }
 
     #[tokio::test]

@@ -18,8 +18,8 @@ pub fn document() -> Value {
                     "operationId": "listProducts",
                     "summary": "Search products",
                     "parameters": [
-                        {"name": "q", "in": "query", "required": false, "description": "Case-insensitive text in name, description or category", "schema": {"type": "string", "maxLength": 100}},
-                        {"name": "category", "in": "query", "required": false, "description": "Exact category, case-insensitive", "schema": {"type": "string", "maxLength": 100}},
+                        {"name": "q", "in": "query", "required": false, "description": "Text in name, description or category; case-insensitive for ASCII letters (others match as written)", "schema": {"type": "string", "maxLength": 100}},
+                        {"name": "category", "in": "query", "required": false, "description": "Exact category; case-insensitive for ASCII letters (others match as written)", "schema": {"type": "string", "maxLength": 100}},
                         {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 50}},
                         {"name": "offset", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0, "maximum": 10000, "default": 0}}
                     ],

@@ -26,9 +26,10 @@ pub struct Product {
 /// A validated product search.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Search {
-    /// Lower-cased text to find in name, description or category.
+    /// Text to find in name, description or category, its ASCII letters
+    /// lower-cased (as SQLite's lower() folds the columns).
     pub text: Option<String>,
-    /// Lower-cased category to match exactly.
+    /// Category to match exactly, its ASCII letters lower-cased.
     pub category: Option<String>,
     pub limit: i64,
     pub offset: i64,
