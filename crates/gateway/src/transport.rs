@@ -142,21 +142,31 @@ fn poll_read_tcp(
             buf.reserve(spare);
         }
         let room = buf.capacity() - buf.len();
-        // Into the uninitialised spare room directly: no zeroing.
-        match stream.try_read_buf(buf) {
-            Ok(n) => {
-                if n > 0 && n < room {
-                    // A read that did not fill the buffer drained the socket
-                    // (epoll is edge-triggered): forget its readiness now,
-                    // as tokio's own `poll_read` does, rather than learn it
-                    // from one more `recv` failing with EAGAIN on every
-                    // request.
-                    let _ = stream.try_io(Interest::READABLE, || {
-                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
-                    });
-                }
-                return Poll::Ready(Ok(n));
+        // A read that does not fill the buffer drained the socket (epoll is
+        // edge-triggered): its readiness is forgotten, as tokio's own
+        // `poll_read` does, rather than learnt from one more `recv` failing
+        // with EAGAIN on every request. It must be the readiness seen
+        // *before* the read: `try_io` takes it before running its closure
+        // and forgets it only if the closure says `WouldBlock`, so the read
+        // runs inside and says so once it has drained the socket. Forgetting
+        // the readiness current after the read (as a second `try_io` did)
+        // would also forget bytes that arrived in between, and the
+        // connection would wait for more that may never come.
+        let mut drained = None;
+        let read = stream.try_io(Interest::READABLE, || {
+            // Into the uninitialised spare room directly: no zeroing.
+            let n = stream.try_read_buf(buf)?;
+            if n > 0 && n < room {
+                drained = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
             }
+            Ok(n)
+        });
+        if let Some(n) = drained {
+            return Poll::Ready(Ok(n));
+        }
+        match read {
+            Ok(n) => return Poll::Ready(Ok(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Poll::Ready(Err(e)),
         }
