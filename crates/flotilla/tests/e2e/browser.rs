@@ -28,8 +28,9 @@ pub struct Browser {
 }
 
 impl Browser {
-    /// A new headless browser, or `None` (and a `skipped:` line) when
-    /// chromium or chromedriver is not installed.
+    /// A new headless browser, or `None` (and a `skipped:` line, or a
+    /// panic under `FLOTILLA_TEST_REQUIRE_ALL`) when chromium or
+    /// chromedriver is not installed.
     pub async fn start() -> Option<Browser> {
         let installed = |cmd: &str| {
             std::process::Command::new(cmd)
@@ -38,8 +39,9 @@ impl Browser {
                 .is_ok_and(|o| o.status.success())
         };
         if !installed("chromedriver") || !installed("chromium") {
-            println!(
-                "skipped: no chromium and chromedriver on this machine (apt-get install -y chromium chromium-driver)"
+            flotilla_testkit::skip(
+                "no chromium and chromedriver on this machine",
+                "apt-get install -y chromium chromium-driver",
             );
             return None;
         }

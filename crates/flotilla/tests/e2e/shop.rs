@@ -492,7 +492,7 @@ async fn the_web_ui_lists_products_in_a_real_browser() {
                 .is_ok_and(|o| o.status.success())
         })
     else {
-        println!("skipped: no chromium on this machine (apt-get install -y chromium)");
+        flotilla_testkit::skip("no chromium on this machine", "apt-get install -y chromium");
         return;
     };
     let system = System::start(shop_manifest()).await.expect("shop starts");

@@ -262,6 +262,28 @@ impl Store {
 mod tests {
     use super::*;
 
+    /// The tests' Redis (`FLOTILLA_TEST_REDIS_URL`, empty counting as
+    /// unset), or `None` after printing `skipped: …`; a panic instead when
+    /// `FLOTILLA_TEST_REQUIRE_ALL` is set (not empty, not `0`), as `.ci/run`
+    /// sets it, since a passing test's output is not shown.
+    #[track_caller]
+    fn redis_url() -> Option<String> {
+        const VAR: &str = "FLOTILLA_TEST_REDIS_URL";
+        const PROVIDE: &str = "set it to a Redis server, e.g. redis://127.0.0.1:6379";
+        if let Ok(url) = std::env::var(VAR)
+            && !url.is_empty()
+        {
+            return Some(url);
+        }
+        if std::env::var("FLOTILLA_TEST_REQUIRE_ALL").is_ok_and(|v| !v.is_empty() && v != "0") {
+            panic!(
+                "cannot run: {VAR} is not set; {PROVIDE} (FLOTILLA_TEST_REQUIRE_ALL is set, so this test may not skip)"
+            );
+        }
+        println!("skipped: {VAR} is not set ({PROVIDE})");
+        None
+    }
+
     /// One check made on a runtime of its own, on a thread of its own,
     /// both gone when it returns: as a gateway worker that stops.
     async fn check_from_a_worker(store: &Arc<Store>, limit: &RateLimit) -> Decision {
@@ -326,8 +348,7 @@ mod tests {
     /// The same against a Redis of the tests' (`FLOTILLA_TEST_REDIS_URL`).
     #[tokio::test]
     async fn redis_and_memory_report_the_same_remaining() {
-        let Ok(url) = std::env::var("FLOTILLA_TEST_REDIS_URL") else {
-            eprintln!("skipped: FLOTILLA_TEST_REDIS_URL not set");
+        let Some(url) = redis_url() else {
             return;
         };
         let prefix = format!("flotilla-test:{}:", uuid::Uuid::new_v4());
@@ -351,8 +372,7 @@ mod tests {
     /// clock stepped back an hour) refuses for one interval, not the hour.
     #[tokio::test]
     async fn a_clock_stepped_back_refuses_for_an_interval_not_the_step() {
-        let Ok(url) = std::env::var("FLOTILLA_TEST_REDIS_URL") else {
-            eprintln!("skipped: FLOTILLA_TEST_REDIS_URL not set");
+        let Some(url) = redis_url() else {
             return;
         };
         let prefix = format!("flotilla-test:{}:", uuid::Uuid::new_v4());
@@ -431,8 +451,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_connection_outlives_the_worker_that_first_used_it() {
-        let Ok(url) = std::env::var("FLOTILLA_TEST_REDIS_URL") else {
-            eprintln!("skipped: FLOTILLA_TEST_REDIS_URL not set");
+        let Some(url) = redis_url() else {
             return;
         };
         // A fresh prefix per run: counters of earlier runs must not count.

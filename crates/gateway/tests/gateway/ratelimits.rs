@@ -143,6 +143,15 @@ async fn an_ipv6_client_is_limited_by_its_64_not_by_each_address() {
     gateway.shutdown(T).await;
 }
 
+/// The tests' Redis, or `None` (after [`skip`]) when none is set.
+#[track_caller]
+fn redis_url() -> Option<String> {
+    env_or_skip(
+        "FLOTILLA_TEST_REDIS_URL",
+        "set it to a Redis server, e.g. redis://127.0.0.1:6379",
+    )
+}
+
 /// Held by the tests whose gateways use the Redis backend: the backend
 /// error counter they read is the process's, and one test's failures
 /// (on purpose, in the fallback test) must not show up in the other's.
@@ -150,8 +159,7 @@ static REDIS_BACKEND: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 #[tokio::test]
 async fn two_gateways_share_one_limit_through_redis() {
-    let Ok(url) = std::env::var("FLOTILLA_TEST_REDIS_URL") else {
-        eprintln!("skipped: FLOTILLA_TEST_REDIS_URL not set");
+    let Some(url) = redis_url() else {
         return;
     };
     let _alone = REDIS_BACKEND.lock().await;
@@ -288,8 +296,7 @@ async fn several_limits_must_all_pass_and_a_refused_request_counts_against_none(
 
 #[tokio::test]
 async fn several_limits_are_given_back_in_redis_too() {
-    let Ok(url) = std::env::var("FLOTILLA_TEST_REDIS_URL") else {
-        eprintln!("skipped: FLOTILLA_TEST_REDIS_URL not set");
+    let Some(url) = redis_url() else {
         return;
     };
     let _alone = REDIS_BACKEND.lock().await;

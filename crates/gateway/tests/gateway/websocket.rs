@@ -782,15 +782,15 @@ async fn page_server(html: String) -> SocketAddr {
 }
 
 /// What headless Chromium's page at `url` wrote into its `<pre id="out">`
-/// once it wrote `all finished` there; `None` when Chromium is not
-/// installed.
+/// once it wrote `all finished` there; `None` (after [`skip`]) when
+/// Chromium is not installed.
 async fn chromium_page(dir: &TestDir, url: &str) -> Option<String> {
     let installed = std::process::Command::new("chromium")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
     if !installed {
-        println!("skipped: no chromium on this machine (apt-get install -y chromium)");
+        skip("no chromium on this machine", "apt-get install -y chromium");
         return None;
     }
     let run = tokio::process::Command::new("chromium")

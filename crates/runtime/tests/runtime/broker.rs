@@ -9,7 +9,7 @@ use flotilla_mesh::{ExpectedPeer, Identity, client_config};
 use flotilla_runtime::Endpoints;
 use serde_json::{Value, json};
 
-use crate::support::{Harness, environ, identity, start};
+use crate::support::{Harness, env_or_skip, environ, identity, start};
 
 const EVENTS: &str = r#"[topics.orders]
 [topics.audit]
@@ -99,8 +99,10 @@ async fn services_reach_only_what_they_declared_and_pushes_arrive_over_mtls() {
 /// engine, nothing else changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_manifest_can_put_the_broker_on_nats() {
-    let Ok(url) = std::env::var("FLOTILLA_TEST_NATS_URL") else {
-        eprintln!("skipped: FLOTILLA_TEST_NATS_URL is not set");
+    let Some(url) = env_or_skip(
+        "FLOTILLA_TEST_NATS_URL",
+        "set it to a NATS server with JetStream, e.g. nats://127.0.0.1:4222",
+    ) else {
         return;
     };
     // A prefix of its own, so runs never see each other's streams.
