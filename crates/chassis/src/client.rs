@@ -268,10 +268,11 @@ mod tests {
 
     #[tokio::test]
     async fn unreachable_is_distinguished() {
-        // Bind then drop a listener to get a port nobody listens on.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
+        // A port nobody listens on: bound and held, never listening, so no
+        // other test's socket can take it meanwhile (as after a close).
+        let held = tokio::net::TcpSocket::new_v4().unwrap();
+        held.bind(([127, 0, 0, 1], 0).into()).unwrap();
+        let addr = held.local_addr().unwrap();
         let c = Client::new("pricing", format!("http://{addr}"), None).unwrap();
         let err = c.get_json::<serde_json::Value>("/x").await.unwrap_err();
         assert!(matches!(err, Error::Unreachable { .. }), "{err:?}");

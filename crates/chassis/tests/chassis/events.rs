@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use sqlx::SqlitePool;
 use sqlx::migrate::Migrator;
 
-use crate::support::{eventually, http, start};
+use crate::support::{eventually, http, start, unlistened};
 
 const TRACE: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -281,10 +281,8 @@ async fn publish_receive_ack_extend_release() {
 
     server.close().await;
 
-    let nowhere = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // Held, unlistened, to the end: nothing else can take the port.
+    let (_held, nowhere) = unlistened();
     let err = service(nowhere)
         .broker()
         .unwrap()
@@ -617,11 +615,9 @@ async fn outbox_install_adds_keep_sent_to_an_older_table() {
 #[tokio::test]
 async fn outbox_waits_for_the_broker_and_keeps_order() {
     let scratch = Scratch::new();
-    // A port where nothing listens yet; the broker starts there later.
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // A port where nothing listens yet; the broker starts there later, on
+    // this same socket, so no other test's socket can take the port first.
+    let (socket, addr) = unlistened();
     let svc = service(addr);
     let broker = svc.broker().expect("broker");
     let pool = database(&scratch, "orders").await;
@@ -650,7 +646,7 @@ async fn outbox_waits_for_the_broker_and_keeps_order() {
     let error = rows.iter().find_map(|r| r.3.clone()).expect("last_error");
     assert!(error.contains("unreachable"), "{error}");
 
-    let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+    let listener = socket.listen(1024).expect("listen");
     let server = broker_on(&scratch, listener, topology).await;
     let want: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
     assert_eq!(audit_ids(&broker, 5).await, want, "published in order");

@@ -9,6 +9,19 @@ use flotilla_chassis::{Readiness, Service};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// A socket bound to a free port of 127.0.0.1 and not listening, with its
+/// address: connecting there is refused for as long as it is held, and no
+/// other socket can take the port meanwhile (as one can between closing a
+/// listener and binding its address again). `listen` on it accepts there.
+pub fn unlistened() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind 127.0.0.1:0");
+    let addr = socket.local_addr().expect("its address");
+    (socket, addr)
+}
+
 /// A server running in the background until [`Running::stop`].
 pub struct Running {
     pub addr: SocketAddr,

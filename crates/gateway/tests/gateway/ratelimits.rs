@@ -209,10 +209,11 @@ async fn an_unreachable_redis_falls_back_to_memory() {
     let registry = Registry::new();
     let up = Upstream::start("rl-fallback-0").await;
     registry.set("rl-fallback", vec![up.endpoint()]);
-    // A port nothing listens on.
-    let dead = ok(std::net::TcpListener::bind("127.0.0.1:0"), "bind");
+    // A port nothing listens on: bound and held, never listening, for the
+    // whole test, so no other test's socket can take it and answer.
+    let dead = ok(tokio::net::TcpSocket::new_v4(), "socket");
+    ok(dead.bind(([127, 0, 0, 1], 0).into()), "bind");
     let port = ok(dead.local_addr(), "addr").port();
-    drop(dead);
     let mut cfg = config(vec![limited("rl-fallback", "3/h per route")]);
     cfg.rate_limit_backend = RateLimitBackend::Redis {
         url: format!("redis://127.0.0.1:{port}"),
