@@ -261,7 +261,9 @@ async fn past_max_in_flight_requests_are_shed_with_503() {
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reply.json()["error"]["code"], "overloaded");
     assert_eq!(reply.header("retry-after"), "1");
-    // Other tests may shed too: counts only grow.
+    // `shed_total` has no labels (a request is shed before any route is
+    // looked for), so other tests' gateways in this process add to the
+    // same counter: only that it grew can be checked, not by how much.
     assert!(shed() > shed_before, "the 503 was not counted");
     up.release();
     for h in held {

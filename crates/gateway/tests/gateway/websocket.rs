@@ -235,23 +235,33 @@ async fn next(ws: &mut WebSocketStream<TcpStream>) -> Message {
 
 #[tokio::test]
 async fn messages_pass_both_ways_and_a_close_ends_the_tunnel() {
-    let (mut instance, gateway) = ws_gateway(config(vec![chat_route()])).await;
+    // A service and route of its own (not `chat` on `/ws/**`, as the other
+    // tests' tunnels are), so the metrics below count this tunnel alone.
+    let mut instance = WsInstance::start().await;
+    let registry = Registry::new();
+    registry.set("chat-one", vec![instance.endpoint("chat-one-0")]);
+    let gateway = start(
+        config(vec![route("chat-one", "/ws-one/**", &["GET"], T)]),
+        &registry,
+    )
+    .await;
     // Labelled by route template and service, never the path.
     const CLOSED: &[&str] = &[
         "flotilla_gateway_websockets_closed_total",
-        "route=\"/ws/**\"",
-        "service=\"chat\"",
-        "reason=\"closed\"",
+        "route=\"/ws-one/**\"",
+        "service=\"chat-one\"",
     ];
     const UPSTREAM_BYTES: &[&str] = &[
         "flotilla_gateway_websocket_bytes_total",
-        "route=\"/ws/**\"",
+        "route=\"/ws-one/**\"",
+        "service=\"chat-one\"",
         "direction=\"upstream\"",
     ];
     let closed_before = metric_sum(CLOSED);
+    let cleanly_before = metric_sum(&[CLOSED, &["reason=\"closed\""]].concat());
     let bytes_before = metric_sum(UPSTREAM_BYTES);
 
-    let (mut ws, res) = ok(connect(&gateway, "/ws/room").await, "handshake");
+    let (mut ws, res) = ok(connect(&gateway, "/ws-one/room").await, "handshake");
     assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
     // The instance's choices reach the client (tungstenite checked the
     // accept key against its own nonce), with the gateway's request id.
@@ -290,8 +300,15 @@ async fn messages_pass_both_ways_and_a_close_ends_the_tunnel() {
         metric_sum(CLOSED) > closed_before
     })
     .await;
-    // At least the binary message went up (other tests' tunnels may add).
-    assert!(metric_sum(UPSTREAM_BYTES) - bytes_before >= 200_000);
+    assert_eq!(metric_sum(CLOSED) - closed_before, 1, "one tunnel ended");
+    assert_eq!(
+        metric_sum(&[CLOSED, &["reason=\"closed\""]].concat()) - cleanly_before,
+        1,
+        "ended by its close handshake"
+    );
+    // The client's frames, masked: "hello" (2 + 4 + 5 bytes), the binary
+    // message (2 + 8 + 4 + 200,000) and the empty close (2 + 4).
+    assert_eq!(metric_sum(UPSTREAM_BYTES) - bytes_before, 11 + 200_014 + 6);
     gateway.shutdown(Duration::ZERO).await;
 }
 
