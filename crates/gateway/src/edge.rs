@@ -386,6 +386,15 @@ pub(crate) fn handle<'a>(
         if host_is_ambiguous(&req) {
             return finish.reject(Rejection::BadHost);
         }
+        // An HTTP/2 CONNECT (HTTP/1's never gets here, refused with its
+        // head): its target is a host to tunnel to, not a path, and hyper
+        // would make the stream a tunnel on a 2xx from an instance that
+        // was sent an ordinary request. Extended CONNECT (`:protocol`,
+        // RFC 8441) is not enabled on the HTTP/2 server, which refuses it
+        // before it is a request.
+        if req.method() == Method::CONNECT {
+            return finish.reject(Rejection::Connect);
+        }
         match routed_path(uri.path()) {
             Ok(None) => {}
             Ok(Some(path)) => match with_path(&uri, &path) {

@@ -27,7 +27,7 @@
 //!
 //! - **Limits.** A head over `max_header_bytes` or with more than
 //!   `max_headers` headers gets 431; a malformed one 400; a transfer coding
-//!   other than chunked 501. Each closes the connection (lingering, so the
+//!   other than chunked 501; a `CONNECT` 405. Each closes the connection (lingering, so the
 //!   client reads the answer even while still sending), and is recorded as
 //!   the stack records its own answers (`Handler::refused`: an access-log
 //!   line, a count under `route="unmatched"`), under a request id the
@@ -78,7 +78,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt as _;
 use futures_util::future::{BoxFuture, Fuse};
-use http::header::{CONNECTION, CONTENT_TYPE, SERVER};
+use http::header::{ALLOW, CONNECTION, CONTENT_TYPE, SERVER};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Version};
 use http_body::Body as _;
 use tokio::sync::watch;
@@ -1055,6 +1055,12 @@ impl<H: Handler> Conn<H> {
         let mut fields = json_headers();
         if let Some(id) = request_id {
             fields.insert(X_REQUEST_ID.clone(), id.header().clone());
+        }
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            // A 405 must say what is allowed (RFC 9110 §15.5.6); the only
+            // one made here is CONNECT's, whose target (a host to tunnel
+            // to) is nothing the gateway serves any method on.
+            fields.insert(ALLOW, HeaderValue::from_static(""));
         }
         encode::head(
             &mut self.out,

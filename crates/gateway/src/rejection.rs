@@ -50,6 +50,9 @@ pub(crate) enum Rejection {
     BadPath,
     #[error("the request must name one host, without userinfo (`user@`)")]
     BadHost,
+    /// An HTTP/2 `CONNECT` (HTTP/1's is refused with its head, `h1::head`).
+    #[error("{}", crate::h1::head::CONNECT_REFUSED)]
+    Connect,
     #[error("could not read the request body")]
     BadRequestBody {
         #[source]
@@ -146,7 +149,9 @@ impl Rejection {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             Rejection::NotFound { .. } => StatusCode::NOT_FOUND,
-            Rejection::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Rejection::MethodNotAllowed { .. } | Rejection::Connect => {
+                StatusCode::METHOD_NOT_ALLOWED
+            }
             Rejection::BadPath | Rejection::BadHost | Rejection::BadRequestBody { .. } => {
                 StatusCode::BAD_REQUEST
             }
@@ -181,7 +186,7 @@ impl Rejection {
     pub(crate) fn code(&self) -> &'static str {
         match self {
             Rejection::NotFound { .. } => "not_found",
-            Rejection::MethodNotAllowed { .. } => "method_not_allowed",
+            Rejection::MethodNotAllowed { .. } | Rejection::Connect => "method_not_allowed",
             Rejection::BadPath => "bad_path",
             Rejection::BadHost => "bad_host",
             Rejection::BadRequestBody { .. } => "bad_request_body",
@@ -286,6 +291,11 @@ impl Rejection {
             && let Ok(v) = HeaderValue::from_str(&allow.join(", "))
         {
             fields.insert(ALLOW, v);
+        }
+        if let Rejection::Connect = &self {
+            // What `h1`'s refusal of a CONNECT says: its target (a host to
+            // tunnel to) is nothing the gateway serves any method on.
+            fields.insert(ALLOW, HeaderValue::from_static(""));
         }
         if let Rejection::Auth(e) = &self {
             fields.insert(WWW_AUTHENTICATE, challenge(e));

@@ -76,6 +76,8 @@ pub(crate) enum Invalid {
     UnsupportedCoding,
     /// Not HTTP/1.x: 505.
     Version,
+    /// `CONNECT`: 405 (see [`Invalid::Connect`]'s use in `request`).
+    Connect,
 }
 
 impl Invalid {
@@ -86,6 +88,7 @@ impl Invalid {
             Invalid::TargetTooLong => StatusCode::URI_TOO_LONG,
             Invalid::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
             Invalid::Version => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            Invalid::Connect => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -96,6 +99,7 @@ impl Invalid {
             Invalid::TargetTooLong => "uri_too_long",
             Invalid::UnsupportedCoding => "unsupported_transfer_coding",
             Invalid::Version => "http_version_not_supported",
+            Invalid::Connect => "method_not_allowed",
         }
     }
 
@@ -106,9 +110,15 @@ impl Invalid {
             Invalid::TargetTooLong => "the request target is too long",
             Invalid::UnsupportedCoding => "only the chunked transfer coding is supported",
             Invalid::Version => "only HTTP/1.0, HTTP/1.1 and HTTP/2 are supported",
+            Invalid::Connect => CONNECT_REFUSED,
         }
     }
 }
+
+/// The message of a `CONNECT`'s refusal, over HTTP/1 and HTTP/2 alike
+/// (`rejection`).
+pub(crate) const CONNECT_REFUSED: &str =
+    "CONNECT is not supported: the gateway is a reverse proxy, not a tunnel to other hosts";
 
 /// Where a header's name and value are in the head.
 #[derive(Debug, Clone)]
@@ -201,6 +211,17 @@ fn request(
     version: Version,
     spans: &[Span],
 ) -> Result<Head, Invalid> {
+    // A CONNECT asks for a tunnel to the host it names, which the gateway
+    // is not: forwarded, it would go to an instance as `CONNECT /` (a
+    // 2xx answer making the instance's connection a tunnel) and its
+    // answer would be framed for the client as an ordinary response,
+    // whose bytes after the head a CONNECT client reads as the tunnel's.
+    // Refused before its fields, as nginx does (405, since 1.21.1); the
+    // bytes after its head would be the tunnel's, not a next request, so
+    // the connection closes after the answer, as after every refusal here.
+    if method == Method::CONNECT {
+        return Err(Invalid::Connect);
+    }
     if target.len() > MAX_TARGET {
         return Err(Invalid::TargetTooLong);
     }
@@ -574,13 +595,22 @@ mod tests {
         );
         assert_eq!(h.uri.path(), "/x");
         assert_eq!(head("OPTIONS * HTTP/1.1\r\n\r\n").uri, "*");
-        assert_eq!(
-            head("CONNECT example.com:443 HTTP/1.1\r\n\r\n")
-                .uri
-                .authority()
-                .map(|a| a.as_str()),
-            Some("example.com:443")
-        );
+    }
+
+    /// The authority form is CONNECT's only, and CONNECT is refused: the
+    /// gateway tunnels to no host a client names.
+    #[test]
+    fn connect_is_refused_with_405() {
+        for raw in [
+            "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+            "CONNECT / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "CONNECT example.com:443 HTTP/1.0\r\n\r\n",
+        ] {
+            let refused = parse_str(raw).err();
+            assert_eq!(refused, Some(Invalid::Connect), "{raw:?}");
+            assert_eq!(Invalid::Connect.status(), StatusCode::METHOD_NOT_ALLOWED);
+            assert_eq!(Invalid::Connect.code(), "method_not_allowed");
+        }
     }
 
     #[test]

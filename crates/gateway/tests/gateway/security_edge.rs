@@ -967,3 +967,60 @@ async fn an_http2_request_cannot_smuggle_another_past_the_gateway() {
     }
     gateway.shutdown(T).await;
 }
+
+/// CONNECT asks for a tunnel to the host it names, which a reverse proxy
+/// does not give: refused with 405 (as nginx does) over HTTP/1 and HTTP/2,
+/// even on a route for every path and method, and never forwarded (an
+/// instance answering it 2xx would have made its connection a tunnel).
+#[tokio::test]
+async fn connect_is_refused_over_either_protocol_and_never_forwarded() {
+    let registry = Registry::new();
+    let up = Upstream::start("connect-0").await;
+    registry.set("connect", vec![up.endpoint()]);
+    let gateway = start(config(vec![route("connect", "/**", &[], T)]), &registry).await;
+
+    for raw in [
+        "CONNECT shop.example:443 HTTP/1.1\r\nHost: shop.example:443\r\n\r\n",
+        "CONNECT / HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let answer = raw_request(gateway.local_addr(), raw).await;
+        assert!(answer.starts_with("HTTP/1.1 405 "), "{raw:?}: {answer}");
+        assert!(
+            answer.contains(r#""code":"method_not_allowed""#),
+            "{answer}"
+        );
+        assert!(answer.contains("\r\nallow: \r\n"), "{answer}");
+    }
+
+    let tcp = ok(
+        tokio::net::TcpStream::connect(gateway.local_addr()).await,
+        "connect",
+    );
+    let (mut h2, conn) = ok(h2::client::handshake(tcp).await, "h2 handshake");
+    tokio::spawn(conn);
+    // No `:scheme` nor `:path`: an authority only, as RFC 9113 §8.5 has it.
+    let req = ok(
+        http::Request::builder()
+            .method(Method::CONNECT)
+            .uri("shop.example:443")
+            .body(()),
+        "request",
+    );
+    let (answer, _) = ok(h2.send_request(req, true), "send");
+    let answer = ok(within("the CONNECT's answer", answer).await, "answer");
+    assert_eq!(answer.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        answer.headers().get("allow").map(|v| v.as_bytes()),
+        Some(&b""[..])
+    );
+    let mut body = answer.into_body();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        bytes.extend_from_slice(&ok(chunk, "body"));
+    }
+    let json: serde_json::Value = ok(serde_json::from_slice(&bytes), "json");
+    assert_eq!(json["error"]["code"], "method_not_allowed");
+
+    assert_eq!(up.hits(), 0, "a CONNECT reached the instance");
+    gateway.shutdown(T).await;
+}
