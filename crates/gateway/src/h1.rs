@@ -35,7 +35,7 @@
 //! - **Framing** (`head`, `decode`): strict where two parsers could
 //!   disagree about where a request ends (request smuggling):
 //!   `Content-Length` with `Transfer-Encoding` is 400, `Content-Length` is
-//!   digits only, chunk lines end in CRLF. A body already in the buffer
+//!   digits only, the head's lines and chunk lines end in CRLF. A body already in the buffer
 //!   becomes a plain in-memory body; a longer one streams through a
 //!   one-frame slot filled by this task while it polls the stack
 //!   (`incoming`), so the client is read as fast as the body is consumed.
@@ -1504,6 +1504,14 @@ mod tests {
                 "400",
             ),
             ("GET /echo HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n", "400"),
+            // A line ending in LF alone: a balancer in front may read it
+            // as no line end, and see `x-a` where the gateway sees
+            // `transfer-encoding`.
+            (
+                "POST /echo HTTP/1.1\r\nhost: x\r\nx-a: 1\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+                "400",
+            ),
+            ("GET /echo HTTP/1.1\nhost: x\n\n", "400"),
         ] {
             let answer = round_trip(s.addr, raw).await;
             assert!(
