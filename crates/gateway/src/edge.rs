@@ -151,6 +151,24 @@ fn host_is_ambiguous(req: &Request<Body>) -> bool {
         })
 }
 
+/// Whether an HTTP/2 request names its host (`:authority`, or a `Host`)
+/// with what is no host (`headers::is_valid_host`): `a/b?c`, `good, evil`.
+/// hyper checks an `:authority` against the URI's characters only, which
+/// let a `,` through, and a `Host` field not at all. An HTTP/1 request's
+/// were checked as its head was read (`h1::head`), which spares it the
+/// lookup here.
+fn http2_host_is_invalid(req: &Request<Body>) -> bool {
+    req.version() == http::Version::HTTP_2
+        && (req
+            .uri()
+            .authority()
+            .is_some_and(|a| !crate::headers::is_valid_host(a.as_str().as_bytes()))
+            || req
+                .headers()
+                .get(HOST)
+                .is_some_and(|h| !crate::headers::is_valid_host(h.as_bytes())))
+}
+
 /// Tells an instance what a route's `strip_prefix` took off the path.
 static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 
@@ -385,6 +403,9 @@ pub(crate) fn handle<'a>(
         let mut uri = req.uri().clone();
         if host_is_ambiguous(&req) {
             return finish.reject(Rejection::BadHost);
+        }
+        if http2_host_is_invalid(&req) {
+            return finish.reject(Rejection::InvalidHost);
         }
         // An HTTP/2 CONNECT (HTTP/1's never gets here, refused with its
         // head): its target is a host to tunnel to, not a path, and hyper

@@ -35,7 +35,7 @@ fn parse_request(data: &[u8]) -> (Result<Option<Head>, Invalid>, usize) {
 /// keeps is one `HeaderValue` accepts (the parser builds them unchecked);
 /// its framing is one reading only (no `Transfer-Encoding` beside a
 /// `Content-Length`, chunked only on HTTP/1.1, one `Host`, without
-/// userinfo), and the head
+/// userinfo); its host is one, and an HTTP/1.1 request has one; and the head
 /// an instance is sent for it has the gateway's framing alone; the path
 /// it is routed by, once normalised, stays so; and the body after it
 /// decodes without a panic.
@@ -88,6 +88,20 @@ pub fn request_head(data: &[u8]) {
             .get(header::HOST)
             .is_some_and(|h| h.as_bytes().contains(&b'@')),
         "a Host with userinfo: {:?}",
+        show()
+    );
+    // A host is one (`Host`, or the target's), and HTTP/1.1 names one.
+    let host = head.headers.get(header::HOST).map(HeaderValue::as_bytes);
+    let authority = head.uri.authority().map(|a| a.as_str().as_bytes());
+    assert!(
+        host.is_none_or(crate::headers::is_valid_host)
+            && authority.is_none_or(crate::headers::is_valid_host),
+        "a host that is none: {:?}",
+        show()
+    );
+    assert!(
+        head.version != Version::HTTP_11 || host.is_some() || authority.is_some(),
+        "an HTTP/1.1 request without a host: {:?}",
         show()
     );
     match head.body {
@@ -526,7 +540,7 @@ mod tests {
     const REQUESTS: &[&[u8]] = &[
         b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
         b"POST /o?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloGET / HTTP/1.1\r\n\r\n",
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx: y\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx: y\r\n\r\n",
         b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
         b"PUT / HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2, 2\r\nExpect: 100-continue\r\n\r\nab",
         b"\r\nGET http://a/b HTTP/1.1\r\nx-v: a\x80b\r\nauthorization: Bearer e30.e30.e30\r\n\r\n",

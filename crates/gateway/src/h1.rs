@@ -1468,7 +1468,11 @@ mod tests {
         assert!(answer.contains("connection: close\r\n"), "{answer}");
         assert!(answer.ends_with("\r\n\r\nhello world"), "{answer}");
         // HTTP/1.1 gets the same body chunked.
-        let answer = round_trip(s.addr, "GET /stream HTTP/1.1\r\nconnection: close\r\n\r\n").await;
+        let answer = round_trip(
+            s.addr,
+            "GET /stream HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await;
         assert!(
             answer.contains("transfer-encoding: chunked\r\n"),
             "{answer}"
@@ -1541,7 +1545,7 @@ mod tests {
         // The connection is still usable.
         send(
             &mut stream,
-            b"GET /echo HTTP/1.1\r\nconnection: close\r\n\r\n",
+            b"GET /echo HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
         )
         .await;
         assert!(read_all(&mut stream).await.ends_with("GET /echo len=0"));
@@ -1598,7 +1602,7 @@ mod tests {
         // Read whole from the buffer, an unread body does not matter.
         let answer = round_trip(
             s.addr,
-            "POST /refuse HTTP/1.1\r\ncontent-length: 3\r\n\r\nabcGET /echo HTTP/1.1\r\nconnection: close\r\n\r\n",
+            "POST /refuse HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabcGET /echo HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
         )
         .await;
         assert!(answer.starts_with("HTTP/1.1 401 "), "{answer}");
@@ -1648,7 +1652,7 @@ mod tests {
 
         // A stray line end after a request does not start a head.
         let mut stream = connect(s.addr).await;
-        send(&mut stream, b"GET /echo HTTP/1.1\r\n\r\n\r\n").await;
+        send(&mut stream, b"GET /echo HTTP/1.1\r\nhost: x\r\n\r\n\r\n").await;
         read_until(&mut stream, |t| t.ends_with("len=0")).await;
         let began = Instant::now();
         assert_eq!(read_all(&mut stream).await, "");
@@ -1669,7 +1673,7 @@ mod tests {
         // The stack sends part of the body, then nothing: the client gets
         // what came, and the connection ends without the last chunk.
         let mut stream = connect(s.addr).await;
-        send(&mut stream, b"GET /stall HTTP/1.1\r\n\r\n").await;
+        send(&mut stream, b"GET /stall HTTP/1.1\r\nhost: x\r\n\r\n").await;
         let answer = read_all(&mut stream).await;
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
         assert!(answer.contains("first "), "{answer}");
@@ -1677,7 +1681,7 @@ mod tests {
 
         // A body that keeps coming, if slowly, is never cut.
         let mut stream = connect(s.addr).await;
-        send(&mut stream, b"GET /drip HTTP/1.1\r\n\r\n").await;
+        send(&mut stream, b"GET /drip HTTP/1.1\r\nhost: x\r\n\r\n").await;
         read_until(&mut stream, |t| t.ends_with("0\r\n\r\n")).await;
 
         // Nor is one that waits for a request body still coming in, for
@@ -1685,7 +1689,7 @@ mod tests {
         let mut stream = connect(s.addr).await;
         send(
             &mut stream,
-            b"POST /late HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"POST /late HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
         )
         .await;
         read_until(&mut stream, |t| t.contains("first ")).await;
@@ -1700,7 +1704,7 @@ mod tests {
         // socket is full and nothing moves for the timeout.
         let mut reader = connect(s.addr).await;
         let before = s.probe.closed.load(Ordering::SeqCst);
-        send(&mut reader, b"GET /big HTTP/1.1\r\n\r\n").await;
+        send(&mut reader, b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n").await;
         let deadline = Instant::now() + PATIENCE;
         while s.probe.closed.load(Ordering::SeqCst) == before {
             assert!(Instant::now() < deadline, "the stalled reader was kept");
@@ -1715,12 +1719,12 @@ mod tests {
     async fn stopping_closes_idle_connections_and_finishes_a_request_in_progress() {
         let s = server(settings()).await;
         let mut idle = connect(s.addr).await;
-        send(&mut idle, b"GET /echo HTTP/1.1\r\n\r\n").await;
+        send(&mut idle, b"GET /echo HTTP/1.1\r\nhost: x\r\n\r\n").await;
         read_until(&mut idle, |t| t.ends_with("len=0")).await;
         let mut busy = connect(s.addr).await;
         send(
             &mut busy,
-            b"POST /echo HTTP/1.1\r\ncontent-length: 6\r\n\r\nabc",
+            b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\n\r\nabc",
         )
         .await;
         let deadline = Instant::now() + PATIENCE;

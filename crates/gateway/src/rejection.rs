@@ -50,6 +50,12 @@ pub(crate) enum Rejection {
     BadPath,
     #[error("the request must name one host, without userinfo (`user@`)")]
     BadHost,
+    /// An HTTP/2 `:authority` or `Host` that is no host
+    /// (`headers::is_valid_host`); HTTP/1's are refused with their head.
+    #[error(
+        "the request's host must be a host name, an IPv4 address or a bracketed IPv6 address, with an optional port"
+    )]
+    InvalidHost,
     /// An HTTP/2 `CONNECT` (HTTP/1's is refused with its head, `h1::head`).
     #[error("{}", crate::h1::head::CONNECT_REFUSED)]
     Connect,
@@ -152,9 +158,10 @@ impl Rejection {
             Rejection::MethodNotAllowed { .. } | Rejection::Connect => {
                 StatusCode::METHOD_NOT_ALLOWED
             }
-            Rejection::BadPath | Rejection::BadHost | Rejection::BadRequestBody { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            Rejection::BadPath
+            | Rejection::BadHost
+            | Rejection::InvalidHost
+            | Rejection::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
             Rejection::NoReadyInstance { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::UpstreamTimeout { .. } | Rejection::NotCached => StatusCode::GATEWAY_TIMEOUT,
             Rejection::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -188,7 +195,7 @@ impl Rejection {
             Rejection::NotFound { .. } => "not_found",
             Rejection::MethodNotAllowed { .. } | Rejection::Connect => "method_not_allowed",
             Rejection::BadPath => "bad_path",
-            Rejection::BadHost => "bad_host",
+            Rejection::BadHost | Rejection::InvalidHost => "bad_host",
             Rejection::BadRequestBody { .. } => "bad_request_body",
             Rejection::NoReadyInstance { .. } => "no_ready_instance",
             Rejection::UpstreamTimeout { .. } => "upstream_timeout",

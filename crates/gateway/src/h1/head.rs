@@ -78,13 +78,16 @@ pub(crate) enum Invalid {
     Version,
     /// `CONNECT`: 405 (see [`Invalid::Connect`]'s use in `request`).
     Connect,
+    /// No host, or one that is not a host (`headers::is_valid_host`): 400
+    /// `bad_host`, with what was wrong.
+    BadHost(&'static str),
 }
 
 impl Invalid {
     pub(crate) fn status(self) -> StatusCode {
         match self {
             Invalid::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Invalid::Malformed(_) => StatusCode::BAD_REQUEST,
+            Invalid::Malformed(_) | Invalid::BadHost(_) => StatusCode::BAD_REQUEST,
             Invalid::TargetTooLong => StatusCode::URI_TOO_LONG,
             Invalid::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
             Invalid::Version => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
@@ -100,13 +103,14 @@ impl Invalid {
             Invalid::UnsupportedCoding => "unsupported_transfer_coding",
             Invalid::Version => "http_version_not_supported",
             Invalid::Connect => "method_not_allowed",
+            Invalid::BadHost(_) => "bad_host",
         }
     }
 
     pub(crate) fn message(self) -> &'static str {
         match self {
             Invalid::TooLarge => "the request headers are too large",
-            Invalid::Malformed(why) => why,
+            Invalid::Malformed(why) | Invalid::BadHost(why) => why,
             Invalid::TargetTooLong => "the request target is too long",
             Invalid::UnsupportedCoding => "only the chunked transfer coding is supported",
             Invalid::Version => "only HTTP/1.0, HTTP/1.1 and HTTP/2 are supported",
@@ -244,6 +248,27 @@ fn request(
     let uri = Uri::from_maybe_shared(slice(head, target)?)
         .map_err(|_| Invalid::Malformed("the request target is invalid"))?;
     let (headers, framing) = headers(head, spans, version)?;
+    // The host the request is for: routed by, and sent on as `Host` and
+    // `X-Forwarded-Host`, where an instance building links or keys from
+    // it would take `a/b?c` or `good, evil` as given (and the response
+    // cache keys no host on a route for any). The target's, in absolute
+    // form, before the field (RFC 9112 §3.2.2); else the field, which
+    // HTTP/1.1 requires (§3.2: 400 without one). HTTP/1.0 may omit it:
+    // the instance is then named (`outbound`).
+    match uri.authority() {
+        Some(authority) if !crate::headers::is_valid_host(authority.as_str().as_bytes()) => {
+            return Err(Invalid::BadHost(
+                "the request target's host must be a host name, an IPv4 address or a bracketed IPv6 address, with an optional port, and no userinfo (`user@`)",
+            ));
+        }
+        Some(_) => {}
+        None if !framing.host && version == Version::HTTP_11 => {
+            return Err(Invalid::BadHost(
+                "an HTTP/1.1 request must name its host in a Host header",
+            ));
+        }
+        None => {}
+    }
     Ok(Head {
         uri,
         version,
@@ -350,6 +375,8 @@ fn checked_value(bytes: Bytes) -> Option<HeaderValue> {
 }
 
 struct Framing {
+    /// A (single, valid) `Host` came.
+    host: bool,
     body: BodyLength,
     keep_alive: bool,
     expect_continue: bool,
@@ -361,6 +388,8 @@ struct Seen {
     hosts: usize,
     /// A `Host` with an `@`.
     userinfo: bool,
+    /// A `Host` that is no host (`headers::is_valid_host`).
+    bad_host: bool,
     /// The agreed length so far; `Err`: invalid or disagreeing.
     length: Result<Option<u64>, ()>,
     transfer_encoding: bool,
@@ -380,6 +409,7 @@ impl Default for Seen {
         Seen {
             hosts: 0,
             userinfo: false,
+            bad_host: false,
             length: Ok(None),
             transfer_encoding: false,
             chunked: 0,
@@ -398,9 +428,14 @@ impl Seen {
         let tokens = || value.split(|&b| b == b',').map(trim_ows);
         if name == header::HOST {
             self.hosts += 1;
-            // Userinfo (`user@host`) names two hosts, depending on the
-            // reader (RFC 9110 §4.2.4): refused with the request.
-            self.userinfo |= crate::headers::has_byte(value, b'@');
+            // One scan of a valid host; what is wrong with another is
+            // looked for only then.
+            if !crate::headers::is_valid_host(value) {
+                // Userinfo (`user@host`) names two hosts, depending on the
+                // reader (RFC 9110 §4.2.4): refused with the request.
+                self.userinfo |= crate::headers::has_byte(value, b'@');
+                self.bad_host = true;
+            }
         } else if name == header::CONTENT_LENGTH {
             self.length = match (self.length, content_length(std::iter::once(value))) {
                 (Ok(None), new) => new,
@@ -444,6 +479,11 @@ impl Seen {
                 "the Host header carries userinfo (`user@`)",
             ));
         }
+        if self.bad_host {
+            return Err(Invalid::BadHost(
+                "the Host header must be a host name, an IPv4 address or a bracketed IPv6 address, with an optional port",
+            ));
+        }
         let length = self
             .length
             .map_err(|()| Invalid::Malformed("the Content-Length header is invalid"))?;
@@ -477,6 +517,7 @@ impl Seen {
             }
         };
         Ok(Framing {
+            host: self.hosts == 1,
             // With a body, the bytes after the head would be both the body
             // and the new protocol's: such a request is served as plain HTTP.
             websocket: http11 && self.upgrade && self.websocket && body == BodyLength::None,
@@ -515,7 +556,7 @@ mod tests {
     fn request_field_values_are_what_header_value_accepts() {
         for b in 0..=255u8 {
             let value = [b'a', b, b'z'];
-            let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nx-v: "[..]);
+            let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nhost: x\r\nx-v: "[..]);
             buf.extend_from_slice(&value);
             buf.extend_from_slice(b"\r\n\r\n");
             let parsed = match parse(&mut buf, LIMITS, &mut Vec::new()) {
@@ -557,7 +598,7 @@ mod tests {
     fn a_refused_head_is_left_in_the_buffer() {
         for raw in [
             // Refused as it is read.
-            "GET /a HTTP/1.1\r\nbad header\r\n\r\nrest",
+            "GET /a HTTP/1.1\r\nhost: x\r\nbad header\r\n\r\nrest",
             // Refused once it is whole: its framing, a header, its target.
             "POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\nrest",
             "GET /a HTTP/1.1\r\nhost: x\r\nhost: y\r\n\r\nrest",
@@ -610,7 +651,7 @@ mod tests {
             Some("example.com:8080")
         );
         assert_eq!(h.uri.path(), "/x");
-        assert_eq!(head("OPTIONS * HTTP/1.1\r\n\r\n").uri, "*");
+        assert_eq!(head("OPTIONS * HTTP/1.1\r\nhost: x\r\n\r\n").uri, "*");
     }
 
     /// The authority form is CONNECT's only, and CONNECT is refused: the
@@ -635,11 +676,14 @@ mod tests {
             parse_str("GET / HTTP/1.1\r\nhost: x\r\n"),
             Ok(None)
         ));
-        let big = format!("GET / HTTP/1.1\r\nx-big: {}\r\n", "b".repeat(9000));
+        let big = format!(
+            "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n",
+            "b".repeat(9000)
+        );
         assert_eq!(parse_str(&big).err(), Some(Invalid::TooLarge));
         let big = format!("{big}\r\n");
         assert_eq!(parse_str(&big).err(), Some(Invalid::TooLarge));
-        let mut many = String::from("GET / HTTP/1.1\r\n");
+        let mut many = String::from("GET / HTTP/1.1\r\nhost: x\r\n");
         for i in 0..101 {
             many.push_str(&format!("x-{i}: v\r\n"));
         }
@@ -659,13 +703,13 @@ mod tests {
     #[test]
     fn malformed_heads_are_400() {
         for raw in [
-            "GET / HTTP/1.1\r\nbad header\r\n\r\n",
-            "GET / HTTP/1.1\r\nx : y\r\n\r\n",
-            "GET / HTTP/1.1\r\n x: y\r\n\r\n",
-            "GET / HTTP/1.1\r\nx: a\r\n folded\r\n\r\n",
-            "GET  / HTTP/1.1\r\n\r\n",
-            "GET /\u{7f} HTTP/1.1\r\n\r\n",
-            "G(T / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nhost: x\r\nbad header\r\n\r\n",
+            "GET / HTTP/1.1\r\nhost: x\r\nx : y\r\n\r\n",
+            "GET / HTTP/1.1\r\nhost: x\r\n x: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nhost: x\r\nx: a\r\n folded\r\n\r\n",
+            "GET  / HTTP/1.1\r\nhost: x\r\n\r\n",
+            "GET /\u{7f} HTTP/1.1\r\nhost: x\r\n\r\n",
+            "G(T / HTTP/1.1\r\nhost: x\r\n\r\n",
             "GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n",
         ] {
             assert!(
@@ -706,12 +750,74 @@ mod tests {
         assert_eq!(h.body, BodyLength::Length(2));
     }
 
+    /// A `Host` must be a host (RFC 9110 §7.2), and an HTTP/1.1 request
+    /// must have one (RFC 9112 §3.2) unless its target names the host; so
+    /// must an absolute-form target's be one.
+    #[test]
+    fn a_host_is_required_of_http11_and_must_be_a_host() {
+        for (raw, why) in [
+            ("GET / HTTP/1.1\r\n\r\n", "must name its host"),
+            ("OPTIONS * HTTP/1.1\r\n\r\n", "must name its host"),
+            (
+                "GET / HTTP/1.1\r\nHost: a/b?c\r\n\r\n",
+                "Host header must be",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: good, evil\r\n\r\n",
+                "Host header must be",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: good,evil\r\n\r\n",
+                "Host header must be",
+            ),
+            ("GET / HTTP/1.0\r\nHost: x:y\r\n\r\n", "Host header must be"),
+            (
+                "GET http://good,evil/x HTTP/1.1\r\nHost: good\r\n\r\n",
+                "target's host must be",
+            ),
+            (
+                "GET http://a@b.example/x HTTP/1.1\r\nHost: b.example\r\n\r\n",
+                "userinfo",
+            ),
+        ] {
+            match parse_str(raw) {
+                Err(invalid @ Invalid::BadHost(message)) => {
+                    assert!(message.contains(why), "{raw:?}: {message}");
+                    assert_eq!(invalid.status(), StatusCode::BAD_REQUEST);
+                    assert_eq!(invalid.code(), "bad_host");
+                }
+                other => panic!("{raw:?}: {other:?}"),
+            }
+        }
+        // As before: userinfo in `Host` is its own refusal.
+        assert!(matches!(
+            parse_str("GET / HTTP/1.1\r\nHost: a@b\r\n\r\n"),
+            Err(Invalid::Malformed(m)) if m.contains("userinfo")
+        ));
+        for fine in [
+            "GET / HTTP/1.1\r\nHost: shop.example:8080\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: 192.0.2.1\r\n\r\n",
+            // RFC 9112 §3.2: empty when the target has no authority.
+            "GET / HTTP/1.1\r\nHost:\r\n\r\n",
+            // HTTP/1.0 may leave it out; an absolute form names the host.
+            "GET / HTTP/1.0\r\n\r\n",
+            "GET http://shop.example/x HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse_str(fine), Ok(Some(_))),
+                "{fine:?}: {:?}",
+                parse_str(fine)
+            );
+        }
+    }
+
     #[test]
     fn content_length_and_transfer_encoding_together_are_refused() {
         for raw in [
-            "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n",
+            "POST / HTTP/1.1\r\nhost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nhost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nhost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n",
         ] {
             assert!(
                 matches!(parse_str(raw), Err(Invalid::Malformed(_))),
@@ -722,9 +828,10 @@ mod tests {
 
     #[test]
     fn content_lengths_must_be_valid_and_agree() {
-        let h = head("POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n");
+        let h =
+            head("POST / HTTP/1.1\r\nhost: x\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n");
         assert_eq!(h.body, BodyLength::Length(5));
-        let h = head("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        let h = head("POST / HTTP/1.1\r\nhost: x\r\nContent-Length: 0\r\n\r\n");
         assert_eq!(h.body, BodyLength::None);
         for bad in [
             "5, 6",
@@ -735,20 +842,20 @@ mod tests {
             "1e3",
             "99999999999999999999",
         ] {
-            let raw = format!("POST / HTTP/1.1\r\nContent-Length: {bad}\r\n\r\n");
+            let raw = format!("POST / HTTP/1.1\r\nhost: x\r\nContent-Length: {bad}\r\n\r\n");
             assert!(
                 matches!(parse_str(&raw), Err(Invalid::Malformed(_))),
                 "{bad}"
             );
         }
-        let raw = "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
+        let raw = "POST / HTTP/1.1\r\nhost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n";
         assert!(matches!(parse_str(raw), Err(Invalid::Malformed(_))));
     }
 
     #[test]
     fn only_chunked_is_a_transfer_coding() {
         for ok in ["chunked", "Chunked", " chunked ", "chunked,", ", chunked"] {
-            let raw = format!("POST / HTTP/1.1\r\nTransfer-Encoding: {ok}\r\n\r\n");
+            let raw = format!("POST / HTTP/1.1\r\nhost: x\r\nTransfer-Encoding: {ok}\r\n\r\n");
             assert_eq!(head(&raw).body, BodyLength::Chunked, "{ok:?}");
         }
         for other in [
@@ -758,7 +865,7 @@ mod tests {
             "identity",
             "chunked;x=1",
         ] {
-            let raw = format!("POST / HTTP/1.1\r\nTransfer-Encoding: {other}\r\n\r\n");
+            let raw = format!("POST / HTTP/1.1\r\nhost: x\r\nTransfer-Encoding: {other}\r\n\r\n");
             assert_eq!(
                 parse_str(&raw).err(),
                 Some(Invalid::UnsupportedCoding),
@@ -766,14 +873,13 @@ mod tests {
             );
         }
         for bad in ["", "chunked, chunked"] {
-            let raw = format!("POST / HTTP/1.1\r\nTransfer-Encoding: {bad}\r\n\r\n");
+            let raw = format!("POST / HTTP/1.1\r\nhost: x\r\nTransfer-Encoding: {bad}\r\n\r\n");
             assert!(
                 matches!(parse_str(&raw), Err(Invalid::Malformed(_))),
                 "{bad:?}"
             );
         }
-        let raw =
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let raw = "POST / HTTP/1.1\r\nhost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert!(matches!(parse_str(raw), Err(Invalid::Malformed(_))));
         let raw = "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert!(matches!(parse_str(raw), Err(Invalid::Malformed(_))));
@@ -781,16 +887,18 @@ mod tests {
 
     #[test]
     fn keep_alive_and_expect() {
-        assert!(head("GET / HTTP/1.1\r\n\r\n").keep_alive);
-        assert!(!head("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
-        assert!(!head("GET / HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n").keep_alive);
+        assert!(head("GET / HTTP/1.1\r\nhost: x\r\n\r\n").keep_alive);
+        assert!(!head("GET / HTTP/1.1\r\nhost: x\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(
+            !head("GET / HTTP/1.1\r\nhost: x\r\nConnection: keep-alive, Close\r\n\r\n").keep_alive
+        );
         assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
         assert!(head("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
         assert!(
             !head("GET / HTTP/1.0\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n")
                 .keep_alive
         );
-        assert!(head("PUT / HTTP/1.1\r\nExpect: 100-Continue\r\n\r\n").expect_continue);
+        assert!(head("PUT / HTTP/1.1\r\nhost: x\r\nExpect: 100-Continue\r\n\r\n").expect_continue);
         assert!(!head("PUT / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n").expect_continue);
     }
 
@@ -809,13 +917,16 @@ mod tests {
         assert!(!ask("GET /ws HTTP/1.1", "Content-Length: 2\r\n"));
         assert!(!ask("GET /ws HTTP/1.1", "Transfer-Encoding: chunked\r\n"));
         // Both fields are needed, and the protocol must be WebSocket.
-        assert!(!head("GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").websocket);
-        assert!(!head("GET / HTTP/1.1\r\nConnection: upgrade\r\n\r\n").websocket);
-        assert!(!head("GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n").websocket);
+        assert!(!head("GET / HTTP/1.1\r\nhost: x\r\nUpgrade: websocket\r\n\r\n").websocket);
+        assert!(!head("GET / HTTP/1.1\r\nhost: x\r\nConnection: upgrade\r\n\r\n").websocket);
         assert!(
-            head("GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: foo/2, websocket\r\n\r\n")
+            !head("GET / HTTP/1.1\r\nhost: x\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n")
                 .websocket
         );
-        assert!(!head("GET / HTTP/1.1\r\n\r\n").websocket);
+        assert!(
+            head("GET / HTTP/1.1\r\nhost: x\r\nConnection: upgrade\r\nUpgrade: foo/2, websocket\r\n\r\n")
+                .websocket
+        );
+        assert!(!head("GET / HTTP/1.1\r\nhost: x\r\n\r\n").websocket);
     }
 }

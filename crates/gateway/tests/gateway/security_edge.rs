@@ -1024,3 +1024,67 @@ async fn connect_is_refused_over_either_protocol_and_never_forwarded() {
     assert_eq!(up.hits(), 0, "a CONNECT reached the instance");
     gateway.shutdown(T).await;
 }
+
+/// A host that is no host (a path in it, a list, a space) is refused with
+/// 400 `bad_host` and never reaches an instance (which would get it as
+/// `Host` and `X-Forwarded-Host`, and might build links or cache keys from
+/// it), over HTTP/1 and HTTP/2 alike; an HTTP/1.1 request without a `Host`
+/// is refused (RFC 9112 §3.2), an HTTP/1.0 one is served.
+#[tokio::test]
+async fn a_host_that_is_no_host_or_none_is_refused() {
+    use h2_raw::{Outcome, field, frame, preface};
+    let registry = Registry::new();
+    let up = Upstream::start("hosts-0").await;
+    registry.set("hosts", vec![up.endpoint()]);
+    let gateway = start(config(vec![route("hosts", "/**", &[], T)]), &registry).await;
+
+    for raw in [
+        "GET /x HTTP/1.1\r\nHost: a/b?c\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost: good, evil\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost: good,evil\r\n\r\n",
+        "GET http://good,evil/x HTTP/1.1\r\nHost: good\r\n\r\n",
+        "GET /x HTTP/1.1\r\n\r\n",
+    ] {
+        let answer = raw_request(gateway.local_addr(), raw).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{raw:?}: {answer}");
+        assert!(answer.contains(r#""code":"bad_host""#), "{raw:?}: {answer}");
+    }
+    let answer = raw_request(gateway.local_addr(), "GET /x HTTP/1.0\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.0 200 "), "{answer}");
+    assert_eq!(up.hits(), 1);
+
+    // HTTP/2: `:authority` (`,` is among the URI's characters hyper
+    // checks it for), or a `Host` field.
+    let head = |authority: &[u8], fields: &[Vec<u8>]| {
+        // :method GET, :scheme http, :path /x, :authority.
+        let mut block = vec![0x82, 0x86, 0x04, 2, b'/', b'x', 0x01, authority.len() as u8];
+        block.extend_from_slice(authority);
+        for f in fields {
+            block.extend_from_slice(f);
+        }
+        block
+    };
+    for (what, block) in [
+        ("a list as :authority", head(b"good,evil", &[])),
+        (
+            "a path in Host",
+            head(b"good.example", &[field(b"host", b"a/b?c")]),
+        ),
+    ] {
+        let stream = ok(
+            tokio::net::TcpStream::connect(gateway.local_addr()).await,
+            "connect",
+        );
+        let (mut rx, mut tx) = stream.into_split();
+        let mut out = preface();
+        out.extend(frame(0x1, 0x5, 1, &block));
+        ok(
+            tokio::io::AsyncWriteExt::write_all(&mut tx, &out).await,
+            "write",
+        );
+        let outcome = within(what, h2_raw::outcome(&mut rx, 1)).await;
+        assert_eq!(outcome, Outcome::Answered(Some(400)), "{what}");
+    }
+    assert_eq!(up.hits(), 1, "a bad host reached the instance");
+    gateway.shutdown(T).await;
+}
