@@ -25,10 +25,19 @@
 //! An instance may close an idle keep-alive connection at any time. A pooled
 //! connection is checked before reuse without a syscall in the common case:
 //! a poll of its socket that finds it readable (end of stream, or bytes no
-//! request asked for) means it is dropped instead. The rest of the race (the
-//! instance closing while the request is on its way) is the proxy's to
-//! handle: it counts as a lost connection, retried when the request is
-//! retryable.
+//! request asked for) means it is dropped instead. That sees only what the
+//! reactor has already reported: a close (or stray bytes) that arrived just
+//! before, or while the request is on its way, shows only as the exchange
+//! failing. A peek at the socket before each reuse would cost every request
+//! a syscall and still lose that race, so, as hyper's and Go's clients do,
+//! the failure itself is handled: an exchange on a *reused* connection that
+//! fails before any response came (the write failed, the instance closed,
+//! or what came is no response) is sent once more on a fresh connection
+//! when it may be sent twice (a buffered body, and a method the proxy
+//! would retry: [`may_send_twice`]), else it fails as
+//! [`SendError::Stale`]. Either way it says nothing about the instance's
+//! health (it closed an idle connection, as it may), and the proxy does
+//! not count it toward ejection.
 
 use std::collections::HashMap;
 use std::future::poll_fn;
@@ -92,6 +101,38 @@ pub(crate) enum SendError {
     /// client: the client was too slow, not the instance.
     #[error("the client had not sent the request body by the deadline")]
     ClientTooSlow,
+    /// A pooled connection failed before any response came, and the
+    /// request could not be sent again (see "Stale connections" above):
+    /// no evidence against the instance.
+    #[error("the pooled connection to the instance was stale: {0}")]
+    Stale(#[source] Box<SendError>),
+}
+
+/// How one exchange failed, for `Outbound::send` to decide on sending the
+/// request again.
+struct Failed {
+    error: SendError,
+    /// The connection, when it failed before any response came (see
+    /// "Stale connections" above): it names the service and address to
+    /// open a fresh one to.
+    unanswered: Option<Box<Conn>>,
+}
+
+impl From<SendError> for Failed {
+    fn from(error: SendError) -> Failed {
+        Failed {
+            error,
+            unanswered: None,
+        }
+    }
+}
+
+/// Whether a request may reach an instance twice: one the proxy retries
+/// (`proxy::may_retry_method`). A stale connection's close may have come
+/// after the instance read the request, and acted on it: Go's client
+/// sends again only such requests too.
+fn may_send_twice(parts: &Parts) -> bool {
+    crate::proxy::may_retry_method(parts)
 }
 
 /// A request as it goes to an instance: the client's head (after the
@@ -206,28 +247,95 @@ impl Outbound {
         body: OutBody,
         deadline: Instant,
     ) -> Result<Reply, SendError> {
-        let mut conn = match self.checkout(service, addr) {
-            Some(conn) => conn,
-            None => {
-                // Boxed: opening a connection (TCP, then maybe a TLS
-                // handshake) is a 1.7 KB future, and unboxed it would make
-                // every request's future that much larger, and every move
-                // of it that much longer, for a path few requests take.
-                let open = Box::pin(self.shared.connector.open(service, addr));
-                let io = tokio::time::timeout_at(deadline, open)
-                    .await
-                    .map_err(|_| SendError::TimedOut)?
-                    .map_err(SendError::Connect)?;
-                Box::new(Conn {
-                    io,
-                    service: service.into(),
-                    addr,
-                    read: BytesMut::with_capacity(READ_CHUNK),
-                    write: Vec::with_capacity(1024),
-                    timer: None,
-                })
-            }
+        let Some(conn) = self.checkout(service, addr) else {
+            let conn = self.open(service, addr, deadline).await?;
+            return self
+                .exchange(conn, req, body, deadline)
+                .await
+                .map_err(|f| f.error);
         };
+        // What it takes to send the request again if the pooled connection
+        // turns out stale: a body in memory (a shared `Bytes`, no copy).
+        let again = match &body {
+            OutBody::Full(bytes) => Some(bytes.clone()),
+            OutBody::Stream(b) if b.is_end_stream() => Some(Bytes::new()),
+            OutBody::Stream(_) => None,
+        };
+        // The outcome is matched on apart from the await below: a match on
+        // it around that await would keep it in the future.
+        let (failed, conn) = match self.exchange(conn, req, body, deadline).await {
+            Ok(reply) => return Ok(reply),
+            Err(Failed {
+                error,
+                unanswered: Some(conn),
+            }) => (error, conn),
+            Err(failed) => return Err(failed.error),
+        };
+        // Boxed: few requests come here, and inline the second exchange
+        // made every request's future larger (by `size_of_val`: 976 bytes,
+        // 904 boxed, 792 before a stale connection was replaced at all).
+        Box::pin(self.send_again(conn, req, again, failed, deadline)).await
+    }
+
+    /// After the reused connection `stale` gave out before an answer
+    /// (`failed`): the request sent on a fresh connection to the same
+    /// instance, when its body is at hand (`again`) and it may be sent
+    /// twice; else [`SendError::Stale`].
+    async fn send_again(
+        &self,
+        stale: Box<Conn>,
+        req: &UpstreamRequest,
+        again: Option<Bytes>,
+        failed: SendError,
+        deadline: Instant,
+    ) -> Result<Reply, SendError> {
+        let Some(body) = again.filter(|_| may_send_twice(&req.parts)) else {
+            return Err(SendError::Stale(Box::new(failed)));
+        };
+        // Closed here, its service's name kept.
+        let Conn { service, addr, .. } = *stale;
+        tracing::debug!(target: "flotilla::gateway", service = &*service, %addr, error = %failed, "a pooled connection was stale; sending again on a fresh one");
+        drop(failed);
+        let conn = self.open(&service, addr, deadline).await?;
+        self.exchange(conn, req, OutBody::Full(body), deadline)
+            .await
+            .map_err(|f| f.error)
+    }
+
+    /// A new connection to `service` at `addr`, by `deadline`.
+    async fn open(
+        &self,
+        service: &str,
+        addr: SocketAddr,
+        deadline: Instant,
+    ) -> Result<Box<Conn>, SendError> {
+        // Boxed: opening a connection (TCP, then maybe a TLS handshake) is
+        // a 1.7 KB future, and unboxed it would make every request's future
+        // that much larger, and every move of it that much longer, for a
+        // path few requests take.
+        let open = Box::pin(self.shared.connector.open(service, addr));
+        let io = tokio::time::timeout_at(deadline, open)
+            .await
+            .map_err(|_| SendError::TimedOut)?
+            .map_err(SendError::Connect)?;
+        Ok(Box::new(Conn {
+            io,
+            service: service.into(),
+            addr,
+            read: BytesMut::with_capacity(READ_CHUNK),
+            write: Vec::with_capacity(1024),
+            timer: None,
+        }))
+    }
+
+    /// One exchange on `conn`: `send`'s, on a connection it has.
+    async fn exchange(
+        &self,
+        mut conn: Box<Conn>,
+        req: &UpstreamRequest,
+        body: OutBody,
+        deadline: Instant,
+    ) -> Result<Reply, Failed> {
         // The connection's own timer, moved to this deadline: registering
         // a new timer per request (and cancelling it) takes the runtime's
         // timer lock twice, which every worker thread contends for.
@@ -244,7 +352,7 @@ impl Outbound {
         // a deadline that passes then is the client's doing.
         // An atomic only for `Send`: one task reads and writes it.
         let awaiting_client = AtomicBool::new(false);
-        let (sent, (head, relayed, framing, mut reusable)) = {
+        let done = {
             let exchange = async {
                 let sent = conn
                     .write_request(req, body, asked.websocket, &awaiting_client)
@@ -256,19 +364,37 @@ impl Outbound {
             loop {
                 tokio::select! {
                     biased;
-                    done = &mut exchange => break done?,
+                    done = &mut exchange => break done,
                     () = timer.as_mut() => {
                         // It may fire early (see `arm`): then it is re-armed.
                         if Instant::now() >= deadline {
-                            return Err(if awaiting_client.load(Ordering::Relaxed) {
+                            return Err(Failed::from(if awaiting_client.load(Ordering::Relaxed) {
                                 SendError::ClientTooSlow
                             } else {
                                 SendError::TimedOut
-                            });
+                            }));
                         }
                         timer.as_mut().reset(deadline);
                     }
                 }
+            }
+        };
+        let (sent, (head, relayed, framing, mut reusable)) = match done {
+            Ok(done) => done,
+            Err(error) => {
+                // Nothing of a response came: the connection gave out
+                // (a failed write leaves what the instance answered
+                // readable, `answered_anyway`), or what came is no
+                // response at all, not even a malformed one.
+                let unanswered = match &error {
+                    SendError::Lost(_) => conn.read.is_empty(),
+                    SendError::Protocol(_) => !conn.read.starts_with(b"HTTP/"),
+                    _ => false,
+                };
+                return Err(Failed {
+                    error,
+                    unanswered: unanswered.then_some(conn),
+                });
             }
         };
         if head.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -2121,5 +2247,158 @@ mod tests {
             !conn.looks_alive(),
             "a closed connection was taken for alive"
         );
+    }
+
+    /// A fake instance whose connections each answer one request and then
+    /// give out at the next: it reads that request, then closes without
+    /// an answer (`garbage` false) or writes bytes that are no response
+    /// and closes: what the gateway meets on a pooled connection the
+    /// instance closed (or wrote into) as the request went out. Reports
+    /// each request head with its connection's number.
+    async fn stale_instance(
+        garbage: bool,
+    ) -> (
+        SocketAddr,
+        tokio::sync::mpsc::UnboundedReceiver<(usize, Vec<u8>)>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut conn_no = 0;
+            while let Ok((mut s, _)) = listener.accept().await {
+                conn_no += 1;
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut answered = 0;
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let mut head: Vec<u8> = buf.drain(..end + 4).collect();
+                            // A body, as `content-length` says (test bodies
+                            // come with their heads).
+                            let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                            if let Some(len) = text
+                                .split("content-length: ")
+                                .nth(1)
+                                .and_then(|l| l.split('\r').next())
+                                .and_then(|l| l.parse::<usize>().ok())
+                            {
+                                head.extend(buf.drain(..len.min(buf.len())));
+                            }
+                            let _ = tx.send((conn_no, head));
+                            answered += 1;
+                            if answered > 1 {
+                                if garbage {
+                                    let _ = s.write_all(b"\0\x15garbage\r\n\r\n").await;
+                                }
+                                return;
+                            }
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    /// A request that may be sent twice, on a pooled connection that gives
+    /// out before any answer, is sent once more on a fresh connection and
+    /// answered there: not a failure at all.
+    #[tokio::test]
+    async fn a_stale_pooled_connection_is_replaced_for_a_request_that_may_be_sent_twice() {
+        for garbage in [false, true] {
+            let (addr, mut seen) = stale_instance(garbage).await;
+            let client = outbound();
+            let mut put = get("/p");
+            put.parts.method = Method::PUT;
+            for (req, body) in [
+                (get("/a"), OutBody::Full(Bytes::new())),
+                (get("/b"), OutBody::Full(Bytes::new())),
+                (put, OutBody::Full(Bytes::from_static(b"body"))),
+            ] {
+                match client.send("svc", addr, &req, body, far()).await {
+                    Ok(res) => assert_eq!(body_of(res).await, b"ok", "garbage: {garbage}"),
+                    Err(e) => panic!("garbage: {garbage}: {e}"),
+                }
+            }
+            // `/a` opens connection 1; `/b` goes on it, which gives out,
+            // and again on 2; the PUT on 2, which gives out, and on 3,
+            // with its body both times.
+            let mut got = Vec::new();
+            while let Ok(Some((conn, head))) =
+                tokio::time::timeout(Duration::from_millis(200), seen.recv()).await
+            {
+                let line = String::from_utf8_lossy(&head);
+                let line = line.split("\r\n").next().unwrap_or_default().to_string();
+                if line.starts_with("PUT") {
+                    assert!(head.ends_with(b"\r\n\r\nbody"), "{head:?}");
+                }
+                got.push((conn, line));
+            }
+            let want: Vec<(usize, String)> = [
+                (1, "GET /a"),
+                (1, "GET /b"),
+                (2, "GET /b"),
+                (2, "PUT /p"),
+                (3, "PUT /p"),
+            ]
+            .into_iter()
+            .map(|(c, l)| (c, format!("{l} HTTP/1.1")))
+            .collect();
+            assert_eq!(got, want, "garbage: {garbage}");
+        }
+    }
+
+    /// A request that may not reach the instance twice (a POST without an
+    /// `Idempotency-Key`: the instance may have acted on it before it
+    /// closed) is not sent again; it fails as `Stale`, which the proxy
+    /// does not hold against the instance. A fresh connection that gives
+    /// out is no stale one: `Lost`, as before.
+    #[tokio::test]
+    async fn a_stale_pooled_connection_is_not_replaced_for_a_request_that_may_not_be_sent_twice() {
+        let (addr, mut seen) = stale_instance(false).await;
+        let client = outbound();
+        match client
+            .send("svc", addr, &get("/a"), OutBody::Full(Bytes::new()), far())
+            .await
+        {
+            Ok(res) => assert_eq!(body_of(res).await, b"ok"),
+            Err(e) => panic!("{e}"),
+        }
+        let mut post = get("/p");
+        post.parts.method = Method::POST;
+        match client
+            .send(
+                "svc",
+                addr,
+                &post,
+                OutBody::Full(Bytes::from_static(b"body")),
+                far(),
+            )
+            .await
+        {
+            Err(SendError::Stale(error)) => assert!(matches!(*error, SendError::Lost(_))),
+            Err(e) => panic!("{e}"),
+            Ok(r) => panic!("{}", r.res.status()),
+        }
+        let mut conns = Vec::new();
+        while let Ok(Some((conn, _))) =
+            tokio::time::timeout(Duration::from_millis(200), seen.recv()).await
+        {
+            conns.push(conn);
+        }
+        assert_eq!(conns, [1, 1], "the POST was sent again");
     }
 }

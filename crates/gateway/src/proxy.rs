@@ -204,9 +204,7 @@ impl Proxy {
                 service: route.service.clone(),
                 timeout: route.timeout,
             };
-            let retryable = is_idempotent(&req.parts.method)
-                || (req.parts.method == Method::POST
-                    && req.parts.headers.contains_key(&IDEMPOTENCY_KEY));
+            let retryable = may_retry_method(&req.parts);
             let max_retries = route
                 .retries
                 .unwrap_or_else(|| self.resilience.max_retries());
@@ -321,7 +319,11 @@ impl Proxy {
                         // against the instance as a 502 would be: counted
                         // toward its ejection (not retried: it may have
                         // acted on the request).
-                        if failure != Failure::Other || matches!(error, SendError::Protocol(_)) {
+                        // A stale pooled connection is not: the instance
+                        // closed an idle connection, as it may.
+                        if (failure != Failure::Other || matches!(error, SendError::Protocol(_)))
+                            && !matches!(error, SendError::Stale(_))
+                        {
                             health.failure(endpoint, &ready);
                         }
                         if failure == Failure::Other || !may_retry(retries) || !health.try_retry() {
@@ -471,6 +473,14 @@ async fn collect(body: Body) -> Result<Outgoing, Rejection> {
     }
 }
 
+/// Whether a request may be sent again (to another instance, or on a
+/// fresh connection after a stale one, `outbound`): an idempotent method,
+/// or a POST with an `Idempotency-Key`.
+pub(crate) fn may_retry_method(parts: &http::request::Parts) -> bool {
+    is_idempotent(&parts.method)
+        || (parts.method == Method::POST && parts.headers.contains_key(&IDEMPOTENCY_KEY))
+}
+
 /// GET, HEAD, OPTIONS, PUT and DELETE may be sent twice without changing
 /// the outcome (RFC 9110 §9.2.2); POST and PATCH may not.
 fn is_idempotent(method: &Method) -> bool {
@@ -525,7 +535,7 @@ fn body_limit_exceeded(error: &SendError, route: &Route) -> Option<usize> {
 fn classify(error: &SendError) -> Failure {
     match error {
         SendError::Connect(_) => Failure::Connect,
-        SendError::Lost(_) => Failure::ConnectionLost,
+        SendError::Lost(_) | SendError::Stale(_) => Failure::ConnectionLost,
         SendError::Body(_)
         | SendError::Protocol(_)
         | SendError::TimedOut

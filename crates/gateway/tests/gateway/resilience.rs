@@ -527,3 +527,98 @@ async fn a_route_s_max_in_flight_sheds_its_excess_and_leaves_the_others_room() {
     }
     gateway.shutdown(Duration::from_secs(5)).await;
 }
+
+/// An instance may close a kept-alive connection (or write into it) just
+/// as the gateway sends the next request on it, before the gateway could
+/// see it had. Such a request is sent again on a fresh connection: the
+/// client gets its answer, and the instance is neither retried around nor
+/// charged a failure toward ejection (it closed an idle connection, as it
+/// may). Each instance here answers one request per connection and gives
+/// out at the next: every reuse meets a stale connection.
+#[tokio::test]
+async fn a_stale_pooled_connection_costs_neither_the_client_nor_the_instance() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    let stale = Arc::new(AtomicUsize::new(0));
+    let mut endpoints = Vec::new();
+    for name in ["stale-pool-a", "stale-pool-b"] {
+        let listener = ok(tokio::net::TcpListener::bind("127.0.0.1:0").await, "bind");
+        let addr = ok(listener.local_addr(), "addr");
+        let stale = Arc::clone(&stale);
+        tokio::spawn(async move {
+            let mut conn_no = 0usize;
+            while let Ok((mut stream, _)) = listener.accept().await {
+                conn_no += 1;
+                // Half the connections close, half write what is no
+                // response and close.
+                let garbage = conn_no.is_multiple_of(2);
+                let stale = Arc::clone(&stale);
+                tokio::spawn(async move {
+                    if read_head(&mut stream).await.is_none() {
+                        return;
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    if read_head(&mut stream).await.is_some() {
+                        stale.fetch_add(1, Ordering::SeqCst);
+                        if garbage {
+                            let _ = stream.write_all(b"\0garbage\r\n\r\n").await;
+                        }
+                    }
+                });
+            }
+        });
+        endpoints.push(flotilla_gateway::Endpoint {
+            instance: name.into(),
+            addr,
+            load: Default::default(),
+        });
+    }
+    let registry = Registry::new();
+    registry.set("stale-pool", endpoints);
+    let mut cfg = config(vec![route("stale-pool", "/**", &[], T)]);
+    // One worker, so one pool: each request after the first two finds a
+    // pooled connection.
+    cfg.limits.workers = 1;
+    // Any failure held against an instance ejects it.
+    cfg.limits.outlier_consecutive_failures = 1;
+    let gateway = start(cfg, &registry).await;
+    let client = Client::new(&gateway);
+    for i in 0..20 {
+        let reply = client.get(&format!("/s/{i}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "request {i}: {reply:?}");
+        assert_eq!(reply.body, "ok", "request {i}");
+    }
+    let met = stale.load(Ordering::SeqCst);
+    assert!(met >= 10, "only {met} requests met a stale connection");
+    // A POST without an `Idempotency-Key` may not be sent twice (the
+    // instance may have acted on it): it gets 502, but the instance is not
+    // held to account for it either. Each instance's connections go stale,
+    // fresh, stale…: of 8, at least 3 meet a stale one.
+    let mut refused = 0;
+    for i in 0..8 {
+        let path = format!("/p/{i}");
+        let reply = client
+            .request(Method::POST, &path, &[], Bytes::from_static(b"x"))
+            .await;
+        if reply.status == StatusCode::BAD_GATEWAY {
+            assert_eq!(reply.json()["error"]["code"], "bad_gateway");
+            refused += 1;
+        } else {
+            assert_eq!(reply.status, StatusCode::OK, "POST {i}: {reply:?}");
+        }
+    }
+    assert!(refused >= 3, "{refused} POSTs met a stale connection");
+    assert_eq!(
+        metric_sum(&["flotilla_gateway_ejections_total", "service=\"stale-pool\""]),
+        0
+    );
+    assert_eq!(
+        metric_sum(&["flotilla_gateway_retries_total", "service=\"stale-pool\""]),
+        0
+    );
+    gateway.shutdown(T).await;
+}
