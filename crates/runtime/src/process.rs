@@ -533,16 +533,10 @@ mod tests {
     async fn the_limit_is_raised_for_us_and_not_for_instances() {
         let given = limit();
         if given.rlim_max == libc::RLIM_INFINITY {
-            const PROVIDE: &str =
-                "run the tests under a finite hard limit, e.g. `ulimit -Hn 65536`";
-            // `FLOTILLA_TEST_REQUIRE_ALL` (set by `.ci/run`): no skip may
-            // go unseen behind a passing test.
-            if std::env::var("FLOTILLA_TEST_REQUIRE_ALL").is_ok_and(|v| !v.is_empty() && v != "0") {
-                panic!(
-                    "cannot run: no finite hard limit on open files to raise to; {PROVIDE} (FLOTILLA_TEST_REQUIRE_ALL is set, so this test may not skip)"
-                );
-            }
-            println!("skipped: no finite hard limit on open files to raise to ({PROVIDE})");
+            flotilla_testenv::skip(
+                "no finite hard limit on open files to raise to",
+                "run the tests under a finite hard limit, e.g. `ulimit -Hn 65536`",
+            );
             return;
         }
         // Start below the hard limit, as a login shell's 1024 would, but

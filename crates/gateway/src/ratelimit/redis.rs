@@ -262,26 +262,14 @@ impl Store {
 mod tests {
     use super::*;
 
-    /// The tests' Redis (`FLOTILLA_TEST_REDIS_URL`, empty counting as
-    /// unset), or `None` after printing `skipped: …`; a panic instead when
-    /// `FLOTILLA_TEST_REQUIRE_ALL` is set (not empty, not `0`), as `.ci/run`
-    /// sets it, since a passing test's output is not shown.
+    /// The tests' Redis (`FLOTILLA_TEST_REDIS_URL`), or `None` after
+    /// `flotilla_testenv::skip`.
     #[track_caller]
     fn redis_url() -> Option<String> {
-        const VAR: &str = "FLOTILLA_TEST_REDIS_URL";
-        const PROVIDE: &str = "set it to a Redis server, e.g. redis://127.0.0.1:6379";
-        if let Ok(url) = std::env::var(VAR)
-            && !url.is_empty()
-        {
-            return Some(url);
-        }
-        if std::env::var("FLOTILLA_TEST_REQUIRE_ALL").is_ok_and(|v| !v.is_empty() && v != "0") {
-            panic!(
-                "cannot run: {VAR} is not set; {PROVIDE} (FLOTILLA_TEST_REQUIRE_ALL is set, so this test may not skip)"
-            );
-        }
-        println!("skipped: {VAR} is not set ({PROVIDE})");
-        None
+        flotilla_testenv::env_or_skip(
+            "FLOTILLA_TEST_REDIS_URL",
+            "set it to a Redis server, e.g. redis://127.0.0.1:6379",
+        )
     }
 
     /// One check made on a runtime of its own, on a thread of its own,

@@ -13,34 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::ServerName;
 
-/// Set (not empty, not `0`) by `.ci/run`: a test that would skip fails.
-pub const REQUIRE_ALL_ENV: &str = "FLOTILLA_TEST_REQUIRE_ALL";
-
-/// Where a test cannot run here (`missing`) and returns without checking
-/// anything: prints `skipped: {missing} ({provide})`, or, under
-/// [`REQUIRE_ALL_ENV`], panics with both, since a passing test's output is
-/// not shown and the skip would go unseen.
-#[track_caller]
-pub fn skip(missing: &str, provide: &str) {
-    if std::env::var(REQUIRE_ALL_ENV).is_ok_and(|v| !v.is_empty() && v != "0") {
-        panic!(
-            "cannot run: {missing}; {provide} ({REQUIRE_ALL_ENV} is set, so this test may not skip)"
-        );
-    }
-    println!("skipped: {missing} ({provide})");
-}
-
-/// `var`'s value, or `None` (after [`skip`]) when it is unset or empty.
-#[track_caller]
-pub fn env_or_skip(var: &str, provide: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            skip(&format!("{var} is not set"), provide);
-            None
-        }
-    }
-}
+/// One rule for every crate's tests (`flotilla-testenv`).
+pub use flotilla_testenv::env_or_skip;
 
 pub fn hello() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../testkit/fixtures/hello.py")
