@@ -363,6 +363,34 @@ fn replaced(name: &[u8], framing: Framing) -> bool {
     REPLACED.iter().any(|known| is(known)) && !(framing == Framing::Chunked && is("trailer"))
 }
 
+/// Fields a trailer section must not carry, whatever the response's
+/// `Trailer` announces (RFC 9110 §6.5.1): framing, routing, the fields
+/// this connection sets itself, and those a recipient acts on before the
+/// body (its content coding, type and range, caching, cookies,
+/// authentication). A client that merged a trailer `Content-Length` or
+/// `Set-Cookie` into the head's fields would act on what the instance
+/// could not put in its head.
+const NOT_IN_TRAILERS: [&str; 18] = [
+    "trailer",
+    "connection",
+    "keep-alive",
+    "content-length",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "host",
+    "content-encoding",
+    "content-type",
+    "content-range",
+    "cache-control",
+    "expires",
+    "age",
+    "set-cookie",
+    "www-authenticate",
+    "authorization",
+    "location",
+];
+
 /// The body writer for one response.
 pub(crate) struct BodyEncoder {
     framing: Framing,
@@ -385,6 +413,7 @@ impl BodyEncoder {
                 .get_all(&header::TRAILER)
                 .flat_map(|v| v.split(|&b| b == b','))
                 .filter_map(|n| HeaderName::from_bytes(trim_ows(n)).ok())
+                .filter(|n| !NOT_IN_TRAILERS.contains(&n.as_str()))
                 .collect()
         } else {
             Vec::new()
@@ -800,7 +829,12 @@ mod tests {
     #[test]
     fn chunked_bodies_are_framed_with_announced_trailers_only() {
         let mut headers = HeaderMap::new();
-        headers.insert("trailer", HeaderValue::from_static("x-sum"));
+        // Announced or not, framing and fields acted on before the body
+        // never go into a trailer.
+        headers.insert(
+            "trailer",
+            HeaderValue::from_static("x-sum, Content-Length, transfer-encoding, set-cookie"),
+        );
         let mut enc = BodyEncoder::new(Framing::Chunked, (&headers).into());
         let mut out = Out::default();
         assert!(enc.data(&mut out, Bytes::from("hello")).is_ok());
@@ -809,6 +843,9 @@ mod tests {
         let mut trailers = HeaderMap::new();
         trailers.insert("x-sum", HeaderValue::from_static("42"));
         trailers.insert("x-secret", HeaderValue::from_static("no"));
+        trailers.insert("content-length", HeaderValue::from_static("0"));
+        trailers.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        trailers.insert("set-cookie", HeaderValue::from_static("session=evil"));
         enc.finish(&mut out, Some(&trailers));
         assert!(!enc.is_short());
         let text = written(&out);
