@@ -1399,39 +1399,96 @@ mod tests {
         SocketAddr,
         tokio::sync::mpsc::UnboundedReceiver<(usize, Vec<u8>)>,
     ) {
-        let listener = match TcpListener::bind("127.0.0.1:0").await {
-            Ok(l) => l,
-            Err(e) => panic!("{e}"),
-        };
+        let responses = Mutex::new(responses.into_iter());
+        let fake = fake_instance(move |_, _, _| {
+            let mut responses = responses.lock().unwrap_or_else(|e| e.into_inner());
+            Some(match responses.next() {
+                // After the last canned response: close.
+                Some(r) => Act::answer(r).closing_if(responses.len() == 0),
+                None => Act::answer(b"").closing_if(true),
+            })
+        })
+        .await;
+        (fake.addr, fake.seen)
+    }
+
+    /// What a [`fake_instance`] does with one request: after `delay`,
+    /// writes `write` (any bytes: a response or not), then closes the
+    /// connection if `close`.
+    struct Act {
+        delay: Duration,
+        write: &'static [u8],
+        close: bool,
+    }
+
+    impl Act {
+        fn answer(write: &'static [u8]) -> Act {
+            Act {
+                delay: Duration::ZERO,
+                write,
+                close: false,
+            }
+        }
+
+        fn after(self, delay: Duration) -> Act {
+            Act { delay, ..self }
+        }
+
+        fn closing_if(self, close: bool) -> Act {
+            Act { close, ..self }
+        }
+    }
+
+    /// A fake instance over raw sockets, for what hyper's server would
+    /// never do. It reads request heads (and the body `content-length`
+    /// gives, which test requests send with their heads), reports each
+    /// with its connection's number, counts the connections it accepts,
+    /// and does what `script` says with each request: given the
+    /// connection's number, the request's number on it (from 1) and the
+    /// request, `None` leaves it unanswered.
+    async fn fake_instance(
+        script: impl Fn(usize, usize, &[u8]) -> Option<Act> + Send + Sync + 'static,
+    ) -> FakeInstance {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, seen) = tokio::sync::mpsc::unbounded_channel();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        let script = Arc::new(script);
         tokio::spawn(async move {
-            let responses = Arc::new(Mutex::new(responses.into_iter()));
-            let mut conn_no = 0;
             while let Ok((mut s, _)) = listener.accept().await {
-                conn_no += 1;
-                let tx = tx.clone();
-                let responses = Arc::clone(&responses);
+                let conn_no = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                let (tx, script) = (tx.clone(), Arc::clone(&script));
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
+                    let mut request_no = 0;
                     loop {
                         let mut chunk = [0u8; 4096];
-                        let n = match s.read(&mut chunk).await {
+                        match s.read(&mut chunk).await {
                             Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        buf.extend_from_slice(&chunk[..n]);
-                        // One request per head (test requests have no body
-                        // unless they say so; the test reads `buf`).
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
                         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let req: Vec<u8> = buf.drain(..end + 4).collect();
-                            let _ = tx.send((conn_no, req));
-                            let next = responses.lock().unwrap_or_else(|e| e.into_inner()).next();
-                            let Some(r) = next else { return };
-                            // After the last canned response: close.
-                            let last =
-                                responses.lock().unwrap_or_else(|e| e.into_inner()).len() == 0;
-                            if s.write_all(r).await.is_err() || last {
+                            let mut request: Vec<u8> = buf.drain(..end + 4).collect();
+                            let text = String::from_utf8_lossy(&request).to_ascii_lowercase();
+                            if let Some(len) = text
+                                .split("content-length: ")
+                                .nth(1)
+                                .and_then(|l| l.split('\r').next())
+                                .and_then(|l| l.parse::<usize>().ok())
+                            {
+                                request.extend(buf.drain(..len.min(buf.len())));
+                            }
+                            request_no += 1;
+                            let act = script(conn_no, request_no, &request);
+                            let _ = tx.send((conn_no, request));
+                            let Some(act) = act else { continue };
+                            if !act.delay.is_zero() {
+                                tokio::time::sleep(act.delay).await;
+                            }
+                            if s.write_all(act.write).await.is_err() || act.close {
                                 return;
                             }
                         }
@@ -1439,7 +1496,19 @@ mod tests {
                 });
             }
         });
-        (addr, rx)
+        FakeInstance {
+            addr,
+            seen,
+            accepted,
+        }
+    }
+
+    struct FakeInstance {
+        addr: SocketAddr,
+        /// Each request as received, with its connection's number.
+        seen: tokio::sync::mpsc::UnboundedReceiver<(usize, Vec<u8>)>,
+        /// How many connections it accepted.
+        accepted: Arc<AtomicUsize>,
     }
 
     async fn body_of(reply: Reply) -> Vec<u8> {
@@ -1454,42 +1523,18 @@ mod tests {
     /// 300 ms for `GET /slow`, never for `GET /never`, at once otherwise;
     /// counts the connections it accepts.
     async fn slow_instance() -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = match TcpListener::bind("127.0.0.1:0").await {
-            Ok(l) => l,
-            Err(e) => panic!("{e}"),
-        };
-        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&accepted);
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    loop {
-                        let mut chunk = [0u8; 4096];
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head: Vec<u8> = buf.drain(..end + 4).collect();
-                            if head.starts_with(b"GET /never ") {
-                                continue;
-                            }
-                            if head.starts_with(b"GET /slow ") {
-                                tokio::time::sleep(Duration::from_millis(300)).await;
-                            }
-                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if s.write_all(ok).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
+        let fake = fake_instance(|_, _, request| {
+            const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            if request.starts_with(b"GET /never ") {
+                None
+            } else if request.starts_with(b"GET /slow ") {
+                Some(Act::answer(OK).after(Duration::from_millis(300)))
+            } else {
+                Some(Act::answer(OK))
             }
-        });
-        (addr, accepted)
+        })
+        .await;
+        (fake.addr, fake.accepted)
     }
 
     /// A burst of concurrent requests opens a connection each; once they
@@ -2261,56 +2306,17 @@ mod tests {
         SocketAddr,
         tokio::sync::mpsc::UnboundedReceiver<(usize, Vec<u8>)>,
     ) {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut conn_no = 0;
-            while let Ok((mut s, _)) = listener.accept().await {
-                conn_no += 1;
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut answered = 0;
-                    loop {
-                        let mut chunk = [0u8; 4096];
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let mut head: Vec<u8> = buf.drain(..end + 4).collect();
-                            // A body, as `content-length` says (test bodies
-                            // come with their heads).
-                            let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                            if let Some(len) = text
-                                .split("content-length: ")
-                                .nth(1)
-                                .and_then(|l| l.split('\r').next())
-                                .and_then(|l| l.parse::<usize>().ok())
-                            {
-                                head.extend(buf.drain(..len.min(buf.len())));
-                            }
-                            let _ = tx.send((conn_no, head));
-                            answered += 1;
-                            if answered > 1 {
-                                if garbage {
-                                    let _ = s.write_all(b"\0\x15garbage\r\n\r\n").await;
-                                }
-                                return;
-                            }
-                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if s.write_all(ok).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        (addr, rx)
+        let fake = fake_instance(move |_, request_no, _| {
+            Some(if request_no == 1 {
+                Act::answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            } else if garbage {
+                Act::answer(b"\0\x15garbage\r\n\r\n").closing_if(true)
+            } else {
+                Act::answer(b"").closing_if(true)
+            })
+        })
+        .await;
+        (fake.addr, fake.seen)
     }
 
     /// A request that may be sent twice, on a pooled connection that gives
