@@ -4,7 +4,9 @@
 //! Published to topic `orders` through the chassis transactional outbox, in
 //! the same transaction as the change they announce:
 //! - `order.placed` when an order is stored (it starts the saga);
-//! - `order.confirmed` / `order.cancelled` when the saga ends.
+//! - `order.confirmed` / `order.cancelled` when the saga ends, by an
+//!   event below or by the saga's deadline ([`crate::sweeper`], reason
+//!   `timed_out`).
 //!
 //! Consumed (pushed by the broker, deduplicated by the chassis inbox):
 //! - `POST /events/stock`: `stock.rejected` → cancelled (`out_of_stock`);
@@ -138,6 +140,30 @@ pub async fn enqueue_placed(
     flotilla_chassis::outbox::enqueue_sensitive(tx, TOPIC, &placed).await
 }
 
+/// Moves order `id` from `placed` to `to` (with `reason`) and enqueues
+/// `order.confirmed`/`order.cancelled` for it, both on `tx`: what every
+/// end of the saga does, whether an event or the sweeper
+/// ([`crate::sweeper`]) ends it. `None`, and nothing enqueued, when the
+/// order is unknown or no longer `placed` ([`store::transition`]'s guard):
+/// of two racing ends only one happens and is announced.
+pub async fn end(
+    tx: &mut SqliteConnection,
+    id: &str,
+    to: &str,
+    reason: Option<&str>,
+) -> Result<Option<Order>, flotilla_chassis::Error> {
+    let order = store::transition(tx, id, to, reason)
+        .await
+        .map_err(|source| flotilla_chassis::Error::Sql {
+            what: "move the order on",
+            source,
+        })?;
+    if let Some(order) = &order {
+        enqueue(tx, ended(order)?).await?;
+    }
+    Ok(order)
+}
+
 /// The part of `stock.*` and `payment.*` data orders reads.
 #[derive(Debug, Deserialize)]
 struct About {
@@ -195,9 +221,8 @@ async fn handle(state: &AppState, consumer: &str, event: Event) -> Result<Handle
     };
     let about: About = event.data_as()?;
     let handled = inbox::handle_once(&state.db, consumer, &event, async |tx| {
-        let outcome = match store::transition(tx, &about.order_id, to, reason).await? {
+        let outcome = match end(tx, &about.order_id, to, reason).await? {
             Some(order) => {
-                enqueue(tx, ended(&order)?).await?;
                 tracing::info!(order = %order.id, status = to, reason, "order {to}");
                 metrics::counter!("shop_orders_ended_total", "status" => to).increment(1);
                 to

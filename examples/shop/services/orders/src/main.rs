@@ -9,13 +9,16 @@
 //!
 //! An order starts the order saga (see [`events`]): placing it publishes
 //! `order.placed` through the chassis outbox, and the broker pushes back
-//! inventory's and payments' answers, which confirm or cancel it.
+//! inventory's and payments' answers, which confirm or cancel it. An order
+//! still `placed` after `ORDERS_SAGA_TIMEOUT` (default 15 min) is
+//! cancelled by the [`sweeper`] (`timed_out`).
 
 mod api;
 mod deps;
 mod events;
 mod openapi;
 mod store;
+mod sweeper;
 
 use std::process::ExitCode;
 
@@ -33,6 +36,13 @@ async fn main() -> ExitCode {
 
 async fn run() -> Result<(), flotilla_chassis::Error> {
     let service = Service::from_env()?.with_openapi(openapi::document());
+    let saga_timeout = sweeper::timeout_from(std::env::var(sweeper::TIMEOUT_VAR).ok())?;
+    if saga_timeout < sweeper::RETRY_SPAN {
+        tracing::warn!(
+            saga_timeout = %humantime::format_duration(saga_timeout),
+            "ORDERS_SAGA_TIMEOUT is shorter than the broker's retries of a push (about 12 min): an order whose participant is only restarting may be cancelled"
+        );
+    }
     let catalog = service.client("catalog")?;
     let pricing = service.client("pricing")?;
     let db = service.database(&MIGRATOR).await?;
@@ -40,6 +50,7 @@ async fn run() -> Result<(), flotilla_chassis::Error> {
     let _pruner = flotilla_chassis::inbox::Inbox::spawn_pruner(db.clone());
     Outbox::install(&db).await?;
     let relay = Outbox::spawn_relay(db.clone(), service.broker()?);
+    let sweeper = sweeper::spawn(db.clone(), saga_timeout, Some(relay.clone()));
     let state = api::AppState {
         db: db.clone(),
         catalog,
@@ -47,6 +58,10 @@ async fn run() -> Result<(), flotilla_chassis::Error> {
         relay: Some(relay.clone()),
     };
     let served = service.serve(api::router(state)).await;
+    // Stopped before the relay, which then sends what its last sweep
+    // enqueued; a cancellation cut short rolls back for the next sweep.
+    sweeper.abort();
+    let _ = sweeper.await;
     relay.stop().await;
     // Closing checkpoints the WAL, leaving a single tidy file behind.
     db.close().await;

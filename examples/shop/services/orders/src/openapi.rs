@@ -133,7 +133,7 @@ pub fn document() -> Value {
                         "id": {"type": "string", "format": "uuid"},
                         "customer": {"type": "string", "description": "The id of the user who placed it (the token's sub)"},
                         "status": {"type": "string", "enum": ["placed", "confirmed", "cancelled"]},
-                        "reason": {"type": "string", "enum": ["out_of_stock", "payment_declined"], "description": "Why it was cancelled; absent otherwise"},
+                        "reason": {"type": "string", "enum": ["out_of_stock", "payment_declined", "timed_out"], "description": "Why it was cancelled (`timed_out`: still `placed` after ORDERS_SAGA_TIMEOUT); absent otherwise"},
                         "card_last4": {"type": "string", "nullable": true},
                         "history": {"type": "array", "description": "Every status it went through, oldest first", "items": {
                             "type": "object",

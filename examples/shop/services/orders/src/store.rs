@@ -13,7 +13,8 @@ use sqlx::{SqliteConnection, SqlitePool};
 pub const PLACED: &str = "placed";
 /// Paid for and its stock committed.
 pub const CONFIRMED: &str = "confirmed";
-/// Out of stock or payment declined; see `reason`.
+/// Out of stock, payment declined or past the saga's deadline; see
+/// `reason`.
 pub const CANCELLED: &str = "cancelled";
 
 /// An order as stored and as served.
@@ -253,6 +254,26 @@ pub async fn transition(
     .await?;
     get_on(conn, id).await
 }
+
+/// The ids of at most `limit` orders still `placed` that were placed
+/// before `cutoff` (RFC 3339 UTC, as `created_at`), oldest first: the
+/// sweeper's batch (index `orders_placed_by_age`, whose condition the
+/// query repeats word for word so SQLite can use it).
+pub async fn placed_before(
+    db: &SqlitePool,
+    cutoff: &str,
+    limit: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(PLACED_BEFORE)
+        .bind(cutoff)
+        .bind(limit)
+        .fetch_all(db)
+        .await
+}
+
+/// [`placed_before`]'s query.
+pub const PLACED_BEFORE: &str = "SELECT id FROM orders WHERE status = 'placed' AND created_at < ?1
+     ORDER BY created_at LIMIT ?2";
 
 /// One order by id.
 pub async fn get(db: &SqlitePool, id: &str) -> Result<Option<Order>, sqlx::Error> {

@@ -82,6 +82,15 @@ fn fake_pricing() -> Router {
 
 /// The app and its database (with the chassis inbox and outbox tables).
 async fn setup(catalog: SocketAddr, pricing: SocketAddr) -> (Router, sqlx::SqlitePool) {
+    setup_on(catalog, pricing, "sqlite::memory:").await
+}
+
+/// As [`setup`], on the database at `url`.
+async fn setup_on(
+    catalog: SocketAddr,
+    pricing: SocketAddr,
+    url: &str,
+) -> (Router, sqlx::SqlitePool) {
     let catalog_url = format!("http://{catalog}");
     let pricing_url = format!("http://{pricing}");
     let service = Service::from_vars([
@@ -90,11 +99,7 @@ async fn setup(catalog: SocketAddr, pricing: SocketAddr) -> (Router, sqlx::Sqlit
         ("FLOTILLA_URL_PRICING", pricing_url.as_str()),
     ])
     .unwrap();
-    let db = flotilla_chassis::open_sqlite("sqlite::memory:", &crate::MIGRATOR)
-        .await
-        .unwrap();
-    flotilla_chassis::Inbox::install(&db).await.unwrap();
-    flotilla_chassis::Outbox::install(&db).await.unwrap();
+    let db = open(url).await;
     let app = router(AppState {
         db: db.clone(),
         catalog: service.client("catalog").unwrap(),
@@ -102,6 +107,16 @@ async fn setup(catalog: SocketAddr, pricing: SocketAddr) -> (Router, sqlx::Sqlit
         relay: None,
     });
     (app, db)
+}
+
+/// The orders database at `url`, migrated, with the inbox and outbox.
+async fn open(url: &str) -> sqlx::SqlitePool {
+    let db = flotilla_chassis::open_sqlite(url, &crate::MIGRATOR)
+        .await
+        .unwrap();
+    flotilla_chassis::Inbox::install(&db).await.unwrap();
+    flotilla_chassis::Outbox::install(&db).await.unwrap();
+    db
 }
 
 async fn app_with(catalog: SocketAddr, pricing: SocketAddr) -> Router {
@@ -805,4 +820,207 @@ async fn a_malformed_idempotency_key_is_refused() {
         assert_eq!(err["error"]["code"], "invalid_idempotency_key", "{key:?}");
     }
     assert_eq!(orders_stored(&db).await, 0);
+}
+
+// ---- The saga's deadline (crate::sweeper) ---------------------------------
+
+use crate::sweeper;
+
+/// Makes order `id` look placed long ago.
+async fn age(db: &sqlx::SqlitePool, id: &str) {
+    sqlx::query("UPDATE orders SET created_at = '2020-01-01T00:00:00.000Z' WHERE id = ?1")
+        .bind(id)
+        .execute(db)
+        .await
+        .unwrap();
+}
+
+/// The `order.cancelled` events in the outbox, as (order id, reason).
+async fn cancellations(db: &sqlx::SqlitePool) -> Vec<(String, String)> {
+    outbox(db)
+        .await
+        .iter()
+        .filter(|(_, e)| e["type"] == "order.cancelled")
+        .map(|(_, e)| {
+            (
+                e["orderid"].as_str().unwrap().to_owned(),
+                e["data"]["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Pushes `payment.succeeded` (event `event_id`) for `order`; the outcome.
+async fn paid(app: &Router, event_id: &str, order: &str) -> Value {
+    let event = cloudevent(
+        event_id,
+        "/payments",
+        "payment.succeeded",
+        json!({"order_id": order, "customer": "alice"}),
+    );
+    push(app, "/events/payments", &event).await.1["outcome"].clone()
+}
+
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// `orders_saga_timeouts_total` as `/metrics` shows it (0 before its
+/// first increment). Other tests sweep in parallel, so it only grows.
+fn timeouts_counted() -> u64 {
+    flotilla_chassis::metrics::prometheus_handle()
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix("orders_saga_timeouts_total "))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn the_sweeper_cancels_orders_placed_past_the_deadline_only() {
+    let (app, db) = app_and_db().await;
+    let stuck = placed_order(&app).await;
+    age(&db, &stuck).await;
+    let young = placed_order(&app).await;
+    // Old too, but their sagas ended: not the sweeper's.
+    let confirmed = placed_order(&app).await;
+    assert_eq!(paid(&app, "p-1", &confirmed).await, "confirmed");
+    age(&db, &confirmed).await;
+    let rejected = placed_order(&app).await;
+    let short = cloudevent(
+        "s-1",
+        "/inventory",
+        "stock.rejected",
+        json!({"order_id": rejected, "customer": "alice", "reason": "out_of_stock"}),
+    );
+    assert_eq!(
+        push(&app, "/events/stock", &short).await.1["outcome"],
+        "cancelled"
+    );
+    age(&db, &rejected).await;
+
+    let counted = timeouts_counted();
+    assert_eq!(sweeper::sweep(&db, DEADLINE, None).await.unwrap(), 1);
+    assert!(
+        timeouts_counted() > counted,
+        "orders_saga_timeouts_total counts it"
+    );
+    let (_, order) = get_as(&app, Some("alice"), &format!("/api/orders/{stuck}")).await;
+    assert_eq!(order["status"], "cancelled", "{order}");
+    assert_eq!(order["reason"], "timed_out");
+    let last = order["history"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (&last["status"], &last["reason"]),
+        (&json!("cancelled"), &json!("timed_out"))
+    );
+    for (id, status) in [
+        (&young, "placed"),
+        (&confirmed, "confirmed"),
+        (&rejected, "cancelled"),
+    ] {
+        let (_, order) = get_as(&app, Some("alice"), &format!("/api/orders/{id}")).await;
+        assert_eq!(order["status"], status, "{order}");
+        assert_ne!(order["reason"], "timed_out", "{order}");
+    }
+    // Announced like any cancellation, in the same transaction.
+    assert_eq!(
+        cancellations(&db).await,
+        [
+            (rejected.clone(), "out_of_stock".to_owned()),
+            (stuck.clone(), "timed_out".to_owned())
+        ]
+    );
+    let (topic, event) = outbox(&db).await.pop().unwrap();
+    assert_eq!(topic, "orders");
+    assert_eq!(event["customer"], "alice");
+    assert_eq!(event["data"]["items"][0]["sku"], "sku-a");
+    assert_eq!(event["data"]["total_cents"], 2400);
+
+    // Swept again: nothing more. A late payment changes nothing either.
+    assert_eq!(sweeper::sweep(&db, DEADLINE, None).await.unwrap(), 0);
+    assert_eq!(paid(&app, "p-2", &stuck).await, "unchanged");
+    let (_, order) = get_as(&app, Some("alice"), &format!("/api/orders/{stuck}")).await;
+    assert_eq!(
+        (&order["status"], &order["reason"]),
+        (&json!("cancelled"), &json!("timed_out"))
+    );
+    assert_eq!(cancellations(&db).await.len(), 2);
+}
+
+#[tokio::test]
+async fn replicas_sweeping_at_once_cancel_each_order_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orders.db").display());
+    let (app, one) = setup_on(
+        spawn(fake_catalog()).await,
+        spawn(fake_pricing()).await,
+        &url,
+    )
+    .await;
+    // A second replica: its own pool on the same file.
+    let other = open(&url).await;
+
+    // Both read the same batch before either cancels: the guarded update
+    // lets one through.
+    let id = placed_order(&app).await;
+    age(&one, &id).await;
+    let cutoff = flotilla_chassis::now_rfc3339();
+    let seen_one = store::placed_before(&one, &cutoff, sweeper::BATCH)
+        .await
+        .unwrap();
+    let seen_other = store::placed_before(&other, &cutoff, sweeper::BATCH)
+        .await
+        .unwrap();
+    assert_eq!(
+        (&seen_one, &seen_other),
+        (&vec![id.clone()], &vec![id.clone()])
+    );
+    assert!(sweeper::cancel(&one, &id).await.unwrap());
+    assert!(!sweeper::cancel(&other, &id).await.unwrap());
+    assert_eq!(
+        cancellations(&one).await,
+        [(id.clone(), "timed_out".to_owned())]
+    );
+
+    // Whole sweeps at once, over more orders.
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        let id = placed_order(&app).await;
+        age(&one, &id).await;
+        ids.push(id);
+    }
+    let (a, b) = tokio::join!(
+        sweeper::sweep(&one, DEADLINE, None),
+        sweeper::sweep(&other, DEADLINE, None)
+    );
+    assert_eq!(a.unwrap() + b.unwrap(), 30);
+    let mut cancelled: Vec<String> = cancellations(&one)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    cancelled.sort();
+    let mut expected: Vec<String> = ids.iter().chain([&id]).cloned().collect();
+    expected.sort();
+    assert_eq!(
+        cancelled, expected,
+        "each order cancelled and announced once"
+    );
+    other.close().await;
+    one.close().await;
+}
+
+#[tokio::test]
+async fn the_sweep_reads_the_index_of_placed_orders() {
+    let db = open("sqlite::memory:").await;
+    let explain = format!("EXPLAIN QUERY PLAN {}", store::PLACED_BEFORE);
+    let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(explain))
+        .bind("2020-01-01T00:00:00.000Z")
+        .bind(100)
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    let plan: Vec<&str> = plan.iter().map(|row| row.3.as_str()).collect();
+    assert_eq!(
+        plan,
+        ["SEARCH orders USING INDEX orders_placed_by_age (created_at<?)"],
+        "no scan, no sort"
+    );
 }
