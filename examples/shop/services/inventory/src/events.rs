@@ -2,6 +2,10 @@
 //!
 //! Consumed (pushed by the broker, deduplicated by the chassis inbox):
 //! - `POST /events/orders`: `order.placed` → reserve all items or none;
+//!   `order.cancelled` → release whatever the order still holds, even a
+//!   committed reservation (orders cancelled it first: the saga's
+//!   deadline), or, when it comes before `order.placed`, see to it that
+//!   the order is never reserved ([`store::cancel`]);
 //! - `POST /events/payments`: `payment.failed` → release (compensation),
 //!   `payment.succeeded` → commit.
 //!
@@ -26,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::SqliteConnection;
 
 use crate::api::AppState;
-use crate::store::{self, Item, Level, Reserve, Settle};
+use crate::store::{self, Cancel, Item, Level, Reserve, Settle};
 
 /// This service's name: the events' `source` is `/inventory`.
 pub const SERVICE: &str = "inventory";
@@ -106,9 +110,9 @@ struct Changed<'a> {
     levels: &'a [Level],
 }
 
-/// `payment.*` data, the part inventory reads.
+/// `payment.*` and `order.cancelled` data, the part inventory reads.
 #[derive(Debug, Deserialize)]
-struct Payment {
+struct About {
     order_id: String,
     #[serde(default)]
     customer: String,
@@ -186,16 +190,7 @@ pub async fn on_payment(
 ) -> Result<&'static str, ApiError> {
     match ty {
         "payment.failed" => match store::release(tx, order_id).await? {
-            Settle::Done(items) => {
-                let data = Released {
-                    order_id,
-                    customer,
-                    items: &items,
-                };
-                enqueue(tx, event("stock.released", order_id, customer, data)?).await?;
-                changed(tx, order_id, customer, &items).await?;
-                Ok("released")
-            }
+            Settle::Done(items) => released(tx, order_id, customer, &items).await,
             Settle::NotReserved => Ok("unchanged"),
         },
         "payment.succeeded" => match store::commit(tx, order_id).await? {
@@ -204,6 +199,38 @@ pub async fn on_payment(
         },
         _ => Ok("ignored"),
     }
+}
+
+/// Gives back what a cancelled order holds (see [`store::cancel`]) and
+/// enqueues `stock.released` when it held anything.
+pub async fn on_cancelled(
+    tx: &mut SqliteConnection,
+    order_id: &str,
+    customer: &str,
+) -> Result<&'static str, ApiError> {
+    match store::cancel(tx, order_id, customer).await? {
+        Cancel::Released(items) => released(tx, order_id, customer, &items).await,
+        Cancel::NothingHeld => Ok("unchanged"),
+        Cancel::Forestalled => Ok("forestalled"),
+    }
+}
+
+/// Enqueues `stock.released` and `stock.changed` for `items`, just given
+/// back by `order_id`.
+async fn released(
+    tx: &mut SqliteConnection,
+    order_id: &str,
+    customer: &str,
+    items: &[Item],
+) -> Result<&'static str, ApiError> {
+    let data = Released {
+        order_id,
+        customer,
+        items,
+    };
+    enqueue(tx, event("stock.released", order_id, customer, data)?).await?;
+    changed(tx, order_id, customer, items).await?;
+    Ok("released")
 }
 
 /// Enqueues `stock.changed` with the new levels of `items`' SKUs, read in
@@ -224,17 +251,24 @@ async fn enqueue(tx: &mut SqliteConnection, event: Event) -> Result<(), flotilla
     flotilla_chassis::outbox::enqueue(tx, TOPIC, &event).await
 }
 
-/// `POST /events/orders`: `order.placed`.
+/// `POST /events/orders`: `order.placed`, `order.cancelled`.
 pub async fn orders(
     State(state): State<AppState>,
     PushedEvent(event): PushedEvent,
 ) -> Result<Handled, ApiError> {
-    if event.ty != "order.placed" {
-        tracing::warn!(id = %event.id, ty = %event.ty, "ignored an event inventory does not handle");
-        return Ok(Handled::IGNORED);
+    match event.ty.as_str() {
+        "order.placed" => placed(&state, &event).await,
+        "order.cancelled" => about_order(&state, ORDERS_CONSUMER, &event).await,
+        _ => {
+            tracing::warn!(id = %event.id, ty = %event.ty, "ignored an event inventory does not handle");
+            Ok(Handled::IGNORED)
+        }
     }
+}
+
+async fn placed(state: &AppState, event: &Event) -> Result<Handled, ApiError> {
     let placed: Placed = event.data_as()?;
-    let handled = inbox::handle_once(&state.db, ORDERS_CONSUMER, &event, async |tx| {
+    let handled = inbox::handle_once(&state.db, ORDERS_CONSUMER, event, async |tx| {
         on_placed(tx, &placed).await
     })
     .await?;
@@ -256,9 +290,16 @@ pub async fn payments(
         tracing::warn!(id = %event.id, ty = %event.ty, "ignored an event inventory does not handle");
         return Ok(Handled::IGNORED);
     }
-    let payment: Payment = event.data_as()?;
+    about_order(&state, PAYMENTS_CONSUMER, &event).await
+}
+
+/// Applies a `payment.*` or `order.cancelled` event to its order's
+/// reservation, once per event (the inbox), publishing what it changed in
+/// the same transaction.
+async fn about_order(state: &AppState, consumer: &str, event: &Event) -> Result<Handled, ApiError> {
+    let about: About = event.data_as()?;
     // The customer is in the extension even if data leaves it out.
-    let customer = match payment.customer.as_str() {
+    let customer = match about.customer.as_str() {
         "" => event
             .extensions
             .get("customer")
@@ -267,15 +308,19 @@ pub async fn payments(
             .to_owned(),
         c => c.to_owned(),
     };
-    let handled = inbox::handle_once(&state.db, PAYMENTS_CONSUMER, &event, async |tx| {
-        on_payment(tx, &event.ty, &payment.order_id, &customer).await
+    let handled = inbox::handle_once(&state.db, consumer, event, async |tx| {
+        if event.ty == "order.cancelled" {
+            on_cancelled(tx, &about.order_id, &customer).await
+        } else {
+            on_payment(tx, &event.ty, &about.order_id, &customer).await
+        }
     })
     .await?;
     let Some(outcome) = handled else {
         return Ok(Handled::DUPLICATE);
     };
     state.published();
-    tracing::info!(order = %payment.order_id, ty = %event.ty, outcome, "payment event handled");
+    tracing::info!(order = %about.order_id, ty = %event.ty, outcome, "{} handled", event.ty);
     Ok(Handled::new(outcome))
 }
 
@@ -509,6 +554,142 @@ mod tests {
             ]
         );
         assert_eq!(released["orderid"], "o-1");
+    }
+
+    fn cancelled(id: &str, order: &str, reason: &str) -> Value {
+        json!({"specversion": "1.0", "id": id, "source": "/orders", "type": "order.cancelled",
+               "customer": "alice", "orderid": order,
+               "data": {"order_id": order, "customer": "alice", "items": [], "total_cents": 5000,
+                        "currency": "EUR", "reason": reason}})
+    }
+
+    /// `order.placed` for `quantity` kettles.
+    fn kettles(id: &str, order: &str, quantity: i64) -> Value {
+        placed(
+            id,
+            order,
+            json!([{"sku": "sku-kettle", "quantity": quantity}]),
+        )
+    }
+
+    /// Pushes `event` where the broker would (by its type); the outcome.
+    async fn handle(app: &Router, event: &Value) -> Value {
+        let path = if event["type"].as_str().unwrap().starts_with("order.") {
+            "/events/orders"
+        } else {
+            "/events/payments"
+        };
+        let (status, body) = push(app, path, event).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["outcome"].clone()
+    }
+
+    async fn types(db: &SqlitePool) -> Vec<String> {
+        outbox(db)
+            .await
+            .iter()
+            .map(|(_, e)| e["type"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn order_cancelled_releases_a_reservation_exactly_once() {
+        let (app, db) = app().await;
+        assert_eq!(handle(&app, &kettles("e-1", "o-1", 5)).await, "reserved");
+        assert_eq!(level(&app, "sku-kettle").await, (10, 5));
+
+        let cancel = cancelled("c-1", "o-1", "timed_out");
+        assert_eq!(handle(&app, &cancel).await, "released");
+        assert_eq!(level(&app, "sku-kettle").await, (15, 0));
+        // Redelivered, re-published under a new id, then the payment's
+        // late answer either way: nothing is given back twice.
+        assert_eq!(handle(&app, &cancel).await, "duplicate");
+        for late in [
+            cancelled("c-2", "o-1", "timed_out"),
+            payment("p-1", "payment.failed", "o-1"),
+            payment("p-2", "payment.succeeded", "o-1"),
+        ] {
+            assert_eq!(handle(&app, &late).await, "unchanged", "{late}");
+        }
+        assert_eq!(level(&app, "sku-kettle").await, (15, 0));
+        assert_eq!(
+            types(&db).await,
+            [
+                "stock.reserved",
+                "stock.changed",
+                "stock.released",
+                "stock.changed"
+            ]
+        );
+        let events = outbox(&db).await;
+        let released = &events[2].1;
+        assert_eq!(released["orderid"], "o-1");
+        assert_eq!(
+            released["data"]["items"],
+            json!([{"sku": "sku-kettle", "quantity": 5}])
+        );
+        assert_eq!(
+            events[3].1["data"],
+            json!({"levels": [{"sku": "sku-kettle", "available": 15, "version": 2}]})
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cancellation_after_the_payment_gives_the_sold_units_back() {
+        // The sweeper of orders cancelled the order just before payments
+        // charged it: inventory committed, payments refunds.
+        let (app, db) = app().await;
+        handle(&app, &kettles("e-1", "o-1", 5)).await;
+        let paid = payment("p-1", "payment.succeeded", "o-1");
+        assert_eq!(handle(&app, &paid).await, "committed");
+        assert_eq!(level(&app, "sku-kettle").await, (10, 0));
+        let cancel = cancelled("c-1", "o-1", "timed_out");
+        assert_eq!(handle(&app, &cancel).await, "released");
+        assert_eq!(level(&app, "sku-kettle").await, (15, 0));
+        let again = cancelled("c-2", "o-1", "timed_out");
+        assert_eq!(handle(&app, &again).await, "unchanged");
+        assert_eq!(level(&app, "sku-kettle").await, (15, 0));
+        assert_eq!(types(&db).await.len(), 4, "released once");
+    }
+
+    #[tokio::test]
+    async fn a_cancellation_before_its_placement_means_no_reservation() {
+        let (app, db) = app().await;
+        let cancel = cancelled("c-1", "o-1", "timed_out");
+        assert_eq!(handle(&app, &cancel).await, "forestalled");
+        assert_eq!(handle(&app, &kettles("e-1", "o-1", 5)).await, "unchanged");
+        assert_eq!(level(&app, "sku-kettle").await, (15, 0));
+        assert!(outbox(&db).await.is_empty(), "nothing to tell payments");
+        let status = store::reservation_status(&db, "o-1").await.unwrap();
+        assert_eq!(status.as_deref(), Some("rejected"));
+    }
+
+    #[tokio::test]
+    async fn cancellations_of_the_other_kinds_hold_nothing_to_release() {
+        let (app, db) = app().await;
+        // Out of stock: nothing was reserved.
+        let chai = placed("e-1", "o-1", json!([{"sku": "sku-chai", "quantity": 1}]));
+        assert_eq!(handle(&app, &chai).await, "rejected");
+        let cancel = cancelled("c-1", "o-1", "out_of_stock");
+        assert_eq!(handle(&app, &cancel).await, "unchanged");
+        // Payment declined: released once, whichever of payment.failed and
+        // order.cancelled comes first.
+        for (order, cancelled_first) in [("o-2", false), ("o-3", true)] {
+            handle(&app, &kettles(&format!("e-{order}"), order, 2)).await;
+            let mut answers = [
+                payment(&format!("p-{order}"), "payment.failed", order),
+                cancelled(&format!("c-{order}"), order, "payment_declined"),
+            ];
+            if cancelled_first {
+                answers.reverse();
+            }
+            assert_eq!(handle(&app, &answers[0]).await, "released", "{order}");
+            assert_eq!(handle(&app, &answers[1]).await, "unchanged", "{order}");
+        }
+        assert_eq!(level(&app, "sku-kettle").await, (15, 0));
+        assert_eq!(level(&app, "sku-chai").await, (0, 0));
+        let types = types(&db).await;
+        assert_eq!(types.iter().filter(|t| *t == "stock.released").count(), 2);
     }
 
     #[tokio::test]

@@ -4,7 +4,8 @@
 //! the order's items or none (`stock.reserved` / `stock.rejected`); when
 //! the payment fails it releases them again, the saga's compensation
 //! (`stock.released`); when the payment succeeds the reservation is
-//! committed. Events arrive by push from the broker on `/events/*` and
+//! committed. When the order is cancelled for any reason (its saga's
+//! deadline included), whatever it still holds is released. Events arrive by push from the broker on `/events/*` and
 //! leave through the chassis outbox, each in the transaction of the change
 //! it announces. `GET /api/inventory/{sku}` shows a SKU's levels.
 

@@ -29,9 +29,9 @@ pub fn document() -> Value {
             "/events/orders": {
                 "post": {
                     "operationId": "onOrderEvent",
-                    "summary": "order.placed: reserve every item or none; publishes stock.reserved or stock.rejected",
+                    "summary": "order.placed: reserve every item or none; publishes stock.reserved or stock.rejected. order.cancelled: release what the order holds, reserved or committed (stock.released); before its order.placed, see that it is never reserved",
                     "requestBody": event_body.clone(),
-                    "responses": {"200": handled.clone(), "400": error_response("Not a CloudEvent, or data not an order.placed"), "415": error_response("Not application/cloudevents+json")}
+                    "responses": {"200": handled.clone(), "400": error_response("Not a CloudEvent, or data not an order.placed / order.cancelled"), "415": error_response("Not application/cloudevents+json")}
                 }
             },
             "/events/payments": {

@@ -60,12 +60,7 @@ pub async fn reserve(
     customer: &str,
     items: &[Item],
 ) -> Result<Reserve, sqlx::Error> {
-    let seen: Option<String> =
-        sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = ?1")
-            .bind(order_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    if seen.is_some() {
+    if status_of(conn, order_id).await?.is_some() {
         return Ok(Reserve::AlreadyDecided);
     }
     let now = flotilla_chassis::now_rfc3339();
@@ -149,6 +144,17 @@ pub async fn reserve(
     }
 }
 
+/// The status of `order_id`'s reservation, if it has one.
+async fn status_of(
+    conn: &mut SqliteConnection,
+    order_id: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = ?1")
+        .bind(order_id)
+        .fetch_optional(&mut *conn)
+        .await
+}
+
 /// What settling a reservation came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settle {
@@ -162,30 +168,105 @@ pub enum Settle {
 /// Payment went through: the held units are sold, so they leave
 /// `reserved` for good. Only a `reserved` reservation moves.
 pub async fn commit(conn: &mut SqliteConnection, order_id: &str) -> Result<Settle, sqlx::Error> {
-    settle(conn, order_id, "committed").await
+    settle(conn, order_id, RESERVED, COMMITTED).await
 }
 
 /// Payment failed: the saga's compensation. The held units go back to
 /// `available`. Only a `reserved` reservation moves, so releasing twice
 /// (or after a commit) returns nothing twice.
 pub async fn release(conn: &mut SqliteConnection, order_id: &str) -> Result<Settle, sqlx::Error> {
-    settle(conn, order_id, "released").await
+    settle(conn, order_id, RESERVED, RELEASED).await
 }
 
+const RESERVED: &str = "reserved";
+const COMMITTED: &str = "committed";
+const RELEASED: &str = "released";
+/// The `reason` of the reservation an order cancelled before its
+/// `order.placed` arrived never gets (see [`cancel`]).
+pub const ORDER_CANCELLED: &str = "order_cancelled";
+
+/// What an order's cancellation (`order.cancelled`) came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancel {
+    /// What the order held is available again: these were its items.
+    Released(Vec<Item>),
+    /// It held nothing: rejected, or released already (its payment failed,
+    /// or this cancellation was handled under another event id).
+    NothingHeld,
+    /// Its `order.placed` has not arrived (the two come by way of one
+    /// queue but not in order, e.g. when the sweeper of orders cancelled
+    /// it while inventory was down): the order is recorded as decided, so
+    /// that `order.placed`, when it comes, reserves nothing.
+    Forestalled,
+}
+
+/// The order was cancelled (whatever the reason): whatever it holds goes
+/// back to `available`, once.
+///
+/// Each unit moves with one guarded change of the reservation's status,
+/// and statuses only move forward (reserved → committed → released,
+/// reserved → released; rejected and released are final), so however
+/// the events interleave and repeat, units are given back at most once and
+/// never left held:
+/// - `reserved`: released, as a failed payment would be; a
+///   `payment.succeeded` or `payment.failed` after it finds nothing to
+///   settle.
+/// - `committed`: the payment succeeded here, but orders had cancelled the
+///   order first (the saga's deadline), so payments refunds it and the
+///   units, sold to nobody, are available again.
+/// - none yet: [`Cancel::Forestalled`].
+/// - anything else: nothing held.
+///
+/// The reads and the guarded UPDATE run in the handler's transaction,
+/// which holds SQLite's write lock from its first statement (the inbox
+/// claim), so nothing changes between them.
+pub async fn cancel(
+    conn: &mut SqliteConnection,
+    order_id: &str,
+    customer: &str,
+) -> Result<Cancel, sqlx::Error> {
+    let from = match status_of(conn, order_id).await?.as_deref() {
+        None => {
+            let now = flotilla_chassis::now_rfc3339();
+            sqlx::query(
+                "INSERT INTO reservations (order_id, customer, status, reason, created_at, updated_at)
+                 VALUES (?1, ?2, 'rejected', ?3, ?4, ?4) ON CONFLICT (order_id) DO NOTHING",
+            )
+            .bind(order_id)
+            .bind(customer)
+            .bind(ORDER_CANCELLED)
+            .bind(&now)
+            .execute(&mut *conn)
+            .await?;
+            return Ok(Cancel::Forestalled);
+        }
+        Some(RESERVED) => RESERVED,
+        Some(COMMITTED) => COMMITTED,
+        Some(_) => return Ok(Cancel::NothingHeld),
+    };
+    Ok(match settle(conn, order_id, from, RELEASED).await? {
+        Settle::Done(items) => Cancel::Released(items),
+        Settle::NotReserved => Cancel::NothingHeld,
+    })
+}
+
+/// Moves the reservation from `from` to `to` and its units accordingly.
 async fn settle(
     conn: &mut SqliteConnection,
     order_id: &str,
+    from: &'static str,
     to: &'static str,
 ) -> Result<Settle, sqlx::Error> {
     // The guard is the WHERE clause: of two racing settlements only one
-    // sees `status = 'reserved'`.
+    // sees the reservation in `from`.
     let moved = sqlx::query(
         "UPDATE reservations SET status = ?2, updated_at = ?3
-         WHERE order_id = ?1 AND status = 'reserved'",
+         WHERE order_id = ?1 AND status = ?4",
     )
     .bind(order_id)
     .bind(to)
     .bind(flotilla_chassis::now_rfc3339())
+    .bind(from)
     .execute(&mut *conn)
     .await?;
     if moved.rows_affected() == 0 {
@@ -197,18 +278,22 @@ async fn settle(
     .bind(order_id)
     .fetch_all(&mut *conn)
     .await?;
-    // A release gives the units back to `available` (a new version); a
-    // commit only takes them out of `reserved`, which no event announces.
-    let back_to_available = if to == "released" { 1 } else { 0 };
+    // Units still held leave `reserved` (committed ones left it at the
+    // commit). A release gives them back to `available` (a new version);
+    // a commit only takes them out of `reserved`, which no event
+    // announces.
+    let out_of_reserved = i64::from(from == RESERVED);
+    let back_to_available = i64::from(to == RELEASED);
     for (sku, quantity) in &items {
         sqlx::query(
-            "UPDATE stock SET reserved = reserved - ?2, available = available + ?2 * ?3,
+            "UPDATE stock SET reserved = reserved - ?2 * ?4, available = available + ?2 * ?3,
                               version = version + ?3
              WHERE sku = ?1",
         )
         .bind(sku)
         .bind(quantity)
         .bind(back_to_available)
+        .bind(out_of_reserved)
         .execute(&mut *conn)
         .await?;
     }
