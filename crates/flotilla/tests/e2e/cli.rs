@@ -37,7 +37,7 @@ fn check_accepts_the_shop() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains(
-            "ok — system `shop` with 9 services and 16 routes; 3 topics, 14 queues, 1 stream"
+            "ok — system `shop` with 9 services and 16 routes; 3 topics, 16 queues, 1 stream"
         ),
         "{stdout}"
     );

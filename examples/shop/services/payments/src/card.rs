@@ -27,6 +27,9 @@ pub enum Decline {
     InvalidAmount,
     /// Not an ISO 4217 code (three upper-case letters).
     InvalidCurrency,
+    /// The order was cancelled before its charge came due (see
+    /// `store::cancel`): never sent to the processor.
+    OrderCancelled,
 }
 
 impl Decline {
@@ -38,6 +41,7 @@ impl Decline {
             Decline::InvalidCard => "invalid_card",
             Decline::InvalidAmount => "invalid_amount",
             Decline::InvalidCurrency => "invalid_currency",
+            Decline::OrderCancelled => "order_cancelled",
         }
     }
 }

@@ -1,10 +1,20 @@
 //! Payments' part in the order saga.
 //!
-//! Consumed: `stock.reserved` on `POST /events/stock` (pushed by the
-//! broker, deduplicated by the chassis inbox). Published to topic
-//! `payments` through the chassis outbox, in the transaction that stores
-//! the charge: `payment.succeeded` {order_id, customer, amount_cents,
-//! charge_id} or `payment.failed` {order_id, customer, reason}.
+//! Consumed (pushed by the broker, deduplicated by the chassis inbox):
+//! - `stock.reserved` on `POST /events/stock`: charge the order, once;
+//!   declined as `order_cancelled`, without asking the processor, when
+//!   its `order.cancelled` came first;
+//! - `order.cancelled` on `POST /events/orders`: remember it, and refund
+//!   the order's charge if it succeeded (the order hit its deadline while
+//!   the charge was on its way; orders then ignores `payment.succeeded`).
+//!
+//! Published to topic `payments` through the chassis outbox, in the
+//! transaction that stores the charge or refund: `payment.succeeded`
+//! {order_id, customer, amount_cents, currency, charge_id},
+//! `payment.failed` {order_id, customer, reason} or `payment.refunded`
+//! {order_id, customer, amount_cents, currency, charge_id, refund_id,
+//! reason}. Nobody needs to act on `payment.refunded`; it is there for
+//! whoever follows the money.
 
 use axum::extract::State;
 use flotilla_chassis::{ApiError, Event, Handled, PushedEvent, inbox};
@@ -12,14 +22,15 @@ use serde::{Deserialize, Serialize};
 use sqlx::SqliteConnection;
 
 use crate::AppState;
-use crate::store::{self, Charge, ChargeRequest, Outcome};
+use crate::store::{self, Cancellation, Charge, ChargeRequest, Outcome, Refund};
 
 /// This service's name: the events' `source` is `/payments`.
 pub const SERVICE: &str = "payments";
 /// The topic payments publishes to.
 pub const TOPIC: &str = "payments";
-/// The inbox consumer name.
+/// The inbox consumer names, one per push endpoint.
 const CONSUMER: &str = "payments-stock";
+const ORDERS_CONSUMER: &str = "payments-orders";
 
 /// `stock.reserved` data, the part payments reads.
 #[derive(Deserialize)]
@@ -59,6 +70,45 @@ struct Failed<'a> {
     order_id: &'a str,
     customer: &'a str,
     reason: &'a str,
+}
+
+#[derive(Serialize)]
+struct Refunded<'a> {
+    order_id: &'a str,
+    customer: &'a str,
+    amount_cents: i64,
+    currency: &'a str,
+    charge_id: &'a str,
+    refund_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
+/// `order.cancelled` data, the part payments reads.
+#[derive(Debug, Deserialize)]
+struct Cancelled {
+    order_id: String,
+    #[serde(default)]
+    customer: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Enqueues a `ty` event about `order` for `customer` on `tx`, with the
+/// extensions every saga event carries.
+async fn publish(
+    tx: &mut SqliteConnection,
+    ty: &str,
+    order: &str,
+    customer: &str,
+    data: impl Serialize,
+) -> Result<(), ApiError> {
+    let event = Event::new(SERVICE, ty, data)?
+        .with_subject(order)
+        .with_extension("customer", customer)?
+        .with_extension("orderid", order)?;
+    flotilla_chassis::outbox::enqueue(tx, TOPIC, &event).await?;
+    Ok(())
 }
 
 /// Charges the order (once) and enqueues the result, on `tx`: the charge
@@ -101,12 +151,41 @@ pub async fn on_reserved(
         ),
     };
     let data = data.map_err(|e| ApiError::internal(&e))?;
-    let event = Event::new(SERVICE, ty, data)?
-        .with_subject(order)
-        .with_extension("customer", customer)?
-        .with_extension("orderid", order)?;
-    flotilla_chassis::outbox::enqueue(tx, TOPIC, &event).await?;
+    publish(tx, ty, order, customer, data).await?;
     Ok(Some(charge))
+}
+
+/// Records the order's cancellation and refunds its charge if it
+/// succeeded, enqueueing `payment.refunded`, on `tx`: the refund made,
+/// `None` if there was nothing to give back.
+pub async fn on_cancelled(
+    tx: &mut SqliteConnection,
+    order_id: &str,
+    customer: &str,
+    reason: Option<&str>,
+) -> Result<Option<Refund>, ApiError> {
+    let refund = match store::cancel(tx, order_id, customer, reason).await? {
+        Cancellation::Refunded(refund) => refund,
+        Cancellation::NothingToRefund => return Ok(None),
+    };
+    let data = Refunded {
+        order_id: &refund.order_id,
+        customer: &refund.customer,
+        amount_cents: refund.amount_cents,
+        currency: &refund.currency,
+        charge_id: &refund.charge_id,
+        refund_id: &refund.id,
+        reason: refund.reason.as_deref(),
+    };
+    publish(
+        tx,
+        "payment.refunded",
+        &refund.order_id,
+        &refund.customer,
+        data,
+    )
+    .await?;
+    Ok(Some(refund))
 }
 
 /// `POST /events/stock`: `stock.reserved`.
@@ -144,6 +223,44 @@ pub async fn stock(
     Ok(Handled::new(outcome))
 }
 
+/// `POST /events/orders`: `order.cancelled`.
+pub async fn orders(
+    State(state): State<AppState>,
+    PushedEvent(event): PushedEvent,
+) -> Result<Handled, ApiError> {
+    if event.ty != "order.cancelled" {
+        tracing::warn!(id = %event.id, ty = %event.ty, "ignored an event payments does not handle");
+        return Ok(Handled::IGNORED);
+    }
+    let cancelled: Cancelled = event.data_as()?;
+    // The customer is in the extension even if data leaves it out.
+    let customer = match cancelled.customer.as_str() {
+        "" => event
+            .extensions
+            .get("customer")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default(),
+        c => c,
+    };
+    let reason = cancelled.reason.as_deref();
+    let handled = inbox::handle_once(&state.db, ORDERS_CONSUMER, &event, async |tx| {
+        on_cancelled(tx, &cancelled.order_id, customer, reason).await
+    })
+    .await?;
+    let Some(refunded) = handled else {
+        return Ok(Handled::DUPLICATE);
+    };
+    let Some(refund) = refunded else {
+        return Ok(Handled::new("not_charged"));
+    };
+    tracing::warn!(order = %refund.order_id, charge = %refund.charge_id, refund = %refund.id, reason, "charge refunded: its order was cancelled");
+    metrics::counter!("shop_payments_refunds_total").increment(1);
+    if let Some(relay) = &state.relay {
+        relay.notify();
+    }
+    Ok(Handled::new("refunded"))
+}
+
 #[cfg(test)]
 mod tests {
     use axum::Router;
@@ -169,7 +286,11 @@ mod tests {
     }
 
     async fn push(app: &Router, event: &Value) -> (StatusCode, Value) {
-        let req = Request::post("/events/stock")
+        push_to(app, "/events/stock", event).await
+    }
+
+    async fn push_to(app: &Router, path: &str, event: &Value) -> (StatusCode, Value) {
+        let req = Request::post(path)
             .header("content-type", "application/cloudevents+json")
             .body(Body::from(event.to_string()))
             .unwrap();
@@ -253,6 +374,108 @@ mod tests {
                 json!({"order_id": format!("o-{i}"), "customer": "alice", "reason": reason})
             );
         }
+    }
+
+    fn cancelled(id: &str, order: &str, reason: &str) -> Value {
+        json!({"specversion": "1.0", "id": id, "source": "/orders", "type": "order.cancelled",
+               "customer": "alice", "orderid": order,
+               "data": {"order_id": order, "customer": "alice", "items": [], "total_cents": 2400,
+                        "currency": "EUR", "reason": reason}})
+    }
+
+    /// Pushes `order.cancelled`; the outcome.
+    async fn cancel(app: &Router, event: &Value) -> Value {
+        let (status, body) = push_to(app, "/events/orders", event).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["outcome"].clone()
+    }
+
+    async fn count(db: &SqlitePool, table: &str) -> i64 {
+        let sql = format!("SELECT COUNT(*) FROM {table}");
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(db)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_charged_order_that_is_cancelled_is_refunded_once() {
+        // The sweeper of orders cancelled it while its charge was on the
+        // way: orders ignores the payment, payments gives it back.
+        let (app, db) = app().await;
+        let (_, body) = push(&app, &reserved("e-1", "o-1", "4242424242424242")).await;
+        assert_eq!(body["outcome"], "succeeded");
+        let event = cancelled("c-1", "o-1", "timed_out");
+        assert_eq!(cancel(&app, &event).await, "refunded");
+        assert_eq!(cancel(&app, &event).await, "duplicate");
+        let again = cancelled("c-2", "o-1", "timed_out");
+        assert_eq!(cancel(&app, &again).await, "not_charged");
+
+        let events = outbox(&db).await;
+        assert_eq!(events.len(), 2, "payment.succeeded, then one refund");
+        let (paid, refunded) = (&events[0].1, &events[1].1);
+        assert_eq!(events[1].0, "payments");
+        assert_eq!(refunded["type"], "payment.refunded");
+        assert_eq!(refunded["source"], "/payments");
+        assert_eq!(refunded["customer"], "alice");
+        assert_eq!(refunded["orderid"], "o-1");
+        let data = &refunded["data"];
+        assert_eq!(data["order_id"], "o-1");
+        assert_eq!(data["amount_cents"], 2400);
+        assert_eq!(data["currency"], "EUR");
+        assert_eq!(data["charge_id"], paid["data"]["charge_id"]);
+        assert!(data["refund_id"].as_str().unwrap().starts_with("re_"));
+        assert_eq!(data["reason"], "timed_out");
+        assert_eq!(count(&db, "refunds").await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_order_is_never_charged() {
+        let (app, db) = app().await;
+        assert_eq!(
+            cancel(&app, &cancelled("c-1", "o-1", "timed_out")).await,
+            "not_charged"
+        );
+        // Its reservation comes late: declined without a charge, and
+        // payment.failed has inventory release it.
+        let (_, body) = push(&app, &reserved("e-1", "o-1", "4242424242424242")).await;
+        assert_eq!(body["outcome"], "failed");
+        let (_, body) = push(&app, &reserved("e-2", "o-1", "4242424242424242")).await;
+        assert_eq!(body["outcome"], "unchanged");
+        let events = outbox(&db).await;
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].1["type"], "payment.failed");
+        assert_eq!(
+            events[0].1["data"],
+            json!({"order_id": "o-1", "customer": "alice", "reason": "order_cancelled"})
+        );
+        let mut conn = db.acquire().await.unwrap();
+        let charge = store::by_order(&mut conn, "o-1").await.unwrap().unwrap();
+        assert_eq!(
+            (charge.status.as_str(), charge.reason.as_deref()),
+            ("failed", Some("order_cancelled"))
+        );
+        drop(conn);
+        assert_eq!(count(&db, "refunds").await, 0);
+    }
+
+    #[tokio::test]
+    async fn cancellations_after_a_decline_or_of_unreserved_orders_refund_nothing() {
+        let (app, db) = app().await;
+        let (_, body) = push(&app, &reserved("e-1", "o-1", "4000000000000002")).await;
+        assert_eq!(body["outcome"], "failed");
+        let declined = cancelled("c-1", "o-1", "payment_declined");
+        assert_eq!(cancel(&app, &declined).await, "not_charged");
+        // Out of stock: payments never heard of the order.
+        let short = cancelled("c-2", "o-2", "out_of_stock");
+        assert_eq!(cancel(&app, &short).await, "not_charged");
+        let types: Vec<Value> = outbox(&db)
+            .await
+            .into_iter()
+            .map(|(_, e)| e["type"].clone())
+            .collect();
+        assert_eq!(types, [json!("payment.failed")]);
+        assert_eq!(count(&db, "refunds").await, 0);
     }
 
     #[tokio::test]

@@ -5,7 +5,10 @@
 //! processor in [`card`] and publishes `payment.succeeded` or
 //! `payment.failed` to topic `payments` through the chassis outbox, in the
 //! transaction that stores the charge. At most one charge per order,
-//! however often the event arrives. It has no public routes.
+//! however often the event arrives. On `order.cancelled` (pushed to
+//! `/events/orders`) it refunds the order's charge, if any
+//! (`payment.refunded`), and never charges the order afterwards. It has
+//! no public routes.
 
 mod card;
 mod events;
@@ -37,10 +40,11 @@ pub struct AppState {
     pub relay: Option<RelayHandle>,
 }
 
-/// The routes: only the broker's push endpoint.
+/// The routes: only the broker's push endpoints.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/events/stock", post(events::stock))
+        .route("/events/orders", post(events::orders))
         .fallback(flotilla_chassis::not_found)
         .with_state(state)
 }

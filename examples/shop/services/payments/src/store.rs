@@ -55,7 +55,12 @@ pub async fn charge(
         return Ok(Outcome::AlreadyCharged(existing));
     }
     let currency = request.currency;
-    let decision = if request.amount_cents < 0 {
+    let decision = if is_cancelled(conn, request.order_id).await? {
+        // orders cancelled it (its deadline passed) before inventory's
+        // reservation reached us: declined, and `payment.failed` tells
+        // inventory to release what it may still hold.
+        Err(Decline::OrderCancelled)
+    } else if request.amount_cents < 0 {
         Err(Decline::InvalidAmount)
     } else if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
         Err(Decline::InvalidCurrency)
@@ -120,6 +125,104 @@ pub async fn by_order(
     .bind(order_id)
     .fetch_optional(&mut *conn)
     .await
+}
+
+/// Whether `order.cancelled` was seen for `order_id`.
+async fn is_cancelled(conn: &mut SqliteConnection, order_id: &str) -> Result<bool, sqlx::Error> {
+    let seen: Option<i64> =
+        sqlx::query_scalar("SELECT 1 FROM cancelled_orders WHERE order_id = ?1")
+            .bind(order_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(seen.is_some())
+}
+
+/// A charge given back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Refund {
+    pub id: String,
+    pub charge_id: String,
+    pub order_id: String,
+    pub customer: String,
+    pub amount_cents: i64,
+    pub currency: String,
+    pub reason: Option<String>,
+    pub created_at: String,
+}
+
+/// What an order's cancellation came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancellation {
+    /// It had been charged: the charge is refunded now (publish it).
+    Refunded(Refund),
+    /// Nothing to give back: never charged, its charge was declined, or
+    /// it was refunded before. Recorded, so it will never be charged.
+    NothingToRefund,
+}
+
+/// The order was cancelled (`order.cancelled`, with its `reason`): records
+/// it, so that a `stock.reserved` arriving later is declined
+/// ([`charge`]), and refunds the order's charge if it succeeded.
+///
+/// Runs in the handler's transaction, which holds SQLite's write lock from
+/// its first statement (the inbox claim), as does [`charge`]'s: one of the
+/// two runs wholly before the other, so a charge is either made before
+/// and refunded here, or sees the cancellation and is never made. At most
+/// one refund per charge (UNIQUE charge_id).
+pub async fn cancel(
+    conn: &mut SqliteConnection,
+    order_id: &str,
+    customer: &str,
+    reason: Option<&str>,
+) -> Result<Cancellation, sqlx::Error> {
+    let now = flotilla_chassis::now_rfc3339();
+    sqlx::query(
+        "INSERT INTO cancelled_orders (order_id, customer, reason, cancelled_at)
+         VALUES (?1, ?2, ?3, ?4) ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(order_id)
+    .bind(customer)
+    .bind(reason)
+    .bind(&now)
+    .execute(&mut *conn)
+    .await?;
+    let Some(charge) = by_order(conn, order_id)
+        .await?
+        .filter(|c| c.status == "succeeded")
+    else {
+        return Ok(Cancellation::NothingToRefund);
+    };
+    let refund = Refund {
+        id: format!("re_{}", uuid::Uuid::new_v4().simple()),
+        charge_id: charge.id,
+        order_id: charge.order_id,
+        customer: charge.customer,
+        amount_cents: charge.amount_cents,
+        currency: charge.currency,
+        reason: reason.map(str::to_owned),
+        created_at: now,
+    };
+    let inserted = sqlx::query(
+        "INSERT INTO refunds (id, charge_id, order_id, customer, amount_cents, currency,
+                              reason, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (charge_id) DO NOTHING",
+    )
+    .bind(&refund.id)
+    .bind(&refund.charge_id)
+    .bind(&refund.order_id)
+    .bind(&refund.customer)
+    .bind(refund.amount_cents)
+    .bind(&refund.currency)
+    .bind(&refund.reason)
+    .bind(&refund.created_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(if inserted.rows_affected() == 1 {
+        Cancellation::Refunded(refund)
+    } else {
+        Cancellation::NothingToRefund
+    })
 }
 
 #[cfg(test)]
