@@ -82,6 +82,15 @@ pub fn timeout_from(value: Option<String>) -> Result<Duration, flotilla_chassis:
     Ok(timeout)
 }
 
+/// How long after start the first sweep waits, at most (never longer than
+/// the deadline). Orders down for longer than the deadline finds, on
+/// coming back, orders past it whose answers are waiting in the broker's
+/// queues; the broker's backoff is at most 60 s, so within this grace
+/// every waiting answer has been tried again and confirms or cancels its
+/// order before the sweeper judges it. Best effort: an answer still
+/// failing then is overtaken, and its order cancelled and compensated.
+pub const START_GRACE: Duration = Duration::from_secs(120);
+
 /// How often a sweeper with deadline `timeout` sweeps.
 pub fn sweep_every(timeout: Duration) -> Duration {
     (timeout / 4).clamp(Duration::from_secs(1), MAX_SWEEP_EVERY)
@@ -149,8 +158,8 @@ pub async fn cancel(db: &SqlitePool, id: &str) -> Result<bool, flotilla_chassis:
     Ok(true)
 }
 
-/// Sweeps now and then every [`sweep_every`]`(timeout)` until the returned
-/// task is aborted (at shutdown; a cancellation in flight then rolls
+/// Sweeps after [`START_GRACE`] (or `timeout`, if shorter) and then every
+/// [`sweep_every`]`(timeout)` until the returned task is aborted (at shutdown; a cancellation in flight then rolls
 /// back, to be done by the next sweep of any replica). A failed sweep is
 /// logged and tried again at the next tick.
 pub fn spawn(
@@ -159,7 +168,8 @@ pub fn spawn(
     relay: Option<RelayHandle>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(sweep_every(timeout));
+        let first = tokio::time::Instant::now() + START_GRACE.min(timeout);
+        let mut tick = tokio::time::interval_at(first, sweep_every(timeout));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
