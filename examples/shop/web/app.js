@@ -775,6 +775,7 @@
   const REASONS = {
     out_of_stock: 'out of stock',
     payment_declined: 'payment declined',
+    timed_out: 'not completed in time',
   };
 
   function statusText(o) {
