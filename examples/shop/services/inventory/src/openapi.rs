@@ -71,7 +71,7 @@ pub fn document() -> Value {
                 "Handled": {
                     "type": "object",
                     "required": ["outcome"],
-                    "properties": {"outcome": {"type": "string", "enum": ["reserved", "rejected", "released", "committed", "duplicate", "unchanged", "ignored"]}}
+                    "properties": {"outcome": {"type": "string", "enum": ["reserved", "rejected", "released", "committed", "duplicate", "unchanged", "forestalled", "ignored"]}}
                 },
                 "Error": error_schema()
             }
