@@ -153,7 +153,7 @@ pub async fn cancel(db: &SqlitePool, id: &str) -> Result<bool, flotilla_chassis:
         .await
         .map_err(sql("commit the transaction that times an order out"))?;
     tracing::warn!(order = %order.id, placed = %order.created_at, "order cancelled: saga timed out");
-    metrics::counter!("orders_saga_timeouts_total").increment(1);
+    metrics::counter!("shop_orders_saga_timeouts_total").increment(1);
     metrics::counter!("shop_orders_ended_total", "status" => store::CANCELLED).increment(1);
     Ok(true)
 }

@@ -863,13 +863,13 @@ async fn paid(app: &Router, event_id: &str, order: &str) -> Value {
 
 const DEADLINE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
-/// `orders_saga_timeouts_total` as `/metrics` shows it (0 before its
+/// `shop_orders_saga_timeouts_total` as `/metrics` shows it (0 before its
 /// first increment). Other tests sweep in parallel, so it only grows.
 fn timeouts_counted() -> u64 {
     flotilla_chassis::metrics::prometheus_handle()
         .render()
         .lines()
-        .find_map(|line| line.strip_prefix("orders_saga_timeouts_total "))
+        .find_map(|line| line.strip_prefix("shop_orders_saga_timeouts_total "))
         .map_or(0, |n| n.trim().parse().unwrap())
 }
 
@@ -900,7 +900,7 @@ async fn the_sweeper_cancels_orders_placed_past_the_deadline_only() {
     assert_eq!(sweeper::sweep(&db, DEADLINE, None).await.unwrap(), 1);
     assert!(
         timeouts_counted() > counted,
-        "orders_saga_timeouts_total counts it"
+        "shop_orders_saga_timeouts_total counts it"
     );
     let (_, order) = get_as(&app, Some("alice"), &format!("/api/orders/{stuck}")).await;
     assert_eq!(order["status"], "cancelled", "{order}");
