@@ -212,6 +212,17 @@ pub struct Limits {
     /// Client connections open at once from one address (an IPv6 /64);
     /// `0` (the default): no limit. Trusted proxies are not limited.
     pub max_connections_per_ip: usize,
+    /// Requests a client connection carries before it is closed gracefully
+    /// (HTTP/1.1: `Connection: close` on the last one's response; HTTP/2:
+    /// GOAWAY once as many streams have begun); `0` (the default): no
+    /// limit. Behind an L4 balancer, so that clients spread over new
+    /// gateway replicas.
+    pub max_connection_requests: u64,
+    /// How long a client connection may live, from when it was accepted,
+    /// before it is closed gracefully (HTTP/1.1: at its next response, or
+    /// at once when idle; HTTP/2: GOAWAY); `None` (the default): for ever.
+    /// WebSocket tunnels are not cut.
+    pub max_connection_age: Option<Duration>,
     /// Requests handled at once before new ones are shed with 503
     /// `overloaded` (default 10 000): past this, latency for everyone
     /// suffers more than a quick refusal hurts a few.
@@ -268,6 +279,8 @@ impl Default for Limits {
             max_in_flight: 10_000,
             max_connections: 10_000,
             max_connections_per_ip: 0,
+            max_connection_requests: 0,
+            max_connection_age: None,
             idle_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(60),
             tunnel_idle_timeout: Duration::from_secs(300),
@@ -417,6 +430,11 @@ impl Config {
         if l.outlier_consecutive_failures == 0 {
             return Err(ConfigError::Limits(
                 "outlier_consecutive_failures must be at least 1",
+            ));
+        }
+        if l.max_connection_age.is_some_and(|age| age.is_zero()) {
+            return Err(ConfigError::Limits(
+                "max_connection_age must be longer than zero (None: no limit)",
             ));
         }
         if !(1..=MAX_WORKERS).contains(&l.workers) {
@@ -773,6 +791,10 @@ fn limits(gw: &flotilla_manifest::Gateway) -> Limits {
         max_connections_per_ip: m
             .max_connections_per_ip
             .map_or(d.max_connections_per_ip, size),
+        max_connection_requests: m
+            .max_connection_requests
+            .map_or(d.max_connection_requests, u64::from),
+        max_connection_age: m.max_connection_age.or(d.max_connection_age),
         max_body_bytes: m.max_body_bytes.map_or(d.max_body_bytes, |v| {
             usize::try_from(v).unwrap_or(usize::MAX)
         }),
@@ -986,6 +1008,8 @@ name = "l"
 max_in_flight = 2000
 max_connections = 5000
 max_connections_per_ip = 64
+max_connection_requests = 1000
+max_connection_age = "10m"
 max_body_bytes = 262144
 max_header_bytes = 16384
 max_headers = 50
@@ -1030,6 +1054,10 @@ routes = [{ path = "/a/**" }]
         assert_eq!((l.max_tunnels, l.tunnel_idle_timeout), (300, secs(60)));
         assert_eq!(l.body_timeout, secs(45));
         assert_eq!((l.max_connections, l.max_connections_per_ip), (5000, 64));
+        assert_eq!(
+            (l.max_connection_requests, l.max_connection_age),
+            (1000, Some(secs(600)))
+        );
         assert_eq!(l.workers, 3);
         assert_eq!(l.max_retries, 1);
         assert!((l.retry_budget_ratio - 0.1).abs() < 1e-9);
@@ -1074,6 +1102,30 @@ routes = [{ path = "/a/**" }]
             }
         }
         config.limits.workers = MAX_WORKERS;
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn connections_live_for_ever_unless_limited_and_no_age_is_zero() {
+        let defaults = Limits::default();
+        assert_eq!(
+            (
+                defaults.max_connection_requests,
+                defaults.max_connection_age
+            ),
+            (0, None)
+        );
+        let mut config = Config::from_manifest(&parse(
+            "name = \"z\"\n[services.a]\nrun = { command = [\"true\"] }\nroutes = [{ path = \"/a/**\" }]\n",
+        ));
+        config.limits.max_connection_age = Some(Duration::ZERO);
+        match config.validate() {
+            Err(ConfigError::Limits(message)) => {
+                assert!(message.starts_with("max_connection_age"), "{message}")
+            }
+            other => panic!("a zero age: {other:?}"),
+        }
+        config.limits.max_connection_age = Some(Duration::from_secs(1));
         assert!(config.validate().is_ok());
     }
 }

@@ -25,6 +25,10 @@ pub struct GatewayLimits {
     pub max_connections: Option<u32>,
     /// Client connections open at once from one address (an IPv6 /64).
     pub max_connections_per_ip: Option<u32>,
+    /// Requests a client connection carries before it is closed gracefully.
+    pub max_connection_requests: Option<u32>,
+    /// How long a client connection may live before it is closed gracefully.
+    pub max_connection_age: Option<Duration>,
     /// Largest request body of routes that set no `max_body_bytes`.
     pub max_body_bytes: Option<u64>,
     /// Largest request head (request line and headers).

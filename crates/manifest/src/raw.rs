@@ -103,6 +103,8 @@ pub(crate) struct RawLimits {
     pub max_in_flight: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
     pub max_connections_per_ip: Option<Spanned<i64>>,
+    pub max_connection_requests: Option<Spanned<i64>>,
+    pub max_connection_age: Option<Spanned<String>>,
     pub max_body_bytes: Option<Spanned<i64>>,
     pub max_header_bytes: Option<Spanned<i64>>,
     pub max_headers: Option<Spanned<i64>>,

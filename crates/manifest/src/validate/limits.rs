@@ -30,6 +30,20 @@ pub(super) fn limits(ctx: &mut Ctx<'_>, raw: &Spanned<RawLimits>) -> Option<Gate
             1,
             1_000_000,
         ),
+        max_connection_requests: count(
+            ctx,
+            &raw.max_connection_requests,
+            "max_connection_requests",
+            1,
+            10_000_000,
+        ),
+        max_connection_age: duration(
+            ctx,
+            &raw.max_connection_age,
+            "max_connection_age",
+            SECOND,
+            DAY,
+        ),
         max_body_bytes: raw
             .max_body_bytes
             .as_ref()

@@ -1782,6 +1782,8 @@ name = "x"
 max_in_flight = 2000
 max_connections = 5000
 max_connections_per_ip = 64
+max_connection_requests = 1000
+max_connection_age = "10m"
 max_body_bytes = 262144
 max_header_bytes = 16384
 max_headers = 50
@@ -1814,6 +1816,8 @@ fn gateway_limits_retries_and_outlier_detection_parse() {
             max_in_flight: Some(2000),
             max_connections: Some(5000),
             max_connections_per_ip: Some(64),
+            max_connection_requests: Some(1000),
+            max_connection_age: secs(600),
             max_body_bytes: Some(262_144),
             max_header_bytes: Some(16384),
             max_headers: Some(50),
@@ -1868,6 +1872,26 @@ fn gateway_limit_errors_name_the_key_and_the_range() {
             "max_connections_per_ip = 64",
             "max_connections_per_ip = 0",
             "`max_connections_per_ip = 0` is out of range",
+        ),
+        (
+            "max_connection_requests = 1000",
+            "max_connection_requests = 0",
+            "`max_connection_requests = 0` is out of range",
+        ),
+        (
+            "max_connection_requests = 1000",
+            "max_connection_requests = 10000001",
+            "use a whole number from 1 to 10000000",
+        ),
+        (
+            "max_connection_age = \"10m\"",
+            "max_connection_age = \"500ms\"",
+            "`max_connection_age = \"500ms\"` is out of range",
+        ),
+        (
+            "max_connection_age = \"10m\"",
+            "max_connection_age = \"2d\"",
+            "use a duration from 1s to 1day",
         ),
         (
             "max_header_bytes = 16384",
