@@ -10,6 +10,9 @@
 //! and closes, as nginx closes an idle HTTP/2 connection; a long request or
 //! a slow response stream keeps it open. (HTTP/1 is served by the gateway's
 //! own driver, `h1`, which applies its idle and slow-head timeouts itself.)
+//! The watch also counts the streams begun, and says when the connection
+//! has carried `max_connection_requests` ([`Watch::spent`]): it is then
+//! told to go away as an idle one is, its streams in progress finishing.
 //!
 //! A client that stops reading a response keeps its stream's flow-control
 //! window shut, and hyper then stops asking the body for more: nothing on
@@ -50,6 +53,7 @@ use futures_util::future::{AbortHandle, Abortable};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::body::{Body, BoxError};
@@ -74,6 +78,13 @@ pub(crate) struct Watch {
     last_activity: AtomicU64,
     /// Each response body's [`Paced`] clock.
     bodies: Mutex<Vec<Weak<Pacing>>>,
+    /// Streams begun (requests handed to the connection's service).
+    begun: AtomicU64,
+    /// Streams that spend the connection (`max_connection_requests`);
+    /// `u64::MAX`: no limit.
+    max_streams: u64,
+    /// Told once `begun` reaches `max_streams`.
+    spent: Notify,
 }
 
 /// A response body's wait on the client, and how to reset its stream.
@@ -113,13 +124,31 @@ where
 }
 
 impl Watch {
-    pub(crate) fn new() -> Arc<Watch> {
+    /// A watch for a connection that is spent once `max_streams` streams
+    /// have begun (`u64::MAX`: never).
+    pub(crate) fn new(max_streams: u64) -> Arc<Watch> {
         Arc::new(Watch {
             epoch: Instant::now(),
             in_request: AtomicU64::new(0),
             last_activity: AtomicU64::new(0),
             bodies: Mutex::new(Vec::new()),
+            begun: AtomicU64::new(0),
+            max_streams,
+            spent: Notify::new(),
         })
+    }
+
+    /// A stream began (a request reached the connection's service).
+    pub(crate) fn stream_begun(&self) {
+        if self.begun.fetch_add(1, Ordering::Relaxed) + 1 == self.max_streams {
+            self.spent.notify_one();
+        }
+    }
+
+    /// Resolves once `max_streams` streams have begun: the connection is
+    /// to go away (`max_connection_requests`).
+    pub(crate) async fn spent(&self) {
+        self.spent.notified().await;
     }
 
     /// `body`, telling this watch when it waits on the client. Called
@@ -337,10 +366,11 @@ fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
 }
 
 /// Wraps `stream`, of which `read` was already read, for hyper; the
-/// returned handle lingers once hyper is done.
-pub(crate) fn watch(stream: TcpStream, read: Bytes) -> (Io, Watched) {
+/// returned handle lingers once hyper is done. Its watch is spent after
+/// `max_streams` streams ([`Watch::new`]).
+pub(crate) fn watch(stream: TcpStream, read: Bytes, max_streams: u64) -> (Io, Watched) {
     let stream = Arc::new(stream);
-    let watch = Watch::new();
+    let watch = Watch::new(max_streams);
     (
         Io {
             stream: Arc::clone(&stream),

@@ -1,6 +1,9 @@
 //! Connection limits, checked as each client connection is accepted: how
 //! many the gateway holds at once (`max_connections`), and how many one
-//! client address may hold (`max_connections_per_ip`).
+//! client address may hold (`max_connections_per_ip`). And the end of a
+//! connection's life ([`Expired`]: `max_connection_requests`,
+//! `max_connection_age`), which the HTTP/1 driver (`h1`) and the HTTP/2
+//! watch (`conn`) check as it goes on.
 //!
 //! The in-flight cap bounds requests, not connections: a client that opens
 //! thousands of idle or slow connections (a slowloris, a leaky pool) holds
@@ -55,6 +58,32 @@ impl Refused {
             Refused::MaxConnections => "max_connections",
             Refused::MaxConnectionsPerIp => "max_connections_per_ip",
         }
+    }
+}
+
+/// Why a connection was closed gracefully at the end of its life (an
+/// HTTP/1.1 `Connection: close`, an HTTP/2 GOAWAY): so that behind an L4
+/// balancer a long-lived client moves, in time, to a replica started after
+/// it connected. The metric's `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expired {
+    /// It carried `max_connection_requests` requests.
+    MaxRequests,
+    /// It is older than `max_connection_age`.
+    MaxAge,
+}
+
+impl Expired {
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Expired::MaxRequests => "max_connection_requests",
+            Expired::MaxAge => "max_connection_age",
+        }
+    }
+
+    /// Counts the close (`flotilla_gateway_connections_expired_total`).
+    pub(crate) fn count(self) {
+        stats::connection_expired(self.reason());
     }
 }
 

@@ -54,6 +54,12 @@
 //! - **Keep-alive** for HTTP/1.1 unless either side says `close`, for
 //!   HTTP/1.0 only on `Connection: keep-alive`; pipelined requests are
 //!   answered in order.
+//! - **Lifetime.** The `max_connection_requests`th response, or the first
+//!   begun once the connection is `max_connection_age` old, says
+//!   `connection: close`, and the connection closes once it is written (a
+//!   request pipelined behind it unread); a kept-alive connection idle
+//!   when it comes of age closes then. A request in progress is never
+//!   cut, nor a WebSocket tunnel.
 //! - **Shutdown.** When the gateway stops, an idle connection closes at
 //!   once; one with a request in progress finishes it, says
 //!   `connection: close` if its head is not written yet, and closes.
@@ -94,6 +100,7 @@ use crate::chunked::{ChunkedDecoder, ChunkedError, Decoded};
 use crate::client_cert::ClientCert;
 use crate::clock;
 use crate::config::Limits;
+use crate::conn_limit::Expired;
 use crate::relayed::Reply;
 use crate::request_id::{RequestId, X_REQUEST_ID};
 use crate::server::{ConnInfo, Handler};
@@ -124,6 +131,12 @@ pub(crate) struct Settings {
     /// The longest pause in sending a response body (`Limits::body_timeout`).
     pub body_timeout: Duration,
     pub tunnel_idle_timeout: Duration,
+    /// Responses a connection carries before it closes
+    /// (`Limits::max_connection_requests`); `u64::MAX`: no limit.
+    pub max_requests: u64,
+    /// How long a connection lives before it closes, from when it was
+    /// accepted (`Limits::max_connection_age`).
+    pub max_age: Option<Duration>,
 }
 
 impl Settings {
@@ -135,6 +148,11 @@ impl Settings {
             idle_timeout: limits.idle_timeout,
             body_timeout: limits.body_timeout,
             tunnel_idle_timeout: limits.tunnel_idle_timeout,
+            max_requests: match limits.max_connection_requests {
+                0 => u64::MAX,
+                n => n,
+            },
+            max_age: limits.max_connection_age,
         }
     }
 }
@@ -153,9 +171,12 @@ pub(crate) async fn serve<H: Handler>(
         info,
         client_cert,
         head_by,
+        accepted,
     } = start;
     let mut conn = Conn {
         first_head_by: Some(head_by),
+        responses: 0,
+        expires: settings.max_age.map(|age| accepted + age),
         timer: Box::pin(tokio::time::sleep(settings.idle_timeout)),
         stop_signal: StopSignal::new(&stopping),
         io,
@@ -293,6 +314,10 @@ struct Conn<H> {
     bad_body: bool,
     /// Until its first head has arrived: when it must have (see [`Start`]).
     first_head_by: Option<Instant>,
+    /// Responses begun, toward `Settings::max_requests`.
+    responses: u64,
+    /// When it has lived `Settings::max_age`.
+    expires: Option<Instant>,
 }
 
 /// A connection as the HTTP/1 driver takes it over.
@@ -311,6 +336,9 @@ pub(crate) struct Start {
     /// its handshake, and a head begun at the last moment would get
     /// `header_timeout` more.
     pub head_by: Instant,
+    /// When it was accepted, which its age (`Settings::max_age`) counts
+    /// from.
+    pub accepted: Instant,
 }
 
 impl<H: Handler> Conn<H> {
@@ -374,6 +402,35 @@ impl<H: Handler> Conn<H> {
         }
     }
 
+    /// Whether this response, begun now, is the connection's last by its
+    /// lifetime limits: the `max_requests`th, or the first after it has
+    /// lived `max_age`. An add and a compare or two a request, with the
+    /// clock this poll already read (`clock`); nothing without an age.
+    fn spent(&mut self) -> Option<Expired> {
+        self.responses += 1;
+        if self.responses >= self.settings.max_requests {
+            Some(Expired::MaxRequests)
+        } else if self.expired() {
+            Some(Expired::MaxAge)
+        } else {
+            None
+        }
+    }
+
+    /// Whether it has lived `max_age`.
+    fn expired(&self) -> bool {
+        self.expires.is_some_and(|at| clock::now() >= at)
+    }
+
+    /// `deadline`, or the connection's expiry if that comes first: an idle
+    /// connection closes then.
+    fn before_expiry(&self, deadline: Instant) -> Instant {
+        match self.expires {
+            Some(at) if at < deadline => at,
+            _ => deadline,
+        }
+    }
+
     fn stopping(&self) -> bool {
         // An error means the server is gone: stopping too.
         self.stopping.has_changed().unwrap_or(true)
@@ -390,7 +447,7 @@ impl<H: Handler> Conn<H> {
         let mut idle_deadline = None;
         let mut head_deadline = None;
         if let Some(by) = self.first_head_by.take() {
-            idle_deadline = Some(by);
+            idle_deadline = Some(self.before_expiry(by));
             head_deadline = Some(by);
         }
         let mut scanned = 0;
@@ -443,7 +500,9 @@ impl<H: Handler> Conn<H> {
             // pipelined behind the last request); the idle clock with the
             // wait for a head.
             let deadline = if idle {
-                *idle_deadline.get_or_insert_with(|| clock::now() + self.settings.idle_timeout)
+                *idle_deadline.get_or_insert_with(|| {
+                    self.before_expiry(clock::now() + self.settings.idle_timeout)
+                })
             } else {
                 *head_deadline.get_or_insert_with(|| clock::now() + self.settings.header_timeout)
             };
@@ -467,7 +526,14 @@ impl<H: Handler> Conn<H> {
                 Some(Err(_)) => return Err(Stop::Abort),
                 // The timer may fire early (see `arm`): then it is re-armed.
                 None if clock::now() < deadline => {}
-                None if idle => return Err(Stop::Close),
+                None if idle => {
+                    // Between requests: an expired connection has nothing
+                    // in progress to finish.
+                    if self.expired() {
+                        Expired::MaxAge.count();
+                    }
+                    return Err(Stop::Close);
+                }
                 // Only a head begun is timed out: a connection that sent
                 // nothing (a preconnect, an idle keep-alive one) closes
                 // silently above, and is no request to log.
@@ -748,12 +814,16 @@ impl<H: Handler> Conn<H> {
         if let Some(f) = feed.as_mut() {
             f.responded = true;
         }
-        let close = !keep_alive
+        let mut close = !keep_alive
             || framing == Framing::Close
             || unread
             || self.bad_body
             || self.stopping()
             || encode::has_token(values(&CONNECTION), b"close");
+        if !close && let Some(why) = self.spent() {
+            why.count();
+            close = true;
+        }
         encode::head(
             &mut self.out,
             ex.version,
@@ -1316,6 +1386,7 @@ mod tests {
                     info,
                     client_cert: None,
                     head_by: Instant::now() + settings.header_timeout,
+                    accepted: Instant::now(),
                 };
                 let served = serve(start, stack.clone(), settings, stopping.clone());
                 let probe = Arc::clone(&stack.0);

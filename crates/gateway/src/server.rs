@@ -49,7 +49,7 @@ use crate::client_cert::ClientCert;
 use crate::config::Limits;
 use crate::conn::{self, H2_PREFACE, StreamExecutor, Watch};
 use crate::conn_limit::Admission;
-use crate::conn_limit::ConnLimits;
+use crate::conn_limit::{ConnLimits, Expired};
 use crate::edge;
 use crate::h1;
 use crate::health;
@@ -456,6 +456,7 @@ async fn serve_connection(with: Connections, mut stream: TcpStream, mut peer: So
             info,
             client_cert,
             head_by,
+            accepted,
         };
         h1::serve(conn, stack, settings, stopping).await;
     }
@@ -501,7 +502,7 @@ async fn start_plain(
         scheme: "http",
     };
     if first.starts_with(H2_PREFACE) {
-        serve_h2(with, stream, first, info).await;
+        serve_h2(with, stream, first, info, accepted).await;
         return None;
     }
     Some((stream.into(), first, info, None, head_by))
@@ -543,11 +544,11 @@ async fn start_tls(
         refuse_plaintext(stream).await;
         return None;
     }
-    let accepted = tokio::select! {
-        accepted = tokio::time::timeout_at(deadline, tls.accept(stream)) => accepted,
+    let handshake = tokio::select! {
+        handshake = tokio::time::timeout_at(deadline, tls.accept(stream)) => handshake,
         _ = stop.changed() => return None,
     };
-    let stream = match accepted {
+    let stream = match handshake {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::debug!(target: "flotilla::gateway", %peer, error = %e, "TLS handshake failed");
@@ -581,7 +582,14 @@ async fn start_tls(
         scheme: "https",
     };
     if h2 {
-        serve_h2_conn(with, stream, info, client_cert, Watch::new()).await;
+        let watch = Watch::new(with.settings.max_requests);
+        let h2 = H2 {
+            info,
+            client_cert,
+            watch,
+            accepted,
+        };
+        serve_h2_conn(with, stream, h2).await;
         return None;
     }
     // The first head is due `header_timeout` after the handshake, as the
@@ -625,25 +633,49 @@ async fn read_first(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<b
 }
 
 /// An h2c connection, served by hyper (its first bytes are replayed).
-async fn serve_h2(with: &Connections, stream: TcpStream, first: BytesMut, info: ConnInfo) {
-    let (io, watched) = conn::watch(stream, first.freeze());
-    serve_h2_conn(with, io, info, None, Arc::clone(&watched.watch)).await;
+async fn serve_h2(
+    with: &Connections,
+    stream: TcpStream,
+    first: BytesMut,
+    info: ConnInfo,
+    accepted: tokio::time::Instant,
+) {
+    let (io, watched) = conn::watch(stream, first.freeze(), with.settings.max_requests);
+    let h2 = H2 {
+        info,
+        client_cert: None,
+        watch: Arc::clone(&watched.watch),
+        accepted,
+    };
+    serve_h2_conn(with, io, h2).await;
     // hyper's side of the connection is gone here.
     watched.linger().await;
 }
 
-/// Serves an HTTP/2 connection with hyper to its end; once the gateway
-/// stops, or once no request has been in progress for `idle_timeout`,
-/// gracefully (GOAWAY, then the streams in progress finish).
-async fn serve_h2_conn<I>(
-    with: &Connections,
-    io: I,
+/// An HTTP/2 connection as `serve_h2_conn` takes it, beside its socket.
+struct H2 {
     info: ConnInfo,
     client_cert: Option<Arc<ClientCert>>,
     watch: Arc<Watch>,
-) where
+    /// When it was accepted, which its age counts from.
+    accepted: tokio::time::Instant,
+}
+
+/// Serves an HTTP/2 connection with hyper to its end; gracefully (GOAWAY,
+/// then the streams in progress finish) once the gateway stops, once no
+/// request has been in progress for `idle_timeout`, once
+/// `max_connection_requests` streams have begun, or once it is
+/// `max_connection_age` old.
+async fn serve_h2_conn<I>(with: &Connections, io: I, h2: H2)
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let H2 {
+        info,
+        client_cert,
+        watch,
+        accepted,
+    } = h2;
     let peer = info.peer;
     let service = TowerToHyperService::new(Connection {
         stack: with.stack.clone(),
@@ -655,24 +687,51 @@ async fn serve_h2_conn<I>(
     let conn = with.builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut stopping = with.stopping.clone();
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        // An error: the gateway is gone, which is stopping too.
-        _ = stopping.changed() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let expiry = async {
+        match with.settings.max_age {
+            Some(age) => tokio::time::sleep_until(accepted + age).await,
+            None => std::future::pending().await,
         }
+    };
+    let body_timeout = with.settings.body_timeout;
+    let ended = tokio::select! {
+        result = conn.as_mut() => Some(result),
+        // An error: the gateway is gone, which is stopping too.
+        _ = stopping.changed() => None,
         () = watch.idle(with.settings.idle_timeout) => {
             tracing::debug!(target: "flotilla::gateway", %peer, "idle HTTP/2 connection; going away");
-            conn.as_mut().graceful_shutdown();
-            conn.await
+            None
+        }
+        () = watch.spent() => {
+            tracing::debug!(target: "flotilla::gateway", %peer, "HTTP/2 connection at max_connection_requests; going away");
+            Expired::MaxRequests.count();
+            None
+        }
+        () = expiry => {
+            tracing::debug!(target: "flotilla::gateway", %peer, "HTTP/2 connection at max_connection_age; going away");
+            Expired::MaxAge.count();
+            None
         }
         // Resets each stream the client reads nothing of; resolves only for
         // one that cannot be reset alone. Closed at once then: a graceful
         // end would wait for that stream.
-        () = watch.stalled(with.settings.body_timeout) => {
-            tracing::debug!(target: "flotilla::gateway", %peer, timeout = ?with.settings.body_timeout, "an HTTP/2 client read nothing of a response; closing");
-            Ok(())
+        () = watch.stalled(body_timeout) => {
+            tracing::debug!(target: "flotilla::gateway", %peer, timeout = ?body_timeout, "an HTTP/2 client read nothing of a response; closing");
+            Some(Ok(()))
+        }
+    };
+    let result = match ended {
+        Some(result) => result,
+        None => {
+            // GOAWAY: the client opens no more streams, and those in
+            // progress finish, each still reset if its client reads
+            // nothing of it for `body_timeout`. (When the gateway stops,
+            // its drain deadline bounds the whole.)
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                result = conn.as_mut() => result,
+                () = watch.stalled(body_timeout) => Ok(()),
+            }
         }
     };
     if let Err(e) = result {
@@ -718,6 +777,7 @@ impl tower::Service<Request<Incoming>> for Connection {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         use futures_util::FutureExt;
+        self.watch.stream_begun();
         if too_many_fields(req.headers(), self.max_headers) {
             // The refusal HTTP/1 gives the same head (`h1::head`).
             let too_large = h1::head::Invalid::TooLarge;

@@ -44,6 +44,7 @@ const TLS_CERT_EXPIRY: &str = "flotilla_gateway_tls_certificate_expiry_timestamp
 const TLS_CERT_RELOADS: &str = "flotilla_gateway_tls_certificate_reloads_total";
 const CONNECTIONS_OPEN: &str = "flotilla_gateway_connections_open";
 const CONNECTIONS_REFUSED: &str = "flotilla_gateway_connections_refused_total";
+const CONNECTIONS_EXPIRED: &str = "flotilla_gateway_connections_expired_total";
 
 /// The `route` label of a request no route matched.
 pub(crate) const UNMATCHED: &str = "unmatched";
@@ -214,6 +215,10 @@ pub(crate) fn describe() {
     metrics::describe_counter!(
         CONNECTIONS_REFUSED,
         "Client connections closed as soon as accepted, over max_connections or max_connections_per_ip, or without a valid PROXY protocol header (reason)."
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_EXPIRED,
+        "Client connections closed gracefully at the end of their life, by the limit that ended it (reason: max_connection_requests, max_connection_age)."
     );
     metrics::describe_counter!(
         TLS_CERT_RELOADS,
@@ -590,6 +595,12 @@ pub(crate) fn connections_open() -> Gauge {
 
 pub(crate) fn connection_refused(reason: &'static str) {
     metrics::counter!(CONNECTIONS_REFUSED, "reason" => reason).increment(1);
+}
+
+/// A client connection told to close by `max_connection_requests` or
+/// `max_connection_age` (once per connection: not a per-request count).
+pub(crate) fn connection_expired(reason: &'static str) {
+    metrics::counter!(CONNECTIONS_EXPIRED, "reason" => reason).increment(1);
 }
 
 /// A WebSocket tunnel on a route, counted open until it is finished or

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use flotilla_gateway::Limits;
+use flotilla_gateway::{Gateway, Limits};
 use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -662,5 +662,277 @@ async fn an_http2_client_making_the_gateway_reset_its_streams_is_cut_off() {
     let client = Client::new(&gateway);
     let reply = client.get("/after").await;
     assert_eq!(reply.status, StatusCode::OK);
+    gateway.shutdown(T).await;
+}
+
+/// The `max_connection_age` of the tests of it: the least there is.
+const AGE: Duration = Duration::from_secs(1);
+
+/// A gateway in front of one instance of `service` (named after it),
+/// with its limits as `limit` sets them.
+async fn limited(service: &str, limit: impl FnOnce(&mut Limits)) -> (Upstream, Gateway) {
+    let registry = Registry::new();
+    let up = Upstream::start(&format!("{service}-0")).await;
+    registry.set(service, vec![up.endpoint()]);
+    let mut cfg = config(vec![route(service, "/**", &[], T)]);
+    limit(&mut cfg.limits);
+    (up, start(cfg, &registry).await)
+}
+
+fn expired(reason: &str) -> u64 {
+    metric_sum(&[
+        "flotilla_gateway_connections_expired_total",
+        &format!("reason=\"{reason}\""),
+    ])
+}
+
+/// Whether a response's head says `connection: close`.
+fn says_close(response: &str) -> bool {
+    let head = response.split("\r\n\r\n").next().unwrap_or_default();
+    head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close")
+        })
+    })
+}
+
+/// What `stream` still sends until it ends (a reset counts as the end);
+/// fails if it does not end within [`PATIENCE`].
+async fn rest_until_closed(stream: &mut TcpStream) -> String {
+    let mut rest = Vec::new();
+    let read = within("the connection's close", stream.read_to_end(&mut rest)).await;
+    if let Err(e) = read {
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    }
+    String::from_utf8_lossy(&rest).into_owned()
+}
+
+/// `max_connection_requests`: the last response a connection may carry
+/// says `connection: close`, the connection closes once it is written,
+/// and a request pipelined behind it is not answered (nor forwarded).
+#[tokio::test]
+async fn an_http1_connection_closes_after_max_connection_requests() {
+    let (up, gateway) = limited("conn-requests", |l| l.max_connection_requests = 3).await;
+    let before = expired("max_connection_requests");
+
+    let mut stream = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
+    for n in 1..=2 {
+        ok(
+            stream
+                .write_all(format!("GET /{n} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+                .await,
+            "write",
+        );
+        let answer = read_response(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{n}: {answer}");
+        assert!(!says_close(&answer), "{n}: {answer}");
+    }
+    // The third, with a fourth pipelined behind it in the same write.
+    ok(
+        stream
+            .write_all(b"GET /3 HTTP/1.1\r\nhost: x\r\n\r\nGET /4 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await,
+        "write",
+    );
+    let answer = read_response(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(says_close(&answer), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+    let rest = rest_until_closed(&mut stream).await;
+    assert!(rest.is_empty(), "the pipelined fourth was answered: {rest}");
+    assert_eq!(up.paths(), ["/1", "/2", "/3"]);
+    // Other tests' connections may count too: at least this one.
+    assert!(expired("max_connection_requests") > before);
+
+    // Without the limit, the same exchange keeps the connection.
+    let (_instance, unlimited) = limited("conn-unlimited", |_| {}).await;
+    let mut stream = ok(TcpStream::connect(unlimited.local_addr()).await, "connect");
+    for _ in 0..4 {
+        assert!(served(&mut stream).await);
+    }
+    unlimited.shutdown(T).await;
+    gateway.shutdown(T).await;
+}
+
+/// `max_connection_age`: a request in progress as the connection comes of
+/// age is finished, its response says `connection: close` and the
+/// connection then closes; a kept-alive connection idle at its age is
+/// closed then, long before its idle timeout.
+#[tokio::test]
+async fn an_http1_connection_closes_at_max_connection_age() {
+    let (up, gateway) = limited("conn-age", |l| l.max_connection_age = Some(AGE)).await;
+    let before = expired("max_connection_age");
+
+    let born = Instant::now();
+    let mut busy = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
+    let mut idle = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
+    for stream in [&mut busy, &mut idle] {
+        ok(
+            stream
+                .write_all(b"GET /young HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await,
+            "write",
+        );
+        let answer = read_response(stream).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(!says_close(&answer), "young: {answer}");
+    }
+    // Both were accepted by now (each task takes its own reading of
+    // when): `busy` is of age by `AGE` from now at the latest.
+    let busy_of_age = Instant::now() + AGE;
+    ok(
+        busy.write_all(b"GET /hold HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await,
+        "write",
+    );
+    wait_until("the request at the instance", || up.held() == 1).await;
+
+    // The idle one is closed as it comes of age, without a word.
+    let rest = rest_until_closed(&mut idle).await;
+    assert!(rest.is_empty(), "{rest}");
+    let lived = born.elapsed();
+    assert!(lived >= AGE - Duration::from_millis(50), "{lived:?}");
+
+    // The busy one's request was not cut: answered once released, with
+    // the close. (This wait is the thing under test, not a
+    // synchronisation: the response must begin after the age.)
+    tokio::time::sleep_until(busy_of_age).await;
+    up.release();
+    let answer = read_response(&mut busy).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(says_close(&answer), "{answer}");
+    let rest = rest_until_closed(&mut busy).await;
+    assert!(rest.is_empty(), "{rest}");
+    assert!(expired("max_connection_age") >= before + 2);
+    gateway.shutdown(T).await;
+}
+
+/// An HTTP/2 connection frame by frame, that answers the gateway's PINGs
+/// (as every client library does: a graceful GOAWAY waits for one).
+struct RawH2 {
+    rx: tokio::net::tcp::OwnedReadHalf,
+    tx: tokio::net::tcp::OwnedWriteHalf,
+}
+
+/// `GET <path>` on `stream`, its end in the same HEADERS frame.
+fn h2_get(stream: u32, path: &str) -> Vec<u8> {
+    // :method GET, :scheme http, :path (literal, not indexed), :authority x.
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x01, 1, b'x']);
+    h2_raw::frame(0x1, 0x5, stream, &block)
+}
+
+impl RawH2 {
+    /// Connected, with the preface and `GET <path>` on stream 1 sent.
+    async fn open(gateway: &Gateway, path: &str) -> RawH2 {
+        let stream = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
+        let (rx, tx) = stream.into_split();
+        let mut h2 = RawH2 { rx, tx };
+        let mut out = h2_raw::preface();
+        out.extend(h2_get(1, path));
+        h2.send(&out).await;
+        h2
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        ok(self.tx.write_all(bytes).await, "write");
+    }
+
+    /// The gateway's next frame that `wanted` picks (PINGs answered on
+    /// the way); `None` once the connection has ended.
+    async fn until(
+        &mut self,
+        what: &str,
+        wanted: impl Fn(&h2_raw::Frame) -> bool,
+    ) -> Option<h2_raw::Frame> {
+        within(what, async {
+            while let Some(frame) = h2_raw::read_frame(&mut self.rx).await {
+                if wanted(&frame) {
+                    return Some(frame);
+                }
+                // A PING without ACK: answered with its payload.
+                if frame.kind == 0x6 && frame.payload.len() == 8 {
+                    let pong = h2_raw::frame(0x6, 0x1, 0, &frame.payload);
+                    let _ = self.tx.write_all(&pong).await;
+                }
+            }
+            None
+        })
+        .await
+    }
+
+    /// Stream `id`'s response head: its status, if 200 (HPACK's `0x88`).
+    async fn answered_200(&mut self, id: u32) -> bool {
+        let head = self
+            .until("a response head", |f| f.kind == 0x1 && f.stream == id)
+            .await;
+        head.is_some_and(|f| f.payload.first() == Some(&0x88))
+    }
+
+    /// The next GOAWAY: its last stream id and error code.
+    async fn go_away(&mut self) -> (u32, u32) {
+        let frame = self
+            .until("a GOAWAY", |f| f.kind == 0x7)
+            .await
+            .unwrap_or_else(|| panic!("the connection ended without a GOAWAY"));
+        let last = frame.payload.get(..4).map_or(0, |b| {
+            u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff
+        });
+        (last, frame.error_code())
+    }
+
+    /// Reads (answering PINGs) until the connection ends; fails if a
+    /// response head comes on the way.
+    async fn until_closed(&mut self) {
+        if let Some(f) = self.until("the connection's end", |f| f.kind == 0x1).await {
+            panic!("a response head on stream {} after the last", f.stream);
+        }
+    }
+}
+
+/// `max_connection_requests` over HTTP/2: once as many streams have begun,
+/// GOAWAY; the stream in progress finishes with 200, a stream opened past
+/// the GOAWAY's last one is not served, and the connection then closes.
+#[tokio::test]
+async fn an_http2_connection_goes_away_after_max_connection_requests() {
+    let (up, gateway) = limited("h2-conn-requests", |l| l.max_connection_requests = 2).await;
+    let before = expired("max_connection_requests");
+
+    let mut h2 = RawH2::open(&gateway, "/first").await;
+    assert!(h2.answered_200(1).await, "the first stream");
+    h2.send(&h2_get(3, "/hold")).await;
+    wait_until("the second stream at the instance", || up.held() == 1).await;
+    // h2's graceful GOAWAY: the first names no last stream, the second
+    // (once the client answered its PING) stream 3.
+    assert_eq!(h2.go_away().await, (0x7fff_ffff, 0), "GOAWAY NO_ERROR");
+    assert_eq!(h2.go_away().await, (3, 0), "the final GOAWAY");
+    h2.send(&h2_get(5, "/late")).await;
+    up.release();
+    assert!(h2.answered_200(3).await, "the stream in progress");
+    h2.until_closed().await;
+    assert_eq!(up.paths(), ["/first", "/hold"]);
+    assert!(expired("max_connection_requests") > before);
+    gateway.shutdown(T).await;
+}
+
+/// `max_connection_age` over HTTP/2: the connection is told to go away
+/// once it is that old, and the stream in progress finishes with 200.
+#[tokio::test]
+async fn an_http2_connection_goes_away_at_max_connection_age() {
+    let (up, gateway) = limited("h2-conn-age", |l| l.max_connection_age = Some(AGE)).await;
+    let before = expired("max_connection_age");
+
+    let born = Instant::now();
+    let mut h2 = RawH2::open(&gateway, "/hold").await;
+    wait_until("the stream at the instance", || up.held() == 1).await;
+    assert_eq!(h2.go_away().await, (0x7fff_ffff, 0), "GOAWAY NO_ERROR");
+    let lived = born.elapsed();
+    assert!(lived >= AGE - Duration::from_millis(50), "{lived:?}");
+    assert_eq!(h2.go_away().await, (1, 0), "the final GOAWAY");
+    up.release();
+    assert!(h2.answered_200(1).await, "the stream in progress");
+    h2.until_closed().await;
+    assert!(expired("max_connection_age") > before);
     gateway.shutdown(T).await;
 }
