@@ -151,22 +151,28 @@ fn host_is_ambiguous(req: &Request<Body>) -> bool {
         })
 }
 
-/// Whether an HTTP/2 request names its host (`:authority`, or a `Host`)
-/// with what is no host (`headers::is_valid_host`): `a/b?c`, `good, evil`.
-/// hyper checks an `:authority` against the URI's characters only, which
-/// let a `,` through, and a `Host` field not at all. An HTTP/1 request's
-/// were checked as its head was read (`h1::head`), which spares it the
-/// lookup here.
-fn http2_host_is_invalid(req: &Request<Body>) -> bool {
-    req.version() == http::Version::HTTP_2
-        && (req
-            .uri()
-            .authority()
-            .is_some_and(|a| !crate::headers::is_valid_host(a.as_str().as_bytes()))
-            || req
-                .headers()
-                .get(HOST)
-                .is_some_and(|h| !crate::headers::is_valid_host(h.as_bytes())))
+/// Why an HTTP/2 request's host is refused, if it is: it names none,
+/// neither `:authority` nor `Host` (malformed for an `http` or `https`
+/// URI, RFC 9113 §8.3.1; h2 drops the `:scheme` of a request without
+/// `:authority`, so none is told apart, and the gateway serves no other
+/// scheme), or it names one with what is no host
+/// (`headers::is_valid_host`): `a/b?c`, `good, evil`. hyper checks an
+/// `:authority` against the URI's characters only, which let a `,`
+/// through, and a `Host` field not at all. An HTTP/1 request's were
+/// checked as its head was read (`h1::head`), which spares it the lookup
+/// here.
+fn http2_host_refusal(req: &Request<Body>) -> Option<Rejection> {
+    if req.version() != http::Version::HTTP_2 {
+        return None;
+    }
+    let authority = req.uri().authority();
+    let host = req.headers().get(HOST);
+    if authority.is_none() && host.is_none() {
+        return Some(Rejection::MissingHost);
+    }
+    let invalid = authority.is_some_and(|a| !crate::headers::is_valid_host(a.as_str().as_bytes()))
+        || host.is_some_and(|h| !crate::headers::is_valid_host(h.as_bytes()));
+    invalid.then_some(Rejection::InvalidHost)
 }
 
 /// Tells an instance what a route's `strip_prefix` took off the path.
@@ -404,8 +410,8 @@ pub(crate) fn handle<'a>(
         if host_is_ambiguous(&req) {
             return finish.reject(Rejection::BadHost);
         }
-        if http2_host_is_invalid(&req) {
-            return finish.reject(Rejection::InvalidHost);
+        if let Some(refused) = http2_host_refusal(&req) {
+            return finish.reject(refused);
         }
         // An HTTP/2 CONNECT (HTTP/1's never gets here, refused with its
         // head): its target is a host to tunnel to, not a path, and hyper

@@ -56,6 +56,10 @@ pub(crate) enum Rejection {
         "the request's host must be a host name, an IPv4 address or a bracketed IPv6 address, with an optional port"
     )]
     InvalidHost,
+    /// An HTTP/2 request with neither `:authority` nor `Host`, malformed
+    /// (RFC 9113 §8.3.1); HTTP/1.1's is refused with its head.
+    #[error("an HTTP/2 request must name its host in :authority or a Host header")]
+    MissingHost,
     /// An HTTP/2 `CONNECT` (HTTP/1's is refused with its head, `h1::head`).
     #[error("{}", crate::h1::head::CONNECT_REFUSED)]
     Connect,
@@ -161,6 +165,7 @@ impl Rejection {
             Rejection::BadPath
             | Rejection::BadHost
             | Rejection::InvalidHost
+            | Rejection::MissingHost
             | Rejection::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
             Rejection::NoReadyInstance { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::UpstreamTimeout { .. } | Rejection::NotCached => StatusCode::GATEWAY_TIMEOUT,
@@ -195,7 +200,7 @@ impl Rejection {
             Rejection::NotFound { .. } => "not_found",
             Rejection::MethodNotAllowed { .. } | Rejection::Connect => "method_not_allowed",
             Rejection::BadPath => "bad_path",
-            Rejection::BadHost | Rejection::InvalidHost => "bad_host",
+            Rejection::BadHost | Rejection::InvalidHost | Rejection::MissingHost => "bad_host",
             Rejection::BadRequestBody { .. } => "bad_request_body",
             Rejection::NoReadyInstance { .. } => "no_ready_instance",
             Rejection::UpstreamTimeout { .. } => "upstream_timeout",

@@ -1029,7 +1029,9 @@ async fn connect_is_refused_over_either_protocol_and_never_forwarded() {
 /// 400 `bad_host` and never reaches an instance (which would get it as
 /// `Host` and `X-Forwarded-Host`, and might build links or cache keys from
 /// it), over HTTP/1 and HTTP/2 alike; an HTTP/1.1 request without a `Host`
-/// is refused (RFC 9112 §3.2), an HTTP/1.0 one is served.
+/// is refused (RFC 9112 §3.2), an HTTP/1.0 one is served, and an HTTP/2
+/// request with neither `:authority` nor `Host` is refused (RFC 9113
+/// §8.3.1), one with `Host` alone served.
 #[tokio::test]
 async fn a_host_that_is_no_host_or_none_is_refused() {
     use h2_raw::{Outcome, field, frame, preface};
@@ -1070,6 +1072,11 @@ async fn a_host_that_is_no_host_or_none_is_refused() {
             "a path in Host",
             head(b"good.example", &[field(b"host", b"a/b?c")]),
         ),
+        // RFC 9113 §8.3.1: an `http` request must name its host.
+        (
+            "neither :authority nor Host",
+            vec![0x82, 0x86, 0x04, 2, b'/', b'x'],
+        ),
     ] {
         let stream = ok(
             tokio::net::TcpStream::connect(gateway.local_addr()).await,
@@ -1084,7 +1091,40 @@ async fn a_host_that_is_no_host_or_none_is_refused() {
         );
         let outcome = within(what, h2_raw::outcome(&mut rx, 1)).await;
         assert_eq!(outcome, Outcome::Answered(Some(400)), "{what}");
+        // Its body: the stream's DATA.
+        let data = async {
+            while let Some(f) = h2_raw::read_frame(&mut rx).await {
+                if f.kind == 0x0 && f.stream == 1 {
+                    return Some(String::from_utf8_lossy(&f.payload).into_owned());
+                }
+            }
+            None
+        };
+        let body = within(what, data).await;
+        assert!(
+            body.as_deref()
+                .is_some_and(|b| b.contains(r#""code":"bad_host""#)),
+            "{what}: {body:?}"
+        );
     }
-    assert_eq!(up.hits(), 1, "a bad host reached the instance");
+    // With only `Host`, it names one.
+    let stream = ok(
+        tokio::net::TcpStream::connect(gateway.local_addr()).await,
+        "connect",
+    );
+    let (mut rx, mut tx) = stream.into_split();
+    let mut block = vec![0x82, 0x86, 0x04, 2, b'/', b'x'];
+    block.extend(field(b"host", b"good.example"));
+    let mut out = preface();
+    out.extend(frame(0x1, 0x5, 1, &block));
+    ok(
+        tokio::io::AsyncWriteExt::write_all(&mut tx, &out).await,
+        "write",
+    );
+    let outcome = within("Host alone", h2_raw::outcome(&mut rx, 1)).await;
+    assert_eq!(outcome, Outcome::Answered(Some(200)), "Host alone");
+    // Closed, or the gateway's stop would wait for its answer to a PING.
+    drop((rx, tx));
+    assert_eq!(up.hits(), 2, "a bad host reached the instance");
     gateway.shutdown(T).await;
 }
