@@ -728,9 +728,22 @@ where
             // nothing of it for `body_timeout`. (When the gateway stops,
             // its drain deadline bounds the whole.)
             conn.as_mut().graceful_shutdown();
+            // hyper sends its last GOAWAY, and ends the connection, once
+            // the client has answered a PING: a client that never does
+            // would hold it (a socket, a task) for ever. It gets
+            // `header_timeout` to, once no request is in progress.
+            let grace = with.settings.header_timeout;
+            let unanswered = async {
+                tokio::time::sleep(grace).await;
+                watch.idle(grace).await;
+            };
             tokio::select! {
                 result = conn.as_mut() => result,
                 () = watch.stalled(body_timeout) => Ok(()),
+                () = unanswered => {
+                    tracing::debug!(target: "flotilla::gateway", %peer, "an HTTP/2 client never acknowledged going away; closing");
+                    Ok(())
+                }
             }
         }
     };

@@ -812,6 +812,8 @@ async fn an_http1_connection_closes_at_max_connection_age() {
 struct RawH2 {
     rx: tokio::net::tcp::OwnedReadHalf,
     tx: tokio::net::tcp::OwnedWriteHalf,
+    /// Off: a client that never answers a PING.
+    answers_pings: bool,
 }
 
 /// `GET <path>` on `stream`, its end in the same HEADERS frame.
@@ -828,7 +830,11 @@ impl RawH2 {
     async fn open(gateway: &Gateway, path: &str) -> RawH2 {
         let stream = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
         let (rx, tx) = stream.into_split();
-        let mut h2 = RawH2 { rx, tx };
+        let mut h2 = RawH2 {
+            rx,
+            tx,
+            answers_pings: true,
+        };
         let mut out = h2_raw::preface();
         out.extend(h2_get(1, path));
         h2.send(&out).await;
@@ -852,7 +858,7 @@ impl RawH2 {
                     return Some(frame);
                 }
                 // A PING without ACK: answered with its payload.
-                if frame.kind == 0x6 && frame.payload.len() == 8 {
+                if self.answers_pings && frame.kind == 0x6 && frame.payload.len() == 8 {
                     let pong = h2_raw::frame(0x6, 0x1, 0, &frame.payload);
                     let _ = self.tx.write_all(&pong).await;
                 }
@@ -934,5 +940,25 @@ async fn an_http2_connection_goes_away_at_max_connection_age() {
     assert!(h2.answered_200(1).await, "the stream in progress");
     h2.until_closed().await;
     assert!(expired("max_connection_age") > before);
+    gateway.shutdown(T).await;
+}
+
+/// A client told to go away that never answers the PING h2 waits for
+/// before its last GOAWAY does not hold the connection for ever: it is
+/// closed `header_timeout` after the first GOAWAY, nothing being in
+/// progress.
+#[tokio::test]
+async fn an_http2_client_that_never_answers_going_away_is_closed() {
+    let (_up, gateway) = limited("h2-no-pong", |l| {
+        l.max_connection_requests = 1;
+        l.header_read_timeout = AGE;
+    })
+    .await;
+    let mut h2 = RawH2::open(&gateway, "/first").await;
+    h2.answers_pings = false;
+    // The GOAWAY comes as the stream begins, before its answer.
+    assert_eq!(h2.go_away().await, (0x7fff_ffff, 0), "GOAWAY NO_ERROR");
+    assert!(h2.answered_200(1).await, "the stream in progress");
+    h2.until_closed().await;
     gateway.shutdown(T).await;
 }
