@@ -10,7 +10,7 @@
 //! An order starts the order saga (see [`events`]): placing it publishes
 //! `order.placed` through the chassis outbox, and the broker pushes back
 //! inventory's and payments' answers, which confirm or cancel it. An order
-//! still `placed` after `ORDERS_SAGA_TIMEOUT` (default 15 min) is
+//! still `placed` after `ORDERS_SAGA_TIMEOUT` (default 30 min) is
 //! cancelled by the [`sweeper`] (`timed_out`).
 
 mod api;
@@ -36,11 +36,15 @@ async fn main() -> ExitCode {
 
 async fn run() -> Result<(), flotilla_chassis::Error> {
     let service = Service::from_env()?.with_openapi(openapi::document());
-    let saga_timeout = sweeper::timeout_from(std::env::var(sweeper::TIMEOUT_VAR).ok())?;
+    // Not UTF-8: its lossy form, which no duration parses, is refused
+    // naming it, rather than taken for unset.
+    let saga_timeout = sweeper::timeout_from(
+        std::env::var_os(sweeper::TIMEOUT_VAR).map(|v| v.to_string_lossy().into_owned()),
+    )?;
     if saga_timeout < sweeper::RETRY_SPAN {
         tracing::warn!(
             saga_timeout = %humantime::format_duration(saga_timeout),
-            "ORDERS_SAGA_TIMEOUT is shorter than the broker's retries of a push (about 12 min): an order whose participant is only restarting may be cancelled"
+            "ORDERS_SAGA_TIMEOUT is shorter than the broker's retries of a push (about 15 min): an order whose participant is only restarting may be cancelled"
         );
     }
     let catalog = service.client("catalog")?;
@@ -58,8 +62,10 @@ async fn run() -> Result<(), flotilla_chassis::Error> {
         relay: Some(relay.clone()),
     };
     let served = service.serve(api::router(state)).await;
-    // Stopped before the relay, which then sends what its last sweep
-    // enqueued; a cancellation cut short rolls back for the next sweep.
+    // Stopped before the relay: a cancellation cut short rolls back, for
+    // the next sweep of any replica; one committed stays in the outbox
+    // until a relay (this one before it stops, another replica's, or this
+    // service's at its next start) sends it.
     sweeper.abort();
     let _ = sweeper.await;
     relay.stop().await;

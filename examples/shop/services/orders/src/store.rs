@@ -255,25 +255,38 @@ pub async fn transition(
     get_on(conn, id).await
 }
 
-/// The ids of at most `limit` orders still `placed` that were placed
-/// before `cutoff` (RFC 3339 UTC, as `created_at`), oldest first: the
-/// sweeper's batch (index `orders_placed_by_age`, whose condition the
-/// query repeats word for word so SQLite can use it).
+/// Where a page of [`placed_before`] starts: after this order (the
+/// default: from the oldest).
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct PlacedKey {
+    pub created_at: String,
+    pub id: String,
+}
+
+/// At most `limit` orders still `placed` that were placed before `cutoff`
+/// (RFC 3339 UTC, as `created_at`) and come after `after` in
+/// `(created_at, id)` order, oldest first: a page of the sweeper's (index
+/// `orders_placed_by_age`, whose condition the query repeats word for
+/// word so SQLite can use it).
 pub async fn placed_before(
     db: &SqlitePool,
     cutoff: &str,
+    after: &PlacedKey,
     limit: i64,
-) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(PLACED_BEFORE)
+) -> Result<Vec<PlacedKey>, sqlx::Error> {
+    sqlx::query_as(PLACED_BEFORE)
         .bind(cutoff)
+        .bind(&after.created_at)
+        .bind(&after.id)
         .bind(limit)
         .fetch_all(db)
         .await
 }
 
 /// [`placed_before`]'s query.
-pub const PLACED_BEFORE: &str = "SELECT id FROM orders WHERE status = 'placed' AND created_at < ?1
-     ORDER BY created_at LIMIT ?2";
+pub const PLACED_BEFORE: &str = "SELECT created_at, id FROM orders
+     WHERE status = 'placed' AND created_at < ?1 AND (created_at, id) > (?2, ?3)
+     ORDER BY created_at, id LIMIT ?4";
 
 /// One order by id.
 pub async fn get(db: &SqlitePool, id: &str) -> Result<Option<Order>, sqlx::Error> {

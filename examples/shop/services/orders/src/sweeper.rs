@@ -5,7 +5,7 @@
 //! bug) used to leave its order `placed` for good, with its stock held.
 //! Every replica of orders now runs a sweeper that, every so often,
 //! cancels the orders still `placed` longer than `ORDERS_SAGA_TIMEOUT`
-//! (default 15 min) with reason `timed_out`.
+//! (default 30 min) with reason `timed_out`.
 //!
 //! A timed-out order is cancelled exactly as an event cancels one
 //! ([`events::end`]): the transition guarded by `status = 'placed'` and the
@@ -23,7 +23,10 @@
 //! it), payments refunds a charge (or never makes it).
 //!
 //! The deadline should outlast the broker's retries of a push (the
-//! manifest's 20 deliveries span about 6 to 12 minutes), or an order whose
+//! manifest's 20 deliveries span about 6 to 12 minutes when each fails at
+//! once, about 15 when each waits out its 10 s delivery timeout), and it
+//! counts from the order's placement across the saga's three hops; or an
+//! order whose
 //! participant is only restarting is cancelled when it would have gone
 //! through. That is never wrong, only disappointing: the compensations
 //! make the cancellation hold whatever arrives later. Shorter deadlines
@@ -39,12 +42,13 @@ use crate::{events, store};
 /// The variable that sets the deadline.
 pub const TIMEOUT_VAR: &str = "ORDERS_SAGA_TIMEOUT";
 /// The deadline when the variable is unset.
-pub const DEFAULT_TIMEOUT: &str = "15m";
+pub const DEFAULT_TIMEOUT: &str = "30m";
 /// The longest the broker's retries of one push take in the shop's
 /// manifest (20 deliveries, backoff doubling from 200 ms to 60 s, with
-/// jitter): a deadline shorter than this can cancel orders that were only
-/// waiting for a participant to come back.
-pub const RETRY_SPAN: Duration = Duration::from_secs(12 * 60);
+/// jitter, each delivery waiting up to its 10 s timeout): a deadline
+/// shorter than this can cancel orders that were only waiting for a
+/// participant to come back.
+pub const RETRY_SPAN: Duration = Duration::from_secs(15 * 60);
 /// The shortest deadline accepted.
 pub const MIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// The longest: the most a queue keeps a message, dead-letter queues
@@ -53,15 +57,15 @@ pub const MIN_TIMEOUT: Duration = Duration::from_secs(1);
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(14 * 86_400);
 /// Why a timed-out order was cancelled.
 pub const REASON: &str = "timed_out";
-/// Orders cancelled per batch: each is its own short transaction, and
-/// each batch is read again, so a sweep never holds much at once.
+/// Orders read per page: each is cancelled in its own short transaction,
+/// so a sweep never holds much at once.
 pub const BATCH: i64 = 100;
 /// The longest wait between two sweeps; shorter deadlines are swept more
 /// often (a quarter of the deadline, at least every second).
 pub const MAX_SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// The deadline from the variable's value (`None` or blank: the default),
-/// a duration such as `15m` or `1h` between [`MIN_TIMEOUT`] and
+/// a duration such as `30m` or `1h` between [`MIN_TIMEOUT`] and
 /// [`MAX_TIMEOUT`].
 pub fn timeout_from(value: Option<String>) -> Result<Duration, flotilla_chassis::Error> {
     let raw = value
@@ -72,7 +76,7 @@ pub fn timeout_from(value: Option<String>) -> Result<Duration, flotilla_chassis:
         value: raw.clone(),
         reason,
         fix: format!(
-            "write a duration between 1s and 14d, longer than the broker's retries of a push (about 12m), e.g. {DEFAULT_TIMEOUT}"
+            "write a duration between 1s and 14d, longer than the broker's retries of a push (about 15m), e.g. {DEFAULT_TIMEOUT}"
         ),
     };
     let timeout = humantime::parse_duration(raw.trim()).map_err(|e| invalid(e.to_string()))?;
@@ -97,39 +101,54 @@ pub fn sweep_every(timeout: Duration) -> Duration {
 }
 
 /// Cancels every order still `placed` that was placed more than `timeout`
-/// ago, in batches of [`BATCH`], each order in its own transaction.
-/// Returns how many this call cancelled (another replica's share is not
-/// counted). `relay` is woken after each batch that enqueued events.
+/// ago, in pages of [`BATCH`] oldest first, each order in its own
+/// transaction. Returns how many this call cancelled (another replica's
+/// share is not counted). `relay` is woken after each page that enqueued
+/// events.
+///
+/// An order that cannot be cancelled (a row that no longer decodes, an
+/// event that cannot be built from it) is logged, counted
+/// (`shop_orders_saga_timeout_failures_total`) and passed over: the pages
+/// go on after it, by `(created_at, id)`, so one bad order never keeps
+/// the sweeper from every order placed after it.
 pub async fn sweep(
     db: &SqlitePool,
     timeout: Duration,
     relay: Option<&RelayHandle>,
 ) -> Result<u64, flotilla_chassis::Error> {
-    let now = SystemTime::now();
-    let cutoff = flotilla_chassis::format_rfc3339(now.checked_sub(timeout).unwrap_or(now));
+    let Some(cutoff) = SystemTime::now().checked_sub(timeout) else {
+        // Before the epoch: nothing can be that old.
+        return Ok(0);
+    };
+    let cutoff = flotilla_chassis::format_rfc3339(cutoff);
     let sql = |what| move |source| flotilla_chassis::Error::Sql { what, source };
     let mut cancelled = 0;
+    let mut after = store::PlacedKey::default();
     loop {
-        let batch = store::placed_before(db, &cutoff, BATCH)
+        let page = store::placed_before(db, &cutoff, &after, BATCH)
             .await
             .map_err(sql("find the orders past the saga's deadline"))?;
-        let mut this_batch = 0;
-        for id in &batch {
-            if cancel(db, id).await? {
-                this_batch += 1;
+        let mut this_page = 0;
+        for key in &page {
+            match cancel(db, &key.id).await {
+                Ok(true) => this_page += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(order = %key.id, error = %flotilla_chassis::error_chain(&e), "saga deadline: could not cancel the order; passed over");
+                    metrics::counter!("shop_orders_saga_timeout_failures_total").increment(1);
+                }
             }
         }
-        if this_batch > 0 {
-            cancelled += this_batch;
+        if this_page > 0 {
+            cancelled += this_page;
             if let Some(relay) = relay {
                 relay.notify();
             }
         }
-        // Every order of the batch has left `placed`, by this sweep or by
-        // whatever ended it first, so the next read makes progress; a
-        // short batch was the last.
-        if batch.len() < BATCH as usize {
-            return Ok(cancelled);
+        match page.last() {
+            Some(last) if page.len() == BATCH as usize => after = last.clone(),
+            // A short page was the last.
+            _ => return Ok(cancelled),
         }
     }
 }
@@ -190,10 +209,10 @@ mod tests {
 
     #[test]
     fn the_deadline_and_its_errors() {
-        assert_eq!(timeout_from(None).unwrap(), Duration::from_secs(15 * 60));
+        assert_eq!(timeout_from(None).unwrap(), Duration::from_secs(30 * 60));
         assert_eq!(
             timeout_from(Some("  ".into())).unwrap(),
-            Duration::from_secs(15 * 60)
+            Duration::from_secs(30 * 60)
         );
         // The default outlasts the broker's retries of a push.
         assert!(timeout_from(None).unwrap() > RETRY_SPAN);
@@ -209,7 +228,7 @@ mod tests {
             let e = timeout_from(Some(bad.into())).unwrap_err().to_string();
             assert!(e.contains("ORDERS_SAGA_TIMEOUT"), "{bad}: {e}");
             assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
-            assert!(e.contains("e.g. 15m"), "{bad}: {e}");
+            assert!(e.contains("e.g. 30m"), "{bad}: {e}");
         }
     }
 

@@ -251,7 +251,7 @@ pub async fn orders(
         return Ok(Handled::DUPLICATE);
     };
     let Some(refund) = refunded else {
-        return Ok(Handled::new("not_charged"));
+        return Ok(Handled::new("nothing_to_refund"));
     };
     tracing::warn!(order = %refund.order_id, charge = %refund.charge_id, refund = %refund.id, reason, "charge refunded: its order was cancelled");
     metrics::counter!("shop_payments_refunds_total").increment(1);
@@ -409,7 +409,7 @@ mod tests {
         assert_eq!(cancel(&app, &event).await, "refunded");
         assert_eq!(cancel(&app, &event).await, "duplicate");
         let again = cancelled("c-2", "o-1", "timed_out");
-        assert_eq!(cancel(&app, &again).await, "not_charged");
+        assert_eq!(cancel(&app, &again).await, "nothing_to_refund");
 
         let events = outbox(&db).await;
         assert_eq!(events.len(), 2, "payment.succeeded, then one refund");
@@ -434,7 +434,7 @@ mod tests {
         let (app, db) = app().await;
         assert_eq!(
             cancel(&app, &cancelled("c-1", "o-1", "timed_out")).await,
-            "not_charged"
+            "nothing_to_refund"
         );
         // Its reservation comes late: declined without a charge, and
         // payment.failed has inventory release it.
@@ -465,10 +465,10 @@ mod tests {
         let (_, body) = push(&app, &reserved("e-1", "o-1", "4000000000000002")).await;
         assert_eq!(body["outcome"], "failed");
         let declined = cancelled("c-1", "o-1", "payment_declined");
-        assert_eq!(cancel(&app, &declined).await, "not_charged");
+        assert_eq!(cancel(&app, &declined).await, "nothing_to_refund");
         // Out of stock: payments never heard of the order.
         let short = cancelled("c-2", "o-2", "out_of_stock");
-        assert_eq!(cancel(&app, &short).await, "not_charged");
+        assert_eq!(cancel(&app, &short).await, "nothing_to_refund");
         let types: Vec<Value> = outbox(&db)
             .await
             .into_iter()

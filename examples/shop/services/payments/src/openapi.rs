@@ -38,7 +38,7 @@ pub fn document() -> Value {
                         "200": {"description": "Handled (or a duplicate): acknowledged", "content": {"application/json": {"schema": {
                             "type": "object",
                             "required": ["outcome"],
-                            "properties": {"outcome": {"type": "string", "enum": ["refunded", "not_charged", "duplicate", "ignored"]}}
+                            "properties": {"outcome": {"type": "string", "enum": ["refunded", "nothing_to_refund", "duplicate", "ignored"]}}
                         }}}},
                         "400": error_response("Not a CloudEvent, or data without order_id"),
                         "415": error_response("Not application/cloudevents+json")
