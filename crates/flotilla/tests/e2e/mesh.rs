@@ -304,6 +304,19 @@ async fn the_shop_runs_on_mutual_tls_and_its_acls() {
         .map(|f| &f["field"])
         .collect();
     assert_eq!(named, [&json!("author"), &json!("text")], "{lone}");
+    // Reviews asks the catalog (Python to Rust, over mutual TLS) whether
+    // the product exists: no review of what the shop does not sell. (The
+    // user's fifth POST of a minute: the route allows a burst of 5.)
+    let unknown = http
+        .post(system.url("/api/reviews/sku-no-such-thing"))
+        .bearer_auth(&token)
+        .json(&review)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let unknown: Value = unknown.json().await.unwrap();
+    assert_eq!(unknown["error"]["code"], "unknown_product", "{unknown}");
 
     // A stolen identity calling where the manifest says it may not: the
     // catalog's certificate to orders (catalog does not call orders).

@@ -11,6 +11,10 @@ sqlite3), to show that the runtime contract is enough for any language:
   normalised path, and trusts `x-flotilla-user-*` and
   `x-forwarded-client-cert` only from the gateway;
 - owns its SQLite database (DATABASE_URL), seeded on first start;
+- asks the catalog (FLOTILLA_URL_CATALOG, over mutual TLS, its peer's
+  SPIFFE id checked) whether a product exists before taking a review of
+  it: 404 `unknown_product` if not, 503 `catalog_unavailable` when the
+  catalog does not answer;
 - answers /healthz, /readyz, /metrics, /openapi.json, logs JSON lines and
   drains on SIGTERM within FLOTILLA_DRAIN_SECONDS.
 
@@ -21,6 +25,7 @@ latest 50), POST /api/reviews/{product_id} with {"author": "...",
 the first); `author` is the name shown with it, the writer's choice
 (as a nickname is on any shop's reviews), tied to their account here.
 """
+import http.client
 import json
 import os
 import re
@@ -48,6 +53,8 @@ HANDSHAKE_TIMEOUT = 10  # seconds a peer has to finish the TLS handshake
 MAX_CONNECTIONS = 256
 MAX_BODY = 64 * 1024
 SHOWN = 50  # reviews in a product's list; the count and average are of all
+CATALOG_URL = os.environ.get("FLOTILLA_URL_CATALOG")  # set by `calls = ["catalog"]`
+CATALOG_TIMEOUT = 2  # seconds for the catalog's answer to "does it exist?"
 USER_PREFIX = "x-flotilla-user-"
 CLIENT_CERT_HEADER = "x-forwarded-client-cert"
 
@@ -128,40 +135,55 @@ def cert_not_after(path):
 
 
 class Identity:
-    """The TLS server context from the identity files, rebuilt when the
-    runtime rewrites them. A damaged or half-written set keeps the current
-    context and is retried on the next connection."""
+    """The TLS contexts from the identity files, the server's and the
+    client's (for calls), rebuilt when the runtime rewrites them. A
+    damaged or half-written set keeps the current contexts and is retried
+    on the next connection."""
 
     def __init__(self, cert, key, ca):
         self.files = (cert, key, ca)
         self.lock = threading.Lock()
         self.stamp = None
-        self.context = None
-        if self.current() is None:
+        self.contexts = None
+        if self.contexts_now() is None:
             sys.exit(f"cannot load the TLS identity from {cert}, {key}, {ca}")
 
     def current(self):
+        """The server context."""
+        return self.contexts_now()[0]
+
+    def client(self):
+        """The client context: this identity's certificate, the system's
+        roots, TLS 1.3; no host name check (a service address is an IP
+        address: the caller checks the peer's SPIFFE id instead)."""
+        return self.contexts_now()[1]
+
+    def contexts_now(self):
         with self.lock:
             try:
                 stamp = tuple((s.st_mtime_ns, s.st_ino, s.st_size) for s in map(os.stat, self.files))
             except OSError:
-                return self.context
+                return self.contexts
             if stamp != self.stamp:
                 cert, key, ca = self.files
                 try:
-                    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-                    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-                    ctx.load_cert_chain(cert, key)
-                    ctx.load_verify_locations(ca)
-                    ctx.verify_mode = ssl.CERT_REQUIRED
+                    contexts = []
+                    for protocol in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
+                        ctx = ssl.SSLContext(protocol)
+                        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+                        ctx.load_cert_chain(cert, key)
+                        ctx.load_verify_locations(ca)
+                        ctx.check_hostname = False
+                        ctx.verify_mode = ssl.CERT_REQUIRED
+                        contexts.append(ctx)
                 except (OSError, ssl.SSLError, ValueError) as e:
                     log("WARN", "cannot load the renewed TLS identity; keeping the current one", error=str(e))
-                    return self.context
-                self.context, self.stamp = ctx, stamp
+                    return self.contexts
+                self.contexts, self.stamp = tuple(contexts), stamp
                 not_after = cert_not_after(cert)
                 if not_after is not None:
                     metrics.set("flotilla_cert_expiry_timestamp_seconds", {"service": SERVICE}, not_after)
-            return self.context
+            return self.contexts
 
 
 # -------------------------------------------------------------------- ACL
@@ -364,6 +386,102 @@ SEED = [
 ]
 
 
+# ---------------------------------------------------------------- catalog
+
+class CatalogClient:
+    """Connections to the catalog, kept open and reused as the runtime
+    contract asks (a handshake costs far more than a request): a few idle
+    ones at most, dropped when the identity is renewed. Over mutual TLS
+    with this instance's identity, the peer's SPIFFE id checked, when the
+    address is https."""
+
+    IDLE = 4  # idle connections kept
+
+    def __init__(self, url):
+        self.url = urllib.parse.urlsplit(url)
+        self.lock = threading.Lock()
+        self.idle = []  # (connection, the client context it was made with)
+
+    def context(self):
+        return identity.client() if self.url.scheme == "https" and identity is not None else None
+
+    def connect(self, context):
+        if context is None:
+            conn = http.client.HTTPConnection(self.url.hostname, self.url.port, timeout=CATALOG_TIMEOUT)
+            conn.connect()
+            return conn
+        conn = http.client.HTTPSConnection(self.url.hostname, self.url.port, timeout=CATALOG_TIMEOUT,
+                                           context=context)
+        conn.connect()
+        expected = acl.callee.rsplit("/svc/", 1)[0] + "/svc/catalog"
+        peer = spiffe_id(conn.sock.getpeercert())
+        if peer != expected:
+            conn.close()
+            raise ssl.SSLError(f"the catalog's address answered as {peer}, not {expected}")
+        return conn
+
+    def get(self, path, headers):
+        """(status, body) of GET `path`. A kept connection the catalog
+        closed meanwhile is replaced and the request sent again (a GET may
+        be)."""
+        context = self.context()
+        while True:
+            conn = None
+            with self.lock:
+                stale = [c for c, ctx in self.idle if ctx is not context]
+                self.idle = [(c, ctx) for c, ctx in self.idle if ctx is context]
+                if self.idle:
+                    conn = self.idle.pop()[0]
+            for c in stale:  # made with an identity since renewed
+                c.close()
+            reused = conn is not None
+            if conn is None:
+                conn = self.connect(context)
+            try:
+                conn.request("GET", path, headers=headers)
+                response = conn.getresponse()
+                body = response.read()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                if reused:
+                    continue
+                raise
+            with self.lock:
+                if response.will_close or len(self.idle) >= self.IDLE:
+                    conn.close()
+                else:
+                    self.idle.append((conn, context))
+            return response.status, body
+
+
+catalog = CatalogClient(CATALOG_URL) if CATALOG_URL else None
+
+
+def product_exists(product_id, headers):
+    """Whether the catalog knows `product_id`: True, False, or None when it
+    could not tell (no answer within CATALOG_TIMEOUT, a 5xx, a peer that is
+    not the catalog). The request id and trace context go along, so the
+    call joins the request's trace and log lines. Without
+    FLOTILLA_URL_CATALOG (reviews run without `calls = ["catalog"]`),
+    every product is taken to exist."""
+    if catalog is None:
+        return True
+    forwarded = {name: headers[name] for name in ("x-request-id", "traceparent", "tracestate")
+                 if headers.get(name)}
+    try:
+        status, _ = catalog.get(f"/api/catalog/products/{urllib.parse.quote(product_id)}?reviews=false",
+                                forwarded)
+    except (OSError, http.client.HTTPException) as e:
+        log("WARN", "the catalog did not answer whether a product exists", error=str(e))
+        return None
+    if status == 200:
+        return True
+    if status == 404:
+        return False
+    log("WARN", "the catalog could not say whether a product exists", status=status)
+    return None
+
+
 def database_path():
     url = os.environ.get("DATABASE_URL")
     if not url:
@@ -484,7 +602,9 @@ OPENAPI = {
                                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Review"}}}},
                                    "400": {"description": "Invalid review"},
                                    "401": {"description": "Not signed in"},
-                                   "411": {"description": "A body without a Content-Length"}}},
+                                   "404": {"description": "The catalog has no such product (unknown_product)"},
+                                   "411": {"description": "A body without a Content-Length"},
+                                   "503": {"description": "The catalog could not say whether the product exists (catalog_unavailable)"}}},
         }
     },
     "components": {"schemas": {
@@ -695,6 +815,15 @@ class Handler(BaseHTTPRequestHandler):
             fields.append({"field": "text", "message": UNPAIRED_SURROGATE})
         if fields:
             return self.reply(400, error("invalid_request", "the review is invalid", fields=fields))
+        exists = product_exists(product_id, self.headers)
+        metrics.add("reviews_product_checks_total",
+                    {"outcome": {True: "found", False: "unknown", None: "unavailable"}[exists]})
+        if exists is None:
+            return self.reply(503, error("catalog_unavailable",
+                                         "the catalog cannot say whether the product exists; try again"))
+        if not exists:
+            return self.reply(404, error("unknown_product", f"there is no product {product_id}",
+                                         fields=[{"field": "product_id", "message": "no such product"}]))
         created = now_rfc3339()
         # A user's second review of a product replaces the first, under a
         # new id: the list's tag (its count and last id) changes with it.
