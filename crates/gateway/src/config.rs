@@ -298,6 +298,9 @@ impl Default for Limits {
 /// Most worker threads: far past any machine's cores, short of a typo's
 /// thousands of threads.
 const MAX_WORKERS: usize = 1024;
+/// The longest `max_connection_age` (the manifest's bound too): a longer
+/// one would overflow the instant a connection's age is added to.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(86_400);
 
 /// Why a configuration cannot be used; each message names the setting and
 /// the fix. On reload the old configuration stays in force.
@@ -432,9 +435,11 @@ impl Config {
                 "outlier_consecutive_failures must be at least 1",
             ));
         }
-        if l.max_connection_age.is_some_and(|age| age.is_zero()) {
+        if l.max_connection_age
+            .is_some_and(|age| age.is_zero() || age > MAX_CONNECTION_AGE)
+        {
             return Err(ConfigError::Limits(
-                "max_connection_age must be longer than zero (None: no limit)",
+                "max_connection_age must be longer than zero and at most a day (None: no limit)",
             ));
         }
         if !(1..=MAX_WORKERS).contains(&l.workers) {
@@ -1106,7 +1111,7 @@ routes = [{ path = "/a/**" }]
     }
 
     #[test]
-    fn connections_live_for_ever_unless_limited_and_no_age_is_zero() {
+    fn connections_live_for_ever_unless_limited_and_ages_are_bounded() {
         let defaults = Limits::default();
         assert_eq!(
             (
@@ -1118,14 +1123,24 @@ routes = [{ path = "/a/**" }]
         let mut config = Config::from_manifest(&parse(
             "name = \"z\"\n[services.a]\nrun = { command = [\"true\"] }\nroutes = [{ path = \"/a/**\" }]\n",
         ));
-        config.limits.max_connection_age = Some(Duration::ZERO);
-        match config.validate() {
-            Err(ConfigError::Limits(message)) => {
-                assert!(message.starts_with("max_connection_age"), "{message}")
+        // Zero, and past a day (`Duration::MAX` would overflow the instant
+        // it is added to, in every connection's task).
+        for age in [
+            Duration::ZERO,
+            MAX_CONNECTION_AGE + Duration::from_secs(1),
+            Duration::MAX,
+        ] {
+            config.limits.max_connection_age = Some(age);
+            match config.validate() {
+                Err(ConfigError::Limits(message)) => {
+                    assert!(message.starts_with("max_connection_age"), "{message}")
+                }
+                other => panic!("an age of {age:?}: {other:?}"),
             }
-            other => panic!("a zero age: {other:?}"),
         }
-        config.limits.max_connection_age = Some(Duration::from_secs(1));
-        assert!(config.validate().is_ok());
+        for age in [Duration::from_secs(1), MAX_CONNECTION_AGE] {
+            config.limits.max_connection_age = Some(age);
+            assert!(config.validate().is_ok(), "{age:?}");
+        }
     }
 }

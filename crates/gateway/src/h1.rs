@@ -422,11 +422,15 @@ impl<H: Handler> Conn<H> {
         self.expires.is_some_and(|at| clock::now() >= at)
     }
 
-    /// `deadline`, or the connection's expiry if that comes first: an idle
-    /// connection closes then.
+    /// `deadline`, or the connection's expiry if that comes first: a
+    /// connection that comes of age while idle closes then. One already of
+    /// age as its idle wait begins keeps `deadline`: its last response
+    /// began before the age (so it did not say `connection: close`) and
+    /// ended after it, and closing now, as the client reuses it, would fail
+    /// the request it may be sending; `spent` closes the next one.
     fn before_expiry(&self, deadline: Instant) -> Instant {
         match self.expires {
-            Some(at) if at < deadline => at,
+            Some(at) if at < deadline && at > clock::now() => at,
             _ => deadline,
         }
     }
@@ -447,7 +451,10 @@ impl<H: Handler> Conn<H> {
         let mut idle_deadline = None;
         let mut head_deadline = None;
         if let Some(by) = self.first_head_by.take() {
-            idle_deadline = Some(self.before_expiry(by));
+            // Not cut short by the age: every connection serves a request
+            // (its handshake may have taken most of `header_timeout`, and
+            // a client does not retry a request on a fresh connection).
+            idle_deadline = Some(by);
             head_deadline = Some(by);
         }
         let mut scanned = 0;

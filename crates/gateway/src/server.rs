@@ -731,11 +731,15 @@ where
             // hyper sends its last GOAWAY, and ends the connection, once
             // the client has answered a PING: a client that never does
             // would hold it (a socket, a task) for ever. It gets
-            // `header_timeout` to, once no request is in progress.
+            // `header_timeout` to, and then no request may have been in
+            // progress for `body_timeout` (h2 may still hold the tail of a
+            // response whose body hyper has let go, and the stream's
+            // `Paced` clock with it: a client that reads it within
+            // `body_timeout` gets it whole, as before the GOAWAY).
             let grace = with.settings.header_timeout;
             let unanswered = async {
                 tokio::time::sleep(grace).await;
-                watch.idle(grace).await;
+                watch.idle(body_timeout.max(grace)).await;
             };
             tokio::select! {
                 result = conn.as_mut() => result,

@@ -679,6 +679,11 @@ async fn limited(service: &str, limit: impl FnOnce(&mut Limits)) -> (Upstream, G
     (up, start(cfg, &registry).await)
 }
 
+/// Held by every test that closes connections for their age or request
+/// count, so that each counts exactly what it adds to the process's
+/// `flotilla_gateway_connections_expired_total`.
+static EXPIRING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn expired(reason: &str) -> u64 {
     metric_sum(&[
         "flotilla_gateway_connections_expired_total",
@@ -712,6 +717,7 @@ async fn rest_until_closed(stream: &mut TcpStream) -> String {
 /// and a request pipelined behind it is not answered (nor forwarded).
 #[tokio::test]
 async fn an_http1_connection_closes_after_max_connection_requests() {
+    let _expiring = EXPIRING.lock().await;
     let (up, gateway) = limited("conn-requests", |l| l.max_connection_requests = 3).await;
     let before = expired("max_connection_requests");
 
@@ -741,8 +747,7 @@ async fn an_http1_connection_closes_after_max_connection_requests() {
     let rest = rest_until_closed(&mut stream).await;
     assert!(rest.is_empty(), "the pipelined fourth was answered: {rest}");
     assert_eq!(up.paths(), ["/1", "/2", "/3"]);
-    // Other tests' connections may count too: at least this one.
-    assert!(expired("max_connection_requests") > before);
+    assert_eq!(expired("max_connection_requests"), before + 1);
 
     // Without the limit, the same exchange keeps the connection.
     let (_instance, unlimited) = limited("conn-unlimited", |_| {}).await;
@@ -760,6 +765,10 @@ async fn an_http1_connection_closes_after_max_connection_requests() {
 /// closed then, long before its idle timeout.
 #[tokio::test]
 async fn an_http1_connection_closes_at_max_connection_age() {
+    // Long enough for both connections' first exchanges and the held
+    // request to be made before either comes of age on a loaded machine.
+    const AGE: Duration = Duration::from_secs(3);
+    let _expiring = EXPIRING.lock().await;
     let (up, gateway) = limited("conn-age", |l| l.max_connection_age = Some(AGE)).await;
     let before = expired("max_connection_age");
 
@@ -803,7 +812,7 @@ async fn an_http1_connection_closes_at_max_connection_age() {
     assert!(says_close(&answer), "{answer}");
     let rest = rest_until_closed(&mut busy).await;
     assert!(rest.is_empty(), "{rest}");
-    assert!(expired("max_connection_age") >= before + 2);
+    assert_eq!(expired("max_connection_age"), before + 2);
     gateway.shutdown(T).await;
 }
 
@@ -902,6 +911,7 @@ impl RawH2 {
 /// the GOAWAY's last one is not served, and the connection then closes.
 #[tokio::test]
 async fn an_http2_connection_goes_away_after_max_connection_requests() {
+    let _expiring = EXPIRING.lock().await;
     let (up, gateway) = limited("h2-conn-requests", |l| l.max_connection_requests = 2).await;
     let before = expired("max_connection_requests");
 
@@ -918,7 +928,7 @@ async fn an_http2_connection_goes_away_after_max_connection_requests() {
     assert!(h2.answered_200(3).await, "the stream in progress");
     h2.until_closed().await;
     assert_eq!(up.paths(), ["/first", "/hold"]);
-    assert!(expired("max_connection_requests") > before);
+    assert_eq!(expired("max_connection_requests"), before + 1);
     gateway.shutdown(T).await;
 }
 
@@ -926,6 +936,7 @@ async fn an_http2_connection_goes_away_after_max_connection_requests() {
 /// once it is that old, and the stream in progress finishes with 200.
 #[tokio::test]
 async fn an_http2_connection_goes_away_at_max_connection_age() {
+    let _expiring = EXPIRING.lock().await;
     let (up, gateway) = limited("h2-conn-age", |l| l.max_connection_age = Some(AGE)).await;
     let before = expired("max_connection_age");
 
@@ -939,19 +950,21 @@ async fn an_http2_connection_goes_away_at_max_connection_age() {
     up.release();
     assert!(h2.answered_200(1).await, "the stream in progress");
     h2.until_closed().await;
-    assert!(expired("max_connection_age") > before);
+    assert_eq!(expired("max_connection_age"), before + 1);
     gateway.shutdown(T).await;
 }
 
 /// A client told to go away that never answers the PING h2 waits for
 /// before its last GOAWAY does not hold the connection for ever: it is
-/// closed `header_timeout` after the first GOAWAY, nothing being in
-/// progress.
+/// closed `header_timeout` after the first GOAWAY, once nothing has been
+/// in progress for `body_timeout`.
 #[tokio::test]
 async fn an_http2_client_that_never_answers_going_away_is_closed() {
+    let _expiring = EXPIRING.lock().await;
     let (_up, gateway) = limited("h2-no-pong", |l| {
         l.max_connection_requests = 1;
         l.header_read_timeout = AGE;
+        l.body_timeout = AGE;
     })
     .await;
     let mut h2 = RawH2::open(&gateway, "/first").await;
