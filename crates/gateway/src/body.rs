@@ -1,11 +1,13 @@
-//! The one body type that flows through the gateway's tower stack, and a
-//! wrapper that keeps a value (a load guard) alive until a body is finished.
+//! The one body type that flows through the gateway's tower stack, a
+//! wrapper that keeps a value (a load guard) alive until a body is
+//! finished, and the error of a request body the client paused in.
 //!
 //! Request and response bodies stream; boxing them to one type lets the
 //! proxy, static files and generated error responses share the stack.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
@@ -16,6 +18,34 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A streaming body of any origin.
 pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A request body of which the client sent nothing more for `timeout`
+/// (`[gateway.limits] body_timeout`) while the gateway was waiting for
+/// it: over HTTP/1 from `h1`'s connection, over HTTP/2 from `server`'s
+/// streams. Whatever reads the body answers 408 on it, as for a body the
+/// route's `timeout` ran out on, and charges no instance: the wait was
+/// the client's. A type of its own, found by [`cause`], so that no other
+/// body error becomes a 408.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent nothing more of the request body for {}", humantime::format_duration(*.timeout))]
+pub(crate) struct BodyStalled {
+    pub timeout: Duration,
+}
+
+/// The first error of type `T` in `error`'s chain (`error` itself
+/// first): a body error reaches its reader boxed, maybe within others.
+pub(crate) fn cause<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        source = e.source();
+    }
+    None
+}
 
 pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())

@@ -45,7 +45,12 @@
 //!   its end.
 //! - **Timeouts.** A head taking longer than `header_read_timeout` from its
 //!   first byte gets 408; a kept-alive connection idle for `idle_timeout`
-//!   is closed silently. A client closing its side while its request is in
+//!   is closed silently. A streamed request body that the stack has
+//!   waited `body_timeout` for, the client sending nothing, fails with
+//!   `BodyStalled` (the proxy answers 408, and the connection closes
+//!   with the rest unread): the pause is timed on the connection's one
+//!   timer, and only while the stack waits for the client, not while it
+//!   is busy with what it was given (an instance slow to take it). A client closing its side while its request is in
 //!   progress abandons the request (the stack's future is dropped).
 //! - **Responses** (`encode`): `content-length` when the size is known,
 //!   chunked otherwise (close-delimited for HTTP/1.0), nothing for HEAD,
@@ -95,7 +100,7 @@ use self::encode::{BodyEncoder, Exchange, Framing, HeadFields, Out, Then};
 use self::head::{BodyLength, Head};
 use self::incoming::{BodyError, Room};
 use crate::access_log::Refused;
-use crate::body::{self, Body};
+use crate::body::{self, Body, BodyStalled};
 use crate::chunked::{ChunkedDecoder, ChunkedError, Decoded};
 use crate::client_cert::ClientCert;
 use crate::clock;
@@ -128,7 +133,8 @@ pub(crate) struct Settings {
     pub max_headers: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
-    /// The longest pause in sending a response body (`Limits::body_timeout`).
+    /// The longest pause in sending a response body, and in waiting for
+    /// the client's request body (`Limits::body_timeout`).
     pub body_timeout: Duration,
     pub tunnel_idle_timeout: Duration,
     /// Responses a connection carries before it closes
@@ -283,6 +289,10 @@ struct Feed {
     finished: bool,
     /// The whole body was read off the connection.
     complete: bool,
+    /// Since when the stack has been waiting for more of the body and the
+    /// client has sent nothing (`body_timeout`, see `poll_paused`); set
+    /// only once the feed had to wait for the client.
+    paused_since: Option<Instant>,
 }
 
 impl Feed {
@@ -642,6 +652,7 @@ impl<H: Handler> Conn<H> {
             responded: false,
             finished: false,
             complete: false,
+            paused_since: None,
         };
         Ok((body::boxed(rx), Some(feed)))
     }
@@ -695,7 +706,11 @@ impl<H: Handler> Conn<H> {
                     f.finished = true;
                     break;
                 }
-                Room::Full => break,
+                Room::Full => {
+                    // The stack is not reading: any wait is the instance's.
+                    f.paused_since = None;
+                    break;
+                }
                 Room::Free { polled } => {
                     if f.expect_continue {
                         if !polled || f.responded {
@@ -733,12 +748,17 @@ impl<H: Handler> Conn<H> {
                 Ok(Decoded::NeedMore) if self.read_closed => f.end(Err(BodyError::Incomplete)),
                 Ok(Decoded::NeedMore) => {
                     match self.io.poll_read_into(cx, &mut self.rbuf, BODY_READ_SPARE) {
-                        Poll::Pending => break,
+                        Poll::Pending => {
+                            if self.poll_paused(cx, f) {
+                                fed = true;
+                            }
+                            break;
+                        }
                         Poll::Ready(Ok(0)) => {
                             self.read_closed = true;
                             f.end(Err(BodyError::Incomplete));
                         }
-                        Poll::Ready(Ok(_)) => {}
+                        Poll::Ready(Ok(_)) => f.paused_since = None,
                         Poll::Ready(Err(e)) => {
                             f.end(Err(BodyError::Io(e)));
                             return Err(());
@@ -748,6 +768,30 @@ impl<H: Handler> Conn<H> {
             }
         }
         Ok(fed)
+    }
+
+    /// The feed waiting for the client's next bytes: if the stack is
+    /// waiting for them too, the pause counts from when it began, and once
+    /// it has lasted `body_timeout` the body ends with [`BodyStalled`]
+    /// (`true`; the stack answers 408, and the connection closes with the
+    /// rest of the body unread); meanwhile the connection's timer is set
+    /// to wake the task then. A stack busy with the last frame is not
+    /// waiting on the client: no pause, and the slot wakes the task when
+    /// it asks for more (`incoming::Sender::wanted`). Only a body that
+    /// streams, and only when it waits for the client, comes here.
+    fn poll_paused(&mut self, cx: &mut Context<'_>, f: &mut Feed) -> bool {
+        if !f.tx.wanted(cx) {
+            f.paused_since = None;
+            return false;
+        }
+        let since = *f.paused_since.get_or_insert_with(clock::now);
+        let timeout = self.settings.body_timeout;
+        if !poll_deadline(&mut self.timer, cx, since + timeout) {
+            return false;
+        }
+        tracing::debug!(target: "flotilla::gateway", peer = %self.info.peer, ?timeout, "request body stalled (the client sent nothing more of it); ending it");
+        f.end(Err(BodyStalled { timeout }.into()));
+        true
     }
 
     /// Whether the client has gone away while its request is in progress.
@@ -997,15 +1041,9 @@ impl<H: Handler> Conn<H> {
             Some(since) if !progressed => *since,
             _ => *stalled_at.insert(now),
         };
-        let deadline = since + self.settings.body_timeout;
-        arm(&mut self.timer, deadline);
-        // The timer may fire early (see `arm`): then it is set again.
-        while self.timer.as_mut().poll(cx).is_ready() {
-            if Instant::now() >= deadline {
-                tracing::debug!(target: "flotilla::gateway", peer = %self.info.peer, timeout = ?self.settings.body_timeout, "response body stalled (the instance sent nothing, or the client read nothing); closing");
-                return Poll::Ready(false);
-            }
-            self.timer.as_mut().reset(deadline);
+        if poll_deadline(&mut self.timer, cx, since + self.settings.body_timeout) {
+            tracing::debug!(target: "flotilla::gateway", peer = %self.info.peer, timeout = ?self.settings.body_timeout, "response body stalled (the instance sent nothing, or the client read nothing); closing");
+            return Poll::Ready(false);
         }
         Poll::Pending
     }
@@ -1187,6 +1225,26 @@ fn concat(mut pieces: Vec<Bytes>) -> Bytes {
     }
 }
 
+/// Whether `deadline` has passed; if not, `timer` is set to wake the task
+/// by then. A response's stalled body and a request's paused one may both
+/// wait on the one timer: each reads the clock first, so a timer that one
+/// moved later on firing early (for the other) does not hide a deadline
+/// the other passed, and each arms it at every poll.
+fn poll_deadline(timer: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>, deadline: Instant) -> bool {
+    if clock::now() >= deadline {
+        return true;
+    }
+    arm(timer, deadline);
+    // The timer may fire early (see `arm`): then it is set again.
+    while timer.as_mut().poll(cx).is_ready() {
+        if Instant::now() >= deadline {
+            return true;
+        }
+        timer.as_mut().reset(deadline);
+    }
+    false
+}
+
 /// Makes `timer` fire no later than `deadline`. Moving a tokio timer later
 /// is cheap and earlier is not, and every request moves the idle deadline
 /// later: so a timer that would fire early is left alone (it is re-armed
@@ -1213,6 +1271,8 @@ mod tests {
     use super::*;
 
     const PATIENCE: Duration = Duration::from_secs(10);
+    /// How long the stub's `/busy` leaves its request body alone.
+    const BUSY: Duration = Duration::from_millis(900);
 
     /// A waker that counts its wakes.
     struct Counting(AtomicUsize);
@@ -1286,7 +1346,9 @@ mod tests {
     /// 401 without reading the body; `/hold` never answers; `/stall` sends
     /// a first chunk of its body and then nothing; `/drip` sends ten
     /// chunks 50 ms apart; `/big` is 32 MiB; `/late` answers at once and
-    /// ends its body with the request body's length once it has all come.
+    /// ends its body with the request body's length once it has all come;
+    /// `/busy` takes the body's first frame, does something else for
+    /// [`BUSY`], then reads the rest and answers as `/echo` does.
     #[derive(Clone)]
     struct Stub(Arc<Probe>);
 
@@ -1341,6 +1403,19 @@ mod tests {
                         Response::new(body::boxed(StreamBody::new(drops)))
                     }
                     "/big" => text(StatusCode::OK, vec![b'x'; 32 << 20]),
+                    "/busy" => {
+                        let mut body = req.into_body();
+                        let first = match body.frame().await {
+                            Some(Ok(f)) => f.into_data().map_or(0, |d| d.len()),
+                            _ => 0,
+                        };
+                        tokio::time::sleep(BUSY).await;
+                        let len = match body.collect().await {
+                            Ok(c) => (first + c.to_bytes().len()).to_string(),
+                            Err(e) => format!("error: {e}"),
+                        };
+                        text(StatusCode::OK, format!("len={len}"))
+                    }
                     "/late" => {
                         // Answers at once, and ends once the whole request
                         // body has come.
@@ -1791,6 +1866,59 @@ mod tests {
         let mut got = Vec::new();
         let _ = tokio::time::timeout(PATIENCE, reader.read_to_end(&mut got)).await;
         assert!(got.len() < 32 << 20, "the whole body was sent");
+    }
+
+    #[tokio::test]
+    async fn a_request_body_the_client_pauses_in_fails_after_body_timeout() {
+        let timeout = Duration::from_millis(300);
+        let s = server(Settings {
+            body_timeout: timeout,
+            ..settings()
+        })
+        .await;
+        // Three bytes of ten, or of a chunk, then nothing: the stack's
+        // read fails with the pause, and the connection closes after the
+        // answer (the rest of the body is unread).
+        for raw in [
+            &b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc"[..],
+            b"POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\na\r\nabc",
+        ] {
+            let mut stream = connect(s.addr).await;
+            let began = Instant::now();
+            send(&mut stream, raw).await;
+            let answer = read_all(&mut stream).await;
+            assert!(began.elapsed() >= timeout, "{:?}", began.elapsed());
+            assert!(answer.contains("connection: close\r\n"), "{answer}");
+            assert!(
+                answer.ends_with(
+                    "len=error: the client sent nothing more of the request body for 300ms"
+                ),
+                "{answer}"
+            );
+        }
+    }
+
+    /// The pause counts only while the stack waits for the body: a stack
+    /// busy with what it took (an instance slow to read it) is not kept
+    /// waiting by the client, however long the client is quiet meanwhile.
+    #[tokio::test]
+    async fn a_request_body_is_not_timed_while_the_stack_is_not_reading_it() {
+        let s = server(Settings {
+            body_timeout: Duration::from_millis(300),
+            ..settings()
+        })
+        .await;
+        let mut stream = connect(s.addr).await;
+        send(
+            &mut stream,
+            b"POST /busy HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc",
+        )
+        .await;
+        // Quiet for twice the timeout, while the stack is busy for three
+        // times it (the pause is the thing under test, not a wait).
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        send(&mut stream, b"defghij").await;
+        read_until(&mut stream, |t| t.ends_with("len=10")).await;
     }
 
     #[tokio::test]

@@ -26,7 +26,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use rand::Rng;
 
-use crate::body::{self, Body, BoxError};
+use crate::body::{self, Body, BodyStalled, BoxError};
 use crate::edge::ClientAddr;
 use crate::headers::Told;
 use crate::proxy::{Deadline, Proxy};
@@ -133,6 +133,11 @@ pub(crate) async fn send(
                 let bytes = collected.to_bytes();
                 *req.body_mut() = body::full(bytes.clone());
                 bytes
+            }
+            // The client paused in it for `body_timeout`: the 408 the
+            // proxy would give, without asking an instance first.
+            Ok(Err(e)) if body::cause::<BodyStalled>(e.as_ref()).is_some() => {
+                return Err(crate::proxy::body_error(e));
             }
             // The client's body broke off: the request goes on to fail
             // as it would have, and nothing is copied.

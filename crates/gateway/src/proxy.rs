@@ -32,7 +32,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use crate::balance;
-use crate::body::{self, Body};
+use crate::body::{self, Body, BodyStalled, BoxError};
 use crate::config::Limits;
 use crate::edge::ClientAddr;
 use crate::headers::{Forwarding, Told};
@@ -314,6 +314,11 @@ impl Proxy {
                         if let Some(limit) = body_limit_exceeded(&error, route) {
                             return Err(Rejection::PayloadTooLarge { limit });
                         }
+                        // The client paused in its body for `body_timeout`:
+                        // its wait, as `ClientTooSlow` is, not the instance's.
+                        if let Some(timeout) = body_stalled(&error) {
+                            return Err(Rejection::RequestBodyTimeout { timeout });
+                        }
                         let failure = classify(&error);
                         // An answer that is no HTTP response is evidence
                         // against the instance as a 502 would be: counted
@@ -469,7 +474,19 @@ async fn collect(body: Body) -> Result<Outgoing, Rejection> {
                 limit: usize::try_from(limit).unwrap_or(usize::MAX),
             })
         }
-        Err(source) => Err(Rejection::BadRequestBody { source }),
+        Err(source) => Err(body_error(source)),
+    }
+}
+
+/// What a request body that failed as it was read for buffering (to
+/// retry it, to copy it to a mirror) is refused as: 408 when the client
+/// paused in it for `body_timeout` (see [`BodyStalled`]), else 400.
+pub(crate) fn body_error(source: BoxError) -> Rejection {
+    match body::cause::<BodyStalled>(source.as_ref()) {
+        Some(stalled) => Rejection::RequestBodyTimeout {
+            timeout: stalled.timeout,
+        },
+        None => Rejection::BadRequestBody { source },
     }
 }
 
@@ -522,14 +539,16 @@ fn body_limit_exceeded(error: &SendError, route: &Route) -> Option<usize> {
     let SendError::Body(error) = error else {
         return None;
     };
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
-    while let Some(e) = source {
-        if e.is::<http_body_util::LengthLimitError>() {
-            return route.policy.max_body_bytes;
-        }
-        source = e.source();
-    }
-    None
+    body::cause::<http_body_util::LengthLimitError>(error.as_ref()).and(route.policy.max_body_bytes)
+}
+
+/// The `body_timeout` the client paused in its body for, when `error` is
+/// that pause while the body streamed to the upstream.
+fn body_stalled(error: &SendError) -> Option<Duration> {
+    let SendError::Body(error) = error else {
+        return None;
+    };
+    body::cause::<BodyStalled>(error.as_ref()).map(|s| s.timeout)
 }
 
 fn classify(error: &SendError) -> Failure {

@@ -10,6 +10,12 @@
 //! The consumer polling for the first time is what lets the connection send
 //! `100 Continue`: a request that the stack refuses without looking at its
 //! body never makes the client send it.
+//!
+//! The connection also asks whether the consumer is waiting for a frame
+//! ([`Sender::wanted`]): only then is a client that sends nothing keeping
+//! the gateway waiting (`body_timeout`, in `h1`). A consumer busy with its
+//! last frame (an instance slow to take it) is not, and wakes the
+//! connection when it starts to wait.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,7 +24,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
-use crate::body::BoxError;
+use crate::body::{BodyStalled, BoxError};
 
 /// Why a streamed request body ended early.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +37,10 @@ pub(crate) enum BodyError {
     Io(#[source] std::io::Error),
     #[error("the connection stopped reading the request body")]
     Abandoned,
+    /// The consumer waited `body_timeout` for more, and the client sent
+    /// nothing; reaches the consumer as the [`BodyStalled`] itself.
+    #[error(transparent)]
+    Stalled(#[from] BodyStalled),
 }
 
 #[derive(Default)]
@@ -40,7 +50,8 @@ struct Slot {
     end: Option<Result<(), BodyError>>,
     /// The consumer, waiting for data.
     reader: Option<Waker>,
-    /// The connection, waiting for room or for the first poll.
+    /// The connection, waiting for room, for the first poll, or for the
+    /// consumer to wait ([`Sender::wanted`]).
     feeder: Option<Waker>,
     /// The consumer has asked for data at least once.
     polled: bool,
@@ -98,7 +109,6 @@ impl http_body::Body for RequestBody {
             return Poll::Ready(None);
         }
         let mut slot = lock(&self.shared);
-        let first = !slot.polled;
         slot.polled = true;
         if let Some(data) = slot.data.take() {
             let feeder = slot.feeder.take();
@@ -117,14 +127,18 @@ impl http_body::Body for RequestBody {
                 self.done = true;
                 match end {
                     Ok(()) => Poll::Ready(None),
+                    // Unwrapped, for the proxy to find (`body::cause`).
+                    Err(BodyError::Stalled(stalled)) => Poll::Ready(Some(Err(Box::new(stalled)))),
                     Err(e) => Poll::Ready(Some(Err(e.into()))),
                 }
             }
             None => {
                 store(&mut slot.reader, cx);
                 // The first poll is the go-ahead for `100 Continue`; after
-                // that the connection fills the slot without being asked.
-                let feeder = if first { slot.feeder.take() } else { None };
+                // that the connection fills the slot without being asked,
+                // and is woken here only when it asked to know that the
+                // consumer waits (`Sender::wanted`).
+                let feeder = slot.feeder.take();
                 drop(slot);
                 if let Some(w) = feeder {
                     w.wake();
@@ -194,6 +208,21 @@ impl Sender {
             Room::Free {
                 polled: slot.polled,
             }
+        }
+    }
+
+    /// Whether the consumer is waiting for a frame: it asked, and the
+    /// slot is empty. If not, the caller is woken when it starts to.
+    pub(crate) fn wanted(&self, cx: &Context<'_>) -> bool {
+        let mut slot = lock(&self.shared);
+        if slot.dropped || slot.data.is_some() {
+            // Gone, or full: `room` says so, and registers for a change.
+            false
+        } else if slot.reader.is_some() {
+            true
+        } else {
+            store(&mut slot.feeder, cx);
+            false
         }
     }
 

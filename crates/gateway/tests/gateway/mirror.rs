@@ -73,6 +73,44 @@ async fn a_mirrored_request_whose_body_never_comes_gets_408_and_frees_its_place(
     gateway.shutdown(Duration::ZERO).await;
 }
 
+/// A client that pauses in a body the mirror reads to copy gets the 408 of
+/// `body_timeout` (1 s here) there, long before the route's 30 s, and
+/// nothing is sent anywhere. The route's one instance is down: a request
+/// forwarded would get 502, so the 408 says that none was.
+#[tokio::test]
+async fn a_mirrored_request_whose_body_pauses_gets_408_after_body_timeout() {
+    let _places = MIRROR_PLACES.read().await;
+    let registry = Registry::new();
+    let mut live = Upstream::start("pausecopy-0").await;
+    live.kill().await;
+    let shadow = Upstream::start("pausecopy-shadow-0").await;
+    registry.set("pausecopy", vec![live.endpoint()]);
+    registry.set("pausecopy-shadow", vec![shadow.endpoint()]);
+    let mut mirrored = route("pausecopy", "/**", &[], Duration::from_secs(30));
+    mirrored.mirror = vec![("pausecopy-shadow".to_string(), 100)];
+    let mut cfg = config(vec![mirrored]);
+    cfg.limits.body_timeout = Duration::from_secs(1);
+    let gateway = start(cfg, &registry).await;
+    let began = tokio::time::Instant::now();
+    let answer = raw_request(
+        gateway.local_addr(),
+        "POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(
+        answer.contains("the request body did not arrive within 1s"),
+        "{answer}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(shadow.hits(), 0, "a request without its body was copied");
+    gateway.shutdown(Duration::ZERO).await;
+}
+
 /// The route's timeout runs from when the request is forwarded, its body
 /// included: the wait for a body the mirror reads to copy it is part of
 /// it, not taken before it. Body 1 s late, the instance answering at

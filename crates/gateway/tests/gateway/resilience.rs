@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use flotilla_gateway::Limits;
+use flotilla_gateway::{Gateway, Limits};
 use http::{Method, StatusCode};
+use tokio::time::Instant;
 
 use crate::support::*;
 
@@ -449,26 +450,194 @@ async fn a_client_too_slow_with_its_body_gets_408_and_no_instance_is_charged() {
         uploads.spawn(async move { raw_request(addr, &raw).await });
     }
     while let Some(answer) = uploads.join_next().await {
-        let answer = ok(answer, "upload task");
-        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
-        assert!(answer.contains("\"request_timeout\""), "{answer}");
-        assert!(
-            answer.contains("the request body did not arrive within 300ms"),
-            "{answer}"
-        );
+        assert_body_timed_out(&ok(answer, "upload task"), "300ms");
     }
+    neither_was_charged(&gateway, "slowbody", &a, &b).await;
+    gateway.shutdown(T).await;
+}
+
+/// A 408 for a body that did not arrive `within`.
+fn assert_body_timed_out(answer: &str, within: &str) {
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(answer.contains("\"request_timeout\""), "{answer}");
+    assert!(
+        answer.contains(&format!("the request body did not arrive within {within}")),
+        "{answer}"
+    );
+}
+
+/// Neither of `service`'s instances `a` and `b` was ejected, and both
+/// still serve.
+async fn neither_was_charged(gateway: &Gateway, service: &str, a: &Upstream, b: &Upstream) {
     assert_eq!(
-        metric_sum(&["flotilla_gateway_ejections_total", "service=\"slowbody\""]),
+        metric_sum(&[
+            "flotilla_gateway_ejections_total",
+            &format!("service=\"{service}\"")
+        ]),
         0
     );
-    // Both instances are still in rotation.
-    let client = Client::new(&gateway);
+    let client = Client::new(gateway);
     let (a_before, b_before) = (a.hits(), b.hits());
     for i in 0..10 {
         let reply = client.get(&format!("/x/{i}")).await;
         assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     }
     assert!(a.hits() > a_before && b.hits() > b_before);
+}
+
+/// A client that pauses inside its body is timed out by `body_timeout`
+/// (1 s here), not the route's `timeout` (30 s, as an upload route's may
+/// be a day): 408, no instance charged, as for a body too slow for the
+/// route, and the connection closed (the rest of the body is unread).
+#[tokio::test]
+async fn a_client_that_pauses_in_its_body_gets_408_after_body_timeout_and_no_instance_is_charged() {
+    let registry = Registry::new();
+    let a = Upstream::start("pausebody-a").await;
+    let b = Upstream::start("pausebody-b").await;
+    registry.set("pausebody", vec![a.endpoint(), b.endpoint()]);
+    let mut cfg = config(vec![route(
+        "pausebody",
+        "/**",
+        &[],
+        Duration::from_secs(30),
+    )]);
+    cfg.limits.body_timeout = Duration::from_secs(1);
+    // One failure charged ejects an instance (the other is left in).
+    cfg.limits.outlier_consecutive_failures = 1;
+    let gateway = start(cfg, &registry).await;
+    let addr = gateway.local_addr();
+
+    // Twelve at once: a POST's body streams to the instance, a PUT's is
+    // buffered first to be retryable, and a chunked one streams. Each
+    // sends 3 bytes of 10, then nothing.
+    let mut uploads = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let framing = match i % 3 {
+            0 => "POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n012",
+            1 => "PUT /up HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n012",
+            _ => "POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\na\r\n012",
+        };
+        uploads.spawn(async move {
+            let began = Instant::now();
+            // Read to its end: the connection is closed after the answer.
+            let answer = raw_request(addr, framing).await;
+            (answer, began.elapsed())
+        });
+    }
+    while let Some(answer) = uploads.join_next().await {
+        let (answer, took) = ok(answer, "upload task");
+        assert_body_timed_out(&answer, "1s");
+        assert!(answer.contains("connection: close\r\n"), "{answer}");
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_secs(10),
+            "answered after {took:?}"
+        );
+    }
+    neither_was_charged(&gateway, "pausebody", &a, &b).await;
+    gateway.shutdown(T).await;
+}
+
+/// `body_timeout` bounds a pause, not a body: a client that sends a byte
+/// every 300 ms, its body taking three times the 1 s, is never cut off.
+#[tokio::test]
+async fn a_client_that_keeps_sending_its_body_slowly_is_not_cut_off_by_body_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let registry = Registry::new();
+    let up = Upstream::start("dripbody-0").await;
+    registry.set("dripbody", vec![up.endpoint()]);
+    let mut cfg = config(vec![route("dripbody", "/**", &[], Duration::from_secs(30))]);
+    cfg.limits.body_timeout = Duration::from_secs(1);
+    let gateway = start(cfg, &registry).await;
+    let addr = gateway.local_addr();
+
+    let mut uploads = tokio::task::JoinSet::new();
+    for (method, chunked) in [("POST", false), ("PUT", false), ("POST", true)] {
+        uploads.spawn(async move {
+            let framing = match chunked {
+                true => "transfer-encoding: chunked",
+                false => "content-length: 10",
+            };
+            let mut stream = ok(tokio::net::TcpStream::connect(addr).await, "connect");
+            let head = format!(
+                "{method} /drip HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{framing}\r\n\r\n"
+            );
+            ok(stream.write_all(head.as_bytes()).await, "head");
+            for _ in 0..10 {
+                // The pacing is the thing under test, not a wait.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let byte: &[u8] = if chunked { b"1\r\nx\r\n" } else { b"x" };
+                ok(stream.write_all(byte).await, "a byte");
+            }
+            if chunked {
+                ok(stream.write_all(b"0\r\n\r\n").await, "last chunk");
+            }
+            let mut answer = Vec::new();
+            let read = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer)).await;
+            ok(ok(read, "read timed out"), "read");
+            String::from_utf8_lossy(&answer).into_owned()
+        });
+    }
+    while let Some(answer) = uploads.join_next().await {
+        let answer = ok(answer, "upload task");
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(answer.contains("\"body_len\":10"), "{answer}");
+    }
+    gateway.shutdown(T).await;
+}
+
+/// An instance slow to take a body is not the client's pause: the client
+/// has sent it all, the gateway holds it back (its slot toward the
+/// instance full), and the instance reads nothing of it for three times
+/// `body_timeout`: no 408, the instance's answer arrives.
+#[tokio::test]
+async fn an_instance_slow_to_read_a_body_is_not_a_client_pause() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BODY: usize = 32 << 20;
+    let listener = ok(tokio::net::TcpListener::bind("127.0.0.1:0").await, "bind");
+    let addr = ok(listener.local_addr(), "addr");
+    tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let Some(head) = read_head(&mut stream).await else {
+            return;
+        };
+        let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+        let mut read = head.len() - end;
+        // More than the sockets between hold: the gateway's write waits.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut buf = vec![0u8; 64 * 1024];
+        while read < BODY {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read += n,
+            }
+        }
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{read}",
+            read.to_string().len()
+        );
+        let _ = stream.write_all(answer.as_bytes()).await;
+    });
+    let registry = Registry::new();
+    registry.set(
+        "slowreader",
+        vec![flotilla_gateway::Endpoint {
+            instance: "slowreader-0".into(),
+            addr,
+            load: Default::default(),
+        }],
+    );
+    let mut slow = route("slowreader", "/**", &[], Duration::from_secs(30));
+    slow.max_body_bytes = Some(BODY);
+    let mut cfg = config(vec![slow]);
+    cfg.limits.body_timeout = Duration::from_secs(1);
+    let gateway = start(cfg, &registry).await;
+    let reply = Client::new(&gateway)
+        .request(Method::POST, "/up", &[], Bytes::from(vec![b'x'; BODY]))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.body, Bytes::from(BODY.to_string()));
     gateway.shutdown(T).await;
 }
 
