@@ -1,5 +1,6 @@
 //! The client side of an HTTP/2 connection as hyper sees it, watched for
-//! idleness; and the lingering close every connection ends with.
+//! idleness and for bodies that stall either way; and the lingering close
+//! every connection ends with.
 //!
 //! hyper's HTTP/2 server has no idle timeout: a client could open
 //! connections, make a request or none, and keep them forever, each a
@@ -34,6 +35,16 @@
 //! close its connection. (A body waiting on its instance is the instance's
 //! `body_timeout`, in `outbound`.)
 //!
+//! A client may also stop sending a request body it began: the stream
+//! then holds its place in flight and an instance connection for as long
+//! as the route's `timeout` (a day, for an upload route). So a request
+//! body still to come is [`Paused`]: once whoever reads it (the proxy,
+//! streaming it on or buffering it) has waited `body_timeout` for its next
+//! frame, it fails with [`BodyStalled`], which the proxy answers with 408,
+//! as h1's connection does for HTTP/1. A reader busy elsewhere (an
+//! instance slow to take what it was given) is not waiting, and its time
+//! does not count.
+//!
 //! When a connection ends with the client still sending (a head over the
 //! size limit answered with 431, a body refused with 413), closing at once
 //! would make the kernel reset the connection and the client could lose the
@@ -54,9 +65,10 @@ use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
-use crate::body::{Body, BoxError};
+use crate::body::{Body, BodyStalled, BoxError};
+use crate::clock;
 
 /// How long a closing connection keeps reading what the client still sends.
 const LINGER: Duration = Duration::from_secs(2);
@@ -269,6 +281,82 @@ impl http_body::Body for Paced {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A request body on an HTTP/2 stream that is not at its end yet: fails
+    /// with [`BodyStalled`] once its reader has waited `timeout` for the
+    /// next frame (see the module's notes).
+    pub(crate) struct Paused<B> {
+        #[pin]
+        inner: B,
+        timeout: Duration,
+        // Made at the first wait and kept: a later wait moves it, later
+        // only when it fires early (as `h1`'s `arm`), not at each frame.
+        timer: Option<Pin<Box<Sleep>>>,
+        // Since when the reader has waited, without a frame since.
+        since: Option<Instant>,
+        stalled: bool,
+    }
+}
+
+impl<B> Paused<B> {
+    pub(crate) fn new(inner: B, timeout: Duration) -> Paused<B> {
+        Paused {
+            inner,
+            timeout,
+            timer: None,
+            since: None,
+            stalled: false,
+        }
+    }
+}
+
+impl<B> http_body::Body for Paused<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if *this.stalled {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            *this.since = None;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let deadline = *this.since.get_or_insert_with(clock::now) + *this.timeout;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        // Set for an earlier wait, it fires early: then it is set again.
+        while timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
+                *this.stalled = true;
+                let stalled = BodyStalled {
+                    timeout: *this.timeout,
+                };
+                return Poll::Ready(Some(Err(Box::new(stalled))));
+            }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stalled || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Ends a request in [`Watch`] when the response body is done.
 #[derive(Debug)]
 pub(crate) struct RequestGuard(Arc<Watch>);
@@ -436,4 +524,57 @@ pub(crate) async fn linger(stream: &TcpStream) {
         }
     };
     let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+
+    use http_body::Body as _;
+
+    /// The wait counts from the reader's poll that found nothing, not from
+    /// the last frame: a reader busy with what it took (an instance slow
+    /// to take it) is not kept waiting by the client.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_body_fails_once_its_reader_has_waited_the_timeout_for_it() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let data = rx.recv().await?;
+            Some((Ok::<_, Infallible>(Frame::data(data)), rx))
+        });
+        let timeout = Duration::from_secs(1);
+        let mut body = Box::pin(Paused::new(
+            http_body_util::StreamBody::new(frames),
+            timeout,
+        ));
+        let mut poll = || {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            match body.as_mut().poll_frame(&mut cx) {
+                Poll::Pending => "pending".to_string(),
+                Poll::Ready(None) => "end".to_string(),
+                Poll::Ready(Some(Ok(_))) => "frame".to_string(),
+                Poll::Ready(Some(Err(e))) => match crate::body::cause::<BodyStalled>(e.as_ref()) {
+                    Some(stalled) => format!("stalled {:?}", stalled.timeout),
+                    None => format!("error {e}"),
+                },
+            }
+        };
+        assert!(tx.send(Bytes::from_static(b"a")).await.is_ok());
+        assert_eq!(poll(), "frame");
+        // Busy elsewhere for three timeouts: no wait yet.
+        tokio::time::advance(3 * timeout).await;
+        assert_eq!(poll(), "pending");
+        tokio::time::advance(timeout - Duration::from_millis(100)).await;
+        assert_eq!(poll(), "pending");
+        // A frame ends the wait; the next one counts from its own start.
+        assert!(tx.send(Bytes::from_static(b"b")).await.is_ok());
+        assert_eq!(poll(), "frame");
+        assert_eq!(poll(), "pending");
+        tokio::time::advance(timeout - Duration::from_millis(100)).await;
+        assert_eq!(poll(), "pending");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(poll(), "stalled 1s");
+        assert_eq!(poll(), "end");
+    }
 }

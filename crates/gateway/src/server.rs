@@ -47,7 +47,7 @@ use crate::body::{self, Body, Holding};
 use crate::bulkhead::{Cap, Place};
 use crate::client_cert::ClientCert;
 use crate::config::Limits;
-use crate::conn::{self, H2_PREFACE, StreamExecutor, Watch};
+use crate::conn::{self, H2_PREFACE, Paused, StreamExecutor, Watch};
 use crate::conn_limit::Admission;
 use crate::conn_limit::{ConnLimits, Expired};
 use crate::edge;
@@ -683,6 +683,7 @@ where
         client_cert,
         watch: Arc::clone(&watch),
         max_headers: with.settings.max_headers,
+        body_timeout: with.settings.body_timeout,
     });
     let conn = with.builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
@@ -781,6 +782,9 @@ struct Connection {
     /// through 64 KiB. More than this many get 431, as over HTTP/1 (the
     /// cookies counted as one field).
     max_headers: usize,
+    /// `[gateway.limits] body_timeout`: a request body waited for this
+    /// long fails (`conn::Paused`).
+    body_timeout: Duration,
 }
 
 impl tower::Service<Request<Incoming>> for Connection {
@@ -808,7 +812,12 @@ impl tower::Service<Request<Incoming>> for Connection {
             return async move { Ok(res) }.boxed();
         }
         let guard = self.watch.request_started();
-        let mut req = req.map(body::boxed);
+        // A body still to come is timed while it is waited for; one that
+        // ended with the head (most requests) costs nothing.
+        let mut req = req.map(|b| match http_body::Body::is_end_stream(&b) {
+            true => body::boxed(b),
+            false => body::boxed(Paused::new(b, self.body_timeout)),
+        });
         if let Some(cert) = &self.client_cert {
             req.extensions_mut().insert(Arc::clone(cert));
         }

@@ -537,6 +537,75 @@ async fn a_client_that_pauses_in_its_body_gets_408_after_body_timeout_and_no_ins
     gateway.shutdown(T).await;
 }
 
+/// Over HTTP/2 only the stream whose body paused is answered 408; the
+/// connection's other streams go on, and so does the connection.
+#[tokio::test]
+async fn an_http2_stream_whose_body_pauses_gets_408_and_the_connection_goes_on() {
+    let registry = Registry::new();
+    let up = Upstream::start("h2pause-0").await;
+    registry.set("h2pause", vec![up.endpoint()]);
+    let mut cfg = config(vec![route("h2pause", "/**", &[], Duration::from_secs(30))]);
+    cfg.limits.body_timeout = Duration::from_secs(1);
+    let gateway = start(cfg, &registry).await;
+    let url = |path: &str| format!("http://{}{path}", gateway.local_addr());
+
+    let tcp = ok(
+        tokio::net::TcpStream::connect(gateway.local_addr()).await,
+        "connect",
+    );
+    let (client, conn) = ok(h2::client::handshake(tcp).await, "h2 handshake");
+    let conn = tokio::spawn(conn);
+    let mut client = ok(client.ready().await, "h2 ready");
+    // HEADERS without END_STREAM and 3 bytes of 10, then nothing: a POST
+    // (streamed to the instance) and a PUT (buffered to be retryable).
+    let mut paused = Vec::new();
+    for method in [Method::POST, Method::PUT] {
+        let req = ok(
+            http::Request::builder()
+                .method(method)
+                .uri(url("/up"))
+                .header("content-length", "10")
+                .body(()),
+            "request",
+        );
+        let (response, mut body) = ok(client.send_request(req, false), "send");
+        ok(body.send_data(Bytes::from_static(b"012"), false), "data");
+        // Kept open: dropped, it would end the stream.
+        paused.push((response, body));
+    }
+    let began = Instant::now();
+    for (response, _body) in paused {
+        let res = ok(
+            within("a paused stream's answer", response).await,
+            "response",
+        );
+        assert_eq!(res.status(), StatusCode::REQUEST_TIMEOUT);
+        let mut body = res.into_body();
+        let mut got = Vec::new();
+        while let Some(data) = within("its body", body.data()).await {
+            got.extend_from_slice(&ok(data, "body data"));
+        }
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.contains("\"request_timeout\""), "{got}");
+        assert!(got.contains("did not arrive within 1s"), "{got}");
+    }
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
+    // Another stream on the same connection is answered.
+    let req = ok(http::Request::get(url("/after")).body(()), "request");
+    let (response, _) = ok(client.send_request(req, true), "send");
+    let res = ok(
+        within("another stream's answer", response).await,
+        "response",
+    );
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(!conn.is_finished(), "the HTTP/2 connection was closed");
+    gateway.shutdown(T).await;
+}
+
 /// `body_timeout` bounds a pause, not a body: a client that sends a byte
 /// every 300 ms, its body taking three times the 1 s, is never cut off.
 #[tokio::test]
