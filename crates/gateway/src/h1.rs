@@ -50,8 +50,9 @@
 //!   `BodyStalled` (the proxy answers 408, and the connection closes
 //!   with the rest unread): the pause is timed on the connection's one
 //!   timer, and only while the stack waits for the client, not while it
-//!   is busy with what it was given (an instance slow to take it). A client closing its side while its request is in
-//!   progress abandons the request (the stack's future is dropped).
+//!   is busy with what it was given (an instance slow to take it). A
+//!   client closing its side while its request is in progress abandons
+//!   the request (the stack's future is dropped).
 //! - **Responses** (`encode`): `content-length` when the size is known,
 //!   chunked otherwise (close-delimited for HTTP/1.0), nothing for HEAD,
 //!   1xx, 204 and 304; a cached `date`; the head and whatever body frames
