@@ -1273,7 +1273,7 @@ mod tests {
 
     const PATIENCE: Duration = Duration::from_secs(10);
     /// How long the stub's `/busy` leaves its request body alone.
-    const BUSY: Duration = Duration::from_millis(900);
+    const BUSY: Duration = Duration::from_millis(1500);
 
     /// A waker that counts its wakes.
     struct Counting(AtomicUsize);
@@ -1915,7 +1915,7 @@ mod tests {
             b"POST /busy HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nabc",
         )
         .await;
-        // Quiet for twice the timeout, while the stack is busy for three
+        // Quiet for twice the timeout, while the stack is busy for five
         // times it (the pause is the thing under test, not a wait).
         tokio::time::sleep(Duration::from_millis(600)).await;
         send(&mut stream, b"defghij").await;

@@ -317,7 +317,7 @@ impl Proxy {
                         // The client paused in its body for `body_timeout`:
                         // its wait, as `ClientTooSlow` is, not the instance's.
                         if let Some(timeout) = body_stalled(&error) {
-                            return Err(Rejection::RequestBodyTimeout { timeout });
+                            return Err(Rejection::RequestBodyPaused { timeout });
                         }
                         let failure = classify(&error);
                         // An answer that is no HTTP response is evidence
@@ -483,7 +483,7 @@ async fn collect(body: Body) -> Result<Outgoing, Rejection> {
 /// paused in it for `body_timeout` (see [`BodyStalled`]), else 400.
 pub(crate) fn body_error(source: BoxError) -> Rejection {
     match body::cause::<BodyStalled>(source.as_ref()) {
-        Some(stalled) => Rejection::RequestBodyTimeout {
+        Some(stalled) => Rejection::RequestBodyPaused {
             timeout: stalled.timeout,
         },
         None => Rejection::BadRequestBody { source },

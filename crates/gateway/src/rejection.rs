@@ -80,6 +80,12 @@ pub(crate) enum Rejection {
     /// out: its fault, not the service's (which is not charged for it).
     #[error("the request body did not arrive within {}", humantime::format_duration(*timeout))]
     RequestBodyTimeout { timeout: Duration },
+    /// The client sent nothing more of its body for `body_timeout` while
+    /// the gateway waited for it ([`crate::body::BodyStalled`]): its
+    /// fault too, and the same 408, but a pause, not a total, is what ran
+    /// out.
+    #[error("the client sent nothing more of the request body for {}", humantime::format_duration(*timeout))]
+    RequestBodyPaused { timeout: Duration },
     #[error("cannot connect to `{service}`")]
     UpstreamUnreachable {
         service: String,
@@ -169,7 +175,9 @@ impl Rejection {
             | Rejection::BadRequestBody { .. } => StatusCode::BAD_REQUEST,
             Rejection::NoReadyInstance { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::UpstreamTimeout { .. } | Rejection::NotCached => StatusCode::GATEWAY_TIMEOUT,
-            Rejection::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Rejection::RequestBodyTimeout { .. } | Rejection::RequestBodyPaused { .. } => {
+                StatusCode::REQUEST_TIMEOUT
+            }
             Rejection::UpstreamUnreachable { .. } | Rejection::BadGateway { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -204,7 +212,9 @@ impl Rejection {
             Rejection::BadRequestBody { .. } => "bad_request_body",
             Rejection::NoReadyInstance { .. } => "no_ready_instance",
             Rejection::UpstreamTimeout { .. } => "upstream_timeout",
-            Rejection::RequestBodyTimeout { .. } => "request_timeout",
+            Rejection::RequestBodyTimeout { .. } | Rejection::RequestBodyPaused { .. } => {
+                "request_timeout"
+            }
             Rejection::UpstreamUnreachable { .. } => "upstream_unreachable",
             Rejection::BadGateway { .. } => "bad_gateway",
             Rejection::IpDenied => "ip_denied",

@@ -99,7 +99,7 @@ async fn a_mirrored_request_whose_body_pauses_gets_408_after_body_timeout() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
     assert!(
-        answer.contains("the request body did not arrive within 1s"),
+        answer.contains("the client sent nothing more of the request body for 1s"),
         "{answer}"
     );
     assert!(

@@ -450,20 +450,20 @@ async fn a_client_too_slow_with_its_body_gets_408_and_no_instance_is_charged() {
         uploads.spawn(async move { raw_request(addr, &raw).await });
     }
     while let Some(answer) = uploads.join_next().await {
-        assert_body_timed_out(&ok(answer, "upload task"), "300ms");
+        assert_body_timed_out(
+            &ok(answer, "upload task"),
+            "the request body did not arrive within 300ms",
+        );
     }
     neither_was_charged(&gateway, "slowbody", &a, &b).await;
     gateway.shutdown(T).await;
 }
 
 /// A 408 for a body that did not arrive `within`.
-fn assert_body_timed_out(answer: &str, within: &str) {
+fn assert_body_timed_out(answer: &str, message: &str) {
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
     assert!(answer.contains("\"request_timeout\""), "{answer}");
-    assert!(
-        answer.contains(&format!("the request body did not arrive within {within}")),
-        "{answer}"
-    );
+    assert!(answer.contains(message), "{answer}");
 }
 
 /// Neither of `service`'s instances `a` and `b` was ejected, and both
@@ -526,7 +526,10 @@ async fn a_client_that_pauses_in_its_body_gets_408_after_body_timeout_and_no_ins
     }
     while let Some(answer) = uploads.join_next().await {
         let (answer, took) = ok(answer, "upload task");
-        assert_body_timed_out(&answer, "1s");
+        assert_body_timed_out(
+            &answer,
+            "the client sent nothing more of the request body for 1s",
+        );
         assert!(answer.contains("connection: close\r\n"), "{answer}");
         assert!(
             took >= Duration::from_secs(1) && took < Duration::from_secs(10),
@@ -587,7 +590,10 @@ async fn an_http2_stream_whose_body_pauses_gets_408_and_the_connection_goes_on()
         }
         let got = String::from_utf8_lossy(&got);
         assert!(got.contains("\"request_timeout\""), "{got}");
-        assert!(got.contains("did not arrive within 1s"), "{got}");
+        assert!(
+            got.contains("the client sent nothing more of the request body for 1s"),
+            "{got}"
+        );
     }
     assert!(
         began.elapsed() < Duration::from_secs(10),
@@ -607,7 +613,8 @@ async fn an_http2_stream_whose_body_pauses_gets_408_and_the_connection_goes_on()
 }
 
 /// `body_timeout` bounds a pause, not a body: a client that sends a byte
-/// every 300 ms, its body taking three times the 1 s, is never cut off.
+/// every 300 ms, its body taking half again the 2 s, is never cut off
+/// (each pause leaves 1.7 s of room on a loaded machine).
 #[tokio::test]
 async fn a_client_that_keeps_sending_its_body_slowly_is_not_cut_off_by_body_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -615,7 +622,7 @@ async fn a_client_that_keeps_sending_its_body_slowly_is_not_cut_off_by_body_time
     let up = Upstream::start("dripbody-0").await;
     registry.set("dripbody", vec![up.endpoint()]);
     let mut cfg = config(vec![route("dripbody", "/**", &[], Duration::from_secs(30))]);
-    cfg.limits.body_timeout = Duration::from_secs(1);
+    cfg.limits.body_timeout = Duration::from_secs(2);
     let gateway = start(cfg, &registry).await;
     let addr = gateway.local_addr();
 
