@@ -14,7 +14,8 @@ sqlite3), to show that the runtime contract is enough for any language:
 - asks the catalog (FLOTILLA_URL_CATALOG, over mutual TLS, its peer's
   SPIFFE id checked) whether a product exists before taking a review of
   it: 404 `unknown_product` if not, 503 `catalog_unavailable` when the
-  catalog does not answer;
+  catalog does not answer or fails (5xx), 502 `catalog_error` when it
+  answers what retrying will not change (a 403 from its ACL, say);
 - answers /healthz, /readyz, /metrics, /openapi.json, logs JSON lines and
   drains on SIGTERM within FLOTILLA_DRAIN_SECONDS.
 
@@ -54,7 +55,7 @@ MAX_CONNECTIONS = 256
 MAX_BODY = 64 * 1024
 SHOWN = 50  # reviews in a product's list; the count and average are of all
 CATALOG_URL = os.environ.get("FLOTILLA_URL_CATALOG")  # set by `calls = ["catalog"]`
-CATALOG_TIMEOUT = 2  # seconds for the catalog's answer to "does it exist?"
+CATALOG_TIMEOUT = 2  # seconds for each connect, send and read of a call to the catalog
 USER_PREFIX = "x-flotilla-user-"
 CLIENT_CERT_HEADER = "x-forwarded-client-cert"
 
@@ -420,66 +421,89 @@ class CatalogClient:
             raise ssl.SSLError(f"the catalog's address answered as {peer}, not {expected}")
         return conn
 
+    # What a kept connection the catalog closed meanwhile (a restart, a
+    # drain) fails with before any answer: the request is sent once more,
+    # on a new connection. A timeout is not one of them: the catalog may
+    # be hung, and waiting again would only double the wait.
+    CLOSED = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+              ssl.SSLEOFError, ssl.SSLZeroReturnError)
+
     def get(self, path, headers):
-        """(status, body) of GET `path`. A kept connection the catalog
-        closed meanwhile is replaced and the request sent again (a GET may
-        be)."""
+        """(status, body) of GET `path`, on a kept connection if there is
+        one; if that one turns out closed (CLOSED), once more on a new
+        connection. Any other failure is raised."""
         context = self.context()
-        while True:
-            conn = None
-            with self.lock:
-                stale = [c for c, ctx in self.idle if ctx is not context]
-                self.idle = [(c, ctx) for c, ctx in self.idle if ctx is context]
-                if self.idle:
-                    conn = self.idle.pop()[0]
-            for c in stale:  # made with an identity since renewed
-                c.close()
-            reused = conn is not None
-            if conn is None:
-                conn = self.connect(context)
+        with self.lock:
+            stale = [c for c, ctx in self.idle if ctx is not context]
+            self.idle = [(c, ctx) for c, ctx in self.idle if ctx is context]
+            kept = self.idle.pop()[0] if self.idle else None
+        for c in stale:  # made with an identity since renewed
+            c.close()
+        if kept is not None:
             try:
-                conn.request("GET", path, headers=headers)
-                response = conn.getresponse()
-                body = response.read()
-            except (OSError, http.client.HTTPException):
+                return self.exchange(kept, context, path, headers)
+            except self.CLOSED:
+                pass
+        return self.exchange(self.connect(context), context, path, headers)
+
+    def exchange(self, conn, context, path, headers):
+        """One GET on `conn`, which is kept afterwards if it may be reused
+        (and closed whatever else happens)."""
+        try:
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            body = response.read()
+        except BaseException:
+            conn.close()
+            raise
+        with self.lock:
+            if response.will_close or len(self.idle) >= self.IDLE:
                 conn.close()
-                if reused:
-                    continue
-                raise
-            with self.lock:
-                if response.will_close or len(self.idle) >= self.IDLE:
-                    conn.close()
-                else:
-                    self.idle.append((conn, context))
-            return response.status, body
+            else:
+                self.idle.append((conn, context))
+        return response.status, body
 
 
 catalog = CatalogClient(CATALOG_URL) if CATALOG_URL else None
 
 
-def product_exists(product_id, headers):
-    """Whether the catalog knows `product_id`: True, False, or None when it
-    could not tell (no answer within CATALOG_TIMEOUT, a 5xx, a peer that is
-    not the catalog). The request id and trace context go along, so the
-    call joins the request's trace and log lines. Without
-    FLOTILLA_URL_CATALOG (reviews run without `calls = ["catalog"]`),
-    every product is taken to exist."""
+def product_exists(product_id):
+    """Whether the catalog knows `product_id`: True, False, "error" when
+    it answered what retrying will not change (a 403 from its ACL, a 404
+    that is not about this product: a route gone), or None when it could
+    not tell (no connection, no answer within CATALOG_TIMEOUT per step, a
+    5xx, a peer that is not the catalog). This request's id and trace
+    context go along (the values this thread validated), so the call joins
+    the request's trace and log lines. Without FLOTILLA_URL_CATALOG
+    (reviews run without `calls = ["catalog"]`), every product is taken to
+    exist."""
     if catalog is None:
         return True
-    forwarded = {name: headers[name] for name in ("x-request-id", "traceparent", "tracestate")
-                 if headers.get(name)}
+    forwarded = {}
+    if handling.request_id:
+        forwarded["x-request-id"] = handling.request_id
+    if handling.traceparent:
+        forwarded["traceparent"] = handling.traceparent
     try:
-        status, _ = catalog.get(f"/api/catalog/products/{urllib.parse.quote(product_id)}?reviews=false",
-                                forwarded)
+        status, body = catalog.get(
+            f"/api/catalog/products/{urllib.parse.quote(product_id)}?reviews=false", forwarded)
     except (OSError, http.client.HTTPException) as e:
         log("WARN", "the catalog did not answer whether a product exists", error=str(e))
         return None
     if status == 200:
         return True
-    if status == 404:
+    if status >= 500:
+        log("WARN", "the catalog could not say whether a product exists", status=status)
+        return None
+    try:
+        said = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        said = {}
+    if status == 404 and isinstance(said, dict) and (said.get("details") or {}).get("id") == product_id:
         return False
-    log("WARN", "the catalog could not say whether a product exists", status=status)
-    return None
+    log("ERROR", "the catalog refused to say whether a product exists", status=status,
+        code=said.get("code") if isinstance(said, dict) else None)
+    return "error"
 
 
 def database_path():
@@ -714,6 +738,8 @@ class Handler(BaseHTTPRequestHandler):
         handling.request_id = request_id if REQUEST_ID.fullmatch(request_id) else None
         trace = TRACEPARENT.fullmatch(self.headers.get("traceparent") or "")
         handling.trace_id = trace.group(1) if trace and trace.group(1) != "0" * 32 else None
+        # Passed on, checked, to what this request calls (the catalog).
+        handling.traceparent = trace.group(0) if handling.trace_id else None
         route, status = "unmatched", 500
         # A body nobody reads would be parsed as the next request on this
         # keep-alive connection: answers that leave one close it. A
@@ -747,7 +773,7 @@ class Handler(BaseHTTPRequestHandler):
             status = 500
             self.reply(500, error("internal", "internal error"))
         finally:
-            handling.request_id = handling.trace_id = None
+            handling.request_id = handling.trace_id = handling.traceparent = None
             with State.lock:
                 State.in_flight -= 1
             metrics.add("http_requests_total", {"route": route, "method": method, "status": str(status)})
@@ -815,12 +841,16 @@ class Handler(BaseHTTPRequestHandler):
             fields.append({"field": "text", "message": UNPAIRED_SURROGATE})
         if fields:
             return self.reply(400, error("invalid_request", "the review is invalid", fields=fields))
-        exists = product_exists(product_id, self.headers)
+        exists = product_exists(product_id)
         metrics.add("reviews_product_checks_total",
-                    {"outcome": {True: "found", False: "unknown", None: "unavailable"}[exists]})
+                    {"outcome": {True: "found", False: "unknown", None: "unavailable", "error": "error"}[exists]})
         if exists is None:
             return self.reply(503, error("catalog_unavailable",
-                                         "the catalog cannot say whether the product exists; try again"))
+                                         "the catalog cannot say whether the product exists; try again"),
+                              retry_after=5)
+        if exists == "error":
+            return self.reply(502, error("catalog_error",
+                                         "the catalog refused to say whether the product exists"))
         if not exists:
             return self.reply(404, error("unknown_product", f"there is no product {product_id}",
                                          fields=[{"field": "product_id", "message": "no such product"}]))
@@ -835,10 +865,10 @@ class Handler(BaseHTTPRequestHandler):
                   "rating": rating, "text": text.strip(), "created_at": created}
         return self.reply(201, review)
 
-    def reply(self, status, body, etag=None):
-        return self.reply_text(status, json.dumps(body), "application/json", etag)
+    def reply(self, status, body, etag=None, retry_after=None):
+        return self.reply_text(status, json.dumps(body), "application/json", etag, retry_after)
 
-    def reply_text(self, status, text, content_type, etag=None):
+    def reply_text(self, status, text, content_type, etag=None, retry_after=None):
         data = text.encode()
         self.send_response(status)
         if status != 304:  # a 304 has no body, and says nothing of one
@@ -846,6 +876,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("content-length", str(len(data)))
         if etag:
             self.send_header("etag", etag)
+        if retry_after is not None:
+            self.send_header("retry-after", str(retry_after))
         self.send_header("x-served-by", INSTANCE)
         if State.draining or getattr(self, "body_pending", False):
             self.send_header("connection", "close")
