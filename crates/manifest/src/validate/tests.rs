@@ -2026,6 +2026,10 @@ fn the_documented_gateway_examples_parse() {
         m.gateway.limits.header_timeout,
         Some(Duration::from_secs(5))
     );
+    assert_eq!(
+        m.gateway.limits.max_connection_age,
+        Some(Duration::from_secs(600))
+    );
     assert_eq!(m.gateway.retries.attempts, Some(1));
     assert_eq!(
         m.gateway.outlier_detection.base_ejection,
