@@ -975,3 +975,130 @@ async fn an_http2_client_that_never_answers_going_away_is_closed() {
     h2.until_closed().await;
     gateway.shutdown(T).await;
 }
+
+/// An instance whose `/straddle` response sends its head at once and its
+/// two-byte body once `release` is told; anything else is answered `ok`.
+async fn straddling_instance(
+    release: std::sync::Arc<tokio::sync::Notify>,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use http_body_util::{BodyExt, StreamBody};
+    let listener = ok(tokio::net::TcpListener::bind("127.0.0.1:0").await, "bind");
+    let addr = ok(listener.local_addr(), "addr");
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let release = std::sync::Arc::clone(&release);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                    let release = std::sync::Arc::clone(&release);
+                    async move {
+                        let _: &hyper::body::Incoming = req.body();
+                        let body = if req.uri().path() == "/straddle" {
+                            StreamBody::new(futures_util::stream::once(async move {
+                                release.notified().await;
+                                Ok::<_, std::convert::Infallible>(http_body::Frame::data(
+                                    Bytes::from_static(b"ok"),
+                                ))
+                            }))
+                            .boxed()
+                        } else {
+                            http_body_util::Full::new(Bytes::from_static(b"ok")).boxed()
+                        };
+                        let mut res = http::Response::new(body);
+                        res.headers_mut()
+                            .insert("content-length", http::HeaderValue::from_static("2"));
+                        Ok::<_, std::convert::Infallible>(res)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Reads from `stream` into `got` until `done` says so; fails if
+/// `stream` ends first or it takes longer than [`PATIENCE`].
+async fn read_more_until(
+    stream: &mut TcpStream,
+    got: &mut Vec<u8>,
+    what: &str,
+    done: impl Fn(&[u8]) -> bool,
+) {
+    within(what, async {
+        while !done(got) {
+            let mut buf = [0u8; 1024];
+            let n = ok(stream.read(&mut buf).await, "read");
+            assert!(n > 0, "closed before {what}");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+}
+
+/// A response that began before the connection came of age and ended
+/// after it did not say `connection: close`. The connection is not closed
+/// as that response ends, just when its client may be sending the next
+/// request on it: it serves one more, which says `connection: close`.
+#[tokio::test]
+async fn an_http1_response_straddling_the_age_leaves_room_for_one_more_request() {
+    const AGE: Duration = Duration::from_secs(3);
+    let _expiring = EXPIRING.lock().await;
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (addr, instance) = straddling_instance(std::sync::Arc::clone(&release)).await;
+    let registry = Registry::new();
+    registry.set(
+        "straddle",
+        vec![flotilla_gateway::Endpoint {
+            instance: "straddle-0".into(),
+            addr,
+            load: std::sync::Arc::new(flotilla_gateway::Load::default()),
+        }],
+    );
+    let mut cfg = config(vec![route("straddle", "/**", &[], T)]);
+    cfg.limits.max_connection_age = Some(AGE);
+    let gateway = start(cfg, &registry).await;
+    let before = expired("max_connection_age");
+
+    let born = Instant::now();
+    let mut stream = ok(TcpStream::connect(gateway.local_addr()).await, "connect");
+    ok(
+        stream
+            .write_all(b"GET /straddle HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await,
+        "write",
+    );
+    // Its head, before the age.
+    let mut got = Vec::new();
+    read_more_until(&mut stream, &mut got, "the response head", |got| {
+        got.windows(4).any(|w| w == b"\r\n\r\n")
+    })
+    .await;
+    let head = String::from_utf8_lossy(&got).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(!says_close(&head), "{head}");
+    // Its body after it. (This wait is the thing under test.)
+    tokio::time::sleep_until(born + AGE + Duration::from_millis(100)).await;
+    release.notify_one();
+    read_more_until(&mut stream, &mut got, "the response body", |got| {
+        got.ends_with(b"ok")
+    })
+    .await;
+    // The next request, sent as soon as the last answer is in, is served,
+    // and says `connection: close`; then the connection closes.
+    ok(
+        stream
+            .write_all(b"GET /next HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await,
+        "write",
+    );
+    let answer = read_response(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(says_close(&answer), "{answer}");
+    let rest = rest_until_closed(&mut stream).await;
+    assert!(rest.is_empty(), "{rest}");
+    assert_eq!(expired("max_connection_age"), before + 1);
+    gateway.shutdown(T).await;
+    instance.abort();
+}
