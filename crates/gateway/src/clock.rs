@@ -32,7 +32,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 thread_local! {
     static NOW: Cell<Option<Instant>> = const { Cell::new(None) };
@@ -41,6 +41,43 @@ thread_local! {
 /// The time as this poll of a connection's task began; outside one, now.
 pub(crate) fn now() -> Instant {
     NOW.with(Cell::get).unwrap_or_else(Instant::now)
+}
+
+/// Makes `timer` fire no later than `deadline`. Moving a tokio timer later
+/// is cheap and earlier is not, and a connection's deadlines mostly move
+/// later (each request's, each body's): so a timer that would fire early
+/// is left alone (it is set again when it fires, [`poll_deadline`]), and
+/// only one that would fire late, or has fired, is reset. One timer per
+/// connection, moved: registering one per wait (and cancelling it) takes
+/// the runtime's timer lock twice, which every worker contends for.
+pub(crate) fn arm(timer: &mut Pin<Box<Sleep>>, deadline: Instant) {
+    if timer.deadline() > deadline || (timer.is_elapsed() && timer.deadline() < deadline) {
+        timer.as_mut().reset(deadline);
+    }
+}
+
+/// Whether `deadline` has passed; if not, `timer` is [`arm`]ed to wake the
+/// task by then. One timer may serve several deadlines (a response's
+/// stalled body and a request's paused one): each reads the clock first,
+/// so a timer moved later on firing early for one does not hide a
+/// deadline another passed, as long as each calls this at every poll.
+pub(crate) fn poll_deadline(
+    timer: &mut Pin<Box<Sleep>>,
+    cx: &mut Context<'_>,
+    deadline: Instant,
+) -> bool {
+    if now() >= deadline {
+        return true;
+    }
+    arm(timer, deadline);
+    // The timer may fire early (see `arm`): then it is set again.
+    while timer.as_mut().poll(cx).is_ready() {
+        if Instant::now() >= deadline {
+            return true;
+        }
+        timer.as_mut().reset(deadline);
+    }
+    false
 }
 
 pin_project_lite::pin_project! {

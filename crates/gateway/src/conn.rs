@@ -334,18 +334,14 @@ where
         let timer = this
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        // Set for an earlier wait, it fires early: then it is set again.
-        while timer.as_mut().poll(cx).is_ready() {
-            if Instant::now() >= deadline {
-                *this.stalled = true;
-                let stalled = BodyStalled {
-                    timeout: *this.timeout,
-                };
-                return Poll::Ready(Some(Err(Box::new(stalled))));
-            }
-            timer.as_mut().reset(deadline);
+        if !clock::poll_deadline(timer, cx, deadline) {
+            return Poll::Pending;
         }
-        Poll::Pending
+        *this.stalled = true;
+        let stalled = BodyStalled {
+            timeout: *this.timeout,
+        };
+        Poll::Ready(Some(Err(Box::new(stalled))))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -524,7 +524,7 @@ impl<H: Handler> Conn<H> {
             } else {
                 *head_deadline.get_or_insert_with(|| clock::now() + self.settings.header_timeout)
             };
-            arm(&mut self.timer, deadline);
+            clock::arm(&mut self.timer, deadline);
             let Conn {
                 io,
                 rbuf,
@@ -542,7 +542,7 @@ impl<H: Handler> Conn<H> {
                 Some(Ok(0)) => self.read_closed = true,
                 Some(Ok(_)) => {}
                 Some(Err(_)) => return Err(Stop::Abort),
-                // The timer may fire early (see `arm`): then it is re-armed.
+                // The timer may fire early (see `clock::arm`): then it is re-armed.
                 None if clock::now() < deadline => {}
                 None if idle => {
                     // Between requests: an expired connection has nothing
@@ -787,7 +787,7 @@ impl<H: Handler> Conn<H> {
         }
         let since = *f.paused_since.get_or_insert_with(clock::now);
         let timeout = self.settings.body_timeout;
-        if !poll_deadline(&mut self.timer, cx, since + timeout) {
+        if !clock::poll_deadline(&mut self.timer, cx, since + timeout) {
             return false;
         }
         tracing::debug!(target: "flotilla::gateway", peer = %self.info.peer, ?timeout, "request body stalled (the client sent nothing more of it); ending it");
@@ -1042,7 +1042,7 @@ impl<H: Handler> Conn<H> {
             Some(since) if !progressed => *since,
             _ => *stalled_at.insert(now),
         };
-        if poll_deadline(&mut self.timer, cx, since + self.settings.body_timeout) {
+        if clock::poll_deadline(&mut self.timer, cx, since + self.settings.body_timeout) {
             tracing::debug!(target: "flotilla::gateway", peer = %self.info.peer, timeout = ?self.settings.body_timeout, "response body stalled (the instance sent nothing, or the client read nothing); closing");
             return Poll::Ready(false);
         }
@@ -1223,36 +1223,6 @@ fn concat(mut pieces: Vec<Bytes>) -> Bytes {
             }
             all.freeze()
         }
-    }
-}
-
-/// Whether `deadline` has passed; if not, `timer` is set to wake the task
-/// by then. A response's stalled body and a request's paused one may both
-/// wait on the one timer: each reads the clock first, so a timer that one
-/// moved later on firing early (for the other) does not hide a deadline
-/// the other passed, and each arms it at every poll.
-fn poll_deadline(timer: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>, deadline: Instant) -> bool {
-    if clock::now() >= deadline {
-        return true;
-    }
-    arm(timer, deadline);
-    // The timer may fire early (see `arm`): then it is set again.
-    while timer.as_mut().poll(cx).is_ready() {
-        if Instant::now() >= deadline {
-            return true;
-        }
-        timer.as_mut().reset(deadline);
-    }
-    false
-}
-
-/// Makes `timer` fire no later than `deadline`. Moving a tokio timer later
-/// is cheap and earlier is not, and every request moves the idle deadline
-/// later: so a timer that would fire early is left alone (it is re-armed
-/// when it fires), and only one that would fire late is reset.
-fn arm(timer: &mut Pin<Box<Sleep>>, deadline: Instant) {
-    if timer.deadline() > deadline || (timer.is_elapsed() && timer.deadline() < deadline) {
-        timer.as_mut().reset(deadline);
     }
 }
 

@@ -343,7 +343,7 @@ impl Outbound {
             .timer
             .take()
             .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
-        arm(&mut timer, deadline);
+        crate::clock::arm(&mut timer, deadline);
         let asked = Asked {
             head_only: req.parts.method == Method::HEAD,
             websocket: req.parts.extensions.get::<WebSocket>().is_some(),
@@ -366,7 +366,7 @@ impl Outbound {
                     biased;
                     done = &mut exchange => break done,
                     () = timer.as_mut() => {
-                        // It may fire early (see `arm`): then it is re-armed.
+                        // It may fire early (see `clock::arm`): then it is re-armed.
                         if Instant::now() >= deadline {
                             return Err(Failed::from(if awaiting_client.load(Ordering::Relaxed) {
                                 SendError::ClientTooSlow
@@ -995,17 +995,6 @@ fn poll_answer(io: &mut Stream, read: &mut BytesMut, cx: &mut Context<'_>) -> Po
     }
 }
 
-/// Makes `timer` fire no later than `deadline`. Moving a tokio timer later
-/// is cheap and earlier is not, and each exchange's deadline is usually
-/// later than the last one's: so a timer that would fire early is left
-/// alone (it is re-armed when it fires), and only one that would fire late,
-/// or has fired, is reset.
-fn arm(timer: &mut Pin<Box<Sleep>>, deadline: Instant) {
-    if timer.deadline() > deadline || timer.is_elapsed() {
-        timer.as_mut().reset(deadline);
-    }
-}
-
 /// Whether `read` starts with a complete final response head (after any
 /// complete 1xx heads).
 fn has_final_head(read: &[u8]) -> bool {
@@ -1274,15 +1263,10 @@ impl http_body::Body for UpstreamBody {
                     let timer = conn
                         .timer
                         .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                    arm(timer, deadline);
-                    // It may fire early (see `arm`): then it is set again.
-                    while timer.as_mut().poll(cx).is_ready() {
-                        if Instant::now() >= deadline {
-                            this.conn = None;
-                            this.framing = Framing::Done;
-                            return Poll::Ready(Some(Err(stalled(this.idle))));
-                        }
-                        timer.as_mut().reset(deadline);
+                    if crate::clock::poll_deadline(timer, cx, deadline) {
+                        this.conn = None;
+                        this.framing = Framing::Done;
+                        return Poll::Ready(Some(Err(stalled(this.idle))));
                     }
                     return Poll::Pending;
                 }
