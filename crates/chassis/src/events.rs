@@ -133,7 +133,12 @@ impl Event {
 
     /// The W3C trace context carried in the `traceparent` extension.
     pub fn traceparent(&self) -> Option<&str> {
-        self.extensions.get(trace::TRACEPARENT)?.as_str()
+        self.extension_str(trace::TRACEPARENT)
+    }
+
+    /// Extension `name`, if it is a string.
+    pub fn extension_str(&self, name: &str) -> Option<&str> {
+        self.extensions.get(name)?.as_str()
     }
 
     /// Checks the rules the broker enforces before it takes an event:

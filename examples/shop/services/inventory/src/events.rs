@@ -300,14 +300,10 @@ async fn about_order(state: &AppState, consumer: &str, event: &Event) -> Result<
     let about: About = event.data_as()?;
     // The customer is in the extension even if data leaves it out.
     let customer = match about.customer.as_str() {
-        "" => event
-            .extensions
-            .get("customer")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_owned(),
-        c => c.to_owned(),
-    };
+        "" => event.extension_str("customer").unwrap_or_default(),
+        c => c,
+    }
+    .to_owned();
     let handled = inbox::handle_once(&state.db, consumer, event, async |tx| {
         if event.ty == "order.cancelled" {
             on_cancelled(tx, &about.order_id, &customer).await

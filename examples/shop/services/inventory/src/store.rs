@@ -103,16 +103,7 @@ pub async fn reserve(
     match shortfall {
         Some((sku, reason)) => {
             savepoint.rollback().await?;
-            sqlx::query(
-                "INSERT INTO reservations (order_id, customer, status, reason, created_at, updated_at)
-                 VALUES (?1, ?2, 'rejected', ?3, ?4, ?4)",
-            )
-            .bind(order_id)
-            .bind(customer)
-            .bind(reason)
-            .bind(&now)
-            .execute(&mut *conn)
-            .await?;
+            reject(conn, order_id, customer, reason, &now).await?;
             Ok(Reserve::Rejected { sku, reason })
         }
         None => {
@@ -228,16 +219,7 @@ pub async fn cancel(
     let from = match status_of(conn, order_id).await?.as_deref() {
         None => {
             let now = flotilla_chassis::now_rfc3339();
-            sqlx::query(
-                "INSERT INTO reservations (order_id, customer, status, reason, created_at, updated_at)
-                 VALUES (?1, ?2, 'rejected', ?3, ?4, ?4) ON CONFLICT (order_id) DO NOTHING",
-            )
-            .bind(order_id)
-            .bind(customer)
-            .bind(ORDER_CANCELLED)
-            .bind(&now)
-            .execute(&mut *conn)
-            .await?;
+            reject(conn, order_id, customer, ORDER_CANCELLED, &now).await?;
             return Ok(Cancel::Forestalled);
         }
         Some(RESERVED) => RESERVED,
@@ -248,6 +230,30 @@ pub async fn cancel(
         Settle::Done(items) => Cancel::Released(items),
         Settle::NotReserved => Cancel::NothingHeld,
     })
+}
+
+/// Records `order_id` as rejected (`reason`), holding nothing: a later
+/// `order.placed` for it then finds it decided ([`reserve`]). Callers
+/// have seen no row for it in their transaction, which holds the write
+/// lock.
+async fn reject(
+    conn: &mut SqliteConnection,
+    order_id: &str,
+    customer: &str,
+    reason: &str,
+    now: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO reservations (order_id, customer, status, reason, created_at, updated_at)
+         VALUES (?1, ?2, 'rejected', ?3, ?4, ?4)",
+    )
+    .bind(order_id)
+    .bind(customer)
+    .bind(reason)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Moves the reservation from `from` to `to` and its units accordingly.

@@ -235,11 +235,7 @@ pub async fn orders(
     let cancelled: Cancelled = event.data_as()?;
     // The customer is in the extension even if data leaves it out.
     let customer = match cancelled.customer.as_str() {
-        "" => event
-            .extensions
-            .get("customer")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default(),
+        "" => event.extension_str("customer").unwrap_or_default(),
         c => c,
     };
     let reason = cancelled.reason.as_deref();
